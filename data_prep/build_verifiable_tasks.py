@@ -1,0 +1,211 @@
+"""Build the verifiable task suite: seeded small tasks with checkable answers, in thinking and non-thinking form.
+
+A 135M model can learn these in CPU minutes, and every answer is checked by the same reward functions that UPO
+optimises, so "did post-training help" is a number, not an impression. Domains: arithmetic, comparison, counting,
+string, units. Each task has a prompt, a reference answer, and worked steps for the thinking rendering.
+
+Output (`--out DIR`, written atomically): `sft.parquet` (`messages`, `thinking`, `domain`), `prompts.parquet`
+(`prompt`, `answer`, `domain`, `thinking`, and the reference reply `completion`: RL prompts), `test.parquet`
+(held-out prompts, same columns), a data card
+`README.md` and `card.json`. Held-out tasks are chosen by a hash of the question text, so train and test never share a
+question, whatever the seed and sizes.
+
+    posttrain data build_verifiable_tasks --out data/verifiable --n_train 2000 --n_test 100
+"""
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from posttrain.models import file_fingerprint
+
+WORDS = ["apple", "river", "planet", "garden", "window", "candle", "silver", "forest", "rocket", "pencil", "tiger",
+         "orange", "bridge", "castle", "dragon", "mirror", "summer", "winter", "basket", "button", "cloud", "stone",
+         "lemon", "music", "paper", "horse", "bread", "chair", "light", "ocean", "smile", "table", "train", "water"]
+UNITS = [("meters", "centimeters", 100), ("kilometers", "meters", 1000), ("kilograms", "grams", 1000),
+         ("hours", "minutes", 60), ("minutes", "seconds", 60), ("liters", "milliliters", 1000)]
+
+
+@dataclass
+class VerifiableTasksConfig:
+    out: str = field(default="data/verifiable", metadata={"help": "Output folder (replaced atomically)."})
+    n_train: int = field(default=2000, metadata={"help": "Number of training tasks (SFT rows and RL prompts)."})
+    n_test: int = field(default=100, metadata={"help": "Number of held-out tasks for evaluation."})
+    thinking_fraction: float = field(default=0.5, metadata={"help": "Fraction of tasks rendered in thinking mode."})
+    domains: list[str] = field(
+        default_factory=lambda: ["arithmetic", "comparison", "counting", "string", "units"],
+        metadata={"help": "Task domains to generate."},
+    )
+    test_every: int = field(default=10, metadata={"help": "About one question in this many is reserved for test."})
+    seed: int = field(default=0, metadata={"help": "Random seed."})
+
+
+# Each generator returns (question, answer, steps). Steps are the worked reasoning shown inside <think>.
+def arithmetic(rng):
+    a, b = rng.randint(2, 99), rng.randint(2, 99)
+    op = rng.choice(["+", "-", "*"]) if max(a, b) < 13 else rng.choice(["+", "-"])
+    value = {"+": a + b, "-": a - b, "*": a * b}[op]
+    if op == "*":
+        steps = f"{a} * {b} means {b} added {a} times.\n{a} * {b} = {value}"
+    else:
+        tens = {"+": (a // 10 * 10) + (b // 10 * 10), "-": (a // 10 * 10) - (b // 10 * 10)}[op]
+        ones = {"+": a % 10 + b % 10, "-": a % 10 - b % 10}[op]
+        steps = f"Tens: {a // 10 * 10} {op} {b // 10 * 10} = {tens}\nOnes: {a % 10} {op} {b % 10} = {ones}\n" \
+                f"{tens} + {ones} = {value}"
+    return f"What is {a} {op} {b}?", str(value), steps
+
+
+def comparison(rng):
+    a, b = rng.sample(range(1, 1000), 2)
+    word = rng.choice(["larger", "smaller"])
+    value = max(a, b) if word == "larger" else min(a, b)
+    steps = f"{max(a, b)} > {min(a, b)}, so the {word} number is {value}."
+    return f"Which number is {word}: {a} or {b}?", str(value), steps
+
+
+def counting(rng):
+    word = rng.choice(WORDS)
+    if rng.random() < 0.5:
+        spelled = "-".join(word)
+        return f"How many letters are in the word \"{word}\"?", str(len(word)), f"{spelled}\nThat is {len(word)} letters."
+    letter = rng.choice(sorted(set(word)))
+    hits = [c for c in word if c == letter]
+    steps = f"{'-'.join(word)}\nThe letter {letter} appears {len(hits)} time{'s' if len(hits) > 1 else ''}."
+    return f"How many times does the letter \"{letter}\" appear in \"{word}\"?", str(len(hits)), steps
+
+
+def string(rng):
+    word = rng.choice(WORDS)
+    kind = rng.choice(["first", "last", "upper"])
+    if kind == "first":
+        return f"What is the first letter of \"{word}\"?", word[0], f"{'-'.join(word)}\nThe first letter is {word[0]}."
+    if kind == "last":
+        return f"What is the last letter of \"{word}\"?", word[-1], f"{'-'.join(word)}\nThe last letter is {word[-1]}."
+    return f"Write \"{word}\" in capital letters.", word.upper(), f"{'-'.join(word)}\n{'-'.join(word.upper())}"
+
+
+def units(rng):
+    big, small, factor = rng.choice(UNITS)
+    n = rng.randint(2, 12)
+    steps = f"1 {big[:-1] if n else big} = {factor} {small}.\n{n} * {factor} = {n * factor}"
+    return f"How many {small} are in {n} {big}?", str(n * factor), steps
+
+
+GENERATORS = {"arithmetic": arithmetic, "comparison": comparison, "counting": counting, "string": string, "units": units}
+
+
+def is_test_question(question: str, test_every: int) -> bool:
+    """Deterministic held-out membership by question text: a question is in test or train, never both."""
+    return int(hashlib.sha256(question.encode()).hexdigest(), 16) % test_every == 0
+
+
+def generate(config: VerifiableTasksConfig) -> dict[str, list[dict]]:
+    """Unique tasks for train and test, balanced over domains, `thinking` drawn per task."""
+    for domain in config.domains:
+        if domain not in GENERATORS:
+            from posttrain.errors import UserError
+
+            raise UserError(f"unknown task domain '{domain}'; choose from: {', '.join(GENERATORS)}")
+    rng = random.Random(config.seed)
+    want = {"train": config.n_train, "test": config.n_test}
+    rows, seen = {"train": [], "test": []}, set()
+    attempts = 0
+    while any(len(rows[s]) < want[s] for s in rows):
+        attempts += 1
+        if attempts > 200 * (config.n_train + config.n_test):
+            raise RuntimeError("could not generate enough unique tasks; lower n_train/n_test or add domains")
+        domain = config.domains[attempts % len(config.domains)]
+        question, answer, steps = GENERATORS[domain](rng)
+        split = "test" if is_test_question(question, config.test_every) else "train"
+        thinking = rng.random() < config.thinking_fraction
+        if question in seen or len(rows[split]) >= want[split]:
+            continue
+        seen.add(question)
+        rows[split].append({"question": question, "answer": answer, "steps": steps, "domain": domain,
+                            "thinking": thinking})
+    return rows
+
+
+def reply(task: dict) -> str:
+    """The assistant reply SFT trains on: worked steps in <think> when thinking, then the bare answer."""
+    if task["thinking"]:
+        return f"<think>\n{task['steps']}\n</think>\n\n{task['answer']}"
+    return task["answer"]
+
+
+def to_tables(rows: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    def prompt(task):
+        return [{"role": "user", "content": task["question"]}]
+
+    def rl_row(task):
+        return {"prompt": prompt(task), "answer": task["answer"], "domain": task["domain"], "thinking": task["thinking"],
+                "completion": reply(task)}
+
+    sft = [{"messages": prompt(t) + [{"role": "assistant", "content": reply(t)}], "thinking": t["thinking"],
+            "domain": t["domain"]} for t in rows["train"]]
+    return {"sft": sft, "prompts": [rl_row(t) for t in rows["train"]], "test": [rl_row(t) for t in rows["test"]]}
+
+
+def write_tables(tables: dict[str, list[dict]], out: str, card: dict, command: list[str]) -> Path:
+    """One parquet file per table, plus card.json and a README data card, into `out` via a temp dir + rename."""
+    import datasets
+
+    out_dir = Path(out)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        for split, rows in tables.items():
+            datasets.Dataset.from_list(rows).to_parquet(tmp / f"{split}.parquet")
+        card = {**card, "command": " ".join(command), "fingerprint": file_fingerprint(tmp)}
+        (tmp / "card.json").write_text(json.dumps(card, indent=2))
+        counts = "\n".join(f"| {s} | {c['rows']} | " + ", ".join(f"{k} {v}" for k, v in c.items() if k != "rows") + " |"
+                           for s, c in card["counts"].items())
+        (tmp / "README.md").write_text(
+            f"# {card['name']}\n\n{card['description']}\n\n| split | rows | by domain |\n|---|---|---|\n{counts}\n\n"
+            f"License: {card['sources'][0]['license']}. Fingerprint (sha256): `{card['fingerprint']}`.\n\n"
+            f"Built with:\n\n```\n{card['command']}\n```\n"
+        )
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def make_parser():
+    from trl import TrlParser
+
+    return TrlParser((VerifiableTasksConfig,), prog="posttrain data build_verifiable_tasks")
+
+
+def main(argv: list[str] | None = None) -> int:
+    (config,) = make_parser().parse_args_and_config(argv)
+    tables = to_tables(generate(config))
+    stats = {split: {"rows": len(table)} for split, table in tables.items()}
+    for split, table in tables.items():
+        for row in table:
+            stats[split].setdefault(row["domain"], 0)
+            stats[split][row["domain"]] += 1
+    card = {
+        "name": "verifiable-tasks",
+        "description": __doc__.split("\n\n")[0],
+        "sources": [{"name": "generated by data_prep/build_verifiable_tasks.py", "license": "Apache-2.0"}],
+        "config": vars(config),
+        "counts": stats,
+    }
+    command = ["posttrain", "data", "build_verifiable_tasks", *(sys.argv[1:] if argv is None else argv)]
+    out = write_tables(tables, config.out, card, command)
+    print(f"wrote {out}: " + ", ".join(f"{s} {len(t)}" for s, t in tables.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

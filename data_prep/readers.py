@@ -1,0 +1,200 @@
+"""Reading raw rows from files, `save_to_disk` folders and Hub ids, each row tagged with where it came from.
+
+JSON Lines and CSV are read line by line here rather than with `datasets.load_dataset`: its loaders stop at the first
+bad line of a file and forget line numbers, and an error that says `prefs.jsonl:17` is the whole point of validation.
+Parquet, `save_to_disk` folders and Hub datasets are typed already, so they go through pyarrow / `datasets`.
+"""
+
+import csv
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from posttrain.errors import UserError
+
+FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass
+class RawRow:
+    """One input row: `where` is `FILE:LINE` (or `FILE:ROW`), `row` the parsed mapping or `None` with `error` set."""
+
+    where: str
+    row: dict | None
+    error: str | None = None
+
+
+def is_offline() -> bool:
+    return any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def source_kind(path: str) -> str:
+    """`jsonl`, `json`, `parquet`, `csv`, `disk` (a `save_to_disk` folder) or `hub`; a missing local path is an error."""
+    local = Path(path)
+    if local.is_dir():
+        if (local / "dataset_info.json").is_file() or (local / "dataset_dict.json").is_file():
+            return "disk"
+        raise UserError(f"{path}: a folder, but not a `datasets` save_to_disk folder (no dataset_info.json)")
+    if local.suffix.lower() in FILE_TYPES:
+        if not local.is_file():
+            raise UserError(f"data file not found: {path}")
+        return FILE_TYPES[local.suffix.lower()]
+    if path.count("/") == 1 and not path.startswith((".", "/", "~")) and not local.exists():
+        return "hub"
+    if local.is_file():
+        raise UserError(f"{path}: unsupported file type '{local.suffix}'; expected one of {', '.join(FILE_TYPES)}")
+    raise UserError(f"{path}: not found (expected a data file, a save_to_disk folder, or a Hub id 'org/name')")
+
+
+def read_rows(path: str, max_row_bytes: int, split: str = "train", subset: str | None = None) -> Iterator[RawRow]:
+    """Every row of `path`, in order; rows that cannot be parsed come back with `error` set instead of raising."""
+    kind = source_kind(path)
+    if kind == "jsonl":
+        return _read_jsonl(path, max_row_bytes)
+    if kind == "json":
+        return _read_json(path, max_row_bytes)
+    if kind == "csv":
+        return _read_csv(path, max_row_bytes)
+    if kind == "parquet":
+        return _read_parquet(path)
+    return _read_dataset(path, kind, split, subset)
+
+
+def _decode_line(raw: bytes, max_row_bytes: int) -> tuple[dict | None, str | None]:
+    if len(raw) > max_row_bytes:
+        return None, f"row is {len(raw):,} bytes, more than max_row_bytes={max_row_bytes:,}; expected a smaller row"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, (f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                      "expected UTF-8 text: re-save the file as UTF-8")
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, f"not valid JSON ({exc.msg} at column {exc.colno}); expected one complete JSON object per line"
+    if not isinstance(row, dict):
+        return None, f"a JSON {type(row).__name__}, not an object; expected one JSON object per line"
+    return row, None
+
+
+def _read_jsonl(path: str, max_row_bytes: int) -> Iterator[RawRow]:
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if raw.strip():
+                row, error = _decode_line(raw.strip(), max_row_bytes)
+                yield RawRow(f"{path}:{line_no}", row, error)
+
+
+def _read_json(path: str, max_row_bytes: int) -> Iterator[RawRow]:
+    """A JSON array of objects (positions reported as line numbers), or JSON Lines saved under a .json name."""
+    raw = Path(path).read_bytes()
+    if not raw.lstrip().startswith(b"["):
+        yield from _read_jsonl(path, max_row_bytes)
+        return
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x}); re-save the file as UTF-8")
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    while True:
+        pos = _skip(text, pos, ",")
+        if pos >= len(text) or text[pos] == "]":
+            return
+        line = text.count("\n", 0, pos) + 1
+        try:
+            row, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            # One broken element leaves no reliable place to resume an array: report it and stop.
+            yield RawRow(f"{path}:{line}", None, f"not valid JSON ({exc.msg}); expected a JSON array of objects")
+            return
+        if not isinstance(row, dict):
+            yield RawRow(f"{path}:{line}", None, f"a JSON {type(row).__name__}, not an object; expected objects")
+        elif end - pos > max_row_bytes:
+            yield RawRow(f"{path}:{line}", None, f"row is {end - pos:,} characters, more than max_row_bytes")
+        else:
+            yield RawRow(f"{path}:{line}", row)
+        pos = end
+
+
+def _skip(text: str, pos: int, extra: str) -> int:
+    while pos < len(text) and (text[pos].isspace() or text[pos] in extra):
+        pos += 1
+    return pos
+
+
+def _read_csv(path: str, max_row_bytes: int) -> Iterator[RawRow]:
+    """CSV rows; cells holding JSON lists or objects (messages, conversations) are decoded."""
+    with open(path, newline="", encoding="utf-8", errors="strict") as f:
+        reader = csv.DictReader(f)
+        line = 1
+        try:
+            for record in reader:
+                where = f"{path}:{line + 1}"
+                line = reader.line_num
+                if None in record:
+                    yield RawRow(where, None, "more cells than header columns; expected one cell per column")
+                    continue
+                if sum(len(v or "") for v in record.values()) > max_row_bytes:
+                    yield RawRow(where, None, f"row is more than max_row_bytes={max_row_bytes:,}")
+                    continue
+                yield RawRow(where, {k: _json_cell(v) for k, v in record.items()})
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{path}:{line + 1}: not valid UTF-8 (byte 0x{exc.object[exc.start]:02x}); "
+                            "re-save the file as UTF-8") from None
+
+
+def _json_cell(value: str | None):
+    if value and value.lstrip()[:1] in ("[", "{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _read_parquet(path: str) -> Iterator[RawRow]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError... for the same "not a parquet file"
+        raise UserError(f"{path}: not a readable parquet file ({exc})") from None
+    row_no = 0
+    for batch in parquet.iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            row_no += 1
+            yield RawRow(f"{path}:{row_no}", row)
+
+
+def _read_dataset(path: str, kind: str, split: str, subset: str | None) -> Iterator[RawRow]:
+    dataset = load_disk(path, split) if kind == "disk" else load_hub(path, split, subset)
+    for index, row in enumerate(dataset):
+        yield RawRow(f"{path}:{index + 1}", row)
+
+
+def load_disk(path: str, split: str):
+    from datasets import DatasetDict, load_from_disk
+
+    dataset = load_from_disk(path)
+    if isinstance(dataset, DatasetDict):
+        if split not in dataset:
+            raise UserError(f"{path}: no split '{split}' (has: {', '.join(dataset)}); set the source's `split`")
+        dataset = dataset[split]
+    return dataset
+
+
+def load_hub(repo_id: str, split: str, subset: str | None):
+    """A Hub dataset; offline, an immediate error that names it (datasets would otherwise retry and then fail)."""
+    if is_offline():
+        raise UserError(f"source '{repo_id}' is a Hugging Face Hub id, but offline mode is on "
+                        "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); download it first and point `path` at the local file")
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(repo_id, subset, split=split)
+    except Exception as exc:  # network, auth, missing split and missing repo all surface as different types
+        raise UserError(f"could not load '{repo_id}' (split '{split}') from the Hugging Face Hub: {exc}") from None

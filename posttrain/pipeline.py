@@ -1,0 +1,253 @@
+"""Run a recipe: build its data, evaluate the base model, then each stage in its own `accelerate launch` process.
+
+    outputs/<run>/
+      run.json                 # status of every step, wall times, errors
+      data/<name>/             # data_prep outputs (parquet + data card)
+      base/                    # tokenizer with the recipe's chat template, base-model metrics.json
+      sft/ dpo/ upo/           # adapter, resolved.yaml, metrics.json, lineage.json, <stage>.log
+      .<stage>.partial/        # a stage in progress: Trainer checkpoints live here until it finishes
+
+A stage writes into `.<stage>.partial/` and is renamed to `<stage>/` only when it has finished and its adapter has
+been verified, so a folder named after a stage is always complete. Each stage records an `inputs_hash` over
+everything that determines its result (its resolved arguments, the data fingerprints, the base model, the previous
+stage's hash); a re-run skips a finished stage whose hash is unchanged and resumes an unfinished one from its last
+checkpoint.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from . import lineage
+from .console import console
+from .devices import has_cuda
+from .errors import UserError
+from .recipe import Recipe
+
+
+def run_dir(recipe: Recipe, output_root: str | Path = "outputs") -> Path:
+    return Path(output_root) / recipe.name
+
+
+class Pipeline:
+    def __init__(self, recipe: Recipe, output_root: str | Path = "outputs", accelerate_args: list[str] | None = None):
+        self.recipe = recipe
+        self.root = run_dir(recipe, output_root).resolve()
+        self.accelerate_args = accelerate_args
+        self.state_path = self.root / "run.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+
+    # ------------------------------------------------------------------------------------------------ bookkeeping
+    def _record(self, step: str, **info) -> None:
+        self.state.setdefault("name", self.recipe.name)
+        self.state["recipe"] = str(self.recipe.path)
+        self.state["order"] = ["base", *self.recipe.stages]
+        self.state.setdefault("steps", {}).setdefault(step, {}).update(info)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2))
+        os.replace(tmp, self.state_path)
+
+    def data_path(self, name: str) -> Path:
+        return self.root / "data" / name
+
+    def substitute(self, value):
+        """`{data}` and `{run}` in string values point into this run's folder."""
+        if isinstance(value, str):
+            return value.replace("{data}", str(self.root / "data")).replace("{run}", str(self.root))
+        if isinstance(value, list):
+            return [self.substitute(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self.substitute(v) for k, v in value.items()}
+        return value
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def run(self, only: str | None = None, start: str | None = None) -> dict:
+        order = list(self.recipe.stages)
+        for name in (only, start):
+            if name and name not in order:
+                raise UserError(f"stage '{name}' is not in recipe {self.recipe.path} (stages: {', '.join(order)})")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._record("run", started=time.strftime("%Y-%m-%d %H:%M:%S"), status="running")
+        self.build_data()
+        base_model = self.prepare_base()
+        selected = {only} if only else set(order[order.index(start):]) if start else set(order)
+        previous = None
+        for stage in order:
+            if stage in selected:
+                self.run_stage(stage, base_model, previous, force=bool(only or start))
+            elif not (self.root / stage / "lineage.json").is_file():
+                raise UserError(f"stage '{stage}' comes before the ones asked for and has not finished; run it first")
+            previous = stage
+        self._record("run", status="done", finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+        self.print_summary()
+        return self.state
+
+    def build_data(self) -> None:
+        from .datajobs import run_job
+
+        for name, spec in self.recipe.data.items():
+            args = self.substitute({k: v for k, v in spec.items() if k != "job"})
+            digest = _hash({"job": spec["job"], "args": args})
+            out, stamp = self.data_path(name), self.data_path(name).with_suffix(".inputs")
+            if out.is_dir() and stamp.is_file() and stamp.read_text() == digest:
+                console.print(f"[dim]data {name}: up to date[/dim]")
+                continue
+            console.rule(f"data: {name} ({spec['job']})")
+            started = time.time()
+            run_job(spec["job"], args, out)
+            stamp.write_text(digest)
+            self._record(f"data/{name}", status="done", wall_time_s=round(time.time() - started, 1))
+
+    def prepare_base(self) -> Path:
+        """Resolve the base model to a folder, save the tokenizer with the recipe's template, evaluate the base."""
+        from .models import load_tokenizer, resolve_model
+
+        base = self.recipe.base
+        console.rule("base model")
+        with console.status(f"resolving {base.model_name_or_path}…"):
+            model_path = resolve_model(base.model_name_or_path, base.model_revision, base.gguf_file, base.gguf_package)
+        out = self.root / "base"
+        tokenizer = load_tokenizer(model_path, base.chat_template, base.trust_remote_code)
+        tokenizer.save_pretrained(out / "tokenizer")
+        self.base_model = model_path
+        self.base_hash = _hash({"model": lineage.model_fingerprint(model_path), "template": tokenizer.chat_template,
+                                "eval": self.eval_inputs()})
+        if self._up_to_date(out, self.base_hash):
+            return model_path
+        started = time.time()
+        evaluation = self.evaluate_base(model_path, out) if self.recipe.eval.dataset else None
+        (out / "metrics.json").write_text(json.dumps({"stage": "base", "status": "done", "eval": evaluation,
+                                                      "wall_time_s": round(time.time() - started, 1)}, indent=2))
+        (out / "lineage.json").write_text(json.dumps({"stage": "base", "inputs_hash": self.base_hash,
+                                                      "base_model": str(model_path), **lineage.environment()}, indent=2))
+        self._record("base", status="done", wall_time_s=round(time.time() - started, 1))
+        return model_path
+
+    def evaluate_base(self, model_path: Path, out: Path) -> dict:
+        """The base model's held-out metrics, computed in a child process like every stage."""
+        ev = self.recipe.eval
+        result = out / "eval.json"
+        cmd = [sys.executable, "-m", "posttrain.evaluate", "--model", str(model_path), "--tokenizer",
+               str(out / "tokenizer"), "--dataset", self.substitute(ev.dataset), "--split", ev.split,
+               "--max-new-tokens", str(ev.max_new_tokens), "--batch-size", str(ev.batch_size),
+               "--samples", str(ev.samples), "--out", str(result)]
+        if ev.limit:
+            cmd += ["--limit", str(ev.limit)]
+        console.print(f"evaluating the base model on {ev.dataset} ({ev.split})…")
+        self._spawn(cmd, out / "base.log", "base")
+        evaluation = json.loads(result.read_text())
+        result.unlink()
+        return evaluation
+
+    def eval_inputs(self) -> dict:
+        ev = self.recipe.eval
+        if not ev.dataset:
+            return {}
+        return {"dataset": lineage.dataset_fingerprint(self.substitute(ev.dataset)), "split": ev.split,
+                "limit": ev.limit, "max_new_tokens": ev.max_new_tokens}
+
+    def stage_args(self, stage: str, base_model: Path, previous: str | None) -> dict:
+        from .devices import device_defaults
+
+        ev, base = self.recipe.eval, self.recipe.base
+        args = {**device_defaults(self.recipe.stages[stage]), **self.substitute(self.recipe.stages[stage])}
+        args.update(model_name_or_path=str(base_model), tokenizer_name_or_path=str(self.root / "base" / "tokenizer"),
+                    trust_remote_code=base.trust_remote_code, output_dir=str(self.root / f".{stage}.partial"))
+        if previous:
+            args["adapter_path"] = str(self.root / previous)
+        if ev.dataset:
+            args.update(eval_dataset=self.substitute(ev.dataset), eval_split=ev.split, eval_limit=ev.limit,
+                        eval_max_new_tokens=ev.max_new_tokens, eval_batch_size=ev.batch_size, eval_samples=ev.samples)
+        return args
+
+    def stage_hash(self, stage: str, args: dict, previous: str | None) -> str:
+        datasets = {k: lineage.dataset_fingerprint(v) for k, v in args.items()
+                    if k in ("dataset_name", "upo_offline_dataset") and v}
+        stable = {k: v for k, v in args.items() if k not in ("output_dir",)}
+        prev_hash = json.loads((self.root / previous / "lineage.json").read_text())["inputs_hash"] if previous else None
+        return _hash({"args": stable, "datasets": datasets, "base": self.base_hash, "previous": prev_hash})
+
+    def _up_to_date(self, folder: Path, digest: str) -> bool:
+        path = folder / "lineage.json"
+        return path.is_file() and json.loads(path.read_text()).get("inputs_hash") == digest
+
+    def run_stage(self, stage: str, base_model: Path, previous: str | None, force: bool = False) -> None:
+        args = self.stage_args(stage, base_model, previous)
+        digest = self.stage_hash(stage, args, previous)
+        final, partial = self.root / stage, self.root / f".{stage}.partial"
+        if not force and self._up_to_date(final, digest):
+            console.print(f"[green]✓ {stage}[/green]: finished earlier with the same inputs, skipped")
+            self._record(stage, skipped=True)
+            return
+        console.rule(f"stage: {stage}")
+        partial_lineage = partial / "lineage.json"
+        stale = partial.is_dir() and not (partial_lineage.is_file() and self._up_to_date(partial, digest))
+        if stale or force:
+            shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True, exist_ok=True)
+        checkpoint = _last_checkpoint(partial)
+        if checkpoint:
+            console.print(f"resuming {stage} from {checkpoint.name}")
+            args["resume_from_checkpoint"] = str(checkpoint)
+        (partial / "resolved.yaml").write_text(yaml.safe_dump(args, sort_keys=False))
+        partial_lineage.write_text(json.dumps(lineage.stage_lineage(stage, args, digest, self, previous), indent=2))
+        started = time.time()
+        self._record(stage, status="running", started=time.strftime("%Y-%m-%d %H:%M:%S"), skipped=False)
+        cmd = [*self.launcher(), "-m", f"posttrain.stages.{stage}", "--config", str(partial / "resolved.yaml")]
+        self._spawn(cmd, partial / f"{stage}.log", stage)
+        for checkpoint_dir in partial.glob("checkpoint-*"):
+            shutil.rmtree(checkpoint_dir)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        self._record(stage, status="done", wall_time_s=round(time.time() - started, 1), error=None)
+
+    def launcher(self) -> list[str]:
+        from .devices import accelerate_launch_args
+
+        extra = self.accelerate_args or accelerate_launch_args(self.recipe.accelerate_config)
+        return [sys.executable, "-m", "accelerate.commands.launch", *extra]
+
+    def _spawn(self, cmd: list[str], log_path: Path, step: str) -> None:
+        """Run a child process, streaming its output to the terminal and to `log_path`; failures become UserError."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if not has_cuda():  # shared CPU cores: one thread per process is far faster than oversubscription
+            env.setdefault("OMP_NUM_THREADS", "1")
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+            for chunk in iter(lambda: process.stdout.read1(4096), b""):
+                log.write(chunk)
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+            code = process.wait()
+        if code != 0:
+            tail = log_path.read_text(errors="replace").splitlines()[-25:]
+            self._record(step, status="failed", error="\n".join(tail))
+            self._record("run", status="failed")
+            raise UserError(f"step '{step}' failed (exit code {code}). Its log is {log_path}; last lines:\n"
+                            + "\n".join(tail[-8:]) + "\nFix the cause and run the same command again: finished "
+                            "stages are skipped and this one resumes from its last checkpoint.")
+
+    def print_summary(self) -> None:
+        from .report import accuracy_line
+
+        line = accuracy_line(self.root)
+        if line:
+            console.print(f"[bold]held-out accuracy:[/bold] {line}")
+        console.print(f"outputs in {self.root}")
+
+
+def _last_checkpoint(folder: Path) -> Path | None:
+    checkpoints = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return max(checkpoints, key=lambda p: int(p.name.split("-")[-1])) if checkpoints else None
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,66 @@
+"""Reading a finished run folder: which stages finished, and where a stage's model, adapter and data are.
+
+Shared by `posttrain eval`, `export` and `chat`, which all start from `outputs/<run> [--stage S]`.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+
+@dataclass
+class StageRef:
+    run: Path
+    stage: str
+    base_model: str
+    tokenizer: str
+    adapter: str | None  # None for the base model
+    resolved: dict  # the stage's resolved.yaml ({} for base)
+
+
+def finished_stages(run: Path) -> list[str]:
+    state = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
+    order = state.get("order") or ["base", "sft", "dpo", "upo"]
+    return [s for s in order if (run / s / "lineage.json").is_file()]
+
+
+def stage_ref(run: str | Path, stage: str | None = None) -> StageRef:
+    """The stage `stage` of run folder `run` (default: its last finished stage)."""
+    run = Path(run)
+    if not (run / "run.json").is_file():
+        raise UserError(f"{run} is not a posttrain run folder (no run.json); expected outputs/<run name>")
+    done = finished_stages(run)
+    if not done:
+        raise UserError(f"{run}: no finished stage yet")
+    stage = stage or done[-1]
+    if stage not in done:
+        raise UserError(f"{run}: stage '{stage}' has not finished (finished: {', '.join(done)})")
+    lineage = json.loads((run / stage / "lineage.json").read_text())
+    if stage == "base":
+        return StageRef(run, stage, lineage["base_model"], str(run / "base" / "tokenizer"), None, {})
+    resolved = yaml.safe_load((run / stage / "resolved.yaml").read_text())
+    return StageRef(run, stage, resolved["model_name_or_path"], str(run / stage), str(run / stage), resolved)
+
+
+def eval_command(args) -> list[str]:
+    """`posttrain.evaluate` arguments for a run's stage, evaluated on the run's own held-out data."""
+    ref = stage_ref(args.run, args.stage)
+    stage_args = ref.resolved or _any_resolved(ref.run)
+    dataset = args.dataset or stage_args.get("eval_dataset")
+    if not dataset:
+        raise UserError(f"{ref.run}: the recipe has no eval dataset; pass --dataset")
+    argv = ["--model", ref.base_model, "--tokenizer", ref.tokenizer, "--dataset", dataset,
+            "--split", stage_args.get("eval_split", args.split)]
+    if ref.adapter:
+        argv += ["--adapter", ref.adapter]
+    return argv
+
+
+def _any_resolved(run: Path) -> dict:
+    for path in sorted(run.glob("*/resolved.yaml")):
+        return yaml.safe_load(path.read_text())
+    return {}
