@@ -4,13 +4,13 @@ A 135M model can learn these in CPU minutes, and every answer is checked by the 
 optimises, so "did post-training help" is a number, not an impression. Domains: arithmetic, comparison, counting,
 string, units. Each task has a prompt, a reference answer, and worked steps for the thinking rendering.
 
-Output (`--out DIR`, written atomically): `sft.parquet` (`messages`, `thinking`, `domain`), `prompts.parquet`
+Output (`--output_dir DIR`, written atomically): `sft.parquet` (`messages`, `thinking`, `domain`), `prompts.parquet`
 (`prompt`, `answer`, `domain`, `thinking`, and the reference reply `completion`: RL prompts), `test.parquet`
 (held-out prompts, same columns), a data card
 `README.md` and `card.json`. Held-out tasks are chosen by a hash of the question text, so train and test never share a
 question, whatever the seed and sizes.
 
-    posttrain data build_verifiable_tasks --out data/verifiable --n_train 2000 --n_test 100
+    posttrain data build_verifiable_tasks --output_dir data/verifiable --n_train 2000 --n_test 100
 """
 
 import hashlib
@@ -34,7 +34,7 @@ UNITS = [("meters", "centimeters", 100), ("kilometers", "meters", 1000), ("kilog
 
 @dataclass
 class VerifiableTasksConfig:
-    out: str = field(default="data/verifiable", metadata={"help": "Output folder (replaced atomically)."})
+    output_dir: str = field(default="data/verifiable", metadata={"help": "Output folder (replaced atomically)."})
     n_train: int = field(default=2000, metadata={"help": "Number of training tasks (SFT rows and RL prompts)."})
     n_test: int = field(default=100, metadata={"help": "Number of held-out tasks for evaluation."})
     thinking_fraction: float = field(default=0.5, metadata={"help": "Fraction of tasks rendered in thinking mode."})
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "counts": stats,
     }
     command = ["posttrain", "data", "build_verifiable_tasks", *(sys.argv[1:] if argv is None else argv)]
-    out = write_tables(tables, config.out, card, command)
+    out = write_tables(tables, config.output_dir, card, command)
     print(f"wrote {out}: " + ", ".join(f"{s} {len(t)}" for s, t in tables.items()))
     return 0
 

@@ -32,8 +32,8 @@ def cmd_run(args) -> int:
             console.rule(stage)
             console.print(yaml.safe_dump(pipeline.substitute(stage_args), sort_keys=False))
         return 0
-    accelerate_args = ["--config_file", args.accelerate_config] if args.accelerate_config else None
-    Pipeline(recipe, args.output_dir, accelerate_args).run(only=args.only, start=args.start)
+    pipeline = Pipeline(recipe, args.output_dir, args.accelerate_config, args.num_processes)
+    pipeline.run(only=args.only, start=args.start)
     return 0
 
 
@@ -87,6 +87,8 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", metavar="STAGE", help="(re)run this stage only; earlier stages must be finished")
     run.add_argument("--from", dest="start", metavar="STAGE", help="(re)run from this stage on")
     run.add_argument("--accelerate-config", help="accelerate config file (overrides the recipe's)")
+    run.add_argument("--num-processes", type=int, help="processes per stage without a config file (default: all GPUs, "
+                     "or 1 on CPU; 2+ on CPU runs real data-parallel processes over gloo)")
     run.add_argument("--dry-run", action="store_true", help="validate the recipe and print each stage's arguments")
     run.set_defaults(func=cmd_run)
 

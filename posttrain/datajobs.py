@@ -54,7 +54,7 @@ def run_job(job: str, args: dict, out: str | Path) -> None:
     """Run `job` with `args` (a mapping of its config fields), writing to `out`."""
     module = load_job(job)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
-        yaml.safe_dump({**args, "out": str(out)}, handle)
+        yaml.safe_dump({**args, "output_dir": str(out)}, handle)
     try:
         code = module.main(["--config", handle.name])
     finally:

@@ -2,7 +2,6 @@
 
 import shutil
 
-from .errors import UserError
 
 
 def has_cuda() -> bool:
@@ -15,22 +14,29 @@ def has_cuda() -> bool:
 
 
 def device_defaults(stage_args: dict) -> dict:
-    """On a machine without a GPU, TRL's bf16 default cannot run: turn it off unless the recipe insists."""
+    """Flags a machine without a GPU needs: `use_cpu` (without it, several processes launched on CPU each train
+    alone instead of as one gloo data-parallel job) and bf16 off unless the recipe asks for CPU bf16 autocast."""
     if has_cuda():
         return {}
-    if stage_args.get("bf16") is True:
-        raise UserError("the recipe sets bf16: true but this machine has no CUDA GPU; set bf16: false to run on CPU")
-    return {"bf16": False}
+    return {"use_cpu": True, "bf16": bool(stage_args.get("bf16", False))}
 
 
-def accelerate_launch_args(config_file: str | None) -> list[str]:
-    """`accelerate launch` flags: the recipe's config file, else one process (on CPU, explicitly so)."""
+def accelerate_launch_args(config_file: str | None, num_processes: int | None = None) -> list[str]:
+    """`accelerate launch` flags: the recipe's config file, else N processes (all GPUs, or 1 on CPU).
+
+    Several processes on CPU need `--multi_gpu` (accelerate then uses gloo): `--cpu --num_processes 2` silently runs
+    a single process.
+    """
     if config_file:
         return ["--config_file", config_file]
-    if has_cuda():
-        import torch
+    count = num_processes or (_gpu_count() if has_cuda() else 1)
+    flags = ["--num_processes", str(count), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if count > 1:
+        return ["--multi_gpu", *flags]
+    return flags if has_cuda() else ["--cpu", *flags]
 
-        count = torch.cuda.device_count()
-        return ["--num_processes", str(count), *(["--multi_gpu"] if count > 1 else []), "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no"]
-    return ["--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()

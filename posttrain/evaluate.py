@@ -19,6 +19,12 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     import torch
 
     tokenizer.padding_side = "left"
+    # MoE models trained with a load-balancing loss keep `output_router_logits` on, and transformers then computes
+    # that loss inside generate() with the full-prompt attention mask against one-token steps, and fails.
+    config = model.config.get_text_config()
+    router_logits = getattr(config, "output_router_logits", None)
+    if router_logits:
+        config.output_router_logits = False
     texts, stopped, lengths = [], [], []
     eos_ids = {tokenizer.eos_token_id}
     for start in range(0, len(prompts), batch_size):
@@ -35,6 +41,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
             lengths.append(len(kept))
         if progress:
             progress(min(start + batch_size, len(prompts)), len(prompts))
+    if router_logits:
+        config.output_router_logits = router_logits
     return texts, stopped, lengths
 
 

@@ -27,7 +27,6 @@ import yaml
 
 from . import lineage
 from .console import console
-from .devices import has_cuda
 from .errors import UserError
 from .recipe import Recipe
 
@@ -37,10 +36,12 @@ def run_dir(recipe: Recipe, output_root: str | Path = "outputs") -> Path:
 
 
 class Pipeline:
-    def __init__(self, recipe: Recipe, output_root: str | Path = "outputs", accelerate_args: list[str] | None = None):
+    def __init__(self, recipe: Recipe, output_root: str | Path = "outputs", accelerate_config: str | None = None,
+                 num_processes: int | None = None):
         self.recipe = recipe
         self.root = run_dir(recipe, output_root).resolve()
-        self.accelerate_args = accelerate_args
+        self.accelerate_config = accelerate_config or recipe.accelerate_config
+        self.num_processes = num_processes
         self.state_path = self.root / "run.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
 
@@ -212,14 +213,12 @@ class Pipeline:
     def launcher(self) -> list[str]:
         from .devices import accelerate_launch_args
 
-        extra = self.accelerate_args or accelerate_launch_args(self.recipe.accelerate_config)
-        return [sys.executable, "-m", "accelerate.commands.launch", *extra]
+        flags = accelerate_launch_args(self.accelerate_config, self.num_processes)
+        return [sys.executable, "-m", "accelerate.commands.launch", *flags]
 
     def _spawn(self, cmd: list[str], log_path: Path, step: str) -> None:
         """Run a child process, streaming its output to the terminal and to `log_path`; failures become UserError."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if not has_cuda():  # shared CPU cores: one thread per process is far faster than oversubscription
-            env.setdefault("OMP_NUM_THREADS", "1")
         with open(log_path, "ab") as log:
             process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
             for chunk in iter(lambda: process.stdout.read1(4096), b""):

@@ -197,13 +197,13 @@ def _check_stages(raw: dict, where: str) -> dict[str, dict]:
             raise UserError(f"{where}: stages.{stage}: expected a mapping of argument names to values")
         fields = _fields(stage_dataclasses(stage))
         for origin, mapping in (("shared", shared), (f"stages.{stage}", args)):
-            for key, value in mapping.items():
+            for key, value in list(mapping.items()):
                 if key in RESERVED:
                     raise UserError(f"{where}: {origin}.{key}: set by the pipeline for each stage; remove it "
                                     "(the base model goes under `base:`)")
                 if key not in fields:
                     raise UserError(f"{where}: {origin}.{key}: unknown key for stage '{stage}'{_suggest(key, fields)}")
-                _check_type(value, fields[key], f"{where}: {origin}.{key}")
+                mapping[key] = _check_type(value, fields[key], f"{where}: {origin}.{key}")
         merged[stage] = {**shared, **args}
     return merged
 
@@ -220,8 +220,8 @@ def _check_data(data: dict, where: str) -> dict[str, dict]:
         for key, value in spec.items():
             if key == "job":
                 continue
-            if key == "out":
-                raise UserError(f"{where}: data.{name}.out: set by the pipeline (outputs/<run>/data/{name})")
+            if key == "output_dir":
+                raise UserError(f"{where}: data.{name}.output_dir: set by the pipeline (outputs/<run>/data/{name})")
             if key not in fields:
                 raise UserError(f"{where}: data.{name}.{key}: unknown argument of job '{spec['job']}'"
                                 f"{_suggest(key, fields)}")
@@ -289,6 +289,14 @@ def _type_ok(value, annotation) -> bool:
 
 
 def _check_type(value, annotation, where: str):
+    """Raise naming `where` unless `value` fits `annotation`; returns the value, with YAML 1.1's string floats
+    (`1e-4` is a string to PyYAML, `1.0e-4` a float) turned into floats where a float is expected."""
+    if isinstance(value, str) and not _type_ok(value, annotation) and _type_ok(0.5, annotation):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if not _type_ok(value, annotation):
         shown = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
         raise UserError(f"{where}: {value!r} ({type(value).__name__}) is not a valid {shown}")
+    return value

@@ -110,6 +110,7 @@ def finish(trainer, stage: str, stage_args, tokenizer, train_result, started: fl
         "stage": stage,
         "status": "done",
         "wall_time_s": round(time.time() - started, 1),
+        "world_size": trainer.accelerator.num_processes,
         "train": {**train_result.metrics, "global_step": trainer.state.global_step},
         "log_history": trainer.state.log_history,
         "adapter": checks,

@@ -19,7 +19,8 @@ from . import common
 SFT_COLUMNS = {"messages", "chat_template_kwargs", "tools", "images", "prompt", "completion", "text"}
 
 
-def main(stage_args: StageArguments, training_args, model_args) -> None:
+def main(stage_args: StageArguments, training_args, model_args):
+    """Train, save, verify and evaluate; returns the trainer (tests inspect its model)."""
     from trl import SFTTrainer
 
     started = time.time()
@@ -37,6 +38,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> None:
     trainer.accelerator.print(f"[sft] pre-flight ok: {preflight}")
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     common.finish(trainer, "sft", stage_args, tokenizer, result, started, extra={"preflight": preflight})
+    return trainer
 
 
 def make_parser():

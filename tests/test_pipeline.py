@@ -1,0 +1,106 @@
+"""The tiny recipe through the real CLI, in subprocesses, as a user runs it: end to end, skip, resume, 2 processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "recipes" / "tiny" / "text.yaml"
+
+
+def posttrain(*args, cwd, check=True, timeout=300):
+    result = subprocess.run([sys.executable, "-m", "posttrain", *map(str, args)], cwd=cwd, capture_output=True,
+                            text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if check and result.returncode != 0:
+        raise AssertionError(f"posttrain {' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("run")
+    first = posttrain("run", TINY, cwd=cwd)
+    return cwd, cwd / "outputs" / "tiny-text", first
+
+
+def test_tiny_recipe_end_to_end(tiny_run):
+    _, run, first = tiny_run
+    state = json.loads((run / "run.json").read_text())
+    assert state["steps"]["run"]["status"] == "done"
+    assert (run / "data" / "verifiable" / "sft.parquet").is_file()
+    assert (run / "data" / "verifiable" / "README.md").is_file()
+    base = json.loads((run / "base" / "metrics.json").read_text())
+    sft = json.loads((run / "sft" / "metrics.json").read_text())
+    for metrics in (base, sft):
+        assert metrics["eval"]["n"] == 8 and 0.0 <= metrics["eval"]["accuracy"] <= 1.0
+    assert sft["train"]["global_step"] == 3
+    assert sft["adapter"]["reloads_equal"] and (run / "sft" / "adapter_model.safetensors").stat().st_size > 0
+    lineage = json.loads((run / "sft" / "lineage.json").read_text())
+    assert lineage["datasets"]["dataset_name"]["fingerprint"]
+    assert lineage["versions"]["trl"] and lineage["inputs_hash"]
+    assert not list(run.glob(".*.partial")), "a finished stage leaves no partial folder"
+    assert "held-out accuracy: base" in first.stdout and "→ sft" in first.stdout
+
+
+def test_rerun_skips_finished_stage_and_reruns_on_change(tiny_run):
+    cwd, run, _ = tiny_run
+    stamp = (run / "sft" / "lineage.json").stat().st_mtime_ns
+    again = posttrain("run", TINY, cwd=cwd)
+    assert "sft: finished earlier with the same inputs, skipped" in again.stdout
+    assert (run / "sft" / "lineage.json").stat().st_mtime_ns == stamp
+    changed = posttrain("run", TINY, "stages.sft.learning_rate=5e-4", cwd=cwd)
+    assert "skipped" not in changed.stdout.split("stage: sft")[-1]
+    assert (run / "sft" / "lineage.json").stat().st_mtime_ns != stamp
+
+
+def test_killed_stage_resumes_from_checkpoint(tmp_path):
+    overrides = ["stages.sft.max_steps=30", "shared.save_strategy=steps", "shared.save_steps=2", "eval.dataset=null",
+                 "name=resume"]
+    cmd = [sys.executable, "-m", "posttrain", "run", str(TINY), *overrides]
+    process = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    partial = tmp_path / "outputs" / "resume" / ".sft.partial"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(partial.glob("checkpoint-*/trainer_state.json")):
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    checkpoints = list(partial.glob("checkpoint-*"))
+    assert checkpoints, "the stage should have written a checkpoint before being killed"
+    assert not (tmp_path / "outputs" / "resume" / "sft").exists(), "killed before the end: no finished stage folder"
+
+    resumed = posttrain("run", TINY, *overrides, cwd=tmp_path)
+    assert "resuming sft from checkpoint-" in resumed.stdout
+    metrics = json.loads((tmp_path / "outputs" / "resume" / "sft" / "metrics.json").read_text())
+    assert metrics["train"]["global_step"] == 30
+    first_logged = min(log["step"] for log in metrics["log_history"] if "loss" in log)
+    assert first_logged == 1  # log history carried over from the checkpoint, not restarted
+
+
+def test_two_process_cpu_run(tmp_path):
+    posttrain("run", TINY, "name=ddp", "eval.dataset=null", "--num-processes", "2", cwd=tmp_path)
+    metrics = json.loads((tmp_path / "outputs" / "ddp" / "sft" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert metrics["train"]["global_step"] == 3
+
+
+def test_user_errors_are_one_paragraph(tmp_path):
+    missing = posttrain("run", tmp_path / "nope.yaml", cwd=tmp_path, check=False)
+    assert missing.returncode == 2
+    assert "error: recipe not found" in missing.stdout and "Traceback" not in missing.stdout + missing.stderr
+    typo = posttrain("run", TINY, "stages.sft.lerning_rate=1", cwd=tmp_path, check=False)
+    assert typo.returncode == 2 and "stages.sft.lerning_rate: unknown key" in typo.stdout
+
+
+def test_offline_hub_model_fails_fast(tmp_path):
+    # timeout: a hang (a Hub lookup waiting on the network) fails the test instead of stalling CI
+    result = posttrain("run", TINY, "base.model_name_or_path=someone/not-cached", cwd=tmp_path, check=False,
+                       timeout=60)
+    assert result.returncode == 2
+    assert "someone/not-cached" in result.stdout and "HF_HUB_OFFLINE" in result.stdout

@@ -1,0 +1,87 @@
+"""Every shipped recipe loads and validates; mistakes are reported with the file, the stage and the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from posttrain.errors import UserError
+from posttrain.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.stages, "a recipe runs at least one stage"
+    for stage, args in recipe.stages.items():
+        assert args.get("dataset_name"), f"{path}: stage {stage} has no dataset"
+
+
+def test_accelerate_configs_parse():
+    configs = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
+    assert {p.stem for p in configs} >= {"single_gpu", "ddp", "fsdp", "zero2", "zero3"}
+    for path in configs:
+        assert "distributed_type" in yaml.safe_load(path.read_text())
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+TINY = (ROOT / "recipes" / "tiny" / "text.yaml").read_text()
+
+
+def test_typo_in_stage_key_is_named(tmp_path):
+    path = _write(tmp_path, TINY.replace("learning_rate:", "learning_rte:"))
+    with pytest.raises(UserError, match=r"recipe.yaml: stages.sft.learning_rte: unknown key .*learning_rate"):
+        load_recipe(path)
+
+
+def test_wrong_type_is_named(tmp_path):
+    path = _write(tmp_path, TINY.replace("max_steps: 3", "max_steps: three"))
+    with pytest.raises(UserError, match=r"stages.sft.max_steps: 'three' \(str\) is not a valid int"):
+        load_recipe(path)
+
+
+def test_unknown_stage_and_top_level_key(tmp_path):
+    with pytest.raises(UserError, match="'ppo' is not a stage"):
+        load_recipe(_write(tmp_path, TINY.replace("  sft:\n", "  ppo:\n")))
+    with pytest.raises(UserError, match=r"unknown top-level key\(s\) \['stagez'\]"):
+        load_recipe(_write(tmp_path, TINY.replace("stages:", "stagez:")))
+
+
+def test_shared_key_checked_against_each_stage(tmp_path):
+    path = _write(tmp_path, TINY.replace("shared:\n", "shared:\n  beta: 0.1\n"))
+    with pytest.raises(UserError, match="shared.beta: unknown key for stage 'sft'"):
+        load_recipe(path)
+
+
+def test_reserved_key_and_missing_file(tmp_path):
+    with pytest.raises(UserError, match="stages.sft.output_dir: set by the pipeline"):
+        load_recipe(_write(tmp_path, TINY.replace("    max_steps: 3", "    max_steps: 3\n    output_dir: x")))
+    with pytest.raises(UserError, match="accelerate_config: file not found"):
+        load_recipe(_write(tmp_path, TINY + "accelerate_config: nowhere.yaml\n"))
+    with pytest.raises(UserError, match="recipe not found"):
+        load_recipe(tmp_path / "absent.yaml")
+
+
+def test_data_job_arguments_validated(tmp_path):
+    with pytest.raises(UserError, match="data.verifiable.n_trian: unknown argument of job 'build_verifiable_tasks'"):
+        load_recipe(_write(tmp_path, TINY.replace("n_train:", "n_trian:")))
+    with pytest.raises(UserError, match="'build_nothing' is not a data_prep job"):
+        load_recipe(_write(tmp_path, TINY.replace("job: build_verifiable_tasks", "job: build_nothing")))
+
+
+def test_overrides(tmp_path):
+    recipe = load_recipe(ROOT / "recipes" / "tiny" / "text.yaml",
+                         ["stages.sft.learning_rate=1e-4", "shared.lora_r=4", "name=other"])
+    assert recipe.name == "other"
+    assert recipe.stages["sft"]["learning_rate"] == 1e-4
+    assert recipe.stages["sft"]["lora_r"] == 4
+    with pytest.raises(UserError, match="should look like section.key=value"):
+        load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", ["stages.sft.learning_rate"])

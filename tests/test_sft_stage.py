@@ -1,0 +1,104 @@
+"""SFT stage on every tiny architecture: loss finite, LoRA weights move, base weights do not, adapter reloads."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from posttrain import gates
+from posttrain.errors import UserError
+from posttrain.models import load_model, load_tokenizer
+from posttrain.recipe import StageArguments
+from posttrain.stages import sft
+
+
+def stage_configs(model_path, data_dir, out_dir, **overrides):
+    from trl import ModelConfig, SFTConfig
+
+    stage_args = StageArguments(dataset_name=str(data_dir), dataset_train_split="sft", max_train_samples=32,
+                                tokenizer_name_or_path=str(model_path),
+                                eval_dataset=str(data_dir), eval_limit=4, eval_max_new_tokens=4)
+    training = dict(output_dir=str(out_dir), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                    logging_steps=1, save_strategy="no", report_to="none", bf16=False, assistant_only_loss=True,
+                    max_length=192, seed=0)
+    training.update(overrides)
+    model_args = ModelConfig(model_name_or_path=str(model_path), use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                             lora_target_modules=["all-linear"])
+    return stage_args, SFTConfig(**training), model_args
+
+
+@pytest.fixture(scope="module")
+def task_data(tmp_path_factory):
+    from data_prep.build_verifiable_tasks import main
+
+    out = tmp_path_factory.mktemp("data") / "verifiable"
+    assert main(["--output_dir", str(out), "--n_train", "48", "--n_test", "8"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "ernie4_5", "ernie4_5_moe"])
+def test_sft_trains_lora_only(arch, tiny_model_path, task_data, tmp_path):
+    path = tiny_model_path(arch)
+    base_before = load_file(path / "model.safetensors")
+    trainer = sft.main(*stage_configs(path, task_data, tmp_path / "out"))
+
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+
+    model = trainer.model
+    lora_b = {n: p for n, p in model.named_parameters() if "lora_B" in n}
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b.values()), "LoRA B starts at zero and must have moved"
+    base_after = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
+                  for n, p in model.named_parameters() if "lora_" not in n}
+    compared = 0
+    for name, tensor in base_before.items():
+        if name in base_after:
+            assert torch.equal(base_after[name].detach(), tensor), f"frozen weight {name} changed"
+            compared += 1
+    assert compared >= len(base_before) // 2
+
+    adapter = tmp_path / "out" / "adapter_model.safetensors"
+    assert adapter.stat().st_size > 0
+    reloaded = load_model(path, adapter=tmp_path / "out")
+    for name, param in reloaded.named_parameters():
+        if "lora_B" in name:
+            assert torch.equal(param, lora_b[name].detach()), f"{name} did not reload equal"
+    metrics = (tmp_path / "out" / "metrics.json").read_text()
+    assert '"accuracy"' in metrics and '"reloads_equal": true' in metrics
+
+
+def test_gate_template_without_generation_markers(tiny_model_path):
+    tokenizer = load_tokenizer(tiny_model_path("llama"))
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(UserError, match=r"no \{% generation %\} markers"):
+        gates.check_template_markers(tokenizer, assistant_only_loss=True)
+    gates.check_template_markers(tokenizer, assistant_only_loss=False)
+
+
+def test_gate_empty_assistant_turn_names_row():
+    from datasets import Dataset
+
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}]
+    with pytest.raises(UserError, match="data.jsonl row 1: assistant turn 1 is empty"):
+        gates.check_conversations(Dataset.from_list(rows), "data.jsonl")
+
+
+def test_gate_eos_not_trained(tiny_model_path, task_data, tmp_path):
+    """A template whose end-of-turn token sits outside {% generation %} leaves EOS unlabelled: the gate must stop."""
+    from trl import SFTTrainer
+
+    path = tiny_model_path("llama")
+    tokenizer = load_tokenizer(path)
+    tokenizer.chat_template = tokenizer.chat_template.replace(
+        "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}",
+        "{%- generation -%}{{- message['content'] -}}{%- endgeneration -%}{{- '<|im_end|>' -}}")
+    stage_args, training, model_args = stage_configs(path, task_data, tmp_path / "out")
+    from posttrain.stages.common import load_train_dataset
+
+    dataset = load_train_dataset(stage_args).select_columns(["messages"])
+    trainer = SFTTrainer(model=load_model(path), args=training, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=None)
+    with pytest.raises(UserError, match="end-of-turn token .* is never in the labels"):
+        gates.check_collated_labels(trainer, tokenizer.eos_token_id)
