@@ -15,7 +15,9 @@ import yaml
 
 from .errors import UserError
 
-NOT_JOBS = {"validate"}  # a check, not a builder; reachable as `posttrain data validate`
+# Reachable as `posttrain data <name>` but not builders a recipe's `data:` section runs: a check, and one-off
+# extractors of the real-data snapshots committed under data_prep/sources/.
+NOT_JOBS = {"validate", "extract_hhh_alignment", "extract_chitchat"}
 
 
 def list_jobs() -> list[str]:

@@ -11,11 +11,13 @@ import json
 import math
 from collections import defaultdict
 
-from .data import render_prompt
+from .data import completion_text, render_prompt
 
 
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, progress=None):
-    """Greedy completions for rendered prompts; returns (texts, stopped flags, token counts)."""
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, progress=None,
+             **sampling):
+    """Completions for rendered prompts, greedy unless `sampling` says otherwise (e.g. `do_sample=True,
+    temperature=1.0`); returns (texts, stopped flags, token counts)."""
     import torch
 
     tokenizer.padding_side = "left"
@@ -31,8 +33,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
         batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
                           add_special_tokens=False).to(model.device)
         with torch.no_grad():
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, **{"do_sample": False, **sampling})
         for row in out[:, batch["input_ids"].shape[1]:].tolist():
             ended = next((i for i, t in enumerate(row) if t in eos_ids), None)
             kept = row if ended is None else row[:ended]
@@ -46,18 +48,14 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     return texts, stopped, lengths
 
 
-def heldout_loss(model, tokenizer, rows: list[dict], batch_size: int = 16) -> float | None:
-    """Mean per-token NLL of the reference replies (`completion` column) given their prompts."""
+def completion_logps(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 16):
+    """Summed log-prob and token count of each completion given its rendered prompt (teacher forcing)."""
     import torch
 
-    pairs = [(render_prompt(tokenizer, r["prompt"], r.get("thinking")), r["completion"] + tokenizer.eos_token)
-             for r in rows if r.get("completion")]
-    if not pairs:
-        return None
-    total, count = 0.0, 0
-    for start in range(0, len(pairs), batch_size):
+    out = []
+    for start in range(0, len(prompts), batch_size):
         ids, labels = [], []
-        for prompt, reply in pairs[start:start + batch_size]:
+        for prompt, reply in zip(prompts[start:start + batch_size], completions[start:start + batch_size]):
             p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
             c = tokenizer(reply, add_special_tokens=False)["input_ids"]
             ids.append(p + c)
@@ -65,14 +63,40 @@ def heldout_loss(model, tokenizer, rows: list[dict], batch_size: int = 16) -> fl
         width = max(map(len, ids))
         input_ids = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x in ids], device=model.device)
         label_ids = torch.tensor([x + [-100] * (width - len(x)) for x in labels], device=model.device)
-        mask = (torch.arange(width)[None, :] < torch.tensor([len(x) for x in ids])[:, None]).to(model.device)
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=model.device)
         with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=mask.long()).logits[:, :-1].float()
+            logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
         target = label_ids[:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="sum")
-        total += nll.item()
-        count += int((target != -100).sum())
-    return total / max(count, 1)
+        logps = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        logps = logps.masked_fill(target == -100, 0.0)
+        out += list(zip(logps.sum(-1).tolist(), (target != -100).sum(-1).tolist()))
+    return out
+
+
+def heldout_loss(model, tokenizer, rows: list[dict]) -> float | None:
+    """Mean per-token NLL of the reference replies (`completion` column) given their prompts."""
+    rows = [r for r in rows if r.get("completion")]
+    if not rows:
+        return None
+    prompts = [render_prompt(tokenizer, r["prompt"], r.get("thinking")) for r in rows]
+    scores = completion_logps(model, tokenizer, prompts, [r["completion"] + tokenizer.eos_token for r in rows])
+    return -sum(s for s, _ in scores) / max(sum(n for _, n in scores), 1)
+
+
+def preference_eval(model, tokenizer, pairs: list[dict]) -> dict:
+    """How often the model itself prefers `chosen` to `rejected`: log π(chosen|x) > log π(rejected|x), summed over
+    the reply's tokens. Unlike DPO's reward accuracy it needs no reference model, so base, SFT and DPO compare."""
+    was_training = model.training
+    model.eval()
+    prompts = [render_prompt(tokenizer, p["prompt"], p.get("thinking")) for p in pairs]
+    chosen = completion_logps(model, tokenizer, prompts, [completion_text(p["chosen"]) + tokenizer.eos_token
+                                                          for p in pairs])
+    rejected = completion_logps(model, tokenizer, prompts, [completion_text(p["rejected"]) + tokenizer.eos_token
+                                                            for p in pairs])
+    if was_training:
+        model.train()
+    margins = [c - r for (c, _), (r, _) in zip(chosen, rejected)]
+    return {"n": len(pairs), "accuracy": _mean([m > 0 for m in margins]), "mean_logp_margin": _mean(margins)}
 
 
 def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = 64, batch_size: int = 32, samples: int = 8,

@@ -65,23 +65,31 @@ def check_collated_labels(trainer, eos_token_id: int, samples: int = 8) -> dict:
     }
 
 
-def check_preference_pairs(dataset, name: str, allow_skip: bool = False):
-    """chosen == rejected or an empty side is an error naming the row (or a counted skip when allowed)."""
-    from .data import completion_text
+def check_preference_pairs(dataset, name: str, tokenizer=None, max_length: int | None = None,
+                           allow_skip: bool = False):
+    """Bad pairs are an error naming the row, or a counted skip when allowed: an empty side, chosen == rejected, or a
+    prompt so long that truncation to `max_length` would leave no reply token to learn from."""
+    from .data import completion_text, render_prompt
 
     bad = []
     for index, row in enumerate(dataset):
         chosen, rejected = completion_text(row["chosen"]).strip(), completion_text(row["rejected"]).strip()
         reason = None
         if not chosen or not rejected:
-            reason = f"\"{'chosen' if not chosen else 'rejected'}\" is empty"
+            reason = f"\"{'chosen' if not chosen else 'rejected'}\" is empty; expected a non-empty reply"
         elif chosen == rejected:
             reason = "chosen == rejected; expected two different replies"
+        elif tokenizer is not None and max_length:
+            prompt = row["prompt"]
+            text = render_prompt(tokenizer, prompt, row.get("thinking")) if isinstance(prompt, list) else prompt
+            length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if length >= max_length:
+                reason = (f"the prompt is {length} tokens, so max_length={max_length} would cut every reply token; "
+                          "raise max_length or shorten the prompt")
         if reason:
             if not allow_skip:
-                raise UserError(f"pre-flight: {name} row {index}: {reason}")
+                raise UserError(f"pre-flight: {name} row {index}: {reason} (set skip_bad_rows: true to skip such rows)")
             bad.append(index)
     if bad:
-        keep = sorted(set(range(len(dataset))) - set(bad))
-        dataset = dataset.select(keep)
+        dataset = dataset.select(sorted(set(range(len(dataset))) - set(bad)))
     return dataset, len(bad)

@@ -59,9 +59,10 @@ class Pipeline:
         return self.root / "data" / name
 
     def substitute(self, value):
-        """`{data}` and `{run}` in string values point into this run's folder."""
+        """`{data}` and `{run}` in string values point into this run's folder, `{base}` to the base model folder."""
         if isinstance(value, str):
-            return value.replace("{data}", str(self.root / "data")).replace("{run}", str(self.root))
+            value = value.replace("{data}", str(self.root / "data")).replace("{run}", str(self.root))
+            return value.replace("{base}", str(getattr(self, "base_model", "{base}")))
         if isinstance(value, list):
             return [self.substitute(v) for v in value]
         if isinstance(value, dict):
@@ -76,26 +77,32 @@ class Pipeline:
                 raise UserError(f"stage '{name}' is not in recipe {self.recipe.path} (stages: {', '.join(order)})")
         self.root.mkdir(parents=True, exist_ok=True)
         self._record("run", started=time.strftime("%Y-%m-%d %H:%M:%S"), status="running")
-        self.build_data()
+        self.build_data(after=None)
         base_model = self.prepare_base()
         selected = {only} if only else set(order[order.index(start):]) if start else set(order)
         previous = None
-        for stage in order:
+        for stage in order[:max(order.index(s) for s in selected) + 1]:
             if stage in selected:
                 self.run_stage(stage, base_model, previous, force=bool(only or start))
             elif not (self.root / stage / "lineage.json").is_file():
                 raise UserError(f"stage '{stage}' comes before the ones asked for and has not finished; run it first")
+            self.build_data(after=stage)
             previous = stage
         self._record("run", status="done", finished=time.strftime("%Y-%m-%d %H:%M:%S"))
         self.print_summary()
         return self.state
 
-    def build_data(self) -> None:
+    def build_data(self, after: str | None) -> None:
+        """Run the recipe's data jobs that belong at this point: before everything, or right after stage `after`
+        (then the stage's lineage hash is part of the job's inputs, so a re-trained stage rebuilds its data)."""
         from .datajobs import run_job
 
         for name, spec in self.recipe.data.items():
-            args = self.substitute({k: v for k, v in spec.items() if k != "job"})
-            digest = _hash({"job": spec["job"], "args": args})
+            if spec.get("after") != after:
+                continue
+            args = self.substitute({k: v for k, v in spec.items() if k not in ("job", "after")})
+            upstream = json.loads((self.root / after / "lineage.json").read_text())["inputs_hash"] if after else None
+            digest = _hash({"job": spec["job"], "args": args, "after": upstream})
             out, stamp = self.data_path(name), self.data_path(name).with_suffix(".inputs")
             if out.is_dir() and stamp.is_file() and stamp.read_text() == digest:
                 console.print(f"[dim]data {name}: up to date[/dim]")

@@ -4,6 +4,7 @@
     modality: text                # text | vision
     base: {model_name_or_path: ..., chat_template: chatml, ...}
     data: {verifiable: {job: build_verifiable_tasks, n_train: 2000}}   # data_prep jobs, built into outputs/<name>/data/
+                                  # (a job with `after: sft` runs once that stage has finished, e.g. on its adapter)
     eval: {dataset: "{data}/verifiable", split: test}                 # held-out evaluation before/after each stage
     shared: {use_peft: true, lora_r: 16, ...}                         # applied to every stage
     stages: {sft: {...}, dpo: {...}, upo: {...}}                      # flat TRL / PEFT config fields, in order
@@ -75,6 +76,9 @@ class StageArguments:
     dataset_test_split: str | None = field(default=None, metadata={"help": "Split for TRL's eval loss, if any."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     preflight: bool = field(default=True, metadata={"help": "Run the pre-flight gates before training."})
+    skip_bad_rows: bool = field(
+        default=False, metadata={"help": "Pre-flight: skip (and count) bad preference rows instead of stopping."}
+    )
     # Filled in by the pipeline (RESERVED above):
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer folder (set by pipeline)."})
     adapter_path: str | None = field(default=None, metadata={"help": "Previous stage's adapter (set by pipeline)."})
@@ -161,8 +165,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         raise UserError(f"{where}: modality: '{modality}' is not one of text, vision")
     base = _build(BaseModelArguments, raw["base"], f"{where}: base")
     evaluation = _build(EvalArguments, raw.get("eval") or {}, f"{where}: eval")
-    data = _check_data(raw.get("data") or {}, where)
     stages = _check_stages(raw, where)
+    data = _check_data(raw.get("data") or {}, where, list(stages))
     accelerate_config = raw.get("accelerate_config")
     if accelerate_config is not None:
         accelerate_config = str(resolve_relative(accelerate_config, path))
@@ -208,7 +212,7 @@ def _check_stages(raw: dict, where: str) -> dict[str, dict]:
     return merged
 
 
-def _check_data(data: dict, where: str) -> dict[str, dict]:
+def _check_data(data: dict, where: str, stages: list[str]) -> dict[str, dict]:
     if not isinstance(data, dict):
         raise UserError(f"{where}: data: expected a mapping of dataset name to a data_prep job and its arguments")
     for name, spec in data.items():
@@ -217,8 +221,11 @@ def _check_data(data: dict, where: str) -> dict[str, dict]:
         from .datajobs import job_config_fields
 
         fields = job_config_fields(spec["job"], f"{where}: data.{name}.job")
+        if "after" in spec and spec["after"] not in stages:
+            raise UserError(f"{where}: data.{name}.after: '{spec['after']}' is not a stage of this recipe "
+                            f"({', '.join(stages)})")
         for key, value in spec.items():
-            if key == "job":
+            if key in ("job", "after"):
                 continue
             if key == "output_dir":
                 raise UserError(f"{where}: data.{name}.output_dir: set by the pipeline (outputs/<run>/data/{name})")

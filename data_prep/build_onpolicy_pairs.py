@@ -1,0 +1,117 @@
+"""Build on-policy preference pairs: sample replies from a model (+ adapter), score them, pair best vs worst.
+
+The input of on-policy DPO and of offline UPO: the pairs come from the policy's own distribution, so DPO learns to
+move probability between things the model actually says. For every prompt, `num_samples` replies are sampled and
+scored with the reward functions (`posttrain.rewards`); the best and worst reply form a pair when their reward gap is
+at least `margin` (the same mining rule as online UPO, `posttrain.trainers.upo_pairs.mine_pairs`).
+
+    posttrain data build_onpolicy_pairs --model_name_or_path DIR --adapter_path outputs/<run>/sft \
+        --prompts outputs/<run>/data/verifiable --output_dir outputs/<run>/data/pairs
+
+In a recipe, give the job `after: sft` to run it right after that stage, on that stage's adapter.
+Output: `train.parquet` (pairs from `train_split` prompts) and `test.parquet` (from `test_split` prompts) with
+`prompt`, `chosen`, `rejected` (conversational), `thinking`, `domain`, `answer`, `chosen_reward`, `rejected_reward`.
+"""
+
+from dataclasses import dataclass, field
+
+from . import card as card_lib
+from .config import command_line, parse_config, run
+from .config import make_parser as _make_parser
+
+PROG = "posttrain data build_onpolicy_pairs"
+
+
+@dataclass
+class OnPolicyPairsConfig:
+    model_name_or_path: str = field(default=None, metadata={"help": "Base model folder (or Hub id) to sample from."})
+    adapter_path: str | None = field(default=None, metadata={"help": "LoRA adapter applied on the base model."})
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer folder (default: the adapter's, else "
+                                                                  "the model's); its chat template renders prompts."})
+    prompts: str = field(default=None, metadata={"help": "Prompt rows (prompt/answer/domain/thinking): a data_prep "
+                                                         "folder or file."})
+    train_split: str = field(default="prompts", metadata={"help": "Split of `prompts` whose pairs go to train."})
+    test_split: str | None = field(default="test", metadata={"help": "Split whose pairs go to test (held out)."})
+    max_train_prompts: int = field(default=128, metadata={"help": "Prompts sampled from train_split."})
+    max_test_prompts: int = field(default=48, metadata={"help": "Prompts sampled from test_split."})
+    num_samples: int = field(default=4, metadata={"help": "Replies sampled per prompt."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Reply length budget."})
+    batch_size: int = field(default=32, metadata={"help": "Sequences generated together."})
+    rewards: list[str] = field(default_factory=lambda: ["accuracy", "think_format"],
+                               metadata={"help": "Reward functions (names in posttrain.rewards.REWARDS)."})
+    reward_weights: list[float] = field(default_factory=lambda: [1.0, 0.5], metadata={"help": "Their weights."})
+    margin: float = field(default=0.5, metadata={"help": "Minimum reward gap between chosen and rejected."})
+    pairs_per_prompt: int = field(default=1, metadata={"help": "At most this many pairs per prompt."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed."})
+    output_dir: str = field(default=None, metadata={"help": "Output folder (replaced atomically)."})
+    overwrite: bool = field(default=True, metadata={"help": "Replace `output_dir` if it exists."})
+
+
+def make_parser():
+    return _make_parser(OnPolicyPairsConfig, PROG, __doc__.split("\n\n")[0])
+
+
+def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig) -> list[dict]:
+    """Sample, score and pair replies for `rows`; pairs carry their rewards for the data card and the report."""
+    import torch
+
+    from posttrain.data import render_prompt
+    from posttrain.evaluate import generate
+    from posttrain.rewards import combine_rewards
+    from posttrain.trainers.upo_pairs import mine_pairs
+
+    n = config.num_samples
+    expanded = [row for row in rows for _ in range(n)]
+    prompts = [render_prompt(tokenizer, r["prompt"], r.get("thinking")) for r in expanded]
+    texts, _, _ = generate(model, tokenizer, prompts, config.max_new_tokens, config.batch_size, do_sample=True,
+                           temperature=config.temperature, top_p=config.top_p)
+    columns = {key: [r.get(key) for r in expanded] for key in ("answer", "thinking", "domain")}
+    score = combine_rewards(dict(zip(config.rewards, config.reward_weights, strict=True)))
+    rewards = torch.tensor([float("nan") if v is None else v for v in score(texts, **columns)])
+    pairs = []
+    for chosen, rejected, _gap in mine_pairs(rewards, n, config.margin, config.pairs_per_prompt):
+        row = expanded[chosen]
+        pairs.append({"prompt": row["prompt"], "chosen": [{"role": "assistant", "content": texts[chosen]}],
+                      "rejected": [{"role": "assistant", "content": texts[rejected]}], "thinking": row.get("thinking"),
+                      "domain": row.get("domain"), "answer": row.get("answer"),
+                      "chosen_reward": float(rewards[chosen]), "rejected_reward": float(rewards[rejected])})
+    return pairs
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from posttrain.errors import UserError
+    from posttrain.evaluate import load_rows
+    from posttrain.models import load_model, load_tokenizer
+
+    config = parse_config(OnPolicyPairsConfig, make_parser(), argv, needs_sources=False)
+    for key in ("model_name_or_path", "prompts", "output_dir"):
+        if not getattr(config, key):
+            raise UserError(f"{PROG}: --{key} is required")
+    torch.manual_seed(config.seed)
+    tokenizer = load_tokenizer(config.tokenizer or config.adapter_path or config.model_name_or_path)
+    model = load_model(config.model_name_or_path, adapter=config.adapter_path).eval()
+    tables = {"train": sample_pairs(model, tokenizer, load_rows(config.prompts, config.train_split,
+                                                                 config.max_train_prompts), config)}
+    if config.test_split:
+        tables["test"] = sample_pairs(model, tokenizer, load_rows(config.prompts, config.test_split,
+                                                                   config.max_test_prompts), config)
+    if not tables["train"]:
+        raise UserError(f"{PROG}: no prompt gave a pair with reward gap >= {config.margin}: every group of "
+                        f"{config.num_samples} samples scored the same. Raise temperature or num_samples.")
+    source = {"name": "on-policy samples", "path": f"{config.model_name_or_path} + {config.adapter_path}",
+              "license": "same as the prompts", "notes": f"{config.num_samples} samples per prompt at temperature "
+              f"{config.temperature}, scored by {config.rewards} with weights {config.reward_weights}; best vs worst "
+              f"with gap >= {config.margin}"}
+    lengths = [len(p["chosen"][0]["content"]) for rows in tables.values() for p in rows]
+    card_lib.write_generated(config, tables, job="build_onpolicy_pairs", kind="preference", source=source,
+                             command=command_line(PROG, argv), lengths=lengths, length_unit="characters of chosen")
+    print(f"wrote {config.output_dir}: " + ", ".join(f"{s} {len(t)} pairs" for s, t in tables.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,79 @@
+"""DPO stage: TRL's DPOTrainer continuing the previous stage's LoRA adapter, the frozen copy of it as reference.
+
+    accelerate launch -m posttrain.stages.dpo --config outputs/<run>/.dpo.partial/resolved.yaml
+
+Given a PeftModel that already holds a trained adapter (and no peft_config), DPOTrainer copies that adapter into a
+frozen "ref" adapter and trains the original: the previous stage is the reference model and the base weights are in
+memory once. Directly on a base model (no previous stage), a fresh LoRA adapter is trained and the reference is the
+model with the adapter disabled.
+
+Rows: `prompt`/`chosen`/`rejected`, conversational or plain text, optionally `thinking` (per-row template switch).
+`dataset_test_split` names held-out pairs: TRL logs reward accuracy/margin on them at each eval step, and this stage
+measures the policy's own preference accuracy on them before and after training (`eval.preference_before/after`).
+"""
+
+import time
+
+from .. import gates
+from ..data import load_split, with_template_kwargs
+from ..recipe import StageArguments
+from . import common
+
+DPO_COLUMNS = {"prompt", "chosen", "rejected", "chat_template_kwargs", "images", "tools"}
+
+
+def load_pairs(stage_args, split: str, tokenizer, max_length: int | None):
+    dataset = load_split(stage_args.dataset_name, split, stage_args.dataset_config)
+    name = f"{stage_args.dataset_name} ({split})"
+    skipped = 0
+    if stage_args.preflight:
+        dataset, skipped = gates.check_preference_pairs(dataset, name, tokenizer, max_length,
+                                                        allow_skip=stage_args.skip_bad_rows)
+    return dataset, skipped
+
+
+def main(stage_args: StageArguments, training_args, model_args):
+    """Train, save, verify and evaluate; returns the trainer."""
+    from trl import DPOTrainer
+
+    from ..evaluate import preference_eval
+
+    started = time.time()
+    common.set_threads()
+    model, tokenizer, peft_config = common.load_policy(stage_args, training_args, model_args)
+    train, skipped = load_pairs(stage_args, stage_args.dataset_train_split, tokenizer, training_args.max_length)
+    if stage_args.max_train_samples:
+        train = train.select(range(min(stage_args.max_train_samples, len(train))))
+    heldout = None
+    if stage_args.dataset_test_split:
+        heldout, _ = load_pairs(stage_args, stage_args.dataset_test_split, tokenizer, training_args.max_length)
+
+    trainer = DPOTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=common.keep_columns(with_template_kwargs(train), DPO_COLUMNS),
+        eval_dataset=common.keep_columns(with_template_kwargs(heldout), DPO_COLUMNS) if heldout else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    before = None
+    if heldout is not None and trainer.accelerator.is_main_process:
+        before = preference_eval(trainer.model, tokenizer, heldout.to_list())
+        trainer.accelerator.print(f"[dpo] held-out preference accuracy before: {before['accuracy']:.1%}")
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    after = preference_eval(trainer.model, tokenizer, heldout.to_list()) if before is not None else None
+    if after:
+        trainer.accelerator.print(f"[dpo] held-out preference accuracy after: {after['accuracy']:.1%}")
+    extra = {"preference": {"before": before, "after": after}, "preflight": {"pairs_skipped": skipped}}
+    common.finish(trainer, "dpo", stage_args, tokenizer, result, started, extra=extra)
+    return trainer
+
+
+def make_parser():
+    from trl import DPOConfig, ModelConfig, TrlParser
+
+    return TrlParser((StageArguments, DPOConfig, ModelConfig), prog="posttrain.stages.dpo")
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())
