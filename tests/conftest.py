@@ -31,3 +31,34 @@ def tiny_tokenizer():
     from posttrain.models import TINY_TOKENIZER, load_tokenizer
 
     return load_tokenizer(TINY_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def task_data(tmp_path_factory):
+    """A small verifiable task set (sft / prompts / test splits) built by the real data job."""
+    from data_prep.build_verifiable_tasks import main
+
+    out = tmp_path_factory.mktemp("data") / "verifiable"
+    assert main(["--output_dir", str(out), "--n_train", "48", "--n_test", "8"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def sft_configs():
+    """Callable: (model folder, data folder, output folder, **SFTConfig overrides) -> the SFT stage's three configs."""
+    from posttrain.recipe import StageArguments
+
+    def make(model_path, data_dir, out_dir, **overrides):
+        from trl import ModelConfig, SFTConfig
+
+        stage_args = StageArguments(dataset_name=str(data_dir), dataset_train_split="sft", max_train_samples=32,
+                                    tokenizer_name_or_path=str(model_path), eval_dataset=str(data_dir),
+                                    eval_limit=4, eval_max_new_tokens=4)
+        training = dict(output_dir=str(out_dir), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                        logging_steps=1, save_strategy="no", report_to="none", bf16=False, use_cpu=True,
+                        assistant_only_loss=True, max_length=192, seed=0)
+        model_args = ModelConfig(model_name_or_path=str(model_path), use_peft=True, lora_r=4, lora_alpha=8,
+                                 lora_dropout=0.0, lora_target_modules=["all-linear"])
+        return stage_args, SFTConfig(**{**training, **overrides}), model_args
+
+    return make

@@ -9,39 +9,14 @@ from safetensors.torch import load_file
 from posttrain import gates
 from posttrain.errors import UserError
 from posttrain.models import load_model, load_tokenizer
-from posttrain.recipe import StageArguments
 from posttrain.stages import sft
 
 
-def stage_configs(model_path, data_dir, out_dir, **overrides):
-    from trl import ModelConfig, SFTConfig
-
-    stage_args = StageArguments(dataset_name=str(data_dir), dataset_train_split="sft", max_train_samples=32,
-                                tokenizer_name_or_path=str(model_path),
-                                eval_dataset=str(data_dir), eval_limit=4, eval_max_new_tokens=4)
-    training = dict(output_dir=str(out_dir), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
-                    logging_steps=1, save_strategy="no", report_to="none", bf16=False, assistant_only_loss=True,
-                    max_length=192, seed=0)
-    training.update(overrides)
-    model_args = ModelConfig(model_name_or_path=str(model_path), use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
-                             lora_target_modules=["all-linear"])
-    return stage_args, SFTConfig(**training), model_args
-
-
-@pytest.fixture(scope="module")
-def task_data(tmp_path_factory):
-    from data_prep.build_verifiable_tasks import main
-
-    out = tmp_path_factory.mktemp("data") / "verifiable"
-    assert main(["--output_dir", str(out), "--n_train", "48", "--n_test", "8"]) == 0
-    return out
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "ernie4_5", "ernie4_5_moe"])
-def test_sft_trains_lora_only(arch, tiny_model_path, task_data, tmp_path):
+def test_sft_trains_lora_only(arch, tiny_model_path, task_data, sft_configs, tmp_path):
     path = tiny_model_path(arch)
     base_before = load_file(path / "model.safetensors")
-    trainer = sft.main(*stage_configs(path, task_data, tmp_path / "out"))
+    trainer = sft.main(*sft_configs(path, task_data, tmp_path / "out"))
 
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
@@ -85,7 +60,7 @@ def test_gate_empty_assistant_turn_names_row():
         gates.check_conversations(Dataset.from_list(rows), "data.jsonl")
 
 
-def test_gate_eos_not_trained(tiny_model_path, task_data, tmp_path):
+def test_gate_eos_not_trained(tiny_model_path, task_data, sft_configs, tmp_path):
     """A template whose end-of-turn token sits outside {% generation %} leaves EOS unlabelled: the gate must stop."""
     from trl import SFTTrainer
 
@@ -94,7 +69,7 @@ def test_gate_eos_not_trained(tiny_model_path, task_data, tmp_path):
     tokenizer.chat_template = tokenizer.chat_template.replace(
         "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}",
         "{%- generation -%}{{- message['content'] -}}{%- endgeneration -%}{{- '<|im_end|>' -}}")
-    stage_args, training, model_args = stage_configs(path, task_data, tmp_path / "out")
+    stage_args, training, model_args = sft_configs(path, task_data, tmp_path / "out")
     from posttrain.stages.common import load_train_dataset
 
     dataset = load_train_dataset(stage_args).select_columns(["messages"])

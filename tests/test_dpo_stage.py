@@ -1,0 +1,109 @@
+"""DPO after SFT on a tiny model: the SFT adapter keeps training, its frozen copy is the reference, one base model."""
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+
+from posttrain.errors import UserError
+from posttrain.gates import check_preference_pairs
+from posttrain.models import load_tokenizer
+from posttrain.recipe import StageArguments
+from posttrain.stages import dpo, sft
+
+
+def pairs_dir(tmp_path):
+    """Held-out-style pairs with a clear preference: the correct answer vs a wrong one."""
+    rows = []
+    for i in range(24):
+        a, b = i % 7 + 2, i % 5 + 3
+        rows.append({"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}],
+                     "chosen": [{"role": "assistant", "content": str(a + b)}],
+                     "rejected": [{"role": "assistant", "content": f"It is {a * b + 1}, I think."}],
+                     "thinking": False})
+    out = tmp_path / "pairs"
+    out.mkdir()
+    Dataset.from_list(rows[:16]).to_parquet(out / "train.parquet")
+    Dataset.from_list(rows[16:]).to_parquet(out / "test.parquet")
+    return out
+
+
+@pytest.fixture(scope="module")
+def sft_adapter(tiny_model_path, task_data, sft_configs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft") / "adapter"
+    sft.main(*sft_configs(tiny_model_path("llama"), task_data, out))
+    return out
+
+
+def test_dpo_continues_sft_adapter_with_frozen_reference(tiny_model_path, sft_adapter, tmp_path):
+    from trl import DPOConfig, ModelConfig
+    from safetensors.torch import load_file
+
+    path = tiny_model_path("llama")
+    data = pairs_dir(tmp_path)
+    stage_args = StageArguments(dataset_name=str(data), dataset_test_split="test", tokenizer_name_or_path=str(path),
+                                adapter_path=str(sft_adapter))
+    training = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=3, per_device_train_batch_size=4,
+                         learning_rate=1e-2, beta=0.1, logging_steps=1, save_strategy="no", report_to="none",
+                         bf16=False, use_cpu=True, max_length=128, seed=0)
+    trainer = dpo.main(stage_args, training, ModelConfig(model_name_or_path=str(path)))
+
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    sft_weights = load_file(sft_adapter / "adapter_model.safetensors")
+    params = dict(trainer.model.named_parameters())
+    moved = frozen_ref = 0
+    for key, before in sft_weights.items():
+        name = key.replace(".weight", ".default.weight")
+        live = params[name].detach()
+        moved += not torch.equal(live, before)
+        ref = trainer.model.get_parameter(name.replace(".default.", ".ref."))
+        assert not ref.requires_grad and torch.equal(ref.detach(), before), f"reference adapter changed: {key}"
+        frozen_ref += 1
+    assert moved > 0 and frozen_ref == len(sft_weights)
+    base = load_file(path / "model.safetensors")
+    for name, param in params.items():
+        if "lora_" not in name:
+            key = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert not param.requires_grad and torch.equal(param.detach(), base[key])
+    # one copy of the base weights: no second model (TRL's ref_model is None; the reference is the "ref" adapter)
+    assert trainer.ref_model is None
+    storages = {p.untyped_storage().data_ptr() for n, p in params.items() if "lora_" not in n}
+    assert len(storages) == len({k for k in base if k != "lm_head.weight"})
+
+    metrics = (tmp_path / "dpo" / "metrics.json").read_text()
+    assert '"preference"' in metrics and '"reloads_equal": true' in metrics
+
+
+def test_dpo_on_base_model_trains_fresh_adapter(tiny_model_path, tmp_path):
+    from trl import DPOConfig, ModelConfig
+
+    path = tiny_model_path("qwen2")
+    stage_args = StageArguments(dataset_name=str(pairs_dir(tmp_path)), tokenizer_name_or_path=str(path))
+    training = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=2, per_device_train_batch_size=4,
+                         learning_rate=1e-2, save_strategy="no", report_to="none", bf16=False, use_cpu=True,
+                         max_length=128)
+    model_args = ModelConfig(model_name_or_path=str(path), use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                             lora_target_modules=["all-linear"])
+    trainer = dpo.main(stage_args, training, model_args)
+    assert trainer.ref_model is None and "ref" not in trainer.model.peft_config
+    assert (tmp_path / "dpo" / "adapter_model.safetensors").stat().st_size > 0
+
+
+def test_pair_gates_name_the_row(tiny_model_path):
+    tokenizer = load_tokenizer(tiny_model_path("llama"))
+    same = Dataset.from_list([{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a",
+                                                                                "rejected": "a"}])
+    with pytest.raises(UserError, match="pairs.jsonl row 1: chosen == rejected"):
+        check_preference_pairs(same, "pairs.jsonl")
+    kept, skipped = check_preference_pairs(same, "pairs.jsonl", allow_skip=True)
+    assert len(kept) == 1 and skipped == 1
+    empty = Dataset.from_list([{"prompt": "q", "chosen": " ", "rejected": "b"}])
+    with pytest.raises(UserError, match='row 0: "chosen" is empty'):
+        check_preference_pairs(empty, "p")
+    long_prompt = Dataset.from_list([{"prompt": [{"role": "user", "content": "word " * 300}],
+                                      "chosen": [{"role": "assistant", "content": "a"}],
+                                      "rejected": [{"role": "assistant", "content": "b"}]}])
+    with pytest.raises(UserError, match="max_length=64 would cut every reply token"):
+        check_preference_pairs(long_prompt, "p", tokenizer, max_length=64)
