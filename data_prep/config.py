@@ -43,6 +43,27 @@ class SourceConfig:
             self.name = Path(self.path).stem if Path(self.path).suffix else self.path.rstrip("/").split("/")[-1]
         if not self.weight > 0:
             raise UserError(f"source '{self.name}': weight must be > 0, got {self.weight}")
+        facts = sidecar_facts(self.path)
+        if self.license == "unknown":
+            self.license = str(facts.get("license", self.license))
+        if self.notes is None:
+            self.notes = facts.get("notes")
+
+
+def sidecar_facts(path: str) -> dict:
+    """`license`/`notes` from the YAML front matter of `<data file>.md` beside a data file, if there is one.
+
+    Lets a committed source (e.g. `data_prep/sources/hhh_alignment.jsonl`) carry its license into every data card
+    without each recipe repeating it.
+    """
+    sidecar = Path(path).with_suffix(".md")
+    if not Path(path).suffix or not sidecar.is_file():
+        return {}
+    text = sidecar.read_text(encoding="utf-8")
+    if not text.startswith("---\n") or "\n---" not in text[4:]:
+        return {}
+    facts = yaml.safe_load(text[4:text.index("\n---", 4)])
+    return facts if isinstance(facts, dict) else {}
 
 
 @dataclass
@@ -123,7 +144,7 @@ def _as_source(value) -> SourceConfig:
         return SourceConfig(path=value)
     if isinstance(value, dict):
         known = {f.name for f in dataclasses.fields(SourceConfig)}
-        _check_keys(value, known, "source")
+        _check_keys(value, known, "unknown source key")
         if "path" not in value:
             raise UserError(f"source {value} has no 'path'")
         return SourceConfig(**value)
@@ -131,11 +152,12 @@ def _as_source(value) -> SourceConfig:
 
 
 def _check_keys(given: dict, known: set, what: str):
+    """Unknown keys are errors, with the closest known key as a hint: a typo must not silently use a default."""
     for key in given:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(known))}"
-            raise UserError(f"unknown {what} key '{key}'{hint}")
+            raise UserError(f"{what} '{key}'{hint}")
 
 
 def _flag_type(annotation):
@@ -159,18 +181,26 @@ def _parse_bool(text: str) -> bool:
 
 
 def make_parser(config_cls: type, prog: str, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with `--config FILE.yaml` and one `--<field>` flag per field of `config_cls`."""
+    """An argparse parser with `--config FILE.yaml` and one `--<field>` flag per field of `config_cls`.
+
+    `parser.dataclass_types` names the config class, as on `HfArgumentParser`, so tools that validate recipes
+    (`posttrain.datajobs`) can list a job's options.
+    """
     parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.dataclass_types = [config_cls]
     parser.add_argument("--config", help="YAML file whose keys are the options below; flags override it.")
+    hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
-        hints = typing.get_type_hints(config_cls)
         parser.add_argument(f"--{f.name}", dest=f.name, default=argparse.SUPPRESS, help=f.metadata.get("help"),
                             **_flag_type(hints[f.name]))
     return parser
 
 
-def parse_config(config_cls: type, parser: argparse.ArgumentParser, argv: list[str] | None):
-    """Build `config_cls` from `--config` YAML (keys must be fields) with the flags given in `argv` on top."""
+def parse_config(config_cls: type, parser: argparse.ArgumentParser, argv: list[str] | None,
+                 needs_sources: bool = True):
+    """Build `config_cls` from `--config` YAML (keys must be fields) with the flags given in `argv` on top.
+
+    `needs_sources=False` is for generators, which have no input files."""
     args = vars(parser.parse_args(argv))
     values = {}
     config_file = args.pop("config", None)
@@ -184,9 +214,9 @@ def parse_config(config_cls: type, parser: argparse.ArgumentParser, argv: list[s
             raise UserError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(values, dict):
             raise UserError(f"{path}: expected a mapping of options, got {type(values).__name__}")
-        _check_keys(values, {f.name for f in dataclasses.fields(config_cls)}, f"option in {path}:")
+        _check_keys(values, {f.name for f in dataclasses.fields(config_cls)}, f"{path}: unknown option")
     values.update(args)
-    if not values.get("sources"):
+    if needs_sources and not values.get("sources"):
         raise UserError("no sources: give `sources:` in the YAML or --sources PATH ...")
     if not values.get("output_dir"):
         raise UserError("no output folder: give `output_dir:` in the YAML or --output_dir DIR")
@@ -196,7 +226,7 @@ def parse_config(config_cls: type, parser: argparse.ArgumentParser, argv: list[s
 def command_line(prog: str, argv: list[str] | None) -> str:
     """The command that reproduces this run, for the data card."""
     argv = sys.argv[1:] if argv is None else argv
-    return " ".join(shlex.quote(part) for part in [prog, *argv])
+    return " ".join([prog, *(shlex.quote(part) for part in argv)])
 
 
 def run(main) -> None:

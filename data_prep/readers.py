@@ -8,22 +8,31 @@ Parquet, `save_to_disk` folders and Hub datasets are typed already, so they go t
 import csv
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain.errors import UserError
 
+_BAD_BYTE = re.compile("[\udc80-\udcff]")  # what surrogateescape turns undecodable bytes into
 FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 @dataclass
 class RawRow:
-    """One input row: `where` is `FILE:LINE` (or `FILE:ROW`), `row` the parsed mapping or `None` with `error` set."""
+    """One input row: `where` is `FILE:LINE` (or `FILE:ROW`), `row` the parsed mapping or `None` with `error` set
+    and, for a line that did not parse, its `text` (so the rejects file keeps what was dropped)."""
 
     where: str
     row: dict | None
     error: str | None = None
+    text: str | None = None
+
+
+def _excerpt(raw: bytes, limit: int = 10_000) -> str:
+    text = raw.decode("utf-8", errors="replace")
+    return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit:,} more characters]"
 
 
 def is_offline() -> bool:
@@ -84,7 +93,7 @@ def _read_jsonl(path: str, max_row_bytes: int) -> Iterator[RawRow]:
         for line_no, raw in enumerate(f, start=1):
             if raw.strip():
                 row, error = _decode_line(raw.strip(), max_row_bytes)
-                yield RawRow(f"{path}:{line_no}", row, error)
+                yield RawRow(f"{path}:{line_no}", row, error, _excerpt(raw.strip()) if error else None)
 
 
 def _read_json(path: str, max_row_bytes: int) -> Iterator[RawRow]:
@@ -97,7 +106,8 @@ def _read_json(path: str, max_row_bytes: int) -> Iterator[RawRow]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x}); re-save the file as UTF-8")
+        raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x}); re-save the file as UTF-8") \
+            from None
     decoder = json.JSONDecoder()
     pos = text.index("[") + 1
     while True:
@@ -128,23 +138,21 @@ def _skip(text: str, pos: int, extra: str) -> int:
 
 def _read_csv(path: str, max_row_bytes: int) -> Iterator[RawRow]:
     """CSV rows; cells holding JSON lists or objects (messages, conversations) are decoded."""
-    with open(path, newline="", encoding="utf-8", errors="strict") as f:
+    # surrogateescape: a stray non-UTF-8 byte spoils its own row, not the whole file.
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
         line = 1
-        try:
-            for record in reader:
-                where = f"{path}:{line + 1}"
-                line = reader.line_num
-                if None in record:
-                    yield RawRow(where, None, "more cells than header columns; expected one cell per column")
-                    continue
-                if sum(len(v or "") for v in record.values()) > max_row_bytes:
-                    yield RawRow(where, None, f"row is more than max_row_bytes={max_row_bytes:,}")
-                    continue
+        for record in reader:
+            where, line = f"{path}:{line + 1}", reader.line_num
+            cells = "".join(v for v in record.values() if isinstance(v, str))
+            if None in record:
+                yield RawRow(where, None, "more cells than header columns; expected one cell per column")
+            elif _BAD_BYTE.search(cells):
+                yield RawRow(where, None, "not valid UTF-8; expected UTF-8 text: re-save the file as UTF-8")
+            elif len(cells) > max_row_bytes:
+                yield RawRow(where, None, f"row is more than max_row_bytes={max_row_bytes:,}")
+            else:
                 yield RawRow(where, {k: _json_cell(v) for k, v in record.items()})
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{path}:{line + 1}: not valid UTF-8 (byte 0x{exc.object[exc.start]:02x}); "
-                            "re-save the file as UTF-8") from None
 
 
 def _json_cell(value: str | None):

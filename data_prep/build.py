@@ -1,0 +1,275 @@
+"""The pipeline every build job runs: import and validate sources, clean, split, mix, write with a data card.
+
+    sources --convert/validate--> records --exact dedup--> --near dedup--> --decontaminate--> --length filter-->
+    --held-out split--> --mix by weight (each split)--> OUT/{train,test}.parquet + README.md + card.json
+
+The held-out split is drawn before mixing so that a source repeated by a weight > 1 never has a copy of the same row
+on both sides of the split.
+"""
+
+import dataclasses
+import os
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import yaml
+
+from posttrain.errors import UserError
+
+from . import card as card_lib
+from . import clean
+from .config import PreferenceSetConfig
+from .formats import FORMATS, Options, convert_rows
+from .readers import read_rows
+
+KIND_COLUMNS = {"sft": ["messages"], "preference": ["prompt", "chosen", "rejected"],
+                "unpaired": ["prompt", "completion", "label"], "rl": ["prompt", "answer", "domain"]}
+OPTIONAL_COLUMNS = ["tools", "images", "thinking"]
+CONVERSATION_COLUMNS = ("messages", "prompt", "chosen", "rejected", "completion")
+
+
+def progress(rows, description: str):
+    """A rich progress display on a terminal; silent in logs and tests."""
+    from rich.progress import track
+
+    return track(rows, description=description, transient=True, disable=not sys.stderr.isatty())
+
+
+def import_source(source, cfg, kinds: tuple[str, ...], job: str, rejects: list[dict]) -> tuple[list[dict], dict]:
+    """Convert every row of one source; bad rows fail the job or, with `on_error: skip`, go to `rejects`."""
+    local = Path(source.path).exists()
+    margin = cfg.min_score_margin if isinstance(cfg, PreferenceSetConfig) else 0.0
+    opts = Options(base_dir=Path(source.path).parent if local else Path.cwd(), check_images=cfg.check_images,
+                   min_score_margin=margin)
+    fmt, rows = convert_rows(source.path, source.format, opts, cfg.max_row_bytes, source.split, source.subset)
+    kind = FORMATS[fmt][0]
+    if kind not in kinds:
+        raise UserError(f"source '{source.name}' ({source.path}) is {kind} data (format '{fmt}'); {job} takes "
+                        f"{' or '.join(kinds)} data")
+    stats = {"name": source.name, "path": source.path, "format": fmt, "kind": kind, "license": source.license,
+             "weight": source.weight, "notes": source.notes, "rows_read": 0, "rows_invalid": 0, "rows_skipped": 0}
+    records = []
+    for item in progress(rows, f"Reading {source.name}"):
+        stats["rows_read"] += 1
+        if item.error:
+            if cfg.on_error == "fail":
+                raise UserError(f"{item.where}: {item.error}\n(set `on_error: skip` to write bad rows to "
+                                "rejects.jsonl and go on, or run `posttrain data validate` to list them all)")
+            stats["rows_invalid"] += 1
+            rejects.append(_reject(item.where, source.name, "invalid", item.error, item.raw, item.text))
+        elif item.skip:
+            stats["rows_skipped"] += 1
+            rejects.append(_reject(item.where, source.name, "margin", item.skip, item.raw))
+        else:
+            records.append({**item.record, "_origin": item.where, "_source": source.name})
+    return records, stats
+
+
+def _reject(where: str, source: str, step: str, reason: str, row, text: str | None = None) -> dict:
+    reject = {"where": where, "source": source, "filter": step, "reason": reason, "row": row}
+    return {**reject, "raw_text": text} if text is not None else reject
+
+
+def unpair(records: list[dict]) -> list[dict]:
+    """Preference pairs as KTO rows: chosen -> `label: True`, rejected -> `label: False` (TRL's unpairing)."""
+    out = []
+    for r in records:
+        if "chosen" not in r:
+            out.append(r)
+            continue
+        for key, label in (("chosen", True), ("rejected", False)):
+            out.append({"prompt": r["prompt"], "completion": r[key], "label": label, "_source": r["_source"],
+                        "_origin": f"{r['_origin']} ({key})"})
+    return out
+
+
+def to_dataset(records: list[dict], kind: str):
+    """A `datasets.Dataset` with the kind's columns, optional columns only when some row has them."""
+    from datasets import Dataset, Features, Json, List, Value
+
+    columns = KIND_COLUMNS[kind] + [c for c in OPTIONAL_COLUMNS if any(r.get(c) is not None for r in records)]
+    if "thinking" in columns:  # once any row sets a mode, rows without a think block train the non-thinking one
+        for r in records:
+            r["thinking"] = bool(r.get("thinking"))
+    features = {}
+    for col in columns:
+        if col in CONVERSATION_COLUMNS:
+            plain = all(set(m) <= {"role", "content"} and isinstance(m["content"], str) for r in records for m in r[col])
+            # Json keeps tool calls and vision parts exactly, without the None-padding a struct would add.
+            features[col] = List({"role": Value("string"), "content": Value("string")}) if plain else List(Json())
+        else:
+            features[col] = {"tools": Json(), "images": List(Value("string")), "thinking": Value("bool"),
+                             "label": Value("bool")}.get(col, Value("string"))
+    features = Features({**features, "_origin": Value("string"), "_source": Value("string")})
+    rows = [{c: r.get(c) for c in features} for r in records]
+    if any(isinstance(f, Json) or (isinstance(f, List) and isinstance(f.feature, Json)) for f in features.values()):
+        return Dataset.from_list(rows, features=features), columns
+    # Plain columns: pyarrow converts the rows ~7x faster than `from_list`'s per-row feature encoding.
+    return Dataset(pa.Table.from_pylist(rows, schema=features.arrow_schema)), columns
+
+
+def on_disk(dataset, work_dir: Path):
+    """The dataset memory-mapped from `work_dir`: `map(num_proc=...)` workers then open the file instead of
+    receiving a pickled copy of the whole table, and every intermediate column stays off the heap."""
+    from datasets import load_from_disk
+
+    dataset.save_to_disk(str(work_dir))
+    return load_from_disk(str(work_dir))
+
+
+def eval_texts(paths: list[str], max_row_bytes: int) -> dict[str, list[str]]:
+    """All the strings of every row of each evaluation set, whatever its format (GSM8K, HumanEval, chat...)."""
+    def strings(value):
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from strings(v)
+        elif isinstance(value, list):
+            for v in value:
+                yield from strings(v)
+
+    return {path: ["\n".join(strings(r.row)) for r in read_rows(path, max_row_bytes) if r.row] for path in paths}
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as exc:  # OSError, ValueError, HF hub errors: all mean "could not get this tokenizer"
+        raise UserError(f"could not load tokenizer '{name_or_path}' (a local folder or a cached Hub id): {exc}") \
+            from None
+
+
+def clean_dataset(dataset, cfg, tokenizer, counts: list[dict], rejects: list[dict]):
+    """Run the enabled filters in order, recording before/after counts and every removed row."""
+    # Process start-up costs more than it saves below ~20k rows.
+    num_proc = cfg.num_proc or (os.cpu_count() if len(dataset) >= 20_000 else None)
+    dataset = clean.add_lengths(clean.add_text(dataset, num_proc), tokenizer, num_proc)
+    steps = []
+    if cfg.dedup:
+        steps.append(("exact_dup", lambda d: clean.exact_dedup(d, num_proc)))
+    if cfg.near_dup_threshold is not None:
+        steps.append(("near_dup", lambda d: clean.near_dedup(d, cfg.near_dup_threshold, cfg.near_dup_ngram,
+                                                             cfg.num_perm, num_proc, clean.near_dup_columns(d))))
+    if cfg.decontaminate:
+        table = clean.eval_ngrams(eval_texts(cfg.decontaminate, cfg.max_row_bytes), cfg.decontam_ngram)
+        steps.append(("contamination", lambda d: clean.decontaminate(d, table, cfg.decontam_ngram, num_proc)))
+    if cfg.min_tokens is not None or cfg.max_tokens is not None:
+        steps.append(("length", lambda d: clean.length_filter(d, cfg.min_tokens, cfg.max_tokens)))
+    for name, step in steps:
+        kept, removed = step(dataset)
+        counts.append({"step": name, "before": len(dataset), "after": len(kept)})
+        for row in removed:
+            rejects.append(_reject(row["_origin"], row["_source"], name, row["_reason"], _public(row)))
+        dataset = kept
+    return dataset
+
+
+def _public(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith("_")}
+
+
+def split_and_mix(dataset, weights: dict[str, float], test_size: float, seed: int) -> dict:
+    """Held-out split first, then each split mixed by source weight (the test split is never upsampled)."""
+    if test_size:
+        size = int(test_size) if test_size >= 1 else test_size
+        try:
+            parts = dataset.train_test_split(test_size=size, seed=seed)
+        except ValueError as exc:
+            raise UserError(f"cannot hold out test_size={test_size} of {len(dataset)} rows: {exc}") from None
+        splits = {"train": parts["train"], "test": parts["test"]}
+    else:
+        splits = {"train": dataset}
+    rng = np.random.default_rng(seed)
+    mixed = {}
+    for name, data in splits.items():
+        sources = np.asarray(data["_source"]) if len(data) else np.asarray([], dtype=str)
+        picked = []
+        for source, weight in weights.items():
+            weight = min(weight, 1.0) if name == "test" else weight
+            idx = np.flatnonzero(sources == source)
+            whole, fraction = divmod(weight, 1.0)
+            extra = rng.choice(idx, size=int(round(len(idx) * fraction)), replace=False)
+            picked.append(np.concatenate([np.tile(idx, int(whole)), extra]).astype(int))
+        mixed[name] = data.select(rng.permutation(np.concatenate(picked)) if picked else [])
+    return mixed
+
+
+def length_stats(lengths: list[int]) -> dict:
+    if not lengths:
+        return {}
+    a = np.asarray(lengths)
+    return {"min": int(a.min()), "median": float(np.median(a)), "mean": round(float(a.mean()), 1),
+            "p95": float(np.percentile(a, 95)), "max": int(a.max())}
+
+
+def output_kind(sources: list[dict], cfg) -> str:
+    """The kind of the output: the sources' kind; `unpaired` when asked for or when every source is unpaired."""
+    kinds = {s["kind"] for s in sources}
+    asked = isinstance(cfg, PreferenceSetConfig) and cfg.unpaired
+    if kinds <= {"preference", "unpaired"} and (asked or kinds == {"unpaired"}):
+        return "unpaired"
+    if len(kinds) > 1:
+        raise UserError("the sources mix paired (prompt/chosen/rejected) and unpaired (prompt/completion/label) data; "
+                        "set `unpaired: true` to turn each pair into a True and a False row, or build them apart")
+    return kinds.pop()
+
+
+def build_set(cfg, job: str, kinds: tuple[str, ...], command: str) -> dict:
+    """Run the whole pipeline for `cfg` and write `cfg.output_dir`; returns the data card facts."""
+    out_dir = card_lib.check_output_dir(cfg.output_dir, cfg.overwrite)
+    names = Counter(s.name for s in cfg.sources)
+    if max(names.values()) > 1:
+        raise UserError(f"two sources are named '{names.most_common(1)[0][0]}'; give each a distinct `name`")
+    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    records, sources, rejects = [], [], []
+    for source in cfg.sources:
+        source_records, stats = import_source(source, cfg, kinds, job, rejects)
+        records += source_records
+        sources.append(stats)
+    kind = output_kind(sources, cfg)
+    counts = [{"step": "validation", "before": sum(s["rows_read"] for s in sources), "after": len(records)}]
+    if kind == "unpaired":
+        records = unpair(records)
+        counts.append({"step": "unpairing", "before": counts[-1]["after"], "after": len(records)})
+    if not records:
+        raise UserError(f"no valid rows in {', '.join(s.path for s in cfg.sources)}; run `posttrain data validate`")
+    dataset, columns = to_dataset(records, kind)
+    del records
+    with tempfile.TemporaryDirectory(prefix="posttrain-data-") as work_dir:
+        dataset = clean_dataset(on_disk(dataset, Path(work_dir)), cfg, tokenizer, counts, rejects)
+        splits = split_and_mix(dataset, {s.name: s.weight for s in cfg.sources}, cfg.test_size, cfg.seed)
+        counts.append({"step": "mix", "before": len(dataset), "after": sum(len(d) for d in splits.values())})
+        card = _card_facts(cfg, job, kind, columns, command, sources, counts, rejects, splits, tokenizer)
+        lengths = [n for d in splits.values() for n in d["_length"]]
+        public = {name: d.remove_columns([c for c in d.column_names if c.startswith("_")])
+                  for name, d in splits.items()}
+        card_lib.write_output(out_dir, public, rejects, card, lengths, card["length_unit"], cfg.overwrite)
+    return card
+
+
+def _card_facts(cfg, job, kind, columns, command, sources, counts, rejects, splits, tokenizer) -> dict:
+    removed = Counter((r["source"], r["filter"]) for r in rejects)
+    for stats in sources:
+        stats["rows_kept"] = sum(Counter(d["_source"])[stats["name"]] for d in splits.values())
+        stats["removed"] = {step: n for (name, step), n in removed.items() if name == stats["name"]}
+    contaminated = sum(1 for r in rejects if r["filter"] == "contamination")
+    options = dataclasses.asdict(cfg)
+    return {
+        "name": Path(cfg.output_dir).name, "job": job, "kind": kind, "columns": columns, "created": card_lib.now(),
+        "command": command, "sources": sources, "counts": counts, "rejects": len(rejects),
+        "filters": {k: options[k] for k in ("dedup", "near_dup_threshold", "near_dup_ngram", "min_tokens",
+                                            "max_tokens", "decontam_ngram")},
+        "decontamination": {"eval_sets": cfg.decontaminate, "ngram": cfg.decontam_ngram, "removed": contaminated}
+        if cfg.decontaminate else None,
+        "mix": {"seed": cfg.seed, "test_size": cfg.test_size, "weights": {s.name: s.weight for s in cfg.sources}},
+        "length_unit": f"tokens ({cfg.tokenizer})" if tokenizer else "words",
+        "length_stats": length_stats([n for d in splits.values() for n in d["_length"]]),
+        "options_yaml": yaml.safe_dump(options, sort_keys=False, allow_unicode=True),
+    }

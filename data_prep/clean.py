@@ -1,0 +1,258 @@
+"""Cleaning filters: exact dedup, near-dup removal (MinHash + LSH), token-length limits, decontamination.
+
+Each filter takes a `datasets.Dataset` of normalised records (with the bookkeeping columns `_origin`, `_source` and
+`_text`) and returns `(kept, removed)`, where `removed` has a `_reason` column: rows are never dropped silently, the
+build job writes `removed` to `rejects.jsonl` and counts it in the data card. The per-row work (hashing, shingling,
+tokenizing, n-gram lookups) runs in `Dataset.map(batched=True, num_proc=...)`; only the order-dependent decisions
+(which copy came first) are a sequential pass over a column of hashes.
+"""
+
+import hashlib
+import json
+import re
+import unicodedata
+
+import numpy as np
+import xxhash
+
+from .messages import text_of
+
+_WORD = re.compile(r"\w+")
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+_PRIME = np.uint64(1_099_511_628_211)  # FNV-1a's 64-bit prime: an odd multiplier that mixes well mod 2**64
+
+
+def normalise(text: str) -> str:
+    """The text dedup compares: Unicode NFKC, lower case, runs of whitespace as one space."""
+    return " ".join(unicodedata.normalize("NFKC", text).lower().split())
+
+
+def words(text: str) -> list[str]:
+    """Word tokens of the normalised text, punctuation dropped: the unit of decontamination n-grams."""
+    return _WORD.findall(normalise(text))
+
+
+def tokens(text: str) -> list[str]:
+    """Words and punctuation marks: the unit of near-dup shingles (`[1, 2]` and `"1, 2"` are different answers)."""
+    return _TOKEN.findall(normalise(text))
+
+
+def _messages_text(messages) -> list[str]:
+    out = []
+    for message in messages or []:
+        out.append(f"{message['role']}: {text_of(message.get('content'))}")
+        if message.get("tool_calls"):
+            out.append(json.dumps(message["tool_calls"], sort_keys=True, ensure_ascii=False))
+    return out
+
+
+def record_text(row: dict) -> str:
+    """All the text of a record (every turn, both replies of a pair, the answer): what dedup and decontam look at."""
+    parts = []
+    for key in ("messages", "prompt", "chosen", "rejected", "completion"):
+        value = row.get(key)
+        parts += [value] if isinstance(value, str) else _messages_text(value)
+    if row.get("answer") is not None:
+        parts.append(f"answer: {row['answer']}")
+    return "\n".join(parts)
+
+
+def _rows(batch: dict) -> list[dict]:
+    return [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+
+
+def _text_batch(batch: dict) -> dict:
+    rows = _rows(batch)
+    out = {"_text": [record_text(r) for r in rows]}
+    if "chosen" in batch:
+        for key in ("prompt", "chosen", "rejected"):
+            out[f"_text_{key}"] = [record_text({key: r[key]}) for r in rows]
+    return out
+
+
+def add_text(dataset, num_proc: int | None):
+    """Add `_text` (see `record_text`) and, for pairs, `_text_prompt`, `_text_chosen` and `_text_rejected`."""
+    return dataset.map(_text_batch, batched=True, num_proc=num_proc, desc="Collecting text")
+
+
+def near_dup_columns(dataset) -> tuple[str, ...]:
+    """What near-dup compares: the whole text, or for pairs the prompt and each reply apart. One prompt often comes
+    with several pairs that share a reply; they are distinct training signal, and the prompt would dominate a
+    whole-text comparison."""
+    keys = ("_text_prompt", "_text_chosen", "_text_rejected")
+    return keys if keys[0] in dataset.column_names else ("_text",)
+
+
+def _split(dataset, keep: list[int], reasons: dict[int, str]):
+    """`(kept, removed)` for the indices in `keep`; `removed` carries each row's `_reason`."""
+    removed_idx = sorted(reasons)
+    removed = dataset.select(removed_idx).add_column("_reason", [reasons[i] for i in removed_idx])
+    return dataset.select(keep), removed
+
+
+def exact_dedup(dataset, num_proc: int | None = None):
+    """Keep the first of rows whose normalised text is identical."""
+    def hash_batch(texts):
+        return {"_hash": [hashlib.blake2b(normalise(t).encode(), digest_size=16).hexdigest() for t in texts]}
+
+    hashes = dataset.map(hash_batch, batched=True, input_columns=["_text"], num_proc=num_proc,
+                         remove_columns=dataset.column_names, desc="Exact dedup")["_hash"]
+    origins, first, keep, reasons = dataset["_origin"], {}, [], {}
+    for i, digest in enumerate(hashes):
+        if digest in first:
+            reasons[i] = f"exact duplicate of {origins[first[digest]]}"
+        else:
+            first[digest] = i
+            keep.append(i)
+    return _split(dataset, keep, reasons)
+
+
+def token_hashes(items: list[str]) -> np.ndarray:
+    """A 64-bit hash of each token (xxh64: stable across processes, unlike Python's `hash`)."""
+    return np.fromiter((xxhash.xxh64_intdigest(t.encode()) for t in items), dtype=np.uint64, count=len(items))
+
+
+def window_hashes(hashes: np.ndarray, n: int) -> np.ndarray:
+    """A 64-bit hash of every run of `n` consecutive words (polynomial rolling hash, vectorised; wraps mod 2**64)."""
+    if len(hashes) < n:
+        return np.empty(0, dtype=np.uint64)
+    out = hashes[: len(hashes) - n + 1].copy()
+    for k in range(1, n):
+        out = out * _PRIME + hashes[k:k + len(out)]
+    return out
+
+
+def _minhash_batch(texts: list[str], ngram: int, num_perm: int) -> dict:
+    from datasketch import MinHash
+
+    shingles = []
+    for text in texts:
+        hashes = token_hashes(tokens(text))
+        # A text shorter than one shingle is one shingle: short rows still dedup against their copies.
+        grams = window_hashes(hashes, min(ngram, max(1, len(hashes)))) if len(hashes) else np.zeros(1, np.uint64)
+        shingles.append((grams >> np.uint64(32)).tolist())
+    # Shingles arrive already hashed (top 32 bits, the width of datasketch's affine32 scheme), so hashfunc is `int`:
+    # hashing the words once with numpy is ~3x faster than datasketch hashing every shingle string with sha1.
+    signatures = MinHash.bulk(shingles, num_perm=num_perm, hashfunc=int)
+    return {"_minhash": [m.hashvalues for m in signatures]}
+
+
+def near_dedup(dataset, threshold: float, ngram: int = 5, num_perm: int = 128, num_proc: int | None = None,
+               columns: tuple[str, ...] = ("_text",)):
+    """Drop rows whose estimated Jaccard similarity to an earlier kept row is >= `threshold` in every one of `columns`.
+
+    MinHash signatures of `ngram`-token shingles; LSH on the first column finds candidate pairs in ~O(n), and a
+    candidate counts only if the signatures themselves agree on >= `threshold` of their permutations, column by column
+    (LSH bands alone over-report).
+    """
+    from datasketch import LeanMinHash, MinHashLSH
+
+    signatures = []
+    for column in columns:
+        sig = dataset.map(_minhash_batch, batched=True, input_columns=[column], num_proc=num_proc,
+                          fn_kwargs={"ngram": ngram, "num_perm": num_perm}, remove_columns=dataset.column_names,
+                          desc=f"MinHash {column}").with_format("numpy")["_minhash"]
+        signatures.append(np.asarray(sig[:], dtype=np.uint32).reshape(len(dataset), num_perm))
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    origins, keep, reasons = dataset["_origin"], [], {}
+    for i, hashvalues in enumerate(signatures[0]):
+        minhash = LeanMinHash(seed=1, hashvalues=hashvalues, scheme="affine32")
+        similar = [(min(float(np.mean(s[j] == s[i])) for s in signatures), j) for j in lsh.query(minhash)]
+        similar = [(score, j) for score, j in similar if score >= threshold]
+        if similar:
+            score, j = max(similar)
+            reasons[i] = f"near-duplicate (Jaccard ~{score:.2f}) of {origins[j]}"
+        else:
+            lsh.insert(i, minhash)
+            keep.append(i)
+    return _split(dataset, keep, reasons)
+
+
+def eval_ngrams(texts_by_set: dict[str, list[str]], n: int) -> dict:
+    """An index of every word `n`-gram of the evaluation texts: sorted 64-bit hashes and the set each came from."""
+    hashes, owners = [np.empty(0, np.uint64)], [np.empty(0, np.int64)]
+    for index, texts in enumerate(texts_by_set.values()):
+        for text in texts:
+            grams = window_hashes(token_hashes(words(text)), n)
+            hashes.append(grams)
+            owners.append(np.full(len(grams), index))
+    hashes, owners = np.concatenate(hashes), np.concatenate(owners)
+    order = np.argsort(hashes)
+    return {"hashes": hashes[order], "owners": owners[order], "names": list(texts_by_set)}
+
+
+def _contamination_batch(texts: list[str], index: dict, n: int) -> dict:
+    table, found = index["hashes"], []
+    for text in texts:
+        tokens = words(text)
+        grams = window_hashes(token_hashes(tokens), n)
+        slots = np.minimum(np.searchsorted(table, grams), len(table) - 1)
+        hits = np.flatnonzero(table[slots] == grams)
+        if len(hits):
+            name = index["names"][index["owners"][slots[hits[0]]]]
+            found.append(f"shares the {n}-gram \"{' '.join(tokens[hits[0]:hits[0] + n])}\" with eval set '{name}'")
+        else:
+            found.append("")
+    return {"_contam": found}
+
+
+def decontaminate(dataset, index: dict, n: int, num_proc: int | None = None):
+    """Drop rows that share any word `n`-gram with the evaluation sets of `index` (see `eval_ngrams`).
+
+    N-grams are compared by 64-bit hash: with millions of n-grams on each side a false match has odds ~1e-7.
+    """
+    if not len(index["hashes"]):
+        return dataset, dataset.select([]).add_column("_reason", [])
+    hits = dataset.map(_contamination_batch, batched=True, input_columns=["_text"], num_proc=num_proc,
+                       fn_kwargs={"index": index, "n": n}, remove_columns=dataset.column_names,
+                       desc="Decontaminating")["_contam"]
+    reasons = {i: hit for i, hit in enumerate(hits) if hit}
+    return _split(dataset, [i for i in range(len(dataset)) if i not in reasons], reasons)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Lengths
+# ----------------------------------------------------------------------------------------------------------------------
+def _render(tokenizer, row: dict) -> list[str]:
+    """The text(s) the trainer will see: the chat template of each full conversation, plain text without one."""
+    if row.get("messages") is not None:
+        conversations = [row["messages"]]
+    elif row.get("chosen") is not None:
+        conversations = [row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]]
+    else:
+        conversations = [row["prompt"] + (row.get("completion") or [])]
+    texts = []
+    for conversation in conversations:
+        try:
+            texts.append(tokenizer.apply_chat_template(conversation, tools=row.get("tools"), tokenize=False))
+        except Exception:  # no template, or one that cannot render tool turns: count the plain text instead
+            texts.append("\n".join(_messages_text(conversation)))
+    return texts
+
+
+def _length_batch(batch: dict, tokenizer) -> dict:
+    if tokenizer is None:
+        return {"_length": [len(t.split()) for t in batch["_text"]]}
+    rendered = [_render(tokenizer, row) for row in _rows(batch)]
+    flat = [text for texts in rendered for text in texts]
+    counts = iter(len(ids) for ids in tokenizer(flat, add_special_tokens=False)["input_ids"])
+    return {"_length": [max(next(counts) for _ in texts) for texts in rendered]}
+
+
+def add_lengths(dataset, tokenizer=None, num_proc: int | None = None):
+    """Add `_length`: tokens of the longest rendered conversation of each row, or words without a tokenizer."""
+    return dataset.map(_length_batch, batched=True, fn_kwargs={"tokenizer": tokenizer}, num_proc=num_proc,
+                       desc="Measuring lengths")
+
+
+def length_filter(dataset, min_tokens: int | None, max_tokens: int | None):
+    """Drop rows outside `[min_tokens, max_tokens]` of the `_length` column."""
+    lengths, keep, reasons = dataset["_length"], [], {}
+    for i, length in enumerate(lengths):
+        if min_tokens is not None and length < min_tokens:
+            reasons[i] = f"{length} tokens < min_tokens {min_tokens}"
+        elif max_tokens is not None and length > max_tokens:
+            reasons[i] = f"{length} tokens > max_tokens {max_tokens}: the trainer would truncate it"
+        else:
+            keep.append(i)
+    return _split(dataset, keep, reasons)

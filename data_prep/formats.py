@@ -1,0 +1,396 @@
+"""Input formats: which one a row is in, and one converter per format to the TRL columns our stages read.
+
+Every converter takes a raw row (a dict) and returns a record of one *kind*:
+- `sft`: `messages` (+ `tools`, `images`, `thinking`);
+- `preference`: conversational `prompt`, `chosen`, `rejected` (+ `images`, `thinking`);
+- `unpaired`: `prompt`, `completion`, `label` (KTO);
+- `rl`: `prompt`, `answer`, `domain`.
+Keys a format does not use are ignored (ids, metadata); problems raise `RowError` naming the field.
+"""
+
+import itertools
+import json
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from posttrain.errors import UserError
+
+from .messages import (
+    RowError,
+    RowSkip,
+    check_image_slots,
+    check_images,
+    check_messages,
+    check_tool_calls,
+    check_tools,
+    image_markers_to_parts,
+    require_list,
+    require_str,
+    require_str_list,
+    text_of,
+)
+from .readers import read_rows
+
+
+@dataclass
+class Options:
+    """What a converter needs besides the row: where relative image paths start, and the rated-data margin."""
+
+    base_dir: Path = Path(".")
+    check_images: bool = True
+    min_score_margin: float = 1.0
+
+
+def detect(row: dict) -> str | None:
+    """The format of one row from its keys, or None."""
+    keys = set(row)
+    if "messages" in keys:
+        return "messages"
+    if "conversations" in keys:
+        return "sharegpt"
+    if "src" in keys and ("response" in keys or "sort" in keys):
+        return "erniekit_dpo"
+    if "src" in keys or "tgt" in keys:
+        return "erniekit_sft"
+    if "completions" in keys:
+        return "rated"
+    if "chosen" in keys or "rejected" in keys:
+        return "preference"
+    if "instruction" in keys:
+        return "alpaca"
+    if {"prompt", "completion", "label"} <= keys:
+        return "unpaired"
+    if {"prompt", "answer"} <= keys:  # before prompt_completion: RL prompt sets may carry a reference completion
+        return "rl"
+    if {"prompt", "completion"} <= keys:
+        return "prompt_completion"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Instruction data -> messages
+# ----------------------------------------------------------------------------------------------------------------------
+def _sft_record(row: dict, messages: list, thinking, opts: Options, system=None) -> dict:
+    if system is not None:
+        system = require_str(system, "system", "a string", allow_empty=True)
+        if system.strip() and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system}, *messages]
+    images = check_images(row.get("images", row.get("image")), opts.base_dir, opts.check_images)
+    check_image_slots([messages], images)
+    messages = image_markers_to_parts(messages) if images else messages
+    if thinking is None and isinstance(row.get("thinking"), bool):
+        thinking = row["thinking"]
+    return {"messages": messages, "tools": check_tools(row.get("tools")), "images": images, "thinking": thinking}
+
+
+def from_messages(row: dict, opts: Options) -> dict:
+    """OpenAI/TRL `messages: [{role, content}]`, with `reasoning_content`, `tool_calls` and `tools` when present."""
+    messages, thinking = check_messages(row.get("messages"), "messages")
+    return _sft_record(row, messages, thinking, opts, row.get("system"))
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                  "chatgpt": "assistant", "bard": "assistant", "system": "system", "observation": "tool",
+                  "tool": "tool", "function": "tool", "function_call": "assistant"}
+
+
+def from_sharegpt(row: dict, opts: Options) -> dict:
+    """ShareGPT `conversations: [{from, value}]`; LLaMA-Factory's `function_call`/`observation` turns become tools."""
+    turns = require_list(row.get("conversations"), "conversations", "a list of {from, value} turns")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise RowError(f"conversations[{i}]", f"is a {type(turn).__name__}", "a {from, value} turn")
+        speaker = turn.get("from")
+        if speaker not in SHAREGPT_ROLES:
+            raise RowError(f"conversations[{i}].from", f"is {speaker!r}", f"one of {', '.join(SHAREGPT_ROLES)}")
+        value = turn.get("value")
+        if speaker == "function_call":
+            try:
+                calls = json.loads(value) if isinstance(value, str) else value
+            except json.JSONDecodeError:
+                raise RowError(f"conversations[{i}].value", "is not valid JSON", "a JSON {name, arguments}") from None
+            calls = calls if isinstance(calls, list) else [calls]
+            tool_calls = check_tool_calls(calls, f"conversations[{i}].value")
+            messages.append({"role": "assistant", "content": "", "tool_calls": tool_calls})
+        else:
+            messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
+    messages, thinking = check_messages(messages, "conversations")
+    return _sft_record(row, messages, thinking, opts, row.get("system"))
+
+
+def from_alpaca(row: dict, opts: Options) -> dict:
+    """Alpaca `instruction`, `input`, `output`, optional `system` and `history: [[query, reply], ...]`."""
+    messages = _alpaca_history(row) + [{"role": "user", "content": _alpaca_prompt(row)}]
+    messages.append({"role": "assistant", "content": require_str(row.get("output"), "output", "the reply text")})
+    messages, thinking = check_messages(messages, "conversation")
+    return _sft_record(row, messages, thinking, opts, row.get("system"))
+
+
+def _alpaca_prompt(row: dict) -> str:
+    instruction = require_str(row.get("instruction"), "instruction", "the task text")
+    extra = row.get("input") or ""
+    extra = require_str(extra, "input", "a string", allow_empty=True)
+    return f"{instruction}\n\n{extra}" if extra.strip() else instruction
+
+
+def _alpaca_history(row: dict) -> list[dict]:
+    history = row.get("history") or []
+    require_list(history, "history", "a list of [query, reply] pairs", allow_empty=True)
+    messages = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise RowError(f"history[{i}]", f"is {pair!r}"[:80], "a [query, reply] pair")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return messages
+
+
+def _interleave(src: list[str], tgt: list[str]) -> list[dict]:
+    messages = []
+    for i, query in enumerate(src):
+        messages.append({"role": "user", "content": query})
+        if i < len(tgt):
+            messages.append({"role": "assistant", "content": tgt[i]})
+    return messages
+
+
+def from_erniekit_sft(row: dict, opts: Options) -> dict:
+    """ERNIEKit SFT `{system?, src: [...], tgt: [...], label?: [0/1...]}`.
+
+    TRL has no per-turn loss switch, so turns after the last `label: 1` turn are dropped (they train nothing); a
+    `label: 0` turn before it stays as context and is trained like the others.
+    """
+    src = require_str_list(row.get("src"), "src", "a non-empty user turn")
+    tgt = require_str_list(row.get("tgt"), "tgt", "a non-empty assistant reply")
+    if len(tgt) != len(src):
+        raise RowError("tgt", f"has {len(tgt)} turn(s) for {len(src)} in \"src\"", "one reply per user turn")
+    label = row.get("label")
+    if label is not None:
+        label = require_list(label, "label", "a list of 0/1, one per turn")
+        if len(label) != len(src) or any(v not in (0, 1, True, False) for v in label):
+            raise RowError("label", f"is {label!r}"[:80], f"{len(src)} values of 0 or 1, one per turn")
+        if not any(label):
+            raise RowError("label", "marks no turn for training", "at least one 1")
+        keep = max(i for i, v in enumerate(label) if v) + 1
+        src, tgt = src[:keep], tgt[:keep]
+    messages, thinking = check_messages(_interleave(src, tgt), "src/tgt")
+    return _sft_record(row, messages, thinking, opts, row.get("system"))
+
+
+def from_prompt_completion(row: dict, opts: Options) -> dict:
+    """TRL prompt-completion (`prompt`, `completion`: strings or message lists), joined into one conversation."""
+    prompt = _prompt_messages(row, "prompt")
+    completion, thinking = _reply_messages(row.get("completion"), "completion", prompt)
+    return _sft_record(row, prompt + completion, thinking, opts)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Preference data -> prompt / chosen / rejected
+# ----------------------------------------------------------------------------------------------------------------------
+def _prompt_messages(row: dict, key: str) -> list[dict]:
+    """A prompt as messages: a string (a user turn, with `system` if given) or a conversation ending on a user turn."""
+    value = row.get(key)
+    if isinstance(value, str) or value is None:
+        messages = [{"role": "user", "content": require_str(value, key, "a non-empty user turn")}]
+        system = row.get("system")
+        if isinstance(system, str) and system.strip():
+            messages.insert(0, {"role": "system", "content": system})
+        return messages
+    return check_messages(value, key, ends_with="user")[0]
+
+
+def _reply_messages(value, key: str, prompt: list[dict]) -> tuple[list[dict], bool | None]:
+    """A reply as messages after `prompt`: a string, or assistant (and tool) turns; checked in the prompt's context."""
+    if isinstance(value, str) or value is None:
+        value = [{"role": "assistant", "content": require_str(value, key, "a non-empty assistant reply")}]
+    value = require_list(value, key, "a non-empty assistant reply")
+    return check_messages(value, key, context=prompt)
+
+
+def _same(a: list[dict], b: list[dict]) -> bool:
+    return [" ".join(text_of(m["content"]).split()) for m in a] == [" ".join(text_of(m["content"]).split()) for m in b]
+
+
+def _preference_record(row: dict, prompt, chosen, rejected, opts: Options) -> dict:
+    """`chosen`/`rejected` are `(messages, thinking)` pairs from `_reply_messages`."""
+    (chosen, thinking), (rejected, _) = chosen, rejected
+    if _same(chosen, rejected):
+        raise RowError("chosen", 'and "rejected" are identical', "two different replies")
+    images = check_images(row.get("images", row.get("image")), opts.base_dir, opts.check_images)
+    check_image_slots([prompt], images)
+    prompt = image_markers_to_parts(prompt) if images else prompt
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "images": images, "thinking": thinking}
+
+
+def _implicit_prompt(chosen: list, rejected: list) -> tuple[list, list, list]:
+    """TRL's `extract_prompt`: the shared leading turns are the prompt (importing trl costs ~6 s, so it is inlined)."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    while shared and isinstance(chosen[shared - 1], dict) and chosen[shared - 1].get("role") == "assistant":
+        shared -= 1
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def from_preference(row: dict, opts: Options) -> dict:
+    """TRL preference rows: standard (strings) or conversational, explicit `prompt` or implicit (shared prefix)."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if "prompt" not in row and "instruction" in row:  # LLaMA-Factory's alpaca-style preference rows
+        prompt = [{"role": "user", "content": _alpaca_prompt(row)}]
+    elif "prompt" not in row and isinstance(chosen, list) and isinstance(rejected, list):
+        prompt, chosen, rejected = _implicit_prompt(chosen, rejected)
+        if not prompt:
+            raise RowError("prompt", "is missing and chosen/rejected share no leading user turn",
+                           "a `prompt` column, or conversations that start with the same user turn")
+        prompt = check_messages(prompt, "prompt", ends_with="user")[0]
+    else:
+        prompt = _prompt_messages(row, "prompt")
+    chosen = _reply_messages(chosen, "chosen", prompt)
+    rejected = _reply_messages(rejected, "rejected", prompt)
+    return _preference_record(row, prompt, chosen, rejected, opts)
+
+
+def from_erniekit_dpo(row: dict, opts: Options) -> dict:
+    """ERNIEKit DPO `{system?, src: [q1..qn], tgt: [a1..a(n-1)], response: [[A], [B]], sort: [1, 0]}`."""
+    src = require_str_list(row.get("src"), "src", "a non-empty user turn")
+    tgt = require_str_list(row.get("tgt") or [], "tgt", "a non-empty assistant reply") if row.get("tgt") else []
+    if len(tgt) != len(src) - 1:
+        raise RowError("tgt", f"has {len(tgt)} turn(s) for {len(src)} in \"src\"",
+                       f"{len(src) - 1} (the last user turn is answered by \"response\")")
+    responses = require_list(row.get("response"), "response", "a list of candidate replies, e.g. [[A], [B]]")
+    texts = []
+    for i, response in enumerate(responses):
+        if isinstance(response, list) and len(response) == 1:
+            response = response[0]
+        texts.append(require_str(response, f"response[{i}]", "a non-empty reply (a string or a one-string list)"))
+    if len(texts) < 2:
+        raise RowError("response", f"has {len(texts)} candidate(s)", "at least two")
+    sort = require_list(row.get("sort"), "sort", "one number per response, higher is better")
+    if len(sort) != len(texts) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sort):
+        raise RowError("sort", f"is {sort!r} for {len(texts)} responses"[:100], f"{len(texts)} numbers, higher wins")
+    best, worst = max(range(len(sort)), key=sort.__getitem__), min(range(len(sort)), key=sort.__getitem__)
+    if sort[best] == sort[worst]:
+        raise RowError("sort", f"gives every response the same rank ({sort[best]})", "a higher value for the winner")
+    prompt = check_messages(_interleave(src, tgt), "src/tgt", ends_with="user")[0]
+    system = row.get("system")
+    if isinstance(system, str) and system.strip():
+        prompt.insert(0, {"role": "system", "content": system})
+    chosen = _reply_messages(texts[best], f"response[{best}]", prompt)
+    rejected = _reply_messages(texts[worst], f"response[{worst}]", prompt)
+    return _preference_record(row, prompt, chosen, rejected, opts)
+
+
+_RESPONSE_KEYS, _SCORE_KEYS = ("response", "text", "completion", "output"), ("score", "overall_score", "rating")
+
+
+def from_rated(row: dict, opts: Options) -> dict:
+    """UltraFeedback-style `prompt`/`instruction` + `completions: [{response, score}]`: best vs. worst, if far apart."""
+    prompt = _prompt_messages(row, "prompt" if "prompt" in row else "instruction")
+    completions = require_list(row.get("completions"), "completions", "a list of {response, score}")
+    scored = []
+    for i, item in enumerate(completions):
+        if not isinstance(item, dict):
+            raise RowError(f"completions[{i}]", f"is a {type(item).__name__}", "a {response, score} object")
+        text = next((item[k] for k in _RESPONSE_KEYS if k in item), None)
+        score = next((item[k] for k in _SCORE_KEYS if item.get(k) is not None), None)
+        require_str(text, f"completions[{i}].response", "a non-empty reply")
+        if not isinstance(score, (int, float)) or isinstance(score, bool):
+            raise RowError(f"completions[{i}].score", f"is {score!r}", "a number")
+        scored.append((score, i, text))
+    if len(scored) < 2:
+        raise RowError("completions", f"has {len(scored)} rated response(s)", "at least two")
+    (best, b, chosen), (worst, w, rejected) = max(scored), min(scored)
+    if best - worst < opts.min_score_margin:
+        raise RowSkip("completions", f"scores differ by {best - worst:g} < min_score_margin {opts.min_score_margin:g}")
+    chosen = _reply_messages(chosen, f"completions[{b}].response", prompt)
+    rejected = _reply_messages(rejected, f"completions[{w}].response", prompt)
+    return _preference_record(row, prompt, chosen, rejected, opts)
+
+
+def from_unpaired(row: dict, opts: Options) -> dict:
+    """KTO-style `prompt`, `completion`, `label` (True: desirable), kept unpaired."""
+    prompt = _prompt_messages(row, "prompt")
+    completion = _reply_messages(row.get("completion"), "completion", prompt)[0]
+    label = row.get("label")
+    label = {"true": True, "false": False, "1": True, "0": False}.get(label.lower(), label) if isinstance(label, str) \
+        else label
+    if label not in (True, False, 0, 1):
+        raise RowError("label", f"is {label!r}", "true or false")
+    return {"prompt": prompt, "completion": completion, "label": bool(label)}
+
+
+def from_rl(row: dict, opts: Options) -> dict:
+    """RL prompts: `prompt`, a reference `answer` for the verifiers, and a `domain` for per-domain reward scaling."""
+    answer = row.get("answer")
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    domain = row.get("domain") or "general"
+    return {"prompt": _prompt_messages(row, "prompt"), "answer": require_str(answer, "answer", "the reference answer"),
+            "domain": require_str(domain, "domain", "a domain name such as 'math'")}
+
+
+FORMATS: dict[str, tuple[str, Callable[[dict, Options], dict]]] = {
+    "messages": ("sft", from_messages),
+    "sharegpt": ("sft", from_sharegpt),
+    "alpaca": ("sft", from_alpaca),
+    "erniekit_sft": ("sft", from_erniekit_sft),
+    "prompt_completion": ("sft", from_prompt_completion),
+    "preference": ("preference", from_preference),
+    "erniekit_dpo": ("preference", from_erniekit_dpo),
+    "rated": ("preference", from_rated),
+    "unpaired": ("unpaired", from_unpaired),
+    "rl": ("rl", from_rl),
+}
+
+
+@dataclass
+class Converted:
+    """One input row after conversion: a `record`, or an `error` (bad row) / `skip` (filtered) message."""
+
+    where: str
+    raw: dict | None
+    record: dict | None = None
+    error: str | None = None
+    skip: str | None = None
+    text: str | None = None
+
+
+def resolve_format(path: str, fmt: str, rows: list) -> str:
+    """`fmt`, or the format most of the first parsed `rows` are in when `fmt` is `auto`."""
+    if fmt != "auto":
+        if fmt not in FORMATS:
+            raise UserError(f"{path}: unknown format '{fmt}'; expected one of: auto, {', '.join(FORMATS)}")
+        return fmt
+    votes = Counter(detect(r.row) for r in rows if r.row is not None)
+    votes.pop(None, None)
+    if not votes:
+        first = next((r.row for r in rows if r.row is not None), None)
+        keys = ", ".join(sorted(first)) if first else "no readable row"
+        raise UserError(f"{path}: unknown format: cannot tell it from the keys ({keys}); expected the keys of one of: "
+                        f"{', '.join(FORMATS)} (see data_prep/README.md), or name it with `format:`")
+    return votes.most_common(1)[0][0]
+
+
+def convert_rows(path: str, fmt: str, opts: Options, max_row_bytes: int, split: str = "train",
+                 subset: str | None = None) -> tuple[str, Iterator[Converted]]:
+    """The resolved format of `path` and an iterator that converts each of its rows, never raising for a bad row."""
+    rows = read_rows(path, max_row_bytes, split, subset)
+    head = list(itertools.islice(rows, 100))
+    fmt = resolve_format(path, fmt, head)
+    convert = FORMATS[fmt][1]
+
+    def generate():
+        for raw in itertools.chain(head, rows):
+            if raw.error:
+                yield Converted(raw.where, None, error=raw.error, text=raw.text)
+                continue
+            try:
+                yield Converted(raw.where, raw.row, record=convert(raw.row, opts))
+            except RowSkip as exc:
+                yield Converted(raw.where, raw.row, skip=str(exc))
+            except RowError as exc:
+                yield Converted(raw.where, raw.row, error=str(exc))
+
+    return fmt, generate()

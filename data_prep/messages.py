@@ -1,0 +1,305 @@
+"""Checks and normalisation of conversations, thinking blocks, tool calls and image paths, shared by every format.
+
+A conversation leaves here in TRL's conversational form: `[{"role", "content"}, ...]` with `content` a string (or a
+list of typed parts for vision), assistant thinking folded into the content as a `<think>\\n…\\n</think>\\n\\n` prefix,
+tool calls as `{"type": "function", "function": {"name", "arguments": dict}}`. Problems raise `RowError`, whose text
+names the field and says what was expected, so the caller only adds `FILE:LINE: `.
+"""
+
+import json
+import re
+from pathlib import Path
+
+ROLES = ("system", "user", "assistant", "tool")
+THINK = re.compile(r"\s*<think>(.*?)</think>\s*", re.S)
+
+
+class RowError(ValueError):
+    """A row that breaks its format. `str(error)` reads `"chosen" is empty; expected a non-empty assistant reply`."""
+
+    def __init__(self, field: str, problem: str, expected: str | None = None):
+        self.field = field
+        super().__init__(f'"{field}" {problem}' + (f"; expected {expected}" if expected else ""))
+
+
+class RowSkip(RowError):
+    """A well-formed row that gives nothing to train on (rated responses closer than the margin): filtered, not bad."""
+
+
+def require_str(value, field: str, what: str, allow_empty: bool = False) -> str:
+    """`value` as a string, or a `RowError` naming `field` and `what` it should be."""
+    if value is None:
+        raise RowError(field, "is missing", what)
+    if not isinstance(value, str):
+        raise RowError(field, f"is a {type(value).__name__} ({_short(value)})", what)
+    if not allow_empty and not value.strip():
+        raise RowError(field, "is empty", what)
+    return value
+
+
+def require_list(value, field: str, what: str, allow_empty: bool = False) -> list:
+    if value is None:
+        raise RowError(field, "is missing", what)
+    if not isinstance(value, list):
+        raise RowError(field, f"is a {type(value).__name__} ({_short(value)})", what)
+    if not value and not allow_empty:
+        raise RowError(field, "is an empty list", what)
+    return value
+
+
+def require_str_list(value, field: str, what: str) -> list[str]:
+    """A list of strings (a lone string counts as a list of one), each checked with `require_str`."""
+    value = [value] if isinstance(value, str) else require_list(value, field, what)
+    for i, item in enumerate(value):
+        require_str(item, f"{field}[{i}]", what)
+    return value
+
+
+def _short(value, limit: int = 40) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def text_of(content) -> str:
+    """The text of a message content: the string itself, or the text parts of a vision content list."""
+    if isinstance(content, list):
+        return "\n".join(part.get("text") or "" for part in content if isinstance(part, dict))
+    return content or ""
+
+
+def split_think(content: str, field: str) -> tuple[str, bool | None]:
+    """Canonical `<think>` prefix and the turn's mode: True (thinks), False (empty think block), None (no block)."""
+    match = THINK.match(content)
+    if match is None:
+        if content.lstrip().startswith("<think>"):
+            raise RowError(field, "opens <think> but never closes it", "'<think>…</think>' then the answer")
+        if "</think>" in content:
+            raise RowError(field, "has '</think>' without an opening '<think>'", "'<think>…</think>' then the answer")
+        return content, None
+    reasoning, answer = match.group(1).strip(), content[match.end():]
+    if not answer.strip():
+        raise RowError(field, "has a <think> block but no answer after it", "the answer after '</think>'")
+    if not reasoning:
+        return answer, False
+    return f"<think>\n{reasoning}\n</think>\n\n{answer}", True
+
+
+def with_reasoning(content: str, reasoning, field: str) -> str:
+    """Fold a separate `reasoning_content` field into the content as a `<think>` prefix."""
+    if reasoning is None or (isinstance(reasoning, str) and not reasoning.strip()):
+        return content
+    reasoning = require_str(reasoning, f"{field}.reasoning_content", "a string")
+    if THINK.match(content):
+        raise RowError(field, "has both 'reasoning_content' and a <think> block in 'content'", "only one of them")
+    return f"<think>\n{reasoning.strip()}\n</think>\n\n{content}"
+
+
+def check_content(content, field: str, role: str, allow_empty: bool = False):
+    """A message content: a string, or a list of `{"type": "text"|"image", ...}` parts (vision)."""
+    what = f"a non-empty {role} turn" if role != "assistant" else "a non-empty assistant reply"
+    if isinstance(content, list):
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") not in ("text", "image"):
+                raise RowError(f"{field}[{i}]", f"is {_short(part)}", '{"type": "text", "text": ...} or {"type": "image"}')
+            if part["type"] == "text":
+                require_str(part.get("text"), f"{field}[{i}].text", "a string", allow_empty=True)
+        if not allow_empty and not text_of(content).strip() and not any(p["type"] == "image" for p in content):
+            raise RowError(field, "is empty", what)
+        return content
+    return require_str(content, field, what, allow_empty=allow_empty)
+
+
+def check_tool_calls(calls, field: str) -> list[dict]:
+    """Tool calls as TRL and chat templates read them; JSON-string arguments are decoded to a dict."""
+    calls = require_list(calls, field, 'a list of {"type": "function", "function": {"name", "arguments"}}')
+    out = []
+    for i, call in enumerate(calls):
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise RowError(f"{field}[{i}]", f"is {_short(call)}", 'a {"function": {"name", "arguments"}} object')
+        name = require_str(function.get("name"), f"{field}[{i}].function.name", "the called tool's name")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError:
+                raise RowError(f"{field}[{i}].function.arguments", "is not valid JSON", "a JSON object") from None
+        if not isinstance(arguments, dict):
+            raise RowError(f"{field}[{i}].function.arguments", f"is {_short(arguments)}", "a JSON object")
+        out.append({"type": "function", "function": {"name": name, "arguments": arguments}})
+    return out
+
+
+def check_tools(tools, field: str = "tools") -> list[dict] | None:
+    """The `tools` column: JSON schemas of the callable functions, as `{"type": "function", "function": {...}}`."""
+    if tools is None or tools == "" or tools == []:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise RowError(field, "is a string that is not valid JSON", "a list of function schemas") from None
+    tools = require_list(tools, field, "a list of function schemas")
+    out = []
+    for i, tool in enumerate(tools):
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(function, dict):
+            raise RowError(f"{field}[{i}]", f"is {_short(tool)}", 'a {"name", "parameters"} function schema')
+        require_str(function.get("name"), f"{field}[{i}].name", "the function's name")
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def _check_order(roles: list[str], pending_tools: list[bool], field: str, offset: int = 0):
+    """system first if at all; then user, assistant, [tool...], assistant, user, ... strictly alternating.
+
+    The first `offset` roles are context already checked (a prompt before its reply); errors index the rest.
+    """
+    previous = None
+    for i, role in enumerate(roles):
+        where = f"{field}[{i - offset}].role"
+        if role == "system":
+            if i != 0:
+                raise RowError(where, "is 'system' after the first message", "a system message only first")
+            continue
+        allowed = {None: ("user",), "user": ("assistant",), "tool": ("tool", "assistant")}.get(previous)
+        if previous == "assistant":
+            allowed = ("tool",) if pending_tools[i - 1] else ("user",)
+        if role not in allowed:
+            after = f"after '{previous}'" if previous else "as the first turn"
+            raise RowError(where, f"is '{role}' {after} (wrong role order)", f"'{allowed[0]}'")
+        previous = role
+
+
+def check_messages(messages, field: str = "messages", ends_with: str = "assistant",
+                   context: list[dict] | None = None) -> tuple[list[dict], bool | None]:
+    """Validate and normalise a conversation.
+
+    Args:
+        messages (`list[dict]`): `[{"role", "content", "reasoning_content"?, "tool_calls"?, "name"?}, ...]`.
+        field (`str`, *optional*, defaults to `"messages"`): name used in errors.
+        ends_with (`str`, *optional*, defaults to `"assistant"`): `"assistant"` (a training conversation),
+            `"user"` (a prompt: the last turn is the user's or a tool result), or `"any"`.
+        context (`list[dict]`, *optional*): normalised messages that come before (the prompt of a reply); only the
+            role order is checked across them.
+
+    Returns:
+        `(messages, thinking)`: the normalised messages and the conversation's thinking mode (True, False or None).
+    """
+    messages = require_list(messages, field, "a list of {role, content} messages")
+    out, modes, pending = [], [], []
+    for i, message in enumerate(messages):
+        where = f"{field}[{i}]"
+        if not isinstance(message, dict):
+            raise RowError(where, f"is {_short(message)}", "a {role, content} message")
+        role = message.get("role")
+        if role not in ROLES:
+            raise RowError(f"{where}.role", f"is {_short(role)}", f"one of {', '.join(ROLES)}")
+        normalised, mode = _check_message(message, role, where)
+        out.append(normalised)
+        modes.append(mode)
+        pending.append(bool(normalised.get("tool_calls")))
+    context = context or []
+    roles = [m["role"] for m in context + out]
+    _check_order(roles, [bool(m.get("tool_calls")) for m in context] + pending, field, offset=len(context))
+    last = out[-1]["role"]
+    if ends_with == "assistant" and (last != "assistant" or pending[-1]):
+        raise RowError(f"{field}[{len(out) - 1}]", f"is a '{last}' turn at the end", "an assistant reply last")
+    if ends_with == "user" and last not in ("user", "tool"):
+        raise RowError(f"{field}[{len(out) - 1}]", f"is a '{last}' turn at the end of the prompt", "a user turn last")
+    thinking = True if True in modes else (False if False in modes else None)
+    return out, thinking
+
+
+def _check_message(message: dict, role: str, where: str) -> tuple[dict, bool | None]:
+    if role == "assistant" and message.get("tool_calls"):
+        calls = check_tool_calls(message["tool_calls"], f"{where}.tool_calls")
+        content = check_content(message.get("content") or "", f"{where}.content", role, allow_empty=True)
+        return {"role": role, "content": content, "tool_calls": calls}, None
+    content = check_content(message.get("content"), f"{where}.content", role, allow_empty=role == "tool")
+    out = {"role": role, "content": content}
+    mode = None
+    if role == "assistant" and isinstance(content, str):
+        content = with_reasoning(content, message.get("reasoning_content", message.get("reasoning")), where)
+        out["content"], mode = split_think(content, f"{where}.content")
+    elif message.get("reasoning_content"):
+        raise RowError(f"{where}.reasoning_content", f"is set on a '{role}' turn", "reasoning on assistant turns only")
+    if role == "tool":
+        for key in ("name", "tool_call_id"):
+            if message.get(key) is not None:
+                out[key] = require_str(message[key], f"{where}.{key}", "a string")
+    return out, mode
+
+
+def check_image_slots(conversations: list[list[dict]], images: list | None):
+    """As many images as placeholders (`{"type": "image"}` parts or `<image>` markers), when there are any.
+
+    No placeholder at all is fine: TRL then puts the images at the start of the first user turn.
+    """
+    slots = 0
+    for messages in conversations:
+        for message in messages:
+            content = message["content"]
+            if isinstance(content, list):
+                slots += sum(1 for part in content if part.get("type") == "image")
+            else:
+                slots += content.count("<image>")
+    if slots and slots != len(images or []):
+        raise RowError("images", f"has {len(images or [])} file(s) for {slots} image placeholder(s) in the text",
+                       "one image per placeholder")
+
+
+def image_markers_to_parts(messages: list[dict]) -> list[dict]:
+    """LLaMA-Factory's `<image>` text markers as TRL's typed parts, so TRL does not add a second placeholder."""
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str) and "<image>" in content:
+            pieces = content.split("<image>")
+            parts = [{"type": "text", "text": pieces[0]}] if pieces[0] else []
+            for piece in pieces[1:]:
+                parts += [{"type": "image"}] + ([{"type": "text", "text": piece}] if piece else [])
+            message = {**message, "content": parts}
+        out.append(message)
+    return out
+
+
+_IMAGE_OK: dict[str, str | None] = {}  # path -> None if it decodes, else the error; images repeat across rows
+
+
+def check_images(images, base_dir: Path, decode: bool, field: str = "images") -> list[str] | None:
+    """Image paths that exist (relative ones resolved from the data file's folder) and, if `decode`, open with PIL."""
+    if images is None or images == []:
+        return None
+    if isinstance(images, str):
+        images = [images]
+    images = require_list(images, field, "a list of image file paths")
+    out = []
+    for i, image in enumerate(images):
+        if isinstance(image, dict) and isinstance(image.get("path"), str):
+            image = image["path"]  # the `datasets.Image` feature's {"path", "bytes"} form
+        path_text = require_str(image, f"{field}[{i}]", "an image file path")
+        path = Path(path_text).expanduser()
+        path = path if path.is_absolute() else (base_dir / path)
+        if not path.is_file():
+            raise RowError(f"{field}[{i}]", f"file not found: {path}", "an existing image file "
+                           "(relative paths are resolved from the data file's folder)")
+        if decode:
+            error = _IMAGE_OK.get(str(path), "?")
+            if error == "?":
+                error = _IMAGE_OK[str(path)] = _decode_error(path)
+            if error:
+                raise RowError(f"{field}[{i}]", f"does not decode as an image ({error})", "a PNG/JPEG/... file")
+        out.append(str(path.resolve()))
+    return out
+
+
+def _decode_error(path: Path) -> str | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError... for a bad file
+        return f"{type(exc).__name__}: {exc}"
+    return None

@@ -1,0 +1,101 @@
+"""The output folder contract: atomic write, parquet per split, data card with counts and fingerprints; YAML config."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from data_prep import build_preference_set, build_sft_set
+from posttrain.errors import UserError
+from posttrain.models import TINY_TOKENIZER
+
+DATA = Path(__file__).parent / "assets" / "data"
+
+
+def write_config(tmp_path, **options) -> Path:
+    path = tmp_path / "data.yaml"
+    path.write_text(yaml.safe_dump(options))
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("card")
+    config = write_config(
+        tmp_path, output_dir=str(tmp_path / "sft"), test_size=2, tokenizer=str(TINY_TOKENIZER),
+        sources=[{"path": str(DATA / "alpaca.jsonl"), "license": "cc-by-4.0", "notes": "hand-written"},
+                 {"path": str(DATA / "messages.jsonl"), "license": "cc-by-4.0", "name": "chat"},
+                 str(DATA / "sharegpt.json")])
+    build_sft_set.main(["--config", str(config), "--seed", "7"])
+    return tmp_path / "sft"
+
+
+def test_layout(built):
+    assert sorted(p.name for p in built.iterdir()) == ["README.md", "card.json", "lengths.png", "rejects.jsonl",
+                                                       "test.parquet", "train.parquet"]
+    assert not list(built.parent.glob(".sft.*"))  # no temporary folder left behind
+    assert (built / "lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_card_counts_fingerprints_command(built):
+    card = json.loads((built / "card.json").read_text())
+    assert [s["name"] for s in card["sources"]] == ["alpaca", "chat", "sharegpt"]
+    assert card["sources"][1]["license"] == "cc-by-4.0" and card["sources"][2]["license"] == "unknown"
+    assert [c["step"] for c in card["counts"]] == ["validation", "exact_dup", "near_dup", "mix"]
+    assert card["counts"][0] == {"step": "validation", "before": 11, "after": 11}
+    assert card["splits"]["test"]["rows"] == 2 and card["splits"]["train"]["rows"] == 9
+    for split in card["splits"].values():
+        assert split["sha256"] == hashlib.sha256((built / split["file"]).read_bytes()).hexdigest()
+    assert "--seed 7" in card["command"] and "data.yaml" in card["command"]
+    assert card["mix"]["seed"] == 7 and card["length_unit"].startswith("tokens")
+    assert sum(s["rows_kept"] for s in card["sources"]) == 11
+
+
+def test_readme_has_the_same_facts(built):
+    card = json.loads((built / "card.json").read_text())
+    readme = (built / "README.md").read_text()
+    assert card["command"] in readme and card["splits"]["train"]["sha256"] in readme
+    assert "![length histogram](lengths.png)" in readme and "hand-written" in readme
+    assert "| alpaca | " in readme and "cc-by-4.0" in readme and "license: other" in readme
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    out = tmp_path / "out"
+    args = ["--sources", str(DATA / "alpaca.jsonl"), "--output_dir", str(out), "--test_size", "0"]
+    build_sft_set.main(args)
+    with pytest.raises(UserError, match="exists; pass --overwrite"):
+        build_sft_set.main(args)
+    build_sft_set.main([*args, "--overwrite"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_unknown_yaml_key_suggests_the_right_one(tmp_path):
+    config = write_config(tmp_path, sources=[str(DATA / "alpaca.jsonl")], output_dir=str(tmp_path / "o"),
+                          near_dup_treshold=0.9)
+    with pytest.raises(UserError, match="near_dup_treshold.*did you mean 'near_dup_threshold'"):
+        build_sft_set.main(["--config", str(config)])
+    with pytest.raises(UserError, match="unknown source key 'wieght'"):
+        build_sft_set.main(["--sources", json.dumps({"path": "x.jsonl", "wieght": 2}), "--output_dir", "o"])
+
+
+def test_missing_sources_and_bad_options_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="no sources"):
+        build_sft_set.main(["--output_dir", str(tmp_path / "o")])
+    with pytest.raises(UserError, match="on_error must be one of"):
+        build_sft_set.main(["--sources", "a.jsonl", "--output_dir", "o", "--on_error", "ignore"])
+    with pytest.raises(UserError, match="set `tokenizer`"):
+        build_sft_set.main(["--sources", "a.jsonl", "--output_dir", "o", "--max_tokens", "10"])
+    with pytest.raises(UserError, match="data file not found: missing.jsonl"):
+        build_preference_set.main(["--sources", "missing.jsonl", "--output_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_every_option_has_help():
+    import dataclasses
+
+    from data_prep.config import PreferenceSetConfig, SourceConfig
+
+    for cls in (PreferenceSetConfig, SourceConfig):
+        assert all(f.metadata.get("help") for f in dataclasses.fields(cls)), cls

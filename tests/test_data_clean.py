@@ -1,0 +1,133 @@
+"""Dedup, near-dup, decontamination, length filters and mixing do what they say, on small handcrafted data."""
+
+import json
+import random
+import zlib
+from collections import Counter
+from pathlib import Path
+
+from datasets import Dataset, load_dataset
+
+from data_prep import build_sft_set, clean
+from posttrain.models import TINY_TOKENIZER
+
+WORDS = ("river stone cloud lamp orange music window garden silver paper engine forest candle bridge "
+         "mountain pepper violin harbor meadow rocket").split()
+
+
+def prose(seed: int, n: int = 200) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) + str(rng.randint(0, 99)) for _ in range(n))
+
+
+def table(texts: list[str]) -> Dataset:
+    return Dataset.from_dict({"_text": texts, "_origin": [f"f.jsonl:{i + 1}" for i in range(len(texts))],
+                              "_source": ["f"] * len(texts)})
+
+
+def test_exact_dedup_normalises_case_space_and_unicode():
+    texts = ["Hello   World", "hello world", "Ｈｅｌｌｏ world", "Hello, world!", "something else"]
+    kept, removed = clean.exact_dedup(table(texts))
+    assert kept["_text"] == ["Hello   World", "Hello, world!", "something else"]
+    assert removed["_reason"] == ["exact duplicate of f.jsonl:1"] * 2
+
+
+def test_near_dedup_removes_one_word_edits_keeps_different_text():
+    base = prose(0)
+    edited = base.replace(base.split()[100], "changed", 1)
+    half = " ".join(base.split()[:100]) + " " + prose(1, 100)
+    kept, removed = clean.near_dedup(table([base, prose(2), edited, half]), threshold=0.8)
+    assert kept["_origin"] == ["f.jsonl:1", "f.jsonl:2", "f.jsonl:4"]
+    assert removed["_origin"] == ["f.jsonl:3"] and "near-duplicate" in removed["_reason"][0]
+    assert removed["_reason"][0].endswith("of f.jsonl:1")
+
+
+def test_decontamination_names_the_ngram_and_eval_set():
+    question = "Natalia sold clips to 48 of her friends in April and then she sold half as many clips in May"
+    ngrams = clean.eval_ngrams({"gsm8k.jsonl": [question]}, n=13)
+    leaked = f"Solve this: {question.upper()}. How many in total?"
+    kept, removed = clean.decontaminate(table([leaked, "Natalia sold clips to friends.", prose(3)]), ngrams, 13)
+    assert kept["_origin"] == ["f.jsonl:2", "f.jsonl:3"]
+    assert "13-gram \"natalia sold clips to 48" in removed["_reason"][0] and "gsm8k.jsonl" in removed["_reason"][0]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def alpaca_rows(tag: str, n: int) -> list[dict]:
+    seeds = [zlib.crc32(f"{tag}{i}".encode()) for i in range(n)]
+    return [{"instruction": f"{tag} task {i}: {prose(seeds[i], 12)}", "output": prose(i, 8)} for i in range(n)]
+
+
+def run_build(tmp_path, name, *args) -> tuple[dict, dict]:
+    out = tmp_path / name
+    build_sft_set.main(["--output_dir", str(out), "--near_dup_threshold", "null", *map(str, args)])
+    card = json.loads((out / "card.json").read_text())
+    splits = {s: load_dataset("parquet", data_files=str(out / f"{s}.parquet"), split="train") for s in card["splits"]}
+    return card, splits
+
+
+def test_decontamination_in_a_build_is_reported(tmp_path):
+    question = "A robe takes 2 bolts of blue fiber and half that much white fiber how many bolts in total"
+    eval_set = write_jsonl(tmp_path / "gsm8k_test.jsonl", [{"question": question, "answer": "3"}])
+    rows = alpaca_rows("clean", 3) + [{"instruction": f"Homework: {question}?", "output": "3 bolts."}]
+    source = write_jsonl(tmp_path / "train.jsonl", rows)
+    card, splits = run_build(tmp_path, "out", "--sources", source, "--decontaminate", eval_set, "--test_size", 0)
+    assert len(splits["train"]) == 3
+    assert card["decontamination"]["removed"] == 1 and card["counts"][-2]["step"] == "contamination"
+    reject = json.loads((tmp_path / "out" / "rejects.jsonl").read_text())
+    assert reject["filter"] == "contamination" and reject["where"].endswith("train.jsonl:4")
+    assert "Decontamination" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_length_filter_counts_tokens_of_the_chat_template(tmp_path):
+    rows = [{"instruction": "hi", "output": "ok"}, {"instruction": "mid " + prose(5, 40), "output": "fine"},
+            {"instruction": "long " + prose(6, 400), "output": "done"}]
+    source = write_jsonl(tmp_path / "lengths.jsonl", rows)
+    card, splits = run_build(tmp_path, "out", "--sources", source, "--tokenizer", TINY_TOKENIZER,
+                             "--min_tokens", 100, "--max_tokens", 1000, "--test_size", 0)
+    assert [m[0]["content"][:3] for m in splits["train"]["messages"]] == ["mid"]
+    reasons = [json.loads(line)["reason"] for line in open(tmp_path / "out" / "rejects.jsonl")]
+    assert any("< min_tokens 100" in r for r in reasons) and any("> max_tokens 1000" in r for r in reasons)
+    assert card["length_unit"].startswith("tokens")
+
+
+def test_mixing_respects_weights_and_seed(tmp_path):
+    big = write_jsonl(tmp_path / "big.jsonl", alpaca_rows("big", 40))
+    small = write_jsonl(tmp_path / "small.jsonl", alpaca_rows("small", 10))
+    sources = ["--sources", json.dumps({"path": str(big), "weight": 0.5}), json.dumps({"path": str(small),
+                                                                                       "weight": 2.0})]
+    card, splits = run_build(tmp_path, "a", *sources, "--test_size", 0, "--seed", 1)
+    counts = Counter(m[0]["content"].split()[0] for m in splits["train"]["messages"])
+    assert counts == {"big": 20, "small": 20} and card["mix"]["weights"] == {"big": 0.5, "small": 2.0}
+    same, _ = run_build(tmp_path, "b", *sources, "--test_size", 0, "--seed", 1)
+    other, other_splits = run_build(tmp_path, "c", *sources, "--test_size", 0, "--seed", 2)
+    assert same["fingerprint"] == card["fingerprint"] and other["fingerprint"] != card["fingerprint"]
+    assert set(m[0]["content"] for m in other_splits["train"]["messages"]) != set(
+        m[0]["content"] for m in splits["train"]["messages"])
+
+
+def test_held_out_split_never_shares_rows_with_upsampled_train(tmp_path):
+    small = write_jsonl(tmp_path / "small.jsonl", alpaca_rows("small", 20))
+    card, splits = run_build(tmp_path, "out", "--sources", json.dumps({"path": str(small), "weight": 3.0}),
+                             "--test_size", 0.25)
+    train = [m[0]["content"] for m in splits["train"]["messages"]]
+    test = [m[0]["content"] for m in splits["test"]["messages"]]
+    assert len(test) == 5 and len(set(test)) == 5 and len(train) == 45
+    assert not set(train) & set(test)
+
+
+def test_near_dup_of_pairs_compares_prompt_and_each_reply(tmp_path):
+    from data_prep import build_preference_set
+
+    prompt, chosen, rejected = prose(10, 150), prose(11, 100), prose(12, 100)
+    rows = [{"prompt": prompt, "chosen": chosen, "rejected": rejected},
+            {"prompt": prompt, "chosen": chosen, "rejected": "A short, different bad answer."},  # a new pair: kept
+            {"prompt": prompt, "chosen": chosen, "rejected": rejected.replace(rejected.split()[50], "x", 1)}]
+    source = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    build_preference_set.main(["--sources", str(source), "--output_dir", str(tmp_path / "out"), "--test_size", "0"])
+    reject = json.loads((tmp_path / "out" / "rejects.jsonl").read_text())
+    assert reject["filter"] == "near_dup" and reject["where"].endswith("pairs.jsonl:3")
+    assert json.loads((tmp_path / "out" / "card.json").read_text())["splits"]["train"]["rows"] == 2

@@ -1,0 +1,169 @@
+"""Every input format and container round-trips from a committed fixture in tests/assets/data/ to the TRL columns."""
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from datasets import load_dataset
+
+from data_prep import build_preference_set, build_sft_set
+from data_prep.formats import Options, convert_rows
+from posttrain.errors import UserError
+
+DATA = Path(__file__).parent / "assets" / "data"
+
+
+def build(job, tmp_path, *sources, extra=()):
+    out = tmp_path / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    job.main(["--sources", *map(str, sources), "--output_dir", str(out), "--test_size", "0",
+              "--near_dup_threshold", "null", *extra])
+    return list(load_dataset("parquet", data_files={"train": str(out / "train.parquet")}, split="train"))
+
+
+def by_first_user(rows, key="messages"):
+    return {next(m["content"] for m in r[key] if m["role"] == "user"): r for r in rows}
+
+
+def test_alpaca(tmp_path):
+    rows = by_first_user(build(build_sft_set, tmp_path, DATA / "alpaca.jsonl"))
+    assert rows["Translate the sentence into French.\n\nThe cat sleeps on the sofa."]["messages"][1] == {
+        "role": "assistant", "content": "Le chat dort sur le canapé."}
+    with_history = rows["Hi there"]["messages"]
+    assert [m["role"] for m in with_history] == ["system", "user", "assistant", "user", "assistant"]
+    assert with_history[0]["content"] == "Answer in one word." and with_history[-1]["content"] == "Tokyo."
+
+
+def test_sharegpt_json_array_with_tools(tmp_path):
+    rows = by_first_user(build(build_sft_set, tmp_path, DATA / "sharegpt.json"))
+    assert rows["Spell 'cat' backwards."]["messages"][0] == {"role": "system", "content": "You are terse."}
+    tool_row = rows["Weather in Paris?"]
+    call = tool_row["messages"][1]["tool_calls"][0]["function"]
+    assert call == {"name": "get_weather", "arguments": {"city": "Paris"}}
+    assert tool_row["messages"][2]["role"] == "tool"
+    assert tool_row["tools"][0]["function"]["name"] == "get_weather"
+
+
+def test_messages_thinking_and_tools(tmp_path):
+    rows = by_first_user(build(build_sft_set, tmp_path, DATA / "messages.jsonl"))
+    reasoning = rows["Is 91 a prime number?"]
+    assert reasoning["messages"][-1]["content"].startswith("<think>\n91 = 7 * 13")
+    assert reasoning["messages"][-1]["content"].endswith("\n</think>\n\nNo, 91 = 7 x 13.")
+    assert reasoning["thinking"] is True
+    inline = rows["Which is larger, 2^10 or 10^3?"]["messages"][-1]["content"]
+    assert inline == "<think>\n2^10 = 1024 and 10^3 = 1000.\n</think>\n\n2^10 is larger: 1024 > 1000."
+    empty_think = rows["Say hello in Spanish."]
+    assert empty_think["messages"][-1]["content"] == "Hola." and empty_think["thinking"] is False
+    assert rows["What is 12 times 12?"]["thinking"] is False and rows["What is 12 times 12?"]["tools"] is None
+    tools = rows["Please add 40 and 2 with the tool."]
+    assert tools["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"a": 40, "b": 2}
+    assert tools["tools"][0]["function"]["parameters"]["required"] == ["a", "b"]
+
+
+def test_erniekit_sft_labels(tmp_path):
+    rows = by_first_user(build(build_sft_set, tmp_path, DATA / "erniekit_sft.jsonl"))
+    assert len(rows["I want to visit Kyoto."]["messages"]) == 5  # label [0, 1]: the first turn stays as context
+    assert len(rows["Tell me a fact about owls."]["messages"]) == 2  # label [1, 0]: the untrained last turn goes
+    assert rows["I want to visit Kyoto."]["messages"][0]["role"] == "system"
+
+
+def test_prompt_completion_csv(tmp_path):
+    rows = by_first_user(build(build_sft_set, tmp_path, DATA / "prompt_completion.csv"))
+    assert rows["Complete the proverb: an apple a day"]["messages"][1]["content"] == " keeps the doctor away."
+    assert "\nmore than eleven" in rows["Name the largest planet of the solar system."]["messages"][1]["content"]
+
+
+def test_vision_paths(tmp_path):
+    rows = build(build_sft_set, tmp_path, DATA / "vision.jsonl")
+    for row in rows:
+        assert len(row["images"]) == 1 and Path(row["images"][0]).is_file()
+        assert Path(row["images"][0]).is_absolute()
+        assert row["messages"][0]["content"][0] == {"type": "image"}  # `<image>` markers become TRL's typed parts
+    texts = {row["messages"][0]["content"][1]["text"] for row in rows}
+    assert texts == {"What colour is this square?", "Describe the picture in two words."}
+
+
+def test_preference_standard_and_conversational(tmp_path):
+    rows = build(build_preference_set, tmp_path, DATA / "preference_standard.jsonl",
+                 DATA / "preference_conversational.jsonl")
+    rows = by_first_user(rows, "prompt")
+    assert rows["How many legs does a spider have?"]["chosen"] == [{"role": "assistant", "content": "Eight."}]
+    assert rows["My code does not compile."]["prompt"][0]["role"] == "system"
+    implicit = rows["Recommend a classic novel."]  # no prompt column: the shared first turn becomes the prompt
+    assert len(implicit["prompt"]) == 1 and implicit["rejected"][0]["content"] == "Books are boring, watch TV."
+
+
+def test_erniekit_dpo_sort(tmp_path):
+    rows = by_first_user(build(build_preference_set, tmp_path, DATA / "erniekit_dpo.jsonl"), "prompt")
+    assert rows["What is 2 + 2?"]["chosen"][0]["content"] == "2 + 2 = 4."
+    eggs = rows["Hi, I need a recipe."]  # sort [0, 1]: the second response wins
+    assert eggs["chosen"][0]["content"].startswith("Try a Spanish omelette")
+    assert [m["role"] for m in eggs["prompt"]] == ["user", "assistant", "user"]
+
+
+def test_rated_binarized_with_margin(tmp_path):
+    rows = build(build_preference_set, tmp_path, DATA / "rated.jsonl")
+    assert len(rows) == 1  # the bat row's scores differ by 0.2 < 1.0
+    assert rows[0]["chosen"][0]["content"].startswith("A hash map stores")
+    assert rows[0]["rejected"][0]["content"] == "It is a map of hashes."
+    rejects = [json.loads(line) for line in open(tmp_path / "out" / "rejects.jsonl")]
+    assert rejects[0]["filter"] == "margin" and rejects[0]["where"].endswith("rated.jsonl:2")
+
+
+def test_unpaired_kept_as_such(tmp_path):
+    rows = build(build_preference_set, tmp_path, DATA / "unpaired.jsonl")
+    assert sorted(r["label"] for r in rows) == [False, True]
+    assert set(rows[0]) == {"prompt", "completion", "label"}
+
+
+def test_pairs_unpaired_on_request(tmp_path):
+    with pytest.raises(UserError, match="unpaired: true"):
+        build(build_preference_set, tmp_path, DATA / "preference_standard.jsonl", DATA / "unpaired.jsonl")
+    rows = build(build_preference_set, tmp_path, DATA / "preference_standard.jsonl", DATA / "unpaired.jsonl",
+                 extra=["--unpaired", "true"])
+    assert len(rows) == 2 * 2 + 2 and sum(r["label"] for r in rows) == 3
+
+
+def test_rl_prompts():
+    fmt, rows = convert_rows(str(DATA / "rl.jsonl"), "auto", Options(), 10_000)
+    records = [r.record for r in rows]
+    assert fmt == "rl" and records[0]["answer"] == "42" and records[0]["domain"] == "math"
+    assert records[1]["prompt"] == [{"role": "user", "content": "Reverse the string 'abc'."}]
+
+
+def test_parquet_and_save_to_disk(tmp_path):
+    source = load_dataset("json", data_files=str(DATA / "preference_standard.jsonl"), split="train")
+    source.to_parquet(str(tmp_path / "prefs.parquet"))
+    source.save_to_disk(str(tmp_path / "prefs_disk"))
+    from_parquet = build(build_preference_set, tmp_path, tmp_path / "prefs.parquet")
+    from_disk = build(build_preference_set, tmp_path, tmp_path / "prefs_disk")
+    assert len(from_parquet) == len(from_disk) == 2
+    assert by_first_user(from_parquet, "prompt").keys() == by_first_user(from_disk, "prompt").keys()
+
+
+def test_hub_id_offline_is_immediate_and_named(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(UserError, match="'someorg/somedata'.*offline"):
+        build(build_sft_set, tmp_path, "someorg/somedata")
+    assert time.monotonic() - start < 5
+
+
+SOURCES = Path(__file__).parents[1] / "data_prep" / "sources"
+
+
+def test_real_hhh_alignment_source(tmp_path):
+    rows = build(build_preference_set, tmp_path, SOURCES / "hhh_alignment.jsonl")
+    assert len(rows) >= 200
+    multi_turn = [r for r in rows if len(r["prompt"]) > 1]
+    assert multi_turn and all(r["prompt"][-1]["role"] == "user" for r in rows)
+    card = json.loads((tmp_path / "out" / "card.json").read_text())
+    assert card["sources"][0]["license"] == "Apache-2.0" and "canary" in card["sources"][0]["notes"]
+
+
+def test_real_chitchat_source(tmp_path):
+    rows = build(build_sft_set, tmp_path, SOURCES / "chitchat.jsonl")
+    assert len(rows) >= 250 and all(r["messages"][-1]["role"] == "assistant" for r in rows)
+    card = json.loads((tmp_path / "out" / "card.json").read_text())
+    assert card["sources"][0]["license"] == "MIT"

@@ -1,0 +1,183 @@
+"""Malformed inputs: each gives `FILE:LINE: message` naming the field and what was expected; validate lists them all."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_prep import build_preference_set, build_sft_set, validate
+from posttrain.errors import UserError
+
+DATA = Path(__file__).parent / "assets" / "data"
+RED = str(DATA / "images" / "red.png")
+
+
+def msgs(*turns):
+    return {"messages": [{"role": r, "content": c} for r, c in turns]}
+
+
+GOOD = {
+    "messages": msgs(("user", "hi"), ("assistant", "hello")),
+    "preference": {"prompt": "q", "chosen": "a", "rejected": "b"},
+    "erniekit_dpo": {"src": ["q"], "tgt": [], "response": [["a"], ["b"]], "sort": [1, 0]},
+    "erniekit_sft": {"src": ["q"], "tgt": ["a"]},
+    "alpaca": {"instruction": "do", "output": "done"},
+    "sharegpt": {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+    "unpaired": {"prompt": "q", "completion": "a", "label": True},
+    "rated": {"prompt": "q", "completions": [{"response": "a", "score": 9}, {"response": "b", "score": 1}]},
+}
+
+# (id, format, bad row as a dict or raw bytes, expected message fragment)
+CASES = [
+    ("empty-assistant", "messages", msgs(("user", "hi"), ("assistant", "  ")),
+     '"messages[1].content" is empty; expected a non-empty assistant reply'),
+    ("empty-user", "messages", msgs(("user", ""), ("assistant", "x")), '"messages[0].content" is empty'),
+    ("wrong-role-order", "messages", msgs(("user", "a"), ("user", "b"), ("assistant", "c")),
+     "\"messages[1].role\" is 'user' after 'user' (wrong role order); expected 'assistant'"),
+    ("starts-with-assistant", "messages", msgs(("assistant", "a"), ("user", "b"), ("assistant", "c")),
+     "is 'assistant' as the first turn"),
+    ("ends-with-user", "messages", msgs(("user", "a"), ("assistant", "b"), ("user", "c")),
+     "expected an assistant reply last"),
+    ("unknown-role", "messages", msgs(("user", "a"), ("bot", "b")), '"messages[1].role" is "bot"; expected one of'),
+    ("system-in-middle", "messages", msgs(("user", "a"), ("system", "s"), ("assistant", "b")),
+     "is 'system' after the first message"),
+    ("content-wrong-type", "messages", msgs(("user", 42), ("assistant", "b")), '"messages[0].content" is a int'),
+    ("messages-not-list", "messages", {"messages": "hello"}, '"messages" is a str'),
+    ("unclosed-think", "messages", msgs(("user", "a"), ("assistant", "<think>hmm")), "opens <think> but never closes"),
+    ("reasoning-on-user", "messages",
+     {"messages": [{"role": "user", "content": "a", "reasoning_content": "r"}, {"role": "assistant", "content": "b"}]},
+     "reasoning on assistant turns only"),
+    ("bad-tool-arguments", "messages", {"messages": [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]},
+        {"role": "tool", "content": "1"}, {"role": "assistant", "content": "b"}]},
+     '"messages[1].tool_calls[0].function.arguments" is not valid JSON'),
+    ("tool-without-call", "messages", msgs(("user", "a"), ("assistant", "b"), ("tool", "c"), ("assistant", "d")),
+     "is 'tool' after 'assistant'"),
+    ("missing-image", "messages", {**msgs(("user", "<image>a"), ("assistant", "b")), "images": ["nope.png"]},
+     '"images[0]" file not found'),
+    ("undecodable-image", "messages",
+     {**msgs(("user", "<image>a"), ("assistant", "b")), "images": ["images/not_an_image.png"]},
+     "does not decode as an image"),
+    ("image-count-mismatch", "messages", {**msgs(("user", "<image><image>a"), ("assistant", "b")), "images": [RED]},
+     "has 1 file(s) for 2 image placeholder(s)"),
+    ("chosen-equals-rejected", "preference", {"prompt": "q", "chosen": "Same  answer", "rejected": "Same answer "},
+     '"chosen" and "rejected" are identical; expected two different replies'),
+    ("chosen-empty", "preference", {"prompt": "q", "chosen": "", "rejected": "b"},
+     '"chosen" is empty; expected a non-empty assistant reply'),
+    ("rejected-missing", "preference", {"prompt": "q", "chosen": "a"}, '"rejected" is missing'),
+    ("prompt-wrong-type", "preference", {"prompt": 3, "chosen": "a", "rejected": "b"}, '"prompt" is a int'),
+    ("sort-length", "erniekit_dpo", {"src": ["q"], "tgt": [], "response": [["a"], ["b"]], "sort": [1, 0, 2]},
+     '"sort" is [1, 0, 2] for 2 responses; expected 2 numbers, higher wins'),
+    ("sort-tie", "erniekit_dpo", {"src": ["q"], "tgt": [], "response": [["a"], ["b"]], "sort": [1, 1]},
+     "gives every response the same rank"),
+    ("dpo-tgt-length", "erniekit_dpo", {"src": ["q1", "q2"], "tgt": [], "response": [["a"], ["b"]], "sort": [1, 0]},
+     '"tgt" has 0 turn(s) for 2 in "src"'),
+    ("sft-src-tgt-mismatch", "erniekit_sft", {"src": ["q1", "q2"], "tgt": ["a1"]}, '"tgt" has 1 turn(s) for 2'),
+    ("sft-label-length", "erniekit_sft", {"src": ["q"], "tgt": ["a"], "label": [1, 0]}, '"label" is [1, 0]'),
+    ("alpaca-no-output", "alpaca", {"instruction": "do"}, '"output" is missing; expected the reply text'),
+    ("sharegpt-unknown-speaker", "sharegpt", {"conversations": [{"from": "alien", "value": "x"}]},
+     '"conversations[0].from" is \'alien\''),
+    ("unpaired-bad-label", "unpaired", {"prompt": "q", "completion": "a", "label": "maybe"}, '"label" is \'maybe\''),
+    ("rated-score-not-number", "rated", {"prompt": "q", "completions": [{"response": "a", "score": "high"},
+                                                                          {"response": "b", "score": 1}]},
+     '"completions[0].score" is \'high\'; expected a number'),
+    ("non-utf8", "messages", b'{"messages": "caf\xe9"}', "not valid UTF-8 (byte 0xe9"),
+    ("truncated-json", "messages", b'{"messages": [{"role": "user", "con', "not valid JSON"),
+    ("not-an-object", "messages", b'[1, 2, 3]', "a JSON list, not an object"),
+    ("huge-row", "messages", {**msgs(("user", "x" * 3000), ("assistant", "y"))}, "more than max_row_bytes=2,000"),
+]
+
+
+def write_case(tmp_path, fmt, bad) -> Path:
+    path = tmp_path / "data.jsonl"
+    line = bad if isinstance(bad, bytes) else json.dumps(bad).encode()
+    path.write_bytes(json.dumps(GOOD[fmt]).encode() + b"\n" + line + b"\n")
+    copy_images(tmp_path)
+    return path
+
+
+def copy_images(tmp_path):
+    if not (tmp_path / "images").exists():
+        shutil.copytree(DATA / "images", tmp_path / "images")
+
+
+@pytest.mark.parametrize("case_id,fmt,bad,expected", CASES, ids=[c[0] for c in CASES])
+def test_malformed_row_reported_with_line(tmp_path, capsys, case_id, fmt, bad, expected):
+    path = write_case(tmp_path, fmt, bad)
+    code = validate.main([str(path), "--format", fmt, "--max_row_bytes", "2000"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 1
+    assert len(out) == 1, out  # the good first row is not reported
+    assert out[0].startswith(f"{path}:2: ") and expected in out[0], out[0]
+
+
+def test_at_least_twenty_malformed_cases():
+    assert len(CASES) >= 20
+
+
+def test_validate_reports_every_bad_row(tmp_path, capsys):
+    lines = [GOOD["preference"], {"prompt": "q", "chosen": "", "rejected": "b"}, GOOD["preference"],
+             {"prompt": "q", "chosen": "x", "rejected": "x"}, {"prompt": "q", "chosen": "a"}]
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in lines) + "\n\n" + '{"prompt": "q", "cho\n')
+    code = validate.main([str(path)])
+    captured = capsys.readouterr()
+    bad_lines = [line.split(": ")[0] for line in captured.out.strip().splitlines()]
+    assert code == 1 and bad_lines == [f"{path}:2", f"{path}:4", f"{path}:5", f"{path}:7"]
+    assert "6 rows in format 'preference', 4 bad" in captured.err  # blank line 6 is not a row
+
+
+def test_validate_valid_file_exits_zero_as_a_cli(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "data_prep.validate", str(DATA / "messages.jsonl")],
+                            capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr
+    assert "5 rows in format 'messages', all valid" in result.stderr
+
+
+def test_unknown_format_is_a_user_error(tmp_path):
+    path = tmp_path / "mystery.jsonl"
+    path.write_text('{"question": "q", "reply": "a"}\n')
+    with pytest.raises(UserError, match="unknown format.*question, reply"):
+        validate.main([str(path)])
+    with pytest.raises(SystemExit):  # argparse rejects a format name that does not exist
+        validate.main([str(path), "--format", "nope"])
+
+
+def test_build_fails_on_first_bad_row_with_location(tmp_path):
+    path = write_case(tmp_path, "preference", {"prompt": "q", "chosen": "", "rejected": "b"})
+    with pytest.raises(UserError, match=r'data\.jsonl:2: "chosen" is empty'):
+        build_preferences(tmp_path, path, [])
+
+
+def test_build_skip_writes_rejects_and_counts(tmp_path):
+    path = write_case(tmp_path, "preference", {"prompt": "q", "chosen": "", "rejected": "b"})
+    card = build_preferences(tmp_path, path, ["--on_error", "skip"])
+    assert card["sources"][0]["rows_invalid"] == 1 and card["splits"]["train"]["rows"] == 1
+    rejects = [json.loads(line) for line in open(tmp_path / "out" / "rejects.jsonl")]
+    assert rejects[0]["filter"] == "invalid" and rejects[0]["where"].endswith("data.jsonl:2")
+    assert rejects[0]["row"] == {"prompt": "q", "chosen": "", "rejected": "b"}
+
+
+def build_preferences(tmp_path, path, extra):
+    build_preference_set.main(["--sources", str(path), "--output_dir", str(tmp_path / "out"), "--test_size", "0",
+                               *extra])
+    return json.loads((tmp_path / "out" / "card.json").read_text())
+
+
+def test_sft_job_refuses_preference_data(tmp_path):
+    with pytest.raises(UserError, match="is preference data.*build_sft_set takes sft data"):
+        build_sft_set.main(["--sources", str(DATA / "preference_standard.jsonl"), "--output_dir",
+                            str(tmp_path / "out")])
+
+
+def test_skipped_unparsable_line_keeps_its_text(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(json.dumps(GOOD["preference"]).encode() + b'\n{"prompt": "caf\xe9", "chosen": "a"\n')
+    card = build_preferences(tmp_path, path, ["--on_error", "skip"])
+    reject = json.loads((tmp_path / "out" / "rejects.jsonl").read_text())
+    assert card["sources"][0]["rows_invalid"] == 1 and reject["row"] is None
+    assert reject["raw_text"] == '{"prompt": "caf\ufffd", "chosen": "a"' and "UTF-8" in reject["reason"]
