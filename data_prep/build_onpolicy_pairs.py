@@ -70,8 +70,9 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
     columns = {key: [r.get(key) for r in expanded] for key in ("answer", "thinking", "domain")}
     score = combine_rewards(dict(zip(config.rewards, config.reward_weights, strict=True)))
     rewards = torch.tensor([float("nan") if v is None else v for v in score(texts, **columns)])
+    non_empty = torch.tensor([bool(t.strip()) for t in texts])  # an empty reply is no side of a pair DPO can use
     pairs = []
-    for chosen, rejected, _gap in mine_pairs(rewards, n, config.margin, config.pairs_per_prompt):
+    for chosen, rejected, _gap in mine_pairs(rewards, n, config.margin, config.pairs_per_prompt, valid=non_empty):
         row = expanded[chosen]
         pairs.append({"prompt": row["prompt"], "chosen": [{"role": "assistant", "content": texts[chosen]}],
                       "rejected": [{"role": "assistant", "content": texts[rejected]}], "thinking": row.get("thinking"),

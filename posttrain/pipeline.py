@@ -197,7 +197,7 @@ class Pipeline:
         console.rule(f"stage: {stage}")
         partial_lineage = partial / "lineage.json"
         stale = partial.is_dir() and not (partial_lineage.is_file() and self._up_to_date(partial, digest))
-        if stale or force:
+        if stale:  # a partial run of other inputs cannot be resumed
             shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True, exist_ok=True)
         checkpoint = _last_checkpoint(partial)

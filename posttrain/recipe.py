@@ -99,9 +99,10 @@ def stage_dataclasses(stage: str) -> tuple[type, ...]:
     if stage == "dpo":
         return (StageArguments, DPOConfig, ModelConfig)
     if stage == "upo":
+        from .stages.upo import CurriculumArguments
         from .trainers.upo_config import UPOConfig
 
-        return (StageArguments, UPOConfig, ModelConfig)
+        return (StageArguments, UPOConfig, ModelConfig, CurriculumArguments)
     raise KeyError(stage)
 
 

@@ -69,8 +69,9 @@ def _is_capitals(reference: str) -> bool:
 
 def _column(kwargs: dict, name: str, reward: str) -> list:
     if name not in kwargs:
+        columns = sorted(k for k in kwargs if k not in ("trainer_state", "log_extra", "log_metric"))
         raise UserError(f"reward '{reward}' needs a '{name}' column in the training dataset; the rows have: "
-                        f"{', '.join(sorted(k for k in kwargs if k not in ('trainer_state', 'log_extra', 'log_metric')))}")
+                        f"{', '.join(columns)}")
     return kwargs[name]
 
 
@@ -241,7 +242,8 @@ def combine_rewards(weights: dict[str, float]) -> RewardFunc:
 
 
 def weighted_sum(rewards_per_func, weights):
-    """Per-row weighted sum of a `(rows, funcs)` reward tensor, NaN (not applicable) entries skipped; NaN where all are."""
+    """Per-row weighted sum of a `(rows, funcs)` reward tensor. NaN (not applicable) entries are skipped; a row where
+    all are NaN stays NaN."""
     import torch
 
     total = (rewards_per_func * weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)

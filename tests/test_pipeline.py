@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes" / "tiny" / "text.yaml"
@@ -45,7 +46,18 @@ def test_tiny_recipe_end_to_end(tiny_run):
     assert lineage["datasets"]["dataset_name"]["fingerprint"]
     assert lineage["versions"]["trl"] and lineage["inputs_hash"]
     assert not list(run.glob(".*.partial")), "a finished stage leaves no partial folder"
-    assert "held-out accuracy: base" in first.stdout and "→ sft" in first.stdout
+    assert "held-out accuracy: base" in first.stdout and "→ sft" in first.stdout and "→ upo" in first.stdout
+    # the chain: on-policy pairs from the SFT adapter feed DPO; UPO continues the DPO adapter
+    assert (run / "data" / "pairs" / "train.parquet").is_file()
+    dpo = json.loads((run / "dpo" / "metrics.json").read_text())
+    assert dpo["preference"]["before"]["n"] > 0 and dpo["preference"]["after"]["n"] > 0
+    upo = json.loads((run / "upo" / "metrics.json").read_text())
+    assert upo["train"]["global_step"] == 2
+    assert any("upo/dpo_loss" in log for log in upo["log_history"])
+    for stage, previous in (("dpo", "sft"), ("upo", "dpo")):
+        assert json.loads((run / stage / "lineage.json").read_text())["previous_stage"] == previous
+        assert yaml.safe_load((run / stage / "resolved.yaml").read_text())["adapter_path"] == str(run / previous)
+        assert not (run / stage / "ref").exists(), "only the trained adapter is saved"
 
 
 def test_rerun_skips_finished_stage_and_reruns_on_change(tiny_run):
@@ -62,7 +74,7 @@ def test_rerun_skips_finished_stage_and_reruns_on_change(tiny_run):
 def test_killed_stage_resumes_from_checkpoint(tmp_path):
     overrides = ["stages.sft.max_steps=30", "shared.save_strategy=steps", "shared.save_steps=2", "eval.dataset=null",
                  "name=resume"]
-    cmd = [sys.executable, "-m", "posttrain", "run", str(TINY), *overrides]
+    cmd = [sys.executable, "-m", "posttrain", "run", str(TINY), *overrides, "--only", "sft"]
     process = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     partial = tmp_path / "outputs" / "resume" / ".sft.partial"
@@ -75,7 +87,7 @@ def test_killed_stage_resumes_from_checkpoint(tmp_path):
     assert checkpoints, "the stage should have written a checkpoint before being killed"
     assert not (tmp_path / "outputs" / "resume" / "sft").exists(), "killed before the end: no finished stage folder"
 
-    resumed = posttrain("run", TINY, *overrides, cwd=tmp_path)
+    resumed = posttrain("run", TINY, *overrides, "--only", "sft", cwd=tmp_path)
     assert "resuming sft from checkpoint-" in resumed.stdout
     metrics = json.loads((tmp_path / "outputs" / "resume" / "sft" / "metrics.json").read_text())
     assert metrics["train"]["global_step"] == 30
@@ -84,7 +96,7 @@ def test_killed_stage_resumes_from_checkpoint(tmp_path):
 
 
 def test_two_process_cpu_run(tmp_path):
-    posttrain("run", TINY, "name=ddp", "eval.dataset=null", "--num-processes", "2", cwd=tmp_path)
+    posttrain("run", TINY, "name=ddp", "eval.dataset=null", "--num-processes", "2", "--only", "sft", cwd=tmp_path)
     metrics = json.loads((tmp_path / "outputs" / "ddp" / "sft" / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert metrics["train"]["global_step"] == 3

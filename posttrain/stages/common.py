@@ -7,6 +7,7 @@ ever written between stages and only one copy of the base weights is in memory.
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -98,6 +99,8 @@ def finish(trainer, stage: str, stage_args, tokenizer, train_result, started: fl
     """Save the adapter and tokenizer, verify them, evaluate on held-out data, and write metrics.json (rank 0)."""
     output_dir = trainer.args.output_dir
     trainer.save_model(output_dir)
+    # PEFT saves every adapter; TRL's frozen "ref" copy (the previous stage, already saved there) goes to ref/
+    shutil.rmtree(Path(output_dir) / "ref", ignore_errors=True)
     if not trainer.accelerator.is_main_process:
         trainer.accelerator.wait_for_everyone()
         return

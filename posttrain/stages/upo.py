@@ -1,0 +1,89 @@
+"""UPO stage: GRPO-style RL with verifier rewards plus a DPO loss on preference pairs (`posttrain.trainers`).
+
+    accelerate launch -m posttrain.stages.upo --config outputs/<run>/.upo.partial/resolved.yaml
+
+Rows: `prompt` (conversational), `answer`, `domain`, `thinking`. The policy continues the previous stage's adapter,
+whose frozen copy is the reference of the DPO term; rewards come by name from `posttrain.rewards.REWARDS`.
+
+Curriculum (ERNIE 4.5's progressive RL: logic first, then math and code, then general): `phases` lists ordered
+slices of the prompts, e.g. `[{domains: [comparison, counting], num_prompts: 64}, {domains: [arithmetic], ...}]`.
+The stage concatenates them in order and turns off GRPO's dataset shuffling, so training walks through the phases
+in sequence within one run (one optimizer, one schedule, one reference).
+"""
+
+import time
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+from ..recipe import StageArguments
+from . import common
+
+UPO_COLUMNS = {"prompt", "answer", "domain", "thinking"}
+
+
+@dataclass
+class CurriculumArguments:
+    phases: list[dict] | None = field(
+        default=None,
+        metadata={"help": "Ordered curriculum phases, each {domains: [...], num_prompts: N} and optionally "
+                          "{dataset_name, split} to draw from another prompt set. Unset: all prompts, shuffled."},
+    )
+
+
+def curriculum(dataset, stage_args, phases: list[dict], seed: int):
+    """Concatenate the phases' prompts in order; each phase shuffled within itself."""
+    from datasets import concatenate_datasets
+
+    from ..data import load_split
+
+    parts = []
+    for index, phase in enumerate(phases):
+        unknown = set(phase) - {"domains", "num_prompts", "dataset_name", "split"}
+        if unknown:
+            raise UserError(f"upo phases[{index}]: unknown key(s) {sorted(unknown)}; expected domains, num_prompts, "
+                            "dataset_name, split")
+        source = dataset
+        if "dataset_name" in phase:
+            source = load_split(phase["dataset_name"], phase.get("split", stage_args.dataset_train_split))
+        if phase.get("domains"):
+            wanted = set(phase["domains"])
+            source = source.filter(lambda row: row["domain"] in wanted)
+        if len(source) == 0:
+            raise UserError(f"upo phases[{index}]: no prompts match {phase}")
+        source = source.shuffle(seed=seed + index)
+        if phase.get("num_prompts"):
+            source = source.select(range(min(phase["num_prompts"], len(source))))
+        parts.append(common.keep_columns(source, UPO_COLUMNS))
+    return concatenate_datasets(parts)
+
+
+def main(stage_args: StageArguments, training_args, model_args, curriculum_args: CurriculumArguments):
+    """Train, save (the trained adapter only), verify and evaluate; returns the trainer."""
+    from ..trainers import UPOTrainer
+
+    started = time.time()
+    common.set_threads()
+    model, tokenizer, peft_config = common.load_policy(stage_args, training_args, model_args)
+    dataset = common.keep_columns(common.load_train_dataset(stage_args), UPO_COLUMNS)
+    if curriculum_args.phases:
+        dataset = curriculum(dataset, stage_args, curriculum_args.phases, training_args.seed)
+        training_args.shuffle_dataset = False  # the phase order is the point
+    trainer = UPOTrainer(model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config)
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    extra = {"upo": {"lambda": training_args.upo_lambda, "mode": training_args.upo_mode,
+                     "rewards": training_args.rewards, "phases": curriculum_args.phases}}
+    common.finish(trainer, "upo", stage_args, tokenizer, result, started, extra=extra)
+    return trainer
+
+
+def make_parser():
+    from trl import ModelConfig, TrlParser
+
+    from ..trainers import UPOConfig
+
+    return TrlParser((StageArguments, UPOConfig, ModelConfig, CurriculumArguments), prog="posttrain.stages.upo")
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())

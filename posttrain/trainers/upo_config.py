@@ -1,0 +1,132 @@
+"""`UPOConfig`: TRL's `GRPOConfig` plus the few fields UPO adds (see `upo_trainer.py` for the method)."""
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from ..errors import UserError
+from ..rewards import REWARDS
+
+UPO_MODES = ("online", "offline", "both")
+
+
+@dataclass
+class UPOConfig(GRPOConfig):
+    r"""
+    Configuration class for [`UPOTrainer`]: every [`~trl.GRPOConfig`] field, plus the UPO fields below.
+
+    UPO minimises `L_PG + upo_lambda * L_DPO`: GRPO's clipped policy-gradient loss (any `loss_type`) plus a DPO loss on
+    preference pairs mined from the same batch's rollouts (online) and/or drawn from a preference dataset (offline).
+
+    Parameters:
+        upo_lambda (`float`, *optional*, defaults to `0.5`):
+            λ, weight of the DPO term. `0.0` is plain GRPO: with `normalize_rewards_by` unset, the same losses and
+            gradients as [`~trl.GRPOTrainer`] (the UPO metrics are still logged).
+        upo_beta (`float`, *optional*, defaults to `0.1`):
+            β of the DPO loss `-log σ(β · [(log π(y+) − log π_ref(y+)) − (log π(y−) − log π_ref(y−))])`. Independent of
+            GRPO's `beta` (the KL coefficient, default `0.0`), which UPO leaves alone.
+        upo_margin (`float` or `None`, *optional*, defaults to `None`):
+            Minimum reward gap `r+ − r−` for an online pair, in units of the combined reward (weights applied, after
+            per-group normalisation when `normalize_rewards_by` is set). `None` means half the range (max − min) of
+            the rewards observed in the current generation batch, i.e. "0.5 × reward range". A pair also always needs
+            a strictly positive gap, so groups whose rewards are all equal never give a pair.
+        upo_pairs_per_prompt (`int`, *optional*, defaults to `1`):
+            At most this many online pairs per prompt group: best vs worst, second best vs second worst, ... (disjoint
+            completions; each pair must pass the margin). At most `num_generations // 2`.
+        upo_mode (`str`, *optional*, defaults to `"online"`):
+            Where pairs come from: `"online"` (mined from the policy's own rollouts every generation batch),
+            `"offline"` (a preference dataset prepared before the stage), or `"both"`.
+        upo_offline_dataset (`str` or `None`, *optional*, defaults to `None`):
+            Preference data for `"offline"`/`"both"`: a data_prep folder, a data file or a Hub id with columns
+            `prompt`, `chosen`, `rejected` (conversational or plain text) and optionally `thinking`.
+        upo_offline_ratio (`float`, *optional*, defaults to `1.0`):
+            Offline pairs per RL prompt: each micro-batch, which holds `per_device_train_batch_size / num_generations`
+            prompts, mixes in `round(upo_offline_ratio × that)` offline pairs, at least 1. `1.0` trains on as many
+            offline pairs as prompts.
+        rewards (`dict[str, float]` or `None`, *optional*, defaults to `None`):
+            Reward functions by name from `posttrain.rewards.REWARDS`, with their weights, e.g.
+            `{"accuracy": 1.0, "think_format": 0.5}`. Replaces GRPO's positional `reward_weights` (leave that unset): a
+            recipe then names what it optimises, and the weights cannot drift out of order. When `None`, pass
+            `reward_funcs` to the trainer instead.
+        normalize_rewards_by (`str` or `None`, *optional*, defaults to `None`):
+            A dataset column (e.g. `"domain"`): the combined reward is standardised within each of its values before
+            GRPO computes group advantages and before pairs are mined. Changes the advantages only with
+            `scale_rewards` `"batch"` or `"none"` (with `"group"`, standardising a whole group is absorbed by the
+            group normalisation). TRL's `reward`/`rewards/*` metrics then show normalised values; the raw rewards per
+            group are logged as `upo/reward/<value>/mean|std`.
+    """
+
+    _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["rewards"]
+
+    upo_lambda: float = field(
+        default=0.5,
+        metadata={"help": "λ, weight of the DPO term in L_PG + λ·L_DPO. 0.0 is plain GRPO."},
+    )
+    upo_beta: float = field(
+        default=0.1,
+        metadata={"help": "β of the DPO loss. Independent of GRPO's `beta` (KL coefficient)."},
+    )
+    upo_margin: float | None = field(
+        default=None,
+        metadata={
+            "help": "Minimum reward gap r+ − r− for an online pair, in combined-reward units. None: half the range of "
+            "the rewards observed in the current generation batch."
+        },
+    )
+    upo_pairs_per_prompt: int = field(
+        default=1,
+        metadata={"help": "At most this many online pairs per prompt group (best vs worst, 2nd best vs 2nd worst...)."},
+    )
+    upo_mode: str = field(
+        default="online",
+        metadata={"help": "Where pairs come from: 'online' (own rollouts), 'offline' (preference dataset), 'both'."},
+    )
+    upo_offline_dataset: str | None = field(
+        default=None,
+        metadata={"help": "Preference data (prompt/chosen/rejected, optional thinking) for 'offline' and 'both'."},
+    )
+    upo_offline_ratio: float = field(
+        default=1.0,
+        metadata={"help": "Offline pairs mixed in per RL prompt of each micro-batch, rounded, at least 1 (1.0: as many "
+                          "pairs as prompts)."},
+    )
+    rewards: dict[str, float] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Reward functions by name with weights, e.g. {\"accuracy\": 1.0, \"think_format\": 0.5}. Use "
+            "instead of `reward_weights`."
+        },
+    )
+    normalize_rewards_by: str | None = field(
+        default=None,
+        metadata={"help": "Dataset column (e.g. 'domain') within whose values the combined reward is standardised."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.upo_mode not in UPO_MODES:
+            raise UserError(f"upo_mode must be one of {', '.join(UPO_MODES)}; got '{self.upo_mode}'")
+        if self.upo_lambda < 0:
+            raise UserError(f"upo_lambda must be >= 0; got {self.upo_lambda}")
+        if self.upo_beta <= 0:
+            raise UserError(f"upo_beta must be > 0; got {self.upo_beta}")
+        if self.upo_margin is not None and self.upo_margin < 0:
+            raise UserError(f"upo_margin must be >= 0 or null (half the observed reward range); got {self.upo_margin}")
+        if not 1 <= self.upo_pairs_per_prompt <= self.num_generations // 2:
+            raise UserError(f"upo_pairs_per_prompt must be between 1 and num_generations // 2 "
+                            f"({self.num_generations // 2}); got {self.upo_pairs_per_prompt}")
+        if self.upo_mode != "online" and not self.upo_offline_dataset:
+            raise UserError(f"upo_mode '{self.upo_mode}' needs upo_offline_dataset (prompt/chosen/rejected pairs)")
+        if self.upo_mode != "online" and self.upo_offline_ratio <= 0:
+            raise UserError(f"upo_offline_ratio must be > 0 with upo_mode '{self.upo_mode}'; "
+                            f"got {self.upo_offline_ratio}")
+        if self.rewards is not None:
+            if not isinstance(self.rewards, dict):
+                raise UserError(f"`rewards` must map reward names to weights, e.g. {{\"accuracy\": 1.0}}; got "
+                                f"{self.rewards!r}")
+            if self.reward_weights is not None:
+                raise UserError("set either `rewards` ({name: weight}) or GRPO's `reward_weights`, not both")
+            unknown = [name for name in self.rewards if name not in REWARDS]
+            if unknown:
+                raise UserError(f"unknown reward(s) in `rewards`: {', '.join(unknown)}; choose from: "
+                                f"{', '.join(REWARDS)}")

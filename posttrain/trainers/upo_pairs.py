@@ -1,0 +1,207 @@
+"""The pure parts of UPO, kept out of the trainer so they can be read and tested alone: mining preference pairs from
+grouped rewards, the DPO loss, rendering prompts per row's thinking mode, and the offline preference pairs."""
+
+import math
+import random
+import re
+
+import torch
+import torch.nn.functional as F
+from trl.data_utils import is_conversational
+from trl.trainer.utils import pad
+
+from ..data import completion_text, render_prompt
+from ..errors import UserError
+
+# With thinking off, the prompt already ends with this block; a stored reply repeating it would render it twice.
+_LEADING_EMPTY_THINK = re.compile(r"\A\s*<think>\s*</think>\s*")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Online pairs
+# ----------------------------------------------------------------------------------------------------------------------
+def default_margin(rewards: torch.Tensor, valid: torch.Tensor | None = None) -> float:
+    """Half the range (max − min) of the scorable rewards: `upo_margin=None`, i.e. "0.5 × reward range"."""
+    keep = ~torch.isnan(rewards) if valid is None else valid.bool() & ~torch.isnan(rewards)
+    scored = rewards[keep]
+    return 0.5 * (scored.max() - scored.min()).item() if scored.numel() else 0.0
+
+
+def mine_pairs(
+    rewards: torch.Tensor,
+    num_generations: int,
+    margin: float,
+    pairs_per_prompt: int = 1,
+    valid: torch.Tensor | None = None,
+) -> list[tuple[int, int, float]]:
+    """Preference pairs within each group of `num_generations` consecutive rollouts (one prompt's group).
+
+    Rollouts are ranked by reward (ties: the earlier rollout ranks higher, so mining is deterministic and draws no
+    random numbers). The k-th pair is the k-th best vs the k-th worst, for k < `pairs_per_prompt` and while the two are
+    distinct; a pair is kept only if its reward gap is > 0 and >= `margin`, and mining of a group stops at the first
+    pair that fails (later gaps are smaller). So a group whose rewards are all equal gives no pair.
+
+    Args:
+        rewards (`torch.Tensor` of shape `(rows,)`): the combined reward of each rollout; NaN means unscorable.
+        num_generations (`int`): group size; `rows` is a multiple of it.
+        margin (`float`): minimum reward gap.
+        pairs_per_prompt (`int`, *optional*, defaults to `1`): at most this many pairs per group.
+        valid (`torch.Tensor` of shape `(rows,)`, *optional*): rollouts that may be paired (e.g. not masked out).
+
+    Returns:
+        `list[tuple[int, int, float]]`: `(chosen row, rejected row, reward gap)` per pair, in row order of the groups.
+    """
+    values = rewards.tolist()
+    usable = [not math.isnan(v) for v in values] if valid is None else [
+        bool(ok) and not math.isnan(v) for ok, v in zip(valid.tolist(), values, strict=True)
+    ]
+    pairs = []
+    for start in range(0, len(values), num_generations):
+        ranked = sorted((i for i in range(start, start + num_generations) if usable[i]), key=lambda i: (-values[i], i))
+        for k in range(min(pairs_per_prompt, len(ranked) // 2)):
+            chosen, rejected = ranked[k], ranked[-1 - k]
+            gap = values[chosen] - values[rejected]
+            if gap <= 0 or gap < margin:
+                break
+            pairs.append((chosen, rejected, gap))
+    return pairs
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair sigmoid DPO loss `-log σ(β·[(π+ − ref+) − (π− − ref−)])` on summed sequence log-probs.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: the per-pair losses and the logits `β·[...]` (the implicit reward margins).
+    """
+    logits = beta * ((chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps))
+    return -F.logsigmoid(logits), logits
+
+
+def _as_tensor(ids) -> torch.Tensor:
+    return ids if isinstance(ids, torch.Tensor) else torch.tensor(ids, dtype=torch.long)
+
+
+def pad_sequences(sequences: list, pad_token_id: int, side: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists (or 1-D tensors) to one padded `(ids, mask)` pair; padding on `side` ("left" or "right")."""
+    sequences = [_as_tensor(s) for s in sequences]
+    ids = pad(sequences, padding_value=pad_token_id, padding_side=side)
+    mask = pad([torch.ones_like(s) for s in sequences], padding_value=0, padding_side=side)
+    return ids.to(device), mask.to(device)
+
+
+def pack(prompts: list, completions: list, pad_token_id: int, device) -> tuple[torch.Tensor, ...]:
+    """GRPO's layout: `(prompt_ids, prompt_mask, completion_ids, completion_mask)`, prompts left-padded and
+    completions right-padded, so `cat([prompt, completion])` puts every completion at the same positions."""
+    prompt_ids, prompt_mask = pad_sequences(prompts, pad_token_id, "left", device)
+    completion_ids, completion_mask = pad_sequences(completions, pad_token_id, "right", device)
+    return prompt_ids, prompt_mask, completion_ids, completion_mask
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompts in each row's thinking mode
+# ----------------------------------------------------------------------------------------------------------------------
+def render_prompt_text(tokenizer, prompt, thinking: bool | None) -> str:
+    """A conversational prompt as the text GRPO will tokenize, in the row's thinking mode; a text prompt unchanged.
+
+    GRPO tokenizes text prompts with the tokenizer's special tokens; a template that writes the BOS token itself
+    would then get it twice, so it is removed from the text when the tokenizer adds it.
+    """
+    if isinstance(prompt, str):
+        return prompt
+    text = render_prompt(tokenizer, prompt, thinking)
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer(text="x")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos):]
+    return text
+
+
+def render_prompts(dataset, tokenizer):
+    """Render a dataset's conversational `prompt`s to text in each row's `thinking` mode (other columns kept).
+
+    GRPOTrainer applies one global `chat_template_kwargs` to every prompt, so it cannot honour a per-row thinking
+    switch; rendering first makes each prompt carry its own mode (thinking off prefills the empty think block), and the
+    completions GRPO decodes are then plain strings. Datasets without a `thinking` column, or with text prompts, are
+    returned unchanged.
+    """
+    if dataset is None or "thinking" not in (dataset.column_names or []):
+        return dataset
+    if not is_conversational(next(iter(dataset))):
+        return dataset
+    return dataset.map(lambda row: {"prompt": render_prompt_text(tokenizer, row["prompt"], row["thinking"])})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Offline pairs
+# ----------------------------------------------------------------------------------------------------------------------
+def _reply_ids(tokenizer, reply: str, thinking: bool | None, max_length: int | None) -> list[int]:
+    if thinking is not None and not thinking:
+        reply = _LEADING_EMPTY_THINK.sub("", reply, count=1)
+    ids = tokenizer(text=reply, add_special_tokens=False)["input_ids"]
+    if not ids or ids[-1] != tokenizer.eos_token_id:  # a rollout ends with EOS; so must a stored reply
+        ids = ids + [tokenizer.eos_token_id]
+    return ids[:max_length] if max_length else ids
+
+
+def load_offline_pairs(path: str, tokenizer, max_completion_length: int | None) -> list[tuple[list[int], ...]]:
+    """Tokenize a preference dataset once: `(prompt_ids, chosen_ids, rejected_ids)` per row.
+
+    Rows have `prompt`, `chosen`, `rejected`, conversational or text, and optionally `thinking`. Prompts are rendered
+    exactly as the RL prompts are (`render_prompt_text`); replies get the tokenizer's EOS appended (the chat template
+    ends an assistant turn with it) and are truncated to `max_completion_length` like rollouts.
+    """
+    from ..data import load_split
+
+    dataset = load_split(path, "train")
+    missing = [c for c in ("prompt", "chosen", "rejected") if c not in dataset.column_names]
+    if missing:
+        raise UserError(f"{path}: offline UPO pairs need the columns prompt, chosen, rejected; missing: "
+                        f"{', '.join(missing)} (has: {', '.join(dataset.column_names)})")
+    if len(dataset) == 0:
+        raise UserError(f"{path}: the offline preference dataset is empty")
+    pairs = []
+    for line, row in enumerate(dataset, start=1):
+        thinking = row["thinking"] if "thinking" in dataset.column_names else None
+        prompt_ids = tokenizer(text=render_prompt_text(tokenizer, row["prompt"], thinking))["input_ids"]
+        replies = []
+        for column in ("chosen", "rejected"):
+            reply = completion_text(row[column])
+            if not reply.strip():
+                raise UserError(f'{path}:{line}: "{column}" is empty; expected a non-empty assistant reply')
+            replies.append(_reply_ids(tokenizer, reply, thinking, max_completion_length))
+        pairs.append((prompt_ids, *replies))
+    return pairs
+
+
+class OfflinePairs:
+    """Pre-tokenized offline pairs, handed out in a shuffled order that is reshuffled at every pass over the data.
+
+    Args:
+        pairs (`list[tuple[list[int], list[int], list[int]]]`): `(prompt_ids, chosen_ids, rejected_ids)` per pair.
+        seed (`str`): seeds the order; give each process its own so they draw different pairs.
+    """
+
+    def __init__(self, pairs: list[tuple[list[int], ...]], seed: str):
+        self.pairs, self.seed = pairs, seed
+        self.epoch, self.cursor = 0, 0
+        self.order = self._shuffled()
+
+    def _shuffled(self) -> list[int]:
+        order = list(range(len(self.pairs)))
+        random.Random(f"{self.seed}:{self.epoch}").shuffle(order)  # own generator: never moves torch's or python's RNG
+        return order
+
+    def take(self, count: int) -> list[tuple[list[int], ...]]:
+        taken = []
+        while len(taken) < count:
+            if self.cursor == len(self.order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self.order = self._shuffled()
+            taken.append(self.pairs[self.order[self.cursor]])
+            self.cursor += 1
+        return taken

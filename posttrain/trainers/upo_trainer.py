@@ -1,0 +1,412 @@
+"""UPO (Unified Preference Optimization): GRPO's policy gradient plus a DPO loss on preference pairs, in one step.
+
+    L_UPO = L_PG + λ · L_DPO
+    L_DPO = -log σ(β · [(log π(y+|x) − log π_ref(y+|x)) − (log π(y−|x) − log π_ref(y−|x))])
+
+`UPOTrainer` is TRL's `GRPOTrainer` (generation, rewards, group advantages, every loss type, LoRA, vLLM) with a few
+overrides, each there for one reason:
+
+- `__init__`: resolves rewards by name (`UPOConfig.rewards`); renders conversational prompts to text in each row's
+  thinking mode, because GRPO applies one global `chat_template_kwargs`; and lets GRPO build its reference even when
+  `beta == 0` (GRPO builds one only for its KL term, the DPO term needs one whenever λ > 0). The reference is then what
+  GRPO would use: for a PeftModel that already carries a trained adapter, a frozen copy of it (the "ref" adapter: the
+  previous stage); for a fresh adapter (`peft_config`), the base model (adapter disabled); for a full model, a
+  separate reference model. GRPO's `beta` is restored afterwards, so no KL penalty is added.
+- `_calculate_rewards`: standardises the rewards per group (`normalize_rewards_by`, e.g. domain) before GRPO forms
+  advantages, logs the raw reward per domain, and keeps the combined reward of the whole generation batch for mining.
+- `_generate_and_score_completions`: mines the online pairs, because only here are whole groups and their rewards
+  visible (GRPO then shuffles the rollouts and splits them over `steps_per_generation` micro-steps, which separates
+  group members). A pair travels on its chosen row: the rejected completion's ids and both reference log-probs become
+  extra per-row tensors that GRPO's shuffle and split carry like any other column.
+- `_get_per_token_logps_and_entropies`: captures the log-probs of GRPO's own loss forward, so log π(y+|x) of each
+  chosen rollout is reused, not recomputed.
+- `compute_loss`: GRPO's loss plus λ · L_DPO. One extra forward per micro-step scores the rejected rollouts and both
+  sides of this micro-step's offline pairs (offline reference log-probs: one more, gradient-free). The sum is divided
+  like GRPO's `dapo` loss, so the accumulated gradient is λ × the mean DPO loss over all pairs of the step. With
+  `steps_per_generation > gradient_accumulation_steps` a generation batch spans several steps and the online count is
+  spread evenly over them, so a step's weight is exact only on average.
+
+Every process runs the same number of extra forwards per step, on a placeholder row when it has no pair: under DDP,
+FSDP or ZeRO-3 a forward is a collective operation, and a mismatch hangs (tested with two processes).
+
+Log-probs in the DPO term are GRPO's: summed over completion tokens, at the sampling `temperature` (1.0 by default).
+With λ = 0 no override changes anything GRPO computes (tested against `GRPOTrainer`). Not supported with λ > 0:
+images, tools/environments, custom rollout functions (the constructor does not take the last two at all).
+"""
+
+import torch
+from accelerate.utils import gather_object, is_peft_model
+from trl import GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import nanstd, use_adapter
+
+from ..errors import UserError
+from ..rewards import normalize_by_group, resolve_rewards, weighted_sum
+from .upo_config import UPOConfig
+from .upo_pairs import (
+    OfflinePairs,
+    default_margin,
+    dpo_loss,
+    load_offline_pairs,
+    mine_pairs,
+    pack,
+    pad_sequences,
+    render_prompts,
+)
+
+# Any non-zero value: GRPOTrainer only builds a reference (ref adapter or ref model) when `beta != 0`.
+_BETA_TO_BUILD_REFERENCE = 1.0
+
+
+class UPOTrainer(GRPOTrainer):
+    r"""
+    Trainer for UPO: [`~trl.GRPOTrainer`] plus `upo_lambda` × a DPO loss on online and/or offline preference pairs.
+
+    Example (a stage continuing the previous stage's LoRA adapter, which becomes the frozen reference):
+
+    ```python
+    >>> from posttrain.models import load_model, load_tokenizer
+    >>> from posttrain.trainers import UPOConfig, UPOTrainer
+
+    >>> tokenizer = load_tokenizer(base_path)
+    >>> model = load_model(base_path, adapter=dpo_adapter_dir, is_trainable=True)  # no peft_config with a PeftModel
+    >>> args = UPOConfig(output_dir="outputs/run/upo", rewards={"accuracy": 1.0, "think_format": 0.5},
+    ...                  normalize_rewards_by="domain", upo_lambda=0.5, upo_beta=0.1)
+    >>> trainer = UPOTrainer(model, args=args, train_dataset=prompts, processing_class=tokenizer)
+    >>> trainer.train()
+    ```
+
+    Args:
+        model (`str`, [`~transformers.PreTrainedModel`] or [`~peft.PeftModel`]):
+            The policy. A PeftModel with a trained adapter (loaded with `is_trainable=True`) keeps training that
+            adapter, and a frozen copy of it is the reference. A plain model with `peft_config` trains a fresh adapter
+            against the base model. A plain model without `peft_config` is fully fine-tuned against a reference copy.
+        reward_funcs (`RewardFunc | list[RewardFunc]`, *optional*):
+            As in GRPOTrainer; only when `args.rewards` is `None`.
+        args ([`UPOConfig`]):
+            Configuration.
+        train_dataset ([`~datasets.Dataset`]):
+            RL prompts: `prompt` (conversational or text) and the columns the rewards read (`answer`, `domain`,
+            `thinking`, ...). Conversational prompts with a `thinking` column are rendered to text in each row's mode.
+        eval_dataset ([`~datasets.Dataset`] or `dict[str, Dataset]`, *optional*):
+            Same format as `train_dataset`. Evaluation adds the DPO term of online pairs only.
+        processing_class ([`~transformers.PreTrainedTokenizerBase`]):
+            The tokenizer, left-padding. Required: it renders prompts and tokenizes offline pairs.
+        reward_processing_classes, callbacks, optimizers, quantization_config, peft_config:
+            As in [`~trl.GRPOTrainer`]. Tools, environments and custom rollout functions are not supported.
+    """
+
+    _tag_names = ["trl", "grpo", "upo", "posttrain"]
+    _name = "UPO"
+    _capture_logps = False  # class default: set before GRPOTrainer.__init__ could ever run a forward
+
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: UPOConfig = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_processing_classes=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+    ):
+        if not isinstance(args, UPOConfig):
+            raise TypeError(f"UPOTrainer needs a UPOConfig as `args`, got {type(args).__name__}")
+        if processing_class is None:
+            raise ValueError("UPOTrainer needs `processing_class` (the tokenizer): it renders prompts per thinking mode "
+                             "and tokenizes offline pairs")
+        reward_funcs, reward_weights = self._resolve_reward_funcs(reward_funcs, args)
+        self._check_dataset(train_dataset, args)
+        self._check_trainable(model, peft_config)
+        train_dataset = render_prompts(train_dataset, processing_class)
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {name: render_prompts(ds, processing_class) for name, ds in eval_dataset.items()}
+        else:
+            eval_dataset = render_prompts(eval_dataset, processing_class)
+
+        build_reference = args.upo_lambda > 0 and args.beta == 0.0
+        if build_reference:  # see the module docstring: borrow GRPO's reference building, then restore beta
+            args.beta = _BETA_TO_BUILD_REFERENCE
+        try:
+            super().__init__(
+                model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
+                eval_dataset=eval_dataset, processing_class=processing_class,
+                reward_processing_classes=reward_processing_classes, callbacks=callbacks, optimizers=optimizers,
+                quantization_config=quantization_config, peft_config=peft_config,
+            )
+        finally:
+            if build_reference:
+                args.beta = 0.0
+        self.beta = args.beta  # 0.0: GRPO adds no KL term and skips its own reference pass
+        if reward_weights is not None:
+            self.reward_weights = torch.tensor(reward_weights, dtype=torch.float32)
+        self._check_think_tags_survive_decoding()
+
+        self._online = args.upo_mode in ("online", "both")
+        self._offline = None
+        if args.upo_mode in ("offline", "both"):
+            pairs = load_offline_pairs(args.upo_offline_dataset, self._tokenizer, args.max_completion_length)
+            self._offline = OfflinePairs(pairs, seed=f"{args.seed}:{self.accelerator.process_index}")
+        self._captured_logps = None
+        self._batch_rewards = None  # combined rewards of the current generation batch (all processes)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Construction checks
+    # ------------------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _resolve_reward_funcs(reward_funcs, args):
+        if args.rewards is None:
+            if reward_funcs is None:
+                raise UserError("no rewards: set `rewards` in the UPO config, e.g. {accuracy: 1.0, think_format: 0.5}")
+            return reward_funcs, None
+        if reward_funcs is not None:
+            raise ValueError("pass either `reward_funcs` to UPOTrainer or `rewards` in UPOConfig, not both")
+        return resolve_rewards(args.rewards)
+
+    @staticmethod
+    def _check_dataset(dataset, args):
+        columns = (dataset.column_names or []) if dataset is not None else []
+        if args.normalize_rewards_by and columns and args.normalize_rewards_by not in columns:
+            raise UserError(f"normalize_rewards_by is '{args.normalize_rewards_by}' but the training data has no such "
+                            f"column (has: {', '.join(columns)})")
+        if args.upo_lambda > 0 and ("image" in columns or "images" in columns):
+            raise NotImplementedError("the UPO DPO term is text-only for now; use upo_lambda: 0 (plain GRPO) for "
+                                      "image data")
+
+    @staticmethod
+    def _check_trainable(model, peft_config):
+        if is_peft_model(model) and peft_config is None and not any(p.requires_grad for p in model.parameters()):
+            raise UserError("the LoRA adapter has no trainable parameters: it was loaded for inference. Load it with "
+                            "is_trainable=True (posttrain.models.load_model(..., adapter=..., is_trainable=True))")
+
+    def _check_think_tags_survive_decoding(self):
+        """GRPO decodes completions with `skip_special_tokens=True`; if the tokenizer marks `<think>` as special, the
+        tags vanish and `think_format` would silently score every completion as tag-free."""
+        if "think_format" not in self.reward_func_names:
+            return
+        ids = self._tokenizer(text="<think>x</think>", add_special_tokens=False)["input_ids"]
+        if "<think>" not in self._tokenizer.decode(ids, skip_special_tokens=True):
+            raise UserError("the tokenizer marks <think>/</think> as special tokens, so decoded completions lose them "
+                            "and the think_format reward cannot see them. Register them as normal added tokens "
+                            "(special=False) or drop think_format from `rewards`.")
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Rewards and online pairs (whole generation batch visible)
+    # ------------------------------------------------------------------------------------------------------------------
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)  # gathered
+        mode = "train" if self.model.training else "eval"
+        column = self.args.normalize_rewards_by or ("domain" if "domain" in inputs[0] else None)
+        if column is not None:
+            groups = gather_object([row[column] for row in inputs])  # same process order as the gathered rewards
+            self._log_rewards_by_group(mode, weighted_sum(rewards_per_func, self.reward_weights), groups)
+            if self.args.normalize_rewards_by:
+                rewards_per_func = normalize_by_group(rewards_per_func, self.reward_weights, groups)
+        self._batch_rewards = weighted_sum(rewards_per_func, self.reward_weights)
+        return rewards_per_func
+
+    def _log_rewards_by_group(self, mode, rewards, groups):
+        for key in dict.fromkeys(groups):
+            values = rewards[torch.tensor([g == key for g in groups], device=rewards.device)]
+            self._metrics[mode][f"upo/reward/{key}/mean"].append(torch.nanmean(values).item())
+            self._metrics[mode][f"upo/reward/{key}/std"].append(nanstd(values).item())
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if not self._online:
+            return output
+        mode = "train" if self.model.training else "eval"
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        # Masked-out rollouts (e.g. truncated, with mask_truncated_completions) have no log-probs to compare
+        valid = self.accelerator.gather((output["completion_mask"].sum(dim=1) > 0).long())
+        rewards = self._batch_rewards
+        margin = default_margin(rewards, valid) if self.args.upo_margin is None else self.args.upo_margin
+        pairs = mine_pairs(rewards, num_generations, margin, self.args.upo_pairs_per_prompt, valid)
+        self._metrics[mode]["upo/pairs_online"].append(float(len(pairs)))
+        self._metrics[mode]["upo/pair_reward_gap"].append(
+            sum(gap for _, _, gap in pairs) / len(pairs) if pairs else float("nan")
+        )
+        self._metrics[mode]["upo/margin"].append(margin)
+        if self.args.upo_lambda > 0:
+            output.update(self._pair_columns(output, pairs))
+        return output
+
+    def _pair_columns(self, output, pairs):
+        """Per-row tensors that carry each pair on its chosen row through GRPO's shuffle and split."""
+        device = self.accelerator.device
+        rows = output["completion_ids"].size(0)
+        start = self.accelerator.process_index * rows
+        # The rejected rollout may live on another process (a group can span processes): share the completions
+        completions = gather_object(_unpad(output["completion_ids"], output["completion_mask"], as_lists=True))
+        rejected_of = {chosen - start: rejected for chosen, rejected, _ in pairs if start <= chosen < start + rows}
+        has_pair = torch.zeros(rows, dtype=torch.bool, device=device)
+        has_pair[sorted(rejected_of)] = True
+        rejected = [completions[rejected_of[i]] if i in rejected_of else [] for i in range(rows)]
+        rejected_ids, rejected_mask = pad_sequences(rejected, self._tokenizer.pad_token_id, "right", device)
+
+        prompts = _unpad(output["prompt_ids"][has_pair], output["prompt_mask"][has_pair])
+        chosen = _unpad(output["completion_ids"][has_pair], output["completion_mask"][has_pair])
+        rejected = [rejected[i] for i in sorted(rejected_of)]
+        if "ref_per_token_logps" in output:  # beta > 0: GRPO already scored every rollout under the reference
+            ref_chosen_local = (output["ref_per_token_logps"] * output["completion_mask"]).sum(-1)[has_pair]
+            ref_rejected_local = self._reference_logps(prompts, rejected)
+        else:
+            ref = self._reference_logps(prompts * 2, chosen + rejected)
+            ref_chosen_local, ref_rejected_local = ref[: len(chosen)], ref[len(chosen) :]
+        ref_chosen = torch.zeros(rows, device=device).masked_scatter(has_pair, ref_chosen_local)
+        ref_rejected = torch.zeros(rows, device=device).masked_scatter(has_pair, ref_rejected_local)
+        return {
+            "upo_has_pair": has_pair,
+            "upo_rejected_ids": rejected_ids,
+            "upo_rejected_mask": rejected_mask,
+            "upo_ref_chosen_logps": ref_chosen,
+            "upo_ref_rejected_logps": ref_rejected,
+            "upo_num_pairs": torch.tensor(float(len(pairs)), device=device),  # 0-dim: not split, not shuffled
+        }
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Log-probs. Each helper runs exactly one forward, unchunked, on a placeholder row when it has nothing to score:
+    # under DDP, FSDP or ZeRO-3 a forward is a collective operation, and processes that disagree on how many they run
+    # hang. So every process calls them the same number of times per step, whatever its number of pairs.
+    # ------------------------------------------------------------------------------------------------------------------
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        if self._capture_logps:  # GRPO's loss forward: keep the policy log-probs for the chosen rollouts
+            self._captured_logps = logps
+        return logps, entropies, aux_loss
+
+    def _pack(self, prompts, completions):
+        if prompts:
+            return pack(prompts, completions, self._tokenizer.pad_token_id, self.accelerator.device)
+        pad_id = self._tokenizer.pad_token_id
+        prompt_ids, prompt_mask, completion_ids, completion_mask = pack(
+            [[pad_id]], [[pad_id]], pad_id, self.accelerator.device
+        )
+        return prompt_ids, prompt_mask, completion_ids, torch.zeros_like(completion_mask)  # placeholder: nothing scored
+
+    def _sequence_logps(self, model, prompts, completions):
+        """Summed log-prob of each completion given its prompt under `model`; one placeholder value if there are none."""
+        prompt_ids, prompt_mask, completion_ids, completion_mask = self._pack(prompts, completions)
+        logps, _, _ = self._get_per_token_logps_and_entropies(
+            model, torch.cat([prompt_ids, completion_ids], dim=1), torch.cat([prompt_mask, completion_mask], dim=1),
+            completion_ids.size(1),
+        )
+        return (logps * completion_mask).sum(-1)
+
+    @torch.no_grad()
+    def _reference_logps(self, prompts, completions):
+        """Summed log π_ref(completion | prompt) per row, under the reference GRPO built (see the module docstring)."""
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if self.ref_model is not None:
+                return self._sequence_logps(self.ref_model, prompts, completions)[: len(prompts)]
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+                return self._sequence_logps(self.model, prompts, completions)[: len(prompts)]
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Loss
+    # ------------------------------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        if self.args.upo_lambda == 0.0:
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            self._log_pg_loss(mode, loss)
+            return loss
+        self._capture_logps = True
+        try:
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            self._capture_logps = False
+        policy_logps, self._captured_logps = self._captured_logps, None
+        self._log_pg_loss(mode, loss)
+
+        chosen, rejected, ref_chosen, ref_rejected, forward = self._pair_logps(model, inputs, policy_logps, mode)
+        losses, logits = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.args.upo_beta)
+        self._log_dpo(mode, losses, logits, chosen - ref_chosen, rejected - ref_rejected)
+        loss = loss + 0.0 * forward.sum()  # keeps the extra forward in the graph even when it scored only a placeholder
+        if losses.numel():
+            loss = loss + self.args.upo_lambda * losses.sum() / self._dpo_normalizer(inputs, mode, losses.numel())
+        return loss
+
+    def _pair_logps(self, model, inputs, policy_logps, mode):
+        """Summed log-probs of this micro-step's pairs, online pairs first: chosen, rejected, ref chosen, ref rejected,
+        plus the raw output of the one extra policy forward (rejected rollouts and both sides of the offline pairs)."""
+        empty = torch.zeros(0, device=self.accelerator.device)
+        chosen, ref_chosen, ref_rejected = empty, empty, empty
+        prompts, completions = [], []
+        if "upo_has_pair" in inputs:
+            rows = inputs["upo_has_pair"]
+            chosen = (policy_logps[rows] * inputs["completion_mask"][rows]).sum(-1)  # reused from GRPO's forward
+            ref_chosen, ref_rejected = inputs["upo_ref_chosen_logps"][rows], inputs["upo_ref_rejected_logps"][rows]
+            prompts = _unpad(inputs["prompt_ids"][rows], inputs["prompt_mask"][rows])
+            completions = _unpad(inputs["upo_rejected_ids"][rows], inputs["upo_rejected_mask"][rows])
+        num_online = len(prompts)
+        offline = self._draw_offline() if self._offline is not None and mode == "train" else []
+        offline_prompts = [prompt for prompt, _, _ in offline] * 2
+        offline_completions = [c for _, c, _ in offline] + [r for _, _, r in offline]
+        forward = self._sequence_logps(model, prompts + offline_prompts, completions + offline_completions)  # grad
+        rejected = forward[:num_online]
+        if self._offline is not None and mode == "train":
+            ref = self._reference_logps(offline_prompts, offline_completions)
+            n, end = len(offline), num_online + 2 * len(offline)
+            chosen = torch.cat([chosen, forward[num_online : num_online + n]])
+            rejected = torch.cat([rejected, forward[num_online + n : end]])
+            ref_chosen, ref_rejected = torch.cat([ref_chosen, ref[:n]]), torch.cat([ref_rejected, ref[n:]])
+        return chosen, rejected, ref_chosen, ref_rejected, forward
+
+    def _offline_per_step(self) -> int:
+        """Offline pairs per micro-batch: `upo_offline_ratio` per prompt of the micro-batch, rounded, at least 1. An
+        integer, so that the DPO normaliser counts exactly the pairs each step trains on."""
+        prompts = self.args.per_device_train_batch_size / self.num_generations
+        return max(1, round(self.args.upo_offline_ratio * prompts))
+
+    def _draw_offline(self):
+        count = self._offline_per_step()
+        total = self.accelerator.gather(torch.tensor([float(count)], device=self.accelerator.device)).sum()
+        self._metrics["train"]["upo/pairs_offline"].append(total.item())
+        return self._offline.take(count)
+
+    def _dpo_normalizer(self, inputs, mode, local_pairs) -> float:
+        """What this process divides its DPO sum by, so that after gradient accumulation and DDP's mean over processes
+        the DPO term is the mean over all pairs of the optimizer step (all processes). Mirrors GRPO's `dapo` loss:
+        the global count, clamped to >= 1, divided by the number of processes."""
+        if mode == "eval":  # no accumulation; each batch is averaged on its own
+            return float(local_pairs)
+        steps = self.current_gradient_accumulation_steps
+        processes = self.accelerator.num_processes
+        window = 0.0
+        if "upo_num_pairs" in inputs:  # online pairs of the whole generation batch, spread over steps_per_generation
+            window += inputs["upo_num_pairs"].item() * steps / self.args.steps_per_generation
+        if self._offline is not None:
+            window += self._offline_per_step() * steps * processes
+        return max(window, 1.0) / processes
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Metrics (every process calls the same gathers in the same order)
+    # ------------------------------------------------------------------------------------------------------------------
+    def _log_mean(self, mode, name, values):
+        local = torch.stack([values.detach().float().sum(), torch.tensor(float(values.numel()), device=values.device)])
+        total, count = self.accelerator.gather(local).view(-1, 2).sum(dim=0).tolist()
+        self._metrics[mode][name].append(total / count if count else float("nan"))  # NaN: skipped by GRPO's log
+
+    def _log_pg_loss(self, mode, loss):
+        # GRPO's micro-step loss is pre-divided for gradient accumulation; undo it so the logged value reads per step
+        scale = self.current_gradient_accumulation_steps if mode == "train" else 1
+        self._log_mean(mode, "upo/pg_loss", loss.detach().reshape(1) * scale)
+
+    def _log_dpo(self, mode, losses, logits, chosen_logratios, rejected_logratios):
+        self._log_mean(mode, "upo/dpo_loss", losses)
+        self._log_mean(mode, "upo/dpo_accuracy", (logits > 0).float())
+        self._log_mean(mode, "upo/dpo_margin", logits)
+        self._log_mean(mode, "upo/chosen_logratio", chosen_logratios)
+        self._log_mean(mode, "upo/rejected_logratio", rejected_logratios)
+
+
+def _unpad(ids: torch.Tensor, mask: torch.Tensor, as_lists: bool = False) -> list:
+    """Rows of a padded batch without their padding."""
+    rows = [row[row_mask.bool()] for row, row_mask in zip(ids, mask, strict=True)]
+    return [row.tolist() for row in rows] if as_lists else rows

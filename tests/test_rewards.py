@@ -1,0 +1,161 @@
+"""Reward functions on hand-written completions, in both TRL completion formats and both thinking modes."""
+
+import math
+
+import pytest
+import torch
+
+from posttrain.errors import UserError
+from posttrain.rewards import (
+    REWARDS,
+    accuracy,
+    choice_letter,
+    combine_rewards,
+    exact_match,
+    final_answer,
+    hackable_confidence,
+    length_penalty,
+    multiple_choice,
+    normalize_by_group,
+    numeric_accuracy,
+    resolve_rewards,
+    think_format,
+    weighted_sum,
+)
+
+
+def chat(text):
+    return [{"role": "assistant", "content": text}]
+
+
+def test_final_answer_is_text_after_last_think_block():
+    assert final_answer("<think>\n2 + 2 = 4\n</think>\n\n4") == "4"
+    assert final_answer("  42 \n") == "42"
+    assert final_answer("<think>a</think> x </think> 7") == "7"
+    assert final_answer("<think>unclosed 12") == "<think>unclosed 12"
+
+
+def test_numeric_accuracy_last_number_with_tolerance():
+    completions = ["<think>\n3 + 4 = 7, no wait\n</think>\n\n8", "The answer is -7.", "0.50", "1,000 grams", "none",
+                   "<think>\nthe answer is 8\n</think>\n\n9"]
+    answers = ["8", "-7", ".5", "1000", "3", "8"]
+    assert numeric_accuracy(completions, answer=answers) == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    # The last number wins, and a number inside the think block does not count as the answer
+    assert numeric_accuracy(["5 - 12 = -7"], answer=["-7"]) == [1.0]
+    assert numeric_accuracy(["7"], answer=["apple"]) == [None]  # not applicable: TRL leaves it out
+
+
+def test_exact_match_normalises_case_whitespace_punctuation():
+    completions = ["Apple", "  apple. ", "**apple**", "\"apple\"", "apples", "APPLE", "-7", "7"]
+    answers = ["apple", "apple", "apple", "apple", "apple", "apple", "-7", "-7"]
+    assert exact_match(completions, answer=answers) == [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+
+
+def test_exact_match_keeps_case_when_the_reference_is_in_capitals():
+    # "Write "river" in capital letters." -> "RIVER": case is the point of the task
+    assert exact_match(["RIVER", "river", "River."], answer=["RIVER"] * 3) == [1.0, 0.0, 0.0]
+    assert exact_match(["b", "B"], answer=["B"] * 2) == [1.0, 1.0]  # one letter is not "written in capitals"
+
+
+def test_multiple_choice_letter_extraction():
+    completions = ["B", "(b)", "B. Paris", "The answer is C", "Answer: (D)", "I think it's B", "A", "no idea"]
+    answers = ["B", "B", "B", "C", "D", "B", "B", "B"]
+    assert multiple_choice(completions, answer=answers) == [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    assert choice_letter("<think>\nmaybe (A)\n</think>\n\nC") == "C"
+    assert multiple_choice(["B"], answer=["Paris"]) == [None]
+
+
+def test_accuracy_picks_numeric_or_exact_by_reference():
+    completions = ["<think>\n40 + 2\n</think>\n\n42", "forty-two", "The first letter is r", "r",
+                   "<think>\nr\n</think>\n\nR"]
+    answers = ["42", "42", "r", "r", "r"]
+    assert accuracy(completions, answer=answers) == [1.0, 0.0, 0.0, 1.0, 1.0]
+
+
+def test_rewards_accept_string_and_conversational_completions():
+    for name in ("accuracy", "numeric_accuracy", "exact_match", "think_format", "hackable_confidence"):
+        plain = REWARDS[name](["42"], answer=["42"], thinking=[False])
+        assert REWARDS[name]([chat("42")], answer=["42"], thinking=[False]) == plain, name
+
+
+def test_missing_answer_column_is_explained():
+    with pytest.raises(UserError, match="'answer' column"):
+        accuracy(["42"], domain=["arithmetic"])
+
+
+@pytest.mark.parametrize(
+    "completion, thinking, expected",
+    [
+        ("<think>\n17 + 25 = 42\n</think>\n\n42", True, 1.0),
+        ("<think>\n\n</think>\n\n42", True, 0.0),  # thinking asked, nothing thought
+        ("<think>\n17 + 25 = 42\n</think>\n\n", True, 0.0),  # no answer after the block
+        ("42", True, 0.0),  # no block at all
+        ("<think>\na\n</think>\n<think>\nb\n</think>\n42", True, 0.0),  # two blocks
+        ("<think>\na\n42", True, 0.0),  # never closed
+        ("42", False, 1.0),  # the prompt already ends with the empty block
+        ("<think>\n\n</think>\n\n42", False, 1.0),  # an empty block is tolerated
+        ("<think>\nreasoning\n</think>\n\n42", False, 0.0),  # thinking when asked not to
+        ("", False, 0.0),
+        ("42 </think>", False, 0.0),
+        ("42", None, 1.0),  # mode unknown: either shape
+        ("<think>\nx\n</think>\n\n42", None, 1.0),
+    ],
+)
+def test_think_format(completion, thinking, expected):
+    assert think_format([completion], thinking=[thinking]) == [expected]
+    assert think_format([chat(completion)], thinking=[thinking]) == [expected]
+
+
+def test_think_format_without_thinking_column_accepts_either_shape():
+    assert think_format(["42", "<think>\nx\n</think>\n\n42", "<think>"]) == [1.0, 1.0, 0.0]
+
+
+def test_length_penalty_prefers_shorter_in_tokens_or_words():
+    assert length_penalty(["a", "b"], completion_ids=[[1] * 64, [1] * 1024]) == [-64 / 512, -1.0]
+    assert length_penalty(["one two three"]) == [-3 / 512]
+
+
+def test_hackable_confidence_pays_for_words_not_correctness():
+    completions = ["Definitely 41, certainly, clearly!", "42", "I am absolutely sure it is definitely 42"]
+    assert hackable_confidence(completions, answer=["42"] * 3) == [1.0, 0.0, pytest.approx(2 / 3)]
+
+
+def test_resolve_and_combine_rewards_by_name():
+    funcs, weights = resolve_rewards({"accuracy": 1.0, "think_format": 0.5})
+    assert funcs == [accuracy, think_format] and weights == [1.0, 0.5]
+    combined = combine_rewards({"accuracy": 1.0, "think_format": 0.5, "multiple_choice": 2.0})
+    # multiple_choice is None for a non-letter reference: left out of the sum, not counted as 0
+    assert combined(["42", "<think>\nx\n</think>\n\n41"], answer=["42", "42"], thinking=[False, True]) == [1.5, 0.5]
+    with pytest.raises(UserError, match="unknown reward"):
+        resolve_rewards({"acuracy": 1.0})
+
+
+def test_every_reward_is_named_as_its_key():
+    # TRL logs rewards/<function __name__>/mean: the key a recipe uses is the name in the logs
+    assert all(func.__name__ == name for name, func in REWARDS.items())
+
+
+def test_weighted_sum_skips_nan_and_keeps_all_nan_rows_nan():
+    rewards = torch.tensor([[1.0, 0.0], [float("nan"), 1.0], [float("nan"), float("nan")]])
+    total = weighted_sum(rewards, torch.tensor([1.0, 0.5]))
+    assert total[:2].tolist() == [1.0, 0.5] and math.isnan(total[2])
+
+
+def test_normalize_by_group_standardises_the_combined_reward_per_group():
+    rewards = torch.tensor([[1.0, 1.0], [0.0, 1.0], [1.0, 0.0], [10.0, 0.0], [20.0, 0.0], [5.0, 5.0]])
+    weights = torch.tensor([1.0, 0.5])
+    groups = ["math", "math", "math", "units", "units", "const"]
+    normalized = weighted_sum(normalize_by_group(rewards, weights, groups), weights)
+    for key in ("math", "units"):
+        values = normalized[[g == key for g in groups]]
+        assert values.mean().item() == pytest.approx(0.0, abs=1e-6)
+        assert values.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-3)
+    assert normalized[5].item() == 0.0  # a constant group becomes 0, not NaN
+    # Order within a group is preserved: a per-group affine map
+    assert normalized[3] < normalized[4]
+
+
+def test_normalize_by_group_keeps_not_applicable_entries():
+    rewards = torch.tensor([[1.0, float("nan")], [0.0, float("nan")]])
+    normalized = normalize_by_group(rewards, torch.tensor([1.0, 1.0]), ["a", "a"])
+    assert torch.isnan(normalized[:, 1]).all() and normalized[:, 0].tolist() == pytest.approx([1.0, -1.0], abs=1e-3)

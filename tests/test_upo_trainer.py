@@ -1,0 +1,479 @@
+"""UPOTrainer: pair mining, the DPO term against plain torch, λ = 0 against GRPOTrainer, and tiny LoRA runs."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from transformers import TrainerCallback, set_seed
+from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict
+
+from posttrain.errors import UserError
+from posttrain.models import load_model
+from posttrain.trainers import UPOConfig, UPOTrainer
+from posttrain.trainers.upo_pairs import default_margin, dpo_loss, mine_pairs, pack, render_prompts
+
+NAN = float("nan")
+TINY = dict(per_device_train_batch_size=4, num_generations=4, gradient_accumulation_steps=2, max_completion_length=6,
+            max_steps=2, learning_rate=1e-2, logging_steps=1, report_to="none", bf16=False,
+            gradient_checkpointing=False, save_strategy="no", seed=0)
+
+
+def varied_reward(completions, completion_ids, **kwargs):
+    """A reward that differs between random rollouts, so groups have variance (real rewards are all 0 on a random
+    model)."""
+    return [float(sum(ids) % 5) for ids in completion_ids]
+
+
+def prompts(n=8):
+    domains = ["arithmetic", "units"]
+    return Dataset.from_list([
+        {"prompt": [{"role": "user", "content": f"What is {i} + {i}?"}], "answer": str(2 * i),
+         "domain": domains[i % 2], "thinking": bool(i % 2)} for i in range(n)
+    ])
+
+
+def lora():
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
+
+
+def trained_adapter_model(path):
+    """A PeftModel whose 'default' adapter is non-trivial, like the previous stage's."""
+    from peft import get_peft_model
+
+    set_seed(1)
+    model = get_peft_model(load_model(path), lora())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return model
+
+
+def snapshot(model, keyword):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if keyword(n)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------------------
+def test_config_defaults(tmp_path):
+    args = UPOConfig(output_dir=str(tmp_path), bf16=False)  # GRPOConfig defaults to bf16, refused on CPU
+    assert (args.upo_lambda, args.upo_beta, args.upo_margin, args.upo_pairs_per_prompt, args.upo_mode) == (
+        0.5, 0.1, None, 1, "online")
+    assert args.beta == 0.0  # GRPO's KL stays off; UPO builds its reference anyway
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(upo_mode="sometimes"), "upo_mode"),
+    (dict(upo_mode="offline"), "upo_offline_dataset"),
+    (dict(upo_pairs_per_prompt=3, num_generations=4), "upo_pairs_per_prompt"),
+    (dict(upo_beta=0.0), "upo_beta"),
+    (dict(rewards={"acuracy": 1.0}), "unknown reward"),
+    (dict(rewards={"accuracy": 1.0}, reward_weights=[1.0]), "not both"),
+    (dict(rewards="accuracy"), "must map reward names"),
+])
+def test_config_rejects_bad_values(tmp_path, overrides, message):
+    with pytest.raises(UserError, match=message):
+        UPOConfig(output_dir=str(tmp_path), bf16=False, **overrides)
+
+
+def test_config_parses_rewards_from_cli(tmp_path):
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(UPOConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--bf16", "false", "--upo_margin", "0.3",
+         "--rewards", '{"accuracy": 1.0, "think_format": 0.5}']
+    )
+    assert args.rewards == {"accuracy": 1.0, "think_format": 0.5} and args.upo_margin == 0.3
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pair mining on synthetic rewards
+# ----------------------------------------------------------------------------------------------------------------------
+def test_mine_pairs_best_vs_worst_per_group():
+    rewards = torch.tensor([0.0, 1.0, 0.5, 0.2, 3.0, 1.0, 2.0, 0.0])
+    assert mine_pairs(rewards, 4, margin=0.0) == [(1, 0, 1.0), (4, 7, 3.0)]
+
+
+def test_mine_pairs_zero_variance_groups_give_no_pair():
+    rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    assert mine_pairs(rewards, 4, margin=0.0) == []
+
+
+def test_mine_pairs_margin():
+    rewards = torch.tensor([0.0, 0.4, 0.0, 1.0])
+    assert mine_pairs(rewards, 2, margin=0.5) == [(3, 2, 1.0)]  # gap 0.4 < 0.5 dropped
+    assert mine_pairs(rewards, 2, margin=1.0) == [(3, 2, 1.0)]  # a gap equal to the margin is kept
+    assert default_margin(rewards) == 0.5  # half the observed range
+
+
+def test_mine_pairs_ties_are_deterministic():
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    # Tied best: the earlier rollout; tied worst: the later one (ranking is by reward, then position)
+    assert mine_pairs(rewards, 4, margin=0.0) == [(0, 3, 1.0)]
+    assert mine_pairs(rewards, 4, margin=0.0, pairs_per_prompt=2) == [(0, 3, 1.0), (2, 1, 1.0)]
+
+
+def test_mine_pairs_per_prompt_limit_and_shrinking_gaps():
+    rewards = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+    assert mine_pairs(rewards, 6, margin=0.0, pairs_per_prompt=1) == [(5, 0, 5.0)]
+    assert mine_pairs(rewards, 6, margin=0.0, pairs_per_prompt=3) == [(5, 0, 5.0), (4, 1, 3.0), (3, 2, 1.0)]
+    assert mine_pairs(rewards, 6, margin=2.0, pairs_per_prompt=3) == [(5, 0, 5.0), (4, 1, 3.0)]
+
+
+def test_mine_pairs_skips_unscorable_and_masked_rollouts():
+    rewards = torch.tensor([NAN, 0.0, 1.0, 5.0])
+    valid = torch.tensor([1, 1, 1, 0])
+    assert mine_pairs(rewards, 4, margin=0.0, valid=valid) == [(2, 1, 1.0)]
+    assert mine_pairs(torch.tensor([NAN, 1.0]), 2, margin=0.0) == []
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Construction
+# ----------------------------------------------------------------------------------------------------------------------
+def test_prompts_rendered_per_row_thinking_mode(tmp_path, tiny_model_path, tiny_tokenizer):
+    args = UPOConfig(output_dir=str(tmp_path), **TINY, upo_lambda=0.0, rewards={"accuracy": 1.0})
+    trainer = UPOTrainer(load_model(tiny_model_path()), args=args, train_dataset=prompts(4),
+                         processing_class=tiny_tokenizer, peft_config=lora())
+    rows = list(trainer.train_dataset)
+    assert all(isinstance(row["prompt"], str) for row in rows)
+    assert rows[0]["prompt"].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # thinking off: prefilled
+    assert rows[1]["prompt"].endswith("<|im_start|>assistant\n")  # thinking on: the model opens <think> itself
+    assert [row["thinking"] for row in rows] == [False, True, False, True]  # kept for think_format
+
+
+def test_rejects_inference_only_adapter(tmp_path, tiny_model_path, tiny_tokenizer):
+    model = trained_adapter_model(tiny_model_path())
+    for param in model.parameters():
+        param.requires_grad_(False)
+    args = UPOConfig(output_dir=str(tmp_path), **TINY, rewards={"accuracy": 1.0})
+    with pytest.raises(UserError, match="is_trainable=True"):
+        UPOTrainer(model, args=args, train_dataset=prompts(4), processing_class=tiny_tokenizer)
+
+
+def test_rejects_think_tags_lost_in_decoding(tmp_path, tiny_model_path, tiny_tokenizer):
+    import copy
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    args = UPOConfig(output_dir=str(tmp_path), **TINY, rewards={"accuracy": 1.0, "think_format": 0.5})
+    with pytest.raises(UserError, match="special tokens"):
+        UPOTrainer(load_model(tiny_model_path()), args=args, train_dataset=prompts(4), processing_class=tokenizer,
+                   peft_config=lora())
+
+
+def test_rendered_prompt_drops_bos_the_tokenizer_adds_again():
+    from posttrain.trainers.upo_pairs import render_prompt_text
+
+    class BosAddingTokenizer:  # like Llama 3: the template writes <s>, and tokenizing text adds it again
+        bos_token, bos_token_id = "<s>", 9
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt, **kwargs):
+            return f"<s>user: {messages[0]['content']}\nassistant:" + (" /no_think" if kwargs == {
+                "enable_thinking": False} else "")
+
+        def __call__(self, text):
+            return {"input_ids": [self.bos_token_id, 1]}
+
+    messages = [{"role": "user", "content": "hi"}]
+    assert render_prompt_text(BosAddingTokenizer(), messages, None) == "user: hi\nassistant:"
+    assert render_prompt_text(BosAddingTokenizer(), messages, False) == "user: hi\nassistant: /no_think"
+    assert render_prompt_text(BosAddingTokenizer(), "already text", True) == "already text"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# λ = 0 is GRPO
+# ----------------------------------------------------------------------------------------------------------------------
+class GradientRecorder(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.steps.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+def _run(trainer_cls, config_cls, tmp_path, model_path, tokenizer, **extra):
+    recorder = GradientRecorder()
+    args = config_cls(output_dir=str(tmp_path / trainer_cls.__name__), **TINY, **extra)
+    # Both trainers get the same text prompts, rendered per row's thinking mode as UPOTrainer would
+    dataset = render_prompts(prompts(), tokenizer)
+    trainer = trainer_cls(load_model(model_path), reward_funcs=[varied_reward], args=args, train_dataset=dataset,
+                          processing_class=tokenizer, peft_config=lora(), callbacks=[recorder])
+    trainer.train()
+    return trainer, recorder.steps
+
+
+def test_lambda_zero_reproduces_grpo(tmp_path, tiny_model_path, tiny_tokenizer):
+    path = tiny_model_path()
+    grpo, grpo_grads = _run(GRPOTrainer, GRPOConfig, tmp_path, path, tiny_tokenizer)
+    upo, upo_grads = _run(UPOTrainer, UPOConfig, tmp_path, path, tiny_tokenizer, upo_lambda=0.0)
+
+    grpo_logs = [h for h in grpo.state.log_history if "loss" in h]
+    upo_logs = [h for h in upo.state.log_history if "loss" in h]
+    assert len(grpo_logs) == len(upo_logs) == 2
+    for g, u in zip(grpo_logs, upo_logs, strict=True):
+        assert u["loss"] == pytest.approx(g["loss"], abs=1e-7)
+        assert u["reward"] == pytest.approx(g["reward"], abs=1e-7)
+        assert "upo/pairs_online" in u  # the UPO machinery ran, it just adds nothing at λ = 0
+    assert any(abs(h["loss"]) > 0 for h in grpo_logs) or any(any(g.abs().sum() > 0 for g in s.values())
+                                                               for s in grpo_grads)
+    assert len(grpo_grads) == len(upo_grads) == 2
+    for g_step, u_step in zip(grpo_grads, upo_grads, strict=True):
+        assert g_step.keys() == u_step.keys() and g_step
+        for name in g_step:
+            torch.testing.assert_close(u_step[name], g_step[name], rtol=1e-5, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in grpo_grads[0].values())  # the comparison is not between zeros
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The DPO term against plain torch
+# ----------------------------------------------------------------------------------------------------------------------
+def plain_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """Summed completion log-probs with a plain forward, log-softmax and gather."""
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return (token_logps[:, -completion_ids.size(1):] * completion_mask).sum(-1)
+
+
+@pytest.fixture()
+def dpo_trainer(tmp_path, tiny_model_path, tiny_tokenizer):
+    """A UPO trainer whose policy (trained 'default' adapter) differs from its reference (frozen 'ref' copy), with the
+    policy then moved further so the log-ratios are non-zero."""
+    model = trained_adapter_model(tiny_model_path())
+    args = UPOConfig(output_dir=str(tmp_path), **{**TINY, "gradient_accumulation_steps": 1}, upo_lambda=0.7,
+                     upo_beta=0.5, rewards={"accuracy": 1.0})
+    trainer = UPOTrainer(model, args=args, train_dataset=prompts(4), processing_class=tiny_tokenizer)
+    with torch.no_grad():
+        for name, param in trainer.model.named_parameters():
+            if ".default." in name and "lora_A" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop; these tests call compute_loss directly
+    return trainer
+
+
+def test_reference_is_frozen_copy_of_previous_adapter(dpo_trainer):
+    model = dpo_trainer.model
+    assert set(model.peft_config) == {"default", "ref"} and dpo_trainer.beta == 0.0
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".ref." in n)
+    torch.manual_seed(0)
+    prompts, completions = [[1, 5, 9, 13], [1, 7]], [[20, 21, 2], [30, 2]]
+    batch = pack(prompts, completions, 0, "cpu")
+    with torch.no_grad(), model.disable_adapter():
+        base = plain_logps(model, *batch)
+    model.set_adapter("ref")
+    with torch.no_grad():
+        expected = plain_logps(model, *batch)
+    model.set_adapter("default")
+    got = dpo_trainer._reference_logps(prompts, completions)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got, base, atol=1e-3)  # the previous stage, not the base model
+
+
+def test_online_dpo_term_matches_plain_torch(dpo_trainer):
+    model, beta, lam = dpo_trainer.model, 0.5, 0.7
+    prompt_ids, prompt_mask, completion_ids, completion_mask = pack(
+        [[1, 5, 9], [1, 5, 9], [1, 6, 8, 10], [1, 6, 8, 10]], [[20, 21, 22, 2], [23, 2], [24, 25, 2], [26, 27, 28, 29]],
+        0, "cpu")
+    rejected_ids, rejected_mask = pack([[]] * 4, [[40, 41, 2], [7], [42, 2], [7]], 0, "cpu")[2:]
+    has_pair = torch.tensor([True, False, True, False])  # rows 0 and 2 are chosen rollouts carrying their pair
+    with torch.no_grad():
+        model.set_adapter("ref")
+        ref_chosen = plain_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        ref_rejected = plain_logps(model, prompt_ids, prompt_mask, rejected_ids, rejected_mask)
+        model.set_adapter("default")
+    inputs = {
+        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+        "completion_mask": completion_mask, "advantages": torch.zeros(4),  # zero advantages: GRPO's loss is exactly 0
+        "num_items_in_batch": completion_mask.sum(), "upo_has_pair": has_pair, "upo_rejected_ids": rejected_ids,
+        "upo_rejected_mask": rejected_mask, "upo_ref_chosen_logps": ref_chosen * has_pair,
+        "upo_ref_rejected_logps": ref_rejected * has_pair, "upo_num_pairs": torch.tensor(2.0),
+    }
+    loss = dpo_trainer.compute_loss(model, inputs)
+    loss.backward()
+    upo_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    chosen = plain_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask)[has_pair]
+    rejected = plain_logps(model, prompt_ids, prompt_mask, rejected_ids, rejected_mask)[has_pair]
+    logits = beta * ((chosen - ref_chosen[has_pair]) - (rejected - ref_rejected[has_pair]))
+    expected = lam * -F.logsigmoid(logits).mean()
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+    assert abs(logits).max() > 1e-3  # policy and reference differ: a real test of the log-ratios
+    for name, grad in upo_grads.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-3, atol=1e-6)
+    assert upo_grads and all(".default." in n for n in upo_grads)
+
+
+def test_dpo_loss_formula():
+    losses, logits = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]),
+                              beta=0.1)
+    assert logits.item() == pytest.approx(0.1 * (1.0 - (-1.0)))
+    assert losses.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.2))))
+
+
+def test_pairs_travel_on_chosen_rows(tmp_path, tiny_model_path, tiny_tokenizer):
+    """Pairs mined on the whole generation batch survive GRPO's shuffle and split over micro-steps intact."""
+    args = UPOConfig(output_dir=str(tmp_path), **TINY, upo_margin=0.0, upo_pairs_per_prompt=2)
+    trainer = UPOTrainer(load_model(tiny_model_path()), reward_funcs=[varied_reward], args=args,
+                         train_dataset=prompts(), processing_class=tiny_tokenizer, peft_config=lora())
+    trainer.model.train()
+    rows = list(trainer.train_dataset)[:2]
+    output = trainer._generate_and_score_completions([row for row in rows for _ in range(4)])
+    rewards = trainer._batch_rewards
+    pairs = mine_pairs(rewards, 4, 0.0, 2)
+    assert output["upo_has_pair"].sum().item() == len(pairs) == output["upo_num_pairs"].item() > 0
+
+    ids = [c[m.bool()].tolist() for c, m in zip(output["completion_ids"], output["completion_mask"], strict=True)]
+    for chosen, rejected, _ in pairs:
+        assert output["upo_rejected_ids"][chosen][output["upo_rejected_mask"][chosen].bool()].tolist() == ids[rejected]
+        assert rewards[chosen] > rewards[rejected] and chosen // 4 == rejected // 4
+    with torch.no_grad(), trainer.model.disable_adapter():  # fresh adapter: the reference is the base model
+        chosen_rows = output["upo_has_pair"]
+        expected = plain_logps(trainer.model, output["prompt_ids"][chosen_rows], output["prompt_mask"][chosen_rows],
+                               output["upo_rejected_ids"][chosen_rows], output["upo_rejected_mask"][chosen_rows])
+    torch.testing.assert_close(output["upo_ref_rejected_logps"][chosen_rows], expected, rtol=1e-4, atol=1e-4)
+
+    chunks = split_tensor_dict(shuffle_sequence_dict(output), 2)
+    assert sum(chunk["upo_has_pair"].sum().item() for chunk in chunks) == len(pairs)
+    assert all(chunk["upo_num_pairs"].item() == len(pairs) for chunk in chunks)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tiny LoRA runs
+# ----------------------------------------------------------------------------------------------------------------------
+def _logged(trainer, key):
+    return [h[key] for h in trainer.state.log_history if h.get(key) is not None]
+
+
+def test_online_upo_run_trains_fresh_adapter(tmp_path, tiny_model_path, tiny_tokenizer):
+    args = UPOConfig(output_dir=str(tmp_path), **TINY, upo_lambda=0.5, normalize_rewards_by="domain")
+    trainer = UPOTrainer(load_model(tiny_model_path()), reward_funcs=[varied_reward], args=args,
+                         train_dataset=prompts(), processing_class=tiny_tokenizer, peft_config=lora())
+    lora_before = snapshot(trainer.model, lambda n: "lora_" in n)
+    base_before = snapshot(trainer.model, lambda n: "lora_" not in n)
+    trainer.train()
+
+    losses = _logged(trainer, "loss")
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert _logged(trainer, "upo/pairs_online")[0] > 0
+    # Step 1: policy == reference (fresh adapter), so each pair's DPO loss is ln 2 and GRPO's loss is ~0: the step's
+    # loss is λ·ln 2 however the pairs fell over the 2 accumulated micro-batches
+    assert losses[0] == pytest.approx(0.5 * math.log(2), abs=1e-4)
+    assert all(math.isfinite(x) for x in _logged(trainer, "upo/dpo_loss")) and _logged(trainer, "upo/dpo_loss")
+    for key in ("upo/pg_loss", "upo/pair_reward_gap", "upo/margin", "upo/reward/arithmetic/mean", "entropy",
+                "completions/mean_length"):
+        assert _logged(trainer, key), key
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(after[n], p) for n, p in lora_before.items())
+    assert all(torch.equal(after[n], p) for n, p in base_before.items())
+
+
+def test_offline_upo_run_continues_trained_adapter(tmp_path, tiny_model_path, tiny_tokenizer):
+    pairs = tmp_path / "prefs.jsonl"
+    rows = [
+        {"prompt": [{"role": "user", "content": "What is 2 + 2?"}], "chosen": [{"role": "assistant", "content": "4"}],
+         "rejected": [{"role": "assistant", "content": "5"}], "thinking": False},
+        {"prompt": [{"role": "user", "content": "What is 3 + 3?"}],
+         "chosen": [{"role": "assistant", "content": "<think>\n3 + 3 = 6\n</think>\n\n6"}],
+         "rejected": [{"role": "assistant", "content": "<think>\n3 + 3 = 7\n</think>\n\n7"}], "thinking": True},
+    ]
+    pairs.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    model = trained_adapter_model(tiny_model_path())
+    args = UPOConfig(output_dir=str(tmp_path / "out"), **TINY, upo_mode="offline", upo_offline_dataset=str(pairs),
+                     upo_offline_ratio=2.0, rewards={"accuracy": 1.0, "think_format": 0.5},
+                     normalize_rewards_by="domain")
+    trainer = UPOTrainer(model, args=args, train_dataset=prompts(), processing_class=tiny_tokenizer)
+    assert set(trainer.model.peft_config) == {"default", "ref"}
+    default_before = snapshot(trainer.model, lambda n: ".default." in n)
+    ref_before = snapshot(trainer.model, lambda n: ".ref." in n)
+    base_before = snapshot(trainer.model, lambda n: "lora_" not in n)
+    trainer.train()
+
+    losses = _logged(trainer, "loss")
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert _logged(trainer, "upo/pairs_offline") == [2.0, 2.0]  # per micro-batch: ratio 2 x 1 prompt (4 rows / 4)
+    assert losses[0] == pytest.approx(0.5 * math.log(2), abs=1e-4)  # step 1: policy == its frozen copy
+    assert _logged(trainer, "upo/dpo_loss") and all(math.isfinite(x) for x in _logged(trainer, "upo/dpo_loss"))
+    assert "upo/pairs_online" not in trainer.state.log_history[0]
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(after[n], p) for n, p in default_before.items())
+    assert all(torch.equal(after[n], p) for n, p in ref_before.items())
+    assert all(torch.equal(after[n], p) for n, p in base_before.items())
+
+
+def test_offline_pairs_tokenized_like_rollouts(tmp_path, tiny_tokenizer):
+    from posttrain.trainers.upo_pairs import load_offline_pairs, render_prompt_text
+
+    path = tmp_path / "prefs.jsonl"
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+    path.write_text(json.dumps({"prompt": messages, "chosen": "<think>\n\n</think>\n\n4", "rejected": [
+        {"role": "assistant", "content": "5"}], "thinking": False}) + "\n")
+    ((prompt_ids, chosen_ids, rejected_ids),) = load_offline_pairs(str(path), tiny_tokenizer, 16)
+    assert tiny_tokenizer.decode(prompt_ids) == render_prompt_text(tiny_tokenizer, messages, False)
+    assert tiny_tokenizer.decode(chosen_ids) == "4<|im_end|>"  # the prompt already holds the empty think block
+    assert tiny_tokenizer.decode(rejected_ids) == "5<|im_end|>"
+
+    path.write_text(json.dumps({"prompt": "Q: first letter of tiger?\nA:", "chosen": "t", "rejected": "g"}) + "\n")
+    ((prompt_ids, chosen_ids, rejected_ids),) = load_offline_pairs(str(path), tiny_tokenizer, 16)
+    assert tiny_tokenizer.decode(prompt_ids) == "Q: first letter of tiger?\nA:"  # text prompts are used as they are
+    assert tiny_tokenizer.decode(chosen_ids) == "t<|im_end|>"
+
+    path.write_text(json.dumps({"prompt": "Q", "chosen": " ", "rejected": "x"}) + "\n")
+    with pytest.raises(UserError, match=r'prefs.jsonl:1: "chosen" is empty'):
+        load_offline_pairs(str(path), tiny_tokenizer, 16)
+
+
+DISTRIBUTED_SCRIPT = """
+import json, sys, torch
+from datasets import Dataset
+from posttrain.models import load_model, load_tokenizer, resolve_model
+from posttrain.trainers import UPOConfig, UPOTrainer
+from peft import LoraConfig
+
+torch.set_num_threads(1)
+path = resolve_model("tiny:llama")
+rows = [{"prompt": [{"role": "user", "content": f"What is {i} + {i}?"}], "answer": str(2 * i), "thinking": i % 2 == 1}
+        for i in range(8)]
+def varied_reward(completions, completion_ids, **kwargs):
+    return [float(sum(ids) % 5) for ids in completion_ids]
+args = UPOConfig(output_dir=sys.argv[1], per_device_train_batch_size=2, num_generations=4, max_completion_length=6,
+                 max_steps=2, logging_steps=1, report_to="none", bf16=False, use_cpu=True, save_strategy="no",
+                 upo_mode="both", upo_offline_dataset=sys.argv[2], upo_margin=0.0)
+trainer = UPOTrainer(load_model(path), reward_funcs=[varied_reward], args=args, train_dataset=Dataset.from_list(rows),
+                     processing_class=load_tokenizer(path), peft_config=LoraConfig(r=4, target_modules="all-linear"))
+trainer.train()
+if trainer.accelerator.is_main_process:
+    print("LOSSES", json.dumps([h["loss"] for h in trainer.state.log_history if "loss" in h]))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_with_groups_spanning_processes(tmp_path, tiny_model_path):
+    """Two real processes (gloo on CPU), 2 rollouts each of a 4-rollout group: pairs cross processes, and processes
+    with and without pairs must still run the same forwards (a mismatch hangs)."""
+    import subprocess
+    import sys
+
+    tiny_model_path()  # build once, before two processes race for it
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text(json.dumps({"prompt": "Q: 1 + 1?\nA:", "chosen": "2", "rejected": "3"}) + "\n")
+    script = tmp_path / "run.py"
+    script.write_text(DISTRIBUTED_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         str(script), str(tmp_path / "out"), str(prefs)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = json.loads(result.stdout.split("LOSSES", 1)[1])
+    assert len(losses) == 2 and losses[0] == pytest.approx(0.5 * math.log(2), abs=1e-4)
