@@ -1,0 +1,141 @@
+"""`posttrain chat`: talk to a run's stage in the terminal, to see what the stage did to the model.
+
+    posttrain chat outputs/<run> [--stage sft] [--thinking on|off] [--max-new-tokens 256]
+
+The base model plus the stage's adapter (or the bare base model for `--stage base`), the recipe's chat template,
+multi-turn history, replies streamed as they are generated, greedy like the held-out evaluation (what you read is
+what the stage's metrics scored). `/reset` forgets the history, `/exit` (or end of input,
+Ctrl-D) leaves. The loop is `chat_loop(model, tokenizer, lines, out)`: any iterable of lines in, replies out, so it
+runs the same from a keyboard, a pipe or a test.
+"""
+
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TextIO
+
+from .errors import UserError
+
+USER_PROMPT = "you> "
+REPLY_PREFIX = "assistant> "
+COMMANDS = {"/reset": "forget the conversation so far", "/exit": "leave; Ctrl-D does too"}
+
+
+def make_streamer(tokenizer, out: TextIO):
+    """A transformers TextStreamer that writes the reply (not the prompt) to `out` as it is generated."""
+    from transformers import TextStreamer
+
+    class Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            out.write(text)
+            out.flush()
+
+    return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def reply(model, tokenizer, messages: list[dict], out: TextIO, thinking: bool | None = None,
+          max_new_tokens: int = 256) -> str:
+    """Generate (greedy) the assistant's next turn for `messages`, streaming it to `out`; returns its text."""
+    import torch
+
+    from .data import render_prompt
+
+    prompt = render_prompt(tokenizer, messages, thinking)
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                streamer=make_streamer(tokenizer, out))
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def chat_loop(model, tokenizer, lines: Iterable[str], out: TextIO, thinking: bool | None = None,
+              max_new_tokens: int = 256) -> list[str]:
+    """Answer each line of `lines` in one conversation; returns the replies in order.
+
+    Lines are stripped; empty lines are ignored; `/reset` clears the history, `/exit` stops (as does the end of
+    `lines`). Each reply is written to `out` as `assistant> <text>` followed by a newline.
+    """
+    messages: list[dict] = []
+    replies: list[str] = []
+    for raw in lines:
+        line = raw.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            messages.clear()
+            out.write("(conversation cleared)\n")
+            continue
+        if line.startswith("/"):
+            out.write(f"unknown command {line}; commands: " + ", ".join(f"{c} ({h})" for c, h in COMMANDS.items())
+                      + "\n")
+            continue
+        messages.append({"role": "user", "content": line})
+        out.write(REPLY_PREFIX)
+        text = reply(model, tokenizer, messages, out, thinking, max_new_tokens)
+        out.write("\n")
+        out.flush()
+        messages.append({"role": "assistant", "content": text})
+        replies.append(text)
+    return replies
+
+
+def terminal_lines(stdin: TextIO) -> Iterator[str]:
+    """Lines typed at a prompt when stdin is a terminal, else the lines of the pipe; both end at EOF."""
+    if stdin.isatty():
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        while True:
+            try:
+                yield input(USER_PROMPT)
+            except EOFError:
+                print()
+                return
+    else:
+        yield from stdin
+
+
+def load_stage(run: str, stage: str | None, dtype: str | None = None):
+    """The stage's model (base + adapter) on the best device, its tokenizer, and the StageRef."""
+    import torch
+
+    from .export import resolve_stage
+    from .models import load_model, load_tokenizer
+
+    ref = resolve_stage(run, stage)
+    cuda = torch.cuda.is_available()
+    dtype = dtype or ("bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32")
+    model = load_model(ref.base_model, adapter=ref.adapter, dtype=dtype,
+                       trust_remote_code=bool(ref.resolved.get("trust_remote_code")))
+    model.to("cuda" if cuda else "cpu").eval()
+    config = model.config.get_text_config()
+    if getattr(config, "output_router_logits", False):  # MoE aux loss inside generate() fails (see evaluate.py)
+        config.output_router_logits = False
+    tokenizer = load_tokenizer(ref.tokenizer)
+    if not tokenizer.chat_template:
+        raise UserError(f"{ref.tokenizer}: the tokenizer has no chat template, so there is no way to format a chat")
+    return model, tokenizer, ref
+
+
+def run_chat(run: str, stage: str | None = None, thinking: str | None = None, max_new_tokens: int = 256,
+             stdin: TextIO = sys.stdin, out: TextIO = sys.stdout, info: TextIO = sys.stderr) -> list[str]:
+    """`posttrain chat`: load, print a one-line banner to `info`, then chat over `stdin`."""
+    if thinking not in (None, "on", "off"):
+        raise UserError(f"--thinking {thinking}: expected on or off")
+    from .export import public_base_name
+
+    model, tokenizer, ref = load_stage(run, stage)
+    what = (f"{public_base_name(ref.run, ref.stage)} + {ref.stage} adapter" if ref.adapter
+            else f"{ref.base_model} (no adapter)")
+    info.write(f"chatting with {ref.run.name}/{ref.stage}: {what}\n"
+               f"commands: {', '.join(COMMANDS)}; end of input (Ctrl-D) also exits\n")
+    info.flush()
+    mode = None if thinking is None else thinking == "on"
+    try:
+        return chat_loop(model, tokenizer, terminal_lines(stdin), out, mode, max_new_tokens)
+    except KeyboardInterrupt:
+        out.write("\n")
+        return []

@@ -1,0 +1,359 @@
+"""`posttrain export`: turn a run's stage into a self-contained folder a stranger can load, and optionally push it.
+
+    posttrain export outputs/<run> [--stage dpo] [--merge [--dtype bf16]] [--out DIR] [--push-to-hub ORG/NAME]
+
+The folder holds either the stage's LoRA adapter (only the trained "default" adapter, never TRL's frozen "ref" copy)
+with `base_model_name_or_path` set to the recipe's base model name instead of our cache path, or, with `--merge`, the
+base model with the adapter merged in. Either way it carries the tokenizer with the recipe's chat template and a model
+card (`model_card.py`) built from the run's own metrics and lineage.
+
+Nothing is trusted: the folder is written to a hidden temporary sibling, loaded back from disk and compared with the
+stage's adapter on the base model (same logits on a probe batch, tied embeddings still tied), and only then renamed
+into place. Every check's result goes into `export.json` and the card. Safetensors only.
+"""
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from .console import console
+from .errors import UserError
+
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}
+# Relative error ||merged - reference|| / ||reference|| over the probe logits, the reference being the stage's adapter
+# on the fp32 base. Merging in fp32 is exact up to float rounding (~1e-6 measured); lost or untied lm_head weights, a
+# wrong adapter or a failed merge give errors near 1. 16-bit exports get a tolerance measured on the spot (see
+# `write_merged`) plus this much.
+TOLERANCE = 1e-4
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+PROBE_CHATS = [
+    [{"role": "user", "content": "What is 17 + 25?"}],
+    [{"role": "user", "content": "Name three colours."}, {"role": "assistant", "content": "Red, green and blue."},
+     {"role": "user", "content": "And one more, please?"}],
+]
+
+
+@dataclass
+class ExportRequest:
+    """What `posttrain export` was asked to do (the CLI flags, one field each)."""
+
+    run: str
+    stage: str | None = None
+    merge: bool = False
+    dtype: str | None = None
+    out: str | None = None
+    overwrite: bool = False
+    license: str | None = None
+    push_to_hub: str | None = None
+    private: bool = False
+    revision: str | None = None
+
+
+def run_export(request: ExportRequest) -> Path:
+    """Check everything that can fail cheaply, export and verify into a temp folder, rename it, push if asked."""
+    from .model_card import write_card
+
+    token = hub_token(request.push_to_hub) if request.push_to_hub else None  # before any export work
+    ref = resolve_stage(request.run, request.stage)
+    if ref.stage == "base":
+        raise UserError(f"{ref.run}: 'base' is the unmodified base model; export a trained stage "
+                        f"({', '.join(_trained(ref.run)) or 'none finished yet'})")
+    if request.dtype and not request.merge:
+        raise UserError("--dtype applies to merged weights; add --merge (the adapter is exported as trained)")
+    if (request.private or request.revision) and not request.push_to_hub:
+        raise UserError("--private and --revision describe the Hub upload; add --push-to-hub ORG/NAME")
+    dtype = DTYPES.get(request.dtype) if request.dtype else DTYPES.get(_config_dtype(ref.base_model), "float32")
+    if dtype is None:
+        raise UserError(f"--dtype {request.dtype}: choose one of {', '.join(sorted(set(DTYPES)))}")
+    _check_adapter_folder(ref)
+    out = Path(request.out) if request.out else ref.run / "exports" / (f"{ref.stage}-merged" if request.merge
+                                                                         else ref.stage)
+    if out.exists() and not request.overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it, or --out to choose another folder")
+
+    def write(tmp: Path) -> None:
+        console.print(f"exporting {ref.run.name}/{ref.stage} ({'merged, ' + dtype if request.merge else 'adapter'})…")
+        checks = write_merged(ref, tmp, dtype) if request.merge else write_adapter(ref, tmp)
+        manifest = {"run": ref.run.name, "stage": ref.stage, "kind": "merged" if request.merge else "adapter",
+                    "base_model": public_base_name(ref.run, ref.stage), "verification": checks}
+        (tmp / "export.json").write_text(json.dumps(manifest, indent=2))
+        write_card(tmp, ref.run, ref.stage, manifest, model_id=request.push_to_hub or str(out),
+                   license=request.license)
+
+    replace_dir_atomically(out, write)
+    console.print(f"[green]✓ exported[/green] {out}")
+    if request.push_to_hub:
+        url = push_folder(out, request.push_to_hub, token, request.private, request.revision,
+                          f"posttrain export of {ref.run.name}/{ref.stage}")
+        console.print(f"[green]✓ pushed[/green] {url}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------- the stage
+def resolve_stage(run: str | Path, stage: str | None):
+    """`runs.stage_ref`, plus a clearer message for a name that is not a stage of this run at all."""
+    from .runs import finished_stages, stage_ref
+
+    run = Path(run)
+    if stage and (run / "run.json").is_file():
+        order = json.loads((run / "run.json").read_text()).get("order") or []
+        if order and stage not in order:
+            raise UserError(f"{run}: '{stage}' is not a stage of this run (stages: {', '.join(order)}; finished: "
+                            f"{', '.join(finished_stages(run)) or 'none'})")
+    return stage_ref(run, stage)
+
+
+def _trained(run: Path) -> list[str]:
+    from .runs import finished_stages
+
+    return [s for s in finished_stages(run) if s != "base"]
+
+
+def _check_adapter_folder(ref) -> None:
+    folder = Path(ref.adapter)
+    if (folder / "adapter_model.bin").is_file() and not (folder / "adapter_model.safetensors").is_file():
+        raise UserError(f"{folder} holds a pickled adapter (adapter_model.bin); posttrain exports safetensors only")
+    if not all((folder / name).is_file() for name in ADAPTER_FILES):
+        full = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+        raise UserError(f"{folder} holds no LoRA adapter ({' + '.join(ADAPTER_FILES)})"
+                        + ("; this stage trained all weights (use_peft: false), so the folder already is a "
+                           "standalone model" if full else ""))
+
+
+def _config_dtype(model_path: str) -> str:
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
+
+
+def public_base_name(run: Path, stage: str) -> str:
+    """The base model as the recipe named it (a Hub id, `tiny:<arch>`), or an absolute path for a local folder."""
+    lineage = json.loads((Path(run) / stage / "lineage.json").read_text())
+    name = lineage["base_model"]["name"]
+    local = Path(name).expanduser()
+    return str(local.resolve()) if not name.startswith("tiny:") and local.is_dir() else name
+
+
+# ---------------------------------------------------------------------------------------------------------- writing
+def write_adapter(ref, out: Path) -> dict:
+    """Copy the trained adapter (root files only: `ref/` is TRL's frozen copy), fix its base name, add the tokenizer."""
+    from safetensors.torch import load_file
+
+    src = Path(ref.adapter)
+    shutil.copyfile(src / "adapter_model.safetensors", out / "adapter_model.safetensors")
+    config = json.loads((src / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = public_base_name(ref.run, ref.stage)
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    save_tokenizer(ref.tokenizer, out)
+    tensors = load_file(out / "adapter_model.safetensors")
+    lora_b = [t for k, t in tensors.items() if "lora_B" in k]
+    if not tensors or not lora_b or all(int(t.count_nonzero()) == 0 for t in lora_b):
+        raise UserError(f"{src}/adapter_model.safetensors is empty or untrained (every lora_B is zero); nothing "
+                        "worth exporting. Re-run the stage.")
+    checks = compare_adapter_reload(ref, out)
+    return {"adapter_tensors": len(tensors), "adapter_bytes": (out / "adapter_model.safetensors").stat().st_size,
+            **checks}
+
+
+def write_merged(ref, out: Path, dtype: str) -> dict:
+    """Merge the adapter into the base in fp32, cast, save; reload from disk and compare logits with adapter-on-base."""
+    import gc
+
+    import torch
+
+    from .models import load_model
+
+    model = load_model(ref.base_model, adapter=ref.adapter, dtype="float32")
+    _refuse_lora_on_tied_embeddings(model, ref)
+    probe = probe_batch(ref.tokenizer)
+    reference = _logits(model, probe)
+    merged = model.merge_and_unload()
+    merged.to(getattr(torch, dtype))
+    merged.save_pretrained(out)
+    save_tokenizer(ref.tokenizer, out)
+    del model, merged
+    gc.collect()
+    reloaded, checks = load_merged_checked(out, dtype)
+    error = relative_error(_logits(reloaded, probe), reference, probe["attention_mask"])
+    del reloaded
+    tolerance = TOLERANCE
+    if dtype != "float32":
+        # 16-bit weights and activations alone move the logits by about as much as merging does (~3% in bf16 on
+        # SmolLM2's 30 layers): allow twice what the unmerged adapter-on-base gives when run in the same dtype.
+        gc.collect()
+        unmerged = relative_error(_logits(load_model(ref.base_model, adapter=ref.adapter, dtype=dtype), probe),
+                                  reference, probe["attention_mask"])
+        tolerance = 2 * unmerged + TOLERANCE
+        checks["unmerged_relative_error_in_dtype"] = unmerged
+    checks.update(dtype=dtype, logits_relative_error=error, tolerance=tolerance)
+    if not error <= tolerance:
+        raise RuntimeError(f"merged weights do not reproduce adapter-on-base: relative logit error {error:.2e} > "
+                           f"{tolerance:.1e} ({dtype}); the export was not written")
+    return checks
+
+
+def _refuse_lora_on_tied_embeddings(model, ref) -> None:
+    """With tied embeddings, merging a LoRA on lm_head (or the embeddings) would change both: refuse, say why."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = model.get_base_model()
+    if not base.config.get_text_config().tie_word_embeddings:
+        return
+    for module in (base.get_input_embeddings(), base.get_output_embeddings()):
+        if isinstance(module, BaseTunerLayer):
+            raise UserError(f"{ref.adapter}: the adapter trains the embeddings / lm_head of a model whose embeddings "
+                            "are tied; merging would apply the change to both ends. Export the adapter without "
+                            "--merge.")
+
+
+def load_merged_checked(out: Path, dtype: str):
+    """Reload the merged folder as a user would: no missing or unexpected weights, dtype kept, tying kept."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(out, dtype="auto", output_loading_info=True)
+    problems = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                and v}
+    if problems:
+        raise RuntimeError(f"the merged folder does not reload cleanly: {problems}")
+    if model.dtype != getattr(torch, dtype):
+        raise RuntimeError(f"the merged folder reloads as {model.dtype}, expected {dtype}")
+    tied = bool(model.config.get_text_config().tie_word_embeddings)
+    same = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    if tied != same:
+        raise RuntimeError(f"tie_word_embeddings is {tied} but lm_head and embeddings are "
+                           f"{'shared' if same else 'separate'} after reload")
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    if not files or list(out.glob("*.bin")) or list(out.glob("*.pt")):
+        raise RuntimeError(f"the merged folder must hold safetensors only, found {sorted(os.listdir(out))}")
+    return model, {"weights": files, "tied_embeddings": tied, "reloads_clean": True}
+
+
+def compare_adapter_reload(ref, out: Path) -> dict:
+    """The exported adapter on the base gives exactly the stage's logits, and differs from the bare base."""
+    from .models import load_model
+
+    model = load_model(ref.base_model, adapter=ref.adapter, adapter_name="stage", dtype="float32")
+    model.load_adapter(str(out), adapter_name="exported")
+    probe = probe_batch(ref.tokenizer)
+    model.set_adapter("stage")
+    stage = _logits(model, probe)
+    model.set_adapter("exported")
+    exported = _logits(model, probe)
+    with model.disable_adapter():
+        base = _logits(model, probe)
+    mask = probe["attention_mask"]
+    error = relative_error(exported, stage, mask)
+    if error != 0.0:
+        raise RuntimeError(f"the exported adapter does not reproduce the stage's logits (relative error {error:.2e})")
+    return {"logits_equal_to_stage": True, "logits_change_vs_base": relative_error(exported, base, mask)}
+
+
+def save_tokenizer(path: str, out: Path) -> None:
+    """The stage's tokenizer (or processor, for vision stages) with the recipe's chat template."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    folder = Path(path)
+    has_processor = (folder / "processor_config.json").is_file() or (folder / "preprocessor_config.json").is_file()
+    (AutoProcessor if has_processor else AutoTokenizer).from_pretrained(folder).save_pretrained(out)
+
+
+# ---------------------------------------------------------------------------------------------------------- probing
+def probe_batch(tokenizer_path: str) -> dict:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    texts = [tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) + "The answer is"
+             for chat in PROBE_CHATS]
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return dict(tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False))
+
+
+def _logits(model, probe: dict):
+    import torch
+
+    with torch.no_grad():
+        return model(**{k: v.to(model.device) for k, v in probe.items()}).logits.float().cpu()
+
+
+def relative_error(logits, reference, mask) -> float:
+    keep = mask.bool()
+    diff = (logits[keep] - reference[keep]).norm()
+    return float(diff / reference[keep].norm().clamp_min(1e-12))
+
+
+# ---------------------------------------------------------------------------------------------------------- folders
+def replace_dir_atomically(out: Path, write) -> Path:
+    """`write(tmp)` into a hidden sibling, then swap it into `out`; on any failure `out` is left as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp, old = out.parent / f".{out.name}.{tag}.partial", out.parent / f".{out.name}.{tag}.old"
+    tmp.mkdir()  # not mkdtemp: its 0700 mode would make the exported folder private to this user
+    try:
+        write(tmp)
+        _umask_permissions(tmp)
+        if out.exists():  # --overwrite: move the old folder aside first, so the swap is two renames
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _umask_permissions(folder: Path) -> None:
+    """Some writers (safetensors via a temp file) leave 0600 files; an export is meant to be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+# ---------------------------------------------------------------------------------------------------------- the Hub
+def hub_token(repo_id: str) -> str:
+    """The token `huggingface_hub` would use (HF_TOKEN, then the saved login); every reason not to push is an error."""
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from .models import is_offline
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise UserError(f"--push-to-hub {repo_id}: not a valid repository id ({exc})") from None
+    if "/" not in repo_id:
+        raise UserError(f"--push-to-hub {repo_id}: give the full id, e.g. your-name/{repo_id}")
+    if is_offline():
+        raise UserError(f"--push-to-hub {repo_id} needs the network, but HF_HUB_OFFLINE=1 is set. Export without "
+                        "--push-to-hub and upload the folder later (hf upload REPO_ID DIR), or unset HF_HUB_OFFLINE.")
+    try:
+        token = get_token()
+    except Exception as exc:  # an OIDC token exchange (HF_OIDC_RESOURCE) that failed; never echo the token itself
+        raise UserError(f"--push-to-hub {repo_id}: could not get a Hugging Face token: {type(exc).__name__}") from None
+    if not token:
+        raise UserError(f"--push-to-hub {repo_id}: no Hugging Face token found. Set HF_TOKEN or run `hf auth login` "
+                        "(a token with write access).")
+    return token
+
+
+def push_folder(folder: Path, repo_id: str, token: str, private: bool, revision: str | None, message: str) -> str:
+    """create_repo + (branch) + upload_folder; errors become one UserError with the token scrubbed out."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
+        if revision:
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", revision=revision,
+                                   commit_message=message)
+    except Exception as exc:  # HTTP, auth and validation errors alike: the user needs the message, not the trace
+        raise UserError(f"uploading {folder} to {repo_id} failed: {str(exc).replace(token, '***')}") from None
+    return commit.commit_url

@@ -1,0 +1,281 @@
+"""The model card (`README.md`) of an exported stage, built only from what the run folder recorded.
+
+Every number in the card is read from a `metrics.json` or `lineage.json` of the run; a value that was not recorded is
+shown as "—", never estimated. The usage snippet is plain transformers/PEFT code that the tests execute against an
+exported folder, so it stays runnable.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+MISSING = "—"
+# Keys of resolved.yaml that are paths on the machine that ran the stage, not training choices.
+MACHINE_KEYS = {"output_dir", "model_name_or_path", "tokenizer_name_or_path", "adapter_path",
+                "resume_from_checkpoint"}
+
+ADAPTER_SNIPPET = '''import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+base = AutoModelForCausalLM.from_pretrained("{base}", dtype=torch.float32)
+model = PeftModel.from_pretrained(base, "{model}")
+tokenizer = AutoTokenizer.from_pretrained("{model}")
+'''
+MERGED_SNIPPET = '''from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{model}", dtype="auto")
+tokenizer = AutoTokenizer.from_pretrained("{model}")
+'''
+GENERATE_SNIPPET = '''
+messages = [{{"role": "user", "content": "What is 17 + 25?"}}]
+# the chat template takes enable_thinking=True/False for thinking / non-thinking replies
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+output = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+'''
+
+
+FILE_SUFFIXES = {".py", ".json", ".jsonl", ".parquet", ".csv", ".tsv", ".txt", ".md", ".yaml", ".yml", ".arrow", ".gz",
+                 ".zst", ".gguf", ".safetensors"}
+
+
+def is_hub_id(name: str) -> bool:
+    """`org/name` that is not a local path or a file name (data cards list local sources as relative paths)."""
+    return (bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name or "")) and not Path(name).exists()
+            and Path(name).suffix.lower() not in FILE_SUFFIXES)
+
+
+def write_card(out: Path, run: Path, stage: str, manifest: dict, model_id: str, license: str | None = None) -> Path:
+    """Write `out/README.md` for the export of `run`'s `stage` described by `manifest` (see `export.py`)."""
+    run = Path(run)
+    chain = _chain(run, stage)
+    info = {step: _read(run / step) for step in ["base", *chain]}
+    recipe = _recipe(run, info[stage]["lineage"])
+    merged = manifest["kind"] == "merged"
+    metadata = _metadata(manifest["base_model"], merged, chain, _hub_datasets(run, info),
+                         license or default_license(manifest["base_model"], recipe["base"]))
+    body = [
+        _title(run, stage, chain, manifest, recipe),
+        "## Usage\n\n```python\n" + snippet(manifest["base_model"], model_id, merged) + "```",
+        _results(info),
+        _training(run, chain, info, manifest["base_model"]),
+        _recipe_section(recipe),
+        _data(run, info),
+        _lineage(info, chain),
+        _verification(manifest),
+    ]
+    (out / "README.md").write_text(f"---\n{metadata}\n---\n\n" + "\n\n".join(b for b in body if b) + "\n")
+    return out / "README.md"
+
+
+def snippet(base: str, model_id: str, merged: bool) -> str:
+    head = MERGED_SNIPPET.format(model=model_id) if merged else ADAPTER_SNIPPET.format(base=base, model=model_id)
+    return head + GENERATE_SNIPPET.format()
+
+
+# ---------------------------------------------------------------------------------------------------------- reading
+def _chain(run: Path, stage: str) -> list[str]:
+    """The trained stages up to `stage`: the exported adapter carries all of them (stages chain one adapter)."""
+    state = json.loads((run / "run.json").read_text())
+    order = [s for s in state.get("order", []) if s != "base"]
+    return order[: order.index(stage) + 1]
+
+
+def _read(folder: Path) -> dict:
+    def load(name):
+        path = folder / name
+        if not path.is_file():
+            return {}
+        return json.loads(path.read_text()) if name.endswith(".json") else yaml.safe_load(path.read_text()) or {}
+
+    return {"metrics": load("metrics.json"), "lineage": load("lineage.json"), "resolved": load("resolved.yaml")}
+
+
+def _recipe(run: Path, lineage: dict) -> dict:
+    """The recipe file's text and `base:` section, and whether it is still the one the stage ran with."""
+    path = Path(lineage.get("recipe") or json.loads((run / "run.json").read_text()).get("recipe") or "")
+    if not path.is_file():
+        return {"path": str(path), "text": None, "base": {}, "same": False}
+    from .errors import UserError
+    from .recipe import load_recipe
+
+    text = path.read_text()
+    try:
+        same = load_recipe(path).fingerprint() == lineage.get("recipe_fingerprint")
+    except UserError:
+        same = False
+    return {"path": str(path), "text": text, "base": (yaml.safe_load(text) or {}).get("base") or {}, "same": same}
+
+
+def default_license(base: str, base_section: dict) -> str:
+    """The base model's license where it is recorded locally (package metadata, cached Hub card), else "other"."""
+    if base.startswith("tiny:"):
+        return "apache-2.0"  # random weights generated by posttrain itself
+    if base_section.get("gguf_package"):
+        from importlib import metadata
+
+        try:
+            return (metadata.metadata(base_section["gguf_package"].replace("_", "-"))["License"] or "other").lower()
+        except metadata.PackageNotFoundError:
+            return "other"
+    if is_hub_id(base):
+        from huggingface_hub import try_to_load_from_cache
+
+        readme = try_to_load_from_cache(base, "README.md")
+        if isinstance(readme, str):
+            match = re.match(r"---\n(.*?)\n---", Path(readme).read_text(), re.S)
+            license = (yaml.safe_load(match.group(1)) or {}).get("license") if match else None
+            if isinstance(license, str):
+                return license
+    return "other"
+
+
+def _hub_datasets(run: Path, info: dict) -> list[str]:
+    """Hub ids among the stages' datasets and the sources their data cards list (local files are not metadata)."""
+    found = []
+    for step in info.values():
+        for entry in step["lineage"].get("datasets", {}).values():
+            found.append(entry["path"])
+            card = Path(entry["path"]) / "card.json"
+            if card.is_file():
+                found += [s.get("path", "") for s in json.loads(card.read_text()).get("sources", [])]
+    return sorted({name for name in found if is_hub_id(name)})
+
+
+# ---------------------------------------------------------------------------------------------------------- sections
+def _metadata(base: str, merged: bool, chain: list[str], datasets: list[str], license: str) -> str:
+    from huggingface_hub import ModelCardData
+
+    tags = ["posttrain", "trl", *chain, *([] if merged else ["lora", f"base_model:adapter:{base}"])]
+    data = ModelCardData(base_model=base if is_hub_id(base) else None, library_name="transformers" if merged else "peft",
+                         pipeline_tag="text-generation", license=license, datasets=datasets or None,
+                         tags=[t for t in tags if is_hub_id(base) or not t.startswith("base_model:")])
+    return data.to_yaml()
+
+
+def _title(run: Path, stage: str, chain: list[str], manifest: dict, recipe: dict) -> str:
+    kind = ("the base model with the LoRA adapter merged in" if manifest["kind"] == "merged"
+            else "a LoRA adapter (PEFT)")
+    base = manifest["base_model"]
+    carries = " (the stages train one adapter in turn, so it carries all of them)" if len(chain) > 1 else ""
+    lines = [f"# {run.name} · {stage}", "",
+             f"{kind[0].upper() + kind[1:]} for `{base}`, post-trained with posttrain (run `{run.name}`: "
+             f"{' → '.join(chain)}). This is the model after the **{stage}** stage{carries}."]
+    notes = []
+    if recipe["base"].get("gguf_file"):
+        notes.append(f"The base weights were dequantized from `{recipe['base']['gguf_file']}`"
+                     + (f" (Python package `{recipe['base']['gguf_package']}`)" if recipe["base"].get("gguf_package")
+                        else "")
+                     + f", not taken from the Hub's `{base}` weights: they differ slightly, and so does the adapter's"
+                       " behaviour on them.")
+    if base.startswith("tiny:"):
+        notes.append(f"`{base}` is posttrain's tiny random-weight test model (`posttrain.models.resolve_model`): this "
+                     "export proves the plumbing, not model quality.")
+    elif not is_hub_id(base):
+        notes.append(f"The base model is a local folder (`{base}`); share it alongside, or edit "
+                     "`base_model_name_or_path` in adapter_config.json.")
+    return "\n".join(lines + [""] + [f"> {n}" for n in notes]) if notes else "\n".join(lines)
+
+
+def _pct(value) -> str:
+    return MISSING if value is None else f"{value:.1%}"
+
+
+def _num(value, digits: int = 4) -> str:
+    return MISSING if value is None else f"{value:.{digits}f}"
+
+
+def _results(info: dict) -> str:
+    rows = ["| model | accuracy | format | stop rate | held-out loss | n |", "|---|---|---|---|---|---|"]
+    groups: dict[str, dict[str, str]] = {}
+    for step, data in info.items():
+        ev = data["metrics"].get("eval") or {}
+        rows.append(f"| {step} | {_pct(ev.get('accuracy'))} | {_pct(ev.get('format'))} | {_pct(ev.get('stop_rate'))} "
+                    f"| {_num(ev.get('heldout_loss'))} | {ev.get('n', MISSING)} |")
+        for group, value in (ev.get("by_group") or {}).items():
+            groups.setdefault(group, {})[step] = _pct(value)
+    out = ["## Held-out results", "",
+           "Greedy generation on the run's held-out split, scored by posttrain's reward functions (accuracy against "
+           "the reference answer, think-tag format, stop rate = the reply ended with EOS), before training (base) "
+           "and after each stage; read from each step's metrics.json.", "", *rows]
+    if groups:
+        steps = list(info)
+        out += ["", "| accuracy by group | " + " | ".join(steps) + " |", "|---" * (len(steps) + 1) + "|"]
+        out += [f"| {g} | " + " | ".join(v.get(s, MISSING) for s in steps) + " |" for g, v in groups.items()]
+    samples = (list(info.values())[-1]["metrics"].get("eval") or {}).get("samples") or []
+    if samples:
+        out += ["", f"<details><summary>Sample replies after {list(info)[-1]}</summary>", "",
+                "| prompt | reference | reply | correct |", "|---|---|---|---|"]
+        out += [f"| {_cell(s.get('prompt'))} | {_cell(s.get('answer'))} | {_cell(s.get('completion'))} | "
+                f"{s.get('correct', MISSING)} |" for s in samples]
+        out += ["", "</details>"]
+    return "\n".join(out)
+
+
+def _cell(text) -> str:
+    return MISSING if text is None else str(text).replace("|", "\\|").replace("\n", "⏎")
+
+
+def _training(run: Path, chain: list[str], info: dict, base: str) -> str:
+    out = ["## Training", "", "| stage | steps | train loss | wall time | processes |", "|---|---|---|---|---|"]
+    for step in chain:
+        metrics = info[step]["metrics"]
+        train = metrics.get("train") or {}
+        out.append(f"| {step} | {train.get('global_step', MISSING)} | {_num(train.get('train_loss'))} | "
+                   f"{_num(metrics.get('wall_time_s'), 1)} s | {metrics.get('world_size', MISSING)} |")
+    for step in chain:
+        resolved = {k: v for k, v in info[step]["resolved"].items() if k not in MACHINE_KEYS}
+        text = yaml.safe_dump(resolved, sort_keys=False).replace(str(run.resolve()), "{run}")
+        logged = [e for e in info[step]["metrics"].get("log_history", []) if "loss" in e]
+        out += ["", f"<details><summary>{step}: resolved arguments and last logged step</summary>", "",
+                "```yaml", text.rstrip(), "```"]
+        if logged:
+            out += ["", "```json", json.dumps(logged[-1], indent=1, default=float), "```"]
+        out += ["", "</details>"]
+    return "\n".join(out)
+
+
+def _recipe_section(recipe: dict) -> str:
+    if not recipe["text"]:
+        return f"## Recipe\n\nThe recipe file `{recipe['path']}` is no longer available; the resolved arguments " \
+               "above are what ran."
+    note = ("" if recipe["same"] else "\n\n> This file changed since the run, or the run used command-line "
+            "overrides: the resolved arguments above are exactly what ran.")
+    return f"## Recipe\n\n`{Path(recipe['path']).name}`:{note}\n\n```yaml\n{recipe['text'].rstrip()}\n```"
+
+
+def _data(run: Path, info: dict) -> str:
+    rows = ["| stage | dataset | fingerprint | sources (license, rows kept) |", "|---|---|---|---|"]
+    for step, data in info.items():
+        for key, entry in data["lineage"].get("datasets", {}).items():
+            card = Path(entry["path"]) / "card.json"
+            sources = json.loads(card.read_text()).get("sources", []) if card.is_file() else []
+            described = "; ".join(f"{s.get('name')} ({s.get('license', MISSING)}, {s.get('rows_kept', MISSING)})"
+                                  for s in sources) or MISSING
+            path = entry["path"].replace(str(run.resolve()), "{run}")
+            label = f"{step} (offline pairs)" if key == "upo_offline_dataset" else step
+            rows.append(f"| {label} | `{path}` | `{str(entry['fingerprint'])[:16]}` | {_cell(described)} |")
+    return "## Data\n\n" + "\n".join(rows) if len(rows) > 2 else ""
+
+
+def _lineage(info: dict, chain: list[str]) -> str:
+    keys = [("inputs hash", lambda lin: lin.get("inputs_hash")), ("previous stage", lambda lin: lin.get("previous_stage")),
+            ("recipe fingerprint", lambda lin: lin.get("recipe_fingerprint")),
+            ("git commit", lambda lin: (lin.get("git_commit") or "")[:12] or None), ("device", lambda lin: lin.get("device"))]
+    versions = sorted({k for s in chain for k in info[s]["lineage"].get("versions", {})})
+    keys += [(name, lambda lin, n=name: lin.get("versions", {}).get(n)) for name in versions]
+    rows = ["| | " + " | ".join(chain) + " |", "|---" * (len(chain) + 1) + "|"]
+    rows += [f"| {label} | " + " | ".join(str(get(info[s]["lineage"]) or MISSING) for s in chain) + " |"
+             for label, get in keys]
+    return "## Lineage\n\nFrom each stage's lineage.json: what produced it.\n\n" + "\n".join(rows)
+
+
+def _verification(manifest: dict) -> str:
+    checks = json.dumps(manifest["verification"], indent=1, default=str)
+    what = ("merged weights reloaded from this folder vs the adapter on the base model, same probe batch"
+            if manifest["kind"] == "merged" else "this adapter on the base model vs the stage's own adapter")
+    return f"## Export checks\n\nWritten by `posttrain export` and verified before the folder was renamed into place " \
+           f"({what}):\n\n```json\n{checks}\n```"

@@ -1,0 +1,99 @@
+"""`posttrain chat` on a real tiny run: piped stdin through the real CLI, and the loop itself (history, /reset, /exit,
+thinking mode). Replies of a random-weight model are gibberish, so the tests assert the structure, not the words."""
+
+import os
+import subprocess
+import sys
+from io import StringIO
+from pathlib import Path
+
+import pytest
+import yaml
+
+from posttrain import chat
+from posttrain.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "recipes" / "tiny" / "text.yaml"
+
+
+def posttrain(*args, cwd, stdin=None, check=True, timeout=300):
+    result = subprocess.run([sys.executable, "-m", "posttrain", *map(str, args)], cwd=cwd, input=stdin,
+                            capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if check and result.returncode != 0:
+        raise AssertionError(f"posttrain {' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """The tiny recipe's SFT stage only, without held-out evaluation (chat needs the adapter, not metrics)."""
+    cwd = tmp_path_factory.mktemp("chat-run")
+    raw = yaml.safe_load(TINY.read_text())
+    raw.update(name="tiny-chat", eval=None, stages={"sft": raw["stages"]["sft"]})
+    raw["data"] = {k: v for k, v in raw["data"].items() if f"{{data}}/{k}" == raw["stages"]["sft"]["dataset_name"]}
+    (cwd / "recipe.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    posttrain("run", cwd / "recipe.yaml", cwd=cwd)
+    return cwd / "outputs" / "tiny-chat"
+
+
+def test_cli_chat_with_piped_input(run, tmp_path):
+    result = posttrain("chat", run, "--max-new-tokens", "4", "--thinking", "off", cwd=tmp_path,
+                       stdin="What is 2 + 2?\n\nAnd 3 + 3?\n", timeout=120)
+    assert result.stdout.count(chat.REPLY_PREFIX) == 2, result.stdout  # two questions, two replies, blank skipped
+    assert result.stdout.endswith("\n")
+    assert "chatting with tiny-chat/sft: tiny:llama + sft adapter" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr  # end of input is a clean exit (code 0, checked above)
+
+
+def test_cli_chat_unknown_stage_is_a_user_error(run, tmp_path):
+    result = posttrain("chat", run, "--stage", "dpo", cwd=tmp_path, stdin="", check=False, timeout=60)
+    assert result.returncode == 2
+    assert "'dpo'" in result.stdout and "finished: base, sft" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def loaded(run):
+    model, tokenizer, ref = chat.load_stage(str(run), "sft")
+    assert ref.stage == "sft" and ref.adapter
+    return model, tokenizer
+
+
+def test_loop_keeps_history_resets_and_exits(loaded, monkeypatch):
+    import posttrain.data
+
+    model, tokenizer = loaded
+    seen = []
+    render = posttrain.data.render_prompt
+
+    def spy(tok, messages, thinking=None):
+        text = render(tok, messages, thinking)
+        seen.append((len(messages), thinking, text))
+        return text
+
+    monkeypatch.setattr(posttrain.data, "render_prompt", spy)
+    out = StringIO()
+    lines = ["first question", "second", "  ", "/reset", "third", "/exit", "never answered"]
+    replies = chat.chat_loop(model, tokenizer, lines, out, thinking=False, max_new_tokens=3)
+
+    assert len(replies) == 3
+    assert [n for n, _, _ in seen] == [1, 3, 1], "history grows by a user+assistant pair; /reset empties it"
+    assert all(thinking is False for _, thinking, _ in seen)
+    assert all(text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") for _, _, text in seen), \
+        "thinking off goes through the chat template's enable_thinking"
+    assert "first question" in seen[1][2] and replies[0] in seen[1][2], "the second turn sees the first exchange"
+    assert "first question" not in seen[2][2]
+    # what was streamed is exactly what was returned
+    assert out.getvalue() == (f"{chat.REPLY_PREFIX}{replies[0]}\n{chat.REPLY_PREFIX}{replies[1]}\n"
+                              f"(conversation cleared)\n{chat.REPLY_PREFIX}{replies[2]}\n")
+
+
+def test_loop_thinking_default_and_on(loaded):
+    model, tokenizer = loaded
+    out = StringIO()
+    assert len(chat.chat_loop(model, tokenizer, iter(["hello"]), out, thinking=True, max_new_tokens=2)) == 1
+    assert len(chat.chat_loop(model, tokenizer, iter([]), out)) == 0  # EOF at once: no reply, no error
+    with pytest.raises(UserError, match="--thinking maybe"):
+        chat.run_chat("unused", thinking="maybe")

@@ -1,0 +1,275 @@
+"""`posttrain export` on a real tiny run: adapter and merged folders, round-trip logits, the model card, the Hub push.
+
+The run is built once per module through the real CLI (the tiny recipe reduced to its SFT stage, so the module stays
+fast whatever later stages the shared tiny recipe grows); exports run in-process through `cli.main`.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from contextlib import redirect_stdout
+from io import StringIO
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from posttrain import cli
+from posttrain.models import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "recipes" / "tiny" / "text.yaml"
+FAKE_TOKEN = "hf_FAKEfakeFAKEfake0123456789secret"
+
+
+def sft_only_recipe(folder: Path, name: str, **overrides) -> Path:
+    """The tiny recipe with only its SFT stage and the data jobs SFT and the evaluation read."""
+    raw = yaml.safe_load(TINY.read_text())
+    raw["name"] = name
+    raw["stages"] = {"sft": raw["stages"]["sft"]}
+    used = {raw["stages"]["sft"]["dataset_name"], (raw.get("eval") or {}).get("dataset")}
+    raw["data"] = {k: v for k, v in raw["data"].items() if f"{{data}}/{k}" in used}
+    for key, value in overrides.items():
+        raw[key] = value
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def posttrain(*args, cwd, env=None, check=True, timeout=300):
+    result = subprocess.run([sys.executable, "-m", "posttrain", *map(str, args)], cwd=cwd, capture_output=True,
+                            text=True, timeout=timeout,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+    if check and result.returncode != 0:
+        raise AssertionError(f"posttrain {' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("export-run")
+    posttrain("run", sft_only_recipe(cwd, "tiny-export"), cwd=cwd)
+    return cwd / "outputs" / "tiny-export"
+
+
+def export(*args, capsys=None) -> tuple[int, str]:
+    code = cli.main(["export", *map(str, args)])
+    return code, (capsys.readouterr().out if capsys else "")
+
+
+def base_path(run: Path) -> Path:
+    return Path(json.loads((run / "sft" / "lineage.json").read_text())["base_model"]["path"])
+
+
+def probe(run: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run / "sft")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is 3 + 4?"}], tokenize=False,
+                                         add_generation_prompt=True)
+    return dict(tokenizer([text + "7"], return_tensors="pt", add_special_tokens=False))
+
+
+def logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits.float()
+
+
+def run_snippet(readme: Path, replacements: dict[str, str]) -> str:
+    code = re.search(r"```python\n(.*?)```", readme.read_text(), re.S).group(1)
+    for old, new in replacements.items():
+        code = code.replace(old, new)
+    printed = StringIO()
+    with redirect_stdout(printed):
+        exec(compile(code, str(readme), "exec"), {})
+    return printed.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------------- adapter
+def test_adapter_export_is_self_contained(run, tmp_path):
+    out = tmp_path / "adapter"
+    assert export(run, "--out", out)[0] == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "README.md",
+            "export.json"} <= names
+    assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names), "safetensors only"
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny:llama", "the recipe's base name, not our cache path"
+    exported, trained = load_file(out / "adapter_model.safetensors"), load_file(run / "sft" / "adapter_model.safetensors")
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
+    assert any(t.count_nonzero() > 0 for k, t in exported.items() if "lora_B" in k)
+    manifest = json.loads((out / "export.json").read_text())
+    assert manifest["stage"] == "sft" and manifest["verification"]["logits_equal_to_stage"] is True
+    assert "{% generation %}" in (out / "chat_template.jinja").read_text(), "the recipe's chat template travels"
+    assert not list(tmp_path.glob(".*")), "no temporary folder left behind"
+
+    printed = run_snippet(out / "README.md", {"tiny:llama": str(base_path(run))})
+    assert isinstance(printed, str) and printed.endswith("\n"), "the card's usage code runs and prints a reply"
+
+
+def test_adapter_export_skips_ref_and_names_hub_base(run, tmp_path):
+    """A later stage keeps TRL's frozen reference adapter in ref/: only the trained one is exported. A Hub-id base
+    becomes the adapter's base_model_name_or_path and the card's base_model."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "sft" / "ref").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(copy / "sft" / name, copy / "sft" / "ref" / name)
+    lineage = json.loads((copy / "sft" / "lineage.json").read_text())
+    lineage["base_model"]["name"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    (copy / "sft" / "lineage.json").write_text(json.dumps(lineage))
+
+    assert export(copy, "--out", tmp_path / "out", "--license", "apache-2.0")[0] == 0
+    assert not (tmp_path / "out" / "ref").exists()
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    card = (tmp_path / "out" / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and metadata["library_name"] == "peft"
+    assert 'from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct"' in card
+
+
+# ---------------------------------------------------------------------------------------------------------- merged
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_merge_round_trip_gives_adapter_logits(run, tmp_path, dtype):
+    out = tmp_path / "merged"
+    assert export(run, "--merge", "--dtype", dtype, "--out", out)[0] == 0
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "README.md"} <= \
+        {p.name for p in out.iterdir()}
+    assert not (out / "adapter_config.json").exists()
+
+    batch = probe(run)
+    reference = logits(load_model(base_path(run), adapter=run / "sft"), batch)
+    merged = load_model(out, dtype="auto")
+    assert merged.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    error = float((logits(merged, batch) - reference).norm() / reference.norm())
+    assert error < {"fp32": 1e-5, "bf16": 0.05}[dtype], error
+    base_only = logits(load_model(base_path(run)), batch)
+    assert float((base_only - reference).norm() / reference.norm()) > 10 * error, "the probe sees the adapter"
+
+    # tied embeddings stay tied: one shared tensor in memory, no separate lm_head in the file
+    assert merged.config.tie_word_embeddings
+    assert merged.get_output_embeddings().weight.data_ptr() == merged.get_input_embeddings().weight.data_ptr()
+    with safe_open(out / "model.safetensors", "pt") as weights:
+        assert "lm_head.weight" not in weights.keys() and "model.embed_tokens.weight" in weights.keys()
+    checks = json.loads((out / "export.json").read_text())["verification"]
+    assert checks["tied_embeddings"] and checks["logits_relative_error"] <= checks["tolerance"]
+
+    card = (out / "README.md").read_text()
+    assert yaml.safe_load(card.split("---")[1])["library_name"] == "transformers"
+    assert run_snippet(out / "README.md", {}).endswith("\n")
+
+
+def test_failed_verification_writes_nothing(run, tmp_path, monkeypatch):
+    from peft.tuners.tuners_utils import BaseTuner
+
+    # a "merge" that drops the adapter instead of merging it: the round-trip check must catch it
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", lambda self, *a, **k: self.unload())
+    with pytest.raises(RuntimeError, match="do not reproduce adapter-on-base"):
+        export(run, "--merge", "--out", tmp_path / "merged")
+    assert list(tmp_path.iterdir()) == [], "neither the folder nor its temporary sibling remains"
+
+
+# ---------------------------------------------------------------------------------------------------------- the card
+def test_card_embeds_the_runs_real_metrics_recipe_and_lineage(run, tmp_path):
+    assert export(run, "--out", tmp_path / "out")[0] == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["library_name"] == "peft" and metadata["license"] == "apache-2.0"
+    assert {"posttrain", "sft", "lora"} <= set(metadata["tags"]) and metadata["pipeline_tag"] == "text-generation"
+    assert "base_model" not in metadata, "tiny:llama is not a Hub id, so it is not Hub metadata"
+
+    base = json.loads((run / "base" / "metrics.json").read_text())["eval"]
+    sft = json.loads((run / "sft" / "metrics.json").read_text())
+    for evaluation in (base, sft["eval"]):
+        assert f"{evaluation['accuracy']:.1%}" in card and f"{evaluation['heldout_loss']:.4f}" in card
+        assert f"{evaluation['stop_rate']:.1%}" in card
+    assert f"| base | {base['accuracy']:.1%} |" in card and f"| sft | {sft['eval']['accuracy']:.1%} |" in card
+    assert f"{sft['train']['train_loss']:.4f}" in card and f"| sft | {sft['train']['global_step']} |" in card
+    lineage = json.loads((run / "sft" / "lineage.json").read_text())
+    assert lineage["inputs_hash"] in card and lineage["versions"]["trl"] in card
+    assert lineage["datasets"]["dataset_name"]["fingerprint"][:16] in card
+    recipe = Path(lineage["recipe"]).read_text()
+    assert recipe.strip() in card and "changed since the run" not in card
+    assert str(run.resolve()) not in card, "machine paths are shown as {run}"
+
+
+# ---------------------------------------------------------------------------------------------------------- errors
+def test_unfinished_or_unknown_stage_is_named(run, tmp_path, capsys):
+    code, out = export(run, "--stage", "dpo", "--out", tmp_path / "x", capsys=capsys)
+    assert code == 2 and "'dpo'" in out and "finished: base, sft" in out
+    code, out = export(run, "--stage", "base", "--out", tmp_path / "x", capsys=capsys)
+    assert code == 2 and "export a trained stage (sft)" in out
+    assert not (tmp_path / "x").exists()
+
+
+def test_existing_folder_is_refused_unless_overwrite(run, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, printed = export(run, "--out", out, capsys=capsys)
+    assert code == 2 and "already exists" in printed and "--overwrite" in printed
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert export(run, "--out", out, "--overwrite")[0] == 0
+    assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"], "no temporary or old folder left behind"
+
+
+# ---------------------------------------------------------------------------------------------------------- the Hub
+def test_push_assembles_the_upload_without_showing_the_token(run, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+
+    calls = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create_repo", repo_id, kw)))
+    monkeypatch.setattr(HfApi, "create_branch", lambda self, repo_id, **kw: calls.append(("create_branch", repo_id, kw)))
+
+    def upload_folder(self, **kw):
+        calls.append(("upload_folder", kw["repo_id"], kw))
+        assert self.token == FAKE_TOKEN
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{kw['repo_id']}/commit/abc")
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    out = tmp_path / "out"
+    code, printed = export(run, "--out", out, "--push-to-hub", "me/tiny-sft", "--private", "--revision", "exp-1",
+                           capsys=capsys)
+    assert code == 0, printed
+    assert [c[0] for c in calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert calls[0][1] == "me/tiny-sft" and calls[0][2]["private"] is True and calls[0][2]["exist_ok"] is True
+    assert calls[1][2]["branch"] == "exp-1"
+    upload = calls[2][2]
+    assert upload["revision"] == "exp-1" and Path(upload["folder_path"]) == out
+    assert "https://huggingface.co/me/tiny-sft/commit/abc" in printed
+    assert 'PeftModel.from_pretrained(base, "me/tiny-sft")' in (out / "README.md").read_text()
+    assert FAKE_TOKEN not in printed + capsys.readouterr().err
+    assert not any(FAKE_TOKEN in p.read_bytes().decode(errors="ignore") for p in out.iterdir())
+
+
+def test_push_without_token_fails_before_exporting(run, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    code, printed = export(run, "--out", tmp_path / "out", "--push-to-hub", "me/tiny-sft", capsys=capsys)
+    assert code == 2 and "no Hugging Face token" in printed and "HF_TOKEN" in printed
+    assert not (tmp_path / "out").exists()
+
+
+def test_push_offline_fails_fast_before_exporting(run, tmp_path):
+    result = posttrain("export", run, "--out", tmp_path / "out", "--push-to-hub", "me/tiny-sft", cwd=tmp_path,
+                       env={"HF_HUB_OFFLINE": "1", "HF_TOKEN": FAKE_TOKEN}, check=False, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "HF_HUB_OFFLINE=1" in result.stdout and "Traceback" not in result.stdout + result.stderr
+    assert FAKE_TOKEN not in result.stdout + result.stderr
+    assert not (tmp_path / "out").exists()
