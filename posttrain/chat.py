@@ -102,10 +102,10 @@ def load_stage(run: str, stage: str | None, dtype: str | None = None):
     """The stage's model (base + adapter) on the best device, its tokenizer, and the StageRef."""
     import torch
 
-    from .export import resolve_stage
     from .models import load_model, load_tokenizer
+    from .runs import stage_ref
 
-    ref = resolve_stage(run, stage)
+    ref = stage_ref(run, stage)
     cuda = torch.cuda.is_available()
     dtype = dtype or ("bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32")
     model = load_model(ref.base_model, adapter=ref.adapter, dtype=dtype,

@@ -2,7 +2,10 @@
 
     posttrain run [RECIPE] [section.key=value ...]   # default recipe: recipes/text/smollm2-135m.yaml
     posttrain eval outputs/<run> [--stage sft]
+    posttrain report outputs/<run> [--compare outputs/<other> ...]
     posttrain data build_verifiable_tasks --out data/verifiable
+    posttrain export outputs/<run> [--stage dpo] [--merge] [--push-to-hub ORG/NAME]
+    posttrain chat outputs/<run> [--stage sft] [--thinking on|off]
     posttrain doctor
 
 User mistakes (a missing file, a bad key, an unreachable model) print one paragraph and exit with code 2; a
@@ -61,6 +64,14 @@ def cmd_eval(args) -> int:
     return code
 
 
+def cmd_report(args) -> int:
+    from .report import build_report
+
+    path = build_report(args.run, args.compare)
+    console.print(f"report: {path}\n        {path.with_suffix('.md')} (+ {path.parent / 'report_files'}/)")
+    return 0
+
+
 def cmd_data(args) -> int:
     from .datajobs import list_jobs, load_job
 
@@ -74,6 +85,22 @@ def cmd_doctor(args) -> int:
     from .doctor import run_doctor
 
     return run_doctor()
+
+
+def cmd_export(args) -> int:
+    from .export import ExportRequest, run_export
+
+    run_export(ExportRequest(run=args.run, stage=args.stage, merge=args.merge, dtype=args.dtype, out=args.out,
+                             overwrite=args.overwrite, license=args.license, push_to_hub=args.push_to_hub,
+                             private=args.private, revision=args.revision))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .chat import run_chat
+
+    run_chat(args.run, args.stage, args.thinking, args.max_new_tokens)
+    return 0
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -104,6 +131,11 @@ def make_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="write the metrics JSON to this file")
     ev.set_defaults(func=cmd_eval)
 
+    report = sub.add_parser("report", help="(re)build a run's report.html and report.md, finished or not")
+    report.add_argument("run", help="run folder, e.g. outputs/smollm2-135m")
+    report.add_argument("--compare", nargs="+", metavar="RUN", help="other run folders to compare with (ablation)")
+    report.set_defaults(func=cmd_report)
+
     data = sub.add_parser("data", help="build datasets with data_prep jobs ('posttrain data list' lists them)",
                           add_help=False)
     data.add_argument("job", nargs="?", help="job name, 'validate', or 'list'")
@@ -112,6 +144,27 @@ def make_parser() -> argparse.ArgumentParser:
 
     doctor = sub.add_parser("doctor", help="check versions, devices, offline mode and the default model")
     doctor.set_defaults(func=cmd_doctor)
+
+    export = sub.add_parser("export", help="write a stage as a shareable folder (adapter or merged) with a model card")
+    export.add_argument("run", help="run folder, e.g. outputs/smollm2-135m")
+    export.add_argument("--stage", help="stage to export (default: the last finished one)")
+    export.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
+    export.add_argument("--dtype", help="merged weights dtype: bf16, fp16 or fp32 (default: the base model's)")
+    export.add_argument("--out", help="output folder (default: RUN/exports/<stage>[-merged])")
+    export.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    export.add_argument("--license", help="license for the card's metadata (default: the base model's, if known)")
+    export.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hub model repo")
+    export.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    export.add_argument("--revision", metavar="BRANCH", help="push to this branch (created if missing)")
+    export.set_defaults(func=cmd_export)
+
+    chat = sub.add_parser("chat", help="chat in the terminal with a run's stage (/reset, /exit)")
+    chat.add_argument("run", help="run folder, e.g. outputs/smollm2-135m")
+    chat.add_argument("--stage", help="stage to chat with (default: the last finished one; 'base' for the base model)")
+    chat.add_argument("--thinking", choices=["on", "off"], help="thinking mode via the chat template's enable_thinking "
+                      "(default: the template's own default)")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.set_defaults(func=cmd_chat)
     return parser
 
 

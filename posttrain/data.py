@@ -57,7 +57,9 @@ def _load_hub(repo_id: str, split: str, dataset_config: str | None):
         return load_dataset(repo_id, dataset_config, split=split)
     except Exception as exc:  # datasets raises several types here; the advice is the same
         hint = " (offline mode is on and it is not in the local cache)" if offline else ""
-        raise UserError(f"could not load dataset '{repo_id}' split '{split}' from the Hugging Face Hub{hint}: {exc}")
+        raise UserError(
+            f"could not load dataset '{repo_id}' split '{split}' from the Hugging Face Hub{hint}: {exc}"
+        ) from exc
 
 
 def render_prompt(tokenizer, messages: list[dict], thinking: bool | None = None) -> str:

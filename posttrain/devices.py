@@ -3,7 +3,6 @@
 import shutil
 
 
-
 def has_cuda() -> bool:
     try:
         import torch

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .console import console
 from .errors import UserError
+from .runs import stage_ref
 
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
           "fp16": "float16", "float16": "float16"}
@@ -58,7 +59,7 @@ def run_export(request: ExportRequest) -> Path:
     from .model_card import write_card
 
     token = hub_token(request.push_to_hub) if request.push_to_hub else None  # before any export work
-    ref = resolve_stage(request.run, request.stage)
+    ref = stage_ref(request.run, request.stage)
     if ref.stage == "base":
         raise UserError(f"{ref.run}: 'base' is the unmodified base model; export a trained stage "
                         f"({', '.join(_trained(ref.run)) or 'none finished yet'})")
@@ -94,19 +95,6 @@ def run_export(request: ExportRequest) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------- the stage
-def resolve_stage(run: str | Path, stage: str | None):
-    """`runs.stage_ref`, plus a clearer message for a name that is not a stage of this run at all."""
-    from .runs import finished_stages, stage_ref
-
-    run = Path(run)
-    if stage and (run / "run.json").is_file():
-        order = json.loads((run / "run.json").read_text()).get("order") or []
-        if order and stage not in order:
-            raise UserError(f"{run}: '{stage}' is not a stage of this run (stages: {', '.join(order)}; finished: "
-                            f"{', '.join(finished_stages(run)) or 'none'})")
-    return stage_ref(run, stage)
-
-
 def _trained(run: Path) -> list[str]:
     from .runs import finished_stages
 

@@ -95,19 +95,17 @@ def _read(folder: Path) -> dict:
 
 
 def _recipe(run: Path, lineage: dict) -> dict:
-    """The recipe file's text and `base:` section, and whether it is still the one the stage ran with."""
-    path = Path(lineage.get("recipe") or json.loads((run / "run.json").read_text()).get("recipe") or "")
+    """The recipe the run used (`outputs/<run>/recipe.yaml`: the file with command-line overrides applied), its
+    `base:` section, and whether the stage ran with exactly it (a later run with other overrides rewrites it)."""
+    from .recipe import fingerprint
+
+    path = run / "recipe.yaml"
     if not path.is_file():
         return {"path": str(path), "text": None, "base": {}, "same": False}
-    from .errors import UserError
-    from .recipe import load_recipe
-
     text = path.read_text()
-    try:
-        same = load_recipe(path).fingerprint() == lineage.get("recipe_fingerprint")
-    except UserError:
-        same = False
-    return {"path": str(path), "text": text, "base": (yaml.safe_load(text) or {}).get("base") or {}, "same": same}
+    raw = yaml.safe_load(text) or {}
+    return {"path": lineage.get("recipe") or str(path), "text": text, "base": raw.get("base") or {},
+            "same": fingerprint(raw) == lineage.get("recipe_fingerprint")}
 
 
 def default_license(base: str, base_section: dict) -> str:
@@ -240,10 +238,9 @@ def _training(run: Path, chain: list[str], info: dict, base: str) -> str:
 
 def _recipe_section(recipe: dict) -> str:
     if not recipe["text"]:
-        return f"## Recipe\n\nThe recipe file `{recipe['path']}` is no longer available; the resolved arguments " \
-               "above are what ran."
-    note = ("" if recipe["same"] else "\n\n> This file changed since the run, or the run used command-line "
-            "overrides: the resolved arguments above are exactly what ran.")
+        return "## Recipe\n\nThe run folder holds no recipe.yaml; the resolved arguments above are what ran."
+    note = ("" if recipe["same"] else "\n\n> A later run of this folder used other overrides: the resolved "
+            "arguments above are exactly what this stage ran with.")
     return f"## Recipe\n\n`{Path(recipe['path']).name}`:{note}\n\n```yaml\n{recipe['text'].rstrip()}\n```"
 
 

@@ -33,7 +33,7 @@ _TINY_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, 
 
 
 def _tiny_config(arch: str, vocab_size: int, special: dict):
-    from transformers import Ernie4_5Config, Ernie4_5_MoeConfig, LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import Ernie4_5_MoeConfig, Ernie4_5Config, LlamaConfig, Qwen2Config, Qwen3Config
 
     builders = {
         "llama": lambda: LlamaConfig(**_TINY_COMMON, head_dim=16),
@@ -144,15 +144,27 @@ def resolve_model(model_name_or_path: str, revision: str = "main", gguf_file: st
                   gguf_package: str | None = None) -> Path:
     """Return a local folder holding the model, building or converting it into the cache when needed.
 
-    - `tiny:<arch>`: a tiny random-weight model (see `TINY_ARCHS`), built once.
+    - `tiny:<arch>`: a tiny random-weight model (see `TINY_ARCHS`, and `vision.TINY_VLMS`), built once.
+    - `llava:<model>`: LLaVA around the causal LM `<model>` (resolved with the other arguments) with a small fresh
+      vision tower (`vision.build_llava`), built once.
     - `gguf_file` (optionally inside the installed package `gguf_package`): converted once from GGUF.
     - a local folder: used as is.
     - a Hub id: the cached snapshot; offline and not cached is an immediate, explicit error.
     """
     if model_name_or_path.startswith("tiny:"):
+        from . import vision
+
         arch = model_name_or_path.split(":", 1)[1]
         out = cache_dir() / "models" / f"tiny-{arch}"
-        return out if (out / "config.json").is_file() else build_tiny_model(arch, out)
+        build = vision.build_tiny_vlm if arch in vision.TINY_VLMS else build_tiny_model
+        return out if (out / "config.json").is_file() else build(arch, out)
+    if model_name_or_path.startswith("llava:"):
+        from . import vision
+
+        language_model = resolve_model(model_name_or_path.split(":", 1)[1], revision, gguf_file, gguf_package)
+        key = hashlib.sha256(f"{language_model.resolve()}:{vision.LLAVA_VISION}".encode()).hexdigest()[:10]
+        out = cache_dir() / "models" / f"llava-{language_model.name}-{key}"
+        return out if (out / "config.json").is_file() else vision.build_llava(language_model, out)
     if gguf_file:
         gguf_path = find_gguf(gguf_file, gguf_package)
         stat = gguf_path.stat()
@@ -214,9 +226,19 @@ def load_tokenizer(path: str | Path, chat_template: str | None = None, trust_rem
     """
     from transformers import AutoTokenizer
 
+    from . import vision
+
+    if vision.is_vision_model(path) or (Path(path) / "processor_config.json").is_file():
+        processor = vision.load_processor(path, chat_template, trust_remote_code)
+        _pad_token(processor.tokenizer)
+        return processor
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if chat_template:
         tokenizer.chat_template = chat_template_text(chat_template)
+    return _pad_token(tokenizer)
+
+
+def _pad_token(tokenizer):
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         vocab = tokenizer.get_vocab()
         for candidate in ("<|endoftext|>", "<|pad|>", "<pad>", "<|finetune_right_pad_id|>", "[PAD]"):
@@ -228,11 +250,15 @@ def load_tokenizer(path: str | Path, chat_template: str | None = None, trust_rem
 
 def load_model(path: str | Path, adapter: str | Path | None = None, dtype: str = "float32",
                trust_remote_code: bool = False, adapter_name: str = "default", is_trainable: bool = False):
-    """Base model from a local folder, with the LoRA adapter at `adapter` on top when given."""
+    """Base model from a local folder (a VLM with its image-text-to-text class), with the LoRA adapter at `adapter` on
+    top when given."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    model = AutoModelForCausalLM.from_pretrained(
+    from .vision import is_vision_model
+
+    auto_class = AutoModelForImageTextToText if is_vision_model(path) else AutoModelForCausalLM
+    model = auto_class.from_pretrained(
         path, dtype=getattr(torch, dtype) if dtype not in (None, "auto") else "auto", trust_remote_code=trust_remote_code
     )
     if adapter is not None:

@@ -44,6 +44,7 @@ class Pipeline:
         self.num_processes = num_processes
         self.state_path = self.root / "run.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+        self.base_model: Path | None = None  # resolved at the start of run()
 
     # ------------------------------------------------------------------------------------------------ bookkeeping
     def _record(self, step: str, **info) -> None:
@@ -62,11 +63,25 @@ class Pipeline:
         """`{data}` and `{run}` in string values point into this run's folder, `{base}` to the base model folder."""
         if isinstance(value, str):
             value = value.replace("{data}", str(self.root / "data")).replace("{run}", str(self.root))
-            return value.replace("{base}", str(getattr(self, "base_model", "{base}")))
+            return value.replace("{base}", str(self.base_model) if self.base_model else "{base}")
         if isinstance(value, list):
             return [self.substitute(v) for v in value]
         if isinstance(value, dict):
             return {k: self.substitute(v) for k, v in value.items()}
+        return value
+
+    def local_paths(self, value):
+        """Relative paths in data-job arguments, found from the working directory, the recipe's folder or the
+        repository (e.g. data_prep/sources/chitchat.jsonl), made absolute so the job finds them from anywhere."""
+        from .recipe import resolve_relative
+
+        if isinstance(value, str) and not Path(value).is_absolute() and "/" in value:
+            found = resolve_relative(value, self.recipe.path)
+            return str(found) if found.is_absolute() and found.exists() else value
+        if isinstance(value, list):
+            return [self.local_paths(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self.local_paths(v) for k, v in value.items()}
         return value
 
     # ------------------------------------------------------------------------------------------------ steps
@@ -76,20 +91,29 @@ class Pipeline:
             if name and name not in order:
                 raise UserError(f"stage '{name}' is not in recipe {self.recipe.path} (stages: {', '.join(order)})")
         self.root.mkdir(parents=True, exist_ok=True)
+        # the recipe as run (command-line overrides applied): what the report and model cards show
+        (self.root / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.raw, sort_keys=False))
         self._record("run", started=time.strftime("%Y-%m-%d %H:%M:%S"), status="running")
-        self.build_data(after=None)
-        base_model = self.prepare_base()
-        selected = {only} if only else set(order[order.index(start):]) if start else set(order)
-        previous = None
-        for stage in order[:max(order.index(s) for s in selected) + 1]:
-            if stage in selected:
-                self.run_stage(stage, base_model, previous, force=bool(only or start))
-            elif not (self.root / stage / "lineage.json").is_file():
-                raise UserError(f"stage '{stage}' comes before the ones asked for and has not finished; run it first")
-            self.build_data(after=stage)
-            previous = stage
-        self._record("run", status="done", finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-        self.print_summary()
+        try:
+            self.resolve_base()
+            self.build_data(after=None)
+            self.evaluate_base()
+            selected = {only} if only else set(order[order.index(start):]) if start else set(order)
+            previous = None
+            for stage in order[:max(order.index(s) for s in selected) + 1]:
+                if stage in selected:
+                    self.run_stage(stage, previous, force=bool(only or start))
+                elif not (self.root / stage / "lineage.json").is_file():
+                    raise UserError(f"stage '{stage}' comes before the ones asked for and has not finished; "
+                                    "run it first")
+                self.build_data(after=stage)
+                previous = stage
+            self._record("run", status="done", finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+            self.print_summary()
+        finally:  # a report also for a failed or interrupted run: it shows what finished and what broke
+            from .report import try_build_report
+
+            try_build_report(self.root)
         return self.state
 
     def build_data(self, after: str | None) -> None:
@@ -100,7 +124,7 @@ class Pipeline:
         for name, spec in self.recipe.data.items():
             if spec.get("after") != after:
                 continue
-            args = self.substitute({k: v for k, v in spec.items() if k not in ("job", "after")})
+            args = self.local_paths(self.substitute({k: v for k, v in spec.items() if k not in ("job", "after")}))
             upstream = json.loads((self.root / after / "lineage.json").read_text())["inputs_hash"] if after else None
             digest = _hash({"job": spec["job"], "args": args, "after": upstream})
             out, stamp = self.data_path(name), self.data_path(name).with_suffix(".inputs")
@@ -113,32 +137,36 @@ class Pipeline:
             stamp.write_text(digest)
             self._record(f"data/{name}", status="done", wall_time_s=round(time.time() - started, 1))
 
-    def prepare_base(self) -> Path:
-        """Resolve the base model to a folder, save the tokenizer with the recipe's template, evaluate the base."""
+    def resolve_base(self) -> None:
+        """The base model as a local folder, and its tokenizer with the recipe's chat template in base/tokenizer."""
         from .models import load_tokenizer, resolve_model
 
         base = self.recipe.base
         console.rule("base model")
         with console.status(f"resolving {base.model_name_or_path}…"):
-            model_path = resolve_model(base.model_name_or_path, base.model_revision, base.gguf_file, base.gguf_package)
+            self.base_model = resolve_model(base.model_name_or_path, base.model_revision, base.gguf_file,
+                                            base.gguf_package)
+        tokenizer = load_tokenizer(self.base_model, base.chat_template, base.trust_remote_code)
+        tokenizer.save_pretrained(self.root / "base" / "tokenizer")
+        self.template = tokenizer.chat_template
+
+    def evaluate_base(self) -> None:
+        """Held-out metrics of the base model (skipped when its inputs did not change)."""
         out = self.root / "base"
-        tokenizer = load_tokenizer(model_path, base.chat_template, base.trust_remote_code)
-        tokenizer.save_pretrained(out / "tokenizer")
-        self.base_model = model_path
-        self.base_hash = _hash({"model": lineage.model_fingerprint(model_path), "template": tokenizer.chat_template,
+        self.base_hash = _hash({"model": lineage.model_fingerprint(self.base_model), "template": self.template,
                                 "eval": self.eval_inputs()})
         if self._up_to_date(out, self.base_hash):
-            return model_path
+            return
         started = time.time()
-        evaluation = self.evaluate_base(model_path, out) if self.recipe.eval.dataset else None
+        evaluation = self.run_base_eval(self.base_model, out) if self.recipe.eval.dataset else None
         (out / "metrics.json").write_text(json.dumps({"stage": "base", "status": "done", "eval": evaluation,
                                                       "wall_time_s": round(time.time() - started, 1)}, indent=2))
         (out / "lineage.json").write_text(json.dumps({"stage": "base", "inputs_hash": self.base_hash,
-                                                      "base_model": str(model_path), **lineage.environment()}, indent=2))
+                                                      "base_model": str(self.base_model), **lineage.environment()},
+                                                     indent=2))
         self._record("base", status="done", wall_time_s=round(time.time() - started, 1))
-        return model_path
 
-    def evaluate_base(self, model_path: Path, out: Path) -> dict:
+    def run_base_eval(self, model_path: Path, out: Path) -> dict:
         """The base model's held-out metrics, computed in a child process like every stage."""
         ev = self.recipe.eval
         result = out / "eval.json"
@@ -161,12 +189,12 @@ class Pipeline:
         return {"dataset": lineage.dataset_fingerprint(self.substitute(ev.dataset)), "split": ev.split,
                 "limit": ev.limit, "max_new_tokens": ev.max_new_tokens}
 
-    def stage_args(self, stage: str, base_model: Path, previous: str | None) -> dict:
+    def stage_args(self, stage: str, previous: str | None) -> dict:
         from .devices import device_defaults
 
         ev, base = self.recipe.eval, self.recipe.base
         args = {**device_defaults(self.recipe.stages[stage]), **self.substitute(self.recipe.stages[stage])}
-        args.update(model_name_or_path=str(base_model), tokenizer_name_or_path=str(self.root / "base" / "tokenizer"),
+        args.update(model_name_or_path=str(self.base_model), tokenizer_name_or_path=str(self.root / "base" / "tokenizer"),
                     trust_remote_code=base.trust_remote_code, output_dir=str(self.root / f".{stage}.partial"))
         if previous:
             args["adapter_path"] = str(self.root / previous)
@@ -186,8 +214,8 @@ class Pipeline:
         path = folder / "lineage.json"
         return path.is_file() and json.loads(path.read_text()).get("inputs_hash") == digest
 
-    def run_stage(self, stage: str, base_model: Path, previous: str | None, force: bool = False) -> None:
-        args = self.stage_args(stage, base_model, previous)
+    def run_stage(self, stage: str, previous: str | None, force: bool = False) -> None:
+        args = self.stage_args(stage, previous)
         digest = self.stage_hash(stage, args, previous)
         final, partial = self.root / stage, self.root / f".{stage}.partial"
         if not force and self._up_to_date(final, digest):
@@ -226,6 +254,7 @@ class Pipeline:
     def _spawn(self, cmd: list[str], log_path: Path, step: str) -> None:
         """Run a child process, streaming its output to the terminal and to `log_path`; failures become UserError."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        started = time.time()
         with open(log_path, "ab") as log:
             process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
             for chunk in iter(lambda: process.stdout.read1(4096), b""):
@@ -235,7 +264,7 @@ class Pipeline:
             code = process.wait()
         if code != 0:
             tail = log_path.read_text(errors="replace").splitlines()[-25:]
-            self._record(step, status="failed", error="\n".join(tail))
+            self._record(step, status="failed", error="\n".join(tail), wall_time_s=round(time.time() - started, 1))
             self._record("run", status="failed")
             raise UserError(f"step '{step}' failed (exit code {code}). Its log is {log_path}; last lines:\n"
                             + "\n".join(tail[-8:]) + "\nFix the cause and run the same command again: finished "

@@ -119,7 +119,12 @@ class Recipe:
     raw: dict
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return fingerprint(self.raw)
+
+
+def fingerprint(raw: dict) -> str:
+    """Short hash of a recipe's content (after overrides), recorded in each stage's lineage."""
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def default_recipe_path() -> Path:

@@ -34,6 +34,10 @@ def stage_ref(run: str | Path, stage: str | None = None) -> StageRef:
     if not (run / "run.json").is_file():
         raise UserError(f"{run} is not a posttrain run folder (no run.json); expected outputs/<run name>")
     done = finished_stages(run)
+    order = json.loads((run / "run.json").read_text()).get("order") or []
+    if stage and order and stage not in order:
+        raise UserError(f"{run}: '{stage}' is not a stage of this run (stages: {', '.join(order)}; finished: "
+                        f"{', '.join(done) or 'none'})")
     if not done:
         raise UserError(f"{run}: no finished stage yet")
     stage = stage or done[-1]

@@ -37,8 +37,8 @@ def sft_adapter(tiny_model_path, task_data, sft_configs, tmp_path_factory):
 
 
 def test_dpo_continues_sft_adapter_with_frozen_reference(tiny_model_path, sft_adapter, tmp_path):
-    from trl import DPOConfig, ModelConfig
     from safetensors.torch import load_file
+    from trl import DPOConfig, ModelConfig
 
     path = tiny_model_path("llama")
     data = pairs_dir(tmp_path)

@@ -47,7 +47,7 @@ def curriculum(dataset, stage_args, phases: list[dict], seed: int):
             source = load_split(phase["dataset_name"], phase.get("split", stage_args.dataset_train_split))
         if phase.get("domains"):
             wanted = set(phase["domains"])
-            source = source.filter(lambda row: row["domain"] in wanted)
+            source = source.filter(lambda row, wanted=wanted: row["domain"] in wanted)
         if len(source) == 0:
             raise UserError(f"upo phases[{index}]: no prompts match {phase}")
         source = source.shuffle(seed=seed + index)

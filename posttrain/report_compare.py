@@ -1,0 +1,116 @@
+"""Comparing runs (an ablation over λ, β, online vs offline…): true held-out accuracy against the proxy reward.
+
+A policy can raise the reward it is trained on without getting more answers right (reward hacking, or a verifier
+that is too lenient); showing the two side by side, per run, is how an ablation is read. Both numbers come from the
+runs' own metrics.json: accuracy from the last evaluated stage, the proxy from that stage's training logs.
+
+A run folder lists the runs it is compared with in run.json (`"ablation": {"runs": ["../other-run", ...]}`, paths
+relative to the run folder or absolute), or the caller passes them (`posttrain report RUN --compare OTHER ...`).
+"""
+
+import re
+from pathlib import Path
+
+from . import report_plots as plots
+from .report_doc import Cell, Image, Para, Table
+from .report_inputs import PATH_KEYS
+from .report_run import load_run
+from .report_sections import NOT_MEASURED, fmt, heading, num_cell
+
+PROXY_KEYS = ("reward", "rewards/accuracies")  # GRPO/UPO training reward; DPO's implicit-reward accuracy
+RAW_DOMAIN_REWARD = r"upo/reward(?:_mean)?/[^/]+(?:/mean)?"
+PROXY_WINDOW = 5  # the proxy is the mean of the last logged steps: one step is too noisy to compare runs by
+NOT_SETTINGS = PATH_KEYS | {"dataset_name", "eval_dataset", "upo_offline_dataset", "logging_steps", "save_steps",
+                            "save_strategy", "save_total_limit", "report_to"}
+
+
+def ablation_runs(root: Path, state: dict) -> list[Path]:
+    """The other runs a run's run.json says it is compared with."""
+    listed = state.get("ablation") or []
+    listed = listed.get("runs", []) if isinstance(listed, dict) else listed
+    paths = [p if p.is_absolute() else (root / p) for p in map(Path, listed)]
+    return [p for p in paths if (p / "run.json").is_file()]  # a deleted sibling run must not break the report
+
+
+def proxy_reward(log_history: list[dict], normalized: bool = False) -> tuple[str, float, int] | None:
+    """(what was measured, its mean over the last PROXY_WINDOW training logs, how many), or None if never logged.
+
+    With `normalize_rewards_by` (`normalized`), TRL's `reward` is standardised per group (its mean is ~0 by
+    construction), so the raw per-domain means UPO logs (`upo/reward/<domain>/mean`) are used, averaged over
+    domains."""
+    found = [p for p in (_step_proxy(e, normalized) for e in log_history) if p]
+    if not found:
+        return None
+    label = found[-1][0]
+    window = [v for name, v in found if name == label][-PROXY_WINDOW:]
+    return label, sum(window) / len(window), len(window)
+
+
+def _step_proxy(entry: dict, normalized: bool) -> tuple[str, float] | None:
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+    raw = [v for k, v in entry.items() if re.fullmatch(RAW_DOMAIN_REWARD, k) and number(v)] if normalized else []
+    if raw:
+        return "raw reward, mean over domains", sum(raw) / len(raw)
+    return next(((f"`{k}`", float(entry[k])) for k in PROXY_KEYS if number(entry.get(k))), None)
+
+
+def comparison_rows(runs: list[Path]) -> list[dict]:
+    """One row per run: its last evaluated stage, accuracy there and at base, proxy reward, resolved settings."""
+    rows = []
+    for root in runs:
+        run = load_run(root)
+        evaluated = [s for s in run.trained if s.eval]
+        final = evaluated[-1] if evaluated else (run.trained[-1] if run.trained else None)
+        base = run.stage("base")
+        proxy = None
+        for stage in reversed(run.trained):  # the last trained stage that logged a proxy
+            proxy = proxy_reward(stage.log_history, bool(stage.resolved.get("normalize_rewards_by")))
+            if proxy:
+                proxy = (*proxy, stage.name)
+                break
+        rows.append({
+            "run": run.name, "root": Path(root), "stage": final.name if final else None,
+            "status": final.status if final else "not started",
+            "accuracy": (final.eval or {}).get("accuracy") if final else None,
+            "base_accuracy": (base.eval or {}).get("accuracy") if base and base.eval else None,
+            "proxy": proxy, "settings": dict(final.resolved) if final else {},
+        })
+    return rows
+
+
+def varied_settings(rows: list[dict]) -> list[str]:
+    """Resolved arguments whose values differ between the runs (what the ablation varied), UPO's first."""
+    keys = {k for r in rows for k in r["settings"] if k not in NOT_SETTINGS}
+    varied = [k for k in keys if len({repr(r["settings"].get(k)) for r in rows}) > 1]
+    return sorted(varied, key=lambda k: (not k.startswith("upo_"), k != "beta", k))
+
+
+def comparison(runs: list[Path]) -> list:
+    """The ablation section: a table of true accuracy vs proxy reward per run, and their scatter plot."""
+    rows = comparison_rows(runs)
+    settings = varied_settings(rows)
+    table = []
+    for r in rows:
+        proxy = r["proxy"]
+        delta = (f"{(r['accuracy'] - r['base_accuracy']) * 100:+.1f} pts"
+                 if r["accuracy"] is not None and r["base_accuracy"] is not None else "not measured")
+        table.append([f"**{r['run']}**", r["stage"] or NOT_MEASURED] +
+                     [Cell(fmt(r["settings"].get(k)) if k in r["settings"] else "—", "mono") for k in settings] +
+                     [num_cell(r["accuracy"], "rate"), Cell(delta, "num" if "pts" in delta else "missing"),
+                      Cell(f"{proxy[1]:.3g}", "num") if proxy else NOT_MEASURED,
+                      f"{proxy[0]} of {proxy[3]}, last {proxy[2]} logs" if proxy else ""])
+    header = ["run", "evaluated stage"] + [f"`{k}`" for k in settings] + [
+        "held-out accuracy", "vs base", "proxy reward", "proxy measured as"]
+    blocks = [heading("Ablation"),
+              Para("True accuracy is the verifier on held-out prompts after the run's last evaluated stage; the proxy "
+                   "is the reward the stage optimised, averaged over its last logged training steps. A proxy that "
+                   "rises while accuracy does not is the signature of reward hacking."),
+              Table(header, table, "Setting columns: the resolved arguments that differ between these runs.")]
+    points = [(r["run"], r["proxy"][1], r["accuracy"]) for r in rows if r["proxy"] and r["accuracy"] is not None]
+    figure = plots.proxy_vs_true(points)
+    if figure:
+        blocks.append(Image("ablation_proxy_vs_true.png", figure, "proxy reward vs held-out accuracy",
+                            "Runs without both numbers are left out of the plot (see the table)."))
+    return blocks

@@ -1,0 +1,172 @@
+"""Reading a run folder for the report, finished or not: every step's status, metrics, lineage, error and data cards.
+
+Nothing here computes a metric: every number the report shows is read from a file the run wrote. A stage that is
+still running (or was killed) may have logged curves in a Trainer checkpoint of `.<stage>.partial/`; those are shown
+and labelled as such. Later stages add keys to these files, so every read tolerates missing ones.
+"""
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+DEFAULT_ORDER = ["base", "sft", "dpo", "upo"]
+
+
+@dataclass
+class StageView:
+    """What the run folder says about one step (`base` or a stage).
+
+    status (`str`): `done`, `failed`, `running` (or killed while running), `not started`.
+    log_history (`list[dict]`): TRL's logs, from metrics.json or, for an unfinished stage, its last checkpoint.
+    curves_from (`str`): where `log_history` came from (`metrics.json` or `checkpoint-N (unfinished)`).
+    """
+
+    name: str
+    status: str = "not started"
+    step: dict = field(default_factory=dict)  # run.json's entry
+    metrics: dict = field(default_factory=dict)
+    lineage: dict = field(default_factory=dict)
+    resolved: dict = field(default_factory=dict)
+    resolved_text: str = ""
+    folder: Path | None = None
+    log_history: list = field(default_factory=list)
+    curves_from: str = ""
+    error: str = ""
+    error_cause: str = ""
+    log_path: Path | None = None
+
+    @property
+    def eval(self) -> dict | None:
+        return self.metrics.get("eval") or None
+
+    @property
+    def wall_time_s(self) -> float | None:
+        return self.metrics.get("wall_time_s", self.step.get("wall_time_s"))
+
+
+@dataclass
+class RunView:
+    root: Path
+    name: str
+    state: dict
+    stages: list[StageView]
+    cards: dict[str, dict]  # data/<name>/card.json by name
+
+    def stage(self, name: str) -> StageView | None:
+        return next((s for s in self.stages if s.name == name), None)
+
+    @property
+    def trained(self) -> list[StageView]:
+        return [s for s in self.stages if s.name != "base"]
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+
+
+def load_run(root: str | Path) -> RunView:
+    """Everything the report needs from `outputs/<run>/`, in run order (base first)."""
+    root = Path(root)
+    state = _json(root / "run.json")
+    order = list(state.get("order") or [])
+    for extra in DEFAULT_ORDER:  # a folder the run.json does not list yet (e.g. an older run.json) still shows
+        if extra not in order and ((root / extra).is_dir() or (root / f".{extra}.partial").is_dir()):
+            order.append(extra)
+    order = order or ["base"]
+    stages = [_load_stage(root, name, state.get("steps", {}).get(name, {})) for name in order]
+    cards = {p.parent.name: _json(p) for p in sorted((root / "data").glob("*/card.json"))}
+    return RunView(root, state.get("name") or root.name, state, stages, cards)
+
+
+def _load_stage(root: Path, name: str, step: dict) -> StageView:
+    final, partial = root / name, root / f".{name}.partial"
+    view = StageView(name, step=step)
+    folder = final if (final / "metrics.json").is_file() else partial if partial.is_dir() else None
+    if folder is None and final.is_dir():
+        folder = final
+    view.folder = folder
+    if folder is not None:
+        view.metrics = _json(folder / "metrics.json")
+        view.lineage = _json(folder / "lineage.json")
+        if (folder / "resolved.yaml").is_file():
+            view.resolved_text = (folder / "resolved.yaml").read_text()
+            view.resolved = yaml.safe_load(view.resolved_text) or {}
+        logs = [folder / f"{name}.log", partial / f"{name}.log"]
+        view.log_path = next((p for p in logs if p.is_file()), None)
+    view.log_history = view.metrics.get("log_history") or []
+    if view.log_history:
+        view.curves_from = "metrics.json"
+    elif partial.is_dir():
+        view.log_history, view.curves_from = _checkpoint_logs(partial)
+    view.status = _status(view, final, partial)
+    if view.status == "failed":
+        view.error = step.get("error") or _tail(partial / f"{name}.log")
+        full_log = partial / f"{name}.log"
+        view.error_cause = error_cause(full_log.read_text(errors="replace") if full_log.is_file() else view.error)
+    return view
+
+
+def _status(view: StageView, final: Path, partial: Path) -> str:
+    recorded = view.step.get("status")
+    if recorded in ("failed", "running"):
+        return recorded
+    if view.metrics.get("status") == "done" or (final / "lineage.json").is_file() or recorded == "done":
+        return "done"
+    if partial.is_dir():
+        return "running"
+    return "not started"
+
+
+def _checkpoint_logs(partial: Path) -> tuple[list, str]:
+    """The log history of an unfinished stage's newest Trainer checkpoint, if it wrote one."""
+    checkpoints = [p for p in partial.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    for checkpoint in sorted(checkpoints, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        state = _json(checkpoint / "trainer_state.json")
+        if state.get("log_history"):
+            return state["log_history"], f"{checkpoint.name} (unfinished stage)"
+    return [], ""
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else ""
+
+
+_EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Interrupt|Exit)): (.+)$")
+_LAUNCHER_NOISE = ("CalledProcessError", "ChildFailedError")
+
+
+def error_cause(text: str) -> str:
+    """The line of a stage's log that says why it failed: the last exception raised by the stage itself, not the
+    launcher's `CalledProcessError` that wraps it; else the last line that mentions an error."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    causes = [line for line in lines if _EXCEPTION.match(line) and not any(n in line for n in _LAUNCHER_NOISE)]
+    if causes:
+        match = _EXCEPTION.match(causes[-1])
+        return f"{match.group(1)}: {match.group(2)}"  # `UserError: …`, not `posttrain.errors.UserError: …`
+    mentions = [line for line in lines if re.search(r"error|no module named|killed|out of memory", line, re.I)
+                and not any(n in line for n in _LAUNCHER_NOISE) and not line.startswith("File ")]
+    return mentions[-1] if mentions else (lines[-1] if lines else "")
+
+
+def relative(path: str | Path | None, root: Path) -> str:
+    """`path` relative to the run folder when inside it (`data/verifiable`), else as given. A run folder copied
+    elsewhere (off a cluster) still has its old absolute paths in lineage.json: those are matched by the run
+    folder's name, the last `/<run name>/` in the path."""
+    if not path:
+        return ""
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except (ValueError, OSError):
+        pass
+    parts = Path(path).parts
+    if Path(path).is_absolute() and root.resolve().name in parts:
+        index = len(parts) - 1 - parts[::-1].index(root.resolve().name)
+        if index < len(parts) - 1:
+            return str(Path(*parts[index + 1:]))
+    return str(path)

@@ -1,0 +1,302 @@
+"""The sections of the run report, as blocks of `report_doc`: summary, evaluation, curves, samples, lineage, data.
+
+Rule for every number: it is read from a file the run wrote (run.json, metrics.json, lineage.json, card.json); where
+the file or the key is missing the cell says "not measured", never 0 or a guess.
+"""
+
+import re
+
+from . import report_plots as plots
+from .report_doc import Cell, Code, Details, Heading, Image, Para, Table
+from .report_run import RunView, StageView, relative
+
+NOT_MEASURED = Cell("not measured", "missing")
+STATUS_CLASS = {"done": "ok", "failed": "failed", "running": "running", "not started": "missing"}
+STATUS_TEXT = {"running": "running (or interrupted)"}
+
+EVAL_ROWS = [  # key, label, kind
+    ("n", "held-out prompts", "int"),
+    ("accuracy", "accuracy (verifier)", "rate"),
+    ("format", "format: think tags well formed", "rate"),
+    ("stop_rate", "stop rate: emitted EOS", "rate"),
+    ("mean_completion_tokens", "mean completion tokens", "num"),
+    ("heldout_loss", "held-out loss of reference replies (nats/token)", "num"),
+]
+GROUP_LABELS = {"mode/thinking": "accuracy · thinking on", "mode/non_thinking": "accuracy · thinking off",
+                "mode/default": "accuracy · default mode"}
+KNOWN_METRICS = {"stage", "status", "wall_time_s", "world_size", "train", "log_history", "adapter", "eval"}
+
+
+def slug(text: str) -> str:
+    """GitHub's heading anchor, so links work in report.md on the Hub and in report.html alike."""
+    return re.sub(r"[^\w\- ]", "", text.lower()).strip().replace(" ", "-")
+
+
+def heading(text: str, level: int = 2) -> Heading:
+    return Heading(text, level, slug(text))
+
+
+def fmt(value, kind: str = "num") -> str:
+    if value is None:
+        return "not measured"
+    if kind == "rate":
+        return f"{value:.1%}"
+    if kind == "int" or (isinstance(value, int) and not isinstance(value, bool)):
+        return f"{int(value):,}"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
+    return str(value)
+
+
+def seconds(value) -> str:
+    if value is None:
+        return "not measured"
+    value = float(value)
+    return f"{value:.1f} s" if value < 120 else f"{value / 60:.1f} min"
+
+
+def num_cell(value, kind: str = "num") -> Cell:
+    return NOT_MEASURED if value is None else Cell(fmt(value, kind), "num")
+
+
+def status_cell(status: str) -> Cell:
+    return Cell(STATUS_TEXT.get(status, status), STATUS_CLASS.get(status, ""))
+
+
+# --------------------------------------------------------------------------------------------------------- summary
+def summary(run: RunView, accuracy: str) -> list:
+    state = run.state.get("steps", {}).get("run", {})
+    facts = [f"recipe `{run.state['recipe']}`" if run.state.get("recipe") else "recipe not recorded",
+             f"started {state['started']}" if state.get("started") else "",
+             f"finished {state['finished']}" if state.get("finished") else ""]
+    status = state.get("status", "unknown")
+    blocks = [Heading(f"Run report: {run.name}", 1, slug(run.name)),
+              Para(" · ".join(f for f in facts if f) + f" · run status **{STATUS_TEXT.get(status, status)}**"),
+              Para(f"**Held-out accuracy:** {accuracy or 'not measured'}")]
+    for i, stage in enumerate(run.stages):
+        if stage.status == "failed":
+            where = f"`{relative(stage.log_path, run.root)}`" if stage.log_path else "not found"
+            later = [s.name for s in run.stages[i + 1:] if s.status == "not started"]
+            blocks.append(Para(f"**Stage {stage.name} failed:** {stage.error_cause or 'no error text recorded'}\n"
+                               f"Full log: {where}." + (f" Not run because of it: {', '.join(later)}." if later
+                                                          else ""), "failed"))
+            if stage.error:
+                blocks.append(Details(f"last lines of the {stage.name} log", [Code(stage.error)]))
+    blocks += [heading("Steps"), steps_table(run)]
+    return blocks
+
+
+def steps_table(run: RunView) -> Table:
+    rows = []
+    for name, step in run.state.get("steps", {}).items():
+        if name.startswith("data/"):
+            rows.append([f"`{name}`", status_cell(step.get("status", "done")), "", Cell(seconds(
+                step.get("wall_time_s")), "num"), "", "data job"])
+    for stage in run.stages:
+        train = stage.metrics.get("train") or {}
+        notes = []
+        if stage.step.get("skipped"):
+            notes.append("finished earlier with the same inputs; skipped on the last run")
+        if stage.status == "failed":
+            notes.append(stage.error_cause)
+        if stage.curves_from and stage.curves_from != "metrics.json":
+            notes.append(f"curves from {stage.curves_from}")
+        started = stage.status != "not started"
+        rows.append([f"**{stage.name}**", status_cell(stage.status), Cell(stage.step.get("started", ""), "nowrap"),
+                     Cell(seconds(stage.step.get("wall_time_s", stage.wall_time_s)), "num") if started else "",
+                     num_cell(train.get("global_step"), "int") if started and stage.name != "base" else "",
+                     Cell("; ".join(n for n in notes if n), literal=True)])  # error text: shown as logged
+    return Table(["step", "status", "started", "wall time", "optimizer steps", "notes"], rows,
+                 "Wall time is the whole step as the pipeline measured it (process start, training, saving, "
+                 "held-out evaluation).")
+
+
+# --------------------------------------------------------------------------------------------------------- evaluation
+def evaluation(run: RunView) -> list:
+    measured = [s for s in run.stages if s.eval]
+    blocks = [heading("Evaluation"),
+              Para("The same held-out prompts, answered greedily after each stage and scored by the verifiers UPO "
+                   "trains on. Each column is one stage's `metrics.json`.")]
+    if not measured:
+        return blocks + [Para("No stage has a held-out evaluation yet: not measured.", "warning")]
+    blocks.append(eval_table(run))
+    bars = plots.eval_bars([(s.name, s.eval) for s in run.stages], [s.name for s in run.stages])
+    if bars:
+        blocks.append(Image("eval_by_stage.png", bars, "held-out rates by stage",
+                            "Rates in [0, 1]; stages without an evaluation are left out."))
+    for stage in run.stages:
+        blocks += stage_extras(stage)
+    return blocks
+
+
+def eval_table(run: RunView) -> Table:
+    stages = run.stages
+    measured = [s for s in stages if s.eval]
+    first, last = measured[0], measured[-1]
+    groups = sorted({g for s in measured for g in (s.eval.get("by_group") or {})},
+                    key=lambda g: (g.startswith("mode/"), g))
+    known = {k for k, _, _ in EVAL_ROWS} | {"by_group", "samples"}
+    extra = sorted({k for s in measured for k, v in s.eval.items()
+                    if k not in known and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    rows = []
+    specs = [(lambda e, k=k: e.get(k), label, kind) for k, label, kind in EVAL_ROWS]
+    specs += [(lambda e, g=g: (e.get("by_group") or {}).get(g),
+               GROUP_LABELS.get(g, f"accuracy · {g.replace('/', ' ')}"), "rate") for g in groups]
+    specs += [(lambda e, k=k: e.get(k), k, "num") for k in extra]
+    for get, label, kind in specs:
+        values = [get(s.eval) if s.eval else None for s in stages]
+        row = [label] + [num_cell(v, kind) for v in values]
+        if len(measured) > 1:
+            a, b = get(first.eval), get(last.eval)
+            row.append(Cell(_delta(a, b, kind), "num") if a is not None and b is not None and kind != "int" else "")
+        rows.append(row)
+    header = ["metric"] + [s.name if s.status == "done" else f"{s.name} ({STATUS_TEXT.get(s.status, s.status)})"
+                           for s in stages]
+    if len(measured) > 1:
+        header.append(f"change {first.name} → {last.name}")
+    return Table(header, rows, "Rates are fractions of the held-out prompts; per-group rows are accuracy within the "
+                 "group. \"not measured\": the stage wrote no evaluation (not run, failed, or no eval data).")
+
+
+def _delta(a: float, b: float, kind: str) -> str:
+    if kind == "rate":
+        return f"{(b - a) * 100:+.1f} pts"
+    return f"{b - a:+.4g}"
+
+
+def stage_extras(stage: StageView) -> list:
+    """Stage-specific measurements (e.g. DPO's held-out preference accuracy before/after), shown generically."""
+    extra = {k: v for k, v in stage.metrics.items() if k not in KNOWN_METRICS and k != "preflight" and v}
+    blocks = []
+    for key, value in extra.items():
+        if isinstance(value, dict) and set(value) >= {"before", "after"}:
+            before, after = value.get("before") or {}, value.get("after") or {}
+            names = list(dict.fromkeys([*before, *after]))
+            rows = [[name, num_cell(before.get(name), kind_of(name)), num_cell(after.get(name), kind_of(name))]
+                    for name in names]
+            blocks += [heading(f"{stage.name}: {key.replace('_', ' ')} before and after", 4),
+                       Table(["measure", f"before {stage.name}", f"after {stage.name}"], rows)]
+        else:
+            # settings and measurements a stage recorded under its own key, shown as recorded (no unit guessing)
+            rows = [[f"`{k}`", Cell(fmt(v), "num")] for k, v in flatten(value, key).items() if v is not None]
+            blocks += [heading(f"{stage.name}: `{key}` in metrics.json", 4), Table(["key", "value"], rows)]
+    return blocks
+
+
+def kind_of(key: str) -> str:
+    """Fractions are shown as percentages: keys that name an accuracy or a rate."""
+    return "rate" if re.search(r"accuracy|_rate$|fraction", key) else "int" if key in ("n", "rows") else "num"
+
+
+def flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+# --------------------------------------------------------------------------------------------------------- curves
+def curves(run: RunView) -> list:
+    order = [s.name for s in run.stages]
+    blocks = [heading("Training curves"), training_table(run)]
+    timeline = plots.run_loss([(s.name, s.log_history) for s in run.trained], order)
+    if timeline:
+        blocks.append(Image("loss_all_stages.png", timeline, "training loss across stages",
+                            "Dashed lines mark stage boundaries. The objectives differ (SFT: token NLL; DPO: "
+                            "pairwise logistic loss; UPO: PG + λ·DPO), so compare shapes, not levels, across "
+                            "stages."))
+    for stage in run.trained:
+        if not stage.log_history:
+            if stage.status != "not started":
+                blocks.append(Para(f"**{stage.name}**: no training logs recorded (not measured).", "warning"))
+            continue
+        main, extra = plots.stage_curves(stage.name, stage.log_history, order,
+                                         stage.resolved.get("normalize_rewards_by"))
+        blocks.append(heading(f"{stage.name} curves", 3))
+        if stage.curves_from != "metrics.json":
+            blocks.append(Para(f"From {stage.curves_from}: the stage has not finished.", "warning"))
+        if main:
+            blocks.append(Image(f"curves_{stage.name}.png", main, f"{stage.name} training curves",
+                                "Solid: training batches; dashed with dots: held-out (eval_*) logs; bands: ± std "
+                                "or min–max as logged."))
+        if extra:
+            blocks.append(Details(f"{stage.name} diagnostics (learning rate, gradient norm, entropy, …)",
+                                  [Image(f"diagnostics_{stage.name}.png", extra, f"{stage.name} diagnostics")]))
+    return blocks
+
+
+def training_table(run: RunView) -> Table:
+    rows = []
+    for stage in run.trained:
+        train, adapter = stage.metrics.get("train") or {}, stage.metrics.get("adapter") or {}
+        preflight = stage.metrics.get("preflight") or {}
+        checks = ", ".join(f"{k} {fmt(v)}" for k, v in flatten(preflight).items())
+        reloads = adapter.get("reloads_equal")
+        rows.append([f"**{stage.name}**", status_cell(stage.status), num_cell(train.get("global_step"), "int"),
+                     num_cell(train.get("train_loss")), Cell(seconds(train.get("train_runtime")), "num")
+                     if train.get("train_runtime") is not None else NOT_MEASURED,
+                     num_cell(stage.metrics.get("world_size"), "int"),
+                     Cell(f"{adapter['adapter_bytes'] / 1e6:.2f} MB, {adapter.get('adapter_tensors', '?')} tensors"
+                          if adapter.get("adapter_bytes") else "not measured", "num" if adapter else "missing"),
+                     Cell("yes" if reloads else "no" if reloads is False else "not measured",
+                          "ok" if reloads else "bad" if reloads is False else "missing"),
+                     checks or NOT_MEASURED])
+    return Table(["stage", "status", "steps", "mean train loss", "train runtime", "processes", "adapter saved",
+                  "reloads equal", "pre-flight checks"], rows)
+
+
+# --------------------------------------------------------------------------------------------------------- samples
+MODE_TITLES = {True: "Thinking on", False: "Thinking off", None: "Default mode"}
+
+
+def samples(run: RunView) -> list:
+    stages = [s for s in run.stages if s.eval and s.eval.get("samples")]
+    blocks = [heading("Held-out samples")]
+    if not stages:
+        return blocks + [Para("No stage recorded sample answers: not measured.", "warning")]
+    blocks.append(Para("The first held-out prompts, answered greedily by each stage and judged by the same verifier "
+                       "as the accuracy above (✓ correct / ✗ wrong). Completions are shown as generated."))
+    rows_by_key: dict = {}
+    for stage in stages:
+        for sample in stage.eval["samples"]:
+            key = (sample.get("prompt"), sample.get("thinking"))
+            rows_by_key.setdefault(key, {"sample": sample, "by_stage": {}})["by_stage"].setdefault(stage.name, sample)
+    for mode in (True, False, None):
+        rows = [r for (_, thinking), r in rows_by_key.items() if thinking is mode]
+        if not rows:
+            continue
+        table_rows = []
+        for row in rows:
+            sample = row["sample"]
+            cells = [Cell(str(sample.get("prompt", "")), literal=True), Cell(str(sample.get("answer", "")),
+                                                                              literal=True)]
+            for stage in stages:
+                got = row["by_stage"].get(stage.name)
+                cells.append(_sample_cell(got) if got else NOT_MEASURED)
+            table_rows.append(cells)
+        totals = ["**correct on these prompts**", ""] + [
+            f"{sum(bool(r['by_stage'][s.name].get('correct')) for r in rows if s.name in r['by_stage'])} / "
+            f"{sum(s.name in r['by_stage'] for r in rows)}" for s in stages]
+        blocks += [heading(f"{MODE_TITLES[mode]} ({len(rows)} prompts)", 3),
+                   Table(["prompt", "reference answer"] + [s.name for s in stages], table_rows + [totals],
+                         cls="samples")]
+    return blocks
+
+
+def _sample_cell(sample: dict) -> Cell:
+    verdict = "✓ correct" if sample.get("correct") else "✗ wrong"
+    return Cell(f"{verdict}\n{visible(sample.get('completion'))}", "right" if sample.get("correct") else "wrong",
+                literal=True)
+
+
+def visible(text: str | None, limit: int = 600) -> str:
+    """A completion as it was generated, except that blank ones are named instead of shown as nothing."""
+    if text is None:
+        return "(no completion recorded)"
+    if not text:
+        return "(empty completion)"
+    if not text.strip():
+        return f"(blank: {len(text)} whitespace characters)"
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text) - limit} more characters)"

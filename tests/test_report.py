@@ -1,0 +1,270 @@
+"""The run report: built from the committed tiny run folders in tests/assets/runs (see their README), it shows every
+stage's measured numbers and nothing else, shows a failed or unfinished stage as such, and renders in Chromium."""
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from posttrain.report import accuracy_line, build_comparison, build_report, stage_metrics
+from posttrain.report_compare import comparison_rows
+from posttrain.report_doc import Cell, Table, inline_md, to_markdown
+from posttrain.report_plots import assign_panels
+from posttrain.report_run import error_cause, load_run
+
+ASSETS = Path(__file__).parent / "assets" / "runs"
+TINY = Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "text.yaml"
+STAGES = ["base", "sft", "dpo", "upo"]
+
+
+def copy_runs(tmp_path: Path) -> Path:
+    """Reports are written into the run folder: work on a copy of the committed runs."""
+    shutil.copytree(ASSETS, tmp_path / "runs")
+    return tmp_path / "runs"
+
+
+def md_row(markdown: str, label: str, section: str = "") -> list[str]:
+    """The cells of the first Markdown table row whose first cell is `label` (after heading `section`, if given)."""
+    if section:
+        markdown = markdown.split(section, 1)[1]
+    for line in markdown.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if cells and cells[0] == label:
+            return cells[1:]
+    raise AssertionError(f"no table row {label!r} in the report")
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory):
+    """The report of the committed base → sft → dpo → upo run (built once: plotting takes seconds)."""
+    runs = copy_runs(tmp_path_factory.mktemp("report"))
+    html = build_report(runs / "tiny-full")
+    return runs / "tiny-full", html.read_text(), (runs / "tiny-full" / "report.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ finished run
+def test_report_shows_every_stage_metric_from_metrics_json(full_report):
+    run, html, md = full_report
+    metrics = {s: json.loads((run / s / "metrics.json").read_text()) for s in STAGES}
+    assert md_row(md, "accuracy (verifier)")[:4] == [f"{metrics[s]['eval']['accuracy']:.1%}" for s in STAGES]
+    assert md_row(md, "format: think tags well formed")[:4] == [f"{metrics[s]['eval']['format']:.1%}" for s in STAGES]
+    assert md_row(md, "held-out loss of reference replies (nats/token)")[:4] == [
+        f"{metrics[s]['eval']['heldout_loss']:.4g}" for s in STAGES]
+    assert md_row(md, "accuracy · thinking on")[:4] == [
+        f"{metrics[s]['eval']['by_group']['mode/thinking']:.1%}" for s in STAGES]
+    assert md_row(md, "accuracy (verifier)")[4] == "+37.5 pts"  # base → upo, computed from the two cells
+    for stage in ("sft", "dpo", "upo"):  # training summary: steps and mean train loss as recorded
+        train = metrics[stage]["train"]
+        assert md_row(md, f"**{stage}**", "## Training curves")[1:3] == [str(train["global_step"]),
+                                                                          f"{train['train_loss']:.4g}"]
+    assert "base 0.0% → sft 0.0% → dpo 0.0% → upo 37.5%" in md
+    assert md_row(md, "accuracy") == ["16.7%", "16.7%"]  # dpo's own preference eval, before → after
+    assert "Stage" not in md.split("## Steps")[0], "no failure call-out for a finished run"
+
+
+def test_report_has_the_sample_table_for_both_modes(full_report):
+    run, html, md = full_report
+    samples = {s: json.loads((run / s / "metrics.json").read_text())["eval"]["samples"] for s in STAGES}
+    assert "### Thinking on (3 prompts)" in md and "### Thinking off (1 prompts)" in md
+    for i, sample in enumerate(samples["base"]):
+        row = md_row(md, sample["prompt"])
+        assert row[0] == sample["answer"]
+        assert [cell.split("<br>")[0] for cell in row[1:]] == [
+            "✓ correct" if samples[s][i]["correct"] else "✗ wrong" for s in STAGES]
+    assert md_row(md, "**correct on these prompts**")[1:] == ["0 / 3", "0 / 3", "0 / 3", "2 / 3"]
+    # model output is shown literally: think tags escaped in Markdown, never interpreted as HTML
+    assert "&lt;think&gt;<br>146 &lt; 823<br>&lt;/think&gt;<br><br>146" in md
+    assert "&lt;think&gt;\n146 &lt; 823\n&lt;/think&gt;" in html
+    assert "(blank: 8 whitespace characters)" in md
+
+
+def test_report_is_self_contained_and_md_has_its_pngs(full_report):
+    run, html, md = full_report
+    assert not re.search(r"<(script|link|iframe)\b", html)
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(images) >= 6 and len(images) == html.count("<img")  # every image is embedded
+    from PIL import Image
+
+    for data in images:  # every embedded plot decodes
+        Image.open(io.BytesIO(base64.b64decode(data))).verify()
+    linked = re.findall(r"!\[[^\]]*\]\((report_files/[^)]+\.png)\)", md)
+    assert {"report_files/curves_upo.png", "report_files/eval_by_stage.png",
+            "report_files/loss_all_stages.png", "report_files/ablation_proxy_vs_true.png"} <= set(linked)
+    assert {p.name for p in (run / "report_files").iterdir()} == {Path(p).name for p in linked}
+    assert "report_files/diagnostics_upo.png" in linked  # inside <details>, in Markdown too
+
+
+def test_report_sections_lineage_and_data_cards(full_report):
+    run, html, md = full_report
+    for section in ("## Steps", "## Evaluation", "## Training curves", "## Held-out samples", "## Ablation",
+                    "## Recipe and lineage", "## Data"):
+        assert section in md
+    card = json.loads((run / "data" / "verifiable" / "card.json").read_text())
+    assert card["fingerprint"] in md and "[Full data card](data/verifiable/README.md)" in md
+    assert md.count("matches data card") == 3  # sft, dpo, upo trained on the data the cards describe
+    assert md_row(md, "trl") == ["1.16.0"] and md_row(md, "`upo_lambda`")[-1] == "0.5"
+    assert 'id="evaluation"' in html and "<details>" in html
+
+
+# ------------------------------------------------------------------------------------------------ partial runs
+def test_failed_stage_shows_its_error(tmp_path):
+    run = copy_runs(tmp_path) / "tiny-failed"
+    html = build_report(run).read_text()
+    md = (run / "report.md").read_text()
+    assert "**Stage dpo failed:** UserError: pre-flight:" in md
+    assert "max_length=192 would cut every reply token" in md and "Not run because of it: upo." in md
+    assert "Full log: `.dpo.partial/dpo.log`" in md
+    assert md_row(md, "**dpo**")[0] == "failed" and md_row(md, "**upo**")[0] == "not started"
+    assert md_row(md, "accuracy (verifier)")[:4] == ["0.0%", "0.0%", "not measured", "not measured"]
+    assert "dpo (failed)" in md and "upo (not started)" in md
+    assert 'class="callout failed"' in html and "last lines of the dpo log" in html
+
+
+def test_unfinished_stage_shows_its_checkpoint_curves(tmp_path):
+    run = copy_runs(tmp_path) / "tiny-full"
+    metrics = json.loads((run / "upo" / "metrics.json").read_text())
+    checkpoint = run / ".upo.partial" / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"log_history": metrics["log_history"][:4]}))
+    shutil.rmtree(run / "upo")
+    state = json.loads((run / "run.json").read_text())
+    state["steps"]["upo"] = {"status": "running", "started": "2026-11-23 19:33:00"}
+    state["steps"]["run"]["status"] = "running"
+    (run / "run.json").write_text(json.dumps(state))
+    build_report(run)
+    md = (run / "report.md").read_text()
+    assert md_row(md, "**upo**")[0] == "running (or interrupted)"
+    assert "From checkpoint-4 (unfinished stage): the stage has not finished." in md
+    assert (run / "report_files" / "curves_upo.png").is_file()
+    assert md_row(md, "accuracy (verifier)")[3] == "not measured"
+
+
+def test_missing_measurements_say_not_measured(tmp_path):
+    run = copy_runs(tmp_path) / "tiny-full"
+    base = json.loads((run / "base" / "metrics.json").read_text())
+    (run / "base" / "metrics.json").write_text(json.dumps({**base, "eval": None}))
+    sft = json.loads((run / "sft" / "metrics.json").read_text())
+    del sft["eval"]["heldout_loss"], sft["adapter"]
+    (run / "sft" / "metrics.json").write_text(json.dumps(sft))
+    build_report(run, compare=[])
+    md = (run / "report.md").read_text()
+    assert md_row(md, "accuracy (verifier)")[:4] == ["not measured", "0.0%", "0.0%", "37.5%"]
+    assert md_row(md, "accuracy (verifier)")[4] == "+37.5 pts"  # the change is from the first measured stage
+    assert "change sft → upo" in md
+    assert md_row(md, "held-out loss of reference replies (nats/token)")[1] == "not measured"
+    assert md_row(md, "**sft**", "## Training curves")[5:7] == ["not measured", "not measured"]  # adapter
+
+
+def test_kept_summary_helpers(tmp_path):
+    run = copy_runs(tmp_path) / "tiny-failed"
+    assert list(stage_metrics(run)) == ["base", "sft"]
+    assert accuracy_line(run) == "base 0.0% → sft 0.0%"
+
+
+# ------------------------------------------------------------------------------------------------ ablation, CLI
+def test_ablation_compares_true_accuracy_with_proxy_reward(tmp_path):
+    runs = copy_runs(tmp_path)
+    rows = {r["run"]: r for r in comparison_rows([runs / "tiny-full", runs / "tiny-full-lambda0"])}
+    assert rows["tiny-full"]["accuracy"] == 0.375 and rows["tiny-full-lambda0"]["accuracy"] == 0.125
+    logs = json.loads((runs / "tiny-full" / "upo" / "metrics.json").read_text())["log_history"]
+    raw = [sum(v for k, v in e.items() if re.fullmatch(r"upo/reward/[^/]+/mean", k)) /
+           sum(1 for k in e if re.fullmatch(r"upo/reward/[^/]+/mean", k)) for e in logs if "loss" in e]
+    label, value, count, stage = rows["tiny-full"]["proxy"]
+    assert (label, count, stage) == ("raw reward, mean over domains", 5, "upo")
+    assert value == pytest.approx(sum(raw[-5:]) / 5)  # not TRL's `reward`, which is normalised per domain here
+    html = build_comparison([runs / "tiny-full", runs / "tiny-full-lambda0"], tmp_path / "cmp")
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert md_row(md, "**tiny-full-lambda0**")[:3] == ["upo", "0", "12.5%"]  # varied setting: upo_lambda
+    assert html.is_file() and (tmp_path / "cmp" / "comparison_files" / "ablation_proxy_vs_true.png").is_file()
+
+
+def test_cli_report(tmp_path):
+    from posttrain.cli import main
+
+    runs = copy_runs(tmp_path)
+    assert main(["report", str(runs / "tiny-failed"), "--compare", str(runs / "tiny-full-lambda0")]) == 0
+    assert "## Ablation" in (runs / "tiny-failed" / "report.md").read_text()
+    assert main(["report", str(tmp_path)]) == 2  # not a run folder: a one-paragraph error
+    assert main(["report", str(runs / "tiny-failed"), "--compare", str(tmp_path)]) == 2
+
+
+# ------------------------------------------------------------------------------------------------ units
+def test_error_cause_is_the_stage_exception_not_the_launcher():
+    log = ("Traceback (most recent call last):\n  File \"x.py\", line 1\nposttrain.errors.UserError: row 2 is empty\n"
+           "Traceback (most recent call last):\nsubprocess.CalledProcessError: Command '[...]' returned non-zero")
+    assert error_cause(log) == "UserError: row 2 is empty"
+    assert error_cause("python3: No module named posttrain.stages.upo\nsubprocess.CalledProcessError: x") == \
+        "python3: No module named posttrain.stages.upo"
+    assert error_cause("torch.OutOfMemoryError: CUDA out of memory.") == "OutOfMemoryError: CUDA out of memory."
+
+
+def test_panels_group_logged_keys_and_keep_unknown_ones():
+    keys = ["loss", "eval_loss", "reward", "reward_std", "upo/pg_loss", "upo/dpo_loss", "upo/reward/math/mean",
+            "upo/reward/math/std", "upo/pairs_online", "kl", "completions/mean_length", "completions/min_length",
+            "completions/max_length", "rewards/accuracies", "learning_rate", "upo/brand_new_metric", "custom"]
+    panels = {p.title: p.series for p in assign_panels(keys)}
+    assert panels["Loss"] == ["loss", "eval_loss"]
+    assert panels["UPO objective: PG vs λ·DPO terms"] == ["upo/dpo_loss", "upo/pg_loss"]
+    assert panels["Reward per domain (raw, mean ± std)"] == ["upo/reward/math/mean"]  # std is its band
+    assert panels["Reward (mean ± std over rollouts)"] == ["reward"]
+    assert panels["Completion length (mean, min–max band)"] == ["completions/mean_length"]
+    assert panels["Other: upo"] == ["upo/brand_new_metric"] and panels["Other: other"] == ["custom"]
+    assert not any("std" in k or "min_length" in k for series in panels.values() for k in series)
+
+
+def test_markdown_escapes_model_output():
+    assert inline_md("say <think>") == "say &lt;think&gt;"
+    assert inline_md("`<b>` and **x**") == "`<b>` and **x**"
+    md = to_markdown([Table(["a"], [[Cell("x | y\n*z*", literal=True)]])], "files")
+    assert "x \\| y<br>\\*z\\*" in md
+
+
+# ------------------------------------------------------------------------------------------------ browser, slow
+def _chromium() -> str | None:
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs Chromium (CI: apt-get install -y chromium)")
+def test_html_renders_in_headless_chromium_without_console_errors(full_report, tmp_path):
+    run, _, _ = full_report
+    result = subprocess.run(
+        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0", "--dump-dom",
+         (run / "report.html").resolve().as_uri()], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "<h1" in result.stdout and "Run report: tiny-full" in result.stdout
+    assert result.stdout.count("<img") >= 6
+    console = [line for line in result.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line
+               or "net::ERR" in line or "Failed to load" in line]
+    assert not console, "\n".join(console)
+
+
+@pytest.mark.slow
+def test_report_of_a_real_tiny_run(tmp_path):
+    """The tiny recipe through the real CLI, then `posttrain report` on its folder, as a user runs them."""
+    def posttrain(*args):
+        result = subprocess.run([sys.executable, "-m", "posttrain", *map(str, args)], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+    posttrain("run", TINY)
+    run = tmp_path / "outputs" / "tiny-text"
+    posttrain("report", run)
+    md = (run / "report.md").read_text()
+    view = load_run(run)
+    for stage in view.stages:
+        assert stage.status == "done" and stage.eval
+    assert md_row(md, "accuracy (verifier)")[:len(view.stages)] == [f"{s.eval['accuracy']:.1%}" for s in view.stages]
+    for stage in view.trained:
+        assert (run / "report_files" / f"curves_{stage.name}.png").is_file()
+    for sample in view.stage("base").eval["samples"]:
+        assert md_row(md, sample["prompt"])[0] == sample["answer"]
+    assert (run / "report_files" / "data_verifiable_lengths.png").is_file()
