@@ -2,6 +2,7 @@
 
     posttrain run [RECIPE] [section.key=value ...]   # default recipe: recipes/text/smollm2-135m.yaml
     posttrain eval outputs/<run> [--stage sft]
+    posttrain ablate recipes/text/smollm2-135m-ablation.yaml
     posttrain report outputs/<run> [--compare outputs/<other> ...]
     posttrain data build_verifiable_tasks --out data/verifiable
     posttrain export outputs/<run> [--stage dpo] [--merge] [--push-to-hub ORG/NAME]
@@ -37,6 +38,15 @@ def cmd_run(args) -> int:
         return 0
     pipeline = Pipeline(recipe, args.output_dir, args.accelerate_config, args.num_processes)
     pipeline.run(only=args.only, start=args.start)
+    return 0
+
+
+def cmd_ablate(args) -> int:
+    from .ablate import run_ablation
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    run_ablation(recipe, args.output_dir, args.accelerate_config, args.num_processes)
     return 0
 
 
@@ -118,6 +128,14 @@ def make_parser() -> argparse.ArgumentParser:
                      "or 1 on CPU; 2+ on CPU runs real data-parallel processes over gloo)")
     run.add_argument("--dry-run", action="store_true", help="validate the recipe and print each stage's arguments")
     run.set_defaults(func=cmd_run)
+
+    ablate = sub.add_parser("ablate", help="run a recipe's ablation variants on shared earlier stages and compare them")
+    ablate.add_argument("recipe", help="a recipe with an `ablation:` section, e.g. recipes/text/smollm2-135m-ablation.yaml")
+    ablate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides applied to every variant")
+    ablate.add_argument("--output-dir", default="outputs")
+    ablate.add_argument("--accelerate-config")
+    ablate.add_argument("--num-processes", type=int)
+    ablate.set_defaults(func=cmd_ablate)
 
     ev = sub.add_parser("eval", help="held-out evaluation of a run's stage or of any model")
     ev.add_argument("run", nargs="?", help="run folder, e.g. outputs/smollm2-135m")

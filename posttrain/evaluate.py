@@ -2,6 +2,8 @@
 
 Run on the base model and after every stage, so each stage's effect is a measured difference. Rows are
 `prompt` (messages), `answer`, `domain`, `thinking` and optionally the reference reply `completion` (for the loss).
+Rows with `images`, evaluated with a vision-language model's processor as the tokenizer, are generated and scored
+with their images (`posttrain.vision`); the metrics are the same.
 
     posttrain eval outputs/<run> --stage sft        # a stage of a finished run
     posttrain eval --model DIR [--adapter DIR] --dataset DIR   # anything else
@@ -11,15 +13,18 @@ import json
 import math
 from collections import defaultdict
 
+from . import vision
 from .data import completion_text, render_prompt
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, progress=None,
-             **sampling):
+             images: list | None = None, **sampling):
     """Completions for rendered prompts, greedy unless `sampling` says otherwise (e.g. `do_sample=True,
-    temperature=1.0`); returns (texts, stopped flags, token counts)."""
+    temperature=1.0`); returns (texts, stopped flags, token counts). With `images` (one list per prompt),
+    `tokenizer` is a VLM's processor."""
     import torch
 
+    processor, tokenizer = tokenizer, vision.text_tokenizer(tokenizer)
     tokenizer.padding_side = "left"
     # MoE models trained with a load-balancing loss keep `output_router_logits` on, and transformers then computes
     # that loss inside generate() with the full-prompt attention mask against one-token steps, and fails.
@@ -30,8 +35,12 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     texts, stopped, lengths = [], [], []
     eos_ids = {tokenizer.eos_token_id}
     for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
-                          add_special_tokens=False).to(model.device)
+        if images is None:
+            batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(model.device)
+        else:
+            batch = vision.encode(processor, prompts[start:start + batch_size], images[start:start + batch_size],
+                                  model.device)
         with torch.no_grad():
             out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id, **{"do_sample": False, **sampling})
@@ -48,10 +57,14 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     return texts, stopped, lengths
 
 
-def completion_logps(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 16):
-    """Summed log-prob and token count of each completion given its rendered prompt (teacher forcing)."""
+def completion_logps(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 16,
+                     images: list | None = None):
+    """Summed log-prob and token count of each completion given its rendered prompt (teacher forcing); with `images`
+    (one list per prompt), `tokenizer` is a VLM's processor."""
     import torch
 
+    if images is not None:
+        return vision.completion_logps(model, tokenizer, prompts, images, completions, batch_size)
     out = []
     for start in range(0, len(prompts), batch_size):
         ids, labels = [], []
@@ -79,7 +92,9 @@ def heldout_loss(model, tokenizer, rows: list[dict]) -> float | None:
     if not rows:
         return None
     prompts = [render_prompt(tokenizer, r["prompt"], r.get("thinking")) for r in rows]
-    scores = completion_logps(model, tokenizer, prompts, [r["completion"] + tokenizer.eos_token for r in rows])
+    eos = vision.text_tokenizer(tokenizer).eos_token
+    scores = completion_logps(model, tokenizer, prompts, [r["completion"] + eos for r in rows],
+                              images=_images(rows))
     return -sum(s for s, _ in scores) / max(sum(n for _, n in scores), 1)
 
 
@@ -89,10 +104,11 @@ def preference_eval(model, tokenizer, pairs: list[dict]) -> dict:
     was_training = model.training
     model.eval()
     prompts = [render_prompt(tokenizer, p["prompt"], p.get("thinking")) for p in pairs]
-    chosen = completion_logps(model, tokenizer, prompts, [completion_text(p["chosen"]) + tokenizer.eos_token
-                                                          for p in pairs])
-    rejected = completion_logps(model, tokenizer, prompts, [completion_text(p["rejected"]) + tokenizer.eos_token
-                                                            for p in pairs])
+    eos, images = vision.text_tokenizer(tokenizer).eos_token, _images(pairs)
+    chosen = completion_logps(model, tokenizer, prompts, [completion_text(p["chosen"]) + eos for p in pairs],
+                              images=images)
+    rejected = completion_logps(model, tokenizer, prompts, [completion_text(p["rejected"]) + eos for p in pairs],
+                                images=images)
     if was_training:
         model.train()
     margins = [c - r for (c, _), (r, _) in zip(chosen, rejected)]
@@ -107,11 +123,14 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = 64, batch
     was_training = model.training
     model.eval()
     prompts = [render_prompt(tokenizer, r["prompt"], r.get("thinking")) for r in rows]
-    texts, stopped, lengths = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+    texts, stopped, lengths = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress,
+                                       images=_images(rows))
     columns = {"answer": [r["answer"] for r in rows], "thinking": [r.get("thinking") for r in rows],
                "domain": [r.get("domain") for r in rows]}
     correct = REWARDS["accuracy"](texts, **columns)
     formatted = REWARDS["think_format"](texts, **columns)
+    # the ablation's hackable proxy, scored on every evaluation so any two runs compare on it
+    proxy = REWARDS["hackable_confidence"](texts, **columns)
     groups = defaultdict(list)
     for row, ok in zip(rows, correct):
         groups[f"domain/{row.get('domain')}"].append(ok)
@@ -124,16 +143,23 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = 64, batch
         "n": len(rows),
         "accuracy": _mean(correct),
         "format": _mean(formatted),
+        "proxy_reward": _mean(proxy),
         "stop_rate": _mean(stopped),
         "mean_completion_tokens": _mean(lengths),
         "heldout_loss": None if loss is None or math.isnan(loss) else loss,
         "by_group": {k: _mean(v) for k, v in sorted(groups.items())},
         "samples": [
-            {"prompt": r["prompt"][-1]["content"], "thinking": r.get("thinking"), "answer": r["answer"],
+            {"prompt": vision.message_text(r["prompt"][-1]["content"]), "thinking": r.get("thinking"),
+             "answer": r["answer"],
              "completion": t, "correct": bool(c)}
             for r, t, c in list(zip(rows, texts, correct))[:samples]
         ],
     }
+
+
+def _images(rows: list[dict]) -> list | None:
+    """Each row's images, or None for text rows (the text code path)."""
+    return [r.get("images") or [] for r in rows] if rows and "images" in rows[0] else None
 
 
 def _mean(values) -> float:
@@ -147,7 +173,7 @@ def load_rows(dataset: str, split: str = "test", limit: int | None = None) -> li
     data = load_split(dataset, split)
     if limit:
         data = data.select(range(min(limit, len(data))))
-    return data.to_list()
+    return vision.as_rows(data)
 
 
 def main(argv: list[str] | None = None) -> int:

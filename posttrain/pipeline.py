@@ -56,6 +56,12 @@ class Pipeline:
         tmp.write_text(json.dumps(self.state, indent=2))
         os.replace(tmp, self.state_path)
 
+    def digest(self, obj) -> str:
+        """Short hash of a step's inputs, with this run's folder written as {run}: a run folder copied or moved
+        elsewhere (an ablation variant starts as a copy) keeps its finished steps."""
+        text = json.dumps(obj, sort_keys=True, default=str).replace(str(self.root), "{run}")
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     def data_path(self, name: str) -> Path:
         return self.root / "data" / name
 
@@ -85,8 +91,10 @@ class Pipeline:
         return value
 
     # ------------------------------------------------------------------------------------------------ steps
-    def run(self, only: str | None = None, start: str | None = None) -> dict:
+    def run(self, only: str | None = None, start: str | None = None, stop_before: str | None = None) -> dict:
         order = list(self.recipe.stages)
+        if stop_before:  # an ablation's shared part: everything before the varied stage
+            order = order[:order.index(stop_before)]
         for name in (only, start):
             if name and name not in order:
                 raise UserError(f"stage '{name}' is not in recipe {self.recipe.path} (stages: {', '.join(order)})")
@@ -126,7 +134,7 @@ class Pipeline:
                 continue
             args = self.local_paths(self.substitute({k: v for k, v in spec.items() if k not in ("job", "after")}))
             upstream = json.loads((self.root / after / "lineage.json").read_text())["inputs_hash"] if after else None
-            digest = _hash({"job": spec["job"], "args": args, "after": upstream})
+            digest = self.digest({"job": spec["job"], "args": args, "after": upstream})
             out, stamp = self.data_path(name), self.data_path(name).with_suffix(".inputs")
             if out.is_dir() and stamp.is_file() and stamp.read_text() == digest:
                 console.print(f"[dim]data {name}: up to date[/dim]")
@@ -153,7 +161,7 @@ class Pipeline:
     def evaluate_base(self) -> None:
         """Held-out metrics of the base model (skipped when its inputs did not change)."""
         out = self.root / "base"
-        self.base_hash = _hash({"model": lineage.model_fingerprint(self.base_model), "template": self.template,
+        self.base_hash = self.digest({"model": lineage.model_fingerprint(self.base_model), "template": self.template,
                                 "eval": self.eval_inputs()})
         if self._up_to_date(out, self.base_hash):
             return
@@ -208,7 +216,7 @@ class Pipeline:
                     if k in ("dataset_name", "upo_offline_dataset") and v}
         stable = {k: v for k, v in args.items() if k not in ("output_dir",)}
         prev_hash = json.loads((self.root / previous / "lineage.json").read_text())["inputs_hash"] if previous else None
-        return _hash({"args": stable, "datasets": datasets, "base": self.base_hash, "previous": prev_hash})
+        return self.digest({"args": stable, "datasets": datasets, "base": self.base_hash, "previous": prev_hash})
 
     def _up_to_date(self, folder: Path, digest: str) -> bool:
         path = folder / "lineage.json"
@@ -284,5 +292,4 @@ def _last_checkpoint(folder: Path) -> Path | None:
     return max(checkpoints, key=lambda p: int(p.name.split("-")[-1])) if checkpoints else None
 
 
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+

@@ -30,7 +30,8 @@ import yaml
 from .errors import UserError
 
 STAGES = ("sft", "dpo", "upo")
-TOP_KEYS = {"name", "modality", "base", "data", "eval", "shared", "stages", "accelerate_config", "description"}
+TOP_KEYS = {"name", "modality", "base", "data", "eval", "shared", "stages", "accelerate_config", "description",
+            "ablation"}
 # Set by the pipeline for each stage; a recipe that sets them would silently be overridden, so it is an error.
 RESERVED = {"model_name_or_path", "output_dir", "adapter_path", "tokenizer_name_or_path", "resume_from_checkpoint",
             "eval_dataset", "eval_split", "eval_limit", "eval_max_new_tokens", "eval_batch_size", "eval_samples",
@@ -147,15 +148,19 @@ def apply_overrides(raw: dict, overrides: list[str], where: str) -> dict:
     return raw
 
 
-def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe; raise `UserError` naming file, stage and key on any problem."""
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None, raw: dict | None = None) -> Recipe:
+    """Read, override and validate a recipe; raise `UserError` naming file, stage and key on any problem.
+
+    `raw` gives the recipe's content directly (a variant derived in memory); `path` then only anchors relative paths.
+    """
     path = Path(path) if path else default_recipe_path()
-    if not path.is_file():
-        raise UserError(f"recipe not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML: {exc}") from exc
+    if raw is None:
+        if not path.is_file():
+            raise UserError(f"recipe not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe is a mapping with keys {sorted(TOP_KEYS)}")
     raw = apply_overrides(raw, overrides or [], str(path))

@@ -74,6 +74,7 @@ def comparison_rows(runs: list[Path]) -> list[dict]:
             "run": run.name, "root": Path(root), "stage": final.name if final else None,
             "status": final.status if final else "not started",
             "accuracy": (final.eval or {}).get("accuracy") if final else None,
+            "heldout_proxy": (final.eval or {}).get("proxy_reward") if final else None,
             "base_accuracy": (base.eval or {}).get("accuracy") if base and base.eval else None,
             "proxy": proxy, "settings": dict(final.resolved) if final else {},
         })
@@ -99,14 +100,16 @@ def comparison(runs: list[Path]) -> list:
         table.append([f"**{r['run']}**", r["stage"] or NOT_MEASURED] +
                      [Cell(fmt(r["settings"].get(k)) if k in r["settings"] else "—", "mono") for k in settings] +
                      [num_cell(r["accuracy"], "rate"), Cell(delta, "num" if "pts" in delta else "missing"),
+                      num_cell(r["heldout_proxy"], "rate"),
                       Cell(f"{proxy[1]:.3g}", "num") if proxy else NOT_MEASURED,
                       f"{proxy[0]} of {proxy[3]}, last {proxy[2]} logs" if proxy else ""])
     header = ["run", "evaluated stage"] + [f"`{k}`" for k in settings] + [
-        "held-out accuracy", "vs base", "proxy reward", "proxy measured as"]
+        "held-out accuracy", "vs base", "held-out proxy", "training reward", "reward measured as"]
     blocks = [heading("Ablation"),
-              Para("True accuracy is the verifier on held-out prompts after the run's last evaluated stage; the proxy "
-                   "is the reward the stage optimised, averaged over its last logged training steps. A proxy that "
-                   "rises while accuracy does not is the signature of reward hacking."),
+              Para("True accuracy is the verifier on held-out prompts after the run's last evaluated stage; the "
+                   "held-out proxy is the deliberately hackable `hackable_confidence` reward on those same answers; "
+                   "the training reward is what the stage optimised, averaged over its last logged steps. A proxy "
+                   "that rises while accuracy does not is the signature of reward hacking."),
               Table(header, table, "Setting columns: the resolved arguments that differ between these runs.")]
     points = [(r["run"], r["proxy"][1], r["accuracy"]) for r in rows if r["proxy"] and r["accuracy"] is not None]
     figure = plots.proxy_vs_true(points)
