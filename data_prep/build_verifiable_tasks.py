@@ -50,12 +50,10 @@ def arithmetic(rng):
     op = rng.choice(["+", "-", "*"]) if max(a, b) < 13 else rng.choice(["+", "-"])
     value = {"+": a + b, "-": a - b, "*": a * b}[op]
     if op == "*":
-        steps = f"{a} * {b} means {b} added {a} times.\n{a} * {b} = {value}"
-    else:
-        tens = {"+": (a // 10 * 10) + (b // 10 * 10), "-": (a // 10 * 10) - (b // 10 * 10)}[op]
-        ones = {"+": a % 10 + b % 10, "-": a % 10 - b % 10}[op]
-        steps = f"Tens: {a // 10 * 10} {op} {b // 10 * 10} = {tens}\nOnes: {a % 10} {op} {b % 10} = {ones}\n" \
-                f"{tens} + {ones} = {value}"
+        steps = f"{a} * {b} = {value}"
+    else:  # tens first, then ones: short enough to fit a 48-token budget with the answer
+        partial = a + b // 10 * 10 if op == "+" else a - b // 10 * 10
+        steps = f"{a} {op} {b // 10 * 10} = {partial}\n{partial} {op} {b % 10} = {value}"
     return f"What is {a} {op} {b}?", str(value), steps
 
 

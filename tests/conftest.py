@@ -62,3 +62,42 @@ def sft_configs():
         return stage_args, SFTConfig(**{**training, **overrides}), model_args
 
     return make
+
+
+def _run_cli(*args, cwd, stdin=None, env=None, check=True, timeout=300):
+    """`python -m posttrain ARGS` in a subprocess, as a user runs it; fails with its output unless `check=False`."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "posttrain", *map(str, args)], cwd=cwd, input=stdin,
+                            capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+    if check and result.returncode != 0:
+        raise AssertionError(f"posttrain {' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def posttrain_cli():
+    """Callable: `posttrain_cli("run", recipe, cwd=...)` runs the real CLI in a subprocess."""
+    return _run_cli
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_run(tmp_path_factory):
+    """A finished run of the tiny recipe reduced to its SFT stage (with base and SFT evaluations), built once per
+    session through the real CLI: export, chat and report tests read it and must not modify it."""
+    from pathlib import Path
+
+    import yaml
+
+    tiny = Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "text.yaml"
+    cwd = tmp_path_factory.mktemp("tiny-sft-run")
+    raw = yaml.safe_load(tiny.read_text())
+    raw.pop("ablation", None)
+    raw.update(name="tiny-sft", stages={"sft": raw["stages"]["sft"]})
+    raw["data"] = {k: v for k, v in raw["data"].items() if "after" not in v}
+    (cwd / "recipe.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    _run_cli("run", cwd / "recipe.yaml", cwd=cwd)
+    return cwd / "outputs" / "tiny-sft"

@@ -1,55 +1,31 @@
 """`posttrain chat` on a real tiny run: piped stdin through the real CLI, and the loop itself (history, /reset, /exit,
 thinking mode). Replies of a random-weight model are gibberish, so the tests assert the structure, not the words."""
 
-import os
-import subprocess
-import sys
 from io import StringIO
 from pathlib import Path
 
 import pytest
-import yaml
 
 from posttrain import chat
 from posttrain.errors import UserError
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "recipes" / "tiny" / "text.yaml"
-
-
-def posttrain(*args, cwd, stdin=None, check=True, timeout=300):
-    result = subprocess.run([sys.executable, "-m", "posttrain", *map(str, args)], cwd=cwd, input=stdin,
-                            capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if check and result.returncode != 0:
-        raise AssertionError(f"posttrain {' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n"
-                             f"{result.stderr[-3000:]}")
-    return result
-
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """The tiny recipe's SFT stage only, without held-out evaluation (chat needs the adapter, not metrics)."""
-    cwd = tmp_path_factory.mktemp("chat-run")
-    raw = yaml.safe_load(TINY.read_text())
-    raw.update(name="tiny-chat", eval=None, stages={"sft": raw["stages"]["sft"]})
-    raw["data"] = {k: v for k, v in raw["data"].items() if f"{{data}}/{k}" == raw["stages"]["sft"]["dataset_name"]}
-    (cwd / "recipe.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    posttrain("run", cwd / "recipe.yaml", cwd=cwd)
-    return cwd / "outputs" / "tiny-chat"
+def run(tiny_sft_run) -> Path:
+    return tiny_sft_run
 
 
-def test_cli_chat_with_piped_input(run, tmp_path):
-    result = posttrain("chat", run, "--max-new-tokens", "4", "--thinking", "off", cwd=tmp_path,
+def test_cli_chat_with_piped_input(run, tmp_path, posttrain_cli):
+    result = posttrain_cli("chat", run, "--max-new-tokens", "4", "--thinking", "off", cwd=tmp_path,
                        stdin="What is 2 + 2?\n\nAnd 3 + 3?\n", timeout=120)
     assert result.stdout.count(chat.REPLY_PREFIX) == 2, result.stdout  # two questions, two replies, blank skipped
     assert result.stdout.endswith("\n")
-    assert "chatting with tiny-chat/sft: tiny:llama + sft adapter" in result.stderr
+    assert "chatting with tiny-sft/sft: tiny:llama + sft adapter" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr  # end of input is a clean exit (code 0, checked above)
 
 
-def test_cli_chat_unknown_stage_is_a_user_error(run, tmp_path):
-    result = posttrain("chat", run, "--stage", "dpo", cwd=tmp_path, stdin="", check=False, timeout=60)
+def test_cli_chat_unknown_stage_is_a_user_error(run, tmp_path, posttrain_cli):
+    result = posttrain_cli("chat", run, "--stage", "dpo", cwd=tmp_path, stdin="", check=False, timeout=60)
     assert result.returncode == 2
     assert "'dpo'" in result.stdout and "finished: base, sft" in result.stdout
 

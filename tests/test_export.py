@@ -5,11 +5,8 @@ fast whatever later stages the shared tiny recipe grows); exports run in-process
 """
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from contextlib import redirect_stdout
 from io import StringIO
 from pathlib import Path
@@ -24,40 +21,15 @@ from safetensors.torch import load_file
 from posttrain import cli
 from posttrain.models import load_model
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "recipes" / "tiny" / "text.yaml"
 FAKE_TOKEN = "hf_FAKEfakeFAKEfake0123456789secret"
 
 
-def sft_only_recipe(folder: Path, name: str, **overrides) -> Path:
-    """The tiny recipe with only its SFT stage and the data jobs SFT and the evaluation read."""
-    raw = yaml.safe_load(TINY.read_text())
-    raw["name"] = name
-    raw["stages"] = {"sft": raw["stages"]["sft"]}
-    used = {raw["stages"]["sft"]["dataset_name"], (raw.get("eval") or {}).get("dataset")}
-    raw["data"] = {k: v for k, v in raw["data"].items() if f"{{data}}/{k}" in used}
-    for key, value in overrides.items():
-        raw[key] = value
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
-
-
-def posttrain(*args, cwd, env=None, check=True, timeout=300):
-    result = subprocess.run([sys.executable, "-m", "posttrain", *map(str, args)], cwd=cwd, capture_output=True,
-                            text=True, timeout=timeout,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
-    if check and result.returncode != 0:
-        raise AssertionError(f"posttrain {' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n"
-                             f"{result.stderr[-3000:]}")
-    return result
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    cwd = tmp_path_factory.mktemp("export-run")
-    posttrain("run", sft_only_recipe(cwd, "tiny-export"), cwd=cwd)
-    return cwd / "outputs" / "tiny-export"
+def run(tiny_sft_run, tmp_path_factory) -> Path:
+    """A private copy of the shared tiny SFT run (some tests write next to it)."""
+    copy = tmp_path_factory.mktemp("export-run") / "tiny-sft"
+    shutil.copytree(tiny_sft_run, copy)
+    return copy
 
 
 def export(*args, capsys=None) -> tuple[int, str]:
@@ -197,8 +169,8 @@ def test_card_embeds_the_runs_real_metrics_recipe_and_lineage(run, tmp_path):
     lineage = json.loads((run / "sft" / "lineage.json").read_text())
     assert lineage["inputs_hash"] in card and lineage["versions"]["trl"] in card
     assert lineage["datasets"]["dataset_name"]["fingerprint"][:16] in card
-    recipe = Path(lineage["recipe"]).read_text()
-    assert recipe.strip() in card and "changed since the run" not in card
+    recipe = (run / "recipe.yaml").read_text()
+    assert recipe.strip() in card and "used other overrides" not in card
     assert str(run.resolve()) not in card, "machine paths are shown as {run}"
 
 
@@ -266,8 +238,8 @@ def test_push_without_token_fails_before_exporting(run, tmp_path, monkeypatch, c
     assert not (tmp_path / "out").exists()
 
 
-def test_push_offline_fails_fast_before_exporting(run, tmp_path):
-    result = posttrain("export", run, "--out", tmp_path / "out", "--push-to-hub", "me/tiny-sft", cwd=tmp_path,
+def test_push_offline_fails_fast_before_exporting(run, tmp_path, posttrain_cli):
+    result = posttrain_cli("export", run, "--out", tmp_path / "out", "--push-to-hub", "me/tiny-sft", cwd=tmp_path,
                        env={"HF_HUB_OFFLINE": "1", "HF_TOKEN": FAKE_TOKEN}, check=False, timeout=60)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "HF_HUB_OFFLINE=1" in result.stdout and "Traceback" not in result.stdout + result.stderr

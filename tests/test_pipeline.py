@@ -15,18 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes" / "tiny" / "text.yaml"
 
 
-def posttrain(*args, cwd, check=True, timeout=300):
-    result = subprocess.run([sys.executable, "-m", "posttrain", *map(str, args)], cwd=cwd, capture_output=True,
-                            text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if check and result.returncode != 0:
-        raise AssertionError(f"posttrain {' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, posttrain_cli):
     cwd = tmp_path_factory.mktemp("run")
-    first = posttrain("run", TINY, cwd=cwd)
+    first = posttrain_cli("run", TINY, cwd=cwd)
     return cwd, cwd / "outputs" / "tiny-text", first
 
 
@@ -60,18 +52,18 @@ def test_tiny_recipe_end_to_end(tiny_run):
         assert not (run / stage / "ref").exists(), "only the trained adapter is saved"
 
 
-def test_rerun_skips_finished_stage_and_reruns_on_change(tiny_run):
+def test_rerun_skips_finished_stage_and_reruns_on_change(tiny_run, posttrain_cli):
     cwd, run, _ = tiny_run
     stamp = (run / "sft" / "lineage.json").stat().st_mtime_ns
-    again = posttrain("run", TINY, cwd=cwd)
+    again = posttrain_cli("run", TINY, cwd=cwd)
     assert "sft: finished earlier with the same inputs, skipped" in again.stdout
     assert (run / "sft" / "lineage.json").stat().st_mtime_ns == stamp
-    changed = posttrain("run", TINY, "stages.sft.learning_rate=5e-4", cwd=cwd)
+    changed = posttrain_cli("run", TINY, "stages.sft.learning_rate=5e-4", cwd=cwd)
     assert "skipped" not in changed.stdout.split("stage: sft")[-1]
     assert (run / "sft" / "lineage.json").stat().st_mtime_ns != stamp
 
 
-def test_killed_stage_resumes_from_checkpoint(tmp_path):
+def test_killed_stage_resumes_from_checkpoint(tmp_path, posttrain_cli):
     overrides = ["stages.sft.max_steps=30", "shared.save_strategy=steps", "shared.save_steps=2", "eval.dataset=null",
                  "name=resume"]
     cmd = [sys.executable, "-m", "posttrain", "run", str(TINY), *overrides, "--only", "sft"]
@@ -87,7 +79,7 @@ def test_killed_stage_resumes_from_checkpoint(tmp_path):
     assert checkpoints, "the stage should have written a checkpoint before being killed"
     assert not (tmp_path / "outputs" / "resume" / "sft").exists(), "killed before the end: no finished stage folder"
 
-    resumed = posttrain("run", TINY, *overrides, "--only", "sft", cwd=tmp_path)
+    resumed = posttrain_cli("run", TINY, *overrides, "--only", "sft", cwd=tmp_path)
     assert "resuming sft from checkpoint-" in resumed.stdout
     metrics = json.loads((tmp_path / "outputs" / "resume" / "sft" / "metrics.json").read_text())
     assert metrics["train"]["global_step"] == 30
@@ -95,24 +87,24 @@ def test_killed_stage_resumes_from_checkpoint(tmp_path):
     assert first_logged == 1  # log history carried over from the checkpoint, not restarted
 
 
-def test_two_process_cpu_run(tmp_path):
-    posttrain("run", TINY, "name=ddp", "eval.dataset=null", "--num-processes", "2", "--only", "sft", cwd=tmp_path)
+def test_two_process_cpu_run(tmp_path, posttrain_cli):
+    posttrain_cli("run", TINY, "name=ddp", "eval.dataset=null", "--num-processes", "2", "--only", "sft", cwd=tmp_path)
     metrics = json.loads((tmp_path / "outputs" / "ddp" / "sft" / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert metrics["train"]["global_step"] == 3
 
 
-def test_user_errors_are_one_paragraph(tmp_path):
-    missing = posttrain("run", tmp_path / "nope.yaml", cwd=tmp_path, check=False)
+def test_user_errors_are_one_paragraph(tmp_path, posttrain_cli):
+    missing = posttrain_cli("run", tmp_path / "nope.yaml", cwd=tmp_path, check=False)
     assert missing.returncode == 2
     assert "error: recipe not found" in missing.stdout and "Traceback" not in missing.stdout + missing.stderr
-    typo = posttrain("run", TINY, "stages.sft.lerning_rate=1", cwd=tmp_path, check=False)
+    typo = posttrain_cli("run", TINY, "stages.sft.lerning_rate=1", cwd=tmp_path, check=False)
     assert typo.returncode == 2 and "stages.sft.lerning_rate: unknown key" in typo.stdout
 
 
-def test_offline_hub_model_fails_fast(tmp_path):
+def test_offline_hub_model_fails_fast(tmp_path, posttrain_cli):
     # timeout: a hang (a Hub lookup waiting on the network) fails the test instead of stalling CI
-    result = posttrain("run", TINY, "base.model_name_or_path=someone/not-cached", cwd=tmp_path, check=False,
+    result = posttrain_cli("run", TINY, "base.model_name_or_path=someone/not-cached", cwd=tmp_path, check=False,
                        timeout=60)
     assert result.returncode == 2
     assert "someone/not-cached" in result.stdout and "HF_HUB_OFFLINE" in result.stdout

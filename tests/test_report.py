@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -247,17 +246,12 @@ def test_html_renders_in_headless_chromium_without_console_errors(full_report, t
     assert not console, "\n".join(console)
 
 
-@pytest.mark.slow
-def test_report_of_a_real_tiny_run(tmp_path):
-    """The tiny recipe through the real CLI, then `posttrain report` on its folder, as a user runs them."""
-    def posttrain(*args):
-        result = subprocess.run([sys.executable, "-m", "posttrain", *map(str, args)], cwd=tmp_path,
-                                capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-
-    posttrain("run", TINY)
-    run = tmp_path / "outputs" / "tiny-text"
-    posttrain("report", run)
+def test_report_of_a_real_tiny_run(tiny_sft_run, tmp_path, posttrain_cli):
+    """A real tiny run made through the CLI, then `posttrain report` on (a copy of) its folder, as a user runs it."""
+    run = tmp_path / "tiny-sft"
+    shutil.copytree(tiny_sft_run, run)
+    (run / "report.md").unlink()
+    posttrain_cli("report", run, cwd=tmp_path)
     md = (run / "report.md").read_text()
     view = load_run(run)
     for stage in view.stages:

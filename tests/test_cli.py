@@ -1,0 +1,44 @@
+"""The CLI as a user meets it: every verb has --help, doctor reports, data jobs are listed."""
+
+import subprocess
+import sys
+
+import pytest
+
+VERBS = ["run", "eval", "report", "data", "export", "chat", "doctor", "ablate"]
+
+
+def cli(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "posttrain", *args], capture_output=True, text=True, timeout=120)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_every_verb_has_help(verb):
+    result = cli(verb, "--help") if verb != "data" else cli("data", "list")
+    assert "usage" in result.stdout.lower() or "data jobs:" in result.stdout
+
+
+def test_data_lists_jobs_and_job_help():
+    listed = cli("data", "list").stdout
+    for job in ("build_verifiable_tasks", "build_sft_set", "build_preference_set", "build_onpolicy_pairs"):
+        assert job in listed
+    assert "--n_train" in cli("data", "build_verifiable_tasks", "--help").stdout
+
+
+def test_doctor_reports_stack_and_default_model():
+    from posttrain.doctor import check_default_model, check_versions
+
+    result = cli("doctor", check=False)
+    assert result.returncode in (0, 1)
+    for name in ("trl", "transformers", "peft", "torch build", "default model", "offline mode"):
+        assert name in result.stdout
+    assert all(status == "ok" for _, _, status in check_versions()), check_versions()
+    assert check_default_model()[0][2].startswith("installed")
+
+
+def test_unknown_data_job_is_a_user_error():
+    result = cli("data", "build_nothing", check=False)
+    assert result.returncode == 2 and "is not a data_prep job" in result.stdout
