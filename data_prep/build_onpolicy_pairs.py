@@ -11,6 +11,10 @@ at least `margin` (the same mining rule as online UPO, `posttrain.trainers.upo_p
 In a recipe, give the job `after: sft` to run it right after that stage, on that stage's adapter.
 Output: `train.parquet` (pairs from `train_split` prompts) and `test.parquet` (from `test_split` prompts) with
 `prompt`, `chosen`, `rejected` (conversational), `thinking`, `domain`, `answer`, `chosen_reward`, `rejected_reward`.
+
+Image prompts (an `images` column, a vision-language model whose processor renders them) work the same way: the
+answers are sampled with the prompt's images, and each pair keeps its images (embedded), so DPO trains on exactly what
+the model saw.
 """
 
 from dataclasses import dataclass, field
@@ -64,9 +68,10 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
 
     n = config.num_samples
     expanded = [row for row in rows for _ in range(n)]
+    images = [r["images"] for r in expanded] if rows and "images" in rows[0] else None
     prompts = [render_prompt(tokenizer, r["prompt"], r.get("thinking")) for r in expanded]
-    texts, _, _ = generate(model, tokenizer, prompts, config.max_new_tokens, config.batch_size, do_sample=True,
-                           temperature=config.temperature, top_p=config.top_p)
+    texts, _, _ = generate(model, tokenizer, prompts, config.max_new_tokens, config.batch_size, images=images,
+                           do_sample=True, temperature=config.temperature, top_p=config.top_p)
     columns = {key: [r.get(key) for r in expanded] for key in ("answer", "thinking", "domain")}
     score = combine_rewards(dict(zip(config.rewards, config.reward_weights, strict=True)))
     rewards = torch.tensor([float("nan") if v is None else v for v in score(texts, **columns)])
@@ -75,10 +80,22 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
     for chosen, rejected, _gap in mine_pairs(rewards, n, config.margin, config.pairs_per_prompt, valid=non_empty):
         row = expanded[chosen]
         pairs.append({"prompt": row["prompt"], "chosen": [{"role": "assistant", "content": texts[chosen]}],
-                      "rejected": [{"role": "assistant", "content": texts[rejected]}], "thinking": row.get("thinking"),
+                      "rejected": [{"role": "assistant", "content": texts[rejected]}],
+                      **({"images": row["images"]} if images else {}), "thinking": row.get("thinking"),
                       "domain": row.get("domain"), "answer": row.get("answer"),
                       "chosen_reward": float(rewards[chosen]), "rejected_reward": float(rewards[rejected])})
     return pairs
+
+
+def image_pairs_dataset(pairs: list[dict]):
+    """Pairs with images: embedded images, and message contents kept as JSON (text and image parts mix)."""
+    from datasets import Dataset, Features, Image, Json, List, Value
+
+    features = Features({"prompt": List(Json()), "chosen": List(Json()), "rejected": List(Json()),
+                         "images": List(Image()), "thinking": Value("bool"), "domain": Value("string"),
+                         "answer": Value("string"), "chosen_reward": Value("float64"),
+                         "rejected_reward": Value("float64")})
+    return Dataset.from_list(pairs, features=features)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{config.temperature}, scored by {config.rewards} with weights {config.reward_weights}; best vs worst "
               f"with gap >= {config.margin}"}
     lengths = [len(p["chosen"][0]["content"]) for rows in tables.values() for p in rows]
+    with_images = "images" in tables["train"][0]
     card_lib.write_generated(config, tables, job="build_onpolicy_pairs", kind="preference", source=source,
-                             command=command_line(PROG, argv), lengths=lengths, length_unit="characters of chosen")
+                             command=command_line(PROG, argv), lengths=lengths, length_unit="characters of chosen",
+                             to_dataset=image_pairs_dataset if with_images else None)
     print(f"wrote {config.output_dir}: " + ", ".join(f"{s} {len(t)} pairs" for s, t in tables.items()))
     return 0
 

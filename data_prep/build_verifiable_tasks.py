@@ -46,8 +46,9 @@ class VerifiableTasksConfig:
 
 # Each generator returns (question, answer, steps). Steps are the worked reasoning shown inside <think>.
 def arithmetic(rng):
-    a, b = rng.randint(2, 99), rng.randint(2, 99)
-    op = rng.choice(["+", "-", "*"]) if max(a, b) < 13 else rng.choice(["+", "-"])
+    # small operands: within reach of a 135M model in a few CPU minutes, and still wrong often enough to learn from
+    op = rng.choice(["+", "-", "*"])
+    a, b = (rng.randint(2, 9), rng.randint(2, 9)) if op == "*" else (rng.randint(1, 30), rng.randint(1, 20))
     value = {"+": a + b, "-": a - b, "*": a * b}[op]
     if op == "*":
         steps = f"{a} * {b} = {value}"
@@ -102,29 +103,37 @@ def is_test_question(question: str, test_every: int) -> bool:
 
 
 def generate(config: VerifiableTasksConfig) -> dict[str, list[dict]]:
-    """Unique tasks for train and test, balanced over domains, `thinking` drawn per task."""
+    """Tasks for train and test, as balanced over domains as their question spaces allow, `thinking` drawn per task.
+
+    Each domain gets an equal share of each split. A (question, thinking mode) pair appears at most once per split,
+    and a question is in train or in test, never both (by its hash). Domains with few distinct questions (units,
+    string) fill their share as far as they can; the data card reports the counts.
+    """
     for domain in config.domains:
         if domain not in GENERATORS:
             from posttrain.errors import UserError
 
             raise UserError(f"unknown task domain '{domain}'; choose from: {', '.join(GENERATORS)}")
     rng = random.Random(config.seed)
-    want = {"train": config.n_train, "test": config.n_test}
-    rows, seen = {"train": [], "test": []}, set()
-    attempts = 0
-    while any(len(rows[s]) < want[s] for s in rows):
-        attempts += 1
-        if attempts > 200 * (config.n_train + config.n_test):
-            raise RuntimeError("could not generate enough unique tasks; lower n_train/n_test or add domains")
-        domain = config.domains[attempts % len(config.domains)]
-        question, answer, steps = GENERATORS[domain](rng)
-        split = "test" if is_test_question(question, config.test_every) else "train"
-        thinking = rng.random() < config.thinking_fraction
-        if question in seen or len(rows[split]) >= want[split]:
-            continue
-        seen.add(question)
-        rows[split].append({"question": question, "answer": answer, "steps": steps, "domain": domain,
-                            "thinking": thinking})
+    rows = {"train": [], "test": []}
+    for index, domain in enumerate(config.domains):
+        share = {split: n // len(config.domains) + (index < n % len(config.domains))
+                 for split, n in (("train", config.n_train), ("test", config.n_test))}
+        taken, seen = {"train": 0, "test": 0}, set()
+        for _ in range(100 * (share["train"] + share["test"])):  # a domain's question space may run out first
+            if all(taken[s] >= share[s] for s in taken):
+                break
+            question, answer, steps = GENERATORS[domain](rng)
+            thinking = rng.random() < config.thinking_fraction
+            split = "test" if is_test_question(question, config.test_every) else "train"
+            if (question, thinking) in seen or taken[split] >= share[split]:
+                continue
+            seen.add((question, thinking))
+            taken[split] += 1
+            rows[split].append({"question": question, "answer": answer, "steps": steps, "domain": domain,
+                                "thinking": thinking})
+    for split in rows:  # interleave the domains
+        rng.shuffle(rows[split])
     return rows
 
 

@@ -155,13 +155,14 @@ def now() -> str:
 
 
 def write_generated(config, tables: dict[str, list[dict]], *, job: str, kind: str, source: dict, command: str,
-                    lengths: list[int], length_unit: str) -> Path:
+                    lengths: list[int], length_unit: str, to_dataset=None) -> Path:
     """Write rows a generator made (no input files to import): same folder layout and card as the importers'.
 
     Args:
         config: the job's config dataclass (`output_dir` and the options recorded in the card).
         tables (`dict[str, list[dict]]`): rows per split.
         source (`dict`): `name`, `path`, `license` and `notes` of what generated the rows.
+        to_dataset (*optional*): rows -> `datasets.Dataset` where the default typing does not fit (e.g. images).
     """
     import dataclasses
 
@@ -182,7 +183,8 @@ def write_generated(config, tables: dict[str, list[dict]], *, job: str, kind: st
         "length_stats": length_stats(lengths),
         "options_yaml": yaml.safe_dump(dataclasses.asdict(config), sort_keys=False),
     }
-    splits = {name: datasets.Dataset.from_list(rows) for name, rows in tables.items() if rows}
+    to_dataset = to_dataset or datasets.Dataset.from_list
+    splits = {name: to_dataset(rows) for name, rows in tables.items() if rows}
     return write_output(Path(config.output_dir), splits, [], card, lengths, length_unit, overwrite=True)
 
 

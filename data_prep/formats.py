@@ -5,6 +5,8 @@ Every converter takes a raw row (a dict) and returns a record of one *kind*:
 - `preference`: conversational `prompt`, `chosen`, `rejected` (+ `images`, `thinking`);
 - `unpaired`: `prompt`, `completion`, `label` (KTO);
 - `rl`: `prompt`, `answer`, `domain`.
+Vision rows (`vqa`, `erniekit_vl`, or any sft/preference row with `images`) carry image file paths; with
+`Options.embedded_images` an image may also be bytes (`build_vqa_tasks` keeps them inside its parquet files).
 Keys a format does not use are ignored (ids, metadata); problems raise `RowError` naming the field.
 """
 
@@ -41,6 +43,7 @@ class Options:
     base_dir: Path = Path(".")
     check_images: bool = True
     min_score_margin: float = 1.0
+    embedded_images: bool = False
 
 
 def detect(row: dict) -> str | None:
@@ -50,6 +53,10 @@ def detect(row: dict) -> str | None:
         return "messages"
     if "conversations" in keys:
         return "sharegpt"
+    if "text_info" in keys or "image_info" in keys:
+        return "erniekit_vl"
+    if {"question", "answer"} <= keys and ("image" in keys or "images" in keys):
+        return "vqa"
     if "src" in keys and ("response" in keys or "sort" in keys):
         return "erniekit_dpo"
     if "src" in keys or "tgt" in keys:
@@ -77,7 +84,8 @@ def _sft_record(row: dict, messages: list, thinking, opts: Options, system=None)
         system = require_str(system, "system", "a string", allow_empty=True)
         if system.strip() and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system}, *messages]
-    images = check_images(row.get("images", row.get("image")), opts.base_dir, opts.check_images)
+    images = check_images(row.get("images", row.get("image")), opts.base_dir, opts.check_images,
+                          embedded=opts.embedded_images)
     check_image_slots([messages], images)
     messages = image_markers_to_parts(messages) if images else messages
     if thinking is None and isinstance(row.get("thinking"), bool):
@@ -179,6 +187,70 @@ def from_erniekit_sft(row: dict, opts: Options) -> dict:
     return _sft_record(row, messages, thinking, opts, row.get("system"))
 
 
+def from_vqa(row: dict, opts: Options) -> dict:
+    """VQA rows: `image` (a path, or `{"bytes", "path"}` as `datasets.Image` stores it) or `images`, a `question`
+    and its `answer` (optionally `reasoning`, which becomes the <think> block). Without `<image>` markers in the
+    question, the images come first in the user turn."""
+    question = require_str(row.get("question"), "question", "the question about the image")
+    answer = row.get("answer")
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    answer = require_str(answer, "answer", "the reference answer")
+    images = row.get("images", row.get("image"))
+    if images is None or images == []:
+        raise RowError("image", "is missing", "an image file path (or `images`: a list of them)")
+    count = 1 if isinstance(images, (str, dict)) else len(images) if isinstance(images, list) else 0
+    content = question if "<image>" in question else "<image>" * count + question
+    messages = [{"role": "user", "content": content},
+                {"role": "assistant", "content": answer, "reasoning_content": row.get("reasoning")}]
+    messages, thinking = check_messages(messages, "question/answer")
+    return _sft_record({**row, "images": images}, messages, thinking, opts)
+
+
+ERNIEKIT_TAGS = {"mask": "user", "no_mask": "assistant"}
+
+
+def from_erniekit_vl(row: dict, opts: Options) -> dict:
+    """ERNIEKit VL SFT `{"image_info": [{"image_url", "matched_text_index"}], "text_info": [{"text", "tag"}]}`.
+
+    `tag: mask` texts are user turns (not trained), `no_mask` texts the assistant's; consecutive texts with the same
+    tag form one turn. An image sits right before the text its `matched_text_index` points at (default 0), and must
+    be in a user turn, as ERNIEKit requires."""
+    texts = require_list(row.get("text_info"), "text_info", 'a list of {"text", "tag": "mask"|"no_mask"}')
+    placed: dict[int, list[str]] = {}
+    image_info = require_list(row.get("image_info") or [], "image_info", "a list of {image_url, matched_text_index}",
+                              allow_empty=True)
+    for i, image in enumerate(image_info):
+        if not isinstance(image, dict):
+            raise RowError(f"image_info[{i}]", f"is a {type(image).__name__}", "an {image_url, matched_text_index}")
+        url = require_str(image.get("image_url"), f"image_info[{i}].image_url", "an image file path")
+        index = image.get("matched_text_index", 0)
+        if not isinstance(index, int) or not 0 <= index < len(texts):
+            raise RowError(f"image_info[{i}].matched_text_index", f"is {index!r}",
+                           f"the index of a text_info entry (0..{len(texts) - 1})")
+        placed.setdefault(index, []).append(url)
+    messages, images = [], []
+    for i, item in enumerate(texts):
+        if not isinstance(item, dict) or item.get("tag") not in ERNIEKIT_TAGS:
+            raise RowError(f"text_info[{i}]", f"is {item!r}"[:80], '{"text": ..., "tag": "mask" or "no_mask"}')
+        role = ERNIEKIT_TAGS[item["tag"]]
+        text = require_str(item.get("text"), f"text_info[{i}].text", "a string", allow_empty=True)
+        if i in placed and role != "user":
+            raise RowError(f"image_info (matched_text_index {i})", "points at a no_mask (assistant) text",
+                           "images in mask (user) texts, as ERNIEKit requires")
+        parts = [{"type": "image"} for _ in placed.get(i, [])] + ([{"type": "text", "text": text}] if text else [])
+        images += placed.get(i, [])
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += parts
+        else:
+            messages.append({"role": role, "content": parts})
+    for message in messages:  # replies are plain text: <think> blocks and thinking modes are read from strings
+        if message["role"] == "assistant":
+            message["content"] = "".join(part["text"] for part in message["content"])
+    messages, thinking = check_messages(messages, "text_info")
+    return _sft_record({**row, "images": images}, messages, thinking, opts)
+
+
 def from_prompt_completion(row: dict, opts: Options) -> dict:
     """TRL prompt-completion (`prompt`, `completion`: strings or message lists), joined into one conversation."""
     prompt = _prompt_messages(row, "prompt")
@@ -218,7 +290,8 @@ def _preference_record(row: dict, prompt, chosen, rejected, opts: Options) -> di
     (chosen, thinking), (rejected, _) = chosen, rejected
     if _same(chosen, rejected):
         raise RowError("chosen", 'and "rejected" are identical', "two different replies")
-    images = check_images(row.get("images", row.get("image")), opts.base_dir, opts.check_images)
+    images = check_images(row.get("images", row.get("image")), opts.base_dir, opts.check_images,
+                          embedded=opts.embedded_images)
     check_image_slots([prompt], images)
     prompt = image_markers_to_parts(prompt) if images else prompt
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "images": images, "thinking": thinking}
@@ -336,6 +409,8 @@ FORMATS: dict[str, tuple[str, Callable[[dict, Options], dict]]] = {
     "sharegpt": ("sft", from_sharegpt),
     "alpaca": ("sft", from_alpaca),
     "erniekit_sft": ("sft", from_erniekit_sft),
+    "erniekit_vl": ("sft", from_erniekit_vl),
+    "vqa": ("sft", from_vqa),
     "prompt_completion": ("sft", from_prompt_completion),
     "preference": ("preference", from_preference),
     "erniekit_dpo": ("preference", from_erniekit_dpo),

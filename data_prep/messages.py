@@ -267,15 +267,23 @@ def image_markers_to_parts(messages: list[dict]) -> list[dict]:
 _IMAGE_OK: dict[str, str | None] = {}  # path -> None if it decodes, else the error; images repeat across rows
 
 
-def check_images(images, base_dir: Path, decode: bool, field: str = "images") -> list[str] | None:
-    """Image paths that exist (relative ones resolved from the data file's folder) and, if `decode`, open with PIL."""
+def check_images(images, base_dir: Path, decode: bool, field: str = "images",
+                 embedded: bool = False) -> list | None:
+    """Image paths that exist (relative ones resolved from the data file's folder) and, if `decode`, open with PIL.
+
+    With `embedded`, an image may also be given as bytes (the `datasets.Image` feature's `{"bytes", "path"}` form with
+    bytes): it is returned as `{"bytes": ...}` after the same decode check. Without it, bytes are an error that says
+    which job keeps them (`build_vqa_tasks`), because `build_sft_set` writes image paths."""
     if images is None or images == []:
         return None
-    if isinstance(images, str):
+    if isinstance(images, (str, dict)):
         images = [images]
     images = require_list(images, field, "a list of image file paths")
     out = []
     for i, image in enumerate(images):
+        if isinstance(image, dict) and image.get("bytes") is not None:
+            out.append(_embedded_image(image["bytes"], f"{field}[{i}]", decode, embedded))
+            continue
         if isinstance(image, dict) and isinstance(image.get("path"), str):
             image = image["path"]  # the `datasets.Image` feature's {"path", "bytes"} form
         path_text = require_str(image, f"{field}[{i}]", "an image file path")
@@ -294,7 +302,22 @@ def check_images(images, base_dir: Path, decode: bool, field: str = "images") ->
     return out
 
 
-def _decode_error(path: Path) -> str | None:
+def _embedded_image(data, field: str, decode: bool, embedded: bool) -> dict:
+    if not embedded:
+        raise RowError(field, "holds image bytes, not a file path", "a file path (build_sft_set writes paths; "
+                       "build_vqa_tasks keeps embedded images)")
+    if not isinstance(data, (bytes, bytearray)):
+        raise RowError(f"{field}.bytes", f"is a {type(data).__name__}", "the bytes of a PNG/JPEG/... image")
+    if decode:
+        import io
+
+        error = _decode_error(io.BytesIO(data))
+        if error:
+            raise RowError(field, f"does not decode as an image ({error})", "a PNG/JPEG/... image")
+    return {"bytes": bytes(data)}
+
+
+def _decode_error(path) -> str | None:
     from PIL import Image
 
     try:

@@ -93,3 +93,85 @@ def check_preference_pairs(dataset, name: str, tokenizer=None, max_length: int |
     if bad:
         dataset = dataset.select(sorted(set(range(len(dataset))) - set(bad)))
     return dataset, len(bad)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Vision: images vs placeholders, image tokens vs max_length, processor vs model
+# ----------------------------------------------------------------------------------------------------------------------
+def check_image_slots(dataset, name: str) -> None:
+    """Every row has one image per image placeholder in its conversation; names the row.
+
+    Rows whose messages are all plain strings have no placeholders: TRL puts their images at the start of the first
+    user turn, so only those may have images and no placeholder."""
+    columns = [c for c in ("messages", "prompt", "completion", "chosen", "rejected") if c in dataset.column_names]
+    for index, row in enumerate(dataset.select_columns(columns + ["images"]).to_list()):
+        images = len(row["images"] or [])
+        contents = [m.get("content") for c in columns if isinstance(row[c], list) for m in row[c]]
+        slots = sum(1 for content in contents if isinstance(content, list)
+                    for part in content if isinstance(part, dict) and part.get("type") == "image")
+        if slots != images and (slots or any(isinstance(content, list) for content in contents)):
+            raise UserError(f"pre-flight: {name} row {index}: {images} image(s) for {slots} image placeholder(s) "
+                            "in the conversation; expected one {\"type\": \"image\"} part per image")
+
+
+def check_image_tokens(trainer, image_token_id: int, samples: int = 16) -> dict:
+    """Collate the first rows as training will, with and without `max_length`: truncation must not cut image tokens.
+
+    Cut image tokens are what makes a VLM fail mid-training with "Image features and image tokens do not match" (the
+    image's features are all there, its placeholder tokens are not). Here it is an error before the first step, with
+    the length that would fit."""
+    import copy
+    import dataclasses
+
+    collator = trainer.data_collator
+    max_length = collator.max_length
+    rows = [trainer.train_dataset[i] for i in range(min(samples, len(trainer.train_dataset)))]
+    full = dataclasses.replace(collator, max_length=None)(copy.deepcopy(rows))
+    if max_length is None:
+        return {"image_tokens": int((full["input_ids"] == image_token_id).sum())}
+    cut = collator(copy.deepcopy(rows))
+    for index in range(len(rows)):
+        want = int((full["input_ids"][index] == image_token_id).sum())
+        kept = int((cut["input_ids"][index] == image_token_id).sum())
+        if kept != want:
+            last = int((full["input_ids"][index] == image_token_id).nonzero().max()) + 1
+            raise UserError(
+                f"pre-flight: training row {index}: max_length={max_length} cuts {want - kept} of its {want} image "
+                f"tokens (they run to position {last}), so training would fail with \"Image features and image tokens "
+                f"do not match\". Raise max_length to at least {int(full['attention_mask'][index].sum())} (this "
+                "row's full length), or use smaller images (fewer image tokens)."
+            )
+    return {"image_tokens": int((full["input_ids"] == image_token_id).sum()), "max_length": max_length}
+
+
+def check_processor_matches_model(processor, model, batch: dict) -> None:
+    """The processor writes the image token the model replaces with image features, its vocabulary fits the model,
+    and one collated batch runs through the model: a mismatched pair (another model's processor, another patch size)
+    fails here, in words, instead of inside the first training step."""
+    import torch
+
+    config = model.config
+    if processor.image_token_id != config.image_token_id:
+        raise UserError(f"pre-flight: the processor's image token {processor.image_token!r} (id "
+                        f"{processor.image_token_id}) is not the model's (image_token_id {config.image_token_id}): "
+                        "the processor belongs to another model. Load both from the same folder.")
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(processor.tokenizer) > rows:
+        raise UserError(f"pre-flight: the processor's tokenizer has {len(processor.tokenizer)} tokens but the model "
+                        f"embeds only {rows}: they do not belong together")
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "completion_mask", "assistant_masks")}
+    length = inputs["input_ids"].shape[-1] if "input_ids" in inputs else None
+    for key, value in inputs.items():
+        if key.endswith("token_type_ids") and length is not None and value.shape[-1] != length:
+            raise UserError(f"pre-flight: the collated batch's `{key}` covers {value.shape[-1]} positions of "
+                            f"{length} tokens: the trainer's collator does not extend this per-token field over the "
+                            "reply (with trl 1.16, ERNIE-4.5-VL's moe_mm_token_type_ids), so the model would route "
+                            "tokens wrongly or fail. This model's image rows need a collator that carries it.")
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    except ValueError as exc:
+        if "do not match" not in str(exc):
+            raise
+        raise UserError(f"pre-flight: the processor and the model disagree on how many tokens an image takes ({exc}). "
+                        "Common causes: a processor from another model, a changed patch size or image size.") from exc

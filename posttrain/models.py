@@ -71,11 +71,7 @@ def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
-    def write(tmp: Path):
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
-    return _atomic_dir(Path(out_dir), write)
+    return save_atomic(out_dir, model, tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -114,11 +110,17 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
 
+    return save_atomic(out_dir, model, tokenizer)
+
+
+def save_atomic(out_dir: str | Path, model, processing_class) -> Path:
+    """`save_pretrained` of a model and its tokenizer/processor into `out_dir`, via a temp folder + rename."""
+
     def write(tmp: Path):
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        processing_class.save_pretrained(tmp)
 
-    return _atomic_dir(out_dir, write)
+    return _atomic_dir(Path(out_dir), write)
 
 
 def _atomic_dir(out_dir: Path, write) -> Path:

@@ -161,7 +161,7 @@ def build_tiny_vlm(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
     import torch
     from transformers import AutoModelForImageTextToText, AutoTokenizer, LlamaConfig
 
-    from .models import TINY_TOKENIZER, _atomic_dir
+    from .models import TINY_TOKENIZER, save_atomic
 
     tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -180,14 +180,12 @@ def build_tiny_vlm(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
-    def write(tmp: Path):
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-
-    return _atomic_dir(Path(out_dir), write)
+    return save_atomic(out_dir, model, processor)
 
 
-LLAVA_VISION = dict(image_size=64, patch_size=16, vision_hidden=128, vision_layers=2)  # 16 image tokens per image
+# 64 px images in 4 patches of 32 px = 4 image tokens: easy-VQA's one-shape images need no more, and every token
+# costs a pass through the 135M language model
+LLAVA_VISION = dict(image_size=64, patch_size=32, vision_hidden=128, vision_layers=2)
 
 
 def build_llava(language_model: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
@@ -196,7 +194,7 @@ def build_llava(language_model: str | Path, out_dir: str | Path, seed: int = 0) 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
 
-    from .models import _atomic_dir
+    from .models import save_atomic
 
     tokenizer = AutoTokenizer.from_pretrained(language_model)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
@@ -210,11 +208,7 @@ def build_llava(language_model: str | Path, out_dir: str | Path, seed: int = 0) 
     model.generation_config = lm.generation_config
     processor.chat_template = vl_chat_template(processor)
 
-    def write(tmp: Path):
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-
-    return _atomic_dir(Path(out_dir), write)
+    return save_atomic(out_dir, model, processor)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -241,12 +235,29 @@ def language_only_lora(peft_config, model):
     return peft_config
 
 
-def freeze_vision(model, trainable: list[str] | None) -> None:
-    """A continued adapter brings its `modules_to_save` back trainable; keep those the stage does not list frozen."""
+def freeze_vision(trainer, trainable: list[str] | None) -> list[str]:
+    """Keep the modules a continued adapter brought back in full (its `modules_to_save`: the vision tower and
+    projector trained in SFT) unchanged in this stage, unless the stage lists them in `trainable`; returns their names.
+
+    `requires_grad_(False)` does not hold: PEFT makes an adapter's modules_to_save trainable whenever it activates the
+    adapter, which TRL does after every reference pass, and with gradient checkpointing a flip between a forward and
+    its recomputation is an error. So they stay out of the optimizer (built here, before training) and their gradients
+    are zeroed, so that they do not count in gradient clipping either."""
+    import torch
+
     trainable = trainable or []
-    for name, param in model.named_parameters():
-        if ".modules_to_save." in name and not any(f".{m}.modules_to_save." in f".{name}" for m in trainable):
-            param.requires_grad_(False)
+    frozen = [(name, param) for name, param in trainer.model.named_parameters()
+              if ".modules_to_save.default." in name
+              and not any(f".{module}.modules_to_save." in f".{name}" for module in trainable)]
+    if not frozen:
+        return []
+    for _, param in frozen:
+        param.requires_grad_(False)
+    trainer.create_optimizer()
+    for _, param in frozen:
+        param.requires_grad_(True)
+        param.register_hook(torch.zeros_like)
+    return sorted({name.split(".modules_to_save.")[0].rsplit(".", 1)[-1] for name, _ in frozen})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -259,6 +270,11 @@ def decode_images(dataset):
     if not has_images(dataset) or isinstance(dataset.features["images"].feature, Image):
         return dataset
     return dataset.cast_column("images", List(Image()))
+
+
+def as_rows(dataset) -> list[dict]:
+    """The dataset as a list of rows, images decoded to PIL (`to_list()` would give their raw bytes)."""
+    return list(decode_images(dataset)) if has_images(dataset) else dataset.to_list()
 
 
 def sft_rows_to_prompt_completion(dataset):
@@ -283,3 +299,52 @@ def message_text(content) -> str:
     if isinstance(content, list):
         return "".join(part.get("text") or "" for part in content if part.get("type") == "text")
     return content or ""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Generation and scoring with images (evaluation, on-policy pairs)
+# ----------------------------------------------------------------------------------------------------------------------
+def encode(processor, prompts: list[str], images: list, device):
+    """Rendered prompts with their images, left-padded for generation: input ids with each image expanded to its
+    tokens, plus the processor's image tensors (`pixel_values`, `image_grid_thw`, `mm_token_type_ids`...)."""
+    processor.tokenizer.padding_side = "left"
+    flat = [list(row or []) for row in images]
+    batch = processor(text=prompts, images=flat if any(flat) else None, padding=True, return_tensors="pt",
+                      add_special_tokens=False)
+    return batch.to(device)
+
+
+def completion_logps(model, processor, prompts: list[str], images: list, completions: list[str],
+                     batch_size: int = 16) -> list[tuple[float, int]]:
+    """Summed log-prob and token count of each completion given its rendered prompt and images (teacher forcing).
+
+    Laid out as TRL's vision preference collator does: processed prompts (left-padded) + tokenized completions
+    (right-padded), flushed left, per-token type ids extended with zeros over the completion."""
+    import torch
+    from trl.trainer.utils import flush_left
+
+    tokenizer = processor.tokenizer
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        end = start + batch_size
+        batch = encode(processor, prompts[start:end], images[start:end], model.device)
+        tokenizer.padding_side = "right"
+        reply = tokenizer(completions[start:end], padding=True, return_tensors="pt", add_special_tokens=False)
+        reply = reply.to(model.device)
+        input_ids = torch.cat([batch.pop("input_ids"), reply["input_ids"]], dim=1)
+        prompt_mask = batch.pop("attention_mask")
+        attention_mask = torch.cat([prompt_mask, reply["attention_mask"]], dim=1)
+        completion_mask = torch.cat([torch.zeros_like(prompt_mask), reply["attention_mask"]], dim=1)
+        typed = [k for k in ("token_type_ids", "mm_token_type_ids") if k in batch]
+        for key in typed:
+            batch[key] = torch.cat([batch[key], torch.zeros_like(reply["input_ids"])], dim=1)
+        attention_mask, input_ids, completion_mask, *types = flush_left(
+            attention_mask, input_ids, completion_mask, *[batch[k] for k in typed])
+        batch.update(zip(typed, types))
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, **batch).logits[:, :-1].float()
+        target, scored = input_ids[:, 1:], completion_mask[:, 1:].bool()
+        logps = torch.log_softmax(logits, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        logps = logps.masked_fill(~scored, 0.0)
+        out += list(zip(logps.sum(-1).tolist(), scored.sum(-1).tolist()))
+    return out

@@ -58,13 +58,17 @@ def test_rerun_skips_finished_stage_and_reruns_on_change(tiny_run, posttrain_cli
     again = posttrain_cli("run", TINY, cwd=cwd)
     assert "sft: finished earlier with the same inputs, skipped" in again.stdout
     assert (run / "sft" / "lineage.json").stat().st_mtime_ns == stamp
-    changed = posttrain_cli("run", TINY, "stages.sft.learning_rate=5e-4", cwd=cwd)
-    assert "skipped" not in changed.stdout.split("stage: sft")[-1]
-    assert (run / "sft" / "lineage.json").stat().st_mtime_ns != stamp
+    upo_stamp = (run / "upo" / "lineage.json").stat().st_mtime_ns
+    changed = posttrain_cli("run", TINY, "stages.upo.learning_rate=5e-4", cwd=cwd)
+    assert "sft: finished earlier with the same inputs, skipped" in changed.stdout
+    assert "upo: finished earlier" not in changed.stdout and "stage: upo" in changed.stdout
+    assert (run / "sft" / "lineage.json").stat().st_mtime_ns == stamp
+    assert (run / "upo" / "lineage.json").stat().st_mtime_ns != upo_stamp
+    assert yaml.safe_load((run / "upo" / "resolved.yaml").read_text())["learning_rate"] == 5e-4
 
 
 def test_killed_stage_resumes_from_checkpoint(tmp_path, posttrain_cli):
-    overrides = ["stages.sft.max_steps=30", "shared.save_strategy=steps", "shared.save_steps=2", "eval.dataset=null",
+    overrides = ["stages.sft.max_steps=16", "shared.save_strategy=steps", "shared.save_steps=2", "eval.dataset=null",
                  "name=resume"]
     cmd = [sys.executable, "-m", "posttrain", "run", str(TINY), *overrides, "--only", "sft"]
     process = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -82,7 +86,7 @@ def test_killed_stage_resumes_from_checkpoint(tmp_path, posttrain_cli):
     resumed = posttrain_cli("run", TINY, *overrides, "--only", "sft", cwd=tmp_path)
     assert "resuming sft from checkpoint-" in resumed.stdout
     metrics = json.loads((tmp_path / "outputs" / "resume" / "sft" / "metrics.json").read_text())
-    assert metrics["train"]["global_step"] == 30
+    assert metrics["train"]["global_step"] == 16
     first_logged = min(log["step"] for log in metrics["log_history"] if "loss" in log)
     assert first_logged == 1  # log history carried over from the checkpoint, not restarted
 

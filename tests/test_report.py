@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+from html import unescape
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ def md_row(markdown: str, label: str, section: str = "") -> list[str]:
         markdown = markdown.split(section, 1)[1]
     for line in markdown.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
-        if cells and cells[0] == label:
+        if cells and unescape(re.sub(r"\\(.)", r"\1", cells[0])) == label:  # model text is shown escaped
             return cells[1:]
     raise AssertionError(f"no table row {label!r} in the report")
 

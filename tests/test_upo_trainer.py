@@ -477,3 +477,17 @@ def test_two_processes_with_groups_spanning_processes(tmp_path, tiny_model_path)
     assert result.returncode == 0, result.stderr[-3000:]
     losses = json.loads(result.stdout.split("LOSSES", 1)[1])
     assert len(losses) == 2 and losses[0] == pytest.approx(0.5 * math.log(2), abs=1e-4)
+
+
+def test_curriculum_phases_keep_their_order():
+    from posttrain.recipe import StageArguments
+    from posttrain.stages.upo import curriculum
+
+    rows = [{"prompt": [{"role": "user", "content": f"q{i}"}], "answer": "1", "domain": d, "thinking": False}
+            for i, d in enumerate(["logic", "math", "general"] * 6)]
+    phases = [{"domains": ["logic"], "num_prompts": 4}, {"domains": ["math", "general"]}]
+    domains = curriculum(Dataset.from_list(rows), StageArguments(), phases, seed=0)["domain"]
+    assert domains[:4] == ["logic"] * 4  # phase 1 first, capped at num_prompts
+    assert sorted(domains[4:]) == sorted(["math", "general"] * 6)  # then all of phase 2
+    with pytest.raises(UserError, match=r"phases\[0\]: unknown key"):
+        curriculum(Dataset.from_list(rows), StageArguments(), [{"domain": ["logic"]}], seed=0)

@@ -30,10 +30,13 @@ def load_policy(stage_args, training_args, model_args):
     """Base model + the previous stage's adapter (trainable), or the base model and a fresh LoRA config.
 
     Returns (model, tokenizer, peft_config); peft_config is None when continuing an adapter (TRL forbids passing a
-    PeftModel together with a peft_config).
+    PeftModel together with a peft_config). For a vision-language model the "tokenizer" is its processor, and LoRA
+    stays on the language tower (`posttrain.vision`): the vision tower and projector are trained only when listed in
+    `lora_modules_to_save`, in the stage that lists them.
     """
     from trl import get_peft_config
 
+    from .. import vision
     from ..models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(stage_args.tokenizer_name_or_path or model_args.model_name_or_path,
@@ -42,9 +45,24 @@ def load_policy(stage_args, training_args, model_args):
     model = load_model(model_args.model_name_or_path, adapter=stage_args.adapter_path, dtype=dtype,
                        trust_remote_code=training_args.trust_remote_code, is_trainable=True)
     peft_config = None if stage_args.adapter_path else get_peft_config(model_args)
+    if peft_config is not None and vision.is_vision_model(model_args.model_name_or_path):
+        peft_config = vision.language_only_lora(peft_config, model)
     if stage_args.adapter_path is None and peft_config is None:
         logger.warning("use_peft is false: this stage fine-tunes all weights and saves a full model, not an adapter")
     return model, tokenizer, peft_config
+
+
+def freeze_vision(trainer, stage_args, model_args) -> dict:
+    """A continued VLM adapter's fully trained modules (vision tower, projector) stay unchanged in this stage unless
+    it lists them in `lora_modules_to_save` (see `vision.freeze_vision`)."""
+    from .. import vision
+
+    if not stage_args.adapter_path or not vision.is_vision_model(model_args.model_name_or_path):
+        return {}
+    frozen = vision.freeze_vision(trainer, model_args.lora_modules_to_save)
+    if frozen:
+        trainer.accelerator.print(f"frozen in this stage (not in lora_modules_to_save): {', '.join(frozen)}")
+    return {"frozen_modules": frozen}
 
 
 def load_train_dataset(stage_args):

@@ -7,14 +7,15 @@ frozen "ref" adapter and trains the original: the previous stage is the referenc
 memory once. Directly on a base model (no previous stage), a fresh LoRA adapter is trained and the reference is the
 model with the adapter disabled.
 
-Rows: `prompt`/`chosen`/`rejected`, conversational or plain text, optionally `thinking` (per-row template switch).
+Rows: `prompt`/`chosen`/`rejected`, conversational or plain text, optionally `thinking` (per-row template switch)
+and `images` (with a vision-language model: TRL's vision preference collator; extra gates as in SFT).
 `dataset_test_split` names held-out pairs: TRL logs reward accuracy/margin on them at each eval step, and this stage
 measures the policy's own preference accuracy on them before and after training (`eval.preference_before/after`).
 """
 
 import time
 
-from .. import gates
+from .. import gates, vision
 from ..data import load_split, with_template_kwargs
 from ..recipe import StageArguments
 from . import common
@@ -26,10 +27,14 @@ def load_pairs(stage_args, split: str, tokenizer, max_length: int | None):
     dataset = load_split(stage_args.dataset_name, split, stage_args.dataset_config)
     name = f"{stage_args.dataset_name} ({split})"
     skipped = 0
+    images = vision.has_images(dataset)
     if stage_args.preflight:
-        dataset, skipped = gates.check_preference_pairs(dataset, name, tokenizer, max_length,
+        # Image prompts: text length says little about token length; the image-token gate checks truncation instead
+        dataset, skipped = gates.check_preference_pairs(dataset, name, None if images else tokenizer, max_length,
                                                         allow_skip=stage_args.skip_bad_rows)
-    return dataset, skipped
+        if images:
+            gates.check_image_slots(dataset, name)
+    return vision.decode_images(dataset), skipped
 
 
 def main(stage_args: StageArguments, training_args, model_args):
@@ -56,15 +61,20 @@ def main(stage_args: StageArguments, training_args, model_args):
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    frozen = common.freeze_vision(trainer, stage_args, model_args)
+    if stage_args.preflight and vision.has_images(train):
+        gates.check_image_tokens(trainer, model.config.image_token_id)
+        gates.check_processor_matches_model(tokenizer, trainer.model,
+                                            trainer.data_collator([trainer.train_dataset[0]]))
     before = None
     if heldout is not None and trainer.accelerator.is_main_process:
-        before = preference_eval(trainer.model, tokenizer, heldout.to_list())
+        before = preference_eval(trainer.model, tokenizer, vision.as_rows(heldout))
         trainer.accelerator.print(f"[dpo] held-out preference accuracy before: {before['accuracy']:.1%}")
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    after = preference_eval(trainer.model, tokenizer, heldout.to_list()) if before is not None else None
+    after = preference_eval(trainer.model, tokenizer, vision.as_rows(heldout)) if before is not None else None
     if after:
         trainer.accelerator.print(f"[dpo] held-out preference accuracy after: {after['accuracy']:.1%}")
-    extra = {"preference": {"before": before, "after": after}, "preflight": {"pairs_skipped": skipped}}
+    extra = {"preference": {"before": before, "after": after}, "preflight": {"pairs_skipped": skipped, **frozen}}
     common.finish(trainer, "dpo", stage_args, tokenizer, result, started, extra=extra)
     return trainer
 

@@ -7,11 +7,16 @@ Launched by the pipeline, one process per stage:
 Rows are conversational (`messages`), with an optional `thinking` column that becomes TRL's per-row
 `chat_template_kwargs` (enable_thinking), or prompt/completion pairs. Pre-flight gates run on the trainer's own
 tokenized data before the first step.
+
+With an `images` column and a vision-language model (its processor as the tokenizer), TRL's vision collator renders
+and processes each batch on the fly; rows become prompt/completion (`posttrain.vision`) so each keeps its thinking
+mode, and the loss is on the reply. Extra gates: images per placeholder, image tokens not cut by `max_length`,
+processor and model belonging together.
 """
 
 import time
 
-from .. import gates
+from .. import gates, vision
 from ..data import with_template_kwargs
 from ..recipe import StageArguments
 from . import common
@@ -27,18 +32,37 @@ def main(stage_args: StageArguments, training_args, model_args):
     common.set_threads()
     model, tokenizer, peft_config = common.load_policy(stage_args, training_args, model_args)
     dataset = common.keep_columns(with_template_kwargs(common.load_train_dataset(stage_args)), SFT_COLUMNS)
+    images = vision.has_images(dataset)
     if stage_args.preflight:
-        gates.check_template_markers(tokenizer, training_args.assistant_only_loss)
+        if not images:  # image rows train on the reply without the template's markers (see vision_rows)
+            gates.check_template_markers(tokenizer, training_args.assistant_only_loss)
         gates.check_conversations(dataset, stage_args.dataset_name)
+    if images:
+        dataset = vision_rows(dataset, training_args, stage_args)
 
     trainer = SFTTrainer(
         model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
     )
-    preflight = gates.check_collated_labels(trainer, tokenizer.eos_token_id) if stage_args.preflight else {}
+    preflight = common.freeze_vision(trainer, stage_args, model_args)
+    if stage_args.preflight:
+        if images:  # first: cut image tokens would also show up below as rows with nothing to train
+            preflight.update(gates.check_image_tokens(trainer, model.config.image_token_id))
+            gates.check_processor_matches_model(tokenizer, trainer.model, trainer.data_collator([dataset[0]]))
+        preflight.update(gates.check_collated_labels(trainer, vision.text_tokenizer(tokenizer).eos_token_id))
     trainer.accelerator.print(f"[sft] pre-flight ok: {preflight}")
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     common.finish(trainer, "sft", stage_args, tokenizer, result, started, extra={"preflight": preflight})
     return trainer
+
+
+def vision_rows(dataset, training_args, stage_args):
+    """Image rows for TRL's vision collator: decoded images, prompt/completion rows that keep their thinking mode."""
+    if stage_args.preflight:
+        gates.check_image_slots(dataset, stage_args.dataset_name)
+    if "messages" in dataset.column_names and training_args.assistant_only_loss:
+        training_args.assistant_only_loss = False  # completion-only loss on the reply instead (see vision.py)
+    training_args.remove_unused_columns = False  # keep `chat_template_kwargs`: the collator renders each row with it
+    return vision.sft_rows_to_prompt_completion(vision.decode_images(dataset))
 
 
 def make_parser():

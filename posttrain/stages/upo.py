@@ -2,8 +2,10 @@
 
     accelerate launch -m posttrain.stages.upo --config outputs/<run>/.upo.partial/resolved.yaml
 
-Rows: `prompt` (conversational), `answer`, `domain`, `thinking`. The policy continues the previous stage's adapter,
-whose frozen copy is the reference of the DPO term; rewards come by name from `posttrain.rewards.REWARDS`.
+Rows: `prompt` (conversational), `answer`, `domain`, `thinking`, optionally `images` (with a vision-language
+model). The policy continues the previous stage's adapter, whose frozen copy is the reference of the DPO term; rewards
+come by name from `posttrain.rewards.REWARDS`. Image prompts are rendered by GRPO in one thinking mode: with
+`chat_template_kwargs: {enable_thinking: false}` (or true) the stage keeps the prompts of that mode.
 
 Curriculum (ERNIE 4.5's progressive RL: logic first, then math and code, then general): `phases` lists ordered
 slices of the prompts, e.g. `[{domains: [comparison, counting], num_prompts: 64}, {domains: [arithmetic], ...}]`.
@@ -14,11 +16,12 @@ in sequence within one run (one optimizer, one schedule, one reference).
 import time
 from dataclasses import dataclass, field
 
+from .. import gates, vision
 from ..errors import UserError
 from ..recipe import StageArguments
 from . import common
 
-UPO_COLUMNS = {"prompt", "answer", "domain", "thinking"}
+UPO_COLUMNS = {"prompt", "answer", "domain", "thinking", "images"}
 
 
 @dataclass
@@ -68,13 +71,30 @@ def main(stage_args: StageArguments, training_args, model_args, curriculum_args:
     if curriculum_args.phases:
         dataset = curriculum(dataset, stage_args, curriculum_args.phases, training_args.seed)
         training_args.shuffle_dataset = False  # the phase order is the point
+    if vision.has_images(dataset):
+        if stage_args.preflight:
+            gates.check_image_slots(dataset, stage_args.dataset_name)
+        dataset = image_prompts(dataset, training_args)
     trainer = UPOTrainer(model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config)
+    frozen = common.freeze_vision(trainer, stage_args, model_args)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     extra = {"upo": {"lambda": training_args.upo_lambda, "mode": training_args.upo_mode,
-                     "rewards": training_args.rewards, "phases": curriculum_args.phases}}
+                     "rewards": training_args.rewards, "phases": curriculum_args.phases},
+             **({"preflight": frozen} if frozen else {})}
     common.finish(trainer, "upo", stage_args, tokenizer, result, started, extra=extra)
     return trainer
+
+
+def image_prompts(dataset, training_args):
+    """Image prompts with decoded images, only those of the thinking mode `chat_template_kwargs` asks for (GRPO
+    renders all image prompts with one; see `UPOTrainer`)."""
+    mode = (training_args.chat_template_kwargs or {}).get("enable_thinking")
+    if mode is not None and "thinking" in dataset.column_names:
+        dataset = dataset.filter(lambda thinking: bool(thinking) == bool(mode), input_columns="thinking")
+        if len(dataset) == 0:
+            raise UserError(f"upo: no image prompts with thinking={bool(mode)} (chat_template_kwargs.enable_thinking)")
+    return vision.decode_images(dataset)
 
 
 def make_parser():

@@ -103,6 +103,26 @@ def pack(prompts: list, completions: list, pad_token_id: int, device) -> tuple[t
     return prompt_ids, prompt_mask, completion_ids, completion_mask
 
 
+def select_images(batch: dict, rows: list[int]) -> dict:
+    """The image inputs of `rows` (indices, in that order, repeats allowed) of a GRPO batch, to score those rows'
+    prompts again in another layout: `pixel_values` (and `image_grid_thw`, `image_sizes`) of their images and their
+    `num_images`, plus `typed`: the per-token image-marker keys (`mm_token_type_ids`, `token_type_ids`) the model
+    needs, which the caller rebuilds for its own token layout. Empty for a text batch."""
+    from trl.trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_by_grid
+
+    if batch.get("pixel_values") is None or "num_images" not in batch:
+        return {}
+    keys = [k for k in ("pixel_values", "image_grid_thw", "image_sizes", "num_images") if k in batch]
+    split = split_pixel_values_by_grid({k: batch[k] for k in keys})
+    if not isinstance(split["pixel_values"], list):
+        raise UserError("UPO's DPO term with images supports models whose image inputs split per image (LLaVA, "
+                        "Qwen-VL); this model keeps them padded per sample")
+    picked = {k: [split[k][i] for i in rows] for k in keys}
+    picked = unsplit_pixel_values_by_grid(picked) if rows else {"num_images": []}
+    picked["typed"] = [k for k in TYPED_KEYS if k in batch]
+    return picked
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Prompts in each row's thinking mode
 # ----------------------------------------------------------------------------------------------------------------------
@@ -148,8 +168,10 @@ def _reply_ids(tokenizer, reply: str, thinking: bool | None, max_length: int | N
     return ids[:max_length] if max_length else ids
 
 
-def load_offline_pairs(path: str, tokenizer, max_completion_length: int | None) -> list[tuple[list[int], ...]]:
-    """Tokenize a preference dataset once: `(prompt_ids, chosen_ids, rejected_ids)` per row.
+def load_offline_pairs(path: str, tokenizer, max_completion_length: int | None,
+                       processor=None) -> list[tuple[list[int], ...]]:
+    """Tokenize a preference dataset once: `(prompt_ids, chosen_ids, rejected_ids)` per row, plus the prompt's image
+    inputs (`_image_prompt`) as a fourth element for rows with `images` (which need the VLM's `processor`).
 
     Rows have `prompt`, `chosen`, `rejected`, conversational or text, and optionally `thinking`. Prompts are rendered
     exactly as the RL prompts are (`render_prompt_text`); replies get the tokenizer's EOS appended (the chat template
@@ -158,6 +180,13 @@ def load_offline_pairs(path: str, tokenizer, max_completion_length: int | None) 
     from ..data import load_split
 
     dataset = load_split(path, "train")
+    images = "images" in dataset.column_names
+    if images and processor is None:
+        raise UserError(f"{path}: offline pairs with images need a vision-language model (and its processor)")
+    if images:
+        from ..vision import decode_images
+
+        dataset = decode_images(dataset)
     missing = [c for c in ("prompt", "chosen", "rejected") if c not in dataset.column_names]
     if missing:
         raise UserError(f"{path}: offline UPO pairs need the columns prompt, chosen, rejected; missing: "
@@ -167,15 +196,51 @@ def load_offline_pairs(path: str, tokenizer, max_completion_length: int | None) 
     pairs = []
     for line, row in enumerate(dataset, start=1):
         thinking = row["thinking"] if "thinking" in dataset.column_names else None
-        prompt_ids = tokenizer(text=render_prompt_text(tokenizer, row["prompt"], thinking))["input_ids"]
+        if images:
+            prompt_ids, image_inputs = _image_prompt(processor, row["prompt"], thinking, row["images"])
+        else:
+            prompt_ids = tokenizer(text=render_prompt_text(tokenizer, row["prompt"], thinking))["input_ids"]
         replies = []
         for column in ("chosen", "rejected"):
             reply = completion_text(row[column])
             if not reply.strip():
                 raise UserError(f'{path}:{line}: "{column}" is empty; expected a non-empty assistant reply')
             replies.append(_reply_ids(tokenizer, reply, thinking, max_completion_length))
-        pairs.append((prompt_ids, *replies))
+        pairs.append((prompt_ids, *replies, image_inputs) if images else (prompt_ids, *replies))
     return pairs
+
+
+IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")  # per image; `num_images` says which row has which
+TYPED_KEYS = ("mm_token_type_ids", "token_type_ids")  # per token: rebuilt for each layout of the tokens
+
+
+def _image_prompt(processor, prompt: list, thinking: bool | None, images: list) -> tuple[list[int], dict]:
+    """An image prompt's token ids (each image expanded to its tokens) and its image inputs, as GRPO makes them:
+    rendered with the chat template, then processed with the images, no special tokens added."""
+    from ..data import render_prompt
+
+    inputs = processor(text=[render_prompt(processor, prompt, thinking)], images=[list(images)], return_tensors="pt",
+                       add_special_tokens=False)
+    image_inputs = {key: inputs[key] for key in IMAGE_KEYS if key in inputs}
+    image_inputs.update(num_images=[len(images)], typed=[key for key in TYPED_KEYS if key in inputs])
+    return inputs["input_ids"][0].tolist(), image_inputs
+
+
+def merge_images(parts: list[dict | None]) -> dict:
+    """Image inputs of consecutive groups of rows (`select_images`, `_image_prompt` outputs) as one: per-image tensors
+    concatenated, `num_images` appended in row order. Empty groups (no rows) may be given as `{}` or None."""
+    import torch
+
+    parts = [part for part in parts if part]
+    if not parts:
+        return {}
+    merged = {"num_images": [n for part in parts for n in part["num_images"]],
+              "typed": sorted({key for part in parts for key in part.get("typed", [])})}
+    for key in IMAGE_KEYS:
+        tensors = [part[key] for part in parts if key in part]
+        if tensors:
+            merged[key] = torch.cat(tensors)
+    return merged
 
 
 class OfflinePairs:

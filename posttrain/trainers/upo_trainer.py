@@ -31,7 +31,13 @@ FSDP or ZeRO-3 a forward is a collective operation, and a mismatch hangs (tested
 
 Log-probs in the DPO term are GRPO's: summed over completion tokens, at the sampling `temperature` (1.0 by default).
 With λ = 0 no override changes anything GRPO computes (tested against `GRPOTrainer`). Not supported with λ > 0:
-images, tools/environments, custom rollout functions (the constructor does not take the last two at all).
+tools/environments, custom rollout functions (the constructor does not take them at all).
+
+Images (a VLM's processor, an `images` column): GRPO needs the prompts conversational to attach the images, so they are
+not rendered per row; GRPO applies one `chat_template_kwargs` to all of them, so image prompts must share one thinking
+mode, which becomes `chat_template_kwargs.enable_thinking`. The DPO term scores a pair's rejected rollout (and the
+reference scores both) with the images of its prompt, selected per row from GRPO's batch (`select_images`); offline
+pairs with images carry their own, processed once (`load_offline_pairs`).
 """
 
 import torch
@@ -48,10 +54,12 @@ from .upo_pairs import (
     default_margin,
     dpo_loss,
     load_offline_pairs,
+    merge_images,
     mine_pairs,
     pack,
     pad_sequences,
     render_prompts,
+    select_images,
 )
 
 # Any non-zero value: GRPOTrainer only builds a reference (ref adapter or ref model) when `beta != 0`.
@@ -122,11 +130,14 @@ class UPOTrainer(GRPOTrainer):
         reward_funcs, reward_weights = self._resolve_reward_funcs(reward_funcs, args)
         self._check_dataset(train_dataset, args)
         self._check_trainable(model, peft_config)
-        train_dataset = render_prompts(train_dataset, processing_class)
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {name: render_prompts(ds, processing_class) for name, ds in eval_dataset.items()}
+        if "images" in (train_dataset.column_names or []):
+            self._one_thinking_mode(train_dataset, args)
         else:
-            eval_dataset = render_prompts(eval_dataset, processing_class)
+            train_dataset = render_prompts(train_dataset, processing_class)
+            if isinstance(eval_dataset, dict):
+                eval_dataset = {name: render_prompts(ds, processing_class) for name, ds in eval_dataset.items()}
+            else:
+                eval_dataset = render_prompts(eval_dataset, processing_class)
 
         build_reference = args.upo_lambda > 0 and args.beta == 0.0
         if build_reference:  # see the module docstring: borrow GRPO's reference building, then restore beta
@@ -149,7 +160,9 @@ class UPOTrainer(GRPOTrainer):
         self._online = args.upo_mode in ("online", "both")
         self._offline = None
         if args.upo_mode in ("offline", "both"):
-            pairs = load_offline_pairs(args.upo_offline_dataset, self._tokenizer, args.max_completion_length)
+            processor = None if processing_class is self._tokenizer else processing_class  # a VLM's processor
+            pairs = load_offline_pairs(args.upo_offline_dataset, self._tokenizer, args.max_completion_length,
+                                       processor)
             self._offline = OfflinePairs(pairs, seed=f"{args.seed}:{self.accelerator.process_index}")
         self._captured_logps = None
         self._batch_rewards = None  # combined rewards of the current generation batch (all processes)
@@ -173,9 +186,26 @@ class UPOTrainer(GRPOTrainer):
         if args.normalize_rewards_by and columns and args.normalize_rewards_by not in columns:
             raise UserError(f"normalize_rewards_by is '{args.normalize_rewards_by}' but the training data has no such "
                             f"column (has: {', '.join(columns)})")
-        if args.upo_lambda > 0 and ("image" in columns or "images" in columns):
-            raise NotImplementedError("the UPO DPO term is text-only for now; use upo_lambda: 0 (plain GRPO) for "
-                                      "image data")
+        if "image" in columns:
+            raise UserError("image prompts go in an `images` column (a list of images per row), not `image`")
+
+    @staticmethod
+    def _one_thinking_mode(dataset, args):
+        """Image prompts stay conversational and GRPO renders them all with `args.chat_template_kwargs`: their one
+        thinking mode becomes its `enable_thinking`."""
+        if "thinking" not in dataset.column_names:
+            return
+        modes = {bool(mode) for mode in dataset["thinking"] if mode is not None}
+        kwargs = args.chat_template_kwargs or {}
+        if len(modes) > 1:
+            raise UserError("image prompts of both thinking modes: GRPO renders image prompts with one "
+                            "chat_template_kwargs, so give UPO the prompts of one mode (the upo stage keeps those "
+                            "matching `chat_template_kwargs: {enable_thinking: true|false}`)")
+        if modes and kwargs.get("enable_thinking", modes == {True}) != (modes == {True}):
+            raise UserError(f"chat_template_kwargs.enable_thinking is {kwargs['enable_thinking']} but the image "
+                            f"prompts' thinking column is {modes.pop()}")
+        if modes:
+            args.chat_template_kwargs = {**kwargs, "enable_thinking": modes == {True}}
 
     @staticmethod
     def _check_trainable(model, peft_config):
@@ -250,12 +280,13 @@ class UPOTrainer(GRPOTrainer):
 
         prompts = _unpad(output["prompt_ids"][has_pair], output["prompt_mask"][has_pair])
         chosen = _unpad(output["completion_ids"][has_pair], output["completion_mask"][has_pair])
-        rejected = [rejected[i] for i in sorted(rejected_of)]
+        paired = sorted(rejected_of)
+        rejected = [rejected[i] for i in paired]
         if "ref_per_token_logps" in output:  # beta > 0: GRPO already scored every rollout under the reference
             ref_chosen_local = (output["ref_per_token_logps"] * output["completion_mask"]).sum(-1)[has_pair]
-            ref_rejected_local = self._reference_logps(prompts, rejected)
+            ref_rejected_local = self._reference_logps(prompts, rejected, select_images(output, paired))
         else:
-            ref = self._reference_logps(prompts * 2, chosen + rejected)
+            ref = self._reference_logps(prompts * 2, chosen + rejected, select_images(output, paired * 2))
             ref_chosen_local, ref_rejected_local = ref[: len(chosen)], ref[len(chosen) :]
         ref_chosen = torch.zeros(rows, device=device).masked_scatter(has_pair, ref_chosen_local)
         ref_rejected = torch.zeros(rows, device=device).masked_scatter(has_pair, ref_rejected_local)
@@ -288,24 +319,32 @@ class UPOTrainer(GRPOTrainer):
         )
         return prompt_ids, prompt_mask, completion_ids, torch.zeros_like(completion_mask)  # placeholder: nothing scored
 
-    def _sequence_logps(self, model, prompts, completions):
-        """Summed log-prob of each completion given its prompt under `model`; one placeholder value if there are none."""
+    def _sequence_logps(self, model, prompts, completions, images=None):
+        """Summed log-prob of each completion given its prompt under `model`; one placeholder value if there are none.
+
+        `images`: the image inputs of the first rows' prompts (`select_images`); later rows have none."""
         prompt_ids, prompt_mask, completion_ids, completion_mask = self._pack(prompts, completions)
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        kwargs = {}
+        if images and prompts:
+            kwargs = {k: v.to(input_ids.device) for k, v in images.items() if isinstance(v, torch.Tensor)}
+            kwargs["num_images"] = images["num_images"] + [0] * (len(prompts) - len(images["num_images"]))
+            for key in images.get("typed", []):  # per-token image markers, for this layout of the tokens
+                kwargs[key] = (input_ids == self.model.config.image_token_id).long()
         logps, _, _ = self._get_per_token_logps_and_entropies(
-            model, torch.cat([prompt_ids, completion_ids], dim=1), torch.cat([prompt_mask, completion_mask], dim=1),
-            completion_ids.size(1),
+            model, input_ids, torch.cat([prompt_mask, completion_mask], dim=1), completion_ids.size(1), **kwargs
         )
         return (logps * completion_mask).sum(-1)
 
     @torch.no_grad()
-    def _reference_logps(self, prompts, completions):
+    def _reference_logps(self, prompts, completions, images=None):
         """Summed log π_ref(completion | prompt) per row, under the reference GRPO built (see the module docstring)."""
         with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             if self.ref_model is not None:
-                return self._sequence_logps(self.ref_model, prompts, completions)[: len(prompts)]
+                return self._sequence_logps(self.ref_model, prompts, completions, images)[: len(prompts)]
             unwrapped = self.accelerator.unwrap_model(self.model)
             with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
-                return self._sequence_logps(self.model, prompts, completions)[: len(prompts)]
+                return self._sequence_logps(self.model, prompts, completions, images)[: len(prompts)]
 
     # ------------------------------------------------------------------------------------------------------------------
     # Loss
@@ -337,21 +376,24 @@ class UPOTrainer(GRPOTrainer):
         plus the raw output of the one extra policy forward (rejected rollouts and both sides of the offline pairs)."""
         empty = torch.zeros(0, device=self.accelerator.device)
         chosen, ref_chosen, ref_rejected = empty, empty, empty
-        prompts, completions = [], []
+        prompts, completions, images = [], [], None
         if "upo_has_pair" in inputs:
             rows = inputs["upo_has_pair"]
             chosen = (policy_logps[rows] * inputs["completion_mask"][rows]).sum(-1)  # reused from GRPO's forward
             ref_chosen, ref_rejected = inputs["upo_ref_chosen_logps"][rows], inputs["upo_ref_rejected_logps"][rows]
             prompts = _unpad(inputs["prompt_ids"][rows], inputs["prompt_mask"][rows])
             completions = _unpad(inputs["upo_rejected_ids"][rows], inputs["upo_rejected_mask"][rows])
+            images = select_images(inputs, rows.nonzero().flatten().tolist())
         num_online = len(prompts)
         offline = self._draw_offline() if self._offline is not None and mode == "train" else []
-        offline_prompts = [prompt for prompt, _, _ in offline] * 2
-        offline_completions = [c for _, c, _ in offline] + [r for _, _, r in offline]
-        forward = self._sequence_logps(model, prompts + offline_prompts, completions + offline_completions)  # grad
+        offline_prompts = [pair[0] for pair in offline] * 2
+        offline_completions = [pair[1] for pair in offline] + [pair[2] for pair in offline]
+        offline_images = merge_images([pair[3] for pair in offline] * 2) if offline and len(offline[0]) > 3 else {}
+        forward = self._sequence_logps(model, prompts + offline_prompts, completions + offline_completions,  # grad
+                                       merge_images([images, offline_images]))
         rejected = forward[:num_online]
         if self._offline is not None and mode == "train":
-            ref = self._reference_logps(offline_prompts, offline_completions)
+            ref = self._reference_logps(offline_prompts, offline_completions, offline_images)
             n, end = len(offline), num_online + 2 * len(offline)
             chosen = torch.cat([chosen, forward[num_online : num_online + n]])
             rejected = torch.cat([rejected, forward[num_online + n : end]])

@@ -1,0 +1,39 @@
+"""Our chat templates: generation markers cover each reply and its end-of-turn token; thinking switch; ERNIE format."""
+
+import pytest
+
+from posttrain.data import render_prompt
+from posttrain.models import TINY_TOKENIZER, load_tokenizer
+
+CHAT = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]
+
+
+@pytest.mark.parametrize("template, eot", [("chatml", "<|im_end|>"), ("ernie4_5", "<|end_of_sentence|>")])
+def test_assistant_mask_is_the_reply_and_its_end_of_turn(template, eot):
+    from trl.chat_template_utils import is_chat_template_stop_token_trained
+
+    tokenizer = load_tokenizer(TINY_TOKENIZER, chat_template=template)
+    out = tokenizer.apply_chat_template(CHAT, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    masked = [t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m]
+    # ERNIE's "Assistant: " ends in a space that BPE merges into the reply's first token (" 5"), so it is masked too
+    assert tokenizer.decode(masked).lstrip(" ") == "5" + eot
+    assert len(masked) <= 3, "only the reply and its end-of-turn token are trained on"
+    assert is_chat_template_stop_token_trained(tokenizer)
+
+
+def test_ernie_format_and_thinking_switch():
+    tokenizer = load_tokenizer(TINY_TOKENIZER, chat_template="ernie4_5")
+    system = [{"role": "system", "content": "Be brief."}]
+    text = tokenizer.apply_chat_template(system + CHAT, tokenize=False)
+    assert text == "<|begin_of_sentence|>Be brief.\nUser: What is 2 + 3?\nAssistant: 5<|end_of_sentence|>"
+    assert render_prompt(tokenizer, CHAT[:1], thinking=False).endswith("Assistant: <think>\n\n</think>\n\n")
+    assert render_prompt(tokenizer, CHAT[:1], thinking=True).endswith("Assistant: ")
+
+
+def test_chatml_thinking_modes_are_prefix_consistent():
+    tokenizer = load_tokenizer(TINY_TOKENIZER, chat_template="chatml")
+    for thinking in (True, False):
+        prompt = render_prompt(tokenizer, CHAT[:1], thinking)
+        full = tokenizer.apply_chat_template(CHAT, tokenize=False, enable_thinking=thinking)
+        assert full.startswith(prompt), "the prompt the model is asked with must prefix what it was trained on"
+    assert "<think>" not in render_prompt(tokenizer, CHAT[:1], None)

@@ -1,0 +1,353 @@
+"""Vision-language path on tiny VLMs: each stage trains LoRA on the language tower with images; gates and data errors.
+
+One SFT -> DPO -> UPO chain per tiny VLM (LLaVA with its projector in `lora_modules_to_save`; Qwen2-VL with the
+whole vision side frozen), a few steps each, plus the pre-flight gates and the data-prep checks, and
+`recipes/tiny/vision.yaml` through the real CLI. That run starts in a background process when the module starts, so on
+2 cores it runs beside the in-process tests (about 45 s either way) instead of after them; the last test waits for it.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from posttrain import gates, vision
+from posttrain.data import load_split
+from posttrain.errors import UserError
+from posttrain.models import load_model, load_tokenizer
+from posttrain.recipe import StageArguments
+
+ROOT = Path(__file__).resolve().parent.parent
+ARCHS = ["llava", "qwen2_vl"]
+# LLaVA trains its projector in SFT (then frozen); Qwen2-VL keeps its whole vision side frozen in every stage
+MODULES_TO_SAVE = {"llava": ["multi_modal_projector"], "qwen2_vl": None}
+
+
+@pytest.fixture(scope="module")
+def tiny_vision_run(tmp_path_factory):
+    """`posttrain run recipes/tiny/vision.yaml` in a subprocess, started now, finished by `test_tiny_vision_recipe`."""
+    cwd = tmp_path_factory.mktemp("cli")
+    process = subprocess.Popen([sys.executable, "-m", "posttrain", "run", str(ROOT / "recipes" / "tiny" / "vision.yaml")],
+                               cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONWARNINGS": "ignore"}, start_new_session=True)
+    yield cwd, process
+    if process.poll() is None:  # e.g. only some tests were selected: do not leave it running
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+pytestmark = pytest.mark.usefixtures("tiny_vision_run")
+
+
+@pytest.fixture(scope="module")
+def vqa(tmp_path_factory):
+    """easy-VQA tasks (sft / prompts / test) and image preference pairs (train / test) built from them."""
+    from data_prep.build_onpolicy_pairs import image_pairs_dataset as to_dataset
+    from data_prep.build_vqa_tasks import main
+
+    out = tmp_path_factory.mktemp("vqa")
+    assert main(["--output_dir", str(out / "tasks"), "--n_train", "24", "--n_test", "4"]) == 0
+    rows = vision.as_rows(load_split(out / "tasks", "prompts"))
+    pairs = [{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["completion"]}],
+              "rejected": [{"role": "assistant", "content": "purple"}], "images": r["images"],
+              "thinking": r["thinking"], "domain": r["domain"], "answer": r["answer"], "chosen_reward": 1.0,
+              "rejected_reward": 0.0} for r in rows]
+    (out / "pairs").mkdir()
+    to_dataset(pairs[:8]).to_parquet(str(out / "pairs" / "train.parquet"))
+    to_dataset(pairs[8:12]).to_parquet(str(out / "pairs" / "test.parquet"))
+    return out
+
+
+def stage_configs(config_cls, arch, tiny_model_path, out, data, split, adapter=None, test_split=None, **overrides):
+    from trl import ModelConfig
+
+    path = tiny_model_path(arch)
+    stage_args = StageArguments(dataset_name=str(data), dataset_train_split=split, dataset_test_split=test_split,
+                                max_train_samples=16,
+                                tokenizer_name_or_path=str(path), adapter_path=adapter and str(adapter),
+                                eval_dataset=str(data.parent / "tasks"), eval_limit=4, eval_max_new_tokens=4)
+    training = dict(output_dir=str(out), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                    logging_steps=1, save_strategy="no", report_to="none", bf16=False, use_cpu=True, seed=0)
+    model_args = ModelConfig(model_name_or_path=str(path), use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                             lora_target_modules=["all-linear"], lora_modules_to_save=overrides.pop("save", None))
+    return stage_args, config_cls(**{**training, **overrides}), model_args
+
+
+def vision_weights(model) -> dict:
+    """The vision side's weights as the model uses them (the adapter's trained copy where there is one)."""
+    names = vision.vision_modules(model)
+    return {n.replace(".modules_to_save.default", "").removeprefix("base_model.model."): p.detach().clone()
+            for n, p in model.named_parameters()
+            if any(f".{m}." in n for m in names) and ".modules_to_save.ref." not in n and ".original_module." not in n}
+
+
+def losses(trainer, key="loss"):
+    values = [log[key] for log in trainer.state.log_history if key in log]
+    assert values and all(math.isfinite(v) for v in values), f"{key}: {values}"
+    return values
+
+
+def lora_b(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B.default" in n}
+
+
+@pytest.fixture(scope="module")
+def chain(vqa, tiny_model_path, tmp_path_factory):
+    """Run sft -> dpo -> upo for an architecture once; tests look at the trainers and the saved stages."""
+    runs = {}
+
+    def run(arch):
+        if arch not in runs:
+            runs[arch] = _chain(arch, vqa, tiny_model_path, tmp_path_factory.mktemp(arch))
+        return runs[arch]
+
+    return run
+
+
+def _chain(arch, vqa, tiny_model_path, out):
+    from trl import DPOConfig, SFTConfig
+
+    from posttrain.data import completion_text
+    from posttrain.rewards import REWARDS
+    from posttrain.stages import dpo, sft, upo
+    from posttrain.trainers import UPOConfig
+
+    base = vision_weights(load_model(tiny_model_path(arch)))
+    result = {"base": base}
+    result["sft"] = sft.main(*stage_configs(SFTConfig, arch, tiny_model_path, out / "sft", vqa / "tasks", "sft",
+                                            save=MODULES_TO_SAVE[arch], max_length=160))
+    result["sft_vision"] = vision_weights(result["sft"].model)
+    result["dpo"] = dpo.main(*stage_configs(DPOConfig, arch, tiny_model_path, out / "dpo", vqa / "pairs", "train",
+                                            adapter=out / "sft", test_split="test", max_length=160))
+    # a random tiny model is never right, and its rollouts all hit max length: reward their variety so groups differ
+    REWARDS["variety"] = lambda completions, **kw: [len(set(completion_text(c))) / 10 for c in completions]
+    try:
+        result["upo"] = upo.main(*stage_configs(
+            UPOConfig, arch, tiny_model_path, out / "upo", vqa / "tasks", "prompts", adapter=out / "dpo",
+            rewards={"accuracy": 1.0, "variety": 1.0}, upo_lambda=0.5, upo_margin=0.0, num_generations=4,
+            max_completion_length=6, chat_template_kwargs={"enable_thinking": False}), upo.CurriculumArguments())
+    finally:
+        del REWARDS["variety"]
+    result["dirs"] = {stage: out / stage for stage in ("sft", "dpo", "upo")}
+    return result
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sft_trains_language_lora_with_images(arch, chain):
+    run = chain(arch)
+    trainer = run["sft"]
+    losses(trainer)
+    model = trainer.model
+    assert any(p.abs().sum() > 0 for p in lora_b(model).values()), "LoRA B starts at zero and must have moved"
+    names = vision.vision_modules(model)
+    assert not [n for n, _ in model.named_parameters() if "lora_" in n and any(f".{m}." in n for m in names)], \
+        "LoRA must stay out of the vision tower and projector"
+    trained = [k for k in run["base"] if not torch.equal(run["base"][k], run["sft_vision"][k])]
+    if MODULES_TO_SAVE[arch]:  # listed in lora_modules_to_save: trained in full, saved in the adapter
+        assert trained and all("multi_modal_projector" in k for k in trained)
+        saved = load_file(run["dirs"]["sft"] / "adapter_model.safetensors")
+        assert any("multi_modal_projector" in k for k in saved)
+    else:
+        assert not trained, f"vision weights changed: {trained[:3]}"
+    metrics = json.loads((run["dirs"]["sft"] / "metrics.json").read_text())
+    assert metrics["adapter"]["reloads_equal"] and metrics["preflight"]["image_tokens"] > 0
+    evaluation = metrics["eval"]
+    assert {"accuracy", "format", "by_group", "samples"} <= set(evaluation)
+    assert {"mode/thinking", "mode/non_thinking"} <= set(evaluation["by_group"])
+    assert isinstance(evaluation["samples"][0]["prompt"], str)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dpo_and_upo_continue_the_adapter_with_vision_frozen(arch, chain):
+    run = chain(arch)
+    losses(run["dpo"])
+    losses(run["upo"], "upo/dpo_loss")  # the DPO term ran on online image pairs
+    assert any(log.get("upo/pairs_online", 0) > 0 for log in run["upo"].state.log_history)
+    saved = {stage: load_file(run["dirs"][stage] / "adapter_model.safetensors") for stage in ("sft", "dpo", "upo")}
+    for stage, previous in (("dpo", "sft"), ("upo", "dpo")):
+        changed = [k for k in saved[stage] if "lora_B" in k and not torch.equal(saved[stage][k], saved[previous][k])]
+        assert changed, f"{stage} did not move the LoRA adapter"
+    for stage in ("dpo", "upo"):  # vision side: exactly as SFT left it (trained copy or base weights)
+        after = vision_weights(run[stage].model)
+        assert all(torch.equal(after[k], run["sft_vision"][k]) for k in run["sft_vision"]), f"{stage} moved vision"
+    metrics = json.loads((run["dirs"]["dpo"] / "metrics.json").read_text())
+    assert metrics["preference"]["before"]["n"] == 4 and "mode/non_thinking" in metrics["eval"]["by_group"]
+    if MODULES_TO_SAVE[arch]:
+        assert metrics["preflight"]["frozen_modules"] == ["multi_modal_projector"]
+
+
+def test_llava_around_a_causal_lm(tiny_model_path):
+    """`llava:<model>` keeps the language model's weights and tokenizer and adds a fresh vision tower + projector."""
+    from posttrain.models import resolve_model
+
+    lm = load_model(tiny_model_path("llama"))
+    path = resolve_model("llava:tiny:llama")
+    model, processor = load_model(path), load_tokenizer(path)
+    assert type(model).__name__ == "LlavaForConditionalGeneration" and vision.vision_modules(model) == [
+        "vision_tower", "multi_modal_projector"]
+    for name, tensor in lm.model.state_dict().items():
+        assert torch.equal(model.model.language_model.state_dict()[name], tensor), name
+    assert processor.image_token_id == model.config.image_token_id
+    tokens = processor(text=["<image>"], images=[[Image.new("RGB", (64, 64))]])["input_ids"][0]
+    assert len(tokens) == 4  # 64 px in 32 px patches
+
+
+def test_upo_image_inputs_follow_their_rows():
+    from posttrain.trainers.upo_pairs import select_images
+
+    llava = {"pixel_values": torch.arange(3.0).view(3, 1, 1, 1), "num_images": [1, 0, 2]}
+    picked = select_images(llava, [2, 0, 2])
+    assert picked["num_images"] == [2, 1, 2] and picked["pixel_values"].flatten().tolist() == [1, 2, 0, 1, 2]
+    qwen = {"pixel_values": torch.arange(10.0).view(10, 1), "image_grid_thw": torch.tensor([[1, 2, 2], [1, 2, 3]]),
+            "num_images": [1, 1], "mm_token_type_ids": torch.zeros(2, 5)}
+    picked = select_images(qwen, [1])
+    assert picked["pixel_values"].flatten().tolist() == [4, 5, 6, 7, 8, 9]
+    assert picked["image_grid_thw"].tolist() == [[1, 2, 3]] and picked["typed"] == ["mm_token_type_ids"]
+    assert select_images({"prompt_ids": torch.ones(2, 3)}, [0]) == {}
+
+
+def test_gate_truncation_cuts_image_tokens(vqa, tiny_model_path, tmp_path):
+    from trl import SFTConfig
+
+    from posttrain.stages import sft
+
+    # LLaVA's 16 image tokens start after ~5 tokens: max_length 12 cuts them
+    configs = stage_configs(SFTConfig, "llava", tiny_model_path, tmp_path, vqa / "tasks", "sft", max_length=12)
+    with pytest.raises(UserError, match=r"max_length=12 cuts \d+ of its 16 image tokens .*Raise max_length to at least"):
+        sft.main(*configs)
+
+
+def test_gate_images_per_placeholder():
+    from datasets import Dataset, Features, Json, List, Value
+
+    image = {"type": "image"}
+    rows = [{"messages": [{"role": "user", "content": [image, {"type": "text", "text": "q"}]},
+                          {"role": "assistant", "content": "a"}], "images": ["a.png"]},
+            {"messages": [{"role": "user", "content": [image, {"type": "text", "text": "q"}]},
+                          {"role": "assistant", "content": "a"}], "images": ["a.png", "b.png"]}]
+    features = Features({"messages": List(Json()), "images": List(Value("string"))})
+    with pytest.raises(UserError, match=r"vqa.jsonl row 1: 2 image\(s\) for 1 image placeholder"):
+        gates.check_image_slots(Dataset.from_list(rows, features=features), "vqa.jsonl")
+
+
+def test_gate_processor_from_another_model(tiny_model_path):
+    model = load_model(tiny_model_path("llava"))
+    llava, qwen = load_tokenizer(tiny_model_path("llava")), load_tokenizer(tiny_model_path("qwen2_vl"))
+    image = Image.new("RGB", (32, 32), (255, 0, 0))
+    text = llava.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]}],
+                                     tokenize=False, add_generation_prompt=True)
+    with pytest.raises(UserError, match="processor belongs to another model"):
+        gates.check_processor_matches_model(qwen, model, {})
+    llava.patch_size = 16  # a processor that writes 4 image tokens where the vision tower makes 16 features
+    batch = llava(text=[text], images=[[image]], return_tensors="pt")
+    with pytest.raises(UserError, match="disagree on how many tokens an image takes"):
+        gates.check_processor_matches_model(llava, model, batch)
+
+
+def write_png(path, color=(255, 0, 0)):
+    Image.new("RGB", (16, 16), color).save(path)
+    return path.name
+
+
+def test_broken_or_missing_image_is_named(tmp_path):
+    from data_prep.build_vqa_tasks import main
+
+    good = write_png(tmp_path / "red.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    rows = [{"image": good, "question": "What color?", "answer": "red"},
+            {"image": "broken.png", "question": "What color?", "answer": "red"}]
+    (tmp_path / "vqa.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    args = ["--source", str(tmp_path / "vqa.jsonl"), "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(UserError, match=r'vqa.jsonl:2: "images\[0\]" does not decode as an image'):
+        main(args)
+    rows[1]["image"] = "missing.png"
+    (tmp_path / "vqa.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(UserError, match=r'vqa.jsonl:2: "images\[0\]" file not found: .*missing.png'):
+        main(args)
+
+
+def test_vqa_rows_import_with_reasoning(tmp_path):
+    from data_prep.build_vqa_tasks import main
+
+    rows = [{"image": write_png(tmp_path / "red.png"), "question": "What color is it?", "answer": "red",
+             "reasoning": "It is all red."},
+            {"images": [write_png(tmp_path / "blue.png", (0, 0, 255))], "question": "And this one?", "answer": "blue"}]
+    (tmp_path / "vqa.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert main(["--source", str(tmp_path / "vqa.jsonl"), "--output_dir", str(tmp_path / "out"),
+                 "--test_every", "1000"]) == 0
+    sft = vision.as_rows(load_split(tmp_path / "out", "sft"))
+    by_answer = {r["messages"][-1]["content"].rsplit("\n", 1)[-1]: r for r in sft}
+    assert by_answer["red"]["thinking"] and by_answer["red"]["messages"][-1]["content"].startswith("<think>\nIt is")
+    assert not by_answer["blue"]["thinking"]
+    assert by_answer["blue"]["messages"][0]["content"] == [{"type": "image"}, {"type": "text", "text": "And this one?"}]
+    assert by_answer["blue"]["images"][0].getpixel((0, 0)) == (0, 0, 255)  # embedded, decoded
+    assert json.loads((tmp_path / "out" / "card.json").read_text())["sources"][0]["path"].endswith("vqa.jsonl")
+
+
+def test_erniekit_vl_rows(tmp_path):
+    from data_prep.formats import Options, detect, from_erniekit_vl
+    from data_prep.messages import RowError
+
+    red = write_png(tmp_path / "red.png")
+    row = {"image_info": [{"image_url": red, "matched_text_index": 1}],
+           "text_info": [{"text": "Look:", "tag": "mask"}, {"text": "what color?", "tag": "mask"},
+                         {"text": "<think>It is red.</think>red", "tag": "no_mask"}]}
+    assert detect(row) == "erniekit_vl"
+    record = from_erniekit_vl(row, Options(base_dir=tmp_path))
+    assert record["messages"][0]["content"] == [{"type": "text", "text": "Look:"}, {"type": "image"},
+                                                {"type": "text", "text": "what color?"}]
+    assert record["messages"][1]["content"] == "<think>\nIt is red.\n</think>\n\nred" and record["thinking"]
+    assert record["images"] == [str((tmp_path / "red.png").resolve())]
+    row["image_info"][0]["matched_text_index"] = 2
+    with pytest.raises(RowError, match="points at a no_mask"):
+        from_erniekit_vl(row, Options(base_dir=tmp_path))
+
+
+def test_easy_vqa_tasks_think_consistently(vqa):
+    from posttrain.data import load_split
+    from posttrain.rewards import REWARDS
+
+    rows = load_split(vqa / "tasks", "prompts").select_columns(["answer", "completion", "thinking", "domain"])
+    rows = rows.to_list()
+    assert {r["domain"] for r in rows} == {"color", "shape", "yes_no"} and any(r["thinking"] for r in rows)
+    replies = [r["completion"] for r in rows]
+    columns = {"answer": [r["answer"] for r in rows], "thinking": [r["thinking"] for r in rows]}
+    assert REWARDS["accuracy"](replies, **columns) == [1.0] * len(rows)  # reference replies score full marks
+    assert REWARDS["think_format"](replies, **columns) == [1.0] * len(rows)
+    card = json.loads((vqa / "tasks" / "card.json").read_text())
+    assert card["sources"][0]["license"] == "mit" and "Victor Zhou" in card["sources"][0]["notes"]
+
+
+def test_tiny_vision_recipe(tiny_vision_run):
+    """The tiny vision recipe end to end through the CLI: data jobs, base eval, sft -> dpo -> upo, all with images."""
+    cwd, process = tiny_vision_run
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    run = cwd / "outputs" / "tiny-vision"
+    assert json.loads((run / "run.json").read_text())["steps"]["run"]["status"] == "done"
+    assert "easy-vqa" in (run / "data" / "vqa" / "README.md").read_text()
+    for stage in ("base", "sft", "dpo", "upo"):
+        evaluation = json.loads((run / stage / "metrics.json").read_text())["eval"]
+        assert evaluation["n"] == 8 and 0.0 <= evaluation["accuracy"] <= 1.0
+        assert {"mode/thinking", "mode/non_thinking"} <= set(evaluation["by_group"]) and evaluation["samples"]
+    sft = json.loads((run / "sft" / "metrics.json").read_text())
+    assert all(math.isfinite(log["loss"]) for log in sft["log_history"] if "loss" in log)
+    upo = json.loads((run / "upo" / "metrics.json").read_text())
+    assert any("upo/dpo_loss" in log for log in upo["log_history"])
+    adapters = {s: load_file(run / s / "adapter_model.safetensors") for s in ("sft", "dpo", "upo")}
+    tower = [k for k in adapters["sft"] if "vision_tower" in k or "multi_modal_projector" in k]
+    assert tower, "the SFT adapter carries the vision tower and projector it trained (lora_modules_to_save)"
+    for stage, previous in (("dpo", "sft"), ("upo", "dpo")):
+        assert all(torch.equal(adapters[stage][k], adapters["sft"][k]) for k in tower), f"{stage} moved vision"
+        assert any(not torch.equal(adapters[stage][k], adapters[previous][k]) for k in adapters[stage] if "lora_B" in k)
+        assert json.loads((run / stage / "lineage.json").read_text())["previous_stage"] == previous
+    assert (run / "data" / "pairs" / "train.parquet").is_file()
+    assert "held-out accuracy: base" in output
