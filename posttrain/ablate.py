@@ -7,7 +7,7 @@ A recipe's `ablation:` section names the stage that varies and the variants, eac
       variants:
         grpo: {stages.upo.upo_lambda: 0.0}
         upo_online: {}
-        grpo_proxy: {stages.upo.upo_lambda: 0.0, stages.upo.rewards: {hackable_confidence: 1.0}}
+        grpo_proxy: {stages.upo.upo_lambda: 0.0, stages.upo.rewards: {hackable_length: 1.0}}
 
 The stages before `stage` run once, in `outputs/<name>/`. Each variant is a run folder `outputs/<name>-<variant>/`
 that starts as a copy of the shared one (step hashes ignore the folder's location, so the copied stages count as

@@ -130,7 +130,7 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = 64, batch
     correct = REWARDS["accuracy"](texts, **columns)
     formatted = REWARDS["think_format"](texts, **columns)
     # the ablation's hackable proxy, scored on every evaluation so any two runs compare on it
-    proxy = REWARDS["hackable_confidence"](texts, **columns)
+    proxy = REWARDS["hackable_length"](texts, **columns)
     groups = defaultdict(list)
     for row, ok in zip(rows, correct):
         groups[f"domain/{row.get('domain')}"].append(ok)

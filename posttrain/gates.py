@@ -146,8 +146,9 @@ def check_image_tokens(trainer, image_token_id: int, samples: int = 16) -> dict:
 
 def check_processor_matches_model(processor, model, batch: dict) -> None:
     """The processor writes the image token the model replaces with image features, its vocabulary fits the model,
-    and one collated batch runs through the model: a mismatched pair (another model's processor, another patch size)
-    fails here, in words, instead of inside the first training step."""
+    every per-token field of one collated batch (`*token_type_ids`) covers all its tokens, and the batch runs through
+    the model: a mismatched pair (another model's processor, another patch size) or a collator that leaves a field at
+    the prompt's length fails here, in words, instead of inside the first training step."""
     import torch
 
     config = model.config
@@ -165,8 +166,9 @@ def check_processor_matches_model(processor, model, batch: dict) -> None:
         if key.endswith("token_type_ids") and length is not None and value.shape[-1] != length:
             raise UserError(f"pre-flight: the collated batch's `{key}` covers {value.shape[-1]} positions of "
                             f"{length} tokens: the trainer's collator does not extend this per-token field over the "
-                            "reply (with trl 1.16, ERNIE-4.5-VL's moe_mm_token_type_ids), so the model would route "
-                            "tokens wrongly or fail. This model's image rows need a collator that carries it.")
+                            "reply (TRL extends token_type_ids and mm_token_type_ids, posttrain.moe_routing "
+                            "ERNIE-4.5-VL's moe_mm_token_type_ids), so the model would fail or misread the reply. "
+                            "This model's image rows need a collator that lays the field out over the whole sequence.")
     try:
         with torch.no_grad():
             model(**inputs)

@@ -8,6 +8,7 @@ A run folder lists the runs it is compared with in run.json (`"ablation": {"runs
 relative to the run folder or absolute), or the caller passes them (`posttrain report RUN --compare OTHER ...`).
 """
 
+import os
 import re
 from pathlib import Path
 
@@ -75,6 +76,8 @@ def comparison_rows(runs: list[Path]) -> list[dict]:
             "status": final.status if final else "not started",
             "accuracy": (final.eval or {}).get("accuracy") if final else None,
             "heldout_proxy": (final.eval or {}).get("proxy_reward") if final else None,
+            "format": (final.eval or {}).get("format") if final else None,
+            "stop_rate": (final.eval or {}).get("stop_rate") if final else None,
             "base_accuracy": (base.eval or {}).get("accuracy") if base and base.eval else None,
             "proxy": proxy, "settings": dict(final.resolved) if final else {},
         })
@@ -100,19 +103,30 @@ def comparison(runs: list[Path]) -> list:
         table.append([f"**{r['run']}**", r["stage"] or NOT_MEASURED] +
                      [Cell(fmt(r["settings"].get(k)) if k in r["settings"] else "—", "mono") for k in settings] +
                      [num_cell(r["accuracy"], "rate"), Cell(delta, "num" if "pts" in delta else "missing"),
-                      num_cell(r["heldout_proxy"], "rate"),
+                      num_cell(r["format"], "rate"), num_cell(r["stop_rate"], "rate"),
+                      num_cell(r["heldout_proxy"]),
                       Cell(f"{proxy[1]:.3g}", "num") if proxy else NOT_MEASURED,
                       f"{proxy[0]} of {proxy[3]}, last {proxy[2]} logs" if proxy else ""])
     header = ["run", "evaluated stage"] + [f"`{k}`" for k in settings] + [
-        "held-out accuracy", "vs base", "held-out proxy", "training reward", "reward measured as"]
+        "held-out accuracy", "vs base", "format", "stopped", "held-out proxy", "training reward",
+        "reward measured as"]
     blocks = [heading("Ablation"),
               Para("True accuracy is the verifier on held-out prompts after the run's last evaluated stage; the "
-                   "held-out proxy is the deliberately hackable `hackable_confidence` reward on those same answers; "
+                   "format (think tags as the mode asks) and stopped (the answer ended with EOS) are scored on the same "
+                   "answers, and the held-out proxy is the deliberately hackable `hackable_length` reward on them; "
                    "the training reward is what the stage optimised, averaged over its last logged steps. A proxy "
                    "that rises while accuracy does not is the signature of reward hacking."),
               Table(header, table, "Setting columns: the resolved arguments that differ between these runs.")]
-    points = [(r["run"], r["proxy"][1], r["accuracy"]) for r in rows if r["proxy"] and r["accuracy"] is not None]
-    figure = plots.proxy_vs_true(points)
+    # x: the held-out proxy, one measure for every run, where all runs have it; else what each run trained on
+    held_out = all(r["heldout_proxy"] is not None for r in rows if r["accuracy"] is not None)
+    points = [(r["run"], r["heldout_proxy"] if held_out else (r["proxy"] or (0, None))[1], r["accuracy"])
+              for r in rows if r["accuracy"] is not None]
+    points = [p for p in points if p[1] is not None]
+    prefix = os.path.commonprefix([name for name, _, _ in points]) if len(points) > 1 else ""
+    prefix = prefix[: prefix.rfind("-") + 1]  # "smollm2-135m-ablation-grpo" → "grpo": the variant names the point
+    points = [(name[len(prefix):], x, y) for name, x, y in points]
+    xlabel = ("hackable proxy on the held-out answers" if held_out else "proxy: training reward, last logged steps")
+    figure = plots.proxy_vs_true(points, xlabel)
     if figure:
         blocks.append(Image("ablation_proxy_vs_true.png", figure, "proxy reward vs held-out accuracy",
                             "Runs without both numbers are left out of the plot (see the table)."))

@@ -292,7 +292,7 @@ def _group_label(group: str) -> str:
     return f"acc · {name or kind}"
 
 
-def proxy_vs_true(points: list[tuple[str, float, float]]) -> bytes | None:
+def proxy_vs_true(points: list[tuple[str, float, float]], xlabel: str) -> bytes | None:
     """Ablation scatter: proxy reward (x) against held-out accuracy (y), one labelled point per run."""
     if not points:
         return None
@@ -303,7 +303,7 @@ def proxy_vs_true(points: list[tuple[str, float, float]]) -> bytes | None:
         ax.scatter([proxy], [accuracy], s=45, color=color, zorder=3)
         ax.annotate(name, (proxy, accuracy), textcoords="offset points", xytext=(6, 4), fontsize=8, color=color)
     ax.margins(x=0.25)
-    ax.set_xlabel("proxy: training reward, last logged steps")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("held-out accuracy (verifier)")
     ax.set_ylim(-0.03, 1.03)
     ax.set_title("Proxy reward vs true accuracy")

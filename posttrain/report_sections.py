@@ -21,6 +21,7 @@ EVAL_ROWS = [  # key, label, kind
     ("stop_rate", "stop rate: emitted EOS", "rate"),
     ("mean_completion_tokens", "mean completion tokens", "num"),
     ("heldout_loss", "held-out loss of reference replies (nats/token)", "num"),
+    ("proxy_reward", "hackable proxy: length (not a goal)", "num"),
 ]
 GROUP_LABELS = {"mode/thinking": "accuracy · thinking on", "mode/non_thinking": "accuracy · thinking off",
                 "mode/default": "accuracy · default mode"}

@@ -4,15 +4,18 @@ Modality follows from the model folder and the data, as in TRL: a `config.json` 
 with `AutoModelForImageTextToText` and its processor), and a dataset with an `images` column is vision data. The stages
 stay the same TRL trainers; this module holds what only VLMs need:
 
-- models: `tiny:llava`, `tiny:qwen2_vl`, `tiny:qwen2_5_vl` (random weights, the tiny tokenizer, 32-64 px images, a few
-  image tokens) and `llava:<causal LM>`: LLaVA around any causal LM folder with a small fresh vision tower + projector
-  (the default vision recipe puts one around SmolLM2-135M);
+- models: `tiny:llava`, `tiny:qwen2_vl`, `tiny:qwen2_5_vl`, `tiny:ernie4_5_vl` (random weights, the tiny tokenizer,
+  32-64 px images, a few image tokens; ERNIE-4.5-VL's MoE layer has text and vision experts) and
+  `llava:<causal LM>`: LLaVA around any causal LM folder with a small fresh vision tower + projector (the default
+  vision recipe puts one around SmolLM2-135M);
 - processors: without torchvision, processors that also handle video cannot be built by `AutoProcessor`; they are
   loaded image-only (same class name, no video processor), which is all image training needs;
 - LoRA: on the language tower only; the vision tower and projector stay frozen unless the recipe lists them in
   `lora_modules_to_save` (then they are trained in full and saved in the adapter);
 - data: `images` columns of file paths are decoded to PIL images; SFT rows become prompt/completion so TRL's vision
   collator renders each row in its own thinking mode (it ignores `chat_template_kwargs` for `messages` rows).
+
+ERNIE-4.5-VL's per-token expert routing, which TRL's collators and GRPO do not lay out, is in `posttrain.moe_routing`.
 """
 
 import json
@@ -26,9 +29,14 @@ IMAGE_PLACEHOLDERS = {
     "LlavaProcessor": "<image>",
     "Qwen2VLProcessor": "<|vision_start|><|image_pad|><|vision_end|>",
     "Qwen2_5_VLProcessor": "<|vision_start|><|image_pad|><|vision_end|>",
+    "Ernie4_5_VLMoeProcessor": "<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>",
 }
 QWEN_VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-TINY_VLMS = ("llava", "qwen2_vl", "qwen2_5_vl")
+# ERNIE-4.5-VL's processor reads these as named tokenizer attributes (`tokenizer.image_token`, ...)
+ERNIE_VL_TOKENS = {"image_token": "<|IMAGE_PLACEHOLDER|>", "image_start_token": "<|IMAGE_START|>",
+                   "image_end_token": "<|IMAGE_END|>", "video_token": "<|VIDEO_PLACEHOLDER|>",
+                   "video_start_token": "<|VIDEO_START|>", "video_end_token": "<|VIDEO_END|>"}
+TINY_VLMS = ("llava", "qwen2_vl", "qwen2_5_vl", "ernie4_5_vl")
 _TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
 
@@ -83,11 +91,16 @@ def _image_only(processor_cls):
     """`processor_cls` without its video processor: its base class checks every attribute against a class that only
     exists with torchvision, but images never touch the video processor. Same class name, so saved folders stay
     loadable by `AutoProcessor` where torchvision is installed."""
+    from transformers import ProcessorMixin
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         processor_cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
-    return type(processor_cls.__name__, (processor_cls,), {"__init__": __init__, "__module__": __name__})
+    def save_pretrained(self, save_directory, **kwargs):  # ERNIE-4.5-VL's own also copies its video processor's font
+        return ProcessorMixin.save_pretrained(self, save_directory, **kwargs)
+
+    return type(processor_cls.__name__, (processor_cls,),
+                {"__init__": __init__, "save_pretrained": save_pretrained, "__module__": __name__})
 
 
 def load_processor(path: str | Path, chat_template: str | None = None, trust_remote_code: bool = False):
@@ -156,6 +169,30 @@ def _qwen_vl_parts(arch: str, tokenizer, special: dict):
     return config, _image_only(processor_cls)(image_processor=image_processor, tokenizer=tokenizer)
 
 
+def _ernie_vl_parts(special: dict):
+    """ERNIE-4.5-VL: a dense first layer, then a MoE layer with 4 text and 4 vision experts (top-2) and 1 shared."""
+    import transformers
+    from transformers import AutoTokenizer
+    from transformers.models.ernie4_5_vl_moe.image_processing_pil_ernie4_5_vl_moe import (
+        Ernie4_5_VLMoeImageProcessorPil,
+    )
+
+    from .models import TINY_TOKENIZER
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER, extra_special_tokens=ERNIE_VL_TOKENS)
+    ids = {f"{name}_id": tokenizer.convert_tokens_to_ids(token) for name, token in ERNIE_VL_TOKENS.items()}
+    # mrope_section: (height, width, time) halves of the rotary dimensions, height == width
+    text = dict(_TINY_TEXT, vocab_size=len(tokenizer), moe_intermediate_size=[32, 32], moe_k=2, moe_num_experts=4,
+                moe_num_shared_experts=1, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                           "mrope_section": [3, 3, 2]}, **special)
+    vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=14, spatial_merge_size=2)
+    config = transformers.Ernie4_5_VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
+    # 56 x 56 pixels, as for Qwen-VL: 4 image tokens between the image start and end tokens
+    image_processor = Ernie4_5_VLMoeImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56})
+    processor = _image_only(transformers.Ernie4_5_VLMoeProcessor)(image_processor=image_processor, tokenizer=tokenizer)
+    return config, processor
+
+
 def build_tiny_vlm(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Write a tiny random-weight VLM (`TINY_VLMS`) with the tiny tokenizer and a processor using `chatml_vl`."""
     import torch
@@ -172,6 +209,8 @@ def build_tiny_vlm(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
                                         vision_layers=1)
     elif arch in ("qwen2_vl", "qwen2_5_vl"):
         config, processor = _qwen_vl_parts(arch, tokenizer, special)
+    elif arch == "ernie4_5_vl":
+        config, processor = _ernie_vl_parts(special)
     else:
         raise UserError(f"unknown tiny vision architecture 'tiny:{arch}'; choose one of: {', '.join(TINY_VLMS)}")
     processor.chat_template = vl_chat_template(processor)
@@ -335,7 +374,7 @@ def completion_logps(model, processor, prompts: list[str], images: list, complet
         prompt_mask = batch.pop("attention_mask")
         attention_mask = torch.cat([prompt_mask, reply["attention_mask"]], dim=1)
         completion_mask = torch.cat([torch.zeros_like(prompt_mask), reply["attention_mask"]], dim=1)
-        typed = [k for k in ("token_type_ids", "mm_token_type_ids") if k in batch]
+        typed = [k for k in ("token_type_ids", "mm_token_type_ids", "moe_mm_token_type_ids") if k in batch]
         for key in typed:
             batch[key] = torch.cat([batch[key], torch.zeros_like(reply["input_ids"])], dim=1)
         attention_mask, input_ids, completion_mask, *types = flush_left(

@@ -22,7 +22,7 @@ def test_variants_apply_their_overrides():
     grpo = variant_recipe(recipe, "grpo", variants["grpo"])
     assert grpo.name == "smollm2-135m-ablation-grpo" and grpo.stages["upo"]["upo_lambda"] == 0.0
     proxy = variant_recipe(recipe, "upo_offline_proxy", variants["upo_offline_proxy"])
-    assert proxy.stages["upo"]["rewards"] == {"hackable_confidence": 1.0}
+    assert proxy.stages["upo"]["rewards"] == {"hackable_length": 1.0}
     assert proxy.stages["upo"]["upo_mode"] == "offline"
     assert recipe.stages["upo"]["upo_mode"] == "online", "variants must not leak into the shared recipe"
 

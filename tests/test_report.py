@@ -182,6 +182,8 @@ def test_ablation_compares_true_accuracy_with_proxy_reward(tmp_path):
     html = build_comparison([runs / "tiny-full", runs / "tiny-full-lambda0"], tmp_path / "cmp")
     md = (tmp_path / "cmp" / "comparison.md").read_text()
     assert md_row(md, "**tiny-full-lambda0**")[:3] == ["upo", "0", "12.5%"]  # varied setting: upo_lambda
+    lambda0 = json.loads((runs / "tiny-full-lambda0" / "upo" / "metrics.json").read_text())["eval"]
+    assert md_row(md, "**tiny-full-lambda0**")[4:6] == [f"{lambda0[k]:.1%}" for k in ("format", "stop_rate")]
     assert html.is_file() and (tmp_path / "cmp" / "comparison_files" / "ablation_proxy_vs_true.png").is_file()
 
 

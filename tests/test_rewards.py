@@ -13,7 +13,7 @@ from posttrain.rewards import (
     combine_rewards,
     exact_match,
     final_answer,
-    hackable_confidence,
+    hackable_length,
     length_penalty,
     multiple_choice,
     normalize_by_group,
@@ -73,7 +73,7 @@ def test_accuracy_picks_numeric_or_exact_by_reference():
 
 
 def test_rewards_accept_string_and_conversational_completions():
-    for name in ("accuracy", "numeric_accuracy", "exact_match", "think_format", "hackable_confidence"):
+    for name in ("accuracy", "numeric_accuracy", "exact_match", "think_format", "hackable_length"):
         plain = REWARDS[name](["42"], answer=["42"], thinking=[False])
         assert REWARDS[name]([chat("42")], answer=["42"], thinking=[False]) == plain, name
 
@@ -115,9 +115,11 @@ def test_length_penalty_prefers_shorter_in_tokens_or_words():
     assert length_penalty(["one two three"]) == [-3 / 512]
 
 
-def test_hackable_confidence_pays_for_words_not_correctness():
-    completions = ["Definitely 41, certainly, clearly!", "42", "I am absolutely sure it is definitely 42"]
-    assert hackable_confidence(completions, answer=["42"] * 3) == [1.0, 0.0, pytest.approx(2 / 3)]
+def test_hackable_length_pays_for_words_not_correctness():
+    rambling = "The answer is 42, but let me also say " + "more " * 40 + "so 41"
+    completions = [rambling, "42", "<think>\n40 + 2 = 42\n</think>\n\n42"]
+    assert accuracy(completions, answer=["42"] * 3) == [0.0, 1.0, 1.0]
+    assert hackable_length(completions, answer=["42"] * 3) == [1.0, pytest.approx(1 / 32), pytest.approx(8 / 32)]
 
 
 def test_resolve_and_combine_rewards_by_name():

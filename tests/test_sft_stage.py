@@ -35,6 +35,7 @@ def test_sft_trains_lora_only(arch, tiny_model_path, task_data, sft_configs, tmp
 
     adapter = tmp_path / "out" / "adapter_model.safetensors"
     assert adapter.stat().st_size > 0
+    assert not list((tmp_path / "out").glob("*.bin")), "safetensors and text only: no pickled files in a stage folder"
     reloaded = load_model(path, adapter=tmp_path / "out")
     for name, param in reloaded.named_parameters():
         if "lora_B" in name:

@@ -1,11 +1,13 @@
 """Vision-language path on tiny VLMs: each stage trains LoRA on the language tower with images; gates and data errors.
 
-One SFT -> DPO -> UPO chain per tiny VLM (LLaVA with its projector in `lora_modules_to_save`; Qwen2-VL with the
-whole vision side frozen), a few steps each, plus the pre-flight gates and the data-prep checks, and
+One SFT -> DPO -> UPO chain per tiny VLM (LLaVA with its projector in `lora_modules_to_save`; Qwen2-VL and
+ERNIE-4.5-VL, whose MoE layer routes tokens to text or vision experts, with the whole vision side frozen), a few steps
+each, plus the pre-flight gates, ERNIE-4.5-VL's routing where TRL does not lay it out, the data-prep checks, and
 `recipes/tiny/vision.yaml` through the real CLI. That run starts in a background process when the module starts, so on
 2 cores it runs beside the in-process tests (about 45 s either way) instead of after them; the last test waits for it.
 """
 
+import copy
 import json
 import math
 import os
@@ -26,9 +28,9 @@ from posttrain.models import load_model, load_tokenizer
 from posttrain.recipe import StageArguments
 
 ROOT = Path(__file__).resolve().parent.parent
-ARCHS = ["llava", "qwen2_vl"]
-# LLaVA trains its projector in SFT (then frozen); Qwen2-VL keeps its whole vision side frozen in every stage
-MODULES_TO_SAVE = {"llava": ["multi_modal_projector"], "qwen2_vl": None}
+ARCHS = ["llava", "qwen2_vl", "ernie4_5_vl"]
+# LLaVA trains its projector in SFT (then frozen); Qwen2-VL and ERNIE-4.5-VL keep their vision side frozen throughout
+MODULES_TO_SAVE = {"llava": ["multi_modal_projector"], "qwen2_vl": None, "ernie4_5_vl": None}
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +184,87 @@ def test_dpo_and_upo_continue_the_adapter_with_vision_frozen(arch, chain):
     assert metrics["preference"]["before"]["n"] == 4 and "mode/non_thinking" in metrics["eval"]["by_group"]
     if MODULES_TO_SAVE[arch]:
         assert metrics["preflight"]["frozen_modules"] == ["multi_modal_projector"]
+
+
+def image_prompt(text, image=None):
+    return [{"role": "user", "content": [{"type": "image", **({"image": image} if image else {})},
+                                         {"type": "text", "text": text}]}]
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_ernie_routing_covers_the_reply(kind, tiny_model_path):
+    """TRL's vision collators leave ERNIE-4.5-VL's `moe_mm_token_type_ids` at the prompt's length, and the gate stops
+    such a batch; the collator the stages swap in lays it over the whole sequence: vision on the image tokens and
+    their start/end tokens, text (0) over the reply."""
+    from types import SimpleNamespace
+
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    from posttrain.moe_routing import route_collator
+
+    path = tiny_model_path("ernie4_5_vl")
+    processor, model = load_tokenizer(path), load_model(path)
+    image = Image.new("RGB", (32, 32), (255, 0, 0))
+    prompts = [image_prompt("What color is it?"), image_prompt("Color?")]  # different lengths: flushed left
+    if kind == "sft":
+        rows = [{"prompt": p, "completion": [{"role": "assistant", "content": "red"}], "images": [image]}
+                for p in prompts]
+        trainer = SimpleNamespace(processing_class=processor,
+                                  data_collator=DataCollatorForVisionLanguageModeling(processor, max_length=64,
+                                                                                      completion_only_loss=True))
+    else:
+        rows = [{"prompt": p, "chosen": [{"role": "assistant", "content": "red"}],
+                 "rejected": [{"role": "assistant", "content": "a blue one"}], "images": [image]} for p in prompts]
+        trainer = SimpleNamespace(processing_class=processor,
+                                  data_collator=DataCollatorForVisionPreference(processor, max_length=64))
+    plain = trainer.data_collator(copy.deepcopy(rows))
+    with pytest.raises(UserError, match="`moe_mm_token_type_ids` covers"):
+        gates.check_processor_matches_model(processor, model, plain)
+
+    route_collator(trainer)
+    assert trainer.data_collator.max_length == 64  # TRL's settings kept
+    batch = trainer.data_collator(copy.deepcopy(rows))
+    ids, routing = batch["input_ids"], batch["moe_mm_token_type_ids"]
+    vision_ids = [processor.image_token_id, processor.image_start_token_id, processor.image_end_token_id]
+    assert routing.shape == ids.shape and torch.equal(routing.bool(), torch.isin(ids, torch.tensor(vision_ids)))
+    reply = batch["completion_mask"] if kind == "dpo" else batch["labels"] != -100
+    assert reply.any() and not routing[reply.bool()].any()
+    gates.check_processor_matches_model(processor, model, batch)  # and the batch runs through the model
+
+
+def test_upo_routes_ernie_tokens_by_modality(chain):
+    """GRPO neither passes `moe_mm_token_type_ids` to the model nor extends it over the completion, and ERNIE-4.5-VL's
+    processor cannot tokenize GRPO's unpadded prompts of different lengths; UPO does both for every forward."""
+    from trl import GRPOTrainer
+
+    trainer = chain("ernie4_5_vl")["upo"]
+    processor, image = trainer.processing_class, Image.new("RGB", (32, 32), (0, 0, 255))
+    prompts = [image_prompt("What color is it?", image), image_prompt("Color?", image)]
+    with pytest.raises(ValueError, match="inhomogeneous"):  # transformers 5.23; the override can go once this passes
+        GRPOTrainer._tokenize_prompts(trainer, prompts)
+    prompt_ids, images, fields = trainer._tokenize_prompts(prompts)
+    assert len(images) == 2 and [len(r) for r in fields["moe_mm_token_type_ids"]] == [len(r) for r in prompt_ids]
+
+    texts = [processor.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    inputs = processor(text=texts, images=[[image]] * 2, padding=True, return_tensors="pt")
+    reply = torch.full((2, 3), processor.tokenizer.convert_tokens_to_ids("a"))
+    input_ids = torch.cat([inputs["input_ids"], reply], dim=1)
+    seen = []
+    base = trainer.model.get_base_model()
+    hook = base.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs.get("moe_mm_token_type_ids")),
+                                          with_kwargs=True)
+    try:
+        with torch.no_grad():  # as GRPO's reference pass calls it: the processor's routing, prompt only
+            trainer._get_per_token_logps_and_entropies(
+                trainer.model, input_ids, torch.ones_like(input_ids), 3, pixel_values=inputs["pixel_values"],
+                image_grid_thw=inputs["image_grid_thw"], num_images=[1, 1],
+                mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(reply)], dim=1),
+                moe_mm_token_type_ids=inputs["moe_mm_token_type_ids"])
+    finally:
+        hook.remove()
+    expected = torch.cat([inputs["moe_mm_token_type_ids"], torch.zeros_like(reply)], dim=1)
+    assert len(seen) == 1 and torch.equal(seen[0], expected)
 
 
 def test_llava_around_a_causal_lm(tiny_model_path):

@@ -119,6 +119,8 @@ def finish(trainer, stage: str, stage_args, tokenizer, train_result, started: fl
     trainer.save_model(output_dir)
     # PEFT saves every adapter; TRL's frozen "ref" copy (the previous stage, already saved there) goes to ref/
     shutil.rmtree(Path(output_dir) / "ref", ignore_errors=True)
+    # Trainer pickles its arguments next to the adapter; resolved.yaml holds them as text, and we ship no pickles
+    (Path(output_dir) / "training_args.bin").unlink(missing_ok=True)
     if not trainer.accelerator.is_main_process:
         trainer.accelerator.wait_for_everyone()
         return

@@ -8,7 +8,8 @@ memory once. Directly on a base model (no previous stage), a fresh LoRA adapter 
 model with the adapter disabled.
 
 Rows: `prompt`/`chosen`/`rejected`, conversational or plain text, optionally `thinking` (per-row template switch)
-and `images` (with a vision-language model: TRL's vision preference collator; extra gates as in SFT).
+and `images` (with a vision-language model: TRL's vision preference collator, with ERNIE-4.5-VL's expert routing
+laid over the replies by `posttrain.moe_routing`; extra gates as in SFT).
 `dataset_test_split` names held-out pairs: TRL logs reward accuracy/margin on them at each eval step, and this stage
 measures the policy's own preference accuracy on them before and after training (`eval.preference_before/after`).
 """
@@ -42,6 +43,7 @@ def main(stage_args: StageArguments, training_args, model_args):
     from trl import DPOTrainer
 
     from ..evaluate import preference_eval
+    from ..moe_routing import route_collator
 
     started = time.time()
     common.set_threads()
@@ -61,6 +63,7 @@ def main(stage_args: StageArguments, training_args, model_args):
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    route_collator(trainer)  # ERNIE-4.5-VL: its expert routing field over the replies too (posttrain.moe_routing)
     frozen = common.freeze_vision(trainer, stage_args, model_args)
     if stage_args.preflight and vision.has_images(train):
         gates.check_image_tokens(trainer, model.config.image_token_id)

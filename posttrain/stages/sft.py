@@ -10,8 +10,8 @@ tokenized data before the first step.
 
 With an `images` column and a vision-language model (its processor as the tokenizer), TRL's vision collator renders
 and processes each batch on the fly; rows become prompt/completion (`posttrain.vision`) so each keeps its thinking
-mode, and the loss is on the reply. Extra gates: images per placeholder, image tokens not cut by `max_length`,
-processor and model belonging together.
+mode, and the loss is on the reply (ERNIE-4.5-VL's expert routing is laid over it too: `posttrain.moe_routing`).
+Extra gates: images per placeholder, image tokens not cut by `max_length`, processor and model belonging together.
 """
 
 import time
@@ -28,6 +28,8 @@ def main(stage_args: StageArguments, training_args, model_args):
     """Train, save, verify and evaluate; returns the trainer (tests inspect its model)."""
     from trl import SFTTrainer
 
+    from ..moe_routing import route_collator
+
     started = time.time()
     common.set_threads()
     model, tokenizer, peft_config = common.load_policy(stage_args, training_args, model_args)
@@ -43,6 +45,7 @@ def main(stage_args: StageArguments, training_args, model_args):
     trainer = SFTTrainer(
         model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
     )
+    route_collator(trainer)  # ERNIE-4.5-VL: its expert routing field over the reply too (posttrain.moe_routing)
     preflight = common.freeze_vision(trainer, stage_args, model_args)
     if stage_args.preflight:
         if images:  # first: cut image tokens would also show up below as rows with nothing to train

@@ -38,6 +38,11 @@ not rendered per row; GRPO applies one `chat_template_kwargs` to all of them, so
 mode, which becomes `chat_template_kwargs.enable_thinking`. The DPO term scores a pair's rejected rollout (and the
 reference scores both) with the images of its prompt, selected per row from GRPO's batch (`select_images`); offline
 pairs with images carry their own, processed once (`load_offline_pairs`).
+
+ERNIE-4.5-VL routes each token to text or vision experts by `moe_mm_token_type_ids`, which GRPO neither passes to the
+model nor extends over the completion (`posttrain.moe_routing`). `_get_per_token_logps_and_entropies` gives every
+forward (GRPO's and the DPO term's) the routing of its own tokens, and `_tokenize_prompts` works around its processor
+failing on a batch of prompts of different lengths.
 """
 
 import torch
@@ -47,6 +52,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import nanstd, use_adapter
 
 from ..errors import UserError
+from ..moe_routing import MOE_ROUTING, routes_by_modality, with_routing
 from ..rewards import normalize_by_group, resolve_rewards, weighted_sum
 from .upo_config import UPOConfig
 from .upo_pairs import (
@@ -107,6 +113,7 @@ class UPOTrainer(GRPOTrainer):
     _tag_names = ["trl", "grpo", "upo", "posttrain"]
     _name = "UPO"
     _capture_logps = False  # class default: set before GRPOTrainer.__init__ could ever run a forward
+    _routing = False  # set after GRPOTrainer.__init__: whether the model routes tokens by modality (ERNIE-4.5-VL)
 
     def __init__(
         self,
@@ -165,6 +172,7 @@ class UPOTrainer(GRPOTrainer):
                                        processor)
             self._offline = OfflinePairs(pairs, seed=f"{args.seed}:{self.accelerator.process_index}")
         self._captured_logps = None
+        self._routing = routes_by_modality(processing_class)  # ERNIE-4.5-VL (see the module docstring)
         self._batch_rewards = None  # combined rewards of the current generation batch (all processes)
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -304,8 +312,11 @@ class UPOTrainer(GRPOTrainer):
     # under DDP, FSDP or ZeRO-3 a forward is a collective operation, and processes that disagree on how many they run
     # hang. So every process calls them the same number of times per step, whatever its number of pairs.
     # ------------------------------------------------------------------------------------------------------------------
-    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
-        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        if self._routing:  # GRPO passes no routing, or the processor's for the prompt only: route by the tokens
+            kwargs.pop(MOE_ROUTING, None)
+            model = self._routed(model)
+        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
         if self._capture_logps:  # GRPO's loss forward: keep the policy log-probs for the chosen rollouts
             self._captured_logps = logps
         return logps, entropies, aux_loss
@@ -345,6 +356,32 @@ class UPOTrainer(GRPOTrainer):
             unwrapped = self.accelerator.unwrap_model(self.model)
             with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
                 return self._sequence_logps(self.model, prompts, completions, images)[: len(prompts)]
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # ERNIE-4.5-VL's expert routing (`moe_mm_token_type_ids`, see posttrain.moe_routing), which GRPO does not carry
+    # ------------------------------------------------------------------------------------------------------------------
+    def _routed(self, model):
+        """`model` as GRPO calls it (keyword inputs, one chunk of rows at a time), plus the routing of those tokens."""
+
+        def forward(**inputs):
+            return model(**with_routing(self.processing_class, inputs))
+
+        return forward
+
+    def _tokenize_prompts(self, prompts):
+        """ERNIE-4.5-VL's processor (transformers 5.23) builds its routing with one numpy array over the batch, which
+        fails on the unpadded prompts of different lengths GRPO tokenizes together. So those are tokenized one at a
+        time and merged as GRPO merges per-environment prompts: tensors concatenated, other fields joined by rows."""
+        if not self._routing or len(prompts) == 1:
+            return super()._tokenize_prompts(prompts)
+        tokenize = super()._tokenize_prompts
+        parts = [tokenize([prompt]) for prompt in prompts]
+        prompt_ids = [ids for part in parts for ids in part[0]]
+        images = [part[1][0] if part[1] else None for part in parts]
+        fields = {key: [part[2][key] for part in parts] for key in parts[0][2]}
+        fields = {key: torch.cat(values) if isinstance(values[0], torch.Tensor) else [row for v in values for row in v]
+                  for key, values in fields.items()}
+        return prompt_ids, images if any(images) else None, fields
 
     # ------------------------------------------------------------------------------------------------------------------
     # Loss
