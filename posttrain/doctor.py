@@ -26,6 +26,9 @@ def check_versions() -> list[tuple[str, str, str]]:
     return rows
 
 
+PROBLEMS = ("untested", "install it", "pip install", "error")  # how a check's status says something is wrong
+
+
 def check_device() -> list[tuple[str, str, str]]:
     import torch
 
@@ -37,7 +40,7 @@ def check_device() -> list[tuple[str, str, str]]:
                          f"{'yes' if torch.cuda.is_bf16_supported() else 'no'}"))
     else:
         threads = os.environ.get("OMP_NUM_THREADS")
-        rows.append(("device", f"cpu, {os.cpu_count()} cores", "OMP_NUM_THREADS=" + (threads or "unset (stages set 1)")))
+        rows.append(("device", f"cpu, {os.cpu_count()} cores", "OMP_NUM_THREADS=" + (threads or "unset (torch uses every core)")))
     return rows
 
 
@@ -81,7 +84,7 @@ def run_doctor() -> int:
         except Exception as exc:  # doctor must report, not crash
             rows = [(check.__name__, "error", str(exc))]
         for name, value, status in rows:
-            bad = status.startswith(("untested", "install", "pip install", "error")) or value in ("missing", "error")
+            bad = status.startswith(PROBLEMS) or value in ("missing", "error")
             problems += bad
             table.add_row(name, value, f"[red]{status}[/red]" if bad else status)
     console.print(table)
