@@ -61,29 +61,45 @@ def completion_logps(model, tokenizer, prompts: list[str], completions: list[str
                      images: list | None = None):
     """Summed log-prob and token count of each completion given its rendered prompt (teacher forcing); with `images`
     (one list per prompt), `tokenizer` is a VLM's processor."""
-    import torch
-
-    if images is not None:
-        return vision.completion_logps(model, tokenizer, prompts, images, completions, batch_size)
     out = []
     for start in range(0, len(prompts), batch_size):
-        ids, labels = [], []
-        for prompt, reply in zip(prompts[start:start + batch_size], completions[start:start + batch_size]):
-            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            c = tokenizer(reply, add_special_tokens=False)["input_ids"]
-            ids.append(p + c)
-            labels.append([-100] * len(p) + c)
-        width = max(map(len, ids))
-        input_ids = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x in ids], device=model.device)
-        label_ids = torch.tensor([x + [-100] * (width - len(x)) for x in labels], device=model.device)
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=model.device)
-        with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
-        target = label_ids[:, 1:]
-        logps = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        logps = logps.masked_fill(target == -100, 0.0)
-        out += list(zip(logps.sum(-1).tolist(), (target != -100).sum(-1).tolist()))
+        window = slice(start, start + batch_size)
+        if images is None:
+            batch = _text_layout(tokenizer, prompts[window], completions[window], model.device)
+        else:
+            batch = vision.completion_layout(tokenizer, prompts[window], images[window], completions[window],
+                                             model.device)
+        out += _score_completions(model, batch)
     return out
+
+
+def _text_layout(tokenizer, prompts: list[str], completions: list[str], device) -> dict:
+    """Prompt + completion token ids, right-padded, with the completion's positions marked in `completion_mask`."""
+    import torch
+
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    replies = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
+    width = max(len(p) + len(c) for p, c in zip(ids, replies))
+
+    def padded(rows, value=0):
+        return torch.tensor([row + [value] * (width - len(row)) for row in rows], device=device)
+
+    return {"input_ids": padded([p + c for p, c in zip(ids, replies)], tokenizer.pad_token_id),
+            "attention_mask": padded([[1] * (len(p) + len(c)) for p, c in zip(ids, replies)]),
+            "completion_mask": padded([[0] * len(p) + [1] * len(c) for p, c in zip(ids, replies)])}
+
+
+def _score_completions(model, batch: dict) -> list[tuple[float, int]]:
+    """(summed log-prob, token count) of the `completion_mask` tokens of each row of a laid-out batch."""
+    import torch
+
+    completion_mask = batch.pop("completion_mask")
+    with torch.no_grad():
+        logits = model(**batch).logits[:, :-1].float()
+    target, scored = batch["input_ids"][:, 1:], completion_mask[:, 1:].bool()
+    logps = torch.log_softmax(logits, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    logps = logps.masked_fill(~scored, 0.0)
+    return list(zip(logps.sum(-1).tolist(), scored.sum(-1).tolist()))
 
 
 def heldout_loss(model, tokenizer, rows: list[dict]) -> float | None:

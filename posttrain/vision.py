@@ -353,37 +353,24 @@ def encode(processor, prompts: list[str], images: list, device):
     return batch.to(device)
 
 
-def completion_logps(model, processor, prompts: list[str], images: list, completions: list[str],
-                     batch_size: int = 16) -> list[tuple[float, int]]:
-    """Summed log-prob and token count of each completion given its rendered prompt and images (teacher forcing).
-
-    Laid out as TRL's vision preference collator does: processed prompts (left-padded) + tokenized completions
-    (right-padded), flushed left, per-token type ids extended with zeros over the completion."""
+def completion_layout(processor, prompts: list[str], images: list, completions: list[str], device) -> dict:
+    """Rendered prompts with their images + completions, as model inputs with a `completion_mask` (for teacher-forced
+    scoring). Laid out as TRL's vision preference collator does: processed prompts (left-padded) + tokenized
+    completions (right-padded), flushed left, per-token type ids extended with zeros over the completion."""
     import torch
     from trl.trainer.utils import flush_left
 
-    tokenizer = processor.tokenizer
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        end = start + batch_size
-        batch = encode(processor, prompts[start:end], images[start:end], model.device)
-        tokenizer.padding_side = "right"
-        reply = tokenizer(completions[start:end], padding=True, return_tensors="pt", add_special_tokens=False)
-        reply = reply.to(model.device)
-        input_ids = torch.cat([batch.pop("input_ids"), reply["input_ids"]], dim=1)
-        prompt_mask = batch.pop("attention_mask")
-        attention_mask = torch.cat([prompt_mask, reply["attention_mask"]], dim=1)
-        completion_mask = torch.cat([torch.zeros_like(prompt_mask), reply["attention_mask"]], dim=1)
-        typed = [k for k in ("token_type_ids", "mm_token_type_ids", "moe_mm_token_type_ids") if k in batch]
-        for key in typed:
-            batch[key] = torch.cat([batch[key], torch.zeros_like(reply["input_ids"])], dim=1)
-        attention_mask, input_ids, completion_mask, *types = flush_left(
-            attention_mask, input_ids, completion_mask, *[batch[k] for k in typed])
-        batch.update(zip(typed, types))
-        with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, **batch).logits[:, :-1].float()
-        target, scored = input_ids[:, 1:], completion_mask[:, 1:].bool()
-        logps = torch.log_softmax(logits, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        logps = logps.masked_fill(~scored, 0.0)
-        out += list(zip(logps.sum(-1).tolist(), scored.sum(-1).tolist()))
-    return out
+    batch = encode(processor, prompts, images, device)
+    processor.tokenizer.padding_side = "right"
+    reply = processor.tokenizer(completions, padding=True, return_tensors="pt", add_special_tokens=False).to(device)
+    input_ids = torch.cat([batch.pop("input_ids"), reply["input_ids"]], dim=1)
+    prompt_mask = batch.pop("attention_mask")
+    attention_mask = torch.cat([prompt_mask, reply["attention_mask"]], dim=1)
+    completion_mask = torch.cat([torch.zeros_like(prompt_mask), reply["attention_mask"]], dim=1)
+    typed = [k for k in ("token_type_ids", "mm_token_type_ids", "moe_mm_token_type_ids") if k in batch]
+    for key in typed:
+        batch[key] = torch.cat([batch[key], torch.zeros_like(reply["input_ids"])], dim=1)
+    attention_mask, input_ids, completion_mask, *types = flush_left(
+        attention_mask, input_ids, completion_mask, *[batch[k] for k in typed])
+    batch.update(zip(typed, types))
+    return {**batch, "input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}

@@ -65,6 +65,22 @@ def freeze_vision(trainer, stage_args, model_args) -> dict:
     return {"frozen_modules": frozen}
 
 
+def prepare_trainer(trainer, model, stage_args, model_args, images: bool) -> dict:
+    """What SFT and DPO do to their TRL trainer before training: ERNIE-4.5-VL's expert routing in the collator
+    (`posttrain.moe_routing`), a continued VLM adapter's vision modules frozen, and with image rows the image gates.
+    Returns what goes into the stage's pre-flight record."""
+    from .. import gates
+    from ..moe_routing import route_collator
+
+    route_collator(trainer)
+    preflight = freeze_vision(trainer, stage_args, model_args)
+    if stage_args.preflight and images:
+        preflight.update(gates.check_image_tokens(trainer, model.config.image_token_id))
+        gates.check_processor_matches_model(trainer.processing_class, trainer.model,
+                                            trainer.data_collator([trainer.train_dataset[0]]))
+    return preflight
+
+
 def load_train_dataset(stage_args):
     from ..data import load_split
 

@@ -43,7 +43,6 @@ def main(stage_args: StageArguments, training_args, model_args):
     from trl import DPOTrainer
 
     from ..evaluate import preference_eval
-    from ..moe_routing import route_collator
 
     started = time.time()
     common.set_threads()
@@ -63,12 +62,7 @@ def main(stage_args: StageArguments, training_args, model_args):
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    route_collator(trainer)  # ERNIE-4.5-VL: its expert routing field over the replies too (posttrain.moe_routing)
-    frozen = common.freeze_vision(trainer, stage_args, model_args)
-    if stage_args.preflight and vision.has_images(train):
-        gates.check_image_tokens(trainer, model.config.image_token_id)
-        gates.check_processor_matches_model(tokenizer, trainer.model,
-                                            trainer.data_collator([trainer.train_dataset[0]]))
+    vision_checks = common.prepare_trainer(trainer, model, stage_args, model_args, vision.has_images(train))
     before = None
     if heldout is not None and trainer.accelerator.is_main_process:
         before = preference_eval(trainer.model, tokenizer, vision.as_rows(heldout))
@@ -77,7 +71,7 @@ def main(stage_args: StageArguments, training_args, model_args):
     after = preference_eval(trainer.model, tokenizer, vision.as_rows(heldout)) if before is not None else None
     if after:
         trainer.accelerator.print(f"[dpo] held-out preference accuracy after: {after['accuracy']:.1%}")
-    extra = {"preference": {"before": before, "after": after}, "preflight": {"pairs_skipped": skipped, **frozen}}
+    extra = {"preference": {"before": before, "after": after}, "preflight": {"pairs_skipped": skipped, **vision_checks}}
     common.finish(trainer, "dpo", stage_args, tokenizer, result, started, extra=extra)
     return trainer
 

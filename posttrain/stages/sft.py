@@ -28,8 +28,6 @@ def main(stage_args: StageArguments, training_args, model_args):
     """Train, save, verify and evaluate; returns the trainer (tests inspect its model)."""
     from trl import SFTTrainer
 
-    from ..moe_routing import route_collator
-
     started = time.time()
     common.set_threads()
     model, tokenizer, peft_config = common.load_policy(stage_args, training_args, model_args)
@@ -45,12 +43,9 @@ def main(stage_args: StageArguments, training_args, model_args):
     trainer = SFTTrainer(
         model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
     )
-    route_collator(trainer)  # ERNIE-4.5-VL: its expert routing field over the reply too (posttrain.moe_routing)
-    preflight = common.freeze_vision(trainer, stage_args, model_args)
+    # image gates first: cut image tokens would also show up below as rows with nothing to train
+    preflight = common.prepare_trainer(trainer, model, stage_args, model_args, images)
     if stage_args.preflight:
-        if images:  # first: cut image tokens would also show up below as rows with nothing to train
-            preflight.update(gates.check_image_tokens(trainer, model.config.image_token_id))
-            gates.check_processor_matches_model(tokenizer, trainer.model, trainer.data_collator([dataset[0]]))
         preflight.update(gates.check_collated_labels(trainer, vision.text_tokenizer(tokenizer).eos_token_id))
     trainer.accelerator.print(f"[sft] pre-flight ok: {preflight}")
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
