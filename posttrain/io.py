@@ -1,0 +1,80 @@
+"""Atomic writes: the one place that turns "write a file or folder" into "nothing half-written is ever visible".
+
+Every file or folder the project writes for someone else to read (run state, stage folders, exports, data-job
+outputs, reports, converted models) goes through here: the content is written to a hidden sibling first and renamed
+into place, so a crash, a kill or a full disk leaves either the old content or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _sibling(path: Path, kind: str) -> Path:
+    return path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.{kind}"
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Replace `path` with `text` (UTF-8) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(path, "tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, obj, **dumps_kwargs) -> Path:
+    """Replace `path` with `obj` as indented JSON (non-JSON values through `str`) atomically."""
+    dumps_kwargs = {"indent": 2, "ensure_ascii": False, "default": str, **dumps_kwargs}
+    return write_text(path, json.dumps(obj, **dumps_kwargs) + "\n")
+
+
+def replace_dir(out: str | Path, write: Callable[[Path], object], keep_existing: bool = False) -> Path:
+    """Run `write(tmp)` into a hidden sibling folder of `out`, then swap it into place; returns `out`.
+
+    Args:
+        out (`str` or `Path`): the folder to create or replace.
+        write (`Callable[[Path], object]`): fills the (empty, existing) temporary folder.
+        keep_existing (`bool`, *optional*, defaults to `False`):
+            When `out` already exists at the end (e.g. another process built the same cache entry first), keep it and
+            drop ours instead of replacing it.
+
+    On any failure (an exception, Ctrl-C) the temporary folder is removed and `out` is left as it was. The temporary
+    folder is made with `mkdir`, not `mkdtemp`, whose 0700 mode would make the result private to this user.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = _sibling(out, "partial"), _sibling(out, "old")
+    tmp.mkdir()
+    try:
+        write(tmp)
+        _umask_permissions(tmp)
+        if out.exists() and keep_existing:
+            shutil.rmtree(tmp)
+            return out
+        if out.exists():  # move the old folder aside first, so the swap is two renames
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _umask_permissions(folder: Path) -> None:
+    """Some writers (safetensors via a temp file) leave 0600 files; what we write is meant to be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
