@@ -25,10 +25,13 @@ from . import clean
 from .config import PreferenceSetConfig
 from .formats import FORMATS, Options, convert_rows
 from .readers import read_rows
+from .registry import load_entry
 
 KIND_COLUMNS = {"sft": ["messages"], "preference": ["prompt", "chosen", "rejected"],
                 "unpaired": ["prompt", "completion", "label"], "rl": ["prompt", "answer", "domain"]}
 OPTIONAL_COLUMNS = ["tools", "images", "thinking"]
+KIND_HINTS = {"unpaired": ": its rows carry a KTO `label` marking replies desirable or not, so training on all of "
+                          "them as SFT would teach the undesirable ones too; build_preference_set reads it"}
 CONVERSATION_COLUMNS = ("messages", "prompt", "chosen", "rejected", "completion")
 
 
@@ -45,14 +48,20 @@ def import_source(source, cfg, kinds: tuple[str, ...], job: str, rejects: list[d
     margin = cfg.min_score_margin if isinstance(cfg, PreferenceSetConfig) else 0.0
     opts = Options(base_dir=Path(source.path).parent if local else Path.cwd(), check_images=cfg.check_images,
                    min_score_margin=margin)
-    fmt, rows = convert_rows(source.path, source.format, opts, cfg.max_row_bytes, source.split, source.subset)
+    fmt, split, subset, remap = source.format, source.split, source.subset, None
+    if source.dataset_info:
+        entry = load_entry(source.dataset_info, source.name)
+        opts.base_dir, remap = entry.base_dir, entry.remap
+        fmt, split, subset = (entry.format if fmt == "auto" else fmt), entry.split, entry.subset or subset
+    fmt, rows = convert_rows(source.path, fmt, opts, cfg.max_row_bytes, split, subset, remap)
     kind = FORMATS[fmt][0]
     if kind not in kinds:
+        hint = KIND_HINTS.get(kind, "")
         raise UserError(f"source '{source.name}' ({source.path}) is {kind} data (format '{fmt}'); {job} takes "
-                        f"{' or '.join(kinds)} data")
+                        f"{' or '.join(kinds)} data{hint}")
     stats = {"name": source.name, "path": source.path, "format": fmt, "kind": kind, "license": source.license,
              "weight": source.weight, "notes": source.notes, "rows_read": 0, "rows_invalid": 0, "rows_skipped": 0}
-    records = []
+    records, notes = [], Counter()
     for item in progress(rows, f"Reading {source.name}"):
         stats["rows_read"] += 1
         if item.error:
@@ -65,7 +74,10 @@ def import_source(source, cfg, kinds: tuple[str, ...], job: str, rejects: list[d
             stats["rows_skipped"] += 1
             rejects.append(_reject(item.where, source.name, "margin", item.skip, item.raw))
         else:
+            notes[item.note] += item.note is not None
             records.append({**item.record, "_origin": item.where, "_source": source.name})
+    for note, count in notes.items():
+        print(f"warning: source '{source.name}': {count} row(s) with {note}", file=sys.stderr)
     return records, stats
 
 

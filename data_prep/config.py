@@ -19,6 +19,8 @@ import yaml
 
 from posttrain.errors import UserError
 
+from .registry import load_entry, split_spec
+
 ON_ERROR = ("fail", "skip")
 
 
@@ -26,7 +28,10 @@ ON_ERROR = ("fail", "skip")
 class SourceConfig:
     """One input of a job. In YAML a source is a path string or a mapping with these keys."""
 
-    path: str = field(metadata={"help": "Data file (jsonl, json, parquet, csv), `save_to_disk` folder, or Hub id."})
+    path: str | None = field(default=None, metadata={"help": "Data file (jsonl, json, parquet, csv), `save_to_disk` "
+                                                            "folder, or Hub id."})
+    dataset_info: str | None = field(default=None, metadata={"help": "A LLaMA-Factory dataset_info.json: read its "
+                                                                    "dataset `name` (file, formatting, columns, tags)."})
     format: str = field(default="auto", metadata={"help": "Input format; `auto` detects it from the keys of the rows."})
     weight: float = field(
         default=1.0,
@@ -39,6 +44,13 @@ class SourceConfig:
     notes: str | None = field(default=None, metadata={"help": "Free text for the data card (provenance, caveats)."})
 
     def __post_init__(self):
+        if self.dataset_info:
+            if not self.name:
+                raise UserError(f"source with dataset_info {self.dataset_info}: give the dataset's `name` in it")
+            entry = load_entry(self.dataset_info, self.name)  # checked now: a typo fails before any build
+            self.path = self.path or entry.path
+        if not self.path:
+            raise UserError(f"source {self.name or ''}: no 'path' (or `dataset_info` and `name`)")
         if self.name is None:
             self.name = Path(self.path).stem if Path(self.path).suffix else self.path.rstrip("/").split("/")[-1]
         if not self.weight > 0:
@@ -72,8 +84,8 @@ class DataJobConfig:
 
     sources: list = field(
         default_factory=list,
-        metadata={"help": "Inputs: paths, or mappings with path/format/weight/name/license/split/subset/notes. "
-                          "On the command line: paths or JSON objects."},
+        metadata={"help": "Inputs: paths, or mappings with path/format/weight/name/license/split/subset/notes "
+                          "(or dataset_info + name). On the command line: paths, REGISTRY.json:NAME, or JSON objects."},
     )
     output_dir: str | None = field(default=None, metadata={"help": "Folder to write (train.parquet, test.parquet, "
                                                                    "README.md, card.json, rejects.jsonl)."})
@@ -141,12 +153,15 @@ def _as_source(value) -> SourceConfig:
         except json.JSONDecodeError as exc:
             raise UserError(f"source {value!r} is not valid JSON: {exc}") from None
     if isinstance(value, str):
+        registry = split_spec(value)
+        if registry and registry[1]:
+            return SourceConfig(dataset_info=registry[0], name=registry[1])
         return SourceConfig(path=value)
     if isinstance(value, dict):
         known = {f.name for f in dataclasses.fields(SourceConfig)}
         _check_keys(value, known, "unknown source key")
-        if "path" not in value:
-            raise UserError(f"source {value} has no 'path'")
+        if "path" not in value and "dataset_info" not in value:
+            raise UserError(f"source {value} has no 'path' (or `dataset_info` and `name`)")
         return SourceConfig(**value)
     raise UserError(f"a source is a path or a mapping with a 'path' key, got {type(value).__name__}: {value!r}")
 

@@ -11,48 +11,57 @@ Keys a format does not use are ignored (ids, metadata); problems raise `RowError
 """
 
 import itertools
-import json
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from posttrain.errors import UserError
 
+from .llamafactory import (
+    alpaca_prompt,
+    drop_untrained_tail,
+    from_alpaca,
+    from_kto_conversation,
+    from_pairwise_messages,
+    from_sharegpt,
+    from_sharegpt_preference,
+    typed_parts_as_text,
+)
 from .messages import (
     RowError,
     RowSkip,
-    check_image_slots,
-    check_images,
     check_messages,
-    check_tool_calls,
-    check_tools,
-    image_markers_to_parts,
+    has_literal_image_marker,
     require_list,
     require_str,
     require_str_list,
-    text_of,
 )
-from .readers import read_rows
+from .readers import RawRow, read_rows
+from .records import (
+    Options,
+    desirability_label,
+    implicit_prompt,
+    preference_record,
+    prompt_messages,
+    reply_messages,
+    sft_record,
+    unpaired_record,
+)
 
-
-@dataclass
-class Options:
-    """What a converter needs besides the row: where relative image paths start, and the rated-data margin."""
-
-    base_dir: Path = Path(".")
-    check_images: bool = True
-    min_score_margin: float = 1.0
-    embedded_images: bool = False
+__all__ = ["FORMATS", "Converted", "Options", "convert_rows", "detect", "resolve_format"]
 
 
 def detect(row: dict) -> str | None:
     """The format of one row from its keys, or None."""
     keys = set(row)
+    if "chosen_messages" in keys or "rejected_messages" in keys:
+        return "pairwise_messages"
+    if ("messages" in keys or "conversations" in keys) and desirability_label(row.get("label")) is not None:
+        return "kto_conversation"  # a preference label: never SFT data
     if "messages" in keys:
         return "messages"
     if "conversations" in keys:
-        return "sharegpt"
+        return "sharegpt_preference" if "chosen" in keys or "rejected" in keys else "sharegpt"
     if "text_info" in keys or "image_info" in keys:
         return "erniekit_vl"
     if {"question", "answer"} <= keys and ("image" in keys or "images" in keys):
@@ -79,80 +88,12 @@ def detect(row: dict) -> str | None:
 # ----------------------------------------------------------------------------------------------------------------------
 # Instruction data -> messages
 # ----------------------------------------------------------------------------------------------------------------------
-def _sft_record(row: dict, messages: list, thinking, opts: Options, system=None) -> dict:
-    if system is not None:
-        system = require_str(system, "system", "a string", allow_empty=True)
-        if system.strip() and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": system}, *messages]
-    images = check_images(row.get("images", row.get("image")), opts.base_dir, opts.check_images,
-                          embedded=opts.embedded_images)
-    check_image_slots([messages], images)
-    messages = image_markers_to_parts(messages) if images else messages
-    if thinking is None and isinstance(row.get("thinking"), bool):
-        thinking = row["thinking"]
-    return {"messages": messages, "tools": check_tools(row.get("tools")), "images": images, "thinking": thinking}
-
-
 def from_messages(row: dict, opts: Options) -> dict:
-    """OpenAI/TRL `messages: [{role, content}]`, with `reasoning_content`, `tool_calls` and `tools` when present."""
-    messages, thinking = check_messages(row.get("messages"), "messages")
-    return _sft_record(row, messages, thinking, opts, row.get("system"))
-
-
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
-                  "chatgpt": "assistant", "bard": "assistant", "system": "system", "observation": "tool",
-                  "tool": "tool", "function": "tool", "function_call": "assistant"}
-
-
-def from_sharegpt(row: dict, opts: Options) -> dict:
-    """ShareGPT `conversations: [{from, value}]`; LLaMA-Factory's `function_call`/`observation` turns become tools."""
-    turns = require_list(row.get("conversations"), "conversations", "a list of {from, value} turns")
-    messages = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise RowError(f"conversations[{i}]", f"is a {type(turn).__name__}", "a {from, value} turn")
-        speaker = turn.get("from")
-        if speaker not in SHAREGPT_ROLES:
-            raise RowError(f"conversations[{i}].from", f"is {speaker!r}", f"one of {', '.join(SHAREGPT_ROLES)}")
-        value = turn.get("value")
-        if speaker == "function_call":
-            try:
-                calls = json.loads(value) if isinstance(value, str) else value
-            except json.JSONDecodeError:
-                raise RowError(f"conversations[{i}].value", "is not valid JSON", "a JSON {name, arguments}") from None
-            calls = calls if isinstance(calls, list) else [calls]
-            tool_calls = check_tool_calls(calls, f"conversations[{i}].value")
-            messages.append({"role": "assistant", "content": "", "tool_calls": tool_calls})
-        else:
-            messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
-    messages, thinking = check_messages(messages, "conversations")
-    return _sft_record(row, messages, thinking, opts, row.get("system"))
-
-
-def from_alpaca(row: dict, opts: Options) -> dict:
-    """Alpaca `instruction`, `input`, `output`, optional `system` and `history: [[query, reply], ...]`."""
-    messages = _alpaca_history(row) + [{"role": "user", "content": _alpaca_prompt(row)}]
-    messages.append({"role": "assistant", "content": require_str(row.get("output"), "output", "the reply text")})
-    messages, thinking = check_messages(messages, "conversation")
-    return _sft_record(row, messages, thinking, opts, row.get("system"))
-
-
-def _alpaca_prompt(row: dict) -> str:
-    instruction = require_str(row.get("instruction"), "instruction", "the task text")
-    extra = row.get("input") or ""
-    extra = require_str(extra, "input", "a string", allow_empty=True)
-    return f"{instruction}\n\n{extra}" if extra.strip() else instruction
-
-
-def _alpaca_history(row: dict) -> list[dict]:
-    history = row.get("history") or []
-    require_list(history, "history", "a list of [query, reply] pairs", allow_empty=True)
-    messages = []
-    for i, pair in enumerate(history):
-        if not (isinstance(pair, list) and len(pair) == 2):
-            raise RowError(f"history[{i}]", f"is {pair!r}"[:80], "a [query, reply] pair")
-        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    return messages
+    """OpenAI/TRL `messages: [{role, content}]`, with `reasoning_content`, `tool_calls` and `tools` when present; also
+    LLaMA-Factory's newer typed `{"type", "value"}` parts with a per-message `loss_weight`."""
+    messages = drop_untrained_tail(typed_parts_as_text(row.get("messages"), "messages"), "messages")
+    messages, thinking = check_messages(messages, "messages")
+    return sft_record(row, messages, thinking, opts, row.get("system"))
 
 
 def _interleave(src: list[str], tgt: list[str]) -> list[dict]:
@@ -184,7 +125,7 @@ def from_erniekit_sft(row: dict, opts: Options) -> dict:
         keep = max(i for i, v in enumerate(label) if v) + 1
         src, tgt = src[:keep], tgt[:keep]
     messages, thinking = check_messages(_interleave(src, tgt), "src/tgt")
-    return _sft_record(row, messages, thinking, opts, row.get("system"))
+    return sft_record(row, messages, thinking, opts, row.get("system"))
 
 
 def from_vqa(row: dict, opts: Options) -> dict:
@@ -204,7 +145,7 @@ def from_vqa(row: dict, opts: Options) -> dict:
     messages = [{"role": "user", "content": content},
                 {"role": "assistant", "content": answer, "reasoning_content": row.get("reasoning")}]
     messages, thinking = check_messages(messages, "question/answer")
-    return _sft_record({**row, "images": images}, messages, thinking, opts)
+    return sft_record({**row, "images": images}, messages, thinking, opts)
 
 
 ERNIEKIT_TAGS = {"mask": "user", "no_mask": "assistant"}
@@ -248,81 +189,35 @@ def from_erniekit_vl(row: dict, opts: Options) -> dict:
         if message["role"] == "assistant":
             message["content"] = "".join(part["text"] for part in message["content"])
     messages, thinking = check_messages(messages, "text_info")
-    return _sft_record({**row, "images": images}, messages, thinking, opts)
+    return sft_record({**row, "images": images}, messages, thinking, opts)
 
 
 def from_prompt_completion(row: dict, opts: Options) -> dict:
     """TRL prompt-completion (`prompt`, `completion`: strings or message lists), joined into one conversation."""
-    prompt = _prompt_messages(row, "prompt")
-    completion, thinking = _reply_messages(row.get("completion"), "completion", prompt)
-    return _sft_record(row, prompt + completion, thinking, opts)
+    prompt = prompt_messages(row, "prompt")
+    completion, thinking = reply_messages(row.get("completion"), "completion", prompt)
+    return sft_record(row, prompt + completion, thinking, opts)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Preference data -> prompt / chosen / rejected
 # ----------------------------------------------------------------------------------------------------------------------
-def _prompt_messages(row: dict, key: str) -> list[dict]:
-    """A prompt as messages: a string (a user turn, with `system` if given) or a conversation ending on a user turn."""
-    value = row.get(key)
-    if isinstance(value, str) or value is None:
-        messages = [{"role": "user", "content": require_str(value, key, "a non-empty user turn")}]
-        system = row.get("system")
-        if isinstance(system, str) and system.strip():
-            messages.insert(0, {"role": "system", "content": system})
-        return messages
-    return check_messages(value, key, ends_with="user")[0]
-
-
-def _reply_messages(value, key: str, prompt: list[dict]) -> tuple[list[dict], bool | None]:
-    """A reply as messages after `prompt`: a string, or assistant (and tool) turns; checked in the prompt's context."""
-    if isinstance(value, str) or value is None:
-        value = [{"role": "assistant", "content": require_str(value, key, "a non-empty assistant reply")}]
-    value = require_list(value, key, "a non-empty assistant reply")
-    return check_messages(value, key, context=prompt)
-
-
-def _same(a: list[dict], b: list[dict]) -> bool:
-    return [" ".join(text_of(m["content"]).split()) for m in a] == [" ".join(text_of(m["content"]).split()) for m in b]
-
-
-def _preference_record(row: dict, prompt, chosen, rejected, opts: Options) -> dict:
-    """`chosen`/`rejected` are `(messages, thinking)` pairs from `_reply_messages`."""
-    (chosen, thinking), (rejected, _) = chosen, rejected
-    if _same(chosen, rejected):
-        raise RowError("chosen", 'and "rejected" are identical', "two different replies")
-    images = check_images(row.get("images", row.get("image")), opts.base_dir, opts.check_images,
-                          embedded=opts.embedded_images)
-    check_image_slots([prompt], images)
-    prompt = image_markers_to_parts(prompt) if images else prompt
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "images": images, "thinking": thinking}
-
-
-def _implicit_prompt(chosen: list, rejected: list) -> tuple[list, list, list]:
-    """TRL's `extract_prompt`: the shared leading turns are the prompt (importing trl costs ~6 s, so it is inlined)."""
-    shared = 0
-    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
-        shared += 1
-    while shared and isinstance(chosen[shared - 1], dict) and chosen[shared - 1].get("role") == "assistant":
-        shared -= 1
-    return chosen[:shared], chosen[shared:], rejected[shared:]
-
-
 def from_preference(row: dict, opts: Options) -> dict:
     """TRL preference rows: standard (strings) or conversational, explicit `prompt` or implicit (shared prefix)."""
     chosen, rejected = row.get("chosen"), row.get("rejected")
     if "prompt" not in row and "instruction" in row:  # LLaMA-Factory's alpaca-style preference rows
-        prompt = [{"role": "user", "content": _alpaca_prompt(row)}]
+        prompt = [{"role": "user", "content": alpaca_prompt(row)}]
     elif "prompt" not in row and isinstance(chosen, list) and isinstance(rejected, list):
-        prompt, chosen, rejected = _implicit_prompt(chosen, rejected)
+        prompt, chosen, rejected = implicit_prompt(chosen, rejected)
         if not prompt:
             raise RowError("prompt", "is missing and chosen/rejected share no leading user turn",
                            "a `prompt` column, or conversations that start with the same user turn")
         prompt = check_messages(prompt, "prompt", ends_with="user")[0]
     else:
-        prompt = _prompt_messages(row, "prompt")
-    chosen = _reply_messages(chosen, "chosen", prompt)
-    rejected = _reply_messages(rejected, "rejected", prompt)
-    return _preference_record(row, prompt, chosen, rejected, opts)
+        prompt = prompt_messages(row, "prompt")
+    chosen = reply_messages(chosen, "chosen", prompt)
+    rejected = reply_messages(rejected, "rejected", prompt)
+    return preference_record(row, prompt, chosen, rejected, opts)
 
 
 def from_erniekit_dpo(row: dict, opts: Options) -> dict:
@@ -350,9 +245,9 @@ def from_erniekit_dpo(row: dict, opts: Options) -> dict:
     system = row.get("system")
     if isinstance(system, str) and system.strip():
         prompt.insert(0, {"role": "system", "content": system})
-    chosen = _reply_messages(texts[best], f"response[{best}]", prompt)
-    rejected = _reply_messages(texts[worst], f"response[{worst}]", prompt)
-    return _preference_record(row, prompt, chosen, rejected, opts)
+    chosen = reply_messages(texts[best], f"response[{best}]", prompt)
+    rejected = reply_messages(texts[worst], f"response[{worst}]", prompt)
+    return preference_record(row, prompt, chosen, rejected, opts)
 
 
 _RESPONSE_KEYS, _SCORE_KEYS = ("response", "text", "completion", "output"), ("score", "overall_score", "rating")
@@ -360,7 +255,7 @@ _RESPONSE_KEYS, _SCORE_KEYS = ("response", "text", "completion", "output"), ("sc
 
 def from_rated(row: dict, opts: Options) -> dict:
     """UltraFeedback-style `prompt`/`instruction` + `completions: [{response, score}]`: best vs. worst, if far apart."""
-    prompt = _prompt_messages(row, "prompt" if "prompt" in row else "instruction")
+    prompt = prompt_messages(row, "prompt" if "prompt" in row else "instruction")
     completions = require_list(row.get("completions"), "completions", "a list of {response, score}")
     scored = []
     for i, item in enumerate(completions):
@@ -377,21 +272,16 @@ def from_rated(row: dict, opts: Options) -> dict:
     (best, b, chosen), (worst, w, rejected) = max(scored), min(scored)
     if best - worst < opts.min_score_margin:
         raise RowSkip("completions", f"scores differ by {best - worst:g} < min_score_margin {opts.min_score_margin:g}")
-    chosen = _reply_messages(chosen, f"completions[{b}].response", prompt)
-    rejected = _reply_messages(rejected, f"completions[{w}].response", prompt)
-    return _preference_record(row, prompt, chosen, rejected, opts)
+    chosen = reply_messages(chosen, f"completions[{b}].response", prompt)
+    rejected = reply_messages(rejected, f"completions[{w}].response", prompt)
+    return preference_record(row, prompt, chosen, rejected, opts)
 
 
 def from_unpaired(row: dict, opts: Options) -> dict:
     """KTO-style `prompt`, `completion`, `label` (True: desirable), kept unpaired."""
-    prompt = _prompt_messages(row, "prompt")
-    completion = _reply_messages(row.get("completion"), "completion", prompt)[0]
-    label = row.get("label")
-    label = {"true": True, "false": False, "1": True, "0": False}.get(label.lower(), label) if isinstance(label, str) \
-        else label
-    if label not in (True, False, 0, 1):
-        raise RowError("label", f"is {label!r}", "true or false")
-    return {"prompt": prompt, "completion": completion, "label": bool(label)}
+    prompt = prompt_messages(row, "prompt")
+    completion = reply_messages(row.get("completion"), "completion", prompt)[0]
+    return unpaired_record(row, prompt, completion)
 
 
 def from_rl(row: dict, opts: Options) -> dict:
@@ -400,7 +290,7 @@ def from_rl(row: dict, opts: Options) -> dict:
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         answer = str(answer)
     domain = row.get("domain") or "general"
-    return {"prompt": _prompt_messages(row, "prompt"), "answer": require_str(answer, "answer", "the reference answer"),
+    return {"prompt": prompt_messages(row, "prompt"), "answer": require_str(answer, "answer", "the reference answer"),
             "domain": require_str(domain, "domain", "a domain name such as 'math'")}
 
 
@@ -415,7 +305,10 @@ FORMATS: dict[str, tuple[str, Callable[[dict, Options], dict]]] = {
     "preference": ("preference", from_preference),
     "erniekit_dpo": ("preference", from_erniekit_dpo),
     "rated": ("preference", from_rated),
+    "sharegpt_preference": ("preference", from_sharegpt_preference),
+    "pairwise_messages": ("preference", from_pairwise_messages),
     "unpaired": ("unpaired", from_unpaired),
+    "kto_conversation": ("unpaired", from_kto_conversation),
     "rl": ("rl", from_rl),
 }
 
@@ -430,6 +323,7 @@ class Converted:
     error: str | None = None
     skip: str | None = None
     text: str | None = None
+    note: str | None = None
 
 
 def resolve_format(path: str, fmt: str, rows: list) -> str:
@@ -449,9 +343,13 @@ def resolve_format(path: str, fmt: str, rows: list) -> str:
 
 
 def convert_rows(path: str, fmt: str, opts: Options, max_row_bytes: int, split: str = "train",
-                 subset: str | None = None) -> tuple[str, Iterator[Converted]]:
-    """The resolved format of `path` and an iterator that converts each of its rows, never raising for a bad row."""
+                 subset: str | None = None, remap=None) -> tuple[str, Iterator[Converted]]:
+    """The resolved format of `path` and an iterator that converts each of its rows, never raising for a bad row.
+
+    `remap` renames a raw row's keys first (a `dataset_info.json` entry's column and tag mapping)."""
     rows = read_rows(path, max_row_bytes, split, subset)
+    if remap is not None:
+        rows = (RawRow(r.where, remap(r.row) if r.row is not None else None, r.error, r.text) for r in rows)
     head = list(itertools.islice(rows, 100))
     fmt = resolve_format(path, fmt, head)
     convert = FORMATS[fmt][1]
@@ -462,10 +360,17 @@ def convert_rows(path: str, fmt: str, opts: Options, max_row_bytes: int, split: 
                 yield Converted(raw.where, None, error=raw.error, text=raw.text)
                 continue
             try:
-                yield Converted(raw.where, raw.row, record=convert(raw.row, opts))
+                record = convert(raw.row, opts)
             except RowSkip as exc:
                 yield Converted(raw.where, raw.row, skip=str(exc))
+                continue
             except RowError as exc:
                 yield Converted(raw.where, raw.row, error=str(exc))
+                continue
+            note = LITERAL_IMAGE_NOTE if has_literal_image_marker(record) else None
+            yield Converted(raw.where, raw.row, record=record, note=note)
 
     return fmt, generate()
+
+
+LITERAL_IMAGE_NOTE = "a literal '<image>' in a row without image files: read as text, not as an image slot"

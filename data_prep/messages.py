@@ -216,7 +216,11 @@ def _check_message(message: dict, role: str, where: str) -> tuple[dict, bool | N
         calls = check_tool_calls(message["tool_calls"], f"{where}.tool_calls")
         content = check_content(message.get("content") or "", f"{where}.content", role, allow_empty=True)
         return {"role": role, "content": content, "tool_calls": calls}, None
-    content = check_content(message.get("content"), f"{where}.content", role, allow_empty=role == "tool")
+    content = message.get("content")
+    if role == "tool" and _is_json_result(content):  # ERNIEKit: a tool's result as JSON objects, not text
+        content = json.dumps(content[0] if isinstance(content, list) and len(content) == 1 else content,
+                             ensure_ascii=False)
+    content = check_content(content, f"{where}.content", role, allow_empty=role == "tool")
     out = {"role": role, "content": content}
     mode = None
     if role == "assistant" and isinstance(content, str):
@@ -231,19 +235,38 @@ def _check_message(message: dict, role: str, where: str) -> tuple[dict, bool | N
     return out, mode
 
 
+def _is_json_result(content) -> bool:
+    """A tool result given as a JSON object or a list of them (rather than text or typed vision parts)."""
+    if isinstance(content, dict):
+        return True
+    return isinstance(content, list) and bool(content) and all(
+        isinstance(item, dict) and item.get("type") not in ("text", "image") for item in content)
+
+
+def has_literal_image_marker(record: dict) -> bool:
+    """A text row (no images) whose text holds `<image>`: scraped text, read as text, worth a warning."""
+    if record.get("images"):
+        return False
+    columns = ("messages", "prompt", "chosen", "rejected", "completion")
+    return any(isinstance(m, dict) and "<image>" in text_of(m.get("content"))
+               for c in columns if isinstance(record.get(c), list) for m in record[c])
+
+
 def check_image_slots(conversations: list[list[dict]], images: list | None):
     """As many images as placeholders (`{"type": "image"}` parts or `<image>` markers), when there are any.
 
-    No placeholder at all is fine: TRL then puts the images at the start of the first user turn.
+    No placeholder at all is fine: TRL then puts the images at the start of the first user turn. No image at all is
+    a text row: a literal `<image>` in scraped text is text there, not a slot (callers warn about it).
     """
-    slots = 0
+    slots = markers = 0
     for messages in conversations:
         for message in messages:
             content = message["content"]
             if isinstance(content, list):
                 slots += sum(1 for part in content if part.get("type") == "image")
             else:
-                slots += content.count("<image>")
+                markers += content.count("<image>")
+    slots += markers if images else 0
     if slots and slots != len(images or []):
         raise RowError("images", f"has {len(images or [])} file(s) for {slots} image placeholder(s) in the text",
                        "one image per placeholder")

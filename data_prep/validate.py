@@ -1,6 +1,7 @@
 """Check data files without building anything: every bad row is reported as `FILE:LINE: message`.
 
     posttrain data validate FILE [FILE ...] [--format F]
+    posttrain data validate path/to/dataset_info.json[:NAME]     # LLaMA-Factory's registry: one or every dataset
 
 Exit status 0 when every row is valid, 1 when any row is bad (2 for a usage error). Rows a build would filter rather
 than reject (rated responses closer than `--min_score_margin`) are counted, not reported as bad.
@@ -11,12 +12,13 @@ import sys
 from pathlib import Path
 
 from .config import run
-from .formats import FORMATS, Options, convert_rows
+from .formats import FORMATS, LITERAL_IMAGE_NOTE, Options, convert_rows
+from .registry import load_entry, read_registry, split_spec
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain data validate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("files", nargs="+", metavar="FILE", help="Data files, save_to_disk folders or Hub ids.")
+    parser.add_argument("files", nargs="+", metavar="FILE", help="Data files, save_to_disk folders, Hub ids, or REGISTRY.json[:NAME] (LLaMA-Factory dataset_info.json).")
     parser.add_argument("--format", default="auto", choices=["auto", *FORMATS],
                         help="Input format; `auto` detects it from the keys of the rows.")
     parser.add_argument("--min_score_margin", type=float, default=1.0,
@@ -28,20 +30,31 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def validate_file(path: str, args) -> tuple[int, int]:
-    """Print each bad row of `path`; returns `(rows, bad rows)`."""
+    """Print each bad row of `path` (a file, or `REGISTRY.json:NAME`); returns `(rows, bad rows)`."""
+    registry = split_spec(path)
+    if registry and registry[1] is None:  # a whole dataset_info.json: every dataset in it
+        counts = [validate_file(f"{registry[0]}:{name}", args) for name in read_registry(registry[0])]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
     base = Path(path).parent if Path(path).exists() else Path.cwd()
     opts = Options(base_dir=base, check_images=args.check_images, min_score_margin=args.min_score_margin)
-    fmt, rows = convert_rows(path, args.format, opts, args.max_row_bytes)
-    total = bad = skipped = 0
+    fmt, data, split, subset, remap = args.format, path, "train", None, None
+    if registry:
+        entry = load_entry(*registry)
+        opts.base_dir, remap, data, split, subset = entry.base_dir, entry.remap, entry.path, entry.split, entry.subset
+        fmt = entry.format if fmt == "auto" else fmt
+    fmt, rows = convert_rows(data, fmt, opts, args.max_row_bytes, split, subset, remap)
+    total = bad = skipped = noted = 0
     for item in rows:
         total += 1
         if item.error:
             bad += 1
             print(f"{item.where}: {item.error}")
         skipped += item.skip is not None
+        noted += item.note is not None
     note = f", {skipped} below the score margin (filtered at build time)" if skipped else ""
+    note += f"; warning: {noted} with {LITERAL_IMAGE_NOTE}" if noted else ""
     verdict = f"{bad} bad" if bad else "all valid"
-    print(f"{path}: {total} rows in format '{fmt}', {verdict}{note}", file=sys.stderr)
+    print(f"{path}: {total} rows in format '{fmt}', {verdict}{note} ({FORMATS[fmt][0]} data)", file=sys.stderr)
     return total, bad
 
 

@@ -1,0 +1,128 @@
+"""The records every converter returns, built from checked messages: `sft`, `preference` and `unpaired` rows.
+
+Shared by `formats` (TRL, ERNIEKit, rated and RL data) and `llamafactory` (ShareGPT, Alpaca and LLaMA-Factory's
+preference and KTO files), so that a conversation, a prompt, a reply and a label are checked the same way whatever
+file they came from.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .messages import (
+    RowError,
+    check_image_slots,
+    check_images,
+    check_messages,
+    check_tools,
+    image_markers_to_parts,
+    require_list,
+    require_str,
+    text_of,
+)
+
+_LABELS = {"true": True, "false": False, "1": True, "0": False}
+
+
+@dataclass
+class Options:
+    """What a converter needs besides the row: where relative image paths start, and the rated-data margin."""
+
+    base_dir: Path = Path(".")
+    check_images: bool = True
+    min_score_margin: float = 1.0
+    embedded_images: bool = False
+
+
+def _row_images(row: dict, opts: Options) -> list | None:
+    return check_images(row.get("images", row.get("image")), opts.base_dir, opts.check_images,
+                        embedded=opts.embedded_images)
+
+
+def sft_record(row: dict, messages: list, thinking, opts: Options, system=None) -> dict:
+    """An `sft` record; a row with a KTO desirability `label` is refused: its undesirable replies must not be trained
+    on as if they were good ones (build a preference set from it instead)."""
+    if desirability_label(row.get("label")) is not None:
+        raise RowError("label", f"is {row['label']!r}: a KTO desirability label on a conversation",
+                       "SFT rows without one (this is preference data: build_preference_set reads it as unpaired "
+                       "`prompt/completion/label` rows)")
+    if system is not None:
+        system = require_str(system, "system", "a string", allow_empty=True)
+        if system.strip() and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system}, *messages]
+    images = _row_images(row, opts)
+    check_image_slots([messages], images)
+    messages = image_markers_to_parts(messages) if images else messages
+    if thinking is None and isinstance(row.get("thinking"), bool):
+        thinking = row["thinking"]
+    return {"messages": messages, "tools": check_tools(row.get("tools")), "images": images, "thinking": thinking}
+
+
+def prompt_messages(row: dict, key: str) -> list[dict]:
+    """A prompt as messages: a string (a user turn, with `system` if given) or a conversation ending on a user turn."""
+    value = row.get(key)
+    if isinstance(value, str) or value is None:
+        messages = [{"role": "user", "content": require_str(value, key, "a non-empty user turn")}]
+        system = row.get("system")
+        if isinstance(system, str) and system.strip():
+            messages.insert(0, {"role": "system", "content": system})
+        return messages
+    return check_messages(value, key, ends_with="user")[0]
+
+
+def reply_messages(value, key: str, prompt: list[dict]) -> tuple[list[dict], bool | None]:
+    """A reply as messages after `prompt`: a string, or assistant (and tool) turns; checked in the prompt's context."""
+    if isinstance(value, str) or value is None:
+        value = [{"role": "assistant", "content": require_str(value, key, "a non-empty assistant reply")}]
+    value = require_list(value, key, "a non-empty assistant reply")
+    return check_messages(value, key, context=prompt)
+
+
+def _same(a: list[dict], b: list[dict]) -> bool:
+    return [" ".join(text_of(m["content"]).split()) for m in a] == [" ".join(text_of(m["content"]).split()) for m in b]
+
+
+def preference_record(row: dict, prompt, chosen, rejected, opts: Options) -> dict:
+    """`chosen`/`rejected` are `(messages, thinking)` pairs from `reply_messages`."""
+    (chosen, thinking), (rejected, _) = chosen, rejected
+    if _same(chosen, rejected):
+        raise RowError("chosen", 'and "rejected" are identical', "two different replies")
+    images = _row_images(row, opts)
+    check_image_slots([prompt], images)
+    prompt = image_markers_to_parts(prompt) if images else prompt
+    record = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "images": images, "thinking": thinking}
+    return {**record, "tools": check_tools(row.get("tools"))}
+
+
+def implicit_prompt(chosen: list, rejected: list) -> tuple[list, list, list]:
+    """TRL's `extract_prompt`: the shared leading turns are the prompt (importing trl costs ~6 s, so it is inlined)."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    while shared and isinstance(chosen[shared - 1], dict) and chosen[shared - 1].get("role") == "assistant":
+        shared -= 1
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def desirability_label(value) -> bool | None:
+    """A KTO label (`true`/`false`, 1/0, or their strings) as a bool; None for anything else (absent, per-turn lists)."""
+    if isinstance(value, str):
+        value = _LABELS.get(value.strip().lower(), value)
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    return None
+
+
+def unpaired_record(row: dict, prompt: list[dict], completion: list[dict], key: str = "label") -> dict:
+    label = desirability_label(row.get(key))
+    if label is None:
+        raise RowError(key, f"is {row.get(key)!r}", "true or false (is the reply desirable?)")
+    return {"prompt": prompt, "completion": completion, "label": label, "tools": check_tools(row.get("tools"))}
+
+
+def split_last_reply(messages: list[dict], field: str) -> tuple[list[dict], list[dict]]:
+    """A checked conversation as (prompt, completion): the completion is the last assistant turn and the tool
+    turns and calls of its exchange (everything after the last user turn)."""
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+    if last_user is None:
+        raise RowError(field, "has no user turn", "a conversation with a prompt and a reply")
+    return messages[:last_user + 1], messages[last_user + 1:]
