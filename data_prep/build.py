@@ -74,7 +74,8 @@ def import_source(source, cfg, kinds: tuple[str, ...], job: str, rejects: list[d
             stats["rows_skipped"] += 1
             rejects.append(_reject(item.where, source.name, "margin", item.skip, item.raw))
         else:
-            notes[item.note] += item.note is not None
+            if item.note:
+                notes[item.note] += 1
             records.append({**item.record, "_origin": item.where, "_source": source.name})
     for note, count in notes.items():
         print(f"warning: source '{source.name}': {count} row(s) with {note}", file=sys.stderr)

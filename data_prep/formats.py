@@ -91,7 +91,9 @@ def detect(row: dict) -> str | None:
 def from_messages(row: dict, opts: Options) -> dict:
     """OpenAI/TRL `messages: [{role, content}]`, with `reasoning_content`, `tool_calls` and `tools` when present; also
     LLaMA-Factory's newer typed `{"type", "value"}` parts with a per-message `loss_weight`."""
-    messages = drop_untrained_tail(typed_parts_as_text(row.get("messages"), "messages"), "messages")
+    messages = row.get("messages")
+    if isinstance(messages, list):
+        messages = typed_parts_as_text(drop_untrained_tail(messages, "messages"), "messages")
     messages, thinking = check_messages(messages, "messages")
     return sft_record(row, messages, thinking, opts, row.get("system"))
 

@@ -162,7 +162,8 @@ def drop_untrained_tail(messages: list, field: str) -> list:
     weights = [m.get("loss_weight") for m in messages if isinstance(m, dict)]
     if all(w is None for w in weights):
         return messages
-    trained = [i for i, m in enumerate(messages) if m.get("role") == "assistant" and m.get("loss_weight", 1.0) != 0]
+    trained = [i for i, m in enumerate(messages)
+               if isinstance(m, dict) and m.get("role") == "assistant" and m.get("loss_weight", 1.0) != 0]
     if not trained:
         raise RowError(field, "has no assistant turn with a non-zero loss_weight", "at least one reply to train on")
     return messages[:trained[-1] + 1]

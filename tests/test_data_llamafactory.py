@@ -1,0 +1,133 @@
+"""LLaMA-Factory and ERNIEKit files as users already have them, written here in the shapes their docs describe:
+each is read as the right kind of data with the right row count, and a KTO-labelled file is never taken for SFT."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from datasets import load_dataset
+
+from data_prep import build_preference_set, build_sft_set, validate
+from posttrain.errors import UserError
+
+DATA = Path(__file__).parent / "assets" / "data"
+LF = DATA / "llamafactory"
+REGISTRY = LF / "dataset_info.json"
+
+
+def build(job, tmp_path, *sources, extra=()):
+    out = tmp_path / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    job.main(["--sources", *map(str, sources), "--output_dir", str(out), "--test_size", "0", "--dedup", "false",
+              "--near_dup_threshold", "null", *extra])
+    return list(load_dataset("parquet", data_files={"train": str(out / "train.parquet")}, split="train"))
+
+
+def last_user(messages):
+    return [m for m in messages if m["role"] == "user"][-1]["content"]
+
+
+def test_sharegpt_preference_with_single_message_replies(tmp_path):
+    rows = {last_user(r["prompt"]): r for r in build(build_preference_set, tmp_path, LF / "dpo_sharegpt.json")}
+    assert len(rows) == 3
+    italy = rows["What is the capital of Italy?"]
+    assert [m["role"] for m in italy["prompt"]] == ["user", "assistant", "user"]
+    assert italy["chosen"] == [{"role": "assistant", "content": "Rome."}]
+    assert italy["rejected"] == [{"role": "assistant", "content": "Milan."}]
+
+
+def test_pairwise_messages_with_typed_parts(tmp_path):
+    rows = {last_user(r["prompt"]): r for r in build(build_preference_set, tmp_path, LF / "pairwise_messages.jsonl")}
+    assert len(rows) == 2
+    spider = rows["How many legs does a spider have?"]
+    assert spider["prompt"][0] == {"role": "system", "content": "Answer briefly."}
+    assert spider["chosen"][0]["content"] == "Eight." and spider["rejected"][0]["content"] == "Six."
+    assert rows["Is 17 prime?"]["chosen"][0]["content"] == (
+        "<think>\n17 has no divisor between 2 and 4.\n</think>\n\nYes.")
+
+
+def test_typed_messages_drop_turns_after_the_last_weighted_reply(tmp_path):
+    (row,) = build(build_sft_set, tmp_path, LF / "messages_typed.jsonl")
+    assert row["messages"] == [{"role": "user", "content": "Give me a colour."},
+                               {"role": "assistant", "content": "Blue."}]
+
+
+def test_kto_file_is_unpaired_never_sft(tmp_path, capsys):
+    assert validate.main([str(LF / "kto.json")]) == 0
+    assert "4 rows in format 'kto_conversation', all valid (unpaired data)" in capsys.readouterr().err
+    with pytest.raises(UserError, match="KTO `label`.*undesirable"):
+        build(build_sft_set, tmp_path, LF / "kto.json")
+    with pytest.raises(UserError, match='"label" is True: a KTO desirability label'):
+        build(build_sft_set, tmp_path, LF / "kto.json", extra=["--sources", json.dumps(
+            {"path": str(LF / "kto.json"), "format": "messages"})])
+    rows = build(build_preference_set, tmp_path, LF / "kto.json")
+    labels = {last_user(r["prompt"]): r["label"] for r in rows}
+    assert labels == {"What is 6 times 7?": True, "What is 9 minus 4?": False, "Translate 'merci' to English.": True,
+                      "Is the sun a planet?": False}
+    assert all(r["completion"][-1]["role"] == "assistant" for r in rows)
+
+
+def test_erniekit_function_calling(tmp_path):
+    rows = {last_user(r["messages"]): r for r in build(build_sft_set, tmp_path, DATA / "erniekit_function_call.jsonl")}
+    assert len(rows) == 2
+    stock = rows["What does one BIDU share cost?"]
+    assert stock["messages"][1]["tool_calls"][0]["function"] == {"name": "get_stock_price",
+                                                                 "arguments": {"symbol": "BIDU"}}
+    assert json.loads(stock["messages"][2]["content"]) == {"symbol": "BIDU", "price": 88.5, "currency": "USD"}
+    assert [t["function"]["name"] for t in stock["tools"]] == ["get_stock_price", "convert_currency"]
+    euros = rows["Convert 100 dollars to euros."]["messages"]
+    assert json.loads(euros[3]["content"]) == [{"amount": 92.1, "currency": "EUR"}, {"rate": 0.921}]
+
+
+def test_literal_image_marker_in_text_data_is_text(tmp_path, capsys):
+    assert validate.main([str(DATA / "erniekit_reasoning_text.jsonl")]) == 0
+    assert "warning: 2 with a literal '<image>'" in capsys.readouterr().err
+    rows = build(build_sft_set, tmp_path, DATA / "erniekit_reasoning_text.jsonl")
+    assert len(rows) == 3 and "images" not in rows[0]
+    assert any("<image> <image>" in r["messages"][0]["content"] for r in rows)
+
+
+def test_registry_from_the_command_line(capsys):
+    ok = subprocess.run([sys.executable, "-m", "data_prep.validate", f"{REGISTRY}:dpo_demo"], capture_output=True,
+                        text=True)
+    assert ok.returncode == 0 and "3 rows in format 'sharegpt_preference', all valid" in ok.stderr
+    with pytest.raises(UserError, match="no dataset 'nope'; it has: dpo_demo, kto_demo"):
+        validate.main([f"{REGISTRY}:nope"])
+    assert validate.main([str(REGISTRY)]) == 0
+    assert capsys.readouterr().err.count("all valid") == 5
+
+
+def test_registry_mappings_and_relative_images(tmp_path):
+    rows = build(build_sft_set, tmp_path, f"{REGISTRY}:alpaca_vision")
+    vision = next(r for r in rows if r["images"])
+    assert vision["images"] == [str((LF / "media" / "red.png").resolve())]
+    assert vision["messages"][0]["content"][0] == {"type": "image"}
+    plain = next(r for r in rows if not r["images"])["messages"]
+    assert plain[0] == {"role": "system", "content": "Be brief."} and plain[1]["content"] == "Add the numbers.\n\n2 and 3"
+    prefs = build(build_preference_set, tmp_path, f"{REGISTRY}:alpaca_dpo")
+    assert {r["chosen"][0]["content"] for r in prefs} == {"4", "Madrid."}
+    (tools,) = build(build_sft_set, tmp_path, f"{REGISTRY}:tools_openai")
+    assert [m["role"] for m in tools["messages"]] == ["user", "assistant", "tool", "assistant"]
+    assert tools["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}
+    kto = build(build_preference_set, tmp_path, f"{REGISTRY}:kto_demo")
+    assert sorted(r["label"] for r in kto) == [False, False, True, True]
+
+
+def test_registry_from_a_recipe(tmp_path):
+    from posttrain.pipeline import Pipeline
+    from posttrain.recipe import load_recipe
+
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "tiny" / "text.yaml").read_text())
+    recipe["data"] = {"prefs": {"job": "build_preference_set", "test_size": 0,
+                                "sources": [{"dataset_info": str(REGISTRY), "name": "dpo_demo"}]}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    pipeline = Pipeline(load_recipe(str(path)), tmp_path / "outputs")
+    pipeline.build_data(after=None)
+    card = json.loads((pipeline.data_path("prefs") / "card.json").read_text())
+    assert card["kind"] == "preference" and card["sources"][0]["format"] == "sharegpt_preference"
+    assert card["sources"][0]["rows_read"] == 3 and card["sources"][0]["name"] == "dpo_demo"
