@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from datasets import load_dataset
 
 from data_prep import build_preference_set, build_sft_set, validate
@@ -116,18 +115,3 @@ def test_registry_mappings_and_relative_images(tmp_path):
     kto = build(build_preference_set, tmp_path, f"{REGISTRY}:kto_demo")
     assert sorted(r["label"] for r in kto) == [False, False, True, True]
 
-
-def test_registry_from_a_recipe(tmp_path):
-    from posttrain.pipeline import Pipeline
-    from posttrain.recipe import load_recipe
-
-    recipe = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "tiny" / "text.yaml").read_text())
-    recipe["data"] = {"prefs": {"job": "build_preference_set", "test_size": 0,
-                                "sources": [{"dataset_info": str(REGISTRY), "name": "dpo_demo"}]}}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    pipeline = Pipeline(load_recipe(str(path)), tmp_path / "outputs")
-    pipeline.build_data(after=None)
-    card = json.loads((pipeline.data_path("prefs") / "card.json").read_text())
-    assert card["kind"] == "preference" and card["sources"][0]["format"] == "sharegpt_preference"
-    assert card["sources"][0]["rows_read"] == 3 and card["sources"][0]["name"] == "dpo_demo"

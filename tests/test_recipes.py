@@ -85,3 +85,23 @@ def test_overrides(tmp_path):
     assert recipe.stages["sft"]["lora_r"] == 4
     with pytest.raises(UserError, match="should look like section.key=value"):
         load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", ["stages.sft.learning_rate"])
+
+
+def test_llamafactory_registry_as_a_data_job_source(tmp_path):
+    """A user migrating from LLaMA-Factory names their dataset_info.json and a dataset in it."""
+    import json
+
+    from posttrain.pipeline import Pipeline
+    from posttrain.recipe import load_recipe
+
+    recipe = yaml.safe_load(TINY)
+    registry = "tests/assets/data/llamafactory/dataset_info.json"  # relative: found from the repository
+    recipe["data"] = {"prefs": {"job": "build_preference_set", "test_size": 0,
+                                "sources": [{"dataset_info": registry, "name": "dpo_demo"}]}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    pipeline = Pipeline(load_recipe(str(path)), tmp_path / "outputs")
+    pipeline.build_data(after=None)
+    card = json.loads((pipeline.data_path("prefs") / "card.json").read_text())
+    assert card["kind"] == "preference" and card["sources"][0]["format"] == "sharegpt_preference"
+    assert card["sources"][0]["rows_read"] == 3 and card["sources"][0]["name"] == "dpo_demo"
