@@ -36,6 +36,56 @@ def check_conversations(dataset, name: str) -> None:
                 )
 
 
+def _first_tool_call_row(dataset) -> int | None:
+    if "messages" not in dataset.column_names:
+        return None
+    for index, messages in enumerate(dataset["messages"]):
+        if any(m.get("role") == "assistant" and m.get("tool_calls") for m in messages):
+            return index
+    return None
+
+
+def check_tool_calls(tokenizer, dataset, name: str) -> dict:
+    """Rows that call tools: the chat template must write each call (function name and argument values) into the
+    trained tokens, and keep the tool results out of them. A template that drops `tool_calls` (many do, silently)
+    would train the model to answer without ever calling; one that trains on tool results would teach it to invent
+    them. Checked on the first tool-calling row, rendered exactly as TRL renders it (with its `tools`)."""
+    import json
+
+    from trl.chat_template_utils import has_generation_markers, supports_tool_calling
+
+    index = _first_tool_call_row(dataset)
+    if index is None:
+        return {}
+    if not supports_tool_calling(tokenizer):
+        raise UserError(f"pre-flight: {name} has tool calls (row {index}) but the chat template drops tool calls or "
+                        "tool results; set `base.chat_template` to a template that renders them (built-ins: chatml, "
+                        "ernie4_5)")
+    row = dataset[index]
+    tools = json.loads(row["tools"]) if isinstance(row.get("tools"), str) else row.get("tools")
+    out = tokenizer.apply_chat_template(row["messages"], tools=tools, tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True, **(row.get("chat_template_kwargs") or {}))
+    trained = tokenizer.decode([t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m])
+    if not has_generation_markers(tokenizer.chat_template):
+        trained = tokenizer.decode(out["input_ids"])  # no mask to check: the call must at least be rendered
+    for message in row["messages"]:
+        for call in message.get("tool_calls") or []:
+            function = call.get("function", call)
+            arguments = function.get("arguments") or {}
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+            wanted = [function["name"], *(v if isinstance(v, str) else json.dumps(v) for v in arguments.values())]
+            missing = [w for w in wanted if w not in trained]
+            if missing:
+                raise UserError(f"pre-flight: {name} row {index}: the tool call {function['name']}(...) does not "
+                                f"survive the chat template: {', '.join(map(repr, missing))} not in the trained "
+                                "tokens; expected the call inside the template's {% generation %} markers")
+        if message.get("role") == "tool" and len(message.get("content") or "") >= 8 and message["content"] in trained:
+            raise UserError(f"pre-flight: {name} row {index}: a tool result is inside the trained tokens; expected "
+                            "tool turns outside the template's {% generation %} markers (the model must not learn "
+                            "to write tool results)")
+    return {"tool_call_row_checked": index}
+
+
 def check_collated_labels(trainer, eos_token_id: int, samples: int = 8) -> dict:
     """Collate the first rows exactly as training will; each must have labels, and its end-of-turn token labelled."""
     import torch

@@ -5,65 +5,35 @@ Every function is `fn(completions, **kwargs) -> list[float | None]`. TRL passes 
 logging hooks; the functions take what they need and ignore the rest. Completions may be strings or conversational
 (`[{"role": "assistant", "content": ...}]`). `None` means "not applicable to this row" (TRL leaves it out of the sum).
 
-The final answer of a completion is the text after its last `</think>` (or the whole completion): `final_answer` is the
-one place that decides this, and evaluation calls it too, so training and evaluation score the same thing.
+Reading answers out of completions (the final answer after `</think>`, numbers, math with `math-verify`, tool calls)
+lives in `posttrain.answers`, which evaluation uses too, so training and evaluation score the same thing.
 
 Functions are named exactly as their `REWARDS` key, because TRL logs each one as `rewards/<function name>/mean`.
 """
 
-import math
 import re
-import unicodedata
 from collections.abc import Callable
 
+from .answers import (
+    choice_letter,
+    completion_calls,
+    exact_text_match,
+    final_answer,
+    math_match,
+    normalize_text,
+    parse_number,
+    reference_calls,
+    same_value,
+)
 from .data import completion_text
 from .errors import UserError
 
-RewardFunc = Callable[..., list]
+__all__ = ["REWARDS", "combine_rewards", "final_answer", "resolve_rewards"]  # final_answer: kept for importers
 
-# A number: optional sign (ASCII or Unicode minus), thousands separators, decimals; or a bare ".5".
-_NUMBER = re.compile(r"[-+\u2212]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+\u2212]?\.\d+")
-# Stripped from both ends before exact comparison. Signs, %, $ are kept: "-7" and "7" must stay different.
-_EDGE_PUNCTUATION = " \t\n\r.,;:!?\"'`*_()[]{}\u201c\u201d\u2018\u2019\u00ab\u00bb\u3002\uff0c\uff01\uff1f"
+RewardFunc = Callable[..., list]
 _THINK_BLOCK = re.compile(r"\A\s*<think>(.*?)</think>(.*)\Z", re.S)
-NUMERIC_REL_TOL = 1e-6  # answers are compared as floats: "0.50" == ".5" == "1/2 is 0.5"
 LENGTH_PENALTY_TOKENS = 512  # a completion this long (or longer) gets the full penalty of -1
 HACKABLE_LENGTH_WORDS = 32  # the hackable proxy pays in full for a completion of this many words
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Parsing helpers (public: evaluation uses them)
-# ----------------------------------------------------------------------------------------------------------------------
-def final_answer(text: str) -> str:
-    """The answer part of a completion: the text after the last `</think>` if there is one, else all of it, stripped."""
-    return text.rsplit("</think>", 1)[-1].strip()
-
-
-def parse_number(text: str) -> float | None:
-    """`text` as a number if it is exactly one (e.g. a reference answer "42", "-7", "1,000", "0.5"), else None."""
-    text = text.strip()
-    return _to_float(text) if _NUMBER.fullmatch(text) else None
-
-
-def last_number(text: str) -> float | None:
-    """The last number written in `text`, or None."""
-    found = _NUMBER.findall(text)
-    return _to_float(found[-1]) if found else None
-
-
-def _to_float(token: str) -> float:
-    return float(token.replace(",", "").replace("\u2212", "-"))
-
-
-def normalize_text(text: str, keep_case: bool = False) -> str:
-    """Unicode-normalise, drop surrounding whitespace/punctuation/quotes, collapse inner whitespace, lowercase."""
-    text = " ".join(unicodedata.normalize("NFKC", text).strip(_EDGE_PUNCTUATION).split())
-    return text if keep_case else text.lower()
-
-
-def _is_capitals(reference: str) -> bool:
-    letters = [c for c in reference if c.isalpha()]
-    return len(letters) >= 2 and all(c.isupper() for c in letters)
 
 
 def _column(kwargs: dict, name: str, reward: str) -> list:
@@ -77,45 +47,12 @@ def _column(kwargs: dict, name: str, reward: str) -> list:
 # ----------------------------------------------------------------------------------------------------------------------
 # Correctness against the reference `answer`
 # ----------------------------------------------------------------------------------------------------------------------
-def numeric_match(text: str, reference: str) -> bool | None:
-    """Whether the last number of the final answer equals the numeric `reference`; None if the reference is no number."""
-    expected = parse_number(reference)
-    if expected is None:
-        return None
-    got = last_number(final_answer(text))
-    return got is not None and math.isclose(got, expected, rel_tol=NUMERIC_REL_TOL, abs_tol=NUMERIC_REL_TOL)
-
-
-def exact_text_match(text: str, reference: str) -> bool:
-    """Normalised equality of the final answer and `reference`.
-
-    Case is ignored, unless the reference is written in capitals (two or more letters, e.g. "APPLE" for "Write apple in
-    capital letters"): then the case is what the task checks.
-    """
-    keep_case = _is_capitals(reference)
-    return normalize_text(final_answer(text), keep_case) == normalize_text(reference, keep_case)
-
-
-def choice_letter(text: str) -> str | None:
-    """The option letter a multiple-choice answer picks: "B", "(b)", "B. Paris", "The answer is C", "I think it's D"."""
-    answer = final_answer(text)
-    for pattern in (r"answer\s*(?:is|:)?\s*\(?([A-Za-z])\)?(?![A-Za-z])",  # "The answer is (B)", "Answer: c"
-                    r"\(([A-Za-z])\)",  # "(B)" anywhere
-                    r"\A([A-Za-z])(?:[.):]|\Z)"):  # "B", "B.", "B) Paris"
-        found = re.findall(pattern, answer, flags=re.I)
-        if found:
-            return found[-1].upper()
-    capitals = re.findall(r"\b([A-Z])\b", answer)  # last standalone capital letter
-    return capitals[-1] if capitals else None
-
-
 def numeric_accuracy(completions, **kwargs) -> list[float | None]:
-    """1.0 if the last number in the final answer equals the numeric `answer` (relative tolerance 1e-6), else 0.0.
-
-    None for rows whose reference is not a number.
-    """
+    """1.0 if the final answer equals the numeric `answer` (its last number, relative tolerance 1e-6; fractions,
+    LaTeX and `\\boxed{}` through math-verify), else 0.0. None for rows whose reference is not a number."""
     answers = _column(kwargs, "answer", "numeric_accuracy")
-    results = [numeric_match(completion_text(c), str(a)) for c, a in zip(completions, answers, strict=True)]
+    results = [math_match(completion_text(c), str(a)) if parse_number(str(a)) is not None else None
+               for c, a in zip(completions, answers, strict=True)]
     return [None if r is None else float(r) for r in results]
 
 
@@ -139,13 +76,41 @@ def multiple_choice(completions, **kwargs) -> list[float | None]:
 
 
 def accuracy(completions, **kwargs) -> list[float]:
-    """Correctness against `answer`: numeric comparison when the reference is a number, else `exact_match`'s rule."""
+    """Correctness against `answer`: a math comparison (math-verify, with a fast path for plain numbers) when the
+    reference looks like math, and `exact_match`'s rule otherwise or when it agrees."""
     answers = _column(kwargs, "answer", "accuracy")
     rewards = []
     for completion, reference in zip(completions, answers, strict=True):
         text, reference = completion_text(completion), str(reference)
-        numeric = numeric_match(text, reference)
-        rewards.append(float(numeric if numeric is not None else exact_text_match(text, reference)))
+        rewards.append(float(bool(math_match(text, reference)) or exact_text_match(text, reference)))
+    return rewards
+
+
+def function_call(completions, **kwargs) -> list[float | None]:
+    """Function-call accuracy against the expected calls (a `tool_calls` column, else a JSON `answer`: one
+    `{"name", "arguments"}` call or a list of them): 1.0 for the right functions with the right arguments (in any
+    order; numbers by value, strings without case), 0.5 for the right functions with some wrong arguments, 0.0 for
+    no call, an unparsable one or a wrong function. None for rows that expect no call.
+
+    Calls are read from a conversational completion's `tool_calls`, else from `<tool_call>{json}</tool_call>` blocks
+    in the final answer (what our chat templates train the model to write)."""
+    references = kwargs.get("tool_calls") or _column(kwargs, "answer", "function_call")
+    rewards = []
+    for completion, reference in zip(completions, references, strict=True):
+        expected = reference_calls(reference)
+        if expected is None:
+            rewards.append(None)
+            continue
+        made = completion_calls(completion)
+        if None in made or sorted(n for n, _ in made) != sorted(n for n, _ in expected):
+            rewards.append(0.0)
+            continue
+        pending = list(made)
+        for name, arguments in expected:
+            match = next((c for c in pending if c[0] == name and same_value(c[1], arguments)), None)
+            if match is not None:
+                pending.remove(match)
+        rewards.append(1.0 if not pending else 0.5)
     return rewards
 
 
@@ -203,6 +168,7 @@ REWARDS: dict[str, RewardFunc] = {
     "numeric_accuracy": numeric_accuracy,
     "exact_match": exact_match,
     "multiple_choice": multiple_choice,
+    "function_call": function_call,
     "think_format": think_format,
     "length_penalty": length_penalty,
     "hackable_length": hackable_length,
