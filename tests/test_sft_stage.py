@@ -78,3 +78,41 @@ def test_gate_eos_not_trained(tiny_model_path, task_data, sft_configs, tmp_path)
                          peft_config=None)
     with pytest.raises(UserError, match="end-of-turn token .* is never in the labels"):
         gates.check_collated_labels(trainer, tokenizer.eos_token_id)
+
+
+@pytest.fixture(scope="module")
+def tool_data(tmp_path_factory):
+    """An SFT set of tool-calling conversations (ERNIEKit function calls, ShareGPT function_call turns)."""
+    from pathlib import Path
+
+    from data_prep import build_sft_set
+
+    assets = Path(__file__).parent / "assets" / "data"
+    out = tmp_path_factory.mktemp("tools") / "sft"
+    build_sft_set.main(["--sources", str(assets / "erniekit_function_call.jsonl"), str(assets / "sharegpt.json"),
+                        "--output_dir", str(out), "--test_size", "0", "--near_dup_threshold", "null"])
+    return out
+
+
+def test_tool_calling_sft_passes_its_gate_and_trains(tiny_model_path, tool_data, sft_configs, tmp_path):
+    import json
+
+    path = tiny_model_path("llama")
+    stage_args, training, model_args = sft_configs(path, tool_data, tmp_path / "out", max_steps=2)
+    stage_args.dataset_train_split, stage_args.eval_dataset = "train", None
+    trainer = sft.main(stage_args, training, model_args)
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    preflight = json.loads((tmp_path / "out" / "metrics.json").read_text())["preflight"]
+    assert "tool_call_row_checked" in preflight and preflight["eos_labelled"]
+
+
+def test_gate_template_that_drops_tool_calls(tiny_model_path, tool_data):
+    from posttrain.data import load_split
+
+    tokenizer = load_tokenizer(tiny_model_path("llama"))
+    dataset = load_split(str(tool_data), "train")
+    assert gates.check_tool_calls(tokenizer, dataset, "tools")["tool_call_row_checked"] >= 0
+    tokenizer.chat_template = tokenizer.chat_template.replace("message['tool_calls'] or []", "[]")
+    with pytest.raises(UserError, match="has tool calls .* drops tool calls"):
+        gates.check_tool_calls(tokenizer, dataset, "tools")

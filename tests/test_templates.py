@@ -37,3 +37,27 @@ def test_chatml_thinking_modes_are_prefix_consistent():
         full = tokenizer.apply_chat_template(CHAT, tokenize=False, enable_thinking=thinking)
         assert full.startswith(prompt), "the prompt the model is asked with must prefix what it was trained on"
     assert "<think>" not in render_prompt(tokenizer, CHAT[:1], None)
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+TOOL_CHAT = [{"role": "user", "content": "Weather in Oslo?"},
+             {"role": "assistant", "content": "", "tool_calls": [
+                 {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+             {"role": "tool", "content": '{"temperature": -3}'},
+             {"role": "assistant", "content": "It is -3 degrees."}]
+
+
+@pytest.mark.parametrize("template", ["chatml", "ernie4_5"])
+def test_tool_calls_are_trained_and_tool_results_are_not(template):
+    from trl.chat_template_utils import is_chat_template_prefix_preserving, supports_tool_calling
+
+    tokenizer = load_tokenizer(TINY_TOKENIZER, chat_template=template)
+    out = tokenizer.apply_chat_template(TOOL_CHAT, tools=TOOLS, tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    text = tokenizer.decode(out["input_ids"])
+    trained = tokenizer.decode([t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m])
+    assert '"name": "get_weather"' in text and '"description": "Weather of a city"' in text  # the schema is shown
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>' in trained
+    assert "It is -3 degrees." in trained and "temperature" not in trained and "Weather in Oslo" not in trained
+    assert supports_tool_calling(tokenizer) and is_chat_template_prefix_preserving(tokenizer)
