@@ -70,7 +70,8 @@ def run_ablation(recipe: Recipe, output_root: str | Path = "outputs", accelerate
         variant = variant_recipe(recipe, name, overrides)
         root = run_dir(variant, output_root).resolve()
         seed_from_shared(shared.root, root, order[:order.index(stage)])
-        Pipeline(variant, output_root, accelerate_config, num_processes).run()
+        # one tracking project for the whole ablation: the variants' runs side by side in one dashboard
+        Pipeline(variant, output_root, accelerate_config, num_processes, project=recipe.name).run()
         roots.append(root)
     from .report import build_comparison
 

@@ -37,8 +37,9 @@ def run_dir(recipe: Recipe, output_root: str | Path = "outputs") -> Path:
 
 class Pipeline:
     def __init__(self, recipe: Recipe, output_root: str | Path = "outputs", accelerate_config: str | None = None,
-                 num_processes: int | None = None):
+                 num_processes: int | None = None, project: str | None = None):
         self.recipe = recipe
+        self.project = project or recipe.name  # live tracking: the experiment its stages are logged under
         self.root = run_dir(recipe, output_root).resolve()
         self.accelerate_config = accelerate_config or recipe.accelerate_config
         self.num_processes = num_processes
@@ -204,6 +205,9 @@ class Pipeline:
         args = {**device_defaults(self.recipe.stages[stage]), **self.substitute(self.recipe.stages[stage])}
         args.update(model_name_or_path=str(self.base_model), tokenizer_name_or_path=str(self.root / "base" / "tokenizer"),
                     trust_remote_code=base.trust_remote_code, output_dir=str(self.root / f".{stage}.partial"))
+        # live tracking (report_to: trackio / tensorboard / wandb): the run is the project, each stage one run in it
+        args.setdefault("project", self.project)
+        args.setdefault("run_name", f"{self.recipe.name}-{stage}")
         if previous:
             args["adapter_path"] = str(self.root / previous)
         if ev.dataset:
@@ -214,7 +218,7 @@ class Pipeline:
     def stage_hash(self, stage: str, args: dict, previous: str | None) -> str:
         datasets = {k: lineage.dataset_fingerprint(v) for k, v in args.items()
                     if k in ("dataset_name", "upo_offline_dataset") and v}
-        stable = {k: v for k, v in args.items() if k not in ("output_dir",)}
+        stable = {k: v for k, v in args.items() if k not in ("output_dir", "project", "run_name")}
         prev_hash = json.loads((self.root / previous / "lineage.json").read_text())["inputs_hash"] if previous else None
         return self.digest({"args": stable, "datasets": datasets, "base": self.base_hash, "previous": prev_hash})
 
@@ -245,7 +249,7 @@ class Pipeline:
         started = time.time()
         self._record(stage, status="running", started=time.strftime("%Y-%m-%d %H:%M:%S"), skipped=False)
         cmd = [*self.launcher(), "-m", f"posttrain.stages.{stage}", "--config", str(partial / "resolved.yaml")]
-        self._spawn(cmd, partial / f"{stage}.log", stage)
+        self._spawn(cmd, partial / f"{stage}.log", stage, self.tracking_env(stage))
         for checkpoint_dir in partial.glob("checkpoint-*"):
             shutil.rmtree(checkpoint_dir)
         if final.exists():
@@ -259,9 +263,17 @@ class Pipeline:
         flags = accelerate_launch_args(self.accelerate_config, self.num_processes)
         return [sys.executable, "-m", "accelerate.commands.launch", *flags]
 
-    def _spawn(self, cmd: list[str], log_path: Path, step: str) -> None:
+    def tracking_env(self, stage: str) -> dict:
+        """TensorBoard event files of a stage go to `<run>/tensorboard/<stage>` (not into the stage folder, which is
+        renamed when it finishes), so `tensorboard --logdir outputs` shows every run and stage by name while they
+        train. Trackio writes to its own local folder (`TRACKIO_DIR`, default ~/.cache/huggingface/trackio)."""
+        if "TENSORBOARD_LOGGING_DIR" in os.environ:
+            return {}
+        return {"TENSORBOARD_LOGGING_DIR": str(self.root / "tensorboard" / stage)}
+
+    def _spawn(self, cmd: list[str], log_path: Path, step: str, env: dict | None = None) -> None:
         """Run a child process, streaming its output to the terminal and to `log_path`; failures become UserError."""
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         started = time.time()
         with open(log_path, "ab") as log:
             process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)

@@ -11,6 +11,10 @@ os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("POSTTRAIN_CACHE", tempfile.mkdtemp(prefix="posttrain-test-cache-"))
 os.environ.setdefault("WANDB_DISABLED", "true")
+# Trackio reads its folder once, on import: every test run logs into a fresh local folder, never ~/.cache or a Space.
+os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="posttrain-test-trackio-")
+for _remote in ("TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL", "TRACKIO_BUCKET_ID", "TRACKIO_DATASET_ID"):
+    os.environ.pop(_remote, None)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

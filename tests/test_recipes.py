@@ -105,3 +105,21 @@ def test_llamafactory_registry_as_a_data_job_source(tmp_path):
     card = json.loads((pipeline.data_path("prefs") / "card.json").read_text())
     assert card["kind"] == "preference" and card["sources"][0]["format"] == "sharegpt_preference"
     assert card["sources"][0]["rows_read"] == 3 and card["sources"][0]["name"] == "dpo_demo"
+
+
+def test_live_tracking_names_each_stage_by_run_and_stage(tmp_path, monkeypatch):
+    """report_to: trackio / tensorboard in every stage: the run (or the ablation) is the project, each stage a run in
+    it, TensorBoard files per stage under the run; the names never change a stage's inputs hash."""
+    from posttrain.pipeline import Pipeline
+
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    recipe = load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", ["shared.report_to=[trackio,tensorboard]"])
+    pipeline, variant = Pipeline(recipe, tmp_path), Pipeline(recipe, tmp_path, project="tiny-text-ablation")
+    pipeline.base_hash = variant.base_hash = "base"  # set when the base model is resolved
+    for stage in recipe.stages:
+        args = pipeline.stage_args(stage, None)
+        assert (args["project"], args["run_name"], args["report_to"]) == ("tiny-text", f"tiny-text-{stage}",
+                                                                          ["trackio", "tensorboard"])
+        assert pipeline.tracking_env(stage) == {"TENSORBOARD_LOGGING_DIR": str(pipeline.root / "tensorboard" / stage)}
+        assert variant.stage_args(stage, None)["project"] == "tiny-text-ablation"
+        assert pipeline.stage_hash(stage, args, None) == variant.stage_hash(stage, variant.stage_args(stage, None), None)

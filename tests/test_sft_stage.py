@@ -94,17 +94,31 @@ def tool_data(tmp_path_factory):
     return out
 
 
-def test_tool_calling_sft_passes_its_gate_and_trains(tiny_model_path, tool_data, sft_configs, tmp_path):
+def test_tool_calling_sft_passes_its_gate_trains_and_is_tracked(tiny_model_path, tool_data, sft_configs, tmp_path,
+                                                                monkeypatch):
+    """Also the live tracking of a stage: trackio (local, under the test's TRACKIO_DIR) and TensorBoard."""
     import json
+    import os
 
     path = tiny_model_path("llama")
-    stage_args, training, model_args = sft_configs(path, tool_data, tmp_path / "out", max_steps=2)
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tensorboard" / "sft"))
+    stage_args, training, model_args = sft_configs(path, tool_data, tmp_path / "out", max_steps=2,
+                                                   report_to=["trackio", "tensorboard"], project="tiny-tools",
+                                                   run_name="tiny-tools-sft")
     stage_args.dataset_train_split, stage_args.eval_dataset = "train", None
     trainer = sft.main(stage_args, training, model_args)
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     preflight = json.loads((tmp_path / "out" / "metrics.json").read_text())["preflight"]
     assert "tool_call_row_checked" in preflight and preflight["eos_labelled"]
+
+    from trackio.sqlite_storage import SQLiteStorage
+
+    assert str(SQLiteStorage.get_project_db_path("tiny-tools")).startswith(os.environ["TRACKIO_DIR"])
+    assert SQLiteStorage.get_runs("tiny-tools") == ["tiny-tools-sft"]
+    logged = [row["train/loss"] for row in SQLiteStorage.get_logs("tiny-tools", "tiny-tools-sft") if "train/loss" in row]
+    assert logged == pytest.approx(losses)
+    assert list((tmp_path / "tensorboard" / "sft").glob("events.out.tfevents.*"))
 
 
 def test_gate_template_that_drops_tool_calls(tiny_model_path, tool_data):
