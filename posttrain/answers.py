@@ -5,8 +5,9 @@ one place that decides this, and rewards and evaluation both call it, so trainin
 
 Math answers are checked with Hugging Face's `math-verify` (the verifier TRL's and open-r1's accuracy rewards use):
 fractions, LaTeX, `\\boxed{}`, units and equivalent forms. Plain numbers on both sides (a numeric reference, a final
-answer without LaTeX or fractions) take a regex path that is ~1000x faster and gives the same verdict (tests compare
-the two on such answers): UPO scores every rollout, and most arithmetic answers are plain.
+answer without LaTeX or fractions) take a regex path, ~150x faster (30 us vs 4.7 ms a row on 2 CPU cores), that gives
+the same verdict (tests compare the two on such answers): UPO scores every rollout, and most arithmetic answers are
+plain. The regex also reads a Unicode minus and a leading "+", which math-verify does not.
 """
 
 import functools
