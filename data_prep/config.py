@@ -60,6 +60,8 @@ class SourceConfig:
             self.license = str(facts.get("license", self.license))
         if self.notes is None:
             self.notes = facts.get("notes")
+        if self.notes is None and self.dataset_info:
+            self.notes = f"dataset '{self.name}' of the LLaMA-Factory registry {self.dataset_info}"
 
 
 def sidecar_facts(path: str) -> dict:
