@@ -115,3 +115,23 @@ def test_registry_mappings_and_relative_images(tmp_path):
     kto = build(build_preference_set, tmp_path, f"{REGISTRY}:kto_demo")
     assert sorted(r["label"] for r in kto) == [False, False, True, True]
 
+
+
+def test_registry_alpaca_kto_and_missing_file(tmp_path):
+    from data_prep.formats import Options, convert_rows
+    from data_prep.registry import load_entry
+
+    (tmp_path / "kto.jsonl").write_text(json.dumps({"q": "2 + 2?", "extra": "Answer briefly.", "a": "4", "good": True})
+                                        + "\n" + json.dumps({"q": "2 + 3?", "a": "6", "good": "false"}) + "\n")
+    registry = tmp_path / "dataset_info.json"
+    registry.write_text(json.dumps({
+        "kto": {"file_name": "kto.jsonl", "columns": {"prompt": "q", "query": "extra", "response": "a", "kto_tag": "good"}},
+        "gone": {"file_name": "missing.json"}}))
+    entry = load_entry(str(registry), "kto")
+    fmt, rows = convert_rows(entry.path, entry.format, Options(base_dir=entry.base_dir), 10_000, remap=entry.remap)
+    records = [r.record for r in rows]
+    assert fmt == "unpaired" and [r["label"] for r in records] == [True, False]
+    assert records[0]["prompt"] == [{"role": "user", "content": "2 + 2?\n\nAnswer briefly."}]
+    assert records[0]["completion"] == [{"role": "assistant", "content": "4"}]
+    with pytest.raises(UserError, match="data file not found: .*missing.json"):
+        validate.main([f"{registry}:gone"])

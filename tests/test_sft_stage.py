@@ -127,6 +127,12 @@ def test_gate_template_that_drops_tool_calls(tiny_model_path, tool_data):
     tokenizer = load_tokenizer(tiny_model_path("llama"))
     dataset = load_split(str(tool_data), "train")
     assert gates.check_tool_calls(tokenizer, dataset, "tools")["tool_call_row_checked"] >= 0
-    tokenizer.chat_template = tokenizer.chat_template.replace("message['tool_calls'] or []", "[]")
+    template = tokenizer.chat_template
+    tokenizer.chat_template = template.replace("message['tool_calls'] or []", "[]")
     with pytest.raises(UserError, match="has tool calls .* drops tool calls"):
+        gates.check_tool_calls(tokenizer, dataset, "tools")
+    tool_turn = "{{- '<|im_start|>tool\\n<tool_response>\\n' + content + '\\n</tool_response><|im_end|>\\n' -}}"
+    assert tool_turn in template
+    tokenizer.chat_template = template.replace(tool_turn, "{%- generation -%}" + tool_turn + "{%- endgeneration -%}")
+    with pytest.raises(UserError, match="a tool result is inside the trained tokens"):
         gates.check_tool_calls(tokenizer, dataset, "tools")
