@@ -22,7 +22,7 @@ PROXY_KEYS = ("reward", "rewards/accuracies")  # GRPO/UPO training reward; DPO's
 RAW_DOMAIN_REWARD = r"upo/reward(?:_mean)?/[^/]+(?:/mean)?"
 PROXY_WINDOW = 5  # the proxy is the mean of the last logged steps: one step is too noisy to compare runs by
 NOT_SETTINGS = PATH_KEYS | {"dataset_name", "eval_dataset", "upo_offline_dataset", "logging_steps", "save_steps",
-                            "save_strategy", "save_total_limit", "report_to"}
+                            "save_strategy", "save_total_limit", "report_to", "project", "run_name"}
 
 
 def ablation_runs(root: Path, state: dict) -> list[Path]:

@@ -67,9 +67,9 @@ def test_gate_eos_not_trained(tiny_model_path, task_data, sft_configs, tmp_path)
 
     path = tiny_model_path("llama")
     tokenizer = load_tokenizer(path)
-    tokenizer.chat_template = tokenizer.chat_template.replace(
-        "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}",
-        "{%- generation -%}{{- message['content'] -}}{%- endgeneration -%}{{- '<|im_end|>' -}}")
+    inside = "{{- '<|im_end|>' -}}\n{%- endgeneration -%}"
+    assert inside in tokenizer.chat_template
+    tokenizer.chat_template = tokenizer.chat_template.replace(inside, "{%- endgeneration -%}\n{{- '<|im_end|>' -}}")
     stage_args, training, model_args = sft_configs(path, task_data, tmp_path / "out")
     from posttrain.stages.common import load_train_dataset
 
