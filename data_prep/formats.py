@@ -8,6 +8,8 @@ Every converter takes a raw row (a dict) and returns a record of one *kind*:
 Vision rows (`vqa`, `erniekit_vl`, or any sft/preference row with `images`) carry image file paths; with
 `Options.embedded_images` an image may also be bytes (`build_vqa_tasks` keeps them inside its parquet files).
 Keys a format does not use are ignored (ids, metadata); problems raise `RowError` naming the field.
+LLaMA-Factory's formats live in `llamafactory`, the record builders every converter shares in `records`, and
+`dataset_info.json` registries in `registry` (which renames a registered file's keys before conversion).
 """
 
 import itertools
