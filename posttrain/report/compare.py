@@ -103,8 +103,8 @@ def comparison(runs: list[Path]) -> list:
         "reward measured as"]
     blocks = [heading("Ablation"),
               Para("True accuracy is the verifier on held-out prompts after the run's last evaluated stage; the "
-                   "format (think tags as the mode asks) and stopped (the answer ended with EOS) are scored on the same "
-                   "answers, and the held-out proxy is the deliberately hackable `hackable_length` reward on them; "
+                   "format (think tags as the mode asks) and stopped (the answer ended with EOS) are scored on the "
+                   "same answers, and the held-out proxy is the deliberately hackable `hackable_length` reward on them; "
                    "the training reward is what the stage optimised, averaged over its last logged steps. A proxy "
                    "that rises while accuracy does not is the signature of reward hacking."),
               Table(header, table, "Setting columns: the resolved arguments that differ between these runs.")]
