@@ -100,6 +100,15 @@ def test_tool_calling_sft_passes_its_gate_trains_and_is_tracked(tiny_model_path,
     import json
     import os
 
+    import socket
+
+    attempts = []
+
+    def no_network(sock, address, *args):
+        attempts.append(address)
+        raise OSError("network access during a tracked run")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)  # trackio must stay local: no Space, no Hub
     path = tiny_model_path("llama")
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tensorboard" / "sft"))
     stage_args, training, model_args = sft_configs(path, tool_data, tmp_path / "out", max_steps=2,
@@ -119,6 +128,7 @@ def test_tool_calling_sft_passes_its_gate_trains_and_is_tracked(tiny_model_path,
     logged = [row["train/loss"] for row in SQLiteStorage.get_logs("tiny-tools", "tiny-tools-sft") if "train/loss" in row]
     assert logged == pytest.approx(losses)
     assert list((tmp_path / "tensorboard" / "sft").glob("events.out.tfevents.*"))
+    assert attempts == []
 
 
 def test_gate_template_that_drops_tool_calls(tiny_model_path, tool_data):
