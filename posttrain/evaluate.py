@@ -3,7 +3,7 @@
 Run on the base model and after every stage, so each stage's effect is a measured difference. Rows are
 `prompt` (messages), `answer`, `domain`, `thinking` and optionally the reference reply `completion` (for the loss).
 Rows with `images`, evaluated with a vision-language model's processor as the tokenizer, are generated and scored
-with their images (`posttrain.vision`); the metrics are the same.
+with their images (`posttrain.models.vision`); the metrics are the same.
 
     posttrain eval outputs/<run> --stage sft        # a stage of a finished run
     posttrain eval --model DIR [--adapter DIR] --dataset DIR   # anything else
@@ -13,8 +13,8 @@ import json
 import math
 from collections import defaultdict
 
-from . import vision
 from .data import completion_text, render_prompt
+from .models import vision
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, progress=None,

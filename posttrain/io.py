@@ -72,6 +72,19 @@ def replace_dir(out: str | Path, write: Callable[[Path], object], keep_existing:
     return out
 
 
+def save_pretrained(out: str | Path, *objects, keep_existing: bool = False) -> Path:
+    """`save_pretrained` of each of `objects` (a model, its tokenizer or processor) into `out`, atomically.
+
+    `keep_existing=True` is for cache entries (tiny, converted models): two processes may build the same one, and
+    either result is right."""
+
+    def write(tmp: Path):
+        for obj in objects:
+            obj.save_pretrained(tmp)
+
+    return replace_dir(out, write, keep_existing=keep_existing)
+
+
 def _umask_permissions(folder: Path) -> None:
     """Some writers (safetensors via a temp file) leave 0600 files; what we write is meant to be shared."""
     umask = os.umask(0)

@@ -31,13 +31,12 @@ def load_policy(stage_args, training_args, model_args):
 
     Returns (model, tokenizer, peft_config); peft_config is None when continuing an adapter (TRL forbids passing a
     PeftModel together with a peft_config). For a vision-language model the "tokenizer" is its processor, and LoRA
-    stays on the language tower (`posttrain.vision`): the vision tower and projector are trained only when listed in
+    stays on the language tower (`posttrain.models.vision`): the vision tower and projector are trained only when listed in
     `lora_modules_to_save`, in the stage that lists them.
     """
     from trl import get_peft_config
 
-    from .. import vision
-    from ..models import load_model, load_tokenizer
+    from ..models import load_model, load_tokenizer, vision
 
     tokenizer = load_tokenizer(stage_args.tokenizer_name_or_path or model_args.model_name_or_path,
                                trust_remote_code=training_args.trust_remote_code)
@@ -55,7 +54,7 @@ def load_policy(stage_args, training_args, model_args):
 def freeze_vision(trainer, stage_args, model_args) -> dict:
     """A continued VLM adapter's fully trained modules (vision tower, projector) stay unchanged in this stage unless
     it lists them in `lora_modules_to_save` (see `vision.freeze_vision`)."""
-    from .. import vision
+    from ..models import vision
 
     if not stage_args.adapter_path or not vision.is_vision_model(model_args.model_name_or_path):
         return {}

@@ -16,8 +16,9 @@ measures the policy's own preference accuracy on them before and after training 
 
 import time
 
-from .. import gates, vision
+from .. import gates
 from ..data import load_split, with_template_kwargs
+from ..models import vision
 from ..recipe import StageArguments
 from . import common
 

@@ -16,8 +16,9 @@ in sequence within one run (one optimizer, one schedule, one reference).
 import time
 from dataclasses import dataclass, field
 
-from .. import gates, vision
+from .. import gates
 from ..errors import UserError
+from ..models import vision
 from ..recipe import StageArguments
 from . import common
 
