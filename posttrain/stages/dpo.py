@@ -17,9 +17,9 @@ measures the policy's own preference accuracy on them before and after training 
 import time
 
 from .. import gates
+from ..configs import StageArguments
 from ..data import load_split, with_template_kwargs
 from ..models import vision
-from ..recipe import StageArguments
 from . import common
 
 DPO_COLUMNS = {"prompt", "chosen", "rejected", "chat_template_kwargs", "images", "tools"}

@@ -17,9 +17,9 @@ Extra gates: images per placeholder, image tokens not cut by `max_length`, proce
 import time
 
 from .. import gates
+from ..configs import StageArguments
 from ..data import with_template_kwargs
 from ..models import vision
-from ..recipe import StageArguments
 from . import common
 
 SFT_COLUMNS = {"messages", "chat_template_kwargs", "tools", "images", "prompt", "completion", "text"}
