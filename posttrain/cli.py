@@ -83,12 +83,12 @@ def cmd_report(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from .datajobs import list_jobs, load_job
+    from .datajobs import list_jobs, run_command
 
     if args.job in (None, "list"):
-        console.print("data jobs: " + ", ".join(list_jobs()) + ", validate")
+        console.print("data jobs: " + ", ".join(list_jobs()["jobs"]) + ", validate")
         return 0
-    return load_job(args.job, "posttrain data").main(args.rest) or 0
+    return run_command(args.job, args.rest)
 
 
 def cmd_doctor(args) -> int:

@@ -7,9 +7,14 @@ A recipe's `base:` and `eval:` sections are `BaseModelArguments` and `EvalArgume
 
 import argparse
 import dataclasses
+import difflib
+import enum
 import types
 import typing
 from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UserError
 
 
 @dataclass
@@ -97,3 +102,65 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=f.default,
                             help=f.metadata.get("help"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checking values from YAML against the fields' annotations (recipes, data jobs)
+# ----------------------------------------------------------------------------------------------------------------------
+def field_types(classes) -> dict[str, Any]:
+    """name -> type annotation of every init field of `classes` (the first class that has a name wins)."""
+    out = {}
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.init:
+                out.setdefault(f.name, hints.get(f.name, Any))
+    return out
+
+
+def suggest(key: str, fields) -> str:
+    """' (did you mean ...?)' for a misspelt key, or ''."""
+    close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.75)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def _type_ok(value, annotation) -> bool:
+    if annotation is Any or annotation is None:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if annotation is type(None):
+        return value is None
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return value in {m.value for m in annotation} or value in annotation.__members__
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) or annotation in (list, tuple):
+        args = typing.get_args(annotation)
+        return isinstance(value, list) and (not args or all(_type_ok(v, args[0]) for v in value))
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    return True  # exotic annotations (callables, classes): let the config's own __post_init__ judge
+
+
+def check_type(value, annotation, where: str):
+    """Raise naming `where` unless `value` fits `annotation`; returns the value, with YAML 1.1's string floats
+    (`1e-4` is a string to PyYAML, `1.0e-4` a float) turned into floats where a float is expected."""
+    if isinstance(value, str) and not _type_ok(value, annotation) and _type_ok(0.5, annotation):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if not _type_ok(value, annotation):
+        shown = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        raise UserError(f"{where}: {value!r} ({type(value).__name__}) is not a valid {shown}")
+    return value

@@ -59,7 +59,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
 
-    return save_pretrained(out_dir, model, tokenizer, keep_existing=True)
+    return save_pretrained(out_dir, model, tokenizer, if_exists="keep")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

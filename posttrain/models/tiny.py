@@ -150,7 +150,7 @@ def build_tiny(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
     model = auto_class.from_config(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return save_pretrained(out_dir, model, processing_class, keep_existing=True)
+    return save_pretrained(out_dir, model, processing_class, if_exists="keep")
 
 
 # 64 px images in 4 patches of 32 px = 4 image tokens: easy-VQA's one-shape images need no more, and every token
@@ -176,4 +176,4 @@ def build_llava(language_model: str | Path, out_dir: str | Path, seed: int = 0) 
     model.generation_config = lm.generation_config
     processor.chat_template = vl_chat_template(processor)
 
-    return save_pretrained(out_dir, model, processor, keep_existing=True)
+    return save_pretrained(out_dir, model, processor, if_exists="keep")
