@@ -55,7 +55,7 @@ def cmd_ablate(args) -> int:
 def cmd_eval(args) -> int:
     import json
 
-    from .evaluate import run
+    from .evaluate import run_saved
     from .runs import eval_target
 
     settings = EvalArguments(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalArguments)})
@@ -66,7 +66,7 @@ def cmd_eval(args) -> int:
         model, tokenizer, adapter = args.model, None, args.adapter
     else:
         raise UserError("give a run folder (posttrain eval outputs/<run>) or --model and --dataset")
-    metrics = run(settings, model, tokenizer, adapter, args.out)
+    metrics = run_saved(settings, model, tokenizer, adapter, args.out)
     if args.out:
         console.print(f"accuracy {metrics['accuracy']:.1%} · format {metrics['format']:.1%} · n={metrics['n']}")
     else:

@@ -9,7 +9,8 @@ with their images (`posttrain.models.vision`); the metrics are the same.
     posttrain eval --model DIR [--adapter DIR] --dataset DIR   # anything else
 
 What to evaluate on and how (`EvalArguments`: dataset, split, limit, generation budget, batch size, samples kept) is
-one object from the recipe's `eval:` section, `posttrain eval`'s flags or a stage's arguments, passed to `run`.
+one object from the recipe's `eval:` section, `posttrain eval`'s flags or a stage's arguments, passed to `run`
+(a loaded model) or `run_saved` (a model folder).
 """
 
 import json
@@ -199,25 +200,27 @@ def load_rows(dataset: str, split: str = "test", limit: int | None = None) -> li
     return vision.as_rows(data)
 
 
-def run(settings: EvalArguments, model: str, tokenizer: str | None = None, adapter: str | None = None,
-        out: str | Path | None = None) -> dict:
-    """Evaluate the model folder `model` (+ LoRA `adapter`) on `settings.dataset`; the metrics, also written as JSON to
-    `out` when given."""
-    from .models import load_model, load_tokenizer
-
+def run(settings: EvalArguments, model, tokenizer) -> dict:
+    """`evaluate` a loaded model (and its tokenizer or processor) on `settings.dataset`, as `settings` says."""
     if not settings.dataset:
         raise UserError("no evaluation dataset: set `eval.dataset` in the recipe or pass --dataset")
-    processing_class = load_tokenizer(tokenizer or model)
     rows = load_rows(settings.dataset, settings.split, settings.limit)
-    metrics = evaluate(load_model(model, adapter=adapter), processing_class, rows, settings.max_new_tokens,
-                       settings.batch_size, settings.samples)
+    return evaluate(model, tokenizer, rows, settings.max_new_tokens, settings.batch_size, settings.samples)
+
+
+def run_saved(settings: EvalArguments, model: str, tokenizer: str | None = None, adapter: str | None = None,
+              out: str | Path | None = None) -> dict:
+    """`run` on the model folder `model` (+ LoRA `adapter`); the metrics, also written as JSON to `out` when given."""
+    from .models import load_model, load_tokenizer
+
+    metrics = run(settings, load_model(model, adapter=adapter), load_tokenizer(tokenizer or model))
     if out is not None:
         write_json(out, metrics)
     return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m posttrain.evaluate --settings eval.json --model DIR ...`: `run` in a child process (the pipeline's
+    """`python -m posttrain.evaluate --settings eval.json --model DIR ...`: `run_saved` in a child process (the pipeline's
     base-model evaluation, logged like a stage); the settings travel as `EvalArguments` JSON."""
     import argparse
 
@@ -229,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="write the metrics JSON here")
     args = parser.parse_args(argv)
     settings = EvalArguments(**json.loads(Path(args.settings).read_text()))
-    run(settings, args.model, args.tokenizer, args.adapter, args.out)
+    run_saved(settings, args.model, args.tokenizer, args.adapter, args.out)
     return 0
 
 

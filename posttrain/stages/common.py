@@ -119,13 +119,12 @@ def verify_adapter(output_dir: str | Path, model) -> dict:
 
 
 def run_eval(model, tokenizer, stage_args) -> dict | None:
+    """The recipe's held-out evaluation of the trained model, or None when the recipe has none."""
     if not stage_args.eval_dataset:
         return None
-    from ..evaluate import evaluate, load_rows
+    from ..evaluate import run
 
-    rows = load_rows(stage_args.eval_dataset, stage_args.eval_split, stage_args.eval_limit)
-    return evaluate(model, tokenizer, rows, stage_args.eval_max_new_tokens, stage_args.eval_batch_size,
-                    stage_args.eval_samples)
+    return run(stage_args.eval_settings(), model, tokenizer)
 
 
 def finish(trainer, stage: str, stage_args, tokenizer, train_result, started: float, extra: dict | None = None):
