@@ -14,14 +14,13 @@ Everything is written to a hidden sibling folder first and renamed into place, s
 """
 
 import hashlib
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from posttrain.errors import UserError
-from posttrain.io import replace_dir
+from posttrain.io import replace_dir, write_json, write_jsonl, write_text
 
 
 def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
@@ -58,14 +57,12 @@ def write_output(out_dir: Path, splits: dict, rejects: list[dict], card: dict, l
             dataset.to_parquet(str(tmp / f"{name}.parquet"))
             card["splits"][name] = {"rows": len(dataset), "file": f"{name}.parquet",
                                     "sha256": sha256(tmp / f"{name}.parquet")}
-        with open(tmp / "rejects.jsonl", "w", encoding="utf-8") as f:
-            for reject in rejects:
-                f.write(json.dumps(reject, ensure_ascii=False, default=str) + "\n")
+        write_jsonl(tmp / "rejects.jsonl", rejects)
         plot_lengths(lengths, length_unit, card.get("filters", {}), tmp / "lengths.png")
         card["fingerprint"] = hashlib.sha256("".join(s["sha256"] for s in card["splits"].values()).encode()).hexdigest()
         card["files"] = sorted(p.name for p in tmp.iterdir()) + ["card.json", "README.md"]
-        (tmp / "card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False, default=str) + "\n")
-        (tmp / "README.md").write_text(render_readme(card), encoding="utf-8")
+        write_json(tmp / "card.json", card)
+        write_text(tmp / "README.md", render_readme(card))
 
     try:
         return replace_dir(out_dir, write, if_exists="replace" if overwrite else "fail")

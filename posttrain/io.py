@@ -39,6 +39,11 @@ def write_json(path: str | Path, obj, **dumps_kwargs) -> Path:
     return write_text(path, json.dumps(obj, **dumps_kwargs) + "\n")
 
 
+def write_jsonl(path: str | Path, rows) -> Path:
+    """Replace `path` with one JSON object per line (UTF-8 kept as is, non-JSON values through `str`) atomically."""
+    return write_text(path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+
+
 def replace_dir(out: str | Path, write: Callable[[Path], object], if_exists: str = "replace") -> Path:
     """Run `write(tmp)` into a hidden sibling folder of `out`, then swap it into place; returns `out`.
 

@@ -30,7 +30,7 @@ from . import lineage
 from .configs import StageArguments
 from .console import console
 from .errors import UserError
-from .io import write_json
+from .io import write_json, write_text
 from .recipe import Recipe
 
 
@@ -101,7 +101,7 @@ class Pipeline:
                 raise UserError(f"stage '{name}' is not in recipe {self.recipe.path} (stages: {', '.join(order)})")
         self.root.mkdir(parents=True, exist_ok=True)
         # the recipe as run (command-line overrides applied): what the report and model cards show
-        (self.root / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.raw, sort_keys=False))
+        write_text(self.root / "recipe.yaml", yaml.safe_dump(self.recipe.raw, sort_keys=False))
         self._record("run", started=time.strftime("%Y-%m-%d %H:%M:%S"), status="running")
         try:
             self.resolve_base()
@@ -143,7 +143,7 @@ class Pipeline:
             console.rule(f"data: {name} ({spec['job']})")
             started = time.time()
             run_job(spec["job"], args, out)
-            stamp.write_text(digest)
+            write_text(stamp, digest)
             self._record(f"data/{name}", status="done", wall_time_s=round(time.time() - started, 1))
 
     def resolve_base(self) -> None:

@@ -7,20 +7,9 @@
 - `vision.py`: what only vision-language models need (processors, LoRA on the language tower, images in data).
 """
 
-from .load import (
-    cache_dir,
-    convert_gguf,
-    describe_model,
-    file_fingerprint,
-    find_gguf,
-    is_offline,
-    load_model,
-    load_tokenizer,
-    resolve_model,
-)
+from .load import cache_dir, describe_model, file_fingerprint, is_offline, load_model, load_tokenizer, resolve_model
 from .templates import chat_template_text
-from .tiny import TINY_ARCHS, TINY_TOKENIZER, TINY_VLMS, build_tiny
+from .tiny import TINY_TOKENIZER
 
-__all__ = ["TINY_ARCHS", "TINY_TOKENIZER", "TINY_VLMS", "build_tiny", "cache_dir", "chat_template_text",
-           "convert_gguf", "describe_model", "file_fingerprint", "find_gguf", "is_offline", "load_model",
-           "load_tokenizer", "resolve_model"]
+__all__ = ["TINY_TOKENIZER", "cache_dir", "chat_template_text", "describe_model", "file_fingerprint", "is_offline",
+           "load_model", "load_tokenizer", "resolve_model"]
