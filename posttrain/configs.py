@@ -59,7 +59,7 @@ class StageArguments:
     skip_bad_rows: bool = field(
         default=False, metadata={"help": "Pre-flight: skip (and count) bad preference rows instead of stopping."}
     )
-    # Filled in by the pipeline (RESERVED above):
+    # Filled in by the pipeline (a recipe may not set them: `recipe.RESERVED`):
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer folder (set by pipeline)."})
     adapter_path: str | None = field(default=None, metadata={"help": "Previous stage's adapter (set by pipeline)."})
     eval_dataset: str | None = field(default=None, metadata={"help": "Held-out evaluation data (set by pipeline)."})
