@@ -99,7 +99,6 @@ def test_tool_calling_sft_passes_its_gate_trains_and_is_tracked(tiny_model_path,
     """Also the live tracking of a stage: trackio (local, under the test's TRACKIO_DIR) and TensorBoard."""
     import json
     import os
-
     import socket
 
     attempts = []
