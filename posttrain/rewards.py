@@ -270,8 +270,9 @@ def normalize_by_group(rewards_per_func, weights, groups: list, eps: float = 1e-
     standardised per group. NaN ("not applicable") entries stay NaN. A group whose combined reward is constant becomes
     all zeros.
 
-    Note: within one prompt group (one domain) this is an affine map, so with `scale_rewards="group"` the advantages are
-    unchanged; it matters with `scale_rewards="batch"` or `"none"`, and for mining UPO pairs against a margin.
+    Note: within one prompt group (one domain) this is an affine map, so with `scale_rewards="group"` the advantages
+    would be unchanged; `UPOConfig` therefore turns GRPO's group scaling off when it is used (the group's std becomes
+    its domain's std). It also sets the units of the margin UPO mines pairs against.
 
     Args:
         rewards_per_func (`torch.Tensor` of shape `(rows, funcs)`): rewards per function, NaN where not applicable.
