@@ -77,7 +77,7 @@ def comparison(rng) -> Task:
     listed = rng.random() < 0.3
     kind, template, name = _pick(rng, COMPARE_LIST if listed else COMPARE_TWO, "comparison")
     numbers = []
-    while len(numbers) < (rng.randint(3, 4) if listed else 2):
+    while len(numbers) < (3 if listed else 2):  # three: sorted, they still fit the token budget
         n = _number(rng)
         if n not in numbers:
             numbers.append(n)

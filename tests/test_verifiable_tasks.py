@@ -21,8 +21,9 @@ EQUATION = re.compile(r"(-?\d+) ([-+*/]) (-?\d+) = (-?\d+)")
 
 
 def estimated_tokens(text):
-    """SmolLM2's BPE splits digits one by one; a word or a symbol is about one token."""
-    return len(re.findall(r"\d|[A-Za-z]+|[^\sA-Za-z\d]|\n", text))
+    """SmolLM2's BPE splits digits one by one, with the space before a number apart; a word or a symbol is about one
+    token (on these replies within a few tokens of the real count: at most 37 real tokens when this says 38)."""
+    return len(re.findall(r"\d|[A-Za-z]+|[^\sA-Za-z\d]|\n| (?=\d)", text))
 
 
 def test_splits_never_share_a_question():
@@ -86,7 +87,7 @@ def test_worked_steps_are_correct_and_short(many):
     for row in many["train"]:
         for left, op, right, result in EQUATION.findall(row["steps"]):
             assert evaluate((int(left), op, int(right))) == int(result), row
-        assert estimated_tokens(reply(row)) <= 37, reply(row)  # the default recipe generates 40 new tokens
+        assert estimated_tokens(reply(row)) <= 38, reply(row)  # the default recipe generates 40 new tokens
     arithmetic = [r for r in many["train"] if r["domain"] == "arithmetic"]
     assert all(str(r["answer"]) in r["steps"].split("\n")[-1] for r in arithmetic)
     assert all(reply({**r, "thinking": False}) == r["answer"] for r in arithmetic)  # non-thinking: the bare answer
