@@ -11,11 +11,10 @@ list the file in `build_sft_set`'s `decontaminate` so no training row repeats on
     python -m data_prep.write_arithmetic_transfer
 """
 
-import json
 from fractions import Fraction
 from pathlib import Path
 
-from posttrain.io import write_text
+from posttrain.io import write_jsonl
 
 OUTPUT = Path(__file__).parent / "sources" / "arithmetic_transfer.jsonl"
 
@@ -171,8 +170,7 @@ def rows() -> list[dict]:
 
 
 def main() -> int:
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows())
-    write_text(OUTPUT, text)
+    write_jsonl(OUTPUT, rows())
     print(f"wrote {OUTPUT}: {len(QUESTIONS)} rows")
     return 0
 
