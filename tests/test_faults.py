@@ -233,3 +233,18 @@ def test_second_run_into_the_same_folder_is_refused_naming_the_holder(pipeline, 
     lock = RunLock(pipeline.root).acquire(say=said.append)
     assert said == [f"taking over the lock of {pipeline.root} left by PID {holder.pid}, which is no longer running"]
     lock.release()
+
+
+def test_offline_pairs_shared_order_disjoint_across_processes_and_resumable():
+    from posttrain.trainers.upo_pairs import OfflinePairs
+
+    pairs = [(i,) for i in range(5)]
+    ranks = [OfflinePairs(pairs, seed="0", rank=r, processes=2) for r in range(2)]
+    for _ in range(5):  # across reshuffles too: each step's draws are distinct pairs of one pass
+        step = [ranks[r].take(2) for r in range(2)]
+        assert not set(step[0]) & set(step[1])
+    resumed = OfflinePairs(pairs, seed="0", rank=1, processes=2)
+    resumed.load_state_dict(ranks[0].state_dict(), "checkpoint-5/upo_offline_pairs.json")
+    assert [resumed.take(2) for _ in range(3)] == [ranks[1].take(2) for _ in range(3)]
+    with pytest.raises(UserError, match="saved with 5 offline pairs on 2 process"):
+        OfflinePairs(pairs, seed="0").load_state_dict(ranks[0].state_dict(), "ckpt")

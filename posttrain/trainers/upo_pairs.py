@@ -248,8 +248,10 @@ class OfflinePairs:
     """Pre-tokenized offline pairs, handed out in a shuffled order that is reshuffled at every pass over the data.
 
     All processes walk one shared order: a draw of `count` pairs per process takes the next `count × processes` pairs
-    and process `rank` keeps its slice, so no two processes train on the same pair in a step. The position in the order
-    (`state_dict`) is saved with every checkpoint, so a resumed run draws exactly the pairs an uninterrupted one would.
+    and process `rank` keeps its slice, so no two processes train on the same pair in a step (a pass's tail too short
+    for a whole step is left for the next, reshuffled pass, unless a step needs more pairs than there are). The
+    position in the order (`state_dict`) is saved with every checkpoint, so a resumed run draws exactly the pairs an
+    uninterrupted one would.
 
     Args:
         pairs (`list[tuple[list[int], list[int], list[int]]]`): `(prompt_ids, chosen_ids, rejected_ids)` per pair.
@@ -269,8 +271,11 @@ class OfflinePairs:
         return order
 
     def take(self, count: int) -> list[tuple[list[int], ...]]:
+        need = count * self.processes
+        if self.cursor + need > len(self.order) and need <= len(self.order):
+            self.cursor = len(self.order)  # like drop_last: a step's pairs come from one pass, so none appears twice
         taken = []
-        while len(taken) < count * self.processes:
+        while len(taken) < need:
             if self.cursor == len(self.order):
                 self.epoch, self.cursor = self.epoch + 1, 0
                 self.order = self._shuffled()
