@@ -17,6 +17,7 @@ from pathlib import Path
 from .errors import ERROR_FILE_ENV
 
 _EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b.*")
+_CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
 
 
 @dataclass
@@ -30,7 +31,9 @@ class _Echo:
     """Writes the child's output to the log, and to the terminal without tracebacks."""
 
     def __init__(self, log, log_path: Path):
-        self.log, self.log_path, self.pending, self.in_traceback, self.last_exception = log, log_path, b"", False, None
+        self.log, self.log_path, self.pending = log, log_path, b""
+        self.in_traceback = self.pointed = False
+        self.last_exception = None
 
     def feed(self, chunk: bytes) -> None:
         self.log.write(chunk)
@@ -43,10 +46,12 @@ class _Echo:
 
     def _line(self, line: bytes) -> None:
         text = line.decode(errors="replace").rstrip()
+        if text.startswith(_CHAINED):  # between the tracebacks of chained exceptions
+            return
         if text.startswith("Traceback (most recent call last):"):
-            if not self.in_traceback:
+            if not self.pointed:
                 self._show(f"  (traceback written to {self.log_path})\n".encode())
-            self.in_traceback = True
+            self.in_traceback = self.pointed = True
             return
         if self.in_traceback:
             if text[:1].isspace() or not text:

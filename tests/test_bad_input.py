@@ -242,3 +242,28 @@ def test_broken_stage_data_shows_the_cause_not_a_traceback(tmp_path, posttrain_c
 def test_data_help(posttrain_cli, tmp_path):
     result = posttrain_cli("data", "--help", cwd=tmp_path)
     assert "usage: posttrain data" in result.stdout and "build_verifiable_tasks" in result.stdout
+
+
+def test_child_tracebacks_go_to_the_log_only(tmp_path, capsysbinary):
+    """What a stage prints reaches the terminal, its tracebacks (its own, chained, the launcher's) only the log."""
+    from posttrain.childproc import Outcome, _Echo, describe
+
+    output = (b"step 1/3\r step 2/3\r\n[sft] pre-flight ok\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
+              b"KeyError: 'a'\n\nDuring handling of the above exception, another exception occurred:\n\n"
+              b"Traceback (most recent call last):\n  File \"y.py\", line 2\n    raise RuntimeError\nRuntimeError: boom\n"
+              b"Traceback (most recent call last):\n  File \"launch.py\", line 9\nsubprocess.CalledProcessError: "
+              b"Command died with <Signals.SIGKILL: 9>.\nbye\n")
+    log_path = tmp_path / "sft.log"
+    with open(log_path, "wb") as log:
+        echo = _Echo(log, log_path)
+        for start in range(0, len(output), 7):  # arbitrary chunk boundaries, as a pipe delivers them
+            echo.feed(output[start:start + 7])
+    shown = capsysbinary.readouterr().out.decode()
+    assert log_path.read_bytes() == output
+    assert "step 2/3" in shown and "[sft] pre-flight ok" in shown and "bye" in shown
+    assert "Traceback" not in shown and "File " not in shown and "During handling" not in shown
+    assert shown.count(f"(traceback written to {log_path})") == 1
+    assert echo.last_exception == "RuntimeError: boom"
+    assert "RuntimeError: boom" in describe(Outcome(1, None, echo.last_exception))
+    assert "signal 9 (SIGKILL" in describe(Outcome(-9, None, None))
+    assert describe(Outcome(2, "pre-flight: data.jsonl row 3: ...", "x")) == "pre-flight: data.jsonl row 3: ..."
