@@ -267,3 +267,12 @@ def test_child_tracebacks_go_to_the_log_only(tmp_path, capsysbinary):
     assert "RuntimeError: boom" in describe(Outcome(1, None, echo.last_exception))
     assert "signal 9 (SIGKILL" in describe(Outcome(-9, None, None))
     assert describe(Outcome(2, "pre-flight: data.jsonl row 3: ...", "x")) == "pre-flight: data.jsonl row 3: ..."
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("[!a]*/*.yaml")), ids=lambda p: p.stem)
+def test_committed_recipes_name_only_existing_files(recipe, monkeypatch):
+    from posttrain.recipe import load_recipe
+    from posttrain.recipe_files import check_recipe_files
+
+    monkeypatch.chdir(ROOT)
+    check_recipe_files(load_recipe(recipe))
