@@ -27,8 +27,9 @@ def check_conversations(dataset, name: str) -> None:
         return
     for index, messages in enumerate(dataset["messages"]):
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            raise UserError(f"pre-flight: {name} row {index}: \"messages\" is {type(messages).__name__}, expected a "
-                            "list of {role, content} turns")
+            found = "missing" if messages is None else f"a {type(messages).__name__}"
+            raise UserError(f"pre-flight: {name} row {index}: \"messages\" is {found}; expected a list of "
+                            "{role, content} turns")
         replies = [m for m in messages if m.get("role") == "assistant"]
         if not replies:
             raise UserError(f"pre-flight: {name} row {index}: no assistant turn; expected at least one reply to train on")

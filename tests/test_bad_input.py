@@ -133,7 +133,8 @@ def test_missing_split_of_a_data_folder(tmp_path):
 
 
 CONVERSATIONS = [
-    ("row-without-messages", [{"messages": TURNS}, {"messages": None, "text": "x"}], "row 1: \"messages\" is NoneType"),
+    ("row-without-messages", [{"messages": TURNS}, {"messages": None, "text": "x"}], "row 1: \"messages\" is missing"),
+    ("messages-a-string", [{"messages": TURNS}, {"messages": "hello"}], "row 1: \"messages\" is a str"),
     ("no-assistant-turn", [{"messages": TURNS[:1]}], "row 0: no assistant turn"),
     ("empty-assistant-turn", [{"messages": [TURNS[0], {"role": "assistant", "content": " "}]}],
      "row 0: assistant turn 1 is empty"),
@@ -230,7 +231,7 @@ def test_broken_stage_data_shows_the_cause_not_a_traceback(tmp_path, posttrain_c
     result = posttrain_cli("run", tmp_path / "recipe.yaml", cwd=tmp_path, check=False)
     shown = " ".join((result.stdout + result.stderr).split())
     assert result.returncode == 2
-    assert f"step 'sft' failed: pre-flight: {data} row 1: \"messages\" is NoneType" in shown
+    assert f"step 'sft' failed: pre-flight: {data} row 1: \"messages\" is missing" in shown
     log = tmp_path / "outputs" / "broken" / ".sft.partial" / "sft.log"
     assert f"Log: {log}" in shown
     assert "Traceback" not in shown and "CalledProcessError" not in shown
