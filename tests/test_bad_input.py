@@ -277,3 +277,15 @@ def test_committed_recipes_name_only_existing_files(recipe, monkeypatch):
 
     monkeypatch.chdir(ROOT)
     check_recipe_files(load_recipe(recipe))
+
+
+def test_run_checks_files_before_any_work(tmp_path, monkeypatch):
+    from posttrain.pipeline import Pipeline
+    from posttrain.recipe import load_recipe
+
+    monkeypatch.chdir(tmp_path)
+    raw = _set("stages.upo.upo_offline_dataset", "prefs/missing.jsonl")(_tiny())
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError, match="stages.upo.upo_offline_dataset: file not found: prefs/missing.jsonl"):
+        Pipeline(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "outputs").run()
+    assert not (tmp_path / "outputs").exists(), "no data job, no base evaluation, nothing written"
