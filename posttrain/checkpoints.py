@@ -2,7 +2,7 @@
 
 The Trainer writes `checkpoint-N/` file by file; a kill, an OOM or a full disk in the middle leaves a folder that looks
 like a checkpoint and fails to load (`SafetensorError`, `JSONDecodeError`, `EOFError`) on every rerun. So every stage
-adds `CheckpointGuard`, which writes `checkpoint_complete.json` (each file's size) once the Trainer has finished a
+adds a callback (`after_save`) that writes `checkpoint_complete.json` (each file's size) once the Trainer has finished a
 checkpoint, and the pipeline resumes from the newest checkpoint that is marked, still has every file at its recorded
 size, and whose JSON and safetensors files load; unusable newer ones are removed, with a message.
 
@@ -16,8 +16,6 @@ import shutil
 import signal
 from collections.abc import Callable
 from pathlib import Path
-
-from transformers import TrainerCallback
 
 from .io import write_json
 
@@ -93,19 +91,19 @@ def remove_incomplete(folder: str | Path) -> None:
             shutil.rmtree(checkpoint, ignore_errors=True)
 
 
-class CheckpointGuard(TrainerCallback):
-    """Marks each checkpoint complete once the Trainer has written all of it (every process, then the main one)."""
+def after_save(output_dir: str | Path, step: int, is_main_process: bool) -> None:
+    """What every process does once the Trainer has written checkpoint `step` (the stages' `CheckpointGuard`
+    callback): wait for all processes' files, mark the checkpoint complete on the main one, then honour the test hook.
+    """
+    import torch.distributed as dist
 
-    def on_save(self, args, state, control, **kwargs):
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()  # other ranks write their own rng_state_<rank>.pth into the same folder
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if state.is_world_process_zero and checkpoint.is_dir():
-            mark_complete(checkpoint)
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-        if os.environ.get(KILL_ENV) == str(state.global_step):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return control
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
+        dist.barrier()  # other ranks write their own rng_state_<rank>.pth into the same folder
+    checkpoint = Path(output_dir) / f"checkpoint-{step}"
+    if is_main_process and checkpoint.is_dir():
+        mark_complete(checkpoint)
+    if distributed:
+        dist.barrier()
+    if os.environ.get(KILL_ENV) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)

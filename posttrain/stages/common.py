@@ -181,7 +181,13 @@ def whole_stage_loss(trainer, train_result) -> float:
 
 def guard_checkpoints(trainer) -> None:
     """Checkpoints marked complete once written, so a rerun never resumes from a half-written one (`checkpoints`)."""
-    trainer.add_callback(checkpoints.CheckpointGuard())
+    from transformers import TrainerCallback
+
+    class CheckpointGuard(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            checkpoints.after_save(args.output_dir, state.global_step, state.is_world_process_zero)
+
+    trainer.add_callback(CheckpointGuard())
 
 
 def entry(stage: str, main, make_parser) -> None:
