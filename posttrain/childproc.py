@@ -18,6 +18,9 @@ from .errors import ERROR_FILE_ENV
 
 _EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b.*")
 _CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
+_LAUNCHER = ("subprocess.CalledProcessError", "torch.distributed.elastic.multiprocessing.errors.ChildFailedError")
+# how accelerate's launchers report a child killed by a signal (one process; torchrun for several)
+_KILLED = re.compile(r"died with <Signals\.\w+: (\d+)>|exitcode\s*:\s*-(\d+)")
 
 
 @dataclass
@@ -25,6 +28,7 @@ class Outcome:
     code: int
     message: str | None  # the child's own one-paragraph error, when it reported one
     last_exception: str | None  # else the last exception line of its log
+    signal: int | None = None  # the signal that killed it (or one of its processes), if any
 
 
 class _Echo:
@@ -33,7 +37,7 @@ class _Echo:
     def __init__(self, log, log_path: Path):
         self.log, self.log_path, self.pending = log, log_path, b""
         self.in_traceback = self.pointed = False
-        self.last_exception = None
+        self.last_exception, self.signal = None, None
 
     def feed(self, chunk: bytes) -> None:
         self.log.write(chunk)
@@ -46,6 +50,9 @@ class _Echo:
 
     def _line(self, line: bytes) -> None:
         text = line.decode(errors="replace").rstrip()
+        killed = _KILLED.search(text)
+        if killed:
+            self.signal = int(killed.group(1) or killed.group(2))
         if text.startswith(_CHAINED):  # between the tracebacks of chained exceptions
             return
         if text.startswith("Traceback (most recent call last):"):
@@ -58,8 +65,8 @@ class _Echo:
                 return
             self.in_traceback = False  # the exception line ends the traceback; it stays in the log only
             if _EXCEPTION_LINE.match(text):
-                # the child's own exception, not the launcher's CalledProcessError that follows it
-                if self.last_exception is None or not text.startswith("subprocess.CalledProcessError"):
+                # the child's own exception, not the launcher's that follows it
+                if self.last_exception is None or not text.startswith(_LAUNCHER):
                     self.last_exception = text
                 return
         self._show(line)
@@ -86,15 +93,15 @@ def spawn(cmd: list[str], log_path: Path) -> Outcome:
     if error_file.is_file():
         message = error_file.read_text(errors="replace").strip() or None
         error_file.unlink()
-    return Outcome(code, message, echo.last_exception)
+    return Outcome(code, message, echo.last_exception, echo.signal)
 
 
 def describe(outcome: Outcome) -> str:
     """The cause of a failed step in one line or paragraph."""
     if outcome.message:
         return outcome.message
-    if outcome.code < 0 or outcome.code in (128 + signal.SIGKILL, 128 + signal.SIGTERM):
-        number = -outcome.code if outcome.code < 0 else outcome.code - 128
+    if outcome.signal or outcome.code < 0:
+        number = outcome.signal or -outcome.code
         return (f"the process was killed by signal {number} ({signal.Signals(number).name}; SIGKILL often means the "
                 "machine ran out of memory)")
     if outcome.last_exception:

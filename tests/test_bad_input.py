@@ -264,8 +264,9 @@ def test_child_tracebacks_go_to_the_log_only(tmp_path, capsysbinary):
     assert "step 2/3" in shown and "[sft] pre-flight ok" in shown and "bye" in shown
     assert "Traceback" not in shown and "File " not in shown and "During handling" not in shown
     assert shown.count(f"(traceback written to {log_path})") == 1
-    assert echo.last_exception == "RuntimeError: boom"
+    assert echo.last_exception == "RuntimeError: boom" and echo.signal == 9
     assert "RuntimeError: boom" in describe(Outcome(1, None, echo.last_exception))
+    assert "signal 9 (SIGKILL" in describe(Outcome(1, None, "ChildFailedError: ", 9))
     assert "signal 9 (SIGKILL" in describe(Outcome(-9, None, None))
     assert describe(Outcome(2, "pre-flight: data.jsonl row 3: ...", "x")) == "pre-flight: data.jsonl row 3: ..."
 
