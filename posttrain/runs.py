@@ -3,12 +3,14 @@
 Shared by `posttrain eval`, `export` and `chat`, which all start from `outputs/<run> [--stage S]`.
 """
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from .configs import EvalArguments
 from .errors import UserError
 
 # The run order when run.json does not list one (a run.json from before `order` was recorded).
@@ -57,18 +59,16 @@ def stage_ref(run: str | Path, stage: str | None = None) -> StageRef:
     return StageRef(run, stage, resolved["model_name_or_path"], str(run / stage), str(run / stage), resolved)
 
 
-def eval_command(args) -> list[str]:
-    """`posttrain.evaluate` arguments for a run's stage, evaluated on the run's own held-out data."""
-    ref = stage_ref(args.run, args.stage)
+def eval_target(run: str | Path, stage: str | None, settings: EvalArguments) -> tuple[StageRef, EvalArguments]:
+    """A run's stage, and `settings` with the run's own held-out dataset and split unless `settings` names a dataset."""
+    ref = stage_ref(run, stage)
+    if settings.dataset:
+        return ref, settings
     stage_args = ref.resolved or _any_resolved(ref.run)
-    dataset = args.dataset or stage_args.get("eval_dataset")
-    if not dataset:
+    if not stage_args.get("eval_dataset"):
         raise UserError(f"{ref.run}: the recipe has no eval dataset; pass --dataset")
-    argv = ["--model", ref.base_model, "--tokenizer", ref.tokenizer, "--dataset", dataset,
-            "--split", stage_args.get("eval_split", args.split)]
-    if ref.adapter:
-        argv += ["--adapter", ref.adapter]
-    return argv
+    return ref, dataclasses.replace(settings, dataset=stage_args["eval_dataset"],
+                                    split=stage_args.get("eval_split", settings.split))
 
 
 def _any_resolved(run: Path) -> dict:

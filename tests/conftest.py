@@ -46,7 +46,7 @@ def task_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sft_configs():
     """Callable: (model folder, data folder, output folder, **SFTConfig overrides) -> the SFT stage's three configs."""
-    from posttrain.recipe import StageArguments
+    from posttrain.configs import StageArguments
 
     def make(model_path, data_dir, out_dir, **overrides):
         from trl import ModelConfig, SFTConfig

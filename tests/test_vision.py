@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from posttrain import gates, vision
+from posttrain import gates
 from posttrain.data import load_split
 from posttrain.errors import UserError
-from posttrain.models import load_model, load_tokenizer
+from posttrain.models import load_model, load_tokenizer, vision
 from posttrain.recipe import StageArguments
 
 ROOT = Path(__file__).resolve().parent.parent
