@@ -33,6 +33,9 @@ def cmd_run(args) -> int:
     if args.dry_run:
         import yaml
 
+        from .recipe_files import check_recipe_files
+
+        check_recipe_files(recipe)
         pipeline = Pipeline(recipe, args.output_dir)
         for stage, stage_args in recipe.stages.items():
             console.rule(stage)
@@ -86,6 +89,8 @@ def cmd_data(args) -> int:
     from .datajobs import list_jobs, run_command
 
     if args.job in (None, "list"):
+        if args.help:
+            args.data_parser.print_help()
         console.print("data jobs: " + ", ".join(list_jobs()["jobs"]) + ", validate")
         return 0
     return run_command(args.job, args.rest)
@@ -155,7 +160,9 @@ def make_parser() -> argparse.ArgumentParser:
                           add_help=False)
     data.add_argument("job", nargs="?", help="job name, 'validate', or 'list'")
     data.add_argument("rest", nargs=argparse.REMAINDER, help="the job's own arguments (--help for each job)")
-    data.set_defaults(func=cmd_data)
+    # own -h: the parser's automatic one would swallow `posttrain data JOB --help`, which belongs to the job
+    data.add_argument("-h", "--help", action="store_true", help="show this help and the list of jobs")
+    data.set_defaults(func=cmd_data, data_parser=data)
 
     doctor = sub.add_parser("doctor", help="check versions, devices, offline mode and the default model")
     doctor.set_defaults(func=cmd_doctor)
@@ -204,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}")
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")  # `[1` in a message is text, not markup
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: run the same command again to resume from the last checkpoint")

@@ -11,6 +11,8 @@ from pathlib import Path
 from .errors import UserError
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+_EXPECTED = {".jsonl": "one JSON object per line", ".json": "a JSON list of objects (or JSON Lines)",
+             ".parquet": "a parquet table", ".csv": "comma-separated rows under a header line"}
 
 
 def load_split(name_or_path: str, split: str = "train", dataset_config: str | None = None):
@@ -22,13 +24,13 @@ def load_split(name_or_path: str, split: str = "train", dataset_config: str | No
         split (`str`, *optional*, defaults to `"train"`):
             Split name. For a single data file, `train` is the whole file.
     """
-    from datasets import load_dataset, load_from_disk
+    from datasets import load_from_disk
 
     path = Path(name_or_path)
     if path.is_dir():
         parquet = path / f"{split}.parquet"
         if parquet.is_file():
-            return load_dataset("parquet", data_files={split: str(parquet)}, split=split)
+            return _load_file(parquet, split)
         if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
             loaded = load_from_disk(str(path))
             if hasattr(loaded, "keys"):
@@ -41,10 +43,53 @@ def load_split(name_or_path: str, split: str = "train", dataset_config: str | No
     if path.suffix in _FILE_BUILDERS:
         if not path.is_file():
             raise UserError(f"dataset file not found: {path}")
-        return load_dataset(_FILE_BUILDERS[path.suffix], data_files={split: str(path)}, split=split)
+        return _load_file(path, split)
     if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/")):
         raise UserError(f"dataset '{name_or_path}' is not a folder, a data file or a Hub id of the form 'org/name'")
     return _load_hub(name_or_path, split, dataset_config)
+
+
+def _load_file(path: Path, split: str):
+    """A local data file as one split; an unreadable or empty file is a UserError naming the file (and the first bad
+    line of a JSON Lines file) instead of datasets' and Arrow's tracebacks."""
+    from datasets import load_dataset
+
+    expected = _EXPECTED[path.suffix]
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: the file is empty (0 bytes); expected {expected}")
+    try:
+        dataset = load_dataset(_FILE_BUILDERS[path.suffix], data_files={split: str(path)}, split=split)
+    except Exception as exc:  # noqa: BLE001 - datasets and Arrow raise many types for one cause: an unreadable file
+        raise UserError(f"{path}: cannot be read as {path.suffix[1:]} ({_root_cause(exc)}){_bad_json_line(path)}; "
+                        f"expected {expected}") from exc
+    if len(dataset) == 0:
+        raise UserError(f"{path}: no rows; expected a non-empty {path.suffix[1:]} file")
+    return dataset
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ or exc.__context__:
+        exc = exc.__cause__ or exc.__context__
+    return f"{type(exc).__name__}: {str(exc)[:200]}" if str(exc) else type(exc).__name__
+
+
+def _bad_json_line(path: Path) -> str:
+    """"; line N: <reason>" for the first line of a .jsonl file that is not a JSON object, else ""."""
+    import json
+
+    if path.suffix != ".jsonl":
+        return ""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                return f"; line {number}: not JSON ({exc})"
+            if not isinstance(row, dict):
+                return f"; line {number}: a {type(row).__name__}, not a JSON object"
+    return ""
 
 
 def _load_hub(repo_id: str, split: str, dataset_config: str | None):

@@ -1,5 +1,60 @@
-"""The one exception type that means "the user can fix this": the CLI prints it as a paragraph, not a traceback."""
+"""The one exception type that means "the user can fix this": the CLI prints it as a paragraph, not a traceback.
+
+Child processes (stages, the base evaluation) report such an error the same way and also hand the paragraph to the
+pipeline through the file named by `POSTTRAIN_ERROR_FILE`, so the run's summary shows the cause, not the launcher's
+traceback. A full disk, whatever layer notices it first, becomes such an error too (`disk_full_error`).
+"""
+
+import errno
+import os
+import sys
+from pathlib import Path
+
+from .io import write_text
+
+ERROR_FILE_ENV = "POSTTRAIN_ERROR_FILE"
 
 
 class UserError(Exception):
     """A mistake in a recipe, a file, an argument or the environment, explained in words the user can act on."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` or anything in its cause/context chain is "no space left on device": torch and safetensors wrap
+    the OSError of a failed write in their own exception types, so the errno alone is not enough."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def disk_full_error(exc: BaseException, needed_for: str, near: str | Path | None = None) -> UserError:
+    """The paragraph for a full disk: which file system, which file, what the space was needed for, and that the same
+    command resumes once space is freed."""
+    filename = getattr(exc, "filename", None) or near
+    where = f"{_mount_point(Path(filename))} (writing {filename})" if filename else "the device"
+    return UserError(f"no space left on {where}, needed for {needed_for}. Free some space and run the same command "
+                     "again: nothing half-written is kept and the run resumes from its last complete checkpoint.")
+
+
+def report_child_error(message: str) -> None:
+    """In a child process: print `message` as one paragraph to stderr and hand it to the pipeline (if it asked)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    path = os.environ.get(ERROR_FILE_ENV)
+    if path:
+        try:
+            write_text(path, message)
+        except OSError:  # a full disk may refuse even this; the pipeline then falls back to the log
+            pass

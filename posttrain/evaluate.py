@@ -236,5 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # the pipeline's base evaluation: a user error is one paragraph, handed to the pipeline
+    from .errors import UserError, report_child_error
+
+    try:
+        raise SystemExit(main())
+    except UserError as exc:
+        report_child_error(str(exc))
+        raise SystemExit(2) from None

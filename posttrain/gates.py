@@ -26,6 +26,10 @@ def check_conversations(dataset, name: str) -> None:
     if "messages" not in dataset.column_names:
         return
     for index, messages in enumerate(dataset["messages"]):
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            found = "missing" if messages is None else f"a {type(messages).__name__}"
+            raise UserError(f"pre-flight: {name} row {index}: \"messages\" is {found}; expected a list of "
+                            "{role, content} turns")
         replies = [m for m in messages if m.get("role") == "assistant"]
         if not replies:
             raise UserError(f"pre-flight: {name} row {index}: no assistant turn; expected at least one reply to train on")
@@ -119,13 +123,20 @@ def check_preference_pairs(dataset, name: str, tokenizer=None, max_length: int |
                            allow_skip: bool = False):
     """Bad pairs are an error naming the row, or a counted skip when allowed: an empty side, chosen == rejected, or a
     prompt so long that truncation to `max_length` would leave no reply token to learn from."""
-    from .data import completion_text, render_prompt
+    from .data import render_prompt
 
+    missing = [c for c in ("prompt", "chosen", "rejected") if c not in dataset.column_names]
+    if missing:
+        raise UserError(f"pre-flight: {name}: preference pairs need the columns prompt, chosen, rejected; missing: "
+                        f"{', '.join(missing)} (has: {', '.join(dataset.column_names)})")
     bad = []
     for index, row in enumerate(dataset):
-        chosen, rejected = completion_text(row["chosen"]).strip(), completion_text(row["rejected"]).strip()
+        chosen, rejected = _reply(row["chosen"]), _reply(row["rejected"])
         reason = None
-        if not chosen or not rejected:
+        if row["prompt"] is None or chosen is None or rejected is None:
+            column = "prompt" if row["prompt"] is None else "chosen" if chosen is None else "rejected"
+            reason = f'"{column}" is not a reply (null, or neither text nor a list of messages)'
+        elif not chosen or not rejected:
             reason = f"\"{'chosen' if not chosen else 'rejected'}\" is empty; expected a non-empty reply"
         elif chosen == rejected:
             reason = "chosen == rejected; expected two different replies"
@@ -142,6 +153,42 @@ def check_preference_pairs(dataset, name: str, tokenizer=None, max_length: int |
             bad.append(index)
     if bad:
         dataset = dataset.select(sorted(set(range(len(dataset))) - set(bad)))
+    return dataset, len(bad)
+
+
+def _reply(completion) -> str | None:
+    from .data import completion_text
+
+    try:
+        return completion_text(completion).strip()
+    except TypeError:
+        return None
+
+
+def check_reward_references(dataset, rewards: dict | None, name: str, allow_skip: bool = False):
+    """Every reference column a reward reads (`rewards.REQUIRED_COLUMNS`) exists and is filled in every prompt row: a
+    prompt whose `answer` is null gets an accuracy reward of 0 for every completion and trains on noise. A missing
+    column is always an error; empty rows are an error naming the row, or a counted skip when allowed."""
+    from .rewards import REQUIRED_COLUMNS
+
+    needed = {}
+    for reward in rewards or {}:
+        if reward in REQUIRED_COLUMNS:
+            needed.setdefault(REQUIRED_COLUMNS[reward], []).append(reward)
+    bad = set()
+    for column, users in needed.items():
+        if column not in dataset.column_names:
+            raise UserError(f"pre-flight: {name}: reward(s) {', '.join(users)} need a '{column}' column; the rows "
+                            f"have: {', '.join(dataset.column_names)}")
+        for index, value in enumerate(dataset[column]):
+            if value is None or not str(value).strip():
+                if not allow_skip:
+                    raise UserError(f"pre-flight: {name} row {index}: '{column}' is empty, so reward '{users[0]}' "
+                                    "would score every completion of this prompt 0; fill it or drop the row (set "
+                                    "skip_bad_rows: true to skip such rows)")
+                bad.add(index)
+    if bad:
+        dataset = dataset.select(sorted(set(range(len(dataset))) - bad))
     return dataset, len(bad)
 
 

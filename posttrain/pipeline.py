@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,11 +26,14 @@ from pathlib import Path
 import yaml
 
 from . import lineage
+from .checkpoints import resume_point
+from .childproc import describe, spawn
 from .configs import StageArguments
 from .console import console
-from .errors import UserError
+from .errors import UserError, disk_full_error, is_disk_full
 from .io import write_json, write_text
 from .recipe import Recipe
+from .runlock import RunLock
 
 
 def run_dir(recipe: Recipe, output_root: str | Path = "outputs") -> Path:
@@ -94,6 +96,40 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------------ steps
     def run(self, only: str | None = None, start: str | None = None, stop_before: str | None = None) -> dict:
+        """Run the recipe (see the module docstring), after checking every file it names. One run per folder at a time
+        (`RunLock`); run.json ends as done, failed or interrupted, never as running."""
+        from .recipe_files import check_recipe_files
+
+        check_recipe_files(self.recipe)
+        lock = RunLock(self.root).acquire(say=lambda text: console.print(f"[yellow]{text}[/yellow]"))
+        try:
+            self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+            return self._run(only, start, stop_before)
+        except KeyboardInterrupt:
+            self._end_run("interrupted", "interrupted (Ctrl-C)")
+            raise
+        except Exception as exc:
+            disk_full = is_disk_full(exc) and not isinstance(exc, UserError)
+            error = disk_full_error(exc, f"the run's files in {self.root}") if disk_full else exc
+            self._end_run("failed", str(error))
+            if error is exc:
+                raise
+            raise error from exc
+        finally:
+            lock.release()
+
+    def _end_run(self, status: str, error: str) -> None:
+        """Mark the run, and the step that was running, as failed or interrupted (best effort: on a full disk even
+        this write may fail, and the original error matters more)."""
+        try:
+            for step, info in self.state.get("steps", {}).items():
+                if step != "run" and info.get("status") == "running":
+                    self._record(step, status=status, error=error)
+            self._record("run", status=status, error=error, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+        except OSError:
+            pass
+
+    def _run(self, only: str | None, start: str | None, stop_before: str | None) -> dict:
         order = list(self.recipe.stages)
         if stop_before:  # an ablation's shared part: everything before the varied stage
             order = order[:order.index(stop_before)]
@@ -236,7 +272,7 @@ class Pipeline:
         if stale:  # a partial run of other inputs cannot be resumed
             shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True, exist_ok=True)
-        checkpoint = _last_checkpoint(partial)
+        checkpoint = resume_point(partial, say=lambda text: console.print(f"[yellow]{text}[/yellow]"))
         if checkpoint:
             console.print(f"resuming {stage} from {checkpoint.name}")
             args["resume_from_checkpoint"] = str(checkpoint)
@@ -268,23 +304,18 @@ class Pipeline:
         return {"TENSORBOARD_LOGGING_DIR": str(self.root / "tensorboard" / stage)}
 
     def _spawn(self, cmd: list[str], log_path: Path, step: str, env: dict | None = None) -> None:
-        """Run a child process, streaming its output to the terminal and to `log_path`; failures become UserError."""
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        """Run a child process, streaming its output (tracebacks to the log only) to the terminal and to `log_path`;
+        a failure becomes a UserError with the child's own cause and the log's path."""
         started = time.time()
-        with open(log_path, "ab") as log:
-            process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-            for chunk in iter(lambda: process.stdout.read1(4096), b""):
-                log.write(chunk)
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-            code = process.wait()
-        if code != 0:
-            tail = log_path.read_text(errors="replace").splitlines()[-25:]
-            self._record(step, status="failed", error="\n".join(tail), wall_time_s=round(time.time() - started, 1))
-            self._record("run", status="failed")
-            raise UserError(f"step '{step}' failed (exit code {code}). Its log is {log_path}; last lines:\n"
-                            + "\n".join(tail[-8:]) + "\nFix the cause and run the same command again: finished "
-                            "stages are skipped and this one resumes from its last checkpoint.")
+        outcome = spawn(cmd, log_path, env)
+        if outcome.code != 0:
+            cause = describe(outcome)
+            self._record(step, status="failed", error=cause, log=str(log_path),
+                         wall_time_s=round(time.time() - started, 1))
+            self._record("run", status="failed", error=f"step '{step}' failed")
+            raise UserError(f"step '{step}' failed: {cause}\nLog: {log_path}\nFix the cause and run the same command "
+                            "again: finished stages are skipped and this one resumes from its last complete "
+                            "checkpoint.")
 
     def print_summary(self) -> None:
         from .report import accuracy_line
@@ -294,10 +325,6 @@ class Pipeline:
             console.print(f"[bold]held-out accuracy:[/bold] {line}")
         console.print(f"outputs in {self.root}")
 
-
-def _last_checkpoint(folder: Path) -> Path | None:
-    checkpoints = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return max(checkpoints, key=lambda p: int(p.name.split("-")[-1])) if checkpoints else None
 
 
 

@@ -95,7 +95,12 @@ def apply_overrides(raw: dict, overrides: list[str], where: str) -> dict:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise UserError(f"{where}: override '{item}': '{key}' is not a mapping")
-        node[keys[-1]] = yaml.safe_load(value)
+        try:
+            node[keys[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise UserError(f"{where}: override '{item}': the value {value!r} is not valid YAML ({problem}); quote "
+                            "strings and close brackets, e.g. shared.lora_target_modules=[q_proj,v_proj]") from exc
     return raw
 
 

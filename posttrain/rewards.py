@@ -189,6 +189,10 @@ REWARDS: dict[str, RewardFunc] = {
     "hackable_length": hackable_length,
 }
 
+# The dataset column each reward reads a reference from, which every training row must fill (UPO's pre-flight gate).
+REQUIRED_COLUMNS: dict[str, str] = {name: "answer" for name in ("accuracy", "numeric_accuracy", "exact_match",
+                                                                  "multiple_choice")}
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Combining and normalising

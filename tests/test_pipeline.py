@@ -1,11 +1,6 @@
 """The tiny recipe through the real CLI, in subprocesses, as a user runs it: end to end, skip, resume, 2 processes."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -71,27 +66,24 @@ def test_rerun_skips_finished_stage_and_reruns_on_change(tiny_run, posttrain_cli
 
 
 def test_killed_stage_resumes_from_checkpoint(tmp_path, posttrain_cli):
-    overrides = ["stages.sft.max_steps=16", "shared.save_strategy=steps", "shared.save_steps=2", "eval.dataset=null",
+    """The stage process SIGKILLed right after its second checkpoint (the stage's test hook), then the same command."""
+    overrides = ["stages.sft.max_steps=4", "shared.save_strategy=steps", "shared.save_steps=1", "eval.dataset=null",
                  "name=resume"]
-    cmd = [sys.executable, "-m", "posttrain", "run", str(TINY), *overrides, "--only", "sft"]
-    process = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    partial = tmp_path / "outputs" / "resume" / ".sft.partial"
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(partial.glob("checkpoint-*/trainer_state.json")):
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    checkpoints = list(partial.glob("checkpoint-*"))
-    assert checkpoints, "the stage should have written a checkpoint before being killed"
-    assert not (tmp_path / "outputs" / "resume" / "sft").exists(), "killed before the end: no finished stage folder"
+    killed = posttrain_cli("run", TINY, *overrides, "--only", "sft", cwd=tmp_path, check=False,
+                           env={"POSTTRAIN_TEST_KILL_AFTER_CHECKPOINT": "2"})
+    assert killed.returncode == 2 and "step 'sft' failed" in killed.stdout and "SIGKILL" in killed.stdout
+    assert "Traceback" not in killed.stdout + killed.stderr
+    run = tmp_path / "outputs" / "resume"
+    assert json.loads((run / "run.json").read_text())["steps"]["sft"]["status"] == "failed"
+    assert not (run / "sft").exists(), "killed before the end: no finished stage folder"
 
     resumed = posttrain_cli("run", TINY, *overrides, "--only", "sft", cwd=tmp_path)
-    assert "resuming sft from checkpoint-" in resumed.stdout
-    metrics = json.loads((tmp_path / "outputs" / "resume" / "sft" / "metrics.json").read_text())
-    assert metrics["train"]["global_step"] == 16
+    assert "resuming sft from checkpoint-2" in resumed.stdout
+    metrics = json.loads((run / "sft" / "metrics.json").read_text())
+    assert metrics["train"]["global_step"] == 4
     first_logged = min(log["step"] for log in metrics["log_history"] if "loss" in log)
     assert first_logged == 1  # log history carried over from the checkpoint, not restarted
+    assert json.loads((run / "run.json").read_text())["steps"]["run"]["status"] == "done"
 
 
 def test_two_process_cpu_run(tmp_path, posttrain_cli):

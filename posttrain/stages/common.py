@@ -8,10 +8,12 @@ ever written between stages and only one copy of the base weights is in memory.
 import json
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 
-from ..errors import UserError
+from .. import checkpoints
+from ..errors import UserError, disk_full_error, is_disk_full, report_child_error
 
 logger = logging.getLogger("posttrain")
 
@@ -148,7 +150,8 @@ def finish(trainer, stage: str, stage_args, tokenizer, train_result, started: fl
         "status": "done",
         "wall_time_s": round(time.time() - started, 1),
         "world_size": trainer.accelerator.num_processes,
-        "train": {**train_result.metrics, "global_step": trainer.state.global_step},
+        "train": {**train_result.metrics, "global_step": trainer.state.global_step,
+                  "train_loss": whole_stage_loss(trainer, train_result)},
         "log_history": trainer.state.log_history,
         "adapter": checks,
         "eval": evaluation,
@@ -156,3 +159,50 @@ def finish(trainer, stage: str, stage_args, tokenizer, train_result, started: fl
     }
     (Path(output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     trainer.accelerator.wait_for_everyone()
+
+
+def whole_stage_loss(trainer, train_result) -> float:
+    """The mean training loss of the whole stage, also after a resume (the Trainer's own `train_loss` covers only the
+    steps of the last process): the logged losses up to the resumed checkpoint, weighted by the steps each covers,
+    plus the resumed part. Exact when the checkpoint step is a multiple of `logging_steps`."""
+    resumed_from = trainer.args.resume_from_checkpoint
+    if not resumed_from:
+        return train_result.training_loss
+    start = int(Path(resumed_from).name.split("-")[-1])
+    total, last = 0.0, 0
+    for entry in trainer.state.log_history:
+        if "loss" in entry and entry.get("step", start + 1) <= start:
+            total, last = total + entry["loss"] * (entry["step"] - last), entry["step"]
+    resumed = trainer.state.global_step - start
+    return (total + train_result.training_loss * resumed) / max(last + resumed, 1)
+
+
+def guard_checkpoints(trainer) -> None:
+    """Checkpoints marked complete once written, so a rerun never resumes from a half-written one (`checkpoints`)."""
+    from transformers import TrainerCallback
+
+    class CheckpointGuard(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            checkpoints.after_save(args.output_dir, state.global_step, state.is_world_process_zero)
+
+    trainer.add_callback(CheckpointGuard())
+
+
+def entry(stage: str, main, make_parser) -> None:
+    """`python -m posttrain.stages.<stage>`: a user error (bad data, a full disk) is printed as one paragraph and handed
+    to the pipeline, and the process exits with code 2; anything else is a bug and keeps its traceback."""
+    output_dir = None
+    try:
+        parsed = make_parser().parse_args_and_config()
+        output_dir = parsed[1].output_dir
+        main(*parsed)
+    except UserError as exc:
+        report_child_error(str(exc))
+        sys.exit(2)
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        if output_dir:
+            checkpoints.remove_incomplete(output_dir)
+        report_child_error(str(disk_full_error(exc, f"the {stage} stage's checkpoint or adapter", output_dir)))
+        sys.exit(2)

@@ -63,6 +63,7 @@ def main(stage_args: StageArguments, training_args, model_args):
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    common.guard_checkpoints(trainer)
     vision_checks = common.prepare_trainer(trainer, model, stage_args, model_args, vision.has_images(train))
     before = None
     if heldout is not None and trainer.accelerator.is_main_process:
@@ -84,4 +85,4 @@ def make_parser():
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    common.entry("dpo", main, make_parser)

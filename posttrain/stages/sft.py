@@ -46,6 +46,7 @@ def main(stage_args: StageArguments, training_args, model_args):
     trainer = SFTTrainer(
         model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
     )
+    common.guard_checkpoints(trainer)
     # image gates first: cut image tokens would also show up below as rows with nothing to train
     preflight = common.prepare_trainer(trainer, model, stage_args, model_args, images)
     if stage_args.preflight:
@@ -74,4 +75,4 @@ def make_parser():
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    common.entry("sft", main, make_parser)

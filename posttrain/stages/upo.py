@@ -59,6 +59,7 @@ def main(stage_args: StageArguments, training_args, model_args, curriculum_args:
     common.set_threads()
     model, tokenizer, peft_config = common.load_policy(stage_args, training_args, model_args)
     dataset = common.keep_columns(common.load_train_dataset(stage_args), UPO_COLUMNS)
+    dataset, offline, preflight = preflight_data(dataset, stage_args, training_args)
     if curriculum_args.phases:
         dataset = curriculum(dataset, stage_args, curriculum_args.phases, training_args.seed)
         training_args.shuffle_dataset = False  # the phase order is the point
@@ -67,14 +68,34 @@ def main(stage_args: StageArguments, training_args, model_args, curriculum_args:
             gates.check_image_slots(dataset, stage_args.dataset_name)
         dataset = image_prompts(dataset, training_args)
     trainer = UPOTrainer(model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config)
+                         peft_config=peft_config, offline_dataset=offline)
+    common.guard_checkpoints(trainer)
     frozen = common.freeze_vision(trainer, stage_args, model_args)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     extra = {"upo": {"lambda": training_args.upo_lambda, "mode": training_args.upo_mode,
                      "rewards": training_args.rewards, "phases": curriculum_args.phases},
-             **({"preflight": frozen} if frozen else {})}
+             "preflight": {**preflight, **frozen}}
     common.finish(trainer, "upo", stage_args, tokenizer, result, started, extra=extra)
     return trainer
+
+
+def preflight_data(dataset, stage_args, training_args):
+    """The gates before the first step: every prompt has the reference its rewards read, and the offline pairs (for
+    `upo_mode` offline or both) are real pairs (a chosen == rejected pair leaves the DPO term stuck at log 2).
+    Returns the kept prompts, the kept offline pairs (None: the trainer loads them itself) and the pre-flight record."""
+    from ..data import load_split
+
+    record = {}
+    if not stage_args.preflight:
+        return dataset, None, record
+    dataset, record["prompts_skipped"] = gates.check_reward_references(
+        dataset, training_args.rewards, stage_args.dataset_name, allow_skip=stage_args.skip_bad_rows)
+    offline = None
+    if training_args.upo_mode in ("offline", "both") and training_args.upo_offline_dataset:
+        name = f"{training_args.upo_offline_dataset} (train)"
+        offline, record["offline_pairs_skipped"] = gates.check_preference_pairs(
+            load_split(training_args.upo_offline_dataset, "train"), name, allow_skip=stage_args.skip_bad_rows)
+    return dataset, offline, record
 
 
 def image_prompts(dataset, training_args):
@@ -97,4 +118,4 @@ def make_parser():
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    common.entry("upo", main, make_parser)

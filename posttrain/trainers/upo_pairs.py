@@ -169,17 +169,18 @@ def _reply_ids(tokenizer, reply: str, thinking: bool | None, max_length: int | N
 
 
 def load_offline_pairs(path: str, tokenizer, max_completion_length: int | None,
-                       processor=None) -> list[tuple[list[int], ...]]:
+                       processor=None, dataset=None) -> list[tuple[list[int], ...]]:
     """Tokenize a preference dataset once: `(prompt_ids, chosen_ids, rejected_ids)` per row, plus the prompt's image
     inputs (`_image_prompt`) as a fourth element for rows with `images` (which need the VLM's `processor`).
 
     Rows have `prompt`, `chosen`, `rejected`, conversational or text, and optionally `thinking`. Prompts are rendered
     exactly as the RL prompts are (`render_prompt_text`); replies get the tokenizer's EOS appended (the chat template
-    ends an assistant turn with it) and are truncated to `max_completion_length` like rollouts.
+    ends an assistant turn with it) and are truncated to `max_completion_length` like rollouts. `dataset`, when
+    given, is the already loaded (e.g. pre-flight filtered) content of `path`.
     """
     from ..data import load_split
 
-    dataset = load_split(path, "train")
+    dataset = load_split(path, "train") if dataset is None else dataset
     images = "images" in dataset.column_names
     if images and processor is None:
         raise UserError(f"{path}: offline pairs with images need a vision-language model (and its processor)")
@@ -246,13 +247,21 @@ def merge_images(parts: list[dict | None]) -> dict:
 class OfflinePairs:
     """Pre-tokenized offline pairs, handed out in a shuffled order that is reshuffled at every pass over the data.
 
+    All processes walk one shared order: a draw of `count` pairs per process takes the next `count × processes` pairs
+    and process `rank` keeps its slice, so no two processes train on the same pair in a step (a pass's tail too short
+    for a whole step is left for the next, reshuffled pass, unless a step needs more pairs than there are). The
+    position in the order (`state_dict`) is saved with every checkpoint, so a resumed run draws exactly the pairs an
+    uninterrupted one would.
+
     Args:
         pairs (`list[tuple[list[int], list[int], list[int]]]`): `(prompt_ids, chosen_ids, rejected_ids)` per pair.
-        seed (`str`): seeds the order; give each process its own so they draw different pairs.
+        seed (`str`): seeds the order (the same on every process).
+        rank (`int`, *optional*, defaults to `0`): this process's index.
+        processes (`int`, *optional*, defaults to `1`): how many processes draw.
     """
 
-    def __init__(self, pairs: list[tuple[list[int], ...]], seed: str):
-        self.pairs, self.seed = pairs, seed
+    def __init__(self, pairs: list[tuple[list[int], ...]], seed: str, rank: int = 0, processes: int = 1):
+        self.pairs, self.seed, self.rank, self.processes = pairs, seed, rank, processes
         self.epoch, self.cursor = 0, 0
         self.order = self._shuffled()
 
@@ -262,11 +271,25 @@ class OfflinePairs:
         return order
 
     def take(self, count: int) -> list[tuple[list[int], ...]]:
+        need = count * self.processes
+        if self.cursor + need > len(self.order) and need <= len(self.order):
+            self.cursor = len(self.order)  # like drop_last: a step's pairs come from one pass, so none appears twice
         taken = []
-        while len(taken) < count:
+        while len(taken) < need:
             if self.cursor == len(self.order):
                 self.epoch, self.cursor = self.epoch + 1, 0
                 self.order = self._shuffled()
             taken.append(self.pairs[self.order[self.cursor]])
             self.cursor += 1
-        return taken
+        return taken[self.rank * count:(self.rank + 1) * count]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "pairs": len(self.pairs), "processes": self.processes}
+
+    def load_state_dict(self, state: dict, where: str) -> None:
+        if (state["pairs"], state["processes"]) != (len(self.pairs), self.processes):
+            raise UserError(f"{where}: saved with {state['pairs']} offline pairs on {state['processes']} process(es), "
+                            f"resumed with {len(self.pairs)} on {self.processes}; resume with the same data and "
+                            "process count, or remove the checkpoint to start the stage over")
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self.order = self._shuffled()

@@ -45,13 +45,18 @@ forward (GRPO's and the DPO term's) the routing of its own tokens, and `_tokeniz
 failing on a batch of prompts of different lengths.
 """
 
+import json
+from pathlib import Path
+
 import torch
 from accelerate.utils import gather_object, is_peft_model
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import nanstd, use_adapter
 
 from ..errors import UserError
+from ..io import write_json
 from ..moe_routing import MOE_ROUTING, routes_by_modality, with_routing
 from ..rewards import normalize_by_group, resolve_rewards, weighted_sum
 from .upo_config import UPOConfig
@@ -67,6 +72,8 @@ from .upo_pairs import (
     render_prompts,
     select_images,
 )
+
+OFFLINE_STATE = "upo_offline_pairs.json"  # in each checkpoint: where the offline pairs' shared order stands
 
 # Any non-zero value: GRPOTrainer only builds a reference (ref adapter or ref model) when `beta != 0`.
 # Why borrow it instead of building one ourselves: GRPOTrainer.__init__ builds the reference in three places that
@@ -112,6 +119,9 @@ class UPOTrainer(GRPOTrainer):
             The tokenizer, left-padding. Required: it renders prompts and tokenizes offline pairs.
         reward_processing_classes, callbacks, optimizers, quantization_config, peft_config:
             As in [`~trl.GRPOTrainer`]. Tools, environments and custom rollout functions are not supported.
+        offline_dataset ([`~datasets.Dataset`], *optional*):
+            The offline pairs already loaded (the upo stage passes them after its pre-flight gate); default: loaded
+            from `args.upo_offline_dataset`.
     """
 
     _tag_names = ["trl", "grpo", "upo", "posttrain"]
@@ -132,6 +142,7 @@ class UPOTrainer(GRPOTrainer):
         optimizers=(None, None),
         quantization_config=None,
         peft_config=None,
+        offline_dataset=None,
     ):
         if not isinstance(args, UPOConfig):
             raise TypeError(f"UPOTrainer needs a UPOConfig as `args`, got {type(args).__name__}")
@@ -173,11 +184,33 @@ class UPOTrainer(GRPOTrainer):
         if args.upo_mode in ("offline", "both"):
             processor = None if processing_class is self._tokenizer else processing_class  # a VLM's processor
             pairs = load_offline_pairs(args.upo_offline_dataset, self._tokenizer, args.max_completion_length,
-                                       processor)
-            self._offline = OfflinePairs(pairs, seed=f"{args.seed}:{self.accelerator.process_index}")
+                                       processor, offline_dataset)
+            self._offline = OfflinePairs(pairs, seed=str(args.seed), rank=self.accelerator.process_index,
+                                         processes=self.accelerator.num_processes)
         self._captured_logps = None
         self._routing = routes_by_modality(processing_class)  # ERNIE-4.5-VL (see the module docstring)
         self._batch_rewards = None  # combined rewards of the current generation batch (all processes)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # The offline pairs' position is part of a checkpoint: a resumed run draws what an uninterrupted one would
+    # ------------------------------------------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self._offline is not None and self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            write_json(folder / OFFLINE_STATE, self._offline.state_dict())
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        if resume_from_checkpoint and self._offline is not None:
+            path = Path(resume_from_checkpoint) / OFFLINE_STATE
+            if not path.is_file():
+                raise UserError(f"{path} is missing: this checkpoint was saved without the offline pairs' position, "
+                                "so resuming would train on other pairs than an uninterrupted run; remove the "
+                                "checkpoint to start the stage over")
+            self._offline.load_state_dict(json.loads(path.read_text()), str(path))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Construction checks

@@ -1,0 +1,109 @@
+"""Trainer checkpoints that are safe to resume from: marked complete when written, verified before resuming.
+
+The Trainer writes `checkpoint-N/` file by file; a kill, an OOM or a full disk in the middle leaves a folder that looks
+like a checkpoint and fails to load (`SafetensorError`, `JSONDecodeError`, `EOFError`) on every rerun. So every stage
+adds a callback (`after_save`) that writes `checkpoint_complete.json` (each file's size) once the Trainer has finished a
+checkpoint, and the pipeline resumes from the newest checkpoint that is marked, still has every file at its recorded
+size, and whose JSON and safetensors files load; unusable newer ones are removed, with a message.
+
+Test hook: with `POSTTRAIN_TEST_KILL_AFTER_CHECKPOINT=N` in its environment, a stage SIGKILLs itself right after
+checkpoint N is complete, so the fault-injection tests interrupt training at a known point without timing guesses.
+"""
+
+import json
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from .io import write_json
+
+MARKER = "checkpoint_complete.json"
+KILL_ENV = "POSTTRAIN_TEST_KILL_AFTER_CHECKPOINT"
+
+
+def checkpoints(folder: str | Path) -> list[Path]:
+    """`checkpoint-N` folders of `folder`, newest (highest N) first."""
+    found = [p for p in Path(folder).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+
+
+def mark_complete(checkpoint: str | Path) -> Path:
+    """Record every file of a finished checkpoint with its size; written last, atomically."""
+    checkpoint = Path(checkpoint)
+    files = {p.relative_to(checkpoint).as_posix(): p.stat().st_size
+             for p in sorted(checkpoint.rglob("*")) if p.is_file() and p.name != MARKER}
+    return write_json(checkpoint / MARKER, {"files": files})
+
+
+def problem(checkpoint: str | Path) -> str | None:
+    """Why `checkpoint` cannot be resumed from, or None when it can."""
+    checkpoint = Path(checkpoint)
+    try:
+        files = json.loads((checkpoint / MARKER).read_text())["files"]
+    except FileNotFoundError:
+        return "it was never marked complete (its save was interrupted)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"its {MARKER} is unreadable ({exc})"
+    for name, size in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes, {size} were written (truncated or overwritten)"
+        reason = _load_problem(path)
+        if reason:
+            return f"{name} does not load ({reason})"
+    return None
+
+
+def _load_problem(path: Path) -> str | None:
+    try:
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+    except Exception as exc:  # noqa: BLE001 - any failure to load means "not resumable"; the reason is shown
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def resume_point(folder: str | Path, say: Callable[[str], None] = print) -> Path | None:
+    """The newest usable checkpoint of `folder`; newer unusable ones are removed (so the Trainer neither resumes from
+    nor rotates against them), each with a message saying why."""
+    for checkpoint in checkpoints(folder):
+        reason = problem(checkpoint)
+        if reason is None:
+            return checkpoint
+        say(f"{checkpoint.name} cannot be resumed from: {reason}; removed it")
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
+
+
+def remove_incomplete(folder: str | Path) -> None:
+    """Drop checkpoints never marked complete (a save that failed): nothing half-written stays behind."""
+    for checkpoint in checkpoints(folder):
+        if not (checkpoint / MARKER).is_file():
+            shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def after_save(output_dir: str | Path, step: int, is_main_process: bool) -> None:
+    """What every process does once the Trainer has written checkpoint `step` (the stages' `CheckpointGuard`
+    callback): wait for all processes' files, mark the checkpoint complete on the main one, then honour the test hook.
+    """
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
+        dist.barrier()  # other ranks write their own rng_state_<rank>.pth into the same folder
+    checkpoint = Path(output_dir) / f"checkpoint-{step}"
+    if is_main_process and checkpoint.is_dir():
+        mark_complete(checkpoint)
+    if distributed:
+        dist.barrier()
+    if os.environ.get(KILL_ENV) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,110 @@
+"""Run a step's child process (a stage under `accelerate launch`, the base evaluation) the way a user should see it.
+
+Its output streams to the terminal and to the step's log, except tracebacks: those go to the log only (the terminal
+gets one line pointing there), so a failed stage shows its cause, not accelerate's launcher traceback. The cause comes
+from the child itself: a child that fails on a user error writes its one-paragraph message to the file named by
+`POSTTRAIN_ERROR_FILE` (`errors.report_child_error`); for any other failure it is the log's last exception line.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ERROR_FILE_ENV
+
+_EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b.*")
+_CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
+_LAUNCHER = ("subprocess.CalledProcessError", "torch.distributed.elastic.multiprocessing.errors.ChildFailedError")
+# how accelerate's launchers report a child killed by a signal (one process; torchrun for several)
+_KILLED = re.compile(r"died with <Signals\.\w+: (\d+)>|exitcode\s*:\s*-(\d+)")
+
+
+@dataclass
+class Outcome:
+    code: int
+    message: str | None  # the child's own one-paragraph error, when it reported one
+    last_exception: str | None  # else the last exception line of its log
+    signal: int | None = None  # the signal that killed it (or one of its processes), if any
+
+
+class _Echo:
+    """Writes the child's output to the log, and to the terminal without tracebacks."""
+
+    def __init__(self, log, log_path: Path):
+        self.log, self.log_path, self.pending = log, log_path, b""
+        self.in_traceback = self.pointed = False
+        self.last_exception, self.signal = None, None
+
+    def feed(self, chunk: bytes) -> None:
+        self.log.write(chunk)
+        *lines, self.pending = (self.pending + chunk).split(b"\n")
+        for line in lines:
+            self._line(line + b"\n")
+        if self.pending and not self.in_traceback and b"\r" in self.pending:  # a progress bar: show it as it moves
+            self._show(self.pending)
+            self.pending = b""
+
+    def _line(self, line: bytes) -> None:
+        text = line.decode(errors="replace").rstrip()
+        killed = _KILLED.search(text)
+        if killed:
+            self.signal = int(killed.group(1) or killed.group(2))
+        if text.startswith(_CHAINED):  # between the tracebacks of chained exceptions
+            return
+        if text.startswith("Traceback (most recent call last):"):
+            if not self.pointed:
+                self._show(f"  (traceback written to {self.log_path})\n".encode())
+            self.in_traceback = self.pointed = True
+            return
+        if self.in_traceback:
+            if text[:1].isspace() or not text:
+                return
+            self.in_traceback = False  # the exception line ends the traceback; it stays in the log only
+            if _EXCEPTION_LINE.match(text):
+                # the child's own exception, not the launcher's that follows it
+                if self.last_exception is None or not text.startswith(_LAUNCHER):
+                    self.last_exception = text
+                return
+        self._show(line)
+
+    def _show(self, data: bytes) -> None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+
+
+def spawn(cmd: list[str], log_path: Path, env: dict | None = None) -> Outcome:
+    """Run `cmd` (with `env` added to the environment), appending its output to `log_path`; returns its exit code
+    and the cause of a failure."""
+    error_file = log_path.with_suffix(".error")
+    error_file.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {}), ERROR_FILE_ENV: str(error_file)}
+    with open(log_path, "ab") as log:
+        echo = _Echo(log, log_path)
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        for chunk in iter(lambda: process.stdout.read1(4096), b""):
+            echo.feed(chunk)
+        if echo.pending:
+            echo.feed(b"\n")
+        code = process.wait()
+    message = None
+    if error_file.is_file():
+        message = error_file.read_text(errors="replace").strip() or None
+        error_file.unlink()
+    return Outcome(code, message, echo.last_exception, echo.signal)
+
+
+def describe(outcome: Outcome) -> str:
+    """The cause of a failed step in one line or paragraph."""
+    if outcome.message:
+        return outcome.message
+    if outcome.signal or outcome.code < 0:
+        number = outcome.signal or -outcome.code
+        return (f"the process was killed by signal {number} ({signal.Signals(number).name}; SIGKILL often means the "
+                "machine ran out of memory)")
+    if outcome.last_exception:
+        return f"it ended with {outcome.last_exception} (a bug in posttrain or a library: the traceback is in its log)"
+    return f"exit code {outcome.code}"

@@ -1,0 +1,71 @@
+"""Every file a recipe names exists, checked before any work: by `posttrain run --dry-run` and at the start of a run.
+
+A recipe names files in four places: the stages' datasets (`dataset_name`, `upo_offline_dataset`, a curriculum
+phase's `dataset_name`), the held-out `eval.dataset`, a `.jinja` chat template, and the data jobs' arguments (their
+sources). `{data}/<name>` must be a dataset the recipe's `data:` section builds; `{run}` and `{base}` paths appear
+during the run and are not checked; `org/name` without a file suffix is a Hub id, which the stage loads itself.
+"""
+
+from pathlib import Path
+
+from .errors import UserError
+from .recipe import Recipe, resolve_relative
+
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".jinja", ".yaml", ".yml", ".txt")
+STAGE_DATASET_KEYS = ("dataset_name", "upo_offline_dataset")
+
+
+def check_recipe_files(recipe: Recipe) -> None:
+    """Raise one `UserError` listing every missing file of `recipe`, each with the key that names it."""
+    problems = []
+    for stage, args in recipe.stages.items():
+        named = [(f"stages.{stage}.{key}", args.get(key)) for key in STAGE_DATASET_KEYS]
+        named += [(f"stages.{stage}.phases[{i}].dataset_name", phase.get("dataset_name"))
+                  for i, phase in enumerate(args.get("phases") or []) if isinstance(phase, dict)]
+        problems += [p for key, value in named if value for p in _dataset_problem(key, value, recipe)]
+    if recipe.eval.dataset:
+        problems += _dataset_problem("eval.dataset", recipe.eval.dataset, recipe)
+    template = recipe.base.chat_template
+    if template and template.endswith(".jinja") and not resolve_relative(template, recipe.path).is_file():
+        problems.append(f"base.chat_template: file not found: {template}")
+    for name, spec in recipe.data.items():
+        for key, value in _strings(spec, f"data.{name}"):
+            problems += _path_problem(key, value, recipe, relative_to_recipe=True)
+    if problems:
+        raise UserError(f"{recipe.path}: the recipe names files that do not exist (checked before any work):\n  "
+                        + "\n  ".join(problems))
+
+
+def _strings(value, key: str):
+    if isinstance(value, str):
+        yield key, value
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _strings(item, f"{key}[{index}]")
+    elif isinstance(value, dict):
+        for sub, item in value.items():
+            yield from _strings(item, f"{key}.{sub}")
+
+
+def _dataset_problem(key: str, value: str, recipe: Recipe) -> list[str]:
+    """A dataset is a folder, a data file, `{data}/<job>` or a Hub id (`org/name`, no file suffix)."""
+    if "{" in value or Path(value).suffix in FILE_SUFFIXES:
+        return _path_problem(key, value, recipe, relative_to_recipe=False)
+    hub_id = len([part for part in value.split("/") if part]) == 2 == value.count("/") + 1 and value[0] not in "./"
+    if hub_id or Path(value).is_dir():
+        return []
+    return [f"{key}: no such folder or data file: {value} (expected a folder, a .jsonl/.json/.parquet/.csv file, "
+            "{data}/<name> or a Hub id org/name)"]
+
+
+def _path_problem(key: str, value: str, recipe: Recipe, relative_to_recipe: bool) -> list[str]:
+    if value.startswith("{data}/"):
+        built = value[len("{data}/"):].split("/")[0]
+        if built not in recipe.data:
+            return [f"{key}: {value} refers to data '{built}', which no job in the recipe's data: section builds "
+                    f"(it builds: {', '.join(recipe.data) or 'nothing'})"]
+        return []
+    if "{" in value or Path(value).suffix not in FILE_SUFFIXES:
+        return []  # a run-time path ({run}, {base}) or not a file name at all
+    found = resolve_relative(value, recipe.path) if relative_to_recipe else Path(value)
+    return [] if found.exists() else [f"{key}: file not found: {value}"]

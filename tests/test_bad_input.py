@@ -1,0 +1,292 @@
+"""Bad input of every kind stops with one paragraph that names the file, row or key, never a traceback.
+
+Recipes and overrides go through the CLI's own `main` in-process (exit code and printed text as a user sees them);
+data files and pre-flight gates through the functions the stages call; one broken stage through the real CLI, where
+what matters is what reaches the terminal from a stage process.
+"""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from datasets import Dataset
+
+from posttrain import gates
+from posttrain.cli import main as cli_main
+from posttrain.data import load_split
+from posttrain.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "recipes" / "tiny" / "text.yaml"
+
+
+def _tiny() -> dict:
+    raw = yaml.safe_load(TINY.read_text())
+    raw.pop("ablation")
+    return raw
+
+
+def _set(path: str, value):
+    def change(raw):
+        *keys, last = path.split(".")
+        node = raw
+        for key in keys:
+            node = node[key]
+        node[last] = value
+        return raw
+    return change
+
+
+def _drop(path: str):
+    def change(raw):
+        *keys, last = path.split(".")
+        node = raw
+        for key in keys:
+            node = node[key]
+        del node[last]
+        return raw
+    return change
+
+
+# (id, how the recipe is broken, overrides, what the message must name)
+RECIPES = [
+    ("not-yaml", "text:name: [", [], ["recipe.yaml", "not valid YAML"]),
+    ("a-list", "text:- a\n- b\n", [], ["recipe.yaml", "a recipe is a mapping"]),
+    ("unknown-top-key", _set("stagez", {}), [], ["recipe.yaml", "'stagez'"]),
+    ("missing-stages", _drop("stages"), [], ["recipe.yaml", "missing required key 'stages'"]),
+    ("typo-did-you-mean", _set("stages.sft.learning_rat", 1e-3), [], ["stages.sft.learning_rat", "learning_rate"]),
+    ("reserved-key", _set("stages.sft.output_dir", "x"), [], ["stages.sft.output_dir", "set by the pipeline"]),
+    ("wrong-type", _set("shared.lora_r", "eight"), [], ["shared.lora_r", "'eight'", "int"]),
+    ("unknown-stage", _set("stages.ppo", {}), [], ["stages: 'ppo' is not a stage"]),
+    ("bad-modality", _set("modality", "audio"), [], ["modality: 'audio'"]),
+    ("unknown-job", _set("data.verifiable.job", "build_everything"), [], ["data.verifiable.job", "build_everything"]),
+    ("unknown-job-arg", _set("data.verifiable.n_trian", 3), [], ["data.verifiable.n_trian", "n_train"]),
+    ("after-unknown-stage", _set("data.pairs.after", "ppo"), [], ["data.pairs.after", "'ppo'"]),
+    ("missing-dataset-file", _set("stages.sft.dataset_name", "data/absent.jsonl"), [],
+     ["stages.sft.dataset_name", "data/absent.jsonl", "before any work"]),
+    ("missing-offline-pairs", _set("stages.upo.upo_offline_dataset", "prefs/none.parquet"), [],
+     ["stages.upo.upo_offline_dataset", "prefs/none.parquet"]),
+    ("data-nobody-builds", _set("eval.dataset", "{data}/heldout"), [], ["eval.dataset", "'heldout'", "verifiable"]),
+    ("missing-template", _set("base.chat_template", "templates/mine.jinja"), [],
+     ["base.chat_template", "templates/mine.jinja"]),
+    ("missing-job-source", _set("data.extra", {"job": "build_sft_set", "sources": [{"path": "src/chat.jsonl"}]}), [],
+     ["data.extra.sources[0].path", "src/chat.jsonl"]),
+    ("missing-accelerate-config", _set("accelerate_config", "acc/none.yaml"), [], ["accelerate_config", "none.yaml"]),
+    ("override-bad-yaml", None, ["shared.lora_r=[1"], ["override 'shared.lora_r=[1'", "not valid YAML"]),
+    ("override-no-equals", None, ["shared.lora_r"], ["override 'shared.lora_r'", "section.key=value"]),
+    ("override-into-scalar", None, ["name.x=1"], ["override 'name.x=1'", "'name' is not a mapping"]),
+    ("override-unknown-key", None, ["stages.dpo.betta=0.2"], ["stages.dpo.betta", "beta"]),
+    ("override-wrong-type", None, ["stages.sft.max_steps=many"], ["stages.sft.max_steps", "'many'"]),
+]
+
+
+@pytest.mark.parametrize("broken, overrides, named", [c[1:] for c in RECIPES], ids=[c[0] for c in RECIPES])
+def test_bad_recipe_or_override(broken, overrides, named, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "recipe.yaml"
+    if isinstance(broken, str):
+        recipe.write_text(broken.removeprefix("text:"))
+    else:
+        recipe.write_text(yaml.safe_dump((broken or (lambda raw: raw))(_tiny()), sort_keys=False))
+    code = cli_main(["run", str(recipe), *overrides, "--dry-run"])
+    out = capsys.readouterr()
+    shown = " ".join((out.out + out.err).split())  # the console wraps long lines
+    assert code == 2
+    for text in named:
+        assert text in shown, f"{text!r} not in: {shown}"
+    assert "Traceback" not in shown
+    assert not (tmp_path / "outputs").exists(), "nothing ran"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data files: what the stages load
+# ----------------------------------------------------------------------------------------------------------------------
+TURNS = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+FILES = [
+    ("empty", "data.jsonl", b"", ["data.jsonl", "empty (0 bytes)"]),
+    ("blank-lines", "data.jsonl", b"\n\n", ["data.jsonl", "cannot be read"]),
+    ("binary-jsonl", "data.jsonl", bytes(range(256)) * 2, ["data.jsonl", "line 1", "not JSON"]),
+    ("binary-parquet", "data.parquet", bytes(range(256)) * 2, ["data.parquet", "cannot be read as parquet"]),
+    ("bad-second-line", "data.jsonl", b'{"messages": []}\n{"messages": [\n', ["data.jsonl", "line 2", "not JSON"]),
+    ("list-line", "data.jsonl", b'{"a": 1}\n[1, 2]\n', ["data.jsonl", "line 2", "not a JSON object"]),
+    ("missing-file", "absent.jsonl", None, ["absent.jsonl", "not found"]),
+]
+
+
+@pytest.mark.parametrize("name, content, named", [c[1:] for c in FILES], ids=[c[0] for c in FILES])
+def test_unreadable_data_file(name, content, named, tmp_path):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UserError) as error:
+        load_split(str(path), "train")
+    for text in named:
+        assert text in str(error.value)
+
+
+def test_missing_split_of_a_data_folder(tmp_path):
+    Dataset.from_list([{"messages": TURNS}]).to_parquet(tmp_path / "train.parquet")
+    with pytest.raises(UserError, match=r"no 'sft.parquet' \(train.parquet\)"):
+        load_split(str(tmp_path), "sft")
+
+
+CONVERSATIONS = [
+    ("row-without-messages", [{"messages": TURNS}, {"messages": None, "text": "x"}], "row 1: \"messages\" is missing"),
+    ("messages-a-string", [{"messages": TURNS}, {"messages": "hello"}], "row 1: \"messages\" is a str"),
+    ("no-assistant-turn", [{"messages": TURNS[:1]}], "row 0: no assistant turn"),
+    ("empty-assistant-turn", [{"messages": [TURNS[0], {"role": "assistant", "content": " "}]}],
+     "row 0: assistant turn 1 is empty"),
+]
+
+
+@pytest.mark.parametrize("rows, named", [c[1:] for c in CONVERSATIONS], ids=[c[0] for c in CONVERSATIONS])
+def test_sft_gate_names_the_row(rows, named, tmp_path):
+    path = tmp_path / "sft.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    with pytest.raises(UserError, match=named) as error:
+        gates.check_conversations(load_split(str(path)), str(path))
+    assert str(path) in str(error.value)
+
+
+def _pair(i, chosen="right", rejected="wrong"):
+    return {"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": chosen, "rejected": rejected}
+
+
+PAIRS = [
+    ("chosen-equals-rejected", [_pair(0), _pair(1, "same", "same")], "row 1: chosen == rejected"),
+    ("rejected-null", [_pair(0), _pair(1, rejected=None)], 'row 1: "rejected" is not a reply'),
+    ("chosen-empty", [_pair(0, chosen="  ")], 'row 0: "chosen" is empty'),
+    ("missing-column", [{"prompt": "q", "chosen": "a"}], "missing: rejected"),
+]
+
+
+@pytest.mark.parametrize("rows, named", [c[1:] for c in PAIRS], ids=[c[0] for c in PAIRS])
+def test_pair_gate_names_the_row(rows, named):
+    with pytest.raises(UserError, match=named) as error:
+        gates.check_preference_pairs(Dataset.from_list(rows), "prefs.jsonl")
+    assert "prefs.jsonl" in str(error.value)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# UPO's pre-flight: rewards' reference column, offline pairs
+# ----------------------------------------------------------------------------------------------------------------------
+def _prompts(answers):
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": f"q{i}"}], "answer": a, "domain": "d"}
+                              for i, a in enumerate(answers)])
+
+
+def _upo_args(tmp_path, offline_rows=None, skip=False):
+    offline = None
+    if offline_rows is not None:
+        offline = tmp_path / "offline.jsonl"
+        offline.write_text("\n".join(json.dumps(row) for row in offline_rows))
+    stage = SimpleNamespace(preflight=True, skip_bad_rows=skip, dataset_name="prompts.parquet")
+    training = SimpleNamespace(rewards={"think_format": 0.5, "accuracy": 1.0},
+                               upo_mode="both" if offline else "online", upo_offline_dataset=str(offline or ""))
+    return stage, training
+
+
+def test_upo_gate_stops_null_answers(tmp_path):
+    from posttrain.stages.upo import preflight_data
+
+    with pytest.raises(UserError, match=r"prompts.parquet row 2: 'answer' is empty, so reward 'accuracy'"):
+        preflight_data(_prompts(["1", "2", None]), *_upo_args(tmp_path))
+
+
+def test_upo_gate_finds_a_missing_reward_column(tmp_path):
+    from posttrain.stages.upo import preflight_data
+
+    prompts = _prompts(["1"]).remove_columns("answer")
+    with pytest.raises(UserError, match=r"reward\(s\) accuracy need a 'answer' column; the rows have: prompt, domain"):
+        preflight_data(prompts, *_upo_args(tmp_path))
+
+
+def test_upo_gate_stops_identical_offline_pairs(tmp_path):
+    from posttrain.stages.upo import preflight_data
+
+    with pytest.raises(UserError, match=r"offline.jsonl \(train\) row 1: chosen == rejected"):
+        preflight_data(_prompts(["1"]), *_upo_args(tmp_path, [_pair(0), _pair(1, "x", "x")]))
+
+
+def test_upo_gates_skip_and_count_with_skip_bad_rows(tmp_path):
+    from posttrain.stages.upo import preflight_data
+
+    stage, training = _upo_args(tmp_path, [_pair(0), _pair(1, "x", "x"), _pair(2)], skip=True)
+    prompts, offline, record = preflight_data(_prompts(["1", "", "3"]), stage, training)
+    assert prompts["answer"] == ["1", "3"] and len(offline) == 2
+    assert record == {"prompts_skipped": 1, "offline_pairs_skipped": 1}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Through the real CLI: what reaches the terminal from a failing stage process
+# ----------------------------------------------------------------------------------------------------------------------
+def test_broken_stage_data_shows_the_cause_not_a_traceback(tmp_path, posttrain_cli):
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": TURNS}) + "\n" + json.dumps({"text": "no messages here"}) + "\n")
+    raw = {"name": "broken", "base": {"model_name_or_path": "tiny:llama", "chat_template": "chatml"},
+           "stages": {"sft": {"dataset_name": str(data), "max_steps": 1, "report_to": "none"}}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    result = posttrain_cli("run", tmp_path / "recipe.yaml", cwd=tmp_path, check=False)
+    shown = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 2
+    assert f"step 'sft' failed: pre-flight: {data} row 1: \"messages\" is missing" in shown
+    log = tmp_path / "outputs" / "broken" / ".sft.partial" / "sft.log"
+    assert f"Log: {log}" in shown
+    assert "Traceback" not in shown and "CalledProcessError" not in shown
+    assert "Traceback" in log.read_text(), "the launcher's traceback stays in the log"
+    state = json.loads((tmp_path / "outputs" / "broken" / "run.json").read_text())
+    assert state["steps"]["run"]["status"] == "failed" and "row 1" in state["steps"]["sft"]["error"]
+
+
+def test_data_help(posttrain_cli, tmp_path):
+    result = posttrain_cli("data", "--help", cwd=tmp_path)
+    assert "usage: posttrain data" in result.stdout and "build_verifiable_tasks" in result.stdout
+
+
+def test_child_tracebacks_go_to_the_log_only(tmp_path, capsysbinary):
+    """What a stage prints reaches the terminal, its tracebacks (its own, chained, the launcher's) only the log."""
+    from posttrain.childproc import Outcome, _Echo, describe
+
+    output = (b"step 1/3\r step 2/3\r\n[sft] pre-flight ok\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
+              b"KeyError: 'a'\n\nDuring handling of the above exception, another exception occurred:\n\n"
+              b"Traceback (most recent call last):\n  File \"y.py\", line 2\n    raise RuntimeError\nRuntimeError: boom\n"
+              b"Traceback (most recent call last):\n  File \"launch.py\", line 9\nsubprocess.CalledProcessError: "
+              b"Command died with <Signals.SIGKILL: 9>.\nbye\n")
+    log_path = tmp_path / "sft.log"
+    with open(log_path, "wb") as log:
+        echo = _Echo(log, log_path)
+        for start in range(0, len(output), 7):  # arbitrary chunk boundaries, as a pipe delivers them
+            echo.feed(output[start:start + 7])
+    shown = capsysbinary.readouterr().out.decode()
+    assert log_path.read_bytes() == output
+    assert "step 2/3" in shown and "[sft] pre-flight ok" in shown and "bye" in shown
+    assert "Traceback" not in shown and "File " not in shown and "During handling" not in shown
+    assert shown.count(f"(traceback written to {log_path})") == 1
+    assert echo.last_exception == "RuntimeError: boom" and echo.signal == 9
+    assert "RuntimeError: boom" in describe(Outcome(1, None, echo.last_exception))
+    assert "signal 9 (SIGKILL" in describe(Outcome(1, None, "ChildFailedError: ", 9))
+    assert "signal 9 (SIGKILL" in describe(Outcome(-9, None, None))
+    assert describe(Outcome(2, "pre-flight: data.jsonl row 3: ...", "x")) == "pre-flight: data.jsonl row 3: ..."
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("[!a]*/*.yaml")), ids=lambda p: p.stem)
+def test_committed_recipes_name_only_existing_files(recipe, monkeypatch):
+    from posttrain.recipe import load_recipe
+    from posttrain.recipe_files import check_recipe_files
+
+    monkeypatch.chdir(ROOT)
+    check_recipe_files(load_recipe(recipe))
+
+
+def test_run_checks_files_before_any_work(tmp_path, monkeypatch):
+    from posttrain.pipeline import Pipeline
+    from posttrain.recipe import load_recipe
+
+    monkeypatch.chdir(tmp_path)
+    raw = _set("stages.upo.upo_offline_dataset", "prefs/missing.jsonl")(_tiny())
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError, match="stages.upo.upo_offline_dataset: file not found: prefs/missing.jsonl"):
+        Pipeline(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "outputs").run()
+    assert not (tmp_path / "outputs").exists(), "no data job, no base evaluation, nothing written"

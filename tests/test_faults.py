@@ -1,0 +1,250 @@
+"""Fault injection: a stage killed at a checkpoint, a truncated checkpoint file, a full disk, a second run, Ctrl-C.
+
+For each stage (SFT, DPO, UPO with online and offline pairs) the stage process is SIGKILLed right after checkpoint 2 of
+3 (the `POSTTRAIN_TEST_KILL_AFTER_CHECKPOINT` hook: deterministic, no sleeping), resumed, and its final adapter
+compared with an uninterrupted run's: bit-identical on CPU. The uninterrupted reference and the resumed runs train
+in-process; only the killed run is a subprocess.
+"""
+
+import errno
+import importlib
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from datasets import Dataset
+from safetensors.torch import load_file
+
+from posttrain import checkpoints
+from posttrain.errors import ERROR_FILE_ENV, UserError
+from posttrain.pipeline import Pipeline
+from posttrain.recipe import load_recipe
+from posttrain.runlock import RunLock
+
+COMMON = dict(use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=["all-linear"],
+              per_device_train_batch_size=4, logging_steps=1, save_strategy="steps", save_steps=1, max_steps=3,
+              report_to="none", seed=0, use_cpu=True, bf16=False, learning_rate=1e-3)
+
+
+@pytest.fixture(scope="module")
+def configs(tiny_model_path, task_data, tmp_path_factory):
+    """stage -> its resolved arguments (as the pipeline writes resolved.yaml), without output_dir."""
+    pairs = tmp_path_factory.mktemp("pairs")
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i} + {i + 1}?"}],
+             "chosen": [{"role": "assistant", "content": str(2 * i + 1)}],
+             "rejected": [{"role": "assistant", "content": f"maybe {i * 3}"}]} for i in range(12)]
+    Dataset.from_list(rows).to_parquet(pairs / "train.parquet")
+    model = str(tiny_model_path("llama"))
+    base = {**COMMON, "model_name_or_path": model, "tokenizer_name_or_path": model}
+    return {
+        "sft": {**base, "dataset_name": str(task_data), "dataset_train_split": "sft", "max_train_samples": 16,
+                "assistant_only_loss": True, "max_length": 128},
+        "dpo": {**base, "dataset_name": str(pairs), "max_length": 128, "beta": 0.1},
+        "upo": {**base, "dataset_name": str(task_data), "dataset_train_split": "prompts", "max_train_samples": 16,
+                "rewards": {"accuracy": 1.0, "length_penalty": 0.1}, "upo_mode": "both",
+                "upo_offline_dataset": str(pairs), "num_generations": 4, "per_device_train_batch_size": 8,
+                "max_completion_length": 8},
+    }
+
+
+def _config_file(args: dict, out) -> str:
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump({**args, "output_dir": str(out)}))
+    return str(path)
+
+
+def train(stage: str, args: dict, out, resume=None) -> dict:
+    """Run the stage in-process (optionally resuming); returns its saved adapter tensors."""
+    module = importlib.import_module(f"posttrain.stages.{stage}")
+    parsed = module.make_parser().parse_args_and_config(args=["--config", _config_file(args, out)])
+    parsed[1].resume_from_checkpoint = str(resume) if resume else None
+    module.main(*parsed)
+    return load_file(out / "adapter_model.safetensors")
+
+
+def killed_run(stage: str, args: dict, out, after: int = 2) -> int:
+    """The stage in a forked copy of this process (its imports already done: seconds saved per run), SIGKILLed by
+    its own test hook right after checkpoint `after`; returns the exit code."""
+    context = multiprocessing.get_context("fork")
+    process = context.Process(target=_train_killed, args=(stage, args, out, after))
+    process.start()
+    process.join(timeout=300)
+    return process.exitcode
+
+
+def _train_killed(stage, args, out, after):
+    os.environ[checkpoints.KILL_ENV] = str(after)
+    train(stage, args, out)
+
+
+@pytest.fixture(scope="module")
+def reference(configs, tmp_path_factory):
+    """stage -> (adapter, metrics) of one uninterrupted run, shared by every test of that stage."""
+    cache = {}
+
+    def get(stage):
+        if stage not in cache:
+            out = tmp_path_factory.mktemp(f"ref-{stage}") / "out"
+            cache[stage] = train(stage, configs[stage], out), json.loads((out / "metrics.json").read_text())
+        return cache[stage]
+
+    return get
+
+
+def assert_same_adapter(got: dict, want: dict):
+    assert set(got) == set(want)
+    for key in want:
+        assert torch.equal(got[key], want[key]), f"{key} differs from the uninterrupted run"
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo", "upo"])
+def test_killed_at_checkpoint_then_resumed_is_bit_identical(stage, configs, reference, tmp_path):
+    want, want_metrics = reference(stage)
+    out = tmp_path / "out"
+    assert killed_run(stage, configs[stage], out) == -9
+    assert [c.name for c in checkpoints.checkpoints(out)] == ["checkpoint-2", "checkpoint-1"]
+    assert not (out / "adapter_model.safetensors").exists(), "killed before the end"
+    if stage == "upo":  # the offline pairs' position travels with the checkpoint
+        assert json.loads((out / "checkpoint-2" / "upo_offline_pairs.json").read_text())["cursor"] == 2 * 2
+    fallback = tmp_path / "fallback"
+    shutil.copytree(out, fallback)
+
+    assert checkpoints.resume_point(out) == out / "checkpoint-2"
+    assert_same_adapter(train(stage, configs[stage], out, resume=out / "checkpoint-2"), want)
+    metrics = json.loads((out / "metrics.json").read_text())
+    # the whole stage's loss, not only the resumed step's
+    assert metrics["train"]["train_loss"] == pytest.approx(want_metrics["train"]["train_loss"], rel=1e-5)
+    assert metrics["train"]["global_step"] == 3
+
+    # every file of the newest checkpoint, truncated in turn, makes resuming fall back to the one before ...
+    files = sorted(json.loads((fallback / "checkpoint-2" / checkpoints.MARKER).read_text())["files"])
+    assert {"adapter_model.safetensors", "optimizer.pt", "trainer_state.json", "rng_state.pth"} <= set(files)
+    for name in [*files, checkpoints.MARKER]:
+        broken = tmp_path / "broken"
+        shutil.copytree(fallback / "checkpoint-2", broken / "checkpoint-2")
+        shutil.copytree(fallback / "checkpoint-1", broken / "checkpoint-1")
+        path = broken / "checkpoint-2" / name
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        said = []
+        assert checkpoints.resume_point(broken, said.append) == broken / "checkpoint-1", name
+        assert name in said[0] and "checkpoint-2" in said[0] and not (broken / "checkpoint-2").exists()
+        shutil.rmtree(broken)
+    # ... which ends exactly where the uninterrupted run does (one rerun shared by all truncated files: each of them
+    # leads to the same checkpoint-1, asserted above)
+    (fallback / "checkpoint-2" / "optimizer.pt").write_bytes(b"")
+    resumed_from = checkpoints.resume_point(fallback)
+    assert resumed_from == fallback / "checkpoint-1"
+    assert_same_adapter(train(stage, configs[stage], fallback, resume=resumed_from), want)
+
+
+def test_disk_full_during_a_save_is_one_paragraph_and_leaves_no_half_checkpoint(configs, reference, tmp_path,
+                                                                                 monkeypatch, capsys):
+    from posttrain.stages import common, sft
+
+    out = tmp_path / "out"
+    error_file = tmp_path / "sft.error"
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if "checkpoint-2" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setenv(ERROR_FILE_ENV, str(error_file))
+    monkeypatch.setattr(sys, "argv", ["sft", "--config", _config_file(configs["sft"], out)])
+    with pytest.raises(SystemExit) as exited:
+        common.entry("sft", sft.main, sft.make_parser)
+    assert exited.value.code == 2
+    message = error_file.read_text()
+    assert message.startswith("no space left on ") and "checkpoint-2" in message and "sft stage" in message
+    assert "Traceback" not in capsys.readouterr().err
+    assert [c.name for c in checkpoints.checkpoints(out)] == ["checkpoint-1"], "the half checkpoint is removed"
+
+    monkeypatch.setattr(torch, "save", real_save)  # space freed: the rerun resumes and ends as an uninterrupted run
+    assert_same_adapter(train("sft", configs["sft"], out, resume=checkpoints.resume_point(out)), reference("sft")[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The pipeline: run.json never stays "running", one run per folder
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.fixture()
+def pipeline(tmp_path, task_data):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "faults", "base": {"model_name_or_path": "tiny:llama", "chat_template": "chatml"},
+        "data": {"verifiable": {"job": "build_verifiable_tasks", "n_train": 8, "n_test": 4}},
+        "stages": {"sft": {"dataset_name": "{data}/verifiable", "dataset_train_split": "sft", "max_steps": 1}},
+    }))
+    return Pipeline(load_recipe(recipe), tmp_path / "outputs")
+
+
+def _state(pipeline) -> dict:
+    return json.loads(pipeline.state_path.read_text())
+
+
+def test_disk_full_in_the_pipeline_marks_the_run_failed(pipeline, monkeypatch):
+    def full_disk(self, after):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.root / "data" / "verifiable" / "x.parquet"))
+
+    monkeypatch.setattr(Pipeline, "build_data", full_disk)
+    with pytest.raises(UserError, match=r"no space left on .* \(writing .*x\.parquet\), needed for the run's files"):
+        pipeline.run()
+    state = _state(pipeline)
+    assert state["steps"]["run"]["status"] == "failed" and "no space left" in state["steps"]["run"]["error"]
+    leftovers = [p.name for p in pipeline.root.rglob("*") if ".tmp" in p.name or p.name.endswith(".partial")]
+    assert leftovers == [], "nothing temporary is left behind"
+    assert (pipeline.root / ".lock").read_text() == "", "the lock is released"
+
+
+def test_ctrl_c_marks_the_run_interrupted(pipeline, monkeypatch):
+    def interrupt(self, after):
+        self._record("data/verifiable", status="running")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Pipeline, "build_data", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run()
+    state = _state(pipeline)
+    assert state["steps"]["run"]["status"] == "interrupted"
+    assert state["steps"]["data/verifiable"]["status"] == "interrupted"
+
+
+def test_second_run_into_the_same_folder_is_refused_naming_the_holder(pipeline, tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from posttrain.runlock import RunLock; "
+                               f"lock = RunLock({str(pipeline.root)!r}).acquire(); print('held', flush=True); "
+                               "time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=rf"in use by another posttrain run \(PID {holder.pid},"):
+            pipeline.run()
+        assert not (pipeline.root / "run.json").exists(), "the refused run wrote nothing"
+    finally:
+        holder.kill()
+        holder.wait()
+    said = []  # the holder died without releasing: its lock file is taken over, with a message
+    lock = RunLock(pipeline.root).acquire(say=said.append)
+    assert said == [f"taking over the lock of {pipeline.root} left by PID {holder.pid}, which is no longer running"]
+    lock.release()
+
+
+def test_offline_pairs_shared_order_disjoint_across_processes_and_resumable():
+    from posttrain.trainers.upo_pairs import OfflinePairs
+
+    pairs = [(i,) for i in range(5)]
+    ranks = [OfflinePairs(pairs, seed="0", rank=r, processes=2) for r in range(2)]
+    for _ in range(5):  # across reshuffles too: each step's draws are distinct pairs of one pass
+        step = [ranks[r].take(2) for r in range(2)]
+        assert not set(step[0]) & set(step[1])
+    resumed = OfflinePairs(pairs, seed="0", rank=1, processes=2)
+    resumed.load_state_dict(ranks[0].state_dict(), "checkpoint-5/upo_offline_pairs.json")
+    assert [resumed.take(2) for _ in range(3)] == [ranks[1].take(2) for _ in range(3)]
+    with pytest.raises(UserError, match="saved with 5 offline pairs on 2 process"):
+        OfflinePairs(pairs, seed="0").load_state_dict(ranks[0].state_dict(), "ckpt")
