@@ -28,6 +28,7 @@ import yaml
 from . import lineage
 from .console import console
 from .errors import UserError
+from .nodes import Coordinator, explain_failure
 from .recipe import Recipe
 
 
@@ -37,11 +38,13 @@ def run_dir(recipe: Recipe, output_root: str | Path = "outputs") -> Path:
 
 class Pipeline:
     def __init__(self, recipe: Recipe, output_root: str | Path = "outputs", accelerate_config: str | None = None,
-                 num_processes: int | None = None):
+                 num_processes: int | None = None, nodes=None):
         self.recipe = recipe
         self.root = run_dir(recipe, output_root).resolve()
         self.accelerate_config = accelerate_config or recipe.accelerate_config
         self.num_processes = num_processes
+        self.nodes = nodes  # posttrain.nodes.Nodes: machine 0 of a multi-machine run announces each stage launch
+        self.coordinator = Coordinator(self.root, nodes) if nodes and nodes.num_machines > 1 else None
         self.state_path = self.root / "run.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
         self.base_model: Path | None = None  # resolved at the start of run()
@@ -122,6 +125,8 @@ class Pipeline:
             from .report import try_build_report
 
             try_build_report(self.root)
+            if self.coordinator:  # followers exit with the run
+                self.coordinator.finish(self.state["steps"]["run"]["status"])
         return self.state
 
     def build_data(self, after: str | None) -> None:
@@ -245,6 +250,8 @@ class Pipeline:
         started = time.time()
         self._record(stage, status="running", started=time.strftime("%Y-%m-%d %H:%M:%S"), skipped=False)
         cmd = [*self.launcher(), "-m", f"posttrain.stages.{stage}", "--config", str(partial / "resolved.yaml")]
+        if self.coordinator:
+            self.coordinator.announce(stage, cmd[3:])  # what follows `python -m accelerate.commands.launch`
         self._spawn(cmd, partial / f"{stage}.log", stage)
         for checkpoint_dir in partial.glob("checkpoint-*"):
             shutil.rmtree(checkpoint_dir)
@@ -256,7 +263,7 @@ class Pipeline:
     def launcher(self) -> list[str]:
         from .devices import accelerate_launch_args
 
-        flags = accelerate_launch_args(self.accelerate_config, self.num_processes)
+        flags = accelerate_launch_args(self.accelerate_config, self.num_processes, self.nodes)
         return [sys.executable, "-m", "accelerate.commands.launch", *flags]
 
     def _spawn(self, cmd: list[str], log_path: Path, step: str) -> None:
@@ -271,12 +278,15 @@ class Pipeline:
                 sys.stdout.flush()
             code = process.wait()
         if code != 0:
-            tail = log_path.read_text(errors="replace").splitlines()[-25:]
-            self._record(step, status="failed", error="\n".join(tail), wall_time_s=round(time.time() - started, 1))
+            lines = log_path.read_text(errors="replace").splitlines()
+            tail, lost = lines[-25:], explain_failure(lines)
+            self._record(step, status="failed", error=lost or "\n".join(tail),
+                         wall_time_s=round(time.time() - started, 1))
             self._record("run", status="failed")
-            raise UserError(f"step '{step}' failed (exit code {code}). Its log is {log_path}; last lines:\n"
-                            + "\n".join(tail[-8:]) + "\nFix the cause and run the same command again: finished "
-                            "stages are skipped and this one resumes from its last checkpoint.")
+            detail = lost or "last lines:\n" + "\n".join(tail[-8:])
+            raise UserError(f"step '{step}' failed (exit code {code}). Its log is {log_path}; {detail}\nFix the "
+                            "cause and run the same command again: finished stages are skipped and this one resumes "
+                            "from its last checkpoint.")
 
     def print_summary(self) -> None:
         from .report import accuracy_line

@@ -34,7 +34,7 @@ from posttrain.trainers import UPOConfig, UPOTrainer
 WORLD = int(os.environ.get("WORLD_SIZE", "1"))
 RANK = int(os.environ.get("RANK", "0"))
 COMMON = dict(max_steps=2, learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to="none", bf16=False,
-              use_cpu=os.environ.get("ACCELERATE_USE_FSDP") != "true", seed=0, ddp_timeout=60)
+              use_cpu=True, seed=0)
 PAIR_COUNTS: list[int] = []
 
 

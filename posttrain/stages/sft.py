@@ -70,4 +70,4 @@ def make_parser():
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    main(*common.parse(make_parser()))
