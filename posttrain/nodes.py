@@ -87,11 +87,12 @@ class Coordinator:
         self.tokens: dict[int, str] | None = None
         self.seq = 0
 
-    def _wait_for_followers(self) -> dict[int, str]:
+    def _wait_for_followers(self, timeout: float) -> dict[int, str]:
         console.print(f"waiting for machines 1..{self.nodes.num_machines - 1} to join (posttrain run … "
                       "--machine-rank N on each)…")
         first_seen: dict[int, dict] = {}
-        deadline = time.time() + node_timeout()
+        alive: dict[int, str] = {}
+        deadline = time.time() + timeout
         while time.time() < deadline:
             alive = {}
             for rank in range(1, self.nodes.num_machines):
@@ -104,19 +105,25 @@ class Coordinator:
             if len(alive) == self.nodes.num_machines - 1:
                 return alive
             time.sleep(POLL_S * 2)
-        missing = sorted(set(range(1, self.nodes.num_machines)) - set(first_seen))
-        raise UserError(f"machine(s) {missing} did not join within {node_timeout():.0f} s (POSTTRAIN_NODE_TIMEOUT): "
+        missing = sorted(set(range(1, self.nodes.num_machines)) - set(alive))
+        raise UserError(f"machine(s) {missing} did not join within {timeout:.0f} s (POSTTRAIN_NODE_TIMEOUT): "
                         f"start `posttrain run` with the same recipe and --machine-rank on each, with {self.folder} "
                         "on a filesystem every machine sees")
 
     def announce(self, stage: str, launch_args: list[str]) -> None:
         if self.tokens is None:
-            self.tokens = self._wait_for_followers()
+            self.tokens = self._wait_for_followers(node_timeout())
         self._write({"action": "launch", "stage": stage, "args": launch_args})
 
     def finish(self, status: str) -> None:
-        if self.tokens is not None:
-            self._write({"action": "end", "status": status})
+        """Tell the followers the run ended. When no stage was launched (all finished earlier, or a failure before
+        the first), the followers started with this machine are given a minute to show up and hear it."""
+        if self.tokens is None:
+            try:
+                self.tokens = self._wait_for_followers(min(60.0, node_timeout()))
+            except UserError:
+                return
+        self._write({"action": "end", "status": status})
 
     def _write(self, entry: dict) -> None:
         self.seq += 1

@@ -6,7 +6,6 @@ run's wall time) and the tests compare what they saved.
 """
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from posttrain.nodes import free_port  # a free port per run: tests in parallel never share a rendezvous
+
 SCRIPT = Path(__file__).resolve().parent / "distributed_stages.py"
 STAGES = ["sft", "dpo", "upo", "upo_online"]
-
-
-def free_port() -> int:
-    """A port nobody listens on now (bind port 0), so tests running in parallel never share a rendezvous."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch_two(*args: str) -> list[str]:

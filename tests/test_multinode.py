@@ -116,24 +116,29 @@ def test_two_machines_on_one_box(tmp_path, start_machines):
 
 
 @pytest.mark.multinode
-def test_a_frozen_process_ends_the_run_and_the_rerun_resumes(tmp_path, start_machines):
-    """Machine 1's training process freezes after the first checkpoint: machine 0 gives up after `ddp_timeout`
-    (10 s here; transformers passes it to gloo only through `posttrain.stages.common.start_processes`) with an error
-    that says so, machine 1 exits when machine 0 reports the failure, and running both again resumes."""
+@pytest.mark.parametrize("lost", ["frozen", "killed"])
+def test_a_lost_process_ends_the_run_and_the_rerun_resumes(tmp_path, start_machines, lost):
+    """Machine 1's training process freezes (SIGSTOP) or dies (SIGKILL) after the first checkpoint. Machine 0 gives
+    up, frozen after `ddp_timeout` (10 s here; transformers passes it to gloo only through
+    `posttrain.stages.common.start_processes`), killed at once, with an error that says which; machine 1 exits when
+    machine 0 reports the failure; running both again resumes from the checkpoint and finishes."""
     recipe = sft_recipe(tmp_path, max_steps=12, save_strategy="steps", save_steps=2, ddp_timeout=10)
     machines = start_machines(recipe, tmp_path)
     partial = tmp_path / "outputs" / "nodes" / ".sft.partial"
     deadline = time.time() + 180
     while time.time() < deadline and not list(partial.glob("checkpoint-*/trainer_state.json")):
         time.sleep(0.1)
-    frozen = stage_process(machines[1])
-    assert frozen, "machine 1 should be training by the time machine 0 has written a checkpoint"
-    os.kill(frozen, signal.SIGSTOP)
+    victim = stage_process(machines[1])
+    assert victim, "machine 1 should be training by the time machine 0 has written a checkpoint"
+    os.kill(victim, signal.SIGSTOP if lost == "frozen" else signal.SIGKILL)
     try:
         (code0, out0), = finish(machines[:1], timeout=120)
     finally:
-        os.kill(frozen, signal.SIGKILL)
-    assert code0 == 2 and "stopped answering" in out0 and "Timed out waiting 10000ms" in out0, out0[-3000:]
+        if lost == "frozen":
+            os.kill(victim, signal.SIGKILL)
+    expected = {"frozen": ("stopped answering", "Timed out waiting 10000ms"),
+                "killed": ("another process of this stage died", "by peer")}[lost]
+    assert code0 == 2 and all(text in out0 for text in expected), out0[-3000:]
     assert "resumes from its last checkpoint" in out0 and "Traceback" not in out0.split("error:")[-1]
     (code1, out1), = finish(machines[1:], timeout=60)
     assert code1 == 2 and "machine 0 reports the run failed" in out1, out1[-3000:]
@@ -173,3 +178,37 @@ def test_sharded_engines_refuse_to_run_on_cpu(tmp_path, posttrain_cli):
         with pytest.raises(UserError, match="distributed_type DEEPSPEED needs CUDA GPUs"):
             check_engine_runs_here(str(REPO / "recipes" / "accelerate" / f"{engine}.yaml"))
     check_engine_runs_here(str(REPO / "recipes" / "accelerate" / "ddp.yaml"))  # DDP runs on CPU (gloo)
+
+
+def test_machine_0_waits_for_live_followers_only(tmp_path, monkeypatch):
+    """A machine file left by an earlier run never counts as a live machine; a live follower hears how the run ended
+    even when machine 0 launched no stage (everything finished earlier)."""
+    import threading
+
+    from posttrain.errors import UserError
+    from posttrain.nodes import Coordinator, Nodes
+
+    monkeypatch.setattr("posttrain.nodes.POLL_S", 0.05)
+    nodes = Nodes(num_machines=2, machine_rank=0, main_process_ip="127.0.0.1")
+    (tmp_path / ".nodes").mkdir()
+    (tmp_path / ".nodes" / "machine-1.json").write_text('{"token": "old", "beat": 7}')
+    with pytest.raises(UserError, match=r"machine\(s\) \[1\] did not join within 1 s"):
+        Coordinator(tmp_path, nodes)._wait_for_followers(1.0)
+
+    for status, expected in (("done", 0), ("failed", "machine 0 reports the run failed")):
+        outcome = []
+        follower = threading.Thread(target=run_follower, args=(tmp_path, outcome))
+        follower.start()
+        Coordinator(tmp_path, nodes).finish(status)
+        follower.join(timeout=30)
+        assert outcome and (outcome[0] == expected or expected in str(outcome[0]))
+
+
+def run_follower(root: Path, outcome: list) -> None:
+    from posttrain.errors import UserError
+    from posttrain.nodes import Nodes, follow
+
+    try:
+        outcome.append(follow(root, Nodes(2, 1, "127.0.0.1")))
+    except UserError as exc:
+        outcome.append(str(exc))
