@@ -26,6 +26,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.markup import escape
+
 from .console import console
 from .errors import UserError
 from .io import write_json
@@ -113,6 +115,8 @@ class Coordinator:
     def announce(self, stage: str, launch_args: list[str]) -> None:
         if self.tokens is None:
             self.tokens = self._wait_for_followers(node_timeout())
+        # what every machine runs, with its own --machine_rank
+        console.print(escape(f"accelerate launch {' '.join(launch_args)}"), style="dim", soft_wrap=True)
         self._write({"action": "launch", "stage": stage, "args": launch_args})
 
     def finish(self, status: str) -> None:

@@ -112,6 +112,8 @@ def test_two_machines_on_one_box(tmp_path, start_machines):
     assert metrics["world_size"] == 2 and metrics["train"]["global_step"] == 3
     assert metrics["adapter"]["reloads_equal"]
     assert "stage: sft (machine 1)" in out1 and (run / ".nodes" / "sft.machine-1.log").is_file()
+    # one `accelerate launch` per machine, one process each, meeting at machine 0's address
+    assert "--num_processes 2 --num_machines 2 --machine_rank 0 --main_process_ip 127.0.0.1" in out0
     assert "data: verifiable" in out0 and "data: verifiable" not in out1  # prepared once, by machine 0
 
 
