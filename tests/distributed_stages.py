@@ -2,11 +2,19 @@
 
     python tests/distributed_stages.py MODEL DATA OUT                          # one process (the reference)
     accelerate launch --multi_gpu --num_processes 2 tests/distributed_stages.py MODEL DATA OUT
-    accelerate launch --config_file FSDP.yaml tests/distributed_stages.py MODEL DATA OUT
+    FSDP_ON_CPU=1 accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 2 \
+        --mixed_precision no tests/distributed_stages.py MODEL DATA OUT
 
 Every stage runs through its real `main()` (load, gates, train, save, verify the adapter, metrics) with the same
 *global* batch whatever the number of processes, so the adapters it saves can be compared across world sizes
 (`tests/test_distributed.py`). DPO continues the SFT adapter (its frozen copy is the "ref" adapter), UPO continues DPO.
+
+FSDP on CPU: accelerate (1.15) applies its FSDP plugin only over a GPU device type and otherwise runs gloo DDP,
+although torch's FSDP2 (`fully_shard`) itself runs on CPU. With `FSDP_ON_CPU=1` this script turns the distributed
+type accelerate chose (MULTI_CPU) into FSDP with the plugin the launch configured, before any trainer reads it; from
+there everything is accelerate's and transformers' own FSDP2 path: `fully_shard` per decoder layer, sharded
+parameters (DTensors), the full-state-dict gather when the adapter is saved. Each stage records what it really ran
+under in `OUT/<stage>/engine-rank<N>.json`.
 
 Rollouts are fixed instead of sampled: sampling draws different tokens on 1 and on 2 processes, so the adapters could
 not be compared. Each rollout is a function of its prompt and its place in the prompt's group (in the *global* batch),
@@ -38,6 +46,21 @@ COMMON = dict(max_steps=2, learning_rate=1e-2, logging_steps=1, save_strategy="n
 PAIR_COUNTS: list[int] = []
 
 
+def force_fsdp_on_cpu() -> None:
+    from accelerate import state
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    chosen = state.AcceleratorState.__init__
+
+    def init(self, *args, **kwargs):
+        chosen(self, *args, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP") == "true":
+            self.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* settings
+            self.distributed_type = DistributedType.FSDP
+
+    state.AcceleratorState.__init__ = init
+
+
 def fixed_rollouts(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
     """Stands in for GRPO's sampling: rollout k of a group is k + 1 tokens derived from the prompt, then EOS."""
     eos, vocab = self.processing_class.eos_token_id, self.model.config.vocab_size
@@ -56,6 +79,16 @@ def counting_pairs(original):
         return result
 
     return pair_logps
+
+
+def record_engine(trainer, out: Path) -> None:
+    """What the trainer really ran under: accelerate's distributed type and whether its weights were sharded
+    (FSDP2 turns parameters into DTensors, each process holding a slice)."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = any(isinstance(p, DTensor) for p in trainer.model.parameters())
+    (out / f"engine-rank{RANK}.json").write_text(json.dumps({"distributed_type": str(
+        trainer.accelerator.distributed_type), "sharded": sharded}))
 
 
 def write_pairs(folder: Path) -> tuple[Path, Path]:
@@ -82,30 +115,35 @@ def lora(model: str, **extra) -> ModelConfig:
 def main(model: str, data: Path, out: Path, stages: list[str]) -> None:
     pairs, offline = write_pairs(out / f"inputs-rank{RANK}")
     if "sft" in stages:
-        sft.main(StageArguments(dataset_name=str(data), dataset_train_split="sft", max_train_samples=16,
+        trainer = sft.main(StageArguments(dataset_name=str(data), dataset_train_split="sft", max_train_samples=16,
                                 tokenizer_name_or_path=model),
                  SFTConfig(output_dir=str(out / "sft"), per_device_train_batch_size=4 // WORLD, max_length=128,
                            assistant_only_loss=True, **COMMON), lora(model))
+        record_engine(trainer, out / "sft")
     if "dpo" in stages:
-        dpo.main(StageArguments(dataset_name=str(pairs), tokenizer_name_or_path=model, adapter_path=str(out / "sft")),
+        trainer = dpo.main(StageArguments(dataset_name=str(pairs), tokenizer_name_or_path=model, adapter_path=str(out / "sft")),
                  DPOConfig(output_dir=str(out / "dpo"), per_device_train_batch_size=4 // WORLD, max_length=128,
                            beta=0.1, **COMMON), lora(model))
+        record_engine(trainer, out / "dpo")
     UPOTrainer._generate_single_turn = fixed_rollouts
     UPOTrainer._pair_logps = counting_pairs(UPOTrainer._pair_logps)
     for name, mode in (("upo", "both"), ("upo_online", "online")):
         if name not in stages:
             continue
         PAIR_COUNTS.clear()
-        upo.main(StageArguments(dataset_name=str(data), dataset_train_split="prompts", tokenizer_name_or_path=model,
+        trainer = upo.main(StageArguments(dataset_name=str(data), dataset_train_split="prompts", tokenizer_name_or_path=model,
                                 adapter_path=str(out / "dpo")),
                  UPOConfig(output_dir=str(out / name), per_device_train_batch_size=4 // WORLD, num_generations=4,
                            max_completion_length=8, rewards={"length_penalty": 1.0}, upo_lambda=0.5, upo_mode=mode, upo_offline_ratio=2.0,
                            upo_offline_dataset=str(offline) if mode == "both" else None, upo_margin=0.0,
                            **COMMON), lora(model), upo.CurriculumArguments())
         (out / name / f"pairs-rank{RANK}.json").write_text(json.dumps(PAIR_COUNTS))
+        record_engine(trainer, out / name)
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
+    if os.environ.get("FSDP_ON_CPU") == "1":
+        force_fsdp_on_cpu()
     main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4].split(",") if len(sys.argv) > 4 else
          ["sft", "dpo", "upo", "upo_online"])
