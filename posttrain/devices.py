@@ -58,9 +58,9 @@ def check_engine_runs_here(config_file: str | None) -> None:
         raise UserError(f"accelerate config {config_file}: cannot read it ({exc})") from exc
     if engine in ("FSDP", "DEEPSPEED") and not has_cuda():
         raise UserError(f"accelerate config {config_file}: distributed_type {engine} needs CUDA GPUs and none is "
-                        f"visible. accelerate {_version('accelerate')} does not shard on CPU (it picks FSDP only over a "
-                        "GPU device type and would silently run gloo DDP instead; DeepSpeed needs CUDA). On CPU use "
-                        "--num-processes N (DDP over gloo).")
+                        f"visible. accelerate {_version('accelerate')} does not shard on CPU (it picks FSDP only "
+                        "over a GPU device type and would silently run gloo DDP instead; DeepSpeed needs CUDA). "
+                        "On CPU use --num-processes N (DDP over gloo).")
 
 
 def _version(package: str) -> str:

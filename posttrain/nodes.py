@@ -39,7 +39,8 @@ LOST_PROCESS = (
                           "others gave up after `ddp_timeout` seconds"),
     ("Watchdog caught collective operation timeout", "a process of this stage stopped answering and the others gave "
                                                      "up after `ddp_timeout` seconds"),
-    ("Connection reset by peer", "another process of this stage died (killed, out of memory, or its machine went down)"),
+    ("Connection reset by peer", "another process of this stage died (killed, out of memory, or its machine went "
+                                 "down)"),
     ("Connection closed by peer", "another process of this stage died (killed, out of memory, or its machine went "
                                   "down)"),
     ("Signals.SIGKILL", "a process of this stage was killed (SIGKILL: out of memory, or killed by hand)"),

@@ -114,29 +114,31 @@ def lora(model: str, **extra) -> ModelConfig:
 
 def main(model: str, data: Path, out: Path, stages: list[str]) -> None:
     pairs, offline = write_pairs(out / f"inputs-rank{RANK}")
+    batch = 4 // WORLD  # per process: the global batch is 4 rows (SFT, DPO) or 4 rollouts of one prompt (UPO)
     if "sft" in stages:
-        trainer = sft.main(StageArguments(dataset_name=str(data), dataset_train_split="sft", max_train_samples=16,
-                                tokenizer_name_or_path=model),
-                 SFTConfig(output_dir=str(out / "sft"), per_device_train_batch_size=4 // WORLD, max_length=128,
-                           assistant_only_loss=True, **COMMON), lora(model))
-        record_engine(trainer, out / "sft")
+        stage = StageArguments(dataset_name=str(data), dataset_train_split="sft", max_train_samples=16,
+                               tokenizer_name_or_path=model)
+        training = SFTConfig(output_dir=str(out / "sft"), per_device_train_batch_size=batch, max_length=128,
+                             assistant_only_loss=True, **COMMON)
+        record_engine(sft.main(stage, training, lora(model)), out / "sft")
     if "dpo" in stages:
-        trainer = dpo.main(StageArguments(dataset_name=str(pairs), tokenizer_name_or_path=model, adapter_path=str(out / "sft")),
-                 DPOConfig(output_dir=str(out / "dpo"), per_device_train_batch_size=4 // WORLD, max_length=128,
-                           beta=0.1, **COMMON), lora(model))
-        record_engine(trainer, out / "dpo")
+        stage = StageArguments(dataset_name=str(pairs), tokenizer_name_or_path=model, adapter_path=str(out / "sft"))
+        training = DPOConfig(output_dir=str(out / "dpo"), per_device_train_batch_size=batch, max_length=128,
+                             beta=0.1, **COMMON)
+        record_engine(dpo.main(stage, training, lora(model)), out / "dpo")
     UPOTrainer._generate_single_turn = fixed_rollouts
     UPOTrainer._pair_logps = counting_pairs(UPOTrainer._pair_logps)
     for name, mode in (("upo", "both"), ("upo_online", "online")):
         if name not in stages:
             continue
         PAIR_COUNTS.clear()
-        trainer = upo.main(StageArguments(dataset_name=str(data), dataset_train_split="prompts", tokenizer_name_or_path=model,
-                                adapter_path=str(out / "dpo")),
-                 UPOConfig(output_dir=str(out / name), per_device_train_batch_size=4 // WORLD, num_generations=4,
-                           max_completion_length=8, rewards={"length_penalty": 1.0}, upo_lambda=0.5, upo_mode=mode, upo_offline_ratio=2.0,
-                           upo_offline_dataset=str(offline) if mode == "both" else None, upo_margin=0.0,
-                           **COMMON), lora(model), upo.CurriculumArguments())
+        stage = StageArguments(dataset_name=str(data), dataset_train_split="prompts", tokenizer_name_or_path=model,
+                               adapter_path=str(out / "dpo"))
+        training = UPOConfig(output_dir=str(out / name), per_device_train_batch_size=batch, num_generations=4,
+                             max_completion_length=8, rewards={"length_penalty": 1.0}, upo_lambda=0.5, upo_mode=mode,
+                             upo_offline_ratio=2.0, upo_offline_dataset=str(offline) if mode == "both" else None,
+                             upo_margin=0.0, **COMMON)
+        trainer = upo.main(stage, training, lora(model), upo.CurriculumArguments())
         (out / name / f"pairs-rank{RANK}.json").write_text(json.dumps(PAIR_COUNTS))
         record_engine(trainer, out / name)
 
