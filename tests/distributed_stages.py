@@ -35,7 +35,7 @@ import torch
 from datasets import Dataset
 from trl import DPOConfig, ModelConfig, SFTConfig
 
-from posttrain.recipe import StageArguments
+from posttrain.configs import CurriculumArguments, StageArguments
 from posttrain.stages import dpo, sft, upo
 from posttrain.trainers import UPOConfig, UPOTrainer
 
@@ -138,7 +138,7 @@ def main(model: str, data: Path, out: Path, stages: list[str]) -> None:
                              max_completion_length=8, rewards={"length_penalty": 1.0}, upo_lambda=0.5, upo_mode=mode,
                              upo_offline_ratio=2.0, upo_offline_dataset=str(offline) if mode == "both" else None,
                              upo_margin=0.0, **COMMON)
-        trainer = upo.main(stage, training, lora(model), upo.CurriculumArguments())
+        trainer = upo.main(stage, training, lora(model), CurriculumArguments())
         (out / name / f"pairs-rank{RANK}.json").write_text(json.dumps(PAIR_COUNTS))
         record_engine(trainer, out / name)
 
