@@ -76,10 +76,11 @@ class Nodes:
 
     def launch_flags(self) -> list[str]:
         """`accelerate launch` flags that put this machine's processes into the run's one process group."""
-        if self.main_process_port is None:
-            self.main_process_port = free_port()  # machine 0 chooses; followers read it from the launch entry
+        # unset: machine 0 picks a free one per stage (a port just released can linger); followers read it from the
+        # launch entry
+        port = self.main_process_port or free_port()
         return ["--num_machines", str(self.num_machines), "--machine_rank", str(self.machine_rank),
-                "--main_process_ip", self.main_process_ip, "--main_process_port", str(self.main_process_port)]
+                "--main_process_ip", self.main_process_ip, "--main_process_port", str(port)]
 
 
 class Coordinator:
