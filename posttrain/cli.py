@@ -1,6 +1,7 @@
 """`posttrain`: run a recipe, evaluate, build data, check the environment.
 
     posttrain run [RECIPE] [section.key=value ...]   # default recipe: recipes/text/smollm2-135m.yaml
+    posttrain run RECIPE --num-machines 2 --machine-rank $RANK --main-process-ip $HOST   # on each machine
     posttrain eval outputs/<run> [--stage sft]
     posttrain ablate recipes/text/smollm2-135m-ablation.yaml
     posttrain report outputs/<run> [--compare outputs/<other> ...]
@@ -16,6 +17,8 @@ traceback means a bug in posttrain.
 import argparse
 import dataclasses
 import sys
+
+from rich.markup import escape
 
 from .configs import EvalArguments, add_dataclass_arguments
 from .console import console
@@ -41,9 +44,27 @@ def cmd_run(args) -> int:
             console.rule(stage)
             console.print(yaml.safe_dump(pipeline.substitute(stage_args), sort_keys=False))
         return 0
-    pipeline = Pipeline(recipe, args.output_dir, args.accelerate_config, args.num_processes)
+    from .devices import check_engine_runs_here
+
+    check_engine_runs_here(args.accelerate_config or recipe.accelerate_config)  # before data jobs, not at the stage
+    nodes = machines(args)
+    if nodes and nodes.machine_rank > 0:  # machine 0 prepares and launches; this one joins its stages
+        from .nodes import follow
+        from .pipeline import run_dir
+
+        return follow(run_dir(recipe, args.output_dir).resolve(), nodes)
+    pipeline = Pipeline(recipe, args.output_dir, args.accelerate_config, args.num_processes, nodes)
     pipeline.run(only=args.only, start=args.start)
     return 0
+
+
+def machines(args):
+    """This machine's place in a multi-machine run, or None on one machine."""
+    if args.num_machines == 1 and args.machine_rank == 0:
+        return None
+    from .nodes import Nodes
+
+    return Nodes(args.num_machines, args.machine_rank, args.main_process_ip, args.main_process_port)
 
 
 def cmd_ablate(args) -> int:
@@ -131,6 +152,13 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--accelerate-config", help="accelerate config file (overrides the recipe's)")
     run.add_argument("--num-processes", type=int, help="processes per stage without a config file (default: all GPUs, "
                      "or 1 on CPU; 2+ on CPU runs real data-parallel processes over gloo)")
+    run.add_argument("--num-machines", type=int, default=1, help="machines taking part (each runs this same command "
+                     "with its --machine-rank; the run folder must be on a filesystem they share)")
+    run.add_argument("--machine-rank", type=int, default=0, help="this machine's rank: 0 prepares data, evaluates "
+                     "and launches each stage; the others join every stage it launches")
+    run.add_argument("--main-process-ip", help="address of machine 0, reachable from every machine")
+    run.add_argument("--main-process-port", type=int, help="port on machine 0 for the stages' process group "
+                     "(default: a free one, chosen by machine 0)")
     run.add_argument("--dry-run", action="store_true", help="validate the recipe and print each stage's arguments")
     run.set_defaults(func=cmd_run)
 
@@ -211,9 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        from rich.markup import escape
-
-        console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")  # `[1` in a message is text, not markup
+        # escaped: messages quote logs and paths, whose brackets ("[/pytorch/…/pair.cc:537]") are not markup
+        console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: run the same command again to resume from the last checkpoint")

@@ -32,6 +32,7 @@ from .configs import StageArguments
 from .console import console
 from .errors import UserError, disk_full_error, is_disk_full
 from .io import write_json, write_text
+from .nodes import Coordinator, explain_failure
 from .recipe import Recipe
 from .runlock import RunLock
 
@@ -42,12 +43,14 @@ def run_dir(recipe: Recipe, output_root: str | Path = "outputs") -> Path:
 
 class Pipeline:
     def __init__(self, recipe: Recipe, output_root: str | Path = "outputs", accelerate_config: str | None = None,
-                 num_processes: int | None = None, project: str | None = None):
+                 num_processes: int | None = None, project: str | None = None, nodes=None):
         self.recipe = recipe
         self.project = project or recipe.name  # live tracking: the experiment its stages are logged under
         self.root = run_dir(recipe, output_root).resolve()
         self.accelerate_config = accelerate_config or recipe.accelerate_config
         self.num_processes = num_processes
+        self.nodes = nodes  # posttrain.nodes.Nodes: machine 0 of a multi-machine run announces each stage launch
+        self.coordinator = Coordinator(self.root, nodes) if nodes and nodes.num_machines > 1 else None
         self.state_path = self.root / "run.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
         self.base_model: Path | None = None  # resolved at the start of run()
@@ -160,6 +163,8 @@ class Pipeline:
             from .report import try_build_report
 
             try_build_report(self.root)
+            if self.coordinator:  # followers exit with the run
+                self.coordinator.finish(self.state["steps"]["run"]["status"])
         return self.state
 
     def build_data(self, after: str | None) -> None:
@@ -281,6 +286,8 @@ class Pipeline:
         started = time.time()
         self._record(stage, status="running", started=time.strftime("%Y-%m-%d %H:%M:%S"), skipped=False)
         cmd = [*self.launcher(), "-m", f"posttrain.stages.{stage}", "--config", str(partial / "resolved.yaml")]
+        if self.coordinator:
+            self.coordinator.announce(stage, cmd[3:])  # what follows `python -m accelerate.commands.launch`
         self._spawn(cmd, partial / f"{stage}.log", stage, self.tracking_env(stage))
         for checkpoint_dir in partial.glob("checkpoint-*"):
             shutil.rmtree(checkpoint_dir)
@@ -292,7 +299,7 @@ class Pipeline:
     def launcher(self) -> list[str]:
         from .devices import accelerate_launch_args
 
-        flags = accelerate_launch_args(self.accelerate_config, self.num_processes)
+        flags = accelerate_launch_args(self.accelerate_config, self.num_processes, self.nodes)
         return [sys.executable, "-m", "accelerate.commands.launch", *flags]
 
     def tracking_env(self, stage: str) -> dict:
@@ -309,7 +316,9 @@ class Pipeline:
         started = time.time()
         outcome = spawn(cmd, log_path, env)
         if outcome.code != 0:
-            cause = describe(outcome)
+            lines = log_path.read_text(errors="replace").splitlines()
+            # a lost process (a dead rank, a machine gone) explains more than the survivor's own exception
+            cause = outcome.message or explain_failure(lines) or describe(outcome)
             self._record(step, status="failed", error=cause, log=str(log_path),
                          wall_time_s=round(time.time() - started, 1))
             self._record("run", status="failed", error=f"step '{step}' failed")

@@ -28,6 +28,37 @@ def set_threads() -> None:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+def parse(parser) -> tuple:
+    """The stage's dataclasses from its command line (`--config resolved.yaml`), with the process group started
+    first with the stage's `ddp_timeout` (see `start_processes`)."""
+    import sys
+
+    start_processes(sys.argv[1:])
+    return parser.parse_args_and_config()
+
+
+def start_processes(argv: list[str]) -> None:
+    """Start the gloo process group of a several-process CPU stage with the recipe's `ddp_timeout`.
+
+    transformers (5.23) hands `ddp_timeout` to the process group only on GPUs; with `use_cpu` gloo keeps torch's
+    30-minute default, so when one process freezes or its machine goes away the others wait half an hour. accelerate's
+    `PartialState` is shared, so one started here first is the one TrainingArguments then uses.
+    """
+    import os
+    from datetime import timedelta
+
+    import torch
+    import yaml
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or "--config" not in argv or torch.cuda.is_available():
+        return
+    config = yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text()) or {}
+    if config.get("use_cpu"):
+        from accelerate import PartialState
+
+        PartialState(cpu=True, backend="gloo", timeout=timedelta(seconds=config.get("ddp_timeout", 1800)))
+
+
 def load_policy(stage_args, training_args, model_args):
     """Base model + the previous stage's adapter (trainable), or the base model and a fresh LoRA config.
 
@@ -97,8 +128,9 @@ def keep_columns(dataset, columns: set[str]):
     return dataset.remove_columns([c for c in dataset.column_names if c not in columns])
 
 
-def verify_adapter(output_dir: str | Path, model) -> dict:
-    """The saved adapter exists, is non-empty, holds non-zero weights and reloads equal to what was trained."""
+def verify_adapter(output_dir: str | Path, model, live: dict | None = None) -> dict:
+    """The saved adapter exists, is non-empty, holds non-zero weights and reloads equal to what was trained (`live`:
+    the trained adapter's tensors, gathered whole by `live_adapter`; default: read from `model`)."""
     import torch
     from safetensors.torch import load_file
 
@@ -113,11 +145,26 @@ def verify_adapter(output_dir: str | Path, model) -> dict:
         raise RuntimeError(f"adapter {path}: every lora_B is zero, i.e. the adapter is untrained")
     from peft import get_peft_model_state_dict
 
-    live = get_peft_model_state_dict(model, adapter_name="default")
+    live = get_peft_model_state_dict(model, adapter_name="default") if live is None else live
     for key, tensor in saved.items():
         if key not in live or not torch.equal(live[key].detach().float().cpu(), tensor.float()):
             raise RuntimeError(f"adapter {path}: saved tensor {key} does not reload equal to the trained one")
     return {"adapter_bytes": path.stat().st_size, "adapter_tensors": len(saved), "reloads_equal": True}
+
+
+def live_adapter(trainer) -> dict | None:
+    """The trained adapter's tensors, whole, on the main process (None for a full model). Under FSDP or ZeRO-3 each
+    process holds a shard and gathering them is a collective, so every process calls this; elsewhere the adapter is
+    read from the main process's own copy."""
+    from peft import get_peft_model_state_dict
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not hasattr(model, "peft_config"):
+        return None
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        full = trainer.accelerator.get_state_dict(trainer.model)
+        return get_peft_model_state_dict(model, state_dict=full, adapter_name="default")
+    return get_peft_model_state_dict(model, adapter_name="default") if trainer.accelerator.is_main_process else None
 
 
 def run_eval(model, tokenizer, stage_args) -> dict | None:
@@ -137,12 +184,13 @@ def finish(trainer, stage: str, stage_args, tokenizer, train_result, started: fl
     shutil.rmtree(Path(output_dir) / "ref", ignore_errors=True)
     # Trainer pickles its arguments next to the adapter; resolved.yaml holds them as text, and we ship no pickles
     (Path(output_dir) / "training_args.bin").unlink(missing_ok=True)
+    live = live_adapter(trainer)  # every process: a collective under FSDP and ZeRO-3
     if not trainer.accelerator.is_main_process:
         trainer.accelerator.wait_for_everyone()
         return
     tokenizer.save_pretrained(output_dir)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    checks = verify_adapter(output_dir, model) if hasattr(model, "peft_config") else {}
+    checks = verify_adapter(output_dir, model, live) if live is not None else {}
     trainer.accelerator.print(f"[{stage}] evaluating on held-out data…")
     evaluation = run_eval(model, tokenizer, stage_args)
     metrics = {
@@ -193,7 +241,7 @@ def entry(stage: str, main, make_parser) -> None:
     to the pipeline, and the process exits with code 2; anything else is a bug and keeps its traceback."""
     output_dir = None
     try:
-        parsed = make_parser().parse_args_and_config()
+        parsed = parse(make_parser())
         output_dir = parsed[1].output_dir
         main(*parsed)
     except UserError as exc:

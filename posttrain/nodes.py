@@ -1,0 +1,194 @@
+"""Several machines, one run: machine 0 prepares everything once, the others join each stage it launches.
+
+    posttrain run RECIPE --num-machines 2 --machine-rank $RANK --main-process-ip $HOST   # on every machine
+
+The run folder must be on a filesystem every machine sees (the usual cluster home or scratch). Machine 0 runs the
+pipeline as on one machine (data jobs, base evaluation, skipping finished stages, resuming, the report); before
+each stage it launches, it writes the stage's `accelerate launch` arguments to `<run>/.nodes/launch.json`. Every
+other machine only follows that file: it runs the same arguments with its own `--machine_rank`, so the stage's
+processes on all machines meet in one `torch.distributed` group at `--main-process-ip`, and it exits when machine
+0 writes that the run ended (0 if it finished, 2 if it failed).
+
+Handshake, without trusting clocks across machines: a follower writes `<run>/.nodes/machine-<rank>.json` with a
+fresh token and a counter it keeps increasing while it waits; machine 0 launches nothing until every follower's
+counter has moved (so a file left by an earlier run is never mistaken for a live machine), and every entry it
+writes names the tokens it is meant for. Waits end after `POSTTRAIN_NODE_TIMEOUT` seconds (default 7200) with an
+error that says which machine never came.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.markup import escape
+
+from .console import console
+from .errors import UserError
+from .io import write_json
+
+POLL_S = 0.5
+# How a stage whose processes lost one of them ends, as its log shows it (gloo on CPU, NCCL, torchrun)
+LOST_PROCESS = (
+    ("Timed out waiting", "a process of this stage stopped answering (frozen, or its machine unreachable) and the "
+                          "others gave up after `ddp_timeout` seconds"),
+    ("Watchdog caught collective operation timeout", "a process of this stage stopped answering and the others gave "
+                                                     "up after `ddp_timeout` seconds"),
+    ("Connection reset by peer", "another process of this stage died (killed, out of memory, or its machine went "
+                                 "down)"),
+    ("Connection closed by peer", "another process of this stage died (killed, out of memory, or its machine went "
+                                  "down)"),
+    ("Signals.SIGKILL", "a process of this stage was killed (SIGKILL: out of memory, or killed by hand)"),
+)
+
+
+def node_timeout() -> float:
+    return float(os.environ.get("POSTTRAIN_NODE_TIMEOUT", "7200"))
+
+
+def free_port() -> int:
+    """A port nobody listens on now on this machine (bind port 0)."""
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Nodes:
+    """How this machine takes part in a multi-machine run (`num_machines` > 1)."""
+
+    num_machines: int
+    machine_rank: int
+    main_process_ip: str
+    main_process_port: int | None = None
+
+    def __post_init__(self):
+        if not 0 <= self.machine_rank < self.num_machines:
+            raise UserError(f"--machine-rank must be in 0..{self.num_machines - 1}; got {self.machine_rank}")
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise UserError("--num-machines > 1 needs --main-process-ip: the address of machine 0, which every "
+                            "machine can reach")
+
+    def launch_flags(self) -> list[str]:
+        """`accelerate launch` flags that put this machine's processes into the run's one process group."""
+        # unset: machine 0 picks a free one per stage (a port just released can linger); followers read it from the
+        # launch entry
+        port = self.main_process_port or free_port()
+        return ["--num_machines", str(self.num_machines), "--machine_rank", str(self.machine_rank),
+                "--main_process_ip", self.main_process_ip, "--main_process_port", str(port)]
+
+
+class Coordinator:
+    """Machine 0's side: waits for the followers, then announces each stage launch and the end of the run."""
+
+    def __init__(self, root: Path, nodes: Nodes):
+        self.folder, self.nodes = root / ".nodes", nodes
+        self.tokens: dict[int, str] | None = None
+        self.seq = 0
+
+    def _wait_for_followers(self, timeout: float) -> dict[int, str]:
+        console.print(f"waiting for machines 1..{self.nodes.num_machines - 1} to join (posttrain run … "
+                      "--machine-rank N on each)…")
+        first_seen: dict[int, dict] = {}
+        alive: dict[int, str] = {}
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            alive = {}
+            for rank in range(1, self.nodes.num_machines):
+                entry = _read(self.folder / f"machine-{rank}.json")
+                if entry and rank in first_seen and first_seen[rank]["token"] == entry["token"] \
+                        and entry["beat"] > first_seen[rank]["beat"]:
+                    alive[rank] = entry["token"]
+                elif entry and (rank not in first_seen or first_seen[rank]["token"] != entry["token"]):
+                    first_seen[rank] = entry
+            if len(alive) == self.nodes.num_machines - 1:
+                return alive
+            time.sleep(POLL_S * 2)
+        missing = sorted(set(range(1, self.nodes.num_machines)) - set(alive))
+        raise UserError(f"machine(s) {missing} did not join within {timeout:.0f} s (POSTTRAIN_NODE_TIMEOUT): "
+                        f"start `posttrain run` with the same recipe and --machine-rank on each, with {self.folder} "
+                        "on a filesystem every machine sees")
+
+    def announce(self, stage: str, launch_args: list[str]) -> None:
+        if self.tokens is None:
+            self.tokens = self._wait_for_followers(node_timeout())
+        # what every machine runs, with its own --machine_rank
+        console.print(escape(f"accelerate launch {' '.join(launch_args)}"), style="dim", soft_wrap=True)
+        self._write({"action": "launch", "stage": stage, "args": launch_args})
+
+    def finish(self, status: str) -> None:
+        """Tell the followers the run ended. When no stage was launched (all finished earlier, or a failure before
+        the first), the followers started with this machine are given a minute to show up and hear it."""
+        if self.tokens is None:
+            try:
+                self.tokens = self._wait_for_followers(min(60.0, node_timeout()))
+            except UserError:
+                return
+        self._write({"action": "end", "status": status})
+
+    def _write(self, entry: dict) -> None:
+        self.seq += 1
+        write_json(self.folder / "launch.json", {**entry, "seq": self.seq, "for": self.tokens})
+
+
+def follow(root: Path, nodes: Nodes) -> int:
+    """A follower machine's whole run: join every stage machine 0 launches, until it announces the end."""
+    folder, token = root / ".nodes", uuid.uuid4().hex
+    folder.mkdir(parents=True, exist_ok=True)
+    console.print(f"machine {nodes.machine_rank} of {nodes.num_machines}: following machine 0 through {folder}")
+    beat, last_seq, waited_since = 0, 0, time.time()
+    while True:
+        beat += 1
+        write_json(folder / f"machine-{nodes.machine_rank}.json", {"token": token, "beat": beat,
+                                                                     "host": socket.gethostname()})
+        entry = _read(folder / "launch.json")
+        if entry and token in (entry.get("for") or {}).values() and entry["seq"] > last_seq:
+            last_seq = entry["seq"]
+            if entry["action"] == "end":
+                if entry["status"] != "done":
+                    raise UserError(f"machine 0 reports the run {entry['status']}: its terminal and "
+                                    f"{root / 'run.json'} say why")
+                console.print("[green]machine 0 reports the run finished[/green]")
+                return 0
+            _join_stage(folder, entry, nodes)
+            waited_since = time.time()
+        elif time.time() - waited_since > node_timeout():
+            raise UserError(f"machine 0 announced nothing for {node_timeout():.0f} s (POSTTRAIN_NODE_TIMEOUT); is "
+                            f"`posttrain run … --machine-rank 0` running, with {folder} shared?")
+        time.sleep(POLL_S)
+
+
+def _join_stage(folder: Path, entry: dict, nodes: Nodes) -> None:
+    """Run machine 0's launch arguments with this machine's rank; a failure is machine 0's to report."""
+    args = list(entry["args"])
+    args[args.index("--machine_rank") + 1] = str(nodes.machine_rank)
+    console.rule(f"stage: {entry['stage']} (machine {nodes.machine_rank})")
+    log_path = folder / f"{entry['stage']}.machine-{nodes.machine_rank}.log"
+    with open(log_path, "ab") as log:
+        code = subprocess.call([sys.executable, "-m", "accelerate.commands.launch", *args], stdout=log,
+                               stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if code != 0:
+        console.print(f"[yellow]stage {entry['stage']} ended with exit code {code} on this machine; log: "
+                      f"{log_path}[/yellow]")
+
+
+def explain_failure(lines: list[str]) -> str | None:
+    """One sentence on why a several-process stage ended, with the log line that shows it, when the log shows that a
+    process was lost (rather than the training's own error, which its last lines already show)."""
+    for sign, meaning in LOST_PROCESS:
+        found = next((line.strip() for line in lines if sign in line), None)
+        if found:
+            return f"{meaning}:\n  {found[:300]}"
+    return None
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None

@@ -1,0 +1,151 @@
+"""SFT -> DPO -> UPO on a tiny model, as one script that runs the same under 1 process, DDP or FSDP.
+
+    python tests/distributed_stages.py MODEL DATA OUT                          # one process (the reference)
+    accelerate launch --multi_gpu --num_processes 2 tests/distributed_stages.py MODEL DATA OUT
+    FSDP_ON_CPU=1 accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 2 \
+        --mixed_precision no tests/distributed_stages.py MODEL DATA OUT
+
+Every stage runs through its real `main()` (load, gates, train, save, verify the adapter, metrics) with the same
+*global* batch whatever the number of processes, so the adapters it saves can be compared across world sizes
+(`tests/test_distributed.py`). DPO continues the SFT adapter (its frozen copy is the "ref" adapter), UPO continues DPO.
+
+FSDP on CPU: accelerate (1.15) applies its FSDP plugin only over a GPU device type and otherwise runs gloo DDP,
+although torch's FSDP2 (`fully_shard`) itself runs on CPU. With `FSDP_ON_CPU=1` this script turns the distributed
+type accelerate chose (MULTI_CPU) into FSDP with the plugin the launch configured, before any trainer reads it; from
+there everything is accelerate's and transformers' own FSDP2 path: `fully_shard` per decoder layer, sharded
+parameters (DTensors), the full-state-dict gather when the adapter is saved. Each stage records what it really ran
+under in `OUT/<stage>/engine-rank<N>.json`.
+
+Rollouts are fixed instead of sampled: sampling draws different tokens on 1 and on 2 processes, so the adapters could
+not be compared. Each rollout is a function of its prompt and its place in the prompt's group (in the *global* batch),
+with lengths that differ, so `length_penalty` ranks them: the best rollout (place 0) is always on process 0 and the
+worst (place 3) on process 1 when a group spans two processes. In `upo_online`, process 1 therefore never holds a
+pair while process 0 does, the case that hangs when processes disagree on their number of forwards. Offline pairs:
+`upo_offline_ratio=2` draws 2 per step on one process (1 prompt of 4 rollouts) and 1 on each of two (half a prompt
+each, rounded up to 1), the same 2 per global step. Each process
+writes how many pairs it scored per step to `OUT/pairs-rank<N>.json`.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from trl import DPOConfig, ModelConfig, SFTConfig
+
+from posttrain.configs import CurriculumArguments, StageArguments
+from posttrain.stages import dpo, sft, upo
+from posttrain.trainers import UPOConfig, UPOTrainer
+
+WORLD = int(os.environ.get("WORLD_SIZE", "1"))
+RANK = int(os.environ.get("RANK", "0"))
+COMMON = dict(max_steps=2, learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to="none", bf16=False,
+              use_cpu=True, seed=0)
+PAIR_COUNTS: list[int] = []
+
+
+def force_fsdp_on_cpu() -> None:
+    from accelerate import state
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    chosen = state.AcceleratorState.__init__
+
+    def init(self, *args, **kwargs):
+        chosen(self, *args, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP") == "true":
+            self.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* settings
+            self.distributed_type = DistributedType.FSDP
+
+    state.AcceleratorState.__init__ = init
+
+
+def fixed_rollouts(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+    """Stands in for GRPO's sampling: rollout k of a group is k + 1 tokens derived from the prompt, then EOS."""
+    eos, vocab = self.processing_class.eos_token_id, self.model.config.vocab_size
+    first = self.accelerator.process_index * len(prompt_ids)
+    completions = []
+    for index, prompt in enumerate(prompt_ids):
+        place = (first + index) % num_generations
+        completions.append([(sum(prompt) + 7 * j + 3) % (vocab - 10) + 5 for j in range(place + 1)] + [eos])
+    return completions, None
+
+
+def counting_pairs(original):
+    def pair_logps(self, model, inputs, policy_logps, mode):
+        result = original(self, model, inputs, policy_logps, mode)
+        PAIR_COUNTS.append(int(result[0].numel()))
+        return result
+
+    return pair_logps
+
+
+def record_engine(trainer, out: Path) -> None:
+    """What the trainer really ran under: accelerate's distributed type and whether its weights were sharded
+    (FSDP2 turns parameters into DTensors, each process holding a slice)."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = any(isinstance(p, DTensor) for p in trainer.model.parameters())
+    (out / f"engine-rank{RANK}.json").write_text(json.dumps({"distributed_type": str(
+        trainer.accelerator.distributed_type), "sharded": sharded}))
+
+
+def write_pairs(folder: Path) -> tuple[Path, Path]:
+    """DPO pairs (the right sum vs a wrong one) and a one-pair offline file for UPO: every process and every draw
+    gets that same pair, so one and two processes train on the same offline pairs. Each process writes its own
+    copy (no process group exists before the first trainer, so there is nothing to wait on)."""
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i} + {i + 1}?"}],
+             "chosen": [{"role": "assistant", "content": str(2 * i + 1)}],
+             "rejected": [{"role": "assistant", "content": f"It is {i * 3}, I think."}], "thinking": False}
+            for i in range(16)]
+    pairs = folder / "pairs"
+    pairs.mkdir(parents=True, exist_ok=True)
+    Dataset.from_list(rows).to_parquet(pairs / "train.parquet")
+    offline = folder / "offline.jsonl"
+    offline.write_text(json.dumps({"prompt": "Q: 1 + 1?\nA:", "chosen": "2", "rejected": "3"}) + "\n")
+    return pairs, offline
+
+
+def lora(model: str, **extra) -> ModelConfig:
+    return ModelConfig(model_name_or_path=model, use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                       lora_target_modules=["all-linear"], **extra)
+
+
+def main(model: str, data: Path, out: Path, stages: list[str]) -> None:
+    pairs, offline = write_pairs(out / f"inputs-rank{RANK}")
+    batch = 4 // WORLD  # per process: the global batch is 4 rows (SFT, DPO) or 4 rollouts of one prompt (UPO)
+    if "sft" in stages:
+        stage = StageArguments(dataset_name=str(data), dataset_train_split="sft", max_train_samples=16,
+                               tokenizer_name_or_path=model)
+        training = SFTConfig(output_dir=str(out / "sft"), per_device_train_batch_size=batch, max_length=128,
+                             assistant_only_loss=True, **COMMON)
+        record_engine(sft.main(stage, training, lora(model)), out / "sft")
+    if "dpo" in stages:
+        stage = StageArguments(dataset_name=str(pairs), tokenizer_name_or_path=model, adapter_path=str(out / "sft"))
+        training = DPOConfig(output_dir=str(out / "dpo"), per_device_train_batch_size=batch, max_length=128,
+                             beta=0.1, **COMMON)
+        record_engine(dpo.main(stage, training, lora(model)), out / "dpo")
+    UPOTrainer._generate_single_turn = fixed_rollouts
+    UPOTrainer._pair_logps = counting_pairs(UPOTrainer._pair_logps)
+    for name, mode in (("upo", "both"), ("upo_online", "online")):
+        if name not in stages:
+            continue
+        PAIR_COUNTS.clear()
+        stage = StageArguments(dataset_name=str(data), dataset_train_split="prompts", tokenizer_name_or_path=model,
+                               adapter_path=str(out / "dpo"))
+        training = UPOConfig(output_dir=str(out / name), per_device_train_batch_size=batch, num_generations=4,
+                             max_completion_length=8, rewards={"length_penalty": 1.0}, upo_lambda=0.5, upo_mode=mode,
+                             upo_offline_ratio=2.0, upo_offline_dataset=str(offline) if mode == "both" else None,
+                             upo_margin=0.0, **COMMON)
+        trainer = upo.main(stage, training, lora(model), CurriculumArguments())
+        (out / name / f"pairs-rank{RANK}.json").write_text(json.dumps(PAIR_COUNTS))
+        record_engine(trainer, out / name)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    if os.environ.get("FSDP_ON_CPU") == "1":
+        force_fsdp_on_cpu()
+    main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4].split(",") if len(sys.argv) > 4 else
+         ["sft", "dpo", "upo", "upo_online"])

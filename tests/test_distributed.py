@@ -1,0 +1,100 @@
+"""Every stage under DDP and under FSDP2 (two gloo processes on CPU each) against one process on the same global batch.
+
+`tests/distributed_stages.py` runs SFT -> DPO -> UPO (online + offline pairs) -> UPO (online pairs only) through the
+stages' real `main()`; the fixture runs it as one process, as two DDP processes and as two FSDP2 processes (launched
+with `recipes/accelerate/fsdp.yaml`; see that script for the one line that lets accelerate shard on CPU), all side
+by side, and the tests compare what they saved.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from posttrain.nodes import free_port  # a free port per run: tests in parallel never share a rendezvous
+
+SCRIPT = Path(__file__).resolve().parent / "distributed_stages.py"
+FSDP_CONFIG = SCRIPT.parent.parent / "recipes" / "accelerate" / "fsdp.yaml"
+STAGES = ["sft", "dpo", "upo", "upo_online"]
+
+
+def launch_two(*args: str, config: Path | None = None) -> list[str]:
+    engine = ["--config_file", str(config)] if config else ["--multi_gpu", "--num_machines", "1", "--dynamo_backend",
+                                                            "no"]
+    return [sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_processes", "2", "--mixed_precision",
+            "no", "--main_process_port", str(free_port()), *args]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_path, task_data, tmp_path_factory):
+    """{"one": folder, "ddp": folder, "fsdp": folder}. The timeout is the hang test: a collective that one process
+    never joins (e.g. a DPO forward only the process holding a pair runs) blocks until it is killed."""
+    model = str(tiny_model_path("llama"))
+    root = tmp_path_factory.mktemp("distributed")
+    script = [str(SCRIPT), model, str(task_data)]
+    commands = {"one": ([sys.executable, *script, str(root / "one")], {}),
+                "ddp": (launch_two(*script, str(root / "ddp")), {}),
+                "fsdp": (launch_two(*script, str(root / "fsdp"), config=FSDP_CONFIG), {"FSDP_ON_CPU": "1"})}
+    processes = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env={**os.environ, **env})
+                 for name, (cmd, env) in commands.items()}
+    for name, process in processes.items():
+        try:
+            output, _ = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for p in processes.values():
+                p.kill()
+            pytest.fail(f"{name}: still running after 300 s (a collective one process never joined hangs)")
+        assert process.returncode == 0, f"{name} failed:\n{output[-4000:]}"
+    return {name: root / name for name in commands}
+
+
+def assert_same_adapter(run: Path, reference: Path, stage: str) -> None:
+    ours, theirs = (load_file(folder / stage / "adapter_model.safetensors") for folder in (run, reference))
+    assert sorted(ours) == sorted(theirs) and len(ours) == 28  # 7 linear modules x 2 layers x (A, B)
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
+    metrics = json.loads((run / stage / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["train"]["global_step"] == 2
+    assert metrics["adapter"]["reloads_equal"] and metrics["adapter"]["adapter_tensors"] == 28
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_processes_train_what_one_process_trains(runs, stage):
+    assert_same_adapter(runs["ddp"], runs["one"], stage)
+    engine = json.loads((runs["ddp"] / stage / "engine-rank1.json").read_text())
+    assert engine == {"distributed_type": "DistributedType.MULTI_CPU", "sharded": False}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_fsdp2_saves_the_whole_adapter(runs, stage):
+    """Sharded weights (each process holds a slice of every LoRA tensor) still save a complete adapter: every
+    tensor present and non-zero, equal to one process's and to the gathered trained weights (the stage's check)."""
+    for rank in (0, 1):
+        engine = json.loads((runs["fsdp"] / stage / f"engine-rank{rank}.json").read_text())
+        assert engine == {"distributed_type": "DistributedType.FSDP", "sharded": True}
+    assert_same_adapter(runs["fsdp"], runs["one"], stage)
+    saved = load_file(runs["fsdp"] / stage / "adapter_model.safetensors")
+    assert all(torch.count_nonzero(tensor) > 0 for tensor in saved.values())
+
+
+def test_dpo_reference_is_the_previous_stage(runs):
+    """The frozen "ref" adapter (the SFT stage) is not saved as part of the DPO adapter, and DPO moved away from it."""
+    assert not (runs["ddp"] / "dpo" / "ref").exists() and not (runs["fsdp"] / "dpo" / "ref").exists()
+    sft, dpo = (load_file(runs["ddp"] / stage / "adapter_model.safetensors") for stage in ("sft", "dpo"))
+    assert any(not torch.equal(sft[key], dpo[key]) for key in sft)
+
+
+def test_a_process_without_pairs_runs_the_same_forwards(runs):
+    """Online pairs only, one 4-rollout group per step spanning both processes, the best rollout always on process 0:
+    process 1 holds no pair in any step while process 0 holds one, and the run finished (the fixture's timeout)."""
+    for engine in ("ddp", "fsdp"):
+        counts = [json.loads((runs[engine] / "upo_online" / f"pairs-rank{r}.json").read_text()) for r in (0, 1)]
+        assert counts == [[1, 1], [0, 0]], engine
+        both = [json.loads((runs[engine] / "upo" / f"pairs-rank{r}.json").read_text()) for r in (0, 1)]
+        assert both == [[2, 2], [1, 1]], engine  # plus one offline pair on each process

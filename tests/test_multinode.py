@@ -1,0 +1,216 @@
+"""Two machines on one box through the real CLI, a frozen process, and engines that cannot run on CPU.
+
+    posttrain run RECIPE --num-machines 2 --machine-rank 0 --main-process-ip 127.0.0.1   # machine 0
+    posttrain run RECIPE --num-machines 2 --machine-rank 1 --main-process-ip 127.0.0.1   # machine 1
+
+exactly as README's "Several processes, several machines" section shows them: one process per "machine", gloo
+over localhost, one shared run folder. The two runs of two machines take 1-3 minutes on 2 cores, so they carry the
+`multinode` marker and run as their own line in `.ci/run`.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from posttrain.nodes import explain_failure
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "recipes" / "tiny" / "text.yaml"
+MACHINES = ["--num-machines", "2", "--main-process-ip", "127.0.0.1"]
+
+
+def sft_recipe(folder: Path, **sft) -> Path:
+    """The tiny recipe reduced to its SFT stage and the data it needs, without held-out evaluation."""
+    raw = yaml.safe_load(TINY.read_text())
+    raw.pop("ablation", None)
+    raw.update(name="nodes", stages={"sft": {**raw["stages"]["sft"], **sft}}, eval={"dataset": None})
+    raw["data"] = {k: v for k, v in raw["data"].items() if "after" not in v}
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def start_machines():
+    """Callable: (recipe, cwd) -> [machine 0, machine 1] processes; whatever still runs at teardown is killed."""
+    started = []
+
+    def start(recipe: Path, cwd: Path) -> list[subprocess.Popen]:
+        started.extend(_start_machines(recipe, cwd))
+        return started[-2:]
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _start_machines(recipe: Path, cwd: Path) -> list[subprocess.Popen]:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "POSTTRAIN_NODE_TIMEOUT": "120"}
+    return [subprocess.Popen([sys.executable, "-m", "posttrain", "run", str(recipe), *MACHINES, "--machine-rank",
+                              str(rank)], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+            for rank in (1, 0)][::-1]
+
+
+def finish(processes: list[subprocess.Popen], timeout: float) -> list[tuple[int, str]]:
+    """(exit code, output) per machine; a machine still running after `timeout` seconds fails the test."""
+    deadline, results = time.time() + timeout, []
+    for rank, process in enumerate(processes):
+        try:
+            output, _ = process.communicate(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"machine {rank} still running after {timeout:.0f} s (a hang)")
+        results.append((process.returncode, output))
+    return results
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc): the stage processes of the machine we started, not anyone else's."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def stage_process(machine: subprocess.Popen) -> int | None:
+    """The training process a machine runs (below `accelerate launch` and torchrun's agent, which both name the
+    stage module on their command lines too)."""
+    for pid in descendants(machine.pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"posttrain.stages" in cmdline and b"accelerate" not in cmdline:
+                return pid
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.multinode
+def test_two_machines_on_one_box(tmp_path, start_machines):
+    (code0, out0), (code1, out1) = finish(start_machines(sft_recipe(tmp_path), tmp_path), timeout=240)
+    assert code0 == 0, out0[-3000:]
+    assert code1 == 0 and "machine 0 reports the run finished" in out1, out1[-3000:]
+    run = tmp_path / "outputs" / "nodes"
+    metrics = yaml.safe_load((run / "sft" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["train"]["global_step"] == 3
+    assert metrics["adapter"]["reloads_equal"]
+    assert "stage: sft (machine 1)" in out1 and (run / ".nodes" / "sft.machine-1.log").is_file()
+    # one `accelerate launch` per machine, one process each, meeting at machine 0's address
+    assert "--num_processes 2 --num_machines 2 --machine_rank 0 --main_process_ip 127.0.0.1" in out0
+    assert "data: verifiable" in out0 and "data: verifiable" not in out1  # prepared once, by machine 0
+
+
+@pytest.mark.multinode
+@pytest.mark.parametrize("lost", ["frozen", "killed"])
+def test_a_lost_process_ends_the_run_and_the_rerun_resumes(tmp_path, start_machines, lost):
+    """Machine 1's training process freezes (SIGSTOP) or dies (SIGKILL) after the first checkpoint. Machine 0 gives
+    up, frozen after `ddp_timeout` (10 s here; transformers passes it to gloo only through
+    `posttrain.stages.common.start_processes`), killed at once, with an error that says which; machine 1 exits when
+    machine 0 reports the failure; running both again resumes from the checkpoint and finishes."""
+    recipe = sft_recipe(tmp_path, max_steps=12, save_strategy="steps", save_steps=2, ddp_timeout=10)
+    machines = start_machines(recipe, tmp_path)
+    partial = tmp_path / "outputs" / "nodes" / ".sft.partial"
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(partial.glob("checkpoint-*/trainer_state.json")):
+        time.sleep(0.1)
+    victim = stage_process(machines[1])
+    assert victim, "machine 1 should be training by the time machine 0 has written a checkpoint"
+    os.kill(victim, signal.SIGSTOP if lost == "frozen" else signal.SIGKILL)
+    try:
+        (code0, out0), = finish(machines[:1], timeout=120)
+    finally:
+        if lost == "frozen":
+            os.kill(victim, signal.SIGKILL)
+    expected = {"frozen": ("stopped answering", "Timed out waiting 10000ms"),
+                "killed": ("another process of this stage died", "by peer")}[lost]
+    assert code0 == 2 and all(text in out0 for text in expected), out0[-3000:]
+    assert "resumes from its last checkpoint" in out0 and "Traceback" not in out0.split("error:")[-1]
+    (code1, out1), = finish(machines[1:], timeout=60)
+    assert code1 == 2 and "machine 0 reports the run failed" in out1, out1[-3000:]
+
+    (code0, out0), (code1, _) = finish(start_machines(recipe, tmp_path), timeout=240)
+    assert code0 == 0 and code1 == 0, out0[-3000:]
+    assert "resuming sft from checkpoint-" in out0
+    metrics = yaml.safe_load((tmp_path / "outputs" / "nodes" / "sft" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["train"]["global_step"] == 12
+
+
+def test_lost_process_explanations_quote_the_log():
+    timed_out = ["[rank0]: RuntimeError: [../gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting 10000ms for "
+                 "send operation to complete"]
+    assert explain_failure(timed_out).startswith("a process of this stage stopped answering")
+    assert "Timed out waiting 10000ms" in explain_failure(timed_out)
+    reset = ["[rank0]: RuntimeError: [../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:61625: Connection "
+             "reset by peer."]
+    assert explain_failure(reset).startswith("another process of this stage died")
+    assert explain_failure(["ValueError: loss is nan"]) is None  # the stage's own error: its last lines say it
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_sharded_engines_refuse_to_run_on_cpu(tmp_path, posttrain_cli):
+    """accelerate picks FSDP only over a GPU device type: on CPU the FSDP config would silently train with plain
+    DDP. posttrain refuses before building any data; DeepSpeed configs too."""
+    from posttrain.devices import check_engine_runs_here
+    from posttrain.errors import UserError
+
+    config = REPO / "recipes" / "accelerate" / "fsdp.yaml"
+    result = posttrain_cli("run", sft_recipe(tmp_path), "--accelerate-config", config, cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert "distributed_type FSDP needs CUDA GPUs and none is visible" in result.stdout
+    assert "does not shard on CPU" in result.stdout
+    assert not (tmp_path / "outputs" / "nodes" / "data").exists()
+    for engine in ("zero2", "zero3"):
+        with pytest.raises(UserError, match="distributed_type DEEPSPEED needs CUDA GPUs"):
+            check_engine_runs_here(str(REPO / "recipes" / "accelerate" / f"{engine}.yaml"))
+    check_engine_runs_here(str(REPO / "recipes" / "accelerate" / "ddp.yaml"))  # DDP runs on CPU (gloo)
+
+
+def test_machine_0_waits_for_live_followers_only(tmp_path, monkeypatch):
+    """A machine file left by an earlier run never counts as a live machine; a live follower hears how the run ended
+    even when machine 0 launched no stage (everything finished earlier)."""
+    import threading
+
+    from posttrain.errors import UserError
+    from posttrain.nodes import Coordinator, Nodes
+
+    monkeypatch.setattr("posttrain.nodes.POLL_S", 0.05)
+    nodes = Nodes(num_machines=2, machine_rank=0, main_process_ip="127.0.0.1")
+    (tmp_path / ".nodes").mkdir()
+    (tmp_path / ".nodes" / "machine-1.json").write_text('{"token": "old", "beat": 7}')
+    with pytest.raises(UserError, match=r"machine\(s\) \[1\] did not join within 1 s"):
+        Coordinator(tmp_path, nodes)._wait_for_followers(1.0)
+
+    for status, expected in (("done", 0), ("failed", "machine 0 reports the run failed")):
+        outcome = []
+        follower = threading.Thread(target=run_follower, args=(tmp_path, outcome))
+        follower.start()
+        Coordinator(tmp_path, nodes).finish(status)
+        follower.join(timeout=30)
+        assert outcome and (outcome[0] == expected or expected in str(outcome[0]))
+
+
+def run_follower(root: Path, outcome: list) -> None:
+    from posttrain.errors import UserError
+    from posttrain.nodes import Nodes, follow
+
+    try:
+        outcome.append(follow(root, Nodes(2, 1, "127.0.0.1")))
+    except UserError as exc:
+        outcome.append(str(exc))
