@@ -53,7 +53,7 @@ def cmd_run(args) -> int:
         from .pipeline import run_dir
 
         return follow(run_dir(recipe, args.output_dir).resolve(), nodes)
-    pipeline = Pipeline(recipe, args.output_dir, args.accelerate_config, args.num_processes, nodes)
+    pipeline = Pipeline(recipe, args.output_dir, args.accelerate_config, args.num_processes, nodes=nodes)
     pipeline.run(only=args.only, start=args.start)
     return 0
 
