@@ -141,7 +141,7 @@ def test_a_lost_process_ends_the_run_and_the_rerun_resumes(tmp_path, start_machi
     expected = {"frozen": ("stopped answering", "Timed out waiting 10000ms"),
                 "killed": ("another process of this stage died", "by peer")}[lost]
     assert code0 == 2 and all(text in out0 for text in expected), out0[-3000:]
-    assert "resumes from its last checkpoint" in out0 and "Traceback" not in out0.split("error:")[-1]
+    assert "resumes from its last complete checkpoint" in out0 and "Traceback" not in out0.split("error:")[-1]
     (code1, out1), = finish(machines[1:], timeout=60)
     assert code1 == 2 and "machine 0 reports the run failed" in out1, out1[-3000:]
 
