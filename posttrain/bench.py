@@ -220,8 +220,11 @@ def run_worker(runs: list[dict], threads: int, work: Path, name: str) -> list[di
     spec, out = work / f"{name}.spec.json", work / f"{name}.runs.json"
     write_json(spec, {"threads": threads, "runs": runs})
     out.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "accelerate.commands.launch", *accelerate_launch_args(None, 1),
-               "-m", "posttrain.bench_runs", str(spec), str(out)]
+    flags = accelerate_launch_args(None, 1)
+    if "--num_cpu_threads_per_process" in flags:  # the bench's thread count, for both sides
+        flags[flags.index("--num_cpu_threads_per_process") + 1] = str(threads)
+    command = [sys.executable, "-m", "accelerate.commands.launch", *flags, "-m", "posttrain.bench_runs", str(spec),
+               str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     code = subprocess.call(command, env=env)
     done = json.loads(out.read_text())["runs"] if out.is_file() else []

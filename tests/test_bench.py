@@ -5,6 +5,7 @@ it asserts nothing about speed."""
 import json
 import math
 
+import pytest
 import torch
 
 from posttrain.devices import accelerate_launch_args, speed_defaults
@@ -15,10 +16,11 @@ def _first_loss(trainer):
     return next(log["loss"] for log in trainer.state.log_history if "loss" in log)
 
 
-def test_padding_free_sft_trains_on_the_same_loss(tiny_model_path, task_data, sft_configs, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "ernie4_5_moe"])
+def test_padding_free_sft_trains_on_the_same_loss(arch, tiny_model_path, task_data, sft_configs, tmp_path):
     """`padding_free` with `max_length` (which TRL refuses) flattens each batch after TRL truncated the rows: the
     first step's loss (LoRA B starts at zero, so it is the base model's) equals the padded batch's."""
-    path = tiny_model_path("llama")
+    path = tiny_model_path(arch)
     padded = sft.main(*sft_configs(path, task_data, tmp_path / "padded", max_steps=1))
     flat = sft.main(*sft_configs(path, task_data, tmp_path / "flat", max_steps=1, padding_free=True))
     assert flat.data_collator.padding_free and not padded.data_collator.padding_free
