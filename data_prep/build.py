@@ -201,14 +201,6 @@ def split_and_mix(dataset, weights: dict[str, float], test_size: float, seed: in
     return mixed
 
 
-def length_stats(lengths: list[int]) -> dict:
-    if not lengths:
-        return {}
-    a = np.asarray(lengths)
-    return {"min": int(a.min()), "median": float(np.median(a)), "mean": round(float(a.mean()), 1),
-            "p95": float(np.percentile(a, 95)), "max": int(a.max())}
-
-
 def output_kind(sources: list[dict], cfg) -> str:
     """The kind of the output: the sources' kind; `unpaired` when asked for or when every source is unpaired."""
     kinds = {s["kind"] for s in sources}
@@ -270,6 +262,6 @@ def _card_facts(cfg, job, kind, columns, command, sources, counts, rejects, spli
         if cfg.decontaminate else None,
         "mix": {"seed": cfg.seed, "test_size": cfg.test_size, "weights": {s.name: s.weight for s in cfg.sources}},
         "length_unit": f"tokens ({cfg.tokenizer})" if tokenizer else "words",
-        "length_stats": length_stats([n for d in splits.values() for n in d["_length"]]),
+        "length_stats": card_lib.length_stats([n for d in splits.values() for n in d["_length"]]),
         "options_yaml": yaml.safe_dump(options, sort_keys=False, allow_unicode=True),
     }

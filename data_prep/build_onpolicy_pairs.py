@@ -17,7 +17,10 @@ answers are sampled with the prompt's images, and each pair keeps its images (em
 the model saw.
 """
 
+import warnings
 from dataclasses import dataclass, field
+
+from posttrain.errors import UserError
 
 from . import card as card_lib
 from .config import command_line, parse_config, run
@@ -43,14 +46,45 @@ class OnPolicyPairsConfig:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling."})
     max_new_tokens: int = field(default=64, metadata={"help": "Reply length budget."})
     batch_size: int = field(default=32, metadata={"help": "Sequences generated together."})
-    rewards: list[str] = field(default_factory=lambda: ["accuracy", "think_format"],
-                               metadata={"help": "Reward functions (names in posttrain.rewards.REWARDS)."})
-    reward_weights: list[float] = field(default_factory=lambda: [1.0, 0.5], metadata={"help": "Their weights."})
+    rewards: dict[str, float] | list[str] = field(
+        default_factory=lambda: {"accuracy": 1.0, "think_format": 0.5},
+        metadata={"help": "Reward functions by name (posttrain.rewards.REWARDS) with their weights, as UPO's "
+                          "`rewards`: {accuracy: 1.0, think_format: 0.5} in YAML, `accuracy=1.0 think_format=0.5` "
+                          "as flags."},
+    )
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "Deprecated: the weights of a `rewards` list; write `rewards` as a mapping."}
+    )
     margin: float = field(default=0.5, metadata={"help": "Minimum reward gap between chosen and rejected."})
     pairs_per_prompt: int = field(default=1, metadata={"help": "At most this many pairs per prompt."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
     output_dir: str = field(default=None, metadata={"help": "Output folder (replaced atomically)."})
     overwrite: bool = field(default=True, metadata={"help": "Replace `output_dir` if it exists."})
+
+
+    def __post_init__(self):
+        self.rewards = reward_mapping(self.rewards, self.reward_weights)
+        self.reward_weights = None
+
+
+def reward_mapping(rewards: dict | list, weights: list | None) -> dict[str, float]:
+    """`rewards` as {name: weight}, from a mapping, `name=weight` flags, or the old parallel `rewards` /
+    `reward_weights` lists (read with a warning that gives the new spelling)."""
+    if isinstance(rewards, dict):
+        if weights is not None:
+            raise UserError("reward_weights: give the weights inside `rewards` ({name: weight}), not beside it")
+        return {name: float(weight) for name, weight in rewards.items()}
+    if weights is None and all("=" in item for item in rewards):  # the command line: accuracy=1.0 think_format=0.5
+        return {name: float(weight) for name, weight in (item.split("=", 1) for item in rewards)}
+    weights = [1.0] * len(rewards) if weights is None else weights
+    if len(weights) != len(rewards):
+        raise UserError(f"reward_weights: {len(weights)} weights for {len(rewards)} rewards {rewards}")
+    mapping = {name: float(weight) for name, weight in zip(rewards, weights)}
+    new = "{" + ", ".join(f"{name}: {weight}" for name, weight in mapping.items()) + "}"
+    warnings.warn(f"{PROG}: `rewards: {list(rewards)}` with `reward_weights: {list(weights)}` is deprecated and will "
+                  f"stop working; write the same as one mapping, `rewards: {new}` (in a recipe: "
+                  "data.<name>.rewards, as in stages.upo.rewards)", FutureWarning, stacklevel=2)
+    return mapping
 
 
 def make_parser():
@@ -73,7 +107,7 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
     texts, _, _ = generate(model, tokenizer, prompts, config.max_new_tokens, config.batch_size, images=images,
                            do_sample=True, temperature=config.temperature, top_p=config.top_p)
     columns = {key: [r.get(key) for r in expanded] for key in ("answer", "thinking", "domain")}
-    score = combine_rewards(dict(zip(config.rewards, config.reward_weights, strict=True)))
+    score = combine_rewards(config.rewards)
     rewards = torch.tensor([float("nan") if v is None else v for v in score(texts, **columns)])
     non_empty = torch.tensor([bool(t.strip()) for t in texts])  # an empty reply is no side of a pair DPO can use
     pairs = []
@@ -101,7 +135,6 @@ def image_pairs_dataset(pairs: list[dict]):
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from posttrain.errors import UserError
     from posttrain.evaluate import load_rows
     from posttrain.models import load_model, load_tokenizer
 
@@ -122,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{config.num_samples} samples scored the same. Raise temperature or num_samples.")
     source = {"name": "on-policy samples", "path": f"{config.model_name_or_path} + {config.adapter_path}",
               "license": "same as the prompts", "notes": f"{config.num_samples} samples per prompt at temperature "
-              f"{config.temperature}, scored by {config.rewards} with weights {config.reward_weights}; best vs worst "
+              f"{config.temperature}, scored by {config.rewards} (reward: weight); best vs worst "
               f"with gap >= {config.margin}"}
     lengths = [len(p["chosen"][0]["content"]) for rows in tables.values() for p in rows]
     with_images = "images" in tables["train"][0]

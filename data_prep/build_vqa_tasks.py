@@ -223,8 +223,6 @@ def write(config: VQATasksConfig, tables: dict[str, list[dict]], command: str) -
 
     import yaml
 
-    from .build import length_stats
-
     splits = to_datasets(tables)
     if config.source == "easy_vqa":
         source = {**EASY_VQA, "format": "easy_vqa"}
@@ -240,7 +238,7 @@ def write(config: VQATasksConfig, tables: dict[str, list[dict]], command: str) -
         "counts": [{"step": f"sample {split}" + card_lib._domains(tables["test" if split == "test" else "train"]),
                     "before": len(ds), "after": len(ds)} for split, ds in splits.items()],
         "rejects": 0, "filters": {}, "decontamination": None, "length_unit": "characters of the reference reply",
-        "length_stats": length_stats(lengths),
+        "length_stats": card_lib.length_stats(lengths),
         "options_yaml": yaml.safe_dump(dataclasses.asdict(config), sort_keys=False),
     }
     return card_lib.write_output(Path(config.output_dir), splits, [], card, lengths, card["length_unit"],

@@ -14,13 +14,13 @@ Everything is written to a hidden sibling folder first and renamed into place, s
 """
 
 import hashlib
-import json
-import os
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 from posttrain.errors import UserError
+from posttrain.io import replace_dir, write_json, write_jsonl, write_text
 
 
 def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
@@ -48,41 +48,34 @@ def write_output(out_dir: Path, splits: dict, rejects: list[dict], card: dict, l
         rejects (`list[dict]`): one entry per row left out (`where`, `source`, `filter`, `reason`, `row`).
         card (`dict`): facts for `card.json`; `splits` (rows + sha256) and `files` are filled in here.
         lengths (`list[int]`): length of every kept row, for the histogram.
+        overwrite (`bool`): replace an existing `out_dir`; without it, one that appeared while building is an error.
     """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+
+    def write(tmp: Path):
         card["splits"] = {}
         for name, dataset in splits.items():
             dataset.to_parquet(str(tmp / f"{name}.parquet"))
             card["splits"][name] = {"rows": len(dataset), "file": f"{name}.parquet",
                                     "sha256": sha256(tmp / f"{name}.parquet")}
-        with open(tmp / "rejects.jsonl", "w", encoding="utf-8") as f:
-            for reject in rejects:
-                f.write(json.dumps(reject, ensure_ascii=False, default=str) + "\n")
+        write_jsonl(tmp / "rejects.jsonl", rejects)
         plot_lengths(lengths, length_unit, card.get("filters", {}), tmp / "lengths.png")
         card["fingerprint"] = hashlib.sha256("".join(s["sha256"] for s in card["splits"].values()).encode()).hexdigest()
         card["files"] = sorted(p.name for p in tmp.iterdir()) + ["card.json", "README.md"]
-        (tmp / "card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False, default=str) + "\n")
-        (tmp / "README.md").write_text(render_readme(card), encoding="utf-8")
-        _swap_into_place(tmp, out_dir, overwrite)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+        write_json(tmp / "card.json", card)
+        write_text(tmp / "README.md", render_readme(card))
+
+    try:
+        return replace_dir(out_dir, write, if_exists="replace" if overwrite else "fail")
+    except FileExistsError:
+        raise UserError(f"output folder {out_dir} appeared while building; not replacing it") from None
 
 
-def _swap_into_place(tmp: Path, out_dir: Path, overwrite: bool):
-    if out_dir.exists():
-        if not overwrite:
-            raise UserError(f"output folder {out_dir} appeared while building; not replacing it")
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out_dir)
+def length_stats(lengths: list[int]) -> dict:
+    if not lengths:
+        return {}
+    a = np.asarray(lengths)
+    return {"min": int(a.min()), "median": float(np.median(a)), "mean": round(float(a.mean()), 1),
+            "p95": float(np.percentile(a, 95)), "max": int(a.max())}
 
 
 def plot_lengths(lengths: list[int], unit: str, filters: dict, path: Path):
@@ -168,8 +161,6 @@ def write_generated(config, tables: dict[str, list[dict]], *, job: str, kind: st
 
     import datasets
     import yaml
-
-    from .build import length_stats
 
     total = sum(len(rows) for rows in tables.values())
     card = {

@@ -165,7 +165,7 @@ def _flag_type(annotation):
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         annotation = args[0]
-    if annotation is list or typing.get_origin(annotation) is list:
+    if annotation in (list, dict) or typing.get_origin(annotation) in (list, dict):  # a dict as `key=value` items
         return {"nargs": "*", "type": str}
     if annotation is bool:
         return {"type": _parse_bool, "nargs": "?", "const": True}
@@ -184,7 +184,7 @@ def make_parser(config_cls: type, prog: str, description: str) -> argparse.Argum
     """An argparse parser with `--config FILE.yaml` and one `--<field>` flag per field of `config_cls`.
 
     `parser.dataclass_types` names the config class, as on `HfArgumentParser`, so tools that validate recipes
-    (`posttrain.datajobs`) can list a job's options.
+    (`data_prep.jobs`) can list a job's options.
     """
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.dataclass_types = [config_cls]

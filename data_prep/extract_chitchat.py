@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 
 from posttrain.errors import UserError
+from posttrain.io import write_jsonl, write_text
 
 from .config import run
 
@@ -71,11 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         if len(rows) == args.conversations:
             break
     output = Path(args.output)
-    with open(output, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_jsonl(output, rows)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    output.with_suffix(".md").write_text(f"""---
+    write_text(output.with_suffix(".md"), f"""---
 license: MIT
 notes: "chitchat-dataset 0.9.0 (PyPI, BYU PCC lab): {len(rows)} best-rated human-human conversations"
 ---
@@ -89,7 +88,7 @@ notes: "chitchat-dataset 0.9.0 (PyPI, BYU PCC lab): {len(rows)} best-rated human
   on an assistant turn) and `id` (the corpus's conversation id; ignored by the importers).
 - Selection: the conversations with the highest sum of the corpus's witty/upbeat/interesting ratings, ties by id.
 - Caveat: casual chat between students, not assistant behaviour; good for multi-turn plumbing and smoke runs.
-""", encoding="utf-8")
+""")
     print(f"wrote {output} ({len(rows)} conversations) and {output.with_suffix('.md')}")
     return 0
 

@@ -19,6 +19,7 @@ import tarfile
 from pathlib import Path
 
 from posttrain.errors import UserError
+from posttrain.io import write_jsonl, write_text
 
 from .config import run
 
@@ -119,11 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     tasks = read_tasks(sdist)
     rows = to_rows(tasks)
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    output.with_suffix(".md").write_text(provenance(sdist, tasks, rows), encoding="utf-8")
+    write_jsonl(output, rows)
+    write_text(output.with_suffix(".md"), provenance(sdist, tasks, rows))
     print(f"wrote {output} ({len(rows)} pairs) and {output.with_suffix('.md')}")
     return 0
 

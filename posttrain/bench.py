@@ -83,7 +83,8 @@ def build_shaped_model(name: str, out: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .errors import UserError
-    from .models import TINY_TOKENIZER, save_atomic
+    from .io import save_pretrained
+    from .models import TINY_TOKENIZER
 
     if name not in SHAPES:
         raise UserError(f"unknown model shape 'shape:{name}'; choose one of: {', '.join(SHAPES)}")
@@ -96,7 +97,7 @@ def build_shaped_model(name: str, out: Path) -> Path:
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # initialising 1.5B weights on CPU is slow
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    return save_atomic(out, model.to("cpu"), tokenizer)
+    return save_pretrained(out, model.to("cpu"), tokenizer, if_exists="keep")
 
 
 def prepare_inputs(model: Path, work: Path, options: BenchOptions) -> dict:

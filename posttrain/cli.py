@@ -15,8 +15,10 @@ traceback means a bug in posttrain.
 """
 
 import argparse
+import dataclasses
 import sys
 
+from .configs import EvalArguments, add_dataclass_arguments
 from .console import console
 from .errors import UserError
 
@@ -54,25 +56,23 @@ def cmd_ablate(args) -> int:
 def cmd_eval(args) -> int:
     import json
 
-    from .evaluate import main as evaluate_main
-    from .runs import eval_command
+    from .evaluate import run_saved
+    from .runs import eval_target
 
-    argv = eval_command(args) if args.run else None
-    if argv is None and not (args.model and args.dataset):
+    settings = EvalArguments(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalArguments)})
+    if args.run:
+        ref, settings = eval_target(args.run, args.stage, settings)
+        model, tokenizer, adapter = ref.base_model, ref.tokenizer, args.adapter or ref.adapter
+    elif args.model and args.dataset:
+        model, tokenizer, adapter = args.model, None, args.adapter
+    else:
         raise UserError("give a run folder (posttrain eval outputs/<run>) or --model and --dataset")
-    argv = argv or ["--model", args.model, "--dataset", args.dataset, "--split", args.split]
-    if args.adapter:
-        argv += ["--adapter", args.adapter]
-    if args.limit:
-        argv += ["--limit", str(args.limit)]
-    argv += ["--max-new-tokens", str(args.max_new_tokens), "--out", args.out or "/dev/stdout"]
-    if args.out is None:
-        console.print(f"[dim]evaluating: {' '.join(argv)}[/dim]")
-    code = evaluate_main(argv)
+    metrics = run_saved(settings, model, tokenizer, adapter, args.out)
     if args.out:
-        metrics = json.loads(open(args.out).read())
         console.print(f"accuracy {metrics['accuracy']:.1%} · format {metrics['format']:.1%} · n={metrics['n']}")
-    return code
+    else:
+        print(json.dumps(metrics, indent=2))
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -84,12 +84,12 @@ def cmd_report(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from .datajobs import list_jobs, load_job
+    from .datajobs import list_jobs, run_command
 
     if args.job in (None, "list"):
-        console.print("data jobs: " + ", ".join(list_jobs()) + ", validate")
+        console.print("data jobs: " + ", ".join(list_jobs()["jobs"]) + ", validate")
         return 0
-    return load_job(args.job, "posttrain data").main(args.rest) or 0
+    return run_command(args.job, args.rest)
 
 
 def cmd_doctor(args) -> int:
@@ -143,10 +143,7 @@ def make_parser() -> argparse.ArgumentParser:
     ev.add_argument("--stage", help="stage of the run (default: the last finished one; 'base' for the base model)")
     ev.add_argument("--model", help="model folder or Hub id (instead of a run)")
     ev.add_argument("--adapter", help="LoRA adapter folder to apply on --model")
-    ev.add_argument("--dataset", help="held-out data (prompt/answer/domain/thinking rows)")
-    ev.add_argument("--split", default="test")
-    ev.add_argument("--limit", type=int)
-    ev.add_argument("--max-new-tokens", type=int, default=64)
+    add_dataclass_arguments(ev, EvalArguments)
     ev.add_argument("--out", help="write the metrics JSON to this file")
     ev.set_defaults(func=cmd_eval)
 
@@ -191,8 +188,24 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse `argv`, taking `key=value` overrides anywhere on a `run` or `ablate` line: argparse fills a positional
+    list only up to the first flag, so `posttrain run RECIPE --only upo stages.upo.upo_lambda=0` would leave the
+    override unrecognised. (`parse_intermixed_args` would, but it does not support subcommands.)"""
+    parser = make_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    positional = "items" if args.command == "run" else "overrides" if args.command == "ablate" else None
+    if positional and overrides:
+        getattr(args, positional).extend(overrides)
+        extra = [a for a in extra if a not in overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
     except UserError as exc:

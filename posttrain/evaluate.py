@@ -3,18 +3,26 @@
 Run on the base model and after every stage, so each stage's effect is a measured difference. Rows are
 `prompt` (messages), `answer`, `domain`, `thinking` and optionally the reference reply `completion` (for the loss).
 Rows with `images`, evaluated with a vision-language model's processor as the tokenizer, are generated and scored
-with their images (`posttrain.vision`); the metrics are the same.
+with their images (`posttrain.models.vision`); the metrics are the same.
 
     posttrain eval outputs/<run> --stage sft        # a stage of a finished run
     posttrain eval --model DIR [--adapter DIR] --dataset DIR   # anything else
+
+What to evaluate on and how (`EvalArguments`: dataset, split, limit, generation budget, batch size, samples kept) is
+one object from the recipe's `eval:` section, `posttrain eval`'s flags or a stage's arguments, passed to `run`
+(a loaded model) or `run_saved` (a model folder).
 """
 
 import json
 import math
 from collections import defaultdict
+from pathlib import Path
 
-from . import vision
+from .configs import EvalArguments
 from .data import completion_text, render_prompt
+from .errors import UserError
+from .io import write_json
+from .models import vision
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, progress=None,
@@ -131,8 +139,8 @@ def preference_eval(model, tokenizer, pairs: list[dict]) -> dict:
     return {"n": len(pairs), "accuracy": _mean([m > 0 for m in margins]), "mean_logp_margin": _mean(margins)}
 
 
-def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = 64, batch_size: int = 32, samples: int = 8,
-             progress=None) -> dict:
+def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArguments.max_new_tokens,
+             batch_size: int = EvalArguments.batch_size, samples: int = EvalArguments.samples, progress=None) -> dict:
     """Accuracy (overall, per domain, per thinking mode), format, stop rate, length and held-out loss."""
     from .rewards import REWARDS
 
@@ -192,35 +200,39 @@ def load_rows(dataset: str, split: str = "test", limit: int | None = None) -> li
     return vision.as_rows(data)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m posttrain.evaluate`: evaluate a base model (+ adapter) and write the metrics as JSON."""
-    import argparse
+def run(settings: EvalArguments, model, tokenizer) -> dict:
+    """`evaluate` a loaded model (and its tokenizer or processor) on `settings.dataset`, as `settings` says."""
+    if not settings.dataset:
+        raise UserError("no evaluation dataset: set `eval.dataset` in the recipe or pass --dataset")
+    rows = load_rows(settings.dataset, settings.split, settings.limit)
+    return evaluate(model, tokenizer, rows, settings.max_new_tokens, settings.batch_size, settings.samples)
 
+
+def run_saved(settings: EvalArguments, model: str, tokenizer: str | None = None, adapter: str | None = None,
+              out: str | Path | None = None) -> dict:
+    """`run` on the model folder `model` (+ LoRA `adapter`); the metrics, also written as JSON to `out` when given."""
     from .models import load_model, load_tokenizer
 
-    parser = argparse.ArgumentParser(prog="posttrain.evaluate")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--adapter")
-    parser.add_argument("--tokenizer")
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--limit", type=int)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--out", help="write metrics JSON here (default: print)")
-    args = parser.parse_args(argv)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    model = load_model(args.model, adapter=args.adapter)
-    rows = load_rows(args.dataset, args.split, args.limit)
-    metrics = evaluate(model, tokenizer, rows, args.max_new_tokens, args.batch_size, args.samples)
-    text = json.dumps(metrics, indent=2)
-    if args.out:
-        from pathlib import Path
+    metrics = run(settings, load_model(model, adapter=adapter), load_tokenizer(tokenizer or model))
+    if out is not None:
+        write_json(out, metrics)
+    return metrics
 
-        Path(args.out).write_text(text)
-    else:
-        print(text)
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m posttrain.evaluate --settings eval.json --model DIR ...`: `run_saved` in a child process (the pipeline's
+    base-model evaluation, logged like a stage); the settings travel as `EvalArguments` JSON."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="posttrain.evaluate")
+    parser.add_argument("--settings", required=True, help="EvalArguments as a JSON file")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--tokenizer")
+    parser.add_argument("--adapter")
+    parser.add_argument("--out", required=True, help="write the metrics JSON here")
+    args = parser.parse_args(argv)
+    settings = EvalArguments(**json.loads(Path(args.settings).read_text()))
+    run_saved(settings, args.model, args.tokenizer, args.adapter, args.out)
     return 0
 
 

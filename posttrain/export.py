@@ -15,12 +15,12 @@ into place. Every check's result goes into `export.json` and the card. Safetenso
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from .console import console
 from .errors import UserError
+from .io import replace_dir, write_json
 from .runs import stage_ref
 
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -81,11 +81,11 @@ def run_export(request: ExportRequest) -> Path:
         checks = write_merged(ref, tmp, dtype) if request.merge else write_adapter(ref, tmp)
         manifest = {"run": ref.run.name, "stage": ref.stage, "kind": "merged" if request.merge else "adapter",
                     "base_model": public_base_name(ref.run, ref.stage), "verification": checks}
-        (tmp / "export.json").write_text(json.dumps(manifest, indent=2))
+        write_json(tmp / "export.json", manifest)
         write_card(tmp, ref.run, ref.stage, manifest, model_id=request.push_to_hub or str(out),
                    license=request.license)
 
-    replace_dir_atomically(out, write)
+    replace_dir(out, write)
     console.print(f"[green]✓ exported[/green] {out}")
     if request.push_to_hub:
         url = push_folder(out, request.push_to_hub, token, request.private, request.revision,
@@ -273,34 +273,6 @@ def relative_error(logits, reference, mask) -> float:
     keep = mask.bool()
     diff = (logits[keep] - reference[keep]).norm()
     return float(diff / reference[keep].norm().clamp_min(1e-12))
-
-
-# ---------------------------------------------------------------------------------------------------------- folders
-def replace_dir_atomically(out: Path, write) -> Path:
-    """`write(tmp)` into a hidden sibling, then swap it into `out`; on any failure `out` is left as it was."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp, old = out.parent / f".{out.name}.{tag}.partial", out.parent / f".{out.name}.{tag}.old"
-    tmp.mkdir()  # not mkdtemp: its 0700 mode would make the exported folder private to this user
-    try:
-        write(tmp)
-        _umask_permissions(tmp)
-        if out.exists():  # --overwrite: move the old folder aside first, so the swap is two renames
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def _umask_permissions(folder: Path) -> None:
-    """Some writers (safetensors via a temp file) leave 0600 files; an export is meant to be shared."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in folder.rglob("*"):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 # ---------------------------------------------------------------------------------------------------------- the Hub

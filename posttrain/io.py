@@ -39,15 +39,21 @@ def write_json(path: str | Path, obj, **dumps_kwargs) -> Path:
     return write_text(path, json.dumps(obj, **dumps_kwargs) + "\n")
 
 
-def replace_dir(out: str | Path, write: Callable[[Path], object], keep_existing: bool = False) -> Path:
+def write_jsonl(path: str | Path, rows) -> Path:
+    """Replace `path` with one JSON object per line (UTF-8 kept as is, non-JSON values through `str`) atomically."""
+    return write_text(path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+
+
+def replace_dir(out: str | Path, write: Callable[[Path], object], if_exists: str = "replace") -> Path:
     """Run `write(tmp)` into a hidden sibling folder of `out`, then swap it into place; returns `out`.
 
     Args:
         out (`str` or `Path`): the folder to create or replace.
         write (`Callable[[Path], object]`): fills the (empty, existing) temporary folder.
-        keep_existing (`bool`, *optional*, defaults to `False`):
-            When `out` already exists at the end (e.g. another process built the same cache entry first), keep it and
-            drop ours instead of replacing it.
+        if_exists (`str`, *optional*, defaults to `"replace"`):
+            What to do when `out` exists once `write` has finished: `"replace"` it; `"keep"` it and drop ours (another
+            process built the same cache entry first); `"fail"` with `FileExistsError` (someone else's folder
+            appeared while we were writing ours).
 
     On any failure (an exception, Ctrl-C) the temporary folder is removed and `out` is left as it was. The temporary
     folder is made with `mkdir`, not `mkdtemp`, whose 0700 mode would make the result private to this user.
@@ -59,9 +65,11 @@ def replace_dir(out: str | Path, write: Callable[[Path], object], keep_existing:
     try:
         write(tmp)
         _umask_permissions(tmp)
-        if out.exists() and keep_existing:
+        if out.exists() and if_exists == "keep":
             shutil.rmtree(tmp)
             return out
+        if out.exists() and if_exists == "fail":
+            raise FileExistsError(f"{out} appeared while it was being written")
         if out.exists():  # move the old folder aside first, so the swap is two renames
             os.replace(out, old)
         os.replace(tmp, out)
@@ -70,6 +78,19 @@ def replace_dir(out: str | Path, write: Callable[[Path], object], keep_existing:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def save_pretrained(out: str | Path, *objects, if_exists: str = "replace") -> Path:
+    """`save_pretrained` of each of `objects` (a model, its tokenizer or processor) into `out`, atomically.
+
+    `if_exists="keep"` is for cache entries (tiny, converted models): two processes may build the same one, and
+    either result is right."""
+
+    def write(tmp: Path):
+        for obj in objects:
+            obj.save_pretrained(tmp)
+
+    return replace_dir(out, write, if_exists)
 
 
 def _umask_permissions(folder: Path) -> None:

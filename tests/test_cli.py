@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -42,3 +43,12 @@ def test_doctor_reports_stack_and_default_model():
 def test_unknown_data_job_is_a_user_error():
     result = cli("data", "build_nothing", check=False)
     assert result.returncode == 2 and "is not a data_prep job" in result.stdout
+
+
+def test_overrides_after_flags(tmp_path):
+    """`posttrain run RECIPE --only upo key=value`: an override after the flags counts like one before them."""
+    recipe = str(Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "text.yaml")
+    result = cli("run", recipe, "--only", "upo", "stages.upo.upo_lambda=0.25", "--dry-run", "stages.sft.max_steps=7")
+    assert "upo_lambda: 0.25" in result.stdout and "max_steps: 7" in result.stdout, result.stdout
+    result = cli("run", recipe, "--dry-run", "--bogus-flag", check=False)
+    assert result.returncode == 2 and "unrecognized arguments: --bogus-flag" in result.stderr

@@ -6,10 +6,10 @@ import pytest
 import torch
 from datasets import Dataset
 
+from posttrain.configs import StageArguments
 from posttrain.errors import UserError
 from posttrain.gates import check_preference_pairs
 from posttrain.models import load_tokenizer
-from posttrain.recipe import StageArguments
 from posttrain.stages import dpo, sft
 
 

@@ -85,3 +85,27 @@ def test_overrides(tmp_path):
     assert recipe.stages["sft"]["lora_r"] == 4
     with pytest.raises(UserError, match="should look like section.key=value"):
         load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", ["stages.sft.learning_rate"])
+
+
+def test_onpolicy_rewards_mapping_and_old_lists(tmp_path):
+    """`build_onpolicy_pairs` takes rewards as UPO does, {name: weight}; the old parallel lists still load (recipe and
+    job), with a warning that gives the new spelling."""
+    from data_prep.build_onpolicy_pairs import OnPolicyPairsConfig, make_parser
+    from data_prep.config import parse_config
+
+    text = (ROOT / "recipes" / "tiny" / "text.yaml").read_text()
+    assert "rewards: {length_penalty: 1.0}" in text
+    old = text.replace("rewards: {length_penalty: 1.0}", "rewards: [length_penalty, accuracy]\n    reward_weights: [1.0, 2.0]")
+    assert load_recipe(_write(tmp_path, old)).data["pairs"]["reward_weights"] == [1.0, 2.0]
+
+    assert OnPolicyPairsConfig(rewards={"accuracy": 2}).rewards == {"accuracy": 2.0}
+    flags = ["--rewards", "accuracy=1", "length_penalty=0.1", "--output_dir", str(tmp_path)]
+    assert parse_config(OnPolicyPairsConfig, make_parser(), flags, needs_sources=False).rewards == {
+        "accuracy": 1.0, "length_penalty": 0.1}
+    with pytest.warns(FutureWarning, match=r"write the same as one mapping, `rewards: \{length_penalty: 1.0, accuracy: 2.0\}"):
+        config = OnPolicyPairsConfig(rewards=["length_penalty", "accuracy"], reward_weights=[1.0, 2.0])
+    assert config.rewards == {"length_penalty": 1.0, "accuracy": 2.0} and config.reward_weights is None
+    with pytest.raises(UserError, match="2 weights for 1 rewards"):
+        OnPolicyPairsConfig(rewards=["accuracy"], reward_weights=[1.0, 2.0])
+    with pytest.raises(UserError, match="inside `rewards`"):
+        OnPolicyPairsConfig(rewards={"accuracy": 1.0}, reward_weights=[1.0])

@@ -31,13 +31,12 @@ def load_policy(stage_args, training_args, model_args):
 
     Returns (model, tokenizer, peft_config); peft_config is None when continuing an adapter (TRL forbids passing a
     PeftModel together with a peft_config). For a vision-language model the "tokenizer" is its processor, and LoRA
-    stays on the language tower (`posttrain.vision`): the vision tower and projector are trained only when listed in
+    stays on the language tower (`posttrain.models.vision`): the vision tower and projector are trained only when listed in
     `lora_modules_to_save`, in the stage that lists them.
     """
     from trl import get_peft_config
 
-    from .. import vision
-    from ..models import load_model, load_tokenizer
+    from ..models import load_model, load_tokenizer, vision
 
     tokenizer = load_tokenizer(stage_args.tokenizer_name_or_path or model_args.model_name_or_path,
                                trust_remote_code=training_args.trust_remote_code)
@@ -55,7 +54,7 @@ def load_policy(stage_args, training_args, model_args):
 def freeze_vision(trainer, stage_args, model_args) -> dict:
     """A continued VLM adapter's fully trained modules (vision tower, projector) stay unchanged in this stage unless
     it lists them in `lora_modules_to_save` (see `vision.freeze_vision`)."""
-    from .. import vision
+    from ..models import vision
 
     if not stage_args.adapter_path or not vision.is_vision_model(model_args.model_name_or_path):
         return {}
@@ -120,13 +119,12 @@ def verify_adapter(output_dir: str | Path, model) -> dict:
 
 
 def run_eval(model, tokenizer, stage_args) -> dict | None:
+    """The recipe's held-out evaluation of the trained model, or None when the recipe has none."""
     if not stage_args.eval_dataset:
         return None
-    from ..evaluate import evaluate, load_rows
+    from ..evaluate import run
 
-    rows = load_rows(stage_args.eval_dataset, stage_args.eval_split, stage_args.eval_limit)
-    return evaluate(model, tokenizer, rows, stage_args.eval_max_new_tokens, stage_args.eval_batch_size,
-                    stage_args.eval_samples)
+    return run(stage_args.eval_settings(), model, tokenizer)
 
 
 def finish(trainer, stage: str, stage_args, tokenizer, train_result, started: float, extra: dict | None = None):

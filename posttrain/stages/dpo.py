@@ -16,9 +16,10 @@ measures the policy's own preference accuracy on them before and after training 
 
 import time
 
-from .. import gates, vision
+from .. import gates
+from ..configs import StageArguments
 from ..data import load_split, with_template_kwargs
-from ..recipe import StageArguments
+from ..models import vision
 from . import common
 
 DPO_COLUMNS = {"prompt", "chosen", "rejected", "chat_template_kwargs", "images", "tools"}

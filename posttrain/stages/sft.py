@@ -9,7 +9,7 @@ Rows are conversational (`messages`), with an optional `thinking` column that be
 tokenized data before the first step.
 
 With an `images` column and a vision-language model (its processor as the tokenizer), TRL's vision collator renders
-and processes each batch on the fly; rows become prompt/completion (`posttrain.vision`) so each keeps its thinking
+and processes each batch on the fly; rows become prompt/completion (`posttrain.models.vision`) so each keeps its thinking
 mode, and the loss is on the reply (ERNIE-4.5-VL's expert routing is laid over it too: `posttrain.moe_routing`).
 Extra gates: images per placeholder, image tokens not cut by `max_length`, processor and model belonging together.
 """
@@ -18,9 +18,10 @@ import dataclasses
 import logging
 import time
 
-from .. import gates, vision
+from .. import gates
+from ..configs import StageArguments
 from ..data import with_template_kwargs
-from ..recipe import StageArguments
+from ..models import vision
 from . import common
 
 logger = logging.getLogger("posttrain")
@@ -89,7 +90,7 @@ def vision_rows(dataset, training_args, stage_args):
     if stage_args.preflight:
         gates.check_image_slots(dataset, stage_args.dataset_name)
     if "messages" in dataset.column_names and training_args.assistant_only_loss:
-        training_args.assistant_only_loss = False  # completion-only loss on the reply instead (see vision.py)
+        training_args.assistant_only_loss = False  # completion-only loss on the reply instead (see models/vision.py)
     training_args.remove_unused_columns = False  # keep `chat_template_kwargs`: the collator renders each row with it
     return vision.sft_rows_to_prompt_completion(vision.decode_images(dataset))
 

@@ -14,23 +14,14 @@ in sequence within one run (one optimizer, one schedule, one reference).
 """
 
 import time
-from dataclasses import dataclass, field
 
-from .. import gates, vision
+from .. import gates
+from ..configs import CurriculumArguments, StageArguments
 from ..errors import UserError
-from ..recipe import StageArguments
+from ..models import vision
 from . import common
 
 UPO_COLUMNS = {"prompt", "answer", "domain", "thinking", "images"}
-
-
-@dataclass
-class CurriculumArguments:
-    phases: list[dict] | None = field(
-        default=None,
-        metadata={"help": "Ordered curriculum phases, each {domains: [...], num_prompts: N} and optionally "
-                          "{dataset_name, split} to draw from another prompt set. Unset: all prompts, shuffled."},
-    )
 
 
 def curriculum(dataset, stage_args, phases: list[dict], seed: int):

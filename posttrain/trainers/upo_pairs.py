@@ -184,7 +184,7 @@ def load_offline_pairs(path: str, tokenizer, max_completion_length: int | None,
     if images and processor is None:
         raise UserError(f"{path}: offline pairs with images need a vision-language model (and its processor)")
     if images:
-        from ..vision import decode_images
+        from ..models.vision import decode_images
 
         dataset = decode_images(dataset)
     missing = [c for c in ("prompt", "chosen", "rejected") if c not in dataset.column_names]

@@ -69,6 +69,10 @@ from .upo_pairs import (
 )
 
 # Any non-zero value: GRPOTrainer only builds a reference (ref adapter or ref model) when `beta != 0`.
+# Why borrow it instead of building one ourselves: GRPOTrainer.__init__ builds the reference in three places that
+# depend on each other (the frozen "ref" copy of a loaded adapter, a separate model for full fine-tuning, and its
+# DeepSpeed / FSDP / accelerate preparation) and has no argument to ask for a reference without the KL term; a copy of
+# that code would drift from TRL's. So `beta` is set for the duration of `super().__init__` only, in `__init__` below.
 _BETA_TO_BUILD_REFERENCE = 1.0
 
 

@@ -9,69 +9,18 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from .errors import UserError
-
-ASSETS = Path(__file__).parent / "assets"
-CHAT_TEMPLATES = Path(__file__).parent / "chat_templates"
-TINY_TOKENIZER = ASSETS / "tiny_tokenizer"
+from ..errors import UserError
+from ..io import save_pretrained
+from . import tiny
+from .templates import chat_template_text
+from .vision import is_vision_model, load_processor
 
 
 def cache_dir() -> Path:
     """Where converted and tiny models live: `$POSTTRAIN_CACHE`, else `~/.cache/posttrain`."""
     return Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Tiny random-weight models: a few layers, hidden 64, the 512-token tiny tokenizer. Seeded, so every build is identical.
-# ----------------------------------------------------------------------------------------------------------------------
-_TINY_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
-
-
-def _tiny_config(arch: str, vocab_size: int, special: dict):
-    from transformers import Ernie4_5_MoeConfig, Ernie4_5Config, LlamaConfig, Qwen2Config, Qwen3Config
-
-    builders = {
-        "llama": lambda: LlamaConfig(**_TINY_COMMON, head_dim=16),
-        "qwen2": lambda: Qwen2Config(**_TINY_COMMON),
-        "qwen3": lambda: Qwen3Config(**_TINY_COMMON, head_dim=16),
-        "ernie4_5": lambda: Ernie4_5Config(**_TINY_COMMON, head_dim=16),
-        "ernie4_5_moe": lambda: Ernie4_5_MoeConfig(
-            **_TINY_COMMON, moe_intermediate_size=32, moe_k=2, moe_num_experts=4, moe_num_shared_experts=1,
-            moe_layer_start_index=1,
-        ),
-    }
-    if arch not in builders:
-        raise UserError(f"unknown tiny architecture 'tiny:{arch}'; choose one of: {', '.join(sorted(builders))}")
-    config = builders[arch]()
-    config.vocab_size = vocab_size
-    for key, value in special.items():
-        setattr(config, key, value)
-    return config
-
-
-TINY_ARCHS = ("llama", "qwen2", "qwen3", "ernie4_5", "ernie4_5_moe")
-
-
-def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random-weight causal LM of architecture `arch` (see `TINY_ARCHS`) with the tiny tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
-    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id)
-    config = _tiny_config(arch, len(tokenizer), special)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-
-    return save_atomic(out_dir, model, tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -110,33 +59,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
 
-    return save_atomic(out_dir, model, tokenizer)
-
-
-def save_atomic(out_dir: str | Path, model, processing_class) -> Path:
-    """`save_pretrained` of a model and its tokenizer/processor into `out_dir`, via a temp folder + rename."""
-
-    def write(tmp: Path):
-        model.save_pretrained(tmp)
-        processing_class.save_pretrained(tmp)
-
-    return _atomic_dir(Path(out_dir), write)
-
-
-def _atomic_dir(out_dir: Path, write) -> Path:
-    """Run `write(tmp)` into a temporary sibling folder, then rename it to `out_dir`: never a half-written folder."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        write(tmp)
-        if out_dir.exists():  # another process finished first; keep theirs
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return save_pretrained(out_dir, model, tokenizer, if_exists="keep")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -146,27 +69,22 @@ def resolve_model(model_name_or_path: str, revision: str = "main", gguf_file: st
                   gguf_package: str | None = None) -> Path:
     """Return a local folder holding the model, building or converting it into the cache when needed.
 
-    - `tiny:<arch>`: a tiny random-weight model (see `TINY_ARCHS`, and `vision.TINY_VLMS`), built once.
+    - `tiny:<arch>`: a tiny random-weight model (see `tiny.TINY_ARCHS` and `tiny.TINY_VLMS`), built once.
     - `llava:<model>`: LLaVA around the causal LM `<model>` (resolved with the other arguments) with a small fresh
-      vision tower (`vision.build_llava`), built once.
+      vision tower (`tiny.build_llava`), built once.
     - `gguf_file` (optionally inside the installed package `gguf_package`): converted once from GGUF.
     - a local folder: used as is.
     - a Hub id: the cached snapshot; offline and not cached is an immediate, explicit error.
     """
     if model_name_or_path.startswith("tiny:"):
-        from . import vision
-
         arch = model_name_or_path.split(":", 1)[1]
         out = cache_dir() / "models" / f"tiny-{arch}"
-        build = vision.build_tiny_vlm if arch in vision.TINY_VLMS else build_tiny_model
-        return out if (out / "config.json").is_file() else build(arch, out)
+        return out if (out / "config.json").is_file() else tiny.build_tiny(arch, out)
     if model_name_or_path.startswith("llava:"):
-        from . import vision
-
         language_model = resolve_model(model_name_or_path.split(":", 1)[1], revision, gguf_file, gguf_package)
-        key = hashlib.sha256(f"{language_model.resolve()}:{vision.LLAVA_VISION}".encode()).hexdigest()[:10]
+        key = hashlib.sha256(f"{language_model.resolve()}:{tiny.LLAVA_VISION}".encode()).hexdigest()[:10]
         out = cache_dir() / "models" / f"llava-{language_model.name}-{key}"
-        return out if (out / "config.json").is_file() else vision.build_llava(language_model, out)
+        return out if (out / "config.json").is_file() else tiny.build_llava(language_model, out)
     if gguf_file:
         gguf_path = find_gguf(gguf_file, gguf_package)
         stat = gguf_path.stat()
@@ -208,18 +126,6 @@ def is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def chat_template_text(name_or_path: str) -> str:
-    """A built-in template name (`chatml`, `ernie4_5`) or a path to a .jinja file."""
-    builtin = CHAT_TEMPLATES / f"{name_or_path}.jinja"
-    if builtin.is_file():
-        return builtin.read_text()
-    path = Path(name_or_path)
-    if path.is_file():
-        return path.read_text()
-    choices = ", ".join(p.stem for p in sorted(CHAT_TEMPLATES.glob("*.jinja")))
-    raise UserError(f"chat template '{name_or_path}' is neither a built-in ({choices}) nor a file")
-
-
 def load_tokenizer(path: str | Path, chat_template: str | None = None, trust_remote_code: bool = False):
     """Load a tokenizer (or processor), optionally replacing its chat template; give it a pad token != EOS if it can.
 
@@ -228,10 +134,8 @@ def load_tokenizer(path: str | Path, chat_template: str | None = None, trust_rem
     """
     from transformers import AutoTokenizer
 
-    from . import vision
-
-    if vision.is_vision_model(path) or (Path(path) / "processor_config.json").is_file():
-        processor = vision.load_processor(path, chat_template, trust_remote_code)
+    if is_vision_model(path) or (Path(path) / "processor_config.json").is_file():
+        processor = load_processor(path, chat_template, trust_remote_code)
         _pad_token(processor.tokenizer)
         return processor
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -256,8 +160,6 @@ def load_model(path: str | Path, adapter: str | Path | None = None, dtype: str =
     top when given."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    from .vision import is_vision_model
 
     auto_class = AutoModelForImageTextToText if is_vision_model(path) else AutoModelForCausalLM
     model = auto_class.from_pretrained(

