@@ -5,7 +5,8 @@ arguments, run in the order the caller gives (it alternates them), each on a fre
 
 One process for all runs of a stage: both sides share its threads and environment, and imports are paid once.
 A run is measured by what TRL itself records: `train_runtime` (the whole `Trainer.train()`, first step included) and
-`num_tokens` (non-padding tokens; prompt + completion for GRPO). Peak memory is `torch.cuda.max_memory_allocated` on a
+`num_tokens` (non-padding tokens; prompt + completion for GRPO); also the process's CPU seconds inside `train()`, which
+a busy machine disturbs far less than wall time (`TrainCpuTime`). Peak memory is `torch.cuda.max_memory_allocated` on a
 GPU; on CPU it is the largest resident set sampled every 20 ms during the run (a process's `ru_maxrss` cannot be
 reset between runs; memory is handed back to the OS between runs so the next one starts low). One unrecorded
 warm-up step runs first, so that no column pays the process's one-time costs.
@@ -124,18 +125,46 @@ def _subset(cls, args: dict) -> dict:
     return {k: v for k, v in args.items() if k in names}
 
 
+class TrainCpuTime:
+    """CPU seconds the process spends inside `Trainer.train()`, whoever calls it: with one thread, the work itself,
+    which other processes sharing the cores barely change (wall time on a busy machine measures them too)."""
+
+    def __enter__(self):
+        from transformers import Trainer
+
+        self.seconds, self._original = 0.0, Trainer.train
+        original, record = Trainer.train, self
+
+        def train(trainer, *args, **kwargs):
+            start = time.process_time()
+            try:
+                return original(trainer, *args, **kwargs)
+            finally:
+                record.seconds += time.process_time() - start
+
+        Trainer.train = train
+        return self
+
+    def __exit__(self, *exc):
+        from transformers import Trainer
+
+        Trainer.train = self._original
+        return False
+
+
 def measure(stage: str, run: dict) -> dict:
     """Train once and return what the table needs."""
     release_memory()
     started = time.time()
-    with PeakMemory() as memory:
+    with PeakMemory() as memory, TrainCpuTime() as cpu:
         trainer = (plain_trl if run["side"] == "trl" else posttrain_stage)(stage, run["args"])
     history = trainer.state.log_history
     train = next(entry for entry in reversed(history) if "train_runtime" in entry)
     tokens = max((entry["num_tokens"] for entry in history if "num_tokens" in entry), default=0)
     result = {"row": stage, "column": run["column"], "repeat": run["repeat"], "train_runtime_s": train["train_runtime"],
               "steps": trainer.state.global_step, "tokens": tokens, "peak_memory_bytes": memory.peak,
-              "memory_kind": "cuda_max_allocated" if memory.cuda else "rss", "wall_s": round(time.time() - started, 1)}
+              "memory_kind": "cuda_max_allocated" if memory.cuda else "rss", "train_cpu_s": round(cpu.seconds, 2),
+              "wall_s": round(time.time() - started, 1)}
     del trainer
     shutil.rmtree(run["args"]["output_dir"], ignore_errors=True)
     return result
