@@ -51,6 +51,7 @@ class BenchOptions:
     stages: tuple[str, ...] = ROWS
     steps: int = 6
     repeats: int = 3
+    dpo_repeats: int | None = None
     rl_steps: int = 2
     rl_repeats: int = 1
     batch_size: int = 8
@@ -202,7 +203,7 @@ def columns_for(row: str) -> tuple[str, ...]:
 def plan_runs(rows: list[str], inputs: dict, options: BenchOptions, work: Path) -> list[dict]:
     """Runs of one worker process, alternating the column order from one repeat to the next."""
     runs = []
-    repeats = options.rl_repeats if rows[0] in ("grpo", "upo") else options.repeats
+    repeats = {"sft": options.repeats, "dpo": options.dpo_repeats or options.repeats}.get(rows[0], options.rl_repeats)
     for repeat in range(repeats):
         order = [(row, column) for row in rows for column in columns_for(row)]
         for row, column in order if repeat % 2 == 0 else order[::-1]:
@@ -361,7 +362,8 @@ def add_parser(sub) -> None:
                        f"(random weights: {', '.join(SHAPES)}), tiny:<arch>, a folder or a cached Hub id")
     bench.add_argument("--stages", default=",".join(ROWS), help="rows to run, from sft,dpo,grpo,upo")
     bench.add_argument("--steps", type=int, default=6, help="optimizer steps per SFT/DPO run")
-    bench.add_argument("--repeats", type=int, default=3, help="SFT/DPO repeats (column order alternates)")
+    bench.add_argument("--repeats", type=int, default=3, help="SFT (and DPO) repeats (column order alternates)")
+    bench.add_argument("--dpo-repeats", type=int, help="DPO repeats, when not --repeats (its steps are the slowest)")
     bench.add_argument("--rl-steps", type=int, default=2, help="optimizer steps per GRPO/UPO run")
     bench.add_argument("--rl-repeats", type=int, default=1)
     bench.add_argument("--batch-size", type=int, default=8)
@@ -382,6 +384,7 @@ def cmd_bench(args) -> int:
     if unknown:
         raise UserError(f"--stages: unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
     run_bench(BenchOptions(model=args.model, stages=stages, steps=args.steps, repeats=args.repeats,
+                           dpo_repeats=args.dpo_repeats,
                            rl_steps=args.rl_steps, rl_repeats=args.rl_repeats, batch_size=args.batch_size,
                            max_length=args.max_length, num_generations=args.num_generations,
                            max_completion_length=args.max_completion_length, threads=args.threads, work=args.work,
