@@ -324,7 +324,7 @@ def device_name() -> tuple[str, float | None]:
         name = torch.cuda.get_device_name()
         peak = next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
         return name, peak
-    return f"CPU, {torch.get_num_threads()} threads", None
+    return "CPU", None
 
 
 def run_bench(options: BenchOptions) -> dict:
@@ -346,7 +346,8 @@ def run_bench(options: BenchOptions) -> dict:
             runs += run_worker(plan_runs(rows, inputs, options, work), threads, work, "-".join(rows))
     device, peak = device_name()
     table = summarize(runs, parameter_count(model), peak)
-    markdown = markdown_table(table, device if "CPU" not in device else f"CPU, {threads} threads")
+    label = device if device != "CPU" else f"CPU, {threads} thread" + ("s" if threads > 1 else "")
+    markdown = markdown_table(table, label)
     result = {"model": options.model, "model_path": str(model), "device": device, "threads": threads,
               "options": options.__dict__, "wall_s": round(time.time() - started, 1), "table": table, "runs": runs}
     write_json(options.out, result, default=str)
