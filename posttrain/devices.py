@@ -4,6 +4,7 @@ settings a recipe gets when it does not choose them itself (`speed_defaults`, me
 import importlib.util
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -21,14 +22,23 @@ def has_cuda() -> bool:
         return shutil.which("nvidia-smi") is not None
 
 
+def cpu_has_bf16() -> bool:
+    """bf16 autocast can pay on a CPU only with native bf16 dot products (AVX512-BF16 or AMX); without them it is
+    emulated and slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
 def device_defaults(stage_args: dict) -> dict:
     """Flags a machine without a GPU needs: `use_cpu` (without it, several processes launched on CPU each train
-    alone instead of as one gloo data-parallel job) and bf16 off unless the recipe asks for CPU bf16 autocast (on a
-    GPU TRL's default, bf16, stays). Measured with `posttrain bench` on an AVX512-BF16 CPU, SmolLM2-135M with LoRA:
-    bf16 autocast is no faster than fp32 per CPU-second (the casts around LoRA's small matmuls eat the gain)."""
+    alone instead of as one gloo data-parallel job) and bf16 autocast (TRL's default) only where the CPU has bf16
+    instructions; on a GPU TRL's defaults stay."""
     if has_cuda():
         return {}
-    return {"use_cpu": True, "bf16": bool(stage_args.get("bf16", False))}
+    return {"use_cpu": True, "bf16": bool(stage_args.get("bf16", cpu_has_bf16()))}
 
 
 def speed_defaults(stage: str, model_path: str | Path | None) -> dict:
