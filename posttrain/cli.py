@@ -9,6 +9,7 @@
     posttrain export outputs/<run> [--stage dpo] [--merge] [--push-to-hub ORG/NAME]
     posttrain chat outputs/<run> [--stage sft] [--thinking on|off]
     posttrain doctor
+    posttrain bench [--model MODEL] [--stages sft,dpo,grpo,upo]   # plain TRL vs posttrain, side by side
 
 User mistakes (a missing file, a bad key, an unreachable model) print one paragraph and exit with code 2; a
 traceback means a bug in posttrain.
@@ -215,6 +216,10 @@ def make_parser() -> argparse.ArgumentParser:
                       "(default: the template's own default)")
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.set_defaults(func=cmd_chat)
+
+    from .bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

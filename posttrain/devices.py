@@ -1,9 +1,18 @@
-"""Device-dependent defaults: how to launch a stage and which precision flags a machine can run."""
+"""Device-dependent defaults: how to launch a stage, which precision flags a machine can run, and the speed
+settings a recipe gets when it does not choose them itself (`speed_defaults`, measured by `posttrain bench`)."""
 
+import importlib.util
+import json
+import math
+import re
 import shutil
 from pathlib import Path
 
 from .errors import UserError
+
+# Above this many parameters activations of a batch of 8 x 256 tokens start to crowd an 80 GB GPU, so recomputing
+# them pays; below it gradient checkpointing only costs the recompute (~20 % of an SFT step on CPU, measured).
+CHECKPOINTING_FROM_PARAMS = 3e9
 
 
 def has_cuda() -> bool:
@@ -15,12 +24,63 @@ def has_cuda() -> bool:
         return shutil.which("nvidia-smi") is not None
 
 
+def cpu_has_bf16() -> bool:
+    """bf16 autocast can pay on a CPU only with native bf16 dot products (AVX512-BF16 or AMX); without them it is
+    emulated and slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
 def device_defaults(stage_args: dict) -> dict:
     """Flags a machine without a GPU needs: `use_cpu` (without it, several processes launched on CPU each train
-    alone instead of as one gloo data-parallel job) and bf16 off unless the recipe asks for CPU bf16 autocast."""
+    alone instead of as one gloo data-parallel job) and bf16 autocast (TRL's default) only where the CPU has bf16
+    instructions; on a GPU TRL's defaults stay."""
     if has_cuda():
         return {}
-    return {"use_cpu": True, "bf16": bool(stage_args.get("bf16", False))}
+    return {"use_cpu": True, "bf16": bool(stage_args.get("bf16", cpu_has_bf16()))}
+
+
+def speed_defaults(stage: str, model_path: str | Path | None) -> dict:
+    """What a stage gets for speed when the recipe does not say otherwise; each one won in `posttrain bench`.
+
+    - `gradient_checkpointing` by model size (TRL turns it on everywhere; below `CHECKPOINTING_FROM_PARAMS` it only
+      costs recompute).
+    - `padding_free` for SFT: a batch's rows as one sequence without padding (see `stages.sft.flatten_batches`);
+      image rows stay padded.
+    - `use_liger_kernel` for SFT and DPO on a GPU where Liger is installed (fused RMSNorm, RoPE, SwiGLU kernels). Not
+      for UPO: GRPO's Liger loss never computes the per-token log-probs the DPO term reuses.
+    """
+    defaults = {"gradient_checkpointing": parameter_count(model_path) >= CHECKPOINTING_FROM_PARAMS}
+    if stage == "sft":
+        defaults["padding_free"] = True
+    if stage in ("sft", "dpo") and has_cuda() and importlib.util.find_spec("liger_kernel") is not None:
+        defaults["use_liger_kernel"] = True
+    return defaults
+
+
+def parameter_count(model_path: str | Path | None) -> int:
+    """Parameters of a saved model, read from its safetensors headers (no weights loaded); 0 when unknown."""
+    if model_path is None or not Path(model_path).is_dir():
+        return 0
+    total = 0
+    for path in Path(model_path).glob("*.safetensors"):
+        with open(path, "rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                total += math.prod(entry["shape"])
+    return total
+
+
+def cpu_threads(num_processes: int) -> int:
+    """Intra-op threads per process on CPU: what torch picks for a plain script here (OMP_NUM_THREADS when set, else
+    its own count of the cores), shared out over the processes."""
+    import torch
+
+    return max(1, torch.get_num_threads() // max(num_processes, 1))
 
 
 def accelerate_launch_args(config_file: str | None, num_processes: int | None = None, nodes=None) -> list[str]:
@@ -28,7 +88,9 @@ def accelerate_launch_args(config_file: str | None, num_processes: int | None = 
 
     Several processes on CPU need `--multi_gpu` (accelerate then uses gloo): `--cpu --num_processes 2` silently runs
     a single process. `nodes` (`posttrain.nodes.Nodes`): this machine's place in a multi-machine run; accelerate's
-    `--num_processes` then counts the processes of all machines.
+    `--num_processes` then counts the processes of all machines. On CPU the thread count is passed explicitly
+    (`cpu_threads`): accelerate otherwise derives it from the *physical* core count, e.g. one thread per process
+    where a plain `python` script runs two on a 2-vCPU machine with SMT, which leaves half the machine idle.
     """
     machines = nodes.launch_flags() if nodes else ["--num_machines", "1"]
     if config_file:
@@ -39,6 +101,8 @@ def accelerate_launch_args(config_file: str | None, num_processes: int | None = 
         return [*flags, *machines] if nodes else flags
     count = (num_processes or (_gpu_count() if has_cuda() else 1)) * (nodes.num_machines if nodes else 1)
     flags = ["--num_processes", str(count), *machines, "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if not has_cuda():
+        flags += ["--num_cpu_threads_per_process", str(cpu_threads(count // (nodes.num_machines if nodes else 1)))]
     if count > 1:
         return ["--multi_gpu", *flags]
     return flags if has_cuda() else ["--cpu", *flags]

@@ -237,10 +237,11 @@ class Pipeline:
                 "limit": ev.limit, "max_new_tokens": ev.max_new_tokens}
 
     def stage_args(self, stage: str, previous: str | None) -> dict:
-        from .devices import device_defaults
+        from .devices import device_defaults, speed_defaults
 
         ev, base = self.recipe.eval, self.recipe.base
-        args = {**device_defaults(self.recipe.stages[stage]), **self.substitute(self.recipe.stages[stage])}
+        args = {**device_defaults(self.recipe.stages[stage]), **speed_defaults(stage, self.base_model),
+                **self.substitute(self.recipe.stages[stage])}
         args.update(model_name_or_path=str(self.base_model), tokenizer_name_or_path=str(self.root / "base" / "tokenizer"),
                     trust_remote_code=base.trust_remote_code, output_dir=str(self.root / f".{stage}.partial"))
         # live tracking (report_to: trackio / tensorboard / wandb): the run is the project, each stage one run in it

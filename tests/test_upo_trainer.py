@@ -596,3 +596,24 @@ def test_reference_logps_are_deterministic_with_lora_dropout(tmp_path, tiny_mode
     ref = [trainer._reference_logps(prompt_ids, completions) for _ in range(2)]  # the frozen "ref" adapter
     policy = [trainer._sequence_logps(trainer.model, prompt_ids, completions).detach() for _ in range(2)]
     assert torch.equal(ref[0], ref[1]) == torch.equal(policy[0], policy[1]) == disable_dropout
+
+
+def test_reference_forward_chunked_by_batch_size(dpo_trainer):
+    """The reference scores a generation batch's pairs in chunks of per_device_train_batch_size rows, like GRPO's
+    own forwards (one forward over all of them is an out-of-memory risk), with the same values."""
+    prompts = [[1, 5, 9, 13], [1, 7], [1, 6, 8], [1, 9]] * 2 + [[1, 4]]
+    completions = [[20, 21, 2], [30, 2], [22, 2], [23, 24, 2]] * 2 + [[25, 2]]
+    rows, original = [], dpo_trainer._sequence_logps
+
+    def counting(model, chunk_prompts, *args, **kwargs):
+        rows.append(len(chunk_prompts))
+        return original(model, chunk_prompts, *args, **kwargs)
+
+    dpo_trainer._sequence_logps = counting
+    dpo_trainer.args.per_device_train_batch_size = 4
+    chunked = dpo_trainer._reference_logps(prompts, completions)
+    assert rows == [4, 4, 1]
+    dpo_trainer.args.per_device_train_batch_size = 16
+    whole = dpo_trainer._reference_logps(prompts, completions)
+    assert rows == [4, 4, 1, 9]
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-4)

@@ -14,6 +14,8 @@ mode, and the loss is on the reply (ERNIE-4.5-VL's expert routing is laid over i
 Extra gates: images per placeholder, image tokens not cut by `max_length`, processor and model belonging together.
 """
 
+import dataclasses
+import logging
 import time
 
 from .. import gates
@@ -22,6 +24,7 @@ from ..data import with_template_kwargs
 from ..models import vision
 from . import common
 
+logger = logging.getLogger("posttrain")
 SFT_COLUMNS = {"messages", "chat_template_kwargs", "tools", "images", "prompt", "completion", "text"}
 
 
@@ -43,6 +46,7 @@ def main(stage_args: StageArguments, training_args, model_args):
     if images:
         dataset = vision_rows(dataset, training_args, stage_args)
 
+    flatten = flatten_requested(training_args, images)
     trainer = SFTTrainer(
         model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
     )
@@ -52,10 +56,37 @@ def main(stage_args: StageArguments, training_args, model_args):
     if stage_args.preflight:
         preflight.update(gates.check_collated_labels(trainer, vision.text_tokenizer(tokenizer).eos_token_id))
         preflight.update(tool_check)
+    if flatten:  # after the gates, which check the labels row by row
+        flatten_batches(trainer)
     trainer.accelerator.print(f"[sft] pre-flight ok: {preflight}")
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     common.finish(trainer, "sft", stage_args, tokenizer, result, started, extra={"preflight": preflight})
     return trainer
+
+
+def flatten_requested(training_args, images: bool) -> bool:
+    """`padding_free` with `max_length` and no packing: TRL refuses it (it would not truncate), so the stage lets TRL
+    tokenize and truncate with padded batches, then flattens them (`flatten_batches`). Returns whether to. Image rows
+    stay padded (TRL has no padding-free vision collator)."""
+    if not training_args.padding_free or training_args.packing:
+        return False
+    if images:
+        logger.warning("padding_free is off for image rows: TRL's vision collator pads")
+        training_args.padding_free = False
+        return False
+    if training_args.max_length is None:
+        return False  # TRL's own padding-free path
+    training_args.padding_free = False
+    return True
+
+
+def flatten_batches(trainer) -> None:
+    """Padding-free batches: the rows of a batch concatenated into one sequence with position ids restarting at each
+    row (TRL's own collator with `padding_free=True`), so no compute is spent on padding; attention stays within each
+    row (transformers builds a block-diagonal mask from the position ids; flash-attention kernels take the row
+    boundaries). Same loss as padded batches (tested)."""
+    trainer.data_collator = dataclasses.replace(trainer.data_collator, padding_free=True)
+    trainer.padding_free = trainer.args.padding_free = True
 
 
 def vision_rows(dataset, training_args, stage_args):

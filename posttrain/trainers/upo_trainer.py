@@ -345,9 +345,9 @@ class UPOTrainer(GRPOTrainer):
         }
 
     # ------------------------------------------------------------------------------------------------------------------
-    # Log-probs. Each helper runs exactly one forward, unchunked, on a placeholder row when it has nothing to score:
-    # under DDP, FSDP or ZeRO-3 a forward is a collective operation, and processes that disagree on how many they run
-    # hang. So every process calls them the same number of times per step, whatever its number of pairs.
+    # Log-probs. Each helper runs the same number of forwards on every process, on a placeholder row when it has nothing
+    # to score: under DDP, FSDP or ZeRO-3 a forward is a collective operation, and processes that disagree on how many
+    # they run hang. So every process calls them the same number of times per step, whatever its number of pairs.
     # ------------------------------------------------------------------------------------------------------------------
     def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
         if self._routing:  # GRPO passes no routing, or the processor's for the prompt only: route by the tokens
@@ -389,10 +389,24 @@ class UPOTrainer(GRPOTrainer):
         """Summed log π_ref(completion | prompt) per row, under the reference GRPO built (see the module docstring)."""
         with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             if self.ref_model is not None:
-                return self._sequence_logps(self.ref_model, prompts, completions, images)[: len(prompts)]
+                return self._chunked_logps(self.ref_model, prompts, completions, images)
             unwrapped = self.accelerator.unwrap_model(self.model)
             with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
-                return self._sequence_logps(self.model, prompts, completions, images)[: len(prompts)]
+                return self._chunked_logps(self.model, prompts, completions, images)
+
+    def _chunked_logps(self, model, prompts, completions, images=None):
+        """`_sequence_logps` in chunks of `per_device_train_batch_size` rows, like GRPO's own forwards: the pairs of
+        a whole generation batch in one forward would be an out-of-memory risk at real sizes. Every process runs as
+        many chunks as the process with the most rows needs (placeholders when it has none left). Rows with images go
+        in one forward (`images` belongs to the first rows of the list)."""
+        size = max(len(prompts), 1) if images else self.args.per_device_train_batch_size
+        most = self.accelerator.gather(torch.tensor([len(prompts)], device=self.accelerator.device)).max().item()
+        parts = []
+        for start in range(0, max(int(most), 1), size):
+            rows = slice(start, start + size)
+            logps = self._sequence_logps(model, prompts[rows], completions[rows], images if start == 0 else None)
+            parts.append(logps[: len(prompts[rows])])
+        return torch.cat(parts)
 
     # ------------------------------------------------------------------------------------------------------------------
     # ERNIE-4.5-VL's expert routing (`moe_mm_token_type_ids`, see posttrain.moe_routing), which GRPO does not carry

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# posttrain bench on a GPU machine: plain TRL vs posttrain for SFT, DPO and UPO on a Qwen2.5-1.5B-shaped model with
+# random weights (no Hub), in under 8 minutes; then the ZeRO/FSDP engine runs of bench/gpu_engines.sh when present.
+#
+#   bench/gpu.sh [OUT_DIR]          # OUT_DIR defaults to $OUT (the device runner's output folder), else outputs/gpu
+#
+# The GPU machine lacks trl, datasets and liger-kernel and cannot reach a registry: they come as wheels carried in
+# the tree (WHEELS, default .whl/; fill it once on a connected machine with
+#   ../shared/gpu/fetch-wheels.sh .whl transformers==5.23.0 peft==0.21.2
+# and carry `.whl` to the device). They are installed into /tmp/site, never over the machine's own packages, and
+# posttrain itself runs from the tree through PYTHONPATH.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-outputs/gpu}}
+wheels=${WHEELS:-.whl}
+mkdir -p "$out"
+if compgen -G "$wheels/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheels"/*.whl
+  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+else
+  echo "no wheels in $wheels: using the installed trl/datasets (see the comment at the top)" >&2
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "import torch, transformers, trl, peft; print('torch', torch.__version__, 'transformers', \
+transformers.__version__, 'trl', trl.__version__, 'peft', peft.__version__)" | tee -a "$out/gpu.txt"
+
+# ~1 min to build the model; SFT/DPO 10 steps x 3 repeats x 3 columns and GRPO/UPO 3 steps x 5 runs: ~5 min on an H100
+timeout 480 python3 -m posttrain bench --model shape:qwen2.5-1.5b --steps 10 --repeats 3 --rl-steps 3 --rl-repeats 1 \
+  --batch-size 8 --max-length 512 --num-generations 8 --max-completion-length 128 \
+  --work /tmp/posttrain-bench --out "$out/bench.json" 2>&1 | tee "$out/bench.log"
+
+if [[ -x bench/gpu_engines.sh ]]; then
+  bench/gpu_engines.sh "$out"
+fi

@@ -1,0 +1,393 @@
+"""`posttrain bench`: plain TRL and the posttrain stages side by side, back to back, on one model, data and arguments.
+
+    posttrain bench                                   # the default model (SmolLM2-135M-Instruct), CPU or GPU
+    posttrain bench --model shape:qwen2.5-1.5b        # random weights in that shape: no Hub needed (GPU)
+    posttrain bench --stages sft,dpo --steps 6 --repeats 3
+
+Rows: `sft`, `dpo`, `grpo` (plain `GRPOTrainer` vs our UPO with `upo_lambda: 0`) and `upo` (`upo_lambda: 0.5`, set
+against the same plain GRPO step). Columns:
+
+- `trl`: a plain TRL script with the bench arguments and TRL's defaults for everything else;
+- `equal`: the posttrain stage with exactly the same arguments (TRL's resolved defaults written out, so none of ours
+  applies): the cost of posttrain itself, which should be none;
+- `defaults`: the posttrain stage with the bench arguments only, i.e. what a recipe gets without tuning
+  (`devices.device_defaults` and `devices.speed_defaults`, the same functions the pipeline uses).
+
+Every (stage, column) runs `--repeats` times; each repeat runs the columns in the opposite order of the previous one,
+and ratios are taken within a repeat, so a load change on a shared machine hits both sides of a ratio alike. It
+asserts nothing: it prints a table, and writes bench.json and bench.md.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .console import console
+from .io import write_json, write_text
+
+ROWS = ("sft", "dpo", "grpo", "upo")
+# Random-weight models in the shape of real ones (`--model shape:<name>`), for GPU runs without the Hub
+SHAPES = {
+    "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, vocab_size=151936),
+    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, vocab_size=151936),
+}
+REWARDS = {"accuracy": 1.0, "think_format": 0.5}
+# Peak dense bf16 matmul throughput for MFU, by GPU name (measured peaks where known, see README)
+PEAK_TFLOPS = {"H200": 790.0, "H100": 790.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+@dataclass
+class BenchOptions:
+    model: str = "default"
+    stages: tuple[str, ...] = ROWS
+    steps: int = 6
+    repeats: int = 3
+    dpo_repeats: int | None = None
+    rl_steps: int = 2
+    rl_repeats: int = 1
+    batch_size: int = 8
+    max_length: int = 256
+    num_generations: int = 8
+    max_completion_length: int = 48
+    threads: int | None = None
+    work: str = "outputs/bench"
+    out: str = "bench.json"
+
+
+# ---------------------------------------------------------------------------------------------------------- inputs
+def resolve_bench_model(spec: str, work: Path) -> Path:
+    """`default` (the default recipe's base model), `shape:<name>` (random weights, `SHAPES`), or anything
+    `models.resolve_model` takes (`tiny:llama`, a folder, a cached Hub id)."""
+    from .models import resolve_model
+    from .recipe import load_recipe
+
+    if spec == "default":
+        base = load_recipe().base
+        return resolve_model(base.model_name_or_path, base.model_revision, base.gguf_file, base.gguf_package)
+    if spec.startswith("shape:"):
+        return build_shaped_model(spec.split(":", 1)[1], work / "models" / spec.split(":", 1)[1])
+    return resolve_model(spec)
+
+
+def build_shaped_model(name: str, out: Path) -> Path:
+    """A random-weight bf16 model of a known shape with the tiny tokenizer (its ids fit any vocabulary)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .errors import UserError
+    from .io import save_pretrained
+    from .models import TINY_TOKENIZER
+
+    if name not in SHAPES:
+        raise UserError(f"unknown model shape 'shape:{name}'; choose one of: {', '.join(SHAPES)}")
+    if (out / "config.json").is_file():
+        return out
+    tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
+    shape = dict(SHAPES[name])
+    config = AutoConfig.for_model(shape.pop("model_type"), **shape, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # initialising 1.5B weights on CPU is slow
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return save_pretrained(out, model.to("cpu"), tokenizer, if_exists="keep")
+
+
+def prepare_inputs(model: Path, work: Path, options: BenchOptions) -> dict:
+    """Tokenizer (with the default recipe's chat template), arithmetic chat data for every row, and a starting
+    adapter that DPO and UPO continue (as in a real run, where they continue the previous stage's)."""
+    from .datajobs import run_job
+    from .models import load_tokenizer
+
+    tokenizer_dir = work / "tokenizer"
+    tokenizer = load_tokenizer(model, "chatml")
+    tokenizer.save_pretrained(tokenizer_dir)
+    tasks = work / "data" / "tasks"
+    rows = max(options.steps, options.rl_steps) * options.batch_size
+    if not (tasks / "prompts.parquet").is_file():
+        run_job("build_verifiable_tasks", {"n_train": max(64, rows), "n_test": 8, "domains": ["arithmetic"],
+                                           "seed": 0}, tasks)
+    write_bench_data(tasks, work / "data", tokenizer)
+    return {"model": str(model), "tokenizer": str(tokenizer_dir), "data": str(work / "data"),
+            "adapter": str(starting_adapter(model, work / "adapter"))}
+
+
+def write_bench_data(tasks: Path, out: Path, tokenizer) -> None:
+    """SFT conversations and DPO pairs with TRL's own per-row `chat_template_kwargs` (so the plain script renders them
+    as the stage does), and RL prompts rendered to text in their thinking mode (both sides tokenize the same text)."""
+    from datasets import load_dataset
+
+    from .trainers.upo_pairs import render_prompt_text
+
+    sft = load_dataset("parquet", data_files=str(tasks / "sft.parquet"), split="train")
+    sft = sft.map(lambda row: {"chat_template_kwargs": {"enable_thinking": bool(row["thinking"])}})
+    sft.select_columns(["messages", "chat_template_kwargs"]).to_parquet(out / "sft" / "train.parquet")
+    prompts = load_dataset("parquet", data_files=str(tasks / "prompts.parquet"), split="train")
+    completions = prompts["completion"]
+    pairs = prompts.map(lambda row, i: {  # rejected: the next task's reply, a wrong answer in the same format
+        "chosen": [{"role": "assistant", "content": row["completion"]}],
+        "rejected": [{"role": "assistant", "content": completions[(i + 1) % len(completions)]}],
+        "chat_template_kwargs": {"enable_thinking": bool(row["thinking"])}}, with_indices=True)
+    pairs.select_columns(["prompt", "chosen", "rejected", "chat_template_kwargs"]).to_parquet(
+        out / "pairs" / "train.parquet")
+    rl = prompts.map(lambda row: {"prompt": render_prompt_text(tokenizer, row["prompt"], row["thinking"])})
+    rl.select_columns(["prompt", "answer", "domain", "thinking"]).to_parquet(out / "prompts" / "train.parquet")
+
+
+def starting_adapter(model: Path, out: Path) -> Path:
+    """A LoRA adapter (r16, all linear layers) with small non-zero weights, standing in for the previous stage's."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    if (out / "adapter_model.safetensors").is_file():
+        return out
+    torch.manual_seed(0)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model),
+                                LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                           task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=1e-3)
+    peft_model.save_pretrained(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------- arguments
+def bench_args(row: str, inputs: dict, options: BenchOptions) -> dict:
+    """The arguments both sides get: model, data, steps, batch, lengths, LoRA. Nothing else is set."""
+    rl = row in ("grpo", "upo")
+    steps = options.rl_steps if rl else options.steps
+    args = {"model_name_or_path": inputs["model"], "tokenizer_name_or_path": inputs["tokenizer"],
+            "max_steps": steps, "per_device_train_batch_size": options.batch_size, "logging_steps": steps,
+            "save_strategy": "no", "report_to": "none", "seed": 0, "use_peft": True, "lora_r": 16, "lora_alpha": 32,
+            "lora_dropout": 0.0, "lora_target_modules": ["all-linear"], "dataset_train_split": "train"}
+    if row == "sft":
+        return {**args, "dataset_name": f"{inputs['data']}/sft", "max_length": options.max_length,
+                "assistant_only_loss": True, "learning_rate": 2e-4}
+    args["adapter_path"] = inputs["adapter"]  # DPO and UPO continue an adapter, whose frozen copy is the reference
+    if row == "dpo":
+        return {**args, "dataset_name": f"{inputs['data']}/pairs", "max_length": options.max_length, "beta": 0.1,
+                "learning_rate": 5e-5}
+    # every rollout runs to max_completion_length, so both sides generate the same number of tokens
+    return {**args, "dataset_name": f"{inputs['data']}/prompts", "rewards": REWARDS,
+            "num_generations": options.num_generations, "max_completion_length": options.max_completion_length,
+            "generation_kwargs": {"min_new_tokens": options.max_completion_length}, "temperature": 1.0,
+            "learning_rate": 3e-5, "upo_lambda": 0.5 if row == "upo" else 0.0}
+
+
+def column_args(row: str, column: str, args: dict) -> dict:
+    """`trl` and `equal`: the bench arguments plus TRL's own defaults written out for every key posttrain would
+    otherwise choose; `defaults`: posttrain's choices (the pipeline's functions) over the bench arguments."""
+    from .devices import device_defaults, has_cuda, speed_defaults
+
+    if column == "defaults":
+        return {**device_defaults(args), **speed_defaults(row, args["model_name_or_path"]), **args}
+    trl_defaults = {"bf16": True, "gradient_checkpointing": True, "use_liger_kernel": False}
+    return {**trl_defaults, **({} if has_cuda() else {"use_cpu": True}), **args}
+
+
+def columns_for(row: str) -> tuple[str, ...]:
+    return ("equal", "defaults") if row == "upo" else ("trl", "equal", "defaults")
+
+
+def plan_runs(rows: list[str], inputs: dict, options: BenchOptions, work: Path) -> list[dict]:
+    """Runs of one worker process, alternating the column order from one repeat to the next."""
+    runs = []
+    repeats = {"sft": options.repeats, "dpo": options.dpo_repeats or options.repeats}.get(rows[0], options.rl_repeats)
+    for repeat in range(repeats):
+        order = [(row, column) for row in rows for column in columns_for(row)]
+        for row, column in order if repeat % 2 == 0 else order[::-1]:
+            args = column_args(row, column, bench_args(row, inputs, options))
+            args["output_dir"] = str(work / "runs" / f"{row}-{column}-{repeat}")
+            runs.append({"row": row, "column": column, "repeat": repeat,
+                         "side": "trl" if column == "trl" else "posttrain", "args": args})
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------------------- running
+def run_worker(runs: list[dict], threads: int, work: Path, name: str) -> list[dict]:
+    """One `accelerate launch`ed process (the pipeline's launcher) for these runs; its progress streams through."""
+    from .devices import accelerate_launch_args
+
+    spec, out = work / f"{name}.spec.json", work / f"{name}.runs.json"
+    write_json(spec, {"threads": threads, "runs": runs})
+    out.unlink(missing_ok=True)
+    flags = accelerate_launch_args(None, 1)
+    if "--num_cpu_threads_per_process" in flags:  # the bench's thread count, for both sides
+        flags[flags.index("--num_cpu_threads_per_process") + 1] = str(threads)
+    command = [sys.executable, "-m", "accelerate.commands.launch", *flags, "-m", "posttrain.bench_runs", str(spec),
+               str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    code = subprocess.call(command, env=env)
+    done = json.loads(out.read_text())["runs"] if out.is_file() else []
+    if code != 0:
+        console.print(f"[red]bench worker '{name}' failed (exit code {code}); {len(done)} of {len(runs)} runs kept")
+    return done
+
+
+def summarize(runs: list[dict], n_params: int, peak_tflops: float | None) -> dict:
+    """Per row and column: medians over repeats; ratios taken within each repeat, reported as median and range."""
+    table = {}
+    for row in dict.fromkeys(run["row"] for run in runs):
+        mine = [run for run in runs if run["row"] == row]
+        reference = "grpo" if row == "upo" else row  # UPO's step is set against plain GRPO's
+        base = {run["repeat"]: run for run in runs if run["row"] == reference and run["column"] == "trl"}
+        entry = {}
+        for column in dict.fromkeys(run["column"] for run in mine):
+            chosen = [run for run in mine if run["column"] == column]
+            entry[column] = _column_summary(chosen, base, n_params, peak_tflops)
+        table[row] = entry
+    return table
+
+
+def _column_summary(runs: list[dict], base: dict, n_params: int, peak_tflops: float | None) -> dict:
+    def tokens_per_s(run):
+        return run["tokens"] / run["train_runtime_s"]
+
+    summary = {
+        "repeats": len(runs),
+        "train_runtime_s": statistics.median(run["train_runtime_s"] for run in runs),
+        "tokens_per_s": statistics.median(tokens_per_s(run) for run in runs),
+        "steps_per_s": statistics.median(run["steps"] / run["train_runtime_s"] for run in runs),
+        "peak_memory_gib": max(run["peak_memory_bytes"] for run in runs) / 2**30,
+        "memory_kind": runs[0]["memory_kind"],
+    }
+    if peak_tflops:  # 6·N·tokens: the usual training-FLOPs convention (LoRA's cheaper backward not credited)
+        summary["mfu"] = 6 * n_params * summary["tokens_per_s"] / (peak_tflops * 1e12)
+    paired = [(run, base[run["repeat"]]) for run in runs if run["repeat"] in base]
+    if paired:
+        speed = [tokens_per_s(run) / tokens_per_s(ref) for run, ref in paired]
+        time_ratio = [run["train_runtime_s"] / ref["train_runtime_s"] for run, ref in paired]
+        memory = [run["peak_memory_bytes"] / ref["peak_memory_bytes"] for run, ref in paired]
+        cpu = [(ref["train_cpu_s"] / ref["tokens"]) / (run["train_cpu_s"] / run["tokens"]) for run, ref in paired
+               if run.get("train_cpu_s") and ref.get("train_cpu_s")]
+        summary["vs_trl"] = _spread(speed)
+        if cpu:  # tokens per CPU-second, over TRL's: what a busy machine disturbs least
+            summary["cpu_vs_trl"] = _spread(cpu)
+            summary["cpu_time_vs_trl"] = _spread([run["train_cpu_s"] / ref["train_cpu_s"] for run, ref in paired])
+        summary["time_vs_trl"] = _spread(time_ratio)
+        summary["memory_vs_trl"] = _spread(memory)
+    return summary
+
+
+def _spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def markdown_table(table: dict, device: str) -> str:
+    """The short table printed and written to bench.md."""
+    lines = [f"posttrain bench on {device}. Speed ratio: posttrain tokens/s over plain TRL's in the same repeat "
+             "(median, [min–max]); `upo` rows: step time and peak memory over plain GRPO's (lower is better). Per CPU-second: "
+             "tokens per CPU-second of `train()`, the ratio a busy machine disturbs least.", "",
+             "| stage | column | tokens/s | steps/s | peak memory GiB | MFU | vs TRL | vs TRL, per CPU-second |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row, columns in table.items():
+        for column, s in columns.items():
+            mfu = f"{s['mfu']:.1%}" if "mfu" in s else ""
+            cpu = "" if column == "trl" else _fmt(s.get("cpu_vs_trl"))
+            if row == "upo" and s.get("cpu_time_vs_trl"):
+                cpu = f"time {_fmt(s['cpu_time_vs_trl'])}"
+            if column == "trl":
+                ratio = ""
+            elif row == "upo":
+                t, m = s.get("time_vs_trl"), s.get("memory_vs_trl")
+                ratio = f"time {_fmt(t)}, memory {_fmt(m)}" if t else ""
+            else:
+                ratio = _fmt(s.get("vs_trl"))
+            lines.append(f"| {row} | {column} | {s['tokens_per_s']:.0f} | {s['steps_per_s']:.3f} | "
+                         f"{s['peak_memory_gib']:.2f} | {mfu} | {ratio} | {cpu} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(spread: dict | None) -> str:
+    if not spread:
+        return ""
+    if spread["n"] == 1:
+        return f"{spread['median']:.2f}×"
+    return f"{spread['median']:.2f}× [{spread['min']:.2f}–{spread['max']:.2f}]"
+
+
+def device_name() -> tuple[str, float | None]:
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        peak = next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
+        return name, peak
+    return "CPU", None
+
+
+def run_bench(options: BenchOptions) -> dict:
+    """Prepare the inputs, run the SFT/DPO rows and the RL rows in one worker process each, write the results."""
+    from .devices import cpu_threads, parameter_count
+
+    work = Path(options.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with console.status("preparing the model, data and starting adapter…"):
+        model = resolve_bench_model(options.model, work)
+        inputs = prepare_inputs(model, work, options)
+    threads = options.threads or cpu_threads(1)
+    runs = []
+    for group in (["sft"], ["dpo"], ["grpo", "upo"]):
+        rows = [row for row in group if row in options.stages]
+        if rows:
+            console.rule(f"bench: {', '.join(rows)}")
+            runs += run_worker(plan_runs(rows, inputs, options, work), threads, work, "-".join(rows))
+    device, peak = device_name()
+    table = summarize(runs, parameter_count(model), peak)
+    label = device if device != "CPU" else f"CPU, {threads} thread" + ("s" if threads > 1 else "")
+    markdown = markdown_table(table, label)
+    result = {"model": options.model, "model_path": str(model), "device": device, "threads": threads,
+              "options": options.__dict__, "wall_s": round(time.time() - started, 1), "table": table, "runs": runs}
+    write_json(options.out, result, default=str)
+    write_text(Path(options.out).with_suffix(".md"), markdown)
+    console.print(markdown, markup=False, highlight=False)
+    console.print(f"wrote {options.out} and {Path(options.out).with_suffix('.md')} ({result['wall_s']:.0f} s)")
+    return result
+
+
+def add_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="plain TRL vs posttrain, side by side: tokens/s, steps/s, memory, ratios")
+    bench.add_argument("--model", default="default", help="'default' (the default recipe's model), shape:<name> "
+                       f"(random weights: {', '.join(SHAPES)}), tiny:<arch>, a folder or a cached Hub id")
+    bench.add_argument("--stages", default=",".join(ROWS), help="rows to run, from sft,dpo,grpo,upo")
+    bench.add_argument("--steps", type=int, default=6, help="optimizer steps per SFT/DPO run")
+    bench.add_argument("--repeats", type=int, default=3, help="SFT (and DPO) repeats (column order alternates)")
+    bench.add_argument("--dpo-repeats", type=int, help="DPO repeats, when not --repeats (its steps are the slowest)")
+    bench.add_argument("--rl-steps", type=int, default=2, help="optimizer steps per GRPO/UPO run")
+    bench.add_argument("--rl-repeats", type=int, default=1)
+    bench.add_argument("--batch-size", type=int, default=8)
+    bench.add_argument("--max-length", type=int, default=256)
+    bench.add_argument("--num-generations", type=int, default=8)
+    bench.add_argument("--max-completion-length", type=int, default=48)
+    bench.add_argument("--threads", type=int, help="CPU threads for both sides (default: OMP_NUM_THREADS or all cores)")
+    bench.add_argument("--work", default="outputs/bench", help="model, data and adapter cache, run folders")
+    bench.add_argument("--out", default="bench.json", help="results; the Markdown table goes next to it (.md)")
+    bench.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    from .errors import UserError
+
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    unknown = [s for s in stages if s not in ROWS]
+    if unknown:
+        raise UserError(f"--stages: unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    run_bench(BenchOptions(model=args.model, stages=stages, steps=args.steps, repeats=args.repeats,
+                           dpo_repeats=args.dpo_repeats,
+                           rl_steps=args.rl_steps, rl_repeats=args.rl_repeats, batch_size=args.batch_size,
+                           max_length=args.max_length, num_generations=args.num_generations,
+                           max_completion_length=args.max_completion_length, threads=args.threads, work=args.work,
+                           out=args.out))
+    return 0
