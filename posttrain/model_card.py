@@ -11,10 +11,9 @@ from pathlib import Path
 
 import yaml
 
+from .runs import MACHINE_PATH_KEYS
+
 MISSING = "—"
-# Keys of resolved.yaml that are paths on the machine that ran the stage, not training choices.
-MACHINE_KEYS = {"output_dir", "model_name_or_path", "tokenizer_name_or_path", "adapter_path",
-                "resume_from_checkpoint"}
 
 ADAPTER_SNIPPET = '''import torch
 from peft import PeftModel
@@ -225,7 +224,7 @@ def _training(run: Path, chain: list[str], info: dict, base: str) -> str:
         out.append(f"| {step} | {train.get('global_step', MISSING)} | {_num(train.get('train_loss'))} | "
                    f"{_num(metrics.get('wall_time_s'), 1)} s | {metrics.get('world_size', MISSING)} |")
     for step in chain:
-        resolved = {k: v for k, v in info[step]["resolved"].items() if k not in MACHINE_KEYS}
+        resolved = {k: v for k, v in info[step]["resolved"].items() if k not in MACHINE_PATH_KEYS}
         text = yaml.safe_dump(resolved, sort_keys=False).replace(str(run.resolve()), "{run}")
         logged = [e for e in info[step]["metrics"].get("log_history", []) if "loss" in e]
         out += ["", f"<details><summary>{step}: resolved arguments and last logged step</summary>", "",

@@ -13,6 +13,13 @@ import yaml
 from .configs import EvalArguments
 from .errors import UserError
 
+# The run order when run.json does not list one (a run.json from before `order` was recorded).
+STAGE_ORDER = ("base", "sft", "dpo", "upo")
+# Keys of a stage's resolved.yaml that are paths on the machine that ran it (set per run by the pipeline), not
+# training choices: the report and the model card show them as lineage, never as hyperparameters.
+MACHINE_PATH_KEYS = frozenset({"model_name_or_path", "tokenizer_name_or_path", "output_dir", "adapter_path",
+                               "resume_from_checkpoint"})
+
 
 @dataclass
 class StageRef:
@@ -26,7 +33,7 @@ class StageRef:
 
 def finished_stages(run: Path) -> list[str]:
     state = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
-    order = state.get("order") or ["base", "sft", "dpo", "upo"]
+    order = state.get("order") or STAGE_ORDER
     return [s for s in order if (run / s / "lineage.json").is_file()]
 
 

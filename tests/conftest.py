@@ -101,3 +101,29 @@ def tiny_sft_run(tmp_path_factory):
     (cwd / "recipe.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     _run_cli("run", cwd / "recipe.yaml", cwd=cwd)
     return cwd / "outputs" / "tiny-sft"
+
+
+def _check_evaluation(evaluation: dict, n: int) -> None:
+    """The numbers of a held-out evaluation (metrics.json's `eval`) agree with what it stored per sample: each
+    sample's verdict is the verifier's on its completion, and the accuracy is a count of such verdicts over `n`
+    that includes the correct samples."""
+    from posttrain.rewards import REWARDS
+
+    samples = evaluation["samples"]
+    assert evaluation["n"] == n and samples
+    for sample in samples:
+        verdict = REWARDS["accuracy"]([sample["completion"]], answer=[sample["answer"]])[0]
+        assert bool(verdict) is sample["correct"], sample
+    correct = evaluation["accuracy"] * n
+    assert correct == pytest.approx(round(correct), abs=1e-9), "accuracy is a count of correct prompts over n"
+    right = sum(s["correct"] for s in samples)
+    assert round(correct) >= right, "every sample judged correct counts towards the accuracy"
+    assert round(correct) - right <= n - len(samples), "the prompts not shown as samples cannot add more"
+    if len(samples) == n:
+        assert evaluation["accuracy"] == pytest.approx(right / n)
+
+
+@pytest.fixture(scope="session")
+def check_evaluation():
+    """Callable: `check_evaluation(metrics["eval"], n)` asserts the evaluation agrees with its own samples."""
+    return _check_evaluation

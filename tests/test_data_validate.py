@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from data_prep import build_preference_set, build_sft_set, validate
+from data_prep.formats import FORMATS
 from posttrain.errors import UserError
 
 DATA = Path(__file__).parent / "assets" / "data"
@@ -28,6 +29,11 @@ GOOD = {
     "sharegpt": {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
     "unpaired": {"prompt": "q", "completion": "a", "label": True},
     "rated": {"prompt": "q", "completions": [{"response": "a", "score": 9}, {"response": "b", "score": 1}]},
+    "prompt_completion": {"prompt": "q", "completion": "a"},
+    "rl": {"prompt": "What is 2 + 2?", "answer": "4", "domain": "math"},
+    "vqa": {"question": "What colour?", "answer": "red", "image": RED},
+    "erniekit_vl": {"image_info": [{"image_url": RED, "matched_text_index": 0}],
+                    "text_info": [{"text": "What colour?", "tag": "mask"}, {"text": "red", "tag": "no_mask"}]},
 }
 
 # (id, format, bad row as a dict or raw bytes, expected message fragment)
@@ -85,6 +91,15 @@ CASES = [
     ("rated-score-not-number", "rated", {"prompt": "q", "completions": [{"response": "a", "score": "high"},
                                                                           {"response": "b", "score": 1}]},
      '"completions[0].score" is \'high\'; expected a number'),
+    ("prompt-completion-empty-reply", "prompt_completion", {"prompt": "q", "completion": ""},
+     '"completion" is empty; expected a non-empty assistant reply'),
+    ("rl-no-answer", "rl", {"prompt": "What is 2 + 2?", "answer": None},
+     '"answer" is missing; expected the reference answer'),
+    ("vqa-no-image", "vqa", {"question": "What colour?", "answer": "red", "images": []}, '"image" is missing'),
+    ("vl-image-index-out-of-range", "erniekit_vl", {"image_info": [{"image_url": RED, "matched_text_index": 5}],
+                                                    "text_info": [{"text": "q", "tag": "mask"},
+                                                                  {"text": "a", "tag": "no_mask"}]},
+     '"image_info[0].matched_text_index" is 5'),
     ("non-utf8", "messages", b'{"messages": "caf\xe9"}', "not valid UTF-8 (byte 0xe9"),
     ("truncated-json", "messages", b'{"messages": [{"role": "user", "con', "not valid JSON"),
     ("not-an-object", "messages", b'[1, 2, 3]', "a JSON list, not an object"),
@@ -115,8 +130,19 @@ def test_malformed_row_reported_with_line(tmp_path, capsys, case_id, fmt, bad, e
     assert out[0].startswith(f"{path}:2: ") and expected in out[0], out[0]
 
 
-def test_at_least_twenty_malformed_cases():
-    assert len(CASES) >= 20
+def test_every_format_has_a_valid_row_and_a_malformed_case():
+    """A format added to data_prep.formats without a malformed case here fails, as does a format whose valid row
+    the validator rejects."""
+    assert set(GOOD) == set(FORMATS) and {fmt for _, fmt, _, _ in CASES} == set(FORMATS)
+
+
+@pytest.mark.parametrize("fmt", sorted(GOOD))
+def test_valid_row_passes(tmp_path, capsys, fmt):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(GOOD[fmt]) + "\n")
+    copy_images(tmp_path)
+    assert validate.main([str(path), "--format", fmt]) == 0, capsys.readouterr().out
+    assert capsys.readouterr().out == ""
 
 
 def test_validate_reports_every_bad_row(tmp_path, capsys):

@@ -8,17 +8,48 @@ from posttrain.evaluate import evaluate, load_rows, preference_eval
 from posttrain.models import load_model, load_tokenizer
 
 
-def test_evaluate_reports_every_metric(tiny_model_path, task_data):
+def test_evaluate_reports_every_metric(tiny_model_path, task_data, check_evaluation):
     path = tiny_model_path("llama")
     model, tokenizer = load_model(path), load_tokenizer(path)
     rows = load_rows(str(task_data), "test")
-    metrics = evaluate(model, tokenizer, rows, max_new_tokens=6, batch_size=4, samples=3)
-    assert metrics["n"] == 8 and 0.0 <= metrics["accuracy"] <= 1.0
-    assert metrics["heldout_loss"] > 0 and len(metrics["samples"]) == 3
+    metrics = evaluate(model, tokenizer, rows, max_new_tokens=6, batch_size=4, samples=len(rows))
+    check_evaluation(metrics, 8)
+    assert metrics["heldout_loss"] > 0 and len(metrics["samples"]) == 8
     modes = {"mode/thinking" if r["thinking"] else "mode/non_thinking" for r in rows}
     domains = {f"domain/{r['domain']}" for r in rows}
     assert set(metrics["by_group"]) == modes | domains
-    assert 0 <= metrics["mean_completion_tokens"] <= 6
+    # a row that did not stop used all 6 new tokens, and none used more
+    unstopped = round((1 - metrics["stop_rate"]) * len(rows))
+    assert metrics["mean_completion_tokens"] * len(rows) >= 6 * unstopped - 1e-9
+    assert metrics["mean_completion_tokens"] <= 6
+
+
+def test_evaluate_scores_known_completions(tiny_model_path, task_data, monkeypatch):
+    """With the generations fixed (even rows: the reference reply; odd rows: a wrong, untagged one), every metric is
+    an exact, known fraction."""
+    import posttrain.evaluate as evaluation
+
+    path = tiny_model_path("llama")
+    rows = load_rows(str(task_data), "test")
+    right = [i % 2 == 0 for i in range(len(rows))]
+    stopped = [i % 4 != 3 for i in range(len(rows))]
+    lengths = [2 + i for i in range(len(rows))]
+
+    def fixed_generate(model, tokenizer, prompts, *args, **kwargs):
+        assert len(prompts) == len(rows)
+        return [r["completion"] if ok else "no idea" for r, ok in zip(rows, right)], stopped, lengths
+
+    monkeypatch.setattr(evaluation, "generate", fixed_generate)
+    metrics = evaluate(load_model(path), load_tokenizer(path), rows, max_new_tokens=6, batch_size=4, samples=3)
+    assert metrics["accuracy"] == 0.5 and metrics["stop_rate"] == 0.75
+    assert metrics["mean_completion_tokens"] == sum(lengths) / len(rows)
+    # the reference replies are well formed; "no idea" only where thinking is off (no think block is asked for)
+    assert metrics["format"] == sum(ok or not r["thinking"] for r, ok in zip(rows, right)) / len(rows)
+    for domain in {r["domain"] for r in rows}:
+        in_domain = [ok for r, ok in zip(rows, right) if r["domain"] == domain]
+        assert metrics["by_group"][f"domain/{domain}"] == sum(in_domain) / len(in_domain)
+    assert [s["correct"] for s in metrics["samples"]] == right[:3]
+    assert [s["completion"] for s in metrics["samples"]][1] == "no idea"
 
 
 def test_preference_eval_detects_the_preferred_reply(tiny_model_path):

@@ -55,6 +55,18 @@ def logits(model, batch) -> torch.Tensor:
         return model(**batch).logits.float()
 
 
+def greedy_reply(model, tokenizer_dir: Path) -> str:
+    """The reply the card's usage code should print: the same question, greedy, asked directly of `model`."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "What is 17 + 25?"}],
+                                           add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 def run_snippet(readme: Path, replacements: dict[str, str]) -> str:
     code = re.search(r"```python\n(.*?)```", readme.read_text(), re.S).group(1)
     for old, new in replacements.items():
@@ -84,7 +96,8 @@ def test_adapter_export_is_self_contained(run, tmp_path):
     assert not list(tmp_path.glob(".*")), "no temporary folder left behind"
 
     printed = run_snippet(out / "README.md", {"tiny:llama": str(base_path(run))})
-    assert isinstance(printed, str) and printed.endswith("\n"), "the card's usage code runs and prints a reply"
+    stage = load_model(base_path(run), adapter=run / "sft")
+    assert printed == greedy_reply(stage, run / "sft") + "\n", "the card's code answers as the trained stage does"
 
 
 def test_adapter_export_skips_ref_and_names_hub_base(run, tmp_path):
@@ -137,7 +150,7 @@ def test_merge_round_trip_gives_adapter_logits(run, tmp_path, dtype):
 
     card = (out / "README.md").read_text()
     assert yaml.safe_load(card.split("---")[1])["library_name"] == "transformers"
-    assert run_snippet(out / "README.md", {}).endswith("\n")
+    assert run_snippet(out / "README.md", {}) == greedy_reply(merged, out) + "\n"
 
 
 def test_failed_verification_writes_nothing(run, tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ def tiny_run(tmp_path_factory, posttrain_cli):
     return cwd, cwd / "outputs" / "tiny-text", first
 
 
-def test_tiny_recipe_end_to_end(tiny_run):
+def test_tiny_recipe_end_to_end(tiny_run, check_evaluation):
     _, run, first = tiny_run
     state = json.loads((run / "run.json").read_text())
     assert state["steps"]["run"]["status"] == "done"
@@ -31,14 +31,17 @@ def test_tiny_recipe_end_to_end(tiny_run):
     base = json.loads((run / "base" / "metrics.json").read_text())
     sft = json.loads((run / "sft" / "metrics.json").read_text())
     for metrics in (base, sft):
-        assert metrics["eval"]["n"] == 8 and 0.0 <= metrics["eval"]["accuracy"] <= 1.0
+        check_evaluation(metrics["eval"], 8)
     assert sft["train"]["global_step"] == 3
     assert sft["adapter"]["reloads_equal"] and (run / "sft" / "adapter_model.safetensors").stat().st_size > 0
     lineage = json.loads((run / "sft" / "lineage.json").read_text())
     assert lineage["datasets"]["dataset_name"]["fingerprint"]
     assert lineage["versions"]["trl"] and lineage["inputs_hash"]
     assert not list(run.glob(".*.partial")), "a finished stage leaves no partial folder"
-    assert "held-out accuracy: base" in first.stdout and "→ sft" in first.stdout and "→ upo" in first.stdout
+    evaluated = {step: json.loads((run / step / "metrics.json").read_text())["eval"]["accuracy"]
+                 for step in ("base", "sft", "dpo", "upo")}
+    line = " → ".join(f"{step} {accuracy:.1%}" for step, accuracy in evaluated.items())
+    assert f"held-out accuracy: {line}" in first.stdout, "the summary prints what metrics.json holds"
     # the chain: on-policy pairs from the SFT adapter feed DPO; UPO continues the DPO adapter
     assert (run / "data" / "pairs" / "train.parquet").is_file()
     dpo = json.loads((run / "dpo" / "metrics.json").read_text())

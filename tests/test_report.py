@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from posttrain.report import accuracy_line, build_comparison, build_report, stage_metrics
-from posttrain.report_compare import comparison_rows
-from posttrain.report_doc import Cell, Table, inline_md, to_markdown
-from posttrain.report_plots import assign_panels
-from posttrain.report_run import error_cause, load_run
+from posttrain.report.blocks import Cell, Table
+from posttrain.report.compare import comparison_rows
+from posttrain.report.load import error_cause, load_run
+from posttrain.report.plots import assign_panels
+from posttrain.report.render import inline_md, to_markdown
 
 ASSETS = Path(__file__).parent / "assets" / "runs"
 TINY = Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "text.yaml"

@@ -106,6 +106,19 @@ def test_mine_pairs_zero_variance_groups_give_no_pair():
     assert mine_pairs(rewards, 4, margin=0.0) == []
 
 
+def test_mine_pairs_batch_of_groups():
+    """Indices are into the whole batch; each group is mined on its own, a tied group gives nothing, the margin drops
+    a small gap, and pairs_per_prompt caps each group separately."""
+    rewards = torch.tensor([0.2, 0.9, 0.1, 0.5,  # group 0: best 1, worst 2 (gap 0.8), then 3 vs 0 (gap 0.3)
+                            2.0, 2.0, 2.0, 2.0,  # group 1: no variance
+                            0.0, 0.0, 1.0, 0.4])  # group 2: best 10, worst 9 (tied worst: the later), then 11 vs 8
+    assert mine_pairs(rewards, 4, margin=0.0) == [(1, 2, pytest.approx(0.8)), (10, 9, 1.0)]
+    assert mine_pairs(rewards, 4, margin=0.0, pairs_per_prompt=2) == [
+        (1, 2, pytest.approx(0.8)), (3, 0, pytest.approx(0.3)), (10, 9, 1.0), (11, 8, pytest.approx(0.4))]
+    assert mine_pairs(rewards, 4, margin=0.35, pairs_per_prompt=2) == [
+        (1, 2, pytest.approx(0.8)), (10, 9, 1.0), (11, 8, pytest.approx(0.4))]
+
+
 def test_mine_pairs_margin():
     rewards = torch.tensor([0.0, 0.4, 0.0, 1.0])
     assert mine_pairs(rewards, 2, margin=0.5) == [(3, 2, 1.0)]  # gap 0.4 < 0.5 dropped
@@ -142,7 +155,7 @@ def test_prompts_rendered_per_row_thinking_mode(tmp_path, tiny_model_path, tiny_
     trainer = UPOTrainer(load_model(tiny_model_path()), args=args, train_dataset=prompts(4),
                          processing_class=tiny_tokenizer, peft_config=lora())
     rows = list(trainer.train_dataset)
-    assert all(isinstance(row["prompt"], str) for row in rows)
+    assert [f"What is {i} + {i}?" in row["prompt"] for i, row in enumerate(rows)] == [True] * 4  # in order
     assert rows[0]["prompt"].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # thinking off: prefilled
     assert rows[1]["prompt"].endswith("<|im_start|>assistant\n")  # thinking on: the model opens <think> itself
     assert [row["thinking"] for row in rows] == [False, True, False, True]  # kept for think_format
@@ -209,26 +222,51 @@ def _run(trainer_cls, config_cls, tmp_path, model_path, tokenizer, **extra):
     return trainer, recorder.steps
 
 
-def test_lambda_zero_reproduces_grpo(tmp_path, tiny_model_path, tiny_tokenizer):
-    path = tiny_model_path()
-    grpo, grpo_grads = _run(GRPOTrainer, GRPOConfig, tmp_path, path, tiny_tokenizer)
-    upo, upo_grads = _run(UPOTrainer, UPOConfig, tmp_path, path, tiny_tokenizer, upo_lambda=0.0)
+@pytest.fixture(scope="module")
+def grpo_run(tmp_path_factory, tiny_model_path, tiny_tokenizer):
+    """Plain GRPOTrainer on the tiny setup, once for the module: what UPO at λ = 0 (and λ → 0) must reproduce."""
+    trainer, grads = _run(GRPOTrainer, GRPOConfig, tmp_path_factory.mktemp("grpo"), tiny_model_path(), tiny_tokenizer)
+    assert any(g.abs().sum() > 0 for g in grads[0].values())  # the comparison is not between zeros
+    return [h for h in trainer.state.log_history if "loss" in h], grads
 
-    grpo_logs = [h for h in grpo.state.log_history if "loss" in h]
+
+def test_lambda_zero_reproduces_grpo(grpo_run, tmp_path, tiny_model_path, tiny_tokenizer):
+    grpo_logs, grpo_grads = grpo_run
+    upo, upo_grads = _run(UPOTrainer, UPOConfig, tmp_path, tiny_model_path(), tiny_tokenizer, upo_lambda=0.0)
     upo_logs = [h for h in upo.state.log_history if "loss" in h]
     assert len(grpo_logs) == len(upo_logs) == 2
     for g, u in zip(grpo_logs, upo_logs, strict=True):
         assert u["loss"] == pytest.approx(g["loss"], abs=1e-7)
         assert u["reward"] == pytest.approx(g["reward"], abs=1e-7)
         assert "upo/pairs_online" in u  # the UPO machinery ran, it just adds nothing at λ = 0
-    assert any(abs(h["loss"]) > 0 for h in grpo_logs) or any(any(g.abs().sum() > 0 for g in s.values())
-                                                               for s in grpo_grads)
+        assert "upo/dpo_loss" not in u  # and the DPO term was never computed
     assert len(grpo_grads) == len(upo_grads) == 2
     for g_step, u_step in zip(grpo_grads, upo_grads, strict=True):
         assert g_step.keys() == u_step.keys() and g_step
         for name in g_step:
             torch.testing.assert_close(u_step[name], g_step[name], rtol=1e-5, atol=1e-7)
-    assert any(g.abs().sum() > 0 for g in grpo_grads[0].values())  # the comparison is not between zeros
+
+
+def test_tiny_lambda_runs_the_dpo_term_and_stays_grpo(grpo_run, tmp_path, tiny_model_path, tiny_tokenizer):
+    """λ = 1e-6 goes through the whole DPO code path (pairs, reference log-probs, the extra forward, the normaliser)
+    yet must add only λ·(DPO loss) to GRPO's loss and next to nothing to its gradients: a DPO term that leaked into
+    the policy-gradient part, or was weighted by anything but λ, fails here."""
+    lam = 1e-6
+    grpo_logs, grpo_grads = grpo_run
+    upo, upo_grads = _run(UPOTrainer, UPOConfig, tmp_path, tiny_model_path(), tiny_tokenizer, upo_lambda=lam)
+    upo_logs = [h for h in upo.state.log_history if "loss" in h]
+    assert len(upo_logs) == 2
+    for g, u in zip(grpo_logs, upo_logs, strict=True):
+        assert u["upo/pairs_online"] > 0 and math.isfinite(u["upo/dpo_loss"])  # the DPO term was computed
+        assert u["upo/pg_loss"] == pytest.approx(g["loss"], abs=1e-6)
+        assert u["loss"] == pytest.approx(g["loss"] + lam * u["upo/dpo_loss"], abs=1e-6)
+        assert u["reward"] == pytest.approx(g["reward"], abs=1e-6)
+    # step 1: a fresh adapter is its own reference, so every pair's DPO loss is exactly ln 2
+    assert upo_logs[0]["upo/dpo_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    for g_step, u_step in zip(grpo_grads, upo_grads, strict=True):
+        assert g_step.keys() == u_step.keys()
+        for name in g_step:
+            torch.testing.assert_close(u_step[name], g_step[name], rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -329,14 +367,14 @@ def test_pairs_travel_on_chosen_rows(tmp_path, tiny_model_path, tiny_tokenizer):
     trainer.model.train()
     rows = list(trainer.train_dataset)[:2]
     output = trainer._generate_and_score_completions([row for row in rows for _ in range(4)])
-    rewards = trainer._batch_rewards
-    pairs = mine_pairs(rewards, 4, 0.0, 2)
-    assert output["upo_has_pair"].sum().item() == len(pairs) == output["upo_num_pairs"].item() > 0
+    # which pairs mining picks is tested on hand-built rewards above; here: the trainer carries exactly those pairs
+    pairs = mine_pairs(trainer._batch_rewards, 4, 0.0, 2)
+    assert output["upo_num_pairs"].item() == len(pairs) > 0
+    assert output["upo_has_pair"].nonzero().flatten().tolist() == sorted(chosen for chosen, _, _ in pairs)
 
     ids = [c[m.bool()].tolist() for c, m in zip(output["completion_ids"], output["completion_mask"], strict=True)]
     for chosen, rejected, _ in pairs:
         assert output["upo_rejected_ids"][chosen][output["upo_rejected_mask"][chosen].bool()].tolist() == ids[rejected]
-        assert rewards[chosen] > rewards[rejected] and chosen // 4 == rejected // 4
     with torch.no_grad(), trainer.model.disable_adapter():  # fresh adapter: the reference is the base model
         chosen_rows = output["upo_has_pair"]
         expected = plain_logps(trainer.model, output["prompt_ids"][chosen_rows], output["prompt_mask"][chosen_rows],

@@ -143,7 +143,7 @@ def _chain(arch, vqa, tiny_model_path, out):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_sft_trains_language_lora_with_images(arch, chain):
+def test_sft_trains_language_lora_with_images(arch, chain, vqa):
     run = chain(arch)
     trainer = run["sft"]
     losses(trainer)
@@ -164,7 +164,12 @@ def test_sft_trains_language_lora_with_images(arch, chain):
     evaluation = metrics["eval"]
     assert {"accuracy", "format", "by_group", "samples"} <= set(evaluation)
     assert {"mode/thinking", "mode/non_thinking"} <= set(evaluation["by_group"])
-    assert isinstance(evaluation["samples"][0]["prompt"], str)
+    from posttrain.evaluate import load_rows
+
+    questions = [next(part["text"] for part in row["prompt"][-1]["content"] if part["type"] == "text")
+                 for row in load_rows(str(vqa / "tasks"), "test")]
+    assert [s["prompt"] for s in evaluation["samples"]] == questions[:len(evaluation["samples"])], \
+        "a sample shows its question's text, without the image part"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -409,7 +414,7 @@ def test_easy_vqa_tasks_think_consistently(vqa):
     assert card["sources"][0]["license"] == "mit" and "Victor Zhou" in card["sources"][0]["notes"]
 
 
-def test_tiny_vision_recipe(tiny_vision_run):
+def test_tiny_vision_recipe(tiny_vision_run, check_evaluation):
     """The tiny vision recipe end to end through the CLI: data jobs, base eval, sft -> dpo -> upo, all with images."""
     cwd, process = tiny_vision_run
     output, _ = process.communicate(timeout=300)
@@ -419,7 +424,7 @@ def test_tiny_vision_recipe(tiny_vision_run):
     assert "easy-vqa" in (run / "data" / "vqa" / "README.md").read_text()
     for stage in ("base", "sft", "dpo", "upo"):
         evaluation = json.loads((run / stage / "metrics.json").read_text())["eval"]
-        assert evaluation["n"] == 8 and 0.0 <= evaluation["accuracy"] <= 1.0
+        check_evaluation(evaluation, 8)
         assert {"mode/thinking", "mode/non_thinking"} <= set(evaluation["by_group"]) and evaluation["samples"]
     sft = json.loads((run / "sft" / "metrics.json").read_text())
     assert all(math.isfinite(log["loss"]) for log in sft["log_history"] if "loss" in log)

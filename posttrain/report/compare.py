@@ -12,25 +12,16 @@ import os
 import re
 from pathlib import Path
 
-from . import report_plots as plots
-from .report_doc import Cell, Image, Para, Table
-from .report_inputs import PATH_KEYS
-from .report_run import load_run
-from .report_sections import NOT_MEASURED, fmt, heading, num_cell
+from ..runs import MACHINE_PATH_KEYS
+from . import plots
+from .blocks import NOT_MEASURED, Cell, Image, Para, Table, fmt, heading, num_cell
+from .load import load_run
 
 PROXY_KEYS = ("reward", "rewards/accuracies")  # GRPO/UPO training reward; DPO's implicit-reward accuracy
 RAW_DOMAIN_REWARD = r"upo/reward(?:_mean)?/[^/]+(?:/mean)?"
 PROXY_WINDOW = 5  # the proxy is the mean of the last logged steps: one step is too noisy to compare runs by
-NOT_SETTINGS = PATH_KEYS | {"dataset_name", "eval_dataset", "upo_offline_dataset", "logging_steps", "save_steps",
-                            "save_strategy", "save_total_limit", "report_to"}
-
-
-def ablation_runs(root: Path, state: dict) -> list[Path]:
-    """The other runs a run's run.json says it is compared with."""
-    listed = state.get("ablation") or []
-    listed = listed.get("runs", []) if isinstance(listed, dict) else listed
-    paths = [p if p.is_absolute() else (root / p) for p in map(Path, listed)]
-    return [p for p in paths if (p / "run.json").is_file()]  # a deleted sibling run must not break the report
+NOT_SETTINGS = MACHINE_PATH_KEYS | {"dataset_name", "eval_dataset", "upo_offline_dataset", "logging_steps",
+                                    "save_steps", "save_strategy", "save_total_limit", "report_to"}
 
 
 def proxy_reward(log_history: list[dict], normalized: bool = False) -> tuple[str, float, int] | None:
@@ -112,8 +103,8 @@ def comparison(runs: list[Path]) -> list:
         "reward measured as"]
     blocks = [heading("Ablation"),
               Para("True accuracy is the verifier on held-out prompts after the run's last evaluated stage; the "
-                   "format (think tags as the mode asks) and stopped (the answer ended with EOS) are scored on the same "
-                   "answers, and the held-out proxy is the deliberately hackable `hackable_length` reward on them; "
+                   "format (think tags as the mode asks) and stopped (the answer ended with EOS) are scored on the "
+                   "same answers, and the held-out proxy is the deliberately hackable `hackable_length` reward on them; "
                    "the training reward is what the stage optimised, averaged over its last logged steps. A proxy "
                    "that rises while accuracy does not is the signature of reward hacking."),
               Table(header, table, "Setting columns: the resolved arguments that differ between these runs.")]

@@ -1,4 +1,6 @@
-"""Reading a run folder for the report, finished or not: every step's status, metrics, lineage, error and data cards.
+"""Step 1 of the report: a run folder -> one `RunView`, everything the report shows read from disk here and only here.
+
+Every step's status, metrics, lineage, resolved arguments, error and the data cards, for a run finished or not.
 
 Nothing here computes a metric: every number the report shows is read from a file the run wrote. A stage that is
 still running (or was killed) may have logged curves in a Trainer checkpoint of `.<stage>.partial/`; those are shown
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-DEFAULT_ORDER = ["base", "sft", "dpo", "upo"]
+from ..runs import STAGE_ORDER
 
 
 @dataclass
@@ -48,12 +50,32 @@ class StageView:
 
 
 @dataclass
+class DataCardView:
+    """`data/<name>/` as the data job left it: its card.json, whether it wrote a README, its length histogram."""
+
+    card: dict
+    has_readme: bool = False
+    lengths_png: bytes | None = None
+
+
+@dataclass
 class RunView:
+    """A run folder as the report sees it.
+
+    state (`dict`): run.json.
+    recipe_yaml (`str`): the recipe as run (`recipe.yaml`, overrides applied), empty if not written.
+    ablation (`list[Path]`): the other runs run.json says this one is compared with (those that still exist).
+    accuracy (`str`): the held-out accuracy of every finished step (`accuracy_line`), empty if none was evaluated.
+    """
+
     root: Path
     name: str
     state: dict
     stages: list[StageView]
-    cards: dict[str, dict]  # data/<name>/card.json by name
+    cards: dict[str, DataCardView]  # by data folder name
+    recipe_yaml: str = ""
+    ablation: list[Path] = field(default_factory=list)
+    accuracy: str = ""
 
     def stage(self, name: str) -> StageView | None:
         return next((s for s in self.stages if s.name == name), None)
@@ -75,13 +97,49 @@ def load_run(root: str | Path) -> RunView:
     root = Path(root)
     state = _json(root / "run.json")
     order = list(state.get("order") or [])
-    for extra in DEFAULT_ORDER:  # a folder the run.json does not list yet (e.g. an older run.json) still shows
+    for extra in STAGE_ORDER:  # a folder the run.json does not list yet (e.g. an older run.json) still shows
         if extra not in order and ((root / extra).is_dir() or (root / f".{extra}.partial").is_dir()):
             order.append(extra)
     order = order or ["base"]
     stages = [_load_stage(root, name, state.get("steps", {}).get(name, {})) for name in order]
-    cards = {p.parent.name: _json(p) for p in sorted((root / "data").glob("*/card.json"))}
-    return RunView(root, state.get("name") or root.name, state, stages, cards)
+    cards = {p.parent.name: _load_card(p.parent) for p in sorted((root / "data").glob("*/card.json"))}
+    recipe = root / "recipe.yaml"
+    return RunView(root, state.get("name") or root.name, state, stages, cards,
+                   recipe.read_text() if recipe.is_file() else "", ablation_runs(root, state), accuracy_line(root))
+
+
+def _load_card(folder: Path) -> DataCardView:
+    lengths = folder / "lengths.png"
+    return DataCardView(_json(folder / "card.json"), (folder / "README.md").is_file(),
+                        lengths.read_bytes() if lengths.is_file() else None)
+
+
+def ablation_runs(root: Path, state: dict) -> list[Path]:
+    """The other runs a run's run.json says it is compared with (`"ablation": {"runs": [...]}` or a list; paths
+    relative to the run folder or absolute)."""
+    listed = state.get("ablation") or []
+    listed = listed.get("runs", []) if isinstance(listed, dict) else listed
+    paths = [p if p.is_absolute() else (root / p) for p in map(Path, listed)]
+    return [p for p in paths if (p / "run.json").is_file()]  # a deleted sibling run must not break the report
+
+
+def stage_metrics(root: str | Path) -> dict[str, dict]:
+    """metrics.json of every finished step of a run, in run order (base first)."""
+    root = Path(root)
+    state = json.loads((root / "run.json").read_text()) if (root / "run.json").is_file() else {}
+    order = state.get("order") or STAGE_ORDER
+    out = {}
+    for step in order:
+        path = root / step / "metrics.json"
+        if path.is_file():
+            out[step] = json.loads(path.read_text())
+    return out
+
+
+def accuracy_line(root: str | Path) -> str:
+    """`base 12.0% → sft 41.5% → dpo 44.0%` from the metrics of a run; empty when nothing was evaluated."""
+    parts = [f"{step} {m['eval']['accuracy']:.1%}" for step, m in stage_metrics(root).items() if m.get("eval")]
+    return " → ".join(parts)
 
 
 def _load_stage(root: Path, name: str, step: dict) -> StageView:

@@ -1,65 +1,39 @@
-"""A tiny document model for the run report, rendered twice: self-contained HTML and Markdown.
+"""Last step of the report: blocks -> a self-contained HTML page and a Markdown file (+ its PNGs), written atomically.
 
 Both files are rendered from the same blocks, so they cannot drift apart: what the HTML page says, the Markdown
-(model card, terminal) says too. Inline text understands three marks only: `code`, **bold** and [text](link).
+(model card, terminal) says too.
 """
 
 import base64
 import html
 import re
-from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..io import replace_dir, write_text
+from .blocks import Cell, Code, Details, Heading, Image, Para, Table
 
 
-@dataclass
-class Heading:
-    text: str
-    level: int = 2
-    anchor: str | None = None
+def write_documents(blocks: list, out_dir: Path, stem: str, title: str) -> Path:
+    """Render `blocks` to `<stem>.html` and `<stem>.md` (+ PNGs in `<stem>_files/`), each replaced atomically so a
+    reader never sees half a report; returns the HTML path."""
+    files_dir = f"{stem}_files"
+    images = list(_images(blocks))
+
+    def write_images(folder: Path) -> None:
+        for image in images:
+            (folder / image.name).write_bytes(image.png)
+
+    replace_dir(out_dir / files_dir, write_images)
+    write_text(out_dir / f"{stem}.md", to_markdown(blocks, files_dir))
+    return write_text(out_dir / f"{stem}.html", to_html(blocks, title))
 
 
-@dataclass
-class Para:
-    text: str
-    kind: str = ""  # "", "note", "failed", "warning": a call-out box in HTML, a quote in Markdown
-
-
-@dataclass
-class Cell:
-    """A table cell with a style (`num`, `ok`, `bad`, `failed`, `running`, `missing`, `mono`, `pre`, `right`,
-    `wrong`); `literal` text (model outputs) is shown as is, without inline marks."""
-
-    text: str
-    cls: str = ""
-    literal: bool = False
-
-
-@dataclass
-class Table:
-    header: list[str]
-    rows: list[list]  # str or Cell
-    caption: str = ""
-    cls: str = ""
-
-
-@dataclass
-class Image:
-    name: str  # file name under report_files/
-    png: bytes
-    alt: str
-    caption: str = ""
-
-
-@dataclass
-class Code:
-    text: str
-
-
-@dataclass
-class Details:
-    """Collapsed in HTML (<details>), also in Markdown (the Hub and GitHub render <details>)."""
-
-    summary: str
-    blocks: list = field(default_factory=list)
+def _images(blocks: list):
+    for block in blocks:
+        if isinstance(block, Image):
+            yield block
+        elif isinstance(block, Details):
+            yield from _images(block.blocks)
 
 
 # ----------------------------------------------------------------------------------------------------------- inline

@@ -1,13 +1,9 @@
-"""Report sections about a run's inputs: the recipe and lineage of every stage, and the data cards of its datasets."""
+"""Step 2 of the report, continued: a `RunView` -> the blocks about its inputs: the recipe and lineage of every stage,
+and the data cards of its datasets."""
 
-from pathlib import Path
-
-from .report_doc import Cell, Code, Details, Image, Para, Table
-from .report_run import RunView, relative
-from .report_sections import NOT_MEASURED, fmt, heading, status_cell
-
-# Set per run by the pipeline (paths into the run folder): shown in the lineage, not as hyperparameters.
-PATH_KEYS = {"model_name_or_path", "tokenizer_name_or_path", "output_dir", "adapter_path", "resume_from_checkpoint"}
+from ..runs import MACHINE_PATH_KEYS
+from .blocks import NOT_MEASURED, Cell, Code, Details, Image, Para, Table, fmt, heading, status_cell
+from .load import DataCardView, RunView, relative
 
 
 def short(fingerprint: str | None, n: int = 16) -> str:
@@ -27,9 +23,8 @@ def lineage(run: RunView) -> list:
             ": the stages were run from different versions of it (see their recipe fingerprints)." if fingerprints
             else ".")
     blocks.append(Para(f"Recipe `{recipe or 'not recorded'}`{note}"))
-    if (run.root / "recipe.yaml").is_file():
-        blocks.append(Details("the recipe as run (recipe.yaml, overrides applied)",
-                              [Code((run.root / "recipe.yaml").read_text())]))
+    if run.recipe_yaml:
+        blocks.append(Details("the recipe as run (recipe.yaml, overrides applied)", [Code(run.recipe_yaml)]))
     blocks += [heading("Base model", 3), base_model_table(run)]
     blocks += [heading("Stages", 3), stages_table(run)]
     blocks += [heading("Datasets", 3), datasets_table(run)]
@@ -66,7 +61,7 @@ def stages_table(run: RunView) -> Table:
 
 def datasets_table(run: RunView) -> Table:
     rows = []
-    cards = {f"data/{name}": card for name, card in run.cards.items()}
+    cards = {f"data/{name}": view.card for name, view in run.cards.items()}
     for stage in run.stages:
         for key, info in (stage.lineage.get("datasets") or {}).items():
             path = relative(info.get("path"), run.root)
@@ -100,7 +95,7 @@ def hyperparameters_table(run: RunView) -> Table | None:
     stages = [s for s in run.stages if s.resolved]
     if not stages:
         return None
-    keys = list(dict.fromkeys(k for s in stages for k in s.resolved if k not in PATH_KEYS))
+    keys = list(dict.fromkeys(k for s in stages for k in s.resolved if k not in MACHINE_PATH_KEYS))
     rows = []
     for key in keys:
         values = [s.resolved.get(key) for s in stages]
@@ -116,8 +111,8 @@ def data_cards(run: RunView) -> list:
     if not run.cards:
         return blocks + [Para("No data card in `data/`: the run's datasets are not described here.", "warning")]
     users = _dataset_users(run)
-    for name, card in run.cards.items():
-        blocks += _card(run, name, card, users.get(f"data/{name}", ""))
+    for name, view in run.cards.items():
+        blocks += _card(name, view, users.get(f"data/{name}", ""))
     return blocks
 
 
@@ -135,12 +130,12 @@ def _dataset_users(run: RunView) -> dict[str, str]:
             for path in {*train, *held_out}}
 
 
-def _card(run: RunView, name: str, card: dict, used_by: str) -> list:
-    folder = run.root / "data" / name
+def _card(name: str, view: DataCardView, used_by: str) -> list:
+    card = view.card
     kind = card.get("kind") or "dataset"
     job = f" built by `{card['job']}`" if card.get("job") else ""
     columns = f" Columns: {', '.join(f'`{c}`' for c in card['columns'])}." if card.get("columns") else ""
-    link = f" [Full data card](data/{name}/README.md)." if (folder / "README.md").is_file() else ""
+    link = f" [Full data card](data/{name}/README.md)." if view.has_readme else ""
     blocks = [heading(f"data/{name}", 3),
               Para(f"**{kind}**{job}.{columns}{link}\nUsed by: {used_by or 'no stage recorded it'}."
                    + (f"\n{card['description']}" if card.get("description") else ""))]
@@ -166,8 +161,7 @@ def _card(run: RunView, name: str, card: dict, used_by: str) -> list:
              f"Built with `{card['command']}`." if card.get("command") else ""]
     if any(facts):
         blocks.append(Para(" ".join(f for f in facts if f)))
-    lengths = folder / "lengths.png"
-    if lengths.is_file():
-        blocks.append(Image(f"data_{name}_lengths.png", Path(lengths).read_bytes(), f"{name} length histogram",
+    if view.lengths_png:
+        blocks.append(Image(f"data_{name}_lengths.png", view.lengths_png, f"{name} length histogram",
                             f"Lengths of the kept rows ({card.get('length_unit', 'as measured by the data job')})."))
     return blocks

@@ -1,18 +1,30 @@
-"""The sections of the run report, as blocks of `report_doc`: summary, evaluation, curves, samples, lineage, data.
+"""Step 2 of the report: a `RunView` -> the blocks of its results: summary, evaluation, curves and samples.
 
-Rule for every number: it is read from a file the run wrote (run.json, metrics.json, lineage.json, card.json); where
-the file or the key is missing the cell says "not measured", never 0 or a guess.
+Rule for every number: it is read from a file the run wrote (run.json, metrics.json); where the file or the key is
+missing the cell says "not measured", never 0 or a guess. The run's inputs (recipe, lineage, data) are `inputs`.
 """
 
 import re
 
-from . import report_plots as plots
-from .report_doc import Cell, Code, Details, Heading, Image, Para, Table
-from .report_run import RunView, StageView, relative
-
-NOT_MEASURED = Cell("not measured", "missing")
-STATUS_CLASS = {"done": "ok", "failed": "failed", "running": "running", "not started": "missing"}
-STATUS_TEXT = {"running": "running (or interrupted)"}
+from . import plots
+from .blocks import (
+    NOT_MEASURED,
+    STATUS_TEXT,
+    Cell,
+    Code,
+    Details,
+    Heading,
+    Image,
+    Para,
+    Table,
+    fmt,
+    heading,
+    num_cell,
+    seconds,
+    slug,
+    status_cell,
+)
+from .load import RunView, StageView, relative
 
 EVAL_ROWS = [  # key, label, kind
     ("n", "held-out prompts", "int"),
@@ -28,44 +40,8 @@ GROUP_LABELS = {"mode/thinking": "accuracy · thinking on", "mode/non_thinking":
 KNOWN_METRICS = {"stage", "status", "wall_time_s", "world_size", "train", "log_history", "adapter", "eval"}
 
 
-def slug(text: str) -> str:
-    """GitHub's heading anchor, so links work in report.md on the Hub and in report.html alike."""
-    return re.sub(r"[^\w\- ]", "", text.lower()).strip().replace(" ", "-")
-
-
-def heading(text: str, level: int = 2) -> Heading:
-    return Heading(text, level, slug(text))
-
-
-def fmt(value, kind: str = "num") -> str:
-    if value is None:
-        return "not measured"
-    if kind == "rate":
-        return f"{value:.1%}"
-    if kind == "int" or (isinstance(value, int) and not isinstance(value, bool)):
-        return f"{int(value):,}"
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
-    return str(value)
-
-
-def seconds(value) -> str:
-    if value is None:
-        return "not measured"
-    value = float(value)
-    return f"{value:.1f} s" if value < 120 else f"{value / 60:.1f} min"
-
-
-def num_cell(value, kind: str = "num") -> Cell:
-    return NOT_MEASURED if value is None else Cell(fmt(value, kind), "num")
-
-
-def status_cell(status: str) -> Cell:
-    return Cell(STATUS_TEXT.get(status, status), STATUS_CLASS.get(status, ""))
-
-
 # --------------------------------------------------------------------------------------------------------- summary
-def summary(run: RunView, accuracy: str) -> list:
+def summary(run: RunView) -> list:
     state = run.state.get("steps", {}).get("run", {})
     facts = [f"recipe `{run.state['recipe']}`" if run.state.get("recipe") else "recipe not recorded",
              f"started {state['started']}" if state.get("started") else "",
@@ -73,7 +49,7 @@ def summary(run: RunView, accuracy: str) -> list:
     status = state.get("status", "unknown")
     blocks = [Heading(f"Run report: {run.name}", 1, slug(run.name)),
               Para(" · ".join(f for f in facts if f) + f" · run status **{STATUS_TEXT.get(status, status)}**"),
-              Para(f"**Held-out accuracy:** {accuracy or 'not measured'}")]
+              Para(f"**Held-out accuracy:** {run.accuracy or 'not measured'}")]
     for i, stage in enumerate(run.stages):
         if stage.status == "failed":
             where = f"`{relative(stage.log_path, run.root)}`" if stage.log_path else "not found"

@@ -1,0 +1,114 @@
+"""Error bars for accuracies: Wilson intervals, and paired comparisons of two models on the same prompts.
+
+Held-out sets here are small (hundreds of prompts), so a few points of accuracy are often luck. Every accuracy we
+print carries a 95 % Wilson interval (well behaved near 0 and 1, unlike the normal approximation), and a stage is
+compared with the one before on the *same* prompts with an exact McNemar test (only the prompts where the two
+disagree carry information) and a paired bootstrap interval of the difference. Written by hand: scipy is not a
+dependency, and these are a few lines each.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+
+Z95 = 1.959963984540054  # two-sided 95 % normal quantile
+
+
+def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """95 % Wilson score interval of a binomial proportion; (0, 1) when `n` is 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value: under "no difference", the `only_a + only_b` discordant prompts split
+    Binomial(n, 1/2)."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_bootstrap(a: list[bool], b: list[bool], samples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of mean(b) - mean(a) over prompts resampled with replacement (seeded)."""
+    n = len(a)
+    if n == 0:
+        return 0.0, 0.0
+    rng = random.Random(seed)
+    diffs = [int(y) - int(x) for x, y in zip(a, b)]
+    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples))
+    return means[int(0.025 * samples)], means[min(samples - 1, int(0.975 * samples))]
+
+
+@dataclass
+class Comparison:
+    """`b` (e.g. a stage) against `a` (the stage before) on the same prompts."""
+
+    n: int
+    accuracy_a: float
+    accuracy_b: float
+    difference: float  # accuracy_b - accuracy_a
+    interval: tuple[float, float]  # 95 % paired bootstrap interval of the difference
+    only_a: int  # prompts right under a and wrong under b
+    only_b: int
+    p_value: float  # exact McNemar
+    significant: bool  # p < 0.05
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare(a: list[bool], b: list[bool]) -> Comparison:
+    """Paired comparison of per-prompt verdicts `a` and `b` (same prompts, same order)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired comparison needs the same prompts: {len(a)} verdicts vs {len(b)}")
+    n = len(a)
+    only_a = sum(1 for x, y in zip(a, b) if x and not y)
+    only_b = sum(1 for x, y in zip(a, b) if y and not x)
+    p = mcnemar_exact(only_a, only_b)
+    acc_a, acc_b = (sum(a) / n, sum(b) / n) if n else (0.0, 0.0)
+    return Comparison(n=n, accuracy_a=acc_a, accuracy_b=acc_b, difference=acc_b - acc_a,
+                      interval=paired_bootstrap(a, b), only_a=only_a, only_b=only_b, p_value=p,
+                      significant=p < 0.05)
+
+
+def half_width(successes: int, n: int) -> float:
+    """Half the width of the Wilson interval, for a compact `50.0% (±7)`."""
+    low, high = wilson(successes, n)
+    return (high - low) / 2
+
+
+def format_accuracy(successes: int, n: int) -> str:
+    """`54.2% (±7)`: the accuracy with half its 95 % interval, in points."""
+    return f"{100 * successes / max(n, 1):.1f}% (±{100 * half_width(successes, n):.0f})"
+
+
+def format_change(comparison: Comparison) -> str:
+    """`+4.2 n.s.` or `+12.5 (p=0.003)`: the paired difference in points and whether it is significant."""
+    text = f"{100 * comparison.difference:+.1f}"
+    return f"{text} (p={comparison.p_value:.2g})" if comparison.significant else f"{text} n.s."
+
+
+def mean_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and a 95 % t-interval over seeds (normal quantile above 30 values)."""
+    n = len(values)
+    mean = sum(values) / n if n else 0.0
+    if n < 2:
+        return mean, mean, mean
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    t = _T95.get(n - 1, Z95)
+    return mean, mean - t * sd / math.sqrt(n), mean + t * sd / math.sqrt(n)
+
+
+# two-sided 95 % Student t quantiles by degrees of freedom: seeds are few
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.16, 14: 2.145, 15: 2.131, 16: 2.12, 17: 2.11, 18: 2.101, 19: 2.093, 20: 2.086,
+        21: 2.08, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.06, 26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042}

@@ -1,0 +1,61 @@
+"""Error bars: checked against values computed independently (scipy / textbook examples), not against themselves."""
+
+import pytest
+
+from posttrain import stats
+
+
+def test_wilson_matches_reference_values():
+    # scipy.stats.binomtest(24, 48).proportion_ci(method="wilson") = (0.36389, 0.63611)
+    low, high = stats.wilson(24, 48)
+    assert low == pytest.approx(0.36389, abs=1e-5) and high == pytest.approx(0.63611, abs=1e-5)
+    # near the edge the interval stays inside [0, 1] and is asymmetric (the normal approximation would go below 0)
+    low, high = stats.wilson(0, 20)
+    assert low == 0.0 and high == pytest.approx(0.1611, abs=1e-4)
+    assert stats.wilson(0, 0) == (0.0, 1.0)
+
+
+def test_half_width_of_fifty_percent_on_48_is_about_seven_points():
+    assert stats.format_accuracy(24, 48) == "50.0% (±14)"  # ±13.6: the *interval* half-width, not the standard error
+    assert 100 * stats.half_width(100, 200) == pytest.approx(6.8, abs=0.1)
+
+
+def test_mcnemar_exact_against_binomial_tail():
+    # 1 vs 9 discordant: 2 * P(X <= 1), X ~ Bin(10, 1/2) = 2 * 11/1024
+    assert stats.mcnemar_exact(1, 9) == pytest.approx(22 / 1024)
+    assert stats.mcnemar_exact(9, 1) == pytest.approx(22 / 1024)
+    assert stats.mcnemar_exact(5, 5) == 1.0
+    assert stats.mcnemar_exact(0, 0) == 1.0
+
+
+def test_compare_counts_discordant_prompts_and_flags_significance():
+    a = [True] * 30 + [False] * 170
+    b = [True] * 30 + [True] * 25 + [False] * 145  # 25 prompts fixed, none broken
+    c = stats.compare(a, b)
+    assert (c.only_a, c.only_b) == (0, 25)
+    assert c.difference == pytest.approx(0.125)
+    assert c.significant and c.p_value < 1e-6
+    assert c.interval[0] > 0 and c.interval[0] < 0.125 < c.interval[1]
+    assert stats.format_change(c).startswith("+12.5 (p=")
+
+
+def test_compare_small_change_is_not_significant():
+    a = [True] * 24 + [False] * 24
+    b = [True] * 22 + [False] * 2 + [True] * 4 + [False] * 20  # 4 fixed, 2 broken: +2 out of 48
+    c = stats.compare(a, b)
+    assert not c.significant
+    assert c.interval[0] < 0 < c.interval[1]
+    assert stats.format_change(c) == "+4.2 n.s."
+
+
+def test_compare_rejects_unpaired_verdicts():
+    with pytest.raises(ValueError, match="same prompts"):
+        stats.compare([True], [True, False])
+
+
+def test_mean_interval_over_seeds_uses_student_t():
+    mean, low, high = stats.mean_interval([0.30, 0.40, 0.50])
+    # sd 0.1, t(2) = 4.303: half-width 4.303 * 0.1 / sqrt(3) = 0.2484
+    assert mean == pytest.approx(0.40)
+    assert high - mean == pytest.approx(0.2484, abs=1e-4) and mean - low == pytest.approx(0.2484, abs=1e-4)
+    assert stats.mean_interval([0.5]) == (0.5, 0.5, 0.5)
