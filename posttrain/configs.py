@@ -47,6 +47,26 @@ class EvalArguments:
 
 
 @dataclass
+class GateArguments:
+    """A stage's promote gate (`gate:` in `shared:` or a stage's section): after the stage is evaluated, compare it
+    with the step before (the base model for the first stage) and stop the chain if it got worse."""
+
+    metric: str = field(
+        default="accuracy",
+        metadata={"help": "Held-out metric to compare (`posttrain.promotion.DIRECTIONS`: accuracy, format, "
+                          "stop_rate: higher is better; heldout_loss: lower is better)."},
+    )
+    must_not_drop: bool = field(
+        default=True, metadata={"help": "Stop the chain when the stage is worse; false: record the verdict only."}
+    )
+    max_drop: float = field(
+        default=0.0,
+        metadata={"help": "Tolerated worsening in the metric's units (0.05 = 5 points of accuracy). Accuracy must "
+                          "also be significantly worse (exact McNemar p < 0.05 on the same prompts) to stop."},
+    )
+
+
+@dataclass
 class StageArguments:
     """Our few additions to TRL's configs, shared by every stage script."""
 

@@ -13,6 +13,7 @@ one object from the recipe's `eval:` section, `posttrain eval`'s flags or a stag
 (a loaded model) or `run_saved` (a model folder).
 """
 
+import hashlib
 import json
 import math
 from collections import defaultdict
@@ -23,6 +24,7 @@ from .data import completion_text, render_prompt
 from .errors import UserError
 from .io import write_json
 from .models import vision
+from .stats import wilson
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, progress=None,
@@ -166,6 +168,11 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArgum
     return {
         "n": len(rows),
         "accuracy": _mean(correct),
+        "accuracy_ci95": list(wilson(sum(map(bool, correct)), len(rows))),
+        # every prompt's verdict, in row order, with a fingerprint of the prompts: two stages' verdicts pair up (for
+        # McNemar's test) only when they answered the same prompts in the same order
+        "verdicts": [int(bool(c)) for c in correct],
+        "prompts_sha": prompts_sha(prompts, columns["answer"]),
         "format": _mean(formatted),
         "proxy_reward": _mean(proxy),
         "stop_rate": _mean(stopped),
@@ -179,6 +186,11 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArgum
             for r, t, c in list(zip(rows, texts, correct))[:samples]
         ],
     }
+
+
+def prompts_sha(prompts: list[str], answers: list) -> str:
+    """Short hash of the rendered prompts and their expected answers, in order."""
+    return hashlib.sha256(json.dumps([prompts, answers], default=str).encode()).hexdigest()[:16]
 
 
 def _images(rows: list[dict]) -> list | None:
