@@ -135,6 +135,7 @@ def over_seeds(groups: dict[str, list[Path]], baseline: str) -> list:
     for name, runs in rows.items():
         accuracies = [r["accuracy"] for r in runs if r["accuracy"] is not None]
         mean, low, high = mean_interval(accuracies)
+        low, high = max(0.0, low), min(1.0, high)  # a t-interval knows nothing of a rate's bounds
         proxies = [r["heldout_proxy"] for r in runs if r["heldout_proxy"] is not None]
         cells = [f"**{name}**", Cell(str(len(accuracies)), "num"),
                  Cell(f"{mean:.1%}" if accuracies else "not measured", "num"),
