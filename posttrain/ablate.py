@@ -127,7 +127,13 @@ def run_ablation(recipe: Recipe, output_root: str | Path = "outputs", accelerate
             console.rule(f"ablation variant: {variant.name.removeprefix(recipe.name + '-')}")
             root = run_dir(variant, output_root).resolve()
             seed_from_shared(shared.root, root, order[:order.index(plan.stage)])
-            Pipeline(variant, output_root, accelerate_config, num_processes).run()
+            pipeline = Pipeline(variant, output_root, accelerate_config, num_processes)
+            try:
+                pipeline.run()
+            except UserError as exc:  # a variant its promote gate stopped is a result to compare, not a crash
+                if pipeline.state.get("steps", {}).get("run", {}).get("status") != "stopped":
+                    raise
+                console.print(f"[yellow]{variant.name}: stopped by a promote gate[/yellow] ({exc})")
             groups[name].append(root)
     from .report import build_comparison
 
