@@ -69,7 +69,9 @@ def cmd_eval(args) -> int:
         raise UserError("give a run folder (posttrain eval outputs/<run>) or --model and --dataset")
     metrics = run_saved(settings, model, tokenizer, adapter, args.out)
     if args.out:
-        console.print(f"accuracy {metrics['accuracy']:.1%} · format {metrics['format']:.1%} · n={metrics['n']}")
+        from .stats import format_eval_accuracy
+
+        console.print(f"accuracy {format_eval_accuracy(metrics)} · format {metrics['format']:.1%} · n={metrics['n']}")
     else:
         print(json.dumps(metrics, indent=2))
     return 0

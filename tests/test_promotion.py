@@ -122,7 +122,7 @@ def test_huge_learning_rate_is_stopped_by_the_gate(tiny_sft_run, tmp_path, postt
     raw = yaml.safe_load((cwd / "recipe.yaml").read_text())
     raw["stages"]["sft"].update(learning_rate=1000.0, gate={"metric": "heldout_loss"})
     (cwd / "recipe.yaml").write_text(yaml.safe_dump(raw))
-    result = posttrain_cli("run", cwd / "recipe.yaml", cwd=cwd, check=False)
+    result = posttrain_cli("run", cwd / "recipe.yaml", cwd=cwd, check=False, timeout=600)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "stage 'sft' is worse than base and its promote gate stopped the run: heldout_loss" in result.stdout
     run = cwd / "outputs" / "tiny-sft"
