@@ -64,8 +64,11 @@ def sft_configs():
     return make
 
 
-def _run_cli(*args, cwd, stdin=None, env=None, check=True, timeout=300):
-    """`python -m posttrain ARGS` in a subprocess, as a user runs it; fails with its output unless `check=False`."""
+def _run_cli(*args, cwd, stdin=None, env=None, check=True, timeout=600):
+    """`python -m posttrain ARGS` in a subprocess, as a user runs it; fails with its output unless `check=False`.
+
+    The timeout only guards against a hang (pytest-timeout's 600 s is the same): a tiny run takes about a minute on
+    two quiet cores, and several times that on cores shared with other jobs."""
     import subprocess
     import sys
 
