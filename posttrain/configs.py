@@ -44,6 +44,11 @@ class EvalArguments:
     max_new_tokens: int = field(default=64, metadata={"help": "Greedy generation budget per prompt."})
     batch_size: int = field(default=32, metadata={"help": "Prompts generated together."})
     samples: int = field(default=8, metadata={"help": "Answered prompts kept in metrics.json for the report."})
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "Generation precision: float32, or bfloat16 (autocast: ~1.5x less CPU time with "
+                          "AVX512-BF16; greedy answers can differ slightly from float32's, the same for every step)."},
+    )
 
 
 @dataclass
@@ -90,6 +95,7 @@ class StageArguments:
                                      metadata={"help": "See EvalArguments.max_new_tokens."})
     eval_batch_size: int = field(default=EvalArguments.batch_size, metadata={"help": "See EvalArguments.batch_size."})
     eval_samples: int = field(default=EvalArguments.samples, metadata={"help": "See EvalArguments.samples."})
+    eval_dtype: str = field(default=EvalArguments.dtype, metadata={"help": "See EvalArguments.dtype."})
 
     def eval_settings(self) -> EvalArguments:
         """The held-out evaluation this stage runs after training (its `dataset` is None when there is none)."""

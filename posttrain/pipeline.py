@@ -193,7 +193,7 @@ class Pipeline:
         if not ev.dataset:
             return {}
         return {"dataset": lineage.dataset_fingerprint(self.substitute(ev.dataset)), "split": ev.split,
-                "limit": ev.limit, "max_new_tokens": ev.max_new_tokens}
+                "limit": ev.limit, "max_new_tokens": ev.max_new_tokens, "dtype": ev.dtype}
 
     def stage_args(self, stage: str, previous: str | None) -> dict:
         from .devices import device_defaults

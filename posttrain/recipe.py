@@ -41,7 +41,7 @@ TOP_KEYS = {"name", "modality", "base", "data", "eval", "shared", "stages", "acc
             "ablation"}
 # Set by the pipeline for each stage; a recipe that sets them would silently be overridden, so it is an error.
 RESERVED = {"model_name_or_path", "output_dir", "adapter_path", "tokenizer_name_or_path", "resume_from_checkpoint",
-            "eval_dataset", "eval_split", "eval_limit", "eval_max_new_tokens", "eval_batch_size", "eval_samples",
+            "eval_dataset", "eval_split", "eval_limit", "eval_max_new_tokens", "eval_batch_size", "eval_samples", "eval_dtype",
             "trust_remote_code"}
 
 
@@ -130,6 +130,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         raise UserError(f"{where}: modality: '{modality}' is not one of text, vision")
     base = _build(BaseModelArguments, raw["base"], f"{where}: base")
     evaluation = _build(EvalArguments, raw.get("eval") or {}, f"{where}: eval")
+    if evaluation.dtype not in ("float32", "bfloat16"):
+        raise UserError(f"{where}: eval.dtype: '{evaluation.dtype}'; expected float32 or bfloat16")
     stages = _check_stages(raw, where)
     gates = _gates(raw, list(stages), where)
     data = check_data_section(raw.get("data") or {}, where, list(stages))
