@@ -2,7 +2,9 @@
 
 A 135M model can learn these in CPU minutes, and every answer is checked by the same reward functions that UPO
 optimises, so "did post-training help" is a number, not an impression. Domains: arithmetic, comparison, counting,
-string, units. Each task has a prompt, a reference answer, and worked steps for the thinking rendering.
+string, units. Each task has a prompt, a reference answer, and worked steps for the thinking rendering, and is phrased
+by one of many templates (`task_arithmetic`, `task_domains`: word problems, imperatives, other number ranges, two
+steps), so what transfers is the skill, not one sentence shape.
 
 Output (`--output_dir DIR`, written atomically): `sft.parquet` (`messages`, `thinking`, `domain`), `prompts.parquet`
 (`prompt`, `answer`, `domain`, `thinking`, and the reference reply `completion`: RL prompts), `test.parquet`
@@ -20,14 +22,10 @@ from dataclasses import dataclass, field
 from . import card as card_lib
 from .config import command_line, parse_config, run
 from .config import make_parser as _make_parser
+from .task_arithmetic import arithmetic
+from .task_domains import comparison, counting, string, units
 
 PROG = "posttrain data build_verifiable_tasks"
-
-WORDS = ["apple", "river", "planet", "garden", "window", "candle", "silver", "forest", "rocket", "pencil", "tiger",
-         "orange", "bridge", "castle", "dragon", "mirror", "summer", "winter", "basket", "button", "cloud", "stone",
-         "lemon", "music", "paper", "horse", "bread", "chair", "light", "ocean", "smile", "table", "train", "water"]
-UNITS = [("meters", "centimeters", 100), ("kilometers", "meters", 1000), ("kilograms", "grams", 1000),
-         ("hours", "minutes", 60), ("minutes", "seconds", 60), ("liters", "milliliters", 1000)]
 
 
 @dataclass
@@ -44,56 +42,8 @@ class VerifiableTasksConfig:
     seed: int = field(default=0, metadata={"help": "Random seed."})
 
 
-# Each generator returns (question, answer, steps). Steps are the worked reasoning shown inside <think>.
-def arithmetic(rng):
-    # small operands: within reach of a 135M model in a few CPU minutes, and still wrong often enough to learn from
-    op = rng.choice(["+", "-", "*"])
-    a, b = (rng.randint(2, 9), rng.randint(2, 9)) if op == "*" else (rng.randint(1, 30), rng.randint(1, 20))
-    value = {"+": a + b, "-": a - b, "*": a * b}[op]
-    if op == "*":
-        steps = f"{a} * {b} = {value}"
-    else:  # tens first, then ones: short enough to fit a 48-token budget with the answer
-        partial = a + b // 10 * 10 if op == "+" else a - b // 10 * 10
-        steps = f"{a} {op} {b // 10 * 10} = {partial}\n{partial} {op} {b % 10} = {value}"
-    return f"What is {a} {op} {b}?", str(value), steps
-
-
-def comparison(rng):
-    a, b = rng.sample(range(1, 1000), 2)
-    word = rng.choice(["larger", "smaller"])
-    value = max(a, b) if word == "larger" else min(a, b)
-    steps = f"{max(a, b)} > {min(a, b)}, so the {word} number is {value}."
-    return f"Which number is {word}: {a} or {b}?", str(value), steps
-
-
-def counting(rng):
-    word = rng.choice(WORDS)
-    if rng.random() < 0.5:
-        spelled = "-".join(word)
-        return f"How many letters are in the word \"{word}\"?", str(len(word)), f"{spelled}\nThat is {len(word)} letters."
-    letter = rng.choice(sorted(set(word)))
-    hits = [c for c in word if c == letter]
-    steps = f"{'-'.join(word)}\nThe letter {letter} appears {len(hits)} time{'s' if len(hits) > 1 else ''}."
-    return f"How many times does the letter \"{letter}\" appear in \"{word}\"?", str(len(hits)), steps
-
-
-def string(rng):
-    word = rng.choice(WORDS)
-    kind = rng.choice(["first", "last", "upper"])
-    if kind == "first":
-        return f"What is the first letter of \"{word}\"?", word[0], f"{'-'.join(word)}\nThe first letter is {word[0]}."
-    if kind == "last":
-        return f"What is the last letter of \"{word}\"?", word[-1], f"{'-'.join(word)}\nThe last letter is {word[-1]}."
-    return f"Write \"{word}\" in capital letters.", word.upper(), f"{'-'.join(word)}\n{'-'.join(word.upper())}"
-
-
-def units(rng):
-    big, small, factor = rng.choice(UNITS)
-    n = rng.randint(2, 12)
-    steps = f"1 {big[:-1] if n else big} = {factor} {small}.\n{n} * {factor} = {n * factor}"
-    return f"How many {small} are in {n} {big}?", str(n * factor), steps
-
-
+# Each generator draws a structured task and phrases it (`task_arithmetic.Task`: question, answer, worked steps for
+# the <think> block, template id, operands the answer is computed from).
 GENERATORS = {"arithmetic": arithmetic, "comparison": comparison, "counting": counting, "string": string, "units": units}
 
 
@@ -123,15 +73,15 @@ def generate(config: VerifiableTasksConfig) -> dict[str, list[dict]]:
         for _ in range(100 * (share["train"] + share["test"])):  # a domain's question space may run out first
             if all(taken[s] >= share[s] for s in taken):
                 break
-            question, answer, steps = GENERATORS[domain](rng)
+            task = GENERATORS[domain](rng)
+            question = task.question
             thinking = rng.random() < config.thinking_fraction
             split = "test" if is_test_question(question, config.test_every) else "train"
             if (question, thinking) in seen or taken[split] >= share[split]:
                 continue
             seen.add((question, thinking))
             taken[split] += 1
-            rows[split].append({"question": question, "answer": answer, "steps": steps, "domain": domain,
-                                "thinking": thinking})
+            rows[split].append({**task._asdict(), "domain": domain, "thinking": thinking})
     for split in rows:  # interleave the domains
         rng.shuffle(rows[split])
     return rows

@@ -6,7 +6,9 @@ logging hooks; the functions take what they need and ignore the rest. Completion
 (`[{"role": "assistant", "content": ...}]`). `None` means "not applicable to this row" (TRL leaves it out of the sum).
 
 The final answer of a completion is the text after its last `</think>` (or the whole completion): `final_answer` is the
-one place that decides this, and evaluation calls it too, so training and evaluation score the same thing.
+one place that decides this, and evaluation calls it too, so training and evaluation score the same thing. On a row
+whose `thinking` is true, a completion without `</think>` has no final answer at all (`answer_text`): a chain of thought
+cut off by the token budget must not earn credit for the last number it happened to write.
 
 Functions are named exactly as their `REWARDS` key, because TRL logs each one as `rewards/<function name>/mean`.
 """
@@ -37,6 +39,18 @@ HACKABLE_LENGTH_WORDS = 32  # the hackable proxy pays in full for a completion o
 def final_answer(text: str) -> str:
     """The answer part of a completion: the text after the last `</think>` if there is one, else all of it, stripped."""
     return text.rsplit("</think>", 1)[-1].strip()
+
+
+def answer_text(completion, thinking: bool | None = None) -> str:
+    """The text the correctness rewards read: the completion, or "" when a thinking-mode row never closed its
+    `</think>` (the reasoning was truncated, so nothing was answered). Rows without a thinking mode are unaffected."""
+    text = completion_text(completion)
+    return "" if thinking and "</think>" not in text else text
+
+
+def _modes(kwargs: dict, n: int) -> list:
+    """The `thinking` column TRL passes (and evaluation passes), or None per row when the data has none."""
+    return kwargs.get("thinking") or [None] * n
 
 
 def parse_number(text: str) -> float | None:
@@ -114,36 +128,37 @@ def numeric_accuracy(completions, **kwargs) -> list[float | None]:
 
     None for rows whose reference is not a number.
     """
-    answers = _column(kwargs, "answer", "numeric_accuracy")
-    results = [numeric_match(completion_text(c), str(a)) for c, a in zip(completions, answers, strict=True)]
+    answers, modes = _column(kwargs, "answer", "numeric_accuracy"), _modes(kwargs, len(completions))
+    results = [numeric_match(answer_text(c, t), str(a)) for c, a, t in zip(completions, answers, modes, strict=True)]
     return [None if r is None else float(r) for r in results]
 
 
 def exact_match(completions, **kwargs) -> list[float]:
     """1.0 if the final answer equals `answer` after normalisation (case, surrounding whitespace/punctuation)."""
-    answers = _column(kwargs, "answer", "exact_match")
-    return [float(exact_text_match(completion_text(c), str(a))) for c, a in zip(completions, answers, strict=True)]
+    answers, modes = _column(kwargs, "answer", "exact_match"), _modes(kwargs, len(completions))
+    return [float(exact_text_match(answer_text(c, t), str(a)))
+            for c, a, t in zip(completions, answers, modes, strict=True)]
 
 
 def multiple_choice(completions, **kwargs) -> list[float | None]:
     """1.0 if the option letter picked by the final answer is the reference letter. None if `answer` is no letter."""
-    answers = _column(kwargs, "answer", "multiple_choice")
+    answers, modes = _column(kwargs, "answer", "multiple_choice"), _modes(kwargs, len(completions))
     rewards = []
-    for completion, reference in zip(completions, answers, strict=True):
+    for completion, reference, thinking in zip(completions, answers, modes, strict=True):
         letter = normalize_text(str(reference)).upper()
         if len(letter) != 1 or not letter.isalpha():
             rewards.append(None)
         else:
-            rewards.append(float(choice_letter(completion_text(completion)) == letter))
+            rewards.append(float(choice_letter(answer_text(completion, thinking)) == letter))
     return rewards
 
 
 def accuracy(completions, **kwargs) -> list[float]:
     """Correctness against `answer`: numeric comparison when the reference is a number, else `exact_match`'s rule."""
-    answers = _column(kwargs, "answer", "accuracy")
+    answers, modes = _column(kwargs, "answer", "accuracy"), _modes(kwargs, len(completions))
     rewards = []
-    for completion, reference in zip(completions, answers, strict=True):
-        text, reference = completion_text(completion), str(reference)
+    for completion, reference, thinking in zip(completions, answers, modes, strict=True):
+        text, reference = answer_text(completion, thinking), str(reference)
         numeric = numeric_match(text, reference)
         rewards.append(float(numeric if numeric is not None else exact_text_match(text, reference)))
     return rewards
@@ -174,7 +189,7 @@ def think_format(completions, **kwargs) -> list[float]:
       empty block followed by a non-empty answer;
     - `thinking` None or no `thinking` column: either shape.
     """
-    modes = kwargs.get("thinking") or [None] * len(completions)  # the column is optional in the data contract
+    modes = _modes(kwargs, len(completions))  # the column is optional in the data contract
     return [float(think_format_ok(completion_text(c), None if t is None else bool(t)))
             for c, t in zip(completions, modes, strict=True)]
 
@@ -255,8 +270,9 @@ def normalize_by_group(rewards_per_func, weights, groups: list, eps: float = 1e-
     standardised per group. NaN ("not applicable") entries stay NaN. A group whose combined reward is constant becomes
     all zeros.
 
-    Note: within one prompt group (one domain) this is an affine map, so with `scale_rewards="group"` the advantages are
-    unchanged; it matters with `scale_rewards="batch"` or `"none"`, and for mining UPO pairs against a margin.
+    Note: within one prompt group (one domain) this is an affine map, so with `scale_rewards="group"` the advantages
+    would be unchanged; `UPOConfig` therefore turns GRPO's group scaling off when it is used (the group's std becomes
+    its domain's std). It also sets the units of the margin UPO mines pairs against.
 
     Args:
         rewards_per_func (`torch.Tensor` of shape `(rows, funcs)`): rewards per function, NaN where not applicable.

@@ -72,6 +72,23 @@ def test_accuracy_picks_numeric_or_exact_by_reference():
     assert accuracy(completions, answer=answers) == [1.0, 0.0, 0.0, 1.0, 1.0]
 
 
+def test_unclosed_thinking_earns_no_correctness_credit():
+    # A chain of thought cut off by the token budget, which happens to end on the right number / word / letter
+    truncated = ["<think>\n40 + 2 = 42", "<think>\nthe first letter is r", "<think>\nso (B)"]
+    answers = ["42", "r", "B"]
+    for name in ("accuracy", "numeric_accuracy", "exact_match", "multiple_choice"):
+        scored = [r for r in REWARDS[name](truncated, answer=answers, thinking=[True] * 3) if r is not None]
+        assert scored and not any(scored), name
+        # the same text on a non-thinking row, or with no thinking column, is scored as before: whole text
+        unthinking = [r for r in REWARDS[name](truncated, answer=answers, thinking=[False] * 3) if r is not None]
+        assert unthinking == [r for r in REWARDS[name](truncated, answer=answers) if r is not None]
+    assert accuracy(truncated, answer=answers, thinking=[False] * 3) == [1.0, 0.0, 0.0]  # the old whole-text credit
+    assert multiple_choice(truncated, answer=answers, thinking=[None] * 3)[2] == 1.0
+    closed = ["<think>\n40 + 2\n</think>\n\n42", chat("<think>\n40 + 2\n</think>\n\n42")]
+    assert accuracy(closed, answer=["42", "42"], thinking=[True, True]) == [1.0, 1.0]
+    assert accuracy([chat("<think>\n40 + 2 = 42")], answer=["42"], thinking=[True]) == [0.0]
+
+
 def test_rewards_accept_string_and_conversational_completions():
     for name in ("accuracy", "numeric_accuracy", "exact_match", "think_format", "hackable_length"):
         plain = REWARDS[name](["42"], answer=["42"], thinking=[False])

@@ -529,3 +529,70 @@ def test_curriculum_phases_keep_their_order():
     assert sorted(domains[4:]) == sorted(["math", "general"] * 6)  # then all of phase 2
     with pytest.raises(UserError, match=r"phases\[0\]: unknown key"):
         curriculum(Dataset.from_list(rows), StageArguments(), [{"domain": ["logic"]}], seed=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Per-domain reward normalisation and deterministic reference log-probs
+# ----------------------------------------------------------------------------------------------------------------------
+# 4 prompt groups of 4 rollouts, in the order GRPO's sampler gives them: two arithmetic groups on a 0-1 scale, two
+# units groups on a 0-30 scale
+TABLE = [0, 1, 0, 1, 0, 0, 0, 1, 0, 10, 0, 10, 0, 20, 10, 30]
+
+
+def table_reward(completions, **kwargs):
+    return [float(r) for r in TABLE[: len(completions)]]
+
+
+def advantages(tmp_path, tiny_model_path, tiny_tokenizer, **extra):
+    rows = Dataset.from_list([{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}], "answer": str(i + 1),
+                               "domain": ["arithmetic", "arithmetic", "units", "units"][i]} for i in range(4)])
+    args = UPOConfig(output_dir=str(tmp_path), **TINY, upo_lambda=0.0, **extra)
+    trainer = UPOTrainer(load_model(tiny_model_path()), reward_funcs=[table_reward], args=args, train_dataset=rows,
+                         processing_class=tiny_tokenizer, peft_config=lora())
+    trainer.model.train()
+    inputs = [row for row in rows for _ in range(4)]  # GRPO's RepeatSampler: a prompt's rollouts are adjacent
+    return trainer._generate_and_score_completions(inputs)["advantages"]
+
+
+def test_normalize_rewards_by_domain_changes_the_advantages(tmp_path, tiny_model_path, tiny_tokenizer):
+    rewards = torch.tensor(TABLE, dtype=torch.float32)
+    group_mean = rewards.view(4, 4).mean(1).repeat_interleave(4)
+    group_std = rewards.view(4, 4).std(1).repeat_interleave(4)
+    domain_std = torch.stack([rewards[:8].std(unbiased=False), rewards[8:].std(unbiased=False)]).repeat_interleave(8)
+    plain = advantages(tmp_path / "plain", tiny_model_path, tiny_tokenizer)
+    by_domain = advantages(tmp_path / "domain", tiny_model_path, tiny_tokenizer, normalize_rewards_by="domain")
+    torch.testing.assert_close(plain, (rewards - group_mean) / (group_std + 1e-4))  # GRPO's group scaling
+    torch.testing.assert_close(by_domain, (rewards - group_mean) / (domain_std + 1e-4), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(plain, by_domain, atol=0.1)
+    # one scale per domain: the 0-30 units rewards no longer outweigh the 0-1 arithmetic ones
+    assert by_domain[8:].abs().max() < 2 * by_domain[:8].abs().max()
+
+
+def test_normalize_rewards_by_refuses_per_reward_group_normalisation(tmp_path):
+    with pytest.raises(UserError, match="normalize_then_sum"):
+        UPOConfig(output_dir=str(tmp_path), bf16=False, normalize_rewards_by="domain",
+                  multi_objective_aggregation="normalize_then_sum")
+
+
+@pytest.mark.parametrize("disable_dropout", [True, False])
+def test_reference_logps_are_deterministic_with_lora_dropout(tmp_path, tiny_model_path, tiny_tokenizer,
+                                                             disable_dropout):
+    from peft import get_peft_model
+
+    set_seed(1)
+    config = lora()
+    config.lora_dropout = 0.5
+    model = get_peft_model(load_model(tiny_model_path()), config)  # a previous stage's adapter, trained with dropout
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    args = UPOConfig(output_dir=str(tmp_path), **TINY, upo_lambda=0.5, rewards={"accuracy": 1.0},
+                     **({} if disable_dropout else {"disable_dropout": False}))
+    assert args.disable_dropout == disable_dropout  # on by default: DPOConfig's default, not GRPOConfig's
+    trainer = UPOTrainer(model, args=args, train_dataset=prompts(4), processing_class=tiny_tokenizer)
+    trainer.model.train()
+    prompt_ids, completions = [[1, 5, 9, 13], [1, 7]], [[20, 21, 2], [30, 2]]
+    ref = [trainer._reference_logps(prompt_ids, completions) for _ in range(2)]  # the frozen "ref" adapter
+    policy = [trainer._sequence_logps(trainer.model, prompt_ids, completions).detach() for _ in range(2)]
+    assert torch.equal(ref[0], ref[1]) == torch.equal(policy[0], policy[1]) == disable_dropout

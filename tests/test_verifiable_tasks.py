@@ -1,11 +1,29 @@
 """The verifiable task suite: disjoint splits, both thinking modes, and references the verifiers accept."""
 
+import re
 from collections import Counter
 
 import datasets
+import pytest
 
-from data_prep.build_verifiable_tasks import VerifiableTasksConfig, generate, is_test_question, to_tables
+from data_prep.build_verifiable_tasks import (
+    GENERATORS,
+    VerifiableTasksConfig,
+    generate,
+    is_test_question,
+    reply,
+    to_tables,
+)
+from data_prep.task_arithmetic import evaluate
 from posttrain.rewards import REWARDS
+
+EQUATION = re.compile(r"(-?\d+) ([-+*/]) (-?\d+) = (-?\d+)")
+
+
+def estimated_tokens(text):
+    """SmolLM2's BPE splits digits one by one, with the space before a number apart; a word or a symbol is about one
+    token (on these replies within a few tokens of the real count: at most 37 real tokens when this says 38)."""
+    return len(re.findall(r"\d|[A-Za-z]+|[^\sA-Za-z\d]|\n| (?=\d)", text))
 
 
 def test_splits_never_share_a_question():
@@ -26,10 +44,71 @@ def test_seeded_balanced_over_domains_and_modes():
     assert len({(r["question"], r["thinking"]) for r in rows}) == len(rows)
 
 
-def test_small_question_spaces_fill_what_they_can():
+def test_every_domain_fills_its_share():
     rows = generate(VerifiableTasksConfig(n_train=2000, n_test=50, seed=0))["train"]
-    counts = Counter(r["domain"] for r in rows)
-    assert counts["arithmetic"] == counts["comparison"] == 400 and 0 < counts["units"] < 400
+    assert Counter(r["domain"] for r in rows) == {d: 400 for d in VerifiableTasksConfig().domains}
+
+
+@pytest.fixture(scope="module")
+def many():
+    return generate(VerifiableTasksConfig(n_train=2000, n_test=200, seed=5))
+
+
+def recompute(domain, operands):
+    """The answer from the task's structure alone (never from its text)."""
+    if domain == "arithmetic":
+        return str(evaluate(operands))
+    kind, *args = operands
+    if domain == "comparison":
+        return str(max(args[0]) if kind == "max" else min(args[0]))
+    if domain == "counting":
+        return str({"len": lambda w: len(w), "vowels": lambda w: sum(c in "aeiou" for c in w),
+                    "items": lambda items: len(items), "count": lambda letter, w: w.count(letter)}[kind](*args))
+    if domain == "units":
+        number, factor = args
+        return str(number * factor if kind == "to_small" else number // factor)
+    word = args[0]
+    if kind in ("join", "nth"):
+        return word + args[1] if kind == "join" else word[args[1]]
+    return {"first": word[0], "last": word[-1], "upper": word.upper(), "reverse": word[::-1]}[kind]
+
+
+def test_every_answer_recomputed_from_the_operands(many):
+    rows = many["train"] + many["test"]
+    assert all(r["answer"] == recompute(r["domain"], r["operands"]) for r in rows)
+    division = [r for r in rows if r["domain"] == "arithmetic" and "/" in str(r["operands"])]
+    assert division and all(r["question"] for r in division)
+    # the operands of a one-step bare question are the numbers of its text ("Subtract 4 from 9": either order)
+    bare = [r for r in rows if r["template"].startswith("arithmetic:bare")]
+    assert all(sorted(int(n) for n in re.findall(r"\d+", r["question"])) == sorted(r["operands"][::2]) for r in bare)
+
+
+def test_worked_steps_are_correct_and_short(many):
+    for row in many["train"]:
+        for left, op, right, result in EQUATION.findall(row["steps"]):
+            assert evaluate((int(left), op, int(right))) == int(result), row
+        assert estimated_tokens(reply(row)) <= 38, reply(row)  # the default recipe generates 40 new tokens
+    arithmetic = [r for r in many["train"] if r["domain"] == "arithmetic"]
+    assert all(str(r["answer"]) in r["steps"].split("\n")[-1] for r in arithmetic)
+    assert all(reply({**r, "thinking": False}) == r["answer"] for r in arithmetic)  # non-thinking: the bare answer
+
+
+def test_phrasings_are_diverse(many):
+    templates = {d: {r["template"] for r in many["train"] if r["domain"] == d} for d in GENERATORS}
+    assert {d: len(t) >= n for d, t in templates.items()
+            for n in [{"arithmetic": 60, "comparison": 12, "counting": 12, "string": 15, "units": 8}[d]]} == {
+        d: True for d in GENERATORS}
+    arithmetic = [r for r in many["train"] if r["domain"] == "arithmetic"]
+    kinds = Counter(r["template"].split(":")[1] for r in arithmetic)
+    assert kinds["word"] > 100 and kinds["two_step"] > 25 and kinds["bare"] > 100
+    answers = [int(r["answer"]) for r in arithmetic]
+    assert sum(a <= 20 for a in answers) > 80 and sum(a >= 100 for a in answers) > 40  # small and large numbers
+    assert len({r["question"].split()[0] for r in arithmetic}) >= 25  # not one sentence opening
+
+
+def test_other_seeds_give_other_tasks():
+    first, second = (generate(VerifiableTasksConfig(n_train=100, n_test=10, seed=s))["train"] for s in (0, 1))
+    assert {r["question"] for r in first} != {r["question"] for r in second}
 
 
 def test_reference_replies_pass_the_verifiers():

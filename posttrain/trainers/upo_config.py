@@ -50,10 +50,18 @@ class UPOConfig(GRPOConfig):
             `reward_funcs` to the trainer instead.
         normalize_rewards_by (`str` or `None`, *optional*, defaults to `None`):
             A dataset column (e.g. `"domain"`): the combined reward is standardised within each of its values before
-            GRPO computes group advantages and before pairs are mined. Changes the advantages only with
-            `scale_rewards` `"batch"` or `"none"` (with `"group"`, standardising a whole group is absorbed by the
-            group normalisation). TRL's `reward`/`rewards/*` metrics then show normalised values; the raw rewards per
-            group are logged as `upo/reward/<value>/mean|std`.
+            GRPO computes group advantages and before pairs are mined, so the advantage of a rollout is
+            `(r − mean of its prompt group) / std of r over its domain in the batch`: domains with large reward
+            scales no longer drive the update, and a prompt group whose rewards barely differ is not blown up to unit
+            scale the way GRPO's group std does. The per-value std *is* the scale, so `scale_rewards: "group"` (GRPO's
+            default, under which standardising a whole domain would be absorbed and change nothing) becomes `"none"`;
+            `"batch"` is kept. Not combinable with `multi_objective_aggregation: "normalize_then_sum"`, which
+            re-standardises each reward per group. TRL's `reward`/`rewards/*` metrics then show normalised values;
+            the raw rewards per group are logged as `upo/reward/<value>/mean|std`.
+        disable_dropout (`bool`, *optional*, defaults to `True`):
+            GRPO's field with DPOConfig's default: dropout off in the policy and the reference, so the reference
+            log-probs of the DPO term are deterministic and both sides of a pair are scored by the same function
+            (GRPO defaults to `False`; with LoRA dropout, the "ref" adapter would otherwise apply it too).
     """
 
     _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["rewards"]
@@ -97,9 +105,15 @@ class UPOConfig(GRPOConfig):
             "instead of `reward_weights`."
         },
     )
+    disable_dropout: bool = field(
+        default=True,
+        metadata={"help": "Disable dropout in the policy and reference (DPOConfig's default), so reference log-probs "
+                          "are deterministic."},
+    )
     normalize_rewards_by: str | None = field(
         default=None,
-        metadata={"help": "Dataset column (e.g. 'domain') within whose values the combined reward is standardised."},
+        metadata={"help": "Dataset column (e.g. 'domain') within whose values the combined reward is standardised; "
+                          "that std replaces GRPO's group scaling (scale_rewards 'group' becomes 'none')."},
     )
 
     def __post_init__(self):
@@ -120,6 +134,8 @@ class UPOConfig(GRPOConfig):
         if self.upo_mode != "online" and self.upo_offline_ratio <= 0:
             raise UserError(f"upo_offline_ratio must be > 0 with upo_mode '{self.upo_mode}'; "
                             f"got {self.upo_offline_ratio}")
+        if self.normalize_rewards_by:
+            self._scale_by_group()
         if self.rewards is not None:
             if not isinstance(self.rewards, dict):
                 raise UserError(f"`rewards` must map reward names to weights, e.g. {{\"accuracy\": 1.0}}; got "
@@ -130,3 +146,12 @@ class UPOConfig(GRPOConfig):
             if unknown:
                 raise UserError(f"unknown reward(s) in `rewards`: {', '.join(unknown)}; choose from: "
                                 f"{', '.join(REWARDS)}")
+
+    def _scale_by_group(self):
+        """With `normalize_rewards_by`, the per-value std is the advantage scale (see the field's help): GRPO's
+        group scaling would divide it out again, so it becomes "none"."""
+        if self.multi_objective_aggregation == "normalize_then_sum":
+            raise UserError("normalize_rewards_by cannot be combined with multi_objective_aggregation: "
+                            "normalize_then_sum, which re-standardises every reward per prompt group")
+        if self.scale_rewards == "group":
+            self.scale_rewards = "none"

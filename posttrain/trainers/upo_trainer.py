@@ -246,7 +246,7 @@ class UPOTrainer(GRPOTrainer):
         if column is not None:
             groups = gather_object([row[column] for row in inputs])  # same process order as the gathered rewards
             self._log_rewards_by_group(mode, weighted_sum(rewards_per_func, self.reward_weights), groups)
-            if self.args.normalize_rewards_by:
+            if self.args.normalize_rewards_by:  # GRPO's group scaling is off (UPOConfig): this std is the scale
                 rewards_per_func = normalize_by_group(rewards_per_func, self.reward_weights, groups)
         self._batch_rewards = weighted_sum(rewards_per_func, self.reward_weights)
         return rewards_per_func
