@@ -13,12 +13,21 @@ The stages before `stage` run once, in `outputs/<name>/`. Each variant is a run 
 that starts as a copy of the shared one (step hashes ignore the folder's location, so the copied stages count as
 finished) and runs the varied stage with its overrides. `outputs/<name>-ablation/comparison.html` then shows held-out
 (true) accuracy next to the training reward (the proxy) of every variant, so a reward-hacking claim is measured.
+
+One seed is one draw: on a few hundred held-out prompts, variants a few points apart are often ranked by luck.
+`seeds: N` in the section (or `posttrain ablate --seeds N`) runs every variant N times, the varied stage's `seed`
+going from the recipe's upwards (folders `outputs/<name>-<variant>-seed<k>/`; the shared stages still run once, so
+the spread is the varied stage's). The comparison then gives each variant's mean held-out accuracy with a 95 %
+t-interval over seeds, and its paired difference to the `baseline:` variant (default: the first), seed by seed on the
+same prompts. `--variants a,b` runs a subset (e.g. a shorter check), with the usual KEY=VALUE overrides.
 """
 
 import copy
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+from .configs import suggest
 from .console import console
 from .errors import UserError
 from .pipeline import Pipeline, run_dir
@@ -41,42 +50,97 @@ def variant_recipe(recipe: Recipe, variant: str, overrides: dict) -> Recipe:
     return load_recipe(recipe.path, raw=raw)
 
 
-def check_ablation(recipe: Recipe) -> tuple[str, dict]:
+ABLATION_KEYS = ("stage", "variants", "seeds", "baseline")
+DEFAULT_SEED = 42  # TrainingArguments' own default, when the recipe sets none
+
+
+@dataclass
+class Ablation:
+    """A checked `ablation:` section: the varied stage, the variants (name -> overrides), seeds per variant and the
+    variant the others are compared with."""
+
+    stage: str
+    variants: dict[str, dict]
+    seeds: int = 1
+    baseline: str | None = None
+
+
+def check_ablation(recipe: Recipe, seeds: int | None = None, only: list[str] | None = None) -> Ablation:
+    """Validate the recipe's `ablation:` section and every variant before anything runs; `seeds` and `only` (a
+    subset of the variants) come from the command line and win over the recipe."""
     spec = recipe.raw.get("ablation")
     where = f"{recipe.path}: ablation"
     if not isinstance(spec, dict) or not isinstance(spec.get("variants"), dict) or not spec["variants"]:
         raise UserError(f"{where}: expected {{stage: <stage>, variants: {{name: {{overrides}}, ...}}}}")
+    for key in spec:
+        if key not in ABLATION_KEYS:
+            raise UserError(f"{where}.{key}: unknown key{suggest(key, ABLATION_KEYS)}; expected "
+                            f"{', '.join(ABLATION_KEYS)}")
     stage = spec.get("stage")
     if stage not in recipe.stages:
         raise UserError(f"{where}.stage: '{stage}' is not a stage of this recipe ({', '.join(recipe.stages)})")
-    for name, overrides in spec["variants"].items():
-        if overrides is not None and not isinstance(overrides, dict):
+    variants = spec["variants"]
+    for name in only or []:
+        if name not in variants:
+            raise UserError(f"--variants: '{name}' is not a variant of {recipe.path}{suggest(name, variants)} "
+                            f"(variants: {', '.join(variants)})")
+    variants = {k: v or {} for k, v in variants.items() if not only or k in only}
+    for name, overrides in variants.items():
+        if not isinstance(overrides, dict):
             raise UserError(f"{where}.variants.{name}: expected a mapping of overrides (section.key: value)")
         variant_recipe(recipe, name, overrides)  # validates every variant before anything runs
-    return stage, spec["variants"]
+    seeds = spec.get("seeds", 1) if seeds is None else seeds
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+        raise UserError(f"{where}.seeds: {seeds!r}; expected a whole number of seeds per variant, 1 or more")
+    baseline = spec.get("baseline") or next(iter(variants))
+    if baseline not in variants:
+        raise UserError(f"{where}.baseline: '{baseline}' is not among the variants run ({', '.join(variants)})")
+    return Ablation(stage, variants, seeds, baseline)
+
+
+def variant_runs(recipe: Recipe, plan: Ablation) -> dict[str, list[Recipe]]:
+    """variant -> its recipes, one per seed (with one seed, the variant's recipe as is)."""
+    if plan.seeds == 1:
+        return {name: [variant_recipe(recipe, name, overrides)] for name, overrides in plan.variants.items()}
+    first = recipe.stages[plan.stage].get("seed", DEFAULT_SEED)
+    runs = {}
+    for name, overrides in plan.variants.items():
+        runs[name] = []
+        for seed in range(first, first + plan.seeds):
+            variant = variant_recipe(recipe, f"{name}-seed{seed}", {**overrides, f"stages.{plan.stage}.seed": seed})
+            runs[name].append(variant)
+    return runs
 
 
 def run_ablation(recipe: Recipe, output_root: str | Path = "outputs", accelerate_config: str | None = None,
-                 num_processes: int | None = None) -> Path:
-    stage, variants = check_ablation(recipe)
+                 num_processes: int | None = None, seeds: int | None = None, only: list[str] | None = None) -> Path:
+    plan = check_ablation(recipe, seeds, only)
     order = list(recipe.stages)
     shared = Pipeline(recipe, output_root, accelerate_config, num_processes)
-    if order.index(stage) > 0:
-        console.rule(f"ablation: shared stages {' → '.join(order[:order.index(stage)])}")
-        shared.run(only=None, start=None, stop_before=stage)
-    roots = []
-    for name, overrides in variants.items():
-        console.rule(f"ablation variant: {name}")
-        variant = variant_recipe(recipe, name, overrides)
-        root = run_dir(variant, output_root).resolve()
-        seed_from_shared(shared.root, root, order[:order.index(stage)])
-        # one tracking project for the whole ablation: the variants' runs side by side in one dashboard
-        Pipeline(variant, output_root, accelerate_config, num_processes, project=recipe.name).run()
-        roots.append(root)
+    if order.index(plan.stage) > 0:
+        console.rule(f"ablation: shared stages {' → '.join(order[:order.index(plan.stage)])}")
+        shared.run(only=None, start=None, stop_before=plan.stage)
+    groups = {}
+    for name, variants in variant_runs(recipe, plan).items():
+        groups[name] = []
+        for variant in variants:
+            console.rule(f"ablation variant: {variant.name.removeprefix(recipe.name + '-')}")
+            root = run_dir(variant, output_root).resolve()
+            seed_from_shared(shared.root, root, order[:order.index(plan.stage)])
+            # one tracking project for the whole ablation: the variants' runs side by side in one dashboard
+            pipeline = Pipeline(variant, output_root, accelerate_config, num_processes, project=recipe.name)
+            try:
+                pipeline.run()
+            except UserError as exc:  # a variant its promote gate stopped is a result to compare, not a crash
+                if pipeline.state.get("steps", {}).get("run", {}).get("status") != "stopped":
+                    raise
+                console.print(f"[yellow]{variant.name}: stopped by a promote gate[/yellow] ({exc})")
+            groups[name].append(root)
     from .report import build_comparison
 
     out = Path(output_root).resolve() / f"{recipe.name}-ablation"
-    build_comparison(roots, out)
+    build_comparison([root for roots in groups.values() for root in roots], out,
+                     groups=groups if plan.seeds > 1 else None, baseline=plan.baseline)
     console.print(f"ablation comparison: {out / 'comparison.html'}")
     return out
 

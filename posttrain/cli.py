@@ -73,7 +73,8 @@ def cmd_ablate(args) -> int:
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    run_ablation(recipe, args.output_dir, args.accelerate_config, args.num_processes)
+    only = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    run_ablation(recipe, args.output_dir, args.accelerate_config, args.num_processes, args.seeds, only)
     return 0
 
 
@@ -93,7 +94,9 @@ def cmd_eval(args) -> int:
         raise UserError("give a run folder (posttrain eval outputs/<run>) or --model and --dataset")
     metrics = run_saved(settings, model, tokenizer, adapter, args.out)
     if args.out:
-        console.print(f"accuracy {metrics['accuracy']:.1%} · format {metrics['format']:.1%} · n={metrics['n']}")
+        from .stats import format_eval_accuracy
+
+        console.print(f"accuracy {format_eval_accuracy(metrics)} · format {metrics['format']:.1%} · n={metrics['n']}")
     else:
         print(json.dumps(metrics, indent=2))
     return 0
@@ -129,7 +132,7 @@ def cmd_export(args) -> int:
 
     run_export(ExportRequest(run=args.run, stage=args.stage, merge=args.merge, dtype=args.dtype, out=args.out,
                              overwrite=args.overwrite, license=args.license, push_to_hub=args.push_to_hub,
-                             private=args.private, revision=args.revision))
+                             private=args.private, revision=args.revision, force=args.force))
     return 0
 
 
@@ -169,6 +172,9 @@ def make_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--output-dir", default="outputs")
     ablate.add_argument("--accelerate-config")
     ablate.add_argument("--num-processes", type=int)
+    ablate.add_argument("--seeds", type=int, help="runs per variant, seeds counting up from the stage's (default: "
+                        "the section's `seeds:`, else 1); the comparison then shows mean ± 95 %% interval")
+    ablate.add_argument("--variants", help="comma-separated subset of the variants to run (default: all)")
     ablate.set_defaults(func=cmd_ablate)
 
     ev = sub.add_parser("eval", help="held-out evaluation of a run's stage or of any model")
@@ -203,6 +209,7 @@ def make_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", help="merged weights dtype: bf16, fp16 or fp32 (default: the base model's)")
     export.add_argument("--out", help="output folder (default: RUN/exports/<stage>[-merged])")
     export.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    export.add_argument("--force", action="store_true", help="export a stage its promote gate rejected")
     export.add_argument("--license", help="license for the card's metadata (default: the base model's, if known)")
     export.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hub model repo")
     export.add_argument("--private", action="store_true", help="create the Hub repo as private")

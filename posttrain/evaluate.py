@@ -13,6 +13,7 @@ one object from the recipe's `eval:` section, `posttrain eval`'s flags or a stag
 (a loaded model) or `run_saved` (a model folder).
 """
 
+import hashlib
 import json
 import math
 from collections import defaultdict
@@ -23,6 +24,7 @@ from .data import completion_text, render_prompt
 from .errors import UserError
 from .io import write_json
 from .models import vision
+from .stats import wilson
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, progress=None,
@@ -140,15 +142,17 @@ def preference_eval(model, tokenizer, pairs: list[dict]) -> dict:
 
 
 def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArguments.max_new_tokens,
-             batch_size: int = EvalArguments.batch_size, samples: int = EvalArguments.samples, progress=None) -> dict:
+             batch_size: int = EvalArguments.batch_size, samples: int = EvalArguments.samples, progress=None,
+             dtype: str = EvalArguments.dtype) -> dict:
     """Accuracy (overall, per domain, per thinking mode), format, stop rate, length and held-out loss."""
     from .rewards import REWARDS
 
     was_training = model.training
     model.eval()
     prompts = [render_prompt(tokenizer, r["prompt"], r.get("thinking")) for r in rows]
-    texts, stopped, lengths = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress,
-                                       images=_images(rows))
+    with _autocast(model, dtype):
+        texts, stopped, lengths = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress,
+                                           images=_images(rows))
     columns = {"answer": [r["answer"] for r in rows], "thinking": [r.get("thinking") for r in rows],
                "domain": [r.get("domain") for r in rows]}
     correct = REWARDS["accuracy"](texts, **columns)
@@ -166,6 +170,11 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArgum
     return {
         "n": len(rows),
         "accuracy": _mean(correct),
+        "accuracy_ci95": list(wilson(sum(map(bool, correct)), len(rows))),
+        # every prompt's verdict, in row order, with a fingerprint of the prompts: two stages' verdicts pair up (for
+        # McNemar's test) only when they answered the same prompts in the same order
+        "verdicts": [int(bool(c)) for c in correct],
+        "prompts_sha": prompts_sha(prompts, columns["answer"]),
         "format": _mean(formatted),
         "proxy_reward": _mean(proxy),
         "stop_rate": _mean(stopped),
@@ -179,6 +188,24 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArgum
             for r, t, c in list(zip(rows, texts, correct))[:samples]
         ],
     }
+
+
+def _autocast(model, dtype: str):
+    """bf16 autocast around generation when `dtype` asks for it; the weights stay as they are."""
+    import contextlib
+
+    import torch
+
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    if dtype != "bfloat16":
+        raise UserError(f"eval.dtype: '{dtype}'; expected float32 or bfloat16")
+    return torch.autocast(model.device.type, dtype=torch.bfloat16)
+
+
+def prompts_sha(prompts: list[str], answers: list) -> str:
+    """Short hash of the rendered prompts and their expected answers, in order."""
+    return hashlib.sha256(json.dumps([prompts, answers], default=str).encode()).hexdigest()[:16]
 
 
 def _images(rows: list[dict]) -> list | None:
@@ -205,7 +232,8 @@ def run(settings: EvalArguments, model, tokenizer) -> dict:
     if not settings.dataset:
         raise UserError("no evaluation dataset: set `eval.dataset` in the recipe or pass --dataset")
     rows = load_rows(settings.dataset, settings.split, settings.limit)
-    return evaluate(model, tokenizer, rows, settings.max_new_tokens, settings.batch_size, settings.samples)
+    return evaluate(model, tokenizer, rows, settings.max_new_tokens, settings.batch_size, settings.samples,
+                    dtype=settings.dtype)
 
 
 def run_saved(settings: EvalArguments, model: str, tokenizer: str | None = None, adapter: str | None = None,

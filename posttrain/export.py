@@ -52,6 +52,7 @@ class ExportRequest:
     push_to_hub: str | None = None
     private: bool = False
     revision: str | None = None
+    force: bool = False
 
 
 def run_export(request: ExportRequest) -> Path:
@@ -60,6 +61,7 @@ def run_export(request: ExportRequest) -> Path:
 
     token = hub_token(request.push_to_hub) if request.push_to_hub else None  # before any export work
     ref = stage_ref(request.run, request.stage)
+    _check_promoted(ref, request.force)
     if ref.stage == "base":
         raise UserError(f"{ref.run}: 'base' is the unmodified base model; export a trained stage "
                         f"({', '.join(_trained(ref.run)) or 'none finished yet'})")
@@ -99,6 +101,19 @@ def _trained(run: Path) -> list[str]:
     from .runs import finished_stages
 
     return [s for s in finished_stages(run) if s != "base"]
+
+
+def _check_promoted(ref, force: bool) -> None:
+    """A stage its promote gate rejected (worse than the step before it) is not shared by accident."""
+    from .promotion import blocks_chain
+
+    metrics_path = ref.run / ref.stage / "metrics.json"
+    record = json.loads(metrics_path.read_text()).get("promotion") if metrics_path.is_file() else None
+    if blocks_chain(record) and not force:
+        earlier = f"export {record['against']} with --stage {record['against']}, or" if record["against"] != "base" \
+            else ""
+        raise UserError(f"{ref.run}: stage '{ref.stage}' failed its promote gate ({record['gate']['reason']}); "
+                        f"{earlier} pass --force to export it anyway")
 
 
 def _check_adapter_folder(ref) -> None:

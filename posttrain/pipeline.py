@@ -152,6 +152,7 @@ class Pipeline:
             for stage in order[:max(order.index(s) for s in selected) + 1]:
                 if stage in selected:
                     self.run_stage(stage, previous, force=bool(only or start))
+                    self.promote(stage)
                 elif not (self.root / stage / "lineage.json").is_file():
                     raise UserError(f"stage '{stage}' comes before the ones asked for and has not finished; "
                                     "run it first")
@@ -234,7 +235,7 @@ class Pipeline:
         if not ev.dataset:
             return {}
         return {"dataset": lineage.dataset_fingerprint(self.substitute(ev.dataset)), "split": ev.split,
-                "limit": ev.limit, "max_new_tokens": ev.max_new_tokens}
+                "limit": ev.limit, "max_new_tokens": ev.max_new_tokens, "dtype": ev.dtype}
 
     def stage_args(self, stage: str, previous: str | None) -> dict:
         from .devices import device_defaults, speed_defaults
@@ -297,6 +298,35 @@ class Pipeline:
         os.replace(partial, final)
         self._record(stage, status="done", wall_time_s=round(time.time() - started, 1), error=None)
 
+    def promote(self, stage: str) -> None:
+        """Compare a finished stage with the last evaluated step before it (`promotion`), record the comparison and
+        its gate's verdict in its metrics.json and run.json, and stop the chain when the gate says so."""
+        from .promotion import blocks_chain, promotion
+
+        steps = ["base", *self.recipe.stages]
+        metrics_path = self.root / stage / "metrics.json"
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        if not metrics.get("eval"):
+            return
+        previous = next(((s, m["eval"]) for s in reversed(steps[:steps.index(stage)])
+                         if (m := _read_json(self.root / s / "metrics.json")).get("eval")), None)
+        if previous is None:
+            return
+        record = promotion(self.recipe.gates.get(stage), previous[0], previous[1], metrics["eval"])
+        metrics["promotion"] = record
+        write_json(metrics_path, metrics)
+        self._record(stage, gate=record["gate"])
+        if record["gate"]:
+            mark = "[green]passed[/green]" if record["gate"]["passed"] else "[red]failed[/red]"
+            console.print(f"promote gate of {stage}: {mark}: {record['gate']['reason']}")
+        if blocks_chain(record):
+            self._record("run", status="stopped", stopped_by=stage)
+            self.print_summary()
+            raise UserError(f"stage '{stage}' is worse than {previous[0]} and its promote gate stopped the run: "
+                            f"{record['gate']['reason']}. The stage stays in {self.root / stage} for inspection but "
+                            f"`posttrain export` refuses it (--force to override). Change the stage's settings and "
+                            "run again, or relax `gate:` in the recipe.")
+
     def launcher(self) -> list[str]:
         from .devices import accelerate_launch_args
 
@@ -336,5 +366,5 @@ class Pipeline:
         console.print(f"outputs in {self.root}")
 
 
-
-
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}

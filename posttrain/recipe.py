@@ -17,7 +17,7 @@ recipe file, the stage and the key.
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -26,6 +26,7 @@ from .configs import (
     BaseModelArguments,
     CurriculumArguments,
     EvalArguments,
+    GateArguments,
     StageArguments,
     check_type,
     field_types,
@@ -33,13 +34,14 @@ from .configs import (
 )
 from .datajobs import check_data_section
 from .errors import UserError
+from .promotion import check_gate_spec
 
 STAGES = ("sft", "dpo", "upo")
 TOP_KEYS = {"name", "modality", "base", "data", "eval", "shared", "stages", "accelerate_config", "description",
             "ablation"}
 # Set by the pipeline for each stage; a recipe that sets them would silently be overridden, so it is an error.
 RESERVED = {"model_name_or_path", "output_dir", "adapter_path", "tokenizer_name_or_path", "resume_from_checkpoint",
-            "eval_dataset", "eval_split", "eval_limit", "eval_max_new_tokens", "eval_batch_size", "eval_samples",
+            "eval_dataset", "eval_split", "eval_limit", "eval_max_new_tokens", "eval_batch_size", "eval_samples", "eval_dtype",
             "trust_remote_code"}
 
 
@@ -69,6 +71,7 @@ class Recipe:
     stages: dict[str, dict]  # stage -> merged args (shared + stage), in run order
     accelerate_config: str | None
     raw: dict
+    gates: dict[str, GateArguments] = field(default_factory=dict)  # stage -> its promote gate (stages without: none)
 
     def fingerprint(self) -> str:
         return fingerprint(self.raw)
@@ -132,7 +135,10 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         raise UserError(f"{where}: modality: '{modality}' is not one of text, vision")
     base = _build(BaseModelArguments, raw["base"], f"{where}: base")
     evaluation = _build(EvalArguments, raw.get("eval") or {}, f"{where}: eval")
+    if evaluation.dtype not in ("float32", "bfloat16"):
+        raise UserError(f"{where}: eval.dtype: '{evaluation.dtype}'; expected float32 or bfloat16")
     stages = _check_stages(raw, where)
+    gates = _gates(raw, list(stages), where)
     data = check_data_section(raw.get("data") or {}, where, list(stages))
     accelerate_config = raw.get("accelerate_config")
     if accelerate_config is not None:
@@ -140,7 +146,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         if not Path(accelerate_config).is_file():
             raise UserError(f"{where}: accelerate_config: file not found: {accelerate_config}")
     return Recipe(name=str(raw["name"]), path=path, modality=modality, base=base, data=data, eval=evaluation,
-                  stages=stages, accelerate_config=accelerate_config, raw=raw)
+                  stages=stages, accelerate_config=accelerate_config, raw=raw, gates=gates)
 
 
 def resolve_relative(value: str, recipe_path: Path) -> Path:
@@ -169,14 +175,30 @@ def _check_stages(raw: dict, where: str) -> dict[str, dict]:
         fields = field_types(stage_dataclasses(stage))
         for origin, mapping in (("shared", shared), (f"stages.{stage}", args)):
             for key, value in list(mapping.items()):
+                if key == "gate":  # not a stage argument: the pipeline applies it (`_gates`)
+                    continue
                 if key in RESERVED:
                     raise UserError(f"{where}: {origin}.{key}: set by the pipeline for each stage; remove it "
                                     "(the base model goes under `base:`)")
                 if key not in fields:
                     raise UserError(f"{where}: {origin}.{key}: unknown key for stage '{stage}'{suggest(key, fields)}")
                 mapping[key] = check_type(value, fields[key], f"{where}: {origin}.{key}")
-        merged[stage] = {**shared, **args}
+        merged[stage] = {k: v for k, v in {**shared, **args}.items() if k != "gate"}
     return merged
+
+
+def _gates(raw: dict, stages: list[str], where: str) -> dict[str, GateArguments]:
+    """Each stage's promote gate: its own `gate:`, else `shared.gate`; `gate: null` turns it off for one stage."""
+    shared = raw.get("shared") or {}
+    gates = {}
+    for stage in stages:
+        args = raw["stages"][stage] or {}
+        origin = f"stages.{stage}.gate" if "gate" in args else "shared.gate"
+        spec = args["gate"] if "gate" in args else shared.get("gate")
+        if spec is None or spec is False:
+            continue
+        gates[stage] = check_gate_spec(_build(GateArguments, spec, f"{where}: {origin}"), f"{where}: {origin}")
+    return gates
 
 
 def _build(cls, mapping, where: str):

@@ -80,10 +80,28 @@ def compare(a: list[bool], b: list[bool]) -> Comparison:
                       significant=p < 0.05)
 
 
+def paired_evals(a: dict | None, b: dict | None) -> Comparison | None:
+    """`compare` two held-out evaluations (`evaluate()`'s dicts) by their per-prompt verdicts; None when either has
+    none or they were not answered on the same prompts (`prompts_sha`)."""
+    if not a or not b or a.get("verdicts") is None or b.get("verdicts") is None:
+        return None
+    if a.get("prompts_sha") != b.get("prompts_sha") or len(a["verdicts"]) != len(b["verdicts"]):
+        return None
+    return compare([bool(v) for v in a["verdicts"]], [bool(v) for v in b["verdicts"]])
+
+
 def half_width(successes: int, n: int) -> float:
     """Half the width of the Wilson interval, for a compact `50.0% (±7)`."""
     low, high = wilson(successes, n)
     return (high - low) / 2
+
+
+def format_eval_accuracy(evaluation: dict) -> str:
+    """`format_accuracy` of an `evaluate()` dict (the bare rate for one written before intervals were recorded)."""
+    n = evaluation.get("n") or 0
+    if evaluation.get("verdicts") is not None:
+        return format_accuracy(sum(evaluation["verdicts"]), len(evaluation["verdicts"]))
+    return f"{100 * evaluation['accuracy']:.1f}%" if not n else format_accuracy(round(evaluation["accuracy"] * n), n)
 
 
 def format_accuracy(successes: int, n: int) -> str:

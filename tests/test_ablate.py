@@ -1,24 +1,29 @@
 """Ablation variants: overrides applied and validated up front; variant folders reuse the shared stages."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from posttrain.ablate import check_ablation, variant_recipe
+from posttrain.ablate import check_ablation, variant_recipe, variant_runs
 from posttrain.errors import UserError
 from posttrain.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes" / "tiny" / "text.yaml"
+RUNS = ROOT / "tests" / "assets" / "runs"
 
 
 def test_variants_apply_their_overrides():
     recipe = load_recipe(ROOT / "recipes" / "text" / "smollm2-135m-ablation.yaml")
-    stage, variants = check_ablation(recipe)
+    plan = check_ablation(recipe)
+    stage, variants = plan.stage, plan.variants
     assert stage == "upo" and {"grpo", "upo_online", "upo_offline", "grpo_proxy", "upo_offline_proxy"} == set(variants)
+    assert plan.seeds == 3 and plan.baseline == "grpo"
     grpo = variant_recipe(recipe, "grpo", variants["grpo"])
     assert grpo.name == "smollm2-135m-ablation-grpo" and grpo.stages["upo"]["upo_lambda"] == 0.0
     proxy = variant_recipe(recipe, "upo_offline_proxy", variants["upo_offline_proxy"])
@@ -38,6 +43,26 @@ def test_bad_variant_is_reported_before_anything_runs(tmp_path):
         check_ablation(load_recipe(path))
 
 
+def test_seeds_and_a_subset_of_variants():
+    recipe = load_recipe(TINY)
+    plan = check_ablation(recipe, seeds=3, only=["upo_proxy"])
+    assert list(plan.variants) == ["upo_proxy"] and plan.baseline == "upo_proxy"
+    runs = variant_runs(recipe, plan)["upo_proxy"]
+    assert [r.name for r in runs] == ["tiny-text-upo_proxy-seed0", "tiny-text-upo_proxy-seed1",
+                                      "tiny-text-upo_proxy-seed2"]
+    assert [r.stages["upo"]["seed"] for r in runs] == [0, 1, 2] and runs[0].stages["sft"]["seed"] == 0
+    assert runs[2].stages["upo"]["rewards"] == {"hackable_length": 1.0}
+    assert [r.name for r in variant_runs(recipe, check_ablation(recipe))["grpo"]] == ["tiny-text-grpo"]
+    with pytest.raises(UserError, match="--variants: 'grp' is not a variant .*did you mean grpo"):
+        check_ablation(recipe, only=["grp"])
+    with pytest.raises(UserError, match="ablation.seeds: 0; expected a whole number"):
+        check_ablation(recipe, seeds=0)
+    with pytest.raises(UserError, match="ablation.seed: unknown key .*did you mean seeds"):
+        check_ablation(load_recipe(TINY, ["ablation.seed=3"]))
+    with pytest.raises(UserError, match="ablation.baseline: 'upo' is not among the variants"):
+        check_ablation(load_recipe(TINY, ["ablation.baseline=upo"]))
+
+
 @pytest.mark.slow
 def test_ablate_cli_shares_stages_and_compares(tmp_path):
     result = subprocess.run([sys.executable, "-m", "posttrain", "ablate", str(TINY)], cwd=tmp_path,
@@ -49,3 +74,44 @@ def test_ablate_cli_shares_stages_and_compares(tmp_path):
         assert "proxy_reward" in metrics["eval"]
     comparison = (tmp_path / "outputs" / "tiny-text-ablation" / "comparison.md").read_text()
     assert "tiny-text-grpo" in comparison and "held-out proxy" in comparison
+
+
+@pytest.mark.slow
+def test_ablate_over_seeds_reports_means_and_paired_differences(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "posttrain", "ablate", str(TINY), "--seeds", "2"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    outputs = tmp_path / "outputs"
+    for variant in ("grpo", "upo_proxy"):
+        seeds = [yaml.safe_load((outputs / f"tiny-text-{variant}-seed{s}" / "upo" / "resolved.yaml").read_text())
+                 ["seed"] for s in (0, 1)]
+        assert seeds == [0, 1]
+    comparison = (outputs / "tiny-text-ablation" / "comparison.md").read_text()
+    assert "## Variants over seeds" in comparison and "vs grpo" in comparison
+
+
+def test_comparison_over_seeds_pairs_each_seed_with_the_baselines(tmp_path):
+    """Known verdicts on 20 prompts: upo beats grpo by 4 and 6 prompts on seeds 0 and 1 (a superset each time).
+    Accuracy intervals are clipped to [0, 1]."""
+    from posttrain.report import build_comparison
+
+    right = {"grpo": [5, 6], "upo": [9, 12]}
+    groups = {}
+    for variant, counts in right.items():
+        groups[variant] = []
+        for seed, count in enumerate(counts):
+            root = tmp_path / f"tiny-{variant}-seed{seed}"
+            shutil.copytree(RUNS / "tiny-full", root)
+            metrics = json.loads((root / "upo" / "metrics.json").read_text())
+            verdicts = [1] * count + [0] * (20 - count)
+            metrics["eval"].update(n=20, accuracy=count / 20, verdicts=verdicts, prompts_sha="same")
+            (root / "upo" / "metrics.json").write_text(json.dumps(metrics))
+            groups[variant].append(root)
+    build_comparison([r for roots in groups.values() for r in roots], tmp_path / "out", groups=groups,
+                     baseline="grpo")
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    grpo = next(line for line in md.splitlines() if line.startswith("| **grpo** |"))
+    upo = next(line for line in md.splitlines() if line.startswith("| **upo** |"))
+    assert "| 2 | 27.5% | 0.0% – 59.3% | 25.0%, 30.0% |" in grpo and "| baseline |" in grpo
+    # differences +20 and +30 points: a mean of +25 whose 2-seed t-interval (t = 12.7) still spans 0
+    assert "| 52.5% |" in upo and "| +25.0 pts | -38.5 to +88.5 | n.s. | 1 of 2 |" in upo

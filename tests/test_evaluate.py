@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from posttrain.evaluate import evaluate, load_rows, preference_eval
 from posttrain.models import load_model, load_tokenizer
@@ -18,6 +19,13 @@ def test_evaluate_reports_every_metric(tiny_model_path, task_data, check_evaluat
     modes = {"mode/thinking" if r["thinking"] else "mode/non_thinking" for r in rows}
     domains = {f"domain/{r['domain']}" for r in rows}
     assert set(metrics["by_group"]) == modes | domains
+    # every prompt's verdict, in order, pairs with another evaluation of the same prompts
+    assert metrics["verdicts"] == [int(s["correct"]) for s in metrics["samples"]]
+    low, high = metrics["accuracy_ci95"]
+    assert low <= metrics["accuracy"] <= high and high - low > 0.2, "8 prompts: a wide interval"
+    bf16 = evaluate(model, tokenizer, rows, max_new_tokens=6, batch_size=8, samples=0, dtype="bfloat16")
+    assert bf16["prompts_sha"] == metrics["prompts_sha"] and len(bf16["verdicts"]) == 8
+    assert next(model.parameters()).dtype == torch.float32, "autocast leaves the weights as they are"
     # a row that did not stop used all 6 new tokens, and none used more
     unstopped = round((1 - metrics["stop_rate"]) * len(rows))
     assert metrics["mean_completion_tokens"] * len(rows) >= 6 * unstopped - 1e-9

@@ -1,6 +1,7 @@
 """The tiny recipe through the real CLI, in subprocesses, as a user runs it: end to end, skip, resume, 2 processes."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -33,10 +34,16 @@ def test_tiny_recipe_end_to_end(tiny_run, check_evaluation):
     assert lineage["datasets"]["dataset_name"]["fingerprint"]
     assert lineage["versions"]["trl"] and lineage["inputs_hash"]
     assert not list(run.glob(".*.partial")), "a finished stage leaves no partial folder"
-    evaluated = {step: json.loads((run / step / "metrics.json").read_text())["eval"]["accuracy"]
+    evaluated = {step: json.loads((run / step / "metrics.json").read_text())["eval"]
                  for step in ("base", "sft", "dpo", "upo")}
-    line = " → ".join(f"{step} {accuracy:.1%}" for step, accuracy in evaluated.items())
-    assert f"held-out accuracy: {line}" in first.stdout, "the summary prints what metrics.json holds"
+    line = first.stdout.split("held-out accuracy: ", 1)[1].splitlines()[0]
+    parts = line.split(" → ")
+    for part, (step, evaluation) in zip(parts, evaluated.items(), strict=True):  # what metrics.json holds
+        assert part.startswith(f"{step} {evaluation['accuracy']:.1%} (±"), line
+        assert len(evaluation["verdicts"]) == evaluation["n"] == 8
+    assert all(re.search(r"\), [+-]\d+\.\d( n\.s\.| \(p=)", p) for p in parts[1:]), "every change is tested"
+    gates = [json.loads((run / s / "metrics.json").read_text())["promotion"]["gate"] for s in ("sft", "dpo", "upo")]
+    assert all(g["metric"] == "accuracy" and g["passed"] for g in gates), gates
     # the chain: on-policy pairs from the SFT adapter feed DPO; UPO continues the DPO adapter
     assert (run / "data" / "pairs" / "train.parquet").is_file()
     dpo = json.loads((run / "dpo" / "metrics.json").read_text())

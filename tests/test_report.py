@@ -64,7 +64,8 @@ def test_report_shows_every_stage_metric_from_metrics_json(full_report):
         train = metrics[stage]["train"]
         assert md_row(md, f"**{stage}**", "## Training curves")[1:3] == [str(train["global_step"]),
                                                                           f"{train['train_loss']:.4g}"]
-    assert "base 0.0% → sft 0.0% → dpo 0.0% → upo 37.5%" in md
+    # committed runs from before per-prompt verdicts: intervals from n, no paired test
+    assert "base 0.0% (±16) → sft 0.0% (±16) → dpo 0.0% (±16) → upo 37.5% (±28)" in md
     assert md_row(md, "accuracy") == ["16.7%", "16.7%"]  # dpo's own preference eval, before → after
     assert "Stage" not in md.split("## Steps")[0], "no failure call-out for a finished run"
 
@@ -166,7 +167,7 @@ def test_missing_measurements_say_not_measured(tmp_path):
 def test_kept_summary_helpers(tmp_path):
     run = copy_runs(tmp_path) / "tiny-failed"
     assert list(stage_metrics(run)) == ["base", "sft"]
-    assert accuracy_line(run) == "base 0.0% → sft 0.0%"
+    assert accuracy_line(run) == "base 0.0% (±16) → sft 0.0% (±16)"
 
 
 # ------------------------------------------------------------------------------------------------ ablation, CLI

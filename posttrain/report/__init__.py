@@ -21,7 +21,7 @@ from ..console import console
 from ..errors import UserError
 from . import inputs, sections
 from .blocks import Heading, Para
-from .compare import comparison
+from .compare import comparison, over_seeds
 from .load import accuracy_line, load_run, stage_metrics
 from .render import write_documents
 
@@ -73,9 +73,14 @@ def build_report(root: str | Path, compare: list[str | Path] | None = None) -> P
     return write_documents(blocks, root, "report", f"posttrain report: {name}")
 
 
-def build_comparison(runs: list[str | Path], out_dir: str | Path) -> Path:
-    """Write `comparison.html` / `comparison.md` for several run folders into `out_dir` (an ablation's parent)."""
-    blocks = [Heading("Run comparison", 1), *comparison([Path(r) for r in runs])]
+def build_comparison(runs: list[str | Path], out_dir: str | Path, groups: dict[str, list[Path]] | None = None,
+                     baseline: str | None = None) -> Path:
+    """Write `comparison.html` / `comparison.md` for several run folders into `out_dir` (an ablation's parent);
+    `groups` (variant -> its runs over seeds) adds each variant's mean over seeds and its difference to `baseline`."""
+    blocks = [Heading("Run comparison", 1)]
+    if groups:
+        blocks += over_seeds(groups, baseline or next(iter(groups)))
+    blocks += comparison([Path(r) for r in runs])
     return write_documents(blocks, Path(out_dir), "comparison", "posttrain run comparison")
 
 

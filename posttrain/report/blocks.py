@@ -61,8 +61,8 @@ class Details:
 
 
 # ----------------------------------------------------------------------------------------------------------- cells
-STATUS_CLASS = {"done": "ok", "failed": "failed", "running": "running", "not started": "missing"}
-STATUS_TEXT = {"running": "running (or interrupted)"}
+STATUS_CLASS = {"done": "ok", "failed": "failed", "running": "running", "not started": "missing", "stopped": "failed"}
+STATUS_TEXT = {"running": "running (or interrupted)", "stopped": "stopped by a promote gate"}
 NOT_MEASURED = Cell("not measured", "missing")
 
 

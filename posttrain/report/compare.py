@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from ..runs import MACHINE_PATH_KEYS
+from ..stats import mean_interval, paired_evals
 from . import plots
 from .blocks import NOT_MEASURED, Cell, Image, Para, Table, fmt, heading, num_cell
 from .load import load_run
@@ -71,7 +72,7 @@ def comparison_rows(runs: list[Path]) -> list[dict]:
             "format": (final.eval or {}).get("format") if final else None,
             "stop_rate": (final.eval or {}).get("stop_rate") if final else None,
             "base_accuracy": (base.eval or {}).get("accuracy") if base and base.eval else None,
-            "proxy": proxy, "settings": dict(final.resolved) if final else {},
+            "proxy": proxy, "settings": dict(final.resolved) if final else {}, "eval": final.eval if final else None,
         })
     return rows
 
@@ -123,3 +124,44 @@ def comparison(runs: list[Path]) -> list:
         blocks.append(Image("ablation_proxy_vs_true.png", figure, "proxy reward vs held-out accuracy",
                             "Runs without both numbers are left out of the plot (see the table)."))
     return blocks
+
+
+def over_seeds(groups: dict[str, list[Path]], baseline: str) -> list:
+    """Each variant's held-out accuracy over its seeds (mean and 95 % t-interval), and its difference to `baseline`
+    paired twice: seed by seed (same seed of the varied stage) and prompt by prompt (same held-out prompts). The
+    differences' mean and t-interval over seeds decide whether a variant beats the baseline; the count of seeds whose
+    own McNemar test is significant shows how often one seed alone would have said so."""
+    rows = {name: comparison_rows(roots) for name, roots in groups.items()}
+    table = []
+    for name, runs in rows.items():
+        accuracies = [r["accuracy"] for r in runs if r["accuracy"] is not None]
+        mean, low, high = mean_interval(accuracies)
+        low, high = max(0.0, low), min(1.0, high)  # a t-interval knows nothing of a rate's bounds
+        proxies = [r["heldout_proxy"] for r in runs if r["heldout_proxy"] is not None]
+        cells = [f"**{name}**", Cell(str(len(accuracies)), "num"),
+                 Cell(f"{mean:.1%}" if accuracies else "not measured", "num"),
+                 Cell(f"{low:.1%} – {high:.1%}" if len(accuracies) > 1 else "one seed: none", "num"),
+                 Cell(", ".join(f"{a:.1%}" for a in accuracies), "num"),
+                 Cell(f"{mean_interval(proxies)[0]:.3g}" if proxies else "not measured", "num")]
+        if name == baseline:
+            table.append(cells + ["baseline", "", "", ""])
+            continue
+        paired = [paired_evals(b["eval"], r["eval"]) for b, r in zip(rows[baseline], runs)]
+        differences = [c.difference for c in paired if c]
+        d_mean, d_low, d_high = mean_interval(differences)
+        verdict = ("not measured" if not differences else "one seed: no interval" if len(differences) < 2
+                   else "better" if d_low > 0 else "worse" if d_high < 0 else "n.s.")
+        table.append(cells + [Cell(f"{100 * d_mean:+.1f} pts" if differences else "not measured", "num"),
+                              Cell(f"{100 * d_low:+.1f} to {100 * d_high:+.1f}" if len(differences) > 1 else "",
+                                   "num"),
+                              Cell(verdict, "ok" if verdict == "better" else "bad" if verdict == "worse" else ""),
+                              Cell(f"{sum(c.significant for c in paired if c)} of {len(differences)}", "num")])
+    header = ["variant", "seeds", "held-out accuracy (mean)", "95 % interval over seeds", "per seed",
+              "held-out proxy (mean)", f"vs {baseline}", "95 % interval of the difference", "verdict",
+              "seeds with p < 0.05 alone"]
+    return [heading("Variants over seeds"),
+            Para(f"Each variant ran once per seed of its varied stage (the shared stages ran once). Intervals are "
+                 f"95 % Student t over seeds, so with 3 seeds they are wide (t = 4.3): a difference is called better or "
+                 f"worse only when its interval excludes 0. Differences to `{baseline}` are paired: same seed, same "
+                 "held-out prompts."),
+            Table(header, table, "Per-run details follow in the table below.")]

@@ -6,6 +6,7 @@ missing the cell says "not measured", never 0 or a guess. The run's inputs (reci
 
 import re
 
+from ..promotion import blocks_chain
 from . import plots
 from .blocks import (
     NOT_MEASURED,
@@ -37,7 +38,8 @@ EVAL_ROWS = [  # key, label, kind
 ]
 GROUP_LABELS = {"mode/thinking": "accuracy · thinking on", "mode/non_thinking": "accuracy · thinking off",
                 "mode/default": "accuracy · default mode"}
-KNOWN_METRICS = {"stage", "status", "wall_time_s", "world_size", "train", "log_history", "adapter", "eval"}
+KNOWN_METRICS = {"stage", "status", "wall_time_s", "world_size", "train", "log_history", "adapter", "eval",
+                 "promotion"}
 
 
 # --------------------------------------------------------------------------------------------------------- summary
@@ -59,8 +61,20 @@ def summary(run: RunView) -> list:
                                                           else ""), "failed"))
             if stage.error:
                 blocks.append(Details(f"last lines of the {stage.name} log", [Code(stage.error)]))
+        gate = gate_failure(stage)
+        if gate:
+            later = [s.name for s in run.stages[i + 1:] if s.status == "not started"]
+            blocks.append(Para(f"**Stage {stage.name} failed its promote gate:** {gate}\n`posttrain export` refuses "
+                               "it unless --force." + (f" Not run because of it: {', '.join(later)}." if later
+                                                        else ""), "failed"))
     blocks += [heading("Steps"), steps_table(run)]
     return blocks
+
+
+def gate_failure(stage: StageView) -> str:
+    """The reason of a stage's failed, enforced promote gate, or ''."""
+    record = stage.metrics.get("promotion")
+    return record["gate"].get("reason", "") if blocks_chain(record) else ""
 
 
 def steps_table(run: RunView) -> Table:
@@ -76,6 +90,8 @@ def steps_table(run: RunView) -> Table:
             notes.append("finished earlier with the same inputs; skipped on the last run")
         if stage.status == "failed":
             notes.append(stage.error_cause)
+        if gate_failure(stage):
+            notes.append(f"promote gate failed: {gate_failure(stage)}")
         if stage.curves_from and stage.curves_from != "metrics.json":
             notes.append(f"curves from {stage.curves_from}")
         started = stage.status != "not started"
@@ -97,6 +113,7 @@ def evaluation(run: RunView) -> list:
     if not measured:
         return blocks + [Para("No stage has a held-out evaluation yet: not measured.", "warning")]
     blocks.append(eval_table(run))
+    blocks += promotions(run)
     bars = plots.eval_bars([(s.name, s.eval) for s in run.stages], [s.name for s in run.stages])
     if bars:
         blocks.append(Image("eval_by_stage.png", bars, "held-out rates by stage",
@@ -112,16 +129,21 @@ def eval_table(run: RunView) -> Table:
     first, last = measured[0], measured[-1]
     groups = sorted({g for s in measured for g in (s.eval.get("by_group") or {})},
                     key=lambda g: (g.startswith("mode/"), g))
-    known = {k for k, _, _ in EVAL_ROWS} | {"by_group", "samples"}
+    known = {k for k, _, _ in EVAL_ROWS} | {"by_group", "samples", "verdicts", "accuracy_ci95"}
     extra = sorted({k for s in measured for k, v in s.eval.items()
                     if k not in known and isinstance(v, (int, float)) and not isinstance(v, bool)})
     rows = []
     specs = [(lambda e, k=k: e.get(k), label, kind) for k, label, kind in EVAL_ROWS]
+    specs.insert(2, (lambda e: e.get("accuracy_ci95"), "accuracy: 95 % interval (Wilson)", "interval"))
     specs += [(lambda e, g=g: (e.get("by_group") or {}).get(g),
                GROUP_LABELS.get(g, f"accuracy · {g.replace('/', ' ')}"), "rate") for g in groups]
     specs += [(lambda e, k=k: e.get(k), k, "num") for k in extra]
     for get, label, kind in specs:
         values = [get(s.eval) if s.eval else None for s in stages]
+        if kind == "interval":
+            rows.append([label] + [Cell(f"{v[0]:.1%} – {v[1]:.1%}", "num") if v else NOT_MEASURED for v in values]
+                        + [""] * (len(measured) > 1))
+            continue
         row = [label] + [num_cell(v, kind) for v in values]
         if len(measured) > 1:
             a, b = get(first.eval), get(last.eval)
@@ -133,6 +155,34 @@ def eval_table(run: RunView) -> Table:
         header.append(f"change {first.name} → {last.name}")
     return Table(header, rows, "Rates are fractions of the held-out prompts; per-group rows are accuracy within the "
                  "group. \"not measured\": the stage wrote no evaluation (not run, failed, or no eval data).")
+
+
+def promotions(run: RunView) -> list:
+    """Each stage against the step before it on the same prompts, and its promote gate's verdict, as the pipeline
+    recorded them (`promotion` in metrics.json)."""
+    rows = []
+    for stage in run.trained:
+        record = stage.metrics.get("promotion")
+        if not record:
+            continue
+        c, gate = record.get("comparison"), record.get("gate")
+        paired = ([Cell(f"{100 * c['difference']:+.1f} pts", "num"),
+                   Cell(f"{100 * c['interval'][0]:+.1f} to {100 * c['interval'][1]:+.1f}", "num"),
+                   Cell(f"{c['only_a']} / {c['only_b']}", "num"), Cell(f"{c['p_value']:.2g}", "num"),
+                   Cell("yes" if c["significant"] else "no", "ok" if c["significant"] else "")]
+                  if c else [NOT_MEASURED] * 5)
+        verdict = (Cell(("passed: " if gate["passed"] else "FAILED: " if gate.get("enforced", True)
+                         else "worse (not enforced): ") + gate.get("reason", ""), "ok" if gate["passed"] else "bad",
+                        literal=True) if gate else Cell("no gate", "missing"))
+        rows.append([f"**{stage.name}**", record.get("against", ""), *paired, verdict])
+    if not rows:
+        return []
+    return [heading("Stage against the step before", 3),
+            Table(["stage", "against", "accuracy change", "95 % interval of the change", "prompts lost / gained",
+                   "McNemar p", "significant", "promote gate"], rows,
+                  "Paired on the same held-out prompts: only prompts the two steps answer differently carry "
+                  "information (exact McNemar test); the interval is a paired bootstrap. A change that is not "
+                  "significant may be luck. The gate is the recipe's `gate:`.")]
 
 
 def _delta(a: float, b: float, kind: str) -> str:

@@ -1,0 +1,135 @@
+"""Promote gates and the statistics they rest on: a stage measurably worse than the step before it stops the chain,
+is shown as such in the summary line and the report, and is not exported without --force."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from posttrain.configs import GateArguments
+from posttrain.errors import UserError
+from posttrain.export import ExportRequest, run_export
+from posttrain.pipeline import Pipeline
+from posttrain.promotion import blocks_chain, promotion
+from posttrain.recipe import load_recipe
+from posttrain.report import accuracy_line, build_report
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "recipes" / "tiny" / "text.yaml"
+ASSETS = Path(__file__).parent / "assets" / "runs" / "tiny-full"
+
+
+def evaluation(verdicts: list[int], **metrics) -> dict:
+    return {"n": len(verdicts), "accuracy": sum(verdicts) / len(verdicts), "verdicts": verdicts,
+            "prompts_sha": "same-prompts", **metrics}
+
+
+# ------------------------------------------------------------------------------------------------ verdicts
+def test_accuracy_gate_stops_only_a_significant_drop():
+    before = evaluation([1] * 20 + [0] * 20)
+    much_worse = evaluation([1] * 8 + [0] * 32)  # 12 prompts lost, none gained: McNemar p = 2 / 2**12
+    record = promotion(GateArguments(), "sft", before, much_worse)
+    assert record["comparison"]["only_a"] == 12 and record["comparison"]["only_b"] == 0
+    assert record["gate"]["p_value"] == pytest.approx(2 / 2**12)
+    assert not record["gate"]["passed"] and blocks_chain(record)
+    assert "20.0% vs 50.0% after sft" in record["gate"]["reason"]
+    slightly_worse = evaluation([1] * 18 + [0] * 22)  # 2 lost: p = 0.5, luck
+    record = promotion(GateArguments(), "sft", before, slightly_worse)
+    assert record["gate"]["passed"] and "not significantly worse" in record["gate"]["reason"]
+    # recorded but not enforced
+    record = promotion(GateArguments(must_not_drop=False), "sft", before, much_worse)
+    assert not record["gate"]["passed"] and not blocks_chain(record)
+
+
+def test_threshold_gate_on_a_lower_is_better_metric():
+    before, after = evaluation([0, 1], heldout_loss=2.0), evaluation([0, 1], heldout_loss=2.3)
+    assert not promotion(GateArguments("heldout_loss"), "base", before, after)["gate"]["passed"]
+    assert promotion(GateArguments("heldout_loss", max_drop=0.5), "base", before, after)["gate"]["passed"]
+    assert promotion(GateArguments("heldout_loss"), "base", after, before)["gate"]["passed"], "a lower loss is better"
+    nan = evaluation([0, 1], heldout_loss=None)  # evaluate() writes a NaN loss as None
+    record = promotion(GateArguments("heldout_loss", max_drop=10.0), "base", before, nan)
+    assert not record["gate"]["passed"] and "not measured" in record["gate"]["reason"]
+
+
+def test_different_prompts_are_not_paired():
+    record = promotion(GateArguments(), "sft", evaluation([1] * 10),
+                       {**evaluation([0] * 10), "prompts_sha": "other-prompts"})
+    assert record["comparison"] is None and record["gate"]["passed"]
+
+
+# ------------------------------------------------------------------------------------------------ recipe
+def test_gate_keys_are_validated_and_kept_out_of_stage_arguments():
+    recipe = load_recipe(TINY, ["shared.gate={metric: heldout_loss, max_drop: 0.5}", "stages.upo.gate=null"])
+    assert recipe.gates["sft"] == GateArguments("heldout_loss", True, 0.5) and "upo" not in recipe.gates
+    assert "gate" not in recipe.stages["sft"], "a gate is the pipeline's, not a TRL argument"
+    with pytest.raises(UserError, match=r"stages.dpo.gate.metric: 'acuracy' .*did you mean accuracy"):
+        load_recipe(TINY, ["stages.dpo.gate={metric: acuracy}"])
+    with pytest.raises(UserError, match=r"shared.gate.must_not_dorp: unknown key .*did you mean must_not_drop"):
+        load_recipe(TINY, ["shared.gate={must_not_dorp: true}"])
+
+
+# ------------------------------------------------------------------------------------------------ pipeline, report
+@pytest.fixture
+def gated_run(tmp_path):
+    """The committed tiny run with known per-prompt verdicts: sft gains 6 prompts, dpo loses 9 of them and more."""
+    root = tmp_path / "tiny-text"
+    shutil.copytree(ASSETS, root)
+    verdicts = {"base": [1] * 4 + [0] * 36, "sft": [1] * 10 + [0] * 30, "dpo": [1] + [0] * 39,
+                "upo": [1] * 2 + [0] * 38}
+    for step, values in verdicts.items():
+        path = root / step / "metrics.json"
+        metrics = json.loads(path.read_text())
+        metrics["eval"].update(evaluation(values))
+        path.write_text(json.dumps(metrics))
+    pipeline = Pipeline(load_recipe(TINY, ["shared.gate={metric: accuracy}"]), tmp_path)
+    pipeline.promote("sft")
+    with pytest.raises(UserError, match="stage 'dpo' is worse than sft and its promote gate stopped the run"):
+        pipeline.promote("dpo")
+    return root
+
+
+def test_gate_verdicts_reach_metrics_run_json_summary_and_report(gated_run):
+    dpo = json.loads((gated_run / "dpo" / "metrics.json").read_text())["promotion"]
+    assert dpo["against"] == "sft" and dpo["comparison"]["only_a"] == 9 and not dpo["gate"]["passed"]
+    state = json.loads((gated_run / "run.json").read_text())
+    assert state["steps"]["run"]["status"] == "stopped" and state["steps"]["dpo"]["gate"] == dpo["gate"]
+    line = accuracy_line(gated_run)
+    assert line.startswith("base 10.0% (±10) → sft 25.0% (±13), +15.0 (p=0.031) → dpo 2.5% (±6), -22.5 (p=0.0039) "
+                           "✗ gate failed → upo 5.0% (±8), +2.5 n.s.")
+    build_report(gated_run, compare=[])
+    md = (gated_run / "report.md").read_text()
+    assert "**Stage dpo failed its promote gate:** accuracy 2.5% vs 25.0% after sft" in md
+    assert "stopped by a promote gate" in md
+    assert "95 % interval of the change" in md and "| **sft** | base | +15.0 pts |" in md
+    assert "accuracy: 95 % interval (Wilson)" in md
+
+
+def test_export_refuses_a_gated_out_stage_unless_forced(gated_run):
+    with pytest.raises(UserError, match="stage 'dpo' failed its promote gate .*--stage sft, or pass --force"):
+        run_export(ExportRequest(run=str(gated_run), stage="dpo"))
+    with pytest.raises(Exception) as forced:  # past the gate, the export itself fails on the fixture's paths
+        run_export(ExportRequest(run=str(gated_run), stage="dpo", force=True))
+    assert "promote gate" not in str(forced.value)
+
+
+@pytest.mark.xfail(reason="since the task suite's new phrasings the random tiny model's base held-out loss (6.26) is "
+                   "above the uniform loss (ln 512 = 6.24) a blown-up model falls back to, so a huge learning rate no "
+                   "longer makes it worse; needs a stage that reliably worsens a tiny model", strict=False)
+def test_huge_learning_rate_is_stopped_by_the_gate(tiny_sft_run, tmp_path, posttrain_cli):
+    """The real chain: SFT with learning rate 1000 blows the tiny model up; its held-out loss is worse than the base
+    model's, and the gate stops the run with a non-zero exit."""
+    cwd = tmp_path / "run"
+    shutil.copytree(tiny_sft_run.parent.parent, cwd)
+    raw = yaml.safe_load((cwd / "recipe.yaml").read_text())
+    raw["stages"]["sft"].update(learning_rate=1000.0, gate={"metric": "heldout_loss"})
+    (cwd / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    result = posttrain_cli("run", cwd / "recipe.yaml", cwd=cwd, check=False, timeout=600)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "stage 'sft' is worse than base and its promote gate stopped the run: heldout_loss" in result.stdout
+    run = cwd / "outputs" / "tiny-sft"
+    gate = json.loads((run / "sft" / "metrics.json").read_text())["promotion"]["gate"]
+    assert gate["value"] > gate["previous_value"] and not gate["passed"]
+    refused = posttrain_cli("export", run, cwd=cwd, check=False)
+    assert refused.returncode == 2 and "failed its promote gate" in refused.stdout
