@@ -43,8 +43,8 @@ def check_conversations(dataset, name: str) -> None:
 def _first_tool_call_row(dataset) -> int | None:
     if "messages" not in dataset.column_names:
         return None
-    for index, messages in enumerate(dataset["messages"]):
-        if any(m.get("role") == "assistant" and m.get("tool_calls") for m in messages):
+    for index, messages in enumerate(dataset["messages"]):  # a row without messages is the row gate's to name
+        if any(m.get("role") == "assistant" and m.get("tool_calls") for m in messages or []):
             return index
     return None
 

@@ -43,7 +43,7 @@ def test_speed_defaults_by_stage_and_size(tiny_model_path):
 def test_bench_one_step_on_a_tiny_model(tmp_path, posttrain_cli):
     out = tmp_path / "bench.json"
     posttrain_cli("bench", "--model", "tiny:llama", "--steps", "1", "--repeats", "1", "--rl-steps", "1",
-                  "--batch-size", "2", "--num-generations", "2", "--max-completion-length", "4", "--max-length", "64",
+                  "--batch-size", "2", "--num-generations", "2", "--max-completion-length", "4", "--max-length", "128",
                   "--work", tmp_path / "work", "--out", out, cwd=tmp_path, timeout=600)
     result = json.loads(out.read_text())
     table = result["table"]
