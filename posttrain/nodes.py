@@ -37,6 +37,9 @@ POLL_S = 0.5
 LOST_PROCESS = (
     ("Timed out waiting", "a process of this stage stopped answering (frozen, or its machine unreachable) and the "
                           "others gave up after `ddp_timeout` seconds"),
+    # gloo's wording when the timeout hits while a pair of processes is connected rather than mid-send
+    ("Application timeout caused pair closure", "a process of this stage stopped answering (frozen, or its machine "
+                                                "unreachable) and the others gave up after `ddp_timeout` seconds"),
     ("Watchdog caught collective operation timeout", "a process of this stage stopped answering and the others gave "
                                                      "up after `ddp_timeout` seconds"),
     ("Connection reset by peer", "another process of this stage died (killed, out of memory, or its machine went "
