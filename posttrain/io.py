@@ -33,6 +33,12 @@ def write_text(path: str | Path, text: str) -> Path:
     return path
 
 
+def read_json(path: str | Path) -> dict:
+    """The JSON object in `path`, or `{}` when the file does not exist yet (a run's state, a stage's metrics)."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def write_json(path: str | Path, obj, **dumps_kwargs) -> Path:
     """Replace `path` with `obj` as indented JSON (non-JSON values through `str`) atomically."""
     dumps_kwargs = {"indent": 2, "ensure_ascii": False, "default": str, **dumps_kwargs}

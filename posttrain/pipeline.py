@@ -31,7 +31,7 @@ from .childproc import describe, spawn
 from .configs import StageArguments
 from .console import console
 from .errors import UserError, disk_full_error, is_disk_full
-from .io import write_json, write_text
+from .io import read_json, write_json, write_text
 from .nodes import Coordinator, explain_failure
 from .recipe import Recipe
 from .runlock import RunLock
@@ -52,7 +52,7 @@ class Pipeline:
         self.nodes = nodes  # posttrain.nodes.Nodes: machine 0 of a multi-machine run announces each stage launch
         self.coordinator = Coordinator(self.root, nodes) if nodes and nodes.num_machines > 1 else None
         self.state_path = self.root / "run.json"
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+        self.state = read_json(self.state_path)
         self.base_model: Path | None = None  # resolved at the start of run()
 
     # ------------------------------------------------------------------------------------------------ bookkeeping
@@ -106,7 +106,7 @@ class Pipeline:
         check_recipe_files(self.recipe)
         lock = RunLock(self.root).acquire(say=lambda text: console.print(f"[yellow]{text}[/yellow]"))
         try:
-            self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+            self.state = read_json(self.state_path)
             return self._run(only, start, stop_before)
         except KeyboardInterrupt:
             self._end_run("interrupted", "interrupted (Ctrl-C)")
@@ -305,11 +305,11 @@ class Pipeline:
 
         steps = ["base", *self.recipe.stages]
         metrics_path = self.root / stage / "metrics.json"
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        metrics = read_json(metrics_path)
         if not metrics.get("eval"):
             return
         previous = next(((s, m["eval"]) for s in reversed(steps[:steps.index(stage)])
-                         if (m := _read_json(self.root / s / "metrics.json")).get("eval")), None)
+                         if (m := read_json(self.root / s / "metrics.json")).get("eval")), None)
         if previous is None:
             return
         record = promotion(self.recipe.gates.get(stage), previous[0], previous[1], metrics["eval"])
@@ -364,7 +364,3 @@ class Pipeline:
         if line:
             console.print(f"[bold]held-out accuracy:[/bold] {line}")
         console.print(f"outputs in {self.root}")
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}

@@ -12,6 +12,7 @@ import yaml
 
 from .configs import EvalArguments
 from .errors import UserError
+from .io import read_json
 
 # The run order when run.json does not list one (a run.json from before `order` was recorded).
 STAGE_ORDER = ("base", "sft", "dpo", "upo")
@@ -32,7 +33,7 @@ class StageRef:
 
 
 def finished_stages(run: Path) -> list[str]:
-    state = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
+    state = read_json(run / "run.json")
     order = state.get("order") or STAGE_ORDER
     return [s for s in order if (run / s / "lineage.json").is_file()]
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from ..io import read_json
 from ..runs import STAGE_ORDER
 from ..stats import format_change, format_eval_accuracy, paired_evals
 
@@ -88,7 +89,7 @@ class RunView:
 
 def _json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return read_json(path)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return {}
 
@@ -127,7 +128,7 @@ def ablation_runs(root: Path, state: dict) -> list[Path]:
 def stage_metrics(root: str | Path) -> dict[str, dict]:
     """metrics.json of every finished step of a run, in run order (base first)."""
     root = Path(root)
-    state = json.loads((root / "run.json").read_text()) if (root / "run.json").is_file() else {}
+    state = read_json(root / "run.json")
     order = state.get("order") or STAGE_ORDER
     out = {}
     for step in order:
