@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from . import card as card_lib
 from .config import command_line, parse_config, run
 from .config import make_parser as _make_parser
-from .task_arithmetic import arithmetic
+from .task_arithmetic import arithmetic, steps
 from .task_domains import comparison, counting, string, units
 
 PROG = "posttrain data build_verifiable_tasks"
@@ -87,11 +87,25 @@ def generate(config: VerifiableTasksConfig) -> dict[str, list[dict]]:
     return rows
 
 
+def brief(task: dict) -> str:
+    """The non-thinking reply: the answer, after its equation(s) on one line for arithmetic and unit tasks.
+
+    Trained on bare numbers, a 135M model answered "Please add 134 and 58." with "134": it learns to say a number and
+    picks one from the question. Writing the equation first ("134 + 58 = 192"; two steps: "4 * 3 = 12, 12 + 5 = 17")
+    gives it the operands next to the result, and the answer is still the reply's last number.
+    """
+    if task["domain"] == "arithmetic":
+        return ", ".join(steps(task["operands"], top=False))
+    if task["domain"] == "units":
+        return task["steps"]
+    return task["answer"]
+
+
 def reply(task: dict) -> str:
-    """The assistant reply SFT trains on: worked steps in <think> when thinking, then the bare answer."""
+    """The assistant reply SFT trains on: worked steps in <think> then the bare answer, or the brief answer."""
     if task["thinking"]:
         return f"<think>\n{task['steps']}\n</think>\n\n{task['answer']}"
-    return task["answer"]
+    return brief(task)
 
 
 def to_tables(rows: dict[str, list[dict]]) -> dict[str, list[dict]]:

@@ -90,7 +90,10 @@ def test_worked_steps_are_correct_and_short(many):
         assert estimated_tokens(reply(row)) <= 38, reply(row)  # the default recipe generates 40 new tokens
     arithmetic = [r for r in many["train"] if r["domain"] == "arithmetic"]
     assert all(str(r["answer"]) in r["steps"].split("\n")[-1] for r in arithmetic)
-    assert all(reply({**r, "thinking": False}) == r["answer"] for r in arithmetic)  # non-thinking: the bare answer
+    # non-thinking: the equation(s) on one line, ending with the answer ("134 + 58 = 192")
+    plain = [reply({**r, "thinking": False}) for r in arithmetic]
+    assert all(p.endswith(f"= {r['answer']}") and "\n" not in p for p, r in zip(plain, arithmetic))
+    assert all(reply({**r, "thinking": False}) == r["answer"] for r in many["train"] if r["domain"] == "string")
 
 
 def test_phrasings_are_diverse(many):
