@@ -46,6 +46,8 @@ class OnPolicyPairsConfig:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling."})
     max_new_tokens: int = field(default=64, metadata={"help": "Reply length budget."})
     batch_size: int = field(default=32, metadata={"help": "Sequences generated together."})
+    dtype: str = field(default="float32", metadata={"help": "Sampling precision: float32, or bfloat16 (autocast, as "
+                                                             "eval.dtype: about half the CPU time with AVX512-BF16)."})
     rewards: dict[str, float] | list[str] = field(
         default_factory=lambda: {"accuracy": 1.0, "think_format": 0.5},
         metadata={"help": "Reward functions by name (posttrain.rewards.REWARDS) with their weights, as UPO's "
@@ -96,7 +98,7 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
     import torch
 
     from posttrain.data import render_prompt
-    from posttrain.evaluate import generate
+    from posttrain.evaluate import autocast, generate
     from posttrain.rewards import combine_rewards
     from posttrain.trainers.upo_pairs import mine_pairs
 
@@ -104,8 +106,9 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
     expanded = [row for row in rows for _ in range(n)]
     images = [r["images"] for r in expanded] if rows and "images" in rows[0] else None
     prompts = [render_prompt(tokenizer, r["prompt"], r.get("thinking")) for r in expanded]
-    texts, _, _ = generate(model, tokenizer, prompts, config.max_new_tokens, config.batch_size, images=images,
-                           do_sample=True, temperature=config.temperature, top_p=config.top_p)
+    with autocast(model, config.dtype, option=f"{PROG}: dtype"):
+        texts, _, _ = generate(model, tokenizer, prompts, config.max_new_tokens, config.batch_size, images=images,
+                               do_sample=True, temperature=config.temperature, top_p=config.top_p)
     columns = {key: [r.get(key) for r in expanded] for key in ("answer", "thinking", "domain")}
     score = combine_rewards(config.rewards)
     rewards = torch.tensor([float("nan") if v is None else v for v in score(texts, **columns)])

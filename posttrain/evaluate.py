@@ -42,24 +42,26 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     router_logits = getattr(config, "output_router_logits", None)
     if router_logits:
         config.output_router_logits = False
-    texts, stopped, lengths = [], [], []
+    texts, stopped, lengths = [None] * len(prompts), [None] * len(prompts), [None] * len(prompts)
     eos_ids = {tokenizer.eos_token_id}
+    # prompts of similar length generated together, so less of each prefill is padding (~10% less time, 2x100 vs
+    # 1x200 prompts here); results go back in the caller's order
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for start in range(0, len(prompts), batch_size):
+        window = order[start:start + batch_size]
         if images is None:
-            batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+            batch = tokenizer([prompts[i] for i in window], return_tensors="pt", padding=True,
                               add_special_tokens=False).to(model.device)
         else:
-            batch = vision.encode(processor, prompts[start:start + batch_size], images[start:start + batch_size],
-                                  model.device)
+            batch = vision.encode(processor, [prompts[i] for i in window], [images[i] for i in window], model.device)
         with torch.no_grad():
             out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id, **{"do_sample": False, **sampling})
-        for row in out[:, batch["input_ids"].shape[1]:].tolist():
+        for index, row in zip(window, out[:, batch["input_ids"].shape[1]:].tolist()):
             ended = next((i for i, t in enumerate(row) if t in eos_ids), None)
             kept = row if ended is None else row[:ended]
-            texts.append(tokenizer.decode(kept, skip_special_tokens=True))
-            stopped.append(ended is not None)
-            lengths.append(len(kept))
+            texts[index] = tokenizer.decode(kept, skip_special_tokens=True)
+            stopped[index], lengths[index] = ended is not None, len(kept)
         if progress:
             progress(min(start + batch_size, len(prompts)), len(prompts))
     if router_logits:
@@ -71,15 +73,18 @@ def completion_logps(model, tokenizer, prompts: list[str], completions: list[str
                      images: list | None = None):
     """Summed log-prob and token count of each completion given its rendered prompt (teacher forcing); with `images`
     (one list per prompt), `tokenizer` is a VLM's processor."""
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        window = slice(start, start + batch_size)
+    # rows of similar length batched together (longest first), so little of each batch is padding
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]) - len(completions[i]))
+    out = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        window = order[start:start + batch_size]
+        texts, replies = [prompts[i] for i in window], [completions[i] for i in window]
         if images is None:
-            batch = _text_layout(tokenizer, prompts[window], completions[window], model.device)
+            batch = _text_layout(tokenizer, texts, replies, model.device)
         else:
-            batch = vision.completion_layout(tokenizer, prompts[window], images[window], completions[window],
-                                             model.device)
-        out += _score_completions(model, batch)
+            batch = vision.completion_layout(tokenizer, texts, [images[i] for i in window], replies, model.device)
+        for i, score in zip(window, _score_completions(model, batch)):
+            out[i] = score
     return out
 
 
@@ -105,10 +110,11 @@ def _score_completions(model, batch: dict) -> list[tuple[float, int]]:
 
     completion_mask = batch.pop("completion_mask")
     with torch.no_grad():
-        logits = model(**batch).logits[:, :-1].float()
+        logits = model(**batch).logits[:, :-1]
     target, scored = batch["input_ids"][:, 1:], completion_mask[:, 1:].bool()
-    logps = torch.log_softmax(logits, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    logps = logps.masked_fill(~scored, 0.0)
+    # log-softmax over the vocabulary at the scored positions only: prompts and padding are most of each row
+    picked = torch.log_softmax(logits[scored].float(), dim=-1).gather(-1, target[scored].unsqueeze(-1)).squeeze(-1)
+    logps = torch.zeros(target.shape, dtype=picked.dtype, device=picked.device).masked_scatter(scored, picked)
     return list(zip(logps.sum(-1).tolist(), scored.sum(-1).tolist()))
 
 
@@ -150,9 +156,11 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArgum
     was_training = model.training
     model.eval()
     prompts = [render_prompt(tokenizer, r["prompt"], r.get("thinking")) for r in rows]
-    with _autocast(model, dtype):
+    with autocast(model, dtype):
         texts, stopped, lengths = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress,
                                            images=_images(rows))
+        # in the same precision as generation: in float32 the loss took as long as generating (2.2x its bf16 time)
+        loss = heldout_loss(model, tokenizer, rows)
     columns = {"answer": [r["answer"] for r in rows], "thinking": [r.get("thinking") for r in rows],
                "domain": [r.get("domain") for r in rows]}
     correct = REWARDS["accuracy"](texts, **columns)
@@ -164,7 +172,6 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArgum
         groups[f"domain/{row.get('domain')}"].append(ok)
         mode = {True: "thinking", False: "non_thinking"}.get(row.get("thinking"), "default")
         groups[f"mode/{mode}"].append(ok)
-    loss = heldout_loss(model, tokenizer, rows)
     if was_training:
         model.train()
     return {
@@ -190,8 +197,8 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArgum
     }
 
 
-def _autocast(model, dtype: str):
-    """bf16 autocast around generation when `dtype` asks for it; the weights stay as they are."""
+def autocast(model, dtype: str, option: str = "eval.dtype"):
+    """bf16 autocast around generation and scoring when `dtype` asks for it; the weights stay as they are."""
     import contextlib
 
     import torch
@@ -199,7 +206,7 @@ def _autocast(model, dtype: str):
     if dtype == "float32":
         return contextlib.nullcontext()
     if dtype != "bfloat16":
-        raise UserError(f"eval.dtype: '{dtype}'; expected float32 or bfloat16")
+        raise UserError(f"{option}: '{dtype}'; expected float32 or bfloat16")
     return torch.autocast(model.device.type, dtype=torch.bfloat16)
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from posttrain.evaluate import evaluate, load_rows, preference_eval
+from posttrain.evaluate import completion_logps, evaluate, generate, load_rows, preference_eval
 from posttrain.models import load_model, load_tokenizer
 
 
@@ -30,6 +30,42 @@ def test_evaluate_reports_every_metric(tiny_model_path, task_data, check_evaluat
     unstopped = round((1 - metrics["stop_rate"]) * len(rows))
     assert metrics["mean_completion_tokens"] * len(rows) >= 6 * unstopped - 1e-9
     assert metrics["mean_completion_tokens"] <= 6
+
+
+def test_completion_scores_keep_row_order_whatever_the_batching(tiny_model_path, task_data):
+    """Rows are batched by length (less padding); each score still belongs to its own row and equals the row scored
+    alone."""
+    path = tiny_model_path("llama")
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    rows = load_rows(str(task_data), "test")
+    prompts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) for r in rows]
+    replies = [r["completion"] + " and more words" * (i % 3) for i, r in enumerate(rows)]  # lengths differ
+    alone = [completion_logps(model, tokenizer, [p], [c])[0] for p, c in zip(prompts, replies)]
+    batched = completion_logps(model, tokenizer, prompts, replies, batch_size=3)
+    assert [n for _, n in batched] == [n for _, n in alone] and len({n for _, n in alone}) > 2
+    assert [s for s, _ in batched] == pytest.approx([s for s, _ in alone], rel=1e-4, abs=1e-4)
+
+
+def test_generations_come_back_in_the_callers_order(tiny_tokenizer):
+    """Prompts are generated in length order (less padding); each reply must still land at its own prompt. A stand-in
+    model "replies" with its prompt's last token three times, so every reply says which prompt it answered."""
+    tokenizer = tiny_tokenizer
+
+    class Echo:
+        device = torch.device("cpu")
+
+        class config:
+            get_text_config = staticmethod(lambda: Echo.config)
+
+        @staticmethod
+        def generate(input_ids, attention_mask, max_new_tokens, **_):
+            return torch.cat([input_ids, input_ids[:, -1:].repeat(1, max_new_tokens)], dim=1)
+
+    prompts = ["a b c d e f g h", "x", "hello world", "m n o p", "q"]
+    texts, stopped, lengths = generate(Echo, tokenizer, prompts, max_new_tokens=3, batch_size=2)
+    last = [tokenizer.decode(tokenizer(p, add_special_tokens=False)["input_ids"][-1:]) for p in prompts]
+    assert [t.replace(" ", "") for t in texts] == [w.strip() * 3 for w in last]
+    assert lengths == [3] * 5 and stopped == [False] * 5
 
 
 def test_evaluate_scores_known_completions(tiny_model_path, task_data, monkeypatch):
@@ -85,3 +121,17 @@ def test_onpolicy_pairs_job(tiny_model_path, task_data, tmp_path):
     assert all(r["chosen"][0]["role"] == "assistant" for r in rows)
     card = json.loads((out / "card.json").read_text())
     assert card["job"] == "build_onpolicy_pairs" and card["splits"]["train"]["rows"] == len(rows)
+
+
+def test_onpolicy_pairs_sample_in_bf16_and_name_a_bad_dtype(tiny_model_path, task_data, tmp_path):
+    from data_prep.build_onpolicy_pairs import main
+    from posttrain.errors import UserError
+
+    args = ["--model_name_or_path", str(tiny_model_path("llama")), "--prompts", str(task_data), "--test_split", "",
+            "--max_train_prompts", "4", "--num_samples", "3", "--max_new_tokens", "6", "--rewards",
+            "length_penalty=1.0", "--margin", "0.0"]
+    assert main([*args, "--dtype", "bfloat16", "--output_dir", str(tmp_path / "bf16")]) == 0
+    assert load_rows(str(tmp_path / "bf16"), "train")
+    with pytest.raises(UserError, match="build_onpolicy_pairs: dtype: 'float16'; expected float32 or bfloat16"):
+        main([*args, "--dtype", "float16", "--output_dir", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
