@@ -88,16 +88,17 @@ def generate(config: VerifiableTasksConfig) -> dict[str, list[dict]]:
 
 
 def brief(task: dict) -> str:
-    """The non-thinking reply: the answer, after its equation(s) on one line for arithmetic and unit tasks.
+    """The non-thinking reply: the answer after a one-line working, or the bare answer for string tasks.
 
     Trained on bare numbers, a 135M model answered "Please add 134 and 58." with "134": it learns to say a number and
-    picks one from the question. Writing the equation first ("134 + 58 = 192"; two steps: "4 * 3 = 12, 12 + 5 = 17")
-    gives it the operands next to the result, and the answer is still the reply's last number.
+    picks one from the question. Writing the working first ("134 + 58 = 192"; two steps: "4 * 3 = 12, 12 + 5 = 17";
+    "34 > 19, so the answer is 34."; "t-u-r-t-l-e. That is 6 letters.") gives it the operands next to the result, and the
+    answer is still the reply's last number. String answers are checked as the whole reply, so they stay bare.
     """
     if task["domain"] == "arithmetic":
         return ", ".join(steps(task["operands"], top=False))
-    if task["domain"] == "units":
-        return task["steps"]
+    if task["domain"] in ("units", "comparison", "counting"):
+        return task["steps"].replace("\n", ". ")
     return task["answer"]
 
 

@@ -94,6 +94,11 @@ def test_worked_steps_are_correct_and_short(many):
     plain = [reply({**r, "thinking": False}) for r in arithmetic]
     assert all(p.endswith(f"= {r['answer']}") and "\n" not in p for p, r in zip(plain, arithmetic))
     assert all(reply({**r, "thinking": False}) == r["answer"] for r in many["train"] if r["domain"] == "string")
+    # comparison and counting: the worked steps on one line, the answer their last number
+    for row in many["train"]:
+        if row["domain"] in ("comparison", "counting"):
+            plain = reply({**row, "thinking": False})
+            assert "\n" not in plain and re.findall(r"\d+", plain)[-1] == row["answer"], plain
 
 
 def test_phrasings_are_diverse(many):
