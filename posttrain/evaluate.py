@@ -32,8 +32,6 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     """Completions for rendered prompts, greedy unless `sampling` says otherwise (e.g. `do_sample=True,
     temperature=1.0`); returns (texts, stopped flags, token counts). With `images` (one list per prompt),
     `tokenizer` is a VLM's processor."""
-    import torch
-
     processor, tokenizer = tokenizer, vision.text_tokenizer(tokenizer)
     tokenizer.padding_side = "left"
     # MoE models trained with a load-balancing loss keep `output_router_logits` on, and transformers then computes
@@ -43,20 +41,20 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     if router_logits:
         config.output_router_logits = False
     texts, stopped, lengths = [None] * len(prompts), [None] * len(prompts), [None] * len(prompts)
-    eos_ids = {tokenizer.eos_token_id}
+    settings = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, "do_sample": False,
+                **sampling}
     done = 0
     # less of each prefill is padding: ~10% less time, 2x100 vs 1x200 prompts here
     for window in length_batches([len(p) for p in prompts], batch_size):
         if images is None:
             batch = tokenizer([prompts[i] for i in window], return_tensors="pt", padding=True,
                               add_special_tokens=False).to(model.device)
-        else:
+            rounds = ROUNDS
+        else:  # image inputs are only read by the first forward: one round, no continuation from the cache
             batch = vision.encode(processor, [prompts[i] for i in window], [images[i] for i in window], model.device)
-        with torch.no_grad():
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, **{"do_sample": False, **sampling})
-        for index, row in zip(window, out[:, batch["input_ids"].shape[1]:].tolist()):
-            ended = next((i for i, t in enumerate(row) if t in eos_ids), None)
+            rounds = (max_new_tokens,)
+        for index, row in zip(window, decode(model, batch, max_new_tokens, rounds, **settings)):
+            ended = next((i for i, t in enumerate(row) if t == tokenizer.eos_token_id), None)
             kept = row if ended is None else row[:ended]
             texts[index] = tokenizer.decode(kept, skip_special_tokens=True)
             stopped[index], lengths[index] = ended is not None, len(kept)
@@ -66,6 +64,48 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     if router_logits:
         config.output_router_logits = router_logits
     return texts, stopped, lengths
+
+
+# New tokens per decoding round. `generate` keeps every row of a batch to the step its longest reply ends at: after
+# SFT the mean reply here is 16 tokens and some run to the 40-token budget, so most of the decoding went to rows that
+# had already finished. Between rounds the finished rows leave the batch with their part of the KV cache, and the
+# rest continue from it: 30-32 s instead of 38 s for 200 prompts after SFT here. (transformers'
+# continuous batching does this per step, but on CPU it took twice as long as one `generate`.)
+ROUNDS = (12, 6, 6, 6, 10)
+
+
+def decode(model, batch: dict, max_new_tokens: int, rounds=ROUNDS, **settings) -> list[list[int]]:
+    """Each row's new tokens (up to and including its end-of-sequence token) for a left-padded batch, decoded in
+    `rounds` (then the last size again until `max_new_tokens`), finished rows dropped between rounds."""
+    import itertools
+
+    import torch
+
+    eos = settings["eos_token_id"]
+    replies = [[] for _ in range(len(batch["input_ids"]))]
+    rows = list(range(len(replies)))  # batch position -> row
+    inputs, left = dict(batch), max_new_tokens
+    for size in itertools.chain(rounds, itertools.repeat(rounds[-1])):
+        step = min(size, left)
+        with torch.no_grad():
+            result = model.generate(**inputs, max_new_tokens=step, return_dict_in_generate=True, **settings)
+        width = inputs["input_ids"].shape[1]
+        new = result.sequences[:, width:]
+        going = []
+        for position, tokens in enumerate(new.tolist()):
+            ended = next((i for i, t in enumerate(tokens) if t == eos), None)
+            replies[rows[position]].extend(tokens if ended is None else tokens[:ended + 1])
+            if ended is None and len(tokens) == step:
+                going.append(position)
+        left -= step
+        if not going or left <= 0:
+            return replies
+        keep = torch.tensor(going, device=new.device)
+        result.past_key_values.batch_select_indices(keep)
+        mask = inputs["attention_mask"]
+        inputs = {"input_ids": result.sequences[keep], "past_key_values": result.past_key_values,
+                  "attention_mask": torch.cat([mask, mask.new_ones(mask.shape[0], new.shape[1])], dim=1)[keep]}
+        rows = [rows[p] for p in going]
 
 
 def length_batches(lengths: list[int], batch_size: int, longest_first: bool = False) -> list[list[int]]:

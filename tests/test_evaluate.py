@@ -1,6 +1,8 @@
 """Held-out evaluation and on-policy pairs on a tiny model: the numbers come from real generations and scores."""
 
+import collections
 import json
+import types
 
 import pytest
 import torch
@@ -59,13 +61,39 @@ def test_generations_come_back_in_the_callers_order(tiny_tokenizer):
 
         @staticmethod
         def generate(input_ids, attention_mask, max_new_tokens, **_):
-            return torch.cat([input_ids, input_ids[:, -1:].repeat(1, max_new_tokens)], dim=1)
+            sequences = torch.cat([input_ids, input_ids[:, -1:].repeat(1, max_new_tokens)], dim=1)
+            return types.SimpleNamespace(sequences=sequences, past_key_values=None)
 
     prompts = ["a b c d e f g h", "x", "hello world", "m n o p", "q"]
     texts, stopped, lengths = generate(Echo, tokenizer, prompts, max_new_tokens=3, batch_size=2)
     last = [tokenizer.decode(tokenizer(p, add_special_tokens=False)["input_ids"][-1:]) for p in prompts]
     assert [t.replace(" ", "") for t in texts] == [w.strip() * 3 for w in last]
     assert lengths == [3] * 5 and stopped == [False] * 5
+
+
+def test_decoding_in_rounds_gives_generates_tokens(tiny_model_path):
+    """Finished rows leave the batch between rounds and the rest continue from the cache: the same greedy tokens as one
+    `generate` call over the whole budget, for rows that stop early, late and never."""
+    from posttrain.evaluate import decode
+
+    path = tiny_model_path("llama")
+    model, tokenizer = load_model(path).eval(), load_tokenizer(path)
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["a b c", "hello world how are", "x", "m n o p q r s", "the cat"], return_tensors="pt",
+                      padding=True, add_special_tokens=False)
+    settings = {"pad_token_id": tokenizer.pad_token_id, "do_sample": False}
+    with torch.no_grad():
+        free = model.generate(**batch, max_new_tokens=12, eos_token_id=None, **settings)[:, batch["input_ids"].shape[1]:]
+    # an end-of-sequence token that the random model says early in one row, later or never in others
+    eos = collections.Counter(free[:, 1:4].flatten().tolist()).most_common(1)[0][0]
+    settings["eos_token_id"] = eos
+    with torch.no_grad():
+        whole = model.generate(**batch, max_new_tokens=12, **settings)[:, batch["input_ids"].shape[1]:].tolist()
+    expected = [row[:row.index(eos) + 1] if eos in row else row for row in whole]
+    ends = [len(row) for row in expected]
+    assert min(ends) <= 4 and max(ends) > 6  # some rows leave after the first round, others go on
+    assert decode(model, dict(batch), 12, rounds=(3, 2), **settings) == expected
+    assert decode(model, dict(batch), 12, rounds=(12,), **settings) == expected
 
 
 def test_evaluate_scores_known_completions(tiny_model_path, task_data, monkeypatch):
