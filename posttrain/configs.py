@@ -84,6 +84,10 @@ class StageArguments:
     skip_bad_rows: bool = field(
         default=False, metadata={"help": "Pre-flight: skip (and count) bad preference rows instead of stopping."}
     )
+    lora_top_layers: int | None = field(
+        default=None, metadata={"help": "A new LoRA adapter on the last N decoder layers only: the backward pass stops "
+                                        "below them. Unset: every layer. Later stages keep the adapter's layers."}
+    )
     # Filled in by the pipeline (a recipe may not set them: `recipe.RESERVED`):
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer folder (set by pipeline)."})
     adapter_path: str | None = field(default=None, metadata={"help": "Previous stage's adapter (set by pipeline)."})

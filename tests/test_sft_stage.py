@@ -145,3 +145,38 @@ def test_gate_template_that_drops_tool_calls(tiny_model_path, tool_data):
     tokenizer.chat_template = template.replace(tool_turn, "{%- generation -%}" + tool_turn + "{%- endgeneration -%}")
     with pytest.raises(UserError, match="a tool result is inside the trained tokens"):
         gates.check_tool_calls(tokenizer, dataset, "tools")
+
+
+def test_lora_on_the_top_layers_only(tiny_model_path, task_data, sft_configs, tmp_path):
+    """`lora_top_layers: 1` of 2: the adapter has no module in layer 0, layer 1's LoRA weights train, and nothing in
+    layer 0 gets a gradient (the backward pass stops above it); a count the model does not have is refused by name."""
+    # without gradient checkpointing (off below 3B parameters): with it, PEFT makes the embeddings' output require a
+    # gradient so that the checkpointed layers recompute, and the backward runs to the bottom again
+    stage_args, training, model_args = sft_configs(tiny_model_path("llama"), task_data, tmp_path / "out",
+                                                   gradient_checkpointing=False)
+    stage_args.lora_top_layers = 1
+    trainer = sft.main(stage_args, training, model_args)
+    lora = {n: p for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    assert lora and all(".layers.1." in n for n in lora)
+    assert any(p.abs().sum() > 0 for p in lora.values())
+    # layer 0's output needs no gradient, so autograd records no backward for it; layer 1's does
+    needs_grad = {}
+
+    def record(index):
+        def hook(module, args, out):
+            needs_grad[index] = (out[0] if isinstance(out, tuple) else out).requires_grad
+        return hook
+
+    layers = trainer.model.get_base_model().model.layers
+    hooks = [layer.register_forward_hook(record(i)) for i, layer in enumerate(layers)]
+    trainer.model.train()
+    trainer.model(input_ids=torch.tensor([[5, 6, 7, 8]]))
+    for hook in hooks:
+        hook.remove()
+    assert needs_grad == {0: False, 1: True}
+    saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert saved and not any(".layers.0." in key for key in saved)
+
+    stage_args.lora_top_layers = 3
+    with pytest.raises(UserError, match="lora_top_layers: 3; the model has 2 decoder layers"):
+        sft.main(stage_args, training, model_args)

@@ -79,9 +79,30 @@ def load_policy(stage_args, training_args, model_args):
     peft_config = None if stage_args.adapter_path else get_peft_config(model_args)
     if peft_config is not None and vision.is_vision_model(model_args.model_name_or_path):
         peft_config = vision.language_only_lora(peft_config, model)
+    if peft_config is not None and stage_args.lora_top_layers:
+        peft_config = top_layers_lora(peft_config, model, stage_args.lora_top_layers)
     if stage_args.adapter_path is None and peft_config is None:
         logger.warning("use_peft is false: this stage fine-tunes all weights and saves a full model, not an adapter")
     return model, tokenizer, peft_config
+
+
+def top_layers_lora(peft_config, model, top: int):
+    """LoRA on the last `top` decoder layers only: nothing below them needs a gradient, so autograd records no
+    backward there (SmolLM2-135M, top 20 of 30 layers: SFT steps ~25% shorter here). PEFT's
+    `layers_to_transform` cannot take `all-linear`, so the lower layers are excluded by name instead."""
+    import re
+
+    layers = model.config.get_text_config().num_hidden_layers
+    if not 0 < top <= layers:
+        raise UserError(f"lora_top_layers: {top}; the model has {layers} decoder layers, expected 1 to {layers}")
+    if top == layers:
+        return peft_config
+    below = rf"(.*\.)?layers\.({'|'.join(str(i) for i in range(layers - top))})\..*"
+    excluded = peft_config.exclude_modules
+    if excluded and not isinstance(excluded, str):  # a list of names
+        excluded = "|".join(rf"(.*\.)?{re.escape(name)}" for name in excluded)
+    peft_config.exclude_modules = f"(?:{excluded})|(?:{below})" if excluded else below
+    return peft_config
 
 
 def freeze_vision(trainer, stage_args, model_args) -> dict:
