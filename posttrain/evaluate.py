@@ -101,10 +101,14 @@ def decode(model, batch: dict, max_new_tokens: int, rounds=ROUNDS, **settings) -
         if not going or left <= 0:
             return replies
         keep = torch.tensor(going, device=new.device)
-        result.past_key_values.batch_select_indices(keep)
         mask = inputs["attention_mask"]
-        inputs = {"input_ids": result.sequences[keep], "past_key_values": result.past_key_values,
+        inputs = {"input_ids": result.sequences[keep],
                   "attention_mask": torch.cat([mask, mask.new_ones(mask.shape[0], new.shape[1])], dim=1)[keep]}
+        try:
+            result.past_key_values.batch_select_indices(keep)
+            inputs["past_key_values"] = result.past_key_values
+        except (AttributeError, NotImplementedError):  # no cache, or one that cannot drop rows: re-read the text
+            pass
         rows = [rows[p] for p in going]
 
 

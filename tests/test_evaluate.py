@@ -94,6 +94,8 @@ def test_decoding_in_rounds_gives_generates_tokens(tiny_model_path):
     assert min(ends) <= 4 and max(ends) > 6  # some rows leave after the first round, others go on
     assert decode(model, dict(batch), 12, rounds=(3, 2), **settings) == expected
     assert decode(model, dict(batch), 12, rounds=(12,), **settings) == expected
+    # without a cache to continue from, the rows still going are read again from their text: the same tokens
+    assert decode(model, dict(batch), 12, rounds=(3, 2), use_cache=False, **settings) == expected
 
 
 def test_evaluate_scores_known_completions(tiny_model_path, task_data, monkeypatch):
