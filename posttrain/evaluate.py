@@ -54,10 +54,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
             batch = vision.encode(processor, [prompts[i] for i in window], [images[i] for i in window], model.device)
             rounds = (max_new_tokens,)
         for index, row in zip(window, decode(model, batch, max_new_tokens, rounds, **settings)):
-            ended = next((i for i, t in enumerate(row) if t == tokenizer.eos_token_id), None)
-            kept = row if ended is None else row[:ended]
+            ended = bool(row) and row[-1] == tokenizer.eos_token_id  # `decode` cuts each row after its first EOS
+            kept = row[:-1] if ended else row
             texts[index] = tokenizer.decode(kept, skip_special_tokens=True)
-            stopped[index], lengths[index] = ended is not None, len(kept)
+            stopped[index], lengths[index] = ended, len(kept)
         done += len(window)
         if progress:
             progress(done, len(prompts))
