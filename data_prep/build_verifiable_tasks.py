@@ -2,7 +2,7 @@
 
 A 135M model can learn these in CPU minutes, and every answer is checked by the same reward functions that UPO
 optimises, so "did post-training help" is a number, not an impression. Domains: arithmetic, comparison, counting,
-string, units. Each task has a prompt, a reference answer, and worked steps for the thinking rendering, and is phrased
+string, units (the default), and spelling (training data only: the words of counting and string, spelled). Each task has a prompt, a reference answer, and worked steps for the thinking rendering, and is phrased
 by one of many templates (`task_arithmetic`, `task_domains`: word problems, imperatives, other number ranges, two
 steps), so what transfers is the skill, not one sentence shape.
 
@@ -23,7 +23,7 @@ from . import card as card_lib
 from .config import command_line, parse_config, run
 from .config import make_parser as _make_parser
 from .task_arithmetic import arithmetic, steps
-from .task_domains import comparison, counting, string, units
+from .task_domains import comparison, counting, spelling, string, units
 
 PROG = "posttrain data build_verifiable_tasks"
 
@@ -44,7 +44,8 @@ class VerifiableTasksConfig:
 
 # Each generator draws a structured task and phrases it (`task_arithmetic.Task`: question, answer, worked steps for
 # the <think> block, template id, operands the answer is computed from).
-GENERATORS = {"arithmetic": arithmetic, "comparison": comparison, "counting": counting, "string": string, "units": units}
+GENERATORS = {"arithmetic": arithmetic, "comparison": comparison, "counting": counting, "string": string, "units": units,
+              "spelling": spelling}  # spelling: training data for counting and string, not a default domain
 
 
 def is_test_question(question: str, test_every: int) -> bool:

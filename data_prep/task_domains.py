@@ -51,6 +51,9 @@ STRING = {
     "reverse": ["Spell \"{w}\" backwards.", "Reverse the word \"{w}\".", "Write \"{w}\" in reverse order."],
     "join": ["Join \"{w}\" and \"{v}\" into one word.", "Put \"{w}\" and \"{v}\" together without a space."],
 }
+SPELLING = {"spell": ["Spell \"{w}\" letter by letter.", "How do you spell \"{w}\"? Separate the letters with dashes.",
+                      "Write the letters of \"{w}\" one by one.", "What letters make up the word \"{w}\"?",
+                      "Break \"{w}\" into its letters."]}
 UNIT_TEMPLATES = {
     "to_small": ["How many {small} are in {n} {big}?", "Convert {n} {big} to {small}.", "{n} {big} is how many {small}?",
                  "Express {n} {big} in {small}.", "{n1} has {n} {big}. How many {small} is that?"],
@@ -128,6 +131,16 @@ def string(rng) -> Task:
     question = template.format(w=word, nth=ORDINALS.get(position))
     steps = "-".join(value) if kind == "upper" else f"{spelled}\n{result}"
     return Task(question, value, steps, name, (kind, word) + ((position,) if position else ()))
+
+
+def spelling(rng) -> Task:
+    """A word of the counting and string tasks spelled out ("s-t-o-n-e"): the step both domains rest on, which a small
+    model cannot read off its tokens (a 135M model trained on those tasks alone spelled "stone" as "t-e-r-e-n").
+    Training data, mixed into SFT by the default recipe; not one of the held-out domains."""
+    kind, template, name = _pick(rng, SPELLING, "spelling")
+    word = rng.choice(WORDS)
+    spelled = "-".join(word)
+    return Task(template.format(w=word), spelled, spelled, name, (kind, word))
 
 
 def units(rng) -> Task:

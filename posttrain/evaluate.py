@@ -16,6 +16,7 @@ one object from the recipe's `eval:` section, `posttrain eval`'s flags or a stag
 import hashlib
 import json
 import math
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -157,18 +158,21 @@ def _score_completions(model, batch: dict) -> list[tuple[float, int]]:
     import torch
 
     completion_mask = batch.pop("completion_mask")
+    # the LM head only from the first position that predicts a completion token: prompts are most of each row
+    first = max(int(completion_mask.any(0).int().argmax()) - 1, 0)
     with torch.no_grad():
-        logits = model(**batch).logits[:, :-1]
-    target, scored = batch["input_ids"][:, 1:], completion_mask[:, 1:].bool()
+        logits = model(**batch, logits_to_keep=completion_mask.shape[1] - first).logits[:, :-1]
+    target, scored = batch["input_ids"][:, first + 1:], completion_mask[:, first + 1:].bool()
     # log-softmax over the vocabulary at the scored positions only: prompts and padding are most of each row
     picked = torch.log_softmax(logits[scored].float(), dim=-1).gather(-1, target[scored].unsqueeze(-1)).squeeze(-1)
     logps = torch.zeros(target.shape, dtype=picked.dtype, device=picked.device).masked_scatter(scored, picked)
     return list(zip(logps.sum(-1).tolist(), scored.sum(-1).tolist()))
 
 
-def heldout_loss(model, tokenizer, rows: list[dict]) -> float | None:
-    """Mean per-token NLL of the reference replies (`completion` column) given their prompts."""
-    rows = [r for r in rows if r.get("completion")]
+def heldout_loss(model, tokenizer, rows: list[dict], limit: int | None = None) -> float | None:
+    """Mean per-token NLL of the reference replies (`completion` column) given their prompts; of the first `limit`
+    rows that have one, when given."""
+    rows = [r for r in rows if r.get("completion")][:limit]
     if not rows:
         return None
     prompts = [render_prompt(tokenizer, r["prompt"], r.get("thinking")) for r in rows]
@@ -197,18 +201,22 @@ def preference_eval(model, tokenizer, pairs: list[dict]) -> dict:
 
 def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArguments.max_new_tokens,
              batch_size: int = EvalArguments.batch_size, samples: int = EvalArguments.samples, progress=None,
-             dtype: str = EvalArguments.dtype) -> dict:
-    """Accuracy (overall, per domain, per thinking mode), format, stop rate, length and held-out loss."""
+             dtype: str = EvalArguments.dtype, loss_limit: int | None = EvalArguments.loss_limit) -> dict:
+    """Accuracy (overall, per domain, per thinking mode), format, stop rate, length and held-out loss (on the first
+    `loss_limit` rows with a reference reply)."""
     from .rewards import REWARDS
 
     was_training = model.training
     model.eval()
     prompts = [render_prompt(tokenizer, r["prompt"], r.get("thinking")) for r in rows]
     with autocast(model, dtype):
+        started = time.perf_counter()
         texts, stopped, lengths = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress,
                                            images=_images(rows))
+        generated = time.perf_counter()
         # in the same precision as generation: in float32 the loss took as long as generating (2.2x its bf16 time)
-        loss = heldout_loss(model, tokenizer, rows)
+        loss = heldout_loss(model, tokenizer, rows, loss_limit)
+        seconds = {"generate": round(generated - started, 1), "heldout_loss": round(time.perf_counter() - generated, 1)}
     columns = {"answer": [r["answer"] for r in rows], "thinking": [r.get("thinking") for r in rows],
                "domain": [r.get("domain") for r in rows]}
     correct = REWARDS["accuracy"](texts, **columns)
@@ -236,6 +244,7 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArgum
         "mean_completion_tokens": _mean(lengths),
         "heldout_loss": None if loss is None or math.isnan(loss) else loss,
         "by_group": {k: _mean(v) for k, v in sorted(groups.items())},
+        "seconds": seconds,
         "samples": [
             {"prompt": vision.message_text(r["prompt"][-1]["content"]), "thinking": r.get("thinking"),
              "answer": r["answer"],
@@ -288,7 +297,7 @@ def run(settings: EvalArguments, model, tokenizer) -> dict:
         raise UserError("no evaluation dataset: set `eval.dataset` in the recipe or pass --dataset")
     rows = load_rows(settings.dataset, settings.split, settings.limit)
     return evaluate(model, tokenizer, rows, settings.max_new_tokens, settings.batch_size, settings.samples,
-                    dtype=settings.dtype)
+                    dtype=settings.dtype, loss_limit=settings.loss_limit)
 
 
 def run_saved(settings: EvalArguments, model: str, tokenizer: str | None = None, adapter: str | None = None,

@@ -15,6 +15,7 @@ Stage keys are exactly the fields of TRL's config for that stage (`SFTConfig`, `
 recipe file, the stage and the key.
 """
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -41,8 +42,7 @@ TOP_KEYS = {"name", "modality", "base", "data", "eval", "shared", "stages", "acc
             "ablation"}
 # Set by the pipeline for each stage; a recipe that sets them would silently be overridden, so it is an error.
 RESERVED = {"model_name_or_path", "output_dir", "adapter_path", "tokenizer_name_or_path", "resume_from_checkpoint",
-            "eval_dataset", "eval_split", "eval_limit", "eval_max_new_tokens", "eval_batch_size", "eval_samples", "eval_dtype",
-            "trust_remote_code"}
+            "eval_dataset", "trust_remote_code", *(f"eval_{f.name}" for f in dataclasses.fields(EvalArguments))}
 
 
 def stage_dataclasses(stage: str) -> tuple[type, ...]:

@@ -48,6 +48,27 @@ def test_completion_scores_keep_row_order_whatever_the_batching(tiny_model_path,
     assert [s for s, _ in batched] == pytest.approx([s for s, _ in alone], rel=1e-4, abs=1e-4)
 
 
+def test_completion_scores_equal_the_full_logits_and_the_loss_takes_its_limit(tiny_model_path, task_data):
+    """The LM head runs from the first completion position only; a score still equals the log-softmax of the full
+    logits at the reply's tokens. `loss_limit` gives the held-out loss of the first N rows."""
+    from posttrain.evaluate import heldout_loss
+
+    path = tiny_model_path("llama")
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    rows = load_rows(str(task_data), "test")
+    prompt = tokenizer.apply_chat_template(rows[0]["prompt"], tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    reply_ids = tokenizer(rows[0]["completion"], add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt_ids + reply_ids])).logits[0, :-1].float()
+    expected = sum(torch.log_softmax(logits, -1)[len(prompt_ids) - 1 + i, t].item() for i, t in enumerate(reply_ids))
+    [(score, count)] = completion_logps(model, tokenizer, [prompt], [rows[0]["completion"]])
+    assert count == len(reply_ids) and score == pytest.approx(expected, rel=1e-4)
+    first_three = heldout_loss(model, tokenizer, rows, limit=3)
+    assert first_three == pytest.approx(heldout_loss(model, tokenizer, rows[:3]))
+    assert first_three != pytest.approx(heldout_loss(model, tokenizer, rows))
+
+
 def test_generations_come_back_in_the_callers_order(tiny_tokenizer):
     """Prompts are generated in length order (less padding); each reply must still land at its own prompt. A stand-in
     model "replies" with its prompt's last token three times, so every reply says which prompt it answered."""

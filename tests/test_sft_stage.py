@@ -180,3 +180,45 @@ def test_lora_on_the_top_layers_only(tiny_model_path, task_data, sft_configs, tm
     stage_args.lora_top_layers = 3
     with pytest.raises(UserError, match="lora_top_layers: 3; the model has 2 decoder layers"):
         sft.main(stage_args, training, model_args)
+
+
+def test_fused_lm_head_projects_only_labelled_positions_on_cpu(tiny_model_path):
+    """Inside `labelled_positions_only` TRL's fused head projects only the labelled positions on CPU (outside, all of
+    them), with the same log-probs and gradients; the swapped check is put back afterwards."""
+    import torch
+    import trl.trainer.utils as trl_utils
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.stages.common import labelled_positions_only
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path("llama"), dtype=torch.float32)
+    trl_utils.add_fused_lm_head(model)
+    ids = torch.randint(3, 100, (2, 12))
+    labels = ids.clone()
+    labels[:, :8] = -100  # a prompt of 8 tokens, a completion of 4
+    projected, original_apply = [], trl_utils._ChunkedLogProbFunction.apply
+
+    def spy(hidden, *args):
+        projected.append(hidden.shape[0])
+        return original_apply(hidden, *args)
+
+    def score():
+        model.zero_grad()
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        return out.log_probs.detach(), model.model.layers[0].mlp.up_proj.weight.grad.clone()
+
+    original_check = trl_utils._use_triton
+    trl_utils._ChunkedLogProbFunction.apply = spy
+    try:
+        every_position = score()
+        with labelled_positions_only():
+            labelled_only = score()
+    finally:
+        trl_utils._ChunkedLogProbFunction.apply = original_apply
+    assert projected == [2 * 11, 2 * 4]  # shifted: 11 positions per row predict a next token, 4 of them labelled
+    assert trl_utils._use_triton is original_check
+    torch.testing.assert_close(labelled_only[0], every_position[0])
+    torch.testing.assert_close(labelled_only[1], every_position[1])
+    assert labelled_only[0][:, :7].abs().sum() == 0 and labelled_only[0][:, 7:].abs().min() > 0

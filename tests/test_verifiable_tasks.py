@@ -68,6 +68,8 @@ def recompute(domain, operands):
         number, factor = args
         return str(number * factor if kind == "to_small" else number // factor)
     word = args[0]
+    if domain == "spelling":
+        return "-".join(word)
     if kind in ("join", "nth"):
         return word + args[1] if kind == "join" else word[args[1]]
     return {"first": word[0], "last": word[-1], "upper": word.upper(), "reverse": word[::-1]}[kind]
@@ -102,10 +104,10 @@ def test_worked_steps_are_correct_and_short(many):
 
 
 def test_phrasings_are_diverse(many):
-    templates = {d: {r["template"] for r in many["train"] if r["domain"] == d} for d in GENERATORS}
-    assert {d: len(t) >= n for d, t in templates.items()
-            for n in [{"arithmetic": 60, "comparison": 12, "counting": 12, "string": 15, "units": 8}[d]]} == {
-        d: True for d in GENERATORS}
+    minimum = {"arithmetic": 60, "comparison": 12, "counting": 12, "string": 15, "units": 8}
+    assert set(minimum) == set(GENERATORS) - {"spelling"}, "every default domain has its minimum"
+    templates = {d: {r["template"] for r in many["train"] if r["domain"] == d} for d in minimum}
+    assert {d: len(t) >= minimum[d] for d, t in templates.items()} == {d: True for d in minimum}
     arithmetic = [r for r in many["train"] if r["domain"] == "arithmetic"]
     kinds = Counter(r["template"].split(":")[1] for r in arithmetic)
     assert kinds["word"] > 100 and kinds["two_step"] > 25 and kinds["bare"] > 100
@@ -138,3 +140,16 @@ def test_job_writes_card_and_splits(task_data):
                                          split="train")) == rows
     card = (task_data / "README.md").read_text()
     assert "build_verifiable_tasks" in card and "Fingerprint" in card
+
+
+def test_spelling_rows_spell_the_words_of_counting_and_string():
+    """The training-only spelling domain: every word the counting and string tasks use, spelled with dashes in both
+    modes; recomputed from the word; a held-out share is still set aside by question text."""
+    from data_prep.task_domains import WORDS
+
+    rows = generate(VerifiableTasksConfig(n_train=400, n_test=20, domains=["spelling"], seed=3))
+    assert all(r["answer"] == recompute("spelling", r["operands"]) for r in rows["train"] + rows["test"])
+    assert all(reply(r) == r["answer"] for r in rows["train"] if not r["thinking"])
+    assert all(reply(r) == f"<think>\n{r['answer']}\n</think>\n\n{r['answer']}" for r in rows["train"] if r["thinking"])
+    assert len({r["operands"][1] for r in rows["train"]}) > 0.8 * len(WORDS)
+    assert not {r["question"] for r in rows["train"]} & {r["question"] for r in rows["test"]}

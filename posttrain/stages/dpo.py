@@ -69,7 +69,7 @@ def main(stage_args: StageArguments, training_args, model_args):
     if heldout is not None and trainer.accelerator.is_main_process:
         before = preference_eval(trainer.model, tokenizer, vision.as_rows(heldout))
         trainer.accelerator.print(f"[dpo] held-out preference accuracy before: {before['accuracy']:.1%}")
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    result = common.train(trainer, training_args)
     after = preference_eval(trainer.model, tokenizer, vision.as_rows(heldout)) if before is not None else None
     if after:
         trainer.accelerator.print(f"[dpo] held-out preference accuracy after: {after['accuracy']:.1%}")

@@ -59,7 +59,7 @@ def main(stage_args: StageArguments, training_args, model_args):
     if flatten:  # after the gates, which check the labels row by row
         flatten_batches(trainer)
     trainer.accelerator.print(f"[sft] pre-flight ok: {preflight}")
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    result = common.train(trainer, training_args)
     common.finish(trainer, "sft", stage_args, tokenizer, result, started, extra={"preflight": preflight})
     return trainer
 
