@@ -186,6 +186,8 @@ def _flag_type(annotation):
         return {"nargs": "*", "type": str}
     if annotation is bool:
         return {"type": _parse_bool, "nargs": "?", "const": True}
+    if typing.get_origin(annotation) is typing.Literal:
+        return {"choices": typing.get_args(annotation)}
     return {"type": lambda text, cast=annotation: None if text.lower() in ("null", "none") else cast(text)}
 
 

@@ -12,7 +12,7 @@ import enum
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .errors import UserError
 
@@ -50,7 +50,7 @@ class EvalArguments:
                           "forward over every prompt and reply: on 2 CPU cores, 200 rows took 20 s, 60 percent of "
                           "the time generating their answers took."},
     )
-    dtype: str = field(
+    dtype: Literal["float32", "bfloat16"] = field(
         default="float32",
         metadata={"help": "Generation precision: float32, or bfloat16 (autocast: ~1.5x less CPU time with "
                           "AVX512-BF16; greedy answers can differ slightly from float32's, the same for every step)."},
@@ -107,7 +107,8 @@ class StageArguments:
     eval_samples: int = field(default=EvalArguments.samples, metadata={"help": "See EvalArguments.samples."})
     eval_loss_limit: int | None = field(default=EvalArguments.loss_limit,
                                         metadata={"help": "See EvalArguments.loss_limit."})
-    eval_dtype: str = field(default=EvalArguments.dtype, metadata={"help": "See EvalArguments.dtype."})
+    eval_dtype: Literal["float32", "bfloat16"] = field(default=EvalArguments.dtype,
+                                                       metadata={"help": "See EvalArguments.dtype."})
 
     def eval_settings(self) -> EvalArguments:
         """The held-out evaluation this stage runs after training (its `dataset` is None when there is none)."""
@@ -138,8 +139,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         kind = hints[f.name]
         if isinstance(kind, types.UnionType):  # `int | None` -> int
             kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=f.default,
-                            help=f.metadata.get("help"))
+        choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=f.default, choices=choices,
+                            type=type(choices[0]) if choices else kind, help=f.metadata.get("help"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -199,6 +201,8 @@ def check_type(value, annotation, where: str):
         except ValueError:
             pass
     if not _type_ok(value, annotation):
+        if typing.get_origin(annotation) is typing.Literal:
+            raise UserError(f"{where}: {value!r}; expected one of: {', '.join(map(str, typing.get_args(annotation)))}")
         shown = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
         raise UserError(f"{where}: {value!r} ({type(value).__name__}) is not a valid {shown}")
     return value

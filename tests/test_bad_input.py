@@ -64,6 +64,9 @@ RECIPES = [
     ("unknown-job", _set("data.verifiable.job", "build_everything"), [], ["data.verifiable.job", "build_everything"]),
     ("unknown-job-arg", _set("data.verifiable.n_trian", 3), [], ["data.verifiable.n_trian", "n_train"]),
     ("after-unknown-stage", _set("data.pairs.after", "ppo"), [], ["data.pairs.after", "'ppo'"]),
+    # a job that runs after SFT: its options are still checked before any work
+    ("bad-pairs-dtype", _set("data.pairs.dtype", "float16"), [], ["data.pairs.dtype", "'float16'", "float32, bfloat16"]),
+    ("bad-eval-dtype", _set("eval.dtype", "bf16"), [], ["eval.dtype", "'bf16'", "float32, bfloat16"]),
     ("missing-dataset-file", _set("stages.sft.dataset_name", "data/absent.jsonl"), [],
      ["stages.sft.dataset_name", "data/absent.jsonl", "before any work"]),
     ("missing-offline-pairs", _set("stages.upo.upo_offline_dataset", "prefs/none.parquet"), [],

@@ -174,8 +174,8 @@ def test_onpolicy_pairs_job(tiny_model_path, task_data, tmp_path):
     assert card["job"] == "build_onpolicy_pairs" and card["splits"]["train"]["rows"] == len(rows)
 
 
-def test_onpolicy_pairs_sample_in_bf16_and_name_a_bad_dtype(tiny_model_path, task_data, tmp_path):
-    from data_prep.build_onpolicy_pairs import main
+def test_onpolicy_pairs_sample_in_bf16_and_name_a_bad_dtype(tiny_model_path, task_data, tmp_path, capsys):
+    from data_prep.build_onpolicy_pairs import OnPolicyPairsConfig, main, sample_pairs
     from posttrain.errors import UserError
 
     args = ["--model_name_or_path", str(tiny_model_path("llama")), "--prompts", str(task_data), "--test_split", "",
@@ -183,6 +183,9 @@ def test_onpolicy_pairs_sample_in_bf16_and_name_a_bad_dtype(tiny_model_path, tas
             "length_penalty=1.0", "--margin", "0.0"]
     assert main([*args, "--dtype", "bfloat16", "--output_dir", str(tmp_path / "bf16")]) == 0
     assert load_rows(str(tmp_path / "bf16"), "train")
-    with pytest.raises(UserError, match="build_onpolicy_pairs: dtype: 'float16'; expected float32 or bfloat16"):
+    with pytest.raises(SystemExit):
         main([*args, "--dtype", "float16", "--output_dir", str(tmp_path / "bad")])
+    assert "invalid choice: 'float16'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+    with pytest.raises(UserError, match="build_onpolicy_pairs: dtype: 'float16'; expected float32 or bfloat16"):
+        sample_pairs(None, None, [], OnPolicyPairsConfig(dtype="float16"))  # called from code, not a command line
