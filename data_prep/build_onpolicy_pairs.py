@@ -19,8 +19,8 @@ the model saw.
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
 
+from posttrain.configs import Precision
 from posttrain.errors import UserError
 
 from . import card as card_lib
@@ -47,8 +47,9 @@ class OnPolicyPairsConfig:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling."})
     max_new_tokens: int = field(default=64, metadata={"help": "Reply length budget."})
     batch_size: int = field(default=32, metadata={"help": "Sequences generated together."})
-    dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "Sampling precision: float32, or bfloat16 (autocast, as "
-                                                             "eval.dtype: about half the CPU time with AVX512-BF16)."})
+    dtype: Precision = field(default="float32", metadata={"help": "Sampling precision: float32, or bfloat16 (autocast, "
+                                                                   "as eval.dtype: about half the CPU time with "
+                                                                   "AVX512-BF16)."})
     rewards: dict[str, float] | list[str] = field(
         default_factory=lambda: {"accuracy": 1.0, "think_format": 0.5},
         metadata={"help": "Reward functions by name (posttrain.rewards.REWARDS) with their weights, as UPO's "

@@ -2,8 +2,9 @@
 
 A 135M model can learn these in CPU minutes, and every answer is checked by the same reward functions that UPO
 optimises, so "did post-training help" is a number, not an impression. Domains: arithmetic, comparison, counting,
-string, units (the default), and spelling (training data only: the words of counting and string, spelled). Each task has a prompt, a reference answer, and worked steps for the thinking rendering, and is phrased
-by one of many templates (`task_arithmetic`, `task_domains`: word problems, imperatives, other number ranges, two
+string, units (the default), and spelling (training data only: the words of counting and string, spelled). Each
+task has a prompt, a reference answer, and worked steps for the thinking rendering, and is phrased by one of many
+templates (`task_arithmetic`, `task_domains`: word problems, imperatives, other number ranges, two
 steps), so what transfers is the skill, not one sentence shape.
 
 Output (`--output_dir DIR`, written atomically): `sft.parquet` (`messages`, `thinking`, `domain`), `prompts.parquet`

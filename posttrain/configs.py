@@ -34,6 +34,10 @@ class BaseModelArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
 
 
+# Generation and scoring precision (`evaluate.autocast`): float32, or bf16 autocast over float32 weights.
+Precision = Literal["float32", "bfloat16"]
+
+
 @dataclass
 class EvalArguments:
     """Held-out evaluation run on the base model and after every stage."""
@@ -50,7 +54,7 @@ class EvalArguments:
                           "forward over every prompt and reply: on 2 CPU cores, 200 rows took 20 s, 60 percent of "
                           "the time generating their answers took."},
     )
-    dtype: Literal["float32", "bfloat16"] = field(
+    dtype: Precision = field(
         default="float32",
         metadata={"help": "Generation precision: float32, or bfloat16 (autocast: ~1.5x less CPU time with "
                           "AVX512-BF16; greedy answers can differ slightly from float32's, the same for every step)."},
@@ -107,8 +111,7 @@ class StageArguments:
     eval_samples: int = field(default=EvalArguments.samples, metadata={"help": "See EvalArguments.samples."})
     eval_loss_limit: int | None = field(default=EvalArguments.loss_limit,
                                         metadata={"help": "See EvalArguments.loss_limit."})
-    eval_dtype: Literal["float32", "bfloat16"] = field(default=EvalArguments.dtype,
-                                                       metadata={"help": "See EvalArguments.dtype."})
+    eval_dtype: Precision = field(default=EvalArguments.dtype, metadata={"help": "See EvalArguments.dtype."})
 
     def eval_settings(self) -> EvalArguments:
         """The held-out evaluation this stage runs after training (its `dataset` is None when there is none)."""

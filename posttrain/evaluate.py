@@ -17,10 +17,11 @@ import hashlib
 import json
 import math
 import time
+import typing
 from collections import defaultdict
 from pathlib import Path
 
-from .configs import EvalArguments
+from .configs import EvalArguments, Precision
 from .data import completion_text, render_prompt
 from .errors import UserError
 from .io import write_json
@@ -262,8 +263,8 @@ def autocast(model, dtype: str, option: str = "eval.dtype"):
 
     if dtype == "float32":
         return contextlib.nullcontext()
-    if dtype != "bfloat16":
-        raise UserError(f"{option}: '{dtype}'; expected float32 or bfloat16")
+    if dtype != "bfloat16":  # a `Precision` from a recipe or command line is checked there; this is for code
+        raise UserError(f"{option}: '{dtype}'; expected {' or '.join(typing.get_args(Precision))}")
     return torch.autocast(model.device.type, dtype=torch.bfloat16)
 
 

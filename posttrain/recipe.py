@@ -134,9 +134,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     if modality not in ("text", "vision"):
         raise UserError(f"{where}: modality: '{modality}' is not one of text, vision")
     base = _build(BaseModelArguments, raw["base"], f"{where}: base")
-    evaluation = _build(EvalArguments, raw.get("eval") or {}, f"{where}: eval")
-    if evaluation.dtype not in ("float32", "bfloat16"):
-        raise UserError(f"{where}: eval.dtype: '{evaluation.dtype}'; expected float32 or bfloat16")
+    evaluation = _build(EvalArguments, raw.get("eval") or {}, f"{where}: eval")  # eval.dtype: a `Precision`
     stages = _check_stages(raw, where)
     gates = _gates(raw, list(stages), where)
     data = check_data_section(raw.get("data") or {}, where, list(stages))
