@@ -41,6 +41,24 @@ def run_dir(recipe: Recipe, output_root: str | Path = "outputs") -> Path:
     return Path(output_root) / recipe.name
 
 
+def read_files(args) -> dict:
+    """Content fingerprints of the local files and data_prep output folders among a data job's arguments (another
+    job's output, a source file), so a job whose input was rebuilt or edited is rebuilt too: its arguments, being
+    paths, stay the same. Other folders (a model, a tokenizer) are left out: hashing them would cost more than it
+    tells, and a job that samples from a stage's adapter already carries the stage's hash (`after`)."""
+    found = {}
+    values = [args]
+    while values:
+        value = values.pop()
+        if isinstance(value, dict):
+            values += value.values()
+        elif isinstance(value, list):
+            values += value
+        elif isinstance(value, str) and (Path(value).is_file() or (Path(value) / "card.json").is_file()):
+            found[value] = lineage.dataset_fingerprint(value)
+    return found
+
+
 class Pipeline:
     def __init__(self, recipe: Recipe, output_root: str | Path = "outputs", accelerate_config: str | None = None,
                  num_processes: int | None = None, project: str | None = None, nodes=None):
@@ -178,7 +196,7 @@ class Pipeline:
                 continue
             args = self.local_paths(self.substitute({k: v for k, v in spec.items() if k not in ("job", "after")}))
             upstream = json.loads((self.root / after / "lineage.json").read_text())["inputs_hash"] if after else None
-            digest = self.digest({"job": spec["job"], "args": args, "after": upstream})
+            digest = self.digest({"job": spec["job"], "args": args, "after": upstream, "reads": read_files(args)})
             out, stamp = self.data_path(name), self.data_path(name).with_suffix(".inputs")
             if out.is_dir() and stamp.is_file() and stamp.read_text() == digest:
                 console.print(f"[dim]data {name}: up to date[/dim]")

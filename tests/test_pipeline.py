@@ -114,3 +114,39 @@ def test_offline_hub_model_fails_fast(tmp_path, posttrain_cli):
                        timeout=60)
     assert result.returncode == 2
     assert "someone/not-cached" in result.stdout and "HF_HUB_OFFLINE" in result.stdout
+
+
+def test_a_data_job_is_rebuilt_when_a_file_it_reads_changes(tmp_path, monkeypatch):
+    """The mix reads the other job's output by a path that never changes: rebuilding `tasks` (or editing a source
+    file) must rebuild the mix, not report it up to date."""
+    from posttrain import datajobs
+    from posttrain.pipeline import Pipeline
+    from posttrain.recipe import load_recipe
+
+    built = []
+
+    def fake_job(job, args, out):  # stands in for the job processes: writes what it was given, records the call
+        built.append(Path(out).name)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        text = json.dumps(args, sort_keys=True)
+        for source in args.get("sources", []):
+            text += Path(source).read_text()
+        (Path(out) / "rows.jsonl").write_text(text)
+
+    monkeypatch.setattr(datajobs, "run_job", fake_job)
+    source = tmp_path / "chat.jsonl"
+    source.write_text('{"text": "hi"}\n')
+
+    def build(n_train):
+        raw = {"name": "r", "base": {"model_name_or_path": "tiny:llama"}, "stages": {"sft": {"dataset_name": "x"}},
+               "data": {"tasks": {"job": "build_verifiable_tasks", "n_train": n_train},
+                        "mix": {"job": "build_sft_set", "sources": ["{data}/tasks/rows.jsonl", str(source)]}}}
+        built.clear()
+        Pipeline(load_recipe(tmp_path / "r.yaml", raw=raw), tmp_path / "out").build_data(after=None)
+        return list(built)
+
+    assert build(10) == ["tasks", "mix"]
+    assert build(10) == [], "nothing changed: both up to date"
+    assert build(20) == ["tasks", "mix"], "the mix reads the rebuilt tasks"
+    source.write_text('{"text": "hello"}\n')
+    assert build(20) == ["mix"], "an edited source file rebuilds the job that reads it"
