@@ -222,3 +222,15 @@ def test_fused_lm_head_projects_only_labelled_positions_on_cpu(tiny_model_path):
     torch.testing.assert_close(labelled_only[0], every_position[0])
     torch.testing.assert_close(labelled_only[1], every_position[1])
     assert labelled_only[0][:, :7].abs().sum() == 0 and labelled_only[0][:, 7:].abs().min() > 0
+
+
+def test_the_recipe_attention_implementation_is_the_one_loaded(tiny_model_path, task_data, sft_configs, tmp_path):
+    """`attn_implementation` (TRL's ModelConfig, e.g. flash_attention_2 with padding_free on a GPU) reaches
+    from_pretrained: a recipe asking for eager attention gets it, and no setting leaves transformers' default."""
+    from posttrain.stages import common
+
+    stage_args, training, model_args = sft_configs(tiny_model_path("llama"), task_data, tmp_path / "out")
+    default = common.load_policy(stage_args, training, model_args)[0]
+    model_args.attn_implementation = "eager"
+    eager = common.load_policy(stage_args, training, model_args)[0]
+    assert eager.config._attn_implementation == "eager" != default.config._attn_implementation

@@ -155,15 +155,18 @@ def _pad_token(tokenizer):
 
 
 def load_model(path: str | Path, adapter: str | Path | None = None, dtype: str = "float32",
-               trust_remote_code: bool = False, adapter_name: str = "default", is_trainable: bool = False):
+               trust_remote_code: bool = False, adapter_name: str = "default", is_trainable: bool = False,
+               attn_implementation: str | None = None):
     """Base model from a local folder (a VLM with its image-text-to-text class), with the LoRA adapter at `adapter` on
-    top when given."""
+    top when given; `attn_implementation` (e.g. "flash_attention_2", "sdpa", "eager") as transformers takes it, None
+    for its default."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     auto_class = AutoModelForImageTextToText if is_vision_model(path) else AutoModelForCausalLM
     model = auto_class.from_pretrained(
-        path, dtype=getattr(torch, dtype) if dtype not in (None, "auto") else "auto", trust_remote_code=trust_remote_code
+        path, dtype=getattr(torch, dtype) if dtype not in (None, "auto") else "auto", trust_remote_code=trust_remote_code,
+        **({"attn_implementation": attn_implementation} if attn_implementation else {}),
     )
     if adapter is not None:
         from peft import PeftModel

@@ -76,7 +76,8 @@ def load_policy(stage_args, training_args, model_args):
                                trust_remote_code=training_args.trust_remote_code)
     dtype = model_args.dtype or "float32"
     model = load_model(model_args.model_name_or_path, adapter=stage_args.adapter_path, dtype=dtype,
-                       trust_remote_code=training_args.trust_remote_code, is_trainable=True)
+                       trust_remote_code=training_args.trust_remote_code, is_trainable=True,
+                       attn_implementation=model_args.attn_implementation)
     peft_config = None if stage_args.adapter_path else get_peft_config(model_args)
     if peft_config is not None and vision.is_vision_model(model_args.model_name_or_path):
         peft_config = vision.language_only_lora(peft_config, model)
