@@ -14,6 +14,7 @@ stage's hash); a re-run skips a finished stage whose hash is unchanged and resum
 checkpoint.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -39,6 +40,23 @@ from .runlock import RunLock
 
 def run_dir(recipe: Recipe, output_root: str | Path = "outputs") -> Path:
     return Path(output_root) / recipe.name
+
+
+@contextlib.contextmanager
+def out_of_the_way(out: Path):
+    """Move an existing output folder aside while its job rebuilds it: dropped once the job succeeds, put back if it
+    fails (jobs write their output atomically, so a failed job leaves none), so a failed rebuild loses nothing."""
+    aside = out.with_name(f".{out.name}.previous")
+    if out.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        out.rename(aside)
+    try:
+        yield
+    except BaseException:
+        if aside.exists() and not out.exists():
+            aside.rename(out)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def read_files(args) -> dict:
@@ -203,7 +221,8 @@ class Pipeline:
                 continue
             console.rule(f"data: {name} ({spec['job']})")
             started = time.time()
-            run_job(spec["job"], args, out)
+            with out_of_the_way(out):  # the stale output: some jobs refuse to replace a folder unless told to
+                run_job(spec["job"], args, out)
             write_text(stamp, digest)
             self._record(f"data/{name}", status="done", wall_time_s=round(time.time() - started, 1))
 

@@ -118,8 +118,10 @@ def test_offline_hub_model_fails_fast(tmp_path, posttrain_cli):
 
 def test_a_data_job_is_rebuilt_when_a_file_it_reads_changes(tmp_path, monkeypatch):
     """The mix reads the other job's output by a path that never changes: rebuilding `tasks` (or editing a source
-    file) must rebuild the mix, not report it up to date."""
+    file) must rebuild the mix, not report it up to date; a rebuild replaces the old output, and one that fails
+    leaves it as it was."""
     from posttrain import datajobs
+    from posttrain.errors import UserError
     from posttrain.pipeline import Pipeline
     from posttrain.recipe import load_recipe
 
@@ -127,7 +129,9 @@ def test_a_data_job_is_rebuilt_when_a_file_it_reads_changes(tmp_path, monkeypatc
 
     def fake_job(job, args, out):  # stands in for the job processes: writes what it was given, records the call
         built.append(Path(out).name)
-        Path(out).mkdir(parents=True, exist_ok=True)
+        if args.get("n_train") == 30:
+            raise UserError("the job failed")
+        Path(out).mkdir(parents=True)  # like build_sft_set without `overwrite`: never into an existing folder
         text = json.dumps(args, sort_keys=True)
         for source in args.get("sources", []):
             text += Path(source).read_text()
@@ -150,3 +154,7 @@ def test_a_data_job_is_rebuilt_when_a_file_it_reads_changes(tmp_path, monkeypatc
     assert build(20) == ["tasks", "mix"], "the mix reads the rebuilt tasks"
     source.write_text('{"text": "hello"}\n')
     assert build(20) == ["mix"], "an edited source file rebuilds the job that reads it"
+    before = (tmp_path / "out" / "r" / "data" / "tasks" / "rows.jsonl").read_text()
+    with pytest.raises(UserError, match="the job failed"):
+        build(30)
+    assert (tmp_path / "out" / "r" / "data" / "tasks" / "rows.jsonl").read_text() == before, "a failed rebuild loses nothing"
