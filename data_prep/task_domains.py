@@ -86,7 +86,10 @@ def comparison(rng) -> Task:
             numbers.append(n)
     value = max(numbers) if kind == "max" else min(numbers)
     word = "largest" if kind == "max" else "smallest"
-    steps = (f"{max(numbers[:2])} > {min(numbers[:2])}, so the answer is {value}." if not listed
+    # "so the larger is": the pick is made at the word the question asked for, then copies the number that word
+    # names (the left of ">" for larger, the right for smaller); "so the answer is" left the pick to the number alone
+    steps = (f"{max(numbers[:2])} > {min(numbers[:2])}, so the {'larger' if kind == 'max' else 'smaller'} is {value}."
+             if not listed
              else f"{', '.join(map(str, sorted(numbers)))}\nThe {word} is {value}.")
     question = template.format(a=numbers[0], b=numbers[-1], items=", ".join(map(str, numbers)), **_names(rng))
     return Task(question, str(value), steps, name, (kind, numbers))
@@ -112,7 +115,8 @@ def counting(rng) -> Task:
     letter = rng.choice(sorted(set(word))) if rng.random() < 0.85 else rng.choice(sorted(set("abcdefghijklmnoprstuwy")
                                                                                              - set(word)))
     hits = word.count(letter)
-    steps = f"{spelled}\nThe letter {letter} appears {hits} time{'' if hits == 1 else 's'}."
+    found = ", ".join(letter * hits) or f"no {letter}"  # the matches copied out first, as the vowels are
+    steps = f"{spelled}\n{found}\nThe letter {letter} appears {hits} time{'' if hits == 1 else 's'}."
     return Task(template.format(w=word, l=letter), str(hits), steps, name, ("count", letter, word))
 
 
