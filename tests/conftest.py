@@ -92,30 +92,22 @@ def posttrain_cli():
 
 
 @pytest.fixture(scope="session")
-def tiny_sft_run(tmp_path_factory, worker_id):
+def tiny_sft_run(tmp_path_factory):
     """A finished run of the tiny recipe reduced to its SFT stage (with base and SFT evaluations), built once per
-    test session through the real CLI: export, chat and report tests read it and must not modify it. The xdist
-    workers share it (the first to ask builds it under a file lock, the others wait for it): built per worker, it
-    cost each worker half a minute."""
+    session through the real CLI: export, chat and report tests read it and must not modify it."""
     from pathlib import Path
 
     import yaml
-    from filelock import FileLock
 
-    root = tmp_path_factory.getbasetemp()
-    root = root.parent if worker_id != "master" else root  # the folder all workers of this session share
-    cwd, run = root / "tiny-sft-run", root / "tiny-sft-run" / "outputs" / "tiny-sft"
-    with FileLock(str(root / "tiny-sft-run.lock")):
-        if not (run / "sft" / "metrics.json").is_file():
-            tiny = Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "text.yaml"
-            cwd.mkdir(exist_ok=True)
-            raw = yaml.safe_load(tiny.read_text())
-            raw.pop("ablation", None)
-            raw.update(name="tiny-sft", stages={"sft": raw["stages"]["sft"]})
-            raw["data"] = {k: v for k, v in raw["data"].items() if "after" not in v}
-            (cwd / "recipe.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-            _run_cli("run", cwd / "recipe.yaml", cwd=cwd)
-    return run
+    tiny = Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "text.yaml"
+    cwd = tmp_path_factory.mktemp("tiny-sft-run")
+    raw = yaml.safe_load(tiny.read_text())
+    raw.pop("ablation", None)
+    raw.update(name="tiny-sft", stages={"sft": raw["stages"]["sft"]})
+    raw["data"] = {k: v for k, v in raw["data"].items() if "after" not in v}
+    (cwd / "recipe.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    _run_cli("run", cwd / "recipe.yaml", cwd=cwd)
+    return cwd / "outputs" / "tiny-sft"
 
 
 def _check_evaluation(evaluation: dict, n: int) -> None:
