@@ -7,6 +7,7 @@ into place, so a crash, a kill or a full disk leaves either the old content or t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -84,6 +85,24 @@ def replace_dir(out: str | Path, write: Callable[[Path], object], if_exists: str
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+@contextlib.contextmanager
+def moved_aside(out: str | Path):
+    """For a writer that must create `out` itself (a data job in its own process, some of which refuse an existing
+    folder), where `replace_dir`'s temporary folder cannot stand in: an existing `out` is moved to a hidden sibling
+    for the duration, dropped once the block succeeds, and put back if it fails without having written a new one."""
+    out = Path(out)
+    old = _sibling(out, "old")
+    if out.exists():
+        os.replace(out, old)
+    try:
+        yield out
+    except BaseException:
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_pretrained(out: str | Path, *objects, if_exists: str = "replace") -> Path:

@@ -14,7 +14,6 @@ stage's hash); a re-run skips a finished stage whose hash is unchanged and resum
 checkpoint.
 """
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -32,9 +31,10 @@ from .childproc import describe, spawn
 from .configs import StageArguments
 from .console import console
 from .errors import UserError, disk_full_error, is_disk_full
-from .io import read_json, write_json, write_text
+from .io import moved_aside, read_json, write_json, write_text
 from .nodes import Coordinator, explain_failure
 from .recipe import Recipe
+from .recipe_files import STAGE_DATASET_KEYS, check_recipe_files, named_strings
 from .runlock import RunLock
 
 
@@ -42,39 +42,13 @@ def run_dir(recipe: Recipe, output_root: str | Path = "outputs") -> Path:
     return Path(output_root) / recipe.name
 
 
-@contextlib.contextmanager
-def out_of_the_way(out: Path):
-    """Move an existing output folder aside while its job rebuilds it: dropped once the job succeeds, put back if it
-    fails (jobs write their output atomically, so a failed job leaves none), so a failed rebuild loses nothing."""
-    aside = out.with_name(f".{out.name}.previous")
-    if out.exists():
-        shutil.rmtree(aside, ignore_errors=True)
-        out.rename(aside)
-    try:
-        yield
-    except BaseException:
-        if aside.exists() and not out.exists():
-            aside.rename(out)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
-
-
 def read_files(args) -> dict:
     """Content fingerprints of the local files and data_prep output folders among a data job's arguments (another
     job's output, a source file), so a job whose input was rebuilt or edited is rebuilt too: its arguments, being
     paths, stay the same. Other folders (a model, a tokenizer) are left out: hashing them would cost more than it
     tells, and a job that samples from a stage's adapter already carries the stage's hash (`after`)."""
-    found = {}
-    values = [args]
-    while values:
-        value = values.pop()
-        if isinstance(value, dict):
-            values += value.values()
-        elif isinstance(value, list):
-            values += value
-        elif isinstance(value, str) and (Path(value).is_file() or (Path(value) / "card.json").is_file()):
-            found[value] = lineage.dataset_fingerprint(value)
-    return found
+    return {value: lineage.dataset_fingerprint(value) for _, value in named_strings(args, "")
+            if Path(value).is_file() or (Path(value) / "card.json").is_file()}
 
 
 class Pipeline:
@@ -137,8 +111,6 @@ class Pipeline:
     def run(self, only: str | None = None, start: str | None = None, stop_before: str | None = None) -> dict:
         """Run the recipe (see the module docstring), after checking every file it names. One run per folder at a time
         (`RunLock`); run.json ends as done, failed or interrupted, never as running."""
-        from .recipe_files import check_recipe_files
-
         check_recipe_files(self.recipe)
         lock = RunLock(self.root).acquire(say=lambda text: console.print(f"[yellow]{text}[/yellow]"))
         try:
@@ -221,7 +193,7 @@ class Pipeline:
                 continue
             console.rule(f"data: {name} ({spec['job']})")
             started = time.time()
-            with out_of_the_way(out):  # the stale output: some jobs refuse to replace a folder unless told to
+            with moved_aside(out):  # the stale output: some jobs refuse to replace a folder unless told to
                 run_job(spec["job"], args, out)
             write_text(stamp, digest)
             self._record(f"data/{name}", status="done", wall_time_s=round(time.time() - started, 1))
@@ -293,7 +265,7 @@ class Pipeline:
 
     def stage_hash(self, stage: str, args: dict, previous: str | None) -> str:
         datasets = {k: lineage.dataset_fingerprint(v) for k, v in args.items()
-                    if k in ("dataset_name", "upo_offline_dataset") and v}
+                    if k in STAGE_DATASET_KEYS and v}
         stable = {k: v for k, v in args.items() if k not in ("output_dir", "project", "run_name")}
         prev_hash = json.loads((self.root / previous / "lineage.json").read_text())["inputs_hash"] if previous else None
         return self.digest({"args": stable, "datasets": datasets, "base": self.base_hash, "previous": prev_hash})

@@ -29,22 +29,23 @@ def check_recipe_files(recipe: Recipe) -> None:
     if template and template.endswith(".jinja") and not resolve_relative(template, recipe.path).is_file():
         problems.append(f"base.chat_template: file not found: {template}")
     for name, spec in recipe.data.items():
-        for key, value in _strings(spec, f"data.{name}"):
+        for key, value in named_strings(spec, f"data.{name}"):
             problems += _path_problem(key, value, recipe, relative_to_recipe=True)
     if problems:
         raise UserError(f"{recipe.path}: the recipe names files that do not exist (checked before any work):\n  "
                         + "\n  ".join(problems))
 
 
-def _strings(value, key: str):
+def named_strings(value, key: str):
+    """(key, string) for every string in a nest of dicts and lists, keyed like `data.mix.sources[0]`."""
     if isinstance(value, str):
         yield key, value
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            yield from _strings(item, f"{key}[{index}]")
+            yield from named_strings(item, f"{key}[{index}]")
     elif isinstance(value, dict):
         for sub, item in value.items():
-            yield from _strings(item, f"{key}.{sub}")
+            yield from named_strings(item, f"{key}.{sub}")
 
 
 def _dataset_problem(key: str, value: str, recipe: Recipe) -> list[str]:
