@@ -108,7 +108,8 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
     expanded = [row for row in rows for _ in range(n)]
     images = [r["images"] for r in expanded] if rows and "images" in rows[0] else None
     prompts = [render_prompt(tokenizer, r["prompt"], r.get("thinking")) for r in expanded]
-    with autocast(model, config.dtype, option=f"{PROG}: dtype"):
+    # LoRA merged into the bf16 weights: these replies are only sampled, never scored by the model
+    with autocast(model, config.dtype, option=f"{PROG}: dtype", merge_lora=True):
         texts, _, _ = generate(model, tokenizer, prompts, config.max_new_tokens, config.batch_size, images=images,
                                do_sample=True, temperature=config.temperature, top_p=config.top_p)
     columns = {key: [r.get(key) for r in expanded] for key in ("answer", "thinking", "domain")}

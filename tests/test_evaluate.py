@@ -119,6 +119,66 @@ def test_decoding_in_rounds_gives_generates_tokens(tiny_model_path):
     assert decode(model, dict(batch), 12, rounds=(3, 2), use_cache=False, **settings) == expected
 
 
+def test_bf16_evaluation_casts_the_frozen_weights_once_with_the_same_outputs(tiny_model_path):
+    """Under `autocast("bfloat16")` the frozen linear weights are bf16 copies for the duration: the logits and greedy
+    tokens are exactly those of plain bf16 autocast, the LoRA matrices stay float32, and on exit the model has its own
+    float32 weights back with the LM head tied to the embedding again."""
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain.evaluate import autocast
+
+    path = tiny_model_path("llama")
+    model = load_model(path)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+    before = {name: p for name, p in model.named_parameters()}
+    ids = torch.randint(3, 100, (3, 9))
+    settings = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain_logits, plain_tokens = model(input_ids=ids).logits, model.generate(input_ids=ids, **settings)
+    with torch.no_grad(), autocast(model, "bfloat16"):
+        base = model.base_model.model
+        assert base.lm_head.weight.dtype == torch.bfloat16 and base.model.embed_tokens.weight.dtype == torch.float32
+        layer = base.model.layers[0].self_attn.q_proj
+        assert layer.base_layer.weight.dtype == torch.bfloat16 and layer.lora_A["default"].weight.dtype == torch.float32
+        cast_logits, cast_tokens = model(input_ids=ids).logits, model.generate(input_ids=ids, **settings)
+    assert torch.equal(cast_logits, plain_logits) and torch.equal(cast_tokens, plain_tokens)
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() and all(after[name] is p for name, p in before.items())
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+
+
+def test_merged_lora_copies_sample_the_adapted_model_and_leave_it_as_it_was(tiny_model_path):
+    """`merge_lora` (rollouts, pair sampling): inside, the LoRA update is in the bf16 copies and the adapter layers are
+    off, so the logits are the adapted model's up to bf16 rounding (not the base model's); after it the adapter is on
+    and trainable again and every weight is the model's own. With `modules_to_save`, which turning the adapter off
+    would drop, nothing is merged."""
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain.models import frozen_weights_cast
+
+    path = tiny_model_path("llama")
+    model = get_peft_model(load_model(path), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    lora = {name: p for name, p in model.named_parameters() if "lora_" in name}
+    ids = torch.randint(3, 100, (2, 7))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        adapted = model(input_ids=ids).logits.float()
+        with model.disable_adapter():
+            without = model(input_ids=ids).logits.float()
+        with frozen_weights_cast(model, torch.bfloat16, merge_lora=True):
+            q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+            assert q_proj.disable_adapters and q_proj.base_layer.weight.dtype == torch.bfloat16
+            merged = model(input_ids=ids).logits.float()
+    gap = (adapted - without).abs().max()
+    assert gap > 0.05 and (merged - adapted).abs().max() < gap / 5
+    assert not q_proj.disable_adapters and q_proj.base_layer.weight.dtype == torch.float32
+    assert all(p.requires_grad and dict(model.named_parameters())[name] is p for name, p in lora.items())
+
+    saved = get_peft_model(load_model(path), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with frozen_weights_cast(saved, torch.bfloat16, merge_lora=True):
+        assert not saved.base_model.model.model.layers[0].self_attn.q_proj.disable_adapters
+
+
 def test_evaluate_scores_known_completions(tiny_model_path, task_data, monkeypatch):
     """With the generations fixed (even rows: the reference reply; odd rows: a wrong, untagged one), every metric is
     an exact, known fraction."""

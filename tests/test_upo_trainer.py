@@ -449,6 +449,38 @@ def test_offline_upo_run_continues_trained_adapter(tmp_path, tiny_model_path, ti
     assert all(torch.equal(after[n], p) for n, p in base_before.items())
 
 
+@pytest.mark.parametrize("merged", [True, False])
+def test_bf16_rollouts_come_from_merged_weights_and_training_is_unchanged(tmp_path, tiny_model_path, tiny_tokenizer,
+                                                                          merged):
+    """With bf16 and `merged_rollouts`, GRPO's `generate` runs on bf16 copies with the trained adapter merged in and
+    the adapter layers off; the training forward after it has the float32 weights and the adapters back: the
+    policy's adapter trains, the reference copy and the base weights do not move."""
+    model = trained_adapter_model(tiny_model_path())
+    args = UPOConfig(output_dir=str(tmp_path), **{**TINY, "bf16": True, "max_steps": 1}, use_cpu=True,
+                     merged_rollouts=merged)
+    trainer = UPOTrainer(model, reward_funcs=[varied_reward], args=args, train_dataset=prompts(),
+                         processing_class=tiny_tokenizer)
+    q_proj = trainer.model.base_model.model.model.layers[0].self_attn.q_proj
+    seen, generate = [], trainer.model.generate
+
+    def recording_generate(*args, **kwargs):
+        seen.append((q_proj.base_layer.weight.dtype, q_proj.disable_adapters))
+        return generate(*args, **kwargs)
+
+    trainer.model.generate = recording_generate
+    default_before = snapshot(trainer.model, lambda n: ".default." in n)
+    frozen_before = snapshot(trainer.model, lambda n: ".default." not in n)
+    trainer.train()
+
+    assert seen and set(seen) == {(torch.bfloat16, True) if merged else (torch.float32, False)}
+    assert q_proj.base_layer.weight.dtype == torch.float32 and not q_proj.disable_adapters
+    after = dict(trainer.model.named_parameters())
+    assert all(after[n].requires_grad for n in default_before)
+    assert any(not torch.equal(after[n], p) for n, p in default_before.items())
+    assert all(torch.equal(after[n], p) for n, p in frozen_before.items())
+    assert all(math.isfinite(x) for x in _logged(trainer, "loss"))
+
+
 def test_offline_pairs_tokenized_like_rollouts(tmp_path, tiny_tokenizer):
     from posttrain.trainers.upo_pairs import load_offline_pairs, render_prompt_text
 

@@ -45,6 +45,7 @@ forward (GRPO's and the DPO term's) the routing of its own tokens, and `_tokeniz
 failing on a batch of prompts of different lengths.
 """
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -57,6 +58,7 @@ from trl.trainer.utils import nanstd, use_adapter
 
 from ..errors import UserError
 from ..io import write_json
+from ..models import frozen_weights_cast
 from ..moe_routing import MOE_ROUTING, routes_by_modality, with_routing
 from ..rewards import normalize_by_group, resolve_rewards, weighted_sum
 from .upo_config import UPOConfig
@@ -309,6 +311,21 @@ class UPOTrainer(GRPOTrainer):
         if self.args.upo_lambda > 0:
             output.update(self._pair_columns(output, pairs))
         return output
+
+    def _generate_single_turn(self, *args, **kwargs):
+        """GRPO's rollouts, sampled from merged bf16 weights when `merged_rollouts` allows (see UPOConfig)."""
+        with self._rollout_weights():
+            return super()._generate_single_turn(*args, **kwargs)
+
+    def _rollout_weights(self):
+        plain = not (self.use_vllm or self.use_transformers_continuous_batching or self.is_fsdp_enabled
+                     or self.is_deepspeed_enabled)
+        if not (self.args.merged_rollouts and self.args.bf16 and plain and is_peft_model(self.model)):
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16))
+        stack.enter_context(frozen_weights_cast(self.model, torch.bfloat16, merge_lora=True))
+        return stack
 
     def _pair_columns(self, output, pairs):
         """Per-row tensors that carry each pair on its chosen row through GRPO's shuffle and split."""

@@ -1,0 +1,68 @@
+"""Frozen weights cast once for bf16 autocast (and LoRA merged into the copies, for sampling).
+
+Autocast casts every linear weight to bf16 again on every forward. In decoding, one forward per token, those copies
+were ~15% of generation time here (batch 100, SmolLM2-135M, 2 CPU cores). `frozen_weights_cast` makes them once for
+the duration of a block and puts the model's own weights back after it.
+"""
+
+import contextlib
+
+
+@contextlib.contextmanager
+def frozen_weights_cast(model, dtype, merge_lora: bool = False):
+    """The frozen float32 weights of the model's linear layers (LoRA's base layers, the LM head) as `dtype` copies for
+    the duration; the LoRA matrices, embeddings and norms are left as they are. Under autocast to `dtype` these are
+    the values autocast computes itself, so outputs are bit-identical (tested). A tied LM head gets its own copy while
+    the embedding keeps the float32 original. Sharded (FSDP, DeepSpeed) and non-float32 weights are skipped.
+
+    `merge_lora`: each LoRA layer's update is added into its copy and the adapter layers are off for the duration,
+    so a decoding step skips two small matmuls per layer (~25% less time for rollouts of 8 x 40 tokens here). The
+    result is the adapted model up to bf16 rounding, not bit-identical: for sampling, not for scoring."""
+    import torch
+
+    def copied(name, module) -> bool:
+        weight = getattr(module, "weight", None)
+        return (isinstance(module, torch.nn.Linear) and "lora_" not in name and weight is not None
+                and not weight.requires_grad and weight.dtype == torch.float32 and type(weight.data) is torch.Tensor
+                and weight.numel() > 0)
+
+    targets = [module for name, module in model.named_modules() if copied(name, module)]
+    lora_owner = _mergeable_lora_layers(model) if merge_lora else {}
+    if not lora_owner.keys() <= {id(module) for module in targets}:
+        lora_owner = {}  # a LoRA layer whose base weight is not copied (sharded, bf16): nothing is merged
+    swapped = []
+    with torch.no_grad():
+        for module in targets:
+            weight = module.weight
+            copy = weight.detach()
+            owner = lora_owner.get(id(module))
+            if owner is not None:
+                copy = copy + sum(owner.get_delta_weight(a) for a in owner.active_adapters if a in owner.lora_A)
+            swapped.append((module, weight))
+            module.weight = torch.nn.Parameter(copy.to(dtype), requires_grad=False)
+    try:
+        with model.disable_adapter() if lora_owner else contextlib.nullcontext():
+            yield
+    finally:
+        for module, weight in swapped:
+            module.weight = weight
+
+
+def _mergeable_lora_layers(model) -> dict:
+    """{id(base layer): LoRA layer} for the active, unmerged plain-LoRA linear layers of a PEFT model; empty when
+    turning the adapter layers off would drop more than what is merged (LoRA on embeddings, DoRA, `modules_to_save`
+    or other wrapped modules) or the model has no `disable_adapter`."""
+    if not hasattr(model, "disable_adapter"):
+        return {}
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:
+        return {}
+    # PEFT's tuner layers and auxiliary wrappers (modules_to_save, trainable tokens) all carry `_disable_adapters`
+    wrapped = [m for m in model.modules() if hasattr(m, "_disable_adapters")]
+    if any(not isinstance(m, LoraLinear) for m in wrapped):
+        return {}
+    layers = [m for m in wrapped if not m.merged and not m.disable_adapters]
+    if any(m.use_dora.get(a) for m in layers for a in m.active_adapters):
+        return {}
+    return {id(m.base_layer): m for m in layers}
