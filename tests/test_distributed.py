@@ -21,6 +21,7 @@ from posttrain.nodes import free_port  # a free port per run: tests in parallel 
 SCRIPT = Path(__file__).resolve().parent / "distributed_stages.py"
 FSDP_CONFIG = SCRIPT.parent.parent / "recipes" / "accelerate" / "fsdp.yaml"
 STAGES = ["sft", "dpo", "upo", "upo_online"]
+TINY_RECIPE = SCRIPT.parent.parent / "recipes" / "tiny" / "text.yaml"
 
 
 def launch_two(*args: str, config: Path | None = None) -> list[str]:
@@ -98,3 +99,12 @@ def test_a_process_without_pairs_runs_the_same_forwards(runs):
         assert counts == [[1, 1], [0, 0]], engine
         both = [json.loads((runs[engine] / "upo" / f"pairs-rank{r}.json").read_text()) for r in (0, 1)]
         assert both == [[2, 2], [1, 1]], engine  # plus one offline pair on each process
+
+
+def test_two_process_cpu_run(tmp_path, posttrain_cli):
+    """`posttrain run --num-processes 2` on CPU: one gloo data-parallel job of two processes, through the CLI."""
+    posttrain_cli("run", TINY_RECIPE, "name=ddp", "eval.dataset=null", "--num-processes", "2", "--only", "sft",
+                  cwd=tmp_path)
+    metrics = json.loads((tmp_path / "outputs" / "ddp" / "sft" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert metrics["train"]["global_step"] == 3

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ from posttrain.pipeline import Pipeline
 from posttrain.recipe import load_recipe
 from posttrain.runlock import RunLock
 
+TINY_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "text.yaml"
 COMMON = dict(use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=["all-linear"],
               per_device_train_batch_size=4, logging_steps=1, save_strategy="steps", save_steps=1, max_steps=3,
               report_to="none", seed=0, use_cpu=True, bf16=False, learning_rate=1e-3)
@@ -248,3 +250,24 @@ def test_offline_pairs_shared_order_disjoint_across_processes_and_resumable():
     assert [resumed.take(2) for _ in range(3)] == [ranks[1].take(2) for _ in range(3)]
     with pytest.raises(UserError, match="saved with 5 offline pairs on 2 process"):
         OfflinePairs(pairs, seed="0").load_state_dict(ranks[0].state_dict(), "ckpt")
+
+
+def test_killed_stage_resumes_from_checkpoint(tmp_path, posttrain_cli):
+    """The stage process SIGKILLed right after its second checkpoint (the stage's test hook), then the same command."""
+    overrides = ["stages.sft.max_steps=4", "shared.save_strategy=steps", "shared.save_steps=1", "eval.dataset=null",
+                 "name=resume"]
+    killed = posttrain_cli("run", TINY_RECIPE, *overrides, "--only", "sft", cwd=tmp_path, check=False,
+                           env={"POSTTRAIN_TEST_KILL_AFTER_CHECKPOINT": "2"})
+    assert killed.returncode == 2 and "step 'sft' failed" in killed.stdout and "SIGKILL" in killed.stdout
+    assert "Traceback" not in killed.stdout + killed.stderr
+    run = tmp_path / "outputs" / "resume"
+    assert json.loads((run / "run.json").read_text())["steps"]["sft"]["status"] == "failed"
+    assert not (run / "sft").exists(), "killed before the end: no finished stage folder"
+
+    resumed = posttrain_cli("run", TINY_RECIPE, *overrides, "--only", "sft", cwd=tmp_path)
+    assert "resuming sft from checkpoint-2" in resumed.stdout
+    metrics = json.loads((run / "sft" / "metrics.json").read_text())
+    assert metrics["train"]["global_step"] == 4
+    first_logged = min(log["step"] for log in metrics["log_history"] if "loss" in log)
+    assert first_logged == 1  # log history carried over from the checkpoint, not restarted
+    assert json.loads((run / "run.json").read_text())["steps"]["run"]["status"] == "done"

@@ -1,4 +1,5 @@
-"""The tiny recipe through the real CLI, in subprocesses, as a user runs it: end to end, skip, resume, 2 processes."""
+"""The tiny recipe through the real CLI, in subprocesses, as a user runs it: end to end, skip and rerun, errors, stale
+data. (Resuming a killed run is in test_faults.py, two processes in test_distributed.py.)"""
 
 import json
 import re
@@ -70,34 +71,6 @@ def test_rerun_skips_finished_stage_and_reruns_on_change(tiny_run, posttrain_cli
     assert (run / "sft" / "lineage.json").stat().st_mtime_ns == stamp
     assert (run / "upo" / "lineage.json").stat().st_mtime_ns != upo_stamp
     assert yaml.safe_load((run / "upo" / "resolved.yaml").read_text())["learning_rate"] == 5e-4
-
-
-def test_killed_stage_resumes_from_checkpoint(tmp_path, posttrain_cli):
-    """The stage process SIGKILLed right after its second checkpoint (the stage's test hook), then the same command."""
-    overrides = ["stages.sft.max_steps=4", "shared.save_strategy=steps", "shared.save_steps=1", "eval.dataset=null",
-                 "name=resume"]
-    killed = posttrain_cli("run", TINY, *overrides, "--only", "sft", cwd=tmp_path, check=False,
-                           env={"POSTTRAIN_TEST_KILL_AFTER_CHECKPOINT": "2"})
-    assert killed.returncode == 2 and "step 'sft' failed" in killed.stdout and "SIGKILL" in killed.stdout
-    assert "Traceback" not in killed.stdout + killed.stderr
-    run = tmp_path / "outputs" / "resume"
-    assert json.loads((run / "run.json").read_text())["steps"]["sft"]["status"] == "failed"
-    assert not (run / "sft").exists(), "killed before the end: no finished stage folder"
-
-    resumed = posttrain_cli("run", TINY, *overrides, "--only", "sft", cwd=tmp_path)
-    assert "resuming sft from checkpoint-2" in resumed.stdout
-    metrics = json.loads((run / "sft" / "metrics.json").read_text())
-    assert metrics["train"]["global_step"] == 4
-    first_logged = min(log["step"] for log in metrics["log_history"] if "loss" in log)
-    assert first_logged == 1  # log history carried over from the checkpoint, not restarted
-    assert json.loads((run / "run.json").read_text())["steps"]["run"]["status"] == "done"
-
-
-def test_two_process_cpu_run(tmp_path, posttrain_cli):
-    posttrain_cli("run", TINY, "name=ddp", "eval.dataset=null", "--num-processes", "2", "--only", "sft", cwd=tmp_path)
-    metrics = json.loads((tmp_path / "outputs" / "ddp" / "sft" / "metrics.json").read_text())
-    assert metrics["world_size"] == 2
-    assert metrics["train"]["global_step"] == 3
 
 
 def test_user_errors_are_one_paragraph(tmp_path, posttrain_cli):
