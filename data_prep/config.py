@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from posttrain.configs import literal_choices
 from posttrain.errors import UserError
 
 from .registry import load_entry, split_spec
@@ -186,8 +187,8 @@ def _flag_type(annotation):
         return {"nargs": "*", "type": str}
     if annotation is bool:
         return {"type": _parse_bool, "nargs": "?", "const": True}
-    if typing.get_origin(annotation) is typing.Literal:
-        return {"choices": typing.get_args(annotation)}
+    if literal_choices(annotation):
+        return {"choices": literal_choices(annotation)}
     return {"type": lambda text, cast=annotation: None if text.lower() in ("null", "none") else cast(text)}
 
 

@@ -142,7 +142,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         kind = hints[f.name]
         if isinstance(kind, types.UnionType):  # `int | None` -> int
             kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
-        choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+        choices = literal_choices(kind)
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=f.default, choices=choices,
                             type=type(choices[0]) if choices else kind, help=f.metadata.get("help"))
 
@@ -150,6 +150,11 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # Checking values from YAML against the fields' annotations (recipes, data jobs)
 # ----------------------------------------------------------------------------------------------------------------------
+def literal_choices(annotation) -> tuple | None:
+    """The allowed values of a `Literal[...]` annotation (a flag's `choices`), or None for any other annotation."""
+    return typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
+
+
 def field_types(classes) -> dict[str, Any]:
     """name -> type annotation of every init field of `classes` (the first class that has a name wins)."""
     out = {}
@@ -174,7 +179,7 @@ def _type_ok(value, annotation) -> bool:
     if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
     if origin is typing.Literal:
-        return value in typing.get_args(annotation)
+        return value in literal_choices(annotation)
     if annotation is type(None):
         return value is None
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
@@ -204,8 +209,8 @@ def check_type(value, annotation, where: str):
         except ValueError:
             pass
     if not _type_ok(value, annotation):
-        if typing.get_origin(annotation) is typing.Literal:
-            raise UserError(f"{where}: {value!r}; expected one of: {', '.join(map(str, typing.get_args(annotation)))}")
+        if literal_choices(annotation):
+            raise UserError(f"{where}: {value!r}; expected one of: {', '.join(map(str, literal_choices(annotation)))}")
         shown = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
         raise UserError(f"{where}: {value!r} ({type(value).__name__}) is not a valid {shown}")
     return value

@@ -46,6 +46,9 @@ def test_wrong_type_is_named(tmp_path):
     path = _write(tmp_path, TINY.replace("max_steps: 3", "max_steps: three"))
     with pytest.raises(UserError, match=r"stages.sft.max_steps: 'three' \(str\) is not a valid int"):
         load_recipe(path)
+    path = _write(tmp_path, TINY.replace("  batch_size: 8\n", "  batch_size: 8\n  dtype: float16\n", 1))
+    with pytest.raises(UserError, match=r"eval.dtype: 'float16'; expected one of: float32, bfloat16"):
+        load_recipe(path)
 
 
 def test_unknown_stage_and_top_level_key(tmp_path):
