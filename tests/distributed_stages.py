@@ -37,6 +37,7 @@ from trl import DPOConfig, ModelConfig, SFTConfig
 
 from posttrain.configs import CurriculumArguments, StageArguments
 from posttrain.stages import dpo, sft, upo
+from posttrain.stages.common import end_processes
 from posttrain.trainers import UPOConfig, UPOTrainer
 
 WORLD = int(os.environ.get("WORLD_SIZE", "1"))
@@ -149,3 +150,4 @@ if __name__ == "__main__":
         force_fsdp_on_cpu()
     main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4].split(",") if len(sys.argv) > 4 else
          ["sft", "dpo", "upo", "upo_online"])
+    end_processes()

@@ -60,6 +60,16 @@ def start_processes(argv: list[str]) -> None:
         PartialState(cpu=True, backend="gloo", timeout=timedelta(seconds=config.get("ddp_timeout", 1800)))
 
 
+def end_processes() -> None:
+    """Tear down the process group of a several-process stage before the interpreter exits (as torch asks). Left to
+    Python's shutdown, gloo's threads could still be running when it was destroyed: a rank that had finished its
+    stage then died with SIGABRT ("terminate called without an active exception") and failed the run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def load_policy(stage_args, training_args, model_args):
     """Base model + the previous stage's adapter (trainable), or the base model and a fresh LoRA config.
 
@@ -297,6 +307,7 @@ def entry(stage: str, main, make_parser) -> None:
         parsed = parse(make_parser())
         output_dir = parsed[1].output_dir
         main(*parsed)
+        end_processes()
     except UserError as exc:
         report_child_error(str(exc))
         sys.exit(2)
