@@ -108,3 +108,18 @@ def test_two_process_cpu_run(tmp_path, posttrain_cli):
     metrics = json.loads((tmp_path / "outputs" / "ddp" / "sft" / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert metrics["train"]["global_step"] == 3
+
+
+def test_a_finished_stage_tears_its_process_group_down(tmp_path):
+    """`end_processes`, the last call of every stage process (`common.entry`), destroys the process group, so it is
+    not left to interpreter shutdown (where gloo's threads sometimes outlived it: SIGABRT after a finished stage)."""
+    import torch.distributed as dist
+
+    from posttrain.stages import common
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    common.end_processes()
+    assert not dist.is_initialized()
+    common.end_processes()  # and nothing to do without one
