@@ -187,8 +187,9 @@ def _flag_type(annotation):
         return {"nargs": "*", "type": str}
     if annotation is bool:
         return {"type": _parse_bool, "nargs": "?", "const": True}
-    if literal_choices(annotation):
-        return {"choices": literal_choices(annotation)}
+    choices = literal_choices(annotation)
+    if choices:
+        return {"choices": choices}
     return {"type": lambda text, cast=annotation: None if text.lower() in ("null", "none") else cast(text)}
 
 

@@ -209,8 +209,9 @@ def check_type(value, annotation, where: str):
         except ValueError:
             pass
     if not _type_ok(value, annotation):
-        if literal_choices(annotation):
-            raise UserError(f"{where}: {value!r}; expected one of: {', '.join(map(str, literal_choices(annotation)))}")
+        choices = literal_choices(annotation)
+        if choices:
+            raise UserError(f"{where}: {value!r}; expected one of: {', '.join(map(str, choices))}")
         shown = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
         raise UserError(f"{where}: {value!r} ({type(value).__name__}) is not a valid {shown}")
     return value

@@ -25,7 +25,7 @@ from .configs import EvalArguments, Precision
 from .data import completion_text, render_prompt
 from .errors import UserError
 from .io import write_json
-from .models import frozen_weights_cast, vision
+from .models import bf16_autocast, vision
 from .stats import wilson
 
 
@@ -257,20 +257,15 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArgum
 
 def autocast(model, dtype: str, option: str = "eval.dtype", merge_lora: bool = False):
     """bf16 autocast around generation and scoring when `dtype` asks for it, with the frozen linear weights cast
-    once for its duration (`models.frozen_weights_cast`, LoRA merged into them with `merge_lora`: sampling only);
+    once for its duration (`models.bf16_autocast`, LoRA merged into them with `merge_lora`: sampling only);
     the model's own weights are back as they were afterwards."""
     import contextlib
-
-    import torch
 
     if dtype == "float32":
         return contextlib.nullcontext()
     if dtype != "bfloat16":  # a `Precision` from a recipe or command line is checked there; this is for code
         raise UserError(f"{option}: '{dtype}'; expected {' or '.join(typing.get_args(Precision))}")
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(model.device.type, dtype=torch.bfloat16))
-    stack.enter_context(frozen_weights_cast(model, torch.bfloat16, merge_lora))
-    return stack
+    return bf16_autocast(model, merge_lora)
 
 
 def prompts_sha(prompts: list[str], answers: list) -> str:

@@ -48,6 +48,17 @@ def frozen_weights_cast(model, dtype, merge_lora: bool = False):
             module.weight = weight
 
 
+def bf16_autocast(model, merge_lora: bool = False):
+    """bf16 autocast on the model's device with its frozen weights cast once (`frozen_weights_cast`), as one context:
+    what evaluation, pair sampling and UPO's rollouts decode under."""
+    import torch
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(model.device.type, dtype=torch.bfloat16))
+    stack.enter_context(frozen_weights_cast(model, torch.bfloat16, merge_lora))
+    return stack
+
+
 def _mergeable_lora_layers(model) -> dict:
     """{id(base layer): LoRA layer} for the active, unmerged plain-LoRA linear layers of a PEFT model; empty when
     turning the adapter layers off would drop more than what is merged (LoRA on embeddings, DoRA, `modules_to_save`

@@ -58,7 +58,7 @@ from trl.trainer.utils import nanstd, use_adapter
 
 from ..errors import UserError
 from ..io import write_json
-from ..models import frozen_weights_cast
+from ..models import bf16_autocast
 from ..moe_routing import MOE_ROUTING, routes_by_modality, with_routing
 from ..rewards import normalize_by_group, resolve_rewards, weighted_sum
 from .upo_config import UPOConfig
@@ -322,10 +322,7 @@ class UPOTrainer(GRPOTrainer):
                      or self.is_deepspeed_enabled)
         if not (self.args.merged_rollouts and self.args.bf16 and plain and is_peft_model(self.model)):
             return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16))
-        stack.enter_context(frozen_weights_cast(self.model, torch.bfloat16, merge_lora=True))
-        return stack
+        return bf16_autocast(self.model, merge_lora=True)
 
     def _pair_columns(self, output, pairs):
         """Per-row tensors that carry each pair on its chosen row through GRPO's shuffle and split."""
