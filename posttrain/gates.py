@@ -90,6 +90,57 @@ def check_tool_calls(tokenizer, dataset, name: str) -> dict:
     return {"tool_call_row_checked": index}
 
 
+def check_prompt_boundary(tokenizer, dataset, name: str, samples: int = 8) -> dict:
+    """The prompt a reply is generated from must be tokenized the same way in training as when the model answers.
+
+    Training tokenizes a whole conversation at once; generation tokenizes the prompt alone and the model writes the
+    reply after it. With a byte-level BPE (GPT-2's split rule: SmolLM2, Llama 3), a prompt whose text ends in a run of
+    whitespace is one token when it ends the string ("</think>\\n\\n" -> "\\n\\n") but splits when a reply follows
+    ("\\n", "\\n", "4"), so every reply would be learned after a context the model never sees at inference: measured
+    here, 5 points of held-out accuracy in non-thinking mode. TRL warns about this for prompt/completion rows but not
+    for conversations (nor DPO's pairs, tokenized the same way); this checks the first rows of each thinking mode, on
+    the text the template renders, and warns
+    (a template that came with the model may not be ours to change). Returns what it found for the pre-flight record.
+    """
+    import logging
+
+    reply_column = next((c for c in ("completion", "chosen") if c in dataset.column_names), None)
+    if "messages" not in dataset.column_names and not ("prompt" in dataset.column_names and reply_column):
+        return {}
+    checked, mismatched, example, modes = 0, 0, None, {}
+    for row in dataset.select(range(min(len(dataset), 200))):
+        if "messages" in row:
+            prompt_turns, reply = (row["messages"] or [])[:-1], (row["messages"] or [])[-1:]
+        else:
+            prompt_turns, reply = row["prompt"], row[reply_column]
+        kwargs = row.get("chat_template_kwargs") or {}
+        mode = kwargs.get("enable_thinking")
+        if (not isinstance(prompt_turns, list) or not isinstance(reply, list) or not reply
+                or reply[-1].get("role") != "assistant" or modes.get(mode, 0) >= samples):
+            continue  # plain-text rows have no template; TRL checks those itself
+        modes[mode] = modes.get(mode, 0) + 1
+        prompt = tokenizer.apply_chat_template(prompt_turns, tokenize=False, add_generation_prompt=True, **kwargs)
+        full = tokenizer.apply_chat_template(prompt_turns + reply, tokenize=False, **kwargs)
+        if not full.startswith(prompt):
+            continue  # the template renders the prompt differently in a conversation: not a tokenizer matter
+        alone = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        joint = tokenizer(full, add_special_tokens=False)["input_ids"]
+        checked += 1
+        if joint[:len(alone)] != alone:
+            mismatched += 1
+            cut = next((i for i, (a, b) in enumerate(zip(alone, joint)) if a != b), len(joint))
+            example = example or (tokenizer.convert_ids_to_tokens(alone[cut:]),
+                                  tokenizer.convert_ids_to_tokens(joint[cut:len(alone) + 1]), mode)
+    if mismatched:
+        logging.getLogger("posttrain").warning(
+            "pre-flight: %s: in %d of %d rows checked, the prompt ends in tokens %s when rendered for generation but "
+            "as %s when the reply follows it in training (enable_thinking=%s): the model learns each reply after a "
+            "context it will not see when it answers. End the chat template's generation prompt on a token boundary "
+            "(e.g. one newline after an empty <think></think> block, as posttrain's chatml template does).",
+            name, mismatched, checked, *example)
+    return {"prompt_boundary": f"{mismatched} of {checked} rows differ" if mismatched else f"ok ({checked} rows)"}
+
+
 def check_collated_labels(trainer, eos_token_id: int, samples: int = 8) -> dict:
     """Collate the first rows exactly as training will; each must have labels, and its end-of-turn token labelled."""
     import torch

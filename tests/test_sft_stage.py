@@ -1,5 +1,6 @@
 """SFT stage on every tiny architecture: loss finite, LoRA weights move, base weights do not, adapter reloads."""
 
+import json
 import math
 
 import pytest
@@ -42,6 +43,7 @@ def test_sft_trains_lora_only(arch, tiny_model_path, task_data, sft_configs, tmp
             assert torch.equal(param, lora_b[name].detach()), f"{name} did not reload equal"
     metrics = (tmp_path / "out" / "metrics.json").read_text()
     assert '"accuracy"' in metrics and '"reloads_equal": true' in metrics
+    assert json.loads(metrics)["preflight"]["prompt_boundary"].startswith("ok (")  # gates.check_prompt_boundary ran
 
 
 def test_gate_template_without_generation_markers(tiny_model_path):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from posttrain.data import render_prompt
+from posttrain.data import render_prompt, with_template_kwargs
 from posttrain.models import TINY_TOKENIZER, load_tokenizer
 
 CHAT = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]
@@ -61,3 +61,53 @@ def test_tool_calls_are_trained_and_tool_results_are_not(template):
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>' in trained
     assert "It is -3 degrees." in trained and "temperature" not in trained and "Weather in Oslo" not in trained
     assert supports_tool_calling(tokenizer) and is_chat_template_prefix_preserving(tokenizer)
+
+
+def _newline_merging_bpe(template: str):
+    """A byte-level BPE with GPT-2's split rule that, like SmolLM2's, has a token for "\\n\\n"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(["<think>\n\n</think>\n\n"] * 20, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>")
+    tokenizer.chat_template = template
+    assert "ĊĊ" in tokenizer.get_vocab()
+    return tokenizer
+
+
+@pytest.mark.parametrize("shape", ["messages", "pairs"])
+def test_generation_prompt_is_tokenized_as_in_training(shape, caplog):
+    """Non-thinking prompts end "</think>\\n": with two newlines (Qwen3's text) a byte-level BPE makes "\\n\\n" one
+    token at the end of a prompt but two before a reply, and the pre-flight gate says so."""
+    from datasets import Dataset
+
+    from posttrain import gates
+    from posttrain.models.templates import CHAT_TEMPLATES
+
+    ours = (CHAT_TEMPLATES / "chatml.jinja").read_text()
+    qwen3_like = ours.replace("'<think>\\n\\n</think>\\n'", "'<think>\\n\\n</think>\\n\\n'")
+    assert qwen3_like != ours
+    thinking = [False, True, None]
+    if shape == "messages":
+        rows = {"messages": [CHAT] * 3, "thinking": thinking}
+    else:
+        rows = {"prompt": [CHAT[:1]] * 3, "chosen": [CHAT[1:]] * 3, "rejected": [[{"role": "assistant",
+                "content": "6"}]] * 3, "thinking": thinking}
+    dataset = with_template_kwargs(Dataset.from_dict(rows))
+
+    tokenizer = _newline_merging_bpe(ours)
+    prompt = render_prompt(tokenizer, CHAT[:1], thinking=False)
+    alone = tokenizer(prompt)["input_ids"]
+    assert tokenizer(tokenizer.apply_chat_template(CHAT, tokenize=False, enable_thinking=False))["input_ids"][
+        :len(alone)] == alone
+    assert gates.check_prompt_boundary(tokenizer, dataset, "rows") == {"prompt_boundary": "ok (3 rows)"}
+
+    with caplog.at_level("WARNING", logger="posttrain"):
+        found = gates.check_prompt_boundary(_newline_merging_bpe(qwen3_like), dataset, "rows")
+    assert found == {"prompt_boundary": "1 of 3 rows differ"}  # only the non-thinking row ends in "\n\n"
+    assert "['ĊĊ']" in caplog.text and "['Ċ', 'Ċ'" in caplog.text and "enable_thinking=False" in caplog.text

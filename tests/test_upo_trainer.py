@@ -156,7 +156,7 @@ def test_prompts_rendered_per_row_thinking_mode(tmp_path, tiny_model_path, tiny_
                          processing_class=tiny_tokenizer, peft_config=lora())
     rows = list(trainer.train_dataset)
     assert [f"What is {i} + {i}?" in row["prompt"] for i, row in enumerate(rows)] == [True] * 4  # in order
-    assert rows[0]["prompt"].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # thinking off: prefilled
+    assert rows[0]["prompt"].endswith("<|im_start|>assistant\n<think>\n\n</think>\n")  # thinking off: prefilled
     assert rows[1]["prompt"].endswith("<|im_start|>assistant\n")  # thinking on: the model opens <think> itself
     assert [row["thinking"] for row in rows] == [False, True, False, True]  # kept for think_format
 

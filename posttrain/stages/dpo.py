@@ -65,6 +65,8 @@ def main(stage_args: StageArguments, training_args, model_args):
     )
     common.guard_checkpoints(trainer)
     vision_checks = common.prepare_trainer(trainer, model, stage_args, model_args, vision.has_images(train))
+    if stage_args.preflight and not vision.has_images(train):
+        vision_checks.update(gates.check_prompt_boundary(tokenizer, with_template_kwargs(train), stage_args.dataset_name))
     before = None
     if heldout is not None and trainer.accelerator.is_main_process:
         before = preference_eval(trainer.model, tokenizer, vision.as_rows(heldout))

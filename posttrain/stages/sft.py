@@ -37,11 +37,12 @@ def main(stage_args: StageArguments, training_args, model_args):
     model, tokenizer, peft_config = common.load_policy(stage_args, training_args, model_args)
     dataset = common.keep_columns(with_template_kwargs(common.load_train_dataset(stage_args)), SFT_COLUMNS)
     images = vision.has_images(dataset)
-    tool_check = {}
+    text_checks = {}
     if stage_args.preflight:
         if not images:  # image rows train on the reply without the template's markers (see vision_rows)
             gates.check_template_markers(tokenizer, training_args.assistant_only_loss)
-            tool_check = gates.check_tool_calls(tokenizer, dataset, stage_args.dataset_name)
+            text_checks = gates.check_tool_calls(tokenizer, dataset, stage_args.dataset_name)
+            text_checks.update(gates.check_prompt_boundary(tokenizer, dataset, stage_args.dataset_name))
         gates.check_conversations(dataset, stage_args.dataset_name)
     if images:
         dataset = vision_rows(dataset, training_args, stage_args)
@@ -55,7 +56,7 @@ def main(stage_args: StageArguments, training_args, model_args):
     preflight = common.prepare_trainer(trainer, model, stage_args, model_args, images)
     if stage_args.preflight:
         preflight.update(gates.check_collated_labels(trainer, vision.text_tokenizer(tokenizer).eos_token_id))
-        preflight.update(tool_check)
+        preflight.update(text_checks)
     if flatten:  # after the gates, which check the labels row by row
         flatten_batches(trainer)
     trainer.accelerator.print(f"[sft] pre-flight ok: {preflight}")
