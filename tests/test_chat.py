@@ -57,7 +57,7 @@ def test_loop_keeps_history_resets_and_exits(loaded, monkeypatch):
     assert len(replies) == 3
     assert [n for n, _, _ in seen] == [1, 3, 1], "history grows by a user+assistant pair; /reset empties it"
     assert all(thinking is False for _, thinking, _ in seen)
-    assert all(text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") for _, _, text in seen), \
+    assert all(text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n") for _, _, text in seen), \
         "thinking off goes through the chat template's enable_thinking"
     assert "first question" in seen[1][2] and replies[0] in seen[1][2], "the second turn sees the first exchange"
     assert "first question" not in seen[2][2]
