@@ -94,13 +94,13 @@ def check_prompt_boundary(tokenizer, dataset, name: str, samples: int = 8) -> di
     """The prompt a reply is generated from must be tokenized the same way in training as when the model answers.
 
     Training tokenizes a whole conversation at once; generation tokenizes the prompt alone and the model writes the
-    reply after it. With a byte-level BPE (GPT-2's split rule: SmolLM2, Llama 3), a prompt whose text ends in a run of
-    whitespace is one token when it ends the string ("</think>\\n\\n" -> "\\n\\n") but splits when a reply follows
-    ("\\n", "\\n", "4"), so every reply would be learned after a context the model never sees at inference: measured
-    here, 5 points of held-out accuracy in non-thinking mode. TRL warns about this for prompt/completion rows but not
-    for conversations (nor DPO's pairs, tokenized the same way); this checks the first rows of each thinking mode, on
-    the text the template renders, and warns
-    (a template that came with the model may not be ours to change). Returns what it found for the pre-flight record.
+    reply after it. With a byte-level BPE that splits on GPT-2's rule (SmolLM2's), a prompt whose text ends in a run
+    of whitespace is one token when it ends the string ("</think>\\n\\n" -> "\\n\\n") but splits when a reply
+    follows ("\\n", "\\n", "4"), so every reply would be learned after a context the model never sees at inference
+    (the default run's non-thinking accuracy: 51.3% as generated, 56.6% with its prompts tokenized as in training).
+    TRL warns about this for prompt/completion rows, not for conversations (nor for DPO's pairs, tokenized the same
+    way). This checks the first rows of each thinking mode on the text the template renders, and warns: a template
+    that came with the model may not be ours to change. Returns what it found for the pre-flight record.
     """
     import logging
 
