@@ -6,7 +6,11 @@ stops), a chat template without `{% generation %}` markers while assistant-only 
 pairs. The checks use the trainer's own tokenized data and collator where they can, so they test what will train.
 """
 
+import logging
+
 from .errors import UserError
+
+logger = logging.getLogger("posttrain")
 
 
 def check_template_markers(tokenizer, assistant_only_loss: bool) -> None:
@@ -102,8 +106,6 @@ def check_prompt_boundary(tokenizer, dataset, name: str, samples: int = 8) -> di
     way). This checks the first rows of each thinking mode on the text the template renders, and warns: a template
     that came with the model may not be ours to change. Returns what it found for the pre-flight record.
     """
-    import logging
-
     reply_column = next((c for c in ("completion", "chosen") if c in dataset.column_names), None)
     if "messages" not in dataset.column_names and not ("prompt" in dataset.column_names and reply_column):
         return {}
@@ -132,7 +134,7 @@ def check_prompt_boundary(tokenizer, dataset, name: str, samples: int = 8) -> di
             example = example or (tokenizer.convert_ids_to_tokens(alone[cut:]),
                                   tokenizer.convert_ids_to_tokens(joint[cut:len(alone) + 1]), mode)
     if mismatched:
-        logging.getLogger("posttrain").warning(
+        logger.warning(
             "pre-flight: %s: in %d of %d rows checked, the prompt ends in tokens %s when rendered for generation but "
             "as %s when the reply follows it in training (enable_thinking=%s): the model learns each reply after a "
             "context it will not see when it answers. End the chat template's generation prompt on a token boundary "

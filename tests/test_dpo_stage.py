@@ -1,5 +1,6 @@
 """DPO after SFT on a tiny model: the SFT adapter keeps training, its frozen copy is the reference, one base model."""
 
+import json
 import math
 
 import pytest
@@ -74,6 +75,7 @@ def test_dpo_continues_sft_adapter_with_frozen_reference(tiny_model_path, sft_ad
 
     metrics = (tmp_path / "dpo" / "metrics.json").read_text()
     assert '"preference"' in metrics and '"reloads_equal": true' in metrics
+    assert json.loads(metrics)["preflight"]["prompt_boundary"].startswith("ok (")  # gates.check_prompt_boundary ran
 
 
 def test_dpo_on_base_model_trains_fresh_adapter(tiny_model_path, tmp_path):

@@ -111,3 +111,11 @@ def test_generation_prompt_is_tokenized_as_in_training(shape, caplog):
         found = gates.check_prompt_boundary(_newline_merging_bpe(qwen3_like), dataset, "rows")
     assert found == {"prompt_boundary": "1 of 3 rows differ"}  # only the non-thinking row ends in "\n\n"
     assert "['ĊĊ']" in caplog.text and "['Ċ', 'Ċ'" in caplog.text and "enable_thinking=False" in caplog.text
+
+
+def test_tiny_tokenizer_ships_the_chatml_template():
+    """The tiny test tokenizer carries a copy of chatml.jinja: tests of the template are tests of the copy only while
+    the two are the same text (the prefill fix had to change both)."""
+    from posttrain.models.templates import CHAT_TEMPLATES
+
+    assert (TINY_TOKENIZER / "chat_template.jinja").read_text() == (CHAT_TEMPLATES / "chatml.jinja").read_text()

@@ -51,6 +51,7 @@ def main(stage_args: StageArguments, training_args, model_args):
     train, skipped = load_pairs(stage_args, stage_args.dataset_train_split, tokenizer, training_args.max_length)
     if stage_args.max_train_samples:
         train = train.select(range(min(stage_args.max_train_samples, len(train))))
+    train = with_template_kwargs(train)  # once: the trainer and the prompt-boundary gate read the same rows
     heldout = None
     if stage_args.dataset_test_split:
         heldout, _ = load_pairs(stage_args, stage_args.dataset_test_split, tokenizer, training_args.max_length)
@@ -58,15 +59,16 @@ def main(stage_args: StageArguments, training_args, model_args):
     trainer = DPOTrainer(
         model=model,
         args=training_args,
-        train_dataset=common.keep_columns(with_template_kwargs(train), DPO_COLUMNS),
+        train_dataset=common.keep_columns(train, DPO_COLUMNS),
         eval_dataset=common.keep_columns(with_template_kwargs(heldout), DPO_COLUMNS) if heldout else None,
         processing_class=tokenizer,
         peft_config=peft_config,
     )
     common.guard_checkpoints(trainer)
-    vision_checks = common.prepare_trainer(trainer, model, stage_args, model_args, vision.has_images(train))
-    if stage_args.preflight and not vision.has_images(train):
-        vision_checks.update(gates.check_prompt_boundary(tokenizer, with_template_kwargs(train), stage_args.dataset_name))
+    images = vision.has_images(train)
+    preflight = common.prepare_trainer(trainer, model, stage_args, model_args, images)
+    if stage_args.preflight and not images:
+        preflight.update(gates.check_prompt_boundary(tokenizer, train, stage_args.dataset_name))
     before = None
     if heldout is not None and trainer.accelerator.is_main_process:
         before = preference_eval(trainer.model, tokenizer, vision.as_rows(heldout))
@@ -75,7 +77,7 @@ def main(stage_args: StageArguments, training_args, model_args):
     after = preference_eval(trainer.model, tokenizer, vision.as_rows(heldout)) if before is not None else None
     if after:
         trainer.accelerator.print(f"[dpo] held-out preference accuracy after: {after['accuracy']:.1%}")
-    extra = {"preference": {"before": before, "after": after}, "preflight": {"pairs_skipped": skipped, **vision_checks}}
+    extra = {"preference": {"before": before, "after": after}, "preflight": {"pairs_skipped": skipped, **preflight}}
     common.finish(trainer, "dpo", stage_args, tokenizer, result, started, extra=extra)
     return trainer
 
