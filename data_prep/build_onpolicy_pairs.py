@@ -47,9 +47,9 @@ class OnPolicyPairsConfig:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling."})
     max_new_tokens: int = field(default=64, metadata={"help": "Reply length budget."})
     batch_size: int = field(default=32, metadata={"help": "Sequences generated together."})
-    dtype: Precision = field(default="float32", metadata={"help": "Sampling precision: float32, or bfloat16 (autocast, "
-                                                                   "as eval.dtype: about half the CPU time with "
-                                                                   "AVX512-BF16)."})
+    dtype: Precision = field(default="auto", metadata={"help": "Sampling precision, as eval.dtype: auto (bfloat16 where "
+                                                                "the device runs it natively, else float32), "
+                                                                "float32, or bfloat16."})
     rewards: dict[str, float] | list[str] = field(
         default_factory=lambda: {"accuracy": 1.0, "think_format": 0.5},
         metadata={"help": "Reward functions by name (posttrain.rewards.REWARDS) with their weights, as UPO's "

@@ -15,6 +15,7 @@ one object from the recipe's `eval:` section, `posttrain eval`'s flags or a stag
 
 import hashlib
 import json
+import logging
 import math
 import time
 import typing
@@ -22,11 +23,14 @@ from collections import defaultdict
 from pathlib import Path
 
 from .configs import EvalArguments, Precision
+from . import devices
 from .data import completion_text, render_prompt
 from .errors import UserError
 from .io import write_json
-from .models import bf16_autocast, vision
+from .models import bf16_autocast, merged_lora, vision
 from .stats import wilson
+
+logger = logging.getLogger(__name__)
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, progress=None,
@@ -246,6 +250,7 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArgum
         "heldout_loss": None if loss is None or math.isnan(loss) else loss,
         "by_group": {k: _mean(v) for k, v in sorted(groups.items())},
         "seconds": seconds,
+        "dtype": devices.resolve_precision(dtype, model.device.type),  # what `auto` was on this machine
         "samples": [
             {"prompt": vision.message_text(r["prompt"][-1]["content"]), "thinking": r.get("thinking"),
              "answer": r["answer"],
@@ -256,15 +261,21 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArgum
 
 
 def autocast(model, dtype: str, option: str = "eval.dtype", merge_lora: bool = False):
-    """bf16 autocast around generation and scoring when `dtype` asks for it, with the frozen linear weights cast
-    once for its duration (`models.bf16_autocast`, LoRA merged into them with `merge_lora`: sampling only);
+    """bf16 autocast around generation and scoring when `dtype` asks for it (`auto`: where the device has native
+    bf16, `devices.resolve_precision`), with the frozen linear weights cast
+    once for its duration (`models.bf16_autocast`, LoRA merged into them with `merge_lora`: sampling only; in
+    float32 on CPU `merge_lora` merges into float32 copies, `models.merged_lora`);
     the model's own weights are back as they were afterwards."""
     import contextlib
 
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    if dtype != "bfloat16":  # a `Precision` from a recipe or command line is checked there; this is for code
-        raise UserError(f"{option}: '{dtype}'; expected {' or '.join(typing.get_args(Precision))}")
+    if dtype not in typing.get_args(Precision):  # a recipe's or command line's value is checked there; this is for code
+        raise UserError(f"{option}: '{dtype}'; expected one of: {', '.join(typing.get_args(Precision))}")
+    device = model.device.type
+    dtype = devices.resolve_precision(dtype, device)
+    if dtype == "float32":  # sampling merges LoRA into float32 copies on CPU (not worth a GPU's memory)
+        return merged_lora(model) if merge_lora and device == "cpu" else contextlib.nullcontext()
+    if not devices.native_bf16(device):
+        logger.warning("%s: bfloat16: %s; 'auto' or float32 would be faster", option, devices.EMULATED_BF16)
     return bf16_autocast(model, merge_lora)
 
 

@@ -40,6 +40,30 @@ def test_speed_defaults_by_stage_and_size(tiny_model_path):
     assert flags[flags.index("--num_cpu_threads_per_process") + 1] == str(torch.get_num_threads()) == "1"
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_only_where_the_cpu_runs_it(native, monkeypatch, caplog, tiny_model_path, task_data):
+    """`auto` precision and a recipe without `bf16` get bf16 only on a CPU with native bf16 (emulated, a matmul took
+    90x as long as float32); a recipe that forces it on such a CPU keeps it, warned; the evaluation records what
+    `auto` became."""
+    from posttrain import devices
+    from posttrain.evaluate import autocast, evaluate, load_rows
+    from posttrain.models import load_model, load_tokenizer
+
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: native)
+    expected = "bfloat16" if native else "float32"
+    assert devices.resolve_precision("auto") == expected and devices.resolve_precision("float32") == "float32"
+    assert devices.device_defaults({})["bf16"] is native and devices.device_defaults({"bf16": False})["bf16"] is False
+    with caplog.at_level("WARNING", logger="posttrain.devices"):
+        assert devices.device_defaults({"bf16": True})["bf16"] is True
+    assert ("emulated" in caplog.text) is not native
+    path = tiny_model_path("llama")
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    with autocast(model, "auto"):
+        assert torch.is_autocast_enabled("cpu") is native
+    metrics = evaluate(model, tokenizer, load_rows(str(task_data), "test"), max_new_tokens=2, samples=0, dtype="auto")
+    assert metrics["dtype"] == expected
+
+
 def test_bench_one_step_on_a_tiny_model(tmp_path, posttrain_cli):
     out = tmp_path / "bench.json"
     posttrain_cli("bench", "--model", "tiny:llama", "--steps", "1", "--repeats", "1", "--rl-steps", "1",

@@ -149,12 +149,13 @@ def test_bf16_evaluation_casts_the_frozen_weights_once_with_the_same_outputs(tin
 
 
 def test_merged_lora_copies_sample_the_adapted_model_and_leave_it_as_it_was(tiny_model_path):
-    """`merge_lora` (rollouts, pair sampling): inside, the LoRA update is in the bf16 copies and the adapter layers are
-    off, so the logits are the adapted model's up to bf16 rounding (not the base model's); after it the adapter is on
-    and trainable again and every weight is the model's own. With `modules_to_save`, which turning the adapter off
-    would drop, nothing is merged."""
+    """`merge_lora` (rollouts, pair sampling): inside, the LoRA update is in the bf16 copies (float32 ones for float32
+    sampling) and the adapter layers are off, so the logits are the adapted model's up to rounding (not the base
+    model's); after it the adapter is on and trainable again and every weight is the model's own. With
+    `modules_to_save`, which turning the adapter off would drop, nothing is merged."""
     from peft import LoraConfig, get_peft_model
 
+    from posttrain.evaluate import autocast
     from posttrain.models import frozen_weights_cast
 
     path = tiny_model_path("llama")
@@ -173,6 +174,13 @@ def test_merged_lora_copies_sample_the_adapted_model_and_leave_it_as_it_was(tiny
     assert gap > 0.05 and (merged - adapted).abs().max() < gap / 5
     assert not q_proj.disable_adapters and q_proj.base_layer.weight.dtype == torch.float32
     assert all(p.requires_grad and dict(model.named_parameters())[name] is p for name, p in lora.items())
+    # in float32 (CPUs without native bf16), pair sampling merges into float32 copies: the adapted model's logits
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with autocast(model, "float32", merge_lora=True):
+            assert q_proj.disable_adapters and q_proj.base_layer.weight.dtype == torch.float32
+            merged = model(input_ids=ids).logits
+    assert torch.allclose(merged, adapted, atol=1e-4) and not q_proj.disable_adapters
 
     saved = get_peft_model(load_model(path), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
     with frozen_weights_cast(saved, torch.bfloat16, merge_lora=True):
@@ -247,5 +255,5 @@ def test_onpolicy_pairs_sample_in_bf16_and_name_a_bad_dtype(tiny_model_path, tas
         main([*args, "--dtype", "float16", "--output_dir", str(tmp_path / "bad")])
     assert "invalid choice: 'float16'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
-    with pytest.raises(UserError, match="build_onpolicy_pairs: dtype: 'float16'; expected float32 or bfloat16"):
+    with pytest.raises(UserError, match="build_onpolicy_pairs: dtype: 'float16'; expected one of: auto, float32, bfloat16"):
         sample_pairs(None, None, [], OnPolicyPairsConfig(dtype="float16"))  # called from code, not a command line

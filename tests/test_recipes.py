@@ -47,7 +47,7 @@ def test_wrong_type_is_named(tmp_path):
     with pytest.raises(UserError, match=r"stages.sft.max_steps: 'three' \(str\) is not a valid int"):
         load_recipe(path)
     path = _write(tmp_path, TINY.replace("  batch_size: 8\n", "  batch_size: 8\n  dtype: float16\n", 1))
-    with pytest.raises(UserError, match=r"eval.dtype: 'float16'; expected one of: float32, bfloat16"):
+    with pytest.raises(UserError, match=r"eval.dtype: 'float16'; expected one of: auto, float32, bfloat16"):
         load_recipe(path)
 
 

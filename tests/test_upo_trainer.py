@@ -449,18 +449,20 @@ def test_offline_upo_run_continues_trained_adapter(tmp_path, tiny_model_path, ti
     assert all(torch.equal(after[n], p) for n, p in base_before.items())
 
 
-@pytest.mark.parametrize("merged", [True, False])
-def test_bf16_rollouts_come_from_merged_weights_and_training_is_unchanged(tmp_path, tiny_model_path, tiny_tokenizer,
-                                                                          merged):
-    """With bf16 and `merged_rollouts`, GRPO's `generate` runs on bf16 copies with the trained adapter merged in and
-    the adapter layers off; the training forward after it has the float32 weights and the adapters back: the
-    policy's adapter trains, the reference copy and the base weights do not move."""
+@pytest.mark.parametrize("bf16, merged", [(True, True), (True, False), (False, True)])
+def test_rollouts_come_from_merged_weights_and_training_is_unchanged(tmp_path, tiny_model_path, tiny_tokenizer,
+                                                                     bf16, merged):
+    """With `merged_rollouts`, GRPO's `generate` runs on copies with the trained adapter merged in (bf16 copies with
+    bf16, float32 ones on CPU without it) and the adapter layers off; the training forward after it has the float32
+    weights and the adapters back: the policy's adapter trains, the reference copy and the base weights do not
+    move."""
     model = trained_adapter_model(tiny_model_path())
-    args = UPOConfig(output_dir=str(tmp_path), **{**TINY, "bf16": True, "max_steps": 1}, use_cpu=True,
+    args = UPOConfig(output_dir=str(tmp_path), **{**TINY, "bf16": bf16, "max_steps": 1}, use_cpu=True,
                      merged_rollouts=merged)
     trainer = UPOTrainer(model, reward_funcs=[varied_reward], args=args, train_dataset=prompts(),
                          processing_class=tiny_tokenizer)
     q_proj = trainer.model.base_model.model.model.layers[0].self_attn.q_proj
+    base_weight = q_proj.base_layer.weight
     seen, generate = [], trainer.model.generate
 
     def recording_generate(*args, **kwargs):
@@ -472,7 +474,9 @@ def test_bf16_rollouts_come_from_merged_weights_and_training_is_unchanged(tmp_pa
     frozen_before = snapshot(trainer.model, lambda n: ".default." not in n)
     trainer.train()
 
-    assert seen and set(seen) == {(torch.bfloat16, True) if merged else (torch.float32, False)}
+    sampler_dtype = torch.bfloat16 if bf16 else torch.float32
+    assert seen and set(seen) == {(sampler_dtype, True) if merged else (torch.float32, False)}
+    assert q_proj.base_layer.weight is base_weight, "the model's own weight object is back"
     assert q_proj.base_layer.weight.dtype == torch.float32 and not q_proj.disable_adapters
     after = dict(trainer.model.named_parameters())
     assert all(after[n].requires_grad for n in default_before)

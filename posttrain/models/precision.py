@@ -1,4 +1,5 @@
-"""Frozen weights cast once for bf16 autocast (and LoRA merged into the copies, for sampling).
+"""Frozen weights cast once for bf16 autocast (and LoRA merged into the copies, for sampling; `merged_lora`: the same
+merge in float32).
 
 Autocast casts every linear weight to bf16 again on every forward. In decoding, one forward per token, those copies
 were ~15% of generation time here (batch 100, SmolLM2-135M, 2 CPU cores). `frozen_weights_cast` makes them once for
@@ -57,6 +58,15 @@ def bf16_autocast(model, merge_lora: bool = False):
     stack.enter_context(torch.autocast(model.device.type, dtype=torch.bfloat16))
     stack.enter_context(frozen_weights_cast(model, torch.bfloat16, merge_lora))
     return stack
+
+
+def merged_lora(model):
+    """The LoRA update added into float32 copies of its base layers' weights for the duration, the adapter layers off:
+    the float32 sampler's counterpart of `bf16_autocast(model, merge_lora=True)` (layers without LoRA are not copied).
+    For CPUs without native bf16, where sampling stays in float32."""
+    import torch
+
+    return frozen_weights_cast(model, torch.float32, merge_lora=True)
 
 
 def _mergeable_lora_layers(model) -> dict:

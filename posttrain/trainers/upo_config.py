@@ -63,12 +63,13 @@ class UPOConfig(GRPOConfig):
             log-probs of the DPO term are deterministic and both sides of a pair are scored by the same function
             (GRPO defaults to `False`; with LoRA dropout, the "ref" adapter would otherwise apply it too).
         merged_rollouts (`bool`, *optional*, defaults to `True`):
-            With a LoRA policy, `bf16` and transformers' `generate` (not vLLM, FSDP or DeepSpeed), rollouts are
-            sampled from bf16 copies of the weights with the adapter merged in, under bf16 autocast
-            (`posttrain.models.frozen_weights_cast`). GRPO otherwise decodes in float32 (accelerate's autocast wraps
-            the training forward, not `generate`) through the unmerged LoRA layers. About 40% less rollout time for
-            8 x 40 tokens on 2 CPU cores. Only the sampler changes: the policy-gradient and DPO terms score the
-            sampled tokens in a training forward either way.
+            With a LoRA policy and transformers' `generate` (not vLLM, FSDP or DeepSpeed), rollouts are sampled
+            from copies of the weights with the adapter merged in: with `bf16`, bf16 copies under bf16 autocast
+            (`posttrain.models.frozen_weights_cast`); without it, on CPU, float32 copies (`merged_lora`). GRPO
+            otherwise decodes in float32 (accelerate's autocast wraps the training forward, not `generate`) through
+            the unmerged LoRA layers. About 40% less rollout time for 8 x 40 tokens on 2 CPU cores with bf16. Only
+            the sampler changes: the policy-gradient and DPO terms score the sampled tokens in a training forward
+            either way.
     """
 
     _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["rewards"]
@@ -119,8 +120,9 @@ class UPOConfig(GRPOConfig):
     )
     merged_rollouts: bool = field(
         default=True,
-        metadata={"help": "Sample rollouts from bf16 copies of the weights with the LoRA adapter merged in (bf16 "
-                          "training, transformers generate): ~40% less rollout time on CPU; the losses are unchanged."},
+        metadata={"help": "Sample rollouts from copies of the weights with the LoRA adapter merged in (bf16 copies "
+                          "with bf16, float32 ones on CPU without it; transformers generate): ~40% less rollout time "
+                          "on CPU with bf16; the losses are unchanged."},
     )
     normalize_rewards_by: str | None = field(
         default=None,

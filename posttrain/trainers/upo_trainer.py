@@ -58,7 +58,7 @@ from trl.trainer.utils import nanstd, use_adapter
 
 from ..errors import UserError
 from ..io import write_json
-from ..models import bf16_autocast
+from ..models import bf16_autocast, merged_lora
 from ..moe_routing import MOE_ROUTING, routes_by_modality, with_routing
 from ..rewards import normalize_by_group, resolve_rewards, weighted_sum
 from .upo_config import UPOConfig
@@ -313,16 +313,19 @@ class UPOTrainer(GRPOTrainer):
         return output
 
     def _generate_single_turn(self, *args, **kwargs):
-        """GRPO's rollouts, sampled from merged bf16 weights when `merged_rollouts` allows (see UPOConfig)."""
+        """GRPO's rollouts, sampled from merged weights when `merged_rollouts` allows (see UPOConfig)."""
         with self._rollout_weights():
             return super()._generate_single_turn(*args, **kwargs)
 
     def _rollout_weights(self):
         plain = not (self.use_vllm or self.use_transformers_continuous_batching or self.is_fsdp_enabled
                      or self.is_deepspeed_enabled)
-        if not (self.args.merged_rollouts and self.args.bf16 and plain and is_peft_model(self.model)):
+        if not (self.args.merged_rollouts and plain and is_peft_model(self.model)):
             return contextlib.nullcontext()
-        return bf16_autocast(self.model, merge_lora=True)
+        if self.args.bf16:
+            return bf16_autocast(self.model, merge_lora=True)
+        # float32 copies of every LoRA layer's weights: cheap in CPU memory, not worth a GPU's
+        return merged_lora(self.model) if self.accelerator.device.type == "cpu" else contextlib.nullcontext()
 
     def _pair_columns(self, output, pairs):
         """Per-row tensors that carry each pair on its chosen row through GRPO's shuffle and split."""
