@@ -22,8 +22,8 @@ import typing
 from collections import defaultdict
 from pathlib import Path
 
-from .configs import EvalArguments, Precision
 from . import devices
+from .configs import EvalArguments, Precision
 from .data import completion_text, render_prompt
 from .errors import UserError
 from .io import write_json

@@ -96,6 +96,18 @@ def test_worked_steps_are_correct_and_short(many):
     plain = [reply({**r, "thinking": False}) for r in arithmetic]
     assert all(p.endswith(f"= {r['answer']}") and "\n" not in p for p, r in zip(plain, arithmetic))
     assert all(reply({**r, "thinking": False}) == r["answer"] for r in many["train"] if r["domain"] == "string")
+    # two numbers: the comparison is decided by digit count, else at the first digit that differs, before the pick
+    pairs = [r for r in many["train"] if r["domain"] == "comparison" and " vs " in r["steps"]]
+    assert len(pairs) > 200
+    for row in pairs:
+        a, b, reason, word, value = re.fullmatch(r"(\d+) vs (\d+): (.+), so the (larger|smaller) is (\d+)\.",
+                                                 row["steps"]).groups()
+        assert value == row["answer"] and word == {"max": "larger", "min": "smaller"}[row["operands"][0]]
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        sign = lambda x, y: ">" if x > y else "<"  # noqa: E731
+        expected = (f"{len(a)} {sign(len(a), len(b))} {len(b)} digits" if len(a) != len(b)
+                    else f"{a[first]} {sign(a[first], b[first])} {b[first]}")
+        assert reason == expected, row["steps"]
     # comparison and counting: the worked steps on one line, the answer their last number
     for row in many["train"]:
         if row["domain"] in ("comparison", "counting"):
