@@ -95,7 +95,8 @@ def brief(task: dict) -> str:
     Trained on bare numbers, a 135M model answered "Please add 134 and 58." with "134": it learns to say a number and
     picks one from the question. Writing the working first ("134 + 58 = 192"; two steps: "4 * 3 = 12, 12 + 5 = 17";
     "34 vs 19: 3 > 1, so the larger is 34."; "t-u-r-t-l-e. That is 6 letters.") gives it the operands next to the
-    result, and the answer is still the reply's last number. String answers are checked as the whole reply, so they stay bare.
+    result, and the answer is still the reply's last number. String answers are checked as the whole reply, so they
+    stay bare.
     """
     if task["domain"] == "arithmetic":
         return ", ".join(steps(task["operands"], top=False))

@@ -1,6 +1,7 @@
 """Device-dependent defaults: how to launch a stage, which precision flags a machine can run, and the speed
 settings a recipe gets when it does not choose them itself (`speed_defaults`, measured by `posttrain bench`)."""
 
+import functools
 import importlib.util
 import json
 import logging
@@ -33,6 +34,7 @@ EMULATED_BF16 = ("bf16 on this CPU is emulated (no AVX512-BF16 or AMX instructio
                  "than float32 here")
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
     """bf16 autocast can pay on a CPU only with native bf16 dot products (AVX512-BF16 or AMX); without them it is
     emulated and far slower than fp32 (`EMULATED_BF16`)."""

@@ -42,8 +42,8 @@ def check_device() -> list[tuple[str, str, str]]:
     else:
         threads = os.environ.get("OMP_NUM_THREADS")
         rows.append(("device", f"cpu, {os.cpu_count()} cores", "OMP_NUM_THREADS=" + (threads or "unset (torch uses every core)")))
-        rows.append(("cpu bf16", "native (AVX512-BF16 or AMX)" if cpu_has_bf16() else "emulated",
-                     "bf16 autocast on by default" if cpu_has_bf16() else "float32 by default (bf16 would be ~90x slower)"))
+        rows.append(("cpu bf16", "native (AVX512-BF16 or AMX)", "bf16 autocast on by default") if cpu_has_bf16()
+                    else ("cpu bf16", "emulated", "float32 by default (bf16 would be ~90x slower)"))
     return rows
 
 

@@ -27,7 +27,7 @@ from .configs import EvalArguments, Precision
 from .data import completion_text, render_prompt
 from .errors import UserError
 from .io import write_json
-from .models import bf16_autocast, merged_lora, vision
+from .models import sampling_weights, vision
 from .stats import wilson
 
 logger = logging.getLogger(__name__)
@@ -214,6 +214,7 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArgum
     was_training = model.training
     model.eval()
     prompts = [render_prompt(tokenizer, r["prompt"], r.get("thinking")) for r in rows]
+    dtype = devices.resolve_precision(dtype, model.device.type)  # what `auto` is on this machine, recorded below
     with autocast(model, dtype):
         started = time.perf_counter()
         texts, stopped, lengths = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress,
@@ -250,7 +251,7 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArgum
         "heldout_loss": None if loss is None or math.isnan(loss) else loss,
         "by_group": {k: _mean(v) for k, v in sorted(groups.items())},
         "seconds": seconds,
-        "dtype": devices.resolve_precision(dtype, model.device.type),  # what `auto` was on this machine
+        "dtype": dtype,
         "samples": [
             {"prompt": vision.message_text(r["prompt"][-1]["content"]), "thinking": r.get("thinking"),
              "answer": r["answer"],
@@ -262,21 +263,15 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArgum
 
 def autocast(model, dtype: str, option: str = "eval.dtype", merge_lora: bool = False):
     """bf16 autocast around generation and scoring when `dtype` asks for it (`auto`: where the device has native
-    bf16, `devices.resolve_precision`), with the frozen linear weights cast
-    once for its duration (`models.bf16_autocast`, LoRA merged into them with `merge_lora`: sampling only; in
-    float32 on CPU `merge_lora` merges into float32 copies, `models.merged_lora`);
-    the model's own weights are back as they were afterwards."""
-    import contextlib
-
+    bf16, `devices.resolve_precision`), with the frozen linear weights cast once for its duration; `merge_lora`
+    (sampling only) merges LoRA into those copies, or in float32 on CPU into float32 copies
+    (`models.sampling_weights`). The model's own weights are back as they were afterwards."""
     if dtype not in typing.get_args(Precision):  # a recipe's or command line's value is checked there; this is for code
         raise UserError(f"{option}: '{dtype}'; expected one of: {', '.join(typing.get_args(Precision))}")
-    device = model.device.type
-    dtype = devices.resolve_precision(dtype, device)
-    if dtype == "float32":  # sampling merges LoRA into float32 copies on CPU (not worth a GPU's memory)
-        return merged_lora(model) if merge_lora and device == "cpu" else contextlib.nullcontext()
-    if not devices.native_bf16(device):
+    bf16 = devices.resolve_precision(dtype, model.device.type) == "bfloat16"
+    if bf16 and not devices.native_bf16(model.device.type):
         logger.warning("%s: bfloat16: %s; 'auto' or float32 would be faster", option, devices.EMULATED_BF16)
-    return bf16_autocast(model, merge_lora)
+    return sampling_weights(model, bf16, merge_lora)
 
 
 def prompts_sha(prompts: list[str], answers: list) -> str:

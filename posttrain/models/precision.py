@@ -1,5 +1,5 @@
-"""Frozen weights cast once for bf16 autocast (and LoRA merged into the copies, for sampling; `merged_lora`: the same
-merge in float32).
+"""Frozen weights cast once for bf16 autocast (and LoRA merged into the copies, for sampling; `sampling_weights`: the
+same merge in float32 on CPU).
 
 Autocast casts every linear weight to bf16 again on every forward. In decoding, one forward per token, those copies
 were ~15% of generation time here (batch 100, SmolLM2-135M, 2 CPU cores). `frozen_weights_cast` makes them once for
@@ -60,13 +60,17 @@ def bf16_autocast(model, merge_lora: bool = False):
     return stack
 
 
-def merged_lora(model):
-    """The LoRA update added into float32 copies of its base layers' weights for the duration, the adapter layers off:
-    the float32 sampler's counterpart of `bf16_autocast(model, merge_lora=True)` (layers without LoRA are not copied).
-    For CPUs without native bf16, where sampling stays in float32."""
+def sampling_weights(model, bf16: bool, merge_lora: bool = False):
+    """What evaluation, pair sampling and UPO's rollouts decode under: `bf16_autocast` with `bf16`; in float32, with
+    `merge_lora` on a CPU, the LoRA update added into float32 copies of its base layers' weights (layers without LoRA
+    are not copied; on a GPU the copies are not worth its memory); otherwise the model as it is."""
     import torch
 
-    return frozen_weights_cast(model, torch.float32, merge_lora=True)
+    if bf16:
+        return bf16_autocast(model, merge_lora)
+    if merge_lora and model.device.type == "cpu":
+        return frozen_weights_cast(model, torch.float32, merge_lora=True)
+    return contextlib.nullcontext()
 
 
 def _mergeable_lora_layers(model) -> dict:

@@ -65,7 +65,7 @@ class UPOConfig(GRPOConfig):
         merged_rollouts (`bool`, *optional*, defaults to `True`):
             With a LoRA policy and transformers' `generate` (not vLLM, FSDP or DeepSpeed), rollouts are sampled
             from copies of the weights with the adapter merged in: with `bf16`, bf16 copies under bf16 autocast
-            (`posttrain.models.frozen_weights_cast`); without it, on CPU, float32 copies (`merged_lora`). GRPO
+            (`posttrain.models.frozen_weights_cast`); without it, on CPU, float32 copies (`sampling_weights`). GRPO
             otherwise decodes in float32 (accelerate's autocast wraps the training forward, not `generate`) through
             the unmerged LoRA layers. About 40% less rollout time for 8 x 40 tokens on 2 CPU cores with bf16. Only
             the sampler changes: the policy-gradient and DPO terms score the sampled tokens in a training forward

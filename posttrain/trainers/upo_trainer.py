@@ -58,7 +58,7 @@ from trl.trainer.utils import nanstd, use_adapter
 
 from ..errors import UserError
 from ..io import write_json
-from ..models import bf16_autocast, merged_lora
+from ..models import sampling_weights
 from ..moe_routing import MOE_ROUTING, routes_by_modality, with_routing
 from ..rewards import normalize_by_group, resolve_rewards, weighted_sum
 from .upo_config import UPOConfig
@@ -322,10 +322,7 @@ class UPOTrainer(GRPOTrainer):
                      or self.is_deepspeed_enabled)
         if not (self.args.merged_rollouts and plain and is_peft_model(self.model)):
             return contextlib.nullcontext()
-        if self.args.bf16:
-            return bf16_autocast(self.model, merge_lora=True)
-        # float32 copies of every LoRA layer's weights: cheap in CPU memory, not worth a GPU's
-        return merged_lora(self.model) if self.accelerator.device.type == "cpu" else contextlib.nullcontext()
+        return sampling_weights(self.model, self.args.bf16, merge_lora=True)
 
     def _pair_columns(self, output, pairs):
         """Per-row tensors that carry each pair on its chosen row through GRPO's shuffle and split."""
