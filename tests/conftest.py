@@ -91,23 +91,93 @@ def posttrain_cli():
     return _run_cli
 
 
-@pytest.fixture(scope="session")
-def tiny_sft_run(tmp_path_factory):
-    """A finished run of the tiny recipe reduced to its SFT stage (with base and SFT evaluations), built once per
-    session through the real CLI: export, chat and report tests read it and must not modify it."""
+def _tiny_sft_recipe() -> dict:
+    """The tiny recipe reduced to its SFT stage (with base and SFT evaluations), SFT trained for 12 steps: enough to
+    bring the held-out loss below the random base model's (test_promotion stops a blown-up stage after it)."""
     from pathlib import Path
 
     import yaml
 
-    tiny = Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "text.yaml"
-    cwd = tmp_path_factory.mktemp("tiny-sft-run")
-    raw = yaml.safe_load(tiny.read_text())
+    raw = yaml.safe_load((Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "text.yaml").read_text())
     raw.pop("ablation", None)
-    raw.update(name="tiny-sft", stages={"sft": raw["stages"]["sft"]})
+    raw.update(name="tiny-sft", stages={"sft": {**raw["stages"]["sft"], "max_steps": 12}})
     raw["data"] = {k: v for k, v in raw["data"].items() if "after" not in v}
-    (cwd / "recipe.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    _run_cli("run", cwd / "recipe.yaml", cwd=cwd)
-    return cwd / "outputs" / "tiny-sft"
+    return raw
+
+
+class SharedRun:
+    """A `posttrain run` made once per test session for every xdist worker, in a folder they share: the first worker
+    to start starts it in the background (`start`), and a test that needs it waits for it (`wait`). Built on demand
+    instead, each worker made its own (a minute of CPU each), and the second one to ask sat idle while the first built.
+    """
+
+    def __init__(self, root, name: str, raw: dict):
+        self.root, self.name, self.raw = root / name, name, raw
+
+    def start(self) -> None:
+        import fcntl
+        import subprocess
+        import sys
+
+        import yaml
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released on close: one worker starts the run, the others see it
+            if (self.root / "started").exists():
+                return
+            (self.root / "recipe.yaml").write_text(yaml.safe_dump(self.raw, sort_keys=False))
+            # `rc` appears when the run has ended, whichever worker waits; the shell is in the workers' process group,
+            # so Ctrl-C stops it with them
+            command = f"{sys.executable} -m posttrain run recipe.yaml > run.log 2>&1; echo $? > rc.tmp; mv rc.tmp rc"
+            subprocess.Popen(["sh", "-c", command], cwd=self.root,
+                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            (self.root / "started").write_text("")
+
+    def wait(self, timeout: float = 600):
+        """The finished run's folder (outputs/<name>); fails the test with the run's output if it failed."""
+        import time
+
+        self.start()
+        deadline = time.monotonic() + timeout
+        while not (self.root / "rc").exists():
+            if time.monotonic() > deadline:
+                pytest.fail(f"shared run {self.name}: not finished after {timeout} s; see {self.root / 'run.log'}")
+            time.sleep(0.5)
+        if (self.root / "rc").read_text().strip() != "0":
+            raise AssertionError(f"shared run {self.name} failed:\n{(self.root / 'run.log').read_text()[-4000:]}")
+        return self.root / "outputs" / self.raw["name"]
+
+
+@pytest.fixture(scope="session")
+def shared_runs(tmp_path_factory):
+    """name -> SharedRun. Their folder is the session's temporary root, which every xdist worker shares (a worker's
+    own `tmp_path_factory` folders are private to it)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-runs"
+    return {"tiny-sft": SharedRun(root, "tiny-sft", _tiny_sft_recipe())}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def start_shared_runs(request, shared_runs):
+    """Start in the background, as a worker begins, the shared runs that its selected tests need (every worker
+    collects the whole selection), so they build while the unit tests run."""
+    for fixture, name in (("tiny_sft_run", "tiny-sft"),):
+        if any(fixture in getattr(item, "fixturenames", ()) for item in request.session.items):
+            shared_runs[name].start()
+
+
+@pytest.fixture
+def tiny_sft_recipe() -> dict:
+    """The recipe of `tiny_sft_run`, a fresh copy to change (a test continuing a copy of that run)."""
+    return _tiny_sft_recipe()
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_run(shared_runs):
+    """A finished run of `tiny_sft_recipe`, made once per session through the real CLI: tests read it and must not
+    modify it (copy it first)."""
+    return shared_runs["tiny-sft"].wait()
 
 
 def _check_evaluation(evaluation: dict, n: int) -> None:
