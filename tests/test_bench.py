@@ -28,6 +28,44 @@ def test_padding_free_sft_trains_on_the_same_loss(arch, tiny_model_path, task_da
     assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
     assert max(len(flat.train_dataset[i]["input_ids"]) for i in range(len(flat.train_dataset))) <= 192  # truncated
     assert math.isclose(_first_loss(flat), _first_loss(padded), rel_tol=1e-4)
+    # on CPU the flat batches attend row by row; padded ones keep SDPA
+    assert flat.model.get_base_model().config._attn_implementation == "sdpa_rows"
+    assert padded.model.get_base_model().config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_row_by_row_attention_is_sdpa_per_row(arch, tiny_model_path):
+    """`sdpa_rows` on a packed batch gives each row the logits it has alone, and the gradients of SDPA over the
+    packed square with its block-diagonal mask; a padded batch (an attention mask) and generation go to SDPA as is."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.models.attention import register, row_bounds
+
+    torch.manual_seed(0)
+    rows = [torch.randint(5, 500, (n,)).tolist() for n in (7, 1, 12, 4)]
+    ids = torch.tensor([sum(rows, [])])
+    positions = torch.tensor([[p for row in rows for p in range(len(row))]])
+    assert row_bounds(positions, ids.shape[1]) == [(0, 7), (7, 8), (8, 20), (20, 24)]
+    assert row_bounds(torch.arange(24)[None], 24) is None and row_bounds(positions.expand(2, -1), 24) is None
+    models = {name: AutoModelForCausalLM.from_pretrained(tiny_model_path(arch), attn_implementation=name)
+              for name in ("sdpa", register())}
+    grads = {}
+    for name, model in models.items():
+        out = model(input_ids=ids, position_ids=positions, labels=ids, use_cache=False)
+        out.loss.backward()
+        grads[name] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        with torch.no_grad():
+            alone = torch.cat([model(input_ids=torch.tensor([row]), use_cache=False).logits[0] for row in rows])
+        torch.testing.assert_close(out.logits[0], alone, rtol=1e-5, atol=1e-5)
+    assert grads["sdpa"].keys() == grads["sdpa_rows"].keys() and grads["sdpa"]
+    for key, grad in grads["sdpa"].items():
+        torch.testing.assert_close(grads["sdpa_rows"][key], grad, rtol=1e-4, atol=1e-6)
+    padded = {"input_ids": torch.tensor([rows[0], rows[3] + [0] * 3]), "attention_mask": torch.tensor([[1] * 7, [1] * 4 + [0] * 3])}
+    with torch.no_grad():
+        outs = [m(**padded).logits for m in models.values()]
+        generated = [m.generate(**padded, max_new_tokens=3, do_sample=False) for m in models.values()]
+    torch.testing.assert_close(outs[0], outs[1])
+    assert torch.equal(generated[0], generated[1])
 
 
 def test_speed_defaults_by_stage_and_size(tiny_model_path):
