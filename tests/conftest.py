@@ -111,8 +111,9 @@ class SharedRun:
     instead, each worker made its own (a minute of CPU each), and the second one to ask sat idle while the first built.
     """
 
-    def __init__(self, root, name: str, raw: dict):
-        self.root, self.name, self.raw = root / name, name, raw
+    def __init__(self, root, raw: dict):
+        self.name, self.raw = raw["name"], raw
+        self.root = root / self.name
 
     def start(self) -> None:
         import fcntl
@@ -146,25 +147,24 @@ class SharedRun:
             time.sleep(0.5)
         if (self.root / "rc").read_text().strip() != "0":
             raise AssertionError(f"shared run {self.name} failed:\n{(self.root / 'run.log').read_text()[-4000:]}")
-        return self.root / "outputs" / self.raw["name"]
+        return self.root / "outputs" / self.name
 
 
 @pytest.fixture(scope="session")
-def shared_runs(tmp_path_factory):
-    """name -> SharedRun. Their folder is the session's temporary root, which every xdist worker shares (a worker's
-    own `tmp_path_factory` folders are private to it)."""
+def shared_tiny_sft(tmp_path_factory) -> SharedRun:
+    """The SharedRun behind `tiny_sft_run`. Its folder is under the session's temporary root, which every xdist worker
+    shares (a worker's own `tmp_path_factory` folders are private to it)."""
     base = tmp_path_factory.getbasetemp()
     root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-runs"
-    return {"tiny-sft": SharedRun(root, "tiny-sft", _tiny_sft_recipe())}
+    return SharedRun(root, _tiny_sft_recipe())
 
 
 @pytest.fixture(scope="session", autouse=True)
-def start_shared_runs(request, shared_runs):
-    """Start in the background, as a worker begins, the shared runs that its selected tests need (every worker
-    collects the whole selection), so they build while the unit tests run."""
-    for fixture, name in (("tiny_sft_run", "tiny-sft"),):
-        if any(fixture in getattr(item, "fixturenames", ()) for item in request.session.items):
-            shared_runs[name].start()
+def start_shared_tiny_sft(request, shared_tiny_sft):
+    """Start the tiny SFT run in the background as a worker begins, when a selected test needs it (every worker
+    collects the whole selection), so it builds while the unit tests run."""
+    if any("tiny_sft_run" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        shared_tiny_sft.start()
 
 
 @pytest.fixture
@@ -174,10 +174,10 @@ def tiny_sft_recipe() -> dict:
 
 
 @pytest.fixture(scope="session")
-def tiny_sft_run(shared_runs):
+def tiny_sft_run(shared_tiny_sft):
     """A finished run of `tiny_sft_recipe`, made once per session through the real CLI: tests read it and must not
     modify it (copy it first)."""
-    return shared_runs["tiny-sft"].wait()
+    return shared_tiny_sft.wait()
 
 
 def _check_evaluation(evaluation: dict, n: int) -> None:

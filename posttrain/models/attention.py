@@ -7,8 +7,8 @@ kernels take the row boundaries instead (varlen), but they need a GPU; on CPU no
 so this does it by hand: the same SDPA call per row, causal within it, then the rows put back in order. Anything that
 is not a packed training batch (padded batches, generation with a cache) goes to transformers' SDPA as it is.
 
-Registered with transformers' attention and mask interfaces as "sdpa_rows" (`register`); the SFT stage picks it on
-CPU for padding-free batches when the recipe names no `attn_implementation` (`devices.speed_defaults`).
+Registered with transformers' attention and mask interfaces as "sdpa_rows" (`register`); the SFT stage switches to
+it off CUDA for padding-free batches when the recipe names no `attn_implementation` (`stages.sft.attend_by_row`).
 """
 
 import torch

@@ -95,8 +95,9 @@ def flatten_batches(trainer) -> None:
 def attend_by_row(model, model_args, device) -> str:
     """Padding-free batches off CUDA attend row by row (`models.attention.sdpa_rows`) instead of over the packed square
     with SDPA: same logits and gradients (tested); 4 SFT steps of the default recipe (16 rows, ~750 tokens a batch) took
-    28.3 s instead of 34.9 s in float32 on 2 AVX2 cores (median of 3, alternating). Kept as it is when the recipe names an `attn_implementation`, on CUDA (flash-attention kernels take the row
-    boundaries themselves) and for a model whose attention is not transformers' SDPA. Returns the one in use."""
+    28.3 s instead of 34.9 s in float32 on 2 AVX2 cores (median of 3, alternating). Kept as it is when the recipe names
+    an `attn_implementation`, on CUDA (flash-attention kernels take the row boundaries themselves) and for a model
+    whose attention is not transformers' SDPA. Returns the one in use."""
     from ..models.attention import register
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
