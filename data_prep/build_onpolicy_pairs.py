@@ -5,6 +5,12 @@ move probability between things the model actually says. For every prompt, `num_
 scored with the reward functions (`posttrain.rewards`); the best and worst reply form a pair when their reward gap is
 at least `margin` (the same mining rule as online UPO, `posttrain.trainers.upo_pairs.mine_pairs`).
 
+With `reference_chosen`, a prompt's reference reply (its `completion` column, which the verifiable task sets carry)
+competes as one more candidate, ranked first among equals: the chosen side is then a reply whose working is right, not
+a sample that reached the right answer by a wrong route (a 135M model's correct samples often are: "p-a-z-i-n-o-p,
+That is 5 letters." for "pizza"), and a prompt gives a pair whenever one sample is wrong, not only when the samples
+disagree. The rejected side stays the policy's own worst sample.
+
     posttrain data build_onpolicy_pairs --model_name_or_path DIR --adapter_path outputs/<run>/sft \
         --prompts outputs/<run>/data/verifiable --output_dir outputs/<run>/data/pairs
 
@@ -61,6 +67,9 @@ class OnPolicyPairsConfig:
     )
     margin: float = field(default=0.5, metadata={"help": "Minimum reward gap between chosen and rejected."})
     pairs_per_prompt: int = field(default=1, metadata={"help": "At most this many pairs per prompt."})
+    reference_chosen: bool = field(default=False, metadata={"help": "The prompt's reference reply (`completion` "
+                                                                     "column) is one more candidate, first among "
+                                                                     "equals: a right reply with right working."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
     output_dir: str = field(default=None, metadata={"help": "Output folder (replaced atomically)."})
     overwrite: bool = field(default=True, metadata={"help": "Replace `output_dir` if it exists."})
@@ -112,6 +121,10 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
     with autocast(model, config.dtype, option=f"{PROG}: dtype", merge_lora=True):
         texts, _, _ = generate(model, tokenizer, prompts, config.max_new_tokens, config.batch_size, images=images,
                                do_sample=True, temperature=config.temperature, top_p=config.top_p)
+    if config.reference_chosen:  # each prompt's group: its reference reply first (it wins ties), then its samples
+        n, sampled = n + 1, iter(texts)
+        expanded = [row for row in rows for _ in range(n)]
+        texts = [(row.get("completion") or "") if i % n == 0 else next(sampled) for i, row in enumerate(expanded)]
     columns = {key: [r.get(key) for r in expanded] for key in ("answer", "thinking", "domain")}
     score = combine_rewards(config.rewards)
     rewards = torch.tensor([float("nan") if v is None else v for v in score(texts, **columns)])
@@ -162,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     source = {"name": "on-policy samples", "path": f"{config.model_name_or_path} + {config.adapter_path}",
               "license": "same as the prompts", "notes": f"{config.num_samples} samples per prompt at temperature "
               f"{config.temperature}, scored by {config.rewards} (reward: weight); best vs worst "
-              f"with gap >= {config.margin}"}
+              f"with gap >= {config.margin}"
+              + ("; the reference reply a candidate, first among equals" if config.reference_chosen else "")}
     lengths = [len(p["chosen"][0]["content"]) for rows in tables.values() for p in rows]
     with_images = "images" in tables["train"][0]
     card_lib.write_generated(config, tables, job="build_onpolicy_pairs", kind="preference", source=source,

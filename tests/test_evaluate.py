@@ -242,6 +242,29 @@ def test_onpolicy_pairs_job(tiny_model_path, task_data, tmp_path):
     assert card["job"] == "build_onpolicy_pairs" and card["splits"]["train"]["rows"] == len(rows)
 
 
+def test_onpolicy_pairs_with_the_reference_reply_as_chosen(tiny_model_path, task_data, tmp_path):
+    """A random model is never right: scored on accuracy alone its samples all tie and give no pair, while with
+    `reference_chosen` every prompt pairs its (right) reference reply against one of its (wrong) samples."""
+    from data_prep.build_onpolicy_pairs import main
+    from posttrain.errors import UserError
+
+    args = ["--model_name_or_path", str(tiny_model_path("llama")), "--prompts", str(task_data), "--test_split", "",
+            "--max_train_prompts", "4", "--num_samples", "2", "--max_new_tokens", "4", "--rewards", "accuracy=1.0",
+            "--margin", "0.5"]
+    with pytest.raises(UserError, match="no prompt gave a pair"):
+        main([*args, "--output_dir", str(tmp_path / "samples")])
+    assert main([*args, "--reference_chosen", "--output_dir", str(tmp_path / "pairs")]) == 0
+    references = {r["prompt"][-1]["content"]: r["completion"] for r in load_rows(str(task_data), "prompts", 4)}
+    rows = load_rows(str(tmp_path / "pairs"), "train")
+    assert len(rows) == len(references) == 4
+    for row in rows:
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert chosen == references[row["prompt"][-1]["content"]] and rejected != chosen
+        assert (row["chosen_reward"], row["rejected_reward"]) == (1.0, 0.0)
+    card = json.loads((tmp_path / "pairs" / "card.json").read_text())
+    assert "the reference reply a candidate" in card["sources"][0]["notes"]
+
+
 def test_onpolicy_pairs_sample_in_bf16_and_name_a_bad_dtype(tiny_model_path, task_data, tmp_path, capsys):
     from data_prep.build_onpolicy_pairs import OnPolicyPairsConfig, main, sample_pairs
     from posttrain.errors import UserError
