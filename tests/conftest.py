@@ -91,17 +91,15 @@ def posttrain_cli():
     return _run_cli
 
 
-def _tiny_sft_recipe() -> dict:
-    """The tiny recipe reduced to its SFT stage (with base and SFT evaluations), SFT trained for 12 steps: enough to
-    bring the held-out loss below the random base model's (test_promotion stops a blown-up stage after it)."""
+def _tiny_recipe() -> dict:
+    """The tiny recipe (recipes/tiny/text.yaml, SFT -> DPO -> UPO) with SFT trained for 12 steps instead of 3: enough to
+    bring the held-out loss below the random base model's (test_promotion stops a blown-up DPO after it)."""
     from pathlib import Path
 
     import yaml
 
     raw = yaml.safe_load((Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "text.yaml").read_text())
-    raw.pop("ablation", None)
-    raw.update(name="tiny-sft", stages={"sft": {**raw["stages"]["sft"], "max_steps": 12}})
-    raw["data"] = {k: v for k, v in raw["data"].items() if "after" not in v}
+    raw["stages"]["sft"]["max_steps"] = 12
     return raw
 
 
@@ -114,6 +112,7 @@ class SharedRun:
     def __init__(self, root, raw: dict):
         self.name, self.raw = raw["name"], raw
         self.root = root / self.name
+        self.log = self.root / "run.log"  # what `posttrain run` printed, stdout and stderr
 
     def start(self) -> None:
         import fcntl
@@ -143,41 +142,41 @@ class SharedRun:
         deadline = time.monotonic() + timeout
         while not (self.root / "rc").exists():
             if time.monotonic() > deadline:
-                pytest.fail(f"shared run {self.name}: not finished after {timeout} s; see {self.root / 'run.log'}")
+                pytest.fail(f"shared run {self.name}: not finished after {timeout} s; see {self.log}")
             time.sleep(0.5)
         if (self.root / "rc").read_text().strip() != "0":
-            raise AssertionError(f"shared run {self.name} failed:\n{(self.root / 'run.log').read_text()[-4000:]}")
+            raise AssertionError(f"shared run {self.name} failed:\n{self.log.read_text()[-4000:]}")
         return self.root / "outputs" / self.name
 
 
 @pytest.fixture(scope="session")
-def shared_tiny_sft(tmp_path_factory) -> SharedRun:
-    """The SharedRun behind `tiny_sft_run`. Its folder is under the session's temporary root, which every xdist worker
+def shared_tiny(tmp_path_factory) -> SharedRun:
+    """The SharedRun behind `tiny_run`. Its folder is under the session's temporary root, which every xdist worker
     shares (a worker's own `tmp_path_factory` folders are private to it)."""
     base = tmp_path_factory.getbasetemp()
     root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-runs"
-    return SharedRun(root, _tiny_sft_recipe())
+    return SharedRun(root, _tiny_recipe())
 
 
 @pytest.fixture(scope="session", autouse=True)
-def start_shared_tiny_sft(request, shared_tiny_sft):
-    """Start the tiny SFT run in the background as a worker begins, when a selected test needs it (every worker
-    collects the whole selection), so it builds while the unit tests run."""
-    if any("tiny_sft_run" in getattr(item, "fixturenames", ()) for item in request.session.items):
-        shared_tiny_sft.start()
+def start_shared_tiny(request, shared_tiny):
+    """Start the tiny run in the background as a worker begins, when a selected test needs it (every worker collects
+    the whole selection), so it builds while the unit tests run."""
+    if any("tiny_run" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        shared_tiny.start()
 
 
 @pytest.fixture
-def tiny_sft_recipe() -> dict:
-    """The recipe of `tiny_sft_run`, a fresh copy to change (a test continuing a copy of that run)."""
-    return _tiny_sft_recipe()
+def tiny_recipe() -> dict:
+    """The recipe of `tiny_run`, a fresh copy to change (a test continuing a copy of that run)."""
+    return _tiny_recipe()
 
 
 @pytest.fixture(scope="session")
-def tiny_sft_run(shared_tiny_sft):
-    """A finished run of `tiny_sft_recipe`, made once per session through the real CLI: tests read it and must not
-    modify it (copy it first)."""
-    return shared_tiny_sft.wait()
+def tiny_run(shared_tiny):
+    """A finished run of `tiny_recipe` (base, SFT, DPO, UPO), made once per session through the real CLI: tests read
+    it and must not modify it (copy it first)."""
+    return shared_tiny.wait()
 
 
 def _check_evaluation(evaluation: dict, n: int) -> None:

@@ -11,8 +11,8 @@ from posttrain.errors import UserError
 
 
 @pytest.fixture(scope="module")
-def run(tiny_sft_run) -> Path:
-    return tiny_sft_run
+def run(tiny_run) -> Path:
+    return tiny_run
 
 
 def test_cli_chat_with_piped_input(run, tmp_path, posttrain_cli):
@@ -20,14 +20,15 @@ def test_cli_chat_with_piped_input(run, tmp_path, posttrain_cli):
                        stdin="What is 2 + 2?\n\nAnd 3 + 3?\n", timeout=120)
     assert result.stdout.count(chat.REPLY_PREFIX) == 2, result.stdout  # two questions, two replies, blank skipped
     assert result.stdout.endswith("\n")
-    assert "chatting with tiny-sft/sft: tiny:llama + sft adapter" in result.stderr
+    assert "chatting with tiny-text/upo: tiny:llama + upo adapter" in result.stderr  # the last finished stage
     assert "Traceback" not in result.stdout + result.stderr  # end of input is a clean exit (code 0, checked above)
 
 
 def test_cli_chat_unknown_stage_is_a_user_error(run, tmp_path, posttrain_cli):
-    result = posttrain_cli("chat", run, "--stage", "dpo", cwd=tmp_path, stdin="", check=False, timeout=60)
+    result = posttrain_cli("chat", run, "--stage", "ppo", cwd=tmp_path, stdin="", check=False, timeout=60)
     assert result.returncode == 2
-    assert "'dpo'" in result.stdout and "finished: base, sft" in result.stdout
+    shown = " ".join(result.stdout.split())  # as one line, however the terminal wrapped it
+    assert "'ppo' is not a stage" in shown and "finished: base, sft, dpo, upo" in shown
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,15 @@ FAKE_TOKEN = "hf_FAKEfakeFAKEfake0123456789secret"
 
 
 @pytest.fixture(scope="module")
-def run(tiny_sft_run, tmp_path_factory) -> Path:
-    """A private copy of the shared tiny SFT run (some tests write next to it)."""
+def run(tiny_run, tmp_path_factory) -> Path:
+    """A private copy of the shared tiny run cut back to base and SFT, as a run of that stage alone (these tests are
+    about exporting one stage; some write next to it)."""
     copy = tmp_path_factory.mktemp("export-run") / "tiny-sft"
-    shutil.copytree(tiny_sft_run, copy)
+    shutil.copytree(tiny_run, copy, ignore=shutil.ignore_patterns("dpo", "upo", "pairs", "pairs.inputs"))
+    state = json.loads((copy / "run.json").read_text())
+    state["order"] = ["base", "sft"]
+    state["steps"] = {step: info for step, info in state["steps"].items() if step not in ("dpo", "upo", "data/pairs")}
+    (copy / "run.json").write_text(json.dumps(state))
     return copy
 
 

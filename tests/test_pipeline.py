@@ -3,6 +3,7 @@ data. (Resuming a killed run is in test_faults.py, two processes in test_distrib
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,15 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes" / "tiny" / "text.yaml"
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, posttrain_cli):
-    cwd = tmp_path_factory.mktemp("run")
-    first = posttrain_cli("run", TINY, cwd=cwd)
-    return cwd, cwd / "outputs" / "tiny-text", first
-
-
-def test_tiny_recipe_end_to_end(tiny_run, check_evaluation):
-    _, run, first = tiny_run
+def test_tiny_recipe_end_to_end(tiny_run, shared_tiny, check_evaluation):
+    """The session's shared run of the tiny recipe (`tiny_run`, made through the CLI; SFT trained 12 steps)."""
+    run = tiny_run
     state = json.loads((run / "run.json").read_text())
     assert state["steps"]["run"]["status"] == "done"
     assert (run / "data" / "verifiable" / "sft.parquet").is_file()
@@ -29,7 +24,7 @@ def test_tiny_recipe_end_to_end(tiny_run, check_evaluation):
     sft = json.loads((run / "sft" / "metrics.json").read_text())
     for metrics in (base, sft):
         check_evaluation(metrics["eval"], 8)
-    assert sft["train"]["global_step"] == 3
+    assert sft["train"]["global_step"] == 12
     assert sft["adapter"]["reloads_equal"] and (run / "sft" / "adapter_model.safetensors").stat().st_size > 0
     lineage = json.loads((run / "sft" / "lineage.json").read_text())
     assert lineage["datasets"]["dataset_name"]["fingerprint"]
@@ -37,7 +32,7 @@ def test_tiny_recipe_end_to_end(tiny_run, check_evaluation):
     assert not list(run.glob(".*.partial")), "a finished stage leaves no partial folder"
     evaluated = {step: json.loads((run / step / "metrics.json").read_text())["eval"]
                  for step in ("base", "sft", "dpo", "upo")}
-    line = first.stdout.split("held-out accuracy: ", 1)[1].splitlines()[0]
+    line = shared_tiny.log.read_text().split("held-out accuracy: ", 1)[1].splitlines()[0]
     parts = line.split(" → ")
     for part, (step, evaluation) in zip(parts, evaluated.items(), strict=True):  # what metrics.json holds
         assert part.startswith(f"{step} {evaluation['accuracy']:.1%} (±"), line
@@ -58,14 +53,18 @@ def test_tiny_recipe_end_to_end(tiny_run, check_evaluation):
         assert not (run / stage / "ref").exists(), "only the trained adapter is saved"
 
 
-def test_rerun_skips_finished_stage_and_reruns_on_change(tiny_run, posttrain_cli):
-    cwd, run, _ = tiny_run
+def test_rerun_skips_finished_stage_and_reruns_on_change(shared_tiny, tiny_run, tmp_path, posttrain_cli):
+    """The same command again in (a copy of) the shared run's folder skips every stage; a changed UPO setting reruns
+    UPO only."""
+    cwd = tmp_path / "copy"
+    shutil.copytree(shared_tiny.root, cwd)
+    run = cwd / "outputs" / shared_tiny.name
     stamp = (run / "sft" / "lineage.json").stat().st_mtime_ns
-    again = posttrain_cli("run", TINY, cwd=cwd)
+    again = posttrain_cli("run", "recipe.yaml", cwd=cwd)
     assert "sft: finished earlier with the same inputs, skipped" in again.stdout
     assert (run / "sft" / "lineage.json").stat().st_mtime_ns == stamp
     upo_stamp = (run / "upo" / "lineage.json").stat().st_mtime_ns
-    changed = posttrain_cli("run", TINY, "stages.upo.learning_rate=5e-4", cwd=cwd)
+    changed = posttrain_cli("run", "recipe.yaml", "stages.upo.learning_rate=5e-4", cwd=cwd)
     assert "sft: finished earlier with the same inputs, skipped" in changed.stdout
     assert "upo: finished earlier" not in changed.stdout and "stage: upo" in changed.stdout
     assert (run / "sft" / "lineage.json").stat().st_mtime_ns == stamp

@@ -114,20 +114,20 @@ def test_export_refuses_a_gated_out_stage_unless_forced(gated_run):
     assert "promote gate" not in str(forced.value)
 
 
-def test_huge_learning_rate_is_stopped_by_the_gate(tiny_sft_run, tiny_sft_recipe, tmp_path, posttrain_cli):
+def test_huge_learning_rate_is_stopped_by_the_gate(tiny_run, tiny_recipe, tmp_path, posttrain_cli):
     """The real chain on the tiny recipe: SFT (12 steps) lowers the held-out loss below the random base model's, then
     DPO with learning rate 1000 blows the model up, back to about the loss of a uniform guess (ln 512 = 6.24): worse
     than SFT, so the gate stops the run with a non-zero exit and export refuses the stage. (Against the random base
     itself a blown-up model is no worse: the base is already at the uniform loss.) The run continues a copy of the
-    shared SFT run, whose finished steps it skips (same inputs), as a user's re-run with a stage added would."""
-    raw = tiny_sft_recipe
-    tiny = yaml.safe_load(TINY.read_text())
-    raw.update(name="tiny-gate", data=tiny["data"],
-               stages={**raw["stages"], "dpo": {**tiny["stages"]["dpo"], "learning_rate": 1000.0,
-                                                "gate": {"metric": "heldout_loss"}}})
+    shared tiny run, cut back to SFT and DPO, whose finished steps it skips (same inputs) and whose DPO it trains
+    again (changed inputs), as a user's re-run with a stage's setting changed would."""
+    raw = tiny_recipe
+    raw.update(name="tiny-gate", stages={"sft": raw["stages"]["sft"],
+                                         "dpo": {**raw["stages"]["dpo"], "learning_rate": 1000.0,
+                                                 "gate": {"metric": "heldout_loss"}}})
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))  # the stage order is the file's
     run = tmp_path / "outputs" / "tiny-gate"
-    shutil.copytree(tiny_sft_run, run)
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("upo"))
     result = posttrain_cli("run", tmp_path / "recipe.yaml", cwd=tmp_path, check=False, timeout=600)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "sft: finished earlier with the same inputs, skipped" in result.stdout

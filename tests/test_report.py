@@ -251,10 +251,10 @@ def test_html_renders_in_headless_chromium_without_console_errors(full_report, t
     assert not console, "\n".join(console)
 
 
-def test_report_of_a_real_tiny_run(tiny_sft_run, tmp_path, posttrain_cli):
+def test_report_of_a_real_tiny_run(tiny_run, tmp_path, posttrain_cli):
     """A real tiny run made through the CLI, then `posttrain report` on (a copy of) its folder, as a user runs it."""
-    run = tmp_path / "tiny-sft"
-    shutil.copytree(tiny_sft_run, run)
+    run = tmp_path / "tiny-text"
+    shutil.copytree(tiny_run, run)
     (run / "report.md").unlink()
     posttrain_cli("report", run, cwd=tmp_path)
     md = (run / "report.md").read_text()
