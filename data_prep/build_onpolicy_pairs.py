@@ -122,9 +122,9 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
         texts, _, _ = generate(model, tokenizer, prompts, config.max_new_tokens, config.batch_size, images=images,
                                do_sample=True, temperature=config.temperature, top_p=config.top_p)
     if config.reference_chosen:  # each prompt's group: its reference reply first (it wins ties), then its samples
-        n, sampled = n + 1, iter(texts)
+        texts = [text for g, row in enumerate(rows) for text in (row.get("completion") or "", *texts[g * n:(g + 1) * n])]
+        n += 1
         expanded = [row for row in rows for _ in range(n)]
-        texts = [(row.get("completion") or "") if i % n == 0 else next(sampled) for i, row in enumerate(expanded)]
     columns = {key: [r.get(key) for r in expanded] for key in ("answer", "thinking", "domain")}
     score = combine_rewards(config.rewards)
     rewards = torch.tensor([float("nan") if v is None else v for v in score(texts, **columns)])
