@@ -9,6 +9,8 @@ import argparse
 import dataclasses
 import difflib
 import enum
+import functools
+import operator
 import types
 import typing
 from dataclasses import dataclass, field
@@ -185,7 +187,7 @@ def _type_ok(value, annotation) -> bool:
     if annotation is type(None):
         return value is None
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        return value in {m.value for m in annotation} or value in annotation.__members__
+        return value in [m.value for m in annotation] or (isinstance(value, str) and value in annotation.__members__)
     if annotation is bool:
         return isinstance(value, bool)
     if annotation is int:
@@ -217,3 +219,49 @@ def check_type(value, annotation, where: str):
         shown = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
         raise UserError(f"{where}: {value!r} ({type(value).__name__}) is not a valid {shown}")
     return value
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Field annotations as JSON, so a table of them can be kept on disk (`recipe.stage_fields`)
+# ----------------------------------------------------------------------------------------------------------------------
+_PLAIN = {kind.__name__: kind for kind in (bool, int, float, str, list, dict, tuple)}
+
+
+def annotation_to_json(annotation):
+    """`annotation` in a JSON form that keeps what `check_type` judges by: plain types, unions, literals and the
+    element type of lists. An enum becomes the literal of its values and member names (what `check_type` accepts for
+    it); any other class becomes Any, which `check_type` leaves to the config's own `__post_init__` as before."""
+    if annotation is type(None):
+        return "None"
+    if isinstance(annotation, type) and _PLAIN.get(annotation.__name__) is annotation:
+        return annotation.__name__
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return {"union": [annotation_to_json(arg) for arg in args]}
+    if origin is typing.Literal:
+        return {"literal": list(args)}
+    if origin in (list, tuple, dict):
+        return {origin.__name__: [annotation_to_json(arg) for arg in args]}
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return {"literal": [member.value for member in annotation] + list(annotation.__members__)}
+    return "Any"
+
+
+def annotation_from_json(spec):
+    """The annotation `annotation_to_json` wrote (`str | None` again, so error messages read the same)."""
+    if spec == "None":
+        return type(None)
+    if spec == "Any":
+        return Any
+    if isinstance(spec, str):
+        return _PLAIN[spec]
+    ((kind, args),) = spec.items()
+    if kind == "literal":
+        return Literal[tuple(args)]
+    parts = [annotation_from_json(arg) for arg in args]
+    if kind == "union":
+        try:
+            return functools.reduce(operator.or_, parts)
+        except TypeError:  # a part without `|`
+            return typing.Union[tuple(parts)]  # noqa: UP007 (built from parts, `|` is what failed)
+    return _PLAIN[kind][tuple(parts)] if parts else _PLAIN[kind]

@@ -20,6 +20,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -29,12 +30,15 @@ from .configs import (
     EvalArguments,
     GateArguments,
     StageArguments,
+    annotation_from_json,
+    annotation_to_json,
     check_type,
     field_types,
     suggest,
 )
 from .datajobs import check_data_section
 from .errors import UserError
+from .io import write_json
 from .promotion import check_gate_spec
 
 STAGES = ("sft", "dpo", "upo")
@@ -43,6 +47,32 @@ TOP_KEYS = {"name", "modality", "base", "data", "eval", "shared", "stages", "acc
 # Set by the pipeline for each stage; a recipe that sets them would silently be overridden, so it is an error.
 RESERVED = {"model_name_or_path", "output_dir", "adapter_path", "tokenizer_name_or_path", "resume_from_checkpoint",
             "eval_dataset", "trust_remote_code", *(f"eval_{f.name}" for f in dataclasses.fields(EvalArguments))}
+
+
+def stage_fields(stage: str, fresh: bool = False) -> tuple[dict[str, Any], bool]:
+    """(name -> annotation of every key `stage` takes, whether it came from the cache). Importing TRL's config classes
+    takes seconds (transformers, torch, peft) in a process that may need none of them (a typo, a finished run), so
+    the table is kept in the cache folder, one file per installed TRL / transformers / PEFT / accelerate and per
+    version of our own argument classes. `fresh` reads the classes themselves (and rewrites the file)."""
+    from importlib.metadata import version
+
+    from .models.load import cache_dir
+
+    ours = [Path(__file__).with_name("configs.py"), Path(__file__).parent / "trainers" / "upo_config.py"]
+    key = json.dumps([stage, *(version(p) for p in ("trl", "transformers", "peft", "accelerate")),
+                      *(hashlib.sha256(path.read_bytes()).hexdigest() for path in ours)])
+    path = cache_dir() / "stage-fields" / f"{stage}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if not fresh and path.is_file():
+        try:
+            return {name: annotation_from_json(spec) for name, spec in json.loads(path.read_text()).items()}, True
+        except (ValueError, KeyError, TypeError):
+            pass  # unreadable: made again below
+    fields = field_types(stage_dataclasses(stage))
+    try:
+        write_json(path, {name: annotation_to_json(kind) for name, kind in fields.items()}, default=None)
+    except (OSError, TypeError):
+        pass  # a read-only cache or a value JSON cannot hold: check from the classes every time
+    return fields, False
 
 
 def stage_dataclasses(stage: str) -> tuple[type, ...]:
@@ -170,19 +200,30 @@ def _check_stages(raw: dict, where: str) -> dict[str, dict]:
         args = args or {}
         if not isinstance(args, dict):
             raise UserError(f"{where}: stages.{stage}: expected a mapping of argument names to values")
-        fields = field_types(stage_dataclasses(stage))
-        for origin, mapping in (("shared", shared), (f"stages.{stage}", args)):
-            for key, value in list(mapping.items()):
-                if key == "gate":  # not a stage argument: the pipeline applies it (`_gates`)
-                    continue
-                if key in RESERVED:
-                    raise UserError(f"{where}: {origin}.{key}: set by the pipeline for each stage; remove it "
-                                    "(the base model goes under `base:`)")
-                if key not in fields:
-                    raise UserError(f"{where}: {origin}.{key}: unknown key for stage '{stage}'{suggest(key, fields)}")
-                mapping[key] = check_type(value, fields[key], f"{where}: {origin}.{key}")
+        fields, cached = stage_fields(stage)
+        try:
+            _check_keys(stage, {"shared": shared, f"stages.{stage}": args}, fields, where)
+        except UserError:
+            if not cached:
+                raise
+            # only the classes themselves reject a key: an out-of-date table must not refuse a valid one
+            _check_keys(stage, {"shared": shared, f"stages.{stage}": args}, stage_fields(stage, fresh=True)[0], where)
         merged[stage] = {k: v for k, v in {**shared, **args}.items() if k != "gate"}
     return merged
+
+
+def _check_keys(stage: str, mappings: dict[str, dict], fields: dict, where: str) -> None:
+    """Every key of `mappings` (where it came from -> keys and values) is a field of `stage` with a value of its type."""
+    for origin, mapping in mappings.items():
+        for key, value in list(mapping.items()):
+            if key == "gate":  # not a stage argument: the pipeline applies it (`_gates`)
+                continue
+            if key in RESERVED:
+                raise UserError(f"{where}: {origin}.{key}: set by the pipeline for each stage; remove it "
+                                "(the base model goes under `base:`)")
+            if key not in fields:
+                raise UserError(f"{where}: {origin}.{key}: unknown key for stage '{stage}'{suggest(key, fields)}")
+            mapping[key] = check_type(value, fields[key], f"{where}: {origin}.{key}")
 
 
 def _gates(raw: dict, stages: list[str], where: str) -> dict[str, GateArguments]:

@@ -51,6 +51,62 @@ def test_wrong_type_is_named(tmp_path):
         load_recipe(path)
 
 
+PROBES = [True, 0, 3, 2.5, "3e-4", "steps", "STEPS", "cosine", "x", None, [], [1], ["a"], ["underflow_overflow"],
+          {"a": 1}]
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo", "upo"])
+def test_the_cached_key_table_judges_values_like_the_classes(stage):
+    """The table kept on disk has every key of the stage's classes, and each annotation, written as JSON and read
+    back, accepts and refuses the same values as the real one (enums, literals, unions, lists, exotic classes)."""
+    from posttrain.configs import _type_ok, annotation_from_json, annotation_to_json, field_types
+    from posttrain.recipe import stage_dataclasses, stage_fields
+
+    real = field_types(stage_dataclasses(stage))
+    stage_fields(stage)  # writes the table when it is not there yet
+    cached, from_cache = stage_fields(stage)
+    assert from_cache and cached.keys() == real.keys()
+    for name, annotation in real.items():
+        again = annotation_from_json(annotation_to_json(annotation))
+        for value in PROBES:
+            assert _type_ok(value, cached[name]) is _type_ok(value, annotation) is _type_ok(value, again), (name, value)
+
+
+def test_a_recipe_is_checked_without_importing_trl(tmp_path):
+    """With the key tables in the cache folder, loading a recipe imports neither TRL nor torch (seconds each), and a
+    typo is still named."""
+    import os
+    import subprocess
+    import sys
+
+    check = ("import sys; from posttrain.recipe import load_recipe; load_recipe(sys.argv[1]); "
+             "print(sorted(m for m in ('trl', 'torch', 'transformers') if m in sys.modules))")
+    env = {**os.environ, "POSTTRAIN_CACHE": str(tmp_path / "cache")}
+    runs = [subprocess.run([sys.executable, "-c", check, str(ROOT / "recipes" / "text" / "smollm2-135m.yaml")],
+                           capture_output=True, text=True, env=env, check=True) for _ in range(2)]
+    assert "'trl'" in runs[0].stdout  # the first one builds the tables from the classes
+    assert runs[1].stdout.strip() == "[]"
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "stage-fields").iterdir()) == ["dpo", "sft", "upo"]
+
+
+def test_an_out_of_date_key_table_never_refuses_a_valid_key(tmp_path, monkeypatch):
+    """A table that lacks a key (written by another version, say) is not trusted to refuse it: the classes decide,
+    and the table is written again."""
+    import json
+
+    from posttrain.recipe import stage_fields
+
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
+    stage_fields("sft")
+    (table,) = (tmp_path / "cache" / "stage-fields").glob("sft-*.json")
+    stale = json.loads(table.read_text())
+    del stale["learning_rate"]
+    table.write_text(json.dumps(stale))
+    assert "learning_rate" not in stage_fields("sft")[0]
+    assert load_recipe(ROOT / "recipes" / "tiny" / "text.yaml").stages["sft"]["learning_rate"] > 0
+    assert "learning_rate" in json.loads(table.read_text())
+
+
 def test_unknown_stage_and_top_level_key(tmp_path):
     with pytest.raises(UserError, match="'ppo' is not a stage"):
         load_recipe(_write(tmp_path, TINY.replace("  sft:\n", "  ppo:\n")))
