@@ -2,7 +2,8 @@
 
 A 135M model can learn these in CPU minutes, and every answer is checked by the same reward functions that UPO
 optimises, so "did post-training help" is a number, not an impression. Domains: arithmetic, comparison, counting,
-string, units (the default), and spelling (training data only: the words of counting and string, spelled). Each
+string, units (the default); and, as training data only, spelling (the words of counting and string, spelled) and
+arithmetic_forms (doubling and halving, missing numbers, three numbers in a row: arithmetic worded another way). Each
 task has a prompt, a reference answer, and worked steps for the thinking rendering, and is phrased by one of many
 templates (`task_arithmetic`, `task_domains`: word problems, imperatives, other number ranges, two
 steps), so what transfers is the skill, not one sentence shape.
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from . import card as card_lib
 from .config import command_line, parse_config, run
 from .config import make_parser as _make_parser
-from .task_arithmetic import arithmetic, steps
+from .task_arithmetic import arithmetic, arithmetic_forms, steps
 from .task_domains import comparison, counting, spelling, string, units
 
 PROG = "posttrain data build_verifiable_tasks"
@@ -46,7 +47,8 @@ class VerifiableTasksConfig:
 # Each generator draws a structured task and phrases it (`task_arithmetic.Task`: question, answer, worked steps for
 # the <think> block, template id, operands the answer is computed from).
 GENERATORS = {"arithmetic": arithmetic, "comparison": comparison, "counting": counting, "string": string, "units": units,
-              "spelling": spelling}  # spelling: training data for counting and string, not a default domain
+              "spelling": spelling, "arithmetic_forms": arithmetic_forms}
+TRAINING_ONLY = {"spelling", "arithmetic_forms"}  # training data for the default domains, not held-out domains
 
 
 def is_test_question(question: str, test_every: int) -> bool:
@@ -98,7 +100,7 @@ def brief(task: dict) -> str:
     result, and the answer is still the reply's last number. String answers are checked as the whole reply, so they
     stay bare.
     """
-    if task["domain"] == "arithmetic":
+    if task["domain"] in ("arithmetic", "arithmetic_forms"):
         return ", ".join(steps(task["operands"], top=False))
     if task["domain"] in ("units", "comparison", "counting"):
         return task["steps"].replace("\n", ". ")

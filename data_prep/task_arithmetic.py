@@ -191,3 +191,78 @@ def arithmetic(rng) -> Task:
     """About 45% bare expressions and imperatives, 40% one-step word problems, 15% two-step problems."""
     kind = rng.choices(["bare", "word", "two_step"], weights=[45, 40, 15])[0]
     return two_step(rng) if kind == "two_step" else one_step(rng, word=kind == "word")
+
+
+# Arithmetic said another way: a multiplier or fraction named by a word ("double", "a third of"), a missing number
+# to find (the inverse operation), and three numbers in a row. A 135M model trained on the forms above answered
+# "What number times 6 equals 54?" with "54 * 6 = 324" and "If you triple 13" with "13 * 10": it maps each question
+# onto the operations it has seen written out, so the wording of the operation has to be seen too. Structures are
+# the ones `evaluate` and `steps` already read, so the worked steps are written the same way.
+SCALED = {  # (template, multiplier or divisor): the question names b; the structure is b * k or b / k
+    "*": [("What is twice {b}?", 2), ("Double {b}.", 2), ("What is {b} doubled?", 2),
+          ("What do you get when you double {b}?", 2), ("Triple {b}.", 3), ("What is {b} tripled?", 3),
+          ("What is three times {b}?", 3), ("What is four times {b}?", 4), ("Square {b}.", 0),
+          ("What is the square of {b}?", 0), ("What is {b} times itself?", 0),
+          ("{n1} had {b} {obj} and now has twice as many. How many {obj} does {p} have now?", 2),
+          ("{n1} has {b} {obj}. {n2} has three times that many. How many {obj} does {n2} have?", 3)],
+    "/": [("Halve {b}.", 2), ("What is one half of {b}?", 2), ("Find half of {b}.", 2), ("What is a third of {b}?", 3),
+          ("What is one quarter of {b}?", 4), ("Split {b} into 4 equal parts. How big is each part?", 4),
+          ("{n1} has {b} {obj} and gives half of them away. How many {obj} does {p} keep?", 2),
+          ("A third of the {b} {obj} in a box are red. How many red {obj} are there?", 3)],
+}
+MISSING = {  # the question gives b and the result c of "x op b"; the structure is the inverse: c - b, c + b, c / b
+    "+": ["What number added to {b} gives {c}?", "{b} plus what number makes {c}?", "Find x: x + {b} = {c}.",
+          "Solve for n: n + {b} = {c}.", "I add {b} to a number and get {c}. What is the number?",
+          "{n1} had some {obj} and got {b} more. Now {p} has {c}. How many did {p} have at first?"],
+    "-": ["What number minus {b} leaves {c}?", "Find x: x - {b} = {c}.", "Solve for n: n - {b} = {c}.",
+          "{n1} spent ${b} and has ${c} left. How many dollars did {p} have at first?",
+          "{n1} gave away {b} {obj} and has {c} left. How many {obj} did {p} start with?"],
+    "*": ["What number multiplied by {b} gives {c}?", "{b} times what number is {c}?", "Find x: {b} * x = {c}.",
+          "Solve for n: n * {b} = {c}.",
+          "{n1} bought {b} equal {boxes} with {c} {obj} in all. How many {obj} were in each?"],
+}
+THREE = {  # three numbers, left to right: (a op b) op2 c
+    "+": ["What is {a} + {b} + {c}?", "Add {a}, {b} and {c}.", "Find the total of {a}, {b} and {c}.",
+          "Compute {a} + {b} + {c}.", "{n1} read {a} pages on Monday, {b} on Tuesday and {c} on Wednesday. How many "
+          "pages did {p} read?", "A shop sold {a} {obj} in the morning, {b} at noon and {c} in the evening. How many "
+          "{obj} did it sell?"],
+    "-": ["What is {a} - {b} - {c}?", "Start at {a}, subtract {b}, then subtract {c}. What is left?",
+          "{n1} had {a} {obj}, gave {b} to {n2} and {c} to a friend. How many {obj} does {p} have left?"],
+}
+
+
+def arithmetic_forms(rng) -> Task:
+    """Training data (not a held-out domain): scaled (40%), missing-number (35%) and three-number (25%) arithmetic."""
+    kind = rng.choices(["scaled", "missing", "three"], weights=[40, 35, 25])[0]
+    fields = _context(rng)
+    if kind == "scaled":
+        op = rng.choices("*/", weights=[3, 2])[0]
+        index = rng.randrange(len(SCALED[op]))
+        template, k = SCALED[op][index]
+        if op == "*":
+            b = rng.randint(2, 12) if k == 0 else rng.randint(2, 50 if k == 2 else 30)
+            expr = (b, "*", b if k == 0 else k)
+        else:
+            expr = (k * rng.randint(2, 50 if k == 2 else 20), "/", k)
+            b = expr[0]
+        return _task(template.format(**fields, b=b), expr, f"arithmetic_forms:scaled:{op}:{index}")
+    if kind == "missing":
+        op = rng.choices("+-*", weights=[2, 1, 2])[0]
+        index = rng.randrange(len(MISSING[op]))
+        if op == "*":
+            b, x = rng.randint(2, 10), rng.randint(2, 12)
+            c, expr = b * x, (b * x, "/", b)
+        elif op == "+":  # x + b = c
+            x, b = _addends(rng, word="{n1}" in MISSING[op][index])
+            c, expr = x + b, (x + b, "-", b)
+        else:  # x - b = c, x >= b
+            x, b = sorted(_addends(rng, word="{n1}" in MISSING[op][index]), reverse=True)
+            c, expr = x - b, (x - b, "+", b)
+        return _task(MISSING[op][index].format(**fields, b=b, c=c), expr, f"arithmetic_forms:missing:{op}:{index}")
+    op = rng.choice("+-")
+    index = rng.randrange(len(THREE[op]))
+    a, b, c = (rng.randint(2, 30) for _ in range(3))
+    if op == "-":
+        a = b + c + rng.randint(0, 40)  # nothing goes below zero
+    expr = ((a, op, b), op, c)
+    return _task(THREE[op][index].format(**fields, a=a, b=b, c=c), expr, f"arithmetic_forms:three:{op}:{index}")

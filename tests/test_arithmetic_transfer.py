@@ -12,8 +12,10 @@ from posttrain.rewards import REWARDS
 def templates() -> list[str]:
     tables = [task_arithmetic.BARE, task_arithmetic.WORD, task_domains.COMPARE_TWO, task_domains.COMPARE_LIST,
               task_domains.COUNTING, task_domains.STRING, task_domains.UNIT_TEMPLATES]
+    tables += [task_arithmetic.MISSING, task_arithmetic.THREE]
     found = [t for table in tables for group in table.values() for t in group]
-    return found + [template for template, _ in task_arithmetic.TWO_STEP]
+    scaled = [template for group in task_arithmetic.SCALED.values() for template, _ in group]
+    return found + scaled + [template for template, _ in task_arithmetic.TWO_STEP]
 
 
 def as_pattern(template: str) -> re.Pattern:

@@ -8,6 +8,7 @@ import pytest
 
 from data_prep.build_verifiable_tasks import (
     GENERATORS,
+    TRAINING_ONLY,
     VerifiableTasksConfig,
     generate,
     is_test_question,
@@ -117,7 +118,8 @@ def test_worked_steps_are_correct_and_short(many):
 
 def test_phrasings_are_diverse(many):
     minimum = {"arithmetic": 60, "comparison": 12, "counting": 12, "string": 15, "units": 8}
-    assert set(minimum) == set(GENERATORS) - {"spelling"}, "every default domain has its minimum"
+    assert set(minimum) == set(GENERATORS) - TRAINING_ONLY == set(VerifiableTasksConfig().domains), \
+        "every default domain has its minimum"
     templates = {d: {r["template"] for r in many["train"] if r["domain"] == d} for d in minimum}
     assert {d: len(t) >= minimum[d] for d, t in templates.items()} == {d: True for d in minimum}
     arithmetic = [r for r in many["train"] if r["domain"] == "arithmetic"]
@@ -165,3 +167,31 @@ def test_spelling_rows_spell_the_words_of_counting_and_string():
     assert all(reply(r) == f"<think>\n{r['answer']}\n</think>\n\n{r['answer']}" for r in rows["train"] if r["thinking"])
     assert len({r["operands"][1] for r in rows["train"]}) > 0.8 * len(WORDS)
     assert not {r["question"] for r in rows["train"]} & {r["question"] for r in rows["test"]}
+
+
+def test_arithmetic_forms_word_the_operation_another_way():
+    """The training-only arithmetic_forms domain: doubling/halving/squares, missing numbers and three numbers, each
+    answer recomputed from its structure, the worked steps true, the non-thinking reply one line ending in the answer,
+    and the structure the inverse of what the question states ("n + 5 = 18" is 18 - 5)."""
+    rows = generate(VerifiableTasksConfig(n_train=600, n_test=30, domains=["arithmetic_forms"], seed=4))
+    train = rows["train"]
+    assert all(r["answer"] == str(evaluate(r["operands"])) for r in train + rows["test"])
+    kinds = Counter(r["template"].split(":")[1] for r in train)
+    assert min(kinds["scaled"], kinds["missing"], kinds["three"]) > 100, kinds
+    assert len({r["template"] for r in train}) >= 40
+    for row in train:
+        for left, op, right, result in EQUATION.findall(row["steps"]):
+            assert evaluate((int(left), op, int(right))) == int(result), row
+        assert estimated_tokens(reply(row)) <= 38, reply(row)
+        plain = reply({**row, "thinking": False})
+        assert "\n" not in plain and plain.endswith(f"= {row['answer']}"), plain
+    for row in train:
+        kind, op = row["template"].split(":")[1:3]
+        numbers = [int(n) for n in re.findall(r"\d+", row["question"])]
+        if kind == "missing":  # the question's result is what the structure starts from
+            assert row["operands"][0] == numbers[-1] and row["operands"][2] in numbers, row
+            assert row["operands"][1] == {"+": "-", "-": "+", "*": "/"}[op], row
+        if kind == "three":
+            assert numbers == [row["operands"][0][0], row["operands"][0][2], row["operands"][2]], row
+            assert int(row["answer"]) >= 0
+    assert not {r["question"] for r in train} & {r["question"] for r in rows["test"]}
