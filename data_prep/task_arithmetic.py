@@ -243,22 +243,24 @@ def arithmetic_forms(rng) -> Task:
             b = rng.randint(2, 12) if k == 0 else rng.randint(2, 50 if k == 2 else 30)
             expr = (b, "*", b if k == 0 else k)
         else:
-            expr = (k * rng.randint(2, 50 if k == 2 else 20), "/", k)
-            b = expr[0]
+            b = k * rng.randint(2, 50 if k == 2 else 20)
+            expr = (b, "/", k)
         return _task(template.format(**fields, b=b), expr, f"arithmetic_forms:scaled:{op}:{index}")
     if kind == "missing":
         op = rng.choices("+-*", weights=[2, 1, 2])[0]
         index = rng.randrange(len(MISSING[op]))
+        template = MISSING[op][index]
         if op == "*":
             b, x = rng.randint(2, 10), rng.randint(2, 12)
             c, expr = b * x, (b * x, "/", b)
-        elif op == "+":  # x + b = c
-            x, b = _addends(rng, word="{n1}" in MISSING[op][index])
-            c, expr = x + b, (x + b, "-", b)
-        else:  # x - b = c, x >= b
-            x, b = sorted(_addends(rng, word="{n1}" in MISSING[op][index]), reverse=True)
-            c, expr = x - b, (x - b, "+", b)
-        return _task(MISSING[op][index].format(**fields, b=b, c=c), expr, f"arithmetic_forms:missing:{op}:{index}")
+        else:
+            x, b = _addends(rng, word="{n1}" in template)
+            if op == "+":  # x + b = c
+                c, expr = x + b, (x + b, "-", b)
+            else:  # x - b = c, x >= b
+                x, b = max(x, b), min(x, b)
+                c, expr = x - b, (x - b, "+", b)
+        return _task(template.format(**fields, b=b, c=c), expr, f"arithmetic_forms:missing:{op}:{index}")
     op = rng.choice("+-")
     index = rng.randrange(len(THREE[op]))
     a, b, c = (rng.randint(2, 30) for _ in range(3))
