@@ -102,6 +102,11 @@ class StageArguments:
         default=None, metadata={"help": "A new LoRA adapter on the last N decoder layers only: the backward pass stops "
                                         "below them. Unset: every layer. Later stages keep the adapter's layers."}
     )
+    loraplus_lr_ratio: float | None = field(
+        default=None, metadata={"help": "LoRA+ (PEFT's `create_loraplus_optimizer`): the LoRA B matrices learn this "
+                                        "many times faster than `learning_rate`, which the A matrices keep. Unset: "
+                                        "one learning rate for all, as in plain LoRA."}
+    )
     # Filled in by the pipeline (a recipe may not set them: `recipe.RESERVED`):
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer folder (set by pipeline)."})
     adapter_path: str | None = field(default=None, metadata={"help": "Previous stage's adapter (set by pipeline)."})

@@ -236,3 +236,38 @@ def test_the_recipe_attention_implementation_is_the_one_loaded(tiny_model_path, 
     model_args.attn_implementation = "eager"
     eager = common.load_policy(stage_args, training, model_args)[0]
     assert eager.config._attn_implementation == "eager" != default.config._attn_implementation
+
+
+def test_loraplus_trains_b_at_its_ratio(tiny_model_path, task_data, sft_configs, tmp_path):
+    """`loraplus_lr_ratio: 8`: the optimizer's LoRA B groups run at 8 times the learning rate and A's at it, on the
+    optimizer class `optim` names; the same first step moves B further than plain LoRA's does; a ratio below 1 and a
+    stage without LoRA are refused by name."""
+    path = tiny_model_path("llama")
+
+    def first_step_b(ratio, out):
+        stage_args, training, model_args = sft_configs(path, task_data, out, max_steps=1, lr_scheduler_type="constant")
+        stage_args.loraplus_lr_ratio = ratio
+        trainer = sft.main(stage_args, training, model_args)
+        return trainer, {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+
+    trainer, b_plus = first_step_b(8.0, tmp_path / "plus")
+    groups = trainer.optimizer.param_groups
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    lr = trainer.args.learning_rate
+    b_groups = [g for g in groups if any("lora_B" in names[id(p)] for p in g["params"])]
+    a_groups = [g for g in groups if any("lora_A" in names[id(p)] for p in g["params"])]
+    assert b_groups and a_groups
+    assert all(g["lr"] == pytest.approx(8 * lr) for g in b_groups)
+    assert all(g["lr"] == pytest.approx(lr) for g in a_groups)
+    assert not any("lora_A" in names[id(p)] for g in b_groups for p in g["params"])
+    assert type(trainer.optimizer.optimizer).__name__.lower().startswith("adamw")
+
+    _, b_plain = first_step_b(None, tmp_path / "plain")
+    # from zero, one Adam step moves each B entry by about its learning rate: 8 times further under LoRA+
+    ratio = sum(p.abs().mean() for p in b_plus.values()) / sum(p.abs().mean() for p in b_plain.values())
+    assert 6 < ratio < 10
+
+    stage_args, training, model_args = sft_configs(path, task_data, tmp_path / "bad")
+    stage_args.loraplus_lr_ratio = 0.5
+    with pytest.raises(UserError, match="loraplus_lr_ratio must be at least 1"):
+        sft.main(stage_args, training, model_args)

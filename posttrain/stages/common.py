@@ -258,11 +258,37 @@ def whole_stage_loss(trainer, train_result) -> float:
     return (total + train_result.training_loss * resumed) / max(last + resumed, 1)
 
 
-def train(trainer, training_args):
+def train(trainer, training_args, stage_args):
     """`trainer.train()`, resuming where `resume_from_checkpoint` says, with TRL's fused LM head scoring only the
-    labelled positions on CPU too (`labelled_positions_only`)."""
+    labelled positions on CPU too (`labelled_positions_only`), and LoRA+ when the stage asks for it."""
+    if stage_args.loraplus_lr_ratio:
+        lora_plus(trainer, stage_args.loraplus_lr_ratio)
     with labelled_positions_only():
         return trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+
+def lora_plus(trainer, ratio: float) -> None:
+    """Have the trainer build its optimizer with PEFT's `create_loraplus_optimizer`: the LoRA B matrices at `ratio`
+    times the learning rate, everything else at it. transformers (5.23) has no LoRA+ option of its own, but it calls
+    an optimizer "factory" in `optimizer_cls_and_kwargs` with the model it is about to train (the wrapped one under
+    FSDP), so the groups are made from the right parameters at the right time; the optimizer class and its arguments
+    stay the ones `optim` names, and the scheduler scales every group alike."""
+    from peft import PeftModel
+    from peft.optimizers import create_loraplus_optimizer
+
+    if not isinstance(trainer.model, PeftModel):
+        raise UserError("loraplus_lr_ratio needs a LoRA adapter (use_peft: true)")
+    if ratio < 1:
+        raise UserError(f"loraplus_lr_ratio must be at least 1 (the B matrices' learning rate over A's), got {ratio}")
+    optimizer_cls, kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+    weight_decay = trainer.args.weight_decay
+
+    class LoraPlus:
+        def __call__(self, model, **kwargs):
+            return create_loraplus_optimizer(model, optimizer_cls, loraplus_lr_ratio=ratio,
+                                             loraplus_weight_decay=weight_decay, **kwargs)
+
+    trainer.optimizer_cls_and_kwargs = (LoraPlus, kwargs)
 
 
 @contextlib.contextmanager

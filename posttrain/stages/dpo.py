@@ -73,7 +73,7 @@ def main(stage_args: StageArguments, training_args, model_args):
     if heldout is not None and trainer.accelerator.is_main_process:
         before = preference_eval(trainer.model, tokenizer, vision.as_rows(heldout))
         trainer.accelerator.print(f"[dpo] held-out preference accuracy before: {before['accuracy']:.1%}")
-    result = common.train(trainer, training_args)
+    result = common.train(trainer, training_args, stage_args)
     after = preference_eval(trainer.model, tokenizer, vision.as_rows(heldout)) if before is not None else None
     if after:
         trainer.accelerator.print(f"[dpo] held-out preference accuracy after: {after['accuracy']:.1%}")

@@ -62,7 +62,7 @@ def main(stage_args: StageArguments, training_args, model_args):
     if trainer.padding_free:
         preflight["attention"] = attend_by_row(trainer.model, model_args, trainer.accelerator.device)
     trainer.accelerator.print(f"[sft] pre-flight ok: {preflight}")
-    result = common.train(trainer, training_args)
+    result = common.train(trainer, training_args, stage_args)
     common.finish(trainer, "sft", stage_args, tokenizer, result, started, extra={"preflight": preflight})
     return trainer
 

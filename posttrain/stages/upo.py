@@ -71,7 +71,7 @@ def main(stage_args: StageArguments, training_args, model_args, curriculum_args:
                          peft_config=peft_config, offline_dataset=offline)
     common.guard_checkpoints(trainer)
     frozen = common.freeze_vision(trainer, stage_args, model_args)
-    result = common.train(trainer, training_args)
+    result = common.train(trainer, training_args, stage_args)
     extra = {"upo": {"lambda": training_args.upo_lambda, "mode": training_args.upo_mode,
                      "rewards": training_args.rewards, "phases": curriculum_args.phases},
              "preflight": {**preflight, **frozen}}
