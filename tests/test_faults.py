@@ -147,11 +147,10 @@ def test_killed_at_checkpoint_then_resumed_is_bit_identical(stage, configs, refe
 
 def test_loraplus_killed_then_resumed_is_bit_identical(configs, tmp_path):
     """LoRA+ keeps its optimizer groups across a resume: the B matrices' faster learning rate and Adam state come back
-    from the checkpoint, so the resumed run ends on the uninterrupted one's adapter, bit for bit."""
+    from the checkpoint, so the resumed run ends on the uninterrupted one's adapter, bit for bit. (That LoRA+ trains
+    otherwise than plain LoRA is `test_sft_stage.test_loraplus_trains_b_at_its_ratio`.)"""
     args = {**configs["sft"], "loraplus_lr_ratio": 8.0}
     want = train("sft", args, tmp_path / "ref")
-    plain = train("sft", configs["sft"], tmp_path / "plain")
-    assert any(not torch.equal(want[key], plain[key]) for key in want), "LoRA+ must train differently from plain LoRA"
     out = tmp_path / "out"
     assert killed_run("sft", args, out) == -9
     assert_same_adapter(train("sft", args, out, resume=out / "checkpoint-2"), want)
