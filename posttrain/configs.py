@@ -122,6 +122,12 @@ class StageArguments:
                                         metadata={"help": "See EvalArguments.loss_limit."})
     eval_dtype: Precision = field(default=EvalArguments.dtype, metadata={"help": "See EvalArguments.dtype."})
 
+    def __post_init__(self):
+        # checked when the stage parses its arguments, before any model is loaded
+        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio < 1:
+            raise UserError(f"loraplus_lr_ratio must be at least 1 (the B matrices' learning rate over A's), "
+                            f"got {self.loraplus_lr_ratio}")
+
     def eval_settings(self) -> EvalArguments:
         """The held-out evaluation this stage runs after training (its `dataset` is None when there is none)."""
         return EvalArguments(**{f.name: getattr(self, f"eval_{f.name}") for f in dataclasses.fields(EvalArguments)})

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from posttrain import gates
+from posttrain.configs import StageArguments
 from posttrain.errors import UserError
 from posttrain.models import load_model, load_tokenizer
 from posttrain.stages import sft
@@ -267,7 +268,9 @@ def test_loraplus_trains_b_at_its_ratio(tiny_model_path, task_data, sft_configs,
     ratio = sum(p.abs().mean() for p in b_plus.values()) / sum(p.abs().mean() for p in b_plain.values())
     assert 6 < ratio < 10
 
-    stage_args, training, model_args = sft_configs(path, task_data, tmp_path / "bad")
-    stage_args.loraplus_lr_ratio = 0.5
-    with pytest.raises(UserError, match="loraplus_lr_ratio must be at least 1"):
+    with pytest.raises(UserError, match="loraplus_lr_ratio must be at least 1"):  # when the stage parses it
+        StageArguments(dataset_name=str(task_data), loraplus_lr_ratio=0.5)
+    stage_args, training, model_args = sft_configs(path, task_data, tmp_path / "full")
+    stage_args.loraplus_lr_ratio, model_args.use_peft = 8.0, False
+    with pytest.raises(UserError, match="loraplus_lr_ratio needs a LoRA adapter"):
         sft.main(stage_args, training, model_args)

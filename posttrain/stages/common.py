@@ -261,7 +261,7 @@ def whole_stage_loss(trainer, train_result) -> float:
 def train(trainer, training_args, stage_args):
     """`trainer.train()`, resuming where `resume_from_checkpoint` says, with TRL's fused LM head scoring only the
     labelled positions on CPU too (`labelled_positions_only`), and LoRA+ when the stage asks for it."""
-    if stage_args.loraplus_lr_ratio:
+    if stage_args.loraplus_lr_ratio is not None:
         lora_plus(trainer, stage_args.loraplus_lr_ratio)
     with labelled_positions_only():
         return trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -278,17 +278,15 @@ def lora_plus(trainer, ratio: float) -> None:
 
     if not isinstance(trainer.model, PeftModel):
         raise UserError("loraplus_lr_ratio needs a LoRA adapter (use_peft: true)")
-    if ratio < 1:
-        raise UserError(f"loraplus_lr_ratio must be at least 1 (the B matrices' learning rate over A's), got {ratio}")
-    optimizer_cls, kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+    optimizer_cls, optimizer_kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
     weight_decay = trainer.args.weight_decay
 
     class LoraPlus:
-        def __call__(self, model, **kwargs):
+        def __call__(self, model, **kwargs):  # kwargs: optimizer_kwargs, as the Trainer hands them back
             return create_loraplus_optimizer(model, optimizer_cls, loraplus_lr_ratio=ratio,
                                              loraplus_weight_decay=weight_decay, **kwargs)
 
-    trainer.optimizer_cls_and_kwargs = (LoraPlus, kwargs)
+    trainer.optimizer_cls_and_kwargs = (LoraPlus, optimizer_kwargs)
 
 
 @contextlib.contextmanager
