@@ -119,3 +119,23 @@ def test_bench_one_step_on_a_tiny_model(tmp_path, posttrain_cli):
     assert {run["tokens"] for run in result["runs"] if run["row"] == "sft"} != {0}
     markdown = out.with_suffix(".md").read_text()
     assert "| sft | trl |" in markdown and "| upo | defaults |" in markdown
+
+
+def test_stage_configs_do_not_warn_about_names_the_user_did_not_choose(tmp_path):
+    """TRL's configs default the deprecated `gradient_checkpointing`: posttrain silences that FutureWarning (and
+    PEFT's `is_gradient_checkpointing` one) and no other."""
+    import warnings
+
+    from trl import SFTConfig
+
+    from posttrain import quiet_known_warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False)
+        assert any("`gradient_checkpointing` is deprecated" in str(w.message) for w in caught)  # what it silences
+        caught.clear()
+        quiet_known_warnings()
+        SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False)
+        warnings.warn("another deprecation", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == ["another deprecation"]
