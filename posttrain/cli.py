@@ -16,12 +16,11 @@ traceback means a bug in posttrain.
 """
 
 import argparse
-import dataclasses
 import sys
 
 from rich.markup import escape
 
-from .configs import EvalArguments, add_dataclass_arguments
+from .configs import EvalArguments, add_dataclass_arguments, given_fields
 from .console import console
 from .errors import UserError
 
@@ -84,11 +83,12 @@ def cmd_eval(args) -> int:
     from .evaluate import run_saved
     from .runs import eval_target
 
-    settings = EvalArguments(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalArguments)})
+    given = given_fields(args, EvalArguments)
     if args.run:
-        ref, settings = eval_target(args.run, args.stage, settings)
+        ref, settings = eval_target(args.run, args.stage, given)
         model, tokenizer, adapter = ref.base_model, ref.tokenizer, args.adapter or ref.adapter
-    elif args.model and args.dataset:
+    elif args.model and given.get("dataset"):
+        settings = EvalArguments(**given)
         model, tokenizer, adapter = args.model, None, args.adapter
     else:
         raise UserError("give a run folder (posttrain eval outputs/<run>) or --model and --dataset")
@@ -178,11 +178,12 @@ def make_parser() -> argparse.ArgumentParser:
     ablate.set_defaults(func=cmd_ablate)
 
     ev = sub.add_parser("eval", help="held-out evaluation of a run's stage or of any model")
-    ev.add_argument("run", nargs="?", help="run folder, e.g. outputs/smollm2-135m")
+    ev.add_argument("run", nargs="?", help="run folder, e.g. outputs/smollm2-135m: evaluated as the run did (its "
+                    "recipe's eval: settings) except where a flag below says otherwise")
     ev.add_argument("--stage", help="stage of the run (default: the last finished one; 'base' for the base model)")
     ev.add_argument("--model", help="model folder or Hub id (instead of a run)")
     ev.add_argument("--adapter", help="LoRA adapter folder to apply on --model")
-    add_dataclass_arguments(ev, EvalArguments)
+    add_dataclass_arguments(ev, EvalArguments, unset=True)  # for a run, a flag not given is the run's own setting
     ev.add_argument("--out", help="write the metrics JSON to this file")
     ev.set_defaults(func=cmd_eval)
 

@@ -149,17 +149,24 @@ class CurriculumArguments:
     )
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, unset: bool = False) -> None:
     """One `--field-name` flag per field of `cls` (scalar fields only), with the field's default and help, so a command
-    line is a thin parser over the dataclass and the defaults are written once, on the field."""
+    line is a thin parser over the dataclass and the defaults are written once, on the field. With `unset`, a flag
+    not given leaves no attribute at all (`given_fields` then tells what the command line named)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
         if isinstance(kind, types.UnionType):  # `int | None` -> int
             kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
         choices = literal_choices(kind)
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=f.default, choices=choices,
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name,
+                            default=argparse.SUPPRESS if unset else f.default, choices=choices,
                             type=type(choices[0]) if choices else kind, help=f.metadata.get("help"))
+
+
+def given_fields(args: argparse.Namespace, cls: type) -> dict:
+    """The fields of `cls` that a command line parsed with `add_dataclass_arguments(..., unset=True)` named."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -60,16 +60,20 @@ def stage_ref(run: str | Path, stage: str | None = None) -> StageRef:
     return StageRef(run, stage, resolved["model_name_or_path"], str(run / stage), str(run / stage), resolved)
 
 
-def eval_target(run: str | Path, stage: str | None, settings: EvalArguments) -> tuple[StageRef, EvalArguments]:
-    """A run's stage, and `settings` with the run's own held-out dataset and split unless `settings` names a dataset."""
+def eval_target(run: str | Path, stage: str | None, given: dict) -> tuple[StageRef, EvalArguments]:
+    """A run's stage and the settings the run evaluated it with (its recipe's `eval:`: prompts, token budget, batch,
+    precision), under the ones `given` on the command line: re-evaluating a stage gives the accuracy the run printed
+    (a batch of another size can change a few greedy answers in bf16). With another dataset `given`, the run's split
+    and row limit are left behind with its own dataset."""
     ref = stage_ref(run, stage)
-    if settings.dataset:
-        return ref, settings
     stage_args = ref.resolved or _any_resolved(ref.run)
-    if not stage_args.get("eval_dataset"):
+    recorded = {f.name: stage_args[f"eval_{f.name}"] for f in dataclasses.fields(EvalArguments)
+                if stage_args.get(f"eval_{f.name}") is not None}
+    if given.get("dataset"):
+        recorded = {k: v for k, v in recorded.items() if k not in ("dataset", "split", "limit")}
+    elif not recorded.get("dataset"):
         raise UserError(f"{ref.run}: the recipe has no eval dataset; pass --dataset")
-    return ref, dataclasses.replace(settings, dataset=stage_args["eval_dataset"],
-                                    split=stage_args.get("eval_split", settings.split))
+    return ref, EvalArguments(**{**recorded, **given})
 
 
 def _any_resolved(run: Path) -> dict:

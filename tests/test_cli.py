@@ -56,3 +56,22 @@ def test_overrides_after_flags(tmp_path, capsys):
     assert "upo_lambda: 0.25" in printed and "max_steps: 7" in printed, printed
     result = cli("run", recipe, "--dry-run", "--bogus-flag", check=False)
     assert result.returncode == 2 and "unrecognized arguments: --bogus-flag" in result.stderr
+
+
+def test_eval_of_a_run_stage_reproduces_the_runs_own_evaluation(tiny_run, tmp_path):
+    """`posttrain eval RUN --stage S` evaluates as the run did (its recipe's eval: budget, batch, samples), so it gives
+    the verdicts the run recorded; a flag given on the command line wins over the run's setting."""
+    import json
+
+    from posttrain import cli as posttrain_cli
+
+    recorded = json.loads((tiny_run / "sft" / "metrics.json").read_text())["eval"]
+    assert posttrain_cli.main(["eval", str(tiny_run), "--stage", "sft", "--out", str(tmp_path / "same.json")]) == 0
+    again = json.loads((tmp_path / "same.json").read_text())
+    assert again["verdicts"] == recorded["verdicts"] and again["prompts_sha"] == recorded["prompts_sha"]
+    assert len(again["samples"]) == len(recorded["samples"]) == 4  # the tiny recipe's eval.samples, not the flag's 8
+    assert again["mean_completion_tokens"] == pytest.approx(recorded["mean_completion_tokens"])
+    assert posttrain_cli.main(["eval", str(tiny_run), "--stage", "sft", "--max-new-tokens", "2", "--samples", "1",
+                               "--out", str(tmp_path / "short.json")]) == 0
+    short = json.loads((tmp_path / "short.json").read_text())
+    assert short["mean_completion_tokens"] <= 2 < recorded["mean_completion_tokens"] and len(short["samples"]) == 1
