@@ -137,6 +137,12 @@ class StageArguments:
         """The flat `eval_*` keys of `settings`, as the pipeline passes them to a stage."""
         return {f"eval_{key}": value for key, value in dataclasses.asdict(settings).items()}
 
+    @staticmethod
+    def to_eval(stage_args: dict) -> dict:
+        """The inverse of `from_eval` on a stage's resolved arguments: the `EvalArguments` fields they set."""
+        return {f.name: stage_args[f"eval_{f.name}"] for f in dataclasses.fields(EvalArguments)
+                if stage_args.get(f"eval_{f.name}") is not None}
+
 
 @dataclass
 class CurriculumArguments:

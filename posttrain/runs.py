@@ -3,14 +3,13 @@
 Shared by `posttrain eval`, `export` and `chat`, which all start from `outputs/<run> [--stage S]`.
 """
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from .configs import EvalArguments
+from .configs import EvalArguments, StageArguments
 from .errors import UserError
 from .io import read_json
 
@@ -67,8 +66,7 @@ def eval_target(run: str | Path, stage: str | None, given: dict) -> tuple[StageR
     and row limit are left behind with its own dataset."""
     ref = stage_ref(run, stage)
     stage_args = ref.resolved or _any_resolved(ref.run)
-    recorded = {f.name: stage_args[f"eval_{f.name}"] for f in dataclasses.fields(EvalArguments)
-                if stage_args.get(f"eval_{f.name}") is not None}
+    recorded = StageArguments.to_eval(stage_args)
     if given.get("dataset"):
         recorded = {k: v for k, v in recorded.items() if k not in ("dataset", "split", "limit")}
     elif not recorded.get("dataset"):
