@@ -6,6 +6,7 @@ which lists them, checks a recipe's `data:` section against their options, and r
 `python -m data_prep.<job>` all go through the same code.
 """
 
+import functools
 import json
 import subprocess
 import sys
@@ -37,8 +38,15 @@ def list_jobs() -> dict[str, list[str]]:
 def check_data_section(data: dict, where: str, stages: list[str]) -> dict:
     """The recipe's `data:` section, checked by the jobs' own option lists (UserError on the first mistake)."""
     if data:
-        _ask("check", stdin=json.dumps({"data": data, "where": where, "stages": stages}, default=str))
+        _check(json.dumps({"data": data, "where": where, "stages": stages}, default=str))
     return data
+
+
+@functools.lru_cache(maxsize=64)
+def _check(section: str) -> None:
+    """One child process per distinct section: a section that passed passes again (a failure raises, so is not
+    cached). `posttrain ablate` loads the recipe once per variant, the tests hundreds of times."""
+    _ask("check", stdin=section)
 
 
 def run_command(job: str, argv: list[str]) -> int:
