@@ -136,6 +136,26 @@ def test_data_job_arguments_validated(tmp_path):
         load_recipe(_write(tmp_path, TINY.replace("job: build_verifiable_tasks", "job: build_nothing")))
 
 
+
+def test_a_data_section_is_checked_once_per_process_and_a_mistake_every_time(tmp_path, monkeypatch):
+    """The check runs in a child process (data_prep is not imported here): a section that passed is not checked again,
+    while a wrong one is refused on every load."""
+    from posttrain import datajobs
+
+    asked = []
+    real_ask = datajobs._ask
+    monkeypatch.setattr(datajobs, "_ask", lambda *args, **kwargs: asked.append(args) or real_ask(*args, **kwargs))
+    datajobs._check.cache_clear()
+    good = _write(tmp_path, TINY)
+    assert load_recipe(good).data == load_recipe(good).data
+    assert asked == [("check",)]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY.replace("n_train:", "n_trian:"))
+    for _ in range(2):
+        with pytest.raises(UserError, match="n_trian: unknown argument"):
+            load_recipe(bad)
+    assert asked == [("check",)] * 3
+
 def test_overrides(tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "tiny" / "text.yaml",
                          ["stages.sft.learning_rate=1e-4", "shared.lora_r=4", "name=other"])
