@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from posttrain import skip_final_collection
 from posttrain.configs import literal_choices
 from posttrain.errors import UserError
 
@@ -252,6 +253,7 @@ def command_line(prog: str, argv: list[str] | None) -> str:
 
 def run(main) -> None:
     """`python -m data_prep.<job>` entry: user mistakes print as one line, not a traceback."""
+    skip_final_collection()
     try:
         sys.exit(main())
     except UserError as exc:

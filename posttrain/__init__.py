@@ -1,5 +1,8 @@
 """posttrain: SFT -> DPO -> UPO post-training with LoRA on the Hugging Face stack."""
 
+import atexit
+import functools
+import gc
 import warnings
 
 
@@ -17,3 +20,15 @@ def quiet_known_warnings() -> None:
 
 
 quiet_known_warnings()
+
+
+@functools.cache  # once per process
+def skip_final_collection() -> None:
+    """For the entry point of a posttrain process (the CLI, a stage, an evaluation, a data job), not for a library
+    user's own script: the interpreter's last garbage collection at exit is skipped.
+
+    After torch, transformers and TRL are imported that pass walks millions of objects and took about 2 s of every
+    process's exit (8.4 s against 6.2 s for a script that imports the TRL trainers and runs one backward), and a run
+    starts a dozen such processes. Only garbage in reference cycles is left for the OS to reclaim; exit handlers
+    still run, and this one, registered before the heavy imports, runs after theirs."""
+    atexit.register(gc.freeze)  # frozen objects are outside every collection, the final one included

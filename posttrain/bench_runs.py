@@ -192,4 +192,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    from . import skip_final_collection
+
+    skip_final_collection()
     sys.exit(main(sys.argv[1:]))

@@ -20,6 +20,7 @@ import sys
 
 from rich.markup import escape
 
+from . import skip_final_collection
 from .configs import EvalArguments, add_dataclass_arguments, given_fields
 from .console import console
 from .errors import UserError
@@ -248,6 +249,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    skip_final_collection()
     args = parse_args(argv)
     try:
         return args.func(args)

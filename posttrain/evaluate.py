@@ -336,8 +336,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # the pipeline's base evaluation: a user error is one paragraph, handed to the pipeline
+    from . import skip_final_collection
     from .errors import UserError, report_child_error
 
+    skip_final_collection()
     try:
         raise SystemExit(main())
     except UserError as exc:

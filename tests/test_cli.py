@@ -75,3 +75,23 @@ def test_eval_of_a_run_stage_reproduces_the_runs_own_evaluation(tiny_run, tmp_pa
                                "--out", str(tmp_path / "short.json")]) == 0
     short = json.loads((tmp_path / "short.json").read_text())
     assert short["mean_completion_tokens"] <= 2 < recorded["mean_completion_tokens"] and len(short["samples"]) == 1
+
+
+def test_a_posttrain_process_skips_the_final_collection_once(monkeypatch):
+    """The CLI (like every stage, evaluation and data job entry) freezes the heap at exit, so the interpreter's last
+    collection does not walk torch's and TRL's objects (about 2 s a process); registered once however often called."""
+    import atexit
+    import gc
+
+    from posttrain import skip_final_collection
+    from posttrain.cli import main
+
+    registered = []
+    monkeypatch.setattr(atexit, "register", registered.append)
+    skip_final_collection.cache_clear()
+    try:
+        assert main(["data", "list"]) == 0
+        assert main(["data", "list"]) == 0
+    finally:
+        skip_final_collection.cache_clear()
+    assert registered == [gc.freeze]

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .. import checkpoints
+from .. import checkpoints, skip_final_collection
 from ..errors import UserError, disk_full_error, is_disk_full, report_child_error
 
 logger = logging.getLogger("posttrain")
@@ -326,6 +326,7 @@ def guard_checkpoints(trainer) -> None:
 def entry(stage: str, main, make_parser) -> None:
     """`python -m posttrain.stages.<stage>`: a user error (bad data, a full disk) is printed as one paragraph and handed
     to the pipeline, and the process exits with code 2; anything else is a bug and keeps its traceback."""
+    skip_final_collection()
     output_dir = None
     try:
         parsed = parse(make_parser())
