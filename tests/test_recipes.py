@@ -136,7 +136,6 @@ def test_data_job_arguments_validated(tmp_path):
         load_recipe(_write(tmp_path, TINY.replace("job: build_verifiable_tasks", "job: build_nothing")))
 
 
-
 def test_a_data_section_is_checked_once_per_process_and_a_mistake_every_time(tmp_path, monkeypatch):
     """The check runs in a child process (data_prep is not imported here): a section that passed is not checked again,
     while a wrong one is refused on every load."""
@@ -155,6 +154,7 @@ def test_a_data_section_is_checked_once_per_process_and_a_mistake_every_time(tmp
         with pytest.raises(UserError, match="n_trian: unknown argument"):
             load_recipe(bad)
     assert asked == [("check",)] * 3
+
 
 def test_overrides(tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "tiny" / "text.yaml",
