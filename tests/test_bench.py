@@ -139,3 +139,41 @@ def test_stage_configs_do_not_warn_about_names_the_user_did_not_choose(tmp_path)
         SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False)
         warnings.warn("another deprecation", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == ["another deprecation"]
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_cpu_lm_head_matches_trls_function(bf16, monkeypatch):
+    """`CpuLogProb` returns what TRL's `ChunkedLogProbFunction` returns (log-probs, entropy, sum of squared probs, mean
+    logit, top-1) with the same gradients for the hidden states, the head's weight and bias, through the log-probs
+    and the entropy; in one chunk (logits kept) and in several (projected again); soft-capping goes to TRL's."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    from posttrain.models import lm_head
+
+    torch.manual_seed(0)
+    positions, hidden_size, vocab = 40, 16, 300
+    hidden = torch.randn(positions, hidden_size)
+    weight, bias = torch.randn(vocab, hidden_size) / 3, torch.randn(vocab)  # logits of a few units, as in a model
+    targets = torch.randint(0, vocab, (positions,))
+    targets[0] = torch.mm(hidden[:1], weight.t()).add(bias).argmax()  # at least one right top-1
+    outputs = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    weights = torch.rand(positions)
+
+    def run(function, chunk_elements):
+        monkeypatch.setattr(lm_head, "CHUNK_ELEMENTS", chunk_elements)
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = function(*leaves, targets, 0.7, 128, None, 2.0, outputs)
+        ((out[0] * weights).sum() - 0.3 * out[1].sum()).backward()
+        return [x.detach() for x in out], [leaf.grad for leaf in leaves]
+
+    trl_out, trl_grads = run(ChunkedLogProbFunction.apply, lm_head.CHUNK_ELEMENTS)
+    tolerance = {"rtol": 2e-2, "atol": 2e-2} if bf16 else {"rtol": 1e-4, "atol": 1e-5}
+    for chunk_elements in (lm_head.CHUNK_ELEMENTS, 7 * vocab):  # one chunk; six chunks of 7 positions
+        out, grads = run(lm_head.apply, chunk_elements)
+        assert torch.equal(out[4], trl_out[4]) and out[4].any()
+        for ours, theirs in zip(out[:4] + grads, trl_out[:4] + trl_grads, strict=True):
+            torch.testing.assert_close(ours, theirs, **tolerance)
+    softcapped = [lm_head.apply(hidden, weight, bias, targets, 1.0, 128, 5.0, 1.0, outputs),
+                  ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 1.0, 128, 5.0, 1.0, outputs)]
+    assert all(torch.equal(a, b) for a, b in zip(*softcapped, strict=True))

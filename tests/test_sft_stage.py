@@ -186,13 +186,13 @@ def test_lora_on_the_top_layers_only(tiny_model_path, task_data, sft_configs, tm
 
 
 def test_fused_lm_head_projects_only_labelled_positions_on_cpu(tiny_model_path):
-    """Inside `labelled_positions_only` TRL's fused head projects only the labelled positions on CPU (outside, all of
-    them), with the same log-probs and gradients; the swapped check is put back afterwards."""
+    """Inside `lm_head.use_on_cpu` TRL's fused head projects only the labelled positions on CPU, through `CpuLogProb`
+    (outside, all of them through TRL's tiles), with the same log-probs and gradients; TRL's names are put back."""
     import torch
     import trl.trainer.utils as trl_utils
     from transformers import AutoModelForCausalLM
 
-    from posttrain.stages.common import labelled_positions_only
+    from posttrain.models import lm_head
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path("llama"), dtype=torch.float32)
@@ -200,11 +200,15 @@ def test_fused_lm_head_projects_only_labelled_positions_on_cpu(tiny_model_path):
     ids = torch.randint(3, 100, (2, 12))
     labels = ids.clone()
     labels[:, :8] = -100  # a prompt of 8 tokens, a completion of 4
-    projected, original_apply = [], trl_utils._ChunkedLogProbFunction.apply
+    projected = []
+    originals = {"trl": trl_utils._ChunkedLogProbFunction, "posttrain": lm_head.CpuLogProb}
+    applies = {name: function.apply for name, function in originals.items()}
 
-    def spy(hidden, *args):
-        projected.append(hidden.shape[0])
-        return original_apply(hidden, *args)
+    def spy(name):
+        def apply(hidden, *args):
+            projected.append((name, hidden.shape[0]))
+            return applies[name](hidden, *args)
+        return apply
 
     def score():
         model.zero_grad()
@@ -213,15 +217,18 @@ def test_fused_lm_head_projects_only_labelled_positions_on_cpu(tiny_model_path):
         return out.log_probs.detach(), model.model.layers[0].mlp.up_proj.weight.grad.clone()
 
     original_check = trl_utils._use_triton
-    trl_utils._ChunkedLogProbFunction.apply = spy
+    for name, function in originals.items():
+        function.apply = spy(name)
     try:
         every_position = score()
-        with labelled_positions_only():
+        with lm_head.use_on_cpu():
             labelled_only = score()
     finally:
-        trl_utils._ChunkedLogProbFunction.apply = original_apply
-    assert projected == [2 * 11, 2 * 4]  # shifted: 11 positions per row predict a next token, 4 of them labelled
-    assert trl_utils._use_triton is original_check
+        for name, function in originals.items():
+            function.apply = applies[name]
+    # shifted: 11 positions per row predict a next token, 4 of them labelled
+    assert projected == [("trl", 2 * 11), ("posttrain", 2 * 4)]
+    assert trl_utils._use_triton is original_check and trl_utils._ChunkedLogProbFunction is originals["trl"]
     torch.testing.assert_close(labelled_only[0], every_position[0])
     torch.testing.assert_close(labelled_only[1], every_position[1])
     assert labelled_only[0][:, :7].abs().sum() == 0 and labelled_only[0][:, 7:].abs().min() > 0

@@ -5,7 +5,6 @@ training that adapter (TRL freezes a copy of it as the reference for DPO/GRPO), 
 ever written between stages and only one copy of the base weights is in memory.
 """
 
-import contextlib
 import json
 import logging
 import shutil
@@ -260,10 +259,12 @@ def whole_stage_loss(trainer, train_result) -> float:
 
 def train(trainer, training_args, stage_args):
     """`trainer.train()`, resuming where `resume_from_checkpoint` says, with TRL's fused LM head scoring only the
-    labelled positions on CPU too (`labelled_positions_only`), and LoRA+ when the stage asks for it."""
+    labelled positions on CPU too, through `models.lm_head` there, and LoRA+ when the stage asks for it."""
+    from ..models import lm_head
+
     if stage_args.loraplus_lr_ratio is not None:
         lora_plus(trainer, stage_args.loraplus_lr_ratio)
-    with labelled_positions_only():
+    with lm_head.use_on_cpu():
         return trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
 
@@ -287,29 +288,6 @@ def lora_plus(trainer, ratio: float) -> None:
                                              loraplus_weight_decay=weight_decay, **kwargs)
 
     trainer.optimizer_cls_and_kwargs = (LoraPlus, optimizer_kwargs)
-
-
-@contextlib.contextmanager
-def labelled_positions_only():
-    """Let TRL's fused LM head (trl 1.16, `add_fused_lm_head`) project only the positions that carry a label, on CPU
-    as it already does on CUDA/XPU.
-
-    TRL compacts to the labelled positions only where its Triton kernels run and otherwise scores every position, so
-    that tile shapes stay fixed for graph compilers (Neuron). Eager CPU has nothing to recompile, and the unlabelled
-    positions (prompts, system text) are most of an SFT, DPO or GRPO batch: a step of the default recipe's SFT took
-    2.2 s instead of 3.0 s. The log-probs of the labelled positions are the same either way; the others are zero
-    either way. TRL has no switch for this, so the one module-level check it reads is swapped for the duration."""
-    import trl.trainer.utils as trl_utils
-
-    original = getattr(trl_utils, "_use_triton", None)
-    if original is None:  # another TRL layout: keep its behaviour
-        yield
-        return
-    trl_utils._use_triton = lambda device: device.type == "cpu" or original(device)
-    try:
-        yield
-    finally:
-        trl_utils._use_triton = original
 
 
 def guard_checkpoints(trainer) -> None:
