@@ -80,37 +80,45 @@ class CpuLogProb(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_log_probs, grad_entropy, *_):
+        from trl.trainer.utils import maybe_gather_lm_head_ctx
+
         hidden, weight, bias, targets, log_z, entropy, *kept = ctx.saved_tensors
-        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        weight_c, bias_c = weight.to(ctx.dtype), None if bias is None else bias.to(ctx.dtype)
-        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32) if needs_weight else None
-        grad_bias = torch.zeros(bias.shape, dtype=torch.float32) if needs_bias else None
-        with torch.autocast("cpu", enabled=False):
-            for start, end in ctx.spans:
-                hidden_c = hidden[start:end].to(ctx.dtype)
-                logits = kept[0] if kept else project(hidden_c, weight_c, bias_c)
-                z = logits.float() if ctx.scale == 1.0 else logits.float() * ctx.scale
-                log_p = z - log_z[start:end, None]  # not in place: a second backward finds the kept logits intact
-                p = log_p.exp()
-                if grad_log_probs is None:
-                    grad = torch.zeros_like(p)
-                else:  # d log p_target / dz_j = 1[j = target] - p_j
-                    g = grad_log_probs[start:end, None].float()
-                    grad = (p * -g).scatter_add_(-1, targets[start:end, None], g)
-                if grad_entropy is not None:  # d entropy / dz_j = -p_j (log p_j + entropy)
-                    grad.sub_(grad_entropy[start:end, None].float() * p * (log_p + entropy[start:end, None]))
-                if ctx.scale != 1.0:
-                    grad.mul_(ctx.scale)
-                grad_c = grad.to(ctx.dtype)
-                if needs_hidden:
-                    grad_hidden[start:end] = torch.mm(grad_c, weight_c)
-                if needs_weight:
-                    grad_weight += torch.mm(grad_c.t(), hidden_c).float()
-                if needs_bias:
-                    grad_bias += grad.sum(0)
-        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None, None, None)
+        with maybe_gather_lm_head_ctx(weight, bias):  # a ZeRO-3 partitioned head, gathered as TRL's backward does
+            return gradients(ctx, grad_log_probs, grad_entropy, hidden, weight, bias, targets, log_z, entropy, kept)
+
+
+def gradients(ctx, grad_log_probs, grad_entropy, hidden, weight, bias, targets, log_z, entropy, kept) -> tuple:
+    """`CpuLogProb.backward` once the saved tensors are unpacked (and the head gathered)."""
+    needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+    weight_c, bias_c = weight.to(ctx.dtype), None if bias is None else bias.to(ctx.dtype)
+    grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32) if needs_weight else None
+    grad_bias = torch.zeros(bias.shape, dtype=torch.float32) if needs_bias else None
+    with torch.autocast("cpu", enabled=False):
+        for start, end in ctx.spans:
+            hidden_c = hidden[start:end].to(ctx.dtype)
+            logits = kept[0] if kept else project(hidden_c, weight_c, bias_c)
+            z = logits.float() if ctx.scale == 1.0 else logits.float() * ctx.scale
+            log_p = z - log_z[start:end, None]  # not in place: a second backward finds the kept logits intact
+            p = log_p.exp()
+            if grad_log_probs is None:
+                grad = torch.zeros_like(p)
+            else:  # d log p_target / dz_j = 1[j = target] - p_j
+                g = grad_log_probs[start:end, None].float()
+                grad = (p * -g).scatter_add_(-1, targets[start:end, None], g)
+            if grad_entropy is not None:  # d entropy / dz_j = -p_j (log p_j + entropy)
+                grad.sub_(grad_entropy[start:end, None].float() * p * (log_p + entropy[start:end, None]))
+            if ctx.scale != 1.0:
+                grad.mul_(ctx.scale)
+            grad_c = grad.to(ctx.dtype)
+            if needs_hidden:
+                grad_hidden[start:end] = torch.mm(grad_c, weight_c)
+            if needs_weight:
+                grad_weight += torch.mm(grad_c.t(), hidden_c).float()
+            if needs_bias:
+                grad_bias += grad.sum(0)
+    return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None, None, None)
 
 
 def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None, logit_scale=1.0,
