@@ -29,14 +29,15 @@ def test_padding_free_sft_trains_on_the_same_loss(arch, tiny_model_path, task_da
     assert max(len(flat.train_dataset[i]["input_ids"]) for i in range(len(flat.train_dataset))) <= 192  # truncated
     assert math.isclose(_first_loss(flat), _first_loss(padded), rel_tol=1e-4)
     # on CPU the flat batches attend row by row; padded ones keep SDPA
-    assert flat.model.get_base_model().config._attn_implementation == "sdpa_rows"
+    assert flat.model.get_base_model().config._attn_implementation == "packed_rows"
     assert padded.model.get_base_model().config._attn_implementation == "sdpa"
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_row_by_row_attention_is_sdpa_per_row(arch, tiny_model_path):
-    """`sdpa_rows` on a packed batch gives each row the logits it has alone, and the gradients of SDPA over the
-    packed square with its block-diagonal mask; a padded batch (an attention mask) and generation go to SDPA as is."""
+    """`packed_rows` on a packed batch (float32: SDPA row by row) gives each row the logits it has alone, and the
+    gradients of SDPA over the packed square with its block-diagonal mask; a padded batch (an attention mask) and
+    generation go to SDPA as is."""
     from transformers import AutoModelForCausalLM
 
     from posttrain.models.attention import register, row_bounds
@@ -57,9 +58,9 @@ def test_row_by_row_attention_is_sdpa_per_row(arch, tiny_model_path):
         with torch.no_grad():
             alone = torch.cat([model(input_ids=torch.tensor([row]), use_cache=False).logits[0] for row in rows])
         torch.testing.assert_close(out.logits[0], alone, rtol=1e-5, atol=1e-5)
-    assert grads["sdpa"].keys() == grads["sdpa_rows"].keys() and grads["sdpa"]
+    assert grads["sdpa"].keys() == grads["packed_rows"].keys() and grads["sdpa"]
     for key, grad in grads["sdpa"].items():
-        torch.testing.assert_close(grads["sdpa_rows"][key], grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grads["packed_rows"][key], grad, rtol=1e-4, atol=1e-6)
     padded = {"input_ids": torch.tensor([rows[0], rows[3] + [0] * 3]), "attention_mask": torch.tensor([[1] * 7, [1] * 4 + [0] * 3])}
     with torch.no_grad():
         outs = [m(**padded).logits for m in models.values()]
@@ -140,6 +141,39 @@ def test_stage_configs_do_not_warn_about_names_the_user_did_not_choose(tmp_path)
         warnings.warn("another deprecation", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == ["another deprecation"]
 
+
+
+def test_packed_rows_attend_as_one_padded_batch_under_autocast(tiny_model_path, monkeypatch):
+    """Under bf16 autocast `packed_rows` computes the rows as one padded batch (`padded_rows`), in float32 SDPA row by
+    row; the padded batch gives each row's SDPA output and gradients, with grouped-query heads and rows of 1 token."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.models import attention
+
+    torch.manual_seed(0)
+    bounds = [(0, 7), (7, 8), (8, 20), (20, 24)]
+    query, key, value = (torch.randn(1, heads, 24, 8, requires_grad=True) for heads in (4, 2, 2))
+    padded = attention.padded_rows(query, key, value, bounds, 12, None, 0.0)
+    alone = torch.cat([F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
+                                                      enable_gqa=True).transpose(1, 2) for s, e in bounds], dim=1)
+    torch.testing.assert_close(padded, alone)
+    weights = torch.randn_like(alone)
+    grads = [torch.autograd.grad((out * weights).sum(), (query, key, value)) for out in (padded, alone)]
+    for ours, theirs in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, theirs)
+
+    calls = []
+    padded_rows = attention.padded_rows
+    monkeypatch.setattr(attention, "padded_rows", lambda *args: calls.append(1) or padded_rows(*args))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path("llama"), attn_implementation=attention.register())
+    ids = torch.randint(5, 500, (1, 24))
+    positions = torch.tensor([[p for s, e in bounds for p in range(e - s)]])
+    model(input_ids=ids, position_ids=positions, use_cache=False)
+    assert not calls  # float32: SDPA per row
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, position_ids=positions, use_cache=False).logits.float().sum().backward()
+    assert len(calls) == model.config.num_hidden_layers
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_cpu_lm_head_matches_trls_function(bf16, monkeypatch):

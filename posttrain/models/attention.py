@@ -1,19 +1,28 @@
-"""Attention over padding-free batches without the square: `sdpa_rows`, SDPA run row by row.
+"""Attention over padding-free batches without the square: `packed_rows`, each row attending within itself.
 
 A padding-free SFT batch is one sequence of rows whose position ids restart at 0 for each row. With SDPA, transformers
 builds a block-diagonal causal mask over the whole sequence and attends over the full square, masking what lies
 between rows: for 16 rows of ~50 tokens, a 800 x 800 square of which one row's share is 50 x 50. Flash-attention
 kernels take the row boundaries instead (varlen), but they need a GPU; on CPU nothing in torch or transformers does,
-so this does it by hand: the same SDPA call per row, causal within it, then the rows put back in order. Anything that
-is not a packed training batch (padded batches, generation with a cache) goes to transformers' SDPA as it is.
+so this does it by hand:
 
-Registered with transformers' attention and mask interfaces as "sdpa_rows" (`register`); the SFT stage switches to
-it off CUDA for padding-free batches when the recipe names no `attn_implementation` (`stages.sft.attend_by_row`).
+- under bf16 (or fp16) autocast: the rows gathered into one padded batch (rows x heads x longest row), attention
+  computed there with two batched matmuls and a softmax (causal within each row, padding masked), and the rows put
+  back in order. Autocast runs SDPA in bf16, and torch's CPU flash-attention kernel, called once per row, spent more
+  time in its bf16 backward than this whole batch takes: forward and backward of the default recipe's SFT batches
+  1.17x faster (see `stages.sft.attend_by_row`);
+- otherwise SDPA row by row: in float32 the padded batch was slower (0.92x), and so it is where the padded scores
+  would be large (`MAX_SCORES`: long rows of very different lengths).
+
+Anything that is not a packed training batch (padded batches, generation with a cache) goes to transformers' SDPA as
+it is. Registered with transformers' attention and mask interfaces as "packed_rows" (`register`); the SFT stage
+switches to it off CUDA for padding-free batches when the recipe names no `attn_implementation`.
 """
 
 import torch
 
-NAME = "sdpa_rows"
+NAME = "packed_rows"
+MAX_SCORES = 1 << 24  # rows x heads x longest row^2 above this: SDPA row by row (64 MB of float32 scores per layer)
 
 
 def row_bounds(position_ids: torch.Tensor | None, length: int) -> list[tuple[int, int]] | None:
@@ -27,7 +36,7 @@ def row_bounds(position_ids: torch.Tensor | None, length: int) -> list[tuple[int
     return list(zip(starts, [*starts[1:], length], strict=True))
 
 
-def sdpa_rows_forward(module, query, key, value, attention_mask, position_ids=None, **kwargs):
+def packed_rows_forward(module, query, key, value, attention_mask, position_ids=None, **kwargs):
     """transformers' attention-interface signature (query/key/value: batch, heads, tokens, head dim); returns the
     output as (batch, tokens, heads, head dim) like `sdpa_attention_forward`, and no weights."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -36,17 +45,43 @@ def sdpa_rows_forward(module, query, key, value, attention_mask, position_ids=No
     if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("is_causal", None)
+    longest = max(end - start for start, end in bounds)
+    half = torch.is_autocast_enabled(query.device.type) or query.dtype in (torch.bfloat16, torch.float16)
+    if half and len(bounds) * query.shape[1] * longest * longest <= MAX_SCORES:
+        return padded_rows(query, key, value, bounds, longest, kwargs.get("scaling"), kwargs.get("dropout", 0.0)), None
     rows = [sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None,
                                    is_causal=True, **kwargs)[0] for start, end in bounds]
     return torch.cat(rows, dim=1), None
 
 
+def padded_rows(query, key, value, bounds, longest: int, scaling: float | None, dropout: float):
+    """Causal attention within each row of a packed batch of one sequence, the rows padded to `longest` and computed
+    together; returns (1, tokens, heads, head dim)."""
+    device = query.device
+    starts = torch.tensor([start for start, _ in bounds], device=device)
+    lengths = torch.tensor([end - start for start, end in bounds], device=device)
+    offsets = torch.arange(longest, device=device)
+    real = offsets[None, :] < lengths[:, None]  # rows x longest
+    index = (starts[:, None] + offsets[None, :]).clamp(max=query.shape[2] - 1)  # padding reads a real token, masked
+    groups = query.shape[1] // key.shape[1]  # grouped-query attention: each key/value head serves `groups` heads
+    q = query[0][:, index]  # heads x rows x longest x head dim
+    k = key[0][:, index].repeat_interleave(groups, dim=0)
+    v = value[0][:, index].repeat_interleave(groups, dim=0)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    allowed = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()[None] & real[:, None, :]
+    probs = torch.softmax(scores.float().masked_fill(~allowed, float("-inf")), dim=-1).to(q.dtype)
+    if dropout:
+        probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
+    out = torch.matmul(probs, v)  # heads x rows x longest x head dim
+    return out.permute(1, 2, 0, 3)[real].unsqueeze(0)  # the real positions, rows in order
+
+
 def register() -> str:
-    """Make "sdpa_rows" a name `from_pretrained(attn_implementation=...)` accepts, with SDPA's masks (what padded
+    """Make "packed_rows" a name `from_pretrained(attn_implementation=...)` accepts, with SDPA's masks (what padded
     batches need); returns the name."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    AttentionInterface.register(NAME, sdpa_rows_forward)
+    AttentionInterface.register(NAME, packed_rows_forward)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
     return NAME
