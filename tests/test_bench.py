@@ -142,7 +142,6 @@ def test_stage_configs_do_not_warn_about_names_the_user_did_not_choose(tmp_path)
     assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == ["another deprecation"]
 
 
-
 def test_packed_rows_attend_as_one_padded_batch_under_autocast(tiny_model_path, monkeypatch):
     """Under bf16 autocast `packed_rows` computes the rows as one padded batch (`padded_rows`), in float32 SDPA row by
     row; the padded batch gives each row's SDPA output and gradients, with grouped-query heads and rows of 1 token."""
@@ -155,8 +154,9 @@ def test_packed_rows_attend_as_one_padded_batch_under_autocast(tiny_model_path, 
     bounds = [(0, 7), (7, 8), (8, 20), (20, 24)]
     query, key, value = (torch.randn(1, heads, 24, 8, requires_grad=True) for heads in (4, 2, 2))
     padded = attention.padded_rows(query, key, value, bounds, 12, None, 0.0)
-    alone = torch.cat([F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
-                                                      enable_gqa=True).transpose(1, 2) for s, e in bounds], dim=1)
+    alone = torch.cat([F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
+                                                      is_causal=True, enable_gqa=True).transpose(1, 2)
+                       for s, e in bounds], dim=1)
     torch.testing.assert_close(padded, alone)
     weights = torch.randn_like(alone)
     grads = [torch.autograd.grad((out * weights).sum(), (query, key, value)) for out in (padded, alone)]
@@ -174,6 +174,7 @@ def test_packed_rows_attend_as_one_padded_batch_under_autocast(tiny_model_path, 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(input_ids=ids, position_ids=positions, use_cache=False).logits.float().sum().backward()
     assert len(calls) == model.config.num_hidden_layers
+
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_cpu_lm_head_matches_trls_function(bf16, monkeypatch):

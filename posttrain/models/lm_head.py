@@ -19,6 +19,7 @@ import contextlib
 
 import torch
 
+OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")  # TRL's, in its order
 CHUNK_ELEMENTS = 1 << 25  # logits per chunk of positions: 128 MB in float32, a few such temporaries at once
 
 
@@ -39,7 +40,7 @@ class CpuLogProb(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
-                logit_scale=1.0, outputs=("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")):
+                logit_scale=1.0, outputs=OPTIONAL_OUTPUTS):
         ctx.set_materialize_grads(False)  # entropy is often logged only: no gradient pass for it then
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype
         scale = logit_scale / temperature
@@ -74,7 +75,7 @@ class CpuLogProb(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, targets, out["log_z"],
                               out["log_z"] if entropy is None else entropy, *kept)
         ctx.dtype, ctx.scale, ctx.spans = dtype, scale, spans
-        extras = [out.get(name) for name in ("log_sum_sq_probs", "mean_logits", "is_top1")]
+        extras = [out.get(name) for name in OPTIONAL_OUTPUTS[1:]]  # after entropy: the outputs without a gradient
         ctx.mark_non_differentiable(*(x for x in extras if x is not None))
         return out["log_probs"], entropy, *extras
 
@@ -122,7 +123,7 @@ def gradients(ctx, grad_log_probs, grad_entropy, hidden, weight, bias, targets, 
 
 
 def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None, logit_scale=1.0,
-          outputs=("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")):
+          outputs=OPTIONAL_OUTPUTS):
     """TRL's `ChunkedLogProbFunction.apply`, through `CpuLogProb` for CPU tensors without soft-capping."""
     from trl.kernels import ChunkedLogProbFunction
 
