@@ -215,14 +215,18 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArgum
     model.eval()
     prompts = [render_prompt(tokenizer, r["prompt"], r.get("thinking")) for r in rows]
     dtype = devices.resolve_precision(dtype, model.device.type)  # what `auto` is on this machine, recorded below
-    with autocast(model, dtype):
-        started = time.perf_counter()
+    started = time.perf_counter()
+    # greedy decoding from the weights with LoRA merged in, as a merged export computes: two small matmuls less per
+    # layer and token (200 prompts after SFT here: 1.32x [1.23-1.39] less time in bf16, 179 of 200 replies the same
+    # as through the unmerged adapter, the rest differ by bf16 rounding)
+    with autocast(model, dtype, merge_lora=True):
         texts, stopped, lengths = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress,
                                            images=_images(rows))
-        generated = time.perf_counter()
-        # in the same precision as generation: in float32 the loss took as long as generating (2.2x its bf16 time)
+    generated = time.perf_counter()
+    # scored through the adapter itself, in the same precision: in float32 the loss took as long as generating
+    with autocast(model, dtype):
         loss = heldout_loss(model, tokenizer, rows, loss_limit)
-        seconds = {"generate": round(generated - started, 1), "heldout_loss": round(time.perf_counter() - generated, 1)}
+    seconds = {"generate": round(generated - started, 1), "heldout_loss": round(time.perf_counter() - generated, 1)}
     columns = {"answer": [r["answer"] for r in rows], "thinking": [r.get("thinking") for r in rows],
                "domain": [r.get("domain") for r in rows]}
     correct = REWARDS["accuracy"](texts, **columns)
@@ -264,7 +268,7 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArgum
 def autocast(model, dtype: str, option: str = "eval.dtype", merge_lora: bool = False):
     """bf16 autocast around generation and scoring when `dtype` asks for it (`auto`: where the device has native
     bf16, `devices.resolve_precision`), with the frozen linear weights cast once for its duration; `merge_lora`
-    (sampling only) merges LoRA into those copies, or in float32 on CPU into float32 copies
+    (decoding only, not scoring) merges LoRA into those copies, or in float32 on CPU into float32 copies
     (`models.sampling_weights`). The model's own weights are back as they were afterwards."""
     if dtype not in typing.get_args(Precision):  # a recipe's or command line's value is checked there; this is for code
         raise UserError(f"{option}: '{dtype}'; expected one of: {', '.join(typing.get_args(Precision))}")

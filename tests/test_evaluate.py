@@ -215,6 +215,39 @@ def test_evaluate_scores_known_completions(tiny_model_path, task_data, monkeypat
     assert [s["completion"] for s in metrics["samples"]][1] == "no idea"
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_evaluation_decodes_merged_and_scores_through_the_adapter(tiny_model_path, task_data, monkeypatch, dtype):
+    """Held-out generation runs with LoRA merged into copies of the base weights (adapter layers off), the held-out
+    loss through the adapter layers themselves; afterwards the model is as it was."""
+    from peft import LoraConfig, get_peft_model
+
+    import posttrain.evaluate as evaluation
+
+    path = tiny_model_path("llama")
+    model = get_peft_model(load_model(path), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    weight = q_proj.base_layer.weight
+    seen = {}
+    generate_as_is, loss_as_is = evaluation.generate, evaluation.heldout_loss
+
+    def recording_generate(*args, **kwargs):
+        seen["generate"] = q_proj.disable_adapters, q_proj.base_layer.weight is weight
+        return generate_as_is(*args, **kwargs)
+
+    def recording_loss(*args, **kwargs):
+        seen["loss"] = q_proj.disable_adapters, q_proj.base_layer.weight is weight
+        return loss_as_is(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "generate", recording_generate)
+    monkeypatch.setattr(evaluation, "heldout_loss", recording_loss)
+    metrics = evaluate(model, load_tokenizer(path), load_rows(str(task_data), "test")[:4], max_new_tokens=4,
+                       batch_size=4, dtype=dtype, loss_limit=2)
+    assert seen["generate"] == (True, False)  # merged copies decode, the adapter layers are off
+    assert seen["loss"] == (False, dtype == "float32")  # through the adapter; bf16 copies only under bf16
+    assert metrics["heldout_loss"] is not None and metrics["dtype"] == dtype
+    assert not q_proj.disable_adapters and q_proj.base_layer.weight is weight
+
+
 def test_preference_eval_detects_the_preferred_reply(tiny_model_path):
     path = tiny_model_path("llama")
     model, tokenizer = load_model(path), load_tokenizer(path)
