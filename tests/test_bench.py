@@ -212,3 +212,18 @@ def test_cpu_lm_head_matches_trls_function(bf16, monkeypatch):
     softcapped = [lm_head.apply(hidden, weight, bias, targets, 1.0, 128, 5.0, 1.0, outputs),
                   ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 1.0, 128, 5.0, 1.0, outputs)]
     assert all(torch.equal(a, b) for a, b in zip(*softcapped, strict=True))
+
+
+def test_cpu_lm_head_backward_leaves_its_kept_logits_intact():
+    """The backward works in place on a float32 copy of the logits; in float32 with one chunk the kept logits are
+    that float32 tensor itself, and a second backward through the same graph must find them as they were."""
+    from posttrain.models import lm_head
+
+    torch.manual_seed(0)
+    hidden = torch.randn(8, 16, requires_grad=True)
+    weight, targets = torch.randn(50, 16) / 3, torch.randint(0, 50, (8,))
+    log_probs, *_ = lm_head.CpuLogProb.apply(hidden, weight, None, targets, 1.0, 0, None, 1.0, ())
+    log_probs.sum().backward(retain_graph=True)
+    first = hidden.grad.clone()
+    log_probs.sum().backward()
+    torch.testing.assert_close(hidden.grad, 2 * first)
