@@ -109,8 +109,7 @@ def gradients(ctx, grad_log_probs, grad_entropy, hidden, weight, bias, targets, 
                 z.mul_(ctx.scale)
             log_p = z.sub_(log_z[start:end, None])
             if grad_entropy is None:
-                grad = log_p.exp_()  # p, in the same memory
-                p = grad
+                grad = log_p.exp_()  # p, in the same memory: log p is not needed again
             else:  # d entropy / dz_j = -p_j (log p_j + entropy) needs log p as well as p
                 p = log_p.exp()
                 grad = p.clone()
