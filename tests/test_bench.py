@@ -227,3 +227,50 @@ def test_cpu_lm_head_backward_leaves_its_kept_logits_intact():
     first = hidden.grad.clone()
     log_probs.sum().backward()
     torch.testing.assert_close(hidden.grad, 2 * first)
+
+
+def test_lora_inputs_stay_in_autocast_dtype_with_the_same_values(tiny_model_path):
+    """Under bf16 autocast `lora_inputs_uncast` drops PEFT's float32 round trip of the LoRA inputs: fewer copies, the
+    same loss and LoRA gradients bit for bit; outside autocast a bf16 base with float32 adapters still casts."""
+    from peft import LoraConfig, get_peft_model
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.models import precision
+
+    class CountCopies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.copies = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.copies += func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path("llama")),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids = torch.randint(5, 500, (2, 12))
+
+    def step():
+        model.zero_grad()
+        with CountCopies() as counted, torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), grads, counted.copies
+
+    loss, grads, copies = step()
+    with precision.lora_inputs_uncast(model):
+        loss_uncast, grads_uncast, copies_uncast = step()
+    assert torch.equal(loss, loss_uncast)
+    assert grads.keys() == grads_uncast.keys() and all(torch.equal(grads[n], grads_uncast[n]) for n in grads)
+    assert copies_uncast < copies
+    assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
+
+    model.get_base_model().to(torch.bfloat16)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()
+    with precision.lora_inputs_uncast(model), torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()  # no autocast: PEFT's cast is what makes this run
