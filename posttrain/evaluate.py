@@ -187,17 +187,18 @@ def heldout_loss(model, tokenizer, rows: list[dict], limit: int | None = None) -
     return -sum(s for s, _ in scores) / max(sum(n for _, n in scores), 1)
 
 
-def preference_eval(model, tokenizer, pairs: list[dict]) -> dict:
+def preference_eval(model, tokenizer, pairs: list[dict], dtype: str = "float32") -> dict:
     """How often the model itself prefers `chosen` to `rejected`: log π(chosen|x) > log π(rejected|x), summed over
-    the reply's tokens. Unlike DPO's reward accuracy it needs no reference model, so base, SFT and DPO compare."""
+    the reply's tokens. Unlike DPO's reward accuracy it needs no reference model, so base, SFT and DPO compare.
+    Scored in `dtype` as `evaluate` scores its held-out loss (bf16: about half the time of float32 on CPU)."""
     was_training = model.training
     model.eval()
     prompts = [render_prompt(tokenizer, p["prompt"], p.get("thinking")) for p in pairs]
     eos, images = vision.text_tokenizer(tokenizer).eos_token, _images(pairs)
-    chosen = completion_logps(model, tokenizer, prompts, [completion_text(p["chosen"]) + eos for p in pairs],
-                              images=images)
-    rejected = completion_logps(model, tokenizer, prompts, [completion_text(p["rejected"]) + eos for p in pairs],
-                                images=images)
+    replies = [completion_text(p[side]) + eos for side in ("chosen", "rejected") for p in pairs]
+    with autocast(model, dtype):
+        scores = completion_logps(model, tokenizer, prompts * 2, replies, images=images * 2 if images else None)
+    chosen, rejected = scores[:len(pairs)], scores[len(pairs):]
     if was_training:
         model.train()
     margins = [c - r for (c, _), (r, _) in zip(chosen, rejected)]

@@ -258,6 +258,9 @@ def test_preference_eval_detects_the_preferred_reply(tiny_model_path):
     flipped = preference_eval(model, tokenizer, [{**p, "chosen": p["rejected"], "rejected": p["chosen"]}
                                                  for p in pairs])
     assert flipped["accuracy"] == 0.0 and flipped["mean_logp_margin"] == pytest.approx(-result["mean_logp_margin"])
+    bf16 = preference_eval(model, tokenizer, pairs, "bfloat16")  # scored under autocast: bf16 rounding, same verdict
+    assert bf16["accuracy"] == 1.0 and bf16["mean_logp_margin"] != result["mean_logp_margin"]
+    assert bf16["mean_logp_margin"] == pytest.approx(result["mean_logp_margin"], rel=0.05)
 
 
 def test_onpolicy_pairs_job(tiny_model_path, task_data, tmp_path):

@@ -71,10 +71,11 @@ def main(stage_args: StageArguments, training_args, model_args):
         preflight.update(gates.check_prompt_boundary(tokenizer, train, stage_args.dataset_name))
     before = None
     if heldout is not None and trainer.accelerator.is_main_process:
-        before = preference_eval(trainer.model, tokenizer, vision.as_rows(heldout))
+        before = preference_eval(trainer.model, tokenizer, vision.as_rows(heldout), stage_args.eval_dtype)
         trainer.accelerator.print(f"[dpo] held-out preference accuracy before: {before['accuracy']:.1%}")
     result = common.train(trainer, training_args, stage_args)
-    after = preference_eval(trainer.model, tokenizer, vision.as_rows(heldout)) if before is not None else None
+    after = (preference_eval(trainer.model, tokenizer, vision.as_rows(heldout), stage_args.eval_dtype)
+             if before is not None else None)
     if after:
         trainer.accelerator.print(f"[dpo] held-out preference accuracy after: {after['accuracy']:.1%}")
     extra = {"preference": {"before": before, "after": after}, "preflight": {"pairs_skipped": skipped, **preflight}}
