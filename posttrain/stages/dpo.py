@@ -69,12 +69,13 @@ def main(stage_args: StageArguments, training_args, model_args):
     preflight = common.prepare_trainer(trainer, model, stage_args, model_args, images)
     if stage_args.preflight and not images:
         preflight.update(gates.check_prompt_boundary(tokenizer, train, stage_args.dataset_name))
-    before = None
+    before, heldout_rows = None, None
     if heldout is not None and trainer.accelerator.is_main_process:
-        before = preference_eval(trainer.model, tokenizer, vision.as_rows(heldout), stage_args.eval_dtype)
+        heldout_rows = vision.as_rows(heldout)  # read once, scored before and after training
+        before = preference_eval(trainer.model, tokenizer, heldout_rows, stage_args.eval_dtype)
         trainer.accelerator.print(f"[dpo] held-out preference accuracy before: {before['accuracy']:.1%}")
     result = common.train(trainer, training_args, stage_args)
-    after = (preference_eval(trainer.model, tokenizer, vision.as_rows(heldout), stage_args.eval_dtype)
+    after = (preference_eval(trainer.model, tokenizer, heldout_rows, stage_args.eval_dtype)
              if before is not None else None)
     if after:
         trainer.accelerator.print(f"[dpo] held-out preference accuracy after: {after['accuracy']:.1%}")
