@@ -78,6 +78,45 @@ def test_dpo_continues_sft_adapter_with_frozen_reference(tiny_model_path, sft_ad
     assert json.loads(metrics)["preflight"]["prompt_boundary"].startswith("ok (")  # gates.check_prompt_boundary ran
 
 
+@pytest.mark.parametrize("arch", ["llama", "ernie4_5_moe"])
+def test_padding_free_dpo_trains_as_the_padded_batches_do(arch, tiny_model_path, tmp_path, monkeypatch):
+    """`padding_free` (TRL 1.16 switches its own off): the stage scores each batch's real tokens as one sequence; the
+    losses and reward margins of three steps, and the adapter they leave, match the padded batches'."""
+    from trl import DPOConfig, ModelConfig
+
+    from posttrain.models import padding_free as packing
+
+    unpacked = []
+    unpack = packing.unpack
+    monkeypatch.setattr(packing, "unpack", lambda packed, real: unpacked.append(real.shape) or unpack(packed, real))
+
+    path = tiny_model_path(arch)
+    data = pairs_dir(tmp_path)
+    runs = {}
+    for name, padding_free in (("padded", False), ("packed", True)):
+        stage_args = StageArguments(dataset_name=str(data), tokenizer_name_or_path=str(path))
+        training = DPOConfig(output_dir=str(tmp_path / name), max_steps=3, per_device_train_batch_size=4,
+                             learning_rate=1e-2, beta=0.1, logging_steps=1, save_strategy="no", report_to="none",
+                             bf16=False, use_cpu=True, max_length=128, seed=0, padding_free=padding_free)
+        model_args = ModelConfig(model_name_or_path=str(path), use_peft=True, lora_r=4, lora_alpha=8,
+                                 lora_dropout=0.0, lora_target_modules=["all-linear"])
+        runs[name] = dpo.main(stage_args, training, model_args)
+        # 3 steps, each a policy and a reference forward (log-probs, entropy, ... unpacked), none when padded
+        assert (len(unpacked) >= 6) == padding_free, unpacked
+    logs = {name: [log for log in trainer.state.log_history if "loss" in log] for name, trainer in runs.items()}
+    assert len(logs["packed"]) == 3
+    for padded, packed in zip(logs["padded"], logs["packed"], strict=True):
+        for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
+            assert math.isclose(packed[key], padded[key], rel_tol=1e-3, abs_tol=1e-4), (key, packed, padded)
+    preflight = json.loads((tmp_path / "packed" / "metrics.json").read_text())["preflight"]
+    assert preflight["padding_free"] and preflight["attention"] == "packed_rows"
+    assert "padding_free" not in json.loads((tmp_path / "padded" / "metrics.json").read_text())["preflight"]
+    weights = {name: {n: p.detach() for n, p in trainer.model.named_parameters() if "lora_" in n}
+               for name, trainer in runs.items()}
+    for name, value in weights["padded"].items():
+        torch.testing.assert_close(weights["packed"][name], value, atol=1e-4, rtol=1e-3, msg=name)
+
+
 def test_dpo_on_base_model_trains_fresh_adapter(tiny_model_path, tmp_path):
     from trl import DPOConfig, ModelConfig
 

@@ -5,7 +5,7 @@
 - `tiny.py`: tiny random-weight test models, text and vision-language, and LLaVA around a causal LM;
 - `precision.py`: frozen weights cast once for bf16 autocast (`frozen_weights_cast`), and what a sampler decodes
   under in either precision (`sampling_weights`);
-- `attention.py`: `packed_rows`, attention within each row of a padding-free batch off CUDA (the SFT stage uses it);
+- `attention.py`: `packed_rows`, attention within each row of a padding-free batch off CUDA (the SFT and DPO stages use it);
 - `lm_head.py`: TRL's fused LM head on CPU scoring labelled positions only, in one projection (`use_on_cpu`);
 - `templates.py`: the built-in chat templates;
 - `vision.py`: what only vision-language models need (processors, LoRA on the language tower, images in data).

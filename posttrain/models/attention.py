@@ -10,13 +10,13 @@ so this does it by hand:
   computed there with two batched matmuls and a softmax (causal within each row, padding masked), and the rows put
   back in order. Autocast runs SDPA in bf16, and torch's CPU flash-attention kernel, called once per row, spent more
   time in its bf16 backward than this whole batch takes: forward and backward of the default recipe's SFT batches
-  1.17x faster (see `stages.sft.attend_by_row`);
+  1.17x faster (see `stages.common.attend_by_row`);
 - otherwise SDPA row by row: in float32 the padded batch was slower (0.92x), and so it is where the padded scores
   would be large (`MAX_SCORES`: long rows of very different lengths).
 
 Anything that is not a packed training batch (padded batches, generation with a cache) goes to transformers' SDPA as
-it is. Registered with transformers' attention and mask interfaces as "packed_rows" (`register`); the SFT stage
-switches to it off CUDA for padding-free batches when the recipe names no `attn_implementation`.
+it is. Registered with transformers' attention and mask interfaces as "packed_rows" (`register`); the SFT
+and DPO stages switch to it off CUDA for padding-free batches when the recipe names no `attn_implementation`.
 """
 
 import torch
