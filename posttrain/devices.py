@@ -78,13 +78,14 @@ def speed_defaults(stage: str, model_path: str | Path | None) -> dict:
 
     - `gradient_checkpointing` by model size (TRL turns it on everywhere; below `CHECKPOINTING_FROM_PARAMS` it only
       costs recompute).
-    - `padding_free` for SFT and DPO: a batch's rows as one sequence without padding (see `stages.sft.flatten_batches`
-      and `models.padding_free`); image rows stay padded.
+    - `padding_free` for SFT, DPO and UPO: a batch's rows as one sequence without padding (see
+      `stages.sft.flatten_batches` and `models.padding_free`); image rows stay padded. (`grpo`: `posttrain bench`'s
+      row for UPO at λ = 0.)
     - `use_liger_kernel` for SFT and DPO on a GPU where Liger is installed (fused RMSNorm, RoPE, SwiGLU kernels). Not
       for UPO: GRPO's Liger loss never computes the per-token log-probs the DPO term reuses.
     """
     defaults = {"gradient_checkpointing": parameter_count(model_path) >= CHECKPOINTING_FROM_PARAMS}
-    if stage in ("sft", "dpo"):
+    if stage in ("sft", "dpo", "upo", "grpo"):
         defaults["padding_free"] = True
     if stage in ("sft", "dpo") and has_cuda() and importlib.util.find_spec("liger_kernel") is not None:
         defaults["use_liger_kernel"] = True

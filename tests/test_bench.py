@@ -72,8 +72,9 @@ def test_row_by_row_attention_is_sdpa_per_row(arch, tiny_model_path):
 def test_speed_defaults_by_stage_and_size(tiny_model_path):
     path = tiny_model_path("llama")
     assert speed_defaults("sft", path) == {"gradient_checkpointing": False, "padding_free": True}
-    assert speed_defaults("dpo", path) == {"gradient_checkpointing": False}  # no GPU here: no Liger
-    assert speed_defaults("upo", None) == {"gradient_checkpointing": False}
+    # no GPU here: no Liger
+    assert speed_defaults("dpo", path) == {"gradient_checkpointing": False, "padding_free": True}
+    assert speed_defaults("upo", None) == {"gradient_checkpointing": False, "padding_free": True}
     flags = accelerate_launch_args(None, 1)
     # the stage runs as many threads as a plain script would here (tests pin one)
     assert flags[flags.index("--num_cpu_threads_per_process") + 1] == str(torch.get_num_threads()) == "1"

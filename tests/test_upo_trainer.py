@@ -653,3 +653,39 @@ def test_reference_forward_chunked_by_batch_size(dpo_trainer):
     whole = dpo_trainer._reference_logps(prompts, completions)
     assert rows == [4, 4, 1, 9]
     torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-4)
+
+
+def test_padding_free_scoring_trains_as_the_padded_batches_do(tmp_path, tiny_model_path, tiny_tokenizer,
+                                                             monkeypatch):
+    """`padding_free` (the UPO stage's default): GRPO's forwards, the DPO term's and the reference's score each batch's
+    real tokens as one sequence; the losses, the DPO term and the gradients of two steps match the padded batches'
+    (the rollouts are the same: generation is untouched)."""
+    from trl import ModelConfig
+
+    from posttrain.models import padding_free as packing
+    from posttrain.stages.common import pack_scoring
+
+    unpacked = []
+    unpack = packing.unpack
+    monkeypatch.setattr(packing, "unpack", lambda packed, real: unpacked.append(real.shape) or unpack(packed, real))
+    runs = {}
+    for name in ("padded", "packed"):
+        recorder = GradientRecorder()
+        args = UPOConfig(output_dir=str(tmp_path / name), **TINY, upo_lambda=0.5)
+        trainer = UPOTrainer(load_model(tiny_model_path()), reward_funcs=[varied_reward], args=args,
+                             train_dataset=render_prompts(prompts(), tiny_tokenizer), processing_class=tiny_tokenizer,
+                             peft_config=lora(), callbacks=[recorder])
+        if name == "packed":
+            assert pack_scoring(trainer, ModelConfig()) == "packed_rows"
+        trainer.train()
+        runs[name] = [h for h in trainer.state.log_history if "loss" in h], recorder.steps
+        assert bool(unpacked) == (name == "packed")
+    (padded_logs, padded_grads), (packed_logs, packed_grads) = runs["padded"], runs["packed"]
+    assert len(packed_logs) == 2 and packed_logs[-1]["upo/pairs_online"] > 0
+    for padded, packed in zip(padded_logs, packed_logs, strict=True):
+        for key in ("loss", "reward", "upo/pg_loss", "upo/dpo_loss"):
+            assert packed[key] == pytest.approx(padded[key], rel=1e-4, abs=1e-6), key
+    for padded, packed in zip(padded_grads, packed_grads, strict=True):
+        assert padded.keys() == packed.keys() and padded
+        for name in padded:
+            torch.testing.assert_close(packed[name], padded[name], rtol=1e-3, atol=1e-5)

@@ -134,6 +134,18 @@ def attend_by_row(model, model_args, device) -> str:
     return base.config._attn_implementation
 
 
+def pack_scoring(trainer, model_args) -> str:
+    """`padding_free` for DPO and UPO, whose TRL trainers pad: the policy's and the reference's scoring forwards run on
+    each batch's real tokens only, as one sequence (`models.padding_free`), attending within each row; same log-probs
+    and gradients as the padded batch (tested). Returns the attention in use."""
+    from ..models.padding_free import pack_scoring_forward
+
+    models = [m for m in (trainer.model, trainer.ref_model) if m is not None]  # those TRL gave its fused LM head
+    for model in models:
+        pack_scoring_forward(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    return [attend_by_row(model, model_args, trainer.accelerator.device) for model in models][0]
+
+
 def freeze_vision(trainer, stage_args, model_args) -> dict:
     """A continued VLM adapter's fully trained modules (vision tower, projector) stay unchanged in this stage unless
     it lists them in `lora_modules_to_save` (see `vision.freeze_vision`)."""

@@ -56,7 +56,7 @@ def main(stage_args: StageArguments, training_args, model_args):
     if stage_args.dataset_test_split:
         heldout, _ = load_pairs(stage_args, stage_args.dataset_test_split, tokenizer, training_args.max_length)
     images = vision.has_images(train)
-    # TRL (1.16) turns its own padding-free DPO off; the stage packs the padded batches itself (`pack_padded`)
+    # TRL (1.16) turns its own padding-free DPO off; the stage packs the padded batches itself
     packed, training_args.padding_free = training_args.padding_free and not images, False
 
     trainer = DPOTrainer(
@@ -70,7 +70,7 @@ def main(stage_args: StageArguments, training_args, model_args):
     common.guard_checkpoints(trainer)
     preflight = common.prepare_trainer(trainer, model, stage_args, model_args, images)
     if packed:
-        preflight.update(padding_free=True, attention=pack_padded(trainer, model_args))
+        preflight.update(padding_free=True, attention=common.pack_scoring(trainer, model_args))
     if stage_args.preflight and not images:
         preflight.update(gates.check_prompt_boundary(tokenizer, train, stage_args.dataset_name))
     before, heldout_rows = None, None
@@ -86,18 +86,6 @@ def main(stage_args: StageArguments, training_args, model_args):
     extra = {"preference": {"before": before, "after": after}, "preflight": {"pairs_skipped": skipped, **preflight}}
     common.finish(trainer, "dpo", stage_args, tokenizer, result, started, extra=extra)
     return trainer
-
-
-def pack_padded(trainer, model_args) -> str:
-    """`padding_free` (a default): the policy's and the reference's scoring forwards run on each batch's real tokens
-    only, as one sequence (`models.padding_free`); same log-probs and gradients as the padded batch (tested). On the
-    default recipe's pairs, 29% of each padded batch was padding. Returns the attention in use."""
-    from ..models.padding_free import pack_scoring_forward
-
-    models = [m for m in (trainer.model, trainer.ref_model) if m is not None]  # those TRL gave its fused LM head
-    for model in models:
-        pack_scoring_forward(model.get_base_model() if hasattr(model, "get_base_model") else model)
-    return [common.attend_by_row(model, model_args, trainer.accelerator.device) for model in models][0]
 
 
 def make_parser():

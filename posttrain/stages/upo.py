@@ -63,13 +63,16 @@ def main(stage_args: StageArguments, training_args, model_args, curriculum_args:
     if curriculum_args.phases:
         dataset = curriculum(dataset, stage_args, curriculum_args.phases, training_args.seed)
         training_args.shuffle_dataset = False  # the phase order is the point
-    if vision.has_images(dataset):
+    images = vision.has_images(dataset)
+    if images:
         if stage_args.preflight:
             gates.check_image_slots(dataset, stage_args.dataset_name)
         dataset = image_prompts(dataset, training_args)
     trainer = UPOTrainer(model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, offline_dataset=offline)
     common.guard_checkpoints(trainer)
+    if training_args.padding_free and not images:
+        preflight.update(padding_free=True, attention=common.pack_scoring(trainer, model_args))
     frozen = common.freeze_vision(trainer, stage_args, model_args)
     result = common.train(trainer, training_args, stage_args)
     extra = {"upo": {"lambda": training_args.upo_lambda, "mode": training_args.upo_mode,

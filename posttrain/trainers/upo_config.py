@@ -70,6 +70,11 @@ class UPOConfig(GRPOConfig):
             the unmerged LoRA layers. About 40% less rollout time for 8 x 40 tokens on 2 CPU cores with bf16. Only
             the sampler changes: the policy-gradient and DPO terms score the sampled tokens in a training forward
             either way.
+        padding_free (`bool`, *optional*, defaults to `False`):
+            Score each batch of prompts and rollouts (GRPO's forwards, the DPO term's, the reference's) on its real
+            tokens only, as one sequence with position ids restarting at each row, instead of left- and right-padded
+            (`posttrain.models.padding_free`; applied by the UPO stage, on by default there). Image prompts stay
+            padded. The same log-probs and gradients in float32.
     """
 
     _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["rewards"]
@@ -123,6 +128,11 @@ class UPOConfig(GRPOConfig):
         metadata={"help": "Sample rollouts from copies of the weights with the LoRA adapter merged in (bf16 copies "
                           "with bf16, float32 ones on CPU without it; transformers generate): ~40% less rollout time "
                           "on CPU with bf16; the losses are unchanged."},
+    )
+    padding_free: bool = field(
+        default=False,
+        metadata={"help": "Score each batch's real tokens only, as one sequence without padding (the UPO stage applies "
+                          "it; image prompts stay padded); the same log-probs and gradients."},
     )
     normalize_rewards_by: str | None = field(
         default=None,
