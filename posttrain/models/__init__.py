@@ -5,7 +5,7 @@
 - `tiny.py`: tiny random-weight test models, text and vision-language, and LLaVA around a causal LM;
 - `precision.py`: frozen weights cast once for bf16 autocast (`frozen_weights_cast`), and what a sampler decodes
   under in either precision (`sampling_weights`);
-- `attention.py`: `packed_rows`, attention within each row of a padding-free batch off CUDA (the SFT and DPO stages use it);
+- `attention.py`: `packed_rows`, attention within each row of a padding-free batch off CUDA (the SFT, DPO and UPO stages use it);
 - `lm_head.py`: TRL's fused LM head on CPU scoring labelled positions only, in one projection (`use_on_cpu`);
 - `padding_free.py`: padded DPO and UPO batches scored on their real tokens only, as one sequence;
 - `templates.py`: the built-in chat templates;

@@ -15,8 +15,8 @@ so this does it by hand:
   would be large (`MAX_SCORES`: long rows of very different lengths).
 
 Anything that is not a packed training batch (padded batches, generation with a cache) goes to transformers' SDPA as
-it is. Registered with transformers' attention and mask interfaces as "packed_rows" (`register`); the SFT
-and DPO stages switch to it off CUDA for padding-free batches when the recipe names no `attn_implementation`.
+it is. Registered with transformers' attention and mask interfaces as "packed_rows" (`register`); the SFT,
+DPO and UPO stages switch to it off CUDA for padding-free batches when the recipe names no `attn_implementation`.
 """
 
 import torch

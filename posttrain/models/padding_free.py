@@ -1,4 +1,4 @@
-"""Padding-free scoring for trainers that collate padded batches: TRL's DPOTrainer.
+"""Padding-free scoring for trainers that collate padded batches: TRL's DPOTrainer, and GRPO's forwards in UPO.
 
 TRL (1.16) turns DPO's `padding_free` off ("temporarily unavailable after a refactor"): its collator pads each batch of
 chosen and rejected rows to the longest, and on the default recipe's on-policy pairs (37 to 79 tokens) 29% of every
@@ -6,8 +6,9 @@ policy and reference forward was padding. `pack_scoring_forward` wraps the model
 `trl.trainer.utils.add_fused_lm_head`: `model(..., labels=labels, fused_lm_head=True)`) so that a padded batch runs on
 its real tokens only, as one sequence whose position ids restart at each row, and the per-token outputs are put back in
 the padded layout. TRL's loss code reads them unchanged, so every DPO loss type, `ld_alpha` and the reference
-log-probs work as before. Attention stays within each row: transformers builds a block-diagonal mask from the position
-ids, flash-attention kernels take the row boundaries, and on CPU the stage switches to `models.attention.packed_rows`.
+log-probs work as before, and so do GRPO's forwards in `UPOTrainer` (left-padded prompts, right-padded rollouts).
+Attention stays within each row: transformers builds a block-diagonal mask from the position ids, flash-attention
+kernels take the row boundaries, and on CPU the stage switches to `models.attention.packed_rows`.
 """
 
 import functools

@@ -140,10 +140,13 @@ def pack_scoring(trainer, model_args) -> str:
     and gradients as the padded batch (tested). Returns the attention in use."""
     from ..models.padding_free import pack_scoring_forward
 
-    models = [m for m in (trainer.model, trainer.ref_model) if m is not None]  # those TRL gave its fused LM head
-    for model in models:
-        pack_scoring_forward(model.get_base_model() if hasattr(model, "get_base_model") else model)
-    return [attend_by_row(model, model_args, trainer.accelerator.device) for model in models][0]
+    attentions = []
+    for model in (trainer.model, trainer.ref_model):  # those TRL gave its fused LM head (no ref_model under PEFT)
+        if model is not None:
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            pack_scoring_forward(base)
+            attentions.append(attend_by_row(base, model_args, trainer.accelerator.device))
+    return attentions[0]  # the policy's
 
 
 def freeze_vision(trainer, stage_args, model_args) -> dict:
