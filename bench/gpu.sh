@@ -2,7 +2,12 @@
 # posttrain bench on a GPU machine: plain TRL vs posttrain for SFT, DPO and UPO on a Qwen2.5-1.5B-shaped model with
 # random weights (no Hub), in under 8 minutes; then the ZeRO/FSDP engine runs of bench/gpu_engines.sh when present.
 #
-#   bench/gpu.sh [OUT_DIR]          # OUT_DIR defaults to $OUT (the device runner's output folder), else outputs/gpu
+#   bench/gpu.sh [OUT_DIR [BENCH_FLAGS...]]   # OUT_DIR defaults to $OUT (the device runner's output folder), else
+#                                             # outputs/gpu; BENCH_FLAGS override the bench's (e.g. --repeats 2)
+#   ENGINES=0 bench/gpu.sh ...                # the bench only
+#
+# If the bench is cut short (BENCH_TIMEOUT, default 480 s), the runs it finished are still copied to OUT_DIR
+# (*.runs.json, the rows `posttrain.bench.summarize` makes the table from).
 #
 # The GPU machine lacks trl, datasets and liger-kernel and cannot reach a registry: they come as wheels carried in
 # the tree (WHEELS, default .whl/; fill it once on a connected machine with
@@ -12,6 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-outputs/gpu}}
+shift || true
 wheels=${WHEELS:-.whl}
 mkdir -p "$out"
 if compgen -G "$wheels/*.whl" > /dev/null; then
@@ -22,15 +28,28 @@ else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-python3 -c "import torch, transformers, trl, peft; print('torch', torch.__version__, 'transformers', \
-transformers.__version__, 'trl', trl.__version__, 'peft', peft.__version__)" | tee -a "$out/gpu.txt"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"; } \
+  | tee "$out/gpu.txt"
+python3 - <<'PY' | tee -a "$out/gpu.txt"
+import importlib.metadata as m
+for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "liger-kernel", "pyarrow", "triton"):
+    try:
+        print(name, m.version(name), end="  ")
+    except m.PackageNotFoundError:
+        print(name, "absent", end="  ")
+print()
+PY
 
 # ~1 min to build the model; SFT/DPO 10 steps x 3 repeats x 3 columns and GRPO/UPO 3 steps x 5 runs: ~5 min on an H100
-timeout 480 python3 -m posttrain bench --model shape:qwen2.5-1.5b --steps 10 --repeats 3 --rl-steps 3 --rl-repeats 1 \
-  --batch-size 8 --max-length 512 --num-generations 8 --max-completion-length 128 \
-  --work /tmp/posttrain-bench --out "$out/bench.json" 2>&1 | tee "$out/bench.log"
+work=/tmp/posttrain-bench
+code=0
+timeout "${BENCH_TIMEOUT:-480}" python3 -m posttrain bench --model shape:qwen2.5-1.5b --steps 10 --repeats 3 \
+  --rl-steps 3 --rl-repeats 1 --batch-size 8 --max-length 512 --num-generations 8 --max-completion-length 128 \
+  --work "$work" --out "$out/bench.json" "$@" 2>&1 | tee "$out/bench.log" || code=$?
+cp "$work"/*.runs.json "$out"/ 2>/dev/null || true  # what finished, also when the bench was cut short
 
-if [[ -x bench/gpu_engines.sh ]]; then
-  bench/gpu_engines.sh "$out"
+if [[ "${ENGINES:-1}" != 0 && -x bench/gpu_engines.sh ]]; then
+  bench/gpu_engines.sh /tmp/posttrain-engines || code=$?
+  cp /tmp/posttrain-engines/engines.md /tmp/posttrain-engines/engines.jsonl "$out"/ 2>/dev/null || true
 fi
+exit "$code"

@@ -13,15 +13,16 @@ cd "$(dirname "$0")/.."
 OUT="${1:-outputs/gpu-engines}"
 mkdir -p "$OUT"
 RESULTS="$OUT/engines.jsonl"
+PYTHON=${PYTHON:-python3}  # the GPU machine has python3 only
 : > "$RESULTS"
-if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "gpu_engines: no CUDA device; nothing run" | tee "$OUT/engines.md"
   exit 0
 fi
 STEPS="stages.sft.max_steps=3 stages.dpo.max_steps=3 stages.upo.max_steps=2 eval.limit=4"
 
 record() {  # engine, variant, exit code, run folder
-  python - "$@" >> "$RESULTS" <<'PY'
+  "$PYTHON" - "$@" >> "$RESULTS" <<'PY'
 import json, sys
 from pathlib import Path
 engine, variant, code, run = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
@@ -43,7 +44,7 @@ run_engine() {  # engine, variant, extra overrides...
   local engine="$1" variant="$2"; shift 2
   local name="engine-${engine}-${variant}"
   echo "== $engine ($variant)"
-  python -m posttrain run recipes/tiny/text.yaml "name=$name" $STEPS "$@" \
+  "$PYTHON" -m posttrain run recipes/tiny/text.yaml "name=$name" $STEPS "$@" \
       --accelerate-config "recipes/accelerate/${engine}.yaml" --num-processes 1 --output-dir "$OUT" \
       > "$OUT/$name.log" 2>&1
   local code=$?
@@ -52,17 +53,17 @@ run_engine() {  # engine, variant, extra overrides...
 }
 
 for engine in fsdp zero2 zero3; do
-  if [[ "$engine" == zero* ]] && ! python -c "import deepspeed" 2>/dev/null; then
+  if [[ "$engine" == zero* ]] && ! "$PYTHON" -c "import deepspeed" 2>/dev/null; then
     echo "{\"engine\": \"$engine\", \"variant\": \"hf\", \"skipped\": \"deepspeed not installed\"}" >> "$RESULTS"
     continue
   fi
   run_engine "$engine" hf
-  if python -c "import vllm" 2>/dev/null; then
+  if "$PYTHON" -c "import vllm" 2>/dev/null; then
     run_engine "$engine" vllm-colocate stages.upo.use_vllm=true stages.upo.vllm_mode=colocate
   fi
 done
 
-python - "$RESULTS" > "$OUT/engines.md" <<'PY'
+"$PYTHON" - "$RESULTS" > "$OUT/engines.md" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
 print("| engine | variant | sft | dpo | upo | adapter tensors |\n|---|---|---|---|---|---|")
