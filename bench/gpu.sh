@@ -7,7 +7,7 @@
 #   ENGINES=0 bench/gpu.sh ...                # the bench only
 #
 # If the bench is cut short (BENCH_TIMEOUT, default 480 s), the runs it finished are still copied to OUT_DIR
-# (*.runs.json, the rows `posttrain.bench.summarize` makes the table from).
+# (*.runs.json; `posttrain bench --from-runs OUT_DIR --out OUT_DIR/bench.json` makes their table).
 #
 # The GPU machine lacks trl, datasets and liger-kernel and cannot reach a registry: they come as wheels carried in
 # the tree (WHEELS, default .whl/; fill it once on a connected machine with

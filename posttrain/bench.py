@@ -3,6 +3,7 @@
     posttrain bench                                   # the default model (SmolLM2-135M-Instruct), CPU or GPU
     posttrain bench --model shape:qwen2.5-1.5b        # random weights in that shape: no Hub needed (GPU)
     posttrain bench --stages sft,dpo --steps 6 --repeats 3
+    posttrain bench --from-runs outputs/bench         # the table of the runs a cut-short bench finished
 
 Rows: `sft`, `dpo`, `grpo` (plain `GRPOTrainer` vs our UPO with `upo_lambda: 0`) and `upo` (`upo_lambda: 0.5`, set
 against the same plain GRPO step). Columns:
@@ -345,16 +346,41 @@ def run_bench(options: BenchOptions) -> dict:
             console.rule(f"bench: {', '.join(rows)}")
             runs += run_worker(plan_runs(rows, inputs, options, work), threads, work, "-".join(rows))
     device, peak = device_name()
-    table = summarize(runs, parameter_count(model), peak)
+    result = {"model": options.model, "model_path": str(model), "device": device, "threads": threads,
+              "options": options.__dict__, "wall_s": round(time.time() - started, 1)}
+    return write_results(result, runs, parameter_count(model), peak, options.out)
+
+
+def write_results(result: dict, runs: list[dict], n_params: int, peak_tflops: float | None, out) -> dict:
+    """The table of `runs` added to `result`, written to `out` (.json) and printed and written as Markdown (.md)."""
+    table = summarize(runs, n_params, peak_tflops)
+    device, threads = result["device"], result.get("threads") or 1
     label = device if device != "CPU" else f"CPU, {threads} thread" + ("s" if threads > 1 else "")
     markdown = markdown_table(table, label)
-    result = {"model": options.model, "model_path": str(model), "device": device, "threads": threads,
-              "options": options.__dict__, "wall_s": round(time.time() - started, 1), "table": table, "runs": runs}
-    write_json(options.out, result, default=str)
-    write_text(Path(options.out).with_suffix(".md"), markdown)
+    result = {**result, "table": table, "runs": runs}
+    write_json(out, result, default=str)
+    write_text(Path(out).with_suffix(".md"), markdown)
     console.print(markdown, markup=False, highlight=False)
-    console.print(f"wrote {options.out} and {Path(options.out).with_suffix('.md')} ({result['wall_s']:.0f} s)")
+    wall = f" ({result['wall_s']:.0f} s)" if result.get("wall_s") else ""
+    console.print(f"wrote {out} and {Path(out).with_suffix('.md')}{wall}")
     return result
+
+
+def results_from_runs(folder: Path, out) -> dict:
+    """The table of whatever runs the workers finished, from their `*.runs.json` in `folder` (a bench's `--work`
+    folder, or where `bench/gpu.sh` copied them): for a bench that was cut short or whose last worker failed."""
+    from .errors import UserError
+
+    parts = [json.loads(path.read_text()) for path in sorted(folder.glob("*.runs.json"))]
+    parts = [part for part in parts if part.get("runs")]
+    if not parts:
+        raise UserError(f"--from-runs {folder}: no *.runs.json with finished runs there (a bench's --work folder, "
+                        "or the folder bench/gpu.sh copied them to)")
+    first = parts[0]
+    runs = sorted((run for part in parts for run in part["runs"]), key=lambda run: ROWS.index(run["row"]))
+    result = {"model": None, "device": first.get("device", "unknown"), "threads": first.get("threads"),
+              "from_runs": str(folder)}
+    return write_results(result, runs, first.get("parameters", 0), first.get("peak_tflops"), out)
 
 
 def add_parser(sub) -> None:
@@ -374,12 +400,17 @@ def add_parser(sub) -> None:
     bench.add_argument("--threads", type=int, help="CPU threads for both sides (default: OMP_NUM_THREADS or all cores)")
     bench.add_argument("--work", default="outputs/bench", help="model, data and adapter cache, run folders")
     bench.add_argument("--out", default="bench.json", help="results; the Markdown table goes next to it (.md)")
+    bench.add_argument("--from-runs", metavar="DIR", help="run nothing: make the table from the *.runs.json in DIR "
+                       "(the runs a cut-short bench finished)")
     bench.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args) -> int:
     from .errors import UserError
 
+    if args.from_runs:
+        results_from_runs(Path(args.from_runs), args.out)
+        return 0
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     unknown = [s for s in stages if s not in ROWS]
     if unknown:

@@ -185,6 +185,13 @@ def main(argv: list[str]) -> int:
     for (row, column), run in warm.items():
         print(f"[bench] warm-up: one step of {row} {column}…", flush=True)
         measure(row, {**run, "args": {**run["args"], "max_steps": 1, "logging_steps": 1}})
+    from .bench import device_name
+    from .devices import parameter_count
+
+    # what `posttrain bench --from-runs` needs to make the table from these runs alone, e.g. when a bench was cut short
+    device, peak = device_name()
+    params = parameter_count(spec["runs"][0]["args"]["model_name_or_path"]) if spec["runs"] else 0
+    about = {"device": device, "peak_tflops": peak, "parameters": params}
     results = []
     for index, run in enumerate(spec["runs"], 1):
         print(f"[bench] {index}/{len(spec['runs'])} {run['row']} {run['column']} (repeat {run['repeat']})…",
@@ -192,7 +199,7 @@ def main(argv: list[str]) -> int:
         results.append(measure(run["row"], run))
         print(f"[bench] {run['row']} {run['column']}: {results[-1]['train_runtime_s']:.1f} s training, "
               f"{results[-1]['tokens']} tokens, peak {results[-1]['peak_memory_bytes'] / 2**30:.2f} GiB", flush=True)
-        write_json(argv[1], {"threads": spec["threads"], "runs": results})
+        write_json(argv[1], {"threads": spec["threads"], **about, "runs": results})
     return 0
 
 

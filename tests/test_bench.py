@@ -121,6 +121,18 @@ def test_bench_one_step_on_a_tiny_model(tmp_path, posttrain_cli):
     assert {run["tokens"] for run in result["runs"] if run["row"] == "sft"} != {0}
     markdown = out.with_suffix(".md").read_text()
     assert "| sft | trl |" in markdown and "| upo | defaults |" in markdown
+    # the same table from the workers' *.runs.json alone (what a cut-short bench leaves), the DPO worker's missing
+    (tmp_path / "work" / "dpo.runs.json").unlink()
+    again = tmp_path / "again.json"
+    posttrain_cli("bench", "--from-runs", tmp_path / "work", "--out", again, cwd=tmp_path)
+    rebuilt = json.loads(again.read_text())
+    assert list(rebuilt["table"]) == ["sft", "grpo", "upo"] and rebuilt["device"] == result["device"]
+    for row, columns in rebuilt["table"].items():
+        for name, column in columns.items():
+            assert column["tokens_per_s"] == table[row][name]["tokens_per_s"]
+    assert "| sft | trl |" in again.with_suffix(".md").read_text()
+    missing = posttrain_cli("bench", "--from-runs", tmp_path, "--out", again, cwd=tmp_path, check=False)
+    assert missing.returncode != 0 and "no *.runs.json" in missing.stderr + missing.stdout
 
 
 def test_stage_configs_do_not_warn_about_names_the_user_did_not_choose(tmp_path):
