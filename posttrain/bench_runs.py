@@ -174,6 +174,9 @@ def measure(stage: str, run: dict) -> dict:
 def main(argv: list[str]) -> int:
     import torch
 
+    from .bench import device_name
+    from .devices import parameter_count
+
     spec = json.loads(Path(argv[0]).read_text())
     if not torch.cuda.is_available():
         torch.set_num_threads(spec["threads"])  # both sides; the stage's own set_threads applies the same number
@@ -185,9 +188,6 @@ def main(argv: list[str]) -> int:
     for (row, column), run in warm.items():
         print(f"[bench] warm-up: one step of {row} {column}…", flush=True)
         measure(row, {**run, "args": {**run["args"], "max_steps": 1, "logging_steps": 1}})
-    from .bench import device_name
-    from .devices import parameter_count
-
     # what `posttrain bench --from-runs` needs to make the table from these runs alone, e.g. when a bench was cut short
     device, peak = device_name()
     params = parameter_count(spec["runs"][0]["args"]["model_name_or_path"]) if spec["runs"] else 0
