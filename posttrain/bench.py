@@ -4,6 +4,8 @@
     posttrain bench --model shape:qwen2.5-1.5b        # random weights in that shape: no Hub needed (GPU)
     posttrain bench --stages sft,dpo --steps 6 --repeats 3
     posttrain bench --from-runs outputs/bench         # the table of the runs a cut-short bench finished
+    posttrain bench --variant bf16:dtype=bfloat16     # one more column: our defaults plus these arguments
+    posttrain bench --data chat                       # SFT and DPO on real conversations of varied length
 
 Rows: `sft`, `dpo`, `grpo` (plain `GRPOTrainer` vs our UPO with `upo_lambda: 0`) and `upo` (`upo_lambda: 0.5`, set
 against the same plain GRPO step). Columns:
@@ -12,13 +14,16 @@ against the same plain GRPO step). Columns:
 - `equal`: the posttrain stage with exactly the same arguments (TRL's resolved defaults written out, so none of ours
   applies): the cost of posttrain itself, which should be none;
 - `defaults`: the posttrain stage with the bench arguments only, i.e. what a recipe gets without tuning
-  (`devices.device_defaults` and `devices.speed_defaults`, the same functions the pipeline uses).
+  (`devices.device_defaults` and `devices.speed_defaults`, the same functions the pipeline uses);
+- one more per `--variant NAME:KEY=VALUE,...`: `defaults` with those arguments over it (a candidate default, measured
+  side by side before it becomes one).
 
 Every (stage, column) runs `--repeats` times; each repeat runs the columns in the opposite order of the previous one,
 and ratios are taken within a repeat, so a load change on a shared machine hits both sides of a ratio alike. It
 asserts nothing: it prints a table, and writes bench.json and bench.md.
 """
 
+import importlib.util
 import json
 import os
 import statistics
@@ -60,6 +65,8 @@ class BenchOptions:
     num_generations: int = 8
     max_completion_length: int = 48
     threads: int | None = None
+    variants: dict[str, dict] | None = None  # column name -> arguments over `defaults`
+    data: str = "tasks"  # or "chat"
     work: str = "outputs/bench"
     out: str = "bench.json"
 
@@ -116,27 +123,49 @@ def prepare_inputs(model: Path, work: Path, options: BenchOptions) -> dict:
     if not (tasks / "prompts.parquet").is_file():
         run_job("build_verifiable_tasks", {"n_train": max(64, rows), "n_test": 8, "domains": ["arithmetic"],
                                            "seed": 0}, tasks)
-    write_bench_data(tasks, work / "data", tokenizer)
-    return {"model": str(model), "tokenizer": str(tokenizer_dir), "data": str(work / "data"),
+    data = work / ("data" if options.data == "tasks" else f"data-{options.data}")
+    write_bench_data(tasks, data, tokenizer, options.data, options.max_length)
+    return {"model": str(model), "tokenizer": str(tokenizer_dir), "data": str(data),
             "adapter": str(starting_adapter(model, work / "adapter"))}
 
 
-def write_bench_data(tasks: Path, out: Path, tokenizer) -> None:
+def write_bench_data(tasks: Path, out: Path, tokenizer, kind: str = "tasks", max_length: int = 256) -> None:
     """SFT conversations and DPO pairs with TRL's own per-row `chat_template_kwargs` (so the plain script renders them
-    as the stage does), and RL prompts rendered to text in their thinking mode (both sides tokenize the same text)."""
+    as the stage does), and RL prompts rendered to text in their thinking mode (both sides tokenize the same text).
+
+    `kind`: "tasks", the arithmetic tasks' rows (about 58 tokens each: a step is mostly per-kernel overhead on a GPU);
+    "chat", rows of varied length as real data has them: SFT on the human conversations of
+    `data_prep/sources/chitchat.jsonl` (300, about 20 to 1,000 tokens), DPO on the dialogues and replies of
+    `hhh_alignment.jsonl` (221 pairs; a BIG-bench evaluation set, used here to time random-weight models only), those
+    that fit in `max_length` whole (the stages refuse a prompt that leaves no room for the reply)."""
     from datasets import load_dataset
 
     from .trainers.upo_pairs import render_prompt_text
 
-    sft = load_dataset("parquet", data_files=str(tasks / "sft.parquet"), split="train")
-    sft = sft.map(lambda row: {"chat_template_kwargs": {"enable_thinking": bool(row["thinking"])}})
+    if kind == "chat":
+        sources = Path(__file__).resolve().parent.parent / "data_prep" / "sources"
+        sources = sources if sources.is_dir() else Path(importlib.util.find_spec("data_prep").origin).parent / "sources"
+        sft = load_dataset("json", data_files=str(sources / "chitchat.jsonl"), split="train")
+        pairs = load_dataset("json", data_files=str(sources / "hhh_alignment.jsonl"), split="train")
+        no_thinking = {"chat_template_kwargs": {"enable_thinking": False}}
+        sft = sft.map(lambda row: no_thinking)
+        def tokens(messages):
+            text = tokenizer.apply_chat_template(messages, tokenize=False, enable_thinking=False)
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        pairs = pairs.filter(lambda row: max(tokens(row["prompt"] + row[side]) for side in ("chosen", "rejected"))
+                             <= max_length).map(lambda row: no_thinking)
+    else:
+        sft = load_dataset("parquet", data_files=str(tasks / "sft.parquet"), split="train")
+        sft = sft.map(lambda row: {"chat_template_kwargs": {"enable_thinking": bool(row["thinking"])}})
     sft.select_columns(["messages", "chat_template_kwargs"]).to_parquet(out / "sft" / "train.parquet")
     prompts = load_dataset("parquet", data_files=str(tasks / "prompts.parquet"), split="train")
-    completions = prompts["completion"]
-    pairs = prompts.map(lambda row, i: {  # rejected: the next task's reply, a wrong answer in the same format
-        "chosen": [{"role": "assistant", "content": row["completion"]}],
-        "rejected": [{"role": "assistant", "content": completions[(i + 1) % len(completions)]}],
-        "chat_template_kwargs": {"enable_thinking": bool(row["thinking"])}}, with_indices=True)
+    if kind != "chat":
+        completions = prompts["completion"]
+        pairs = prompts.map(lambda row, i: {  # rejected: the next task's reply, a wrong answer in the same format
+            "chosen": [{"role": "assistant", "content": row["completion"]}],
+            "rejected": [{"role": "assistant", "content": completions[(i + 1) % len(completions)]}],
+            "chat_template_kwargs": {"enable_thinking": bool(row["thinking"])}}, with_indices=True)
     pairs.select_columns(["prompt", "chosen", "rejected", "chat_template_kwargs"]).to_parquet(
         out / "pairs" / "train.parquet")
     rl = prompts.map(lambda row: {"prompt": render_prompt_text(tokenizer, row["prompt"], row["thinking"])})
@@ -186,19 +215,37 @@ def bench_args(row: str, inputs: dict, options: BenchOptions) -> dict:
             "learning_rate": 3e-5, "upo_lambda": 0.5 if row == "upo" else 0.0}
 
 
-def column_args(row: str, column: str, args: dict) -> dict:
+def column_args(row: str, column: str, args: dict, variants: dict | None = None) -> dict:
     """`trl` and `equal`: the bench arguments plus TRL's own defaults written out for every key posttrain would
-    otherwise choose; `defaults`: posttrain's choices (the pipeline's functions) over the bench arguments."""
+    otherwise choose; `defaults`: posttrain's choices (the pipeline's functions) over the bench arguments; a variant:
+    `defaults` with its own arguments over them."""
     from .devices import device_defaults, has_cuda, speed_defaults
 
-    if column == "defaults":
-        return {**device_defaults(args), **speed_defaults(row, args["model_name_or_path"]), **args}
+    if column == "defaults" or column in (variants or {}):
+        defaults = {**device_defaults(args), **speed_defaults(row, args["model_name_or_path"], args), **args}
+        return {**defaults, **(variants or {}).get(column, {})}
     trl_defaults = {"bf16": True, "gradient_checkpointing": True, "use_liger_kernel": False}
     return {**trl_defaults, **({} if has_cuda() else {"use_cpu": True}), **args}
 
 
-def columns_for(row: str) -> tuple[str, ...]:
-    return ("equal", "defaults") if row == "upo" else ("trl", "equal", "defaults")
+def columns_for(row: str, variants: dict | None = None) -> tuple[str, ...]:
+    base = ("equal", "defaults") if row == "upo" else ("trl", "equal", "defaults")
+    return (*base, *(variants or {}))
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """`NAME:KEY=VALUE,KEY=VALUE` -> (NAME, {KEY: VALUE}), each value read as a YAML scalar (`true`, `1e-4`, `bf16`)."""
+    import yaml
+
+    from .errors import UserError
+
+    name, _, pairs = text.partition(":")
+    items = [item.partition("=") for item in pairs.split(",") if item.strip()]
+    if not name.strip() or not items or any(not key.strip() or not sep for key, sep, _ in items):
+        raise UserError(f"--variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...], e.g. fused:optim=adamw_torch_fused")
+    if name.strip() in ("trl", "equal", "defaults"):
+        raise UserError(f"--variant {text!r}: '{name.strip()}' is a column already; give the variant another name")
+    return name.strip(), {key.strip(): yaml.safe_load(value) for key, _, value in items}
 
 
 def plan_runs(rows: list[str], inputs: dict, options: BenchOptions, work: Path) -> list[dict]:
@@ -206,9 +253,9 @@ def plan_runs(rows: list[str], inputs: dict, options: BenchOptions, work: Path) 
     runs = []
     repeats = {"sft": options.repeats, "dpo": options.dpo_repeats or options.repeats}.get(rows[0], options.rl_repeats)
     for repeat in range(repeats):
-        order = [(row, column) for row in rows for column in columns_for(row)]
+        order = [(row, column) for row in rows for column in columns_for(row, options.variants)]
         for row, column in order if repeat % 2 == 0 else order[::-1]:
-            args = column_args(row, column, bench_args(row, inputs, options))
+            args = column_args(row, column, bench_args(row, inputs, options), options.variants)
             args["output_dir"] = str(work / "runs" / f"{row}-{column}-{repeat}")
             runs.append({"row": row, "column": column, "repeat": repeat,
                          "side": "trl" if column == "trl" else "posttrain", "args": args})
@@ -398,6 +445,11 @@ def add_parser(sub) -> None:
     bench.add_argument("--num-generations", type=int, default=8)
     bench.add_argument("--max-completion-length", type=int, default=48)
     bench.add_argument("--threads", type=int, help="CPU threads for both sides (default: OMP_NUM_THREADS or all cores)")
+    bench.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                       help="one more column: our defaults with these stage arguments over them (repeatable)")
+    bench.add_argument("--data", choices=("tasks", "chat"), default="tasks",
+                       help="SFT and DPO rows: the arithmetic tasks' (short, about 58 tokens) or real conversations "
+                       "and preference dialogues of varied length (chat); RL rows are the tasks' prompts either way")
     bench.add_argument("--work", default="outputs/bench", help="model, data and adapter cache, run folders")
     bench.add_argument("--out", default="bench.json", help="results; the Markdown table goes next to it (.md)")
     bench.add_argument("--from-runs", metavar="DIR", help="run nothing: make the table from the *.runs.json in DIR "
@@ -419,6 +471,8 @@ def cmd_bench(args) -> int:
                            dpo_repeats=args.dpo_repeats,
                            rl_steps=args.rl_steps, rl_repeats=args.rl_repeats, batch_size=args.batch_size,
                            max_length=args.max_length, num_generations=args.num_generations,
-                           max_completion_length=args.max_completion_length, threads=args.threads, work=args.work,
+                           max_completion_length=args.max_completion_length, threads=args.threads,
+                           variants=dict(parse_variant(text) for text in args.variant) or None, data=args.data,
+                           work=args.work,
                            out=args.out))
     return 0

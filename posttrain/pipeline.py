@@ -250,7 +250,7 @@ class Pipeline:
         from .devices import device_defaults, speed_defaults
 
         ev, base = self.recipe.eval, self.recipe.base
-        args = {**device_defaults(self.recipe.stages[stage]), **speed_defaults(stage, self.base_model),
+        args = {**device_defaults(self.recipe.stages[stage]), **speed_defaults(stage, self.base_model, self.recipe.stages[stage]),
                 **self.substitute(self.recipe.stages[stage])}
         args.update(model_name_or_path=str(self.base_model), tokenizer_name_or_path=str(self.root / "base" / "tokenizer"),
                     trust_remote_code=base.trust_remote_code, output_dir=str(self.root / f".{stage}.partial"))

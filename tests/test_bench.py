@@ -69,12 +69,23 @@ def test_row_by_row_attention_is_sdpa_per_row(arch, tiny_model_path):
     assert torch.equal(generated[0], generated[1])
 
 
-def test_speed_defaults_by_stage_and_size(tiny_model_path):
+def test_speed_defaults_by_stage_and_size(tiny_model_path, monkeypatch):
+    from posttrain import devices
+
     path = tiny_model_path("llama")
     assert speed_defaults("sft", path) == {"gradient_checkpointing": False, "padding_free": True}
-    # no GPU here: no Liger
+    # no GPU here: no Liger, float32 base weights
     assert speed_defaults("dpo", path) == {"gradient_checkpointing": False, "padding_free": True}
     assert speed_defaults("upo", None) == {"gradient_checkpointing": False, "padding_free": True}
+    # on a GPU with bf16: the base weights in bf16 unless the stage trains in fp16 or float32
+    monkeypatch.setattr(devices, "has_cuda", lambda: True)
+    monkeypatch.setattr(devices, "native_bf16", lambda device_type=None: device_type == "cuda")
+    assert speed_defaults("sft", path)["dtype"] == "bfloat16" == speed_defaults("upo", path, {"bf16": True})["dtype"]
+    assert "dtype" not in speed_defaults("sft", path, {"bf16": False})
+    assert "dtype" not in speed_defaults("dpo", path, {"bf16": False, "fp16": True})
+    monkeypatch.setattr(devices, "native_bf16", lambda device_type=None: False)
+    assert "dtype" not in speed_defaults("sft", path)
+    monkeypatch.undo()
     flags = accelerate_launch_args(None, 1)
     # the stage runs as many threads as a plain script would here (tests pin one)
     assert flags[flags.index("--num_cpu_threads_per_process") + 1] == str(torch.get_num_threads()) == "1"
@@ -135,6 +146,27 @@ def test_bench_one_step_on_a_tiny_model(tmp_path, posttrain_cli):
     assert missing.returncode != 0 and "no *.runs.json" in missing.stderr + missing.stdout
 
 
+def test_a_variant_column_is_our_defaults_with_its_arguments_over_them(tmp_path):
+    """`--variant NAME:KEY=VALUE,...` adds a column to every row's repeats: the `defaults` column's arguments with the
+    variant's over them (values read as YAML scalars); malformed text or a taken name is refused."""
+    from posttrain.bench import BenchOptions, parse_variant, plan_runs
+    from posttrain.errors import UserError
+
+    name, extra = parse_variant("fast:optim=adamw_torch_fused, torch_compile=true,learning_rate=0.0001")
+    assert name == "fast" and extra == {"optim": "adamw_torch_fused", "torch_compile": True, "learning_rate": 1e-4}
+    inputs = {"model": str(tmp_path), "tokenizer": str(tmp_path), "data": str(tmp_path), "adapter": str(tmp_path)}
+    options = BenchOptions(stages=("sft",), repeats=2, variants={name: extra})
+    runs = plan_runs(["sft"], inputs, options, tmp_path)
+    assert [run["column"] for run in runs] == ["trl", "equal", "defaults", "fast", "fast", "defaults", "equal", "trl"]
+    defaults, fast = (next(run["args"] for run in runs if run["column"] == c) for c in ("defaults", "fast"))
+    assert {k: v for k, v in fast.items() if k not in {*extra, "output_dir"}} == \
+        {k: v for k, v in defaults.items() if k not in {*extra, "output_dir"}}
+    assert fast["learning_rate"] == 1e-4 and defaults["learning_rate"] != 1e-4 and "padding_free" in fast
+    for bad in ("fast", "fast:", "fast:optim", ":optim=x", "defaults:optim=x"):
+        with pytest.raises(UserError, match="--variant"):
+            parse_variant(bad)
+
+
 def test_stage_configs_do_not_warn_about_names_the_user_did_not_choose(tmp_path):
     """TRL's configs default the deprecated `gradient_checkpointing`: posttrain silences that FutureWarning (and
     PEFT's `is_gradient_checkpointing` one) and no other."""
@@ -166,15 +198,18 @@ def test_packed_rows_attend_as_one_padded_batch_under_autocast(tiny_model_path, 
     torch.manual_seed(0)
     bounds = [(0, 7), (7, 8), (8, 20), (20, 24)]
     query, key, value = (torch.randn(1, heads, 24, 8, requires_grad=True) for heads in (4, 2, 2))
-    padded = attention.padded_rows(query, key, value, bounds, 12, None, 0.0)
     alone = torch.cat([F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
                                                       is_causal=True, enable_gqa=True).transpose(1, 2)
                        for s, e in bounds], dim=1)
-    torch.testing.assert_close(padded, alone)
     weights = torch.randn_like(alone)
-    grads = [torch.autograd.grad((out * weights).sum(), (query, key, value)) for out in (padded, alone)]
-    for ours, theirs in zip(*grads, strict=True):
-        torch.testing.assert_close(ours, theirs)
+    expected = torch.autograd.grad((alone * weights).sum(), (query, key, value))
+    # `padded_rows_sdpa` (what CUDA gets: SDPA over the padded rows, causal, no mask) computes the same on any device
+    for function in (attention.padded_rows, attention.padded_rows_sdpa):
+        padded = function(query, key, value, bounds, 12, None, 0.0)
+        torch.testing.assert_close(padded, alone)
+        for ours, theirs in zip(torch.autograd.grad((padded * weights).sum(), (query, key, value)), expected,
+                                strict=True):
+            torch.testing.assert_close(ours, theirs)
 
     calls = []
     padded_rows = attention.padded_rows

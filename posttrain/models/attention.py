@@ -14,9 +14,15 @@ so this does it by hand:
 - otherwise SDPA row by row: in float32 the padded batch was slower (0.92x), and so it is where the padded scores
   would be large (`MAX_SCORES`: long rows of very different lengths).
 
+On CUDA without flash-attention's varlen kernels, SDPA over the packed square is worse still: its fused kernels do
+not take an arbitrary mask, so the square is computed and kept for the backward (SFT of a 1.5B model on 16
+conversations of ~200 tokens: 32 GiB and slower than plain TRL's padded batches). There the rows are gathered into a
+padded batch and given to SDPA with `is_causal` and no mask (`padded_rows_sdpa`), which its flash kernel takes.
+
 Anything that is not a packed training batch (padded batches, generation with a cache) goes to transformers' SDPA as
 it is. Registered with transformers' attention and mask interfaces as "packed_rows" (`register`); the SFT,
-DPO and UPO stages switch to it off CUDA for padding-free batches when the recipe names no `attn_implementation`.
+DPO and UPO stages switch to it for padding-free batches when the model uses SDPA and the recipe names no
+`attn_implementation` (a flash-attention implementation takes the row boundaries itself).
 """
 
 import torch
@@ -46,6 +52,8 @@ def packed_rows_forward(module, query, key, value, attention_mask, position_ids=
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("is_causal", None)
     longest = max(end - start for start, end in bounds)
+    if query.device.type == "cuda":
+        return padded_rows_sdpa(query, key, value, bounds, longest, kwargs.get("scaling"), kwargs.get("dropout", 0.0)), None
     half = torch.is_autocast_enabled(query.device.type) or query.dtype in (torch.bfloat16, torch.float16)
     if half and len(bounds) * query.shape[1] * longest * longest <= MAX_SCORES:
         return padded_rows(query, key, value, bounds, longest, kwargs.get("scaling"), kwargs.get("dropout", 0.0)), None
@@ -54,15 +62,32 @@ def packed_rows_forward(module, query, key, value, attention_mask, position_ids=
     return torch.cat(rows, dim=1), None
 
 
-def padded_rows(query, key, value, bounds, longest: int, scaling: float | None, dropout: float):
-    """Causal attention within each row of a packed batch of one sequence, the rows padded to `longest` and computed
-    together; returns (1, tokens, heads, head dim)."""
-    device = query.device
+def gather_rows(bounds, longest: int, length: int, device):
+    """Index (rows x longest) of each row's positions in the packed sequence, padding reading the row's last real token
+    or later ones (clamped to `length`), and the mask of real positions."""
     starts = torch.tensor([start for start, _ in bounds], device=device)
     lengths = torch.tensor([end - start for start, end in bounds], device=device)
     offsets = torch.arange(longest, device=device)
     real = offsets[None, :] < lengths[:, None]  # rows x longest
-    index = (starts[:, None] + offsets[None, :]).clamp(max=query.shape[2] - 1)  # padding reads a real token, masked
+    return (starts[:, None] + offsets[None, :]).clamp(max=length - 1), real
+
+
+def padded_rows_sdpa(query, key, value, bounds, longest: int, scaling: float | None, dropout: float):
+    """Causal attention within each row of a packed batch of one sequence, as SDPA over the rows padded at their ends:
+    under the causal mask a real position never sees its row's padding (it comes after it), so no mask is needed and
+    SDPA may use its flash kernel. Returns (1, tokens, heads, head dim)."""
+    index, real = gather_rows(bounds, longest, query.shape[2], query.device)
+    q, k, v = (tensor[0][:, index].transpose(0, 1) for tensor in (query, key, value))  # rows x heads x longest x dim
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2)[real].unsqueeze(0)  # rows x longest x heads x dim -> the real positions, in order
+
+
+def padded_rows(query, key, value, bounds, longest: int, scaling: float | None, dropout: float):
+    """Causal attention within each row of a packed batch of one sequence, the rows padded to `longest` and computed
+    together; returns (1, tokens, heads, head dim)."""
+    device = query.device
+    index, real = gather_rows(bounds, longest, query.shape[2], device)  # padding reads a real token, masked
     groups = query.shape[1] // key.shape[1]  # grouped-query attention: each key/value head serves `groups` heads
     q = query[0][:, index]  # heads x rows x longest x head dim
     k = key[0][:, index].repeat_interleave(groups, dim=0)
