@@ -83,10 +83,12 @@ def speed_defaults(stage: str, model_path: str | Path | None, stage_args: dict |
       row for UPO at λ = 0.)
     - `use_liger_kernel` for SFT and DPO on a GPU where Liger is installed (fused RMSNorm, RoPE, SwiGLU kernels). Not
       for UPO: GRPO's Liger loss never computes the per-token log-probs the DPO term reuses.
-    - `dtype: bfloat16` (the frozen base weights) on a GPU training in bf16, as the shipped GPU recipes set it: no
-      per-step casts of the base weights, half their memory; the LoRA weights stay float32 (PEFT keeps adapters in
-      float32 over a bf16 base). On an H200, SFT 1.72x plain TRL instead of 1.41x, DPO 2.14x instead of 1.52x, at a
-      lower peak (bench/results/2026-12-04-h200/variants). On CPU it gained nothing (docs/experiments.md).
+    - `dtype: bfloat16` (the frozen base weights) for SFT and DPO on a GPU training in bf16, as the shipped GPU
+      recipes set it: no per-step casts of the base weights, half their memory; the LoRA weights stay float32 (PEFT
+      keeps adapters in float32 over a bf16 base). On an H200, SFT 1.72x plain TRL instead of 1.41x, DPO 2.14x
+      instead of 1.52x, at a lower peak (bench/results/2026-12-04-h200/variants). On CPU it gained nothing
+      (docs/experiments.md). Not for UPO: its rollouts decode from float32 base weights copied to bf16 with the
+      adapter merged in (`models.precision.frozen_weights_cast`), which skips a bf16 base, and that is unmeasured.
     """
     defaults = {"gradient_checkpointing": parameter_count(model_path) >= CHECKPOINTING_FROM_PARAMS}
     if stage in ("sft", "dpo", "upo", "grpo"):
@@ -94,7 +96,8 @@ def speed_defaults(stage: str, model_path: str | Path | None, stage_args: dict |
     if stage in ("sft", "dpo") and has_cuda() and importlib.util.find_spec("liger_kernel") is not None:
         defaults["use_liger_kernel"] = True
     stage_args = stage_args or {}
-    if has_cuda() and stage_args.get("bf16", True) and not stage_args.get("fp16") and native_bf16("cuda"):
+    if (stage in ("sft", "dpo") and has_cuda() and stage_args.get("bf16", True) and not stage_args.get("fp16")
+            and native_bf16("cuda")):
         defaults["dtype"] = "bfloat16"
     return defaults
 

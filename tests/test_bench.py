@@ -77,10 +77,11 @@ def test_speed_defaults_by_stage_and_size(tiny_model_path, monkeypatch):
     # no GPU here: no Liger, float32 base weights
     assert speed_defaults("dpo", path) == {"gradient_checkpointing": False, "padding_free": True}
     assert speed_defaults("upo", None) == {"gradient_checkpointing": False, "padding_free": True}
-    # on a GPU with bf16: the base weights in bf16 unless the stage trains in fp16 or float32
+    # on a GPU with bf16: SFT's and DPO's base weights in bf16 unless the stage trains in fp16 or float32
     monkeypatch.setattr(devices, "has_cuda", lambda: True)
     monkeypatch.setattr(devices, "native_bf16", lambda device_type=None: device_type == "cuda")
-    assert speed_defaults("sft", path)["dtype"] == "bfloat16" == speed_defaults("upo", path, {"bf16": True})["dtype"]
+    assert speed_defaults("sft", path)["dtype"] == "bfloat16" == speed_defaults("dpo", path, {"bf16": True})["dtype"]
+    assert "dtype" not in speed_defaults("upo", path)  # its merged bf16 rollouts need a float32 base
     assert "dtype" not in speed_defaults("sft", path, {"bf16": False})
     assert "dtype" not in speed_defaults("dpo", path, {"bf16": False, "fp16": True})
     monkeypatch.setattr(devices, "native_bf16", lambda device_type=None: False)
