@@ -223,6 +223,13 @@ def test_packed_rows_attend_as_one_padded_batch_under_autocast(tiny_model_path, 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(input_ids=ids, position_ids=positions, use_cache=False).logits.float().sum().backward()
     assert len(calls) == model.config.num_hidden_layers
+    # a sliding-window layer whose window a row outgrows keeps SDPA and its sliding mask
+    module = model.model.layers[0].self_attn
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attention.packed_rows_forward(module, query, key, value, None, positions, sliding_window=4)
+        assert len(calls) == model.config.num_hidden_layers
+        attention.packed_rows_forward(module, query, key, value, None, positions, sliding_window=12)
+        assert len(calls) == model.config.num_hidden_layers + 1
 
 
 @pytest.mark.parametrize("bf16", [False, True])

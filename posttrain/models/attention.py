@@ -19,10 +19,10 @@ not take an arbitrary mask, so the square is computed and kept for the backward 
 conversations of ~200 tokens: 32 GiB and slower than plain TRL's padded batches). There the rows are gathered into a
 padded batch and given to SDPA with `is_causal` and no mask (`padded_rows_sdpa`), which its flash kernel takes.
 
-Anything that is not a packed training batch (padded batches, generation with a cache) goes to transformers' SDPA as
-it is. Registered with transformers' attention and mask interfaces as "packed_rows" (`register`); the SFT,
-DPO and UPO stages switch to it for padding-free batches when the model uses SDPA and the recipe names no
-`attn_implementation` (a flash-attention implementation takes the row boundaries itself).
+Anything that is not a packed training batch (padded batches, generation with a cache), and a row longer than a
+sliding-window layer's window, goes to transformers' SDPA as it is. Registered with transformers' attention and mask
+interfaces as "packed_rows" (`register`); the SFT, DPO and UPO stages switch to it for padding-free batches when the
+model uses SDPA and the recipe names no `attn_implementation` (a flash-attention one takes the row boundaries itself).
 """
 
 import torch
@@ -50,8 +50,11 @@ def packed_rows_forward(module, query, key, value, attention_mask, position_ids=
     bounds = row_bounds(position_ids, query.shape[2]) if key.shape[2] == query.shape[2] else None
     if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    kwargs.pop("is_causal", None)
     longest = max(end - start for start, end in bounds)
+    window = kwargs.get("sliding_window")
+    if window is not None and longest > window:  # a row longer than a sliding-window layer's window: SDPA's mask
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    kwargs.pop("is_causal", None)
     if query.device.type == "cuda":
         return padded_rows_sdpa(query, key, value, bounds, longest, kwargs.get("scaling"), kwargs.get("dropout", 0.0)), None
     half = torch.is_autocast_enabled(query.device.type) or query.dtype in (torch.bfloat16, torch.float16)
