@@ -168,6 +168,28 @@ def test_a_variant_column_is_our_defaults_with_its_arguments_over_them(tmp_path)
             parse_variant(bad)
 
 
+def test_bench_chat_data_is_real_conversations_that_fit(tmp_path, tiny_model_path, task_data):
+    """`--data chat`: SFT rows are the shipped human conversations, DPO pairs the preference dialogues whose prompt and
+    either reply fit in `max_length` whole (the stages refuse the others), both rendered without thinking; the RL
+    prompts stay the tasks'."""
+    import pandas as pd
+
+    from posttrain.bench import write_bench_data
+    from posttrain.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_path("llama"), "chatml")
+    write_bench_data(task_data, tmp_path, tokenizer, "chat", max_length=256)
+    sft, pairs, prompts = (pd.read_parquet(tmp_path / name / "train.parquet") for name in ("sft", "pairs", "prompts"))
+    assert len(sft) == 300 and all(len(messages) >= 2 for messages in sft["messages"])
+    assert 0 < len(pairs) < 221  # some dialogues are longer than 256 tokens
+    for _, row in pairs.iterrows():
+        assert not row["chat_template_kwargs"]["enable_thinking"]
+        for side in ("chosen", "rejected"):
+            text = tokenizer.apply_chat_template([*row["prompt"], *row[side]], tokenize=False, enable_thinking=False)
+            assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= 256
+    assert set(prompts.columns) >= {"prompt", "answer", "domain"}
+
+
 def test_stage_configs_do_not_warn_about_names_the_user_did_not_choose(tmp_path):
     """TRL's configs default the deprecated `gradient_checkpointing`: posttrain silences that FutureWarning (and
     PEFT's `is_gradient_checkpointing` one) and no other."""
