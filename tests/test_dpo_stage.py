@@ -148,3 +148,25 @@ def test_pair_gates_name_the_row(tiny_model_path):
                                       "rejected": [{"role": "assistant", "content": "b"}]}])
     with pytest.raises(UserError, match="max_length=64 would cut every reply token"):
         check_preference_pairs(long_prompt, "p", tokenizer, max_length=64)
+
+
+def test_dpo_on_a_bf16_base_continues_the_adapter_in_float32(tiny_model_path, sft_adapter, tmp_path):
+    """`dtype: bfloat16` (the GPU default for SFT and DPO): the continued adapter and its frozen reference copy stay
+    float32 over the bf16 base, padding-free scoring included, and the adapter trains."""
+    from trl import DPOConfig, ModelConfig
+
+    path = tiny_model_path("llama")
+    stage_args = StageArguments(dataset_name=str(pairs_dir(tmp_path)), dataset_test_split="test",
+                                tokenizer_name_or_path=str(path), adapter_path=str(sft_adapter))
+    training = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=2, per_device_train_batch_size=4,
+                         learning_rate=1e-2, beta=0.1, logging_steps=1, save_strategy="no", report_to="none",
+                         bf16=False, use_cpu=True, max_length=128, seed=0, padding_free=True)
+    trainer = dpo.main(stage_args, training, ModelConfig(model_name_or_path=str(path), dtype="bfloat16"))
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    params = dict(trainer.model.named_parameters())
+    assert all(p.dtype == torch.float32 for n, p in params.items() if "lora_" in n)
+    assert all(p.dtype == torch.bfloat16 for n, p in params.items() if "lora_" not in n and p.dim() == 2)
+    live = {n: p for n, p in params.items() if ".default." in n and "lora_B" in n}
+    assert live and any(not torch.equal(p.detach(), params[n.replace(".default.", ".ref.")].detach())
+                        for n, p in live.items())

@@ -281,3 +281,22 @@ def test_loraplus_trains_b_at_its_ratio(tiny_model_path, task_data, sft_configs,
     stage_args.loraplus_lr_ratio, model_args.use_peft = 8.0, False
     with pytest.raises(UserError, match="loraplus_lr_ratio needs a LoRA adapter"):
         sft.main(stage_args, training, model_args)
+
+
+def test_sft_on_a_bf16_base_keeps_lora_in_float32(tiny_model_path, task_data, sft_configs, tmp_path):
+    """`dtype: bfloat16` (the GPU default for SFT and DPO, `devices.speed_defaults`): the frozen base is bf16, the LoRA
+    weights train and are saved in float32, padding-free batches included."""
+    import dataclasses
+
+    path = tiny_model_path("llama")
+    stage_args, training_args, model_args = sft_configs(path, task_data, tmp_path / "out", padding_free=True)
+    trainer = sft.main(stage_args, training_args, dataclasses.replace(model_args, dtype="bfloat16"))
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    params = dict(trainer.model.named_parameters())
+    lora = {n: p for n, p in params.items() if "lora_" in n}
+    assert lora and all(p.dtype == torch.float32 for p in lora.values())
+    assert all(p.dtype == torch.bfloat16 for n, p in params.items() if "lora_" not in n and p.dim() == 2)
+    assert any(p.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)
+    saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert saved and all(t.dtype == torch.float32 for t in saved.values())
