@@ -142,13 +142,14 @@ def write_bench_data(tasks: Path, out: Path, tokenizer, kind: str = "tasks", max
 
     from .trainers.upo_pairs import render_prompt_text
 
+    prompts = load_dataset("parquet", data_files=str(tasks / "prompts.parquet"), split="train")
     if kind == "chat":
-        sources = Path(__file__).resolve().parent.parent / "data_prep" / "sources"
-        sources = sources if sources.is_dir() else Path(importlib.util.find_spec("data_prep").origin).parent / "sources"
+        sources = Path(importlib.util.find_spec("data_prep").origin).parent / "sources"  # its package data
         sft = load_dataset("json", data_files=str(sources / "chitchat.jsonl"), split="train")
         pairs = load_dataset("json", data_files=str(sources / "hhh_alignment.jsonl"), split="train")
         no_thinking = {"chat_template_kwargs": {"enable_thinking": False}}
         sft = sft.map(lambda row: no_thinking)
+
         def tokens(messages):
             text = tokenizer.apply_chat_template(messages, tokenize=False, enable_thinking=False)
             return len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -158,14 +159,12 @@ def write_bench_data(tasks: Path, out: Path, tokenizer, kind: str = "tasks", max
     else:
         sft = load_dataset("parquet", data_files=str(tasks / "sft.parquet"), split="train")
         sft = sft.map(lambda row: {"chat_template_kwargs": {"enable_thinking": bool(row["thinking"])}})
-    sft.select_columns(["messages", "chat_template_kwargs"]).to_parquet(out / "sft" / "train.parquet")
-    prompts = load_dataset("parquet", data_files=str(tasks / "prompts.parquet"), split="train")
-    if kind != "chat":
         completions = prompts["completion"]
         pairs = prompts.map(lambda row, i: {  # rejected: the next task's reply, a wrong answer in the same format
             "chosen": [{"role": "assistant", "content": row["completion"]}],
             "rejected": [{"role": "assistant", "content": completions[(i + 1) % len(completions)]}],
             "chat_template_kwargs": {"enable_thinking": bool(row["thinking"])}}, with_indices=True)
+    sft.select_columns(["messages", "chat_template_kwargs"]).to_parquet(out / "sft" / "train.parquet")
     pairs.select_columns(["prompt", "chosen", "rejected", "chat_template_kwargs"]).to_parquet(
         out / "pairs" / "train.parquet")
     rl = prompts.map(lambda row: {"prompt": render_prompt_text(tokenizer, row["prompt"], row["thinking"])})
@@ -234,7 +233,8 @@ def columns_for(row: str, variants: dict | None = None) -> tuple[str, ...]:
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    """`NAME:KEY=VALUE,KEY=VALUE` -> (NAME, {KEY: VALUE}), each value read as a YAML scalar (`true`, `1e-4`, `bf16`)."""
+    """`NAME:KEY=VALUE,KEY=VALUE` -> (NAME, {KEY: VALUE}), each value read as a YAML scalar (`true`, `0.0001`,
+    `bfloat16`; YAML reads `1e-4` as text)."""
     import yaml
 
     from .errors import UserError
@@ -242,7 +242,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
     name, _, pairs = text.partition(":")
     items = [item.partition("=") for item in pairs.split(",") if item.strip()]
     if not name.strip() or not items or any(not key.strip() or not sep for key, sep, _ in items):
-        raise UserError(f"--variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...], e.g. fused:optim=adamw_torch_fused")
+        raise UserError(f"--variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...], e.g. bf16w:dtype=bfloat16")
     if name.strip() in ("trl", "equal", "defaults"):
         raise UserError(f"--variant {text!r}: '{name.strip()}' is a column already; give the variant another name")
     return name.strip(), {key.strip(): yaml.safe_load(value) for key, _, value in items}

@@ -250,8 +250,9 @@ class Pipeline:
         from .devices import device_defaults, speed_defaults
 
         ev, base = self.recipe.eval, self.recipe.base
-        args = {**device_defaults(self.recipe.stages[stage]), **speed_defaults(stage, self.base_model, self.recipe.stages[stage]),
-                **self.substitute(self.recipe.stages[stage])}
+        recipe_args = self.recipe.stages[stage]
+        args = {**device_defaults(recipe_args), **speed_defaults(stage, self.base_model, recipe_args),
+                **self.substitute(recipe_args)}
         args.update(model_name_or_path=str(self.base_model), tokenizer_name_or_path=str(self.root / "base" / "tokenizer"),
                     trust_remote_code=base.trust_remote_code, output_dir=str(self.root / f".{stage}.partial"))
         # live tracking (report_to: trackio / tensorboard / wandb): the run is the project, each stage one run in it

@@ -116,16 +116,16 @@ def top_layers_lora(peft_config, model, top: int):
     return peft_config
 
 
-def attend_by_row(model, model_args, device) -> str:
+def attend_by_row(model, model_args) -> str:
     """Padding-free batches attend within each row (`models.attention.packed_rows`) instead of over the packed
     square with SDPA: same logits and gradients (tested). 4 SFT steps of the default recipe (16 rows, ~750 tokens a
     batch) took 28.3 s instead of 34.9 s in float32 on 2 AVX2 cores with SDPA per row (median of 3, alternating);
     under bf16 autocast the rows' attention as one padded batch made a forward and backward of those batches 1.17x
     [1.14-1.25] faster than SDPA per row (median and quartiles of 16, alternated in one process). Kept as it is when
     the recipe names an `attn_implementation` and for a model whose attention is not transformers' SDPA (a
-    flash-attention one takes the row boundaries itself). On CUDA the rows go to SDPA's flash kernel as a padded batch: SFT of a 1.5B-shaped model on 16
-    conversations of ~200 tokens a step took 32 GiB over the packed square (H200, 2026-12-04). Returns the one in
-    use."""
+    flash-attention one takes the row boundaries itself). On CUDA the rows go to SDPA's flash kernel as a padded
+    batch: SFT of a 1.5B-shaped model on 16 conversations of ~200 tokens a step took 32 GiB over the packed square
+    (H200, 2026-12-04). Returns the one in use."""
     from ..models.attention import register
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -147,7 +147,7 @@ def pack_scoring(trainer, model_args) -> str:
         if model is not None:
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
             pack_scoring_forward(base)
-            attentions.append(attend_by_row(base, model_args, trainer.accelerator.device))
+            attentions.append(attend_by_row(base, model_args))
     return attentions[0]  # the policy's
 
 

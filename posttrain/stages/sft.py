@@ -60,7 +60,7 @@ def main(stage_args: StageArguments, training_args, model_args):
     if flatten:  # after the gates, which check the labels row by row
         flatten_batches(trainer)
     if trainer.padding_free:
-        preflight["attention"] = common.attend_by_row(trainer.model, model_args, trainer.accelerator.device)
+        preflight["attention"] = common.attend_by_row(trainer.model, model_args)
     trainer.accelerator.print(f"[sft] pre-flight ok: {preflight}")
     result = common.train(trainer, training_args, stage_args)
     common.finish(trainer, "sft", stage_args, tokenizer, result, started, extra={"preflight": preflight})
