@@ -227,8 +227,10 @@ def test_packed_rows_attend_as_one_padded_batch_under_autocast(tiny_model_path, 
     weights = torch.randn_like(alone)
     expected = torch.autograd.grad((alone * weights).sum(), (query, key, value))
     # `padded_rows_sdpa` (what CUDA gets: SDPA over the padded rows, causal, no mask) computes the same on any device
+    rows = attention.PackedRows.from_bounds(bounds, 24, "cpu")
+    assert rows.longest == 12 and rows.real.sum() == 24
     for function in (attention.padded_rows, attention.padded_rows_sdpa):
-        padded = function(query, key, value, bounds, 12, None, 0.0)
+        padded = function(query, key, value, rows, None, 0.0)
         torch.testing.assert_close(padded, alone)
         for ours, theirs in zip(torch.autograd.grad((padded * weights).sum(), (query, key, value)), expected,
                                 strict=True):
@@ -252,6 +254,38 @@ def test_packed_rows_attend_as_one_padded_batch_under_autocast(tiny_model_path, 
         assert len(calls) == model.config.num_hidden_layers
         attention.packed_rows_forward(module, query, key, value, None, positions, sliding_window=12)
         assert len(calls) == model.config.num_hidden_layers + 1
+
+
+def test_packed_layout_is_read_once_per_batch(tiny_model_path, monkeypatch):
+    """The rows of a packed batch are read off its position ids once per forward (a host sync on a GPU), not once per
+    layer, and a later batch, even one of the same length or the same tensor changed in place, gets its own rows."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.models import attention
+
+    reads = []
+    row_bounds = attention.row_bounds
+    monkeypatch.setattr(attention, "row_bounds", lambda *args: reads.append(1) or row_bounds(*args))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path("llama"), attn_implementation=attention.register())
+    assert model.config.num_hidden_layers > 1
+    torch.manual_seed(0)
+    for lengths in ((7, 1, 12, 4), (4, 12, 8), (10, 14)):  # the same 24 tokens, split differently
+        rows = [torch.randint(5, 500, (n,)).tolist() for n in lengths]
+        ids = torch.tensor([sum(rows, [])])
+        positions = torch.tensor([[p for row in rows for p in range(len(row))]])
+        reads.clear()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0]
+            alone = torch.cat([model(input_ids=torch.tensor([row]), use_cache=False).logits[0] for row in rows])
+        assert len(reads) == 1 + len(rows)  # the packed forward once, then each row alone (not packed: no layout)
+        torch.testing.assert_close(packed.float(), alone.float(), rtol=0.05, atol=0.05)
+    reads.clear()
+    positions[0, 10:] = torch.arange(14)  # in place: the rows are now 10 and 14 tokens, whatever the cache held
+    first = attention.packed_layout(positions, 24)
+    positions[0, 10:] = torch.arange(10, 24)
+    second = attention.packed_layout(positions, 24)
+    assert first.bounds == [(0, 10), (10, 24)] and second is None  # one row: not packed
+    assert attention.packed_layout(positions, 24) is second and len(reads) == 2  # the last one cached
 
 
 @pytest.mark.parametrize("bf16", [False, True])

@@ -25,6 +25,9 @@ interfaces as "packed_rows" (`register`); the SFT, DPO and UPO stages switch to 
 model uses SDPA and the recipe names no `attn_implementation` (a flash-attention one takes the row boundaries itself).
 """
 
+import dataclasses
+import weakref
+
 import torch
 
 NAME = "packed_rows"
@@ -42,66 +45,103 @@ def row_bounds(position_ids: torch.Tensor | None, length: int) -> list[tuple[int
     return list(zip(starts, [*starts[1:], length], strict=True))
 
 
+@dataclasses.dataclass(frozen=True)
+class PackedRows:
+    """Where the rows of a packed sequence lie, as the padded-batch attention paths index them.
+
+    `index` (rows x longest): each row's positions in the sequence, padding reading the row's last real token or later
+    ones (clamped to the sequence); `real` (rows x longest): the real positions; `flat`: those positions in the
+    flattened rows x longest layout, in sequence order (gathering with it needs no host sync, a boolean mask would)."""
+
+    bounds: list[tuple[int, int]]
+    longest: int
+    index: torch.Tensor
+    real: torch.Tensor
+    flat: torch.Tensor
+
+    @classmethod
+    def from_bounds(cls, bounds: list[tuple[int, int]], length: int, device) -> "PackedRows":
+        longest = max(end - start for start, end in bounds)
+        starts = torch.tensor([start for start, _ in bounds], device=device)
+        lengths = torch.tensor([end - start for start, end in bounds], device=device)
+        offsets = torch.arange(longest, device=device)
+        real = offsets[None, :] < lengths[:, None]
+        flat = torch.tensor([row * longest + offset for row, (start, end) in enumerate(bounds)
+                             for offset in range(end - start)], device=device)
+        return cls(bounds, longest, (starts[:, None] + offsets[None, :]).clamp(max=length - 1), real, flat)
+
+
+# The layout of the last packed batch, keyed by its position ids: every layer of a forward gets the same tensor, and
+# reading the row starts off the GPU (`row_bounds`) is a host sync, once per forward instead of once per layer. A weak
+# reference, so a later batch whose position ids reuse the freed memory can never match.
+_last_layout: tuple = (None, -1, -1, None)
+
+
+def packed_layout(position_ids: torch.Tensor | None, length: int) -> PackedRows | None:
+    """The rows of a packed batch (`PackedRows`), or None when it is not one (see `row_bounds`); cached per batch."""
+    global _last_layout
+    if position_ids is None:
+        return None
+    ref, version, cached_length, layout = _last_layout
+    if ref is not None and ref() is position_ids and (version, cached_length) == (position_ids._version, length):
+        return layout
+    bounds = row_bounds(position_ids, length)
+    layout = PackedRows.from_bounds(bounds, length, position_ids.device) if bounds else None
+    _last_layout = (weakref.ref(position_ids), position_ids._version, length, layout)
+    return layout
+
+
 def packed_rows_forward(module, query, key, value, attention_mask, position_ids=None, **kwargs):
     """transformers' attention-interface signature (query/key/value: batch, heads, tokens, head dim); returns the
     output as (batch, tokens, heads, head dim) like `sdpa_attention_forward`, and no weights."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    bounds = row_bounds(position_ids, query.shape[2]) if key.shape[2] == query.shape[2] else None
-    if bounds is None:
+    rows = packed_layout(position_ids, query.shape[2]) if key.shape[2] == query.shape[2] else None
+    if rows is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    longest = max(end - start for start, end in bounds)
     window = kwargs.get("sliding_window")
-    if window is not None and longest > window:  # a row longer than a sliding-window layer's window: SDPA's mask
+    if window is not None and rows.longest > window:  # a row longer than a sliding-window layer's window: SDPA's mask
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("is_causal", None)
     if query.device.type == "cuda":
-        return padded_rows_sdpa(query, key, value, bounds, longest, kwargs.get("scaling"), kwargs.get("dropout", 0.0)), None
+        return padded_rows_sdpa(query, key, value, rows, kwargs.get("scaling"), kwargs.get("dropout", 0.0)), None
     half = torch.is_autocast_enabled(query.device.type) or query.dtype in (torch.bfloat16, torch.float16)
-    if half and len(bounds) * query.shape[1] * longest * longest <= MAX_SCORES:
-        return padded_rows(query, key, value, bounds, longest, kwargs.get("scaling"), kwargs.get("dropout", 0.0)), None
-    rows = [sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None,
-                                   is_causal=True, **kwargs)[0] for start, end in bounds]
-    return torch.cat(rows, dim=1), None
+    if half and len(rows.bounds) * query.shape[1] * rows.longest ** 2 <= MAX_SCORES:
+        return padded_rows(query, key, value, rows, kwargs.get("scaling"), kwargs.get("dropout", 0.0)), None
+    out = [sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None,
+                                  is_causal=True, **kwargs)[0] for start, end in rows.bounds]
+    return torch.cat(out, dim=1), None
 
 
-def gather_rows(bounds, longest: int, length: int, device):
-    """Index (rows x longest) of each row's positions in the packed sequence, padding reading the row's last real token
-    or later ones (clamped to `length`), and the mask of real positions."""
-    starts = torch.tensor([start for start, _ in bounds], device=device)
-    lengths = torch.tensor([end - start for start, end in bounds], device=device)
-    offsets = torch.arange(longest, device=device)
-    real = offsets[None, :] < lengths[:, None]  # rows x longest
-    return (starts[:, None] + offsets[None, :]).clamp(max=length - 1), real
+def real_positions(out: torch.Tensor, rows: PackedRows) -> torch.Tensor:
+    """(rows, longest, heads, dim) -> (1, tokens, heads, dim): the real positions, in sequence order."""
+    return out.flatten(0, 1).index_select(0, rows.flat).unsqueeze(0)
 
 
-def padded_rows_sdpa(query, key, value, bounds, longest: int, scaling: float | None, dropout: float):
+def padded_rows_sdpa(query, key, value, rows: PackedRows, scaling: float | None, dropout: float):
     """Causal attention within each row of a packed batch of one sequence, as SDPA over the rows padded at their ends:
     under the causal mask a real position never sees its row's padding (it comes after it), so no mask is needed and
     SDPA may use its flash kernel. Returns (1, tokens, heads, head dim)."""
-    index, real = gather_rows(bounds, longest, query.shape[2], query.device)
-    q, k, v = (tensor[0][:, index].transpose(0, 1) for tensor in (query, key, value))  # rows x heads x longest x dim
+    q, k, v = (tensor[0][:, rows.index].transpose(0, 1) for tensor in (query, key, value))  # rows x heads x longest x dim
     out = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
-    return out.transpose(1, 2)[real].unsqueeze(0)  # rows x longest x heads x dim -> the real positions, in order
+    return real_positions(out.transpose(1, 2), rows)
 
 
-def padded_rows(query, key, value, bounds, longest: int, scaling: float | None, dropout: float):
+def padded_rows(query, key, value, rows: PackedRows, scaling: float | None, dropout: float):
     """Causal attention within each row of a packed batch of one sequence, the rows padded to `longest` and computed
     together; returns (1, tokens, heads, head dim)."""
-    device = query.device
-    index, real = gather_rows(bounds, longest, query.shape[2], device)  # padding reads a real token, masked
     groups = query.shape[1] // key.shape[1]  # grouped-query attention: each key/value head serves `groups` heads
-    q = query[0][:, index]  # heads x rows x longest x head dim
-    k = key[0][:, index].repeat_interleave(groups, dim=0)
-    v = value[0][:, index].repeat_interleave(groups, dim=0)
+    q = query[0][:, rows.index]  # heads x rows x longest x head dim; padding reads a real token, masked
+    k = key[0][:, rows.index].repeat_interleave(groups, dim=0)
+    v = value[0][:, rows.index].repeat_interleave(groups, dim=0)
     scores = torch.matmul(q, k.transpose(-1, -2)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
-    allowed = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()[None] & real[:, None, :]
+    allowed = torch.ones(rows.longest, rows.longest, dtype=torch.bool, device=query.device).tril()[None] & rows.real[:, None, :]
     probs = torch.softmax(scores.float().masked_fill(~allowed, float("-inf")), dim=-1).to(q.dtype)
     if dropout:
         probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
     out = torch.matmul(probs, v)  # heads x rows x longest x head dim
-    return out.permute(1, 2, 0, 3)[real].unsqueeze(0)  # the real positions, rows in order
+    return real_positions(out.permute(1, 2, 0, 3), rows)
 
 
 def register() -> str:
