@@ -6,7 +6,7 @@
 #                                             # outputs/gpu; BENCH_FLAGS override the bench's (e.g. --repeats 2)
 #   ENGINES=0 bench/gpu.sh ...                # the bench only
 #
-# If the bench is cut short (BENCH_TIMEOUT, default 480 s), the runs it finished are still copied to OUT_DIR
+# If the bench is cut short (BENCH_TIMEOUT, default 480 s), the runs it finished are copied to OUT_DIR instead
 # (*.runs.json; `posttrain bench --from-runs OUT_DIR --out OUT_DIR/bench.json` makes their table).
 #
 # The GPU machine lacks trl, datasets and liger-kernel and cannot reach a registry: they come as wheels carried in
@@ -43,11 +43,13 @@ PY
 # The README's table: SFT/DPO 10 steps x 3 repeats x 3 columns, GRPO/UPO 3 steps x 5 runs, batch 32. On one H200
 # (2026-12-04) 4 min 53 s with the model built, before each column got its own warm-up step (about a minute more)
 work=/tmp/posttrain-bench
+rm -f "$work"/*.runs.json "$out"/*.runs.json "$out/bench.json"  # an earlier bench's (the model and data stay cached)
 code=0
 timeout "${BENCH_TIMEOUT:-480}" python3 -m posttrain bench --model shape:qwen2.5-1.5b --steps 10 --repeats 3 \
   --rl-steps 3 --rl-repeats 1 --batch-size 32 --max-length 512 --num-generations 8 --max-completion-length 128 \
   --work "$work" --out "$out/bench.json" "$@" 2>&1 | tee "$out/bench.log" || code=$?
-cp "$work"/*.runs.json "$out"/ 2>/dev/null || true  # what finished, also when the bench was cut short
+# cut short: the runs that finished (otherwise bench.json holds them all)
+[[ -f "$out/bench.json" ]] || cp "$work"/*.runs.json "$out"/ 2>/dev/null || true
 
 if [[ "${ENGINES:-1}" != 0 && -x bench/gpu_engines.sh ]]; then
   bench/gpu_engines.sh /tmp/posttrain-engines || code=$?
