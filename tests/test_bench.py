@@ -286,6 +286,13 @@ def test_packed_layout_is_read_once_per_batch(tiny_model_path, monkeypatch):
     second = attention.packed_layout(positions, 24)
     assert first.bounds == [(0, 10), (10, 24)] and second is None  # one row: not packed
     assert attention.packed_layout(positions, 24) is second and len(reads) == 2  # the last one cached
+    with torch.inference_mode():  # no version counter to see in-place changes by: read every time
+        positions = torch.tensor([[p for n in (10, 14) for p in range(n)]])
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0]  # one read per layer here
+        assert len(reads) == 2 + model.config.num_hidden_layers
+        torch.testing.assert_close(packed[10:], model(input_ids=ids[:, 10:], use_cache=False).logits[0])
+        positions[0, 10:] = torch.arange(10, 24)
+        assert attention.packed_layout(positions, 24) is None
 
 
 @pytest.mark.parametrize("bf16", [False, True])

@@ -82,12 +82,16 @@ def packed_layout(position_ids: torch.Tensor | None, length: int) -> PackedRows 
     global _last_layout
     if position_ids is None:
         return None
+    # an inference-mode tensor has no version counter, so an in-place change could not be seen: not cached
+    cached = not position_ids.is_inference()
     ref, version, cached_length, layout = _last_layout
-    if ref is not None and ref() is position_ids and (version, cached_length) == (position_ids._version, length):
+    if cached and ref is not None and ref() is position_ids and (version, cached_length) == (position_ids._version,
+                                                                                              length):
         return layout
     bounds = row_bounds(position_ids, length)
     layout = PackedRows.from_bounds(bounds, length, position_ids.device) if bounds else None
-    _last_layout = (weakref.ref(position_ids), position_ids._version, length, layout)
+    if cached:
+        _last_layout = (weakref.ref(position_ids), position_ids._version, length, layout)
     return layout
 
 
