@@ -17,6 +17,14 @@ logger = logging.getLogger(__name__)
 # Above this many parameters activations of a batch of 8 x 256 tokens start to crowd an 80 GB GPU, so recomputing
 # them pays; below it gradient checkpointing only costs the recompute (~20 % of an SFT step on CPU, measured).
 CHECKPOINTING_FROM_PARAMS = 3e9
+# Activations a LoRA step keeps for the backward without checkpointing, in bytes per token, hidden unit and layer.
+# Fitted to the H200 bench (a 1.5B model, bf16 base, Liger): the peak without checkpointing less the one with it came
+# to 47-49 bytes for SFT on 2,400 and on 7,100 tokens a step and for DPO on 4,700. Korthikanti et al. (2022) count 34
+# for plain bf16 training with a fused attention kernel.
+ACTIVATION_BYTES = 48
+# Checkpointing also below CHECKPOINTING_FROM_PARAMS when a step's activations, its rows all at their longest, would
+# take more than this share of the GPU's memory: a 1.5B model at 8 rows of 4,096 tokens keeps ~68 GB.
+CHECKPOINTING_MEMORY_SHARE = 0.5
 
 
 def has_cuda() -> bool:
@@ -77,7 +85,8 @@ def speed_defaults(stage: str, model_path: str | Path | None, stage_args: dict |
     """What a stage gets for speed when the recipe does not say otherwise; each one won in `posttrain bench`.
 
     - `gradient_checkpointing` by model size (TRL turns it on everywhere; below `CHECKPOINTING_FROM_PARAMS` it only
-      costs recompute).
+      costs recompute), and on a GPU also by the activations of a step at the recipe's lengths
+      (`activations_crowd_gpu`).
     - `padding_free` for SFT, DPO and UPO: a batch's rows as one sequence without padding (see
       `stages.sft.flatten_batches` and `models.padding_free`); image rows stay padded. (`grpo`: `posttrain bench`'s
       row for UPO at λ = 0.)
@@ -90,16 +99,46 @@ def speed_defaults(stage: str, model_path: str | Path | None, stage_args: dict |
       (docs/experiments.md). Not for UPO: its rollouts decode from float32 base weights copied to bf16 with the
       adapter merged in (`models.precision.frozen_weights_cast`), which skips a bf16 base, and that is unmeasured.
     """
-    defaults = {"gradient_checkpointing": parameter_count(model_path) >= CHECKPOINTING_FROM_PARAMS}
+    stage_args = stage_args or {}
+    defaults = {"gradient_checkpointing": parameter_count(model_path) >= CHECKPOINTING_FROM_PARAMS
+                or activations_crowd_gpu(stage, model_path, stage_args)}
     if stage in ("sft", "dpo", "upo", "grpo"):
         defaults["padding_free"] = True
     if stage in ("sft", "dpo") and has_cuda() and importlib.util.find_spec("liger_kernel") is not None:
         defaults["use_liger_kernel"] = True
-    stage_args = stage_args or {}
     if (stage in ("sft", "dpo") and has_cuda() and stage_args.get("bf16", True) and not stage_args.get("fp16")
             and native_bf16("cuda")):
         defaults["dtype"] = "bfloat16"
     return defaults
+
+
+def step_tokens(stage: str, stage_args: dict) -> int:
+    """Tokens of one device's step with every row at its longest: TRL's defaults where the recipe sets no length (SFT
+    and DPO 1,024 tokens; GRPO 512 completion tokens), DPO's rows chosen and rejected, and an RL prompt taken as 512."""
+    batch = stage_args.get("per_device_train_batch_size") or 8
+    if stage in ("upo", "grpo"):
+        return batch * ((stage_args.get("max_completion_length") or 512) + 512)
+    return (2 if stage == "dpo" else 1) * batch * (stage_args.get("max_length") or 1024)
+
+
+def activations_crowd_gpu(stage: str, model_path: str | Path | None, stage_args: dict) -> bool:
+    """Whether a step's activations without checkpointing (`ACTIVATION_BYTES` a token, hidden unit and layer, at
+    `step_tokens`) would take more than `CHECKPOINTING_MEMORY_SHARE` of the GPU; False on CPU or for an unknown model."""
+    if not has_cuda() or model_path is None or not (Path(model_path) / "config.json").is_file():
+        return False
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    text = config.get("text_config") or config  # a vision-language model's language tower
+    hidden, layers = text.get("hidden_size"), text.get("num_hidden_layers")
+    if not hidden or not layers:
+        return False
+    return ACTIVATION_BYTES * step_tokens(stage, stage_args) * hidden * layers > (CHECKPOINTING_MEMORY_SHARE
+                                                                                   * gpu_memory_bytes())
+
+
+def gpu_memory_bytes() -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory
 
 
 def parameter_count(model_path: str | Path | None) -> int:

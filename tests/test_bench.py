@@ -79,6 +79,7 @@ def test_speed_defaults_by_stage_and_size(tiny_model_path, monkeypatch):
     assert speed_defaults("upo", None) == {"gradient_checkpointing": False, "padding_free": True}
     # on a GPU with bf16: SFT's and DPO's base weights in bf16 unless the stage trains in fp16 or float32
     monkeypatch.setattr(devices, "has_cuda", lambda: True)
+    monkeypatch.setattr(devices, "gpu_memory_bytes", lambda: 80e9)
     monkeypatch.setattr(devices, "native_bf16", lambda device_type=None: device_type == "cuda")
     assert speed_defaults("sft", path)["dtype"] == "bfloat16" == speed_defaults("dpo", path, {"bf16": True})["dtype"]
     assert "dtype" not in speed_defaults("upo", path)  # its merged bf16 rollouts need a float32 base
@@ -90,6 +91,35 @@ def test_speed_defaults_by_stage_and_size(tiny_model_path, monkeypatch):
     flags = accelerate_launch_args(None, 1)
     # the stage runs as many threads as a plain script would here (tests pin one)
     assert flags[flags.index("--num_cpu_threads_per_process") + 1] == str(torch.get_num_threads()) == "1"
+
+
+def test_checkpointing_by_the_activations_of_a_step(tmp_path, monkeypatch):
+    """Below 3B parameters gradient checkpointing stays off unless a step's activations at the recipe's lengths
+    (every row at its longest) would take more than half the GPU: a 1.5B-shaped model gets it at 8 rows of 1,024 tokens
+    on a 24 GB GPU, and on an 80 GB one only from longer rows, DPO's pairs counting twice. Never on CPU."""
+    from posttrain import devices
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text('{"hidden_size": 1536, "num_hidden_layers": 28}')
+    vlm = tmp_path / "vlm"
+    vlm.mkdir()
+    (vlm / "config.json").write_text('{"text_config": {"hidden_size": 1536, "num_hidden_layers": 28}}')
+
+    def checkpointing(stage, args=None, path=model):
+        return speed_defaults(stage, path, args)["gradient_checkpointing"]
+
+    assert not checkpointing("sft", {"max_length": 65536})  # no GPU here
+    monkeypatch.setattr(devices, "has_cuda", lambda: True)
+    monkeypatch.setattr(devices, "native_bf16", lambda device_type=None: True)
+    monkeypatch.setattr(devices, "gpu_memory_bytes", lambda: 24e9)
+    assert checkpointing("sft") and checkpointing("sft", path=vlm)  # TRL's 8 rows of 1,024 tokens: ~17 GB
+    assert not checkpointing("sft", {"max_length": 512}) and not checkpointing("sft", path=tmp_path)  # no config
+    monkeypatch.setattr(devices, "gpu_memory_bytes", lambda: 80e9)
+    assert not checkpointing("sft") and checkpointing("sft", {"max_length": 4096})
+    assert checkpointing("dpo", {"max_length": 2048}) and not checkpointing("sft", {"max_length": 2048})
+    assert not checkpointing("upo", {"max_completion_length": 512})
+    assert checkpointing("upo", {"per_device_train_batch_size": 32, "max_completion_length": 1024})
 
 
 @pytest.mark.parametrize("native", [True, False])
