@@ -62,13 +62,13 @@ class PackedRows:
     @classmethod
     def from_bounds(cls, bounds: list[tuple[int, int]], length: int, device) -> "PackedRows":
         longest = max(end - start for start, end in bounds)
-        starts = torch.tensor([start for start, _ in bounds], device=device)
-        lengths = torch.tensor([end - start for start, end in bounds], device=device)
-        offsets = torch.arange(longest, device=device)
-        real = offsets[None, :] < lengths[:, None]
-        flat = torch.tensor([row * longest + offset for row, (start, end) in enumerate(bounds)
-                             for offset in range(end - start)], device=device)
-        return cls(bounds, longest, (starts[:, None] + offsets[None, :]).clamp(max=length - 1), real, flat)
+        starts = torch.tensor([start for start, _ in bounds])
+        lengths = torch.tensor([end - start for start, end in bounds])
+        offsets = torch.arange(longest)
+        # token t of row r (starting at s) sits at r * longest + t - s of the flattened rows
+        flat = torch.arange(length) + torch.repeat_interleave(torch.arange(len(bounds)) * longest - starts, lengths)
+        index = (starts[:, None] + offsets[None, :]).clamp(max=length - 1)
+        return cls(bounds, longest, *(x.to(device) for x in (index, offsets[None, :] < lengths[:, None], flat)))
 
 
 # The layout of the last packed batch, keyed by its position ids: every layer of a forward gets the same tensor, and
