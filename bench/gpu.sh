@@ -2,7 +2,7 @@
 # posttrain bench on a GPU machine: plain TRL vs posttrain for SFT, DPO and UPO on a Qwen2.5-1.5B-shaped model with
 # random weights (no Hub), in under 8 minutes; then the ZeRO/FSDP engine runs of bench/gpu_engines.sh when present.
 #
-#   bench/gpu.sh [OUT_DIR [BENCH_FLAGS...]]   # OUT_DIR defaults to $OUT (the device runner's output folder), else
+#   bench/gpu.sh [OUT_DIR [BENCH_FLAGS...]]   # OUT_DIR defaults to $OUT (e.g. a job runner's output folder), else
 #                                             # outputs/gpu; BENCH_FLAGS override the bench's (e.g. --repeats 2)
 #   ENGINES=0 bench/gpu.sh ...                # the bench only
 #
