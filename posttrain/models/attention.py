@@ -26,6 +26,7 @@ model uses SDPA and the recipe names no `attn_implementation` (a flash-attention
 """
 
 import dataclasses
+import functools
 import weakref
 
 import torch
@@ -70,11 +71,19 @@ class PackedRows:
         index = (starts[:, None] + offsets[None, :]).clamp(max=length - 1)
         return cls(bounds, longest, *(x.to(device) for x in (index, offsets[None, :] < lengths[:, None], flat)))
 
+    @functools.cached_property
+    def blocked(self) -> torch.Tensor:
+        """(rows x longest x longest): the scores `padded_rows` masks, a later position or padding; made once per batch
+        for all its layers (CPU only: on CUDA the rows need no mask)."""
+        longest = self.longest
+        allowed = torch.ones(longest, longest, dtype=torch.bool, device=self.real.device).tril()[None]
+        return ~(allowed & self.real[:, None, :])
+
 
 # The layout of the last packed batch, keyed by its position ids: every layer of a forward gets the same tensor, and
 # reading the row starts off the GPU (`row_bounds`) is a host sync, once per forward instead of once per layer. A weak
 # reference, so a later batch whose position ids reuse the freed memory can never match.
-_last_layout: tuple = (None, -1, -1, None)
+_last_layout: tuple = (None, None, None)  # (weak reference to the position ids, (version, length), layout)
 
 
 def packed_layout(position_ids: torch.Tensor | None, length: int) -> PackedRows | None:
@@ -83,15 +92,14 @@ def packed_layout(position_ids: torch.Tensor | None, length: int) -> PackedRows 
     if position_ids is None:
         return None
     # an inference-mode tensor has no version counter, so an in-place change could not be seen: not cached
-    cached = not position_ids.is_inference()
-    ref, version, cached_length, layout = _last_layout
-    if cached and ref is not None and ref() is position_ids and (version, cached_length) == (position_ids._version,
-                                                                                              length):
+    key = None if position_ids.is_inference() else (position_ids._version, length)
+    ref, cached_key, layout = _last_layout
+    if key is not None and ref is not None and ref() is position_ids and cached_key == key:
         return layout
     bounds = row_bounds(position_ids, length)
     layout = PackedRows.from_bounds(bounds, length, position_ids.device) if bounds else None
-    if cached:
-        _last_layout = (weakref.ref(position_ids), position_ids._version, length, layout)
+    if key is not None:
+        _last_layout = (weakref.ref(position_ids), key, layout)
     return layout
 
 
@@ -140,8 +148,7 @@ def padded_rows(query, key, value, rows: PackedRows, scaling: float | None, drop
     k = key[0][:, rows.index].repeat_interleave(groups, dim=0)
     v = value[0][:, rows.index].repeat_interleave(groups, dim=0)
     scores = torch.matmul(q, k.transpose(-1, -2)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
-    allowed = torch.ones(rows.longest, rows.longest, dtype=torch.bool, device=query.device).tril()[None] & rows.real[:, None, :]
-    probs = torch.softmax(scores.float().masked_fill(~allowed, float("-inf")), dim=-1).to(q.dtype)
+    probs = torch.softmax(scores.float().masked_fill(rows.blocked, float("-inf")), dim=-1).to(q.dtype)
     if dropout:
         probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
     out = torch.matmul(probs, v)  # heads x rows x longest x head dim
