@@ -20,6 +20,9 @@ going from the recipe's upwards (folders `outputs/<name>-<variant>-seed<k>/`; th
 the spread is the varied stage's). The comparison then gives each variant's mean held-out accuracy with a 95 %
 t-interval over seeds, and its paired difference to the `baseline:` variant (default: the first), seed by seed on the
 same prompts. `--variants a,b` runs a subset (e.g. a shorter check), with the usual KEY=VALUE overrides.
+
+`until: <stage>` (or `--until`) ends every variant's run after that stage, and the comparison reads it there: an
+SFT data variant, say, compared after SFT over several seeds without paying for the stages after it each time.
 """
 
 import copy
@@ -50,24 +53,26 @@ def variant_recipe(recipe: Recipe, variant: str, overrides: dict) -> Recipe:
     return load_recipe(recipe.path, raw=raw)
 
 
-ABLATION_KEYS = ("stage", "variants", "seeds", "baseline")
+ABLATION_KEYS = ("stage", "variants", "seeds", "baseline", "until")
 DEFAULT_SEED = 42  # TrainingArguments' own default, when the recipe sets none
 
 
 @dataclass
 class Ablation:
-    """A checked `ablation:` section: the varied stage, the variants (name -> overrides), seeds per variant and the
-    variant the others are compared with."""
+    """A checked `ablation:` section: the varied stage, the variants (name -> overrides), seeds per variant, the
+    variant the others are compared with, and the last stage each variant runs (None: the recipe's last)."""
 
     stage: str
     variants: dict[str, dict]
     seeds: int = 1
     baseline: str | None = None
+    until: str | None = None
 
 
-def check_ablation(recipe: Recipe, seeds: int | None = None, only: list[str] | None = None) -> Ablation:
-    """Validate the recipe's `ablation:` section and every variant before anything runs; `seeds` and `only` (a
-    subset of the variants) come from the command line and win over the recipe."""
+def check_ablation(recipe: Recipe, seeds: int | None = None, only: list[str] | None = None,
+                   until: str | None = None) -> Ablation:
+    """Validate the recipe's `ablation:` section and every variant before anything runs; `seeds`, `only` (a
+    subset of the variants) and `until` come from the command line and win over the recipe."""
     spec = recipe.raw.get("ablation")
     where = f"{recipe.path}: ablation"
     if not isinstance(spec, dict) or not isinstance(spec.get("variants"), dict) or not spec["variants"]:
@@ -95,7 +100,12 @@ def check_ablation(recipe: Recipe, seeds: int | None = None, only: list[str] | N
     baseline = spec.get("baseline") or next(iter(variants))
     if baseline not in variants:
         raise UserError(f"{where}.baseline: '{baseline}' is not among the variants run ({', '.join(variants)})")
-    return Ablation(stage, variants, seeds, baseline)
+    until = until or spec.get("until")
+    order = list(recipe.stages)
+    if until is not None and order.index(stage) > (order.index(until) if until in order else -1):
+        raise UserError(f"{where}.until: '{until}'; expected the varied stage '{stage}' or one after it "
+                        f"({', '.join(order[order.index(stage):])})")
+    return Ablation(stage, variants, seeds, baseline, until)
 
 
 def variant_runs(recipe: Recipe, plan: Ablation) -> dict[str, list[Recipe]]:
@@ -113,8 +123,9 @@ def variant_runs(recipe: Recipe, plan: Ablation) -> dict[str, list[Recipe]]:
 
 
 def run_ablation(recipe: Recipe, output_root: str | Path = "outputs", accelerate_config: str | None = None,
-                 num_processes: int | None = None, seeds: int | None = None, only: list[str] | None = None) -> Path:
-    plan = check_ablation(recipe, seeds, only)
+                 num_processes: int | None = None, seeds: int | None = None, only: list[str] | None = None,
+                 until: str | None = None) -> Path:
+    plan = check_ablation(recipe, seeds, only, until)
     order = list(recipe.stages)
     shared = Pipeline(recipe, output_root, accelerate_config, num_processes)
     if order.index(plan.stage) > 0:
@@ -130,7 +141,7 @@ def run_ablation(recipe: Recipe, output_root: str | Path = "outputs", accelerate
             # one tracking project for the whole ablation: the variants' runs side by side in one dashboard
             pipeline = Pipeline(variant, output_root, accelerate_config, num_processes, project=recipe.name)
             try:
-                pipeline.run()
+                pipeline.run(until=plan.until)
             except UserError as exc:  # a variant its promote gate stopped is a result to compare, not a crash
                 if pipeline.state.get("steps", {}).get("run", {}).get("status") != "stopped":
                     raise

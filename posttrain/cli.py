@@ -55,7 +55,7 @@ def cmd_run(args) -> int:
 
         return follow(run_dir(recipe, args.output_dir).resolve(), nodes)
     pipeline = Pipeline(recipe, args.output_dir, args.accelerate_config, args.num_processes, nodes=nodes)
-    pipeline.run(only=args.only, start=args.start)
+    pipeline.run(only=args.only, start=args.start, until=args.until)
     return 0
 
 
@@ -74,7 +74,7 @@ def cmd_ablate(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     only = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
-    run_ablation(recipe, args.output_dir, args.accelerate_config, args.num_processes, args.seeds, only)
+    run_ablation(recipe, args.output_dir, args.accelerate_config, args.num_processes, args.seeds, only, args.until)
     return 0
 
 
@@ -154,6 +154,8 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", default="outputs", help="runs go to OUTPUT_DIR/<recipe name>/")
     run.add_argument("--only", metavar="STAGE", help="(re)run this stage only; earlier stages must be finished")
     run.add_argument("--from", dest="start", metavar="STAGE", help="(re)run from this stage on")
+    run.add_argument("--until", metavar="STAGE", help="stop after this stage (--until sft: the data, the base "
+                     "evaluation and SFT)")
     run.add_argument("--accelerate-config", help="accelerate config file (overrides the recipe's)")
     run.add_argument("--num-processes", type=int, help="processes per stage without a config file (default: all GPUs, "
                      "or 1 on CPU; 2+ on CPU runs real data-parallel processes over gloo)")
@@ -176,6 +178,8 @@ def make_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--seeds", type=int, help="runs per variant, seeds counting up from the stage's (default: "
                         "the section's `seeds:`, else 1); the comparison then shows mean ± 95 %% interval")
     ablate.add_argument("--variants", help="comma-separated subset of the variants to run (default: all)")
+    ablate.add_argument("--until", metavar="STAGE", help="end each variant's run after this stage and compare there "
+                        "(default: the section's `until:`, else the recipe's last stage)")
     ablate.set_defaults(func=cmd_ablate)
 
     ev = sub.add_parser("eval", help="held-out evaluation of a run's stage or of any model")

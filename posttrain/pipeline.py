@@ -108,14 +108,17 @@ class Pipeline:
         return value
 
     # ------------------------------------------------------------------------------------------------ steps
-    def run(self, only: str | None = None, start: str | None = None, stop_before: str | None = None) -> dict:
+    def run(self, only: str | None = None, start: str | None = None, stop_before: str | None = None,
+            until: str | None = None) -> dict:
         """Run the recipe (see the module docstring), after checking every file it names. One run per folder at a time
-        (`RunLock`); run.json ends as done, failed or interrupted, never as running."""
+        (`RunLock`); run.json ends as done, failed or interrupted, never as running. `stop_before`: the stages before
+        this one and the data jobs after the last of them (an ablation's shared part); `until`: up to and including
+        this stage, without the data jobs that only later stages read."""
         check_recipe_files(self.recipe)
         lock = RunLock(self.root).acquire(say=lambda text: console.print(f"[yellow]{text}[/yellow]"))
         try:
             self.state = read_json(self.state_path)
-            return self._run(only, start, stop_before)
+            return self._run(only, start, stop_before, until)
         except KeyboardInterrupt:
             self._end_run("interrupted", "interrupted (Ctrl-C)")
             raise
@@ -140,10 +143,14 @@ class Pipeline:
         except OSError:
             pass
 
-    def _run(self, only: str | None, start: str | None, stop_before: str | None) -> dict:
+    def _run(self, only: str | None, start: str | None, stop_before: str | None, until: str | None) -> dict:
         order = list(self.recipe.stages)
+        if until and until not in order:
+            raise UserError(f"--until: stage '{until}' is not in recipe {self.recipe.path} (stages: {', '.join(order)})")
         if stop_before:  # an ablation's shared part: everything before the varied stage
             order = order[:order.index(stop_before)]
+        if until:
+            order = order[:order.index(until) + 1]
         for name in (only, start):
             if name and name not in order:
                 raise UserError(f"stage '{name}' is not in recipe {self.recipe.path} (stages: {', '.join(order)})")
@@ -164,7 +171,8 @@ class Pipeline:
                 elif not (self.root / stage / "lineage.json").is_file():
                     raise UserError(f"stage '{stage}' comes before the ones asked for and has not finished; "
                                     "run it first")
-                self.build_data(after=stage)
+                if stage != until:
+                    self.build_data(after=stage)
                 previous = stage
             self._record("run", status="done", finished=time.strftime("%Y-%m-%d %H:%M:%S"))
             self.print_summary()

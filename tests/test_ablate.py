@@ -61,6 +61,11 @@ def test_seeds_and_a_subset_of_variants():
         check_ablation(load_recipe(TINY, ["ablation.seed=3"]))
     with pytest.raises(UserError, match="ablation.baseline: 'upo' is not among the variants"):
         check_ablation(load_recipe(TINY, ["ablation.baseline=upo"]))
+    assert check_ablation(recipe).until is None and check_ablation(recipe, until="upo").until == "upo"
+    with pytest.raises(UserError, match="ablation.until: 'sft'; expected the varied stage 'upo' or one after it"):
+        check_ablation(recipe, until="sft")  # before the varied stage: the variants would never run it
+    with pytest.raises(UserError, match="ablation.until: 'ppo'"):
+        check_ablation(load_recipe(TINY, ["ablation.until=ppo"]))
 
 
 @pytest.mark.slow
@@ -115,3 +120,35 @@ def test_comparison_over_seeds_pairs_each_seed_with_the_baselines(tmp_path):
     assert "| 2 | 27.5% | 0.0% – 59.3% | 25.0%, 30.0% |" in grpo and "| baseline |" in grpo
     # differences +20 and +30 points: a mean of +25 whose 2-seed t-interval (t = 12.7) still spans 0
     assert "| 52.5% |" in upo and "| +25.0 pts | -38.5 to +88.5 | n.s. | 1 of 2 |" in upo
+
+
+SFT_ABLATION = """ablation:
+  stage: sft
+  until: sft
+  variants:
+    fast: {stages.sft.learning_rate: 1.0e-3}
+    slow: {stages.sft.learning_rate: 1.0e-5}
+"""
+
+
+def test_ablate_until_ends_each_variant_after_that_stage(tmp_path):
+    """An SFT variant compared after SFT: each variant's run stops there (no DPO or UPO, and not the on-policy pairs
+    that only DPO reads), and the comparison reads the SFT evaluation."""
+    text = TINY.read_text()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text[:text.index("ablation:")] + SFT_ABLATION)
+    result = subprocess.run([sys.executable, "-m", "posttrain", "ablate", str(recipe)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    outputs = tmp_path / "outputs"
+    rates = []
+    for variant in ("fast", "slow"):
+        root = outputs / f"tiny-text-{variant}"
+        assert json.loads((root / "sft" / "metrics.json").read_text())["eval"]["n"] == 8
+        assert not (root / "dpo").exists() and not (root / "upo").exists() and not (root / "data" / "pairs").exists()
+        assert json.loads((root / "run.json").read_text())["steps"]["run"]["status"] == "done"
+        rates.append(yaml.safe_load((root / "sft" / "resolved.yaml").read_text())["learning_rate"])
+    assert rates == [1.0e-3, 1.0e-5]
+    comparison = (outputs / "tiny-text-ablation" / "comparison.md").read_text()
+    rows = [line for line in comparison.splitlines() if line.startswith("| **tiny-text-")]
+    assert len(rows) == 2 and all("| sft |" in row for row in rows), comparison

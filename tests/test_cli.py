@@ -58,6 +58,16 @@ def test_overrides_after_flags(tmp_path, capsys):
     assert result.returncode == 2 and "unrecognized arguments: --bogus-flag" in result.stderr
 
 
+def test_until_names_a_stage_of_the_recipe(tmp_path, capsys):
+    """`posttrain run --until STAGE` is checked before any data job or stage runs."""
+    from posttrain.cli import main
+
+    recipe = str(Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "text.yaml")
+    assert main(["run", recipe, "--until", "ppo", "--output-dir", str(tmp_path)]) == 2
+    assert "--until: stage 'ppo' is not in recipe" in capsys.readouterr().out
+    assert not (tmp_path / "tiny-text" / "data").exists() and not (tmp_path / "tiny-text" / "base").exists()
+
+
 def test_eval_of_a_run_stage_reproduces_the_runs_own_evaluation(tiny_run, tmp_path):
     """`posttrain eval RUN --stage S` evaluates as the run did (its recipe's eval: budget, batch, samples), so it gives
     the verdicts the run recorded; a flag given on the command line wins over the run's setting."""
