@@ -128,9 +128,9 @@ def run_ablation(recipe: Recipe, output_root: str | Path = "outputs", accelerate
     plan = check_ablation(recipe, seeds, only, until)
     order = list(recipe.stages)
     shared = Pipeline(recipe, output_root, accelerate_config, num_processes)
-    if order.index(plan.stage) > 0:
-        console.rule(f"ablation: shared stages {' → '.join(order[:order.index(plan.stage)])}")
-        shared.run(only=None, start=None, stop_before=plan.stage)
+    # the data jobs and the base evaluation are shared too, also when the first stage is the varied one
+    console.rule(f"ablation: shared {' → '.join(['data', 'base', *order[:order.index(plan.stage)]])}")
+    shared.run(only=None, start=None, stop_before=plan.stage)
     groups = {}
     for name, variants in variant_runs(recipe, plan).items():
         groups[name] = []

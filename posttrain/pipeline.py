@@ -164,7 +164,7 @@ class Pipeline:
             self.evaluate_base()
             selected = {only} if only else set(order[order.index(start):]) if start else set(order)
             previous = None
-            for stage in order[:max(order.index(s) for s in selected) + 1]:
+            for stage in order[:max((order.index(s) for s in selected), default=-1) + 1]:
                 if stage in selected:
                     self.run_stage(stage, previous, force=bool(only or start))
                     self.promote(stage)
