@@ -102,7 +102,7 @@ def check_ablation(recipe: Recipe, seeds: int | None = None, only: list[str] | N
         raise UserError(f"{where}.baseline: '{baseline}' is not among the variants run ({', '.join(variants)})")
     until = until or spec.get("until")
     order = list(recipe.stages)
-    if until is not None and order.index(stage) > (order.index(until) if until in order else -1):
+    if until is not None and (until not in order or order.index(until) < order.index(stage)):
         raise UserError(f"{where}.until: '{until}'; expected the varied stage '{stage}' or one after it "
                         f"({', '.join(order[order.index(stage):])})")
     return Ablation(stage, variants, seeds, baseline, until)
