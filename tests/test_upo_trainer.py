@@ -14,7 +14,7 @@ from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict
 from posttrain.errors import UserError
 from posttrain.models import load_model
 from posttrain.trainers import UPOConfig, UPOTrainer
-from posttrain.trainers.upo_pairs import default_margin, dpo_loss, mine_pairs, pack, render_prompts
+from posttrain.trainers.upo_pairs import default_margin, dpo_loss, mine_pairs, pack, render_prompts, uniform_groups
 
 NAN = float("nan")
 TINY = dict(per_device_train_batch_size=4, num_generations=4, gradient_accumulation_steps=2, max_completion_length=6,
@@ -602,6 +602,64 @@ def test_normalize_rewards_by_domain_changes_the_advantages(tmp_path, tiny_model
     assert not torch.allclose(plain, by_domain, atol=0.1)
     # one scale per domain: the 0-30 units rewards no longer outweigh the 0-1 arithmetic ones
     assert by_domain[8:].abs().max() < 2 * by_domain[:8].abs().max()
+
+
+def test_uniform_groups_are_those_with_one_reward():
+    rewards = torch.tensor([1, 1, 1, 1, 0, 1, 0, 1, 0, 0, NAN, 0, NAN, NAN, NAN, NAN, 1.5, 1.5, 1.5, 1.6])
+    assert uniform_groups(rewards, 4).tolist() == [True, False, True, True, False]
+
+
+# groups 0 and 2 all right / all wrong, groups 1 and 3 mixed
+UNIFORM_TABLE = [1, 1, 1, 1, 0, 10, 0, 10, 0, 0, 0, 0, 0, 10, 10, 0]
+
+
+def uniform_table_reward(completions, **kwargs):
+    return [float(r) for r in UNIFORM_TABLE[: len(completions)]]
+
+
+def test_drop_uniform_groups_leaves_them_out_of_the_loss(tmp_path, tiny_model_path, tiny_tokenizer):
+    """The same rollouts scored twice: with `drop_uniform_groups` the two uniform groups' rows lose their completion
+    masks, GRPO's token count is the mixed groups' alone, and the gradient is the plain one scaled by the ratio of the
+    token counts (uniform groups have zero advantage, so all they did was dilute the step)."""
+    rows = Dataset.from_list([{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}], "answer": str(i + 1)}
+                              for i in range(4)])
+    args = UPOConfig(output_dir=str(tmp_path), **{**TINY, "gradient_accumulation_steps": 1}, upo_lambda=0.5)
+    trainer = UPOTrainer(load_model(tiny_model_path()), reward_funcs=[uniform_table_reward], args=args,
+                         train_dataset=rows, processing_class=tiny_tokenizer, peft_config=lora())
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop; compute_loss is called directly here
+    inputs = [row for row in rows for _ in range(4)]  # GRPO's RepeatSampler: a prompt's rollouts are adjacent
+    outputs, grads = {}, {}
+    for drop in (False, True):
+        trainer.args.drop_uniform_groups = drop
+        set_seed(0)
+        outputs[drop] = trainer._generate_and_score_completions(inputs)
+        trainer.model.zero_grad()
+        trainer.compute_loss(trainer.model, outputs[drop]).backward()
+        grads[drop] = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    plain, dropped = outputs[False], outputs[True]
+    torch.testing.assert_close(dropped["completion_ids"], plain["completion_ids"])  # the same rollouts
+    kept = torch.tensor([False] * 4 + [True] * 4 + [False] * 4 + [True] * 4)
+    assert dropped["completion_mask"][~kept].sum() == 0
+    torch.testing.assert_close(dropped["completion_mask"][kept], plain["completion_mask"][kept])
+    assert plain["num_items_in_batch"] == plain["completion_mask"].sum()
+    assert dropped["num_items_in_batch"] == plain["completion_mask"][kept].sum()
+    assert trainer._metrics["train"]["upo/groups_dropped"] == [0.5]
+    # the online pairs come from the mixed groups either way
+    assert trainer._metrics["train"]["upo/pairs_online"] == [2.0, 2.0]
+    assert grads[False].keys() == grads[True].keys() and any(g.abs().sum() > 0 for g in grads[False].values())
+    scale = (plain["num_items_in_batch"] / dropped["num_items_in_batch"]).item()
+    assert scale > 1.5
+    # The DPO term (λ = 0.5) is not normalised by the token count: compare the policy-gradient part alone
+    args.upo_lambda = 0.0
+    pg = {}
+    for drop in (False, True):
+        trainer.model.zero_grad()
+        trainer.compute_loss(trainer.model, outputs[drop]).backward()
+        pg[drop] = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    assert any(g.abs().sum() > 0 for g in pg[False].values())
+    for name in pg[False]:
+        torch.testing.assert_close(pg[True][name], pg[False][name] * scale, rtol=1e-4, atol=1e-7)
 
 
 def test_normalize_rewards_by_refuses_per_reward_group_normalisation(tmp_path):

@@ -70,6 +70,15 @@ class UPOConfig(GRPOConfig):
             the unmerged LoRA layers. About 40% less rollout time for 8 x 40 tokens on 2 CPU cores with bf16. Only
             the sampler changes: the policy-gradient and DPO terms score the sampled tokens in a training forward
             either way.
+        drop_uniform_groups (`bool`, *optional*, defaults to `False`):
+            Leave out of the loss the prompt groups whose rollouts all got the same reward (all right or all wrong),
+            as ERNIE 4.5's RL filters them: their advantages are zero, so they add nothing to the policy gradient, but
+            under GRPO's token-level normalisation (`loss_type` `dapo`, its default) their tokens still count in the
+            denominator and shrink every other group's step. Their completion masks are zeroed and the token count
+            recomputed; no prompts are sampled to replace them (DAPO's dynamic sampling would, for more rollouts), so
+            a batch's gradient comes from its informative groups only (with `beta` > 0, their KL term goes too).
+            Training steps only; logged as
+            `upo/groups_dropped` (the fraction of the generation batch's groups).
         padding_free (`bool`, *optional*, defaults to `False`):
             Score each batch of prompts and rollouts (GRPO's forwards, the DPO term's, the reference's) on its real
             tokens only, as one sequence with position ids restarting at each row, instead of left- and right-padded
@@ -128,6 +137,11 @@ class UPOConfig(GRPOConfig):
         metadata={"help": "Sample rollouts from copies of the weights with the LoRA adapter merged in (bf16 copies "
                           "with bf16, float32 ones on CPU without it; transformers generate): ~40% less rollout time "
                           "on CPU with bf16; the losses are unchanged."},
+    )
+    drop_uniform_groups: bool = field(
+        default=False,
+        metadata={"help": "Leave groups whose rollouts all got the same reward out of the loss (and out of GRPO's "
+                          "token count), instead of diluting the other groups' step; none are resampled."},
     )
     padding_free: bool = field(
         default=False,

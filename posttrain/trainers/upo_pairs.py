@@ -27,6 +27,17 @@ def default_margin(rewards: torch.Tensor, valid: torch.Tensor | None = None) -> 
     return 0.5 * (scored.max() - scored.min()).item() if scored.numel() else 0.0
 
 
+def uniform_groups(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """One flag per group of `num_generations` consecutive rollouts: True where every scorable rollout got the same
+    combined reward (all right or all wrong, say), or none could be scored. Such a group has no advantage to learn from
+    and gives no pair."""
+    grouped = rewards.view(-1, num_generations)
+    unscored = torch.isnan(grouped)
+    high = grouped.masked_fill(unscored, -math.inf).amax(dim=1)
+    low = grouped.masked_fill(unscored, math.inf).amin(dim=1)
+    return ~(high - low > 1e-6)  # all unscorable: -inf - inf is not > 0
+
+
 def mine_pairs(
     rewards: torch.Tensor,
     num_generations: int,

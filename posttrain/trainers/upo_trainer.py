@@ -73,6 +73,7 @@ from .upo_pairs import (
     pad_sequences,
     render_prompts,
     select_images,
+    uniform_groups,
 )
 
 OFFLINE_STATE = "upo_offline_pairs.json"  # in each checkpoint: where the offline pairs' shared order stands
@@ -294,10 +295,15 @@ class UPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
-        if not self._online:
-            return output
         mode = "train" if self.model.training else "eval"
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        if self._online:
+            self._mine_online_pairs(output, num_generations, mode)
+        if self.args.drop_uniform_groups and mode == "train":
+            self._drop_uniform_groups(output, num_generations)
+        return output
+
+    def _mine_online_pairs(self, output, num_generations, mode):
         # Masked-out rollouts (e.g. truncated, with mask_truncated_completions) have no log-probs to compare
         valid = self.accelerator.gather((output["completion_mask"].sum(dim=1) > 0).long())
         rewards = self._batch_rewards
@@ -310,7 +316,22 @@ class UPOTrainer(GRPOTrainer):
         self._metrics[mode]["upo/margin"].append(margin)
         if self.args.upo_lambda > 0:
             output.update(self._pair_columns(output, pairs))
-        return output
+
+    def _drop_uniform_groups(self, output, num_generations):
+        """Zero the completion masks of this process's rows in groups whose rewards are all equal, and recount GRPO's
+        loss tokens over every process (`drop_uniform_groups`). Written here because GRPOTrainer has no such filter;
+        the rows stay in the batch, so shapes, the split over `steps_per_generation` and every process's forwards are
+        unchanged. Uniform groups give no online pairs, so the pairs are untouched."""
+        uniform = uniform_groups(self._batch_rewards, num_generations)  # gathered: every process's groups
+        self._metrics["train"]["upo/groups_dropped"].append(uniform.float().mean().item())
+        rows = output["completion_mask"].size(0)
+        start = self.accelerator.process_index * rows
+        keep = (~uniform).repeat_interleave(num_generations)[start:start + rows].to(output["completion_mask"])
+        output["completion_mask"] = output["completion_mask"] * keep.unsqueeze(1)
+        loss_mask = output["completion_mask"]
+        if "tool_mask" in output:
+            loss_mask = loss_mask * output["tool_mask"]
+        output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
 
     def _generate_single_turn(self, *args, **kwargs):
         """GRPO's rollouts, sampled from merged weights when `merged_rollouts` allows (see UPOConfig)."""
