@@ -662,6 +662,31 @@ def test_drop_uniform_groups_leaves_them_out_of_the_loss(tmp_path, tiny_model_pa
         torch.testing.assert_close(pg[True][name], pg[False][name] * scale, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("process, rows, kept", [
+    (1, 8, [1, 1, 1, 1, 0, 0, 0, 0]),  # process 1 of 2 holds groups 2 (mixed) and 3 (uniform)
+    (1, 2, [0, 0]),  # process 1 of 8 holds the second half of group 0 (uniform): a group spanning processes
+    (3, 2, [1, 1]),  # process 3 of 8: the second half of group 1 (mixed)
+])
+def test_drop_uniform_groups_masks_this_process_rows(process, rows, kept):
+    """Rewards are gathered over every process; each process masks only its own slice of the groups."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    class Accelerator:
+        process_index = process
+
+        def gather(self, tensor):  # every process holding as many loss tokens as this one
+            return torch.stack([tensor] * (16 // rows))
+
+    rewards = torch.tensor([1.0] * 4 + [0, 1, 0, 1] + [0, 2, 0, 0] + [3.0] * 4)  # groups: uniform, mixed, mixed, uniform
+    trainer = SimpleNamespace(accelerator=Accelerator(), _batch_rewards=rewards, _metrics={"train": defaultdict(list)})
+    output = {"completion_mask": torch.ones(rows, 3, dtype=torch.long)}
+    UPOTrainer._drop_uniform_groups(trainer, output, 4)
+    assert output["completion_mask"][:, 0].tolist() == kept
+    assert output["num_items_in_batch"] == 3 * sum(kept) * (16 // rows)
+    assert trainer._metrics["train"]["upo/groups_dropped"] == [0.5]
+
+
 def test_normalize_rewards_by_refuses_per_reward_group_normalisation(tmp_path):
     with pytest.raises(UserError, match="normalize_then_sum"):
         UPOConfig(output_dir=str(tmp_path), bf16=False, normalize_rewards_by="domain",
