@@ -74,6 +74,7 @@ def test_config_defaults(tmp_path):
     (dict(upo_mode="offline"), "upo_offline_dataset"),
     (dict(upo_pairs_per_prompt=3, num_generations=4), "upo_pairs_per_prompt"),
     (dict(upo_beta=0.0), "upo_beta"),
+    (dict(upo_sft_weight=-1.0), "upo_sft_weight"),
     (dict(rewards={"acuracy": 1.0}), "unknown reward"),
     (dict(rewards={"accuracy": 1.0}, reward_weights=[1.0]), "not both"),
     (dict(rewards="accuracy"), "must map reward names"),
@@ -316,8 +317,12 @@ def test_reference_is_frozen_copy_of_previous_adapter(dpo_trainer):
     assert not torch.allclose(got, base, atol=1e-3)  # the previous stage, not the base model
 
 
-def test_online_dpo_term_matches_plain_torch(dpo_trainer):
+@pytest.mark.parametrize("sft_weight", [0.0, 0.8])
+def test_online_dpo_term_matches_plain_torch(dpo_trainer, sft_weight):
+    """The pair term against plain torch: λ · mean(DPO loss), plus with `upo_sft_weight` the chosen replies' NLL per
+    token, averaged over the pairs."""
     model, beta, lam = dpo_trainer.model, 0.5, 0.7
+    dpo_trainer.args.upo_sft_weight = sft_weight
     prompt_ids, prompt_mask, completion_ids, completion_mask = pack(
         [[1, 5, 9], [1, 5, 9], [1, 6, 8, 10], [1, 6, 8, 10]], [[20, 21, 22, 2], [23, 2], [24, 25, 2], [26, 27, 28, 29]],
         0, "cpu")
@@ -343,9 +348,15 @@ def test_online_dpo_term_matches_plain_torch(dpo_trainer):
     chosen = plain_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask)[has_pair]
     rejected = plain_logps(model, prompt_ids, prompt_mask, rejected_ids, rejected_mask)[has_pair]
     logits = beta * ((chosen - ref_chosen[has_pair]) - (rejected - ref_rejected[has_pair]))
-    expected = lam * -F.logsigmoid(logits).mean()
+    nll = -chosen / completion_mask[has_pair].sum(-1)  # 4 and 3 tokens
+    expected = lam * (-F.logsigmoid(logits) + sft_weight * nll).mean()
     expected.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+    logged = dpo_trainer._metrics["train"].get("upo/sft_loss")
+    if sft_weight:
+        assert logged == [pytest.approx(nll.mean().item(), rel=1e-4)] and nll.mean() > 1.0  # far from a zero NLL
+    else:
+        assert not logged
     assert abs(logits).max() > 1e-3  # policy and reference differ: a real test of the log-ratios
     for name, grad in upo_grads.items():
         torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-3, atol=1e-6)

@@ -70,6 +70,11 @@ class UPOConfig(GRPOConfig):
             the unmerged LoRA layers. About 40% less rollout time for 8 x 40 tokens on 2 CPU cores with bf16. Only
             the sampler changes: the policy-gradient and DPO terms score the sampled tokens in a training forward
             either way.
+        upo_sft_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of the chosen replies' negative log-likelihood (per token, averaged over the pairs like the DPO
+            loss) added to each pair's DPO loss, as the DPO stage's `loss_type: [sigmoid, sft]` (RPO) does: it keeps
+            the likelihood of the chosen reply, right and well formed, from falling while the margin grows. The whole
+            pair term is still weighted by `upo_lambda`. Logged as `upo/sft_loss`.
         drop_uniform_groups (`bool`, *optional*, defaults to `False`):
             Leave out of the loss the prompt groups whose rollouts all got the same reward (all right or all wrong),
             as ERNIE 4.5's RL filters them: their advantages are zero, so they add nothing to the policy gradient, but
@@ -138,6 +143,11 @@ class UPOConfig(GRPOConfig):
                           "with bf16, float32 ones on CPU without it; transformers generate): ~40% less rollout time "
                           "on CPU with bf16; the losses are unchanged."},
     )
+    upo_sft_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the chosen replies' NLL per token added to each pair's DPO loss (as DPO's "
+                          "loss_type [sigmoid, sft]); the pair term is still scaled by upo_lambda."},
+    )
     drop_uniform_groups: bool = field(
         default=False,
         metadata={"help": "Leave groups whose rollouts all got the same reward out of the loss (and out of GRPO's "
@@ -162,6 +172,8 @@ class UPOConfig(GRPOConfig):
             raise UserError(f"upo_lambda must be >= 0; got {self.upo_lambda}")
         if self.upo_beta <= 0:
             raise UserError(f"upo_beta must be > 0; got {self.upo_beta}")
+        if self.upo_sft_weight < 0:
+            raise UserError(f"upo_sft_weight must be >= 0; got {self.upo_sft_weight}")
         if self.upo_margin is not None and self.upo_margin < 0:
             raise UserError(f"upo_margin must be >= 0 or null (half the observed reward range); got {self.upo_margin}")
         if not 1 <= self.upo_pairs_per_prompt <= self.num_generations // 2:

@@ -486,9 +486,15 @@ class UPOTrainer(GRPOTrainer):
         policy_logps, self._captured_logps = self._captured_logps, None
         self._log_pg_loss(mode, loss)
 
-        chosen, rejected, ref_chosen, ref_rejected, forward = self._pair_logps(model, inputs, policy_logps, mode)
+        chosen, rejected, ref_chosen, ref_rejected, forward, chosen_tokens = self._pair_logps(
+            model, inputs, policy_logps, mode
+        )
         losses, logits = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.args.upo_beta)
         self._log_dpo(mode, losses, logits, chosen - ref_chosen, rejected - ref_rejected)
+        if self.args.upo_sft_weight:  # the chosen replies' NLL per token, as DPO's `loss_type: [sigmoid, sft]`
+            nll = -chosen / chosen_tokens.clamp(min=1)
+            self._log_mean(mode, "upo/sft_loss", nll)  # every process: a gather
+            losses = losses + self.args.upo_sft_weight * nll
         loss = loss + 0.0 * forward.sum()  # keeps the extra forward in the graph even when it scored only a placeholder
         if losses.numel():
             loss = loss + self.args.upo_lambda * losses.sum() / self._dpo_normalizer(inputs, mode, losses.numel())
@@ -496,13 +502,15 @@ class UPOTrainer(GRPOTrainer):
 
     def _pair_logps(self, model, inputs, policy_logps, mode):
         """Summed log-probs of this micro-step's pairs, online pairs first: chosen, rejected, ref chosen, ref rejected,
-        plus the raw output of the one extra policy forward (rejected rollouts and both sides of the offline pairs)."""
+        plus the raw output of the one extra policy forward (rejected rollouts and both sides of the offline pairs) and
+        the chosen replies' token counts."""
         empty = torch.zeros(0, device=self.accelerator.device)
-        chosen, ref_chosen, ref_rejected = empty, empty, empty
+        chosen, ref_chosen, ref_rejected, chosen_tokens = empty, empty, empty, empty
         prompts, completions, images = [], [], None
         if "upo_has_pair" in inputs:
             rows = inputs["upo_has_pair"]
             chosen = (policy_logps[rows] * inputs["completion_mask"][rows]).sum(-1)  # reused from GRPO's forward
+            chosen_tokens = inputs["completion_mask"][rows].sum(-1).float()
             ref_chosen, ref_rejected = inputs["upo_ref_chosen_logps"][rows], inputs["upo_ref_rejected_logps"][rows]
             prompts = _unpad(inputs["prompt_ids"][rows], inputs["prompt_mask"][rows])
             completions = _unpad(inputs["upo_rejected_ids"][rows], inputs["upo_rejected_mask"][rows])
@@ -521,7 +529,9 @@ class UPOTrainer(GRPOTrainer):
             chosen = torch.cat([chosen, forward[num_online : num_online + n]])
             rejected = torch.cat([rejected, forward[num_online + n : end]])
             ref_chosen, ref_rejected = torch.cat([ref_chosen, ref[:n]]), torch.cat([ref_rejected, ref[n:]])
-        return chosen, rejected, ref_chosen, ref_rejected, forward
+            counts = torch.tensor([float(len(pair[1])) for pair in offline], device=chosen_tokens.device)
+            chosen_tokens = torch.cat([chosen_tokens, counts])
+        return chosen, rejected, ref_chosen, ref_rejected, forward, chosen_tokens
 
     def _offline_per_step(self) -> int:
         """Offline pairs per micro-batch: `upo_offline_ratio` per prompt of the micro-batch, rounded, at least 1. An
