@@ -427,7 +427,8 @@ def test_online_upo_run_trains_fresh_adapter(tmp_path, tiny_model_path, tiny_tok
     assert all(torch.equal(after[n], p) for n, p in base_before.items())
 
 
-def test_offline_upo_run_continues_trained_adapter(tmp_path, tiny_model_path, tiny_tokenizer):
+@pytest.mark.parametrize("sft_weight", [0.0, 1.0])
+def test_offline_upo_run_continues_trained_adapter(tmp_path, tiny_model_path, tiny_tokenizer, sft_weight):
     pairs = tmp_path / "prefs.jsonl"
     rows = [
         {"prompt": [{"role": "user", "content": "What is 2 + 2?"}], "chosen": [{"role": "assistant", "content": "4"}],
@@ -440,7 +441,7 @@ def test_offline_upo_run_continues_trained_adapter(tmp_path, tiny_model_path, ti
     model = trained_adapter_model(tiny_model_path())
     args = UPOConfig(output_dir=str(tmp_path / "out"), **TINY, upo_mode="offline", upo_offline_dataset=str(pairs),
                      upo_offline_ratio=2.0, rewards={"accuracy": 1.0, "think_format": 0.5},
-                     normalize_rewards_by="domain")
+                     normalize_rewards_by="domain", upo_sft_weight=sft_weight)
     trainer = UPOTrainer(model, args=args, train_dataset=prompts(), processing_class=tiny_tokenizer)
     assert set(trainer.model.peft_config) == {"default", "ref"}
     default_before = snapshot(trainer.model, lambda n: ".default." in n)
@@ -451,7 +452,10 @@ def test_offline_upo_run_continues_trained_adapter(tmp_path, tiny_model_path, ti
     losses = _logged(trainer, "loss")
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     assert _logged(trainer, "upo/pairs_offline") == [2.0, 2.0]  # per micro-batch: ratio 2 x 1 prompt (4 rows / 4)
-    assert losses[0] == pytest.approx(0.5 * math.log(2), abs=1e-4)  # step 1: policy == its frozen copy
+    # step 1: policy == its frozen copy, so each pair's DPO loss is ln 2; plus the chosen replies' NLL per token
+    nll = _logged(trainer, "upo/sft_loss")[:1] if sft_weight else [0.0]
+    assert not sft_weight or 0.5 < nll[0] < 20  # a random tiny model: several nats a token
+    assert losses[0] == pytest.approx(0.5 * (math.log(2) + sft_weight * nll[0]), abs=1e-4)
     assert _logged(trainer, "upo/dpo_loss") and all(math.isfinite(x) for x in _logged(trainer, "upo/dpo_loss"))
     assert "upo/pairs_online" not in trainer.state.log_history[0]
     after = dict(trainer.model.named_parameters())
