@@ -82,8 +82,7 @@ class UPOConfig(GRPOConfig):
             denominator and shrink every other group's step. Their completion masks are zeroed and the token count
             recomputed; no prompts are sampled to replace them (DAPO's dynamic sampling would, for more rollouts), so
             a batch's gradient comes from its informative groups only (with `beta` > 0, their KL term goes too).
-            Training steps only; logged as
-            `upo/groups_dropped` (the fraction of the generation batch's groups).
+            Training steps only; logged as `upo/groups_dropped` (the fraction of the generation batch's groups).
         padding_free (`bool`, *optional*, defaults to `False`):
             Score each batch of prompts and rollouts (GRPO's forwards, the DPO term's, the reference's) on its real
             tokens only, as one sequence with position ids restarting at each row, instead of left- and right-padded
