@@ -303,21 +303,33 @@ def load_rows(dataset: str, split: str = "test", limit: int | None = None) -> li
     return vision.as_rows(data)
 
 
-def run(settings: EvalArguments, model, tokenizer) -> dict:
-    """`evaluate` a loaded model (and its tokenizer or processor) on `settings.dataset`, as `settings` says."""
+def settings_rows(settings: EvalArguments) -> list[dict]:
+    """The rows `settings` names (a clear error when there is no dataset or it cannot be read)."""
     if not settings.dataset:
         raise UserError("no evaluation dataset: set `eval.dataset` in the recipe or pass --dataset")
-    rows = load_rows(settings.dataset, settings.split, settings.limit)
+    return load_rows(settings.dataset, settings.split, settings.limit)
+
+
+def run(settings: EvalArguments, model, tokenizer, rows: list[dict] | None = None) -> dict:
+    """`evaluate` a loaded model (and its tokenizer or processor) on `settings.dataset`, as `settings` says."""
+    rows = settings_rows(settings) if rows is None else rows
     return evaluate(model, tokenizer, rows, settings.max_new_tokens, settings.batch_size, settings.samples,
                     dtype=settings.dtype, loss_limit=settings.loss_limit)
 
 
 def run_saved(settings: EvalArguments, model: str, tokenizer: str | None = None, adapter: str | None = None,
               out: str | Path | None = None) -> dict:
-    """`run` on the model folder `model` (+ LoRA `adapter`); the metrics, also written as JSON to `out` when given."""
-    from .models import load_model, load_tokenizer
+    """`run` on `model` (a folder, a cached Hub id or `tiny:<arch>`, as a recipe names it; + LoRA `adapter`); the
+    metrics, also written as JSON to `out` when given. The dataset, the model and the adapter are checked before
+    anything loads, so a wrong path is a one-line error rather than a traceback after the model load."""
+    from .models import load_model, load_tokenizer, resolve_model
 
-    metrics = run(settings, load_model(model, adapter=adapter), load_tokenizer(tokenizer or model))
+    rows = settings_rows(settings)
+    model_dir = resolve_model(str(model))
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(f"adapter {adapter}: no adapter_config.json there; expected a LoRA adapter folder such as "
+                        "outputs/<run>/sft")
+    metrics = run(settings, load_model(model_dir, adapter=adapter), load_tokenizer(tokenizer or model_dir), rows)
     if out is not None:
         write_json(out, metrics)
     return metrics

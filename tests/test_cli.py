@@ -105,3 +105,24 @@ def test_a_posttrain_process_skips_the_final_collection_once(monkeypatch):
     finally:
         skip_final_collection.cache_clear()
     assert registered == [gc.freeze]
+
+
+def test_eval_names_a_wrong_model_adapter_or_dataset(tmp_path, capsys, monkeypatch):
+    """`posttrain eval --model ... --dataset ...` resolves the model as a recipe would and checks the dataset and the
+    adapter before loading anything: each mistake is one line naming it, never a library traceback."""
+    from posttrain.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": [{"role": "user", "content": "What is 2 + 2?"}], "answer": "4", "domain": "arithmetic"}\n')
+    data = ["--dataset", str(rows), "--split", "train"]
+    cases = [
+        (["--model", "someone/not-cached", *data], "'someone/not-cached' is not in the local Hugging Face cache"),
+        (["--model", str(tmp_path / "missing"), *data], "is neither a local folder nor a Hub id"),
+        (["--model", "tiny:qwen2", "--adapter", str(tmp_path), *data], "no adapter_config.json there"),
+        (["--model", "someone/not-cached", "--dataset", str(tmp_path / "none.jsonl")], "none.jsonl"),  # data first
+    ]
+    for args, expected in cases:
+        assert main(["eval", *args]) == 2, args
+        printed = capsys.readouterr().out
+        assert expected in printed and "Traceback" not in printed, (args, printed)

@@ -136,10 +136,15 @@ def resolve_model(model_name_or_path: str, revision: str = "main", gguf_file: st
 
 def _hub_snapshot(repo_id: str, revision: str) -> str:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
 
-    if repo_id.count("/") != 1:
-        raise UserError(f"model '{repo_id}' is neither a local folder nor a Hub id of the form 'org/name'")
+    try:  # e.g. a mistyped path like "/data/model", which has the one slash of "org/name"
+        if repo_id.count("/") != 1:
+            raise HFValidationError(repo_id)
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise UserError(f"model '{repo_id}' is neither a local folder nor a Hub id of the form 'org/name'") from None
     try:
         return snapshot_download(repo_id, revision=revision, local_files_only=True)
     except LocalEntryNotFoundError:
