@@ -258,7 +258,8 @@ def finish(trainer, stage: str, stage_args, tokenizer, train_result, started: fl
     tokenizer.save_pretrained(output_dir)
     model = trainer.accelerator.unwrap_model(trainer.model)
     checks = verify_adapter(output_dir, model, live) if live is not None else {}
-    trainer.accelerator.print(f"[{stage}] evaluating on held-out data…")
+    if stage_args.eval_dataset:
+        trainer.accelerator.print(f"[{stage}] evaluating on held-out data…")
     evaluation = run_eval(model, tokenizer, stage_args)
     metrics = {
         "stage": stage,
