@@ -19,6 +19,11 @@ from .errors import ERROR_FILE_ENV
 _EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b.*")
 _CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
 _LAUNCHER = ("subprocess.CalledProcessError", "torch.distributed.elastic.multiprocessing.errors.ChildFailedError")
+# accelerate (1.16) raises its CalledProcessError `from RuntimeError(<the child's stderr tail>)`: Python prints that
+# cause first, with no traceback of its own, so the child's output would reach the terminal twice. A line opening
+# such a cause is held back until the chain marker that follows it proves it one (then it stays in the log only).
+_CAUSE = "RuntimeError: "
+_HOLD_LINES = 5000
 # how accelerate's launchers report a child killed by a signal (one process; torchrun for several)
 _KILLED = re.compile(r"died with <Signals\.\w+: (\d+)>|exitcode\s*:\s*-(\d+)")
 
@@ -38,22 +43,34 @@ class _Echo:
         self.log, self.log_path, self.pending = log, log_path, b""
         self.in_traceback = self.pointed = False
         self.last_exception, self.signal = None, None
+        self.held: list[bytes] | None = None  # lines of a possible chained cause (`_CAUSE`), not shown yet
 
     def feed(self, chunk: bytes) -> None:
         self.log.write(chunk)
         *lines, self.pending = (self.pending + chunk).split(b"\n")
         for line in lines:
             self._line(line + b"\n")
-        if self.pending and not self.in_traceback and b"\r" in self.pending:  # a progress bar: show it as it moves
+        if (self.pending and not self.in_traceback and self.held is None and b"\r" in self.pending
+                and not self.pending.startswith(_CAUSE.encode())):  # a progress bar: show it as it moves
             self._show(self.pending)
             self.pending = b""
 
-    def _line(self, line: bytes) -> None:
+    def _line(self, line: bytes, may_hold: bool = True) -> None:
         text = line.decode(errors="replace").rstrip()
         killed = _KILLED.search(text)
         if killed:
             self.signal = int(killed.group(1) or killed.group(2))
         if text.startswith(_CHAINED):  # between the tracebacks of chained exceptions
+            self.held = None  # what was held was the cause of the exception that follows: the log has it
+            self.in_traceback = True  # the blank line before that exception's traceback goes to the log only
+            return
+        if self.held is not None:
+            self.held.append(line)
+            if len(self.held) >= _HOLD_LINES:
+                self.flush()
+            return
+        if may_hold and text.startswith(_CAUSE) and not self.in_traceback:
+            self.held = [line]
             return
         if text.startswith("Traceback (most recent call last):"):
             if not self.pointed:
@@ -70,6 +87,12 @@ class _Echo:
                     self.last_exception = text
                 return
         self._show(line)
+
+    def flush(self) -> None:
+        """Show held lines that turned out not to be a chained cause (called at the end of the output too)."""
+        held, self.held = self.held or [], None
+        for index, line in enumerate(held):
+            self._line(line, may_hold=index > 0)
 
     def _show(self, data: bytes) -> None:
         sys.stdout.buffer.write(data)
@@ -89,6 +112,7 @@ def spawn(cmd: list[str], log_path: Path, env: dict | None = None) -> Outcome:
             echo.feed(chunk)
         if echo.pending:
             echo.feed(b"\n")
+        echo.flush()
         code = process.wait()
     message = None
     if error_file.is_file():

@@ -25,6 +25,23 @@ def check_template_markers(tokenizer, assistant_only_loss: bool) -> None:
         )
 
 
+SFT_FORMATS = (("messages",), ("prompt", "completion"), ("text",))  # what SFTTrainer reads
+
+
+def check_sft_columns(dataset, name: str, text_field: str = "text") -> None:
+    """The SFT rows are in a format TRL's SFTTrainer reads (`text_field`: its `dataset_text_field`), and there are
+    some: otherwise the stage would drop every column it does not know and TRL would stop on an empty first row
+    (`StopIteration`)."""
+    columns = dataset.column_names
+    if not any(set(form) <= set(columns) for form in (*SFT_FORMATS, (text_field,))):
+        raise UserError(f"pre-flight: {name}: SFT rows need a `messages` column (conversations), `prompt` and "
+                        f"`completion`, or `{text_field}`; it has: {', '.join(columns) or 'no columns'}. Other formats "
+                        "(Alpaca instruction/input/output, ShareGPT conversations, ...) convert with "
+                        "`posttrain data build_sft_set --sources FILE --output_dir DIR`")
+    if len(dataset) == 0:
+        raise UserError(f"pre-flight: {name}: no rows to train on")
+
+
 def check_conversations(dataset, name: str) -> None:
     """Every conversational row has at least one assistant turn and no empty assistant turn; names the row."""
     if "messages" not in dataset.column_names:

@@ -6,6 +6,7 @@ what matters is what reaches the terminal from a stage process.
 """
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -153,6 +154,22 @@ def test_sft_gate_names_the_row(rows, named, tmp_path):
     assert str(path) in str(error.value)
 
 
+@pytest.mark.parametrize("rows, named", [
+    ([{"instruction": "add 1 and 2", "output": "3"}], "has: instruction, output. Other formats"),
+    ([{"prompt": "add 1 and 2"}], "`completion`, or `text`; it has: prompt."),
+    ([], "no rows to train on"),
+], ids=["alpaca-columns", "prompt-without-completion", "empty"])
+def test_sft_gate_names_a_format_it_cannot_train_on(rows, named):
+    """Rows in no format SFTTrainer reads: the stage would keep none of their columns and TRL would stop with a bare
+    StopIteration; the gate names the file, its columns and the way to convert them."""
+    dataset = Dataset.from_list(rows) if rows else Dataset.from_dict({"messages": []})
+    with pytest.raises(UserError, match=re.escape(named)) as error:
+        gates.check_sft_columns(dataset, "alpaca.jsonl")
+    assert "alpaca.jsonl" in str(error.value)
+    gates.check_sft_columns(Dataset.from_list([{"messages": TURNS}]), "chat.jsonl")  # a readable format passes
+    gates.check_sft_columns(Dataset.from_list([{"body": "plain text"}]), "lm.jsonl", text_field="body")
+
+
 def _pair(i, chosen="right", rejected="wrong"):
     return {"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": chosen, "rejected": rejected}
 
@@ -238,6 +255,7 @@ def test_broken_stage_data_shows_the_cause_not_a_traceback(tmp_path, posttrain_c
     log = tmp_path / "outputs" / "broken" / ".sft.partial" / "sft.log"
     assert f"Log: {log}" in shown
     assert "Traceback" not in shown and "CalledProcessError" not in shown
+    assert shown.count('row 1: "messages" is missing') == 2, shown  # the stage's own line, then the run's summary
     assert "Traceback" in log.read_text(), "the launcher's traceback stays in the log"
     state = json.loads((tmp_path / "outputs" / "broken" / "run.json").read_text())
     assert state["steps"]["run"]["status"] == "failed" and "row 1" in state["steps"]["sft"]["error"]
@@ -272,6 +290,30 @@ def test_child_tracebacks_go_to_the_log_only(tmp_path, capsysbinary):
     assert "signal 9 (SIGKILL" in describe(Outcome(1, None, "ChildFailedError: ", 9))
     assert "signal 9 (SIGKILL" in describe(Outcome(-9, None, None))
     assert describe(Outcome(2, "pre-flight: data.jsonl row 3: ...", "x")) == "pre-flight: data.jsonl row 3: ..."
+
+
+def test_the_launchers_copy_of_the_childs_output_stays_in_the_log(tmp_path, capsysbinary):
+    """accelerate raises its CalledProcessError `from RuntimeError(<the child's stderr tail>)`: that copy of what the
+    child already printed goes to the log only; a line that merely looks like its start is still shown."""
+    from posttrain.childproc import _Echo
+
+    child = b"Loading\r done\nerror: pre-flight: data.jsonl row 3: bad\n"
+    launcher = (b"RuntimeError: Loading\r done\nerror: pre-flight: data.jsonl row 3: bad\n\n\nThe above exception was "
+                b"the direct cause of the following exception:\n\nTraceback (most recent call last):\n  File \"launch.py\""
+                b"\nsubprocess.CalledProcessError: Command '['python']' returned non-zero exit status 2.\n")
+    lookalike = b"RuntimeError: not a cause, a line of output\nstill shown\n"
+    for output, shown_lines in [(child + launcher, 1), (child + lookalike, 1)]:
+        log_path = tmp_path / "stage.log"
+        with open(log_path, "wb") as log:
+            echo = _Echo(log, log_path)
+            for start in range(0, len(output), 5):
+                echo.feed(output[start:start + 5])
+            echo.flush()
+        shown = capsysbinary.readouterr().out.decode()
+        assert log_path.read_bytes() == output
+        assert shown.count("row 3: bad") == shown_lines, shown
+        assert "RuntimeError" not in shown or output.endswith(lookalike)
+    assert "not a cause, a line of output" in shown and "still shown" in shown
 
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("[!a]*/*.yaml")), ids=lambda p: p.stem)

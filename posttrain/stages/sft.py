@@ -35,7 +35,9 @@ def main(stage_args: StageArguments, training_args, model_args):
     started = time.time()
     common.set_threads()
     model, tokenizer, peft_config = common.load_policy(stage_args, training_args, model_args)
-    dataset = common.keep_columns(with_template_kwargs(common.load_train_dataset(stage_args)), SFT_COLUMNS)
+    dataset = common.load_train_dataset(stage_args)
+    gates.check_sft_columns(dataset, stage_args.dataset_name, training_args.dataset_text_field)
+    dataset = common.keep_columns(with_template_kwargs(dataset), SFT_COLUMNS | {training_args.dataset_text_field})
     images = vision.has_images(dataset)
     text_checks = {}
     if stage_args.preflight:
