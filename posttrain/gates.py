@@ -235,6 +235,16 @@ def _reply(completion) -> str | None:
         return None
 
 
+def check_prompt_rows(dataset, name: str) -> None:
+    """RL prompts are in a `prompt` column (GRPOTrainer reads no other), and there are some."""
+    if "prompt" not in dataset.column_names:
+        raise UserError(f"pre-flight: {name}: UPO prompts need a `prompt` column (text, or a list of {{role, content}} "
+                        f"messages) next to what the rewards read (e.g. `answer`); it has: "
+                        f"{', '.join(dataset.column_names) or 'no columns'}")
+    if len(dataset) == 0:
+        raise UserError(f"pre-flight: {name}: no prompts to train on")
+
+
 def check_reward_references(dataset, rewards: dict | None, name: str, allow_skip: bool = False):
     """Every reference column a reward reads (`rewards.REQUIRED_COLUMNS`) exists and is filled in every prompt row: a
     prompt whose `answer` is null gets an accuracy reward of 0 for every completion and trains on noise. A missing

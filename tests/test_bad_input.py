@@ -208,6 +208,20 @@ def _upo_args(tmp_path, offline_rows=None, skip=False):
     return stage, training
 
 
+@pytest.mark.parametrize("rows, named", [
+    ([{"question": "What is 2 + 2?", "answer": "4"}], "need a `prompt` column (text, or a list of {role, content} "
+                                                       "messages) next to what the rewards read (e.g. `answer`); it "
+                                                       "has: question, answer"),
+    ([], "no prompts to train on"),
+], ids=["question-column", "empty"])
+def test_upo_gate_names_prompts_it_cannot_read(rows, named):
+    dataset = Dataset.from_list(rows) if rows else Dataset.from_dict({"prompt": [], "answer": []})
+    with pytest.raises(UserError, match=re.escape(named)) as error:
+        gates.check_prompt_rows(dataset, "qa.jsonl")
+    assert "qa.jsonl" in str(error.value)
+    gates.check_prompt_rows(_prompts(["4"]), "prompts.jsonl")  # prompt rows pass
+
+
 def test_upo_gate_stops_null_answers(tmp_path):
     from posttrain.stages.upo import preflight_data
 

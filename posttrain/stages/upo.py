@@ -39,6 +39,7 @@ def curriculum(dataset, stage_args, phases: list[dict], seed: int):
         source = dataset
         if "dataset_name" in phase:
             source = load_split(phase["dataset_name"], phase.get("split", stage_args.dataset_train_split))
+            gates.check_prompt_rows(source, f"upo phases[{index}]: {phase['dataset_name']}")
         if phase.get("domains"):
             wanted = set(phase["domains"])
             source = source.filter(lambda row, wanted=wanted: row["domain"] in wanted)
@@ -58,7 +59,9 @@ def main(stage_args: StageArguments, training_args, model_args, curriculum_args:
     started = time.time()
     common.set_threads()
     model, tokenizer, peft_config = common.load_policy(stage_args, training_args, model_args)
-    dataset = common.keep_columns(common.load_train_dataset(stage_args), UPO_COLUMNS)
+    dataset = common.load_train_dataset(stage_args)
+    gates.check_prompt_rows(dataset, stage_args.dataset_name)
+    dataset = common.keep_columns(dataset, UPO_COLUMNS)
     dataset, offline, preflight = preflight_data(dataset, stage_args, training_args)
     if curriculum_args.phases:
         dataset = curriculum(dataset, stage_args, curriculum_args.phases, training_args.seed)
