@@ -298,6 +298,13 @@ def load_rows(dataset: str, split: str = "test", limit: int | None = None) -> li
     from .data import load_split
 
     data = load_split(dataset, split)
+    missing = [column for column in ("prompt", "answer") if column not in data.column_names]
+    if missing:
+        raise UserError(f"evaluation data {dataset} ({split}): held-out rows need the columns prompt (a list of "
+                        f"{{role, content}} messages) and answer (what the reply must end with); missing: "
+                        f"{', '.join(missing)} (has: {', '.join(data.column_names)})")
+    if len(data) == 0:
+        raise UserError(f"evaluation data {dataset} ({split}): no rows")
     if limit:
         data = data.select(range(min(limit, len(data))))
     return vision.as_rows(data)

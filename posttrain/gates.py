@@ -28,7 +28,7 @@ def check_template_markers(tokenizer, assistant_only_loss: bool) -> None:
 SFT_FORMATS = (("messages",), ("prompt", "completion"), ("text",))  # what SFTTrainer reads
 
 
-def check_sft_columns(dataset, name: str, text_field: str = "text") -> None:
+def check_sft_columns(dataset, name: str, text_field: str = "text", assistant_only_loss: bool = False) -> None:
     """The SFT rows are in a format TRL's SFTTrainer reads (`text_field`: its `dataset_text_field`), and there are
     some: otherwise the stage would drop every column it does not know and TRL would stop on an empty first row
     (`StopIteration`)."""
@@ -40,6 +40,14 @@ def check_sft_columns(dataset, name: str, text_field: str = "text") -> None:
                         "`posttrain data build_sft_set --sources FILE --output_dir DIR`")
     if len(dataset) == 0:
         raise UserError(f"pre-flight: {name}: no rows to train on")
+    if assistant_only_loss:
+        from trl.data_utils import is_conversational
+
+        if not is_conversational(dataset[0]):
+            raise UserError(f"pre-flight: {name}: assistant_only_loss needs conversational rows (`messages`, or "
+                            "prompt/completion as lists of {role, content} messages); these are plain text. For "
+                            "prompt/completion text rows drop assistant_only_loss: TRL trains on the completion only "
+                            "already (completion_only_loss)")
 
 
 def check_conversations(dataset, name: str) -> None:

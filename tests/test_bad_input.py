@@ -168,6 +168,11 @@ def test_sft_gate_names_a_format_it_cannot_train_on(rows, named):
     assert "alpaca.jsonl" in str(error.value)
     gates.check_sft_columns(Dataset.from_list([{"messages": TURNS}]), "chat.jsonl")  # a readable format passes
     gates.check_sft_columns(Dataset.from_list([{"body": "plain text"}]), "lm.jsonl", text_field="body")
+    text_pairs = Dataset.from_list([{"prompt": "What is 2 + 2?", "completion": "4"}])
+    gates.check_sft_columns(text_pairs, "pc.jsonl")
+    with pytest.raises(UserError, match="pc.jsonl: assistant_only_loss needs conversational rows"):
+        gates.check_sft_columns(text_pairs, "pc.jsonl", assistant_only_loss=True)
+    gates.check_sft_columns(Dataset.from_list([{"messages": TURNS}]), "chat.jsonl", assistant_only_loss=True)
 
 
 def _pair(i, chosen="right", rejected="wrong"):

@@ -116,11 +116,15 @@ def test_eval_names_a_wrong_model_adapter_or_dataset(tmp_path, capsys, monkeypat
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"prompt": [{"role": "user", "content": "What is 2 + 2?"}], "answer": "4", "domain": "arithmetic"}\n')
     data = ["--dataset", str(rows), "--split", "train"]
+    unanswered = tmp_path / "unanswered.jsonl"
+    unanswered.write_text('{"prompt": [{"role": "user", "content": "What is 2 + 2?"}], "solution": "4"}\n')
     cases = [
         (["--model", "someone/not-cached", *data], "'someone/not-cached' is not in the local Hugging Face cache"),
         (["--model", str(tmp_path / "missing"), *data], "is neither a local folder nor a Hub id"),
         (["--model", "tiny:qwen2", "--adapter", str(tmp_path), *data], "no adapter_config.json there"),
         (["--model", "someone/not-cached", "--dataset", str(tmp_path / "none.jsonl")], "none.jsonl"),  # data first
+        (["--model", "someone/not-cached", "--dataset", str(unanswered), "--split", "train"],
+         "held-out rows need the columns prompt (a list of {role, content} messages) and answer"),
     ]
     for args, expected in cases:
         assert main(["eval", *args]) == 2, args
