@@ -354,3 +354,25 @@ def test_run_checks_files_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="stages.upo.upo_offline_dataset: file not found: prefs/missing.jsonl"):
         Pipeline(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "outputs").run()
     assert not (tmp_path / "outputs").exists(), "no data job, no base evaluation, nothing written"
+
+
+def test_an_adapter_no_step_changed_is_explained_not_a_crash(tiny_model_path, tmp_path):
+    """A new adapter starts with every lora_B at zero; saved that way (e.g. UPO where every group's rollouts got the
+    same reward) the stage stops with the likely causes, as a user error; a trained one passes."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.stages.common import verify_adapter
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path("llama")),
+                           LoraConfig(r=4, target_modules="all-linear"))
+    model.save_pretrained(tmp_path / "fresh")
+    with pytest.raises(UserError, match="no training step changed the new adapter.*frac_reward_zero_std = 1"):
+        verify_adapter(tmp_path / "fresh", model)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(0.01)
+    model.save_pretrained(tmp_path / "trained")
+    assert verify_adapter(tmp_path / "trained", model)

@@ -209,7 +209,13 @@ def verify_adapter(output_dir: str | Path, model, live: dict | None = None) -> d
         raise RuntimeError(f"adapter file {path} holds no tensors")
     lora_b = [t for k, t in saved.items() if "lora_B" in k]
     if lora_b and all(torch.count_nonzero(t) == 0 for t in lora_b):
-        raise RuntimeError(f"adapter {path}: every lora_B is zero, i.e. the adapter is untrained")
+        # a new adapter starts with B = 0: no step changed it, which the data or settings explain, not a crash
+        raise UserError(f"adapter {path}: every lora_B is still zero, so no training step changed the new adapter. "
+                        "Either no gradient reached it (a learning rate of 0, too few steps) or every loss was "
+                        "zero: in UPO/GRPO, every prompt's rollouts got the same reward (the log's "
+                        "frac_reward_zero_std = 1: prompts too hard or too easy for the model, or rewards that cannot "
+                        "tell its completions apart) and no pair was mined. Start from an SFT stage, or give prompts "
+                        "the model sometimes gets right")
     from peft import get_peft_model_state_dict
 
     live = get_peft_model_state_dict(model, adapter_name="default") if live is None else live
