@@ -152,8 +152,34 @@ def run_ablation(recipe: Recipe, output_root: str | Path = "outputs", accelerate
     out = Path(output_root).resolve() / f"{recipe.name}-ablation"
     build_comparison([root for roots in groups.values() for root in roots], out,
                      groups=groups if plan.seeds > 1 else None, baseline=plan.baseline)
+    print_summary(groups, plan.baseline)
     console.print(f"ablation comparison: {out / 'comparison.html'}")
     return out
+
+
+def print_summary(groups: dict[str, list[Path]], baseline: str) -> None:
+    """The comparison's first table on the terminal: each variant's held-out accuracy over its seeds and its paired
+    difference to the baseline (the report's `variant_summaries`)."""
+    from rich.table import Table
+
+    from .report.compare import variant_summaries
+
+    table = Table(title="held-out accuracy after the varied stage (95 % t-interval over seeds)")
+    for column in ("variant", "seeds", "mean", "interval", f"vs {baseline}", "its interval", "verdict"):
+        table.add_column(column, justify="left" if column in ("variant", "verdict") else "right",
+                         no_wrap=column != "verdict")
+    for v in variant_summaries(groups, baseline):
+        low, high = v["interval"]
+        cells = [v["name"], str(len(v["accuracies"])), f"{v['mean']:.1%}" if v["accuracies"] else "not measured",
+                 f"{low:.1%} – {high:.1%}" if len(v["accuracies"]) > 1 else ""]
+        if v["baseline"]:
+            table.add_row(*cells, "baseline", "", "")
+            continue
+        d_low, d_high = v["difference_interval"]
+        several = len(v["differences"]) > 1
+        table.add_row(*cells, f"{100 * v['difference']:+.1f} pts" if v["differences"] else "not measured",
+                      f"{100 * d_low:+.1f} to {100 * d_high:+.1f}" if several else "", v["verdict"])
+    console.print(table)
 
 
 def seed_from_shared(shared: Path, root: Path, stages: list[str]) -> None:

@@ -95,7 +95,7 @@ def test_ablate_over_seeds_reports_means_and_paired_differences(tmp_path):
     assert "## Variants over seeds" in comparison and "vs grpo" in comparison
 
 
-def test_comparison_over_seeds_pairs_each_seed_with_the_baselines(tmp_path):
+def test_comparison_over_seeds_pairs_each_seed_with_the_baselines(tmp_path, capsys):
     """Known verdicts on 20 prompts: upo beats grpo by 4 and 6 prompts on seeds 0 and 1 (a superset each time).
     Accuracy intervals are clipped to [0, 1]."""
     from posttrain.report import build_comparison
@@ -120,6 +120,12 @@ def test_comparison_over_seeds_pairs_each_seed_with_the_baselines(tmp_path):
     assert "| 2 | 27.5% | 0.0% – 59.3% | 25.0%, 30.0% |" in grpo and "| baseline |" in grpo
     # differences +20 and +30 points: a mean of +25 whose 2-seed t-interval (t = 12.7) still spans 0
     assert "| 52.5% |" in upo and "| +25.0 pts | -38.5 to +88.5 | n.s. | 1 of 2 |" in upo
+    from posttrain.ablate import print_summary
+
+    print_summary(groups, "grpo")  # the same table on the terminal at the end of `posttrain ablate`
+    printed = [" ".join(line.replace("│", " ").split()) for line in capsys.readouterr().out.splitlines()]
+    assert "grpo 2 27.5% 0.0% – 59.3% baseline" in printed
+    assert "upo 2 52.5% 0.0% – 100.0% +25.0 pts -38.5 to +88.5 n.s." in printed, printed
 
 
 SFT_ABLATION = """ablation:

@@ -126,36 +126,52 @@ def comparison(runs: list[Path]) -> list:
     return blocks
 
 
-def over_seeds(groups: dict[str, list[Path]], baseline: str) -> list:
+def variant_summaries(groups: dict[str, list[Path]], baseline: str) -> list[dict]:
     """Each variant's held-out accuracy over its seeds (mean and 95 % t-interval), and its difference to `baseline`
     paired twice: seed by seed (same seed of the varied stage) and prompt by prompt (same held-out prompts). The
     differences' mean and t-interval over seeds decide whether a variant beats the baseline; the count of seeds whose
     own McNemar test is significant shows how often one seed alone would have said so."""
     rows = {name: comparison_rows(roots) for name, roots in groups.items()}
-    table = []
+    summaries = []
     for name, runs in rows.items():
         accuracies = [r["accuracy"] for r in runs if r["accuracy"] is not None]
         mean, low, high = mean_interval(accuracies)
-        low, high = max(0.0, low), min(1.0, high)  # a t-interval knows nothing of a rate's bounds
         proxies = [r["heldout_proxy"] for r in runs if r["heldout_proxy"] is not None]
-        cells = [f"**{name}**", Cell(str(len(accuracies)), "num"),
-                 Cell(f"{mean:.1%}" if accuracies else "not measured", "num"),
+        summary = {"name": name, "accuracies": accuracies, "mean": mean,
+                   "interval": (max(0.0, low), min(1.0, high)),  # a t-interval knows nothing of a rate's bounds
+                   "proxy": mean_interval(proxies)[0] if proxies else None, "baseline": name == baseline}
+        if name != baseline:
+            paired = [paired_evals(b["eval"], r["eval"]) for b, r in zip(rows[baseline], runs)]
+            differences = [c.difference for c in paired if c]
+            d_mean, d_low, d_high = mean_interval(differences)
+            summary.update(differences=differences, difference=d_mean, difference_interval=(d_low, d_high),
+                           significant_seeds=sum(c.significant for c in paired if c),
+                           verdict=("not measured" if not differences else "one seed: no interval"
+                                    if len(differences) < 2 else "better" if d_low > 0 else "worse" if d_high < 0
+                                    else "n.s."))
+        summaries.append(summary)
+    return summaries
+
+
+def over_seeds(groups: dict[str, list[Path]], baseline: str) -> list:
+    """`variant_summaries` as the comparison's first table."""
+    table = []
+    for v in variant_summaries(groups, baseline):
+        accuracies, (low, high) = v["accuracies"], v["interval"]
+        cells = [f"**{v['name']}**", Cell(str(len(accuracies)), "num"),
+                 Cell(f"{v['mean']:.1%}" if accuracies else "not measured", "num"),
                  Cell(f"{low:.1%} – {high:.1%}" if len(accuracies) > 1 else "one seed: none", "num"),
                  Cell(", ".join(f"{a:.1%}" for a in accuracies), "num"),
-                 Cell(f"{mean_interval(proxies)[0]:.3g}" if proxies else "not measured", "num")]
-        if name == baseline:
+                 Cell(f"{v['proxy']:.3g}" if v["proxy"] is not None else "not measured", "num")]
+        if v["baseline"]:
             table.append(cells + ["baseline", "", "", ""])
             continue
-        paired = [paired_evals(b["eval"], r["eval"]) for b, r in zip(rows[baseline], runs)]
-        differences = [c.difference for c in paired if c]
-        d_mean, d_low, d_high = mean_interval(differences)
-        verdict = ("not measured" if not differences else "one seed: no interval" if len(differences) < 2
-                   else "better" if d_low > 0 else "worse" if d_high < 0 else "n.s.")
-        table.append(cells + [Cell(f"{100 * d_mean:+.1f} pts" if differences else "not measured", "num"),
+        differences, (d_low, d_high), verdict = v["differences"], v["difference_interval"], v["verdict"]
+        table.append(cells + [Cell(f"{100 * v['difference']:+.1f} pts" if differences else "not measured", "num"),
                               Cell(f"{100 * d_low:+.1f} to {100 * d_high:+.1f}" if len(differences) > 1 else "",
                                    "num"),
                               Cell(verdict, "ok" if verdict == "better" else "bad" if verdict == "worse" else ""),
-                              Cell(f"{sum(c.significant for c in paired if c)} of {len(differences)}", "num")])
+                              Cell(f"{v['significant_seeds']} of {len(differences)}", "num")])
     header = ["variant", "seeds", "held-out accuracy (mean)", "95 % interval over seeds", "per seed",
               "held-out proxy (mean)", f"vs {baseline}", "95 % interval of the difference", "verdict",
               "seeds with p < 0.05 alone"]
