@@ -108,17 +108,34 @@ def spawn(cmd: list[str], log_path: Path, env: dict | None = None) -> Outcome:
     with open(log_path, "ab") as log:
         echo = _Echo(log, log_path)
         process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-        for chunk in iter(lambda: process.stdout.read1(4096), b""):
-            echo.feed(chunk)
-        if echo.pending:
-            echo.feed(b"\n")
-        echo.flush()
-        code = process.wait()
+        try:
+            for chunk in iter(lambda: process.stdout.read1(4096), b""):
+                echo.feed(chunk)
+            if echo.pending:
+                echo.feed(b"\n")
+            echo.flush()
+            code = process.wait()
+        except BaseException:  # Ctrl-C, SIGTERM: the step's processes stop with the pipeline, never orphaned
+            stop(process)
+            raise
     message = None
     if error_file.is_file():
         message = error_file.read_text(errors="replace").strip() or None
         error_file.unlink()
     return Outcome(code, message, echo.last_exception, echo.signal)
+
+
+def stop(process: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM to a step's process (accelerate's launchers pass it on to their workers), SIGKILL after `grace`
+    seconds."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def describe(outcome: Outcome) -> str:

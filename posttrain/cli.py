@@ -23,7 +23,7 @@ from rich.markup import escape
 from . import skip_final_collection
 from .configs import EvalArguments, add_dataclass_arguments, given_fields
 from .console import console
-from .errors import UserError
+from .errors import Terminated, UserError, terminate_on_sigterm
 
 
 def cmd_run(args) -> int:
@@ -255,15 +255,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     skip_final_collection()
     args = parse_args(argv)
+    terminate_on_sigterm()
     try:
         return args.func(args)
     except UserError as exc:
         # escaped: messages quote logs and paths, whose brackets ("[/pytorch/…/pair.cc:537]") are not markup
         console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         console.print("[yellow]interrupted[/yellow]: run the same command again to resume from the last checkpoint")
-        return 130
+        return 128 + exc.signum if isinstance(exc, Terminated) else 130
 
 
 if __name__ == "__main__":

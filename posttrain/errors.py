@@ -19,6 +19,27 @@ class UserError(Exception):
     """A mistake in a recipe, a file, an argument or the environment, explained in words the user can act on."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption or time limit, `kill`), raised in the main thread by `terminate_on_sigterm`:
+    a KeyboardInterrupt, so every path that handles Ctrl-C (run.json marked interrupted, children stopped, the lock
+    released, the report built) handles it too."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+def terminate_on_sigterm() -> None:
+    """Turn SIGTERM into `Terminated` in this process (the CLI's: the default would end it on the spot, leaving the
+    run marked as running and a stage process orphaned)."""
+    import signal
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def is_disk_full(exc: BaseException) -> bool:
     """Whether `exc` or anything in its cause/context chain is "no space left on device": torch and safetensors wrap
     the OSError of a failed write in their own exception types, so the errno alone is not enough."""

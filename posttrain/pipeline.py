@@ -30,7 +30,7 @@ from .checkpoints import resume_point
 from .childproc import describe, spawn
 from .configs import StageArguments
 from .console import console
-from .errors import UserError, disk_full_error, is_disk_full
+from .errors import Terminated, UserError, disk_full_error, is_disk_full
 from .io import moved_aside, read_json, write_json, write_text
 from .nodes import Coordinator, explain_failure
 from .recipe import Recipe
@@ -119,8 +119,9 @@ class Pipeline:
         try:
             self.state = read_json(self.state_path)
             return self._run(only, start, stop_before, until)
-        except KeyboardInterrupt:
-            self._end_run("interrupted", "interrupted (Ctrl-C)")
+        except KeyboardInterrupt as exc:
+            self._end_run("interrupted", "interrupted (SIGTERM)" if isinstance(exc, Terminated) else
+                          "interrupted (Ctrl-C)")
             raise
         except Exception as exc:
             disk_full = is_disk_full(exc) and not isinstance(exc, UserError)

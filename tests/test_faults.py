@@ -282,3 +282,34 @@ def test_killed_stage_resumes_from_checkpoint(tmp_path, posttrain_cli):
     first_logged = min(log["step"] for log in metrics["log_history"] if "loss" in log)
     assert first_logged == 1  # log history carried over from the checkpoint, not restarted
     assert json.loads((run / "run.json").read_text())["steps"]["run"]["status"] == "done"
+
+
+def test_sigterm_stops_the_stage_and_marks_the_run_interrupted(tmp_path):
+    """A scheduler's SIGTERM (preemption, a time limit) to `posttrain run`: the stage's processes stop with it instead
+    of training on orphaned, run.json says interrupted (not running), the lock is released, the exit code is 143,
+    and the same command resumes (the killed-stage test above covers resuming)."""
+    import signal
+
+    import psutil
+
+    overrides = ["stages.sft.max_steps=100000", "shared.save_steps=100000", "eval.dataset=null", "name=term"]
+    process = subprocess.Popen([sys.executable, "-m", "posttrain", "run", str(TINY_RECIPE), *overrides, "--only", "sft"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    seen = []
+    for line in process.stdout:  # until the stage trains
+        seen.append(line)
+        if "pre-flight ok" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    rest = process.communicate(timeout=120)[0]
+    assert process.returncode == 143, "".join(seen)[-2000:] + rest[-2000:]
+    assert "interrupted: run the same command again" in rest
+    run = tmp_path / "outputs" / "term"
+    steps = json.loads((run / "run.json").read_text())["steps"]
+    assert steps["run"]["status"] == steps["sft"]["status"] == "interrupted"
+    assert steps["sft"]["error"] == "interrupted (SIGTERM)"
+    assert (run / ".lock").read_text() == "", "the lock is released"
+    stage = str(run / ".sft.partial")
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if any(stage in part for part in p.info["cmdline"] or [])]
+    assert not left, "no stage process outlives the pipeline"
