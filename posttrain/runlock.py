@@ -22,8 +22,12 @@ class RunLock:
         self.handle = None
 
     def acquire(self, say=print) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path, "a+")
+        except OSError as exc:  # not writable, a file in the way, a read-only file system
+            raise UserError(f"cannot create the run folder {self.path.parent}: {exc.strerror or exc}; choose another "
+                            "--output-dir") from exc
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

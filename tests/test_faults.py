@@ -229,6 +229,12 @@ def test_ctrl_c_marks_the_run_interrupted(pipeline, monkeypatch):
     assert state["steps"]["data/verifiable"]["status"] == "interrupted"
 
 
+def test_a_run_folder_that_cannot_be_made_is_a_user_error(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UserError, match=r"cannot create the run folder .*a-file/run: Not a directory; choose another"):
+        RunLock(tmp_path / "a-file" / "run").acquire()
+
+
 def test_second_run_into_the_same_folder_is_refused_naming_the_holder(pipeline, tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from posttrain.runlock import RunLock; "
                                f"lock = RunLock({str(pipeline.root)!r}).acquire(); print('held', flush=True); "
