@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from posttrain.errors import UserError
+from posttrain.errors import UserError, make_folder
 from posttrain.io import replace_dir, write_json, write_jsonl, write_text
 
 
@@ -28,6 +28,7 @@ def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise UserError(f"output folder {out} exists; pass --overwrite true (or `overwrite: true`) to replace it")
+    make_folder(out.parent, "the folder for the output")
     return out
 
 

@@ -17,13 +17,14 @@ traceback means a bug in posttrain.
 
 import argparse
 import sys
+from pathlib import Path
 
 from rich.markup import escape
 
 from . import skip_final_collection
 from .configs import EvalArguments, add_dataclass_arguments, given_fields
 from .console import console
-from .errors import Terminated, UserError, terminate_on_sigterm
+from .errors import Terminated, UserError, make_folder, terminate_on_sigterm
 
 
 def cmd_run(args) -> int:
@@ -93,6 +94,8 @@ def cmd_eval(args) -> int:
         model, tokenizer, adapter = args.model, None, args.adapter
     else:
         raise UserError("give a run folder (posttrain eval outputs/<run>) or --model and --dataset")
+    if args.out:
+        make_folder(Path(args.out).parent, "the folder for --out")
     metrics = run_saved(settings, model, tokenizer, adapter, args.out)
     if args.out:
         from .stats import format_eval_accuracy

@@ -54,6 +54,20 @@ def is_disk_full(exc: BaseException) -> bool:
     return False
 
 
+def make_folder(path: str | Path, what: str) -> Path:
+    """Create the folder `path` (and its parents) for `what`; one that cannot be made (a file in the way, no
+    permission, a read-only file system) is a `UserError` naming it, checked before any work. A full disk stays an
+    OSError, for `disk_full_error`'s paragraph."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise
+        raise UserError(f"cannot create {what} {path}: {exc.strerror or exc}") from exc
+    return path
+
+
 def _mount_point(path: Path) -> Path:
     path = path.resolve()
     while not os.path.ismount(path) and path != path.parent:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .console import console
-from .errors import UserError
+from .errors import UserError, make_folder
 from .io import replace_dir, write_json
 from .runs import stage_ref
 
@@ -77,6 +77,7 @@ def run_export(request: ExportRequest) -> Path:
                                                                          else ref.stage)
     if out.exists() and not request.overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it, or --out to choose another folder")
+    make_folder(out.parent, "the folder to export into")
 
     def write(tmp: Path) -> None:
         console.print(f"exporting {ref.run.name}/{ref.stage} ({'merged, ' + dtype if request.merge else 'adapter'})…")

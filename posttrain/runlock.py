@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, make_folder
 
 
 class RunLock:
@@ -22,12 +22,8 @@ class RunLock:
         self.handle = None
 
     def acquire(self, say=print) -> "RunLock":
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(self.path, "a+")
-        except OSError as exc:  # not writable, a file in the way, a read-only file system
-            raise UserError(f"cannot create the run folder {self.path.parent}: {exc.strerror or exc}; choose another "
-                            "--output-dir") from exc
+        make_folder(self.path.parent, "the run folder")
+        handle = open(self.path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
