@@ -155,20 +155,23 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from posttrain.evaluate import load_rows
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.models import adapter_folder, load_model, load_tokenizer, resolve_model
 
     config = parse_config(OnPolicyPairsConfig, make_parser(), argv, needs_sources=False)
     for key in ("model_name_or_path", "prompts", "output_dir"):
         if not getattr(config, key):
             raise UserError(f"{PROG}: --{key} is required")
     torch.manual_seed(config.seed)
-    tokenizer = load_tokenizer(config.tokenizer or config.adapter_path or config.model_name_or_path)
-    model = load_model(config.model_name_or_path, adapter=config.adapter_path).eval()
-    tables = {"train": sample_pairs(model, tokenizer, load_rows(config.prompts, config.train_split,
-                                                                 config.max_train_prompts), config)}
+    # what could be wrong is checked before the model loads: the prompts, the model, the adapter
+    prompts = {"train": load_rows(config.prompts, config.train_split, config.max_train_prompts)}
     if config.test_split:
-        tables["test"] = sample_pairs(model, tokenizer, load_rows(config.prompts, config.test_split,
-                                                                   config.max_test_prompts), config)
+        prompts["test"] = load_rows(config.prompts, config.test_split, config.max_test_prompts)
+    model_dir = resolve_model(config.model_name_or_path)
+    if config.adapter_path:
+        adapter_folder(config.adapter_path, "--adapter_path")
+    tokenizer = load_tokenizer(config.tokenizer or config.adapter_path or model_dir)
+    model = load_model(model_dir, adapter=config.adapter_path).eval()
+    tables = {split: sample_pairs(model, tokenizer, rows, config) for split, rows in prompts.items()}
     if not tables["train"]:
         raise UserError(f"{PROG}: no prompt gave a pair with reward gap >= {config.margin}: every group of "
                         f"{config.num_samples} samples scored the same. Raise temperature or num_samples.")

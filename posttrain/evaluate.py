@@ -300,11 +300,11 @@ def load_rows(dataset: str, split: str = "test", limit: int | None = None) -> li
     data = load_split(dataset, split)
     missing = [column for column in ("prompt", "answer") if column not in data.column_names]
     if missing:
-        raise UserError(f"evaluation data {dataset} ({split}): held-out rows need the columns prompt (a list of "
-                        f"{{role, content}} messages) and answer (what the reply must end with); missing: "
-                        f"{', '.join(missing)} (has: {', '.join(data.column_names)})")
+        raise UserError(f"{dataset} ({split}): prompt rows need the columns prompt (a list of {{role, content}} "
+                        f"messages) and answer (what the reply must end with); missing: {', '.join(missing)} (has: "
+                        f"{', '.join(data.column_names)})")
     if len(data) == 0:
-        raise UserError(f"evaluation data {dataset} ({split}): no rows")
+        raise UserError(f"{dataset} ({split}): no rows")
     if limit:
         data = data.select(range(min(limit, len(data))))
     return vision.as_rows(data)
@@ -329,13 +329,12 @@ def run_saved(settings: EvalArguments, model: str, tokenizer: str | None = None,
     """`run` on `model` (a folder, a cached Hub id or `tiny:<arch>`, as a recipe names it; + LoRA `adapter`); the
     metrics, also written as JSON to `out` when given. The dataset, the model and the adapter are checked before
     anything loads, so a wrong path is a one-line error rather than a traceback after the model load."""
-    from .models import load_model, load_tokenizer, resolve_model
+    from .models import adapter_folder, load_model, load_tokenizer, resolve_model
 
     rows = settings_rows(settings)
     model_dir = resolve_model(str(model))
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise UserError(f"adapter {adapter}: no adapter_config.json there; expected a LoRA adapter folder such as "
-                        "outputs/<run>/sft")
+    if adapter is not None:
+        adapter_folder(adapter)
     metrics = run(settings, load_model(model_dir, adapter=adapter), load_tokenizer(tokenizer or model_dir), rows)
     if out is not None:
         write_json(out, metrics)

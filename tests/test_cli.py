@@ -124,7 +124,7 @@ def test_eval_names_a_wrong_model_adapter_or_dataset(tmp_path, capsys, monkeypat
         (["--model", "tiny:qwen2", "--adapter", str(tmp_path), *data], "no adapter_config.json there"),
         (["--model", "someone/not-cached", "--dataset", str(tmp_path / "none.jsonl")], "none.jsonl"),  # data first
         (["--model", "someone/not-cached", "--dataset", str(unanswered), "--split", "train"],
-         "held-out rows need the columns prompt (a list of {role, content} messages) and answer"),
+         "prompt rows need the columns prompt (a list of {role, content} messages) and answer"),
         (["--model", "tiny:qwen2", *data, "--out", str(rows / "metrics.json")],  # a file where a folder must be
          f"cannot create the folder for --out {rows}: File exists"),
     ]

@@ -278,6 +278,16 @@ def test_onpolicy_pairs_job(tiny_model_path, task_data, tmp_path):
     assert card["job"] == "build_onpolicy_pairs" and card["splits"]["train"]["rows"] == len(rows)
 
 
+def test_onpolicy_pairs_job_names_a_wrong_adapter_before_loading(tiny_model_path, task_data, tmp_path):
+    from data_prep.build_onpolicy_pairs import main
+    from posttrain.errors import UserError
+
+    with pytest.raises(UserError, match="--adapter_path .*: no adapter_config.json there"):
+        main(["--model_name_or_path", str(tiny_model_path("llama")), "--adapter_path", str(tmp_path),
+              "--prompts", str(task_data), "--output_dir", str(tmp_path / "pairs")])
+    assert not (tmp_path / "pairs").exists()
+
+
 def test_onpolicy_pairs_with_the_reference_reply_as_chosen(tiny_model_path, task_data, tmp_path):
     """A random model is never right: scored on accuracy alone its samples all tie and give no pair, while with
     `reference_chosen` every prompt pairs its (right) reference reply against one of its (wrong) samples."""

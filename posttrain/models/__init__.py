@@ -12,10 +12,19 @@
 - `vision.py`: what only vision-language models need (processors, LoRA on the language tower, images in data).
 """
 
-from .load import cache_dir, describe_model, file_fingerprint, is_offline, load_model, load_tokenizer, resolve_model
+from .load import (
+    adapter_folder,
+    cache_dir,
+    describe_model,
+    file_fingerprint,
+    is_offline,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
 from .precision import frozen_weights_cast, sampling_weights
 from .templates import chat_template_text
 from .tiny import TINY_TOKENIZER
 
-__all__ = ["TINY_TOKENIZER", "cache_dir", "chat_template_text", "describe_model", "file_fingerprint",
+__all__ = ["TINY_TOKENIZER", "adapter_folder", "cache_dir", "chat_template_text", "describe_model", "file_fingerprint",
            "frozen_weights_cast", "is_offline", "load_model", "load_tokenizer", "resolve_model", "sampling_weights"]

@@ -162,6 +162,15 @@ def _hub_snapshot(repo_id: str, revision: str) -> str:
         raise UserError(f"could not download model '{repo_id}' from the Hugging Face Hub: {exc}") from exc
 
 
+def adapter_folder(path: str | Path, given_as: str = "adapter") -> Path:
+    """`path` as a saved LoRA adapter folder, or a `UserError` saying what is there instead."""
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(f"{given_as} {path}: no adapter_config.json there; expected a LoRA adapter folder such as "
+                        "outputs/<run>/sft")
+    return path
+
+
 def is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
