@@ -116,7 +116,11 @@ def spawn(cmd: list[str], log_path: Path, env: dict | None = None) -> Outcome:
             echo.flush()
             code = process.wait()
         except BaseException:  # Ctrl-C, SIGTERM: the step's processes stop with the pipeline, never orphaned
-            stop(process)
+            try:
+                process.terminate()  # a stage saves the step it is at and exits (`save_and_stop_on_sigterm`) ...
+                _drain(process, echo, STOP_GRACE)  # ... saying so: its last words still reach the terminal and log
+            finally:
+                stop(process)
             raise
     message = None
     if error_file.is_file():
@@ -125,7 +129,26 @@ def spawn(cmd: list[str], log_path: Path, env: dict | None = None) -> Outcome:
     return Outcome(code, message, echo.last_exception, echo.signal)
 
 
-def stop(process: subprocess.Popen, grace: float = 30.0) -> None:
+STOP_GRACE = 30.0  # seconds a stopped step's processes get to exit before SIGKILL
+
+
+def _drain(process: subprocess.Popen, echo: _Echo, grace: float) -> None:
+    """Pass on what a stopping process still writes, for at most `grace` seconds."""
+    import selectors
+    import time
+
+    deadline = time.monotonic() + grace
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        while (left := deadline - time.monotonic()) > 0 and selector.select(timeout=left):
+            chunk = process.stdout.read1(4096)
+            if not chunk:
+                break
+            echo.feed(chunk)
+    echo.flush()
+
+
+def stop(process: subprocess.Popen, grace: float = STOP_GRACE) -> None:
     """SIGTERM to a step's process (accelerate's launchers pass it on to their workers), SIGKILL after `grace`
     seconds."""
     if process.poll() is not None:

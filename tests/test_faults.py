@@ -145,6 +145,35 @@ def test_killed_at_checkpoint_then_resumed_is_bit_identical(stage, configs, refe
     assert_same_adapter(train(stage, configs[stage], fallback, resume=resumed_from), want)
 
 
+def _train_sigtermed(stage, args, out, at):
+    from posttrain.errors import Terminated
+    from posttrain.stages.common import SIGTERM_TEST_ENV
+
+    os.environ[SIGTERM_TEST_ENV] = str(at)
+    try:
+        train(stage, args, out)
+    except Terminated as exc:
+        os._exit(128 + exc.signum)
+    os._exit(0)
+
+
+@pytest.mark.parametrize("stage", ["sft", "upo"])
+def test_sigterm_saves_the_step_then_stops_and_resumes_bit_identical(stage, configs, reference, tmp_path):
+    """SIGTERM during a step (the stage's test hook sends it after step 2; no checkpoint is due until step 100): the
+    stage finishes the step, writes a complete checkpoint-2, stops with 143 before saving an adapter, and resuming
+    from it ends where the uninterrupted run does."""
+    want, _ = reference(stage)
+    args, out = {**configs[stage], "save_steps": 100}, tmp_path / "out"
+    process = multiprocessing.get_context("fork").Process(target=_train_sigtermed, args=(stage, args, out, 2))
+    process.start()
+    process.join(timeout=300)
+    assert process.exitcode == 143
+    assert [c.name for c in checkpoints.checkpoints(out)] == ["checkpoint-2"]
+    assert checkpoints.resume_point(out) == out / "checkpoint-2", "marked complete"
+    assert not (out / "adapter_model.safetensors").exists(), "stopped before the end"
+    assert_same_adapter(train(stage, args, out, resume=out / "checkpoint-2"), want)
+
+
 def test_loraplus_killed_then_resumed_is_bit_identical(configs, tmp_path):
     """LoRA+ keeps its optimizer groups across a resume: the B matrices' faster learning rate and Adam state come back
     from the checkpoint, so the resumed run ends on the uninterrupted one's adapter, bit for bit. (That LoRA+ trains
@@ -292,8 +321,8 @@ def test_killed_stage_resumes_from_checkpoint(tmp_path, posttrain_cli):
 
 def test_sigterm_stops_the_stage_and_marks_the_run_interrupted(tmp_path):
     """A scheduler's SIGTERM (preemption, a time limit) to `posttrain run`: the stage's processes stop with it instead
-    of training on orphaned, run.json says interrupted (not running), the lock is released, the exit code is 143,
-    and the same command resumes (the killed-stage test above covers resuming)."""
+    of training on orphaned, after saving the step they were at; run.json says interrupted (not running), the lock
+    is released, the exit code is 143, and the same command resumes (the tests above cover resuming)."""
     import signal
 
     import psutil
@@ -319,3 +348,6 @@ def test_sigterm_stops_the_stage_and_marks_the_run_interrupted(tmp_path):
     stage = str(run / ".sft.partial")
     left = [p.pid for p in psutil.process_iter(["cmdline"]) if any(stage in part for part in p.info["cmdline"] or [])]
     assert not left, "no stage process outlives the pipeline"
+    # the stage, stopped in turn, saved the step it was at (no checkpoint was due before step 100000)
+    saved = checkpoints.resume_point(run / ".sft.partial")
+    assert saved is not None and "SIGTERM: saving checkpoint-" in rest, rest[-2000:]

@@ -8,12 +8,14 @@ ever written between stages and only one copy of the base weights is in memory.
 import json
 import logging
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 from .. import checkpoints, skip_final_collection
-from ..errors import UserError, disk_full_error, is_disk_full, report_child_error
+from ..errors import Terminated, UserError, disk_full_error, is_disk_full, report_child_error
 
 logger = logging.getLogger("posttrain")
 
@@ -307,8 +309,57 @@ def train(trainer, training_args, stage_args):
 
     if stage_args.loraplus_lr_ratio is not None:
         lora_plus(trainer, stage_args.loraplus_lr_ratio)
-    with lm_head.use_on_cpu(), precision.lora_inputs_uncast(trainer.model):
-        return trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    stop = save_and_stop_on_sigterm(trainer)
+    try:
+        with lm_head.use_on_cpu(), precision.lora_inputs_uncast(trainer.model):
+            result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    finally:
+        stop.restore()
+    if stop.requested:  # the checkpoint of the step it stopped at is written: the stage ends here, interrupted
+        raise Terminated(signal.SIGTERM)
+    return result
+
+
+SIGTERM_TEST_ENV = "POSTTRAIN_TEST_SIGTERM_AT_STEP"  # test hook: the stage sends itself SIGTERM after that step
+
+
+def save_and_stop_on_sigterm(trainer):
+    """SIGTERM while a single-process stage trains (a scheduler's preemption or time limit, or the pipeline stopping
+    it): finish the current step, save a checkpoint of it, stop, and exit as interrupted, so running the same command
+    again loses at most that step instead of everything since the last `save_steps`. Best effort: accelerate's
+    launcher kills its child 5 s after passing SIGTERM on, and a complete checkpoint before it is still there. Several
+    processes keep the default (they would have to agree on the step first: a collective every step)."""
+    import os
+
+    from transformers import TrainerCallback
+
+    class SaveAndStop(TrainerCallback):
+        requested = False
+
+        def __init__(self):
+            self.previous = None
+            single = trainer.accelerator.num_processes == 1
+            if single and threading.current_thread() is threading.main_thread():
+                self.previous = signal.signal(signal.SIGTERM, self.handle)
+
+        def handle(self, signum, frame):
+            self.requested = True
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if os.environ.get(SIGTERM_TEST_ENV) == str(state.global_step):
+                signal.raise_signal(signal.SIGTERM)
+            if self.requested:
+                trainer.accelerator.print(f"SIGTERM: saving checkpoint-{state.global_step} and stopping; run the "
+                                          "same command again to resume from it")
+                control.should_save = control.should_training_stop = True
+
+        def restore(self):
+            if self.previous is not None:
+                signal.signal(signal.SIGTERM, self.previous)
+
+    callback = SaveAndStop()
+    trainer.add_callback(callback)
+    return callback
 
 
 def lora_plus(trainer, ratio: float) -> None:
@@ -357,6 +408,8 @@ def entry(stage: str, main, make_parser) -> None:
     except UserError as exc:
         report_child_error(str(exc))
         sys.exit(2)
+    except Terminated as exc:  # stopped by SIGTERM after saving a checkpoint (`save_and_stop_on_sigterm`)
+        sys.exit(128 + exc.signum)
     except Exception as exc:
         if not is_disk_full(exc):
             raise
