@@ -116,11 +116,7 @@ def spawn(cmd: list[str], log_path: Path, env: dict | None = None) -> Outcome:
             echo.flush()
             code = process.wait()
         except BaseException:  # Ctrl-C, SIGTERM: the step's processes stop with the pipeline, never orphaned
-            try:
-                process.terminate()  # a stage saves the step it is at and exits (`save_and_stop_on_sigterm`) ...
-                _drain(process, echo, STOP_GRACE)  # ... saying so: its last words still reach the terminal and log
-            finally:
-                stop(process)
+            stop(process, echo)
             raise
     message = None
     if error_file.is_file():
@@ -132,33 +128,31 @@ def spawn(cmd: list[str], log_path: Path, env: dict | None = None) -> Outcome:
 STOP_GRACE = 30.0  # seconds a stopped step's processes get to exit before SIGKILL
 
 
-def _drain(process: subprocess.Popen, echo: _Echo, grace: float) -> None:
-    """Pass on what a stopping process still writes, for at most `grace` seconds."""
+def stop(process: subprocess.Popen, echo: _Echo, grace: float = STOP_GRACE) -> None:
+    """SIGTERM to a step's process (accelerate's launchers pass it on to their workers; a stage saves the step it is
+    at and exits, `save_and_stop_on_sigterm`), passing on what it still writes, so its last words reach the terminal
+    and the log; SIGKILL if it has not exited within `grace` seconds."""
     import selectors
     import time
 
     deadline = time.monotonic() + grace
-    with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
-        while (left := deadline - time.monotonic()) > 0 and selector.select(timeout=left):
-            chunk = process.stdout.read1(4096)
-            if not chunk:
-                break
-            echo.feed(chunk)
-    echo.flush()
-
-
-def stop(process: subprocess.Popen, grace: float = STOP_GRACE) -> None:
-    """SIGTERM to a step's process (accelerate's launchers pass it on to their workers), SIGKILL after `grace`
-    seconds."""
-    if process.poll() is not None:
-        return
-    process.terminate()
     try:
-        process.wait(timeout=grace)
+        process.terminate()  # nothing to signal if it already ended (Ctrl-C reaches the whole group); its output may
+        with selectors.DefaultSelector() as selector:  # still wait in the pipe
+            selector.register(process.stdout, selectors.EVENT_READ)
+            while (left := deadline - time.monotonic()) > 0 and selector.select(timeout=left):
+                chunk = process.stdout.read1(4096)
+                if not chunk:
+                    break
+                echo.feed(chunk)
+        echo.flush()
+        process.wait(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        pass
+    finally:  # also when a second Ctrl-C cuts the wait short
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def describe(outcome: Outcome) -> str:

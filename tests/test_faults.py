@@ -332,9 +332,9 @@ def test_sigterm_stops_the_stage_and_marks_the_run_interrupted(tmp_path):
                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONWARNINGS": "ignore"})
     seen = []
-    for line in process.stdout:  # until the stage trains
-        seen.append(line)
-        if "pre-flight ok" in line:
+    for line in process.stdout:  # until the stage trains: its progress bar, not the pre-flight line printed before
+        seen.append(line)           # its SIGTERM handler is in place
+        if "/100000 [" in line:
             break
     process.send_signal(signal.SIGTERM)
     rest = process.communicate(timeout=120)[0]

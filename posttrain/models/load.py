@@ -140,11 +140,12 @@ def _hub_snapshot(repo_id: str, revision: str) -> str:
     from huggingface_hub.utils import validate_repo_id
 
     try:  # e.g. a mistyped path like "/data/model", which has the one slash of "org/name"
-        if repo_id.count("/") != 1:
-            raise HFValidationError(repo_id)
         validate_repo_id(repo_id)
+        valid = repo_id.count("/") == 1
     except HFValidationError:
-        raise UserError(f"model '{repo_id}' is neither a local folder nor a Hub id of the form 'org/name'") from None
+        valid = False
+    if not valid:
+        raise UserError(f"model '{repo_id}' is neither a local folder nor a Hub id of the form 'org/name'")
     try:
         return snapshot_download(repo_id, revision=revision, local_files_only=True)
     except LocalEntryNotFoundError:

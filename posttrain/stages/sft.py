@@ -36,10 +36,10 @@ def main(stage_args: StageArguments, training_args, model_args):
     common.set_threads()
     model, tokenizer, peft_config = common.load_policy(stage_args, training_args, model_args)
     dataset = common.load_train_dataset(stage_args)
-    gates.check_sft_columns(dataset, stage_args.dataset_name, training_args.dataset_text_field,
-                            training_args.assistant_only_loss and not vision.has_images(dataset))
-    dataset = common.keep_columns(with_template_kwargs(dataset), SFT_COLUMNS | {training_args.dataset_text_field})
     images = vision.has_images(dataset)
+    gates.check_sft_columns(dataset, stage_args.dataset_name, training_args.dataset_text_field,
+                            training_args.assistant_only_loss and not images)
+    dataset = common.keep_columns(with_template_kwargs(dataset), SFT_COLUMNS | {training_args.dataset_text_field})
     text_checks = {}
     if stage_args.preflight:
         if not images:  # image rows train on the reply without the template's markers (see vision_rows)
