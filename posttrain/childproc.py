@@ -6,6 +6,7 @@ from the child itself: a child that fails on a user error writes its one-paragra
 `POSTTRAIN_ERROR_FILE` (`errors.report_child_error`); for any other failure it is the log's last exception line.
 """
 
+import contextlib
 import os
 import re
 import signal
@@ -125,16 +126,24 @@ def spawn(cmd: list[str], log_path: Path, env: dict | None = None) -> Outcome:
     return Outcome(code, message, echo.last_exception, echo.signal)
 
 
-STOP_GRACE = 30.0  # seconds a stopped step's processes get to exit before SIGKILL
+# seconds a stopped step's processes get to exit before SIGKILL: longer than the 30 s torch's elastic agent gives its
+# workers after passing SIGTERM on, so that the agent, not this, ends workers that are still saving
+STOP_GRACE = 40.0
 
 
 def stop(process: subprocess.Popen, echo: _Echo, grace: float = STOP_GRACE) -> None:
     """SIGTERM to a step's process (accelerate's launchers pass it on to their workers; a stage saves the step it is
     at and exits, `save_and_stop_on_sigterm`), passing on what it still writes, so its last words reach the terminal
-    and the log; SIGKILL if it has not exited within `grace` seconds."""
+    and the log; SIGKILL to it and whatever it started if it has not exited within `grace` seconds."""
     import selectors
     import time
 
+    import psutil
+
+    try:
+        family = psutil.Process(process.pid).children(recursive=True)  # known now: orphans are re-parented
+    except psutil.NoSuchProcess:
+        family = []
     deadline = time.monotonic() + grace
     try:
         process.terminate()  # nothing to signal if it already ended (Ctrl-C reaches the whole group); its output may
@@ -153,6 +162,9 @@ def stop(process: subprocess.Popen, echo: _Echo, grace: float = STOP_GRACE) -> N
         if process.poll() is None:
             process.kill()
             process.wait()
+        for child in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
 
 
 def describe(outcome: Outcome) -> str:

@@ -11,6 +11,7 @@ import importlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -174,6 +175,57 @@ def test_sigterm_saves_the_step_then_stops_and_resumes_bit_identical(stage, conf
     assert_same_adapter(train(stage, args, out, resume=out / "checkpoint-2"), want)
 
 
+def _launch_two(stage: str, args: dict, out: Path, **env) -> subprocess.Popen:
+    """The stage as two gloo data-parallel processes on CPU, under accelerate's launcher as the pipeline runs it."""
+    from posttrain.nodes import free_port
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+               "--dynamo_backend", "no", "--num_processes", "2", "--mixed_precision", "no", "--main_process_port",
+               str(free_port()), "-m", f"posttrain.stages.{stage}", "--config", _config_file(args, out)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def _finish(process: subprocess.Popen, timeout: float = 300) -> str:
+    """The launch's output once it has ended; killed (with its processes) if it hangs."""
+    import psutil
+
+    try:
+        return process.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        for child in [*psutil.Process(process.pid).children(recursive=True), process]:
+            child.kill()
+        pytest.fail(f"still running after {timeout} s: {process.communicate()[0][-3000:]}")
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step(configs, tmp_path):
+    """Two processes agree on the step they stop at: the test hook sends SIGTERM to process 0 only, after step 2,
+    and process 1, never signalled, saves step 2 with it (had it trained on, it would have waited in step 3's
+    gradient all-reduce for a peer that had left). checkpoint-2 is complete, and resuming from it on two processes
+    ends on the uninterrupted two-process run's adapter, bit for bit.""" 
+    from posttrain.stages.common import SIGTERM_TEST_ENV
+
+    args = {**configs["sft"], "save_steps": 100, "per_device_train_batch_size": 2}
+    runs = {"whole": _launch_two("sft", args, tmp_path / "whole"),
+            "cut": _launch_two("sft", args, tmp_path / "cut", **{SIGTERM_TEST_ENV: "2"})}
+    said = {name: _finish(process) for name, process in runs.items()}
+    assert runs["whole"].returncode == 0, said["whole"][-3000:]
+    assert runs["cut"].returncode != 0 and "SIGTERM: saving checkpoint-2" in said["cut"], said["cut"][-3000:]
+    assert re.search(r"exitcode\s*:\s*143 \(pid: \d+\)", said["cut"]), said["cut"][-3000:]  # interrupted, not a crash
+    cut = tmp_path / "cut"
+    assert [c.name for c in checkpoints.checkpoints(cut)] == ["checkpoint-2"]
+    assert checkpoints.resume_point(cut) == cut / "checkpoint-2", "marked complete"
+    # marked once both processes had written their part of it: process 1 saved step 2 too
+    assert "rng_state_1.pth" in json.loads((cut / "checkpoint-2" / checkpoints.MARKER).read_text())["files"]
+    assert not (cut / "adapter_model.safetensors").exists(), "stopped before the end"
+
+    resumed = _launch_two("sft", {**args, "resume_from_checkpoint": str(cut / "checkpoint-2")}, cut)
+    output = _finish(resumed)
+    assert resumed.returncode == 0, output[-3000:]
+    assert_same_adapter(load_file(cut / "adapter_model.safetensors"),
+                        load_file(tmp_path / "whole" / "adapter_model.safetensors"))
+
+
 def test_loraplus_killed_then_resumed_is_bit_identical(configs, tmp_path):
     """LoRA+ keeps its optimizer groups across a resume: the B matrices' faster learning rate and Adam state come back
     from the checkpoint, so the resumed run ends on the uninterrupted one's adapter, bit for bit. (That LoRA+ trains
@@ -319,16 +371,19 @@ def test_killed_stage_resumes_from_checkpoint(tmp_path, posttrain_cli):
     assert json.loads((run / "run.json").read_text())["steps"]["run"]["status"] == "done"
 
 
-def test_sigterm_stops_the_stage_and_marks_the_run_interrupted(tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_stops_the_stage_and_marks_the_run_interrupted(tmp_path, processes):
     """A scheduler's SIGTERM (preemption, a time limit) to `posttrain run`: the stage's processes stop with it instead
-    of training on orphaned, after saving the step they were at; run.json says interrupted (not running), the lock
-    is released, the exit code is 143, and the same command resumes (the tests above cover resuming)."""
+    of training on orphaned, after saving the step they were at (on two processes through torch's elastic agent,
+    which passes SIGTERM on to both); run.json says interrupted (not running), the lock is released, the exit code is
+    143, and the same command resumes (the tests above cover resuming)."""
     import signal
 
     import psutil
 
     overrides = ["stages.sft.max_steps=100000", "shared.save_steps=100000", "eval.dataset=null", "name=term"]
-    process = subprocess.Popen([sys.executable, "-m", "posttrain", "run", str(TINY_RECIPE), *overrides, "--only", "sft"],
+    process = subprocess.Popen([sys.executable, "-m", "posttrain", "run", str(TINY_RECIPE), *overrides, "--only", "sft",
+                                "--num-processes", str(processes)],
                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONWARNINGS": "ignore"})
     seen = []
@@ -351,3 +406,24 @@ def test_sigterm_stops_the_stage_and_marks_the_run_interrupted(tmp_path):
     # the stage, stopped in turn, saved the step it was at (no checkpoint was due before step 100000)
     saved = checkpoints.resume_point(run / ".sft.partial")
     assert saved is not None and "SIGTERM: saving checkpoint-" in rest, rest[-2000:]
+    files = json.loads((saved / checkpoints.MARKER).read_text())["files"]
+    assert {f"rng_state_{rank}.pth" for rank in range(processes)} <= set(files) if processes > 1 else "rng_state.pth" in files
+
+
+def test_a_step_deaf_to_sigterm_is_killed_with_the_processes_it_started(tmp_path):
+    """`childproc.stop`: a step that ignores SIGTERM (a stage stuck in a collective, a launcher whose workers hang) is
+    SIGKILLed after the grace period, and so are its children, which would otherwise train on orphaned."""
+    import psutil
+
+    from posttrain import childproc
+
+    deaf = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    parent = (deaf + "import subprocess, sys; child = subprocess.Popen([sys.executable, '-c', sys.argv[1]]); "
+              "print(child.pid, flush=True); time.sleep(600)")
+    process = subprocess.Popen([sys.executable, "-c", parent, deaf + "time.sleep(600)"], stdout=subprocess.PIPE)
+    child = psutil.Process(int(process.stdout.readline()))
+    with open(tmp_path / "step.log", "wb") as log:
+        childproc.stop(process, childproc._Echo(log, tmp_path / "step.log"), grace=1.0)
+    assert process.returncode == -9
+    child.wait(timeout=10)  # ended (and reaped by whoever adopted it) rather than sleeping on
+    assert not child.is_running()

@@ -315,42 +315,56 @@ def train(trainer, training_args, stage_args):
             result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     finally:
         stop.restore()
-    if stop.requested:  # the checkpoint of the step it stopped at is written: the stage ends here, interrupted
+    if stop.stopped:  # the checkpoint of the step it stopped at is written: the stage ends here, interrupted
         raise Terminated(signal.SIGTERM)
     return result
 
 
-SIGTERM_TEST_ENV = "POSTTRAIN_TEST_SIGTERM_AT_STEP"  # test hook: the stage sends itself SIGTERM after that step
+SIGTERM_TEST_ENV = "POSTTRAIN_TEST_SIGTERM_AT_STEP"  # test hook: process 0 sends itself SIGTERM after that step
 
 
 def save_and_stop_on_sigterm(trainer):
-    """SIGTERM while a single-process stage trains (a scheduler's preemption or time limit, or the pipeline stopping
-    it): finish the current step, save a checkpoint of it, stop, and exit as interrupted, so running the same command
-    again loses at most that step instead of everything since the last `save_steps`. Best effort: accelerate's
-    launcher kills its child 5 s after passing SIGTERM on, and a complete checkpoint before it is still there. Several
-    processes keep the default (they would have to agree on the step first: a collective every step)."""
+    """SIGTERM while a stage trains (a scheduler's preemption or time limit, or the pipeline stopping it): finish the
+    current step, save a checkpoint of it, stop, and exit as interrupted, so running the same command again loses at
+    most that step instead of everything since the last `save_steps`.
+
+    Several processes must stop after the same step (saving is collective under FSDP and DeepSpeed, and a process
+    that trained on would wait forever in the next step's gradient all-reduce), but the signal reaches each at its
+    own moment, or only some of them: so after every step they agree, with one all-reduce of a flag (on the
+    accelerator's device, the backend the run already uses: a 4-byte collective and one host sync a step, nothing next
+    to a step's own gradient all-reduce). Best effort: accelerate's launcher kills a single child 5 s after passing
+    SIGTERM on, torch's elastic agent several after 30 s, and a complete checkpoint before that is still there."""
     import os
 
+    import torch
     from transformers import TrainerCallback
 
-    class SaveAndStop(TrainerCallback):
-        requested = False
+    accelerator = trainer.accelerator
 
+    class SaveAndStop(TrainerCallback):
         def __init__(self):
+            self.requested = self.stopped = False
             self.previous = None
-            single = trainer.accelerator.num_processes == 1
-            if single and threading.current_thread() is threading.main_thread():
+            if threading.current_thread() is threading.main_thread():
                 self.previous = signal.signal(signal.SIGTERM, self.handle)
 
         def handle(self, signum, frame):
             self.requested = True
 
+        def agreed(self) -> bool:
+            """Whether any process was asked to stop: the same answer on every process."""
+            if accelerator.num_processes == 1:
+                return self.requested
+            flag = torch.tensor([int(self.requested)], device=accelerator.device)
+            return accelerator.reduce(flag, reduction="sum").item() > 0
+
         def on_step_end(self, args, state, control, **kwargs):
-            if os.environ.get(SIGTERM_TEST_ENV) == str(state.global_step):
+            if os.environ.get(SIGTERM_TEST_ENV) == str(state.global_step) and accelerator.is_main_process:
                 signal.raise_signal(signal.SIGTERM)
-            if self.requested:
-                trainer.accelerator.print(f"SIGTERM: saving checkpoint-{state.global_step} and stopping; run the "
-                                          "same command again to resume from it")
+            if self.agreed():
+                self.stopped = True
+                accelerator.print(f"SIGTERM: saving checkpoint-{state.global_step} and stopping; run the same "
+                                  "command again to resume from it")
                 control.should_save = control.should_training_stop = True
 
         def restore(self):
@@ -409,6 +423,7 @@ def entry(stage: str, main, make_parser) -> None:
         report_child_error(str(exc))
         sys.exit(2)
     except Terminated as exc:  # stopped by SIGTERM after saving a checkpoint (`save_and_stop_on_sigterm`)
+        end_processes()
         sys.exit(128 + exc.signum)
     except Exception as exc:
         if not is_disk_full(exc):
