@@ -26,6 +26,8 @@ _LAUNCHER = ("subprocess.CalledProcessError", "torch.distributed.elastic.multipr
 _CAUSE = "RuntimeError: "
 _HOLD_LINES = 5000
 # how accelerate's launchers report a child killed by a signal (one process; torchrun for several)
+# what a stage prints when SIGTERM (to any of its processes) stops it after saving a checkpoint of the step it was at
+SAVED_ON_SIGTERM = "SIGTERM: saving checkpoint-"
 _KILLED = re.compile(r"died with <Signals\.\w+: (\d+)>|exitcode\s*:\s*-(\d+)")
 
 
@@ -35,6 +37,7 @@ class Outcome:
     message: str | None  # the child's own one-paragraph error, when it reported one
     last_exception: str | None  # else the last exception line of its log
     signal: int | None = None  # the signal that killed it (or one of its processes), if any
+    saved_on_sigterm: bool = False  # it stopped on SIGTERM after saving the step it was at (`SAVED_ON_SIGTERM`)
 
 
 class _Echo:
@@ -43,7 +46,7 @@ class _Echo:
     def __init__(self, log, log_path: Path):
         self.log, self.log_path, self.pending = log, log_path, b""
         self.in_traceback = self.pointed = False
-        self.last_exception, self.signal = None, None
+        self.last_exception, self.signal, self.saved_on_sigterm = None, None, False
         self.held: list[bytes] | None = None  # lines of a possible chained cause (`_CAUSE`), not shown yet
 
     def feed(self, chunk: bytes) -> None:
@@ -61,6 +64,7 @@ class _Echo:
         killed = _KILLED.search(text)
         if killed:
             self.signal = int(killed.group(1) or killed.group(2))
+        self.saved_on_sigterm |= text.startswith(SAVED_ON_SIGTERM)
         if text.startswith(_CHAINED):  # between the tracebacks of chained exceptions
             self.held = None  # what was held was the cause of the exception that follows: the log has it
             self.in_traceback = True  # the blank line before that exception's traceback goes to the log only
@@ -123,7 +127,7 @@ def spawn(cmd: list[str], log_path: Path, env: dict | None = None) -> Outcome:
     if error_file.is_file():
         message = error_file.read_text(errors="replace").strip() or None
         error_file.unlink()
-    return Outcome(code, message, echo.last_exception, echo.signal)
+    return Outcome(code, message, echo.last_exception, echo.signal, echo.saved_on_sigterm)
 
 
 # seconds a stopped step's processes get to exit before SIGKILL: longer than the 30 s torch's elastic agent gives its
@@ -131,10 +135,11 @@ def spawn(cmd: list[str], log_path: Path, env: dict | None = None) -> Outcome:
 STOP_GRACE = 40.0
 
 
-def stop(process: subprocess.Popen, echo: _Echo, grace: float = STOP_GRACE) -> None:
+def stop(process: subprocess.Popen, echo: _Echo | None, grace: float = STOP_GRACE) -> None:
     """SIGTERM to a step's process (accelerate's launchers pass it on to their workers; a stage saves the step it is
-    at and exits, `save_and_stop_on_sigterm`), passing on what it still writes, so its last words reach the terminal
-    and the log; SIGKILL to it and whatever it started if it has not exited within `grace` seconds."""
+    at and exits, `save_and_stop_on_sigterm`), passing on what it still writes through `echo` (when its output is
+    piped), so its last words reach the terminal and the log; SIGKILL to it and whatever it started if it has not
+    exited within `grace` seconds."""
     import selectors
     import time
 
@@ -147,14 +152,15 @@ def stop(process: subprocess.Popen, echo: _Echo, grace: float = STOP_GRACE) -> N
     deadline = time.monotonic() + grace
     try:
         process.terminate()  # nothing to signal if it already ended (Ctrl-C reaches the whole group); its output may
-        with selectors.DefaultSelector() as selector:  # still wait in the pipe
-            selector.register(process.stdout, selectors.EVENT_READ)
-            while (left := deadline - time.monotonic()) > 0 and selector.select(timeout=left):
-                chunk = process.stdout.read1(4096)
-                if not chunk:
-                    break
-                echo.feed(chunk)
-        echo.flush()
+        if echo is not None:  # still wait in the pipe
+            with selectors.DefaultSelector() as selector:
+                selector.register(process.stdout, selectors.EVENT_READ)
+                while (left := deadline - time.monotonic()) > 0 and selector.select(timeout=left):
+                    chunk = process.stdout.read1(4096)
+                    if not chunk:
+                        break
+                    echo.feed(chunk)
+            echo.flush()
         process.wait(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         pass

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
+from . import childproc
 from .console import console
 from .errors import UserError
 from .io import write_json
@@ -173,8 +174,13 @@ def _join_stage(folder: Path, entry: dict, nodes: Nodes) -> None:
     console.rule(f"stage: {entry['stage']} (machine {nodes.machine_rank})")
     log_path = folder / f"{entry['stage']}.machine-{nodes.machine_rank}.log"
     with open(log_path, "ab") as log:
-        code = subprocess.call([sys.executable, "-m", "accelerate.commands.launch", *args], stdout=log,
-                               stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        process = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", *args], stdout=log,
+                                   stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            code = process.wait()
+        except BaseException:  # SIGTERM, Ctrl-C: the stage saves the step it is at and stops, never orphaned
+            childproc.stop(process, None)
+            raise
     if code != 0:
         console.print(f"[yellow]stage {entry['stage']} ended with exit code {code} on this machine; log: "
                       f"{log_path}[/yellow]")

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -365,6 +366,10 @@ class Pipeline:
         a failure becomes a UserError with the child's own cause and the log's path."""
         started = time.time()
         outcome = spawn(cmd, log_path, env)
+        if outcome.code != 0 and outcome.saved_on_sigterm:  # SIGTERM to one of its processes, not to this one
+            console.print(f"[yellow]step '{step}' stopped on SIGTERM to one of its processes (on this machine or "
+                          "another) and saved the step it was at[/yellow]")
+            raise Terminated(signal.SIGTERM)
         if outcome.code != 0:
             lines = log_path.read_text(errors="replace").splitlines()
             # a lost process (a dead rank, a machine gone) explains more than the survivor's own exception

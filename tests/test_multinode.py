@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from posttrain import checkpoints
 from posttrain.nodes import explain_failure
 
 REPO = Path(__file__).resolve().parent.parent
@@ -216,3 +217,35 @@ def run_follower(root: Path, outcome: list) -> None:
         outcome.append(follow(root, Nodes(2, 1, "127.0.0.1")))
     except UserError as exc:
         outcome.append(str(exc))
+
+
+@pytest.mark.multinode
+def test_sigterm_to_one_machine_saves_the_step_on_both(tmp_path, start_machines):
+    """A scheduler preempts machine 1 only (SIGTERM to its `posttrain run`): its stage process stops after the step it
+    is at, and machine 0's, never signalled, stops after the same step (they agree after every step), so both save
+    their part of one checkpoint and both runs end as interrupted (143); running both again resumes from that
+    checkpoint and finishes."""
+    recipe = sft_recipe(tmp_path, max_steps=20, save_strategy="steps", save_steps=1000)
+    machines = start_machines(recipe, tmp_path)
+    seen = []
+    for line in machines[0].stdout:  # until machine 0 trains (no checkpoint is due before step 1000)
+        seen.append(line)
+        if "/20 [" in line:
+            break
+    machines[1].send_signal(signal.SIGTERM)
+    (code0, out0), (code1, out1) = finish(machines, timeout=120)
+    out0 = "".join(seen) + out0
+    assert code1 == 143 and "interrupted: run the same command again" in out1, out1[-3000:]
+    assert code0 == 143 and "stopped on SIGTERM to one of its processes" in out0, out0[-3000:]
+    run = tmp_path / "outputs" / "nodes"
+    assert yaml.safe_load((run / "run.json").read_text())["steps"]["sft"]["error"] == "interrupted (SIGTERM)"
+    saved = checkpoints.resume_point(run / ".sft.partial")
+    assert saved is not None, out0[-3000:]
+    files = yaml.safe_load((saved / checkpoints.MARKER).read_text())["files"]
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(files)  # both machines saved that step
+
+    (code0, out0), (code1, _) = finish(start_machines(recipe, tmp_path), timeout=240)
+    assert code0 == 0 and code1 == 0, out0[-3000:]
+    assert f"resuming sft from {saved.name}" in out0
+    metrics = yaml.safe_load((run / "sft" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["train"]["global_step"] == 20

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from .. import checkpoints, skip_final_collection
+from ..childproc import SAVED_ON_SIGTERM
 from ..errors import Terminated, UserError, disk_full_error, is_disk_full, report_child_error
 
 logger = logging.getLogger("posttrain")
@@ -363,8 +364,8 @@ def save_and_stop_on_sigterm(trainer):
                 signal.raise_signal(signal.SIGTERM)
             if self.agreed():
                 self.stopped = True
-                accelerator.print(f"SIGTERM: saving checkpoint-{state.global_step} and stopping; run the same "
-                                  "command again to resume from it")
+                accelerator.print(f"{SAVED_ON_SIGTERM}{state.global_step} and stopping; run the same command again "
+                                  "to resume from it")
                 control.should_save = control.should_training_stop = True
 
         def restore(self):
