@@ -19,7 +19,7 @@ from .errors import ERROR_FILE_ENV
 
 _EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b.*")
 _CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
-_LAUNCHER = ("subprocess.CalledProcessError", "torch.distributed.elastic.multiprocessing.errors.ChildFailedError")
+_LAUNCHER_ERRORS = ("subprocess.CalledProcessError", "torch.distributed.elastic.multiprocessing.errors.ChildFailedError")
 # accelerate (1.16) raises its CalledProcessError `from RuntimeError(<the child's stderr tail>)`: Python prints that
 # cause first, with no traceback of its own, so the child's output would reach the terminal twice. A line opening
 # such a cause is held back until the chain marker that follows it proves it one (then it stays in the log only).
@@ -88,7 +88,7 @@ class _Echo:
             self.in_traceback = False  # the exception line ends the traceback; it stays in the log only
             if _EXCEPTION_LINE.match(text):
                 # the child's own exception, not the launcher's that follows it
-                if self.last_exception is None or not text.startswith(_LAUNCHER):
+                if self.last_exception is None or not text.startswith(_LAUNCHER_ERRORS):
                     self.last_exception = text
                 return
         self._show(line)
@@ -121,7 +121,7 @@ def spawn(cmd: list[str], log_path: Path, env: dict | None = None) -> Outcome:
             echo.flush()
             code = process.wait()
         except BaseException:  # Ctrl-C, SIGTERM: the step's processes stop with the pipeline, never orphaned
-            stop(process, echo)
+            stop(process, echo, launcher=LAUNCHER in cmd)
             raise
     message = None
     if error_file.is_file():
@@ -130,29 +130,37 @@ def spawn(cmd: list[str], log_path: Path, env: dict | None = None) -> Outcome:
     return Outcome(code, message, echo.last_exception, echo.signal, echo.saved_on_sigterm)
 
 
-# seconds a stopped step's processes get to exit before SIGKILL: longer than the 30 s torch's elastic agent gives its
-# workers after passing SIGTERM on, so that the agent, not this, ends workers that are still saving
+LAUNCHER = "accelerate.commands.launch"  # a stage's launcher (`python -m`): its children are the stage's processes
+# seconds a stopped step's processes get to exit before SIGKILL: as long as a stage may need to finish its step and
+# save it, and longer than the 30 s torch's elastic agent gives its workers, so that it ends workers still saving
 STOP_GRACE = 40.0
 
 
-def stop(process: subprocess.Popen, echo: _Echo | None, grace: float = STOP_GRACE) -> None:
-    """SIGTERM to a step's process (accelerate's launchers pass it on to their workers; a stage saves the step it is
-    at and exits, `save_and_stop_on_sigterm`), passing on what it still writes through `echo` (when its output is
-    piped), so its last words reach the terminal and the log; SIGKILL to it and whatever it started if it has not
-    exited within `grace` seconds."""
+def stop(process: subprocess.Popen, echo: _Echo | None, grace: float = STOP_GRACE, launcher: bool = False) -> None:
+    """SIGTERM to a step's process, or, for a `launcher`, to the processes it started (a stage saves the step it is
+    at and exits, `save_and_stop_on_sigterm`; the launcher ends when they do: accelerate's own launcher for one
+    process would kill its child 5 s after passing SIGTERM on, too soon for a large model's step and save). What
+    the step still writes is passed on through `echo` (when its output is piped), so its last words reach the
+    terminal and the log; SIGKILL to it and whatever it started if it has not exited within `grace` seconds."""
     import selectors
     import time
 
     import psutil
 
     try:
-        family = psutil.Process(process.pid).children(recursive=True)  # known now: orphans are re-parented
+        parent = psutil.Process(process.pid)
+        workers = parent.children() if launcher else []
+        family = parent.children(recursive=True)  # known now: orphans are re-parented
     except psutil.NoSuchProcess:
-        family = []
+        workers, family = [], []
     deadline = time.monotonic() + grace
     try:
-        process.terminate()  # nothing to signal if it already ended (Ctrl-C reaches the whole group); its output may
-        if echo is not None:  # still wait in the pipe
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.terminate()
+        if not workers:  # nothing to signal if it already ended (Ctrl-C reaches the whole group)
+            process.terminate()
+        if echo is not None:  # its output may still wait in the pipe
             with selectors.DefaultSelector() as selector:
                 selector.register(process.stdout, selectors.EVENT_READ)
                 while (left := deadline - time.monotonic()) > 0 and selector.select(timeout=left):

@@ -174,12 +174,12 @@ def _join_stage(folder: Path, entry: dict, nodes: Nodes) -> None:
     console.rule(f"stage: {entry['stage']} (machine {nodes.machine_rank})")
     log_path = folder / f"{entry['stage']}.machine-{nodes.machine_rank}.log"
     with open(log_path, "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", *args], stdout=log,
+        process = subprocess.Popen([sys.executable, "-m", childproc.LAUNCHER, *args], stdout=log,
                                    stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             code = process.wait()
         except BaseException:  # SIGTERM, Ctrl-C: the stage saves the step it is at and stops, never orphaned
-            childproc.stop(process, None)
+            childproc.stop(process, None, launcher=True)
             raise
     if code != 0:
         console.print(f"[yellow]stage {entry['stage']} ended with exit code {code} on this machine; log: "

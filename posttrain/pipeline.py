@@ -28,7 +28,7 @@ import yaml
 
 from . import lineage
 from .checkpoints import resume_point
-from .childproc import describe, spawn
+from .childproc import LAUNCHER, describe, spawn
 from .configs import StageArguments
 from .console import console
 from .errors import Terminated, UserError, disk_full_error, is_disk_full
@@ -351,7 +351,7 @@ class Pipeline:
         from .devices import accelerate_launch_args
 
         flags = accelerate_launch_args(self.accelerate_config, self.num_processes, self.nodes)
-        return [sys.executable, "-m", "accelerate.commands.launch", *flags]
+        return [sys.executable, "-m", LAUNCHER, *flags]
 
     def tracking_env(self, stage: str) -> dict:
         """TensorBoard event files of a stage go to `<run>/tensorboard/<stage>` (not into the stage folder, which is

@@ -427,3 +427,24 @@ def test_a_step_deaf_to_sigterm_is_killed_with_the_processes_it_started(tmp_path
     assert process.returncode == -9
     child.wait(timeout=10)  # ended (and reaped by whoever adopted it) rather than sleeping on
     assert not child.is_running()
+
+
+def test_a_launchers_workers_get_the_whole_grace_period(tmp_path):
+    """`childproc.stop` on a launcher sends SIGTERM to the processes it started, not to it: accelerate's launcher for
+    one process, signalled itself, kills its child 5 s later (this stand-in: 1 s), before a large model's step and
+    save are done. Here the worker needs 3 s after SIGTERM to save, and it does."""
+    from posttrain import childproc
+
+    worker = ("import signal, sys, time; asked = []; signal.signal(signal.SIGTERM, lambda *_: asked.append(1)); "
+              "print('ready', flush=True)\nwhile not asked: time.sleep(0.05)\n"
+              "time.sleep(3); open(sys.argv[1], 'w').write('saved'); sys.exit(143)")
+    launcher = ("import signal, subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', sys.argv[1], "
+                "sys.argv[2]])\ndef handle(*_):\n    child.terminate(); time.sleep(1); child.kill(); sys.exit(143)\n"
+                "signal.signal(signal.SIGTERM, handle); sys.exit(child.wait())")
+    saved = tmp_path / "saved"
+    process = subprocess.Popen([sys.executable, "-c", launcher, worker, str(saved)], stdout=subprocess.PIPE)
+    assert process.stdout.readline() == b"ready\n"
+    with open(tmp_path / "step.log", "wb") as log:
+        childproc.stop(process, childproc._Echo(log, tmp_path / "step.log"), grace=20.0, launcher=True)
+    assert saved.read_text() == "saved"
+    assert process.returncode == 143  # the launcher ended with its worker, on its own
