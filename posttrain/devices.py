@@ -178,14 +178,29 @@ def accelerate_launch_args(config_file: str | None, num_processes: int | None = 
         flags = ["--config_file", config_file]
         if num_processes:
             flags += ["--num_processes", str(num_processes * (nodes.num_machines if nodes else 1))]
-        return [*flags, *machines] if nodes else flags
+        return [*flags, *machines] if nodes else [*flags, *own_port(config_file)]
     count = (num_processes or (_gpu_count() if has_cuda() else 1)) * (nodes.num_machines if nodes else 1)
+    if count > 1 and not nodes:
+        machines += own_port(None)
     flags = ["--num_processes", str(count), *machines, "--mixed_precision", "no", "--dynamo_backend", "no"]
     if not has_cuda():
         flags += ["--num_cpu_threads_per_process", str(cpu_threads(count // (nodes.num_machines if nodes else 1)))]
     if count > 1:
         return ["--multi_gpu", *flags]
     return flags if has_cuda() else ["--cpu", *flags]
+
+
+def own_port(config_file: str | None) -> list[str]:
+    """A free port for the process group of a stage on one machine: with accelerate's default (29500) a second run on
+    the same machine (two experiments on two halves of its GPUs) fails at once with EADDRINUSE. A config file that
+    names its port keeps it."""
+    import yaml
+
+    from .nodes import free_port
+
+    if config_file and "main_process_port" in (yaml.safe_load(Path(config_file).read_text()) or {}):
+        return []
+    return ["--main_process_port", str(free_port())]
 
 
 def check_engine_runs_here(config_file: str | None) -> None:

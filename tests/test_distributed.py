@@ -110,6 +110,31 @@ def test_two_process_cpu_run(tmp_path, posttrain_cli):
     assert metrics["train"]["global_step"] == 3
 
 
+def test_two_runs_on_one_machine_get_ports_of_their_own(tmp_path):
+    """Several processes on one machine meet on a free port, not on accelerate's default 29500, on which a second run
+    on the same machine (two experiments on two halves of its GPUs) failed at once with EADDRINUSE; a config file
+    that names its port keeps it."""
+    import socket
+
+    from posttrain.devices import accelerate_launch_args
+
+    ports = []
+    for _ in range(2):
+        flags = accelerate_launch_args(None, 2)
+        ports.append(int(flags[flags.index("--main_process_port") + 1]))
+    with socket.socket() as taken:  # a run holding one port
+        taken.bind(("", ports[0]))
+        flags = accelerate_launch_args(None, 2)
+        assert int(flags[flags.index("--main_process_port") + 1]) != ports[0]
+    assert "--main_process_port" not in accelerate_launch_args(None, 1)  # one process has no process group to meet in
+    named = tmp_path / "ddp.yaml"
+    named.write_text(FSDP_CONFIG.read_text().replace("distributed_type: FSDP", "distributed_type: MULTI_GPU")
+                     + "main_process_port: 29555\n")
+    assert "--main_process_port" not in accelerate_launch_args(str(named))
+    flags = accelerate_launch_args(str(SCRIPT.parent.parent / "recipes" / "accelerate" / "ddp.yaml"))
+    assert int(flags[flags.index("--main_process_port") + 1]) > 0
+
+
 def test_a_finished_stage_tears_its_process_group_down(tmp_path):
     """`end_processes`, the last call of every stage process (`common.entry`), destroys the process group, so it is
     not left to interpreter shutdown (where gloo's threads sometimes outlived it: SIGABRT after a finished stage)."""

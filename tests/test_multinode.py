@@ -249,3 +249,29 @@ def test_sigterm_to_one_machine_saves_the_step_on_both(tmp_path, start_machines)
     assert f"resuming sft from {saved.name}" in out0
     metrics = yaml.safe_load((run / "sft" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["train"]["global_step"] == 20
+
+
+@pytest.mark.parametrize("code, requeued", [(143, True), (0, False), (2, False)])
+def test_the_slurm_script_requeues_an_interrupted_run_only(tmp_path, code, requeued):
+    """recipes/accelerate/slurm.sbatch with stand-ins for `srun` and `scontrol`: an interrupted run (143: the time
+    limit's early SIGTERM, or preemption) is requeued to resume; a finished or failed one is not, and the job ends with
+    the run's exit code."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "activate").write_text("")
+    (bin_dir / "srun").write_text(f"#!/bin/bash\necho \"$@\" > {tmp_path}/srun.args\nexit {code}\n")
+    (bin_dir / "scontrol").write_text(f"#!/bin/bash\n[ \"$1\" = show ] && echo node1 && exit 0\n"
+                                      f"echo \"$@\" > {tmp_path}/scontrol.args\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", "SLURM_NNODES": "2",
+           "SLURM_JOB_NODELIST": "node[1-2]"}
+    script = REPO / "recipes" / "accelerate" / "slurm.sbatch"
+    ended = subprocess.run(["bash", str(script), "recipes/text/qwen2.5-1.5b.yaml"], cwd=tmp_path, env=env)
+    assert ended.returncode == code
+    assert "posttrain run recipes/text/qwen2.5-1.5b.yaml" in (tmp_path / "srun.args").read_text()
+    assert (tmp_path / "scontrol.args").is_file() == requeued
+    if requeued:
+        assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "77"]
+    assert "#SBATCH --signal=TERM@180" in script.read_text().splitlines()
