@@ -27,7 +27,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from posttrain.configs import Precision
-from posttrain.errors import UserError
+from posttrain.errors import UserError, is_out_of_memory, what_ran_out
 
 from . import card as card_lib
 from .config import command_line, parse_config, run
@@ -118,9 +118,15 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
     images = [r["images"] for r in expanded] if rows and "images" in rows[0] else None
     prompts = [render_prompt(tokenizer, r["prompt"], r.get("thinking")) for r in expanded]
     # LoRA merged into the bf16 weights: these replies are only sampled, never scored by the model
-    with autocast(model, config.dtype, option=f"{PROG}: dtype", merge_lora=True):
-        texts, _, _ = generate(model, tokenizer, prompts, config.max_new_tokens, config.batch_size, images=images,
-                               do_sample=True, temperature=config.temperature, top_p=config.top_p)
+    try:
+        with autocast(model, config.dtype, option=f"{PROG}: dtype", merge_lora=True):
+            texts, _, _ = generate(model, tokenizer, prompts, config.max_new_tokens, config.batch_size, images=images,
+                                   do_sample=True, temperature=config.temperature, top_p=config.top_p)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise UserError(f"{PROG}: out of memory sampling replies ({what_ran_out(exc)}) with {config.batch_size} "
+                        f"sequences a batch and up to {config.max_new_tokens} new tokens: lower batch_size") from exc
     if config.reference_chosen:  # each prompt's group: its reference reply first (it wins ties), then its samples
         texts = [text for g, row in enumerate(rows) for text in (row.get("completion") or "", *texts[g * n:(g + 1) * n])]
         n += 1

@@ -75,6 +75,22 @@ def _mount_point(path: Path) -> Path:
     return path
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A device or the CPU allocator out of memory: torch's OutOfMemoryError (CUDA), or the RuntimeError other
+    backends raise ("MPS backend out of memory", "DefaultCPUAllocator: can't allocate memory")."""
+    import torch
+
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
+
+
+def what_ran_out(exc: BaseException) -> str:
+    """The first line of an out-of-memory error (what was asked for, what the device holds), for a paragraph."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return first if len(first) <= 200 else first[:197] + "…"
+
+
 def disk_full_error(exc: BaseException, needed_for: str, near: str | Path | None = None) -> UserError:
     """The paragraph for a full disk: which file system, which file, what the space was needed for, and that the same
     command resumes once space is freed."""

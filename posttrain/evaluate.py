@@ -25,7 +25,7 @@ from pathlib import Path
 from . import devices
 from .configs import EvalArguments, Precision
 from .data import completion_text, render_prompt
-from .errors import UserError
+from .errors import UserError, is_out_of_memory, what_ran_out
 from .io import write_json
 from .models import sampling_weights, vision
 from .stats import wilson
@@ -320,8 +320,15 @@ def settings_rows(settings: EvalArguments) -> list[dict]:
 def run(settings: EvalArguments, model, tokenizer, rows: list[dict] | None = None) -> dict:
     """`evaluate` a loaded model (and its tokenizer or processor) on `settings.dataset`, as `settings` says."""
     rows = settings_rows(settings) if rows is None else rows
-    return evaluate(model, tokenizer, rows, settings.max_new_tokens, settings.batch_size, settings.samples,
-                    dtype=settings.dtype, loss_limit=settings.loss_limit)
+    try:
+        return evaluate(model, tokenizer, rows, settings.max_new_tokens, settings.batch_size, settings.samples,
+                        dtype=settings.dtype, loss_limit=settings.loss_limit)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise UserError(f"out of memory evaluating on {settings.dataset} ({what_ran_out(exc)}) with "
+                        f"{settings.batch_size} prompts a batch and up to {settings.max_new_tokens} new tokens: lower "
+                        "eval.batch_size (`posttrain eval --batch-size`), then run the same command again") from exc
 
 
 def run_saved(settings: EvalArguments, model: str, tokenizer: str | None = None, adapter: str | None = None,

@@ -326,3 +326,21 @@ def test_onpolicy_pairs_sample_in_bf16_and_name_a_bad_dtype(tiny_model_path, tas
     assert not (tmp_path / "bad").exists()
     with pytest.raises(UserError, match="build_onpolicy_pairs: dtype: 'float16'; expected one of: auto, float32, bfloat16"):
         sample_pairs(None, None, [], OnPolicyPairsConfig(dtype="float16"))  # called from code, not a command line
+
+
+def test_onpolicy_pairs_out_of_memory_names_the_batch_to_lower(tiny_model_path, task_data, tmp_path, monkeypatch):
+    from data_prep.build_onpolicy_pairs import main
+    from posttrain import evaluate
+    from posttrain.errors import UserError
+
+    def out_of_memory(*_, **__):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB.")
+
+    monkeypatch.setattr(evaluate, "generate", out_of_memory)
+    with pytest.raises(UserError, match=r"build_onpolicy_pairs: out of memory sampling replies \(CUDA out of memory. "
+                                        r"Tried to allocate 9.00 GiB.\) with 32 sequences a batch and up to 6 new "
+                                        r"tokens: lower batch_size"):
+        main(["--model_name_or_path", str(tiny_model_path("llama")), "--prompts", str(task_data), "--test_split", "",
+              "--max_train_prompts", "4", "--num_samples", "2", "--max_new_tokens", "6", "--batch_size", "32",
+              "--output_dir", str(tmp_path / "pairs")])
+    assert not (tmp_path / "pairs").exists()

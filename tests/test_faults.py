@@ -448,3 +448,55 @@ def test_a_launchers_workers_get_the_whole_grace_period(tmp_path):
         childproc.stop(process, childproc._Echo(log, tmp_path / "step.log"), grace=20.0, launcher=True)
     assert saved.read_text() == "saved"
     assert process.returncode == 143  # the launcher ended with its worker, on its own
+
+
+@pytest.mark.parametrize("stage", ["sft", "upo"])
+def test_out_of_memory_is_one_paragraph_with_the_settings_it_depends_on(stage, configs, tmp_path, monkeypatch):
+    """A stage that runs out of GPU memory while training (what torch raises, here raised by a stand-in for the
+    stage's main) is not reported as a bug: one paragraph names the memory-deciding settings with their values and
+    what to change; UPO's also names its rollouts."""
+    from posttrain.stages import common
+
+    module = importlib.import_module(f"posttrain.stages.{stage}")
+    error_file = tmp_path / f"{stage}.error"
+    monkeypatch.setenv(ERROR_FILE_ENV, str(error_file))
+    checkpointing = stage == "upo"  # on in UPO here, so not advised
+    args = {**configs[stage], "gradient_checkpointing": checkpointing}
+    monkeypatch.setattr(sys, "argv", [stage, "--config", _config_file(args, tmp_path / "out")])
+
+    def out_of_memory(*_):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                     "79.19 GiB of which 1.06 GiB is free.\nIncluding non-PyTorch memory, ...")
+
+    with pytest.raises(SystemExit) as ended:
+        common.entry(stage, out_of_memory, module.make_parser)
+    assert ended.value.code == 2
+    said = error_file.read_text()
+    assert said.startswith(f"the {stage} stage ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB. "
+                           "GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB is free.) with "
+                           f"per_device_train_batch_size={configs[stage]['per_device_train_batch_size']}, ")
+    assert f"gradient_checkpointing={checkpointing}" in said and "raise gradient_accumulation_steps" in said
+    assert ("set gradient_checkpointing: true" in said) != checkpointing
+    assert ("num_generations=4, max_completion_length=8" in said) == ("lower num_generations" in said) == (stage == "upo")
+    assert ("shorten max_length" in said) == (stage == "sft")
+    assert "Including non-PyTorch memory" not in said  # the first line of torch's message only
+
+
+def test_evaluation_out_of_memory_names_the_batch_to_lower(task_data, monkeypatch):
+    from posttrain import evaluate
+    from posttrain.configs import EvalArguments
+    from posttrain.errors import is_out_of_memory
+
+    def out_of_memory(*_, **__):
+        raise RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.2 GB)")
+
+    monkeypatch.setattr(evaluate, "evaluate", out_of_memory)
+    settings = EvalArguments(dataset=str(task_data), split="test", batch_size=64, max_new_tokens=40)
+    with pytest.raises(UserError, match=r"out of memory evaluating on .*verifiable \(MPS backend out of memory "
+                                        r"\(MPS allocated: 17.00 GB, other allocations: 1.2 GB\)\) with 64 prompts a "
+                                        r"batch and up to 40 new tokens: lower eval.batch_size"):
+        evaluate.run(settings, model=None, tokenizer=None)
+    assert not is_out_of_memory(RuntimeError("The size of tensor a (4) must match the size of tensor b (5)"))
+    assert not is_out_of_memory(ValueError("out of memory"))  # only what torch raises for it
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
+                                         "memory: you tried to allocate 68719476736 bytes"))

@@ -16,7 +16,15 @@ from pathlib import Path
 
 from .. import checkpoints, skip_final_collection
 from ..childproc import SAVED_ON_SIGTERM
-from ..errors import Terminated, UserError, disk_full_error, is_disk_full, report_child_error
+from ..errors import (
+    Terminated,
+    UserError,
+    disk_full_error,
+    is_disk_full,
+    is_out_of_memory,
+    report_child_error,
+    what_ran_out,
+)
 
 logger = logging.getLogger("posttrain")
 
@@ -410,14 +418,36 @@ def guard_checkpoints(trainer) -> None:
     trainer.add_callback(CheckpointGuard())
 
 
+# the settings a step's memory grows with, as each stage's TRL config names them (UPO: GRPOConfig's)
+MEMORY_SETTINGS = ("per_device_train_batch_size", "max_length", "num_generations", "max_completion_length",
+                   "gradient_checkpointing")
+
+
+def out_of_memory_error(stage: str, exc: BaseException, training_args) -> str:
+    """The paragraph for a stage that ran out of memory while training (TRL's own traceback calls it nothing
+    more than an exception): the settings that decide a step's memory, with their values, and what to change."""
+    settings = ", ".join(f"{name}={getattr(training_args, name)}" for name in MEMORY_SETTINGS
+                         if getattr(training_args, name, None) is not None)
+    changes = ["Lower per_device_train_batch_size and raise gradient_accumulation_steps as much (the same rows an "
+               "optimizer step)",
+               "lower num_generations or max_completion_length" if hasattr(training_args, "num_generations") else
+               "shorten max_length"]
+    if not training_args.gradient_checkpointing:
+        changes.append("set gradient_checkpointing: true")
+    changes.append("shard the model over several GPUs (--accelerate-config recipes/accelerate/fsdp.yaml)")
+    return (f"the {stage} stage ran out of memory ({what_ran_out(exc)}) with {settings}. {', '.join(changes[:-1])} "
+            f"or {changes[-1]}; then run the same command again: the stages before it are kept, and this one starts "
+            "over when its settings change.")
+
+
 def entry(stage: str, main, make_parser) -> None:
     """`python -m posttrain.stages.<stage>`: a user error (bad data, a full disk) is printed as one paragraph and handed
     to the pipeline, and the process exits with code 2; anything else is a bug and keeps its traceback."""
     skip_final_collection()
-    output_dir = None
+    output_dir, training_args = None, None
     try:
         parsed = parse(make_parser())
-        output_dir = parsed[1].output_dir
+        output_dir, training_args = parsed[1].output_dir, parsed[1]
         main(*parsed)
         end_processes()
     except UserError as exc:
@@ -427,6 +457,9 @@ def entry(stage: str, main, make_parser) -> None:
         end_processes()
         sys.exit(128 + exc.signum)
     except Exception as exc:
+        if is_out_of_memory(exc) and training_args is not None:
+            report_child_error(out_of_memory_error(stage, exc, training_args))
+            sys.exit(2)
         if not is_disk_full(exc):
             raise
         if output_dir:
