@@ -65,6 +65,10 @@ class EvalArguments:
     )
 
 
+# a stage's arguments that carry the held-out evaluation (`StageArguments.from_eval`): not what its adapter depends on
+EVAL_KEYS = tuple(f"eval_{f.name}" for f in dataclasses.fields(EvalArguments))
+
+
 @dataclass
 class GateArguments:
     """A stage's promote gate (`gate:` in `shared:` or a stage's section): after the stage is evaluated, compare it

@@ -9,9 +9,9 @@
 
 A stage writes into `.<stage>.partial/` and is renamed to `<stage>/` only when it has finished and its adapter has
 been verified, so a folder named after a stage is always complete. Each stage records an `inputs_hash` over
-everything that determines its result (its resolved arguments, the data fingerprints, the base model, the previous
-stage's hash); a re-run skips a finished stage whose hash is unchanged and resumes an unfinished one from its last
-checkpoint.
+everything that determines its adapter (its resolved arguments but the held-out evaluation's, the data fingerprints,
+the base model, the previous stage's hash); a re-run skips a finished stage whose hash is unchanged (evaluating it
+again when only the held-out evaluation changed) and resumes an unfinished one from its last checkpoint.
 """
 
 import dataclasses
@@ -29,7 +29,7 @@ import yaml
 from . import lineage
 from .checkpoints import resume_point
 from .childproc import LAUNCHER, describe, spawn
-from .configs import StageArguments
+from .configs import EVAL_KEYS, StageArguments
 from .console import console
 from .errors import Terminated, UserError, disk_full_error, is_disk_full
 from .io import moved_aside, read_json, write_json, write_text
@@ -224,26 +224,31 @@ class Pipeline:
     def evaluate_base(self) -> None:
         """Held-out metrics of the base model (skipped when its inputs did not change)."""
         out = self.root / "base"
-        self.base_hash = self.digest({"model": lineage.model_fingerprint(self.base_model), "template": self.template,
-                                "eval": self.eval_inputs()})
-        if self._up_to_date(out, self.base_hash):
+        # what the stages train from; the held-out evaluation is not part of it (`reevaluate`)
+        self.base_hash = self.digest({"model": lineage.model_fingerprint(self.base_model), "template": self.template})
+        digest = self.digest({"base": self.base_hash, "eval": self.eval_inputs()})
+        if self._up_to_date(out, digest):
             return
         started = time.time()
-        evaluation = self.run_base_eval(self.base_model, out) if self.recipe.eval.dataset else None
+        evaluation = self.run_eval(out, "base") if self.recipe.eval.dataset else None
         write_json(out / "metrics.json", {"stage": "base", "status": "done", "eval": evaluation,
                                           "wall_time_s": round(time.time() - started, 1)})
-        write_json(out / "lineage.json", {"stage": "base", "inputs_hash": self.base_hash,
+        write_json(out / "lineage.json", {"stage": "base", "inputs_hash": digest,
                                           "base_model": str(self.base_model), **lineage.environment()})
         self._record("base", status="done", wall_time_s=round(time.time() - started, 1))
 
-    def run_base_eval(self, model_path: Path, out: Path) -> dict:
-        """The base model's held-out metrics, computed in a child process like every stage."""
+    def run_eval(self, out: Path, step: str, adapter: Path | None = None) -> dict:
+        """Held-out metrics of the base model (+ a finished stage's `adapter`), computed in a child process like
+        every stage."""
         settings = dataclasses.replace(self.recipe.eval, dataset=self.substitute(self.recipe.eval.dataset))
         settings_path, result = write_json(out / "eval_settings.json", dataclasses.asdict(settings)), out / "eval.json"
-        cmd = [sys.executable, "-m", "posttrain.evaluate", "--settings", str(settings_path), "--model", str(model_path),
-               "--tokenizer", str(out / "tokenizer"), "--out", str(result)]
-        console.print(f"evaluating the base model on {settings.dataset} ({settings.split})…")
-        self._spawn(cmd, out / "base.log", "base")
+        cmd = [sys.executable, "-m", "posttrain.evaluate", "--settings", str(settings_path), "--model",
+               str(self.base_model), "--tokenizer", str(self.root / "base" / "tokenizer"), "--out", str(result)]
+        if adapter is not None:
+            cmd += ["--adapter", str(adapter)]
+        what = f"the {step} adapter" if adapter is not None else "the base model"
+        console.print(f"evaluating {what} on {settings.dataset} ({settings.split})…")
+        self._spawn(cmd, out / f"{step}.eval.log" if adapter is not None else out / "base.log", step)
         evaluation = json.loads(result.read_text())
         result.unlink()
         settings_path.unlink()
@@ -275,11 +280,35 @@ class Pipeline:
         return args
 
     def stage_hash(self, stage: str, args: dict, previous: str | None) -> str:
+        """What the stage's adapter depends on: its arguments but the held-out evaluation's (`eval_hash`), the data
+        it trains on, the base model and the previous stage's hash."""
         datasets = {k: lineage.dataset_fingerprint(v) for k, v in args.items()
                     if k in STAGE_DATASET_KEYS and v}
-        stable = {k: v for k, v in args.items() if k not in ("output_dir", "project", "run_name")}
+        stable = {k: v for k, v in args.items() if k not in ("output_dir", "project", "run_name", *EVAL_KEYS)}
         prev_hash = json.loads((self.root / previous / "lineage.json").read_text())["inputs_hash"] if previous else None
         return self.digest({"args": stable, "datasets": datasets, "base": self.base_hash, "previous": prev_hash})
+
+    def eval_hash(self, args: dict) -> str:
+        """What a stage's held-out metrics depend on besides its adapter: the evaluation's settings and data."""
+        dataset = args.get("eval_dataset")
+        return self.digest({"eval": {k: args.get(k) for k in EVAL_KEYS},
+                            "dataset": lineage.dataset_fingerprint(dataset) if dataset else None})
+
+    def reevaluate(self, stage: str, args: dict) -> None:
+        """A finished stage whose held-out evaluation changed (another eval set, more tokens, a smaller batch after
+        running out of memory) is evaluated again, not trained again. The new metrics are written before the
+        lineage records them, so an interrupted evaluation is redone on the next run."""
+        final = self.root / stage
+        record = read_json(final / "lineage.json")
+        digest = self.eval_hash(args)
+        if record.get("eval_hash") == digest:
+            return
+        console.print(f"{stage}: the held-out evaluation changed; the finished adapter is evaluated again")
+        metrics = read_json(final / "metrics.json")
+        metrics["eval"] = self.run_eval(final, stage, adapter=final) if args.get("eval_dataset") else None
+        metrics.pop("promotion", None)
+        write_json(final / "metrics.json", metrics)
+        write_json(final / "lineage.json", {**record, "eval_hash": digest})
 
     def _up_to_date(self, folder: Path, digest: str) -> bool:
         path = folder / "lineage.json"
@@ -292,6 +321,7 @@ class Pipeline:
         if not force and self._up_to_date(final, digest):
             console.print(f"[green]✓ {stage}[/green]: finished earlier with the same inputs, skipped")
             self._record(stage, skipped=True)
+            self.reevaluate(stage, args)
             return
         console.rule(f"stage: {stage}")
         partial_lineage = partial / "lineage.json"
@@ -304,7 +334,8 @@ class Pipeline:
             console.print(f"resuming {stage} from {checkpoint.name}")
             args["resume_from_checkpoint"] = str(checkpoint)
         (partial / "resolved.yaml").write_text(yaml.safe_dump(args, sort_keys=False))
-        write_json(partial_lineage, lineage.stage_lineage(stage, args, digest, self, previous))
+        write_json(partial_lineage, {**lineage.stage_lineage(stage, args, digest, self, previous),
+                                     "eval_hash": self.eval_hash(args)})
         started = time.time()
         self._record(stage, status="running", started=time.strftime("%Y-%m-%d %H:%M:%S"), skipped=False)
         cmd = [*self.launcher(), "-m", f"posttrain.stages.{stage}", "--config", str(partial / "resolved.yaml")]

@@ -72,6 +72,37 @@ def test_rerun_skips_finished_stage_and_reruns_on_change(shared_tiny, tiny_run, 
     assert yaml.safe_load((run / "upo" / "resolved.yaml").read_text())["learning_rate"] == 5e-4
 
 
+def test_a_changed_evaluation_scores_finished_stages_again_without_training_them(shared_tiny, tiny_run, tmp_path,
+                                                                                posttrain_cli):
+    """Held-out settings changed after a finished run (here fewer new tokens; equally another eval set, or a smaller
+    batch after running out of memory): the base model and the finished stages are evaluated again, from their
+    saved adapters, and nothing is trained again; the same command once more evaluates nothing. (Up to SFT: DPO and
+    UPO take the same path, and each evaluation is seconds of the suite.)"""
+    cwd = tmp_path / "copy"
+    shutil.copytree(shared_tiny.root, cwd)
+    run = cwd / "outputs" / shared_tiny.name
+    stages = ["sft"]
+    adapters = {s: (run / s / "adapter_model.safetensors").stat().st_mtime_ns for s in stages}
+    hashes = {s: json.loads((run / s / "lineage.json").read_text())["inputs_hash"] for s in stages}
+    assert json.loads((run / "sft" / "metrics.json").read_text())["eval"]["mean_completion_tokens"] > 3
+
+    changed = posttrain_cli("run", "recipe.yaml", "eval.max_new_tokens=3", "--until", "sft", cwd=cwd)
+    assert "evaluating the base model" in changed.stdout
+    for stage in stages:
+        assert f"{stage}: finished earlier with the same inputs, skipped" in changed.stdout
+        assert f"{stage}: the held-out evaluation changed; the finished adapter is evaluated again" in changed.stdout
+        assert (run / stage / "adapter_model.safetensors").stat().st_mtime_ns == adapters[stage], "not trained again"
+        assert json.loads((run / stage / "lineage.json").read_text())["inputs_hash"] == hashes[stage]
+    assert "stage: " not in changed.stdout and "data: pairs" not in changed.stdout  # no stage or pairs job re-ran
+    for step in ["base", *stages]:
+        metrics = json.loads((run / step / "metrics.json").read_text())
+        assert metrics["eval"]["mean_completion_tokens"] <= 3, step
+        if step != "base":
+            assert metrics["promotion"]["gate"]["passed"] is not None  # compared again, on the new numbers
+    again = posttrain_cli("run", "recipe.yaml", "eval.max_new_tokens=3", "--until", "sft", cwd=cwd)
+    assert "evaluated again" not in again.stdout and "evaluating the base model" not in again.stdout
+
+
 def test_user_errors_are_one_paragraph(tmp_path, posttrain_cli):
     missing = posttrain_cli("run", tmp_path / "nope.yaml", cwd=tmp_path, check=False)
     assert missing.returncode == 2
