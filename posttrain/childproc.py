@@ -25,9 +25,9 @@ _LAUNCHER_ERRORS = ("subprocess.CalledProcessError", "torch.distributed.elastic.
 # such a cause is held back until the chain marker that follows it proves it one (then it stays in the log only).
 _CAUSE = "RuntimeError: "
 _HOLD_LINES = 5000
-# how accelerate's launchers report a child killed by a signal (one process; torchrun for several)
 # what a stage prints when SIGTERM (to any of its processes) stops it after saving a checkpoint of the step it was at
 SAVED_ON_SIGTERM = "SIGTERM: saving checkpoint-"
+# how accelerate's launchers report a child killed by a signal (one process; torchrun for several)
 _KILLED = re.compile(r"died with <Signals\.\w+: (\d+)>|exitcode\s*:\s*-(\d+)")
 
 

@@ -18,6 +18,7 @@ error that says which machine never came.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from rich.markup import escape
 
 from . import childproc
 from .console import console
-from .errors import UserError
+from .errors import Terminated, UserError
 from .io import write_json
 
 POLL_S = 0.5
@@ -154,6 +155,9 @@ def follow(root: Path, nodes: Nodes) -> int:
         if entry and token in (entry.get("for") or {}).values() and entry["seq"] > last_seq:
             last_seq = entry["seq"]
             if entry["action"] == "end":
+                if entry["status"] == "interrupted":  # SIGTERM or Ctrl-C there: resumable, as if it had come here
+                    console.print("[yellow]machine 0 reports the run interrupted[/yellow]")
+                    raise Terminated(signal.SIGTERM)
                 if entry["status"] != "done":
                     raise UserError(f"machine 0 reports the run {entry['status']}: its terminal and "
                                     f"{root / 'run.json'} say why")

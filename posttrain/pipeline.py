@@ -52,6 +52,10 @@ def read_files(args) -> dict:
             if Path(value).is_file() or (Path(value) / "card.json").is_file()}
 
 
+def interruption(exc: KeyboardInterrupt) -> str:
+    return "interrupted (SIGTERM)" if isinstance(exc, Terminated) else "interrupted (Ctrl-C)"
+
+
 class Pipeline:
     def __init__(self, recipe: Recipe, output_root: str | Path = "outputs", accelerate_config: str | None = None,
                  num_processes: int | None = None, project: str | None = None, nodes=None):
@@ -121,8 +125,7 @@ class Pipeline:
             self.state = read_json(self.state_path)
             return self._run(only, start, stop_before, until)
         except KeyboardInterrupt as exc:
-            self._end_run("interrupted", "interrupted (SIGTERM)" if isinstance(exc, Terminated) else
-                          "interrupted (Ctrl-C)")
+            self._end_run("interrupted", interruption(exc))
             raise
         except Exception as exc:
             disk_full = is_disk_full(exc) and not isinstance(exc, UserError)
@@ -178,6 +181,9 @@ class Pipeline:
                 previous = stage
             self._record("run", status="done", finished=time.strftime("%Y-%m-%d %H:%M:%S"))
             self.print_summary()
+        except KeyboardInterrupt as exc:  # marked before the report and the other machines read how the run ended
+            self._end_run("interrupted", interruption(exc))
+            raise
         finally:  # a report also for a failed or interrupted run: it shows what finished and what broke
             from .report import try_build_report
 

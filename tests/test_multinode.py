@@ -9,6 +9,7 @@ over localhost, one shared run folder. The two runs of two machines take 1-3 min
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -200,7 +201,8 @@ def test_machine_0_waits_for_live_followers_only(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"machine\(s\) \[1\] did not join within 1 s"):
         Coordinator(tmp_path, nodes)._wait_for_followers(1.0)
 
-    for status, expected in (("done", 0), ("failed", "machine 0 reports the run failed")):
+    for status, expected in (("done", 0), ("failed", "machine 0 reports the run failed"),
+                             ("interrupted", "signal 15")):  # Terminated: exit code 143, like machine 0's
         outcome = []
         follower = threading.Thread(target=run_follower, args=(tmp_path, outcome))
         follower.start()
@@ -210,33 +212,38 @@ def test_machine_0_waits_for_live_followers_only(tmp_path, monkeypatch):
 
 
 def run_follower(root: Path, outcome: list) -> None:
-    from posttrain.errors import UserError
+    from posttrain.errors import Terminated, UserError
     from posttrain.nodes import Nodes, follow
 
     try:
         outcome.append(follow(root, Nodes(2, 1, "127.0.0.1")))
-    except UserError as exc:
+    except (UserError, Terminated) as exc:
         outcome.append(str(exc))
 
 
 @pytest.mark.multinode
-def test_sigterm_to_one_machine_saves_the_step_on_both(tmp_path, start_machines):
-    """A scheduler preempts machine 1 only (SIGTERM to its `posttrain run`): its stage process stops after the step it
-    is at, and machine 0's, never signalled, stops after the same step (they agree after every step), so both save
-    their part of one checkpoint and both runs end as interrupted (143); running both again resumes from that
-    checkpoint and finishes."""
-    recipe = sft_recipe(tmp_path, max_steps=20, save_strategy="steps", save_steps=1000)
+@pytest.mark.parametrize("preempted", [1, 0])
+def test_sigterm_to_one_machine_saves_the_step_on_both(tmp_path, start_machines, preempted):
+    """A scheduler preempts one machine only (SIGTERM to its `posttrain run`): its stage process stops after the step
+    it is at, and the other machine's, never signalled, stops after the same step (they agree after every step), so
+    both save their part of one checkpoint and both runs end as interrupted (143); running both again resumes from
+    that checkpoint and finishes."""
+    recipe = sft_recipe(tmp_path, max_steps=24, save_strategy="steps", save_steps=1000)
     machines = start_machines(recipe, tmp_path)
     seen = []
-    for line in machines[0].stdout:  # until machine 0 trains (no checkpoint is due before step 1000)
+    for line in machines[0].stdout:  # until machine 0 has trained a step (no checkpoint is due before step 1000)
         seen.append(line)
-        if "/20 [" in line:
+        if re.search(r"\| *[1-9]\d*/24 \[", line):  # not the weight-loading bar ("0/20 [")
             break
-    machines[1].send_signal(signal.SIGTERM)
+    machines[preempted].send_signal(signal.SIGTERM)
     (code0, out0), (code1, out1) = finish(machines, timeout=120)
     out0 = "".join(seen) + out0
-    assert code1 == 143 and "interrupted: run the same command again" in out1, out1[-3000:]
-    assert code0 == 143 and "stopped on SIGTERM to one of its processes" in out0, out0[-3000:]
+    assert code0 == code1 == 143, out0[-3000:] + out1[-3000:]
+    assert all("interrupted: run the same command again" in out for out in (out0, out1))
+    if preempted == 1:
+        assert "stopped on SIGTERM to one of its processes" in out0, out0[-3000:]
+    else:
+        assert "machine 0 reports the run interrupted" in out1, out1[-3000:]
     run = tmp_path / "outputs" / "nodes"
     assert yaml.safe_load((run / "run.json").read_text())["steps"]["sft"]["error"] == "interrupted (SIGTERM)"
     saved = checkpoints.resume_point(run / ".sft.partial")
@@ -248,7 +255,7 @@ def test_sigterm_to_one_machine_saves_the_step_on_both(tmp_path, start_machines)
     assert code0 == 0 and code1 == 0, out0[-3000:]
     assert f"resuming sft from {saved.name}" in out0
     metrics = yaml.safe_load((run / "sft" / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["train"]["global_step"] == 20
+    assert metrics["world_size"] == 2 and metrics["train"]["global_step"] == 24
 
 
 @pytest.mark.parametrize("code, requeued", [(143, True), (0, False), (2, False)])
