@@ -198,16 +198,19 @@ def _finish(process: subprocess.Popen, timeout: float = 300) -> str:
         pytest.fail(f"still running after {timeout} s: {process.communicate()[0][-3000:]}")
 
 
-def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step(configs, tmp_path):
+# UPO (rollouts, offline pairs' position) too, in the `multinode` line: 25 s the default suite does without
+@pytest.mark.parametrize("stage", ["sft", pytest.param("upo", marks=pytest.mark.multinode)])
+def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step(configs, tmp_path, stage):
     """Two processes agree on the step they stop at: the test hook sends SIGTERM to process 0 only, after step 2,
     and process 1, never signalled, saves step 2 with it (had it trained on, it would have waited in step 3's
     gradient all-reduce for a peer that had left). checkpoint-2 is complete, and resuming from it on two processes
     ends on the uninterrupted two-process run's adapter, bit for bit.""" 
     from posttrain.stages.common import SIGTERM_TEST_ENV
 
-    args = {**configs["sft"], "save_steps": 100, "per_device_train_batch_size": 2}
-    runs = {"whole": _launch_two("sft", args, tmp_path / "whole"),
-            "cut": _launch_two("sft", args, tmp_path / "cut", **{SIGTERM_TEST_ENV: "2"})}
+    args = {**configs[stage], "save_steps": 100}
+    args["per_device_train_batch_size"] //= 2  # the same global batch as one process's
+    runs = {"whole": _launch_two(stage, args, tmp_path / "whole"),
+            "cut": _launch_two(stage, args, tmp_path / "cut", **{SIGTERM_TEST_ENV: "2"})}
     said = {name: _finish(process) for name, process in runs.items()}
     assert runs["whole"].returncode == 0, said["whole"][-3000:]
     assert runs["cut"].returncode != 0 and "SIGTERM: saving checkpoint-2" in said["cut"], said["cut"][-3000:]
@@ -219,7 +222,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step(configs,
     assert "rng_state_1.pth" in json.loads((cut / "checkpoint-2" / checkpoints.MARKER).read_text())["files"]
     assert not (cut / "adapter_model.safetensors").exists(), "stopped before the end"
 
-    resumed = _launch_two("sft", {**args, "resume_from_checkpoint": str(cut / "checkpoint-2")}, cut)
+    resumed = _launch_two(stage, {**args, "resume_from_checkpoint": str(cut / "checkpoint-2")}, cut)
     output = _finish(resumed)
     assert resumed.returncode == 0, output[-3000:]
     assert_same_adapter(load_file(cut / "adapter_model.safetensors"),
