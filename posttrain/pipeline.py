@@ -232,7 +232,8 @@ class Pipeline:
         out = self.root / "base"
         # what the stages train from; the held-out evaluation is not part of it (`reevaluate`)
         self.base_hash = self.digest({"model": lineage.model_fingerprint(self.base_model), "template": self.template})
-        digest = self.digest({"base": self.base_hash, "eval": self.eval_inputs()})
+        self.eval_hash = self.held_out_hash()
+        digest = self.digest({"base": self.base_hash, "eval": self.eval_hash})
         if self._up_to_date(out, digest):
             return
         started = time.time()
@@ -246,7 +247,7 @@ class Pipeline:
     def run_eval(self, out: Path, step: str, adapter: Path | None = None) -> dict:
         """Held-out metrics of the base model (+ a finished stage's `adapter`), computed in a child process like
         every stage."""
-        settings = dataclasses.replace(self.recipe.eval, dataset=self.substitute(self.recipe.eval.dataset))
+        settings = self.eval_settings()
         settings_path, result = write_json(out / "eval_settings.json", dataclasses.asdict(settings)), out / "eval.json"
         cmd = [sys.executable, "-m", "posttrain.evaluate", "--settings", str(settings_path), "--model",
                str(self.base_model), "--tokenizer", str(self.root / "base" / "tokenizer"), "--out", str(result)]
@@ -260,17 +261,24 @@ class Pipeline:
         settings_path.unlink()
         return evaluation
 
-    def eval_inputs(self) -> dict:
-        ev = self.recipe.eval
-        if not ev.dataset:
-            return {}
-        return {"dataset": lineage.dataset_fingerprint(self.substitute(ev.dataset)), "split": ev.split,
-                "limit": ev.limit, "max_new_tokens": ev.max_new_tokens, "dtype": ev.dtype}
+    def eval_settings(self):
+        """The recipe's held-out evaluation, its dataset's path resolved: the same for the base model and every
+        stage."""
+        return dataclasses.replace(self.recipe.eval, dataset=self.substitute(self.recipe.eval.dataset))
+
+    def held_out_hash(self) -> str:
+        """What held-out metrics depend on besides the model: the evaluation's settings and data (`eval_hash`, set
+        with the base model's evaluation; a finished stage evaluated with another one is evaluated again)."""
+        settings = self.eval_settings()
+        if not settings.dataset:
+            return self.digest({"eval": None})
+        return self.digest({"eval": dataclasses.asdict(settings),
+                            "dataset": lineage.dataset_fingerprint(settings.dataset)})
 
     def stage_args(self, stage: str, previous: str | None) -> dict:
         from .devices import device_defaults, speed_defaults
 
-        ev, base = self.recipe.eval, self.recipe.base
+        base = self.recipe.base
         recipe_args = self.recipe.stages[stage]
         args = {**device_defaults(recipe_args), **speed_defaults(stage, self.base_model, recipe_args),
                 **self.substitute(recipe_args)}
@@ -281,12 +289,12 @@ class Pipeline:
         args.setdefault("run_name", f"{self.recipe.name}-{stage}")
         if previous:
             args["adapter_path"] = str(self.root / previous)
-        if ev.dataset:
-            args.update(StageArguments.from_eval(dataclasses.replace(ev, dataset=self.substitute(ev.dataset))))
+        if self.recipe.eval.dataset:
+            args.update(StageArguments.from_eval(self.eval_settings()))
         return args
 
     def stage_hash(self, stage: str, args: dict, previous: str | None) -> str:
-        """What the stage's adapter depends on: its arguments but the held-out evaluation's (`eval_hash`), the data
+        """What the stage's adapter depends on: its arguments but the held-out evaluation's (`held_out_hash`), the data
         it trains on, the base model and the previous stage's hash."""
         datasets = {k: lineage.dataset_fingerprint(v) for k, v in args.items()
                     if k in STAGE_DATASET_KEYS and v}
@@ -294,27 +302,20 @@ class Pipeline:
         prev_hash = json.loads((self.root / previous / "lineage.json").read_text())["inputs_hash"] if previous else None
         return self.digest({"args": stable, "datasets": datasets, "base": self.base_hash, "previous": prev_hash})
 
-    def eval_hash(self, args: dict) -> str:
-        """What a stage's held-out metrics depend on besides its adapter: the evaluation's settings and data."""
-        dataset = args.get("eval_dataset")
-        return self.digest({"eval": {k: args.get(k) for k in EVAL_KEYS},
-                            "dataset": lineage.dataset_fingerprint(dataset) if dataset else None})
-
-    def reevaluate(self, stage: str, args: dict) -> None:
+    def reevaluate(self, stage: str) -> None:
         """A finished stage whose held-out evaluation changed (another eval set, more tokens, a smaller batch after
         running out of memory) is evaluated again, not trained again. The new metrics are written before the
         lineage records them, so an interrupted evaluation is redone on the next run."""
         final = self.root / stage
         record = read_json(final / "lineage.json")
-        digest = self.eval_hash(args)
-        if record.get("eval_hash") == digest:
+        if record.get("eval_hash") == self.eval_hash:
             return
         console.print(f"{stage}: the held-out evaluation changed; the finished adapter is evaluated again")
         metrics = read_json(final / "metrics.json")
-        metrics["eval"] = self.run_eval(final, stage, adapter=final) if args.get("eval_dataset") else None
+        metrics["eval"] = self.run_eval(final, stage, adapter=final) if self.recipe.eval.dataset else None
         metrics.pop("promotion", None)
         write_json(final / "metrics.json", metrics)
-        write_json(final / "lineage.json", {**record, "eval_hash": digest})
+        write_json(final / "lineage.json", {**record, "eval_hash": self.eval_hash})
 
     def _up_to_date(self, folder: Path, digest: str) -> bool:
         path = folder / "lineage.json"
@@ -327,7 +328,7 @@ class Pipeline:
         if not force and self._up_to_date(final, digest):
             console.print(f"[green]✓ {stage}[/green]: finished earlier with the same inputs, skipped")
             self._record(stage, skipped=True)
-            self.reevaluate(stage, args)
+            self.reevaluate(stage)
             return
         console.rule(f"stage: {stage}")
         partial_lineage = partial / "lineage.json"
@@ -341,7 +342,7 @@ class Pipeline:
             args["resume_from_checkpoint"] = str(checkpoint)
         (partial / "resolved.yaml").write_text(yaml.safe_dump(args, sort_keys=False))
         write_json(partial_lineage, {**lineage.stage_lineage(stage, args, digest, self, previous),
-                                     "eval_hash": self.eval_hash(args)})
+                                     "eval_hash": self.eval_hash})
         started = time.time()
         self._record(stage, status="running", started=time.strftime("%Y-%m-%d %H:%M:%S"), skipped=False)
         cmd = [*self.launcher(), "-m", f"posttrain.stages.{stage}", "--config", str(partial / "resolved.yaml")]

@@ -444,10 +444,10 @@ def entry(stage: str, main, make_parser) -> None:
     """`python -m posttrain.stages.<stage>`: a user error (bad data, a full disk) is printed as one paragraph and handed
     to the pipeline, and the process exits with code 2; anything else is a bug and keeps its traceback."""
     skip_final_collection()
-    output_dir, training_args = None, None
+    training_args = None
     try:
         parsed = parse(make_parser())
-        output_dir, training_args = parsed[1].output_dir, parsed[1]
+        training_args = parsed[1]
         main(*parsed)
         end_processes()
     except UserError as exc:
@@ -462,6 +462,7 @@ def entry(stage: str, main, make_parser) -> None:
             sys.exit(2)
         if not is_disk_full(exc):
             raise
+        output_dir = training_args.output_dir if training_args is not None else None
         if output_dir:
             checkpoints.remove_incomplete(output_dir)
         report_child_error(str(disk_full_error(exc, f"the {stage} stage's checkpoint or adapter", output_dir)))
