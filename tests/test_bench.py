@@ -423,3 +423,55 @@ def test_lora_inputs_stay_in_autocast_dtype_with_the_same_values(tiny_model_path
             param.data = param.data.float()
     with precision.lora_inputs_uncast(model), torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()  # no autocast: PEFT's cast is what makes this run
+
+
+def test_lora_update_inside_the_matmul_gives_peft_s_outputs_and_gradients(tiny_model_path):
+    """`fused_lora.update_in_matmul`: in float32 on CPU each LoRA layer runs one `addmm` and no [tokens, features]
+    product by its scaling, with PEFT's loss and gradients to float32 rounding; under bf16 autocast, with the adapter
+    disabled and after the block, PEFT's own forward runs, bit for bit."""
+    from peft import LoraConfig, get_peft_model
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.models import fused_lora
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.addmm = self.scaled = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.addmm += func is torch.ops.aten.addmm.default
+            self.scaled += func is torch.ops.aten.mul.Tensor and not torch.is_tensor(args[1])  # `* scaling`
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path("llama")),
+                           LoraConfig(r=4, lora_alpha=12, target_modules="all-linear", init_lora_weights=False))
+    layers = sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A"))
+    ids = torch.randint(5, 500, (2, 12))
+
+    def step(autocast=False):
+        model.zero_grad()
+        with CountOps() as counted, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, counted
+
+    loss, grads, peft_ops = step()
+    with fused_lora.update_in_matmul(model):
+        fused_loss, fused_grads, fused_ops = step()
+        bf16 = step(autocast=True)
+        with model.disable_adapter(), torch.no_grad():
+            base_logits = model(input_ids=ids).logits
+    assert peft_ops.addmm == 0 and peft_ops.scaled >= 2 * layers  # forward and backward scale every layer's update
+    assert fused_ops.addmm == layers and fused_ops.scaled < peft_ops.scaled - layers
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-5, atol=1e-6)
+    assert fused_grads.keys() == grads.keys() and all(grads[n].abs().sum() > 0 for n in grads)
+    for name in grads:
+        torch.testing.assert_close(fused_grads[name], grads[name], rtol=1e-4, atol=1e-6)
+    peft_bf16 = step(autocast=True)
+    assert bf16[2].addmm == peft_bf16[2].addmm and torch.equal(bf16[0], peft_bf16[0])
+    with model.disable_adapter(), torch.no_grad():
+        assert torch.equal(base_logits, model(input_ids=ids).logits)
+    assert not any("forward" in vars(m) for m in model.modules())

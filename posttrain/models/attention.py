@@ -120,8 +120,12 @@ def packed_rows_forward(module, query, key, value, attention_mask, position_ids=
     half = torch.is_autocast_enabled(query.device.type) or query.dtype in (torch.bfloat16, torch.float16)
     if half and len(rows.bounds) * query.shape[1] * rows.longest ** 2 <= MAX_SCORES:
         return padded_rows(query, key, value, rows, kwargs.get("scaling"), kwargs.get("dropout", 0.0)), None
-    out = [sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None,
-                                  is_causal=True, **kwargs)[0] for start, end in rows.bounds]
+    # split, not sliced row by row: a slice's backward writes its gradient into a zeroed tensor of the whole
+    # sequence, once per row and layer, where split's backward is one concatenation (forward and backward of the
+    # default recipe's float32 SFT batches 1.09x faster, the same gradients bit for bit)
+    lengths = [end - start for start, end in rows.bounds]
+    out = [sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
+           for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2), strict=True)]
     return torch.cat(out, dim=1), None
 
 

@@ -313,14 +313,15 @@ def whole_stage_loss(trainer, train_result) -> float:
 def train(trainer, training_args, stage_args):
     """`trainer.train()`, resuming where `resume_from_checkpoint` says, with TRL's fused LM head scoring only the
     labelled positions on CPU too, through `models.lm_head` there, LoRA inputs not cast to float32 and back under
-    autocast (`models.precision.lora_inputs_uncast`), and LoRA+ when the stage asks for it."""
-    from ..models import lm_head, precision
+    autocast (`models.precision.lora_inputs_uncast`), LoRA updates added inside their matmul in float32 on CPU
+    (`models.fused_lora`), and LoRA+ when the stage asks for it."""
+    from ..models import fused_lora, lm_head, precision
 
     if stage_args.loraplus_lr_ratio is not None:
         lora_plus(trainer, stage_args.loraplus_lr_ratio)
     stop = save_and_stop_on_sigterm(trainer)
     try:
-        with lm_head.use_on_cpu(), precision.lora_inputs_uncast(trainer.model):
+        with lm_head.use_on_cpu(), precision.lora_inputs_uncast(trainer.model), fused_lora.update_in_matmul(trainer.model):
             result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     finally:
         stop.restore()
