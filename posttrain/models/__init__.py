@@ -7,6 +7,7 @@
   under in either precision (`sampling_weights`);
 - `attention.py`: `packed_rows`, attention within each row of a padding-free batch off CUDA (the SFT, DPO and UPO stages use it);
 - `lm_head.py`: TRL's fused LM head on CPU scoring labelled positions only, in one projection (`use_on_cpu`);
+- `fused_lora.py`: a LoRA layer's update added inside its second matmul in float32 on CPU (`update_in_matmul`);
 - `padding_free.py`: padded DPO and UPO batches scored on their real tokens only, as one sequence;
 - `templates.py`: the built-in chat templates;
 - `vision.py`: what only vision-language models need (processors, LoRA on the language tower, images in data).
