@@ -475,3 +475,22 @@ def test_lora_update_inside_the_matmul_gives_peft_s_outputs_and_gradients(tiny_m
     with model.disable_adapter(), torch.no_grad():
         assert torch.equal(base_logits, model(input_ids=ids).logits)
     assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_lora_layers_with_hooks_keep_peft_s_forward(tiny_model_path):
+    """A LoRA layer whose base layer runs a hook (accelerate's offloading, say) is left to PEFT: the fused path reads
+    the base weight directly and would skip it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.models import fused_lora
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path("llama")),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear" and hasattr(m, "base_layer")]
+    calls = []
+    layers[0].base_layer.register_forward_hook(lambda *args: calls.append(1))
+    with fused_lora.update_in_matmul(model), torch.no_grad():
+        model(input_ids=torch.randint(5, 500, (1, 6)))
+        fused = [m for m in layers if "forward" in vars(m)]
+    assert calls == [1] and layers[0] not in fused and len(fused) == len(layers) - 1

@@ -21,10 +21,15 @@ import functools
 
 
 def _plain(layer) -> bool:
+    """A LoRA linear layer over an `nn.Linear` whose own modules run nothing of their own around their forward (the
+    fused path reads their weights and skips their calls): no hooks, e.g. accelerate's offloading ones."""
     import torch
     from peft.tuners.lora import Linear as LoraLinear
 
-    return isinstance(layer, LoraLinear) and type(layer.base_layer) is torch.nn.Linear
+    if not isinstance(layer, LoraLinear) or type(layer.base_layer) is not torch.nn.Linear or "forward" in vars(layer):
+        return False
+    inner = [layer.base_layer, *layer.lora_A.values(), *layer.lora_B.values()]
+    return not any(m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m) for m in inner)
 
 
 def _fused(layer, x, args, kwargs) -> bool:
@@ -67,7 +72,7 @@ def update_in_matmul(model):
     except ImportError:
         yield
         return
-    layers = [module for module in model.modules() if _plain(module) and "forward" not in vars(module)]
+    layers = [module for module in model.modules() if _plain(module)]
     for layer in layers:
         layer.forward = functools.partial(forward, layer)
     try:
