@@ -174,14 +174,14 @@ def accelerate_launch_args(config_file: str | None, num_processes: int | None = 
     """
     machines = nodes.launch_flags() if nodes else ["--num_machines", "1"]
     if config_file:
-        check_engine_runs_here(config_file)
+        config = check_engine_runs_here(config_file)
         flags = ["--config_file", config_file]
         if num_processes:
             flags += ["--num_processes", str(num_processes * (nodes.num_machines if nodes else 1))]
-        return [*flags, *machines] if nodes else [*flags, *own_port(config_file)]
+        return [*flags, *machines] if nodes else [*flags, *own_port(config)]
     count = (num_processes or (_gpu_count() if has_cuda() else 1)) * (nodes.num_machines if nodes else 1)
     if count > 1 and not nodes:
-        machines += own_port(None)
+        machines += own_port({})
     flags = ["--num_processes", str(count), *machines, "--mixed_precision", "no", "--dynamo_backend", "no"]
     if not has_cuda():
         flags += ["--num_cpu_threads_per_process", str(cpu_threads(count // (nodes.num_machines if nodes else 1)))]
@@ -190,36 +190,40 @@ def accelerate_launch_args(config_file: str | None, num_processes: int | None = 
     return flags if has_cuda() else ["--cpu", *flags]
 
 
-def own_port(config_file: str | None) -> list[str]:
+def own_port(config: dict) -> list[str]:
     """A free port for the process group of a stage on one machine: with accelerate's default (29500) a second run on
-    the same machine (two experiments on two halves of its GPUs) fails at once with EADDRINUSE. A config file that
-    names its port keeps it."""
-    import yaml
-
+    the same machine (two experiments on two halves of its GPUs) fails at once with EADDRINUSE. An accelerate config
+    (`config`, as `check_engine_runs_here` read it) that names its port keeps it."""
     from .nodes import free_port
 
-    if config_file and "main_process_port" in (yaml.safe_load(Path(config_file).read_text()) or {}):
+    if "main_process_port" in config:
         return []
     return ["--main_process_port", str(free_port())]
 
 
-def check_engine_runs_here(config_file: str | None) -> None:
+def check_engine_runs_here(config_file: str | None) -> dict:
     """FSDP and DeepSpeed configs need GPUs: accelerate (1.15) picks FSDP only on top of a GPU-like device type,
     so on CPU an FSDP config runs plain gloo DDP instead (or, without `use_cpu`, N independent single-process
-    trainings), and the run would report a sharded training that never happened. Refuse before launching."""
+    trainings), and the run would report a sharded training that never happened. Refuse before launching. Returns
+    the config as read (empty without a file)."""
     import yaml
 
     if not config_file:
-        return
+        return {}
     try:
-        engine = (yaml.safe_load(Path(config_file).read_text()) or {}).get("distributed_type", "NO")
+        config = yaml.safe_load(Path(config_file).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise UserError(f"accelerate config {config_file}: cannot read it ({exc})") from exc
+    if not isinstance(config, dict):
+        raise UserError(f"accelerate config {config_file}: expected a mapping of accelerate settings "
+                        f"(`accelerate config` writes one), got a YAML {type(config).__name__}")
+    engine = config.get("distributed_type", "NO")
     if engine in ("FSDP", "DEEPSPEED") and not has_cuda():
         raise UserError(f"accelerate config {config_file}: distributed_type {engine} needs CUDA GPUs and none is "
                         f"visible. accelerate {_version('accelerate')} does not shard on CPU (it picks FSDP only "
                         "over a GPU device type and would silently run gloo DDP instead; DeepSpeed needs CUDA). "
                         "On CPU use --num-processes N (DDP over gloo).")
+    return config
 
 
 def _version(package: str) -> str:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from posttrain.errors import UserError
 from posttrain.nodes import free_port  # a free port per run: tests in parallel never share a rendezvous
 
 SCRIPT = Path(__file__).resolve().parent / "distributed_stages.py"
@@ -133,6 +134,10 @@ def test_two_runs_on_one_machine_get_ports_of_their_own(tmp_path):
     assert "--main_process_port" not in accelerate_launch_args(str(named))
     flags = accelerate_launch_args(str(SCRIPT.parent.parent / "recipes" / "accelerate" / "ddp.yaml"))
     assert int(flags[flags.index("--main_process_port") + 1]) > 0
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("- distributed_type: MULTI_GPU\n")
+    with pytest.raises(UserError, match=r"listed.yaml: expected a mapping of accelerate settings"):
+        accelerate_launch_args(str(listed))
 
 
 def test_a_finished_stage_tears_its_process_group_down(tmp_path):
