@@ -477,9 +477,9 @@ def test_lora_update_inside_the_matmul_gives_peft_s_outputs_and_gradients(tiny_m
     assert not any("forward" in vars(m) for m in model.modules())
 
 
-def test_lora_layers_with_hooks_keep_peft_s_forward(tiny_model_path):
+def test_lora_layers_with_hooks_or_variants_keep_peft_s_forward(tiny_model_path):
     """A LoRA layer whose base layer runs a hook (accelerate's offloading, say) is left to PEFT: the fused path reads
-    the base weight directly and would skip it."""
+    the base weight directly and would skip it. So is a LoRA variant (DoRA)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -494,3 +494,14 @@ def test_lora_layers_with_hooks_keep_peft_s_forward(tiny_model_path):
         model(input_ids=torch.randint(5, 500, (1, 6)))
         fused = [m for m in layers if "forward" in vars(m)]
     assert calls == [1] and layers[0] not in fused and len(fused) == len(layers) - 1
+
+    dora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path("llama")),
+                          LoraConfig(r=4, target_modules="all-linear", use_dora=True, init_lora_weights=False))
+    ids = torch.randint(5, 500, (1, 6))
+    with torch.no_grad():
+        for name, param in dora.named_parameters():
+            if "lora_magnitude_vector" in name:  # at its init DoRA equals LoRA: move it away from there
+                param.mul_(torch.rand_like(param) + 0.5)
+        expected = dora(input_ids=ids).logits
+        with fused_lora.update_in_matmul(dora):  # DoRA is a LoRA variant: PEFT computes it, bit for bit
+            assert torch.equal(dora(input_ids=ids).logits, expected)
