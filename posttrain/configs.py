@@ -60,8 +60,8 @@ class EvalArguments:
     dtype: Precision = field(
         default="auto",
         metadata={"help": "Generation precision: auto (bfloat16 where the device runs it natively, else float32), "
-                          "float32, or bfloat16 (autocast: ~1.5x less CPU time with AVX512-BF16, ~90x more without "
-                          "it; greedy answers can differ slightly from float32's, the same for every step)."},
+                          "float32, or bfloat16 (autocast: ~1.5x less CPU time with AVX512-BF16, 4x to 90x more "
+                          "without it; greedy answers can differ slightly from float32's, the same for every step)."},
     )
 
 

@@ -37,9 +37,31 @@ def has_cuda() -> bool:
 
 
 # Without native bf16 dot products a CPU emulates bf16 matmuls: on an AVX2-only AMD EPYC a 512 x 576 x 1536 matmul took
-# 742 ms in bf16 against 8.3 ms in float32 (90x), so an evaluation that takes 17 s with AVX512-BF16 took minutes.
-EMULATED_BF16 = ("bf16 on this CPU is emulated (no AVX512-BF16 or AMX instructions): its matmuls run about 90x slower "
-                 "than float32 here")
+# 742 ms in bf16 against 8.3 ms in float32 (90x), so an evaluation that takes 17 s with AVX512-BF16 took minutes; on an
+# Intel Xeon with AVX-512 but no bf16 instructions a 1,200 x 576 x 1,536 one took 35 ms against 7.6 ms (4.6x).
+EMULATED_BF16 = ("bf16 on this CPU is emulated (no AVX512-BF16 or AMX instructions): its matmuls run 4x (AVX-512) to "
+                 "90x (AVX2) slower than float32; `posttrain doctor` measures this machine")
+
+
+def bf16_matmul_slowdown(repeats: int = 3) -> float:
+    """How many times longer a bf16 matmul of a small model's size (256 x 576 x 1,536) takes than a float32 one on
+    this CPU, best of `repeats` each (a few hundred ms on an emulating CPU)."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(256, 576), torch.randn(576, 1536)
+
+    def best(x, y) -> float:
+        x @ y  # warm-up: the first call of a kernel also pays for its setup
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    return best(a.bfloat16(), b.bfloat16()) / best(a, b)
 
 
 @functools.cache

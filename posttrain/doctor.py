@@ -7,7 +7,7 @@ from importlib import metadata
 from packaging.version import Version
 
 from .console import console
-from .devices import cpu_has_bf16
+from .devices import bf16_matmul_slowdown, cpu_has_bf16
 
 # (package, lowest tested, first untested): outside these, stages may break on trainer internals we rely on.
 TESTED = [("torch", "2.6", "2.15"), ("transformers", "5.23", "5.24"), ("trl", "1.16", "1.17"),
@@ -43,7 +43,8 @@ def check_device() -> list[tuple[str, str, str]]:
         threads = os.environ.get("OMP_NUM_THREADS")
         rows.append(("device", f"cpu, {os.cpu_count()} cores", "OMP_NUM_THREADS=" + (threads or "unset (torch uses every core)")))
         rows.append(("cpu bf16", "native (AVX512-BF16 or AMX)", "bf16 autocast on by default") if cpu_has_bf16()
-                    else ("cpu bf16", "emulated", "float32 by default (bf16 would be ~90x slower)"))
+                    else ("cpu bf16", "emulated", f"float32 by default (a bf16 matmul takes "
+                                                  f"{bf16_matmul_slowdown():.1f}x as long here)"))
     return rows
 
 

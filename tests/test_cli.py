@@ -40,6 +40,19 @@ def test_doctor_reports_stack_and_default_model():
     assert check_default_model()[0][2].startswith("installed")
 
 
+def test_doctor_measures_what_emulated_bf16_costs_here(monkeypatch):
+    """On a CPU without bf16 instructions doctor says what a bf16 matmul costs on this machine (4x to 90x on the CPUs
+    measured), not a figure from another one."""
+    from posttrain import doctor
+    from posttrain.devices import bf16_matmul_slowdown
+
+    monkeypatch.setattr(doctor, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(doctor, "bf16_matmul_slowdown", lambda: 4.57)
+    (row,) = [row for row in doctor.check_device() if row[0] == "cpu bf16"]
+    assert row[1] == "emulated" and "a bf16 matmul takes 4.6x as long here" in row[2]
+    assert bf16_matmul_slowdown(repeats=1) > 0  # a real measurement of two timed matmuls
+
+
 def test_unknown_data_job_is_a_user_error():
     result = cli("data", "build_nothing", check=False)
     assert result.returncode == 2 and "is not a data_prep job" in result.stdout
