@@ -66,6 +66,7 @@ class BenchOptions:
     max_completion_length: int = 48
     threads: int | None = None
     variants: dict[str, dict] | None = None  # column name -> arguments over `defaults`
+    plain: dict | None = None  # arguments over TRL's defaults for the `trl` and `equal` columns (both sides alike)
     data: str = "tasks"  # or "chat"
     work: str = "outputs/bench"
     out: str = "bench.json"
@@ -214,17 +215,18 @@ def bench_args(row: str, inputs: dict, options: BenchOptions) -> dict:
             "learning_rate": 3e-5, "upo_lambda": 0.5 if row == "upo" else 0.0}
 
 
-def column_args(row: str, column: str, args: dict, variants: dict | None = None) -> dict:
+def column_args(row: str, column: str, args: dict, variants: dict | None = None, plain: dict | None = None) -> dict:
     """`trl` and `equal`: the bench arguments plus TRL's own defaults written out for every key posttrain would
-    otherwise choose; `defaults`: posttrain's choices (the pipeline's functions) over the bench arguments; a variant:
-    `defaults` with its own arguments over them."""
+    otherwise choose, and `plain` over them (`--plain`: e.g. `bf16=false` on a CPU that emulates bf16, which a plain
+    script's user would set too); `defaults`: posttrain's choices (the pipeline's functions) over the bench
+    arguments; a variant: `defaults` with its own arguments over them."""
     from .devices import device_defaults, has_cuda, speed_defaults
 
     if column == "defaults" or column in (variants or {}):
         defaults = {**device_defaults(args), **speed_defaults(row, args["model_name_or_path"], args), **args}
         return {**defaults, **(variants or {}).get(column, {})}
     trl_defaults = {"bf16": True, "gradient_checkpointing": True, "use_liger_kernel": False}
-    return {**trl_defaults, **({} if has_cuda() else {"use_cpu": True}), **args}
+    return {**trl_defaults, **({} if has_cuda() else {"use_cpu": True}), **args, **(plain or {})}
 
 
 def columns_for(row: str, variants: dict | None = None) -> tuple[str, ...]:
@@ -235,17 +237,28 @@ def columns_for(row: str, variants: dict | None = None) -> tuple[str, ...]:
 def parse_variant(text: str) -> tuple[str, dict]:
     """`NAME:KEY=VALUE,KEY=VALUE` -> (NAME, {KEY: VALUE}), each value read as a YAML scalar (`true`, `0.0001`,
     `bfloat16`; YAML reads `1e-4` as text)."""
+    from .errors import UserError
+
+    name, _, pairs = text.partition(":")
+    arguments = parse_arguments(pairs, f"--variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...], e.g. "
+                                       "bf16w:dtype=bfloat16") if name.strip() else None
+    if not arguments:
+        raise UserError(f"--variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...], e.g. bf16w:dtype=bfloat16")
+    if name.strip() in ("trl", "equal", "defaults"):
+        raise UserError(f"--variant {text!r}: '{name.strip()}' is a column already; give the variant another name")
+    return name.strip(), arguments
+
+
+def parse_arguments(pairs: str, expected: str) -> dict:
+    """`KEY=VALUE,KEY=VALUE` -> {KEY: VALUE}, each value a YAML scalar; a UserError saying `expected` otherwise."""
     import yaml
 
     from .errors import UserError
 
-    name, _, pairs = text.partition(":")
     items = [item.partition("=") for item in pairs.split(",") if item.strip()]
-    if not name.strip() or not items or any(not key.strip() or not sep for key, sep, _ in items):
-        raise UserError(f"--variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...], e.g. bf16w:dtype=bfloat16")
-    if name.strip() in ("trl", "equal", "defaults"):
-        raise UserError(f"--variant {text!r}: '{name.strip()}' is a column already; give the variant another name")
-    return name.strip(), {key.strip(): yaml.safe_load(value) for key, _, value in items}
+    if not items or any(not key.strip() or not sep for key, sep, _ in items):
+        raise UserError(expected)
+    return {key.strip(): yaml.safe_load(value) for key, _, value in items}
 
 
 def plan_runs(rows: list[str], inputs: dict, options: BenchOptions, work: Path) -> list[dict]:
@@ -255,7 +268,7 @@ def plan_runs(rows: list[str], inputs: dict, options: BenchOptions, work: Path) 
     for repeat in range(repeats):
         order = [(row, column) for row in rows for column in columns_for(row, options.variants)]
         for row, column in order if repeat % 2 == 0 else order[::-1]:
-            args = column_args(row, column, bench_args(row, inputs, options), options.variants)
+            args = column_args(row, column, bench_args(row, inputs, options), options.variants, options.plain)
             args["output_dir"] = str(work / "runs" / f"{row}-{column}-{repeat}")
             runs.append({"row": row, "column": column, "repeat": repeat,
                          "side": "trl" if column == "trl" else "posttrain", "args": args})
@@ -447,6 +460,9 @@ def add_parser(sub) -> None:
     bench.add_argument("--threads", type=int, help="CPU threads for both sides (default: OMP_NUM_THREADS or all cores)")
     bench.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                        help="one more column: our defaults with these stage arguments over them (repeatable)")
+    bench.add_argument("--plain", metavar="KEY=VALUE,...",
+                       help="arguments over TRL's defaults for the plain script and the equal column alike, e.g. "
+                       "bf16=false on a CPU that emulates bf16")
     bench.add_argument("--data", choices=("tasks", "chat"), default="tasks",
                        help="SFT and DPO rows: the arithmetic tasks' (short, about 58 tokens) or real conversations "
                        "and preference dialogues of varied length (chat); RL rows are the tasks' prompts either way")
@@ -472,7 +488,9 @@ def cmd_bench(args) -> int:
                            rl_steps=args.rl_steps, rl_repeats=args.rl_repeats, batch_size=args.batch_size,
                            max_length=args.max_length, num_generations=args.num_generations,
                            max_completion_length=args.max_completion_length, threads=args.threads,
-                           variants=dict(parse_variant(text) for text in args.variant) or None, data=args.data,
+                           variants=dict(parse_variant(text) for text in args.variant) or None,
+                           plain=parse_arguments(args.plain, f"--plain {args.plain!r}: expected KEY=VALUE[,KEY=VALUE...], "
+                                                 "e.g. bf16=false") if args.plain else None, data=args.data,
                            work=args.work,
                            out=args.out))
     return 0

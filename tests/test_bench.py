@@ -198,6 +198,25 @@ def test_a_variant_column_is_our_defaults_with_its_arguments_over_them(tmp_path)
             parse_variant(bad)
 
 
+def test_plain_arguments_go_to_the_plain_script_and_the_equal_column_alike(tmp_path):
+    """`--plain KEY=VALUE,...` (e.g. `bf16=false` where the CPU emulates bf16): over TRL's defaults on both sides of the
+    equal-arguments comparison, not in our defaults' column."""
+    from posttrain.bench import BenchOptions, parse_arguments, plan_runs
+    from posttrain.errors import UserError
+
+    plain = parse_arguments("bf16=false, gradient_checkpointing=false", "expected")
+    inputs = {"model": str(tmp_path), "tokenizer": str(tmp_path), "data": str(tmp_path), "adapter": str(tmp_path)}
+    runs = plan_runs(["sft"], inputs, BenchOptions(stages=("sft",), repeats=1, plain=plain), tmp_path)
+    args = {run["column"]: run["args"] for run in runs}
+    assert args["trl"]["bf16"] is False and args["equal"]["bf16"] is False
+    assert args["trl"]["gradient_checkpointing"] is False and args["equal"]["gradient_checkpointing"] is False
+    unchanged = plan_runs(["sft"], inputs, BenchOptions(stages=("sft",), repeats=1), tmp_path)
+    assert args["defaults"] == next(run["args"] for run in unchanged if run["column"] == "defaults")
+    assert next(run["args"] for run in unchanged if run["column"] == "trl")["bf16"] is True  # TRL's own default
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
+        parse_arguments("bf16", "expected KEY=VALUE")
+
+
 def test_bench_chat_data_is_real_conversations_that_fit(tmp_path, tiny_model_path, task_data):
     """`--data chat`: SFT rows are the shipped human conversations, DPO pairs the preference dialogues whose prompt and
     either reply fit in `max_length` whole (the stages refuse the others), both rendered without thinking; the RL
