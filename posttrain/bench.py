@@ -239,11 +239,11 @@ def parse_variant(text: str) -> tuple[str, dict]:
     `bfloat16`; YAML reads `1e-4` as text)."""
     from .errors import UserError
 
+    expected = f"--variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...], e.g. bf16w:dtype=bfloat16"
     name, _, pairs = text.partition(":")
-    arguments = parse_arguments(pairs, f"--variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...], e.g. "
-                                       "bf16w:dtype=bfloat16") if name.strip() else None
-    if not arguments:
-        raise UserError(f"--variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...], e.g. bf16w:dtype=bfloat16")
+    if not name.strip():
+        raise UserError(expected)
+    arguments = parse_arguments(pairs, expected)
     if name.strip() in ("trl", "equal", "defaults"):
         raise UserError(f"--variant {text!r}: '{name.strip()}' is a column already; give the variant another name")
     return name.strip(), arguments
@@ -483,14 +483,13 @@ def cmd_bench(args) -> int:
     unknown = [s for s in stages if s not in ROWS]
     if unknown:
         raise UserError(f"--stages: unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    plain = parse_arguments(args.plain, f"--plain {args.plain!r}: expected KEY=VALUE[,KEY=VALUE...], e.g. "
+                            "bf16=false") if args.plain else None
     run_bench(BenchOptions(model=args.model, stages=stages, steps=args.steps, repeats=args.repeats,
                            dpo_repeats=args.dpo_repeats,
                            rl_steps=args.rl_steps, rl_repeats=args.rl_repeats, batch_size=args.batch_size,
                            max_length=args.max_length, num_generations=args.num_generations,
                            max_completion_length=args.max_completion_length, threads=args.threads,
                            variants=dict(parse_variant(text) for text in args.variant) or None,
-                           plain=parse_arguments(args.plain, f"--plain {args.plain!r}: expected KEY=VALUE[,KEY=VALUE...], "
-                                                 "e.g. bf16=false") if args.plain else None, data=args.data,
-                           work=args.work,
-                           out=args.out))
+                           plain=plain, data=args.data, work=args.work, out=args.out))
     return 0
