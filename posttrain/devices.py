@@ -212,6 +212,31 @@ def accelerate_launch_args(config_file: str | None, num_processes: int | None = 
     return flags if has_cuda() else ["--cpu", *flags]
 
 
+def direct_command(flags: list[str], script: list[str]) -> tuple[list[str], dict] | None:
+    """The command and environment of the one process `accelerate launch FLAGS SCRIPT` would start with its simple
+    launcher (one process, no engine), built by accelerate itself (its parser, its checks against the config file,
+    `prepare_simple_launcher_cmd_env`), so the stage can run without the launcher in between; None where accelerate
+    would use another launcher (several processes, FSDP, DeepSpeed), or where its internals are not the ones read here.
+
+    Why: on SIGTERM the simple launcher kills its child 5 s after passing the signal on. A scheduler that signals every
+    process of a job (SLURM's `--signal`, its time limit) thus left a stage 5 s to finish its step and save it, too
+    short for a large model; a process started directly has the pipeline's grace period (`childproc.STOP_GRACE`). It
+    also saves the launcher's start, about 1.5 s of imports per stage."""
+    try:
+        from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+        from accelerate.utils import ComputeEnvironment
+        from accelerate.utils.launch import prepare_simple_launcher_cmd_env
+
+        args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args([*flags, *script]))
+    except (ImportError, TypeError, ValueError):  # another accelerate: its own launcher, as before
+        return None
+    engines = args.use_deepspeed or args.use_fsdp or args.use_megatron_lm or args.multi_gpu or args.tpu
+    if (engines and not args.cpu) or (defaults is not None
+                                       and defaults.compute_environment == ComputeEnvironment.AMAZON_SAGEMAKER):
+        return None
+    return prepare_simple_launcher_cmd_env(args)
+
+
 def own_port(config: dict) -> list[str]:
     """A free port for the process group of a stage on one machine: with accelerate's default (29500) a second run on
     the same machine (two experiments on two halves of its GPUs) fails at once with EADDRINUSE. An accelerate config

@@ -345,10 +345,10 @@ class Pipeline:
                                      "eval_hash": self.eval_hash})
         started = time.time()
         self._record(stage, status="running", started=time.strftime("%Y-%m-%d %H:%M:%S"), skipped=False)
-        cmd = [*self.launcher(), "-m", f"posttrain.stages.{stage}", "--config", str(partial / "resolved.yaml")]
+        cmd, env = self.stage_command(["-m", f"posttrain.stages.{stage}", "--config", str(partial / "resolved.yaml")])
         if self.coordinator:
             self.coordinator.announce(stage, cmd[3:])  # what follows `python -m accelerate.commands.launch`
-        self._spawn(cmd, partial / f"{stage}.log", stage, self.tracking_env(stage))
+        self._spawn(cmd, partial / f"{stage}.log", stage, {**env, **self.tracking_env(stage)})
         for checkpoint_dir in partial.glob("checkpoint-*"):
             shutil.rmtree(checkpoint_dir)
         if final.exists():
@@ -385,11 +385,15 @@ class Pipeline:
                             f"`posttrain export` refuses it (--force to override). Change the stage's settings and "
                             "run again, or relax `gate:` in the recipe.")
 
-    def launcher(self) -> list[str]:
-        from .devices import accelerate_launch_args
+    def stage_command(self, script: list[str]) -> tuple[list[str], dict]:
+        """The command and environment that run a stage's `script` (`-m module --config ...`): its one process as
+        `accelerate launch` would start it, without the launcher in between (`devices.direct_command`), else
+        accelerate's launcher (several processes or machines, FSDP, DeepSpeed)."""
+        from .devices import accelerate_launch_args, direct_command
 
         flags = accelerate_launch_args(self.accelerate_config, self.num_processes, self.nodes)
-        return [sys.executable, "-m", LAUNCHER, *flags]
+        direct = None if self.coordinator else direct_command(flags, script)
+        return direct or ([sys.executable, "-m", LAUNCHER, *flags, *script], {})
 
     def tracking_env(self, stage: str) -> dict:
         """TensorBoard event files of a stage go to `<run>/tensorboard/<stage>` (not into the stage folder, which is

@@ -140,6 +140,23 @@ def test_two_runs_on_one_machine_get_ports_of_their_own(tmp_path):
         accelerate_launch_args(str(listed))
 
 
+def test_one_process_runs_without_accelerates_launcher_in_between():
+    """A stage of one process is started as `accelerate launch` would start it (accelerate builds its command and
+    environment), without the launcher in between: on SIGTERM to every process of a job (SLURM) the launcher killed
+    its child 5 s later, mid-save for a large model. Several processes keep the launcher, which starts them."""
+    from posttrain.childproc import LAUNCHER
+    from posttrain.devices import accelerate_launch_args, direct_command
+
+    script = ["-m", "posttrain.stages.sft", "--config", "stage.yaml"]
+    flags = accelerate_launch_args(None, 1)
+    cmd, env = direct_command(flags, script)
+    assert cmd == [sys.executable, *script] and LAUNCHER not in cmd
+    threads = flags[flags.index("--num_cpu_threads_per_process") + 1]
+    assert env["ACCELERATE_USE_CPU"] == "True" and env["ACCELERATE_MIXED_PRECISION"] == "no"
+    assert env["OMP_NUM_THREADS"] == threads and env["PATH"] == os.environ["PATH"]  # the environment, plus accelerate's
+    assert direct_command(accelerate_launch_args(None, 2), script) is None  # gloo DDP: accelerate's launcher
+
+
 def test_a_finished_stage_tears_its_process_group_down(tmp_path):
     """`end_processes`, the last call of every stage process (`common.entry`), destroys the process group, so it is
     not left to interpreter shutdown (where gloo's threads sometimes outlived it: SIGABRT after a finished stage)."""

@@ -80,6 +80,26 @@ def end_processes() -> None:
         dist.destroy_process_group()
 
 
+def exit_interrupted(code: int) -> None:
+    """Exit with `code` once SIGTERM has stopped the stage and its checkpoint is saved. A process of a several-process
+    stage leaves without the interpreter's finalization (output flushed first): there DDP's reducer, freed last,
+    destroyed the gloo process group while holding the GIL, whose destructor waited for a gloo thread that was itself
+    waiting for the GIL to free the stage's last collective. Seen as a hang of the second machine's stage after it had
+    saved (native stacks: `~ProcessGroupGloo` joining its thread, the thread in `~AsyncAllgatherWork`). Exit handlers
+    do not run then: a tracker (`report_to`) may miss its last upload of an interrupted stage."""
+    import os
+
+    import torch.distributed as dist
+
+    several = dist.is_available() and dist.is_initialized()
+    end_processes()
+    if not several:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def load_policy(stage_args, training_args, model_args):
     """Base model + the previous stage's adapter (trainable), or the base model and a fresh LoRA config.
 
@@ -455,8 +475,7 @@ def entry(stage: str, main, make_parser) -> None:
         report_child_error(str(exc))
         sys.exit(2)
     except Terminated as exc:  # stopped by SIGTERM after saving a checkpoint (`save_and_stop_on_sigterm`)
-        end_processes()
-        sys.exit(128 + exc.signum)
+        exit_interrupted(128 + exc.signum)
     except Exception as exc:
         if is_out_of_memory(exc) and training_args is not None:
             report_child_error(out_of_memory_error(stage, exc, training_args))
