@@ -382,18 +382,25 @@ def test_cpu_lm_head_matches_trls_function(bf16, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(*softcapped, strict=True))
 
 
-def test_cpu_lm_head_backward_leaves_its_kept_logits_intact():
-    """The backward works in place on a float32 copy of the logits; in float32 with one chunk the kept logits are
-    that float32 tensor itself, and a second backward through the same graph must find them as they were."""
+def test_cpu_lm_head_backward_uses_the_forwards_probabilities_once(monkeypatch):
+    """With one chunk the backward turns the forward's probabilities into the logits' gradient in place, without
+    projecting again; a second backward through the same graph finds them used up, projects again and gets the same
+    gradient."""
     from posttrain.models import lm_head
 
+    projections = []
+    project = lm_head.project
+    monkeypatch.setattr(lm_head, "project", lambda *args: projections.append(1) or project(*args))
     torch.manual_seed(0)
     hidden = torch.randn(8, 16, requires_grad=True)
     weight, targets = torch.randn(50, 16) / 3, torch.randint(0, 50, (8,))
     log_probs, *_ = lm_head.CpuLogProb.apply(hidden, weight, None, targets, 1.0, 0, None, 1.0, ())
+    assert len(projections) == 1
     log_probs.sum().backward(retain_graph=True)
+    assert len(projections) == 1
     first = hidden.grad.clone()
     log_probs.sum().backward()
+    assert len(projections) == 2
     torch.testing.assert_close(hidden.grad, 2 * first)
 
 

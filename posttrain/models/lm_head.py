@@ -10,8 +10,8 @@ backward took 0.69-0.91 s in TRL's function and 0.33-0.41 s here. Nothing in tor
 written here.
 
 `CpuLogProb` takes TRL's arguments and returns its outputs: one projection in autocast's dtype per chunk of positions,
-torch's fused `log_softmax`, the logits kept for the backward when they fit in one chunk (else projected again), and
-the hidden states' gradient multiplied in that dtype, as an unfused `lm_head` under autocast does. `apply` sends
+torch's fused `log_softmax`, the probabilities kept for the backward when they fit in one chunk (else projected
+again), and the hidden states' gradient multiplied in that dtype, as an unfused `lm_head` under autocast does. `apply` sends
 anything else (CUDA, logit soft-capping) to TRL's function. The stages install it on CPU with `use_on_cpu`.
 """
 
@@ -48,33 +48,33 @@ class CpuLogProb(torch.autograd.Function):
         spans = chunks(hidden.shape[0], weight.shape[0])
         names = ("log_probs", "log_z", *outputs)
         parts = {name: [] for name in names}
-        kept = []
+        # one chunk under a graph: its probabilities are kept for the backward, which needs nothing else of the logits
+        keep = len(spans) == 1 and any(ctx.needs_input_grad[:3])
+        ctx.probs = None
         with torch.autocast("cpu", enabled=False):
             for start, end in spans:
                 logits = project(hidden[start:end].to(dtype), weight_c, bias_c)
-                if len(spans) == 1:
-                    kept.append(logits)
-                z = logits.float() if scale == 1.0 else logits.float() * scale  # never in place: `logits` is kept
+                z = logits.float() if scale == 1.0 else logits.float() * scale
+                del logits
                 log_p = torch.log_softmax(z, dim=-1)
                 target = targets[start:end, None]
                 parts["log_probs"].append(log_p.gather(-1, target).squeeze(-1))
                 parts["log_z"].append(z.gather(-1, target).squeeze(-1) - parts["log_probs"][-1])
                 if "mean_logits" in outputs:
                     parts["mean_logits"].append(z.mean(-1))
-                scratch = None if z is logits else z  # a copy whose values are used: its memory can take p
-                del z
                 if "is_top1" in outputs:  # argmax is the first maximum, as in TRL: a tie with an earlier token fails
                     parts["is_top1"].append(log_p.argmax(-1) == targets[start:end])
-                if "entropy" in outputs or "log_sum_sq_probs" in outputs:
-                    p = torch.exp(log_p, out=scratch) if scratch is not None else log_p.exp()
+                if keep or "entropy" in outputs or "log_sum_sq_probs" in outputs:
+                    p = torch.exp(log_p, out=z)  # into z's memory: z is not read again
                     if "entropy" in outputs:  # -sum p log p as a batched dot: no [positions, vocab] product
                         parts["entropy"].append(-torch.bmm(p.unsqueeze(1), log_p.unsqueeze(2)).view(-1))
                     if "log_sum_sq_probs" in outputs:
                         parts["log_sum_sq_probs"].append(torch.bmm(p.unsqueeze(1), p.unsqueeze(2)).view(-1).log())
+                    if keep:
+                        ctx.probs = p  # an attribute, not a saved tensor: the backward overwrites it in place
         out = {name: torch.cat(values) for name, values in parts.items()}
         entropy = out.get("entropy")
-        ctx.save_for_backward(hidden, weight, bias, targets, out["log_z"],
-                              out["log_z"] if entropy is None else entropy, *kept)
+        ctx.save_for_backward(hidden, weight, bias, targets, out["log_z"], out["log_z"] if entropy is None else entropy)
         ctx.dtype, ctx.scale, ctx.spans = dtype, scale, spans
         extras = [out.get(name) for name in OPTIONAL_OUTPUTS[1:]]  # after entropy: the outputs without a gradient
         ctx.mark_non_differentiable(*(x for x in extras if x is not None))
@@ -84,13 +84,15 @@ class CpuLogProb(torch.autograd.Function):
     def backward(ctx, grad_log_probs, grad_entropy, *_):
         from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-        hidden, weight, bias, targets, log_z, entropy, *kept = ctx.saved_tensors
+        hidden, weight, bias, targets, log_z, entropy = ctx.saved_tensors
+        probs, ctx.probs = ctx.probs, None  # used up here: a second backward through the graph projects again
         with maybe_gather_lm_head_ctx(weight, bias):  # a ZeRO-3 partitioned head, gathered as TRL's backward does
-            return gradients(ctx, grad_log_probs, grad_entropy, hidden, weight, bias, targets, log_z, entropy, kept)
+            return gradients(ctx, grad_log_probs, grad_entropy, hidden, weight, bias, targets, log_z, entropy, probs)
 
 
-def gradients(ctx, grad_log_probs, grad_entropy, hidden, weight, bias, targets, log_z, entropy, kept) -> tuple:
-    """`CpuLogProb.backward` once the saved tensors are unpacked (and the head gathered)."""
+def gradients(ctx, grad_log_probs, grad_entropy, hidden, weight, bias, targets, log_z, entropy, probs) -> tuple:
+    """`CpuLogProb.backward` once the saved tensors are unpacked (and the head gathered). `probs`: the forward's
+    probabilities of its one chunk, or None (several chunks, a second backward), when each chunk is projected again."""
     needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
     weight_c, bias_c = weight.to(ctx.dtype), None if bias is None else bias.to(ctx.dtype)
     grad_hidden = torch.empty_like(hidden) if needs_hidden else None
@@ -99,20 +101,20 @@ def gradients(ctx, grad_log_probs, grad_entropy, hidden, weight, bias, targets, 
     with torch.autocast("cpu", enabled=False):
         for start, end in ctx.spans:
             hidden_c = hidden[start:end].to(ctx.dtype)
-            logits = kept[0] if kept else project(hidden_c, weight_c, bias_c)
-            z = logits.float()
-            if z is logits and kept:  # a second backward must find the kept logits intact
-                z = z.clone()
-            # from here on in place, on this chunk's own float32 copy: each fresh [positions, vocabulary] buffer cost
+            # from here on in place, on memory of this backward's own: each fresh [positions, vocabulary] buffer cost
             # more in page faults than the pass that fills it (68 MB: 30 ms against 8 ms for an exp, 2 cores)
-            if ctx.scale != 1.0:
-                z.mul_(ctx.scale)
-            log_p = z.sub_(log_z[start:end, None])
-            if grad_entropy is None:
-                grad = log_p.exp_()  # p, in the same memory: log p is not needed again
-            else:  # d entropy / dz_j = -p_j (log p_j + entropy) needs log p as well as p
-                p = log_p.exp()
-                grad = p.clone()
+            if probs is not None and grad_entropy is None:
+                grad = probs  # p, which the log-probs' gradient below turns into its own
+            else:
+                z = project(hidden_c, weight_c, bias_c).float()
+                if ctx.scale != 1.0:
+                    z.mul_(ctx.scale)
+                log_p = z.sub_(log_z[start:end, None])
+                if grad_entropy is None:
+                    grad = log_p.exp_()  # p, in the same memory: log p is not needed again
+                else:  # d entropy / dz_j = -p_j (log p_j + entropy) needs log p as well as p
+                    p = log_p.exp()
+                    grad = p.clone()
             if grad_log_probs is None:
                 grad.zero_()
             else:  # d log p_target / dz_j = 1[j = target] - p_j
