@@ -452,8 +452,8 @@ def test_lora_inputs_stay_in_autocast_dtype_with_the_same_values(tiny_model_path
 
 
 def test_lora_update_inside_the_matmul_gives_peft_s_outputs_and_gradients(tiny_model_path):
-    """`fused_lora.update_in_matmul`: in float32 on CPU each LoRA layer runs one `addmm` and no [tokens, features]
-    product by its scaling, with PEFT's loss and gradients to float32 rounding; under bf16 autocast, with the adapter
+    """`fused_lora.update_in_matmul`: in float32 on CPU each LoRA layer runs one in-place `addmm_` into its base output
+    (no out-of-place `addmm`, which copies that output first) and no [tokens, features] product by its scaling, with PEFT's loss and gradients to float32 rounding; under bf16 autocast, with the adapter
     disabled and after the block, PEFT's own forward runs, bit for bit."""
     from peft import LoraConfig, get_peft_model
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -464,10 +464,11 @@ def test_lora_update_inside_the_matmul_gives_peft_s_outputs_and_gradients(tiny_m
     class CountOps(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.addmm = self.scaled = 0
+            self.addmm = self.addmm_ = self.scaled = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.addmm += func is torch.ops.aten.addmm.default
+            self.addmm_ += func is torch.ops.aten.addmm_.default
             self.scaled += func is torch.ops.aten.mul.Tensor and not torch.is_tensor(args[1])  # `* scaling`
             return func(*args, **(kwargs or {}))
 
@@ -490,8 +491,8 @@ def test_lora_update_inside_the_matmul_gives_peft_s_outputs_and_gradients(tiny_m
         bf16 = step(autocast=True)
         with model.disable_adapter(), torch.no_grad():
             base_logits = model(input_ids=ids).logits
-    assert peft_ops.addmm == 0 and peft_ops.scaled >= 2 * layers  # forward and backward scale every layer's update
-    assert fused_ops.addmm == layers and fused_ops.scaled < peft_ops.scaled - layers
+    assert peft_ops.addmm == peft_ops.addmm_ == 0 and peft_ops.scaled >= 2 * layers  # forward and backward scale
+    assert fused_ops.addmm_ == layers and fused_ops.addmm == 0 and fused_ops.scaled < peft_ops.scaled - layers
     torch.testing.assert_close(fused_loss, loss, rtol=1e-5, atol=1e-6)
     assert fused_grads.keys() == grads.keys() and all(grads[n].abs().sum() > 0 for n in grads)
     for name in grads:
