@@ -70,14 +70,17 @@ def start_processes(argv: list[str]) -> None:
         PartialState(cpu=True, backend="gloo", timeout=timedelta(seconds=config.get("ddp_timeout", 1800)))
 
 
-def end_processes() -> None:
+def end_processes() -> bool:
     """Tear down the process group of a several-process stage before the interpreter exits (as torch asks). Left to
     Python's shutdown, gloo's threads could still be running when it was destroyed: a rank that had finished its
-    stage then died with SIGABRT ("terminate called without an active exception") and failed the run."""
+    stage then died with SIGABRT ("terminate called without an active exception") and failed the run. Returns whether
+    there was one."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    several = dist.is_available() and dist.is_initialized()
+    if several:
         dist.destroy_process_group()
+    return several
 
 
 def exit_interrupted(code: int) -> None:
@@ -89,11 +92,7 @@ def exit_interrupted(code: int) -> None:
     do not run then: a tracker (`report_to`) may miss its last upload of an interrupted stage."""
     import os
 
-    import torch.distributed as dist
-
-    several = dist.is_available() and dist.is_initialized()
-    end_processes()
-    if not several:
+    if not end_processes():
         sys.exit(code)
     sys.stdout.flush()
     sys.stderr.flush()
