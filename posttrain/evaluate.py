@@ -336,13 +336,14 @@ def run_saved(settings: EvalArguments, model: str, tokenizer: str | None = None,
     """`run` on `model` (a folder, a cached Hub id or `tiny:<arch>`, as a recipe names it; + LoRA `adapter`); the
     metrics, also written as JSON to `out` when given. The dataset, the model and the adapter are checked before
     anything loads, so a wrong path is a one-line error rather than a traceback after the model load."""
-    from .models import adapter_folder, load_model, load_tokenizer, resolve_model
+    from .models import adapter_folder, load_for_inference, load_tokenizer, resolve_model
 
     rows = settings_rows(settings)
     model_dir = resolve_model(str(model))
     if adapter is not None:
         adapter_folder(adapter)
-    metrics = run(settings, load_model(model_dir, adapter=adapter), load_tokenizer(tokenizer or model_dir), rows)
+    model = load_for_inference(model_dir, adapter=adapter, precision=settings.dtype)
+    metrics = run(settings, model, load_tokenizer(tokenizer or model_dir), rows)
     if out is not None:
         write_json(out, metrics)
     return metrics

@@ -304,15 +304,18 @@ class Pipeline:
 
     def reevaluate(self, stage: str) -> None:
         """A finished stage whose held-out evaluation changed (another eval set, more tokens, a smaller batch after
-        running out of memory) is evaluated again, not trained again. The new metrics are written before the
-        lineage records them, so an interrupted evaluation is redone on the next run."""
+        running out of memory) is evaluated again, not trained again. So is one whose stage process could not
+        evaluate it (`eval_deferred`: weights sharded over its processes), in a process of its own. The new metrics
+        are written before the lineage records them, so an interrupted evaluation is redone on the next run."""
         final = self.root / stage
-        record = read_json(final / "lineage.json")
-        if record.get("eval_hash") == self.eval_hash:
+        record, metrics = read_json(final / "lineage.json"), read_json(final / "metrics.json")
+        deferred = metrics.get("eval_deferred") if self.recipe.eval.dataset else None
+        if record.get("eval_hash") == self.eval_hash and not deferred:
             return
-        console.print(f"{stage}: the held-out evaluation changed; the finished adapter is evaluated again")
-        metrics = read_json(final / "metrics.json")
+        console.print(f"{stage}: {deferred}; the saved adapter is evaluated in one process" if deferred else
+                      f"{stage}: the held-out evaluation changed; the finished adapter is evaluated again")
         metrics["eval"] = self.run_eval(final, stage, adapter=final) if self.recipe.eval.dataset else None
+        metrics.pop("eval_deferred", None)
         metrics.pop("promotion", None)
         write_json(final / "metrics.json", metrics)
         write_json(final / "lineage.json", {**record, "eval_hash": self.eval_hash})
@@ -354,6 +357,7 @@ class Pipeline:
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
+        self.reevaluate(stage)
         self._record(stage, status="done", wall_time_s=round(time.time() - started, 1), error=None)
 
     def promote(self, stage: str) -> None:

@@ -103,6 +103,7 @@ def write_pairs(folder: Path) -> tuple[Path, Path]:
     pairs = folder / "pairs"
     pairs.mkdir(parents=True, exist_ok=True)
     Dataset.from_list(rows).to_parquet(pairs / "train.parquet")
+    Dataset.from_list(rows[:4]).to_parquet(pairs / "test.parquet")
     offline = folder / "offline.jsonl"
     offline.write_text(json.dumps({"prompt": "Q: 1 + 1?\nA:", "chosen": "2", "rejected": "3"}) + "\n")
     return pairs, offline
@@ -116,14 +117,18 @@ def lora(model: str, **extra) -> ModelConfig:
 def main(model: str, data: Path, out: Path, stages: list[str]) -> None:
     pairs, offline = write_pairs(out / f"inputs-rank{RANK}")
     batch = 4 // WORLD  # per process: the global batch is 4 rows (SFT, DPO) or 4 rollouts of one prompt (UPO)
+    # held-out evaluation after SFT and DPO, and DPO's preference accuracy before and after: on the main process, or
+    # left to `posttrain run` when FSDP shards the weights (every forward is then a collective)
+    held_out = dict(eval_dataset=str(data), eval_limit=4, eval_max_new_tokens=4, eval_batch_size=4)
     if "sft" in stages:
         stage = StageArguments(dataset_name=str(data), dataset_train_split="sft", max_train_samples=16,
-                               tokenizer_name_or_path=model)
+                               tokenizer_name_or_path=model, **held_out)
         training = SFTConfig(output_dir=str(out / "sft"), per_device_train_batch_size=batch, max_length=128,
                              assistant_only_loss=True, **COMMON)
         record_engine(sft.main(stage, training, lora(model)), out / "sft")
     if "dpo" in stages:
-        stage = StageArguments(dataset_name=str(pairs), tokenizer_name_or_path=model, adapter_path=str(out / "sft"))
+        stage = StageArguments(dataset_name=str(pairs), dataset_test_split="test", tokenizer_name_or_path=model,
+                               adapter_path=str(out / "sft"), **held_out)
         training = DPOConfig(output_dir=str(out / "dpo"), per_device_train_batch_size=batch, max_length=128,
                              beta=0.1, **COMMON)
         record_engine(dpo.main(stage, training, lora(model)), out / "dpo")

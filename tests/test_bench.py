@@ -303,6 +303,14 @@ def test_packed_rows_attend_as_one_padded_batch_under_autocast(tiny_model_path, 
         assert len(calls) == model.config.num_hidden_layers
         attention.packed_rows_forward(module, query, key, value, None, positions, sliding_window=12)
         assert len(calls) == model.config.num_hidden_layers + 1
+        # a position bias (one tensor over the packed sequence's square) keeps SDPA, which adds it to the scores
+        bias = torch.randn(1, 4, 24, 24)
+        out = attention.packed_rows_forward(module, query, key, value, None, positions, position_bias=bias)[0]
+        assert len(calls) == model.config.num_hidden_layers + 1
+    mask = torch.ones(24, 24, dtype=torch.bool).tril()
+    scores = (query @ key.repeat_interleave(2, dim=1).transpose(-1, -2)) * 8 ** -0.5 + bias
+    reference = (scores.masked_fill(~mask, float("-inf")).softmax(-1) @ value.repeat_interleave(2, dim=1))
+    torch.testing.assert_close(out.float(), reference.transpose(1, 2), rtol=0.05, atol=0.05)
 
 
 def test_packed_layout_is_read_once_per_batch(tiny_model_path, monkeypatch):

@@ -85,6 +85,23 @@ def test_fsdp2_saves_the_whole_adapter(runs, stage):
     assert all(torch.count_nonzero(tensor) > 0 for tensor in saved.values())
 
 
+def test_held_out_evaluation_in_the_stage_unless_the_weights_are_sharded(runs):
+    """One process and DDP evaluate the trained adapter in the stage (the main process holds the whole model); under
+    FSDP a forward on the main process alone would wait for the other processes forever, so the stage records why it
+    did not evaluate and `posttrain run` evaluates the saved adapter in a process of its own (`test_pipeline`)."""
+    for engine in ("one", "ddp", "fsdp"):
+        for stage in ("sft", "dpo"):
+            metrics = json.loads((runs[engine] / stage / "metrics.json").read_text())
+            if engine == "fsdp":
+                assert metrics["eval"] is None, stage
+                assert metrics["eval_deferred"] == "FSDP sharded the weights over 2 processes", stage
+            else:
+                assert metrics["eval"]["n"] == 4 and "eval_deferred" not in metrics, (engine, stage)
+        preference = json.loads((runs[engine] / "dpo" / "metrics.json").read_text())["preference"]
+        measured = [preference["before"], preference["after"]]
+        assert measured == [None, None] if engine == "fsdp" else all(p["n"] == 4 for p in measured), engine
+
+
 def test_dpo_reference_is_the_previous_stage(runs):
     """The frozen "ref" adapter (the SFT stage) is not saved as part of the DPO adapter, and DPO moved away from it."""
     assert not (runs["ddp"] / "dpo" / "ref").exists() and not (runs["fsdp"] / "dpo" / "ref").exists()

@@ -170,3 +170,22 @@ def test_dpo_on_a_bf16_base_continues_the_adapter_in_float32(tiny_model_path, sf
     live = {n: p for n, p in params.items() if ".default." in n and "lora_B" in n}
     assert live and any(not torch.equal(p.detach(), params[n.replace(".default.", ".ref.")].detach())
                         for n, p in live.items())
+
+
+@pytest.mark.parametrize("zero_stage, lora_dtype", [(3, torch.bfloat16), (2, torch.float32)])
+def test_under_zero3_the_continued_adapter_takes_the_bf16_base_dtype(tiny_model_path, sft_adapter, zero_stage,
+                                                                     lora_dtype):
+    """ZeRO-3 gathers parameters in one dtype, and fails on a float32 adapter over a bf16 base (DeepSpeed#8072): like
+    TRL for an adapter it creates, a continued adapter takes the base's dtype there, and only there."""
+    from types import SimpleNamespace
+
+    from trl import ModelConfig
+
+    from posttrain.stages import common
+
+    path = tiny_model_path("llama")
+    stage_args = StageArguments(dataset_name="unused", tokenizer_name_or_path=str(path), adapter_path=str(sft_adapter))
+    training = SimpleNamespace(trust_remote_code=False, deepspeed_plugin=SimpleNamespace(zero_stage=zero_stage))
+    model = common.load_policy(stage_args, training, ModelConfig(model_name_or_path=str(path), dtype="bfloat16"))[0]
+    lora = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
+    assert lora == {lora_dtype} and any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)

@@ -1,7 +1,10 @@
-"""Converting a GGUF base model: each file parsed once, gguf-py left as it was afterwards."""
+"""Converting a GGUF base model: each file parsed once, gguf-py left as it was afterwards. Where a model for
+evaluation and sampling is placed."""
 
 import gguf
 import numpy as np
+import pytest
+import torch
 
 from posttrain.models.load import gguf_read_once
 
@@ -42,3 +45,26 @@ def test_gguf_py_is_restored_when_the_conversion_fails(tmp_path):
     except RuntimeError:
         pass
     assert gguf.GGUFReader is reader_class
+
+
+@pytest.mark.parametrize("cuda, native, precision, device, dtype", [
+    (False, False, "auto", "cpu", torch.float32),
+    (False, False, "bfloat16", "cpu", torch.float32),  # bf16 on a CPU is autocast over float32 weights
+    (True, True, "auto", "cuda", torch.bfloat16),
+    (True, False, "auto", "cuda", torch.float32),
+    (True, True, "float32", "cuda", torch.float32),
+])
+def test_evaluation_and_pair_sampling_load_onto_the_gpu(monkeypatch, tiny_model_path, cuda, native, precision, device,
+                                                        dtype):
+    """The base model's and a saved adapter's evaluation and the on-policy pair sampler run where the stages train:
+    on the GPU when there is one (bf16 weights there when the precision resolves to bf16), not on its host's CPU."""
+    from posttrain import devices
+    from posttrain.models import load_for_inference
+
+    moved = []
+    monkeypatch.setattr(devices, "has_cuda", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: native)
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *args, **kwargs: moved.append(args) or self)
+    model = load_for_inference(tiny_model_path("llama"), precision=precision)
+    assert moved == [(device,)] and not model.training
+    assert {p.dtype for p in model.parameters()} == {dtype}

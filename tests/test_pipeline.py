@@ -103,6 +103,31 @@ def test_a_changed_evaluation_scores_finished_stages_again_without_training_them
     assert "evaluated again" not in again.stdout and "evaluating the base model" not in again.stdout
 
 
+def test_a_stage_trained_sharded_is_evaluated_from_its_saved_adapter(shared_tiny, tiny_run, tmp_path, posttrain_cli):
+    """A stage whose weights were sharded over its processes (FSDP, ZeRO-3) cannot evaluate on the main process
+    alone and records why (`eval_deferred`, see test_distributed); the run then evaluates the saved adapter in one
+    process, compares it with the step before, and leaves the adapter as it was."""
+    cwd = tmp_path / "copy"
+    shutil.copytree(shared_tiny.root, cwd)
+    sft = cwd / "outputs" / shared_tiny.name / "sft"
+    metrics = json.loads((sft / "metrics.json").read_text())
+    evaluated = metrics["eval"]["verdicts"]
+    metrics.update(eval=None, eval_deferred="FSDP sharded the weights over 2 processes")
+    metrics.pop("promotion", None)
+    (sft / "metrics.json").write_text(json.dumps(metrics))
+    adapter = (sft / "adapter_model.safetensors").stat().st_mtime_ns
+
+    again = posttrain_cli("run", "recipe.yaml", "--until", "sft", cwd=cwd)
+    assert "sft: finished earlier with the same inputs, skipped" in again.stdout
+    assert "sft: FSDP sharded the weights over 2 processes; the saved adapter is evaluated in one process" in again.stdout
+    metrics = json.loads((sft / "metrics.json").read_text())
+    assert metrics["eval"]["verdicts"] == evaluated and "eval_deferred" not in metrics
+    assert metrics["promotion"]["gate"]["passed"] is not None
+    assert (sft / "adapter_model.safetensors").stat().st_mtime_ns == adapter
+    once_more = posttrain_cli("run", "recipe.yaml", "--until", "sft", cwd=cwd)
+    assert "evaluated in one process" not in once_more.stdout
+
+
 def test_user_errors_are_one_paragraph(tmp_path, posttrain_cli):
     missing = posttrain_cli("run", tmp_path / "nope.yaml", cwd=tmp_path, check=False)
     assert missing.returncode == 2

@@ -753,6 +753,28 @@ def test_reference_forward_chunked_by_batch_size(dpo_trainer):
     torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [[4, 2], [4, 0], [6, 2, 0, 4]])
+def test_image_pairs_run_one_reference_forward_on_every_process(rows):
+    """Rows with images are scored in one forward, on every process however many pairs it holds (a process without
+    any still gets a truthy `images`, as `select_images` returns for no rows): under FSDP and ZeRO-3 every forward
+    gathers the weights, so a process running more forwards than the others hangs them all."""
+    from types import SimpleNamespace
+
+    def forwards(own: int, images: dict) -> int:
+        calls = []
+        trainer = SimpleNamespace(
+            args=SimpleNamespace(per_device_train_batch_size=2),
+            accelerator=SimpleNamespace(device="cpu", gather=lambda tensor: torch.tensor(rows)),
+            _sequence_logps=lambda model, p, c, im=None: calls.append(len(p)) or torch.zeros(max(len(p), 1)))
+        prompts = [[1, 2]] * own
+        assert len(UPOTrainer._chunked_logps(trainer, None, prompts, prompts, images)) == own
+        return len(calls)
+
+    assert [forwards(own, {"num_images": [1] * own, "typed": []}) for own in rows] == [1] * len(rows)
+    text = [forwards(own, {}) for own in rows]  # text rows: chunks of per_device_train_batch_size, as many everywhere
+    assert text == [-(-max(rows) // 2)] * len(rows)
+
+
 def test_padding_free_scoring_trains_as_the_padded_batches_do(tmp_path, tiny_model_path, tiny_tokenizer,
                                                              monkeypatch):
     """`padding_free` (the UPO stage's default): GRPO's forwards, the DPO term's and the reference's score each batch's

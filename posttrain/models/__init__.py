@@ -19,6 +19,7 @@ from .load import (
     describe_model,
     file_fingerprint,
     is_offline,
+    load_for_inference,
     load_model,
     load_tokenizer,
     resolve_model,
@@ -28,4 +29,5 @@ from .templates import chat_template_text
 from .tiny import TINY_TOKENIZER
 
 __all__ = ["TINY_TOKENIZER", "adapter_folder", "cache_dir", "chat_template_text", "describe_model", "file_fingerprint",
-           "frozen_weights_cast", "is_offline", "load_model", "load_tokenizer", "resolve_model", "sampling_weights"]
+           "frozen_weights_cast", "is_offline", "load_for_inference",
+           "load_model", "load_tokenizer", "resolve_model", "sampling_weights"]

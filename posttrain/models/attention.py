@@ -19,10 +19,11 @@ not take an arbitrary mask, so the square is computed and kept for the backward 
 conversations of ~200 tokens: 32 GiB and slower than plain TRL's padded batches). There the rows are gathered into a
 padded batch and given to SDPA with `is_causal` and no mask (`padded_rows_sdpa`), which its flash kernel takes.
 
-Anything that is not a packed training batch (padded batches, generation with a cache), and a row longer than a
-sliding-window layer's window, goes to transformers' SDPA as it is. Registered with transformers' attention and mask
-interfaces as "packed_rows" (`register`); the SFT, DPO and UPO stages switch to it for padding-free batches when the
-model uses SDPA and the recipe names no `attn_implementation` (a flash-attention one takes the row boundaries itself).
+Anything that is not a packed training batch (padded batches, generation with a cache), a row longer than a
+sliding-window layer's window, and a model that adds a position bias to the scores, goes to transformers' SDPA as it
+is. Registered with transformers' attention and mask interfaces as "packed_rows" (`register`); the SFT, DPO and UPO
+stages switch to it for padding-free batches when the model uses SDPA and the recipe names no `attn_implementation`
+(a flash-attention one takes the row boundaries itself).
 """
 
 import dataclasses
@@ -109,7 +110,8 @@ def packed_rows_forward(module, query, key, value, attention_mask, position_ids=
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     rows = packed_layout(position_ids, query.shape[2]) if key.shape[2] == query.shape[2] else None
-    if rows is None:
+    # a position bias is one tensor over the whole square, which only SDPA's mask path reads
+    if rows is None or kwargs.get("position_bias") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     window = kwargs.get("sliding_window")
     if window is not None and rows.longest > window:  # a row longer than a sliding-window layer's window: SDPA's mask

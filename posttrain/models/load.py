@@ -206,9 +206,10 @@ def _pad_token(tokenizer):
 
 def load_model(path: str | Path, adapter: str | Path | None = None, dtype: str = "float32",
                trust_remote_code: bool = False, adapter_name: str = "default", is_trainable: bool = False,
-               attn_implementation: str | None = None):
+               attn_implementation: str | None = None, adapter_in_float32: bool = True):
     """Base model from a local folder (a VLM with its image-text-to-text class), with the LoRA adapter at `adapter` on
-    top when given; `attn_implementation` (e.g. "flash_attention_2", "sdpa", "eager") as transformers takes it, None
+    top when given (in float32 over a bf16 base, PEFT's default, unless `adapter_in_float32` is false: then in the
+    base's dtype); `attn_implementation` (e.g. "flash_attention_2", "sdpa", "eager") as transformers takes it, None
     for its default."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -221,8 +222,24 @@ def load_model(path: str | Path, adapter: str | Path | None = None, dtype: str =
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter), adapter_name=adapter_name, is_trainable=is_trainable)
+        model = PeftModel.from_pretrained(model, str(adapter), adapter_name=adapter_name, is_trainable=is_trainable,
+                                          autocast_adapter_dtype=adapter_in_float32)
     return model
+
+
+def load_for_inference(path: str | Path, adapter: str | Path | None = None, precision: str = "auto",
+                       trust_remote_code: bool = False):
+    """`load_model` for generating and scoring outside a stage's training (the base model's and a saved adapter's
+    evaluation, on-policy pair sampling), in eval mode where it runs fastest: on the GPU when there is one, with bf16
+    weights there when `precision` (a `configs.Precision`) resolves to bf16 (what autocast would compute, in half
+    the memory); float32 weights on a CPU, where bf16 is autocast over float32 weights (`models.precision`)."""
+    from .. import devices
+
+    device = "cuda" if devices.has_cuda() else "cpu"
+    bf16 = device == "cuda" and devices.resolve_precision(precision, device) == "bfloat16"
+    model = load_model(path, adapter=adapter, dtype="bfloat16" if bf16 else "float32",
+                       trust_remote_code=trust_remote_code)
+    return model.to(device).eval()
 
 
 def file_fingerprint(path: str | Path) -> str:

@@ -114,9 +114,13 @@ def load_policy(stage_args, training_args, model_args):
     tokenizer = load_tokenizer(stage_args.tokenizer_name_or_path or model_args.model_name_or_path,
                                trust_remote_code=training_args.trust_remote_code)
     dtype = model_args.dtype or "float32"
+    # ZeRO-3 gathers each parameter group in one dtype: a float32 adapter over a bf16 base fails there
+    # (deepspeedai/DeepSpeed#8072). TRL keeps an adapter it creates in the base's dtype under ZeRO-3; so does this one
+    plugin = getattr(training_args, "deepspeed_plugin", None)
     model = load_model(model_args.model_name_or_path, adapter=stage_args.adapter_path, dtype=dtype,
                        trust_remote_code=training_args.trust_remote_code, is_trainable=True,
-                       attn_implementation=model_args.attn_implementation)
+                       attn_implementation=model_args.attn_implementation,
+                       adapter_in_float32=plugin is None or plugin.zero_stage != 3)
     peft_config = None if stage_args.adapter_path else get_peft_config(model_args)
     if peft_config is not None and vision.is_vision_model(model_args.model_name_or_path):
         peft_config = vision.language_only_lora(peft_config, model)
@@ -270,6 +274,19 @@ def live_adapter(trainer) -> dict | None:
     return get_peft_model_state_dict(model, adapter_name="default") if trainer.accelerator.is_main_process else None
 
 
+def sharded_weights(trainer) -> str | None:
+    """Why no forward may run on the main process alone, or None: under FSDP or ZeRO-3 over several processes each
+    holds a shard of the weights, and every forward gathers them (a collective the other processes would have to
+    join). The main process's held-out evaluations skip the stage process then; `posttrain run` evaluates the saved
+    adapter in a process of its own (`Pipeline.reevaluate`)."""
+    processes = trainer.accelerator.num_processes
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    zero3 = trainer.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3
+    if processes > 1 and (trainer.is_fsdp_enabled or zero3):
+        return f"{'FSDP' if trainer.is_fsdp_enabled else 'ZeRO-3'} sharded the weights over {processes} processes"
+    return None
+
+
 def run_eval(model, tokenizer, stage_args) -> dict | None:
     """The recipe's held-out evaluation of the trained model, or None when the recipe has none."""
     if not stage_args.eval_dataset:
@@ -283,20 +300,25 @@ def finish(trainer, stage: str, stage_args, tokenizer, train_result, started: fl
     """Save the adapter and tokenizer, verify them, evaluate on held-out data, and write metrics.json (rank 0)."""
     output_dir = trainer.args.output_dir
     trainer.save_model(output_dir)
+    live = live_adapter(trainer)  # every process: a collective under FSDP and ZeRO-3
+    if not trainer.accelerator.is_main_process:  # the others return from save_model before the main one has written
+        trainer.accelerator.wait_for_everyone()
+        return
     # PEFT saves every adapter; TRL's frozen "ref" copy (the previous stage, already saved there) goes to ref/
     shutil.rmtree(Path(output_dir) / "ref", ignore_errors=True)
     # Trainer pickles its arguments next to the adapter; resolved.yaml holds them as text, and we ship no pickles
     (Path(output_dir) / "training_args.bin").unlink(missing_ok=True)
-    live = live_adapter(trainer)  # every process: a collective under FSDP and ZeRO-3
-    if not trainer.accelerator.is_main_process:
-        trainer.accelerator.wait_for_everyone()
-        return
     tokenizer.save_pretrained(output_dir)
     model = trainer.accelerator.unwrap_model(trainer.model)
     checks = verify_adapter(output_dir, model, live) if live is not None else {}
-    if stage_args.eval_dataset:
+    deferred = sharded_weights(trainer) if stage_args.eval_dataset else None
+    if deferred:
+        trainer.accelerator.print(f"[{stage}] held-out evaluation after the stage: {deferred}")
+    elif stage_args.eval_dataset:
         trainer.accelerator.print(f"[{stage}] evaluating on held-out data…")
-    evaluation = run_eval(model, tokenizer, stage_args)
+    evaluation = None if deferred else run_eval(model, tokenizer, stage_args)
+    if deferred:
+        extra = {**(extra or {}), "eval_deferred": deferred}
     metrics = {
         "stage": stage,
         "status": "done",

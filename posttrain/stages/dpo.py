@@ -73,8 +73,10 @@ def main(stage_args: StageArguments, training_args, model_args):
         preflight.update(padding_free=True, attention=common.pack_scoring(trainer, model_args))
     if stage_args.preflight and not images:
         preflight.update(gates.check_prompt_boundary(tokenizer, train, stage_args.dataset_name))
-    before, heldout_rows = None, None
-    if heldout is not None and trainer.accelerator.is_main_process:
+    before, heldout_rows, sharded = None, None, common.sharded_weights(trainer)
+    if heldout is not None and sharded:
+        trainer.accelerator.print(f"[dpo] held-out preference accuracy not measured: {sharded}")
+    elif heldout is not None and trainer.accelerator.is_main_process:
         heldout_rows = vision.as_rows(heldout)  # read once, scored before and after training
         before = preference_eval(trainer.model, tokenizer, heldout_rows, stage_args.eval_dtype)
         trainer.accelerator.print(f"[dpo] held-out preference accuracy before: {before['accuracy']:.1%}")

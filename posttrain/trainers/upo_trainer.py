@@ -433,9 +433,11 @@ class UPOTrainer(GRPOTrainer):
         """`_sequence_logps` in chunks of `per_device_train_batch_size` rows, like GRPO's own forwards: the pairs of
         a whole generation batch in one forward would be an out-of-memory risk at real sizes. Every process runs as
         many chunks as the process with the most rows needs (placeholders when it has none left). Rows with images go
-        in one forward (`images` belongs to the first rows of the list)."""
-        size = max(len(prompts), 1) if images else self.args.per_device_train_batch_size
+        in one forward (`images` belongs to the first rows of the list), on every process: its size the most rows any
+        process has, not this process's own, or processes with fewer rows would run more forwards (a hang under FSDP
+        and ZeRO-3, where every forward gathers the weights)."""
         most = self.accelerator.gather(torch.tensor([len(prompts)], device=self.accelerator.device)).max().item()
+        size = max(int(most), 1) if images else self.args.per_device_train_batch_size
         parts = []
         for start in range(0, max(int(most), 1), size):
             rows = slice(start, start + size)
