@@ -78,6 +78,8 @@ def test_config_defaults(tmp_path):
     (dict(rewards={"acuracy": 1.0}), "unknown reward"),
     (dict(rewards={"accuracy": 1.0}, reward_weights=[1.0]), "not both"),
     (dict(rewards="accuracy"), "must map reward names"),
+    (dict(drop_uniform_groups=True, loss_type="grpo"), "drop_uniform_groups needs a loss normalised by"),
+    (dict(drop_uniform_groups=True, loss_type="dr_grpo"), "'dr_grpo' averages per rollout"),
 ])
 def test_config_rejects_bad_values(tmp_path, overrides, message):
     with pytest.raises(UserError, match=message):
@@ -105,6 +107,18 @@ def test_mine_pairs_best_vs_worst_per_group():
 def test_mine_pairs_zero_variance_groups_give_no_pair():
     rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
     assert mine_pairs(rewards, 4, margin=0.0) == []
+
+
+def test_rounding_level_reward_gaps_are_ties_for_mining_and_dropping():
+    """0.3 + 0.4 and 0.7 differ in float32's last bits: the group is uniform (as GRPO's zero advantages say) and gives
+    no pair, even at margin 0, so a dropped group can never leave a pair behind."""
+    from posttrain.trainers.upo_pairs import uniform_groups
+
+    rewards = torch.cat([torch.tensor([0.3]) + torch.tensor([0.4]), torch.full((3,), 0.7)])
+    assert rewards[0] != rewards[1] and abs(rewards[0] - rewards[1]) < 1e-6
+    assert uniform_groups(rewards, 4).tolist() == [True]
+    assert mine_pairs(rewards, 4, margin=0.0) == []
+    assert mine_pairs(rewards + torch.tensor([0.0, 0.0, 0.0, 0.01]), 4, margin=0.0) == [(3, 2, pytest.approx(0.01, abs=1e-6))]
 
 
 def test_mine_pairs_batch_of_groups():
@@ -323,6 +337,7 @@ def test_online_dpo_term_matches_plain_torch(dpo_trainer, sft_weight):
     token, averaged over the pairs."""
     model, beta, lam = dpo_trainer.model, 0.5, 0.7
     dpo_trainer.args.upo_sft_weight = sft_weight
+    dpo_trainer._pooled["train"].clear()
     prompt_ids, prompt_mask, completion_ids, completion_mask = pack(
         [[1, 5, 9], [1, 5, 9], [1, 6, 8, 10], [1, 6, 8, 10]], [[20, 21, 22, 2], [23, 2], [24, 25, 2], [26, 27, 28, 29]],
         0, "cpu")
@@ -352,15 +367,33 @@ def test_online_dpo_term_matches_plain_torch(dpo_trainer, sft_weight):
     expected = lam * (-F.logsigmoid(logits) + sft_weight * nll).mean()
     expected.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
-    logged = dpo_trainer._metrics["train"].get("upo/sft_loss")
+    pooled = dpo_trainer._pooled["train"].get("upo/sft_loss")  # (sum, count) over the pairs until the next log
     if sft_weight:
-        assert logged == [pytest.approx(nll.mean().item(), rel=1e-4)] and nll.mean() > 1.0  # far from a zero NLL
+        assert pooled[0] / pooled[1] == pytest.approx(nll.mean().item(), rel=1e-4) and nll.mean() > 1.0
     else:
-        assert not logged
+        assert pooled is None
     assert abs(logits).max() > 1e-3  # policy and reference differ: a real test of the log-ratios
     for name, grad in upo_grads.items():
         torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-3, atol=1e-6)
     assert upo_grads and all(".default." in n for n in upo_grads)
+
+
+def test_pair_metrics_are_means_over_the_pairs_not_over_micro_steps(dpo_trainer):
+    """The DPO term's logged loss is the mean over every pair since the last log, as the loss weighs them: micro-steps
+    of 1 and 2 pairs log (1 + 2 + 4) / 3, not the mean of their means (1 + 3) / 2; GRPO's own metrics are untouched."""
+    dpo_trainer.model.train()
+    dpo_trainer._pooled["train"].clear()
+    dpo_trainer._metrics["train"].clear()
+    dpo_trainer._log_mean("train", "upo/dpo_loss", torch.tensor([1.0]))
+    dpo_trainer._metrics["train"]["reward"].extend([0.0, 1.0])
+    dpo_trainer._log_mean("train", "upo/dpo_loss", torch.tensor([2.0, 4.0]))
+    dpo_trainer._log_mean("train", "upo/dpo_accuracy", torch.zeros(0))  # no pair at all since the last log
+    dpo_trainer.log({})
+    logged = dpo_trainer.state.log_history[-1]
+    assert logged["upo/dpo_loss"] == pytest.approx(7 / 3) and logged["reward"] == 0.5
+    assert logged["upo/dpo_accuracy"] is None  # GRPO's log writes None for a metric with no value
+    dpo_trainer.log({})
+    assert "upo/dpo_loss" not in dpo_trainer.state.log_history[-1]  # counted once, then cleared
 
 
 def test_dpo_loss_formula():
@@ -520,6 +553,30 @@ def test_offline_pairs_tokenized_like_rollouts(tmp_path, tiny_tokenizer):
     path.write_text(json.dumps({"prompt": "Q", "chosen": " ", "rejected": "x"}) + "\n")
     with pytest.raises(UserError, match=r'prefs.jsonl:1: "chosen" is empty'):
         load_offline_pairs(str(path), tiny_tokenizer, 16)
+
+    # rows without a thinking mode take the one GRPO's `chat_template_kwargs` give the RL prompts
+    path.write_text(json.dumps({"prompt": messages, "chosen": "4", "rejected": "5"}) + "\n")
+    for thinking in (False, True, None):
+        ((prompt_ids, _, _),) = load_offline_pairs(str(path), tiny_tokenizer, 16, thinking=thinking)
+        assert tiny_tokenizer.decode(prompt_ids) == render_prompt_text(tiny_tokenizer, messages, thinking)
+    assert render_prompt_text(tiny_tokenizer, messages, False) != render_prompt_text(tiny_tokenizer, messages, None)
+
+
+def test_offline_prompts_take_the_rl_prompts_thinking_mode(tmp_path, tiny_model_path, tiny_tokenizer):
+    """RL prompts without a `thinking` column are rendered by GRPO with `chat_template_kwargs`; offline pairs without
+    one are rendered the same way, so a pair is scored in the context the rollouts are generated in."""
+    from posttrain.trainers.upo_pairs import render_prompt_text
+
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+    pairs = tmp_path / "prefs.jsonl"
+    pairs.write_text(json.dumps({"prompt": messages, "chosen": "4", "rejected": "5"}) + "\n")
+    rows = prompts().remove_columns("thinking")
+    args = UPOConfig(output_dir=str(tmp_path / "out"), **TINY, upo_mode="offline", upo_offline_dataset=str(pairs),
+                     rewards={"accuracy": 1.0}, chat_template_kwargs={"enable_thinking": False})
+    trainer = UPOTrainer(trained_adapter_model(tiny_model_path()), args=args, train_dataset=rows,
+                         processing_class=tiny_tokenizer)
+    ((prompt_ids, _, _),) = trainer._offline.pairs
+    assert tiny_tokenizer.decode(prompt_ids) == render_prompt_text(tiny_tokenizer, messages, False)
 
 
 DISTRIBUTED_SCRIPT = """

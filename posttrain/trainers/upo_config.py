@@ -8,6 +8,8 @@ from ..errors import UserError
 from ..rewards import REWARDS
 
 UPO_MODES = ("online", "offline", "both")
+# GRPO's loss types whose denominator is the batch's token count (`num_items_in_batch` or the micro-batch's mask)
+TOKEN_COUNT_LOSSES = ("dapo", "bnpo", "cispo", "vespo")
 
 
 @dataclass
@@ -78,7 +80,8 @@ class UPOConfig(GRPOConfig):
         drop_uniform_groups (`bool`, *optional*, defaults to `False`):
             Leave out of the loss the prompt groups whose rollouts all got the same reward (all right or all wrong),
             as ERNIE 4.5's RL filters them: their advantages are zero, so they add nothing to the policy gradient, but
-            under GRPO's token-level normalisation (`loss_type` `dapo`, its default) their tokens still count in the
+            under GRPO's token-level normalisation (`loss_type` `dapo`, its default; also `bnpo`, `cispo`, `vespo`;
+            the others are refused, as they do not divide by the token count) their tokens still count in the
             denominator and shrink every other group's step. Their completion masks are zeroed and the token count
             recomputed; no prompts are sampled to replace them (DAPO's dynamic sampling would, for more rollouts), so
             a batch's gradient comes from its informative groups only (with `beta` > 0, their KL term goes too).
@@ -183,6 +186,10 @@ class UPOConfig(GRPOConfig):
         if self.upo_mode != "online" and self.upo_offline_ratio <= 0:
             raise UserError(f"upo_offline_ratio must be > 0 with upo_mode '{self.upo_mode}'; "
                             f"got {self.upo_offline_ratio}")
+        if self.drop_uniform_groups and self.loss_type not in TOKEN_COUNT_LOSSES:
+            raise UserError(f"drop_uniform_groups needs a loss normalised by the batch's token count (loss_type "
+                            f"{', '.join(TOKEN_COUNT_LOSSES)}); '{self.loss_type}' averages per rollout or divides by a "
+                            "fixed length, so the dropped groups would still dilute the others' step")
         if self.normalize_rewards_by:
             self._scale_by_group()
         if self.rewards is not None:

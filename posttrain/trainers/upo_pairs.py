@@ -27,6 +27,11 @@ def default_margin(rewards: torch.Tensor, valid: torch.Tensor | None = None) -> 
     return 0.5 * (scored.max() - scored.min()).item() if scored.numel() else 0.0
 
 
+# Rewards closer than this are equal: weighted sums of the same rewards in another order differ in the last bits
+# (0.3 + 0.4 against 0.7 in float32), and such a "gap" is no preference.
+TIE = 1e-6
+
+
 def uniform_groups(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
     """One flag per group of `num_generations` consecutive rollouts: True where every scorable rollout got the same
     combined reward (all right or all wrong, say), or none could be scored. Such a group has no advantage to learn from
@@ -35,7 +40,7 @@ def uniform_groups(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
     unscored = torch.isnan(grouped)
     high = grouped.masked_fill(unscored, -math.inf).amax(dim=1)
     low = grouped.masked_fill(unscored, math.inf).amin(dim=1)
-    return ~(high - low > 1e-6)  # all unscorable: -inf - inf is not > 0
+    return ~(high - low > TIE)  # all unscorable: -inf - inf is not > TIE
 
 
 def mine_pairs(
@@ -49,7 +54,7 @@ def mine_pairs(
 
     Rollouts are ranked by reward (ties: the earlier rollout ranks higher, so mining is deterministic and draws no
     random numbers). The k-th pair is the k-th best vs the k-th worst, for k < `pairs_per_prompt` and while the two are
-    distinct; a pair is kept only if its reward gap is > 0 and >= `margin`, and mining of a group stops at the first
+    distinct; a pair is kept only if its reward gap is > `TIE` and >= `margin`, and mining of a group stops at the first
     pair that fails (later gaps are smaller). So a group whose rewards are all equal gives no pair.
 
     Args:
@@ -72,7 +77,7 @@ def mine_pairs(
         for k in range(min(pairs_per_prompt, len(ranked) // 2)):
             chosen, rejected = ranked[k], ranked[-1 - k]
             gap = values[chosen] - values[rejected]
-            if gap <= 0 or gap < margin:
+            if gap <= TIE or gap < margin:
                 break
             pairs.append((chosen, rejected, gap))
     return pairs
@@ -180,15 +185,17 @@ def _reply_ids(tokenizer, reply: str, thinking: bool | None, max_length: int | N
 
 
 def load_offline_pairs(path: str, tokenizer, max_completion_length: int | None,
-                       processor=None, dataset=None) -> list[tuple[list[int], ...]]:
+                       processor=None, dataset=None, thinking: bool | None = None) -> list[tuple[list[int], ...]]:
     """Tokenize a preference dataset once: `(prompt_ids, chosen_ids, rejected_ids)` per row, plus the prompt's image
     inputs (`_image_prompt`) as a fourth element for rows with `images` (which need the VLM's `processor`).
 
     Rows have `prompt`, `chosen`, `rejected`, conversational or text, and optionally `thinking`. Prompts are rendered
-    exactly as the RL prompts are (`render_prompt_text`); replies get the tokenizer's EOS appended (the chat template
-    ends an assistant turn with it) and are truncated to `max_completion_length` like rollouts. `dataset`, when
-    given, is the already loaded (e.g. pre-flight filtered) content of `path`.
+    exactly as the RL prompts are (`render_prompt_text`), in the row's thinking mode, else in `thinking` (what
+    GRPO's `chat_template_kwargs` give the RL prompts without one); replies get the tokenizer's EOS appended (the chat
+    template ends an assistant turn with it) and are truncated to `max_completion_length` like rollouts. `dataset`,
+    when given, is the already loaded (e.g. pre-flight filtered) content of `path`.
     """
+    default = thinking
     from ..data import load_split
 
     dataset = load_split(path, "train") if dataset is None else dataset
@@ -208,6 +215,7 @@ def load_offline_pairs(path: str, tokenizer, max_completion_length: int | None,
     pairs = []
     for line, row in enumerate(dataset, start=1):
         thinking = row["thinking"] if "thinking" in dataset.column_names else None
+        thinking = default if thinking is None else thinking
         if images:
             prompt_ids, image_inputs = _image_prompt(processor, row["prompt"], thinking, row["images"])
         else:

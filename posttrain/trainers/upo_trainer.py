@@ -187,12 +187,14 @@ class UPOTrainer(GRPOTrainer):
         if args.upo_mode in ("offline", "both"):
             processor = None if processing_class is self._tokenizer else processing_class  # a VLM's processor
             pairs = load_offline_pairs(args.upo_offline_dataset, self._tokenizer, args.max_completion_length,
-                                       processor, offline_dataset)
+                                       processor, offline_dataset,
+                                       thinking=(args.chat_template_kwargs or {}).get("enable_thinking"))
             self._offline = OfflinePairs(pairs, seed=str(args.seed), rank=self.accelerator.process_index,
                                          processes=self.accelerator.num_processes)
         self._captured_logps = None
         self._routing = routes_by_modality(processing_class)  # ERNIE-4.5-VL (see the module docstring)
         self._batch_rewards = None  # combined rewards of the current generation batch (all processes)
+        self._pooled = {"train": {}, "eval": {}}  # `_log_mean`'s sums and counts since the last log, per metric
 
     # ------------------------------------------------------------------------------------------------------------------
     # The offline pairs' position is part of a checkpoint: a resumed run draws what an uninterrupted one would
@@ -566,9 +568,21 @@ class UPOTrainer(GRPOTrainer):
     # Metrics (every process calls the same gathers in the same order)
     # ------------------------------------------------------------------------------------------------------------------
     def _log_mean(self, mode, name, values):
+        """Adds `values` (this process's) to the metric's sum and count over all processes since the last log."""
         local = torch.stack([values.detach().float().sum(), torch.tensor(float(values.numel()), device=values.device)])
         total, count = self.accelerator.gather(local).view(-1, 2).sum(dim=0).tolist()
-        self._metrics[mode][name].append(total / count if count else float("nan"))  # NaN: skipped by GRPO's log
+        before = self._pooled[mode].get(name, (0.0, 0.0))
+        self._pooled[mode][name] = (before[0] + total, before[1] + count)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """GRPO's log, which averages each metric's values per micro-step as they were appended; `_log_mean`'s
+        metrics (the DPO term's loss, accuracy and margins) are means over every pair since the last log instead,
+        as the loss weighs them: a micro-step with one pair counts as one pair, not as much as one with ten."""
+        mode = "train" if self.model.training else "eval"
+        for name, (total, count) in self._pooled[mode].items():
+            self._metrics[mode][name] = [total / count if count else float("nan")]  # NaN: skipped by GRPO's log
+        self._pooled[mode].clear()
+        super().log(logs, start_time)
 
     def _log_pg_loss(self, mode, loss):
         # GRPO's micro-step loss is pre-divided for gradient accumulation; undo it so the logged value reads per step
