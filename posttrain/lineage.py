@@ -6,6 +6,8 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from .io import read_json
+
 PACKAGES = ("posttrain", "torch", "transformers", "trl", "peft", "datasets", "accelerate")
 
 
@@ -78,6 +80,10 @@ def stage_lineage(stage: str, args: dict, inputs_hash: str, pipeline, previous: 
         "base_model": {"name": recipe.base.model_name_or_path, "path": args["model_name_or_path"],
                        **describe_model(args["model_name_or_path"])},
         "previous_stage": previous,
+        # what the previous stage was when this one trained from it: a report tells a stage left over from before
+        # its previous stage was trained again (`report.load.stale_stages`)
+        "previous_inputs_hash": read_json(pipeline.root / previous / "lineage.json").get("inputs_hash") if previous
+        else None,
         "datasets": {k: {"path": args[k], "fingerprint": dataset_fingerprint(args[k])}
                      for k in ("dataset_name", "upo_offline_dataset") if args.get(k)},
         **environment(),

@@ -34,6 +34,7 @@ from .console import console
 from .errors import Terminated, UserError, disk_full_error, is_disk_full
 from .io import moved_aside, read_json, write_json, write_text
 from .nodes import Coordinator, explain_failure
+from .promotion import GateStopped, blocks_chain, promotion
 from .recipe import Recipe
 from .recipe_files import STAGE_DATASET_KEYS, check_recipe_files, named_strings
 from .runlock import RunLock
@@ -127,6 +128,8 @@ class Pipeline:
         except KeyboardInterrupt as exc:
             self._end_run("interrupted", interruption(exc))
             raise
+        except GateStopped:  # the run is already marked "stopped" by the gate
+            raise
         except Exception as exc:
             disk_full = is_disk_full(exc) and not isinstance(exc, UserError)
             error = disk_full_error(exc, f"the run's files in {self.root}") if disk_full else exc
@@ -176,6 +179,8 @@ class Pipeline:
                 elif not (self.root / stage / "lineage.json").is_file():
                     raise UserError(f"stage '{stage}' comes before the ones asked for and has not finished; "
                                     "run it first")
+                elif self.reevaluate(stage):  # kept, but scored on the evaluation the stages after it get
+                    self.promote(stage)
                 if stage != until:
                     self.build_data(after=stage)
                 previous = stage
@@ -302,16 +307,17 @@ class Pipeline:
         prev_hash = json.loads((self.root / previous / "lineage.json").read_text())["inputs_hash"] if previous else None
         return self.digest({"args": stable, "datasets": datasets, "base": self.base_hash, "previous": prev_hash})
 
-    def reevaluate(self, stage: str) -> None:
+    def reevaluate(self, stage: str) -> bool:
         """A finished stage whose held-out evaluation changed (another eval set, more tokens, a smaller batch after
         running out of memory) is evaluated again, not trained again. So is one whose stage process could not
         evaluate it (`eval_deferred`: weights sharded over its processes), in a process of its own. The new metrics
-        are written before the lineage records them, so an interrupted evaluation is redone on the next run."""
+        are written before the lineage records them, so an interrupted evaluation is redone on the next run. Returns
+        whether it evaluated."""
         final = self.root / stage
         record, metrics = read_json(final / "lineage.json"), read_json(final / "metrics.json")
         deferred = metrics.get("eval_deferred") if self.recipe.eval.dataset else None
         if record.get("eval_hash") == self.eval_hash and not deferred:
-            return
+            return False
         console.print(f"{stage}: {deferred}; the saved adapter is evaluated in one process" if deferred else
                       f"{stage}: the held-out evaluation changed; the finished adapter is evaluated again")
         metrics["eval"] = self.run_eval(final, stage, adapter=final) if self.recipe.eval.dataset else None
@@ -319,6 +325,7 @@ class Pipeline:
         metrics.pop("promotion", None)
         write_json(final / "metrics.json", metrics)
         write_json(final / "lineage.json", {**record, "eval_hash": self.eval_hash})
+        return True
 
     def _up_to_date(self, folder: Path, digest: str) -> bool:
         path = folder / "lineage.json"
@@ -363,7 +370,6 @@ class Pipeline:
     def promote(self, stage: str) -> None:
         """Compare a finished stage with the last evaluated step before it (`promotion`), record the comparison and
         its gate's verdict in its metrics.json and run.json, and stop the chain when the gate says so."""
-        from .promotion import blocks_chain, promotion
 
         steps = ["base", *self.recipe.stages]
         metrics_path = self.root / stage / "metrics.json"
@@ -384,7 +390,7 @@ class Pipeline:
         if blocks_chain(record):
             self._record("run", status="stopped", stopped_by=stage)
             self.print_summary()
-            raise UserError(f"stage '{stage}' is worse than {previous[0]} and its promote gate stopped the run: "
+            raise GateStopped(f"stage '{stage}' is worse than {previous[0]} and its promote gate stopped the run: "
                             f"{record['gate']['reason']}. The stage stays in {self.root / stage} for inspection but "
                             f"`posttrain export` refuses it (--force to override). Change the stage's settings and "
                             "run again, or relax `gate:` in the recipe.")

@@ -17,6 +17,13 @@ from .stats import paired_evals
 
 # metric -> +1 when higher is better, -1 when lower is better
 DIRECTIONS = {"accuracy": 1, "format": 1, "stop_rate": 1, "heldout_loss": -1}
+# metrics are fractions k/n: 0.55 - 0.50 is 0.05000000000000004, and a drop of exactly `max_drop` is tolerated
+ROUNDING = 1e-9
+
+
+class GateStopped(UserError):
+    """A stage's promote gate stopped the run: the run ends "stopped" (not "failed"), and an ablation records the
+    variant as a result."""
 
 
 def check_gate_spec(gate: GateArguments, where: str) -> GateArguments:
@@ -50,16 +57,17 @@ def verdict(gate: GateArguments, previous: str, before: dict, after: dict, compa
         return {**out, "passed": False, "reason": f"{metric} was not measured (missing or NaN), so the stage cannot "
                                                   f"be shown to be no worse than {previous}"}
     drop = direction * (old - new)  # > 0: worse
-    worse = drop > gate.max_drop
+    worse = drop > gate.max_drop + ROUNDING
     if metric == "accuracy":
         if comparison is None:
             return {**out, "passed": True, "reason": f"no per-prompt verdicts on the same prompts as {previous}; "
                                                      "accuracy not tested"}
         out["p_value"] = comparison.p_value
-        worse = worse and comparison.significant
         test = f"McNemar p={comparison.p_value:.2g}, {comparison.only_a} prompts lost, {comparison.only_b} gained"
-        reason = (f"accuracy {100 * new:.1f}% vs {100 * old:.1f}% after {previous} ({test})"
-                  + ("" if worse else "; not significantly worse" if drop > 0 else ""))
+        why = ("" if drop <= 0 or (worse and comparison.significant) else
+               "; not significantly worse" if not comparison.significant else f"; within max_drop {gate.max_drop:g}")
+        worse = worse and comparison.significant
+        reason = f"accuracy {100 * new:.1f}% vs {100 * old:.1f}% after {previous} ({test}){why}"
     else:
         reason = (f"{metric} {new:.4g} vs {old:.4g} after {previous}: "
                   f"{'worse' if drop > 0 else 'not worse'} by {abs(drop):.4g} (max_drop {gate.max_drop:g})")

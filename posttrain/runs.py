@@ -37,8 +37,27 @@ def finished_stages(run: Path) -> list[str]:
     return [s for s in order if (run / s / "lineage.json").is_file()]
 
 
+def stale_stages(root: str | Path) -> dict[str, str]:
+    """{stage: why} for the stages trained from a previous stage that has since been trained again (their lineage's
+    `previous_inputs_hash` is not the previous stage's now), and the stages after them: left from an earlier run, they
+    are not what the chain now gives, so neither the accuracy line nor the report compares them with it, and
+    `posttrain eval`, `export` and `chat` do not pick them by default."""
+    root = Path(root)
+    stale = {}
+    for step in read_json(root / "run.json").get("order") or STAGE_ORDER:
+        record = read_json(root / step / "lineage.json")
+        previous = record.get("previous_stage")
+        if not previous:
+            continue
+        recorded = record.get("previous_inputs_hash")
+        current = read_json(root / previous / "lineage.json").get("inputs_hash")
+        if previous in stale or (recorded and current and recorded != current):
+            stale[step] = f"trained from an earlier {previous}"
+    return stale
+
+
 def stage_ref(run: str | Path, stage: str | None = None) -> StageRef:
-    """The stage `stage` of run folder `run` (default: its last finished stage)."""
+    """The stage `stage` of run folder `run` (default: its last finished stage that is not stale)."""
     run = Path(run)
     if not (run / "run.json").is_file():
         raise UserError(f"{run} is not a posttrain run folder (no run.json); expected outputs/<run name>")
@@ -49,7 +68,7 @@ def stage_ref(run: str | Path, stage: str | None = None) -> StageRef:
                         f"{', '.join(done) or 'none'})")
     if not done:
         raise UserError(f"{run}: no finished stage yet")
-    stage = stage or done[-1]
+    stage = stage or next((s for s in reversed(done) if s not in stale_stages(run)), done[-1])
     if stage not in done:
         raise UserError(f"{run}: stage '{stage}' has not finished (finished: {', '.join(done)})")
     lineage = json.loads((run / stage / "lineage.json").read_text())

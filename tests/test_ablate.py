@@ -119,7 +119,7 @@ def test_comparison_over_seeds_pairs_each_seed_with_the_baselines(tmp_path, caps
     upo = next(line for line in md.splitlines() if line.startswith("| **upo** |"))
     assert "| 2 | 27.5% | 0.0% – 59.3% | 25.0%, 30.0% |" in grpo and "| baseline |" in grpo
     # differences +20 and +30 points: a mean of +25 whose 2-seed t-interval (t = 12.7) still spans 0
-    assert "| 52.5% |" in upo and "| +25.0 pts | -38.5 to +88.5 | n.s. | 1 of 2 |" in upo
+    assert "| 52.5% |" in upo and "| +25.0 pts | -38.5 to +88.5 | n.s. | 1 better, 0 worse of 2 |" in upo
     from posttrain.ablate import print_summary
 
     print_summary(groups, "grpo")  # the same table on the terminal at the end of `posttrain ablate`

@@ -48,7 +48,9 @@ def test_tiny_recipe_end_to_end(tiny_run, shared_tiny, check_evaluation):
     assert upo["train"]["global_step"] == 2
     assert any("upo/dpo_loss" in log for log in upo["log_history"])
     for stage, previous in (("dpo", "sft"), ("upo", "dpo")):
-        assert json.loads((run / stage / "lineage.json").read_text())["previous_stage"] == previous
+        record = json.loads((run / stage / "lineage.json").read_text())
+        assert record["previous_stage"] == previous
+        assert record["previous_inputs_hash"] == json.loads((run / previous / "lineage.json").read_text())["inputs_hash"]
         assert yaml.safe_load((run / stage / "resolved.yaml").read_text())["adapter_path"] == str(run / previous)
         assert not (run / stage / "ref").exists(), "only the trained adapter is saved"
 
@@ -101,6 +103,32 @@ def test_a_changed_evaluation_scores_finished_stages_again_without_training_them
             assert metrics["promotion"]["gate"]["passed"] is not None  # compared again, on the new numbers
     again = posttrain_cli("run", "recipe.yaml", "eval.max_new_tokens=3", "--until", "sft", cwd=cwd)
     assert "evaluated again" not in again.stdout and "evaluating the base model" not in again.stdout
+
+
+def test_only_a_later_stage_still_scores_the_earlier_ones_on_the_changed_evaluation(shared_tiny, tiny_run, tmp_path,
+                                                                                    monkeypatch):
+    """`--only dpo` (or `--from dpo`): SFT, kept as it is, is evaluated again when the held-out evaluation changed
+    (and compared again), so DPO's gate compares two evaluations made the same way. The steps themselves are stood
+    in for: what is asserted is which ones the run asks for, in order."""
+    from posttrain.pipeline import Pipeline
+    from posttrain.recipe import load_recipe
+
+    cwd = tmp_path / "copy"
+    shutil.copytree(shared_tiny.root, cwd)
+    pipeline = Pipeline(load_recipe(cwd / "recipe.yaml"), cwd / "outputs")
+    calls = []
+    for name in ("resolve_base", "evaluate_base", "print_summary"):
+        monkeypatch.setattr(pipeline, name, lambda *args, name=name: None)
+    monkeypatch.setattr(pipeline, "build_data", lambda after: None)
+    monkeypatch.setattr(pipeline, "run_stage", lambda stage, previous, force=False: calls.append(("run", stage)))
+    monkeypatch.setattr(pipeline, "promote", lambda stage: calls.append(("promote", stage)))
+    for changed in (True, False):
+        calls.clear()
+        monkeypatch.setattr(pipeline, "reevaluate", lambda stage, changed=changed: calls.append(("eval", stage))
+                            or changed)
+        pipeline.run(only="dpo")
+        expected = [("eval", "sft"), ("promote", "sft")] if changed else [("eval", "sft")]
+        assert calls == [*expected, ("run", "dpo"), ("promote", "dpo")]
 
 
 def test_a_stage_trained_sharded_is_evaluated_from_its_saved_adapter(shared_tiny, tiny_run, tmp_path, posttrain_cli):

@@ -43,6 +43,19 @@ def test_accuracy_gate_stops_only_a_significant_drop():
     assert not record["gate"]["passed"] and not blocks_chain(record)
 
 
+def test_a_drop_of_exactly_max_drop_is_tolerated_and_the_reason_says_why_a_drop_passed():
+    """`max_drop` is the tolerated worsening: 110/200 -> 100/200 (0.55 - 0.50 is 0.05000000000000004 in floats) passes
+    at max_drop 0.05 although it is significant; the reason names the tolerance, not a lack of significance."""
+    before, after = evaluation([1] * 110 + [0] * 90), evaluation([1] * 100 + [0] * 100)
+    record = promotion(GateArguments(max_drop=0.05), "sft", before, after)
+    assert record["comparison"]["p_value"] < 0.05 and record["gate"]["passed"]
+    assert record["gate"]["reason"].endswith("10 prompts lost, 0 gained); within max_drop 0.05")
+    assert not promotion(GateArguments(max_drop=0.04), "sft", before, after)["gate"]["passed"]
+    loss = promotion(GateArguments("heldout_loss", max_drop=0.01), "base", evaluation([1], heldout_loss=0.30),
+                     evaluation([1], heldout_loss=0.31))
+    assert loss["gate"]["passed"]
+
+
 def test_threshold_gate_on_a_lower_is_better_metric():
     before, after = evaluation([0, 1], heldout_loss=2.0), evaluation([0, 1], heldout_loss=2.3)
     assert not promotion(GateArguments("heldout_loss"), "base", before, after)["gate"]["passed"]
@@ -136,5 +149,35 @@ def test_huge_learning_rate_is_stopped_by_the_gate(tiny_run, tiny_recipe, tmp_pa
     assert losses["sft"] < losses["base"], losses  # the first stage learned: there is something to lose
     gate = json.loads((run / "dpo" / "metrics.json").read_text())["promotion"]["gate"]
     assert gate["value"] > gate["previous_value"] == pytest.approx(losses["sft"]) and not gate["passed"]
+    state = json.loads((run / "run.json").read_text())["steps"]["run"]
+    assert state["status"] == "stopped" and state["stopped_by"] == "dpo"  # stopped by its gate, not failed
     refused = posttrain_cli("export", run, cwd=tmp_path, check=False)
     assert refused.returncode == 2 and "failed its promote gate" in refused.stdout
+
+
+def test_stages_trained_from_an_earlier_previous_stage_are_stale(tmp_path):
+    """DPO retrained and stopped by its gate, say: the UPO folder left from before was trained from the old DPO. It
+    is marked stale in the accuracy line (not compared with the new DPO) and the report, and `eval`/`export`/`chat`
+    default to the last stage that is not."""
+    from posttrain.runs import stage_ref, stale_stages
+
+    root = tmp_path / "tiny-text"
+    shutil.copytree(ASSETS, root)
+
+    def lineage(step, **changes):
+        path = root / step / "lineage.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+    lineage("sft", inputs_hash="sft-now")
+    lineage("dpo", previous_inputs_hash="sft-now", inputs_hash="dpo-now")
+    lineage("upo", previous_inputs_hash="dpo-now")
+    assert stale_stages(root) == {} and stage_ref(root).stage == "upo"
+    assert "stale" not in accuracy_line(root)
+    lineage("dpo", previous_inputs_hash="sft-before")
+    assert stale_stages(root) == {"dpo": "trained from an earlier sft", "upo": "trained from an earlier dpo"}
+    line = accuracy_line(root)
+    assert "(stale: trained from an earlier sft) → upo" in line and line.endswith("(stale: trained from an earlier dpo)")
+    assert "n.s. (stale" not in line and "), -" not in line.split(" → dpo")[1]  # no change against the line's steps
+    assert stage_ref(root).stage == "sft" and stage_ref(root, "upo").stage == "upo"  # asked for by name: allowed
+    build_report(root, compare=[])
+    assert "stale: from before its previous stage was trained again" in (root / "report.md").read_text()

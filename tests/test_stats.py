@@ -59,3 +59,19 @@ def test_mean_interval_over_seeds_uses_student_t():
     assert mean == pytest.approx(0.40)
     assert high - mean == pytest.approx(0.2484, abs=1e-4) and mean - low == pytest.approx(0.2484, abs=1e-4)
     assert stats.mean_interval([0.5]) == (0.5, 0.5, 0.5)
+
+
+def test_mcnemar_on_many_discordant_prompts_matches_the_exact_sum():
+    """Above 1,000 discordant prompts the tail is summed in log space (exact big integers took minutes at 40,000)."""
+    import math
+
+    exact = min(1.0, 2 * sum(math.comb(1200, i) for i in range(571)) / 2**1200)
+    assert stats.mcnemar_exact(570, 630) == pytest.approx(exact, rel=1e-9)
+    assert 0 < stats.mcnemar_exact(19_600, 20_400) < 1e-4  # 2 * 2**-40000 * sum(...) would underflow in plain floats
+
+
+def test_t_quantile_beyond_the_table():
+    """From 31 degrees of freedom on, not the normal quantile (4 % too narrow at 31) but t itself."""
+    assert stats.t95(30) == 2.042
+    for df, exact in ((31, 2.0395), (40, 2.0211), (60, 2.0003), (120, 1.9799)):
+        assert stats.t95(df) == pytest.approx(exact, abs=2e-4)

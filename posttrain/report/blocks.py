@@ -61,8 +61,10 @@ class Details:
 
 
 # ----------------------------------------------------------------------------------------------------------- cells
-STATUS_CLASS = {"done": "ok", "failed": "failed", "running": "running", "not started": "missing", "stopped": "failed"}
-STATUS_TEXT = {"running": "running (or interrupted)", "stopped": "stopped by a promote gate"}
+STATUS_CLASS = {"done": "ok", "failed": "failed", "running": "running", "not started": "missing", "stopped": "failed",
+                "stale": "missing"}
+STATUS_TEXT = {"running": "running (or interrupted)", "stopped": "stopped by a promote gate",
+               "stale": "stale: from before its previous stage was trained again"}
 NOT_MEASURED = Cell("not measured", "missing")
 
 

@@ -145,7 +145,8 @@ def variant_summaries(groups: dict[str, list[Path]], baseline: str) -> list[dict
             differences = [c.difference for c in paired if c]
             d_mean, d_low, d_high = mean_interval(differences)
             summary.update(differences=differences, difference=d_mean, difference_interval=(d_low, d_high),
-                           significant_seeds=sum(c.significant for c in paired if c),
+                           significant_seeds=(sum(c.significant and c.difference > 0 for c in paired if c),
+                                              sum(c.significant and c.difference < 0 for c in paired if c)),
                            verdict=("not measured" if not differences else "one seed: no interval"
                                     if len(differences) < 2 else "better" if d_low > 0 else "worse" if d_high < 0
                                     else "n.s."))
@@ -171,7 +172,8 @@ def over_seeds(groups: dict[str, list[Path]], baseline: str) -> list:
                               Cell(f"{100 * d_low:+.1f} to {100 * d_high:+.1f}" if len(differences) > 1 else "",
                                    "num"),
                               Cell(verdict, "ok" if verdict == "better" else "bad" if verdict == "worse" else ""),
-                              Cell(f"{v['significant_seeds']} of {len(differences)}", "num")])
+                              Cell("{} better, {} worse of {}".format(*v["significant_seeds"], len(differences)),
+                                   "num")])
     header = ["variant", "seeds", "held-out accuracy (mean)", "95 % interval over seeds", "per seed",
               "held-out proxy (mean)", f"vs {baseline}", "95 % interval of the difference", "verdict",
               "seeds with p < 0.05 alone"]

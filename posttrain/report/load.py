@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from ..io import read_json
-from ..runs import STAGE_ORDER
+from ..runs import STAGE_ORDER, stale_stages
 from ..stats import format_change, format_eval_accuracy, paired_evals
 
 
@@ -104,6 +104,10 @@ def load_run(root: str | Path) -> RunView:
             order.append(extra)
     order = order or ["base"]
     stages = [_load_stage(root, name, state.get("steps", {}).get(name, {})) for name in order]
+    stale = stale_stages(root)
+    for stage in stages:
+        if stage.name in stale and stage.status == "done":
+            stage.status = "stale"
     cards = {p.parent.name: _load_card(p.parent) for p in sorted((root / "data").glob("*/card.json"))}
     recipe = root / "recipe.yaml"
     return RunView(root, state.get("name") or root.name, state, stages, cards,
@@ -142,12 +146,15 @@ def accuracy_line(root: str | Path) -> str:
     """`base 18.8% (±6) → sft 43.8% (±7), +25.0 (p=1e-09) → dpo 45.1% (±7), +1.3 n.s.` from the metrics of a run: each
     accuracy with half its 95 % Wilson interval, each change against the step before on the same prompts (exact
     McNemar; `n.s.`: not significant), and `✗ gate failed` where a stage's promote gate rejected it. Empty when
-    nothing was evaluated."""
-    parts, before = [], None
+    nothing was evaluated. A stale stage (`stale_stages`) is shown as such, not compared."""
+    parts, before, stale = [], None, stale_stages(root)
     for step, metrics in stage_metrics(root).items():
         if not metrics.get("eval"):
             continue
         text = f"{step} {format_eval_accuracy(metrics['eval'])}"
+        if step in stale:
+            parts.append(f"{text} (stale: {stale[step]})")
+            continue
         comparison = paired_evals(before, metrics["eval"])
         if comparison:
             text += f", {format_change(comparison)}"

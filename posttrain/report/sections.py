@@ -169,7 +169,8 @@ def promotions(run: RunView) -> list:
         paired = ([Cell(f"{100 * c['difference']:+.1f} pts", "num"),
                    Cell(f"{100 * c['interval'][0]:+.1f} to {100 * c['interval'][1]:+.1f}", "num"),
                    Cell(f"{c['only_a']} / {c['only_b']}", "num"), Cell(f"{c['p_value']:.2g}", "num"),
-                   Cell("yes" if c["significant"] else "no", "ok" if c["significant"] else "")]
+                   Cell("yes" if c["significant"] else "no",
+                        "" if not c["significant"] else "ok" if c["difference"] > 0 else "bad")]
                   if c else [NOT_MEASURED] * 5)
         verdict = (Cell(("passed: " if gate["passed"] else "FAILED: " if gate.get("enforced", True)
                          else "worse (not enforced): ") + gate.get("reason", ""), "ok" if gate["passed"] else "bad",
