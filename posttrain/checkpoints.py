@@ -52,13 +52,14 @@ def problem(checkpoint: str | Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} is {path.stat().st_size} bytes, {size} were written (truncated or overwritten)"
-        reason = _load_problem(path)
+        reason = load_problem(path)
         if reason:
             return f"{name} does not load ({reason})"
     return None
 
 
-def _load_problem(path: Path) -> str | None:
+def load_problem(path: Path) -> str | None:
+    """Why a JSON or safetensors file does not load, or None."""
     try:
         if path.suffix == ".json":
             json.loads(path.read_text())
@@ -69,6 +70,24 @@ def _load_problem(path: Path) -> str | None:
                 handle.keys()
     except Exception as exc:  # noqa: BLE001 - any failure to load means "not resumable"; the reason is shown
         return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def finished_problem(folder: str | Path) -> str | None:
+    """Why a finished stage folder cannot be used as one (its adapter, or its full model's weights, missing or not
+    loading: deleted or truncated by hand, a disk that filled), or None."""
+    folder = Path(folder)
+    if (folder / "adapter_config.json").is_file():
+        names = ["adapter_config.json", "adapter_model.safetensors"]
+    else:
+        names = sorted(p.name for p in folder.glob("model*.safetensors")) or ["adapter_model.safetensors"]
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        reason = load_problem(path)
+        if reason:
+            return f"{name} does not load ({reason})"
     return None
 
 

@@ -132,11 +132,17 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from .errors import disk_full_error, is_disk_full
     from .export import ExportRequest, run_export
 
-    run_export(ExportRequest(run=args.run, stage=args.stage, merge=args.merge, dtype=args.dtype, out=args.out,
-                             overwrite=args.overwrite, license=args.license, push_to_hub=args.push_to_hub,
-                             private=args.private, revision=args.revision, force=args.force))
+    try:
+        run_export(ExportRequest(run=args.run, stage=args.stage, merge=args.merge, dtype=args.dtype, out=args.out,
+                                 overwrite=args.overwrite, license=args.license, push_to_hub=args.push_to_hub,
+                                 private=args.private, revision=args.revision, force=args.force))
+    except Exception as exc:
+        if is_disk_full(exc) and not isinstance(exc, UserError):
+            raise disk_full_error(exc, "the export", near=args.out or args.run, resumes=False) from exc
+        raise
     return 0
 
 
@@ -218,7 +224,9 @@ def make_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", help="merged weights dtype: bf16, fp16 or fp32 (default: the base model's)")
     export.add_argument("--out", help="output folder (default: RUN/exports/<stage>[-merged])")
     export.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
-    export.add_argument("--force", action="store_true", help="export a stage its promote gate rejected")
+    export.add_argument("--force", action="store_true",
+                        help="export a stage its promote gate rejected, or one left stale by its previous stage "
+                             "being trained again")
     export.add_argument("--license", help="license for the card's metadata (default: the base model's, if known)")
     export.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hub model repo")
     export.add_argument("--private", action="store_true", help="create the Hub repo as private")

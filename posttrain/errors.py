@@ -91,13 +91,15 @@ def what_ran_out(exc: BaseException) -> str:
     return first if len(first) <= 200 else first[:197] + "…"
 
 
-def disk_full_error(exc: BaseException, needed_for: str, near: str | Path | None = None) -> UserError:
+def disk_full_error(exc: BaseException, needed_for: str, near: str | Path | None = None,
+                    resumes: bool = True) -> UserError:
     """The paragraph for a full disk: which file system, which file, what the space was needed for, and that the same
-    command resumes once space is freed."""
+    command (a run: resuming from its checkpoint) works once space is freed."""
     filename = getattr(exc, "filename", None) or near
     where = f"{_mount_point(Path(filename))} (writing {filename})" if filename else "the device"
+    then = " and the run resumes from its last complete checkpoint" if resumes else ""
     return UserError(f"no space left on {where}, needed for {needed_for}. Free some space and run the same command "
-                     "again: nothing half-written is kept and the run resumes from its last complete checkpoint.")
+                     f"again: nothing half-written is kept{then}.")
 
 
 def report_child_error(message: str) -> None:

@@ -77,6 +77,8 @@ def run_export(request: ExportRequest) -> Path:
                                                                          else ref.stage)
     if out.exists() and not request.overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it, or --out to choose another folder")
+    if out.exists():
+        _check_replaceable(out, ref.run)
     make_folder(out.parent, "the folder to export into")
 
     def write(tmp: Path) -> None:
@@ -105,8 +107,10 @@ def _trained(run: Path) -> list[str]:
 
 
 def _check_promoted(ref, force: bool) -> None:
-    """A stage its promote gate rejected (worse than the step before it) is not shared by accident."""
+    """A stage its promote gate rejected (worse than the step before it), or one left from before its previous stage
+    was trained again (`runs.stale_stages`), is not shared by accident."""
     from .promotion import blocks_chain
+    from .runs import stale_stages
 
     metrics_path = ref.run / ref.stage / "metrics.json"
     record = json.loads(metrics_path.read_text()).get("promotion") if metrics_path.is_file() else None
@@ -115,6 +119,23 @@ def _check_promoted(ref, force: bool) -> None:
             else ""
         raise UserError(f"{ref.run}: stage '{ref.stage}' failed its promote gate ({record['gate']['reason']}); "
                         f"{earlier} pass --force to export it anyway")
+    stale = stale_stages(ref.run).get(ref.stage)
+    if stale and not force:
+        raise UserError(f"{ref.run}: stage '{ref.stage}' is stale ({stale}, since trained again): it is not what "
+                        f"the run's chain now gives; run the stages after that one again, or pass --force to export "
+                        "it anyway")
+
+
+def _check_replaceable(out: Path, run: Path) -> None:
+    """`--overwrite` replaces a previous export (a folder with export.json) or an empty folder, nothing else: not the
+    run, a stage or a folder of the user's files."""
+    if out.resolve() == run.resolve() or out.resolve() in run.resolve().parents:
+        raise UserError(f"--out {out}: it holds the run {run} itself; export into a folder of its own")
+    if not out.is_dir():
+        raise UserError(f"--out {out}: it is a file; --overwrite replaces a previous export's folder only")
+    if any(out.iterdir()) and not (out / "export.json").is_file():
+        raise UserError(f"--out {out}: it is not a previous export (no export.json), so --overwrite would delete "
+                        "files posttrain did not write; choose another folder or empty it first")
 
 
 def _check_adapter_folder(ref) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from . import lineage
-from .checkpoints import resume_point
+from .checkpoints import finished_problem, resume_point
 from .childproc import LAUNCHER, describe, spawn
 from .configs import EVAL_KEYS, StageArguments
 from .console import console
@@ -55,6 +55,24 @@ def read_files(args) -> dict:
 
 def interruption(exc: KeyboardInterrupt) -> str:
     return "interrupted (SIGTERM)" if isinstance(exc, Terminated) else "interrupted (Ctrl-C)"
+
+
+# stage arguments that only say when to log, save and report: changing them keeps a stage's finished adapter and its
+# checkpoints (they are not part of `stage_hash`)
+NOT_TRAINING_KEYS = ("save_strategy", "save_steps", "save_total_limit", "logging_steps", "logging_first_step",
+                     "logging_strategy", "logging_dir", "report_to")
+
+
+def changed_inputs(resolved: Path, args: dict) -> str:
+    """What differs between a stage's arguments as an earlier run resolved them and `args`, for a message: `key: old →
+    new` for up to four keys, or what else can change a stage's inputs."""
+    before = yaml.safe_load(resolved.read_text()) if resolved.is_file() else {}
+    ignored = {"output_dir", "resume_from_checkpoint", "project", "run_name", *EVAL_KEYS, *NOT_TRAINING_KEYS}
+    keys = sorted(k for k in {*before, *args} - ignored if before.get(k) != args.get(k))
+    if not keys:
+        return "the data, the base model or the previous stage changed"
+    shown = [f"{k}: {before.get(k)!r} → {args.get(k)!r}" for k in keys[:4]]
+    return "; ".join(shown) + (f"; {len(keys) - 4} more" if len(keys) > 4 else "")
 
 
 class Pipeline:
@@ -142,7 +160,10 @@ class Pipeline:
 
     def _end_run(self, status: str, error: str) -> None:
         """Mark the run, and the step that was running, as failed or interrupted (best effort: on a full disk even
-        this write may fail, and the original error matters more)."""
+        this write may fail, and the original error matters more). A run already done (interrupted while its report
+        was written) stays done."""
+        if self.state.get("steps", {}).get("run", {}).get("status") == "done":
+            return
         try:
             for step, info in self.state.get("steps", {}).items():
                 if step != "run" and info.get("status") == "running":
@@ -298,12 +319,15 @@ class Pipeline:
             args.update(StageArguments.from_eval(self.eval_settings()))
         return args
 
-    def stage_hash(self, stage: str, args: dict, previous: str | None) -> str:
-        """What the stage's adapter depends on: its arguments but the held-out evaluation's (`held_out_hash`), the data
-        it trains on, the base model and the previous stage's hash."""
+    def stage_hash(self, stage: str, args: dict, previous: str | None, with_logging_keys: bool = False) -> str:
+        """What the stage's adapter depends on: its arguments but the held-out evaluation's (`held_out_hash`) and the
+        ones that only say when to log and save (`NOT_TRAINING_KEYS`), the data it trains on, the base model and the
+        previous stage's hash. `with_logging_keys`: the hash as runs recorded it before those keys were left out, so their
+        finished stages and checkpoints still count as the same inputs."""
         datasets = {k: lineage.dataset_fingerprint(v) for k, v in args.items()
                     if k in STAGE_DATASET_KEYS and v}
-        stable = {k: v for k, v in args.items() if k not in ("output_dir", "project", "run_name", *EVAL_KEYS)}
+        left_out = ("output_dir", "project", "run_name", *EVAL_KEYS, *(() if with_logging_keys else NOT_TRAINING_KEYS))
+        stable = {k: v for k, v in args.items() if k not in left_out}
         prev_hash = json.loads((self.root / previous / "lineage.json").read_text())["inputs_hash"] if previous else None
         return self.digest({"args": stable, "datasets": datasets, "base": self.base_hash, "previous": prev_hash})
 
@@ -324,26 +348,40 @@ class Pipeline:
         metrics.pop("eval_deferred", None)
         metrics.pop("promotion", None)
         write_json(final / "metrics.json", metrics)
+        resolved = final / "resolved.yaml"  # what `posttrain eval RUN --stage S` reads to evaluate as the run did
+        if resolved.is_file() and self.recipe.eval.dataset:
+            args = {**yaml.safe_load(resolved.read_text()), **StageArguments.from_eval(self.eval_settings())}
+            write_text(resolved, yaml.safe_dump(args, sort_keys=False))
         write_json(final / "lineage.json", {**record, "eval_hash": self.eval_hash})
         return True
 
-    def _up_to_date(self, folder: Path, digest: str) -> bool:
+    def _up_to_date(self, folder: Path, *digests: str) -> bool:
         path = folder / "lineage.json"
-        return path.is_file() and json.loads(path.read_text()).get("inputs_hash") == digest
+        return path.is_file() and json.loads(path.read_text()).get("inputs_hash") in digests
 
     def run_stage(self, stage: str, previous: str | None, force: bool = False) -> None:
         args = self.stage_args(stage, previous)
         digest = self.stage_hash(stage, args, previous)
+        same = (digest, self.stage_hash(stage, args, previous, with_logging_keys=True))
         final, partial = self.root / stage, self.root / f".{stage}.partial"
-        if not force and self._up_to_date(final, digest):
+        damage = finished_problem(final) if self._up_to_date(final, *same) else None
+        if damage:
+            console.print(f"[yellow]{stage}: finished earlier with the same inputs, but {damage}: trained again"
+                          "[/yellow]")
+        elif not force and self._up_to_date(final, *same):
             console.print(f"[green]✓ {stage}[/green]: finished earlier with the same inputs, skipped")
             self._record(stage, skipped=True)
             self.reevaluate(stage)
             return
         console.rule(f"stage: {stage}")
         partial_lineage = partial / "lineage.json"
-        stale = partial.is_dir() and not (partial_lineage.is_file() and self._up_to_date(partial, digest))
-        if stale:  # a partial run of other inputs cannot be resumed
+        if partial.is_dir() and not (partial_lineage.is_file() and self._up_to_date(partial, *same)):
+            # a partial run of other inputs cannot be resumed
+            saved = sorted(p.name for p in partial.glob("checkpoint-*"))
+            if saved:
+                console.print(f"[yellow]{stage}: the unfinished run in {partial} was for other inputs "
+                              f"({changed_inputs(partial / 'resolved.yaml', args)}); its checkpoints "
+                              f"({', '.join(saved)}) are discarded and the stage starts over[/yellow]")
             shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True, exist_ok=True)
         checkpoint = resume_point(partial, say=lambda text: console.print(f"[yellow]{text}[/yellow]"))

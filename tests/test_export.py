@@ -202,15 +202,24 @@ def test_unfinished_or_unknown_stage_is_named(run, tmp_path, capsys):
 
 
 def test_existing_folder_is_refused_unless_overwrite(run, tmp_path, capsys):
+    """An existing export is replaced only with --overwrite; a folder of the user's files, or the run itself, never."""
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    assert export(run, "--out", out)[0] == 0
     code, printed = export(run, "--out", out, capsys=capsys)
     assert code == 2 and "already exists" in printed and "--overwrite" in printed
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    stamp = (out / "export.json").stat().st_mtime_ns
     assert export(run, "--out", out, "--overwrite")[0] == 0
-    assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").is_file()
+    assert (out / "export.json").stat().st_mtime_ns != stamp and (out / "adapter_model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"], "no temporary or old folder left behind"
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    code, printed = export(run, "--out", mine, "--overwrite", capsys=capsys)
+    assert code == 2 and "not a previous export (no export.json)" in printed
+    assert [p.name for p in mine.iterdir()] == ["keep.txt"]
+    code, printed = export(run, "--out", run, "--overwrite", capsys=capsys)
+    assert code == 2 and "holds the run" in printed and (run / "run.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------------------------- the Hub
@@ -263,3 +272,17 @@ def test_push_offline_fails_fast_before_exporting(run, tmp_path, posttrain_cli):
     assert "HF_HUB_OFFLINE=1" in result.stdout and "Traceback" not in result.stdout + result.stderr
     assert FAKE_TOKEN not in result.stdout + result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_during_export_is_one_paragraph(run, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from posttrain import export as export_module
+
+    def full(ref, tmp):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "adapter_model.safetensors"))
+
+    monkeypatch.setattr(export_module, "write_adapter", full)
+    code, printed = export(run, "--out", tmp_path / "out", capsys=capsys)
+    assert code == 2 and "no space left on" in printed and "needed for the export" in printed
+    assert "checkpoint" not in printed and not (tmp_path / "out").exists()

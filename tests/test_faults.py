@@ -146,6 +146,19 @@ def test_killed_at_checkpoint_then_resumed_is_bit_identical(stage, configs, refe
     assert_same_adapter(train(stage, configs[stage], fallback, resume=resumed_from), want)
 
 
+def test_resumed_from_the_last_steps_checkpoint_trains_no_step_more(configs, tmp_path):
+    """Stopped after its last step's checkpoint (while saving or evaluating), a stage resumed from it finishes there:
+    the Trainer alone would run a 4th step of 3, here at a constant learning rate, so the adapter would move."""
+    args = {**configs["sft"], "lr_scheduler_type": "constant"}
+    want = train("sft", args, tmp_path / "whole")
+    out = tmp_path / "out"
+    assert killed_run("sft", args, out, after=3) == -9
+    assert checkpoints.resume_point(out) == out / "checkpoint-3"
+    assert_same_adapter(train("sft", args, out, resume=out / "checkpoint-3"), want)
+    metrics, whole = (json.loads((folder / "metrics.json").read_text())["train"] for folder in (out, tmp_path / "whole"))
+    assert metrics["global_step"] == 3 and metrics["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-5)
+
+
 def _train_sigtermed(stage, args, out, at):
     from posttrain.errors import Terminated
     from posttrain.stages.common import SIGTERM_TEST_ENV
@@ -311,6 +324,25 @@ def test_ctrl_c_marks_the_run_interrupted(pipeline, monkeypatch):
     state = _state(pipeline)
     assert state["steps"]["run"]["status"] == "interrupted"
     assert state["steps"]["data/verifiable"]["status"] == "interrupted"
+
+
+def test_interrupted_while_writing_the_report_a_finished_run_stays_done(pipeline, monkeypatch):
+    """Ctrl-C or SIGTERM after the last stage, while the report is written: the run finished, and run.json says so."""
+    from posttrain import report
+
+    for name in ("resolve_base", "evaluate_base", "print_summary"):
+        monkeypatch.setattr(Pipeline, name, lambda self: None)
+    monkeypatch.setattr(Pipeline, "build_data", lambda self, after: None)
+    monkeypatch.setattr(Pipeline, "run_stage", lambda self, stage, previous, force=False: None)
+    monkeypatch.setattr(Pipeline, "promote", lambda self, stage: None)
+
+    def interrupted(root):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "try_build_report", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run()
+    assert _state(pipeline)["steps"]["run"]["status"] == "done"
 
 
 def test_a_run_folder_that_cannot_be_made_is_a_user_error(tmp_path):
@@ -503,3 +535,55 @@ def test_evaluation_out_of_memory_names_the_batch_to_lower(task_data, monkeypatc
     assert not is_out_of_memory(ValueError("out of memory"))  # only what torch raises for it
     assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
                                          "memory: you tried to allocate 68719476736 bytes"))
+
+
+def test_a_finished_stage_with_a_damaged_adapter_is_not_taken_as_finished(tmp_path):
+    """A finished stage whose adapter was deleted or truncated (by hand, or a disk that filled) is trained again
+    instead of skipped (`Pipeline.run_stage`), and the message says what is wrong with it."""
+    from safetensors.torch import save_file
+
+    stage = tmp_path / "sft"
+    stage.mkdir()
+    (stage / "adapter_config.json").write_text(json.dumps({"r": 4}))
+    save_file({"lora_A": torch.ones(64, 64)}, str(stage / "adapter_model.safetensors"))
+    assert checkpoints.finished_problem(stage) is None
+    data = (stage / "adapter_model.safetensors").read_bytes()
+    (stage / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    assert checkpoints.finished_problem(stage).startswith("adapter_model.safetensors does not load (")
+    (stage / "adapter_model.safetensors").unlink()
+    assert checkpoints.finished_problem(stage) == "adapter_model.safetensors is missing"
+    (stage / "adapter_config.json").unlink()
+    save_file({"w": torch.ones(2)}, str(stage / "model.safetensors"))  # a stage that trained all weights
+    assert checkpoints.finished_problem(stage) is None
+
+
+def test_a_steps_process_ends_when_the_run_that_started_it_is_killed(tmp_path):
+    """`posttrain run` SIGKILLed (no chance to stop its children): the step it was running gets SIGTERM from the
+    kernel (`childproc.die_with_parent`) instead of running on as an orphan into a folder a rerun takes over."""
+    import signal
+    import time
+
+    marker = tmp_path / "child.pid"
+    child = f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    parent = (f"import sys; from pathlib import Path; from posttrain.childproc import spawn; "
+              f"spawn([sys.executable, '-c', {child!r}], Path({str(tmp_path / 'step.log')!r}))")
+    run = subprocess.Popen([sys.executable, "-c", parent])
+    deadline = time.time() + 60
+    while not (marker.is_file() and marker.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    pid = int(marker.read_text())
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    import psutil
+
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:  # ended, not yet reaped by its new parent
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("the step's process outlived the run that started it")

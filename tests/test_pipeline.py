@@ -56,14 +56,15 @@ def test_tiny_recipe_end_to_end(tiny_run, shared_tiny, check_evaluation):
 
 
 def test_rerun_skips_finished_stage_and_reruns_on_change(shared_tiny, tiny_run, tmp_path, posttrain_cli):
-    """The same command again in (a copy of) the shared run's folder skips every stage; a changed UPO setting reruns
-    UPO only."""
+    """The same command again in (a copy of) the shared run's folder skips every stage, also with other logging and
+    saving settings (they change nothing a stage trains); a changed UPO setting reruns UPO only."""
     cwd = tmp_path / "copy"
     shutil.copytree(shared_tiny.root, cwd)
     run = cwd / "outputs" / shared_tiny.name
     stamp = (run / "sft" / "lineage.json").stat().st_mtime_ns
-    again = posttrain_cli("run", "recipe.yaml", cwd=cwd)
-    assert "sft: finished earlier with the same inputs, skipped" in again.stdout
+    again = posttrain_cli("run", "recipe.yaml", "shared.logging_steps=3", "shared.save_steps=7", cwd=cwd)
+    for stage in ("sft", "dpo", "upo"):
+        assert f"{stage}: finished earlier with the same inputs, skipped" in again.stdout
     assert (run / "sft" / "lineage.json").stat().st_mtime_ns == stamp
     upo_stamp = (run / "upo" / "lineage.json").stat().st_mtime_ns
     changed = posttrain_cli("run", "recipe.yaml", "stages.upo.learning_rate=5e-4", cwd=cwd)
@@ -94,6 +95,8 @@ def test_a_changed_evaluation_scores_finished_stages_again_without_training_them
         assert f"{stage}: finished earlier with the same inputs, skipped" in changed.stdout
         assert f"{stage}: the held-out evaluation changed; the finished adapter is evaluated again" in changed.stdout
         assert (run / stage / "adapter_model.safetensors").stat().st_mtime_ns == adapters[stage], "not trained again"
+        # what `posttrain eval RUN --stage S` evaluates with, as the run now did
+        assert yaml.safe_load((run / stage / "resolved.yaml").read_text())["eval_max_new_tokens"] == 3
         assert json.loads((run / stage / "lineage.json").read_text())["inputs_hash"] == hashes[stage]
     assert "stage: " not in changed.stdout and "data: pairs" not in changed.stdout  # no stage or pairs job re-ran
     for step in ["base", *stages]:
@@ -103,6 +106,18 @@ def test_a_changed_evaluation_scores_finished_stages_again_without_training_them
             assert metrics["promotion"]["gate"]["passed"] is not None  # compared again, on the new numbers
     again = posttrain_cli("run", "recipe.yaml", "eval.max_new_tokens=3", "--until", "sft", cwd=cwd)
     assert "evaluated again" not in again.stdout and "evaluating the base model" not in again.stdout
+
+
+def test_a_discarded_unfinished_stage_says_what_changed(tmp_path):
+    from posttrain.pipeline import changed_inputs
+
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(yaml.safe_dump({"learning_rate": 1e-3, "max_steps": 10, "output_dir": "a",
+                                        "resume_from_checkpoint": "a/checkpoint-5"}))
+    assert changed_inputs(resolved, {"learning_rate": 2e-3, "max_steps": 10, "output_dir": "b"}) == \
+        "learning_rate: 0.001 → 0.002"
+    assert changed_inputs(resolved, {"learning_rate": 1e-3, "max_steps": 10}) == \
+        "the data, the base model or the previous stage changed"
 
 
 def test_only_a_later_stage_still_scores_the_earlier_ones_on_the_changed_evaluation(shared_tiny, tiny_run, tmp_path,

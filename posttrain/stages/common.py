@@ -361,14 +361,38 @@ def train(trainer, training_args, stage_args):
     if stage_args.loraplus_lr_ratio is not None:
         lora_plus(trainer, stage_args.loraplus_lr_ratio)
     stop = save_and_stop_on_sigterm(trainer)
+    trainer.add_callback(stop_when_resumed_at_the_end())
     try:
         with lm_head.use_on_cpu(), precision.lora_inputs_uncast(trainer.model), fused_lora.update_in_matmul(trainer.model):
             result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except ResumedAtTheEnd:
+        from transformers.trainer_utils import TrainOutput
+
+        result = TrainOutput(trainer.state.global_step, 0.0, {"train_runtime": 0.0, "epoch": trainer.state.epoch})
     finally:
         stop.restore()
     if stop.stopped:  # the checkpoint of the step it stopped at is written: the stage ends here, interrupted
         raise Terminated(signal.SIGTERM)
     return result
+
+
+class ResumedAtTheEnd(Exception):
+    """Raised by `stop_when_resumed_at_the_end`'s callback to leave `Trainer.train` before its first step."""
+
+
+def stop_when_resumed_at_the_end():
+    """Resumed from a checkpoint of the last step (the stage stopped while saving or evaluating after training), the
+    Trainer (transformers 5.23) still runs one more step before it checks `max_steps`: one step too many, at the
+    scheduler's value past its end (a cosine schedule rises again there). At `on_train_begin` the checkpoint's
+    weights and state are loaded and nothing has run yet, so the stage leaves `train` there and finishes as is."""
+    from transformers import TrainerCallback
+
+    class StopWhenResumedAtTheEnd(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.max_steps > 0 and state.global_step >= state.max_steps:
+                raise ResumedAtTheEnd
+
+    return StopWhenResumedAtTheEnd()
 
 
 SIGTERM_TEST_ENV = "POSTTRAIN_TEST_SIGTERM_AT_STEP"  # test hook: process 0 sends itself SIGTERM after that step
