@@ -211,6 +211,11 @@ def split_and_mix(dataset, weights: dict[str, float], test_size: float, seed: in
             extra = rng.choice(idx, size=int(round(len(idx) * fraction)), replace=False)
             picked.append(np.concatenate([np.tile(idx, int(whole)), extra]).astype(int))
         mixed[name] = data.select(rng.permutation(np.concatenate(picked)) if picked else [])
+        if name == "train" and not len(mixed[name]):
+            rows = Counter(sources.tolist())
+            given = ", ".join(f"'{s}' {w:g} x {rows[s]} rows" for s, w in weights.items())
+            raise UserError(f"the training split is empty after mixing by weight ({given}); expected at least one "
+                            "row: raise the weights (a weight below 1 keeps that share of a source's rows)")
     return mixed
 
 
@@ -228,7 +233,7 @@ def output_kind(sources: list[dict], cfg) -> str:
 
 def build_set(cfg, job: str, kinds: tuple[str, ...], command: str) -> dict:
     """Run the whole pipeline for `cfg` and write `cfg.output_dir`; returns the data card facts."""
-    out_dir = card_lib.check_output_dir(cfg.output_dir, cfg.overwrite)
+    out_dir = card_lib.check_output_dir(cfg.output_dir, cfg.overwrite, input_paths(cfg))
     names = Counter(s.name for s in cfg.sources)
     if max(names.values()) > 1:
         raise UserError(f"two sources are named '{names.most_common(1)[0][0]}'; give each a distinct `name`")
@@ -255,8 +260,15 @@ def build_set(cfg, job: str, kinds: tuple[str, ...], command: str) -> dict:
         lengths = [n for d in splits.values() for n in d["_length"]]
         public = {name: d.remove_columns([c for c in d.column_names if c.startswith("_")])
                   for name, d in splits.items()}
-        card_lib.write_output(out_dir, public, rejects, card, lengths, card["length_unit"], cfg.overwrite)
+        card_lib.write_output(out_dir, public, rejects, card, lengths, card["length_unit"], cfg.overwrite,
+                              input_paths(cfg))
     return card
+
+
+def input_paths(cfg) -> list[str]:
+    """Every local path the job reads: the output folder must not be or hold one of them."""
+    paths = [p for s in cfg.sources for p in (s.path, s.dataset_info)] + list(cfg.decontaminate)
+    return [p for p in paths + [cfg.tokenizer] if p]
 
 
 def _card_facts(cfg, job, kind, columns, command, sources, counts, rejects, splits, tokenizer) -> dict:

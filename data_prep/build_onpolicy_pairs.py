@@ -72,7 +72,8 @@ class OnPolicyPairsConfig:
                                                                      "equals: a right reply with right working."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
     output_dir: str = field(default=None, metadata={"help": "Output folder (replaced atomically)."})
-    overwrite: bool = field(default=True, metadata={"help": "Replace `output_dir` if it exists."})
+    overwrite: bool = field(default=True, metadata={"help": "Replace `output_dir` if it exists and a data job wrote "
+                                                            "it (it holds card.json)."})
 
 
     def __post_init__(self):
@@ -161,12 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from posttrain.evaluate import load_rows
-    from posttrain.models import adapter_folder, load_model, load_tokenizer, resolve_model
+    from posttrain.models import adapter_folder, load_for_inference, load_tokenizer, resolve_model
 
     config = parse_config(OnPolicyPairsConfig, make_parser(), argv, needs_sources=False)
     for key in ("model_name_or_path", "prompts", "output_dir"):
         if not getattr(config, key):
             raise UserError(f"{PROG}: --{key} is required")
+    inputs = [config.prompts, config.model_name_or_path, config.adapter_path, config.tokenizer]
+    card_lib.check_output_dir(config.output_dir, config.overwrite, inputs)
     torch.manual_seed(config.seed)
     # what could be wrong is checked before the model loads: the prompts, the model, the adapter
     prompts = {"train": load_rows(config.prompts, config.train_split, config.max_train_prompts)}
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.adapter_path:
         adapter_folder(config.adapter_path, "--adapter_path")
     tokenizer = load_tokenizer(config.tokenizer or config.adapter_path or model_dir)
-    model = load_model(model_dir, adapter=config.adapter_path).eval()
+    model = load_for_inference(model_dir, adapter=config.adapter_path, precision=config.dtype)
     tables = {split: sample_pairs(model, tokenizer, rows, config) for split, rows in prompts.items()}
     if not tables["train"]:
         raise UserError(f"{PROG}: no prompt gave a pair with reward gap >= {config.margin}: every group of "
@@ -190,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     with_images = "images" in tables["train"][0]
     card_lib.write_generated(config, tables, job="build_onpolicy_pairs", kind="preference", source=source,
                              command=command_line(PROG, argv), lengths=lengths, length_unit="characters of chosen",
-                             to_dataset=image_pairs_dataset if with_images else None)
+                             to_dataset=image_pairs_dataset if with_images else None,
+                             overwrite=config.overwrite, inputs=inputs)
     print(f"wrote {config.output_dir}: " + ", ".join(f"{s} {len(t)} pairs" for s, t in tables.items()))
     return 0
 

@@ -32,7 +32,8 @@ PROG = "posttrain data build_verifiable_tasks"
 
 @dataclass
 class VerifiableTasksConfig:
-    output_dir: str = field(default="data/verifiable", metadata={"help": "Output folder (replaced atomically)."})
+    output_dir: str = field(default="data/verifiable",
+                            metadata={"help": "Output folder; an earlier one a data job wrote is replaced atomically."})
     n_train: int = field(default=2000, metadata={"help": "Number of training tasks (SFT rows and RL prompts)."})
     n_test: int = field(default=100, metadata={"help": "Number of held-out tasks for evaluation."})
     thinking_fraction: float = field(default=0.5, metadata={"help": "Fraction of tasks rendered in thinking mode."})
@@ -133,6 +134,7 @@ def make_parser():
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(VerifiableTasksConfig, make_parser(), argv, needs_sources=False)
+    card_lib.check_output_dir(config.output_dir, overwrite=True)
     tables = to_tables(generate(config))
     source = {"name": "generated", "path": "data_prep/build_verifiable_tasks.py", "license": "apache-2.0",
               "notes": "seeded generator; test questions are chosen by a hash of the question text, so no test "

@@ -44,7 +44,8 @@ EASY_VQA = {"name": "easy-vqa", "license": "mit", "path": "PyPI package easy-vqa
 
 @dataclass
 class VQATasksConfig:
-    output_dir: str = field(default="data/vqa", metadata={"help": "Output folder (replaced atomically)."})
+    output_dir: str = field(default="data/vqa",
+                            metadata={"help": "Output folder; an earlier one a data job wrote is replaced atomically."})
     source: str = field(default="easy_vqa", metadata={"help": "`easy_vqa`, or a data file of VQA rows."})
     format: str = field(default="auto", metadata={"help": "Format of a `source` file (auto: from its keys)."})
     license: str = field(default="unknown", metadata={"help": "License of a `source` file, for the data card."})
@@ -242,7 +243,7 @@ def write(config: VQATasksConfig, tables: dict[str, list[dict]], command: str) -
         "options_yaml": yaml.safe_dump(dataclasses.asdict(config), sort_keys=False),
     }
     return card_lib.write_output(Path(config.output_dir), splits, [], card, lengths, card["length_unit"],
-                                 overwrite=True)
+                                 overwrite=True, inputs=[config.source])
 
 
 def make_parser():
@@ -251,6 +252,7 @@ def make_parser():
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(VQATasksConfig, make_parser(), argv, needs_sources=False)
+    card_lib.check_output_dir(config.output_dir, overwrite=True, inputs=[config.source])
     tables = generate(config)
     if not tables["train"]:
         raise UserError(f"{PROG}: no training tasks from {config.source}")

@@ -14,22 +14,66 @@ Everything is written to a hidden sibling folder first and renamed into place, s
 """
 
 import hashlib
+import os
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from posttrain.errors import UserError, make_folder
+from posttrain.errors import UserError, disk_full_error, is_disk_full, make_folder
 from posttrain.io import replace_dir, write_json, write_jsonl, write_text
 
 
-def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
-    """Fail before any work if `out_dir` exists and `overwrite` is off."""
+def check_output_dir(out_dir: str | Path, overwrite: bool, inputs=()) -> Path:
+    """Fail before any work if writing `out_dir` could destroy something, or could not be done at all.
+
+    Only a previous job's output (a folder with `card.json`) is ever replaced, and only with `overwrite`; never a
+    folder that is or holds one of `inputs` (the job's sources, evaluation sets, model folders), which a replace would
+    delete."""
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise UserError(f"output folder {out} exists; pass --overwrite true (or `overwrite: true`) to replace it")
+    check_replaceable(out, overwrite, inputs)
     make_folder(out.parent, "the folder for the output")
+    check_writable(out)
     return out
+
+
+def check_replaceable(out: Path, overwrite: bool, inputs=()) -> None:
+    """Raise unless `out` is free, or a previous job output that `overwrite` allows replacing."""
+    for path in inputs:
+        if path and Path(path).exists() and _is_within(Path(path), out):
+            held = "is" if Path(path).resolve() == out.resolve() else "holds"
+            raise UserError(f"output folder {out} {held} the input {path}: writing it would delete that; choose an "
+                            "output_dir outside the inputs")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not out.is_dir() or not (out / "card.json").is_file():
+        what = "a folder" if out.is_dir() else "a file"
+        raise UserError(f"output folder {out} exists and is {what} that no data job wrote (no card.json); not "
+                        "replacing it: choose another output_dir, or move it away yourself")
+    if not overwrite:
+        raise UserError(f"output folder {out} exists; pass --overwrite true (or `overwrite: true`) to replace it")
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def check_writable(out: Path) -> None:
+    """Create and remove a hidden sibling of `out`: a read-only or full disk fails now, not after all the work."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".check", dir=out.parent))
+    except OSError as exc:
+        raise write_error(exc, out) from exc
+
+
+def write_error(exc: Exception, out: Path) -> UserError:
+    """The paragraph for a failed write of `out`: a full disk as `disk_full_error`'s, anything else naming the cause."""
+    if is_disk_full(exc):
+        return disk_full_error(exc, f"the data set {out}", out.parent, resumes=False)
+    return UserError(f"cannot write the output folder {out}: {exc.strerror or exc}"
+                     + (f" ({exc.filename})" if exc.filename else ""))
 
 
 def sha256(path: Path) -> str:
@@ -41,7 +85,7 @@ def sha256(path: Path) -> str:
 
 
 def write_output(out_dir: Path, splits: dict, rejects: list[dict], card: dict, lengths: list[int],
-                 length_unit: str, overwrite: bool) -> Path:
+                 length_unit: str, overwrite: bool, inputs=()) -> Path:
     """Write everything into a temporary sibling of `out_dir`, then rename it into place; returns `out_dir`.
 
     Args:
@@ -50,6 +94,7 @@ def write_output(out_dir: Path, splits: dict, rejects: list[dict], card: dict, l
         card (`dict`): facts for `card.json`; `splits` (rows + sha256) and `files` are filled in here.
         lengths (`list[int]`): length of every kept row, for the histogram.
         overwrite (`bool`): replace an existing `out_dir`; without it, one that appeared while building is an error.
+        inputs (*optional*): paths the job read, which `out_dir` must not be or hold (`check_output_dir`).
     """
 
     def write(tmp: Path):
@@ -64,11 +109,17 @@ def write_output(out_dir: Path, splits: dict, rejects: list[dict], card: dict, l
         card["files"] = sorted(p.name for p in tmp.iterdir()) + ["card.json", "README.md"]
         write_json(tmp / "card.json", card)
         write_text(tmp / "README.md", render_readme(card))
+        if overwrite:  # checked again: what sits at `out_dir` may have changed while the job ran
+            check_replaceable(out_dir, overwrite, inputs)
 
     try:
         return replace_dir(out_dir, write, if_exists="replace" if overwrite else "fail")
     except FileExistsError:
         raise UserError(f"output folder {out_dir} appeared while building; not replacing it") from None
+    except Exception as exc:  # pyarrow and matplotlib wrap some OSErrors of a failed write in their own types
+        if isinstance(exc, OSError) or is_disk_full(exc):
+            raise write_error(exc, out_dir) from exc
+        raise
 
 
 def length_stats(lengths: list[int]) -> dict:
@@ -149,7 +200,8 @@ def now() -> str:
 
 
 def write_generated(config, tables: dict[str, list[dict]], *, job: str, kind: str, source: dict, command: str,
-                    lengths: list[int], length_unit: str, to_dataset=None) -> Path:
+                    lengths: list[int], length_unit: str, to_dataset=None, overwrite: bool = True,
+                    inputs=()) -> Path:
     """Write rows a generator made (no input files to import): same folder layout and card as the importers'.
 
     Args:
@@ -157,6 +209,9 @@ def write_generated(config, tables: dict[str, list[dict]], *, job: str, kind: st
         tables (`dict[str, list[dict]]`): rows per split.
         source (`dict`): `name`, `path`, `license` and `notes` of what generated the rows.
         to_dataset (*optional*): rows -> `datasets.Dataset` where the default typing does not fit (e.g. images).
+        overwrite (`bool`, *optional*, defaults to `True`): replace a previous output of a job (a folder with
+            `card.json`; `check_output_dir` refuses anything else). Generators rebuild their own folder by default.
+        inputs (*optional*): paths the job read, which `output_dir` must not be or hold.
     """
     import dataclasses
 
@@ -177,7 +232,7 @@ def write_generated(config, tables: dict[str, list[dict]], *, job: str, kind: st
     }
     to_dataset = to_dataset or datasets.Dataset.from_list
     splits = {name: to_dataset(rows) for name, rows in tables.items() if rows}
-    return write_output(Path(config.output_dir), splits, [], card, lengths, length_unit, overwrite=True)
+    return write_output(Path(config.output_dir), splits, [], card, lengths, length_unit, overwrite, inputs)
 
 
 def _domains(rows: list[dict]) -> str:

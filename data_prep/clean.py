@@ -86,7 +86,9 @@ def near_dup_columns(dataset) -> tuple[str, ...]:
 def _split(dataset, keep: list[int], reasons: dict[int, str]):
     """`(kept, removed)` for the indices in `keep`; `removed` carries each row's `_reason`."""
     removed_idx = sorted(reasons)
-    removed = dataset.select(removed_idx).add_column("_reason", [reasons[i] for i in removed_idx])
+    removed = dataset.select(removed_idx)
+    if removed_idx:  # datasets cannot add a column to an empty selection of a table that `map(num_proc=2+)` made
+        removed = removed.add_column("_reason", [reasons[i] for i in removed_idx])
     return dataset.select(keep), removed
 
 

@@ -8,7 +8,9 @@ import argparse
 import dataclasses
 import difflib
 import json
+import os
 import shlex
+import signal
 import sys
 import types
 import typing
@@ -18,8 +20,8 @@ from pathlib import Path
 import yaml
 
 from posttrain import skip_final_collection
-from posttrain.configs import literal_choices
-from posttrain.errors import UserError
+from posttrain.configs import check_type, field_types, literal_choices
+from posttrain.errors import Terminated, UserError, disk_full_error, is_disk_full, terminate_on_sigterm
 
 from .registry import load_entry, split_spec
 
@@ -93,7 +95,8 @@ class DataJobConfig:
     )
     output_dir: str | None = field(default=None, metadata={"help": "Folder to write (train.parquet, test.parquet, "
                                                                    "README.md, card.json, rejects.jsonl)."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace `output_dir` if it exists."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace `output_dir` if it exists and a data job wrote "
+                                                             "it (it holds card.json)."})
     on_error: str = field(default="fail", metadata={"help": "Bad rows: `fail` stops at the first, `skip` writes "
                                                             "them to rejects.jsonl and goes on."})
     test_size: float = field(default=0.05, metadata={"help": "Held-out split: a fraction (< 1) or a row count (>= 1); "
@@ -111,8 +114,9 @@ class DataJobConfig:
     min_tokens: int | None = field(default=None, metadata={"help": "Drop rows shorter than this (needs `tokenizer`)."})
     max_tokens: int | None = field(default=None, metadata={"help": "Drop rows longer than this (needs `tokenizer`): "
                                                                    "the trainer would truncate them."})
-    decontaminate: list = field(default_factory=list, metadata={"help": "Evaluation sets (files in any supported "
-                                                                        "format) whose n-grams must not appear."})
+    decontaminate: list[str] = field(default_factory=list, metadata={"help": "Evaluation sets (files in any "
+                                                                             "supported format) whose n-grams must "
+                                                                             "not appear."})
     decontam_ngram: int = field(default=13, metadata={"help": "Word n-gram size of the decontamination check."})
     max_row_bytes: int = field(default=2_000_000, metadata={"help": "Rows larger than this are errors (a runaway "
                                                                     "generation or a broken export)."})
@@ -130,6 +134,11 @@ class DataJobConfig:
             raise UserError(f"near_dup_threshold must be in (0, 1] or null, got {self.near_dup_threshold}")
         if self.test_size < 0:
             raise UserError(f"test_size must be >= 0, got {self.test_size}")
+        counts = {"near_dup_ngram": self.near_dup_ngram, "num_perm": self.num_perm,
+                  "decontam_ngram": self.decontam_ngram, "max_row_bytes": self.max_row_bytes, "num_proc": self.num_proc}
+        for name, value in counts.items():
+            if value is not None and value < 1:
+                raise UserError(f"{name} must be >= 1, got {value}")
 
 
 @dataclass
@@ -162,11 +171,12 @@ def _as_source(value) -> SourceConfig:
             return SourceConfig(dataset_info=registry[0], name=registry[1])
         return SourceConfig(path=value)
     if isinstance(value, dict):
-        known = {f.name for f in dataclasses.fields(SourceConfig)}
-        _check_keys(value, known, "unknown source key")
+        types = field_types([SourceConfig])
+        _check_keys(value, set(types), "unknown source key")
         if "path" not in value and "dataset_info" not in value:
             raise UserError(f"source {value} has no 'path' (or `dataset_info` and `name`)")
-        return SourceConfig(**value)
+        name = value.get("name") or value.get("path") or value.get("dataset_info")
+        return SourceConfig(**{k: check_type(v, types[k], f"source {name!r}: {k}") for k, v in value.items()})
     raise UserError(f"a source is a path or a mapping with a 'path' key, got {type(value).__name__}: {value!r}")
 
 
@@ -185,7 +195,8 @@ def _flag_type(annotation):
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         annotation = args[0]
     if annotation in (list, dict) or typing.get_origin(annotation) in (list, dict):  # a dict as `key=value` items
-        return {"nargs": "*", "type": str}
+        item = typing.get_args(annotation)[0] if typing.get_origin(annotation) is list else str
+        return {"nargs": "*", "type": item if item in (int, float) else str}
     if annotation is bool:
         return {"type": _parse_bool, "nargs": "?", "const": True}
     choices = literal_choices(annotation)
@@ -237,12 +248,26 @@ def parse_config(config_cls: type, parser: argparse.ArgumentParser, argv: list[s
         if not isinstance(values, dict):
             raise UserError(f"{path}: expected a mapping of options, got {type(values).__name__}")
         _check_keys(values, {f.name for f in dataclasses.fields(config_cls)}, f"{path}: unknown option")
-    values.update(args)
+        values = checked_values(values, config_cls, f"{path}: ")
+    values.update(checked_values(args, config_cls, "--"))
     if needs_sources and not values.get("sources"):
         raise UserError("no sources: give `sources:` in the YAML or --sources PATH ...")
     if not values.get("output_dir"):
         raise UserError("no output folder: give `output_dir:` in the YAML or --output_dir DIR")
     return config_cls(**values)
+
+
+def checked_values(values: dict, config_cls: type, where: str) -> dict:
+    """`values` checked against the fields' annotations as a recipe's `data:` section is (`jobs.check_data_section`);
+    a single path or mapping where a list is expected (`sources: data.jsonl`) is a list of one."""
+    types = field_types([config_cls])
+    checked = {}
+    for key, value in values.items():
+        is_list = types[key] is list or typing.get_origin(types[key]) is list
+        if is_list and isinstance(value, (str, dict)):
+            value = [value]
+        checked[key] = check_type(value, types[key], f"{where}{key}")
+    return checked
 
 
 def command_line(prog: str, argv: list[str] | None) -> str:
@@ -252,10 +277,39 @@ def command_line(prog: str, argv: list[str] | None) -> str:
 
 
 def run(main) -> None:
-    """`python -m data_prep.<job>` entry: user mistakes print as one line, not a traceback."""
+    """`python -m data_prep.<job>` entry: user mistakes and a full disk print as one line, not a traceback.
+
+    SIGTERM becomes a KeyboardInterrupt, as Ctrl-C is, so that either unwinds the job: the hidden `.OUT.*.partial`
+    folder and the `posttrain-data-*` work folder are removed on the way out (the default SIGTERM action would end
+    the process on the spot and leave both)."""
     skip_final_collection()
+    terminate_on_sigterm()
+    os.register_at_fork(after_in_child=_worker_signals)
     try:
         sys.exit(main())
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (KeyboardInterrupt, Exception) as exc:
+        stop = _interruption(exc)
+        if stop is not None:
+            print("interrupted: nothing half-written is left; run the same command again", file=sys.stderr)
+            sys.exit(128 + stop.signum if isinstance(stop, Terminated) else 130)
+        if not (isinstance(exc, UserError) or is_disk_full(exc)):
+            raise
+        error = exc if isinstance(exc, UserError) else disk_full_error(exc, "the data job's files", resumes=False)
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def _worker_signals() -> None:
+    """In a forked worker (datasets' map pool, its queue manager): the job stops its workers as it unwinds, so Ctrl-C
+    is left to it (no traceback from each worker), and SIGTERM from the pool kills as by default (raising instead, in
+    the middle of the pool's queue locks, hangs its teardown and the job with it)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _interruption(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM behind `exc`: a library's clean-up code may raise an error of its own while one unwinds
+    it (datasets' worker pool raises TimeoutError from its `finally`)."""
+    while exc is not None and not isinstance(exc, KeyboardInterrupt):
+        exc = exc.__context__
+    return exc

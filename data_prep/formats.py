@@ -13,6 +13,7 @@ LLaMA-Factory's formats live in `llamafactory`, the record builders every conver
 """
 
 import itertools
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -266,10 +267,13 @@ def from_rated(row: dict, opts: Options) -> dict:
         if not isinstance(item, dict):
             raise RowError(f"completions[{i}]", f"is a {type(item).__name__}", "a {response, score} object")
         text = next((item[k] for k in _RESPONSE_KEYS if k in item), None)
-        score = next((item[k] for k in _SCORE_KEYS if item.get(k) is not None), None)
+        key = next((k for k in _SCORE_KEYS if item.get(k) is not None), "score")
+        score = item.get(key)
         require_str(text, f"completions[{i}].response", "a non-empty reply")
         if not isinstance(score, (int, float)) or isinstance(score, bool):
-            raise RowError(f"completions[{i}].score", f"is {score!r}", "a number")
+            raise RowError(f"completions[{i}].{key}", f"is {score!r}", "a number")
+        if not math.isfinite(score):  # NaN compares false both ways: best and worst would come out the same reply
+            raise RowError(f"completions[{i}].{key}", f"is {score}", "a finite number")
         scored.append((score, i, text))
     if len(scored) < 2:
         raise RowError("completions", f"has {len(scored)} rated response(s)", "at least two")
@@ -336,13 +340,17 @@ def resolve_format(path: str, fmt: str, rows: list) -> str:
         if fmt not in FORMATS:
             raise UserError(f"{path}: unknown format '{fmt}'; expected one of: auto, {', '.join(FORMATS)}")
         return fmt
+    if not rows:
+        raise UserError(f"{path}: no rows (empty file); expected at least one row")
+    first = next((r.row for r in rows if r.row is not None), None)
+    if first is None:  # not one row parsed: the first one's own error says why (encoding, layout, ...)
+        raise UserError(f"{rows[0].where}: {rows[0].error}")
     votes = Counter(detect(r.row) for r in rows if r.row is not None)
     votes.pop(None, None)
     if not votes:
-        first = next((r.row for r in rows if r.row is not None), None)
-        keys = ", ".join(sorted(first)) if first else "no readable row"
-        raise UserError(f"{path}: unknown format: cannot tell it from the keys ({keys}); expected the keys of one of: "
-                        f"{', '.join(FORMATS)} (see data_prep/README.md), or name it with `format:`")
+        raise UserError(f"{path}: unknown format: cannot tell it from the keys ({', '.join(sorted(first))}); expected "
+                        f"the keys of one of: {', '.join(FORMATS)} (see data_prep/README.md), or name it with "
+                        "`format:`")
     return votes.most_common(1)[0][0]
 
 

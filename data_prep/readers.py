@@ -5,10 +5,12 @@ bad line of a file and forget line numbers, and an error that says `prefs.jsonl:
 Parquet, `save_to_disk` folders and Hub datasets are typed already, so they go through pyarrow / `datasets`.
 """
 
+import codecs
 import csv
 import json
 import os
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 from posttrain.errors import UserError
 
 _BAD_BYTE = re.compile("[\udc80-\udcff]")  # what surrogateescape turns undecodable bytes into
+_CSV_DEFAULT_LIMIT = 131_072
 FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -43,9 +46,14 @@ def source_kind(path: str) -> str:
     """`jsonl`, `json`, `parquet`, `csv`, `disk` (a `save_to_disk` folder) or `hub`; a missing local path is an error."""
     local = Path(path)
     if local.is_dir():
-        if (local / "dataset_info.json").is_file() or (local / "dataset_dict.json").is_file():
+        if (local / "state.json").is_file() or (local / "dataset_dict.json").is_file():
             return "disk"
-        raise UserError(f"{path}: a folder, but not a `datasets` save_to_disk folder (no dataset_info.json)")
+        if (local / "dataset_info.json").is_file():  # LLaMA-Factory's data/ folder has one too
+            raise UserError(f"{path}: a folder with a dataset_info.json but no state.json or dataset_dict.json, so "
+                            "not a `datasets` save_to_disk folder; for LLaMA-Factory's dataset registry, name one of "
+                            f"its datasets: {local / 'dataset_info.json'}:NAME")
+        raise UserError(f"{path}: a folder, but not a `datasets` save_to_disk folder (no state.json or "
+                        "dataset_dict.json)")
     if local.suffix.lower() in FILE_TYPES:
         if not local.is_file():
             raise UserError(f"data file not found: {path}")
@@ -85,20 +93,43 @@ def _decode_line(raw: bytes, max_row_bytes: int) -> tuple[dict | None, str | Non
         return None, f"not valid JSON ({exc.msg} at column {exc.colno}); expected one complete JSON object per line"
     if not isinstance(row, dict):
         return None, f"a JSON {type(row).__name__}, not an object; expected one JSON object per line"
+    if has_lone_surrogate(text, row):
+        return None, LONE_SURROGATE
     return row, None
+
+
+LONE_SURROGATE = "holds a lone UTF-16 surrogate escape (e.g. \\ud83d without its pair); expected valid Unicode text"
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def has_lone_surrogate(text: str, row) -> bool:
+    """Whether the JSON `text` parsed into `row` holds a `\\ud83d`-style escape without its pair: json accepts it,
+    but no UTF-8 file (parquet) can store it. Only rows whose text has a surrogate escape at all are re-encoded."""
+    if not _SURROGATE_ESCAPE.search(text):
+        return False
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _read_jsonl(path: str, max_row_bytes: int) -> Iterator[RawRow]:
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
+            if line_no == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             if raw.strip():
                 row, error = _decode_line(raw.strip(), max_row_bytes)
                 yield RawRow(f"{path}:{line_no}", row, error, _excerpt(raw.strip()) if error else None)
 
 
 def _read_json(path: str, max_row_bytes: int) -> Iterator[RawRow]:
-    """A JSON array of objects (positions reported as line numbers), or JSON Lines saved under a .json name."""
-    raw = Path(path).read_bytes()
+    """A JSON array of objects (positions reported as line numbers), or JSON Lines saved under a .json name.
+
+    An array that is broken in itself (an element that does not parse, no closing `]`, content after it) is an error
+    whatever `on_error` says: from there on no element can be told apart, so rows would be lost without a trace."""
+    raw = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
     if not raw.lstrip().startswith(b"["):
         yield from _read_jsonl(path, max_row_bytes)
         return
@@ -109,50 +140,84 @@ def _read_json(path: str, max_row_bytes: int) -> Iterator[RawRow]:
         raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x}); re-save the file as UTF-8") \
             from None
     decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    while True:
-        pos = _skip(text, pos, ",")
-        if pos >= len(text) or text[pos] == "]":
-            return
+    pos = _skip(text, text.index("[") + 1)
+    while pos < len(text) and text[pos] != "]":
         line = text.count("\n", 0, pos) + 1
         try:
             row, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
-            # One broken element leaves no reliable place to resume an array: report it and stop.
-            yield RawRow(f"{path}:{line}", None, f"not valid JSON ({exc.msg}); expected a JSON array of objects")
-            return
-        if not isinstance(row, dict):
-            yield RawRow(f"{path}:{line}", None, f"a JSON {type(row).__name__}, not an object; expected objects")
-        elif end - pos > max_row_bytes:
-            yield RawRow(f"{path}:{line}", None, f"row is {end - pos:,} characters, more than max_row_bytes")
-        else:
-            yield RawRow(f"{path}:{line}", row)
-        pos = end
+            raise UserError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); expected a JSON "
+                            "array of objects (the rest of the array cannot be read)") from None
+        yield _array_element(f"{path}:{line}", text[pos:end], row, max_row_bytes)
+        pos = _skip(text, end)
+        if pos < len(text) and text[pos] == ",":
+            pos = _skip(text, pos + 1)
+        elif pos < len(text) and text[pos] != "]":
+            break  # a missing comma: reported below
+    _check_array_end(path, text, pos)
 
 
-def _skip(text: str, pos: int, extra: str) -> int:
-    while pos < len(text) and (text[pos].isspace() or text[pos] in extra):
+def _array_element(where: str, text: str, row, max_row_bytes: int) -> RawRow:
+    if not isinstance(row, dict):
+        return RawRow(where, None, f"a JSON {type(row).__name__}, not an object; expected objects")
+    if len(text) > max_row_bytes:
+        return RawRow(where, None, f"row is {len(text):,} characters, more than max_row_bytes")
+    if has_lone_surrogate(text, row):
+        return RawRow(where, None, LONE_SURROGATE)
+    return RawRow(where, row)
+
+
+def _check_array_end(path: str, text: str, pos: int) -> None:
+    """`pos` should be the closing `]` of the array, with nothing but whitespace after it."""
+    line = text.count("\n", 0, pos) + 1
+    if pos >= len(text):
+        raise UserError(f"{path}:{line}: the JSON array is not closed; expected a final ']' (a truncated file?)")
+    if text[pos] != "]":
+        raise UserError(f"{path}:{line}: {text[pos:pos + 20]!r} after an array element; expected ',' or ']'")
+    rest = _skip(text, pos + 1)
+    if rest < len(text):
+        line = text.count("\n", 0, rest) + 1
+        raise UserError(f"{path}:{line}: more content after the array's closing ']'; expected one JSON array "
+                        "(concatenated arrays: merge them into one, or write JSON Lines)")
+
+
+def _skip(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos].isspace():
         pos += 1
     return pos
 
 
 def _read_csv(path: str, max_row_bytes: int) -> Iterator[RawRow]:
     """CSV rows; cells holding JSON lists or objects (messages, conversations) are decoded."""
+    for where, record in _csv_records(path, max_row_bytes):
+        cells = "".join(v for v in record.values() if isinstance(v, str))
+        if None in record:
+            yield RawRow(where, None, "more cells than header columns; expected one cell per column")
+        elif _BAD_BYTE.search(cells):
+            yield RawRow(where, None, "not valid UTF-8; expected UTF-8 text: re-save the file as UTF-8")
+        elif len(cells) > max_row_bytes:
+            yield RawRow(where, None, f"row is more than max_row_bytes={max_row_bytes:,}")
+        else:
+            row = {k: _json_cell(v) for k, v in record.items()}
+            yield RawRow(where, None, LONE_SURROGATE) if has_lone_surrogate(cells, row) else RawRow(where, row)
+
+
+def _csv_records(path: str, max_row_bytes: int) -> Iterator[tuple[str, dict]]:
+    """(`FILE:LINE`, cells by column) for each record; a file the csv module cannot read is a UserError there."""
+    # csv refuses cells over 131,072 characters by default, but rows up to max_row_bytes are allowed (a process-wide
+    # setting, so it is set on every read). utf-8-sig: a BOM must not become part of the first column's name.
     # surrogateescape: a stray non-UTF-8 byte spoils its own row, not the whole file.
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+    csv.field_size_limit(min(max(max_row_bytes, _CSV_DEFAULT_LIMIT), sys.maxsize))
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
         line = 1
-        for record in reader:
-            where, line = f"{path}:{line + 1}", reader.line_num
-            cells = "".join(v for v in record.values() if isinstance(v, str))
-            if None in record:
-                yield RawRow(where, None, "more cells than header columns; expected one cell per column")
-            elif _BAD_BYTE.search(cells):
-                yield RawRow(where, None, "not valid UTF-8; expected UTF-8 text: re-save the file as UTF-8")
-            elif len(cells) > max_row_bytes:
-                yield RawRow(where, None, f"row is more than max_row_bytes={max_row_bytes:,}")
-            else:
-                yield RawRow(where, {k: _json_cell(v) for k, v in record.items()})
+        try:
+            for record in reader:
+                yield f"{path}:{line + 1}", record
+                line = reader.line_num
+        except csv.Error as exc:
+            raise UserError(f"{path}:{line + 1}: not readable as CSV ({exc}); expected comma-separated cells, "
+                            f"each at most max_row_bytes={max_row_bytes:,} characters") from None
 
 
 def _json_cell(value: str | None):
@@ -187,7 +252,10 @@ def _read_dataset(path: str, kind: str, split: str, subset: str | None) -> Itera
 def load_disk(path: str, split: str):
     from datasets import DatasetDict, load_from_disk
 
-    dataset = load_from_disk(path)
+    try:
+        dataset = load_from_disk(path)
+    except Exception as exc:  # a missing .arrow file, a broken state.json...: datasets' own types, or OSError
+        raise UserError(f"{path}: not a readable save_to_disk folder ({type(exc).__name__}: {exc})") from None
     if isinstance(dataset, DatasetDict):
         if split not in dataset:
             raise UserError(f"{path}: no split '{split}' (has: {', '.join(dataset)}); set the source's `split`")

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from posttrain.configs import check_type
 from posttrain.errors import UserError
 
 REGISTRY_NAME = "dataset_info.json"
@@ -70,6 +71,7 @@ def load_entry(registry: str, name: str) -> RegistryEntry:
     if name not in entries:
         raise UserError(f"{registry}: no dataset '{name}'; it has: {', '.join(entries) or 'none'}")
     entry, where = entries[name], f"{registry}: dataset '{name}'"
+    check_entry(entry, where)
     folder = Path(registry).parent
     if entry.get("file_name"):
         path = str(folder / entry["file_name"])
@@ -92,6 +94,21 @@ def load_entry(registry: str, name: str) -> RegistryEntry:
         fmt = "preference" if ranking else "unpaired" if kto else "alpaca"
         remap = _alpaca_remap(columns, ranking, kto)
     return RegistryEntry(name, path, fmt, remap, folder, entry.get("split", "train"), entry.get("subset"))
+
+
+# The entry keys we read, as LLaMA-Factory types them; `columns` and `tags` map names to names.
+ENTRY_TYPES = {"file_name": str | None, "hf_hub_url": str | None, "formatting": str | None, "ranking": bool | None,
+               "columns": dict | None, "tags": dict | None, "split": str | None, "subset": str | None}
+
+
+def check_entry(entry: dict, where: str) -> None:
+    """Raise a UserError naming the entry and the key whose value is of the wrong type."""
+    for key, annotation in ENTRY_TYPES.items():
+        check_type(entry.get(key), annotation, f"{where}: `{key}`")
+    for key in ("columns", "tags"):
+        for name, value in (entry.get(key) or {}).items():
+            if not isinstance(value, str):
+                raise UserError(f"{where}: `{key}.{name}` is {value!r}; expected a string (a column or tag name)")
 
 
 def _copy(row: dict, out: dict, columns: dict, keys) -> dict:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UserError
+from .childproc import die_with_parent
+from .errors import Terminated, UserError
 
 JOBS = [sys.executable, "-m", "data_prep.jobs"]
 
@@ -54,7 +55,7 @@ def run_command(job: str, argv: list[str]) -> int:
     listed = list_jobs()
     if job not in listed["jobs"] + listed["tools"]:
         raise UserError(f"posttrain data: '{job}' is not a data_prep job; the jobs are: {', '.join(listed['jobs'])}")
-    return subprocess.call([*JOBS, job, *argv])
+    return _wait(subprocess.Popen([*JOBS, job, *argv], preexec_fn=die_with_parent()))
 
 
 def run_job(job: str, args: dict, out: str | Path) -> None:
@@ -62,8 +63,24 @@ def run_job(job: str, args: dict, out: str | Path) -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
         yaml.safe_dump({**args, "output_dir": str(out)}, handle)
     try:
-        code = subprocess.call([*JOBS, job, "--config", handle.name])
+        code = _wait(subprocess.Popen([*JOBS, job, "--config", handle.name], preexec_fn=die_with_parent()))
     finally:
         Path(handle.name).unlink(missing_ok=True)
     if code:
         raise UserError(f"data job '{job}' failed with exit code {code} (its error is printed above)")
+
+
+def _wait(process: subprocess.Popen, grace_s: float = 30.0) -> int:
+    """The job's exit code. Interrupted, it is given `grace_s` to clean up (its partial output and work folders)
+    rather than `subprocess.call`'s SIGKILL: Ctrl-C reached it as well (same process group); SIGTERM is passed on."""
+    try:
+        return process.wait()
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Terminated):
+            process.send_signal(exc.signum)
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        raise
