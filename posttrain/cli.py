@@ -274,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")
         return 2
     except KeyboardInterrupt as exc:
-        console.print("[yellow]interrupted[/yellow]: run the same command again to resume from the last checkpoint")
+        then = ("resume from the last checkpoint" if args.command in ("run", "ablate") else
+                "start over (nothing half-written was kept)")
+        console.print(f"[yellow]interrupted[/yellow]: run the same command again to {then}")
         return 128 + exc.signum if isinstance(exc, Terminated) else 130
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -18,6 +19,37 @@ from pathlib import Path
 
 def _sibling(path: Path, kind: str) -> Path:
     return path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.{kind}"
+
+
+_LEFTOVER = re.compile(r"^\..+\.(\d+)-[0-9a-f]{8}\.(partial|old|tmp)$")  # what `_sibling` names
+
+
+def remove_leftovers(folder: str | Path) -> list[Path]:
+    """Remove the temporary siblings (`_sibling`) that writers killed mid-write left under `folder` (SIGKILL gives
+    them no chance to clean up: a half-written merged export or data set is gigabytes for a real model), those of
+    processes no longer running; returns what was removed. For a folder only this process writes into, such as a
+    run folder under its `RunLock`."""
+    removed = []
+    for path in sorted(Path(folder).rglob(".*"), key=lambda p: len(p.parts)):
+        match = _LEFTOVER.match(path.name)
+        if not match or any(parent in removed for parent in path.parents) or _running(int(match.group(1))):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -32,7 +32,7 @@ from .childproc import LAUNCHER, describe, spawn
 from .configs import EVAL_KEYS, StageArguments
 from .console import console
 from .errors import Terminated, UserError, disk_full_error, is_disk_full
-from .io import moved_aside, read_json, write_json, write_text
+from .io import moved_aside, read_json, remove_leftovers, write_json, write_text
 from .nodes import Coordinator, explain_failure
 from .promotion import GateStopped, blocks_chain, promotion
 from .recipe import Recipe
@@ -141,6 +141,8 @@ class Pipeline:
         check_recipe_files(self.recipe)
         lock = RunLock(self.root).acquire(say=lambda text: console.print(f"[yellow]{text}[/yellow]"))
         try:
+            for path in remove_leftovers(self.root):
+                console.print(f"[yellow]removed {path}, left half-written by a process that was killed[/yellow]")
             self.state = read_json(self.state_path)
             return self._run(only, start, stop_before, until)
         except KeyboardInterrupt as exc:

@@ -286,3 +286,15 @@ def test_a_full_disk_during_export_is_one_paragraph(run, tmp_path, monkeypatch, 
     code, printed = export(run, "--out", tmp_path / "out", capsys=capsys)
     assert code == 2 and "no space left on" in printed and "needed for the export" in printed
     assert "checkpoint" not in printed and not (tmp_path / "out").exists()
+
+
+def test_an_interrupted_export_says_to_start_over_not_to_resume(run, tmp_path, monkeypatch, capsys):
+    from posttrain import export as export_module
+
+    def interrupted(ref, tmp):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_module, "write_adapter", interrupted)
+    code, printed = export(run, "--out", tmp_path / "out", capsys=capsys)
+    assert code == 130 and "start over" in printed and "checkpoint" not in printed
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []

@@ -587,3 +587,23 @@ def test_a_steps_process_ends_when_the_run_that_started_it_is_killed(tmp_path):
     else:
         os.kill(pid, signal.SIGKILL)
         pytest.fail("the step's process outlived the run that started it")
+
+
+def test_what_a_killed_writer_left_half_written_is_removed_by_the_next_run(pipeline):
+    """A merged export or a data set whose writer was SIGKILLed stays behind as a hidden temporary sibling; the next
+    run of the folder (holding its lock) removes those of processes that are gone, and keeps everything else."""
+    from posttrain.io import remove_leftovers
+
+    root = pipeline.root
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    left = [root / "exports" / f".upo-merged.{dead}-0123abcd.partial", root / "data" / f".pairs.{dead}-89abcdef.old"]
+    for folder in left:
+        (folder / "sub").mkdir(parents=True)
+        (folder / "sub" / "model.safetensors").write_bytes(b"x" * 10)
+    kept = [root / ".sft.partial", root / "data" / f".pairs.{os.getpid()}-0123abcd.old", root / "data" / "pairs"]
+    for folder in kept:
+        folder.mkdir(parents=True)
+    (root / f".run.json.{dead}-aaaabbbb.tmp").write_text("{")
+    assert sorted(remove_leftovers(root)) == sorted([*left, root / f".run.json.{dead}-aaaabbbb.tmp"])
+    assert all(folder.is_dir() for folder in kept) and not any(folder.exists() for folder in left)
