@@ -6,6 +6,7 @@ thinks (`<think>…</think>` then the answer), False prefills an empty think blo
 default. TRL's SFTTrainer reads per-row template switches from `chat_template_kwargs`, so we derive that column here.
 """
 
+import json
 from pathlib import Path
 
 from .errors import UserError
@@ -123,6 +124,33 @@ def with_template_kwargs(dataset):
         return {"chat_template_kwargs": {} if thinking is None else {"enable_thinking": bool(thinking)}}
 
     return dataset.map(add)
+
+
+def row_thinking(row: dict) -> bool | None:
+    """A row's thinking mode: its `thinking` column, else TRL's per-row `chat_template_kwargs`, else None (the
+    template's default)."""
+    if row.get("thinking") is not None:
+        return row["thinking"]
+    return (row.get("chat_template_kwargs") or {}).get("enable_thinking")
+
+
+def is_data_file(name_or_path: str) -> bool:
+    """Whether a dataset name is one local data file, which holds one split: any split name reads the whole file."""
+    return Path(name_or_path).suffix in _FILE_BUILDERS
+
+
+def reply_text(completion) -> str:
+    """All of a reply, for telling two replies apart: a string, or its messages' contents with their tool calls (a
+    reply that only calls a tool has no content)."""
+    if isinstance(completion, list):
+        parts = []
+        for message in completion:
+            if not isinstance(message, dict):
+                raise TypeError(f"unexpected message: {type(message).__name__}")
+            calls = message.get("tool_calls")
+            parts.append(str(message.get("content") or "") + (json.dumps(calls, sort_keys=True) if calls else ""))
+        return "\n".join(parts)
+    return completion_text(completion)
 
 
 def completion_text(completion) -> str:

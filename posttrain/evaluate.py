@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import devices
 from .configs import EvalArguments, Precision
-from .data import completion_text, render_prompt
+from .data import completion_text, render_prompt, row_thinking
 from .errors import UserError, is_out_of_memory, what_ran_out
 from .io import write_json
 from .models import sampling_weights, vision
@@ -193,7 +193,9 @@ def preference_eval(model, tokenizer, pairs: list[dict], dtype: str = "float32")
     Scored in `dtype` as `evaluate` scores its held-out loss (bf16: about half the time of float32 on CPU)."""
     was_training = model.training
     model.eval()
-    prompts = [render_prompt(tokenizer, p["prompt"], p.get("thinking")) for p in pairs]
+    # text pairs are scored as TRL trains them: prompt, then reply and EOS; conversations in each row's thinking mode
+    prompts = [p["prompt"] if isinstance(p["prompt"], str) else render_prompt(tokenizer, p["prompt"], row_thinking(p))
+               for p in pairs]
     eos, images = vision.text_tokenizer(tokenizer).eos_token, _images(pairs)
     replies = [completion_text(p[side]) + eos for side in ("chosen", "rejected") for p in pairs]
     with autocast(model, dtype):

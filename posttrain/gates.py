@@ -198,10 +198,11 @@ def check_collated_labels(trainer, eos_token_id: int, samples: int = 8) -> dict:
 
 
 def check_preference_pairs(dataset, name: str, tokenizer=None, max_length: int | None = None,
-                           allow_skip: bool = False):
-    """Bad pairs are an error naming the row, or a counted skip when allowed: an empty side, chosen == rejected, or a
-    prompt so long that truncation to `max_length` would leave no reply token to learn from."""
-    from .data import render_prompt
+                           allow_skip: bool = False, truncation_mode: str = "keep_start"):
+    """Bad pairs are an error naming the row, or a counted skip when allowed: an empty side, chosen == rejected (tool
+    calls included), or a prompt so long that truncation to `max_length` would leave no reply token to learn from
+    (`keep_start` truncation, TRL's default; `keep_end` keeps the reply)."""
+    from .data import render_prompt, row_thinking
 
     missing = [c for c in ("prompt", "chosen", "rejected") if c not in dataset.column_names]
     if missing:
@@ -218,9 +219,9 @@ def check_preference_pairs(dataset, name: str, tokenizer=None, max_length: int |
             reason = f"\"{'chosen' if not chosen else 'rejected'}\" is empty; expected a non-empty reply"
         elif chosen == rejected:
             reason = "chosen == rejected; expected two different replies"
-        elif tokenizer is not None and max_length:
+        elif tokenizer is not None and max_length and truncation_mode == "keep_start":
             prompt = row["prompt"]
-            text = render_prompt(tokenizer, prompt, row.get("thinking")) if isinstance(prompt, list) else prompt
+            text = render_prompt(tokenizer, prompt, row_thinking(row)) if isinstance(prompt, list) else prompt
             length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
             if length >= max_length:
                 reason = (f"the prompt is {length} tokens, so max_length={max_length} would cut every reply token; "
@@ -235,10 +236,10 @@ def check_preference_pairs(dataset, name: str, tokenizer=None, max_length: int |
 
 
 def _reply(completion) -> str | None:
-    from .data import completion_text
+    from .data import reply_text
 
     try:
-        return completion_text(completion).strip()
+        return reply_text(completion).strip()
     except TypeError:
         return None
 

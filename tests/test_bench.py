@@ -512,6 +512,26 @@ def test_lora_update_inside_the_matmul_gives_peft_s_outputs_and_gradients(tiny_m
     assert not any("forward" in vars(m) for m in model.modules())
 
 
+def test_dropout_turned_off_by_trl_keeps_the_fast_lora_paths(tiny_model_path):
+    """An adapter trained with dropout (PEFT's default 0.05), continued in DPO or UPO: TRL's `disable_dropout` sets
+    its Dropout's p to 0 rather than replacing it, and such a layer takes the fused path like one without dropout."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.models import fused_lora
+    from posttrain.models.precision import no_dropout
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path("llama")),
+                           LoraConfig(r=4, lora_dropout=0.05, target_modules="all-linear"))
+    layer = next(m for n, m in model.named_modules() if n.endswith("q_proj"))
+    x = torch.randn(1, 3, layer.in_features)
+    assert not fused_lora._fused(layer, x, (), {})
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # what trl.trainer.utils.disable_dropout_in_model does
+    assert no_dropout(layer.lora_dropout["default"]) and fused_lora._fused(layer, x, (), {})
+
+
 def test_lora_layers_with_hooks_or_variants_keep_peft_s_forward(tiny_model_path):
     """A LoRA layer whose base layer runs a hook (accelerate's offloading, say) is left to PEFT: the fused path reads
     the base weight directly and would skip it. So is a LoRA variant (DoRA)."""

@@ -148,6 +148,36 @@ def test_pair_gates_name_the_row(tiny_model_path):
                                       "rejected": [{"role": "assistant", "content": "b"}]}])
     with pytest.raises(UserError, match="max_length=64 would cut every reply token"):
         check_preference_pairs(long_prompt, "p", tokenizer, max_length=64)
+    # `keep_end` truncation keeps the reply: TRL trains such a pair
+    assert len(check_preference_pairs(long_prompt, "p", tokenizer, max_length=64, truncation_mode="keep_end")[0]) == 1
+
+
+def test_pairs_that_differ_only_in_their_tool_calls_are_two_replies():
+    """A reply that only calls a tool has no content, and two replies with the same words may call different tools:
+    the chat template trains both as different sequences, so the gate compares whole replies."""
+    def call(name):
+        return [{"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+            "name": name, "arguments": {"city": "Paris"}}}]}]
+
+    prompt = [{"role": "user", "content": "Weather in Paris?"}]
+    pairs = Dataset.from_list([{"prompt": prompt, "chosen": call("get_weather"), "rejected": call("get_time")}])
+    assert len(check_preference_pairs(pairs, "p")[0]) == 1
+    same = Dataset.from_list([{"prompt": prompt, "chosen": call("get_weather"), "rejected": call("get_weather")}])
+    with pytest.raises(UserError, match="chosen == rejected"):
+        check_preference_pairs(same, "p")
+
+
+def test_held_out_pairs_from_a_single_file_are_refused(tiny_model_path, tmp_path):
+    """One data file holds one split: any split name reads all of it, so "test" pairs would be the training pairs."""
+    from trl import DPOConfig, ModelConfig
+
+    path = tiny_model_path("llama")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    stage_args = StageArguments(dataset_name=str(pairs), dataset_test_split="test", tokenizer_name_or_path=str(path))
+    training = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=1, report_to="none", bf16=False, use_cpu=True)
+    with pytest.raises(UserError, match="is one data file, whose every split is the whole file"):
+        dpo.main(stage_args, training, ModelConfig(model_name_or_path=str(path)))
 
 
 def test_dpo_on_a_bf16_base_continues_the_adapter_in_float32(tiny_model_path, sft_adapter, tmp_path):

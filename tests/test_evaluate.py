@@ -263,6 +263,27 @@ def test_preference_eval_detects_the_preferred_reply(tiny_model_path):
     assert bf16["mean_logp_margin"] == pytest.approx(result["mean_logp_margin"], rel=0.05)
 
 
+def test_preference_eval_scores_pairs_in_the_context_they_train_in(tiny_model_path, monkeypatch):
+    """Text prompts are used as they are (TRL's text path: prompt, reply, EOS), and a row's thinking mode may come
+    from TRL's own `chat_template_kwargs` column as well as from `thinking`."""
+    from posttrain import evaluate as evaluate_module
+    from posttrain.data import render_prompt
+
+    path = tiny_model_path("llama")
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    seen = []
+    scored = evaluate_module.completion_logps
+    monkeypatch.setattr(evaluate_module, "completion_logps",
+                        lambda model, tokenizer, prompts, *args, **kwargs: seen.extend(prompts)
+                        or scored(model, tokenizer, prompts, *args, **kwargs))
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    pairs = [{"prompt": "Q: 2 + 3?\nA:", "chosen": " 5", "rejected": " 6"},
+             {"prompt": messages, "chosen": "5", "rejected": "6", "chat_template_kwargs": {"enable_thinking": False}}]
+    assert preference_eval(model, tokenizer, pairs)["n"] == 2
+    assert seen[:2] == ["Q: 2 + 3?\nA:", render_prompt(tokenizer, messages, False)]
+    assert render_prompt(tokenizer, messages, False) != render_prompt(tokenizer, messages, None)
+
+
 def test_onpolicy_pairs_job(tiny_model_path, task_data, tmp_path):
     from data_prep.build_onpolicy_pairs import main
 

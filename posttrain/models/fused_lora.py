@@ -22,6 +22,8 @@ unmeasured) goes to PEFT's own forward.
 import contextlib
 import functools
 
+from .precision import no_dropout
+
 
 def _plain(layer) -> bool:
     """A LoRA linear layer over an `nn.Linear` whose own modules run nothing of their own around their forward (the
@@ -44,7 +46,7 @@ def _fused(layer, x, args, kwargs) -> bool:
     name = layer.active_adapters[0]
     if name not in layer.lora_A or name in layer.lora_variant:
         return False
-    if not isinstance(layer.lora_dropout[name], torch.nn.Identity) or layer.lora_B[name].bias is not None:
+    if not no_dropout(layer.lora_dropout[name]) or layer.lora_B[name].bias is not None:
         return False
     if x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
         return False

@@ -68,7 +68,7 @@ def lora_inputs_uncast(model):
 
     def plain(module) -> bool:
         return (isinstance(module, LoraLinear) and not getattr(module, "lora_variant", None)
-                and all(isinstance(d, torch.nn.Identity) for d in module.lora_dropout.values()))
+                and all(no_dropout(d) for d in module.lora_dropout.values()))
 
     def decide(module, args, kwargs):
         x = args[0] if args else kwargs.get("x")
@@ -84,6 +84,14 @@ def lora_inputs_uncast(model):
             hook.remove()
         for module, value in before:
             module.cast_input_dtype_enabled = value
+
+
+def no_dropout(module) -> bool:
+    """A LoRA layer's dropout that drops nothing: PEFT's Identity for `lora_dropout: 0`, or a Dropout whose p TRL's
+    `disable_dropout` set to 0 (a previous stage's adapter trained with dropout)."""
+    import torch
+
+    return isinstance(module, torch.nn.Identity) or (isinstance(module, torch.nn.Dropout) and module.p == 0)
 
 
 def bf16_autocast(model, merge_lora: bool = False):

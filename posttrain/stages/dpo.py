@@ -18,14 +18,15 @@ import time
 
 from .. import gates
 from ..configs import StageArguments
-from ..data import load_split, with_template_kwargs
+from ..data import is_data_file, load_split, with_template_kwargs
+from ..errors import UserError
 from ..models import vision
 from . import common
 
 DPO_COLUMNS = {"prompt", "chosen", "rejected", "chat_template_kwargs", "images", "tools"}
 
 
-def load_pairs(stage_args, split: str, tokenizer, max_length: int | None):
+def load_pairs(stage_args, split: str, tokenizer, max_length: int | None, truncation_mode: str = "keep_start"):
     dataset = load_split(stage_args.dataset_name, split, stage_args.dataset_config)
     name = f"{stage_args.dataset_name} ({split})"
     skipped = 0
@@ -33,7 +34,8 @@ def load_pairs(stage_args, split: str, tokenizer, max_length: int | None):
     if stage_args.preflight:
         # Image prompts: text length says little about token length; the image-token gate checks truncation instead
         dataset, skipped = gates.check_preference_pairs(dataset, name, None if images else tokenizer, max_length,
-                                                        allow_skip=stage_args.skip_bad_rows)
+                                                        allow_skip=stage_args.skip_bad_rows,
+                                                        truncation_mode=truncation_mode)
         if images:
             gates.check_image_slots(dataset, name)
     return vision.decode_images(dataset), skipped
@@ -48,13 +50,21 @@ def main(stage_args: StageArguments, training_args, model_args):
     started = time.time()
     common.set_threads()
     model, tokenizer, peft_config = common.load_policy(stage_args, training_args, model_args)
-    train, skipped = load_pairs(stage_args, stage_args.dataset_train_split, tokenizer, training_args.max_length)
+    truncation = getattr(training_args, "truncation_mode", "keep_start")
+    if stage_args.dataset_test_split and is_data_file(stage_args.dataset_name):
+        raise UserError(f"dataset_test_split: '{stage_args.dataset_test_split}', but dataset_name "
+                        f"{stage_args.dataset_name} is one data file, whose every split is the whole file: the "
+                        "held-out pairs would be the training pairs. Give a folder with train and test splits "
+                        "(build_preference_set writes one), or drop dataset_test_split")
+    train, skipped = load_pairs(stage_args, stage_args.dataset_train_split, tokenizer, training_args.max_length,
+                                truncation)
     if stage_args.max_train_samples:
         train = train.select(range(min(stage_args.max_train_samples, len(train))))
     train = with_template_kwargs(train)  # once: the trainer and the prompt-boundary gate read the same rows
     heldout = None
     if stage_args.dataset_test_split:
-        heldout, _ = load_pairs(stage_args, stage_args.dataset_test_split, tokenizer, training_args.max_length)
+        heldout, _ = load_pairs(stage_args, stage_args.dataset_test_split, tokenizer, training_args.max_length,
+                                truncation)
     images = vision.has_images(train)
     # TRL (1.16) turns its own padding-free DPO off; the stage packs the padded batches itself
     packed, training_args.padding_free = training_args.padding_free and not images, False
