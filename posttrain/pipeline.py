@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from . import lineage
-from .checkpoints import finished_problem, resume_point
+from .checkpoints import finished_problem, remove_incomplete, resume_point
 from .childproc import LAUNCHER, describe, spawn
 from .configs import EVAL_KEYS, StageArguments
 from .console import console
@@ -153,6 +153,9 @@ class Pipeline:
         except Exception as exc:
             disk_full = is_disk_full(exc) and not isinstance(exc, UserError)
             error = disk_full_error(exc, f"the run's files in {self.root}") if disk_full else exc
+            if is_disk_full(exc):  # a stage stopped mid-save: its unmarked checkpoint frees the space run.json needs
+                for partial in self.root.glob(".*.partial"):
+                    remove_incomplete(partial)
             self._end_run("failed", str(error))
             if error is exc:
                 raise
