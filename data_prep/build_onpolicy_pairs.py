@@ -40,6 +40,9 @@ PROG = "posttrain data build_onpolicy_pairs"
 class OnPolicyPairsConfig:
     model_name_or_path: str = field(default=None, metadata={"help": "Base model folder (or Hub id) to sample from."})
     adapter_path: str | None = field(default=None, metadata={"help": "LoRA adapter applied on the base model."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run the model's own code from its folder "
+                                                                     "(`posttrain run` sets it from the recipe's "
+                                                                     "base.trust_remote_code)."})
     tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer folder (default: the adapter's, else "
                                                                   "the model's); its chat template renders prompts."})
     prompts: str = field(default=None, metadata={"help": "Prompt rows (prompt/answer/domain/thinking): a data_prep "
@@ -178,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = resolve_model(config.model_name_or_path)
     if config.adapter_path:
         adapter_folder(config.adapter_path, "--adapter_path")
-    tokenizer = load_tokenizer(config.tokenizer or config.adapter_path or model_dir)
-    model = load_for_inference(model_dir, adapter=config.adapter_path, precision=config.dtype)
+    tokenizer = load_tokenizer(config.tokenizer or config.adapter_path or model_dir,
+                               trust_remote_code=config.trust_remote_code)
+    model = load_for_inference(model_dir, adapter=config.adapter_path, precision=config.dtype,
+                               trust_remote_code=config.trust_remote_code)
     tables = {split: sample_pairs(model, tokenizer, rows, config) for split, rows in prompts.items()}
     if not tables["train"]:
         raise UserError(f"{PROG}: no prompt gave a pair with reward gap >= {config.margin}: every group of "

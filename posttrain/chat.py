@@ -38,14 +38,16 @@ def reply(model, tokenizer, messages: list[dict], out: TextIO, thinking: bool | 
     import torch
 
     from .data import render_prompt
+    from .models import vision
 
     prompt = render_prompt(tokenizer, messages, thinking)
-    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+    text = vision.text_tokenizer(tokenizer)  # a vision-language model's processor: chat in text, with its tokenizer
+    inputs = text(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                streamer=make_streamer(tokenizer, out))
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+                                eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id,
+                                streamer=make_streamer(text, out))
+    return text.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def chat_loop(model, tokenizer, lines: Iterable[str], out: TextIO, thinking: bool | None = None,
@@ -106,15 +108,15 @@ def load_stage(run: str, stage: str | None, dtype: str | None = None):
     from .runs import stage_ref
 
     ref = stage_ref(run, stage)
+    ref.check_base_model()
     cuda = torch.cuda.is_available()
     dtype = dtype or ("bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32")
-    model = load_model(ref.base_model, adapter=ref.adapter, dtype=dtype,
-                       trust_remote_code=bool(ref.resolved.get("trust_remote_code")))
+    model = load_model(ref.base_model, adapter=ref.adapter, dtype=dtype, trust_remote_code=ref.trust_remote_code)
     model.to("cuda" if cuda else "cpu").eval()
     config = model.config.get_text_config()
     if getattr(config, "output_router_logits", False):  # MoE aux loss inside generate() fails (see evaluate.py)
         config.output_router_logits = False
-    tokenizer = load_tokenizer(ref.tokenizer)
+    tokenizer = load_tokenizer(ref.tokenizer, trust_remote_code=ref.trust_remote_code)
     if not tokenizer.chat_template:
         raise UserError(f"{ref.tokenizer}: the tokenizer has no chat template, so there is no way to format a chat")
     return model, tokenizer, ref

@@ -88,15 +88,17 @@ def cmd_eval(args) -> int:
     given = given_fields(args, EvalArguments)
     if args.run:
         ref, settings = eval_target(args.run, args.stage, given)
-        model, tokenizer, adapter = ref.base_model, ref.tokenizer, args.adapter or ref.adapter
+        ref.check_base_model()
+        model, tokenizer, adapter, remote = ref.base_model, ref.tokenizer, args.adapter or ref.adapter, \
+            ref.trust_remote_code
     elif args.model and given.get("dataset"):
         settings = EvalArguments(**given)
-        model, tokenizer, adapter = args.model, None, args.adapter
+        model, tokenizer, adapter, remote = args.model, None, args.adapter, False
     else:
         raise UserError("give a run folder (posttrain eval outputs/<run>) or --model and --dataset")
     if args.out:
         make_folder(Path(args.out).parent, "the folder for --out")
-    metrics = run_saved(settings, model, tokenizer, adapter, args.out)
+    metrics = run_saved(settings, model, tokenizer, adapter, args.out, trust_remote_code=remote)
     if args.out:
         from .stats import format_eval_accuracy
 

@@ -334,7 +334,7 @@ def run(settings: EvalArguments, model, tokenizer, rows: list[dict] | None = Non
 
 
 def run_saved(settings: EvalArguments, model: str, tokenizer: str | None = None, adapter: str | None = None,
-              out: str | Path | None = None) -> dict:
+              out: str | Path | None = None, trust_remote_code: bool = False) -> dict:
     """`run` on `model` (a folder, a cached Hub id or `tiny:<arch>`, as a recipe names it; + LoRA `adapter`); the
     metrics, also written as JSON to `out` when given. The dataset, the model and the adapter are checked before
     anything loads, so a wrong path is a one-line error rather than a traceback after the model load."""
@@ -344,8 +344,9 @@ def run_saved(settings: EvalArguments, model: str, tokenizer: str | None = None,
     model_dir = resolve_model(str(model))
     if adapter is not None:
         adapter_folder(adapter)
-    model = load_for_inference(model_dir, adapter=adapter, precision=settings.dtype)
-    metrics = run(settings, model, load_tokenizer(tokenizer or model_dir), rows)
+    model = load_for_inference(model_dir, adapter=adapter, precision=settings.dtype,
+                               trust_remote_code=trust_remote_code)
+    metrics = run(settings, model, load_tokenizer(tokenizer or model_dir, trust_remote_code=trust_remote_code), rows)
     if out is not None:
         write_json(out, metrics)
     return metrics
@@ -362,9 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer")
     parser.add_argument("--adapter")
     parser.add_argument("--out", required=True, help="write the metrics JSON here")
+    parser.add_argument("--trust-remote-code", action="store_true", help="the recipe's base.trust_remote_code")
     args = parser.parse_args(argv)
     settings = EvalArguments(**json.loads(Path(args.settings).read_text()))
-    run_saved(settings, args.model, args.tokenizer, args.adapter, args.out)
+    run_saved(settings, args.model, args.tokenizer, args.adapter, args.out, args.trust_remote_code)
     return 0
 
 

@@ -73,6 +73,7 @@ def run_export(request: ExportRequest) -> Path:
     if dtype is None:
         raise UserError(f"--dtype {request.dtype}: choose one of {', '.join(sorted(set(DTYPES)))}")
     _check_adapter_folder(ref)
+    ref.check_base_model()
     out = Path(request.out) if request.out else ref.run / "exports" / (f"{ref.stage}-merged" if request.merge
                                                                          else ref.stage)
     if out.exists() and not request.overwrite:
@@ -191,7 +192,7 @@ def write_merged(ref, out: Path, dtype: str) -> dict:
 
     from .models import load_model
 
-    model = load_model(ref.base_model, adapter=ref.adapter, dtype="float32")
+    model = load_model(ref.base_model, adapter=ref.adapter, dtype="float32", trust_remote_code=ref.trust_remote_code)
     _refuse_lora_on_tied_embeddings(model, ref)
     probe = probe_batch(ref.tokenizer)
     reference = _logits(model, probe)
@@ -209,7 +210,8 @@ def write_merged(ref, out: Path, dtype: str) -> dict:
         # 16-bit weights and activations alone move the logits by about as much as merging does (~3% in bf16 on
         # SmolLM2's 30 layers): allow twice what the unmerged adapter-on-base gives when run in the same dtype.
         gc.collect()
-        unmerged = relative_error(_logits(load_model(ref.base_model, adapter=ref.adapter, dtype=dtype), probe),
+        unmerged = relative_error(_logits(load_model(ref.base_model, adapter=ref.adapter, dtype=dtype,
+                                                      trust_remote_code=ref.trust_remote_code), probe),
                                   reference, probe["attention_mask"])
         tolerance = 2 * unmerged + TOLERANCE
         checks["unmerged_relative_error_in_dtype"] = unmerged
@@ -261,7 +263,8 @@ def compare_adapter_reload(ref, out: Path) -> dict:
     """The exported adapter on the base gives exactly the stage's logits, and differs from the bare base."""
     from .models import load_model
 
-    model = load_model(ref.base_model, adapter=ref.adapter, adapter_name="stage", dtype="float32")
+    model = load_model(ref.base_model, adapter=ref.adapter, adapter_name="stage", dtype="float32",
+                       trust_remote_code=ref.trust_remote_code)
     model.load_adapter(str(out), adapter_name="exported")
     probe = probe_batch(ref.tokenizer)
     model.set_adapter("stage")

@@ -9,6 +9,7 @@ pairs. The checks use the trainer's own tokenized data and collator where they c
 import logging
 
 from .errors import UserError
+from .models.vision import message_text
 
 logger = logging.getLogger("posttrain")
 
@@ -63,7 +64,7 @@ def check_conversations(dataset, name: str) -> None:
         if not replies:
             raise UserError(f"pre-flight: {name} row {index}: no assistant turn; expected at least one reply to train on")
         for turn, message in enumerate(replies, 1):
-            if not (message.get("content") or "").strip() and not message.get("tool_calls"):
+            if not message_text(message.get("content")).strip() and not message.get("tool_calls"):
                 raise UserError(
                     f"pre-flight: {name} row {index}: assistant turn {turn} is empty; expected a non-empty reply"
                 )

@@ -232,6 +232,8 @@ class Pipeline:
             if spec.get("after") != after:
                 continue
             args = self.local_paths(self.substitute({k: v for k, v in spec.items() if k not in ("job", "after")}))
+            if spec["job"] == "build_onpolicy_pairs" and self.recipe.base.trust_remote_code:
+                args.setdefault("trust_remote_code", True)  # it loads the recipe's base model
             upstream = json.loads((self.root / after / "lineage.json").read_text())["inputs_hash"] if after else None
             digest = self.digest({"job": spec["job"], "args": args, "after": upstream, "reads": read_files(args)})
             out, stamp = self.data_path(name), self.data_path(name).with_suffix(".inputs")
@@ -284,6 +286,8 @@ class Pipeline:
                str(self.base_model), "--tokenizer", str(self.root / "base" / "tokenizer"), "--out", str(result)]
         if adapter is not None:
             cmd += ["--adapter", str(adapter)]
+        if self.recipe.base.trust_remote_code:
+            cmd.append("--trust-remote-code")
         what = f"the {step} adapter" if adapter is not None else "the base model"
         console.print(f"evaluating {what} on {settings.dataset} ({settings.split})…")
         self._spawn(cmd, out / f"{step}.eval.log" if adapter is not None else out / "base.log", step)

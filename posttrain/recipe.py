@@ -164,6 +164,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     if modality not in ("text", "vision"):
         raise UserError(f"{where}: modality: '{modality}' is not one of text, vision")
     base = _build(BaseModelArguments, raw["base"], f"{where}: base")
+    if base.chat_template and base.chat_template.endswith(".jinja"):  # a template file beside the recipe
+        base = dataclasses.replace(base, chat_template=str(resolve_relative(base.chat_template, path)))
     evaluation = _build(EvalArguments, raw.get("eval") or {}, f"{where}: eval")  # eval.dtype: a `Precision`
     stages = _check_stages(raw, where)
     gates = _gates(raw, list(stages), where)

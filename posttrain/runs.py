@@ -29,6 +29,14 @@ class StageRef:
     tokenizer: str
     adapter: str | None  # None for the base model
     resolved: dict  # the stage's resolved.yaml ({} for base)
+    trust_remote_code: bool = False  # the recipe's base.trust_remote_code
+
+    def check_base_model(self) -> None:
+        """Before loading: the base model the run trained on is still where the run recorded it."""
+        if not Path(self.base_model).is_dir():
+            raise UserError(f"{self.run}: the base model this run trained on is not at {self.base_model} any more (a "
+                            "cleared cache, or the run moved from another machine); `posttrain run` of the same "
+                            "recipe converts or caches it again, then this command works")
 
 
 def finished_stages(run: Path) -> list[str]:
@@ -72,10 +80,14 @@ def stage_ref(run: str | Path, stage: str | None = None) -> StageRef:
     if stage not in done:
         raise UserError(f"{run}: stage '{stage}' has not finished (finished: {', '.join(done)})")
     lineage = json.loads((run / stage / "lineage.json").read_text())
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text()) if (run / "recipe.yaml").is_file() else {}
+    remote = bool(((recipe or {}).get("base") or {}).get("trust_remote_code"))
     if stage == "base":
-        return StageRef(run, stage, lineage["base_model"], str(run / "base" / "tokenizer"), None, {})
-    resolved = yaml.safe_load((run / stage / "resolved.yaml").read_text())
-    return StageRef(run, stage, resolved["model_name_or_path"], str(run / stage), str(run / stage), resolved)
+        ref = StageRef(run, stage, lineage["base_model"], str(run / "base" / "tokenizer"), None, {}, remote)
+    else:
+        resolved = yaml.safe_load((run / stage / "resolved.yaml").read_text())
+        ref = StageRef(run, stage, resolved["model_name_or_path"], str(run / stage), str(run / stage), resolved, remote)
+    return ref
 
 
 def eval_target(run: str | Path, stage: str | None, given: dict) -> tuple[StageRef, EvalArguments]:

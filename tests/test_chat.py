@@ -74,3 +74,18 @@ def test_loop_thinking_default_and_on(loaded):
     assert len(chat.chat_loop(model, tokenizer, iter([]), out)) == 0  # EOF at once: no reply, no error
     with pytest.raises(UserError, match="--thinking maybe"):
         chat.run_chat("unused", thinking="maybe")
+
+
+def test_a_run_whose_base_model_is_gone_says_so(run, tmp_path):
+    """The converted or cached base model was cleared, or the run was copied from another machine: one paragraph, not
+    a traceback from the loader."""
+    import shutil
+
+    import yaml
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("dpo", "upo"))
+    resolved = copy / "sft" / "resolved.yaml"
+    resolved.write_text(yaml.safe_dump({**yaml.safe_load(resolved.read_text()), "model_name_or_path": "/gone/model"}))
+    with pytest.raises(UserError, match="the base model this run trained on is not at /gone/model any more"):
+        chat.load_stage(str(copy), "sft")

@@ -237,3 +237,20 @@ def test_shipped_held_out_sets_can_show_a_ten_point_change(name):
     spec = {k: v for k, v in recipe.data["verifiable"].items() if k in ("n_train", "n_test", "seed")}
     assert len(generate(VerifiableTasksConfig(**spec))["test"]) >= 200
     assert recipe.gates["upo"].metric == "accuracy"
+
+
+def test_a_template_file_beside_the_recipe_is_found_from_any_folder(tmp_path, monkeypatch):
+    """`chat_template: mine.jinja` next to the recipe: the run loads that file (as `--dry-run` checks it), whatever the
+    current folder."""
+    import re
+
+    from posttrain.models.templates import chat_template_text
+
+    recipe = tmp_path / "recipes" / "r.yaml"
+    recipe.parent.mkdir()
+    (recipe.parent / "mine.jinja").write_text("{{ messages[0]['content'] }}")
+    recipe.write_text(re.sub(r"chat_template: \S+", "chat_template: mine.jinja", TINY))
+    monkeypatch.chdir(tmp_path)
+    loaded = load_recipe(recipe)
+    assert Path(loaded.base.chat_template) == recipe.parent / "mine.jinja"
+    assert chat_template_text(loaded.base.chat_template) == "{{ messages[0]['content'] }}"

@@ -62,6 +62,12 @@ def test_gate_empty_assistant_turn_names_row():
             {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}]
     with pytest.raises(UserError, match="data.jsonl row 1: assistant turn 1 is empty"):
         gates.check_conversations(Dataset.from_list(rows), "data.jsonl")
+    # TRL's vision format: every content a list of parts, the reply's too
+    parts = [{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "colour?"}]},
+                           {"role": "assistant", "content": [{"type": "text", "text": text}]}]} for text in ("red", " ")]
+    gates.check_conversations(Dataset.from_list(parts[:1]), "vqa.jsonl")
+    with pytest.raises(UserError, match="vqa.jsonl row 1: assistant turn 1 is empty"):
+        gates.check_conversations(Dataset.from_list(parts), "vqa.jsonl")
 
 
 def test_gate_eos_not_trained(tiny_model_path, task_data, sft_configs, tmp_path):
