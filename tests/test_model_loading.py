@@ -68,3 +68,42 @@ def test_evaluation_and_pair_sampling_load_onto_the_gpu(monkeypatch, tiny_model_
     model = load_for_inference(tiny_model_path("llama"), precision=precision)
     assert moved == [(device,)] and not model.training
     assert {p.dtype for p in model.parameters()} == {dtype}
+
+
+def remote_code_model(tiny_model_path, folder):
+    """The tiny Llama as a model that needs its own code (`auto_map` to modules in its folder)."""
+    import json
+    import shutil
+
+    shutil.copytree(tiny_model_path("llama"), folder)
+    (folder / "configuration_rc.py").write_text(
+        "from transformers import LlamaConfig\nclass RcConfig(LlamaConfig):\n    model_type = 'rc_llama'\n")
+    (folder / "modeling_rc.py").write_text(
+        "from transformers import LlamaForCausalLM\nfrom .configuration_rc import RcConfig\n"
+        "class RcForCausalLM(LlamaForCausalLM):\n    config_class = RcConfig\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="rc_llama", architectures=["RcForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_rc.RcConfig",
+                            "AutoModelForCausalLM": "modeling_rc.RcForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_recipe_s_trust_remote_code_reaches_the_evaluation_process(tiny_model_path, task_data, tmp_path):
+    """`base.trust_remote_code: true` holds outside the stages too: the base model's and a stage's evaluation run in a
+    child process (`python -m posttrain.evaluate`), which the pipeline gives the flag."""
+    import dataclasses
+    import json
+
+    from posttrain.configs import EvalArguments
+    from posttrain.errors import UserError
+    from posttrain.evaluate import main, run_saved
+
+    model = remote_code_model(tiny_model_path, tmp_path / "rc")
+    settings = EvalArguments(dataset=str(task_data), limit=2, max_new_tokens=2, loss_limit=0)
+    with pytest.raises((UserError, ValueError), match="trust_remote_code|custom code"):
+        run_saved(settings, str(model))
+    assert run_saved(settings, str(model), trust_remote_code=True)["n"] == 2
+    (tmp_path / "settings.json").write_text(json.dumps(dataclasses.asdict(settings)))
+    assert main(["--settings", str(tmp_path / "settings.json"), "--model", str(model), "--out",
+                 str(tmp_path / "eval.json"), "--trust-remote-code"]) == 0

@@ -362,6 +362,38 @@ def test_broken_or_missing_image_is_named(tmp_path):
         main(args)
 
 
+
+def test_decode_images_resolves_against_the_data_folder_and_names_bad_rows(tmp_path, monkeypatch):
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
+
+    monkeypatch.chdir(tmp_path.parent)  # relative paths must not resolve against the current directory
+    good = write_png(tmp_path / "red.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    rows = vision.decode_images(Dataset.from_dict({"images": [[good], []]}), data_dir=tmp_path)
+    assert rows[0]["images"][0].size == (16, 16) and rows[1]["images"] == []
+    with pytest.raises(UserError, match=r"train.jsonl row 1: images\[0\] .*missing.png: not found"):
+        vision.decode_images(Dataset.from_dict({"images": [[good], ["missing.png"]]}), tmp_path, "train.jsonl")
+    with pytest.raises(UserError, match=r"row 0: images\[1\] .*broken.png: does not decode"):
+        vision.decode_images(Dataset.from_dict({"images": [[good, "broken.png"]]}), tmp_path)
+    # one Image() per row instead of a list of them
+    single = Dataset.from_dict({"images": [str(tmp_path / good)]}).cast_column("images", ImageFeature())
+    assert vision.decode_images(single)[0]["images"][0].size == (16, 16)
+
+
+def test_processor_class_from_preprocessor_config(tiny_model_path, tmp_path):
+    """Hub repos such as Qwen/Qwen2.5-VL-3B-Instruct name the processor only in preprocessor_config.json; without
+    torchvision, AutoProcessor would then need the video processor it cannot build."""
+    import shutil
+
+    folder = shutil.copytree(tiny_model_path("qwen2_5_vl"), tmp_path / "hub_like")
+    saved = json.loads((folder / "processor_config.json").read_text())
+    (folder / "processor_config.json").unlink()
+    preprocessor = {**saved["image_processor"], "processor_class": saved["processor_class"]}
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    processor = vision.load_processor(folder)
+    assert type(processor).__name__ == "Qwen2_5_VLProcessor" and processor.tokenizer is not None
+
 def test_vqa_rows_import_with_reasoning(tmp_path):
     from data_prep.build_vqa_tasks import main
 
@@ -439,3 +471,7 @@ def test_tiny_vision_recipe(tiny_vision_run, check_evaluation):
         assert json.loads((run / stage / "lineage.json").read_text())["previous_stage"] == previous
     assert (run / "data" / "pairs" / "train.parquet").is_file()
     assert "held-out accuracy: base" in output
+    # `posttrain chat` with a vision run's stage: text turns through the processor's tokenizer
+    chat = subprocess.run([sys.executable, "-m", "posttrain", "chat", str(run), "--max-new-tokens", "3"],
+                          input="what colour?\n", capture_output=True, text=True, cwd=cwd, timeout=120)
+    assert chat.returncode == 0 and chat.stdout.startswith("assistant> "), chat.stdout + chat.stderr[-2000:]

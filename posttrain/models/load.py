@@ -12,10 +12,14 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from ..checkpoints import load_problem
 from ..errors import UserError
-from ..io import save_pretrained
+from ..io import remove_leftovers, save_pretrained
 from . import tiny
 from .templates import chat_template_text
 from .vision import is_vision_model, load_processor
@@ -109,29 +113,73 @@ def resolve_model(model_name_or_path: str, revision: str = "main", gguf_file: st
       vision tower (`tiny.build_llava`), built once.
     - `gguf_file` (optionally inside the installed package `gguf_package`): converted once from GGUF.
     - a local folder: used as is.
-    - a Hub id: the cached snapshot; offline and not cached is an immediate, explicit error.
+    - a Hub id: the cached snapshot if it holds the weights, else downloaded; offline, a snapshot that is missing or
+      lacks the weights is an immediate, explicit error, and online a Hub that does not answer is one too.
     """
     if model_name_or_path.startswith("tiny:"):
         arch = model_name_or_path.split(":", 1)[1]
-        out = cache_dir() / "models" / f"tiny-{arch}"
-        return out if (out / "config.json").is_file() else tiny.build_tiny(arch, out)
+        return cache_entry(f"tiny-{arch}", lambda out: tiny.build_tiny(arch, out))
     if model_name_or_path.startswith("llava:"):
         language_model = resolve_model(model_name_or_path.split(":", 1)[1], revision, gguf_file, gguf_package)
-        key = hashlib.sha256(f"{language_model.resolve()}:{tiny.LLAVA_VISION}".encode()).hexdigest()[:10]
-        out = cache_dir() / "models" / f"llava-{language_model.name}-{key}"
-        return out if (out / "config.json").is_file() else tiny.build_llava(language_model, out)
+        # the language model's content is in the key: a local folder retrained in place must not reuse a stale LLaVA
+        key = _key(f"{language_model.resolve()}:{_folder_fingerprint(language_model)}:{tiny.LLAVA_VISION}")
+        return cache_entry(f"llava-{language_model.name}-{key}", lambda out: tiny.build_llava(language_model, out))
     if gguf_file:
         gguf_path = find_gguf(gguf_file, gguf_package)
-        stat = gguf_path.stat()
-        key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:10]
-        out = cache_dir() / "models" / f"{gguf_path.stem}-{key}"
-        return out if (out / "config.json").is_file() else convert_gguf(gguf_path, out)
+        return cache_entry(gguf_entry_name(gguf_path), lambda out: convert_gguf(gguf_path, out))
     local = Path(model_name_or_path).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise UserError(f"{local} is a folder but holds no config.json; expected a saved Hugging Face model")
         return local
     return Path(_hub_snapshot(model_name_or_path, revision))
+
+
+def _key(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """config.json + each weight file's name, size and mtime: changes whenever the model is saved again."""
+    weights = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.glob("*.safetensors"))]
+    return f"{(folder / 'config.json').read_text()}|{weights}"
+
+
+def gguf_entry_name(gguf_path: Path) -> str:
+    """The cache entry a GGUF file converts into: its stem and a key over its path, size and mtime."""
+    stat = gguf_path.stat()
+    return f"{gguf_path.stem}-{_key(f'{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}')}"
+
+
+def entry_problem(folder: Path) -> str | None:
+    """Why a cache entry (tiny or converted model) cannot be used as one, or None."""
+    if not (folder / "config.json").is_file():
+        return "config.json is missing"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        return "no *.safetensors weights"
+    for path in weights:
+        reason = load_problem(path)
+        if reason:
+            return f"{path.name} does not load ({reason})"
+    return None
+
+
+def cache_entry(name: str, build: Callable[[Path], Path]) -> Path:
+    """The cache entry `name` under `cache_dir()/models`, built by `build(folder)` when missing or broken."""
+    out = cache_dir() / "models" / name
+    problem = entry_problem(out)
+    if problem is None:
+        return out
+    if out.exists():  # truncated by a full disk or by hand: it would fail every run, so build it again
+        print(f"posttrain: the cached model {out} is unusable ({problem}); rebuilding it", file=sys.stderr)
+        shutil.rmtree(out)
+    # SIGKILLed builds leave their hidden temporary folders here (a converted model is hundreds of MB)
+    remove_leftovers(out.parent)
+    return build(out)
+
+
+HUB_TIMEOUT_S = 10  # for the first Hub request; without it a stalled network hangs the run with no end
 
 
 def _hub_snapshot(repo_id: str, revision: str) -> str:
@@ -147,20 +195,59 @@ def _hub_snapshot(repo_id: str, revision: str) -> str:
     if not valid:
         raise UserError(f"model '{repo_id}' is neither a local folder nor a Hub id of the form 'org/name'")
     try:
-        return snapshot_download(repo_id, revision=revision, local_files_only=True)
+        cached = snapshot_download(repo_id, revision=revision, local_files_only=True)
     except LocalEntryNotFoundError:
-        pass
+        lacks = "is not in the local Hugging Face cache"
+    else:  # a tokenizer loaded on its own, or an interrupted download, caches a snapshot without the weights
+        lacks = weights_problem(Path(cached))
+        if lacks is None:
+            return cached
+        lacks = f"is only partly in the local Hugging Face cache ({cached}: {lacks})"
     if is_offline():
         raise UserError(
-            f"model '{repo_id}' is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it. "
-            "Download it on a machine with network access (huggingface-cli download), or point the recipe at a local "
-            "folder."
+            f"model '{repo_id}' {lacks} and HF_HUB_OFFLINE=1 forbids downloading it. Download it on a machine with "
+            f"network access (hf download {repo_id}), or point the recipe at a local folder."
         )
+    _check_hub_answers(repo_id, revision)
     try:
         return snapshot_download(repo_id, revision=revision, etag_timeout=5,
                                  allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"])
     except Exception as exc:  # network errors come in many types; the user needs the same advice for each
         raise UserError(f"could not download model '{repo_id}' from the Hugging Face Hub: {exc}") from exc
+
+
+def weights_problem(folder: Path) -> str | None:
+    """What a model folder lacks of its safetensors weights (all shards its index names), or None."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [name for name in shards if not (folder / name).is_file()]
+        return f"weight shards missing: {', '.join(missing)}" if missing else None
+    return None if any(folder.glob("*.safetensors")) else "no *.safetensors weights"
+
+
+def _check_hub_answers(repo_id: str, revision: str) -> None:
+    """One Hub request with a time limit, so that a stalled network is an error in words instead of a hang."""
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().model_info(repo_id, revision=revision, timeout=HUB_TIMEOUT_S)
+    except _http_timeouts() as exc:
+        raise UserError(
+            f"the Hugging Face Hub did not answer within {HUB_TIMEOUT_S} s when asked for model '{repo_id}'. Check "
+            "the network, or set HF_HUB_OFFLINE=1 to use a model already in the local cache."
+        ) from exc
+    except Exception as exc:  # not found, gated, no network: the same advice as a failed download
+        raise UserError(f"could not find model '{repo_id}' on the Hugging Face Hub: {exc}") from exc
+
+
+def _http_timeouts() -> tuple[type[Exception], ...]:
+    """The timeout exceptions of huggingface_hub's HTTP client: httpx2's from huggingface_hub 2.0, httpx's before."""
+    timeouts = []
+    for module in ("httpx2", "httpx"):
+        with contextlib.suppress(ImportError):
+            timeouts.append(importlib.import_module(module).TimeoutException)
+    return tuple(timeouts)
 
 
 def adapter_folder(path: str | Path, given_as: str = "adapter") -> Path:
@@ -173,7 +260,11 @@ def adapter_folder(path: str | Path, given_as: str = "adapter") -> Path:
 
 
 def is_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as huggingface_hub reads it, but now rather than at its import."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.upper() in constants.ENV_VARS_TRUE_VALUES
 
 
 def load_tokenizer(path: str | Path, chat_template: str | None = None, trust_remote_code: bool = False):
@@ -214,9 +305,11 @@ def load_model(path: str | Path, adapter: str | Path | None = None, dtype: str =
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    _require_safetensors(Path(path))
     auto_class = AutoModelForImageTextToText if is_vision_model(path) else AutoModelForCausalLM
     model = auto_class.from_pretrained(
         path, dtype=getattr(torch, dtype) if dtype not in (None, "auto") else "auto", trust_remote_code=trust_remote_code,
+        use_safetensors=True,
         **({"attn_implementation": attn_implementation} if attn_implementation else {}),
     )
     if adapter is not None:
@@ -225,6 +318,18 @@ def load_model(path: str | Path, adapter: str | Path | None = None, dtype: str =
         model = PeftModel.from_pretrained(model, str(adapter), adapter_name=adapter_name, is_trainable=is_trainable,
                                           autocast_adapter_dtype=adapter_in_float32)
     return model
+
+
+def _require_safetensors(folder: Path) -> None:
+    """Pickled weights (pytorch_model.bin) load through torch.load, which can run code: posttrain does not load them."""
+    pickled = sorted(p.name for p in folder.glob("*.bin") if p.name.startswith("pytorch_model"))
+    if pickled and weights_problem(folder):
+        raise UserError(
+            f"{folder} holds {', '.join(pickled)} but no *.safetensors weights; posttrain loads safetensors weights "
+            "only. Convert the folder once where you trust it: python -c \"from transformers import "
+            f"AutoModelForCausalLM as M; M.from_pretrained('{folder}').save_pretrained('{folder}-safetensors')\" "
+            "and point the recipe at the new folder."
+        )
 
 
 def load_for_inference(path: str | Path, adapter: str | Path | None = None, precision: str = "auto",

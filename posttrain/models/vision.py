@@ -49,12 +49,20 @@ def has_images(dataset) -> bool:
 # ----------------------------------------------------------------------------------------------------------------------
 # Processors
 # ----------------------------------------------------------------------------------------------------------------------
+# Where a folder may name its processor class: saved processors write processor_config.json, but Hub repos such as
+# Qwen/Qwen2.5-VL-3B-Instruct have it only in preprocessor_config.json and tokenizer_config.json.
+PROCESSOR_CLASS_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
+
+
 def _processor_class(path: Path):
     import transformers
 
-    config = path / "processor_config.json"
-    name = json.loads(config.read_text()).get("processor_class") if config.is_file() else None
-    return getattr(transformers, name, None) if name else None
+    for file in PROCESSOR_CLASS_FILES:
+        config = path / file
+        name = json.loads(config.read_text()).get("processor_class") if config.is_file() else None
+        if name:
+            return getattr(transformers, name, None)
+    return None
 
 
 def image_only(processor_cls):
@@ -149,13 +157,51 @@ def freeze_vision(trainer, trainable: list[str] | None) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------------------
-def decode_images(dataset):
-    """The `images` column as PIL images: file paths (data_prep's `build_sft_set`) are cast to `datasets.Image`."""
+def decode_images(dataset, data_dir: str | Path | None = None, name: str = "the dataset"):
+    """The `images` column as PIL images: file paths (data_prep's `build_sft_set`) are cast to `datasets.Image`.
+
+    Paths relative to the data file resolve against its folder, `data_dir`, when the caller knows it (else against the
+    current directory); every image is checked up front, so a missing or broken one is an error naming its row
+    (`name` names the dataset in it) before training starts, not an exception in the middle of it."""
     from datasets import Image, List
 
-    if not has_images(dataset) or isinstance(dataset.features["images"].feature, Image):
+    if not has_images(dataset):
         return dataset
+    feature = dataset.features["images"]
+    if isinstance(feature, Image):  # one image per row, not a list: the collators expect a list
+        return dataset.map(lambda row: {"images": [row["images"]]}, features=_with_images(dataset, List(Image())))
+    if isinstance(getattr(feature, "feature", None), Image):
+        return dataset
+    if data_dir is not None:
+        dataset = dataset.map(lambda row: {"images": [_under(data_dir, p) for p in row["images"] or []]})
+    _check_images(dataset, name)
     return dataset.cast_column("images", List(Image()))
+
+
+def _with_images(dataset, feature):
+    features = dataset.features.copy()
+    features["images"] = feature
+    return features
+
+
+def _under(folder: str | Path, path: str) -> str:
+    return str(Path(folder) / path) if path and not Path(path).is_absolute() else path
+
+
+def _check_images(dataset, name: str) -> None:
+    from PIL import Image as PILImage
+
+    for i, paths in enumerate(dataset["images"]):
+        for j, path in enumerate(paths or []):
+            if not isinstance(path, str):  # bytes or {"bytes", "path"}: decoded by `datasets` as they are
+                continue
+            if not Path(path).is_file():
+                raise UserError(f"{name} row {i}: images[{j}] {path}: not found")
+            try:
+                with PILImage.open(path) as image:
+                    image.verify()
+            except Exception as exc:  # PIL raises several types for a file that is not an image
+                raise UserError(f"{name} row {i}: images[{j}] {path}: does not decode as an image ({exc})") from exc
 
 
 def as_rows(dataset) -> list[dict]:

@@ -18,7 +18,7 @@ import time
 
 from .. import gates
 from ..configs import StageArguments
-from ..data import is_data_file, load_split, with_template_kwargs
+from ..data import data_folder, is_data_file, load_split, with_template_kwargs
 from ..errors import UserError
 from ..models import vision
 from . import common
@@ -38,7 +38,7 @@ def load_pairs(stage_args, split: str, tokenizer, max_length: int | None, trunca
                                                         truncation_mode=truncation_mode)
         if images:
             gates.check_image_slots(dataset, name)
-    return vision.decode_images(dataset), skipped
+    return vision.decode_images(dataset, data_folder(stage_args.dataset_name), name), skipped
 
 
 def main(stage_args: StageArguments, training_args, model_args):

@@ -20,7 +20,7 @@ import time
 
 from .. import gates
 from ..configs import StageArguments
-from ..data import with_template_kwargs
+from ..data import data_folder, with_template_kwargs
 from ..models import vision
 from . import common
 
@@ -102,7 +102,8 @@ def vision_rows(dataset, training_args, stage_args):
     if "messages" in dataset.column_names and training_args.assistant_only_loss:
         training_args.assistant_only_loss = False  # completion-only loss on the reply instead (see models/vision.py)
     training_args.remove_unused_columns = False  # keep `chat_template_kwargs`: the collator renders each row with it
-    return vision.sft_rows_to_prompt_completion(vision.decode_images(dataset))
+    images = vision.decode_images(dataset, data_folder(stage_args.dataset_name), stage_args.dataset_name)
+    return vision.sft_rows_to_prompt_completion(images)
 
 
 def make_parser():

@@ -17,6 +17,7 @@ import time
 
 from .. import gates
 from ..configs import CurriculumArguments, StageArguments
+from ..data import data_folder
 from ..errors import UserError
 from ..models import vision
 from . import common
@@ -70,7 +71,7 @@ def main(stage_args: StageArguments, training_args, model_args, curriculum_args:
     if images:
         if stage_args.preflight:
             gates.check_image_slots(dataset, stage_args.dataset_name)
-        dataset = image_prompts(dataset, training_args)
+        dataset = image_prompts(dataset, training_args, stage_args.dataset_name)
     trainer = UPOTrainer(model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, offline_dataset=offline)
     common.guard_checkpoints(trainer)
@@ -104,7 +105,7 @@ def preflight_data(dataset, stage_args, training_args):
     return dataset, offline, record
 
 
-def image_prompts(dataset, training_args):
+def image_prompts(dataset, training_args, name: str):
     """Image prompts with decoded images, only those of the thinking mode `chat_template_kwargs` asks for (GRPO
     renders all image prompts with one; see `UPOTrainer`)."""
     mode = (training_args.chat_template_kwargs or {}).get("enable_thinking")
@@ -112,7 +113,7 @@ def image_prompts(dataset, training_args):
         dataset = dataset.filter(lambda thinking: bool(thinking) == bool(mode), input_columns="thinking")
         if len(dataset) == 0:
             raise UserError(f"upo: no image prompts with thinking={bool(mode)} (chat_template_kwargs.enable_thinking)")
-    return vision.decode_images(dataset)
+    return vision.decode_images(dataset, data_folder(name), name)
 
 
 def make_parser():

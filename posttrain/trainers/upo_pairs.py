@@ -203,9 +203,10 @@ def load_offline_pairs(path: str, tokenizer, max_completion_length: int | None,
     if images and processor is None:
         raise UserError(f"{path}: offline pairs with images need a vision-language model (and its processor)")
     if images:
+        from ..data import data_folder
         from ..models.vision import decode_images
 
-        dataset = decode_images(dataset)
+        dataset = decode_images(dataset, data_folder(path), path)
     missing = [c for c in ("prompt", "chosen", "rejected") if c not in dataset.column_names]
     if missing:
         raise UserError(f"{path}: offline UPO pairs need the columns prompt, chosen, rejected; missing: "

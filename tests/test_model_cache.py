@@ -1,0 +1,140 @@
+"""Model resolution and caching: partial Hub snapshots, the posttrain model cache, safetensors only, offline mode."""
+
+import os
+import shutil
+import socket
+import threading
+
+import huggingface_hub
+import pytest
+import torch
+from huggingface_hub import constants
+
+from posttrain.errors import UserError
+from posttrain.models import load, load_model, resolve_model
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache; `add(repo_id, files)` puts a snapshot of the files from the tiny model in it."""
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def add(repo_id, files):
+        repo = tmp_path / "hub" / f"models--{repo_id.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(COMMIT)
+        snapshot = repo / "snapshots" / COMMIT
+        snapshot.mkdir(parents=True)
+        for name in files:
+            shutil.copy(resolve_model("tiny:llama") / name, snapshot / name)
+        return snapshot
+
+    return add
+
+
+def test_a_cached_snapshot_without_weights_is_not_the_model(hub_cache, monkeypatch):
+    partial = hub_cache("someorg/tinymodel", ["config.json", "tokenizer.json", "tokenizer_config.json"])
+    with pytest.raises(UserError, match=r"only partly .*no \*\.safetensors weights.*hf download someorg/tinymodel"):
+        resolve_model("someorg/tinymodel")
+    # online, the weights are downloaded instead (the Hub answers; the download is faked)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(load, "_check_hub_answers", lambda repo_id, revision: None)
+    real_download = huggingface_hub.snapshot_download
+    downloads = []
+
+    def download(repo_id, **kwargs):
+        if kwargs.get("local_files_only"):
+            return real_download(repo_id, **kwargs)
+        downloads.append(repo_id)
+        shutil.copy(resolve_model("tiny:llama") / "model.safetensors", partial)
+        return str(partial)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    assert resolve_model("someorg/tinymodel") == partial and downloads == ["someorg/tinymodel"]
+    assert resolve_model("someorg/tinymodel") == partial and downloads == ["someorg/tinymodel"]  # now complete
+
+
+def test_offline_and_not_cached_says_hf_download(hub_cache):
+    with pytest.raises(UserError, match=r"not in the local Hugging Face cache.*\(hf download someorg/absent\)"):
+        resolve_model("someorg/absent")
+
+
+@pytest.mark.parametrize(("value", "offline"), [("1", True), ("true", True), ("ON", True), ("yes", True),
+                                                 ("0", False), ("", False), ("off", False)])
+def test_offline_is_read_as_huggingface_hub_reads_it(value, offline, monkeypatch):
+    from posttrain.doctor import check_environment
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    assert load.is_offline() is offline
+    status = dict((name, status) for name, _, status in check_environment())["offline mode"]
+    assert status == ("Hub ids fail fast" if offline else "Hub lookups may wait on the network")
+
+
+def test_a_stalled_hub_is_an_error_not_a_hang(hub_cache, monkeypatch):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True).start()  # and never answer
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setattr(load, "HUB_TIMEOUT_S", 0.5)
+    try:
+        with pytest.raises(UserError, match=r"Hub did not answer within 0.5 s.*HF_HUB_OFFLINE=1"):
+            resolve_model("someorg/tinymodel")
+    finally:
+        server.close()
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    tiny = resolve_model("tiny:llama")
+    folder = tmp_path / "binmodel"
+    folder.mkdir()
+    shutil.copy(tiny / "config.json", folder)
+    torch.save(load_model(tiny).state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(UserError, match=r"pytorch_model.bin but no \*\.safetensors weights; posttrain loads "
+                                        r"safetensors weights only"):
+        load_model(folder)
+
+
+def test_a_broken_cache_entry_is_rebuilt_and_dead_builds_removed(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
+    entry = resolve_model("tiny:llama")
+    weights = entry / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a full disk, or an interrupted copy
+    dead_pid = 4194305  # above Linux's pid_max: never a running process
+    leftover = entry.parent / f".tiny-llama.{dead_pid}-0123abcd.partial"
+    leftover.mkdir()
+    assert resolve_model("tiny:llama") == entry
+    err = capsys.readouterr().err
+    assert "model.safetensors does not load" in err and "rebuilding it" in err
+    assert load.entry_problem(entry) is None and not leftover.exists()
+    load_model(entry)
+
+
+def test_llava_is_rebuilt_when_its_local_language_model_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
+    language_model = shutil.copytree(resolve_model("tiny:llama"), tmp_path / "lm")
+    first = resolve_model(f"llava:{language_model}")
+    assert resolve_model(f"llava:{language_model}") == first
+    weights = language_model / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # saved again
+    assert resolve_model(f"llava:{language_model}") != first
+
+
+def test_doctor_sees_the_converted_default_model_under_its_key(tmp_path, monkeypatch):
+    from posttrain.doctor import check_default_model
+    from posttrain.recipe import load_recipe
+
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
+    base = load_recipe().base
+    name = load.gguf_entry_name(load.find_gguf(base.gguf_file, base.gguf_package))
+    stem = name.rsplit("-", 1)[0]
+    shutil.copytree(resolve_model("tiny:llama"), tmp_path / "cache" / "models" / f"{stem}-0000000000")  # another key
+    assert check_default_model()[0][2].endswith("converts on first run (~30 s)")
+    shutil.copytree(resolve_model("tiny:llama"), tmp_path / "cache" / "models" / name)
+    assert check_default_model()[0][2] == "installed, converted"
