@@ -34,7 +34,8 @@ _KILLED = re.compile(r"died with <Signals\.\w+: (\d+)>|exitcode\s*:\s*-(\d+)")
 def die_with_parent():
     """For `Popen(preexec_fn=...)`: the child gets SIGTERM when the process that started it dies, however it dies
     (SIGKILL gives that process no chance to stop it), so a step never goes on writing into a run folder a rerun has
-    taken over; a stage saves the step it is at and exits, as on any SIGTERM. Linux (`prctl`); None elsewhere."""
+    taken over; a stage saves the step it is at and exits, as on any SIGTERM. Linux (`prctl`); None elsewhere. The
+    kernel watches the thread that forked: steps are started from the main thread."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes

@@ -179,7 +179,8 @@ def _join_stage(folder: Path, entry: dict, nodes: Nodes) -> None:
     log_path = folder / f"{entry['stage']}.machine-{nodes.machine_rank}.log"
     with open(log_path, "ab") as log:
         process = subprocess.Popen([sys.executable, "-m", childproc.LAUNCHER, *args], stdout=log,
-                                   stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                   stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                   preexec_fn=childproc.die_with_parent())
         try:
             code = process.wait()
         except BaseException:  # SIGTERM, Ctrl-C: the stage saves the step it is at and stops, never orphaned
