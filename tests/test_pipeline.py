@@ -108,6 +108,28 @@ def test_a_changed_evaluation_scores_finished_stages_again_without_training_them
     assert "evaluated again" not in again.stdout and "evaluating the base model" not in again.stdout
 
 
+def test_a_stage_recorded_with_the_earlier_inputs_hash_is_still_skipped(shared_tiny, tiny_run, tmp_path,
+                                                                        posttrain_cli):
+    """Runs recorded before the logging and saving keys left the inputs hash (`stage_hash(with_logging_keys=True)`)
+    keep their finished stages after an upgrade: nothing is trained again."""
+    from posttrain.pipeline import Pipeline
+    from posttrain.recipe import load_recipe
+
+    cwd = tmp_path / "copy"
+    shutil.copytree(shared_tiny.root, cwd)
+    sft = cwd / "outputs" / shared_tiny.name / "sft"
+    pipeline = Pipeline(load_recipe(cwd / "recipe.yaml"), cwd / "outputs")
+    pipeline.resolve_base()
+    pipeline.evaluate_base()  # up to date: sets the hashes a stage's hash builds on
+    args = pipeline.stage_args("sft", None)
+    earlier = pipeline.stage_hash("sft", args, None, with_logging_keys=True)
+    assert earlier != pipeline.stage_hash("sft", args, None)
+    record = json.loads((sft / "lineage.json").read_text())
+    (sft / "lineage.json").write_text(json.dumps({**record, "inputs_hash": earlier}))
+    again = posttrain_cli("run", "recipe.yaml", "--until", "sft", cwd=cwd)
+    assert "sft: finished earlier with the same inputs, skipped" in again.stdout and "stage: sft" not in again.stdout
+
+
 def test_a_discarded_unfinished_stage_says_what_changed(tmp_path):
     from posttrain.pipeline import changed_inputs
 
