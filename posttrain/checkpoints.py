@@ -48,18 +48,23 @@ def problem(checkpoint: str | Path) -> str | None:
         return f"its {MARKER} is unreadable ({exc})"
     for name, size in files.items():
         path = checkpoint / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
+        if path.is_file() and path.stat().st_size != size:
             return f"{name} is {path.stat().st_size} bytes, {size} were written (truncated or overwritten)"
-        reason = load_problem(path)
+        reason = file_problem(path)
         if reason:
-            return f"{name} does not load ({reason})"
+            return reason
     return None
 
 
-def load_problem(path: Path) -> str | None:
-    """Why a JSON or safetensors file does not load, or None."""
+def file_problem(path: Path) -> str | None:
+    """`<name> is missing`, `<name> does not load (<why>)` for a JSON or safetensors file, or None."""
+    if not path.is_file():
+        return f"{path.name} is missing"
+    reason = _load_problem(path)
+    return f"{path.name} does not load ({reason})" if reason else None
+
+
+def _load_problem(path: Path) -> str | None:
     try:
         if path.suffix == ".json":
             json.loads(path.read_text())
@@ -82,12 +87,9 @@ def finished_problem(folder: str | Path) -> str | None:
     else:
         names = sorted(p.name for p in folder.glob("model*.safetensors")) or ["adapter_model.safetensors"]
     for name in names:
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        reason = load_problem(path)
+        reason = file_problem(folder / name)
         if reason:
-            return f"{name} does not load ({reason})"
+            return reason
     return None
 
 

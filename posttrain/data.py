@@ -134,6 +134,13 @@ def row_thinking(row: dict) -> bool | None:
     return (row.get("chat_template_kwargs") or {}).get("enable_thinking")
 
 
+def prompt_text(tokenizer, row: dict) -> str:
+    """A preference row's prompt as TRL reads it: a text prompt as it is, a conversation rendered in the row's thinking
+    mode (`row_thinking`)."""
+    prompt = row["prompt"]
+    return prompt if isinstance(prompt, str) else render_prompt(tokenizer, prompt, row_thinking(row))
+
+
 def data_folder(name_or_path: str) -> Path | None:
     """The local folder a dataset's relative paths (its images) are written against: a data file's folder, or the
     dataset folder itself; None for a Hub id."""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import devices
 from .configs import EvalArguments, Precision
-from .data import completion_text, render_prompt, row_thinking
+from .data import completion_text, prompt_text, render_prompt
 from .errors import UserError, is_out_of_memory, what_ran_out
 from .io import write_json
 from .models import sampling_weights, vision
@@ -194,8 +194,7 @@ def preference_eval(model, tokenizer, pairs: list[dict], dtype: str = "float32")
     was_training = model.training
     model.eval()
     # text pairs are scored as TRL trains them: prompt, then reply and EOS; conversations in each row's thinking mode
-    prompts = [p["prompt"] if isinstance(p["prompt"], str) else render_prompt(tokenizer, p["prompt"], row_thinking(p))
-               for p in pairs]
+    prompts = [prompt_text(tokenizer, p) for p in pairs]
     eos, images = vision.text_tokenizer(tokenizer).eos_token, _images(pairs)
     replies = [completion_text(p[side]) + eos for side in ("chosen", "rejected") for p in pairs]
     with autocast(model, dtype):

@@ -203,7 +203,7 @@ def check_preference_pairs(dataset, name: str, tokenizer=None, max_length: int |
     """Bad pairs are an error naming the row, or a counted skip when allowed: an empty side, chosen == rejected (tool
     calls included), or a prompt so long that truncation to `max_length` would leave no reply token to learn from
     (`keep_start` truncation, TRL's default; `keep_end` keeps the reply)."""
-    from .data import render_prompt, row_thinking
+    from .data import prompt_text
 
     missing = [c for c in ("prompt", "chosen", "rejected") if c not in dataset.column_names]
     if missing:
@@ -221,9 +221,7 @@ def check_preference_pairs(dataset, name: str, tokenizer=None, max_length: int |
         elif chosen == rejected:
             reason = "chosen == rejected; expected two different replies"
         elif tokenizer is not None and max_length and truncation_mode == "keep_start":
-            prompt = row["prompt"]
-            text = render_prompt(tokenizer, prompt, row_thinking(row)) if isinstance(prompt, list) else prompt
-            length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            length = len(tokenizer(prompt_text(tokenizer, row), add_special_tokens=False)["input_ids"])
             if length >= max_length:
                 reason = (f"the prompt is {length} tokens, so max_length={max_length} would cut every reply token; "
                           "raise max_length or shorten the prompt")

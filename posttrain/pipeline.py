@@ -58,16 +58,18 @@ def interruption(exc: KeyboardInterrupt) -> str:
 
 
 # stage arguments that only say when to log, save and report: changing them keeps a stage's finished adapter and its
-# checkpoints (they are not part of `stage_hash`)
+# checkpoints (they are not part of `stage_hashes`)
 NOT_TRAINING_KEYS = ("save_strategy", "save_steps", "save_total_limit", "logging_steps", "logging_first_step",
                      "logging_strategy", "logging_dir", "report_to")
+# stage arguments that are never a stage's inputs: where it runs, what it is called, how it is evaluated
+NOT_INPUT_KEYS = ("output_dir", "project", "run_name", *EVAL_KEYS)
 
 
 def changed_inputs(resolved: Path, args: dict) -> str:
     """What differs between a stage's arguments as an earlier run resolved them and `args`, for a message: `key: old →
     new` for up to four keys, or what else can change a stage's inputs."""
     before = yaml.safe_load(resolved.read_text()) if resolved.is_file() else {}
-    ignored = {"output_dir", "resume_from_checkpoint", "project", "run_name", *EVAL_KEYS, *NOT_TRAINING_KEYS}
+    ignored = {"resume_from_checkpoint", *NOT_INPUT_KEYS, *NOT_TRAINING_KEYS}
     keys = sorted(k for k in {*before, *args} - ignored if before.get(k) != args.get(k))
     if not keys:
         return "the data, the base model or the previous stage changed"
@@ -151,9 +153,10 @@ class Pipeline:
         except GateStopped:  # the run is already marked "stopped" by the gate
             raise
         except Exception as exc:
-            disk_full = is_disk_full(exc) and not isinstance(exc, UserError)
+            full = is_disk_full(exc)
+            disk_full = full and not isinstance(exc, UserError)  # a UserError already says what ran out
             error = disk_full_error(exc, f"the run's files in {self.root}") if disk_full else exc
-            if is_disk_full(exc):  # a stage stopped mid-save: its unmarked checkpoint frees the space run.json needs
+            if full:  # a stage stopped mid-save: its unmarked checkpoint frees the space run.json needs
                 for partial in self.root.glob(".*.partial"):
                     remove_incomplete(partial)
             self._end_run("failed", str(error))
@@ -328,17 +331,21 @@ class Pipeline:
             args.update(StageArguments.from_eval(self.eval_settings()))
         return args
 
-    def stage_hash(self, stage: str, args: dict, previous: str | None, with_logging_keys: bool = False) -> str:
+    def stage_hashes(self, stage: str, args: dict, previous: str | None) -> tuple[str, str]:
         """What the stage's adapter depends on: its arguments but the held-out evaluation's (`held_out_hash`) and the
         ones that only say when to log and save (`NOT_TRAINING_KEYS`), the data it trains on, the base model and the
-        previous stage's hash. `with_logging_keys`: the hash as runs recorded it before those keys were left out, so their
-        finished stages and checkpoints still count as the same inputs."""
+        previous stage's hash. Returns that hash, and the one runs recorded before the logging and saving keys were
+        left out, so their finished stages and checkpoints still count as the same inputs (the datasets are
+        fingerprinted once for both: a data file without a card is hashed whole)."""
         datasets = {k: lineage.dataset_fingerprint(v) for k, v in args.items()
                     if k in STAGE_DATASET_KEYS and v}
-        left_out = ("output_dir", "project", "run_name", *EVAL_KEYS, *(() if with_logging_keys else NOT_TRAINING_KEYS))
-        stable = {k: v for k, v in args.items() if k not in left_out}
         prev_hash = json.loads((self.root / previous / "lineage.json").read_text())["inputs_hash"] if previous else None
-        return self.digest({"args": stable, "datasets": datasets, "base": self.base_hash, "previous": prev_hash})
+
+        def digest(left_out) -> str:
+            stable = {k: v for k, v in args.items() if k not in left_out}
+            return self.digest({"args": stable, "datasets": datasets, "base": self.base_hash, "previous": prev_hash})
+
+        return digest((*NOT_INPUT_KEYS, *NOT_TRAINING_KEYS)), digest(NOT_INPUT_KEYS)
 
     def reevaluate(self, stage: str) -> bool:
         """A finished stage whose held-out evaluation changed (another eval set, more tokens, a smaller batch after
@@ -370,8 +377,8 @@ class Pipeline:
 
     def run_stage(self, stage: str, previous: str | None, force: bool = False) -> None:
         args = self.stage_args(stage, previous)
-        digest = self.stage_hash(stage, args, previous)
-        same = (digest, self.stage_hash(stage, args, previous, with_logging_keys=True))
+        same = self.stage_hashes(stage, args, previous)
+        digest = same[0]
         final, partial = self.root / stage, self.root / f".{stage}.partial"
         damage = finished_problem(final) if self._up_to_date(final, *same) else None
         if damage:

@@ -76,18 +76,18 @@ def stage_ref(run: str | Path, stage: str | None = None) -> StageRef:
                         f"{', '.join(done) or 'none'})")
     if not done:
         raise UserError(f"{run}: no finished stage yet")
-    stage = stage or next((s for s in reversed(done) if s not in stale_stages(run)), done[-1])
+    if not stage:
+        stale = stale_stages(run)
+        stage = next((s for s in reversed(done) if s not in stale), done[-1])
     if stage not in done:
         raise UserError(f"{run}: stage '{stage}' has not finished (finished: {', '.join(done)})")
     lineage = json.loads((run / stage / "lineage.json").read_text())
     recipe = yaml.safe_load((run / "recipe.yaml").read_text()) if (run / "recipe.yaml").is_file() else {}
     remote = bool(((recipe or {}).get("base") or {}).get("trust_remote_code"))
     if stage == "base":
-        ref = StageRef(run, stage, lineage["base_model"], str(run / "base" / "tokenizer"), None, {}, remote)
-    else:
-        resolved = yaml.safe_load((run / stage / "resolved.yaml").read_text())
-        ref = StageRef(run, stage, resolved["model_name_or_path"], str(run / stage), str(run / stage), resolved, remote)
-    return ref
+        return StageRef(run, stage, lineage["base_model"], str(run / "base" / "tokenizer"), None, {}, remote)
+    resolved = yaml.safe_load((run / stage / "resolved.yaml").read_text())
+    return StageRef(run, stage, resolved["model_name_or_path"], str(run / stage), str(run / stage), resolved, remote)
 
 
 def eval_target(run: str | Path, stage: str | None, given: dict) -> tuple[StageRef, EvalArguments]:

@@ -110,8 +110,8 @@ def test_a_changed_evaluation_scores_finished_stages_again_without_training_them
 
 def test_a_stage_recorded_with_the_earlier_inputs_hash_is_still_skipped(shared_tiny, tiny_run, tmp_path,
                                                                         posttrain_cli):
-    """Runs recorded before the logging and saving keys left the inputs hash (`stage_hash(with_logging_keys=True)`)
-    keep their finished stages after an upgrade: nothing is trained again."""
+    """Runs recorded before the logging and saving keys left the inputs hash (`stage_hashes`' second) keep their
+    finished stages after an upgrade: nothing is trained again."""
     from posttrain.pipeline import Pipeline
     from posttrain.recipe import load_recipe
 
@@ -122,8 +122,8 @@ def test_a_stage_recorded_with_the_earlier_inputs_hash_is_still_skipped(shared_t
     pipeline.resolve_base()
     pipeline.evaluate_base()  # up to date: sets the hashes a stage's hash builds on
     args = pipeline.stage_args("sft", None)
-    earlier = pipeline.stage_hash("sft", args, None, with_logging_keys=True)
-    assert earlier != pipeline.stage_hash("sft", args, None)
+    current, earlier = pipeline.stage_hashes("sft", args, None)
+    assert earlier != current
     record = json.loads((sft / "lineage.json").read_text())
     (sft / "lineage.json").write_text(json.dumps({**record, "inputs_hash": earlier}))
     again = posttrain_cli("run", "recipe.yaml", "--until", "sft", cwd=cwd)

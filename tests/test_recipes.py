@@ -225,7 +225,8 @@ def test_live_tracking_names_each_stage_by_run_and_stage(tmp_path, monkeypatch):
                                                                           ["trackio", "tensorboard"])
         assert pipeline.tracking_env(stage) == {"TENSORBOARD_LOGGING_DIR": str(pipeline.root / "tensorboard" / stage)}
         assert variant.stage_args(stage, None)["project"] == "tiny-text-ablation"
-        assert pipeline.stage_hash(stage, args, None) == variant.stage_hash(stage, variant.stage_args(stage, None), None)
+        assert pipeline.stage_hashes(stage, args, None) == variant.stage_hashes(stage, variant.stage_args(stage, None),
+                                                                                 None)
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m.yaml", "smollm2-135m-ablation.yaml"])

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ..checkpoints import load_problem
+from ..checkpoints import file_problem
 from ..errors import UserError
 from ..io import remove_leftovers, save_pretrained
 from . import tiny
@@ -159,9 +159,9 @@ def entry_problem(folder: Path) -> str | None:
     if not weights:
         return "no *.safetensors weights"
     for path in weights:
-        reason = load_problem(path)
+        reason = file_problem(path)
         if reason:
-            return f"{path.name} does not load ({reason})"
+            return reason
     return None
 
 

@@ -314,11 +314,10 @@ def finish(trainer, stage: str, stage_args, tokenizer, train_result, started: fl
     deferred = sharded_weights(trainer) if stage_args.eval_dataset else None
     if deferred:
         trainer.accelerator.print(f"[{stage}] held-out evaluation after the stage: {deferred}")
+        extra = {**(extra or {}), "eval_deferred": deferred}
     elif stage_args.eval_dataset:
         trainer.accelerator.print(f"[{stage}] evaluating on held-out data…")
     evaluation = None if deferred else run_eval(model, tokenizer, stage_args)
-    if deferred:
-        extra = {**(extra or {}), "eval_deferred": deferred}
     metrics = {
         "stage": stage,
         "status": "done",
