@@ -13,6 +13,7 @@ one object from the recipe's `eval:` section, `posttrain eval`'s flags or a stag
 (a loaded model) or `run_saved` (a model folder).
 """
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -20,6 +21,7 @@ import math
 import time
 import typing
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from . import devices
@@ -33,11 +35,36 @@ from .stats import wilson
 logger = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass(frozen=True)
+class Share:
+    """This process's share of the prompts when several data-parallel processes evaluate one model together: every
+    `count`-th prompt from `index`, and `gather`, which hands every process's list to every process, in process order
+    (`accelerate.utils.gather_object`). Each process holds the whole model under DDP, so the work divides with no
+    collective inside a forward; the others do not wait at a barrier while one process evaluates alone, which past
+    `ddp_timeout` (30 minutes) would end the job."""
+
+    index: int
+    count: int
+    gather: Callable[[list], list]
+
+
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, progress=None,
-             images: list | None = None, **sampling):
+             images: list | None = None, share: Share | None = None, **sampling):
     """Completions for rendered prompts, greedy unless `sampling` says otherwise (e.g. `do_sample=True,
     temperature=1.0`); returns (texts, stopped flags, token counts). With `images` (one list per prompt),
-    `tokenizer` is a VLM's processor."""
+    `tokenizer` is a VLM's processor. With a `share`, this process generates its share and every process gets all
+    of them back."""
+    if share is not None:
+        mine = range(share.index, len(prompts), share.count)  # interleaved: each share has long and short prompts
+        texts, stopped, lengths = generate(model, tokenizer, [prompts[i] for i in mine], max_new_tokens, batch_size,
+                                           progress, None if images is None else [images[i] for i in mine],
+                                           **sampling)
+        replies = [None] * len(prompts)
+        for indices, part in share.gather([(list(mine), list(zip(texts, stopped, lengths)))]):
+            for index, reply in zip(indices, part):
+                replies[index] = reply
+        texts, stopped, lengths = (list(column) for column in zip(*replies)) if replies else ([], [], [])
+        return texts, stopped, lengths
     processor, tokenizer = tokenizer, vision.text_tokenizer(tokenizer)
     tokenizer.padding_side = "left"
     # MoE models trained with a load-balancing loss keep `output_router_logits` on, and transformers then computes
@@ -208,9 +235,11 @@ def preference_eval(model, tokenizer, pairs: list[dict], dtype: str = "float32")
 
 def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArguments.max_new_tokens,
              batch_size: int = EvalArguments.batch_size, samples: int = EvalArguments.samples, progress=None,
-             dtype: str = EvalArguments.dtype, loss_limit: int | None = EvalArguments.loss_limit) -> dict:
+             dtype: str = EvalArguments.dtype, loss_limit: int | None = EvalArguments.loss_limit,
+             share: Share | None = None) -> dict:
     """Accuracy (overall, per domain, per thinking mode), format, stop rate, length and held-out loss (on the first
-    `loss_limit` rows with a reference reply)."""
+    `loss_limit` rows with a reference reply). With a `share`, the processes generate a share each (`Share`); the
+    held-out loss, a few seconds, is scored by the first process only (None elsewhere)."""
     from .rewards import REWARDS
 
     was_training = model.training
@@ -223,11 +252,13 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArgum
     # as through the unmerged adapter, the rest differ by bf16 rounding)
     with autocast(model, dtype, merge_lora=True):
         texts, stopped, lengths = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress,
-                                           images=_images(rows))
+                                           images=_images(rows), share=share)
     generated = time.perf_counter()
     # scored through the adapter itself, in the same precision: in float32 the loss took as long as generating
-    with autocast(model, dtype):
-        loss = heldout_loss(model, tokenizer, rows, loss_limit)
+    loss = None
+    if share is None or share.index == 0:
+        with autocast(model, dtype):
+            loss = heldout_loss(model, tokenizer, rows, loss_limit)
     seconds = {"generate": round(generated - started, 1), "heldout_loss": round(time.perf_counter() - generated, 1)}
     columns = {"answer": [r["answer"] for r in rows], "thinking": [r.get("thinking") for r in rows],
                "domain": [r.get("domain") for r in rows]}
@@ -257,6 +288,7 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArgum
         "heldout_loss": None if loss is None or math.isnan(loss) else loss,
         "by_group": {k: _mean(v) for k, v in sorted(groups.items())},
         "seconds": seconds,
+        "processes": share.count if share else 1,
         "dtype": dtype,
         "samples": [
             {"prompt": vision.message_text(r["prompt"][-1]["content"]), "thinking": r.get("thinking"),
@@ -318,12 +350,12 @@ def settings_rows(settings: EvalArguments) -> list[dict]:
     return load_rows(settings.dataset, settings.split, settings.limit)
 
 
-def run(settings: EvalArguments, model, tokenizer, rows: list[dict] | None = None) -> dict:
+def run(settings: EvalArguments, model, tokenizer, rows: list[dict] | None = None, share: Share | None = None) -> dict:
     """`evaluate` a loaded model (and its tokenizer or processor) on `settings.dataset`, as `settings` says."""
     rows = settings_rows(settings) if rows is None else rows
     try:
         return evaluate(model, tokenizer, rows, settings.max_new_tokens, settings.batch_size, settings.samples,
-                        dtype=settings.dtype, loss_limit=settings.loss_limit)
+                        dtype=settings.dtype, loss_limit=settings.loss_limit, share=share)
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise

@@ -86,17 +86,22 @@ def test_fsdp2_saves_the_whole_adapter(runs, stage):
 
 
 def test_held_out_evaluation_in_the_stage_unless_the_weights_are_sharded(runs):
-    """One process and DDP evaluate the trained adapter in the stage (the main process holds the whole model); under
-    FSDP a forward on the main process alone would wait for the other processes forever, so the stage records why it
-    did not evaluate and `posttrain run` evaluates the saved adapter in a process of its own (`test_pipeline`)."""
+    """One process and DDP evaluate the trained adapter in the stage (under DDP every process holds the whole model
+    and generates half the prompts); under FSDP a forward on one process alone would wait for the other processes
+    forever, so the stage records why it did not evaluate and `posttrain run` evaluates the saved adapter in a process
+    of its own (`test_pipeline`)."""
     for engine in ("one", "ddp", "fsdp"):
         for stage in ("sft", "dpo"):
             metrics = json.loads((runs[engine] / stage / "metrics.json").read_text())
             if engine == "fsdp":
                 assert metrics["eval"] is None, stage
                 assert metrics["eval_deferred"] == "FSDP sharded the weights over 2 processes", stage
-            else:
-                assert metrics["eval"]["n"] == 4 and "eval_deferred" not in metrics, (engine, stage)
+                continue
+            evaluation, alone = metrics["eval"], json.loads((runs["one"] / stage / "metrics.json").read_text())["eval"]
+            assert evaluation["n"] == 4 and "eval_deferred" not in metrics, (engine, stage)
+            assert evaluation["processes"] == (2 if engine == "ddp" else 1), (engine, stage)
+            assert evaluation["prompts_sha"] == alone["prompts_sha"] and len(evaluation["verdicts"]) == 4
+            assert evaluation["heldout_loss"] == pytest.approx(alone["heldout_loss"], rel=1e-3), (engine, stage)
         preference = json.loads((runs[engine] / "dpo" / "metrics.json").read_text())["preference"]
         measured = [preference["before"], preference["after"]]
         assert measured == [None, None] if engine == "fsdp" else all(p["n"] == 4 for p in measured), engine

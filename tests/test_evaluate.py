@@ -2,12 +2,13 @@
 
 import collections
 import json
+import threading
 import types
 
 import pytest
 import torch
 
-from posttrain.evaluate import completion_logps, evaluate, generate, load_rows, preference_eval
+from posttrain.evaluate import Share, completion_logps, evaluate, generate, load_rows, preference_eval
 from posttrain.models import load_model, load_tokenizer
 
 
@@ -69,27 +70,65 @@ def test_completion_scores_equal_the_full_logits_and_the_loss_takes_its_limit(ti
     assert first_three != pytest.approx(heldout_loss(model, tokenizer, rows))
 
 
-def test_generations_come_back_in_the_callers_order(tiny_tokenizer):
-    """Prompts are generated in length order (less padding); each reply must still land at its own prompt. A stand-in
-    model "replies" with its prompt's last token three times, so every reply says which prompt it answered."""
-    tokenizer = tiny_tokenizer
+class Echo:
+    """A stand-in model that "replies" with its prompt's last token over and over, so every reply says which prompt
+    it answered; it records how many prompts it was given."""
 
-    class Echo:
-        device = torch.device("cpu")
+    device = torch.device("cpu")
 
-        class config:
-            get_text_config = staticmethod(lambda: Echo.config)
+    class config:
+        get_text_config = staticmethod(lambda: Echo.config)
 
-        @staticmethod
-        def generate(input_ids, attention_mask, max_new_tokens, **_):
-            sequences = torch.cat([input_ids, input_ids[:, -1:].repeat(1, max_new_tokens)], dim=1)
-            return types.SimpleNamespace(sequences=sequences, past_key_values=None)
+    def __init__(self):
+        self.prompts = 0
 
-    prompts = ["a b c d e f g h", "x", "hello world", "m n o p", "q"]
-    texts, stopped, lengths = generate(Echo, tokenizer, prompts, max_new_tokens=3, batch_size=2)
+    def generate(self, input_ids, attention_mask, max_new_tokens, **_):
+        self.prompts += len(input_ids)
+        sequences = torch.cat([input_ids, input_ids[:, -1:].repeat(1, max_new_tokens)], dim=1)
+        return types.SimpleNamespace(sequences=sequences, past_key_values=None)
+
+
+ECHOED = ["a b c d e f g h", "x", "hello world", "m n o p", "q"]
+
+
+def echoed(tokenizer, prompts: list[str], times: int) -> list[str]:
     last = [tokenizer.decode(tokenizer(p, add_special_tokens=False)["input_ids"][-1:]) for p in prompts]
-    assert [t.replace(" ", "") for t in texts] == [w.strip() * 3 for w in last]
+    return [w.strip() * times for w in last]
+
+
+def test_generations_come_back_in_the_callers_order(tiny_tokenizer):
+    """Prompts are generated in length order (less padding); each reply must still land at its own prompt."""
+    texts, stopped, lengths = generate(Echo(), tiny_tokenizer, ECHOED, max_new_tokens=3, batch_size=2)
+    assert [t.replace(" ", "") for t in texts] == echoed(tiny_tokenizer, ECHOED, 3)
     assert lengths == [3] * 5 and stopped == [False] * 5
+
+
+def test_processes_generate_a_share_each_and_all_get_every_reply(tiny_tokenizer):
+    """Under DDP each process generates every `count`-th prompt (`Share`) and the gather hands all the replies to
+    all of them, each at its own prompt. Two threads stand in for two processes; the gather is an all-gather."""
+    barrier, parts = threading.Barrier(2), [None, None]
+
+    def all_gather(index, objects):
+        parts[index] = objects
+        barrier.wait()
+        return [item for part in parts for item in part]
+
+    models, results = [Echo(), Echo()], [None, None]
+
+    def process(index):
+        share = Share(index, 2, lambda objects: all_gather(index, objects))
+        results[index] = generate(models[index], tiny_tokenizer, ECHOED, max_new_tokens=2, batch_size=2, share=share)
+
+    threads = [threading.Thread(target=process, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert [m.prompts for m in models] == [3, 2], "each process generated its own share only"
+    expected = echoed(tiny_tokenizer, ECHOED, 2)
+    for texts, stopped, lengths in results:
+        assert [t.replace(" ", "") for t in texts] == expected
+        assert lengths == [2] * 5 and stopped == [False] * 5
 
 
 def test_decoding_in_rounds_gives_generates_tokens(tiny_model_path):

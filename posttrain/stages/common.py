@@ -287,42 +287,51 @@ def sharded_weights(trainer) -> str | None:
     return None
 
 
-def run_eval(model, tokenizer, stage_args) -> dict | None:
-    """The recipe's held-out evaluation of the trained model, or None when the recipe has none."""
+def run_eval(model, tokenizer, stage_args, accelerator) -> dict | None:
+    """The recipe's held-out evaluation of the trained model, or None when the recipe has none. Every process calls
+    it: under DDP each generates a share of the prompts (`evaluate.Share`); the main process's result is the one
+    kept."""
     if not stage_args.eval_dataset:
         return None
-    from ..evaluate import run
+    from accelerate.utils import gather_object
 
-    return run(stage_args.eval_settings(), model, tokenizer)
+    from ..evaluate import Share, run
+
+    processes = accelerator.num_processes
+    share = Share(accelerator.process_index, processes, gather_object) if processes > 1 else None
+    return run(stage_args.eval_settings(), model, tokenizer, share=share)
 
 
 def finish(trainer, stage: str, stage_args, tokenizer, train_result, started: float, extra: dict | None = None):
     """Save the adapter and tokenizer, verify them, evaluate on held-out data, and write metrics.json (rank 0)."""
     output_dir = trainer.args.output_dir
+    accelerator = trainer.accelerator
     trainer.save_model(output_dir)
     live = live_adapter(trainer)  # every process: a collective under FSDP and ZeRO-3
-    if not trainer.accelerator.is_main_process:  # the others return from save_model before the main one has written
-        trainer.accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(trainer.model)
+    deferred = sharded_weights(trainer) if stage_args.eval_dataset else None
+    if not accelerator.is_main_process:  # the others return from save_model before the main one has written
+        if not deferred:
+            run_eval(model, tokenizer, stage_args, accelerator)  # their share of the prompts
+        accelerator.wait_for_everyone()
         return
     # PEFT saves every adapter; TRL's frozen "ref" copy (the previous stage, already saved there) goes to ref/
     shutil.rmtree(Path(output_dir) / "ref", ignore_errors=True)
     # Trainer pickles its arguments next to the adapter; resolved.yaml holds them as text, and we ship no pickles
     (Path(output_dir) / "training_args.bin").unlink(missing_ok=True)
     tokenizer.save_pretrained(output_dir)
-    model = trainer.accelerator.unwrap_model(trainer.model)
     checks = verify_adapter(output_dir, model, live) if live is not None else {}
-    deferred = sharded_weights(trainer) if stage_args.eval_dataset else None
     if deferred:
-        trainer.accelerator.print(f"[{stage}] held-out evaluation after the stage: {deferred}")
+        accelerator.print(f"[{stage}] held-out evaluation after the stage: {deferred}")
         extra = {**(extra or {}), "eval_deferred": deferred}
     elif stage_args.eval_dataset:
-        trainer.accelerator.print(f"[{stage}] evaluating on held-out data…")
-    evaluation = None if deferred else run_eval(model, tokenizer, stage_args)
+        accelerator.print(f"[{stage}] evaluating on held-out data…")
+    evaluation = None if deferred else run_eval(model, tokenizer, stage_args, accelerator)
     metrics = {
         "stage": stage,
         "status": "done",
         "wall_time_s": round(time.time() - started, 1),
-        "world_size": trainer.accelerator.num_processes,
+        "world_size": accelerator.num_processes,
         "train": {**train_result.metrics, "global_step": trainer.state.global_step,
                   "train_loss": whole_stage_loss(trainer, train_result)},
         "log_history": trainer.state.log_history,
@@ -331,7 +340,7 @@ def finish(trainer, stage: str, stage_args, tokenizer, train_result, started: fl
         **(extra or {}),
     }
     (Path(output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-    trainer.accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()
 
 
 def whole_stage_loss(trainer, train_result) -> float:
