@@ -68,6 +68,16 @@ def model_fingerprint(path: str | Path) -> str:
     return "|".join(parts)
 
 
+def weights_fingerprint(stage_dir: str | Path) -> str:
+    """What a finished stage's weights are: the adapter file's sha256 (a few MB to a few hundred), or for a full
+    model the cheaper `model_fingerprint`. A stage trained again with the same inputs can save other weights (GPU
+    kernels are not deterministic), so what samples from them keys on this, not on the stage's inputs hash."""
+    from .models import file_fingerprint
+
+    adapter = Path(stage_dir) / "adapter_model.safetensors"
+    return file_fingerprint(adapter) if adapter.is_file() else model_fingerprint(stage_dir)
+
+
 def stage_lineage(stage: str, args: dict, inputs_hash: str, pipeline, previous: str | None) -> dict:
     from .models import describe_model
 

@@ -48,7 +48,7 @@ def read_files(args) -> dict:
     """Content fingerprints of the local files and data_prep output folders among a data job's arguments (another
     job's output, a source file), so a job whose input was rebuilt or edited is rebuilt too: its arguments, being
     paths, stay the same. Other folders (a model, a tokenizer) are left out: hashing them would cost more than it
-    tells, and a job that samples from a stage's adapter already carries the stage's hash (`after`)."""
+    tells, and a job that samples from a stage's adapter carries the stage's weights (`after`)."""
     return {value: lineage.dataset_fingerprint(value) for _, value in named_strings(args, "")
             if Path(value).is_file() or (Path(value) / "card.json").is_file()}
 
@@ -228,7 +228,8 @@ class Pipeline:
 
     def build_data(self, after: str | None) -> None:
         """Run the recipe's data jobs that belong at this point: before everything, or right after stage `after`
-        (then the stage's lineage hash is part of the job's inputs, so a re-trained stage rebuilds its data)."""
+        (then the stage's inputs hash and its weights are part of the job's inputs, so a re-trained stage rebuilds
+        its data)."""
         from .datajobs import run_job
 
         for name, spec in self.recipe.data.items():
@@ -237,7 +238,10 @@ class Pipeline:
             args = self.local_paths(self.substitute({k: v for k, v in spec.items() if k not in ("job", "after")}))
             if spec["job"] == "build_onpolicy_pairs" and self.recipe.base.trust_remote_code:
                 args.setdefault("trust_remote_code", True)  # it loads the recipe's base model
-            upstream = json.loads((self.root / after / "lineage.json").read_text())["inputs_hash"] if after else None
+            upstream = None
+            if after:  # a job that samples from the stage's weights: rebuilt when they change
+                upstream = {"inputs": json.loads((self.root / after / "lineage.json").read_text())["inputs_hash"],
+                            "weights": lineage.weights_fingerprint(self.root / after)}
             digest = self.digest({"job": spec["job"], "args": args, "after": upstream, "reads": read_files(args)})
             out, stamp = self.data_path(name), self.data_path(name).with_suffix(".inputs")
             if out.is_dir() and stamp.is_file() and stamp.read_text() == digest:

@@ -251,3 +251,31 @@ def test_a_data_job_is_rebuilt_when_a_file_it_reads_changes(tmp_path, monkeypatc
     with pytest.raises(UserError, match="the job failed"):
         build(30)
     assert (tmp_path / "out" / "r" / "data" / "tasks" / "rows.jsonl").read_text() == before, "a failed rebuild loses nothing"
+
+
+def test_a_job_after_a_stage_is_rebuilt_when_the_stage_saved_other_weights(tmp_path, monkeypatch):
+    """The on-policy pairs sample from the SFT adapter. SFT trained again with the same inputs (a damaged adapter
+    retrained; on a GPU, where kernels are not deterministic) can save other weights: the pairs follow the weights,
+    not only the stage's inputs hash."""
+    from posttrain import datajobs
+    from posttrain.pipeline import Pipeline
+    from posttrain.recipe import load_recipe
+
+    built = []
+    monkeypatch.setattr(datajobs, "run_job", lambda job, args, out: built.append(job) or Path(out).mkdir(parents=True))
+    raw = {"name": "r", "base": {"model_name_or_path": "tiny:llama"}, "stages": {"sft": {"dataset_name": "x"}},
+           "data": {"pairs": {"job": "build_onpolicy_pairs", "after": "sft", "adapter_path": "{run}/sft"}}}
+    pipeline = Pipeline(load_recipe(tmp_path / "r.yaml", raw=raw), tmp_path / "out")
+    sft = tmp_path / "out" / "r" / "sft"
+    sft.mkdir(parents=True)
+    (sft / "lineage.json").write_text(json.dumps({"inputs_hash": "same"}))
+    (sft / "adapter_model.safetensors").write_bytes(b"weights of the first training")
+
+    def build():
+        built.clear()
+        pipeline.build_data(after="sft")
+        return len(built)
+
+    assert build() == 1 and build() == 0, "built once, then up to date"
+    (sft / "adapter_model.safetensors").write_bytes(b"weights of the second training")
+    assert build() == 1, "the same inputs hash, other weights: sampled again"
