@@ -12,6 +12,7 @@ stage's adapter on the base model (same logits on a probe batch, tied embeddings
 into place. Every check's result goes into `export.json` and the card. Safetensors only.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -81,6 +82,8 @@ def run_export(request: ExportRequest) -> Path:
     if out.exists():
         _check_replaceable(out, ref.run)
     make_folder(out.parent, "the folder to export into")
+    if request.push_to_hub:  # the network, the token and its write access, before minutes of export work
+        create_repo(request.push_to_hub, token, request.private, request.revision)
 
     def write(tmp: Path) -> None:
         console.print(f"exporting {ref.run.name}/{ref.stage} ({'merged, ' + dtype if request.merge else 'adapter'})…")
@@ -94,7 +97,7 @@ def run_export(request: ExportRequest) -> Path:
     replace_dir(out, write)
     console.print(f"[green]✓ exported[/green] {out}")
     if request.push_to_hub:
-        url = push_folder(out, request.push_to_hub, token, request.private, request.revision,
+        url = push_folder(out, request.push_to_hub, token, request.revision,
                           f"posttrain export of {ref.run.name}/{ref.stage}")
         console.print(f"[green]✓ pushed[/green] {url}")
     return out
@@ -343,17 +346,34 @@ def hub_token(repo_id: str) -> str:
     return token
 
 
-def push_folder(folder: Path, repo_id: str, token: str, private: bool, revision: str | None, message: str) -> str:
-    """create_repo + (branch) + upload_folder; errors become one UserError with the token scrubbed out."""
-    from huggingface_hub import HfApi
+def create_repo(repo_id: str, token: str, private: bool, revision: str | None) -> None:
+    """The Hub repository (and branch) to push to, created if missing, as `Trainer(push_to_hub=True)` does before it
+    trains: a Hub that cannot be reached or a token without write access is an error before anything is exported."""
+    with _hub_errors(f"--push-to-hub {repo_id}: could not create or open the repository on the Hub", token,
+                     "nothing was exported"):
+        from huggingface_hub import HfApi
 
-    api = HfApi(token=token)
-    try:
+        api = HfApi(token=token)
         api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
         if revision:
             api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", revision=revision,
-                                   commit_message=message)
-    except Exception as exc:  # HTTP, auth and validation errors alike: the user needs the message, not the trace
-        raise UserError(f"uploading {folder} to {repo_id} failed: {str(exc).replace(token, '***')}") from None
+
+
+def push_folder(folder: Path, repo_id: str, token: str, revision: str | None, message: str) -> str:
+    """upload_folder into the repository `create_repo` made; errors become one UserError with the token scrubbed
+    out."""
+    with _hub_errors(f"uploading {folder} to {repo_id} failed", token,
+                     "the export is complete there; upload it later with: hf upload " + repo_id + f" {folder}"):
+        from huggingface_hub import HfApi
+
+        commit = HfApi(token=token).upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                                                  revision=revision, commit_message=message)
     return commit.commit_url
+
+
+@contextlib.contextmanager
+def _hub_errors(what: str, token: str, then: str):
+    try:
+        yield
+    except Exception as exc:  # HTTP, auth and validation errors alike: the user needs the message, not the trace
+        raise UserError(f"{what}: {str(exc).replace(token, '***')} ({then})") from None

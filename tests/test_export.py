@@ -265,6 +265,24 @@ def test_push_without_token_fails_before_exporting(run, tmp_path, monkeypatch, c
     assert not (tmp_path / "out").exists()
 
 
+def test_a_hub_that_refuses_the_repository_fails_before_exporting(run, tmp_path, monkeypatch, capsys):
+    """No network, or a token without write access: the repository is created (or opened) before the export, so the
+    error comes first and no folder is written; the token never appears in it."""
+    from huggingface_hub import HfApi
+
+    def create_repo(self, repo_id, **kw):
+        raise ConnectionError(f"could not connect to huggingface.co (authorization: Bearer {FAKE_TOKEN})")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: pytest.fail("nothing to upload"))
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    code, printed = export(run, "--out", tmp_path / "out", "--push-to-hub", "me/tiny-sft", capsys=capsys)
+    assert code == 2 and "could not create or open the repository" in printed and "nothing was exported" in printed
+    assert "could not connect" in printed and FAKE_TOKEN not in printed + capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_push_offline_fails_fast_before_exporting(run, tmp_path, posttrain_cli):
     result = posttrain_cli("export", run, "--out", tmp_path / "out", "--push-to-hub", "me/tiny-sft", cwd=tmp_path,
                        env={"HF_HUB_OFFLINE": "1", "HF_TOKEN": FAKE_TOKEN}, check=False, timeout=60)
