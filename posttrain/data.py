@@ -7,6 +7,7 @@ default. TRL's SFTTrainer reads per-row template switches from `chat_template_kw
 """
 
 import json
+import os
 from pathlib import Path
 
 from .errors import UserError
@@ -94,8 +95,6 @@ def _bad_json_line(path: Path) -> str:
 
 
 def _load_hub(repo_id: str, split: str, dataset_config: str | None):
-    import os
-
     from datasets import load_dataset
 
     offline = any(os.environ.get(v, "0").lower() in ("1", "true") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
@@ -139,6 +138,26 @@ def prompt_text(tokenizer, row: dict) -> str:
     mode (`row_thinking`)."""
     prompt = row["prompt"]
     return prompt if isinstance(prompt, str) else render_prompt(tokenizer, prompt, row_thinking(row))
+
+
+def preference_texts(tokenizer, row: dict, eos: str) -> tuple[str, str, str]:
+    """A preference row's (prompt, chosen, rejected) text as TRL's DPOTrainer tokenizes it (`tokenize_fn` in
+    trl/trainer/dpo_trainer.py): a text row as it is, each reply ending in `eos`; a conversation rendered whole with
+    the row's `tools` and thinking mode, each reply being what its rendering adds after the prompt's (tool calls and
+    end-of-turn marker included), the prompt cut where the renderings part."""
+    if isinstance(row["prompt"], str):
+        return row["prompt"], *(text if text.endswith(eos) else text + eos
+                                for text in (completion_text(row["chosen"]), completion_text(row["rejected"])))
+    tools = row.get("tools")
+    kwargs = {"tools": json.loads(tools) if isinstance(tools, str) else tools, **(row.get("chat_template_kwargs") or {})}
+    if row.get("thinking") is not None:
+        kwargs["enable_thinking"] = bool(row["thinking"])
+    prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True, **kwargs)
+    whole = [tokenizer.apply_chat_template(
+        row["prompt"] + (reply if isinstance(reply, list) else [{"role": "assistant", "content": reply}]),
+        tokenize=False, **kwargs) for reply in (row["chosen"], row["rejected"])]
+    cut = min(len(os.path.commonprefix([prompt, text])) for text in whole)
+    return prompt[:cut], whole[0][cut:], whole[1][cut:]
 
 
 def data_folder(name_or_path: str) -> Path | None:

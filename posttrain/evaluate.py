@@ -26,7 +26,7 @@ from pathlib import Path
 
 from . import devices
 from .configs import EvalArguments, Precision
-from .data import completion_text, prompt_text, render_prompt
+from .data import preference_texts, render_prompt
 from .errors import UserError, is_out_of_memory, what_ran_out
 from .io import write_json
 from .models import sampling_weights, vision
@@ -220,10 +220,9 @@ def preference_eval(model, tokenizer, pairs: list[dict], dtype: str = "float32")
     Scored in `dtype` as `evaluate` scores its held-out loss (bf16: about half the time of float32 on CPU)."""
     was_training = model.training
     model.eval()
-    # text pairs are scored as TRL trains them: prompt, then reply and EOS; conversations in each row's thinking mode
-    prompts = [prompt_text(tokenizer, p) for p in pairs]
-    eos, images = vision.text_tokenizer(tokenizer).eos_token, _images(pairs)
-    replies = [completion_text(p[side]) + eos for side in ("chosen", "rejected") for p in pairs]
+    # scored as TRL trains them (`data.preference_texts`)
+    texts = [preference_texts(tokenizer, p, vision.text_tokenizer(tokenizer).eos_token) for p in pairs]
+    prompts, replies, images = [t[0] for t in texts], [t[side] for side in (1, 2) for t in texts], _images(pairs)
     with autocast(model, dtype):
         scores = completion_logps(model, tokenizer, prompts * 2, replies, images=images * 2 if images else None)
     chosen, rejected = scores[:len(pairs)], scores[len(pairs):]

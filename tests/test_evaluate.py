@@ -323,6 +323,37 @@ def test_preference_eval_scores_pairs_in_the_context_they_train_in(tiny_model_pa
     assert render_prompt(tokenizer, messages, False) != render_prompt(tokenizer, messages, None)
 
 
+def test_preference_eval_scores_tool_calls_and_tools_as_trl_trains_them(tiny_model_path, monkeypatch):
+    """A conversation is scored on the tokens TRL's DPOTrainer trains on: the prompt with the row's tools in the
+    system turn, each reply with its tool calls and end-of-turn marker. Before, a reply that only called a tool
+    was scored as an empty string, the same as any other tool call."""
+    from posttrain import evaluate as evaluate_module
+
+    path = tiny_model_path("llama")
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    seen = []
+    scored = evaluate_module.completion_logps
+    monkeypatch.setattr(evaluate_module, "completion_logps",
+                        lambda model, tokenizer, prompts, replies, **kwargs: seen.append((prompts, replies))
+                        or scored(model, tokenizer, prompts, replies, **kwargs))
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}]
+    prompt = [{"role": "user", "content": "What is 2 + 3?"}]
+
+    def call(a):
+        return [{"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "add", "arguments": {"a": a, "b": 3}}}]}]
+
+    pair = {"prompt": prompt, "chosen": call(2), "rejected": call(4), "tools": json.dumps(tools), "thinking": False}
+    assert preference_eval(model, tokenizer, [pair])["n"] == 1
+    [(prompts, replies)] = seen
+    assert "<tools>" in prompts[0] and '"a": 2' in replies[0] and '"a": 4' in replies[1]
+    for reply, side in zip(replies, ("chosen", "rejected")):
+        whole = tokenizer.apply_chat_template(prompt + pair[side], tools=tools, enable_thinking=False, tokenize=True)
+        ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in (prompts[0], reply)]
+        ids = ids[0] + ids[1]  # what `completion_logps` scores: the two tokenized apart
+        assert list(getattr(whole, "input_ids", whole)) == ids, side
+
+
 def test_onpolicy_pairs_job(tiny_model_path, task_data, tmp_path):
     from data_prep.build_onpolicy_pairs import main
 
