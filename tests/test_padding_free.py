@@ -83,3 +83,29 @@ def test_calls_it_cannot_pack_go_to_the_forward_as_it_was(tiny_model_path):
         model(**batch, fused_lm_head=True, token_type_ids=torch.zeros_like(batch["input_ids"]))  # unknown input
     assert logits.shape[:2] == batch["input_ids"].shape
     assert seen == [4, 4, 4]
+
+
+def test_models_with_multimodal_positions_stay_padded(tiny_model_path):
+    """Qwen2-VL's text model expands packed position ids to its three rotary sections and drops the row boundaries
+    they carry: packed, a row attends to the rows before it and its log-probs change. The stages keep such a
+    model's batches padded (`padding_free_problem`); a model with plain positions packs, for which the outputs are
+    those of the padded batch (above)."""
+    from transformers import AutoModelForImageTextToText
+    from trl.trainer.utils import add_fused_lm_head
+
+    from posttrain.models import load_model
+    from posttrain.models.padding_free import pack_scoring_forward
+    from posttrain.stages.common import padding_free_problem
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_path("qwen2_vl"), dtype=torch.float32)
+    add_fused_lm_head(model, outputs=("log_probs",))
+    batch = padded_batch(model.config.get_text_config().vocab_size)
+    with torch.no_grad():
+        padded = model(**batch, fused_lm_head=True).log_probs
+        pack_scoring_forward(model)
+        packed = model(**batch, fused_lm_head=True).log_probs
+    torch.testing.assert_close(packed[0], padded[0], atol=1e-5, rtol=1e-5)  # the first row has no row before it
+    assert (packed[1:] - padded[1:]).abs().max() > 1e-2, "the rows after it attend across row boundaries"
+    assert "multimodal rotary positions" in padding_free_problem(model, images=False)
+    assert padding_free_problem(load_model(tiny_model_path("llama")), images=False) is None
+    assert "image rows" in padding_free_problem(load_model(tiny_model_path("llama")), images=True)

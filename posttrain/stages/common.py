@@ -150,6 +150,23 @@ def top_layers_lora(peft_config, model, top: int):
     return peft_config
 
 
+def padding_free_problem(model, images: bool) -> str | None:
+    """Why this stage's batches must stay padded although `padding_free` is on (a default, `devices.speed_defaults`),
+    or None; the reason is logged."""
+    from ..models.padding_free import multimodal_positions
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    problem = None
+    if images:
+        problem = "TRL's vision collator pads image rows"
+    elif multimodal_positions(base):
+        problem = (f"{base.config.model_type}'s multimodal rotary positions would let the rows of a packed batch "
+                   "attend to each other")
+    if problem:
+        logger.warning("padding_free is off: %s", problem)
+    return problem
+
+
 def attend_by_row(model, model_args) -> str:
     """Padding-free batches attend within each row (`models.attention.packed_rows`) instead of over the packed
     square with SDPA: same logits and gradients (tested). 4 SFT steps of the default recipe (16 rows, ~750 tokens a

@@ -67,7 +67,8 @@ def main(stage_args: StageArguments, training_args, model_args):
                                 truncation)
     images = vision.has_images(train)
     # TRL (1.16) turns its own padding-free DPO off; the stage packs the padded batches itself
-    packed, training_args.padding_free = training_args.padding_free and not images, False
+    problem = common.padding_free_problem(model, images) if training_args.padding_free else None
+    packed, training_args.padding_free = training_args.padding_free and not problem, False
 
     trainer = DPOTrainer(
         model=model,

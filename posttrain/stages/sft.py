@@ -50,7 +50,8 @@ def main(stage_args: StageArguments, training_args, model_args):
     if images:
         dataset = vision_rows(dataset, training_args, stage_args)
 
-    flatten = flatten_requested(training_args, images)
+    problem = common.padding_free_problem(model, images) if training_args.padding_free else None
+    flatten = flatten_requested(training_args, problem)
     trainer = SFTTrainer(
         model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
     )
@@ -70,14 +71,13 @@ def main(stage_args: StageArguments, training_args, model_args):
     return trainer
 
 
-def flatten_requested(training_args, images: bool) -> bool:
+def flatten_requested(training_args, problem: str | None) -> bool:
     """`padding_free` with `max_length` and no packing: TRL refuses it (it would not truncate), so the stage lets TRL
-    tokenize and truncate with padded batches, then flattens them (`flatten_batches`). Returns whether to. Image rows
-    stay padded (TRL has no padding-free vision collator)."""
+    tokenize and truncate with padded batches, then flattens them (`flatten_batches`). Returns whether to. With a
+    `problem` (`common.padding_free_problem`: image rows, multimodal positions) the batches stay padded."""
     if not training_args.padding_free or training_args.packing:
         return False
-    if images:
-        logger.warning("padding_free is off for image rows: TRL's vision collator pads")
+    if problem:  # logged by padding_free_problem
         training_args.padding_free = False
         return False
     if training_args.max_length is None:

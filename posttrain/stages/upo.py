@@ -75,7 +75,8 @@ def main(stage_args: StageArguments, training_args, model_args, curriculum_args:
     trainer = UPOTrainer(model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, offline_dataset=offline)
     common.guard_checkpoints(trainer)
-    if training_args.padding_free and not images:
+    problem = common.padding_free_problem(model, images) if training_args.padding_free else None
+    if training_args.padding_free and not problem:
         preflight.update(padding_free=True, attention=common.pack_scoring(trainer, model_args))
     frozen = common.freeze_vision(trainer, stage_args, model_args)
     result = common.train(trainer, training_args, stage_args)
