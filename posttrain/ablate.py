@@ -33,10 +33,11 @@ from pathlib import Path
 from .configs import suggest
 from .console import console
 from .errors import UserError
+from .io import read_json, replace_dir, write_json, write_text
 from .pipeline import Pipeline, run_dir
 from .recipe import Recipe, load_recipe
 
-SHARED = ("data", "base")  # plus the stages before the varied one
+SEEDED = "seeded.json"  # in a variant folder: what seed_from_shared copied into it, step -> stamp
 
 
 def variant_recipe(recipe: Recipe, variant: str, overrides: dict) -> Recipe:
@@ -183,13 +184,43 @@ def print_summary(groups: dict[str, list[Path]], baseline: str) -> None:
 
 
 def seed_from_shared(shared: Path, root: Path, stages: list[str]) -> None:
-    """Copy the shared run's finished steps into a variant folder that does not have them yet."""
+    """Copy the shared run's finished steps (base, each data folder, `stages`) into a variant folder.
+
+    A copy is replaced when the shared step was built again from other inputs (else the variant would train its
+    "shared" sft itself, and the variants would no longer pair) or when it is incomplete (a copy killed part-way).
+    A step the variant built itself (a data override, say) is left to the variant's pipeline: `seeded.json` says
+    what was copied, so that a resumed ablation does not rebuild every variant's own data again."""
     root.mkdir(parents=True, exist_ok=True)
-    for name in (*SHARED, *stages):
+    seeded = read_json(root / SEEDED)
+    names = ["base", *stages]
+    if (shared / "data").is_dir():  # each data folder on its own: a variant may add data jobs of its own
+        names += [f"data/{p.name}" for p in sorted((shared / "data").iterdir())
+                  if p.is_dir() and not p.name.startswith(".")]  # not another writer's temporary folder
+    for name in names:
         source, target = shared / name, root / name
-        if target.exists() or not source.exists():
+        stamp, have = _stamp(source), _stamp(target)
+        # not what was copied last (a folder without a record is taken for an older version's copy)
+        own = target.exists() and have != stamp and seeded.get(name, have) != have
+        if not source.is_dir() or own:
             continue
-        if source.is_dir():
-            shutil.copytree(source, target)
-        else:
-            shutil.copy2(source, target)
+        if have != stamp or not _complete(source, target):
+            # built aside and renamed into place: a kill leaves the old copy or the new one, never half of one
+            replace_dir(target, lambda tmp, source=source: shutil.copytree(source, tmp, dirs_exist_ok=True))
+            if source.with_suffix(".inputs").is_file():  # after the folder: a kill in between copies it again
+                write_text(target.with_suffix(".inputs"), stamp)
+        seeded[name] = stamp
+    write_json(root / SEEDED, seeded)
+
+
+def _stamp(folder: Path) -> str | None:
+    """What a step was built from: a data folder's `.inputs` file beside it (`Pipeline.build_data`), else its
+    lineage's `inputs_hash` (base, stages); None when it has neither."""
+    inputs = folder.with_suffix(".inputs")
+    return inputs.read_text() if inputs.is_file() else read_json(folder / "lineage.json").get("inputs_hash")
+
+
+def _complete(source: Path, target: Path) -> bool:
+    """Whether `target` has every file of `source` (a copy made in place before copies were atomic, and killed,
+    has its lineage but not its adapter)."""
+    have = {p.relative_to(target) for p in target.rglob("*")}
+    return all(p.relative_to(source) in have for p in source.rglob("*"))

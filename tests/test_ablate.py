@@ -161,3 +161,87 @@ def test_ablate_until_ends_each_variant_after_that_stage(tmp_path):
     comparison = (outputs / "tiny-text-ablation" / "comparison.md").read_text()
     rows = [line for line in comparison.splitlines() if line.startswith("| **tiny-text-")]
     assert len(rows) == 2 and all("| sft |" in row for row in rows), comparison
+
+
+def make_step(folder: Path, inputs_hash: str, adapter: bytes = b"weights") -> Path:
+    """A finished step as the pipeline leaves it, small: its lineage and an adapter file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "lineage.json").write_text(json.dumps({"inputs_hash": inputs_hash}))
+    (folder / "adapter_model.safetensors").write_bytes(adapter)
+    return folder
+
+
+def make_data(data: Path, name: str, stamp: str, rows: str = "rows") -> None:
+    """A data job's output folder and the `.inputs` stamp beside it (`Pipeline.build_data`)."""
+    (data / name).mkdir(parents=True, exist_ok=True)
+    (data / name / "train.parquet").write_text(rows)
+    (data / f"{name}.inputs").write_text(stamp)
+
+
+def test_retrained_shared_stage_replaces_the_variants_old_copy(tmp_path):
+    """The shared sft and data trained again with other inputs: each variant gets the new ones (else it trains its
+    own sft, and the variants no longer share one), and keeps the data jobs only it has."""
+    from posttrain.ablate import seed_from_shared
+
+    shared, variant = tmp_path / "abl", tmp_path / "abl-grpo"
+    make_step(shared / "base", "base-1")
+    make_step(shared / "sft", "sft-1", b"old sft")
+    make_data(shared / "data", "sft_mix", "mix-1", "old rows")
+    seed_from_shared(shared, variant, ["sft"])
+    make_data(variant / "data", "extra", "extra-1")  # a data job of the variant's own
+    make_step(shared / "sft", "sft-2", b"new sft")
+    make_data(shared / "data", "sft_mix", "mix-2", "new rows")
+    seed_from_shared(shared, variant, ["sft"])
+    assert json.loads((variant / "sft" / "lineage.json").read_text())["inputs_hash"] == "sft-2"
+    assert (variant / "sft" / "adapter_model.safetensors").read_bytes() == b"new sft"
+    assert (variant / "data" / "sft_mix.inputs").read_text() == "mix-2"
+    assert (variant / "data" / "sft_mix" / "train.parquet").read_text() == "new rows"
+    assert (variant / "data" / "extra" / "train.parquet").is_file()
+    assert not [p.name for p in variant.rglob(".*")], "temporary copies left behind"
+
+
+def test_incomplete_copy_is_replaced(tmp_path, monkeypatch):
+    """A copy killed part-way: one made in place (lineage copied, adapter not) is completed on the next run; one
+    killed now leaves the old copy under the final name, never half of the new one."""
+    import posttrain.ablate as ablate
+
+    shared, variant = tmp_path / "abl", tmp_path / "abl-grpo"
+    make_step(shared / "base", "base-1")
+    make_step(shared / "sft", "sft-1")
+    make_data(shared / "data", "sft_mix", "mix-1")
+    (variant / "sft").mkdir(parents=True)
+    shutil.copy2(shared / "sft" / "lineage.json", variant / "sft")
+    (variant / "data").mkdir()
+    shutil.copy2(shared / "data" / "sft_mix.inputs", variant / "data")
+    ablate.seed_from_shared(shared, variant, ["sft"])
+    assert (variant / "sft" / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert (variant / "data" / "sft_mix" / "train.parquet").is_file()
+
+    make_step(shared / "sft", "sft-2", b"new sft")
+
+    def killed(source, target, **kwargs):
+        shutil.copy2(Path(source) / "lineage.json", target)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ablate.shutil, "copytree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ablate.seed_from_shared(shared, variant, ["sft"])
+    monkeypatch.undo()
+    assert json.loads((variant / "sft" / "lineage.json").read_text())["inputs_hash"] == "sft-1"
+    ablate.seed_from_shared(shared, variant, ["sft"])
+    assert (variant / "sft" / "adapter_model.safetensors").read_bytes() == b"new sft"
+
+
+def test_data_the_variant_built_itself_is_kept(tmp_path):
+    """A variant that overrides a data job rebuilds it in its own folder: a resumed ablation leaves that alone (the
+    variant's pipeline decides), rather than copying the shared one over it to be rebuilt again."""
+    from posttrain.ablate import seed_from_shared
+
+    shared, variant = tmp_path / "abl", tmp_path / "abl-more"
+    make_step(shared / "base", "base-1")
+    make_data(shared / "data", "sft_mix", "mix-1", "shared rows")
+    seed_from_shared(shared, variant, [])
+    make_data(variant / "data", "sft_mix", "mix-variant", "variant rows")  # what its pipeline rebuilt
+    seed_from_shared(shared, variant, [])
+    assert (variant / "data" / "sft_mix.inputs").read_text() == "mix-variant"
+    assert (variant / "data" / "sft_mix" / "train.parquet").read_text() == "variant rows"
