@@ -11,8 +11,10 @@ Rows: `sft`, `dpo`, `grpo` (plain `GRPOTrainer` vs our UPO with `upo_lambda: 0`)
 against the same plain GRPO step). Columns:
 
 - `trl`: a plain TRL script with the bench arguments and TRL's defaults for everything else;
-- `equal`: the posttrain stage with exactly the same arguments (TRL's resolved defaults written out, so none of ours
-  applies): the cost of posttrain itself, which should be none;
+- `equal`: the posttrain stage with exactly the same arguments (TRL's resolved defaults written out, and for the RL
+  rows GRPO's dropout and rollout sampling, so none of our defaults applies): posttrain's code at TRL's arguments. Its
+  CPU code paths (the LM head, the fused LoRA update) run there too, so this column shows their gain net of any cost
+  the stage adds, not that cost alone;
 - `defaults`: the posttrain stage with the bench arguments only, i.e. what a recipe gets without tuning
   (`devices.device_defaults` and `devices.speed_defaults`, the same functions the pipeline uses);
 - one more per `--variant NAME:KEY=VALUE,...`: `defaults` with those arguments over it (a candidate default, measured
@@ -226,6 +228,9 @@ def column_args(row: str, column: str, args: dict, variants: dict | None = None,
         defaults = {**device_defaults(args), **speed_defaults(row, args["model_name_or_path"], args), **args}
         return {**defaults, **(variants or {}).get(column, {})}
     trl_defaults = {"bf16": True, "gradient_checkpointing": True, "use_liger_kernel": False}
+    if row in ("grpo", "upo"):  # GRPO's behaviour where UPOConfig's defaults differ: dropout as the model has it,
+        # rollouts sampled through the unmerged adapter
+        trl_defaults.update(disable_dropout=False, merged_rollouts=False)
     return {**trl_defaults, **({} if has_cuda() else {"use_cpu": True}), **args, **(plain or {})}
 
 

@@ -91,19 +91,19 @@ def posttrain_stage(stage: str, args: dict):
 
 def plain_trl(stage: str, args: dict):
     """The same stage written directly against TRL, as a user's short script would."""
-    import torch
     from datasets import load_dataset
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
     tokenizer = AutoTokenizer.from_pretrained(args["tokenizer_name_or_path"])
-    model = AutoModelForCausalLM.from_pretrained(args["model_name_or_path"], dtype=torch.float32)
+    model_config = ModelConfig(**_subset(ModelConfig, args))
+    model = plain_model(model_config, args)
     peft_config = None
     if args.get("adapter_path"):  # TRL freezes a copy of a continued adapter as the reference
         model = PeftModel.from_pretrained(model, args["adapter_path"], is_trainable=True)
     else:
-        peft_config = get_peft_config(ModelConfig(**_subset(ModelConfig, args)))
+        peft_config = get_peft_config(model_config)
     data_file = f"{args['dataset_name']}/{args.get('dataset_train_split', 'train')}.parquet"
     dataset = load_dataset("parquet", data_files=data_file, split="train")
     common = dict(model=model, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
@@ -119,6 +119,18 @@ def plain_trl(stage: str, args: dict):
         trainer = GRPOTrainer(reward_funcs=[REWARDS[name] for name in args["rewards"]], args=config, **common)
     trainer.train()
     return trainer
+
+
+def plain_model(model_config, args: dict):
+    """The base model as the stage loads it from the same arguments (`--plain dtype=bfloat16` reaches both sides):
+    `ModelConfig`'s dtype, attention and revision."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = model_config.dtype if model_config.dtype in ("auto", None) else getattr(torch, model_config.dtype)
+    return AutoModelForCausalLM.from_pretrained(
+        model_config.model_name_or_path, dtype=dtype, attn_implementation=model_config.attn_implementation,
+        revision=model_config.model_revision, trust_remote_code=bool(args.get("trust_remote_code")))
 
 
 def _subset(cls, args: dict) -> dict:

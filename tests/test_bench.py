@@ -217,6 +217,34 @@ def test_plain_arguments_go_to_the_plain_script_and_the_equal_column_alike(tmp_p
         parse_arguments("bf16", "expected KEY=VALUE")
 
 
+def test_equal_arguments_are_grpos_for_the_rl_rows(tmp_path):
+    """UPOConfig turns dropout off and samples rollouts from merged copies by default; plain GRPO does neither, so the
+    `trl` and `equal` columns of the GRPO and UPO rows write GRPO's behaviour out and only `defaults` gets ours."""
+    from posttrain.bench import BenchOptions, plan_runs
+
+    inputs = {"model": str(tmp_path), "tokenizer": str(tmp_path), "data": str(tmp_path), "adapter": str(tmp_path)}
+    runs = plan_runs(["grpo", "upo"], inputs, BenchOptions(stages=("grpo", "upo"), repeats=1), tmp_path)
+    for run in runs:
+        ours = run["column"] == "defaults"
+        assert ("merged_rollouts" in run["args"], "disable_dropout" in run["args"]) == (not ours, not ours), run
+        if not ours:
+            assert run["args"]["merged_rollouts"] is False and run["args"]["disable_dropout"] is False
+
+
+def test_the_plain_script_loads_the_model_as_the_stage_does(tiny_model_path):
+    """`--plain dtype=bfloat16,attn_implementation=eager` reaches the plain script's model load, not only the equal
+    column's stage."""
+    import torch
+    from trl import ModelConfig
+
+    from posttrain.bench_runs import plain_model
+
+    path = tiny_model_path("llama")
+    model = plain_model(ModelConfig(model_name_or_path=path, dtype="bfloat16", attn_implementation="eager"), {})
+    assert next(model.parameters()).dtype == torch.bfloat16 and model.config._attn_implementation == "eager"
+    assert next(plain_model(ModelConfig(model_name_or_path=path), {}).parameters()).dtype == torch.float32
+
+
 def test_bench_chat_data_is_real_conversations_that_fit(tmp_path, tiny_model_path, task_data):
     """`--data chat`: SFT rows are the shipped human conversations, DPO pairs the preference dialogues whose prompt and
     either reply fit in `max_length` whole (the stages refuse the others), both rendered without thinking; the RL
