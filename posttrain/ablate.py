@@ -83,7 +83,7 @@ def check_ablation(recipe: Recipe, seeds: int | None = None, only: list[str] | N
             raise UserError(f"{where}.{key}: unknown key{suggest(key, ABLATION_KEYS)}; expected "
                             f"{', '.join(ABLATION_KEYS)}")
     stage = spec.get("stage")
-    if stage not in recipe.stages:
+    if not isinstance(stage, str) or stage not in recipe.stages:
         raise UserError(f"{where}.stage: '{stage}' is not a stage of this recipe ({', '.join(recipe.stages)})")
     variants = spec["variants"]
     for name in only or []:
@@ -99,11 +99,12 @@ def check_ablation(recipe: Recipe, seeds: int | None = None, only: list[str] | N
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise UserError(f"{where}.seeds: {seeds!r}; expected a whole number of seeds per variant, 1 or more")
     baseline = spec.get("baseline") or next(iter(variants))
-    if baseline not in variants:
+    if not isinstance(baseline, str) or baseline not in variants:
         raise UserError(f"{where}.baseline: '{baseline}' is not among the variants run ({', '.join(variants)})")
     until = until or spec.get("until")
     order = list(recipe.stages)
-    if until is not None and (until not in order or order.index(until) < order.index(stage)):
+    if until is not None and (not isinstance(until, str) or until not in order
+                              or order.index(until) < order.index(stage)):
         raise UserError(f"{where}.until: '{until}'; expected the varied stage '{stage}' or one after it "
                         f"({', '.join(order[order.index(stage):])})")
     return Ablation(stage, variants, seeds, baseline, until)

@@ -66,6 +66,9 @@ def test_seeds_and_a_subset_of_variants():
         check_ablation(recipe, until="sft")  # before the varied stage: the variants would never run it
     with pytest.raises(UserError, match="ablation.until: 'ppo'"):
         check_ablation(load_recipe(TINY, ["ablation.until=ppo"]))
+    for key in ("stage", "baseline", "until"):  # a list where a name belongs: the message, not a TypeError
+        with pytest.raises(UserError, match=f"ablation.{key}: .*'upo'"):
+            check_ablation(load_recipe(TINY, [f"ablation.{key}=[upo]"]))
 
 
 @pytest.mark.slow
