@@ -11,6 +11,7 @@ list the file in `build_sft_set`'s `decontaminate` so no training row repeats on
     python -m data_prep.write_arithmetic_transfer
 """
 
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -156,11 +157,14 @@ QUESTIONS = [
 
 
 def value(expression: str) -> str:
-    """The exact value of an arithmetic expression of integers (+ - * / and parentheses), as an integer string."""
-    result = eval(expression, {"__builtins__": {}}, {})  # noqa: S307 - our own literal expressions, no names
-    exact = Fraction(result).limit_denominator(1000)
+    """The exact value of an arithmetic expression of integers (+ - * / and parentheses), as an integer string.
+
+    Every integer is read as a `Fraction`, so "/" divides exactly: a float result rounded back to a whole number would
+    let 10001 / 10000 through as 1."""
+    exact = eval(re.sub(r"\d+", r"Fraction(\g<0>)", expression),  # noqa: S307 - our own literal expressions
+                 {"__builtins__": {}, "Fraction": Fraction}, {})
     if exact.denominator != 1:
-        raise ValueError(f"{expression!r} is not a whole number ({result})")
+        raise ValueError(f"{expression!r} is not a whole number ({exact})")
     return str(exact.numerator)
 
 

@@ -7,21 +7,26 @@ Math answers are checked with Hugging Face's `math-verify` (the verifier TRL's a
 fractions, LaTeX, `\\boxed{}`, units and equivalent forms. Plain numbers on both sides (a numeric reference, a final
 answer without LaTeX or fractions) take a regex path, ~150x faster (30 us vs 4.7 ms a row on 2 CPU cores), that gives
 the same verdict (tests compare the two on such answers): UPO scores every rollout, and most arithmetic answers are
-plain. The regex also reads a Unicode minus and a leading "+", which math-verify does not.
+plain. It compares numbers as math-verify does (`same_number`), and leaves to math-verify the answers it reads
+otherwise: an explicit "answer is 7, not 8" (math-verify reads the stated answer, the regex the last number) and a
+trailing expression ("6 * 7", "2-5": math-verify works it out). The regex also reads numbers math-verify misses: a
+Unicode minus, a leading "+", "-.5", and a number in brackets or right after a letter ("(-5)", "v2.5").
 """
 
 import functools
 import json
-import math
 import re
 import threading
 import unicodedata
 
-# A number: optional sign (ASCII or Unicode minus), thousands separators, decimals; or a bare ".5".
-_NUMBER = re.compile(r"[-+\u2212]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+\u2212]?\.\d+")
+# A number: optional sign (ASCII or Unicode minus), thousands separators, decimals; or a bare ".5". A sign right after
+# a letter, digit or dot is a hyphen, not a minus: "3-4" is 3 and 4, "2024-05-07" ends on 7; "x=-5" and "5 - 12 = -7"
+# keep theirs.
+_SIGN = r"(?:(?<![\w.])[-+\u2212])?"
+_NUMBER = re.compile(rf"{_SIGN}(?:\d{{1,3}}(?:,\d{{3}})+|\d+)(?:\.\d+)?|{_SIGN}\.\d+")
 # Stripped from both ends before exact comparison. Signs, %, $ are kept: "-7" and "7" must stay different.
 _EDGE_PUNCTUATION = " \t\n\r.,;:!?\"'`*_()[]{}\u201c\u201d\u2018\u2019\u00ab\u00bb\u3002\uff0c\uff01\uff1f"
-NUMERIC_REL_TOL = 1e-6  # answers are compared as floats: "0.50" == ".5" == "1/2 is 0.5"
+FLOAT_DECIMALS = 6  # math-verify's `float_rounding`: decimals are equal when they agree to 6 places
 
 
 def final_answer(text: str) -> str:
@@ -29,20 +34,36 @@ def final_answer(text: str) -> str:
     return text.rsplit("</think>", 1)[-1].strip()
 
 
-def parse_number(text: str) -> float | None:
+def parse_number(text: str) -> int | float | None:
     """`text` as a number if it is exactly one (e.g. a reference answer "42", "-7", "1,000", "0.5"), else None."""
     text = text.strip()
-    return _to_float(text) if _NUMBER.fullmatch(text) else None
+    return _to_number(text) if _NUMBER.fullmatch(text) else None
 
 
-def last_number(text: str) -> float | None:
+def last_number(text: str) -> int | float | None:
     """The last number written in `text`, or None."""
     found = _NUMBER.findall(text)
-    return _to_float(found[-1]) if found else None
+    return _to_number(found[-1]) if found else None
 
 
-def _to_float(token: str) -> float:
-    return float(token.replace(",", "").replace("\u2212", "-"))
+def _to_number(token: str) -> int | float:
+    """An int for a number written without a decimal point (exact at any size: 10**17 + 1 is not 10**17), else a
+    float. math-verify draws the same line (sympy Integer or Float), and `same_number` compares them its way."""
+    token = token.replace(",", "").replace("\u2212", "-")
+    if "." in token:
+        return float(token)
+    try:
+        return int(token)
+    except ValueError:  # over Python's 4,300-digit limit for int(): a degenerate rollout, not an answer
+        return float(token)
+
+
+def same_number(a: int | float, b: int | float) -> bool:
+    """Numbers compared as math-verify compares them: exactly when either is whole (an int: 1000001 is not 1000000,
+    3 is not 3.0000001), else rounded to `FLOAT_DECIMALS` places (0.3333333 == 0.333333)."""
+    if isinstance(a, int) or isinstance(b, int):
+        return a == b
+    return round(a, FLOAT_DECIMALS) == round(b, FLOAT_DECIMALS)
 
 
 def normalize_text(text: str, keep_case: bool = False) -> str:
@@ -62,7 +83,7 @@ def numeric_match(text: str, reference: str) -> bool | None:
     if expected is None:
         return None
     got = last_number(final_answer(text))
-    return got is not None and math.isclose(got, expected, rel_tol=NUMERIC_REL_TOL, abs_tol=NUMERIC_REL_TOL)
+    return got is not None and same_number(got, expected)
 
 
 def exact_text_match(text: str, reference: str) -> bool:
@@ -75,24 +96,41 @@ def exact_text_match(text: str, reference: str) -> bool:
     return normalize_text(final_answer(text), keep_case) == normalize_text(reference, keep_case)
 
 
+# An option letter: "(b)", a capital standing alone ("B", "B."), or any letter marked off by punctuation or the end
+# ("c.", "b"), so that the words "a" and "I" are not read as options ("the answer is a tricky one").
+_OPTION = r"(\([A-Za-z]\)|\b[A-Z]\b|\b[A-Za-z](?=[.,;:!)]|\s*\Z))"
+_CHOICE_PATTERNS = (
+    # a stated choice, the last one (a reply may correct itself): "The answer is (B)", "Answer: c", "C is correct";
+    # "answer D" without "is" or ":" states nothing ("answer D is a distractor")
+    (re.compile(rf"(?i:answer\s*(?:is\s*:?|:))\s*{_OPTION}"
+                rf"|{_OPTION}\s+(?i:is\s+(?:the\s+)?(?:right|correct|best|answer))\b"), -1),
+    (re.compile(r"\A(\([A-Za-z]\)|[A-Za-z](?=[.,;:)]|\Z))"), 0),  # the reply opens with one: "B, I think.", "B) Paris"
+    (re.compile(r"(\([A-Za-z]\))"), -1),  # "(B)" anywhere
+    (re.compile(r"\b((?!I\b)[A-Z])\b"), -1),  # the last capital standing alone, but the pronoun "I"
+)
+
+
 def choice_letter(text: str) -> str | None:
-    """The option letter a multiple-choice answer picks: "B", "(b)", "B. Paris", "The answer is C", "I think it's D"."""
+    """The option letter a multiple-choice answer picks: "B", "(b)", "B. Paris", "The answer is C", "I think it's D",
+    "C is right; answer D is a distractor"."""
     answer = final_answer(text)
-    for pattern in (r"answer\s*(?:is|:)?\s*\(?([A-Za-z])\)?(?![A-Za-z])",  # "The answer is (B)", "Answer: c"
-                    r"\(([A-Za-z])\)",  # "(B)" anywhere
-                    r"\A([A-Za-z])(?:[.):]|\Z)"):  # "B", "B.", "B) Paris"
-        found = re.findall(pattern, answer, flags=re.I)
+    for pattern, which in _CHOICE_PATTERNS:
+        found = [match.group(match.lastindex) for match in pattern.finditer(answer)]
         if found:
-            return found[-1].upper()
-    capitals = re.findall(r"\b([A-Z])\b", answer)  # last standalone capital letter
-    return capitals[-1] if capitals else None
+            return found[which].strip("()").upper()
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Math answers: math-verify, with a plain-number fast path
 # ----------------------------------------------------------------------------------------------------------------------
 # LaTeX, fractions, ratios, powers, space-grouped thousands ("1 000"): math-verify reads these, the regex does not.
-_NOT_PLAIN = re.compile(r"[\\$/^{}]|\d:\d|\d \d{3}\b|\d[eE][-+]?\d|\bpi\b|sqrt|frac", re.I)
+# Nor does it read as math-verify does an answer that says "answer" (math-verify reads the number after it: "The answer
+# is 7, not 8" is 7; any "answer", as its anchor is) or one that ends on an expression (math-verify works out "6 * 7"
+# and "2-5", the regex reads 7 and 5). The generator's replies have neither: they end on the answer ("so the larger is
+# 845.", "12 + 5 = 17", "The letter p appears 2 times."), and keep the fast path.
+_NOT_PLAIN = re.compile(r"[\\$/^{}]|\d:\d|\d \d{3}\b|\d[eE][-+]?\d|\bpi\b|sqrt|frac|answer"
+                        r"|\d\s*[-+*\u2212\u00d7\u00f7]\s*\.?\d[\d.,]*\D*\Z", re.I)
 _MATH_REFERENCE = re.compile(r"\d|\\")
 MATH_TIMEOUT_S = 5  # per parse / comparison, on the main thread only (math-verify's timeout is signal.alarm)
 
@@ -208,7 +246,7 @@ def same_value(a, b) -> bool:
     if isinstance(a, bool) or isinstance(b, bool):
         return a is b
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return math.isclose(a, b, rel_tol=NUMERIC_REL_TOL, abs_tol=NUMERIC_REL_TOL)
+        return same_number(a, b)
     if isinstance(a, str) and isinstance(b, str):
         return a.strip().casefold() == b.strip().casefold()
     if isinstance(a, list) and isinstance(b, list):

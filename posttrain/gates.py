@@ -255,8 +255,10 @@ def check_prompt_rows(dataset, name: str) -> None:
 
 def check_reward_references(dataset, rewards: dict | None, name: str, allow_skip: bool = False):
     """Every reference column a reward reads (`rewards.REQUIRED_COLUMNS`) exists and is filled in every prompt row: a
-    prompt whose `answer` is null gets an accuracy reward of 0 for every completion and trains on noise. A missing
-    column is always an error; empty rows are an error naming the row, or a counted skip when allowed."""
+    prompt whose `answer` is null or blank has nothing to be right against, so the correctness rewards return None
+    (not applicable) for all its completions, and it spends generations that train on the other rewards alone, or on
+    nothing. A missing column is always an error; empty rows are an error naming the row, or a counted skip when
+    allowed."""
     from .rewards import REQUIRED_COLUMNS
 
     needed = {}
@@ -272,7 +274,7 @@ def check_reward_references(dataset, rewards: dict | None, name: str, allow_skip
             if value is None or not str(value).strip():
                 if not allow_skip:
                     raise UserError(f"pre-flight: {name} row {index}: '{column}' is empty, so reward '{users[0]}' "
-                                    "would score every completion of this prompt 0; fill it or drop the row (set "
+                                    "could not score any completion of this prompt (no reward, no gradient); fill it or drop the row (set "
                                     "skip_bad_rows: true to skip such rows)")
                 bad.add(index)
     if bad:

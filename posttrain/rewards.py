@@ -53,6 +53,12 @@ def answer_text(completion, thinking: bool | None = None) -> str:
     return "" if thinking and "</think>" not in text else text
 
 
+def _reference(value) -> str | None:
+    """A reference answer as text, or None when there is none (null or blank): correctness against nothing is not
+    applicable, and compared as text, "None" or "" would credit a reply "none" or an empty one."""
+    return None if value is None or not str(value).strip() else str(value)
+
+
 def _modes(kwargs: dict, n: int) -> list:
     """The `thinking` column TRL passes (and evaluation passes), or None per row when the data has none."""
     return kwargs.get("thinking") or [None] * n
@@ -62,27 +68,29 @@ def _modes(kwargs: dict, n: int) -> list:
 # Correctness against the reference `answer`
 # ----------------------------------------------------------------------------------------------------------------------
 def numeric_accuracy(completions, **kwargs) -> list[float | None]:
-    """1.0 if the final answer equals the numeric `answer` (its last number, relative tolerance 1e-6; fractions,
-    LaTeX and `\\boxed{}` through math-verify), else 0.0. None for rows whose reference is not a number."""
+    """1.0 if the final answer equals the numeric `answer` (its last number, whole numbers exactly, decimals to 6
+    places; fractions, LaTeX, `\\boxed{}` and "the answer is ..." through math-verify), else 0.0. None for rows whose
+    reference is not a number."""
     answers, modes = _column(kwargs, "answer", "numeric_accuracy"), _modes(kwargs, len(completions))
-    results = [math_match(answer_text(c, t), str(a)) if parse_number(str(a)) is not None else None
-               for c, a, t in zip(completions, answers, modes, strict=True)]
+    results = [math_match(answer_text(c, t), a) if a is not None and parse_number(a) is not None else None
+               for c, a, t in zip(completions, map(_reference, answers), modes, strict=True)]
     return [None if r is None else float(r) for r in results]
 
 
-def exact_match(completions, **kwargs) -> list[float]:
-    """1.0 if the final answer equals `answer` after normalisation (case, surrounding whitespace/punctuation)."""
+def exact_match(completions, **kwargs) -> list[float | None]:
+    """1.0 if the final answer equals `answer` after normalisation (case, surrounding whitespace/punctuation). None
+    for rows without a reference."""
     answers, modes = _column(kwargs, "answer", "exact_match"), _modes(kwargs, len(completions))
-    return [float(exact_text_match(answer_text(c, t), str(a)))
-            for c, a, t in zip(completions, answers, modes, strict=True)]
+    return [None if a is None else float(exact_text_match(answer_text(c, t), a))
+            for c, a, t in zip(completions, map(_reference, answers), modes, strict=True)]
 
 
 def multiple_choice(completions, **kwargs) -> list[float | None]:
     """1.0 if the option letter picked by the final answer is the reference letter. None if `answer` is no letter."""
     answers, modes = _column(kwargs, "answer", "multiple_choice"), _modes(kwargs, len(completions))
     rewards = []
-    for completion, reference, thinking in zip(completions, answers, modes, strict=True):
-        letter = normalize_text(str(reference)).upper()
+    for completion, reference, thinking in zip(completions, map(_reference, answers), modes, strict=True):
+        letter = normalize_text(reference or "").upper()
         if len(letter) != 1 or not letter.isalpha():
             rewards.append(None)
         else:
@@ -90,14 +98,22 @@ def multiple_choice(completions, **kwargs) -> list[float | None]:
     return rewards
 
 
-def accuracy(completions, **kwargs) -> list[float]:
-    """Correctness against `answer`: a math comparison (math-verify, with a fast path for plain numbers) when the
-    reference looks like math, and `exact_match`'s rule otherwise or when it agrees."""
+def accuracy(completions, **kwargs) -> list[float | None]:
+    """Correctness against `answer`: for a number, the math comparison alone (math-verify, with a fast path for plain
+    numbers); for other references, the math comparison when it says yes (LaTeX, expressions) and `exact_match`'s rule
+    otherwise. None for rows without a reference."""
     answers, modes = _column(kwargs, "answer", "accuracy"), _modes(kwargs, len(completions))
     rewards = []
-    for completion, reference, thinking in zip(completions, answers, modes, strict=True):
-        text, reference = answer_text(completion, thinking), str(reference)
-        rewards.append(float(bool(math_match(text, reference)) or exact_text_match(text, reference)))
+    for completion, reference, thinking in zip(completions, map(_reference, answers), modes, strict=True):
+        if reference is None:
+            rewards.append(None)
+            continue
+        text = answer_text(completion, thinking)
+        verdict = math_match(text, reference)
+        if parse_number(reference) is not None:  # the text rule would strip ".5" to "5"
+            rewards.append(float(bool(verdict)))
+        else:
+            rewards.append(float(bool(verdict) or exact_text_match(text, reference)))
     return rewards
 
 
@@ -109,7 +125,11 @@ def function_call(completions, **kwargs) -> list[float | None]:
 
     Calls are read from a conversational completion's `tool_calls`, else from `<tool_call>{json}</tool_call>` blocks
     in the final answer (what our chat templates train the model to write)."""
-    references = kwargs.get("tool_calls") or _column(kwargs, "answer", "function_call")
+    if kwargs.get("tool_calls") is None:
+        references = _column(kwargs, "answer", "function_call")
+    else:  # row by row: a row without tool calls (None) may still carry its call in `answer`
+        answers = kwargs.get("answer") or [None] * len(completions)
+        references = [calls or answer for calls, answer in zip(kwargs["tool_calls"], answers, strict=True)]
     rewards = []
     for completion, reference in zip(completions, references, strict=True):
         expected = reference_calls(reference)
@@ -172,8 +192,8 @@ def hackable_length(completions, **kwargs) -> list[float]:
 
     min(1, whitespace-separated words / `HACKABLE_LENGTH_WORDS`). Rollouts of different lengths make it easy to find
     (every group has variance), and a policy maximises it by rambling past its answer, which the verifier, reading the
-    final answer's last number, then marks wrong. Training on it shows whether UPO's pairwise term keeps the policy
-    honest.
+    final answer's last number (or the one after an explicit "the answer is"), then marks wrong. Training on it shows
+    whether UPO's pairwise term keeps the policy honest.
     """
     return [min(1.0, len(completion_text(c).split()) / HACKABLE_LENGTH_WORDS) for c in completions]
 
@@ -235,10 +255,13 @@ def weighted_sum(rewards_per_func, weights):
 def normalize_by_group(rewards_per_func, weights, groups: list, eps: float = 1e-4):
     """Standardise rewards within each group of rows (e.g. each `domain`), before GRPO forms group advantages.
 
-    Each reward column is centred on its group mean, and all columns are divided by the standard deviation of the
-    *combined* (weighted) reward in that group, so the weighted sum TRL computes afterwards is exactly the combined reward
-    standardised per group. NaN ("not applicable") entries stay NaN. A group whose combined reward is constant becomes
-    all zeros.
+    Each reward column is centred on its mean over the group's rows it applies to, and all columns are divided by the
+    standard deviation of the *combined* (weighted) reward over the group's rows. When every reward applies to every
+    row of a group, the weighted sum TRL computes afterwards is exactly the combined reward standardised per group
+    (mean 0, std 1). When a reward is not applicable (NaN, which stays NaN) to some rows of a group, it is centred
+    among the others only, so the sum is not standardised: a difference between rows that comes only from which
+    rewards apply to them is removed (accuracy 1 and format 0 on some rows, format 0 alone on the others: all get 0),
+    while the divisor still counts it. A group whose combined reward is constant becomes all zeros.
 
     Note: within one prompt group (one domain) this is an affine map, so with `scale_rewards="group"` the advantages
     would be unchanged; `UPOConfig` therefore turns GRPO's group scaling off when it is used (the group's std becomes

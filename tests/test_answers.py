@@ -1,23 +1,28 @@
 """Answer checking: math through math-verify (fractions, LaTeX, \\boxed{}, units), its plain-number fast path compared
-with it, off the main thread; function-call accuracy against the expected calls."""
+with it, off the main thread; function-call accuracy against the expected calls; the transfer set's exact answers."""
 
 import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from data_prep.write_arithmetic_transfer import value
 from posttrain import answers
-from posttrain.answers import final_answer, is_plain, math_match, math_verify_match, numeric_match
+from posttrain.answers import final_answer, is_plain, last_number, math_match, math_verify_match, numeric_match
+from posttrain.errors import UserError
 from posttrain.rewards import REWARDS, accuracy, function_call, numeric_accuracy
 
 REFERENCES = ["42", "-7", "1,000", "0.5", "3", "12.25", "20"]
 PLAIN_ANSWERS = [
-    "The answer is 42.", "42", "17 + 25 = 42", "I think 41", "-7", "It is 7", "The result is -7.", "1000",
-    "1,000 apples", "0.50", ".5", "Answer: 3 cats", "3.0", "no idea", "<think>6*7=42</think>\n42",
+    "42", "17 + 25 = 42", "I think 41", "-7", "It is 7", "The result is -7.", "1000",
+    "1,000 apples", "0.50", ".5", "3.0", "no idea", "<think>6*7=42</think>\n42",
     "<think>so 41?</think> 40 + 2 = 42", "12.25 dollars", "3 apples and 4 pears make 7", "x = 3", "1,000,000",
-    "The answer is 42!", "**42**", "42%", "Step 1: 20. Step 2: 42.", "3, 4 and 5", "She has 20 marbles.",
+    "**42**", "42%", "Step 1: 20. Step 2: 42.", "3, 4 and 5", "She has 20 marbles.",
     "20 - 0 = 20", "Total: 12.25", "42.", "It takes 3 hours and 20 minutes",
 ]
+# math-verify reads the number after "answer", not the last one: these go to it (they were plain answers before)
+STATED_ANSWERS = ["The answer is 42.", "Answer: 3 cats", "The answer is 42!", "The answer is 7, not 8.",
+                  "The answer is 7 apples and 2 pears.", "My final answer: 12.25, or 20 rounded"]
 
 
 def test_fast_path_agrees_with_math_verify_on_plain_answers():
@@ -31,9 +36,49 @@ def test_fast_path_agrees_with_math_verify_on_plain_answers():
     assert compared == len(REFERENCES) * len(PLAIN_ANSWERS)
 
 
-@pytest.mark.parametrize("text", ["1 000", "1e3", "0.5 or 1/2", "\\boxed{3}", "$3$"])
+@pytest.mark.parametrize("text", ["1 000", "1e3", "0.5 or 1/2", "\\boxed{3}", "$3$", "6 * 7", "10 - 3.", "2-5"])
 def test_answers_the_regex_would_misread_go_to_math_verify(text):
     assert not is_plain(text)
+
+
+def test_stated_answers_are_read_as_math_verify_reads_them():
+    for reference in REFERENCES + ["7", "8"]:
+        for text in STATED_ANSWERS:
+            assert not is_plain(final_answer(text)), text
+            assert math_match(text, reference) == math_verify_match(text, reference), (text, reference)
+    assert accuracy(["The answer is 7, not 8."] * 2, answer=["7", "8"]) == [1.0, 0.0]
+
+
+# (answer, reference): whole numbers equal only exactly, decimals to 6 places, as math-verify compares them
+NEAR_NUMBERS = [("1000001", "1000000", False), ("2,345,679", "2,345,678", False), ("999999", "1000000", False),
+                ("100000000000000001", "100000000000000000", False), ("3.0000001", "3", False),
+                ("3", "3.0000001", False), ("3.0", "3", True), ("0.5000001", "0.5", True), ("0.500001", "0.5", False),
+                ("0.3333333", "0.333333", True), ("-12.2500001", "-12.25", True)]
+
+
+@pytest.mark.parametrize("text, reference, expected", NEAR_NUMBERS)
+def test_numbers_compare_as_math_verify_compares_them(text, reference, expected):
+    assert is_plain(text)
+    assert numeric_match(text, reference) is expected
+    assert math_verify_match(text, reference) is expected
+    assert accuracy([text], answer=[reference]) == [float(expected)]
+
+
+def test_a_hyphen_between_numbers_is_no_minus_sign():
+    assert last_number("The answer is 3-4") == 4 and last_number("It was on 2024-05-07") == 7
+    assert last_number("Between 2-5 degrees") == 5 and last_number("pages 10-12.") == 12
+    # a sign after a space, "=", or at the start is one
+    for text, number in [("5 - 12 = -7", -7), ("x=-5", -5), ("\u22127", -7), ("-.5", -0.5), ("+3", 3),
+                         ("1,000 grams", 1000), ("(-2)", -2)]:
+        assert last_number(text) == number, text
+    for text in ("The answer is 3-4", "Between 2-5 degrees", "It was on 2024-05-07"):
+        for reference in ("-4", "-5", "-7", "4", "5", "-3"):
+            assert math_match(text, reference) == math_verify_match(text, reference), (text, reference)
+
+
+def test_numeric_references_are_judged_by_the_math_comparison_alone():
+    # the text rule strips surrounding punctuation, ".5" -> "5": it must not overrule the math verdict on a number
+    assert accuracy([".5", "5", "0.50", "5."], answer=["5", ".5", ".5", "5"]) == [0.0, 0.0, 1.0, 1.0]
 
 
 def test_plain_answers_never_reach_math_verify(monkeypatch):
@@ -111,3 +156,30 @@ def test_function_call_several_calls_any_order_and_rows_without_calls():
     tool_calls = [[{"type": "function", "function": {"name": "a", "arguments": {"x": 1}}}]]
     assert function_call([call("a", x=1)], tool_calls=tool_calls, answer=["unused"]) == [1.0]
     assert REWARDS["function_call"] is function_call
+
+
+def test_function_call_reference_is_chosen_row_by_row():
+    # a row whose `tool_calls` is empty still has its call in `answer`
+    completions = [call("a", x=1), call("get_weather", city="Oslo", days=2), call("get_weather", city="Oslo", days=2)]
+    tool_calls = [[{"type": "function", "function": {"name": "a", "arguments": {"x": 1}}}], None, []]
+    assert function_call(completions, tool_calls=tool_calls, answer=["unused", WEATHER, WEATHER]) == [1.0, 1.0, 1.0]
+    assert function_call([call("a", x=1)], tool_calls=[None]) == [None]  # no `answer` column: nothing expected
+    with pytest.raises(UserError, match="'answer' column"):
+        function_call([call("a", x=1)], domain=["tools"])
+
+
+def test_function_call_numbers_compare_exactly_when_whole():
+    assert function_call([call("get_weather", city="Oslo", days=2.0000001)], answer=[WEATHER]) == [0.5]
+    assert function_call([call("get_weather", city="Oslo", days=2.0)], answer=[WEATHER]) == [1.0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The transfer set's answers (data_prep/write_arithmetic_transfer.py): computed exactly
+# ----------------------------------------------------------------------------------------------------------------------
+def test_transfer_answers_are_exact_whole_numbers():
+    assert [value(e) for e in ("-4 + 9", "7 - 10", "47", "2 + 3 * 4", "(10 - 4) * 5", "144 / 12")] == \
+        ["5", "-3", "47", "14", "30", "12"]
+    assert value("100000000000000001 / 1") == "100000000000000001"  # no float on the way
+    for expression in ("7 / 2", "10001 / 10000"):  # the second rounds to 1 within a denominator of 1000
+        with pytest.raises(ValueError, match="not a whole number"):
+            value(expression)

@@ -65,6 +65,23 @@ def test_multiple_choice_letter_extraction():
     assert multiple_choice(["B"], answer=["Paris"]) == [None]
 
 
+@pytest.mark.parametrize("text, letter", [
+    ("The correct answer is B. Answer A is wrong.", "B"),  # "Answer A" states nothing
+    ("B, I think.", "B"),  # the pronoun "I" is no option
+    ("The answer is a tricky one, but it is C.", "C"),  # nor the article "a"
+    ("C is right; answer D is a distractor.", "C"),
+    ("My answer: B. (A) and (C) are wrong.", "B"),
+    ("B. (A) and (C) are wrong.", "B"),
+    ("The answer is A. No wait, the answer is D.", "D"),  # the last statement
+    ("Option C is correct, not A", "C"),
+    ("It is B, I think", "B"),
+    ("the answer is b", "B"),
+])
+def test_multiple_choice_reads_the_stated_choice(text, letter):
+    assert choice_letter(text) == letter
+    assert multiple_choice([text], answer=[letter]) == [1.0]
+
+
 def test_accuracy_picks_numeric_or_exact_by_reference():
     completions = ["<think>\n40 + 2\n</think>\n\n42", "forty-two", "The first letter is r", "r",
                    "<think>\nr\n</think>\n\nR"]
@@ -93,6 +110,16 @@ def test_rewards_accept_string_and_conversational_completions():
     for name in ("accuracy", "numeric_accuracy", "exact_match", "think_format", "hackable_length"):
         plain = REWARDS[name](["42"], answer=["42"], thinking=[False])
         assert REWARDS[name]([chat("42")], answer=["42"], thinking=[False]) == plain, name
+
+
+def test_rows_without_a_reference_are_not_scored():
+    # compared as text, a null reference is "None" and a blank one "": "none." and an empty reply would score 1
+    completions = ["None", "none.", "", "<think>\n40 + 2"]
+    answers = [None, None, "", "  "]
+    for name in ("accuracy", "numeric_accuracy", "exact_match", "multiple_choice"):
+        assert REWARDS[name](completions, answer=answers, thinking=[None, None, None, True]) == [None] * 4, name
+    combined = combine_rewards({"accuracy": 1.0, "think_format": 0.5})
+    assert combined(["42", "42"], answer=[None, "42"], thinking=[False, False]) == [0.5, 1.5]
 
 
 def test_missing_answer_column_is_explained():
@@ -133,7 +160,7 @@ def test_length_penalty_prefers_shorter_in_tokens_or_words():
 
 
 def test_hackable_length_pays_for_words_not_correctness():
-    rambling = "The answer is 42, but let me also say " + "more " * 40 + "so 41"
+    rambling = "It is 42, but let me also say " + "more " * 40 + "so 41"
     completions = [rambling, "42", "<think>\n40 + 2 = 42\n</think>\n\n42"]
     assert accuracy(completions, answer=["42"] * 3) == [0.0, 1.0, 1.0]
     assert hackable_length(completions, answer=["42"] * 3) == [1.0, pytest.approx(1 / 32), pytest.approx(8 / 32)]
@@ -172,6 +199,18 @@ def test_normalize_by_group_standardises_the_combined_reward_per_group():
     assert normalized[5].item() == 0.0  # a constant group becomes 0, not NaN
     # Order within a group is preserved: a per-group affine map
     assert normalized[3] < normalized[4]
+
+
+def test_normalize_by_group_centres_each_reward_among_the_rows_it_applies_to():
+    # as its docstring says: not the combined reward standardised when a reward applies to only some rows of a group
+    rewards = torch.tensor([[1.0, 0.0], [1.0, 0.0], [float("nan"), 0.0]])  # combined: 1, 1, 0
+    weights = torch.tensor([1.0, 1.0])
+    normalized = weighted_sum(normalize_by_group(rewards, weights, ["d", "d", "d"]), weights)
+    assert normalized.tolist() == [0.0, 0.0, 0.0]
+    rewards = torch.tensor([[1.0, 1.0], [0.0, 1.0], [float("nan"), 0.0]])  # combined: 2, 1, 0; std sqrt(2/3)
+    normalized = weighted_sum(normalize_by_group(rewards, weights, ["d", "d", "d"], eps=0.0), weights)
+    expected = [(0.5 + 1 / 3) / (2 / 3) ** 0.5, (-0.5 + 1 / 3) / (2 / 3) ** 0.5, (-2 / 3) / (2 / 3) ** 0.5]
+    assert normalized.tolist() == pytest.approx(expected)
 
 
 def test_normalize_by_group_keeps_not_applicable_entries():
