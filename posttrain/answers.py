@@ -67,8 +67,13 @@ def same_number(a: int | float, b: int | float) -> bool:
 
 
 def normalize_text(text: str, keep_case: bool = False) -> str:
-    """Unicode-normalise, drop surrounding whitespace/punctuation/quotes, collapse inner whitespace, lowercase."""
-    text = " ".join(unicodedata.normalize("NFKC", text).strip(_EDGE_PUNCTUATION).split())
+    """Unicode-normalise, drop surrounding whitespace/punctuation/quotes, collapse inner whitespace, lowercase. A dot
+    before a digit stays: ".5" is not "5"."""
+    text = unicodedata.normalize("NFKC", text).rstrip(_EDGE_PUNCTUATION)
+    start = len(text) - len(text.lstrip(_EDGE_PUNCTUATION))
+    if start and text[start - 1] == "." and text[start:start + 1].isdigit():
+        start -= 1
+    text = " ".join(text[start:].split())
     return text if keep_case else text.lower()
 
 

@@ -339,6 +339,12 @@ def load_rows(dataset: str, split: str = "test", limit: int | None = None) -> li
         raise UserError(f"{dataset} ({split}): no rows")
     if limit:
         data = data.select(range(min(limit, len(data))))
+    # a row without an answer cannot be scored; counted neither right nor wrong it would make `accuracy` and the
+    # paired verdicts disagree
+    empty = [i for i, answer in enumerate(data["answer"]) if answer is None or not str(answer).strip()]
+    if empty:
+        raise UserError(f"{dataset} ({split}): row {empty[0]}{f' and {len(empty) - 1} more' if len(empty) > 1 else ''}"
+                        " has no answer to score the reply against; fill the answer column or drop the row")
     return vision.as_rows(data)
 
 

@@ -10,7 +10,7 @@ from data_prep.write_arithmetic_transfer import value
 from posttrain import answers
 from posttrain.answers import final_answer, is_plain, last_number, math_match, math_verify_match, numeric_match
 from posttrain.errors import UserError
-from posttrain.rewards import REWARDS, accuracy, function_call, numeric_accuracy
+from posttrain.rewards import REWARDS, accuracy, exact_match, function_call, numeric_accuracy
 
 REFERENCES = ["42", "-7", "1,000", "0.5", "3", "12.25", "20"]
 PLAIN_ANSWERS = [
@@ -79,6 +79,8 @@ def test_a_hyphen_between_numbers_is_no_minus_sign():
 def test_numeric_references_are_judged_by_the_math_comparison_alone():
     # the text rule strips surrounding punctuation, ".5" -> "5": it must not overrule the math verdict on a number
     assert accuracy([".5", "5", "0.50", "5."], answer=["5", ".5", ".5", "5"]) == [0.0, 0.0, 1.0, 1.0]
+    # nor does the text rule itself: a dot before a digit is part of the number
+    assert exact_match([".5", "5", "(.5)", "Paris."], answer=["5", ".5", ".5", "paris"]) == [0.0, 0.0, 1.0, 1.0]
 
 
 def test_plain_answers_never_reach_math_verify(monkeypatch):

@@ -435,3 +435,17 @@ def test_onpolicy_pairs_out_of_memory_names_the_batch_to_lower(tiny_model_path, 
               "--max_train_prompts", "4", "--num_samples", "2", "--max_new_tokens", "6", "--batch_size", "32",
               "--output_dir", str(tmp_path / "pairs")])
     assert not (tmp_path / "pairs").exists()
+
+
+def test_held_out_rows_without_an_answer_are_refused(tmp_path):
+    """A row with no answer cannot be scored: refused by name, rather than left out of the accuracy and counted wrong
+    in the verdicts the gate pairs."""
+    from posttrain.errors import UserError
+
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}], "answer": str(i + 1)} for i in range(4)]
+    rows[2]["answer"] = " "
+    path = tmp_path / "test.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(UserError, match="row 2 has no answer"):
+        load_rows(str(path), "test")
+    assert len(load_rows(str(path), "test", limit=2)) == 2
