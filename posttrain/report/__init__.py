@@ -74,13 +74,14 @@ def build_report(root: str | Path, compare: list[str | Path] | None = None) -> P
 
 
 def build_comparison(runs: list[str | Path], out_dir: str | Path, groups: dict[str, list[Path]] | None = None,
-                     baseline: str | None = None) -> Path:
+                     baseline: str | None = None, stage: str | None = None) -> Path:
     """Write `comparison.html` / `comparison.md` for several run folders into `out_dir` (an ablation's parent);
-    `groups` (variant -> its runs over seeds) adds each variant's mean over seeds and its difference to `baseline`."""
+    `groups` (variant -> its runs over seeds) adds each variant's mean over seeds and its difference to `baseline`.
+    Every run is read after `stage` (default: where the finished runs end, `compare.read_at`)."""
     blocks = [Heading("Run comparison", 1)]
     if groups:
-        blocks += over_seeds(groups, baseline or next(iter(groups)))
-    blocks += comparison([Path(r) for r in runs])
+        blocks += over_seeds(groups, baseline or next(iter(groups)), stage)
+    blocks += comparison([Path(r) for r in runs], stage)
     return write_documents(blocks, Path(out_dir), "comparison", "posttrain run comparison")
 
 

@@ -1,7 +1,9 @@
 """The report's document model: the blocks every section is made of, and how a measured value becomes a cell.
 
 Sections build these blocks, `render` turns them into HTML and Markdown. A missing value is a "not measured" cell,
-never 0 or a guess. Inline text understands three marks only: `code`, **bold** and [text](link).
+never 0 or a guess. Inline text understands three marks only: `code`, **bold** and [text](link), and a backslash
+before one of \\ ` * [ ] that keeps it a plain character (`literal`). A link is rendered only to the web, a place in
+this report or a file beside it; any other target (`javascript:`) is shown as text.
 """
 
 import re
@@ -66,6 +68,12 @@ STATUS_CLASS = {"done": "ok", "failed": "failed", "running": "running", "not sta
 STATUS_TEXT = {"running": "running (or interrupted)", "stopped": "stopped by a promote gate",
                "stale": "stale: from before its previous stage was trained again"}
 NOT_MEASURED = Cell("not measured", "missing")
+
+
+def literal(text: str) -> str:
+    """`text` shown as written inside a paragraph: text the run did not author (an error message quoting a dataset
+    row, a recipe string) must not become a link or bold. Table cells have `Cell(..., literal=True)` instead."""
+    return re.sub(r"([\\`*\[\]])", r"\\\1", str(text))
 
 
 def slug(text: str) -> str:

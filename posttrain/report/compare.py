@@ -2,7 +2,9 @@
 
 A policy can raise the reward it is trained on without getting more answers right (reward hacking, or a verifier
 that is too lenient); showing the two side by side, per run, is how an ablation is read. Both numbers come from the
-runs' own metrics.json: accuracy from the last evaluated stage, the proxy from that stage's training logs.
+runs' own metrics.json: accuracy from one stage, the same for every run (`read_at`), the proxy from the training logs.
+A run that did not get to that stage (a promote gate stopped it earlier, a stage failed) is not measured there: its
+earlier stages are other models, so averaging or pairing them with the other runs' would compare unlike things.
 
 A run folder lists the runs it is compared with in run.json (`"ablation": {"runs": ["../other-run", ...]}`, paths
 relative to the run folder or absolute), or the caller passes them (`posttrain report RUN --compare OTHER ...`).
@@ -15,8 +17,8 @@ from pathlib import Path
 from ..runs import MACHINE_PATH_KEYS
 from ..stats import mean_interval, paired_evals
 from . import plots
-from .blocks import NOT_MEASURED, Cell, Image, Para, Table, fmt, heading, num_cell
-from .load import load_run
+from .blocks import NOT_MEASURED, STATUS_TEXT, Cell, Image, Para, Table, fmt, heading, num_cell
+from .load import RunView, load_run, same_prompts
 
 PROXY_KEYS = ("reward", "rewards/accuracies")  # GRPO/UPO training reward; DPO's implicit-reward accuracy
 RAW_DOMAIN_REWARD = r"upo/reward(?:_mean)?/[^/]+(?:/mean)?"
@@ -50,51 +52,84 @@ def _step_proxy(entry: dict, normalized: bool) -> tuple[str, float] | None:
     return next(((f"`{k}`", float(entry[k])) for k in PROXY_KEYS if number(entry.get(k))), None)
 
 
-def comparison_rows(runs: list[Path]) -> list[dict]:
-    """One row per run: its last evaluated stage, accuracy there and at base, proxy reward, resolved settings."""
-    rows = []
-    for root in runs:
-        run = load_run(root)
-        evaluated = [s for s in run.trained if s.eval]
-        final = evaluated[-1] if evaluated else (run.trained[-1] if run.trained else None)
-        base = run.stage("base")
-        proxy = None
-        for stage in reversed(run.trained):  # the last trained stage that logged a proxy
-            proxy = proxy_reward(stage.log_history, bool(stage.resolved.get("normalize_rewards_by")))
-            if proxy:
-                proxy = (*proxy, stage.name)
-                break
-        rows.append({
-            "run": run.name, "root": Path(root), "stage": final.name if final else None,
-            "status": final.status if final else "not started",
-            "accuracy": (final.eval or {}).get("accuracy") if final else None,
-            "heldout_proxy": (final.eval or {}).get("proxy_reward") if final else None,
-            "format": (final.eval or {}).get("format") if final else None,
-            "stop_rate": (final.eval or {}).get("stop_rate") if final else None,
-            "base_accuracy": (base.eval or {}).get("accuracy") if base and base.eval else None,
-            "proxy": proxy, "settings": dict(final.resolved) if final else {}, "eval": final.eval if final else None,
-        })
-    return rows
+def read_at(runs: list[RunView]) -> str:
+    """The one stage every run is read at: where the runs that finished ended (with `--until`, the ablation's
+    `until`), else the last stage of the first run's recipe."""
+    ends = set()
+    for run in runs:
+        done = [s.name for s in run.stages if s.status == "done"]
+        if run.state.get("steps", {}).get("run", {}).get("status") == "done" and done:
+            ends.add(done[-1])
+    if len(ends) == 1:
+        return ends.pop()
+    return (runs[0].state.get("order") or [s.name for s in runs[0].stages])[-1]
+
+
+def where_it_stopped(run: RunView, stage: str) -> str:
+    """Why `run` has no evaluation at `stage`: `stopped by the dpo promote gate`, `dpo failed`, `upo not started`."""
+    state = run.state.get("steps", {}).get("run", {})
+    if state.get("status") == "stopped":
+        return f"stopped by the {state['stopped_by']} promote gate" if state.get("stopped_by") else "stopped by a gate"
+    failed = next((s.name for s in run.stages if s.status == "failed"), None)
+    if failed:
+        return f"{failed} failed"
+    view = run.stage(stage)
+    if view is None:
+        return f"no {stage} stage"
+    return f"{stage} {STATUS_TEXT.get(view.status, view.status)}" if view.status != "done" else "no evaluation"
+
+
+def comparison_rows(runs: list[Path], stage: str | None = None) -> list[dict]:
+    """One row per run, all at `stage` (default `read_at`): accuracy there and at base, proxy reward, resolved
+    settings; `where` says where a run without that stage's evaluation stopped."""
+    views = [load_run(root) for root in runs]
+    stage = stage or read_at(views)
+    return [_row(run, stage) for run in views]
+
+
+def _row(run: RunView, stage: str) -> dict:
+    final, base = run.stage(stage), run.stage("base")
+    evaluation = final.eval if final and final.status == "done" else None  # not a stale or earlier attempt's
+    proxy = None
+    for view in reversed(run.trained):  # the last trained stage that logged a proxy
+        proxy = proxy_reward(view.log_history, bool(view.resolved.get("normalize_rewards_by")))
+        if proxy:
+            proxy = (*proxy, view.name)
+            break
+    measured = evaluation or {}
+    return {
+        "run": run.name, "root": run.root, "stage": stage, "status": final.status if final else "not started",
+        "where": "" if evaluation else where_it_stopped(run, stage), "accuracy": measured.get("accuracy"),
+        "heldout_proxy": measured.get("proxy_reward"), "format": measured.get("format"),
+        "stop_rate": measured.get("stop_rate"),
+        "base_accuracy": (base.eval or {}).get("accuracy") if base and base.eval else None,
+        # a difference to base only on the same prompts
+        "base_same_prompts": bool(evaluation and base and base.eval and same_prompts(base.eval, evaluation)),
+        "proxy": proxy, "settings": dict(final.resolved) if final else {}, "eval": evaluation,
+    }
 
 
 def varied_settings(rows: list[dict]) -> list[str]:
     """Resolved arguments whose values differ between the runs (what the ablation varied), UPO's first."""
+    rows = [r for r in rows if r["settings"]]  # a run that never got to the stage varied nothing there
     keys = {k for r in rows for k in r["settings"] if k not in NOT_SETTINGS}
     varied = [k for k in keys if len({repr(r["settings"].get(k)) for r in rows}) > 1]
     return sorted(varied, key=lambda k: (not k.startswith("upo_"), k != "beta", k))
 
 
-def comparison(runs: list[Path]) -> list:
-    """The ablation section: a table of true accuracy vs proxy reward per run, and their scatter plot."""
-    rows = comparison_rows(runs)
+def comparison(runs: list[Path], stage: str | None = None) -> list:
+    """The ablation section: a table of true accuracy vs proxy reward per run at `stage` (default `read_at`), and
+    their scatter plot."""
+    rows = comparison_rows(runs, stage)
     settings = varied_settings(rows)
     table = []
     for r in rows:
         proxy = r["proxy"]
-        delta = (f"{(r['accuracy'] - r['base_accuracy']) * 100:+.1f} pts"
-                 if r["accuracy"] is not None and r["base_accuracy"] is not None else "not measured")
-        table.append([f"**{r['run']}**", r["stage"] or NOT_MEASURED] +
-                     [Cell(fmt(r["settings"].get(k)) if k in r["settings"] else "—", "mono") for k in settings] +
+        delta = ("not measured" if r["accuracy"] is None or r["base_accuracy"] is None else "different prompts"
+                 if not r["base_same_prompts"] else f"{(r['accuracy'] - r['base_accuracy']) * 100:+.1f} pts")
+        table.append([f"**{r['run']}**", f"{r['stage']}: not measured ({r['where']})" if r["where"] else r["stage"]] +
+                     [Cell(fmt(r["settings"].get(k)) if k in r["settings"] else "—", "mono", True)
+                      for k in settings] +
                      [num_cell(r["accuracy"], "rate"), Cell(delta, "num" if "pts" in delta else "missing"),
                       num_cell(r["format"], "rate"), num_cell(r["stop_rate"], "rate"),
                       num_cell(r["heldout_proxy"]),
@@ -104,11 +139,13 @@ def comparison(runs: list[Path]) -> list:
         "held-out accuracy", "vs base", "format", "stopped", "held-out proxy", "training reward",
         "reward measured as"]
     blocks = [heading("Ablation"),
-              Para("True accuracy is the verifier on held-out prompts after the run's last evaluated stage; the "
-                   "format (think tags as the mode asks) and stopped (the answer ended with EOS) are scored on the "
-                   "same answers, and the held-out proxy is the deliberately hackable `hackable_length` reward on them; "
-                   "the training reward is what the stage optimised, averaged over its last logged steps. A proxy "
-                   "that rises while accuracy does not is the signature of reward hacking."),
+              Para(f"True accuracy is the verifier on held-out prompts after `{rows[0]['stage']}`, the same stage in "
+                   "every run (where the finished runs end): a run that did not get there is not measured and says "
+                   "where it stopped, and \"vs base\" is given only on the same prompts. The format (think tags as "
+                   "the mode asks) and stopped (the answer ended with EOS) are scored on the same answers, and the "
+                   "held-out proxy is the deliberately hackable `hackable_length` reward on them; the training reward "
+                   "is what the stage optimised, averaged over its last logged steps. A proxy that rises while "
+                   "accuracy does not is the signature of reward hacking."),
               Table(header, table, "Setting columns: the resolved arguments that differ between these runs.")]
     # x: the held-out proxy, one measure for every run, where all runs have it; else what each run trained on
     held_out = all(r["heldout_proxy"] is not None for r in rows if r["accuracy"] is not None)
@@ -126,21 +163,25 @@ def comparison(runs: list[Path]) -> list:
     return blocks
 
 
-def variant_summaries(groups: dict[str, list[Path]], baseline: str) -> list[dict]:
+def variant_summaries(groups: dict[str, list[Path]], baseline: str, stage: str | None = None) -> list[dict]:
     """Each variant's held-out accuracy over its seeds (mean and 95 % t-interval), and its difference to `baseline`
     paired twice: seed by seed (same seed of the varied stage) and prompt by prompt (same held-out prompts). The
     differences' mean and t-interval over seeds decide whether a variant beats the baseline; the count of seeds whose
-    own McNemar test is significant shows how often one seed alone would have said so."""
-    rows = {name: comparison_rows(roots) for name, roots in groups.items()}
+    own McNemar test is significant shows how often one seed alone would have said so. Every run is read at `stage`
+    (default `read_at`); a run without its evaluation there is left out of the mean and the pairs, and listed in
+    `missing` with where it stopped."""
+    everything = iter(comparison_rows([root for roots in groups.values() for root in roots], stage))
+    rows = {name: [next(everything) for _ in roots] for name, roots in groups.items()}
     summaries = []
     for name, runs in rows.items():
         accuracies = [r["accuracy"] for r in runs if r["accuracy"] is not None]
         mean, low, high = mean_interval(accuracies)
         proxies = [r["heldout_proxy"] for r in runs if r["heldout_proxy"] is not None]
-        summary = {"name": name, "accuracies": accuracies, "mean": mean,
+        summary = {"name": name, "stage": runs[0]["stage"] if runs else stage, "accuracies": accuracies, "mean": mean,
                    "interval": (max(0.0, low), min(1.0, high)),  # a t-interval knows nothing of a rate's bounds
-                   "proxy": mean_interval(proxies)[0] if proxies else None, "baseline": name == baseline}
-        if name != baseline:
+                   "proxy": mean_interval(proxies)[0] if proxies else None, "baseline": name == baseline,
+                   "missing": [f"{r['run']}: {r['where']}" for r in runs if r["accuracy"] is None]}
+        if name != baseline:  # a run not measured at the stage has no evaluation there, so it pairs with nothing
             paired = [paired_evals(b["eval"], r["eval"]) for b, r in zip(rows[baseline], runs)]
             differences = [c.difference for c in paired if c]
             d_mean, d_low, d_high = mean_interval(differences)
@@ -154,15 +195,18 @@ def variant_summaries(groups: dict[str, list[Path]], baseline: str) -> list[dict
     return summaries
 
 
-def over_seeds(groups: dict[str, list[Path]], baseline: str) -> list:
+def over_seeds(groups: dict[str, list[Path]], baseline: str, stage: str | None = None) -> list:
     """`variant_summaries` as the comparison's first table."""
     table = []
-    for v in variant_summaries(groups, baseline):
-        accuracies, (low, high) = v["accuracies"], v["interval"]
-        cells = [f"**{v['name']}**", Cell(str(len(accuracies)), "num"),
+    summaries = variant_summaries(groups, baseline, stage)
+    for v in summaries:
+        accuracies, (low, high), missing = v["accuracies"], v["interval"], v["missing"]
+        per_seed = [f"{a:.1%}" for a in accuracies] + [f"not measured ({m})" for m in missing]
+        cells = [f"**{v['name']}**", Cell(f"{len(accuracies)} of {len(accuracies) + len(missing)}" if missing
+                                          else str(len(accuracies)), "num"),
                  Cell(f"{v['mean']:.1%}" if accuracies else "not measured", "num"),
                  Cell(f"{low:.1%} – {high:.1%}" if len(accuracies) > 1 else "one seed: none", "num"),
-                 Cell(", ".join(f"{a:.1%}" for a in accuracies), "num"),
+                 Cell(", ".join(per_seed), "num" if not missing else ""),
                  Cell(f"{v['proxy']:.3g}" if v["proxy"] is not None else "not measured", "num")]
         if v["baseline"]:
             table.append(cells + ["baseline", "", "", ""])
@@ -178,7 +222,10 @@ def over_seeds(groups: dict[str, list[Path]], baseline: str) -> list:
               "held-out proxy (mean)", f"vs {baseline}", "95 % interval of the difference", "verdict",
               "seeds with p < 0.05 alone"]
     return [heading("Variants over seeds"),
-            Para(f"Each variant ran once per seed of its varied stage (the shared stages ran once). Intervals are "
+            Para(f"Held-out accuracy after `{summaries[0]['stage'] if summaries else stage}` in every run; a seed "
+                 "that did not get there (a promote gate stopped it earlier, a stage failed) is not measured, left "
+                 "out of the mean and paired with nothing. "
+                 f"Each variant ran once per seed of its varied stage (the shared stages ran once). Intervals are "
                  f"95 % Student t over seeds, so with 3 seeds they are wide (t = 4.3): a difference is called better or "
                  f"worse only when its interval excludes 0. Differences to `{baseline}` are paired: same seed, same "
                  "held-out prompts."),

@@ -100,8 +100,8 @@ def hyperparameters_table(run: RunView) -> Table | None:
     for key in keys:
         values = [s.resolved.get(key) for s in stages]
         shown = [relative(v, run.root) if isinstance(v, str) and v.startswith("/") else v for v in values]
-        rows.append([f"`{key}`"] + [Cell("—", "missing") if key not in s.resolved else Cell(fmt(v), "mono")
-                                    for s, v in zip(stages, shown)])
+        rows.append([f"`{key}`"] + [Cell("—", "missing") if key not in s.resolved else Cell(fmt(v), "mono", True)
+                                    for s, v in zip(stages, shown)])  # recipe strings: shown as written
     return Table(["argument"] + [s.name for s in stages], rows, "Paths are relative to the run folder.")
 
 

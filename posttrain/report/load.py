@@ -23,7 +23,9 @@ from ..stats import format_change, format_eval_accuracy, paired_evals
 class StageView:
     """What the run folder says about one step (`base` or a stage).
 
-    status (`str`): `done`, `failed`, `running` (or killed while running), `not started`.
+    status (`str`): `done`, `failed`, `running` (or killed while running), `not started`, `stale`.
+    earlier (`bool`): the metrics are those an earlier attempt left in `<stage>/`: the pipeline keeps that folder
+        until a new attempt succeeds, so a failed (or still running) re-run or re-evaluation leaves the old numbers.
     log_history (`list[dict]`): TRL's logs, from metrics.json or, for an unfinished stage, its last checkpoint.
     curves_from (`str`): where `log_history` came from (`metrics.json` or `checkpoint-N (unfinished)`).
     """
@@ -41,6 +43,7 @@ class StageView:
     error: str = ""
     error_cause: str = ""
     log_path: Path | None = None
+    earlier: bool = False
 
     @property
     def eval(self) -> dict | None:
@@ -146,14 +149,22 @@ def accuracy_line(root: str | Path) -> str:
     """`base 18.8% (±6) → sft 43.8% (±7), +25.0 (p=1e-09) → dpo 45.1% (±7), +1.3 n.s.` from the metrics of a run: each
     accuracy with half its 95 % Wilson interval, each change against the step before on the same prompts (exact
     McNemar; `n.s.`: not significant), and `✗ gate failed` where a stage's promote gate rejected it. Empty when
-    nothing was evaluated. A stale stage (`stale_stages`) is shown as such, not compared."""
+    nothing was evaluated. A stale stage (`stale_stages`) is shown as such, not compared; so is a stage whose latest
+    attempt failed or is running (its metrics are an earlier attempt's), and the stage after it is not compared
+    either."""
     parts, before, stale = [], None, stale_stages(root)
+    steps = _json(Path(root) / "run.json").get("steps", {})
     for step, metrics in stage_metrics(root).items():
         if not metrics.get("eval"):
             continue
         text = f"{step} {format_eval_accuracy(metrics['eval'])}"
         if step in stale:
             parts.append(f"{text} (stale: {stale[step]})")
+            continue
+        status = steps.get(step, {}).get("status")
+        if status in ("failed", "running"):
+            parts.append(f"{text} ({status}; from an earlier attempt)")
+            before = None
             continue
         comparison = paired_evals(before, metrics["eval"])
         if comparison:
@@ -164,6 +175,12 @@ def accuracy_line(root: str | Path) -> str:
         parts.append(text)
         before = metrics["eval"]
     return " → ".join(parts)
+
+
+def same_prompts(a: dict, b: dict) -> bool:
+    """Whether two held-out evaluations answered the same prompts (as `stats.paired_evals` decides): only then is
+    the difference of their accuracies a change. Evaluations from before `prompts_sha` was recorded go by size."""
+    return a.get("prompts_sha") == b.get("prompts_sha") and a.get("n") == b.get("n")
 
 
 def _load_stage(root: Path, name: str, step: dict) -> StageView:
@@ -187,11 +204,20 @@ def _load_stage(root: Path, name: str, step: dict) -> StageView:
     elif partial.is_dir():
         view.log_history, view.curves_from = _checkpoint_logs(partial)
     view.status = _status(view, final, partial)
+    view.earlier = view.status in ("failed", "running") and folder == final and bool(view.metrics)
     if view.status == "failed":
-        view.error = step.get("error") or _tail(partial / f"{name}.log")
-        full_log = partial / f"{name}.log"
-        view.error_cause = error_cause(full_log.read_text(errors="replace") if full_log.is_file() else view.error)
+        view.log_path = _failure_log(root, name, step)
+        log = view.log_path.read_text(errors="replace") if view.log_path else ""
+        view.error = step.get("error") or "\n".join(log.splitlines()[-25:])
+        view.error_cause = error_cause(log or view.error)
     return view
+
+
+def _failure_log(root: Path, name: str, step: dict) -> Path | None:
+    """The log of a failed step's latest attempt: the one run.json records (the stage's own, or its evaluation's),
+    else the unfinished stage's; never the log of an earlier attempt that `<stage>/` may still hold."""
+    recorded = [root / relative(step["log"], root)] if step.get("log") else []  # may be absolute on another machine
+    return next((p for p in [*recorded, root / f".{name}.partial" / f"{name}.log"] if p.is_file()), None)
 
 
 def _status(view: StageView, final: Path, partial: Path) -> str:
@@ -213,10 +239,6 @@ def _checkpoint_logs(partial: Path) -> tuple[list, str]:
         if state.get("log_history"):
             return state["log_history"], f"{checkpoint.name} (unfinished stage)"
     return [], ""
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else ""
 
 
 _EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Interrupt|Exit)): (.+)$")

@@ -37,37 +37,70 @@ def _images(blocks: list):
 
 
 # ----------------------------------------------------------------------------------------------------------- inline
-_INLINE = re.compile(r"`([^`]+)`|\*\*([^*]+)\*\*|\[([^\]]+)\]\(([^)\s]+)\)")
+# `blocks.literal`'s backslash escapes first, so an escaped character never opens or closes a mark
+_INLINE = re.compile(r"\\([\\`*\[\]])|`([^`]+)`|\*\*([^*]+)\*\*|\[([^\]]+)\]\(([^)\s]+)\)")
+# Where a link may point: the web, an anchor in this report, or a path beside it (report_files/, data/). Never another
+# scheme (`javascript:`, `data:`) nor `//host`; no control characters or backslashes either, which browsers drop or
+# read as `/` before they look at the scheme.
+_SAFE_URL = re.compile(r"(?:https?://|#|(?![A-Za-z][A-Za-z0-9+.-]*:|//))[^\x00-\x20\x7f\\<>\"']*")
+
+
+def safe_url(url: str) -> bool:
+    return _SAFE_URL.fullmatch(url) is not None
 
 
 def inline_html(text: str) -> str:
     out, last = [], 0
     for m in _INLINE.finditer(text):
         out.append(html.escape(text[last:m.start()]))
-        if m.group(1) is not None:
-            out.append(f"<code>{html.escape(m.group(1))}</code>")
-        elif m.group(2) is not None:
-            out.append(f"<strong>{html.escape(m.group(2))}</strong>")
-        else:
-            out.append(f'<a href="{html.escape(m.group(4))}">{html.escape(m.group(3))}</a>')
+        char, code, bold, label, url = m.groups()
+        if char is not None:
+            out.append(html.escape(char))
+        elif code is not None:
+            out.append(f"<code>{html.escape(code)}</code>")
+        elif bold is not None:
+            out.append(f"<strong>{html.escape(bold)}</strong>")
+        elif safe_url(url):
+            out.append(f'<a href="{html.escape(url)}">{html.escape(label)}</a>')
+        else:  # a link to a script or another scheme: shown as the text it is
+            out.append(html.escape(m.group(0)))
         last = m.end()
     out.append(html.escape(text[last:]))
     return "".join(out).replace("\n", "<br>")
 
 
 def inline_md(text: str) -> str:
-    """Markdown renderers treat `<think>` as an HTML tag and drop it: escape <, > and & outside code spans."""
+    """Markdown renderers treat `<think>` as an HTML tag and drop it: escape <, > and & outside code spans (inside
+    **bold** and link text too). `[` is escaped outside links, so text that is not a safe link (`[x]( javascript:…)`,
+    which Markdown links but the marks do not) cannot become one."""
     out, last = [], 0
     for m in _INLINE.finditer(text):
-        out.append(_md_escape(text[last:m.start()]))
-        out.append(m.group(0))
+        out.append(_md_text(text[last:m.start()]))
+        char, code, bold, label, url = m.groups()
+        if char is not None or code is not None:  # Markdown's own escape, and a code span, are shown as written
+            out.append(m.group(0))
+        elif bold is not None:
+            out.append(f"**{_md_text(bold)}**")
+        elif safe_url(url):
+            out.append(f"[{_md_text(label)}]({url})")
+        else:
+            out.append(md_literal(m.group(0)))
         last = m.end()
-    out.append(_md_escape(text[last:]))
+    out.append(_md_text(text[last:]))
     return "".join(out)
 
 
 def _md_escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _md_text(text: str) -> str:
+    return _md_escape(text).replace("[", "\\[")
+
+
+def md_literal(text: str) -> str:
+    """`text` as written in Markdown: no HTML, no marks."""
+    return re.sub(r"([\\`*_\[])", r"\\\1", _md_escape(text))
 
 
 # ----------------------------------------------------------------------------------------------------------- markdown
@@ -98,7 +131,7 @@ def _md_block(block, files_dir: str) -> str:
 def _md_cell(cell) -> str:
     text = cell.text if isinstance(cell, Cell) else str(cell)
     if isinstance(cell, Cell) and cell.literal:
-        text = _md_escape(text).replace("`", "\\`").replace("*", "\\*").replace("_", "\\_").replace("[", "\\[")
+        text = md_literal(text)
     else:
         text = inline_md(text)
     return text.replace("|", "\\|").replace("\n", "<br>") or " "

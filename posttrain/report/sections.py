@@ -20,12 +20,13 @@ from .blocks import (
     Table,
     fmt,
     heading,
+    literal,
     num_cell,
     seconds,
     slug,
     status_cell,
 )
-from .load import RunView, StageView, relative
+from .load import RunView, StageView, relative, same_prompts
 
 EVAL_ROWS = [  # key, label, kind
     ("n", "held-out prompts", "int"),
@@ -52,13 +53,15 @@ def summary(run: RunView) -> list:
     blocks = [Heading(f"Run report: {run.name}", 1, slug(run.name)),
               Para(" · ".join(f for f in facts if f) + f" · run status **{STATUS_TEXT.get(status, status)}**"),
               Para(f"**Held-out accuracy:** {run.accuracy or 'not measured'}")]
+    blocks += run_failure(run)
     for i, stage in enumerate(run.stages):
         if stage.status == "failed":
             where = f"`{relative(stage.log_path, run.root)}`" if stage.log_path else "not found"
             later = [s.name for s in run.stages[i + 1:] if s.status == "not started"]
-            blocks.append(Para(f"**Stage {stage.name} failed:** {stage.error_cause or 'no error text recorded'}\n"
-                               f"Full log: {where}." + (f" Not run because of it: {', '.join(later)}." if later
-                                                          else ""), "failed"))
+            earlier = " The numbers shown for it are from an earlier attempt." if stage.earlier else ""
+            blocks.append(Para(f"**Stage {stage.name} failed:** "
+                               f"{literal(stage.error_cause) or 'no error text recorded'}\nFull log: {where}.{earlier}"
+                               + (f" Not run because of it: {', '.join(later)}." if later else ""), "failed"))
             if stage.error:
                 blocks.append(Details(f"last lines of the {stage.name} log", [Code(stage.error)]))
         gate = gate_failure(stage)
@@ -69,6 +72,29 @@ def summary(run: RunView) -> list:
                                                         else ""), "failed"))
     blocks += [heading("Steps"), steps_table(run)]
     return blocks
+
+
+def run_failure(run: RunView) -> list:
+    """The error of a run that failed (or was interrupted) outside a stage's process, which only run.json's `run`
+    step records: a data job, the base model, a full disk. Not repeated when it only names a stage that failed: that
+    stage's own call-out says why."""
+    state = run.state.get("steps", {}).get("run", {})
+    error = state.get("error")
+    failed = [s for s in run.stages if s.status == "failed"]
+    told = {text for s in failed for text in (f"step '{s.name}' failed", s.step.get("error"))}
+    if not error or state.get("status") not in ("failed", "interrupted") or error in told:
+        return []
+    later = [s.name for s in run.stages if s.status == "not started"]
+    return [Para(f"**Run {state['status']}:** {literal(error)}"
+                 + (f"\nNot run because of it: {', '.join(later)}." if later else ""), "failed")]
+
+
+def stage_label(stage: StageView) -> str:
+    """A stage's name, with its status where it is not done: `dpo (failed; numbers from an earlier attempt)`."""
+    if stage.status == "done":
+        return stage.name
+    status = STATUS_TEXT.get(stage.status, stage.status)
+    return f"{stage.name} ({status}; numbers from an earlier attempt)" if stage.earlier else f"{stage.name} ({status})"
 
 
 def gate_failure(stage: StageView) -> str:
@@ -90,6 +116,8 @@ def steps_table(run: RunView) -> Table:
             notes.append("finished earlier with the same inputs; skipped on the last run")
         if stage.status == "failed":
             notes.append(stage.error_cause)
+        if stage.earlier:
+            notes.append("the numbers shown are from an earlier attempt")
         if gate_failure(stage):
             notes.append(f"promote gate failed: {gate_failure(stage)}")
         if stage.curves_from and stage.curves_from != "metrics.json":
@@ -107,9 +135,12 @@ def steps_table(run: RunView) -> Table:
 # --------------------------------------------------------------------------------------------------------- evaluation
 def evaluation(run: RunView) -> list:
     measured = [s for s in run.stages if s.eval]
+    prompts = ("The same held-out prompts" if all(same_prompts(measured[0].eval, s.eval) for s in measured) else
+               "Held-out prompts, not the same for every stage (see \"held-out prompts\"; accuracies on different "
+               "prompts are not compared),")
     blocks = [heading("Evaluation"),
-              Para("The same held-out prompts, answered greedily after each stage and scored by the verifiers UPO "
-                   "trains on. Each column is one stage's `metrics.json`.")]
+              Para(f"{prompts} answered greedily after each stage and scored by the verifiers UPO trains on. Each "
+                   "column is one stage's `metrics.json`.")]
     if not measured:
         return blocks + [Para("No stage has a held-out evaluation yet: not measured.", "warning")]
     blocks.append(eval_table(run))
@@ -126,7 +157,10 @@ def evaluation(run: RunView) -> list:
 def eval_table(run: RunView) -> Table:
     stages = run.stages
     measured = [s for s in stages if s.eval]
-    first, last = measured[0], measured[-1]
+    # the change runs between the stages whose numbers are what the chain now gives: not stale, failed or unfinished
+    current = [s for s in measured if s.status == "done"]
+    first, last = (current[0], current[-1]) if len(current) > 1 else (None, None)
+    comparable = first is not None and same_prompts(first.eval, last.eval)
     groups = sorted({g for s in measured for g in (s.eval.get("by_group") or {})},
                     key=lambda g: (g.startswith("mode/"), g))
     known = {k for k, _, _ in EVAL_ROWS} | {"by_group", "samples", "verdicts", "accuracy_ci95"}
@@ -142,16 +176,18 @@ def eval_table(run: RunView) -> Table:
         values = [get(s.eval) if s.eval else None for s in stages]
         if kind == "interval":
             rows.append([label] + [Cell(f"{v[0]:.1%} – {v[1]:.1%}", "num") if v else NOT_MEASURED for v in values]
-                        + [""] * (len(measured) > 1))
+                        + [""] * (first is not None))
             continue
         row = [label] + [num_cell(v, kind) for v in values]
-        if len(measured) > 1:
+        if first is not None:
             a, b = get(first.eval), get(last.eval)
-            row.append(Cell(_delta(a, b, kind), "num") if a is not None and b is not None and kind != "int" else "")
+            if a is None or b is None or kind == "int":
+                row.append("")
+            else:
+                row.append(Cell(_delta(a, b, kind), "num") if comparable else Cell("different prompts", "missing"))
         rows.append(row)
-    header = ["metric"] + [s.name if s.status == "done" else f"{s.name} ({STATUS_TEXT.get(s.status, s.status)})"
-                           for s in stages]
-    if len(measured) > 1:
+    header = ["metric"] + [stage_label(s) for s in stages]
+    if first is not None:
         header.append(f"change {first.name} → {last.name}")
     return Table(header, rows, "Rates are fractions of the held-out prompts; per-group rows are accuracy within the "
                  "group. \"not measured\": the stage wrote no evaluation (not run, failed, or no eval data).")
@@ -175,7 +211,8 @@ def promotions(run: RunView) -> list:
         verdict = (Cell(("passed: " if gate["passed"] else "FAILED: " if gate.get("enforced", True)
                          else "worse (not enforced): ") + gate.get("reason", ""), "ok" if gate["passed"] else "bad",
                         literal=True) if gate else Cell("no gate", "missing"))
-        rows.append([f"**{stage.name}**", record.get("against", ""), *paired, verdict])
+        mark = stage_label(stage).removeprefix(stage.name)  # ` (stale: …)`: not what the chain now gives
+        rows.append([f"**{stage.name}**{mark}", record.get("against", ""), *paired, verdict])
     if not rows:
         return []
     return [heading("Stage against the step before", 3),
@@ -206,7 +243,7 @@ def stage_extras(stage: StageView) -> list:
                        Table(["measure", f"before {stage.name}", f"after {stage.name}"], rows)]
         else:
             # settings and measurements a stage recorded under its own key, shown as recorded (no unit guessing)
-            rows = [[f"`{k}`", Cell(fmt(v), "num")] for k, v in flatten(value, key).items() if v is not None]
+            rows = [[f"`{k}`", Cell(fmt(v), "num", True)] for k, v in flatten(value, key).items() if v is not None]
             blocks += [heading(f"{stage.name}: `{key}` in metrics.json", 4), Table(["key", "value"], rows)]
     return blocks
 
@@ -245,6 +282,9 @@ def curves(run: RunView) -> list:
         blocks.append(heading(f"{stage.name} curves", 3))
         if stage.curves_from != "metrics.json":
             blocks.append(Para(f"From {stage.curves_from}: the stage has not finished.", "warning"))
+        elif stage.earlier:
+            blocks.append(Para(f"From an earlier attempt of {stage.name}: its latest attempt "
+                               f"{STATUS_TEXT.get(stage.status, stage.status)}.", "warning"))
         if main:
             blocks.append(Image(f"curves_{stage.name}.png", main, f"{stage.name} training curves",
                                 "Solid: training batches; dashed with dots: held-out (eval_*) logs; bands: ± std "
@@ -288,11 +328,13 @@ def samples(run: RunView) -> list:
                        "as the accuracy above (✓ correct / ✗ wrong). Completions are shown as generated."))
     rows_by_key: dict = {}
     for stage in stages:
-        for sample in stage.eval["samples"]:
-            key = (sample.get("prompt"), sample.get("thinking"))
+        for i, sample in enumerate(stage.eval["samples"]):
+            # a row is one position in one set of held-out prompts, not a prompt text: the same question about
+            # another image (vision) is another prompt. The text guards evaluations that recorded no prompts_sha.
+            key = (stage.eval.get("prompts_sha"), i, sample.get("prompt"))
             rows_by_key.setdefault(key, {"sample": sample, "by_stage": {}})["by_stage"].setdefault(stage.name, sample)
     for mode in (True, False, None):
-        rows = [r for (_, thinking), r in rows_by_key.items() if thinking is mode]
+        rows = [r for r in rows_by_key.values() if r["sample"].get("thinking") is mode]
         if not rows:
             continue
         table_rows = []
@@ -308,7 +350,7 @@ def samples(run: RunView) -> list:
             f"{sum(bool(r['by_stage'][s.name].get('correct')) for r in rows if s.name in r['by_stage'])} / "
             f"{sum(s.name in r['by_stage'] for r in rows)}" for s in stages]
         blocks += [heading(f"{MODE_TITLES[mode]} ({len(rows)} prompts)", 3),
-                   Table(["prompt", "reference answer"] + [s.name for s in stages], table_rows + [totals],
+                   Table(["prompt", "reference answer"] + [stage_label(s) for s in stages], table_rows + [totals],
                          cls="samples")]
     return blocks
 
