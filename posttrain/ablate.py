@@ -152,14 +152,15 @@ def run_ablation(recipe: Recipe, output_root: str | Path = "outputs", accelerate
     from .report import build_comparison
 
     out = Path(output_root).resolve() / f"{recipe.name}-ablation"
+    at = plan.until or list(recipe.stages)[-1]  # every run read there: a seed a gate stopped earlier is not measured
     build_comparison([root for roots in groups.values() for root in roots], out,
-                     groups=groups if plan.seeds > 1 else None, baseline=plan.baseline)
-    print_summary(groups, plan.baseline)
+                     groups=groups if plan.seeds > 1 else None, baseline=plan.baseline, stage=at)
+    print_summary(groups, plan.baseline, at)
     console.print(f"ablation comparison: {out / 'comparison.html'}")
     return out
 
 
-def print_summary(groups: dict[str, list[Path]], baseline: str) -> None:
+def print_summary(groups: dict[str, list[Path]], baseline: str, stage: str | None = None) -> None:
     """The comparison's first table on the terminal: each variant's held-out accuracy over its seeds and its paired
     difference to the baseline (the report's `variant_summaries`)."""
     from rich.table import Table
@@ -170,7 +171,7 @@ def print_summary(groups: dict[str, list[Path]], baseline: str) -> None:
     for column in ("variant", "seeds", "mean", "interval", f"vs {baseline}", "its interval", "verdict"):
         table.add_column(column, justify="left" if column in ("variant", "verdict") else "right",
                          no_wrap=column != "verdict")
-    for v in variant_summaries(groups, baseline):
+    for v in variant_summaries(groups, baseline, stage):
         low, high = v["interval"]
         cells = [v["name"], str(len(v["accuracies"])), f"{v['mean']:.1%}" if v["accuracies"] else "not measured",
                  f"{low:.1%} – {high:.1%}" if len(v["accuracies"]) > 1 else ""]

@@ -390,7 +390,8 @@ class Pipeline:
                           "[/yellow]")
         elif not force and self._up_to_date(final, *same):
             console.print(f"[green]✓ {stage}[/green]: finished earlier with the same inputs, skipped")
-            self._record(stage, skipped=True)
+            # what an earlier failed attempt (with other inputs) recorded no longer describes the stage
+            self._record(stage, skipped=True, status="done", error=None, log=None)
             self.reevaluate(stage)
             return
         console.rule(f"stage: {stage}")

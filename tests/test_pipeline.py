@@ -130,6 +130,22 @@ def test_a_stage_recorded_with_the_earlier_inputs_hash_is_still_skipped(shared_t
     assert "sft: finished earlier with the same inputs, skipped" in again.stdout and "stage: sft" not in again.stdout
 
 
+def test_a_stage_skipped_as_finished_is_done_whatever_an_earlier_attempt_recorded(shared_tiny, tiny_run, tmp_path,
+                                                                                   posttrain_cli):
+    """A re-run with other inputs failed (run.json: sft failed, its log), then the inputs went back: the finished
+    stage is skipped, and run.json (which the report reads) says done again."""
+    cwd = tmp_path / "copy"
+    shutil.copytree(shared_tiny.root, cwd)
+    state_path = cwd / "outputs" / shared_tiny.name / "run.json"
+    state = json.loads(state_path.read_text())
+    state["steps"]["sft"].update(status="failed", error="ValueError: bad row", log="/elsewhere/.sft.partial/sft.log")
+    state_path.write_text(json.dumps(state))
+    again = posttrain_cli("run", "recipe.yaml", "--until", "sft", cwd=cwd)
+    assert "sft: finished earlier with the same inputs, skipped" in again.stdout
+    sft = json.loads(state_path.read_text())["steps"]["sft"]
+    assert sft["status"] == "done" and sft["error"] is None and sft["log"] is None
+
+
 def test_a_discarded_unfinished_stage_says_what_changed(tmp_path):
     from posttrain.pipeline import changed_inputs
 
