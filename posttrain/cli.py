@@ -22,7 +22,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from . import skip_final_collection
-from .configs import EvalArguments, add_dataclass_arguments, given_fields
+from .configs import EvalArguments, add_dataclass_arguments, at_least, given_fields
 from .console import console
 from .errors import Terminated, UserError, make_folder, terminate_on_sigterm
 
@@ -34,6 +34,7 @@ def cmd_run(args) -> int:
     recipe_path = next((a for a in args.items if "=" not in a), None)
     overrides = [a for a in args.items if a != recipe_path]
     recipe = load_recipe(recipe_path, overrides)
+    check_stage_flags(list(recipe.stages), args, recipe.path)
     console.print(f"[bold]recipe[/bold] {recipe.path} · stages: {' → '.join(recipe.stages)}")
     if args.dry_run:
         import yaml
@@ -58,6 +59,18 @@ def cmd_run(args) -> int:
     pipeline = Pipeline(recipe, args.output_dir, args.accelerate_config, args.num_processes, nodes=nodes)
     pipeline.run(only=args.only, start=args.start, until=args.until)
     return 0
+
+
+def check_stage_flags(order: list[str], args, path) -> None:
+    """--only, --from and --until name stages of the recipe, and --until none before the stage to run: checked before
+    a dry run says all is well and before a run builds any data."""
+    for flag, stage in (("--only", args.only), ("--from", args.start), ("--until", args.until)):
+        if stage and stage not in order:
+            raise UserError(f"{flag}: stage '{stage}' is not in recipe {path} (stages: {', '.join(order)})")
+    for flag, stage in (("--only", args.only), ("--from", args.start)):
+        if stage and args.until and order.index(stage) > order.index(args.until):
+            raise UserError(f"{flag} {stage}: the stage comes after --until {args.until} in recipe {path} "
+                            f"({' → '.join(order)}), so nothing would run it")
 
 
 def machines(args):
@@ -86,6 +99,9 @@ def cmd_eval(args) -> int:
     from .runs import eval_target
 
     given = given_fields(args, EvalArguments)
+    if args.run and args.model:
+        raise UserError(f"give a run folder ({args.run}) or --model ({args.model}), not both: a run's stage is "
+                        "evaluated on the run's own base model (--adapter may still replace its adapter)")
     if args.run:
         ref, settings = eval_target(args.run, args.stage, given)
         ref.check_base_model()
@@ -163,17 +179,18 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("items", nargs="*", metavar="[RECIPE] [KEY=VALUE]",
                      help="recipe file, then overrides such as stages.sft.max_steps=10")
     run.add_argument("--output-dir", default="outputs", help="runs go to OUTPUT_DIR/<recipe name>/")
-    run.add_argument("--only", metavar="STAGE", help="(re)run this stage only; earlier stages must be finished")
-    run.add_argument("--from", dest="start", metavar="STAGE", help="(re)run from this stage on")
+    which = run.add_mutually_exclusive_group()  # --only with --from would run one stage, silently not the rest
+    which.add_argument("--only", metavar="STAGE", help="(re)run this stage only; earlier stages must be finished")
+    which.add_argument("--from", dest="start", metavar="STAGE", help="(re)run from this stage on")
     run.add_argument("--until", metavar="STAGE", help="stop after this stage (--until sft: the data, the base "
                      "evaluation and SFT)")
     run.add_argument("--accelerate-config", help="accelerate config file (overrides the recipe's)")
-    run.add_argument("--num-processes", type=int, help="processes per stage without a config file (default: all GPUs, "
-                     "or 1 on CPU; 2+ on CPU runs real data-parallel processes over gloo)")
-    run.add_argument("--num-machines", type=int, default=1, help="machines taking part (each runs this same command "
-                     "with its --machine-rank; the run folder must be on a filesystem they share)")
-    run.add_argument("--machine-rank", type=int, default=0, help="this machine's rank: 0 prepares data, evaluates "
-                     "and launches each stage; the others join every stage it launches")
+    run.add_argument("--num-processes", type=at_least(1), help="processes per stage without a config file (default: "
+                     "all GPUs, or 1 on CPU; 2+ on CPU runs real data-parallel processes over gloo)")
+    run.add_argument("--num-machines", type=at_least(1), default=1, help="machines taking part (each runs this same "
+                     "command with its --machine-rank; the run folder must be on a filesystem they share)")
+    run.add_argument("--machine-rank", type=at_least(0), default=0, help="this machine's rank: 0 prepares data, "
+                     "evaluates and launches each stage; the others join every stage it launches")
     run.add_argument("--main-process-ip", help="address of machine 0, reachable from every machine")
     run.add_argument("--main-process-port", type=int, help="port on machine 0 for the stages' process group "
                      "(default: a free one, chosen by machine 0)")
@@ -185,8 +202,8 @@ def make_parser() -> argparse.ArgumentParser:
     ablate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides applied to every variant")
     ablate.add_argument("--output-dir", default="outputs")
     ablate.add_argument("--accelerate-config")
-    ablate.add_argument("--num-processes", type=int)
-    ablate.add_argument("--seeds", type=int, help="runs per variant, seeds counting up from the stage's (default: "
+    ablate.add_argument("--num-processes", type=at_least(1))
+    ablate.add_argument("--seeds", type=at_least(1), help="runs per variant, seeds counting up from the stage's (default: "
                         "the section's `seeds:`, else 1); the comparison then shows mean ± 95 %% interval")
     ablate.add_argument("--variants", help="comma-separated subset of the variants to run (default: all)")
     ablate.add_argument("--until", metavar="STAGE", help="end each variant's run after this stage and compare there "
@@ -240,7 +257,7 @@ def make_parser() -> argparse.ArgumentParser:
     chat.add_argument("--stage", help="stage to chat with (default: the last finished one; 'base' for the base model)")
     chat.add_argument("--thinking", choices=["on", "off"], help="thinking mode via the chat template's enable_thinking "
                       "(default: the template's own default)")
-    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--max-new-tokens", type=at_least(1), default=256)
     chat.set_defaults(func=cmd_chat)
 
     from .bench import add_parser as add_bench_parser

@@ -47,15 +47,17 @@ class EvalArguments:
 
     dataset: str | None = field(default=None, metadata={"help": "Held-out prompts (prompt/answer/domain/thinking)."})
     split: str = field(default="test", metadata={"help": "Split of `dataset` to evaluate on."})
-    limit: int | None = field(default=None, metadata={"help": "Evaluate on the first N rows only."})
-    max_new_tokens: int = field(default=64, metadata={"help": "Greedy generation budget per prompt."})
-    batch_size: int = field(default=32, metadata={"help": "Prompts generated together."})
-    samples: int = field(default=8, metadata={"help": "Answered prompts kept in metrics.json for the report."})
+    # "min": the smallest value a recipe or a flag may give (`check_minimum`, `add_dataclass_arguments`)
+    limit: int | None = field(default=None, metadata={"help": "Evaluate on the first N rows only.", "min": 1})
+    max_new_tokens: int = field(default=64, metadata={"help": "Greedy generation budget per prompt.", "min": 1})
+    batch_size: int = field(default=32, metadata={"help": "Prompts generated together.", "min": 1})
+    samples: int = field(default=8, metadata={"help": "Answered prompts kept in metrics.json for the report.",
+                                              "min": 0})
     loss_limit: int | None = field(
         default=None,
         metadata={"help": "Held-out loss on the first N rows with a reference reply only (default: all). It is a "
                           "forward over every prompt and reply: on 2 CPU cores, 200 rows took 20 s, 60 percent of "
-                          "the time generating their answers took."},
+                          "the time generating their answers took.", "min": 0},
     )
     dtype: Precision = field(
         default="auto",
@@ -148,6 +150,11 @@ class StageArguments:
                 if stage_args.get(f"eval_{f.name}") is not None}
 
 
+# UPO's pair sources (`UPOConfig.upo_mode`), here too so the recipe loader checks them without importing TRL (seconds);
+# tests/test_recipes.py keeps the two equal.
+UPO_MODES = ("online", "offline", "both")
+
+
 @dataclass
 class CurriculumArguments:
     """UPO's prompt curriculum: which prompts, in which order."""
@@ -169,9 +176,31 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, unset: b
         if isinstance(kind, types.UnionType):  # `int | None` -> int
             kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
         choices = literal_choices(kind)
+        minimum = f.metadata.get("min")
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name,
                             default=argparse.SUPPRESS if unset else f.default, choices=choices,
-                            type=type(choices[0]) if choices else kind, help=f.metadata.get("help"))
+                            type=type(choices[0]) if choices else at_least(minimum) if minimum is not None else kind,
+                            help=f.metadata.get("help"))
+
+
+def at_least(minimum: int):
+    """An argparse `type`: an integer of at least `minimum`, else argparse's own one-line error naming the flag."""
+    def parse(text: str) -> int:
+        value = int(text)  # a ValueError: argparse says "invalid int value"
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def check_minimum(cls: type, values: dict, where: str) -> None:
+    """Raise naming `where.<key>` where `values` go below the `"min"` a field of `cls` states in its metadata."""
+    for f in dataclasses.fields(cls):
+        minimum, value = f.metadata.get("min"), values.get(f.name)
+        if minimum is not None and value is not None and value < minimum:
+            raise UserError(f"{where}.{f.name}: {value} is below the minimum of {minimum}")
 
 
 def given_fields(args: argparse.Namespace, cls: type) -> dict:
@@ -185,6 +214,32 @@ def given_fields(args: argparse.Namespace, cls: type) -> dict:
 def literal_choices(annotation) -> tuple | None:
     """The allowed values of a `Literal[...]` annotation (a flag's `choices`), or None for any other annotation."""
     return typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
+
+
+def _members(annotation) -> tuple:
+    """The parts of a union, or the annotation alone."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def is_text(annotation) -> bool:
+    """Whether `annotation` is `str` or `str | None`: whatever a value for it looks like (`1.10`, `010`), it is text."""
+    return set(_members(annotation)) - {type(None)} == {str}
+
+
+def _string_enum(annotation):
+    """The enum of an `Enum | str` annotation, or None. TrainingArguments turns such a string into the enum by value
+    in its __post_init__ (`SchedulerType("cosinee")` is a ValueError), so only the enum's values are valid strings,
+    although the annotation says `str`; checked here, a typo is refused before any work, not when the stage starts."""
+    members = set(_members(annotation)) - {type(None)}
+    enums = [m for m in members if isinstance(m, type) and issubclass(m, enum.Enum)]
+    return enums[0] if len(enums) == 1 and members == {enums[0], str} else None
+
+
+def _enum_values(annotation) -> list | None:
+    string_enum = _string_enum(annotation)
+    return [m.value for m in string_enum] if string_enum else None
 
 
 def field_types(classes) -> dict[str, Any]:
@@ -208,6 +263,9 @@ def _type_ok(value, annotation) -> bool:
     if annotation is Any or annotation is None:
         return True
     origin = typing.get_origin(annotation)
+    string_enum = _string_enum(annotation)
+    if string_enum:
+        return value in [m.value for m in string_enum] or (value is None and type(None) in _members(annotation))
     if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
     if origin is typing.Literal:
@@ -233,20 +291,44 @@ def _type_ok(value, annotation) -> bool:
 
 
 def check_type(value, annotation, where: str):
-    """Raise naming `where` unless `value` fits `annotation`; returns the value, with YAML 1.1's string floats
-    (`1e-4` is a string to PyYAML, `1.0e-4` a float) turned into floats where a float is expected."""
-    if isinstance(value, str) and not _type_ok(value, annotation) and _type_ok(0.5, annotation):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if not _type_ok(value, annotation):
-        choices = literal_choices(annotation)
+    """Raise naming `where` unless `value` fits `annotation`; returns the value as the field takes it: YAML 1.1's
+    string floats (`1e-4` is a string to PyYAML, `1.0e-4` a float) as floats where a float is expected, also inside
+    lists, and a lone value where a list is expected as a list of one (TRL's `loss_type: sigmoid`,
+    `lora_target_modules: all-linear`, as TRL's own parser takes them)."""
+    fitted = _fit(value, annotation)
+    if fitted is _MISFIT:
+        choices = literal_choices(annotation) or _enum_values(annotation)
         if choices:
             raise UserError(f"{where}: {value!r}; expected one of: {', '.join(map(str, choices))}")
         shown = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
         raise UserError(f"{where}: {value!r} ({type(value).__name__}) is not a valid {shown}")
-    return value
+    return fitted
+
+
+_MISFIT = object()
+
+
+def _fit(value, annotation):
+    """`value` as `check_type` returns it, or `_MISFIT`."""
+    if _type_ok(value, annotation):
+        return value
+    if isinstance(value, str) and _type_ok(0.5, annotation):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+        else:
+            if _type_ok(number, annotation):
+                return number
+    for member in _members(annotation):
+        if member is list or typing.get_origin(member) is list:
+            if value is None:
+                continue
+            item = (typing.get_args(member) or (Any,))[0]
+            items = [_fit(v, item) for v in (value if isinstance(value, list) else [value])]  # lone: a list of one
+            if all(v is not _MISFIT for v in items):
+                return items
+    return _MISFIT
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -264,6 +346,9 @@ def annotation_to_json(annotation):
     if isinstance(annotation, type) and _PLAIN.get(annotation.__name__) is annotation:
         return annotation.__name__
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    values = _enum_values(annotation)
+    if values:  # `Enum | str`: the enum's values (see `_string_enum`)
+        return {"union": [{"literal": values}, "None"]} if type(None) in args else {"literal": values}
     if origin in (typing.Union, types.UnionType):
         return {"union": [annotation_to_json(arg) for arg in args]}
     if origin is typing.Literal:

@@ -17,14 +17,19 @@ recipe file, the stage and the key.
 
 import dataclasses
 import hashlib
+import io
 import json
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from rich.markup import escape
 
 from .configs import (
+    UPO_MODES,
     BaseModelArguments,
     CurriculumArguments,
     EvalArguments,
@@ -32,18 +37,25 @@ from .configs import (
     StageArguments,
     annotation_from_json,
     annotation_to_json,
+    check_minimum,
     check_type,
     field_types,
+    is_text,
     suggest,
 )
+from .console import console
 from .datajobs import check_data_section
 from .errors import UserError
 from .io import write_json
 from .promotion import check_gate_spec
+from .rewards import REWARDS
 
 STAGES = ("sft", "dpo", "upo")
 TOP_KEYS = {"name", "modality", "base", "data", "eval", "shared", "stages", "accelerate_config", "description",
             "ablation"}
+TOP_TYPES = {"name": str, "modality": str, "description": str, "accelerate_config": str | None}
+# A run's folder is OUTPUT_DIR/<name>: one plain folder name, never a path that leaves OUTPUT_DIR.
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
 # Set by the pipeline for each stage; a recipe that sets them would silently be overridden, so it is an error.
 RESERVED = {"model_name_or_path", "output_dir", "adapter_path", "tokenizer_name_or_path", "resume_from_checkpoint",
             "eval_dataset", "trust_remote_code", *(f"eval_{f.name}" for f in dataclasses.fields(EvalArguments))}
@@ -116,8 +128,74 @@ def default_recipe_path() -> Path:
     return Path(__file__).resolve().parent.parent / "recipes" / "text" / "smollm2-135m.yaml"
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key written twice in one mapping: PyYAML keeps the last one silently, and in a
+    recipe that is two edits of one setting, of which the one further up looks like it applies."""
+
+    def construct_mapping(self, node, deep=False):
+        first, pairs = {}, node.value if isinstance(node, yaml.MappingNode) else []  # else the base class refuses
+        for key_node in [key for key, _ in pairs if key.tag != "tag:yaml.org,2002:merge"]:  # `<<:` may be overridden
+            key = self.construct_object(key_node, deep=True)
+            earlier = first.setdefault(key, key_node) if isinstance(key, typing.Hashable) else key_node
+            if earlier is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in one mapping (first on line {earlier.start_mark.line + 1})"
+                    "; the second would silently win: keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_recipe(path: Path) -> dict:
+    """The YAML of a recipe file; a UserError naming the file (and the line) when it is not UTF-8 or not YAML."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at byte offset {exc.start}); "
+                        "save the recipe as UTF-8") from None
+    stream = io.StringIO(text)
+    stream.name = str(path)  # YAML's errors then say `in "<path>", line 3`, not `in "<unicode string>"`
+    try:
+        return yaml.load(stream, Loader=RecipeLoader) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML: {exc}") from exc
+
+
+class ValueLoader(RecipeLoader):
+    """A command-line value with YAML 1.2's plain scalars (int `10`, float `1e-4`, true/false, null, else a string):
+    YAML 1.1 reads `010` as 8, `1:30` as 90, `yes` as true and `2024-01-01` as a date, which no one means there."""
+
+    yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag.rsplit(":", 1)[1] not in
+                                       ("bool", "int", "float", "timestamp")]
+                               for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+for _kind, _pattern, _first, _make in (
+        ("bool", r"true|True|TRUE|false|False|FALSE", "tTfF", lambda text: text.lower() == "true"),
+        ("int", r"[-+]?[0-9]+", "-+0123456789", int),
+        ("float", r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?", "-+.0123456789", float)):
+    ValueLoader.add_implicit_resolver(f"tag:yaml.org,2002:{_kind}", re.compile(f"^(?:{_pattern})$"), list(_first))
+    ValueLoader.add_constructor(f"tag:yaml.org,2002:{_kind}",
+                                lambda loader, node, make=_make: make(loader.construct_scalar(node)))
+
+
+def parse_override(text: str, annotation):
+    """An override's value for a field of `annotation` (None: unknown). The text as given for a text field (`1.10`,
+    `exp #3`); else `ValueLoader`'s YAML, refusing a `#` comment, which YAML would drop with the text after it."""
+    quoted = len(text) >= 2 and text[0] in "'\"" and text[-1] == text[0]
+    if annotation is not None and is_text(annotation) and not quoted:
+        return None if text in ("null", "~") and type(None) in typing.get_args(annotation) else text
+    *_, last, _end = yaml.scan(text, Loader=ValueLoader)
+    comment = text[last.end_mark.index:].strip()  # the scanner skips a comment: what is left after the last token
+    if comment:
+        raise ValueError(f"'{comment}' would be read as a YAML comment and dropped; quote the value if it is text "
+                         f"(e.g. '\"{text}\"')")
+    return yaml.load(text, Loader=ValueLoader)
+
+
 def apply_overrides(raw: dict, overrides: list[str], where: str) -> dict:
-    """`stages.sft.learning_rate=1e-4` style overrides; values are parsed as YAML (numbers, lists, booleans)."""
+    """`stages.sft.learning_rate=1e-4` style overrides (values: `parse_override`). A section the file leaves empty
+    (`shared:` with nothing under it) takes overrides like one it fills."""
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override '{item}' should look like section.key=value (e.g. stages.sft.max_steps=10)")
@@ -125,16 +203,51 @@ def apply_overrides(raw: dict, overrides: list[str], where: str) -> dict:
         keys = dotted.split(".")
         node = raw
         for key in keys[:-1]:
-            node = node.setdefault(key, {})
+            if node.get(key) is None:
+                node[key] = {}
+            node = node[key]
             if not isinstance(node, dict):
                 raise UserError(f"{where}: override '{item}': '{key}' is not a mapping")
         try:
-            node[keys[-1]] = yaml.safe_load(value)
+            node[keys[-1]] = parse_override(value, override_type(keys, raw))
+        except ValueError as exc:
+            raise UserError(f"{where}: override '{item}': {exc}") from None
         except yaml.YAMLError as exc:
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
             raise UserError(f"{where}: override '{item}': the value {value!r} is not valid YAML ({problem}); quote "
                             "strings and close brackets, e.g. shared.lora_target_modules=[q_proj,v_proj]") from exc
+        if keys[0] == "shared" and len(keys) == 2:
+            _warn_shadowed(raw, keys[1], item, where)
     return raw
+
+
+def override_type(keys: list[str], raw: dict):
+    """The annotation of the field an override sets: a top-level value, a key of `base:`, `eval:`, a gate or a stage
+    (`shared.K`: text only if text in every stage that takes K); None for others (data jobs, ablation)."""
+    if len(keys) == 1:
+        return TOP_TYPES.get(keys[0])
+    section, key = keys[0], keys[-1]
+    if keys[-2] == "gate" and (section, len(keys)) in (("shared", 3), ("stages", 4)):
+        return field_types((GateArguments,)).get(key)
+    if section in ("base", "eval") and len(keys) == 2:
+        return field_types((BaseModelArguments if section == "base" else EvalArguments,)).get(key)
+    if section == "stages" and len(keys) == 3 and keys[1] in STAGES:
+        return stage_fields(keys[1])[0].get(key)
+    if section == "shared" and len(keys) == 2:
+        stages = raw.get("stages") if isinstance(raw.get("stages"), dict) else {}
+        kinds = [fields[key] for stage in STAGES if stage in stages or not stages
+                 for fields in [stage_fields(stage)[0]] if key in fields]
+        return kinds[0] if kinds and all(is_text(kind) for kind in kinds) else None
+    return None
+
+
+def _warn_shadowed(raw: dict, key: str, item: str, where: str) -> None:
+    """Say so when stages set `key` themselves: a `shared.K` override does not reach them."""
+    stages = raw.get("stages") if isinstance(raw.get("stages"), dict) else {}
+    if own := [stage for stage, args in stages.items() if isinstance(args, dict) and key in args]:
+        effect = "so it changes nothing" if len(own) == len(stages) else "so it does not reach them"
+        console.print(f"[yellow]warning:[/yellow] {escape(where)}: override '{escape(item)}': stage(s) "
+                      f"{', '.join(own)} set {key} themselves, {effect}; override stages.<stage>.{key} instead")
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None, raw: dict | None = None) -> Recipe:
@@ -146,10 +259,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     if raw is None:
         if not path.is_file():
             raise UserError(f"recipe not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"{path}: not valid YAML: {exc}") from exc
+        raw = read_recipe(path)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe is a mapping with keys {sorted(TOP_KEYS)}")
     raw = apply_overrides(raw, overrides or [], str(path))
@@ -160,6 +270,10 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     for key in ("name", "base", "stages"):
         if key not in raw:
             raise UserError(f"{where}: missing required key '{key}'")
+    name = raw["name"]
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or name in (".", ".."):
+        raise UserError(f"{where}: name: {name!r} cannot name the run's folder (OUTPUT_DIR/<name>); use letters, "
+                        "digits, '.', '_' and '-', e.g. smollm2-135m")
     modality = raw.get("modality", "text")
     if modality not in ("text", "vision"):
         raise UserError(f"{where}: modality: '{modality}' is not one of text, vision")
@@ -170,12 +284,13 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     stages = _check_stages(raw, where)
     gates = _gates(raw, list(stages), where)
     data = check_data_section(raw.get("data") or {}, where, list(stages))
-    accelerate_config = raw.get("accelerate_config")
+    accelerate_config = check_type(raw.get("accelerate_config"), TOP_TYPES["accelerate_config"],
+                                   f"{where}: accelerate_config")
     if accelerate_config is not None:
         accelerate_config = str(resolve_relative(accelerate_config, path))
         if not Path(accelerate_config).is_file():
             raise UserError(f"{where}: accelerate_config: file not found: {accelerate_config}")
-    return Recipe(name=str(raw["name"]), path=path, modality=modality, base=base, data=data, eval=evaluation,
+    return Recipe(name=name, path=path, modality=modality, base=base, data=data, eval=evaluation,
                   stages=stages, accelerate_config=accelerate_config, raw=raw, gates=gates)
 
 
@@ -211,7 +326,32 @@ def _check_stages(raw: dict, where: str) -> dict[str, dict]:
             # only the classes themselves reject a key: an out-of-date table must not refuse a valid one
             _check_keys(stage, {"shared": shared, f"stages.{stage}": args}, stage_fields(stage, fresh=True)[0], where)
         merged[stage] = {k: v for k, v in {**shared, **args}.items() if k != "gate"}
+        _check_values(stage, merged[stage], args, where)
     return merged
+
+
+def _check_values(stage: str, args: dict, own: dict, where: str) -> None:
+    """What a stage would refuse only when it starts, maybe hours in, checked without TRL (seconds to import): our
+    `StageArguments` (`loraplus_lr_ratio` >= 1), reward names, UPO's pair source. `own`: the stage's own section."""
+    def origin(key: str) -> str:
+        return f"stages.{stage}" if key in own else "shared"
+
+    ours = {f.name for f in dataclasses.fields(StageArguments)}
+    try:
+        StageArguments(**{key: value for key, value in args.items() if key in ours})
+    except UserError as exc:
+        raise UserError(f"{where}: stages.{stage}: {exc}") from None
+    rewards = args.get("rewards")
+    if rewards is not None and not isinstance(rewards, dict):
+        raise UserError(f"{where}: {origin('rewards')}.rewards: {rewards!r}; expected reward names with their "
+                        "weights, e.g. {accuracy: 1.0, think_format: 0.5}")
+    unknown = [str(name) for name in rewards or {} if name not in REWARDS]
+    if unknown:
+        raise UserError(f"{where}: {origin('rewards')}.rewards: '{unknown[0]}' is not a reward"
+                        f"{suggest(unknown[0], REWARDS)}; the rewards are {', '.join(REWARDS)}")
+    if "upo_mode" in args and args["upo_mode"] not in UPO_MODES:
+        raise UserError(f"{where}: {origin('upo_mode')}.upo_mode: {args['upo_mode']!r}; expected one of: "
+                        f"{', '.join(UPO_MODES)}")
 
 
 def _check_keys(stage: str, mappings: dict[str, dict], fields: dict, where: str) -> None:
@@ -246,12 +386,14 @@ def _build(cls, mapping, where: str):
     if not isinstance(mapping, dict):
         raise UserError(f"{where}: expected a mapping")
     fields = field_types((cls,))
+    values = {}
     for key, value in mapping.items():
         if key not in fields:
             raise UserError(f"{where}.{key}: unknown key{suggest(key, fields)}")
-        check_type(value, fields[key], f"{where}.{key}")
+        values[key] = check_type(value, fields[key], f"{where}.{key}")  # as the field takes it: '5e-2' a float
+    check_minimum(cls, values, where)
     try:
-        return cls(**mapping)
+        return cls(**values)
     except TypeError as exc:
         raise UserError(f"{where}: {exc}") from exc
 

@@ -145,3 +145,54 @@ def test_eval_names_a_wrong_model_adapter_or_dataset(tmp_path, capsys, monkeypat
         assert main(["eval", *args]) == 2, args
         printed = capsys.readouterr().out
         assert expected in printed and "Traceback" not in printed, (args, printed)
+
+
+TINY = str(Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "text.yaml")
+
+
+def test_stage_flags_are_checked_before_a_dry_run_passes(tmp_path, capsys):
+    """--only/--from/--until name stages of the recipe, also in a dry run; --only or --from past --until is said so;
+    --only with --from (which would silently drop --from) is refused by the parser."""
+    from posttrain.cli import main
+
+    for flag in ("--only", "--from", "--until"):
+        assert main(["run", TINY, flag, "ppo", "--dry-run"]) == 2
+        assert f"{flag}: stage 'ppo' is not in recipe" in capsys.readouterr().out
+    assert main(["run", TINY, "--only", "upo", "--until", "sft", "--dry-run", "--output-dir", str(tmp_path)]) == 2
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--only upo: the stage comes after --until sft" in shown and "is not in recipe" not in shown
+    with pytest.raises(SystemExit) as stop:
+        main(["run", TINY, "--only", "upo", "--from", "sft", "--dry-run"])
+    assert stop.value.code == 2 and "argument --from: not allowed with argument --only" in capsys.readouterr().err
+
+
+COUNTS = [
+    (["run", TINY, "--num-processes", "-1"], "argument --num-processes: must be at least 1, got -1"),
+    (["run", TINY, "--num-processes", "0"], "argument --num-processes: must be at least 1, got 0"),
+    (["run", TINY, "--num-machines", "0"], "argument --num-machines: must be at least 1, got 0"),
+    (["run", TINY, "--machine-rank", "-1"], "argument --machine-rank: must be at least 0, got -1"),
+    (["ablate", TINY, "--seeds", "0"], "argument --seeds: must be at least 1, got 0"),
+    (["chat", "outputs/x", "--max-new-tokens", "0"], "argument --max-new-tokens: must be at least 1, got 0"),
+    (["eval", "outputs/x", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (["eval", "outputs/x", "--max-new-tokens", "0"], "argument --max-new-tokens: must be at least 1, got 0"),
+    (["eval", "outputs/x", "--limit", "0"], "argument --limit: must be at least 1, got 0"),
+    (["eval", "outputs/x", "--batch-size", "many"], "argument --batch-size: invalid int value: 'many'"),
+]
+
+
+@pytest.mark.parametrize("argv, said", COUNTS, ids=[" ".join(argv[:1] + argv[2:]) for argv, _ in COUNTS])
+def test_counts_on_the_command_line_are_checked(argv, said, capsys):
+    """Refused by the parser, in its own words, before anything runs (0 processes, 0 tokens, a batch of 0)."""
+    from posttrain.cli import parse_args
+
+    with pytest.raises(SystemExit) as stop:
+        parse_args(argv)
+    assert stop.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_eval_refuses_a_run_folder_with_a_model(tmp_path, capsys):
+    """A run's stage is evaluated on the run's own base model: a --model beside it would be ignored, so it is refused."""
+    from posttrain.cli import main
+
+    assert main(["eval", str(tmp_path), "--model", "tiny:qwen2"]) == 2
+    assert "give a run folder" in capsys.readouterr().out

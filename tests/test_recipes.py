@@ -255,3 +255,67 @@ def test_a_template_file_beside_the_recipe_is_found_from_any_folder(tmp_path, mo
     loaded = load_recipe(recipe)
     assert Path(loaded.base.chat_template) == recipe.parent / "mine.jinja"
     assert chat_template_text(loaded.base.chat_template) == "{{ messages[0]['content'] }}"
+
+
+def test_a_value_is_used_as_checked(tmp_path):
+    """`5e-2` is a string to PyYAML (YAML 1.1); the section is built from the float it is checked as."""
+    path = _write(tmp_path, TINY.replace("gate: {metric: accuracy}", "gate: {metric: accuracy, max_drop: 5e-2}"))
+    assert load_recipe(path).gates["sft"].max_drop == 0.05
+
+
+def test_a_recipe_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes("name: caf\xe9\nbase: {model_name_or_path: tiny:llama}\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"recipe.yaml:1: not UTF-8 text \(byte 0xe9 at byte offset 9\)"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("name", ["", None, ["a"], 5, ".", "..", "../escape", "a/b", "/abs", "two words"])
+def test_the_name_is_one_plain_folder_name(tmp_path, name):
+    """The run folder is OUTPUT_DIR/<name>: never `None/`, OUTPUT_DIR itself or a folder outside it."""
+    with pytest.raises(UserError, match="name: .* cannot name the run's folder"):
+        load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", raw={**yaml.safe_load(TINY), "name": name})
+    assert load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", ["name=v1.2_a-b"]).name == "v1.2_a-b"
+
+
+def test_an_override_fills_a_section_the_file_leaves_empty(tmp_path):
+    path = _write(tmp_path, "name: empty\nbase: {model_name_or_path: tiny:llama}\nshared:\nstages:\n  sft:\n")
+    recipe = load_recipe(path, ["stages.sft.max_steps=5", "shared.lora_r=4"])
+    assert recipe.stages["sft"]["max_steps"] == 5 and recipe.stages["sft"]["lora_r"] == 4
+
+
+def test_a_lone_value_where_trl_takes_a_list(tmp_path):
+    """TRL documents `str | list[str]` for these and its parser takes one value; so does a recipe, as a list of one
+    (ModelConfig unwraps a one-item lora_target_modules, DPOConfig wraps a lone loss_type itself). List items get
+    the float reading a lone value gets (`1e-1` is a string to PyYAML)."""
+    recipe = load_recipe(ROOT / "recipes" / "tiny" / "text.yaml",
+                         ["shared.lora_target_modules=all-linear", "stages.dpo.loss_type=sigmoid"])
+    assert recipe.stages["sft"]["lora_target_modules"] == ["all-linear"] and recipe.stages["dpo"]["loss_type"] == [
+        "sigmoid"]
+    path = _write(tmp_path, TINY.replace("    beta: 0.1\n", "    beta: 0.1\n    loss_type: [sigmoid, sft]\n"
+                                                         "    loss_weights: [1e-1, 1]\n"))
+    assert load_recipe(path).stages["dpo"]["loss_weights"] == [0.1, 1]
+    with pytest.raises(UserError, match=r"stages.dpo.loss_weights: \['a'\] \(list\) is not a valid list\[float\]"):
+        load_recipe(path, ["stages.dpo.loss_weights=[a]"])
+
+
+def test_override_values_are_read_as_their_field_takes_them():
+    """A text field keeps the text as typed; other values are YAML 1.2 plain scalars, not YAML 1.1's octal,
+    base-60 and yes/no."""
+    recipe = load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", [
+        "stages.sft.seed=010", "base.model_revision=1.10", "stages.sft.run_name=exp #3", "stages.dpo.run_name='a #b'",
+        "stages.sft.dataset_test_split=null", "stages.upo.num_generations=4", "eval.split=2024", "description=on"])
+    sft = recipe.stages["sft"]
+    assert sft["seed"] == 10 and recipe.base.model_revision == "1.10" and sft["run_name"] == "exp #3"
+    assert recipe.stages["dpo"]["run_name"] == "a #b" and sft["dataset_test_split"] is None
+    assert recipe.eval.split == "2024" and recipe.raw["description"] == "on"
+    assert load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", ["shared.use_peft=true"]).stages["sft"]["use_peft"] is True
+
+
+def test_a_shared_override_that_stages_shadow_is_named(capsys):
+    """`shared.learning_rate=...` changes nothing when every stage sets its own learning rate: said, not silent."""
+    recipe = load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", ["shared.learning_rate=5e-5", "shared.lora_r=4"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "override 'shared.learning_rate=5e-5': stage(s) sft, dpo, upo set learning_rate themselves, so it " \
+           "changes nothing" in shown
+    assert "lora_r" not in shown and recipe.stages["sft"]["lora_r"] == 4

@@ -4,10 +4,10 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from ..configs import UPO_MODES
 from ..errors import UserError
 from ..rewards import REWARDS
 
-UPO_MODES = ("online", "offline", "both")
 # GRPO's loss types whose denominator is the batch's token count (`num_items_in_batch` or the micro-batch's mask)
 TOKEN_COUNT_LOSSES = ("dapo", "bnpo", "cispo", "vespo")
 
