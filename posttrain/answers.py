@@ -7,11 +7,10 @@ Math answers are checked with Hugging Face's `math-verify` (the verifier TRL's a
 fractions, LaTeX, `\\boxed{}`, units and equivalent forms. Plain numbers on both sides (a numeric reference, a final
 answer without LaTeX or fractions) take a regex path, ~150x faster (30 us vs 4.7 ms a row on 2 CPU cores), that gives
 the same verdict (tests compare the two on such answers): UPO scores every rollout, and most arithmetic answers are
-plain. It compares numbers as math-verify does (`same_number`), and leaves to math-verify the answers it reads
-otherwise: an explicit "answer is 7, not 8" (math-verify reads the stated answer, the regex the last number) and a
-trailing expression ("6 * 7", "2-5": math-verify works it out). The regex also reads numbers math-verify misses: a
-Unicode minus, a leading "+", "-.5", and a number in brackets or right after a letter ("(-5)", "v2.5").
-"""
+plain. It compares numbers as math-verify does (`same_number`), reads a stated answer as it does (the number after
+"answer is": "The answer is 7, not 8" is 7), and leaves to math-verify an answer that ends on an expression ("6 * 7",
+"2-5": math-verify works it out). The regex also reads numbers math-verify misses: a Unicode minus, a leading "+",
+"-.5", a number in brackets, in quotes or right after a letter ("(-5)", '"12"', "v2.5")."""
 
 import functools
 import json
@@ -82,12 +81,28 @@ def _is_capitals(reference: str) -> bool:
     return len(letters) >= 2 and all(c.isupper() for c in letters)
 
 
+# "The answer is 7, not 8.", "Answer: 3 cats": the number after the last such phrase is the one stated
+_STATED = re.compile(r"\banswer\s*(?:is\s*:?|:)", re.I)
+
+
+def stated_number(answer: str) -> int | float | None:
+    """The number an answer states: the first after its last "answer is" / "answer:", else its last number (the
+    generator's replies end on their answer: "so the larger is 845.", "12 + 5 = 17")."""
+    phrases = list(_STATED.finditer(answer))
+    if phrases:
+        found = _NUMBER.search(answer, phrases[-1].end())
+        if found:
+            return _to_number(found.group())
+    return last_number(answer)
+
+
 def numeric_match(text: str, reference: str) -> bool | None:
-    """Whether the last number of the final answer equals the numeric `reference`; None if the reference is no number."""
+    """Whether the number the final answer states (`stated_number`) equals the numeric `reference`; None if the
+    reference is no number."""
     expected = parse_number(reference)
     if expected is None:
         return None
-    got = last_number(final_answer(text))
+    got = stated_number(final_answer(text))
     return got is not None and same_number(got, expected)
 
 
@@ -130,11 +145,12 @@ def choice_letter(text: str) -> str | None:
 # Math answers: math-verify, with a plain-number fast path
 # ----------------------------------------------------------------------------------------------------------------------
 # LaTeX, fractions, ratios, powers, space-grouped thousands ("1 000"): math-verify reads these, the regex does not.
-# Nor does it read as math-verify does an answer that says "answer" (math-verify reads the number after it: "The answer
-# is 7, not 8" is 7; any "answer", as its anchor is) or one that ends on an expression (math-verify works out "6 * 7"
-# and "2-5", the regex reads 7 and 5). The generator's replies have neither: they end on the answer ("so the larger is
-# 845.", "12 + 5 = 17", "The letter p appears 2 times."), and keep the fast path.
-_NOT_PLAIN = re.compile(r"[\\$/^{}]|\d:\d|\d \d{3}\b|\d[eE][-+]?\d|\bpi\b|sqrt|frac|answer"
+# Nor does it read as math-verify does an answer that ends on an expression (math-verify works out "6 * 7" and "2-5",
+# the regex reads 7 and 5). The generator's replies do not: they end on the answer ("so the larger is 845.",
+# "12 + 5 = 17", "The letter p appears 2 times."), and keep the fast path. A stated answer ("The answer is 7, not 8")
+# keeps it too: `stated_number` reads the number after "answer is", as math-verify does, and also in quotes
+# ('The answer is "12"'), where math-verify finds none.
+_NOT_PLAIN = re.compile(r"[\\$/^{}]|\d:\d|\d \d{3}\b|\d[eE][-+]?\d|\bpi\b|sqrt|frac"
                         r"|\d\s*[-+*\u2212\u00d7\u00f7]\s*\.?\d[\d.,]*\D*\Z", re.I)
 _MATH_REFERENCE = re.compile(r"\d|\\")
 MATH_TIMEOUT_S = 5  # per parse / comparison, on the main thread only (math-verify's timeout is signal.alarm)
