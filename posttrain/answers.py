@@ -81,16 +81,20 @@ def _is_capitals(reference: str) -> bool:
     return len(letters) >= 2 and all(c.isupper() for c in letters)
 
 
-# "The answer is 7, not 8.", "Answer: 3 cats": the number after the last such phrase is the one stated
+# "The answer is 7, not 8.", "Answer: 3 cats": what follows the last such phrase, up to the end of its clause (a
+# semicolon, a sentence's full stop, a comma that is no thousands separator), is what the answer states
 _STATED = re.compile(r"\banswer\s*(?:is\s*:?|:)", re.I)
+_CLAUSE_END = re.compile(r";|\.(?!\d)|,(?!\d{3}(?!\d))")
 
 
 def stated_number(answer: str) -> int | float | None:
-    """The number an answer states: the first after its last "answer is" / "answer:", else its last number (the
-    generator's replies end on their answer: "so the larger is 845.", "12 + 5 = 17")."""
+    """The number an answer states: in the clause after its last "answer is" / "answer:", the first number after
+    its last "=" ("The answer is 6 + 19 = 25.") or else its first ("The answer is 7 apples and 2 pears"); without
+    such a phrase, the last number (the generator's replies end on their answer: "so the larger is 845.")."""
     phrases = list(_STATED.finditer(answer))
     if phrases:
-        found = _NUMBER.search(answer, phrases[-1].end())
+        clause = _CLAUSE_END.split(answer[phrases[-1].end():], maxsplit=1)[0]
+        found = _NUMBER.search(clause, clause.rfind("=") + 1)
         if found:
             return _to_number(found.group())
     return last_number(answer)

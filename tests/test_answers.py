@@ -22,7 +22,9 @@ PLAIN_ANSWERS = [
 ]
 # a stated answer: the number after "answer is" / "answer:", not the last one, as math-verify reads it
 STATED_ANSWERS = ["The answer is 42.", "Answer: 3 cats", "The answer is 42!", "The answer is 7, not 8.",
-                  "The answer is 7 apples and 2 pears.", "My final answer: 12.25, or 20 rounded"]
+                  "The answer is 7 apples and 2 pears.", "My final answer: 12.25, or 20 rounded",
+                  "The answer is 6 + 19 = 25.", "The answer is 1,000.", "The answer is: x = 3; y is 4",
+                  "I think 5. The answer is 8"]
 
 
 def test_fast_path_agrees_with_math_verify_on_plain_answers():
