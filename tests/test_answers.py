@@ -51,6 +51,8 @@ def test_stated_answers_are_read_as_math_verify_reads_them():
     assert accuracy(["The answer is 7, not 8."] * 2, answer=["7", "8"]) == [1.0, 0.0]
     # and in quotes, where math-verify finds no number (SmolLM2's own reply to "Which is less, 12 or 645?")
     assert accuracy(['\nThe answer is "12"', 'The answer is "12"'], answer=["12", "645"]) == [1.0, 0.0]
+    # an equation stated as the answer: its result (the base model's reply to a word problem)
+    assert accuracy(["The answer is 6 + 19 = 25.", "The answer is 6 + 19 = 25."], answer=["25", "6"]) == [1.0, 0.0]
 
 
 # (answer, reference): whole numbers equal only exactly, decimals to 6 places, as math-verify compares them
