@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 import typing
 from collections import defaultdict
@@ -370,10 +371,11 @@ def run(settings: EvalArguments, model, tokenizer, rows: list[dict] | None = Non
 
 
 def run_saved(settings: EvalArguments, model: str, tokenizer: str | None = None, adapter: str | None = None,
-              out: str | Path | None = None, trust_remote_code: bool = False) -> dict:
+              out: str | Path | None = None, trust_remote_code: bool = False, share: Share | None = None) -> dict:
     """`run` on `model` (a folder, a cached Hub id or `tiny:<arch>`, as a recipe names it; + LoRA `adapter`); the
-    metrics, also written as JSON to `out` when given. The dataset, the model and the adapter are checked before
-    anything loads, so a wrong path is a one-line error rather than a traceback after the model load."""
+    metrics, also written as JSON to `out` when given (by the first process, with a `share`). The dataset, the model
+    and the adapter are checked before anything loads, so a wrong path is a one-line error rather than a traceback
+    after the model load."""
     from .models import adapter_folder, load_for_inference, load_tokenizer, resolve_model
 
     rows = settings_rows(settings)
@@ -382,10 +384,22 @@ def run_saved(settings: EvalArguments, model: str, tokenizer: str | None = None,
         adapter_folder(adapter)
     model = load_for_inference(model_dir, adapter=adapter, precision=settings.dtype,
                                trust_remote_code=trust_remote_code)
-    metrics = run(settings, model, load_tokenizer(tokenizer or model_dir, trust_remote_code=trust_remote_code), rows)
-    if out is not None:
+    metrics = run(settings, model, load_tokenizer(tokenizer or model_dir, trust_remote_code=trust_remote_code), rows,
+                  share)
+    if out is not None and (share is None or share.index == 0):
         write_json(out, metrics)
     return metrics
+
+
+def launched_share() -> Share | None:
+    """This process's `Share` when a launcher started several (`Pipeline.eval_command`: one per GPU), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    state = PartialState(cpu=not devices.has_cuda())  # on CPU accelerate joins the processes only when told (gloo)
+    return Share(state.process_index, state.num_processes, gather_object)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -402,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trust-remote-code", action="store_true", help="the recipe's base.trust_remote_code")
     args = parser.parse_args(argv)
     settings = EvalArguments(**json.loads(Path(args.settings).read_text()))
-    run_saved(settings, args.model, args.tokenizer, args.adapter, args.out, args.trust_remote_code)
+    run_saved(settings, args.model, args.tokenizer, args.adapter, args.out, args.trust_remote_code, launched_share())
     return 0
 
 

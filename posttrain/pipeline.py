@@ -289,8 +289,9 @@ class Pipeline:
         every stage."""
         settings = self.eval_settings()
         settings_path, result = write_json(out / "eval_settings.json", dataclasses.asdict(settings)), out / "eval.json"
-        cmd = [sys.executable, "-m", "posttrain.evaluate", "--settings", str(settings_path), "--model",
-               str(self.base_model), "--tokenizer", str(self.root / "base" / "tokenizer"), "--out", str(result)]
+        cmd = self.eval_command(["-m", "posttrain.evaluate", "--settings", str(settings_path), "--model",
+                                 str(self.base_model), "--tokenizer", str(self.root / "base" / "tokenizer"), "--out",
+                                 str(result)])
         if adapter is not None:
             cmd += ["--adapter", str(adapter)]
         if self.recipe.base.trust_remote_code:
@@ -302,6 +303,16 @@ class Pipeline:
         result.unlink()
         settings_path.unlink()
         return evaluation
+
+    def eval_command(self, script: list[str]) -> list[str]:
+        """An evaluation's command: with several processes on this machine (its GPUs, `--num-processes`), as many
+        processes under accelerate's launcher, each generating a share of the prompts (`evaluate.Share`), as a
+        stage's held-out evaluation does; else one process. Only this machine's: the other machines of a
+        multi-machine run wait for the next stage."""
+        from .devices import accelerate_launch_args
+
+        flags = accelerate_launch_args(None, self.num_processes)
+        return [sys.executable, "-m", LAUNCHER, *flags, *script] if "--multi_gpu" in flags else [sys.executable, *script]
 
     def eval_settings(self):
         """The recipe's held-out evaluation, its dataset's path resolved: the same for the base model and every

@@ -125,12 +125,17 @@ def test_a_process_without_pairs_runs_the_same_forwards(runs):
 
 
 def test_two_process_cpu_run(tmp_path, posttrain_cli):
-    """`posttrain run --num-processes 2` on CPU: one gloo data-parallel job of two processes, through the CLI."""
-    posttrain_cli("run", TINY_RECIPE, "name=ddp", "eval.dataset=null", "--num-processes", "2", "--only", "sft",
-                  cwd=tmp_path)
-    metrics = json.loads((tmp_path / "outputs" / "ddp" / "sft" / "metrics.json").read_text())
+    """`posttrain run --num-processes 2` on CPU: one gloo data-parallel job of two processes, through the CLI. The
+    base model's evaluation runs as two processes too, each generating half the prompts, as the stage's does."""
+    posttrain_cli("run", TINY_RECIPE, "name=ddp", "eval.limit=4", "eval.max_new_tokens=4", "--num-processes", "2",
+                  "--only", "sft", cwd=tmp_path)
+    run = tmp_path / "outputs" / "ddp"
+    metrics = json.loads((run / "sft" / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert metrics["train"]["global_step"] == 3
+    base = json.loads((run / "base" / "metrics.json").read_text())["eval"]
+    assert base["processes"] == metrics["eval"]["processes"] == 2 and base["n"] == metrics["eval"]["n"] == 4
+    assert base["heldout_loss"] is not None and base["prompts_sha"] == metrics["eval"]["prompts_sha"]
 
 
 def test_two_runs_on_one_machine_get_ports_of_their_own(tmp_path):

@@ -340,8 +340,9 @@ def load_for_inference(path: str | Path, adapter: str | Path | None = None, prec
     the memory); float32 weights on a CPU, where bf16 is autocast over float32 weights (`models.precision`)."""
     from .. import devices
 
-    device = "cuda" if devices.has_cuda() else "cpu"
-    bf16 = device == "cuda" and devices.resolve_precision(precision, device) == "bfloat16"
+    # one process per GPU when a launcher started several (their LOCAL_RANK), as a stage's processes are placed
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if devices.has_cuda() else "cpu"
+    bf16 = device != "cpu" and devices.resolve_precision(precision, "cuda") == "bfloat16"
     model = load_model(path, adapter=adapter, dtype="bfloat16" if bf16 else "float32",
                        trust_remote_code=trust_remote_code)
     return model.to(device).eval()
