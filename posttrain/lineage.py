@@ -1,5 +1,6 @@
 """Lineage: what produced a stage's output (data fingerprints, base model, recipe, versions, commit, device)."""
 
+import hashlib
 import json
 import platform
 import subprocess
@@ -61,21 +62,44 @@ def dataset_fingerprint(name_or_path: str) -> str:
 
 
 def model_fingerprint(path: str | Path) -> str:
-    """config.json content + weight file names and sizes: cheap, and changes whenever the weights are rewritten."""
+    """config.json content + weight file names and sizes: cheap, and changes whenever the weights are rewritten in
+    another shape. Weights rewritten in the same shapes keep it (a base model folder overwritten in place is not
+    noticed); what must notice retraining uses `weights_fingerprint`."""
     path = Path(path)
     parts = [(path / "config.json").read_text()]
     parts += [f"{p.name}:{p.stat().st_size}" for p in sorted(path.glob("*.safetensors"))]
     return "|".join(parts)
 
 
+SAMPLED_BYTES = 1 << 20  # read at each of 8 places of a weight file: training changes every tensor
+
+
+def sampled_digest(file: Path) -> str:
+    """sha256 of a safetensors file's header and 1 MB at 8 evenly spaced places of its tensor data: any retrained full
+    model differs there, for 8 MB read per file instead of all of it (hundreds of GB for the large models)."""
+    digest = hashlib.sha256()
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        header = int.from_bytes(handle.read(8), "little")
+        digest.update(handle.read(header))
+        start = 8 + header
+        for place in range(8):
+            handle.seek(start + (size - start - SAMPLED_BYTES) * place // 7 if size - start > SAMPLED_BYTES else start)
+            digest.update(handle.read(SAMPLED_BYTES))
+    return digest.hexdigest()
+
+
 def weights_fingerprint(stage_dir: str | Path) -> str:
-    """What a finished stage's weights are: the adapter file's sha256 (a few MB to a few hundred), or for a full
-    model the cheaper `model_fingerprint`. A stage trained again with the same inputs can save other weights (GPU
+    """What a finished stage's weights are: the adapter file's sha256 (a few MB to a few hundred), or for a full model
+    `sampled_digest` of each weight file. A stage trained again with the same inputs can save other weights (GPU
     kernels are not deterministic), so what samples from them keys on this, not on the stage's inputs hash."""
     from .models import file_fingerprint
 
-    adapter = Path(stage_dir) / "adapter_model.safetensors"
-    return file_fingerprint(adapter) if adapter.is_file() else model_fingerprint(stage_dir)
+    stage_dir = Path(stage_dir)
+    adapter = stage_dir / "adapter_model.safetensors"
+    if adapter.is_file():
+        return file_fingerprint(adapter)
+    return "|".join(f"{p.name}:{sampled_digest(p)}" for p in sorted(stage_dir.glob("*.safetensors")))
 
 
 def stage_lineage(stage: str, args: dict, inputs_hash: str, pipeline, previous: str | None) -> dict:

@@ -295,3 +295,20 @@ def test_a_job_after_a_stage_is_rebuilt_when_the_stage_saved_other_weights(tmp_p
     assert build() == 1 and build() == 0, "built once, then up to date"
     (sft / "adapter_model.safetensors").write_bytes(b"weights of the second training")
     assert build() == 1, "the same inputs hash, other weights: sampled again"
+
+
+def test_a_full_model_stage_retrained_in_the_same_shapes_has_another_weights_fingerprint(tmp_path):
+    """A full fine-tune (no adapter) saved again from the same inputs writes files of the same names and sizes; its
+    fingerprint reads the weights themselves (sampled), so what samples from the stage is rebuilt."""
+    import torch
+    from safetensors.torch import save_file
+
+    from posttrain.lineage import weights_fingerprint
+
+    weights = {"a": torch.zeros(3 << 20), "b": torch.ones(1000)}  # 12 MB: the sampled places, not the whole file
+    save_file(weights, tmp_path / "model.safetensors")
+    before = weights_fingerprint(tmp_path)
+    assert weights_fingerprint(tmp_path) == before
+    weights["a"] += 1e-3  # training moves every weight (one value alone may lie outside the sampled places)
+    save_file(weights, tmp_path / "model.safetensors")
+    assert weights_fingerprint(tmp_path) != before
