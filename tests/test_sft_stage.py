@@ -45,6 +45,11 @@ def test_sft_trains_lora_only(arch, tiny_model_path, task_data, sft_configs, tmp
     metrics = (tmp_path / "out" / "metrics.json").read_text()
     assert '"accuracy"' in metrics and '"reloads_equal": true' in metrics
     assert json.loads(metrics)["preflight"]["prompt_boundary"].startswith("ok (")  # gates.check_prompt_boundary ran
+    # what the adapter trains, as PEFT resolved `all-linear`: the MoE experts are 3-D parameters, not modules
+    targets = json.loads(metrics)["adapter"]["targets"]
+    assert {"q_proj", "o_proj"} <= set(targets["modules"])
+    assert ("gate_up_proj" in targets["parameters"]) == (arch == "ernie4_5_moe")
+    assert arch == "ernie4_5_moe" or {"gate_proj", "up_proj", "down_proj"} <= set(targets["modules"])
 
 
 def test_gate_template_without_generation_markers(tiny_model_path):

@@ -273,7 +273,23 @@ def verify_adapter(output_dir: str | Path, model, live: dict | None = None) -> d
     for key, tensor in saved.items():
         if key not in live or not torch.equal(live[key].detach().float().cpu(), tensor.float()):
             raise RuntimeError(f"adapter {path}: saved tensor {key} does not reload equal to the trained one")
-    return {"adapter_bytes": path.stat().st_size, "adapter_tensors": len(saved), "reloads_equal": True}
+    return {"adapter_bytes": path.stat().st_size, "adapter_tensors": len(saved), "reloads_equal": True,
+            "targets": lora_targets(model)}
+
+
+def lora_targets(model) -> dict:
+    """What the adapter trains, as PEFT resolved `lora_target_modules`: module names and (MoE experts stored as one
+    3-D tensor, transformers 5) parameter names. Recorded because `all-linear` is not always every linear layer: on
+    ERNIE-4.5-MoE (PEFT 0.21) it resolves to the attention projections, the experts and the router's weight, and leaves
+    the dense first layer's MLP and the shared experts without LoRA."""
+    config = model.peft_config["default"]
+    modules = config.target_modules or []
+    modules = [modules] if isinstance(modules, str) else modules  # a regex stays as written
+
+    def leaves(names):  # one name per kind of layer, not per layer
+        return sorted({name.rsplit(".", 1)[-1] if name.count(".") > 1 else name for name in names})
+
+    return {"modules": leaves(modules), "parameters": leaves(config.target_parameters or [])}
 
 
 def live_adapter(trainer) -> dict | None:
