@@ -3,11 +3,12 @@
     sources --convert/validate--> records --exact dedup--> --near dedup--> --decontaminate--> --length filter-->
     --held-out split--> --mix by weight (each split)--> OUT/{train,test}.parquet + README.md + card.json
 
-The held-out split is drawn before mixing so that a source repeated by a weight > 1 never has a copy of the same row
-on both sides of the split.
+The held-out split is drawn before mixing, by prompt, so that neither a source repeated by a weight > 1 nor several
+rows of one prompt ever put a copy of a test prompt into the training split.
 """
 
 import dataclasses
+import math
 import os
 import sys
 import tempfile
@@ -88,15 +89,16 @@ def _reject(where: str, source: str, step: str, reason: str, row, text: str | No
 
 
 def unpair(records: list[dict]) -> list[dict]:
-    """Preference pairs as KTO rows: chosen -> `label: True`, rejected -> `label: False` (TRL's unpairing)."""
+    """Preference pairs as KTO rows: chosen -> `label: True`, rejected -> `label: False` (TRL's unpairing); both keep
+    the pair's images, tools and thinking mode."""
     out = []
     for r in records:
         if "chosen" not in r:
             out.append(r)
             continue
+        shared = {k: r[k] for k in ("prompt", *OPTIONAL_COLUMNS, "_source") if k in r}
         for key, label in (("chosen", True), ("rejected", False)):
-            out.append({"prompt": r["prompt"], "completion": r[key], "label": label, "_source": r["_source"],
-                        "_origin": f"{r['_origin']} ({key})"})
+            out.append({**shared, "completion": r[key], "label": label, "_origin": f"{r['_origin']} ({key})"})
     return out
 
 
@@ -188,34 +190,54 @@ def _public(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith("_")}
 
 
-def split_and_mix(dataset, weights: dict[str, float], test_size: float, seed: int) -> dict:
-    """Held-out split first, then each split mixed by source weight (the test split is never upsampled)."""
-    if test_size:
-        size = int(test_size) if test_size >= 1 else test_size
-        try:
-            parts = dataset.train_test_split(test_size=size, seed=seed)
-        except ValueError as exc:
-            raise UserError(f"cannot hold out test_size={test_size} of {len(dataset)} rows: {exc}") from None
-        splits = {"train": parts["train"], "test": parts["test"]}
-    else:
-        splits = {"train": dataset}
+def held_out_split(dataset, test_size: float, seed: int) -> dict:
+    """`train` and `test`, each prompt group (`_group`: the pairs of one prompt, both halves of an unpaired pair) on
+    one side only: a held-out prompt is never trained on. Groups are drawn in a seeded order until `test_size` rows
+    (a fraction, or a row count) are held out; the last group drawn may take it a little over."""
+    wanted = int(test_size) if test_size >= 1 else math.ceil(test_size * len(dataset))
+    groups = {}
+    for i, group in enumerate(dataset["_group"]):
+        groups.setdefault(group, []).append(i)
+    members, test = list(groups.values()), []
+    for g in np.random.default_rng(seed).permutation(len(members)):
+        if len(test) >= wanted:
+            break
+        test += members[g]
+    if not 0 < len(test) < len(dataset):
+        raise UserError(f"cannot hold out test_size={test_size:g} of {len(dataset)} rows with {len(members)} distinct "
+                        "prompt(s); expected at least one prompt's rows on each side of the split")
+    chosen = np.zeros(len(dataset), dtype=bool)
+    chosen[test] = True
+    return {"train": dataset.select(np.flatnonzero(~chosen)), "test": dataset.select(np.flatnonzero(chosen))}
+
+
+def split_and_mix(dataset, weights: dict[str, float], test_size: float, seed: int, rejects: list[dict]) -> dict:
+    """Held-out split first, then each split mixed by source weight (the test split is never upsampled). The rows a
+    weight below 1 does not draw go to `rejects` (filter `mix`)."""
+    splits = held_out_split(dataset, test_size, seed) if test_size else {"train": dataset}
     rng = np.random.default_rng(seed)
     mixed = {}
     for name, data in splits.items():
         sources = np.asarray(data["_source"]) if len(data) else np.asarray([], dtype=str)
-        picked = []
+        picked, left_out = [], []
         for source, weight in weights.items():
             weight = min(weight, 1.0) if name == "test" else weight
             idx = np.flatnonzero(sources == source)
             whole, fraction = divmod(weight, 1.0)
             extra = rng.choice(idx, size=int(round(len(idx) * fraction)), replace=False)
             picked.append(np.concatenate([np.tile(idx, int(whole)), extra]).astype(int))
+            if not whole:
+                left_out.append((weight, np.setdiff1d(idx, extra)))
         mixed[name] = data.select(rng.permutation(np.concatenate(picked)) if picked else [])
         if name == "train" and not len(mixed[name]):
             rows = Counter(sources.tolist())
             given = ", ".join(f"'{s}' {w:g} x {rows[s]} rows" for s, w in weights.items())
             raise UserError(f"the training split is empty after mixing by weight ({given}); expected at least one "
                             "row: raise the weights (a weight below 1 keeps that share of a source's rows)")
+        for weight, idx in left_out:
+            for row in data.select(idx):
+                rejects.append(_reject(row["_origin"], row["_source"], "mix",
+                                       f"weight {weight:g}: not drawn into {name} (seed {seed})", _public(row)))
     return mixed
 
 
@@ -254,7 +276,7 @@ def build_set(cfg, job: str, kinds: tuple[str, ...], command: str) -> dict:
     del records
     with tempfile.TemporaryDirectory(prefix="posttrain-data-") as work_dir:
         dataset = clean_dataset(on_disk(dataset, Path(work_dir)), cfg, tokenizer, counts, rejects)
-        splits = split_and_mix(dataset, {s.name: s.weight for s in cfg.sources}, cfg.test_size, cfg.seed)
+        splits = split_and_mix(dataset, {s.name: s.weight for s in cfg.sources}, cfg.test_size, cfg.seed, rejects)
         counts.append({"step": "mix", "before": len(dataset), "after": sum(len(d) for d in splits.values())})
         card = _card_facts(cfg, job, kind, columns, command, sources, counts, rejects, splits, tokenizer)
         lengths = [n for d in splits.values() for n in d["_length"]]

@@ -3,7 +3,7 @@
 Every converter takes a raw row (a dict) and returns a record of one *kind*:
 - `sft`: `messages` (+ `tools`, `images`, `thinking`);
 - `preference`: conversational `prompt`, `chosen`, `rejected` (+ `images`, `thinking`);
-- `unpaired`: `prompt`, `completion`, `label` (KTO);
+- `unpaired`: `prompt`, `completion`, `label` (KTO) (+ `tools`, `images`, `thinking`);
 - `rl`: `prompt`, `answer`, `domain`.
 Vision rows (`vqa`, `erniekit_vl`, or any sft/preference row with `images`) carry image file paths; with
 `Options.embedded_images` an image may also be bytes (`build_vqa_tasks` keeps them inside its parquet files).
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from posttrain.errors import UserError
 
 from .llamafactory import (
+    _alpaca_history,
     alpaca_prompt,
     drop_untrained_tail,
     from_alpaca,
@@ -211,7 +212,7 @@ def from_preference(row: dict, opts: Options) -> dict:
     """TRL preference rows: standard (strings) or conversational, explicit `prompt` or implicit (shared prefix)."""
     chosen, rejected = row.get("chosen"), row.get("rejected")
     if "prompt" not in row and "instruction" in row:  # LLaMA-Factory's alpaca-style preference rows
-        prompt = [{"role": "user", "content": alpaca_prompt(row)}]
+        prompt = alpaca_prompt_messages(row)
     elif "prompt" not in row and isinstance(chosen, list) and isinstance(rejected, list):
         prompt, chosen, rejected = implicit_prompt(chosen, rejected)
         if not prompt:
@@ -223,6 +224,15 @@ def from_preference(row: dict, opts: Options) -> dict:
     chosen = reply_messages(chosen, "chosen", prompt)
     rejected = reply_messages(rejected, "rejected", prompt)
     return preference_record(row, prompt, chosen, rejected, opts)
+
+
+def alpaca_prompt_messages(row: dict) -> list[dict]:
+    """An Alpaca row's prompt as messages: `system`, the `history` exchanges, then `instruction` and `input`."""
+    messages = _alpaca_history(row) + [{"role": "user", "content": alpaca_prompt(row)}]
+    system = row.get("system")
+    if system is not None and require_str(system, "system", "a string", allow_empty=True).strip():
+        messages.insert(0, {"role": "system", "content": system})
+    return check_messages(messages, "conversation", ends_with="user")[0]
 
 
 def from_erniekit_dpo(row: dict, opts: Options) -> dict:
@@ -286,10 +296,12 @@ def from_rated(row: dict, opts: Options) -> dict:
 
 
 def from_unpaired(row: dict, opts: Options) -> dict:
-    """KTO-style `prompt`, `completion`, `label` (True: desirable), kept unpaired."""
-    prompt = prompt_messages(row, "prompt")
-    completion = reply_messages(row.get("completion"), "completion", prompt)[0]
-    return unpaired_record(row, prompt, completion)
+    """KTO-style `prompt`, `completion`, `label` (True: desirable), kept unpaired; an Alpaca prompt (`instruction`,
+    `input`, `system`, `history`) in place of `prompt` is read as in preference rows."""
+    alpaca = "prompt" not in row and "instruction" in row  # a LLaMA-Factory Alpaca KTO entry (see `registry`)
+    prompt = alpaca_prompt_messages(row) if alpaca else prompt_messages(row, "prompt")
+    completion, thinking = reply_messages(row.get("completion"), "completion", prompt)
+    return unpaired_record(row, prompt, completion, opts=opts, thinking=thinking)
 
 
 def from_rl(row: dict, opts: Options) -> dict:

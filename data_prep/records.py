@@ -78,7 +78,19 @@ def reply_messages(value, key: str, prompt: list[dict]) -> tuple[list[dict], boo
 
 
 def _same(a: list[dict], b: list[dict]) -> bool:
-    return [" ".join(text_of(m["content"]).split()) for m in a] == [" ".join(text_of(m["content"]).split()) for m in b]
+    """Whether two replies say and do the same: their texts up to whitespace, and their tool calls (replies that call
+    one tool with other arguments are a pair)."""
+    def said(messages):
+        return [(" ".join(text_of(m["content"]).split()), m.get("tool_calls")) for m in messages]
+
+    return said(a) == said(b)
+
+
+def _prompt_images(row: dict, prompt: list[dict], opts: Options) -> tuple[list[dict], list | None]:
+    """The row's images, one per placeholder of the prompt, and the prompt with `<image>` markers as image parts."""
+    images = _row_images(row, opts)
+    check_image_slots([prompt], images)
+    return (image_markers_to_parts(prompt) if images else prompt), images
 
 
 def preference_record(row: dict, prompt, chosen, rejected, opts: Options) -> dict:
@@ -86,9 +98,7 @@ def preference_record(row: dict, prompt, chosen, rejected, opts: Options) -> dic
     (chosen, thinking), (rejected, _) = chosen, rejected
     if _same(chosen, rejected):
         raise RowError("chosen", 'and "rejected" are identical', "two different replies")
-    images = _row_images(row, opts)
-    check_image_slots([prompt], images)
-    prompt = image_markers_to_parts(prompt) if images else prompt
+    prompt, images = _prompt_images(row, prompt, opts)
     record = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "images": images, "thinking": thinking}
     return {**record, "tools": check_tools(row.get("tools"))}
 
@@ -112,11 +122,17 @@ def desirability_label(value) -> bool | None:
     return None
 
 
-def unpaired_record(row: dict, prompt: list[dict], completion: list[dict], key: str = "label") -> dict:
+def unpaired_record(row: dict, prompt: list[dict], completion: list[dict], key: str = "label",
+                    opts: Options | None = None, thinking: bool | None = None) -> dict:
+    """A KTO row; with `opts`, its images are read and checked as a pair's are (without, the row has none)."""
     label = desirability_label(row.get(key))
     if label is None:
         raise RowError(key, f"is {row.get(key)!r}", "true or false (is the reply desirable?)")
-    return {"prompt": prompt, "completion": completion, "label": label, "tools": check_tools(row.get("tools"))}
+    images = None
+    if opts is not None:
+        prompt, images = _prompt_images(row, prompt, opts)
+    record = {"prompt": prompt, "completion": completion, "label": label, "images": images, "thinking": thinking}
+    return {**record, "tools": check_tools(row.get("tools"))}
 
 
 def split_last_reply(messages: list[dict], field: str) -> tuple[list[dict], list[dict]]:

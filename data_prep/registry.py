@@ -152,11 +152,8 @@ def _alpaca_remap(columns: dict, ranking: bool, kto: bool) -> Callable[[dict], d
         if ranking:
             _copy(row, out, columns, ("chosen", "rejected"))
             out.pop("output", None)
-        if kto:  # unpaired rows: the Alpaca prompt as one user turn
-            prompt = out.get("instruction")
-            if isinstance(prompt, str) and isinstance(out.get("input"), str) and out["input"].strip():
-                prompt = f"{prompt}\n\n{out['input']}"
-            out = {**out, "prompt": prompt, "completion": out.get("output"), "label": row.get(columns["kto_tag"])}
+        if kto:  # unpaired rows; the converter builds the prompt from system, history, instruction and input
+            out = {**out, "completion": out.get("output"), "label": row.get(columns["kto_tag"])}
         return out
 
     return remap

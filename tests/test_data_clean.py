@@ -6,9 +6,11 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from datasets import Dataset, load_dataset
 
-from data_prep import build_sft_set, clean
+from data_prep import build, build_sft_set, clean
+from posttrain.errors import UserError
 from posttrain.models import TINY_TOKENIZER
 
 WORDS = ("river stone cloud lamp orange music window garden silver paper engine forest candle bridge "
@@ -20,9 +22,9 @@ def prose(seed: int, n: int = 200) -> str:
     return " ".join(rng.choice(WORDS) + str(rng.randint(0, 99)) for _ in range(n))
 
 
-def table(texts: list[str]) -> Dataset:
-    return Dataset.from_dict({"_text": texts, "_origin": [f"f.jsonl:{i + 1}" for i in range(len(texts))],
-                              "_source": ["f"] * len(texts)})
+def table(texts: list[str], keys: list[str] | None = None) -> Dataset:
+    return Dataset.from_dict({"_text": texts, "_key": keys or [""] * len(texts), "_source": ["f"] * len(texts),
+                              "_origin": [f"f.jsonl:{i + 1}" for i in range(len(texts))]})
 
 
 def test_exact_dedup_normalises_case_space_and_unicode():
@@ -131,3 +133,85 @@ def test_near_dup_of_pairs_compares_prompt_and_each_reply(tmp_path):
     reject = json.loads((tmp_path / "out" / "rejects.jsonl").read_text())
     assert reject["filter"] == "near_dup" and reject["where"].endswith("pairs.jsonl:3")
     assert json.loads((tmp_path / "out" / "card.json").read_text())["splits"]["train"]["rows"] == 2
+
+
+def test_decontamination_reads_cjk_letters_and_drops_invisible_characters():
+    # Each ideograph is a word: the 29-character question is 26 words, so its 13-grams are indexed.
+    question_zh = "小明有五个苹果，他给了小红两个苹果，请问小明现在一共有几个苹果？"
+    question_en = "Natalia sold clips to 48 of her friends in April and then she sold half as many clips in May"
+    ngrams = clean.eval_ngrams({"eval.jsonl": [question_zh, question_en]}, n=13)
+    soft_hyphens = question_en.replace("Natalia", "Nata\u00adlia").replace("sold", "so\u200bld")  # web-page copy
+    rows = ["请回答：" + question_zh, soft_hyphens, "写一首关于春天的诗，要有花和风。"]
+    kept, removed = clean.decontaminate(table(rows), ngrams, 13)
+    assert kept["_origin"] == ["f.jsonl:3"] and len(removed) == 2
+    assert clean.words("Nata\u00adlia 小明・カナ") == ["natalia", "小", "明", "カ", "ナ"]
+
+
+def test_near_dup_of_unpaired_rows_compares_prompt_and_completion(tmp_path):
+    from data_prep import build_preference_set
+
+    # Three pairs for one long prompt: as whole texts, the True (False) rows are ~0.9 similar to each other.
+    prompt = prose(20, 150)
+    rows = [{"prompt": prompt, "chosen": f"A one-line summary, take {i}.", "rejected": f"I will not, reason {i}."}
+            for i in range(3)]
+    source = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "out"
+    build_preference_set.main(["--sources", str(source), "--output_dir", str(out), "--test_size", "0",
+                               "--unpaired", "true"])
+    train = load_dataset("parquet", data_files=str(out / "train.parquet"), split="train")
+    assert sorted(train["label"]) == [False] * 3 + [True] * 3
+    assert not (out / "rejects.jsonl").read_text()
+
+
+def test_dedup_keeps_rows_whose_images_tools_or_label_differ(tmp_path):
+    from PIL import Image
+
+    from data_prep import build_preference_set
+
+    for colour in ("red", "blue", "green"):
+        Image.new("RGB", (4, 4), colour).save(tmp_path / f"{colour}.png")
+    vqa = [{"image": f"{c}.png", "question": "Is the shape red?", "answer": "no"} for c in ("blue", "green")]
+    vqa.append({"image": "blue.png", "question": "Is the shape red?", "answer": "no"})  # a true copy
+    conversation = [{"role": "user", "content": "What can you do?"}, {"role": "assistant", "content": "Use tools."}]
+    tools = [[{"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}]
+             for name in ("get_weather", "search_web")]
+    sources = [write_jsonl(tmp_path / "vqa.jsonl", vqa),
+               write_jsonl(tmp_path / "tools.jsonl", [{"messages": conversation, "tools": t} for t in tools])]
+    card, splits = run_build(tmp_path, "sft", "--sources", *sources, "--test_size", 0, "--near_dup_threshold", 0.85)
+    rejects = [json.loads(line) for line in open(tmp_path / "sft" / "rejects.jsonl")]
+    assert len(splits["train"]) == 4 and [r["where"].split("/")[-1] for r in rejects] == ["vqa.jsonl:3"]
+    # The same reply marked desirable and undesirable is two KTO rows, not a duplicate.
+    kto = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": "2 + 2?", "completion": "4", "label": label}
+                                               for label in (True, False)])
+    build_preference_set.main(["--sources", str(kto), "--output_dir", str(tmp_path / "kto"), "--test_size", "0"])
+    assert json.loads((tmp_path / "kto" / "card.json").read_text())["splits"]["train"]["rows"] == 2
+
+
+def test_held_out_split_keeps_each_prompt_on_one_side(tmp_path):
+    from data_prep import build_preference_set
+
+    rows = [{"prompt": f"Prompt {p}: explain topic {p * 13}.", "chosen": f"Good answer {k} to {p}.",
+             "rejected": f"Bad answer {k} to {p}."} for p in range(10) for k in range(3)]
+    source = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    for name, extra in (("pairs", []), ("unpaired", ["--unpaired", "true"])):
+        out = tmp_path / name
+        build_preference_set.main(["--sources", str(source), "--output_dir", str(out), "--test_size", "0.2",
+                                   "--near_dup_threshold", "null", *extra])
+        prompts = {split: {r["prompt"][0]["content"] for r in load_dataset(
+            "parquet", data_files=str(out / f"{split}.parquet"), split="train")} for split in ("train", "test")}
+        assert len(prompts["test"]) == 2 and len(prompts["train"]) == 8 and not prompts["test"] & prompts["train"]
+    with pytest.raises(UserError, match="of 4 rows with 1 distinct prompt"):
+        build.held_out_split(Dataset.from_dict({"_group": ["same prompt"] * 4}), 0.5, seed=0)
+
+
+def test_rows_a_weight_below_one_leaves_out_are_rejects(tmp_path):
+    big = write_jsonl(tmp_path / "big.jsonl", alpaca_rows("big", 40))
+    card, splits = run_build(tmp_path, "out", "--sources", json.dumps({"path": str(big), "weight": 0.25}),
+                             "--test_size", 4, "--seed", 3)
+    rejects = [json.loads(line) for line in open(tmp_path / "out" / "rejects.jsonl")]
+    assert len(splits["train"]) == 9 and len(splits["test"]) == 1 and len(rejects) == 30
+    assert {r["filter"] for r in rejects} == {"mix"} and card["sources"][0]["removed"] == {"mix": 30}
+    assert rejects[0]["reason"] == "weight 0.25: not drawn into train (seed 3)" and "instruction" not in rejects[0]["row"]
+    assert rejects[-1]["reason"] == "weight 0.25: not drawn into test (seed 3)"
+    shown = {r["row"]["messages"][0]["content"] for r in rejects}
+    assert len(shown) == 30 and not shown & {m[0]["content"] for s in splits.values() for m in s["messages"]}

@@ -9,7 +9,8 @@ import pytest
 from datasets import load_dataset
 
 from data_prep import build_preference_set, build_sft_set
-from data_prep.formats import Options, convert_rows
+from data_prep.formats import Options, convert_rows, from_preference, from_unpaired
+from data_prep.messages import RowError
 from posttrain.errors import UserError
 
 DATA = Path(__file__).parent / "assets" / "data"
@@ -124,6 +125,40 @@ def test_pairs_unpaired_on_request(tmp_path):
     rows = build(build_preference_set, tmp_path, DATA / "preference_standard.jsonl", DATA / "unpaired.jsonl",
                  extra=["--unpaired", "true"])
     assert len(rows) == 2 * 2 + 2 and sum(r["label"] for r in rows) == 3
+
+
+def test_unpaired_rows_keep_images_tools_and_thinking(tmp_path):
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    image = str(DATA / "images" / "red.png")
+    pair = {"prompt": "<image>What colour is the square?", "chosen": "<think>\nIt looks red.\n</think>\n\nRed.",
+            "rejected": "Blue.", "images": [image], "tools": tools}
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps(pair) + "\n")
+    rows = build(build_preference_set, tmp_path, pairs, extra=["--unpaired", "true"])
+    assert sorted(r["label"] for r in rows) == [False, True]
+    for row in rows:
+        assert row["images"] == [image] and row["tools"] == tools and row["thinking"] is True
+        assert row["prompt"][0]["content"][0] == {"type": "image"}
+    kto = tmp_path / "kto.jsonl"
+    kto.write_text(json.dumps({"prompt": "<image>What colour?", "completion": "Red.", "label": True,
+                               "images": [image]}) + "\n")
+    (row,) = build(build_preference_set, tmp_path, kto)
+    assert row["images"] == [image] and row["prompt"][0]["content"][0] == {"type": "image"}
+    with pytest.raises(RowError, match="1 file.* for 2 image placeholder"):  # slots checked as a pair's are
+        from_unpaired({**json.loads(kto.read_text()), "prompt": "<image><image>What colour?"}, Options())
+
+
+def test_replies_that_differ_only_in_tool_calls_are_a_pair():
+    def reply(city):
+        call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
+        return [{"role": "assistant", "content": "Let me check.", "tool_calls": [call]},
+                {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "It is sunny."}]
+
+    row = {"prompt": [{"role": "user", "content": "What's the weather in Paris?"}], "chosen": reply("Paris")}
+    record = from_preference({**row, "rejected": reply("London")}, Options())
+    assert record["rejected"][0]["tool_calls"][0]["function"]["arguments"] == {"city": "London"}
+    with pytest.raises(RowError, match="identical"):
+        from_preference({**row, "rejected": reply("Paris")}, Options())
 
 
 def test_rl_prompts():

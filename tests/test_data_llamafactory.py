@@ -135,3 +135,19 @@ def test_registry_alpaca_kto_and_missing_file(tmp_path):
     assert records[0]["completion"] == [{"role": "assistant", "content": "4"}]
     with pytest.raises(UserError, match="data file not found: .*missing.json"):
         validate.main([f"{registry}:gone"])
+
+
+def test_alpaca_preference_and_kto_prompts_keep_system_and_history(tmp_path):
+    columns = {"prompt": "instruction", "query": "input", "system": "system", "history": "history"}
+    (tmp_path / "dataset_info.json").write_text(json.dumps({
+        "dpo": {"file_name": "rows.json", "ranking": True, "columns": {**columns, "chosen": "c", "rejected": "r"}},
+        "kto": {"file_name": "rows.json", "columns": {**columns, "response": "c", "kto_tag": "good"}}}))
+    row = {"instruction": "And in French?", "input": "", "system": "You are a terse translator.",
+           "history": [["Translate 'cat' to German.", "Katze"]], "c": "Chat", "r": "Katze", "good": True}
+    (tmp_path / "rows.json").write_text(json.dumps([row]))
+    expected = [{"role": "system", "content": "You are a terse translator."},
+                {"role": "user", "content": "Translate 'cat' to German."}, {"role": "assistant", "content": "Katze"},
+                {"role": "user", "content": "And in French?"}]
+    for name in ("dpo", "kto"):
+        (built,) = build(build_preference_set, tmp_path, f"{tmp_path / 'dataset_info.json'}:{name}")
+        assert built["prompt"] == expected
