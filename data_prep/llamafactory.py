@@ -32,7 +32,10 @@ def sharegpt_message(turn, field: str) -> dict:
         raise RowError(f"{field}.from", f"is {speaker!r}", f"one of {', '.join(SHAREGPT_ROLES)}")
     value = turn.get("value")
     if speaker != "function_call":
-        return {"role": SHAREGPT_ROLES[speaker], "content": value}
+        message = {"role": SHAREGPT_ROLES[speaker], "content": value}
+        if turn.get("tool_calls"):  # an OpenAI-tagged assistant turn (`tags: {role_tag: role, ...}`) calling tools
+            message["tool_calls"] = check_tool_calls(turn["tool_calls"], f"{field}.tool_calls")
+        return message
     try:
         calls = json.loads(value) if isinstance(value, str) else value
     except json.JSONDecodeError:
@@ -74,14 +77,14 @@ def from_kto_conversation(row: dict, opts: Options) -> dict:
     """LLaMA-Factory's KTO rows: a conversation (`messages` or ShareGPT `conversations`) and a boolean `label` that
     says whether its last reply is desirable. Read as unpaired `prompt/completion/label` rows, never as SFT."""
     if "conversations" in row:
-        messages = check_messages(_sharegpt_turns(row), "conversations")[0]
+        messages, thinking = check_messages(_sharegpt_turns(row), "conversations")
     else:
-        messages = check_messages(typed_parts_as_text(row.get("messages"), "messages"), "messages")[0]
+        messages, thinking = check_messages(typed_parts_as_text(row.get("messages"), "messages"), "messages")
     system = row.get("system")
     if isinstance(system, str) and system.strip() and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system}, *messages]
     prompt, completion = split_last_reply(messages, "messages")
-    return unpaired_record(row, prompt, completion)
+    return unpaired_record(row, prompt, completion, opts=opts, thinking=thinking)
 
 
 def from_alpaca(row: dict, opts: Options) -> dict:

@@ -125,8 +125,11 @@ def _sharegpt_remap(columns: dict, tags: dict, ranking: bool) -> Callable[[dict]
     def turn(value):
         if not isinstance(value, dict):
             return value  # the converter names what is wrong with it
-        return {"from": roles.get(value.get(tags["role_tag"]), value.get(tags["role_tag"])),
-                "value": value.get(tags["content_tag"])}
+        out = {"from": roles.get(value.get(tags["role_tag"]), value.get(tags["role_tag"])),
+               "value": value.get(tags["content_tag"])}
+        if value.get("tool_calls"):  # OpenAI-tagged turns carry their calls beside the content
+            out["tool_calls"] = value["tool_calls"]
+        return out
 
     def remap(row: dict) -> dict:
         out = _copy(row, {}, columns, _COMMON_COLUMNS)

@@ -151,3 +151,26 @@ def test_alpaca_preference_and_kto_prompts_keep_system_and_history(tmp_path):
     for name in ("dpo", "kto"):
         (built,) = build(build_preference_set, tmp_path, f"{tmp_path / 'dataset_info.json'}:{name}")
         assert built["prompt"] == expected
+
+
+def test_openai_tagged_turns_keep_their_tool_calls_and_kto_rows_their_images(tmp_path):
+    """A ShareGPT entry with OpenAI tags (role/content) whose assistant turn calls a tool keeps the call; a KTO
+    conversation keeps its image (both were dropped in the conversion)."""
+    tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+            "observation_tag": "tool", "system_tag": "system"}
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}
+    chat = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "It is sunny."}]
+    shutil.copy(LF / "media" / "red.png", tmp_path / "red.png")
+    kto = {"messages": [{"role": "user", "content": "<image>What colour is it?"}, {"role": "assistant", "content": "Red."}],
+           "label": True, "images": ["red.png"]}
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
+    (tmp_path / "kto.jsonl").write_text(json.dumps(kto) + "\n")
+    (tmp_path / "dataset_info.json").write_text(json.dumps({
+        "oai": {"file_name": "chat.jsonl", "formatting": "sharegpt", "columns": {"messages": "messages"}, "tags": tags},
+        "kto": {"file_name": "kto.jsonl", "formatting": "sharegpt", "tags": tags,
+                "columns": {"messages": "messages", "kto_tag": "label", "images": "images"}}}))
+    (row,) = build(build_sft_set, tmp_path, f"{tmp_path / 'dataset_info.json'}:oai")
+    assert row["messages"][1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
+    (unpaired,) = build(build_preference_set, tmp_path, f"{tmp_path / 'dataset_info.json'}:kto")
+    assert unpaired["images"] == [str((tmp_path / "red.png").resolve())] and unpaired["label"] is True
