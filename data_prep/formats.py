@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from posttrain.errors import UserError
 
 from .llamafactory import (
-    _alpaca_history,
+    alpaca_history,
     alpaca_prompt,
     drop_untrained_tail,
     from_alpaca,
@@ -228,7 +228,7 @@ def from_preference(row: dict, opts: Options) -> dict:
 
 def alpaca_prompt_messages(row: dict) -> list[dict]:
     """An Alpaca row's prompt as messages: `system`, the `history` exchanges, then `instruction` and `input`."""
-    messages = _alpaca_history(row) + [{"role": "user", "content": alpaca_prompt(row)}]
+    messages = alpaca_history(row) + [{"role": "user", "content": alpaca_prompt(row)}]
     system = row.get("system")
     if system is not None and require_str(system, "system", "a string", allow_empty=True).strip():
         messages.insert(0, {"role": "system", "content": system})

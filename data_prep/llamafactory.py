@@ -89,7 +89,7 @@ def from_kto_conversation(row: dict, opts: Options) -> dict:
 
 def from_alpaca(row: dict, opts: Options) -> dict:
     """Alpaca `instruction`, `input`, `output`, optional `system` and `history: [[query, reply], ...]`."""
-    messages = _alpaca_history(row) + [{"role": "user", "content": alpaca_prompt(row)}]
+    messages = alpaca_history(row) + [{"role": "user", "content": alpaca_prompt(row)}]
     messages.append({"role": "assistant", "content": require_str(row.get("output"), "output", "the reply text")})
     messages, thinking = check_messages(messages, "conversation")
     return sft_record(row, messages, thinking, opts, row.get("system"))
@@ -102,7 +102,7 @@ def alpaca_prompt(row: dict) -> str:
     return f"{instruction}\n\n{extra}" if extra.strip() else instruction
 
 
-def _alpaca_history(row: dict) -> list[dict]:
+def alpaca_history(row: dict) -> list[dict]:
     history = row.get("history") or []
     require_list(history, "history", "a list of [query, reply] pairs", allow_empty=True)
     messages = []
