@@ -29,6 +29,8 @@ _HOLD_LINES = 5000
 SAVED_ON_SIGTERM = "SIGTERM: saving checkpoint-"
 # how accelerate's launchers report a child killed by a signal (one process; torchrun for several)
 _KILLED = re.compile(r"died with <Signals\.\w+: (\d+)>|exitcode\s*:\s*-(\d+)")
+# what torch's elastic agent puts before each line of its workers (several processes): read past it, log it as is
+_RANK_PREFIX = re.compile(r"^\[(?:rank|default)\d+\]:\s?")
 
 
 def die_with_parent():
@@ -70,6 +72,7 @@ class _Echo:
 
     def feed(self, chunk: bytes) -> None:
         self.log.write(chunk)
+        self.log.flush()  # on disk now: if this process is killed, the log still ends with the child's last words
         *lines, self.pending = (self.pending + chunk).split(b"\n")
         for line in lines:
             self._line(line + b"\n")
@@ -79,7 +82,7 @@ class _Echo:
             self.pending = b""
 
     def _line(self, line: bytes, may_hold: bool = True) -> None:
-        text = line.decode(errors="replace").rstrip()
+        text = _RANK_PREFIX.sub("", line.decode(errors="replace").rstrip(), count=1)
         killed = _KILLED.search(text)
         if killed:
             self.signal = int(killed.group(1) or killed.group(2))

@@ -53,17 +53,33 @@ def _running(pid: int) -> bool:
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    """Replace `path` with `text` (UTF-8) atomically."""
+    """Replace `path` with `text` (UTF-8) atomically, also across a power loss: the content is synced before the
+    rename, which may otherwise reach the disk first and leave an empty file, and the folder after it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(path, "tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _sync_folder(path.parent)
     return path
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder, so that a rename in it survives a power loss, where the platform allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open a folder
+        return
+    with contextlib.suppress(OSError):  # some filesystems refuse to sync one
+        os.fsync(fd)
+    os.close(fd)
 
 
 def read_json(path: str | Path) -> dict:

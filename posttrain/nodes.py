@@ -12,8 +12,9 @@ processes on all machines meet in one `torch.distributed` group at `--main-proce
 Handshake, without trusting clocks across machines: a follower writes `<run>/.nodes/machine-<rank>.json` with a
 fresh token and a counter it keeps increasing while it waits; machine 0 launches nothing until every follower's
 counter has moved (so a file left by an earlier run is never mistaken for a live machine), and every entry it
-writes names the tokens it is meant for. Waits end after `POSTTRAIN_NODE_TIMEOUT` seconds (default 7200) with an
-error that says which machine never came.
+writes names the tokens it is meant for and an id of machine 0's process (one started again after a crash numbers
+its entries from 1 again, while the followers that outlived the first go on). Waits end after
+`POSTTRAIN_NODE_TIMEOUT` seconds (default 7200) with an error that says which machine never came.
 """
 
 import json
@@ -94,7 +95,9 @@ class Coordinator:
     def __init__(self, root: Path, nodes: Nodes):
         self.folder, self.nodes = root / ".nodes", nodes
         self.tokens: dict[int, str] | None = None
-        self.seq = 0
+        # a machine 0 started again (after a crash) numbers its entries from 1 again: this id tells them from those
+        # of the one before, which the followers that outlived it have already seen
+        self.run_id, self.seq = uuid.uuid4().hex, 0
 
     def _wait_for_followers(self, timeout: float) -> dict[int, str]:
         console.print(f"waiting for machines 1..{self.nodes.num_machines - 1} to join (posttrain run … "
@@ -138,7 +141,7 @@ class Coordinator:
 
     def _write(self, entry: dict) -> None:
         self.seq += 1
-        write_json(self.folder / "launch.json", {**entry, "seq": self.seq, "for": self.tokens})
+        write_json(self.folder / "launch.json", {**entry, "run": self.run_id, "seq": self.seq, "for": self.tokens})
 
 
 def follow(root: Path, nodes: Nodes) -> int:
@@ -146,14 +149,15 @@ def follow(root: Path, nodes: Nodes) -> int:
     folder, token = root / ".nodes", uuid.uuid4().hex
     folder.mkdir(parents=True, exist_ok=True)
     console.print(f"machine {nodes.machine_rank} of {nodes.num_machines}: following machine 0 through {folder}")
-    beat, last_seq, waited_since = 0, 0, time.time()
+    beat, last_run, last_seq, waited_since = 0, None, 0, time.time()
     while True:
         beat += 1
         write_json(folder / f"machine-{nodes.machine_rank}.json", {"token": token, "beat": beat,
                                                                      "host": socket.gethostname()})
         entry = _read(folder / "launch.json")
-        if entry and token in (entry.get("for") or {}).values() and entry["seq"] > last_seq:
-            last_seq = entry["seq"]
+        if entry and token in (entry.get("for") or {}).values() \
+                and (entry["run"] != last_run or entry["seq"] > last_seq):
+            last_run, last_seq = entry["run"], entry["seq"]
             if entry["action"] == "end":
                 if entry["status"] == "interrupted":  # SIGTERM or Ctrl-C there: resumable, as if it had come here
                     console.print("[yellow]machine 0 reports the run interrupted[/yellow]")

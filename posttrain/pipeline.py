@@ -14,6 +14,7 @@ the base model, the previous stage's hash); a re-run skips a finished stage whos
 again when only the held-out evaluation changed) and resumes an unfinished one from its last checkpoint.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -88,7 +89,7 @@ class Pipeline:
         self.nodes = nodes  # posttrain.nodes.Nodes: machine 0 of a multi-machine run announces each stage launch
         self.coordinator = Coordinator(self.root, nodes) if nodes and nodes.num_machines > 1 else None
         self.state_path = self.root / "run.json"
-        self.state = read_json(self.state_path)
+        self.state: dict = {}  # run.json, read under the run's lock (`run`)
         self.base_model: Path | None = None  # resolved at the start of run()
 
     # ------------------------------------------------------------------------------------------------ bookkeeping
@@ -140,17 +141,27 @@ class Pipeline:
         (`RunLock`); run.json ends as done, failed or interrupted, never as running. `stop_before`: the stages before
         this one and the data jobs after the last of them (an ablation's shared part); `until`: up to and including
         this stage, without the data jobs that only later stages read."""
-        check_recipe_files(self.recipe)
+        try:
+            check_recipe_files(self.recipe)
+        except Exception:
+            self._followers_hear_failed()
+            raise
+        # held by a live run: the followers in `.nodes` are that run's, so this one tells them nothing
         lock = RunLock(self.root).acquire(say=lambda text: console.print(f"[yellow]{text}[/yellow]"))
+        ending = "failed"  # what the other machines of a multi-machine run hear, however this one's run ends
         try:
             for path in remove_leftovers(self.root):
                 console.print(f"[yellow]removed {path}, left half-written by a process that was killed[/yellow]")
-            self.state = read_json(self.state_path)
-            return self._run(only, start, stop_before, until)
+            self.state = self.read_state()
+            state = self._run(only, start, stop_before, until)
+            ending = "done"
+            return state
         except KeyboardInterrupt as exc:
+            ending = "interrupted"
             self._end_run("interrupted", interruption(exc))
             raise
         except GateStopped:  # the run is already marked "stopped" by the gate
+            ending = "stopped"
             raise
         except Exception as exc:
             full = is_disk_full(exc)
@@ -164,7 +175,34 @@ class Pipeline:
                 raise
             raise error from exc
         finally:
+            if self.coordinator:  # followers exit with the run, once run.json says how it ended
+                with contextlib.suppress(OSError):  # a full disk: the run's own error matters more
+                    self.coordinator.finish(ending)
             lock.release()
+
+    def _followers_hear_failed(self) -> None:
+        """For a run that failed before taking its folder's lock: the other machines hear it too, under the lock (a
+        live run holding it has its own followers in `.nodes`)."""
+        if not self.coordinator:
+            return
+        try:
+            lock = RunLock(self.root).acquire(say=lambda text: None)
+        except UserError:
+            return
+        try:
+            self.coordinator.finish("failed")
+        finally:
+            lock.release()
+
+    def read_state(self) -> dict:
+        """run.json, or nothing when it cannot be read (a power loss while it was written, with a filesystem that had
+        not synced it): what finished is in the stages' own folders, so the run goes on, with a warning."""
+        try:
+            return read_json(self.state_path)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            console.print(f"[yellow]{self.state_path} is unreadable ({exc}); starting its record of the run over "
+                          "(finished stages are still skipped)[/yellow]")
+            return {}
 
     def _end_run(self, status: str, error: str) -> None:
         """Mark the run, and the step that was running, as failed or interrupted (best effort: on a full disk even
@@ -215,15 +253,13 @@ class Pipeline:
                 previous = stage
             self._record("run", status="done", finished=time.strftime("%Y-%m-%d %H:%M:%S"))
             self.print_summary()
-        except KeyboardInterrupt as exc:  # marked before the report and the other machines read how the run ended
+        except KeyboardInterrupt as exc:  # marked before the report reads how the run ended
             self._end_run("interrupted", interruption(exc))
             raise
         finally:  # a report also for a failed or interrupted run: it shows what finished and what broke
             from .report import try_build_report
 
             try_build_report(self.root)
-            if self.coordinator:  # followers exit with the run
-                self.coordinator.finish(self.state["steps"]["run"]["status"])
         return self.state
 
     def build_data(self, after: str | None) -> None:
@@ -487,13 +523,17 @@ class Pipeline:
         """Run a child process, streaming its output (tracebacks to the log only) to the terminal and to `log_path`;
         a failure becomes a UserError with the child's own cause and the log's path."""
         started = time.time()
+        # the log keeps every attempt's output: only this one's explains its failure
+        offset = log_path.stat().st_size if log_path.is_file() else 0
         outcome = spawn(cmd, log_path, env)
         if outcome.code != 0 and outcome.saved_on_sigterm:  # SIGTERM to one of its processes, not to this one
             console.print(f"[yellow]step '{step}' stopped on SIGTERM to one of its processes (on this machine or "
                           "another) and saved the step it was at[/yellow]")
             raise Terminated(signal.SIGTERM)
         if outcome.code != 0:
-            lines = log_path.read_text(errors="replace").splitlines()
+            with open(log_path, "rb") as log:
+                log.seek(offset)
+                lines = log.read().decode(errors="replace").splitlines()
             # a lost process (a dead rank, a machine gone) explains more than the survivor's own exception
             cause = outcome.message or explain_failure(lines) or describe(outcome)
             self._record(step, status="failed", error=cause, log=str(log_path),

@@ -610,3 +610,119 @@ def test_what_a_killed_writer_left_half_written_is_removed_by_the_next_run(pipel
     (root / f".run.json.{dead}-aaaabbbb.tmp").write_text("{")
     assert sorted(remove_leftovers(root)) == sorted([*left, root / f".run.json.{dead}-aaaabbbb.tmp"])
     assert all(folder.is_dir() for folder in kept) and not any(folder.exists() for folder in left)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A stage's output and log, a run's files, when something dies
+# ----------------------------------------------------------------------------------------------------------------------
+def test_sigterm_after_posttrain_run_was_killed_still_saves_the_step(monkeypatch):
+    """`posttrain run` SIGKILLed: the stage gets SIGTERM (`die_with_parent`) with nobody left reading its output, so
+    every write to it fails (EPIPE). The stage's output goes to /dev/null instead, and the step is saved."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    from posttrain.stages.common import save_and_stop_on_sigterm
+
+    def to_stdout(*args):  # what print does, unbuffered
+        os.write(1, (" ".join(map(str, args)) + "\n").encode())
+
+    accelerator = SimpleNamespace(num_processes=1, is_main_process=True, print=to_stdout)
+    monkeypatch.delenv("POSTTRAIN_TEST_SIGTERM_AT_STEP", raising=False)
+    callback = save_and_stop_on_sigterm(SimpleNamespace(accelerator=accelerator, add_callback=lambda cb: None))
+    kept = os.dup(1), os.dup(2)
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone
+    try:
+        os.dup2(write, 1)
+        os.dup2(write, 2)
+        callback.handle(15, None)
+        control = TrainerControl()
+        callback.on_step_end(None, TrainerState(global_step=3), control)
+        os.write(2, b"a progress bar or a log line of the save\n")
+    finally:
+        for fd, saved in zip((1, 2), kept):
+            os.dup2(saved, fd)
+            os.close(saved)
+        os.close(write)
+        callback.restore()
+    assert control.should_save and control.should_training_stop and callback.stopped
+
+
+def test_rank_prefixed_worker_tracebacks_stay_in_the_log_and_give_the_cause(tmp_path, capsysbinary):
+    """With several processes torch's elastic agent puts `[rankN]: ` before each of their lines: the tracebacks still
+    go to the log only, and the cause is the workers' exception, not the launcher's ChildFailedError after it."""
+    from posttrain.childproc import _Echo
+
+    worker = (b"[rank1]: Traceback (most recent call last):\n[rank1]:   File \"trainer.py\", line 3982\n"
+              b"[rank1]:     torch.load(\n[rank1]: \n[rank1]: _pickle.UnpicklingError: Weights only load failed.\n")
+    launcher = (b"Traceback (most recent call last):\n  File \"run.py\", line 9\n"
+                b"torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \nbye\n")
+    log_path = tmp_path / "sft.log"
+    with open(log_path, "wb") as log:
+        echo = _Echo(log, log_path)
+        echo.feed(b"[rank0]: step 1\n" + worker + worker.replace(b"rank1", b"rank0") + launcher)
+        echo.flush()
+    shown = capsysbinary.readouterr().out.decode()
+    assert log_path.read_bytes().startswith(b"[rank0]: step 1\n" + worker)
+    assert "[rank0]: step 1" in shown and "bye" in shown
+    assert "Traceback" not in shown and "File " not in shown and "torch.load" not in shown, shown
+    assert echo.last_exception == "_pickle.UnpicklingError: Weights only load failed."
+
+
+def test_the_log_has_a_steps_output_as_it_comes(tmp_path):
+    """Nothing waits in a buffer of `posttrain run`: killed, its log still ends with the last thing the step said
+    (before an out-of-memory kill, the one line that says what happened)."""
+    from posttrain.childproc import _Echo
+
+    log_path = tmp_path / "step.log"
+    with open(log_path, "ab") as log:
+        _Echo(log, log_path).feed(b"step 7: allocating 30 GiB\n")
+        assert log_path.read_bytes() == b"step 7: allocating 30 GiB\n"
+
+
+def test_a_failure_is_explained_by_its_own_attempts_output_only(pipeline):
+    """The stage log keeps every attempt: a process lost in an earlier one is not the cause of this one's error."""
+    log_path = pipeline.root / ".sft.partial" / "sft.log"
+    log_path.parent.mkdir(parents=True)
+    log_path.write_text("[rank0]: RuntimeError: [pair.cc:537] Read error: Connection closed by peer\n")
+    with pytest.raises(UserError) as failed:
+        pipeline._spawn([sys.executable, "-c", "raise ValueError('a bad row')"], log_path, "sft")
+    assert "ValueError: a bad row" in str(failed.value) and "another process" not in str(failed.value)
+
+
+def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """Else a power loss can leave the renamed file empty (the rename on disk, its content not)."""
+    import stat
+
+    from posttrain.io import write_json
+
+    done, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        done.append("sync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "sync file")
+        real_fsync(fd)
+
+    def replace(source, target):
+        done.append("rename")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_json(tmp_path / "run.json", {"steps": {}})
+    assert done == ["sync file", "rename", "sync folder"]
+    assert json.loads((tmp_path / "run.json").read_text()) == {"steps": {}}
+
+
+def test_an_unreadable_run_json_is_a_warning_and_the_run_goes_on(pipeline, monkeypatch, capsys):
+    """An empty run.json (a power loss before it reached the disk) is started over, naming the file."""
+    for name in ("resolve_base", "evaluate_base", "print_summary"):
+        monkeypatch.setattr(Pipeline, name, lambda self: None)
+    monkeypatch.setattr(Pipeline, "build_data", lambda self, after: None)
+    monkeypatch.setattr(Pipeline, "run_stage", lambda self, stage, previous, force=False: None)
+    monkeypatch.setattr(Pipeline, "promote", lambda self, stage: None)
+    pipeline.root.mkdir(parents=True)
+    pipeline.state_path.write_text("")
+    pipeline.run()
+    assert _state(pipeline)["steps"]["run"]["status"] == "done"
+    assert f"{pipeline.state_path} is unreadable" in " ".join(capsys.readouterr().out.split())

@@ -221,6 +221,73 @@ def run_follower(root: Path, outcome: list) -> None:
         outcome.append(str(exc))
 
 
+def test_a_follower_joins_machine_0_started_again_after_a_crash(tmp_path, monkeypatch):
+    """Machine 0 killed after a launch (no end written) and started again numbers its entries from 1 again: the
+    follower that outlived it joins the new launch and hears the new end, rather than waiting on for a later number."""
+    import threading
+
+    from posttrain import nodes
+
+    monkeypatch.setattr(nodes, "POLL_S", 0.05)
+    monkeypatch.setenv("POSTTRAIN_NODE_TIMEOUT", "10")  # broken, it fails in seconds, not hours
+    joined = []
+    monkeypatch.setattr(nodes, "_join_stage", lambda folder, entry, machines: joined.append(entry["seq"]))
+    outcome = []
+    follower = threading.Thread(target=run_follower, args=(tmp_path, outcome))
+    follower.start()
+    machine_0 = nodes.Nodes(2, 0, "127.0.0.1", 29555)
+    for expected in ([1], [1, 1]):  # the first machine 0, then the one started after it was killed
+        nodes.Coordinator(tmp_path, machine_0).announce("sft", ["--machine_rank", "0"])
+        deadline = time.time() + 10
+        while joined != expected and time.time() < deadline:
+            time.sleep(0.05)
+        assert joined == expected
+    nodes.Coordinator(tmp_path, machine_0).finish("done")
+    follower.join(timeout=15)
+    assert outcome == [0]
+
+
+def test_machine_0_failing_before_its_first_step_ends_the_followers(tmp_path, monkeypatch):
+    """A machine 0 that fails before it runs anything (a recipe file missing, a stage flag that names no stage) tells
+    the followers, which exit with the run rather than after POSTTRAIN_NODE_TIMEOUT; one refused because another run
+    holds the folder tells them nothing: the followers in its `.nodes` are that run's."""
+    import threading
+
+    from posttrain.errors import UserError
+    from posttrain.nodes import Coordinator, Nodes
+    from posttrain.pipeline import Pipeline
+    from posttrain.recipe import load_recipe
+    from posttrain.runlock import RunLock
+
+    monkeypatch.setattr("posttrain.nodes.POLL_S", 0.05)
+    monkeypatch.setenv("POSTTRAIN_NODE_TIMEOUT", "10")
+    raw = {"name": "nodes", "base": {"model_name_or_path": "tiny:llama"},
+           "stages": {"sft": {"dataset_name": str(tmp_path / "missing.jsonl")}}}
+    (tmp_path / "missing.yaml").write_text(yaml.safe_dump(raw))
+    raw["stages"]["sft"]["dataset_name"] = str(REPO / "data_prep" / "sources" / "chitchat.jsonl")
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    machine_0 = Nodes(2, 0, "127.0.0.1")
+    for recipe, until, error in (("missing.yaml", None, "file not found"), ("recipe.yaml", "dpo", "--until")):
+        pipeline = Pipeline(load_recipe(tmp_path / recipe), tmp_path / "outputs", nodes=machine_0)
+        outcome = []
+        follower = threading.Thread(target=run_follower, args=(pipeline.root, outcome))
+        follower.start()
+        with pytest.raises(UserError, match=error):
+            pipeline.run(until=until)
+        follower.join(timeout=15)
+        assert outcome and "machine 0 reports the run failed" in outcome[0]
+
+    told = []
+    monkeypatch.setattr(Coordinator, "finish", lambda self, status: told.append(status))
+    holder = RunLock(pipeline.root).acquire()
+    try:
+        with pytest.raises(UserError, match="in use by another posttrain run"):
+            pipeline.run()
+    finally:
+        holder.release()
+    assert told == []
+
+
 @pytest.mark.multinode
 @pytest.mark.parametrize("preempted", [1, 0])
 def test_sigterm_to_one_machine_saves_the_step_on_both(tmp_path, start_machines, preempted):

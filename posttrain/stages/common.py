@@ -450,6 +450,7 @@ def save_and_stop_on_sigterm(trainer):
     accelerator's device, the backend the run already uses: a 4-byte collective and one host sync a step, nothing next
     to a step's own gradient all-reduce). Best effort: accelerate's launcher kills a single child 5 s after passing
     SIGTERM on, torch's elastic agent several after 30 s, and a complete checkpoint before that is still there."""
+    import contextlib
     import os
 
     import torch
@@ -466,6 +467,24 @@ def save_and_stop_on_sigterm(trainer):
 
         def handle(self, signum, frame):
             self.requested = True
+            self.quiet_if_unread()
+
+        def quiet_if_unread(self):
+            """Send this process's output to /dev/null if nothing reads it any more: when `posttrain run` is killed,
+            its death is what sent this SIGTERM (`childproc.die_with_parent`), and the first write into its pipe (a
+            progress bar, a log line) would fail (EPIPE) and end the stage before it saves. Linux only, as that
+            signal: a pipe without a reader polls as POLLERR there."""
+            if not sys.platform.startswith("linux"):
+                return
+            import select
+
+            for fd in (1, 2):
+                poller = select.poll()
+                poller.register(fd, select.POLLOUT)
+                if any(events & select.POLLERR for _, events in poller.poll(0)):
+                    devnull = os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(devnull, fd)
+                    os.close(devnull)
 
         def agreed(self) -> bool:
             """Whether any process was asked to stop: the same answer on every process."""
@@ -479,9 +498,10 @@ def save_and_stop_on_sigterm(trainer):
                 signal.raise_signal(signal.SIGTERM)
             if self.agreed():
                 self.stopped = True
-                accelerator.print(f"{SAVED_ON_SIGTERM}{state.global_step} and stopping; run the same command again "
-                                  "to resume from it")
-                control.should_save = control.should_training_stop = True
+                control.should_save = control.should_training_stop = True  # first: the step is saved, come what may
+                with contextlib.suppress(OSError):  # its reader gone since `quiet_if_unread`: only the line is lost
+                    accelerator.print(f"{SAVED_ON_SIGTERM}{state.global_step} and stopping; run the same command "
+                                      "again to resume from it")
 
         def restore(self):
             if self.previous is not None:
