@@ -50,9 +50,9 @@ def test_gguf_py_is_restored_when_the_conversion_fails(tmp_path):
 @pytest.mark.parametrize("cuda, native, precision, device, dtype", [
     (False, False, "auto", "cpu", torch.float32),
     (False, False, "bfloat16", "cpu", torch.float32),  # bf16 on a CPU is autocast over float32 weights
-    (True, True, "auto", "cuda", torch.bfloat16),
-    (True, False, "auto", "cuda", torch.float32),
-    (True, True, "float32", "cuda", torch.float32),
+    (True, True, "auto", "cuda:0", torch.bfloat16),
+    (True, False, "auto", "cuda:0", torch.float32),
+    (True, True, "float32", "cuda:0", torch.float32),
 ])
 def test_evaluation_and_pair_sampling_load_onto_the_gpu(monkeypatch, tiny_model_path, cuda, native, precision, device,
                                                         dtype):
@@ -65,9 +65,14 @@ def test_evaluation_and_pair_sampling_load_onto_the_gpu(monkeypatch, tiny_model_
     monkeypatch.setattr(devices, "has_cuda", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: native)
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *args, **kwargs: moved.append(args) or self)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
     model = load_for_inference(tiny_model_path("llama"), precision=precision)
     assert moved == [(device,)] and not model.training
     assert {p.dtype for p in model.parameters()} == {dtype}
+    if cuda:  # one of several evaluation processes (`Pipeline.eval_command`): on its own GPU
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        load_for_inference(tiny_model_path("llama"), precision=precision)
+        assert moved[-1] == ("cuda:1",)
 
 
 def remote_code_model(tiny_model_path, folder):
