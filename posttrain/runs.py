@@ -39,9 +39,17 @@ class StageRef:
                             "recipe converts or caches it again, then this command works")
 
 
+def run_state(run: Path) -> dict:
+    """run.json, or {} when it cannot be read (written empty by a power loss): the stage folders still say what
+    finished, and the order falls back to `STAGE_ORDER`."""
+    try:
+        return read_json(Path(run) / "run.json")
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        return {}
+
+
 def finished_stages(run: Path) -> list[str]:
-    state = read_json(run / "run.json")
-    order = state.get("order") or STAGE_ORDER
+    order = run_state(run).get("order") or STAGE_ORDER
     return [s for s in order if (run / s / "lineage.json").is_file()]
 
 
@@ -52,7 +60,7 @@ def stale_stages(root: str | Path) -> dict[str, str]:
     `posttrain eval`, `export` and `chat` do not pick them by default."""
     root = Path(root)
     stale = {}
-    for step in read_json(root / "run.json").get("order") or STAGE_ORDER:
+    for step in run_state(root).get("order") or STAGE_ORDER:
         record = read_json(root / step / "lineage.json")
         previous = record.get("previous_stage")
         if not previous:
@@ -70,7 +78,7 @@ def stage_ref(run: str | Path, stage: str | None = None) -> StageRef:
     if not (run / "run.json").is_file():
         raise UserError(f"{run} is not a posttrain run folder (no run.json); expected outputs/<run name>")
     done = finished_stages(run)
-    order = json.loads((run / "run.json").read_text()).get("order") or []
+    order = run_state(run).get("order") or []
     if stage and order and stage not in order:
         raise UserError(f"{run}: '{stage}' is not a stage of this run (stages: {', '.join(order)}; finished: "
                         f"{', '.join(done) or 'none'})")

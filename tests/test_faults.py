@@ -726,3 +726,18 @@ def test_an_unreadable_run_json_is_a_warning_and_the_run_goes_on(pipeline, monke
     pipeline.run()
     assert _state(pipeline)["steps"]["run"]["status"] == "done"
     assert f"{pipeline.state_path} is unreadable" in " ".join(capsys.readouterr().out.split())
+
+
+def test_eval_export_and_chat_find_the_stages_of_a_run_whose_run_json_is_unreadable(tmp_path):
+    """The commands that pick a run's stage read run.json for its order; an empty one (a power loss) leaves them the
+    stage folders and the usual order instead of a JSONDecodeError."""
+    from posttrain.runs import finished_stages, stage_ref, stale_stages
+
+    run = tmp_path / "run"
+    for stage in ("sft", "dpo"):
+        (run / stage).mkdir(parents=True)
+        (run / stage / "lineage.json").write_text(json.dumps({"stage": stage, "inputs_hash": stage}))
+        (run / stage / "resolved.yaml").write_text("model_name_or_path: tiny:llama\n")
+    (run / "run.json").write_text("")
+    assert finished_stages(run) == ["sft", "dpo"] and stale_stages(run) == {}
+    assert stage_ref(run).stage == "dpo" and stage_ref(run, "sft").adapter == str(run / "sft")
