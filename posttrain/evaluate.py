@@ -48,6 +48,15 @@ class Share:
     count: int
     gather: Callable[[list], list]
 
+    @classmethod
+    def among(cls, index: int, count: int) -> "Share | None":
+        """Process `index`'s share among `count` processes of accelerate's process group, or None for one process."""
+        if count < 2:
+            return None
+        from accelerate.utils import gather_object
+
+        return cls(index, count, gather_object)
+
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, progress=None,
              images: list | None = None, share: Share | None = None, **sampling):
@@ -396,10 +405,9 @@ def launched_share() -> Share | None:
     if int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return None
     from accelerate import PartialState
-    from accelerate.utils import gather_object
 
     state = PartialState(cpu=not devices.has_cuda())  # on CPU accelerate joins the processes only when told (gloo)
-    return Share(state.process_index, state.num_processes, gather_object)
+    return Share.among(state.process_index, state.num_processes)
 
 
 def main(argv: list[str] | None = None) -> int:

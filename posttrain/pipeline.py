@@ -39,6 +39,7 @@ from .promotion import GateStopped, blocks_chain, promotion
 from .recipe import Recipe
 from .recipe_files import STAGE_DATASET_KEYS, check_recipe_files, named_strings
 from .runlock import RunLock
+from .runs import run_state
 
 
 def run_dir(recipe: Recipe, output_root: str | Path = "outputs") -> Path:
@@ -197,12 +198,8 @@ class Pipeline:
     def read_state(self) -> dict:
         """run.json, or nothing when it cannot be read (a power loss while it was written, with a filesystem that had
         not synced it): what finished is in the stages' own folders, so the run goes on, with a warning."""
-        try:
-            return read_json(self.state_path)
-        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-            console.print(f"[yellow]{self.state_path} is unreadable ({exc}); starting its record of the run over "
-                          "(finished stages are still skipped)[/yellow]")
-            return {}
+        return run_state(self.root, say=lambda why: console.print(
+            f"[yellow]{why}; starting its record of the run over (finished stages are still skipped)[/yellow]"))
 
     def _end_run(self, status: str, error: str) -> None:
         """Mark the run, and the step that was running, as failed or interrupted (best effort: on a full disk even
@@ -431,11 +428,12 @@ class Pipeline:
         same = self.stage_hashes(stage, args, previous)
         digest = same[0]
         final, partial = self.root / stage, self.root / f".{stage}.partial"
-        damage = finished_problem(final) if self._up_to_date(final, *same) else None
+        finished = self._up_to_date(final, *same)
+        damage = finished_problem(final) if finished else None
         if damage:
             console.print(f"[yellow]{stage}: finished earlier with the same inputs, but {damage}: trained again"
                           "[/yellow]")
-        elif not force and self._up_to_date(final, *same):
+        elif not force and finished:
             console.print(f"[green]✓ {stage}[/green]: finished earlier with the same inputs, skipped")
             # what an earlier failed attempt (with other inputs) recorded no longer describes the stage
             self._record(stage, skipped=True, status="done", error=None, log=None)

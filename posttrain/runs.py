@@ -39,12 +39,15 @@ class StageRef:
                             "recipe converts or caches it again, then this command works")
 
 
-def run_state(run: Path) -> dict:
+def run_state(run: Path, say=None) -> dict:
     """run.json, or {} when it cannot be read (written empty by a power loss): the stage folders still say what
-    finished, and the order falls back to `STAGE_ORDER`."""
+    finished, and the order falls back to `STAGE_ORDER`. `say` is told why, when it cannot."""
+    path = Path(run) / "run.json"
     try:
-        return read_json(Path(run) / "run.json")
-    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        return read_json(path)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        if say:
+            say(f"{path} is unreadable ({exc})")
         return {}
 
 

@@ -326,12 +326,9 @@ def run_eval(model, tokenizer, stage_args, accelerator) -> dict | None:
     kept."""
     if not stage_args.eval_dataset:
         return None
-    from accelerate.utils import gather_object
-
     from ..evaluate import Share, run
 
-    processes = accelerator.num_processes
-    share = Share(accelerator.process_index, processes, gather_object) if processes > 1 else None
+    share = Share.among(accelerator.process_index, accelerator.num_processes)
     return run(stage_args.eval_settings(), model, tokenizer, share=share)
 
 
