@@ -125,19 +125,23 @@ def with_template_kwargs(dataset):
     return dataset.map(add)
 
 
-def row_thinking(row: dict) -> bool | None:
-    """A row's thinking mode: its `thinking` column, else TRL's per-row `chat_template_kwargs`, else None (the
-    template's default)."""
-    if row.get("thinking") is not None:
-        return row["thinking"]
-    return (row.get("chat_template_kwargs") or {}).get("enable_thinking")
-
-
 def prompt_text(tokenizer, row: dict) -> str:
-    """A preference row's prompt as TRL reads it: a text prompt as it is, a conversation rendered in the row's thinking
-    mode (`row_thinking`)."""
+    """A preference row's prompt as TRL reads it: a text prompt as it is, a conversation rendered with the row's
+    `tools` and thinking mode, as `preference_texts` renders it (without rendering the replies)."""
     prompt = row["prompt"]
-    return prompt if isinstance(prompt, str) else render_prompt(tokenizer, prompt, row_thinking(row))
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **_template_kwargs(row))
+
+
+def _template_kwargs(row: dict) -> dict:
+    """The chat template's arguments for a conversation row: its `tools` (a list, or JSON text), its
+    `chat_template_kwargs` and its `thinking` column."""
+    tools = row.get("tools")
+    kwargs = {"tools": json.loads(tools) if isinstance(tools, str) else tools, **(row.get("chat_template_kwargs") or {})}
+    if row.get("thinking") is not None:
+        kwargs["enable_thinking"] = bool(row["thinking"])
+    return kwargs
 
 
 def preference_texts(tokenizer, row: dict, eos: str) -> tuple[str, str, str]:
@@ -148,10 +152,7 @@ def preference_texts(tokenizer, row: dict, eos: str) -> tuple[str, str, str]:
     if isinstance(row["prompt"], str):
         return row["prompt"], *(text if text.endswith(eos) else text + eos
                                 for text in (completion_text(row["chosen"]), completion_text(row["rejected"])))
-    tools = row.get("tools")
-    kwargs = {"tools": json.loads(tools) if isinstance(tools, str) else tools, **(row.get("chat_template_kwargs") or {})}
-    if row.get("thinking") is not None:
-        kwargs["enable_thinking"] = bool(row["thinking"])
+    kwargs = _template_kwargs(row)
     prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True, **kwargs)
     whole = [tokenizer.apply_chat_template(
         row["prompt"] + (reply if isinstance(reply, list) else [{"role": "assistant", "content": reply}]),

@@ -63,12 +63,24 @@ def dataset_fingerprint(name_or_path: str) -> str:
 
 def model_fingerprint(path: str | Path) -> str:
     """config.json content + weight file names and sizes: cheap, and changes whenever the weights are rewritten in
-    another shape. Weights rewritten in the same shapes keep it (a base model folder overwritten in place is not
-    noticed); what must notice retraining uses `weights_fingerprint`."""
+    another shape. Weights rewritten in the same shapes keep it; `base_identity` adds what tells those apart."""
     path = Path(path)
     parts = [(path / "config.json").read_text()]
     parts += [f"{p.name}:{p.stat().st_size}" for p in sorted(path.glob("*.safetensors"))]
     return "|".join(parts)
+
+
+def base_identity(name_or_path: str, resolved: str | Path) -> dict:
+    """What, beyond `model_fingerprint`, tells two versions of a base model apart when their shapes are the same:
+    for a local folder (which can be saved over in place) `sampled_digest` of each weight file, for a Hub snapshot its
+    commit (`main` moves on). Empty for what the model cache builds (`tiny:`, GGUF conversions, whose cache key already
+    holds the source's content), so those runs keep their stage hashes."""
+    resolved = Path(resolved)
+    if Path(name_or_path).expanduser().is_dir():
+        return {"weights": "|".join(f"{p.name}:{sampled_digest(p)}" for p in sorted(resolved.glob("*.safetensors")))}
+    if resolved.parent.name == "snapshots":
+        return {"revision": resolved.name}
+    return {}
 
 
 SAMPLED_BYTES = 1 << 20  # read at each of 8 places of a weight file: training changes every tensor

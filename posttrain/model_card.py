@@ -58,7 +58,7 @@ def write_card(out: Path, run: Path, stage: str, manifest: dict, model_id: str, 
                          license or default_license(manifest["base_model"], recipe["base"]))
     body = [
         _title(run, stage, chain, manifest, recipe),
-        "## Usage\n\n```python\n" + snippet(manifest["base_model"], model_id, merged) + "```",
+        "## Usage\n\n```python\n" + snippet(manifest["base_model"], model_id, merged) + "```" + _moe_note(out, merged),
         _results(info),
         _training(run, chain, info, manifest["base_model"]),
         _recipe_section(recipe),
@@ -68,6 +68,25 @@ def write_card(out: Path, run: Path, stage: str, manifest: dict, model_id: str, 
     ]
     (out / "README.md").write_text(f"---\n{metadata}\n---\n\n" + "\n\n".join(b for b in body if b) + "\n")
     return out / "README.md"
+
+
+MOE_NOTE = """
+
+This adapter has LoRA on the MoE model's dense MLP layers (a dense first layer, the shared experts) as well as on its
+experts. PEFT 0.21 and earlier load it without those layers' LoRA, and without a warning (huggingface/peft#3711):
+load it with a PEFT release that includes huggingface/peft#3715, or use the merged export."""
+
+
+def _moe_note(out: Path, merged: bool) -> str:
+    """`MOE_NOTE` for an adapter trained with `models.moe_lora`: experts as parameter targets and dense layers under the
+    names PEFT 0.21 moves to the experts."""
+    config = Path(out) / "adapter_config.json"
+    if merged or not config.is_file():
+        return ""
+    config = json.loads(config.read_text())
+    modules = config.get("target_modules") or []
+    dense = {"gate_proj", "up_proj", "down_proj"} & set([] if isinstance(modules, str) else modules)
+    return MOE_NOTE if dense and config.get("target_parameters") else ""
 
 
 def snippet(base: str, model_id: str, merged: bool) -> str:

@@ -304,7 +304,8 @@ class Pipeline:
         """Held-out metrics of the base model (skipped when its inputs did not change)."""
         out = self.root / "base"
         # what the stages train from; the held-out evaluation is not part of it (`reevaluate`)
-        self.base_hash = self.digest({"model": lineage.model_fingerprint(self.base_model), "template": self.template})
+        self.base_hash = self.digest({"model": lineage.model_fingerprint(self.base_model), "template": self.template,
+                                      **lineage.base_identity(self.recipe.base.model_name_or_path, self.base_model)})
         self.eval_hash = self.held_out_hash()
         digest = self.digest({"base": self.base_hash, "eval": self.eval_hash})
         if self._up_to_date(out, digest):

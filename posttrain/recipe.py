@@ -48,7 +48,7 @@ from .datajobs import check_data_section
 from .errors import UserError
 from .io import write_json
 from .promotion import check_gate_spec
-from .rewards import REWARDS
+from .rewards import check_reward_names
 
 STAGES = ("sft", "dpo", "upo")
 TOP_KEYS = {"name", "modality", "base", "data", "eval", "shared", "stages", "accelerate_config", "description",
@@ -345,10 +345,10 @@ def _check_values(stage: str, args: dict, own: dict, where: str) -> None:
     if rewards is not None and not isinstance(rewards, dict):
         raise UserError(f"{where}: {origin('rewards')}.rewards: {rewards!r}; expected reward names with their "
                         "weights, e.g. {accuracy: 1.0, think_format: 0.5}")
-    unknown = [str(name) for name in rewards or {} if name not in REWARDS]
-    if unknown:
-        raise UserError(f"{where}: {origin('rewards')}.rewards: '{unknown[0]}' is not a reward"
-                        f"{suggest(unknown[0], REWARDS)}; the rewards are {', '.join(REWARDS)}")
+    try:
+        check_reward_names(rewards or {})
+    except UserError as exc:
+        raise UserError(f"{where}: {origin('rewards')}.rewards: {exc}") from None
     if "upo_mode" in args and args["upo_mode"] not in UPO_MODES:
         raise UserError(f"{where}: {origin('upo_mode')}.upo_mode: {args['upo_mode']!r}; expected one of: "
                         f"{', '.join(UPO_MODES)}")

@@ -27,6 +27,7 @@ from .answers import (
     reference_calls,
     same_value,
 )
+from .configs import suggest
 from .data import completion_text
 from .errors import UserError
 
@@ -217,11 +218,18 @@ REQUIRED_COLUMNS: dict[str, str] = {name: "answer" for name in ("accuracy", "num
 # ----------------------------------------------------------------------------------------------------------------------
 # Combining and normalising
 # ----------------------------------------------------------------------------------------------------------------------
+def check_reward_names(names) -> None:
+    """Every name is a reward, or a UserError naming the first that is not, with the closest names and the list. The
+    one check behind the recipe (at load), UPOConfig and `resolve_rewards`."""
+    unknown = [str(name) for name in names if name not in REWARDS]
+    if unknown:
+        raise UserError(f"'{unknown[0]}' is not a reward{suggest(unknown[0], REWARDS)}; the rewards are "
+                        f"{', '.join(REWARDS)}")
+
+
 def resolve_rewards(weights: dict[str, float]) -> tuple[list[RewardFunc], list[float]]:
     """Reward functions and weights, in the order given, from `{name: weight}` (TRL's `reward_funcs`/`reward_weights`)."""
-    unknown = [name for name in weights if name not in REWARDS]
-    if unknown:
-        raise UserError(f"unknown reward(s) {', '.join(map(repr, unknown))}; choose from: {', '.join(REWARDS)}")
+    check_reward_names(weights)
     if not weights:
         raise UserError("`rewards` is empty; name at least one reward, e.g. {accuracy: 1.0, think_format: 0.5}")
     return [REWARDS[name] for name in weights], [float(w) for w in weights.values()]

@@ -150,6 +150,14 @@ def test_pair_gates_name_the_row(tiny_model_path):
         check_preference_pairs(long_prompt, "p", tokenizer, max_length=64)
     # `keep_end` truncation keeps the reply: TRL trains such a pair
     assert len(check_preference_pairs(long_prompt, "p", tokenizer, max_length=64, truncation_mode="keep_end")[0]) == 1
+    # the tools' schemas are part of the prompt DPO tokenizes (`preference_texts`): a short question with long tools
+    tools = [{"type": "function", "function": {"name": f"tool_{i}", "description": "word " * 20,
+                                               "parameters": {"type": "object", "properties": {}}}} for i in range(3)]
+    short = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}],
+             "rejected": [{"role": "assistant", "content": "b"}]}
+    assert len(check_preference_pairs(Dataset.from_list([short]), "p", tokenizer, max_length=64)[0]) == 1
+    with pytest.raises(UserError, match="p row 0: the prompt is .* tokens, so max_length=64"):
+        check_preference_pairs(Dataset.from_list([{**short, "tools": json.dumps(tools)}]), "p", tokenizer, max_length=64)
 
 
 def test_pairs_that_differ_only_in_their_tool_calls_are_two_replies():

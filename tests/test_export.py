@@ -190,6 +190,7 @@ def test_card_embeds_the_runs_real_metrics_recipe_and_lineage(run, tmp_path):
     recipe = (run / "recipe.yaml").read_text()
     assert recipe.strip() in card and "used other overrides" not in card
     assert str(run.resolve()) not in card, "machine paths are shown as {run}"
+    assert "peft#3711" not in card, "the MoE loading note is for adapters with LoRA on an MoE model's dense layers"
 
 
 # ---------------------------------------------------------------------------------------------------------- errors

@@ -112,3 +112,40 @@ def test_a_recipe_s_trust_remote_code_reaches_the_evaluation_process(tiny_model_
     (tmp_path / "settings.json").write_text(json.dumps(dataclasses.asdict(settings)))
     assert main(["--settings", str(tmp_path / "settings.json"), "--model", str(model), "--out",
                  str(tmp_path / "eval.json"), "--trust-remote-code"]) == 0
+
+
+def test_lora_on_an_moe_models_dense_layers_and_shared_experts(tiny_model_path, tmp_path):
+    """PEFT 0.21 renames `gate_proj`/`up_proj`/`down_proj` targets to the MoE experts' 3-D parameters, and so left the
+    dense first layer's MLP and the shared experts of ERNIE-4.5-MoE without LoRA, even when named. With
+    `moe_lora.install()` (done wherever posttrain builds or loads an adapter) they keep it, the experts still train."""
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain.model_card import _moe_note
+    from posttrain.models import load_model, moe_lora
+
+    moe_lora.install()
+    moe_lora.install()  # once per process: not wrapped twice
+    from peft.utils import transformers_weight_conversion as conversion
+    assert conversion._convert_peft_config_moe.__wrapped__.__name__ == "_convert_peft_config_moe"
+
+    path = tiny_model_path("ernie4_5_moe")
+
+    def lora_layers(model):
+        return {name[name.index("layers."):].rsplit(".lora_A", 1)[0] for name, _ in model.named_modules()
+                if name.endswith("lora_A")}
+
+    def adapted(targets):
+        model = get_peft_model(load_model(path), LoraConfig(target_modules=targets, r=4, lora_dropout=0.0))
+        return model, lora_layers(model), model.peft_config["default"].target_parameters
+
+    model, names, parameters = adapted("all-linear")
+    model.save_pretrained(tmp_path)  # loaded again, the adapter has LoRA on the same layers; its card says so
+    assert lora_layers(load_model(path, adapter=tmp_path)) == names
+    assert "huggingface/peft#3715" in _moe_note(tmp_path, merged=False) and not _moe_note(tmp_path, merged=True)
+    assert {"layers.0.mlp.gate_proj", "layers.0.mlp.up_proj", "layers.0.mlp.down_proj",
+            "layers.1.mlp.shared_experts.gate_proj", "layers.1.mlp.shared_experts.down_proj",
+            "layers.1.self_attn.q_proj"} <= names
+    assert {"gate_up_proj", "down_proj"} <= set(parameters)
+    _, names, _ = adapted(["q_proj", "shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"])
+    assert {"layers.1.mlp.shared_experts.up_proj", "layers.1.self_attn.q_proj"} <= names
+    assert "layers.0.mlp.up_proj" not in names  # a dotted name targets what it names

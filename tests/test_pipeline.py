@@ -312,3 +312,28 @@ def test_a_full_model_stage_retrained_in_the_same_shapes_has_another_weights_fin
     weights["a"] += 1e-3  # training moves every weight (one value alone may lie outside the sampled places)
     save_file(weights, tmp_path / "model.safetensors")
     assert weights_fingerprint(tmp_path) != before
+
+
+def test_a_base_model_saved_over_in_place_or_moved_on_the_hub_changes_every_stage_hash(tmp_path):
+    """`model_fingerprint` (config, weight names and sizes) is the same for a local base folder saved again in the same
+    shapes and for a Hub revision that moved on; `base_identity` tells both apart, and adds nothing for cache-built
+    bases (GGUF, tiny), whose stage hashes stay as they were."""
+    import torch
+    from safetensors.torch import save_file
+
+    from posttrain.lineage import base_identity, model_fingerprint
+
+    folder = tmp_path / "my-base"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    weights = {"w": torch.zeros(1000)}
+    save_file(weights, folder / "model.safetensors")
+    shape, identity = model_fingerprint(folder), base_identity(str(folder), folder)
+    weights["w"] += 1.0
+    save_file(weights, folder / "model.safetensors")
+    assert model_fingerprint(folder) == shape and base_identity(str(folder), folder) != identity
+
+    snapshot = tmp_path / "hub" / "models--org--m" / "snapshots" / "0123abcd"
+    assert base_identity("org/m", snapshot) == {"revision": "0123abcd"}
+    assert base_identity("HuggingFaceTB/SmolLM2-135M-Instruct", tmp_path / "cache" / "gguf-entry") == {}
+    assert base_identity("tiny:llama", tmp_path / "cache" / "tiny-llama") == {}

@@ -172,7 +172,7 @@ def test_resolve_and_combine_rewards_by_name():
     combined = combine_rewards({"accuracy": 1.0, "think_format": 0.5, "multiple_choice": 2.0})
     # multiple_choice is None for a non-letter reference: left out of the sum, not counted as 0
     assert combined(["42", "<think>\nx\n</think>\n\n41"], answer=["42", "42"], thinking=[False, True]) == [1.5, 0.5]
-    with pytest.raises(UserError, match="unknown reward"):
+    with pytest.raises(UserError, match=r"'acuracy' is not a reward \(did you mean accuracy\?\); the rewards are accuracy"):
         resolve_rewards({"acuracy": 1.0})
 
 

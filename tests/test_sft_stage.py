@@ -39,9 +39,10 @@ def test_sft_trains_lora_only(arch, tiny_model_path, task_data, sft_configs, tmp
     assert adapter.stat().st_size > 0
     assert not list((tmp_path / "out").glob("*.bin")), "safetensors and text only: no pickled files in a stage folder"
     reloaded = load_model(path, adapter=tmp_path / "out")
-    for name, param in reloaded.named_parameters():
-        if "lora_B" in name:
-            assert torch.equal(param, lora_b[name].detach()), f"{name} did not reload equal"
+    reloaded_b = {name: param for name, param in reloaded.named_parameters() if "lora_B" in name}
+    assert reloaded_b.keys() == lora_b.keys(), "the reloaded adapter has LoRA on the same layers"
+    for name, param in reloaded_b.items():
+        assert torch.equal(param, lora_b[name].detach()), f"{name} did not reload equal"
     metrics = (tmp_path / "out" / "metrics.json").read_text()
     assert '"accuracy"' in metrics and '"reloads_equal": true' in metrics
     assert json.loads(metrics)["preflight"]["prompt_boundary"].startswith("ok (")  # gates.check_prompt_boundary ran
@@ -49,7 +50,11 @@ def test_sft_trains_lora_only(arch, tiny_model_path, task_data, sft_configs, tmp
     targets = json.loads(metrics)["adapter"]["targets"]
     assert {"q_proj", "o_proj"} <= set(targets["modules"])
     assert ("gate_up_proj" in targets["parameters"]) == (arch == "ernie4_5_moe")
-    assert arch == "ernie4_5_moe" or {"gate_proj", "up_proj", "down_proj"} <= set(targets["modules"])
+    # and every linear layer too: on the MoE model the dense first layer's MLP and the shared experts (`moe_lora`)
+    assert {"gate_proj", "up_proj", "down_proj"} <= set(targets["modules"])
+    if arch == "ernie4_5_moe":
+        assert {"layers.0.mlp.gate_proj", "layers.1.mlp.shared_experts.down_proj"} <= {
+            name[name.index("layers."):].split(".lora_B")[0] for name in lora_b}
 
 
 def test_gate_template_without_generation_markers(tiny_model_path):

@@ -8,6 +8,7 @@
 - `attention.py`: `packed_rows`, attention within each row of a padding-free batch off CUDA (the SFT, DPO and UPO stages use it);
 - `lm_head.py`: TRL's fused LM head on CPU scoring labelled positions only, in one projection (`use_on_cpu`);
 - `fused_lora.py`: a LoRA layer's update added inside its second matmul in float32 on CPU (`update_in_matmul`);
+- `moe_lora.py`: LoRA on an MoE model's dense MLPs and shared experts too (PEFT 0.21's MoE renaming drops them);
 - `padding_free.py`: padded DPO and UPO batches scored on their real tokens only, as one sequence;
 - `templates.py`: the built-in chat templates;
 - `vision.py`: what only vision-language models need (processors, LoRA on the language tower, images in data).

@@ -20,7 +20,7 @@ from pathlib import Path
 from ..checkpoints import file_problem
 from ..errors import UserError
 from ..io import remove_leftovers, save_pretrained
-from . import tiny
+from . import moe_lora, tiny
 from .templates import chat_template_text
 from .vision import is_vision_model, load_processor
 
@@ -315,6 +315,7 @@ def load_model(path: str | Path, adapter: str | Path | None = None, dtype: str =
     if adapter is not None:
         from peft import PeftModel
 
+        moe_lora.install()  # the layers the adapter was trained on (see the module)
         model = PeftModel.from_pretrained(model, str(adapter), adapter_name=adapter_name, is_trainable=is_trainable,
                                           autocast_adapter_dtype=adapter_in_float32)
     return model

@@ -109,7 +109,7 @@ def load_policy(stage_args, training_args, model_args):
     """
     from trl import get_peft_config
 
-    from ..models import load_model, load_tokenizer, vision
+    from ..models import load_model, load_tokenizer, moe_lora, vision
 
     tokenizer = load_tokenizer(stage_args.tokenizer_name_or_path or model_args.model_name_or_path,
                                trust_remote_code=training_args.trust_remote_code)
@@ -121,6 +121,7 @@ def load_policy(stage_args, training_args, model_args):
                        trust_remote_code=training_args.trust_remote_code, is_trainable=True,
                        attn_implementation=model_args.attn_implementation,
                        adapter_in_float32=plugin is None or plugin.zero_stage != 3)
+    moe_lora.install()  # LoRA on an MoE model's dense layers too (see the module)
     peft_config = None if stage_args.adapter_path else get_peft_config(model_args)
     if peft_config is not None and vision.is_vision_model(model_args.model_name_or_path):
         peft_config = vision.language_only_lora(peft_config, model)
@@ -279,9 +280,8 @@ def verify_adapter(output_dir: str | Path, model, live: dict | None = None) -> d
 
 def lora_targets(model) -> dict:
     """What the adapter trains, as PEFT resolved `lora_target_modules`: module names and (MoE experts stored as one
-    3-D tensor, transformers 5) parameter names. Recorded because `all-linear` is not always every linear layer: on
-    ERNIE-4.5-MoE (PEFT 0.21) it resolves to the attention projections, the experts and the router's weight, and leaves
-    the dense first layer's MLP and the shared experts without LoRA."""
+    3-D tensor, transformers 5) parameter names. Recorded because what a name targets depends on PEFT's version: on
+    an MoE model PEFT renames targets to the experts' parameters (see `models.moe_lora`)."""
     config = model.peft_config["default"]
     modules = config.target_modules or []
     modules = [modules] if isinstance(modules, str) else modules  # a regex stays as written

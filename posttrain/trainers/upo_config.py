@@ -6,7 +6,7 @@ from trl import GRPOConfig
 
 from ..configs import UPO_MODES
 from ..errors import UserError
-from ..rewards import REWARDS
+from ..rewards import check_reward_names
 
 # GRPO's loss types whose denominator is the batch's token count (`num_items_in_batch` or the micro-batch's mask)
 TOKEN_COUNT_LOSSES = ("dapo", "bnpo", "cispo", "vespo")
@@ -198,10 +198,10 @@ class UPOConfig(GRPOConfig):
                                 f"{self.rewards!r}")
             if self.reward_weights is not None:
                 raise UserError("set either `rewards` ({name: weight}) or GRPO's `reward_weights`, not both")
-            unknown = [name for name in self.rewards if name not in REWARDS]
-            if unknown:
-                raise UserError(f"unknown reward(s) in `rewards`: {', '.join(unknown)}; choose from: "
-                                f"{', '.join(REWARDS)}")
+            try:
+                check_reward_names(self.rewards)
+            except UserError as exc:
+                raise UserError(f"`rewards`: {exc}") from None
 
     def _scale_by_group(self):
         """With `normalize_rewards_by`, the per-value std is the advantage scale (see the field's help): GRPO's

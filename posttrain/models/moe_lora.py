@@ -1,0 +1,65 @@
+"""LoRA on the dense layers of MoE models whose layers share names with their experts (PEFT 0.21, transformers 5).
+
+transformers 5 stores an MoE block's experts as 3-D parameters (`experts.gate_up_proj`, `experts.down_proj`), and PEFT
+renames what a LoRA config targets to match (`_convert_peft_config_moe`): `gate_proj`, `up_proj` and `down_proj` become
+those parameters. It renames every target with such a name, so on ERNIE-4.5-MoE, DeepSeek-V3, GLM-4-MoE and the
+others with a dense first layer or shared experts, the dense MLPs, whose `nn.Linear` layers have the same names, lose
+their LoRA: `all-linear` skipped them, and naming `shared_experts.gate_proj` trained the routed experts instead
+(huggingface/peft#3711; the fix, huggingface/peft#3715, is not in a release). `keep_dense_targets` wraps the
+conversion as that fix does: a target that names a real `nn.Linear` layer stays a module target as well.
+
+Installed wherever posttrain builds or loads an adapter (`install`), so training and every later load of the adapter
+resolve the same layers. Plain PEFT 0.21 loading such an adapter leaves out the dense layers' LoRA (it reports their
+keys as unexpected); a merged export has them.
+"""
+
+import functools
+
+
+def install() -> None:
+    """Wrap PEFT's MoE config conversion once per process (a no-op where PEFT has no such conversion)."""
+    try:
+        from peft.utils import transformers_weight_conversion as conversion
+    except ImportError:
+        return
+    original = getattr(conversion, "_convert_peft_config_moe", None)
+    if original is None or getattr(original, "_keeps_dense_targets", False):
+        return
+    conversion._convert_peft_config_moe = keep_dense_targets(original)
+
+
+def keep_dense_targets(original):
+    @functools.wraps(original)
+    def convert(peft_config, model) -> None:
+        requested = peft_config.target_modules
+        original(peft_config, model)
+        converted = peft_config.target_modules
+        if requested is None or requested == converted or not isinstance(converted, set):
+            return
+        kept = {target for target in _linear_targets(requested, model, peft_config.target_parameters or ())
+                if target not in converted}
+        peft_config.target_modules = converted | kept
+
+    convert._keeps_dense_targets = True
+    return convert
+
+
+def _linear_targets(requested, model, target_parameters) -> set[str]:
+    """The targets of `requested` (a list of names matched as PEFT matches them, or a string: `all-linear`, else a
+    regex) that name at least one `nn.Linear` layer of `model`, the output layer and layers whose weight is a
+    parameter target left out. A string gives the leaf names of the layers it matches, as PEFT's conversion does."""
+    import re
+
+    import torch
+
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and module is not output
+             and not any(f"{name}.weight" == p or f"{name}.weight".endswith(f".{p}") for p in target_parameters)]
+    if not isinstance(requested, str) and {*requested} == {"all-linear"}:
+        requested = "all-linear"
+    if isinstance(requested, str):
+        everything = requested.lower() == "all-linear"
+        return {name.rsplit(".", 1)[-1] for name in names if everything or re.fullmatch(requested, name)}
+    return {target for target in requested
+            if any(name == target or name.endswith(f".{target}") for name in names)}
