@@ -89,8 +89,18 @@ def _moe_note(out: Path, merged: bool) -> str:
     return MOE_NOTE if dense and config.get("target_parameters") else ""
 
 
+TINY_BASE = '''from posttrain.models import resolve_model  # {base} is a tiny test model that posttrain builds
+'''
+
+
 def snippet(base: str, model_id: str, merged: bool) -> str:
-    head = MERGED_SNIPPET.format(model=model_id) if merged else ADAPTER_SNIPPET.format(base=base, model=model_id)
+    if merged:
+        head = MERGED_SNIPPET.format(model=model_id)
+    elif base.startswith("tiny:"):  # no Hub id or folder to name: the model posttrain trained on, built the same way
+        head = TINY_BASE.format(base=base) + ADAPTER_SNIPPET.format(base=base, model=model_id).replace(
+            f'"{base}"', f'resolve_model("{base}")')
+    else:
+        head = ADAPTER_SNIPPET.format(base=base, model=model_id)
     return head + GENERATE_SNIPPET.format()
 
 

@@ -100,7 +100,7 @@ def test_adapter_export_is_self_contained(run, tmp_path):
     assert "{% generation %}" in (out / "chat_template.jinja").read_text(), "the recipe's chat template travels"
     assert not list(tmp_path.glob(".*")), "no temporary folder left behind"
 
-    printed = run_snippet(out / "README.md", {"tiny:llama": str(base_path(run))})
+    printed = run_snippet(out / "README.md", {})  # the card builds the tiny base as the run did
     stage = load_model(base_path(run), adapter=run / "sft")
     assert printed == greedy_reply(stage, run / "sft") + "\n", "the card's code answers as the trained stage does"
 
