@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import devices
 from .configs import EvalArguments, Precision
-from .data import preference_texts, render_prompt
+from .data import completion_text, preference_texts, render_prompt
 from .errors import UserError, is_out_of_memory, what_ran_out
 from .io import write_json
 from .models import sampling_weights, vision
@@ -152,6 +152,12 @@ def decode(model, batch: dict, max_new_tokens: int, rounds=ROUNDS, **settings) -
             inputs["past_key_values"] = result.past_key_values
         except (AttributeError, NotImplementedError):  # no cache, or one that cannot drop rows: re-read the text
             pass
+        else:  # multimodal-RoPE models (Qwen-VL, ERNIE-VL, GLM-4V...) keep each row's position offset outside the
+            # cache and add it to the continuation's positions: it must lose the same rows as the cache
+            for module in model.modules():
+                deltas = getattr(module, "rope_deltas", None)
+                if torch.is_tensor(deltas) and deltas.shape[0] == len(rows):
+                    module.rope_deltas = deltas[keep.to(deltas.device)]
         rows = [rows[p] for p in going]
 
 
@@ -219,7 +225,8 @@ def heldout_loss(model, tokenizer, rows: list[dict], limit: int | None = None) -
         return None
     prompts = [render_prompt(tokenizer, r["prompt"], r.get("thinking")) for r in rows]
     eos = vision.text_tokenizer(tokenizer).eos_token
-    scores = completion_logps(model, tokenizer, prompts, [r["completion"] + eos for r in rows],
+    # a string, or TRL's conversational form (a list of messages whose last one is the reply)
+    scores = completion_logps(model, tokenizer, prompts, [completion_text(r["completion"]) + eos for r in rows],
                               images=_images(rows))
     return -sum(s for s, _ in scores) / max(sum(n for _, n in scores), 1)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from posttrain.evaluate import Share, completion_logps, evaluate, generate, load_rows, preference_eval
-from posttrain.models import load_model, load_tokenizer
+from posttrain.models import load_model, load_tokenizer, vision
 
 
 def test_evaluate_reports_every_metric(tiny_model_path, task_data, check_evaluation):
@@ -68,6 +68,9 @@ def test_completion_scores_equal_the_full_logits_and_the_loss_takes_its_limit(ti
     first_three = heldout_loss(model, tokenizer, rows, limit=3)
     assert first_three == pytest.approx(heldout_loss(model, tokenizer, rows[:3]))
     assert first_three != pytest.approx(heldout_loss(model, tokenizer, rows))
+    # a reference reply in TRL's conversational form (a list of messages) scores as its text
+    messages = [{**row, "completion": [{"role": "assistant", "content": row["completion"]}]} for row in rows[:3]]
+    assert heldout_loss(model, tokenizer, messages) == pytest.approx(first_three)
 
 
 class Echo:
@@ -134,10 +137,23 @@ def test_processes_generate_a_share_each_and_all_get_every_reply(tiny_tokenizer)
 def test_decoding_in_rounds_gives_generates_tokens(tiny_model_path):
     """Finished rows leave the batch between rounds and the rest continue from the cache: the same greedy tokens as one
     `generate` call over the whole budget, for rows that stop early, late and never."""
+    path = tiny_model_path("llama")
+    ends = rounds_give_generates_tokens(load_model(path).eval(), load_tokenizer(path))
+    assert min(ends) <= 4 and max(ends) > 6  # some rows leave after the first round, others go on
+
+
+def test_a_multimodal_rope_vlm_decodes_text_rows_in_rounds(tiny_model_path):
+    """Qwen2-VL keeps each row's position offset (`rope_deltas`) outside the cache: it leaves with its row, or the
+    next round's shapes disagree (a RuntimeError that ended the whole evaluation)."""
+    path = tiny_model_path("qwen2_vl")
+    ends = rounds_give_generates_tokens(load_model(path).eval(), vision.text_tokenizer(load_tokenizer(path)))
+    assert min(ends) <= 3 < max(ends)
+
+
+def rounds_give_generates_tokens(model, tokenizer) -> list[int]:
+    """Asserts that decoding in rounds gives one `generate`'s greedy tokens; returns each row's reply length."""
     from posttrain.evaluate import decode
 
-    path = tiny_model_path("llama")
-    model, tokenizer = load_model(path).eval(), load_tokenizer(path)
     tokenizer.padding_side = "left"
     batch = tokenizer(["a b c", "hello world how are", "x", "m n o p q r s", "the cat"], return_tensors="pt",
                       padding=True, add_special_tokens=False)
@@ -150,12 +166,11 @@ def test_decoding_in_rounds_gives_generates_tokens(tiny_model_path):
     with torch.no_grad():
         whole = model.generate(**batch, max_new_tokens=12, **settings)[:, batch["input_ids"].shape[1]:].tolist()
     expected = [row[:row.index(eos) + 1] if eos in row else row for row in whole]
-    ends = [len(row) for row in expected]
-    assert min(ends) <= 4 and max(ends) > 6  # some rows leave after the first round, others go on
     assert decode(model, dict(batch), 12, rounds=(3, 2), **settings) == expected
     assert decode(model, dict(batch), 12, rounds=(12,), **settings) == expected
-    # without a cache to continue from, the rows still going are read again from their text: the same tokens
+    # without a cache to continue from, the rows still going are read again from their text
     assert decode(model, dict(batch), 12, rounds=(3, 2), use_cache=False, **settings) == expected
+    return [len(row) for row in expected]
 
 
 def test_bf16_evaluation_casts_the_frozen_weights_once_with_the_same_outputs(tiny_model_path):
@@ -185,6 +200,26 @@ def test_bf16_evaluation_casts_the_frozen_weights_once_with_the_same_outputs(tin
     after = dict(model.named_parameters())
     assert after.keys() == before.keys() and all(after[name] is p for name, p in before.items())
     assert base.lm_head.weight is base.model.embed_tokens.weight
+
+
+def test_an_adapter_with_a_lora_bias_is_sampled_unmerged(tiny_model_path):
+    """`lora_bias`: a bias on lora_B that `get_delta_weight` does not merge but turning the adapter off drops, so
+    merged decoding would sample another model (logits 0.5 apart): nothing is merged, the adapted model decodes."""
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain.models import sampling_weights
+
+    model = get_peft_model(load_model(tiny_model_path("llama")),
+                           LoraConfig(r=4, target_modules="all-linear", lora_bias=True, init_lora_weights=False)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name and name.endswith("bias"):
+                param.fill_(0.5)
+        ids = torch.tensor([[5, 17, 99, 200, 3]])
+        adapted = model(input_ids=ids).logits
+        with sampling_weights(model, False, merge_lora=True):
+            sampled = model(input_ids=ids).logits
+    assert torch.allclose(sampled, adapted, atol=1e-5)
 
 
 def test_merged_lora_copies_sample_the_adapted_model_and_leave_it_as_it_was(tiny_model_path):

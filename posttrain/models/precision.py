@@ -133,6 +133,8 @@ def _mergeable_lora_layers(model) -> dict:
     if any(not isinstance(m, LoraLinear) for m in wrapped):
         return {}
     layers = [m for m in wrapped if not m.merged and not m.disable_adapters]
-    if any(m.use_dora.get(a) for m in layers for a in m.active_adapters):
+    # DoRA and other variants, or a bias on lora_B: more than `get_delta_weight` adds into the weight
+    if any(m.use_dora.get(a) or m.lora_bias.get(a) or a in getattr(m, "lora_variant", {})
+           for m in layers for a in m.active_adapters):
         return {}
     return {id(m.base_layer): m for m in layers}
