@@ -17,6 +17,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import UserError
 from .io import write_json
 
 MARKER = "checkpoint_complete.json"
@@ -29,12 +30,27 @@ def checkpoints(folder: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
 
 
-def mark_complete(checkpoint: str | Path) -> Path:
-    """Record every file of a finished checkpoint with its size; written last, atomically."""
+def mark_complete(checkpoint: str | Path, processes: int = 1) -> Path:
+    """Record every file of a finished checkpoint with its size, and how many processes trained it (the data each
+    step read, the RNG files); written last, atomically."""
     checkpoint = Path(checkpoint)
     files = {p.relative_to(checkpoint).as_posix(): p.stat().st_size
              for p in sorted(checkpoint.rglob("*")) if p.is_file() and p.name != MARKER}
-    return write_json(checkpoint / MARKER, {"files": files})
+    return write_json(checkpoint / MARKER, {"files": files, "processes": processes})
+
+
+def check_processes(checkpoint: str | Path, processes: int, partial: str | Path) -> None:
+    """A checkpoint resumes on as many processes as trained it. On another number the Trainer would skip each
+    process's first `global_step` batches of its new share of the data, rows no step trained on (and repeat others),
+    and find no RNG file for the new ranks: refused, with the ways on. (Marked before this was recorded: not checked.)"""
+    try:
+        saved = json.loads((Path(checkpoint) / MARKER).read_text()).get("processes")
+    except (OSError, ValueError, AttributeError):
+        return
+    if saved is not None and saved != processes:
+        raise UserError(f"{Path(checkpoint).name} was trained by {saved} process(es) and this stage runs {processes}: "
+                        f"resuming would skip rows no step trained on. Run it on {saved} process(es) again to resume, "
+                        f"or remove {partial} to train the stage from the start")
 
 
 def problem(checkpoint: str | Path) -> str | None:
@@ -123,7 +139,7 @@ def after_save(output_dir: str | Path, step: int, is_main_process: bool) -> None
         dist.barrier()  # other ranks write their own rng_state_<rank>.pth into the same folder
     checkpoint = Path(output_dir) / f"checkpoint-{step}"
     if is_main_process and checkpoint.is_dir():
-        mark_complete(checkpoint)
+        mark_complete(checkpoint, dist.get_world_size() if distributed else 1)
     if distributed:
         dist.barrier()
     if os.environ.get(KILL_ENV) == str(step):

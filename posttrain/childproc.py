@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ERROR_FILE_ENV
+from .runlock import held_fds
 
 _EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b.*")
 _CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
@@ -135,7 +136,7 @@ def spawn(cmd: list[str], log_path: Path, env: dict | None = None) -> Outcome:
     with open(log_path, "ab") as log:
         echo = _Echo(log, log_path)
         process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                   preexec_fn=die_with_parent())
+                                   preexec_fn=die_with_parent(), pass_fds=held_fds())
         try:
             for chunk in iter(lambda: process.stdout.read1(4096), b""):
                 echo.feed(chunk)

@@ -17,6 +17,7 @@ import yaml
 
 from .childproc import die_with_parent
 from .errors import Terminated, UserError
+from .runlock import held_fds
 
 JOBS = [sys.executable, "-m", "data_prep.jobs"]
 
@@ -63,7 +64,8 @@ def run_job(job: str, args: dict, out: str | Path) -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
         yaml.safe_dump({**args, "output_dir": str(out)}, handle)
     try:
-        code = _wait(subprocess.Popen([*JOBS, job, "--config", handle.name], preexec_fn=die_with_parent()))
+        code = _wait(subprocess.Popen([*JOBS, job, "--config", handle.name], preexec_fn=die_with_parent(),
+                                      pass_fds=held_fds()))
     finally:
         Path(handle.name).unlink(missing_ok=True)
     if code:

@@ -450,6 +450,15 @@ class Pipeline:
                               f"({changed_inputs(partial / 'resolved.yaml', args)}); its checkpoints "
                               f"({', '.join(saved)}) are discarded and the stage starts over[/yellow]")
             shutil.rmtree(partial, ignore_errors=True)
+        elif not force and partial.is_dir() and self._finished_in(partial):
+            # the stage process finished (adapter verified, metrics written) and the run was stopped before the
+            # folder was moved into place, its checkpoints possibly removed already: move it, do not train again
+            console.print(f"{stage}: finished in {partial} before the run was stopped; moved into place")
+            self._record(stage, status="running", skipped=False)
+            self._move_into_place(partial, final)
+            self.reevaluate(stage)
+            self._record(stage, status="done", error=None)
+            return
         partial.mkdir(parents=True, exist_ok=True)
         checkpoint = resume_point(partial, say=lambda text: console.print(f"[yellow]{text}[/yellow]"))
         if checkpoint:
@@ -464,13 +473,32 @@ class Pipeline:
         if self.coordinator:
             self.coordinator.announce(stage, cmd[3:])  # what follows `python -m accelerate.commands.launch`
         self._spawn(cmd, partial / f"{stage}.log", stage, {**env, **self.tracking_env(stage)})
-        for checkpoint_dir in partial.glob("checkpoint-*"):
-            shutil.rmtree(checkpoint_dir)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
+        self._move_into_place(partial, final)
         self.reevaluate(stage)
         self._record(stage, status="done", wall_time_s=round(time.time() - started, 1), error=None)
+
+    @staticmethod
+    def _finished_in(partial: Path) -> bool:
+        """Whether a stage's process finished in `partial`: its metrics.json (written last) says done and its adapter
+        loads."""
+        try:
+            done = read_json(partial / "metrics.json").get("status") == "done"
+        except ValueError:  # cut short while it was written
+            return False
+        return done and finished_problem(partial) is None
+
+    @staticmethod
+    def _move_into_place(partial: Path, final: Path) -> None:
+        """`partial` becomes `final`: the old `final` moved aside first, so a kill leaves one of the two whole (a
+        finished `partial` is moved on the next run, `_finished_in`); the checkpoints go last."""
+        old = final.parent / f".{final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(partial, final)
+        shutil.rmtree(old, ignore_errors=True)
+        for checkpoint_dir in final.glob("checkpoint-*"):
+            shutil.rmtree(checkpoint_dir)
 
     def promote(self, stage: str) -> None:
         """Compare a finished stage with the last evaluated step before it (`promotion`), record the comparison and

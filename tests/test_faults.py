@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -371,6 +372,46 @@ def test_second_run_into_the_same_folder_is_refused_naming_the_holder(pipeline, 
     lock = RunLock(pipeline.root).acquire(say=said.append)
     assert said == [f"taking over the lock of {pipeline.root} left by PID {holder.pid}, which is no longer running"]
     lock.release()
+
+
+def test_the_steps_of_a_killed_run_keep_its_lock_until_they_exit(tmp_path):
+    """`posttrain run` SIGKILLed leaves the step it started saving (SIGTERM from `die_with_parent`); a second run into
+    the folder waits for that step instead of working beside it (it resumed a checkpoint the old step wrote after the
+    new run had discarded the old ones)."""
+    step = ("import signal, time; signal.signal(signal.SIGTERM, lambda *a: None); print('step up', flush=True); "
+            "time.sleep(4); open('step.done', 'w').close()")
+    run = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
+                            "from posttrain.childproc import spawn; from posttrain.runlock import RunLock; "
+                            f"lock = RunLock({str(tmp_path)!r}).acquire(); spawn([sys.executable, '-c', {step!r}], "
+                            "Path('step.log'))"], cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while "step up" not in ((tmp_path / "step.log").read_text() if (tmp_path / "step.log").exists() else ""):
+        assert time.monotonic() < deadline and run.poll() is None
+        time.sleep(0.1)
+    run.kill()
+    run.wait()
+    said = []
+    lock = RunLock(tmp_path).acquire(say=said.append)
+    assert (tmp_path / "step.done").exists(), "the lock was taken while the killed run's step was still running"
+    assert said[0].startswith(f"the run that held {tmp_path} (PID {run.pid}) was stopped; waiting for the steps")
+    lock.release()
+
+
+def test_a_checkpoint_resumes_only_on_as_many_processes_as_trained_it(tmp_path):
+    """On another number of processes the Trainer skips each process's first `global_step` batches of its new share
+    of the data (16 rows skipped where one process trained 8): refused, naming both ways on."""
+    from posttrain.checkpoints import MARKER, check_processes, mark_complete
+
+    checkpoint = tmp_path / ".sft.partial" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    mark_complete(checkpoint, processes=1)
+    check_processes(checkpoint, 1, checkpoint.parent)
+    with pytest.raises(UserError, match=r"checkpoint-2 was trained by 1 process\(es\) and this stage runs 2: .* Run "
+                                        r"it on 1 process\(es\) again to resume, or remove .*\.sft\.partial"):
+        check_processes(checkpoint, 2, checkpoint.parent)
+    (checkpoint / MARKER).write_text('{"files": {"trainer_state.json": 2}}')  # marked before processes were recorded
+    check_processes(checkpoint, 2, checkpoint.parent)
 
 
 def test_offline_pairs_shared_order_disjoint_across_processes_and_resumable():

@@ -2,6 +2,7 @@
 data. (Resuming a killed run is in test_faults.py, two processes in test_distributed.py.)"""
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -73,6 +74,25 @@ def test_rerun_skips_finished_stage_and_reruns_on_change(shared_tiny, tiny_run, 
     assert (run / "sft" / "lineage.json").stat().st_mtime_ns == stamp
     assert (run / "upo" / "lineage.json").stat().st_mtime_ns != upo_stamp
     assert yaml.safe_load((run / "upo" / "resolved.yaml").read_text())["learning_rate"] == 5e-4
+
+
+def test_a_stage_finished_but_not_moved_into_place_is_moved_not_trained_again(shared_tiny, tiny_run, tmp_path,
+                                                                               posttrain_cli):
+    """Killed after the stage process finished and before its folder was moved into place (its checkpoints already
+    removed): the rerun moves the finished folder, trains nothing, and a stale older folder goes."""
+    cwd = tmp_path / "copy"
+    shutil.copytree(shared_tiny.root, cwd)
+    run = cwd / "outputs" / shared_tiny.name
+    adapter, log = ((run / "sft" / name).read_bytes() for name in ("adapter_model.safetensors", "sft.log"))
+    os.replace(run / "sft", run / ".sft.partial")
+    (run / "sft").mkdir()  # an older finished folder the move replaces
+    (run / "sft" / "stale.txt").write_text("old")
+    again = posttrain_cli("run", "recipe.yaml", "--until", "sft", cwd=cwd)
+    assert f"sft: finished in {run / '.sft.partial'} before the run was stopped; moved into place" in again.stdout
+    assert (run / "sft" / "sft.log").read_bytes() == log, "no stage process ran"
+    assert (run / "sft" / "adapter_model.safetensors").read_bytes() == adapter
+    assert not (run / "sft" / "stale.txt").exists() and not (run / ".sft.partial").exists()
+    assert json.loads((run / "run.json").read_text())["steps"]["sft"]["status"] == "done"
 
 
 def test_a_changed_evaluation_scores_finished_stages_again_without_training_them(shared_tiny, tiny_run, tmp_path,

@@ -398,6 +398,9 @@ def train(trainer, training_args, stage_args):
 
     if stage_args.loraplus_lr_ratio is not None:
         lora_plus(trainer, stage_args.loraplus_lr_ratio)
+    if training_args.resume_from_checkpoint:
+        checkpoints.check_processes(training_args.resume_from_checkpoint, trainer.accelerator.num_processes,
+                                    training_args.output_dir)
     stop = save_and_stop_on_sigterm(trainer)
     trainer.add_callback(stop_when_resumed_at_the_end())
     try:
