@@ -1,5 +1,6 @@
 """UPOTrainer: pair mining, the DPO term against plain torch, λ = 0 against GRPOTrainer, and tiny LoRA runs."""
 
+import copy
 import json
 import math
 
@@ -560,6 +561,53 @@ def test_offline_pairs_tokenized_like_rollouts(tmp_path, tiny_tokenizer):
         ((prompt_ids, _, _),) = load_offline_pairs(str(path), tiny_tokenizer, 16, thinking=thinking)
         assert tiny_tokenizer.decode(prompt_ids) == render_prompt_text(tiny_tokenizer, messages, thinking)
     assert render_prompt_text(tiny_tokenizer, messages, False) != render_prompt_text(tiny_tokenizer, messages, None)
+
+
+def test_offline_pairs_the_same_once_cut_are_left_out(tmp_path, tiny_tokenizer, caplog):
+    """Cut to `max_completion_length` like rollouts, two replies that differ only later are the same tokens: their
+    DPO term would stay at log 2 with no gradient and dilute the others'. Such a pair is left out, naming its line;
+    with `mask_truncated_completions` so is every pair with a cut reply; none left is an error."""
+    from posttrain.trainers.upo_pairs import load_offline_pairs
+
+    path = tmp_path / "prefs.jsonl"
+    late = {"prompt": "Q", "chosen": "a b c d e f g h one", "rejected": "a b c d e f g h two"}
+    early = {"prompt": "Q", "chosen": "one", "rejected": "two"}
+    path.write_text("\n".join(json.dumps(row) for row in (early, late)) + "\n")
+    assert len(load_offline_pairs(str(path), tiny_tokenizer, None)) == 2
+    with caplog.at_level("WARNING"):
+        ((_, chosen, rejected),) = load_offline_pairs(str(path), tiny_tokenizer, 4)
+    assert chosen != rejected and "1 offline pair(s) left out, replies the same in their first 4 tokens" in caplog.text
+    assert "line(s) 2" in caplog.text
+    long_early = {"prompt": "Q", "chosen": "one a b c d e f g h", "rejected": "two a b c d e f g h"}
+    path.write_text("\n".join(json.dumps(row) for row in (early, long_early)) + "\n")
+    assert len(load_offline_pairs(str(path), tiny_tokenizer, 4)) == 2  # cut, but still two replies
+    assert len(load_offline_pairs(str(path), tiny_tokenizer, 4, drop_truncated=True)) == 1
+    path.write_text(json.dumps(late) + "\n")
+    with pytest.raises(UserError, match="no offline pair is left once replies are cut to max_completion_length=4"):
+        load_offline_pairs(str(path), tiny_tokenizer, 4)
+
+
+def test_rl_and_offline_prompts_keep_grpos_other_template_arguments(tmp_path, tiny_model_path, tiny_tokenizer):
+    """UPO renders its prompts itself (each row's thinking mode): the other `chat_template_kwargs` GRPO would have
+    passed stay, and a row without a mode takes theirs, in the RL prompts and the offline pairs alike."""
+    from posttrain.trainers.upo_pairs import render_prompt_text
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = "{% if house %}[house]{% endif %}" + tokenizer.chat_template
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+    pairs = tmp_path / "prefs.jsonl"
+    pairs.write_text(json.dumps({"prompt": messages, "chosen": "4", "rejected": "5", "thinking": None}) + "\n")
+    rows = Dataset.from_list([{"prompt": messages, "answer": "4", "thinking": None}] * 4)
+    kwargs = {"house": True, "enable_thinking": False}
+    args = UPOConfig(output_dir=str(tmp_path / "out"), **TINY, upo_mode="both", upo_offline_dataset=str(pairs),
+                     rewards={"accuracy": 1.0}, chat_template_kwargs=kwargs)
+    trainer = UPOTrainer(trained_adapter_model(tiny_model_path()), args=args, train_dataset=rows,
+                         processing_class=tokenizer)
+    expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+    assert expected.startswith("[house]") and render_prompt_text(tokenizer, messages, None, kwargs) == expected
+    assert trainer.train_dataset[0]["prompt"] == expected
+    ((prompt_ids, _, _),) = trainer._offline.pairs
+    assert tokenizer.decode(prompt_ids) == expected
 
 
 def test_offline_prompts_take_the_rl_prompts_thinking_mode(tmp_path, tiny_model_path, tiny_tokenizer):

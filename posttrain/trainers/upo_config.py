@@ -22,8 +22,10 @@ class UPOConfig(GRPOConfig):
 
     Parameters:
         upo_lambda (`float`, *optional*, defaults to `0.5`):
-            λ, weight of the DPO term. `0.0` is plain GRPO: with `normalize_rewards_by` unset, the same losses and
-            gradients as [`~trl.GRPOTrainer`] (the UPO metrics are still logged).
+            λ, weight of the DPO term. `0.0` is plain GRPO: with `normalize_rewards_by` unset and the same
+            `disable_dropout` (UPO defaults to `True`, GRPO to `False`: with LoRA dropout, set it on the GRPO side or
+            pass `disable_dropout: false` here), the same rollouts, losses and gradients as [`~trl.GRPOTrainer`] (the
+            UPO metrics are still logged).
         upo_beta (`float`, *optional*, defaults to `0.1`):
             β of the DPO loss `-log σ(β · [(log π(y+) − log π_ref(y+)) − (log π(y−) − log π_ref(y−))])`. Independent of
             GRPO's `beta` (the KL coefficient, default `0.0`), which UPO leaves alone.

@@ -1,6 +1,8 @@
 """The pure parts of UPO, kept out of the trainer so they can be read and tested alone: mining preference pairs from
 grouped rewards, the DPO loss, rendering prompts per row's thinking mode, and the offline preference pairs."""
 
+import collections
+import logging
 import math
 import random
 import re
@@ -10,9 +12,10 @@ import torch.nn.functional as F
 from trl.data_utils import is_conversational
 from trl.trainer.utils import pad
 
-from ..data import completion_text, render_prompt
+from ..data import completion_text
 from ..errors import UserError
 
+logger = logging.getLogger(__name__)
 # With thinking off, the prompt already ends with this block; a stored reply repeating it would render it twice.
 _LEADING_EMPTY_THINK = re.compile(r"\A\s*<think>\s*</think>\s*")
 
@@ -142,22 +145,33 @@ def select_images(batch: dict, rows: list[int]) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 # Prompts in each row's thinking mode
 # ----------------------------------------------------------------------------------------------------------------------
-def render_prompt_text(tokenizer, prompt, thinking: bool | None) -> str:
+def _template_kwargs(thinking: bool | None, template_kwargs: dict | None) -> dict:
+    """GRPO's `chat_template_kwargs`, with the row's thinking mode (when it has one) as `enable_thinking`."""
+    kwargs = dict(template_kwargs or {})
+    if thinking is not None:
+        kwargs["enable_thinking"] = bool(thinking)
+    return kwargs
+
+
+def render_prompt_text(tokenizer, prompt, thinking: bool | None, template_kwargs: dict | None = None) -> str:
     """A conversational prompt as the text GRPO will tokenize, in the row's thinking mode; a text prompt unchanged.
 
-    GRPO tokenizes text prompts with the tokenizer's special tokens; a template that writes the BOS token itself
-    would then get it twice, so it is removed from the text when the tokenizer adds it.
+    `template_kwargs` are GRPO's `chat_template_kwargs`: GRPO would have rendered the prompt with them, so they are
+    kept (a row's own thinking mode overrides their `enable_thinking`). GRPO tokenizes text prompts with the
+    tokenizer's special tokens; a template that writes the BOS token itself would then get it twice, so it is removed
+    from the text when the tokenizer adds it.
     """
     if isinstance(prompt, str):
         return prompt
-    text = render_prompt(tokenizer, prompt, thinking)
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
+                                         **_template_kwargs(thinking, template_kwargs))
     bos = tokenizer.bos_token
     if bos and text.startswith(bos) and tokenizer(text="x")["input_ids"][:1] == [tokenizer.bos_token_id]:
         text = text[len(bos):]
     return text
 
 
-def render_prompts(dataset, tokenizer):
+def render_prompts(dataset, tokenizer, template_kwargs: dict | None = None):
     """Render a dataset's conversational `prompt`s to text in each row's `thinking` mode (other columns kept).
 
     GRPOTrainer applies one global `chat_template_kwargs` to every prompt, so it cannot honour a per-row thinking
@@ -169,23 +183,25 @@ def render_prompts(dataset, tokenizer):
         return dataset
     if not is_conversational(next(iter(dataset))):
         return dataset
-    return dataset.map(lambda row: {"prompt": render_prompt_text(tokenizer, row["prompt"], row["thinking"])})
+    return dataset.map(lambda row: {"prompt": render_prompt_text(tokenizer, row["prompt"], row["thinking"],
+                                                                 template_kwargs)})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Offline pairs
 # ----------------------------------------------------------------------------------------------------------------------
-def _reply_ids(tokenizer, reply: str, thinking: bool | None, max_length: int | None) -> list[int]:
+def _reply_ids(tokenizer, reply: str, thinking: bool | None) -> list[int]:
     if thinking is not None and not thinking:
         reply = _LEADING_EMPTY_THINK.sub("", reply, count=1)
     ids = tokenizer(text=reply, add_special_tokens=False)["input_ids"]
     if not ids or ids[-1] != tokenizer.eos_token_id:  # a rollout ends with EOS; so must a stored reply
         ids = ids + [tokenizer.eos_token_id]
-    return ids[:max_length] if max_length else ids
+    return ids
 
 
 def load_offline_pairs(path: str, tokenizer, max_completion_length: int | None,
-                       processor=None, dataset=None, thinking: bool | None = None) -> list[tuple[list[int], ...]]:
+                       processor=None, dataset=None, thinking: bool | None = None,
+                       template_kwargs: dict | None = None, drop_truncated: bool = False) -> list[tuple[list[int], ...]]:
     """Tokenize a preference dataset once: `(prompt_ids, chosen_ids, rejected_ids)` per row, plus the prompt's image
     inputs (`_image_prompt`) as a fourth element for rows with `images` (which need the VLM's `processor`).
 
@@ -193,9 +209,13 @@ def load_offline_pairs(path: str, tokenizer, max_completion_length: int | None,
     exactly as the RL prompts are (`render_prompt_text`), in the row's thinking mode, else in `thinking` (what
     GRPO's `chat_template_kwargs` give the RL prompts without one); replies get the tokenizer's EOS appended (the chat
     template ends an assistant turn with it) and are truncated to `max_completion_length` like rollouts. `dataset`,
-    when given, is the already loaded (e.g. pre-flight filtered) content of `path`.
+    when given, is the already loaded (e.g. pre-flight filtered) content of `path`. A pair whose replies are the same
+    once truncated is left out with a warning (its DPO term would stay at log 2 with no gradient and dilute the
+    others'), and so, with `drop_truncated` (GRPO's `mask_truncated_completions`), is a pair with a truncated reply,
+    as truncated rollouts are; none left is an error.
     """
-    default = thinking
+    template_kwargs = dict(template_kwargs or {})
+    default = template_kwargs.pop("enable_thinking", None) if thinking is None else thinking
     from ..data import load_split
 
     dataset = load_split(path, "train") if dataset is None else dataset
@@ -213,21 +233,37 @@ def load_offline_pairs(path: str, tokenizer, max_completion_length: int | None,
                         f"{', '.join(missing)} (has: {', '.join(dataset.column_names)})")
     if len(dataset) == 0:
         raise UserError(f"{path}: the offline preference dataset is empty")
-    pairs = []
+    pairs, left_out = [], collections.defaultdict(list)
     for line, row in enumerate(dataset, start=1):
         thinking = row["thinking"] if "thinking" in dataset.column_names else None
         thinking = default if thinking is None else thinking
         if images:
-            prompt_ids, image_inputs = _image_prompt(processor, row["prompt"], thinking, row["images"])
+            prompt_ids, image_inputs = _image_prompt(processor, row["prompt"], thinking, row["images"],
+                                                     template_kwargs)
         else:
-            prompt_ids = tokenizer(text=render_prompt_text(tokenizer, row["prompt"], thinking))["input_ids"]
+            prompt_ids = tokenizer(text=render_prompt_text(tokenizer, row["prompt"], thinking,
+                                                           template_kwargs))["input_ids"]
         replies = []
         for column in ("chosen", "rejected"):
             reply = completion_text(row[column])
             if not reply.strip():
                 raise UserError(f'{path}:{line}: "{column}" is empty; expected a non-empty assistant reply')
-            replies.append(_reply_ids(tokenizer, reply, thinking, max_completion_length))
+            replies.append(_reply_ids(tokenizer, reply, thinking))
+        if max_completion_length and any(len(ids) > max_completion_length for ids in replies):
+            if drop_truncated:
+                left_out["longer than max_completion_length (mask_truncated_completions)"].append(line)
+                continue
+            replies = [ids[:max_completion_length] for ids in replies]
+        if replies[0] == replies[1]:
+            left_out[f"the same in their first {max_completion_length} tokens (max_completion_length)"].append(line)
+            continue
         pairs.append((prompt_ids, *replies, image_inputs) if images else (prompt_ids, *replies))
+    for reason, lines in left_out.items():
+        logger.warning(f"{path}: {len(lines)} offline pair(s) left out, replies {reason}: line(s) "
+                       f"{', '.join(map(str, lines[:5]))}{', …' if len(lines) > 5 else ''}")
+    if not pairs:
+        raise UserError(f"{path}: no offline pair is left once replies are cut to max_completion_length="
+                        f"{max_completion_length}; raise it")
     return pairs
 
 
@@ -235,13 +271,13 @@ IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")  # per image; `nu
 TYPED_KEYS = ("mm_token_type_ids", "token_type_ids")  # per token: rebuilt for each layout of the tokens
 
 
-def _image_prompt(processor, prompt: list, thinking: bool | None, images: list) -> tuple[list[int], dict]:
+def _image_prompt(processor, prompt: list, thinking: bool | None, images: list,
+                  template_kwargs: dict | None = None) -> tuple[list[int], dict]:
     """An image prompt's token ids (each image expanded to its tokens) and its image inputs, as GRPO makes them:
     rendered with the chat template, then processed with the images, no special tokens added."""
-    from ..data import render_prompt
-
-    inputs = processor(text=[render_prompt(processor, prompt, thinking)], images=[list(images)], return_tensors="pt",
-                       add_special_tokens=False)
+    text = processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
+                                         **_template_kwargs(thinking, template_kwargs))
+    inputs = processor(text=[text], images=[list(images)], return_tensors="pt", add_special_tokens=False)
     image_inputs = {key: inputs[key] for key in IMAGE_KEYS if key in inputs}
     image_inputs.update(num_images=[len(images)], typed=[key for key in TYPED_KEYS if key in inputs])
     return inputs["input_ids"][0].tolist(), image_inputs

@@ -30,8 +30,9 @@ Every process runs the same number of extra forwards per step, on a placeholder 
 FSDP or ZeRO-3 a forward is a collective operation, and a mismatch hangs (tested with two processes).
 
 Log-probs in the DPO term are GRPO's: summed over completion tokens, at the sampling `temperature` (1.0 by default).
-With λ = 0 no override changes anything GRPO computes (tested against `GRPOTrainer`). Not supported with λ > 0:
-tools/environments, custom rollout functions (the constructor does not take them at all).
+With λ = 0 no override changes anything GRPO computes (tested against `GRPOTrainer` with the same `disable_dropout`:
+UPOConfig defaults it to True, GRPOConfig to False, which differ as soon as the adapter has dropout). Not supported
+with λ > 0: tools/environments, custom rollout functions (the constructor does not take them at all).
 
 Images (a VLM's processor, an `images` column): GRPO needs the prompts conversational to attach the images, so they are
 not rendered per row; GRPO applies one `chat_template_kwargs` to all of them, so image prompts must share one thinking
@@ -158,11 +159,12 @@ class UPOTrainer(GRPOTrainer):
         if "images" in (train_dataset.column_names or []):
             self._one_thinking_mode(train_dataset, args)
         else:
-            train_dataset = render_prompts(train_dataset, processing_class)
+            kwargs = args.chat_template_kwargs  # GRPO would render the prompts with them: kept, per row's mode
+            train_dataset = render_prompts(train_dataset, processing_class, kwargs)
             if isinstance(eval_dataset, dict):
-                eval_dataset = {name: render_prompts(ds, processing_class) for name, ds in eval_dataset.items()}
+                eval_dataset = {name: render_prompts(ds, processing_class, kwargs) for name, ds in eval_dataset.items()}
             else:
-                eval_dataset = render_prompts(eval_dataset, processing_class)
+                eval_dataset = render_prompts(eval_dataset, processing_class, kwargs)
 
         build_reference = args.upo_lambda > 0 and args.beta == 0.0
         if build_reference:  # see the module docstring: borrow GRPO's reference building, then restore beta
@@ -187,8 +189,8 @@ class UPOTrainer(GRPOTrainer):
         if args.upo_mode in ("offline", "both"):
             processor = None if processing_class is self._tokenizer else processing_class  # a VLM's processor
             pairs = load_offline_pairs(args.upo_offline_dataset, self._tokenizer, args.max_completion_length,
-                                       processor, offline_dataset,
-                                       thinking=(args.chat_template_kwargs or {}).get("enable_thinking"))
+                                       processor, offline_dataset, template_kwargs=args.chat_template_kwargs,
+                                       drop_truncated=args.mask_truncated_completions)
             self._offline = OfflinePairs(pairs, seed=str(args.seed), rank=self.accelerator.process_index,
                                          processes=self.accelerator.num_processes)
         self._captured_logps = None
