@@ -50,6 +50,7 @@ from .records import (
     reply_messages,
     sft_record,
     unpaired_record,
+    with_system,
 )
 
 __all__ = ["FORMATS", "Converted", "Options", "convert_rows", "detect", "resolve_format"]
@@ -218,7 +219,7 @@ def from_preference(row: dict, opts: Options) -> dict:
         if not prompt:
             raise RowError("prompt", "is missing and chosen/rejected share no leading user turn",
                            "a `prompt` column, or conversations that start with the same user turn")
-        prompt = check_messages(prompt, "prompt", ends_with="user")[0]
+        prompt = with_system(row, check_messages(prompt, "prompt", ends_with="user")[0])
     else:
         prompt = prompt_messages(row, "prompt")
     chosen = reply_messages(chosen, "chosen", prompt)

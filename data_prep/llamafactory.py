@@ -6,6 +6,7 @@ tags (`role`/`content`, OpenAI names) are mapped by `registry` from a `dataset_i
 """
 
 import json
+import re
 
 from .messages import RowError, check_messages, check_tool_calls, require_list, require_str
 from .records import (
@@ -91,8 +92,21 @@ def from_alpaca(row: dict, opts: Options) -> dict:
     """Alpaca `instruction`, `input`, `output`, optional `system` and `history: [[query, reply], ...]`."""
     messages = alpaca_history(row) + [{"role": "user", "content": alpaca_prompt(row)}]
     messages.append({"role": "assistant", "content": require_str(row.get("output"), "output", "the reply text")})
-    messages, thinking = check_messages(messages, "conversation")
+    try:
+        messages, thinking = check_messages(messages, "conversation")
+    except RowError as exc:  # name the row's own key, not a position in the conversation built from it
+        raise alpaca_field_error(exc, len(messages)) from None
     return sft_record(row, messages, thinking, opts, row.get("system"))
+
+
+def alpaca_field_error(exc: RowError, count: int) -> RowError:
+    """`exc` about `conversation[i]...` as one about `history[j][k]`, `instruction` or `output`."""
+    match = re.fullmatch(r"conversation\[(\d+)\](\..*)?", exc.field)
+    if match is None:
+        return exc
+    i = int(match.group(1))
+    field = "output" if i == count - 1 else "instruction" if i == count - 2 else f"history[{i // 2}][{i % 2}]"
+    return RowError(field, str(exc)[len(exc.field) + 3:])
 
 
 def alpaca_prompt(row: dict) -> str:

@@ -67,8 +67,9 @@ def text_of(content) -> str:
     return content or ""
 
 
-def split_think(content: str, field: str) -> tuple[str, bool | None]:
-    """Canonical `<think>` prefix and the turn's mode: True (thinks), False (empty think block), None (no block)."""
+def split_think(content: str, field: str, answer_optional: bool = False) -> tuple[str, bool | None]:
+    """Canonical `<think>` prefix and the turn's mode: True (thinks), False (empty think block), None (no block).
+    With `answer_optional` (a turn that calls tools), nothing after `</think>` is fine: the calls follow."""
     match = THINK.match(content)
     if match is None:
         if content.lstrip().startswith("<think>"):
@@ -77,7 +78,7 @@ def split_think(content: str, field: str) -> tuple[str, bool | None]:
             raise RowError(field, "has '</think>' without an opening '<think>'", "'<think>…</think>' then the answer")
         return content, None
     reasoning, answer = match.group(1).strip(), content[match.end():]
-    if not answer.strip():
+    if not answer.strip() and not answer_optional:
         raise RowError(field, "has a <think> block but no answer after it", "the answer after '</think>'")
     if not reasoning:
         return answer, False
@@ -103,7 +104,10 @@ def check_content(content, field: str, role: str, allow_empty: bool = False):
                 raise RowError(f"{field}[{i}]", f"is {_short(part)}", '{"type": "text", "text": ...} or {"type": "image"}')
             if part["type"] == "text":
                 require_str(part.get("text"), f"{field}[{i}].text", "a string", allow_empty=True)
-        if not allow_empty and not text_of(content).strip() and not any(p["type"] == "image" for p in content):
+        if not any(part["type"] == "image" for part in content):
+            content = text_of(content)  # OpenAI text parts: a string, as text chat templates and <think> checks read
+            return require_str(content, field, what, allow_empty=allow_empty)
+        if not allow_empty and not text_of(content).strip():
             raise RowError(field, "is empty", what)
         return content
     return require_str(content, field, what, allow_empty=allow_empty)
@@ -215,7 +219,11 @@ def _check_message(message: dict, role: str, where: str) -> tuple[dict, bool | N
     if role == "assistant" and message.get("tool_calls"):
         calls = check_tool_calls(message["tool_calls"], f"{where}.tool_calls")
         content = check_content(message.get("content") or "", f"{where}.content", role, allow_empty=True)
-        return {"role": role, "content": content, "tool_calls": calls}, None
+        mode = None
+        if isinstance(content, str):  # reasoning before a call is trained like any other reply's
+            content = with_reasoning(content, _reasoning(message), where)
+            content, mode = split_think(content, f"{where}.content", answer_optional=True)
+        return {"role": role, "content": content, "tool_calls": calls}, mode
     content = message.get("content")
     if role == "tool" and _is_json_result(content):  # ERNIEKit: a tool's result as JSON objects, not text
         content = json.dumps(content[0] if isinstance(content, list) and len(content) == 1 else content,
@@ -224,7 +232,7 @@ def _check_message(message: dict, role: str, where: str) -> tuple[dict, bool | N
     out = {"role": role, "content": content}
     mode = None
     if role == "assistant" and isinstance(content, str):
-        content = with_reasoning(content, message.get("reasoning_content", message.get("reasoning")), where)
+        content = with_reasoning(content, _reasoning(message), where)
         out["content"], mode = split_think(content, f"{where}.content")
     elif message.get("reasoning_content"):
         raise RowError(f"{where}.reasoning_content", f"is set on a '{role}' turn", "reasoning on assistant turns only")
@@ -233,6 +241,12 @@ def _check_message(message: dict, role: str, where: str) -> tuple[dict, bool | N
             if message.get(key) is not None:
                 out[key] = require_str(message[key], f"{where}.{key}", "a string")
     return out, mode
+
+
+def _reasoning(message: dict):
+    """`reasoning_content`, or its alias `reasoning` when that one is unset (None or absent: parquet pads the key)."""
+    reasoning = message.get("reasoning_content")
+    return reasoning if reasoning is not None else message.get("reasoning")
 
 
 def _is_json_result(content) -> bool:

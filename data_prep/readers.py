@@ -120,7 +120,7 @@ def _read_jsonl(path: str, max_row_bytes: int) -> Iterator[RawRow]:
             if line_no == 1:
                 raw = raw.removeprefix(codecs.BOM_UTF8)
             if raw.strip():
-                row, error = _decode_line(raw.strip(), max_row_bytes)
+                row, error = _decode_line(raw.rstrip(), max_row_bytes)  # leading blanks kept: columns count them
                 yield RawRow(f"{path}:{line_no}", row, error, _excerpt(raw.strip()) if error else None)
 
 
@@ -141,8 +141,9 @@ def _read_json(path: str, max_row_bytes: int) -> Iterator[RawRow]:
             from None
     decoder = json.JSONDecoder()
     pos = _skip(text, text.index("[") + 1)
+    line, counted = 1, 0  # lines counted up to `counted`: counting from the start for every element is quadratic
     while pos < len(text) and text[pos] != "]":
-        line = text.count("\n", 0, pos) + 1
+        line, counted = line + text.count("\n", counted, pos), pos
         try:
             row, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
@@ -198,7 +199,7 @@ def _read_csv(path: str, max_row_bytes: int) -> Iterator[RawRow]:
         elif len(cells) > max_row_bytes:
             yield RawRow(where, None, f"row is more than max_row_bytes={max_row_bytes:,}")
         else:
-            row = {k: _json_cell(v) for k, v in record.items()}
+            row = {k: _json_cell(v, k) for k, v in record.items()}
             yield RawRow(where, None, LONE_SURROGATE) if has_lone_surrogate(cells, row) else RawRow(where, row)
 
 
@@ -220,13 +221,29 @@ def _csv_records(path: str, max_row_bytes: int) -> Iterator[tuple[str, dict]]:
                             f"each at most max_row_bytes={max_row_bytes:,} characters") from None
 
 
-def _json_cell(value: str | None):
+# Columns whose cell may be plain text as well as a conversation: a reply that is JSON text (`[2, 3, 5]`,
+# `{"name": "Bob"}`) stays text there; only a list of messages (or one ShareGPT `{from, value}` turn) is decoded.
+_TEXT_COLUMNS = {"prompt", "completion", "chosen", "rejected", "instruction", "input", "output", "system", "question",
+                 "answer", "reasoning", "text"}
+
+
+def _json_cell(value: str | None, column: str | None = None):
     if value and value.lstrip()[:1] in ("[", "{"):
         try:
-            return json.loads(value)
+            decoded = json.loads(value)
         except json.JSONDecodeError:
             return value
+        if column in _TEXT_COLUMNS and not _is_conversation(decoded):
+            return value
+        return decoded
     return value
+
+
+def _is_conversation(value) -> bool:
+    """A list of message objects, or one message object (`{"role"...}` / `{"from"...}`)."""
+    if isinstance(value, dict):
+        return "role" in value or "from" in value
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
 
 
 def _read_parquet(path: str) -> Iterator[RawRow]:
@@ -238,15 +255,53 @@ def _read_parquet(path: str) -> Iterator[RawRow]:
         raise UserError(f"{path}: not a readable parquet file ({exc})") from None
     row_no = 0
     for batch in parquet.iter_batches(batch_size=4096):
-        for row in batch.to_pylist():
+        for row in _batch_rows(batch):
             row_no += 1
             yield RawRow(f"{path}:{row_no}", row)
 
 
 def _read_dataset(path: str, kind: str, split: str, subset: str | None) -> Iterator[RawRow]:
+    """Arrow rows, as from a parquet file: iterating the `Dataset` itself would decode `Image` columns to PIL objects,
+    which no converter reads (they take a path or `{"bytes", "path"}`)."""
     dataset = load_disk(path, split) if kind == "disk" else load_hub(path, split, subset)
-    for index, row in enumerate(dataset):
-        yield RawRow(f"{path}:{index + 1}", row)
+    index = 0
+    for batch in dataset.with_format("arrow").iter(batch_size=1024):
+        for row in _batch_rows(batch):
+            index += 1
+            yield RawRow(f"{path}:{index}", row)
+
+
+def _batch_rows(batch) -> list[dict]:
+    """A record batch or table as dicts, values of Arrow's JSON extension type (`datasets.Json`, which the build jobs
+    write for rows with tools, tool calls or image parts) decoded: `to_pylist` leaves them as JSON text."""
+    rows = batch.to_pylist()
+    for field in batch.schema:
+        if _has_json(field.type):
+            for row in rows:
+                row[field.name] = _decode_json(row[field.name], field.type)
+    return rows
+
+
+def _has_json(arrow_type) -> bool:
+    import pyarrow as pa
+
+    if isinstance(arrow_type, pa.JsonType):
+        return True
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type):
+        return _has_json(arrow_type.value_type)
+    return pa.types.is_struct(arrow_type) and any(_has_json(f.type) for f in arrow_type)
+
+
+def _decode_json(value, arrow_type):
+    import pyarrow as pa
+
+    if value is None or not _has_json(arrow_type):
+        return value
+    if isinstance(arrow_type, pa.JsonType):
+        return json.loads(value)
+    if pa.types.is_struct(arrow_type):
+        return {f.name: _decode_json(value.get(f.name), f.type) for f in arrow_type}
+    return [_decode_json(v, arrow_type.value_type) for v in value]
 
 
 def load_disk(path: str, split: str):

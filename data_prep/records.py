@@ -52,21 +52,29 @@ def sft_record(row: dict, messages: list, thinking, opts: Options, system=None) 
     images = _row_images(row, opts)
     check_image_slots([messages], images)
     messages = image_markers_to_parts(messages) if images else messages
-    if thinking is None and isinstance(row.get("thinking"), bool):
-        thinking = row["thinking"]
+    thinking = row_thinking(row, thinking)
     return {"messages": messages, "tools": check_tools(row.get("tools")), "images": images, "thinking": thinking}
+
+
+def row_thinking(row: dict, thinking: bool | None) -> bool | None:
+    """The mode read from the replies' think blocks, else the row's own boolean `thinking` column (every kind)."""
+    return row["thinking"] if thinking is None and isinstance(row.get("thinking"), bool) else thinking
 
 
 def prompt_messages(row: dict, key: str) -> list[dict]:
     """A prompt as messages: a string (a user turn, with `system` if given) or a conversation ending on a user turn."""
     value = row.get(key)
     if isinstance(value, str) or value is None:
-        messages = [{"role": "user", "content": require_str(value, key, "a non-empty user turn")}]
-        system = row.get("system")
-        if isinstance(system, str) and system.strip():
-            messages.insert(0, {"role": "system", "content": system})
-        return messages
-    return check_messages(value, key, ends_with="user")[0]
+        return with_system(row, [{"role": "user", "content": require_str(value, key, "a non-empty user turn")}])
+    return with_system(row, check_messages(value, key, ends_with="user")[0])
+
+
+def with_system(row: dict, messages: list[dict]) -> list[dict]:
+    """The row's `system` column as the first turn of a prompt that has none of its own."""
+    system = row.get("system")
+    if isinstance(system, str) and system.strip() and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system}, *messages]
+    return messages
 
 
 def reply_messages(value, key: str, prompt: list[dict]) -> tuple[list[dict], bool | None]:
@@ -99,6 +107,7 @@ def preference_record(row: dict, prompt, chosen, rejected, opts: Options) -> dic
     if _same(chosen, rejected):
         raise RowError("chosen", 'and "rejected" are identical', "two different replies")
     prompt, images = _prompt_images(row, prompt, opts)
+    thinking = row_thinking(row, thinking)
     record = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "images": images, "thinking": thinking}
     return {**record, "tools": check_tools(row.get("tools"))}
 
@@ -131,6 +140,7 @@ def unpaired_record(row: dict, prompt: list[dict], completion: list[dict], key: 
     images = None
     if opts is not None:
         prompt, images = _prompt_images(row, prompt, opts)
+    thinking = row_thinking(row, thinking)
     record = {"prompt": prompt, "completion": completion, "label": label, "images": images, "thinking": thinking}
     return {**record, "tools": check_tools(row.get("tools"))}
 

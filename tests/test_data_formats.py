@@ -202,3 +202,110 @@ def test_real_chitchat_source(tmp_path):
     assert len(rows) >= 250 and all(r["messages"][-1]["role"] == "assistant" for r in rows)
     card = json.loads((tmp_path / "out" / "card.json").read_text())
     assert card["sources"][0]["license"] == "MIT"
+
+
+# ------------------------------------------------------------------------------------------- reading what users have
+def convert(fmt, row):
+    from data_prep.formats import FORMATS
+
+    return FORMATS[fmt][1](row, Options(check_images=False))
+
+
+def converted(source) -> list:
+    """Every row of a file or folder, read and converted; an error row fails the test with its text."""
+    _, rows = convert_rows(str(source), "auto", Options(check_images=False), 2_000_000)
+    rows = list(rows)
+    assert not [row.error for row in rows if row.error]
+    return [row.record for row in rows]
+
+
+def test_a_built_set_with_tools_reads_back_from_parquet_and_from_disk(tmp_path):
+    """The jobs write tools and tool calls as `Json` columns, which pyarrow reads as JSON text: a built set mixed into
+    another, or validated, read every such row as bad."""
+    from datasets import Dataset
+
+    build(build_sft_set, tmp_path, DATA / "sharegpt.json")
+    built = tmp_path / "out" / "train.parquet"
+    rows = converted(built)
+    assert any(row["tools"] and row["tools"][0]["function"]["name"] == "get_weather" for row in rows)
+    Dataset.from_parquet(str(built)).save_to_disk(str(tmp_path / "disk"))
+    assert converted(tmp_path / "disk") == rows
+
+
+def test_embedded_images_read_from_a_saved_dataset_folder(tmp_path):
+    """A dataset folder decodes `Image` columns to PIL objects when iterated; read as Arrow rows instead, the images
+    arrive as bytes, as from a parquet file."""
+    import io
+
+    from datasets import Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+
+    png = io.BytesIO()
+    PILImage.new("RGB", (8, 8), "red").save(png, format="PNG")
+    features = Features({"image": Image(), "question": Value("string"), "answer": Value("string")})
+    Dataset.from_list([{"image": {"bytes": png.getvalue(), "path": None}, "question": "What colour?",
+                        "answer": "red"}], features=features).save_to_disk(str(tmp_path / "vqa"))
+    _, rows = convert_rows(str(tmp_path / "vqa"), "auto", Options(embedded_images=True), 2_000_000)
+    [row] = list(rows)
+    assert row.error is None and len(row.record["images"]) == 1
+
+
+def test_reasoning_before_a_tool_call_is_kept():
+    """Reasoning on an assistant turn that calls a tool was dropped (`reasoning_content`) or left raw (`<think>`):
+    the row was then trained as non-thinking."""
+    call = [{"type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]
+    row = {"messages": [{"role": "user", "content": "Weather in Paris?"},
+                        {"role": "assistant", "content": "", "reasoning_content": "Call get_weather.", "tool_calls": call},
+                        {"role": "tool", "content": "18C"},
+                        {"role": "assistant", "content": "It is 18C.", "reasoning_content": None,
+                         "reasoning": "The tool said 18C."}]}
+    record = convert("messages", row)
+    assert record["messages"][1]["content"] == "<think>\nCall get_weather.\n</think>\n\n"
+    assert record["messages"][3]["content"].startswith("<think>\nThe tool said 18C.\n</think>")
+    assert record["thinking"] is True
+
+
+def test_csv_replies_that_look_like_json_stay_text(tmp_path):
+    path = tmp_path / "pc.csv"
+    path.write_text('prompt,completion\n"First three primes as JSON.","[2, 3, 5]"\n'
+                    '"Bob as JSON.","{""name"": ""Bob""}"\n')
+    replies = [row["messages"][-1]["content"] for row in converted(path)]
+    assert replies == ["[2, 3, 5]", '{"name": "Bob"}']
+
+
+def test_the_system_column_and_a_thinking_column_reach_every_kind_of_row():
+    """`system` became the first turn of a string prompt only, and a boolean `thinking` column was kept for SFT rows
+    only: conversational prompts, preference and unpaired rows lost them."""
+    prompt = [{"role": "user", "content": "Hi"}]
+    pair = {"system": "You are a pirate.", "prompt": prompt, "chosen": [{"role": "assistant", "content": "Arr"}],
+            "rejected": [{"role": "assistant", "content": "Hello"}], "thinking": False}
+    record = convert("preference", pair)
+    assert record["prompt"][0] == {"role": "system", "content": "You are a pirate."} and record["thinking"] is False
+    unpaired = {"system": "You are a pirate.", "prompt": prompt, "completion": [{"role": "assistant", "content": "Arr"}],
+                "label": True, "thinking": False}
+    record = convert("unpaired", unpaired)
+    assert record["prompt"][0]["role"] == "system" and record["thinking"] is False
+
+
+def test_openai_text_parts_become_text_a_chat_template_renders(tiny_tokenizer):
+    row = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                        {"role": "assistant", "content": [{"type": "text", "text": "<think>greet</think>Hello"}]}]}
+    record = convert("messages", row)
+    assert record["messages"][0]["content"] == "Hi" and record["thinking"] is True
+    assert "Hello" in tiny_tokenizer.apply_chat_template(record["messages"], tokenize=False)
+
+
+def test_a_bad_indented_json_line_names_its_real_column(tmp_path):
+    from data_prep.readers import read_rows
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"a": 1}\n    {"a": 1,, "b": 2}\n')
+    [_, bad] = list(read_rows(str(path), 2_000_000))
+    assert bad.where.endswith(":2") and "column 13" in bad.error  # the second comma, after 4 blanks
+
+
+def test_alpaca_errors_name_the_rows_own_keys():
+    with pytest.raises(RowError, match=r"^\"history\[0\]\[1\]\" is a int"):
+        convert("alpaca", {"instruction": "q", "output": "a", "history": [["hi", 5]]})
+    with pytest.raises(RowError, match=r"^\"output\""):
+        convert("alpaca", {"instruction": "q", "output": "<think>never closed"})
