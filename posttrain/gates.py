@@ -15,10 +15,15 @@ logger = logging.getLogger("posttrain")
 
 
 def check_template_markers(tokenizer, assistant_only_loss: bool) -> None:
-    from trl.chat_template_utils import has_generation_markers
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
     template = tokenizer.chat_template
     if assistant_only_loss and (template is None or not has_generation_markers(template)):
+        try:  # a known template (Qwen, Llama 3, Gemma, Phi, ...): TRL's SFTTrainer trains with its marked copy
+            if template is not None and get_training_chat_template(tokenizer):
+                return
+        except (ValueError, TypeError):
+            pass
         raise UserError(
             "pre-flight: assistant_only_loss is on, but the chat template has no {% generation %} markers, so no "
             "assistant mask can be built. Set `base.chat_template` to a training template (built-ins: chatml, "
@@ -169,10 +174,33 @@ def check_prompt_boundary(tokenizer, dataset, name: str, samples: int = 8) -> di
     return {"prompt_boundary": f"{mismatched} of {checked} rows differ" if mismatched else f"ok ({checked} rows)"}
 
 
-def check_collated_labels(trainer, eos_token_id: int, samples: int = 8) -> dict:
-    """Collate the first rows exactly as training will; each must have labels, and its end-of-turn token labelled."""
+def end_of_turn_ids(tokenizer, chat_template: str | None = None) -> set[int]:
+    """The tokens that end a reply: EOS (plain-text rows get it appended), and the special token the chat template
+    closes an assistant turn with inside its `{% generation %}` markers, e.g. ERNIE's <|end_of_sentence|> where EOS is
+    </s>. A template whose marked span ends on content adds nothing, so the gate still fails on it."""
+    from trl.chat_template_utils import has_generation_markers
+
+    ids = {tokenizer.eos_token_id} - {None}
+    template = chat_template or tokenizer.chat_template
+    if not isinstance(template, str) or not has_generation_markers(template):
+        return ids
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "hi"}]
+    try:
+        out = tokenizer.apply_chat_template(probe, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                                            chat_template=template)
+    except Exception:  # noqa: BLE001 - a template that cannot render the probe: EOS only
+        return ids
+    masked = [t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m]
+    last = next((t for t in reversed(masked) if tokenizer.decode([t]).strip()), None)
+    return ids | ({last} if last in set(tokenizer.get_added_vocab().values()) else set())
+
+
+def check_collated_labels(trainer, eos_token_id: int | set[int], samples: int = 8) -> dict:
+    """Collate the first rows exactly as training will; each must have labels, and its end-of-turn token labelled
+    (`eos_token_id`: the id, or the ids any of which ends a turn: `end_of_turn_ids`)."""
     import torch
 
+    eos_ids = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
     dataset = trainer.train_dataset
     rows = [dataset[i] for i in range(min(samples, len(dataset)))]
     batch = trainer.data_collator(rows)
@@ -184,9 +212,10 @@ def check_collated_labels(trainer, eos_token_id: int, samples: int = 8) -> dict:
                 f"pre-flight: training row {index} has no trained tokens (empty assistant mask or everything "
                 "truncated by max_length); check the chat template's {% generation %} markers and max_length."
             )
-        if not (labels[index] == eos_token_id).any():
+        if not torch.isin(labels[index], torch.tensor(sorted(eos_ids))).any():
             raise UserError(
-                f"pre-flight: training row {index}: the end-of-turn token (id {eos_token_id}) is never in the labels, "
+                f"pre-flight: training row {index}: the end-of-turn token "
+                f"({' or '.join(f'id {i}' for i in sorted(eos_ids))}) is never in the labels, "
                 "so the model would never learn to stop. Common causes: pad token == EOS with padding masked by id, "
                 "a template that puts the end-of-turn token outside {% generation %}, or max_length cutting it off."
             )

@@ -78,6 +78,34 @@ def test_dpo_continues_sft_adapter_with_frozen_reference(tiny_model_path, sft_ad
     assert json.loads(metrics)["preflight"]["prompt_boundary"].startswith("ok (")  # gates.check_prompt_boundary ran
 
 
+def test_dpo_continues_an_moe_adapter_with_lora_on_its_dense_layers(tiny_model_path, tmp_path):
+    """TRL adds the frozen "ref" copy of a continued adapter with the same config, which PEFT converts again for the
+    MoE experts; the dense layers it must keep are then wrapped already (`moe_lora`): the copy has every layer the
+    adapter has, and the first step's reward margin is 0 (the reference is the SFT adapter exactly)."""
+    from peft import LoraConfig, get_peft_model
+    from trl import DPOConfig, ModelConfig
+
+    from posttrain.models import load_model, moe_lora
+
+    path = tiny_model_path("ernie4_5_moe")
+    moe_lora.install()
+    sft_like = get_peft_model(load_model(path), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0,
+                                                           init_lora_weights=False))
+    sft_like.save_pretrained(tmp_path / "sft")
+    stage_args = StageArguments(dataset_name=str(pairs_dir(tmp_path)), tokenizer_name_or_path=str(path),
+                                adapter_path=str(tmp_path / "sft"))
+    training = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=1, per_device_train_batch_size=4,
+                         learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to="none", bf16=False,
+                         use_cpu=True, max_length=128, seed=0)
+    trainer = dpo.main(stage_args, training, ModelConfig(model_name_or_path=str(path)))
+    names = {adapter: {n.replace(f".{adapter}", "") for n, _ in trainer.model.named_parameters() if f".{adapter}." in n
+                       or n.endswith(f".{adapter}")} for adapter in ("default", "ref")}
+    assert names["default"] == names["ref"] and any("layers.0.mlp.gate_proj" in n for n in names["ref"])
+    assert next(log for log in trainer.state.log_history if "loss" in log)["rewards/margins"] == 0
+    saved = json.loads((tmp_path / "dpo" / "adapter_config.json").read_text())
+    assert {"gate_proj", "up_proj", "down_proj"} <= set(saved["target_modules"])
+
+
 @pytest.mark.parametrize("arch", ["llama", "ernie4_5_moe"])
 def test_padding_free_dpo_trains_as_the_padded_batches_do(arch, tiny_model_path, tmp_path, monkeypatch):
     """`padding_free` (TRL 1.16 switches its own off): the stage scores each batch's real tokens as one sequence; the

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,6 +58,34 @@ def test_sft_trains_lora_only(arch, tiny_model_path, task_data, sft_configs, tmp
             name[name.index("layers."):].split(".lora_B")[0] for name in lora_b}
 
 
+def test_a_template_whose_turns_end_on_their_own_token_passes_the_end_of_turn_gate(tiny_model_path, task_data,
+                                                                                     sft_configs, tmp_path):
+    """The ERNIE format ends a reply with <|end_of_sentence|>, not with the tokenizer's EOS: the gate accepts the
+    token the template closes a marked assistant turn with, and still refuses a template that leaves it unlabelled."""
+    tokenizer = load_tokenizer(tiny_model_path("llama"), chat_template="ernie4_5")
+    end = tokenizer.convert_tokens_to_ids("<|end_of_sentence|>")
+    assert end != tokenizer.eos_token_id and gates.end_of_turn_ids(tokenizer) == {tokenizer.eos_token_id, end}
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    stage_args, training, model_args = sft_configs(tiny_model_path("llama"), task_data, tmp_path / "out", max_steps=1)
+    stage_args.tokenizer_name_or_path = str(tmp_path / "tokenizer")
+    stage_args.eval_dataset = None
+    sft.main(stage_args, training, model_args)
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["preflight"]["eos_labelled"] is True
+    tokenizer.chat_template = tokenizer.chat_template.replace("{{- '<|end_of_sentence|>' -}}\n{%- endgeneration -%}",
+                                                              "{%- endgeneration -%}{{- '<|end_of_sentence|>' -}}")
+    assert gates.end_of_turn_ids(tokenizer) == {tokenizer.eos_token_id}
+
+
+def test_a_known_template_without_markers_is_left_to_trls_training_copy(tiny_model_path):
+    """TRL's SFTTrainer trains Qwen2.5/3, Llama 3, ... templates through its own marked copy
+    (`get_training_chat_template`): the markers gate lets them through; an unknown unmarked template still fails."""
+    import trl
+
+    tokenizer = load_tokenizer(tiny_model_path("qwen3"))
+    tokenizer.chat_template = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
+    gates.check_template_markers(tokenizer, assistant_only_loss=True)
+
+
 def test_gate_template_without_generation_markers(tiny_model_path):
     tokenizer = load_tokenizer(tiny_model_path("llama"))
     tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -102,8 +131,6 @@ def test_gate_eos_not_trained(tiny_model_path, task_data, sft_configs, tmp_path)
 @pytest.fixture(scope="module")
 def tool_data(tmp_path_factory):
     """An SFT set of tool-calling conversations (ERNIEKit function calls, ShareGPT function_call turns)."""
-    from pathlib import Path
-
     from data_prep import build_sft_set
 
     assets = Path(__file__).parent / "assets" / "data"

@@ -53,8 +53,11 @@ def _linear_targets(requested, model, target_parameters) -> set[str]:
     import torch
 
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = [name for name, module in model.named_modules()
+    # a layer an adapter already wraps (when a second adapter is added, e.g. TRL's frozen "ref" copy of a continued
+    # one) is its `base_layer`; LoRA's own matrices are not targets
+    names = [name.removesuffix(".base_layer") for name, module in model.named_modules()
              if isinstance(module, torch.nn.Linear) and module is not output
+             and not any(part.startswith("lora_") for part in name.split("."))
              and not any(f"{name}.weight" == p or f"{name}.weight".endswith(f".{p}") for p in target_parameters)]
     if not isinstance(requested, str) and {*requested} == {"all-linear"}:
         requested = "all-linear"

@@ -59,7 +59,8 @@ def main(stage_args: StageArguments, training_args, model_args):
     # image gates first: cut image tokens would also show up below as rows with nothing to train
     preflight = common.prepare_trainer(trainer, model, stage_args, model_args, images)
     if stage_args.preflight:
-        preflight.update(gates.check_collated_labels(trainer, vision.text_tokenizer(tokenizer).eos_token_id))
+        end_of_turn = gates.end_of_turn_ids(vision.text_tokenizer(tokenizer), getattr(trainer, "chat_template", None))
+        preflight.update(gates.check_collated_labels(trainer, end_of_turn))
         preflight.update(text_checks)
     if flatten:  # after the gates, which check the labels row by row
         flatten_batches(trainer)
