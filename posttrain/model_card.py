@@ -32,7 +32,8 @@ GENERATE_SNIPPET = '''
 messages = [{{"role": "user", "content": "What is 17 + 25?"}}]
 # the chat template takes enable_thinking=True/False for thinking / non-thinking replies
 inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
-output = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+# the reply ends with the chat template's end-of-turn token, which the tokenizer holds as its EOS
+output = model.generate(**inputs, max_new_tokens=64, do_sample=False, eos_token_id=tokenizer.eos_token_id)
 print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 '''
 

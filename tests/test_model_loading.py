@@ -149,3 +149,15 @@ def test_lora_on_an_moe_models_dense_layers_and_shared_experts(tiny_model_path, 
     _, names, _ = adapted(["q_proj", "shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"])
     assert {"layers.1.mlp.shared_experts.up_proj", "layers.1.self_attn.q_proj"} <= names
     assert "layers.0.mlp.up_proj" not in names  # a dotted name targets what it names
+
+
+def test_a_built_in_template_makes_its_end_of_reply_token_the_eos(tiny_model_path):
+    """The ERNIE format ends a reply with <|end_of_sentence|>: with EOS left at another token, evaluation, pair
+    sampling and GRPO's rollouts would write past the end of the turn."""
+    from posttrain.models import load_tokenizer
+
+    path = tiny_model_path("llama")
+    assert load_tokenizer(path).eos_token == "<|im_end|>"
+    tokenizer = load_tokenizer(path, chat_template="ernie4_5")
+    assert tokenizer.eos_token == "<|end_of_sentence|>" and tokenizer.pad_token != tokenizer.eos_token
+    assert load_tokenizer(path, chat_template="chatml").eos_token == "<|im_end|>"

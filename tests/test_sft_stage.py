@@ -62,7 +62,10 @@ def test_a_template_whose_turns_end_on_their_own_token_passes_the_end_of_turn_ga
                                                                                      sft_configs, tmp_path):
     """The ERNIE format ends a reply with <|end_of_sentence|>, not with the tokenizer's EOS: the gate accepts the
     token the template closes a marked assistant turn with, and still refuses a template that leaves it unlabelled."""
-    tokenizer = load_tokenizer(tiny_model_path("llama"), chat_template="ernie4_5")
+    from posttrain.models import chat_template_text
+
+    tokenizer = load_tokenizer(tiny_model_path("llama"))
+    tokenizer.chat_template = chat_template_text("ernie4_5")  # as a template that came with the model
     end = tokenizer.convert_tokens_to_ids("<|end_of_sentence|>")
     assert end != tokenizer.eos_token_id and gates.end_of_turn_ids(tokenizer) == {tokenizer.eos_token_id, end}
     tokenizer.save_pretrained(tmp_path / "tokenizer")

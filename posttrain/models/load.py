@@ -21,7 +21,7 @@ from ..checkpoints import file_problem
 from ..errors import UserError
 from ..io import remove_leftovers, save_pretrained
 from . import moe_lora, tiny
-from .templates import chat_template_text
+from .templates import chat_template_text, end_turns_with
 from .vision import is_vision_model, load_processor
 
 
@@ -282,6 +282,7 @@ def load_tokenizer(path: str | Path, chat_template: str | None = None, trust_rem
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if chat_template:
         tokenizer.chat_template = chat_template_text(chat_template)
+        end_turns_with(tokenizer, chat_template)
     return _pad_token(tokenizer)
 
 

@@ -4,9 +4,12 @@
 differs (`IMAGE_PLACEHOLDERS`), and the processor expands it to the image's tokens.
 """
 
+import logging
 from pathlib import Path
 
 from ..errors import UserError
+
+logger = logging.getLogger(__name__)
 
 CHAT_TEMPLATES = Path(__file__).resolve().parent.parent / "chat_templates"
 # How each processor family writes one image in the text, before the processor expands it to the image's tokens.
@@ -16,6 +19,21 @@ IMAGE_PLACEHOLDERS = {
     "Qwen2_5_VLProcessor": "<|vision_start|><|image_pad|><|vision_end|>",
     "Ernie4_5_VLMoeProcessor": "<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>",
 }
+
+
+# The token each built-in template ends a reply with. The tokenizer's EOS becomes it (`end_turns_with`): generation
+# (evaluation, pair sampling, GRPO's rollouts) stops at the end of a reply, and TRL ends plain-text replies with it. A
+# base model whose EOS is another token (ERNIE's </s> beside <|end_of_sentence|>, a Qwen base model's <|endoftext|>
+# beside <|im_end|>) would otherwise write past the end of its turn.
+END_OF_TURN = {"chatml": "<|im_end|>", "chatml_vl": "<|im_end|>", "ernie4_5": "<|end_of_sentence|>"}
+
+
+def end_turns_with(tokenizer, chat_template: str | None) -> None:
+    """Make a built-in `chat_template`'s end-of-reply token the tokenizer's EOS, when the vocabulary has it."""
+    token = END_OF_TURN.get(chat_template or "")
+    if token and tokenizer.eos_token != token and token in tokenizer.get_vocab():
+        logger.info(f"chat template {chat_template} ends a reply with {token}: EOS set to it (was {tokenizer.eos_token})")
+        tokenizer.eos_token = token
 
 
 def chat_template_text(name_or_path: str) -> str:

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from .templates import chat_template_text, vl_chat_template
+from .templates import chat_template_text, end_turns_with, vl_chat_template
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -102,6 +102,7 @@ def load_processor(path: str | Path, chat_template: str | None = None, trust_rem
     elif chat_template:
         processor.chat_template = chat_template_text(chat_template)
     processor.tokenizer.chat_template = processor.chat_template
+    end_turns_with(processor.tokenizer, chat_template)
     return processor
 
 
