@@ -92,7 +92,7 @@ def run_export(request: ExportRequest) -> Path:
                     "base_model": public_base_name(ref.run, ref.stage), "verification": checks}
         write_json(tmp / "export.json", manifest)
         write_card(tmp, ref.run, ref.stage, manifest, model_id=request.push_to_hub or str(out),
-                   license=request.license)
+                   license=request.license, revision=request.revision if request.push_to_hub else None)
 
     replace_dir(out, write)
     console.print(f"[green]✓ exported[/green] {out}")
@@ -242,9 +242,12 @@ def _refuse_lora_on_tied_embeddings(model, ref) -> None:
 def load_merged_checked(out: Path, dtype: str):
     """Reload the merged folder as a user would: no missing or unexpected weights, dtype kept, tying kept."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    model, info = AutoModelForCausalLM.from_pretrained(out, dtype="auto", output_loading_info=True)
+    from .models.vision import is_vision_model
+
+    auto_class = AutoModelForImageTextToText if is_vision_model(out) else AutoModelForCausalLM  # as load_model does
+    model, info = auto_class.from_pretrained(out, dtype="auto", output_loading_info=True)
     problems = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys")
                 and v}
     if problems:
@@ -285,11 +288,14 @@ def compare_adapter_reload(ref, out: Path) -> dict:
 
 def save_tokenizer(path: str, out: Path) -> None:
     """The stage's tokenizer (or processor, for vision stages) with the recipe's chat template."""
-    from transformers import AutoProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from .models.vision import load_processor
 
     folder = Path(path)
     has_processor = (folder / "processor_config.json").is_file() or (folder / "preprocessor_config.json").is_file()
-    (AutoProcessor if has_processor else AutoTokenizer).from_pretrained(folder).save_pretrained(out)
+    # a processor that also handles video loads image-only without torchvision, as training loaded it
+    (load_processor(folder) if has_processor else AutoTokenizer.from_pretrained(folder)).save_pretrained(out)
 
 
 # ---------------------------------------------------------------------------------------------------------- probing
@@ -349,11 +355,20 @@ def hub_token(repo_id: str) -> str:
 def create_repo(repo_id: str, token: str, private: bool, revision: str | None) -> None:
     """The Hub repository (and branch) to push to, created if missing, as `Trainer(push_to_hub=True)` does before it
     trains: a Hub that cannot be reached or a token without write access is an error before anything is exported."""
+    from huggingface_hub import HfApi
+
+    from .models.load import HUB_TIMEOUT_S, _http_timeouts
+
+    api = HfApi(token=token)
+    try:  # huggingface_hub's own requests wait without limit (timeout=None): one bounded request first
+        api.repo_info(repo_id, repo_type="model", timeout=HUB_TIMEOUT_S)
+    except _http_timeouts():
+        raise UserError(f"--push-to-hub {repo_id}: the Hugging Face Hub did not answer within {HUB_TIMEOUT_S} s; "
+                        "check the network (nothing was exported)") from None
+    except Exception:  # the Hub answered (a missing repository among others): create_repo below says the rest
+        pass
     with _hub_errors(f"--push-to-hub {repo_id}: could not create or open the repository on the Hub", token,
                      "nothing was exported"):
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
         api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
         if revision:
             api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)

@@ -20,14 +20,19 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 base = AutoModelForCausalLM.from_pretrained("{base}", dtype=torch.float32)
-model = PeftModel.from_pretrained(base, "{model}")
-tokenizer = AutoTokenizer.from_pretrained("{model}")
+model = PeftModel.from_pretrained(base, {model})
+tokenizer = AutoTokenizer.from_pretrained({model})
 '''
 MERGED_SNIPPET = '''from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("{model}", dtype="auto")
-tokenizer = AutoTokenizer.from_pretrained("{model}")
+model = AutoModelForCausalLM.from_pretrained({model}, dtype="auto")
+tokenizer = AutoTokenizer.from_pretrained({model})
 '''
+VISION_SNIPPET = {  # a VLM: its image-text-to-text class (the folder's tokenizer still chats in text)
+    "from transformers import AutoModelForCausalLM, AutoTokenizer":
+        "from transformers import AutoModelForImageTextToText, AutoTokenizer",
+    "AutoModelForCausalLM.from_pretrained": "AutoModelForImageTextToText.from_pretrained",
+}
 GENERATE_SNIPPET = '''
 messages = [{{"role": "user", "content": "What is 17 + 25?"}}]
 # the chat template takes enable_thinking=True/False for thinking / non-thinking replies
@@ -48,7 +53,8 @@ def is_hub_id(name: str) -> bool:
             and Path(name).suffix.lower() not in FILE_SUFFIXES)
 
 
-def write_card(out: Path, run: Path, stage: str, manifest: dict, model_id: str, license: str | None = None) -> Path:
+def write_card(out: Path, run: Path, stage: str, manifest: dict, model_id: str, license: str | None = None,
+               revision: str | None = None) -> Path:
     """Write `out/README.md` for the export of `run`'s `stage` described by `manifest` (see `export.py`)."""
     run = Path(run)
     chain = _chain(run, stage)
@@ -59,7 +65,8 @@ def write_card(out: Path, run: Path, stage: str, manifest: dict, model_id: str, 
                          license or default_license(manifest["base_model"], recipe["base"]))
     body = [
         _title(run, stage, chain, manifest, recipe),
-        "## Usage\n\n```python\n" + snippet(manifest["base_model"], model_id, merged) + "```" + _moe_note(out, merged),
+        "## Usage\n\n```python\n" + snippet(manifest["base_model"], model_id, merged, revision,
+                                             vision=(out / "processor_config.json").is_file()) + "```" + _moe_note(out, merged),
         _results(info),
         _training(run, chain, info, manifest["base_model"]),
         _recipe_section(recipe),
@@ -94,7 +101,8 @@ TINY_BASE = '''from posttrain.models import resolve_model  # {base} is a tiny te
 '''
 
 
-def snippet(base: str, model_id: str, merged: bool) -> str:
+def snippet(base: str, model_id: str, merged: bool, revision: str | None = None, vision: bool = False) -> str:
+    model_id = f'"{model_id}"' + (f', revision="{revision}"' if revision else "")  # a pushed branch, not main
     if merged:
         head = MERGED_SNIPPET.format(model=model_id)
     elif base.startswith("tiny:"):  # no Hub id or folder to name: the model posttrain trained on, built the same way
@@ -102,6 +110,9 @@ def snippet(base: str, model_id: str, merged: bool) -> str:
             f'"{base}"', f'resolve_model("{base}")')
     else:
         head = ADAPTER_SNIPPET.format(base=base, model=model_id)
+    if vision:
+        for text, replacement in VISION_SNIPPET.items():
+            head = head.replace(text, replacement)
     return head + GENERATE_SNIPPET.format()
 
 

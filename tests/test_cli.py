@@ -100,6 +100,28 @@ def test_eval_of_a_run_stage_reproduces_the_runs_own_evaluation(tiny_run, tmp_pa
     assert short["mean_completion_tokens"] <= 2 < recorded["mean_completion_tokens"] and len(short["samples"]) == 1
 
 
+def test_eval_of_an_adapter_folder_renders_prompts_with_its_own_tokenizer(tiny_run, tmp_path, monkeypatch):
+    """A stage's (or an export's) folder carries the tokenizer and chat template it was trained with; `eval --model
+    BASE --adapter DIR` renders the prompts with them, not with the base model's template."""
+    from posttrain import evaluate
+    from posttrain.cli import main
+
+    seen = {}
+    monkeypatch.setattr(evaluate, "run_saved", lambda settings, model, tokenizer, adapter, out, **kw:
+                        seen.update(tokenizer=tokenizer, adapter=adapter) or {})
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": [{"role": "user", "content": "What is 2 + 2?"}], "answer": "4"}\n')
+    data = ["--dataset", str(rows), "--split", "train"]
+    assert main(["eval", "--model", "tiny:llama", "--adapter", str(tiny_run / "sft"), *data]) == 0
+    assert seen == {"tokenizer": str(tiny_run / "sft"), "adapter": str(tiny_run / "sft")}
+    bare = tmp_path / "bare-adapter"  # an adapter folder without a tokenizer: the base model's
+    bare.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (bare / name).write_bytes((tiny_run / "sft" / name).read_bytes())
+    assert main(["eval", "--model", "tiny:llama", "--adapter", str(bare), *data]) == 0
+    assert seen["tokenizer"] is None
+
+
 def test_a_posttrain_process_skips_the_final_collection_once(monkeypatch):
     """The CLI (like every stage, evaluation and data job entry) freezes the heap at exit, so the interpreter's last
     collection does not walk torch's and TRL's objects (about 2 s a process); registered once however often called."""

@@ -228,6 +228,7 @@ def test_push_assembles_the_upload_without_showing_the_token(run, tmp_path, monk
     from huggingface_hub import HfApi
 
     calls = []
+    monkeypatch.setattr(HfApi, "repo_info", lambda self, repo_id, **kw: calls.append(("repo_info", repo_id, kw)))
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create_repo", repo_id, kw)))
     monkeypatch.setattr(HfApi, "create_branch", lambda self, repo_id, **kw: calls.append(("create_branch", repo_id, kw)))
 
@@ -243,13 +244,15 @@ def test_push_assembles_the_upload_without_showing_the_token(run, tmp_path, monk
     code, printed = export(run, "--out", out, "--push-to-hub", "me/tiny-sft", "--private", "--revision", "exp-1",
                            capsys=capsys)
     assert code == 0, printed
-    assert [c[0] for c in calls] == ["create_repo", "create_branch", "upload_folder"]
-    assert calls[0][1] == "me/tiny-sft" and calls[0][2]["private"] is True and calls[0][2]["exist_ok"] is True
-    assert calls[1][2]["branch"] == "exp-1"
-    upload = calls[2][2]
+    assert [c[0] for c in calls] == ["repo_info", "create_repo", "create_branch", "upload_folder"]
+    assert calls[0][2]["timeout"] > 0, "one request with a time limit first: the Hub's own requests have none"
+    assert calls[1][1] == "me/tiny-sft" and calls[1][2]["private"] is True and calls[1][2]["exist_ok"] is True
+    assert calls[2][2]["branch"] == "exp-1"
+    upload = calls[3][2]
     assert upload["revision"] == "exp-1" and Path(upload["folder_path"]) == out
     assert "https://huggingface.co/me/tiny-sft/commit/abc" in printed
-    assert 'PeftModel.from_pretrained(base, "me/tiny-sft")' in (out / "README.md").read_text()
+    # the card loads the branch it was pushed to, not main
+    assert 'PeftModel.from_pretrained(base, "me/tiny-sft", revision="exp-1")' in (out / "README.md").read_text()
     assert FAKE_TOKEN not in printed + capsys.readouterr().err
     assert not any(FAKE_TOKEN in p.read_bytes().decode(errors="ignore") for p in out.iterdir())
 
@@ -274,6 +277,10 @@ def test_a_hub_that_refuses_the_repository_fails_before_exporting(run, tmp_path,
     def create_repo(self, repo_id, **kw):
         raise ConnectionError(f"could not connect to huggingface.co (authorization: Bearer {FAKE_TOKEN})")
 
+    def missing(self, repo_id, **kw):
+        raise LookupError(f"{repo_id} not found")  # the Hub answered: create_repo says the rest
+
+    monkeypatch.setattr(HfApi, "repo_info", missing)
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: pytest.fail("nothing to upload"))
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
@@ -282,6 +289,39 @@ def test_a_hub_that_refuses_the_repository_fails_before_exporting(run, tmp_path,
     assert code == 2 and "could not create or open the repository" in printed and "nothing was exported" in printed
     assert "could not connect" in printed and FAKE_TOKEN not in printed + capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_that_never_answers_fails_in_seconds_before_exporting(run, tmp_path, monkeypatch, capsys):
+    """huggingface_hub's requests wait without a limit: a proxy that accepts the connection and never answers hung
+    the push; one bounded request goes first."""
+    from huggingface_hub import HfApi
+
+    from posttrain.models.load import _http_timeouts
+
+    def stalled(self, repo_id, **kw):
+        assert kw.get("timeout"), "unbounded"
+        raise _http_timeouts()[0]("read timed out")
+
+    monkeypatch.setattr(HfApi, "repo_info", stalled)
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: pytest.fail("not after a stalled Hub"))
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    code, printed = export(run, "--out", tmp_path / "out", "--push-to-hub", "me/tiny-sft", capsys=capsys)
+    assert code == 2 and "did not answer within" in printed and "nothing was exported" in printed
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_vision_processor_is_exported_without_torchvision(tiny_model_path, tmp_path, monkeypatch):
+    """Qwen2-VL's processor also handles video, which needs torchvision: the export saves it image-only, as training
+    loaded it (it was an OSError)."""
+    import transformers.utils
+
+    from posttrain.export import save_tokenizer
+
+    monkeypatch.setattr(transformers.utils, "is_torchvision_available", lambda: False)
+    save_tokenizer(str(tiny_model_path("qwen2_vl")), tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer_config.json").is_file()
+    assert {"processor_config.json", "preprocessor_config.json"} & {p.name for p in (tmp_path / "out").iterdir()}
 
 
 def test_push_offline_fails_fast_before_exporting(run, tmp_path, posttrain_cli):
