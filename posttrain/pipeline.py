@@ -92,6 +92,7 @@ class Pipeline:
         self.state_path = self.root / "run.json"
         self.state: dict = {}  # run.json, read under the run's lock (`run`)
         self.base_model: Path | None = None  # resolved at the start of run()
+        self.legacy_base_hash: str | None = None  # the base hash before `lineage.base_identity` (`evaluate_base`)
 
     # ------------------------------------------------------------------------------------------------ bookkeeping
     def _record(self, step: str, **info) -> None:
@@ -304,11 +305,14 @@ class Pipeline:
         """Held-out metrics of the base model (skipped when its inputs did not change)."""
         out = self.root / "base"
         # what the stages train from; the held-out evaluation is not part of it (`reevaluate`)
-        self.base_hash = self.digest({"model": lineage.model_fingerprint(self.base_model), "template": self.template,
-                                      **lineage.base_identity(self.recipe.base.model_name_or_path, self.base_model)})
+        shape = {"model": lineage.model_fingerprint(self.base_model), "template": self.template}
+        self.base_hash = self.digest({**shape, **lineage.base_identity(self.recipe.base.model_name_or_path,
+                                                                        self.base_model)})
+        # what runs recorded before `base_identity` existed hashed: their finished steps stay finished after an upgrade
+        self.legacy_base_hash = self.digest(shape)
         self.eval_hash = self.held_out_hash()
         digest = self.digest({"base": self.base_hash, "eval": self.eval_hash})
-        if self._up_to_date(out, digest):
+        if self._up_to_date(out, digest, self.digest({"base": self.legacy_base_hash, "eval": self.eval_hash})):
             return
         started = time.time()
         evaluation = self.run_eval(out, "base") if self.recipe.eval.dataset else None
@@ -380,7 +384,7 @@ class Pipeline:
             args.update(StageArguments.from_eval(self.eval_settings()))
         return args
 
-    def stage_hashes(self, stage: str, args: dict, previous: str | None) -> tuple[str, str]:
+    def stage_hashes(self, stage: str, args: dict, previous: str | None) -> tuple[str, ...]:
         """What the stage's adapter depends on: its arguments but the held-out evaluation's (`held_out_hash`) and the
         ones that only say when to log and save (`NOT_TRAINING_KEYS`), the data it trains on, the base model and the
         previous stage's hash. Returns that hash, and the one runs recorded before the logging and saving keys were
@@ -390,11 +394,12 @@ class Pipeline:
                     if k in STAGE_DATASET_KEYS and v}
         prev_hash = json.loads((self.root / previous / "lineage.json").read_text())["inputs_hash"] if previous else None
 
-        def digest(left_out) -> str:
+        def digest(left_out, base) -> str:
             stable = {k: v for k, v in args.items() if k not in left_out}
-            return self.digest({"args": stable, "datasets": datasets, "base": self.base_hash, "previous": prev_hash})
+            return self.digest({"args": stable, "datasets": datasets, "base": base, "previous": prev_hash})
 
-        return digest((*NOT_INPUT_KEYS, *NOT_TRAINING_KEYS)), digest(NOT_INPUT_KEYS)
+        return tuple(digest(left_out, base) for base in dict.fromkeys((self.base_hash, self.legacy_base_hash or self.base_hash))
+                     for left_out in ((*NOT_INPUT_KEYS, *NOT_TRAINING_KEYS), NOT_INPUT_KEYS))
 
     def reevaluate(self, stage: str) -> bool:
         """A finished stage whose held-out evaluation changed (another eval set, more tokens, a smaller batch after

@@ -9,6 +9,7 @@ the folder is still in use; a second run waits for it (`WAIT_FOR_STEPS_S`) inste
 
 import fcntl
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -42,7 +43,9 @@ class RunLock:
                 break
             except BlockingIOError:
                 holder = _read(handle)
-                orphaned = holder.isdigit() and not _alive(int(holder))
+                # a PID is only looked up on the machine that wrote it: a run on another machine (a shared
+                # filesystem) or in another PID namespace is a live run whose PID does not exist here
+                orphaned = holder.isdigit() and _host(handle) == socket.gethostname() and not _alive(int(holder))
                 if orphaned and time.monotonic() < deadline:
                     if not waiting:  # the run was killed; the steps it started hold the lock while they save
                         say(f"the run that held {self.path.parent} (PID {holder}) was stopped; waiting for the steps "
@@ -63,7 +66,7 @@ class RunLock:
             say(f"taking over the lock of {self.path.parent} left by PID {previous}, which is no longer running")
         handle.seek(0)
         handle.truncate()
-        handle.write(f"{os.getpid()}\n{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.write(f"{os.getpid()}\n{time.strftime('%Y-%m-%d %H:%M:%S')}\n{socket.gethostname()}\n")
         handle.flush()
         self.handle = handle
         _HELD.add(handle.fileno())
@@ -82,6 +85,13 @@ class RunLock:
 def _read(handle) -> str:
     handle.seek(0)
     return (handle.readline() or "").strip()
+
+
+def _host(handle) -> str:
+    """The machine the holder wrote its PID on (the lock file's third line; none in files written before it)."""
+    handle.seek(0)
+    lines = handle.read().splitlines()
+    return lines[2].strip() if len(lines) > 2 else ""
 
 
 def _alive(pid: int) -> bool:

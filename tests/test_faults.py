@@ -397,6 +397,28 @@ def test_the_steps_of_a_killed_run_keep_its_lock_until_they_exit(tmp_path):
     lock.release()
 
 
+def test_a_live_run_on_another_machine_is_refused_at_once(tmp_path, monkeypatch):
+    """A PID is looked up only on the machine that wrote it: a run holding the lock from another machine (a shared
+    filesystem) or PID namespace is live, not a killed run whose steps are saving."""
+    from posttrain import runlock
+
+    monkeypatch.setattr(runlock, "WAIT_FOR_STEPS_S", 5.0)
+    lock = tmp_path / ".lock"
+    script = (f"import fcntl, time; f = open({str(lock)!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+              "f.write('4194000\\n2026-12-05 00:00:00\\nother-host\\n'); f.flush(); print('held', flush=True); "
+              "time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        said = []
+        with pytest.raises(UserError, match=r"in use by another posttrain run \(PID 4194000,"):
+            RunLock(tmp_path).acquire(say=said.append)
+        assert not said, "no wait for the steps of a stopped run"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_checkpoint_resumes_only_on_as_many_processes_as_trained_it(tmp_path):
     """On another number of processes the Trainer skips each process's first `global_step` batches of its new share
     of the data (16 rows skipped where one process trained 8): refused, naming both ways on."""

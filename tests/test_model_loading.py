@@ -149,6 +149,8 @@ def test_lora_on_an_moe_models_dense_layers_and_shared_experts(tiny_model_path, 
     _, names, _ = adapted(["q_proj", "shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"])
     assert {"layers.1.mlp.shared_experts.up_proj", "layers.1.self_attn.q_proj"} <= names
     assert "layers.0.mlp.up_proj" not in names  # a dotted name targets what it names
+    _, names, _ = adapted(r".*\.shared_experts\.(gate_proj|up_proj|down_proj)")  # and so does a regex
+    assert "layers.1.mlp.shared_experts.up_proj" in names and "layers.0.mlp.up_proj" not in names
 
 
 def test_a_built_in_template_makes_its_end_of_reply_token_the_eos(tiny_model_path):

@@ -334,6 +334,22 @@ def test_a_full_model_stage_retrained_in_the_same_shapes_has_another_weights_fin
     assert weights_fingerprint(tmp_path) != before
 
 
+def test_stages_recorded_before_the_base_identity_stay_finished(tmp_path):
+    """Runs recorded before `base_identity` joined the base hash keep their finished stages after an upgrade (a
+    local or Hub base would otherwise retrain every stage); new runs record the hash with the identity."""
+    from posttrain.pipeline import Pipeline
+    from posttrain.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "text.yaml")
+    now, before = Pipeline(recipe, tmp_path), Pipeline(recipe, tmp_path)
+    now.base_hash, now.legacy_base_hash = "with identity", "shapes only"
+    before.base_hash = "shapes only"
+    args = now.stage_args("sft", None)
+    recorded = before.stage_hashes("sft", args, None)[0]
+    hashes = now.stage_hashes("sft", args, None)
+    assert hashes[0] != recorded and recorded in hashes
+
+
 def test_a_base_model_saved_over_in_place_or_moved_on_the_hub_changes_every_stage_hash(tmp_path):
     """`model_fingerprint` (config, weight names and sizes) is the same for a local base folder saved again in the same
     shapes and for a Hub revision that moved on; `base_identity` tells both apart, and adds nothing for cache-built

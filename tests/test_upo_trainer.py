@@ -587,6 +587,29 @@ def test_offline_pairs_the_same_once_cut_are_left_out(tmp_path, tiny_tokenizer, 
         load_offline_pairs(str(path), tiny_tokenizer, 4)
 
 
+def test_offline_pairs_left_out_are_named_by_their_line_in_the_file(tmp_path, tiny_tokenizer, caplog):
+    """With `skip_bad_rows` the pre-flight drops bad pairs first; a pair left out later is still named by its own
+    line, not by its position among the kept ones."""
+    from types import SimpleNamespace
+
+    from posttrain.stages.upo import preflight_data
+    from posttrain.trainers.upo_pairs import load_offline_pairs
+
+    path = tmp_path / "prefs.jsonl"
+    rows = [{"prompt": "Q", "chosen": "same", "rejected": "same"},  # line 1: skipped by the pre-flight
+            {"prompt": "Q", "chosen": "one", "rejected": "two"},
+            {"prompt": "Q", "chosen": "a b c d e f g h one", "rejected": "a b c d e f g h two"}]  # line 3: cut alike
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    stage_args = SimpleNamespace(preflight=True, skip_bad_rows=True, dataset_name="prompts")
+    training_args = SimpleNamespace(rewards={"accuracy": 1.0}, upo_mode="offline", upo_offline_dataset=str(path))
+    prompts = Dataset.from_list([{"prompt": "What is 2 + 2?", "answer": "4"}])
+    _, kept, record = preflight_data(prompts, stage_args, training_args)
+    assert record["offline_pairs_skipped"] == 1
+    with caplog.at_level("WARNING"):
+        assert len(load_offline_pairs(str(path), tiny_tokenizer, 4, dataset=kept)) == 1
+    assert "line(s) 3" in caplog.text
+
+
 def test_rl_and_offline_prompts_keep_grpos_other_template_arguments(tmp_path, tiny_model_path, tiny_tokenizer):
     """UPO renders its prompts itself (each row's thinking mode): the other `chat_template_kwargs` GRPO would have
     passed stay, and a row without a mode takes theirs, in the RL prompts and the offline pairs alike."""

@@ -9,8 +9,8 @@ their LoRA: `all-linear` skipped them, and naming `shared_experts.gate_proj` tra
 conversion as that fix does: a target that names a real `nn.Linear` layer stays a module target as well.
 
 Installed wherever posttrain builds or loads an adapter (`install`), so training and every later load of the adapter
-resolve the same layers. Plain PEFT 0.21 loading such an adapter leaves out the dense layers' LoRA (it reports their
-keys as unexpected); a merged export has them.
+resolve the same layers. Plain PEFT 0.21 loading such an adapter leaves out the dense layers' LoRA, without a warning;
+a merged export has them.
 """
 
 import functools
@@ -47,7 +47,7 @@ def keep_dense_targets(original):
 def _linear_targets(requested, model, target_parameters) -> set[str]:
     """The targets of `requested` (a list of names matched as PEFT matches them, or a string: `all-linear`, else a
     regex) that name at least one `nn.Linear` layer of `model`, the output layer and layers whose weight is a
-    parameter target left out. A string gives the leaf names of the layers it matches, as PEFT's conversion does."""
+    parameter target left out. `all-linear` gives the layers' leaf names, a regex the full names of those it matches."""
     import re
 
     import torch
@@ -61,8 +61,10 @@ def _linear_targets(requested, model, target_parameters) -> set[str]:
              and not any(f"{name}.weight" == p or f"{name}.weight".endswith(f".{p}") for p in target_parameters)]
     if not isinstance(requested, str) and {*requested} == {"all-linear"}:
         requested = "all-linear"
-    if isinstance(requested, str):
-        everything = requested.lower() == "all-linear"
-        return {name.rsplit(".", 1)[-1] for name in names if everything or re.fullmatch(requested, name)}
+    if isinstance(requested, str) and requested.lower() == "all-linear":
+        return {name.rsplit(".", 1)[-1] for name in names}
+    if isinstance(requested, str):  # a regex: the layers it matches, by full name (a leaf name would also take the
+        # same-named layers it leaves out, e.g. the dense first layer's MLP for a regex naming the shared experts)
+        return {name for name in names if re.fullmatch(requested, name)}
     return {target for target in requested
             if any(name == target or name.endswith(f".{target}") for name in names)}

@@ -92,6 +92,7 @@ def preflight_data(dataset, stage_args, training_args):
     `upo_mode` offline or both) are real pairs (a chosen == rejected pair leaves the DPO term stuck at log 2).
     Returns the kept prompts, the kept offline pairs (None: the trainer loads them itself) and the pre-flight record."""
     from ..data import load_split
+    from ..trainers.upo_pairs import LINE_COLUMN
 
     record = {}
     if not stage_args.preflight:
@@ -101,8 +102,11 @@ def preflight_data(dataset, stage_args, training_args):
     offline = None
     if training_args.upo_mode in ("offline", "both") and training_args.upo_offline_dataset:
         name = f"{training_args.upo_offline_dataset} (train)"
+        pairs = load_split(training_args.upo_offline_dataset, "train")
+        # each row's line in the file, which the pairs' own messages name after rows are skipped here
+        pairs = pairs.add_column(LINE_COLUMN, list(range(1, len(pairs) + 1)))
         offline, record["offline_pairs_skipped"] = gates.check_preference_pairs(
-            load_split(training_args.upo_offline_dataset, "train"), name, allow_skip=stage_args.skip_bad_rows)
+            pairs, name, allow_skip=stage_args.skip_bad_rows)
     return dataset, offline, record
 
 

@@ -16,6 +16,8 @@ from ..data import completion_text
 from ..errors import UserError
 
 logger = logging.getLogger(__name__)
+# set by the UPO stage's pre-flight on the pairs it keeps: each row's line in the file (`load_offline_pairs`)
+LINE_COLUMN = "__line__"
 # With thinking off, the prompt already ends with this block; a stored reply repeating it would render it twice.
 _LEADING_EMPTY_THINK = re.compile(r"\A\s*<think>\s*</think>\s*")
 
@@ -235,6 +237,7 @@ def load_offline_pairs(path: str, tokenizer, max_completion_length: int | None,
         raise UserError(f"{path}: the offline preference dataset is empty")
     pairs, left_out = [], collections.defaultdict(list)
     for line, row in enumerate(dataset, start=1):
+        line = row.get(LINE_COLUMN, line)  # its line in the file, when rows before it were skipped
         thinking = row["thinking"] if "thinking" in dataset.column_names else None
         thinking = default if thinking is None else thinking
         if images:
