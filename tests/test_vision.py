@@ -192,6 +192,58 @@ def test_dpo_and_upo_continue_the_adapter_with_vision_frozen(arch, chain):
         assert metrics["preflight"]["frozen_modules"] == ["multi_modal_projector"]
 
 
+def test_a_continued_stage_with_loraplus_keeps_it_beside_frozen_vision(chain, vqa, tiny_model_path, tmp_path):
+    """Freezing the vision side builds the optimizer before `train` would set LoRA+: it is set first, so the LoRA B
+    matrices get their higher rate and the frozen projector stays out of the optimizer."""
+    from trl import DPOConfig
+
+    from posttrain.stages import dpo
+
+    stage_args, training, model_args = stage_configs(DPOConfig, "llava", tiny_model_path, tmp_path / "dpo",
+                                                     vqa / "pairs", "train", adapter=chain("llava")["dirs"]["sft"],
+                                                     max_length=160, max_steps=1)
+    stage_args.loraplus_lr_ratio, stage_args.eval_dataset = 16.0, None
+    trainer = dpo.main(stage_args, training, model_args)
+    assert 16 * training.learning_rate in [group["initial_lr"] for group in trainer.optimizer.param_groups]
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not [n for n, p in trainer.model.named_parameters() if "modules_to_save" in n and id(p) in optimized]
+
+
+def test_a_module_to_save_the_continued_adapter_lacks_is_refused(chain, vqa, tiny_model_path, tmp_path):
+    """A continued adapter keeps its own config: a module listed in `lora_modules_to_save` only now would stay frozen
+    while the stage says it trains it."""
+    from trl import DPOConfig
+
+    from posttrain.stages import dpo
+
+    configs = stage_configs(DPOConfig, "qwen2_vl", tiny_model_path, tmp_path / "dpo", vqa / "pairs", "train",
+                            adapter=chain("qwen2_vl")["dirs"]["sft"], max_length=160, max_steps=1, save=["visual"])
+    with pytest.raises(UserError, match="lora_modules_to_save lists visual, but this stage continues an adapter"):
+        dpo.main(*configs)
+
+
+def test_image_prompts_written_as_text_are_evaluated_with_their_images(vqa, tiny_model_path, tmp_path):
+    """TRL's vision format allows a prompt whose contents are strings beside an `images` column (its collators put
+    the images before the first user turn); evaluation, the DPO held-out check and offline UPO pairs place them the
+    same way (they rendered no image placeholder, and the processor refused the images)."""
+    from posttrain.evaluate import evaluate, load_rows
+    from posttrain.trainers.upo_pairs import _image_prompt
+
+    def as_text(prompt):
+        return [{**m, "content": " ".join(p["text"] for p in m["content"] if p["type"] == "text")} for m in prompt]
+
+    tasks = load_split(vqa / "tasks", "test")
+    (tmp_path / "text").mkdir()
+    tasks.map(lambda row: {"prompt": as_text(row["prompt"])}).to_parquet(str(tmp_path / "text" / "test.parquet"))
+    rows = load_rows(str(tmp_path / "text"), "test")
+    assert isinstance(rows[0]["prompt"][0]["content"], list), "the image part is placed"
+    path = tiny_model_path("llava")
+    processor = load_tokenizer(path)
+    assert evaluate(load_model(path), processor, rows[:2], max_new_tokens=2, samples=0)["n"] == 2
+    prompt_ids, _ = _image_prompt(processor, as_text(tasks[0]["prompt"]), False, rows[0]["images"])
+    assert prompt_ids.count(processor.image_token_id) > 0
+
+
 def image_prompt(text, image=None):
     return [{"role": "user", "content": [{"type": "image", **({"image": image} if image else {})},
                                          {"type": "text", "text": text}]}]

@@ -141,6 +141,13 @@ def freeze_vision(trainer, trainable: list[str] | None) -> list[str]:
     import torch
 
     trainable = trainable or []
+    carried = {name.split(".modules_to_save.")[0].rsplit(".", 1)[-1] for name, _ in trainer.model.named_parameters()
+               if ".modules_to_save.default." in name}
+    missing = [module for module in trainable if module not in carried]
+    if missing:  # a continued adapter keeps its own config: a new module to train in full cannot be added to it
+        raise UserError(f"lora_modules_to_save lists {', '.join(missing)}, but this stage continues an adapter that "
+                        "does not carry it, so it would stay frozen. List it in the first stage's "
+                        "lora_modules_to_save (then it is trained only where a stage lists it), or drop it here")
     frozen = [(name, param) for name, param in trainer.model.named_parameters()
               if ".modules_to_save.default." in name
               and not any(f".{module}.modules_to_save." in f".{name}" for module in trainable)]
@@ -206,8 +213,30 @@ def _check_images(dataset, name: str) -> None:
 
 
 def as_rows(dataset) -> list[dict]:
-    """The dataset as a list of rows, images decoded to PIL (`to_list()` would give their raw bytes)."""
-    return list(decode_images(dataset)) if has_images(dataset) else dataset.to_list()
+    """The dataset as a list of rows, images decoded to PIL (`to_list()` would give their raw bytes), and image
+    prompts written as text only with their image parts where TRL puts them (`with_image_parts`)."""
+    if not has_images(dataset):
+        return dataset.to_list()
+    rows = list(decode_images(dataset))
+    for row in rows:
+        if "prompt" in row:
+            row["prompt"] = with_image_parts(row["prompt"], len(row["images"] or []))
+    return rows
+
+
+def with_image_parts(messages, images: int):
+    """A conversation whose contents are all strings, with `images` images: the image parts put before the text of
+    its first user turn, as TRL's collators and GRPO do (`prepare_multimodal_messages`), so that rendering it
+    writes the placeholders the processor expands; other conversations unchanged."""
+    if not images or not isinstance(messages, list) or any(isinstance(m.get("content"), list) for m in messages):
+        return messages
+    out, placed = [], False
+    for message in messages:
+        if message.get("role") == "user" and not placed:
+            message = {**message, "content": [{"type": "image"}] * images + [{"type": "text", "text": message["content"]}]}
+            placed = True
+        out.append(message)
+    return out
 
 
 def sft_rows_to_prompt_completion(dataset):

@@ -210,6 +210,8 @@ def freeze_vision(trainer, stage_args, model_args) -> dict:
 
     if not stage_args.adapter_path or not vision.is_vision_model(model_args.model_name_or_path):
         return {}
+    if stage_args.loraplus_lr_ratio is not None:  # the optimizer may be built below, before `train` would set LoRA+
+        lora_plus(trainer, stage_args.loraplus_lr_ratio)
     frozen = vision.freeze_vision(trainer, model_args.lora_modules_to_save)
     if frozen:
         trainer.accelerator.print(f"frozen in this stage (not in lora_modules_to_save): {', '.join(frozen)}")

@@ -278,6 +278,9 @@ def _image_prompt(processor, prompt: list, thinking: bool | None, images: list,
                   template_kwargs: dict | None = None) -> tuple[list[int], dict]:
     """An image prompt's token ids (each image expanded to its tokens) and its image inputs, as GRPO makes them:
     rendered with the chat template, then processed with the images, no special tokens added."""
+    from ..models.vision import with_image_parts
+
+    prompt = with_image_parts(prompt, len(images))  # text-only contents: the images go first, as GRPO puts them
     text = processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
                                          **_template_kwargs(thinking, template_kwargs))
     inputs = processor(text=[text], images=[list(images)], return_tensors="pt", add_special_tokens=False)
