@@ -107,10 +107,20 @@ def _load_hub(repo_id: str, split: str, dataset_config: str | None):
         ) from exc
 
 
-def render_prompt(tokenizer, messages: list[dict], thinking: bool | None = None) -> str:
-    """The chat-template text of `messages` followed by the assistant header, in the row's thinking mode."""
-    kwargs = {} if thinking is None else {"enable_thinking": bool(thinking)}
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+def template_kwargs(thinking: bool | None, extra: dict | None = None) -> dict:
+    """A chat template's arguments: `extra` (a row's tools, GRPO's `chat_template_kwargs`) with the thinking mode, when
+    there is one, as `enable_thinking` over theirs."""
+    kwargs = dict(extra or {})
+    if thinking is not None:
+        kwargs["enable_thinking"] = bool(thinking)
+    return kwargs
+
+
+def render_prompt(tokenizer, messages: list[dict], thinking: bool | None = None, extra: dict | None = None) -> str:
+    """The chat-template text of `messages` followed by the assistant header, in the row's thinking mode (and with
+    the template arguments in `extra`)."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         **template_kwargs(thinking, extra))
 
 
 def with_template_kwargs(dataset):
@@ -129,19 +139,15 @@ def prompt_text(tokenizer, row: dict) -> str:
     """A preference row's prompt as TRL reads it: a text prompt as it is, a conversation rendered with the row's
     `tools` and thinking mode, as `preference_texts` renders it (without rendering the replies)."""
     prompt = row["prompt"]
-    if isinstance(prompt, str):
-        return prompt
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **_template_kwargs(row))
+    return prompt if isinstance(prompt, str) else render_prompt(tokenizer, prompt, extra=_row_template_kwargs(row))
 
 
-def _template_kwargs(row: dict) -> dict:
+def _row_template_kwargs(row: dict) -> dict:
     """The chat template's arguments for a conversation row: its `tools` (a list, or JSON text), its
     `chat_template_kwargs` and its `thinking` column."""
     tools = row.get("tools")
-    kwargs = {"tools": json.loads(tools) if isinstance(tools, str) else tools, **(row.get("chat_template_kwargs") or {})}
-    if row.get("thinking") is not None:
-        kwargs["enable_thinking"] = bool(row["thinking"])
-    return kwargs
+    return template_kwargs(row.get("thinking"), {"tools": json.loads(tools) if isinstance(tools, str) else tools,
+                                                 **(row.get("chat_template_kwargs") or {})})
 
 
 def preference_texts(tokenizer, row: dict, eos: str) -> tuple[str, str, str]:
@@ -152,8 +158,8 @@ def preference_texts(tokenizer, row: dict, eos: str) -> tuple[str, str, str]:
     if isinstance(row["prompt"], str):
         return row["prompt"], *(text if text.endswith(eos) else text + eos
                                 for text in (completion_text(row["chosen"]), completion_text(row["rejected"])))
-    kwargs = _template_kwargs(row)
-    prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True, **kwargs)
+    kwargs = _row_template_kwargs(row)
+    prompt = render_prompt(tokenizer, row["prompt"], extra=kwargs)
     whole = [tokenizer.apply_chat_template(
         row["prompt"] + (reply if isinstance(reply, list) else [{"role": "assistant", "content": reply}]),
         tokenize=False, **kwargs) for reply in (row["chosen"], row["rejected"])]

@@ -357,12 +357,12 @@ def create_repo(repo_id: str, token: str, private: bool, revision: str | None) -
     trains: a Hub that cannot be reached or a token without write access is an error before anything is exported."""
     from huggingface_hub import HfApi
 
-    from .models.load import HUB_TIMEOUT_S, _http_timeouts
+    from .models.load import HUB_TIMEOUT_S, http_timeouts
 
     api = HfApi(token=token)
     try:  # huggingface_hub's own requests wait without limit (timeout=None): one bounded request first
         api.repo_info(repo_id, repo_type="model", timeout=HUB_TIMEOUT_S)
-    except _http_timeouts():
+    except http_timeouts():
         raise UserError(f"--push-to-hub {repo_id}: the Hugging Face Hub did not answer within {HUB_TIMEOUT_S} s; "
                         "check the network (nothing was exported)") from None
     except Exception:  # the Hub answered (a missing repository among others): create_repo below says the rest

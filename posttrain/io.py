@@ -32,7 +32,7 @@ def remove_leftovers(folder: str | Path) -> list[Path]:
     removed = []
     for path in sorted(Path(folder).rglob(".*"), key=lambda p: len(p.parts)):
         match = _LEFTOVER.match(path.name)
-        if not match or any(parent in removed for parent in path.parents) or _running(int(match.group(1))):
+        if not match or any(parent in removed for parent in path.parents) or pid_running(int(match.group(1))):
             continue
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
@@ -42,7 +42,8 @@ def remove_leftovers(folder: str | Path) -> list[Path]:
     return removed
 
 
-def _running(pid: int) -> bool:
+def pid_running(pid: int) -> bool:
+    """Whether a process with this PID runs on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -77,7 +77,7 @@ def base_identity(name_or_path: str, resolved: str | Path) -> dict:
     holds the source's content), so those runs keep their stage hashes."""
     resolved = Path(resolved)
     if Path(name_or_path).expanduser().is_dir():
-        return {"weights": "|".join(f"{p.name}:{sampled_digest(p)}" for p in sorted(resolved.glob("*.safetensors")))}
+        return {"weights": sampled_weights(resolved)}
     if resolved.parent.name == "snapshots":
         return {"revision": resolved.name}
     return {}
@@ -101,6 +101,11 @@ def sampled_digest(file: Path) -> str:
     return digest.hexdigest()
 
 
+def sampled_weights(folder: Path) -> str:
+    """`sampled_digest` of each weight file of a model folder."""
+    return "|".join(f"{p.name}:{sampled_digest(p)}" for p in sorted(folder.glob("*.safetensors")))
+
+
 def weights_fingerprint(stage_dir: str | Path) -> str:
     """What a finished stage's weights are: the adapter file's sha256 (a few MB to a few hundred), or for a full model
     `sampled_digest` of each weight file. A stage trained again with the same inputs can save other weights (GPU
@@ -109,9 +114,7 @@ def weights_fingerprint(stage_dir: str | Path) -> str:
 
     stage_dir = Path(stage_dir)
     adapter = stage_dir / "adapter_model.safetensors"
-    if adapter.is_file():
-        return file_fingerprint(adapter)
-    return "|".join(f"{p.name}:{sampled_digest(p)}" for p in sorted(stage_dir.glob("*.safetensors")))
+    return file_fingerprint(adapter) if adapter.is_file() else sampled_weights(stage_dir)
 
 
 def stage_lineage(stage: str, args: dict, inputs_hash: str, pipeline, previous: str | None) -> dict:

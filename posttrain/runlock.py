@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from .errors import UserError, make_folder
+from .io import pid_running
 
 # how long a run waits for the steps of a run that was killed (its holder PID is gone, its children still save)
 WAIT_FOR_STEPS_S = 120.0
@@ -45,7 +46,7 @@ class RunLock:
                 holder = _read(handle)
                 # a PID is only looked up on the machine that wrote it: a run on another machine (a shared
                 # filesystem) or in another PID namespace is a live run whose PID does not exist here
-                orphaned = holder.isdigit() and _host(handle) == socket.gethostname() and not _alive(int(holder))
+                orphaned = holder.isdigit() and _host(handle) == socket.gethostname() and not pid_running(int(holder))
                 if orphaned and time.monotonic() < deadline:
                     if not waiting:  # the run was killed; the steps it started hold the lock while they save
                         say(f"the run that held {self.path.parent} (PID {holder}) was stopped; waiting for the steps "
@@ -92,13 +93,3 @@ def _host(handle) -> str:
     handle.seek(0)
     lines = handle.read().splitlines()
     return lines[2].strip() if len(lines) > 2 else ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -296,11 +296,11 @@ def test_a_hub_that_never_answers_fails_in_seconds_before_exporting(run, tmp_pat
     the push; one bounded request goes first."""
     from huggingface_hub import HfApi
 
-    from posttrain.models.load import _http_timeouts
+    from posttrain.models.load import http_timeouts
 
     def stalled(self, repo_id, **kw):
         assert kw.get("timeout"), "unbounded"
-        raise _http_timeouts()[0]("read timed out")
+        raise http_timeouts()[0]("read timed out")
 
     monkeypatch.setattr(HfApi, "repo_info", stalled)
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: pytest.fail("not after a stalled Hub"))

@@ -232,7 +232,7 @@ def _check_hub_answers(repo_id: str, revision: str) -> None:
 
     try:
         HfApi().model_info(repo_id, revision=revision, timeout=HUB_TIMEOUT_S)
-    except _http_timeouts() as exc:
+    except http_timeouts() as exc:
         raise UserError(
             f"the Hugging Face Hub did not answer within {HUB_TIMEOUT_S} s when asked for model '{repo_id}'. Check "
             "the network, or set HF_HUB_OFFLINE=1 to use a model already in the local cache."
@@ -241,7 +241,7 @@ def _check_hub_answers(repo_id: str, revision: str) -> None:
         raise UserError(f"could not find model '{repo_id}' on the Hugging Face Hub: {exc}") from exc
 
 
-def _http_timeouts() -> tuple[type[Exception], ...]:
+def http_timeouts() -> tuple[type[Exception], ...]:
     """The timeout exceptions of huggingface_hub's HTTP client: httpx2's from huggingface_hub 2.0, httpx's before."""
     timeouts = []
     for module in ("httpx2", "httpx"):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from trl.data_utils import is_conversational
 from trl.trainer.utils import pad
 
-from ..data import completion_text
+from ..data import completion_text, render_prompt
 from ..errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -147,14 +147,6 @@ def select_images(batch: dict, rows: list[int]) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 # Prompts in each row's thinking mode
 # ----------------------------------------------------------------------------------------------------------------------
-def _template_kwargs(thinking: bool | None, template_kwargs: dict | None) -> dict:
-    """GRPO's `chat_template_kwargs`, with the row's thinking mode (when it has one) as `enable_thinking`."""
-    kwargs = dict(template_kwargs or {})
-    if thinking is not None:
-        kwargs["enable_thinking"] = bool(thinking)
-    return kwargs
-
-
 def render_prompt_text(tokenizer, prompt, thinking: bool | None, template_kwargs: dict | None = None) -> str:
     """A conversational prompt as the text GRPO will tokenize, in the row's thinking mode; a text prompt unchanged.
 
@@ -165,8 +157,7 @@ def render_prompt_text(tokenizer, prompt, thinking: bool | None, template_kwargs
     """
     if isinstance(prompt, str):
         return prompt
-    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
-                                         **_template_kwargs(thinking, template_kwargs))
+    text = render_prompt(tokenizer, prompt, thinking, template_kwargs)
     bos = tokenizer.bos_token
     if bos and text.startswith(bos) and tokenizer(text="x")["input_ids"][:1] == [tokenizer.bos_token_id]:
         text = text[len(bos):]
@@ -281,8 +272,7 @@ def _image_prompt(processor, prompt: list, thinking: bool | None, images: list,
     from ..models.vision import with_image_parts
 
     prompt = with_image_parts(prompt, len(images))  # text-only contents: the images go first, as GRPO puts them
-    text = processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
-                                         **_template_kwargs(thinking, template_kwargs))
+    text = render_prompt(processor, prompt, thinking, template_kwargs)
     inputs = processor(text=[text], images=[list(images)], return_tensors="pt", add_special_tokens=False)
     image_inputs = {key: inputs[key] for key in IMAGE_KEYS if key in inputs}
     image_inputs.update(num_images=[len(images)], typed=[key for key in TYPED_KEYS if key in inputs])
