@@ -290,12 +290,11 @@ def save_tokenizer(path: str, out: Path) -> None:
     """The stage's tokenizer (or processor, for vision stages) with the recipe's chat template."""
     from transformers import AutoTokenizer
 
-    from .models.vision import load_processor
+    from .models.vision import has_processor_files, load_processor
 
     folder = Path(path)
-    has_processor = (folder / "processor_config.json").is_file() or (folder / "preprocessor_config.json").is_file()
     # a processor that also handles video loads image-only without torchvision, as training loaded it
-    (load_processor(folder) if has_processor else AutoTokenizer.from_pretrained(folder)).save_pretrained(out)
+    (load_processor(folder) if has_processor_files(folder) else AutoTokenizer.from_pretrained(folder)).save_pretrained(out)
 
 
 # ---------------------------------------------------------------------------------------------------------- probing

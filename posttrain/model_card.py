@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from .models.vision import has_processor_files
 from .runs import MACHINE_PATH_KEYS
 
 MISSING = "—"
@@ -66,7 +67,7 @@ def write_card(out: Path, run: Path, stage: str, manifest: dict, model_id: str, 
     body = [
         _title(run, stage, chain, manifest, recipe),
         "## Usage\n\n```python\n" + snippet(manifest["base_model"], model_id, merged, revision,
-                                             vision=(out / "processor_config.json").is_file()) + "```" + _moe_note(out, merged),
+                                             vision=has_processor_files(out)) + "```" + _moe_note(out, merged),
         _results(info),
         _training(run, chain, info, manifest["base_model"]),
         _recipe_section(recipe),

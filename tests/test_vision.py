@@ -463,6 +463,11 @@ def test_processor_class_from_preprocessor_config(tiny_model_path, tmp_path):
     (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     processor = vision.load_processor(folder)
     assert type(processor).__name__ == "Qwen2_5_VLProcessor" and processor.tokenizer is not None
+    # a tokenizer folder (no config.json: a stage's own, or --tokenizer) laid out so loads as the processor too
+    (folder / "config.json").unlink()
+    from posttrain.models.load import load_tokenizer
+
+    assert type(load_tokenizer(folder)).__name__ == "Qwen2_5_VLProcessor"
 
 def test_vqa_rows_import_with_reasoning(tmp_path):
     from data_prep.build_vqa_tasks import main

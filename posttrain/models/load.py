@@ -22,7 +22,7 @@ from ..errors import UserError
 from ..io import remove_leftovers, save_pretrained
 from . import moe_lora, tiny
 from .templates import chat_template_text, end_turns_with
-from .vision import is_vision_model, load_processor
+from .vision import has_processor_files, is_vision_model, load_processor
 
 
 def cache_dir() -> Path:
@@ -275,7 +275,7 @@ def load_tokenizer(path: str | Path, chat_template: str | None = None, trust_rem
     """
     from transformers import AutoTokenizer
 
-    if is_vision_model(path) or (Path(path) / "processor_config.json").is_file():
+    if is_vision_model(path) or has_processor_files(path):
         processor = load_processor(path, chat_template, trust_remote_code)
         _pad_token(processor.tokenizer)
         return processor

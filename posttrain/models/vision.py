@@ -31,6 +31,12 @@ def is_vision_model(path: str | Path) -> bool:
     return config.is_file() and "vision_config" in json.loads(config.read_text())
 
 
+def has_processor_files(path: str | Path) -> bool:
+    """Whether a tokenizer folder holds a processor (a saved one writes processor_config.json, some Hub repos only
+    preprocessor_config.json): loading, exporting and the model card read it as one then."""
+    return any((Path(path) / name).is_file() for name in PROCESSOR_CLASS_FILES[:2])
+
+
 def is_processor(processing_class) -> bool:
     from transformers import ProcessorMixin
 
