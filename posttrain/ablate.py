@@ -173,15 +173,17 @@ def print_summary(groups: dict[str, list[Path]], baseline: str, stage: str | Non
                          no_wrap=column != "verdict")
     for v in variant_summaries(groups, baseline, stage):
         low, high = v["interval"]
-        cells = [v["name"], str(len(v["accuracies"])), f"{v['mean']:.1%}" if v["accuracies"] else "not measured",
+        measured, missing = len(v["accuracies"]), len(v["missing"])  # a seed a gate stopped is not measured
+        cells = [v["name"], f"{measured} of {measured + missing}" if missing else str(measured),
+                 f"{v['mean']:.1%}" if v["accuracies"] else "not measured",
                  f"{low:.1%} – {high:.1%}" if len(v["accuracies"]) > 1 else ""]
         if v["baseline"]:
             table.add_row(*cells, "baseline", "", "")
             continue
         d_low, d_high = v["difference_interval"]
-        several = len(v["differences"]) > 1
+        spread = d_high > d_low  # not with one seed (no interval) nor the same difference on every seed (width 0)
         table.add_row(*cells, f"{100 * v['difference']:+.1f} pts" if v["differences"] else "not measured",
-                      f"{100 * d_low:+.1f} to {100 * d_high:+.1f}" if several else "", v["verdict"])
+                      f"{100 * d_low:+.1f} to {100 * d_high:+.1f}" if spread else "", v["verdict"])
     console.print(table)
 
 

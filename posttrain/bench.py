@@ -399,6 +399,9 @@ def run_bench(options: BenchOptions) -> dict:
 
     work = Path(options.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    # an earlier bench's runs (another model, other rows or options): `--from-runs` would mix them into this one's table
+    for stale in work.glob("*.runs.json"):
+        stale.unlink()
     started = time.time()
     with console.status("preparing the model, data and starting adapter…"):
         model = resolve_bench_model(options.model, work)

@@ -96,12 +96,6 @@ def paired_evals(a: dict | None, b: dict | None) -> Comparison | None:
     return compare([bool(v) for v in a["verdicts"]], [bool(v) for v in b["verdicts"]])
 
 
-def half_width(successes: int, n: int) -> float:
-    """Half the width of the Wilson interval, for a compact `50.0% (±7)`."""
-    low, high = wilson(successes, n)
-    return (high - low) / 2
-
-
 def format_eval_accuracy(evaluation: dict) -> str:
     """`format_accuracy` of an `evaluate()` dict (the bare rate for one written before intervals were recorded)."""
     n = evaluation.get("n") or 0
@@ -111,8 +105,15 @@ def format_eval_accuracy(evaluation: dict) -> str:
 
 
 def format_accuracy(successes: int, n: int) -> str:
-    """`54.2% (±7)`: the accuracy with half its 95 % interval, in points."""
-    return f"{100 * successes / max(n, 1):.1f}% (±{100 * half_width(successes, n):.0f})"
+    """`54.2% (±7)`: the accuracy with half its 95 % interval, in points; `0.0% (0–32)`, the interval itself, where
+    one side is more than a quarter longer than the other (near 0 or 1 a half-width understates the long side: 0 of 8
+    is not "±16")."""
+    rate = successes / max(n, 1)
+    low, high = wilson(successes, n)
+    short, long = sorted((rate - low, high - rate))
+    if long <= 1.25 * short:
+        return f"{100 * rate:.1f}% (±{100 * (high - low) / 2:.0f})"
+    return f"{100 * rate:.1f}% ({100 * low:.0f}–{100 * high:.0f})"
 
 
 def format_change(comparison: Comparison) -> str:

@@ -131,6 +131,35 @@ def test_comparison_over_seeds_pairs_each_seed_with_the_baselines(tmp_path, caps
     assert "upo 2 52.5% 0.0% – 100.0% +25.0 pts -38.5 to +88.5 n.s." in printed, printed
 
 
+def test_a_variant_the_same_on_every_seed_or_with_a_seed_missing_is_not_overstated(tmp_path, capsys):
+    """+20 points on both seeds: a t-interval of width 0 measures no spread, so no verdict of "better"; a variant whose
+    second seed has no evaluation at the stage shows "1 of 2" seeds on the terminal, as comparison.md does."""
+    from posttrain.ablate import print_summary
+    from posttrain.report import build_comparison
+
+    groups = {}
+    for variant, counts in {"grpo": [5, 6], "same": [9, 10], "cut": [9, 12]}.items():
+        groups[variant] = []
+        for seed, count in enumerate(counts):
+            root = tmp_path / f"tiny-{variant}-seed{seed}"
+            shutil.copytree(RUNS / "tiny-full", root)
+            metrics = json.loads((root / "upo" / "metrics.json").read_text())
+            metrics["eval"].update(n=20, accuracy=count / 20, verdicts=[1] * count + [0] * (20 - count),
+                                   prompts_sha="same")
+            (root / "upo" / "metrics.json").write_text(json.dumps(metrics))
+            groups[variant].append(root)
+    shutil.rmtree(groups["cut"][1] / "upo")
+    build_comparison([r for roots in groups.values() for r in roots], tmp_path / "out", groups=groups,
+                     baseline="grpo")
+    same = next(line for line in (tmp_path / "out" / "comparison.md").read_text().splitlines()
+                if line.startswith("| **same** |"))
+    assert "| +20.0 pts |   | same difference every seed: no interval |" in same, same
+    print_summary(groups, "grpo")
+    printed = [" ".join(line.replace("│", " ").split()) for line in capsys.readouterr().out.splitlines()]
+    assert any(line.startswith("cut 1 of 2 45.0%") for line in printed), printed
+    assert not any(line.startswith("same") and "better" in line for line in printed), printed
+
+
 SFT_ABLATION = """ablation:
   stage: sft
   until: sft

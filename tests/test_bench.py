@@ -148,6 +148,9 @@ def test_bf16_only_where_the_cpu_runs_it(native, monkeypatch, caplog, tiny_model
 
 def test_bench_one_step_on_a_tiny_model(tmp_path, posttrain_cli):
     out = tmp_path / "bench.json"
+    # an earlier bench's runs in the same work folder (another model): `--from-runs` below must not mix them in
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "rl.runs.json").write_text('{"runs": [{"row": "sft", "model": "another"}]}')
     posttrain_cli("bench", "--model", "tiny:llama", "--steps", "1", "--repeats", "1", "--rl-steps", "1",
                   "--batch-size", "2", "--num-generations", "2", "--max-completion-length", "4", "--max-length", "128",
                   "--work", tmp_path / "work", "--out", out, cwd=tmp_path, timeout=600)
@@ -169,6 +172,7 @@ def test_bench_one_step_on_a_tiny_model(tmp_path, posttrain_cli):
     posttrain_cli("bench", "--from-runs", tmp_path / "work", "--out", again, cwd=tmp_path)
     rebuilt = json.loads(again.read_text())
     assert list(rebuilt["table"]) == ["sft", "grpo", "upo"] and rebuilt["device"] == result["device"]
+    assert "another" not in json.dumps(rebuilt)
     for row, columns in rebuilt["table"].items():
         for name, column in columns.items():
             assert column["tokens_per_s"] == table[row][name]["tokens_per_s"]

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from posttrain.stats import format_eval_accuracy
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes" / "tiny" / "text.yaml"
 
@@ -36,7 +38,7 @@ def test_tiny_recipe_end_to_end(tiny_run, shared_tiny, check_evaluation):
     line = shared_tiny.log.read_text().split("held-out accuracy: ", 1)[1].splitlines()[0]
     parts = line.split(" → ")
     for part, (step, evaluation) in zip(parts, evaluated.items(), strict=True):  # what metrics.json holds
-        assert part.startswith(f"{step} {evaluation['accuracy']:.1%} (±"), line
+        assert part.startswith(f"{step} {format_eval_accuracy(evaluation)}"), line
         assert len(evaluation["verdicts"]) == evaluation["n"] == 8
     assert all(re.search(r"\), [+-]\d+\.\d( n\.s\.| \(p=)", p) for p in parts[1:]), "every change is tested"
     gates = [json.loads((run / s / "metrics.json").read_text())["promotion"]["gate"] for s in ("sft", "dpo", "upo")]

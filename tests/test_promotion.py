@@ -109,8 +109,8 @@ def test_gate_verdicts_reach_metrics_run_json_summary_and_report(gated_run):
     state = json.loads((gated_run / "run.json").read_text())
     assert state["steps"]["run"]["status"] == "stopped" and state["steps"]["dpo"]["gate"] == dpo["gate"]
     line = accuracy_line(gated_run)
-    assert line.startswith("base 10.0% (±10) → sft 25.0% (±13), +15.0 (p=0.031) → dpo 2.5% (±6), -22.5 (p=0.0039) "
-                           "✗ gate failed → upo 5.0% (±8), +2.5 n.s.")
+    assert line.startswith("base 10.0% (4–23) → sft 25.0% (14–40), +15.0 (p=0.031) → dpo 2.5% (0–13), -22.5 (p=0.0039) "
+                           "✗ gate failed → upo 5.0% (1–17), +2.5 n.s.")
     build_report(gated_run, compare=[])
     md = (gated_run / "report.md").read_text()
     assert "**Stage dpo failed its promote gate:** accuracy 2.5% vs 25.0% after sft" in md

@@ -65,7 +65,7 @@ def test_report_shows_every_stage_metric_from_metrics_json(full_report):
         assert md_row(md, f"**{stage}**", "## Training curves")[1:3] == [str(train["global_step"]),
                                                                           f"{train['train_loss']:.4g}"]
     # committed runs from before per-prompt verdicts: intervals from n, no paired test
-    assert "base 0.0% (±16) → sft 0.0% (±16) → dpo 0.0% (±16) → upo 37.5% (±28)" in md
+    assert "base 0.0% (0–32) → sft 0.0% (0–32) → dpo 0.0% (0–32) → upo 37.5% (14–69)" in md
     assert md_row(md, "accuracy") == ["16.7%", "16.7%"]  # dpo's own preference eval, before → after
     assert "Stage" not in md.split("## Steps")[0], "no failure call-out for a finished run"
 
@@ -167,7 +167,7 @@ def test_missing_measurements_say_not_measured(tmp_path):
 def test_kept_summary_helpers(tmp_path):
     run = copy_runs(tmp_path) / "tiny-failed"
     assert list(stage_metrics(run)) == ["base", "sft"]
-    assert accuracy_line(run) == "base 0.0% (±16) → sft 0.0% (±16)"
+    assert accuracy_line(run) == "base 0.0% (0–32) → sft 0.0% (0–32)"
 
 
 # ------------------------------------------------------------------------------------------------ ablation, CLI
@@ -290,8 +290,8 @@ def test_failed_rerun_shows_the_earlier_attempts_numbers_as_such(tmp_path):
     edit_json(run / "run.json", lambda s: s["steps"]["dpo"].update(status="failed", error="RuntimeError: oom"))
     (run / ".dpo.partial").mkdir()
     (run / ".dpo.partial" / "dpo.log").write_text("RuntimeError: CUDA out of memory (the new attempt)\n")
-    assert accuracy_line(run) == ("base 0.0% (±16) → sft 0.0% (±16) → dpo 0.0% (±16) (failed; from an earlier "
-                                  "attempt) → upo 37.5% (±28)")
+    assert accuracy_line(run) == ("base 0.0% (0–32) → sft 0.0% (0–32) → dpo 0.0% (0–32) (failed; from an earlier "
+                                  "attempt) → upo 37.5% (14–69)")
     view = load_run(run)
     md = to_markdown(sections.summary(view) + [sections.eval_table(view)], "files")
     assert "Full log: `.dpo.partial/dpo.log`. The numbers shown for it are from an earlier attempt." in md

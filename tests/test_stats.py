@@ -15,9 +15,13 @@ def test_wilson_matches_reference_values():
     assert stats.wilson(0, 0) == (0.0, 1.0)
 
 
-def test_half_width_of_fifty_percent_on_48_is_about_seven_points():
+def test_accuracy_is_printed_with_its_interval():
     assert stats.format_accuracy(24, 48) == "50.0% (±14)"  # ±13.6: the *interval* half-width, not the standard error
-    assert 100 * stats.half_width(100, 200) == pytest.approx(6.8, abs=0.1)
+    assert stats.format_accuracy(100, 200) == "50.0% (±7)"  # 6.8
+    assert stats.format_accuracy(126, 200) == "63.0% (±7)"  # 56.1-69.4: near enough to symmetric
+    # near 0 or 1 the interval itself: 0 of 8 is 0-32.4%, which "±16" would understate
+    assert stats.format_accuracy(0, 8) == "0.0% (0–32)"
+    assert stats.format_accuracy(10, 200) == "5.0% (3–9)"  # 2.7-9.0
 
 
 def test_mcnemar_exact_against_binomial_tail():

@@ -185,11 +185,16 @@ def variant_summaries(groups: dict[str, list[Path]], baseline: str, stage: str |
             paired = [paired_evals(b["eval"], r["eval"]) for b, r in zip(rows[baseline], runs)]
             differences = [c.difference for c in paired if c]
             d_mean, d_low, d_high = mean_interval(differences)
+            # the same difference on every seed gives a t-interval of width 0: no spread measured, not certainty
+            spread = len(differences) > 1 and max(differences) - min(differences) > 1e-9
+            if not spread:
+                d_low = d_high = d_mean  # no interval (shown blank)
             summary.update(differences=differences, difference=d_mean, difference_interval=(d_low, d_high),
                            significant_seeds=(sum(c.significant and c.difference > 0 for c in paired if c),
                                               sum(c.significant and c.difference < 0 for c in paired if c)),
                            verdict=("not measured" if not differences else "one seed: no interval"
-                                    if len(differences) < 2 else "better" if d_low > 0 else "worse" if d_high < 0
+                                    if len(differences) < 2 else "same difference every seed: no interval"
+                                    if not spread else "better" if d_low > 0 else "worse" if d_high < 0
                                     else "n.s."))
         summaries.append(summary)
     return summaries
@@ -213,8 +218,7 @@ def over_seeds(groups: dict[str, list[Path]], baseline: str, stage: str | None =
             continue
         differences, (d_low, d_high), verdict = v["differences"], v["difference_interval"], v["verdict"]
         table.append(cells + [Cell(f"{100 * v['difference']:+.1f} pts" if differences else "not measured", "num"),
-                              Cell(f"{100 * d_low:+.1f} to {100 * d_high:+.1f}" if len(differences) > 1 else "",
-                                   "num"),
+                              Cell(f"{100 * d_low:+.1f} to {100 * d_high:+.1f}" if d_high > d_low else "", "num"),
                               Cell(verdict, "ok" if verdict == "better" else "bad" if verdict == "worse" else ""),
                               Cell("{} better, {} worse of {}".format(*v["significant_seeds"], len(differences)),
                                    "num")])
