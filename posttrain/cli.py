@@ -116,6 +116,8 @@ def cmd_eval(args) -> int:
     else:
         raise UserError("give a run folder (posttrain eval outputs/<run>) or --model and --dataset")
     if args.out:
+        if Path(args.out).is_dir():  # else found only after the evaluation, by the rename that writes the file
+            raise UserError(f"--out {args.out}: it is a folder; give the path of the metrics JSON file to write")
         make_folder(Path(args.out).parent, "the folder for --out")
     metrics = run_saved(settings, model, tokenizer, adapter, args.out, trust_remote_code=remote)
     if args.out:

@@ -255,7 +255,8 @@ def field_types(classes) -> dict[str, Any]:
 
 def suggest(key: str, fields) -> str:
     """' (did you mean ...?)' for a misspelt key, or ''."""
-    close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.75)
+    # str: YAML reads a key such as `8:`, `on:` or `null:` as a number, a bool or None
+    close = difflib.get_close_matches(str(key), [str(f) for f in fields], n=3, cutoff=0.75)
     return f" (did you mean {', '.join(close)}?)" if close else ""
 
 

@@ -57,22 +57,41 @@ def check_sft_columns(dataset, name: str, text_field: str = "text", assistant_on
 
 
 def check_conversations(dataset, name: str) -> None:
-    """Every conversational row has at least one assistant turn and no empty assistant turn; names the row."""
+    """Every conversational row is a list of turns with a text role and a text (or parts) content, has at least one
+    assistant turn and no empty one; names the row. Run before any check that renders rows with the chat template,
+    which would otherwise stop on such a row with a bare Jinja or TypeError."""
     if "messages" not in dataset.column_names:
         return
     for index, messages in enumerate(dataset["messages"]):
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        if not isinstance(messages, list):
             found = "missing" if messages is None else f"a {type(messages).__name__}"
             raise UserError(f"pre-flight: {name} row {index}: \"messages\" is {found}; expected a list of "
                             "{role, content} turns")
+        for turn, message in enumerate(messages, 1):
+            _check_turn(message, f"pre-flight: {name} row {index}: turn {turn}")
         replies = [m for m in messages if m.get("role") == "assistant"]
         if not replies:
-            raise UserError(f"pre-flight: {name} row {index}: no assistant turn; expected at least one reply to train on")
+            roles = ", ".join(sorted({m["role"] for m in messages})) or "no turns"
+            raise UserError(f"pre-flight: {name} row {index}: no assistant turn (roles: {roles}); expected at least "
+                            "one reply to train on, with role 'assistant'")
         for turn, message in enumerate(replies, 1):
             if not message_text(message.get("content")).strip() and not message.get("tool_calls"):
                 raise UserError(
                     f"pre-flight: {name} row {index}: assistant turn {turn} is empty; expected a non-empty reply"
                 )
+
+
+def _check_turn(message, where: str) -> None:
+    """One turn: a {role, content} mapping whose role is text and whose content is text or a list of parts (a call
+    to tools may leave it out)."""
+    if not isinstance(message, dict):
+        raise UserError(f"{where} is a {type(message).__name__}; expected a {{role, content}} mapping")
+    if not isinstance(message.get("role"), str) or not message["role"]:
+        raise UserError(f"{where} has no role; expected one of system, user, assistant, tool")
+    content = message.get("content")
+    if not isinstance(content, (str, list)) and not (content is None and message.get("tool_calls")):
+        found = "no content" if content is None else f"content {content!r} ({type(content).__name__})"
+        raise UserError(f"{where} ({message['role']}) has {found}; expected text or a list of parts")
 
 
 def _first_tool_call_row(dataset) -> int | None:
@@ -148,7 +167,7 @@ def check_prompt_boundary(tokenizer, dataset, name: str, samples: int = 8) -> di
             prompt_turns, reply = row["prompt"], row[reply_column]
         kwargs = row.get("chat_template_kwargs") or {}
         mode = kwargs.get("enable_thinking")
-        if (not isinstance(prompt_turns, list) or not isinstance(reply, list) or not reply
+        if (not isinstance(prompt_turns, list) or not prompt_turns or not isinstance(reply, list) or not reply
                 or reply[-1].get("role") != "assistant" or modes.get(mode, 0) >= samples):
             continue  # plain-text rows have no template; TRL checks those itself
         modes[mode] = modes.get(mode, 0) + 1

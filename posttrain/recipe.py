@@ -56,6 +56,9 @@ TOP_KEYS = {"name", "modality", "base", "data", "eval", "shared", "stages", "acc
 TOP_TYPES = {"name": str, "modality": str, "description": str, "accelerate_config": str | None}
 # A run's folder is OUTPUT_DIR/<name>: one plain folder name, never a path that leaves OUTPUT_DIR.
 RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+# Values TRL, PEFT or torch refuse only when the stage starts (after the data jobs, the base evaluation and the stages
+# before it), with an error the run reports as a bug: checked with the recipe.
+STAGE_MINIMUMS = {"learning_rate": 0, "lora_r": 1, "per_device_train_batch_size": 1}
 # Set by the pipeline for each stage; a recipe that sets them would silently be overridden, so it is an error.
 RESERVED = {"model_name_or_path", "output_dir", "adapter_path", "tokenizer_name_or_path", "resume_from_checkpoint",
             "eval_dataset", "trust_remote_code", *(f"eval_{f.name}" for f in dataclasses.fields(EvalArguments))}
@@ -282,6 +285,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         base = dataclasses.replace(base, chat_template=str(resolve_relative(base.chat_template, path)))
     evaluation = _build(EvalArguments, raw.get("eval") or {}, f"{where}: eval")  # eval.dtype: a `Precision`
     stages = _check_stages(raw, where)
+    stages = {stage: _found_datasets(args, path) for stage, args in stages.items()}
+    if evaluation.dataset:
+        evaluation = dataclasses.replace(evaluation, dataset=_found(evaluation.dataset, path))
     gates = _gates(raw, list(stages), where)
     data = check_data_section(raw.get("data") or {}, where, list(stages))
     accelerate_config = check_type(raw.get("accelerate_config"), TOP_TYPES["accelerate_config"],
@@ -301,6 +307,25 @@ def resolve_relative(value: str, recipe_path: Path) -> Path:
         if (root / candidate).exists():
             return (root / candidate).resolve()
     return candidate
+
+
+def _found(value, recipe_path: Path):
+    """A dataset path that is not there from the working directory, found beside the recipe (or in the repository)
+    as README promises; one found from here, a Hub id or a `{data}` path stays as written."""
+    if not isinstance(value, str) or "{" in value or Path(value).exists():
+        return value
+    found = resolve_relative(value, recipe_path)
+    return str(found) if found.is_absolute() else value
+
+
+def _found_datasets(args: dict, recipe_path: Path) -> dict:
+    """A stage's dataset paths (`dataset_name`, `upo_offline_dataset`, a phase's `dataset_name`) through `_found`."""
+    args = {**args, **{key: _found(args[key], recipe_path) for key in ("dataset_name", "upo_offline_dataset")
+                       if key in args}}
+    if isinstance(args.get("phases"), list):
+        args["phases"] = [{**phase, "dataset_name": _found(phase.get("dataset_name"), recipe_path)}
+                          if isinstance(phase, dict) and "dataset_name" in phase else phase for phase in args["phases"]]
+    return args
 
 
 def _check_stages(raw: dict, where: str) -> dict[str, dict]:
@@ -341,6 +366,9 @@ def _check_values(stage: str, args: dict, own: dict, where: str) -> None:
         StageArguments(**{key: value for key, value in args.items() if key in ours})
     except UserError as exc:
         raise UserError(f"{where}: stages.{stage}: {exc}") from None
+    for key, minimum in STAGE_MINIMUMS.items():
+        if isinstance(args.get(key), (int, float)) and args[key] < minimum:
+            raise UserError(f"{where}: {origin(key)}.{key}: {args[key]} is below the minimum of {minimum}")
     rewards = args.get("rewards")
     if rewards is not None and not isinstance(rewards, dict):
         raise UserError(f"{where}: {origin('rewards')}.rewards: {rewards!r}; expected reward names with their "

@@ -6,6 +6,8 @@ sources). `{data}/<name>` must be a dataset the recipe's `data:` section builds;
 during the run and are not checked; `org/name` without a file suffix is a Hub id, which the stage loads itself.
 """
 
+import os
+import re
 from pathlib import Path
 
 from .errors import UserError
@@ -13,6 +15,7 @@ from .recipe import Recipe, resolve_relative
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".jinja", ".yaml", ".yml", ".txt")
 STAGE_DATASET_KEYS = ("dataset_name", "upo_offline_dataset")
+PLACEHOLDERS = ("{data}", "{run}", "{base}")
 
 
 def check_recipe_files(recipe: Recipe) -> None:
@@ -31,9 +34,37 @@ def check_recipe_files(recipe: Recipe) -> None:
     for name, spec in recipe.data.items():
         for key, value in named_strings(spec, f"data.{name}"):
             problems += _path_problem(key, value, recipe, relative_to_recipe=True)
+    problems += placeholder_problems(recipe) + order_problems(recipe)
     if problems:
-        raise UserError(f"{recipe.path}: the recipe names files that do not exist (checked before any work):\n  "
+        raise UserError(f"{recipe.path}: the recipe names files or data that do not exist, or do not exist yet when read (checked before any work):\n  "
                         + "\n  ".join(problems))
+
+
+def placeholder_problems(recipe: Recipe) -> list[str]:
+    """A misspelt placeholder at the start of a path (`{dta}/x`, `{Data}/x`, `{data/x`) is kept as text: the stage
+    would look for it on the Hub, after the data jobs and the base evaluation."""
+    sections = {"base": recipe.raw.get("base"), "eval": recipe.raw.get("eval"), "data": recipe.data,
+                "shared": recipe.raw.get("shared"), "stages": recipe.raw.get("stages")}
+    return [f"{key}: {value}: not a placeholder; expected {', '.join(PLACEHOLDERS)}"
+            for section, spec in sections.items() for key, value in named_strings(spec, section)
+            if re.match(r"{\w*[}/]", value) and not value.startswith(PLACEHOLDERS)]  # not text such as '{"a": 1}'
+
+
+def order_problems(recipe: Recipe) -> list[str]:
+    """`{data}/<name>` read by a stage (or by the base model's evaluation) before the stage its job runs `after:` has
+    finished: the data would not exist yet when it is read."""
+    order, problems = list(recipe.stages), []
+    readers = [(f"stages.{stage}.{key}", args.get(key), stage, order[:i])
+               for i, (stage, args) in enumerate(recipe.stages.items()) for key in STAGE_DATASET_KEYS]
+    readers.append(("eval.dataset", recipe.eval.dataset, "the base model's evaluation", []))
+    for key, value, reader, before in readers:
+        if isinstance(value, str) and value.startswith("{data}/"):
+            job = value[len("{data}/"):].split("/")[0]
+            after = (recipe.data.get(job) or {}).get("after")
+            if after and after not in before:
+                problems.append(f"{key}: {value} is built after stage '{after}' (data.{job}.after), which does not "
+                                f"run before {reader} ({' → '.join(order)})")
+    return problems
 
 
 def named_strings(value, key: str):
@@ -53,10 +84,35 @@ def _dataset_problem(key: str, value: str, recipe: Recipe) -> list[str]:
     if "{" in value or Path(value).suffix in FILE_SUFFIXES:
         return _path_problem(key, value, recipe, relative_to_recipe=False)
     hub_id = len([part for part in value.split("/") if part]) == 2 == value.count("/") + 1 and value[0] not in "./"
-    if hub_id or Path(value).is_dir():
+    if hub_id:
+        return _offline_hub_problem(key, value)
+    if Path(value).is_dir():
         return []
     return [f"{key}: no such folder or data file: {value} (expected a folder, a .jsonl/.json/.parquet/.csv file, "
             "{data}/<name> or a Hub id org/name)"]
+
+
+def _offline_hub_problem(key: str, repo_id: str) -> list[str]:
+    """Offline, a Hub dataset that nothing cached would stop its stage only when it starts, after the stages before
+    it: refused here unless the Hub's cache or datasets' own cache holds something of it (which may load)."""
+    from .models.load import is_offline
+
+    if not is_offline() and os.environ.get("HF_DATASETS_OFFLINE", "").upper() not in ("1", "ON", "YES", "TRUE"):
+        return []
+    from datasets import config
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        snapshot_download(repo_id, repo_type="dataset", local_files_only=True)
+        return []
+    except LocalEntryNotFoundError:
+        pass
+    if (Path(config.HF_DATASETS_CACHE) / repo_id.replace("/", "___")).exists():
+        return []
+    return [f"{key}: dataset '{repo_id}' is not in the local Hugging Face cache and offline mode is on "
+            f"(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); download it where there is network (hf download {repo_id} "
+            "--repo-type dataset) or name a local folder or data file"]
 
 
 def _path_problem(key: str, value: str, recipe: Recipe, relative_to_recipe: bool) -> list[str]:

@@ -111,6 +111,18 @@ RECIPES = [
     ("override-yes-is-not-true", None, ["shared.use_peft=yes"], ["shared.use_peft: 'yes' (str) is not a valid bool"]),
     ("override-comment", None, ["stages.sft.seed=3 #x"],
      ["override 'stages.sft.seed=3 #x': '#x' would be read as a YAML comment and dropped"]),
+    # found before any work rather than after the data jobs, the base evaluation or the stages before
+    ("placeholder-typo", _set("stages.sft.dataset_name", "{dta}/verifiable"), [],
+     ["stages.sft.dataset_name: {dta}/verifiable: not a placeholder; expected {data}, {run}, {base}"]),
+    ("data-built-after-a-later-stage", lambda raw: {**raw, "stages": {s: raw["stages"][s] for s in ("dpo", "sft", "upo")}},
+     [], ["stages.dpo.dataset_name: {data}/pairs is built after stage 'sft' (data.pairs.after)"]),
+    ("offline-hub-dataset", _set("stages.upo.dataset_name", "someone/missing-prompts"), [],
+     ["stages.upo.dataset_name: dataset 'someone/missing-prompts' is not in the local Hugging Face cache"]),
+    ("negative-learning-rate", _set("stages.sft.learning_rate", -1), [],
+     ["stages.sft.learning_rate: -1 is below the minimum of 0"]),
+    ("lora-r-zero", None, ["shared.lora_r=0"], ["shared.lora_r: 0 is below the minimum of 1"]),
+    ("a-key-yaml-reads-as-a-bool", lambda raw: {**raw, "shared": {**raw["shared"], True: 8}}, [],
+     ["shared.True: unknown key"]),
 ]
 
 
@@ -170,6 +182,13 @@ CONVERSATIONS = [
     ("no-assistant-turn", [{"messages": TURNS[:1]}], "row 0: no assistant turn"),
     ("empty-assistant-turn", [{"messages": [TURNS[0], {"role": "assistant", "content": " "}]}],
      "row 0: assistant turn 1 is empty"),
+    # before the template renders the rows: a bare Jinja or TypeError otherwise, reported as a bug
+    ("turn-without-role", [{"messages": [{"content": "hi"}, TURNS[1]]}], "row 0: turn 1 has no role"),
+    ("content-a-number", [{"messages": [{"role": "user", "content": 5}, TURNS[1]]}],
+     r"row 0: turn 1 \(user\) has content 5 \(int\)"),
+    ("content-missing", [{"messages": [TURNS[0], {"role": "assistant"}]}], r"row 0: turn 2 \(assistant\) has no content"),
+    ("sharegpt-roles", [{"messages": [{"role": "human", "content": "hi"}, {"role": "gpt", "content": "hey"}]}],
+     r"row 0: no assistant turn \(roles: gpt, human\)"),
 ]
 
 

@@ -162,6 +162,8 @@ def test_eval_names_a_wrong_model_adapter_or_dataset(tmp_path, capsys, monkeypat
          "prompt rows need the columns prompt (a list of {role, content} messages) and answer"),
         (["--model", "tiny:qwen2", *data, "--out", str(rows / "metrics.json")],  # a file where a folder must be
          f"cannot create the folder for --out {rows}: File exists"),
+        (["--model", "tiny:qwen2", *data, "--out", str(tmp_path)],  # refused before evaluating, not after
+         f"--out {tmp_path}: it is a folder"),
     ]
     for args, expected in cases:
         assert main(["eval", *args]) == 2, args

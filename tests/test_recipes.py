@@ -257,6 +257,24 @@ def test_a_template_file_beside_the_recipe_is_found_from_any_folder(tmp_path, mo
     assert chat_template_text(loaded.base.chat_template) == "{{ messages[0]['content'] }}"
 
 
+def test_a_dataset_file_beside_the_recipe_is_found_from_any_folder(tmp_path, monkeypatch):
+    """`dataset_name: data/chat.jsonl` relative to the recipe's folder, run from another folder (README: relative paths
+    are found from the working directory, the recipe's folder or the repository); one found from here stays as
+    written."""
+    import re
+
+    recipe = tmp_path / "recipes" / "r.yaml"
+    (recipe.parent / "data").mkdir(parents=True)
+    (recipe.parent / "data" / "chat.jsonl").write_text("{}\n")
+    recipe.write_text(re.sub(r"(sft:\n(?:.*\n)*?\s+dataset_name:) \S+", r"\1 data/chat.jsonl", TINY, count=1))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert load_recipe(recipe).stages["sft"]["dataset_name"] == str(recipe.parent / "data" / "chat.jsonl")
+    monkeypatch.chdir(recipe.parent)
+    assert load_recipe(recipe).stages["sft"]["dataset_name"] == "data/chat.jsonl"
+
+
 def test_a_value_is_used_as_checked(tmp_path):
     """`5e-2` is a string to PyYAML (YAML 1.1); the section is built from the float it is checked as."""
     path = _write(tmp_path, TINY.replace("gate: {metric: accuracy}", "gate: {metric: accuracy, max_drop: 5e-2}"))

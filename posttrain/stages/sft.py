@@ -42,11 +42,11 @@ def main(stage_args: StageArguments, training_args, model_args):
     dataset = common.keep_columns(with_template_kwargs(dataset), SFT_COLUMNS | {training_args.dataset_text_field})
     text_checks = {}
     if stage_args.preflight:
+        gates.check_conversations(dataset, stage_args.dataset_name)  # first: the checks below render the rows
         if not images:  # image rows train on the reply without the template's markers (see vision_rows)
             gates.check_template_markers(tokenizer, training_args.assistant_only_loss)
             text_checks = gates.check_tool_calls(tokenizer, dataset, stage_args.dataset_name)
             text_checks.update(gates.check_prompt_boundary(tokenizer, dataset, stage_args.dataset_name))
-        gates.check_conversations(dataset, stage_args.dataset_name)
     if images:
         dataset = vision_rows(dataset, training_args, stage_args)
 
