@@ -356,6 +356,11 @@ def load_rows(dataset: str, split: str = "test", limit: int | None = None) -> li
         raise UserError(f"{dataset} ({split}): no rows")
     if limit:
         data = data.select(range(min(limit, len(data))))
+    # prompts are rendered with the chat template: a plain string (TRL's standard form) would fail inside it
+    text = next((i for i, prompt in enumerate(data["prompt"]) if not isinstance(prompt, list)), None)
+    if text is not None:
+        raise UserError(f"{dataset} ({split}): row {text}: prompt is {type(data['prompt'][text]).__name__}; expected "
+                        'a list of {role, content} messages, e.g. [{"role": "user", "content": "What is 2 + 2?"}]')
     # a row without an answer cannot be scored; counted neither right nor wrong it would make `accuracy` and the
     # paired verdicts disagree
     empty = [i for i, answer in enumerate(data["answer"]) if answer is None or not str(answer).strip()]

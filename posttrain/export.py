@@ -201,6 +201,7 @@ def write_merged(ref, out: Path, dtype: str) -> dict:
     reference = _logits(model, probe)
     merged = model.merge_and_unload()
     merged.to(getattr(torch, dtype))
+    stop_at_reply_end(merged, ref.tokenizer)
     merged.save_pretrained(out)
     save_tokenizer(ref.tokenizer, out)
     del model, merged
@@ -223,6 +224,19 @@ def write_merged(ref, out: Path, dtype: str) -> dict:
         raise RuntimeError(f"merged weights do not reproduce adapter-on-base: relative logit error {error:.2e} > "
                            f"{tolerance:.1e} ({dtype}); the export was not written")
     return checks
+
+
+def stop_at_reply_end(model, tokenizer_path: str) -> None:
+    """The generation config stops at the tokenizer's EOS too: the recipe's chat template ends a reply with it (ERNIE's
+    <|end_of_sentence|> where the model's config says </s>, a Qwen base model's <|im_end|>), and `generate()`,
+    pipelines and serving engines stop where the generation config says, not the tokenizer."""
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(tokenizer_path).eos_token_id
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if eos is not None and eos not in ids:
+        model.generation_config.eos_token_id = [eos, *ids]  # the model's own EOS still stops it
 
 
 def _refuse_lora_on_tied_embeddings(model, ref) -> None:

@@ -144,6 +144,27 @@ def check_tool_calls(tokenizer, dataset, name: str) -> dict:
     return {"tool_call_row_checked": index}
 
 
+def check_reasoning(tokenizer, dataset, name: str) -> None:
+    """Replies with a `reasoning_content` field (TRL's and OpenAI's form) must keep their reasoning: posttrain's
+    templates, like many, render `content` only, so the reasoning would be dropped from training without a word.
+    Checked on the first such row, rendered as TRL renders it."""
+    if "messages" not in dataset.column_names:
+        return
+    for index, messages in enumerate(dataset["messages"]):
+        reasoning = next((m["reasoning_content"] for m in messages or [] if m.get("role") == "assistant"
+                          and isinstance(m.get("reasoning_content"), str) and m["reasoning_content"].strip()), None)
+        if reasoning is None:
+            continue
+        row = dataset[index]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, **(row.get("chat_template_kwargs") or {}))
+        if reasoning.strip() not in text:
+            raise UserError(f"pre-flight: {name} row {index}: the reply's reasoning_content is not in the text the chat "
+                            "template renders, so it would be dropped from training. Convert the file with "
+                            "`posttrain data build_sft_set --sources FILE --output_dir DIR` (it writes the reasoning "
+                            "as a <think> block and sets the row's thinking mode), or use a template that renders it")
+        return
+
+
 def check_prompt_boundary(tokenizer, dataset, name: str, samples: int = 8) -> dict:
     """The prompt a reply is generated from must be tokenized the same way in training as when the model answers.
 

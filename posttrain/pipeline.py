@@ -93,6 +93,7 @@ class Pipeline:
         self.state: dict = {}  # run.json, read under the run's lock (`run`)
         self.base_model: Path | None = None  # resolved at the start of run()
         self.legacy_base_hash: str | None = None  # the base hash before `lineage.base_identity` (`evaluate_base`)
+        self.later_data: set[str] = set()  # data jobs only stages after `--until` read: not built (`build_data`)
 
     # ------------------------------------------------------------------------------------------------ bookkeeping
     def _record(self, step: str, **info) -> None:
@@ -230,9 +231,11 @@ class Pipeline:
         self.root.mkdir(parents=True, exist_ok=True)
         # the recipe as run (command-line overrides applied): what the report and model cards show
         write_text(self.root / "recipe.yaml", yaml.safe_dump(self.recipe.raw, sort_keys=False))
-        self._record("run", started=time.strftime("%Y-%m-%d %H:%M:%S"), status="running")
+        self._record("run", started=time.strftime("%Y-%m-%d %H:%M:%S"), status="running", error=None)
         try:
             self.resolve_base()
+            # `--until`: the data jobs only the stages after it read are left for the run that gets there
+            self.later_data = self.data_for_later_stages(order) if until else set()
             self.build_data(after=None)
             self.evaluate_base()
             selected = {only} if only else set(order[order.index(start):]) if start else set(order)
@@ -263,11 +266,11 @@ class Pipeline:
     def build_data(self, after: str | None) -> None:
         """Run the recipe's data jobs that belong at this point: before everything, or right after stage `after`
         (then the stage's inputs hash and its weights are part of the job's inputs, so a re-trained stage rebuilds
-        its data)."""
+        its data); not those only stages after `--until` read (`later_data`)."""
         from .datajobs import run_job
 
         for name, spec in self.recipe.data.items():
-            if spec.get("after") != after:
+            if spec.get("after") != after or name in self.later_data:
                 continue
             args = self.local_paths(self.substitute({k: v for k, v in spec.items() if k not in ("job", "after")}))
             if spec["job"] == "build_onpolicy_pairs" and self.recipe.base.trust_remote_code:
@@ -287,6 +290,13 @@ class Pipeline:
                 run_job(spec["job"], args, out)
             write_text(stamp, digest)
             self._record(f"data/{name}", status="done", wall_time_s=round(time.time() - started, 1))
+
+    def data_for_later_stages(self, order: list[str]) -> set[str]:
+        """The data jobs whose output (`{data}/<name>`) no stage in `order`, the held-out evaluation or another data
+        job names: only the stages after `order` read them."""
+        readers = json.dumps([[self.recipe.stages[s] for s in order], dataclasses.asdict(self.recipe.eval),
+                              list(self.recipe.data.values())], default=str)
+        return {name for name in self.recipe.data if f"{{data}}/{name}" not in readers}
 
     def resolve_base(self) -> None:
         """The base model as a local folder, and its tokenizer with the recipe's chat template in base/tokenizer."""
@@ -313,6 +323,8 @@ class Pipeline:
         self.eval_hash = self.held_out_hash()
         digest = self.digest({"base": self.base_hash, "eval": self.eval_hash})
         if self._up_to_date(out, digest, self.digest({"base": self.legacy_base_hash, "eval": self.eval_hash})):
+            # what an earlier failed attempt (another eval set) recorded no longer describes the base evaluation
+            self._record("base", status="done", error=None, log=None)
             return
         started = time.time()
         evaluation = self.run_eval(out, "base") if self.recipe.eval.dataset else None

@@ -484,3 +484,14 @@ def test_held_out_rows_without_an_answer_are_refused(tmp_path):
     with pytest.raises(UserError, match="row 2 has no answer"):
         load_rows(str(path), "test")
     assert len(load_rows(str(path), "test", limit=2)) == 2
+
+
+def test_held_out_prompts_written_as_plain_text_are_refused_by_row(tmp_path):
+    """`{"prompt": "What is 2 + 2?"}` (TRL's standard form) has no turns for the chat template to render: one line
+    naming the row and the form expected, not a traceback from inside the template."""
+    from posttrain.errors import UserError
+
+    path = tmp_path / "test.jsonl"
+    path.write_text(json.dumps({"prompt": "What is 2 + 2?", "answer": "4"}) + "\n")
+    with pytest.raises(UserError, match=r"row 0: prompt is str; expected a list of \{role, content\} messages"):
+        load_rows(str(path), "test")

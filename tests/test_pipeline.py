@@ -154,18 +154,41 @@ def test_a_stage_recorded_with_the_earlier_inputs_hash_is_still_skipped(shared_t
 
 def test_a_stage_skipped_as_finished_is_done_whatever_an_earlier_attempt_recorded(shared_tiny, tiny_run, tmp_path,
                                                                                    posttrain_cli):
-    """A re-run with other inputs failed (run.json: sft failed, its log), then the inputs went back: the finished
-    stage is skipped, and run.json (which the report reads) says done again."""
+    """A re-run with other inputs failed (run.json: sft failed, its log; or the base evaluation failed on another eval
+    set), then the inputs went back: the finished stage and the base evaluation are skipped, and run.json (which the
+    report and the accuracy line read) says done again, with no error left on the run."""
+    from posttrain.report.load import accuracy_line
+
     cwd = tmp_path / "copy"
     shutil.copytree(shared_tiny.root, cwd)
     state_path = cwd / "outputs" / shared_tiny.name / "run.json"
     state = json.loads(state_path.read_text())
     state["steps"]["sft"].update(status="failed", error="ValueError: bad row", log="/elsewhere/.sft.partial/sft.log")
+    state["steps"]["base"].update(status="failed", error="UserError: no such eval set", log="/elsewhere/base.log")
+    state["steps"]["run"].update(error="UserError: no such eval set")
     state_path.write_text(json.dumps(state))
     again = posttrain_cli("run", "recipe.yaml", "--until", "sft", cwd=cwd)
     assert "sft: finished earlier with the same inputs, skipped" in again.stdout
-    sft = json.loads(state_path.read_text())["steps"]["sft"]
-    assert sft["status"] == "done" and sft["error"] is None and sft["log"] is None
+    steps = json.loads(state_path.read_text())["steps"]
+    assert steps["sft"]["status"] == "done" and steps["sft"]["error"] is None and steps["sft"]["log"] is None
+    assert steps["base"]["status"] == "done" and steps["base"]["error"] is None and steps["run"]["error"] is None
+    assert "failed" not in accuracy_line(state_path.parent)
+
+
+def test_until_leaves_out_the_data_only_later_stages_read(tmp_path):
+    """`--until sft` builds what SFT and the evaluation read, not a preference set only DPO reads (a bad row there
+    would stop a run that never gets to DPO)."""
+    from posttrain.pipeline import Pipeline
+    from posttrain.recipe import load_recipe
+
+    raw = yaml.safe_load(TINY.read_text())
+    raw["data"]["prefs"] = {"job": "build_preference_set", "sources": [{"path": "prefs.jsonl"}]}
+    raw["stages"]["upo"].update(upo_mode="both", upo_offline_dataset="{data}/prefs")
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    pipeline = Pipeline(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "outputs")
+    assert pipeline.data_for_later_stages(["sft"]) == {"pairs", "prefs"}  # pairs: built after sft, for dpo
+    assert pipeline.data_for_later_stages(["sft", "dpo"]) == {"prefs"}
+    assert pipeline.data_for_later_stages(["sft", "dpo", "upo"]) == set()
 
 
 def test_a_discarded_unfinished_stage_says_what_changed(tmp_path):

@@ -97,6 +97,46 @@ def test_gate_template_without_generation_markers(tiny_model_path):
     gates.check_template_markers(tokenizer, assistant_only_loss=False)
 
 
+def test_rows_cut_to_nothing_are_counted_and_a_test_split_gives_trls_eval_loss(tiny_model_path, sft_configs, tmp_path):
+    """TRL drops the rows whose reply `max_length` cuts away without a word: the stage counts them (a warning and
+    `rows_dropped` in metrics.json). `dataset_test_split` with an `eval_strategy` gives TRL's eval loss, as TRL's own
+    sft script passes it."""
+    from datasets import Dataset
+
+    turns = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
+    long = [{"role": "system", "content": "Answer with care. " * 40}, *turns]
+    data = tmp_path / "data"
+    data.mkdir()
+    Dataset.from_list([{"messages": turns}] * 6 + [{"messages": long}] * 2).to_parquet(data / "sft.parquet")
+    Dataset.from_list([{"messages": turns}] * 2).to_parquet(data / "test.parquet")
+    stage_args, training, model_args = sft_configs(tiny_model_path("llama"), data, tmp_path / "out", max_steps=2,
+                                                   max_length=64, eval_strategy="steps", eval_steps=1)
+    stage_args.dataset_test_split, stage_args.eval_dataset = "test", None
+    trainer = sft.main(stage_args, training, model_args)
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["preflight"]["rows_dropped"] == 2
+    assert len(trainer.train_dataset) == 6
+    losses = [log["eval_loss"] for log in trainer.state.log_history if "eval_loss" in log]
+    assert losses and all(math.isfinite(x) for x in losses)
+
+
+def test_gate_reasoning_the_template_drops():
+    """A reply's `reasoning_content` (TRL's and OpenAI's form) that the chat template does not render would be
+    dropped from training without a word: refused, naming the row; the same reply as a <think> block passes."""
+    from datasets import Dataset
+
+    from posttrain.models import resolve_model
+
+    tokenizer = load_tokenizer(resolve_model("tiny:llama"), "chatml")
+    reply = {"role": "assistant", "content": "4", "reasoning_content": "Two and two make four."}
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            {"messages": [{"role": "user", "content": "What is 2 + 2?"}, reply]}]
+    with pytest.raises(UserError, match="data.jsonl row 1: the reply's reasoning_content is not in the text"):
+        gates.check_reasoning(tokenizer, Dataset.from_list(rows), "data.jsonl")
+    think = {"role": "assistant", "content": "<think>\nTwo and two make four.\n</think>\n\n4"}
+    gates.check_reasoning(tokenizer, Dataset.from_list([rows[0], {"messages": [rows[1]["messages"][0], think]}]),
+                          "data.jsonl")
+
+
 def test_gate_empty_assistant_turn_names_row():
     from datasets import Dataset
 

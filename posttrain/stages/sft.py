@@ -46,6 +46,7 @@ def main(stage_args: StageArguments, training_args, model_args):
         if not images:  # image rows train on the reply without the template's markers (see vision_rows)
             gates.check_template_markers(tokenizer, training_args.assistant_only_loss)
             text_checks = gates.check_tool_calls(tokenizer, dataset, stage_args.dataset_name)
+            gates.check_reasoning(tokenizer, dataset, stage_args.dataset_name)
             text_checks.update(gates.check_prompt_boundary(tokenizer, dataset, stage_args.dataset_name))
     if images:
         dataset = vision_rows(dataset, training_args, stage_args)
@@ -53,11 +54,14 @@ def main(stage_args: StageArguments, training_args, model_args):
     problem = common.padding_free_problem(model, images) if training_args.padding_free else None
     flatten = flatten_requested(training_args, problem)
     trainer = SFTTrainer(
-        model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+        model=model, args=training_args, train_dataset=dataset,
+        eval_dataset=heldout_rows(stage_args, training_args, images), processing_class=tokenizer,
+        peft_config=peft_config
     )
     common.guard_checkpoints(trainer)
     # image gates first: cut image tokens would also show up below as rows with nothing to train
     preflight = common.prepare_trainer(trainer, model, stage_args, model_args, images)
+    preflight.update(report_dropped_rows(trainer, len(dataset), training_args, stage_args.dataset_name))
     if stage_args.preflight:
         end_of_turn = gates.end_of_turn_ids(vision.text_tokenizer(tokenizer), getattr(trainer, "chat_template", None))
         preflight.update(gates.check_collated_labels(trainer, end_of_turn))
@@ -70,6 +74,31 @@ def main(stage_args: StageArguments, training_args, model_args):
     result = common.train(trainer, training_args, stage_args)
     common.finish(trainer, "sft", stage_args, tokenizer, result, started, extra={"preflight": preflight})
     return trainer
+
+
+def report_dropped_rows(trainer, rows: int, training_args, name: str) -> dict:
+    """TRL leaves out, without a word, the rows with no trained token left once cut to `max_length` (a reply behind a
+    long prompt): say how many, so a recipe does not train on part of its data unawares."""
+    if training_args.packing:
+        return {}  # packed sequences are not rows: nothing to count
+    dropped = rows - len(trainer.train_dataset)
+    if dropped:
+        logger.warning("pre-flight: %s: %d of %d rows have no reply token left within max_length=%s, so TRL leaves "
+                       "them out of training; raise max_length (or shorten their prompts) to train on them", name,
+                       dropped, rows, training_args.max_length)
+    return {"rows_dropped": dropped}
+
+
+def heldout_rows(stage_args, training_args, images: bool):
+    """The `dataset_test_split` rows for TRL's eval loss, when an `eval_strategy` asks for it (as TRL's sft script
+    passes them), prepared as the training rows are; None otherwise."""
+    if not stage_args.dataset_test_split or training_args.eval_strategy == "no":
+        return None
+    from ..data import load_split
+
+    dataset = load_split(stage_args.dataset_name, stage_args.dataset_test_split, stage_args.dataset_config)
+    dataset = common.keep_columns(with_template_kwargs(dataset), SFT_COLUMNS | {training_args.dataset_text_field})
+    return vision_rows(dataset, training_args, stage_args) if images else dataset
 
 
 def flatten_requested(training_args, problem: str | None) -> bool:
