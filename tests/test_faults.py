@@ -451,6 +451,19 @@ def test_offline_pairs_shared_order_disjoint_across_processes_and_resumable():
         OfflinePairs(pairs, seed="0").load_state_dict(ranks[0].state_dict(), "ckpt")
 
 
+def test_a_draw_of_offline_pairs_counts_all_processes_together():
+    """A step's offline pairs are counted over all processes (half a prompt on each of two processes draws one pair
+    between them, as one process does on the same rows), shared out as evenly as the count allows."""
+    from posttrain.trainers.upo_pairs import OfflinePairs
+
+    pairs = [(i,) for i in range(7)]
+    for count, shares in ((1, [1, 0]), (3, [2, 1]), (4, [2, 2])):
+        ranks = [OfflinePairs(pairs, seed="0", rank=r, processes=2) for r in range(2)]
+        drawn = [ranks[r].take(count) for r in range(2)]
+        assert [len(d) for d in drawn] == shares
+        assert sorted(drawn[0] + drawn[1]) == sorted(OfflinePairs(pairs, seed="0").take(count))  # one process's
+
+
 def test_killed_stage_resumes_from_checkpoint(tmp_path, posttrain_cli):
     """The stage process SIGKILLed right after its second checkpoint (the stage's test hook), then the same command."""
     overrides = ["stages.sft.max_steps=4", "shared.save_strategy=steps", "shared.save_steps=1", "eval.dataset=null",

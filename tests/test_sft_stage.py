@@ -386,3 +386,14 @@ def test_sft_on_a_bf16_base_keeps_lora_in_float32(tiny_model_path, task_data, sf
     assert any(p.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)
     saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert saved and all(t.dtype == torch.float32 for t in saved.values())
+
+
+def test_the_last_step_is_logged_whatever_logging_steps(tiny_model_path, task_data, sft_configs, tmp_path):
+    """The last step is logged even when `logging_steps` does not divide `max_steps`: the Trainer averages the loss
+    over processes only when it logs, and an unlogged last step entered `train_loss` as the main process's own loss
+    (two gloo processes, 3 steps, logging_steps 2: 5.91 where one process trains to 6.13)."""
+    trainer = sft.main(*sft_configs(tiny_model_path("llama"), task_data, tmp_path / "out", logging_steps=2))
+    logged = [log for log in trainer.state.log_history if "loss" in log]
+    assert [log["step"] for log in logged] == [2, 3]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["train"]["train_loss"] == pytest.approx((2 * logged[0]["loss"] + logged[1]["loss"]) / 3, rel=1e-5)

@@ -937,3 +937,31 @@ def test_padding_free_scoring_trains_as_the_padded_batches_do(tmp_path, tiny_mod
         assert padded.keys() == packed.keys() and padded
         for name in padded:
             torch.testing.assert_close(packed[name], padded[name], rtol=1e-3, atol=1e-5)
+
+
+def test_the_pairs_forward_bypasses_ddp(tmp_path):
+    """Under DDP the pairs' forward runs on the wrapped module: a process's placeholder forward without images left
+    the projector GRPO's forward had used out of DDP's last forward, and the backward failed ("marked as ready
+    twice"; a VLM whose SFT trained the projector, UPO on two processes, a step where one process held no pair)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from posttrain.trainers.upo_trainer import _inside_ddp
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.projector, self.text = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+
+        def forward(self, x, images: bool):
+            return self.text(self.projector(x) if images else x)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(Toy(), find_unused_parameters=True)
+        x = torch.ones(1, 2)
+        grpo = ddp(x, images=True)
+        (grpo.sum() + _inside_ddp(ddp)(x, images=False).sum()).backward()  # as DDP's own forward: an error
+        assert ddp.module.projector.weight.grad is not None
+    finally:
+        dist.destroy_process_group()

@@ -44,9 +44,9 @@ class UPOConfig(GRPOConfig):
             Preference data for `"offline"`/`"both"`: a data_prep folder, a data file or a Hub id with columns
             `prompt`, `chosen`, `rejected` (conversational or plain text) and optionally `thinking`.
         upo_offline_ratio (`float`, *optional*, defaults to `1.0`):
-            Offline pairs per RL prompt: each micro-batch, which holds `per_device_train_batch_size / num_generations`
-            prompts, mixes in `round(upo_offline_ratio × that)` offline pairs, at least 1. `1.0` trains on as many
-            offline pairs as prompts.
+            Offline pairs per RL prompt: each micro-step, whose micro-batches hold `per_device_train_batch_size ×
+            processes / num_generations` prompts, mixes in `round(upo_offline_ratio × that)` offline pairs, at least 1,
+            shared out over the processes. `1.0` trains on as many offline pairs as prompts.
         rewards (`dict[str, float]` or `None`, *optional*, defaults to `None`):
             Reward functions by name from `posttrain.rewards.REWARDS`, with their weights, e.g.
             `{"accuracy": 1.0, "think_format": 0.5}`. Replaces GRPO's positional `reward_weights` (leave that unset): a

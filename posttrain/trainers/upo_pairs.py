@@ -299,11 +299,11 @@ def merge_images(parts: list[dict | None]) -> dict:
 class OfflinePairs:
     """Pre-tokenized offline pairs, handed out in a shuffled order that is reshuffled at every pass over the data.
 
-    All processes walk one shared order: a draw of `count` pairs per process takes the next `count × processes` pairs
-    and process `rank` keeps its slice, so no two processes train on the same pair in a step (a pass's tail too short
-    for a whole step is left for the next, reshuffled pass, unless a step needs more pairs than there are). The
-    position in the order (`state_dict`) is saved with every checkpoint, so a resumed run draws exactly the pairs an
-    uninterrupted one would.
+    All processes walk one shared order: a draw of `count` pairs (all processes together) takes the next `count` pairs
+    and process `rank` keeps its slice (as even as `count` allows; a process may get none), so no two processes train
+    on the same pair in a step (a pass's tail too short for a whole step is left for the next, reshuffled pass, unless
+    a step needs more pairs than there are). The position in the order (`state_dict`) is saved with every checkpoint,
+    so a resumed run draws exactly the pairs an uninterrupted one would.
 
     Args:
         pairs (`list[tuple[list[int], list[int], list[int]]]`): `(prompt_ids, chosen_ids, rejected_ids)` per pair.
@@ -323,7 +323,7 @@ class OfflinePairs:
         return order
 
     def take(self, count: int) -> list[tuple[list[int], ...]]:
-        need = count * self.processes
+        need = count
         if self.cursor + need > len(self.order) and need <= len(self.order):
             self.cursor = len(self.order)  # like drop_last: a step's pairs come from one pass, so none appears twice
         taken = []
@@ -333,7 +333,9 @@ class OfflinePairs:
                 self.order = self._shuffled()
             taken.append(self.pairs[self.order[self.cursor]])
             self.cursor += 1
-        return taken[self.rank * count:(self.rank + 1) * count]
+        share, extra = divmod(count, self.processes)  # the first `extra` processes take one more
+        start = self.rank * share + min(self.rank, extra)
+        return taken[start:start + share + (self.rank < extra)]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "pairs": len(self.pairs), "processes": self.processes}

@@ -525,9 +525,13 @@ class UPOTrainer(GRPOTrainer):
         offline = self._draw_offline() if self._offline is not None and mode == "train" else []
         offline_prompts = [pair[0] for pair in offline] * 2
         offline_completions = [pair[1] for pair in offline] + [pair[2] for pair in offline]
-        offline_images = merge_images([pair[3] for pair in offline] * 2) if offline and len(offline[0]) > 3 else {}
-        forward = self._sequence_logps(model, prompts + offline_prompts, completions + offline_completions,  # grad
-                                       merge_images([images, offline_images]))
+        offline_images = {}
+        if mode == "train" and self._offline is not None and len(self._offline.pairs[0]) > 3:
+            # image pairs: truthy without any on this process too, as `select_images` for no rows, so that every
+            # process scores them in as many forwards (`_chunked_logps`)
+            offline_images = merge_images([pair[3] for pair in offline] * 2) or {"num_images": []}
+        forward = self._sequence_logps(_inside_ddp(model), prompts + offline_prompts,  # grad
+                                       completions + offline_completions, merge_images([images, offline_images]))
         rejected = forward[:num_online]
         if self._offline is not None and mode == "train":
             ref = self._reference_logps(offline_prompts, offline_completions, offline_images)
@@ -540,16 +544,17 @@ class UPOTrainer(GRPOTrainer):
         return chosen, rejected, ref_chosen, ref_rejected, forward, chosen_tokens
 
     def _offline_per_step(self) -> int:
-        """Offline pairs per micro-batch: `upo_offline_ratio` per prompt of the micro-batch, rounded, at least 1. An
-        integer, so that the DPO normaliser counts exactly the pairs each step trains on."""
-        prompts = self.args.per_device_train_batch_size / self.num_generations
-        return max(1, round(self.args.upo_offline_ratio * prompts))
+        """Offline pairs per micro-step, all processes together: `upo_offline_ratio` per prompt of the micro-step's
+        rows on every process, rounded, at least 1. Counted over all processes, not per process: a prompt's rollouts
+        split over two processes (half a prompt each) would otherwise get a pair each, twice what one process draws
+        on the same global batch. An integer, so that the DPO normaliser counts exactly the pairs each step trains on."""
+        rows = self.args.per_device_train_batch_size * self.accelerator.num_processes
+        return max(1, round(self.args.upo_offline_ratio * rows / self.num_generations))
 
     def _draw_offline(self):
-        count = self._offline_per_step()
-        total = self.accelerator.gather(torch.tensor([float(count)], device=self.accelerator.device)).sum()
-        self._metrics["train"]["upo/pairs_offline"].append(total.item())
-        return self._offline.take(count)
+        total = self._offline_per_step()
+        self._metrics["train"]["upo/pairs_offline"].append(float(total))
+        return self._offline.take(total)
 
     def _dpo_normalizer(self, inputs, mode, local_pairs) -> float:
         """What this process divides its DPO sum by, so that after gradient accumulation and DDP's mean over processes
@@ -563,7 +568,7 @@ class UPOTrainer(GRPOTrainer):
         if "upo_num_pairs" in inputs:  # online pairs of the whole generation batch, spread over steps_per_generation
             window += inputs["upo_num_pairs"].item() * steps / self.args.steps_per_generation
         if self._offline is not None:
-            window += self._offline_per_step() * steps * processes
+            window += self._offline_per_step() * steps
         return max(window, 1.0) / processes
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -597,6 +602,16 @@ class UPOTrainer(GRPOTrainer):
         self._log_mean(mode, "upo/dpo_margin", logits)
         self._log_mean(mode, "upo/chosen_logratio", chosen_logratios)
         self._log_mean(mode, "upo/rejected_logratio", rejected_logratios)
+
+
+def _inside_ddp(model):
+    """The module DDP wraps, for the pairs' forward. DDP readies its gradient all-reduce from the last forward it ran,
+    and one without images (a process holding no pair this step scores a text placeholder) left out the vision modules
+    GRPO's forward had used: trained or carried ones (`lora_modules_to_save`) then failed the backward ("marked as
+    ready twice"). Every parameter the pairs' forward uses, GRPO's uses too, so its all-reduce still covers them."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def _unpad(ids: torch.Tensor, mask: torch.Tensor, as_lists: bool = False) -> list:
