@@ -128,8 +128,10 @@ def speed_defaults(stage: str, model_path: str | Path | None, stage_args: dict |
         defaults["padding_free"] = True
     if stage in ("sft", "dpo") and has_cuda() and importlib.util.find_spec("liger_kernel") is not None:
         defaults["use_liger_kernel"] = True
+    # not with `lora_modules_to_save`: PEFT keeps those full copies in the base's dtype, and bf16 weights drop
+    # updates below their rounding step (a layer norm's 1.0 stays 1.0 at a learning rate of 1e-3)
     if (stage in ("sft", "dpo") and has_cuda() and stage_args.get("bf16", True) and not stage_args.get("fp16")
-            and native_bf16("cuda")):
+            and not stage_args.get("lora_modules_to_save") and native_bf16("cuda")):
         defaults["dtype"] = "bfloat16"
     return defaults
 
@@ -197,7 +199,9 @@ def accelerate_launch_args(config_file: str | None, num_processes: int | None = 
     machines = nodes.launch_flags() if nodes else ["--num_machines", "1"]
     if config_file:
         config = check_engine_runs_here(config_file)
-        flags = ["--config_file", config_file]
+        # precision is the stage's (`bf16`, `fp16`), as without a config file: TrainingArguments (transformers 5.23)
+        # keeps a config's `mixed_precision: bf16` when the stage says `bf16: false`, and trained under bf16 anyway
+        flags = ["--config_file", config_file, "--mixed_precision", "no"]
         if num_processes:
             flags += ["--num_processes", str(num_processes * (nodes.num_machines if nodes else 1))]
         return [*flags, *machines] if nodes else [*flags, *own_port(config)]

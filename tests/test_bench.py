@@ -85,6 +85,8 @@ def test_speed_defaults_by_stage_and_size(tiny_model_path, monkeypatch):
     assert "dtype" not in speed_defaults("upo", path)  # its merged bf16 rollouts need a float32 base
     assert "dtype" not in speed_defaults("sft", path, {"bf16": False})
     assert "dtype" not in speed_defaults("dpo", path, {"bf16": False, "fp16": True})
+    # modules trained in full stay in the base's dtype under PEFT: in bf16 they would drop small updates
+    assert "dtype" not in speed_defaults("sft", path, {"lora_modules_to_save": ["multi_modal_projector"]})
     monkeypatch.setattr(devices, "native_bf16", lambda device_type=None: False)
     assert "dtype" not in speed_defaults("sft", path)
     monkeypatch.undo()

@@ -184,6 +184,46 @@ def test_one_process_runs_without_accelerates_launcher_in_between():
     assert direct_command(accelerate_launch_args(None, 2), script) is None  # gloo DDP: accelerate's launcher
 
 
+def test_the_stage_decides_mixed_precision_with_an_accelerate_config():
+    """Every shipped accelerate config says `mixed_precision: bf16`; TrainingArguments keeps that when a stage says
+    `bf16: false` (it only overrides it with bf16 or fp16 on), so the launch leaves the choice to the stage, as
+    without a config file."""
+    from posttrain.devices import accelerate_launch_args, direct_command
+
+    root = Path(__file__).resolve().parent.parent / "recipes" / "accelerate"
+    flags = accelerate_launch_args(str(root / "single_gpu.yaml"), 1)
+    assert flags[flags.index("--mixed_precision") + 1] == "no"
+    _, env = direct_command(flags, ["-m", "posttrain.stages.sft", "--config", "stage.yaml"])
+    assert env["ACCELERATE_MIXED_PRECISION"] == "no"
+
+
+def test_a_sharded_adapter_is_gathered_through_the_wrapped_model(tiny_model_path):
+    """Under DeepSpeed the Trainer leaves `model` as the bare PEFT module and keeps the engine in `model_wrapped`;
+    ZeRO-3's gather is the engine's (`accelerator.get_state_dict` calls it on what it is given), so the adapter is
+    read through `model_wrapped` (it crashed after training, every time)."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain.models import load_model
+    from posttrain.stages.common import live_adapter
+
+    peft_model = get_peft_model(load_model(tiny_model_path("llama")), LoraConfig(r=2, target_modules=["q_proj"]))
+    engine = SimpleNamespace(module=peft_model)
+    given = []
+
+    def get_state_dict(model):
+        given.append(model)
+        return model.module.state_dict()
+
+    accelerator = SimpleNamespace(unwrap_model=lambda model: getattr(model, "module", model),
+                                  get_state_dict=get_state_dict, is_main_process=True)
+    trainer = SimpleNamespace(model=peft_model, model_wrapped=engine, accelerator=accelerator,
+                              is_fsdp_enabled=False, is_deepspeed_enabled=True)
+    adapter = live_adapter(trainer)
+    assert given == [engine] and adapter and all("lora_" in name for name in adapter)
+
+
 def test_a_finished_stage_tears_its_process_group_down(tmp_path):
     """`end_processes`, the last call of every stage process (`common.entry`), destroys the process group, so it is
     not left to interpreter shutdown (where gloo's threads sometimes outlived it: SIGABRT after a finished stage)."""
