@@ -294,6 +294,10 @@ def check_preference_pairs(dataset, name: str, tokenizer=None, max_length: int |
             if length >= max_length:
                 reason = (f"the prompt is {length} tokens, so max_length={max_length} would cut every reply token; "
                           "raise max_length or shorten the prompt")
+            elif _same_once_cut(tokenizer, row, max_length - length):
+                # TRL would train on two identical sequences: a loss stuck at log 2, no gradient (UPO drops such pairs)
+                reason = (f"chosen and rejected are the same in the {max_length - length} reply tokens "
+                          f"max_length={max_length} leaves after the prompt; raise max_length")
         if reason:
             if not allow_skip:
                 raise UserError(f"pre-flight: {name} row {index}: {reason} (set skip_bad_rows: true to skip such rows)")
@@ -301,6 +305,17 @@ def check_preference_pairs(dataset, name: str, tokenizer=None, max_length: int |
     if bad:
         dataset = dataset.select(sorted(set(range(len(dataset))) - set(bad)))
     return dataset, len(bad)
+
+
+def _same_once_cut(tokenizer, row: dict, budget: int) -> bool:
+    """Whether a pair's replies, as TRL tokenizes them (`data.preference_texts`), agree in their first `budget`
+    tokens."""
+    from .data import preference_texts
+
+    eos = getattr(tokenizer, "tokenizer", tokenizer).eos_token  # a VLM processor's tokenizer has it
+    _, chosen, rejected = preference_texts(tokenizer, row, eos)
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"][:budget] for text in (chosen, rejected)]
+    return ids[0] == ids[1]
 
 
 def _reply(completion) -> str | None:

@@ -49,9 +49,11 @@ def _column(kwargs: dict, name: str, reward: str) -> list:
 
 def answer_text(completion, thinking: bool | None = None) -> str:
     """The text the correctness rewards read: the completion, or "" when a thinking-mode row never closed its
-    `</think>` (the reasoning was truncated, so nothing was answered). Rows without a thinking mode are unaffected."""
+    `</think>` (the reasoning was truncated, so nothing was answered). A row without a thinking mode (no `thinking`
+    column: the template leaves the reply free to think) is in thinking mode when its reply opens `<think>`."""
     text = completion_text(completion)
-    return "" if thinking and "</think>" not in text else text
+    thinks = thinking or (thinking is None and "<think>" in text)
+    return "" if thinks and "</think>" not in text else text
 
 
 def _reference(value) -> str | None:

@@ -176,6 +176,13 @@ def test_pair_gates_name_the_row(tiny_model_path):
                                       "rejected": [{"role": "assistant", "content": "b"}]}])
     with pytest.raises(UserError, match="max_length=64 would cut every reply token"):
         check_preference_pairs(long_prompt, "p", tokenizer, max_length=64)
+    # replies that differ only after the cut: TRL would train on two identical sequences (a loss stuck at log 2)
+    cut = Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}],
+                              "chosen": [{"role": "assistant", "content": "word " * 80 + "yes"}],
+                              "rejected": [{"role": "assistant", "content": "word " * 80 + "no"}]}])
+    with pytest.raises(UserError, match=r"p row 0: chosen and rejected are the same in the \d+ reply tokens"):
+        check_preference_pairs(cut, "p", tokenizer, max_length=64)
+    assert len(check_preference_pairs(cut, "p", tokenizer, max_length=512)[0]) == 1
     # `keep_end` truncation keeps the reply: TRL trains such a pair
     assert len(check_preference_pairs(long_prompt, "p", tokenizer, max_length=64, truncation_mode="keep_end")[0]) == 1
     # the tools' schemas are part of the prompt DPO tokenizes (`preference_texts`): a short question with long tools

@@ -96,11 +96,12 @@ def test_unclosed_thinking_earns_no_correctness_credit():
     for name in ("accuracy", "numeric_accuracy", "exact_match", "multiple_choice"):
         scored = [r for r in REWARDS[name](truncated, answer=answers, thinking=[True] * 3) if r is not None]
         assert scored and not any(scored), name
-        # the same text on a non-thinking row, or with no thinking column, is scored as before: whole text
-        unthinking = [r for r in REWARDS[name](truncated, answer=answers, thinking=[False] * 3) if r is not None]
-        assert unthinking == [r for r in REWARDS[name](truncated, answer=answers) if r is not None]
-    assert accuracy(truncated, answer=answers, thinking=[False] * 3) == [1.0, 0.0, 0.0]  # the old whole-text credit
-    assert multiple_choice(truncated, answer=answers, thinking=[None] * 3)[2] == 1.0
+        # without a thinking column the template lets the reply think: one that opened <think> is a thinking reply
+        unknown = [r for r in REWARDS[name](truncated, answer=answers) if r is not None]
+        assert unknown and not any(unknown), name
+    assert accuracy(truncated, answer=answers, thinking=[False] * 3) == [1.0, 0.0, 0.0]  # non-thinking: whole text
+    assert multiple_choice(truncated, answer=answers, thinking=[None] * 3)[2] == 0.0
+    assert accuracy(["40 + 2 = 42"], answer=["42"]) == [1.0]  # no <think> at all: scored as before
     closed = ["<think>\n40 + 2\n</think>\n\n42", chat("<think>\n40 + 2\n</think>\n\n42")]
     assert accuracy(closed, answer=["42", "42"], thinking=[True, True]) == [1.0, 1.0]
     assert accuracy([chat("<think>\n40 + 2 = 42")], answer=["42"], thinking=[True]) == [0.0]

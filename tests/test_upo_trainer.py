@@ -965,3 +965,30 @@ def test_the_pairs_forward_bypasses_ddp(tmp_path):
         assert ddp.module.projector.weight.grad is not None
     finally:
         dist.destroy_process_group()
+
+
+def test_a_test_split_gives_upo_its_evaluation(tiny_model_path, task_data, tmp_path):
+    """`dataset_test_split` with an `eval_strategy`: GRPO's evaluation (rewards on held-out prompts) runs on it, as
+    SFT gets TRL's eval loss; it was ignored, and the Trainer refused the `eval_strategy` as a bug."""
+    import yaml
+
+    from posttrain.stages import upo
+
+    model = str(tiny_model_path("llama"))
+    pairs = [{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}],
+              "chosen": [{"role": "assistant", "content": str(i + 1)}],
+              "rejected": [{"role": "assistant", "content": f"maybe {i * 3}"}]} for i in range(4)]
+    Dataset.from_list(pairs).to_parquet(tmp_path / "pairs.parquet")  # a DPO term: the step trains whatever the rewards
+    args = {"model_name_or_path": model, "tokenizer_name_or_path": model, "dataset_name": str(task_data),
+            "upo_mode": "both", "upo_offline_dataset": str(tmp_path / "pairs.parquet"),
+            "dataset_train_split": "prompts", "dataset_test_split": "test", "max_train_samples": 16,
+            "rewards": {"accuracy": 1.0, "length_penalty": 0.1}, "num_generations": 4, "per_device_train_batch_size": 8,
+            "per_device_eval_batch_size": 4, "max_completion_length": 8, "max_steps": 1, "eval_strategy": "steps",
+            "learning_rate": 1e-3, "seed": 0,
+            "eval_steps": 1, "use_peft": True, "lora_r": 4, "lora_alpha": 8, "lora_target_modules": ["all-linear"],
+            "report_to": "none", "use_cpu": True, "bf16": False, "save_strategy": "no", "logging_steps": 1,
+            "output_dir": str(tmp_path / "upo")}
+    (tmp_path / "upo.yaml").write_text(yaml.safe_dump(args))
+    trainer = upo.main(*upo.make_parser().parse_args_and_config(args=["--config", str(tmp_path / "upo.yaml")]))
+    assert trainer.eval_dataset is not None and len(trainer.eval_dataset) > 0
+    assert any("eval_reward" in log for log in trainer.state.log_history), trainer.state.log_history

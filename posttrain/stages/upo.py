@@ -72,7 +72,8 @@ def main(stage_args: StageArguments, training_args, model_args, curriculum_args:
         if stage_args.preflight:
             gates.check_image_slots(dataset, stage_args.dataset_name)
         dataset = image_prompts(dataset, training_args, stage_args.dataset_name)
-    trainer = UPOTrainer(model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
+    trainer = UPOTrainer(model, args=training_args, train_dataset=dataset,
+                         eval_dataset=heldout_prompts(stage_args, training_args, images), processing_class=tokenizer,
                          peft_config=peft_config, offline_dataset=offline)
     common.guard_checkpoints(trainer)
     problem = common.padding_free_problem(model, images) if training_args.padding_free else None
@@ -85,6 +86,24 @@ def main(stage_args: StageArguments, training_args, model_args, curriculum_args:
              "preflight": {**preflight, **frozen}}
     common.finish(trainer, "upo", stage_args, tokenizer, result, started, extra=extra)
     return trainer
+
+
+def heldout_prompts(stage_args, training_args, images: bool):
+    """The `dataset_test_split` prompts for GRPO's evaluation (rewards, and the DPO term of online pairs) when an
+    `eval_strategy` asks for it, as the SFT stage passes its held-out rows; None otherwise (Trainer refuses an
+    `eval_strategy` without an eval dataset)."""
+    if not stage_args.dataset_test_split or training_args.eval_strategy == "no":
+        return None
+    from ..data import load_split
+
+    name = f"{stage_args.dataset_name} ({stage_args.dataset_test_split})"
+    dataset = load_split(stage_args.dataset_name, stage_args.dataset_test_split, stage_args.dataset_config)
+    gates.check_prompt_rows(dataset, name)
+    dataset = common.keep_columns(dataset, UPO_COLUMNS)
+    if stage_args.preflight:
+        dataset, _ = gates.check_reward_references(dataset, training_args.rewards, name,
+                                                   allow_skip=stage_args.skip_bad_rows)
+    return image_prompts(dataset, training_args, name) if images else dataset
 
 
 def preflight_data(dataset, stage_args, training_args):
