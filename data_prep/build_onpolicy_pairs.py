@@ -199,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     card_lib.write_generated(config, tables, job="build_onpolicy_pairs", kind="preference", source=source,
                              command=command_line(PROG, argv), lengths=lengths, length_unit="characters of chosen",
                              to_dataset=image_pairs_dataset if with_images else None,
-                             overwrite=config.overwrite, inputs=inputs)
+                             overwrite=config.overwrite, inputs=inputs,
+                             # the prompts sampled: one whose samples all score within `margin` gives no pair
+                             read={split: len(rows) for split, rows in prompts.items()})
     print(f"wrote {config.output_dir}: " + ", ".join(f"{s} {len(t)} pairs" for s, t in tables.items()))
     return 0
 

@@ -201,7 +201,7 @@ def now() -> str:
 
 def write_generated(config, tables: dict[str, list[dict]], *, job: str, kind: str, source: dict, command: str,
                     lengths: list[int], length_unit: str, to_dataset=None, overwrite: bool = True,
-                    inputs=()) -> Path:
+                    inputs=(), read: dict[str, int] | None = None) -> Path:
     """Write rows a generator made (no input files to import): same folder layout and card as the importers'.
 
     Args:
@@ -212,6 +212,8 @@ def write_generated(config, tables: dict[str, list[dict]], *, job: str, kind: st
         overwrite (`bool`, *optional*, defaults to `True`): replace a previous output of a job (a folder with
             `card.json`; `check_output_dir` refuses anything else). Generators rebuild their own folder by default.
         inputs (*optional*): paths the job read, which `output_dir` must not be or hold.
+        read (*optional*): rows read per split where it is not the rows written (the prompts a pair is sampled
+            for: one that gives no pair is a row removed).
     """
     import dataclasses
 
@@ -219,12 +221,14 @@ def write_generated(config, tables: dict[str, list[dict]], *, job: str, kind: st
     import yaml
 
     total = sum(len(rows) for rows in tables.values())
+    read = read or {split: len(rows) for split, rows in tables.items()}
     card = {
         "name": Path(config.output_dir).name, "job": job, "kind": kind,
         "columns": sorted({c for rows in tables.values() for row in rows[:1] for c in row}),
         "created": now(), "command": command,
-        "sources": [{"format": "generated", "rows_read": total, "rows_invalid": 0, "rows_kept": total, **source}],
-        "counts": [{"step": f"generate {split}" + _domains(rows), "before": len(rows), "after": len(rows)}
+        "sources": [{"format": "generated", "rows_read": sum(read.values()), "rows_invalid": 0, "rows_kept": total,
+                     **source}],
+        "counts": [{"step": f"generate {split}" + _domains(rows), "before": read[split], "after": len(rows)}
                    for split, rows in tables.items()],
         "rejects": 0, "filters": {}, "decontamination": None, "length_unit": length_unit,
         "length_stats": length_stats(lengths),

@@ -270,8 +270,15 @@ def checked_values(values: dict, config_cls: type, where: str) -> dict:
     return checked
 
 
+# Set by posttrain for a recipe's data job, whose `--config` is a temporary file gone once the job ends: the card
+# names the options it records instead.
+COMMAND_ENV = "POSTTRAIN_DATA_COMMAND"
+
+
 def command_line(prog: str, argv: list[str] | None) -> str:
     """The command that reproduces this run, for the data card."""
+    if os.environ.get(COMMAND_ENV):
+        return os.environ[COMMAND_ENV]
     argv = sys.argv[1:] if argv is None else argv
     return " ".join([prog, *(shlex.quote(part) for part in argv)])
 

@@ -132,10 +132,13 @@ def run_chat(run: str, stage: str | None = None, thinking: str | None = None, ma
     model, tokenizer, ref = load_stage(run, stage)
     what = (f"{public_base_name(ref.run, ref.stage)} + {ref.stage} adapter" if ref.adapter
             else f"{ref.base_model} (no adapter)")
-    info.write(f"chatting with {ref.run.name}/{ref.stage}: {what}\n"
+    # without --thinking, the mode the stage trained its prompts in (UPO's `chat_template_kwargs`), if it set one
+    trained = (ref.resolved.get("chat_template_kwargs") or {}).get("enable_thinking")
+    mode = trained if thinking is None else thinking == "on"
+    as_trained = f" (thinking {'on' if mode else 'off'}, as it trained)" if thinking is None and mode is not None else ""
+    info.write(f"chatting with {ref.run.name}/{ref.stage}: {what}{as_trained}\n"
                f"commands: {', '.join(COMMANDS)}; end of input (Ctrl-D) also exits\n")
     info.flush()
-    mode = None if thinking is None else thinking == "on"
     try:
         return chat_loop(model, tokenizer, terminal_lines(stdin), out, mode, max_new_tokens)
     except KeyboardInterrupt:

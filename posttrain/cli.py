@@ -261,7 +261,7 @@ def make_parser() -> argparse.ArgumentParser:
     chat.add_argument("run", help="run folder, e.g. outputs/smollm2-135m")
     chat.add_argument("--stage", help="stage to chat with (default: the last finished one; 'base' for the base model)")
     chat.add_argument("--thinking", choices=["on", "off"], help="thinking mode via the chat template's enable_thinking "
-                      "(default: the template's own default)")
+                      "(default: the stage's own, if it trained in one mode, else the template's default)")
     chat.add_argument("--max-new-tokens", type=at_least(1), default=256)
     chat.set_defaults(func=cmd_chat)
 

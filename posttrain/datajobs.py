@@ -8,6 +8,7 @@ which lists them, checks a recipe's `data:` section against their options, and r
 
 import functools
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -63,9 +64,11 @@ def run_job(job: str, args: dict, out: str | Path) -> None:
     """Run `job` with `args` (a mapping of its config fields), writing to `out`."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
         yaml.safe_dump({**args, "output_dir": str(out)}, handle)
+    # the card's command: the temporary config is deleted below, and the card records the same options
+    command = f"posttrain data {job} --config options.yaml  # options.yaml: the options this card lists"
     try:
         code = _wait(subprocess.Popen([*JOBS, job, "--config", handle.name], preexec_fn=die_with_parent(),
-                                      pass_fds=held_fds()))
+                                      pass_fds=held_fds(), env={**os.environ, "POSTTRAIN_DATA_COMMAND": command}))
     finally:
         Path(handle.name).unlink(missing_ok=True)
     if code:

@@ -61,13 +61,13 @@ def write_card(out: Path, run: Path, stage: str, manifest: dict, model_id: str, 
     chain = _chain(run, stage)
     info = {step: _read(run / step) for step in ["base", *chain]}
     recipe = _recipe(run, info[stage]["lineage"])
-    merged = manifest["kind"] == "merged"
+    merged, vision = manifest["kind"] == "merged", has_processor_files(out)
     metadata = _metadata(manifest["base_model"], merged, chain, _hub_datasets(run, info),
-                         license or default_license(manifest["base_model"], recipe["base"]))
+                         license or default_license(manifest["base_model"], recipe["base"]), vision)
     body = [
         _title(run, stage, chain, manifest, recipe),
         "## Usage\n\n```python\n" + snippet(manifest["base_model"], model_id, merged, revision,
-                                             vision=has_processor_files(out)) + "```" + _moe_note(out, merged),
+                                             vision=vision) + "```" + _moe_note(out, merged),
         _results(info),
         _training(run, chain, info, manifest["base_model"]),
         _recipe_section(recipe),
@@ -185,12 +185,14 @@ def _hub_datasets(run: Path, info: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------- sections
-def _metadata(base: str, merged: bool, chain: list[str], datasets: list[str], license: str) -> str:
+def _metadata(base: str, merged: bool, chain: list[str], datasets: list[str], license: str,
+              vision: bool = False) -> str:
     from huggingface_hub import ModelCardData
 
     tags = ["posttrain", "trl", *chain, *([] if merged else ["lora", f"base_model:adapter:{base}"])]
     data = ModelCardData(base_model=base if is_hub_id(base) else None, library_name="transformers" if merged else "peft",
-                         pipeline_tag="text-generation", license=license, datasets=datasets or None,
+                         pipeline_tag="image-text-to-text" if vision else "text-generation", license=license,
+                         datasets=datasets or None,
                          tags=[t for t in tags if is_hub_id(base) or not t.startswith("base_model:")])
     return data.to_yaml()
 

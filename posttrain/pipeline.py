@@ -231,7 +231,9 @@ class Pipeline:
         self.root.mkdir(parents=True, exist_ok=True)
         # the recipe as run (command-line overrides applied): what the report and model cards show
         write_text(self.root / "recipe.yaml", yaml.safe_dump(self.recipe.raw, sort_keys=False))
-        self._record("run", started=time.strftime("%Y-%m-%d %H:%M:%S"), status="running", error=None)
+        # an earlier run's end is not this one's: the report of a run still going (or stopped) shows none
+        self._record("run", started=time.strftime("%Y-%m-%d %H:%M:%S"), status="running", error=None, finished=None,
+                     stopped_by=None)
         try:
             self.resolve_base()
             # `--until`: the data jobs only the stages after it read are left for the run that gets there
@@ -256,6 +258,11 @@ class Pipeline:
             self.print_summary()
         except KeyboardInterrupt as exc:  # marked before the report reads how the run ended
             self._end_run("interrupted", interruption(exc))
+            raise
+        except GateStopped:  # marked "stopped" by the gate
+            raise
+        except Exception as exc:  # as an interruption is (`run` rewords a full disk afterwards)
+            self._end_run("failed", str(exc))
             raise
         finally:  # a report also for a failed or interrupted run: it shows what finished and what broke
             from .report import try_build_report
@@ -538,7 +545,7 @@ class Pipeline:
             mark = "[green]passed[/green]" if record["gate"]["passed"] else "[red]failed[/red]"
             console.print(f"promote gate of {stage}: {mark}: {record['gate']['reason']}")
         if blocks_chain(record):
-            self._record("run", status="stopped", stopped_by=stage)
+            self._record("run", status="stopped", stopped_by=stage, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
             self.print_summary()
             raise GateStopped(f"stage '{stage}' is worse than {previous[0]} and its promote gate stopped the run: "
                             f"{record['gate']['reason']}. The stage stays in {self.root / stage} for inspection but "

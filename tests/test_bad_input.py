@@ -404,6 +404,23 @@ def test_run_checks_files_before_any_work(tmp_path, monkeypatch):
     assert not (tmp_path / "outputs").exists(), "no data job, no base evaluation, nothing written"
 
 
+def test_the_report_of_a_run_whose_data_job_failed_says_failed(tmp_path, monkeypatch):
+    """The report written as the run ends is built after run.json says how it ended, not while it says running."""
+    from posttrain.pipeline import Pipeline
+    from posttrain.recipe import load_recipe
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"instruction": "", "output": "x"}) + "\n")
+    raw = _tiny()
+    raw["data"]["extra"] = {"job": "build_sft_set", "sources": ["bad.jsonl"], "test_size": 0}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))  # the stage order is the file's
+    with pytest.raises(UserError, match="data job 'build_sft_set' failed"):
+        Pipeline(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "outputs").run()
+    report = (tmp_path / "outputs" / "tiny-text" / "report.md").read_text()
+    assert "run status **failed**" in report and "**Run failed:** data job 'build_sft_set' failed" in report
+    assert " · finished " in report
+
+
 def test_an_adapter_no_step_changed_is_explained_not_a_crash(tiny_model_path, tmp_path):
     """A new adapter starts with every lora_B at zero; saved that way (e.g. UPO where every group's rollouts got the
     same reward) the stage stops with the likely causes, as a user error; a trained one passes."""

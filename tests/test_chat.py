@@ -76,6 +76,30 @@ def test_loop_thinking_default_and_on(loaded):
         chat.run_chat("unused", thinking="maybe")
 
 
+def test_chat_defaults_to_the_thinking_mode_the_stage_trained_in(run, tmp_path, monkeypatch):
+    """A UPO stage trained on prompts of one mode (`chat_template_kwargs`, as GRPO renders image prompts) is chatted
+    with in that mode unless --thinking says otherwise."""
+    import shutil
+
+    import yaml
+
+    import posttrain.data
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    resolved = copy / "upo" / "resolved.yaml"
+    resolved.write_text(yaml.safe_dump({**yaml.safe_load(resolved.read_text()),
+                                        "chat_template_kwargs": {"enable_thinking": False}}))
+    modes = []
+    render = posttrain.data.render_prompt
+    monkeypatch.setattr(posttrain.data, "render_prompt",
+                        lambda tok, messages, thinking=None: modes.append(thinking) or render(tok, messages, thinking))
+    info = StringIO()
+    chat.run_chat(str(copy), "upo", None, 2, stdin=StringIO("hello\n"), out=StringIO(), info=info)
+    chat.run_chat(str(copy), "upo", "on", 2, stdin=StringIO("hello\n"), out=StringIO(), info=StringIO())
+    assert modes == [False, True] and "(thinking off, as it trained)" in info.getvalue()
+
+
 def test_a_run_whose_base_model_is_gone_says_so(run, tmp_path):
     """The converted or cached base model was cleared, or the run was copied from another machine: one paragraph, not
     a traceback from the loader."""

@@ -99,3 +99,13 @@ def test_every_option_has_help():
 
     for cls in (PreferenceSetConfig, SourceConfig):
         assert all(f.metadata.get("help") for f in dataclasses.fields(cls)), cls
+
+
+def test_a_recipes_data_job_names_no_temporary_file_in_its_card(tmp_path):
+    """A recipe's job runs from a temporary config deleted when it ends: the card names the options it lists."""
+    from posttrain.datajobs import run_job
+
+    run_job("build_verifiable_tasks", {"n_train": 8, "n_test": 2}, tmp_path / "tasks")
+    card = json.loads((tmp_path / "tasks" / "card.json").read_text())
+    assert card["command"].startswith("posttrain data build_verifiable_tasks --config options.yaml")
+    assert "n_train: 8" in card["options_yaml"]

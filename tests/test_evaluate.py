@@ -437,6 +437,21 @@ def test_onpolicy_pairs_with_the_reference_reply_as_chosen(tiny_model_path, task
     assert "the reference reply a candidate" in card["sources"][0]["notes"]
 
 
+def test_onpolicy_pairs_card_counts_the_prompts_that_gave_no_pair(tiny_model_path, task_data, tmp_path, monkeypatch):
+    """The card's rows read are the prompts sampled: one that gave no pair is a row removed, not a row never read."""
+    from data_prep import build_onpolicy_pairs as job
+
+    sample = job.sample_pairs
+    monkeypatch.setattr(job, "sample_pairs", lambda model, tokenizer, rows, config: sample(model, tokenizer, rows[:1],
+                                                                                          config))  # one pair only
+    assert job.main(["--model_name_or_path", str(tiny_model_path("llama")), "--prompts", str(task_data),
+                     "--test_split", "", "--max_train_prompts", "4", "--num_samples", "2", "--max_new_tokens", "4",
+                     "--rewards", "accuracy=1.0", "--reference_chosen", "--output_dir", str(tmp_path / "pairs")]) == 0
+    card = json.loads((tmp_path / "pairs" / "card.json").read_text())
+    assert (card["sources"][0]["rows_read"], card["sources"][0]["rows_kept"]) == (4, 1)
+    assert (card["counts"][0]["before"], card["counts"][0]["after"]) == (4, 1)
+
+
 def test_onpolicy_pairs_sample_in_bf16_and_name_a_bad_dtype(tiny_model_path, task_data, tmp_path, capsys):
     from data_prep.build_onpolicy_pairs import OnPolicyPairsConfig, main, sample_pairs
     from posttrain.errors import UserError

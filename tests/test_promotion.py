@@ -110,7 +110,8 @@ def test_gate_verdicts_reach_metrics_run_json_summary_and_report(gated_run):
     assert state["steps"]["run"]["status"] == "stopped" and state["steps"]["dpo"]["gate"] == dpo["gate"]
     line = accuracy_line(gated_run)
     assert line.startswith("base 10.0% (4–23) → sft 25.0% (14–40), +15.0 (p=0.031) → dpo 2.5% (0–13), -22.5 (p=0.0039) "
-                           "✗ gate failed → upo 5.0% (1–17), +2.5 n.s.")
+                           "✗ gate failed → upo 5.0% (1–17) (stale: trained from dpo, which its promote gate "
+                           "rejected)")
     build_report(gated_run, compare=[])
     md = (gated_run / "report.md").read_text()
     assert "**Stage dpo failed its promote gate:** accuracy 2.5% vs 25.0% after sft" in md
@@ -125,6 +126,16 @@ def test_export_refuses_a_gated_out_stage_unless_forced(gated_run):
     with pytest.raises(Exception) as forced:  # past the gate, the export itself fails on the fixture's paths
         run_export(ExportRequest(run=str(gated_run), stage="dpo", force=True))
     assert "promote gate" not in str(forced.value)
+
+
+def test_a_stage_trained_from_a_gated_out_stage_is_not_picked_or_exported(gated_run):
+    """A re-evaluation on another eval set (or a stricter gate) stops the run at dpo: the upo left from before was
+    trained from that dpo, so it is stale, and `eval`/`export`/`chat` do not pick it by default."""
+    from posttrain.runs import stage_ref
+
+    assert stage_ref(gated_run).stage == "dpo"
+    with pytest.raises(UserError, match=r"stage 'upo' is stale \(trained from dpo, which its promote gate rejected"):
+        run_export(ExportRequest(run=str(gated_run), stage="upo"))
 
 
 def test_huge_learning_rate_is_stopped_by_the_gate(tiny_run, tiny_recipe, tmp_path, posttrain_cli):

@@ -209,6 +209,17 @@ def test_error_cause_is_the_stage_exception_not_the_launcher():
     assert error_cause("torch.OutOfMemoryError: CUDA out of memory.") == "OutOfMemoryError: CUDA out of memory."
 
 
+def test_a_stage_killed_mid_step_gives_the_recorded_cause_not_its_logs_last_line(tmp_path):
+    """SIGKILLed (the OOM killer's signal), a stage leaves no exception in its log, whose last line is a progress bar:
+    the cause is the one the pipeline recorded in run.json."""
+    run = copy_runs(tmp_path) / "tiny-full"
+    killed = "the process was killed by signal 9 (SIGKILL; SIGKILL often means the machine ran out of memory)"
+    edit_json(run / "run.json", lambda s: s["steps"]["dpo"].update(status="failed", error=killed))
+    (run / ".dpo.partial").mkdir()
+    (run / ".dpo.partial" / "dpo.log").write_text("Map: 100%|██████████| 64/64\n 33%|███▎      | 1/3 [00:00<00:00]\n")
+    assert load_run(run).stage("dpo").error_cause == killed
+
+
 def test_panels_group_logged_keys_and_keep_unknown_ones():
     keys = ["loss", "eval_loss", "reward", "reward_std", "upo/pg_loss", "upo/dpo_loss", "upo/reward/math/mean",
             "upo/reward/math/std", "upo/pairs_online", "kl", "completions/mean_length", "completions/min_length",
@@ -313,7 +324,8 @@ def test_change_runs_to_the_last_stage_that_is_not_stale(tmp_path):
     view = load_run(run)
     md = to_markdown([sections.eval_table(view), *sections.promotions(view)], "files")
     assert "change base → sft" in md and md_row(md, "accuracy (verifier)")[4] == "+0.0 pts"
-    assert md_row(md, "**upo** (stale: from before its previous stage was trained again)")[0] == "dpo"
+    assert md_row(md, "**upo** (stale: from before its previous stage was trained again, or after one its gate "
+                      "rejected)")[0] == "dpo"
 
 
 def test_accuracies_on_different_prompts_are_not_subtracted(tmp_path):

@@ -259,6 +259,9 @@ def test_a_merged_vlm_reloads_with_its_image_text_to_text_class(tiny_model_path,
     assert checks["reloads_clean"] and type(merged).__name__ == "LlavaForConditionalGeneration"
     code = snippet("tiny:llava", str(tmp_path), merged=True, vision=True)
     assert "AutoModelForImageTextToText.from_pretrained(" in code and "AutoModelForCausalLM" not in code
+    from posttrain.model_card import _metadata
+
+    assert "pipeline_tag: image-text-to-text" in _metadata("tiny:llava", True, ["sft"], [], "apache-2.0", vision=True)
 
 
 def image_prompt(text, image=None):

@@ -66,7 +66,8 @@ class Details:
 STATUS_CLASS = {"done": "ok", "failed": "failed", "running": "running", "not started": "missing", "stopped": "failed",
                 "stale": "missing"}
 STATUS_TEXT = {"running": "running (or interrupted)", "stopped": "stopped by a promote gate",
-               "stale": "stale: from before its previous stage was trained again"}
+               "stale": "stale: from before its previous stage was trained again, or after one its gate "
+                        "rejected"}
 NOT_MEASURED = Cell("not measured", "missing")
 
 

@@ -209,7 +209,7 @@ def _load_stage(root: Path, name: str, step: dict) -> StageView:
         view.log_path = _failure_log(root, name, step)
         log = view.log_path.read_text(errors="replace") if view.log_path else ""
         view.error = step.get("error") or "\n".join(log.splitlines()[-25:])
-        view.error_cause = error_cause(log or view.error)
+        view.error_cause = error_cause(log or view.error, step.get("error"))
     return view
 
 
@@ -245,14 +245,18 @@ _EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Int
 _LAUNCHER_NOISE = ("CalledProcessError", "ChildFailedError")
 
 
-def error_cause(text: str) -> str:
+def error_cause(text: str, recorded: str | None = None) -> str:
     """The line of a stage's log that says why it failed: the last exception raised by the stage itself, not the
-    launcher's `CalledProcessError` that wraps it; else the last line that mentions an error."""
+    launcher's `CalledProcessError` that wraps it; else the cause the pipeline `recorded` in run.json (a signal, a lost
+    process: a stage killed mid-step, by the OOM killer say, leaves no exception in its log, whose last line is then a
+    progress bar); else the last line that mentions an error."""
     lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
     causes = [line for line in lines if _EXCEPTION.match(line) and not any(n in line for n in _LAUNCHER_NOISE)]
     if causes:
         match = _EXCEPTION.match(causes[-1])
         return f"{match.group(1)}: {match.group(2)}"  # `UserError: …`, not `posttrain.errors.UserError: …`
+    if recorded:
+        return error_cause(recorded)
     mentions = [line for line in lines if re.search(r"error|no module named|killed|out of memory", line, re.I)
                 and not any(n in line for n in _LAUNCHER_NOISE) and not line.startswith("File ")]
     return mentions[-1] if mentions else (lines[-1] if lines else "")

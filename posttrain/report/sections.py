@@ -82,7 +82,9 @@ def run_failure(run: RunView) -> list:
     error = state.get("error")
     failed = [s for s in run.stages if s.status == "failed"]
     told = {text for s in failed for text in (f"step '{s.name}' failed", s.step.get("error"))}
-    if not error or state.get("status") not in ("failed", "interrupted") or error in told:
+    # the run's error ends as the whole message printed: "step 'dpo' failed: <the stage's error>\nLog: …"
+    told_too = any(error.startswith(f"step '{s.name}' failed:") for s in failed) if error else False
+    if not error or state.get("status") not in ("failed", "interrupted") or error in told or told_too:
         return []
     later = [s.name for s in run.stages if s.status == "not started"]
     return [Para(f"**Run {state['status']}:** {literal(error)}"
