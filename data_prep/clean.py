@@ -196,6 +196,17 @@ def _minhash_batch(texts: list[str], ngram: int, num_perm: int) -> dict:
     return {"_minhash": [m.hashvalues for m in signatures]}
 
 
+def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """LSH bands and rows per band that make a pair of similarity `threshold` a candidate 99% of the time.
+
+    Candidates are checked on their signatures, so a false candidate costs a comparison, a missed one a duplicate
+    kept: datasketch's balanced default (8 bands of 16 at 0.85) misses ~20% of pairs at Jaccard 0.9."""
+    for rows in range(num_perm // 2, 0, -1):
+        if (1 - threshold ** rows) ** (num_perm // rows) <= 0.01:
+            return num_perm // rows, rows
+    return num_perm, 1
+
+
 def near_dedup(dataset, threshold: float, ngram: int = 5, num_perm: int = 128, num_proc: int | None = None,
                columns: tuple[str, ...] = ("_text",)):
     """Drop rows whose estimated Jaccard similarity to an earlier kept row with the same `_key` (tools, images,
@@ -213,7 +224,7 @@ def near_dedup(dataset, threshold: float, ngram: int = 5, num_perm: int = 128, n
                           fn_kwargs={"ngram": ngram, "num_perm": num_perm}, remove_columns=dataset.column_names,
                           desc=f"MinHash {column}").with_format("numpy")["_minhash"]
         signatures.append(np.asarray(sig[:], dtype=np.uint32).reshape(len(dataset), num_perm))
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    lsh = MinHashLSH(num_perm=num_perm, params=lsh_bands(threshold, num_perm))
     origins, keys, keep, reasons = dataset["_origin"], dataset["_key"], [], {}
     for i, hashvalues in enumerate(signatures[0]):
         minhash = LeanMinHash(seed=1, hashvalues=hashvalues, scheme="affine32")

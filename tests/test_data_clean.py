@@ -44,6 +44,23 @@ def test_near_dedup_removes_one_word_edits_keeps_different_text():
     assert removed["_reason"][0].endswith("of f.jsonl:1")
 
 
+def test_near_dedup_finds_the_copies_at_its_threshold_and_takes_a_threshold_of_one():
+    """Candidates come from LSH bands; with datasketch's balanced default (8 bands of 16 at 0.85) about a fifth of
+    the copies with 1 % of words changed (Jaccard ~0.9) were never compared, and kept. At 1.0 it crashed."""
+    texts = []
+    for seed in range(40):
+        words = prose(100 + seed, 300).split()
+        rng = random.Random(seed)
+        edited = list(words)
+        for i in rng.sample(range(300), 3):
+            edited[i] = "changed" + str(rng.randint(0, 99))
+        texts += [" ".join(words), " ".join(edited)]
+    kept, removed = clean.near_dedup(table(texts), threshold=0.85)
+    assert len(removed) >= 36 and len(kept) + len(removed) == 80  # ~0.9 estimated: a few may fall just under 0.85
+    kept, removed = clean.near_dedup(table([prose(0), prose(0), prose(1)]), threshold=1.0)
+    assert removed["_origin"] == ["f.jsonl:2"]
+
+
 def test_decontamination_names_the_ngram_and_eval_set():
     question = "Natalia sold clips to 48 of her friends in April and then she sold half as many clips in May"
     ngrams = clean.eval_ngrams({"gsm8k.jsonl": [question]}, n=13)
