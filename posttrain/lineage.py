@@ -1,5 +1,6 @@
 """Lineage: what produced a stage's output (data fingerprints, base model, recipe, versions, commit, device)."""
 
+import contextlib
 import hashlib
 import json
 import platform
@@ -52,13 +53,27 @@ def dataset_fingerprint(name_or_path: str) -> str:
 
     path = Path(name_or_path)
     card = path / "card.json"
-    if card.is_file():
-        fingerprint = json.loads(card.read_text()).get("fingerprint")
-        if fingerprint:
-            return fingerprint
+    if card.is_file() and json.loads(card.read_text()).get("fingerprint"):
+        with contextlib.suppress(OSError, KeyError, TypeError):
+            return card_fingerprint(path)
     if path.exists():
         return file_fingerprint(path)
     return f"hub:{name_or_path}"
+
+
+def card_fingerprint(folder: Path) -> str:
+    """The fingerprint a data_prep card records (sha256 of its split files' sha256), computed from the split files as
+    they are now: a split edited by hand after the card was written changes it."""
+    splits = json.loads((folder / "card.json").read_text())["splits"].values()
+    return hashlib.sha256("".join(sha256(folder / s["file"]) for s in splits).encode()).hexdigest()
+
+
+def sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def model_fingerprint(path: str | Path) -> str:

@@ -109,3 +109,19 @@ def test_a_recipes_data_job_names_no_temporary_file_in_its_card(tmp_path):
     card = json.loads((tmp_path / "tasks" / "card.json").read_text())
     assert card["command"].startswith("posttrain data build_verifiable_tasks --config options.yaml")
     assert "n_train: 8" in card["options_yaml"]
+
+
+def test_a_split_edited_after_its_card_changes_the_fingerprint(tmp_path):
+    """A stage's inputs hash reads a data folder's fingerprint: the card's, as the split files now are, so a split
+    edited by hand after the card was written retrains the stage (the card's recorded value kept it)."""
+    from datasets import Dataset
+
+    from posttrain.datajobs import run_job
+    from posttrain.lineage import dataset_fingerprint
+
+    run_job("build_verifiable_tasks", {"n_train": 8, "n_test": 2}, tmp_path / "tasks")
+    recorded = json.loads((tmp_path / "tasks" / "card.json").read_text())["fingerprint"]
+    assert dataset_fingerprint(str(tmp_path / "tasks")) == recorded  # untouched: the same, finished stages still skip
+    sft = Dataset.from_parquet(str(tmp_path / "tasks" / "sft.parquet"))
+    sft.select(range(len(sft) - 1)).to_parquet(tmp_path / "tasks" / "sft.parquet")
+    assert dataset_fingerprint(str(tmp_path / "tasks")) != recorded
