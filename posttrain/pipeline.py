@@ -71,6 +71,9 @@ def changed_inputs(resolved: Path, args: dict) -> str:
     """What differs between a stage's arguments as an earlier run resolved them and `args`, for a message: `key: old →
     new` for up to four keys, or what else can change a stage's inputs."""
     before = yaml.safe_load(resolved.read_text()) if resolved.is_file() else {}
+    if before.get("output_dir") and args.get("output_dir"):  # a run folder moved elsewhere changes no input
+        old_root, root = (str(Path(a["output_dir"]).parent) for a in (before, args))
+        before = json.loads(json.dumps(before, default=str).replace(old_root, root))
     ignored = {"resume_from_checkpoint", *NOT_INPUT_KEYS, *NOT_TRAINING_KEYS}
     keys = sorted(k for k in {*before, *args} - ignored if before.get(k) != args.get(k))
     if not keys:
@@ -249,6 +252,10 @@ class Pipeline:
                 elif not (self.root / stage / "lineage.json").is_file():
                     raise UserError(f"stage '{stage}' comes before the ones asked for and has not finished; "
                                     "run it first")
+                elif changed := self.changed_since(stage, previous):
+                    # the selected stages would train from an adapter the recipe no longer gives, reported as current
+                    raise UserError(f"stage '{stage}' comes before the ones asked for and its inputs changed since it "
+                                    f"finished ({changed}); run it first (--from {stage})")
                 elif self.reevaluate(stage):  # kept, but scored on the evaluation the stages after it get
                     self.promote(stage)
                 if stage != until:
@@ -419,6 +426,13 @@ class Pipeline:
 
         return tuple(digest(left_out, base) for base in dict.fromkeys((self.base_hash, self.legacy_base_hash or self.base_hash))
                      for left_out in ((*NOT_INPUT_KEYS, *NOT_TRAINING_KEYS), NOT_INPUT_KEYS))
+
+    def changed_since(self, stage: str, previous: str | None) -> str | None:
+        """What changed in a finished stage's inputs since it was trained (`changed_inputs`), or None."""
+        args = self.stage_args(stage, previous)
+        if self._up_to_date(self.root / stage, *self.stage_hashes(stage, args, previous)):
+            return None
+        return changed_inputs(self.root / stage / "resolved.yaml", args)
 
     def reevaluate(self, stage: str) -> bool:
         """A finished stage whose held-out evaluation changed (another eval set, more tokens, a smaller batch after

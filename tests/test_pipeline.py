@@ -175,6 +175,22 @@ def test_a_stage_skipped_as_finished_is_done_whatever_an_earlier_attempt_recorde
     assert "failed" not in accuracy_line(state_path.parent)
 
 
+def test_only_a_later_stage_refuses_an_earlier_one_whose_inputs_changed(shared_tiny, tiny_run, tmp_path, monkeypatch):
+    """`--only dpo` after SFT's learning rate changed: DPO would train from an SFT adapter the recipe no longer gives,
+    and the run would report it as current; the run stops and says what changed and how to go on."""
+    from posttrain.errors import UserError
+    from posttrain.pipeline import Pipeline
+    from posttrain.recipe import load_recipe
+
+    cwd = tmp_path / "copy"
+    shutil.copytree(shared_tiny.root, cwd)
+    monkeypatch.chdir(cwd)
+    pipeline = Pipeline(load_recipe(cwd / "recipe.yaml", ["stages.sft.learning_rate=2e-3"]), cwd / "outputs")
+    with pytest.raises(UserError, match=r"stage 'sft' comes before the ones asked for and its inputs changed since it "
+                                        r"finished \(learning_rate: .* → 0\.002\); run it first \(--from sft\)"):
+        pipeline.run(only="dpo")
+
+
 def test_until_leaves_out_the_data_only_later_stages_read(tmp_path):
     """`--until sft` builds what SFT and the evaluation read, not a preference set only DPO reads (a bad row there
     would stop a run that never gets to DPO)."""
@@ -220,6 +236,7 @@ def test_only_a_later_stage_still_scores_the_earlier_ones_on_the_changed_evaluat
     monkeypatch.setattr(pipeline, "build_data", lambda after: None)
     monkeypatch.setattr(pipeline, "run_stage", lambda stage, previous, force=False: calls.append(("run", stage)))
     monkeypatch.setattr(pipeline, "promote", lambda stage: calls.append(("promote", stage)))
+    monkeypatch.setattr(pipeline, "changed_since", lambda stage, previous: None)  # SFT's inputs are as it trained
     for changed in (True, False):
         calls.clear()
         monkeypatch.setattr(pipeline, "reevaluate", lambda stage, changed=changed: calls.append(("eval", stage))
