@@ -97,7 +97,9 @@ def _bad_json_line(path: Path) -> str:
 def _load_hub(repo_id: str, split: str, dataset_config: str | None):
     from datasets import load_dataset
 
-    offline = any(os.environ.get(v, "0").lower() in ("1", "true") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+    from .models.load import datasets_offline
+
+    offline = datasets_offline()
     try:
         return load_dataset(repo_id, dataset_config, split=split)
     except Exception as exc:  # datasets raises several types here; the advice is the same

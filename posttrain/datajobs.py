@@ -64,7 +64,8 @@ def run_job(job: str, args: dict, out: str | Path) -> None:
     """Run `job` with `args` (a mapping of its config fields), writing to `out`."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
         yaml.safe_dump({**args, "output_dir": str(out)}, handle)
-    # the card's command: the temporary config is deleted below, and the card records the same options
+    # the card's command (data_prep.config.COMMAND_ENV: posttrain never imports data_prep): the temporary config is
+    # deleted below, and the card records the same options
     command = f"posttrain data {job} --config options.yaml  # options.yaml: the options this card lists"
     try:
         code = _wait(subprocess.Popen([*JOBS, job, "--config", handle.name], preexec_fn=die_with_parent(),

@@ -194,6 +194,7 @@ def write_merged(ref, out: Path, dtype: str) -> dict:
     import torch
 
     from .models import load_model
+    from .models.vision import text_tokenizer
 
     model = load_model(ref.base_model, adapter=ref.adapter, dtype="float32", trust_remote_code=ref.trust_remote_code)
     _refuse_lora_on_tied_embeddings(model, ref)
@@ -201,9 +202,9 @@ def write_merged(ref, out: Path, dtype: str) -> dict:
     reference = _logits(model, probe)
     merged = model.merge_and_unload()
     merged.to(getattr(torch, dtype))
-    stop_at_reply_end(merged, ref.tokenizer)
+    tokenizer = save_tokenizer(ref.tokenizer, out)
+    stop_at_reply_end(merged, text_tokenizer(tokenizer).eos_token_id)
     merged.save_pretrained(out)
-    save_tokenizer(ref.tokenizer, out)
     del model, merged
     gc.collect()
     reloaded, checks = load_merged_checked(out, dtype)
@@ -226,13 +227,10 @@ def write_merged(ref, out: Path, dtype: str) -> dict:
     return checks
 
 
-def stop_at_reply_end(model, tokenizer_path: str) -> None:
-    """The generation config stops at the tokenizer's EOS too: the recipe's chat template ends a reply with it (ERNIE's
-    <|end_of_sentence|> where the model's config says </s>, a Qwen base model's <|im_end|>), and `generate()`,
+def stop_at_reply_end(model, eos: int | None) -> None:
+    """The generation config stops at the tokenizer's EOS (`eos`) too: the recipe's chat template ends a reply with it
+    (ERNIE's <|end_of_sentence|> where the model's config says </s>, a Qwen base model's <|im_end|>), and `generate()`,
     pipelines and serving engines stop where the generation config says, not the tokenizer."""
-    from transformers import AutoTokenizer
-
-    eos = AutoTokenizer.from_pretrained(tokenizer_path).eos_token_id
     ids = model.generation_config.eos_token_id
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
     if eos is not None and eos not in ids:
@@ -300,15 +298,18 @@ def compare_adapter_reload(ref, out: Path) -> dict:
     return {"logits_equal_to_stage": True, "logits_change_vs_base": relative_error(exported, base, mask)}
 
 
-def save_tokenizer(path: str, out: Path) -> None:
-    """The stage's tokenizer (or processor, for vision stages) with the recipe's chat template."""
+def save_tokenizer(path: str, out: Path):
+    """The stage's tokenizer (or processor, for vision stages) with the recipe's chat template, saved to `out`;
+    returns it."""
     from transformers import AutoTokenizer
 
     from .models.vision import has_processor_files, load_processor
 
     folder = Path(path)
     # a processor that also handles video loads image-only without torchvision, as training loaded it
-    (load_processor(folder) if has_processor_files(folder) else AutoTokenizer.from_pretrained(folder)).save_pretrained(out)
+    tokenizer = load_processor(folder) if has_processor_files(folder) else AutoTokenizer.from_pretrained(folder)
+    tokenizer.save_pretrained(out)
+    return tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------------- probing

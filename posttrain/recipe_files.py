@@ -6,7 +6,6 @@ sources). `{data}/<name>` must be a dataset the recipe's `data:` section builds;
 during the run and are not checked; `org/name` without a file suffix is a Hub id, which the stage loads itself.
 """
 
-import os
 import re
 from pathlib import Path
 
@@ -36,8 +35,8 @@ def check_recipe_files(recipe: Recipe) -> None:
             problems += _path_problem(key, value, recipe, relative_to_recipe=True)
     problems += placeholder_problems(recipe) + order_problems(recipe)
     if problems:
-        raise UserError(f"{recipe.path}: the recipe names files or data that do not exist, or do not exist yet when read (checked before any work):\n  "
-                        + "\n  ".join(problems))
+        raise UserError(f"{recipe.path}: the recipe names files or data that do not exist, or do not exist yet when "
+                        "read (checked before any work):\n  " + "\n  ".join(problems))
 
 
 def placeholder_problems(recipe: Recipe) -> list[str]:
@@ -95,9 +94,9 @@ def _dataset_problem(key: str, value: str, recipe: Recipe) -> list[str]:
 def _offline_hub_problem(key: str, repo_id: str) -> list[str]:
     """Offline, a Hub dataset that nothing cached would stop its stage only when it starts, after the stages before
     it: refused here unless the Hub's cache or datasets' own cache holds something of it (which may load)."""
-    from .models.load import is_offline
+    from .models.load import datasets_offline
 
-    if not is_offline() and os.environ.get("HF_DATASETS_OFFLINE", "").upper() not in ("1", "ON", "YES", "TRUE"):
+    if not datasets_offline():
         return []
     from datasets import config
     from huggingface_hub import snapshot_download

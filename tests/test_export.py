@@ -162,16 +162,17 @@ def test_a_merged_model_stops_where_the_template_ends_a_reply(tiny_model_path, t
     """The ERNIE template ends a reply with <|end_of_sentence|>, which posttrain makes the tokenizer's EOS; a merged
     export's generation config (what `generate()`, pipelines and serving engines stop on) gets it too, beside the
     model's own EOS."""
-    from posttrain.export import stop_at_reply_end
+    from posttrain.export import save_tokenizer, stop_at_reply_end
     from posttrain.models import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model_path("llama"), "ernie4_5")
     tokenizer.save_pretrained(tmp_path / "tokenizer")
     model = load_model(tiny_model_path("llama"))
     assert model.generation_config.eos_token_id == 2 != tokenizer.eos_token_id
-    stop_at_reply_end(model, str(tmp_path / "tokenizer"))
+    exported = save_tokenizer(str(tmp_path / "tokenizer"), tmp_path / "export")  # what write_merged reads it from
+    stop_at_reply_end(model, exported.eos_token_id)
     assert model.generation_config.eos_token_id == [tokenizer.eos_token_id, 2]
-    stop_at_reply_end(model, str(tmp_path / "tokenizer"))  # once only
+    stop_at_reply_end(model, exported.eos_token_id)  # once only
     assert model.generation_config.eos_token_id == [tokenizer.eos_token_id, 2]
 
 

@@ -267,6 +267,13 @@ def is_offline() -> bool:
     return value.upper() in constants.ENV_VARS_TRUE_VALUES
 
 
+def datasets_offline() -> bool:
+    """Whether `load_dataset` stays off the network: `is_offline`, or HF_DATASETS_OFFLINE as datasets reads it."""
+    from huggingface_hub import constants
+
+    return is_offline() or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES
+
+
 def load_tokenizer(path: str | Path, chat_template: str | None = None, trust_remote_code: bool = False):
     """Load a tokenizer (or processor), optionally replacing its chat template; give it a pad token != EOS if it can.
 

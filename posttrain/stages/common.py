@@ -245,6 +245,16 @@ def load_train_dataset(stage_args):
     return dataset
 
 
+def load_test_split(stage_args, training_args):
+    """The `dataset_test_split` rows for the trainer's own evaluation loop when an `eval_strategy` asks for them (as
+    TRL's scripts pass them), else None (the Trainer refuses an `eval_strategy` without an eval dataset)."""
+    from ..data import load_split
+
+    if not stage_args.dataset_test_split or training_args.eval_strategy == "no":
+        return None
+    return load_split(stage_args.dataset_name, stage_args.dataset_test_split, stage_args.dataset_config)
+
+
 def keep_columns(dataset, columns: set[str]):
     return dataset.remove_columns([c for c in dataset.column_names if c not in columns])
 

@@ -90,13 +90,10 @@ def report_dropped_rows(trainer, rows: int, training_args, name: str) -> dict:
 
 
 def heldout_rows(stage_args, training_args, images: bool):
-    """The `dataset_test_split` rows for TRL's eval loss, when an `eval_strategy` asks for it (as TRL's sft script
-    passes them), prepared as the training rows are; None otherwise."""
-    if not stage_args.dataset_test_split or training_args.eval_strategy == "no":
+    """`common.load_test_split` for TRL's eval loss, prepared as the training rows are; None without it."""
+    dataset = common.load_test_split(stage_args, training_args)
+    if dataset is None:
         return None
-    from ..data import load_split
-
-    dataset = load_split(stage_args.dataset_name, stage_args.dataset_test_split, stage_args.dataset_config)
     dataset = common.keep_columns(with_template_kwargs(dataset), SFT_COLUMNS | {training_args.dataset_text_field})
     return vision_rows(dataset, training_args, stage_args) if images else dataset
 

@@ -89,15 +89,12 @@ def main(stage_args: StageArguments, training_args, model_args, curriculum_args:
 
 
 def heldout_prompts(stage_args, training_args, images: bool):
-    """The `dataset_test_split` prompts for GRPO's evaluation (rewards, and the DPO term of online pairs) when an
-    `eval_strategy` asks for it, as the SFT stage passes its held-out rows; None otherwise (Trainer refuses an
-    `eval_strategy` without an eval dataset)."""
-    if not stage_args.dataset_test_split or training_args.eval_strategy == "no":
+    """`common.load_test_split` for GRPO's evaluation (rewards, and the DPO term of online pairs), through the
+    prompt gates the training prompts pass; None without it."""
+    dataset = common.load_test_split(stage_args, training_args)
+    if dataset is None:
         return None
-    from ..data import load_split
-
     name = f"{stage_args.dataset_name} ({stage_args.dataset_test_split})"
-    dataset = load_split(stage_args.dataset_name, stage_args.dataset_test_split, stage_args.dataset_config)
     gates.check_prompt_rows(dataset, name)
     dataset = common.keep_columns(dataset, UPO_COLUMNS)
     if stage_args.preflight:

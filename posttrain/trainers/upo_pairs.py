@@ -323,11 +323,10 @@ class OfflinePairs:
         return order
 
     def take(self, count: int) -> list[tuple[list[int], ...]]:
-        need = count
-        if self.cursor + need > len(self.order) and need <= len(self.order):
+        if self.cursor + count > len(self.order) and count <= len(self.order):
             self.cursor = len(self.order)  # like drop_last: a step's pairs come from one pass, so none appears twice
         taken = []
-        while len(taken) < need:
+        while len(taken) < count:
             if self.cursor == len(self.order):
                 self.epoch, self.cursor = self.epoch + 1, 0
                 self.order = self._shuffled()
