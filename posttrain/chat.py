@@ -1,10 +1,11 @@
 """`posttrain chat`: talk to a run's stage in the terminal, to see what the stage did to the model.
 
-    posttrain chat outputs/<run> [--stage sft] [--thinking on|off] [--max-new-tokens 256]
+    posttrain chat outputs/<run> [--stage sft] [--thinking on|off] [--system TEXT] [--max-new-tokens 256]
 
 The base model plus the stage's adapter (or the bare base model for `--stage base`), the recipe's chat template,
-multi-turn history, replies streamed as they are generated, greedy like the held-out evaluation (what you read is
-what the stage's metrics scored). `/reset` forgets the history, `/exit` (or end of input,
+multi-turn history (after an optional system message, which `/reset` keeps), replies streamed as they are
+generated, greedy like the held-out evaluation (what you read is what the stage's metrics scored). `/reset` forgets
+the history, `/exit` (or end of input,
 Ctrl-D) leaves. The loop is `chat_loop(model, tokenizer, lines, out)`: any iterable of lines in, replies out, so it
 runs the same from a keyboard, a pipe or a test.
 """
@@ -51,13 +52,15 @@ def reply(model, tokenizer, messages: list[dict], out: TextIO, thinking: bool | 
 
 
 def chat_loop(model, tokenizer, lines: Iterable[str], out: TextIO, thinking: bool | None = None,
-              max_new_tokens: int = 256) -> list[str]:
+              max_new_tokens: int = 256, system: str | None = None) -> list[str]:
     """Answer each line of `lines` in one conversation; returns the replies in order.
 
-    Lines are stripped; empty lines are ignored; `/reset` clears the history, `/exit` stops (as does the end of
-    `lines`). Each reply is written to `out` as `assistant> <text>` followed by a newline.
+    Lines are stripped; empty lines are ignored; `/reset` clears the history (the `system` message, if any, stays),
+    `/exit` stops (as does the end of `lines`). Each reply is written to `out` as `assistant> <text>` followed by a
+    newline.
     """
-    messages: list[dict] = []
+    opening = [{"role": "system", "content": system}] if system else []
+    messages: list[dict] = list(opening)
     replies: list[str] = []
     for raw in lines:
         line = raw.strip()
@@ -66,7 +69,7 @@ def chat_loop(model, tokenizer, lines: Iterable[str], out: TextIO, thinking: boo
         if line in ("/exit", "/quit"):
             break
         if line == "/reset":
-            messages.clear()
+            messages[:] = opening
             out.write("(conversation cleared)\n")
             continue
         if line.startswith("/"):
@@ -123,7 +126,8 @@ def load_stage(run: str, stage: str | None, dtype: str | None = None):
 
 
 def run_chat(run: str, stage: str | None = None, thinking: str | None = None, max_new_tokens: int = 256,
-             stdin: TextIO = sys.stdin, out: TextIO = sys.stdout, info: TextIO = sys.stderr) -> list[str]:
+             stdin: TextIO = sys.stdin, out: TextIO = sys.stdout, info: TextIO = sys.stderr,
+             system: str | None = None) -> list[str]:
     """`posttrain chat`: load, print a one-line banner to `info`, then chat over `stdin`."""
     if thinking not in (None, "on", "off"):
         raise UserError(f"--thinking {thinking}: expected on or off")
@@ -140,7 +144,7 @@ def run_chat(run: str, stage: str | None = None, thinking: str | None = None, ma
                f"commands: {', '.join(COMMANDS)}; end of input (Ctrl-D) also exits\n")
     info.flush()
     try:
-        return chat_loop(model, tokenizer, terminal_lines(stdin), out, mode, max_new_tokens)
+        return chat_loop(model, tokenizer, terminal_lines(stdin), out, mode, max_new_tokens, system)
     except KeyboardInterrupt:
         out.write("\n")
         return []

@@ -172,7 +172,7 @@ def cmd_export(args) -> int:
 def cmd_chat(args) -> int:
     from .chat import run_chat
 
-    run_chat(args.run, args.stage, args.thinking, args.max_new_tokens)
+    run_chat(args.run, args.stage, args.thinking, args.max_new_tokens, system=args.system)
     return 0
 
 
@@ -262,6 +262,7 @@ def make_parser() -> argparse.ArgumentParser:
     chat.add_argument("--stage", help="stage to chat with (default: the last finished one; 'base' for the base model)")
     chat.add_argument("--thinking", choices=["on", "off"], help="thinking mode via the chat template's enable_thinking "
                       "(default: the stage's own, if it trained in one mode, else the template's default)")
+    chat.add_argument("--system", metavar="TEXT", help="a system message opening the conversation (kept by /reset)")
     chat.add_argument("--max-new-tokens", type=at_least(1), default=256)
     chat.set_defaults(func=cmd_chat)
 

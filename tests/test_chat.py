@@ -67,6 +67,22 @@ def test_loop_keeps_history_resets_and_exits(loaded, monkeypatch):
                               f"(conversation cleared)\n{chat.REPLY_PREFIX}{replies[2]}\n")
 
 
+def test_a_system_message_opens_every_conversation(loaded, monkeypatch):
+    """`--system TEXT`: the first message of the conversation, rendered by the chat template before each turn, and
+    still there after `/reset`."""
+    import posttrain.data
+
+    model, tokenizer = loaded
+    seen = []
+    render = posttrain.data.render_prompt
+    monkeypatch.setattr(posttrain.data, "render_prompt",
+                        lambda tok, messages, thinking=None: seen.append(list(messages)) or render(tok, messages, thinking))
+    chat.chat_loop(model, tokenizer, ["hello", "/reset", "again"], StringIO(), max_new_tokens=2, system="Be brief.")
+    assert [[m["role"] for m in messages] for messages in seen] == [["system", "user"], ["system", "user"]]
+    assert all(messages[0]["content"] == "Be brief." for messages in seen)
+    assert "<|im_start|>system\nBe brief.<|im_end|>" in render(tokenizer, seen[1])
+
+
 def test_loop_thinking_default_and_on(loaded):
     model, tokenizer = loaded
     out = StringIO()
