@@ -1,7 +1,18 @@
 """Test environment: offline, one thread, a private model cache; fixtures for tiny models built from configs."""
 
+import atexit
 import os
+import shutil
 import tempfile
+
+
+def _private_folder(variable: str, prefix: str) -> None:
+    """A fresh temporary folder in `variable`, unless it is set already (xdist workers and the stage processes the
+    tests start inherit the session's); the process that made it removes it when it exits."""
+    if variable not in os.environ:
+        os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+        atexit.register(shutil.rmtree, os.environ[variable], ignore_errors=True)
+
 
 # Before anything imports huggingface_hub / torch: offline, one thread (tiny models run ~100x slower on shared cores
 # with the default thread pool), and a cache that tests own so nothing leaks into the user's ~/.cache.
@@ -9,10 +20,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
-os.environ.setdefault("POSTTRAIN_CACHE", tempfile.mkdtemp(prefix="posttrain-test-cache-"))
+_private_folder("POSTTRAIN_CACHE", "posttrain-test-cache-")
 os.environ.setdefault("WANDB_DISABLED", "true")
 # Trackio reads its folder once, on import: every test run logs into a fresh local folder, never ~/.cache or a Space.
-os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="posttrain-test-trackio-")
+if "PYTEST_XDIST_WORKER" not in os.environ:  # the session's own folder, which its xdist workers share
+    os.environ.pop("TRACKIO_DIR", None)
+_private_folder("TRACKIO_DIR", "posttrain-test-trackio-")
 for _remote in ("TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL", "TRACKIO_BUCKET_ID", "TRACKIO_DATASET_ID"):
     os.environ.pop(_remote, None)
 
