@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import yaml
@@ -68,12 +69,50 @@ def run_job(job: str, args: dict, out: str | Path) -> None:
     # deleted below, and the card records the same options
     command = f"posttrain data {job} --config options.yaml  # options.yaml: the options this card lists"
     try:
-        code = _wait(subprocess.Popen([*JOBS, job, "--config", handle.name], preexec_fn=die_with_parent(),
-                                      pass_fds=held_fds(), env={**os.environ, "POSTTRAIN_DATA_COMMAND": command}))
+        process = subprocess.Popen([*JOBS, job, "--config", handle.name], preexec_fn=die_with_parent(),
+                                   pass_fds=held_fds(), env={**os.environ, "POSTTRAIN_DATA_COMMAND": command},
+                                   stderr=subprocess.PIPE)
+        tail = StderrTail(process.stderr)
+        code = _wait(process)
     finally:
         Path(handle.name).unlink(missing_ok=True)
     if code:
-        raise UserError(f"data job '{job}' failed with exit code {code} (its error is printed above)")
+        cause = tail.last_error()
+        raise UserError(f"data job '{job}' failed with exit code {code}" + (f": {cause}" if cause else ""))
+
+
+class StderrTail(threading.Thread):
+    """A child's stderr copied to ours as it comes (progress bars and all), its end kept: the job's error then goes
+    into the pipeline's own, which run.json and the report keep after the terminal has scrolled it away."""
+
+    KEEP = 1 << 16
+
+    def __init__(self, pipe):
+        super().__init__(daemon=True)
+        self.pipe, self.kept = pipe, bytearray()
+        self.start()
+
+    def run(self) -> None:
+        raw = getattr(sys.stderr, "buffer", None)  # a test's captured stderr has none: text then
+        for chunk in iter(lambda: os.read(self.pipe.fileno(), 1 << 16), b""):
+            if raw is not None:
+                raw.write(chunk)
+                raw.flush()
+            else:
+                sys.stderr.write(chunk.decode(errors="replace"))
+            self.kept += chunk
+            del self.kept[:-self.KEEP]
+
+    def last_error(self) -> str:
+        """The job's `error: ...` message (data_prep prints a user error so, as its last words), else its last line
+        (an exception's)."""
+        self.join(timeout=10)
+        lines = [line.strip() for line in self.kept.decode(errors="replace").replace("\r", "\n").splitlines()
+                 if line.strip()]
+        start = next((i for i in reversed(range(len(lines))) if lines[i].startswith("error: ")), None)
+        if start is None:
+            return lines[-1] if lines else ""
+        return " ".join(lines[start:]).removeprefix("error: ")
 
 
 def _wait(process: subprocess.Popen, grace_s: float = 30.0) -> int:

@@ -405,7 +405,8 @@ def test_run_checks_files_before_any_work(tmp_path, monkeypatch):
 
 
 def test_the_report_of_a_run_whose_data_job_failed_says_failed(tmp_path, monkeypatch):
-    """The report written as the run ends is built after run.json says how it ended, not while it says running."""
+    """The report written as the run ends is built after run.json says how it ended, not while it says running; it and
+    run.json say why the job failed (its own error, which the terminal showed as it happened)."""
     from posttrain.pipeline import Pipeline
     from posttrain.recipe import load_recipe
 
@@ -418,6 +419,9 @@ def test_the_report_of_a_run_whose_data_job_failed_says_failed(tmp_path, monkeyp
         Pipeline(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "outputs").run()
     report = (tmp_path / "outputs" / "tiny-text" / "report.md").read_text()
     assert "run status **failed**" in report and "**Run failed:** data job 'build_sft_set' failed" in report
+    cause = 'bad.jsonl:1: "instruction" is empty'
+    assert cause in report and cause in json.loads((tmp_path / "outputs" / "tiny-text" / "run.json").read_text(
+        ))["steps"]["run"]["error"]
     assert " · finished " in report
 
 
