@@ -424,6 +424,7 @@ def test_report_of_a_real_tiny_run(tiny_run, tmp_path, posttrain_cli):
     for stage in view.stages:
         assert stage.status == "done" and stage.eval
     assert md_row(md, "accuracy (verifier)")[:len(view.stages)] == [f"{s.eval['accuracy']:.1%}" for s in view.stages]
+    assert md_row(md, "evaluated by processes") == ["1"] * len(view.stages) + [""]  # a setting: no "+0" change
     for stage in view.trained:
         assert (run / "report_files" / f"curves_{stage.name}.png").is_file()
     for sample in view.stage("base").eval["samples"]:

@@ -36,6 +36,7 @@ EVAL_ROWS = [  # key, label, kind
     ("mean_completion_tokens", "mean completion tokens", "num"),
     ("heldout_loss", "held-out loss of reference replies (nats/token)", "num"),
     ("proxy_reward", "hackable proxy: length (not a goal)", "num"),
+    ("processes", "evaluated by processes", "int"),  # a setting: no change column
 ]
 GROUP_LABELS = {"mode/thinking": "accuracy · thinking on", "mode/non_thinking": "accuracy · thinking off",
                 "mode/default": "accuracy · default mode"}
