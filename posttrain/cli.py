@@ -176,6 +176,9 @@ def cmd_chat(args) -> int:
     return 0
 
 
+LAST_STAGE = "the last finished one, leaving out stages trained from a stage since retrained or gate-rejected"
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description="SFT → DPO → UPO post-training with LoRA.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -218,7 +221,7 @@ def make_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="held-out evaluation of a run's stage or of any model")
     ev.add_argument("run", nargs="?", help="run folder, e.g. outputs/smollm2-135m: evaluated as the run did (its "
                     "recipe's eval: settings) except where a flag below says otherwise")
-    ev.add_argument("--stage", help="stage of the run (default: the last finished one; 'base' for the base model)")
+    ev.add_argument("--stage", help=f"stage of the run (default: {LAST_STAGE}; 'base' for the base model)")
     ev.add_argument("--model", help="model folder or Hub id (instead of a run)")
     ev.add_argument("--adapter", help="LoRA adapter folder to apply on --model")
     add_dataclass_arguments(ev, EvalArguments, unset=True)  # for a run, a flag not given is the run's own setting
@@ -243,7 +246,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="write a stage as a shareable folder (adapter or merged) with a model card")
     export.add_argument("run", help="run folder, e.g. outputs/smollm2-135m")
-    export.add_argument("--stage", help="stage to export (default: the last finished one)")
+    export.add_argument("--stage", help=f"stage to export (default: {LAST_STAGE})")
     export.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
     export.add_argument("--dtype", help="merged weights dtype: bf16, fp16 or fp32 (default: the base model's)")
     export.add_argument("--out", help="output folder (default: RUN/exports/<stage>[-merged])")
@@ -259,7 +262,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="chat in the terminal with a run's stage (/reset, /exit)")
     chat.add_argument("run", help="run folder, e.g. outputs/smollm2-135m")
-    chat.add_argument("--stage", help="stage to chat with (default: the last finished one; 'base' for the base model)")
+    chat.add_argument("--stage", help=f"stage to chat with (default: {LAST_STAGE}; 'base' for the base model)")
     chat.add_argument("--thinking", choices=["on", "off"], help="thinking mode via the chat template's enable_thinking "
                       "(default: the stage's own, if it trained in one mode, else the template's default)")
     chat.add_argument("--system", metavar="TEXT", help="a system message opening the conversation (kept by /reset)")
