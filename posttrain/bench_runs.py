@@ -201,8 +201,9 @@ def main(argv: list[str]) -> int:
         print(f"[bench] warm-up: one step of {row} {column}…", flush=True)
         measure(row, {**run, "args": {**run["args"], "max_steps": 1, "logging_steps": 1}})
     # and the first run once in full, unrecorded: on the GPU, runs still got faster through a worker after those
-    # steps (SFT plain TRL 7.0 s first, 5.1 s last; 2026-12-04), and the first run is always plain TRL's
-    if spec["runs"]:
+    # steps (SFT plain TRL 7.0 s first, 5.1 s last; 2026-12-04), and the first run is always plain TRL's (a one-step
+    # run was just warmed up in full)
+    if spec["runs"] and spec["runs"][0]["args"].get("max_steps") != 1:
         first = spec["runs"][0]
         print(f"[bench] warm-up: {first['row']} {first['column']} in full…", flush=True)
         measure(first["row"], first)
