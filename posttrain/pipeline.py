@@ -346,7 +346,7 @@ class Pipeline:
                                           "wall_time_s": round(time.time() - started, 1)})
         write_json(out / "lineage.json", {"stage": "base", "inputs_hash": digest,
                                           "base_model": str(self.base_model), **lineage.environment()})
-        self._record("base", status="done", wall_time_s=round(time.time() - started, 1))
+        self._record("base", status="done", wall_time_s=round(time.time() - started, 1), error=None, log=None)
 
     def run_eval(self, out: Path, step: str, adapter: Path | None = None) -> dict:
         """Held-out metrics of the base model (+ a finished stage's `adapter`), computed in a child process like
@@ -495,7 +495,7 @@ class Pipeline:
             self._record(stage, status="running", skipped=False)
             self._move_into_place(partial, final)
             self.reevaluate(stage)
-            self._record(stage, status="done", error=None)
+            self._record(stage, status="done", error=None, log=None)
             return
         partial.mkdir(parents=True, exist_ok=True)
         checkpoint = resume_point(partial, say=lambda text: console.print(f"[yellow]{text}[/yellow]"))
@@ -513,7 +513,8 @@ class Pipeline:
         self._spawn(cmd, partial / f"{stage}.log", stage, {**env, **self.tracking_env(stage)})
         self._move_into_place(partial, final)
         self.reevaluate(stage)
-        self._record(stage, status="done", wall_time_s=round(time.time() - started, 1), error=None)
+        # a failed attempt's log path (in the `.partial` folder, gone now) no longer applies either
+        self._record(stage, status="done", wall_time_s=round(time.time() - started, 1), error=None, log=None)
 
     @staticmethod
     def _finished_in(partial: Path) -> bool:

@@ -482,7 +482,9 @@ def test_killed_stage_resumes_from_checkpoint(tmp_path, posttrain_cli):
     assert metrics["train"]["global_step"] == 4
     first_logged = min(log["step"] for log in metrics["log_history"] if "loss" in log)
     assert first_logged == 1  # log history carried over from the checkpoint, not restarted
-    assert json.loads((run / "run.json").read_text())["steps"]["run"]["status"] == "done"
+    steps = json.loads((run / "run.json").read_text())["steps"]
+    assert steps["run"]["status"] == "done"
+    assert steps["sft"]["error"] is steps["sft"]["log"] is None, "the killed attempt's error and log are history"
 
 
 @pytest.mark.parametrize("processes", [1, 2])
