@@ -17,6 +17,7 @@ disagree. The rejected side stays the policy's own worst sample.
 In a recipe, give the job `after: sft` to run it right after that stage, on that stage's adapter.
 Output: `train.parquet` (pairs from `train_split` prompts) and `test.parquet` (from `test_split` prompts) with
 `prompt`, `chosen`, `rejected` (conversational), `thinking`, `domain`, `answer`, `chosen_reward`, `rejected_reward`.
+No train pair is an error; no test pair is an empty `test.parquet`, which the DPO stage reads as nothing to measure.
 
 Image prompts (an `images` column, a vision-language model whose processor renders them) work the same way: the
 answers are sampled with the prompt's images, and each pair keeps its images (embedded), so DPO trains on exactly what
@@ -201,8 +202,13 @@ def main(argv: list[str] | None = None) -> int:
                              to_dataset=image_pairs_dataset if with_images else None,
                              overwrite=config.overwrite, inputs=inputs,
                              # the prompts sampled: one whose samples all score within `margin` gives no pair
-                             read={split: len(rows) for split, rows in prompts.items()})
+                             read={split: len(rows) for split, rows in prompts.items()},
+                             keep_empty=True)  # a stage naming the test split finds it, empty, and says so
     print(f"wrote {config.output_dir}: " + ", ".join(f"{s} {len(t)} pairs" for s, t in tables.items()))
+    if config.test_split and not tables["test"]:
+        print(f"{PROG}: test has 0 pairs: none of its {len(prompts['test'])} prompts gave two samples with a reward "
+              f"gap >= {config.margin}, so DPO will not measure held-out preference accuracy (more test prompts, "
+              "num_samples or temperature give some)")
     return 0
 
 

@@ -183,17 +183,21 @@ def easy_vqa_task(task: dict, thinking: bool) -> dict:
             "question": task["question"]}
 
 
-def generate(config: VQATasksConfig) -> dict[str, list[dict]]:
+def generate(config: VQATasksConfig) -> tuple[dict[str, list[dict]], dict[str, int]]:
+    """The tasks sampled per split, and how many the source held per split (the card's rows read)."""
     rng = random.Random(config.seed)
     if config.source == "easy_vqa":
-        tables = {}
+        tables, read = {}, {}
         for split, n in (("train", config.n_train), ("test", config.n_test)):
-            chosen = sample(easy_vqa_split(split), n, config.balance_domains, rng)
+            tasks = easy_vqa_split(split)
+            read[split] = len(tasks)
+            chosen = sample(tasks, n, config.balance_domains, rng)
             tables[split] = [easy_vqa_task(t, rng.random() < config.thinking_fraction) for t in chosen]
-        return tables
+        return tables, read
     tasks = file_tasks(config)
-    return {split: sample(tasks[split], n, config.balance_domains, rng)
-            for split, n in (("train", config.n_train), ("test", config.n_test))}
+    return ({split: sample(tasks[split], n, config.balance_domains, rng)
+             for split, n in (("train", config.n_train), ("test", config.n_test))},
+            {split: len(rows) for split, rows in tasks.items()})
 
 
 def to_datasets(tables: dict[str, list[dict]]) -> dict:
@@ -218,8 +222,9 @@ def to_datasets(tables: dict[str, list[dict]]) -> dict:
             "test": dataset([rl(t) for t in tables["test"]], rl_features)}
 
 
-def write(config: VQATasksConfig, tables: dict[str, list[dict]], command: str) -> Path:
-    """The output folder with the same data card as the other generators (`card.write_output`)."""
+def write(config: VQATasksConfig, tables: dict[str, list[dict]], command: str, read: dict[str, int]) -> Path:
+    """The output folder with the same data card as the other generators (`card.write_output`); `read`: the tasks
+    the source held per split, of which `tables` is a sample."""
     import dataclasses
 
     import yaml
@@ -235,9 +240,11 @@ def write(config: VQATasksConfig, tables: dict[str, list[dict]], command: str) -
     card = {
         "name": Path(config.output_dir).name, "job": "build_vqa_tasks", "kind": "verifiable image tasks",
         "columns": sorted({c for ds in splits.values() for c in ds.column_names}), "created": card_lib.now(),
-        "command": command, "sources": [{"rows_read": total, "rows_invalid": 0, "rows_kept": total, **source}],
+        "command": command,
+        "sources": [{"rows_read": sum(read.values()), "rows_invalid": 0, "rows_kept": total, **source}],
         "counts": [{"step": f"sample {split}" + card_lib._domains(tables["test" if split == "test" else "train"]),
-                    "before": len(ds), "after": len(ds)} for split, ds in splits.items()],
+                    "before": read["test" if split == "test" else "train"], "after": len(ds)}
+                   for split, ds in splits.items()],
         "rejects": 0, "filters": {}, "decontamination": None, "length_unit": "characters of the reference reply",
         "length_stats": card_lib.length_stats(lengths),
         "options_yaml": yaml.safe_dump(dataclasses.asdict(config), sort_keys=False),
@@ -253,10 +260,10 @@ def make_parser():
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(VQATasksConfig, make_parser(), argv, needs_sources=False)
     card_lib.check_output_dir(config.output_dir, overwrite=True, inputs=[config.source])
-    tables = generate(config)
+    tables, read = generate(config)
     if not tables["train"]:
         raise UserError(f"{PROG}: no training tasks from {config.source}")
-    write(config, tables, command_line(PROG, argv))
+    write(config, tables, command_line(PROG, argv), read)
     print(f"wrote {config.output_dir}: sft {len(tables['train'])}, prompts {len(tables['train'])}, "
           f"test {len(tables['test'])}")
     return 0

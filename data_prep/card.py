@@ -160,8 +160,10 @@ def _table(header: list[str], rows: list[list]) -> str:
 def render_readme(card: dict) -> str:
     """The data card as Markdown, with a Hub-style YAML header so the folder can be pushed as a dataset repo."""
     licenses = sorted({s["license"] for s in card["sources"]})
+    # a split without rows is left out of the Hub config: `load_dataset(folder)` refuses one ("corresponds to no data")
     header = ["---", f"license: {licenses[0] if len(licenses) == 1 else 'other'}", "configs:", "- config_name: default",
-              "  data_files:"] + [f"  - split: {n}\n    path: {s['file']}" for n, s in card["splits"].items()] + ["---"]
+              "  data_files:"] + [f"  - split: {n}\n    path: {s['file']}" for n, s in card["splits"].items()
+                                  if s["rows"]] + ["---"]
     sources = _table(["source", "path", "format", "license", "read", "invalid", "kept"],
                      [[s["name"], f"`{s['path']}`", s["format"], s["license"], s["rows_read"], s["rows_invalid"],
                        s["rows_kept"]] for s in card["sources"]])
@@ -201,7 +203,7 @@ def now() -> str:
 
 def write_generated(config, tables: dict[str, list[dict]], *, job: str, kind: str, source: dict, command: str,
                     lengths: list[int], length_unit: str, to_dataset=None, overwrite: bool = True,
-                    inputs=(), read: dict[str, int] | None = None) -> Path:
+                    inputs=(), read: dict[str, int] | None = None, keep_empty: bool = False) -> Path:
     """Write rows a generator made (no input files to import): same folder layout and card as the importers'.
 
     Args:
@@ -214,6 +216,8 @@ def write_generated(config, tables: dict[str, list[dict]], *, job: str, kind: st
         inputs (*optional*): paths the job read, which `output_dir` must not be or hold.
         read (*optional*): rows read per split where it is not the rows written (the prompts a pair is sampled
             for: one that gives no pair is a row removed).
+        keep_empty (`bool`, *optional*, defaults to `False`): write a split without rows too, with the features of
+            one that has rows (the job's splits share one schema): a stage that names it finds it, and sees no rows.
     """
     import dataclasses
 
@@ -236,6 +240,9 @@ def write_generated(config, tables: dict[str, list[dict]], *, job: str, kind: st
     }
     to_dataset = to_dataset or datasets.Dataset.from_list
     splits = {name: to_dataset(rows) for name, rows in tables.items() if rows}
+    if keep_empty and splits:  # an empty split keeps the others' columns and types: `datasets` loads it
+        empty = next(iter(splits.values())).select([])
+        splits = {name: splits.get(name, empty) for name in tables}
     return write_output(Path(config.output_dir), splits, [], card, lengths, length_unit, overwrite, inputs)
 
 

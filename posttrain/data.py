@@ -17,7 +17,8 @@ _EXPECTED = {".jsonl": "one JSON object per line", ".json": "a JSON list of obje
              ".parquet": "a parquet table", ".csv": "comma-separated rows under a header line"}
 
 
-def load_split(name_or_path: str, split: str = "train", dataset_config: str | None = None):
+def load_split(name_or_path: str, split: str = "train", dataset_config: str | None = None,
+               allow_empty: bool = False):
     """Load one split of a dataset.
 
     Args:
@@ -25,6 +26,8 @@ def load_split(name_or_path: str, split: str = "train", dataset_config: str | No
             A `data_prep` output folder (`<split>.parquet` files), a `save_to_disk` folder, a data file, or a Hub id.
         split (`str`, *optional*, defaults to `"train"`):
             Split name. For a single data file, `train` is the whole file.
+        allow_empty (`bool`, *optional*, defaults to `False`):
+            A data file without rows is a split without rows, not an error (a held-out split the caller skips).
     """
     from datasets import load_from_disk
 
@@ -32,7 +35,7 @@ def load_split(name_or_path: str, split: str = "train", dataset_config: str | No
     if path.is_dir():
         parquet = path / f"{split}.parquet"
         if parquet.is_file():
-            return _load_file(parquet, split)
+            return _load_file(parquet, split, allow_empty)
         if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
             loaded = load_from_disk(str(path))
             if hasattr(loaded, "keys"):
@@ -45,13 +48,13 @@ def load_split(name_or_path: str, split: str = "train", dataset_config: str | No
     if path.suffix in _FILE_BUILDERS:
         if not path.is_file():
             raise UserError(f"dataset file not found: {path}")
-        return _load_file(path, split)
+        return _load_file(path, split, allow_empty)
     if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/")):
         raise UserError(f"dataset '{name_or_path}' is not a folder, a data file or a Hub id of the form 'org/name'")
     return _load_hub(name_or_path, split, dataset_config)
 
 
-def _load_file(path: Path, split: str):
+def _load_file(path: Path, split: str, allow_empty: bool = False):
     """A local data file as one split; an unreadable or empty file is a UserError naming the file (and the first bad
     line of a JSON Lines file) instead of datasets' and Arrow's tracebacks."""
     from datasets import load_dataset
@@ -59,14 +62,32 @@ def _load_file(path: Path, split: str):
     expected = _EXPECTED[path.suffix]
     if path.stat().st_size == 0:
         raise UserError(f"{path}: the file is empty (0 bytes); expected {expected}")
+    if path.suffix == ".parquet" and _parquet_rows(path) == 0:  # load_dataset: '"test" corresponds to no data!'
+        if not allow_empty:
+            raise UserError(f"{path}: no rows; expected a non-empty parquet file")
+        import pyarrow.parquet as pq
+        from datasets import Dataset
+        from datasets.table import InMemoryTable
+
+        return Dataset(InMemoryTable(pq.read_table(path)))  # its schema holds the features `to_parquet` wrote
     try:
         dataset = load_dataset(_FILE_BUILDERS[path.suffix], data_files={split: str(path)}, split=split)
     except Exception as exc:  # noqa: BLE001 - datasets and Arrow raise many types for one cause: an unreadable file
         raise UserError(f"{path}: cannot be read as {path.suffix[1:]} ({_root_cause(exc)}){_bad_json_line(path)}; "
                         f"expected {expected}") from exc
-    if len(dataset) == 0:
+    if len(dataset) == 0 and not allow_empty:
         raise UserError(f"{path}: no rows; expected a non-empty {path.suffix[1:]} file")
     return dataset
+
+
+def _parquet_rows(path: Path) -> int | None:
+    """The rows a parquet file's footer counts; None for a file that is no parquet (load_dataset's error says why)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(path).num_rows
+    except Exception:  # noqa: BLE001 - Arrow raises several types for a file that is not parquet
+        return None
 
 
 def _root_cause(exc: BaseException) -> str:

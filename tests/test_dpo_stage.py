@@ -223,6 +223,33 @@ def test_held_out_pairs_from_a_single_file_are_refused(tiny_model_path, tmp_path
         dpo.main(stage_args, training, ModelConfig(model_name_or_path=str(path)))
 
 
+def test_an_empty_held_out_split_is_not_measured_and_an_empty_train_split_is_refused(tiny_model_path, tmp_path,
+                                                                                     capsys):
+    """build_onpolicy_pairs writes an empty test split when no test prompt gave a pair: DPO trains, says the held-out
+    accuracy is not measured, and turns TRL's evaluation off (the Trainer refuses an eval_strategy with no eval set)."""
+    from trl import DPOConfig, ModelConfig
+
+    path = tiny_model_path("llama")
+    data = pairs_dir(tmp_path)
+    Dataset.from_parquet(str(data / "train.parquet")).select([]).to_parquet(data / "test.parquet")
+    stage_args = StageArguments(dataset_name=str(data), dataset_test_split="test", tokenizer_name_or_path=str(path))
+    model_args = ModelConfig(model_name_or_path=str(path), use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                             lora_target_modules=["all-linear"])
+
+    def training(**more):
+        return DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=1, per_device_train_batch_size=4,
+                         save_strategy="no", report_to="none", bf16=False, use_cpu=True, max_length=128, **more)
+
+    trainer = dpo.main(stage_args, training(eval_strategy="steps", eval_steps=1), model_args)
+    assert f"[dpo] held-out preference accuracy before/after not measured: {data} (test) holds no pairs; TRL's " \
+           "evaluation (eval_strategy: steps) is off" in capsys.readouterr().out
+    assert not any("eval_loss" in log for log in trainer.state.log_history)
+    assert json.loads((tmp_path / "dpo" / "metrics.json").read_text())["preference"] == {"before": None, "after": None}
+    (data / "test.parquet").rename(data / "train.parquet")
+    with pytest.raises(UserError, match=r"train.parquet: no rows; expected a non-empty parquet file"):
+        dpo.main(StageArguments(dataset_name=str(data), tokenizer_name_or_path=str(path)), training(), model_args)
+
+
 def test_dpo_on_a_bf16_base_continues_the_adapter_in_float32(tiny_model_path, sft_adapter, tmp_path):
     """`dtype: bfloat16` (the GPU default for SFT and DPO): the continued adapter and its frozen reference copy stay
     float32 over the bf16 base, padding-free scoring included, and the adapter trains."""

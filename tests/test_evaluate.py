@@ -452,6 +452,35 @@ def test_onpolicy_pairs_card_counts_the_prompts_that_gave_no_pair(tiny_model_pat
     assert (card["counts"][0]["before"], card["counts"][0]["after"]) == (4, 1)
 
 
+def test_onpolicy_pairs_write_an_empty_test_split_when_no_test_prompt_gave_a_pair(tiny_model_path, task_data, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """Every test prompt's samples within `margin` (a strong adapter, few test prompts): test.parquet is still written,
+    empty with the train split's columns, so a DPO stage naming it reads it instead of failing after SFT."""
+    from data_prep import build_onpolicy_pairs as job
+    from posttrain.data import load_split
+    from posttrain.errors import UserError
+
+    sample, splits = job.sample_pairs, iter(["train", "test"])  # sampled in this order
+    monkeypatch.setattr(job, "sample_pairs", lambda model, tokenizer, rows, config: (
+        sample(model, tokenizer, rows, config) if next(splits) == "train" else []))
+    out = tmp_path / "pairs"
+    assert job.main(["--model_name_or_path", str(tiny_model_path("llama")), "--prompts", str(task_data),
+                     "--max_train_prompts", "6", "--max_test_prompts", "2", "--num_samples", "3", "--max_new_tokens",
+                     "6", "--rewards", "length_penalty=1.0", "--margin", "0.0", "--output_dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "test 0 pairs" in printed and "test has 0 pairs: none of its 2 prompts gave two samples" in printed
+    card = json.loads((out / "card.json").read_text())
+    assert card["splits"]["test"]["rows"] == 0 and card["splits"]["train"]["rows"] > 0
+    assert card["counts"][1]["step"].startswith("generate test") and card["counts"][1]["after"] == 0
+    train, test = load_split(str(out), "train"), load_split(str(out), "test", allow_empty=True)
+    assert len(test) == 0 and test.features == train.features
+    with pytest.raises(UserError, match=r"test.parquet: no rows; expected a non-empty parquet file"):
+        load_split(str(out), "test")  # a split that must hold rows (a train split) still refuses none
+    # `load_dataset(folder)` reads the Hub config in README.md: it refuses a split without rows, so that lists train only
+    header = (out / "README.md").read_text().split("---")[1]
+    assert "split: train" in header and "split: test" not in header
+
+
 def test_onpolicy_pairs_sample_in_bf16_and_name_a_bad_dtype(tiny_model_path, task_data, tmp_path, capsys):
     from data_prep.build_onpolicy_pairs import OnPolicyPairsConfig, main, sample_pairs
     from posttrain.errors import UserError

@@ -490,6 +490,21 @@ def test_vqa_rows_import_with_reasoning(tmp_path):
     assert json.loads((tmp_path / "out" / "card.json").read_text())["sources"][0]["path"].endswith("vqa.jsonl")
 
 
+def test_vqa_card_counts_the_rows_read_before_sampling(tmp_path):
+    """A source file of 3 rows sampled down to 1 training task: the card reads 3 rows and keeps 1, as the other data
+    jobs' cards count what they read, not what they wrote."""
+    from data_prep.build_vqa_tasks import main
+
+    rows = [{"image": write_png(tmp_path / f"{i}.png", (80 * i, 0, 0)), "question": f"Which {i}?", "answer": "red"}
+            for i in range(3)]
+    (tmp_path / "vqa.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert main(["--source", str(tmp_path / "vqa.jsonl"), "--output_dir", str(tmp_path / "out"), "--n_train", "1",
+                 "--test_every", "1000"]) == 0
+    card = json.loads((tmp_path / "out" / "card.json").read_text())
+    assert (card["sources"][0]["rows_read"], card["sources"][0]["rows_kept"]) == (3, 1)
+    assert [(c["before"], c["after"]) for c in card["counts"]] == [(3, 1), (3, 1), (0, 0)]
+
+
 def test_erniekit_vl_rows(tmp_path):
     from data_prep.formats import Options, detect, from_erniekit_vl
     from data_prep.messages import RowError

@@ -26,8 +26,9 @@ from . import common
 DPO_COLUMNS = {"prompt", "chosen", "rejected", "chat_template_kwargs", "images", "tools"}
 
 
-def load_pairs(stage_args, split: str, tokenizer, max_length: int | None, truncation_mode: str = "keep_start"):
-    dataset = load_split(stage_args.dataset_name, split, stage_args.dataset_config)
+def load_pairs(stage_args, split: str, tokenizer, max_length: int | None, truncation_mode: str = "keep_start",
+               allow_empty: bool = False):
+    dataset = load_split(stage_args.dataset_name, split, stage_args.dataset_config, allow_empty=allow_empty)
     name = f"{stage_args.dataset_name} ({split})"
     skipped = 0
     images = vision.has_images(dataset)
@@ -61,10 +62,12 @@ def main(stage_args: StageArguments, training_args, model_args):
     if stage_args.max_train_samples:
         train = train.select(range(min(stage_args.max_train_samples, len(train))))
     train = with_template_kwargs(train)  # once: the trainer and the prompt-boundary gate read the same rows
-    heldout = None
+    heldout, no_heldout = None, None
     if stage_args.dataset_test_split:
         heldout, _ = load_pairs(stage_args, stage_args.dataset_test_split, tokenizer, training_args.max_length,
-                                truncation)
+                                truncation, allow_empty=True)
+        if not len(heldout):  # build_onpolicy_pairs' test split when no test prompt gave a pair: nothing to measure
+            heldout, no_heldout = None, empty_heldout(stage_args, training_args)
     images = vision.has_images(train)
     # TRL (1.16) turns its own padding-free DPO off; the stage packs the padded batches itself
     problem = common.padding_free_problem(model, images) if training_args.padding_free else None
@@ -85,7 +88,9 @@ def main(stage_args: StageArguments, training_args, model_args):
     if stage_args.preflight and not images:
         preflight.update(gates.check_prompt_boundary(tokenizer, train, stage_args.dataset_name))
     before, heldout_rows, sharded = None, None, common.sharded_weights(trainer)
-    if heldout is not None and sharded:
+    if no_heldout:
+        trainer.accelerator.print(f"[dpo] held-out preference accuracy before/after not measured: {no_heldout}")
+    elif heldout is not None and sharded:
         trainer.accelerator.print(f"[dpo] held-out preference accuracy not measured: {sharded}")
     elif heldout is not None and trainer.accelerator.is_main_process:
         heldout_rows = vision.as_rows(heldout)  # read once, scored before and after training
@@ -99,6 +104,17 @@ def main(stage_args: StageArguments, training_args, model_args):
     extra = {"preference": {"before": before, "after": after}, "preflight": {"pairs_skipped": skipped, **preflight}}
     common.finish(trainer, "dpo", stage_args, tokenizer, result, started, extra=extra)
     return trainer
+
+
+def empty_heldout(stage_args, training_args) -> str:
+    """Why nothing is measured on an empty `dataset_test_split`; an `eval_strategy` is turned off, as the Trainer
+    refuses one without an eval dataset and TRL's evaluation of no pairs would have nothing to report."""
+    reason = f"{stage_args.dataset_name} ({stage_args.dataset_test_split}) holds no pairs"
+    strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
+    if strategy != "no":
+        reason += f"; TRL's evaluation (eval_strategy: {strategy}) is off for the same reason"
+        training_args.eval_strategy = "no"
+    return reason
 
 
 def make_parser():
