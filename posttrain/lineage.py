@@ -88,15 +88,27 @@ def model_fingerprint(path: str | Path) -> str:
 
 def base_identity(name_or_path: str, resolved: str | Path) -> dict:
     """What, beyond `model_fingerprint`, tells two versions of a base model apart when their shapes are the same:
-    for a local folder (which can be saved over in place) `sampled_digest` of each weight file, for a Hub snapshot its
-    commit (`main` moves on). Empty for what the model cache builds (`tiny:`, GGUF conversions, whose cache key already
-    holds the source's content), so those runs keep their stage hashes."""
+    for a local folder (which can be saved over in place) `sampled_digest` of each weight file and `tokenizer_digest`,
+    for a Hub snapshot its commit (`main` moves on). Empty for what the model cache builds (`tiny:`, GGUF conversions,
+    whose cache key already holds the source's content), so those runs keep their stage hashes."""
     resolved = Path(resolved)
     if Path(name_or_path).expanduser().is_dir():
-        return {"weights": sampled_weights(resolved)}
+        return {"weights": sampled_weights(resolved), "tokenizer": tokenizer_digest(resolved)}
     if resolved.parent.name == "snapshots":
         return {"revision": resolved.name}
     return {}
+
+
+# a model folder's files that turn text (and images) into the ids a stage trains on: a tokenizer fixed in place
+# changes every stage's training data with the same weights
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
+                   "*.tiktoken", "tekken.json", "chat_template*", "*processor_config.json", "tokenization_*.py")
+
+
+def tokenizer_digest(folder: Path) -> str:
+    """sha256 over the names and sha256 of a model folder's `TOKENIZER_FILES` (a few MB, read whole)."""
+    files = sorted({file for pattern in TOKENIZER_FILES for file in folder.glob(pattern) if file.is_file()})
+    return hashlib.sha256("".join(f"{file.name}:{sha256(file)}|" for file in files).encode()).hexdigest()
 
 
 SAMPLED_BYTES = 1 << 20  # read at each of 8 places of a weight file: training changes every tensor

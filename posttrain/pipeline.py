@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -67,13 +68,35 @@ NOT_TRAINING_KEYS = ("save_strategy", "save_steps", "save_total_limit", "logging
 NOT_INPUT_KEYS = ("output_dir", "project", "run_name", *EVAL_KEYS)
 
 
+def as_opened(args: dict) -> dict:
+    """A stage's arguments with each local dataset path as the stage opens it (absolute, from this folder): `data/x`,
+    `./data/x`, its absolute path and the path found beside the recipe are one input, not four inputs hashes. A Hub
+    id, or a path that is not there, stays as written."""
+    def opened(value):
+        return str(Path(value).resolve()) if isinstance(value, str) and Path(value).exists() else value
+
+    args = {**args, **{key: opened(args[key]) for key in STAGE_DATASET_KEYS if key in args}}
+    if isinstance(args.get("phases"), list):
+        args["phases"] = [{**phase, "dataset_name": opened(phase["dataset_name"])}
+                          if isinstance(phase, dict) and "dataset_name" in phase else phase for phase in args["phases"]]
+    return args
+
+
+def renamed(text: str, root: str | Path, new: str) -> str:
+    """`text` with the folder `root` written `new` where it names that folder or a path in it, not where it is part
+    of a longer name (`outputs/exp` in `outputs/exp-data/x` or in `/backup/outputs/exp/x`: another folder)."""
+    # not after a name or a slash (a longer path ending so), not before what a file name goes on with
+    return re.sub(rf"(?<![\w.@+~/-]){re.escape(str(root))}(?![\w.@+~-])", lambda _: new, text)
+
+
 def changed_inputs(resolved: Path, args: dict) -> str:
     """What differs between a stage's arguments as an earlier run resolved them and `args`, for a message: `key: old →
     new` for up to four keys, or what else can change a stage's inputs."""
     before = yaml.safe_load(resolved.read_text()) if resolved.is_file() else {}
     if before.get("output_dir") and args.get("output_dir"):  # a run folder moved elsewhere changes no input
         old_root, root = (str(Path(a["output_dir"]).parent) for a in (before, args))
-        before = json.loads(json.dumps(before, default=str).replace(old_root, root))
+        before = json.loads(renamed(json.dumps(before, default=str), old_root, root))
+    before, args = as_opened(before), as_opened(args)
     ignored = {"resume_from_checkpoint", *NOT_INPUT_KEYS, *NOT_TRAINING_KEYS}
     keys = sorted(k for k in {*before, *args} - ignored if before.get(k) != args.get(k))
     if not keys:
@@ -95,7 +118,7 @@ class Pipeline:
         self.state_path = self.root / "run.json"
         self.state: dict = {}  # run.json, read under the run's lock (`run`)
         self.base_model: Path | None = None  # resolved at the start of run()
-        self.legacy_base_hash: str | None = None  # the base hash before `lineage.base_identity` (`evaluate_base`)
+        self.legacy_base_hashes: tuple[str, ...] = ()  # base hashes earlier versions recorded (`evaluate_base`)
         self.later_data: set[str] = set()  # data jobs only stages after `--until` read: not built (`build_data`)
 
     # ------------------------------------------------------------------------------------------------ bookkeeping
@@ -109,7 +132,7 @@ class Pipeline:
     def digest(self, obj) -> str:
         """Short hash of a step's inputs, with this run's folder written as {run}: a run folder copied or moved
         elsewhere (an ablation variant starts as a copy) keeps its finished steps."""
-        text = json.dumps(obj, sort_keys=True, default=str).replace(str(self.root), "{run}")
+        text = renamed(json.dumps(obj, sort_keys=True, default=str), self.root, "{run}")
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def data_path(self, name: str) -> Path:
@@ -330,13 +353,16 @@ class Pipeline:
         out = self.root / "base"
         # what the stages train from; the held-out evaluation is not part of it (`reevaluate`)
         shape = {"model": lineage.model_fingerprint(self.base_model), "template": self.template}
-        self.base_hash = self.digest({**shape, **lineage.base_identity(self.recipe.base.model_name_or_path,
-                                                                        self.base_model)})
-        # what runs recorded before `base_identity` existed hashed: their finished steps stay finished after an upgrade
-        self.legacy_base_hash = self.digest(shape)
+        identity = lineage.base_identity(self.recipe.base.model_name_or_path, self.base_model)
+        self.base_hash = self.digest({**shape, **identity})
+        # what runs recorded before `base_identity` existed, and before it held a local base's tokenizer files, hashed:
+        # their finished steps stay finished after an upgrade
+        weights_only = {k: v for k, v in identity.items() if k != "tokenizer"}
+        self.legacy_base_hashes = (self.digest(shape), self.digest({**shape, **weights_only}))
         self.eval_hash = self.held_out_hash()
         digest = self.digest({"base": self.base_hash, "eval": self.eval_hash})
-        if self._up_to_date(out, digest, self.digest({"base": self.legacy_base_hash, "eval": self.eval_hash})):
+        if self._up_to_date(out, digest, *(self.digest({"base": legacy, "eval": self.eval_hash})
+                                           for legacy in self.legacy_base_hashes)):
             # what an earlier failed attempt (another eval set) recorded no longer describes the base evaluation
             self._record("base", status="done", error=None, log=None)
             return
@@ -414,18 +440,21 @@ class Pipeline:
         """What the stage's adapter depends on: its arguments but the held-out evaluation's (`held_out_hash`) and the
         ones that only say when to log and save (`NOT_TRAINING_KEYS`), the data it trains on, the base model and the
         previous stage's hash. Returns that hash, and the one runs recorded before the logging and saving keys were
-        left out, so their finished stages and checkpoints still count as the same inputs (the datasets are
-        fingerprinted once for both: a data file without a card is hashed whole)."""
+        left out, and the ones with dataset paths as written (before `as_opened`), so their finished stages and
+        checkpoints still count as the same inputs (the datasets are fingerprinted once for all: a data file without a
+        card is hashed whole)."""
         datasets = {k: lineage.dataset_fingerprint(v) for k, v in args.items()
                     if k in STAGE_DATASET_KEYS and v}
         prev_hash = json.loads((self.root / previous / "lineage.json").read_text())["inputs_hash"] if previous else None
 
-        def digest(left_out, base) -> str:
-            stable = {k: v for k, v in args.items() if k not in left_out}
+        def digest(spelled, left_out, base) -> str:
+            stable = {k: v for k, v in spelled.items() if k not in left_out}
             return self.digest({"args": stable, "datasets": datasets, "base": base, "previous": prev_hash})
 
-        return tuple(digest(left_out, base) for base in dict.fromkeys((self.base_hash, self.legacy_base_hash or self.base_hash))
-                     for left_out in ((*NOT_INPUT_KEYS, *NOT_TRAINING_KEYS), NOT_INPUT_KEYS))
+        return tuple(dict.fromkeys(
+            digest(spelled, left_out, base) for spelled in (as_opened(args), args)
+            for base in (self.base_hash, *self.legacy_base_hashes)
+            for left_out in ((*NOT_INPUT_KEYS, *NOT_TRAINING_KEYS), NOT_INPUT_KEYS)))
 
     def changed_since(self, stage: str, previous: str | None) -> str | None:
         """What changed in a finished stage's inputs since it was trained (`changed_inputs`), or None."""

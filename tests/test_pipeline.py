@@ -219,6 +219,64 @@ def test_a_discarded_unfinished_stage_says_what_changed(tmp_path):
         "the data, the base model or the previous stage changed"
 
 
+def test_one_dataset_spelled_another_way_is_the_same_stage_input(tmp_path, monkeypatch):
+    """`data/x`, `./data/x`, its absolute path and the same recipe run from another folder (the path found beside the
+    recipe) give one inputs hash: the finished stage is not trained again. A stage recorded with the path as written
+    (before `as_opened`) stays finished."""
+    from posttrain import pipeline as module
+    from posttrain.recipe import load_recipe
+
+    (tmp_path / "data" / "x").mkdir(parents=True)
+    (tmp_path / "data" / "x" / "train.jsonl").write_text('{"prompt": "hi"}\n')
+    raw = yaml.safe_load(TINY.read_text())
+
+    def hashes(dataset):
+        raw["stages"]["sft"]["dataset_name"] = dataset
+        (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+        pipeline = module.Pipeline(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "outputs")
+        pipeline.base_hash = "b"
+        return pipeline.stage_hashes("sft", pipeline.stage_args("sft", None), None)
+
+    monkeypatch.chdir(tmp_path)
+    spellings = {spelled: hashes(spelled) for spelled in ("data/x", "./data/x", str(tmp_path / "data" / "x"))}
+    monkeypatch.chdir(tmp_path / "data")
+    spellings["from another folder"] = hashes("data/x")
+    assert len({found[0] for found in spellings.values()}) == 1, spellings
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(module, "as_opened", lambda args: args)  # the hash as a stage recorded it before
+    recorded = hashes("./data/x")[0]
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    assert recorded in hashes("./data/x") and recorded != hashes("./data/x")[0]
+
+
+def test_a_moved_run_keeps_its_hashes_with_a_path_that_starts_like_its_folder(tmp_path):
+    """The run folder's path is written {run} in a step's hash and replaced in `changed_inputs` only where it names
+    the folder or a path in it: a dataset in `outputs/<run>-data` (another folder, which does not move with the run)
+    keeps the stage's hash and is not reported as changed."""
+    from posttrain.pipeline import Pipeline, changed_inputs
+    from posttrain.recipe import load_recipe
+
+    recipe = load_recipe(TINY)
+    sibling = tmp_path / "outputs" / f"{recipe.name}-data"
+    sibling.mkdir(parents=True)
+    (sibling / "train.jsonl").write_text('{"prompt": "hi"}\n')
+    recipe.stages["sft"]["dataset_name"] = str(sibling)
+    hashes = []
+    for where in ("outputs", "moved"):
+        pipeline = Pipeline(recipe, tmp_path / where)
+        pipeline.base_hash = "b"
+        hashes.append(pipeline.stage_hashes("sft", pipeline.stage_args("sft", None), None)[0])
+    assert hashes[0] == hashes[1]
+
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(yaml.safe_dump({"dataset_name": str(sibling), "learning_rate": 1e-3,
+                                        "output_dir": str(tmp_path / "outputs" / recipe.name / ".sft.partial")}))
+    assert changed_inputs(resolved, {"dataset_name": str(sibling), "learning_rate": 2e-3,
+                                     "output_dir": str(tmp_path / "moved" / recipe.name / ".sft.partial")}) == \
+        "learning_rate: 0.001 → 0.002"
+
+
 def test_only_a_later_stage_still_scores_the_earlier_ones_on_the_changed_evaluation(shared_tiny, tiny_run, tmp_path,
                                                                                     monkeypatch):
     """`--only dpo` (or `--from dpo`): SFT, kept as it is, is evaluated again when the held-out evaluation changed
@@ -384,7 +442,7 @@ def test_stages_recorded_before_the_base_identity_stay_finished(tmp_path):
 
     recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "text.yaml")
     now, before = Pipeline(recipe, tmp_path), Pipeline(recipe, tmp_path)
-    now.base_hash, now.legacy_base_hash = "with identity", "shapes only"
+    now.base_hash, now.legacy_base_hashes = "with identity", ("shapes only",)
     before.base_hash = "shapes only"
     args = now.stage_args("sft", None)
     recorded = before.stage_hashes("sft", args, None)[0]
@@ -392,10 +450,45 @@ def test_stages_recorded_before_the_base_identity_stay_finished(tmp_path):
     assert hashes[0] != recorded and recorded in hashes
 
 
+def test_stages_recorded_before_the_tokenizer_joined_the_base_identity_stay_finished(tmp_path, monkeypatch):
+    """A local base's stages recorded with its weights' identity but not its tokenizer files' keep their finished
+    stages after an upgrade; new runs record the hash with the tokenizer."""
+    import dataclasses
+
+    import torch
+    from safetensors.torch import save_file
+
+    from posttrain import lineage
+    from posttrain.pipeline import Pipeline
+    from posttrain.recipe import load_recipe
+
+    folder = tmp_path / "my-base"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "tokenizer.json").write_text("{}")
+    save_file({"w": torch.zeros(10)}, folder / "model.safetensors")
+    recipe = load_recipe(TINY)
+    recipe = dataclasses.replace(recipe, base=dataclasses.replace(recipe.base, model_name_or_path=str(folder)))
+
+    def base_hashes():
+        pipeline = Pipeline(recipe, tmp_path / "outputs")
+        pipeline.base_model, pipeline.template = folder, "a template"
+        pipeline.run_eval = lambda *args, **kwargs: None
+        pipeline.evaluate_base()
+        return pipeline.base_hash, pipeline.legacy_base_hashes
+
+    identity = lineage.base_identity
+    monkeypatch.setattr(lineage, "base_identity", lambda *args: {"weights": identity(*args)["weights"]})
+    recorded = base_hashes()[0]
+    monkeypatch.undo()
+    now, earlier = base_hashes()
+    assert now != recorded and recorded in earlier
+
+
 def test_a_base_model_saved_over_in_place_or_moved_on_the_hub_changes_every_stage_hash(tmp_path):
     """`model_fingerprint` (config, weight names and sizes) is the same for a local base folder saved again in the same
-    shapes and for a Hub revision that moved on; `base_identity` tells both apart, and adds nothing for cache-built
-    bases (GGUF, tiny), whose stage hashes stay as they were."""
+    shapes or with a fixed tokenizer, and for a Hub revision that moved on; `base_identity` tells them apart (not a
+    README edited), and adds nothing for cache-built bases (GGUF, tiny), whose stage hashes stay as they were."""
     import torch
     from safetensors.torch import save_file
 
@@ -410,6 +503,14 @@ def test_a_base_model_saved_over_in_place_or_moved_on_the_hub_changes_every_stag
     weights["w"] += 1.0
     save_file(weights, folder / "model.safetensors")
     assert model_fingerprint(folder) == shape and base_identity(str(folder), folder) != identity
+
+    shape, identity = model_fingerprint(folder), base_identity(str(folder), folder)
+    (folder / "README.md").write_text("notes")
+    assert base_identity(str(folder), folder) == identity
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json"):
+        (folder / name).write_text(f"{name} as fixed")  # ids, special tokens, template, image size: same weights
+        assert model_fingerprint(folder) == shape and base_identity(str(folder), folder) != identity, name
+        identity = base_identity(str(folder), folder)
 
     snapshot = tmp_path / "hub" / "models--org--m" / "snapshots" / "0123abcd"
     assert base_identity("org/m", snapshot) == {"revision": "0123abcd"}
