@@ -445,6 +445,9 @@ class Pipeline:
         card is hashed whole)."""
         datasets = {k: lineage.dataset_fingerprint(v) for k, v in args.items()
                     if k in STAGE_DATASET_KEYS and v}
+        for index, phase in enumerate(args.get("phases") or []):  # a UPO curriculum phase's own prompt set
+            if isinstance(phase, dict) and phase.get("dataset_name"):
+                datasets[f"phases.{index}"] = lineage.dataset_fingerprint(phase["dataset_name"])
         prev_hash = json.loads((self.root / previous / "lineage.json").read_text())["inputs_hash"] if previous else None
 
         def digest(spelled, left_out, base) -> str:

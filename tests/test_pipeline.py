@@ -250,6 +250,24 @@ def test_one_dataset_spelled_another_way_is_the_same_stage_input(tmp_path, monke
     assert recorded in hashes("./data/x") and recorded != hashes("./data/x")[0]
 
 
+def test_a_curriculum_phases_own_prompts_are_a_stage_input(tmp_path, monkeypatch):
+    """A UPO phase drawing from another prompt set (`phases: [{dataset_name: ...}]`): editing that file trains the
+    stage again, as editing `dataset_name`'s does."""
+    from posttrain.pipeline import Pipeline
+    from posttrain.recipe import load_recipe
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "logic.jsonl").write_text('{"prompt": "2+2?", "answer": "4"}\n')
+    raw = yaml.safe_load(TINY.read_text())
+    raw["stages"]["upo"]["phases"] = [{"dataset_name": str(tmp_path / "logic.jsonl"), "num_prompts": 1}]
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    pipeline = Pipeline(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "outputs")
+    pipeline.base_hash = "b"
+    before = pipeline.stage_hashes("upo", pipeline.stage_args("upo", None), None)
+    (tmp_path / "logic.jsonl").write_text('{"prompt": "3+3?", "answer": "6"}\n')
+    assert not set(before) & set(pipeline.stage_hashes("upo", pipeline.stage_args("upo", None), None))
+
+
 def test_a_moved_run_keeps_its_hashes_with_a_path_that_starts_like_its_folder(tmp_path):
     """The run folder's path is written {run} in a step's hash and replaced in `changed_inputs` only where it names
     the folder or a path in it: a dataset in `outputs/<run>-data` (another folder, which does not move with the run)
