@@ -124,6 +124,7 @@ def test_a_process_without_pairs_runs_the_same_forwards(runs):
         assert both == [[2, 2], [1, 1]], engine  # plus one offline pair on each process
 
 
+@pytest.mark.multinode  # 30 s of the CLI on two processes: the `multinode` line of .ci/run
 def test_two_process_cpu_run(tmp_path, posttrain_cli):
     """`posttrain run --num-processes 2` on CPU: one gloo data-parallel job of two processes, through the CLI. The
     base model's evaluation runs as two processes too, each generating half the prompts, as the stage's does."""

@@ -212,8 +212,9 @@ def _finish(process: subprocess.Popen, timeout: float = 300) -> str:
         pytest.fail(f"still running after {timeout} s: {process.communicate()[0][-3000:]}")
 
 
-# UPO (rollouts, offline pairs' position) too, in the `multinode` line: 25 s the default suite does without
-@pytest.mark.parametrize("stage", ["sft", pytest.param("upo", marks=pytest.mark.multinode)])
+# SFT, and UPO (rollouts, offline pairs' position): in the `multinode` line, 25 s each the default suite does without
+@pytest.mark.multinode
+@pytest.mark.parametrize("stage", ["sft", "upo"])
 def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step(configs, tmp_path, stage):
     """Two processes agree on the step they stop at: the test hook sends SIGTERM to process 0 only, after step 2,
     and process 1, never signalled, saves step 2 with it (had it trained on, it would have waited in step 3's
@@ -487,7 +488,7 @@ def test_killed_stage_resumes_from_checkpoint(tmp_path, posttrain_cli):
     assert steps["sft"]["error"] is steps["sft"]["log"] is None, "the killed attempt's error and log are history"
 
 
-@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.multinode)])  # 2: the multinode line
 def test_sigterm_stops_the_stage_and_marks_the_run_interrupted(tmp_path, processes):
     """A scheduler's SIGTERM (preemption, a time limit) to `posttrain run`: the stage's processes stop with it instead
     of training on orphaned, after saving the step they were at (on two processes through torch's elastic agent,
