@@ -211,6 +211,10 @@ def held_out_split(dataset, test_size: float, seed: int) -> dict:
     return {"train": dataset.select(np.flatnonzero(~chosen)), "test": dataset.select(np.flatnonzero(chosen))}
 
 
+# The splits `build_set` writes (test with `test_size` only): a recipe's split names are checked against them.
+SPLITS = ("train", "test")
+
+
 def split_and_mix(dataset, weights: dict[str, float], test_size: float, seed: int, rejects: list[dict]) -> dict:
     """Held-out split first, then each split mixed by source weight (the test split is never upsampled). The rows a
     weight below 1 does not draw go to `rejects` (filter `mix`)."""

@@ -35,6 +35,7 @@ from .config import command_line, parse_config, run
 from .config import make_parser as _make_parser
 
 PROG = "posttrain data build_onpolicy_pairs"
+SPLITS = ("train", "test")  # pairs of train_split's and test_split's prompts: a recipe's split names are checked
 
 
 @dataclass
@@ -50,13 +51,13 @@ class OnPolicyPairsConfig:
                                                          "folder or file."})
     train_split: str = field(default="prompts", metadata={"help": "Split of `prompts` whose pairs go to train."})
     test_split: str | None = field(default="test", metadata={"help": "Split whose pairs go to test (held out)."})
-    max_train_prompts: int = field(default=128, metadata={"help": "Prompts sampled from train_split."})
-    max_test_prompts: int = field(default=48, metadata={"help": "Prompts sampled from test_split."})
-    num_samples: int = field(default=4, metadata={"help": "Replies sampled per prompt."})
+    max_train_prompts: int = field(default=128, metadata={"help": "Prompts sampled from train_split.", "min": 1})
+    max_test_prompts: int = field(default=48, metadata={"help": "Prompts sampled from test_split.", "min": 1})
+    num_samples: int = field(default=4, metadata={"help": "Replies sampled per prompt.", "min": 1})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling."})
-    max_new_tokens: int = field(default=64, metadata={"help": "Reply length budget."})
-    batch_size: int = field(default=32, metadata={"help": "Sequences generated together."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Reply length budget.", "min": 1})
+    batch_size: int = field(default=32, metadata={"help": "Sequences generated together.", "min": 1})
     dtype: Precision = field(default="auto", metadata={"help": "Sampling precision, as eval.dtype: auto (bfloat16 where "
                                                                 "the device runs it natively, else float32), "
                                                                 "float32, or bfloat16."})
@@ -70,7 +71,7 @@ class OnPolicyPairsConfig:
         default=None, metadata={"help": "Deprecated: the weights of a `rewards` list; write `rewards` as a mapping."}
     )
     margin: float = field(default=0.5, metadata={"help": "Minimum reward gap between chosen and rejected."})
-    pairs_per_prompt: int = field(default=1, metadata={"help": "At most this many pairs per prompt."})
+    pairs_per_prompt: int = field(default=1, metadata={"help": "At most this many pairs per prompt.", "min": 1})
     reference_chosen: bool = field(default=False, metadata={"help": "The prompt's reference reply (`completion` "
                                                                      "column) is one more candidate, first among "
                                                                      "equals: a right reply with right working."})

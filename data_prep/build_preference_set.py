@@ -8,6 +8,7 @@ Formats: preference (TRL standard or conversational, explicit or implicit prompt
 written as such when every source is unpaired, or when `unpaired: true`).
 """
 
+from .build import SPLITS as SPLITS  # the splits it writes (`jobs.check_data_section`)
 from .build import build_set
 from .build_sft_set import summary
 from .config import PreferenceSetConfig, command_line, parse_config, run

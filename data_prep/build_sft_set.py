@@ -7,6 +7,7 @@ Formats: messages (OpenAI/TRL, with tools and reasoning), sharegpt, alpaca, erni
 Writes OUT/train.parquet, OUT/test.parquet, OUT/README.md (data card), OUT/card.json and OUT/rejects.jsonl.
 """
 
+from .build import SPLITS as SPLITS  # the splits it writes (`jobs.check_data_section`)
 from .build import build_set
 from .config import SFTSetConfig, command_line, parse_config, run
 from .config import make_parser as _make_parser

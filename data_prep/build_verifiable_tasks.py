@@ -28,20 +28,23 @@ from .task_arithmetic import arithmetic, arithmetic_forms, steps
 from .task_domains import comparison, counting, spelling, string, units
 
 PROG = "posttrain data build_verifiable_tasks"
+SPLITS = ("sft", "prompts", "test")  # the tables `to_tables` writes: a recipe's split names are checked against them
 
 
 @dataclass
 class VerifiableTasksConfig:
     output_dir: str = field(default="data/verifiable",
                             metadata={"help": "Output folder; an earlier one a data job wrote is replaced atomically."})
-    n_train: int = field(default=2000, metadata={"help": "Number of training tasks (SFT rows and RL prompts)."})
-    n_test: int = field(default=100, metadata={"help": "Number of held-out tasks for evaluation."})
+    n_train: int = field(default=2000, metadata={"help": "Number of training tasks (SFT rows and RL prompts).",
+                                                 "min": 1})
+    n_test: int = field(default=100, metadata={"help": "Number of held-out tasks for evaluation.", "min": 0})
     thinking_fraction: float = field(default=0.5, metadata={"help": "Fraction of tasks rendered in thinking mode."})
     domains: list[str] = field(
         default_factory=lambda: ["arithmetic", "comparison", "counting", "string", "units"],
         metadata={"help": "Task domains to generate."},
     )
-    test_every: int = field(default=10, metadata={"help": "About one question in this many is reserved for test."})
+    test_every: int = field(default=10, metadata={"help": "About one question in this many is reserved for test.",
+                                                  "min": 1})
     seed: int = field(default=0, metadata={"help": "Random seed."})
 
 

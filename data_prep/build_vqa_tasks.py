@@ -49,12 +49,13 @@ class VQATasksConfig:
     source: str = field(default="easy_vqa", metadata={"help": "`easy_vqa`, or a data file of VQA rows."})
     format: str = field(default="auto", metadata={"help": "Format of a `source` file (auto: from its keys)."})
     license: str = field(default="unknown", metadata={"help": "License of a `source` file, for the data card."})
-    n_train: int = field(default=2000, metadata={"help": "Training tasks (SFT rows and RL prompts)."})
-    n_test: int = field(default=60, metadata={"help": "Held-out tasks for evaluation."})
+    n_train: int = field(default=2000, metadata={"help": "Training tasks (SFT rows and RL prompts).", "min": 1})
+    n_test: int = field(default=60, metadata={"help": "Held-out tasks for evaluation.", "min": 0})
     thinking_fraction: float = field(default=0.5, metadata={"help": "easy_vqa: fraction of tasks with worked steps."})
     balance_domains: bool = field(default=True, metadata={"help": "Draw the domains (colour, shape, yes/no...) "
                                                                   "equally often instead of as in the source."})
-    test_every: int = field(default=10, metadata={"help": "Source file: about one image in this many is held out."})
+    test_every: int = field(default=10, metadata={"help": "Source file: about one image in this many is held out.",
+                                                  "min": 1})
     check_images: bool = field(default=True, metadata={"help": "Open every image with PIL to check it decodes."})
     max_row_bytes: int = field(default=20_000_000, metadata={"help": "Larger source rows are errors."})
     seed: int = field(default=0, metadata={"help": "Random seed."})
@@ -198,6 +199,9 @@ def generate(config: VQATasksConfig) -> tuple[dict[str, list[dict]], dict[str, i
     return ({split: sample(tasks[split], n, config.balance_domains, rng)
              for split, n in (("train", config.n_train), ("test", config.n_test))},
             {split: len(rows) for split, rows in tasks.items()})
+
+
+SPLITS = ("sft", "prompts", "test")  # the tables `to_datasets` writes: a recipe's split names are checked against them
 
 
 def to_datasets(tables: dict[str, list[dict]]) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from posttrain import skip_final_collection
-from posttrain.configs import check_type, field_types, literal_choices
+from posttrain.configs import check_minimum, check_type, field_types, literal_choices
 from posttrain.errors import Terminated, UserError, disk_full_error, is_disk_full, terminate_on_sigterm
 
 from .registry import load_entry, split_spec
@@ -258,8 +258,10 @@ def parse_config(config_cls: type, parser: argparse.ArgumentParser, argv: list[s
 
 
 def checked_values(values: dict, config_cls: type, where: str) -> dict:
-    """`values` checked against the fields' annotations as a recipe's `data:` section is (`jobs.check_data_section`);
-    a single path or mapping where a list is expected (`sources: data.jsonl`) is a list of one."""
+    """`values` checked against the fields' annotations and their `"min"` (a count the job cannot use: `n_train: -1`
+    would write no training rows), for the job's YAML and flags and a recipe's `data:` section
+    (`jobs.check_data_section`); a single path or mapping where a list is expected (`sources: data.jsonl`) is a list
+    of one."""
     types = field_types([config_cls])
     checked = {}
     for key, value in values.items():
@@ -267,6 +269,7 @@ def checked_values(values: dict, config_cls: type, where: str) -> dict:
         if is_list and isinstance(value, (str, dict)):
             value = [value]
         checked[key] = check_type(value, types[key], f"{where}{key}")
+    check_minimum(config_cls, checked, where, sep="")
     return checked
 
 

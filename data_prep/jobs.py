@@ -5,7 +5,8 @@ A job is a module `data_prep/<verb>.py` with `make_parser()` (a parser over its 
 this module in a child process, as it runs the stages:
 
     python -m data_prep.jobs list                    # JSON: {"jobs": [...], "tools": [...]}
-    python -m data_prep.jobs check < section.json    # {"where", "stages", "data"}: a recipe's data section
+    python -m data_prep.jobs check < section.json    # {"where", "stages", "data"}: a recipe's data section;
+                                                     # prints JSON {dataset: the splits its job writes, or null}
     python -m data_prep.jobs JOB [ARGS ...]          # run JOB (`posttrain data JOB ...`, a recipe's data jobs)
 
 User mistakes print as one line `error: ...` with exit code 2.
@@ -16,10 +17,10 @@ import json
 import pkgutil
 import sys
 
-from posttrain.configs import check_type, field_types, suggest
+from posttrain.configs import field_types, suggest
 from posttrain.errors import UserError
 
-from .config import run
+from .config import checked_values, run
 
 # Reachable as `posttrain data <name>` but not builders a recipe's `data:` section runs: a check, and one-off
 # extractors of the real-data snapshots committed under data_prep/sources/.
@@ -45,18 +46,23 @@ def load_job(job: str, where: str = "data job"):
     return importlib.import_module(f"{__package__}.{job}")
 
 
-def check_data_section(data: dict, where: str, stages: list[str]) -> None:
-    """Raise a UserError naming the recipe, the dataset and the key for the first mistake in a `data:` section."""
+def check_data_section(data: dict, where: str, stages: list[str]) -> dict[str, list[str] | None]:
+    """Raise a UserError naming the recipe, the dataset and the key for the first mistake in a `data:` section; else
+    the splits each dataset's job writes (its `SPLITS`; None where the job does not say)."""
     if not isinstance(data, dict):
         raise UserError(f"{where}: data: expected a mapping of dataset name to a data_prep job and its arguments")
+    splits = {}
     for name, spec in data.items():
         if not isinstance(spec, dict) or "job" not in spec:
             raise UserError(f"{where}: data.{name}: expected a mapping with a 'job' key (e.g. build_verifiable_tasks)")
-        fields = field_types(load_job(spec["job"], f"{where}: data.{name}.job").make_parser().dataclass_types)
+        job = load_job(spec["job"], f"{where}: data.{name}.job")
+        config_cls = job.make_parser().dataclass_types[0]
+        fields = field_types([config_cls])
+        splits[name] = list(job.SPLITS) if hasattr(job, "SPLITS") else None
         if "after" in spec and spec["after"] not in stages:
             raise UserError(f"{where}: data.{name}.after: '{spec['after']}' is not a stage of this recipe "
                             f"({', '.join(stages)})")
-        for key, value in spec.items():
+        for key in spec:
             if key in ("job", "after"):
                 continue
             if key == "output_dir":
@@ -64,7 +70,13 @@ def check_data_section(data: dict, where: str, stages: list[str]) -> None:
             if key not in fields:
                 raise UserError(f"{where}: data.{name}.{key}: unknown argument of job '{spec['job']}'"
                                 f"{suggest(key, fields)}")
-            check_type(value, fields[key], f"{where}: data.{name}.{key}")
+        values = checked_values({k: v for k, v in spec.items() if k not in ("job", "after")}, config_cls,
+                                f"{where}: data.{name}.")
+        try:  # what the job's config refuses; not its sources, which it reads from where the run finds them
+            config_cls(**{key: value for key, value in values.items() if key != "sources"})
+        except UserError as exc:
+            raise UserError(f"{where}: data.{name}: {exc}") from None
+    return splits
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if command == "check":
         section = json.load(sys.stdin)
-        check_data_section(section["data"], section["where"], section["stages"])
+        print(json.dumps(check_data_section(section["data"], section["where"], section["stages"])))
         return 0
     return load_job(command).main(rest) or 0
 

@@ -195,12 +195,12 @@ def at_least(minimum: int):
     return parse
 
 
-def check_minimum(cls: type, values: dict, where: str) -> None:
-    """Raise naming `where.<key>` where `values` go below the `"min"` a field of `cls` states in its metadata."""
+def check_minimum(cls: type, values: dict, where: str, sep: str = ".") -> None:
+    """Raise naming `where<sep><key>` where `values` go below the `"min"` a field of `cls` states in its metadata."""
     for f in dataclasses.fields(cls):
         minimum, value = f.metadata.get("min"), values.get(f.name)
         if minimum is not None and value is not None and value < minimum:
-            raise UserError(f"{where}.{f.name}: {value} is below the minimum of {minimum}")
+            raise UserError(f"{where}{sep}{f.name}: {value} is below the minimum of {minimum}")
 
 
 def given_fields(args: argparse.Namespace, cls: type) -> dict:

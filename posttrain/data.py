@@ -54,6 +54,17 @@ def load_split(name_or_path: str, split: str = "train", dataset_config: str | No
     return _load_hub(name_or_path, split, dataset_config)
 
 
+def folder_splits(path: Path) -> list[str] | None:
+    """The splits `load_split` finds in a local folder: its `<split>.parquet` files and a `save_to_disk` folder's
+    splits; None where any name loads (one saved `Dataset`) or the folder holds no dataset (its loading says so)."""
+    splits = sorted(p.stem for p in path.glob("*.parquet"))
+    if (path / "dataset_dict.json").is_file():
+        return splits + json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+    if (path / "dataset_info.json").is_file():
+        return None
+    return splits or None
+
+
 def _load_file(path: Path, split: str, allow_empty: bool = False):
     """A local data file as one split; an unreadable or empty file is a UserError naming the file (and the first bad
     line of a JSON Lines file) instead of datasets' and Arrow's tracebacks."""
@@ -113,6 +124,12 @@ def _bad_json_line(path: Path) -> str:
             if not isinstance(row, dict):
                 return f"; line {number}: a {type(row).__name__}, not a JSON object"
     return ""
+
+
+def row_name(index: int) -> str:
+    """A dataset row in an error, as users look for it: counted from 1, as data_prep's `FILE:N` and the line numbers
+    of a JSON Lines file are (`index` is datasets' own, from 0); said, since a Python user may count from 0."""
+    return f"row {index + 1} (counting from 1)"
 
 
 def _load_hub(repo_id: str, split: str, dataset_config: str | None):

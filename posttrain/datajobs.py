@@ -39,18 +39,17 @@ def list_jobs() -> dict[str, list[str]]:
     return json.loads(_ask("list"))
 
 
-def check_data_section(data: dict, where: str, stages: list[str]) -> dict:
-    """The recipe's `data:` section, checked by the jobs' own option lists (UserError on the first mistake)."""
-    if data:
-        _check(json.dumps({"data": data, "where": where, "stages": stages}, default=str))
-    return data
+def check_data_section(data: dict, where: str, stages: list[str]) -> dict[str, list[str] | None]:
+    """The recipe's `data:` section, checked by the jobs' own option lists (UserError on the first mistake): the
+    splits each dataset's job writes (None where the job does not say)."""
+    return dict(_check(json.dumps({"data": data, "where": where, "stages": stages}, default=str))) if data else {}
 
 
 @functools.lru_cache(maxsize=64)
-def _check(section: str) -> None:
+def _check(section: str) -> dict[str, list[str] | None]:
     """One child process per distinct section: a section that passed passes again (a failure raises, so is not
     cached). `posttrain ablate` loads the recipe once per variant, the tests hundreds of times."""
-    _ask("check", stdin=section)
+    return json.loads(_ask("check", stdin=section))
 
 
 def run_command(job: str, argv: list[str]) -> int:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import devices
 from .configs import EvalArguments, Precision
-from .data import completion_text, preference_texts, render_prompt
+from .data import completion_text, preference_texts, render_prompt, row_name
 from .errors import UserError, is_out_of_memory, what_ran_out
 from .io import write_json
 from .models import sampling_weights, vision
@@ -359,14 +359,16 @@ def load_rows(dataset: str, split: str = "test", limit: int | None = None) -> li
     # prompts are rendered with the chat template: a plain string (TRL's standard form) would fail inside it
     text = next((i for i, prompt in enumerate(data["prompt"]) if not isinstance(prompt, list)), None)
     if text is not None:
-        raise UserError(f"{dataset} ({split}): row {text}: prompt is {type(data['prompt'][text]).__name__}; expected "
-                        'a list of {role, content} messages, e.g. [{"role": "user", "content": "What is 2 + 2?"}]')
+        raise UserError(f"{dataset} ({split}): {row_name(text)}: prompt is {type(data['prompt'][text]).__name__}; "
+                        'expected a list of {role, content} messages, e.g. [{"role": "user", "content": "What is '
+                        '2 + 2?"}]')
     # a row without an answer cannot be scored; counted neither right nor wrong it would make `accuracy` and the
     # paired verdicts disagree
     empty = [i for i, answer in enumerate(data["answer"]) if answer is None or not str(answer).strip()]
     if empty:
-        raise UserError(f"{dataset} ({split}): row {empty[0]}{f' and {len(empty) - 1} more' if len(empty) > 1 else ''}"
-                        " has no answer to score the reply against; fill the answer column or drop the row")
+        more = f" and {len(empty) - 1} more" if len(empty) > 1 else ""
+        raise UserError(f"{dataset} ({split}): {row_name(empty[0])}{more} has no answer to score the reply against; "
+                        "fill the answer column or drop the row")
     return vision.as_rows(data)
 
 

@@ -8,6 +8,7 @@ pairs. The checks use the trainer's own tokenized data and collator where they c
 
 import logging
 
+from .data import row_name
 from .errors import UserError
 from .models.vision import message_text
 
@@ -65,19 +66,19 @@ def check_conversations(dataset, name: str) -> None:
     for index, messages in enumerate(dataset["messages"]):
         if not isinstance(messages, list):
             found = "missing" if messages is None else f"a {type(messages).__name__}"
-            raise UserError(f"pre-flight: {name} row {index}: \"messages\" is {found}; expected a list of "
+            raise UserError(f"pre-flight: {name} {row_name(index)}: \"messages\" is {found}; expected a list of "
                             "{role, content} turns")
         for turn, message in enumerate(messages, 1):
-            _check_turn(message, f"pre-flight: {name} row {index}: turn {turn}")
+            _check_turn(message, f"pre-flight: {name} {row_name(index)}: turn {turn}")
         replies = [m for m in messages if m.get("role") == "assistant"]
         if not replies:
             roles = ", ".join(sorted({m["role"] for m in messages})) or "no turns"
-            raise UserError(f"pre-flight: {name} row {index}: no assistant turn (roles: {roles}); expected at least "
-                            "one reply to train on, with role 'assistant'")
+            raise UserError(f"pre-flight: {name} {row_name(index)}: no assistant turn (roles: {roles}); expected at "
+                            "least one reply to train on, with role 'assistant'")
         for turn, message in enumerate(replies, 1):
             if not message_text(message.get("content")).strip() and not message.get("tool_calls"):
                 raise UserError(
-                    f"pre-flight: {name} row {index}: assistant turn {turn} is empty; expected a non-empty reply"
+                    f"pre-flight: {name} {row_name(index)}: assistant turn {turn} is empty; expected a non-empty reply"
                 )
 
 
@@ -116,9 +117,9 @@ def check_tool_calls(tokenizer, dataset, name: str) -> dict:
     if index is None:
         return {}
     if not supports_tool_calling(tokenizer):
-        raise UserError(f"pre-flight: {name} has tool calls (row {index}) but the chat template drops tool calls or "
-                        "tool results; set `base.chat_template` to a template that renders them (built-ins: chatml, "
-                        "ernie4_5)")
+        raise UserError(f"pre-flight: {name} has tool calls ({row_name(index)}) but the chat template drops tool "
+                        "calls or tool results; set `base.chat_template` to a template that renders them (built-ins: "
+                        "chatml, ernie4_5)")
     row = dataset[index]
     tools = json.loads(row["tools"]) if isinstance(row.get("tools"), str) else row.get("tools")
     out = tokenizer.apply_chat_template(row["messages"], tools=tools, tokenize=True, return_dict=True,
@@ -134,13 +135,13 @@ def check_tool_calls(tokenizer, dataset, name: str) -> dict:
             wanted = [function["name"], *(v if isinstance(v, str) else json.dumps(v) for v in arguments.values())]
             missing = [w for w in wanted if w not in trained]
             if missing:
-                raise UserError(f"pre-flight: {name} row {index}: the tool call {function['name']}(...) does not "
-                                f"survive the chat template: {', '.join(map(repr, missing))} not in the trained "
+                raise UserError(f"pre-flight: {name} {row_name(index)}: the tool call {function['name']}(...) does "
+                                f"not survive the chat template: {', '.join(map(repr, missing))} not in the trained "
                                 "tokens; expected the call inside the template's {% generation %} markers")
         if message.get("role") == "tool" and len(message.get("content") or "") >= 8 and message["content"] in trained:
-            raise UserError(f"pre-flight: {name} row {index}: a tool result is inside the trained tokens; expected "
-                            "tool turns outside the template's {% generation %} markers (the model must not learn "
-                            "to write tool results)")
+            raise UserError(f"pre-flight: {name} {row_name(index)}: a tool result is inside the trained tokens; "
+                            "expected tool turns outside the template's {% generation %} markers (the model must not "
+                            "learn to write tool results)")
     return {"tool_call_row_checked": index}
 
 
@@ -158,8 +159,8 @@ def check_reasoning(tokenizer, dataset, name: str) -> None:
         row = dataset[index]
         text = tokenizer.apply_chat_template(messages, tokenize=False, **(row.get("chat_template_kwargs") or {}))
         if reasoning.strip() not in text:
-            raise UserError(f"pre-flight: {name} row {index}: the reply's reasoning_content is not in the text the chat "
-                            "template renders, so it would be dropped from training. Convert the file with "
+            raise UserError(f"pre-flight: {name} {row_name(index)}: the reply's reasoning_content is not in the text "
+                            "the chat template renders, so it would be dropped from training. Convert the file with "
                             "`posttrain data build_sft_set --sources FILE --output_dir DIR` (it writes the reasoning "
                             "as a <think> block and sets the row's thinking mode), or use a template that renders it")
         return
@@ -249,12 +250,12 @@ def check_collated_labels(trainer, eos_token_id: int | set[int], samples: int = 
     for index in range(labels.shape[0]):
         if not trained[index].any():
             raise UserError(
-                f"pre-flight: training row {index} has no trained tokens (empty assistant mask or everything "
+                f"pre-flight: training {row_name(index)} has no trained tokens (empty assistant mask or everything "
                 "truncated by max_length); check the chat template's {% generation %} markers and max_length."
             )
         if not torch.isin(labels[index], torch.tensor(sorted(eos_ids))).any():
             raise UserError(
-                f"pre-flight: training row {index}: the end-of-turn token "
+                f"pre-flight: training {row_name(index)}: the end-of-turn token "
                 f"({' or '.join(f'id {i}' for i in sorted(eos_ids))}) is never in the labels, "
                 "so the model would never learn to stop. Common causes: pad token == EOS with padding masked by id, "
                 "a template that puts the end-of-turn token outside {% generation %}, or max_length cutting it off."
@@ -300,7 +301,8 @@ def check_preference_pairs(dataset, name: str, tokenizer=None, max_length: int |
                           f"max_length={max_length} leaves after the prompt; raise max_length")
         if reason:
             if not allow_skip:
-                raise UserError(f"pre-flight: {name} row {index}: {reason} (set skip_bad_rows: true to skip such rows)")
+                raise UserError(f"pre-flight: {name} {row_name(index)}: {reason} (set skip_bad_rows: true to skip "
+                                "such rows)")
             bad.append(index)
     if bad:
         dataset = dataset.select(sorted(set(range(len(dataset))) - set(bad)))
@@ -357,9 +359,9 @@ def check_reward_references(dataset, rewards: dict | None, name: str, allow_skip
         for index, value in enumerate(dataset[column]):
             if value is None or not str(value).strip():
                 if not allow_skip:
-                    raise UserError(f"pre-flight: {name} row {index}: '{column}' is empty, so reward '{users[0]}' "
-                                    "could not score any completion of this prompt (no reward, no gradient); fill it or drop the row (set "
-                                    "skip_bad_rows: true to skip such rows)")
+                    raise UserError(f"pre-flight: {name} {row_name(index)}: '{column}' is empty, so reward "
+                                    f"'{users[0]}' could not score any completion of this prompt (no reward, no "
+                                    "gradient); fill it or drop the row (set skip_bad_rows: true to skip such rows)")
                 bad.add(index)
     if bad:
         dataset = dataset.select(sorted(set(range(len(dataset))) - bad))
@@ -381,8 +383,8 @@ def check_image_slots(dataset, name: str) -> None:
         slots = sum(1 for content in contents if isinstance(content, list)
                     for part in content if isinstance(part, dict) and part.get("type") == "image")
         if slots != images and (slots or any(isinstance(content, list) for content in contents)):
-            raise UserError(f"pre-flight: {name} row {index}: {images} image(s) for {slots} image placeholder(s) "
-                            "in the conversation; expected one {\"type\": \"image\"} part per image")
+            raise UserError(f"pre-flight: {name} {row_name(index)}: {images} image(s) for {slots} image "
+                            "placeholder(s) in the conversation; expected one {\"type\": \"image\"} part per image")
 
 
 def check_image_tokens(trainer, image_token_id: int, samples: int = 16) -> dict:
@@ -407,10 +409,10 @@ def check_image_tokens(trainer, image_token_id: int, samples: int = 16) -> dict:
         if kept != want:
             last = int((full["input_ids"][index] == image_token_id).nonzero().max()) + 1
             raise UserError(
-                f"pre-flight: training row {index}: max_length={max_length} cuts {want - kept} of its {want} image "
-                f"tokens (they run to position {last}), so training would fail with \"Image features and image tokens "
-                f"do not match\". Raise max_length to at least {int(full['attention_mask'][index].sum())} (this "
-                "row's full length), or use smaller images (fewer image tokens)."
+                f"pre-flight: training {row_name(index)}: max_length={max_length} cuts {want - kept} of its {want} "
+                f"image tokens (they run to position {last}), so training would fail with \"Image features and image "
+                f"tokens do not match\". Raise max_length to at least {int(full['attention_mask'][index].sum())} "
+                "(this row's full length), or use smaller images (fewer image tokens)."
             )
     return {"image_tokens": int((full["input_ids"] == image_token_id).sum()), "max_length": max_length}
 

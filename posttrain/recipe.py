@@ -117,6 +117,7 @@ class Recipe:
     accelerate_config: str | None
     raw: dict
     gates: dict[str, GateArguments] = field(default_factory=dict)  # stage -> its promote gate (stages without: none)
+    data_splits: dict[str, list[str] | None] = field(default_factory=dict)  # data: name -> the splits its job writes
 
     def fingerprint(self) -> str:
         return fingerprint(self.raw)
@@ -283,13 +284,16 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     base = _build(BaseModelArguments, raw["base"], f"{where}: base")
     if base.chat_template and base.chat_template.endswith(".jinja"):  # a template file beside the recipe
         base = dataclasses.replace(base, chat_template=str(resolve_relative(base.chat_template, path)))
+    elif base.chat_template:
+        _check_template_name(base.chat_template, where)
     evaluation = _build(EvalArguments, raw.get("eval") or {}, f"{where}: eval")  # eval.dtype: a `Precision`
     stages = _check_stages(raw, where)
     stages = {stage: _found_datasets(args, path) for stage, args in stages.items()}
     if evaluation.dataset:
         evaluation = dataclasses.replace(evaluation, dataset=_found(evaluation.dataset, path))
     gates = _gates(raw, list(stages), where)
-    data = check_data_section(raw.get("data") or {}, where, list(stages))
+    data = raw.get("data") or {}
+    data_splits = check_data_section(data, where, list(stages))
     accelerate_config = check_type(raw.get("accelerate_config"), TOP_TYPES["accelerate_config"],
                                    f"{where}: accelerate_config")
     if accelerate_config is not None:
@@ -297,7 +301,19 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         if not Path(accelerate_config).is_file():
             raise UserError(f"{where}: accelerate_config: file not found: {accelerate_config}")
     return Recipe(name=name, path=path, modality=modality, base=base, data=data, eval=evaluation,
-                  stages=stages, accelerate_config=accelerate_config, raw=raw, gates=gates)
+                  stages=stages, accelerate_config=accelerate_config, raw=raw, gates=gates, data_splits=data_splits)
+
+
+def _check_template_name(name: str, where: str) -> None:
+    """A chat template that is not a `.jinja` file (`check_recipe_files` finds those) is a built-in name or a file:
+    a misspelt name stopped the run at the base step, after resolving (downloading) the base model."""
+    from .models.templates import CHAT_TEMPLATES, chat_template_text
+
+    try:
+        chat_template_text(name)
+    except UserError as exc:
+        builtins = [path.stem for path in CHAT_TEMPLATES.glob("*.jinja")]
+        raise UserError(f"{where}: base.chat_template: {exc}{suggest(name, builtins)}") from None
 
 
 def resolve_relative(value: str, recipe_path: Path) -> Path:

@@ -9,6 +9,8 @@ during the run and are not checked; `org/name` without a file suffix is a Hub id
 import re
 from pathlib import Path
 
+from .configs import StageArguments
+from .data import folder_splits
 from .errors import UserError
 from .recipe import Recipe, resolve_relative
 
@@ -33,7 +35,7 @@ def check_recipe_files(recipe: Recipe) -> None:
     for name, spec in recipe.data.items():
         for key, value in named_strings(spec, f"data.{name}"):
             problems += _path_problem(key, value, recipe, relative_to_recipe=True)
-    problems += placeholder_problems(recipe) + order_problems(recipe)
+    problems += placeholder_problems(recipe) + order_problems(recipe) + split_problems(recipe)
     if problems:
         raise UserError(f"{recipe.path}: the recipe names files or data that do not exist, or do not exist yet when "
                         "read (checked before any work):\n  " + "\n  ".join(problems))
@@ -63,6 +65,31 @@ def order_problems(recipe: Recipe) -> list[str]:
             if after and after not in before:
                 problems.append(f"{key}: {value} is built after stage '{after}' (data.{job}.after), which does not "
                                 f"run before {reader} ({' → '.join(order)})")
+    return problems
+
+
+def split_problems(recipe: Recipe) -> list[str]:
+    """A split the dataset will not have (`eval.split: tset`): the base evaluation or the stage would find out after
+    the data jobs. Known for `{data}/<name>` (the splits its job writes) and a local folder; a data file is one split
+    under any name, and a Hub dataset is not looked up."""
+    readers = [("eval.split", recipe.eval.dataset, recipe.eval.split)]
+    for stage, args in recipe.stages.items():
+        readers.append((f"stages.{stage}.dataset_train_split", args.get("dataset_name"),
+                        args.get("dataset_train_split", StageArguments.dataset_train_split)))
+        if stage == "dpo" or args.get("eval_strategy", "no") != "no":  # else never read (`common.load_test_split`)
+            readers.append((f"stages.{stage}.dataset_test_split", args.get("dataset_name"),
+                            args.get("dataset_test_split")))
+    problems = []
+    for key, dataset, split in readers:
+        if not (isinstance(dataset, str) and isinstance(split, str)):
+            continue
+        if dataset.startswith("{data}/") and "/" not in dataset[len("{data}/"):]:
+            name = dataset[len("{data}/"):]
+            have, holder = recipe.data_splits.get(name), f"its job {(recipe.data.get(name) or {}).get('job')} writes"
+        else:
+            have, holder = (folder_splits(Path(dataset)) if Path(dataset).is_dir() else None), "it has"
+        if have is not None and split not in have:
+            problems.append(f"{key}: '{split}' is not a split of {dataset} ({holder}: {', '.join(have)})")
     return problems
 
 

@@ -67,6 +67,9 @@ RECIPES = [
     ("after-unknown-stage", _set("data.pairs.after", "ppo"), [], ["data.pairs.after", "'ppo'"]),
     # a job that runs after SFT: its options are still checked before any work
     ("bad-pairs-dtype", _set("data.pairs.dtype", "float16"), [], ["data.pairs.dtype", "'float16'", "float32, bfloat16"]),
+    # a count the job cannot use: it wrote no training rows, and SFT failed after the base evaluation
+    ("data-job-count-below-minimum", _set("data.verifiable.n_train", -1), [],
+     ["recipe.yaml: data.verifiable.n_train: -1 is below the minimum of 1"]),
     ("bad-eval-dtype", _set("eval.dtype", "bf16"), [], ["eval.dtype", "'bf16'", "float32, bfloat16"]),
     ("missing-dataset-file", _set("stages.sft.dataset_name", "data/absent.jsonl"), [],
      ["stages.sft.dataset_name", "data/absent.jsonl", "before any work"]),
@@ -75,6 +78,10 @@ RECIPES = [
     ("data-nobody-builds", _set("eval.dataset", "{data}/heldout"), [], ["eval.dataset", "'heldout'", "verifiable"]),
     ("missing-template", _set("base.chat_template", "templates/mine.jinja"), [],
      ["base.chat_template", "templates/mine.jinja"]),
+    # refused at the base step, after resolving (downloading) the base model
+    ("unknown-template-name", _set("base.chat_template", "chatmll"), [],
+     ["recipe.yaml: base.chat_template: chat template 'chatmll' is neither a built-in (chatml,",
+      "did you mean chatml"]),
     ("missing-job-source", _set("data.extra", {"job": "build_sft_set", "sources": [{"path": "src/chat.jsonl"}]}), [],
      ["data.extra.sources[0].path", "src/chat.jsonl"]),
     ("missing-accelerate-config", _set("accelerate_config", "acc/none.yaml"), [], ["accelerate_config", "none.yaml"]),
@@ -116,6 +123,13 @@ RECIPES = [
      ["stages.sft.dataset_name: {dta}/verifiable: not a placeholder; expected {data}, {run}, {base}"]),
     ("data-built-after-a-later-stage", lambda raw: {**raw, "stages": {s: raw["stages"][s] for s in ("dpo", "sft", "upo")}},
      [], ["stages.dpo.dataset_name: {data}/pairs is built after stage 'sft' (data.pairs.after)"]),
+    ("eval-split-typo", _set("eval.split", "tset"), [], ["eval.split: 'tset' is not a split of {data}/verifiable (its "
+                                                         "job build_verifiable_tasks writes: sft, prompts, test)"]),
+    ("train-split-typo", _set("stages.sft.dataset_train_split", "stf"), [],
+     ["stages.sft.dataset_train_split: 'stf' is not a split of {data}/verifiable"]),
+    ("dpo-test-split-typo", _set("stages.dpo.dataset_test_split", "tst"), [],
+     ["stages.dpo.dataset_test_split: 'tst' is not a split of {data}/pairs (its job build_onpolicy_pairs writes: "
+      "train, test)"]),
     ("offline-hub-dataset", _set("stages.upo.dataset_name", "someone/missing-prompts"), [],
      ["stages.upo.dataset_name: dataset 'someone/missing-prompts' is not in the local Hugging Face cache"]),
     ("negative-learning-rate", _set("stages.sft.learning_rate", -1), [],
@@ -177,18 +191,22 @@ def test_missing_split_of_a_data_folder(tmp_path):
 
 
 CONVERSATIONS = [
-    ("row-without-messages", [{"messages": TURNS}, {"messages": None, "text": "x"}], "row 1: \"messages\" is missing"),
-    ("messages-a-string", [{"messages": TURNS}, {"messages": "hello"}], "row 1: \"messages\" is a str"),
-    ("no-assistant-turn", [{"messages": TURNS[:1]}], "row 0: no assistant turn"),
+    ("row-without-messages", [{"messages": TURNS}, {"messages": None, "text": "x"}],
+     r'row 2 \(counting from 1\): "messages" is missing'),
+    ("messages-a-string", [{"messages": TURNS}, {"messages": "hello"}],
+     r'row 2 \(counting from 1\): "messages" is a str'),
+    ("no-assistant-turn", [{"messages": TURNS[:1]}], r"row 1 \(counting from 1\): no assistant turn"),
     ("empty-assistant-turn", [{"messages": [TURNS[0], {"role": "assistant", "content": " "}]}],
-     "row 0: assistant turn 1 is empty"),
+     r"row 1 \(counting from 1\): assistant turn 1 is empty"),
     # before the template renders the rows: a bare Jinja or TypeError otherwise, reported as a bug
-    ("turn-without-role", [{"messages": [{"content": "hi"}, TURNS[1]]}], "row 0: turn 1 has no role"),
+    ("turn-without-role", [{"messages": [{"content": "hi"}, TURNS[1]]}],
+     r"row 1 \(counting from 1\): turn 1 has no role"),
     ("content-a-number", [{"messages": [{"role": "user", "content": 5}, TURNS[1]]}],
-     r"row 0: turn 1 \(user\) has content 5 \(int\)"),
-    ("content-missing", [{"messages": [TURNS[0], {"role": "assistant"}]}], r"row 0: turn 2 \(assistant\) has no content"),
+     r"row 1 \(counting from 1\): turn 1 \(user\) has content 5 \(int\)"),
+    ("content-missing", [{"messages": [TURNS[0], {"role": "assistant"}]}],
+     r"row 1 \(counting from 1\): turn 2 \(assistant\) has no content"),
     ("sharegpt-roles", [{"messages": [{"role": "human", "content": "hi"}, {"role": "gpt", "content": "hey"}]}],
-     r"row 0: no assistant turn \(roles: gpt, human\)"),
+     r"row 1 \(counting from 1\): no assistant turn \(roles: gpt, human\)"),
 ]
 
 
@@ -227,9 +245,9 @@ def _pair(i, chosen="right", rejected="wrong"):
 
 
 PAIRS = [
-    ("chosen-equals-rejected", [_pair(0), _pair(1, "same", "same")], "row 1: chosen == rejected"),
-    ("rejected-null", [_pair(0), _pair(1, rejected=None)], 'row 1: "rejected" is not a reply'),
-    ("chosen-empty", [_pair(0, chosen="  ")], 'row 0: "chosen" is empty'),
+    ("chosen-equals-rejected", [_pair(0), _pair(1, "same", "same")], r"row 2 \(counting from 1\): chosen == rejected"),
+    ("rejected-null", [_pair(0), _pair(1, rejected=None)], r'row 2 \(counting from 1\): "rejected" is not a reply'),
+    ("chosen-empty", [_pair(0, chosen="  ")], r'row 1 \(counting from 1\): "chosen" is empty'),
     ("missing-column", [{"prompt": "q", "chosen": "a"}], "missing: rejected"),
 ]
 
@@ -277,7 +295,7 @@ def test_upo_gate_names_prompts_it_cannot_read(rows, named):
 def test_upo_gate_stops_null_answers(tmp_path):
     from posttrain.stages.upo import preflight_data
 
-    with pytest.raises(UserError, match=r"prompts.parquet row 2: 'answer' is empty, so reward 'accuracy'"):
+    with pytest.raises(UserError, match=r"prompts.parquet row 3 \(counting from 1\): 'answer' is empty, so reward"):
         preflight_data(_prompts(["1", "2", None]), *_upo_args(tmp_path))
 
 
@@ -292,7 +310,7 @@ def test_upo_gate_finds_a_missing_reward_column(tmp_path):
 def test_upo_gate_stops_identical_offline_pairs(tmp_path):
     from posttrain.stages.upo import preflight_data
 
-    with pytest.raises(UserError, match=r"offline.jsonl \(train\) row 1: chosen == rejected"):
+    with pytest.raises(UserError, match=r"offline.jsonl \(train\) row 2 \(counting from 1\): chosen == rejected"):
         preflight_data(_prompts(["1"]), *_upo_args(tmp_path, [_pair(0), _pair(1, "x", "x")]))
 
 
@@ -317,15 +335,16 @@ def test_broken_stage_data_shows_the_cause_not_a_traceback(tmp_path, posttrain_c
     result = posttrain_cli("run", tmp_path / "recipe.yaml", cwd=tmp_path, check=False)
     shown = " ".join((result.stdout + result.stderr).split())
     assert result.returncode == 2
-    assert f"step 'sft' failed: pre-flight: {data} row 1: \"messages\" is missing" in shown
+    missing = 'row 2 (counting from 1): "messages" is missing'  # line 2 of the file
+    assert f"step 'sft' failed: pre-flight: {data} {missing}" in shown
     log = tmp_path / "outputs" / "broken" / ".sft.partial" / "sft.log"
     assert f"Log: {log}" in shown
     assert "Traceback" not in shown and "CalledProcessError" not in shown
-    assert shown.count('row 1: "messages" is missing') == 2, shown  # the stage's own line, then the run's summary
+    assert shown.count(missing) == 2, shown  # the stage's own line, then the run's summary
     # one process runs without accelerate's launcher (`devices.direct_command`), so no launcher's traceback follows
-    assert 'row 1: "messages" is missing' in log.read_text() and "CalledProcessError" not in log.read_text()
+    assert missing in log.read_text() and "CalledProcessError" not in log.read_text()
     state = json.loads((tmp_path / "outputs" / "broken" / "run.json").read_text())
-    assert state["steps"]["run"]["status"] == "failed" and "row 1" in state["steps"]["sft"]["error"]
+    assert state["steps"]["run"]["status"] == "failed" and "row 2" in state["steps"]["sft"]["error"]
 
 
 def test_data_help(posttrain_cli, tmp_path):

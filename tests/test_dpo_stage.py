@@ -164,12 +164,12 @@ def test_pair_gates_name_the_row(tiny_model_path):
     tokenizer = load_tokenizer(tiny_model_path("llama"))
     same = Dataset.from_list([{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a",
                                                                                 "rejected": "a"}])
-    with pytest.raises(UserError, match="pairs.jsonl row 1: chosen == rejected"):
+    with pytest.raises(UserError, match=r"pairs.jsonl row 2 \(counting from 1\): chosen == rejected"):
         check_preference_pairs(same, "pairs.jsonl")
     kept, skipped = check_preference_pairs(same, "pairs.jsonl", allow_skip=True)
     assert len(kept) == 1 and skipped == 1
     empty = Dataset.from_list([{"prompt": "q", "chosen": " ", "rejected": "b"}])
-    with pytest.raises(UserError, match='row 0: "chosen" is empty'):
+    with pytest.raises(UserError, match=r'row 1 \(counting from 1\): "chosen" is empty'):
         check_preference_pairs(empty, "p")
     long_prompt = Dataset.from_list([{"prompt": [{"role": "user", "content": "word " * 300}],
                                       "chosen": [{"role": "assistant", "content": "a"}],
@@ -180,7 +180,7 @@ def test_pair_gates_name_the_row(tiny_model_path):
     cut = Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}],
                               "chosen": [{"role": "assistant", "content": "word " * 80 + "yes"}],
                               "rejected": [{"role": "assistant", "content": "word " * 80 + "no"}]}])
-    with pytest.raises(UserError, match=r"p row 0: chosen and rejected are the same in the \d+ reply tokens"):
+    with pytest.raises(UserError, match=r"p row 1 \(counting from 1\): chosen and rejected are the same in the \d+"):
         check_preference_pairs(cut, "p", tokenizer, max_length=64)
     assert len(check_preference_pairs(cut, "p", tokenizer, max_length=512)[0]) == 1
     # `keep_end` truncation keeps the reply: TRL trains such a pair
@@ -191,7 +191,7 @@ def test_pair_gates_name_the_row(tiny_model_path):
     short = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}],
              "rejected": [{"role": "assistant", "content": "b"}]}
     assert len(check_preference_pairs(Dataset.from_list([short]), "p", tokenizer, max_length=64)[0]) == 1
-    with pytest.raises(UserError, match="p row 0: the prompt is .* tokens, so max_length=64"):
+    with pytest.raises(UserError, match=r"p row 1 \(counting from 1\): the prompt is .* tokens, so max_length=64"):
         check_preference_pairs(Dataset.from_list([{**short, "tools": json.dumps(tools)}]), "p", tokenizer, max_length=64)
 
 

@@ -525,7 +525,7 @@ def test_held_out_rows_without_an_answer_are_refused(tmp_path):
     rows[2]["answer"] = " "
     path = tmp_path / "test.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    with pytest.raises(UserError, match="row 2 has no answer"):
+    with pytest.raises(UserError, match=r"row 3 \(counting from 1\) has no answer"):
         load_rows(str(path), "test")
     assert len(load_rows(str(path), "test", limit=2)) == 2
 
@@ -537,5 +537,5 @@ def test_held_out_prompts_written_as_plain_text_are_refused_by_row(tmp_path):
 
     path = tmp_path / "test.jsonl"
     path.write_text(json.dumps({"prompt": "What is 2 + 2?", "answer": "4"}) + "\n")
-    with pytest.raises(UserError, match=r"row 0: prompt is str; expected a list of \{role, content\} messages"):
+    with pytest.raises(UserError, match=r"row 1 \(counting from 1\): prompt is str; expected a list of \{role"):
         load_rows(str(path), "test")

@@ -136,6 +136,20 @@ def test_data_job_arguments_validated(tmp_path):
         load_recipe(_write(tmp_path, TINY.replace("job: build_verifiable_tasks", "job: build_nothing")))
 
 
+def test_a_data_job_value_the_job_refuses_is_a_recipe_error(tmp_path):
+    """A value a job's config refuses (`test_size: -1`) failed when that job ran, after the jobs before it, and a count
+    it could not use (`n_train: 0`) wrote no rows: the recipe's check refuses both, as the job does."""
+    from data_prep.build_verifiable_tasks import main
+    from data_prep.jobs import check_data_section
+
+    with pytest.raises(UserError, match=r"r.yaml: data.mix: test_size must be >= 0, got -1"):
+        check_data_section({"mix": {"job": "build_sft_set", "sources": ["x.jsonl"], "test_size": -1}}, "r.yaml", [])
+    with pytest.raises(UserError, match=r"r.yaml: data.pairs.num_samples: 0 is below the minimum of 1"):
+        check_data_section({"pairs": {"job": "build_onpolicy_pairs", "num_samples": 0}}, "r.yaml", [])
+    with pytest.raises(UserError, match=r"--n_train: 0 is below the minimum of 1"):  # the job itself, the same way
+        main(["--n_train", "0", "--output_dir", str(tmp_path / "out")])
+
+
 def test_a_data_section_is_checked_once_per_process_and_a_mistake_every_time(tmp_path, monkeypatch):
     """The check runs in a child process (data_prep is not imported here): a section that passed is not checked again,
     while a wrong one is refused on every load."""
@@ -273,6 +287,40 @@ def test_a_dataset_file_beside_the_recipe_is_found_from_any_folder(tmp_path, mon
     assert load_recipe(recipe).stages["sft"]["dataset_name"] == str(recipe.parent / "data" / "chat.jsonl")
     monkeypatch.chdir(recipe.parent)
     assert load_recipe(recipe).stages["sft"]["dataset_name"] == "data/chat.jsonl"
+
+
+def test_a_split_a_local_folder_lacks_is_named_before_any_work(tmp_path):
+    """`eval.split: tset` on a folder of parquet splits failed at the base evaluation, after the data jobs; a data
+    file is one split under any name; a `save_to_disk` folder's splits are its dataset_dict.json's."""
+    import dataclasses
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from posttrain.data import folder_splits
+    from posttrain.recipe_files import check_recipe_files
+
+    (tmp_path / "held_out").mkdir()
+    pq.write_table(pa.table({"prompt": ["x"]}), tmp_path / "held_out" / "test.parquet")
+    pq.write_table(pa.table({"prompt": ["x"]}), tmp_path / "held_out.parquet")
+    recipe = load_recipe(_write(tmp_path, TINY))
+
+    def evaluating(dataset, split):
+        return dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, dataset=str(dataset), split=split))
+
+    with pytest.raises(UserError, match=r"eval.split: 'tset' is not a split of .*held_out \(it has: test\)"):
+        check_recipe_files(evaluating(tmp_path / "held_out", "tset"))
+    check_recipe_files(evaluating(tmp_path / "held_out", "test"))
+    check_recipe_files(evaluating(tmp_path / "held_out.parquet", "tset"))
+    unread = {**recipe.stages["sft"], "dataset_test_split": "nope"}  # SFT reads it only with an eval_strategy
+    check_recipe_files(dataclasses.replace(recipe, stages={**recipe.stages, "sft": unread}))
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "validation"]}))
+    assert folder_splits(tmp_path / "saved") == ["train", "validation"]
+    from data_prep import build_verifiable_tasks as job  # its SPLITS, which the check reads, are what it writes
+
+    assert list(job.to_tables(job.generate(job.VerifiableTasksConfig(n_train=5, n_test=5)))) == list(job.SPLITS)
 
 
 def test_a_value_is_used_as_checked(tmp_path):

@@ -130,7 +130,7 @@ def test_gate_reasoning_the_template_drops():
     reply = {"role": "assistant", "content": "4", "reasoning_content": "Two and two make four."}
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
             {"messages": [{"role": "user", "content": "What is 2 + 2?"}, reply]}]
-    with pytest.raises(UserError, match="data.jsonl row 1: the reply's reasoning_content is not in the text"):
+    with pytest.raises(UserError, match=r"data.jsonl row 2 \(counting from 1\): the reply's reasoning_content is"):
         gates.check_reasoning(tokenizer, Dataset.from_list(rows), "data.jsonl")
     think = {"role": "assistant", "content": "<think>\nTwo and two make four.\n</think>\n\n4"}
     gates.check_reasoning(tokenizer, Dataset.from_list([rows[0], {"messages": [rows[1]["messages"][0], think]}]),
@@ -142,13 +142,13 @@ def test_gate_empty_assistant_turn_names_row():
 
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
             {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}]
-    with pytest.raises(UserError, match="data.jsonl row 1: assistant turn 1 is empty"):
+    with pytest.raises(UserError, match=r"data.jsonl row 2 \(counting from 1\): assistant turn 1 is empty"):
         gates.check_conversations(Dataset.from_list(rows), "data.jsonl")
     # TRL's vision format: every content a list of parts, the reply's too
     parts = [{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "colour?"}]},
                            {"role": "assistant", "content": [{"type": "text", "text": text}]}]} for text in ("red", " ")]
     gates.check_conversations(Dataset.from_list(parts[:1]), "vqa.jsonl")
-    with pytest.raises(UserError, match="vqa.jsonl row 1: assistant turn 1 is empty"):
+    with pytest.raises(UserError, match=r"vqa.jsonl row 2 \(counting from 1\): assistant turn 1 is empty"):
         gates.check_conversations(Dataset.from_list(parts), "vqa.jsonl")
 
 

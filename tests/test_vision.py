@@ -395,7 +395,7 @@ def test_gate_images_per_placeholder():
             {"messages": [{"role": "user", "content": [image, {"type": "text", "text": "q"}]},
                           {"role": "assistant", "content": "a"}], "images": ["a.png", "b.png"]}]
     features = Features({"messages": List(Json()), "images": List(Value("string"))})
-    with pytest.raises(UserError, match=r"vqa.jsonl row 1: 2 image\(s\) for 1 image placeholder"):
+    with pytest.raises(UserError, match=r"vqa.jsonl row 2 \(counting from 1\): 2 image\(s\) for 1 image placeholder"):
         gates.check_image_slots(Dataset.from_list(rows, features=features), "vqa.jsonl")
 
 
@@ -445,9 +445,9 @@ def test_decode_images_resolves_against_the_data_folder_and_names_bad_rows(tmp_p
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
     rows = vision.decode_images(Dataset.from_dict({"images": [[good], []]}), data_dir=tmp_path)
     assert rows[0]["images"][0].size == (16, 16) and rows[1]["images"] == []
-    with pytest.raises(UserError, match=r"train.jsonl row 1: images\[0\] .*missing.png: not found"):
+    with pytest.raises(UserError, match=r"train.jsonl row 2 \(counting from 1\): images\[0\] .*missing.png: not"):
         vision.decode_images(Dataset.from_dict({"images": [[good], ["missing.png"]]}), tmp_path, "train.jsonl")
-    with pytest.raises(UserError, match=r"row 0: images\[1\] .*broken.png: does not decode"):
+    with pytest.raises(UserError, match=r"row 1 \(counting from 1\): images\[1\] .*broken.png: does not decode"):
         vision.decode_images(Dataset.from_dict({"images": [[good, "broken.png"]]}), tmp_path)
     # one Image() per row instead of a list of them
     single = Dataset.from_dict({"images": [str(tmp_path / good)]}).cast_column("images", ImageFeature())

@@ -205,17 +205,20 @@ def _under(folder: str | Path, path: str) -> str:
 def _check_images(dataset, name: str) -> None:
     from PIL import Image as PILImage
 
+    from ..data import row_name
+
     for i, paths in enumerate(dataset["images"]):
         for j, path in enumerate(paths or []):
             if not isinstance(path, str):  # bytes or {"bytes", "path"}: decoded by `datasets` as they are
                 continue
             if not Path(path).is_file():
-                raise UserError(f"{name} row {i}: images[{j}] {path}: not found")
+                raise UserError(f"{name} {row_name(i)}: images[{j}] {path}: not found")
             try:
                 with PILImage.open(path) as image:
                     image.verify()
             except Exception as exc:  # PIL raises several types for a file that is not an image
-                raise UserError(f"{name} row {i}: images[{j}] {path}: does not decode as an image ({exc})") from exc
+                raise UserError(f"{name} {row_name(i)}: images[{j}] {path}: does not decode as an image "
+                                f"({exc})") from exc
 
 
 def as_rows(dataset) -> list[dict]:
