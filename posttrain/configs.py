@@ -153,6 +153,42 @@ class StageArguments:
 # UPO's pair sources (`UPOConfig.upo_mode`), here too so the recipe loader checks them without importing TRL (seconds);
 # tests/test_recipes.py keeps the two equal.
 UPO_MODES = ("online", "offline", "both")
+# GRPO's loss types whose denominator is the batch's token count (`num_items_in_batch` or the micro-batch's mask)
+TOKEN_COUNT_LOSSES = ("dapo", "bnpo", "cispo", "vespo")
+
+
+def check_upo_values(args: dict) -> None:
+    """UPO's own value checks, for `UPOConfig.__post_init__` and for a recipe's upo stage (`recipe._check_values`),
+    which would otherwise meet them only when the stage starts, after the data jobs and the stages before it. A key
+    `args` leaves out has its default, which passes; GRPO's `num_generations` and `loss_type` left out are not judged
+    here (their defaults are TRL's: the stage checks them)."""
+    mode = args.get("upo_mode", "online")
+    if mode not in UPO_MODES:
+        raise UserError(f"upo_mode must be one of {', '.join(UPO_MODES)}; got '{mode}'")
+    for key, low, strict in (("upo_lambda", 0, False), ("upo_beta", 0, True), ("upo_sft_weight", 0, False)):
+        value = args.get(key)
+        if value is not None and (value <= low if strict else value < low):
+            raise UserError(f"{key} must be {'>' if strict else '>='} {low}; got {value}")
+    if args.get("upo_margin") is not None and args["upo_margin"] < 0:
+        raise UserError(f"upo_margin must be >= 0 or null (half the observed reward range); got {args['upo_margin']}")
+    pairs, generations = args.get("upo_pairs_per_prompt", 1), args.get("num_generations")
+    if pairs < 1 or (generations is not None and pairs > generations // 2):
+        raise UserError(f"upo_pairs_per_prompt must be between 1 and num_generations // 2 "
+                        f"({generations // 2 if generations is not None else 'num_generations // 2'}); got {pairs}")
+    if mode != "online" and not args.get("upo_offline_dataset"):
+        raise UserError(f"upo_mode '{mode}' needs upo_offline_dataset (prompt/chosen/rejected pairs)")
+    if mode != "online" and args.get("upo_offline_ratio", 1.0) <= 0:
+        raise UserError(f"upo_offline_ratio must be > 0 with upo_mode '{mode}'; got {args['upo_offline_ratio']}")
+    loss_type = args.get("loss_type", TOKEN_COUNT_LOSSES[0])
+    if args.get("drop_uniform_groups") and loss_type not in TOKEN_COUNT_LOSSES:
+        raise UserError(f"drop_uniform_groups needs a loss normalised by the batch's token count (loss_type "
+                        f"{', '.join(TOKEN_COUNT_LOSSES)}); '{loss_type}' averages per rollout or divides by a "
+                        "fixed length, so the dropped groups would still dilute the others' step")
+    if args.get("normalize_rewards_by") and args.get("multi_objective_aggregation") == "normalize_then_sum":
+        raise UserError("normalize_rewards_by cannot be combined with multi_objective_aggregation: "
+                        "normalize_then_sum, which re-standardises every reward per prompt group")
+    if args.get("rewards") is not None and args.get("reward_weights") is not None:
+        raise UserError("set either `rewards` ({name: weight}) or GRPO's `reward_weights`, not both")
 
 
 @dataclass

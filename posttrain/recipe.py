@@ -39,6 +39,7 @@ from .configs import (
     annotation_to_json,
     check_minimum,
     check_type,
+    check_upo_values,
     field_types,
     is_text,
     suggest,
@@ -373,7 +374,8 @@ def _check_stages(raw: dict, where: str) -> dict[str, dict]:
 
 def _check_values(stage: str, args: dict, own: dict, where: str) -> None:
     """What a stage would refuse only when it starts, maybe hours in, checked without TRL (seconds to import): our
-    `StageArguments` (`loraplus_lr_ratio` >= 1), reward names, UPO's pair source. `own`: the stage's own section."""
+    `StageArguments` (`loraplus_lr_ratio` >= 1), reward names, UPO's own values (`check_upo_values`). `own`: the
+    stage's own section."""
     def origin(key: str) -> str:
         return f"stages.{stage}" if key in own else "shared"
 
@@ -396,6 +398,11 @@ def _check_values(stage: str, args: dict, own: dict, where: str) -> None:
     if "upo_mode" in args and args["upo_mode"] not in UPO_MODES:
         raise UserError(f"{where}: {origin('upo_mode')}.upo_mode: {args['upo_mode']!r}; expected one of: "
                         f"{', '.join(UPO_MODES)}")
+    if stage == "upo":
+        try:
+            check_upo_values(args)
+        except UserError as exc:
+            raise UserError(f"{where}: stages.upo: {exc}") from None
 
 
 def _check_keys(stage: str, mappings: dict[str, dict], fields: dict, where: str) -> None:

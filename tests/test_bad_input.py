@@ -104,6 +104,12 @@ RECIPES = [
                                                                       "expected reward names with their weights"]),
     ("upo-mode-typo", _set("stages.upo.upo_mode", "onlin"), [],
      ["stages.upo.upo_mode: 'onlin'; expected one of: online, offline, both"]),
+    # UPO's own value checks, found with the recipe rather than when the upo stage starts (after SFT and DPO)
+    ("drop-uniform-groups-per-rollout-loss", None, ["stages.upo.drop_uniform_groups=true", "stages.upo.loss_type=grpo"],
+     ["stages.upo: drop_uniform_groups needs a loss normalised by the batch's token count"]),
+    ("offline-upo-without-pairs", None, ["stages.upo.upo_mode=offline", "stages.upo.upo_offline_dataset=null"],
+     ["stages.upo: upo_mode 'offline' needs upo_offline_dataset"]),
+    ("negative-upo-lambda", None, ["stages.upo.upo_lambda=-1"], ["stages.upo: upo_lambda must be >= 0; got -1"]),
     ("loraplus-below-one", _set("shared.loraplus_lr_ratio", 0.5), [],
      ["stages.sft: loraplus_lr_ratio must be at least 1", "got 0.5"]),
     ("lr-scheduler-typo", _set("stages.sft.lr_scheduler_type", "cosinee"), [],

@@ -4,12 +4,9 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from ..configs import UPO_MODES
+from ..configs import check_upo_values
 from ..errors import UserError
 from ..rewards import check_reward_names
-
-# GRPO's loss types whose denominator is the batch's token count (`num_items_in_batch` or the micro-batch's mask)
-TOKEN_COUNT_LOSSES = ("dapo", "bnpo", "cispo", "vespo")
 
 
 @dataclass
@@ -170,36 +167,13 @@ class UPOConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.upo_mode not in UPO_MODES:
-            raise UserError(f"upo_mode must be one of {', '.join(UPO_MODES)}; got '{self.upo_mode}'")
-        if self.upo_lambda < 0:
-            raise UserError(f"upo_lambda must be >= 0; got {self.upo_lambda}")
-        if self.upo_beta <= 0:
-            raise UserError(f"upo_beta must be > 0; got {self.upo_beta}")
-        if self.upo_sft_weight < 0:
-            raise UserError(f"upo_sft_weight must be >= 0; got {self.upo_sft_weight}")
-        if self.upo_margin is not None and self.upo_margin < 0:
-            raise UserError(f"upo_margin must be >= 0 or null (half the observed reward range); got {self.upo_margin}")
-        if not 1 <= self.upo_pairs_per_prompt <= self.num_generations // 2:
-            raise UserError(f"upo_pairs_per_prompt must be between 1 and num_generations // 2 "
-                            f"({self.num_generations // 2}); got {self.upo_pairs_per_prompt}")
-        if self.upo_mode != "online" and not self.upo_offline_dataset:
-            raise UserError(f"upo_mode '{self.upo_mode}' needs upo_offline_dataset (prompt/chosen/rejected pairs)")
-        if self.upo_mode != "online" and self.upo_offline_ratio <= 0:
-            raise UserError(f"upo_offline_ratio must be > 0 with upo_mode '{self.upo_mode}'; "
-                            f"got {self.upo_offline_ratio}")
-        if self.drop_uniform_groups and self.loss_type not in TOKEN_COUNT_LOSSES:
-            raise UserError(f"drop_uniform_groups needs a loss normalised by the batch's token count (loss_type "
-                            f"{', '.join(TOKEN_COUNT_LOSSES)}); '{self.loss_type}' averages per rollout or divides by a "
-                            "fixed length, so the dropped groups would still dilute the others' step")
+        check_upo_values(vars(self))  # also checked with the recipe, before any work
         if self.normalize_rewards_by:
             self._scale_by_group()
         if self.rewards is not None:
             if not isinstance(self.rewards, dict):
                 raise UserError(f"`rewards` must map reward names to weights, e.g. {{\"accuracy\": 1.0}}; got "
                                 f"{self.rewards!r}")
-            if self.reward_weights is not None:
-                raise UserError("set either `rewards` ({name: weight}) or GRPO's `reward_weights`, not both")
             try:
                 check_reward_names(self.rewards)
             except UserError as exc:
@@ -207,9 +181,7 @@ class UPOConfig(GRPOConfig):
 
     def _scale_by_group(self):
         """With `normalize_rewards_by`, the per-value std is the advantage scale (see the field's help): GRPO's
-        group scaling would divide it out again, so it becomes "none"."""
-        if self.multi_objective_aggregation == "normalize_then_sum":
-            raise UserError("normalize_rewards_by cannot be combined with multi_objective_aggregation: "
-                            "normalize_then_sum, which re-standardises every reward per prompt group")
+        group scaling would divide it out again, so it becomes "none" (`check_upo_values` refused normalize_then_sum,
+        which re-standardises every reward per prompt group)."""
         if self.scale_rewards == "group":
             self.scale_rewards = "none"
