@@ -48,7 +48,10 @@ SHAPES = {
                          num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
                          rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, vocab_size=151936),
 }
-REWARDS = {"accuracy": 1.0, "think_format": 0.5}
+# `hackable_length` (words, a little weight) spreads the rewards within every prompt's rollouts whatever the model:
+# on random weights (`tiny:`, `shape:`) the other two are the same for every rollout, UPO then mines no pair, and the
+# `upo` row would time a GRPO step without its DPO term. Both sides of every RL ratio score the same three rewards
+REWARDS = {"accuracy": 1.0, "think_format": 0.5, "hackable_length": 0.1}
 # Peak dense bf16 matmul throughput for MFU, by GPU name (measured peaks where known, see README)
 PEAK_TFLOPS = {"H200": 790.0, "H100": 790.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
@@ -343,6 +346,9 @@ def _column_summary(runs: list[dict], base: dict, n_params: int, peak_tflops: fl
             summary["cpu_time_vs_trl"] = _spread([run["train_cpu_s"] / ref["train_cpu_s"] for run, ref in paired])
         summary["time_vs_trl"] = _spread(time_ratio)
         summary["memory_vs_trl"] = _spread(memory)
+    pairs = [run["upo_pairs"] for run in runs if run.get("upo_pairs") is not None]
+    if pairs:  # a UPO step's DPO term runs only on the pairs it has: none, and the row times GRPO alone
+        summary["upo_pairs"] = min(pairs)
     return summary
 
 
@@ -368,6 +374,8 @@ def markdown_table(table: dict, device: str) -> str:
             elif row == "upo":
                 t, m = s.get("time_vs_trl"), s.get("memory_vs_trl")
                 ratio = f"time {_fmt(t)}, memory {_fmt(m)}" if t else ""
+                if s.get("upo_pairs") == 0:
+                    ratio += " (no pairs: DPO term not run)"
             else:
                 ratio = _fmt(s.get("vs_trl"))
             lines.append(f"| {row} | {column} | {s['tokens_per_s']:.0f} | {s['steps_per_s']:.3f} | "

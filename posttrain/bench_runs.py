@@ -4,13 +4,14 @@ arguments, run in the order the caller gives (it alternates them), each on a fre
     python -m posttrain.bench_runs SPEC.json OUT.json      # launched by `posttrain bench` as the pipeline launches stages
 
 One process for all runs of a stage: both sides share its threads and environment, and imports are paid once.
-A run is measured by what TRL itself records: `train_runtime` (the whole `Trainer.train()`, first step included) and
-`num_tokens` (non-padding tokens; prompt + completion for GRPO); also the process's CPU seconds inside `train()`, which
-a busy machine disturbs far less than wall time (`TrainCpuTime`). Peak memory is `torch.cuda.max_memory_allocated` on a
-GPU; on CPU it is the largest resident set sampled every 20 ms during the run (a process's `ru_maxrss` cannot be
-reset between runs; memory is handed back to the OS between runs so the next one starts low). One unrecorded
-warm-up step of each (row, column) runs first, so that no column pays one-time costs (the process's, and its own code
-path's: Liger's kernel compilation, say) that the others do not, then the first run once in full, unrecorded.
+A run is measured by what TRL itself records: `train_runtime` (`Trainer.train()`'s loop after its setup, first step
+included) and `num_tokens` (non-padding tokens; prompt + completion for GRPO); also the process's CPU seconds over
+that same span, which a busy machine disturbs far less than wall time (`TrainCpuTime`). Peak memory is
+`torch.cuda.max_memory_allocated` on a GPU; on CPU it is the largest resident set sampled every 20 ms during the run
+(a process's `ru_maxrss` cannot be reset between runs; memory is handed back to the OS between runs so the next one
+starts low). One unrecorded warm-up step of each (row, column) runs first, so that no column pays one-time costs (the
+process's, and its own code path's: Liger's kernel compilation, say) that the others do not, then the first run once
+in full, unrecorded.
 
 The plain-TRL side is what a user's own script would do: `from_pretrained`, `PeftModel.from_pretrained` for a
 continued adapter, `load_dataset("parquet")`, the TRL config built from the same flat arguments, and the trainer.
@@ -139,21 +140,28 @@ def _subset(cls, args: dict) -> dict:
 
 
 class TrainCpuTime:
-    """CPU seconds the process spends inside `Trainer.train()`, whoever calls it: with one thread, the work itself,
-    which other processes sharing the cores barely change (wall time on a busy machine measures them too)."""
+    """CPU seconds the process spends in `Trainer.train()`'s training loop, whoever calls it: with one thread, the
+    work itself, which other processes sharing the cores barely change (wall time on a busy machine measures them
+    too). Over `train_runtime`'s own span (from the train-begin callback, after the dataloader, optimizer and
+    `accelerator.prepare`, to train-end), so that the per-CPU-second ratio times what the wall-clock one does: over the
+    whole `train()`, that setup (about 0.25 s here) pulled a short run's ratio towards 1 (2.7x wall, 1.2x CPU)."""
 
     def __enter__(self):
-        from transformers import Trainer
+        from transformers import Trainer, TrainerCallback
 
         self.seconds, self._original = 0.0, Trainer.train
         original, record = Trainer.train, self
 
+        class Span(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                self.start = time.process_time()
+
+            def on_train_end(self, args, state, control, **kwargs):
+                record.seconds += time.process_time() - self.start
+
         def train(trainer, *args, **kwargs):
-            start = time.process_time()
-            try:
-                return original(trainer, *args, **kwargs)
-            finally:
-                record.seconds += time.process_time() - start
+            trainer.add_callback(Span())
+            return original(trainer, *args, **kwargs)
 
         Trainer.train = train
         return self
@@ -174,10 +182,15 @@ def measure(stage: str, run: dict) -> dict:
     history = trainer.state.log_history
     train = next(entry for entry in reversed(history) if "train_runtime" in entry)
     tokens = max((entry["num_tokens"] for entry in history if "num_tokens" in entry), default=0)
+    # pairs the DPO term scored per generation batch (UPO only): 0 means a `upo` run timed no DPO term
+    pairs = [entry.get("upo/pairs_online", 0) + entry.get("upo/pairs_offline", 0) for entry in history
+             if "upo/pairs_online" in entry or "upo/pairs_offline" in entry]
     result = {"row": stage, "column": run["column"], "repeat": run["repeat"], "train_runtime_s": train["train_runtime"],
               "steps": trainer.state.global_step, "tokens": tokens, "peak_memory_bytes": memory.peak,
-              "memory_kind": "cuda_max_allocated" if memory.cuda else "rss", "train_cpu_s": round(cpu.seconds, 2),
+              "memory_kind": "cuda_max_allocated" if memory.cuda else "rss", "train_cpu_s": round(cpu.seconds, 4),
               "wall_s": round(time.time() - started, 1)}
+    if stage == "upo":
+        result["upo_pairs"] = sum(pairs) / len(pairs) if pairs else 0.0
     del trainer
     shutil.rmtree(run["args"]["output_dir"], ignore_errors=True)
     return result

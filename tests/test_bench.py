@@ -4,6 +4,7 @@ it asserts nothing about speed."""
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -223,6 +224,58 @@ def test_plain_arguments_go_to_the_plain_script_and_the_equal_column_alike(tmp_p
     assert next(run["args"] for run in unchanged if run["column"] == "trl")["bf16"] is True  # TRL's own default
     with pytest.raises(UserError, match="expected KEY=VALUE"):
         parse_arguments("bf16", "expected KEY=VALUE")
+
+
+def test_the_upo_row_says_whether_its_dpo_term_ran():
+    """A `upo` run that mined no pair timed GRPO alone: the table says so. The bench's rewards tell random-weight
+    rollouts of one length apart (their words), so its `upo` row has pairs on `tiny:` and `shape:` models too."""
+    from posttrain.bench import REWARDS, markdown_table, summarize
+    from posttrain.rewards import REWARDS as FUNCTIONS
+
+    run = {"repeat": 0, "train_runtime_s": 1.0, "steps": 1, "tokens": 10, "peak_memory_bytes": 1, "memory_kind": "rss"}
+    runs = [{**run, "row": "grpo", "column": "trl"}, {**run, "row": "upo", "column": "equal", "upo_pairs": 0.0},
+            {**run, "row": "upo", "column": "defaults", "upo_pairs": 1.5}]
+    table = summarize(runs, 0, None)
+    assert table["upo"]["equal"]["upo_pairs"] == 0 and table["upo"]["defaults"]["upo_pairs"] == 1.5
+    markdown = markdown_table(table, "CPU")
+    assert markdown.count("no pairs: DPO term not run") == 1 and "| upo | equal |" in markdown
+    rollouts = ["ab cd ef gh", "abcdef gh"]  # one prompt's rollouts of a random model: wrong, unformatted alike
+    columns = {"answer": ["7", "7"], "thinking": [True, True]}
+    rewards = [sum(weight * FUNCTIONS[name]([text], **{k: v[:1] for k, v in columns.items()})[0]
+                   for name, weight in REWARDS.items()) for text in rollouts]
+    assert rewards[0] != rewards[1]
+
+
+def test_cpu_seconds_cover_the_span_train_runtime_times(monkeypatch):
+    """The per-CPU-second ratio times what the wall-clock one does: `train_runtime` starts after `train()`'s setup
+    (dataloader, optimizer, accelerate's prepare), so the CPU seconds do too."""
+    from transformers import Trainer
+
+    from posttrain.bench_runs import TrainCpuTime
+
+    def spin(seconds):
+        end = time.process_time() + seconds
+        while time.process_time() < end:
+            pass
+
+    def train(trainer):  # Trainer.train's shape: setup, then the callbacks around the timed loop
+        spin(0.3)
+        for callback in trainer.callbacks:
+            callback.on_train_begin(None, None, None)
+        spin(0.1)
+        for callback in trainer.callbacks:
+            callback.on_train_end(None, None, None)
+
+    class Fake:
+        callbacks = []
+
+        def add_callback(self, callback):
+            self.callbacks.append(callback)
+
+    monkeypatch.setattr(Trainer, "train", train)
+    with TrainCpuTime() as cpu:
+        Trainer.train(Fake())
+    assert 0.09 <= cpu.seconds < 0.2
 
 
 def test_equal_arguments_are_grpos_for_the_rl_rows(tmp_path):
