@@ -62,7 +62,7 @@ def run_export(request: ExportRequest) -> Path:
 
     token = hub_token(request.push_to_hub) if request.push_to_hub else None  # before any export work
     ref = stage_ref(request.run, request.stage)
-    _check_promoted(ref, request.force)
+    forced = _check_promoted(ref, request.force)
     if ref.stage == "base":
         raise UserError(f"{ref.run}: 'base' is the unmodified base model; export a trained stage "
                         f"({', '.join(_trained(ref.run)) or 'none finished yet'})")
@@ -89,7 +89,8 @@ def run_export(request: ExportRequest) -> Path:
         console.print(f"exporting {ref.run.name}/{ref.stage} ({'merged, ' + dtype if request.merge else 'adapter'})…")
         checks = write_merged(ref, tmp, dtype) if request.merge else write_adapter(ref, tmp)
         manifest = {"run": ref.run.name, "stage": ref.stage, "kind": "merged" if request.merge else "adapter",
-                    "base_model": public_base_name(ref.run, ref.stage), "verification": checks}
+                    "base_model": public_base_name(ref.run, ref.stage), "verification": checks,
+                    **({"forced": forced} if forced else {})}
         write_json(tmp / "export.json", manifest)
         write_card(tmp, ref.run, ref.stage, manifest, model_id=request.push_to_hub or str(out),
                    license=request.license, revision=request.revision if request.push_to_hub else None)
@@ -110,9 +111,10 @@ def _trained(run: Path) -> list[str]:
     return [s for s in finished_stages(run) if s != "base"]
 
 
-def _check_promoted(ref, force: bool) -> None:
+def _check_promoted(ref, force: bool) -> str | None:
     """A stage its promote gate rejected (worse than the step before it), or one left from before its previous stage
-    was trained again (`runs.stale_stages`), is not shared by accident."""
+    was trained again (`runs.stale_stages`), is not shared by accident. Returns why, when `force` exports it anyway:
+    the card says so (the earlier stages it shows are the run's current ones, not those this stage came from)."""
     from .promotion import blocks_chain
     from .runs import stale_stages
 
@@ -128,6 +130,10 @@ def _check_promoted(ref, force: bool) -> None:
         raise UserError(f"{ref.run}: stage '{ref.stage}' is stale ({stale}, since trained again): it is not what "
                         f"the run's chain now gives; run the stages after that one again, or pass --force to export "
                         "it anyway")
+    if blocks_chain(record):
+        return f"its promote gate rejected it ({record['gate']['reason']})"
+    return f"it is stale ({stale}): the earlier stages shown here are not the ones it was trained from" if stale \
+        else None
 
 
 def _check_replaceable(out: Path, run: Path) -> None:
@@ -354,8 +360,9 @@ def hub_token(repo_id: str) -> str:
     if "/" not in repo_id:
         raise UserError(f"--push-to-hub {repo_id}: give the full id, e.g. your-name/{repo_id}")
     if is_offline():
-        raise UserError(f"--push-to-hub {repo_id} needs the network, but HF_HUB_OFFLINE=1 is set. Export without "
-                        "--push-to-hub and upload the folder later (hf upload REPO_ID DIR), or unset HF_HUB_OFFLINE.")
+        raise UserError(f"--push-to-hub {repo_id} needs the network, but HF_HUB_OFFLINE=1 is set. Unset "
+                        "HF_HUB_OFFLINE, or export without --push-to-hub now and again with it where the Hub is "
+                        "reachable (the model card's code then loads the repository, not a local folder).")
     try:
         token = get_token()
     except Exception as exc:  # an OIDC token exchange (HF_OIDC_RESOURCE) that failed; never echo the token itself

@@ -8,6 +8,7 @@ into place, so a crash, a kill or a full disk leaves either the old content or t
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import re
@@ -116,6 +117,7 @@ def replace_dir(out: str | Path, write: Callable[[Path], object], if_exists: str
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_partials(out)
     tmp, old = _sibling(out, "partial"), _sibling(out, "old")
     tmp.mkdir()
     try:
@@ -134,6 +136,17 @@ def replace_dir(out: str | Path, write: Callable[[Path], object], if_exists: str
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _remove_dead_partials(out: Path) -> None:
+    """Remove the temporary folders of `out` that earlier writers killed mid-write left (SIGKILL, the OOM killer during
+    a big merged export): `remove_leftovers` only sweeps run folders, and an export's --out or a report can be
+    anywhere, so writing `out` again is the one moment anything looks there."""
+    mine = re.compile(rf"^\.{re.escape(out.name)}\.(\d+)-[0-9a-f]{{8}}\.partial$")  # what `_sibling` names
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*.partial"):
+        match = mine.match(path.name)
+        if match and not pid_running(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager

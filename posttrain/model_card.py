@@ -205,7 +205,7 @@ def _title(run: Path, stage: str, chain: list[str], manifest: dict, recipe: dict
     lines = [f"# {run.name} · {stage}", "",
              f"{kind[0].upper() + kind[1:]} for `{base}`, post-trained with posttrain (run `{run.name}`: "
              f"{' → '.join(chain)}). This is the model after the **{stage}** stage{carries}."]
-    notes = []
+    notes = [f"**Exported with `--force`**: {manifest['forced']}."] if manifest.get("forced") else []
     if recipe["base"].get("gguf_file"):
         notes.append(f"The base weights were dequantized from `{recipe['base']['gguf_file']}`"
                      + (f" (Python package `{recipe['base']['gguf_package']}`)" if recipe["base"].get("gguf_package")

@@ -211,6 +211,21 @@ def test_card_embeds_the_runs_real_metrics_recipe_and_lineage(run, tmp_path):
     assert "peft#3711" not in card, "the MoE loading note is for adapters with LoRA on an MoE model's dense layers"
 
 
+def test_a_forced_export_says_so_in_the_card_and_export_json(run, tmp_path):
+    """--force past a failed promote gate: the card a stranger reads (and export.json) says the run rejected it."""
+    gated = tmp_path / "gated"
+    shutil.copytree(run, gated)
+    metrics = json.loads((gated / "sft" / "metrics.json").read_text())
+    metrics["promotion"] = {"against": "base", "gate": {"passed": False, "reason": "accuracy 1.0% vs 9.0% after base"}}
+    (gated / "sft" / "metrics.json").write_text(json.dumps(metrics))
+    assert export(gated, "--force", "--out", tmp_path / "out")[0] == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "**Exported with `--force`**: its promote gate rejected it (accuracy 1.0% vs 9.0% after base)" in card
+    assert "promote gate rejected" in json.loads((tmp_path / "out" / "export.json").read_text())["forced"]
+    assert export(run, "--force", "--out", tmp_path / "plain")[0] == 0  # --force on a stage that needs none
+    assert "forced" not in json.loads((tmp_path / "plain" / "export.json").read_text())
+
+
 # ---------------------------------------------------------------------------------------------------------- errors
 def test_unfinished_or_unknown_stage_is_named(run, tmp_path, capsys):
     code, out = export(run, "--stage", "dpo", "--out", tmp_path / "x", capsys=capsys)
@@ -347,6 +362,7 @@ def test_push_offline_fails_fast_before_exporting(run, tmp_path, posttrain_cli):
                        env={"HF_HUB_OFFLINE": "1", "HF_TOKEN": FAKE_TOKEN}, check=False, timeout=60)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "HF_HUB_OFFLINE=1" in result.stdout and "Traceback" not in result.stdout + result.stderr
+    assert "hf upload" not in result.stdout, "an uploaded local export's card would load a local folder"
     assert FAKE_TOKEN not in result.stdout + result.stderr
     assert not (tmp_path / "out").exists()
 

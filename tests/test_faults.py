@@ -691,6 +691,22 @@ def test_what_a_killed_writer_left_half_written_is_removed_by_the_next_run(pipel
     assert all(folder.is_dir() for folder in kept) and not any(folder.exists() for folder in left)
 
 
+def test_writing_a_folder_again_removes_what_a_killed_writer_of_it_left(tmp_path):
+    """A merged export SIGKILLed (the OOM killer) leaves its hidden temporary folder next to --out, which can be
+    anywhere, so no run sweeps it: writing the same folder again removes it; a live writer's and other folders' stay."""
+    from posttrain.io import replace_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    left = tmp_path / f".model.{dead}-0123abcd.partial"
+    kept = [tmp_path / f".model.{os.getpid()}-0123abcd.partial", tmp_path / f".model.v2.{dead}-0123abcd.partial"]
+    for folder in [left, *kept]:
+        (folder / "sub").mkdir(parents=True)
+    replace_dir(tmp_path / "model", lambda tmp: (tmp / "config.json").write_text("{}"))
+    assert not left.exists() and all(folder.is_dir() for folder in kept)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["model"]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # A stage's output and log, a run's files, when something dies
 # ----------------------------------------------------------------------------------------------------------------------
