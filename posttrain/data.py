@@ -126,12 +126,6 @@ def _bad_json_line(path: Path) -> str:
     return ""
 
 
-def row_name(index: int) -> str:
-    """A dataset row in an error, as users look for it: counted from 1, as data_prep's `FILE:N` and the line numbers
-    of a JSON Lines file are (`index` is datasets' own, from 0); said, since a Python user may count from 0."""
-    return f"row {index + 1} (counting from 1)"
-
-
 def _load_hub(repo_id: str, split: str, dataset_config: str | None):
     from datasets import load_dataset
 

@@ -111,3 +111,9 @@ def report_child_error(message: str) -> None:
             write_text(path, message)
         except OSError:  # a full disk may refuse even this; the pipeline then falls back to the log
             pass
+
+
+def row_name(index: int) -> str:
+    """A dataset row in an error, as users look for it: counted from 1, as data_prep's `FILE:N` and the line numbers
+    of a JSON Lines file are (`index` is datasets' own, from 0); said, since a Python user may count from 0."""
+    return f"row {index + 1} (counting from 1)"

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from . import devices
 from .configs import EvalArguments, Precision
-from .data import completion_text, preference_texts, render_prompt, row_name
-from .errors import UserError, is_out_of_memory, what_ran_out
+from .data import completion_text, preference_texts, render_prompt
+from .errors import UserError, is_out_of_memory, row_name, what_ran_out
 from .io import write_json
 from .models import sampling_weights, vision
 from .stats import wilson

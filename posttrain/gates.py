@@ -8,8 +8,7 @@ pairs. The checks use the trainer's own tokenized data and collator where they c
 
 import logging
 
-from .data import row_name
-from .errors import UserError
+from .errors import UserError, row_name
 from .models.vision import message_text
 
 logger = logging.getLogger("posttrain")

@@ -18,7 +18,7 @@ ERNIE-4.5-VL's per-token expert routing, which TRL's collators and GRPO do not l
 import json
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, row_name
 from .templates import chat_template_text, end_turns_with, vl_chat_template
 
 
@@ -204,8 +204,6 @@ def _under(folder: str | Path, path: str) -> str:
 
 def _check_images(dataset, name: str) -> None:
     from PIL import Image as PILImage
-
-    from ..data import row_name
 
     for i, paths in enumerate(dataset["images"]):
         for j, path in enumerate(paths or []):
