@@ -384,23 +384,43 @@ def check_image_slots(dataset, name: str) -> None:
         if slots != images and (slots or any(isinstance(content, list) for content in contents)):
             raise UserError(f"pre-flight: {name} {row_name(index)}: {images} image(s) for {slots} image "
                             "placeholder(s) in the conversation; expected one {\"type\": \"image\"} part per image")
+        markers = sum(content.count("<image>") for content in contents if isinstance(content, str))
+        if images and markers:  # LLaMA-Factory's text markers: TRL adds its own placeholders, and the counts clash
+            raise UserError(f"pre-flight: {name} {row_name(index)}: {markers} literal '<image>' marker(s) in its text; "
+                            "expected {\"type\": \"image\"} parts (TRL's format). `posttrain data build_sft_set` / "
+                            "`build_preference_set` turn the markers into parts")
 
 
-def check_image_tokens(trainer, image_token_id: int, samples: int = 16) -> dict:
-    """Collate the first rows as training will, with and without `max_length`: truncation must not cut image tokens.
+def check_image_tokens(trainer, image_token_id: int, chunk: int = 16, limit: int = 2048) -> dict:
+    """Collate the rows as training will, with and without `max_length`: truncation must not cut image tokens.
 
     Cut image tokens are what makes a VLM fail mid-training with "Image features and image tokens do not match" (the
     image's features are all there, its placeholder tokens are not). Here it is an error before the first step, with
-    the length that would fit."""
+    the length that would fit. Every row up to `limit`, not a sample of the first: one long row (many images, a long
+    question) anywhere in the set stops training when its batch comes. Collating costs a pass of the processor (no
+    model forward), some 20 ms an image for a real one: beyond `limit` rows the record says how many were checked."""
+    collator = trainer.data_collator
+    dataset = trainer.train_dataset
+    checked = min(len(dataset), limit)
+    tokens = 0
+    for start in range(0, checked, chunk):
+        rows = [dataset[i] for i in range(start, min(start + chunk, checked))]
+        tokens += _image_tokens_kept(collator, rows, start, image_token_id)
+    record = {"image_tokens": tokens}
+    if checked < len(dataset):
+        record["image_rows_checked"] = f"the first {checked} of {len(dataset)}"
+    return record if collator.max_length is None else {**record, "max_length": collator.max_length}
+
+
+def _image_tokens_kept(collator, rows: list, start: int, image_token_id: int) -> int:
+    """The image tokens of `rows` (dataset rows `start`...), after checking that `max_length` keeps them all."""
     import copy
     import dataclasses
 
-    collator = trainer.data_collator
     max_length = collator.max_length
-    rows = [trainer.train_dataset[i] for i in range(min(samples, len(trainer.train_dataset)))]
     full = dataclasses.replace(collator, max_length=None)(copy.deepcopy(rows))
     if max_length is None:
-        return {"image_tokens": int((full["input_ids"] == image_token_id).sum())}
+        return int((full["input_ids"] == image_token_id).sum())
     cut = collator(copy.deepcopy(rows))
     for index in range(len(rows)):
         want = int((full["input_ids"][index] == image_token_id).sum())
@@ -408,12 +428,12 @@ def check_image_tokens(trainer, image_token_id: int, samples: int = 16) -> dict:
         if kept != want:
             last = int((full["input_ids"][index] == image_token_id).nonzero().max()) + 1
             raise UserError(
-                f"pre-flight: training {row_name(index)}: max_length={max_length} cuts {want - kept} of its {want} "
-                f"image tokens (they run to position {last}), so training would fail with \"Image features and image "
-                f"tokens do not match\". Raise max_length to at least {int(full['attention_mask'][index].sum())} "
+                f"pre-flight: training {row_name(start + index)}: max_length={max_length} cuts {want - kept} of its "
+                f"{want} image tokens (they run to position {last}), so training would fail with \"Image features and "
+                f"image tokens do not match\". Raise max_length to at least {int(full['attention_mask'][index].sum())} "
                 "(this row's full length), or use smaller images (fewer image tokens)."
             )
-    return {"image_tokens": int((full["input_ids"] == image_token_id).sum()), "max_length": max_length}
+    return int((full["input_ids"] == image_token_id).sum())
 
 
 def check_processor_matches_model(processor, model, batch: dict) -> None:

@@ -48,17 +48,51 @@ def environment() -> dict:
 
 
 def dataset_fingerprint(name_or_path: str) -> str:
-    """A data_prep card's fingerprint, a file/folder hash, or the Hub id itself (its revision is the Hub's)."""
+    """A data_prep card's fingerprint, a file/folder hash, or the Hub id itself (its revision is the Hub's); with the
+    image files a parquet `images` column names folded in (see `image_files_fingerprint`)."""
     from .models import file_fingerprint
 
     path = Path(name_or_path)
     card = path / "card.json"
     if card.is_file() and json.loads(card.read_text()).get("fingerprint"):
         with contextlib.suppress(OSError, KeyError, TypeError):
-            return card_fingerprint(path)
+            return _with_images(card_fingerprint(path), path)
     if path.exists():
-        return file_fingerprint(path)
+        return _with_images(file_fingerprint(path), path)
     return f"hub:{name_or_path}"
+
+
+def _with_images(fingerprint: str, path: Path) -> str:
+    images = image_files_fingerprint(path)
+    return hashlib.sha256(f"{fingerprint}{images}".encode()).hexdigest() if images else fingerprint
+
+
+def image_files_fingerprint(path: Path) -> str | None:
+    """sha256 over the path, size and modification time of each image file the parquet splits' `images` column names
+    (`build_sft_set` and `build_preference_set` write paths, not bytes), None when there are none: an image edited in
+    place changes what a stage trains on but not the parquet files, and must not let the stage be skipped as
+    unchanged. Its size and time, as `datasets` fingerprints a local data file, not its bytes: every `posttrain run`
+    computes this, and a set of 100k images is gigabytes to read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = path if path.is_dir() else path.parent
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path] if path.suffix == ".parquet" else []
+    images = set()
+    for file in files:
+        schema = pq.read_schema(file)
+        field = schema.field("images") if "images" in schema.names else None
+        if field is None or not (pa.types.is_list(field.type) and pa.types.is_string(field.type.value_type)):
+            continue  # no images, or embedded ones (their bytes are in the parquet file's own hash)
+        for row in pq.read_table(file, columns=["images"]).column("images").to_pylist():
+            images.update(str(folder / image) for image in row or [])  # an absolute path stays itself
+    if not images:
+        return None
+    digest = hashlib.sha256()
+    for image in sorted(images):
+        stat = Path(image).stat() if Path(image).is_file() else None
+        digest.update(f"{image}\0{f'{stat.st_size}:{stat.st_mtime_ns}' if stat else 'missing'}\0".encode())
+    return digest.hexdigest()
 
 
 def card_fingerprint(folder: Path) -> str:

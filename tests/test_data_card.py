@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,24 @@ def test_a_split_edited_after_its_card_changes_the_fingerprint(tmp_path):
     sft = Dataset.from_parquet(str(tmp_path / "tasks" / "sft.parquet"))
     sft.select(range(len(sft) - 1)).to_parquet(tmp_path / "tasks" / "sft.parquet")
     assert dataset_fingerprint(str(tmp_path / "tasks")) != recorded
+
+
+def test_an_image_edited_in_place_changes_the_fingerprint(tmp_path):
+    """build_sft_set writes image paths: an image edited after the build changes what a stage trains on, so it must
+    change the fingerprint (else the stage is skipped as unchanged); the parquet files themselves do not change."""
+    from PIL import Image
+
+    from posttrain.lineage import dataset_fingerprint
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    row = {"messages": [{"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": "red"}],
+           "images": ["a.png"]}
+    (tmp_path / "vqa.jsonl").write_text(json.dumps(row) + "\n")
+    assert build_sft_set.main(["--sources", str(tmp_path / "vqa.jsonl"), "--output_dir", str(tmp_path / "out"),
+                               "--test_size", "0"]) == 0
+    before = dataset_fingerprint(str(tmp_path / "out"))
+    assert dataset_fingerprint(str(tmp_path / "out")) == before
+    written = (tmp_path / "a.png").stat().st_mtime_ns
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "a.png")
+    os.utime(tmp_path / "a.png", ns=(written + 10**9,) * 2)  # a second later (file times tick in milliseconds)
+    assert dataset_fingerprint(str(tmp_path / "out")) != before

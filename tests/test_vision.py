@@ -397,6 +397,10 @@ def test_gate_images_per_placeholder():
     features = Features({"messages": List(Json()), "images": List(Value("string"))})
     with pytest.raises(UserError, match=r"vqa.jsonl row 2 \(counting from 1\): 2 image\(s\) for 1 image placeholder"):
         gates.check_image_slots(Dataset.from_list(rows, features=features), "vqa.jsonl")
+    marked = [{"messages": [{"role": "user", "content": "<image>q"}, {"role": "assistant", "content": "a"}],
+               "images": ["a.png"]}]  # LLaMA-Factory's markers, not converted by data_prep
+    with pytest.raises(UserError, match=r"vqa.jsonl row 1 \(counting from 1\): 1 literal '<image>' marker"):
+        gates.check_image_slots(Dataset.from_list(marked), "vqa.jsonl")
 
 
 def test_gate_processor_from_another_model(tiny_model_path):
@@ -568,3 +572,30 @@ def test_tiny_vision_recipe(tiny_vision_run, check_evaluation):
     chat = subprocess.run([sys.executable, "-m", "posttrain", "chat", str(run), "--max-new-tokens", "3"],
                           input="what colour?\n", capture_output=True, text=True, cwd=cwd, timeout=120)
     assert chat.returncode == 0 and chat.stdout.startswith("assistant> "), chat.stdout + chat.stderr[-2000:]
+
+
+def test_gate_image_tokens_checks_every_row_up_to_its_limit():
+    """One long row late in the set (many images, a long question) is found before training, not when its batch
+    comes; past `limit` rows the record says how many were checked. A stand-in collator: no processor needed."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    import torch
+
+    @dataclasses.dataclass
+    class Collator:  # pads like TRL's; cuts at max_length
+        max_length: int | None
+
+        def __call__(self, rows):
+            ids = [row["ids"][:self.max_length] if self.max_length else row["ids"] for row in rows]
+            width = max(map(len, ids))
+            return {"input_ids": torch.tensor([i + [0] * (width - len(i)) for i in ids]),
+                    "attention_mask": torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])}
+
+    rows = [{"ids": [1, 9, 9, 2]}] * 20 + [{"ids": [1] * 7 + [9, 9, 2]}]  # image token 9; row 21 is cut at 8
+    trainer = SimpleNamespace(data_collator=Collator(max_length=8), train_dataset=rows)
+    with pytest.raises(UserError, match=r"row 21 \(counting from 1\): max_length=8 cuts 1 of its 2 image tokens"):
+        gates.check_image_tokens(trainer, image_token_id=9)
+    # beyond `limit` rows the record says how many were checked
+    assert gates.check_image_tokens(trainer, image_token_id=9, limit=20) == {
+        "image_tokens": 40, "image_rows_checked": "the first 20 of 21", "max_length": 8}
