@@ -37,10 +37,12 @@ CONVERSATION_COLUMNS = ("messages", "prompt", "chosen", "rejected", "completion"
 
 
 def progress(rows, description: str):
-    """A rich progress display on a terminal; silent in logs and tests."""
+    """A rich progress display on a terminal; silent in logs and tests. Rich draws it on its console (stdout): a
+    recipe's data job has a pipe for its stderr (`posttrain.datajobs.StderrTail`), which says nothing of the screen."""
+    from rich import get_console
     from rich.progress import track
 
-    return track(rows, description=description, transient=True, disable=not sys.stderr.isatty())
+    return track(rows, description=description, transient=True, disable=not get_console().is_terminal)
 
 
 def import_source(source, cfg, kinds: tuple[str, ...], job: str, rejects: list[dict]) -> tuple[list[dict], dict]:

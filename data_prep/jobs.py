@@ -58,7 +58,6 @@ def check_data_section(data: dict, where: str, stages: list[str]) -> dict[str, l
         job = load_job(spec["job"], f"{where}: data.{name}.job")
         config_cls = job.make_parser().dataclass_types[0]
         fields = field_types([config_cls])
-        splits[name] = list(job.SPLITS) if hasattr(job, "SPLITS") else None
         if "after" in spec and spec["after"] not in stages:
             raise UserError(f"{where}: data.{name}.after: '{spec['after']}' is not a stage of this recipe "
                             f"({', '.join(stages)})")
@@ -73,10 +72,20 @@ def check_data_section(data: dict, where: str, stages: list[str]) -> dict[str, l
         values = checked_values({k: v for k, v in spec.items() if k not in ("job", "after")}, config_cls,
                                 f"{where}: data.{name}.")
         try:  # what the job's config refuses; not its sources, which it reads from where the run finds them
-            config_cls(**{key: value for key, value in values.items() if key != "sources"})
+            config = config_cls(**{key: value for key, value in values.items() if key != "sources"})
         except UserError as exc:
             raise UserError(f"{where}: data.{name}: {exc}") from None
+        splits[name] = written_splits(job, config)
     return splits
+
+
+def written_splits(job, config) -> list[str] | None:
+    """The splits `job` writes with `config`: its `SPLITS` but the held-out one it is told to leave out (`test_size: 0`,
+    `n_test: 0`, `test_split: null`), for which it writes no file; None where the job does not say."""
+    if not hasattr(job, "SPLITS"):
+        return None
+    no_test = any(getattr(config, key, 1) in (0, None) for key in ("test_size", "n_test", "test_split"))
+    return [split for split in job.SPLITS if not (split == "test" and no_test)]
 
 
 def main(argv: list[str] | None = None) -> int:

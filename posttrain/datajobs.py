@@ -6,9 +6,11 @@ which lists them, checks a recipe's `data:` section against their options, and r
 `python -m data_prep.<job>` all go through the same code.
 """
 
+import contextlib
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -75,6 +77,9 @@ def run_job(job: str, args: dict, out: str | Path) -> None:
         code = _wait(process)
     finally:
         Path(handle.name).unlink(missing_ok=True)
+    if code < 0:  # its last line is whatever it printed when killed (a progress bar), not why
+        raise UserError(f"data job '{job}' was killed by signal {-code} ({signal.Signals(-code).name}; SIGKILL often "
+                        "means the machine ran out of memory)")
     if code:
         cause = tail.last_error()
         raise UserError(f"data job '{job}' failed with exit code {code}" + (f": {cause}" if cause else ""))
@@ -94,13 +99,16 @@ class StderrTail(threading.Thread):
     def run(self) -> None:
         raw = getattr(sys.stderr, "buffer", None)  # a test's captured stderr has none: text then
         for chunk in iter(lambda: os.read(self.pipe.fileno(), 1 << 16), b""):
-            if raw is not None:
-                raw.write(chunk)
-                raw.flush()
-            else:
-                sys.stderr.write(chunk.decode(errors="replace"))
             self.kept += chunk
             del self.kept[:-self.KEEP]
+            # our stderr gone (`posttrain run ... 2>&1 | head`): the job is still read to its end, or it would block
+            # on a full pipe and the run with it
+            with contextlib.suppress(OSError, ValueError):
+                if raw is not None:
+                    raw.write(chunk)
+                    raw.flush()
+                else:
+                    sys.stderr.write(chunk.decode(errors="replace"))
 
     def last_error(self) -> str:
         """The job's `error: ...` message (data_prep prints a user error so, as its last words), else its last line

@@ -68,18 +68,24 @@ NOT_TRAINING_KEYS = ("save_strategy", "save_steps", "save_total_limit", "logging
 NOT_INPUT_KEYS = ("output_dir", "project", "run_name", *EVAL_KEYS)
 
 
-def as_opened(args: dict) -> dict:
+def as_opened(args: dict, spell=lambda path: str(path.resolve())) -> dict:
     """A stage's arguments with each local dataset path as the stage opens it (absolute, from this folder): `data/x`,
     `./data/x`, its absolute path and the path found beside the recipe are one input, not four inputs hashes. A Hub
-    id, or a path that is not there, stays as written."""
+    id, or a path that is not there, stays as written. `spell`: how a local path is written (`by_content`)."""
     def opened(value):
-        return str(Path(value).resolve()) if isinstance(value, str) and Path(value).exists() else value
+        return spell(Path(value)) if isinstance(value, str) and Path(value).exists() else value
 
     args = {**args, **{key: opened(args[key]) for key in STAGE_DATASET_KEYS if key in args}}
     if isinstance(args.get("phases"), list):
         args["phases"] = [{**phase, "dataset_name": opened(phase["dataset_name"])}
                           if isinstance(phase, dict) and "dataset_name" in phase else phase for phase in args["phases"]]
     return args
+
+
+def by_content(path: Path) -> str:
+    """A local dataset in a stage's hash: the stage's `datasets` fingerprint is its content, so where the folder lies
+    does not count (its absolute path would: a project moved or copied elsewhere with its data trained again)."""
+    return "(local: its content)"
 
 
 def renamed(text: str, root: str | Path, new: str) -> str:
@@ -455,7 +461,7 @@ class Pipeline:
             return self.digest({"args": stable, "datasets": datasets, "base": base, "previous": prev_hash})
 
         return tuple(dict.fromkeys(
-            digest(spelled, left_out, base) for spelled in (as_opened(args), args)
+            digest(spelled, left_out, base) for spelled in (as_opened(args, by_content), as_opened(args), args)
             for base in (self.base_hash, *self.legacy_base_hashes)
             for left_out in ((*NOT_INPUT_KEYS, *NOT_TRAINING_KEYS), NOT_INPUT_KEYS)))
 

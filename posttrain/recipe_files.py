@@ -109,11 +109,11 @@ def _dataset_problem(key: str, value: str, recipe: Recipe) -> list[str]:
     """A dataset is a folder, a data file, `{data}/<job>` or a Hub id (`org/name`, no file suffix)."""
     if "{" in value or Path(value).suffix in FILE_SUFFIXES:
         return _path_problem(key, value, recipe, relative_to_recipe=False)
+    if Path(value).is_dir():  # `data/x` is spelt like a Hub id, but the stage opens the folder (`data.load_split`)
+        return []
     hub_id = len([part for part in value.split("/") if part]) == 2 == value.count("/") + 1 and value[0] not in "./"
     if hub_id:
         return _offline_hub_problem(key, value)
-    if Path(value).is_dir():
-        return []
     return [f"{key}: no such folder or data file: {value} (expected a folder, a .jsonl/.json/.parquet/.csv file, "
             "{data}/<name> or a Hub id org/name)"]
 

@@ -136,6 +136,8 @@ RECIPES = [
     ("dpo-test-split-typo", _set("stages.dpo.dataset_test_split", "tst"), [],
      ["stages.dpo.dataset_test_split: 'tst' is not a split of {data}/pairs (its job build_onpolicy_pairs writes: "
       "train, test)"]),
+    ("eval-split-its-job-leaves-out", _set("data.verifiable.n_test", 0), [],
+     ["eval.split: 'test' is not a split of {data}/verifiable (its job build_verifiable_tasks writes: sft, prompts)"]),
     ("offline-hub-dataset", _set("stages.upo.dataset_name", "someone/missing-prompts"), [],
      ["stages.upo.dataset_name: dataset 'someone/missing-prompts' is not in the local Hugging Face cache"]),
     ("negative-learning-rate", _set("stages.sft.learning_rate", -1), [],
@@ -162,6 +164,17 @@ def test_bad_recipe_or_override(broken, overrides, named, tmp_path, capsys, monk
         assert text in shown, f"{text!r} not in: {shown}"
     assert "Traceback" not in shown and "<unicode string>" not in shown
     assert not (tmp_path / "outputs").exists(), "nothing ran"
+
+
+def test_a_local_folder_spelt_like_a_hub_id_passes_offline(tmp_path, capsys, monkeypatch):
+    """`dataset_name: data/x`, a folder of the working directory written without `./`: offline, the check does not
+    look for a Hub dataset `data/x` in the cache; the stage opens the folder (`data.load_split` reads a folder first)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "x").mkdir(parents=True)
+    (tmp_path / "data" / "x" / "sft.parquet").write_bytes(b"")  # the split check reads the names only
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(_set("stages.sft.dataset_name", "data/x")(_tiny()),
+                                                       sort_keys=False))
+    assert cli_main(["run", str(tmp_path / "recipe.yaml"), "--dry-run"]) == 0, capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -370,3 +370,40 @@ def test_preference_job_checks_its_output_too(tmp_path):
     source.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
     with pytest.raises(UserError, match="holds the input"):
         build_preference_set.main(["--sources", str(source), "--output_dir", str(tmp_path), "--overwrite"])
+
+
+def test_progress_is_drawn_where_rich_draws_it_whatever_stderr_is(monkeypatch):
+    """A recipe's data job has a pipe for its stderr (`datajobs.StderrTail`) and the terminal on stdout, where rich
+    draws: the progress display still shows there."""
+    import io
+
+    import rich
+    from rich.console import Console
+
+    monkeypatch.setattr(rich, "_console", Console(file=io.StringIO(), force_terminal=True, width=80))
+    assert list(build_module.progress(range(3), "Reading a.jsonl")) == [0, 1, 2]
+    assert "Reading a.jsonl" in rich.get_console().file.getvalue()
+
+
+def test_a_data_job_killed_by_a_signal_says_so_not_its_last_line(monkeypatch, tmp_path):
+    job = ("import os, signal, sys; sys.stderr.write('Reading a.jsonl  45%|####5 | 4500/10000\\r'); sys.stderr.flush(); "
+           "os.kill(os.getpid(), signal.SIGKILL)")
+    monkeypatch.setattr(datajobs, "JOBS", [sys.executable, "-c", job])
+    with pytest.raises(UserError, match=r"data job 'build_sft_set' was killed by signal 9 \(SIGKILL") as error:
+        datajobs.run_job("build_sft_set", {}, tmp_path / "out")
+    assert "Reading" not in str(error.value)
+
+
+def test_a_data_job_is_read_to_its_end_when_our_stderr_is_gone(monkeypatch, tmp_path):
+    """`posttrain run ... 2>&1 | head`: writing the job's stderr on fails, and the job is still read, else it would
+    block on a full pipe and the run with it."""
+    import threading
+
+    read, write = os.pipe()
+    os.close(read)
+    monkeypatch.setattr(sys, "stderr", os.fdopen(write, "w"))
+    monkeypatch.setattr(datajobs, "JOBS", [sys.executable, "-c", "import sys; sys.stderr.write('x' * 1_000_000)"])
+    job = threading.Thread(target=datajobs.run_job, args=("build_sft_set", {}, tmp_path / "out"), daemon=True)
+    job.start()
+    job.join(timeout=30)
+    assert not job.is_alive()

@@ -144,7 +144,8 @@ def test_a_stage_recorded_with_the_earlier_inputs_hash_is_still_skipped(shared_t
     pipeline.resolve_base()
     pipeline.evaluate_base()  # up to date: sets the hashes a stage's hash builds on
     args = pipeline.stage_args("sft", None)
-    current, earlier = pipeline.stage_hashes("sft", args, None)
+    hashes = pipeline.stage_hashes("sft", args, None)
+    current, earlier = hashes[0], hashes[-1]  # the last: dataset paths as written, logging and saving keys in
     assert earlier != current
     record = json.loads((sft / "lineage.json").read_text())
     (sft / "lineage.json").write_text(json.dumps({**record, "inputs_hash": earlier}))
@@ -243,11 +244,41 @@ def test_one_dataset_spelled_another_way_is_the_same_stage_input(tmp_path, monke
     spellings["from another folder"] = hashes("data/x")
     assert len({found[0] for found in spellings.values()}) == 1, spellings
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(module, "as_opened", lambda args: args)  # the hash as a stage recorded it before
+    monkeypatch.setattr(module, "as_opened", lambda args, spell=None: args)  # the hash as recorded before
     recorded = hashes("./data/x")[0]
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
     assert recorded in hashes("./data/x") and recorded != hashes("./data/x")[0]
+
+
+def test_a_project_moved_with_its_data_keeps_its_finished_stages(tmp_path, monkeypatch):
+    """The recipe, its `data/x` and its outputs moved together (a renamed home, a copy on a cluster): the data's
+    content is the stage's input, not where it lies, so the stage is not trained again. What a stage recorded with
+    the absolute path (`as_opened`) stays finished."""
+    import shutil
+
+    from posttrain import pipeline as module
+    from posttrain.recipe import load_recipe
+
+    raw = yaml.safe_load(TINY.read_text())
+    raw["stages"]["sft"]["dataset_name"] = "./data/x"
+    (tmp_path / "a" / "data" / "x").mkdir(parents=True)
+    (tmp_path / "a" / "data" / "x" / "train.jsonl").write_text('{"prompt": "hi"}\n')
+    (tmp_path / "a" / "recipe.yaml").write_text(yaml.safe_dump(raw))
+
+    def hashes(project):
+        monkeypatch.chdir(project)
+        pipeline = module.Pipeline(load_recipe(project / "recipe.yaml"), project / "outputs")
+        pipeline.base_hash = "b"
+        return pipeline.stage_hashes("sft", pipeline.stage_args("sft", None), None)
+
+    first = hashes(tmp_path / "a")
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    assert hashes(tmp_path / "b")[0] == first[0]
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "by_content", lambda path: str(path.resolve()))  # as a stage recorded it before
+        recorded = hashes(tmp_path / "b")[0]
+    assert recorded in hashes(tmp_path / "b")
 
 
 def test_a_curriculum_phases_own_prompts_are_a_stage_input(tmp_path, monkeypatch):
