@@ -344,7 +344,8 @@ def _embedded_image(data, field: str, decode: bool, embedded: bool) -> dict:
         raise RowError(field, "holds image bytes, not a file path", "a file path (build_sft_set writes paths; "
                        "build_vqa_tasks keeps embedded images)")
     if not isinstance(data, (bytes, bytearray)):
-        raise RowError(f"{field}.bytes", f"is a {type(data).__name__}", "the bytes of a PNG/JPEG/... image")
+        raise RowError(f"{field}.bytes", f"is a {type(data).__name__}", "the bytes of a PNG/JPEG/... image (JSON has no "
+                       "bytes: embed images through a parquet file, e.g. a datasets Image column, or give file paths)")
     if decode:
         import io
 

@@ -309,3 +309,12 @@ def test_alpaca_errors_name_the_rows_own_keys():
         convert("alpaca", {"instruction": "q", "output": "a", "history": [["hi", 5]]})
     with pytest.raises(RowError, match=r"^\"output\""):
         convert("alpaca", {"instruction": "q", "output": "<think>never closed"})
+
+
+def test_image_bytes_written_as_text_say_how_to_embed_images():
+    """A JSON Lines row can only carry image "bytes" as text (base64, say): the error says where bytes work (a parquet
+    file) instead of only that text is not bytes."""
+    from data_prep.messages import check_images
+
+    with pytest.raises(RowError, match="JSON has no bytes: embed images through a parquet file"):
+        check_images([{"bytes": "iVBORw0KGgo="}], Path("."), decode=False, embedded=True)
