@@ -179,6 +179,16 @@ def weights_fingerprint(stage_dir: str | Path) -> str:
     return file_fingerprint(adapter) if adapter.is_file() else sampled_weights(stage_dir)
 
 
+def other_previous(root: Path, record: dict) -> str | None:
+    """Why a stage (its lineage `record`) was trained from other weights of its previous stage than those in `root`
+    now, or None (the same, or a run recorded before `previous_weights`)."""
+    previous, recorded = record.get("previous_stage"), record.get("previous_weights")
+    if not (previous and recorded and (Path(root) / previous).is_dir()):
+        return None
+    return None if weights_fingerprint(Path(root) / previous) == recorded else \
+        f"{previous} has been trained again since, to other weights"
+
+
 def stage_lineage(stage: str, args: dict, inputs_hash: str, pipeline, previous: str | None) -> dict:
     from .models import describe_model
 
@@ -195,6 +205,9 @@ def stage_lineage(stage: str, args: dict, inputs_hash: str, pipeline, previous: 
         # its previous stage was trained again (`report.load.stale_stages`)
         "previous_inputs_hash": read_json(pipeline.root / previous / "lineage.json").get("inputs_hash") if previous
         else None,
+        # and its weights: a previous stage trained again with the same inputs (its folder removed, on a GPU, whose
+        # kernels are not deterministic) saves other weights, which this stage did not train from (`other_previous`)
+        "previous_weights": weights_fingerprint(pipeline.root / previous) if previous else None,
         "datasets": {k: {"path": args[k], "fingerprint": dataset_fingerprint(args[k])}
                      for k in ("dataset_name", "upo_offline_dataset") if args.get(k)},
         **environment(),

@@ -507,6 +507,8 @@ class Pipeline:
         final, partial = self.root / stage, self.root / f".{stage}.partial"
         finished = self._up_to_date(final, *same)
         damage = finished_problem(final) if finished else None
+        if finished and not damage:
+            damage = lineage.other_previous(self.root, read_json(final / "lineage.json"))
         if damage:
             console.print(f"[yellow]{stage}: finished earlier with the same inputs, but {damage}: trained again"
                           "[/yellow]")
@@ -518,7 +520,8 @@ class Pipeline:
             return
         console.rule(f"stage: {stage}")
         partial_lineage = partial / "lineage.json"
-        if partial.is_dir() and not (partial_lineage.is_file() and self._up_to_date(partial, *same)):
+        if partial.is_dir() and not (partial_lineage.is_file() and self._up_to_date(partial, *same)
+                                     and not lineage.other_previous(self.root, read_json(partial_lineage))):
             # a partial run of other inputs cannot be resumed
             saved = sorted(p.name for p in partial.glob("checkpoint-*"))
             if saved:

@@ -58,10 +58,12 @@ def finished_stages(run: Path) -> list[str]:
 
 def stale_stages(root: str | Path) -> dict[str, str]:
     """{stage: why} for the stages trained from a previous stage that has since been trained again (their lineage's
-    `previous_inputs_hash` is not the previous stage's now) or that its promote gate now rejects (a re-evaluation on
+    `previous_inputs_hash` is not the previous stage's now, or its `previous_weights` not the weights there now:
+    `lineage.other_previous`) or that its promote gate now rejects (a re-evaluation on
     another eval set, a stricter `gate:`: the run stopped there), and the stages after them: left from an earlier
     run, they are not what the chain now gives, so neither the accuracy line nor the report compares them with it,
     and `posttrain eval`, `export` and `chat` do not pick them by default."""
+    from .lineage import other_previous
     from .promotion import blocks_chain
 
     root = Path(root)
@@ -73,7 +75,7 @@ def stale_stages(root: str | Path) -> dict[str, str]:
             continue
         recorded = record.get("previous_inputs_hash")
         current = read_json(root / previous / "lineage.json").get("inputs_hash")
-        if previous in stale or (recorded and current and recorded != current):
+        if previous in stale or (recorded and current and recorded != current) or other_previous(root, record):
             stale[step] = f"trained from an earlier {previous}"
         elif blocks_chain(read_json(root / previous / "metrics.json").get("promotion")):
             stale[step] = f"trained from {previous}, which its promote gate rejected"

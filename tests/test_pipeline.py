@@ -565,3 +565,25 @@ def test_a_base_model_saved_over_in_place_or_moved_on_the_hub_changes_every_stag
     assert base_identity("org/m", snapshot) == {"revision": "0123abcd"}
     assert base_identity("HuggingFaceTB/SmolLM2-135M-Instruct", tmp_path / "cache" / "gguf-entry") == {}
     assert base_identity("tiny:llama", tmp_path / "cache" / "tiny-llama") == {}
+
+
+def test_a_stage_trained_from_other_weights_of_its_previous_stage_is_trained_again(shared_tiny, tiny_run, tmp_path,
+                                                                                   posttrain_cli):
+    """DPO trained again with the same inputs to other weights (its folder removed, on a GPU whose kernels are not
+    deterministic): UPO, trained from the old DPO with the same inputs hash, is stale for the report and export and
+    is trained again by the next run. (SFT's case reaches DPO through the on-policy pairs, keyed on SFT's weights.)"""
+    from safetensors.torch import load_file, save_file
+
+    from posttrain.runs import stale_stages
+
+    cwd = tmp_path / "copy"
+    shutil.copytree(shared_tiny.root, cwd)
+    run = cwd / "outputs" / shared_tiny.name
+    assert stale_stages(run) == {}
+    adapter = run / "dpo" / "adapter_model.safetensors"
+    save_file({k: v + 1e-3 for k, v in load_file(adapter).items()}, adapter, metadata={"format": "pt"})
+    assert stale_stages(run) == {"upo": "trained from an earlier dpo"}
+    again = " ".join(posttrain_cli("run", "recipe.yaml", cwd=cwd).stdout.split())
+    assert "dpo: finished earlier with the same inputs, skipped" in again
+    assert "upo: finished earlier with the same inputs, but dpo has been trained again since" in again
+    assert "stage: upo" in again and stale_stages(run) == {}
