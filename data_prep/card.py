@@ -23,6 +23,7 @@ import numpy as np
 
 from posttrain.errors import UserError, disk_full_error, is_disk_full, make_folder
 from posttrain.io import replace_dir, write_json, write_jsonl, write_text
+from posttrain.lineage import sha256  # the split files' digests, which lineage.card_fingerprint recomputes
 
 
 def check_output_dir(out_dir: str | Path, overwrite: bool, inputs=()) -> Path:
@@ -74,14 +75,6 @@ def write_error(exc: Exception, out: Path) -> UserError:
         return disk_full_error(exc, f"the data set {out}", out.parent, resumes=False)
     return UserError(f"cannot write the output folder {out}: {exc.strerror or exc}"
                      + (f" ({exc.filename})" if exc.filename else ""))
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_output(out_dir: Path, splits: dict, rejects: list[dict], card: dict, lengths: list[int],

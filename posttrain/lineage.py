@@ -103,7 +103,7 @@ def card_fingerprint(folder: Path) -> str:
 
 
 def sha256(file: Path) -> str:
-    # data_prep.card.sha256's loop: posttrain never imports data_prep, and hashlib.file_digest needs Python 3.11
+    """A file's sha256, read 1 MB at a time (`hashlib.file_digest` needs Python 3.11); data_prep's cards use it too."""
     digest = hashlib.sha256()
     with open(file, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
