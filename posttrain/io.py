@@ -22,7 +22,7 @@ def _sibling(path: Path, kind: str) -> Path:
     return path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.{kind}"
 
 
-_LEFTOVER = re.compile(r"^\..+\.(\d+)-[0-9a-f]{8}\.(partial|old|tmp)$")  # what `_sibling` names
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.(partial|old|tmp)$")  # what `_sibling` names
 
 
 def remove_leftovers(folder: str | Path) -> list[Path]:
@@ -33,7 +33,7 @@ def remove_leftovers(folder: str | Path) -> list[Path]:
     removed = []
     for path in sorted(Path(folder).rglob(".*"), key=lambda p: len(p.parts)):
         match = _LEFTOVER.match(path.name)
-        if not match or any(parent in removed for parent in path.parents) or pid_running(int(match.group(1))):
+        if not match or any(parent in removed for parent in path.parents) or pid_running(int(match["pid"])):
             continue
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
@@ -142,10 +142,9 @@ def _remove_dead_partials(out: Path) -> None:
     """Remove the temporary folders of `out` that earlier writers killed mid-write left (SIGKILL, the OOM killer during
     a big merged export): `remove_leftovers` only sweeps run folders, and an export's --out or a report can be
     anywhere, so writing `out` again is the one moment anything looks there."""
-    mine = re.compile(rf"^\.{re.escape(out.name)}\.(\d+)-[0-9a-f]{{8}}\.partial$")  # what `_sibling` names
     for path in out.parent.glob(f".{glob.escape(out.name)}.*.partial"):
-        match = mine.match(path.name)
-        if match and not pid_running(int(match.group(1))):
+        match = _LEFTOVER.match(path.name)  # `.exp.v2.<pid>-….partial` is another folder's: its name is not ours
+        if match and match["name"] == out.name and not pid_running(int(match["pid"])):
             shutil.rmtree(path, ignore_errors=True)
 
 
