@@ -205,14 +205,16 @@ def stop(process: subprocess.Popen, echo: _Echo | None, grace: float = STOP_GRAC
                 child.kill()
 
 
+def killed_by(number: int) -> str:
+    return f"killed by signal {number} ({signal.Signals(number).name}; SIGKILL often means the machine ran out of memory)"
+
+
 def describe(outcome: Outcome) -> str:
     """The cause of a failed step in one line or paragraph."""
     if outcome.message:
         return outcome.message
     if outcome.signal or outcome.code < 0:
-        number = outcome.signal or -outcome.code
-        return (f"the process was killed by signal {number} ({signal.Signals(number).name}; SIGKILL often means the "
-                "machine ran out of memory)")
+        return f"the process was {killed_by(outcome.signal or -outcome.code)}"
     if outcome.last_exception:
         return f"it ended with {outcome.last_exception} (a bug in posttrain or a library: the traceback is in its log)"
     return f"exit code {outcome.code}"

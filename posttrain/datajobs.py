@@ -10,7 +10,6 @@ import contextlib
 import functools
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from .childproc import die_with_parent
+from .childproc import die_with_parent, killed_by
 from .errors import Terminated, UserError
 from .runlock import held_fds
 
@@ -78,8 +77,7 @@ def run_job(job: str, args: dict, out: str | Path) -> None:
     finally:
         Path(handle.name).unlink(missing_ok=True)
     if code < 0:  # its last line is whatever it printed when killed (a progress bar), not why
-        raise UserError(f"data job '{job}' was killed by signal {-code} ({signal.Signals(-code).name}; SIGKILL often "
-                        "means the machine ran out of memory)")
+        raise UserError(f"data job '{job}' was {killed_by(-code)}")
     if code:
         cause = tail.last_error()
         raise UserError(f"data job '{job}' failed with exit code {code}" + (f": {cause}" if cause else ""))
