@@ -79,6 +79,7 @@ def split_problems(recipe: Recipe) -> list[str]:
         if stage == "dpo" or args.get("eval_strategy", "no") != "no":  # else never read (`common.load_test_split`)
             readers.append((f"stages.{stage}.dataset_test_split", args.get("dataset_name"),
                             args.get("dataset_test_split")))
+        readers += _upo_readers(stage, args)
     problems = []
     for key, dataset, split in readers:
         if not (isinstance(dataset, str) and isinstance(split, str)):
@@ -91,6 +92,21 @@ def split_problems(recipe: Recipe) -> list[str]:
         if have is not None and split not in have:
             problems.append(f"{key}: '{split}' is not a split of {dataset} ({holder}: {', '.join(have)})")
     return problems
+
+
+def _upo_readers(stage: str, args: dict) -> list[tuple]:
+    """UPO's other splits: the offline pairs' `train` (read with `upo_mode` offline or both, `stages.upo.preflight_data`)
+    and each curriculum phase's own prompt set (its `split`, else the stage's train split, `stages.upo.curriculum`)."""
+    readers = []
+    if args.get("upo_mode") in ("offline", "both"):
+        readers.append((f"stages.{stage}.upo_offline_dataset (its train split)", args.get("upo_offline_dataset"),
+                        "train"))
+    train_split = args.get("dataset_train_split", StageArguments.dataset_train_split)
+    for index, phase in enumerate(args.get("phases") or []):
+        if isinstance(phase, dict) and "dataset_name" in phase:
+            readers.append((f"stages.{stage}.phases[{index}].split", phase["dataset_name"],
+                            phase.get("split", train_split)))
+    return readers
 
 
 def named_strings(value, key: str):

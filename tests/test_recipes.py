@@ -323,6 +323,34 @@ def test_a_split_a_local_folder_lacks_is_named_before_any_work(tmp_path):
     assert list(job.to_tables(job.generate(job.VerifiableTasksConfig(n_train=5, n_test=5)))) == list(job.SPLITS)
 
 
+def test_upo_offline_pairs_and_phase_splits_are_checked_before_any_work(tmp_path):
+    """UPO reads its offline pairs' `train` split and each phase's own prompt split only when the stage starts, after
+    every stage before it: a folder without them is named by the recipe check."""
+    import dataclasses
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from posttrain.recipe_files import check_recipe_files
+
+    (tmp_path / "pairs").mkdir()
+    pq.write_table(pa.table({"prompt": ["x"]}), tmp_path / "pairs" / "test.parquet")
+    (tmp_path / "logic").mkdir()
+    pq.write_table(pa.table({"prompt": ["x"]}), tmp_path / "logic" / "train.parquet")
+    recipe = load_recipe(_write(tmp_path, TINY))
+
+    def upo(**args):
+        return dataclasses.replace(recipe, stages={**recipe.stages, "upo": {**recipe.stages["upo"], **args}})
+
+    with pytest.raises(UserError, match=r"stages.upo.upo_offline_dataset \(its train split\): 'train' is not a "
+                                        r"split of .*pairs \(it has: test\)"):
+        check_recipe_files(upo(upo_offline_dataset=str(tmp_path / "pairs")))
+    check_recipe_files(upo(upo_offline_dataset=str(tmp_path / "pairs"), upo_mode="online"))  # never read then
+    with pytest.raises(UserError, match=r"stages.upo.phases\[1\].split: 'prompts' is not a split of .*logic"):
+        check_recipe_files(upo(phases=[{"num_prompts": 2}, {"dataset_name": str(tmp_path / "logic")}]))
+    check_recipe_files(upo(phases=[{"dataset_name": str(tmp_path / "logic"), "split": "train"}]))
+
+
 def test_a_value_is_used_as_checked(tmp_path):
     """`5e-2` is a string to PyYAML (YAML 1.1); the section is built from the float it is checked as."""
     path = _write(tmp_path, TINY.replace("gate: {metric: accuracy}", "gate: {metric: accuracy, max_drop: 5e-2}"))
