@@ -271,7 +271,8 @@ def check_preference_pairs(dataset, name: str, tokenizer=None, max_length: int |
                            allow_skip: bool = False, truncation_mode: str = "keep_start"):
     """Bad pairs are an error naming the row, or a counted skip when allowed: an empty side, chosen == rejected (tool
     calls included), or a prompt so long that truncation to `max_length` would leave no reply token to learn from
-    (`keep_start` truncation, TRL's default; `keep_end` keeps the reply)."""
+    (`keep_start` truncation, TRL's default; `keep_end` keeps the reply). Returns the kept pairs and the indices of the
+    skipped ones."""
     from .data import prompt_text
 
     missing = [c for c in ("prompt", "chosen", "rejected") if c not in dataset.column_names]
@@ -305,7 +306,14 @@ def check_preference_pairs(dataset, name: str, tokenizer=None, max_length: int |
             bad.append(index)
     if bad:
         dataset = dataset.select(sorted(set(range(len(dataset))) - set(bad)))
-    return dataset, len(bad)
+    return dataset, bad
+
+
+def kept_rows(count: int, skipped: list[int]) -> list[int]:
+    """The source row of each row left after `skipped` were dropped from `count` rows, so later checks name the row a
+    user finds in the file."""
+    gone = set(skipped)
+    return [index for index in range(count) if index not in gone]
 
 
 def _same_once_cut(tokenizer, row: dict, budget: int) -> bool:
@@ -391,29 +399,32 @@ def check_image_slots(dataset, name: str) -> None:
                             "`build_preference_set` turn the markers into parts")
 
 
-def check_image_tokens(trainer, image_token_id: int, chunk: int = 16, limit: int = 2048) -> dict:
+def check_image_tokens(trainer, image_token_id: int, chunk: int = 16, limit: int = 2048,
+                       rows: list[int] | None = None) -> dict:
     """Collate the rows as training will, with and without `max_length`: truncation must not cut image tokens.
 
     Cut image tokens are what makes a VLM fail mid-training with "Image features and image tokens do not match" (the
     image's features are all there, its placeholder tokens are not). Here it is an error before the first step, with
     the length that would fit. Every row up to `limit`, not a sample of the first: one long row (many images, a long
     question) anywhere in the set stops training when its batch comes. Collating costs a pass of the processor (no
-    model forward), some 20 ms an image for a real one: beyond `limit` rows the record says how many were checked."""
+    model forward), some 20 ms an image for a real one: beyond `limit` rows the record says how many were checked.
+    `rows`: each training row's row in the source (`kept_rows`), where pre-flight skipped some."""
     collator = trainer.data_collator
     dataset = trainer.train_dataset
     checked = min(len(dataset), limit)
     tokens = 0
     for start in range(0, checked, chunk):
-        rows = [dataset[i] for i in range(start, min(start + chunk, checked))]
-        tokens += _image_tokens_kept(collator, rows, start, image_token_id)
+        indices = range(start, min(start + chunk, checked))
+        tokens += _image_tokens_kept(collator, [dataset[i] for i in indices],
+                                     [rows[i] if rows else i for i in indices], image_token_id)
     record = {"image_tokens": tokens}
     if checked < len(dataset):
         record["image_rows_checked"] = f"the first {checked} of {len(dataset)}"
     return record if collator.max_length is None else {**record, "max_length": collator.max_length}
 
 
-def _image_tokens_kept(collator, rows: list, start: int, image_token_id: int) -> int:
-    """The image tokens of `rows` (dataset rows `start`...), after checking that `max_length` keeps them all."""
+def _image_tokens_kept(collator, rows: list, sources: list[int], image_token_id: int) -> int:
+    """The image tokens of `rows` (source rows `sources`), after checking that `max_length` keeps them all."""
     import copy
     import dataclasses
 
@@ -428,7 +439,7 @@ def _image_tokens_kept(collator, rows: list, start: int, image_token_id: int) ->
         if kept != want:
             last = int((full["input_ids"][index] == image_token_id).nonzero().max()) + 1
             raise UserError(
-                f"pre-flight: training {row_name(start + index)}: max_length={max_length} cuts {want - kept} of its "
+                f"pre-flight: training {row_name(sources[index])}: max_length={max_length} cuts {want - kept} of its "
                 f"{want} image tokens (they run to position {last}), so training would fail with \"Image features and "
                 f"image tokens do not match\". Raise max_length to at least {int(full['attention_mask'][index].sum())} "
                 "(this row's full length), or use smaller images (fewer image tokens)."

@@ -167,7 +167,7 @@ def test_pair_gates_name_the_row(tiny_model_path):
     with pytest.raises(UserError, match=r"pairs.jsonl row 2 \(counting from 1\): chosen == rejected"):
         check_preference_pairs(same, "pairs.jsonl")
     kept, skipped = check_preference_pairs(same, "pairs.jsonl", allow_skip=True)
-    assert len(kept) == 1 and skipped == 1
+    assert len(kept) == 1 and skipped == [1]
     empty = Dataset.from_list([{"prompt": "q", "chosen": " ", "rejected": "b"}])
     with pytest.raises(UserError, match=r'row 1 \(counting from 1\): "chosen" is empty'):
         check_preference_pairs(empty, "p")

@@ -599,3 +599,12 @@ def test_gate_image_tokens_checks_every_row_up_to_its_limit():
     # beyond `limit` rows the record says how many were checked
     assert gates.check_image_tokens(trainer, image_token_id=9, limit=20) == {
         "image_tokens": 40, "image_rows_checked": "the first 20 of 21", "max_length": 8}
+    # DPO's pre-flight skipped two bad pairs before it (`skip_bad_rows`): the error names the row in the file
+    from datasets import Dataset
+
+    pairs = [{"prompt": "q", "chosen": "a", "rejected": "b"}] * 23
+    pairs[1], pairs[4] = {"prompt": "q", "chosen": "a", "rejected": "a"}, {"prompt": "q", "chosen": "", "rejected": "b"}
+    kept, skipped = gates.check_preference_pairs(Dataset.from_list(pairs), "pairs.jsonl", allow_skip=True)
+    assert skipped == [1, 4] and len(kept) == 21
+    with pytest.raises(UserError, match=r"row 23 \(counting from 1\): max_length=8"):
+        gates.check_image_tokens(trainer, image_token_id=9, rows=gates.kept_rows(23, skipped))

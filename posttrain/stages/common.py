@@ -218,17 +218,18 @@ def freeze_vision(trainer, stage_args, model_args) -> dict:
     return {"frozen_modules": frozen}
 
 
-def prepare_trainer(trainer, model, stage_args, model_args, images: bool) -> dict:
+def prepare_trainer(trainer, model, stage_args, model_args, images: bool, rows: list[int] | None = None) -> dict:
     """What SFT and DPO do to their TRL trainer before training: ERNIE-4.5-VL's expert routing in the collator
     (`posttrain.moe_routing`), a continued VLM adapter's vision modules frozen, and with image rows the image gates.
-    Returns what goes into the stage's pre-flight record."""
+    `rows`: each training row's row in its file, where pre-flight skipped some (`gates.kept_rows`). Returns what goes
+    into the stage's pre-flight record."""
     from .. import gates
     from ..moe_routing import route_collator
 
     route_collator(trainer)
     preflight = freeze_vision(trainer, stage_args, model_args)
     if stage_args.preflight and images:
-        preflight.update(gates.check_image_tokens(trainer, model.config.image_token_id))
+        preflight.update(gates.check_image_tokens(trainer, model.config.image_token_id, rows=rows))
         gates.check_processor_matches_model(trainer.processing_class, trainer.model,
                                             trainer.data_collator([trainer.train_dataset[0]]))
     return preflight

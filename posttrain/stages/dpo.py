@@ -30,7 +30,7 @@ def load_pairs(stage_args, split: str, tokenizer, max_length: int | None, trunca
                allow_empty: bool = False):
     dataset = load_split(stage_args.dataset_name, split, stage_args.dataset_config, allow_empty=allow_empty)
     name = f"{stage_args.dataset_name} ({split})"
-    skipped = 0
+    skipped = []
     images = vision.has_images(dataset)
     if stage_args.preflight:
         # Image prompts: text length says little about token length; the image-token gate checks truncation instead
@@ -39,7 +39,7 @@ def load_pairs(stage_args, split: str, tokenizer, max_length: int | None, trunca
                                                         truncation_mode=truncation_mode)
         if images:
             gates.check_image_slots(dataset, name)
-    return vision.decode_images(dataset, data_folder(stage_args.dataset_name), name), skipped
+    return vision.decode_images(dataset, data_folder(stage_args.dataset_name), name), skipped  # (pairs, indices)
 
 
 def main(stage_args: StageArguments, training_args, model_args):
@@ -59,6 +59,7 @@ def main(stage_args: StageArguments, training_args, model_args):
                         "(build_preference_set writes one), or drop dataset_test_split")
     train, skipped = load_pairs(stage_args, stage_args.dataset_train_split, tokenizer, training_args.max_length,
                                 truncation)
+    source_rows = gates.kept_rows(len(train) + len(skipped), skipped) if skipped else None  # image gate's row names
     if stage_args.max_train_samples:
         train = train.select(range(min(stage_args.max_train_samples, len(train))))
     train = with_template_kwargs(train)  # once: the trainer and the prompt-boundary gate read the same rows
@@ -82,7 +83,7 @@ def main(stage_args: StageArguments, training_args, model_args):
         peft_config=peft_config,
     )
     common.guard_checkpoints(trainer)
-    preflight = common.prepare_trainer(trainer, model, stage_args, model_args, images)
+    preflight = common.prepare_trainer(trainer, model, stage_args, model_args, images, source_rows)
     if packed:
         preflight.update(padding_free=True, attention=common.pack_scoring(trainer, model_args))
     if stage_args.preflight and not images:
@@ -101,7 +102,7 @@ def main(stage_args: StageArguments, training_args, model_args):
              if before is not None else None)
     if after:
         trainer.accelerator.print(f"[dpo] held-out preference accuracy after: {after['accuracy']:.1%}")
-    extra = {"preference": {"before": before, "after": after}, "preflight": {"pairs_skipped": skipped, **preflight}}
+    extra = {"preference": {"before": before, "after": after}, "preflight": {"pairs_skipped": len(skipped), **preflight}}
     common.finish(trainer, "dpo", stage_args, tokenizer, result, started, extra=extra)
     return trainer
 

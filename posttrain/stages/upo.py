@@ -121,8 +121,8 @@ def preflight_data(dataset, stage_args, training_args):
         pairs = load_split(training_args.upo_offline_dataset, "train")
         # each row's line in the file, which the pairs' own messages name after rows are skipped here
         pairs = pairs.add_column(LINE_COLUMN, list(range(1, len(pairs) + 1)))
-        offline, record["offline_pairs_skipped"] = gates.check_preference_pairs(
-            pairs, name, allow_skip=stage_args.skip_bad_rows)
+        offline, skipped = gates.check_preference_pairs(pairs, name, allow_skip=stage_args.skip_bad_rows)
+        record["offline_pairs_skipped"] = len(skipped)
     return dataset, offline, record
 
 
