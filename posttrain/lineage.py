@@ -68,24 +68,18 @@ def _with_images(fingerprint: str, path: Path) -> str:
 
 
 def image_files_fingerprint(path: Path) -> str | None:
-    """sha256 over the path, size and modification time of each image file the parquet splits' `images` column names
-    (`build_sft_set` and `build_preference_set` write paths, not bytes), None when there are none: an image edited in
-    place changes what a stage trains on but not the parquet files, and must not let the stage be skipped as
-    unchanged. Its size and time, as `datasets` fingerprints a local data file, not its bytes: every `posttrain run`
-    computes this, and a set of 100k images is gigabytes to read."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    """sha256 over the path, size and modification time of each image file the `images` column of the parquet splits
+    or of a JSON (Lines) data file names (`build_sft_set` and `build_preference_set` write paths, not bytes), None when
+    there are none: an image edited in place changes what a stage trains on but not the data files, and must not let
+    the stage be skipped as unchanged. Its size and time, as `datasets` fingerprints a local data file, not its bytes:
+    every `posttrain run` computes this, and a set of 100k images is gigabytes to read."""
     folder = path if path.is_dir() else path.parent
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path] if path.suffix == ".parquet" else []
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     images = set()
     for file in files:
-        schema = pq.read_schema(file)
-        field = schema.field("images") if "images" in schema.names else None
-        if field is None or not (pa.types.is_list(field.type) and pa.types.is_string(field.type.value_type)):
-            continue  # no images, or embedded ones (their bytes are in the parquet file's own hash)
-        for row in pq.read_table(file, columns=["images"]).column("images").to_pylist():
-            images.update(str(folder / image) for image in row or [])  # an absolute path stays itself
+        for row in _image_lists(file):
+            # a path is read against the data's folder (`data.data_folder`); an absolute path stays itself
+            images.update(str(folder / image) for image in row or [] if isinstance(image, str))
     if not images:
         return None
     digest = hashlib.sha256()
@@ -93,6 +87,34 @@ def image_files_fingerprint(path: Path) -> str | None:
         stat = Path(image).stat() if Path(image).is_file() else None
         digest.update(f"{image}\0{f'{stat.st_size}:{stat.st_mtime_ns}' if stat else 'missing'}\0".encode())
     return digest.hexdigest()
+
+
+def _image_lists(file: Path):
+    """Each row's `images` value of a parquet, .jsonl or .json data file; nothing for other files or a file that does
+    not parse (loading it says what is wrong)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if file.suffix == ".parquet":
+        schema = pq.read_schema(file)
+        field = schema.field("images") if "images" in schema.names else None
+        if field is not None and pa.types.is_list(field.type) and pa.types.is_string(field.type.value_type):
+            yield from pq.read_table(file, columns=["images"]).column("images").to_pylist()
+        return  # else no images, or embedded ones (their bytes are in the parquet file's own hash)
+    if file.suffix not in (".jsonl", ".json"):
+        return
+    try:
+        text = file.read_text(encoding="utf-8")
+        if '"images"' not in text:  # a text-only file is not parsed row by row
+            return
+        rows = ([json.loads(line) for line in text.splitlines() if line.strip()] if file.suffix == ".jsonl"
+                else json.loads(text))
+    except (OSError, ValueError):
+        return
+    for row in rows if isinstance(rows, list) else []:
+        images = row.get("images") if isinstance(row, dict) else None
+        if isinstance(images, list):
+            yield images
 
 
 def card_fingerprint(folder: Path) -> str:

@@ -147,3 +147,9 @@ def test_an_image_edited_in_place_changes_the_fingerprint(tmp_path):
     Image.new("RGB", (8, 8), "blue").save(tmp_path / "a.png")
     os.utime(tmp_path / "a.png", ns=(written + 10**9,) * 2)  # a second later (file times tick in milliseconds)
     assert dataset_fingerprint(str(tmp_path / "out")) != before
+    # the raw .jsonl given to a stage as it is (its images read against its folder), and a .json list of rows
+    (tmp_path / "vqa.json").write_text(json.dumps([row]))
+    for raw in ("vqa.jsonl", "vqa.json"):
+        before = dataset_fingerprint(str(tmp_path / raw))
+        os.utime(tmp_path / "a.png", ns=((tmp_path / "a.png").stat().st_mtime_ns + 10**9,) * 2)
+        assert dataset_fingerprint(str(tmp_path / raw)) != before, raw
