@@ -21,6 +21,7 @@ import yaml
 
 from posttrain import skip_final_collection
 from posttrain.configs import check_minimum, check_type, field_types, literal_choices
+from posttrain.datajobs import COMMAND_ENV, ERROR_ENV
 from posttrain.errors import Terminated, UserError, disk_full_error, is_disk_full, terminate_on_sigterm
 
 from .registry import load_entry, split_spec
@@ -273,13 +274,9 @@ def checked_values(values: dict, config_cls: type, where: str) -> dict:
     return checked
 
 
-# Set by posttrain for a recipe's data job, whose `--config` is a temporary file gone once the job ends: the card
-# names the options it records instead.
-COMMAND_ENV = "POSTTRAIN_DATA_COMMAND"
-
-
 def command_line(prog: str, argv: list[str] | None) -> str:
-    """The command that reproduces this run, for the data card."""
+    """The command that reproduces this run, for the data card (a recipe's job: the one posttrain sets, as its
+    `--config` is a temporary file gone once the job ends)."""
     if os.environ.get(COMMAND_ENV):
         return os.environ[COMMAND_ENV]
     argv = sys.argv[1:] if argv is None else argv
@@ -306,6 +303,8 @@ def run(main) -> None:
             raise
         error = exc if isinstance(exc, UserError) else disk_full_error(exc, "the data job's files", resumes=False)
         print(f"error: {error}", file=sys.stderr)
+        if os.environ.get(ERROR_ENV):  # a recipe's job: the run records this, not what stderr printed after it
+            Path(os.environ[ERROR_ENV]).write_text(str(error), encoding="utf-8")
         sys.exit(2)
 
 

@@ -23,6 +23,11 @@ from .errors import Terminated, UserError
 from .runlock import held_fds
 
 JOBS = [sys.executable, "-m", "data_prep.jobs"]
+# What a recipe's data job is told through its environment (read by data_prep.config, which imports them from here):
+# the command its card records (its `--config` is a temporary file, gone once the job ends), and the file its user
+# error goes to, so that error reaches the run's own whole, whatever the job's stderr prints after it.
+COMMAND_ENV = "POSTTRAIN_DATA_COMMAND"
+ERROR_ENV = "POSTTRAIN_DATA_ERROR"
 
 
 def _ask(*args: str, stdin: str | None = None) -> str:
@@ -65,21 +70,23 @@ def run_job(job: str, args: dict, out: str | Path) -> None:
     """Run `job` with `args` (a mapping of its config fields), writing to `out`."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
         yaml.safe_dump({**args, "output_dir": str(out)}, handle)
-    # the card's command (data_prep.config.COMMAND_ENV: posttrain never imports data_prep): the temporary config is
-    # deleted below, and the card records the same options
+    # the card's command: the temporary config is deleted below, and the card records the same options
     command = f"posttrain data {job} --config options.yaml  # options.yaml: the options this card lists"
+    error = Path(f"{handle.name}.error")
     try:
         process = subprocess.Popen([*JOBS, job, "--config", handle.name], preexec_fn=die_with_parent(),
-                                   pass_fds=held_fds(), env={**os.environ, "POSTTRAIN_DATA_COMMAND": command},
+                                   pass_fds=held_fds(), env={**os.environ, COMMAND_ENV: command, ERROR_ENV: str(error)},
                                    stderr=subprocess.PIPE)
         tail = StderrTail(process.stderr)
         code = _wait(process)
+        cause = error.read_text(encoding="utf-8", errors="replace") if error.is_file() else None
     finally:
         Path(handle.name).unlink(missing_ok=True)
+        error.unlink(missing_ok=True)
     if code < 0:  # its last line is whatever it printed when killed (a progress bar), not why
         raise UserError(f"data job '{job}' was {killed_by(-code)}")
     if code:
-        cause = tail.last_error()
+        cause = cause or tail.last_error()  # no user error: an exception's last line
         raise UserError(f"data job '{job}' failed with exit code {code}" + (f": {cause}" if cause else ""))
 
 
@@ -109,8 +116,8 @@ class StderrTail(threading.Thread):
                     sys.stderr.write(chunk.decode(errors="replace"))
 
     def last_error(self) -> str:
-        """The job's `error: ...` message (data_prep prints a user error so, as its last words), else its last line
-        (an exception's)."""
+        """The job's `error: ...` message (data_prep prints a user error so; its `ERROR_ENV` file has it whole), else
+        its last line (an exception's)."""
         self.join(timeout=10)
         lines = [line.strip() for line in self.kept.decode(errors="replace").replace("\r", "\n").splitlines()
                  if line.strip()]

@@ -394,6 +394,21 @@ def test_a_data_job_killed_by_a_signal_says_so_not_its_last_line(monkeypatch, tm
     assert "Reading" not in str(error.value)
 
 
+def test_a_data_job_error_is_its_own_whatever_stderr_prints_after_it(monkeypatch, tmp_path):
+    """A user error of two lines is the run's error whole; a warning printed as the job exits (here by atexit, as
+    multiprocessing's resource tracker does) is not joined to it."""
+    job = ("import atexit, sys; from data_prep.config import run; from posttrain.errors import UserError\n"
+           "atexit.register(lambda: print('UserWarning: 1 leaked semaphore', file=sys.stderr))\n"
+           "def main(): raise UserError('a.jsonl:3: no reply\\nexpected: a reply')\n"
+           "run(main)")
+    monkeypatch.setattr(datajobs, "JOBS", [sys.executable, "-c", job])
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the job's config and error files go
+    with pytest.raises(UserError) as error:
+        datajobs.run_job("build_sft_set", {}, tmp_path / "out")
+    assert str(error.value) == "data job 'build_sft_set' failed with exit code 2: a.jsonl:3: no reply\nexpected: a reply"
+    assert not list(tmp_path.glob("*.yaml*")), "its config and error files are removed"
+
+
 def test_a_data_job_is_read_to_its_end_when_our_stderr_is_gone(monkeypatch, tmp_path):
     """`posttrain run ... 2>&1 | head`: writing the job's stderr on fails, and the job is still read, else it would
     block on a full pipe and the run with it."""
