@@ -153,3 +153,29 @@ def test_an_image_edited_in_place_changes_the_fingerprint(tmp_path):
         before = dataset_fingerprint(str(tmp_path / raw))
         os.utime(tmp_path / "a.png", ns=((tmp_path / "a.png").stat().st_mtime_ns + 10**9,) * 2)
         assert dataset_fingerprint(str(tmp_path / raw)) != before, raw
+
+
+def test_a_large_fingerprint_is_kept_while_its_files_are_unchanged(tmp_path, monkeypatch):
+    """A run asks for the fingerprint of the same dataset or adapter several times: past CACHED_BYTES it is hashed
+    once, and again as soon as a file is changed or replaced (same size, same bytes: another inode)."""
+    import hashlib
+
+    from posttrain.models import load
+
+    hashed, sha256 = [], hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda *data: hashed.append(1) or sha256(*data))
+    monkeypatch.setattr(load, "CACHED_BYTES", 8)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "train.parquet").write_bytes(b"0123456789")
+    first = load.file_fingerprint(folder)
+    assert load.file_fingerprint(folder) == first and len(hashed) == 1
+    (folder / "new").write_bytes(b"0123456789")
+    os.replace(folder / "new", folder / "train.parquet")  # as posttrain's own writes do
+    assert load.file_fingerprint(folder) == first and len(hashed) == 2
+    (folder / "train.parquet").write_bytes(b"0123456780")
+    assert load.file_fingerprint(folder) != first
+    monkeypatch.setattr(load, "CACHED_BYTES", 1 << 20)  # small: hashed every time
+    (folder / "train.parquet").write_bytes(b"012")
+    load.file_fingerprint(folder), load.file_fingerprint(folder)
+    assert len(hashed) == 5

@@ -358,16 +358,31 @@ def load_for_inference(path: str | Path, adapter: str | Path | None = None, prec
 
 
 def file_fingerprint(path: str | Path) -> str:
-    """sha256 over a file or a folder's files (names + bytes), for lineage and skip decisions."""
+    """sha256 over a file or a folder's files (names + bytes), for lineage and skip decisions. Past `CACHED_BYTES` it
+    is kept for the process while no file changed (same size, time and inode): a run asks for the same dataset or
+    adapter several times (inputs, stage hashes, evaluations, lineage), and gigabytes take seconds each time. (Below
+    that, hashing again is cheaper than the doubt: a small file can be rewritten in place, same size, within one tick
+    of the file system's clock.)"""
     path = Path(path)
-    digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+    names = [str(file.relative_to(path) if path.is_dir() else file.name) for file in files]
+    stats = [file.stat() for file in files]
+    key = (str(path.resolve()), *((name, s.st_size, s.st_mtime_ns, s.st_ino) for name, s in zip(names, stats)))
+    if key in _FINGERPRINTS:
+        return _FINGERPRINTS[key]
+    digest = hashlib.sha256()
+    for name, file in zip(names, files):
+        digest.update(name.encode())
         with open(file, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
+    if sum(s.st_size for s in stats) >= CACHED_BYTES:
+        _FINGERPRINTS[key] = digest.hexdigest()
     return digest.hexdigest()
+
+
+CACHED_BYTES = 64 << 20
+_FINGERPRINTS: dict[tuple, str] = {}
 
 
 def describe_model(path: str | Path) -> dict:
