@@ -124,13 +124,27 @@ class Recipe:
         return fingerprint(self.raw)
 
 
+# recipes/ lies beside the package in a clone and in site-packages (pyproject ships it)
+SHIPPED = Path(__file__).resolve().parent.parent / "recipes"
+
+
 def fingerprint(raw: dict) -> str:
     """Short hash of a recipe's content (after overrides), recorded in each stage's lineage."""
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def default_recipe_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "recipes" / "text" / "smollm2-135m.yaml"
+    return SHIPPED / "text" / "smollm2-135m.yaml"
+
+
+def recipe_file(path: str | Path | None) -> Path:
+    """The recipe to read: the default one, the path as given, else a shipped recipe named as the README names it
+    (`recipes/tiny/text.yaml`), so those commands work from any folder and from an installed package."""
+    if not path:
+        return default_recipe_path()
+    path = Path(path)
+    shipped = SHIPPED.parent / path
+    return shipped if not path.exists() and not path.is_absolute() and shipped.is_file() else path
 
 
 class RecipeLoader(yaml.SafeLoader):
@@ -260,7 +274,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
 
     `raw` gives the recipe's content directly (a variant derived in memory); `path` then only anchors relative paths.
     """
-    path = Path(path) if path else default_recipe_path()
+    path = recipe_file(path)
     if raw is None:
         if not path.is_file():
             raise UserError(f"recipe not found: {path}")

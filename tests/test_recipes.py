@@ -413,3 +413,10 @@ def test_a_shared_override_that_stages_shadow_is_named(capsys):
     assert "override 'shared.learning_rate=5e-5': stage(s) sft, dpo, upo set learning_rate themselves, so it " \
            "changes nothing" in shown
     assert "lora_r" not in shown and recipe.stages["sft"]["lora_r"] == 4
+
+
+def test_a_shipped_recipe_is_found_by_its_readme_path_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe("recipes/tiny/text.yaml").name == "tiny-text"
+    with pytest.raises(UserError, match="recipe not found: recipes/tiny/nope.yaml"):
+        load_recipe("recipes/tiny/nope.yaml")
