@@ -24,13 +24,16 @@ def versions() -> dict:
 
 
 def git_commit() -> str | None:
+    """posttrain's commit where it runs from a clone; None where it is installed (a site-packages inside the user's
+    own repository, e.g. a project's .venv, would otherwise be credited with that repository's commit)."""
+    repo = Path(__file__).resolve().parent.parent
     try:
-        repo = Path(__file__).resolve().parent.parent
-        result = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=5)
-        return result.stdout.strip() or None
+        result = subprocess.run(["git", "-C", str(repo), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
+                                text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
+    lines = result.stdout.splitlines()
+    return lines[1] if result.returncode == 0 and len(lines) == 2 and Path(lines[0]).resolve() == repo else None
 
 
 def device() -> str:

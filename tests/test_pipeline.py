@@ -587,3 +587,18 @@ def test_a_stage_trained_from_other_weights_of_its_previous_stage_is_trained_aga
     assert "dpo: finished earlier with the same inputs, skipped" in again
     assert "upo: finished earlier with the same inputs, but dpo has been trained again since" in again
     assert "stage: upo" in again and stale_stages(run) == {}
+
+
+def test_an_installed_copy_inside_another_repository_records_no_commit(tmp_path, monkeypatch):
+    """A user's project with its .venv inside: site-packages is in that repository, whose commit is not posttrain's."""
+    import subprocess
+
+    from posttrain import lineage
+
+    site = tmp_path / ".venv" / "site-packages" / "posttrain"
+    site.mkdir(parents=True)
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=u", "-c", "user.email=u@example.com"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "the user's project"], check=True)
+    monkeypatch.setattr(lineage, "__file__", str(site / "lineage.py"))
+    assert lineage.git_commit() is None
