@@ -191,6 +191,32 @@ def test_dpo_and_upo_continue_the_adapter_with_vision_frozen(arch, chain):
         assert metrics["preflight"]["frozen_modules"] == ["multi_modal_projector"]
 
 
+def test_upo_image_marks_sit_on_the_image_tokens_of_every_prompt(chain, vqa, tiny_model_path, tmp_path, monkeypatch):
+    """GRPO left-pads the prompt ids but took the image-token marks (`mm_token_type_ids`) from the processor, which
+    pads right: with prompts of several lengths in a generation batch the marks missed the image tokens of the shorter
+    ones, and Qwen-VL's rotary positions were wrong (or a shape mismatch stopped training)."""
+    from transformers.models.qwen2_vl import modeling_qwen2_vl
+
+    from posttrain.stages import upo
+    from posttrain.trainers import UPOConfig
+
+    rows = {"checked": 0, "misaligned": 0}
+    rope_index = modeling_qwen2_vl.Qwen2VLModel.get_rope_index
+
+    def checking(self, input_ids, mm_token_type_ids, *args, **kwargs):
+        marked, tokens = mm_token_type_ids == 1, input_ids == self.config.image_token_id
+        rows["checked"] += len(input_ids)
+        rows["misaligned"] += int((marked != tokens).any(dim=1).sum())
+        return rope_index(self, input_ids, mm_token_type_ids, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_qwen2_vl.Qwen2VLModel, "get_rope_index", checking)
+    upo.main(*stage_configs(UPOConfig, "qwen2_vl", tiny_model_path, tmp_path / "upo", vqa / "tasks", "prompts",
+                            adapter=chain("qwen2_vl")["dirs"]["dpo"], rewards={"accuracy": 1.0}, upo_lambda=0.0,
+                            num_generations=4, per_device_train_batch_size=8, max_steps=1, max_completion_length=4,
+                            chat_template_kwargs={"enable_thinking": False}), upo.CurriculumArguments())
+    assert rows["checked"] > 0 and rows["misaligned"] == 0, rows
+
+
 def test_a_continued_stage_with_loraplus_keeps_it_beside_frozen_vision(chain, vqa, tiny_model_path, tmp_path):
     """Freezing the vision side builds the optimizer before `train` would set LoRA+: it is set first, so the LoRA B
     matrices get their higher rate and the frozen projector stays out of the optimizer."""

@@ -158,6 +158,10 @@ class UPOTrainer(GRPOTrainer):
         self._check_trainable(model, peft_config)
         if "images" in (train_dataset.column_names or []):
             self._one_thinking_mode(train_dataset, args)
+            # GRPO left-pads the prompt ids but takes the per-token image types (`mm_token_type_ids`) from the
+            # processor's own padding: right-padded, they miss the image tokens of every shorter prompt, and
+            # Qwen-VL's and ERNIE-4.5-VL's rotary positions come out wrong (or fail on a shape mismatch)
+            processing_class.tokenizer.padding_side = "left"
         else:
             kwargs = args.chat_template_kwargs  # GRPO would render the prompts with them: kept, per row's mode
             train_dataset = render_prompts(train_dataset, processing_class, kwargs)
