@@ -165,6 +165,25 @@ def check_reasoning(tokenizer, dataset, name: str) -> None:
         return
 
 
+def check_thinking_modes(tokenizer, dataset, name: str) -> None:
+    """Rows of both thinking modes need a chat template that renders them differently: one that ignores
+    `enable_thinking` (Qwen2.5-VL's own, most templates without a thinking switch) gives both the same prompt, so the
+    model would learn to think or not at random and could not be asked for either mode."""
+    if "messages" not in dataset.column_names or "chat_template_kwargs" not in dataset.column_names:
+        return
+    modes = {(kwargs or {}).get("enable_thinking") for kwargs in dataset["chat_template_kwargs"]}
+    if not {True, False} <= modes:
+        return
+    prompt = (dataset[0]["messages"] or [])[:-1]
+    on, off = (tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, enable_thinking=mode)
+               for mode in (True, False))
+    if on == off:
+        raise UserError(f"pre-flight: {name} has thinking and non-thinking rows, but the chat template renders both "
+                        "modes the same (it ignores enable_thinking), so the model cannot tell which one a prompt asks "
+                        "for. Set base.chat_template to one that takes enable_thinking (chatml, ernie4_5; chatml_vl "
+                        "for a vision-language model), or build the data in one mode")
+
+
 def check_prompt_boundary(tokenizer, dataset, name: str, samples: int = 8) -> dict:
     """The prompt a reply is generated from must be tokenized the same way in training as when the model answers.
 

@@ -39,6 +39,26 @@ def test_chatml_thinking_modes_are_prefix_consistent():
     assert "<think>" not in render_prompt(tokenizer, CHAT[:1], None)
 
 
+def test_rows_of_both_modes_need_a_template_that_tells_them_apart():
+    """A template without the thinking switch (Qwen2.5-VL's own, most templates) gives both modes the same prompt: the
+    model would learn to think or not at random. Rows of one mode, or a template with the switch, pass."""
+    from datasets import Dataset
+
+    from posttrain import gates
+    from posttrain.errors import UserError
+
+    rows = with_template_kwargs(Dataset.from_list([{"messages": CHAT, "thinking": True},
+                                                   {"messages": CHAT, "thinking": False}]))
+    plain = load_tokenizer(TINY_TOKENIZER)
+    plain.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                           "{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(UserError, match="tasks.jsonl has thinking and non-thinking rows, but the chat template "
+                                        "renders both modes the same"):
+        gates.check_thinking_modes(plain, rows, "tasks.jsonl")
+    gates.check_thinking_modes(plain, rows.select([0]), "tasks.jsonl")
+    gates.check_thinking_modes(load_tokenizer(TINY_TOKENIZER, chat_template="chatml"), rows, "tasks.jsonl")
+
+
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
 TOOL_CHAT = [{"role": "user", "content": "Weather in Oslo?"},
