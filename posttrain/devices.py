@@ -274,6 +274,9 @@ def check_engine_runs_here(config_file: str | None) -> dict:
                         f"visible. accelerate {_version('accelerate')} does not shard on CPU (it picks FSDP only "
                         "over a GPU device type and would silently run gloo DDP instead; DeepSpeed needs CUDA). "
                         "On CPU use --num-processes N (DDP over gloo).")
+    if engine == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:  # else refused at the first stage
+        raise UserError(f"accelerate config {config_file}: distributed_type DEEPSPEED needs the deepspeed package, "
+                        "which is not installed (pip install deepspeed)")
     return config
 
 

@@ -186,6 +186,22 @@ def test_sharded_engines_refuse_to_run_on_cpu(tmp_path, posttrain_cli):
     check_engine_runs_here(str(REPO / "recipes" / "accelerate" / "ddp.yaml"))  # DDP runs on CPU (gloo)
 
 
+def test_a_deepspeed_config_without_deepspeed_is_refused_before_any_work(monkeypatch):
+    """A GPU machine without the deepspeed package (not a posttrain dependency): accelerate would refuse it only at
+    the first stage's launch, after the data jobs and the base evaluation."""
+    import importlib.util
+
+    from posttrain import devices
+    from posttrain.errors import UserError
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(devices, "has_cuda", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a))
+    with pytest.raises(UserError, match="distributed_type DEEPSPEED needs the deepspeed package, which is not installed"):
+        devices.check_engine_runs_here(str(REPO / "recipes" / "accelerate" / "zero3.yaml"))
+    devices.check_engine_runs_here(str(REPO / "recipes" / "accelerate" / "fsdp.yaml"))
+
+
 def test_machine_0_waits_for_live_followers_only(tmp_path, monkeypatch):
     """A machine file left by an earlier run never counts as a live machine; a live follower hears how the run ended
     even when machine 0 launched no stage (everything finished earlier)."""
@@ -349,3 +365,24 @@ def test_the_slurm_script_requeues_an_interrupted_run_only(tmp_path, code, reque
     if requeued:
         assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "77"]
     assert "#SBATCH --signal=TERM@180" in script.read_text().splitlines()
+
+
+def test_the_slurm_script_passes_an_override_with_spaces_as_one_argument(tmp_path):
+    """A YAML mapping override needs its space (`stages.upo.rewards={accuracy: 1.0}`): the script's inner shell must
+    not split it. Stand-ins: `srun` runs its command, `posttrain` writes the arguments it got, one per line."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "activate").write_text("")
+    (bin_dir / "srun").write_text("#!/bin/bash\nshift\nexec \"$@\"\n")  # drops --ntasks
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho node1\n")
+    (bin_dir / "posttrain").write_text(f"#!/bin/bash\nprintf '%s\\n' \"$@\" > {tmp_path}/posttrain.args\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", "SLURM_NNODES": "1",
+           "SLURM_JOB_NODELIST": "node1", "SLURM_NODEID": "0"}
+    override = "stages.upo.rewards={accuracy: 1.0}"
+    script = REPO / "recipes" / "accelerate" / "slurm.sbatch"
+    subprocess.run(["bash", str(script), "recipes/text/qwen2.5-1.5b.yaml", override], cwd=tmp_path, env=env, check=True)
+    given = (tmp_path / "posttrain.args").read_text().splitlines()
+    assert given[:3] == ["run", "recipes/text/qwen2.5-1.5b.yaml", override] and "--machine-rank" in given
