@@ -176,6 +176,12 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def user_path(text: str) -> str:
+    """A path flag with `~` expanded: the shell leaves `--output-dir=~/runs` as written, which would make a folder
+    named `~` in the working directory."""
+    return str(Path(text).expanduser())
+
+
 LAST_STAGE = "the last finished one, leaving out stages trained from a stage since retrained or gate-rejected"
 
 
@@ -186,7 +192,7 @@ def make_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a recipe (default: the SmolLM2-135M recipe)")
     run.add_argument("items", nargs="*", metavar="[RECIPE] [KEY=VALUE]",
                      help="recipe file, then overrides such as stages.sft.max_steps=10")
-    run.add_argument("--output-dir", default="outputs", help="runs go to OUTPUT_DIR/<recipe name>/")
+    run.add_argument("--output-dir", default="outputs", type=user_path, help="runs go to OUTPUT_DIR/<recipe name>/")
     which = run.add_mutually_exclusive_group()  # --only with --from would run one stage, silently not the rest
     which.add_argument("--only", metavar="STAGE", help="(re)run this stage only; earlier stages must be finished")
     which.add_argument("--from", dest="start", metavar="STAGE", help="(re)run from this stage on")
@@ -208,7 +214,7 @@ def make_parser() -> argparse.ArgumentParser:
     ablate = sub.add_parser("ablate", help="run a recipe's ablation variants on shared earlier stages and compare them")
     ablate.add_argument("recipe", help="a recipe with an `ablation:` section, e.g. recipes/text/smollm2-135m-ablation.yaml")
     ablate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides applied to every variant")
-    ablate.add_argument("--output-dir", default="outputs")
+    ablate.add_argument("--output-dir", default="outputs", type=user_path)
     ablate.add_argument("--accelerate-config")
     ablate.add_argument("--num-processes", type=at_least(1))
     ablate.add_argument("--seeds", type=at_least(1), help="runs per variant, seeds counting up from the stage's (default: "
@@ -225,7 +231,7 @@ def make_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="model folder or Hub id (instead of a run)")
     ev.add_argument("--adapter", help="LoRA adapter folder to apply on --model")
     add_dataclass_arguments(ev, EvalArguments, unset=True)  # for a run, a flag not given is the run's own setting
-    ev.add_argument("--out", help="write the metrics JSON to this file")
+    ev.add_argument("--out", type=user_path, help="write the metrics JSON to this file")
     ev.set_defaults(func=cmd_eval)
 
     report = sub.add_parser("report", help="(re)build a run's report.html and report.md, finished or not")
@@ -249,7 +255,7 @@ def make_parser() -> argparse.ArgumentParser:
     export.add_argument("--stage", help=f"stage to export (default: {LAST_STAGE})")
     export.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
     export.add_argument("--dtype", help="merged weights dtype: bf16, fp16 or fp32 (default: the base model's)")
-    export.add_argument("--out", help="output folder (default: RUN/exports/<stage>[-merged])")
+    export.add_argument("--out", type=user_path, help="output folder (default: RUN/exports/<stage>[-merged])")
     export.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     export.add_argument("--force", action="store_true",
                         help="export a stage its promote gate rejected, or one left stale by its previous stage "

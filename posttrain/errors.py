@@ -41,14 +41,15 @@ def terminate_on_sigterm() -> None:
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    """Whether `exc` or anything in its cause/context chain is "no space left on device": torch and safetensors wrap
-    the OSError of a failed write in their own exception types, so the errno alone is not enough."""
+    """Whether `exc` or anything in its cause/context chain is "no space left on device" or "disk quota exceeded" (a
+    user's quota on a cluster's file system: the same remedy): torch and safetensors wrap the OSError of a failed
+    write in their own exception types, so the errno alone is not enough."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        if "No space left on device" in str(exc):
+        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
@@ -56,8 +57,9 @@ def is_disk_full(exc: BaseException) -> bool:
 
 def make_folder(path: str | Path, what: str) -> Path:
     """Create the folder `path` (and its parents) for `what`; one that cannot be made (a file in the way, no
-    permission, a read-only file system) is a `UserError` naming it, checked before any work. A full disk stays an
-    OSError, for `disk_full_error`'s paragraph."""
+    permission, a read-only file system) or that exists but cannot be written in (someone else's run, a read-only
+    mount) is a `UserError` naming it, checked before any work. A full disk stays an OSError, for
+    `disk_full_error`'s paragraph."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -65,6 +67,8 @@ def make_folder(path: str | Path, what: str) -> Path:
         if is_disk_full(exc):
             raise
         raise UserError(f"cannot create {what} {path}: {exc.strerror or exc}") from exc
+    if not os.access(path, os.W_OK | os.X_OK):  # else found by the first write, after the work (a traceback)
+        raise UserError(f"cannot write in {what} {path}: no permission, or a read-only file system")
     return path
 
 

@@ -77,6 +77,7 @@ def run_export(request: ExportRequest) -> Path:
     ref.check_base_model()
     out = Path(request.out) if request.out else ref.run / "exports" / (f"{ref.stage}-merged" if request.merge
                                                                          else ref.stage)
+    _check_not_in_run(out, ref.run)
     if out.exists() and not request.overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it, or --out to choose another folder")
     if out.exists():
@@ -134,6 +135,15 @@ def _check_promoted(ref, force: bool) -> str | None:
         return f"its promote gate rejected it ({record['gate']['reason']})"
     return f"it is stale ({stale}): the earlier stages shown here are not the ones it was trained from" if stale \
         else None
+
+
+def _check_not_in_run(out: Path, run: Path) -> None:
+    """Inside the run folder an export goes under RUN/exports/: a stage's folder, its `.partial` or the data are
+    replaced or removed by the run when it trains or builds them again, and the export with them, unsaid."""
+    run, where = run.resolve(), out.resolve()
+    if run in where.parents and run / "exports" not in [where, *where.parents]:
+        raise UserError(f"--out {out}: it is inside the run's own folders, which the run replaces when it runs "
+                        f"again; export under {run / 'exports'} (the default) or outside the run folder")
 
 
 def _check_replaceable(out: Path, run: Path) -> None:

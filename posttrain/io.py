@@ -65,6 +65,8 @@ def write_text(path: str | Path, text: str) -> Path:
             file.write(text)
             file.flush()
             os.fsync(file.fileno())
+        with contextlib.suppress(FileNotFoundError):  # the mode the file had (opened to others, or kept private)
+            shutil.copymode(path, tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -116,13 +118,15 @@ def replace_dir(out: str | Path, write: Callable[[Path], object], if_exists: str
     folder is made with `mkdir`, not `mkdtemp`, whose 0700 mode would make the result private to this user.
     """
     out = Path(out)
+    if out.is_symlink():  # a folder linked elsewhere (a bigger disk): replace what it points to, keep the link
+        out = Path(os.path.realpath(out))
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_partials(out)
     tmp, old = _sibling(out, "partial"), _sibling(out, "old")
     tmp.mkdir()
     try:
         write(tmp)
-        _umask_permissions(tmp)
+        umask_permissions(tmp)
         if out.exists() and if_exists == "keep":
             shutil.rmtree(tmp)
             return out
@@ -179,8 +183,9 @@ def save_pretrained(out: str | Path, *objects, if_exists: str = "replace") -> Pa
     return replace_dir(out, write, if_exists)
 
 
-def _umask_permissions(folder: Path) -> None:
-    """Some writers (safetensors via a temp file) leave 0600 files; what we write is meant to be shared."""
+def umask_permissions(folder: Path) -> None:
+    """Some writers (safetensors via a temp file) leave 0600 files; what we write is meant to be shared (a folder
+    `replace_dir` fills, a stage folder the pipeline moves into place)."""
     umask = os.umask(0)
     os.umask(umask)
     for path in [folder, *folder.rglob("*")]:

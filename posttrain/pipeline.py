@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 import sys
@@ -34,13 +33,13 @@ from .childproc import LAUNCHER, describe, spawn
 from .configs import EVAL_KEYS, StageArguments
 from .console import console
 from .errors import Terminated, UserError, disk_full_error, is_disk_full
-from .io import moved_aside, read_json, remove_leftovers, write_json, write_text
+from .io import moved_aside, read_json, remove_leftovers, umask_permissions, write_json, write_text
 from .nodes import Coordinator, explain_failure
 from .promotion import GateStopped, blocks_chain, promotion
 from .recipe import Recipe
-from .recipe_files import STAGE_DATASET_KEYS, check_recipe_files, named_strings
+from .recipe_files import FILE_SUFFIXES, STAGE_DATASET_KEYS, check_recipe_files, named_strings
 from .runlock import RunLock
-from .runs import run_state
+from .runs import in_run, renamed, run_state
 
 
 def run_dir(recipe: Recipe, output_root: str | Path = "outputs") -> Path:
@@ -88,20 +87,12 @@ def by_content(path: Path) -> str:
     return "(local: its content)"
 
 
-def renamed(text: str, root: str | Path, new: str) -> str:
-    """`text` with the folder `root` written `new` where it names that folder or a path in it, not where it is part
-    of a longer name (`outputs/exp` in `outputs/exp-data/x` or in `/backup/outputs/exp/x`: another folder)."""
-    # not after a name or a slash (a longer path ending so), not before what a file name goes on with
-    return re.sub(rf"(?<![\w.@+~/-]){re.escape(str(root))}(?![\w.@+~-])", lambda _: new, text)
-
-
 def changed_inputs(resolved: Path, args: dict) -> str:
     """What differs between a stage's arguments as an earlier run resolved them and `args`, for a message: `key: old →
     new` for up to four keys, or what else can change a stage's inputs."""
     before = yaml.safe_load(resolved.read_text()) if resolved.is_file() else {}
-    if before.get("output_dir") and args.get("output_dir"):  # a run folder moved elsewhere changes no input
-        old_root, root = (str(Path(a["output_dir"]).parent) for a in (before, args))
-        before = json.loads(renamed(json.dumps(before, default=str), old_root, root))
+    if args.get("output_dir"):
+        before = in_run(before, Path(args["output_dir"]).parent)
     before, args = as_opened(before), as_opened(args)
     ignored = {"resume_from_checkpoint", *NOT_INPUT_KEYS, *NOT_TRAINING_KEYS}
     keys = sorted(k for k in {*before, *args} - ignored if before.get(k) != args.get(k))
@@ -157,10 +148,12 @@ class Pipeline:
 
     def local_paths(self, value):
         """Relative paths in data-job arguments, found from the working directory, the recipe's folder or the
-        repository (e.g. data_prep/sources/chitchat.jsonl), made absolute so the job finds them from anywhere."""
+        repository (e.g. data_prep/sources/chitchat.jsonl), made absolute so the job finds them from anywhere. A bare
+        file name (`chat.jsonl` beside the recipe) too, as `check_recipe_files` finds it; not other bare words."""
         from .recipe import resolve_relative
 
-        if isinstance(value, str) and not Path(value).is_absolute() and "/" in value:
+        if isinstance(value, str) and not Path(value).is_absolute() and ("/" in value
+                                                                          or Path(value).suffix in FILE_SUFFIXES):
             found = resolve_relative(value, self.recipe.path)
             return str(found) if found.is_absolute() and found.exists() else value
         if isinstance(value, list):
@@ -573,6 +566,7 @@ class Pipeline:
         finished `partial` is moved on the next run, `_finished_in`); the checkpoints go last."""
         old = final.parent / f".{final.name}.old"
         shutil.rmtree(old, ignore_errors=True)
+        umask_permissions(partial)  # the adapter (safetensors: 0600) readable by whoever may read the run
         if final.exists():
             os.replace(final, old)
         os.replace(partial, final)

@@ -332,8 +332,9 @@ def _check_template_name(name: str, where: str) -> None:
 
 
 def resolve_relative(value: str, recipe_path: Path) -> Path:
-    """A path in a recipe: as given if it exists, else relative to the recipe's folder, else to the repository."""
-    candidate = Path(value)
+    """A path in a recipe: as given if it exists, else relative to the recipe's folder, else to the repository. `~/x`
+    is in the home folder, as for `base.model_name_or_path` and inside the data jobs."""
+    candidate = Path(value).expanduser()
     for root in (Path.cwd(), recipe_path.parent, Path(__file__).resolve().parent.parent):
         if (root / candidate).exists():
             return (root / candidate).resolve()

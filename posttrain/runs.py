@@ -4,6 +4,7 @@ Shared by `posttrain eval`, `export` and `chat`, which all start from `outputs/<
 """
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,8 +105,25 @@ def stage_ref(run: str | Path, stage: str | None = None) -> StageRef:
     remote = bool(((recipe or {}).get("base") or {}).get("trust_remote_code"))
     if stage == "base":
         return StageRef(run, stage, lineage["base_model"], str(run / "base" / "tokenizer"), None, {}, remote)
-    resolved = yaml.safe_load((run / stage / "resolved.yaml").read_text())
+    resolved = in_run(yaml.safe_load((run / stage / "resolved.yaml").read_text()), run.resolve())
     return StageRef(run, stage, resolved["model_name_or_path"], str(run / stage), str(run / stage), resolved, remote)
+
+
+def in_run(resolved: dict, run: str | Path) -> dict:
+    """A stage's resolved arguments with the run folder they were written in (their `output_dir`'s parent) written as
+    `run`: a run folder copied or moved elsewhere is evaluated on its own `{data}`, not on that of a folder since
+    gone or built again, and moving it changes none of its stages' inputs."""
+    written = Path(resolved["output_dir"]).parent if resolved.get("output_dir") else None  # <run>/.<stage>.partial
+    if written is None or written == Path(run):
+        return resolved
+    return json.loads(renamed(json.dumps(resolved, ensure_ascii=False, default=str), written, str(run)))
+
+
+def renamed(text: str, root: str | Path, new: str) -> str:
+    """`text` with the folder `root` written `new` where it names that folder or a path in it, not where it is part
+    of a longer name (`outputs/exp` in `outputs/exp-data/x` or in `/backup/outputs/exp/x`: another folder)."""
+    # not after a name or a slash (a longer path ending so), not before what a file name goes on with
+    return re.sub(rf"(?<![\w.@+~/-]){re.escape(str(root))}(?![\w.@+~-])", lambda _: new, text)
 
 
 def eval_target(run: str | Path, stage: str | None, given: dict) -> tuple[StageRef, EvalArguments]:

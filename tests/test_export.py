@@ -5,6 +5,7 @@ fast whatever later stages the shared tiny recipe grows); exports run in-process
 """
 
 import json
+import os
 import re
 import shutil
 from contextlib import redirect_stdout
@@ -256,6 +257,28 @@ def test_existing_folder_is_refused_unless_overwrite(run, tmp_path, capsys):
     assert code == 2 and "holds the run" in printed and (run / "run.json").is_file()
 
 
+def test_an_export_inside_the_runs_own_folders_is_refused(run, tmp_path, capsys):
+    """A stage's folder, its `.partial` or the data are replaced when the run trains or builds them again: an export
+    there would go with them, unsaid. RUN/exports/ is the place inside the run."""
+    for inside in (run / "sft" / "merged", run / ".sft.partial", run / "data" / "mine"):
+        code, printed = export(run, "--out", inside, capsys=capsys)
+        assert code == 2 and "inside the run's own folders" in printed and not inside.exists()
+    assert export(run, "--out", run / "exports" / "mine")[0] == 0
+
+
+def test_overwriting_an_export_through_a_link_keeps_the_link(run, tmp_path):
+    """`--out LINK --overwrite`, LINK pointing at an earlier export on a bigger disk: the export is replaced there
+    and the link stays a link, with nothing left beside it."""
+    target, link = tmp_path / "bigdisk" / "export", tmp_path / "link"
+    assert export(run, "--out", target)[0] == 0
+    link.symlink_to(target)
+    stamp = (target / "export.json").stat().st_mtime_ns
+    assert export(run, "--out", link, "--overwrite")[0] == 0
+    assert link.is_symlink() and (target / "export.json").stat().st_mtime_ns != stamp
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bigdisk", "link"]
+    assert [p.name for p in target.parent.iterdir()] == ["export"]
+
+
 # ---------------------------------------------------------------------------------------------------------- the Hub
 def test_push_assembles_the_upload_without_showing_the_token(run, tmp_path, monkeypatch, capsys):
     from huggingface_hub import HfApi
@@ -367,13 +390,14 @@ def test_push_offline_fails_fast_before_exporting(run, tmp_path, posttrain_cli):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_full_disk_during_export_is_one_paragraph(run, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT"])  # a full disk, a spent quota
+def test_a_full_disk_during_export_is_one_paragraph(run, tmp_path, monkeypatch, capsys, code):
     import errno
 
     from posttrain import export as export_module
 
     def full(ref, tmp):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "adapter_model.safetensors"))
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), str(tmp / "adapter_model.safetensors"))
 
     monkeypatch.setattr(export_module, "write_adapter", full)
     code, printed = export(run, "--out", tmp_path / "out", capsys=capsys)

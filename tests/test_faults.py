@@ -786,6 +786,43 @@ def test_a_failure_is_explained_by_its_own_attempts_output_only(pipeline):
     assert "ValueError: a bad row" in str(failed.value) and "another process" not in str(failed.value)
 
 
+def test_an_atomic_write_keeps_the_mode_of_the_file_it_replaces(tmp_path):
+    """As shell redirection and editors do: a file made private (or opened to others) stays so after a rewrite."""
+    from posttrain.io import write_json
+
+    (tmp_path / "run.json").write_text("{}")
+    for mode in (0o600, 0o644):
+        (tmp_path / "run.json").chmod(mode)
+        write_json(tmp_path / "run.json", {"steps": {}})
+        assert (tmp_path / "run.json").stat().st_mode & 0o777 == mode
+
+
+def test_a_full_quota_is_a_full_disk():
+    """A cluster's file system answers EDQUOT when a user's quota is spent: the same remedy as ENOSPC."""
+    from posttrain.errors import is_disk_full
+
+    assert is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert is_disk_full(RuntimeError("SafetensorError: Disk quota exceeded (os error 122)"))
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+
+
+def test_a_folder_that_cannot_be_written_in_is_named_before_any_work(tmp_path, monkeypatch):
+    """Someone else's run or a read-only mount: `run`, `report` and `eval --out` said so in a traceback, after the
+    work. (os.access is stood in for: these tests run as root, whom permissions do not stop.)"""
+    from posttrain import errors
+    from posttrain.report import build_report
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"steps": {}}))
+    access = os.access
+    monkeypatch.setattr(errors.os, "access", lambda path, mode: Path(path) != tmp_path / "run" and access(path, mode))
+    with pytest.raises(UserError, match=r"cannot write in the run folder .*run: no permission, or a read-only"):
+        errors.make_folder(tmp_path / "run", "the run folder")
+    with pytest.raises(UserError, match="cannot write in the run folder"):
+        build_report(tmp_path / "run")
+    assert errors.make_folder(tmp_path / "other", "the run folder").is_dir()
+
+
 def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
     """Else a power loss can leave the renamed file empty (the rename on disk, its content not)."""
     import stat

@@ -602,3 +602,53 @@ def test_an_installed_copy_inside_another_repository_records_no_commit(tmp_path,
     subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "the user's project"], check=True)
     monkeypatch.setattr(lineage, "__file__", str(site / "lineage.py"))
     assert lineage.git_commit() is None
+
+
+def test_a_copied_run_is_evaluated_on_its_own_data(tiny_run, tmp_path):
+    """A stage's resolved.yaml names the folder it was written in: a copy of the run (or the run moved) reads its own
+    `{data}`, not the original's, which may since have been built again or removed."""
+    from posttrain.runs import stage_ref
+
+    copy = tmp_path / "copy" / tiny_run.name
+    shutil.copytree(tiny_run, copy)
+    resolved = stage_ref(copy, "sft").resolved
+    assert resolved["eval_dataset"] == str(copy.resolve() / "data" / "verifiable")
+    assert str(tiny_run.resolve()) not in json.dumps(resolved)
+
+
+def test_a_stage_folder_is_readable_as_the_umask_allows(tiny_run):
+    """safetensors writes its file 0600: a stage moved into place has the modes the umask gives everything else, so a
+    teammate who can read the run can evaluate and export its stages."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for stage in ("sft", "dpo", "upo"):
+        adapter = tiny_run / stage / "adapter_model.safetensors"
+        assert adapter.stat().st_mode & 0o777 == 0o666 & ~umask, stage
+
+
+def test_a_data_file_beside_the_recipe_named_without_a_folder_is_found_from_anywhere(tmp_path, monkeypatch):
+    """`path: chat.jsonl` beside the recipe passed the recipe check but the job, run from another folder, did not find
+    it; and `~/x` is in the home folder, as base.model_name_or_path is."""
+    from posttrain.pipeline import Pipeline
+    from posttrain.recipe import load_recipe, resolve_relative
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "chat.jsonl").write_text('{"messages": []}\n')
+    (project / "recipe.yaml").write_text(TINY.read_text())
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    pipeline = Pipeline(load_recipe(project / "recipe.yaml"), tmp_path / "outputs")
+    assert pipeline.local_paths({"path": "chat.jsonl", "name": "chat"}) == {"path": str(project / "chat.jsonl"),
+                                                                             "name": "chat"}
+    monkeypatch.setenv("HOME", str(project))
+    assert resolve_relative("~/chat.jsonl", project / "recipe.yaml") == project / "chat.jsonl"
+
+
+def test_a_path_flag_expands_the_home_folder(tmp_path, monkeypatch):
+    """`--output-dir=~/runs`: the shell leaves `~` after `=` as written, which made a folder named `~`."""
+    from posttrain.cli import make_parser
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert make_parser().parse_args(["run", "--output-dir=~/runs"]).output_dir == str(tmp_path / "runs")
+    assert make_parser().parse_args(["export", "r", "--out=~/x"]).out == str(tmp_path / "x")

@@ -18,7 +18,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from ..console import console
-from ..errors import UserError
+from ..errors import UserError, make_folder
 from . import inputs, sections
 from .blocks import Heading, Para
 from .compare import comparison, over_seeds
@@ -69,6 +69,7 @@ def build_report(root: str | Path, compare: list[str | Path] | None = None) -> P
     for other in compare or []:
         if not (Path(other) / "run.json").is_file():
             raise UserError(f"--compare {other}: not a posttrain run folder (no run.json)")
+    make_folder(root, "the run folder (the report is written there)")
     name, blocks = report_blocks(root, compare)
     return write_documents(blocks, root, "report", f"posttrain report: {name}")
 
