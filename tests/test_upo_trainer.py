@@ -392,7 +392,7 @@ def test_pair_metrics_are_means_over_the_pairs_not_over_micro_steps(dpo_trainer)
     dpo_trainer.log({})
     logged = dpo_trainer.state.log_history[-1]
     assert logged["upo/dpo_loss"] == pytest.approx(7 / 3) and logged["reward"] == 0.5
-    assert logged["upo/dpo_accuracy"] is None  # GRPO's log writes None for a metric with no value
+    assert "upo/dpo_accuracy" not in logged  # no value since the last log: left out (GRPO's log would write None)
     dpo_trainer.log({})
     assert "upo/dpo_loss" not in dpo_trainer.state.log_history[-1]  # counted once, then cleared
 
@@ -459,6 +459,18 @@ def test_online_upo_run_trains_fresh_adapter(tmp_path, tiny_model_path, tiny_tok
     after = dict(trainer.model.named_parameters())
     assert any(not torch.equal(after[n], p) for n, p in lora_before.items())
     assert all(torch.equal(after[n], p) for n, p in base_before.items())
+
+
+def test_steps_without_pairs_log_no_none_metrics(tmp_path, tiny_model_path, tiny_tokenizer):
+    """Online UPO whose groups all tie (a constant reward: no pairs) logs no pair metric at all rather than None:
+    TensorBoard warned at every log ("attempting to log a value of None") and trackio stored the Nones."""
+    args = UPOConfig(output_dir=str(tmp_path), **TINY, upo_lambda=0.5)
+    trainer = UPOTrainer(load_model(tiny_model_path()), reward_funcs=[lambda completions, **kw: [1.0] * len(completions)],
+                         args=args, train_dataset=prompts(), processing_class=tiny_tokenizer, peft_config=lora())
+    trainer.train()
+
+    assert _logged(trainer, "upo/pairs_online") == [0.0, 0.0]
+    assert not [(k, h["step"]) for h in trainer.state.log_history for k, v in h.items() if v is None]
 
 
 @pytest.mark.parametrize("sft_weight", [0.0, 1.0])

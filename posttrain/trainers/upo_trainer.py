@@ -318,9 +318,8 @@ class UPOTrainer(GRPOTrainer):
         margin = default_margin(rewards, valid) if self.args.upo_margin is None else self.args.upo_margin
         pairs = mine_pairs(rewards, num_generations, margin, self.args.upo_pairs_per_prompt, valid)
         self._metrics[mode]["upo/pairs_online"].append(float(len(pairs)))
-        self._metrics[mode]["upo/pair_reward_gap"].append(
-            sum(gap for _, _, gap in pairs) / len(pairs) if pairs else float("nan")
-        )
+        if pairs:  # else no gap: a NaN would reach the loggers as None (`log`)
+            self._metrics[mode]["upo/pair_reward_gap"].append(sum(gap for _, _, gap in pairs) / len(pairs))
         self._metrics[mode]["upo/margin"].append(margin)
         if self.args.upo_lambda > 0:
             output.update(self._pair_columns(output, pairs))
@@ -590,8 +589,11 @@ class UPOTrainer(GRPOTrainer):
         metrics (the DPO term's loss, accuracy and margins) are means over every pair since the last log instead,
         as the loss weighs them: a micro-step with one pair counts as one pair, not as much as one with ten."""
         mode = "train" if self.model.training else "eval"
+        # a metric with no values since the last log (no pairs) is left out: GRPO's log would pass its NaN on as None,
+        # which TensorBoard warns about at every log ("attempting to log a value of None") and trackio stores
         for name, (total, count) in self._pooled[mode].items():
-            self._metrics[mode][name] = [total / count if count else float("nan")]  # NaN: skipped by GRPO's log
+            if count:
+                self._metrics[mode][name] = [total / count]
         self._pooled[mode].clear()
         super().log(logs, start_time)
 
