@@ -127,12 +127,20 @@ class _Echo:
         sys.stdout.flush()
 
 
+def progress_env() -> dict:
+    """Progress bars for output that goes to a file (nohup, a batch job's log), not to a terminal: tqdm redraws its
+    bar up to 10 times a second, each frame a carriage return that a file keeps (about 3 MB an hour, in one line, in
+    that file and in the step's log); one frame every 30 s still shows progress. tqdm reads its defaults from
+    TQDM_* variables, so one set by the user wins (it comes later, with the rest of the environment)."""
+    return {} if sys.stdout.isatty() else {"TQDM_MININTERVAL": "30"}
+
+
 def spawn(cmd: list[str], log_path: Path, env: dict | None = None) -> Outcome:
     """Run `cmd` (with `env` added to the environment), appending its output to `log_path`; returns its exit code
     and the cause of a failure."""
     error_file = log_path.with_suffix(".error")
     error_file.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {}), ERROR_FILE_ENV: str(error_file)}
+    env = {**progress_env(), **os.environ, "PYTHONUNBUFFERED": "1", **(env or {}), ERROR_FILE_ENV: str(error_file)}
     with open(log_path, "ab") as log:
         echo = _Echo(log, log_path)
         process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,

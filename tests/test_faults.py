@@ -873,3 +873,17 @@ def test_eval_export_and_chat_find_the_stages_of_a_run_whose_run_json_is_unreada
     (run / "run.json").write_text("")
     assert finished_stages(run) == ["sft", "dpo"] and stale_stages(run) == {}
     assert stage_ref(run).stage == "dpo" and stage_ref(run, "sft").adapter == str(run / "sft")
+
+
+def test_a_run_writing_to_a_file_keeps_progress_bars_from_flooding_it(tmp_path, monkeypatch):
+    """`posttrain run > run.log` (nohup, a batch job): a step's tqdm bar reaches that file and the step's log every
+    30 s, not 10 times a second (every frame a carriage return a file keeps, megabytes an hour)."""
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    child = "import time, tqdm\nfor _ in tqdm.tqdm(range(40)): time.sleep(0.05)"
+    parent = (f"import sys; from pathlib import Path; from posttrain.childproc import spawn; "
+              f"spawn([sys.executable, '-c', {child!r}], Path({str(tmp_path / 'step.log')!r}))")
+    with open(tmp_path / "run.log", "wb") as out:  # not a terminal
+        subprocess.run([sys.executable, "-c", parent], stdout=out, stderr=subprocess.STDOUT, check=True)
+    for log in ("run.log", "step.log"):
+        frames = (tmp_path / log).read_bytes().count(b"it/s]")
+        assert 1 <= frames <= 3, (log, frames)  # the first and the last frame; 22 without the limit
