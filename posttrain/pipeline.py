@@ -427,8 +427,8 @@ class Pipeline:
         args.update(model_name_or_path=str(self.base_model), tokenizer_name_or_path=str(self.root / "base" / "tokenizer"),
                     trust_remote_code=base.trust_remote_code, output_dir=str(self.root / f".{stage}.partial"))
         # live tracking (report_to: trackio / tensorboard / wandb): the run is the project, each stage one run in it
+        # (named in `run_stage`, after the stage's inputs are known)
         args.setdefault("project", self.project)
-        args.setdefault("run_name", f"{self.recipe.name}-{stage}")
         if previous:
             args["adapter_path"] = str(self.root / previous)
         if self.recipe.eval.dataset:
@@ -532,6 +532,7 @@ class Pipeline:
             self._record(stage, status="done", error=None, log=None)
             return
         partial.mkdir(parents=True, exist_ok=True)
+        args.setdefault("run_name", f"{self.recipe.name}-{self.tracking_run(stage, digest)}")
         checkpoint = resume_point(partial, say=lambda text: console.print(f"[yellow]{text}[/yellow]"))
         if checkpoint:
             console.print(f"resuming {stage} from {checkpoint.name}")
@@ -544,7 +545,7 @@ class Pipeline:
         cmd, env = self.stage_command(["-m", f"posttrain.stages.{stage}", "--config", str(partial / "resolved.yaml")])
         if self.coordinator:
             self.coordinator.announce(stage, cmd[3:])  # what follows `python -m accelerate.commands.launch`
-        self._spawn(cmd, partial / f"{stage}.log", stage, {**env, **self.tracking_env(stage)})
+        self._spawn(cmd, partial / f"{stage}.log", stage, {**env, **self.tracking_env(stage, digest)})
         self._move_into_place(partial, final)
         self.reevaluate(stage)
         # a failed attempt's log path (in the `.partial` folder, gone now) no longer applies either
@@ -612,13 +613,22 @@ class Pipeline:
         direct = None if self.coordinator else direct_command(flags, script)
         return direct or ([sys.executable, "-m", LAUNCHER, *flags, *script], {})
 
-    def tracking_env(self, stage: str) -> dict:
-        """TensorBoard event files of a stage go to `<run>/tensorboard/<stage>` (not into the stage folder, which is
-        renamed when it finishes), so `tensorboard --logdir outputs` shows every run and stage by name while they
-        train. Trackio writes to its own local folder (`TRACKIO_DIR`, default ~/.cache/huggingface/trackio)."""
+    @staticmethod
+    def tracking_run(stage: str, digest: str) -> str:
+        """A stage's live-tracking run, one per inputs: a resume continues its curves, while a stage trained again
+        with other inputs (or the same recipe run in another folder with other settings) gets a run of its own instead
+        of drawing over the old curves (trackio resumes a run of the same name; TensorBoard merges one folder's event
+        files)."""
+        return f"{stage}-{digest[:8]}"
+
+    def tracking_env(self, stage: str, digest: str) -> dict:
+        """TensorBoard event files of a stage go to `<run>/tensorboard/<stage>-<inputs hash>` (not into the stage
+        folder, which is renamed when it finishes), so `tensorboard --logdir outputs` shows every run and stage by name
+        while they train, and a stage trained again with other inputs as a run of its own. Trackio writes to its own
+        local folder (`TRACKIO_DIR`, default ~/.cache/huggingface/trackio)."""
         if "TENSORBOARD_LOGGING_DIR" in os.environ:
             return {}
-        return {"TENSORBOARD_LOGGING_DIR": str(self.root / "tensorboard" / stage)}
+        return {"TENSORBOARD_LOGGING_DIR": str(self.root / "tensorboard" / self.tracking_run(stage, digest))}
 
     def _spawn(self, cmd: list[str], log_path: Path, step: str, env: dict | None = None) -> None:
         """Run a child process, streaming its output (tracebacks to the log only) to the terminal and to `log_path`;

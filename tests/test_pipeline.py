@@ -652,3 +652,12 @@ def test_a_path_flag_expands_the_home_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert make_parser().parse_args(["run", "--output-dir=~/runs"]).output_dir == str(tmp_path / "runs")
     assert make_parser().parse_args(["export", "r", "--out=~/x"]).out == str(tmp_path / "x")
+
+
+def test_each_stage_tracks_into_a_run_named_by_its_inputs(tiny_run):
+    """A stage trained again with other inputs (or the recipe run in another folder with other settings) drew its
+    curves over the old ones: trackio resumes a run of the same name, TensorBoard merges one folder's event files."""
+    for stage in ("sft", "dpo", "upo"):
+        digest = json.loads((tiny_run / stage / "lineage.json").read_text())["inputs_hash"]
+        resolved = yaml.safe_load((tiny_run / stage / "resolved.yaml").read_text())
+        assert resolved["run_name"] == f"tiny-text-{stage}-{digest[:8]}"

@@ -235,9 +235,10 @@ def test_live_tracking_names_each_stage_by_run_and_stage(tmp_path, monkeypatch):
     pipeline.base_hash = variant.base_hash = "base"  # set when the base model is resolved
     for stage in recipe.stages:
         args = pipeline.stage_args(stage, None)
-        assert (args["project"], args["run_name"], args["report_to"]) == ("tiny-text", f"tiny-text-{stage}",
-                                                                          ["trackio", "tensorboard"])
-        assert pipeline.tracking_env(stage) == {"TENSORBOARD_LOGGING_DIR": str(pipeline.root / "tensorboard" / stage)}
+        assert (args["project"], args["report_to"]) == ("tiny-text", ["trackio", "tensorboard"])
+        assert pipeline.tracking_run(stage, "0123456789abcdef") == f"{stage}-01234567"
+        assert pipeline.tracking_env(stage, "0123456789abcdef") == {
+            "TENSORBOARD_LOGGING_DIR": str(pipeline.root / "tensorboard" / f"{stage}-01234567")}
         assert variant.stage_args(stage, None)["project"] == "tiny-text-ablation"
         assert pipeline.stage_hashes(stage, args, None) == variant.stage_hashes(stage, variant.stage_args(stage, None),
                                                                                  None)
