@@ -384,7 +384,27 @@ def _check_stages(raw: dict, where: str) -> dict[str, dict]:
             _check_keys(stage, {"shared": shared, f"stages.{stage}": args}, stage_fields(stage, fresh=True)[0], where)
         merged[stage] = {k: v for k, v in {**shared, **args}.items() if k != "gate"}
         _check_values(stage, merged[stage], args, where)
+        _check_adapter_shape(stage, merged, args, where)
     return merged
+
+
+# What a LoRA adapter is made with: a stage after the first continues the adapter it is given and never reads these
+ADAPTER_SHAPE = ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_rslora", "use_dora",
+                 "lora_task_type", "lora_top_layers")
+
+
+def _check_adapter_shape(stage: str, merged: dict[str, dict], own: dict, where: str) -> None:
+    """A later stage's own LoRA settings would be silently ignored (it continues the first stage's adapter, e.g.
+    `stages.dpo.use_dora: true` trained no DoRA): an error unless they are the first stage's."""
+    first = next(iter(merged))
+    if stage == first:
+        return
+    for key in ADAPTER_SHAPE:
+        if key in own and own[key] != merged[first].get(key):
+            there = f"{key}: {merged[first][key]!r} there" if key in merged[first] else f"{key} not set there"
+            raise UserError(f"{where}: stages.{stage}.{key}: {own[key]!r}, but {stage} continues the adapter that "
+                            f"{first} creates ({there}), so it would be ignored; set it under shared or "
+                            f"stages.{first}")
 
 
 def _check_values(stage: str, args: dict, own: dict, where: str) -> None:
@@ -402,6 +422,22 @@ def _check_values(stage: str, args: dict, own: dict, where: str) -> None:
     for key, minimum in STAGE_MINIMUMS.items():
         if isinstance(args.get(key), (int, float)) and args[key] < minimum:
             raise UserError(f"{where}: {origin(key)}.{key}: {args[key]} is below the minimum of {minimum}")
+    targets = args.get("lora_target_modules")
+    if targets == "lm_head" or (isinstance(targets, list) and "lm_head" in targets):
+        # TRL's trainers score through `lm_head.weight` directly and refuse a LoRA there, once the stage starts
+        raise UserError(f"{where}: {origin('lora_target_modules')}.lora_target_modules: lm_head cannot take a LoRA "
+                        "(TRL computes the log-probs from its weight directly, so the adapter would never train); "
+                        "remove it, or train the head in full with lora_modules_to_save: [lm_head]")
+    if args.get("lora_modules_to_save") and args.get("dtype") in ("bfloat16", "float16"):
+        # PEFT keeps the full copies in the base's dtype (LoRA matrices go to float32), where an optimizer step below
+        # the rounding step is lost: a norm's 1.0 stayed 1.0 through three stages at 1e-3 (`devices.speed_defaults`
+        # avoids its own bf16 default so). A warning, not an error: larger updates, or weights near 0 (embeddings),
+        # do train, and float32 copies of a large model's weights cost memory a user may not have
+        console.print(f"[yellow]warning:[/yellow] {escape(where)}: {origin('lora_modules_to_save')}."
+                      f"lora_modules_to_save with {origin('dtype')}.dtype: {args['dtype']}: PEFT trains those modules' "
+                      f"full copies in {args['dtype']}, where updates smaller than its rounding step are lost (a norm's "
+                      "weights of 1.0 may not move at all); dtype: float32 keeps them (bf16: true still trains under "
+                      "bf16 autocast)")
     rewards = args.get("rewards")
     if rewards is not None and not isinstance(rewards, dict):
         raise UserError(f"{where}: {origin('rewards')}.rewards: {rewards!r}; expected reward names with their "

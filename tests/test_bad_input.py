@@ -143,6 +143,12 @@ RECIPES = [
     ("negative-learning-rate", _set("stages.sft.learning_rate", -1), [],
      ["stages.sft.learning_rate: -1 is below the minimum of 0"]),
     ("lora-r-zero", None, ["shared.lora_r=0"], ["shared.lora_r: 0 is below the minimum of 1"]),
+    # refused by TRL inside the SFT stage, after the data jobs and the base evaluation
+    ("lora-on-lm-head", None, ["shared.lora_target_modules=[q_proj,lm_head]"],
+     ["shared.lora_target_modules: lm_head cannot take a LoRA"]),
+    # DPO continues SFT's adapter: its own LoRA shape was written to its resolved.yaml and ignored
+    ("later-stage-lora-shape", None, ["stages.dpo.use_dora=true"],
+     ["stages.dpo.use_dora: True, but dpo continues the adapter that sft creates"]),
     ("a-key-yaml-reads-as-a-bool", lambda raw: {**raw, "shared": {**raw["shared"], True: 8}}, [],
      ["shared.True: unknown key"]),
 ]

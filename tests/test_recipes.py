@@ -421,3 +421,13 @@ def test_a_shipped_recipe_is_found_by_its_readme_path_from_any_folder(tmp_path, 
     assert load_recipe("recipes/tiny/text.yaml").name == "tiny-text"
     with pytest.raises(UserError, match="recipe not found: recipes/tiny/nope.yaml"):
         load_recipe("recipes/tiny/nope.yaml")
+
+
+def test_full_module_copies_in_bf16_are_warned_about(capsys):
+    """PEFT trains `lora_modules_to_save` copies in the base's dtype: in bf16 a norm's 1.0 stayed 1.0 through SFT, DPO
+    and UPO. Said when the recipe loads (larger updates do train: a warning, not an error)."""
+    load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", ["shared.dtype=bfloat16", "shared.lora_modules_to_save=[norm]"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "shared.lora_modules_to_save with shared.dtype: bfloat16" in shown and "dtype: float32 keeps them" in shown
+    load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", ["shared.lora_modules_to_save=[norm]"])
+    assert "lora_modules_to_save with" not in capsys.readouterr().out
