@@ -30,12 +30,15 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.markup import escape
+
 from .configs import suggest
 from .console import console
 from .errors import UserError
 from .io import read_json, replace_dir, write_json, write_text
 from .pipeline import Pipeline, run_dir
 from .recipe import Recipe, load_recipe
+from .runlock import RunLock
 
 SEEDED = "seeded.json"  # in a variant folder: what seed_from_shared copied into it, step -> stamp
 
@@ -133,21 +136,28 @@ def run_ablation(recipe: Recipe, output_root: str | Path = "outputs", accelerate
     # the data jobs and the base evaluation are shared too, also when the first stage is the varied one
     console.rule(f"ablation: shared {' → '.join(['data', 'base', *order[:order.index(plan.stage)]])}")
     shared.run(only=None, start=None, stop_before=plan.stage)
-    groups = {}
+    groups, failed = {}, []
     for name, variants in variant_runs(recipe, plan).items():
         groups[name] = []
         for variant in variants:
             console.rule(f"ablation variant: {variant.name.removeprefix(recipe.name + '-')}")
             root = run_dir(variant, output_root).resolve()
-            seed_from_shared(shared.root, root, order[:order.index(plan.stage)])
+            # under the variant's lock: another ablation's variant run may be training in that folder right now
+            lock = RunLock(root).acquire(say=lambda text: console.print(f"[yellow]{text}[/yellow]"))
+            try:
+                seed_from_shared(shared.root, root, order[:order.index(plan.stage)])
+            finally:
+                lock.release()
             # one tracking project for the whole ablation: the variants' runs side by side in one dashboard
             pipeline = Pipeline(variant, output_root, accelerate_config, num_processes, project=recipe.name)
             try:
                 pipeline.run(until=plan.until)
             except UserError as exc:  # a variant its promote gate stopped is a result to compare, not a crash
-                if pipeline.state.get("steps", {}).get("run", {}).get("status") != "stopped":
-                    raise
-                console.print(f"[yellow]{variant.name}: stopped by a promote gate[/yellow] ({exc})")
+                if pipeline.state.get("steps", {}).get("run", {}).get("status") == "stopped":
+                    console.print(f"[yellow]{variant.name}: stopped by a promote gate[/yellow] ({escape(str(exc))})")
+                else:  # one failed run (a crash, out of memory) must not cost the other variants and the comparison
+                    console.print(f"[red]{variant.name} failed[/red]: {escape(str(exc))}")
+                    failed.append(f"{variant.name}: {exc}")
             groups[name].append(root)
     from .report import build_comparison
 
@@ -157,12 +167,17 @@ def run_ablation(recipe: Recipe, output_root: str | Path = "outputs", accelerate
                      groups=groups if plan.seeds > 1 else None, baseline=plan.baseline, stage=at)
     print_summary(groups, plan.baseline, at)
     console.print(f"ablation comparison: {out / 'comparison.html'}")
+    if failed:  # the exit status says the ablation is incomplete; the comparison marks these runs "failed"
+        raise UserError(f"{len(failed)} variant run(s) failed; the comparison has the others. Fix them and run the "
+                        "same command again (finished runs are skipped):\n  " + "\n  ".join(failed))
     return out
 
 
 def print_summary(groups: dict[str, list[Path]], baseline: str, stage: str | None = None) -> None:
     """The comparison's first table on the terminal: each variant's held-out accuracy over its seeds and its paired
     difference to the baseline (the report's `variant_summaries`)."""
+    from rich.console import Console
+    from rich.measure import Measurement
     from rich.table import Table
 
     from .report.compare import variant_summaries
@@ -184,7 +199,10 @@ def print_summary(groups: dict[str, list[Path]], baseline: str, stage: str | Non
         spread = d_high > d_low  # not with one seed (no interval) nor the same difference on every seed (width 0)
         table.add_row(*cells, f"{100 * v['difference']:+.1f} pts" if v["differences"] else "not measured",
                       f"{100 * d_low:+.1f} to {100 * d_high:+.1f}" if spread else "", v["verdict"])
-    console.print(table)
+    # at the table's own width: squeezed into 80 columns (a log, a small terminal) rich cuts the means to "51…" and
+    # drops the verdict column, the results themselves
+    width = Measurement.get(console, console.options.update_width(1000), table).maximum
+    Console(file=console.file, width=max(console.width, width), highlight=False).print(table)
 
 
 def seed_from_shared(shared: Path, root: Path, stages: list[str]) -> None:

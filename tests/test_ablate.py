@@ -98,7 +98,7 @@ def test_ablate_over_seeds_reports_means_and_paired_differences(tmp_path):
     assert "## Variants over seeds" in comparison and "vs grpo" in comparison
 
 
-def test_comparison_over_seeds_pairs_each_seed_with_the_baselines(tmp_path, capsys):
+def test_comparison_over_seeds_pairs_each_seed_with_the_baselines(tmp_path, capsys, monkeypatch):
     """Known verdicts on 20 prompts: upo beats grpo by 4 and 6 prompts on seeds 0 and 1 (a superset each time).
     Accuracy intervals are clipped to [0, 1]."""
     from posttrain.report import build_comparison
@@ -124,11 +124,16 @@ def test_comparison_over_seeds_pairs_each_seed_with_the_baselines(tmp_path, caps
     # differences +20 and +30 points: a mean of +25 whose 2-seed t-interval (t = 12.7) still spans 0
     assert "| 52.5% |" in upo and "| +25.0 pts | -38.5 to +88.5 | n.s. | 1 better, 0 worse of 2 |" in upo
     from posttrain.ablate import print_summary
+    from posttrain.console import console
 
+    monkeypatch.setattr(console, "width", 80)  # a log or a small terminal: the cells are not cut to fit
     print_summary(groups, "grpo")  # the same table on the terminal at the end of `posttrain ablate`
     printed = [" ".join(line.replace("│", " ").split()) for line in capsys.readouterr().out.splitlines()]
     assert "grpo 2 27.5% 0.0% – 59.3% baseline" in printed
     assert "upo 2 52.5% 0.0% – 100.0% +25.0 pts -38.5 to +88.5 n.s." in printed, printed
+    print_summary({"grpo_baseline": groups["grpo"], "upo_offline_proxy": groups["upo"]}, "grpo_baseline")
+    printed = [" ".join(line.replace("│", " ").split()) for line in capsys.readouterr().out.splitlines()]
+    assert "upo_offline_proxy 2 52.5% 0.0% – 100.0% +25.0 pts -38.5 to +88.5 n.s." in printed, printed
 
 
 def test_a_variant_the_same_on_every_seed_or_with_a_seed_missing_is_not_overstated(tmp_path, capsys):
@@ -277,3 +282,58 @@ def test_data_the_variant_built_itself_is_kept(tmp_path):
     seed_from_shared(shared, variant, [])
     assert (variant / "data" / "sft_mix.inputs").read_text() == "mix-variant"
     assert (variant / "data" / "sft_mix" / "train.parquet").read_text() == "variant rows"
+
+
+def test_a_failed_variant_does_not_cost_the_others(tmp_path, monkeypatch):
+    """A variant whose stage crashes: the variants after it still run, the comparison is written with all of them,
+    and the ablation ends with an error naming the failed run (exit status 2)."""
+    import posttrain.ablate as ablate
+    import posttrain.report as report
+
+    ran, compared = [], {}
+
+    class FakePipeline:
+        def __init__(self, recipe, output_root, *args, **kwargs):
+            self.recipe, self.root, self.state = recipe, Path(output_root) / recipe.name, {}
+
+        def run(self, **kwargs):
+            ran.append(self.recipe.name)
+            if self.recipe.name.endswith("-grpo"):
+                self.state = {"steps": {"run": {"status": "failed"}}}
+                raise UserError("step 'upo' failed: it ended with ValueError")
+            return {}
+
+    monkeypatch.setattr(ablate, "Pipeline", FakePipeline)
+    monkeypatch.setattr(ablate, "seed_from_shared", lambda *args: None)
+    monkeypatch.setattr(ablate, "print_summary", lambda *args: None)
+    monkeypatch.setattr(report, "build_comparison", lambda runs, out, **kw: compared.update(runs=runs))
+    with pytest.raises(UserError, match="(?s)1 variant run.* failed.*tiny-text-grpo: step 'upo' failed"):
+        ablate.run_ablation(load_recipe(TINY), tmp_path)
+    assert ran == ["tiny-text", "tiny-text-grpo", "tiny-text-upo_proxy"]
+    assert [Path(r).name for r in compared["runs"]] == ["tiny-text-grpo", "tiny-text-upo_proxy"]
+
+
+def test_a_variant_folder_another_run_holds_is_not_written_into(tmp_path, monkeypatch):
+    """The shared stages are copied into a variant's folder under that folder's lock: another ablation (other shared
+    settings) replaced the DPO stage a running variant was training from, before its own run was refused."""
+    import posttrain.ablate as ablate
+    from posttrain.runlock import RunLock
+
+    seeded = []
+
+    class FakePipeline:
+        def __init__(self, recipe, output_root, *args, **kwargs):
+            self.recipe, self.root, self.state = recipe, Path(output_root) / recipe.name, {}
+
+        def run(self, **kwargs):
+            return {}
+
+    monkeypatch.setattr(ablate, "Pipeline", FakePipeline)
+    monkeypatch.setattr(ablate, "seed_from_shared", lambda shared, root, stages: seeded.append(root.name))
+    held = RunLock(tmp_path / "tiny-text-grpo").acquire()
+    try:
+        with pytest.raises(UserError, match="tiny-text-grpo is in use by another posttrain run"):
+            ablate.run_ablation(load_recipe(TINY), tmp_path)
+    finally:
+        held.release()
+    assert seeded == []
