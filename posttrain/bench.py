@@ -416,11 +416,18 @@ def run_bench(options: BenchOptions) -> dict:
         inputs = prepare_inputs(model, work, options)
     threads = options.threads or cpu_threads(1)
     runs = []
-    for group in (["sft"], ["dpo"], ["grpo", "upo"]):
-        rows = [row for row in group if row in options.stages]
-        if rows:
-            console.rule(f"bench: {', '.join(rows)}")
-            runs += run_worker(plan_runs(rows, inputs, options, work), threads, work, "-".join(rows))
+    try:
+        for group in (["sft"], ["dpo"], ["grpo", "upo"]):
+            rows = [row for row in group if row in options.stages]
+            if rows:
+                console.rule(f"bench: {', '.join(rows)}")
+                runs += run_worker(plan_runs(rows, inputs, options, work), threads, work, "-".join(rows))
+    except KeyboardInterrupt:  # the same command again starts over and deletes the finished runs: say how to keep them
+        finished = sum(len(json.loads(p.read_text()).get("runs", [])) for p in work.glob("*.runs.json"))
+        if finished:
+            console.print(f"[yellow]{finished} finished runs are in {work}: `posttrain bench --from-runs {work}` "
+                          f"makes their table (running this bench again starts over, without them)[/yellow]")
+        raise
     device, peak = device_name()
     result = {"model": options.model, "model_path": str(model), "device": device, "threads": threads,
               "options": options.__dict__, "wall_s": round(time.time() - started, 1)}
@@ -497,8 +504,9 @@ def cmd_bench(args) -> int:
         return 0
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     unknown = [s for s in stages if s not in ROWS]
-    if unknown:
-        raise UserError(f"--stages: unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    if unknown or not stages:  # none: an empty table would replace the results already in --out
+        raise UserError(f"--stages: {'unknown row(s) ' + ', '.join(unknown) if unknown else 'no row given'}; "
+                        f"choose from {', '.join(ROWS)}")
     plain = parse_arguments(args.plain, f"--plain {args.plain!r}: expected KEY=VALUE[,KEY=VALUE...], e.g. "
                             "bf16=false") if args.plain else None
     run_bench(BenchOptions(model=args.model, stages=stages, steps=args.steps, repeats=args.repeats,

@@ -649,3 +649,32 @@ def test_lora_layers_with_hooks_or_variants_keep_peft_s_forward(tiny_model_path)
         expected = dora(input_ids=ids).logits
         with fused_lora.update_in_matmul(dora):  # DoRA is a LoRA variant: PEFT computes it, bit for bit
             assert torch.equal(dora(input_ids=ids).logits, expected)
+
+
+def test_an_interrupted_bench_says_how_to_keep_its_finished_runs(tmp_path, monkeypatch, capsys):
+    """The same command again starts over and deletes the finished runs: Ctrl-C says `--from-runs` keeps them."""
+    from posttrain import bench
+
+    def worker(plans, threads, work, name):
+        (work / "sft.runs.json").write_text(json.dumps({"runs": [{}, {}]}))  # the SFT row's runs, finished
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "resolve_bench_model", lambda model, work: work)
+    monkeypatch.setattr(bench, "prepare_inputs", lambda model, work, options: {})
+    monkeypatch.setattr(bench, "plan_runs", lambda *args: [])
+    monkeypatch.setattr(bench, "run_worker", worker)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_bench(bench.BenchOptions(work=str(tmp_path / "work"), out=str(tmp_path / "bench.json")))
+    shown = " ".join(capsys.readouterr().out.split())
+    assert f"2 finished runs are in {tmp_path / 'work'}: `posttrain bench --from-runs {tmp_path / 'work'}`" in shown
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_bench_without_a_row_writes_nothing(tmp_path, capsys):
+    """`--stages ","` (an empty variable) ran nothing and replaced bench.json with an empty table."""
+    from posttrain.cli import main
+
+    (tmp_path / "bench.json").write_text("{}")
+    assert main(["bench", "--stages", ",", "--out", str(tmp_path / "bench.json")]) == 2
+    assert "--stages: no row given; choose from sft, dpo, grpo, upo" in capsys.readouterr().out
+    assert (tmp_path / "bench.json").read_text() == "{}"
