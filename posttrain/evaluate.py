@@ -238,8 +238,13 @@ def preference_eval(model, tokenizer, pairs: list[dict], dtype: str = "float32")
     was_training = model.training
     model.eval()
     # scored as TRL trains them (`data.preference_texts`)
-    texts = [preference_texts(tokenizer, p, vision.text_tokenizer(tokenizer).eos_token) for p in pairs]
-    prompts, replies, images = [t[0] for t in texts], [t[side] for side in (1, 2) for t in texts], _images(pairs)
+    text_tokenizer = vision.text_tokenizer(tokenizer)
+    texts = [preference_texts(tokenizer, p, text_tokenizer.eos_token) for p in pairs]
+    # TRL tokenizes a text prompt with the tokenizer's special tokens (Llama-3's and Gemma's BOS) and
+    # `completion_logps` adds none: the BOS is written in (a rendered conversation has its own)
+    bos = added_bos(text_tokenizer)
+    prompts = [bos + t[0] if isinstance(p["prompt"], str) else t[0] for p, t in zip(pairs, texts)]
+    replies, images = [t[side] for side in (1, 2) for t in texts], _images(pairs)
     with autocast(model, dtype):
         scores = completion_logps(model, tokenizer, prompts * 2, replies, images=images * 2 if images else None)
     chosen, rejected = scores[:len(pairs)], scores[len(pairs):]
@@ -247,6 +252,12 @@ def preference_eval(model, tokenizer, pairs: list[dict], dtype: str = "float32")
         model.train()
     margins = [c - r for (c, _), (r, _) in zip(chosen, rejected)]
     return {"n": len(pairs), "accuracy": _mean([m > 0 for m in margins]), "mean_logp_margin": _mean(margins)}
+
+
+def added_bos(tokenizer) -> str:
+    """The BOS text the tokenizer puts before any text it encodes with its special tokens, or ""."""
+    bos = tokenizer.bos_token_id
+    return tokenizer.bos_token if bos is not None and tokenizer("x")["input_ids"][:1] == [bos] else ""
 
 
 def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArguments.max_new_tokens,

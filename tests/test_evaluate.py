@@ -356,6 +356,12 @@ def test_preference_eval_scores_pairs_in_the_context_they_train_in(tiny_model_pa
     assert preference_eval(model, tokenizer, pairs)["n"] == 2
     assert seen[:2] == ["Q: 2 + 3?\nA:", render_prompt(tokenizer, messages, False)]
     assert render_prompt(tokenizer, messages, False) != render_prompt(tokenizer, messages, None)
+    # a tokenizer that adds a BOS (Llama-3, Gemma): TRL's text path has it before the prompt, and so does the score
+    tokenizer.add_bos_token = True
+    assert tokenizer("x")["input_ids"][0] == tokenizer.bos_token_id
+    seen.clear()
+    preference_eval(model, tokenizer, pairs)
+    assert seen[:2] == [tokenizer.bos_token + "Q: 2 + 3?\nA:", render_prompt(tokenizer, messages, False)]
 
 
 def test_preference_eval_scores_tool_calls_and_tools_as_trl_trains_them(tiny_model_path, monkeypatch):

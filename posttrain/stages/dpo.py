@@ -10,8 +10,9 @@ model with the adapter disabled.
 Rows: `prompt`/`chosen`/`rejected`, conversational or plain text, optionally `thinking` (per-row template switch)
 and `images` (with a vision-language model: TRL's vision preference collator, with ERNIE-4.5-VL's expert routing
 laid over the replies by `posttrain.moe_routing`; extra gates as in SFT).
-`dataset_test_split` names held-out pairs: TRL logs reward accuracy/margin on them at each eval step, and this stage
-measures the policy's own preference accuracy on them before and after training (`eval.preference_before/after`).
+`dataset_test_split` names held-out pairs: TRL logs reward accuracy/margin on them at each eval step (with an
+`eval_strategy`), and this stage measures the policy's own preference accuracy on them before and after training
+(`preference.before` / `preference.after` in metrics.json).
 """
 
 import time
