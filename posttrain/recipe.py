@@ -17,6 +17,7 @@ recipe file, the stage and the key.
 
 import dataclasses
 import hashlib
+import importlib.util
 import io
 import json
 import re
@@ -454,6 +455,10 @@ def _check_values(stage: str, args: dict, own: dict, where: str) -> None:
             check_upo_values(args)
         except UserError as exc:
             raise UserError(f"{where}: stages.upo: {exc}") from None
+        # GRPO refuses use_vllm without vLLM only when the trainer is built: after the data, SFT and DPO
+        if args.get("use_vllm") and importlib.util.find_spec("vllm") is None:
+            raise UserError(f"{where}: {origin('use_vllm')}.use_vllm: true, but vLLM is not installed; install it "
+                            "(pip install 'trl[vllm]') or remove use_vllm to sample with transformers' generate")
 
 
 def _check_keys(stage: str, mappings: dict[str, dict], fields: dict, where: str) -> None:

@@ -431,3 +431,13 @@ def test_full_module_copies_in_bf16_are_warned_about(capsys):
     assert "shared.lora_modules_to_save with shared.dtype: bfloat16" in shown and "dtype: float32 keeps them" in shown
     load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", ["shared.lora_modules_to_save=[norm]"])
     assert "lora_modules_to_save with" not in capsys.readouterr().out
+
+
+def test_upo_with_vllm_where_vllm_is_not_installed_is_refused_at_load(monkeypatch):
+    """GRPO refuses `use_vllm` without vLLM only when the UPO trainer is built: after the data jobs, SFT and DPO."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
+    with pytest.raises(UserError, match=r"stages.upo.use_vllm: true, but vLLM is not installed"):
+        load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", ["stages.upo.use_vllm=true"])
