@@ -119,6 +119,36 @@ def test_rows_cut_to_nothing_are_counted_and_a_test_split_gives_trls_eval_loss(t
     assert losses and all(math.isfinite(x) for x in losses)
 
 
+def test_replies_cut_before_their_end_anywhere_in_the_set_are_counted(tiny_model_path, sft_configs, tmp_path):
+    """The labels gate collates the first rows only: replies that `max_length` cuts before their end-of-turn token
+    further on trained without a word (the model learns replies that do not stop). Every row is counted."""
+    from datasets import Dataset
+
+    short = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
+    long = [{"role": "user", "content": "Count."}, {"role": "assistant", "content": "one two three " * 40}]
+    data = tmp_path / "data"
+    data.mkdir()
+    Dataset.from_list([{"messages": short}] * 8 + [{"messages": long}] * 8).to_parquet(data / "sft.parquet")
+    configs = sft_configs(tiny_model_path("llama"), data, tmp_path / "out", max_steps=1, max_length=64)
+    configs[0].eval_dataset = None
+    sft.main(*configs)
+    preflight = json.loads((tmp_path / "out" / "metrics.json").read_text())["preflight"]
+    assert preflight["rows_cut"] == 8 and preflight.get("rows_dropped", 0) == 0
+
+
+def test_neftune_keeps_padded_batches_so_its_noise_is_trls(tiny_model_path, task_data, sft_configs, tmp_path):
+    """NEFTune scales its noise by 1 / sqrt(sequence length x width): in a padding-free batch, one sequence of every
+    row, that length was the whole batch's (8 rows: 2.4x less noise). With NEFTune the batches stay padded."""
+    configs = sft_configs(tiny_model_path("llama"), task_data, tmp_path / "out", max_steps=1, neftune_noise_alpha=5.0,
+                          padding_free=True)
+    configs[0].eval_dataset = None
+    trainer = sft.main(*configs)
+    assert not trainer.data_collator.padding_free and not trainer.args.padding_free
+    configs = sft_configs(tiny_model_path("llama"), task_data, tmp_path / "out2", max_steps=1, padding_free=True)
+    configs[0].eval_dataset = None
+    assert sft.main(*configs).data_collator.padding_free  # without NEFTune: the speed default
+
+
 def test_gate_reasoning_the_template_drops():
     """A reply's `reasoning_content` (TRL's and OpenAI's form) that the chat template does not render would be
     dropped from training without a word: refused, naming the row; the same reply as a <think> block passes."""
