@@ -8,6 +8,7 @@ into place, so a crash, a kill or a full disk leaves either the old content or t
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -134,7 +135,15 @@ def replace_dir(out: str | Path, write: Callable[[Path], object], if_exists: str
             raise FileExistsError(f"{out} appeared while it was being written")
         if out.exists():  # move the old folder aside first, so the swap is two renames
             os.replace(out, old)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError as exc:  # another writer's `out` appeared between the check above and this rename
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or if_exists == "replace":
+                raise
+            shutil.rmtree(tmp)
+            if if_exists == "fail":
+                raise FileExistsError(f"{out} appeared while it was being written") from exc
+            return out
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -786,6 +786,31 @@ def test_a_failure_is_explained_by_its_own_attempts_output_only(pipeline):
     assert "ValueError: a bad row" in str(failed.value) and "another process" not in str(failed.value)
 
 
+@pytest.mark.parametrize("if_exists", ["keep", "fail"])
+def test_a_cache_entry_another_process_renames_into_place_first_is_kept(tmp_path, monkeypatch, if_exists):
+    """Two test workers building the same tiny model: the other's folder appeared between the check for it and the
+    rename, and the rename failed with "Directory not empty". `keep` keeps theirs, `fail` says it appeared; no
+    temporary folder is left."""
+    from posttrain import io
+
+    out, rename = tmp_path / "tiny-llama", os.replace
+
+    def racing(source, target):
+        if Path(target) == out and not out.exists():  # the other writer wins the race
+            out.mkdir()
+            (out / "config.json").write_text("theirs")
+        rename(source, target)
+
+    monkeypatch.setattr(io.os, "replace", racing)
+    write = lambda folder: (folder / "config.json").write_text("ours")  # noqa: E731
+    if if_exists == "keep":
+        assert io.replace_dir(out, write, if_exists="keep") == out
+    else:
+        with pytest.raises(FileExistsError, match="appeared while it was being written"):
+            io.replace_dir(out, write, if_exists="fail")
+    assert (out / "config.json").read_text() == "theirs" and [p.name for p in tmp_path.iterdir()] == ["tiny-llama"]
+
+
 def test_an_atomic_write_keeps_the_mode_of_the_file_it_replaces(tmp_path):
     """As shell redirection and editors do: a file made private (or opened to others) stays so after a rewrite."""
     from posttrain.io import write_json
