@@ -439,6 +439,10 @@ def _check_values(stage: str, args: dict, own: dict, where: str) -> None:
                       f"full copies in {args['dtype']}, where updates smaller than its rounding step are lost (a norm's "
                       "weights of 1.0 may not move at all); dtype: float32 keeps them (bf16: true still trains under "
                       "bf16 autocast)")
+    if args.get("use_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
+        # the trainer refuses it only when it is built: for a later stage, after the stages before it
+        raise UserError(f"{where}: {origin('use_liger_kernel')}.use_liger_kernel: true, but liger-kernel is not "
+                        "installed; install it (pip install liger-kernel, for a GPU) or remove use_liger_kernel")
     rewards = args.get("rewards")
     if rewards is not None and not isinstance(rewards, dict):
         raise UserError(f"{where}: {origin('rewards')}.rewards: {rewards!r}; expected reward names with their "

@@ -433,11 +433,15 @@ def test_full_module_copies_in_bf16_are_warned_about(capsys):
     assert "lora_modules_to_save with" not in capsys.readouterr().out
 
 
-def test_upo_with_vllm_where_vllm_is_not_installed_is_refused_at_load(monkeypatch):
-    """GRPO refuses `use_vllm` without vLLM only when the UPO trainer is built: after the data jobs, SFT and DPO."""
+def test_an_accelerator_package_a_stage_asks_for_and_lacks_is_refused_at_load(monkeypatch):
+    """GRPO refuses `use_vllm` without vLLM, and a trainer `use_liger_kernel` without liger-kernel, only when it is
+    built: for UPO after the data jobs, SFT and DPO."""
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
+    missing = {"vllm", "liger_kernel"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else find_spec(name, *a))
     with pytest.raises(UserError, match=r"stages.upo.use_vllm: true, but vLLM is not installed"):
         load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", ["stages.upo.use_vllm=true"])
+    with pytest.raises(UserError, match=r"stages.dpo.use_liger_kernel: true, but liger-kernel is not installed"):
+        load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", ["stages.dpo.use_liger_kernel=true"])
