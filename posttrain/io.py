@@ -128,11 +128,8 @@ def replace_dir(out: str | Path, write: Callable[[Path], object], if_exists: str
     try:
         write(tmp)
         umask_permissions(tmp)
-        if out.exists() and if_exists == "keep":
-            shutil.rmtree(tmp)
-            return out
-        if out.exists() and if_exists == "fail":
-            raise FileExistsError(f"{out} appeared while it was being written")
+        if out.exists() and if_exists != "replace":
+            return _taken(out, tmp, if_exists)
         if out.exists():  # move the old folder aside first, so the swap is two renames
             os.replace(out, old)
         try:
@@ -140,14 +137,19 @@ def replace_dir(out: str | Path, write: Callable[[Path], object], if_exists: str
         except OSError as exc:  # another writer's `out` appeared between the check above and this rename
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or if_exists == "replace":
                 raise
-            shutil.rmtree(tmp)
-            if if_exists == "fail":
-                raise FileExistsError(f"{out} appeared while it was being written") from exc
-            return out
+            return _taken(out, tmp, if_exists)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return out
+
+
+def _taken(out: Path, tmp: Path, if_exists: str) -> Path:
+    """`replace_dir` when another writer's `out` is there (`if_exists` keep or fail): ours is dropped."""
+    shutil.rmtree(tmp)
+    if if_exists == "fail":
+        raise FileExistsError(f"{out} appeared while it was being written")
     return out
 
 
