@@ -324,7 +324,7 @@ def check_preference_pairs(dataset, name: str, tokenizer=None, max_length: int |
                                 "such rows)")
             bad.append(index)
     if bad:
-        dataset = dataset.select(sorted(set(range(len(dataset))) - set(bad)))
+        dataset = dataset.select(kept_rows(len(dataset), bad))
     return dataset, bad
 
 
