@@ -408,6 +408,14 @@ def _check_adapter_shape(stage: str, merged: dict[str, dict], own: dict, where: 
                             f"stages.{first}")
 
 
+# Settings whose package a trainer imports only when it is built (for UPO: after the data, SFT and DPO):
+# key -> (module, package, how to install it, what removing the key leaves)
+NEEDS_PACKAGE = {
+    "use_liger_kernel": ("liger_kernel", "liger-kernel", "pip install liger-kernel, for a GPU", ""),
+    "use_vllm": ("vllm", "vLLM", "pip install 'trl[vllm]'", " to sample with transformers' generate"),
+}
+
+
 def _check_values(stage: str, args: dict, own: dict, where: str) -> None:
     """What a stage would refuse only when it starts, maybe hours in, checked without TRL (seconds to import): our
     `StageArguments` (`loraplus_lr_ratio` >= 1), reward names, UPO's own values (`check_upo_values`). `own`: the
@@ -439,10 +447,10 @@ def _check_values(stage: str, args: dict, own: dict, where: str) -> None:
                       f"full copies in {args['dtype']}, where updates smaller than its rounding step are lost (a norm's "
                       "weights of 1.0 may not move at all); dtype: float32 keeps them (bf16: true still trains under "
                       "bf16 autocast)")
-    if args.get("use_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
-        # the trainer refuses it only when it is built: for a later stage, after the stages before it
-        raise UserError(f"{where}: {origin('use_liger_kernel')}.use_liger_kernel: true, but liger-kernel is not "
-                        "installed; install it (pip install liger-kernel, for a GPU) or remove use_liger_kernel")
+    for key, (module, name, install, instead) in NEEDS_PACKAGE.items():
+        if args.get(key) and importlib.util.find_spec(module) is None:
+            raise UserError(f"{where}: {origin(key)}.{key}: true, but {name} is not installed; install it ({install}) "
+                            f"or remove {key}{instead}")
     rewards = args.get("rewards")
     if rewards is not None and not isinstance(rewards, dict):
         raise UserError(f"{where}: {origin('rewards')}.rewards: {rewards!r}; expected reward names with their "
@@ -459,10 +467,6 @@ def _check_values(stage: str, args: dict, own: dict, where: str) -> None:
             check_upo_values(args)
         except UserError as exc:
             raise UserError(f"{where}: stages.upo: {exc}") from None
-        # GRPO refuses use_vllm without vLLM only when the trainer is built: after the data, SFT and DPO
-        if args.get("use_vllm") and importlib.util.find_spec("vllm") is None:
-            raise UserError(f"{where}: {origin('use_vllm')}.use_vllm: true, but vLLM is not installed; install it "
-                            "(pip install 'trl[vllm]') or remove use_vllm to sample with transformers' generate")
 
 
 def _check_keys(stage: str, mappings: dict[str, dict], fields: dict, where: str) -> None:
