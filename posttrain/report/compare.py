@@ -230,7 +230,7 @@ def over_seeds(groups: dict[str, list[Path]], baseline: str, stage: str | None =
                  "that did not get there (a promote gate stopped it earlier, a stage failed) is not measured, left "
                  "out of the mean and paired with nothing. "
                  f"Each variant ran once per seed of its varied stage (the shared stages ran once). Intervals are "
-                 f"95 % Student t over seeds, so with few seeds they are wide (t = 12.7 with 2, 4.3 with 3): a difference is called better or "
-                 f"worse only when its interval excludes 0. Differences to `{baseline}` are paired: same seed, same "
-                 "held-out prompts."),
+                 "95 % Student t over seeds, so with few seeds they are wide (t = 12.7 with 2, 4.3 with 3): a "
+                 "difference is called better or worse only when its interval excludes 0. Differences to "
+                 f"`{baseline}` are paired: same seed, same held-out prompts."),
             Table(header, table, "Per-run details follow in the table below.")]
