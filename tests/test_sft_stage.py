@@ -121,14 +121,16 @@ def test_rows_cut_to_nothing_are_counted_and_a_test_split_gives_trls_eval_loss(t
 
 def test_replies_cut_before_their_end_anywhere_in_the_set_are_counted(tiny_model_path, sft_configs, tmp_path):
     """The labels gate collates the first rows only: replies that `max_length` cuts before their end-of-turn token
-    further on trained without a word (the model learns replies that do not stop). Every row is counted."""
+    further on trained without a word (the model learns replies that do not stop). Every row is counted, a multi-turn
+    row whose earlier reply ended too."""
     from datasets import Dataset
 
     short = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
     long = [{"role": "user", "content": "Count."}, {"role": "assistant", "content": "one two three " * 40}]
     data = tmp_path / "data"
     data.mkdir()
-    Dataset.from_list([{"messages": short}] * 8 + [{"messages": long}] * 8).to_parquet(data / "sft.parquet")
+    rows = [{"messages": short}] * 8 + [{"messages": long}] * 4 + [{"messages": short + long}] * 4
+    Dataset.from_list(rows).to_parquet(data / "sft.parquet")
     configs = sft_configs(tiny_model_path("llama"), data, tmp_path / "out", max_steps=1, max_length=64)
     configs[0].eval_dataset = None
     sft.main(*configs)

@@ -111,13 +111,22 @@ def report_cut_replies(trainer, training_args, end_of_turn: set[int], name: str)
     if training_args.packing or training_args.max_length is None or not {"input_ids", "labels"} <= set(columns):
         return {}  # packed sequences are not rows; without max_length nothing is cut; image rows are collated later
     rows = trainer.train_dataset.select_columns(["input_ids", "labels"])
-    cut = sum(len(row["input_ids"]) >= training_args.max_length and not end_of_turn.intersection(row["labels"])
+    cut = sum(len(row["input_ids"]) >= training_args.max_length and reply_cut(row["labels"], end_of_turn)
               for row in rows)
     if cut:
         logger.warning("pre-flight: %s: %d of %d rows are cut by max_length=%s before their reply's end-of-turn "
                        "token, so the model learns replies that do not stop; raise max_length (or use "
                        "truncation_mode: keep_end) to keep it", name, cut, len(rows), training_args.max_length)
     return {"rows_cut": cut}
+
+
+def reply_cut(labels: list[int], end_of_turn: set[int]) -> bool:
+    """Whether a row cut at its last token was cut inside a reply: the trained span it ends on has no end-of-turn
+    token. The last span only, so an earlier complete turn of a multi-turn row does not hide a cut final reply."""
+    start = len(labels)
+    while start and labels[start - 1] != -100:
+        start -= 1
+    return start < len(labels) and not end_of_turn.intersection(labels[start:])
 
 
 def heldout_rows(stage_args, training_args, images: bool):
