@@ -31,6 +31,7 @@ from .data import completion_text, preference_texts, render_prompt
 from .errors import UserError, is_out_of_memory, row_name, what_ran_out
 from .io import write_json
 from .models import sampling_weights, vision
+from .models.lm_head import chunks
 from .stats import wilson
 
 logger = logging.getLogger(__name__)
@@ -168,7 +169,12 @@ def length_batches(lengths: list[int], batch_size: int, longest_first: bool = Fa
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def completion_logps(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 16,
+# Rows scored in one forward at most: each keeps its logits over the whole vocabulary for every completion position
+# (16 rows of 2,048 tokens with a 152k vocabulary: 9 GiB in bf16), so fewer when the evaluation's batch_size is lower
+SCORE_BATCH = 16
+
+
+def completion_logps(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int = SCORE_BATCH,
                      images: list | None = None):
     """Summed log-prob and token count of each completion given its rendered prompt (teacher forcing); with `images`
     (one list per prompt), `tokenizer` is a VLM's processor."""
@@ -211,15 +217,21 @@ def _score_completions(model, batch: dict) -> list[tuple[float, int]]:
     with torch.no_grad():
         logits = model(**batch, logits_to_keep=completion_mask.shape[1] - first).logits[:, :-1]
     target, scored = batch["input_ids"][:, first + 1:], completion_mask[:, first + 1:].bool()
-    # log-softmax over the vocabulary at the scored positions only: prompts and padding are most of each row
-    picked = torch.log_softmax(logits[scored].float(), dim=-1).gather(-1, target[scored].unsqueeze(-1)).squeeze(-1)
+    # log-softmax over the vocabulary at the scored positions only (prompts and padding are most of each row), in
+    # chunks of positions: float32 copies of all of them at once were twice the size of the bf16 logits, twice over
+    rows, columns = scored.nonzero(as_tuple=True)
+    picked = torch.cat([
+        torch.log_softmax(logits[rows[start:end], columns[start:end]].float(), dim=-1)
+        .gather(-1, target[rows[start:end], columns[start:end], None]).squeeze(-1)
+        for start, end in chunks(len(rows), logits.shape[-1])])
     logps = torch.zeros(target.shape, dtype=picked.dtype, device=picked.device).masked_scatter(scored, picked)
     return list(zip(logps.sum(-1).tolist(), scored.sum(-1).tolist()))
 
 
-def heldout_loss(model, tokenizer, rows: list[dict], limit: int | None = None) -> float | None:
+def heldout_loss(model, tokenizer, rows: list[dict], limit: int | None = None,
+                 batch_size: int = SCORE_BATCH) -> float | None:
     """Mean per-token NLL of the reference replies (`completion` column) given their prompts; of the first `limit`
-    rows that have one, when given."""
+    rows that have one, when given; `batch_size` rows a forward at most (`SCORE_BATCH`)."""
     rows = [r for r in rows if r.get("completion")][:limit]
     if not rows:
         return None
@@ -227,14 +239,16 @@ def heldout_loss(model, tokenizer, rows: list[dict], limit: int | None = None) -
     eos = vision.text_tokenizer(tokenizer).eos_token
     # a string, or TRL's conversational form (a list of messages whose last one is the reply)
     scores = completion_logps(model, tokenizer, prompts, [completion_text(r["completion"]) + eos for r in rows],
-                              images=_images(rows))
+                              batch_size=min(batch_size, SCORE_BATCH), images=_images(rows))
     return -sum(s for s, _ in scores) / max(sum(n for _, n in scores), 1)
 
 
-def preference_eval(model, tokenizer, pairs: list[dict], dtype: str = "float32") -> dict:
+def preference_eval(model, tokenizer, pairs: list[dict], dtype: str = "float32",
+                    batch_size: int = SCORE_BATCH) -> dict:
     """How often the model itself prefers `chosen` to `rejected`: log π(chosen|x) > log π(rejected|x), summed over
     the reply's tokens. Unlike DPO's reward accuracy it needs no reference model, so base, SFT and DPO compare.
-    Scored in `dtype` as `evaluate` scores its held-out loss (bf16: about half the time of float32 on CPU)."""
+    Scored in `dtype` as `evaluate` scores its held-out loss (bf16: about half the time of float32 on CPU),
+    `batch_size` replies a forward at most (`SCORE_BATCH`)."""
     was_training = model.training
     model.eval()
     # scored as TRL trains them (`data.preference_texts`)
@@ -246,7 +260,8 @@ def preference_eval(model, tokenizer, pairs: list[dict], dtype: str = "float32")
     prompts = [bos + t[0] if isinstance(p["prompt"], str) else t[0] for p, t in zip(pairs, texts)]
     replies, images = [t[side] for side in (1, 2) for t in texts], _images(pairs)
     with autocast(model, dtype):
-        scores = completion_logps(model, tokenizer, prompts * 2, replies, images=images * 2 if images else None)
+        scores = completion_logps(model, tokenizer, prompts * 2, replies, batch_size=min(batch_size, SCORE_BATCH),
+                                  images=images * 2 if images else None)
     chosen, rejected = scores[:len(pairs)], scores[len(pairs):]
     if was_training:
         model.train()
@@ -285,7 +300,7 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArgum
     loss = None
     if share is None or share.index == 0:
         with autocast(model, dtype):
-            loss = heldout_loss(model, tokenizer, rows, loss_limit)
+            loss = heldout_loss(model, tokenizer, rows, loss_limit, batch_size)
     seconds = {"generate": round(generated - started, 1), "heldout_loss": round(time.perf_counter() - generated, 1)}
     columns = {"answer": [r["answer"] for r in rows], "thinking": [r.get("thinking") for r in rows],
                "domain": [r.get("domain") for r in rows]}

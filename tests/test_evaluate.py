@@ -73,6 +73,29 @@ def test_completion_scores_equal_the_full_logits_and_the_loss_takes_its_limit(ti
     assert heldout_loss(model, tokenizer, messages) == pytest.approx(first_three)
 
 
+def test_scoring_takes_the_evaluations_batch_size_and_chunks_the_vocabulary(tiny_model_path, task_data, monkeypatch):
+    """The held-out loss and the preference evaluation score at most their batch size of rows a forward (16 whatever
+    the setting kept every reply's logits over the vocabulary at once: out of memory at real sizes, with advice that
+    could not help), and the log-softmax over several chunks of positions scores as over one."""
+    from posttrain.evaluate import heldout_loss
+    from posttrain.models import lm_head
+
+    path = tiny_model_path("llama")
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    rows = load_rows(str(task_data), "test")[:12]
+    forwarded = []
+    model.register_forward_pre_hook(lambda _, args, kwargs: forwarded.append(len(kwargs["input_ids"])),
+                                    with_kwargs=True)
+    loss = heldout_loss(model, tokenizer, rows, batch_size=2)
+    assert forwarded and max(forwarded) == 2
+    forwarded.clear()
+    pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["completion"] + " no"} for r in rows]
+    preference_eval(model, tokenizer, pairs, batch_size=3)
+    assert forwarded and max(forwarded) == 3
+    monkeypatch.setattr(lm_head, "CHUNK_ELEMENTS", 5 * model.config.vocab_size)  # 5 positions a chunk
+    assert heldout_loss(model, tokenizer, rows, batch_size=2) == pytest.approx(loss, rel=1e-6)
+
+
 class Echo:
     """A stand-in model that "replies" with its prompt's last token over and over, so every reply says which prompt
     it answered; it records how many prompts it was given."""
