@@ -138,11 +138,26 @@ def speed_defaults(stage: str, model_path: str | Path | None, stage_args: dict |
 
 def step_tokens(stage: str, stage_args: dict) -> int:
     """Tokens of one device's step with every row at its longest: TRL's defaults where the recipe sets no length (SFT
-    and DPO 1,024 tokens; GRPO 512 completion tokens), DPO's rows chosen and rejected, and an RL prompt taken as 512."""
+    and DPO 1,024 tokens; GRPO 512 completion tokens), DPO's rows chosen and rejected, an RL prompt taken as 512, and
+    UPO's DPO-term rows (`upo_pair_rows`)."""
     batch = stage_args.get("per_device_train_batch_size") or 8
     if stage in ("upo", "grpo"):
-        return batch * ((stage_args.get("max_completion_length") or 512) + 512)
+        rows = batch * (1 + upo_pair_rows(stage_args))
+        return round(rows * ((stage_args.get("max_completion_length") or 512) + 512))
     return (2 if stage == "dpo" else 1) * batch * (stage_args.get("max_length") or 1024)
+
+
+def upo_pair_rows(stage_args: dict) -> float:
+    """Rows UPO's DPO term forwards per row of GRPO's, at most (UPOConfig's defaults where the recipe sets none): its
+    forward of the rejected rollouts (`upo_pairs_per_prompt` a prompt) and of both sides of the offline pairs
+    (`upo_offline_ratio` a prompt) is kept for the same backward as GRPO's, so its activations add to the step's."""
+    if not stage_args.get("upo_lambda", 0.5):
+        return 0.0
+    mode = stage_args.get("upo_mode", "online")
+    pairs = stage_args.get("upo_pairs_per_prompt", 1) if mode in ("online", "both") else 0
+    if mode in ("offline", "both"):
+        pairs += 2 * stage_args.get("upo_offline_ratio", 1.0)
+    return pairs / (stage_args.get("num_generations") or 8)
 
 
 def activations_crowd_gpu(stage: str, model_path: str | Path | None, stage_args: dict) -> bool:

@@ -123,6 +123,10 @@ def test_checkpointing_by_the_activations_of_a_step(tmp_path, monkeypatch):
     assert checkpointing("dpo", {"max_length": 2048}) and not checkpointing("sft", {"max_length": 2048})
     assert not checkpointing("upo", {"max_completion_length": 512})
     assert checkpointing("upo", {"per_device_train_batch_size": 32, "max_completion_length": 1024})
+    # UPO's DPO term forwards the rejected rollouts and both sides of offline pairs for the same backward: 34 GB of
+    # GRPO's rows alone, 47 GB with them
+    assert not checkpointing("upo", {"per_device_train_batch_size": 16, "upo_lambda": 0})
+    assert checkpointing("upo", {"per_device_train_batch_size": 16, "upo_mode": "both"})
 
 
 @pytest.mark.parametrize("native", [True, False])
