@@ -139,7 +139,8 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
         expanded = [row for row in rows for _ in range(n)]
     columns = {key: [r.get(key) for r in expanded] for key in ("answer", "thinking", "domain")}
     score = combine_rewards(config.rewards)
-    rewards = torch.tensor([float("nan") if v is None else v for v in score(texts, **columns)])
+    prompts = [prompts[g * config.num_samples] for g in range(len(rows)) for _ in range(n)]  # the rewards read them
+    rewards = torch.tensor([float("nan") if v is None else v for v in score(texts, prompts=prompts, **columns)])
     non_empty = torch.tensor([bool(t.strip()) for t in texts])  # an empty reply is no side of a pair DPO can use
     pairs = []
     for chosen, rejected, _gap in mine_pairs(rewards, n, config.margin, config.pairs_per_prompt, valid=non_empty):

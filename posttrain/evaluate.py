@@ -238,9 +238,18 @@ def heldout_loss(model, tokenizer, rows: list[dict], limit: int | None = None,
     prompts = [render_prompt(tokenizer, r["prompt"], r.get("thinking")) for r in rows]
     eos = vision.text_tokenizer(tokenizer).eos_token
     # a string, or TRL's conversational form (a list of messages whose last one is the reply)
-    scores = completion_logps(model, tokenizer, prompts, [completion_text(r["completion"]) + eos for r in rows],
-                              batch_size=min(batch_size, SCORE_BATCH), images=_images(rows))
+    replies = [continuation(p, completion_text(r["completion"])) + eos for p, r in zip(prompts, rows)]
+    scores = completion_logps(model, tokenizer, prompts, replies, batch_size=min(batch_size, SCORE_BATCH),
+                              images=_images(rows))
     return -sum(s for s, _ in scores) / max(sum(n for _, n in scores), 1)
+
+
+def continuation(prompt: str, reply: str) -> str:
+    """A reference reply as it continues its rendered prompt: a template whose generation prompt opens the think
+    block itself (ERNIE-4.5-VL's and Qwen3.5's with thinking on end in "<think>") is continued without a second one."""
+    if isinstance(prompt, str) and prompt.rstrip().endswith("<think>") and reply.lstrip().startswith("<think>"):
+        return reply.lstrip()[len("<think>"):]
+    return reply
 
 
 def preference_eval(model, tokenizer, pairs: list[dict], dtype: str = "float32",
@@ -303,7 +312,7 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArgum
             loss = heldout_loss(model, tokenizer, rows, loss_limit, batch_size)
     seconds = {"generate": round(generated - started, 1), "heldout_loss": round(time.perf_counter() - generated, 1)}
     columns = {"answer": [r["answer"] for r in rows], "thinking": [r.get("thinking") for r in rows],
-               "domain": [r.get("domain") for r in rows]}
+               "domain": [r.get("domain") for r in rows], "prompts": prompts}  # TRL passes `prompts` too
     correct = REWARDS["accuracy"](texts, **columns)
     formatted = REWARDS["think_format"](texts, **columns)
     # the ablation's hackable proxy, scored on every evaluation so any two runs compare on it

@@ -7,9 +7,10 @@ pairs. The checks use the trainer's own tokenized data and collator where they c
 """
 
 import logging
+import os
 
 from .errors import UserError, row_name
-from .models.vision import message_text
+from .models.vision import is_processor, message_text
 
 logger = logging.getLogger("posttrain")
 
@@ -200,6 +201,7 @@ def check_prompt_boundary(tokenizer, dataset, name: str, samples: int = 8) -> di
     if "messages" not in dataset.column_names and not ("prompt" in dataset.column_names and reply_column):
         return {}
     checked, mismatched, example, modes = 0, 0, None, {}
+    rewritten, rewrite = 0, None
     for row in dataset.select(range(min(len(dataset), 200))):
         if "messages" in row:
             prompt_turns, reply = (row["messages"] or [])[:-1], (row["messages"] or [])[-1:]
@@ -214,10 +216,17 @@ def check_prompt_boundary(tokenizer, dataset, name: str, samples: int = 8) -> di
         prompt = tokenizer.apply_chat_template(prompt_turns, tokenize=False, add_generation_prompt=True, **kwargs)
         full = tokenizer.apply_chat_template(prompt_turns + reply, tokenize=False, **kwargs)
         if not full.startswith(prompt):
-            continue  # the template renders the prompt differently in a conversation: not a tokenizer matter
+            # the template writes a reply's context otherwise than the prompt it answers (ERNIE-4.5-VL's own drops its
+            # non-thinking prompt's empty think block): the same skew, in the text itself
+            rewritten += 1
+            cut = len(os.path.commonprefix([prompt, full]))
+            rewrite = rewrite or (prompt[cut:], full[cut:cut + 24], mode)
+            continue
+        checked += 1
+        if is_processor(tokenizer):
+            continue  # image rows: the vision collator tokenizes prompt and reply apart, as generation does
         alone = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         joint = tokenizer(full, add_special_tokens=False)["input_ids"]
-        checked += 1
         if joint[:len(alone)] != alone:
             mismatched += 1
             cut = next((i for i, (a, b) in enumerate(zip(alone, joint)) if a != b), len(joint))
@@ -230,7 +239,15 @@ def check_prompt_boundary(tokenizer, dataset, name: str, samples: int = 8) -> di
             "context it will not see when it answers. End the chat template's generation prompt on a token boundary "
             "(e.g. one newline after an empty <think></think> block, as posttrain's chatml template does).",
             name, mismatched, checked, *example)
-    return {"prompt_boundary": f"{mismatched} of {checked} rows differ" if mismatched else f"ok ({checked} rows)"}
+    found = {"prompt_boundary": f"{mismatched} of {checked} rows differ" if mismatched else f"ok ({checked} rows)"}
+    if rewritten:
+        logger.warning(
+            "pre-flight: %s: in %d of %d rows the chat template renders the prompt for generation ending %r, but "
+            "before the reply in training as %r (enable_thinking=%s): the model learns each reply after a context it "
+            "will not see when it answers. Use a chat template that renders both the same way (base.chat_template).",
+            name, rewritten, rewritten + checked, *rewrite)
+        found["prompt_rewritten"] = f"{rewritten} of {rewritten + checked} rows"
+    return found
 
 
 def end_of_turn_ids(tokenizer, chat_template: str | None = None) -> set[int]:

@@ -56,6 +56,23 @@ def answer_text(completion, thinking: bool | None = None) -> str:
     return "" if thinks and "</think>" not in text else text
 
 
+def as_written(completions, prompts=None) -> list:
+    """The completions as the model wrote them in full: a completion whose text prompt ends by opening the think
+    block (the generation prompt of Qwen3.5/3.6's and DeepSeek-R1's own templates ends "<think>\\n") gets its `<think>`
+    back, so it reads as the thinking reply it is (a closed block, or reasoning cut off before `</think>`), not as a
+    tag-free answer. A reply that opens its own block (a stored reference reply) and conversational prompts (TRL passes
+    them unrendered) are left as they are."""
+    prompts = prompts or [None] * len(completions)
+    return ["<think>\n" + completion_text(c) if _think_left_open(p, c) else c
+            for c, p in zip(completions, prompts, strict=True)]
+
+
+def _think_left_open(prompt, completion) -> bool:
+    """Whether a text prompt ends in a `<think>` the completion continues (rather than opening its own)."""
+    return (isinstance(prompt, str) and prompt.rstrip().endswith("<think>")
+            and not completion_text(completion).lstrip().startswith("<think>"))
+
+
 def _reference(value) -> str | None:
     """A reference answer as text, or None when there is none (null or blank): correctness against nothing is not
     applicable, and compared as text, "None" or "" would credit a reply "none" or an empty one."""
@@ -74,6 +91,7 @@ def numeric_accuracy(completions, **kwargs) -> list[float | None]:
     """1.0 if the final answer equals the numeric `answer` (its last number, whole numbers exactly, decimals to 6
     places; fractions, LaTeX, `\\boxed{}` and "the answer is ..." through math-verify), else 0.0. None for rows whose
     reference is not a number."""
+    completions = as_written(completions, kwargs.get("prompts"))
     answers, modes = _column(kwargs, "answer", "numeric_accuracy"), _modes(kwargs, len(completions))
     results = [math_match(answer_text(c, t), a) if a is not None and parse_number(a) is not None else None
                for c, a, t in zip(completions, map(_reference, answers), modes, strict=True)]
@@ -83,6 +101,7 @@ def numeric_accuracy(completions, **kwargs) -> list[float | None]:
 def exact_match(completions, **kwargs) -> list[float | None]:
     """1.0 if the final answer equals `answer` after normalisation (case, surrounding whitespace/punctuation). None
     for rows without a reference."""
+    completions = as_written(completions, kwargs.get("prompts"))
     answers, modes = _column(kwargs, "answer", "exact_match"), _modes(kwargs, len(completions))
     return [None if a is None else float(exact_text_match(answer_text(c, t), a))
             for c, a, t in zip(completions, map(_reference, answers), modes, strict=True)]
@@ -90,6 +109,7 @@ def exact_match(completions, **kwargs) -> list[float | None]:
 
 def multiple_choice(completions, **kwargs) -> list[float | None]:
     """1.0 if the option letter picked by the final answer is the reference letter. None if `answer` is no letter."""
+    completions = as_written(completions, kwargs.get("prompts"))
     answers, modes = _column(kwargs, "answer", "multiple_choice"), _modes(kwargs, len(completions))
     rewards = []
     for completion, reference, thinking in zip(completions, map(_reference, answers), modes, strict=True):
@@ -105,6 +125,7 @@ def accuracy(completions, **kwargs) -> list[float | None]:
     """Correctness against `answer`: for a number, the math comparison alone (math-verify, with a fast path for plain
     numbers); for other references, the math comparison when it says yes (LaTeX, expressions) and `exact_match`'s rule
     otherwise. None for rows without a reference."""
+    completions = as_written(completions, kwargs.get("prompts"))
     answers, modes = _column(kwargs, "answer", "accuracy"), _modes(kwargs, len(completions))
     rewards = []
     for completion, reference, thinking in zip(completions, map(_reference, answers), modes, strict=True):
@@ -177,6 +198,7 @@ def think_format(completions, **kwargs) -> list[float]:
       empty block followed by a non-empty answer;
     - `thinking` None or no `thinking` column: either shape.
     """
+    completions = as_written(completions, kwargs.get("prompts"))
     modes = _modes(kwargs, len(completions))  # the column is optional in the data contract
     return [float(think_format_ok(completion_text(c), None if t is None else bool(t)))
             for c, t in zip(completions, modes, strict=True)]

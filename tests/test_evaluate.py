@@ -96,6 +96,17 @@ def test_scoring_takes_the_evaluations_batch_size_and_chunks_the_vocabulary(tiny
     assert heldout_loss(model, tokenizer, rows, batch_size=2) == pytest.approx(loss, rel=1e-6)
 
 
+def test_a_reference_reply_continues_a_prompt_that_opened_its_think_block():
+    """The held-out loss scores the reference reply after its rendered prompt: where the prompt ends in "<think>" the
+    reply's own "<think>" is not scored a second time (a text never trained on)."""
+    from posttrain.evaluate import continuation
+
+    opened = "User: hi\nAssistant: <think>"
+    assert continuation(opened, "<think>\nx</think>\n\n7") == "\nx</think>\n\n7"
+    assert continuation(opened, "7") == "7"
+    assert continuation("User: hi\nAssistant: ", "<think>\nx</think>\n\n7") == "<think>\nx</think>\n\n7"
+
+
 class Echo:
     """A stand-in model that "replies" with its prompt's last token over and over, so every reply says which prompt
     it answered; it records how many prompts it was given."""

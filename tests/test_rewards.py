@@ -107,6 +107,24 @@ def test_unclosed_thinking_earns_no_correctness_credit():
     assert accuracy([chat("<think>\n40 + 2 = 42")], answer=["42"], thinking=[True]) == [0.0]
 
 
+def test_a_think_block_the_prompt_opened_counts_as_the_replys():
+    """A template whose generation prompt ends by opening the think block (Qwen3.5's, DeepSeek-R1's, ERNIE-4.5-VL's
+    own) leaves the reply without its `<think>`: read alone, a closed chain of thought had no block (format 0) and
+    reasoning cut off by the token budget looked like a plain answer (format 1, accuracy 1). With TRL's `prompts` the
+    rewards read the reply as the model wrote it."""
+    prompts = ["<|im_start|>user\nWhat is 40 + 2?<|im_end|>\n<|im_start|>assistant\n<think>\n"] * 2
+    replies = ["40 + 2 = 42\n</think>\n\n42", "40 + 2 = 42"]  # closed; cut off by the token budget
+    for thinking in (None, True):
+        modes = [thinking] * 2
+        assert think_format(replies, prompts=prompts, thinking=modes) == [1.0, 0.0]
+        assert accuracy(replies, prompts=prompts, answer=["42", "42"], thinking=modes) == [1.0, 0.0]
+    assert think_format(replies, thinking=[None] * 2) == [0.0, 1.0]  # read without the prompt, as before
+    # a reply that opens its own block, and conversational prompts (TRL passes them unrendered), read as they are
+    own = ["<think>\n40 + 2\n</think>\n\n42"]
+    assert think_format(own, prompts=prompts[:1], thinking=[True]) == [1.0]
+    assert think_format(replies[:1], prompts=[[{"role": "user", "content": "hi"}]], thinking=[None]) == [0.0]
+
+
 def test_rewards_accept_string_and_conversational_completions():
     for name in ("accuracy", "numeric_accuracy", "exact_match", "think_format", "hackable_length"):
         plain = REWARDS[name](["42"], answer=["42"], thinking=[False])

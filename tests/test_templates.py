@@ -133,6 +133,33 @@ def test_generation_prompt_is_tokenized_as_in_training(shape, caplog):
     assert "['ĊĊ']" in caplog.text and "['Ċ', 'Ċ'" in caplog.text and "enable_thinking=False" in caplog.text
 
 
+@pytest.mark.parametrize("arch", [None, "qwen2_vl"])
+def test_a_template_that_renders_the_replys_context_otherwise_is_named(arch, tiny_model_path, caplog):
+    """A template whose non-thinking generation prompt prefills an empty think block that its assistant turns lack
+    (ERNIE-4.5-VL's own) teaches every non-thinking reply after a context evaluation and UPO never ask with: the gate
+    says so (it skipped such rows as no tokenizer matter), for a VLM's processor too (it failed on one)."""
+    from datasets import Dataset
+
+    from posttrain import gates
+    from posttrain.models.templates import CHAT_TEMPLATES
+
+    ours = (CHAT_TEMPLATES / "chatml.jinja").read_text()
+    prefill = "{%- if no_think and not content.startswith('<think>') -%}{{- '<think>\\n\\n</think>\\n' -}}{%- endif -%}"
+    assert prefill in ours
+    tokenizer = load_tokenizer(tiny_model_path(arch) if arch else TINY_TOKENIZER)
+    tokenizer.chat_template = ours.replace(prefill, "")
+    if arch:
+        tokenizer.tokenizer.chat_template = tokenizer.chat_template
+    dataset = with_template_kwargs(Dataset.from_dict({"messages": [CHAT] * 2, "thinking": [False, True]}))
+    with caplog.at_level("WARNING", logger="posttrain"):
+        found = gates.check_prompt_boundary(tokenizer, dataset, "rows")
+    assert found["prompt_rewritten"] == "1 of 2 rows" and "enable_thinking=False" in caplog.text
+    tokenizer.chat_template = ours
+    if arch:
+        tokenizer.tokenizer.chat_template = ours
+    assert "prompt_rewritten" not in gates.check_prompt_boundary(tokenizer, dataset, "rows")
+
+
 def test_tiny_tokenizer_ships_the_chatml_template():
     """The tiny test tokenizer carries a copy of chatml.jinja: tests of the template are tests of the copy only while
     the two are the same text (the prefill fix had to change both)."""

@@ -197,6 +197,30 @@ def test_rejects_think_tags_lost_in_decoding(tmp_path, tiny_model_path, tiny_tok
                    peft_config=lora())
 
 
+def test_rewards_read_a_think_block_the_generation_prompt_opened(tmp_path, tiny_model_path, tiny_tokenizer):
+    """Image prompts reach the rewards conversational, as GRPO passes them: rendered first, so a template whose
+    thinking prompt ends by opening <think> (ERNIE-4.5-VL's own, Qwen3.5's) gets a closed chain of thought credited
+    and reasoning cut off by the token budget not (read alone, the other way round)."""
+    import copy
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    opens = "{%- if no_think -%}{{- '<think>\\n\\n</think>\\n' -}}{%- else -%}{{- '<think>\\n' -}}{%- endif -%}"
+    tokenizer.chat_template = tokenizer.chat_template.replace(
+        "{%- if no_think -%}{{- '<think>\\n\\n</think>\\n' -}}{%- endif -%}\n{%- endif -%}", opens + "\n{%- endif -%}")
+    assert opens in tokenizer.chat_template
+    args = UPOConfig(output_dir=str(tmp_path), **TINY, upo_lambda=0.0, rewards={"think_format": 1.0, "accuracy": 1.0},
+                     chat_template_kwargs={"enable_thinking": True})
+    rows = prompts(4).remove_columns("thinking")
+    trainer = UPOTrainer(load_model(tiny_model_path()), args=args, train_dataset=rows, processing_class=tokenizer,
+                         peft_config=lora())
+    prompt = [{"role": "user", "content": "What is 0 + 0?"}]
+    texts = ["0 + 0 = 0\n</think>\n\n0", "0 + 0 = 0"]  # closed; cut off
+    inputs = [{"prompt": prompt, "answer": "0", "domain": "arithmetic"}] * 2
+    completions = [[{"role": "assistant", "content": t}] for t in texts]
+    rewards = trainer._calculate_rewards(inputs, [prompt] * 2, completions, [[1]] * 2)
+    assert rewards.tolist() == [[1.0, 1.0], [0.0, 0.0]]
+
+
 def test_rendered_prompt_drops_bos_the_tokenizer_adds_again():
     from posttrain.trainers.upo_pairs import render_prompt_text
 

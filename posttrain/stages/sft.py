@@ -48,7 +48,7 @@ def main(stage_args: StageArguments, training_args, model_args):
             gates.check_template_markers(tokenizer, training_args.assistant_only_loss)
             text_checks = gates.check_tool_calls(tokenizer, dataset, stage_args.dataset_name)
             gates.check_reasoning(tokenizer, dataset, stage_args.dataset_name)
-            text_checks.update(gates.check_prompt_boundary(tokenizer, dataset, stage_args.dataset_name))
+        text_checks.update(gates.check_prompt_boundary(tokenizer, dataset, stage_args.dataset_name))
     if images:
         dataset = vision_rows(dataset, training_args, stage_args)
 

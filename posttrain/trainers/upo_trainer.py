@@ -57,6 +57,7 @@ from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import nanstd, use_adapter
 
+from ..data import render_prompt
 from ..errors import UserError
 from ..io import write_json
 from ..models import sampling_weights
@@ -284,6 +285,10 @@ class UPOTrainer(GRPOTrainer):
     # Rewards and online pairs (whole generation batch visible)
     # ------------------------------------------------------------------------------------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        if self.args.rewards and prompts and not isinstance(prompts[0], str):
+            # conversational (image) prompts, rendered as GRPO rendered them: the rewards then see a think block the
+            # template's generation prompt opened (`rewards.as_written`)
+            prompts = [render_prompt(self.processing_class, p, extra=self.chat_template_kwargs) for p in prompts]
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)  # gathered
         mode = "train" if self.model.training else "eval"
         column = self.args.normalize_rewards_by or ("domain" if "domain" in inputs[0] else None)
