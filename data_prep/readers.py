@@ -91,6 +91,8 @@ def _decode_line(raw: bytes, max_row_bytes: int) -> tuple[dict | None, str | Non
         row = json.loads(text)
     except json.JSONDecodeError as exc:
         return None, f"not valid JSON ({exc.msg} at column {exc.colno}); expected one complete JSON object per line"
+    except RecursionError:  # json recurses once per level: one row nested thousands deep would end the whole job
+        return None, "nested too deeply to parse; expected one JSON object per line"
     if not isinstance(row, dict):
         return None, f"a JSON {type(row).__name__}, not an object; expected one JSON object per line"
     if has_lone_surrogate(text, row):
@@ -149,6 +151,9 @@ def _read_json(path: str, max_row_bytes: int) -> Iterator[RawRow]:
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); expected a JSON "
                             "array of objects (the rest of the array cannot be read)") from None
+        except RecursionError:  # as in `_decode_line`
+            raise UserError(f"{path}:{line}: an element nested too deeply to parse; expected a JSON array of "
+                            "objects (the rest of the array cannot be read)") from None
         yield _array_element(f"{path}:{line}", text[pos:end], row, max_row_bytes)
         pos = _skip(text, end)
         if pos < len(text) and text[pos] == ",":
@@ -231,7 +236,7 @@ def _json_cell(value: str | None, column: str | None = None):
     if value and value.lstrip()[:1] in ("[", "{"):
         try:
             decoded = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # as in `_decode_line`: kept as the text it is
             return value
         if column in _TEXT_COLUMNS and not _is_conversation(decoded):
             return value

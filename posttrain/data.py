@@ -81,6 +81,8 @@ def _load_file(path: Path, split: str, allow_empty: bool = False):
         from datasets.table import InMemoryTable
 
         return Dataset(InMemoryTable(pq.read_table(path)))  # its schema holds the features `to_parquet` wrote
+    if _FILE_BUILDERS[path.suffix] == "json" and (line := _too_deep_json_line(path)):
+        raise UserError(f"{path}: line {line} is nested too deeply to read; expected {expected}")
     try:
         dataset = load_dataset(_FILE_BUILDERS[path.suffix], data_files={split: str(path)}, split=split)
     except Exception as exc:  # noqa: BLE001 - datasets and Arrow raise many types for one cause: an unreadable file
@@ -89,6 +91,22 @@ def _load_file(path: Path, split: str, allow_empty: bool = False):
     if len(dataset) == 0 and not allow_empty:
         raise UserError(f"{path}: no rows; expected a non-empty {path.suffix[1:]} file")
     return dataset
+
+
+def _too_deep_json_line(path: Path) -> int | None:
+    """The first line nested too deeply for Python's json (~1,000 levels), else None. datasets reads JSON with
+    pyarrow, whose reader overflows its stack on a row nested ~20,000 deep (SIGSEGV: the stage dies without a word);
+    json raises instead. Only lines with that many brackets are parsed, so a usual file costs one pass of counting."""
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.count(b"[") + line.count(b"{") > 1000:
+                try:
+                    json.loads(line)
+                except RecursionError:
+                    return number
+                except ValueError:
+                    pass  # load_dataset's error (and `_bad_json_line`) say what is wrong with it
+    return None
 
 
 def _parquet_rows(path: Path) -> int | None:
@@ -119,7 +137,7 @@ def _bad_json_line(path: Path) -> str:
                 continue
             try:
                 row = json.loads(line)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:  # json recurses once per level: a row nested thousands deep
                 return f"; line {number}: not JSON ({exc})"
             if not isinstance(row, dict):
                 return f"; line {number}: a {type(row).__name__}, not a JSON object"

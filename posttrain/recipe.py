@@ -64,6 +64,9 @@ STAGE_MINIMUMS = {"learning_rate": 0, "lora_r": 1, "per_device_train_batch_size"
 # Set by the pipeline for each stage; a recipe that sets them would silently be overridden, so it is an error.
 RESERVED = {"model_name_or_path", "output_dir", "adapter_path", "tokenizer_name_or_path", "resume_from_checkpoint",
             "eval_dataset", "trust_remote_code", *(f"eval_{f.name}" for f in dataclasses.fields(EvalArguments))}
+# Secrets: the recipe is copied into the run folder, each stage's resolved.yaml, the report and the exported model card
+# (pushed to the Hub), so a token written here would be published with them; the Trainer finds HF_TOKEN itself.
+SECRETS = {"hub_token"}
 
 
 def stage_fields(stage: str, fresh: bool = False) -> tuple[dict[str, Any], bool]:
@@ -176,9 +179,31 @@ def read_recipe(path: Path) -> dict:
     stream = io.StringIO(text)
     stream.name = str(path)  # YAML's errors then say `in "<path>", line 3`, not `in "<unicode string>"`
     try:
-        return yaml.load(stream, Loader=RecipeLoader) or {}
+        raw = yaml.load(stream, Loader=RecipeLoader) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML: {exc}") from exc
+    _check_expanded_size(raw, path)
+    return raw
+
+
+MAX_RECIPE_VALUES = 100_000  # a real recipe has a few hundred
+
+
+def _check_expanded_size(raw, path: Path) -> None:
+    """Refuse a recipe whose YAML aliases repeat so much that it grows huge once written out: each `*alias` is one
+    shared object when loaded, but the fingerprint, resolved.yaml and the report write every repeat (a 1 kB file of
+    nested aliases is 10^9 values: minutes, then out of memory). Counted each time it is reached, and stopped early."""
+    pending, seen = [raw], 0
+    while pending:
+        value = pending.pop()
+        seen += 1
+        if seen > MAX_RECIPE_VALUES:
+            raise UserError(f"{path}: more than {MAX_RECIPE_VALUES:,} values once its YAML aliases (*name) are "
+                            "expanded; a recipe this large is an alias bomb, not a recipe")
+        if isinstance(value, dict):
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
 
 
 class ValueLoader(RecipeLoader):
@@ -309,6 +334,10 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         evaluation = dataclasses.replace(evaluation, dataset=_found(evaluation.dataset, path))
     gates = _gates(raw, list(stages), where)
     data = raw.get("data") or {}
+    for data_name in data if isinstance(data, dict) else ():  # built into <run>/data/<name>, replacing what is there
+        if not isinstance(data_name, str) or not RUN_NAME.fullmatch(data_name) or data_name in (".", ".."):
+            raise UserError(f"{where}: data: {data_name!r} cannot name a data set's folder (<run>/data/<name>); use "
+                            "letters, digits, '.', '_' and '-', e.g. verifiable")
     data_splits = check_data_section(data, where, list(stages))
     accelerate_config = check_type(raw.get("accelerate_config"), TOP_TYPES["accelerate_config"],
                                    f"{where}: accelerate_config")
@@ -475,6 +504,9 @@ def _check_keys(stage: str, mappings: dict[str, dict], fields: dict, where: str)
         for key, value in list(mapping.items()):
             if key == "gate":  # not a stage argument: the pipeline applies it (`_gates`)
                 continue
+            if key in SECRETS:
+                raise UserError(f"{where}: {origin}.{key}: a recipe is copied into the run folder, its report and the "
+                                "model card; set the HF_TOKEN environment variable (or `hf auth login`) instead")
             if key in RESERVED:
                 raise UserError(f"{where}: {origin}.{key}: set by the pipeline for each stage; remove it "
                                 "(the base model goes under `base:`)")

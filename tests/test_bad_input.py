@@ -194,6 +194,9 @@ FILES = [
     ("binary-parquet", "data.parquet", bytes(range(256)) * 2, ["data.parquet", "cannot be read as parquet"]),
     ("bad-second-line", "data.jsonl", b'{"messages": []}\n{"messages": [\n', ["data.jsonl", "line 2", "not JSON"]),
     ("list-line", "data.jsonl", b'{"a": 1}\n[1, 2]\n', ["data.jsonl", "line 2", "not a JSON object"]),
+    # pyarrow's JSON reader (datasets') overflows its stack on such a row: SIGSEGV, not an exception
+    ("nested-too-deep", "data.jsonl", b'{"messages": []}\n{"messages": ' + b"[" * 20_000 + b"]" * 20_000 + b"}\n",
+     ["data.jsonl", "line 2", "nested too deeply"]),
     ("missing-file", "absent.jsonl", None, ["absent.jsonl", "not found"]),
 ]
 

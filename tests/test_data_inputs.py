@@ -422,3 +422,16 @@ def test_a_data_job_is_read_to_its_end_when_our_stderr_is_gone(monkeypatch, tmp_
     job.start()
     job.join(timeout=30)
     assert not job.is_alive()
+
+
+def test_a_row_nested_too_deeply_is_a_bad_row(tmp_path):
+    """json recurses once per nesting level: one hostile row must not end the job with a RecursionError."""
+    path = jsonl(tmp_path / "data.jsonl")
+    with path.open("a") as handle:
+        handle.write('{"instruction": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    assert build("--sources", path, "--output_dir", tmp_path / "out", "--on_error", "skip") == 0
+    assert "nested too deeply" in (tmp_path / "out" / "rejects.jsonl").read_text()
+    array = tmp_path / "data.json"
+    array.write_text("[" + '{"instruction": ' + "[" * 100_000 + "]" * 100_000 + "}]")
+    with pytest.raises(UserError, match=r"data.json:1: an element nested too deeply"):
+        validate.main([str(array)])

@@ -101,6 +101,17 @@ def test_pickled_weights_are_refused(tmp_path):
         load_model(folder)
 
 
+def test_a_pickled_adapter_is_refused(tmp_path):
+    """An adapter folder with only adapter_model.bin: a UserError by name (as `export` gives), not torch.load's
+    traceback, and a hostile pickle never runs."""
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}')
+    (folder / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")  # any pickle
+    with pytest.raises(UserError, match=r"pickled adapter \(adapter_model.bin\) but no adapter_model.safetensors"):
+        load_model(resolve_model("tiny:llama"), adapter=folder)
+
+
 def test_a_broken_cache_entry_is_rebuilt_and_dead_builds_removed(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
     entry = resolve_model("tiny:llama")

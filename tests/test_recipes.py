@@ -445,3 +445,27 @@ def test_an_accelerator_package_a_stage_asks_for_and_lacks_is_refused_at_load(mo
         load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", ["stages.upo.use_vllm=true"])
     with pytest.raises(UserError, match=r"stages.dpo.use_liger_kernel: true, but liger-kernel is not installed"):
         load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", ["stages.dpo.use_liger_kernel=true"])
+
+
+@pytest.mark.parametrize("name", ["..", "../escape", "a/b", "/abs"])
+def test_a_data_name_is_one_plain_folder_name(tmp_path, name):
+    """A data job's output `<run>/data/<name>` replaces whatever folder is there: a name that leaves the run folder
+    would delete a folder anywhere."""
+    raw = yaml.safe_load(TINY)
+    raw["data"] = {name: raw["data"]["verifiable"]}
+    with pytest.raises(UserError, match="data: .* cannot name a data set's folder"):
+        load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", raw=raw)
+
+
+@pytest.mark.parametrize("where", ["shared", "stages.sft"])
+def test_a_token_in_a_recipe_is_refused(where):
+    """The recipe is copied into resolved.yaml, the report and the model card pushed to the Hub."""
+    with pytest.raises(UserError, match=f"{where}.hub_token: .*HF_TOKEN"):
+        load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", [f"{where}.hub_token=hf_secret"])
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    bomb = "\n".join([" a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+                     + [f" a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)])
+    with pytest.raises(UserError, match="more than 100,000 values once its YAML aliases"):
+        load_recipe(_write(tmp_path, TINY + "description: x\nshared_junk:\n" + bomb + "\n"))

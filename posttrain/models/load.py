@@ -323,6 +323,7 @@ def load_model(path: str | Path, adapter: str | Path | None = None, dtype: str =
     if adapter is not None:
         from peft import PeftModel
 
+        _require_safetensors_adapter(Path(adapter))
         moe_lora.install()  # the layers the adapter was trained on (see the module)
         model = PeftModel.from_pretrained(model, str(adapter), adapter_name=adapter_name, is_trainable=is_trainable,
                                           autocast_adapter_dtype=adapter_in_float32)
@@ -339,6 +340,15 @@ def _require_safetensors(folder: Path) -> None:
             f"AutoModelForCausalLM as M; M.from_pretrained('{folder}').save_pretrained('{folder}-safetensors')\" "
             "and point the recipe at the new folder."
         )
+
+
+def _require_safetensors_adapter(folder: Path) -> None:
+    """As `_require_safetensors` for an adapter: PEFT would torch.load a pickled one (weights_only, so a hostile pickle
+    ends in torch's traceback rather than running), and `posttrain export` refuses it anyway."""
+    if (folder / "adapter_model.bin").is_file() and not (folder / "adapter_model.safetensors").is_file():
+        raise UserError(f"{folder} holds a pickled adapter (adapter_model.bin) but no adapter_model.safetensors; "
+                        "posttrain loads safetensors only. Convert it once where you trust it: load it with "
+                        "PeftModel.from_pretrained and save_pretrained it again (PEFT writes safetensors)")
 
 
 def load_for_inference(path: str | Path, adapter: str | Path | None = None, precision: str = "auto",
