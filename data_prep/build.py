@@ -198,7 +198,7 @@ def held_out_split(dataset, test_size: float, seed: int) -> dict:
     (a fraction, or a row count) are held out; the last group drawn may take it a little over."""
     wanted = int(test_size) if test_size >= 1 else math.ceil(test_size * len(dataset))
     groups = {}
-    for i, group in enumerate(dataset["_group"]):
+    for i, group in enumerate(clean.column(dataset, "_group")):
         groups.setdefault(group, []).append(i)
     members, test = list(groups.values()), []
     for g in np.random.default_rng(seed).permutation(len(members)):
@@ -224,7 +224,7 @@ def split_and_mix(dataset, weights: dict[str, float], test_size: float, seed: in
     rng = np.random.default_rng(seed)
     mixed = {}
     for name, data in splits.items():
-        sources = np.asarray(data["_source"]) if len(data) else np.asarray([], dtype=str)
+        sources = np.asarray(clean.column(data, "_source")) if len(data) else np.asarray([], dtype=str)
         picked, left_out = [], []
         for source, weight in weights.items():
             weight = min(weight, 1.0) if name == "test" else weight
@@ -285,7 +285,7 @@ def build_set(cfg, job: str, kinds: tuple[str, ...], command: str) -> dict:
         splits = split_and_mix(dataset, {s.name: s.weight for s in cfg.sources}, cfg.test_size, cfg.seed, rejects)
         counts.append({"step": "mix", "before": len(dataset), "after": sum(len(d) for d in splits.values())})
         card = _card_facts(cfg, job, kind, columns, command, sources, counts, rejects, splits, tokenizer)
-        lengths = [n for d in splits.values() for n in d["_length"]]
+        lengths = [n for d in splits.values() for n in clean.column(d, "_length")]
         public = {name: d.remove_columns([c for c in d.column_names if c.startswith("_")])
                   for name, d in splits.items()}
         card_lib.write_output(out_dir, public, rejects, card, lengths, card["length_unit"], cfg.overwrite,
@@ -301,8 +301,9 @@ def input_paths(cfg) -> list[str]:
 
 def _card_facts(cfg, job, kind, columns, command, sources, counts, rejects, splits, tokenizer) -> dict:
     removed = Counter((r["source"], r["filter"]) for r in rejects)
+    kept = Counter(name for d in splits.values() for name in clean.column(d, "_source"))  # once, not per source
     for stats in sources:
-        stats["rows_kept"] = sum(Counter(d["_source"])[stats["name"]] for d in splits.values())
+        stats["rows_kept"] = kept[stats["name"]]
         stats["removed"] = {step: n for (name, step), n in removed.items() if name == stats["name"]}
     contaminated = sum(1 for r in rejects if r["filter"] == "contamination")
     options = dataclasses.asdict(cfg)
@@ -315,6 +316,6 @@ def _card_facts(cfg, job, kind, columns, command, sources, counts, rejects, spli
         if cfg.decontaminate else None,
         "mix": {"seed": cfg.seed, "test_size": cfg.test_size, "weights": {s.name: s.weight for s in cfg.sources}},
         "length_unit": f"tokens ({cfg.tokenizer})" if tokenizer else "words",
-        "length_stats": card_lib.length_stats([n for d in splits.values() for n in d["_length"]]),
+        "length_stats": card_lib.length_stats([n for d in splits.values() for n in clean.column(d, "_length")]),
         "options_yaml": yaml.safe_dump(options, sort_keys=False, allow_unicode=True),
     }

@@ -107,17 +107,22 @@ def _image_lists(file: Path):
     if file.suffix not in (".jsonl", ".json"):
         return
     try:
-        text = file.read_text(encoding="utf-8")
-        if '"images"' not in text:  # a text-only file is not parsed row by row
-            return
-        rows = ([json.loads(line) for line in text.splitlines() if line.strip()] if file.suffix == ".jsonl"
-                else json.loads(text))
+        if file.suffix == ".jsonl":  # line by line, keeping only each row's images: a data file can be gigabytes
+            with open(file, encoding="utf-8") as handle:
+                rows = [_only_images(json.loads(line)) for line in handle if '"images"' in line]
+        else:
+            text = file.read_text(encoding="utf-8")
+            rows = json.loads(text) if '"images"' in text else []  # a text-only file is not parsed
     except (OSError, ValueError):
         return
     for row in rows if isinstance(rows, list) else []:
         images = row.get("images") if isinstance(row, dict) else None
         if isinstance(images, list):
             yield images
+
+
+def _only_images(row) -> dict | None:
+    return {"images": row.get("images")} if isinstance(row, dict) else None
 
 
 def card_fingerprint(folder: Path) -> str:

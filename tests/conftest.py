@@ -216,3 +216,26 @@ def _check_evaluation(evaluation: dict, n: int) -> None:
 def check_evaluation():
     """Callable: `check_evaluation(metrics["eval"], n)` asserts the evaluation agrees with its own samples."""
     return _check_evaluation
+
+
+@pytest.fixture
+def column_reads(monkeypatch):
+    """Counts datasets' `Column` reads of one row (`column[i]`) and passes over it (`for x in column`): each reads
+    the Arrow table again (~0.1 ms a row read), so per-row loops over them made builds quadratic."""
+    from collections import Counter
+
+    from datasets.arrow_dataset import Column
+
+    reads, getitem, iterate = Counter(), Column.__getitem__, Column.__iter__
+
+    def counted_getitem(self, key):
+        reads["row"] += not isinstance(key, slice)
+        return getitem(self, key)
+
+    def counted_iter(self):
+        reads["pass"] += 1
+        return iterate(self)
+
+    monkeypatch.setattr(Column, "__getitem__", counted_getitem)
+    monkeypatch.setattr(Column, "__iter__", counted_iter)
+    return reads

@@ -128,7 +128,27 @@ def test_a_split_edited_after_its_card_changes_the_fingerprint(tmp_path):
     assert dataset_fingerprint(str(tmp_path / "tasks")) != recorded
 
 
-def test_an_image_edited_in_place_changes_the_fingerprint(tmp_path):
+def test_a_build_passes_over_its_columns_as_often_for_many_sources_as_for_few(tmp_path, column_reads):
+    """The card counted each source's kept rows with a pass over the whole split per source (10k rows in 200 files:
+    61 s): the passes do not grow with the sources."""
+    passes = {}
+    for sources in (3, 12):
+        paths = []
+        for s in range(sources):
+            path = tmp_path / f"{sources}-{s}.jsonl"
+            path.write_text("".join(json.dumps({"instruction": f"q {s} {i}", "output": f"a {s} {i}"}) + "\n"
+                                    for i in range(10)))
+            paths.append(str(path))
+        column_reads.clear()
+        assert build_sft_set.main(["--output_dir", str(tmp_path / f"out{sources}"), "--test_size", "0.1",
+                                   "--sources", *paths]) == 0
+        card = json.loads((tmp_path / f"out{sources}" / "card.json").read_text())
+        assert sum(s["rows_kept"] for s in card["sources"]) == 10 * sources
+        passes[sources] = (column_reads["pass"], column_reads["row"])
+    assert passes[3] == passes[12], passes
+
+
+def test_an_image_edited_in_place_changes_the_fingerprint(tmp_path, monkeypatch):
     """build_sft_set writes image paths: an image edited after the build changes what a stage trains on, so it must
     change the fingerprint (else the stage is skipped as unchanged); the parquet files themselves do not change."""
     from PIL import Image
@@ -153,6 +173,13 @@ def test_an_image_edited_in_place_changes_the_fingerprint(tmp_path):
         before = dataset_fingerprint(str(tmp_path / raw))
         os.utime(tmp_path / "a.png", ns=((tmp_path / "a.png").stat().st_mtime_ns + 10**9,) * 2)
         assert dataset_fingerprint(str(tmp_path / raw)) != before, raw
+    # a .jsonl is read line by line, keeping the image lists only: read whole, a 476 MB file took 2 GB
+    whole = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *args, **kwargs: pytest.fail(f"{self} read whole")
+                        if self.suffix == ".jsonl" else whole(self, *args, **kwargs))
+    before = dataset_fingerprint(str(tmp_path / "vqa.jsonl"))
+    os.utime(tmp_path / "a.png", ns=((tmp_path / "a.png").stat().st_mtime_ns + 10**9,) * 2)
+    assert dataset_fingerprint(str(tmp_path / "vqa.jsonl")) != before
 
 
 def test_a_large_fingerprint_is_kept_while_its_files_are_unchanged(tmp_path, monkeypatch):

@@ -61,6 +61,17 @@ def test_near_dedup_finds_the_copies_at_its_threshold_and_takes_a_threshold_of_o
     assert removed["_origin"] == ["f.jsonl:2"]
 
 
+def test_near_dedup_reads_each_column_once_however_many_candidates(column_reads):
+    """Rows that share a long system prompt are ~70 % alike: most pairs are LSH candidates, and each candidate read
+    its key from the table again (4,000 such rows took 81 s). The columns are read once."""
+    system = prose(7, 150)
+    texts = [f"{system} {prose(1000 + i, 20)}" for i in range(120)]
+    kept, removed = clean.near_dedup(table(texts), threshold=0.95)
+    assert len(kept) == 120 and column_reads["row"] == 0, column_reads
+    copies = clean.near_dedup(table(texts[:20] + texts[:5]), threshold=0.95)[1]
+    assert copies["_origin"] == [f"f.jsonl:{i}" for i in range(21, 26)]
+
+
 def test_decontamination_names_the_ngram_and_eval_set():
     question = "Natalia sold clips to 48 of her friends in April and then she sold half as many clips in May"
     ngrams = clean.eval_ngrams({"gsm8k.jsonl": [question]}, n=13)

@@ -160,6 +160,16 @@ def test_dpo_on_base_model_trains_fresh_adapter(tiny_model_path, tmp_path):
     assert (tmp_path / "dpo" / "adapter_model.safetensors").stat().st_size > 0
 
 
+def test_the_pair_gate_shows_its_progress_on_a_large_set(capsys):
+    """With a tokenizer the gate renders and tokenizes three texts a pair (~1,000 pairs a second): on a large set,
+    minutes before training starts, so a progress bar says what is happening; none on a small one."""
+    pairs = Dataset.from_dict({"prompt": ["q"] * 10_000, "chosen": ["a"] * 10_000, "rejected": ["b"] * 10_000})
+    check_preference_pairs(pairs, "pairs.jsonl")
+    assert "pre-flight: pairs.jsonl" in capsys.readouterr().err
+    check_preference_pairs(pairs.select(range(100)), "pairs.jsonl")
+    assert "pre-flight" not in capsys.readouterr().err
+
+
 def test_pair_gates_name_the_row(tiny_model_path):
     tokenizer = load_tokenizer(tiny_model_path("llama"))
     same = Dataset.from_list([{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a",
