@@ -113,11 +113,11 @@ def plain_trl(stage: str, args: dict):
     elif stage == "dpo":
         trainer = DPOTrainer(args=DPOConfig(**_subset(DPOConfig, args)), **common)
     else:
-        from .rewards import REWARDS
+        from .rewards import reward_function
 
         config = GRPOConfig(**_subset(GRPOConfig, {k: v for k, v in args.items() if k not in UPO_ONLY}),
                             reward_weights=list(args["rewards"].values()))
-        trainer = GRPOTrainer(reward_funcs=[REWARDS[name] for name in args["rewards"]], args=config, **common)
+        trainer = GRPOTrainer(reward_funcs=[reward_function(name) for name in args["rewards"]], args=config, **common)
     trainer.train()
     return trainer
 

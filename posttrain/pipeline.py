@@ -38,6 +38,7 @@ from .nodes import Coordinator, explain_failure
 from .promotion import GateStopped, blocks_chain, promotion
 from .recipe import Recipe
 from .recipe_files import FILE_SUFFIXES, STAGE_DATASET_KEYS, check_recipe_files, named_strings
+from .rewards import custom_reward_files
 from .runlock import RunLock
 from .runs import in_run, renamed, run_state
 
@@ -53,6 +54,13 @@ def read_files(args) -> dict:
     tells, and a job that samples from a stage's adapter carries the stage's weights (`after`)."""
     return {value: lineage.dataset_fingerprint(value) for _, value in named_strings(args, "")
             if Path(value).is_file() or (Path(value) / "card.json").is_file()}
+
+
+def reward_sources(rewards) -> dict[str, str]:
+    """The fingerprint of each reward function of your own (by import path) among `rewards` ({name: weight}), by name:
+    an edited reward trains UPO, and samples the on-policy pairs, again, as edited data does."""
+    names = rewards if isinstance(rewards, dict) else {}
+    return {name: lineage.dataset_fingerprint(source) for name, source in custom_reward_files(names).items()}
 
 
 def interruption(exc: KeyboardInterrupt) -> str:
@@ -315,7 +323,10 @@ class Pipeline:
             if after:  # a job that samples from the stage's weights: rebuilt when they change
                 upstream = {"inputs": json.loads((self.root / after / "lineage.json").read_text())["inputs_hash"],
                             "weights": lineage.weights_fingerprint(self.root / after)}
-            digest = self.digest({"job": spec["job"], "args": args, "after": upstream, "reads": read_files(args)})
+            inputs = {"job": spec["job"], "args": args, "after": upstream, "reads": read_files(args)}
+            if own_rewards := reward_sources(args.get("rewards")):  # the on-policy pair sampler's, as UPO's
+                inputs["rewards"] = own_rewards
+            digest = self.digest(inputs)
             out, stamp = self.data_path(name), self.data_path(name).with_suffix(".inputs")
             if out.is_dir() and stamp.is_file() and stamp.read_text() == digest:
                 console.print(f"[dim]data {name}: up to date[/dim]")
@@ -447,6 +458,7 @@ class Pipeline:
         for index, phase in enumerate(args.get("phases") or []):  # a UPO curriculum phase's own prompt set
             if isinstance(phase, dict) and phase.get("dataset_name"):
                 datasets[f"phases.{index}"] = lineage.dataset_fingerprint(phase["dataset_name"])
+        datasets.update({f"rewards.{name}": source for name, source in reward_sources(args.get("rewards")).items()})
         prev_hash = json.loads((self.root / previous / "lineage.json").read_text())["inputs_hash"] if previous else None
 
         def digest(spelled, left_out, base) -> str:

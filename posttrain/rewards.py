@@ -13,6 +13,7 @@ cut off by the token budget must not earn credit for the last number it happened
 Functions are named exactly as their `REWARDS` key, because TRL logs each one as `rewards/<function name>/mean`.
 """
 
+import importlib
 import re
 from collections.abc import Callable
 
@@ -31,7 +32,8 @@ from .configs import suggest
 from .data import completion_text
 from .errors import UserError
 
-__all__ = ["REWARDS", "combine_rewards", "final_answer", "resolve_rewards"]  # final_answer: kept for importers
+# final_answer: kept for importers
+__all__ = ["REWARDS", "combine_rewards", "final_answer", "resolve_rewards", "reward_function"]
 
 RewardFunc = Callable[..., list]
 _THINK_BLOCK = re.compile(r"\A\s*<think>(.*?)</think>(.*)\Z", re.S)
@@ -242,21 +244,58 @@ REQUIRED_COLUMNS: dict[str, str] = {name: "answer" for name in ("accuracy", "num
 # ----------------------------------------------------------------------------------------------------------------------
 # Combining and normalising
 # ----------------------------------------------------------------------------------------------------------------------
+def reward_function(name: str) -> RewardFunc:
+    """A reward by name: a key of `REWARDS`, or a function of your own by its import path (`my_rewards.brevity`: the
+    function `brevity` of the module `my_rewards`), as TRL's GRPO script takes `reward_funcs`. The module is imported
+    from the Python path (`PYTHONPATH=.` for a my_rewards.py in the folder you run from); the function has our
+    signature, `fn(completions, **kwargs) -> list[float | None]`. A UserError names a name that is neither."""
+    if name in REWARDS:
+        return REWARDS[name]
+    module_name, _, function = str(name).rpartition(".")
+    if not module_name or not function:
+        raise UserError(f"'{name}' is not a reward{suggest(str(name), REWARDS)}; the rewards are {', '.join(REWARDS)}, "
+                        "or a function of your own by its import path (my_rewards.brevity)")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not (module_name == exc.name or module_name.startswith(f"{exc.name}.")):
+            raise  # the module was found, and one it imports was not: its own traceback says which
+        raise UserError(f"reward '{name}': no module '{module_name}' on the Python path; a reward of your own is "
+                        "imported by its module path (PYTHONPATH=. for a my_rewards.py in the folder you run from), "
+                        f"else use one of {', '.join(REWARDS)}") from None
+    func = getattr(module, function, None)
+    if not callable(func):
+        raise UserError(f"reward '{name}': module '{module_name}' ({getattr(module, '__file__', '?')}) has no function "
+                        f"'{function}'")
+    return func
+
+
+def custom_reward_files(names) -> dict[str, str]:
+    """The source file of each reward of your own among `names` (by name), for a stage's inputs: an edited reward
+    function trains the stage again, as edited data does."""
+    import inspect
+
+    files = {}
+    for name in names or ():
+        if name not in REWARDS:
+            source = inspect.getsourcefile(reward_function(name))
+            if source:
+                files[name] = source
+    return files
+
+
 def check_reward_names(names) -> None:
-    """Every name is a reward, or a UserError naming the first that is not, with the closest names and the list. The
-    one check behind the recipe (at load), UPOConfig and `resolve_rewards`."""
-    unknown = [str(name) for name in names if name not in REWARDS]
-    if unknown:
-        raise UserError(f"'{unknown[0]}' is not a reward{suggest(unknown[0], REWARDS)}; the rewards are "
-                        f"{', '.join(REWARDS)}")
+    """Every name is a reward (`reward_function`), or a UserError naming the first that is not. The one check behind
+    the recipe (at load), UPOConfig and `resolve_rewards`."""
+    for name in names:
+        reward_function(name)
 
 
 def resolve_rewards(weights: dict[str, float]) -> tuple[list[RewardFunc], list[float]]:
     """Reward functions and weights, in the order given, from `{name: weight}` (TRL's `reward_funcs`/`reward_weights`)."""
-    check_reward_names(weights)
     if not weights:
         raise UserError("`rewards` is empty; name at least one reward, e.g. {accuracy: 1.0, think_format: 0.5}")
-    return [REWARDS[name] for name in weights], [float(w) for w in weights.values()]
+    return [reward_function(name) for name in weights], [float(w) for w in weights.values()]
 
 
 def combine_rewards(weights: dict[str, float]) -> RewardFunc:

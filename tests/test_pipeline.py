@@ -299,6 +299,30 @@ def test_a_curriculum_phases_own_prompts_are_a_stage_input(tmp_path, monkeypatch
     assert not set(before) & set(pipeline.stage_hashes("upo", pipeline.stage_args("upo", None), None))
 
 
+def test_an_edited_reward_function_of_your_own_trains_upo_again(tmp_path, monkeypatch):
+    """A reward named by import path is part of UPO's inputs through its source file: edited, the stage trains again,
+    as edited data does; the stages before it keep their hashes."""
+    from posttrain.pipeline import Pipeline
+    from posttrain.recipe import load_recipe
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    source = tmp_path / "upo_rewards_edited.py"
+    source.write_text("def brevity(completions, **kwargs):\n    return [0.0 for _ in completions]\n")
+    raw = yaml.safe_load(TINY.read_text())
+    raw["stages"]["upo"]["rewards"] = {"accuracy": 1.0, "upo_rewards_edited.brevity": 0.1}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    pipeline = Pipeline(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "outputs")
+    pipeline.base_hash = "b"
+
+    def hashes(stage):
+        return set(pipeline.stage_hashes(stage, pipeline.stage_args(stage, None), None))
+
+    before, sft = hashes("upo"), hashes("sft")
+    source.write_text("def brevity(completions, **kwargs):\n    return [1.0 for _ in completions]\n")
+    assert not before & hashes("upo") and hashes("sft") == sft
+
+
 def test_a_moved_run_keeps_its_hashes_with_a_path_that_starts_like_its_folder(tmp_path):
     """The run folder's path is written {run} in a step's hash and replaced in `changed_inputs` only where it names
     the folder or a path in it: a dataset in `outputs/<run>-data` (another folder, which does not move with the run)

@@ -195,6 +195,26 @@ def test_resolve_and_combine_rewards_by_name():
         resolve_rewards({"acuracy": 1.0})
 
 
+def test_a_reward_of_your_own_by_its_import_path(tmp_path, monkeypatch):
+    """As TRL's GRPO script takes `reward_funcs`: a dotted name is a function imported from the Python path, combined
+    with ours; a module or function that is not there is a UserError naming it, and a module that fails on its own
+    import keeps its own error."""
+    (tmp_path / "my_rewards.py").write_text("def brevity(completions, **kwargs):\n"
+                                            "    return [1.0 / (1 + len(str(c))) for c in completions]\n")
+    (tmp_path / "broken_rewards.py").write_text("import not_installed_anywhere\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    funcs, weights = resolve_rewards({"accuracy": 1.0, "my_rewards.brevity": 2.0})
+    assert funcs[0] is accuracy and funcs[1].__name__ == "brevity" and weights == [1.0, 2.0]
+    combined = combine_rewards({"accuracy": 1.0, "my_rewards.brevity": 2.0})
+    assert combined(["42", "7"], answer=["42", "42"], thinking=[False, False]) == [1.0 + 2 / 3, 1.0]
+    with pytest.raises(UserError, match=r"reward 'no_such_rewards.brevity': no module 'no_such_rewards' on the Python"):
+        resolve_rewards({"no_such_rewards.brevity": 1.0})
+    with pytest.raises(UserError, match=r"reward 'my_rewards.length': module 'my_rewards' .* has no function 'length'"):
+        resolve_rewards({"my_rewards.length": 1.0})
+    with pytest.raises(ModuleNotFoundError, match="not_installed_anywhere"):
+        resolve_rewards({"broken_rewards.score": 1.0})
+
+
 def test_every_reward_is_named_as_its_key():
     # TRL logs rewards/<function __name__>/mean: the key a recipe uses is the name in the logs
     assert all(func.__name__ == name for name, func in REWARDS.items())

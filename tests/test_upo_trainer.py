@@ -177,6 +177,24 @@ def test_prompts_rendered_per_row_thinking_mode(tmp_path, tiny_model_path, tiny_
     assert [row["thinking"] for row in rows] == [False, True, False, True]  # kept for think_format
 
 
+def test_a_reward_of_your_own_trains_and_is_logged_by_its_name(tmp_path, tiny_model_path, tiny_tokenizer,
+                                                                 monkeypatch):
+    """`rewards: {module.function: weight}` beside ours: GRPO calls it with the dataset's columns and logs it as
+    `rewards/<function>/mean`, as it logs ours."""
+    (tmp_path / "upo_own_rewards.py").write_text(
+        "def token_parity(completions, completion_ids, **kwargs):\n"
+        "    return [float(sum(ids) % 2) for ids in completion_ids]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = UPOConfig(output_dir=str(tmp_path / "out"), **{**TINY, "max_steps": 1}, upo_lambda=0.0,
+                     rewards={"accuracy": 1.0, "upo_own_rewards.token_parity": 1.0})
+    trainer = UPOTrainer(load_model(tiny_model_path()), args=args, train_dataset=prompts(4),
+                         processing_class=tiny_tokenizer, peft_config=lora())
+    trainer.train()
+    logged = [log["rewards/token_parity/mean"] for log in trainer.state.log_history
+              if "rewards/token_parity/mean" in log]
+    assert logged and all(0.0 <= value <= 1.0 for value in logged)
+
+
 def test_rejects_inference_only_adapter(tmp_path, tiny_model_path, tiny_tokenizer):
     model = trained_adapter_model(tiny_model_path())
     for param in model.parameters():

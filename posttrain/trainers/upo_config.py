@@ -45,8 +45,8 @@ class UPOConfig(GRPOConfig):
             processes / num_generations` prompts, mixes in `round(upo_offline_ratio × that)` offline pairs, at least 1,
             shared out over the processes. `1.0` trains on as many offline pairs as prompts.
         rewards (`dict[str, float]` or `None`, *optional*, defaults to `None`):
-            Reward functions by name from `posttrain.rewards.REWARDS`, with their weights, e.g.
-            `{"accuracy": 1.0, "think_format": 0.5}`. Replaces GRPO's positional `reward_weights` (leave that unset): a
+            Reward functions by name from `posttrain.rewards.REWARDS`, or functions of your own by import path
+            (`my_rewards.brevity`), with their weights, e.g. `{"accuracy": 1.0, "think_format": 0.5}`. Replaces GRPO's positional `reward_weights` (leave that unset): a
             recipe then names what it optimises, and the weights cannot drift out of order. When `None`, pass
             `reward_funcs` to the trainer instead.
         normalize_rewards_by (`str` or `None`, *optional*, defaults to `None`):
@@ -129,8 +129,8 @@ class UPOConfig(GRPOConfig):
     rewards: dict[str, float] | str | None = field(
         default=None,
         metadata={
-            "help": "Reward functions by name with weights, e.g. {\"accuracy\": 1.0, \"think_format\": 0.5}. Use "
-            "instead of `reward_weights`."
+            "help": "Reward functions by name (or your own by import path, my_rewards.brevity) with weights, e.g. "
+            "{\"accuracy\": 1.0, \"think_format\": 0.5}. Use instead of `reward_weights`."
         },
     )
     disable_dropout: bool = field(
