@@ -126,8 +126,9 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
     # LoRA merged into the bf16 weights: these replies are only sampled, never scored by the model
     try:
         with autocast(model, config.dtype, option=f"{PROG}: dtype", merge_lora=True):
-            texts, _, _ = generate(model, tokenizer, prompts, config.max_new_tokens, config.batch_size, images=images,
-                                   do_sample=True, temperature=config.temperature, top_p=config.top_p)
+            texts, stopped, _ = generate(model, tokenizer, prompts, config.max_new_tokens, config.batch_size,
+                                         images=images, do_sample=True, temperature=config.temperature,
+                                         top_p=config.top_p)
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise
@@ -135,6 +136,7 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
                         f"sequences a batch and up to {config.max_new_tokens} new tokens: lower batch_size") from exc
     if config.reference_chosen:  # each prompt's group: its reference reply first (it wins ties), then its samples
         texts = [text for g, row in enumerate(rows) for text in (row.get("completion") or "", *texts[g * n:(g + 1) * n])]
+        stopped = [flag for g in range(len(rows)) for flag in (True, *stopped[g * n:(g + 1) * n])]
         n += 1
         expanded = [row for row in rows for _ in range(n)]
     columns = {key: [r.get(key) for r in expanded] for key in ("answer", "thinking", "domain")}
@@ -142,7 +144,7 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
     prompts = [prompts[g * config.num_samples] for g in range(len(rows)) for _ in range(n)]  # the rewards read them
     rewards = torch.tensor([float("nan") if v is None else v for v in score(texts, prompts=prompts, **columns)])
     non_empty = torch.tensor([bool(t.strip()) for t in texts])  # an empty reply is no side of a pair DPO can use
-    pairs = []
+    pairs, cut = [], 0
     for chosen, rejected, _gap in mine_pairs(rewards, n, config.margin, config.pairs_per_prompt, valid=non_empty):
         row = expanded[chosen]
         pairs.append({"prompt": row["prompt"], "chosen": [{"role": "assistant", "content": texts[chosen]}],
@@ -150,6 +152,10 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
                       **({"images": row["images"]} if images else {}), "thinking": row.get("thinking"),
                       "domain": row.get("domain"), "answer": row.get("answer"),
                       "chosen_reward": float(rewards[chosen]), "rejected_reward": float(rewards[rejected])})
+        cut += not (stopped[chosen] and stopped[rejected])
+    if cut:  # DPO renders each side as a finished turn: the end-of-turn token where the budget ran out
+        print(f"{PROG}: {cut} of {len(pairs)} pairs have a reply cut at max_new_tokens={config.max_new_tokens} before "
+              "it ended; DPO trains it as a finished turn, so the model learns to stop there: raise max_new_tokens")
     return pairs
 
 

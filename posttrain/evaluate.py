@@ -175,15 +175,15 @@ SCORE_BATCH = 16
 
 
 def completion_logps(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int = SCORE_BATCH,
-                     images: list | None = None):
+                     images: list | None = None, max_length: int | None = None, truncation_mode: str = "keep_start"):
     """Summed log-prob and token count of each completion given its rendered prompt (teacher forcing); with `images`
-    (one list per prompt), `tokenizer` is a VLM's processor."""
+    (one list per prompt), `tokenizer` is a VLM's processor. Text rows are cut to `max_length` as TRL cuts them."""
     out = [None] * len(prompts)
     for window in length_batches([len(p) + len(c) for p, c in zip(prompts, completions)], batch_size,
                                  longest_first=True):
         texts, replies = [prompts[i] for i in window], [completions[i] for i in window]
         if images is None:
-            batch = _text_layout(tokenizer, texts, replies, model.device)
+            batch = _text_layout(tokenizer, texts, replies, model.device, max_length, truncation_mode)
         else:
             batch = vision.completion_layout(tokenizer, texts, [images[i] for i in window], replies, model.device)
         for i, score in zip(window, _score_completions(model, batch)):
@@ -191,12 +191,16 @@ def completion_logps(model, tokenizer, prompts: list[str], completions: list[str
     return out
 
 
-def _text_layout(tokenizer, prompts: list[str], completions: list[str], device) -> dict:
-    """Prompt + completion token ids, right-padded, with the completion's positions marked in `completion_mask`."""
+def _text_layout(tokenizer, prompts: list[str], completions: list[str], device, max_length: int | None = None,
+                 truncation_mode: str = "keep_start") -> dict:
+    """Prompt + completion token ids, right-padded, with the completion's positions marked in `completion_mask`;
+    each row cut to `max_length` (when given) as TRL's collators cut it."""
     import torch
 
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     replies = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
+    if max_length is not None:
+        ids, replies = zip(*(_cut(p, c, max_length, truncation_mode) for p, c in zip(ids, replies)))
     width = max(len(p) + len(c) for p, c in zip(ids, replies))
 
     def padded(rows, value=0):
@@ -205,6 +209,15 @@ def _text_layout(tokenizer, prompts: list[str], completions: list[str], device) 
     return {"input_ids": padded([p + c for p, c in zip(ids, replies)], tokenizer.pad_token_id),
             "attention_mask": padded([[1] * (len(p) + len(c)) for p, c in zip(ids, replies)]),
             "completion_mask": padded([[0] * len(p) + [1] * len(c) for p, c in zip(ids, replies)])}
+
+
+def _cut(prompt: list[int], reply: list[int], max_length: int, truncation_mode: str) -> tuple[list, list]:
+    """A prompt's and its reply's ids cut to `max_length` together: the end goes (`keep_start`) or the start
+    (`keep_end`), as TRL's DPO collator cuts prompt + reply."""
+    if truncation_mode == "keep_end":
+        drop = max(len(prompt) + len(reply) - max_length, 0)
+        return prompt[min(drop, len(prompt)):], reply[max(drop - len(prompt), 0):]
+    return prompt[:max_length], reply[:max(max_length - len(prompt), 0)]
 
 
 def _score_completions(model, batch: dict) -> list[tuple[float, int]]:
@@ -253,11 +266,13 @@ def continuation(prompt: str, reply: str) -> str:
 
 
 def preference_eval(model, tokenizer, pairs: list[dict], dtype: str = "float32",
-                    batch_size: int = SCORE_BATCH) -> dict:
+                    batch_size: int = SCORE_BATCH, max_length: int | None = None,
+                    truncation_mode: str = "keep_start") -> dict:
     """How often the model itself prefers `chosen` to `rejected`: log π(chosen|x) > log π(rejected|x), summed over
     the reply's tokens. Unlike DPO's reward accuracy it needs no reference model, so base, SFT and DPO compare.
     Scored in `dtype` as `evaluate` scores its held-out loss (bf16: about half the time of float32 on CPU),
-    `batch_size` replies a forward at most (`SCORE_BATCH`)."""
+    `batch_size` replies a forward at most (`SCORE_BATCH`), each pair cut to the stage's `max_length` as TRL cuts
+    it (scored whole, long held-out pairs went past the memory `max_length` was set for, and the context)."""
     was_training = model.training
     model.eval()
     # scored as TRL trains them (`data.preference_texts`)
@@ -270,7 +285,8 @@ def preference_eval(model, tokenizer, pairs: list[dict], dtype: str = "float32",
     replies, images = [t[side] for side in (1, 2) for t in texts], _images(pairs)
     with autocast(model, dtype):
         scores = completion_logps(model, tokenizer, prompts * 2, replies, batch_size=min(batch_size, SCORE_BATCH),
-                                  images=images * 2 if images else None)
+                                  images=images * 2 if images else None, max_length=max_length,
+                                  truncation_mode=truncation_mode)
     chosen, rejected = scores[:len(pairs)], scores[len(pairs):]
     if was_training:
         model.train()

@@ -331,7 +331,10 @@ def check_preference_pairs(dataset, name: str, tokenizer=None, max_length: int |
         elif chosen == rejected:
             reason = "chosen == rejected; expected two different replies"
         elif tokenizer is not None and max_length and truncation_mode == "keep_start":
-            length = len(tokenizer(prompt_text(tokenizer, row), add_special_tokens=False)["input_ids"])
+            # TRL tokenizes a text prompt with the tokenizer's special tokens (Llama-3's and Gemma's BOS): one token
+            # more of `max_length` than the text; a rendered conversation has its own
+            length = len(tokenizer(prompt_text(tokenizer, row),
+                                   add_special_tokens=isinstance(row["prompt"], str))["input_ids"])
             if length >= max_length:
                 reason = (f"the prompt is {length} tokens, so max_length={max_length} would cut every reply token; "
                           "raise max_length or shorten the prompt")

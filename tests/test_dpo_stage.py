@@ -170,6 +170,19 @@ def test_the_pair_gate_shows_its_progress_on_a_large_set(capsys):
     assert "pre-flight" not in capsys.readouterr().err
 
 
+def test_the_pair_gate_counts_the_bos_trl_puts_before_a_text_prompt(tiny_model_path):
+    """TRL tokenizes a text prompt with the tokenizer's BOS (Llama-3, Gemma): a prompt one token short of
+    `max_length` without it leaves TRL no reply token, so the gate refuses it (it passed, and TRL dropped the pair)."""
+    tokenizer = load_tokenizer(tiny_model_path("llama"))
+    tokenizer.add_bos_token = True
+    ids = tokenizer("alpha beta gamma delta " * 20, add_special_tokens=False)["input_ids"]
+    prompt = tokenizer.decode(ids[:31])
+    assert len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) == 31
+    pairs = Dataset.from_list([{"prompt": prompt, "chosen": " yes", "rejected": " no"}])
+    with pytest.raises(UserError, match="the prompt is 32 tokens, so max_length=32 would cut every reply token"):
+        check_preference_pairs(pairs, "pairs.jsonl", tokenizer, max_length=32)
+
+
 def test_pair_gates_name_the_row(tiny_model_path):
     tokenizer = load_tokenizer(tiny_model_path("llama"))
     same = Dataset.from_list([{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a",

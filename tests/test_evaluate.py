@@ -398,6 +398,32 @@ def test_preference_eval_scores_pairs_in_the_context_they_train_in(tiny_model_pa
     assert seen[:2] == [tokenizer.bos_token + "Q: 2 + 3?\nA:", render_prompt(tokenizer, messages, False)]
 
 
+@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
+def test_preference_eval_cuts_pairs_to_max_length_as_trl_does(mode, tiny_model_path):
+    """The held-out pairs are scored on the tokens TRL trains on: cut to the stage's `max_length` as its collator cuts
+    them (scored whole, long pairs went past the memory `max_length` was set for, and past the context)."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from posttrain.evaluate import _text_layout
+
+    path = tiny_model_path("llama")
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    widths = []
+    model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                    with_kwargs=True)
+    long = "one two three " * 40
+    pairs = [{"prompt": [{"role": "user", "content": "Count."}], "chosen": long + "yes", "rejected": long + "no"}]
+    preference_eval(model, tokenizer, pairs, max_length=48, truncation_mode=mode)
+    assert widths and max(widths) <= 48
+    prompt_ids = tokenizer("Count to three.", add_special_tokens=False)["input_ids"]
+    reply_ids = tokenizer(long, add_special_tokens=False)["input_ids"]
+    ours = _text_layout(tokenizer, ["Count to three."], [long], "cpu", 48, mode)
+    trl = DataCollatorForPreference(pad_token_id=0, max_length=48, truncation_mode=mode)(
+        [{"prompt_ids": prompt_ids, "chosen_ids": reply_ids, "rejected_ids": reply_ids}])
+    assert ours["input_ids"][0].tolist() == trl["input_ids"][0].tolist()
+    assert ours["completion_mask"][0].tolist() == trl["completion_mask"][0].tolist()
+
+
 def test_preference_eval_scores_tool_calls_and_tools_as_trl_trains_them(tiny_model_path, monkeypatch):
     """A conversation is scored on the tokens TRL's DPOTrainer trains on: the prompt with the row's tools in the
     system turn, each reply with its tool calls and end-of-turn marker. Before, a reply that only called a tool
@@ -442,6 +468,18 @@ def test_onpolicy_pairs_job(tiny_model_path, task_data, tmp_path):
     assert all(r["chosen"][0]["role"] == "assistant" for r in rows)
     card = json.loads((out / "card.json").read_text())
     assert card["job"] == "build_onpolicy_pairs" and card["splits"]["train"]["rows"] == len(rows)
+
+
+def test_onpolicy_pairs_name_replies_cut_at_the_token_budget(tiny_model_path, task_data, tmp_path, capsys):
+    """A reply cut at `max_new_tokens` before it ended becomes a side DPO renders as a finished turn (the model learns
+    to stop there): the job says how many pairs have one."""
+    from data_prep.build_onpolicy_pairs import main
+
+    assert main(["--model_name_or_path", str(tiny_model_path("llama")), "--prompts", str(task_data),
+                 "--max_train_prompts", "4", "--max_test_prompts", "2", "--num_samples", "3", "--max_new_tokens", "4",
+                 "--rewards", "length_penalty=1.0", "--margin", "0.0", "--output_dir", str(tmp_path / "pairs")]) == 0
+    pairs = len(load_rows(str(tmp_path / "pairs"), "train"))
+    assert pairs and f"of {pairs} pairs have a reply cut at max_new_tokens=4" in capsys.readouterr().out
 
 
 def test_onpolicy_pairs_job_names_a_wrong_adapter_before_loading(tiny_model_path, task_data, tmp_path):

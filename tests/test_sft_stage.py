@@ -119,23 +119,28 @@ def test_rows_cut_to_nothing_are_counted_and_a_test_split_gives_trls_eval_loss(t
     assert losses and all(math.isfinite(x) for x in losses)
 
 
-def test_replies_cut_before_their_end_anywhere_in_the_set_are_counted(tiny_model_path, sft_configs, tmp_path):
+@pytest.mark.parametrize("packing", [False, True])
+def test_replies_cut_before_their_end_anywhere_in_the_set_are_counted(packing, tiny_model_path, sft_configs,
+                                                                      tmp_path):
     """The labels gate collates the first rows only: replies that `max_length` cuts before their end-of-turn token
     further on trained without a word (the model learns replies that do not stop). Every row is counted, a multi-turn
-    row whose earlier reply ended too."""
+    row whose earlier reply ended too; packed (TRL's `bfd` cuts each row it packs), the rows of each sequence, and
+    those left with no reply token, which packing keeps training nothing."""
     from datasets import Dataset
 
     short = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
     long = [{"role": "user", "content": "Count."}, {"role": "assistant", "content": "one two three " * 40}]
+    behind = [{"role": "system", "content": "Answer with care. " * 40}, *short]
     data = tmp_path / "data"
     data.mkdir()
     rows = [{"messages": short}] * 8 + [{"messages": long}] * 4 + [{"messages": short + long}] * 4
-    Dataset.from_list(rows).to_parquet(data / "sft.parquet")
-    configs = sft_configs(tiny_model_path("llama"), data, tmp_path / "out", max_steps=1, max_length=64)
+    Dataset.from_list(rows + [{"messages": behind}] * 2).to_parquet(data / "sft.parquet")
+    configs = sft_configs(tiny_model_path("llama"), data, tmp_path / "out", max_steps=1, max_length=64,
+                          packing=packing)
     configs[0].eval_dataset = None
     sft.main(*configs)
     preflight = json.loads((tmp_path / "out" / "metrics.json").read_text())["preflight"]
-    assert preflight["rows_cut"] == 8 and preflight.get("rows_dropped", 0) == 0
+    assert preflight["rows_cut"] == 8 and preflight["rows_dropped"] == 2
 
 
 def test_neftune_keeps_padded_batches_so_its_noise_is_trls(tiny_model_path, task_data, sft_configs, tmp_path):

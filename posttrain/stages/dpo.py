@@ -98,11 +98,12 @@ def main(stage_args: StageArguments, training_args, model_args):
     elif heldout is not None and trainer.accelerator.is_main_process:
         heldout_rows = vision.as_rows(heldout)  # read once, scored before and after training
         # as many replies a forward as TRL's own evaluation of these pairs scores (its fused head keeps no logits)
-        before = preference_eval(trainer.model, tokenizer, heldout_rows, stage_args.eval_dtype, eval_rows)
+        before = preference_eval(trainer.model, tokenizer, heldout_rows, stage_args.eval_dtype, eval_rows,
+                                 training_args.max_length, truncation)
         trainer.accelerator.print(f"[dpo] held-out preference accuracy before: {before['accuracy']:.1%}")
     result = common.train(trainer, training_args, stage_args)
-    after = (preference_eval(trainer.model, tokenizer, heldout_rows, stage_args.eval_dtype, eval_rows)
-             if before is not None else None)
+    after = (preference_eval(trainer.model, tokenizer, heldout_rows, stage_args.eval_dtype, eval_rows,
+                             training_args.max_length, truncation) if before is not None else None)
     if after:
         trainer.accelerator.print(f"[dpo] held-out preference accuracy after: {after['accuracy']:.1%}")
     extra = {"preference": {"before": before, "after": after}, "preflight": {"pairs_skipped": len(skipped), **preflight}}

@@ -92,14 +92,16 @@ def neftune_problem(training_args) -> str | None:
 
 def report_dropped_rows(trainer, rows: int, training_args, name: str) -> dict:
     """TRL leaves out, without a word, the rows with no trained token left once cut to `max_length` (a reply behind a
-    long prompt): say how many, so a recipe does not train on part of its data unawares."""
+    long prompt; packed, it keeps them, each taking its place in a sequence and training nothing): say how many, so a
+    recipe does not train on part of its data unawares."""
     if training_args.packing:
-        return {}  # packed sequences are not rows: nothing to count
-    dropped = rows - len(trainer.train_dataset)
+        dropped = sum(all(label == -100 for label in labels) for labels in row_labels(trainer, training_args))
+    else:
+        dropped = rows - len(trainer.train_dataset)
     if dropped:
-        logger.warning("pre-flight: %s: %d of %d rows have no reply token left within max_length=%s, so TRL leaves "
-                       "them out of training; raise max_length (or shorten their prompts) to train on them", name,
-                       dropped, rows, training_args.max_length)
+        logger.warning("pre-flight: %s: %d of %d rows have no reply token left within max_length=%s, so they train "
+                       "nothing; raise max_length (or shorten their prompts) to train on them", name, dropped, rows,
+                       training_args.max_length)
     return {"rows_dropped": dropped}
 
 
@@ -108,16 +110,35 @@ def report_cut_replies(trainer, training_args, end_of_turn: set[int], name: str)
     first rows only: the same rows further on trained without a word, on replies that never stop. Count them all
     (a warning, and `rows_cut` in the pre-flight record)."""
     columns = trainer.train_dataset.column_names or []
-    if training_args.packing or training_args.max_length is None or not {"input_ids", "labels"} <= set(columns):
-        return {}  # packed sequences are not rows; without max_length nothing is cut; image rows are collated later
-    rows = trainer.train_dataset.select_columns(["input_ids", "labels"])
-    cut = sum(len(row["input_ids"]) >= training_args.max_length and reply_cut(row["labels"], end_of_turn)
-              for row in rows)
+    if training_args.max_length is None or not {"input_ids", "labels"} <= set(columns):
+        return {}  # without max_length nothing is cut; image rows are collated later
+    rows = cut = 0
+    for labels in row_labels(trainer, training_args):
+        rows += 1
+        cut += len(labels) >= training_args.max_length and reply_cut(labels, end_of_turn)
     if cut:
         logger.warning("pre-flight: %s: %d of %d rows are cut by max_length=%s before their reply's end-of-turn "
-                       "token, so the model learns replies that do not stop; raise max_length (or use "
-                       "truncation_mode: keep_end) to keep it", name, cut, len(rows), training_args.max_length)
+                       "token, so the model learns replies that do not stop; raise max_length (or use %s) to keep it",
+                       name, cut, rows, training_args.max_length,
+                       "packing_strategy: bfd_split" if training_args.packing else "truncation_mode: keep_end")
     return {"rows_cut": cut}
+
+
+def row_labels(trainer, training_args):
+    """Each training row's labels, one row at a time. Packed, the rows of TRL's sequences as `bfd` packing (TRL's
+    default) cut them to `max_length` (`truncation_mode` does not apply there); the other strategies split a long row
+    into pieces trained in other sequences, cutting no reply short: no rows to count."""
+    if not training_args.packing:
+        yield from trainer.train_dataset.select_columns(["labels"])["labels"]
+        return
+    if training_args.packing_strategy != "bfd" or not {"labels", "seq_lengths"} <= set(
+            trainer.train_dataset.column_names or []):
+        return
+    for packed in trainer.train_dataset.select_columns(["labels", "seq_lengths"]):
+        start = 0
+        for length in packed["seq_lengths"]:
+            yield packed["labels"][start:start + length]
+            start += length
 
 
 def reply_cut(labels: list[int], end_of_turn: set[int]) -> bool:
