@@ -67,6 +67,9 @@ RESERVED = {"model_name_or_path", "output_dir", "adapter_path", "tokenizer_name_
 # Secrets: the recipe is copied into the run folder, each stage's resolved.yaml, the report and the exported model card
 # (pushed to the Hub), so a token written here would be published with them; the Trainer finds HF_TOKEN itself.
 SECRETS = {"hub_token"}
+# TRL's ModelConfig quantization (QLoRA) fields: posttrain loads the base model itself and merges LoRA into its weights
+# for evaluation, rollouts and export, which a 4/8-bit base cannot take, so they are refused rather than ignored.
+QUANTIZATION = {"load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_quant_storage"}
 
 
 def stage_fields(stage: str, fresh: bool = False) -> tuple[dict[str, Any], bool]:
@@ -507,6 +510,10 @@ def _check_keys(stage: str, mappings: dict[str, dict], fields: dict, where: str)
             if key in SECRETS:
                 raise UserError(f"{where}: {origin}.{key}: a recipe is copied into the run folder, its report and the "
                                 "model card; set the HF_TOKEN environment variable (or `hf auth login`) instead")
+            if key in QUANTIZATION:
+                raise UserError(f"{where}: {origin}.{key}: a 4/8-bit base model (QLoRA) is not supported; train the "
+                                "LoRA over a bf16 base (dtype: bfloat16) or shard the model over several GPUs "
+                                "(--accelerate-config recipes/accelerate/fsdp.yaml)")
             if key in RESERVED:
                 raise UserError(f"{where}: {origin}.{key}: set by the pipeline for each stage; remove it "
                                 "(the base model goes under `base:`)")

@@ -469,3 +469,11 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
                      + [f" a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)])
     with pytest.raises(UserError, match="more than 100,000 values once its YAML aliases"):
         load_recipe(_write(tmp_path, TINY + "description: x\nshared_junk:\n" + bomb + "\n"))
+
+
+@pytest.mark.parametrize("key", ["load_in_4bit", "load_in_8bit"])
+def test_a_quantized_base_is_refused_not_ignored(key):
+    """TRL's ModelConfig takes QLoRA's flags, but posttrain loads the base model itself and merges LoRA into it for
+    evaluation, rollouts and export: a recipe that set them trained in full precision without a word."""
+    with pytest.raises(UserError, match=f"shared.{key}: a 4/8-bit base model \\(QLoRA\\) is not supported"):
+        load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", [f"shared.{key}=true"])
