@@ -10,8 +10,12 @@ import json
 import re
 from pathlib import Path
 
+from posttrain.data import message_reasoning
+
 ROLES = ("system", "user", "assistant", "tool")
 THINK = re.compile(r"\s*<think>(.*?)</think>\s*", re.S)
+# OpenThoughts', Bespoke-Stratos' and Sky-T1's reasoning block: kept as written (their system prompt asks for it)
+THOUGHT = re.compile(r"\s*<\|begin_of_thought\|>(.*?)<\|end_of_thought\|>", re.S)
 
 
 class RowError(ValueError):
@@ -71,6 +75,8 @@ def split_think(content: str, field: str, answer_optional: bool = False) -> tupl
     """Canonical `<think>` prefix and the turn's mode: True (thinks), False (empty think block), None (no block).
     With `answer_optional` (a turn that calls tools), nothing after `</think>` is fine: the calls follow."""
     match = THINK.match(content)
+    if match is None and (thought := THOUGHT.match(content)) and thought.group(1).strip():
+        return content, True  # a thinking reply in another notation: trained in thinking mode, not after an empty block
     if match is None:
         if content.lstrip().startswith("<think>"):
             raise RowError(field, "opens <think> but never closes it", "'<think>…</think>' then the answer")
@@ -221,7 +227,7 @@ def _check_message(message: dict, role: str, where: str) -> tuple[dict, bool | N
         content = check_content(message.get("content") or "", f"{where}.content", role, allow_empty=True)
         mode = None
         if isinstance(content, str):  # reasoning before a call is trained like any other reply's
-            content = with_reasoning(content, _reasoning(message), where)
+            content = with_reasoning(content, message_reasoning(message), where)
             content, mode = split_think(content, f"{where}.content", answer_optional=True)
         return {"role": role, "content": content, "tool_calls": calls}, mode
     content = message.get("content")
@@ -232,7 +238,7 @@ def _check_message(message: dict, role: str, where: str) -> tuple[dict, bool | N
     out = {"role": role, "content": content}
     mode = None
     if role == "assistant" and isinstance(content, str):
-        content = with_reasoning(content, _reasoning(message), where)
+        content = with_reasoning(content, message_reasoning(message), where)
         out["content"], mode = split_think(content, f"{where}.content")
     elif message.get("reasoning_content"):
         raise RowError(f"{where}.reasoning_content", f"is set on a '{role}' turn", "reasoning on assistant turns only")
@@ -243,10 +249,6 @@ def _check_message(message: dict, role: str, where: str) -> tuple[dict, bool | N
     return out, mode
 
 
-def _reasoning(message: dict):
-    """`reasoning_content`, or its alias `reasoning` when that one is unset (None or absent: parquet pads the key)."""
-    reasoning = message.get("reasoning_content")
-    return reasoning if reasoning is not None else message.get("reasoning")
 
 
 def _is_json_result(content) -> bool:

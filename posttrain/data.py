@@ -231,16 +231,27 @@ def is_data_file(name_or_path: str) -> bool:
     return Path(name_or_path).suffix in _FILE_BUILDERS
 
 
+# The names transformers hands a chat template a reply's reasoning under, in its order (it fills `reasoning_content`
+# from the others): TRL's and OpenAI's, gpt-oss's, and the short one
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def message_reasoning(message: dict):
+    """A message's reasoning, under the first of its names that is set (None or absent: parquet pads the keys)."""
+    return next((message[key] for key in REASONING_FIELDS if message.get(key) is not None), None)
+
+
 def reply_text(completion) -> str:
-    """All of a reply, for telling two replies apart: a string, or its messages' contents with their tool calls (a
-    reply that only calls a tool has no content)."""
+    """All of a reply, for telling two replies apart: a string, or its messages' reasoning, contents and tool calls (a
+    reply that only calls a tool has no content; two that give one answer after other reasoning are a pair)."""
     if isinstance(completion, list):
         parts = []
         for message in completion:
             if not isinstance(message, dict):
                 raise TypeError(f"unexpected message: {type(message).__name__}")
             calls = message.get("tool_calls")
-            parts.append(str(message.get("content") or "") + (json.dumps(calls, sort_keys=True) if calls else ""))
+            parts.append(str(message_reasoning(message) or "") + str(message.get("content") or "")
+                         + (json.dumps(calls, sort_keys=True) if calls else ""))
         return "\n".join(parts)
     return completion_text(completion)
 

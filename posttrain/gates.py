@@ -8,7 +8,9 @@ pairs. The checks use the trainer's own tokenized data and collator where they c
 
 import logging
 import os
+import re
 
+from .data import message_reasoning
 from .errors import UserError, row_name
 from .models.vision import is_processor, message_text
 
@@ -145,15 +147,22 @@ def check_tool_calls(tokenizer, dataset, name: str) -> dict:
     return {"tool_call_row_checked": index}
 
 
+def reply_reasoning(message) -> str | None:
+    """An assistant message's reasoning field (`data.message_reasoning`), when it says something."""
+    if not isinstance(message, dict) or message.get("role") != "assistant":
+        return None
+    reasoning = message_reasoning(message)
+    return reasoning if isinstance(reasoning, str) and reasoning.strip() else None
+
+
 def check_reasoning(tokenizer, dataset, name: str) -> None:
-    """Replies with a `reasoning_content` field (TRL's and OpenAI's form) must keep their reasoning: posttrain's
-    templates, like many, render `content` only, so the reasoning would be dropped from training without a word.
-    Checked on the first such row, rendered as TRL renders it."""
+    """Replies with a reasoning field (`reasoning_content`, TRL's and OpenAI's form, or its aliases `thinking` and
+    `reasoning`) must keep their reasoning: posttrain's templates, like many, render `content` only, so the reasoning
+    would be dropped from training without a word. Checked on the first such row, rendered as TRL renders it."""
     if "messages" not in dataset.column_names:
         return
     for index, messages in enumerate(dataset["messages"]):
-        reasoning = next((m["reasoning_content"] for m in messages or [] if m.get("role") == "assistant"
-                          and isinstance(m.get("reasoning_content"), str) and m["reasoning_content"].strip()), None)
+        reasoning = next(filter(None, map(reply_reasoning, messages or [])), None)
         if reasoning is None:
             continue
         row = dataset[index]
@@ -163,6 +172,43 @@ def check_reasoning(tokenizer, dataset, name: str) -> None:
                             "the chat template renders, so it would be dropped from training. Convert the file with "
                             "`posttrain data build_sft_set --sources FILE --output_dir DIR` (it writes the reasoning "
                             "as a <think> block and sets the row's thinking mode), or use a template that renders it")
+        return
+
+
+def _side_reasoning(reply) -> str | None:
+    """A preference reply's reasoning: its last message's reasoning field, else the text of a leading <think> block."""
+    if isinstance(reply, list):
+        message = reply[-1] if reply and isinstance(reply[-1], dict) else {}
+        reasoning = reply_reasoning(message)
+        if reasoning:
+            return reasoning
+        reply = message.get("content")
+    block = re.match(r"\s*<think>(.*?)</think>", reply, re.S) if isinstance(reply, str) else None
+    return block.group(1).strip() or None if block else None
+
+
+def check_pair_reasoning(tokenizer, dataset, name: str) -> None:
+    """A pair's replies keep their reasoning in what DPO compares (`data.preference_texts`, TRL's tokenization): as a
+    field (`reasoning_content`, ...) under a template that renders `content` only, or as a <think> block under a
+    template that cuts it out of replies (DeepSeek-R1-Distill's own), DPO would prefer one answer over the other
+    without the reasoning that led to it. Checked on the first pair with reasoning."""
+    from .data import preference_texts
+
+    if not {"prompt", "chosen", "rejected"} <= set(dataset.column_names):
+        return  # check_preference_pairs names the missing columns
+    eos = getattr(tokenizer, "tokenizer", tokenizer).eos_token
+    for index, row in enumerate(dataset):
+        reasoning = [_side_reasoning(row[key]) for key in ("chosen", "rejected")]
+        if not any(reasoning):
+            continue
+        texts = preference_texts(tokenizer, row, eos)[1:]
+        for key, said, text in zip(("chosen", "rejected"), reasoning, texts):
+            if said and said.strip() not in text:
+                raise UserError(f"pre-flight: {name} {row_name(index)}: the {key} reply's reasoning is not in the "
+                                "text the chat template renders for it, so DPO would compare the replies without it. "
+                                "Convert the file with `posttrain data build_preference_set --sources FILE "
+                                "--output_dir DIR` (it writes the reasoning as a <think> block), or set "
+                                "base.chat_template to a template that renders it (chatml, ernie4_5, or a .jinja file)")
         return
 
 

@@ -265,6 +265,23 @@ def test_reasoning_before_a_tool_call_is_kept():
     assert record["thinking"] is True
 
 
+def test_reasoning_under_its_gpt_oss_name_and_in_openthoughts_markers_is_thinking():
+    """transformers hands a template a reply's reasoning as `reasoning_content`, `thinking` (gpt-oss's) or `reasoning`:
+    `thinking` was dropped, reasoning and mode with it. OpenThoughts-style `<|begin_of_thought|>` blocks (kept as
+    written: their system prompts ask for them) were trained after an empty think block, as non-thinking replies."""
+    reply = {"role": "assistant", "content": "5", "thinking": "Two and three make five."}
+    record = convert("messages", {"messages": [{"role": "user", "content": "2 + 3?"}, reply]})
+    assert record["messages"][1]["content"] == "<think>\nTwo and three make five.\n</think>\n\n5"
+    assert record["thinking"] is True
+    pair = convert("preference", {"prompt": [{"role": "user", "content": "2 + 3?"}], "chosen": [reply],
+                                  "rejected": [{"role": "assistant", "content": "6", "thinking": "Two and three."}]})
+    assert pair["chosen"][0]["content"].startswith("<think>\nTwo and three make five.") and pair["thinking"] is True
+    thought = "<|begin_of_thought|>\n2 + 3 = 5\n<|end_of_thought|>\n\n<|begin_of_solution|>5<|end_of_solution|>"
+    record = convert("sharegpt", {"conversations": [{"from": "human", "value": "2 + 3?"},
+                                                    {"from": "gpt", "value": thought}]})
+    assert record["messages"][1]["content"] == thought and record["thinking"] is True
+
+
 def test_csv_replies_that_look_like_json_stay_text(tmp_path):
     path = tmp_path / "pc.csv"
     path.write_text('prompt,completion\n"First three primes as JSON.","[2, 3, 5]"\n'

@@ -233,6 +233,38 @@ def test_pairs_that_differ_only_in_their_tool_calls_are_two_replies():
         check_preference_pairs(same, "p")
 
 
+def test_pairs_keep_their_reasoning_in_what_dpo_compares(tiny_model_path):
+    """DPO compares the replies as the chat template renders them: reasoning in a field a template does not render
+    (chatml renders `content`), or a <think> block a template cuts out of replies (DeepSeek-R1-Distill's own), left
+    the answers alone, and two replies that differ in their reasoning only were refused as the same."""
+    from pathlib import Path
+
+    import trl
+
+    from posttrain.gates import check_pair_reasoning
+
+    prompt = [{"role": "user", "content": "2 + 3?"}]
+
+    def pair(chosen, rejected, **fields):
+        return Dataset.from_list([{"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen, **fields}],
+                                   "rejected": [{"role": "assistant", "content": rejected, **fields}]}])
+
+    chatml = load_tokenizer(tiny_model_path("llama"), "chatml")
+    with pytest.raises(UserError, match=r"p row 1 \(counting from 1\): the chosen reply's reasoning is not in the text"):
+        check_pair_reasoning(chatml, pair("5", "6", reasoning_content="Two and three."), "p")
+    think = pair("<think>\nTwo and three make five.\n</think>\n\n5", "<think>\nTwo and three.\n</think>\n\n6")
+    check_pair_reasoning(chatml, think, "p")
+    r1 = load_tokenizer(tiny_model_path("llama"))
+    r1.chat_template = (Path(trl.__file__).parent / "chat_templates" / "deepseek_r1_distill.jinja").read_text()
+    with pytest.raises(UserError, match="reasoning is not in the text"):
+        check_pair_reasoning(r1, think, "p")
+    # the same answer after other reasoning: two replies, not chosen == rejected
+    rows = Dataset.from_list([{"prompt": prompt,
+                               "chosen": [{"role": "assistant", "content": "5", "reasoning_content": "2 + 3 = 5."}],
+                               "rejected": [{"role": "assistant", "content": "5", "reasoning_content": "Guess."}]}])
+    assert len(check_preference_pairs(rows, "p")[0]) == 1
+
+
 def test_held_out_pairs_from_a_single_file_are_refused(tiny_model_path, tmp_path):
     """One data file holds one split: any split name reads all of it, so "test" pairs would be the training pairs."""
     from trl import DPOConfig, ModelConfig

@@ -156,15 +156,17 @@ def test_neftune_keeps_padded_batches_so_its_noise_is_trls(tiny_model_path, task
     assert sft.main(*configs).data_collator.padding_free  # without NEFTune: the speed default
 
 
-def test_gate_reasoning_the_template_drops():
-    """A reply's `reasoning_content` (TRL's and OpenAI's form) that the chat template does not render would be
-    dropped from training without a word: refused, naming the row; the same reply as a <think> block passes."""
+@pytest.mark.parametrize("field", ["reasoning_content", "thinking", "reasoning"])
+def test_gate_reasoning_the_template_drops(field):
+    """A reply's reasoning field (`reasoning_content`, TRL's and OpenAI's form, or the names transformers takes for
+    it) that the chat template does not render would be dropped from training without a word: refused, naming the
+    row; the same reply as a <think> block passes."""
     from datasets import Dataset
 
     from posttrain.models import resolve_model
 
     tokenizer = load_tokenizer(resolve_model("tiny:llama"), "chatml")
-    reply = {"role": "assistant", "content": "4", "reasoning_content": "Two and two make four."}
+    reply = {"role": "assistant", "content": "4", field: "Two and two make four."}
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
             {"messages": [{"role": "user", "content": "What is 2 + 2?"}, reply]}]
     with pytest.raises(UserError, match=r"data.jsonl row 2 \(counting from 1\): the reply's reasoning_content is"):

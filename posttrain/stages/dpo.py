@@ -34,6 +34,8 @@ def load_pairs(stage_args, split: str, tokenizer, max_length: int | None, trunca
     skipped = []
     images = vision.has_images(dataset)
     if stage_args.preflight:
+        if not images:  # first: a template that drops the reasoning can make two replies look the same below
+            gates.check_pair_reasoning(tokenizer, dataset, name)
         # Image prompts: text length says little about token length; the image-token gate checks truncation instead
         dataset, skipped = gates.check_preference_pairs(dataset, name, None if images else tokenizer, max_length,
                                                         allow_skip=stage_args.skip_bad_rows,
