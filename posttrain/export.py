@@ -22,7 +22,7 @@ from pathlib import Path
 from .console import console
 from .errors import UserError, make_folder
 from .io import replace_dir, write_json
-from .runs import stage_ref
+from .runs import hub_snapshot, stage_ref
 
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
           "fp16": "float16", "float16": "float16"}
@@ -70,11 +70,11 @@ def run_export(request: ExportRequest) -> Path:
         raise UserError("--dtype applies to merged weights; add --merge (the adapter is exported as trained)")
     if (request.private or request.revision) and not request.push_to_hub:
         raise UserError("--private and --revision describe the Hub upload; add --push-to-hub ORG/NAME")
+    ref.check_base_model()  # before its config.json is read for the dtype
     dtype = DTYPES.get(request.dtype) if request.dtype else DTYPES.get(_config_dtype(ref.base_model), "float32")
     if dtype is None:
         raise UserError(f"--dtype {request.dtype}: choose one of {', '.join(sorted(set(DTYPES)))}")
     _check_adapter_folder(ref)
-    ref.check_base_model()
     out = Path(request.out) if request.out else ref.run / "exports" / (f"{ref.stage}-merged" if request.merge
                                                                          else ref.stage)
     _check_not_in_run(out, ref.run)
@@ -90,7 +90,8 @@ def run_export(request: ExportRequest) -> Path:
         console.print(f"exporting {ref.run.name}/{ref.stage} ({'merged, ' + dtype if request.merge else 'adapter'})…")
         checks = write_merged(ref, tmp, dtype) if request.merge else write_adapter(ref, tmp)
         manifest = {"run": ref.run.name, "stage": ref.stage, "kind": "merged" if request.merge else "adapter",
-                    "base_model": public_base_name(ref.run, ref.stage), "verification": checks,
+                    "base_model": public_base_name(ref.run, ref.stage),
+                    "base_revision": public_base(ref.run, ref.stage)[1], "verification": checks,
                     **({"forced": forced} if forced else {})}
         write_json(tmp / "export.json", manifest)
         write_card(tmp, ref.run, ref.stage, manifest, model_id=request.push_to_hub or str(out),
@@ -176,10 +177,20 @@ def _config_dtype(model_path: str) -> str:
 
 def public_base_name(run: Path, stage: str) -> str:
     """The base model as the recipe named it (a Hub id, `tiny:<arch>`), or an absolute path for a local folder."""
+    return public_base(run, stage)[0]
+
+
+def public_base(run: Path, stage: str) -> tuple[str, str | None]:
+    """(name, Hub commit) of the base model as a stranger loads it: a Hub id (also for a folder of the Hub cache the
+    recipe named) with the commit of the snapshot the run trained on, since `main` moves on and the adapter on other
+    weights is another model; else the recipe's name (`tiny:<arch>`, a GGUF's Hub id) or a local folder's absolute
+    path, with no commit."""
     lineage = json.loads((Path(run) / stage / "lineage.json").read_text())
-    name = lineage["base_model"]["name"]
+    name, snapshot = lineage["base_model"]["name"], hub_snapshot(Path(lineage["base_model"]["path"]))
     local = Path(name).expanduser()
-    return str(local.resolve()) if not name.startswith("tiny:") and local.is_dir() else name
+    if snapshot and (not local.is_dir() or local.resolve() == Path(lineage["base_model"]["path"]).resolve()):
+        return snapshot
+    return (str(local.resolve()) if not name.startswith("tiny:") and local.is_dir() else name), None
 
 
 # ---------------------------------------------------------------------------------------------------------- writing
@@ -190,7 +201,8 @@ def write_adapter(ref, out: Path) -> dict:
     src = Path(ref.adapter)
     shutil.copyfile(src / "adapter_model.safetensors", out / "adapter_model.safetensors")
     config = json.loads((src / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = public_base_name(ref.run, ref.stage)
+    # PEFT's AutoPeftModel loads the base at `revision`: the snapshot this adapter was trained on
+    config["base_model_name_or_path"], config["revision"] = public_base(ref.run, ref.stage)
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     save_tokenizer(ref.tokenizer, out)
     tensors = load_file(out / "adapter_model.safetensors")

@@ -20,7 +20,7 @@ ADAPTER_SNIPPET = '''import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-base = AutoModelForCausalLM.from_pretrained("{base}", dtype=torch.float32)
+base = AutoModelForCausalLM.from_pretrained("{base}"{base_revision}, dtype=torch.float32)
 model = PeftModel.from_pretrained(base, {model})
 tokenizer = AutoTokenizer.from_pretrained({model})
 '''
@@ -66,8 +66,9 @@ def write_card(out: Path, run: Path, stage: str, manifest: dict, model_id: str, 
                          license or default_license(manifest["base_model"], recipe["base"]), vision)
     body = [
         _title(run, stage, chain, manifest, recipe),
-        "## Usage\n\n```python\n" + snippet(manifest["base_model"], model_id, merged, revision,
-                                             vision=vision) + "```" + _moe_note(out, merged),
+        "## Usage\n\n```python\n" + snippet(manifest["base_model"], model_id, merged, revision, vision=vision,
+                                             base_revision=manifest.get("base_revision")) + "```"
+        + _moe_note(out, merged),
         _results(info),
         _training(run, chain, info, manifest["base_model"]),
         _recipe_section(recipe),
@@ -102,15 +103,19 @@ TINY_BASE = '''from posttrain.models import resolve_model  # {base} is a tiny te
 '''
 
 
-def snippet(base: str, model_id: str, merged: bool, revision: str | None = None, vision: bool = False) -> str:
+def snippet(base: str, model_id: str, merged: bool, revision: str | None = None, vision: bool = False,
+            base_revision: str | None = None) -> str:
     model_id = f'"{model_id}"' + (f', revision="{revision}"' if revision else "")  # a pushed branch, not main
+    # the Hub commit the adapter was trained on: the base's `main` moves on
+    base_revision = f', revision="{base_revision}"' if base_revision else ""
     if merged:
         head = MERGED_SNIPPET.format(model=model_id)
     elif base.startswith("tiny:"):  # no Hub id or folder to name: the model posttrain trained on, built the same way
-        head = TINY_BASE.format(base=base) + ADAPTER_SNIPPET.format(base=base, model=model_id).replace(
+        head = TINY_BASE.format(base=base) + ADAPTER_SNIPPET.format(base=base, model=model_id,
+                                                                    base_revision="").replace(
             f'"{base}"', f'resolve_model("{base}")')
     else:
-        head = ADAPTER_SNIPPET.format(base=base, model=model_id)
+        head = ADAPTER_SNIPPET.format(base=base, model=model_id, base_revision=base_revision)
     if vision:
         for text, replacement in VISION_SNIPPET.items():
             head = head.replace(text, replacement)

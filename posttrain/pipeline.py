@@ -56,6 +56,20 @@ def read_files(args) -> dict:
             if Path(value).is_file() or (Path(value) / "card.json").is_file()}
 
 
+def hub_commits(args) -> dict:
+    """The commit `main` names in the local Hugging Face cache for each Hub model id among a data job's arguments (a
+    job sampling from `org/name` itself rather than `{base}`, which is a snapshot folder): `main` moving on to other
+    weights changes what the job samples from, not its arguments."""
+    from huggingface_hub import constants
+
+    commits = {}
+    for _, value in named_strings(args, ""):
+        ref = Path(constants.HF_HUB_CACHE) / f"models--{value.replace('/', '--')}" / "refs" / "main"
+        if value.count("/") == 1 and not Path(value).exists() and ref.is_file():
+            commits[value] = ref.read_text().strip()
+    return commits
+
+
 def reward_sources(rewards) -> dict[str, str]:
     """The fingerprint of each reward function of your own (by import path) among `rewards` ({name: weight}), by name:
     an edited reward trains UPO, and samples the on-policy pairs, again, as edited data does."""
@@ -324,8 +338,11 @@ class Pipeline:
                 upstream = {"inputs": json.loads((self.root / after / "lineage.json").read_text())["inputs_hash"],
                             "weights": lineage.weights_fingerprint(self.root / after)}
             inputs = {"job": spec["job"], "args": args, "after": upstream, "reads": read_files(args)}
+            # each only when there is some, so other jobs keep their digests
             if own_rewards := reward_sources(args.get("rewards")):  # the on-policy pair sampler's, as UPO's
                 inputs["rewards"] = own_rewards
+            if commits := hub_commits(args):
+                inputs["hub"] = commits
             digest = self.digest(inputs)
             out, stamp = self.data_path(name), self.data_path(name).with_suffix(".inputs")
             if out.is_dir() and stamp.is_file() and stamp.read_text() == digest:

@@ -34,10 +34,24 @@ class StageRef:
 
     def check_base_model(self) -> None:
         """Before loading: the base model the run trained on is still where the run recorded it."""
-        if not Path(self.base_model).is_dir():
-            raise UserError(f"{self.run}: the base model this run trained on is not at {self.base_model} any more (a "
-                            "cleared cache, or the run moved from another machine); `posttrain run` of the same "
-                            "recipe converts or caches it again, then this command works")
+        if Path(self.base_model).is_dir():
+            return
+        snapshot = hub_snapshot(Path(self.base_model))
+        if snapshot:  # running the recipe again would take the revision's commit now, not this one
+            again = f"hf download {snapshot[0]} --revision {snapshot[1]} puts that snapshot back"
+        else:
+            again = "`posttrain run` of the same recipe converts or caches it again"
+        raise UserError(f"{self.run}: the base model this run trained on is not at {self.base_model} any more (a "
+                        f"cleared cache, or the run moved from another machine); {again}, then this command works")
+
+
+def hub_snapshot(folder: Path) -> tuple[str, str] | None:
+    """(`org/name`, commit) of a snapshot folder of the Hugging Face cache (`models--org--name/snapshots/<commit>`,
+    where a Hub id cannot hold `--`), else None."""
+    repo = folder.parent.parent.name
+    if folder.parent.name != "snapshots" or not repo.startswith("models--"):
+        return None
+    return repo.removeprefix("models--").replace("--", "/"), folder.name
 
 
 def run_state(run: Path, say=None) -> dict:

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from posttrain import cli
+from posttrain.export import public_base
 from posttrain.models import load_model
 
 FAKE_TOKEN = "hf_FAKEfakeFAKEfake0123456789secret"
@@ -126,6 +127,35 @@ def test_adapter_export_skips_ref_and_names_hub_base(run, tmp_path):
     metadata = yaml.safe_load(card.split("---")[1])
     assert metadata["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and metadata["library_name"] == "peft"
     assert 'from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct"' in card
+
+
+def test_an_adapter_names_the_hub_snapshot_it_was_trained_on(run, tmp_path, capsys):
+    """`main` moves on: the adapter's config (PEFT's AutoPeftModel loads the base at its `revision`) and the card's
+    code name the Hub commit the stage trained on, also when the recipe named the snapshot folder itself (it named a
+    cache path). A snapshot cleared since is named with the command that puts it back, before any traceback."""
+    import yaml
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    snapshot = tmp_path / "hub" / "models--org--name" / "snapshots" / "0123abc"
+    snapshot.parent.mkdir(parents=True)
+    snapshot.symlink_to(base_path(run).resolve())
+    lineage = json.loads((copy / "sft" / "lineage.json").read_text())
+    lineage["base_model"].update(name=str(snapshot), path=str(snapshot))
+    (copy / "sft" / "lineage.json").write_text(json.dumps(lineage))
+    assert export(copy, "--out", tmp_path / "out", "--license", "apache-2.0")[0] == 0
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == ("org/name", "0123abc")
+    assert 'from_pretrained("org/name", revision="0123abc"' in (tmp_path / "out" / "README.md").read_text()
+    lineage["base_model"]["name"] = "org/name"  # named by its Hub id
+    (copy / "sft" / "lineage.json").write_text(json.dumps(lineage))
+    assert public_base(copy, "sft") == ("org/name", "0123abc")
+    resolved = copy / "sft" / "resolved.yaml"
+    gone = tmp_path / "hub" / "models--o--n" / "snapshots" / "fedcba9"
+    resolved.write_text(yaml.safe_dump({**yaml.safe_load(resolved.read_text()), "model_name_or_path": str(gone)}))
+    capsys.readouterr()
+    assert export(copy, "--out", tmp_path / "gone")[0] != 0
+    assert "hf download o/n --revision fedcba9 puts that snapshot back" in " ".join(capsys.readouterr().out.split())
 
 
 # ---------------------------------------------------------------------------------------------------------- merged

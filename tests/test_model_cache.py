@@ -59,6 +59,32 @@ def test_a_cached_snapshot_without_weights_is_not_the_model(hub_cache, monkeypat
 def test_offline_and_not_cached_says_hf_download(hub_cache):
     with pytest.raises(UserError, match=r"not in the local Hugging Face cache.*\(hf download someorg/absent\)"):
         resolve_model("someorg/absent")
+    # a pinned revision: `hf download` of main would leave the run failing the same way
+    with pytest.raises(UserError, match=r"someorg/absent' at revision 'v2' .*hf download someorg/absent --revision v2"):
+        resolve_model("someorg/absent", revision="v2")
+
+
+def test_a_snapshot_whose_weights_link_to_a_removed_blob_is_only_partly_cached(hub_cache):
+    """A snapshot's files are links to blobs: a blob removed by a cleanup leaves a link to nothing, which was taken for
+    the weights (a traceback later, from fingerprinting)."""
+    snapshot = hub_cache("someorg/dangling", ["config.json", "tokenizer.json", "tokenizer_config.json"])
+    (snapshot / "model.safetensors").symlink_to(snapshot.parent.parent / "blobs" / "removed")
+    with pytest.raises(UserError, match=r"only partly .*no \*\.safetensors weights.*hf download someorg/dangling"):
+        resolve_model("someorg/dangling")
+
+
+def test_a_full_disk_while_building_a_cache_entry_names_the_cache(tmp_path, monkeypatch):
+    """The model cache is often on another disk than the run (the home folder): the error names the one that
+    filled and how to move the cache, not the run folder."""
+    import errno
+
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
+
+    def build(out):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(UserError, match=r"no space left on .*cache.*model cache entry x \(\$POSTTRAIN_CACHE moves"):
+        load.cache_entry("x", build)
 
 
 @pytest.mark.parametrize(("value", "offline"), [("1", True), ("true", True), ("ON", True), ("yes", True),

@@ -163,3 +163,13 @@ def test_a_built_in_template_makes_its_end_of_reply_token_the_eos(tiny_model_pat
     tokenizer = load_tokenizer(path, chat_template="ernie4_5")
     assert tokenizer.eos_token == "<|end_of_sentence|>" and tokenizer.pad_token != tokenizer.eos_token
     assert load_tokenizer(path, chat_template="chatml").eos_token == "<|im_end|>"
+
+
+def test_a_gguf_named_as_a_hub_file_says_it_is_a_path():
+    """transformers reads `gguf_file` as a file of the Hub repository; in a recipe it is a path (the Hub id names the
+    original model, for the card): the error says so, and how to get the cached file's path."""
+    from posttrain.errors import UserError
+    from posttrain.models import resolve_model
+
+    with pytest.raises(UserError, match=r"GGUF file not found: /.*missing\.gguf\. gguf_file is a path .*hf download"):
+        resolve_model("org/name-GGUF", gguf_file="missing.gguf")

@@ -490,6 +490,35 @@ def test_a_job_after_a_stage_is_rebuilt_when_the_stage_saved_other_weights(tmp_p
     assert build() == 1, "the same inputs hash, other weights: sampled again"
 
 
+def test_a_job_that_names_a_hub_model_is_rebuilt_when_main_moves(tmp_path, monkeypatch):
+    """A data job sampling from `org/name` itself (not `{base}`, a snapshot folder): `main` moving to other weights
+    in the local Hugging Face cache changes what it samples from, not its arguments; it is sampled again."""
+    from huggingface_hub import constants
+
+    from posttrain import datajobs
+    from posttrain.pipeline import Pipeline
+    from posttrain.recipe import load_recipe
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    main = tmp_path / "hub" / "models--org--name" / "refs" / "main"
+    main.parent.mkdir(parents=True)
+    main.write_text("aaaa")
+    built = []
+    monkeypatch.setattr(datajobs, "run_job", lambda job, args, out: built.append(job) or Path(out).mkdir(parents=True))
+    raw = {"name": "r", "base": {"model_name_or_path": "tiny:llama"}, "stages": {"sft": {"dataset_name": "x"}},
+           "data": {"pairs": {"job": "build_onpolicy_pairs", "model_name_or_path": "org/name"}}}
+    pipeline = Pipeline(load_recipe(tmp_path / "r.yaml", raw=raw), tmp_path / "out")
+
+    def build():
+        built.clear()
+        pipeline.build_data(after=None)
+        return len(built)
+
+    assert build() == 1 and build() == 0, "built once, then up to date"
+    main.write_text("bbbb")
+    assert build() == 1, "main names other weights: sampled again"
+
+
 def test_a_full_model_stage_retrained_in_the_same_shapes_has_another_weights_fingerprint(tmp_path):
     """A full fine-tune (no adapter) saved again from the same inputs writes files of the same names and sizes; its
     fingerprint reads the weights themselves (sampled), so what samples from the stage is rebuilt."""

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..checkpoints import file_problem
-from ..errors import UserError
+from ..errors import UserError, disk_full_error, is_disk_full
 from ..io import remove_leftovers, save_pretrained
 from . import moe_lora, tiny
 from .templates import chat_template_text, end_turns_with
@@ -46,6 +46,12 @@ def find_gguf(gguf_file: str, gguf_package: str | None) -> Path:
         path = Path(spec.submodule_search_locations[0]) / gguf_file
     else:
         path = Path(gguf_file)
+    if not path.is_file() and not gguf_package and not path.is_absolute():
+        # transformers reads `gguf_file` as a file of the Hub repository; here it is a path (the model's Hub id names
+        # the original model for the card), and `hf download` prints a cached file's path without downloading again
+        raise UserError(f"GGUF file not found: {path.resolve()}. gguf_file is a path (or a file inside gguf_package), "
+                        f"not a file of a Hub repository: for a GGUF on the Hub, set gguf_file to the path that "
+                        f"`hf download ORG/NAME-GGUF {path}` prints")
     if not path.is_file():
         raise UserError(f"GGUF file not found: {path}")
     return path
@@ -176,7 +182,14 @@ def cache_entry(name: str, build: Callable[[Path], Path]) -> Path:
         shutil.rmtree(out)
     # SIGKILLed builds leave their hidden temporary folders here (a converted model is hundreds of MB)
     remove_leftovers(out.parent)
-    return build(out)
+    try:
+        return build(out)
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        # the cache is often on another disk than the run (the home folder): name the one that filled
+        raise disk_full_error(exc, f"the model cache entry {name} ($POSTTRAIN_CACHE moves the cache)", near=out.parent,
+                              resumes=False) from exc
 
 
 HUB_TIMEOUT_S = 10  # for the first Hub request; without it a stalled network hangs the run with no end
@@ -204,9 +217,12 @@ def _hub_snapshot(repo_id: str, revision: str) -> str:
             return cached
         lacks = f"is only partly in the local Hugging Face cache ({cached}: {lacks})"
     if is_offline():
+        # a pinned revision: `hf download` without it would fetch main, and this run would fail again
+        pinned = f" --revision {revision}" if revision != "main" else ""
         raise UserError(
-            f"model '{repo_id}' {lacks} and HF_HUB_OFFLINE=1 forbids downloading it. Download it on a machine with "
-            f"network access (hf download {repo_id}), or point the recipe at a local folder."
+            f"model '{repo_id}'{f' at revision {revision!r}' if pinned else ''} {lacks} and HF_HUB_OFFLINE=1 forbids "
+            f"downloading it. Download it on a machine with network access (hf download {repo_id}{pinned}), or point "
+            "the recipe at a local folder."
         )
     _check_hub_answers(repo_id, revision)
     try:
@@ -223,7 +239,8 @@ def weights_problem(folder: Path) -> str | None:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         missing = [name for name in shards if not (folder / name).is_file()]
         return f"weight shards missing: {', '.join(missing)}" if missing else None
-    return None if any(folder.glob("*.safetensors")) else "no *.safetensors weights"
+    # is_file: a Hub cache snapshot's weights are links to blobs, and a removed blob leaves a link to nothing
+    return None if any(path.is_file() for path in folder.glob("*.safetensors")) else "no *.safetensors weights"
 
 
 def _check_hub_answers(repo_id: str, revision: str) -> None:
