@@ -14,6 +14,7 @@ Functions are named exactly as their `REWARDS` key, because TRL logs each one as
 """
 
 import importlib
+import inspect
 import re
 from collections.abc import Callable
 
@@ -273,8 +274,6 @@ def reward_function(name: str) -> RewardFunc:
 def custom_reward_files(names) -> dict[str, str]:
     """The source file of each reward of your own among `names` (by name), for a stage's inputs: an edited reward
     function trains the stage again, as edited data does."""
-    import inspect
-
     files = {}
     for name in names or ():
         if name not in REWARDS:
@@ -285,8 +284,8 @@ def custom_reward_files(names) -> dict[str, str]:
 
 
 def check_reward_names(names) -> None:
-    """Every name is a reward (`reward_function`), or a UserError naming the first that is not. The one check behind
-    the recipe (at load), UPOConfig and `resolve_rewards`."""
+    """Every name is a reward (`reward_function`, the rule `resolve_rewards` resolves by), or a UserError naming the
+    first that is not: the recipe's check at load, and UPOConfig's."""
     for name in names:
         reward_function(name)
 
