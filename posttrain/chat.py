@@ -39,6 +39,7 @@ def reply(model, tokenizer, messages: list[dict], out: TextIO, thinking: bool | 
     import torch
 
     from .data import render_prompt
+    from .evaluate import stop_ids
     from .models import vision
 
     prompt = render_prompt(tokenizer, messages, thinking)
@@ -46,7 +47,7 @@ def reply(model, tokenizer, messages: list[dict], out: TextIO, thinking: bool | 
     inputs = text(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id,
+                                eos_token_id=stop_ids(model, text), pad_token_id=text.pad_token_id,
                                 streamer=make_streamer(text, out))
     return text.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 

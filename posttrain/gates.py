@@ -29,9 +29,27 @@ def check_template_markers(tokenizer, assistant_only_loss: bool) -> None:
             pass
         raise UserError(
             "pre-flight: assistant_only_loss is on, but the chat template has no {% generation %} markers, so no "
-            "assistant mask can be built. Set `base.chat_template` to a training template (built-ins: chatml, "
-            "ernie4_5) or a .jinja file with the markers, or set assistant_only_loss: false."
+            f"assistant mask can be built. Set `base.chat_template` to {training_templates(tokenizer)}, or set "
+            "assistant_only_loss: false."
         )
+
+
+def training_templates(tokenizer) -> str:
+    """The advice for a template without markers: only the built-ins whose turn tokens this vocabulary has (chatml
+    on a Llama-3 vocabulary spells <|im_end|> in pieces, and no reply would end with an end-of-turn token), and
+    TRL's marked copies of other families' templates (`*_training.jinja`), which take a path."""
+    from pathlib import Path
+
+    import trl
+
+    from .models.templates import END_OF_TURN
+
+    vocab = tokenizer.get_vocab()
+    builtins = sorted(name for name, token in END_OF_TURN.items() if token in vocab and name != "chatml_vl")
+    folder = Path(trl.__file__).parent / "chat_templates"
+    marked = f"a .jinja file with the markers (TRL's for other families, such as {folder / 'llama3_training.jinja'}, " \
+             f"are in {folder})"
+    return f"a built-in training template ({', '.join(builtins)}) or {marked}" if builtins else marked
 
 
 SFT_FORMATS = (("messages",), ("prompt", "completion"), ("text",))  # what SFTTrainer reads
@@ -82,6 +100,32 @@ def check_conversations(dataset, name: str) -> None:
                 raise UserError(
                     f"pre-flight: {name} {row_name(index)}: assistant turn {turn} is empty; expected a non-empty reply"
                 )
+
+
+def check_template_renders(tokenizer, dataset, name: str) -> None:
+    """The chat template renders every kind of conversation (one row per sequence of roles): a model's own template
+    may refuse some, e.g. Gemma-2's raises "System role not supported" on a system turn, which stopped the stage
+    inside TRL's tokenization with a bare Jinja error. Names the row and what to do."""
+    from jinja2 import TemplateError
+
+    if "messages" not in dataset.column_names:
+        return
+    seen = set()
+    for index, messages in enumerate(dataset["messages"]):
+        roles = tuple(m.get("role") for m in messages)
+        if roles in seen:
+            continue
+        seen.add(roles)
+        try:
+            tokenizer.apply_chat_template(messages, tokenize=False)
+        except TemplateError as exc:
+            advice = ("Set base.chat_template to one that renders such rows (a .jinja file; TRL's "
+                      "gemma3_training.jinja takes a system turn for Gemma)")
+            if "system" in roles:
+                advice = ("Put the system text at the start of the first user turn (the template has no system role), "
+                          "or s" + advice[1:])
+            raise UserError(f"pre-flight: {name} {row_name(index)} (roles: {', '.join(roles)}): the chat template "
+                            f"refuses it: {exc}. {advice}") from exc
 
 
 def _check_turn(message, where: str) -> None:

@@ -140,6 +140,23 @@ def test_generations_come_back_in_the_callers_order(tiny_tokenizer):
     assert lengths == [3] * 5 and stopped == [False] * 5
 
 
+def test_a_reply_ends_at_any_end_of_turn_token_the_model_lists(tiny_tokenizer):
+    """Gemma-it ends a turn with <end_of_turn> and Phi-3 with <|end|>, while their tokenizer's EOS is another token;
+    the checkpoint's generation_config lists both. On EOS alone the reply ran on into invented turns to the budget."""
+    a, end = tiny_tokenizer.convert_tokens_to_ids(["a", "<|endoftext|>"])
+    assert end != tiny_tokenizer.eos_token_id
+
+    class Gemma(Echo):  # says "a", ends its turn, then chats on
+        generation_config = types.SimpleNamespace(eos_token_id=[tiny_tokenizer.eos_token_id, end])
+
+        def generate(self, input_ids, attention_mask, max_new_tokens, **_):
+            said = torch.tensor([a, end, a, a, a, a][:max_new_tokens]).repeat(len(input_ids), 1)
+            return types.SimpleNamespace(sequences=torch.cat([input_ids, said], dim=1), past_key_values=None)
+
+    texts, stopped, lengths = generate(Gemma(), tiny_tokenizer, ["x", "y z"], max_new_tokens=6, batch_size=2)
+    assert texts == ["a", "a"] and stopped == [True, True] and lengths == [1, 1]
+
+
 def test_processes_generate_a_share_each_and_all_get_every_reply(tiny_tokenizer):
     """Under DDP each process generates every `count`-th prompt (`Share`) and the gather hands all the replies to
     all of them, each at its own prompt. Two threads stand in for two processes; the gather is an all-gather."""

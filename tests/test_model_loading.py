@@ -173,3 +173,23 @@ def test_a_gguf_named_as_a_hub_file_says_it_is_a_path():
 
     with pytest.raises(UserError, match=r"GGUF file not found: /.*missing\.gguf\. gguf_file is a path .*hf download"):
         resolve_model("org/name-GGUF", gguf_file="missing.gguf")
+
+
+def test_a_tokenizer_without_a_pad_token_gets_one():
+    """Llama-3.0 has no pad token and none of the usual names: batched generation refused to pad at the base
+    evaluation. Its spare <|reserved_special_token_0|> pads, and without any candidate EOS does (the labels gate
+    still catches padding masked by id)."""
+    from posttrain.models.load import _pad_token
+
+    class Tokenizer:
+        pad_token = pad_token_id = None
+
+        def __init__(self, vocab, eos):
+            self.vocab, self.eos_token, self.eos_token_id = vocab, eos, vocab[eos]
+
+        def get_vocab(self):
+            return self.vocab
+
+    llama3 = _pad_token(Tokenizer({"<|eot_id|>": 2, "<|reserved_special_token_0|>": 7}, "<|eot_id|>"))
+    assert llama3.pad_token == "<|reserved_special_token_0|>"
+    assert _pad_token(Tokenizer({"</s>": 2, "a": 3}, "</s>")).pad_token == "</s>"

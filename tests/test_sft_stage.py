@@ -2,6 +2,7 @@
 
 import json
 import math
+import types
 from pathlib import Path
 
 import pytest
@@ -92,9 +93,31 @@ def test_a_known_template_without_markers_is_left_to_trls_training_copy(tiny_mod
 def test_gate_template_without_generation_markers(tiny_model_path):
     tokenizer = load_tokenizer(tiny_model_path("llama"))
     tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    with pytest.raises(UserError, match=r"no \{% generation %\} markers"):
+    with pytest.raises(UserError, match=r"no \{% generation %\} markers.*chatml.*llama3_training\.jinja"):
         gates.check_template_markers(tokenizer, assistant_only_loss=True)
     gates.check_template_markers(tokenizer, assistant_only_loss=False)
+    # a built-in is offered only where the vocabulary has its end-of-turn token (on Llama-3's, chatml's <|im_end|>
+    # is spelled in pieces and no reply would end): TRL's marked copies of other families' templates instead
+    llama3 = types.SimpleNamespace(get_vocab=lambda: {"<|eot_id|>": 1})
+    assert "chatml" not in gates.training_templates(llama3)
+    assert "llama3_training.jinja" in gates.training_templates(llama3)
+    assert "ernie4_5" in gates.training_templates(types.SimpleNamespace(get_vocab=lambda: {"<|end_of_sentence|>": 1}))
+
+
+def test_a_template_that_refuses_a_kind_of_conversation_is_named_before_training(tiny_model_path):
+    """Gemma's own template raises on a system turn: the stage stopped inside TRL's tokenization with a bare Jinja
+    error. The gate renders one row of each sequence of roles and names the row and what to do."""
+    import trl
+    from datasets import Dataset
+
+    tokenizer = load_tokenizer(tiny_model_path("llama"))
+    tokenizer.chat_template = (Path(trl.__file__).parent / "chat_templates" / "gemma.jinja").read_text()
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    rows = Dataset.from_list([{"messages": turns}, {"messages": [{"role": "system", "content": "Be brief."}, *turns]}])
+    gates.check_template_renders(tokenizer, rows.select([0]), "data.jsonl")
+    with pytest.raises(UserError, match=r"data.jsonl row 2 \(counting from 1\) \(roles: system, user, assistant\): the "
+                                        r"chat template refuses it: System role not supported\. Put the system text"):
+        gates.check_template_renders(tokenizer, rows, "data.jsonl")
 
 
 def test_rows_cut_to_nothing_are_counted_and_a_test_split_gives_trls_eval_loss(tiny_model_path, sft_configs, tmp_path):

@@ -313,10 +313,15 @@ def load_tokenizer(path: str | Path, chat_template: str | None = None, trust_rem
 def _pad_token(tokenizer):
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         vocab = tokenizer.get_vocab()
-        for candidate in ("<|endoftext|>", "<|pad|>", "<pad>", "<|finetune_right_pad_id|>", "[PAD]"):
+        for candidate in ("<|endoftext|>", "<|pad|>", "<pad>", "<|finetune_right_pad_id|>", "[PAD]",
+                          "<|reserved_special_token_0|>", "<unk>"):  # Llama 3.0's spare token, Mistral's <unk>
             if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
                 tokenizer.pad_token = candidate
                 break
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        # batched generation and scoring pad; without any pad token the tokenizer refuses to. The labels gate still
+        # fails a run whose collator masks padding by id and so drops the end-of-turn token
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
