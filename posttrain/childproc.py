@@ -224,5 +224,7 @@ def describe(outcome: Outcome) -> str:
     if outcome.signal or outcome.code < 0:
         return f"the process was {killed_by(outcome.signal or -outcome.code)}"
     if outcome.last_exception:
-        return f"it ended with {outcome.last_exception} (a bug in posttrain or a library: the traceback is in its log)"
+        # not always a bug: a recipe value only TRL checks (a DPO `loss_type`) ends a stage the same way
+        return (f"it ended with {outcome.last_exception} (a recipe value posttrain does not check, or a bug in "
+                "posttrain or a library: the traceback is in its log)")
     return f"exit code {outcome.code}"

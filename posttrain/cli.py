@@ -35,6 +35,7 @@ def cmd_run(args) -> int:
     overrides = [a for a in args.items if a != recipe_path]
     recipe = load_recipe(recipe_path, overrides)
     check_stage_flags(list(recipe.stages), args, recipe.path)
+    args.accelerate_config = found_accelerate_config(args.accelerate_config, recipe)
     console.print(f"[bold]recipe[/bold] {recipe.path} · stages: {' → '.join(recipe.stages)}")
     if args.dry_run:
         import yaml
@@ -61,6 +62,14 @@ def cmd_run(args) -> int:
     return 0
 
 
+def found_accelerate_config(value: str | None, recipe) -> str | None:
+    """--accelerate-config found as the recipe's `accelerate_config:` is (here, beside the recipe, or in the
+    repository), so the README's `recipes/accelerate/*.yaml` work from any folder as its recipe paths do."""
+    from .recipe import resolve_relative
+
+    return str(resolve_relative(value, recipe.path)) if value else None
+
+
 def check_stage_flags(order: list[str], args, path) -> None:
     """--only, --from and --until name stages of the recipe, and --until none before the stage to run: checked before
     a dry run says all is well and before a run builds any data."""
@@ -84,9 +93,12 @@ def machines(args):
 
 def cmd_ablate(args) -> int:
     from .ablate import run_ablation
+    from .devices import check_engine_runs_here
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    args.accelerate_config = found_accelerate_config(args.accelerate_config, recipe)
+    check_engine_runs_here(args.accelerate_config or recipe.accelerate_config)  # before the shared data jobs, as run
     only = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     run_ablation(recipe, args.output_dir, args.accelerate_config, args.num_processes, args.seeds, only, args.until)
     return 0
@@ -96,9 +108,13 @@ def cmd_eval(args) -> int:
     import json
 
     from .evaluate import run_saved
+    from .recipe import resolve_relative
     from .runs import eval_target
 
     given = given_fields(args, EvalArguments)
+    if given.get("dataset"):  # found as a recipe's files are: from here, else in the repository or the installed
+        # package (the README's data_prep/sources/arithmetic_transfer.jsonl from any folder); a Hub id stays
+        given["dataset"] = str(resolve_relative(given["dataset"], Path.cwd() / "eval"))
     if args.run and args.model:
         raise UserError(f"give a run folder ({args.run}) or --model ({args.model}), not both: a run's stage is "
                         "evaluated on the run's own base model (--adapter may still replace its adapter)")

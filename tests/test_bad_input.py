@@ -401,6 +401,8 @@ def test_child_tracebacks_go_to_the_log_only(tmp_path, capsysbinary):
     assert shown.count(f"(traceback written to {log_path})") == 1
     assert echo.last_exception == "RuntimeError: boom" and echo.signal == 9
     assert "RuntimeError: boom" in describe(Outcome(1, None, echo.last_exception))
+    # a value only TRL checks (a DPO loss_type typo) ends a stage the same way: not called a bug alone
+    assert "a recipe value posttrain does not check, or a bug" in describe(Outcome(1, None, "ValueError: Unknown loss"))
     assert "signal 9 (SIGKILL" in describe(Outcome(1, None, "ChildFailedError: ", 9))
     assert "signal 9 (SIGKILL" in describe(Outcome(-9, None, None))
     assert describe(Outcome(2, "pre-flight: data.jsonl row 3: ...", "x")) == "pre-flight: data.jsonl row 3: ..."

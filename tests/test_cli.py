@@ -100,6 +100,20 @@ def test_eval_of_a_run_stage_reproduces_the_runs_own_evaluation(tiny_run, tmp_pa
     assert short["mean_completion_tokens"] <= 2 < recorded["mean_completion_tokens"] and len(short["samples"]) == 1
 
 
+def test_eval_finds_a_shipped_dataset_from_any_folder(tiny_run, tmp_path, monkeypatch):
+    """The README's transfer-set command names `data_prep/sources/...`: found as a recipe's files are (from here, else
+    the repository or the installed package), not from the current folder only."""
+    import json
+
+    from posttrain import cli as posttrain_cli
+
+    monkeypatch.chdir(tmp_path)
+    assert posttrain_cli.main(["eval", str(tiny_run), "--stage", "sft", "--dataset",
+                               "data_prep/sources/arithmetic_transfer.jsonl", "--split", "train", "--limit", "2",
+                               "--max-new-tokens", "2", "--out", str(tmp_path / "transfer.json")]) == 0
+    assert json.loads((tmp_path / "transfer.json").read_text())["n"] == 2
+
+
 def test_eval_of_an_adapter_folder_renders_prompts_with_its_own_tokenizer(tiny_run, tmp_path, monkeypatch):
     """A stage's (or an export's) folder carries the tokenizer and chat template it was trained with; `eval --model
     BASE --adapter DIR` renders the prompts with them, not with the base model's template."""

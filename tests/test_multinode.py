@@ -174,12 +174,18 @@ def test_sharded_engines_refuse_to_run_on_cpu(tmp_path, posttrain_cli):
     from posttrain.devices import check_engine_runs_here
     from posttrain.errors import UserError
 
-    config = REPO / "recipes" / "accelerate" / "fsdp.yaml"
+    # the README's relative `recipes/accelerate/...` path, found from any folder as a recipe's own paths are
+    config = "recipes/accelerate/fsdp.yaml"
     result = posttrain_cli("run", sft_recipe(tmp_path), "--accelerate-config", config, cwd=tmp_path, check=False)
     assert result.returncode == 2
     assert "distributed_type FSDP needs CUDA GPUs and none is visible" in result.stdout
     assert "does not shard on CPU" in result.stdout
     assert not (tmp_path / "outputs" / "nodes" / "data").exists()
+    # ablate too, before its shared data jobs and base evaluation
+    result = posttrain_cli("ablate", REPO / "recipes" / "tiny" / "text.yaml", "--accelerate-config", config,
+                           "--output-dir", tmp_path / "ablate", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "distributed_type FSDP needs CUDA GPUs" in result.stdout
+    assert not (tmp_path / "ablate").exists() or not any((tmp_path / "ablate").rglob("run.json"))
     for engine in ("zero2", "zero3"):
         with pytest.raises(UserError, match="distributed_type DEEPSPEED needs CUDA GPUs"):
             check_engine_runs_here(str(REPO / "recipes" / "accelerate" / f"{engine}.yaml"))

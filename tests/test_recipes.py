@@ -477,3 +477,24 @@ def test_a_quantized_base_is_refused_not_ignored(key):
     evaluation, rollouts and export: a recipe that set them trained in full precision without a word."""
     with pytest.raises(UserError, match=f"shared.{key}: a 4/8-bit base model \\(QLoRA\\) is not supported"):
         load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", [f"shared.{key}=true"])
+
+
+def test_the_readmes_recipe_block_is_the_shipped_default_abridged():
+    """The Recipes section shows the default recipe abridged: every value it shows is the shipped file's (it showed
+    other step counts and lengths), except where its SFT reads the plain verifiable tasks and the file its mix."""
+    readme = (ROOT / "README.md").read_text()
+    block = yaml.safe_load(readme.split("```yaml\n", 1)[1].split("```", 1)[0])
+    shipped = yaml.safe_load((ROOT / "recipes" / "text" / "smollm2-135m.yaml").read_text())
+
+    mix = (".stages.sft.dataset_name", ".stages.sft.dataset_train_split")  # the plain tasks' split, not the mix
+
+    def shown(part, full, where):
+        if isinstance(part, dict):
+            for key, value in part.items():
+                if f"{where}.{key}" not in mix:
+                    assert key in full, f"{where}.{key} is not in the shipped recipe"
+                    shown(value, full[key], f"{where}.{key}")
+        else:
+            assert part == full, f"{where}: README {part!r}, shipped {full!r}"
+
+    shown(block, shipped, "")
