@@ -87,6 +87,20 @@ def chat_loop(model, tokenizer, lines: Iterable[str], out: TextIO, thinking: boo
     return replies
 
 
+def check_system_renders(tokenizer, system: str) -> None:
+    """--system before the first line is read: a template without a system role (Gemma's own) raises at the first
+    reply, which ended the chat with a Jinja traceback."""
+    from jinja2 import TemplateError
+
+    from .data import render_prompt
+
+    try:
+        render_prompt(tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": "hi"}], None)
+    except TemplateError as exc:
+        raise UserError(f"--system: the stage's chat template refuses a system message ({exc}); write it at the start "
+                        "of your first message instead") from exc
+
+
 def terminal_lines(stdin: TextIO) -> Iterator[str]:
     """Lines typed at a prompt when stdin is a terminal, else the lines of the pipe; both end at EOF."""
     if stdin.isatty():
@@ -144,6 +158,8 @@ def run_chat(run: str, stage: str | None = None, thinking: str | None = None, ma
     info.write(f"chatting with {ref.run.name}/{ref.stage}: {what}{as_trained}\n"
                f"commands: {', '.join(COMMANDS)}; end of input (Ctrl-D) also exits\n")
     info.flush()
+    if system:
+        check_system_renders(tokenizer, system)
     try:
         return chat_loop(model, tokenizer, terminal_lines(stdin), out, mode, max_new_tokens, system)
     except KeyboardInterrupt:

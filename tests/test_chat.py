@@ -83,6 +83,23 @@ def test_a_system_message_opens_every_conversation(loaded, monkeypatch):
     assert "<|im_start|>system\nBe brief.<|im_end|>" in render(tokenizer, seen[1])
 
 
+def test_a_system_message_a_template_refuses_is_named_before_the_chat(loaded):
+    """Gemma's own template has no system role: `--system` ended the chat at the first reply with a Jinja traceback."""
+    import copy
+    from pathlib import Path
+
+    import trl
+
+    from posttrain.errors import UserError
+
+    _, tokenizer = loaded
+    chat.check_system_renders(tokenizer, "Be brief.")
+    gemma = copy.deepcopy(tokenizer)
+    gemma.chat_template = (Path(trl.__file__).parent / "chat_templates" / "gemma.jinja").read_text()
+    with pytest.raises(UserError, match=r"--system: the stage's chat template refuses a system message \(System role"):
+        chat.check_system_renders(gemma, "Be brief.")
+
+
 def test_loop_thinking_default_and_on(loaded):
     model, tokenizer = loaded
     out = StringIO()
