@@ -242,6 +242,8 @@ def check_pair_reasoning(tokenizer, dataset, name: str) -> None:
         return  # check_preference_pairs names the missing columns
     eos = getattr(tokenizer, "tokenizer", tokenizer).eos_token
     for index, row in enumerate(dataset):
+        if row["prompt"] is None or _reply(row["chosen"]) is None or _reply(row["rejected"]) is None:
+            continue  # not a pair: check_preference_pairs names it (or skips it, skip_bad_rows)
         reasoning = [_side_reasoning(row[key]) for key in ("chosen", "rejected")]
         if not any(reasoning):
             continue

@@ -73,7 +73,9 @@ def hub_commits(args) -> dict:
 def reward_sources(rewards) -> dict[str, str]:
     """The fingerprint of each reward function of your own (by import path) among `rewards` ({name: weight}), by name:
     an edited reward trains UPO, and samples the on-policy pairs, again, as edited data does."""
-    names = rewards if isinstance(rewards, dict) else {}
+    if isinstance(rewards, list):  # a data job's deprecated form, `[name, ...]` or `[name=weight, ...]` (`reward_mapping`)
+        rewards = [str(item).split("=", 1)[0] for item in rewards]
+    names = rewards if isinstance(rewards, (dict, list)) else {}
     return {name: lineage.dataset_fingerprint(source) for name, source in custom_reward_files(names).items()}
 
 

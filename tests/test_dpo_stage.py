@@ -258,6 +258,11 @@ def test_pairs_keep_their_reasoning_in_what_dpo_compares(tiny_model_path):
     r1.chat_template = (Path(trl.__file__).parent / "chat_templates" / "deepseek_r1_distill.jinja").read_text()
     with pytest.raises(UserError, match="reasoning is not in the text"):
         check_pair_reasoning(r1, think, "p")
+    # a row that is no pair (a null prompt) is left to check_preference_pairs, which names or skips it
+    broken = Dataset.from_list([{"prompt": None, "chosen": "<think>\nx\n</think>\n\n5", "rejected": "6"},
+                                {"prompt": "2 + 3?", "chosen": "5", "rejected": "6"}])
+    check_pair_reasoning(chatml, broken, "p")
+    assert check_preference_pairs(broken, "p", allow_skip=True)[1] == [0]
     # the same answer after other reasoning: two replies, not chosen == rejected
     rows = Dataset.from_list([{"prompt": prompt,
                                "chosen": [{"role": "assistant", "content": "5", "reasoning_content": "2 + 3 = 5."}],

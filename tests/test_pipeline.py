@@ -301,8 +301,8 @@ def test_a_curriculum_phases_own_prompts_are_a_stage_input(tmp_path, monkeypatch
 
 def test_an_edited_reward_function_of_your_own_trains_upo_again(tmp_path, monkeypatch):
     """A reward named by import path is part of UPO's inputs through its source file: edited, the stage trains again,
-    as edited data does; the stages before it keep their hashes."""
-    from posttrain.pipeline import Pipeline
+    as edited data does; the stages before it keep their hashes. So is it of a pair job that lists its rewards."""
+    from posttrain.pipeline import Pipeline, reward_sources
     from posttrain.recipe import load_recipe
 
     monkeypatch.chdir(tmp_path)
@@ -319,8 +319,11 @@ def test_an_edited_reward_function_of_your_own_trains_upo_again(tmp_path, monkey
         return set(pipeline.stage_hashes(stage, pipeline.stage_args(stage, None), None))
 
     before, sft = hashes("upo"), hashes("sft")
+    pairs_job = reward_sources(["upo_rewards_edited.brevity=0.1"])  # a data job's deprecated list form
+    assert pairs_job == reward_sources({"upo_rewards_edited.brevity": 0.1}) and pairs_job
     source.write_text("def brevity(completions, **kwargs):\n    return [1.0 for _ in completions]\n")
     assert not before & hashes("upo") and hashes("sft") == sft
+    assert reward_sources(["upo_rewards_edited.brevity"]) != pairs_job
 
 
 def test_a_moved_run_keeps_its_hashes_with_a_path_that_starts_like_its_folder(tmp_path):
