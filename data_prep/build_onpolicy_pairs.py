@@ -63,9 +63,9 @@ class OnPolicyPairsConfig:
                                                                 "float32, or bfloat16."})
     rewards: dict[str, float] | list[str] = field(
         default_factory=lambda: {"accuracy": 1.0, "think_format": 0.5},
-        metadata={"help": "Reward functions by name (posttrain.rewards.REWARDS, or your own by import path) with their weights, as UPO's "
-                          "`rewards`: {accuracy: 1.0, think_format: 0.5} in YAML, `accuracy=1.0 think_format=0.5` "
-                          "as flags."},
+        metadata={"help": "Reward functions by name (posttrain.rewards.REWARDS, or your own by import path) with "
+                          "their weights, as UPO's `rewards`: {accuracy: 1.0, think_format: 0.5} in YAML, "
+                          "`accuracy=1.0 think_format=0.5` as flags."},
     )
     reward_weights: list[float] | None = field(
         default=None, metadata={"help": "Deprecated: the weights of a `rewards` list; write `rewards` as a mapping."}

@@ -46,8 +46,9 @@ class UPOConfig(GRPOConfig):
             shared out over the processes. `1.0` trains on as many offline pairs as prompts.
         rewards (`dict[str, float]` or `None`, *optional*, defaults to `None`):
             Reward functions by name from `posttrain.rewards.REWARDS`, or functions of your own by import path
-            (`my_rewards.brevity`), with their weights, e.g. `{"accuracy": 1.0, "think_format": 0.5}`. Replaces GRPO's positional `reward_weights` (leave that unset): a
-            recipe then names what it optimises, and the weights cannot drift out of order. When `None`, pass
+            (`my_rewards.brevity`), with their weights, e.g. `{"accuracy": 1.0, "think_format": 0.5}`. Replaces
+            GRPO's positional `reward_weights` (leave that unset): a recipe then names what it optimises, and the
+            weights cannot drift out of order. When `None`, pass
             `reward_funcs` to the trainer instead.
         normalize_rewards_by (`str` or `None`, *optional*, defaults to `None`):
             A dataset column (e.g. `"domain"`): the combined reward is standardised within each of its values before
