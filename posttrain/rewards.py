@@ -13,8 +13,11 @@ cut off by the token budget must not earn credit for the last number it happened
 Functions are named exactly as their `REWARDS` key, because TRL logs each one as `rewards/<function name>/mean`.
 """
 
+import asyncio
+import functools
 import importlib
 import inspect
+import math
 import re
 from collections.abc import Callable
 
@@ -268,7 +271,45 @@ def reward_function(name: str) -> RewardFunc:
     if not callable(func):
         raise UserError(f"reward '{name}': module '{module_name}' ({getattr(module, '__file__', '?')}) has no function "
                         f"'{function}'")
+    try:
+        takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(func).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (a builtin): let the call say
+        takes_kwargs = True
+    if not takes_kwargs:  # TRL passes every column, `prompts` and `completion_ids` by keyword
+        raise UserError(f"reward '{name}' takes no **kwargs: a reward is `fn(completions, **kwargs) -> "
+                        "list[float | None]` (it is passed every dataset column, `prompts` and `completion_ids` by name)")
     return func
+
+
+def _checked_rewards(name: str, rewards, n: int) -> list[float | None]:
+    """What a reward of your own returned, as `n` floats or None, or a UserError naming the reward: GRPO would zip a
+    scalar or wrong type into a crash deep in TRL, and turn NaN into "not applicable" and inf into NaN advantages."""
+    if hasattr(rewards, "tolist"):  # a numpy array or a tensor
+        rewards = rewards.tolist()
+    expected = f"reward '{name}' must return a list[float | None] of {n} values (one per completion)"
+    if not isinstance(rewards, (list, tuple)) or len(rewards) != n:
+        shown = f"{len(rewards)} values" if isinstance(rewards, (list, tuple)) else repr(rewards)[:80]
+        raise UserError(f"{expected}; it returned {type(rewards).__name__}: {shown}")
+    rewards = [reward.item() if hasattr(reward, "item") else reward for reward in rewards]  # numpy or torch scalars
+    for i, reward in enumerate(rewards):
+        if reward is not None and not (isinstance(reward, (int, float)) and math.isfinite(reward)):
+            raise UserError(f"{expected}; at row {i} it returned {reward!r} ({type(reward).__name__}): a reward is a "
+                            "finite number, or None for a row it does not apply to")
+    return [None if reward is None else float(reward) for reward in rewards]
+
+
+def _checked(name: str, func: RewardFunc) -> RewardFunc:
+    """A reward of your own whose output is checked (`_checked_rewards`), named as GRPO logs it (`rewards/<function
+    name>/mean`) and async if it is (GRPO runs async rewards side by side)."""
+    if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(type(func).__call__):
+        async def checked(completions, **kwargs):
+            return _checked_rewards(name, await func(completions, **kwargs), len(completions))
+    else:
+        def checked(completions, **kwargs):
+            return _checked_rewards(name, func(completions, **kwargs), len(completions))
+    functools.update_wrapper(checked, func)
+    checked.__name__ = name.rpartition(".")[2]  # a callable instance has no __name__ of its own
+    return checked
 
 
 def custom_reward_files(names) -> dict[str, str]:
@@ -277,7 +318,10 @@ def custom_reward_files(names) -> dict[str, str]:
     files = {}
     for name in names or ():
         if name not in REWARDS:
-            source = inspect.getsourcefile(reward_function(name))
+            func = reward_function(name)
+            if not inspect.isroutine(func):  # a callable instance or a partial: the file of the module it is in
+                func = importlib.import_module(name.rpartition(".")[0])
+            source = inspect.getsourcefile(func)
             if source:
                 files[name] = source
     return files
@@ -294,7 +338,8 @@ def resolve_rewards(weights: dict[str, float]) -> tuple[list[RewardFunc], list[f
     """Reward functions and weights, in the order given, from `{name: weight}` (TRL's `reward_funcs`/`reward_weights`)."""
     if not weights:
         raise UserError("`rewards` is empty; name at least one reward, e.g. {accuracy: 1.0, think_format: 0.5}")
-    return [reward_function(name) for name in weights], [float(w) for w in weights.values()]
+    funcs = [reward_function(name) if name in REWARDS else _checked(name, reward_function(name)) for name in weights]
+    return funcs, [float(w) for w in weights.values()]
 
 
 def combine_rewards(weights: dict[str, float]) -> RewardFunc:
@@ -304,6 +349,7 @@ def combine_rewards(weights: dict[str, float]) -> RewardFunc:
 
     def combined(completions, **kwargs) -> list[float | None]:
         columns = [func(completions, **kwargs) for func in funcs]
+        columns = [asyncio.run(c) if inspect.isawaitable(c) else c for c in columns]  # GRPO takes async rewards too
         totals = []
         for row in zip(*columns, strict=True):
             terms = [w * r for w, r in zip(factors, row, strict=True) if r is not None]

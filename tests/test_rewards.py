@@ -1,6 +1,7 @@
 """Reward functions on hand-written completions, in both TRL completion formats and both thinking modes."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from posttrain.rewards import (
     accuracy,
     choice_letter,
     combine_rewards,
+    custom_reward_files,
     exact_match,
     final_answer,
     hackable_length,
@@ -213,6 +215,45 @@ def test_a_reward_of_your_own_by_its_import_path(tmp_path, monkeypatch):
         resolve_rewards({"my_rewards.length": 1.0})
     with pytest.raises(ModuleNotFoundError, match="not_installed_anywhere"):
         resolve_rewards({"broken_rewards.score": 1.0})
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("return [1.0] * (len(completions) - 1)", r"of 3 values .* returned list: 2 values"),
+    ("return 0.5", r"of 3 values .* returned float: 0.5"),
+    ("return ['1'] * len(completions)", r"at row 0 it returned '1' \(str\)"),
+    ("return [float('nan')] * len(completions)", r"at row 0 it returned nan .*None for a row it does not apply to"),
+    ("return [float('inf')] * len(completions)", r"at row 0 it returned inf"),
+])
+def test_a_reward_of_your_own_that_returns_no_list_of_rewards_is_named(tmp_path, monkeypatch, body, message):
+    """GRPO would crash deep in TRL (a scalar, strings), or train on NaN advantages (inf) or drop rows as "not
+    applicable" (NaN): the check names the reward, what it must return and what it returned, in UPO and the pair job."""
+    (tmp_path / "bad_rewards.py").write_text(f"def bad(completions, **kwargs):\n    {body}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "bad_rewards", raising=False)  # each case's own module
+    funcs, _ = resolve_rewards({"bad_rewards.bad": 1.0})
+    with pytest.raises(UserError, match=r"reward 'bad_rewards.bad' must return a list\[float \| None\] .*" + message):
+        funcs[0](["a", "b", "c"])
+    with pytest.raises(UserError, match=r"reward 'bad_rewards.bad'"):
+        combine_rewards({"length_penalty": 1.0, "bad_rewards.bad": 1.0})(["a", "b", "c"])
+
+
+def test_rewards_of_your_own_in_other_shapes(tmp_path, monkeypatch):
+    """A numpy array, a callable instance, an async function: as GRPO takes them; one without **kwargs is refused when
+    the recipe loads, not at the first step; a callable instance's source file is the stage's input."""
+    (tmp_path / "shaped_rewards.py").write_text(
+        "import numpy as np\n"
+        "def array(completions, **kwargs):\n    return np.ones(len(completions))\n"
+        "class Brevity:\n    def __call__(self, completions, **kwargs):\n        return [0.5] * len(completions)\n"
+        "brevity = Brevity()\n"
+        "async def later(completions, **kwargs):\n    return [2.0] * len(completions)\n"
+        "def positional(completions, answer):\n    return [1.0] * len(completions)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    names = {"shaped_rewards.array": 1.0, "shaped_rewards.brevity": 1.0, "shaped_rewards.later": 1.0}
+    assert combine_rewards(names)(["a", "b"]) == [3.5, 3.5]
+    assert [f.__name__ for f in resolve_rewards(names)[0]] == ["array", "brevity", "later"]  # logged by these names
+    assert custom_reward_files(["shaped_rewards.brevity"]) == {"shaped_rewards.brevity": str(tmp_path / "shaped_rewards.py")}
+    with pytest.raises(UserError, match=r"reward 'shaped_rewards.positional' takes no \*\*kwargs"):
+        resolve_rewards({"shaped_rewards.positional": 1.0})
 
 
 def test_every_reward_is_named_as_its_key():
