@@ -118,10 +118,11 @@ def report_cut_replies(trainer, training_args, end_of_turn: set[int], name: str)
         rows += 1
         cut += len(labels) >= training_args.max_length and reply_cut(labels, end_of_turn)
     if cut:
+        # not truncation_mode: keep_end, which TRL 1.16 deprecates for SFT
         logger.warning("pre-flight: %s: %d of %d rows are cut by max_length=%s before their reply's end-of-turn "
-                       "token, so the model learns replies that do not stop; raise max_length (or use %s) to keep it",
-                       name, cut, rows, training_args.max_length,
-                       "packing_strategy: bfd_split" if training_args.packing else "truncation_mode: keep_end")
+                       "token, so the model learns replies that do not stop; raise max_length%s to keep it", name, cut,
+                       rows, training_args.max_length,
+                       " (or packing_strategy: bfd_split, which carries the rest over)" if training_args.packing else "")
     return {"rows_cut": cut}
 
 
