@@ -231,6 +231,12 @@ def is_data_file(name_or_path: str) -> bool:
     return Path(name_or_path).suffix in _FILE_BUILDERS
 
 
+def opens_think(prompt) -> bool:
+    """Whether a rendered text prompt ends by opening the think block (the generation prompt of Qwen3.5's,
+    DeepSeek-R1's and ERNIE-4.5-VL's own templates with thinking on): the reply continues inside it."""
+    return isinstance(prompt, str) and prompt.rstrip().endswith("<think>")
+
+
 # The names transformers hands a chat template a reply's reasoning under, in its order (it fills `reasoning_content`
 # from the others): TRL's and OpenAI's, gpt-oss's, and the short one
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")

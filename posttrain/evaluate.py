@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import devices
 from .configs import EvalArguments, Precision
-from .data import completion_text, preference_texts, render_prompt
+from .data import completion_text, opens_think, preference_texts, render_prompt
 from .errors import UserError, is_out_of_memory, row_name, what_ran_out
 from .io import write_json
 from .models import sampling_weights, vision
@@ -270,7 +270,7 @@ def heldout_loss(model, tokenizer, rows: list[dict], limit: int | None = None,
 def continuation(prompt: str, reply: str) -> str:
     """A reference reply as it continues its rendered prompt: a template whose generation prompt opens the think
     block itself (ERNIE-4.5-VL's and Qwen3.5's with thinking on end in "<think>") is continued without a second one."""
-    if isinstance(prompt, str) and prompt.rstrip().endswith("<think>") and reply.lstrip().startswith("<think>"):
+    if opens_think(prompt) and reply.lstrip().startswith("<think>"):
         return reply.lstrip()[len("<think>"):]
     return reply
 

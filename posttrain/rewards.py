@@ -33,7 +33,7 @@ from .answers import (
     same_value,
 )
 from .configs import suggest
-from .data import completion_text
+from .data import completion_text, opens_think
 from .errors import UserError
 
 # final_answer: kept for importers
@@ -75,8 +75,7 @@ def as_written(completions, prompts=None) -> list:
 
 def _think_left_open(prompt, completion) -> bool:
     """Whether a text prompt ends in a `<think>` the completion continues (rather than opening its own)."""
-    return (isinstance(prompt, str) and prompt.rstrip().endswith("<think>")
-            and not completion_text(completion).lstrip().startswith("<think>"))
+    return opens_think(prompt) and not completion_text(completion).lstrip().startswith("<think>")
 
 
 def _reference(value) -> str | None:
