@@ -12,7 +12,7 @@ import re
 
 from .data import message_reasoning
 from .errors import UserError, row_name
-from .models.vision import is_processor, message_text
+from .models.vision import is_processor, message_text, text_tokenizer
 
 logger = logging.getLogger("posttrain")
 
@@ -240,7 +240,7 @@ def check_pair_reasoning(tokenizer, dataset, name: str) -> None:
 
     if not {"prompt", "chosen", "rejected"} <= set(dataset.column_names):
         return  # check_preference_pairs names the missing columns
-    eos = getattr(tokenizer, "tokenizer", tokenizer).eos_token
+    eos = text_tokenizer(tokenizer).eos_token
     for index, row in enumerate(dataset):
         if row["prompt"] is None or _reply(row["chosen"]) is None or _reply(row["rejected"]) is None:
             continue  # not a pair: check_preference_pairs names it (or skips it, skip_bad_rows)
