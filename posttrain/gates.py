@@ -10,7 +10,7 @@ import logging
 import os
 import re
 
-from .data import message_reasoning
+from .data import message_reasoning, preference_texts, prompt_text, reply_text
 from .errors import UserError, row_name
 from .models.vision import is_processor, message_text, text_tokenizer
 
@@ -236,8 +236,6 @@ def check_pair_reasoning(tokenizer, dataset, name: str) -> None:
     field (`reasoning_content`, ...) under a template that renders `content` only, or as a <think> block under a
     template that cuts it out of replies (DeepSeek-R1-Distill's own), DPO would prefer one answer over the other
     without the reasoning that led to it. Checked on the first pair with reasoning."""
-    from .data import preference_texts
-
     if not {"prompt", "chosen", "rejected"} <= set(dataset.column_names):
         return  # check_preference_pairs names the missing columns
     eos = text_tokenizer(tokenizer).eos_token
@@ -401,8 +399,6 @@ def check_preference_pairs(dataset, name: str, tokenizer=None, max_length: int |
     calls included), or a prompt so long that truncation to `max_length` would leave no reply token to learn from
     (`keep_start` truncation, TRL's default; `keep_end` keeps the reply). Returns the kept pairs and the indices of the
     skipped ones."""
-    from .data import prompt_text
-
     missing = [c for c in ("prompt", "chosen", "rejected") if c not in dataset.column_names]
     if missing:
         raise UserError(f"pre-flight: {name}: preference pairs need the columns prompt, chosen, rejected; missing: "
@@ -454,17 +450,13 @@ def kept_rows(count: int, skipped: list[int]) -> list[int]:
 def _same_once_cut(tokenizer, row: dict, budget: int) -> bool:
     """Whether a pair's replies, as TRL tokenizes them (`data.preference_texts`), agree in their first `budget`
     tokens."""
-    from .data import preference_texts
-
-    eos = getattr(tokenizer, "tokenizer", tokenizer).eos_token  # a VLM processor's tokenizer has it
+    eos = text_tokenizer(tokenizer).eos_token
     _, chosen, rejected = preference_texts(tokenizer, row, eos)
     ids = [tokenizer(text, add_special_tokens=False)["input_ids"][:budget] for text in (chosen, rejected)]
     return ids[0] == ids[1]
 
 
 def _reply(completion) -> str | None:
-    from .data import reply_text
-
     try:
         return reply_text(completion).strip()
     except TypeError:
