@@ -89,9 +89,9 @@ def run_export(request: ExportRequest) -> Path:
     def write(tmp: Path) -> None:
         console.print(f"exporting {ref.run.name}/{ref.stage} ({'merged, ' + dtype if request.merge else 'adapter'})…")
         checks = write_merged(ref, tmp, dtype) if request.merge else write_adapter(ref, tmp)
+        base, revision = public_base(ref.run, ref.stage)
         manifest = {"run": ref.run.name, "stage": ref.stage, "kind": "merged" if request.merge else "adapter",
-                    "base_model": public_base_name(ref.run, ref.stage),
-                    "base_revision": public_base(ref.run, ref.stage)[1], "verification": checks,
+                    "base_model": base, "base_revision": revision, "verification": checks,
                     **({"forced": forced} if forced else {})}
         write_json(tmp / "export.json", manifest)
         write_card(tmp, ref.run, ref.stage, manifest, model_id=request.push_to_hub or str(out),
