@@ -22,7 +22,8 @@ from pathlib import Path
 from .console import console
 from .errors import UserError, make_folder
 from .io import replace_dir, write_json
-from .runs import hub_snapshot, stage_ref
+from .lineage import hub_snapshot
+from .runs import stage_ref
 
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
           "fp16": "float16", "float16": "float16"}

@@ -158,9 +158,17 @@ def base_identity(name_or_path: str, resolved: str | Path) -> dict:
     resolved = Path(resolved)
     if Path(name_or_path).expanduser().is_dir():
         return {"weights": sampled_weights(resolved), "tokenizer": tokenizer_digest(resolved)}
-    if resolved.parent.name == "snapshots":
-        return {"revision": resolved.name}
-    return {}
+    snapshot = hub_snapshot(resolved)
+    return {"revision": snapshot[1]} if snapshot else {}
+
+
+def hub_snapshot(folder: Path) -> tuple[str, str] | None:
+    """(`org/name`, commit) of a snapshot folder of the Hugging Face cache (`models--org--name/snapshots/<commit>`,
+    where a Hub id cannot hold `--`), else None."""
+    repo = folder.parent.parent.name
+    if folder.parent.name != "snapshots" or not repo.startswith("models--"):
+        return None
+    return repo.removeprefix("models--").replace("--", "/"), folder.name
 
 
 # a model folder's files that turn text (and images) into the ids a stage trains on: a tokenizer fixed in place

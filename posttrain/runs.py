@@ -13,6 +13,7 @@ import yaml
 from .configs import EvalArguments, StageArguments
 from .errors import UserError
 from .io import read_json
+from .lineage import hub_snapshot
 
 # The run order when run.json does not list one (a run.json from before `order` was recorded).
 STAGE_ORDER = ("base", "sft", "dpo", "upo")
@@ -43,15 +44,6 @@ class StageRef:
             again = "`posttrain run` of the same recipe converts or caches it again"
         raise UserError(f"{self.run}: the base model this run trained on is not at {self.base_model} any more (a "
                         f"cleared cache, or the run moved from another machine); {again}, then this command works")
-
-
-def hub_snapshot(folder: Path) -> tuple[str, str] | None:
-    """(`org/name`, commit) of a snapshot folder of the Hugging Face cache (`models--org--name/snapshots/<commit>`,
-    where a Hub id cannot hold `--`), else None."""
-    repo = folder.parent.parent.name
-    if folder.parent.name != "snapshots" or not repo.startswith("models--"):
-        return None
-    return repo.removeprefix("models--").replace("--", "/"), folder.name
 
 
 def run_state(run: Path, say=None) -> dict:
