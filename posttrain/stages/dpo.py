@@ -92,20 +92,22 @@ def main(stage_args: StageArguments, training_args, model_args):
     if stage_args.preflight and not images:
         preflight.update(gates.check_prompt_boundary(tokenizer, train, stage_args.dataset_name))
     before, heldout_rows, sharded = None, None, common.sharded_weights(trainer)
-    eval_rows = training_args.per_device_eval_batch_size
+
+    def score_heldout() -> dict:  # before and after training, on the same rows
+        # as many replies a forward as TRL's own evaluation of these pairs scores (its fused head keeps no logits)
+        return preference_eval(trainer.model, tokenizer, heldout_rows, stage_args.eval_dtype,
+                               training_args.per_device_eval_batch_size, training_args.max_length, truncation)
+
     if no_heldout:
         trainer.accelerator.print(f"[dpo] held-out preference accuracy before/after not measured: {no_heldout}")
     elif heldout is not None and sharded:
         trainer.accelerator.print(f"[dpo] held-out preference accuracy not measured: {sharded}")
     elif heldout is not None and trainer.accelerator.is_main_process:
         heldout_rows = vision.as_rows(heldout)  # read once, scored before and after training
-        # as many replies a forward as TRL's own evaluation of these pairs scores (its fused head keeps no logits)
-        before = preference_eval(trainer.model, tokenizer, heldout_rows, stage_args.eval_dtype, eval_rows,
-                                 training_args.max_length, truncation)
+        before = score_heldout()
         trainer.accelerator.print(f"[dpo] held-out preference accuracy before: {before['accuracy']:.1%}")
     result = common.train(trainer, training_args, stage_args)
-    after = (preference_eval(trainer.model, tokenizer, heldout_rows, stage_args.eval_dtype, eval_rows,
-                             training_args.max_length, truncation) if before is not None else None)
+    after = score_heldout() if before is not None else None
     if after:
         trainer.accelerator.print(f"[dpo] held-out preference accuracy after: {after['accuracy']:.1%}")
     extra = {"preference": {"before": before, "after": after}, "preflight": {"pairs_skipped": len(skipped), **preflight}}
