@@ -67,6 +67,8 @@ RESERVED = {"model_name_or_path", "output_dir", "adapter_path", "tokenizer_name_
 # Secrets: the recipe is copied into the run folder, each stage's resolved.yaml, the report and the exported model card
 # (pushed to the Hub), so a token written here would be published with them; the Trainer finds HF_TOKEN itself.
 SECRETS = {"hub_token"}
+# A URL with its user and password in it (`http://user:pass@host`, `https://TOKEN@host`): as public as a token would be
+URL_CREDENTIALS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*@")
 # TRL's ModelConfig quantization (QLoRA) fields: posttrain loads the base model itself and merges LoRA into its weights
 # for evaluation, rollouts and export, which a 4/8-bit base cannot take, so they are refused rather than ignored.
 QUANTIZATION = {"load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_quant_storage"}
@@ -315,6 +317,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     unknown = set(raw) - TOP_KEYS
     if unknown:
         raise UserError(f"{where}: unknown top-level key(s) {sorted(unknown)}; expected some of {sorted(TOP_KEYS)}")
+    _check_credentials(raw, "", where)
     for key in ("name", "base", "stages"):
         if key not in raw:
             raise UserError(f"{where}: missing required key '{key}'")
@@ -350,6 +353,21 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             raise UserError(f"{where}: accelerate_config: file not found: {accelerate_config}")
     return Recipe(name=name, path=path, modality=modality, base=base, data=data, eval=evaluation,
                   stages=stages, accelerate_config=accelerate_config, raw=raw, gates=gates, data_splits=data_splits)
+
+
+def _check_credentials(value, key: str, where: str) -> None:
+    """No value of the recipe is a URL with credentials in it: the recipe is copied where `SECRETS` would be."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _check_credentials(item, f"{key}.{name}" if key else str(name), where)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_credentials(item, f"{key}[{index}]", where)
+    elif isinstance(value, str) and URL_CREDENTIALS.match(value.strip()):
+        raise UserError(f"{where}: {key}: the URL carries credentials (user:password@); a recipe is copied into the "
+                        "run folder, each stage's resolved.yaml, the report and the model card, so they would be "
+                        "published with them. Give the URL without them and put them in ~/.netrc (`machine HOST "
+                        "login USER password PASSWORD`), which requests, and so TRL's vLLM client, reads")
 
 
 def _check_template_name(name: str, where: str) -> None:

@@ -464,6 +464,16 @@ def test_a_token_in_a_recipe_is_refused(where):
         load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", [f"{where}.hub_token=hf_secret"])
 
 
+@pytest.mark.parametrize("url", ["http://user:s3cret@vllm.internal:8000", "https://s3cret@vllm.internal"])
+def test_a_url_with_credentials_in_a_recipe_is_refused(url):
+    """`http://user:pass@host` was written as it is into recipe.yaml, resolved.yaml, the report and the model card; the
+    error says where the credentials go instead (TRL's vLLM client sends ~/.netrc's through requests) and not them."""
+    with pytest.raises(UserError, match=r"stages.upo.vllm_server_base_url: the URL carries credentials.*~/.netrc") as e:
+        load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", [f"stages.upo.vllm_server_base_url={url}"])
+    assert "s3cret" not in str(e.value)
+    load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", ["stages.upo.vllm_server_base_url=http://vllm.internal:8000"])
+
+
 def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
     bomb = "\n".join([" a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
                      + [f" a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)])
