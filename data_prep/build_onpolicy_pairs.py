@@ -127,8 +127,8 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
     try:
         with autocast(model, config.dtype, option=f"{PROG}: dtype", merge_lora=True):
             texts, stopped, _ = generate(model, tokenizer, prompts, config.max_new_tokens, config.batch_size,
-                                         images=images, do_sample=True, temperature=config.temperature,
-                                         top_p=config.top_p)
+                                         images=images, key=f"{PROG}: max_new_tokens", do_sample=True,
+                                         temperature=config.temperature, top_p=config.top_p)
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise

@@ -59,17 +59,47 @@ class Share:
         return cls(index, count, gather_object)
 
 
+def context_limit(model) -> int | None:
+    """The positions the model was trained for: `max_position_embeddings`, times the RoPE scaling factor where one is
+    set (Qwen's YaRN leaves `max_position_embeddings` at the unscaled length); None where the config does not say."""
+    config = model.config.get_text_config()
+    limit = getattr(config, "max_position_embeddings", None)
+    rope = getattr(config, "rope_parameters", None) or {}
+    if limit and rope.get("rope_type", "default") != "default" and rope.get("factor"):
+        limit = int(limit * rope["factor"])
+    return limit
+
+
+def check_context(model, tokenizer, prompts: list[str], new_tokens: int | None, key: str) -> None:
+    """The longest prompt and `new_tokens` more fit in the model's positions (`context_limit`): past them a RoPE model
+    goes on generating without an error (transformers only logs a "friendly reminder"), and what it writes there is
+    noise that evaluation scores and training learns from. Image prompts count their text tokens only."""
+    limit = context_limit(model)
+    if limit is None or not new_tokens or not prompts:
+        return
+    ids = vision.text_tokenizer(tokenizer)(sorted(set(prompts)), add_special_tokens=False)["input_ids"]
+    longest = max(map(len, ids))
+    if longest + new_tokens > limit:
+        fix = f"lower {key} to at most {limit - longest}, or shorten the prompts" if longest < limit else \
+            "shorten the prompts"
+        raise UserError(f"{key}={new_tokens} after the longest prompt ({longest} tokens) runs to position "
+                        f"{longest + new_tokens}, past the model's max_position_embeddings ({limit}), where it writes "
+                        f"noise without an error (transformers only warns): {fix}")
+
+
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, progress=None,
-             images: list | None = None, share: Share | None = None, **sampling):
+             images: list | None = None, share: Share | None = None, key: str = "max_new_tokens", **sampling):
     """Completions for rendered prompts, greedy unless `sampling` says otherwise (e.g. `do_sample=True,
     temperature=1.0`); returns (texts, stopped flags, token counts). With `images` (one list per prompt),
     `tokenizer` is a VLM's processor. With a `share`, this process generates its share and every process gets all
-    of them back."""
+    of them back. `key` names `max_new_tokens` in the error when the prompts and it do not fit the model
+    (`check_context`)."""
+    check_context(model, tokenizer, prompts, max_new_tokens, key)
     if share is not None:
         mine = range(share.index, len(prompts), share.count)  # interleaved: each share has long and short prompts
         texts, stopped, lengths = generate(model, tokenizer, [prompts[i] for i in mine], max_new_tokens, batch_size,
                                            progress, None if images is None else [images[i] for i in mine],
-                                           **sampling)
+                                           key=key, **sampling)
         replies = [None] * len(prompts)
         for indices, part in share.gather([(list(mine), list(zip(texts, stopped, lengths)))]):
             for index, reply in zip(indices, part):
@@ -329,7 +359,7 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArgum
     # as through the unmerged adapter, the rest differ by bf16 rounding)
     with autocast(model, dtype, merge_lora=True):
         texts, stopped, lengths = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress,
-                                           images=_images(rows), share=share)
+                                           images=_images(rows), share=share, key="eval.max_new_tokens")
     generated = time.perf_counter()
     # scored through the adapter itself, in the same precision: in float32 the loss took as long as generating
     loss = None

@@ -634,3 +634,25 @@ def test_held_out_prompts_written_as_plain_text_are_refused_by_row(tmp_path):
     path.write_text(json.dumps({"prompt": "What is 2 + 2?", "answer": "4"}) + "\n")
     with pytest.raises(UserError, match=r"row 1 \(counting from 1\): prompt is str; expected a list of \{role"):
         load_rows(str(path), "test")
+
+
+def test_generation_past_the_models_positions_is_refused_naming_the_key(tiny_model_path):
+    """A RoPE model generates past `max_position_embeddings` without an error (transformers only logs a "friendly
+    reminder") and writes noise that the evaluation scored and the pair job paired: refused before generating, naming
+    the key that sets the reply budget and what fits."""
+    from data_prep.build_onpolicy_pairs import OnPolicyPairsConfig, sample_pairs
+    from posttrain.errors import UserError
+
+    path = tiny_model_path("llama")
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    assert model.config.max_position_embeddings == 1024
+    prompt = [{"role": "user", "content": "word " * 990}]  # 1,002 tokens rendered
+    row = {"prompt": prompt, "answer": "1", "thinking": None}
+    expected = (r"eval.max_new_tokens=40 after the longest prompt \(1002 tokens\) runs to position 1042, past the "
+                r"model's max_position_embeddings \(1024\).*lower eval.max_new_tokens to at most 22")
+    with pytest.raises(UserError, match=expected):
+        evaluate(model, tokenizer, [row], max_new_tokens=40)
+    with pytest.raises(UserError, match="build_onpolicy_pairs: max_new_tokens=64 after the longest prompt"):
+        sample_pairs(model, tokenizer, [row], OnPolicyPairsConfig(num_samples=2, dtype="float32"))
+    texts, _, _ = generate(model, tokenizer, ["word " * 10], max_new_tokens=4, batch_size=1)
+    assert len(texts) == 1

@@ -1046,3 +1046,24 @@ def test_a_test_split_gives_upo_its_evaluation(tiny_model_path, task_data, tmp_p
     trainer = upo.main(*upo.make_parser().parse_args_and_config(args=["--config", str(tmp_path / "upo.yaml")]))
     assert trainer.eval_dataset is not None and len(trainer.eval_dataset) > 0
     assert any("eval_reward" in log for log in trainer.state.log_history), trainer.state.log_history
+
+
+def test_rollouts_past_the_models_positions_are_refused_at_stage_start(tiny_model_path, tmp_path):
+    """Prompts and `max_completion_length` past the model's `max_position_embeddings`: GRPO's rollouts went on without
+    an error (transformers only warns) and the rewards scored noise. The stage refuses before building the trainer."""
+    import yaml
+
+    from posttrain.stages import upo
+
+    model = str(tiny_model_path("llama"))
+    rows = [{"prompt": [{"role": "user", "content": "word " * 990}], "answer": "1", "domain": "d", "thinking": None}]
+    Dataset.from_list(rows * 4).to_parquet(tmp_path / "prompts.parquet")
+    args = {"model_name_or_path": model, "tokenizer_name_or_path": model,
+            "dataset_name": str(tmp_path / "prompts.parquet"),
+            "rewards": {"length_penalty": 1.0}, "num_generations": 2, "per_device_train_batch_size": 2,
+            "max_completion_length": 100, "max_steps": 1, "use_peft": True, "lora_r": 4, "lora_alpha": 8,
+            "lora_target_modules": ["all-linear"], "report_to": "none", "use_cpu": True, "bf16": False,
+            "save_strategy": "no", "output_dir": str(tmp_path / "upo")}
+    (tmp_path / "upo.yaml").write_text(yaml.safe_dump(args))
+    with pytest.raises(UserError, match=r"stages.upo.max_completion_length=100 after the longest prompt \(1002 "):
+        upo.main(*upo.make_parser().parse_args_and_config(args=["--config", str(tmp_path / "upo.yaml")]))

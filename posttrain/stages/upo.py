@@ -19,7 +19,9 @@ from .. import gates
 from ..configs import CurriculumArguments, StageArguments
 from ..data import data_folder
 from ..errors import UserError
+from ..evaluate import check_context
 from ..models import vision
+from ..trainers.upo_pairs import render_prompt_text
 from . import common
 
 UPO_COLUMNS = {"prompt", "answer", "domain", "thinking", "images"}
@@ -72,6 +74,8 @@ def main(stage_args: StageArguments, training_args, model_args, curriculum_args:
         if stage_args.preflight:
             gates.check_image_slots(dataset, stage_args.dataset_name)
         dataset = image_prompts(dataset, training_args, stage_args.dataset_name)
+    elif stage_args.preflight:
+        check_rollout_context(model, tokenizer, dataset, training_args)
     trainer = UPOTrainer(model, args=training_args, train_dataset=dataset,
                          eval_dataset=heldout_prompts(stage_args, training_args, images), processing_class=tokenizer,
                          peft_config=peft_config, offline_dataset=offline)
@@ -86,6 +90,15 @@ def main(stage_args: StageArguments, training_args, model_args, curriculum_args:
              "preflight": {**preflight, **frozen}}
     common.finish(trainer, "upo", stage_args, tokenizer, result, started, extra=extra)
     return trainer
+
+
+def check_rollout_context(model, tokenizer, dataset, training_args) -> None:
+    """Each prompt, as GRPO tokenizes it, and `max_completion_length` rollout tokens after it fit the model's
+    positions (`evaluate.check_context`): past them rollouts are noise that the rewards score and the policy learns."""
+    thinking = dataset["thinking"] if "thinking" in dataset.column_names else [None] * len(dataset)
+    prompts = [render_prompt_text(tokenizer, prompt, mode, training_args.chat_template_kwargs)
+               for prompt, mode in zip(dataset["prompt"], thinking)]
+    check_context(model, tokenizer, prompts, training_args.max_completion_length, "stages.upo.max_completion_length")
 
 
 def heldout_prompts(stage_args, training_args, images: bool):
@@ -121,6 +134,7 @@ def preflight_data(dataset, stage_args, training_args):
         pairs = load_split(training_args.upo_offline_dataset, "train")
         # each row's line in the file, which the pairs' own messages name after rows are skipped here
         pairs = pairs.add_column(LINE_COLUMN, list(range(1, len(pairs) + 1)))
+        gates.check_row_reasoning(pairs, name)
         offline, skipped = gates.check_preference_pairs(pairs, name, allow_skip=stage_args.skip_bad_rows)
         record["offline_pairs_skipped"] = len(skipped)
     return dataset, offline, record
