@@ -36,6 +36,7 @@ from .messages import (
     RowSkip,
     check_messages,
     has_literal_image_marker,
+    has_unopened_think,
     require_list,
     require_str,
     require_str_list,
@@ -43,6 +44,7 @@ from .messages import (
 from .readers import RawRow, read_rows
 from .records import (
     Options,
+    check_no_row_reasoning,
     desirability_label,
     implicit_prompt,
     preference_record,
@@ -201,6 +203,7 @@ def from_erniekit_vl(row: dict, opts: Options) -> dict:
 
 def from_prompt_completion(row: dict, opts: Options) -> dict:
     """TRL prompt-completion (`prompt`, `completion`: strings or message lists), joined into one conversation."""
+    check_no_row_reasoning(row)
     prompt = prompt_messages(row, "prompt")
     completion, thinking = reply_messages(row.get("completion"), "completion", prompt)
     return sft_record(row, prompt + completion, thinking, opts)
@@ -211,6 +214,7 @@ def from_prompt_completion(row: dict, opts: Options) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 def from_preference(row: dict, opts: Options) -> dict:
     """TRL preference rows: standard (strings) or conversational, explicit `prompt` or implicit (shared prefix)."""
+    check_no_row_reasoning(row)
     chosen, rejected = row.get("chosen"), row.get("rejected")
     if "prompt" not in row and "instruction" in row:  # LLaMA-Factory's alpaca-style preference rows
         prompt = alpaca_prompt_messages(row)
@@ -299,6 +303,7 @@ def from_rated(row: dict, opts: Options) -> dict:
 def from_unpaired(row: dict, opts: Options) -> dict:
     """KTO-style `prompt`, `completion`, `label` (True: desirable), kept unpaired; an Alpaca prompt (`instruction`,
     `input`, `system`, `history`) in place of `prompt` is read as in preference rows."""
+    check_no_row_reasoning(row)
     alpaca = "prompt" not in row and "instruction" in row  # a LLaMA-Factory Alpaca KTO entry (see `registry`)
     prompt = alpaca_prompt_messages(row) if alpaca else prompt_messages(row, "prompt")
     completion, thinking = reply_messages(row.get("completion"), "completion", prompt)
@@ -392,10 +397,13 @@ def convert_rows(path: str, fmt: str, opts: Options, max_row_bytes: int, split: 
             except RowError as exc:
                 yield Converted(raw.where, raw.row, error=str(exc))
                 continue
-            note = LITERAL_IMAGE_NOTE if has_literal_image_marker(record) else None
+            note = (LITERAL_IMAGE_NOTE if has_literal_image_marker(record)
+                    else UNOPENED_THINK_NOTE if has_unopened_think(raw.row) else None)
             yield Converted(raw.where, raw.row, record=record, note=note)
 
     return fmt, generate()
 
 
 LITERAL_IMAGE_NOTE = "a literal '<image>' in a row without image files: read as text, not as an image slot"
+UNOPENED_THINK_NOTE = ("a reply that closes '</think>' without opening it (DeepSeek-R1's template opens it in the "
+                       "generation prompt, so its saved replies lack it): read as thinking, '<think>' prepended")

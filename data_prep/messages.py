@@ -74,6 +74,8 @@ def text_of(content) -> str:
 def split_think(content: str, field: str, answer_optional: bool = False) -> tuple[str, bool | None]:
     """Canonical `<think>` prefix and the turn's mode: True (thinks), False (empty think block), None (no block).
     With `answer_optional` (a turn that calls tools), nothing after `</think>` is fine: the calls follow."""
+    if opens_no_think(content):  # DeepSeek-R1's generation prompt opens the block: its saved replies start inside it
+        content = "<think>" + content  # (TRL's parser for its template reads them so too); the build warns of it
     match = THINK.match(content)
     if match is None and (thought := THOUGHT.match(content)) and thought.group(1).strip():
         return content, True  # a thinking reply in another notation: trained in thinking mode, not after an empty block
@@ -81,7 +83,9 @@ def split_think(content: str, field: str, answer_optional: bool = False) -> tupl
         if content.lstrip().startswith("<think>"):
             raise RowError(field, "opens <think> but never closes it", "'<think>…</think>' then the answer")
         if "</think>" in content:
-            raise RowError(field, "has '</think>' without an opening '<think>'", "'<think>…</think>' then the answer")
+            raise RowError(field, "has '</think>' without an opening '<think>' before it",
+                           "'<think>…</think>' then the answer (or a DeepSeek-R1 reply saved without its opening "
+                           "'<think>': the reasoning, one '</think>', then the answer)")
         return content, None
     reasoning, answer = match.group(1).strip(), content[match.end():]
     if not answer.strip() and not answer_optional:
@@ -89,6 +93,21 @@ def split_think(content: str, field: str, answer_optional: bool = False) -> tupl
     if not reasoning:
         return answer, False
     return f"<think>\n{reasoning}\n</think>\n\n{answer}", True
+
+
+def opens_no_think(text) -> bool:
+    """A reply that closes one think block it never opens: a DeepSeek-R1 reply saved without its generation prompt's
+    `<think>`, which `split_think` opens for it."""
+    return isinstance(text, str) and "<think>" not in text and text.count("</think>") == 1
+
+
+def has_unopened_think(value) -> bool:
+    """Whether a raw row holds a text `opens_no_think` (the note for a row `split_think` opened a block in)."""
+    if isinstance(value, dict):
+        return any(map(has_unopened_think, value.values()))
+    if isinstance(value, list):
+        return any(map(has_unopened_think, value))
+    return opens_no_think(value)
 
 
 def with_reasoning(content: str, reasoning, field: str) -> str:

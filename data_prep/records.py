@@ -8,6 +8,8 @@ file they came from.
 from dataclasses import dataclass
 from pathlib import Path
 
+from posttrain.data import REASONING_FIELDS
+
 from .messages import (
     RowError,
     check_image_slots,
@@ -75,6 +77,16 @@ def with_system(row: dict, messages: list[dict]) -> list[dict]:
     if isinstance(system, str) and system.strip() and messages[0]["role"] != "system":
         return [{"role": "system", "content": system}, *messages]
     return messages
+
+
+def check_no_row_reasoning(row: dict) -> None:
+    """No column of reasoning text beside the replies (`reasoning`, `reasoning_content`, or `thinking` holding text,
+    not the thinking mode): no reply reads it, so it would be left out of the set without a word."""
+    for column in REASONING_FIELDS:
+        if isinstance(row.get(column), str) and row[column].strip():
+            raise RowError(column, "is reasoning text in a column of its own, which no reply reads",
+                           "each reply's reasoning in the reply: `reasoning_content` on its assistant message, or a "
+                           "leading <think>...</think> block of its text")
 
 
 def reply_messages(value, key: str, prompt: list[dict]) -> tuple[list[dict], bool | None]:

@@ -9,10 +9,11 @@ than reject (rated responses closer than `--min_score_margin`) are counted, not 
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 from .config import run
-from .formats import FORMATS, LITERAL_IMAGE_NOTE, Options, convert_rows
+from .formats import FORMATS, Options, convert_rows
 from .registry import load_entry, read_registry, split_spec
 
 
@@ -43,16 +44,18 @@ def validate_file(path: str, args) -> tuple[int, int]:
         opts.base_dir, remap, data, split, subset = entry.base_dir, entry.remap, entry.path, entry.split, entry.subset
         fmt = entry.format if fmt == "auto" else fmt
     fmt, rows = convert_rows(data, fmt, opts, args.max_row_bytes, split, subset, remap)
-    total = bad = skipped = noted = 0
+    total = bad = skipped = 0
+    notes = Counter()
     for item in rows:
         total += 1
         if item.error:
             bad += 1
             print(f"{item.where}: {item.error}")
         skipped += item.skip is not None
-        noted += item.note is not None
+        if item.note:
+            notes[item.note] += 1
     note = f", {skipped} below the score margin (filtered at build time)" if skipped else ""
-    note += f"; warning: {noted} with {LITERAL_IMAGE_NOTE}" if noted else ""
+    note += "".join(f"; warning: {count} with {text}" for text, count in notes.items())
     verdict = f"{bad} bad" if bad else "all valid"
     print(f"{path}: {total} rows in format '{fmt}', {verdict}{note} ({FORMATS[fmt][0]} data)", file=sys.stderr)
     return total, bad

@@ -10,7 +10,7 @@ import logging
 import os
 import re
 
-from .data import message_reasoning, preference_texts, prompt_text, reply_text
+from .data import REASONING_FIELDS, message_reasoning, preference_texts, prompt_text, reply_text
 from .errors import UserError, row_name
 from .models.vision import is_processor, message_text, text_tokenizer
 
@@ -75,6 +75,22 @@ def check_sft_columns(dataset, name: str, text_field: str = "text", assistant_on
                             "prompt/completion as lists of {role, content} messages); these are plain text. For "
                             "prompt/completion text rows drop assistant_only_loss: TRL trains on the completion only "
                             "already (completion_only_loss)")
+
+
+def check_row_reasoning(dataset, name: str) -> None:
+    """A column of reasoning text beside the replies (`reasoning_content`, `reasoning`, or `thinking` holding text, not
+    the thinking mode) is no TRL format: TRL and the chat templates read a reply's reasoning from its assistant
+    message, and the stages drop the columns they do not know, so the reasoning would leave training without a word."""
+    from datasets import Value
+
+    for column in REASONING_FIELDS:
+        feature = dataset.features.get(column)
+        if isinstance(feature, Value) and feature.dtype in ("string", "large_string"):
+            raise UserError(f"pre-flight: {name}: the `{column}` column holds reasoning text beside the replies, which "
+                            "TRL does not read, so it would be dropped from training. Put each reply's reasoning in "
+                            "the reply: as `reasoning_content` of its assistant message ({\"role\": \"assistant\", "
+                            "\"content\": ..., \"reasoning_content\": ...}) or as a leading <think>...</think> block "
+                            "of its text; a row's `thinking` column is its thinking mode (true/false)")
 
 
 def check_conversations(dataset, name: str) -> None:

@@ -219,6 +219,19 @@ def converted(source) -> list:
     return [row.record for row in rows]
 
 
+@pytest.mark.parametrize("fmt, row", [
+    ("prompt_completion", {"prompt": "What is 2 + 2?", "completion": "4"}),
+    ("preference", {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}),
+    ("unpaired", {"prompt": "What is 2 + 2?", "completion": "4", "label": True}),
+])
+def test_a_reasoning_column_beside_the_replies_is_refused(fmt, row):
+    """A `reasoning` column beside the replies was left out of the built set without a word (the converters read
+    reasoning from the reply): refused, naming the column; a boolean `thinking` (the thinking mode) is no reasoning."""
+    with pytest.raises(RowError, match='"reasoning" is reasoning text in a column of its own'):
+        convert(fmt, {**row, "reasoning": "Two and two make four."})
+    assert convert(fmt, {**row, "thinking": True})["thinking"] is True
+
+
 def test_a_built_set_with_tools_reads_back_from_parquet_and_from_disk(tmp_path):
     """The jobs write tools and tool calls as `Json` columns, which pyarrow reads as JSON text: a built set mixed into
     another, or validated, read every such row as bad."""
@@ -263,6 +276,25 @@ def test_reasoning_before_a_tool_call_is_kept():
     assert record["messages"][1]["content"] == "<think>\nCall get_weather.\n</think>\n\n"
     assert record["messages"][3]["content"].startswith("<think>\nThe tool said 18C.\n</think>")
     assert record["thinking"] is True
+
+
+def test_a_deepseek_r1_reply_without_its_opening_think_is_read_as_thinking(tmp_path, capsys):
+    """DeepSeek-R1's template puts `<think>` in the generation prompt, so its saved replies start inside the block:
+    such rows were refused ("has '</think>' without an opening '<think>'"). The block is opened for them (TRL's parser
+    for its template reads them so), and the build and validate say so; two `</think>` stay an error."""
+    from data_prep import validate
+
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} + 2?"},
+                          {"role": "assistant", "content": f"I add 2 to {i}.\n</think>\n\n{i + 2}"}]} for i in range(3)]
+    path = tmp_path / "r1.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    built = by_first_user(build(build_sft_set, tmp_path, path))["What is 0 + 2?"]
+    assert built["messages"][1]["content"] == "<think>\nI add 2 to 0.\n</think>\n\n2" and built["thinking"] is True
+    assert "3 row(s) with a reply that closes '</think>' without opening it (DeepSeek-R1" in capsys.readouterr().err
+    assert validate.main([str(path)]) == 0
+    assert "warning: 3 with a reply that closes '</think>'" in capsys.readouterr().err
+    with pytest.raises(RowError, match="has '</think>' without an opening '<think>' before it"):
+        convert("messages", {"messages": [rows[0]["messages"][0], {"role": "assistant", "content": "a</think>b</think>c"}]})
 
 
 def test_reasoning_under_its_gpt_oss_name_and_in_openthoughts_markers_is_thinking():

@@ -233,6 +233,17 @@ def test_pairs_that_differ_only_in_their_tool_calls_are_two_replies():
         check_preference_pairs(same, "p")
 
 
+def test_pairs_with_a_reasoning_column_are_refused(tiny_model_path, tmp_path):
+    """One `reasoning` column beside `chosen`/`rejected` was dropped with the other unknown columns, and DPO compared the
+    answers alone: refused, naming the column (each reply's reasoning goes in the reply)."""
+    row = {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5", "reasoning": "Two and two make four."}
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    tokenizer = load_tokenizer(tiny_model_path("llama"), "chatml")
+    with pytest.raises(UserError, match=r"pairs.jsonl \(train\): the `reasoning` column holds reasoning text"):
+        dpo.load_pairs(StageArguments(dataset_name=str(data)), "train", tokenizer, None)
+
+
 def test_pairs_keep_their_reasoning_in_what_dpo_compares(tiny_model_path):
     """DPO compares the replies as the chat template renders them: reasoning in a field a template does not render
     (chatml renders `content`), or a <think> block a template cuts out of replies (DeepSeek-R1-Distill's own), left

@@ -199,6 +199,24 @@ def test_gate_reasoning_the_template_drops(field):
                           "data.jsonl")
 
 
+@pytest.mark.parametrize("column", ["reasoning", "reasoning_content", "thinking"])
+def test_reasoning_column_beside_the_reply_is_refused(column, tiny_model_path, sft_configs, tmp_path):
+    """A row's reasoning in a column of its own beside `prompt`/`completion` is no TRL format: the stage dropped the
+    column with the others it does not know and trained on the answers alone, without a word. Refused, naming the
+    column; a boolean `thinking` column (the row's thinking mode) is not reasoning."""
+    from datasets import Dataset
+
+    row = {"prompt": [{"role": "user", "content": "What is 2 + 2?"}],
+           "completion": [{"role": "assistant", "content": "4"}]}
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({**row, column: "Two and two make four."}) + "\n")
+    configs = sft_configs(tiny_model_path("llama"), data, tmp_path / "out")
+    configs[0].dataset_train_split = "train"
+    with pytest.raises(UserError, match=f"data.jsonl: the `{column}` column holds reasoning text beside the replies"):
+        sft.main(*configs)
+    gates.check_row_reasoning(Dataset.from_list([{**row, "thinking": True}, {**row, "thinking": None}]), "data.jsonl")
+
+
 def test_gate_empty_assistant_turn_names_row():
     from datasets import Dataset
 

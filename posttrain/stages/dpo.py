@@ -33,6 +33,7 @@ def load_pairs(stage_args, split: str, tokenizer, max_length: int | None, trunca
     name = f"{stage_args.dataset_name} ({split})"
     skipped = []
     images = vision.has_images(dataset)
+    gates.check_row_reasoning(dataset, name)
     if stage_args.preflight:
         if not images:  # first: a template that drops the reasoning can make two replies look the same below
             gates.check_pair_reasoning(tokenizer, dataset, name)

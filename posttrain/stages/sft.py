@@ -39,6 +39,7 @@ def main(stage_args: StageArguments, training_args, model_args):
     images = vision.has_images(dataset)
     gates.check_sft_columns(dataset, stage_args.dataset_name, training_args.dataset_text_field,
                             training_args.assistant_only_loss and not images)
+    gates.check_row_reasoning(dataset, stage_args.dataset_name)
     dataset = common.keep_columns(with_template_kwargs(dataset), SFT_COLUMNS | {training_args.dataset_text_field})
     text_checks = {}
     if stage_args.preflight:
