@@ -17,6 +17,8 @@ import unicodedata
 import numpy as np
 import xxhash
 
+from posttrain.data import called
+
 from .messages import text_of
 
 # Ideographs, kana and hangul: scripts written without spaces between words, so each of their characters is a token
@@ -64,7 +66,7 @@ def _messages_text(messages) -> list[str]:
     for message in messages or []:
         out.append(f"{message['role']}: {text_of(message.get('content'))}")
         if message.get("tool_calls"):
-            out.append(json.dumps(message["tool_calls"], sort_keys=True, ensure_ascii=False))
+            out.append(json.dumps(called(message["tool_calls"]), sort_keys=True, ensure_ascii=False))
     return out
 
 

@@ -139,7 +139,8 @@ def check_content(content, field: str, role: str, allow_empty: bool = False):
 
 
 def check_tool_calls(calls, field: str) -> list[dict]:
-    """Tool calls as TRL and chat templates read them; JSON-string arguments are decoded to a dict."""
+    """Tool calls as TRL and chat templates read them; JSON-string arguments are decoded to a dict. A call's `id` is
+    kept: the `tool_call_id` of its result points at it, and some templates (Gemma 4's) name a result's tool by it."""
     calls = require_list(calls, field, 'a list of {"type": "function", "function": {"name", "arguments"}}')
     out = []
     for i, call in enumerate(calls):
@@ -155,7 +156,8 @@ def check_tool_calls(calls, field: str) -> list[dict]:
                 raise RowError(f"{field}[{i}].function.arguments", "is not valid JSON", "a JSON object") from None
         if not isinstance(arguments, dict):
             raise RowError(f"{field}[{i}].function.arguments", f"is {_short(arguments)}", "a JSON object")
-        out.append({"type": "function", "function": {"name": name, "arguments": arguments}})
+        call_id = {"id": require_str(call["id"], f"{field}[{i}].id", "a string")} if call.get("id") is not None else {}
+        out.append({**call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
     return out
 
 

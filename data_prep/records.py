@@ -8,7 +8,7 @@ file they came from.
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.data import REASONING_FIELDS
+from posttrain.data import REASONING_FIELDS, called
 
 from .messages import (
     RowError,
@@ -101,7 +101,7 @@ def _same(a: list[dict], b: list[dict]) -> bool:
     """Whether two replies say and do the same: their texts up to whitespace, and their tool calls (replies that call
     one tool with other arguments are a pair)."""
     def said(messages):
-        return [(" ".join(text_of(m["content"]).split()), m.get("tool_calls")) for m in messages]
+        return [(" ".join(text_of(m["content"]).split()), called(m.get("tool_calls"))) for m in messages]
 
     return said(a) == said(b)
 

@@ -257,9 +257,15 @@ def reply_text(completion) -> str:
                 raise TypeError(f"unexpected message: {type(message).__name__}")
             calls = message.get("tool_calls")
             parts.append(str(message_reasoning(message) or "") + str(message.get("content") or "")
-                         + (json.dumps(calls, sort_keys=True) if calls else ""))
+                         + (json.dumps(called(calls), sort_keys=True) if calls else ""))
         return "\n".join(parts)
     return completion_text(completion)
+
+
+def called(calls) -> list:
+    """What tool calls do, to tell replies apart: their functions and arguments, without the `id` that only links a
+    call to its result (two samples of one call get two random ids)."""
+    return [{k: v for k, v in call.items() if k != "id"} if isinstance(call, dict) else call for call in calls or []]
 
 
 def completion_text(completion) -> str:

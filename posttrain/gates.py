@@ -106,6 +106,7 @@ def check_conversations(dataset, name: str) -> None:
                             "{role, content} turns")
         for turn, message in enumerate(messages, 1):
             _check_turn(message, f"pre-flight: {name} {row_name(index)}: turn {turn}")
+        _check_tool_turns(messages, f"pre-flight: {name} {row_name(index)}")
         replies = [m for m in messages if m.get("role") == "assistant"]
         if not replies:
             roles = ", ".join(sorted({m["role"] for m in messages})) or "no turns"
@@ -116,6 +117,26 @@ def check_conversations(dataset, name: str) -> None:
                 raise UserError(
                     f"pre-flight: {name} {row_name(index)}: assistant turn {turn} is empty; expected a non-empty reply"
                 )
+
+
+def check_tools_column(dataset, name: str) -> None:
+    """Each row's `tools` (TRL's column of function schemas) is a list of schema mappings, its JSON text, or empty;
+    names the row. A bad one stopped TRL's tokenization with a bare JSONDecodeError, or transformers' "Tools should
+    either be a JSON schema, or a callable function"."""
+    import json
+
+    if "tools" not in dataset.column_names:
+        return
+    for index, tools in enumerate(dataset["tools"]):
+        if isinstance(tools, str):
+            try:
+                tools = json.loads(tools)
+            except ValueError as exc:
+                raise UserError(f"pre-flight: {name} {row_name(index)}: \"tools\" is text that is not valid JSON "
+                                f"({exc}); expected a list of function schemas") from exc
+        if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+            raise UserError(f"pre-flight: {name} {row_name(index)}: \"tools\" is {tools!r:.60}; expected a list of "
+                            'function schemas, [{"type": "function", "function": {"name", "parameters"}}, ...]')
 
 
 def check_template_renders(tokenizer, dataset, name: str) -> None:
@@ -157,6 +178,42 @@ def _check_turn(message, where: str) -> None:
         raise UserError(f"{where} ({message['role']}) has {found}; expected text or a list of parts")
 
 
+def _check_tool_turns(messages: list[dict], where: str) -> None:
+    """Each tool call names its function and gives its arguments as a JSON object (`_call_problem`), and each `tool`
+    turn answers a call: an assistant turn with `tool_calls` before it, or another result of the same calls."""
+    called = False
+    for turn, message in enumerate(messages, 1):
+        if message["role"] == "tool" and not called:
+            raise UserError(f"{where}: turn {turn} is a tool result with no tool call before it; expected a `tool` "
+                            "turn only after an assistant turn with `tool_calls` (or after another tool result)")
+        calls = message.get("tool_calls") or []
+        for number, call in enumerate(calls, 1):
+            if problem := _call_problem(call):
+                raise UserError(f"{where}: turn {turn} ({message['role']}) tool call {number}: {problem}")
+        called = bool(calls) or (called and message["role"] == "tool")
+
+
+def _call_problem(call) -> str | None:
+    """What is wrong with one tool call, or None. The template writes arguments given as text into the trained reply
+    as they are: text that is not a JSON object would teach the model calls no tool can parse."""
+    import json
+
+    function = call.get("function", call) if isinstance(call, dict) else None
+    if not isinstance(function, dict):
+        return f'is {call!r:.60}; expected {{"type": "function", "function": {{"name", "arguments"}}}}'
+    if not isinstance(function.get("name"), str) or not function["name"].strip():
+        return "has no function name; expected the called tool's name in function.name"
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError as exc:
+            return f"arguments {function['arguments']!r:.60} are not valid JSON ({exc}); expected a JSON object"
+    if not isinstance(arguments, dict):
+        return f"arguments are {arguments!r:.60}; expected a JSON object ({{}} for a call without arguments)"
+    return None
+
+
 def _first_tool_call_row(dataset) -> int | None:
     if "messages" not in dataset.column_names:
         return None
@@ -194,8 +251,7 @@ def check_tool_calls(tokenizer, dataset, name: str) -> dict:
             function = call.get("function", call)
             arguments = function.get("arguments") or {}
             arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
-            wanted = [function["name"], *(v if isinstance(v, str) else json.dumps(v) for v in arguments.values())]
-            missing = [w for w in wanted if w not in trained]
+            missing = [v for v in [function["name"], *_leaf_values(arguments)] if not _written(v, trained)]
             if missing:
                 raise UserError(f"pre-flight: {name} {row_name(index)}: the tool call {function['name']}(...) does "
                                 f"not survive the chat template: {', '.join(map(repr, missing))} not in the trained "
@@ -205,6 +261,27 @@ def check_tool_calls(tokenizer, dataset, name: str) -> dict:
                             "expected tool turns outside the template's {% generation %} markers (the model must not "
                             "learn to write tool results)")
     return {"tool_call_row_checked": index}
+
+
+def _leaf_values(value) -> list:
+    """The strings, numbers, booleans and nulls inside tool-call arguments: templates write lists and objects their
+    own way (spacing, escapes), so the gate looks for each value, not for one spelling of a container."""
+    if isinstance(value, dict):
+        return [leaf for item in value.values() for leaf in _leaf_values(item)]
+    if isinstance(value, list):
+        return [leaf for item in value for leaf in _leaf_values(item)]
+    return [value]
+
+
+def _written(value, text: str) -> bool:
+    """Whether an argument value is in a rendered text: a string as it is or JSON-escaped (a template's `tojson`
+    writes a quote as \\" and a newline as \\n, non-ASCII as it is or as \\u escapes), anything else as JSON."""
+    import json
+
+    if not isinstance(value, str):
+        return json.dumps(value) in text
+    return any(spelling in text for spelling in (value, json.dumps(value, ensure_ascii=False)[1:-1],
+                                                 json.dumps(value)[1:-1]))
 
 
 def reply_reasoning(message) -> str | None:
@@ -430,6 +507,8 @@ def check_preference_pairs(dataset, name: str, tokenizer=None, max_length: int |
         if row["prompt"] is None or chosen is None or rejected is None:
             column = "prompt" if row["prompt"] is None else "chosen" if chosen is None else "rejected"
             reason = f'"{column}" is not a reply (null, or neither text nor a list of messages)'
+        elif isinstance(row["prompt"], list) and _prompt_end(row["prompt"]):
+            reason = _prompt_end(row["prompt"])
         elif not chosen or not rejected:
             reason = f"\"{'chosen' if not chosen else 'rejected'}\" is empty; expected a non-empty reply"
         elif chosen == rejected:
@@ -456,6 +535,18 @@ def check_preference_pairs(dataset, name: str, tokenizer=None, max_length: int |
     return dataset, bad
 
 
+def _prompt_end(prompt: list) -> str | None:
+    """Why a conversational prompt is not one a reply answers, or None. The template opens the assistant's turn after
+    the prompt's last: after an assistant turn the reply would be trained as a second reply in a row, and after a
+    system turn as an answer to nothing asked."""
+    last = prompt[-1].get("role") if prompt and isinstance(prompt[-1], dict) else None
+    if last in ("user", "tool"):
+        return None
+    found = f"ends on a turn of role {last!r}" if prompt else "has no turns"
+    return (f"the prompt {found}; expected its last turn to be the user's (or a tool result) that the reply answers "
+            "(an assistant turn that is part of the reply belongs in chosen and rejected)")
+
+
 def kept_rows(count: int, skipped: list[int]) -> list[int]:
     """The source row of each row left after `skipped` were dropped from `count` rows, so later checks name the row a
     user finds in the file."""
@@ -480,13 +571,24 @@ def _reply(completion) -> str | None:
 
 
 def check_prompt_rows(dataset, name: str) -> None:
-    """RL prompts are in a `prompt` column (GRPOTrainer reads no other), and there are some."""
+    """RL prompts are in a `prompt` column (GRPOTrainer reads no other), there are some, and each conversation ends
+    on the turn the model answers (`_prompt_end`)."""
     if "prompt" not in dataset.column_names:
         raise UserError(f"pre-flight: {name}: UPO prompts need a `prompt` column (text, or a list of {{role, content}} "
                         f"messages) next to what the rewards read (e.g. `answer`); it has: "
                         f"{', '.join(dataset.column_names) or 'no columns'}")
+    # a `tools` column GRPO would leave out: the schemas belong in the prompt (README: Tool calling)
+    tools = dataset["tools"] if "tools" in dataset.column_names else []
+    index = next((i for i, value in enumerate(tools) if value), None)
+    if index is not None:
+        raise UserError(f"pre-flight: {name} {row_name(index)}: its `tools` would be left out: TRL's GRPO renders every "
+                        "prompt without a per-row `tools` column, so the model would be asked to call tools it is "
+                        "never shown. Put the schemas in each prompt's system turn, and drop the column")
     if len(dataset) == 0:
         raise UserError(f"pre-flight: {name}: no prompts to train on")
+    for index, prompt in enumerate(dataset["prompt"]):
+        if isinstance(prompt, list) and (problem := _prompt_end(prompt)):
+            raise UserError(f"pre-flight: {name} {row_name(index)}: {problem}")
 
 
 def check_reward_references(dataset, rewards: dict | None, name: str, allow_skip: bool = False):

@@ -218,6 +218,16 @@ def test_missing_split_of_a_data_folder(tmp_path):
         load_split(str(tmp_path), "sft")
 
 
+def tool_turns(arguments, name: str = "get_weather") -> list[dict]:
+    call = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    return [{"role": "user", "content": "Weather in Oslo?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": "sunny"}, {"role": "tool", "content": "windy"},
+            {"role": "assistant", "content": "Sunny and windy."}]
+
+
+TOOL_TURNS = tool_turns({"city": "Oslo"})
+
+
 CONVERSATIONS = [
     ("row-without-messages", [{"messages": TURNS}, {"messages": None, "text": "x"}],
      r'row 2 \(counting from 1\): "messages" is missing'),
@@ -235,6 +245,15 @@ CONVERSATIONS = [
      r"row 1 \(counting from 1\): turn 2 \(assistant\) has no content"),
     ("sharegpt-roles", [{"messages": [{"role": "human", "content": "hi"}, {"role": "gpt", "content": "hey"}]}],
      r"row 1 \(counting from 1\): no assistant turn \(roles: gpt, human\)"),
+    # tool rows: a bare JSONDecodeError, misleading advice, or (past the first tool row) nothing at all before
+    ("tool-arguments-not-json", [{"messages": TOOL_TURNS}, {"messages": tool_turns('{"city": Oslo')}],
+     r"row 2 \(counting from 1\): turn 2 \(assistant\) tool call 1: arguments '\{\"city\": Oslo' are not valid JSON"),
+    ("tool-arguments-a-list", [{"messages": tool_turns('["Oslo"]')}],
+     r"row 1 \(counting from 1\): turn 2 \(assistant\) tool call 1: arguments are \['Oslo'\]; expected a JSON object"),
+    ("tool-call-without-name", [{"messages": tool_turns({"city": "Oslo"}, name="")}],
+     r"row 1 \(counting from 1\): turn 2 \(assistant\) tool call 1: has no function name"),
+    ("tool-result-without-call", [{"messages": [TURNS[0], {"role": "tool", "content": "sunny"}, TURNS[1]]}],
+     r"row 1 \(counting from 1\): turn 2 is a tool result with no tool call before it"),
 ]
 
 
@@ -245,6 +264,8 @@ def test_sft_gate_names_the_row(rows, named, tmp_path):
     with pytest.raises(UserError, match=named) as error:
         gates.check_conversations(load_split(str(path)), str(path))
     assert str(path) in str(error.value)
+    gates.check_conversations(Dataset.from_list([{"messages": TOOL_TURNS}]), "tools.jsonl")  # a good tool row passes
+    gates.check_conversations(Dataset.from_list([{"messages": tool_turns('{"city": "Oslo"}')}]), "tools.jsonl")
 
 
 @pytest.mark.parametrize("rows, named", [
@@ -268,6 +289,24 @@ def test_sft_gate_names_a_format_it_cannot_train_on(rows, named):
     gates.check_sft_columns(Dataset.from_list([{"messages": TURNS}]), "chat.jsonl", assistant_only_loss=True)
 
 
+@pytest.mark.parametrize("tools, named", [
+    ('[{"type": "function", "function": {"name": "get_weather"', r'"tools" is text that is not valid JSON'),
+    ('{"name": "get_weather"}', r'"tools" is \{\'name\': \'get_weather\'\}; expected a list of function schemas'),
+], ids=["not-json", "one-schema-not-a-list"])
+def test_a_bad_tools_column_is_named_before_trl_reads_it(tools, named, tiny_tokenizer, tmp_path):
+    """TRL (and the gates that render rows as it does) stopped on it with a bare JSONDecodeError, or transformers'
+    "Tools should either be a JSON schema, or a callable function"."""
+    from posttrain.stages.dpo import load_pairs
+
+    good = json.dumps([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}])
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps({**_pair(i), "tools": t}) + "\n" for i, t in enumerate([good, None, tools])))
+    stage = SimpleNamespace(dataset_name=str(path), dataset_config=None, preflight=True, skip_bad_rows=False)
+    with pytest.raises(UserError, match=rf"{re.escape(str(path))} \(train\) row 3 \(counting from 1\): {named}"):
+        load_pairs(stage, "train", tiny_tokenizer, 1024)
+    gates.check_tools_column(load_split(str(path)).select([0, 1]), "prefs.jsonl")  # schemas, as text or none, pass
+
+
 def _pair(i, chosen="right", rejected="wrong"):
     return {"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": chosen, "rejected": rejected}
 
@@ -277,6 +316,12 @@ PAIRS = [
     ("rejected-null", [_pair(0), _pair(1, rejected=None)], r'row 2 \(counting from 1\): "rejected" is not a reply'),
     ("chosen-empty", [_pair(0, chosen="  ")], r'row 1 \(counting from 1\): "chosen" is empty'),
     ("missing-column", [{"prompt": "q", "chosen": "a"}], "missing: rejected"),
+    # TRL opens the reply after the prompt's last turn: a second assistant turn in a row, or an answer to no question
+    ("prompt-ends-on-a-reply", [_pair(0), {**_pair(1), "prompt": [*_pair(1)["prompt"], TURNS[1]]}],
+     r"row 2 \(counting from 1\): the prompt ends on a turn of role 'assistant'; expected its last turn to be the "
+     r"user's \(or a tool result\)"),
+    ("prompt-of-a-system-turn", [{**_pair(0), "prompt": [{"role": "system", "content": "Be brief."}]}],
+     r"row 1 \(counting from 1\): the prompt ends on a turn of role 'system'"),
 ]
 
 
@@ -285,6 +330,17 @@ def test_pair_gate_names_the_row(rows, named):
     with pytest.raises(UserError, match=named) as error:
         gates.check_preference_pairs(Dataset.from_list(rows), "prefs.jsonl")
     assert "prefs.jsonl" in str(error.value)
+
+
+def test_pair_and_prompt_gates_take_multi_turn_prompts_that_end_on_the_question():
+    system = {"role": "system", "content": "Be brief."}
+    prompt = [system, TURNS[0], TURNS[1], {"role": "user", "content": "and again?"}]
+    gates.check_preference_pairs(Dataset.from_list([{**_pair(0), "prompt": prompt}]), "prefs.jsonl")
+    gates.check_prompt_rows(Dataset.from_list([{"prompt": prompt, "answer": "4"}]), "prompts.jsonl")
+    with pytest.raises(UserError, match=r"prompts.jsonl row 2 \(counting from 1\): the prompt ends on a turn of role "
+                                        "'assistant'"):
+        gates.check_prompt_rows(Dataset.from_list([{"prompt": p, "answer": "4"} for p in (prompt, prompt[:3])]),
+                                "prompts.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -318,6 +374,17 @@ def test_upo_gate_names_prompts_it_cannot_read(rows, named):
         gates.check_prompt_rows(dataset, "qa.jsonl")
     assert "qa.jsonl" in str(error.value)
     gates.check_prompt_rows(_prompts(["4"]), "prompts.jsonl")  # prompt rows pass
+
+
+def test_upo_gate_stops_prompts_whose_tools_grpo_would_not_render():
+    """The stage dropped a `tools` column without a word (GRPO renders prompts without one): the model was asked to
+    call tools whose schemas it never saw."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    prompts = _prompts(["a", "b"]).add_column("tools", [None, json.dumps(tools)])
+    with pytest.raises(UserError, match=r"prompts.jsonl row 2 \(counting from 1\): its `tools` would be left out: "
+                                        r"TRL's GRPO renders every prompt without"):
+        gates.check_prompt_rows(prompts, "prompts.jsonl")
+    gates.check_prompt_rows(_prompts(["a"]).add_column("tools", [None]), "prompts.jsonl")  # an empty column passes
 
 
 def test_upo_gate_stops_null_answers(tmp_path):

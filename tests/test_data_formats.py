@@ -6,12 +6,13 @@ import time
 from pathlib import Path
 
 import pytest
-from datasets import load_dataset
+from datasets import Dataset, load_dataset
 
 from data_prep import build_preference_set, build_sft_set
-from data_prep.formats import Options, convert_rows, from_preference, from_unpaired
+from data_prep.formats import Options, convert_rows, from_messages, from_preference, from_unpaired
 from data_prep.messages import RowError
 from posttrain.errors import UserError
+from posttrain.gates import check_preference_pairs
 
 DATA = Path(__file__).parent / "assets" / "data"
 
@@ -159,6 +160,34 @@ def test_replies_that_differ_only_in_tool_calls_are_a_pair():
     assert record["rejected"][0]["tool_calls"][0]["function"]["arguments"] == {"city": "London"}
     with pytest.raises(RowError, match="identical"):
         from_preference({**row, "rejected": reply("Paris")}, Options())
+
+
+def test_a_tool_calls_id_is_kept_for_the_result_that_points_at_it(tiny_tokenizer):
+    """OpenAI rows link each tool result to its call by id (`tool_call_id`, no `name`): the calls' ids were dropped
+    while the results kept theirs, so a template that names a result's tool by its call (Gemma 4's) rendered every
+    result as from 'unknown'. Ids are handles: replies that differ only in them are still the same reply."""
+    import trl
+
+    def calls(*ids):
+        return [{"id": call_id, "type": "function", "function": {"name": name, "arguments": '{"city": "Oslo"}'}}
+                for call_id, name in zip(ids, ("get_weather", "get_time"))]
+
+    prompt = [{"role": "user", "content": "Weather and time in Oslo?"}]
+    reply = [{"role": "assistant", "content": None, "tool_calls": calls("call_1", "call_2")},
+             {"role": "tool", "tool_call_id": "call_1", "content": "-3C"},
+             {"role": "tool", "tool_call_id": "call_2", "content": "10:00"},
+             {"role": "assistant", "content": "Cold, at ten."}]
+    messages = from_messages({"messages": prompt + reply}, Options())["messages"]
+    assert [call["id"] for call in messages[1]["tool_calls"]] == ["call_1", "call_2"]
+    gemma4 = (Path(trl.__file__).parent / "chat_templates" / "gemma4_v5.jinja").read_text()
+    text = tiny_tokenizer.apply_chat_template(messages, tokenize=False, chat_template=gemma4)
+    assert "response:get_weather" in text and "response:get_time" in text and "unknown" not in text
+    resampled = [{**reply[0], "tool_calls": calls("call_7", "call_8")}, *reply[1:]]
+    with pytest.raises(RowError, match="identical"):
+        from_preference({"prompt": prompt, "chosen": reply, "rejected": resampled}, Options())
+    pair = Dataset.from_list([{"prompt": prompt, "chosen": reply, "rejected": resampled}])  # straight to DPO
+    with pytest.raises(UserError, match="chosen == rejected"):
+        check_preference_pairs(pair, "pairs.jsonl")
 
 
 def test_rl_prompts():

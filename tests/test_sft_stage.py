@@ -316,6 +316,28 @@ def test_gate_template_that_drops_tool_calls(tiny_model_path, tool_data):
         gates.check_tool_calls(tokenizer, dataset, "tools")
 
 
+@pytest.mark.parametrize("arguments", [{"code": 'print("hi")\nprint(2)'}, {"cities": ["Zürich", "Genève"]},
+                                       {"when": {"city": "Genève", "at": 9.5, "exact": True}}],
+                         ids=["quotes-and-newlines", "non-ascii-list", "nested-object"])
+def test_tool_call_gate_finds_arguments_however_the_template_escapes_them(tiny_model_path, arguments):
+    """The gate looked for each argument as Python's json.dumps spells it (ASCII escapes) and strings unescaped, so a
+    valid call whose arguments held a quote, a newline or non-ASCII text in a list was refused as not rendered."""
+    from datasets import Dataset
+
+    tokenizer = load_tokenizer(tiny_model_path("llama"))
+    call = {"type": "function", "function": {"name": "run", "arguments": arguments}}
+    rows = Dataset.from_list([{"messages": [{"role": "user", "content": "Go."},
+                                            {"role": "assistant", "content": "", "tool_calls": [call]},
+                                            {"role": "tool", "content": "done"}, {"role": "assistant", "content": "Done."}]}])
+    assert gates.check_tool_calls(tokenizer, rows, "tools.jsonl") == {"tool_call_row_checked": 0}
+    marked = "{%- generation -%}\n{{- content -}}"  # the reply and its calls trained: now only its end-of-turn
+    assert marked in tokenizer.chat_template
+    tokenizer.chat_template = tokenizer.chat_template.replace(marked, "{{- content -}}").replace(
+        "{{- '<|im_end|>' -}}\n{%- endgeneration -%}", "{%- generation -%}{{- '<|im_end|>' -}}{%- endgeneration -%}")
+    with pytest.raises(UserError, match=r"the tool call run\(...\) does not survive the chat template"):
+        gates.check_tool_calls(tokenizer, rows, "tools.jsonl")
+
+
 def test_lora_on_the_top_layers_only(tiny_model_path, task_data, sft_configs, tmp_path):
     """`lora_top_layers: 1` of 2: the adapter has no module in layer 0, layer 1's LoRA weights train, and nothing in
     layer 0 gets a gradient (the backward pass stops above it); a count the model does not have is refused by name."""

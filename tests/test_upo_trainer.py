@@ -617,6 +617,32 @@ def test_offline_pairs_tokenized_like_rollouts(tmp_path, tiny_tokenizer):
     assert render_prompt_text(tiny_tokenizer, messages, False) != render_prompt_text(tiny_tokenizer, messages, None)
 
 
+def test_offline_replies_of_tool_calls_or_several_turns_are_refused(tmp_path, tiny_tokenizer):
+    """An offline reply was cut to its last message's text: a pair told apart by its tool calls (and results) trained
+    "It is sunny." against "It is rainy." straight after the question, teaching answers without calls."""
+    from posttrain.trainers.upo_pairs import load_offline_pairs
+
+    def reply(city, weather):
+        call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
+        return [{"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": weather},
+                {"role": "assistant", "content": f"It is {weather}."}]
+
+    prompt = [{"role": "system", "content": "You may call get_weather(city)."},
+              {"role": "user", "content": "Weather in Oslo?"}]
+    rows = [{"prompt": prompt, "chosen": [{"role": "assistant", "content": "Sunny."}],
+             "rejected": [{"role": "assistant", "content": "Rainy."}]},
+            {"prompt": prompt, "chosen": reply("Oslo", "sunny"), "rejected": reply("Rome", "rainy")}]
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(UserError, match=r'prefs.jsonl:2: "chosen" is 3 turns; an offline UPO pair is scored as one'):
+        load_offline_pairs(str(path), tiny_tokenizer, 16)
+    path.write_text(json.dumps({**rows[1], "chosen": reply("Oslo", "sunny")[:1], "rejected": rows[0]["rejected"]}))
+    with pytest.raises(UserError, match=r'prefs.jsonl:1: "chosen" is a tool call; .* without tool calls'):
+        load_offline_pairs(str(path), tiny_tokenizer, 16)
+    path.write_text(json.dumps(rows[0]))
+    assert len(load_offline_pairs(str(path), tiny_tokenizer, 16)) == 1  # a multi-turn prompt with a system turn
+
+
 def test_offline_pairs_the_same_once_cut_are_left_out(tmp_path, tiny_tokenizer, caplog):
     """Cut to `max_completion_length` like rollouts, two replies that differ only later are the same tokens: their
     DPO term would stay at log 2 with no gradient and dilute the others'. Such a pair is left out, naming its line;
@@ -662,6 +688,24 @@ def test_offline_pairs_left_out_are_named_by_their_line_in_the_file(tmp_path, ti
     with caplog.at_level("WARNING"):
         assert len(load_offline_pairs(str(path), tiny_tokenizer, 4, dataset=kept)) == 1
     assert "line(s) 3" in caplog.text
+
+
+def test_the_stage_keeps_the_expected_tool_calls_the_function_call_reward_reads():
+    """`function_call` scores against a `tool_calls` column (else `answer`): the stage dropped that column with the
+    others GRPO does not read, so every rollout of a tool-calling prompt scored None (no reward, no gradient), or the
+    step stopped asking for an `answer` column."""
+    from posttrain.rewards import REWARDS
+    from posttrain.stages import common
+    from posttrain.stages.upo import UPO_COLUMNS
+
+    call = [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]
+    prompts = Dataset.from_list([{"prompt": [{"role": "system", "content": "You may call get_weather(city)."},
+                                             {"role": "user", "content": "Weather in Oslo?"}],
+                                  "tool_calls": call, "answer": "It is sunny.", "domain": "tools", "id": 7}])
+    kept = common.keep_columns(prompts, UPO_COLUMNS)
+    columns = {name: kept[name] for name in kept.column_names if name != "prompt"}
+    written = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "oslo"}}\n</tool_call>'
+    assert REWARDS["function_call"]([[{"role": "assistant", "content": written}]], **columns) == [1.0]
 
 
 def test_rl_and_offline_prompts_keep_grpos_other_template_arguments(tmp_path, tiny_model_path, tiny_tokenizer):

@@ -35,6 +35,7 @@ def load_pairs(stage_args, split: str, tokenizer, max_length: int | None, trunca
     images = vision.has_images(dataset)
     gates.check_row_reasoning(dataset, name)
     if stage_args.preflight:
+        gates.check_tools_column(dataset, name)  # before the checks below render the rows with their tools
         if not images:  # first: a template that drops the reasoning can make two replies look the same below
             gates.check_pair_reasoning(tokenizer, dataset, name)
         # Image prompts: text length says little about token length; the image-token gate checks truncation instead
@@ -43,7 +44,18 @@ def load_pairs(stage_args, split: str, tokenizer, max_length: int | None, trunca
                                                         truncation_mode=truncation_mode)
         if images:
             gates.check_image_slots(dataset, name)
+    dataset = message_replies(dataset)
     return vision.decode_images(dataset, data_folder(stage_args.dataset_name), name), skipped  # (pairs, indices)
+
+
+def message_replies(dataset):
+    """Text replies to conversational prompts as assistant messages, as the gates and `data.preference_texts` read
+    them: TRL takes a row in one format or the other, and stopped on a mixed one with a bare TypeError (it joins the
+    prompt's list and the reply's text)."""
+    if not len(dataset) or not isinstance(dataset[0]["prompt"], list) or not isinstance(dataset[0]["chosen"], str):
+        return dataset
+    return dataset.map(lambda row: {side: [{"role": "assistant", "content": row[side]}]
+                                    for side in ("chosen", "rejected")})
 
 
 def main(stage_args: StageArguments, training_args, model_args):

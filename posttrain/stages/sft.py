@@ -44,6 +44,7 @@ def main(stage_args: StageArguments, training_args, model_args):
     text_checks = {}
     if stage_args.preflight:
         gates.check_conversations(dataset, stage_args.dataset_name)  # first: the checks below render the rows
+        gates.check_tools_column(dataset, stage_args.dataset_name)
         gates.check_template_renders(tokenizer, dataset, stage_args.dataset_name)
         gates.check_thinking_modes(tokenizer, dataset, stage_args.dataset_name)
         if not images:  # image rows train on the reply without the template's markers (see vision_rows)

@@ -24,7 +24,7 @@ from ..models import vision
 from ..trainers.upo_pairs import render_prompt_text
 from . import common
 
-UPO_COLUMNS = {"prompt", "answer", "domain", "thinking", "images"}
+UPO_COLUMNS = {"prompt", "answer", "tool_calls", "domain", "thinking", "images"}  # what GRPO and the rewards read
 
 
 def curriculum(dataset, stage_args, phases: list[dict], seed: int):

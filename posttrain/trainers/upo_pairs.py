@@ -192,6 +192,17 @@ def _reply_ids(tokenizer, reply: str, thinking: bool | None) -> list[int]:
     return ids
 
 
+def _check_one_reply(reply, where: str) -> None:
+    """An offline reply is one assistant message of text, as a rollout is: of several turns, or of tool calls, the DPO
+    term would keep only the last message's text (a pair told apart by its calls would compare what follows them)."""
+    if not isinstance(reply, list) or (len(reply) == 1 and not reply[0].get("tool_calls")):
+        return
+    found = "a tool call" if len(reply) == 1 else f"{len(reply)} turns"
+    raise UserError(f"{where} is {found}; an offline UPO pair is scored as one text reply, as a rollout is, and would "
+                    "be cut to the text of its last message, without tool calls. Give each reply as one assistant "
+                    "message of text, or train such pairs in the DPO stage, which takes whole exchanges")
+
+
 def load_offline_pairs(path: str, tokenizer, max_completion_length: int | None,
                        processor=None, dataset=None, thinking: bool | None = None,
                        template_kwargs: dict | None = None, drop_truncated: bool = False) -> list[tuple[list[int], ...]]:
@@ -239,6 +250,7 @@ def load_offline_pairs(path: str, tokenizer, max_completion_length: int | None,
                                                            template_kwargs))["input_ids"]
         replies = []
         for column in ("chosen", "rejected"):
+            _check_one_reply(row[column], f'{path}:{line}: "{column}"')
             reply = completion_text(row[column])
             if not reply.strip():
                 raise UserError(f'{path}:{line}: "{column}" is empty; expected a non-empty assistant reply')
