@@ -17,18 +17,18 @@ import unicodedata
 import numpy as np
 import xxhash
 
+from posttrain.answers import CJK_LETTERS
 from posttrain.data import called
 
 from .messages import text_of
 
-# Ideographs, kana and hangul: scripts written without spaces between words, so each of their characters is a token
-# (as \w+ runs, a whole Chinese clause would be one "word" and a copied eval question shorter than one n-gram).
-# The lookahead keeps their punctuation (the katakana middle dot) out of the words. ASCII text, most of it, takes
-# the plain patterns, ~1.7x faster than a class of these ranges.
-_CJK = "\u1100-\u11ff\u3040-\u30ff\u3130-\u318f\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\ua960-\ua97f\uac00-\ud7ff" \
-       "\uf900-\ufaff\U00020000-\U0003134f"
-_WORD, _WORD_CJK = re.compile(r"\w+"), re.compile(rf"[^\W{_CJK}]+|(?=\w)[{_CJK}]")
-_TOKEN, _TOKEN_CJK = re.compile(r"\w+|[^\w\s]"), re.compile(rf"[^\W{_CJK}]+|(?=\w)[{_CJK}]|[^\w\s]")
+# Ideographs, kana and hangul (`CJK_LETTERS`): each of their characters is a token (as \w+ runs, a whole Chinese
+# clause would be one "word" and a copied eval question shorter than one n-gram). The lookahead keeps their
+# punctuation (the katakana middle dot) out of the words. ASCII text, most of it, takes the plain patterns, ~1.7x
+# faster than a class of these ranges.
+_WORD, _WORD_CJK = re.compile(r"\w+"), re.compile(rf"[^\W{CJK_LETTERS}]+|(?=\w)[{CJK_LETTERS}]")
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+_TOKEN_CJK = re.compile(rf"[^\W{CJK_LETTERS}]+|(?=\w)[{CJK_LETTERS}]|[^\w\s]")
 _PRIME = np.uint64(1_099_511_628_211)  # FNV-1a's 64-bit prime: an odd multiplier that mixes well mod 2**64
 
 
@@ -314,8 +314,8 @@ def _render(tokenizer, row: dict) -> list[str]:
 
 
 def _length_batch(batch: dict, tokenizer) -> dict:
-    if tokenizer is None:
-        return {"_length": [len(t.split()) for t in batch["_text"]]}
+    if tokenizer is None:  # `words`, not whitespace: a Chinese reply is hundreds of words, and had the length of one
+        return {"_length": [len(words(t)) for t in batch["_text"]]}
     rendered = [_render(tokenizer, row) for row in _rows(batch)]
     flat = [text for texts in rendered for text in texts]
     counts = iter(len(ids) for ids in tokenizer(flat, add_special_tokens=False)["input_ids"])
@@ -323,7 +323,8 @@ def _length_batch(batch: dict, tokenizer) -> dict:
 
 
 def add_lengths(dataset, tokenizer=None, num_proc: int | None = None):
-    """Add `_length`: tokens of the longest rendered conversation of each row, or words without a tokenizer."""
+    """Add `_length`: tokens of the longest rendered conversation of each row, or without a tokenizer the `words` of
+    its text (each ideograph, kana or hangul letter one)."""
     return dataset.map(_length_batch, batched=True, fn_kwargs={"tokenizer": tokenizer}, num_proc=num_proc,
                        desc="Measuring lengths")
 

@@ -10,7 +10,8 @@ the same verdict (tests compare the two on such answers): UPO scores every rollo
 plain. It compares numbers as math-verify does (`same_number`), reads a stated answer as it does (the number after
 "answer is": "The answer is 7, not 8" is 7), and leaves to math-verify an answer that ends on an expression ("6 * 7",
 "2-5": math-verify works it out). The regex also reads numbers math-verify misses: a Unicode minus, a leading "+",
-"-.5", a number in brackets, in quotes or right after a letter ("(-5)", '"12"', "v2.5")."""
+"-.5", a number in brackets, in quotes or right after a letter ("(-5)", '"12"', "v2.5"), full-width signs and points
+("－7", "42．5"), and an answer stated in Chinese or Japanese ("答案是 42，不是 43", "答えは 42")."""
 
 import functools
 import json
@@ -23,8 +24,10 @@ import unicodedata
 # keep theirs.
 _SIGN = r"(?:(?<![\w.])[-+\u2212])?"
 _NUMBER = re.compile(rf"{_SIGN}(?:\d{{1,3}}(?:,\d{{3}})+|\d+)(?:\.\d+)?|{_SIGN}\.\d+")
-# Stripped from both ends before exact comparison. Signs, %, $ are kept: "-7" and "7" must stay different.
-_EDGE_PUNCTUATION = " \t\n\r.,;:!?\"'`*_()[]{}\u201c\u201d\u2018\u2019\u00ab\u00bb\u3002\uff0c\uff01\uff1f"
+# Stripped from both ends before exact comparison. Signs, %, $ are kept: "-7" and "7" must stay different. With
+# Chinese and Japanese quotes and brackets (、「」『』《》〈〉【】): "《红楼梦》" answers "红楼梦" as '"Hamlet"' answers "Hamlet".
+_EDGE_PUNCTUATION = " \t\n\r.,;:!?\"'`*_()[]{}\u201c\u201d\u2018\u2019\u00ab\u00bb\u3002\uff0c\uff01\uff1f" \
+                    "\u3001\u300c\u300d\u300e\u300f\u300a\u300b\u3008\u3009\u3010\u3011"
 FLOAT_DECIMALS = 6  # math-verify's `float_rounding`: decimals are equal when they agree to 6 places
 
 
@@ -35,7 +38,7 @@ def final_answer(text: str) -> str:
 
 def parse_number(text: str) -> int | float | None:
     """`text` as a number if it is exactly one (e.g. a reference answer "42", "-7", "1,000", "0.5"), else None."""
-    text = text.strip()
+    text = text.translate(_HALF_WIDTH).strip()
     return _to_number(text) if _NUMBER.fullmatch(text) else None
 
 
@@ -81,16 +84,21 @@ def _is_capitals(reference: str) -> bool:
     return len(letters) >= 2 and all(c.isupper() for c in letters)
 
 
-# "The answer is 7, not 8.", "Answer: 3 cats": what follows the last such phrase, up to the end of its clause (a
-# semicolon, a sentence's full stop, a comma that is no thousands separator), is what the answer states
-_STATED = re.compile(r"\banswer\s*(?:is\s*:?|:)", re.I)
-_CLAUSE_END = re.compile(r";|\.(?!\d)|,(?!\d{3}(?!\d))")
+# "The answer is 7, not 8.", "Answer: 3 cats", "答案是 7，不是 8": what follows the last such phrase, up to the end of
+# its clause (a semicolon, a sentence's full stop, a comma that is no thousands separator), is what the answer states
+_STATED = re.compile(r"\banswer\s*(?:is\s*:?|:)|(?:答案|答え)\s*(?:[是为為は]\s*:?|:)", re.I)
+_CLAUSE_END = re.compile(r";|\.(?!\d)|,(?!\d{3}(?!\d))|\u3002")
+# Full-width forms (U+FF01-FF5E) and the ideographic space, as Chinese and Japanese input methods type them, read as
+# their ASCII letters: "－7" is -7 (the regex took 7), "42．5" is 42.5 (it took 5), "答案：x＝3" states 3. Not NFKC,
+# which also makes "3²" "32".
+_HALF_WIDTH = {code: code - 0xFEE0 for code in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}
 
 
 def stated_number(answer: str) -> int | float | None:
     """The number an answer states: in the clause after its last "answer is" / "answer:", the first number after
     its last "=" ("The answer is 6 + 19 = 25.") or else its first ("The answer is 7 apples and 2 pears"); without
     such a phrase, the last number (the generator's replies end on their answer: "so the larger is 845.")."""
+    answer = answer.translate(_HALF_WIDTH)
     phrases = list(_STATED.finditer(answer))
     if phrases:
         clause = _CLAUSE_END.split(answer[phrases[-1].end():], maxsplit=1)[0]
@@ -123,26 +131,40 @@ def exact_text_match(text: str, reference: str) -> bool:
 # An option letter: "(b)", a capital standing alone ("B", "B."), or any letter marked off by punctuation or the end
 # ("c.", "b"), so that the words "a" and "I" are not read as options ("the answer is a tricky one").
 _OPTION = r"(\([A-Za-z]\)|\b[A-Z]\b|\b[A-Za-z](?=[.,;:!)]|\s*\Z))"
+# ASCII word boundaries: a Chinese or Japanese character is a letter to Unicode's \b, so "答案是B" or "Bです" had no
+# letter standing alone
 _CHOICE_PATTERNS = (
-    # a stated choice, the last one (a reply may correct itself): "The answer is (B)", "Answer: c", "C is correct";
-    # "answer D" without "is" or ":" states nothing ("answer D is a distractor")
-    (re.compile(rf"(?i:answer\s*(?:is\s*:?|:))\s*{_OPTION}"
-                rf"|{_OPTION}\s+(?i:is\s+(?:the\s+)?(?:right|correct|best|answer))\b"), -1),
+    # a stated choice, the last one (a reply may correct itself): "The answer is (B)", "Answer: c", "C is correct",
+    # "答案是C，不是D"; "answer D" without "is" or ":" states nothing ("answer D is a distractor")
+    (re.compile(rf"(?:(?i:answer\s*(?:is\s*:?|:))|(?:答案|答え)\s*(?:[是为為は]\s*:?|:))\s*{_OPTION}"
+                rf"|{_OPTION}\s+(?i:is\s+(?:the\s+)?(?:right|correct|best|answer))\b", re.ASCII), -1),
     (re.compile(r"\A(\([A-Za-z]\)|[A-Za-z](?=[.,;:)]|\Z))"), 0),  # the reply opens with one: "B, I think.", "B) Paris"
     (re.compile(r"(\([A-Za-z]\))"), -1),  # "(B)" anywhere
-    (re.compile(r"\b((?!I\b)[A-Z])\b"), -1),  # the last capital standing alone, but the pronoun "I"
+    (re.compile(r"\b((?!I\b)[A-Z])\b", re.ASCII), -1),  # the last capital standing alone, but the pronoun "I"
 )
 
 
 def choice_letter(text: str) -> str | None:
     """The option letter a multiple-choice answer picks: "B", "(b)", "B. Paris", "The answer is C", "I think it's D",
-    "C is right; answer D is a distractor"."""
-    answer = final_answer(text)
+    "C is right; answer D is a distractor", "答案是Ｂ" (full-width letters and brackets read as ASCII)."""
+    answer = unicodedata.normalize("NFKC", final_answer(text))
     for pattern, which in _CHOICE_PATTERNS:
         found = [match.group(match.lastindex) for match in pattern.finditer(answer)]
         if found:
             return found[which].strip("()").upper()
     return None
+
+
+# Ideographs, kana and hangul: scripts written without spaces between words, so each of their letters counts as a word
+CJK_LETTERS = "\u1100-\u11ff\u3040-\u30ff\u3130-\u318f\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\ua960-\ua97f" \
+              "\uac00-\ud7ff\uf900-\ufaff\U00020000-\U0003134f"
+_WORD = re.compile(rf"[^\s{CJK_LETTERS}]+|[{CJK_LETTERS}]")
+
+
+def word_count(text: str) -> int:
+    """Whitespace-separated words, each ideograph, kana or hangul letter one: a Chinese reply of 200 characters has
+    no spaces, and would be one word long."""
+    return len(_WORD.findall(text))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -201,7 +223,7 @@ def math_verify_match(text: str, reference: str) -> bool | None:
 
 def is_plain(answer: str) -> bool:
     """An answer whose numbers the regex reads exactly as math-verify does: no LaTeX, fractions, ratios or powers."""
-    return not _NOT_PLAIN.search(answer)
+    return not _NOT_PLAIN.search(answer.translate(_HALF_WIDTH))
 
 
 def math_match(text: str, reference: str) -> bool | None:

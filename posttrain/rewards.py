@@ -31,6 +31,7 @@ from .answers import (
     parse_number,
     reference_calls,
     same_value,
+    word_count,
 )
 from .configs import suggest
 from .data import completion_text, opens_think
@@ -119,7 +120,7 @@ def multiple_choice(completions, **kwargs) -> list[float | None]:
     rewards = []
     for completion, reference, thinking in zip(completions, map(_reference, answers), modes, strict=True):
         letter = normalize_text(reference or "").upper()
-        if len(letter) != 1 or not letter.isalpha():
+        if len(letter) != 1 or not "A" <= letter <= "Z":  # not isalpha(): "甲" or "对" is no option `choice_letter` reads
             rewards.append(None)
         else:
             rewards.append(float(choice_letter(answer_text(completion, thinking)) == letter))
@@ -211,21 +212,22 @@ def think_format(completions, **kwargs) -> list[float]:
 
 def length_penalty(completions, **kwargs) -> list[float]:
     """-min(1, length / 512): in [-1, 0], shorter is better. Length is in tokens (`completion_ids`, which TRL passes),
-    else in whitespace-separated words."""
+    else in words (`answers.word_count`: each Chinese, Japanese or Korean letter one)."""
     ids = kwargs.get("completion_ids")  # TRL always passes it; evaluation may not
-    lengths = [len(x) for x in ids] if ids is not None else [len(completion_text(c).split()) for c in completions]
+    lengths = [len(x) for x in ids] if ids is not None else [word_count(completion_text(c)) for c in completions]
     return [-min(1.0, n / LENGTH_PENALTY_TOKENS) for n in lengths]
 
 
 def hackable_length(completions, **kwargs) -> list[float]:
     """Deliberately hackable proxy for the reward-hacking ablation: pays for words, not for being right.
 
-    min(1, whitespace-separated words / `HACKABLE_LENGTH_WORDS`). Rollouts of different lengths make it easy to find
+    min(1, words / `HACKABLE_LENGTH_WORDS`), words as `answers.word_count` counts them (each Chinese, Japanese or
+    Korean letter one: a Chinese reply has no spaces, and a long one was paid as one word). Rollouts of different lengths make it easy to find
     (every group has variance), and a policy maximises it by rambling past its answer, which the verifier, reading the
     final answer's last number (or the one after an explicit "the answer is"), then marks wrong. Training on it shows
     whether UPO's pairwise term keeps the policy honest.
     """
-    return [min(1.0, len(completion_text(c).split()) / HACKABLE_LENGTH_WORDS) for c in completions]
+    return [min(1.0, word_count(completion_text(c)) / HACKABLE_LENGTH_WORDS) for c in completions]
 
 
 REWARDS: dict[str, RewardFunc] = {

@@ -191,3 +191,17 @@ def test_transfer_answers_are_exact_whole_numbers():
     for expression in ("7 / 2", "10001 / 10000"):  # the second rounds to 1 within a denominator of 1000
         with pytest.raises(ValueError, match="not a whole number"):
             value(expression)
+
+
+# (reply, reference, verdict): full-width signs and points as Chinese and Japanese input methods type them, and an
+# answer stated in Chinese, read as their ASCII and English counterparts are
+CJK_ANSWERS = [("答案：－7", "-7", True), ("答案：－7", "7", False), ("42．5", "42.5", True), ("42．5", "5", False),
+               ("答案是 42，不是 43", "42", True), ("答案是 42，不是 43", "43", False), ("第3题答案为5。", "5", True),
+               ("The answer is 7。 So x = 8", "7", True), ("答案：x＝３", "3", True), ("４２", "42", True),
+               ("答案是 1，000", "1000", True), ("The answer is 3²", "32", False)]
+
+
+@pytest.mark.parametrize("text, reference, expected", CJK_ANSWERS)
+def test_full_width_and_chinese_stated_answers(text, reference, expected):
+    assert math_match(text, reference) is expected
+    assert accuracy([text], answer=[reference]) == [float(expected)]

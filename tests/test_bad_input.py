@@ -198,6 +198,9 @@ FILES = [
     ("nested-too-deep", "data.jsonl", b'{"messages": []}\n{"messages": ' + b"[" * 20_000 + b"]" * 20_000 + b"}\n",
      ["data.jsonl", "line 2", "nested too deeply"]),
     ("missing-file", "absent.jsonl", None, ["absent.jsonl", "not found"]),
+    # pyarrow's JSON reader loads a GBK file; the stage failed on its first row with a UnicodeDecodeError, no file named
+    ("gbk-jsonl", "data.jsonl", '{"messages": [{"role": "user", "content": "你好"}]}\n'.encode("gbk"),
+     ["data.jsonl", "line 1", "column 44 is not UTF-8", "re-save the file as UTF-8"]),
 ]
 
 

@@ -175,6 +175,13 @@ def test_decontamination_reads_cjk_letters_and_drops_invisible_characters():
     assert clean.words("Nata\u00adlia 小明・カナ") == ["natalia", "小", "明", "カ", "ナ"]
 
 
+def test_lengths_without_a_tokenizer_count_cjk_letters_as_words():
+    # the data card's length statistics: a Chinese reply of 32 ideographs had the length of one whitespace "word"
+    lengths = clean.add_lengths(table(["小明有五个苹果，他给了小红两个苹果，请问小明现在一共有几个苹果？",
+                                       "Natalia sold clips to 48 of her friends."]))["_length"][:]
+    assert lengths == [29, 8]
+
+
 def test_near_dup_of_unpaired_rows_compares_prompt_and_completion(tmp_path):
     from data_prep import build_preference_set
 

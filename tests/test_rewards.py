@@ -53,6 +53,12 @@ def test_exact_match_normalises_case_whitespace_punctuation():
     assert exact_match(completions, answer=answers) == [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0]
 
 
+def test_exact_match_strips_chinese_and_japanese_quotes_and_brackets():
+    completions = ["《红楼梦》", "「東京」", "『東京』。", "【北京】", "北京、", "〈北京〉", "《红楼梦》续"]
+    answers = ["红楼梦", "東京", "東京", "北京", "北京", "北京", "红楼梦"]
+    assert exact_match(completions, answer=answers) == [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+
+
 def test_exact_match_keeps_case_when_the_reference_is_in_capitals():
     # "Write "river" in capital letters." -> "RIVER": case is the point of the task
     assert exact_match(["RIVER", "river", "River."], answer=["RIVER"] * 3) == [1.0, 0.0, 0.0]
@@ -65,6 +71,8 @@ def test_multiple_choice_letter_extraction():
     assert multiple_choice(completions, answer=answers) == [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
     assert choice_letter("<think>\nmaybe (A)\n</think>\n\nC") == "C"
     assert multiple_choice(["B"], answer=["Paris"]) == [None]
+    # a one-character Chinese answer is no option letter either (it scored 0.0, a penalty, for every reply)
+    assert multiple_choice(["答案是甲", "对", "B"], answer=["甲", "对", "Ｂ"]) == [None, None, 1.0]
 
 
 @pytest.mark.parametrize("text, letter", [
@@ -78,6 +86,8 @@ def test_multiple_choice_letter_extraction():
     ("Option C is correct, not A", "C"),
     ("It is B, I think", "B"),
     ("the answer is b", "B"),
+    # Chinese and Japanese: no space around the letter, full-width letters and brackets, the answer stated in Chinese
+    ("答案是B", "B"), ("选B。", "B"), ("Ｂ", "B"), ("正确答案是（Ｃ）", "C"), ("我认为答案是C，不是D", "C"), ("答えはBです", "B"),
 ])
 def test_multiple_choice_reads_the_stated_choice(text, letter):
     assert choice_letter(text) == letter
@@ -185,6 +195,13 @@ def test_hackable_length_pays_for_words_not_correctness():
     completions = [rambling, "42", "<think>\n40 + 2 = 42\n</think>\n\n42"]
     assert accuracy(completions, answer=["42"] * 3) == [0.0, 1.0, 1.0]
     assert hackable_length(completions, answer=["42"] * 3) == [1.0, pytest.approx(1 / 32), pytest.approx(8 / 32)]
+
+
+def test_length_rewards_count_each_cjk_letter_as_a_word():
+    # no spaces in Chinese: a 16-character reply was one "word", paid and penalised as the shortest answer
+    replies = ["所以小明一共有四十二个苹果答案是", "答案是 42", "Xiaoming has 42 apples, 小明有苹果"]
+    assert hackable_length(replies) == [pytest.approx(16 / 32), pytest.approx(4 / 32), pytest.approx(9 / 32)]
+    assert length_penalty(replies[:1]) == [-16 / 512]
 
 
 def test_resolve_and_combine_rewards_by_name():
