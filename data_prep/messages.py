@@ -223,6 +223,7 @@ def check_messages(messages, field: str = "messages", ends_with: str = "assistan
         where = f"{field}[{i}]"
         if not isinstance(message, dict):
             raise RowError(where, f"is {_short(message)}", "a {role, content} message")
+        message = _from_legacy_functions(message, where)
         role = message.get("role")
         if role not in ROLES:
             raise RowError(f"{where}.role", f"is {_short(role)}", f"one of {', '.join(ROLES)}")
@@ -240,6 +241,20 @@ def check_messages(messages, field: str = "messages", ends_with: str = "assistan
         raise RowError(f"{field}[{len(out) - 1}]", f"is a '{last}' turn at the end of the prompt", "a user turn last")
     thinking = True if True in modes else (False if False in modes else None)
     return out, thinking
+
+
+def _from_legacy_functions(message: dict, where: str) -> dict:
+    """OpenAI's legacy function calling in its current form, which TRL and chat templates read: an assistant turn's
+    `function_call` as its one `tool_calls` entry, a `function` turn (the result) as a `tool` turn. Read as they
+    were, such turns were refused as an assistant reply with no content."""
+    if message.get("role") == "function":
+        return {**message, "role": "tool"}
+    if message.get("function_call") is None:
+        return message
+    if message.get("tool_calls"):
+        raise RowError(f"{where}.function_call", "is set beside tool_calls", "one of them (tool_calls, the current form)")
+    rest = {key: value for key, value in message.items() if key != "function_call"}
+    return {**rest, "tool_calls": [{"type": "function", "function": message["function_call"]}]}
 
 
 def _check_message(message: dict, role: str, where: str) -> tuple[dict, bool | None]:

@@ -231,13 +231,22 @@ def preference_texts(tokenizer, row: dict, eos: str) -> tuple[str, str, str]:
     if isinstance(row["prompt"], str):
         return row["prompt"], *(text if text.endswith(eos) else text + eos
                                 for text in (completion_text(row["chosen"]), completion_text(row["rejected"])))
+    prompt, (chosen, rejected) = conversation_replies(tokenizer, row, [row["chosen"], row["rejected"]])
+    return prompt, chosen, rejected
+
+
+def conversation_replies(tokenizer, row: dict, replies: list) -> tuple[str, list[str]]:
+    """A conversation row's prompt and `replies` (each a text or a list of messages) as the chat template renders each
+    exchange whole, with the row's `tools` and thinking mode, as TRL's trainers tokenize them: each reply is what its
+    rendering adds after the prompt's (tool calls, tool results, later turns and end-of-turn markers included), the
+    prompt cut where the renderings part."""
     kwargs = _row_template_kwargs(row)
     prompt = render_prompt(tokenizer, row["prompt"], extra=kwargs)
     whole = [tokenizer.apply_chat_template(
         row["prompt"] + (reply if isinstance(reply, list) else [{"role": "assistant", "content": reply}]),
-        tokenize=False, **kwargs) for reply in (row["chosen"], row["rejected"])]
+        tokenize=False, **kwargs) for reply in replies]
     cut = min(len(os.path.commonprefix([prompt, text])) for text in whole)
-    return prompt[:cut], whole[0][cut:], whole[1][cut:]
+    return prompt[:cut], [text[cut:] for text in whole]
 
 
 def data_folder(name_or_path: str) -> Path | None:

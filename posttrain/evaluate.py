@@ -1,7 +1,8 @@
 """Held-out evaluation: greedy answers scored by the same verifiers UPO optimises, plus held-out loss.
 
 Run on the base model and after every stage, so each stage's effect is a measured difference. Rows are
-`prompt` (messages), `answer`, `domain`, `thinking` and optionally the reference reply `completion` (for the loss).
+`prompt` (messages), `answer`, `domain`, `thinking` and optionally the reference reply `completion` (for the loss)
+and the `tools` the prompt is rendered with.
 Rows with `images`, evaluated with a vision-language model's processor as the tokenizer, are generated and scored
 with their images (`posttrain.models.vision`); the metrics are the same.
 
@@ -27,8 +28,9 @@ from pathlib import Path
 
 from . import devices
 from .configs import EvalArguments, Precision
-from .data import completion_text, opens_think, preference_texts, render_prompt
+from .data import completion_text, conversation_replies, opens_think, preference_texts, prompt_text
 from .errors import UserError, is_out_of_memory, row_name, what_ran_out
+from .gates import prompt_end
 from .io import write_json
 from .models import sampling_weights, vision
 from .models.lm_head import chunks
@@ -288,13 +290,36 @@ def heldout_loss(model, tokenizer, rows: list[dict], limit: int | None = None,
     rows = [r for r in rows if r.get("completion")][:limit]
     if not rows:
         return None
-    prompts = [render_prompt(tokenizer, r["prompt"], r.get("thinking")) for r in rows]
     eos = vision.text_tokenizer(tokenizer).eos_token
-    # a string, or TRL's conversational form (a list of messages whose last one is the reply)
-    replies = [continuation(p, completion_text(r["completion"])) + eos for p, r in zip(prompts, rows)]
+    prompts, replies, images = [], [], []
+    for row, row_images in zip(rows, _images(rows) or [None] * len(rows)):
+        for prompt, reply in _reference_turns(tokenizer, row, eos):
+            prompts.append(prompt)
+            replies.append(reply)
+            images.append(row_images)
     scores = completion_logps(model, tokenizer, prompts, replies, batch_size=min(batch_size, SCORE_BATCH),
-                              images=_images(rows))
+                              images=images if _images(rows) else None)
     return -sum(s for s, _ in scores) / max(sum(n for _, n in scores), 1)
+
+
+def _reference_turns(tokenizer, row: dict, eos: str) -> list[tuple[str, str]]:
+    """A row's reference reply as (rendered context, text to score) pieces. A text reply is one piece. A reply in TRL's
+    conversational form gives one piece per assistant turn, as the chat template renders it after all before it (its
+    tool calls and end-of-turn marker), the tool results between them context only, as SFT's assistant-only loss
+    trains them: only the last message's text was scored, so a reply's tool calls never counted."""
+    completion = row["completion"]
+    if not isinstance(completion, list):
+        prompt = prompt_text(tokenizer, row)
+        return [(prompt, continuation(prompt, completion_text(completion)) + eos)]
+    pieces = []
+    for turn, message in enumerate(completion):
+        if message.get("role") != "assistant":
+            continue
+        context = {**row, "prompt": row["prompt"] + completion[:turn]}
+        prompt, [reply] = conversation_replies(tokenizer, context, [[message]])
+        head, end, _ = reply.rpartition(eos)  # up to its end-of-turn, as a text reply is scored
+        pieces.append((prompt, head + end if end else reply))
+    return pieces
 
 
 def continuation(prompt: str, reply: str) -> str:
@@ -351,7 +376,9 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArgum
 
     was_training = model.training
     model.eval()
-    prompts = [render_prompt(tokenizer, r["prompt"], r.get("thinking")) for r in rows]
+    # with the row's `tools` (and thinking mode), as SFT trains its rows: without them, it was asked to call tools
+    # whose schemas it was never shown
+    prompts = [prompt_text(tokenizer, r) for r in rows]
     dtype = devices.resolve_precision(dtype, model.device.type)  # what `auto` is on this machine, recorded below
     started = time.perf_counter()
     # greedy decoding from the weights with LoRA merged in, as a merged export computes: two small matmuls less per
@@ -398,12 +425,32 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArgum
         "processes": share.count if share else 1,
         "dtype": dtype,
         "samples": [
-            {"prompt": vision.message_text(r["prompt"][-1]["content"]), "thinking": r.get("thinking"),
+            {"prompt": shown_prompt(r["prompt"]), "thinking": r.get("thinking"),
              "answer": r["answer"],
              "completion": t, "correct": bool(c)}
             for r, t, c in list(zip(rows, texts, correct))[:samples]
         ],
     }
+
+
+def shown_prompt(messages: list[dict]) -> str:
+    """A prompt as the samples show it: one question as its text; several turns (after the system turn) one `role:
+    text` line each, a tool call as `name(arguments)`. The last turn alone was a tool result ("5") where the
+    conversation ended on one, not what was asked."""
+    turns = [m for m in messages if m.get("role") != "system"]
+    if len(turns) == 1:
+        return vision.message_text(turns[0]["content"])
+    lines = []
+    for message in turns:
+        calls = [call.get("function", call) for call in message.get("tool_calls") or []]
+        text = " ".join([vision.message_text(message.get("content"))] + [
+            f"{call.get('name')}({_arguments(call.get('arguments'))})" for call in calls])
+        lines.append(f"{message['role']}: {text.strip()}")
+    return "\n".join(lines)
+
+
+def _arguments(arguments) -> str:
+    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
 
 
 def autocast(model, dtype: str, option: str = "eval.dtype", merge_lora: bool = False):
@@ -453,6 +500,11 @@ def load_rows(dataset: str, split: str = "test", limit: int | None = None) -> li
         raise UserError(f"{dataset} ({split}): {row_name(text)}: prompt is {type(data['prompt'][text]).__name__}; "
                         'expected a list of {role, content} messages, e.g. [{"role": "user", "content": "What is '
                         '2 + 2?"}]')
+    # a prompt that ends on a reply or a system turn would be answered by a second reply in a row, or an answer to
+    # nothing asked: the stages' gates refuse such prompts for training
+    ended = next(((i, problem) for i, prompt in enumerate(data["prompt"]) if (problem := prompt_end(prompt))), None)
+    if ended is not None:
+        raise UserError(f"{dataset} ({split}): {row_name(ended[0])}: {ended[1]}")
     # a row without an answer cannot be scored; counted neither right nor wrong it would make `accuracy` and the
     # paired verdicts disagree
     empty = [i for i, answer in enumerate(data["answer"]) if answer is None or not str(answer).strip()]

@@ -507,8 +507,8 @@ def check_preference_pairs(dataset, name: str, tokenizer=None, max_length: int |
         if row["prompt"] is None or chosen is None or rejected is None:
             column = "prompt" if row["prompt"] is None else "chosen" if chosen is None else "rejected"
             reason = f'"{column}" is not a reply (null, or neither text nor a list of messages)'
-        elif isinstance(row["prompt"], list) and _prompt_end(row["prompt"]):
-            reason = _prompt_end(row["prompt"])
+        elif isinstance(row["prompt"], list) and prompt_end(row["prompt"]):
+            reason = prompt_end(row["prompt"])
         elif not chosen or not rejected:
             reason = f"\"{'chosen' if not chosen else 'rejected'}\" is empty; expected a non-empty reply"
         elif chosen == rejected:
@@ -535,7 +535,7 @@ def check_preference_pairs(dataset, name: str, tokenizer=None, max_length: int |
     return dataset, bad
 
 
-def _prompt_end(prompt: list) -> str | None:
+def prompt_end(prompt: list) -> str | None:
     """Why a conversational prompt is not one a reply answers, or None. The template opens the assistant's turn after
     the prompt's last: after an assistant turn the reply would be trained as a second reply in a row, and after a
     system turn as an answer to nothing asked."""
@@ -572,23 +572,28 @@ def _reply(completion) -> str | None:
 
 def check_prompt_rows(dataset, name: str) -> None:
     """RL prompts are in a `prompt` column (GRPOTrainer reads no other), there are some, and each conversation ends
-    on the turn the model answers (`_prompt_end`)."""
+    on the turn the model answers (`prompt_end`)."""
     if "prompt" not in dataset.column_names:
         raise UserError(f"pre-flight: {name}: UPO prompts need a `prompt` column (text, or a list of {{role, content}} "
                         f"messages) next to what the rewards read (e.g. `answer`); it has: "
                         f"{', '.join(dataset.column_names) or 'no columns'}")
-    # a `tools` column GRPO would leave out: the schemas belong in the prompt (README: Tool calling)
+    check_no_row_tools(dataset, name)
+    if len(dataset) == 0:
+        raise UserError(f"pre-flight: {name}: no prompts to train on")
+    for index, prompt in enumerate(dataset["prompt"]):
+        if isinstance(prompt, list) and (problem := prompt_end(prompt)):
+            raise UserError(f"pre-flight: {name} {row_name(index)}: {problem}")
+
+
+def check_no_row_tools(dataset, name: str) -> None:
+    """No row has `tools`: UPO renders its RL prompts, and its offline pairs' prompts as it renders those, without a
+    per-row `tools` column, as TRL's GRPO does; the schemas belong in the prompt (README: Tool calling)."""
     tools = dataset["tools"] if "tools" in dataset.column_names else []
     index = next((i for i, value in enumerate(tools) if value), None)
     if index is not None:
         raise UserError(f"pre-flight: {name} {row_name(index)}: its `tools` would be left out: TRL's GRPO renders every "
                         "prompt without a per-row `tools` column, so the model would be asked to call tools it is "
                         "never shown. Put the schemas in each prompt's system turn, and drop the column")
-    if len(dataset) == 0:
-        raise UserError(f"pre-flight: {name}: no prompts to train on")
-    for index, prompt in enumerate(dataset["prompt"]):
-        if isinstance(prompt, list) and (problem := _prompt_end(prompt)):
-            raise UserError(f"pre-flight: {name} {row_name(index)}: {problem}")
 
 
 def check_reward_references(dataset, rewards: dict | None, name: str, allow_skip: bool = False):

@@ -390,6 +390,20 @@ def test_upo_gate_stops_prompts_whose_tools_grpo_would_not_render():
     gates.check_prompt_rows(_prompts(["a"]).add_column("tools", [None]), "prompts.jsonl")  # an empty column passes
 
 
+def test_upo_offline_pairs_with_tools_are_refused(tmp_path, tiny_tokenizer):
+    """Offline pairs' prompts are rendered as the RL prompts are, without a `tools` column: it was dropped without a
+    word, as the RL prompts' was before their gate. Refused by the pre-flight (naming the row) and by the trainer."""
+    from posttrain.stages.upo import preflight_data
+    from posttrain.trainers.upo_pairs import load_offline_pairs
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    stage, training = _upo_args(tmp_path, [_pair(0), {**_pair(1), "tools": json.dumps(tools)}])
+    with pytest.raises(UserError, match=r"offline.jsonl \(train\) row 2 \(counting from 1\): its `tools` would be left"):
+        preflight_data(_prompts(["1"]), stage, training)
+    with pytest.raises(UserError, match=r"offline.jsonl: offline UPO pairs have a `tools` column; .* drop the column"):
+        load_offline_pairs(training.upo_offline_dataset, tiny_tokenizer, 16)
+
+
 def test_upo_gate_stops_null_answers(tmp_path):
     from posttrain.stages.upo import preflight_data
 

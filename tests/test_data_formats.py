@@ -396,3 +396,21 @@ def test_image_bytes_written_as_text_say_how_to_embed_images():
 
     with pytest.raises(RowError, match="JSON has no bytes: embed images through a parquet file"):
         check_images([{"bytes": "iVBORw0KGgo="}], Path("."), decode=False, embedded=True)
+
+
+def test_legacy_openai_function_calls_become_tool_calls():
+    """OpenAI's legacy `function_call` turn and `function` result were refused as '"messages[1].content" is missing'
+    (and "role is 'function'"); they are the current `tool_calls` and `tool` turns under older names."""
+    row = {"messages": [{"role": "user", "content": "Weather in Paris?"},
+                        {"role": "assistant", "content": None,
+                         "function_call": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}},
+                        {"role": "function", "name": "get_weather", "content": "18C"},
+                        {"role": "assistant", "content": "It is 18C."}]}
+    messages = from_messages(row, Options())["messages"]
+    assert messages[1] == {"role": "assistant", "content": "",
+                           "tool_calls": [{"type": "function", "function": {"name": "get_weather",
+                                                                            "arguments": {"city": "Paris"}}}]}
+    assert messages[2] == {"role": "tool", "content": "18C", "name": "get_weather"}
+    both = {**row["messages"][1], "tool_calls": messages[1]["tool_calls"]}
+    with pytest.raises(RowError, match=r'"messages\[1\].function_call" is set beside tool_calls'):
+        from_messages({"messages": [row["messages"][0], both, *row["messages"][2:]]}, Options())

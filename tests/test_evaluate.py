@@ -656,3 +656,87 @@ def test_generation_past_the_models_positions_is_refused_naming_the_key(tiny_mod
         sample_pairs(model, tokenizer, [row], OnPolicyPairsConfig(num_samples=2, dtype="float32"))
     texts, _, _ = generate(model, tokenizer, ["word " * 10], max_new_tokens=4, batch_size=1)
     assert len(texts) == 1
+
+
+def test_samples_show_a_conversations_turns_not_only_its_last(tiny_model_path):
+    """A prompt of several turns is shown turn by turn (its tool call and result included): the last turn alone was
+    the tool's result ("5"), not what was asked. A one-question prompt is still shown as its text."""
+    path = tiny_model_path("llama")
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+    conversation = [{"role": "system", "content": "You add."}, {"role": "user", "content": "What is 2 + 3?"},
+                    {"role": "assistant", "content": "", "tool_calls": [call]},
+                    {"role": "tool", "name": "add", "content": "5"}]
+    question = [{"role": "system", "content": "You add."}, {"role": "user", "content": "What is 1 + 1?"}]
+    rows = [{"prompt": p, "answer": a, "domain": "math", "thinking": None}
+            for p, a in ((conversation, "5"), (question, "2"))]
+    samples = evaluate(model, tokenizer, rows, max_new_tokens=2, batch_size=2, samples=2)["samples"]
+    assert [s["prompt"] for s in samples] == [
+        'user: What is 2 + 3?\nassistant: add({"a": 2, "b": 3})\ntool: 5', "What is 1 + 1?"]
+
+
+def test_heldout_loss_scores_every_assistant_turn_of_a_conversational_reply(tiny_model_path, monkeypatch):
+    """A reference reply of several messages is scored as SFT's assistant-only loss trains it: each assistant turn (its
+    tool call included) after all before it, the tool's result context only. Before, only the last message's text
+    was scored and the tool call never counted."""
+    from posttrain import evaluate as evaluate_module
+
+    path = tiny_model_path("llama")
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    seen = []
+    scored = evaluate_module.completion_logps
+    monkeypatch.setattr(evaluate_module, "completion_logps",
+                        lambda model, tokenizer, prompts, replies, **kwargs: seen.append((prompts, replies))
+                        or scored(model, tokenizer, prompts, replies, **kwargs))
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+    prompt = [{"role": "user", "content": "What is 2 + 3?"}]
+    reply = [{"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": "5"},
+             {"role": "assistant", "content": "It is 5"}]
+    row = {"prompt": prompt, "answer": "5", "thinking": None, "completion": reply}
+    evaluate_module.heldout_loss(model, tokenizer, [row])
+    [(prompts, replies)] = seen
+    assert replies == ['<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call><|im_end|>',
+                       "It is 5<|im_end|>"]
+    assert "<tool_response>\n5\n</tool_response>" in prompts[1] and prompts[1].endswith("<|im_start|>assistant\n")
+    for context, text, turns in zip(prompts, replies, (1, 3)):  # what the template renders after each context
+        assert tokenizer.apply_chat_template(prompt + reply[:turns], tokenize=False).startswith(context + text)
+
+
+def test_evaluation_shows_the_model_each_rows_tools(tiny_model_path, monkeypatch):
+    """A held-out row's `tools` are rendered into its prompt, for the answer and the held-out loss alike, as SFT trains
+    its rows: they were left out, so the model was asked to call tools it was never shown."""
+    from posttrain import evaluate as evaluate_module
+
+    path = tiny_model_path("llama")
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    seen = []
+    for name in ("generate", "completion_logps"):
+        original = getattr(evaluate_module, name)
+        monkeypatch.setattr(evaluate_module, name, lambda model, tokenizer, prompts, *args, original=original,
+                            **kwargs: seen.append(prompts[0]) or original(model, tokenizer, prompts, *args, **kwargs))
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}]
+    prompt = [{"role": "user", "content": "What is 2 + 3?"}]
+    row = {"prompt": prompt, "answer": "5", "domain": "math", "thinking": False, "tools": json.dumps(tools),
+           "completion": "5"}
+    evaluate(model, tokenizer, [row], max_new_tokens=2, batch_size=1, samples=0)
+    expected = tokenizer.apply_chat_template(prompt, tools=tools, enable_thinking=False, tokenize=False,
+                                             add_generation_prompt=True)
+    assert seen == [expected, expected] and "<tools>" in expected
+
+
+def test_held_out_prompts_that_end_on_a_reply_are_refused_by_row(tmp_path):
+    """A prompt that ends on the assistant's turn (or a system turn) was answered as a second reply in a row; the
+    stages' gates refuse such prompts, and so does evaluation. One that ends on a tool result is a prompt."""
+    from posttrain.errors import UserError
+
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+    asked = [{"role": "user", "content": "What is 2 + 3?"}]
+    rows = [{"prompt": asked + [{"role": "assistant", "content": "", "tool_calls": [call]},
+                                {"role": "tool", "content": "5"}], "answer": "5"},
+            {"prompt": asked + [{"role": "assistant", "content": "5"}], "answer": "5"}]
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(UserError, match=r"row 2 \(counting from 1\): the prompt ends on a turn of role 'assistant'"):
+        load_rows(str(path), "test")
+    path.write_text(json.dumps(rows[0]) + "\n")
+    assert len(load_rows(str(path), "test")) == 1

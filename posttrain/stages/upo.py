@@ -135,6 +135,7 @@ def preflight_data(dataset, stage_args, training_args):
         # each row's line in the file, which the pairs' own messages name after rows are skipped here
         pairs = pairs.add_column(LINE_COLUMN, list(range(1, len(pairs) + 1)))
         gates.check_row_reasoning(pairs, name)
+        gates.check_no_row_tools(pairs, name)  # rendered as the RL prompts are (`upo_pairs.render_prompt_text`)
         offline, skipped = gates.check_preference_pairs(pairs, name, allow_skip=stage_args.skip_bad_rows)
         record["offline_pairs_skipped"] = len(skipped)
     return dataset, offline, record

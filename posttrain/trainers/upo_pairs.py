@@ -237,6 +237,10 @@ def load_offline_pairs(path: str, tokenizer, max_completion_length: int | None,
                         f"{', '.join(missing)} (has: {', '.join(dataset.column_names)})")
     if len(dataset) == 0:
         raise UserError(f"{path}: the offline preference dataset is empty")
+    if "tools" in dataset.column_names and any(dataset["tools"]):  # the pre-flight names the row (check_no_row_tools)
+        raise UserError(f"{path}: offline UPO pairs have a `tools` column; their prompts are rendered as the RL "
+                        "prompts are, without one, so the model would be shown no tools: put the schemas in each "
+                        "prompt's system turn, and drop the column")
     pairs, left_out = [], collections.defaultdict(list)
     for line, row in enumerate(dataset, start=1):
         line = row.get(LINE_COLUMN, line)  # its line in the file, when rows before it were skipped
