@@ -114,7 +114,7 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
     """Sample, score and pair replies for `rows`; pairs carry their rewards for the data card and the report."""
     import torch
 
-    from posttrain.data import render_prompt
+    from posttrain.data import prompt_text
     from posttrain.evaluate import autocast, generate
     from posttrain.rewards import combine_rewards
     from posttrain.trainers.upo_pairs import mine_pairs
@@ -122,7 +122,9 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
     n = config.num_samples
     expanded = [row for row in rows for _ in range(n)]
     images = [r["images"] for r in expanded] if rows and "images" in rows[0] else None
-    prompts = [render_prompt(tokenizer, r["prompt"], r.get("thinking")) for r in expanded]
+    # with each row's tools (and thinking mode), as DPO renders the pairs, which carry them
+    prompts = [prompt_text(tokenizer, r) for r in expanded]
+    tools = any(r.get("tools") for r in rows)
     # LoRA merged into the bf16 weights: these replies are only sampled, never scored by the model
     try:
         with autocast(model, config.dtype, option=f"{PROG}: dtype", merge_lora=True):
@@ -149,7 +151,8 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
         row = expanded[chosen]
         pairs.append({"prompt": row["prompt"], "chosen": [{"role": "assistant", "content": texts[chosen]}],
                       "rejected": [{"role": "assistant", "content": texts[rejected]}],
-                      **({"images": row["images"]} if images else {}), "thinking": row.get("thinking"),
+                      **({"images": row["images"]} if images else {}), **({"tools": row["tools"]} if tools else {}),
+                      "thinking": row.get("thinking"),
                       "domain": row.get("domain"), "answer": row.get("answer"),
                       "chosen_reward": float(rewards[chosen]), "rejected_reward": float(rewards[rejected])})
         cut += not (stopped[chosen] and stopped[rejected])

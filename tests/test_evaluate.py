@@ -740,3 +740,26 @@ def test_held_out_prompts_that_end_on_a_reply_are_refused_by_row(tmp_path):
         load_rows(str(path), "test")
     path.write_text(json.dumps(rows[0]) + "\n")
     assert len(load_rows(str(path), "test")) == 1
+
+
+def test_onpolicy_pairs_are_sampled_with_the_rows_tools_and_carry_them(tiny_model_path, monkeypatch):
+    """A prompt row's `tools` were left out when sampling (the model was asked to call tools it was never shown) and
+    out of the pairs, which DPO then rendered without them: the replies were trained on another prompt."""
+    import json
+
+    from data_prep.build_onpolicy_pairs import OnPolicyPairsConfig, sample_pairs
+    from posttrain import evaluate
+    from posttrain.models import load_model, load_tokenizer
+
+    path = tiny_model_path("llama")
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    tools = json.dumps([{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}])
+    rows = [{"prompt": [{"role": "user", "content": "What is 2 + 3?"}], "answer": "5", "domain": "math",
+             "thinking": None, "tools": tools}]
+    seen, generate = [], evaluate.generate
+    monkeypatch.setattr(evaluate, "generate", lambda m, t, prompts, *a, **k: seen.extend(prompts) or generate(
+        m, t, prompts, *a, **k))
+    pairs = sample_pairs(model, tokenizer, rows, OnPolicyPairsConfig(
+        num_samples=4, dtype="float32", max_new_tokens=4, rewards={"length_penalty": 1.0}, margin=0.0))
+    assert seen and all('"name": "add"' in prompt for prompt in seen)
+    assert pairs and all(pair["tools"] == tools for pair in pairs)
