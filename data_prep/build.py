@@ -23,7 +23,7 @@ from posttrain.errors import UserError
 
 from . import card as card_lib
 from . import clean
-from .config import PreferenceSetConfig
+from .config import PreferenceSetConfig, PromptSetConfig
 from .formats import FORMATS, Options, convert_rows
 from .readers import read_rows
 from .registry import load_entry
@@ -32,7 +32,8 @@ KIND_COLUMNS = {"sft": ["messages"], "preference": ["prompt", "chosen", "rejecte
                 "unpaired": ["prompt", "completion", "label"], "rl": ["prompt", "answer", "domain"]}
 OPTIONAL_COLUMNS = ["tools", "images", "thinking"]
 KIND_HINTS = {"unpaired": ": its rows carry a KTO `label` marking replies desirable or not, so training on all of "
-                          "them as SFT would teach the undesirable ones too; build_preference_set reads it"}
+                          "them as SFT would teach the undesirable ones too; build_preference_set reads it",
+              "rl": ": questions with reference answers, for UPO; build_prompt_set reads it"}
 CONVERSATION_COLUMNS = ("messages", "prompt", "chosen", "rejected", "completion")
 
 
@@ -50,7 +51,9 @@ def import_source(source, cfg, kinds: tuple[str, ...], job: str, rejects: list[d
     local = Path(source.path).exists()
     margin = cfg.min_score_margin if isinstance(cfg, PreferenceSetConfig) else 0.0
     opts = Options(base_dir=Path(source.path).parent if local else Path.cwd(), check_images=cfg.check_images,
-                   min_score_margin=margin)
+                   min_score_margin=margin, domain=source.name)
+    if isinstance(cfg, PromptSetConfig):
+        opts.system, opts.thinking = cfg.system, cfg.thinking
     fmt, split, subset, remap = source.format, source.split, source.subset, None
     if source.dataset_info:
         entry = load_entry(source.dataset_info, source.name)
@@ -259,8 +262,9 @@ def output_kind(sources: list[dict], cfg) -> str:
     return kinds.pop()
 
 
-def build_set(cfg, job: str, kinds: tuple[str, ...], command: str) -> dict:
-    """Run the whole pipeline for `cfg` and write `cfg.output_dir`; returns the data card facts."""
+def build_set(cfg, job: str, kinds: tuple[str, ...], command: str, train_split: str = "train") -> dict:
+    """Run the whole pipeline for `cfg` and write `cfg.output_dir`, the training rows as `train_split`; returns the
+    data card facts."""
     out_dir = card_lib.check_output_dir(cfg.output_dir, cfg.overwrite, input_paths(cfg))
     names = Counter(s.name for s in cfg.sources)
     if max(names.values()) > 1:
@@ -283,6 +287,7 @@ def build_set(cfg, job: str, kinds: tuple[str, ...], command: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="posttrain-data-") as work_dir:
         dataset = clean_dataset(on_disk(dataset, Path(work_dir)), cfg, tokenizer, counts, rejects)
         splits = split_and_mix(dataset, {s.name: s.weight for s in cfg.sources}, cfg.test_size, cfg.seed, rejects)
+        splits = {train_split if name == "train" else name: data for name, data in splits.items()}
         counts.append({"step": "mix", "before": len(dataset), "after": sum(len(d) for d in splits.values())})
         card = _card_facts(cfg, job, kind, columns, command, sources, counts, rejects, splits, tokenizer)
         lengths = [n for d in splits.values() for n in clean.column(d, "_length")]

@@ -158,6 +158,17 @@ class PreferenceSetConfig(DataJobConfig):
                                                             "is unpaired."})
 
 
+@dataclass
+class PromptSetConfig(DataJobConfig):
+    """Options of `build_prompt_set`: RL prompts with reference answers to `prompt/answer/domain`."""
+
+    system: str | None = field(default=None, metadata={"help": "System turn put before every prompt that has none "
+                                                               "of its own (nor a `system` column)."})
+    thinking: bool | None = field(default=None, metadata={"help": "Thinking mode of every prompt (the `thinking` "
+                                                                 "column the chat template and think_format read); "
+                                                                 "null keeps a row's own `thinking`, if any."})
+
+
 def _as_source(value) -> SourceConfig:
     if isinstance(value, SourceConfig):
         return value

@@ -4,7 +4,7 @@ Every converter takes a raw row (a dict) and returns a record of one *kind*:
 - `sft`: `messages` (+ `tools`, `images`, `thinking`);
 - `preference`: conversational `prompt`, `chosen`, `rejected` (+ `images`, `thinking`);
 - `unpaired`: `prompt`, `completion`, `label` (KTO) (+ `tools`, `images`, `thinking`);
-- `rl`: `prompt`, `answer`, `domain`.
+- `rl`: `prompt`, `answer`, `domain` (+ `thinking`): RL prompts (`prompt_formats`: TRL's, GSM8K's and MATH's).
 Vision rows (`vqa`, `erniekit_vl`, or any sft/preference row with `images`) carry image file paths; with
 `Options.embedded_images` an image may also be bytes (`build_vqa_tasks` keeps them inside its parquet files).
 Keys a format does not use are ignored (ids, metadata); problems raise `RowError` naming the field.
@@ -41,6 +41,7 @@ from .messages import (
     require_str,
     require_str_list,
 )
+from .prompt_formats import detect_prompt, from_gsm8k, from_math, from_rl
 from .readers import RawRow, read_rows
 from .records import (
     Options,
@@ -66,7 +67,7 @@ def detect(row: dict) -> str | None:
     if ("messages" in keys or "conversations" in keys) and desirability_label(row.get("label")) is not None:
         return "kto_conversation"  # a preference label: never SFT data
     if "messages" in keys:
-        return "messages"
+        return detect_prompt(row) or "messages"  # a conversation ending on a user turn, with a reference answer
     if "conversations" in keys:
         return "sharegpt_preference" if "chosen" in keys or "rejected" in keys else "sharegpt"
     if "text_info" in keys or "image_info" in keys:
@@ -85,8 +86,8 @@ def detect(row: dict) -> str | None:
         return "alpaca"
     if {"prompt", "completion", "label"} <= keys:
         return "unpaired"
-    if {"prompt", "answer"} <= keys:  # before prompt_completion: RL prompt sets may carry a reference completion
-        return "rl"
+    if detect_prompt(row):  # before prompt_completion: RL prompt sets may carry a reference completion
+        return detect_prompt(row)
     if {"prompt", "completion"} <= keys:
         return "prompt_completion"
     return None
@@ -310,16 +311,6 @@ def from_unpaired(row: dict, opts: Options) -> dict:
     return unpaired_record(row, prompt, completion, opts=opts, thinking=thinking)
 
 
-def from_rl(row: dict, opts: Options) -> dict:
-    """RL prompts: `prompt`, a reference `answer` for the verifiers, and a `domain` for per-domain reward scaling."""
-    answer = row.get("answer")
-    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-        answer = str(answer)
-    domain = row.get("domain") or "general"
-    return {"prompt": prompt_messages(row, "prompt"), "answer": require_str(answer, "answer", "the reference answer"),
-            "domain": require_str(domain, "domain", "a domain name such as 'math'")}
-
-
 FORMATS: dict[str, tuple[str, Callable[[dict, Options], dict]]] = {
     "messages": ("sft", from_messages),
     "sharegpt": ("sft", from_sharegpt),
@@ -336,6 +327,8 @@ FORMATS: dict[str, tuple[str, Callable[[dict, Options], dict]]] = {
     "unpaired": ("unpaired", from_unpaired),
     "kto_conversation": ("unpaired", from_kto_conversation),
     "rl": ("rl", from_rl),
+    "gsm8k": ("rl", from_gsm8k),
+    "math": ("rl", from_math),
 }
 
 

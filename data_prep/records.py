@@ -1,8 +1,8 @@
 """The records every converter returns, built from checked messages: `sft`, `preference` and `unpaired` rows.
 
-Shared by `formats` (TRL, ERNIEKit, rated and RL data) and `llamafactory` (ShareGPT, Alpaca and LLaMA-Factory's
-preference and KTO files), so that a conversation, a prompt, a reply and a label are checked the same way whatever
-file they came from.
+Shared by `formats` (TRL, ERNIEKit and rated data), `prompt_formats` (RL prompts) and `llamafactory` (ShareGPT,
+Alpaca and LLaMA-Factory's preference and KTO files), so that a conversation, a prompt, a reply and a label are
+checked the same way whatever file they came from.
 """
 
 from dataclasses import dataclass
@@ -27,12 +27,16 @@ _LABELS = {"true": True, "false": False, "1": True, "0": False}
 
 @dataclass
 class Options:
-    """What a converter needs besides the row: where relative image paths start, and the rated-data margin."""
+    """What a converter needs besides the row: where relative image paths start, the rated-data margin, and for RL
+    prompts the domain of rows without one (a build gives the source's name), a system turn and a thinking mode."""
 
     base_dir: Path = Path(".")
     check_images: bool = True
     min_score_margin: float = 1.0
     embedded_images: bool = False
+    domain: str = "general"
+    system: str | None = None
+    thinking: bool | None = None
 
 
 def _row_images(row: dict, opts: Options) -> list | None:

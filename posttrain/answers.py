@@ -301,3 +301,37 @@ def same_value(a, b) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
     return a == b
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reference answers: the final answer, not the worked solution around it
+# ----------------------------------------------------------------------------------------------------------------------
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
+RATIONALE_WORDS = 12  # a reference with more words than this beside its \boxed{} is a worked solution, not an answer
+
+
+def boxed_content(text: str) -> str | None:
+    """The content of the last `\\boxed{...}` or `\\fbox{...}` of `text`, up to its own closing brace
+    (`\\boxed{\\frac{1}{2}}` is `\\frac{1}{2}`), stripped; None if there is none or its braces never close."""
+    starts = list(_BOX.finditer(text))
+    if not starts:
+        return None
+    depth, begin = 1, starts[-1].end()
+    for index in range(begin, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[index], 0)
+        if depth == 0:
+            return text[begin:index].strip()
+    return None
+
+
+def rationale_problem(reference: str) -> str | None:
+    """Why the reference `answer` is a worked solution rather than the answer, or None. Two shapes only, which
+    datasets ship and no answer has: GSM8K's rationale ending in `#### 72`, and a MATH-style solution with its answer
+    in `\\boxed{}` among more than `RATIONALE_WORDS` words. Compared with the whole text, a reply stating just the
+    answer scores 0 under `exact_match` and is not scored at all (None) under `numeric_accuracy`."""
+    if "####" in reference:
+        return "holds GSM8K's '####' marker: it is a worked solution with the answer after '####'"
+    box = boxed_content(reference)
+    if box is not None and len(reference.split()) - len(box.split()) > RATIONALE_WORDS:
+        return f"is a worked solution ({len(reference.split())} words) with the answer in \\boxed{{}}"
+    return None

@@ -601,7 +601,9 @@ def check_reward_references(dataset, rewards: dict | None, name: str, allow_skip
     prompt whose `answer` is null or blank has nothing to be right against, so the correctness rewards return None
     (not applicable) for all its completions, and it spends generations that train on the other rewards alone, or on
     nothing. A missing column is always an error; empty rows are an error naming the row, or a counted skip when
-    allowed."""
+    allowed. A reference that is a worked solution (`answers.rationale_problem`: GSM8K's `#### 72`, a long text
+    around a `\\boxed{}`) is always an error: it is the whole column, not a row, that needs the answer taken out."""
+    from .answers import rationale_problem
     from .rewards import REQUIRED_COLUMNS
 
     needed = {}
@@ -614,6 +616,11 @@ def check_reward_references(dataset, rewards: dict | None, name: str, allow_skip
             raise UserError(f"pre-flight: {name}: reward(s) {', '.join(users)} need a '{column}' column; the rows "
                             f"have: {', '.join(dataset.column_names)}")
         for index, value in enumerate(dataset[column]):
+            if value is not None and (problem := rationale_problem(str(value))):
+                raise UserError(f"pre-flight: {name} {row_name(index)}: '{column}' {problem}, so reward "
+                                f"'{users[0]}' would compare each reply with the whole solution; expected the final "
+                                "answer alone. `posttrain data build_prompt_set` takes it out (GSM8K's `question`/"
+                                "`answer`, MATH's `problem`/`solution`; data_prep/README.md)")
             if value is None or not str(value).strip():
                 if not allow_skip:
                     raise UserError(f"pre-flight: {name} {row_name(index)}: '{column}' is empty, so reward "

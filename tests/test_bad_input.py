@@ -411,6 +411,37 @@ def test_upo_gate_stops_null_answers(tmp_path):
         preflight_data(_prompts(["1", "2", None]), *_upo_args(tmp_path))
 
 
+GSM8K_RATIONALE = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nShe sold 48+24 = <<48+24=72>>72 in all.\n#### 72"
+MATH_SOLUTION = ("The roots of $x^2 - 5x + 6$ are $2$ and $3$, since it factors as $(x-2)(x-3)$. Their product is "
+                 "therefore $\\boxed{6}$.")
+
+
+@pytest.mark.parametrize("reference", [GSM8K_RATIONALE, MATH_SOLUTION])
+def test_upo_gate_stops_a_worked_solution_as_the_reference(tmp_path, reference):
+    """GSM8K's raw `answer` (a rationale ending in `#### 72`) or a MATH solution passed every gate: compared with the
+    whole text, a reply "72" scores 0 under exact_match and None (not scored) under numeric_accuracy. Refused, naming
+    the row and the job that takes the answer out, with skip_bad_rows too (the column is wrong, not a row)."""
+    from posttrain.rewards import exact_match, numeric_accuracy
+    from posttrain.stages.upo import preflight_data
+
+    reply = [[{"role": "assistant", "content": "The answer is 72." if "####" in reference else "It is 6."}]]
+    assert exact_match(reply, answer=[reference]) == [0.0] and numeric_accuracy(reply, answer=[reference]) == [None]
+    for skip in (False, True):
+        with pytest.raises(UserError, match=r"prompts.parquet row 2 \(counting from 1\): 'answer' (holds GSM8K's "
+                                            r"'####' marker|is a worked solution).*build_prompt_set"):
+            preflight_data(_prompts(["4", reference]), *_upo_args(tmp_path, skip=skip))
+
+
+@pytest.mark.parametrize("reference", ["x = 3", "\\frac{1}{2}", "\\boxed{\\frac{1}{2}}", "$\\boxed{5}$", "1,000",
+                                       "The capital of France is Paris, on the Seine.",
+                                       "Since $2 + 3 = 5$, the answer is $\\boxed{5}$."])
+def test_upo_gate_passes_real_references(tmp_path, reference):
+    from posttrain.stages.upo import preflight_data
+
+    prompts, _, record = preflight_data(_prompts([reference]), *_upo_args(tmp_path))
+    assert prompts["answer"] == [reference] and record["prompts_skipped"] == 0
+
+
 def test_upo_gate_finds_a_missing_reward_column(tmp_path):
     from posttrain.stages.upo import preflight_data
 
