@@ -28,6 +28,7 @@ _NUMBER = re.compile(rf"{_SIGN}(?:\d{{1,3}}(?:,\d{{3}})+|\d+)(?:\.\d+)?|{_SIGN}\
 # Chinese and Japanese quotes and brackets (、「」『』《》〈〉【】): "《红楼梦》" answers "红楼梦" as '"Hamlet"' answers "Hamlet".
 _EDGE_PUNCTUATION = " \t\n\r.,;:!?\"'`*_()[]{}\u201c\u201d\u2018\u2019\u00ab\u00bb\u3002\uff0c\uff01\uff1f" \
                     "\u3001\u300c\u300d\u300e\u300f\u300a\u300b\u3008\u3009\u3010\u3011"
+_NO_BRACKETS = str.maketrans("", "", "()[]{}")
 FLOAT_DECIMALS = 6  # math-verify's `float_rounding`: decimals are equal when they agree to 6 places
 
 
@@ -68,11 +69,13 @@ def same_number(a: int | float, b: int | float) -> bool:
     return round(a, FLOAT_DECIMALS) == round(b, FLOAT_DECIMALS)
 
 
-def normalize_text(text: str, keep_case: bool = False) -> str:
+def normalize_text(text: str, keep_case: bool = False, keep_brackets: bool = False) -> str:
     """Unicode-normalise, drop surrounding whitespace/punctuation/quotes, collapse inner whitespace, lowercase. A dot
-    before a digit stays: ".5" is not "5"."""
-    text = unicodedata.normalize("NFKC", text).rstrip(_EDGE_PUNCTUATION)
-    start = len(text) - len(text.lstrip(_EDGE_PUNCTUATION))
+    before a digit stays: ".5" is not "5". With `keep_brackets`, surrounding brackets and braces stay: in a math
+    answer they are part of it ("[2, 5)" is not "(2, 5]")."""
+    edges = _EDGE_PUNCTUATION.translate(_NO_BRACKETS) if keep_brackets else _EDGE_PUNCTUATION
+    text = unicodedata.normalize("NFKC", text).rstrip(edges)
+    start = len(text) - len(text.lstrip(edges))
     if start and text[start - 1] == "." and text[start:start + 1].isdigit():
         start -= 1
     text = " ".join(text[start:].split())
@@ -118,14 +121,16 @@ def numeric_match(text: str, reference: str) -> bool | None:
     return got is not None and same_number(got, expected)
 
 
-def exact_text_match(text: str, reference: str) -> bool:
+def exact_text_match(text: str, reference: str, keep_brackets: bool = False) -> bool:
     """Normalised equality of the final answer and `reference`.
 
     Case is ignored, unless the reference is written in capitals (two or more letters, e.g. "APPLE" for "Write apple in
-    capital letters"): then the case is what the task checks.
+    capital letters"): then the case is what the task checks. `keep_brackets` compares surrounding brackets too (an
+    interval or a tuple: "[2, 5)", "(1, 2)").
     """
     keep_case = _is_capitals(reference)
-    return normalize_text(final_answer(text), keep_case) == normalize_text(reference, keep_case)
+    return normalize_text(final_answer(text), keep_case, keep_brackets) == \
+        normalize_text(reference, keep_case, keep_brackets)
 
 
 # An option letter: "(b)", a capital standing alone ("B", "B."), or any letter marked off by punctuation or the end
@@ -170,13 +175,14 @@ def word_count(text: str) -> int:
 # ----------------------------------------------------------------------------------------------------------------------
 # Math answers: math-verify, with a plain-number fast path
 # ----------------------------------------------------------------------------------------------------------------------
-# LaTeX, fractions, ratios, powers, space-grouped thousands ("1 000"): math-verify reads these, the regex does not.
+# LaTeX, fractions, ratios, powers, space-grouped thousands ("1 000"), percentages (math-verify takes "50%" for 50 and
+# for 0.5, the regex for 50 alone): math-verify reads these, the regex does not.
 # Nor does it read as math-verify does an answer that ends on an expression (math-verify works out "6 * 7" and "2-5",
 # the regex reads 7 and 5). The generator's replies do not: they end on the answer ("so the larger is 845.",
 # "12 + 5 = 17", "The letter p appears 2 times."), and keep the fast path. A stated answer ("The answer is 7, not 8")
 # keeps it too: `stated_number` reads the number after "answer is", as math-verify does, and also in quotes
 # ('The answer is "12"'), where math-verify finds none.
-_NOT_PLAIN = re.compile(r"[\\$/^{}]|\d:\d|\d \d{3}\b|\d[eE][-+]?\d|\bpi\b|sqrt|frac"
+_NOT_PLAIN = re.compile(r"[\\$/^{}%]|\d:\d|\d \d{3}\b|\d[eE][-+]?\d|\bpi\b|sqrt|frac"
                         r"|\d\s*[-+*\u2212\u00d7\u00f7]\s*\.?\d[\d.,]*\D*\Z", re.I)
 _MATH_REFERENCE = re.compile(r"\d|\\")
 MATH_TIMEOUT_S = 5  # per parse / comparison, on the main thread only (math-verify's timeout is signal.alarm)
@@ -193,10 +199,17 @@ def _timeout() -> int | None:
     return MATH_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
 
 
+# LaTeX's escaped dollar, a currency sign (MATH's money answers "\$12.50"; replies in Markdown write "\$72"):
+# math-verify reads it inside math ("$\$12.50$", "\boxed{\$12.50}") and finds nothing at all in "\$12.50" or
+# "The answer is \$72.": dropped from references and answers, as math-verify drops it inside math
+_ESCAPED_DOLLAR = "\\$"
+
+
 @functools.lru_cache(maxsize=4096)
 def _parse_reference(reference: str):
     from math_verify import parse
 
+    reference = reference.replace(_ESCAPED_DOLLAR, "")
     text = reference if "$" in reference or "\\boxed" in reference else f"${reference}$"
     return parse(text, parsing_timeout=_timeout())
 
@@ -206,7 +219,12 @@ def _parse_answer(answer: str):
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 
     configs = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
-    return parse(answer, extraction_config=configs, parsing_timeout=_timeout())
+    return parse(answer.replace(_ESCAPED_DOLLAR, ""), extraction_config=configs, parsing_timeout=_timeout())
+
+
+# A LaTeX space between digit groups ("1\,500", "12\,345\,678", "1\ 500"; siunitx's thousands separator):
+# math-verify adds the groups (1\,500 is 501), dropped
+_SPACED_THOUSANDS = re.compile(r"(?<=\d)\\[,;: ](?=\d{3}(?!\d))")
 
 
 def math_verify_match(text: str, reference: str) -> bool | None:
@@ -214,10 +232,10 @@ def math_verify_match(text: str, reference: str) -> bool | None:
     as math."""
     from math_verify import verify
 
-    gold = _parse_reference(reference.strip())
+    gold = _parse_reference(_SPACED_THOUSANDS.sub("", reference.strip()))
     if not gold:
         return None
-    answer = _parse_answer(final_answer(text))
+    answer = _parse_answer(_SPACED_THOUSANDS.sub("", final_answer(text)))
     return bool(answer) and verify(gold, answer, timeout_seconds=_timeout())
 
 

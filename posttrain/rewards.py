@@ -130,7 +130,7 @@ def multiple_choice(completions, **kwargs) -> list[float | None]:
 def accuracy(completions, **kwargs) -> list[float | None]:
     """Correctness against `answer`: for a number, the math comparison alone (math-verify, with a fast path for plain
     numbers); for other references, the math comparison when it says yes (LaTeX, expressions) and `exact_match`'s rule
-    otherwise. None for rows without a reference."""
+    otherwise, brackets kept for a math reference. None for rows without a reference."""
     completions = as_written(completions, kwargs.get("prompts"))
     answers, modes = _column(kwargs, "answer", "accuracy"), _modes(kwargs, len(completions))
     rewards = []
@@ -142,8 +142,8 @@ def accuracy(completions, **kwargs) -> list[float | None]:
         verdict = math_match(text, reference)
         if parse_number(reference) is not None:  # the text rule would strip ".5" to "5"
             rewards.append(float(bool(verdict)))
-        else:
-            rewards.append(float(bool(verdict) or exact_text_match(text, reference)))
+        else:  # a math reference's brackets count: "[2, 5]" and "(2, 5)" are not "[2, 5)"
+            rewards.append(float(bool(verdict) or exact_text_match(text, reference, keep_brackets=verdict is not None)))
     return rewards
 
 

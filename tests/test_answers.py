@@ -17,7 +17,7 @@ PLAIN_ANSWERS = [
     "42", "17 + 25 = 42", "I think 41", "-7", "It is 7", "The result is -7.", "1000",
     "1,000 apples", "0.50", ".5", "3.0", "no idea", "<think>6*7=42</think>\n42",
     "<think>so 41?</think> 40 + 2 = 42", "12.25 dollars", "3 apples and 4 pears make 7", "x = 3", "1,000,000",
-    "**42**", "42%", "Step 1: 20. Step 2: 42.", "3, 4 and 5", "She has 20 marbles.",
+    "**42**", "Step 1: 20. Step 2: 42.", "3, 4 and 5", "She has 20 marbles.",
     "20 - 0 = 20", "Total: 12.25", "42.", "It takes 3 hours and 20 minutes",
 ]
 # a stated answer: the number after "answer is" / "answer:", not the last one, as math-verify reads it
@@ -38,9 +38,18 @@ def test_fast_path_agrees_with_math_verify_on_plain_answers():
     assert compared == len(REFERENCES) * len(PLAIN_ANSWERS)
 
 
-@pytest.mark.parametrize("text", ["1 000", "1e3", "0.5 or 1/2", "\\boxed{3}", "$3$", "6 * 7", "10 - 3.", "2-5"])
+@pytest.mark.parametrize("text", ["1 000", "1e3", "0.5 or 1/2", "\\boxed{3}", "$3$", "6 * 7", "10 - 3.", "2-5", "42%"])
 def test_answers_the_regex_would_misread_go_to_math_verify(text):
     assert not is_plain(text)
+
+
+def test_a_percentage_is_judged_as_math_verify_judges_it():
+    """math-verify credits "50%" against 50 and against 0.5; the regex read 50 alone, so a plain "50%" scored 0
+    against the reference "0.5" that "\\boxed{50\\%}" scored 1 against."""
+    for text in ["50%", "The answer is 50%.", "She keeps 50% of it", "\\boxed{50\\%}"]:
+        for reference, expected in [("50", True), ("0.5", True), ("5", False)]:
+            assert math_match(text, reference) is math_verify_match(text, reference) is expected, (text, reference)
+    assert accuracy(["50%", "50%", "0.5", "50"], answer=["0.5", "50", "50", "0.5"]) == [1.0, 1.0, 0.0, 0.0]
 
 
 def test_stated_answers_are_read_as_math_verify_reads_them():
@@ -108,10 +117,24 @@ def test_plain_answers_never_reach_math_verify(monkeypatch):
     ("\\boxed{\\dfrac{6}{8}}", "\\frac34", True),
     ("\\boxed{5}", "6", False),
     ("The answer is 1 000", "1,000", True),
+    ("\\boxed{1\\,500}", "1500", True),  # a LaTeX thin space between digit groups: math-verify read 501
+    ("\\boxed{1\\,500}", "501", False),
+    ("$12\\,345\\,678$", "12345678", True),
+    ("\\boxed{1500}", "1\\,500", True),
+    ("$3\\,\\text{cm}$", "3", True),  # a thin space before a unit stays
 ])
 def test_math_answers(text, reference, expected):
     assert math_match(text, reference) is expected
     assert accuracy([text], answer=[reference]) == [float(expected)]
+
+
+def test_an_escaped_dollar_is_a_currency_sign():
+    """math-verify finds nothing in "\\$12.50" outside math: the MATH reference "\\$12.50" credited only its own text,
+    and a reply "The answer is \\$72." scored 0 against "72"."""
+    replies = ["\\$12.50", "$12.50", "12.5", "\\boxed{\\$12.50}", "The answer is \\$12.50.", "\\$13.50"]
+    assert accuracy(replies, answer=["\\$12.50"] * 6) == [1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+    assert accuracy(["\\$72", "She has \\$72 left.", "\\$71"], answer=["72"] * 3) == [1.0, 1.0, 0.0]
+    assert numeric_accuracy(["The answer is \\$12.50."], answer=["12.5"]) == [1.0]
 
 
 def test_numeric_accuracy_reads_latex_answers_and_skips_non_numeric_references():
@@ -121,6 +144,17 @@ def test_numeric_accuracy_reads_latex_answers_and_skips_non_numeric_references()
 def test_text_references_keep_the_exact_rule():
     assert math_match("Paris", "Paris") is None
     assert accuracy(["Paris.", "B", "ROOM 101"], answer=["paris", "B", "Room 101"]) == [1.0, 1.0, 1.0]
+
+
+def test_interval_and_tuple_brackets_count():
+    """The text rule strips surrounding punctuation, brackets included: a plain "[2, 5]" (math-verify reads 5 out of
+    it) matched the references "[2, 5)", "(2, 5)" and "(2, 5]" alike, credit for any interval with the right ends."""
+    intervals = ["[2, 5)", "(2, 5)", "(2, 5]", "[2, 5]"]
+    for reply in intervals + ["[2, 5).", "$[2, 5)$", "\\boxed{(2, 5]}"]:
+        credited = [ref for ref, r in zip(intervals, accuracy([reply] * 4, answer=intervals), strict=True) if r]
+        assert len(credited) == 1 and credited[0] in reply, (reply, credited)
+    assert accuracy(["(1, 2)", "[1, 2]", "$(1, 2)$"], answer=["(1, 2)"] * 3) == [1.0, 0.0, 1.0]
+    assert accuracy(["(B)", "Paris."], answer=["B", "(paris)"]) == [1.0, 1.0]  # text references: brackets still go
 
 
 def test_math_verify_works_off_the_main_thread():
