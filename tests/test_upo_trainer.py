@@ -1037,10 +1037,12 @@ def test_padding_free_scoring_trains_as_the_padded_batches_do(tmp_path, tiny_mod
             torch.testing.assert_close(packed[name], padded[name], rtol=1e-3, atol=1e-5)
 
 
-def test_the_pairs_forward_bypasses_ddp(tmp_path):
+def test_the_pairs_forward_bypasses_ddp():
     """Under DDP the pairs' forward runs on the wrapped module: a process's placeholder forward without images left
     the projector GRPO's forward had used out of DDP's last forward, and the backward failed ("marked as ready
     twice"; a VLM whose SFT trained the projector, UPO on two processes, a step where one process held no pair)."""
+    from datetime import timedelta
+
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -1054,7 +1056,8 @@ def test_the_pairs_forward_bypasses_ddp(tmp_path):
         def forward(self, x, images: bool):
             return self.text(self.projector(x) if images else x)
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    # an in-memory store: a file store's rendezvous hung twice in ~40 runs under load
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=60))
     try:
         ddp = DistributedDataParallel(Toy(), find_unused_parameters=True)
         x = torch.ones(1, 2)
