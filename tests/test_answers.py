@@ -64,6 +64,13 @@ def test_stated_answers_are_read_as_math_verify_reads_them():
     assert accuracy(["The answer is 6 + 19 = 25.", "The answer is 6 + 19 = 25."], answer=["25", "6"]) == [1.0, 0.0]
 
 
+def test_a_corrected_answer_counts_and_a_reply_without_a_number_does_not():
+    # the last "answer is" is the answer: a reply may correct itself
+    assert accuracy(["The answer is 7. No, wait: the answer is 8."] * 2, answer=["8", "7"]) == [1.0, 0.0]
+    # no number at all is wrong, also against a reference of 0
+    assert accuracy(["I do not know.", "The answer is none"], answer=["0", "0"]) == [0.0, 0.0]
+
+
 # (answer, reference): whole numbers equal only exactly, decimals to 6 places, as math-verify compares them
 NEAR_NUMBERS = [("1000001", "1000000", False), ("2,345,679", "2,345,678", False), ("999999", "1000000", False),
                 ("100000000000000001", "100000000000000000", False), ("3.0000001", "3", False),
@@ -213,6 +220,16 @@ def test_function_call_reference_is_chosen_row_by_row():
 def test_function_call_numbers_compare_exactly_when_whole():
     assert function_call([call("get_weather", city="Oslo", days=2.0000001)], answer=[WEATHER]) == [0.5]
     assert function_call([call("get_weather", city="Oslo", days=2.0)], answer=[WEATHER]) == [1.0]
+
+
+def test_function_call_counts_every_call_and_argument():
+    # a block that is no valid call is a wrong call, next to a right one too
+    assert function_call([call("get_weather", city="Oslo", days=2) + "<tool_call>\n{not json}\n</tool_call>"],
+                         answer=[WEATHER]) == [0.0]
+    # lists by their length and elements, booleans only as booleans (JSON true is not 1)
+    expected = json.dumps({"name": "f", "arguments": {"ids": [1, 2], "flag": True}})
+    completions = [call("f", ids=[1, 2], flag=True), call("f", ids=[1, 2, 3], flag=True), call("f", ids=[1, 2], flag=1)]
+    assert function_call(completions, answer=[expected] * 3) == [1.0, 0.5, 0.5]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

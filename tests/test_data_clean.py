@@ -11,7 +11,7 @@ from datasets import Dataset, load_dataset
 
 from data_prep import build, build_sft_set, clean
 from posttrain.errors import UserError
-from posttrain.models import TINY_TOKENIZER
+from posttrain.models import TINY_TOKENIZER, load_tokenizer
 
 WORDS = ("river stone cloud lamp orange music window garden silver paper engine forest candle bridge "
          "mountain pepper violin harbor meadow rocket").split()
@@ -79,6 +79,33 @@ def test_decontamination_names_the_ngram_and_eval_set():
     kept, removed = clean.decontaminate(table([leaked, "Natalia sold clips to friends.", prose(3)]), ngrams, 13)
     assert kept["_origin"] == ["f.jsonl:2", "f.jsonl:3"]
     assert "13-gram \"natalia sold clips to 48" in removed["_reason"][0] and "gsm8k.jsonl" in removed["_reason"][0]
+
+
+def test_decontamination_finds_an_eval_text_exactly_n_words_long_and_dedup_reads_short_rows():
+    """An eval text of exactly n words is one n-gram (its last one counts too); rows shorter than a shingle are
+    compared as one shingle, so distinct short rows are kept and copies of one are not."""
+    question = "what is the capital city of the country that lies north of spain"  # 13 words
+    ngrams = clean.eval_ngrams({"geo.jsonl": [question]}, n=13)
+    kept, removed = clean.decontaminate(table([f"Q: {question}?", "what is the capital city of france"]), ngrams, 13)
+    assert removed["_origin"] == ["f.jsonl:1"] and kept["_origin"] == ["f.jsonl:2"]
+    kept, removed = clean.near_dedup(table(["yes", "no", "thanks a lot", "yes"]), threshold=0.8)
+    assert kept["_origin"] == ["f.jsonl:1", "f.jsonl:2", "f.jsonl:3"] and removed["_origin"] == ["f.jsonl:4"]
+
+
+def test_records_with_other_answers_are_different_text():
+    # a verifiable task's rows with one prompt and two answers are two examples, and an answer can leak eval text
+    prompt = [{"role": "user", "content": "What is 6 * 7?"}]
+    assert clean.record_text({"prompt": prompt, "answer": "42"}) != clean.record_text({"prompt": prompt, "answer": "43"})
+
+
+def test_length_limits_are_inclusive_and_a_pair_counts_its_longer_reply():
+    lengths = Dataset.from_dict({"_length": [9, 10, 20, 21], "_origin": [f"f.jsonl:{i}" for i in range(1, 5)]})
+    kept, removed = clean.length_filter(lengths, min_tokens=10, max_tokens=20)
+    assert kept["_length"] == [10, 20] and removed["_length"] == [9, 21]
+    pair = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "ok"}],
+            "rejected": [{"role": "assistant", "content": prose(1, 60)}], "_text": "unused"}
+    [length] = clean.add_lengths(Dataset.from_list([pair]), load_tokenizer(TINY_TOKENIZER))["_length"]
+    assert length > 60
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -73,6 +73,20 @@ def test_completion_scores_equal_the_full_logits_and_the_loss_takes_its_limit(ti
     assert heldout_loss(model, tokenizer, messages) == pytest.approx(first_three)
 
 
+def test_heldout_loss_is_per_token_over_the_first_rows_with_a_reference(tiny_tokenizer, monkeypatch):
+    """The held-out loss is the NLL per token, not per reply, of the first `limit` rows that have a reference reply
+    (a row without one is skipped, not counted against the limit)."""
+    from posttrain import evaluate as evaluation
+
+    scored = []
+    monkeypatch.setattr(evaluation, "completion_logps", lambda model, tokenizer, prompts, replies, **kwargs:
+                        scored.append(replies) or [(-6.0, 3), (-1.0, 1)][:len(replies)])
+    prompt = [{"role": "user", "content": "What is 2 + 2?"}]
+    rows = [{"prompt": prompt, "completion": None}] + [{"prompt": prompt, "completion": "4"}] * 3
+    assert evaluation.heldout_loss(None, tiny_tokenizer, rows, limit=2) == pytest.approx(7 / 4)
+    assert len(scored[0]) == 2
+
+
 def test_scoring_takes_the_evaluations_batch_size_and_chunks_the_vocabulary(tiny_model_path, task_data, monkeypatch):
     """The held-out loss and the preference evaluation score at most their batch size of rows a forward (16 whatever
     the setting kept every reply's logits over the vocabulary at once: out of memory at real sizes, with advice that
@@ -340,6 +354,25 @@ def test_evaluate_scores_known_completions(tiny_model_path, task_data, monkeypat
     assert [s["completion"] for s in metrics["samples"]][1] == "no idea"
 
 
+def test_evaluate_names_thinking_modes_and_pairs_only_the_same_prompts_and_answers(tiny_model_path, task_data,
+                                                                                     monkeypatch):
+    """Accuracy per thinking mode under its own mode's name; a NaN held-out loss written as None (what a gate reads as
+    "not measured"); and a fingerprint of the prompts that changes with their answers, so verdicts against other
+    answers are never paired."""
+    import posttrain.evaluate as evaluation
+
+    path = tiny_model_path("llama")
+    rows = load_rows(str(task_data), "test")
+    assert {r["thinking"] for r in rows} == {True, False}
+    monkeypatch.setattr(evaluation, "generate", lambda model, tokenizer, prompts, *args, **kwargs: (
+        [r["completion"] if r["thinking"] else "no idea" for r in rows], [True] * len(rows), [1] * len(rows)))
+    monkeypatch.setattr(evaluation, "heldout_loss", lambda *args, **kwargs: float("nan"))
+    metrics = evaluate(load_model(path), load_tokenizer(path), rows, max_new_tokens=6, batch_size=4)
+    assert metrics["by_group"]["mode/thinking"] == 1.0 and metrics["by_group"]["mode/non_thinking"] == 0.0
+    assert metrics["heldout_loss"] is None
+    assert evaluation.prompts_sha(["What is 2 + 2?"], ["4"]) != evaluation.prompts_sha(["What is 2 + 2?"], ["5"])
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_evaluation_decodes_merged_and_scores_through_the_adapter(tiny_model_path, task_data, monkeypatch, dtype):
     """Held-out generation runs with LoRA merged into copies of the base weights (adapter layers off), the held-out
@@ -386,6 +419,13 @@ def test_preference_eval_detects_the_preferred_reply(tiny_model_path):
     bf16 = preference_eval(model, tokenizer, pairs, "bfloat16")  # scored under autocast: bf16 rounding, same verdict
     assert bf16["accuracy"] == 1.0 and bf16["mean_logp_margin"] != result["mean_logp_margin"]
     assert bf16["mean_logp_margin"] == pytest.approx(result["mean_logp_margin"], rel=0.05)
+
+
+def test_preference_eval_counts_a_tie_as_no_preference(tiny_model_path):
+    path = tiny_model_path("llama")
+    pair = {"prompt": [{"role": "user", "content": "hi"}], "chosen": "a b", "rejected": "a b"}
+    assert preference_eval(load_model(path), load_tokenizer(path), [pair]) == {"n": 1, "accuracy": 0.0,
+                                                                                "mean_logp_margin": 0.0}
 
 
 def test_preference_eval_scores_pairs_in_the_context_they_train_in(tiny_model_path, monkeypatch):
@@ -530,6 +570,29 @@ def test_onpolicy_pairs_with_the_reference_reply_as_chosen(tiny_model_path, task
         assert (row["chosen_reward"], row["rejected_reward"]) == (1.0, 0.0)
     card = json.loads((tmp_path / "pairs" / "card.json").read_text())
     assert "the reference reply a candidate" in card["sources"][0]["notes"]
+
+
+def test_onpolicy_pairs_prefer_the_reference_skip_empty_and_unscored_replies(tiny_tokenizer, monkeypatch, capsys):
+    """With `reference_chosen`, a right sample ties the reference reply and the reference wins; an empty reply is no
+    side of a pair; a reply no reward applies to is not scored 0; and a pair with a reply cut at the token budget
+    is counted in the job's warning."""
+    import contextlib
+
+    import posttrain.evaluate as evaluation
+    import posttrain.rewards as rewards
+    from data_prep.build_onpolicy_pairs import OnPolicyPairsConfig, sample_pairs
+
+    monkeypatch.setattr(evaluation, "autocast", lambda *args, **kwargs: contextlib.nullcontext())
+    monkeypatch.setattr(evaluation, "generate", lambda model, tokenizer, prompts, *args, **kwargs: (
+        ["4", "5", ""], [True, False, True], [1, 1, 0]))
+    row = {"prompt": [{"role": "user", "content": "What is 2 + 2?"}], "answer": "4", "completion": "2 + 2 = 4",
+           "thinking": False, "domain": "arithmetic"}
+    config = OnPolicyPairsConfig(num_samples=3, rewards={"accuracy": 1.0}, margin=0.5, reference_chosen=True)
+    [pair] = sample_pairs(None, tiny_tokenizer, [row], config)
+    assert (pair["chosen"][0]["content"], pair["rejected"][0]["content"]) == ("2 + 2 = 4", "5")
+    assert "1 of 1 pairs have a reply cut at max_new_tokens" in capsys.readouterr().out
+    monkeypatch.setattr(rewards, "combine_rewards", lambda weights: lambda texts, **kwargs: [None, 1.0, None])
+    assert sample_pairs(None, tiny_tokenizer, [row], OnPolicyPairsConfig(num_samples=3, margin=0.5)) == []
 
 
 def test_onpolicy_pairs_card_counts_the_prompts_that_gave_no_pair(tiny_model_path, task_data, tmp_path, monkeypatch):

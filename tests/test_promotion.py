@@ -66,6 +66,13 @@ def test_threshold_gate_on_a_lower_is_better_metric():
     assert not record["gate"]["passed"] and "not measured" in record["gate"]["reason"]
 
 
+def test_a_gate_without_a_previous_value_passes_and_a_negative_max_drop_is_refused():
+    record = promotion(GateArguments("heldout_loss"), "base", evaluation([0, 1]), evaluation([0, 1], heldout_loss=2.0))
+    assert record["gate"]["passed"] and "base has no heldout_loss" in record["gate"]["reason"]
+    with pytest.raises(UserError, match=r"stages.dpo.gate.max_drop: -0.1 is negative"):
+        load_recipe(TINY, ["stages.dpo.gate={metric: accuracy, max_drop: -0.1}"])
+
+
 def test_different_prompts_are_not_paired():
     record = promotion(GateArguments(), "sft", evaluation([1] * 10),
                        {**evaluation([0] * 10), "prompts_sha": "other-prompts"})

@@ -153,6 +153,15 @@ def test_rows_without_a_reference_are_not_scored():
     assert combined(["42", "42"], answer=[None, "42"], thinking=[False, False]) == [0.5, 1.5]
 
 
+def test_rewards_that_do_not_apply_give_none_not_zero():
+    # a reference that is math but no number is not numeric_accuracy's, and a digit is no option letter
+    assert numeric_accuracy(["x^2 + 1", "42"], answer=["x^2 + 1", "42"]) == [None, 1.0]
+    assert multiple_choice(["1", "B"], answer=["1", "B"]) == [None, 1.0]
+    # a row no reward applies to has no combined reward (GRPO leaves it out), not a reward of 0
+    combined = combine_rewards({"accuracy": 1.0, "multiple_choice": 2.0})
+    assert combined(["42", "42"], answer=[None, "42"]) == [None, 1.0]
+
+
 def test_missing_answer_column_is_explained():
     with pytest.raises(UserError, match="'answer' column"):
         accuracy(["42"], domain=["arithmetic"])

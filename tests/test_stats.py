@@ -52,6 +52,13 @@ def test_compare_small_change_is_not_significant():
     assert stats.format_change(c) == "+4.2 n.s."
 
 
+def test_paired_bootstrap_interval_is_the_central_95_percent():
+    # 20 of 100 prompts fixed: difference 0.2, standard error 0.04, so about 0.2 ± 1.96 * 0.04 = (0.12, 0.28); the
+    # extremes of 2000 resamples would be ±3.5 standard errors
+    low, high = stats.paired_bootstrap([False] * 100, [True] * 20 + [False] * 80)
+    assert low == pytest.approx(0.12, abs=0.015) and high == pytest.approx(0.28, abs=0.015)
+
+
 def test_compare_rejects_unpaired_verdicts():
     with pytest.raises(ValueError, match="same prompts"):
         stats.compare([True], [True, False])

@@ -142,6 +142,13 @@ def test_mine_pairs_margin():
     assert default_margin(rewards) == 0.5  # half the observed range
 
 
+def test_default_margin_reads_only_the_rollouts_that_may_be_paired():
+    # a masked-out rollout (truncated) with an outlying reward must not widen the margin and so lose pairs
+    rewards, valid = torch.tensor([0.0, 1.0, 0.0, 9.0]), torch.tensor([1, 1, 1, 0])
+    assert default_margin(rewards, valid) == 0.5
+    assert default_margin(torch.tensor([NAN, 0.0, 2.0])) == 1.0
+
+
 def test_mine_pairs_ties_are_deterministic():
     rewards = torch.tensor([1.0, 0.0, 1.0, 0.0])
     # Tied best: the earlier rollout; tied worst: the later one (ranking is by reward, then position)
@@ -419,6 +426,61 @@ def test_online_dpo_term_matches_plain_torch(dpo_trainer, sft_weight):
     for name, grad in upo_grads.items():
         torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-3, atol=1e-6)
     assert upo_grads and all(".default." in n for n in upo_grads)
+
+
+def test_online_pairs_take_the_set_margin_skip_masked_rollouts_and_mask_grpos_reference(dpo_trainer):
+    """Mining inside the trainer: `upo_margin` as set (0 keeps the small gap of the last group, where the default of
+    half the reward range would drop it), never a masked-out rollout (row 3, the best of its group), and with
+    GRPO's reference log-probs (beta > 0) each chosen reply's sum over its own tokens, not its padding."""
+    dpo_trainer.args.upo_margin = 0.0
+    prompt_ids, prompt_mask, completion_ids, completion_mask = pack(
+        [[1, 5, 9]] * 2 + [[1, 6, 8]] * 2 + [[1, 7]] * 2, [[20, 21, 2], [22, 2], [23, 2], [24, 25, 2], [26, 2], [27, 2]],
+        0, "cpu")
+    completion_mask[3] = 0  # e.g. truncated, with mask_truncated_completions
+    output = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+              "completion_mask": completion_mask, "ref_per_token_logps": torch.full(completion_ids.shape, -1.0)}
+    dpo_trainer._batch_rewards = torch.tensor([0.0, 4.0, 1.0, 9.0, 2.0, 3.0])
+    dpo_trainer._mine_online_pairs(output, 2, "train")
+    assert output["upo_has_pair"].nonzero().flatten().tolist() == [1, 5] and output["upo_num_pairs"].item() == 2
+    assert output["upo_ref_chosen_logps"].tolist() == [0.0, -2.0, 0.0, 0.0, 0.0, -2.0]
+
+
+def test_the_dpo_term_is_a_mean_over_the_pairs_in_evaluation_too(dpo_trainer):
+    prompt_ids, prompt_mask, completion_ids, completion_mask = pack(
+        [[1, 5, 9], [1, 6, 8, 10]], [[20, 21, 22, 2], [24, 25, 2]], 0, "cpu")
+    rejected_ids, rejected_mask = pack([[]] * 2, [[40, 41, 2], [42, 2]], 0, "cpu")[2:]
+    inputs = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+              "completion_mask": completion_mask, "advantages": torch.zeros(2),
+              "num_items_in_batch": completion_mask.sum(), "upo_has_pair": torch.tensor([True, True]),
+              "upo_rejected_ids": rejected_ids, "upo_rejected_mask": rejected_mask,
+              "upo_ref_chosen_logps": torch.tensor([-5.0, -4.0]), "upo_ref_rejected_logps": torch.tensor([-20.0, -15.0]),
+              "upo_num_pairs": torch.tensor(2.0)}
+    with torch.no_grad():
+        trained = dpo_trainer.compute_loss(dpo_trainer.model, inputs)
+        dpo_trainer.model.eval()
+        evaluated = dpo_trainer.compute_loss(dpo_trainer.model, inputs)
+    assert trained.item() > 0.1 and evaluated.item() == pytest.approx(trained.item(), rel=1e-5)
+
+
+def test_offline_pairs_are_scored_chosen_as_chosen(dpo_trainer):
+    """An offline pair's chosen reply is the one the DPO term raises: its policy and reference log-probs on the
+    chosen side, the rejected reply's on the other, and the chosen reply's tokens for the NLL term."""
+    from posttrain.trainers.upo_pairs import OfflinePairs
+
+    model, prompt, good, bad = dpo_trainer.model, [1, 5, 9], [20, 21, 22, 2], [40, 2]
+    dpo_trainer._offline = OfflinePairs([(prompt, good, bad)], seed="0")
+    with torch.no_grad():
+        chosen, rejected, ref_chosen, ref_rejected, _, tokens = dpo_trainer._pair_logps(model, {}, None, "train")
+        batch = pack([prompt, prompt], [good, bad], 0, "cpu")
+        policy = plain_logps(model, *batch)
+        model.set_adapter("ref")
+        reference = plain_logps(model, *batch)
+        model.set_adapter("default")
+    assert len(chosen) >= 1 and not torch.allclose(policy[0], policy[1])
+    for got, want in ((chosen, policy[0]), (rejected, policy[1]), (ref_chosen, reference[0]),
+                      (ref_rejected, reference[1])):
+        torch.testing.assert_close(got, want.expand(len(chosen)), rtol=1e-4, atol=1e-4)
+    assert tokens.tolist() == [4.0] * len(chosen)
 
 
 def test_pair_metrics_are_means_over_the_pairs_not_over_micro_steps(dpo_trainer):
