@@ -145,17 +145,21 @@ def test_padding_free_dpo_trains_as_the_padded_batches_do(arch, tiny_model_path,
         torch.testing.assert_close(weights["packed"][name], value, atol=1e-4, rtol=1e-3, msg=name)
 
 
-def test_dpo_on_base_model_trains_fresh_adapter(tiny_model_path, tmp_path):
+def train_new_adapter(path, dataset, tmp_path, max_steps: int):
+    """The DPO stage on `dataset` with a new LoRA adapter on the tiny model at `path`."""
     from trl import DPOConfig, ModelConfig
 
-    path = tiny_model_path("qwen2")
-    stage_args = StageArguments(dataset_name=str(pairs_dir(tmp_path)), tokenizer_name_or_path=str(path))
-    training = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=2, per_device_train_batch_size=4,
+    stage_args = StageArguments(dataset_name=str(dataset), tokenizer_name_or_path=str(path))
+    training = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=max_steps, per_device_train_batch_size=4,
                          learning_rate=1e-2, save_strategy="no", report_to="none", bf16=False, use_cpu=True,
                          max_length=128)
     model_args = ModelConfig(model_name_or_path=str(path), use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
                              lora_target_modules=["all-linear"])
-    trainer = dpo.main(stage_args, training, model_args)
+    return dpo.main(stage_args, training, model_args)
+
+
+def test_dpo_on_base_model_trains_fresh_adapter(tiny_model_path, tmp_path):
+    trainer = train_new_adapter(tiny_model_path("qwen2"), pairs_dir(tmp_path), tmp_path, max_steps=2)
     assert trainer.ref_model is None and "ref" not in trainer.model.peft_config
     assert (tmp_path / "dpo" / "adapter_model.safetensors").stat().st_size > 0
 
@@ -163,21 +167,13 @@ def test_dpo_on_base_model_trains_fresh_adapter(tiny_model_path, tmp_path):
 def test_text_replies_to_a_conversation_train(tiny_model_path, tmp_path):
     """A multi-turn prompt (with a system turn) and text replies: the gates read them as assistant messages, but TRL
     stopped on the mixed row with a bare TypeError ("can only concatenate list (not "str") to list")."""
-    from trl import DPOConfig, ModelConfig
-
     path = tiny_model_path("llama")
     rows = [{"prompt": [{"role": "system", "content": "Answer with a number."}, {"role": "user", "content": "1 + 1?"},
                         {"role": "assistant", "content": "2"}, {"role": "user", "content": f"And {i} + {i}?"}],
              "chosen": str(2 * i), "rejected": f"maybe {2 * i + 1}"} for i in range(4)]
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    stage_args = StageArguments(dataset_name=str(pairs), tokenizer_name_or_path=str(path))
-    training = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=1, per_device_train_batch_size=4,
-                         learning_rate=1e-2, save_strategy="no", report_to="none", bf16=False, use_cpu=True,
-                         max_length=128)
-    model_args = ModelConfig(model_name_or_path=str(path), use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
-                             lora_target_modules=["all-linear"])
-    trainer = dpo.main(stage_args, training, model_args)
+    trainer = train_new_adapter(path, pairs, tmp_path, max_steps=1)
     row = trainer.train_dataset[0]
     assert trainer.processing_class.decode(row["chosen_ids"]) == "0<|im_end|>\n"
     assert trainer.processing_class.decode(row["prompt_ids"]).startswith("<|im_start|>system\nAnswer with a number.")

@@ -8,8 +8,19 @@ import types
 import pytest
 import torch
 
-from posttrain.evaluate import Share, completion_logps, evaluate, generate, load_rows, preference_eval
+from posttrain.evaluate import Share, completion_logps, evaluate, generate, heldout_loss, load_rows, preference_eval
 from posttrain.models import load_model, load_tokenizer, vision
+
+
+def scored_texts(monkeypatch) -> list:
+    """The (prompts, replies) of every `completion_logps` call from now on, as they are scored."""
+    from posttrain import evaluate as evaluate_module
+
+    seen, scored = [], evaluate_module.completion_logps
+    monkeypatch.setattr(evaluate_module, "completion_logps",
+                        lambda model, tokenizer, prompts, replies, **kwargs: seen.append((prompts, replies))
+                        or scored(model, tokenizer, prompts, replies, **kwargs))
+    return seen
 
 
 def test_evaluate_reports_every_metric(tiny_model_path, task_data, check_evaluation):
@@ -431,28 +442,27 @@ def test_preference_eval_counts_a_tie_as_no_preference(tiny_model_path):
 def test_preference_eval_scores_pairs_in_the_context_they_train_in(tiny_model_path, monkeypatch):
     """Text prompts are used as they are (TRL's text path: prompt, reply, EOS), and a row's thinking mode may come
     from TRL's own `chat_template_kwargs` column as well as from `thinking`."""
-    from posttrain import evaluate as evaluate_module
     from posttrain.data import render_prompt
 
     path = tiny_model_path("llama")
     model, tokenizer = load_model(path), load_tokenizer(path)
-    seen = []
-    scored = evaluate_module.completion_logps
-    monkeypatch.setattr(evaluate_module, "completion_logps",
-                        lambda model, tokenizer, prompts, *args, **kwargs: seen.extend(prompts)
-                        or scored(model, tokenizer, prompts, *args, **kwargs))
+    scored = scored_texts(monkeypatch)
+
+    def seen() -> list[str]:  # the prompts scored
+        return [prompt for prompts, _ in scored for prompt in prompts]
+
     messages = [{"role": "user", "content": "What is 2 + 3?"}]
     pairs = [{"prompt": "Q: 2 + 3?\nA:", "chosen": " 5", "rejected": " 6"},
              {"prompt": messages, "chosen": "5", "rejected": "6", "chat_template_kwargs": {"enable_thinking": False}}]
     assert preference_eval(model, tokenizer, pairs)["n"] == 2
-    assert seen[:2] == ["Q: 2 + 3?\nA:", render_prompt(tokenizer, messages, False)]
+    assert seen()[:2] == ["Q: 2 + 3?\nA:", render_prompt(tokenizer, messages, False)]
     assert render_prompt(tokenizer, messages, False) != render_prompt(tokenizer, messages, None)
     # a tokenizer that adds a BOS (Llama-3, Gemma): TRL's text path has it before the prompt, and so does the score
     tokenizer.add_bos_token = True
     assert tokenizer("x")["input_ids"][0] == tokenizer.bos_token_id
-    seen.clear()
+    scored.clear()
     preference_eval(model, tokenizer, pairs)
-    assert seen[:2] == [tokenizer.bos_token + "Q: 2 + 3?\nA:", render_prompt(tokenizer, messages, False)]
+    assert seen()[:2] == [tokenizer.bos_token + "Q: 2 + 3?\nA:", render_prompt(tokenizer, messages, False)]
 
 
 @pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
@@ -485,15 +495,9 @@ def test_preference_eval_scores_tool_calls_and_tools_as_trl_trains_them(tiny_mod
     """A conversation is scored on the tokens TRL's DPOTrainer trains on: the prompt with the row's tools in the
     system turn, each reply with its tool calls and end-of-turn marker. Before, a reply that only called a tool
     was scored as an empty string, the same as any other tool call."""
-    from posttrain import evaluate as evaluate_module
-
     path = tiny_model_path("llama")
     model, tokenizer = load_model(path), load_tokenizer(path)
-    seen = []
-    scored = evaluate_module.completion_logps
-    monkeypatch.setattr(evaluate_module, "completion_logps",
-                        lambda model, tokenizer, prompts, replies, **kwargs: seen.append((prompts, replies))
-                        or scored(model, tokenizer, prompts, replies, **kwargs))
+    seen = scored_texts(monkeypatch)
     tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}]
     prompt = [{"role": "user", "content": "What is 2 + 3?"}]
 
@@ -742,21 +746,15 @@ def test_heldout_loss_scores_every_assistant_turn_of_a_conversational_reply(tiny
     """A reference reply of several messages is scored as SFT's assistant-only loss trains it: each assistant turn (its
     tool call included) after all before it, the tool's result context only. Before, only the last message's text
     was scored and the tool call never counted."""
-    from posttrain import evaluate as evaluate_module
-
     path = tiny_model_path("llama")
     model, tokenizer = load_model(path), load_tokenizer(path)
-    seen = []
-    scored = evaluate_module.completion_logps
-    monkeypatch.setattr(evaluate_module, "completion_logps",
-                        lambda model, tokenizer, prompts, replies, **kwargs: seen.append((prompts, replies))
-                        or scored(model, tokenizer, prompts, replies, **kwargs))
+    seen = scored_texts(monkeypatch)
     call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
     prompt = [{"role": "user", "content": "What is 2 + 3?"}]
     reply = [{"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": "5"},
              {"role": "assistant", "content": "It is 5"}]
     row = {"prompt": prompt, "answer": "5", "thinking": None, "completion": reply}
-    evaluate_module.heldout_loss(model, tokenizer, [row])
+    heldout_loss(model, tokenizer, [row])
     [(prompts, replies)] = seen
     assert replies == ['<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call><|im_end|>',
                        "It is 5<|im_end|>"]
