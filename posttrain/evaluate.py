@@ -99,15 +99,22 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     check_context(model, tokenizer, prompts, max_new_tokens, key)
     if share is not None:
         mine = range(share.index, len(prompts), share.count)  # interleaved: each share has long and short prompts
-        texts, stopped, lengths = generate(model, tokenizer, [prompts[i] for i in mine], max_new_tokens, batch_size,
-                                           progress, None if images is None else [images[i] for i in mine],
-                                           key=key, **sampling)
+        texts, stopped, lengths = _generate_here(model, tokenizer, [prompts[i] for i in mine], max_new_tokens,
+                                                 batch_size, progress,
+                                                 None if images is None else [images[i] for i in mine], **sampling)
         replies = [None] * len(prompts)
         for indices, part in share.gather([(list(mine), list(zip(texts, stopped, lengths)))]):
             for index, reply in zip(indices, part):
                 replies[index] = reply
         texts, stopped, lengths = (list(column) for column in zip(*replies)) if replies else ([], [], [])
         return texts, stopped, lengths
+    return _generate_here(model, tokenizer, prompts, max_new_tokens, batch_size, progress, images, **sampling)
+
+
+def _generate_here(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, progress,
+                   images: list | None, **sampling):
+    """`generate` in this process, on all of `prompts` (checked against the model's positions by `generate`, on every
+    process's prompts, so that all of them fail alike)."""
     processor, tokenizer = tokenizer, vision.text_tokenizer(tokenizer)
     tokenizer.padding_side = "left"
     # MoE models trained with a load-balancing loss keep `output_router_logits` on, and transformers then computes
@@ -291,14 +298,15 @@ def heldout_loss(model, tokenizer, rows: list[dict], limit: int | None = None,
     if not rows:
         return None
     eos = vision.text_tokenizer(tokenizer).eos_token
+    row_images = _images(rows)
     prompts, replies, images = [], [], []
-    for row, row_images in zip(rows, _images(rows) or [None] * len(rows)):
+    for row, its_images in zip(rows, row_images or [None] * len(rows)):
         for prompt, reply in _reference_turns(tokenizer, row, eos):
             prompts.append(prompt)
             replies.append(reply)
-            images.append(row_images)
+            images.append(its_images)
     scores = completion_logps(model, tokenizer, prompts, replies, batch_size=min(batch_size, SCORE_BATCH),
-                              images=images if _images(rows) else None)
+                              images=images if row_images else None)
     return -sum(s for s, _ in scores) / max(sum(n for _, n in scores), 1)
 
 
