@@ -21,7 +21,7 @@ from ..data import data_folder
 from ..errors import UserError
 from ..evaluate import check_context
 from ..models import vision
-from ..trainers.upo_pairs import render_prompt_text
+from ..trainers.upo_pairs import render_prompt_text, render_prompts
 from . import common
 
 UPO_COLUMNS = {"prompt", "answer", "tool_calls", "domain", "thinking", "images"}  # what GRPO and the rewards read
@@ -75,6 +75,8 @@ def main(stage_args: StageArguments, training_args, model_args, curriculum_args:
             gates.check_image_slots(dataset, stage_args.dataset_name)
         dataset = image_prompts(dataset, training_args, stage_args.dataset_name)
     elif stage_args.preflight:
+        # rendered here once (the trainer keeps text prompts as they are), then measured as GRPO will tokenize them
+        dataset = render_prompts(dataset, tokenizer, training_args.chat_template_kwargs)
         check_rollout_context(model, tokenizer, dataset, training_args)
     trainer = UPOTrainer(model, args=training_args, train_dataset=dataset,
                          eval_dataset=heldout_prompts(stage_args, training_args, images), processing_class=tokenizer,
