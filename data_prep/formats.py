@@ -86,8 +86,8 @@ def detect(row: dict) -> str | None:
         return "alpaca"
     if {"prompt", "completion", "label"} <= keys:
         return "unpaired"
-    if detect_prompt(row):  # before prompt_completion: RL prompt sets may carry a reference completion
-        return detect_prompt(row)
+    if prompt_format := detect_prompt(row):  # before prompt_completion: RL prompt sets may carry a reference completion
+        return prompt_format
     if {"prompt", "completion"} <= keys:
         return "prompt_completion"
     return None

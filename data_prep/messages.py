@@ -285,8 +285,6 @@ def _check_message(message: dict, role: str, where: str) -> tuple[dict, bool | N
     return out, mode
 
 
-
-
 def _is_json_result(content) -> bool:
     """A tool result given as a JSON object or a list of them (rather than text or typed vision parts)."""
     if isinstance(content, dict):

@@ -507,8 +507,8 @@ def check_preference_pairs(dataset, name: str, tokenizer=None, max_length: int |
         if row["prompt"] is None or chosen is None or rejected is None:
             column = "prompt" if row["prompt"] is None else "chosen" if chosen is None else "rejected"
             reason = f'"{column}" is not a reply (null, or neither text nor a list of messages)'
-        elif isinstance(row["prompt"], list) and prompt_end(row["prompt"]):
-            reason = prompt_end(row["prompt"])
+        elif isinstance(row["prompt"], list) and (ended := prompt_end(row["prompt"])):
+            reason = ended
         elif not chosen or not rejected:
             reason = f"\"{'chosen' if not chosen else 'rejected'}\" is empty; expected a non-empty reply"
         elif chosen == rejected:
