@@ -328,6 +328,22 @@ def test_change_runs_to_the_last_stage_that_is_not_stale(tmp_path):
                       "rejected)")[0] == "dpo"
 
 
+def test_a_stage_folder_left_from_the_recipes_earlier_chain_is_not_a_stage_of_the_run(tmp_path):
+    """The recipe ran sft → dpo → upo, then without dpo in the same folder: run.json lists base, sft, upo, and the
+    dpo/ left there is neither shown after upo nor the end of the report's change column."""
+    run = copy_runs(tmp_path) / "tiny-full"
+    edit_json(run / "run.json", lambda s: s.update(order=["base", "sft", "upo"]))
+    sft = json.loads((run / "sft" / "lineage.json").read_text())["inputs_hash"]  # upo trained again, from sft
+    edit_json(run / "upo" / "lineage.json", lambda lin: lin.update(previous_stage="sft", previous_inputs_hash=sft))
+    view = load_run(run)
+    assert [s.name for s in view.stages] == ["base", "sft", "upo"]
+    md = to_markdown([sections.eval_table(view), *sections.promotions(view)], "files")
+    assert "change base → upo" in md and "**dpo**" not in md
+    # a run.json from before the order was recorded: the stage folders there are, in the usual order
+    edit_json(run / "run.json", lambda s: s.pop("order"))
+    assert [s.name for s in load_run(run).stages] == STAGES
+
+
 def test_accuracies_on_different_prompts_are_not_subtracted(tmp_path):
     runs = copy_runs(tmp_path)
     set_eval(runs / "tiny-full", "upo", n=50, prompts_sha="other")

@@ -101,10 +101,10 @@ def load_run(root: str | Path) -> RunView:
     """Everything the report needs from `outputs/<run>/`, in run order (base first)."""
     root = Path(root)
     state = _json(root / "run.json")
-    order = list(state.get("order") or [])
-    for extra in STAGE_ORDER:  # a folder the run.json does not list yet (e.g. an older run.json) still shows
-        if extra not in order and ((root / extra).is_dir() or (root / f".{extra}.partial").is_dir()):
-            order.append(extra)
+    # a run.json from before `order` was recorded: the stage folders there are. With one, only its stages: a stage
+    # folder left from the recipe's earlier chain (dpo after `stages:` dropped it) is not part of this run
+    order = list(state.get("order") or [name for name in STAGE_ORDER
+                                        if (root / name).is_dir() or (root / f".{name}.partial").is_dir()])
     order = order or ["base"]
     stages = [_load_stage(root, name, state.get("steps", {}).get(name, {})) for name in order]
     stale = stale_stages(root)
