@@ -2,8 +2,9 @@
 
 A recipe names files in four places: the stages' datasets (`dataset_name`, `upo_offline_dataset`, a curriculum
 phase's `dataset_name`), the held-out `eval.dataset`, a `.jinja` chat template, and the data jobs' arguments (their
-sources). `{data}/<name>` must be a dataset the recipe's `data:` section builds; `{run}` and `{base}` paths appear
-during the run and are not checked; `org/name` without a file suffix is a Hub id, which the stage loads itself.
+sources). `{data}/<name>` must be a dataset the recipe's `data:` section builds, and `{run}/<stage>` in a data job a
+stage of the recipe that runs before the job (`after:`); other `{run}` and `{base}` paths appear during the run and
+are not checked; `org/name` without a file suffix is a Hub id, which the stage loads itself.
 """
 
 import re
@@ -12,7 +13,7 @@ from pathlib import Path
 from .configs import StageArguments
 from .data import folder_splits
 from .errors import UserError
-from .recipe import Recipe, resolve_relative
+from .recipe import STAGES, Recipe, resolve_relative
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".jinja", ".yaml", ".yml", ".txt")
 STAGE_DATASET_KEYS = ("dataset_name", "upo_offline_dataset")
@@ -35,7 +36,8 @@ def check_recipe_files(recipe: Recipe) -> None:
     for name, spec in recipe.data.items():
         for key, value in named_strings(spec, f"data.{name}"):
             problems += _path_problem(key, value, recipe, relative_to_recipe=True)
-    problems += placeholder_problems(recipe) + order_problems(recipe) + split_problems(recipe)
+    problems += placeholder_problems(recipe) + order_problems(recipe) + stage_folder_problems(recipe)
+    problems += split_problems(recipe)
     if problems:
         raise UserError(f"{recipe.path}: the recipe names files or data that do not exist, or do not exist yet when "
                         "read (checked before any work):\n  " + "\n  ".join(problems))
@@ -65,6 +67,25 @@ def order_problems(recipe: Recipe) -> list[str]:
             if after and after not in before:
                 problems.append(f"{key}: {value} is built after stage '{after}' (data.{job}.after), which does not "
                                 f"run before {reader} ({' → '.join(order)})")
+    return problems
+
+
+def stage_folder_problems(recipe: Recipe) -> list[str]:
+    """A data job that reads a stage's folder (`adapter_path: "{run}/sft"`) before that stage has run: without
+    `after:` it runs before every stage. In a new run folder the job then fails with a bare "no adapter there"; in one
+    an earlier chain of the recipe left that folder in, it silently samples from that stage's old adapter."""
+    order, problems = list(recipe.stages), []
+    for name, spec in recipe.data.items():
+        after = spec.get("after")
+        for key, value in named_strings(spec, f"data.{name}"):
+            stage = value[len("{run}/"):].split("/")[0] if value.startswith("{run}/") else None
+            if stage in STAGES and stage not in order:
+                problems.append(f"{key}: {value} is stage {stage}'s folder, but the recipe has no stage {stage} "
+                                f"(stages: {', '.join(order)})")
+            elif stage in order and (after not in order or order.index(after) < order.index(stage)):
+                when = f"after stage '{after}'" if after in order else f"before every stage (no data.{name}.after)"
+                problems.append(f"{key}: {value} is written by stage {stage}, but the job runs {when}; add "
+                                f"`after: {stage}` to data.{name}")
     return problems
 
 

@@ -129,6 +129,12 @@ RECIPES = [
      ["stages.sft.dataset_name: {dta}/verifiable: not a placeholder; expected {data}, {run}, {base}"]),
     ("data-built-after-a-later-stage", lambda raw: {**raw, "stages": {s: raw["stages"][s] for s in ("dpo", "sft", "upo")}},
      [], ["stages.dpo.dataset_name: {data}/pairs is built after stage 'sft' (data.pairs.after)"]),
+    ("data-job-reads-a-stage-before-it-runs", _drop("data.pairs.after"), [],
+     ["data.pairs.adapter_path: {run}/sft is written by stage sft, but the job runs before every stage (no "
+      "data.pairs.after); add `after: sft` to data.pairs"]),
+    ("data-job-reads-a-stage-the-recipe-lacks",  # `after: sft` dropped as its own error asks, the adapter path kept
+     lambda raw: _drop("data.pairs.after")({**raw, "stages": {"dpo": raw["stages"]["dpo"]}}), [],
+     ["data.pairs.adapter_path: {run}/sft is stage sft's folder, but the recipe has no stage sft (stages: dpo)"]),
     ("eval-split-typo", _set("eval.split", "tset"), [], ["eval.split: 'tset' is not a split of {data}/verifiable (its "
                                                          "job build_verifiable_tasks writes: sft, prompts, test)"]),
     ("train-split-typo", _set("stages.sft.dataset_train_split", "stf"), [],
