@@ -421,7 +421,9 @@ def _check_stages(raw: dict, where: str) -> dict[str, dict]:
     merged = {}
     for stage, args in stages.items():
         if stage not in STAGES:
-            raise UserError(f"{where}: stages: '{stage}' is not a stage; the stages are {', '.join(STAGES)}")
+            raise UserError(f"{where}: stages: '{stage}' is not a stage; the stages are {', '.join(STAGES)}, each at "
+                            "most once, under its own name (SFT on two datasets: one data job building a set from "
+                            "both, e.g. build_sft_set with two sources)")
         args = args or {}
         if not isinstance(args, dict):
             raise UserError(f"{where}: stages.{stage}: expected a mapping of argument names to values")

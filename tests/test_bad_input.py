@@ -97,6 +97,9 @@ RECIPES = [
     ("eval-max-new-tokens-zero", None, ["eval.max_new_tokens=0"], ["eval.max_new_tokens: 0 is below the minimum"]),
     ("name-leaves-the-output-dir", None, ["name=../escape"], ["name: '../escape' cannot name the run's folder"]),
     ("name-a-list", _set("name", ["a"]), [], ["name: ['a'] cannot name the run's folder"]),
+    ("a-second-sft-stage", lambda raw: {**raw, "stages": {**raw["stages"], "sft2": raw["stages"]["sft"]}}, [],
+     ["stages: 'sft2' is not a stage; the stages are sft, dpo, upo, each at most once, under its own name (SFT on two "
+      "datasets: one data job building a set from both"]),
     # what a stage would refuse only when it starts, after the stages before it
     ("unknown-reward", _set("stages.upo.rewards", {"acuracy": 1.0}), [],
      ["stages.upo.rewards: 'acuracy' is not a reward (did you mean accuracy?)"]),
