@@ -130,7 +130,7 @@ def _check_promoted(ref, force: bool) -> str | None:
                         f"{earlier} pass --force to export it anyway")
     stale = stale_stages(ref.run).get(ref.stage)
     if stale and not force:
-        raise UserError(f"{ref.run}: stage '{ref.stage}' is stale ({stale}, since trained again): it is not what "
+        raise UserError(f"{ref.run}: stage '{ref.stage}' is stale ({stale}): it is not what "
                         f"the run's chain now gives; run the stages after that one again, or pass --force to export "
                         "it anyway")
     if blocks_chain(record):

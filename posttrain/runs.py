@@ -67,17 +67,26 @@ def stale_stages(root: str | Path) -> dict[str, str]:
     """{stage: why} for the stages trained from a previous stage that has since been trained again (their lineage's
     `previous_inputs_hash` is not the previous stage's now, or its `previous_weights` not the weights there now:
     `lineage.other_previous`) or that its promote gate now rejects (a re-evaluation on
-    another eval set, a stricter `gate:`: the run stopped there), and the stages after them: left from an earlier
+    another eval set, a stricter `gate:`: the run stopped there), or from another stage than the one before it in the
+    recipe's chain now (the chain was changed), and the stages after them: left from an earlier
     run, they are not what the chain now gives, so neither the accuracy line nor the report compares them with it,
     and `posttrain eval`, `export` and `chat` do not pick them by default."""
     from .lineage import other_previous
     from .promotion import blocks_chain
 
     root = Path(root)
-    stale = {}
-    for step in run_state(root).get("order") or STAGE_ORDER:
+    stale, listed = {}, run_state(root).get("order")
+    order = listed or STAGE_ORDER
+    for index, step in enumerate(order):
         record = read_json(root / step / "lineage.json")
         previous = record.get("previous_stage")
+        # the stage the recipe's chain now trains it from (a stage folder the recipe's earlier chain left, e.g. upo
+        # trained from a dpo that `stages:` no longer has): only a run.json that lists its order says
+        now = order[index - 1] if index and order[index - 1] != "base" else None
+        if listed and step != "base" and record and previous != now:
+            stale[step] = (f"trained from {previous or 'the base model'}, but the recipe now trains it from "
+                           f"{now or 'the base model'}")
+            continue
         if not previous:
             continue
         recorded = record.get("previous_inputs_hash")

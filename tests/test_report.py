@@ -316,6 +316,25 @@ def test_failed_rerun_shows_the_earlier_attempts_numbers_as_such(tmp_path):
     assert "change base → sft" in to_markdown([sections.eval_table(load_run(run))], "files")
 
 
+def test_a_stage_trained_after_a_stage_the_chain_no_longer_runs_before_it_is_stale(tmp_path):
+    """The recipe ran sft → dpo → upo, then without dpo with `--until sft` (or stopped at sft): upo/ is still the one
+    trained from dpo, not what the chain sft → upo gives, so it is not compared with sft nor exported by default."""
+    from posttrain.errors import UserError
+    from posttrain.export import _check_promoted
+    from posttrain.runs import stage_ref, stale_stages
+
+    run = copy_runs(tmp_path) / "tiny-full"
+    edit_json(run / "run.json", lambda s: s.update(order=["base", "sft", "upo"]))
+    why = "trained from dpo, but the recipe now trains it from sft"
+    assert stale_stages(run) == {"upo": why}
+    assert accuracy_line(run).endswith(f"→ upo 37.5% (14–69) (stale: {why})")
+    assert stage_ref(run).stage == "sft"
+    with pytest.raises(UserError, match=re.escape(f"stage 'upo' is stale ({why}): it is not what the run's chain")):
+        _check_promoted(stage_ref(run, "upo"), force=False)
+    edit_json(run / "run.json", lambda s: s.update(order=["base", "dpo"]))  # dpo now first, trained after sft
+    assert stale_stages(run) == {"dpo": "trained from sft, but the recipe now trains it from the base model"}
+
+
 def test_change_runs_to_the_last_stage_that_is_not_stale(tmp_path):
     run = copy_runs(tmp_path) / "tiny-full"
     edit_json(run / "dpo" / "lineage.json", lambda lin: lin.update(previous_inputs_hash="sft-before"))
