@@ -104,6 +104,36 @@ def posttrain_cli():
     return _run_cli
 
 
+@pytest.fixture
+def posttrain_here(monkeypatch, capfd):
+    """Callable: `posttrain_here("run", recipe, cwd=...)`, as `posttrain_cli` but the CLI's `main` in this process:
+    for a command whose own process a test does not need (another run over a copy of a finished run), the same
+    code and output (its steps' processes' included) without starting Python, torch and transformers again, about
+    5 s of CPU a command. The end-to-end runs stay in a process of their own (`tiny_run`)."""
+    import signal
+    import subprocess
+
+    from posttrain.cli import main
+
+    def run(*args, cwd, env=None, check=True):
+        sigterm = signal.getsignal(signal.SIGTERM)  # `main` makes SIGTERM raise: the test process's comes back
+        with monkeypatch.context() as patch:
+            patch.chdir(cwd)
+            for name, value in {"PYTHONWARNINGS": "ignore", **(env or {})}.items():
+                patch.setenv(name, value)
+            capfd.readouterr()
+            try:
+                code = main(list(map(str, args)))
+            finally:
+                signal.signal(signal.SIGTERM, sigterm)
+            out, err = capfd.readouterr()
+        if check and code != 0:
+            raise AssertionError(f"posttrain {' '.join(map(str, args))} failed:\n{out[-3000:]}\n{err[-3000:]}")
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return run
+
+
 def _tiny_recipe() -> dict:
     """The tiny recipe (recipes/tiny/text.yaml, SFT -> DPO -> UPO) with SFT trained for 12 steps instead of 3: enough to
     bring the held-out loss below the random base model's (test_promotion stops a blown-up DPO after it)."""

@@ -174,16 +174,14 @@ SFT_ABLATION = """ablation:
 """
 
 
-def test_ablate_until_ends_each_variant_after_that_stage(tmp_path):
+def test_ablate_until_ends_each_variant_after_that_stage(tmp_path, posttrain_here):
     """An SFT variant compared after SFT: each variant's run stops there (no DPO or UPO, and not the on-policy pairs
     that only DPO reads), and the comparison reads the SFT evaluation. The data jobs and the base evaluation run once,
     shared, also when the varied stage is the first."""
     text = TINY.read_text()
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(text[:text.index("ablation:")] + SFT_ABLATION)
-    result = subprocess.run([sys.executable, "-m", "posttrain", "ablate", str(recipe)], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    result = posttrain_here("ablate", recipe, cwd=tmp_path)
     assert result.stdout.count("evaluating the base model") == 1, result.stdout
     assert result.stdout.count("data: verifiable (build_verifiable_tasks)") == 1, result.stdout
     outputs = tmp_path / "outputs"

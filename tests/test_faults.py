@@ -465,19 +465,19 @@ def test_a_draw_of_offline_pairs_counts_all_processes_together():
         assert sorted(drawn[0] + drawn[1]) == sorted(OfflinePairs(pairs, seed="0").take(count))  # one process's
 
 
-def test_killed_stage_resumes_from_checkpoint(tmp_path, posttrain_cli):
+def test_killed_stage_resumes_from_checkpoint(tmp_path, posttrain_here):
     """The stage process SIGKILLed right after its second checkpoint (the stage's test hook), then the same command."""
     overrides = ["stages.sft.max_steps=4", "shared.save_strategy=steps", "shared.save_steps=1", "eval.dataset=null",
                  "name=resume"]
-    killed = posttrain_cli("run", TINY_RECIPE, *overrides, "--only", "sft", cwd=tmp_path, check=False,
-                           env={"POSTTRAIN_TEST_KILL_AFTER_CHECKPOINT": "2"})
+    killed = posttrain_here("run", TINY_RECIPE, *overrides, "--only", "sft", cwd=tmp_path, check=False,
+                            env={"POSTTRAIN_TEST_KILL_AFTER_CHECKPOINT": "2"})
     assert killed.returncode == 2 and "step 'sft' failed" in killed.stdout and "SIGKILL" in killed.stdout
     assert "Traceback" not in killed.stdout + killed.stderr
     run = tmp_path / "outputs" / "resume"
     assert json.loads((run / "run.json").read_text())["steps"]["sft"]["status"] == "failed"
     assert not (run / "sft").exists(), "killed before the end: no finished stage folder"
 
-    resumed = posttrain_cli("run", TINY_RECIPE, *overrides, "--only", "sft", cwd=tmp_path)
+    resumed = posttrain_here("run", TINY_RECIPE, *overrides, "--only", "sft", cwd=tmp_path)
     assert "resuming sft from checkpoint-2" in resumed.stdout
     metrics = json.loads((run / "sft" / "metrics.json").read_text())
     assert metrics["train"]["global_step"] == 4

@@ -1,5 +1,7 @@
 """The tiny recipe through the real CLI, in subprocesses, as a user runs it: end to end, skip and rerun, errors, stale
-data. (Resuming a killed run is in test_faults.py, two processes in test_distributed.py.)"""
+data. Runs again over a copy of the finished run call the CLI's `main` in the test's process (`posttrain_here`), its
+steps still in processes of their own. (Resuming a killed run is in test_faults.py, two processes in
+test_distributed.py.)"""
 
 import json
 import os
@@ -58,19 +60,19 @@ def test_tiny_recipe_end_to_end(tiny_run, shared_tiny, check_evaluation):
         assert not (run / stage / "ref").exists(), "only the trained adapter is saved"
 
 
-def test_rerun_skips_finished_stage_and_reruns_on_change(shared_tiny, tiny_run, tmp_path, posttrain_cli):
+def test_rerun_skips_finished_stage_and_reruns_on_change(shared_tiny, tiny_run, tmp_path, posttrain_here):
     """The same command again in (a copy of) the shared run's folder skips every stage, also with other logging and
     saving settings (they change nothing a stage trains); a changed UPO setting reruns UPO only."""
     cwd = tmp_path / "copy"
     shutil.copytree(shared_tiny.root, cwd)
     run = cwd / "outputs" / shared_tiny.name
     stamp = (run / "sft" / "lineage.json").stat().st_mtime_ns
-    again = posttrain_cli("run", "recipe.yaml", "shared.logging_steps=3", "shared.save_steps=7", cwd=cwd)
+    again = posttrain_here("run", "recipe.yaml", "shared.logging_steps=3", "shared.save_steps=7", cwd=cwd)
     for stage in ("sft", "dpo", "upo"):
         assert f"{stage}: finished earlier with the same inputs, skipped" in again.stdout
     assert (run / "sft" / "lineage.json").stat().st_mtime_ns == stamp
     upo_stamp = (run / "upo" / "lineage.json").stat().st_mtime_ns
-    changed = posttrain_cli("run", "recipe.yaml", "stages.upo.learning_rate=5e-4", cwd=cwd)
+    changed = posttrain_here("run", "recipe.yaml", "stages.upo.learning_rate=5e-4", cwd=cwd)
     assert "sft: finished earlier with the same inputs, skipped" in changed.stdout
     assert "upo: finished earlier" not in changed.stdout and "stage: upo" in changed.stdout
     assert (run / "sft" / "lineage.json").stat().st_mtime_ns == stamp
@@ -79,7 +81,7 @@ def test_rerun_skips_finished_stage_and_reruns_on_change(shared_tiny, tiny_run, 
 
 
 def test_a_stage_finished_but_not_moved_into_place_is_moved_not_trained_again(shared_tiny, tiny_run, tmp_path,
-                                                                               posttrain_cli):
+                                                                               posttrain_here):
     """Killed after the stage process finished and before its folder was moved into place (its checkpoints already
     removed): the rerun moves the finished folder, trains nothing, and a stale older folder goes."""
     cwd = tmp_path / "copy"
@@ -89,7 +91,7 @@ def test_a_stage_finished_but_not_moved_into_place_is_moved_not_trained_again(sh
     os.replace(run / "sft", run / ".sft.partial")
     (run / "sft").mkdir()  # an older finished folder the move replaces
     (run / "sft" / "stale.txt").write_text("old")
-    again = posttrain_cli("run", "recipe.yaml", "--until", "sft", cwd=cwd)
+    again = posttrain_here("run", "recipe.yaml", "--until", "sft", cwd=cwd)
     assert f"sft: finished in {run / '.sft.partial'} before the run was stopped; moved into place" in again.stdout
     assert (run / "sft" / "sft.log").read_bytes() == log, "no stage process ran"
     assert (run / "sft" / "adapter_model.safetensors").read_bytes() == adapter
@@ -98,7 +100,7 @@ def test_a_stage_finished_but_not_moved_into_place_is_moved_not_trained_again(sh
 
 
 def test_a_changed_evaluation_scores_finished_stages_again_without_training_them(shared_tiny, tiny_run, tmp_path,
-                                                                                posttrain_cli):
+                                                                                posttrain_here):
     """Held-out settings changed after a finished run (here fewer new tokens; equally another eval set, or a smaller
     batch after running out of memory): the base model and the finished stages are evaluated again, from their
     saved adapters, and nothing is trained again; the same command once more evaluates nothing. (Up to SFT: DPO and
@@ -111,7 +113,7 @@ def test_a_changed_evaluation_scores_finished_stages_again_without_training_them
     hashes = {s: json.loads((run / s / "lineage.json").read_text())["inputs_hash"] for s in stages}
     assert json.loads((run / "sft" / "metrics.json").read_text())["eval"]["mean_completion_tokens"] > 3
 
-    changed = posttrain_cli("run", "recipe.yaml", "eval.max_new_tokens=3", "--until", "sft", cwd=cwd)
+    changed = posttrain_here("run", "recipe.yaml", "eval.max_new_tokens=3", "--until", "sft", cwd=cwd)
     assert "evaluating the base model" in changed.stdout
     for stage in stages:
         assert f"{stage}: finished earlier with the same inputs, skipped" in changed.stdout
@@ -126,12 +128,12 @@ def test_a_changed_evaluation_scores_finished_stages_again_without_training_them
         assert metrics["eval"]["mean_completion_tokens"] <= 3, step
         if step != "base":
             assert metrics["promotion"]["gate"]["passed"] is not None  # compared again, on the new numbers
-    again = posttrain_cli("run", "recipe.yaml", "eval.max_new_tokens=3", "--until", "sft", cwd=cwd)
+    again = posttrain_here("run", "recipe.yaml", "eval.max_new_tokens=3", "--until", "sft", cwd=cwd)
     assert "evaluated again" not in again.stdout and "evaluating the base model" not in again.stdout
 
 
 def test_a_stage_recorded_with_the_earlier_inputs_hash_is_still_skipped(shared_tiny, tiny_run, tmp_path,
-                                                                        posttrain_cli):
+                                                                        posttrain_here):
     """Runs recorded before the logging and saving keys left the inputs hash (`stage_hashes`' second) keep their
     finished stages after an upgrade: nothing is trained again."""
     from posttrain.pipeline import Pipeline
@@ -149,12 +151,12 @@ def test_a_stage_recorded_with_the_earlier_inputs_hash_is_still_skipped(shared_t
     assert earlier != current
     record = json.loads((sft / "lineage.json").read_text())
     (sft / "lineage.json").write_text(json.dumps({**record, "inputs_hash": earlier}))
-    again = posttrain_cli("run", "recipe.yaml", "--until", "sft", cwd=cwd)
+    again = posttrain_here("run", "recipe.yaml", "--until", "sft", cwd=cwd)
     assert "sft: finished earlier with the same inputs, skipped" in again.stdout and "stage: sft" not in again.stdout
 
 
 def test_a_stage_skipped_as_finished_is_done_whatever_an_earlier_attempt_recorded(shared_tiny, tiny_run, tmp_path,
-                                                                                   posttrain_cli):
+                                                                                   posttrain_here):
     """A re-run with other inputs failed (run.json: sft failed, its log; or the base evaluation failed on another eval
     set), then the inputs went back: the finished stage and the base evaluation are skipped, and run.json (which the
     report and the accuracy line read) says done again, with no error left on the run."""
@@ -168,7 +170,7 @@ def test_a_stage_skipped_as_finished_is_done_whatever_an_earlier_attempt_recorde
     state["steps"]["base"].update(status="failed", error="UserError: no such eval set", log="/elsewhere/base.log")
     state["steps"]["run"].update(error="UserError: no such eval set")
     state_path.write_text(json.dumps(state))
-    again = posttrain_cli("run", "recipe.yaml", "--until", "sft", cwd=cwd)
+    again = posttrain_here("run", "recipe.yaml", "--until", "sft", cwd=cwd)
     assert "sft: finished earlier with the same inputs, skipped" in again.stdout
     steps = json.loads(state_path.read_text())["steps"]
     assert steps["sft"]["status"] == "done" and steps["sft"]["error"] is None and steps["sft"]["log"] is None
@@ -380,7 +382,7 @@ def test_only_a_later_stage_still_scores_the_earlier_ones_on_the_changed_evaluat
         assert calls == [*expected, ("run", "dpo"), ("promote", "dpo")]
 
 
-def test_a_stage_trained_sharded_is_evaluated_from_its_saved_adapter(shared_tiny, tiny_run, tmp_path, posttrain_cli):
+def test_a_stage_trained_sharded_is_evaluated_from_its_saved_adapter(shared_tiny, tiny_run, tmp_path, posttrain_here):
     """A stage whose weights were sharded over its processes (FSDP, ZeRO-3) cannot evaluate on the main process
     alone and records why (`eval_deferred`, see test_distributed); the run then evaluates the saved adapter in one
     process, compares it with the step before, and leaves the adapter as it was."""
@@ -394,14 +396,14 @@ def test_a_stage_trained_sharded_is_evaluated_from_its_saved_adapter(shared_tiny
     (sft / "metrics.json").write_text(json.dumps(metrics))
     adapter = (sft / "adapter_model.safetensors").stat().st_mtime_ns
 
-    again = posttrain_cli("run", "recipe.yaml", "--until", "sft", cwd=cwd)
+    again = posttrain_here("run", "recipe.yaml", "--until", "sft", cwd=cwd)
     assert "sft: finished earlier with the same inputs, skipped" in again.stdout
     assert "sft: FSDP sharded the weights over 2 processes; the saved adapter is evaluated in one process" in again.stdout
     metrics = json.loads((sft / "metrics.json").read_text())
     assert metrics["eval"]["verdicts"] == evaluated and "eval_deferred" not in metrics
     assert metrics["promotion"]["gate"]["passed"] is not None
     assert (sft / "adapter_model.safetensors").stat().st_mtime_ns == adapter
-    once_more = posttrain_cli("run", "recipe.yaml", "--until", "sft", cwd=cwd)
+    once_more = posttrain_here("run", "recipe.yaml", "--until", "sft", cwd=cwd)
     assert "evaluated in one process" not in once_more.stdout
 
 
@@ -624,7 +626,7 @@ def test_a_base_model_saved_over_in_place_or_moved_on_the_hub_changes_every_stag
 
 
 def test_a_stage_trained_from_other_weights_of_its_previous_stage_is_trained_again(shared_tiny, tiny_run, tmp_path,
-                                                                                   posttrain_cli):
+                                                                                   posttrain_here):
     """DPO trained again with the same inputs to other weights (its folder removed, on a GPU whose kernels are not
     deterministic): UPO, trained from the old DPO with the same inputs hash, is stale for the report and export and
     is trained again by the next run. (SFT's case reaches DPO through the on-policy pairs, keyed on SFT's weights.)"""
@@ -639,7 +641,7 @@ def test_a_stage_trained_from_other_weights_of_its_previous_stage_is_trained_aga
     adapter = run / "dpo" / "adapter_model.safetensors"
     save_file({k: v + 1e-3 for k, v in load_file(adapter).items()}, adapter, metadata={"format": "pt"})
     assert stale_stages(run) == {"upo": "trained from an earlier dpo"}
-    again = " ".join(posttrain_cli("run", "recipe.yaml", cwd=cwd).stdout.split())
+    again = " ".join(posttrain_here("run", "recipe.yaml", cwd=cwd).stdout.split())
     assert "dpo: finished earlier with the same inputs, skipped" in again
     assert "upo: finished earlier with the same inputs, but dpo has been trained again since" in again
     assert "stage: upo" in again and stale_stages(run) == {}

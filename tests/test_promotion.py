@@ -145,7 +145,7 @@ def test_a_stage_trained_from_a_gated_out_stage_is_not_picked_or_exported(gated_
         run_export(ExportRequest(run=str(gated_run), stage="upo"))
 
 
-def test_huge_learning_rate_is_stopped_by_the_gate(tiny_run, tiny_recipe, tmp_path, posttrain_cli):
+def test_huge_learning_rate_is_stopped_by_the_gate(tiny_run, tiny_recipe, tmp_path, posttrain_here):
     """The real chain on the tiny recipe: SFT (12 steps) lowers the held-out loss below the random base model's, then
     DPO with learning rate 1000 blows the model up, back to about the loss of a uniform guess (ln 512 = 6.24): worse
     than SFT, so the gate stops the run with a non-zero exit and export refuses the stage. (Against the random base
@@ -159,7 +159,7 @@ def test_huge_learning_rate_is_stopped_by_the_gate(tiny_run, tiny_recipe, tmp_pa
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))  # the stage order is the file's
     run = tmp_path / "outputs" / "tiny-gate"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("upo"))
-    result = posttrain_cli("run", tmp_path / "recipe.yaml", cwd=tmp_path, check=False, timeout=600)
+    result = posttrain_here("run", tmp_path / "recipe.yaml", cwd=tmp_path, check=False)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "sft: finished earlier with the same inputs, skipped" in result.stdout
     assert "stage 'dpo' is worse than sft and its promote gate stopped the run: heldout_loss" in result.stdout
@@ -169,7 +169,7 @@ def test_huge_learning_rate_is_stopped_by_the_gate(tiny_run, tiny_recipe, tmp_pa
     assert gate["value"] > gate["previous_value"] == pytest.approx(losses["sft"]) and not gate["passed"]
     state = json.loads((run / "run.json").read_text())["steps"]["run"]
     assert state["status"] == "stopped" and state["stopped_by"] == "dpo"  # stopped by its gate, not failed
-    refused = posttrain_cli("export", run, cwd=tmp_path, check=False)
+    refused = posttrain_here("export", run, cwd=tmp_path, check=False)
     assert refused.returncode == 2 and "failed its promote gate" in refused.stdout
 
 
