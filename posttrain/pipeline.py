@@ -50,10 +50,19 @@ def run_dir(recipe: Recipe, output_root: str | Path = "outputs") -> Path:
 def read_files(args) -> dict:
     """Content fingerprints of the local files and data_prep output folders among a data job's arguments (another
     job's output, a source file), so a job whose input was rebuilt or edited is rebuilt too: its arguments, being
-    paths, stay the same. Other folders (a model, a tokenizer) are left out: hashing them would cost more than it
-    tells, and a job that samples from a stage's adapter carries the stage's weights (`after`)."""
-    return {value: lineage.dataset_fingerprint(value) for _, value in named_strings(args, "")
-            if Path(value).is_file() or (Path(value) / "card.json").is_file()}
+    paths, stay the same. So is a tokenizer folder without weights (`{run}/base/tokenizer`, which `build_sft_set`
+    renders and counts `max_tokens` with), by its tokenizer files: another chat template or base model writes other
+    ones at the same path. Other folders (a model) are left out: hashing them would cost more than it tells, and a
+    job that samples from a stage's adapter carries the stage's weights (`after`)."""
+    files = {value: lineage.dataset_fingerprint(value) for _, value in named_strings(args, "")
+             if Path(value).is_file() or (Path(value) / "card.json").is_file()}
+    return {**files, **{value: lineage.tokenizer_digest(Path(value)) for _, value in named_strings(args, "")
+                        if is_tokenizer_folder(Path(value))}}
+
+
+def is_tokenizer_folder(path: Path) -> bool:
+    """A folder holding a tokenizer and no weights (`base/tokenizer`): a few small files, cheap to hash."""
+    return (path / "tokenizer_config.json").is_file() and not any(path.glob("*.safetensors"))
 
 
 def hub_commits(args) -> dict:

@@ -719,3 +719,30 @@ def test_each_stage_tracks_into_a_run_named_by_its_inputs(tiny_run):
         digest = json.loads((tiny_run / stage / "lineage.json").read_text())["inputs_hash"]
         resolved = yaml.safe_load((tiny_run / stage / "resolved.yaml").read_text())
         assert resolved["run_name"] == f"tiny-text-{stage}-{digest[:8]}"
+
+
+def test_a_job_measuring_lengths_with_the_runs_tokenizer_is_rebuilt_when_the_template_changes(tmp_path, monkeypatch):
+    """`build_sft_set` with `tokenizer: "{run}/base/tokenizer"` and `max_tokens` keeps the rows that fit as the
+    recipe's chat template renders them: another template (or base model) writes other tokenizer files at the same
+    path, and the job must be built again, not reported up to date with rows measured by the old template."""
+    from posttrain import datajobs
+    from posttrain.pipeline import Pipeline
+    from posttrain.recipe import load_recipe
+
+    built = []
+    monkeypatch.setattr(datajobs, "run_job", lambda job, args, out: built.append(job) or Path(out).mkdir(parents=True))
+    raw = {"name": "r", "base": {"model_name_or_path": "tiny:llama"}, "stages": {"sft": {"dataset_name": "x"}},
+           "data": {"mix": {"job": "build_sft_set", "sources": ["x.jsonl"], "tokenizer": "{run}/base/tokenizer",
+                            "max_tokens": 64}}}
+    pipeline = Pipeline(load_recipe(tmp_path / "r.yaml", raw=raw), tmp_path / "out")
+    tokenizer = tmp_path / "out" / "r" / "base" / "tokenizer"
+    tokenizer.mkdir(parents=True)
+
+    def build(template):
+        (tokenizer / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+        built.clear()
+        pipeline.build_data(after=None)
+        return len(built)
+
+    assert build("chatml") == 1 and build("chatml") == 0, "built once, then up to date"
+    assert build("a template with a system prompt") == 1, "another chat template: the lengths are measured again"
