@@ -363,6 +363,22 @@ def test_a_stage_folder_left_from_the_recipes_earlier_chain_is_not_a_stage_of_th
     assert [s.name for s in load_run(run).stages] == STAGES
 
 
+def test_a_data_folder_left_by_a_job_the_recipe_no_longer_has_is_not_data_of_the_run(tmp_path):
+    """The recipe built `old` (removed or renamed since) and ran again in the same folder: data/old/ and its run.json
+    step are left there, but neither its card nor its step is the run's. A set a stage trained on (`prefs`, which
+    dpo's lineage names) stays, whatever the recipe now calls its job; a run without its recipe.yaml shows them all."""
+    run = copy_runs(tmp_path) / "tiny-full"
+    shutil.copytree(run / "data" / "prefs", run / "data" / "old")
+    edit_json(run / "run.json", lambda s: s["steps"].update({"data/old": {"status": "done", "wall_time_s": 1.0}}))
+    (run / "recipe.yaml").write_text("name: tiny-full\ndata:\n  verifiable: {job: build_verifiable_tasks}\n")
+    view = load_run(run)
+    assert sorted(view.cards) == ["prefs", "verifiable"]
+    md = to_markdown([sections.steps_table(view), *inputs.data_cards(view)], "files")
+    assert "data/old" not in md and "data/prefs" in md and "data/verifiable" in md
+    (run / "recipe.yaml").unlink()
+    assert sorted(load_run(run).cards) == ["old", "prefs", "verifiable"]
+
+
 def test_accuracies_on_different_prompts_are_not_subtracted(tmp_path):
     runs = copy_runs(tmp_path)
     set_eval(runs / "tiny-full", "upo", n=50, prompts_sha="other")

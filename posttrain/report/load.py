@@ -71,6 +71,8 @@ class RunView:
     recipe_yaml (`str`): the recipe as run (`recipe.yaml`, overrides applied), empty if not written.
     ablation (`list[Path]`): the other runs run.json says this one is compared with (those that still exist).
     accuracy (`str`): the held-out accuracy of every finished step (`accuracy_line`), empty if none was evaluated.
+    data (`set[str]` or `None`): the data folders of the run (`run_data`): `cards` and the steps table show only
+        these; None: all of them.
     """
 
     root: Path
@@ -81,6 +83,7 @@ class RunView:
     recipe_yaml: str = ""
     ablation: list[Path] = field(default_factory=list)
     accuracy: str = ""
+    data: set[str] | None = None
 
     def stage(self, name: str) -> StageView | None:
         return next((s for s in self.stages if s.name == name), None)
@@ -111,10 +114,34 @@ def load_run(root: str | Path) -> RunView:
     for stage in stages:
         if stage.name in stale and stage.status == "done":
             stage.status = "stale"
-    cards = {p.parent.name: _load_card(p.parent) for p in sorted((root / "data").glob("*/card.json"))}
     recipe = root / "recipe.yaml"
-    return RunView(root, state.get("name") or root.name, state, stages, cards,
-                   recipe.read_text() if recipe.is_file() else "", ablation_runs(root, state), accuracy_line(root))
+    recipe_yaml = recipe.read_text() if recipe.is_file() else ""
+    data = run_data(root, recipe_yaml, stages)
+    cards = {p.parent.name: _load_card(p.parent) for p in sorted((root / "data").glob("*/card.json"))
+             if data is None or p.parent.name in data}
+    return RunView(root, state.get("name") or root.name, state, stages, cards, recipe_yaml,
+                   ablation_runs(root, state), accuracy_line(root), data)
+
+
+def run_data(root: Path, recipe_yaml: str, stages: list[StageView]) -> set[str] | None:
+    """The names of the data folders this run builds or its steps read: the recipe's `data:` jobs (the recipe as
+    run) and each `data/<name>` a stage's lineage or held-out evaluation names (a stage skipped after its job was
+    renamed trained on the old folder). Not a folder a job the recipe has since dropped or renamed left behind. None
+    when the recipe as run cannot be read: every folder counts then."""
+    try:
+        recipe = yaml.safe_load(recipe_yaml) if recipe_yaml else None
+    except yaml.YAMLError:
+        recipe = None
+    if not isinstance(recipe, dict):
+        return None
+    names = set(recipe.get("data") or {})
+    for stage in stages:
+        paths = [info.get("path") for info in (stage.lineage.get("datasets") or {}).values()]
+        for path in (*paths, stage.resolved.get("eval_dataset")):
+            parts = Path(relative(path, root)).parts
+            if len(parts) > 1 and parts[0] == "data":
+                names.add(parts[1])
+    return names
 
 
 def _load_card(folder: Path) -> DataCardView:

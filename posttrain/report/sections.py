@@ -109,7 +109,7 @@ def gate_failure(stage: StageView) -> str:
 def steps_table(run: RunView) -> Table:
     rows = []
     for name, step in run.state.get("steps", {}).items():
-        if name.startswith("data/"):
+        if name.startswith("data/") and (run.data is None or name.removeprefix("data/") in run.data):
             rows.append([f"`{name}`", status_cell(step.get("status", "done")), "", Cell(seconds(
                 step.get("wall_time_s")), "num"), "", "data job"])
     for stage in run.stages:
