@@ -238,6 +238,9 @@ def stage_lineage(stage: str, args: dict, inputs_hash: str, pipeline, previous: 
         "recipe_fingerprint": recipe.fingerprint(),
         "base_model": {"name": recipe.base.model_name_or_path, "path": args["model_name_or_path"],
                        **describe_model(args["model_name_or_path"])},
+        # the base model and chat template it trained on: a run stopped in the first stage after either was edited
+        # leaves the stages of the old ones beside the new base evaluation (`runs.stale_stages`)
+        "base_hash": pipeline.base_hash,
         "previous_stage": previous,
         # what the previous stage was when this one trained from it: a report tells a stage left over from before
         # its previous stage was trained again (`report.load.stale_stages`)

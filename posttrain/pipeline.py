@@ -408,7 +408,8 @@ class Pipeline:
         evaluation = self.run_eval(out, "base") if self.recipe.eval.dataset else None
         write_json(out / "metrics.json", {"stage": "base", "status": "done", "eval": evaluation,
                                           "wall_time_s": round(time.time() - started, 1)})
-        write_json(out / "lineage.json", {"stage": "base", "inputs_hash": digest,
+        # `base_hash`: what the stages trained from; a stage that records another one is stale (`stale_stages`)
+        write_json(out / "lineage.json", {"stage": "base", "inputs_hash": digest, "base_hash": self.base_hash,
                                           "base_model": str(self.base_model), **lineage.environment()})
         self._record("base", status="done", wall_time_s=round(time.time() - started, 1), error=None, log=None)
 

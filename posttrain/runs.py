@@ -68,7 +68,9 @@ def stale_stages(root: str | Path) -> dict[str, str]:
     `previous_inputs_hash` is not the previous stage's now, or its `previous_weights` not the weights there now:
     `lineage.other_previous`) or that its promote gate now rejects (a re-evaluation on
     another eval set, a stricter `gate:`: the run stopped there), or from another stage than the one before it in the
-    recipe's chain now (the chain was changed), and the stages after them: left from an earlier
+    recipe's chain now (the chain was changed), or on another base model or chat template than the base evaluation
+    now is of (`base_hash`: the run stopped in the first stage after the recipe's base was edited), and the stages
+    after them: left from an earlier
     run, they are not what the chain now gives, so neither the accuracy line nor the report compares them with it,
     and `posttrain eval`, `export` and `chat` do not pick them by default."""
     from .lineage import other_previous
@@ -76,6 +78,7 @@ def stale_stages(root: str | Path) -> dict[str, str]:
 
     root = Path(root)
     stale, listed = {}, run_state(root).get("order")
+    base_now = read_json(root / "base" / "lineage.json").get("base_hash")  # None: recorded before it was
     order = listed or STAGE_ORDER
     for index, step in enumerate(order):
         record = read_json(root / step / "lineage.json")
@@ -86,6 +89,10 @@ def stale_stages(root: str | Path) -> dict[str, str]:
         if listed and step != "base" and record and previous != now:
             stale[step] = (f"trained from {previous or 'the base model'}, but the recipe now trains it from "
                            f"{now or 'the base model'}")
+            continue
+        trained_on = record.get("base_hash")
+        if step != "base" and trained_on and base_now and trained_on != base_now:
+            stale[step] = "trained on another base model or chat template than the run's base now"
             continue
         if not previous:
             continue

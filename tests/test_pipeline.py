@@ -746,3 +746,35 @@ def test_a_job_measuring_lengths_with_the_runs_tokenizer_is_rebuilt_when_the_tem
 
     assert build("chatml") == 1 and build("chatml") == 0, "built once, then up to date"
     assert build("a template with a system prompt") == 1, "another chat template: the lengths are measured again"
+
+
+def test_a_stage_trained_on_the_base_before_it_was_edited_is_stale(tmp_path):
+    """The recipe's base model or chat template edited, and the run stopped in its first stage (Ctrl-C, a failure):
+    the base is evaluated anew, but sft/ (and what follows) is still trained on the old one. It is stale, not compared
+    with the new base in the accuracy line, until it is trained again."""
+    from posttrain import lineage
+    from posttrain.io import write_json
+    from posttrain.pipeline import Pipeline
+    from posttrain.recipe import load_recipe
+    from posttrain.runs import stale_stages
+
+    template = tmp_path / "system.jinja"
+    template.write_text("{% for m in messages %}system says hi {{ m['content'] }}{% endfor %}")
+
+    def evaluate_base(chat_template):
+        raw = {"name": "r", "base": {"model_name_or_path": "tiny:llama", "chat_template": chat_template},
+               "stages": {"sft": {"dataset_name": "x"}}}
+        pipeline = Pipeline(load_recipe(tmp_path / "r.yaml", raw=raw), tmp_path / "out")
+        pipeline.resolve_base()
+        pipeline.evaluate_base()  # no eval set: records the base's lineage only
+        return pipeline
+
+    pipeline = evaluate_base("chatml")
+    run = pipeline.root
+    write_json(run / "run.json", {"order": ["base", "sft"]})
+    (run / "sft").mkdir()
+    write_json(run / "sft" / "lineage.json",
+               lineage.stage_lineage("sft", {"model_name_or_path": str(pipeline.base_model)}, "h", pipeline, None))
+    assert stale_stages(run) == {}
+    evaluate_base(str(template))
+    assert stale_stages(run) == {"sft": "trained on another base model or chat template than the run's base now"}
