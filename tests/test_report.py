@@ -316,6 +316,19 @@ def test_failed_rerun_shows_the_earlier_attempts_numbers_as_such(tmp_path):
     assert "change base → sft" in to_markdown([sections.eval_table(load_run(run))], "files")
 
 
+def test_an_interrupted_rerun_shows_the_earlier_attempts_numbers_as_such(tmp_path):
+    """sft's settings edited and the re-run stopped (Ctrl-C, SIGTERM) while sft trained again: run.json marks it
+    interrupted, and sft/ is still the earlier attempt's. Neither the accuracy line nor the steps table calls it done
+    or compares it with the base."""
+    run = copy_runs(tmp_path) / "tiny-full"
+    edit_json(run / "run.json", lambda s: s["steps"]["sft"].update(status="interrupted"))
+    assert accuracy_line(run).startswith("base 0.0% (0–32) → sft 0.0% (0–32) (interrupted; from an earlier attempt) "
+                                         "→ dpo 0.0% (0–32) →")
+    view = load_run(run)
+    assert view.stage("sft").status == "running" and view.stage("sft").earlier
+    assert md_row(to_markdown([sections.steps_table(view)], "files"), "**sft**")[0] == "running (or interrupted)"
+
+
 def test_a_stage_trained_after_a_stage_the_chain_no_longer_runs_before_it_is_stale(tmp_path):
     """The recipe ran sft → dpo → upo, then without dpo with `--until sft` (or stopped at sft): upo/ is still the one
     trained from dpo, not what the chain sft → upo gives, so it is not compared with sft nor exported by default."""

@@ -177,8 +177,8 @@ def accuracy_line(root: str | Path) -> str:
     accuracy with half its 95 % Wilson interval, each change against the step before on the same prompts (exact
     McNemar; `n.s.`: not significant), and `✗ gate failed` where a stage's promote gate rejected it. Empty when
     nothing was evaluated. A stale stage (`stale_stages`) is shown as such, not compared; so is a stage whose latest
-    attempt failed or is running (its metrics are an earlier attempt's), and the stage after it is not compared
-    either."""
+    attempt failed, is running or was interrupted (its metrics are an earlier attempt's), and the stage after it is
+    not compared either."""
     parts, before, stale = [], None, stale_stages(root)
     steps = _json(Path(root) / "run.json").get("steps", {})
     for step, metrics in stage_metrics(root).items():
@@ -189,7 +189,7 @@ def accuracy_line(root: str | Path) -> str:
             parts.append(f"{text} (stale: {stale[step]})")
             continue
         status = steps.get(step, {}).get("status")
-        if status in ("failed", "running"):
+        if status in ("failed", "running", "interrupted"):
             parts.append(f"{text} ({status}; from an earlier attempt)")
             before = None
             continue
@@ -249,6 +249,8 @@ def _failure_log(root: Path, name: str, step: dict) -> Path | None:
 
 def _status(view: StageView, final: Path, partial: Path) -> str:
     recorded = view.step.get("status")
+    if recorded == "interrupted":  # a step still running when its run was stopped (`Pipeline._end_run`)
+        return "running"
     if recorded in ("failed", "running"):
         return recorded
     if view.metrics.get("status") == "done" or (final / "lineage.json").is_file() or recorded == "done":
