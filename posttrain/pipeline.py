@@ -408,8 +408,11 @@ class Pipeline:
         evaluation = self.run_eval(out, "base") if self.recipe.eval.dataset else None
         write_json(out / "metrics.json", {"stage": "base", "status": "done", "eval": evaluation,
                                           "wall_time_s": round(time.time() - started, 1)})
-        # `base_hash`: what the stages trained from; a stage that records another one is stale (`stale_stages`)
+        # `base_hash`: what the stages trained from; a stage that records another one is stale (`stale_stages`).
+        # `eval_hash`: the evaluation every step is now scored with; a stage whose metrics record another one (a run
+        # stopped while it evaluated the finished stages again) is not compared with the base (`accuracy_line`)
         write_json(out / "lineage.json", {"stage": "base", "inputs_hash": digest, "base_hash": self.base_hash,
+                                          "eval_hash": self.eval_hash,
                                           "base_model": str(self.base_model), **lineage.environment()})
         self._record("base", status="done", wall_time_s=round(time.time() - started, 1), error=None, log=None)
 

@@ -316,6 +316,30 @@ def test_failed_rerun_shows_the_earlier_attempts_numbers_as_such(tmp_path):
     assert "change base → sft" in to_markdown([sections.eval_table(load_run(run))], "files")
 
 
+def test_a_stage_not_yet_evaluated_again_after_eval_changed_is_not_compared_with_the_base(tmp_path):
+    """`eval:` edited (more tokens, another set) and the run stopped while it evaluated the finished stages again: the
+    base is scored with the new settings, the stages still with the old ones. Their numbers are not compared."""
+    from posttrain.pipeline import Pipeline
+    from posttrain.recipe import load_recipe
+
+    raw = {"name": "r", "base": {"model_name_or_path": "tiny:llama"}, "stages": {"sft": {"dataset_name": "x"}}}
+    pipeline = Pipeline(load_recipe(tmp_path / "r.yaml", raw=raw), tmp_path / "out")
+    pipeline.resolve_base()
+    pipeline.evaluate_base()  # no eval set: records the base's lineage only
+    assert json.loads((pipeline.root / "base" / "lineage.json").read_text())["eval_hash"] == pipeline.eval_hash
+
+    run = copy_runs(tmp_path) / "tiny-full"
+    edit_json(run / "base" / "lineage.json", lambda lin: lin.update(eval_hash="new settings"))
+    for stage in ("sft", "dpo", "upo"):
+        edit_json(run / stage / "lineage.json", lambda lin: lin.update(eval_hash="old settings"))
+    assert accuracy_line(run) == ("base 0.0% (0–32) → sft 0.0% (0–32) (evaluated with earlier `eval:` settings than "
+                                  "the base) → dpo 0.0% (0–32) (evaluated with earlier `eval:` settings than the "
+                                  "base) → upo 37.5% (14–69) (evaluated with earlier `eval:` settings than the base)")
+    assert "change base" not in to_markdown([sections.eval_table(load_run(run))], "files")
+    edit_json(run / "base" / "lineage.json", lambda lin: lin.update(eval_hash="old settings"))
+    assert "(evaluated with" not in accuracy_line(run)
+
+
 def test_an_interrupted_rerun_shows_the_earlier_attempts_numbers_as_such(tmp_path):
     """sft's settings edited and the re-run stopped (Ctrl-C, SIGTERM) while sft trained again: run.json marks it
     interrupted, and sft/ is still the earlier attempt's. Neither the accuracy line nor the steps table calls it done

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from ..io import read_json
-from ..runs import STAGE_ORDER, stale_stages
+from ..runs import STAGE_ORDER, run_state, stale_stages
 from ..stats import format_change, format_eval_accuracy, paired_evals
 
 
@@ -73,6 +73,8 @@ class RunView:
     accuracy (`str`): the held-out accuracy of every finished step (`accuracy_line`), empty if none was evaluated.
     data (`set[str]` or `None`): the data folders of the run (`run_data`): `cards` and the steps table show only
         these; None: all of them.
+    evaluated_otherwise (`set[str]`): the stages scored with another evaluation than the base now is
+        (`evaluated_otherwise`): their numbers are not compared with it.
     """
 
     root: Path
@@ -84,6 +86,7 @@ class RunView:
     ablation: list[Path] = field(default_factory=list)
     accuracy: str = ""
     data: set[str] | None = None
+    evaluated_otherwise: set[str] = field(default_factory=set)
 
     def stage(self, name: str) -> StageView | None:
         return next((s for s in self.stages if s.name == name), None)
@@ -120,7 +123,7 @@ def load_run(root: str | Path) -> RunView:
     cards = {p.parent.name: _load_card(p.parent) for p in sorted((root / "data").glob("*/card.json"))
              if data is None or p.parent.name in data}
     return RunView(root, state.get("name") or root.name, state, stages, cards, recipe_yaml,
-                   ablation_runs(root, state), accuracy_line(root), data)
+                   ablation_runs(root, state), accuracy_line(root), data, evaluated_otherwise(root))
 
 
 def run_data(root: Path, recipe_yaml: str, stages: list[StageView]) -> set[str] | None:
@@ -172,6 +175,17 @@ def stage_metrics(root: str | Path) -> dict[str, dict]:
     return out
 
 
+def evaluated_otherwise(root: str | Path) -> set[str]:
+    """The stages whose held-out metrics are from another evaluation than the base's now: their lineage's `eval_hash`
+    is not the one the base's records (a run stopped while it evaluated the finished stages again after `eval:` was
+    edited). Runs recorded before the base's `eval_hash` have none."""
+    root = Path(root)
+    now = read_json(root / "base" / "lineage.json").get("eval_hash")
+    order = run_state(root).get("order") or STAGE_ORDER
+    recorded = {step: read_json(root / step / "lineage.json").get("eval_hash") for step in order if step != "base"}
+    return {step for step, evaluated in recorded.items() if now and evaluated and evaluated != now}
+
+
 def accuracy_line(root: str | Path) -> str:
     """`base 18.8% (±6) → sft 43.8% (±7), +25.0 (p=1e-09) → dpo 45.1% (±7), +1.3 n.s.` from the metrics of a run: each
     accuracy with half its 95 % Wilson interval, each change against the step before on the same prompts (exact
@@ -179,7 +193,7 @@ def accuracy_line(root: str | Path) -> str:
     nothing was evaluated. A stale stage (`stale_stages`) is shown as such, not compared; so is a stage whose latest
     attempt failed, is running or was interrupted (its metrics are an earlier attempt's), and the stage after it is
     not compared either."""
-    parts, before, stale = [], None, stale_stages(root)
+    parts, before, stale, otherwise = [], None, stale_stages(root), evaluated_otherwise(root)
     steps = _json(Path(root) / "run.json").get("steps", {})
     for step, metrics in stage_metrics(root).items():
         if not metrics.get("eval"):
@@ -187,6 +201,10 @@ def accuracy_line(root: str | Path) -> str:
         text = f"{step} {format_eval_accuracy(metrics['eval'])}"
         if step in stale:
             parts.append(f"{text} (stale: {stale[step]})")
+            continue
+        if step in otherwise:
+            parts.append(f"{text} (evaluated with earlier `eval:` settings than the base)")
+            before = None
             continue
         status = steps.get(step, {}).get("status")
         if status in ("failed", "running", "interrupted"):

@@ -161,7 +161,7 @@ def eval_table(run: RunView) -> Table:
     stages = run.stages
     measured = [s for s in stages if s.eval]
     # the change runs between the stages whose numbers are what the chain now gives: not stale, failed or unfinished
-    current = [s for s in measured if s.status == "done"]
+    current = [s for s in measured if s.status == "done" and s.name not in run.evaluated_otherwise]
     first, last = (current[0], current[-1]) if len(current) > 1 else (None, None)
     comparable = first is not None and same_prompts(first.eval, last.eval)
     groups = sorted({g for s in measured for g in (s.eval.get("by_group") or {})},
