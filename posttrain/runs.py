@@ -65,14 +65,14 @@ def finished_stages(run: Path) -> list[str]:
 
 def stale_stages(root: str | Path) -> dict[str, str]:
     """{stage: why} for the stages trained from a previous stage that has since been trained again (their lineage's
-    `previous_inputs_hash` is not the previous stage's now, or its `previous_weights` not the weights there now:
-    `lineage.other_previous`) or that its promote gate now rejects (a re-evaluation on
-    another eval set, a stricter `gate:`: the run stopped there), or from another stage than the one before it in the
-    recipe's chain now (the chain was changed), or on another base model or chat template than the base evaluation
-    now is of (`base_hash`: the run stopped in the first stage after the recipe's base was edited), and the stages
-    after them: left from an earlier
-    run, they are not what the chain now gives, so neither the accuracy line nor the report compares them with it,
-    and `posttrain eval`, `export` and `chat` do not pick them by default."""
+    `previous_inputs_hash` is not the previous stage's now, or it has none and the previous stage's lineage, written
+    after an upgrade, has one, or its `previous_weights` not the weights there now: `lineage.other_previous`), that its
+    promote gate now rejects (a re-evaluation on another eval set, a stricter `gate:`: the run stopped there), trained
+    from another stage than the one before it in the recipe's chain now (the chain was changed), or on another base
+    model or chat template than the base evaluation now is of (`base_hash`: the run stopped in the first stage after
+    the recipe's base was edited); and the stages after them. Left from an earlier run, they are not what the chain now
+    gives, so neither the accuracy line nor the report compares them with it, and `posttrain eval`, `export` and
+    `chat` do not pick them by default."""
     from .lineage import other_previous
     from .promotion import blocks_chain
 
@@ -96,9 +96,12 @@ def stale_stages(root: str | Path) -> dict[str, str]:
             continue
         if not previous:
             continue
-        recorded = record.get("previous_inputs_hash")
-        current = read_json(root / previous / "lineage.json").get("inputs_hash")
-        if previous in stale or (recorded and current and recorded != current) or other_previous(root, record):
+        recorded, upstream = record.get("previous_inputs_hash"), read_json(root / previous / "lineage.json")
+        current = upstream.get("inputs_hash")
+        # a stage recorded before `previous_inputs_hash` existed, its previous stage by a version that records it:
+        # that one was trained again after an upgrade, and this one is from before
+        older = "previous_inputs_hash" not in record and "previous_inputs_hash" in upstream
+        if previous in stale or (recorded and current and recorded != current) or older or other_previous(root, record):
             stale[step] = f"trained from an earlier {previous}"
         elif blocks_chain(read_json(root / previous / "metrics.json").get("promotion")):
             stale[step] = f"trained from {previous}, which its promote gate rejected"

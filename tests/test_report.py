@@ -372,6 +372,21 @@ def test_a_stage_trained_after_a_stage_the_chain_no_longer_runs_before_it_is_sta
     assert stale_stages(run) == {"dpo": "trained from sft, but the recipe now trains it from the base model"}
 
 
+def test_stages_left_from_before_an_upgrade_retrained_their_previous_stage_are_stale(tmp_path):
+    """A run of a version whose lineages had no `previous_inputs_hash` (the committed runs), then `run --only sft`
+    after an upgrade: dpo and upo were trained from the sft before, so they are neither compared with the new sft
+    nor exported by default."""
+    from posttrain.runs import stage_ref, stale_stages
+
+    run = copy_runs(tmp_path) / "tiny-full"
+    assert stale_stages(run) == {}  # all from the old version: nothing says they are not one chain
+    edit_json(run / "sft" / "lineage.json", lambda lin: lin.update(inputs_hash="sft-after-the-upgrade",
+                                                                   previous_inputs_hash=None, previous_weights=None))
+    assert stale_stages(run) == {"dpo": "trained from an earlier sft", "upo": "trained from an earlier dpo"}
+    assert "dpo 0.0% (0–32) (stale: trained from an earlier sft)" in accuracy_line(run)
+    assert stage_ref(run).stage == "sft"
+
+
 def test_change_runs_to_the_last_stage_that_is_not_stale(tmp_path):
     run = copy_runs(tmp_path) / "tiny-full"
     edit_json(run / "dpo" / "lineage.json", lambda lin: lin.update(previous_inputs_hash="sft-before"))
