@@ -104,6 +104,15 @@ def format_eval_accuracy(evaluation: dict) -> str:
     return f"{100 * evaluation['accuracy']:.1f}%" if not n else format_accuracy(round(evaluation["accuracy"] * n), n)
 
 
+def accuracy_interval(evaluation: dict) -> tuple[float, float] | None:
+    """The 95 % Wilson interval of an `evaluate()` dict's accuracy: the one it recorded, else (one written before
+    intervals were recorded) from its rate and size, as `format_eval_accuracy` gives it; None without a size."""
+    if evaluation.get("accuracy_ci95"):
+        return tuple(evaluation["accuracy_ci95"])
+    n = evaluation.get("n") or 0
+    return wilson(round(evaluation["accuracy"] * n), n) if n and evaluation.get("accuracy") is not None else None
+
+
 def format_accuracy(successes: int, n: int) -> str:
     """`54.2% (±7)`: the accuracy with half its 95 % interval, in points; `0.0% (0–32)`, the interval itself, where
     one side is more than a quarter longer than the other (near 0 or 1 a half-width understates the long side: 0 of 8

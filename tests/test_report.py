@@ -189,6 +189,16 @@ def test_ablation_compares_true_accuracy_with_proxy_reward(tmp_path):
     assert html.is_file() and (tmp_path / "cmp" / "comparison_files" / "ablation_proxy_vs_true.png").is_file()
 
 
+def test_runs_of_one_name_in_two_folders_are_told_apart_by_their_folders(tmp_path):
+    """A run of an earlier version kept in another output folder and its rerun: one recipe name, two rows."""
+    runs = copy_runs(tmp_path)
+    rerun = shutil.copytree(runs / "tiny-full", tmp_path / "rerun" / "tiny-full")
+    edit_json(rerun / "upo" / "metrics.json", lambda m: m["eval"].update(accuracy=0.5))
+    rows = comparison_rows([runs / "tiny-full", rerun, runs / "tiny-full-lambda0"])
+    assert [r["run"] for r in rows] == [str(runs / "tiny-full"), str(rerun), "tiny-full-lambda0"]
+    assert [r["accuracy"] for r in rows] == [0.375, 0.5, 0.125]
+
+
 def test_cli_report(tmp_path):
     from posttrain.cli import main
 
@@ -429,6 +439,15 @@ def test_a_data_folder_left_by_a_job_the_recipe_no_longer_has_is_not_data_of_the
     assert "data/old" not in md and "data/prefs" in md and "data/verifiable" in md
     (run / "recipe.yaml").unlink()
     assert sorted(load_run(run).cards) == ["old", "prefs", "verifiable"]
+
+
+def test_the_interval_row_of_a_run_from_before_intervals_were_recorded_is_the_headlines(tmp_path):
+    """The committed runs recorded no `accuracy_ci95` (an older version): the table gives the interval the headline
+    gives (from the rate and n), not "not measured" beside it."""
+    view = load_run(copy_runs(tmp_path) / "tiny-full")
+    assert view.accuracy.endswith("upo 37.5% (14–69)")
+    md = to_markdown([sections.eval_table(view)], "files")
+    assert md_row(md, "accuracy: 95 % interval (Wilson)")[:4] == ["0.0% – 32.4%"] * 3 + ["13.7% – 69.4%"]
 
 
 def test_accuracies_on_different_prompts_are_not_subtracted(tmp_path):

@@ -84,7 +84,14 @@ def comparison_rows(runs: list[Path], stage: str | None = None) -> list[dict]:
     settings; `where` says where a run without that stage's evaluation stopped."""
     views = [load_run(root) for root in runs]
     stage = stage or read_at(views)
-    return [_row(run, stage) for run in views]
+    rows = [_row(run, stage) for run in views]
+    # runs of one recipe in other output folders (a run of an earlier version and its rerun) share a name: their
+    # folders tell them apart
+    names = [r["run"] for r in rows]
+    for r in rows:
+        if names.count(r["run"]) > 1:
+            r["run"] = str(r["root"])
+    return rows
 
 
 def _row(run: RunView, stage: str) -> dict:

@@ -7,6 +7,7 @@ missing the cell says "not measured", never 0 or a guess. The run's inputs (reci
 import re
 
 from ..promotion import blocks_chain
+from ..stats import accuracy_interval
 from . import plots
 from .blocks import (
     NOT_MEASURED,
@@ -171,7 +172,7 @@ def eval_table(run: RunView) -> Table:
                     if k not in known and isinstance(v, (int, float)) and not isinstance(v, bool)})
     rows = []
     specs = [(lambda e, k=k: e.get(k), label, kind) for k, label, kind in EVAL_ROWS]
-    specs.insert(2, (lambda e: e.get("accuracy_ci95"), "accuracy: 95 % interval (Wilson)", "interval"))
+    specs.insert(2, (accuracy_interval, "accuracy: 95 % interval (Wilson)", "interval"))
     specs += [(lambda e, g=g: (e.get("by_group") or {}).get(g),
                GROUP_LABELS.get(g, f"accuracy · {g.replace('/', ' ')}"), "rate") for g in groups]
     specs += [(lambda e, k=k: e.get(k), k, "num") for k in extra]
