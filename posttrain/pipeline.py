@@ -54,10 +54,14 @@ def read_files(args) -> dict:
     renders and counts `max_tokens` with), by its tokenizer files: another chat template or base model writes other
     ones at the same path. Other folders (a model) are left out: hashing them would cost more than it tells, and a
     job that samples from a stage's adapter carries the stage's weights (`after`)."""
-    files = {value: lineage.dataset_fingerprint(value) for _, value in named_strings(args, "")
-             if Path(value).is_file() or (Path(value) / "card.json").is_file()}
-    return {**files, **{value: lineage.tokenizer_digest(Path(value)) for _, value in named_strings(args, "")
-                        if is_tokenizer_folder(Path(value))}}
+    reads = {}
+    for _, value in named_strings(args, ""):
+        path = Path(value)
+        if path.is_file() or (path / "card.json").is_file():
+            reads[value] = lineage.dataset_fingerprint(value)
+        elif is_tokenizer_folder(path):
+            reads[value] = lineage.tokenizer_digest(path)
+    return reads
 
 
 def is_tokenizer_folder(path: Path) -> bool:
