@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.report import accuracy_line, build_comparison, build_report, inputs, sections, stage_metrics
+from posttrain.report import accuracy_line, build_comparison, build_report, inputs, plots, sections, stage_metrics
 from posttrain.report.blocks import Cell, Para, Table
 from posttrain.report.compare import comparison, comparison_rows, variant_summaries
 from posttrain.report.load import error_cause, load_run
@@ -99,8 +99,39 @@ def test_report_is_self_contained_and_md_has_its_pngs(full_report):
     linked = re.findall(r"!\[[^\]]*\]\((report_files/[^)]+\.png)\)", md)
     assert {"report_files/curves_upo.png", "report_files/eval_by_stage.png",
             "report_files/loss_all_stages.png", "report_files/ablation_proxy_vs_true.png"} <= set(linked)
-    assert {p.name for p in (run / "report_files").iterdir()} == {Path(p).name for p in linked}
+    assert {p.name for p in (run / "report_files").glob("*.png")} == {Path(p).name for p in linked}
     assert "report_files/diagnostics_upo.png" in linked  # inside <details>, in Markdown too
+
+
+def test_a_report_built_again_redraws_only_the_figures_whose_inputs_changed(tmp_path, monkeypatch):
+    run = copy_runs(tmp_path) / "tiny-full"
+    build_report(run)
+    files = run / "report_files"
+    first = {p.name: p.read_bytes() for p in files.glob("*.png")}
+    assert set(json.loads((files / "figures.json").read_text())) == set(first)  # every figure keyed
+
+    drawn = []
+    real = plots.png
+    monkeypatch.setattr(plots, "png", lambda fig: drawn.append(fig) or real(fig))
+    build_report(run)  # nothing changed: nothing drawn, the same figures
+    assert drawn == []
+    assert {p.name: p.read_bytes() for p in files.glob("*.png")} == first
+
+    metrics = json.loads((run / "dpo" / "metrics.json").read_text())
+    for entry in metrics["log_history"]:
+        if "loss" in entry:
+            entry["loss"] += 1.0
+    (run / "dpo" / "metrics.json").write_text(json.dumps(metrics))
+    (files / "curves_upo.png").write_bytes(b"damaged")  # a key that matches does not make a bad file good...
+    (files / "figures.json").write_text(json.dumps({**json.loads((files / "figures.json").read_text()),
+                                                    "curves_upo.png": "another key"}))  # ...but a changed key redraws
+    build_report(run)
+    again = {p.name: p.read_bytes() for p in files.glob("*.png")}
+    redrawn = {name for name in first if again[name] != first[name]}
+    assert {"curves_dpo.png", "loss_all_stages.png"} <= redrawn  # dpo's loss changed, and the run's loss plot with it
+    assert again["curves_upo.png"] == first["curves_upo.png"]  # redrawn because its key differed
+    # dpo's curves and diagnostics (both drawn from its logs), the run's loss and upo's curves; the rest reused
+    assert len(drawn) == 4
 
 
 def test_report_sections_lineage_and_data_cards(full_report):

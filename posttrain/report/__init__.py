@@ -23,6 +23,7 @@ from . import inputs, sections
 from .blocks import Heading, Para
 from .compare import comparison, over_seeds
 from .load import accuracy_line, load_run, stage_metrics
+from .plots import Reuse
 from .render import write_documents
 
 __all__ = ["accuracy_line", "build_comparison", "build_report", "report_blocks", "stage_metrics", "try_build_report"]
@@ -38,7 +39,7 @@ def report_blocks(root: str | Path, compare: list[str | Path] | None = None) -> 
     blocks += sections.curves(run)
     blocks += sections.samples(run)
     if others:
-        blocks += comparison([root, *[p for p in others if p.resolve() != root.resolve()]])
+        blocks += comparison([root, *[p for p in others if p.resolve() != root.resolve()]], figures=run.figures)
     blocks += inputs.lineage(run)
     blocks += inputs.data_cards(run)
     return run.name, with_contents(blocks)
@@ -82,7 +83,7 @@ def build_comparison(runs: list[str | Path], out_dir: str | Path, groups: dict[s
     blocks = [Heading("Run comparison", 1)]
     if groups:
         blocks += over_seeds(groups, baseline or next(iter(groups)), stage)
-    blocks += comparison([Path(r) for r in runs], stage)
+    blocks += comparison([Path(r) for r in runs], stage, Reuse(Path(out_dir) / "comparison_files"))
     return write_documents(blocks, Path(out_dir), "comparison", "posttrain run comparison")
 
 

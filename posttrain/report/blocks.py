@@ -47,6 +47,7 @@ class Image:
     png: bytes
     alt: str
     caption: str = ""
+    key: str = ""  # what the figure was drawn from (`plots.Reuse`); empty: not reused
 
 
 @dataclass

@@ -124,9 +124,9 @@ def varied_settings(rows: list[dict]) -> list[str]:
     return sorted(varied, key=lambda k: (not k.startswith("upo_"), k != "beta", k))
 
 
-def comparison(runs: list[Path], stage: str | None = None) -> list:
+def comparison(runs: list[Path], stage: str | None = None, figures: plots.Reuse | None = None) -> list:
     """The ablation section: a table of true accuracy vs proxy reward per run at `stage` (default `read_at`), and
-    their scatter plot."""
+    their scatter plot (reused from `figures` where unchanged)."""
     rows = comparison_rows(runs, stage)
     settings = varied_settings(rows)
     table = []
@@ -163,10 +163,12 @@ def comparison(runs: list[Path], stage: str | None = None) -> list:
     prefix = prefix[: prefix.rfind("-") + 1]  # "smollm2-135m-ablation-grpo" → "grpo": the variant names the point
     points = [(name[len(prefix):], x, y) for name, x, y in points]
     xlabel = ("hackable proxy on the held-out answers" if held_out else "proxy: training reward, last logged steps")
-    figure = plots.proxy_vs_true(points, xlabel)
+    name = "ablation_proxy_vs_true.png"
+    figure, key = (figures.draw(name, plots.proxy_vs_true, points, xlabel) if figures else
+                   (plots.proxy_vs_true(points, xlabel), ""))
     if figure:
-        blocks.append(Image("ablation_proxy_vs_true.png", figure, "proxy reward vs held-out accuracy",
-                            "Runs without both numbers are left out of the plot (see the table)."))
+        blocks.append(Image(name, figure, "proxy reward vs held-out accuracy",
+                            "Runs without both numbers are left out of the plot (see the table).", key))
     return blocks
 
 

@@ -17,6 +17,7 @@ import yaml
 from ..io import read_json
 from ..runs import STAGE_ORDER, run_state, stale_stages
 from ..stats import format_change, format_eval_accuracy, paired_evals
+from .plots import Reuse
 
 
 @dataclass
@@ -75,6 +76,7 @@ class RunView:
         these; None: all of them.
     evaluated_otherwise (`set[str]`): the stages scored with another evaluation than the base now is
         (`evaluated_otherwise`): their numbers are not compared with it.
+    figures (`plots.Reuse`): the figures of the report this one replaces, for those drawn from unchanged inputs.
     """
 
     root: Path
@@ -87,6 +89,14 @@ class RunView:
     accuracy: str = ""
     data: set[str] | None = None
     evaluated_otherwise: set[str] = field(default_factory=set)
+    figures: Reuse | None = None
+
+    def draw(self, name: str, figure, *args, **kwargs) -> tuple[bytes | None, str]:
+        """`figure(*args, **kwargs)` as a PNG (None: nothing to draw) and its key, reused from the last report when
+        its inputs are unchanged."""
+        if self.figures is None:
+            return figure(*args, **kwargs), ""
+        return self.figures.draw(name, figure, *args, **kwargs)
 
     def stage(self, name: str) -> StageView | None:
         return next((s for s in self.stages if s.name == name), None)
@@ -123,7 +133,8 @@ def load_run(root: str | Path) -> RunView:
     cards = {p.parent.name: _load_card(p.parent) for p in sorted((root / "data").glob("*/card.json"))
              if data is None or p.parent.name in data}
     return RunView(root, state.get("name") or root.name, state, stages, cards, recipe_yaml,
-                   ablation_runs(root, state), accuracy_line(root), data, evaluated_otherwise(root))
+                   ablation_runs(root, state), accuracy_line(root), data, evaluated_otherwise(root),
+                   Reuse(root / "report_files"))
 
 
 def run_data(root: Path, recipe_yaml: str, stages: list[StageView]) -> set[str] | None:

@@ -5,9 +5,14 @@ shades and line styles of that colour, held-out (`eval_*`) series are dashed wit
 is decided by the keys it logged, so a new TRL or UPO metric shows up (under "other") without code changes.
 """
 
+import functools
+import hashlib
 import io
+import json
 import re
 from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
 
 STAGE_COLORS = {"base": "#7f7f7f", "sft": "#1f77b4", "dpo": "#ff7f0e", "upo": "#2ca02c"}
 _SPARE_COLORS = ["#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#d62728"]
@@ -155,10 +160,52 @@ def pyplot():
     return plt
 
 
+class Reuse:
+    """The figures of the report being replaced, reused where the same code would draw them from the same inputs.
+
+    Every `posttrain run` writes its report again, also when it skips every stage as finished, and a figure costs
+    ~0.3 s of CPU to draw (matplotlib lays out every label and tick): seconds per report for figures that did not
+    change. `folder` is the report's `<stem>_files/`; `INDEX` there maps each figure's file name to the key of what it
+    was drawn from (written by `render.write_documents` from `Image.key`).
+    """
+
+    INDEX = "figures.json"
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        try:
+            index = json.loads((folder / self.INDEX).read_text())
+        except (OSError, ValueError):  # no earlier report, or a damaged index: draw everything
+            index = {}
+        self.index = index if isinstance(index, dict) else {}
+
+    def draw(self, name: str, figure, *args, **kwargs) -> tuple[bytes | None, str]:
+        """(PNG or None, key) of `figure(*args, **kwargs)` saved as `name`: the earlier file where its key matches."""
+        key = figure_key(figure, args, kwargs)
+        if self.index.get(name) == key:
+            try:
+                return (self.folder / name).read_bytes(), key
+            except OSError:
+                pass
+        return figure(*args, **kwargs), key
+
+
+def figure_key(figure, args: tuple, kwargs: dict) -> str:
+    """What a figure is drawn from: the function, its arguments, this module's code and matplotlib's version."""
+    inputs = json.dumps([figure.__name__, args, kwargs], sort_keys=True, default=repr)
+    return hashlib.sha256(f"{_code_digest()}\0{inputs}".encode()).hexdigest()[:32]
+
+
+@functools.cache  # once per process
+def _code_digest() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes() + version("matplotlib").encode()).hexdigest()
+
+
 # ------------------------------------------------------------------------------------------------------------ figures
-def stage_curves(stage: str, log_history: list[dict], order: list[str], normalized_by: str | None = None
-                 ) -> tuple[bytes | None, bytes | None]:
-    """(main panels, diagnostic panels) of one stage's training logs as PNGs; None where there is nothing.
+def stage_curves(stage: str, log_history: list[dict], order: list[str], normalized_by: str | None = None,
+                 diagnostics: bool = False) -> bytes | None:
+    """The main panels (or with `diagnostics`, the diagnostic ones) of one stage's training logs as a PNG; None where
+    there is nothing.
 
     normalized_by (`str`, *optional*): the stage's `normalize_rewards_by`; TRL's reward keys are then standardised
     per group, and the panel titles say so (UPO's `upo/reward/<group>/*` stay raw)."""
@@ -168,11 +215,9 @@ def stage_curves(stage: str, log_history: list[dict], order: list[str], normaliz
         for panel in panels:
             if panel.title.startswith("Reward") and "raw" not in panel.title:
                 panel.title = f"{panel.title.split(' (')[0]}, normalised per {normalized_by}"
-    main = [p for p in panels if not p.diagnostic]
-    extra = [p for p in panels if p.diagnostic]
-    color = stage_color(stage, order)
-    return (_panel_grid(main, data, color, f"{stage}: training curves") if main else None,
-            _panel_grid(extra, data, color, f"{stage}: diagnostics") if extra else None)
+    panels = [p for p in panels if p.diagnostic == diagnostics]
+    title = f"{stage}: diagnostics" if diagnostics else f"{stage}: training curves"
+    return _panel_grid(panels, data, stage_color(stage, order), title) if panels else None
 
 
 def _panel_grid(panels: list[Panel], data: dict, color: str, title: str) -> bytes:

@@ -6,11 +6,13 @@ Both files are rendered from the same blocks, so they cannot drift apart: what t
 
 import base64
 import html
+import json
 import re
 from pathlib import Path
 
 from ..io import replace_dir, write_text
 from .blocks import Cell, Code, Details, Heading, Image, Para, Table
+from .plots import Reuse
 
 
 def write_documents(blocks: list, out_dir: Path, stem: str, title: str) -> Path:
@@ -22,6 +24,9 @@ def write_documents(blocks: list, out_dir: Path, stem: str, title: str) -> Path:
     def write_images(folder: Path) -> None:
         for image in images:
             (folder / image.name).write_bytes(image.png)
+        keys = {image.name: image.key for image in images if image.key}
+        if keys:  # the next report reuses these figures where their inputs are unchanged
+            (folder / Reuse.INDEX).write_text(json.dumps(keys, indent=1, sort_keys=True))
 
     replace_dir(out_dir / files_dir, write_images)
     write_text(out_dir / f"{stem}.md", to_markdown(blocks, files_dir))

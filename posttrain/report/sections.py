@@ -149,10 +149,11 @@ def evaluation(run: RunView) -> list:
         return blocks + [Para("No stage has a held-out evaluation yet: not measured.", "warning")]
     blocks.append(eval_table(run))
     blocks += promotions(run)
-    bars = plots.eval_bars([(s.name, s.eval) for s in run.stages], [s.name for s in run.stages])
+    bars, key = run.draw("eval_by_stage.png", plots.eval_bars, [(s.name, s.eval) for s in run.stages],
+                         [s.name for s in run.stages])
     if bars:
         blocks.append(Image("eval_by_stage.png", bars, "held-out rates by stage",
-                            "Rates in [0, 1]; stages without an evaluation are left out."))
+                            "Rates in [0, 1]; stages without an evaluation are left out.", key))
     for stage in run.stages:
         blocks += stage_extras(stage)
     return blocks
@@ -270,19 +271,21 @@ def flatten(value, prefix: str = "") -> dict:
 def curves(run: RunView) -> list:
     order = [s.name for s in run.stages]
     blocks = [heading("Training curves"), training_table(run)]
-    timeline = plots.run_loss([(s.name, s.log_history) for s in run.trained], order)
+    timeline, key = run.draw("loss_all_stages.png", plots.run_loss,
+                             [(s.name, s.log_history) for s in run.trained], order)
     if timeline:
         blocks.append(Image("loss_all_stages.png", timeline, "training loss across stages",
                             "Dashed lines mark stage boundaries. The objectives differ (SFT: token NLL; DPO: "
                             "pairwise logistic loss; UPO: PG + λ·DPO), so compare shapes, not levels, across "
-                            "stages."))
+                            "stages.", key))
     for stage in run.trained:
         if not stage.log_history:
             if stage.status != "not started":
                 blocks.append(Para(f"**{stage.name}**: no training logs recorded (not measured).", "warning"))
             continue
-        main, extra = plots.stage_curves(stage.name, stage.log_history, order,
-                                         stage.resolved.get("normalize_rewards_by"))
+        args = (stage.name, stage.log_history, order, stage.resolved.get("normalize_rewards_by"))
+        main, main_key = run.draw(f"curves_{stage.name}.png", plots.stage_curves, *args)
+        extra, extra_key = run.draw(f"diagnostics_{stage.name}.png", plots.stage_curves, *args, diagnostics=True)
         blocks.append(heading(f"{stage.name} curves", 3))
         if stage.curves_from != "metrics.json":
             blocks.append(Para(f"From {stage.curves_from}: the stage has not finished.", "warning"))
@@ -292,10 +295,11 @@ def curves(run: RunView) -> list:
         if main:
             blocks.append(Image(f"curves_{stage.name}.png", main, f"{stage.name} training curves",
                                 "Solid: training batches; dashed with dots: held-out (eval_*) logs; bands: ± std "
-                                "or min–max as logged."))
+                                "or min–max as logged.", main_key))
         if extra:
             blocks.append(Details(f"{stage.name} diagnostics (learning rate, gradient norm, entropy, …)",
-                                  [Image(f"diagnostics_{stage.name}.png", extra, f"{stage.name} diagnostics")]))
+                                  [Image(f"diagnostics_{stage.name}.png", extra, f"{stage.name} diagnostics",
+                                         key=extra_key)]))
     return blocks
 
 
