@@ -124,9 +124,9 @@ def by_content(path: Path) -> str:
     return "(local: its content)"
 
 
-def changed_inputs(resolved: Path, args: dict) -> str:
+def changed_inputs(resolved: Path, args: dict, record: dict | None = None, now: dict | None = None) -> str:
     """What differs between a stage's arguments as an earlier run resolved them and `args`, for a message: `key: old →
-    new` for up to four keys, or what else can change a stage's inputs."""
+    new` for up to four keys; with none, what else its lineage `record` says differs from `now` (`other_inputs`)."""
     before = yaml.safe_load(resolved.read_text()) if resolved.is_file() else {}
     if args.get("output_dir"):
         before = in_run(before, Path(args["output_dir"]).parent)
@@ -134,9 +134,30 @@ def changed_inputs(resolved: Path, args: dict) -> str:
     ignored = {"resume_from_checkpoint", *NOT_INPUT_KEYS, *NOT_TRAINING_KEYS}
     keys = sorted(k for k in {*before, *args} - ignored if before.get(k) != args.get(k))
     if not keys:
-        return "the data, the base model or the previous stage changed"
+        return other_inputs(record or {}, now or {})
     shown = [f"{k}: {before.get(k)!r} → {args.get(k)!r}" for k in keys[:4]]
     return "; ".join(shown) + (f"; {len(keys) - 4} more" if len(keys) > 4 else "")
+
+
+def other_inputs(record: dict, now: dict) -> str:
+    """Which inputs besides its arguments a stage's lineage `record` gives otherwise than `now` (`datasets`: key ->
+    fingerprint; `base_hash`; `previous_inputs_hash`). Where it records none that differ, the posttrain that trained
+    it (its `git_commit`) hashed the same inputs another way, or an input it does not record changed."""
+    if not record:
+        return "the data, the base model or the previous stage changed"
+    found = [f"the data in {key} changed" for key, entry in (record.get("datasets") or {}).items()
+             if isinstance(entry, dict) and key in now.get("datasets", {})
+             and entry.get("fingerprint") != now["datasets"][key]]
+    if record.get("base_hash") not in (None, now.get("base_hash")):
+        found.append("the base model or its chat template changed")
+    if record.get("previous_stage") and record.get("previous_inputs_hash") != now.get("previous_inputs_hash"):
+        found.append(f"{record['previous_stage']} was trained again since")
+    if found:
+        return "; ".join(found)
+    commit = str(record.get("git_commit") or "")[:7]
+    return ("its arguments, data, base model and previous stage are as it recorded them: a reward's source file or a "
+            "curriculum phase's prompts changed, or the posttrain that trained it"
+            f"{f' (commit {commit})' if commit else ''} hashed its inputs another way")
 
 
 class Pipeline:
@@ -154,6 +175,7 @@ class Pipeline:
         self.base_model: Path | None = None  # resolved at the start of run()
         self.legacy_base_hashes: tuple[str, ...] = ()  # base hashes earlier versions recorded (`evaluate_base`)
         self.later_data: set[str] = set()  # data jobs only stages after `--until` read: not built (`build_data`)
+        self.inputs_now: dict = {}  # the last `stage_hashes`' inputs besides the arguments (`other_inputs`)
 
     # ------------------------------------------------------------------------------------------------ bookkeeping
     def _record(self, step: str, **info) -> None:
@@ -501,6 +523,7 @@ class Pipeline:
             stable = {k: v for k, v in spelled.items() if k not in left_out}
             return self.digest({"args": stable, "datasets": datasets, "base": base, "previous": prev_hash})
 
+        self.inputs_now = {"datasets": datasets, "base_hash": self.base_hash, "previous_inputs_hash": prev_hash}
         return tuple(dict.fromkeys(
             digest(spelled, left_out, base) for spelled in (as_opened(args, by_content), as_opened(args), args)
             for base in (self.base_hash, *self.legacy_base_hashes)
@@ -511,7 +534,11 @@ class Pipeline:
         args = self.stage_args(stage, previous)
         if self._up_to_date(self.root / stage, *self.stage_hashes(stage, args, previous)):
             return None
-        return changed_inputs(self.root / stage / "resolved.yaml", args)
+        return self.what_changed(self.root / stage, args)
+
+    def what_changed(self, folder: Path, args: dict) -> str:
+        """`changed_inputs` of the stage trained in `folder` against `args`, after `stage_hashes` for them."""
+        return changed_inputs(folder / "resolved.yaml", args, read_json(folder / "lineage.json"), self.inputs_now)
 
     def reevaluate(self, stage: str) -> bool:
         """A finished stage whose held-out evaluation changed (another eval set, more tokens, a smaller batch after
@@ -553,6 +580,9 @@ class Pipeline:
         if damage:
             console.print(f"[yellow]{stage}: finished earlier with the same inputs, but {damage}: trained again"
                           "[/yellow]")
+        elif not finished and (final / "lineage.json").is_file():
+            console.print(f"{stage}: finished earlier with other inputs ({self.what_changed(final, args)}); trained "
+                          "again")
         elif not force and finished:
             console.print(f"[green]✓ {stage}[/green]: finished earlier with the same inputs, skipped")
             # what an earlier failed attempt (with other inputs) recorded no longer describes the stage
@@ -567,7 +597,7 @@ class Pipeline:
             saved = sorted(p.name for p in partial.glob("checkpoint-*"))
             if saved:
                 console.print(f"[yellow]{stage}: the unfinished run in {partial} was for other inputs "
-                              f"({changed_inputs(partial / 'resolved.yaml', args)}); its checkpoints "
+                              f"({self.what_changed(partial, args)}); its checkpoints "
                               f"({', '.join(saved)}) are discarded and the stage starts over[/yellow]")
             shutil.rmtree(partial, ignore_errors=True)
         elif not force and partial.is_dir() and self._finished_in(partial):

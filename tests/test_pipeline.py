@@ -74,7 +74,8 @@ def test_rerun_skips_finished_stage_and_reruns_on_change(shared_tiny, tiny_run, 
     upo_stamp = (run / "upo" / "lineage.json").stat().st_mtime_ns
     changed = posttrain_here("run", "recipe.yaml", "stages.upo.learning_rate=5e-4", cwd=cwd)
     assert "sft: finished earlier with the same inputs, skipped" in changed.stdout
-    assert "upo: finished earlier" not in changed.stdout and "stage: upo" in changed.stdout
+    assert "upo: finished earlier with the same" not in changed.stdout and "stage: upo" in changed.stdout
+    assert "upo: finished earlier with other inputs (learning_rate: 0.001 → 0.0005); trained again" in changed.stdout
     assert (run / "sft" / "lineage.json").stat().st_mtime_ns == stamp
     assert (run / "upo" / "lineage.json").stat().st_mtime_ns != upo_stamp
     assert yaml.safe_load((run / "upo" / "resolved.yaml").read_text())["learning_rate"] == 5e-4
@@ -220,6 +221,21 @@ def test_a_discarded_unfinished_stage_says_what_changed(tmp_path):
         "learning_rate: 0.001 → 0.002"
     assert changed_inputs(resolved, {"learning_rate": 1e-3, "max_steps": 10}) == \
         "the data, the base model or the previous stage changed"
+
+
+def test_a_stage_trained_again_with_its_arguments_unchanged_says_which_other_input_changed():
+    from posttrain.pipeline import other_inputs
+
+    record = {"datasets": {"dataset_name": {"path": "data/pairs", "fingerprint": "aaa"}}, "base_hash": "b1",
+              "previous_stage": "sft", "previous_inputs_hash": "p1", "git_commit": "0123456789abcdef"}
+    now = {"datasets": {"dataset_name": "aaa"}, "base_hash": "b1", "previous_inputs_hash": "p1"}
+    assert other_inputs(record, {**now, "datasets": {"dataset_name": "bbb"}}) == "the data in dataset_name changed"
+    assert other_inputs(record, {**now, "base_hash": "b2", "previous_inputs_hash": "p2"}) == \
+        "the base model or its chat template changed; sft was trained again since"
+    # nothing it records differs: what a run made by a posttrain that hashed inputs another way gets
+    unchanged = other_inputs(record, now)
+    assert "as it recorded them" in unchanged and "(commit 0123456) hashed its inputs another way" in unchanged
+    assert other_inputs({}, now) == "the data, the base model or the previous stage changed"
 
 
 def test_one_dataset_spelled_another_way_is_the_same_stage_input(tmp_path, monkeypatch):
