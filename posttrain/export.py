@@ -65,8 +65,7 @@ def run_export(request: ExportRequest) -> Path:
     ref = stage_ref(request.run, request.stage)
     forced = _check_promoted(ref, request.force)
     if ref.stage == "base":
-        raise UserError(f"{ref.run}: 'base' is the unmodified base model; export a trained stage "
-                        f"({', '.join(_trained(ref.run)) or 'none finished yet'})")
+        raise UserError(_base_problem(ref.run, request.stage))
     if request.dtype and not request.merge:
         raise UserError("--dtype applies to merged weights; add --merge (the adapter is exported as trained)")
     if (request.private or request.revision) and not request.push_to_hub:
@@ -112,6 +111,20 @@ def _trained(run: Path) -> list[str]:
     from .runs import finished_stages
 
     return [s for s in finished_stages(run) if s != "base"]
+
+
+def _base_problem(run: Path, asked: str | None) -> str:
+    """Why there is nothing to export when the stage is the base model: asked for, or every trained stage is stale
+    (`stage_ref` falls back to the base then)."""
+    from .runs import stale_stages
+
+    trained, stale = _trained(run), stale_stages(run)
+    if not asked and trained and all(s in stale for s in trained):
+        reasons = "; ".join(f"{s}: {stale[s]}" for s in trained)
+        return (f"{run}: every trained stage is stale ({reasons}), not what the run's chain now gives; run "
+                f"`posttrain run` on its recipe again to train them, or pass --stage {trained[-1]} --force to export "
+                "one anyway")
+    return f"{run}: 'base' is the unmodified base model; export a trained stage ({', '.join(trained) or 'none finished yet'})"
 
 
 def _check_promoted(ref, force: bool) -> str | None:

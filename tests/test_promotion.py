@@ -204,3 +204,10 @@ def test_stages_trained_from_an_earlier_previous_stage_are_stale(tmp_path):
     with pytest.raises(Exception) as forced:  # past the check, the export itself fails on the fixture's paths
         run_export(ExportRequest(run=str(root), stage="upo", force=True))
     assert "stale" not in str(forced.value)
+    # sft trained on another base model too: every trained stage stale, nothing current to export but the base
+    lineage("base", base_hash="base-now")
+    lineage("sft", base_hash="base-before")
+    with pytest.raises(UserError, match=r"every trained stage is stale \(sft: trained on another base .*--stage upo "
+                                        r"--force") as none_current:
+        run_export(ExportRequest(run=str(root)))
+    assert "unmodified base model" not in str(none_current.value)
