@@ -292,6 +292,13 @@ def reply_text(completion) -> str:
     return completion_text(completion)
 
 
+def has_tool_turns(row: dict) -> bool:
+    """Whether a preference row's chosen or rejected reply holds a tool result (a `tool` turn): text the model did not
+    write, which DPO and the held-out preference accuracy leave out of the scored tokens."""
+    return any(isinstance(side, list) and any(m.get("role") == "tool" for m in side)
+               for side in (row["chosen"], row["rejected"]))
+
+
 def called(calls) -> list:
     """What tool calls do, to tell replies apart: their functions and arguments, without the `id` that only links a
     call to its result (two samples of one call get two random ids)."""

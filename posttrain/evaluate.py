@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import devices
 from .configs import EvalArguments, Precision
-from .data import completion_text, conversation_replies, opens_think, preference_texts, prompt_text
+from .data import completion_text, conversation_replies, has_tool_turns, opens_think, preference_texts, prompt_text
 from .errors import UserError, is_out_of_memory, row_name, what_ran_out
 from .gates import prompt_end
 from .io import write_json
@@ -345,7 +345,9 @@ def preference_eval(model, tokenizer, pairs: list[dict], dtype: str = "float32",
     the reply's tokens. Unlike DPO's reward accuracy it needs no reference model, so base, SFT and DPO compare.
     Scored in `dtype` as `evaluate` scores its held-out loss (bf16: about half the time of float32 on CPU),
     `batch_size` replies a forward at most (`SCORE_BATCH`), each pair cut to the stage's `max_length` as TRL cuts
-    it (scored whole, long held-out pairs went past the memory `max_length` was set for, and the context)."""
+    it (scored whole, long held-out pairs went past the memory `max_length` was set for, and the context). A reply
+    with tool results is scored on its own turns only, each after all before it (`_reference_turns`), as DPO trains
+    it (`trainers.dpo_trainer`): the results are the environment's text."""
     was_training = model.training
     model.eval()
     # scored as TRL trains them (`data.preference_texts`)
@@ -355,15 +357,24 @@ def preference_eval(model, tokenizer, pairs: list[dict], dtype: str = "float32",
     # `completion_logps` adds none: the BOS is written in (a rendered conversation has its own)
     bos = added_bos(text_tokenizer)
     prompts = [bos + t[0] if isinstance(p["prompt"], str) else t[0] for p, t in zip(pairs, texts)]
-    replies, images = [t[side] for side in (1, 2) for t in texts], _images(pairs)
+    pieces = []  # (side, pair, prompt, reply); a reply with tool results by its own turns only, as DPO scores it
+    for side, name in ((1, "chosen"), (2, "rejected")):
+        for i, (pair, text) in enumerate(zip(pairs, texts)):
+            turns = (_reference_turns(tokenizer, {**pair, "completion": pair[name]}, text_tokenizer.eos_token)
+                     if has_tool_turns(pair) else [(prompts[i], text[side])])
+            pieces += [(side, i, *turn) for turn in turns]
+    images = _images(pairs)
     with autocast(model, dtype):
-        scores = completion_logps(model, tokenizer, prompts * 2, replies, batch_size=min(batch_size, SCORE_BATCH),
-                                  images=images * 2 if images else None, max_length=max_length,
+        scores = completion_logps(model, tokenizer, [p[2] for p in pieces], [p[3] for p in pieces],
+                                  batch_size=min(batch_size, SCORE_BATCH),
+                                  images=[images[p[1]] for p in pieces] if images else None, max_length=max_length,
                                   truncation_mode=truncation_mode)
-    chosen, rejected = scores[:len(pairs)], scores[len(pairs):]
+    chosen, rejected = [0.0] * len(pairs), [0.0] * len(pairs)
+    for (side, i, _, _), (score, _) in zip(pieces, scores):
+        (chosen if side == 1 else rejected)[i] += score
     if was_training:
         model.train()
-    margins = [c - r for (c, _), (r, _) in zip(chosen, rejected)]
+    margins = [c - r for c, r in zip(chosen, rejected)]
     return {"n": len(pairs), "accuracy": _mean([m > 0 for m in margins]), "mean_logp_margin": _mean(margins)}
 
 

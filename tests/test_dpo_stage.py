@@ -379,3 +379,94 @@ def test_under_zero3_the_continued_adapter_takes_the_bf16_base_dtype(tiny_model_
     model = common.load_policy(stage_args, training, ModelConfig(model_name_or_path=str(path), dtype="bfloat16"))[0]
     lora = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
     assert lora == {lora_dtype} and any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+
+
+def tool_pairs(path):
+    path.write_text(tool_pairs_text())
+    return path
+
+
+def tool_pairs_text() -> str:
+    """Pairs whose replies call a tool, read its result and answer: chosen and rejected differ in the answer."""
+    call = [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]
+
+    def reply(answer):
+        return [{"role": "assistant", "content": "", "tool_calls": call},
+                {"role": "tool", "name": "add", "content": "TOOL RESULT 5"}, {"role": "assistant", "content": answer}]
+
+    rows = [{"prompt": [{"role": "user", "content": f"What is 2 + 3? ({i})"}], "chosen": reply("5"),
+             "rejected": reply("It is 6")} for i in range(4)]
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def test_dpo_scores_the_replies_own_turns_not_the_tool_results(tiny_model_path, tmp_path):
+    """A tool result is the environment's text: TRL scored it as the policy's own in both log-probs. Only the
+    tokens inside the template's generation markers (the call and the answer) are scored, also in the reference
+    log-probs TRL precomputes (the first step's rewards are 0: policy and reference score the same tokens)."""
+    from trl import DPOConfig, ModelConfig
+
+    path = tiny_model_path("llama")
+    stage_args = StageArguments(dataset_name=str(tool_pairs(tmp_path / "pairs.jsonl")),
+                                tokenizer_name_or_path=str(path))
+    training = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=2, per_device_train_batch_size=2,
+                         learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to="none", bf16=False,
+                         use_cpu=True, max_length=256, precompute_ref_log_probs=True)
+    model_args = ModelConfig(model_name_or_path=str(path), use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                             lora_target_modules=["all-linear"])
+    trainer = dpo.main(stage_args, training, model_args)
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    decode = trainer.processing_class.decode
+    scored = [decode([t for t, m in zip(ids, mask) if m]) for ids, mask in zip(batch["input_ids"].tolist(),
+                                                                               batch["completion_mask"].tolist())]
+    assert scored == ['<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call><|im_end|>5<|im_end|>',
+                      '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call><|im_end|>It is 6'
+                      '<|im_end|>']
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 2 and all(math.isfinite(log["loss"]) for log in logs)
+    assert abs(logs[0]["rewards/chosen"]) < 1e-4 and abs(logs[0]["rewards/rejected"]) < 1e-4
+    assert any(not torch.all(p == 0) for n, p in trainer.model.named_parameters() if "lora_B" in n)
+
+
+def test_pairs_without_tool_turns_collate_as_trl_does(tiny_tokenizer):
+    """A dataset without tool turns gets no mask columns; a plain row beside tool rows (all-ones masks) gives TRL's
+    own batch, bit for bit, under either truncation."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from posttrain.trainers.dpo_trainer import ReplyMaskCollator, reply_masks
+
+    plain = Dataset.from_list([{"prompt": [{"role": "user", "content": "1 + 1?"}],
+                                "chosen": [{"role": "assistant", "content": "2"}],
+                                "rejected": [{"role": "assistant", "content": "3"}]}])
+    assert reply_masks(plain, tiny_tokenizer, "train") is plain
+    rows = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6, 7, 8, 9]},
+            {"prompt_ids": [1, 2], "chosen_ids": [4, 5, 6, 7, 8], "rejected_ids": [9]}]
+    masked = [{**row, "chosen_mask": [1] * len(row["chosen_ids"]), "rejected_mask": [1] * len(row["rejected_ids"])}
+              for row in rows]
+    for mode in ("keep_start", "keep_end"):
+        settings = {"pad_token_id": 0, "max_length": 5, "truncation_mode": mode}
+        trl_batch = DataCollatorForPreference(**settings)(rows)
+        for ours in (ReplyMaskCollator(**settings)(rows), ReplyMaskCollator(**settings)(masked)):
+            assert trl_batch.keys() == ours.keys()
+            assert all(torch.equal(trl_batch[key], ours[key]) for key in trl_batch)
+
+
+def test_tool_results_with_a_template_without_markers_are_refused(tiny_model_path):
+    """Without {% generation %} markers nothing tells the model's turns from the tool results: refused, not trained on
+    the results as TRL would."""
+    import copy
+    import re
+
+    from posttrain.trainers.dpo_trainer import reply_masks
+
+    tokenizer = copy.deepcopy(load_tokenizer(tiny_model_path("llama")))
+    tokenizer.chat_template = re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", tokenizer.chat_template)
+    row = json.loads(tool_pairs_text().splitlines()[0])
+    prompt_ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"]
+    ids = {side: tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=True,
+                                               return_dict=True)["input_ids"][len(prompt_ids):]
+           for side in ("chosen", "rejected")}
+    dataset = Dataset.from_list([{**row, "prompt_ids": prompt_ids, "chosen_ids": ids["chosen"],
+                                  "rejected_ids": ids["rejected"]}])
+    with pytest.raises(UserError, match=r"train row 1 .*chosen reply has tool results.*generation %\} markers"):
+        reply_masks(dataset, tokenizer, "train")

@@ -516,6 +516,30 @@ def test_preference_eval_scores_tool_calls_and_tools_as_trl_trains_them(tiny_mod
         assert list(getattr(whole, "input_ids", whole)) == ids, side
 
 
+def test_preference_eval_leaves_tool_results_out_of_the_scores(tiny_model_path, monkeypatch):
+    """A reply that calls a tool, reads its result and answers is scored on its own turns (the call, the answer), as
+    DPO trains it: the result is the environment's text. A pair without tool results is scored whole, as before."""
+    path = tiny_model_path("llama")
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    seen = scored_texts(monkeypatch)
+    call = [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]
+
+    def reply(answer):
+        return [{"role": "assistant", "content": "", "tool_calls": call},
+                {"role": "tool", "name": "add", "content": "TOOL RESULT 5"}, {"role": "assistant", "content": answer}]
+
+    prompt = [{"role": "user", "content": "What is 2 + 3?"}]
+    plain = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "5"}],
+             "rejected": [{"role": "assistant", "content": "6"}]}
+    result = preference_eval(model, tokenizer, [{"prompt": prompt, "chosen": reply("5"), "rejected": reply("6")}, plain])
+    [(prompts, replies)] = seen
+    assert replies == ['<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call><|im_end|>', "5<|im_end|>",
+                       "5<|im_end|>\n",
+                       '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call><|im_end|>', "6<|im_end|>",
+                       "6<|im_end|>\n"]
+    assert "TOOL RESULT 5" in prompts[1] and result["n"] == 2
+
+
 def test_onpolicy_pairs_job(tiny_model_path, task_data, tmp_path):
     from data_prep.build_onpolicy_pairs import main
 

@@ -60,9 +60,8 @@ def message_replies(dataset):
 
 def main(stage_args: StageArguments, training_args, model_args):
     """Train, save, verify and evaluate; returns the trainer."""
-    from trl import DPOTrainer
-
     from ..evaluate import preference_eval
+    from ..trainers.dpo_trainer import DPOTrainer
 
     started = time.time()
     common.set_threads()

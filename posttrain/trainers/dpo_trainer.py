@@ -1,0 +1,87 @@
+"""TRL's DPOTrainer, scoring only the model's own turns of replies that hold tool results.
+
+TRL (1.16) takes everything a reply's rendering adds after the prompt as the completion and scores all of it in the
+policy's and the reference's log-probs: in a reply that calls a tool, reads its result and answers, the result (text
+the environment wrote) counted as the model's own. Rows whose replies have `tool` turns get per-token masks from the
+chat template's `{% generation %}` markers (`chosen_mask`, `rejected_mask`), as SFT's assistant-only loss trains
+them; the collator scores only those tokens, in training, evaluation and the precomputed reference log-probs alike.
+A dataset without tool turns is tokenized and collated exactly as TRL does it.
+"""
+
+import dataclasses
+import json
+
+import trl
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+from ..data import has_tool_turns
+from ..errors import UserError, row_name
+
+MASKS = ("chosen_mask", "rejected_mask")
+
+
+def reply_masks(dataset, tokenizer, name: str):
+    """`dataset` (tokenized by TRL) with `chosen_mask`/`rejected_mask` over `chosen_ids`/`rejected_ids` when some row
+    has tool turns: 1 on the tokens inside the generation markers, all 1 for a row without tool turns."""
+    if not any(has_tool_turns(row) for row in dataset.select_columns(["chosen", "rejected"])):
+        return dataset
+
+    def add(row, index):
+        if not has_tool_turns(row):
+            return {mask: [1] * len(row[side + "_ids"]) for mask, side in zip(MASKS, ("chosen", "rejected"))}
+        tools = json.loads(row["tools"]) if isinstance(row.get("tools"), str) else row.get("tools")
+        kwargs = {"tools": tools, **(row.get("chat_template_kwargs") or {})}
+        masks = {}
+        for mask, side in zip(MASKS, ("chosen", "rejected")):
+            out = tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=True, return_dict=True,
+                                                return_assistant_tokens_mask=True, **kwargs)
+            start = len(row["prompt_ids"])
+            if out["input_ids"] != row["prompt_ids"] + row[side + "_ids"] or not any(out["assistant_masks"][start:]):
+                raise UserError(f"{name} {row_name(index)}: the {side} reply has tool results, which DPO must not "
+                                "score as the model's own tokens, but the chat template marks none of the reply's "
+                                "own turns; expected a template with {% generation %} markers around the assistant "
+                                "turns (built-ins: chatml, ernie4_5)")
+            masks[mask] = out["assistant_masks"][start:]
+        return masks
+
+    return dataset.map(add, with_indices=True, desc=f"Masking tool results in {name}")
+
+
+@dataclasses.dataclass
+class ReplyMaskCollator(DataCollatorForPreference):
+    """TRL's preference collator whose `completion_mask` keeps only the tokens of a row's `chosen_mask` and
+    `rejected_mask`, when the rows have them."""
+
+    def torch_call(self, examples):
+        batch = super().torch_call(examples)
+        if MASKS[0] not in examples[0]:
+            return batch
+        masks = [[1] * len(e["prompt_ids"]) + e[mask] for mask in MASKS for e in examples]  # TRL's order
+        cut = slice(-self.max_length, None) if self.max_length and self.truncation_mode == "keep_end" else \
+            slice(self.max_length)
+        width = batch["completion_mask"].shape[1]
+        own = [m[cut] + [0] * (width - len(m[cut])) for m in masks]
+        batch["completion_mask"] = batch["completion_mask"] * batch["completion_mask"].new_tensor(own)
+        return batch
+
+
+class DPOTrainer(trl.DPOTrainer):
+    """TRL's DPOTrainer with the reply masks above."""
+
+    @property
+    def data_collator(self):
+        return self._data_collator
+
+    @data_collator.setter
+    def data_collator(self, collator):  # set by Trainer.__init__, before TRL precomputes the reference log-probs
+        if type(collator) is DataCollatorForPreference:
+            collator = ReplyMaskCollator(**{f.name: getattr(collator, f.name) for f in dataclasses.fields(collator)})
+        self._data_collator = collator
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        return reply_masks(dataset, processing_class, dataset_name)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = [*self._signature_columns, *MASKS]
