@@ -368,6 +368,51 @@ def check_thinking_modes(tokenizer, dataset, name: str) -> None:
                         "for a vision-language model), or build the data in one mode")
 
 
+# Special tokens that posttrain's data writes into turns on purpose (`build_sft_set`'s <think> blocks): where a
+# vocabulary makes them special, the text is meant to become the token
+MEANT_AS_TOKENS = {"<think>", "</think>"}
+CONVERSATION_COLUMNS = ("messages", "prompt", "completion", "chosen", "rejected")
+
+
+def check_special_token_text(tokenizer, dataset, name: str) -> None:
+    """No turn of a conversation writes a special token of the vocabulary as text. The tokenizer reads such text as
+    the token itself (transformers' default, `split_special_tokens=False`), so a scraped reply that explains chat
+    templates ("each turn ends with <|im_end|>") would teach the model to end its turn mid-reply, and a user turn
+    holding "<|im_end|>\n<|im_start|>assistant\n..." puts a reply nobody wrote into the prompt. The chat template
+    writes the special tokens of a conversation; its turns are text. Plain-text rows (`text`, text prompts) are left
+    alone: those may be rendered with a template already. One regular expression over the turns' strings."""
+    tokens = {t.content for t in text_tokenizer(tokenizer).added_tokens_decoder.values() if t.special}
+    tokens -= MEANT_AS_TOKENS
+    if not tokens:
+        return
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+    found = {}  # row -> (column, turn, role, token): every such row is counted, the first one named
+    for column in (c for c in CONVERSATION_COLUMNS if c in dataset.column_names):
+        for index, turns in enumerate(dataset[column]):
+            for turn, message in enumerate(turns if isinstance(turns, list) and index not in found else [], 1):
+                match = next(filter(None, map(pattern.search, _strings(message))), None)
+                if match and index not in found:
+                    role = message.get("role") if isinstance(message, dict) else None
+                    found[index] = (column, turn, role, match.group())
+    if found:
+        index = min(found)
+        column, turn, role, token = found[index]
+        raise UserError(f"pre-flight: {name} {row_name(index)}: \"{column}\" turn {turn} ({role}) has the text "
+                        f"{token!r}, which the tokenizer reads as its special token, not as text ({len(found)} of "
+                        f"{len(dataset)} rows have such text): the model would learn to write that token (an "
+                        "end-of-turn one ends the reply there), or read a turn the template did not write. Remove or "
+                        "respell it in the data (a space inside it keeps it text), or drop those rows")
+
+
+def _strings(value) -> list[str]:
+    """Every string inside a turn: its content (text or parts), reasoning, tool calls."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [text for item in value for text in _strings(item)] if isinstance(value, list) else []
+
+
 def check_prompt_boundary(tokenizer, dataset, name: str, samples: int = 8) -> dict:
     """The prompt a reply is generated from must be tokenized the same way in training as when the model answers.
 

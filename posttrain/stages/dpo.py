@@ -37,6 +37,7 @@ def load_pairs(stage_args, split: str, tokenizer, max_length: int | None, trunca
     if stage_args.preflight:
         gates.check_tools_column(dataset, name)  # before the checks below render the rows with their tools
         if not images:  # first: a template that drops the reasoning can make two replies look the same below
+            gates.check_special_token_text(tokenizer, dataset, name)
             gates.check_pair_reasoning(tokenizer, dataset, name)
         # Image prompts: text length says little about token length; the image-token gate checks truncation instead
         dataset, skipped = gates.check_preference_pairs(dataset, name, None if images else tokenizer, max_length,

@@ -49,6 +49,7 @@ def main(stage_args: StageArguments, training_args, model_args):
         gates.check_thinking_modes(tokenizer, dataset, stage_args.dataset_name)
         if not images:  # image rows train on the reply without the template's markers (see vision_rows)
             gates.check_template_markers(tokenizer, training_args.assistant_only_loss)
+            gates.check_special_token_text(tokenizer, dataset, stage_args.dataset_name)
             text_checks = gates.check_tool_calls(tokenizer, dataset, stage_args.dataset_name)
             gates.check_reasoning(tokenizer, dataset, stage_args.dataset_name)
         text_checks.update(gates.check_prompt_boundary(tokenizer, dataset, stage_args.dataset_name))

@@ -64,6 +64,8 @@ def main(stage_args: StageArguments, training_args, model_args, curriculum_args:
     model, tokenizer, peft_config = common.load_policy(stage_args, training_args, model_args)
     dataset = common.load_train_dataset(stage_args)
     gates.check_prompt_rows(dataset, stage_args.dataset_name)
+    if stage_args.preflight and not vision.has_images(dataset):  # image rows: `check_image_slots` names <image> text
+        gates.check_special_token_text(tokenizer, dataset, stage_args.dataset_name)
     dataset = common.keep_columns(dataset, UPO_COLUMNS)
     dataset, offline, preflight = preflight_data(dataset, stage_args, training_args)
     if curriculum_args.phases:
