@@ -601,7 +601,7 @@ def test_offline_upo_run_continues_trained_adapter(tmp_path, tiny_model_path, ti
 
     losses = _logged(trainer, "loss")
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
-    assert _logged(trainer, "upo/pairs_offline") == [2.0, 2.0]  # per micro-batch: ratio 2 x 1 prompt (4 rows / 4)
+    assert _logged(trainer, "upo/pairs_offline") == [4.0, 4.0]  # per step: ratio 2 x 2 prompts (2 x 4 rows / 4)
     # step 1: policy == its frozen copy, so each pair's DPO loss is ln 2; plus the chosen replies' NLL per token
     nll = _logged(trainer, "upo/sft_loss")[:1] if sft_weight else [0.0]
     assert not sft_weight or 0.5 < nll[0] < 20  # a random tiny model: several nats a token
@@ -612,6 +612,33 @@ def test_offline_upo_run_continues_trained_adapter(tmp_path, tiny_model_path, ti
     assert any(not torch.equal(after[n], p) for n, p in default_before.items())
     assert all(torch.equal(after[n], p) for n, p in ref_before.items())
     assert all(torch.equal(after[n], p) for n, p in base_before.items())
+
+
+def test_half_the_batch_with_twice_the_accumulation_trains_the_same_step(tmp_path, tiny_model_path, tiny_tokenizer):
+    """8 rows a micro-step, or 4 rows in each of 2 accumulated micro-steps: the same rollouts, online and offline
+    pairs, loss and update (SGD, which keeps the gradient's scale). Offline pairs (ratio 0.5: 1 for the step's 2
+    prompts) were counted per micro-step, rounded up to 1 each: the accumulated step trained on twice as many."""
+    pairs = tmp_path / "prefs.jsonl"
+    pairs.write_text("".join(json.dumps({
+        "prompt": [{"role": "user", "content": f"What is {i} + 2?" + " Go on." * (3 * i)}],
+        "chosen": [{"role": "assistant", "content": str(i + 2) + " yes" * (2 * i)}],
+        "rejected": [{"role": "assistant", "content": "no"}], "thinking": False}) + "\n" for i in range(4)))
+    runs = {}
+    for batch, accumulation in ((8, 1), (4, 2)):
+        step = dict(max_steps=1, learning_rate=1.0, per_device_train_batch_size=batch,
+                    gradient_accumulation_steps=accumulation)
+        args = UPOConfig(output_dir=str(tmp_path / str(batch)), **{**TINY, **step}, optim="sgd", upo_lambda=0.5,
+                         upo_sft_weight=1.0, upo_mode="both", upo_offline_dataset=str(pairs), upo_offline_ratio=0.5)
+        trainer = UPOTrainer(trained_adapter_model(tiny_model_path()), reward_funcs=[varied_reward], args=args,
+                             train_dataset=prompts(), processing_class=tiny_tokenizer)
+        trainer.train()
+        runs[batch] = trainer
+    for key in ("loss", "upo/pairs_online", "upo/pairs_offline", "upo/dpo_loss", "upo/sft_loss"):
+        assert _logged(runs[4], key) == pytest.approx(_logged(runs[8], key), rel=1e-5), key
+    assert _logged(runs[8], "upo/pairs_offline") == [1.0] and _logged(runs[8], "upo/pairs_online") == [2.0]
+    after = snapshot(runs[4].model, lambda n: ".default." in n)
+    for name, value in snapshot(runs[8].model, lambda n: ".default." in n).items():
+        torch.testing.assert_close(after[name], value, atol=1e-6, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("bf16, merged", [(True, True), (True, False), (False, True)])

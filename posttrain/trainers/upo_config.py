@@ -41,9 +41,10 @@ class UPOConfig(GRPOConfig):
             Preference data for `"offline"`/`"both"`: a data_prep folder, a data file or a Hub id with columns
             `prompt`, `chosen`, `rejected` (conversational or plain text) and optionally `thinking`.
         upo_offline_ratio (`float`, *optional*, defaults to `1.0`):
-            Offline pairs per RL prompt: each micro-step, whose micro-batches hold `per_device_train_batch_size ×
-            processes / num_generations` prompts, mixes in `round(upo_offline_ratio × that)` offline pairs, at least 1,
-            shared out over the processes. `1.0` trains on as many offline pairs as prompts.
+            Offline pairs per RL prompt: each optimizer step, whose rows hold `per_device_train_batch_size ×
+            processes × gradient_accumulation_steps / num_generations` prompts, mixes in `round(upo_offline_ratio ×
+            that)` offline pairs, at least 1, spread over its micro-steps and shared out over the processes. `1.0`
+            trains on as many offline pairs as prompts.
         rewards (`dict[str, float]` or `None`, *optional*, defaults to `None`):
             Reward functions by name from `posttrain.rewards.REWARDS`, or functions of your own by import path
             (`my_rewards.brevity`), with their weights, e.g. `{"accuracy": 1.0, "think_format": 0.5}`. Replaces
@@ -124,8 +125,8 @@ class UPOConfig(GRPOConfig):
     )
     upo_offline_ratio: float = field(
         default=1.0,
-        metadata={"help": "Offline pairs mixed in per RL prompt of each micro-batch, rounded, at least 1 (1.0: as many "
-                          "pairs as prompts)."},
+        metadata={"help": "Offline pairs mixed in per RL prompt of each optimizer step, rounded, at least 1 (1.0: as "
+                          "many pairs as prompts)."},
     )
     rewards: dict[str, float] | str | None = field(
         default=None,

@@ -552,17 +552,25 @@ class UPOTrainer(GRPOTrainer):
         return chosen, rejected, ref_chosen, ref_rejected, forward, chosen_tokens
 
     def _offline_per_step(self) -> int:
-        """Offline pairs per micro-step, all processes together: `upo_offline_ratio` per prompt of the micro-step's
-        rows on every process, rounded, at least 1. Counted over all processes, not per process: a prompt's rollouts
-        split over two processes (half a prompt each) would otherwise get a pair each, twice what one process draws
-        on the same global batch. An integer, so that the DPO normaliser counts exactly the pairs each step trains on."""
-        rows = self.args.per_device_train_batch_size * self.accelerator.num_processes
+        """Offline pairs per optimizer step, all processes together: `upo_offline_ratio` per prompt of the step's rows
+        (every micro-step of the accumulation, every process), rounded, at least 1. Counted per step, not per
+        micro-step: rounded per micro-step, half the batch with twice the accumulation (the same rows a step) drew
+        other numbers of pairs (ratio 0.5, 2 prompts a step: 1 pair in one micro-step of 8 rows, 2 in two of 4). Over
+        all processes, not per process, for the same reason: a prompt's rollouts split over two processes (half a
+        prompt each) would otherwise get a pair each. An integer, so that the DPO normaliser counts exactly the pairs
+        each step trains on."""
+        rows = (self.args.per_device_train_batch_size * self.accelerator.num_processes
+                * self.current_gradient_accumulation_steps)
         return max(1, round(self.args.upo_offline_ratio * rows / self.num_generations))
 
     def _draw_offline(self):
-        total = self._offline_per_step()
-        self._metrics["train"]["upo/pairs_offline"].append(float(total))
-        return self._offline.take(total)
+        """This micro-step's share of the step's offline pairs, spread as evenly as they go (a micro-step may get
+        none); `upo/pairs_offline` logs the step's count."""
+        steps, total = self.current_gradient_accumulation_steps, self._offline_per_step()
+        micro = self._step % steps  # GRPO's count of micro-steps, incremented after each
+        if micro == 0:
+            self._metrics["train"]["upo/pairs_offline"].append(float(total))
+        return self._offline.take((micro + 1) * total // steps - micro * total // steps)
 
     def _dpo_normalizer(self, inputs, mode, local_pairs) -> float:
         """What this process divides its DPO sum by, so that after gradient accumulation and DDP's mean over processes
@@ -576,7 +584,7 @@ class UPOTrainer(GRPOTrainer):
         if "upo_num_pairs" in inputs:  # online pairs of the whole generation batch, spread over steps_per_generation
             window += inputs["upo_num_pairs"].item() * steps / self.args.steps_per_generation
         if self._offline is not None:
-            window += self._offline_per_step() * steps
+            window += self._offline_per_step()
         return max(window, 1.0) / processes
 
     # ------------------------------------------------------------------------------------------------------------------
