@@ -244,6 +244,23 @@ def test_special_token_written_in_a_turn_is_refused(tiny_model_path, sft_configs
         gates.check_special_token_text(tokenizer, Dataset.from_list([row]), "data.jsonl")
 
 
+def test_special_token_written_in_a_held_out_turn_is_refused(tiny_tokenizer, tmp_path):
+    """The `dataset_test_split` rows of TRL's eval loss pass the gate the training rows pass: a held-out reply that
+    writes <|im_end|> as text was scored as ending there. Refused, naming the split and the row."""
+    from datasets import Dataset
+
+    turns = [{"role": "user", "content": "How does a ChatML turn end?"}, {"role": "assistant", "content": "Ok."}]
+    bad = [turns[0], {"role": "assistant", "content": "With <|im_end|>, then the next turn opens."}]
+    Dataset.from_list([{"messages": turns}, {"messages": bad}]).to_parquet(tmp_path / "test.parquet")
+    stage_args = StageArguments(dataset_name=str(tmp_path), dataset_test_split="test")
+    training_args = types.SimpleNamespace(eval_strategy="steps", dataset_text_field="text")
+    with pytest.raises(UserError, match=r"\(test\) row 2 \(counting from 1\): \"messages\" turn 2 \(assistant\) has "
+                                        r"the text '<\|im_end\|>'"):
+        sft.heldout_rows(stage_args, training_args, False, tiny_tokenizer)
+    stage_args.preflight = False  # the switch that turns the pre-flight gates off
+    assert len(sft.heldout_rows(stage_args, training_args, False, tiny_tokenizer)) == 2
+
+
 def test_gate_empty_assistant_turn_names_row():
     from datasets import Dataset
 
