@@ -93,13 +93,19 @@ def record_engine(trainer, out: Path) -> None:
 
 
 def write_pairs(folder: Path) -> tuple[Path, Path]:
-    """DPO pairs (the right sum vs a wrong one) and a one-pair offline file for UPO: every process and every draw
+    """DPO pairs (the right sum vs a wrong one; the odd ones call a tool first, whose result DPO does not score, so
+    the adapters also compare the masked scoring) and a one-pair offline file for UPO: every process and every draw
     gets that same pair, so one and two processes train on the same offline pairs. Each process writes its own
     copy (no process group exists before the first trainer, so there is nothing to wait on)."""
-    rows = [{"prompt": [{"role": "user", "content": f"What is {i} + {i + 1}?"}],
-             "chosen": [{"role": "assistant", "content": str(2 * i + 1)}],
-             "rejected": [{"role": "assistant", "content": f"It is {i * 3}, I think."}], "thinking": False}
-            for i in range(16)]
+    def reply(i, answer):
+        if i % 2 == 0:
+            return [{"role": "assistant", "content": answer}]
+        call = [{"type": "function", "function": {"name": "add", "arguments": "{}"}}]
+        return [{"role": "assistant", "content": "", "tool_calls": call},
+                {"role": "tool", "name": "add", "content": str(2 * i + 1)}, {"role": "assistant", "content": answer}]
+
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i} + {i + 1}?"}], "chosen": reply(i, str(2 * i + 1)),
+             "rejected": reply(i, f"It is {i * 3}, I think."), "thinking": False} for i in range(16)]
     pairs = folder / "pairs"
     pairs.mkdir(parents=True, exist_ok=True)
     Dataset.from_list(rows).to_parquet(pairs / "train.parquet")
@@ -129,7 +135,7 @@ def main(model: str, data: Path, out: Path, stages: list[str]) -> None:
     if "dpo" in stages:
         stage = StageArguments(dataset_name=str(pairs), dataset_test_split="test", tokenizer_name_or_path=model,
                                adapter_path=str(out / "sft"), **held_out)
-        training = DPOConfig(output_dir=str(out / "dpo"), per_device_train_batch_size=batch, max_length=128,
+        training = DPOConfig(output_dir=str(out / "dpo"), per_device_train_batch_size=batch, max_length=192,
                              beta=0.1, **COMMON)
         record_engine(dpo.main(stage, training, lora(model)), out / "dpo")
     UPOTrainer._generate_single_turn = fixed_rollouts

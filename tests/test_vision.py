@@ -466,6 +466,28 @@ def test_broken_or_missing_image_is_named(tmp_path):
 
 
 
+def test_image_pairs_whose_replies_hold_tool_results_are_refused(tmp_path):
+    """TRL tokenizes image pairs in its collator, where the text pairs' tool-result masks do not reach: their tool
+    results would be scored as the model's own tokens. Refused, naming the row."""
+    from posttrain.stages import dpo
+
+    image = write_png(tmp_path / "red.png")
+    call = [{"type": "function", "function": {"name": "color", "arguments": {}}}]
+
+    def reply(answer):
+        return [{"role": "assistant", "content": "", "tool_calls": call},
+                {"role": "tool", "name": "color", "content": "red"}, {"role": "assistant", "content": answer}]
+
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color?"}]}]
+    rows = [{"images": [image], "prompt": prompt, "chosen": [{"role": "assistant", "content": "red"}],
+             "rejected": [{"role": "assistant", "content": "blue"}]},
+            {"images": [image], "prompt": prompt, "chosen": reply("red"), "rejected": reply("blue")}]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    stage_args = StageArguments(dataset_name=str(tmp_path / "pairs.jsonl"))
+    with pytest.raises(UserError, match=r"pairs.jsonl \(train\) row 2 .*images whose replies hold tool results"):
+        dpo.load_pairs(stage_args, "train", None, None)
+
+
 def test_decode_images_resolves_against_the_data_folder_and_names_bad_rows(tmp_path, monkeypatch):
     from datasets import Dataset
     from datasets import Image as ImageFeature

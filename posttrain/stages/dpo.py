@@ -19,8 +19,8 @@ import time
 
 from .. import gates
 from ..configs import StageArguments
-from ..data import data_folder, is_data_file, load_split, with_template_kwargs
-from ..errors import UserError
+from ..data import data_folder, has_tool_turns, is_data_file, load_split, with_template_kwargs
+from ..errors import UserError, row_name
 from ..models import vision
 from . import common
 
@@ -34,6 +34,12 @@ def load_pairs(stage_args, split: str, tokenizer, max_length: int | None, trunca
     skipped = []
     images = vision.has_images(dataset)
     gates.check_row_reasoning(dataset, name)
+    if images and (tools := next((i for i, row in enumerate(dataset.select_columns(["chosen", "rejected"]))
+                                  if has_tool_turns(row)), None)) is not None:
+        # TRL tokenizes image pairs in its collator, past the masks of `trainers.dpo_trainer`: the results would count
+        raise UserError(f"{name} {row_name(tools)}: a pair with images whose replies hold tool results; DPO scores "
+                        "the tool results of image pairs as the model's own tokens, so it does not take them. Put "
+                        "the tool exchange in the prompt, or train such pairs without images")
     if stage_args.preflight:
         gates.check_tools_column(dataset, name)  # before the checks below render the rows with their tools
         if not images:  # first: a template that drops the reasoning can make two replies look the same below
