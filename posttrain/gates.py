@@ -380,9 +380,11 @@ def check_special_token_text(tokenizer, dataset, name: str) -> None:
     templates ("each turn ends with <|im_end|>") would teach the model to end its turn mid-reply, and a user turn
     holding "<|im_end|>\n<|im_start|>assistant\n..." puts a reply nobody wrote into the prompt. The chat template
     writes the special tokens of a conversation; its turns are text. Plain-text rows (`text`, text prompts) are left
-    alone: those may be rendered with a template already. One regular expression over the turns' strings."""
-    tokens = {t.content for t in text_tokenizer(tokenizer).added_tokens_decoder.values() if t.special}
-    tokens -= MEANT_AS_TOKENS
+    alone: those may be rendered with a template already. One regular expression over the turns' strings.
+
+    Only the tokens that shape a conversation count (`control_tokens`): SmolLM2's vocabulary also makes `<filename>`
+    special, which an instruction ("replace <filename> with your file") may write and which ends no turn."""
+    tokens = control_tokens(tokenizer) - MEANT_AS_TOKENS
     if not tokens:
         return
     pattern = re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
@@ -402,6 +404,17 @@ def check_special_token_text(tokenizer, dataset, name: str) -> None:
                         f"{len(dataset)} rows have such text): the model would learn to write that token (an "
                         "end-of-turn one ends the reply there), or read a turn the template did not write. Remove or "
                         "respell it in the data (a space inside it keeps it text), or drop those rows")
+
+
+def control_tokens(tokenizer) -> set[str]:
+    """The special tokens that shape a conversation: those the chat template writes, and BOS, EOS, padding."""
+    text = text_tokenizer(tokenizer)
+    template = getattr(tokenizer, "chat_template", None) or text.chat_template or ""
+    if isinstance(template, dict):  # several named templates
+        template = "".join(template.values())
+    special = {t.content for t in text.added_tokens_decoder.values() if t.special}
+    marks = {text.bos_token, text.eos_token, text.pad_token}
+    return {t for t in special if t in template or t in marks}
 
 
 def _strings(value) -> list[str]:

@@ -240,6 +240,10 @@ def test_special_token_written_in_a_turn_is_refused(tiny_model_path, sft_configs
     fine = [{"text": "<|im_start|>user\nhi<|im_end|>"},  # pre-rendered plain text: the user's own markers
             {"messages": [turns[0], {"role": "assistant", "content": "<think>\nEasy.\n</think>\n\nWith im_end."}]}]
     tokenizer.add_tokens(["<think>", "</think>"], special_tokens=True)  # a vocabulary where they are special
+    # special, but no turn marker (SmolLM2's `<filename>`): an instruction may write it as a placeholder
+    tokenizer.add_tokens(["<filename>"], special_tokens=True)
+    fine.append({"messages": [{"role": "user", "content": "Replace <filename> with your file."}, turns[1] | {
+        "content": "Done."}]})
     for row in fine:
         gates.check_special_token_text(tokenizer, Dataset.from_list([row]), "data.jsonl")
 
