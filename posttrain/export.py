@@ -62,7 +62,7 @@ def run_export(request: ExportRequest) -> Path:
     from .model_card import write_card
 
     token = hub_token(request.push_to_hub) if request.push_to_hub else None  # before any export work
-    ref = stage_ref(request.run, request.stage)
+    ref = stage_ref(request.run, request.stage, warn=False)  # the base is refused below, saying why
     forced = _check_promoted(ref, request.force)
     if ref.stage == "base":
         raise UserError(_base_problem(ref.run, request.stage))

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from .configs import EvalArguments, StageArguments
+from .console import console
 from .errors import UserError
 from .io import read_json
 from .lineage import hub_snapshot
@@ -108,8 +109,9 @@ def stale_stages(root: str | Path) -> dict[str, str]:
     return stale
 
 
-def stage_ref(run: str | Path, stage: str | None = None) -> StageRef:
-    """The stage `stage` of run folder `run` (default: its last finished stage that is not stale)."""
+def stage_ref(run: str | Path, stage: str | None = None, warn: bool = True) -> StageRef:
+    """The stage `stage` of run folder `run` (default: its last finished stage that is not stale; the base model, with
+    a warning unless not `warn`, when every trained stage is stale)."""
     run = Path(run)
     if not (run / "run.json").is_file():
         raise UserError(f"{run} is not a posttrain run folder (no run.json); expected outputs/<run name>")
@@ -123,6 +125,10 @@ def stage_ref(run: str | Path, stage: str | None = None) -> StageRef:
     if not stage:
         stale = stale_stages(run)
         stage = next((s for s in reversed(done) if s not in stale), done[-1])
+        if stage == "base" and stale and warn:
+            console.print(f"[yellow]warning:[/yellow] every trained stage of {run} is stale ("
+                          f"{'; '.join(f'{s}: {why}' for s, why in stale.items())}): using the base model; pass "
+                          f"--stage {done[-1]} for the last of them")
     if stage not in done:
         raise UserError(f"{run}: stage '{stage}' has not finished (finished: {', '.join(done)})")
     lineage = json.loads((run / stage / "lineage.json").read_text())

@@ -173,7 +173,7 @@ def test_huge_learning_rate_is_stopped_by_the_gate(tiny_run, tiny_recipe, tmp_pa
     assert refused.returncode == 2 and "failed its promote gate" in refused.stdout
 
 
-def test_stages_trained_from_an_earlier_previous_stage_are_stale(tmp_path):
+def test_stages_trained_from_an_earlier_previous_stage_are_stale(tmp_path, capsys):
     """DPO retrained and stopped by its gate, say: the UPO folder left from before was trained from the old DPO. It
     is marked stale in the accuracy line (not compared with the new DPO) and the report, and `eval`/`export`/`chat`
     default to the last stage that is not."""
@@ -211,3 +211,7 @@ def test_stages_trained_from_an_earlier_previous_stage_are_stale(tmp_path):
                                         r"--force") as none_current:
         run_export(ExportRequest(run=str(root)))
     assert "unmodified base model" not in str(none_current.value)
+    capsys.readouterr()
+    assert stage_ref(root).stage == "base"  # what `chat` and `eval` take without --stage: said so
+    warning = " ".join(capsys.readouterr().out.split())
+    assert "every trained stage of" in warning and "using the base model; pass --stage upo" in warning
