@@ -162,6 +162,32 @@ def test_replies_that_differ_only_in_tool_calls_are_a_pair():
         from_preference({**row, "rejected": reply("Paris")}, Options())
 
 
+@pytest.mark.parametrize("fmt", ["preference", "sharegpt_preference", "pairwise_messages"])
+def test_replies_that_are_tool_calls_are_a_pair(fmt):
+    """The commonest agentic pair, the right call against a wrong one, was refused in every format ('"chosen[0]" is a
+    'assistant' turn at the end; expected an assistant reply last'), though DPO trains such pairs: the call is the
+    model's whole turn. An SFT conversation still needs the call's result and a reply after it."""
+    def call(name):
+        return {"name": name, "arguments": {"city": "Paris"}}
+
+    def message(name):
+        return {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call(name)}]}
+
+    question = {"role": "user", "content": "Weather in Paris?"}
+    row = {"preference": {"prompt": [question], "chosen": [message("get_weather")], "rejected": [message("get_time")]},
+           "sharegpt_preference": {"conversations": [{"from": "human", "value": question["content"]}],
+                                   "chosen": {"from": "function_call", "value": json.dumps(call("get_weather"))},
+                                   "rejected": {"from": "function_call", "value": json.dumps(call("get_time"))}},
+           "pairwise_messages": {"chosen_messages": [question, message("get_weather")],
+                                 "rejected_messages": [question, message("get_time")]}}[fmt]
+    record = convert(fmt, row)
+    assert record["prompt"] == [question]
+    assert [m["tool_calls"][0]["function"]["name"] for m in record["chosen"] + record["rejected"]] == [
+        "get_weather", "get_time"]
+    with pytest.raises(RowError, match="an assistant turn that calls a tool at the end; expected the tool's result"):
+        from_messages({"messages": [question, message("get_weather")]}, Options())
+
+
 def test_a_tool_calls_id_is_kept_for_the_result_that_points_at_it(tiny_tokenizer):
     """OpenAI rows link each tool result to its call by id (`tool_call_id`, no `name`): the calls' ids were dropped
     while the results kept theirs, so a template that names a result's tool by its call (Gemma 4's) rendered every
