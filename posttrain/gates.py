@@ -409,6 +409,8 @@ def check_special_token_text(tokenizer, dataset, name: str) -> None:
 def control_tokens(tokenizer) -> set[str]:
     """The special tokens that shape a conversation: those the chat template writes, and BOS, EOS, padding."""
     text = text_tokenizer(tokenizer)
+    if text is None:  # nothing tokenizes the text: no token to mistake it for
+        return set()
     template = getattr(tokenizer, "chat_template", None) or text.chat_template or ""
     if isinstance(template, dict):  # several named templates
         template = "".join(template.values())

@@ -255,6 +255,22 @@ def test_loraplus_killed_then_resumed_is_bit_identical(configs, tmp_path):
     assert_same_adapter(train("sft", args, out, resume=out / "checkpoint-2"), want)
 
 
+def test_upo_offline_pairs_with_accumulation_killed_then_resumed_is_bit_identical(configs, tmp_path):
+    """With gradient accumulation a step's offline pairs (7 here) are spread over its micro-steps (3, then 4) by
+    GRPO's micro-step count, which a resumed run restarts at 0: still in step, since checkpoints fall between steps.
+    Step 2 reached the second, reshuffled pass over the 12 pairs: the resumed step draws on from there."""
+    args = {**configs["upo"], "gradient_accumulation_steps": 2, "per_device_train_batch_size": 4,
+            "upo_offline_ratio": 3.5}
+    want = train("upo", args, tmp_path / "ref")
+    out = tmp_path / "out"
+    assert killed_run("upo", args, out) == -9
+    assert json.loads((out / "checkpoint-2" / "upo_offline_pairs.json").read_text())["epoch"] == 1
+    assert_same_adapter(train("upo", args, out, resume=out / "checkpoint-2"), want)
+    logged = [[e["upo/pairs_offline"] for e in json.loads((folder / "metrics.json").read_text())["log_history"]
+               if "loss" in e] for folder in (out, tmp_path / "ref")]
+    assert logged[0] == logged[1] == [7.0] * 3
+
+
 def test_disk_full_during_a_save_is_one_paragraph_and_leaves_no_half_checkpoint(configs, reference, tmp_path,
                                                                                  monkeypatch, capsys):
     from posttrain.stages import common, sft

@@ -641,6 +641,30 @@ def test_half_the_batch_with_twice_the_accumulation_trains_the_same_step(tmp_pat
         torch.testing.assert_close(after[name], value, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_a_steps_offline_pairs_spread_over_micro_steps_are_one_draws_pairs():
+    """7 offline pairs a step of 12: drawn in one micro-step, or 3 then 4 in two. Each micro-step's draw left the
+    pass's tail to the next pass on its own: a step whose 3 fit and 4 did not trained 3 pairs of one pass and 4 of the
+    next, reshuffled one (step 5 here: one pair twice), not the pairs of the unaccumulated step."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from posttrain.trainers.upo_pairs import OfflinePairs
+
+    def steps(accumulation):
+        trainer = SimpleNamespace(current_gradient_accumulation_steps=accumulation, _offline_per_step=lambda: 7,
+                                  _metrics={"train": defaultdict(list)}, _step=0,
+                                  _offline=OfflinePairs([([i], [i], [i]) for i in range(12)], seed="0"))
+        drawn = []
+        for _ in range(6):
+            drawn.append([])
+            for _ in range(accumulation):
+                drawn[-1] += [pair[0][0] for pair in UPOTrainer._draw_offline(trainer)]
+                trainer._step += 1
+        return drawn
+
+    assert steps(2) == steps(1) and all(len(set(step)) == 7 for step in steps(2))
+
+
 @pytest.mark.parametrize("bf16, merged", [(True, True), (True, False), (False, True)])
 def test_rollouts_come_from_merged_weights_and_training_is_unchanged(tmp_path, tiny_model_path, tiny_tokenizer,
                                                                      bf16, merged):

@@ -338,9 +338,14 @@ class OfflinePairs:
         random.Random(f"{self.seed}:{self.epoch}").shuffle(order)  # own generator: never moves torch's or python's RNG
         return order
 
-    def take(self, count: int) -> list[tuple[list[int], ...]]:
+    def start_step(self, count: int) -> None:
+        """Before a step that draws `count` pairs in several `take`s (its micro-steps): leaves a pass's tail too short
+        for all of them to the next pass, as `take` does for one draw, so the step's draws are one draw's pairs."""
         if self.cursor + count > len(self.order) and count <= len(self.order):
             self.cursor = len(self.order)  # like drop_last: a step's pairs come from one pass, so none appears twice
+
+    def take(self, count: int) -> list[tuple[list[int], ...]]:
+        self.start_step(count)
         taken = []
         while len(taken) < count:
             if self.cursor == len(self.order):

@@ -565,10 +565,11 @@ class UPOTrainer(GRPOTrainer):
 
     def _draw_offline(self):
         """This micro-step's share of the step's offline pairs, spread as evenly as they go (a micro-step may get
-        none); `upo/pairs_offline` logs the step's count."""
+        none): together the pairs one draw of the step's count gives; `upo/pairs_offline` logs that count."""
         steps, total = self.current_gradient_accumulation_steps, self._offline_per_step()
         micro = self._step % steps  # GRPO's count of micro-steps, incremented after each
         if micro == 0:
+            self._offline.start_step(total)
             self._metrics["train"]["upo/pairs_offline"].append(float(total))
         return self._offline.take((micro + 1) * total // steps - micro * total // steps)
 
