@@ -549,7 +549,7 @@ def run(settings: EvalArguments, model, tokenizer, rows: list[dict] | None = Non
 
         # a prompt that writes "<|im_end|>" as text is rendered with turns nobody wrote, and scored on them
         prompts = Dataset.from_dict({"prompt": [row["prompt"] for row in rows]})
-        check_special_token_text(tokenizer, prompts, f"{settings.dataset} ({settings.split})")
+        check_special_token_text(tokenizer, prompts, f"{settings.dataset} ({settings.split})", model)
     try:
         return evaluate(model, tokenizer, rows, settings.max_new_tokens, settings.batch_size, settings.samples,
                         dtype=settings.dtype, loss_limit=settings.loss_limit, share=share)

@@ -374,7 +374,7 @@ MEANT_AS_TOKENS = {"<think>", "</think>"}
 CONVERSATION_COLUMNS = ("messages", "prompt", "completion", "chosen", "rejected")
 
 
-def check_special_token_text(tokenizer, dataset, name: str) -> None:
+def check_special_token_text(tokenizer, dataset, name: str, model=None) -> None:
     """No turn of a conversation writes a special token of the vocabulary as text. The tokenizer reads such text as
     the token itself (transformers' default, `split_special_tokens=False`), so a scraped reply that explains chat
     templates ("each turn ends with <|im_end|>") would teach the model to end its turn mid-reply, and a user turn
@@ -383,8 +383,9 @@ def check_special_token_text(tokenizer, dataset, name: str) -> None:
     alone: those may be rendered with a template already. One regular expression over the turns' strings.
 
     Only the tokens that shape a conversation count (`control_tokens`): SmolLM2's vocabulary also makes `<filename>`
-    special, which an instruction ("replace <filename> with your file") may write and which ends no turn."""
-    tokens = control_tokens(tokenizer) - MEANT_AS_TOKENS
+    special, which an instruction ("replace <filename> with your file") may write and which ends no turn. With the
+    `model`, its own end-of-sequence tokens count too."""
+    tokens = control_tokens(tokenizer, model) - MEANT_AS_TOKENS
     if not tokens:
         return
     pattern = re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
@@ -406,8 +407,11 @@ def check_special_token_text(tokenizer, dataset, name: str) -> None:
                         "respell it in the data (a space inside it keeps it text), or drop those rows")
 
 
-def control_tokens(tokenizer) -> set[str]:
-    """The special tokens that shape a conversation: those the chat template writes, and BOS, EOS, padding."""
+def control_tokens(tokenizer, model=None) -> set[str]:
+    """The special tokens that shape a conversation: those the chat template writes, BOS, EOS, padding, and the
+    `model`'s own end-of-sequence tokens. The last are not the tokenizer's when a built-in template made its
+    end-of-reply token the EOS (`templates.end_turns_with`: ERNIE's `</s>` gave way to `<|end_of_sentence|>`), yet the
+    model still stops on them, and so does its export (`export.stop_at_reply_end`)."""
     text = text_tokenizer(tokenizer)
     if text is None:  # nothing tokenizes the text: no token to mistake it for
         return set()
@@ -416,6 +420,10 @@ def control_tokens(tokenizer) -> set[str]:
         template = "".join(template.values())
     special = {t.content for t in text.added_tokens_decoder.values() if t.special}
     marks = {text.bos_token, text.eos_token, text.pad_token}
+    for config in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        ids = getattr(config, "eos_token_id", None)
+        for token_id in ids if isinstance(ids, list) else [ids] if isinstance(ids, int) else []:
+            marks.add(text.convert_ids_to_tokens(token_id))
     return {t for t in special if t in template or t in marks}
 
 

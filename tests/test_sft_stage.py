@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import types
 from pathlib import Path
 
@@ -246,6 +247,23 @@ def test_special_token_written_in_a_turn_is_refused(tiny_model_path, sft_configs
         "content": "Done."}]})
     for row in fine:
         gates.check_special_token_text(tokenizer, Dataset.from_list([row]), "data.jsonl")
+
+
+def test_the_models_own_end_token_written_in_a_turn_is_refused(tiny_model_path):
+    """The ernie4_5 template makes its end-of-reply token the tokenizer's EOS: the model's own EOS (ERNIE's </s>) is
+    then neither the tokenizer's EOS nor written by the template, yet the model and its export stop on it. A reply
+    writing it as text is refused when the stage gives the gate its model."""
+    from datasets import Dataset
+
+    path = tiny_model_path("ernie4_5")
+    tokenizer, model = load_tokenizer(path, "ernie4_5"), load_model(path)
+    own = tokenizer.convert_ids_to_tokens(model.config.eos_token_id)
+    assert own != tokenizer.eos_token and own not in tokenizer.chat_template  # the case: EOS moved by the template
+    rows = Dataset.from_list([{"messages": [{"role": "user", "content": "2 + 3?"},
+                                            {"role": "assistant", "content": f"5{own} and then more text"}]}])
+    gates.check_special_token_text(tokenizer, rows, "data.jsonl")  # the tokenizer alone does not know it
+    with pytest.raises(UserError, match=rf"row 1 .*turn 2 \(assistant\) has the text '{re.escape(own)}'"):
+        gates.check_special_token_text(tokenizer, rows, "data.jsonl", model)
 
 
 def test_special_token_written_in_a_held_out_turn_is_refused(tiny_tokenizer, tmp_path):

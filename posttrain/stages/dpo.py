@@ -28,7 +28,7 @@ DPO_COLUMNS = {"prompt", "chosen", "rejected", "chat_template_kwargs", "images",
 
 
 def load_pairs(stage_args, split: str, tokenizer, max_length: int | None, truncation_mode: str = "keep_start",
-               allow_empty: bool = False):
+               allow_empty: bool = False, model=None):
     dataset = load_split(stage_args.dataset_name, split, stage_args.dataset_config, allow_empty=allow_empty)
     name = f"{stage_args.dataset_name} ({split})"
     skipped = []
@@ -43,7 +43,7 @@ def load_pairs(stage_args, split: str, tokenizer, max_length: int | None, trunca
     if stage_args.preflight:
         gates.check_tools_column(dataset, name)  # before the checks below render the rows with their tools
         if not images:  # first: a template that drops the reasoning can make two replies look the same below
-            gates.check_special_token_text(tokenizer, dataset, name)
+            gates.check_special_token_text(tokenizer, dataset, name, model)
             gates.check_pair_reasoning(tokenizer, dataset, name)
         # Image prompts: text length says little about token length; the image-token gate checks truncation instead
         dataset, skipped = gates.check_preference_pairs(dataset, name, None if images else tokenizer, max_length,
@@ -80,7 +80,7 @@ def main(stage_args: StageArguments, training_args, model_args):
                         "held-out pairs would be the training pairs. Give a folder with train and test splits "
                         "(build_preference_set writes one), or drop dataset_test_split")
     train, skipped = load_pairs(stage_args, stage_args.dataset_train_split, tokenizer, training_args.max_length,
-                                truncation)
+                                truncation, model=model)
     source_rows = gates.kept_rows(len(train) + len(skipped), skipped) if skipped else None  # image gate's row names
     if stage_args.max_train_samples:
         train = train.select(range(min(stage_args.max_train_samples, len(train))))
@@ -88,7 +88,7 @@ def main(stage_args: StageArguments, training_args, model_args):
     heldout, no_heldout = None, None
     if stage_args.dataset_test_split:
         heldout, _ = load_pairs(stage_args, stage_args.dataset_test_split, tokenizer, training_args.max_length,
-                                truncation, allow_empty=True)
+                                truncation, allow_empty=True, model=model)
         if not len(heldout):  # build_onpolicy_pairs' test split when no test prompt gave a pair: nothing to measure
             heldout, no_heldout = None, empty_heldout(stage_args, training_args)
     images = vision.has_images(train)

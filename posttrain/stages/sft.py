@@ -49,7 +49,7 @@ def main(stage_args: StageArguments, training_args, model_args):
         gates.check_thinking_modes(tokenizer, dataset, stage_args.dataset_name)
         if not images:  # image rows train on the reply without the template's markers (see vision_rows)
             gates.check_template_markers(tokenizer, training_args.assistant_only_loss)
-            gates.check_special_token_text(tokenizer, dataset, stage_args.dataset_name)
+            gates.check_special_token_text(tokenizer, dataset, stage_args.dataset_name, model)
             text_checks = gates.check_tool_calls(tokenizer, dataset, stage_args.dataset_name)
             gates.check_reasoning(tokenizer, dataset, stage_args.dataset_name)
         text_checks.update(gates.check_prompt_boundary(tokenizer, dataset, stage_args.dataset_name))
@@ -61,7 +61,7 @@ def main(stage_args: StageArguments, training_args, model_args):
     flatten = flatten_requested(training_args, problem)
     trainer = SFTTrainer(
         model=model, args=training_args, train_dataset=dataset,
-        eval_dataset=heldout_rows(stage_args, training_args, images, tokenizer), processing_class=tokenizer,
+        eval_dataset=heldout_rows(stage_args, training_args, images, tokenizer, model), processing_class=tokenizer,
         peft_config=peft_config
     )
     common.guard_checkpoints(trainer)
@@ -155,14 +155,14 @@ def reply_cut(labels: list[int], end_of_turn: set[int]) -> bool:
     return start < len(labels) and not end_of_turn.intersection(labels[start:])
 
 
-def heldout_rows(stage_args, training_args, images: bool, tokenizer):
+def heldout_rows(stage_args, training_args, images: bool, tokenizer, model=None):
     """`common.load_test_split` for TRL's eval loss, prepared as the training rows are; None without it."""
     dataset = common.load_test_split(stage_args, training_args)
     if dataset is None:
         return None
     if stage_args.preflight and not images:  # as the training rows: such text skews the eval loss
         name = f"{stage_args.dataset_name} ({stage_args.dataset_test_split})"
-        gates.check_special_token_text(tokenizer, dataset, name)
+        gates.check_special_token_text(tokenizer, dataset, name, model)
     dataset = common.keep_columns(with_template_kwargs(dataset), SFT_COLUMNS | {training_args.dataset_text_field})
     return vision_rows(dataset, training_args, stage_args) if images else dataset
 

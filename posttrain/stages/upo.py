@@ -65,9 +65,9 @@ def main(stage_args: StageArguments, training_args, model_args, curriculum_args:
     dataset = common.load_train_dataset(stage_args)
     gates.check_prompt_rows(dataset, stage_args.dataset_name)
     if stage_args.preflight and not vision.has_images(dataset):  # image rows: `check_image_slots` names <image> text
-        gates.check_special_token_text(tokenizer, dataset, stage_args.dataset_name)
+        gates.check_special_token_text(tokenizer, dataset, stage_args.dataset_name, model)
     dataset = common.keep_columns(dataset, UPO_COLUMNS)
-    dataset, offline, preflight = preflight_data(dataset, stage_args, training_args, tokenizer)
+    dataset, offline, preflight = preflight_data(dataset, stage_args, training_args, tokenizer, model)
     if curriculum_args.phases:
         dataset = curriculum(dataset, stage_args, curriculum_args.phases, training_args.seed)
         training_args.shuffle_dataset = False  # the phase order is the point
@@ -81,7 +81,7 @@ def main(stage_args: StageArguments, training_args, model_args, curriculum_args:
         dataset = render_prompts(dataset, tokenizer, training_args.chat_template_kwargs)
         check_rollout_context(model, tokenizer, dataset, training_args)
     trainer = UPOTrainer(model, args=training_args, train_dataset=dataset,
-                         eval_dataset=heldout_prompts(stage_args, training_args, images, tokenizer),
+                         eval_dataset=heldout_prompts(stage_args, training_args, images, tokenizer, model),
                          processing_class=tokenizer,
                          peft_config=peft_config, offline_dataset=offline)
     common.guard_checkpoints(trainer)
@@ -106,7 +106,7 @@ def check_rollout_context(model, tokenizer, dataset, training_args) -> None:
     check_context(model, tokenizer, prompts, training_args.max_completion_length, "stages.upo.max_completion_length")
 
 
-def heldout_prompts(stage_args, training_args, images: bool, tokenizer):
+def heldout_prompts(stage_args, training_args, images: bool, tokenizer, model=None):
     """`common.load_test_split` for GRPO's evaluation (rewards, and the DPO term of online pairs), through the
     prompt gates the training prompts pass; None without it."""
     dataset = common.load_test_split(stage_args, training_args)
@@ -115,7 +115,7 @@ def heldout_prompts(stage_args, training_args, images: bool, tokenizer):
     name = f"{stage_args.dataset_name} ({stage_args.dataset_test_split})"
     gates.check_prompt_rows(dataset, name)
     if stage_args.preflight and not images:  # as the training prompts
-        gates.check_special_token_text(tokenizer, dataset, name)
+        gates.check_special_token_text(tokenizer, dataset, name, model)
     dataset = common.keep_columns(dataset, UPO_COLUMNS)
     if stage_args.preflight:
         dataset, _ = gates.check_reward_references(dataset, training_args.rewards, name,
@@ -123,7 +123,7 @@ def heldout_prompts(stage_args, training_args, images: bool, tokenizer):
     return image_prompts(dataset, training_args, name) if images else dataset
 
 
-def preflight_data(dataset, stage_args, training_args, tokenizer=None):
+def preflight_data(dataset, stage_args, training_args, tokenizer=None, model=None):
     """The gates before the first step: every prompt has the reference its rewards read, and the offline pairs (for
     `upo_mode` offline or both) are real pairs (a chosen == rejected pair leaves the DPO term stuck at log 2) whose
     turns write no special token as text (`gates.check_special_token_text`, given the `tokenizer`). Returns the kept
@@ -145,7 +145,7 @@ def preflight_data(dataset, stage_args, training_args, tokenizer=None):
         gates.check_row_reasoning(pairs, name)
         gates.check_no_row_tools(pairs, name)  # rendered as the RL prompts are (`upo_pairs.render_prompt_text`)
         if tokenizer is not None and not vision.has_images(pairs):  # as the RL prompts and DPO's pairs
-            gates.check_special_token_text(tokenizer, pairs, name)
+            gates.check_special_token_text(tokenizer, pairs, name, model)
         offline, skipped = gates.check_preference_pairs(pairs, name, allow_skip=stage_args.skip_bad_rows)
         record["offline_pairs_skipped"] = len(skipped)
     return dataset, offline, record
