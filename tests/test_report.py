@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from posttrain.io import replace_dir
 from posttrain.report import accuracy_line, build_comparison, build_report, inputs, plots, sections, stage_metrics
 from posttrain.report.blocks import Cell, Para, Table
 from posttrain.report.compare import comparison, comparison_rows, variant_summaries
@@ -133,6 +134,24 @@ def test_a_report_built_again_redraws_only_the_figures_whose_inputs_changed(tmp_
     # dpo's curves and diagnostics (both drawn from its logs), the run's loss and upo's curves; the rest reused
     assert len(drawn) == 4
 
+
+def test_a_figure_is_not_reused_from_a_report_written_after_its_index_was_read(tmp_path):
+    def figure(logs):  # stands in for a plot: the PNG of its input
+        return f"png of {logs}".encode()
+
+    def write_report(folder, logs):  # a whole report_files/, replaced as render.write_documents does
+        def write(tmp):
+            (tmp / "curves.png").write_bytes(figure(logs))
+            (tmp / plots.Reuse.INDEX).write_text(json.dumps({"curves.png": plots.figure_key(figure, (logs,), {})}))
+
+        replace_dir(folder, write)
+
+    files = tmp_path / "report_files"
+    write_report(files, "old logs")
+    reuse = plots.Reuse(files)  # `posttrain report` reads the run (old logs) and the last report's index...
+    write_report(files, "new logs")  # ...the pipeline writes its report from newer logs meanwhile...
+    assert reuse.draw("curves.png", figure, "old logs")[0] == b"png of old logs"  # ...whose figure is not ours
+    assert reuse.draw("curves.png", figure, "new logs")[0] == b"png of new logs"
 
 def test_report_sections_lineage_and_data_cards(full_report):
     run, html, md = full_report
@@ -274,6 +293,14 @@ def test_panels_group_logged_keys_and_keep_unknown_ones():
     assert panels["Other: upo"] == ["upo/brand_new_metric"] and panels["Other: other"] == ["custom"]
     assert not any("std" in k or "min_length" in k for series in panels.values() for k in series)
 
+
+
+def test_figures_do_not_depend_on_a_matplotlibrc():  # figure_key does not see one, so a reused figure would keep it
+    import matplotlib
+
+    drawn = plots.proxy_vs_true([("a", 0.2, 0.5)], "proxy")
+    with matplotlib.rc_context({"axes.facecolor": "black", "lines.linewidth": 4}):  # as a user's matplotlibrc sets
+        assert plots.proxy_vs_true([("a", 0.2, 0.5)], "proxy") == drawn
 
 def test_markdown_escapes_model_output():
     assert inline_md("say <think>") == "say &lt;think&gt;"

@@ -154,6 +154,9 @@ def pyplot():
     matplotlib.use("Agg")  # no display on training machines and CI
     import matplotlib.pyplot as plt
 
+    # matplotlib's own defaults, not a matplotlibrc: a figure is then drawn from this module and matplotlib's version
+    # alone, what `figure_key` keys it by (a reused figure would keep an earlier matplotlibrc's look)
+    matplotlib.rcdefaults()
     plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.titleweight": "bold", "axes.grid": True,
                          "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
                          "legend.fontsize": 8, "legend.frameon": False})
@@ -173,20 +176,27 @@ class Reuse:
 
     def __init__(self, folder: Path):
         self.folder = folder
+        self.index = self._read_index()
+
+    def _read_index(self) -> dict:
         try:
-            index = json.loads((folder / self.INDEX).read_text())
-        except (OSError, ValueError):  # no earlier report, or a damaged index: draw everything
+            index = json.loads((self.folder / self.INDEX).read_text())
+        except (OSError, ValueError, RecursionError):  # no earlier report, or a damaged index: draw everything
             index = {}
-        self.index = index if isinstance(index, dict) else {}
+        return index if isinstance(index, dict) else {}
 
     def draw(self, name: str, figure, *args, **kwargs) -> tuple[bytes | None, str]:
         """(PNG or None, key) of `figure(*args, **kwargs)` saved as `name`: the earlier file where its key matches."""
         key = figure_key(figure, args, kwargs)
         if self.index.get(name) == key:
             try:
-                return (self.folder / name).read_bytes(), key
+                earlier = (self.folder / name).read_bytes()
             except OSError:
-                pass
+                earlier = None
+            # another report (the pipeline's, while `posttrain report` runs) may have replaced the folder since its
+            # index was read: the file is reused only if the folder it was read from still keys it so
+            if earlier is not None and self._read_index().get(name) == key:
+                return earlier, key
         return figure(*args, **kwargs), key
 
 
