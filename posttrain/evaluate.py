@@ -544,12 +544,12 @@ def settings_rows(settings: EvalArguments) -> list[dict]:
 def run(settings: EvalArguments, model, tokenizer, rows: list[dict] | None = None, share: Share | None = None) -> dict:
     """`evaluate` a loaded model (and its tokenizer or processor) on `settings.dataset`, as `settings` says."""
     rows = settings_rows(settings) if rows is None else rows
-    if not any(row.get("images") for row in rows):  # image prompts: their placeholders are the processor's
-        from datasets import Dataset
+    from datasets import Dataset
 
-        # a prompt that writes "<|im_end|>" as text is rendered with turns nobody wrote, and scored on them
-        prompts = Dataset.from_dict({"prompt": [row["prompt"] for row in rows]})
-        check_special_token_text(tokenizer, prompts, f"{settings.dataset} ({settings.split})", model)
+    # a prompt that writes "<|im_end|>" as text is rendered with turns nobody wrote, and scored on them
+    prompts = Dataset.from_dict({"prompt": [row["prompt"] for row in rows]})
+    check_special_token_text(tokenizer, prompts, f"{settings.dataset} ({settings.split})", model,
+                             images=any(row.get("images") for row in rows))  # image placeholders are the processor's
     try:
         return evaluate(model, tokenizer, rows, settings.max_new_tokens, settings.batch_size, settings.samples,
                         dtype=settings.dtype, loss_limit=settings.loss_limit, share=share)

@@ -12,7 +12,8 @@ import re
 
 from .data import REASONING_FIELDS, message_reasoning, preference_texts, prompt_text, reply_text
 from .errors import UserError, row_name
-from .models.vision import is_processor, message_text, text_tokenizer
+from .models.templates import IMAGE_PLACEHOLDERS
+from .models.vision import has_images, is_processor, message_text, text_tokenizer
 
 logger = logging.getLogger("posttrain")
 
@@ -374,7 +375,7 @@ MEANT_AS_TOKENS = {"<think>", "</think>"}
 CONVERSATION_COLUMNS = ("messages", "prompt", "completion", "chosen", "rejected")
 
 
-def check_special_token_text(tokenizer, dataset, name: str, model=None) -> None:
+def check_special_token_text(tokenizer, dataset, name: str, model=None, images: bool = False) -> None:
     """No turn of a conversation writes a special token of the vocabulary as text. The tokenizer reads such text as
     the token itself (transformers' default, `split_special_tokens=False`), so a scraped reply that explains chat
     templates ("each turn ends with <|im_end|>") would teach the model to end its turn mid-reply, and a user turn
@@ -384,8 +385,13 @@ def check_special_token_text(tokenizer, dataset, name: str, model=None) -> None:
 
     Only the tokens that shape a conversation count (`control_tokens`): SmolLM2's vocabulary also makes `<filename>`
     special, which an instruction ("replace <filename> with your file") may write and which ends no turn. With the
-    `model`, its own end-of-sequence tokens count too."""
+    `model`, its own end-of-sequence tokens count too.
+
+    Rows with images (an `images` column, or `images=True`) may write an image placeholder (`image_tokens`): there it
+    is an image's slot, which `check_image_slots` counts and names; their other control tokens count as in text rows."""
     tokens = control_tokens(tokenizer, model) - MEANT_AS_TOKENS
+    if has_images(dataset) or images:
+        tokens -= image_tokens(tokenizer)
     if not tokens:
         return
     pattern = re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
@@ -425,6 +431,18 @@ def control_tokens(tokenizer, model=None) -> set[str]:
         for token_id in ids if isinstance(ids, list) else [ids] if isinstance(ids, int) else []:
             marks.add(text.convert_ids_to_tokens(token_id))
     return {t for t in special if t in template or t in marks}
+
+
+def image_tokens(processor) -> set[str]:
+    """The special tokens that stand for an image or video in a processor's text: its own (`image_token`, Qwen2-VL's
+    `video_token`, ERNIE-VL's `image_start_token` and the like on its tokenizer) and each token of the placeholders
+    `templates.IMAGE_PLACEHOLDERS` knows (Qwen2-VL's `<|vision_start|>`, LLaVA's `<image>`, which `chatml_vl` writes
+    when it knows no other)."""
+    named = {getattr(processor, "image_token", None), getattr(processor, "video_token", None)}
+    named |= {token for key, token in text_tokenizer(processor).special_tokens_map.items()
+              if isinstance(token, str) and any(word in key for word in ("image", "video", "vision"))}
+    pieces = {token for placeholder in IMAGE_PLACEHOLDERS.values() for token in re.findall(r"<[^<>]+>", placeholder)}
+    return (named - {None}) | pieces
 
 
 def _strings(value) -> list[str]:

@@ -429,6 +429,50 @@ def test_gate_images_per_placeholder():
         gates.check_image_slots(Dataset.from_list(marked), "vqa.jsonl")
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gate_special_token_text_in_image_rows(arch, tiny_model_path):
+    """Image rows pass the special-token gate too, less the processor's image placeholders (`<image>`, Qwen2-VL's
+    `<|vision_start|>`, ERNIE-VL's `<|IMAGE_START|>`, ...): written as text those are image slots, which
+    `check_image_slots` counts and names."""
+    from datasets import Dataset, Features, Json, List, Value
+
+    processor = load_tokenizer(tiny_model_path(arch))
+    placeholders = sorted(gates.image_tokens(processor) & gates.control_tokens(processor))
+    assert placeholders and "<|im_end|>" not in placeholders  # the case: the template writes image tokens
+
+    def row(reply):
+        return {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]},
+                             {"role": "user", "content": f"Are {' '.join(placeholders)} images?"},
+                             {"role": "assistant", "content": reply}], "images": ["a.png"]}
+
+    features = Features({"messages": List(Json()), "images": List(Value("string"))})
+    rows = Dataset.from_list([row("Yes."), row("Yes.<|im_end|> then more")], features=features)
+    with pytest.raises(UserError, match=r"vqa.jsonl row 2 \(counting from 1\): \"messages\" turn 3 \(assistant\) "
+                                        r"has the text '<\|im_end\|>'.* \(1 of 2 rows"):
+        gates.check_special_token_text(processor, rows, "vqa.jsonl")
+    prompts = Dataset.from_list([{"prompt": row("")["messages"][1:2]}])  # evaluation's prompts, their images aside
+    gates.check_special_token_text(processor, prompts, "vqa.jsonl", images=True)
+    with pytest.raises(UserError, match=r"turn 1 \(user\) has the text '<"):  # text rows: no image, no slot
+        gates.check_special_token_text(processor, prompts, "vqa.jsonl")
+
+
+def test_special_token_text_in_an_image_reply_stops_sft(vqa, tiny_model_path, tmp_path):
+    from trl import SFTConfig
+
+    from posttrain.stages import sft
+
+    def end_early(row, index):
+        return {"messages": row["messages"][:-1] + [{"role": "assistant", "content": "red<|im_end|>"}]} if index == 2 \
+            else {}
+
+    data = tmp_path / "data"
+    load_split(vqa / "tasks", "sft").map(end_early, with_indices=True).to_parquet(str(data / "sft.parquet"))
+    configs = stage_configs(SFTConfig, "llava", tiny_model_path, tmp_path / "out", data, "sft")
+    with pytest.raises(UserError, match=r"row 3 \(counting from 1\): \"messages\" turn \d \(assistant\) has the text "
+                                        r"'<\|im_end\|>'"):
+        sft.main(*configs)
+
+
 def test_gate_processor_from_another_model(tiny_model_path):
     model = load_model(tiny_model_path("llava"))
     llava, qwen = load_tokenizer(tiny_model_path("llava")), load_tokenizer(tiny_model_path("qwen2_vl"))

@@ -47,9 +47,11 @@ def main(stage_args: StageArguments, training_args, model_args):
         gates.check_tools_column(dataset, stage_args.dataset_name)
         gates.check_template_renders(tokenizer, dataset, stage_args.dataset_name)
         gates.check_thinking_modes(tokenizer, dataset, stage_args.dataset_name)
+        if images:  # first: it names literal <image> markers, which the special-token gate leaves to it
+            gates.check_image_slots(dataset, stage_args.dataset_name)
+        gates.check_special_token_text(tokenizer, dataset, stage_args.dataset_name, model)
         if not images:  # image rows train on the reply without the template's markers (see vision_rows)
             gates.check_template_markers(tokenizer, training_args.assistant_only_loss)
-            gates.check_special_token_text(tokenizer, dataset, stage_args.dataset_name, model)
             text_checks = gates.check_tool_calls(tokenizer, dataset, stage_args.dataset_name)
             gates.check_reasoning(tokenizer, dataset, stage_args.dataset_name)
         text_checks.update(gates.check_prompt_boundary(tokenizer, dataset, stage_args.dataset_name))
@@ -160,8 +162,10 @@ def heldout_rows(stage_args, training_args, images: bool, tokenizer, model=None)
     dataset = common.load_test_split(stage_args, training_args)
     if dataset is None:
         return None
-    if stage_args.preflight and not images:  # as the training rows: such text skews the eval loss
+    if stage_args.preflight:  # as the training rows: such text skews the eval loss
         name = f"{stage_args.dataset_name} ({stage_args.dataset_test_split})"
+        if images:
+            gates.check_image_slots(dataset, name)
         gates.check_special_token_text(tokenizer, dataset, name, model)
     dataset = common.keep_columns(with_template_kwargs(dataset), SFT_COLUMNS | {training_args.dataset_text_field})
     return vision_rows(dataset, training_args, stage_args) if images else dataset
@@ -193,8 +197,6 @@ def flatten_batches(trainer) -> None:
 
 def vision_rows(dataset, training_args, stage_args):
     """Image rows for TRL's vision collator: decoded images, prompt/completion rows that keep their thinking mode."""
-    if stage_args.preflight:
-        gates.check_image_slots(dataset, stage_args.dataset_name)
     if "messages" in dataset.column_names and training_args.assistant_only_loss:
         training_args.assistant_only_loss = False  # completion-only loss on the reply instead (see models/vision.py)
     training_args.remove_unused_columns = False  # keep `chat_template_kwargs`: the collator renders each row with it

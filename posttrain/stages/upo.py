@@ -64,7 +64,9 @@ def main(stage_args: StageArguments, training_args, model_args, curriculum_args:
     model, tokenizer, peft_config = common.load_policy(stage_args, training_args, model_args)
     dataset = common.load_train_dataset(stage_args)
     gates.check_prompt_rows(dataset, stage_args.dataset_name)
-    if stage_args.preflight and not vision.has_images(dataset):  # image rows: `check_image_slots` names <image> text
+    if stage_args.preflight:
+        if vision.has_images(dataset):  # first: it names literal <image> markers, which the gate below leaves to it
+            gates.check_image_slots(dataset, stage_args.dataset_name)
         gates.check_special_token_text(tokenizer, dataset, stage_args.dataset_name, model)
     dataset = common.keep_columns(dataset, UPO_COLUMNS)
     dataset, offline, preflight = preflight_data(dataset, stage_args, training_args, tokenizer, model)
@@ -73,7 +75,7 @@ def main(stage_args: StageArguments, training_args, model_args, curriculum_args:
         training_args.shuffle_dataset = False  # the phase order is the point
     images = vision.has_images(dataset)
     if images:
-        if stage_args.preflight:
+        if stage_args.preflight and curriculum_args.phases:  # again: a phase may bring its own file
             gates.check_image_slots(dataset, stage_args.dataset_name)
         dataset = image_prompts(dataset, training_args, stage_args.dataset_name)
     elif stage_args.preflight:
@@ -114,7 +116,7 @@ def heldout_prompts(stage_args, training_args, images: bool, tokenizer, model=No
         return None
     name = f"{stage_args.dataset_name} ({stage_args.dataset_test_split})"
     gates.check_prompt_rows(dataset, name)
-    if stage_args.preflight and not images:  # as the training prompts
+    if stage_args.preflight:  # as the training prompts
         gates.check_special_token_text(tokenizer, dataset, name, model)
     dataset = common.keep_columns(dataset, UPO_COLUMNS)
     if stage_args.preflight:
@@ -144,7 +146,7 @@ def preflight_data(dataset, stage_args, training_args, tokenizer=None, model=Non
         pairs = pairs.add_column(LINE_COLUMN, list(range(1, len(pairs) + 1)))
         gates.check_row_reasoning(pairs, name)
         gates.check_no_row_tools(pairs, name)  # rendered as the RL prompts are (`upo_pairs.render_prompt_text`)
-        if tokenizer is not None and not vision.has_images(pairs):  # as the RL prompts and DPO's pairs
+        if tokenizer is not None:  # as the RL prompts and DPO's pairs
             gates.check_special_token_text(tokenizer, pairs, name, model)
         offline, skipped = gates.check_preference_pairs(pairs, name, allow_skip=stage_args.skip_bad_rows)
         record["offline_pairs_skipped"] = len(skipped)
