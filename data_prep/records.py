@@ -15,6 +15,7 @@ from .messages import (
     check_image_slots,
     check_images,
     check_messages,
+    check_tool_calls,
     check_tools,
     image_markers_to_parts,
     require_list,
@@ -130,13 +131,45 @@ def preference_record(row: dict, prompt, chosen, rejected, opts: Options) -> dic
 
 
 def implicit_prompt(chosen: list, rejected: list) -> tuple[list, list, list]:
-    """TRL's `extract_prompt`: the shared leading turns are the prompt (importing trl costs ~6 s, so it is inlined)."""
+    """TRL's `extract_prompt`: the shared leading turns are the prompt (importing trl costs ~6 s, so it is inlined).
+    Turns are shared when they say and do the same: two samples of one tool call differ only in their random ids
+    (and maybe in arguments written as JSON text). The prompt keeps chosen's turns, so an exchange whose id a later
+    turn of `rejected` still refers to stays in the replies."""
     shared = 0
-    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+    while shared < min(len(chosen), len(rejected)) - 1 and _turn(chosen[shared]) == _turn(rejected[shared]):
         shared += 1
-    while shared and isinstance(chosen[shared - 1], dict) and chosen[shared - 1].get("role") == "assistant":
+    while shared and (_assistant(chosen[shared - 1])
+                      or (_ids(rejected[:shared]) - _ids(chosen[:shared])) & _refs(rejected[shared:])):
         shared -= 1
     return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def _turn(message):
+    """A turn as `implicit_prompt` compares it: its tool calls by what they do, its result without the call's id."""
+    if not isinstance(message, dict):
+        return message
+    turn = {k: v for k, v in message.items() if k != "tool_call_id"}
+    if isinstance(message.get("tool_calls"), list):
+        try:
+            turn["tool_calls"] = called(check_tool_calls(message["tool_calls"], "tool_calls"))
+        except RowError:  # malformed: compared as written, and reported when the turn is checked
+            pass
+    return turn
+
+
+def _assistant(message) -> bool:
+    return isinstance(message, dict) and message.get("role") == "assistant"
+
+
+def _ids(messages: list) -> set:
+    """The ids of the tool calls in `messages`."""
+    return {call.get("id") for m in messages if isinstance(m, dict) and isinstance(m.get("tool_calls"), list)
+            for call in m["tool_calls"] if isinstance(call, dict) and isinstance(call.get("id"), str)}
+
+
+def _refs(messages: list) -> set:
+    """The call ids the tool results in `messages` refer to."""
+    return {m["tool_call_id"] for m in messages if isinstance(m, dict) and isinstance(m.get("tool_call_id"), str)}
 
 
 def desirability_label(value) -> bool | None:

@@ -216,6 +216,35 @@ def test_a_tool_calls_id_is_kept_for_the_result_that_points_at_it(tiny_tokenizer
         check_preference_pairs(pair, "pairs.jsonl")
 
 
+@pytest.mark.parametrize("fmt", ["preference", "pairwise_messages"])
+def test_a_shared_tool_exchange_with_other_call_ids_is_the_prompt(fmt):
+    """Two samples of one tool call get two random ids: whole conversations sharing the call and its result kept that
+    exchange duplicated in both replies (only equal ids, and arguments written alike, counted as shared). The prompt
+    keeps chosen's turns; an exchange whose id a later turn of the rejected reply still refers to stays a reply's."""
+    def conversation(call_id, arguments, *rest):
+        return [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+                {"role": "tool", "tool_call_id": call_id, "content": "18C"}, *rest]
+
+    def pair(chosen, rejected):
+        keys = {"preference": ("chosen", "rejected"), "pairwise_messages": ("chosen_messages", "rejected_messages")}
+        return convert(fmt, dict(zip(keys[fmt], (chosen, rejected))))
+
+    chosen = conversation("call_a", {"city": "Paris"}, {"role": "assistant", "content": "18C in Paris."})
+    rejected = conversation("call_b", '{"city": "Paris"}', {"role": "assistant", "content": "No idea."})
+    record = pair(chosen, rejected)
+    assert [m["role"] for m in record["prompt"]] == ["user", "assistant", "tool"]
+    assert record["prompt"][1]["tool_calls"][0]["id"] == record["prompt"][2]["tool_call_id"] == "call_a"
+    assert record["chosen"] == [chosen[-1]] and record["rejected"] == [rejected[-1]]
+    again = {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_c", "type": "function", "function": {"name": "get_time", "arguments": {}}}]}
+    rejected = conversation("call_b", {"city": "Paris"}, again, {"role": "tool", "tool_call_id": "call_b",
+                                                                 "content": "18C"}, rejected[-1])
+    record = pair(chosen, rejected)
+    assert [m["role"] for m in record["prompt"]] == ["user"] and record["rejected"][1]["tool_call_id"] == "call_b"
+
+
 def test_rl_prompts():
     fmt, rows = convert_rows(str(DATA / "rl.jsonl"), "auto", Options(), 10_000)
     records = [r.record for r in rows]
