@@ -116,6 +116,7 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
 
     from posttrain.data import prompt_text
     from posttrain.evaluate import autocast, generate
+    from posttrain.gates import non_thinking_reasoning
     from posttrain.rewards import combine_rewards
     from posttrain.trainers.upo_pairs import mine_pairs
 
@@ -145,9 +146,12 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
     score = combine_rewards(config.rewards)
     prompts = [prompts[g * config.num_samples] for g in range(len(rows)) for _ in range(n)]  # the rewards read them
     rewards = torch.tensor([float("nan") if v is None else v for v in score(texts, prompts=prompts, **columns)])
-    non_empty = torch.tensor([bool(t.strip()) for t in texts])  # an empty reply is no side of a pair DPO can use
+    # no side of a pair DPO can use: an empty reply, or a non-thinking row's reply that opens a think block of its own
+    # (DPO renders it without the empty block it was sampled after; the pair gate refuses it)
+    valid = torch.tensor([bool(t.strip()) and not non_thinking_reasoning(row, {"sampled": t})
+                          for t, row in zip(texts, expanded)])
     pairs, cut = [], 0
-    for chosen, rejected, _gap in mine_pairs(rewards, n, config.margin, config.pairs_per_prompt, valid=non_empty):
+    for chosen, rejected, _gap in mine_pairs(rewards, n, config.margin, config.pairs_per_prompt, valid=valid):
         row = expanded[chosen]
         pairs.append({"prompt": row["prompt"], "chosen": [{"role": "assistant", "content": texts[chosen]}],
                       "rejected": [{"role": "assistant", "content": texts[rejected]}],

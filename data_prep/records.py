@@ -120,8 +120,11 @@ def _prompt_images(row: dict, prompt: list[dict], opts: Options) -> tuple[list[d
 
 
 def preference_record(row: dict, prompt, chosen, rejected, opts: Options) -> dict:
-    """`chosen`/`rejected` are `(messages, thinking)` pairs from `reply_messages`."""
-    (chosen, thinking), (rejected, _) = chosen, rejected
+    """`chosen`/`rejected` are `(messages, thinking)` pairs from `reply_messages`; the pair thinks when either reply
+    does (the mode was the chosen reply's, so a plain chosen reply made a thinking rejected one non-thinking)."""
+    (chosen, chosen_mode), (rejected, rejected_mode) = chosen, rejected
+    modes = (chosen_mode, rejected_mode)
+    thinking = True if True in modes else (False if False in modes else None)
     if _same(chosen, rejected):
         raise RowError("chosen", 'and "rejected" are identical', "two different replies")
     prompt, images = _prompt_images(row, prompt, opts)

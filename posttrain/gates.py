@@ -10,7 +10,7 @@ import logging
 import os
 import re
 
-from .data import REASONING_FIELDS, message_reasoning, preference_texts, prompt_text, reply_text
+from .data import REASONING_FIELDS, message_reasoning, preference_texts, prompt_text, reply_text, template_kwargs
 from .errors import UserError, row_name
 from .models.templates import IMAGE_PLACEHOLDERS
 from .models.vision import has_images, is_processor, message_text, text_tokenizer
@@ -369,6 +369,32 @@ def check_thinking_modes(tokenizer, dataset, name: str) -> None:
                         "for a vision-language model), or build the data in one mode")
 
 
+def non_thinking_reasoning(row: dict, replies: dict) -> str | None:
+    """Why a row in non-thinking mode (`enable_thinking: false`, or a false `thinking` column) has a reply with
+    reasoning (`_side_reasoning`: a reasoning field, or a leading <think> block with text in it), or None. posttrain's
+    templates prefill the empty think block only before a reply that opens none, and DPO's prompt is cut where the
+    renderings part (after `<think>`): the row would train thinking under the non-thinking label. `replies` maps a
+    name for the error to a reply (a text or a list of messages)."""
+    if template_kwargs(row.get("thinking"), row.get("chat_template_kwargs")).get("enable_thinking") is not False:
+        return None
+    said = next((key for key, reply in replies.items() if _side_reasoning(reply)), None)
+    return said and (f"the row is non-thinking (enable_thinking: false) but its {said} reply has reasoning (a <think> "
+                     "block or reasoning field), which the template then trains as a thinking reply; expected a "
+                     "reply without reasoning in non-thinking mode: remove the reasoning or mark the row thinking "
+                     "(`thinking: true`)")
+
+
+def check_non_thinking_replies(dataset, name: str) -> None:
+    """SFT rows: `non_thinking_reasoning` on each assistant turn (or the completion), an error naming the row."""
+    for index, row in enumerate(dataset):
+        turns = row.get("messages") or row.get("completion") or []
+        replies = ({f"messages[{i}]": [m] for i, m in enumerate(turns)
+                    if isinstance(m, dict) and m.get("role") == "assistant"}
+                   if isinstance(turns, list) else {"completion": turns})
+        if reason := non_thinking_reasoning(row, replies):
+            raise UserError(f"pre-flight: {name} {row_name(index)}: {reason}")
+
+
 # Special tokens that posttrain's data writes into turns on purpose (`build_sft_set`'s <think> blocks): where a
 # vocabulary makes them special, the text is meant to become the token
 MEANT_AS_TOKENS = {"<think>", "</think>"}
@@ -599,6 +625,8 @@ def check_preference_pairs(dataset, name: str, tokenizer=None, max_length: int |
             reason = f"\"{'chosen' if not chosen else 'rejected'}\" is empty; expected a non-empty reply"
         elif chosen == rejected:
             reason = "chosen == rejected; expected two different replies"
+        elif said := non_thinking_reasoning(row, {"chosen": row["chosen"], "rejected": row["rejected"]}):
+            reason = said
         elif tokenizer is not None and max_length and truncation_mode == "keep_start":
             # TRL tokenizes a text prompt with the tokenizer's special tokens (Llama-3's and Gemma's BOS): one token
             # more of `max_length` than the text; a rendered conversation has its own

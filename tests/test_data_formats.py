@@ -469,3 +469,15 @@ def test_legacy_openai_function_calls_become_tool_calls():
     both = {**row["messages"][1], "tool_calls": messages[1]["tool_calls"]}
     with pytest.raises(RowError, match=r'"messages\[1\].function_call" is set beside tool_calls'):
         from_messages({"messages": [row["messages"][0], both, *row["messages"][2:]]}, Options())
+
+
+def test_a_pair_thinks_when_either_reply_does(tmp_path):
+    """The pair's mode was the chosen reply's: a plain chosen reply beside a rejected one with a <think> block wrote
+    the pair as non-thinking (once another row set a mode), a contradiction the template renders as thinking."""
+    rows = [{"prompt": "What is 2+3?", "chosen": "5", "rejected": "<think>Two and two.</think>\n4"},
+            {"prompt": "What is 1+1?", "chosen": "<think>One and one.</think>\n2", "rejected": "3"}]
+    assert convert("preference", rows[0])["thinking"] is True
+    assert convert("preference", {**rows[0], "rejected": "<think>\n\n</think>\n\n4"})["thinking"] is False
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert [row["thinking"] for row in build(build_preference_set, tmp_path, path)] == [True, True]

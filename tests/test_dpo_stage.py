@@ -278,6 +278,19 @@ def test_pairs_that_write_special_tokens_as_text_are_refused(tiny_model_path, tm
         dpo.load_pairs(StageArguments(dataset_name=str(data)), "train", tokenizer, None)
 
 
+def test_a_non_thinking_pair_whose_reply_thinks_is_refused():
+    """A non-thinking pair whose reply opens its own <think> block: TRL cuts the prompt where the renderings part,
+    after `<think>`, so the pair trained thinking under the non-thinking label, and no gate said so. Refused naming
+    the row, or skipped with skip_bad_rows; the same pair in thinking mode passes."""
+    prompt = [{"role": "user", "content": "2 + 3?"}]
+    rows = [{"prompt": prompt, "chosen": [{"role": "assistant", "content": "5"}],
+             "rejected": [{"role": "assistant", "content": "<think>\nTwo and two.\n</think>\n\n4"}],
+             "chat_template_kwargs": {"enable_thinking": enable}} for enable in (True, False)]
+    with pytest.raises(UserError, match=r"p row 2 \(counting from 1\): the row is non-thinking \(enable_thinking: "
+                                        r"false\) but its rejected reply has reasoning .* skip_bad_rows"):
+        check_preference_pairs(Dataset.from_list(rows), "p")
+    assert check_preference_pairs(Dataset.from_list(rows), "p", allow_skip=True)[1] == [1]
+
 def test_pairs_keep_their_reasoning_in_what_dpo_compares(tiny_model_path):
     """DPO compares the replies as the chat template renders them: reasoning in a field a template does not render
     (chatml renders `content`), or a <think> block a template cuts out of replies (DeepSeek-R1-Distill's own), left

@@ -621,6 +621,12 @@ def test_onpolicy_pairs_prefer_the_reference_skip_empty_and_unscored_replies(tin
     assert "1 of 1 pairs have a reply cut at max_new_tokens" in capsys.readouterr().out
     monkeypatch.setattr(rewards, "combine_rewards", lambda weights: lambda texts, **kwargs: [None, 1.0, None])
     assert sample_pairs(None, tiny_tokenizer, [row], OnPolicyPairsConfig(num_samples=3, margin=0.5)) == []
+    # a non-thinking row's sample that opens its own think block: no side (the DPO gate refuses such a pair)
+    monkeypatch.setattr(rewards, "combine_rewards", lambda weights: lambda texts, **kwargs: [1.0, 0.0, 0.5])
+    monkeypatch.setattr(evaluation, "generate", lambda model, tokenizer, prompts, *args, **kwargs: (
+        ["4", "<think>\nTwo and two.\n</think>\n\n5", "6"], [True] * 3, [1] * 3))
+    pairs = sample_pairs(None, tiny_tokenizer, [row], OnPolicyPairsConfig(num_samples=3, margin=0.5))
+    assert [pair["rejected"][0]["content"] for pair in pairs] == ["6"]
 
 
 def test_onpolicy_pairs_card_counts_the_prompts_that_gave_no_pair(tiny_model_path, task_data, tmp_path, monkeypatch):

@@ -218,6 +218,27 @@ def test_reasoning_column_beside_the_reply_is_refused(column, tiny_model_path, s
     gates.check_row_reasoning(Dataset.from_list([{**row, "thinking": True}, {**row, "thinking": None}]), "data.jsonl")
 
 
+def test_a_non_thinking_row_whose_reply_thinks_is_refused(tiny_model_path, sft_configs, tmp_path):
+    """A non-thinking row whose reply opens its own <think> block: the template prefills no empty block before such a
+    reply, so the row trained thinking after the thinking prompt under the non-thinking label, without a word.
+    Refused, naming the row; an empty block, or the same reply in thinking mode, passes."""
+    from datasets import Dataset
+
+    question = {"role": "user", "content": "What is 2 + 2?"}
+    think = {"role": "assistant", "content": "<think>\nTwo and two make four.\n</think>\n\n4"}
+    rows = [{"messages": [question, {"role": "assistant", "content": "4"}], "thinking": False},
+            {"messages": [question, think], "thinking": False}]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    configs = sft_configs(tiny_model_path("llama"), data, tmp_path / "out")
+    configs[0].dataset_train_split = "train"
+    with pytest.raises(UserError, match=r"data.jsonl row 2 \(counting from 1\): the row is non-thinking "
+                                        r"\(enable_thinking: false\) but its messages\[1\] reply has reasoning"):
+        sft.main(*configs)
+    empty = {"role": "assistant", "content": "<think>\n\n</think>\n\n4"}
+    gates.check_non_thinking_replies(Dataset.from_list([rows[0], {**rows[1], "thinking": True},
+                                                        {"messages": [question, empty], "thinking": False}]), "d")
+
 def test_special_token_written_in_a_turn_is_refused(tiny_model_path, sft_configs, tmp_path):
     """A reply that writes the chat format's own markers as text (a scraped answer about chat templates) was
     tokenized to the special tokens themselves and trained: the model learned to end its turn mid-reply. Refused,

@@ -47,6 +47,7 @@ def main(stage_args: StageArguments, training_args, model_args):
         gates.check_tools_column(dataset, stage_args.dataset_name)
         gates.check_template_renders(tokenizer, dataset, stage_args.dataset_name)
         gates.check_thinking_modes(tokenizer, dataset, stage_args.dataset_name)
+        gates.check_non_thinking_replies(dataset, stage_args.dataset_name)
         if images:  # first: it names literal <image> markers, which the special-token gate leaves to it
             gates.check_image_slots(dataset, stage_args.dataset_name)
         gates.check_special_token_text(tokenizer, dataset, stage_args.dataset_name, model)
