@@ -165,11 +165,16 @@ def write_bench_data(tasks: Path, out: Path, tokenizer, kind: str = "tasks", max
     else:
         sft = load_dataset("parquet", data_files=str(tasks / "sft.parquet"), split="train")
         sft = sft.map(lambda row: {"chat_template_kwargs": {"enable_thinking": bool(row["thinking"])}})
-        completions = prompts["completion"]
-        pairs = prompts.map(lambda row, i: {  # rejected: the next task's reply, a wrong answer in the same format
+        completions, modes = prompts["completion"], [bool(m) for m in prompts["thinking"]]
+
+        def wrong(i: int) -> str:  # the next task's reply in the same thinking mode: a wrong answer in the same format
+            n = len(completions)
+            return completions[next((k % n for k in range(i + 1, i + n) if modes[k % n] == modes[i]), i)]
+
+        pairs = prompts.map(lambda row, i: {
             "chosen": [{"role": "assistant", "content": row["completion"]}],
-            "rejected": [{"role": "assistant", "content": completions[(i + 1) % len(completions)]}],
-            "chat_template_kwargs": {"enable_thinking": bool(row["thinking"])}}, with_indices=True)
+            "rejected": [{"role": "assistant", "content": wrong(i)}],
+            "chat_template_kwargs": {"enable_thinking": modes[i]}}, with_indices=True)
     sft.select_columns(["messages", "chat_template_kwargs"]).to_parquet(out / "sft" / "train.parquet")
     pairs.select_columns(["prompt", "chosen", "rejected", "chat_template_kwargs"]).to_parquet(
         out / "pairs" / "train.parquet")
