@@ -164,8 +164,7 @@ def comparison(runs: list[Path], stage: str | None = None, figures: plots.Reuse 
     points = [(name[len(prefix):], x, y) for name, x, y in points]
     xlabel = ("hackable proxy on the held-out answers" if held_out else "proxy: training reward, last logged steps")
     name = "ablation_proxy_vs_true.png"
-    figure, key = (figures.draw(name, plots.proxy_vs_true, points, xlabel) if figures else
-                   (plots.proxy_vs_true(points, xlabel), ""))
+    figure, key = (figures or plots.Reuse()).draw(name, plots.proxy_vs_true, points, xlabel)
     if figure:
         blocks.append(Image(name, figure, "proxy reward vs held-out accuracy",
                             "Runs without both numbers are left out of the plot (see the table).", key))

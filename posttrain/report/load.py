@@ -89,14 +89,7 @@ class RunView:
     accuracy: str = ""
     data: set[str] | None = None
     evaluated_otherwise: set[str] = field(default_factory=set)
-    figures: Reuse | None = None
-
-    def draw(self, name: str, figure, *args, **kwargs) -> tuple[bytes | None, str]:
-        """`figure(*args, **kwargs)` as a PNG (None: nothing to draw) and its key, reused from the last report when
-        its inputs are unchanged."""
-        if self.figures is None:
-            return figure(*args, **kwargs), ""
-        return self.figures.draw(name, figure, *args, **kwargs)
+    figures: Reuse = field(default_factory=Reuse)
 
     def stage(self, name: str) -> StageView | None:
         return next((s for s in self.stages if s.name == name), None)

@@ -169,16 +169,18 @@ class Reuse:
     Every `posttrain run` writes its report again, also when it skips every stage as finished, and a figure costs
     ~0.3 s of CPU to draw (matplotlib lays out every label and tick): seconds per report for figures that did not
     change. `folder` is the report's `<stem>_files/`; `INDEX` there maps each figure's file name to the key of what it
-    was drawn from (written by `render.write_documents` from `Image.key`).
+    was drawn from (written by `render.write_documents` from `Image.key`). Without a folder, every figure is drawn.
     """
 
     INDEX = "figures.json"
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path | None = None):
         self.folder = folder
         self.index = self._read_index()
 
     def _read_index(self) -> dict:
+        if self.folder is None:
+            return {}
         try:
             index = json.loads((self.folder / self.INDEX).read_text())
         except (OSError, ValueError, RecursionError):  # no earlier report, or a damaged index: draw everything

@@ -149,8 +149,8 @@ def evaluation(run: RunView) -> list:
         return blocks + [Para("No stage has a held-out evaluation yet: not measured.", "warning")]
     blocks.append(eval_table(run))
     blocks += promotions(run)
-    bars, key = run.draw("eval_by_stage.png", plots.eval_bars, [(s.name, s.eval) for s in run.stages],
-                         [s.name for s in run.stages])
+    bars, key = run.figures.draw("eval_by_stage.png", plots.eval_bars, [(s.name, s.eval) for s in run.stages],
+                                 [s.name for s in run.stages])
     if bars:
         blocks.append(Image("eval_by_stage.png", bars, "held-out rates by stage",
                             "Rates in [0, 1]; stages without an evaluation are left out.", key))
@@ -271,8 +271,8 @@ def flatten(value, prefix: str = "") -> dict:
 def curves(run: RunView) -> list:
     order = [s.name for s in run.stages]
     blocks = [heading("Training curves"), training_table(run)]
-    timeline, key = run.draw("loss_all_stages.png", plots.run_loss,
-                             [(s.name, s.log_history) for s in run.trained], order)
+    timeline, key = run.figures.draw("loss_all_stages.png", plots.run_loss,
+                                     [(s.name, s.log_history) for s in run.trained], order)
     if timeline:
         blocks.append(Image("loss_all_stages.png", timeline, "training loss across stages",
                             "Dashed lines mark stage boundaries. The objectives differ (SFT: token NLL; DPO: "
@@ -284,8 +284,9 @@ def curves(run: RunView) -> list:
                 blocks.append(Para(f"**{stage.name}**: no training logs recorded (not measured).", "warning"))
             continue
         args = (stage.name, stage.log_history, order, stage.resolved.get("normalize_rewards_by"))
-        main, main_key = run.draw(f"curves_{stage.name}.png", plots.stage_curves, *args)
-        extra, extra_key = run.draw(f"diagnostics_{stage.name}.png", plots.stage_curves, *args, diagnostics=True)
+        main, main_key = run.figures.draw(f"curves_{stage.name}.png", plots.stage_curves, *args)
+        extra, extra_key = run.figures.draw(f"diagnostics_{stage.name}.png", plots.stage_curves, *args,
+                                            diagnostics=True)
         blocks.append(heading(f"{stage.name} curves", 3))
         if stage.curves_from != "metrics.json":
             blocks.append(Para(f"From {stage.curves_from}: the stage has not finished.", "warning"))
