@@ -243,8 +243,13 @@ def check_messages(messages, field: str = "messages", ends_with: str = "assistan
                        "the tool's result and an assistant reply after it")
     if ends_with == "user" and last not in ("user", "tool"):
         raise RowError(f"{field}[{len(out) - 1}]", f"is a '{last}' turn at the end of the prompt", "a user turn last")
-    thinking = True if True in modes else (False if False in modes else None)
-    return out, thinking
+    return out, merged_mode(modes)
+
+
+def merged_mode(modes) -> bool | None:
+    """The thinking mode of turns (or replies) of these modes: thinking if any thinks, else non-thinking if any says
+    so, else None (unsaid)."""
+    return True if True in modes else (False if False in modes else None)
 
 
 def _from_legacy_functions(message: dict, where: str) -> dict:

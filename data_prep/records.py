@@ -18,6 +18,7 @@ from .messages import (
     check_tool_calls,
     check_tools,
     image_markers_to_parts,
+    merged_mode,
     require_list,
     require_str,
     text_of,
@@ -123,8 +124,7 @@ def preference_record(row: dict, prompt, chosen, rejected, opts: Options) -> dic
     """`chosen`/`rejected` are `(messages, thinking)` pairs from `reply_messages`; the pair thinks when either reply
     does (the mode was the chosen reply's, so a plain chosen reply made a thinking rejected one non-thinking)."""
     (chosen, chosen_mode), (rejected, rejected_mode) = chosen, rejected
-    modes = (chosen_mode, rejected_mode)
-    thinking = True if True in modes else (False if False in modes else None)
+    thinking = merged_mode((chosen_mode, rejected_mode))
     if _same(chosen, rejected):
         raise RowError("chosen", 'and "rejected" are identical', "two different replies")
     prompt, images = _prompt_images(row, prompt, opts)
