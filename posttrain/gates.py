@@ -439,6 +439,14 @@ def check_special_token_text(tokenizer, dataset, name: str, model=None, images: 
                         "respell it in the data (a space inside it keeps it text), or drop those rows")
 
 
+def check_turn_text(tokenizer, dataset, name: str, model=None) -> None:
+    """What a set's turns write as text: literal image markers first where the rows have images (`check_image_slots`
+    names them, and `check_special_token_text` leaves image placeholders to it), then special tokens."""
+    if has_images(dataset):
+        check_image_slots(dataset, name)
+    check_special_token_text(tokenizer, dataset, name, model)
+
+
 def control_tokens(tokenizer, model=None) -> set[str]:
     """The special tokens that shape a conversation: those the chat template writes, BOS, EOS, padding, and the
     `model`'s own end-of-sequence tokens. The last are not the tokenizer's when a built-in template made its

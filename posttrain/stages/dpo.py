@@ -42,9 +42,7 @@ def load_pairs(stage_args, split: str, tokenizer, max_length: int | None, trunca
                         "the tool exchange in the prompt, or train such pairs without images")
     if stage_args.preflight:
         gates.check_tools_column(dataset, name)  # before the checks below render the rows with their tools
-        if images:  # first: it names literal <image> markers, which the special-token gate leaves to it
-            gates.check_image_slots(dataset, name)
-        gates.check_special_token_text(tokenizer, dataset, name, model)
+        gates.check_turn_text(tokenizer, dataset, name, model)
         if not images:  # first: a template that drops the reasoning can make two replies look the same below
             gates.check_pair_reasoning(tokenizer, dataset, name)
         # Image prompts: text length says little about token length; the image-token gate checks truncation instead

@@ -48,9 +48,7 @@ def main(stage_args: StageArguments, training_args, model_args):
         gates.check_template_renders(tokenizer, dataset, stage_args.dataset_name)
         gates.check_thinking_modes(tokenizer, dataset, stage_args.dataset_name)
         gates.check_non_thinking_replies(dataset, stage_args.dataset_name)
-        if images:  # first: it names literal <image> markers, which the special-token gate leaves to it
-            gates.check_image_slots(dataset, stage_args.dataset_name)
-        gates.check_special_token_text(tokenizer, dataset, stage_args.dataset_name, model)
+        gates.check_turn_text(tokenizer, dataset, stage_args.dataset_name, model)
         if not images:  # image rows train on the reply without the template's markers (see vision_rows)
             gates.check_template_markers(tokenizer, training_args.assistant_only_loss)
             text_checks = gates.check_tool_calls(tokenizer, dataset, stage_args.dataset_name)
@@ -164,10 +162,7 @@ def heldout_rows(stage_args, training_args, images: bool, tokenizer, model=None)
     if dataset is None:
         return None
     if stage_args.preflight:  # as the training rows: such text skews the eval loss
-        name = f"{stage_args.dataset_name} ({stage_args.dataset_test_split})"
-        if images:
-            gates.check_image_slots(dataset, name)
-        gates.check_special_token_text(tokenizer, dataset, name, model)
+        gates.check_turn_text(tokenizer, dataset, f"{stage_args.dataset_name} ({stage_args.dataset_test_split})", model)
     dataset = common.keep_columns(with_template_kwargs(dataset), SFT_COLUMNS | {training_args.dataset_text_field})
     return vision_rows(dataset, training_args, stage_args) if images else dataset
 

@@ -65,9 +65,7 @@ def main(stage_args: StageArguments, training_args, model_args, curriculum_args:
     dataset = common.load_train_dataset(stage_args)
     gates.check_prompt_rows(dataset, stage_args.dataset_name)
     if stage_args.preflight:
-        if vision.has_images(dataset):  # first: it names literal <image> markers, which the gate below leaves to it
-            gates.check_image_slots(dataset, stage_args.dataset_name)
-        gates.check_special_token_text(tokenizer, dataset, stage_args.dataset_name, model)
+        gates.check_turn_text(tokenizer, dataset, stage_args.dataset_name, model)
     dataset = common.keep_columns(dataset, UPO_COLUMNS)
     dataset, offline, preflight = preflight_data(dataset, stage_args, training_args, tokenizer, model)
     if curriculum_args.phases:
