@@ -50,8 +50,10 @@ def configs(tiny_model_path, task_data, tmp_path_factory):
         "sft": {**base, "dataset_name": str(task_data), "dataset_train_split": "sft", "max_train_samples": 16,
                 "assistant_only_loss": True, "max_length": 128},
         "dpo": {**base, "dataset_name": str(pairs), "max_length": 128, "beta": 0.1},
+        # hackable_length: random rollouts differ in words written, so groups differ in reward (accuracy and
+        # length_penalty do not: every group tied) and a resume must restore a policy gradient and online pairs
         "upo": {**base, "dataset_name": str(task_data), "dataset_train_split": "prompts", "max_train_samples": 16,
-                "rewards": {"accuracy": 1.0, "length_penalty": 0.1}, "upo_mode": "both",
+                "rewards": {"accuracy": 1.0, "hackable_length": 0.1}, "upo_mode": "both",
                 "upo_offline_dataset": str(pairs), "num_generations": 4, "per_device_train_batch_size": 8,
                 "max_completion_length": 8},
     }
@@ -928,3 +930,31 @@ def test_a_run_writing_to_a_file_keeps_progress_bars_from_flooding_it(tmp_path, 
     for log in ("run.log", "step.log"):
         frames = (tmp_path / log).read_bytes().count(b"it/s]")
         assert 1 <= frames <= 3, (log, frames)  # the first and the last frame; 22 without the limit
+
+
+@pytest.mark.parametrize("spread", [dict(gradient_accumulation_steps=2, steps_per_generation=4),
+                                    dict(gradient_accumulation_steps=1, num_iterations=2)])
+def test_upo_killed_inside_a_generation_batch_then_resumed_is_bit_identical(configs, tmp_path, spread):
+    """A generation batch that trains two optimizer steps (`steps_per_generation` twice the accumulation, or
+    `num_iterations` 2): checkpoint-1 falls inside it. GRPO keeps the batch's rollouts and its micro-step count in
+    memory only, so a resumed run sampled new rollouts from step 1's weights; the checkpoint now carries them.
+    A reward that varies between random rollouts (words written): a policy gradient and online pairs, beside the
+    offline pairs."""
+    args = {**configs["upo"], **spread, "per_device_train_batch_size": 8 // spread["gradient_accumulation_steps"],
+            "rewards": {"accuracy": 1.0, "hackable_length": 1.0}}
+    want = train("upo", args, tmp_path / "ref")
+    out = tmp_path / "out"
+    assert killed_run("upo", args, out, after=2) == -9
+    assert (out / "checkpoint-1" / "upo_generation_0.pt").is_file()
+    assert not (out / "checkpoint-2" / "upo_generation_0.pt").exists(), "a new generation batch starts at step 2"
+    assert_same_adapter(train("upo", args, out, resume=out / "checkpoint-1"), want)
+    logged = [[(e["loss"], e.get("reward"), e.get("upo/pairs_online")) for e in
+               json.loads((folder / "metrics.json").read_text())["log_history"] if "loss" in e]
+              for folder in (out, tmp_path / "ref")]
+    assert logged[0] == logged[1]
+    assert [reward is not None for _, reward, _ in logged[0]] == [True, False, True], "rollouts at steps 1 and 3"
+    assert all(pairs for _, _, pairs in logged[0] if pairs is not None), "online pairs trained"
+
+    (out / "checkpoint-1" / "upo_generation_0.pt").unlink()  # as a checkpoint saved before it was kept
+    with pytest.raises(UserError, match="upo_generation_0.pt is missing: checkpoint-1 falls inside a generation batch"):
+        train("upo", args, out, resume=out / "checkpoint-1")

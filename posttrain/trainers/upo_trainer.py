@@ -52,6 +52,7 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object, is_peft_model
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
@@ -79,6 +80,7 @@ from .upo_pairs import (
 )
 
 OFFLINE_STATE = "upo_offline_pairs.json"  # in each checkpoint: where the offline pairs' shared order stands
+GENERATION_STATE = "upo_generation_{rank}.pt"  # in a checkpoint inside a generation batch: its rollouts, per process
 
 # Any non-zero value: GRPOTrainer only builds a reference (ref adapter or ref model) when `beta != 0`.
 # Why borrow it instead of building one ourselves: GRPOTrainer.__init__ builds the reference in three places that
@@ -204,17 +206,45 @@ class UPOTrainer(GRPOTrainer):
         self._pooled = {"train": {}, "eval": {}}  # `_log_mean`'s sums and counts since the last log, per metric
 
     # ------------------------------------------------------------------------------------------------------------------
-    # The offline pairs' position is part of a checkpoint: a resumed run draws what an uninterrupted one would
+    # The offline pairs' position and an unfinished generation batch are part of a checkpoint: a resumed run trains on
+    # what an uninterrupted one would
     # ------------------------------------------------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self._offline is not None and self.args.should_save:
-            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             write_json(folder / OFFLINE_STATE, self._offline.state_dict())
+        if self._step % self._generate_every:  # GRPO keeps these in memory only; every process its own rollouts
+            state = {"step": self._step, "buffered_inputs": self._buffered_inputs}
+            torch.save(state, folder / GENERATION_STATE.format(rank=self.accelerator.process_index))
+
+    @property
+    def _generate_every(self) -> int:
+        """Micro-steps one generation batch trains for (GRPO's `_prepare_inputs`)."""
+        return self.args.steps_per_generation * self.num_iterations
+
+    def _restore_generation(self, checkpoint: Path):
+        """A checkpoint inside a generation batch (`steps_per_generation` > `gradient_accumulation_steps`, or
+        `num_iterations` > 1) resumes on the batch's saved rollouts and GRPO's micro-step count: without them GRPO
+        restarts its count at 0 and samples new rollouts, from later weights, at the resume point."""
+        path = checkpoint / GENERATION_STATE.format(rank=self.accelerator.process_index)
+        if path.is_file():
+            state = torch.load(path, map_location=self.accelerator.device, weights_only=True)
+            self._step, self._buffered_inputs = state["step"], state["buffered_inputs"]
+            return
+        step = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())["global_step"]
+        if step * self.args.gradient_accumulation_steps % self._generate_every:
+            raise UserError(f"{path} is missing: checkpoint-{step} falls inside a generation batch (steps_per_generation "
+                            f"{self.args.steps_per_generation} x num_iterations {self.num_iterations} micro-steps, "
+                            f"gradient_accumulation_steps {self.args.gradient_accumulation_steps}) and was saved "
+                            "without its rollouts, so resuming would train on other rollouts than an uninterrupted "
+                            "run; remove the checkpoint to start the stage over")
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        if resume_from_checkpoint:
+            self._restore_generation(Path(resume_from_checkpoint))
         if resume_from_checkpoint and self._offline is not None:
             path = Path(resume_from_checkpoint) / OFFLINE_STATE
             if not path.is_file():
