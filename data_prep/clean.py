@@ -18,7 +18,7 @@ import numpy as np
 import xxhash
 
 from posttrain.answers import CJK_LETTERS
-from posttrain.data import called
+from posttrain.data import called, template_kwargs
 
 from .messages import text_of
 
@@ -297,7 +297,8 @@ def decontaminate(dataset, index: dict, n: int, num_proc: int | None = None):
 # Lengths
 # ----------------------------------------------------------------------------------------------------------------------
 def _render(tokenizer, row: dict) -> list[str]:
-    """The text(s) the trainer will see: the chat template of each full conversation, plain text without one."""
+    """The text(s) the trainer will see: the chat template of each full conversation in the row's thinking mode (a
+    non-thinking reply gets the template's empty think block, as the stages render it), plain text without one."""
     if row.get("messages") is not None:
         conversations = [row["messages"]]
     elif row.get("chosen") is not None:
@@ -307,7 +308,8 @@ def _render(tokenizer, row: dict) -> list[str]:
     texts = []
     for conversation in conversations:
         try:
-            texts.append(tokenizer.apply_chat_template(conversation, tools=row.get("tools"), tokenize=False))
+            texts.append(tokenizer.apply_chat_template(
+                conversation, tokenize=False, **template_kwargs(row.get("thinking"), {"tools": row.get("tools")})))
         except Exception:  # no template, or one that cannot render tool turns: count the plain text instead
             texts.append("\n".join(_messages_text(conversation)))
     return texts

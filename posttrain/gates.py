@@ -791,26 +791,38 @@ def check_image_tokens(trainer, image_token_id: int, chunk: int = 16, limit: int
     collator = trainer.data_collator
     dataset = trainer.train_dataset
     checked = min(len(dataset), limit)
-    tokens = 0
+    tokens, untrained = 0, []
     for start in range(0, checked, chunk):
         indices = range(start, min(start + chunk, checked))
-        tokens += _image_tokens_kept(collator, [dataset[i] for i in indices],
-                                     [rows[i] if rows else i for i in indices], image_token_id)
+        kept, empty = _image_tokens_kept(collator, [dataset[i] for i in indices],
+                                         [rows[i] if rows else i for i in indices], image_token_id)
+        tokens += kept
+        untrained += [rows[start + i] if rows else start + i for i in empty]
     record = {"image_tokens": tokens}
     if checked < len(dataset):
         record["image_rows_checked"] = f"the first {checked} of {len(dataset)}"
-    return record if collator.max_length is None else {**record, "max_length": collator.max_length}
+    if untrained:
+        # TRL drops such text rows (SFT) or pre-flight stops on them (DPO); image rows it cuts in its collator, batch
+        # by batch, and trains them as they are
+        logger.warning("pre-flight: %d of %d image rows checked train nothing within max_length=%s (rows %s%s, "
+                       "counting from 1): each reply is cut away entirely, or a pair's replies are the same once cut "
+                       "(its DPO loss stays at log 2, with no gradient); raise max_length (or shorten their prompts) "
+                       "to train on them", len(untrained), checked, collator.max_length,
+                       ", ".join(str(i + 1) for i in untrained[:3]), ", ..." if len(untrained) > 3 else "")
+    return record if collator.max_length is None else {**record, "max_length": collator.max_length,
+                                                       "rows_untrained": len(untrained)}
 
 
-def _image_tokens_kept(collator, rows: list, sources: list[int], image_token_id: int) -> int:
-    """The image tokens of `rows` (source rows `sources`), after checking that `max_length` keeps them all."""
+def _image_tokens_kept(collator, rows: list, sources: list[int], image_token_id: int) -> tuple[int, list[int]]:
+    """The image tokens of `rows` (source rows `sources`), after checking that `max_length` keeps them all, and the
+    indices of the rows that train nothing once cut (`_untrained`)."""
     import copy
     import dataclasses
 
     max_length = collator.max_length
     full = dataclasses.replace(collator, max_length=None)(copy.deepcopy(rows))
     if max_length is None:
-        return int((full["input_ids"] == image_token_id).sum())
+        return int((full["input_ids"] == image_token_id).sum()), []
     cut = collator(copy.deepcopy(rows))
     for index in range(len(rows)):
         want = int((full["input_ids"][index] == image_token_id).sum())
@@ -823,7 +835,19 @@ def _image_tokens_kept(collator, rows: list, sources: list[int], image_token_id:
                 f"image tokens do not match\". Raise max_length to at least {int(full['attention_mask'][index].sum())} "
                 "(this row's full length), or use smaller images (fewer image tokens)."
             )
-    return int((full["input_ids"] == image_token_id).sum())
+    return int((full["input_ids"] == image_token_id).sum()), _untrained(cut, len(rows))
+
+
+def _untrained(batch: dict, count: int) -> list[int]:
+    """The rows of a collated batch of `count` rows that train nothing: SFT's with every label masked; DPO's (chosen
+    rows, then rejected) with no scored reply token on a side, or the same scored tokens on both."""
+    if "labels" in batch:
+        return [i for i in range(count) if not (batch["labels"][i] != -100).any()]
+    if "completion_mask" not in batch:
+        return []
+    ids, mask = batch["input_ids"], batch["completion_mask"].bool()
+    chosen, rejected = [ids[i][mask[i]] for i in range(count)], [ids[count + i][mask[count + i]] for i in range(count)]
+    return [i for i in range(count) if not len(chosen[i]) or not len(rejected[i]) or chosen[i].equal(rejected[i])]
 
 
 def check_processor_matches_model(processor, model, batch: dict) -> None:

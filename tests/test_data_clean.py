@@ -11,7 +11,7 @@ from datasets import Dataset, load_dataset
 
 from data_prep import build, build_sft_set, clean
 from posttrain.errors import UserError
-from posttrain.models import TINY_TOKENIZER, load_tokenizer
+from posttrain.models import TINY_TOKENIZER, chat_template_text, load_tokenizer
 
 WORDS = ("river stone cloud lamp orange music window garden silver paper engine forest candle bridge "
          "mountain pepper violin harbor meadow rocket").split()
@@ -106,6 +106,21 @@ def test_length_limits_are_inclusive_and_a_pair_counts_its_longer_reply():
             "rejected": [{"role": "assistant", "content": prose(1, 60)}], "_text": "unused"}
     [length] = clean.add_lengths(Dataset.from_list([pair]), load_tokenizer(TINY_TOKENIZER))["_length"]
     assert length > 60
+
+
+def test_lengths_count_a_non_thinking_row_as_the_stages_render_it():
+    # chatml prefills an empty think block before each non-thinking reply: 10 tokens a turn that max_tokens missed,
+    # so rows it kept were cut by the same max_length in training, their end-of-turn token first
+    tokenizer = load_tokenizer(TINY_TOKENIZER)
+    tokenizer.chat_template = chat_template_text("chatml")
+    messages = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}]
+    rows = Dataset.from_list([{"messages": messages, "thinking": thinking, "_text": "unused"}
+                              for thinking in (False, True)])
+    lengths = clean.add_lengths(rows, tokenizer)["_length"]
+    assert lengths == [len(tokenizer.apply_chat_template(messages, enable_thinking=thinking, tokenize=True,
+                                                         return_dict=True)["input_ids"]) for thinking in (False, True)]
+    assert lengths[0] > lengths[1]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -179,6 +179,27 @@ def test_text_replies_to_a_conversation_train(tiny_model_path, tmp_path):
     assert trainer.processing_class.decode(row["prompt_ids"]).startswith("<|im_start|>system\nAnswer with a number.")
 
 
+def test_pairs_past_the_models_positions_are_refused_before_training(tiny_model_path, tmp_path):
+    """A `max_length` above the model's `max_position_embeddings` (1,024 here) let a long pair train on positions the
+    model was never trained for, without an error."""
+    rows = [{"prompt": "word " * 1400 if i == 3 else f"{i} + {i}?", "chosen": str(2 * i), "rejected": "no"}
+            for i in range(4)]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    from trl import DPOConfig, ModelConfig
+
+    path = tiny_model_path("llama")
+    stage_args = StageArguments(dataset_name=str(pairs), tokenizer_name_or_path=str(path))
+    training = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=1, per_device_train_batch_size=4,
+                         learning_rate=1e-2, save_strategy="no", report_to="none", bf16=False, use_cpu=True,
+                         max_length=2048)
+    model_args = ModelConfig(model_name_or_path=str(path), use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                             lora_target_modules=["all-linear"])
+    with pytest.raises(UserError, match=r"pairs.jsonl: its longest training row runs to position 14\d\d "
+                                        r"\(max_length=2048\), past the model's max_position_embeddings \(1024\)"):
+        dpo.main(stage_args, training, model_args)
+
+
 def test_the_pair_gate_shows_its_progress_on_a_large_set(capsys):
     """With a tokenizer the gate renders and tokenizes three texts a pair (~1,000 pairs a second): on a large set,
     minutes before training starts, so a progress bar says what is happening; none on a small one."""

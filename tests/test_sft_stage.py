@@ -123,8 +123,9 @@ def test_a_template_that_refuses_a_kind_of_conversation_is_named_before_training
 
 def test_rows_cut_to_nothing_are_counted_and_a_test_split_gives_trls_eval_loss(tiny_model_path, sft_configs, tmp_path):
     """TRL drops the rows whose reply `max_length` cuts away without a word: the stage counts them (a warning and
-    `rows_dropped` in metrics.json). `dataset_test_split` with an `eval_strategy` gives TRL's eval loss, as TRL's own
-    sft script passes it."""
+    `rows_dropped` in metrics.json), held-out ones too (`heldout_rows_dropped`: TRL's eval loss leaves them out, and
+    with none left it logged no eval loss at all, without a word). `dataset_test_split` with an `eval_strategy` gives
+    TRL's eval loss, as TRL's own sft script passes it."""
     from datasets import Dataset
 
     turns = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
@@ -132,15 +133,39 @@ def test_rows_cut_to_nothing_are_counted_and_a_test_split_gives_trls_eval_loss(t
     data = tmp_path / "data"
     data.mkdir()
     Dataset.from_list([{"messages": turns}] * 6 + [{"messages": long}] * 2).to_parquet(data / "sft.parquet")
-    Dataset.from_list([{"messages": turns}] * 2).to_parquet(data / "test.parquet")
+    Dataset.from_list([{"messages": turns}] * 2 + [{"messages": long}]).to_parquet(data / "test.parquet")
     stage_args, training, model_args = sft_configs(tiny_model_path("llama"), data, tmp_path / "out", max_steps=2,
                                                    max_length=64, eval_strategy="steps", eval_steps=1)
     stage_args.dataset_test_split, stage_args.eval_dataset = "test", None
     trainer = sft.main(stage_args, training, model_args)
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["preflight"]["rows_dropped"] == 2
+    preflight = json.loads((tmp_path / "out" / "metrics.json").read_text())["preflight"]
+    assert preflight["rows_dropped"] == 2 and preflight["heldout_rows_dropped"] == 1
     assert len(trainer.train_dataset) == 6
     losses = [log["eval_loss"] for log in trainer.state.log_history if "eval_loss" in log]
     assert losses and all(math.isfinite(x) for x in losses)
+    Dataset.from_list([{"messages": long}] * 2).to_parquet(data / "test.parquet")
+    with pytest.raises(UserError, match=r"data \(test\): none of its 2 rows has a reply token left within "
+                                        r"max_length=64, so TRL would log no eval_loss"):
+        sft.main(stage_args, training, model_args)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_rows_past_the_models_positions_are_refused_before_training(packing, tiny_model_path, sft_configs, tmp_path):
+    """A `max_length` above the model's `max_position_embeddings` (1,024 here) let a long row train on positions the
+    model was never trained for, without an error (transformers raises nothing in a training forward)."""
+    from datasets import Dataset
+
+    short = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
+    long = [{"role": "user", "content": "word " * 1400}, {"role": "assistant", "content": "4"}]
+    data = tmp_path / "data"
+    data.mkdir()
+    Dataset.from_list([{"messages": short}] * 6 + [{"messages": long}]).to_parquet(data / "sft.parquet")
+    configs = sft_configs(tiny_model_path("llama"), data, tmp_path / "out", max_steps=1, max_length=2048,
+                          packing=packing)
+    configs[0].eval_dataset = None
+    with pytest.raises(UserError, match=r"data: its longest training row runs to position 14\d\d \(max_length=2048\), "
+                                        r"past the model's max_position_embeddings \(1024\).*max_length to at most 1024"):
+        sft.main(*configs)
 
 
 @pytest.mark.parametrize("packing", [False, True])

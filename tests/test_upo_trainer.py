@@ -1273,6 +1273,37 @@ def test_rollouts_past_the_models_positions_are_refused_at_stage_start(tiny_mode
         run_one_step(tmp_path, model, rewards={"length_penalty": 1.0}, max_completion_length=100)
 
 
+def test_held_out_rollouts_past_the_models_positions_are_refused_at_stage_start(tiny_model_path, tmp_path):
+    """The held-out prompts GRPO's evaluation samples from (`dataset_test_split` with an `eval_strategy`) were not
+    measured: one past `max_position_embeddings` was evaluated on noise, without an error, as a training one was."""
+    model = str(tiny_model_path("llama"))
+    short = {"prompt": [{"role": "user", "content": "word"}], "answer": "1", "domain": "d", "thinking": None}
+    long = {**short, "prompt": [{"role": "user", "content": "word " * 990}]}
+    (tmp_path / "prompts").mkdir()
+    Dataset.from_list([short] * 4).to_parquet(tmp_path / "prompts" / "train.parquet")
+    Dataset.from_list([short, long]).to_parquet(tmp_path / "prompts" / "test.parquet")
+    with pytest.raises(UserError, match=r"prompts \(test\): stages.upo.max_completion_length=100 after the longest "
+                                        r"prompt \(1002 "):
+        run_one_step(tmp_path, model, rewards={"length_penalty": 1.0}, max_completion_length=100,
+                     dataset_name=str(tmp_path / "prompts"), dataset_test_split="test", eval_strategy="steps",
+                     eval_steps=1, per_device_eval_batch_size=2)
+
+
+def test_offline_pairs_past_the_models_positions_are_refused_at_stage_start(tiny_model_path, tmp_path):
+    """An offline pair's prompt and reply (cut to `max_completion_length`) past `max_position_embeddings`: its DPO term
+    was scored on positions the model was never trained for, without an error, where a rollout's were refused."""
+    model = str(tiny_model_path("llama"))
+    short = {"prompt": [{"role": "user", "content": "word"}], "answer": "1", "domain": "d", "thinking": None}
+    Dataset.from_list([short] * 4).to_parquet(tmp_path / "prompts.parquet")
+    pair = {"prompt": [{"role": "user", "content": "word " * 1030}], "chosen": [{"role": "assistant", "content": "1"}],
+            "rejected": [{"role": "assistant", "content": "2"}]}
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(pair) + "\n")
+    with pytest.raises(UserError, match=r"pairs.jsonl \(train\): stages.upo.max_completion_length=100 after the "
+                                        r"longest prompt \(1042 tokens\).*shorten the prompts"):
+        run_one_step(tmp_path, model, rewards={"length_penalty": 1.0}, max_completion_length=100, upo_mode="both",
+                     upo_offline_dataset=str(tmp_path / "pairs.jsonl"))
+
+
 def run_one_step(tmp_path, model: str, **settings):
     """The UPO stage's `main`, as its process runs it, for one step of 2 rollouts of tmp_path/prompts.parquet."""
     import yaml

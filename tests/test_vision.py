@@ -412,6 +412,53 @@ def test_gate_truncation_cuts_image_tokens(vqa, tiny_model_path, tmp_path):
         sft.main(*configs)
 
 
+def test_gate_image_tokens_counts_rows_that_max_length_leaves_nothing_to_train(caplog):
+    """TRL cuts image rows in its collator, batch by batch: a reply behind a long question trained nothing, and a DPO
+    pair cut to no reply (or to the same one) kept its loss at log 2, without a word. Stand-in collators."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    import torch
+
+    def padded(seqs):
+        width = max(map(len, seqs))
+        return torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+
+    @dataclasses.dataclass
+    class SFTCollator:  # labels on the reply (-100 on the prompt); cuts at max_length
+        max_length: int | None
+
+        def __call__(self, rows):
+            cut = slice(self.max_length)
+            return {"input_ids": padded([(r["prompt"] + r["reply"])[cut] for r in rows]),
+                    "labels": padded([([-100] * len(r["prompt"]) + r["reply"])[cut] for r in rows])}
+
+    @dataclasses.dataclass
+    class PairCollator:  # TRL's layout: chosen rows, then rejected rows, with a completion mask
+        max_length: int | None
+
+        def __call__(self, rows):
+            cut = slice(self.max_length)
+            seqs = [(r["prompt"] + r[side])[cut] for side in ("chosen", "rejected") for r in rows]
+            masks = [([0] * len(r["prompt"]) + [1] * len(r[side]))[cut] for side in ("chosen", "rejected") for r in rows]
+            return {"input_ids": padded(seqs), "completion_mask": padded(masks)}
+
+    image = [9, 9]
+    rows = [{"prompt": [1, *image, 3], "reply": [5, 2]}, {"prompt": [1, *image, 3, 3, 3, 3, 3], "reply": [5, 2]}]
+    trainer = SimpleNamespace(data_collator=SFTCollator(max_length=8), train_dataset=rows)
+    with caplog.at_level("WARNING", logger="posttrain"):
+        assert gates.check_image_tokens(trainer, image_token_id=9)["rows_untrained"] == 1
+    assert "1 of 2 image rows checked train nothing within max_length=8 (rows 2, counting from 1)" in caplog.text
+    pairs = [{"prompt": [1, *image, 3], "chosen": [5, 2], "rejected": [6, 2]},
+             {"prompt": [1, *image, 3, 3, 3, 3, 3], "chosen": [5, 2], "rejected": [6, 2]},  # no reply token left
+             {"prompt": [1, *image, 3, 3, 3, 3], "chosen": [5, 5, 2], "rejected": [5, 6, 2]}]  # the same once cut
+    trainer = SimpleNamespace(data_collator=PairCollator(max_length=8), train_dataset=pairs)
+    assert gates.check_image_tokens(trainer, image_token_id=9, rows=[0, 3, 4])["rows_untrained"] == 2
+    assert "(rows 4, 5, counting from 1)" in caplog.text
+    trainer.data_collator.max_length = 16
+    assert gates.check_image_tokens(trainer, image_token_id=9)["rows_untrained"] == 0
+
+
 def test_gate_images_per_placeholder():
     from datasets import Dataset, Features, Json, List, Value
 
@@ -690,7 +737,7 @@ def test_gate_image_tokens_checks_every_row_up_to_its_limit():
         gates.check_image_tokens(trainer, image_token_id=9)
     # beyond `limit` rows the record says how many were checked
     assert gates.check_image_tokens(trainer, image_token_id=9, limit=20) == {
-        "image_tokens": 40, "image_rows_checked": "the first 20 of 21", "max_length": 8}
+        "image_tokens": 40, "image_rows_checked": "the first 20 of 21", "max_length": 8, "rows_untrained": 0}
     # DPO's pre-flight skipped two bad pairs before it (`skip_bad_rows`): the error names the row in the file
     from datasets import Dataset
 

@@ -232,7 +232,38 @@ def prepare_trainer(trainer, model, stage_args, model_args, images: bool, rows: 
         preflight.update(gates.check_image_tokens(trainer, model.config.image_token_id, rows=rows))
         gates.check_processor_matches_model(trainer.processing_class, trainer.model,
                                             trainer.data_collator([trainer.train_dataset[0]]))
+    elif stage_args.preflight:
+        check_positions(trainer, model, stage_args.dataset_name)
     return preflight
+
+
+def check_positions(trainer, model, name: str) -> None:
+    """The longest training row, as TRL cut it to `max_length`, fits the model's positions (`evaluate.context_limit`):
+    past them a RoPE model trains on positions it was never trained for, without an error (the generation checks of
+    the evaluation and of UPO never see training rows), and one with learned positions fails mid-training on an index
+    error. Text rows, which TRL tokenizes before training (a packed row's positions restart at each of its rows)."""
+    from ..evaluate import context_limit
+
+    limit, dataset, max_length = context_limit(model), trainer.train_dataset, trainer.args.max_length
+    columns = dataset.column_names or []
+    if limit is None or (max_length is not None and max_length <= limit):
+        return
+    if "seq_lengths" in columns:
+        lengths = (max(row["seq_lengths"]) for row in dataset.select_columns(["seq_lengths"]))
+    elif "input_ids" in columns:
+        lengths = (len(row["input_ids"]) for row in dataset.select_columns(["input_ids"]))
+    elif "prompt_ids" in columns:  # DPO: TRL's collator cuts each side to max_length
+        sides = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+        lengths = (min(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])),
+                       max_length or float("inf")) for r in sides)
+    else:
+        return
+    longest = max(lengths, default=0)
+    if longest > limit:
+        raise UserError(f"pre-flight: {name}: its longest training row runs to position {longest} "
+                        f"(max_length={max_length}), past the model's max_position_embeddings ({limit}), where it "
+                        f"learns from positions it was never trained for without an error; set max_length to at "
+                        f"most {limit}, or shorten the rows")
 
 
 def load_train_dataset(stage_args):

@@ -21,6 +21,7 @@ import time
 from .. import gates
 from ..configs import StageArguments
 from ..data import data_folder, with_template_kwargs
+from ..errors import UserError
 from ..models import vision
 from . import common
 
@@ -60,15 +61,18 @@ def main(stage_args: StageArguments, training_args, model_args):
     problem = common.padding_free_problem(model, images) if training_args.padding_free else None
     problem = problem or neftune_problem(training_args)
     flatten = flatten_requested(training_args, problem)
+    heldout = heldout_rows(stage_args, training_args, images, tokenizer, model)
     trainer = SFTTrainer(
-        model=model, args=training_args, train_dataset=dataset,
-        eval_dataset=heldout_rows(stage_args, training_args, images, tokenizer, model), processing_class=tokenizer,
+        model=model, args=training_args, train_dataset=dataset, eval_dataset=heldout, processing_class=tokenizer,
         peft_config=peft_config
     )
     common.guard_checkpoints(trainer)
     # image gates first: cut image tokens would also show up below as rows with nothing to train
     preflight = common.prepare_trainer(trainer, model, stage_args, model_args, images)
     preflight.update(report_dropped_rows(trainer, len(dataset), training_args, stage_args.dataset_name))
+    if heldout is not None:
+        preflight.update(report_dropped_heldout(trainer, len(heldout), training_args,
+                                                f"{stage_args.dataset_name} ({stage_args.dataset_test_split})"))
     if stage_args.preflight:
         end_of_turn = gates.end_of_turn_ids(vision.text_tokenizer(tokenizer), getattr(trainer, "chat_template", None))
         preflight.update(gates.check_collated_labels(trainer, end_of_turn))
@@ -108,6 +112,23 @@ def report_dropped_rows(trainer, rows: int, training_args, name: str) -> dict:
                        "nothing; raise max_length (or shorten their prompts) to train on them", name, dropped, rows,
                        training_args.max_length)
     return {"rows_dropped": dropped}
+
+
+def report_dropped_heldout(trainer, rows: int, training_args, name: str) -> dict:
+    """The held-out rows TRL leaves out as it leaves out training ones (`report_dropped_rows`): its eval_loss is over
+    the rest, and with none left it logs none at all, without a word. Packed, TRL keeps them (they add nothing)."""
+    if training_args.packing if training_args.eval_packing is None else training_args.eval_packing:
+        return {}
+    dropped = rows - len(trainer.eval_dataset)
+    if rows and dropped == rows:
+        raise UserError(f"pre-flight: {name}: none of its {rows} rows has a reply token left within max_length="
+                        f"{training_args.max_length}, so TRL would log no eval_loss; raise max_length (or shorten "
+                        "their prompts)")
+    if dropped:
+        logger.warning("pre-flight: %s: %d of %d held-out rows have no reply token left within max_length=%s, so "
+                       "eval_loss leaves them out; raise max_length (or shorten their prompts) to measure them", name,
+                       dropped, rows, training_args.max_length)
+    return {"heldout_rows_dropped": dropped}
 
 
 def report_cut_replies(trainer, training_args, end_of_turn: set[int], name: str) -> dict:

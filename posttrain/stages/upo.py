@@ -68,6 +68,8 @@ def main(stage_args: StageArguments, training_args, model_args, curriculum_args:
         gates.check_turn_text(tokenizer, dataset, stage_args.dataset_name, model)
     dataset = common.keep_columns(dataset, UPO_COLUMNS)
     dataset, offline, preflight = preflight_data(dataset, stage_args, training_args, tokenizer, model)
+    if offline is not None and not vision.has_images(offline):  # cut to max_completion_length, as rollouts are
+        check_rollout_context(model, tokenizer, offline, training_args, f"{training_args.upo_offline_dataset} (train)")
     if curriculum_args.phases:
         dataset = curriculum(dataset, stage_args, curriculum_args.phases, training_args.seed)
         training_args.shuffle_dataset = False  # the phase order is the point
@@ -79,7 +81,7 @@ def main(stage_args: StageArguments, training_args, model_args, curriculum_args:
     elif stage_args.preflight:
         # rendered here once (the trainer keeps text prompts as they are), then measured as GRPO will tokenize them
         dataset = render_prompts(dataset, tokenizer, training_args.chat_template_kwargs)
-        check_rollout_context(model, tokenizer, dataset, training_args)
+        check_rollout_context(model, tokenizer, dataset, training_args, stage_args.dataset_name)
     trainer = UPOTrainer(model, args=training_args, train_dataset=dataset,
                          eval_dataset=heldout_prompts(stage_args, training_args, images, tokenizer, model),
                          processing_class=tokenizer,
@@ -97,13 +99,17 @@ def main(stage_args: StageArguments, training_args, model_args, curriculum_args:
     return trainer
 
 
-def check_rollout_context(model, tokenizer, dataset, training_args) -> None:
+def check_rollout_context(model, tokenizer, dataset, training_args, name: str) -> None:
     """Each prompt, as GRPO tokenizes it, and `max_completion_length` rollout tokens after it fit the model's
     positions (`evaluate.check_context`): past them rollouts are noise that the rewards score and the policy learns."""
     thinking = dataset["thinking"] if "thinking" in dataset.column_names else [None] * len(dataset)
     prompts = [render_prompt_text(tokenizer, prompt, mode, training_args.chat_template_kwargs)
                for prompt, mode in zip(dataset["prompt"], thinking)]
-    check_context(model, tokenizer, prompts, training_args.max_completion_length, "stages.upo.max_completion_length")
+    try:
+        check_context(model, tokenizer, prompts, training_args.max_completion_length,
+                      "stages.upo.max_completion_length")
+    except UserError as error:  # which prompts: the training or the held-out ones
+        raise UserError(f"{name}: {error}") from None
 
 
 def heldout_prompts(stage_args, training_args, images: bool, tokenizer, model=None):
@@ -120,7 +126,11 @@ def heldout_prompts(stage_args, training_args, images: bool, tokenizer, model=No
     if stage_args.preflight:
         dataset, _ = gates.check_reward_references(dataset, training_args.rewards, name,
                                                    allow_skip=stage_args.skip_bad_rows)
-    return image_prompts(dataset, training_args, name) if images else dataset
+    if images:
+        return image_prompts(dataset, training_args, name)
+    if stage_args.preflight and model is not None:  # GRPO's evaluation samples rollouts from these prompts too
+        check_rollout_context(model, tokenizer, dataset, training_args, name)
+    return dataset
 
 
 def preflight_data(dataset, stage_args, training_args, tokenizer=None, model=None):
