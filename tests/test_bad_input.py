@@ -598,9 +598,10 @@ def test_the_report_of_a_run_whose_data_job_failed_says_failed(tmp_path, monkeyp
     assert " · finished " in report
 
 
-def test_an_adapter_no_step_changed_is_explained_not_a_crash(tiny_model_path, tmp_path):
+def test_an_adapter_no_step_changed_is_explained_not_a_crash(tiny_model_path, tmp_path, caplog):
     """A new adapter starts with every lora_B at zero; saved that way (e.g. UPO where every group's rollouts got the
-    same reward) the stage stops with the likely causes, as a user error; a trained one passes."""
+    same reward) the stage stops with the likely causes, as a user error; a trained one passes. A continued adapter
+    that comes out as it went in is warned about and recorded."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -617,4 +618,14 @@ def test_an_adapter_no_step_changed_is_explained_not_a_crash(tiny_model_path, tm
             if "lora_B" in name:
                 parameter.add_(0.01)
     model.save_pretrained(tmp_path / "trained")
-    assert verify_adapter(tmp_path / "trained", model)
+    assert "unchanged" not in verify_adapter(tmp_path / "trained", model)
+    # continued from the stage before (UPO from DPO's adapter): its lora_B is not zero, so only a comparison with the
+    # adapter it continued shows that no step changed it
+    model.save_pretrained(tmp_path / "continued")
+    with caplog.at_level("WARNING", logger="posttrain"):
+        assert verify_adapter(tmp_path / "continued", model, continued=str(tmp_path / "trained"))["unchanged"]
+    assert f"no training step changed the adapter continued from {tmp_path / 'trained'}" in caplog.text
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_A" in n).add_(0.01)
+    model.save_pretrained(tmp_path / "continued")
+    assert "unchanged" not in verify_adapter(tmp_path / "continued", model, continued=str(tmp_path / "trained"))

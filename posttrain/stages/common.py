@@ -291,9 +291,10 @@ def keep_columns(dataset, columns: set[str]):
     return dataset.remove_columns([c for c in dataset.column_names if c not in columns])
 
 
-def verify_adapter(output_dir: str | Path, model, live: dict | None = None) -> dict:
+def verify_adapter(output_dir: str | Path, model, live: dict | None = None, continued: str | None = None) -> dict:
     """The saved adapter exists, is non-empty, holds non-zero weights and reloads equal to what was trained (`live`:
-    the trained adapter's tensors, gathered whole by `live_adapter`; default: read from `model`)."""
+    the trained adapter's tensors, gathered whole by `live_adapter`; default: read from `model`). One that continued
+    the adapter at `continued` and comes out equal to it is recorded (`unchanged`) and warned about."""
     import torch
     from safetensors.torch import load_file
 
@@ -318,8 +319,26 @@ def verify_adapter(output_dir: str | Path, model, live: dict | None = None) -> d
     for key, tensor in saved.items():
         if key not in live or not torch.equal(live[key].detach().float().cpu(), tensor.float()):
             raise RuntimeError(f"adapter {path}: saved tensor {key} does not reload equal to the trained one")
-    return {"adapter_bytes": path.stat().st_size, "adapter_tensors": len(saved), "reloads_equal": True,
-            "targets": lora_targets(model)}
+    checks = {"adapter_bytes": path.stat().st_size, "adapter_tensors": len(saved), "reloads_equal": True,
+              "targets": lora_targets(model)}
+    if continued and _same_tensors(saved, Path(continued) / "adapter_model.safetensors"):
+        # the zero-lora_B check above sees a new adapter only: one continued from the stage before starts non-zero
+        logger.warning("no training step changed the adapter continued from %s: every loss was zero or no gradient "
+                       "reached it (in UPO/GRPO: every prompt's rollouts got the same reward, frac_reward_zero_std = "
+                       "1, and no pair was mined); the stage's adapter is the previous stage's", continued)
+        checks["unchanged"] = True
+    return checks
+
+
+def _same_tensors(saved: dict, path: Path) -> bool:
+    """Whether the adapter file at `path` holds exactly the tensors `saved` does."""
+    import torch
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return False
+    before = load_file(path)
+    return before.keys() == saved.keys() and all(torch.equal(before[k], saved[k]) for k in saved)
 
 
 def lora_targets(model) -> dict:
@@ -395,7 +414,7 @@ def finish(trainer, stage: str, stage_args, tokenizer, train_result, started: fl
     # Trainer pickles its arguments next to the adapter; resolved.yaml holds them as text, and we ship no pickles
     (Path(output_dir) / "training_args.bin").unlink(missing_ok=True)
     tokenizer.save_pretrained(output_dir)
-    checks = verify_adapter(output_dir, model, live) if live is not None else {}
+    checks = verify_adapter(output_dir, model, live, stage_args.adapter_path) if live is not None else {}
     if deferred:
         accelerator.print(f"[{stage}] held-out evaluation after the stage: {deferred}")
         extra = {**(extra or {}), "eval_deferred": deferred}
