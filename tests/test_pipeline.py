@@ -52,6 +52,8 @@ def test_tiny_recipe_end_to_end(tiny_run, shared_tiny, check_evaluation):
     upo = json.loads((run / "upo" / "metrics.json").read_text())
     assert upo["train"]["global_step"] == 2
     assert any("upo/dpo_loss" in log for log in upo["log_history"])
+    steps = [log for log in upo["log_history"] if "upo/pairs_online" in log]  # the rollouts' rewards differ: online
+    assert steps and all(log["frac_reward_zero_std"] < 1 and log["upo/pairs_online"] > 0 for log in steps)  # pairs, PG
     for stage, previous in (("dpo", "sft"), ("upo", "dpo")):
         record = json.loads((run / stage / "lineage.json").read_text())
         assert record["previous_stage"] == previous

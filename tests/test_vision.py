@@ -698,6 +698,8 @@ def test_tiny_vision_recipe(tiny_vision_run, check_evaluation):
     assert all(math.isfinite(log["loss"]) for log in sft["log_history"] if "loss" in log)
     upo = json.loads((run / "upo" / "metrics.json").read_text())
     assert any("upo/dpo_loss" in log for log in upo["log_history"])
+    steps = [log for log in upo["log_history"] if "upo/pairs_online" in log]  # online image pairs, not offline alone
+    assert steps and all(log["frac_reward_zero_std"] < 1 and log["upo/pairs_online"] > 0 for log in steps)
     adapters = {s: load_file(run / s / "adapter_model.safetensors") for s in ("sft", "dpo", "upo")}
     tower = [k for k in adapters["sft"] if "vision_tower" in k or "multi_modal_projector" in k]
     assert tower, "the SFT adapter carries the vision tower and projector it trained (lora_modules_to_save)"
