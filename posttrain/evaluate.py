@@ -28,9 +28,17 @@ from pathlib import Path
 
 from . import devices
 from .configs import EvalArguments, Precision
-from .data import completion_text, conversation_replies, has_tool_turns, opens_think, preference_texts, prompt_text
+from .data import (
+    completion_text,
+    conversation_replies,
+    data_folder,
+    has_tool_turns,
+    opens_think,
+    preference_texts,
+    prompt_text,
+)
 from .errors import UserError, is_out_of_memory, row_name, what_ran_out
-from .gates import check_special_token_text, prompt_end
+from .gates import check_image_slots, check_special_token_text, prompt_end
 from .io import write_json
 from .models import sampling_weights, vision
 from .models.lm_head import chunks
@@ -531,6 +539,9 @@ def load_rows(dataset: str, split: str = "test", limit: int | None = None) -> li
         more = f" and {len(empty) - 1} more" if len(empty) > 1 else ""
         raise UserError(f"{dataset} ({split}): {row_name(empty[0])}{more} has no answer to score the reply against; "
                         "fill the answer column or drop the row")
+    if vision.has_images(data):  # as the stages' rows: one image per placeholder, paths read in the data's folder
+        check_image_slots(data, f"{dataset} ({split})")
+        data = vision.decode_images(data, data_folder(dataset), f"{dataset} ({split})")
     return vision.as_rows(data)
 
 

@@ -619,8 +619,11 @@ def check_preference_pairs(dataset, name: str, tokenizer=None, max_length: int |
     from tqdm.auto import tqdm
 
     bad = []
-    # ~1,000 pairs a second with a tokenizer (three renderings and tokenizations a pair): minutes for a large set
-    rows = tqdm(dataset, desc=f"pre-flight: {name}", disable=len(dataset) < 10_000, leave=False)
+    # ~1,000 pairs a second with a tokenizer (three renderings and tokenizations a pair): minutes for a large set.
+    # Without the images: stored ones would all be decoded, and a broken one raise PIL's error naming no row (the
+    # stages check images, naming the row, in `vision.decode_images`)
+    text = dataset.remove_columns([c for c in ("images",) if c in dataset.column_names])
+    rows = tqdm(text, desc=f"pre-flight: {name}", disable=len(dataset) < 10_000, leave=False)
     for index, row in enumerate(rows):
         chosen, rejected = _reply(row["chosen"]), _reply(row["rejected"])
         reason = None

@@ -269,6 +269,28 @@ def test_image_prompts_written_as_text_are_evaluated_with_their_images(vqa, tiny
     assert prompt_ids.count(processor.image_token_id) > 0
 
 
+def test_upo_heldout_image_paths_are_read_against_the_data_folder(vqa, tiny_model_path, tmp_path, monkeypatch):
+    """Relative image paths of UPO's held-out prompts (GRPO's evaluation) are read against the dataset's folder, as
+    its training prompts' are; they were read against the working directory ("images[0] red.png: not found")."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    from posttrain.stages import upo
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_png(data / "red.png")
+    rows = load_split(vqa / "tasks", "test").remove_columns("images").to_list()
+    Dataset.from_list([{**row, "images": ["red.png"]} for row in rows]).to_parquet(str(data / "test.parquet"))
+    monkeypatch.chdir(tmp_path)
+    stage_args = StageArguments(dataset_name=str(data), dataset_test_split="test")
+    # not a UPOConfig: making one resets accelerate's state, which the module's chained trainers still use
+    training_args = SimpleNamespace(eval_strategy="steps", rewards={"accuracy": 1.0}, chat_template_kwargs=None)
+    prompts = upo.heldout_prompts(stage_args, training_args, True, load_tokenizer(tiny_model_path("llava")))
+    assert len(prompts) == len(rows) and prompts[0]["images"][0].size == (16, 16)
+
+
 def test_a_merged_vlm_reloads_with_its_image_text_to_text_class(tiny_model_path, tmp_path):
     """The export's reload check and the card's code load a merged VLM with its image-text-to-text class (LLaVA's
     config is not a causal LM's: the export failed after the merge)."""
@@ -520,6 +542,70 @@ def test_special_token_text_in_an_image_reply_stops_sft(vqa, tiny_model_path, tm
         sft.main(*configs)
 
 
+def with_bad_image_row(dataset, kind: str, bad: int = 2):
+    """`dataset` with row `bad`'s (counting from 1) prompt holding two image parts for its one image ("slots"), or
+    LLaMA-Factory's literal `<image>` marker in its text beside its image ("marker"), which the special-token gate
+    leaves to the image one."""
+    def change(row, index):
+        if index != bad - 1:
+            return {}
+        if kind == "marker":
+            return {"prompt": [{"role": "user", "content": "<image>What color is the shape?"}]}
+        return {"prompt": [{**row["prompt"][0], "content": [{"type": "image"}, *row["prompt"][0]["content"]]}]}
+
+    return dataset.map(change, with_indices=True)
+
+
+IMAGE_ROW_ERRORS = {"slots": r"\(counting from 1\): 1 image\(s\) for 2 image placeholder",
+                    "marker": r"\(counting from 1\): 1 literal '<image>' marker"}
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_dpo_stage_gates_image_slots(split, vqa, tiny_model_path, tmp_path):
+    """DPO runs the image gate on its training and held-out pairs: one image per placeholder, named by split and row,
+    before the first step (not TRL's "Number of images provided" from the collator)."""
+    from trl import DPOConfig
+
+    from posttrain.stages import dpo
+
+    data = tmp_path / "pairs"
+    for part in ("train", "test"):
+        pairs = load_split(vqa / "pairs", part)
+        (with_bad_image_row(pairs, "slots") if part == split else pairs).to_parquet(str(data / f"{part}.parquet"))
+    configs = stage_configs(DPOConfig, "llava", tiny_model_path, tmp_path / "out", data, "train", test_split="test",
+                            max_length=160)
+    with pytest.raises(UserError, match=rf"pairs \({split}\) row 2 {IMAGE_ROW_ERRORS['slots']}"):
+        dpo.main(*configs)
+
+
+@pytest.mark.parametrize("where,kind", [("prompts", "slots"), ("test", "slots"), ("test", "marker"),
+                                        ("offline", "slots"), ("offline", "marker")])
+def test_upo_stage_gates_image_slots(where, kind, vqa, tiny_model_path, tmp_path):
+    """UPO runs the image gate on its training prompts, its held-out prompts (GRPO's evaluation) and its offline
+    pairs, naming the set and row before the first step. Without it the held-out row stopped the first evaluation
+    with TRL's "Number of images provided (1) does not match number of image placeholders (2)", the offline pair
+    the trainer's construction with the processor's count of image tokens, and a literal `<image>` under Qwen2-VL
+    (whose placeholder is another token) was read as text."""
+    from posttrain.stages import upo
+    from posttrain.trainers import UPOConfig
+
+    data, offline = tmp_path / "data", tmp_path / "pairs"
+    bad = 1 if where == "test" else 2  # a row of the thinking mode the stage keeps: those are the ones evaluated
+    for split in ("prompts", "test"):
+        prompts = load_split(vqa / "tasks", split)
+        prompts = with_bad_image_row(prompts, kind, bad) if split == where else prompts
+        prompts.to_parquet(str(data / f"{split}.parquet"))
+    pairs = load_split(vqa / "pairs", "train")
+    (with_bad_image_row(pairs, kind) if where == "offline" else pairs).to_parquet(str(offline / "train.parquet"))
+    configs = stage_configs(UPOConfig, "llava", tiny_model_path, tmp_path / "out", data, "prompts", test_split="test",
+                            rewards={"accuracy": 1.0}, num_generations=4, max_completion_length=6,
+                            chat_template_kwargs={"enable_thinking": False}, eval_strategy="steps", eval_steps=1,
+                            upo_mode="both", upo_offline_dataset=str(offline))
+    name = {"prompts": "data", "test": r"data \(test\)", "offline": r"pairs \(train\)"}[where]
+    with pytest.raises(UserError, match=rf"pre-flight: .*{name} row {bad} {IMAGE_ROW_ERRORS[kind]}"):
+        upo.main(*configs, upo.CurriculumArguments())
+
+
 def test_gate_processor_from_another_model(tiny_model_path):
     model = load_model(tiny_model_path("llava"))
     llava, qwen = load_tokenizer(tiny_model_path("llava")), load_tokenizer(tiny_model_path("qwen2_vl"))
@@ -580,7 +666,7 @@ def test_image_pairs_whose_replies_hold_tool_results_are_refused(tmp_path):
 
 
 def test_decode_images_resolves_against_the_data_folder_and_names_bad_rows(tmp_path, monkeypatch):
-    from datasets import Dataset
+    from datasets import Dataset, List
     from datasets import Image as ImageFeature
 
     monkeypatch.chdir(tmp_path.parent)  # relative paths must not resolve against the current directory
@@ -595,6 +681,32 @@ def test_decode_images_resolves_against_the_data_folder_and_names_bad_rows(tmp_p
     # one Image() per row instead of a list of them
     single = Dataset.from_dict({"images": [str(tmp_path / good)]}).cast_column("images", ImageFeature())
     assert vision.decode_images(single)[0]["images"][0].size == (16, 16)
+    # images stored in the data (parquet written by `datasets`), broken bytes in row 2: named, not PIL's error later
+    stored = Dataset.from_dict({"images": [[{"bytes": (tmp_path / good).read_bytes(), "path": None}],
+                                           [{"bytes": b"not an image", "path": None}]]})
+    stored = stored.cast_column("images", List(ImageFeature()))
+    with pytest.raises(UserError, match=r"vqa row 2 \(counting from 1\): images\[0\] \(stored in the data\): does not"):
+        vision.decode_images(stored, name="vqa")
+
+
+def test_a_broken_stored_image_in_dpo_pairs_is_named(vqa, tiny_model_path, tmp_path):
+    """A broken image stored in a pair's parquet row is an error naming the row before training: the pair gates and
+    the reply-format check read the pairs without decoding their images (PIL's "cannot identify image file" named
+    no row), and `vision.decode_images` checks stored images as it checks image files."""
+    from datasets import Image as ImageFeature
+    from datasets import List
+
+    from posttrain.stages import dpo
+
+    def break_first(row, index):
+        return {"images": [{"bytes": b"not an image", "path": None}]} if index == 0 else {}
+
+    pairs = load_split(vqa / "pairs", "train").cast_column("images", List(ImageFeature(decode=False)))
+    pairs = pairs.map(break_first, with_indices=True).cast_column("images", List(ImageFeature()))  # as data_prep's
+    pairs.to_parquet(str(tmp_path / "pairs" / "train.parquet"))
+    stage_args = StageArguments(dataset_name=str(tmp_path / "pairs"))
+    with pytest.raises(UserError, match=r"pairs \(train\) row 1 \(counting from 1\): images\[0\] \(stored in the data\)"):
+        dpo.load_pairs(stage_args, "train", load_tokenizer(tiny_model_path("llava")), None)
 
 
 def test_processor_class_from_preprocessor_config(tiny_model_path, tmp_path):
@@ -614,6 +726,27 @@ def test_processor_class_from_preprocessor_config(tiny_model_path, tmp_path):
     from posttrain.models.load import load_tokenizer
 
     assert type(load_tokenizer(folder)).__name__ == "Qwen2_5_VLProcessor"
+
+def test_evaluation_image_rows_pass_the_image_gates(vqa, tmp_path, monkeypatch):
+    """The held-out evaluation's image rows (`eval.dataset`: before the first stage and after each) pass the stages'
+    image gates: relative image paths are read in the data's folder (they were read in the working directory), and a
+    row with an image placeholder too many is named (it was the processor's "The total number of <image> tokens in
+    the prompts should be the same as the number of images passed")."""
+    from datasets import Dataset
+
+    from posttrain.evaluate import load_rows
+
+    rows = load_split(vqa / "tasks", "test").remove_columns("images").to_list()
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    for folder in (good, bad):
+        folder.mkdir()
+        write_png(folder / "red.png")
+        Dataset.from_list([{**row, "images": ["red.png"]} for row in rows]).to_parquet(str(folder / "test.parquet"))
+        rows[1]["prompt"][0]["content"].insert(0, {"type": "image"})  # for `bad`
+    monkeypatch.chdir(tmp_path)
+    assert load_rows(str(good), "test")[0]["images"][0].size == (16, 16)
+    with pytest.raises(UserError, match=r"bad \(test\) row 2 \(counting from 1\): 1 image\(s\) for 2 image placeholder"):
+        load_rows(str(bad), "test")
 
 def test_vqa_rows_import_with_reasoning(tmp_path):
     from data_prep.build_vqa_tasks import main

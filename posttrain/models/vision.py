@@ -175,16 +175,19 @@ def decode_images(dataset, data_dir: str | Path | None = None, name: str = "the 
     """The `images` column as PIL images: file paths (data_prep's `build_sft_set`) are cast to `datasets.Image`.
 
     Paths relative to the data file resolve against its folder, `data_dir`, when the caller knows it (else against the
-    current directory); every image is checked up front, so a missing or broken one is an error naming its row
-    (`name` names the dataset in it) before training starts, not an exception in the middle of it."""
+    current directory); every image, a file or stored in the data (a `datasets.Image` column), is checked up front, so
+    a missing or broken one is an error naming its row (`name` names the dataset in it) before training starts, not
+    an exception in the middle of it."""
     from datasets import Image, List
 
     if not has_images(dataset):
         return dataset
     feature = dataset.features["images"]
     if isinstance(feature, Image):  # one image per row, not a list: the collators expect a list
+        _check_images(dataset.cast_column("images", Image(decode=False)), name)
         return dataset.map(lambda row: {"images": [row["images"]]}, features=_with_images(dataset, List(Image())))
     if isinstance(getattr(feature, "feature", None), Image):
+        _check_images(dataset.cast_column("images", List(Image(decode=False))), name)
         return dataset
     if data_dir is not None:
         dataset = dataset.map(lambda row: {"images": [_under(data_dir, p) for p in row["images"] or []]})
@@ -203,19 +206,28 @@ def _under(folder: str | Path, path: str) -> str:
 
 
 def _check_images(dataset, name: str) -> None:
+    """Each image of each row opens as one: a file path, or the bytes of an undecoded `datasets.Image`."""
+    import io
+
     from PIL import Image as PILImage
 
-    for i, paths in enumerate(dataset["images"]):
-        for j, path in enumerate(paths or []):
-            if not isinstance(path, str):  # bytes or {"bytes", "path"}: decoded by `datasets` as they are
+    for i, images in enumerate(row["images"] for row in dataset.select_columns(["images"])):  # stored bytes: not all at once
+        for j, image in enumerate(images if isinstance(images, list) else [images] if images else []):
+            if isinstance(image, dict):  # `datasets.Image`'s {"bytes", "path"}: a path alone `datasets` reads itself
+                if image.get("bytes") is None:
+                    continue
+                source, where = io.BytesIO(image["bytes"]), "(stored in the data)"
+            elif isinstance(image, str):
+                if not Path(image).is_file():
+                    raise UserError(f"{name} {row_name(i)}: images[{j}] {image}: not found")
+                source, where = image, image
+            else:
                 continue
-            if not Path(path).is_file():
-                raise UserError(f"{name} {row_name(i)}: images[{j}] {path}: not found")
             try:
-                with PILImage.open(path) as image:
-                    image.verify()
+                with PILImage.open(source) as opened:
+                    opened.verify()
             except Exception as exc:  # PIL raises several types for a file that is not an image
-                raise UserError(f"{name} {row_name(i)}: images[{j}] {path}: does not decode as an image "
+                raise UserError(f"{name} {row_name(i)}: images[{j}] {where}: does not decode as an image "
                                 f"({exc})") from exc
 
 

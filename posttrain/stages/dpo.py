@@ -57,7 +57,8 @@ def message_replies(dataset):
     """Text replies to conversational prompts as assistant messages, as the gates and `data.preference_texts` read
     them: TRL takes a row in one format or the other, and stopped on a mixed one with a bare TypeError (it joins the
     prompt's list and the reply's text)."""
-    if not len(dataset) or not isinstance(dataset[0]["prompt"], list) or not isinstance(dataset[0]["chosen"], str):
+    first = dataset.select_columns(["prompt", "chosen"])[0] if len(dataset) else None  # its images not decoded
+    if first is None or not isinstance(first["prompt"], list) or not isinstance(first["chosen"], str):
         return dataset
     return dataset.map(lambda row: {side: [{"role": "assistant", "content": row[side]}]
                                     for side in ("chosen", "rejected")})

@@ -120,14 +120,14 @@ def heldout_prompts(stage_args, training_args, images: bool, tokenizer, model=No
         return None
     name = f"{stage_args.dataset_name} ({stage_args.dataset_test_split})"
     gates.check_prompt_rows(dataset, name)
-    if stage_args.preflight:  # as the training prompts
-        gates.check_special_token_text(tokenizer, dataset, name, model)
+    if stage_args.preflight:  # as the training prompts: images per placeholder, then special-token text
+        gates.check_turn_text(tokenizer, dataset, name, model)
     dataset = common.keep_columns(dataset, UPO_COLUMNS)
     if stage_args.preflight:
         dataset, _ = gates.check_reward_references(dataset, training_args.rewards, name,
                                                    allow_skip=stage_args.skip_bad_rows)
     if images:
-        return image_prompts(dataset, training_args, name)
+        return image_prompts(dataset, training_args, stage_args.dataset_name, name)
     if stage_args.preflight and model is not None:  # GRPO's evaluation samples rollouts from these prompts too
         check_rollout_context(model, tokenizer, dataset, training_args, name)
     return dataset
@@ -135,9 +135,10 @@ def heldout_prompts(stage_args, training_args, images: bool, tokenizer, model=No
 
 def preflight_data(dataset, stage_args, training_args, tokenizer=None, model=None):
     """The gates before the first step: every prompt has the reference its rewards read, and the offline pairs (for
-    `upo_mode` offline or both) are real pairs (a chosen == rejected pair leaves the DPO term stuck at log 2) whose
-    turns write no special token as text (`gates.check_special_token_text`, given the `tokenizer`). Returns the kept
-    prompts, the kept offline pairs (None: the trainer loads them itself) and the pre-flight record."""
+    `upo_mode` offline or both) are real pairs (a chosen == rejected pair leaves the DPO term stuck at log 2) with
+    one image per image placeholder, whose turns write no special token as text (`gates.check_turn_text`, given the
+    `tokenizer`). Returns the kept prompts, the kept offline pairs (None: the trainer loads them itself) and the
+    pre-flight record."""
     from ..data import load_split
     from ..trainers.upo_pairs import LINE_COLUMN
 
@@ -155,21 +156,22 @@ def preflight_data(dataset, stage_args, training_args, tokenizer=None, model=Non
         gates.check_row_reasoning(pairs, name)
         gates.check_no_row_tools(pairs, name)  # rendered as the RL prompts are (`upo_pairs.render_prompt_text`)
         if tokenizer is not None:  # as the RL prompts and DPO's pairs
-            gates.check_special_token_text(tokenizer, pairs, name, model)
+            gates.check_turn_text(tokenizer, pairs, name, model)
         offline, skipped = gates.check_preference_pairs(pairs, name, allow_skip=stage_args.skip_bad_rows)
         record["offline_pairs_skipped"] = len(skipped)
     return dataset, offline, record
 
 
-def image_prompts(dataset, training_args, name: str):
+def image_prompts(dataset, training_args, dataset_name: str, name: str | None = None):
     """Image prompts with decoded images, only those of the thinking mode `chat_template_kwargs` asks for (GRPO
-    renders all image prompts with one; see `UPOTrainer`)."""
+    renders all image prompts with one; see `UPOTrainer`). Relative image paths are read against `dataset_name`'s
+    folder; `name` (default `dataset_name`) names the set in errors, e.g. with its split."""
     mode = (training_args.chat_template_kwargs or {}).get("enable_thinking")
     if mode is not None and "thinking" in dataset.column_names:
         dataset = dataset.filter(lambda thinking: bool(thinking) == bool(mode), input_columns="thinking")
         if len(dataset) == 0:
             raise UserError(f"upo: no image prompts with thinking={bool(mode)} (chat_template_kwargs.enable_thinking)")
-    return vision.decode_images(dataset, data_folder(name), name)
+    return vision.decode_images(dataset, data_folder(dataset_name), name or dataset_name)
 
 
 def make_parser():
