@@ -140,7 +140,7 @@ def accuracy(completions, **kwargs) -> list[float | None]:
             continue
         text = answer_text(completion, thinking)
         verdict = math_match(text, reference)
-        if parse_number(reference) is not None:  # the text rule would strip ".5" to "5"
+        if parse_number(reference) is not None:  # the text rule would strip ".-3" to "-3"
             rewards.append(float(bool(verdict)))
         else:  # a math reference's brackets count: "[2, 5]" and "(2, 5)" are not "[2, 5)"
             rewards.append(float(bool(verdict) or exact_text_match(text, reference, keep_brackets=verdict is not None)))

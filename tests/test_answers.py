@@ -101,6 +101,9 @@ def test_a_hyphen_between_numbers_is_no_minus_sign():
 def test_numeric_references_are_judged_by_the_math_comparison_alone():
     # the text rule strips surrounding punctuation, ".5" -> "5": it must not overrule the math verdict on a number
     assert accuracy([".5", "5", "0.50", "5."], answer=["5", ".5", ".5", "5"]) == [0.0, 0.0, 1.0, 1.0]
+    # ".5" no longer tells the two apart (the text rule keeps a dot before a digit, below); ".-3" still does: stripped
+    # of its edge punctuation it reads "-3", which math-verify's verdict on the number does not
+    assert accuracy([".-3", "...-3"], answer=["-3", "-3"]) == [0.0, 0.0]
     # nor does the text rule itself: a dot before a digit is part of the number
     assert exact_match([".5", "5", "(.5)", "Paris."], answer=["5", ".5", ".5", "paris"]) == [0.0, 0.0, 1.0, 1.0]
 

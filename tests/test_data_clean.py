@@ -92,6 +92,25 @@ def test_decontamination_finds_an_eval_text_exactly_n_words_long_and_dedup_reads
     assert kept["_origin"] == ["f.jsonl:1", "f.jsonl:2", "f.jsonl:3"] and removed["_origin"] == ["f.jsonl:4"]
 
 
+def test_decontamination_finds_every_eval_ngram_the_first_and_the_last_in_hash_order():
+    """The index is sorted by hash and searched with `searchsorted`: each of an eval text's n-grams, the one with the
+    largest hash (at the end of the table) too, removes a row that holds it alone."""
+    question = [f"{word}{i}" for i, word in enumerate(WORDS[:8])]  # 8 words: 4 five-grams
+    ngrams = clean.eval_ngrams({"eval.jsonl": [" ".join(question)]}, n=5)
+    rows = [" ".join(question[start:start + 5]) for start in range(4)]
+    kept, removed = clean.decontaminate(table(rows + [prose(1)]), ngrams, 5)
+    assert removed["_origin"] == [f"f.jsonl:{i}" for i in range(1, 5)] and kept["_origin"] == ["f.jsonl:5"]
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.7, 0.8, 0.85, 0.9, 0.95])
+def test_lsh_bands_find_a_pair_at_the_threshold_99_percent_of_the_time(threshold):
+    """The bands are the fewest that miss a pair of similarity `threshold` at most 1 % of the time (a missed
+    candidate is a duplicate kept; datasketch's default misses ~20 % at 0.9): the longest bands that reach 99 %."""
+    bands, rows = clean.lsh_bands(threshold, 128)
+    assert bands * rows <= 128 and (1 - threshold ** rows) ** bands <= 0.01
+    assert (1 - threshold ** (rows + 1)) ** (128 // (rows + 1)) > 0.01
+
+
 def test_records_with_other_answers_are_different_text():
     # a verifiable task's rows with one prompt and two answers are two examples, and an answer can leak eval text
     prompt = [{"role": "user", "content": "What is 6 * 7?"}]

@@ -66,6 +66,16 @@ def test_threshold_gate_on_a_lower_is_better_metric():
     assert not record["gate"]["passed"] and "not measured" in record["gate"]["reason"]
 
 
+def test_threshold_gates_on_higher_is_better_metrics():
+    """`format` and `stop_rate` are fractions where higher is better: a fall stops the chain, a rise never does."""
+    for metric in ("format", "stop_rate"):
+        high, low = evaluation([0, 1], **{metric: 0.9}), evaluation([0, 1], **{metric: 0.5})
+        assert not promotion(GateArguments(metric), "sft", high, low)["gate"]["passed"], metric
+        assert promotion(GateArguments(metric), "sft", low, high)["gate"]["passed"], metric
+    # a record without "enforced" (every writer sets it; a hand-edited one) fails closed
+    assert blocks_chain({"gate": {"passed": False}})
+
+
 def test_a_gate_without_a_previous_value_passes_and_a_negative_max_drop_is_refused():
     record = promotion(GateArguments("heldout_loss"), "base", evaluation([0, 1]), evaluation([0, 1], heldout_loss=2.0))
     assert record["gate"]["passed"] and "base has no heldout_loss" in record["gate"]["reason"]

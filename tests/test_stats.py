@@ -86,3 +86,18 @@ def test_t_quantile_beyond_the_table():
     assert stats.t95(30) == 2.042
     for df, exact in ((31, 2.0395), (40, 2.0211), (60, 2.0003), (120, 1.9799)):
         assert stats.t95(df) == pytest.approx(exact, abs=2e-4)
+
+
+def test_wilson_is_clamped_to_zero_and_one_where_rounding_would_step_outside():
+    """At 0 of n (or n of n) the bound is 0 (1) exactly in theory but centre - half rounds to -1e-17 for n = 21 (and
+    1 + 2e-16 at 16 of 16): the clamp keeps the interval a probability and the printed bound from reading "-0"."""
+    assert stats.wilson(0, 21)[0] == 0.0
+    assert stats.wilson(16, 16)[1] == 1.0
+    assert stats.format_accuracy(0, 21) == "0.0% (0–15)"  # not "(-0–15)"
+
+
+def test_evaluations_without_a_prompts_hash_pair_only_when_their_verdicts_line_up():
+    """Evaluations written before `prompts_sha` was recorded both lack it: verdicts of other lengths are then not
+    the same prompts, and give no comparison (not a ValueError in the report or the promote gate)."""
+    assert stats.paired_evals({"verdicts": [1, 0]}, {"verdicts": [1, 0, 1]}) is None
+    assert stats.paired_evals({"verdicts": [1, 0]}, {"verdicts": [1, 1]}).only_b == 1

@@ -501,6 +501,28 @@ def test_pair_metrics_are_means_over_the_pairs_not_over_micro_steps(dpo_trainer)
     assert "upo/dpo_loss" not in dpo_trainer.state.log_history[-1]  # counted once, then cleared
 
 
+def test_a_pair_the_policy_has_not_told_apart_yet_is_not_counted_right(dpo_trainer):
+    """`upo/dpo_accuracy` counts pairs whose implicit reward margin is > 0, as TRL's DPO does: at the first step the
+    policy is its reference (margin exactly 0), and such a pair is not right yet."""
+    dpo_trainer.model.train()
+    dpo_trainer._pooled["train"].clear()
+    logits, zeros = torch.tensor([0.0, 0.5, -0.5]), torch.zeros(3)
+    dpo_trainer._log_dpo("train", zeros, logits, zeros, zeros)
+    dpo_trainer.log({})
+    assert dpo_trainer.state.log_history[-1]["upo/dpo_accuracy"] == pytest.approx(1 / 3)
+
+
+def test_the_logged_policy_gradient_loss_reads_per_step(dpo_trainer):
+    """GRPO's micro-step loss comes divided by the accumulation steps; `upo/pg_loss` undoes it, so 4 micro-steps of
+    0.25 each log the step's loss 1.0 (evaluation has no accumulation: its loss is logged as it is)."""
+    dpo_trainer._pooled["train"].clear()
+    dpo_trainer.current_gradient_accumulation_steps = 4
+    dpo_trainer._log_pg_loss("train", torch.tensor(0.25))
+    dpo_trainer._log_pg_loss("eval", torch.tensor(0.25))
+    assert dpo_trainer._pooled["train"]["upo/pg_loss"] == (1.0, 1.0)
+    assert dpo_trainer._pooled["eval"]["upo/pg_loss"] == (0.25, 1.0)
+
+
 def test_dpo_loss_formula():
     losses, logits = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]),
                               beta=0.1)
@@ -665,6 +687,23 @@ def test_a_steps_offline_pairs_spread_over_micro_steps_are_one_draws_pairs():
     assert steps(2) == steps(1) and all(len(set(step)) == 7 for step in steps(2))
 
 
+def test_the_dpo_normalizer_counts_one_optimizer_steps_pairs_over_all_processes():
+    """The DPO sum is divided by the pairs one optimizer step trains (all processes), then by the process count that
+    DDP's mean divides by again: a generation batch's 8 online pairs spread over `steps_per_generation` 4 micro-steps
+    train 4 a step at accumulation 2; offline pairs add their per-step count. Evaluation averages over its own pairs."""
+    from types import SimpleNamespace
+
+    def normalizer(processes, offline=None, mode="train"):
+        trainer = SimpleNamespace(current_gradient_accumulation_steps=2, args=SimpleNamespace(steps_per_generation=4),
+                                  accelerator=SimpleNamespace(num_processes=processes), _offline=offline,
+                                  _offline_per_step=lambda: 3)
+        return UPOTrainer._dpo_normalizer(trainer, {"upo_num_pairs": torch.tensor(8.0)}, mode, 5)
+
+    assert normalizer(1) == 4.0 and normalizer(2) == 2.0
+    assert normalizer(1, offline=object()) == 7.0
+    assert normalizer(2, mode="eval") == 5.0
+
+
 @pytest.mark.parametrize("bf16, merged", [(True, True), (True, False), (False, True)])
 def test_rollouts_come_from_merged_weights_and_training_is_unchanged(tmp_path, tiny_model_path, tiny_tokenizer,
                                                                      bf16, merged):
@@ -730,6 +769,32 @@ def test_offline_pairs_tokenized_like_rollouts(tmp_path, tiny_tokenizer):
     assert render_prompt_text(tiny_tokenizer, messages, False) != render_prompt_text(tiny_tokenizer, messages, None)
 
 
+def test_offline_replies_lose_the_empty_think_block_when_grpos_template_kwargs_turn_thinking_off(tmp_path,
+                                                                                                  tiny_tokenizer):
+    """Without a row or stage thinking mode, `enable_thinking: false` in GRPO's `chat_template_kwargs` is the pair's
+    mode: the prompt then ends with the empty think block, so a stored reply that repeats it is cut, as a row's own
+    `thinking: false` cuts it."""
+    from posttrain.trainers.upo_pairs import load_offline_pairs, render_prompt_text
+
+    path = tmp_path / "prefs.jsonl"
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+    path.write_text(json.dumps({"prompt": messages, "chosen": "<think>\n\n</think>\n\n4", "rejected": "5"}) + "\n")
+    ((prompt_ids, chosen_ids, _),) = load_offline_pairs(str(path), tiny_tokenizer, 16,
+                                                        template_kwargs={"enable_thinking": False})
+    assert tiny_tokenizer.decode(prompt_ids) == render_prompt_text(tiny_tokenizer, messages, False)
+    assert tiny_tokenizer.decode(chosen_ids) == "4<|im_end|>"
+
+
+def test_offline_pairs_are_reshuffled_at_every_pass():
+    """Each pass over the offline pairs draws them all once, in a new order (seeded by the pass): the same order every
+    pass would train the same pairs side by side in the same steps, epoch after epoch."""
+    from posttrain.trainers.upo_pairs import OfflinePairs
+
+    offline = OfflinePairs([([i], [i], [i]) for i in range(20)], seed="0")
+    first, second = ([pair[0][0] for pair in offline.take(20)] for _ in range(2))
+    assert sorted(first) == sorted(second) == list(range(20)) and first != second
+
+
 def test_offline_replies_of_tool_calls_or_several_turns_are_refused(tmp_path, tiny_tokenizer):
     """An offline reply was cut to its last message's text: a pair told apart by its tool calls (and results) trained
     "It is sunny." against "It is rainy." straight after the question, teaching answers without calls."""
@@ -774,6 +839,10 @@ def test_offline_pairs_the_same_once_cut_are_left_out(tmp_path, tiny_tokenizer, 
     long_early = {"prompt": "Q", "chosen": "one a b c d e f g h", "rejected": "two a b c d e f g h"}
     path.write_text("\n".join(json.dumps(row) for row in (early, long_early)) + "\n")
     assert len(load_offline_pairs(str(path), tiny_tokenizer, 4)) == 2  # cut, but still two replies
+    assert len(load_offline_pairs(str(path), tiny_tokenizer, 4, drop_truncated=True)) == 1
+    one_long = {"prompt": "Q", "chosen": "one a b c d e f g h", "rejected": "two"}  # one cut reply is enough
+    path.write_text("\n".join(json.dumps(row) for row in (early, one_long)) + "\n")
+    assert len(load_offline_pairs(str(path), tiny_tokenizer, 4)[1][1]) == 4
     assert len(load_offline_pairs(str(path), tiny_tokenizer, 4, drop_truncated=True)) == 1
     path.write_text(json.dumps(late) + "\n")
     with pytest.raises(UserError, match="no offline pair is left once replies are cut to max_completion_length=4"):
@@ -1036,6 +1105,20 @@ def test_drop_uniform_groups_leaves_them_out_of_the_loss(tmp_path, tiny_model_pa
     assert any(g.abs().sum() > 0 for g in pg[False].values())
     for name in pg[False]:
         torch.testing.assert_close(pg[True][name], pg[False][name] * scale, rtol=1e-4, atol=1e-7)
+
+
+def test_drop_uniform_groups_leaves_evaluation_alone(tmp_path, tiny_model_path, tiny_tokenizer):
+    """Dropping uniform groups is a training-step filter: evaluation scores every group's rollouts and adds nothing to
+    the training metric `upo/groups_dropped`."""
+    rows = Dataset.from_list([{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}], "answer": str(i + 1)}
+                              for i in range(4)])
+    args = UPOConfig(output_dir=str(tmp_path), **TINY, upo_lambda=0.5, drop_uniform_groups=True)
+    trainer = UPOTrainer(load_model(tiny_model_path()), reward_funcs=[uniform_table_reward], args=args,
+                         train_dataset=rows, processing_class=tiny_tokenizer, peft_config=lora())
+    trainer.model.eval()
+    output = trainer._generate_and_score_completions([row for row in rows for _ in range(4)])
+    assert (output["completion_mask"].sum(dim=1) > 0).all()
+    assert "upo/groups_dropped" not in trainer._metrics["train"]
 
 
 @pytest.mark.parametrize("process, rows, kept", [
