@@ -560,6 +560,27 @@ IMAGE_ROW_ERRORS = {"slots": r"\(counting from 1\): 1 image\(s\) for 2 image pla
                     "marker": r"\(counting from 1\): 1 literal '<image>' marker"}
 
 
+def test_a_missing_image_of_an_sft_heldout_row_names_the_split(tiny_model_path, tmp_path):
+    """SFT's held-out image rows (TRL's eval loss) named a missing image in the dataset without its split, as if the
+    training rows held it; named with "(test)", as the other stages and SFT's own text gates name it."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    from posttrain.stages import sft
+
+    write_png(tmp_path / "red.png")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]
+    rows = [{"messages": messages, "images": ["red.png"]}, {"messages": messages, "images": ["missing.png"]}]
+    Dataset.from_list(rows).to_parquet(str(tmp_path / "test.parquet"))
+    stage_args = StageArguments(dataset_name=str(tmp_path), dataset_test_split="test")
+    training_args = SimpleNamespace(eval_strategy="steps", assistant_only_loss=False, dataset_text_field="text",
+                                    remove_unused_columns=True)
+    with pytest.raises(UserError, match=r"\(test\) row 2 \(counting from 1\): images\[0\] .*missing.png: not found"):
+        sft.heldout_rows(stage_args, training_args, True, load_tokenizer(tiny_model_path("llava")))
+
+
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_dpo_stage_gates_image_slots(split, vqa, tiny_model_path, tmp_path):
     """DPO runs the image gate on its training and held-out pairs: one image per placeholder, named by split and row,
@@ -687,6 +708,36 @@ def test_decode_images_resolves_against_the_data_folder_and_names_bad_rows(tmp_p
     stored = stored.cast_column("images", List(ImageFeature()))
     with pytest.raises(UserError, match=r"vqa row 2 \(counting from 1\): images\[0\] \(stored in the data\): does not"):
         vision.decode_images(stored, name="vqa")
+
+
+def test_a_missing_image_of_an_offline_pair_is_named_by_its_line_after_skipped_pairs(tiny_model_path, tmp_path):
+    """With `skip_bad_rows` the pre-flight drops bad offline pairs; a missing image of a later pair was named by its
+    place among the kept pairs ("row 2" for the file's line 3). Named by its own line."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    from posttrain.stages.upo import preflight_data
+    from posttrain.trainers.upo_pairs import load_offline_pairs
+
+    image = write_png(tmp_path / "red.png")
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color?"}]}]
+
+    def pair(chosen, rejected, image):
+        return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}], "images": [image]}
+
+    rows = [pair("same", "same", image), pair("red", "blue", image), pair("red", "blue", "missing.png")]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    processor = load_tokenizer(tiny_model_path("llava"))
+    stage_args = SimpleNamespace(preflight=True, skip_bad_rows=True, dataset_name="prompts")
+    training_args = SimpleNamespace(rewards={"accuracy": 1.0}, upo_mode="offline",
+                                    upo_offline_dataset=str(tmp_path / "pairs.jsonl"))
+    prompts = Dataset.from_list([{"prompt": "What is 2 + 2?", "answer": "4"}])
+    _, kept, record = preflight_data(prompts, stage_args, training_args, processor)
+    assert record["offline_pairs_skipped"] == 1  # line 1: chosen == rejected
+    with pytest.raises(UserError, match=r"pairs.jsonl row 3 \(counting from 1\): images\[0\] .*missing.png: not found"):
+        load_offline_pairs(str(tmp_path / "pairs.jsonl"), processor, 8, processor=processor, dataset=kept)
 
 
 def test_a_broken_stored_image_in_dpo_pairs_is_named(vqa, tiny_model_path, tmp_path):
@@ -882,3 +933,41 @@ def test_gate_image_tokens_checks_every_row_up_to_its_limit():
     assert skipped == [1, 4] and len(kept) == 21
     with pytest.raises(UserError, match=r"row 23 \(counting from 1\): max_length=8"):
         gates.check_image_tokens(trainer, image_token_id=9, rows=gates.kept_rows(23, skipped))
+
+
+def test_a_curriculum_phases_own_image_file_is_read_against_its_folder(tiny_model_path, tmp_path, monkeypatch):
+    """A UPO phase with its own image file: its relative image paths were read against the main prompts' folder
+    ("main/red.png: not found"), and a row with more images than placeholders was named by its place among all the
+    phases' prompts, in the main file. Each file is read against its own folder, its rows named in it."""
+    from datasets import Dataset
+
+    import posttrain.trainers
+    from posttrain.stages import upo
+    from posttrain.trainers import UPOConfig
+
+    class Reached(Exception):
+        pass
+
+    def reached(*args, train_dataset, **kwargs):
+        raise Reached(train_dataset)
+
+    monkeypatch.setattr(posttrain.trainers, "UPOTrainer", reached)
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color?"}]}]
+    for folder, image, color in (("main", "blue.png", (0, 0, 255)), ("logic", "red.png", (255, 0, 0))):
+        (tmp_path / folder).mkdir()
+        write_png(tmp_path / folder / image, color)
+        rows = [{"prompt": prompt, "answer": "red", "domain": "color", "thinking": False, "images": [image]}] * 2
+        Dataset.from_list(rows).to_parquet(str(tmp_path / folder / "train.parquet"))
+    configs = stage_configs(UPOConfig, "llava", tiny_model_path, tmp_path / "out", tmp_path / "main", "train",
+                            rewards={"accuracy": 1.0}, num_generations=2, per_device_train_batch_size=2,
+                            max_completion_length=4)
+    phases = upo.CurriculumArguments(phases=[{"num_prompts": 1}, {"dataset_name": str(tmp_path / "logic")}])
+    with pytest.raises(Reached) as reached_trainer:
+        upo.main(*configs, phases)
+    colors = [row["images"][0].getpixel((0, 0)) for row in reached_trainer.value.args[0]]
+    assert colors == [(0, 0, 255)] + [(255, 0, 0)] * 2  # the main file's image, then the phase's own two
+    rows[1] = {**rows[1], "images": ["red.png", "red.png"]}
+    Dataset.from_list(rows).to_parquet(str(tmp_path / "logic" / "train.parquet"))
+    with pytest.raises(UserError, match=r"upo phases\[1\]: .*logic \(train\) row 2 \(counting from 1\): 2 image\(s\) "
+                                        r"for 1 image placeholder"):
+        upo.main(*configs, phases)

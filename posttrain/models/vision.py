@@ -171,27 +171,28 @@ def freeze_vision(trainer, trainable: list[str] | None) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------------------
-def decode_images(dataset, data_dir: str | Path | None = None, name: str = "the dataset"):
+def decode_images(dataset, data_dir: str | Path | None = None, name: str = "the dataset", rows: list[int] | None = None):
     """The `images` column as PIL images: file paths (data_prep's `build_sft_set`) are cast to `datasets.Image`.
 
     Paths relative to the data file resolve against its folder, `data_dir`, when the caller knows it (else against the
     current directory); every image, a file or stored in the data (a `datasets.Image` column), is checked up front, so
     a missing or broken one is an error naming its row (`name` names the dataset in it) before training starts, not
-    an exception in the middle of it."""
+    an exception in the middle of it. `rows` are the rows' own indices in the file (from 0) where some were left out
+    before, so that the error names the row the file has."""
     from datasets import Image, List
 
     if not has_images(dataset):
         return dataset
     feature = dataset.features["images"]
     if isinstance(feature, Image):  # one image per row, not a list: the collators expect a list
-        _check_images(dataset.cast_column("images", Image(decode=False)), name)
+        _check_images(dataset.cast_column("images", Image(decode=False)), name, rows)
         return dataset.map(lambda row: {"images": [row["images"]]}, features=_with_images(dataset, List(Image())))
     if isinstance(getattr(feature, "feature", None), Image):
-        _check_images(dataset.cast_column("images", List(Image(decode=False))), name)
+        _check_images(dataset.cast_column("images", List(Image(decode=False))), name, rows)
         return dataset
     if data_dir is not None:
         dataset = dataset.map(lambda row: {"images": [_under(data_dir, p) for p in row["images"] or []]})
-    _check_images(dataset, name)
+    _check_images(dataset, name, rows)
     return dataset.cast_column("images", List(Image()))
 
 
@@ -205,13 +206,14 @@ def _under(folder: str | Path, path: str) -> str:
     return str(Path(folder) / path) if path and not Path(path).is_absolute() else path
 
 
-def _check_images(dataset, name: str) -> None:
+def _check_images(dataset, name: str, rows: list[int] | None = None) -> None:
     """Each image of each row opens as one: a file path, or the bytes of an undecoded `datasets.Image`."""
     import io
 
     from PIL import Image as PILImage
 
-    for i, images in enumerate(row["images"] for row in dataset.select_columns(["images"])):  # stored bytes: not all at once
+    for index, images in enumerate(row["images"] for row in dataset.select_columns(["images"])):  # bytes: not all at once
+        i = index if rows is None else rows[index]
         for j, image in enumerate(images if isinstance(images, list) else [images] if images else []):
             if isinstance(image, dict):  # `datasets.Image`'s {"bytes", "path"}: a path alone `datasets` reads itself
                 if image.get("bytes") is None:

@@ -182,10 +182,11 @@ def heldout_rows(stage_args, training_args, images: bool, tokenizer, model=None)
     dataset = common.load_test_split(stage_args, training_args)
     if dataset is None:
         return None
+    name = f"{stage_args.dataset_name} ({stage_args.dataset_test_split})"
     if stage_args.preflight:  # as the training rows: such text skews the eval loss
-        gates.check_turn_text(tokenizer, dataset, f"{stage_args.dataset_name} ({stage_args.dataset_test_split})", model)
+        gates.check_turn_text(tokenizer, dataset, name, model)
     dataset = common.keep_columns(with_template_kwargs(dataset), SFT_COLUMNS | {training_args.dataset_text_field})
-    return vision_rows(dataset, training_args, stage_args) if images else dataset
+    return vision_rows(dataset, training_args, stage_args, name) if images else dataset
 
 
 def flatten_requested(training_args, problem: str | None) -> bool:
@@ -212,12 +213,13 @@ def flatten_batches(trainer) -> None:
     trainer.padding_free = trainer.args.padding_free = True
 
 
-def vision_rows(dataset, training_args, stage_args):
-    """Image rows for TRL's vision collator: decoded images, prompt/completion rows that keep their thinking mode."""
+def vision_rows(dataset, training_args, stage_args, name: str | None = None):
+    """Image rows for TRL's vision collator: decoded images, prompt/completion rows that keep their thinking mode.
+    `name` (default `dataset_name`) names the set in errors, e.g. with its split."""
     if "messages" in dataset.column_names and training_args.assistant_only_loss:
         training_args.assistant_only_loss = False  # completion-only loss on the reply instead (see models/vision.py)
     training_args.remove_unused_columns = False  # keep `chat_template_kwargs`: the collator renders each row with it
-    images = vision.decode_images(dataset, data_folder(stage_args.dataset_name), stage_args.dataset_name)
+    images = vision.decode_images(dataset, data_folder(stage_args.dataset_name), name or stage_args.dataset_name)
     return vision.sft_rows_to_prompt_completion(images)
 
 

@@ -27,8 +27,9 @@ from . import common
 UPO_COLUMNS = {"prompt", "answer", "tool_calls", "domain", "thinking", "images"}  # what GRPO and the rewards read
 
 
-def curriculum(dataset, stage_args, phases: list[dict], seed: int):
-    """Concatenate the phases' prompts in order; each phase shuffled within itself."""
+def curriculum(dataset, stage_args, phases: list[dict], training_args, tokenizer=None, model=None, images=False):
+    """Concatenate the phases' prompts in order; each phase shuffled within itself. A phase's own file passes the
+    gates the main prompts pass (`gated_prompts`), named by the phase, its images read against its own folder."""
     from datasets import concatenate_datasets
 
     from ..data import load_split
@@ -41,14 +42,16 @@ def curriculum(dataset, stage_args, phases: list[dict], seed: int):
                             "dataset_name, split")
         source = dataset
         if "dataset_name" in phase:
-            source = load_split(phase["dataset_name"], phase.get("split", stage_args.dataset_train_split))
-            gates.check_prompt_rows(source, f"upo phases[{index}]: {phase['dataset_name']}")
+            split = phase.get("split", stage_args.dataset_train_split)
+            source = gated_prompts(load_split(phase["dataset_name"], split), stage_args, training_args,
+                                   f"upo phases[{index}]: {phase['dataset_name']} ({split})", phase["dataset_name"],
+                                   images, tokenizer, model)
         if phase.get("domains"):
             wanted = set(phase["domains"])
             source = source.filter(lambda row, wanted=wanted: row["domain"] in wanted)
         if len(source) == 0:
             raise UserError(f"upo phases[{index}]: no prompts match {phase}")
-        source = source.shuffle(seed=seed + index)
+        source = source.shuffle(seed=training_args.seed + index)
         if phase.get("num_prompts"):
             source = source.select(range(min(phase["num_prompts"], len(source))))
         parts.append(common.keep_columns(source, UPO_COLUMNS))
@@ -70,15 +73,13 @@ def main(stage_args: StageArguments, training_args, model_args, curriculum_args:
     dataset, offline, preflight = preflight_data(dataset, stage_args, training_args, tokenizer, model)
     if offline is not None and not vision.has_images(offline):  # cut to max_completion_length, as rollouts are
         check_rollout_context(model, tokenizer, offline, training_args, f"{training_args.upo_offline_dataset} (train)")
-    if curriculum_args.phases:
-        dataset = curriculum(dataset, stage_args, curriculum_args.phases, training_args.seed)
-        training_args.shuffle_dataset = False  # the phase order is the point
     images = vision.has_images(dataset)
-    if images:
-        if stage_args.preflight and curriculum_args.phases:  # again: a phase may bring its own file
-            gates.check_image_slots(dataset, stage_args.dataset_name)
+    if images:  # before the phases join: each file's relative image paths are read against its own folder
         dataset = image_prompts(dataset, training_args, stage_args.dataset_name)
-    elif stage_args.preflight:
+    if curriculum_args.phases:
+        dataset = curriculum(dataset, stage_args, curriculum_args.phases, training_args, tokenizer, model, images)
+        training_args.shuffle_dataset = False  # the phase order is the point
+    if not images and stage_args.preflight:
         # rendered here once (the trainer keeps text prompts as they are), then measured as GRPO will tokenize them
         dataset = render_prompts(dataset, tokenizer, training_args.chat_template_kwargs)
         check_rollout_context(model, tokenizer, dataset, training_args, stage_args.dataset_name)
@@ -119,6 +120,13 @@ def heldout_prompts(stage_args, training_args, images: bool, tokenizer, model=No
     if dataset is None:
         return None
     name = f"{stage_args.dataset_name} ({stage_args.dataset_test_split})"
+    return gated_prompts(dataset, stage_args, training_args, name, stage_args.dataset_name, images, tokenizer, model)
+
+
+def gated_prompts(dataset, stage_args, training_args, name: str, dataset_name: str, images: bool, tokenizer,
+                  model=None):
+    """Prompts other than the training file (held-out ones, a curriculum phase's own file) through the gates the
+    training prompts pass, named `name`; image paths are read against `dataset_name`'s folder."""
     gates.check_prompt_rows(dataset, name)
     if stage_args.preflight:  # as the training prompts: images per placeholder, then special-token text
         gates.check_turn_text(tokenizer, dataset, name, model)
@@ -127,8 +135,8 @@ def heldout_prompts(stage_args, training_args, images: bool, tokenizer, model=No
         dataset, _ = gates.check_reward_references(dataset, training_args.rewards, name,
                                                    allow_skip=stage_args.skip_bad_rows)
     if images:
-        return image_prompts(dataset, training_args, stage_args.dataset_name, name)
-    if stage_args.preflight and model is not None:  # GRPO's evaluation samples rollouts from these prompts too
+        return image_prompts(dataset, training_args, dataset_name, name)
+    if stage_args.preflight and model is not None:  # GRPO samples rollouts from these prompts too
         check_rollout_context(model, tokenizer, dataset, training_args, name)
     return dataset
 

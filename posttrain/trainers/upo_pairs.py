@@ -230,7 +230,8 @@ def load_offline_pairs(path: str, tokenizer, max_completion_length: int | None,
         from ..data import data_folder
         from ..models.vision import decode_images
 
-        dataset = decode_images(dataset, data_folder(path), path)
+        kept = [line - 1 for line in dataset[LINE_COLUMN]] if LINE_COLUMN in dataset.column_names else None
+        dataset = decode_images(dataset, data_folder(path), path, rows=kept)  # named by their rows in the file
     missing = [c for c in ("prompt", "chosen", "rejected") if c not in dataset.column_names]
     if missing:
         raise UserError(f"{path}: offline UPO pairs need the columns prompt, chosen, rejected; missing: "
