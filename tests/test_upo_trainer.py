@@ -1435,3 +1435,33 @@ def test_a_curriculum_phases_own_file_passes_the_prompt_gates(bad, error, tiny_m
     with pytest.raises(Reached):
         run_one_step(tmp_path, str(tiny_model_path("llama")), rewards={"accuracy": 1.0}, max_completion_length=4,
                      phases=phases)
+
+
+def test_curriculum_phases_join_a_file_storing_its_turns_as_json(tiny_model_path, tmp_path, monkeypatch):
+    """data_prep's image sets store a prompt's turns as JSON values, a file written from Python lists as structs: a
+    phase of one joined to prompts of the other stopped on `datasets`' "features can't be aligned". Both are prompts;
+    they are joined (as JSON). Columns that cannot be joined are named as the phases' problem."""
+    from datasets import Features, Json, List, Value
+
+    import posttrain.trainers
+
+    joined = {}
+
+    def reached(*args, train_dataset, **kwargs):
+        joined["prompts"] = train_dataset
+        raise RuntimeError("reached the trainer")
+
+    monkeypatch.setattr(posttrain.trainers, "UPOTrainer", reached)
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i} + {i}?"}], "answer": str(2 * i)} for i in range(2)]
+    Dataset.from_list(rows[:1]).to_parquet(tmp_path / "prompts.parquet")
+    turns_as_json = Features({"prompt": List(Json()), "answer": Value("string")})
+    Dataset.from_list(rows[1:], features=turns_as_json).to_parquet(tmp_path / "logic.parquet")
+    phases = [{"num_prompts": 1}, {"dataset_name": str(tmp_path / "logic.parquet")}]
+    with pytest.raises(RuntimeError, match="reached the trainer"):
+        run_one_step(tmp_path, str(tiny_model_path("llama")), rewards={"accuracy": 1.0}, phases=phases)
+    assert [row["answer"] for row in joined["prompts"]] == ["0", "2"]
+    assert [row["prompt"][0]["content"] for row in joined["prompts"]] == ["What is 0 + 0?", "What is 1 + 1?"]
+    numbers = Features({"prompt": List({"role": Value("string"), "content": Value("string")}), "answer": Value("int64")})
+    Dataset.from_list([{**rows[1], "answer": 2}], features=numbers).to_parquet(tmp_path / "logic.parquet")
+    with pytest.raises(UserError, match=r"upo phases: the phases' prompts cannot be joined \(.*answer"):
+        run_one_step(tmp_path, str(tiny_model_path("llama")), rewards={"accuracy": 1.0}, phases=phases)

@@ -30,7 +30,7 @@ UPO_COLUMNS = {"prompt", "answer", "tool_calls", "domain", "thinking", "images"}
 def curriculum(dataset, stage_args, phases: list[dict], training_args, tokenizer=None, model=None, images=False):
     """Concatenate the phases' prompts in order; each phase shuffled within itself. A phase's own file passes the
     gates the main prompts pass (`gated_prompts`), named by the phase, its images read against its own folder."""
-    from datasets import concatenate_datasets
+    from datasets import Features, concatenate_datasets
 
     from ..data import load_split
 
@@ -55,7 +55,26 @@ def curriculum(dataset, stage_args, phases: list[dict], training_args, tokenizer
         if phase.get("num_prompts"):
             source = source.select(range(min(phase["num_prompts"], len(source))))
         parts.append(common.keep_columns(source, UPO_COLUMNS))
-    return concatenate_datasets(parts)
+    try:
+        return concatenate_datasets(parts)
+    except ValueError as error:  # a column stored as JSON values in one file (data_prep's image sets), as structs in another
+        json = {name: feature for part in parts for name, feature in part.features.items() if _holds_json(feature)}
+        try:
+            return concatenate_datasets([part.cast(Features({name: json.get(name, feature)
+                                                             for name, feature in part.features.items()}))
+                                         for part in parts])
+        except (ValueError, TypeError):
+            raise UserError(f"upo phases: the phases' prompts cannot be joined ({error}); store each phase's columns "
+                            "as the training prompts store them (e.g. build them with the same data_prep job)") from error
+
+
+def _holds_json(feature) -> bool:
+    """Whether a `datasets` feature is, or holds, `Json` (values of any shape, e.g. a message's content parts)."""
+    from datasets import Json
+
+    if isinstance(feature, dict):
+        return any(map(_holds_json, feature.values()))
+    return isinstance(feature, Json) or _holds_json(getattr(feature, "feature", None) or {})
 
 
 def main(stage_args: StageArguments, training_args, model_args, curriculum_args: CurriculumArguments):
