@@ -338,7 +338,7 @@ def length_filter(dataset, min_tokens: int | None, max_tokens: int | None):
         if min_tokens is not None and length < min_tokens:
             reasons[i] = f"{length} tokens < min_tokens {min_tokens}"
         elif max_tokens is not None and length > max_tokens:
-            reasons[i] = f"{length} tokens > max_tokens {max_tokens}: the trainer would truncate it"
+            reasons[i] = f"{length} tokens > max_tokens {max_tokens}"  # a data limit, which may sit below max_length
         else:
             keep.append(i)
     return _split(dataset, keep, reasons)
