@@ -574,6 +574,26 @@ def end_of_turn_ids(tokenizer, chat_template: str | None = None) -> set[int]:
     return ids | ({last} if last in set(tokenizer.get_added_vocab().values()) else set())
 
 
+def reply_cut(labels: list[int], end_of_turn: set[int]) -> bool:
+    """Whether a row cut at its last token was cut inside a reply: the trained span it ends on has no end-of-turn
+    token. The last span only, so an earlier complete turn of a multi-turn row does not hide a cut final reply."""
+    start = len(labels)
+    while start and labels[start - 1] != -100:
+        start -= 1
+    return start < len(labels) and not end_of_turn.intersection(labels[start:])
+
+
+def warn_cut_replies(name: str, cut: int, rows: int, max_length: int, packing: bool = False) -> None:
+    """The warning for `cut` of `rows` rows whose reply `max_length` cuts before its end-of-turn token (`reply_cut`):
+    text rows as TRL tokenized them (`sft.report_cut_replies`), image rows as its collator cuts them
+    (`check_image_tokens`)."""
+    if cut:
+        # not truncation_mode: keep_end, which TRL 1.16 deprecates for SFT
+        logger.warning("pre-flight: %s: %d of %d rows are cut by max_length=%s before their reply's end-of-turn "
+                       "token, so the model learns replies that do not stop; raise max_length%s to keep it", name, cut,
+                       rows, max_length, " (or packing_strategy: bfd_split, which carries the rest over)" if packing else "")
+
+
 def check_collated_labels(trainer, eos_token_id: int | set[int], samples: int = 8) -> dict:
     """Collate the first rows exactly as training will; each must have labels, and its end-of-turn token labelled
     (`eos_token_id`: the id, or the ids any of which ends a turn: `end_of_turn_ids`)."""
@@ -782,7 +802,8 @@ def check_image_slots(dataset, name: str) -> None:
 
 
 def check_image_tokens(trainer, image_token_id: int, chunk: int = 16, limit: int = 2048,
-                       rows: list[int] | None = None) -> dict:
+                       rows: list[int] | None = None, end_of_turn: set[int] | None = None,
+                       name: str = "training set") -> dict:
     """Collate the rows as training will, with and without `max_length`: truncation must not cut image tokens.
 
     Cut image tokens are what makes a VLM fail mid-training with "Image features and image tokens do not match" (the
@@ -790,17 +811,21 @@ def check_image_tokens(trainer, image_token_id: int, chunk: int = 16, limit: int
     the length that would fit. Every row up to `limit`, not a sample of the first: one long row (many images, a long
     question) anywhere in the set stops training when its batch comes. Collating costs a pass of the processor (no
     model forward), some 20 ms an image for a real one: beyond `limit` rows the record says how many were checked.
-    `rows`: each training row's row in the source (`kept_rows`), where pre-flight skipped some."""
+    `rows`: each training row's row in the source (`kept_rows`), where pre-flight skipped some. With `end_of_turn`
+    (SFT's `end_of_turn_ids`), the rows whose reply the cut ends before its end-of-turn token are counted and warned
+    about as text rows are (`warn_cut_replies`, naming the set `name`)."""
     collator = trainer.data_collator
     dataset = trainer.train_dataset
     checked = min(len(dataset), limit)
-    tokens, untrained = 0, []
+    tokens, untrained, cut = 0, [], 0
     for start in range(0, checked, chunk):
         indices = range(start, min(start + chunk, checked))
-        kept, empty = _image_tokens_kept(collator, [dataset[i] for i in indices],
-                                         [rows[i] if rows else i for i in indices], image_token_id)
+        kept, empty, replies_cut = _image_tokens_kept(collator, [dataset[i] for i in indices],
+                                                      [rows[i] if rows else i for i in indices], image_token_id,
+                                                      end_of_turn)
         tokens += kept
         untrained += [rows[start + i] if rows else start + i for i in empty]
+        cut += replies_cut
     record = {"image_tokens": tokens}
     if checked < len(dataset):
         record["image_rows_checked"] = f"the first {checked} of {len(dataset)}"
@@ -812,20 +837,27 @@ def check_image_tokens(trainer, image_token_id: int, chunk: int = 16, limit: int
                        "(its DPO loss stays at log 2, with no gradient); raise max_length (or shorten their prompts) "
                        "to train on them", len(untrained), checked, collator.max_length,
                        ", ".join(str(i + 1) for i in untrained[:3]), ", ..." if len(untrained) > 3 else "")
-    return record if collator.max_length is None else {**record, "max_length": collator.max_length,
-                                                       "rows_untrained": len(untrained)}
+    if collator.max_length is None:
+        return record
+    record.update(max_length=collator.max_length, rows_untrained=len(untrained))
+    if end_of_turn:
+        warn_cut_replies(name, cut, checked, collator.max_length)
+        record["rows_cut"] = cut
+    return record
 
 
-def _image_tokens_kept(collator, rows: list, sources: list[int], image_token_id: int) -> tuple[int, list[int]]:
-    """The image tokens of `rows` (source rows `sources`), after checking that `max_length` keeps them all, and the
-    indices of the rows that train nothing once cut (`_untrained`)."""
+def _image_tokens_kept(collator, rows: list, sources: list[int], image_token_id: int,
+                       end_of_turn: set[int] | None = None) -> tuple[int, list[int], int]:
+    """The image tokens of `rows` (source rows `sources`), after checking that `max_length` keeps them all, the
+    indices of the rows that train nothing once cut (`_untrained`), and how many replies the cut ends before their
+    end-of-turn token (`reply_cut`; with `end_of_turn` and a batch with labels, else 0)."""
     import copy
     import dataclasses
 
     max_length = collator.max_length
     full = dataclasses.replace(collator, max_length=None)(copy.deepcopy(rows))
     if max_length is None:
-        return int((full["input_ids"] == image_token_id).sum()), []
+        return int((full["input_ids"] == image_token_id).sum()), [], 0
     cut = collator(copy.deepcopy(rows))
     for index in range(len(rows)):
         want = int((full["input_ids"][index] == image_token_id).sum())
@@ -838,7 +870,18 @@ def _image_tokens_kept(collator, rows: list, sources: list[int], image_token_id:
                 f"image tokens do not match\". Raise max_length to at least {int(full['attention_mask'][index].sum())} "
                 "(this row's full length), or use smaller images (fewer image tokens)."
             )
-    return int((full["input_ids"] == image_token_id).sum()), _untrained(cut, len(rows))
+    tokens = int((full["input_ids"] == image_token_id).sum())
+    return tokens, _untrained(cut, len(rows)), _replies_cut(full, cut, end_of_turn)
+
+
+def _replies_cut(full: dict, cut: dict, end_of_turn: set[int] | None) -> int:
+    """How many rows of a collated SFT batch `max_length` shortened (`cut`, against `full`) inside their last reply
+    (`reply_cut`); right-padded, as TRL's collators pad them."""
+    if not end_of_turn or "labels" not in cut or "attention_mask" not in cut:
+        return 0
+    lengths, full_lengths = cut["attention_mask"].sum(-1).tolist(), full["attention_mask"].sum(-1).tolist()
+    return sum(length < whole and reply_cut(cut["labels"][index][:length].tolist(), end_of_turn)
+               for index, (length, whole) in enumerate(zip(lengths, full_lengths)))
 
 
 def _untrained(batch: dict, count: int) -> list[int]:

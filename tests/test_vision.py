@@ -481,6 +481,61 @@ def test_gate_image_tokens_counts_rows_that_max_length_leaves_nothing_to_train(c
     assert gates.check_image_tokens(trainer, image_token_id=9)["rows_untrained"] == 0
 
 
+def test_gate_image_tokens_counts_replies_that_max_length_cuts_before_their_end_of_turn(caplog):
+    """A text row whose reply `max_length` cuts before its end-of-turn token is counted (`rows_cut`) and warned about;
+    an image row, which TRL cuts in its collator, trained on a reply that never stops without a word. A stand-in
+    collator, right-padded as TRL's: end-of-turn id 2, image token 9."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    import torch
+
+    @dataclasses.dataclass
+    class Collator:  # labels on the reply (-100 on the prompt and the padding); cuts at max_length
+        max_length: int | None
+
+        def __call__(self, rows):
+            seqs = [(r["prompt"] + r["reply"])[:self.max_length] for r in rows]
+            labels = [([-100] * len(r["prompt"]) + r["reply"])[:self.max_length] for r in rows]
+            width = max(map(len, seqs))
+            return {"input_ids": torch.tensor([s + [0] * (width - len(s)) for s in seqs]),
+                    "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]),
+                    "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])}
+
+    rows = [{"prompt": [1, 9, 9, 3], "reply": [5, 2]},  # fits
+            {"prompt": [1, 9, 9, 3], "reply": [5, 6, 2]},  # cut before its end-of-turn token
+            {"prompt": [1, 9, 9, 3], "reply": [5, 2, 7]}]  # cut after it (a newline): the model still learns to stop
+    trainer = SimpleNamespace(data_collator=Collator(max_length=6), train_dataset=rows)
+    with caplog.at_level("WARNING", logger="posttrain"):
+        record = gates.check_image_tokens(trainer, image_token_id=9, end_of_turn={2}, name="vqa")
+    assert record["rows_cut"] == 1 and record["rows_untrained"] == 0
+    assert ("vqa: 1 of 3 rows are cut by max_length=6 before their reply's end-of-turn token, so the model learns "
+            "replies that do not stop") in caplog.text
+
+
+def test_sft_counts_image_rows_cut_before_their_end_of_turn(vqa, tiny_model_path, tmp_path, caplog):
+    """The same through the SFT stage on a tiny LLaVA: the longest rows go last, where `check_collated_labels`
+    (the first 8 rows) does not see them, and max_length=70 cuts the replies of the 3 longest (80, 80 and 96 tokens)."""
+    import shutil
+
+    import pyarrow.parquet as pq
+    from trl import SFTConfig
+
+    from posttrain.stages import sft
+
+    data = tmp_path / "tasks"
+    shutil.copytree(vqa / "tasks", data)
+    table = pq.read_table(data / "sft.parquet")
+    messages = table["messages"].to_pylist()
+    pq.write_table(table.take(sorted(range(len(messages)), key=lambda i: len(str(messages[i])))), data / "sft.parquet")
+    configs = stage_configs(SFTConfig, "llava", tiny_model_path, tmp_path / "out", data, "sft", max_length=70,
+                            max_steps=1)
+    with caplog.at_level("WARNING", logger="posttrain"):
+        sft.main(*configs)
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["preflight"]["rows_cut"] == 3
+    assert "3 of 16 rows are cut by max_length=70 before their reply's end-of-turn token" in caplog.text
+
+
 def test_gate_images_per_placeholder():
     from datasets import Dataset, Features, Json, List, Value
 

@@ -218,10 +218,12 @@ def freeze_vision(trainer, stage_args, model_args) -> dict:
     return {"frozen_modules": frozen}
 
 
-def prepare_trainer(trainer, model, stage_args, model_args, images: bool, rows: list[int] | None = None) -> dict:
+def prepare_trainer(trainer, model, stage_args, model_args, images: bool, rows: list[int] | None = None,
+                    end_of_turn: set[int] | None = None) -> dict:
     """What SFT and DPO do to their TRL trainer before training: ERNIE-4.5-VL's expert routing in the collator
     (`posttrain.moe_routing`), a continued VLM adapter's vision modules frozen, and with image rows the image gates.
-    `rows`: each training row's row in its file, where pre-flight skipped some (`gates.kept_rows`). Returns what goes
+    `rows`: each training row's row in its file, where pre-flight skipped some (`gates.kept_rows`); `end_of_turn`: SFT's
+    end-of-turn ids, to count the image rows whose reply `max_length` cuts before it. Returns what goes
     into the stage's pre-flight record."""
     from .. import gates
     from ..moe_routing import route_collator
@@ -229,7 +231,8 @@ def prepare_trainer(trainer, model, stage_args, model_args, images: bool, rows: 
     route_collator(trainer)
     preflight = freeze_vision(trainer, stage_args, model_args)
     if stage_args.preflight and images:
-        preflight.update(gates.check_image_tokens(trainer, model.config.image_token_id, rows=rows))
+        preflight.update(gates.check_image_tokens(trainer, model.config.image_token_id, rows=rows,
+                                                  end_of_turn=end_of_turn, name=stage_args.dataset_name))
         gates.check_processor_matches_model(trainer.processing_class, trainer.model,
                                             trainer.data_collator([trainer.train_dataset[0]]))
     elif stage_args.preflight:

@@ -67,14 +67,16 @@ def main(stage_args: StageArguments, training_args, model_args):
         peft_config=peft_config
     )
     common.guard_checkpoints(trainer)
+    end_of_turn = None
+    if stage_args.preflight:
+        end_of_turn = gates.end_of_turn_ids(vision.text_tokenizer(tokenizer), getattr(trainer, "chat_template", None))
     # image gates first: cut image tokens would also show up below as rows with nothing to train
-    preflight = common.prepare_trainer(trainer, model, stage_args, model_args, images)
+    preflight = common.prepare_trainer(trainer, model, stage_args, model_args, images, end_of_turn=end_of_turn)
     preflight.update(report_dropped_rows(trainer, len(dataset), training_args, stage_args.dataset_name))
     if heldout is not None:
         preflight.update(report_dropped_heldout(trainer, len(heldout), training_args,
                                                 f"{stage_args.dataset_name} ({stage_args.dataset_test_split})"))
     if stage_args.preflight:
-        end_of_turn = gates.end_of_turn_ids(vision.text_tokenizer(tokenizer), getattr(trainer, "chat_template", None))
         preflight.update(gates.check_collated_labels(trainer, end_of_turn))
         preflight.update(report_cut_replies(trainer, training_args, end_of_turn, stage_args.dataset_name))
         preflight.update(text_checks)
@@ -137,17 +139,12 @@ def report_cut_replies(trainer, training_args, end_of_turn: set[int], name: str)
     (a warning, and `rows_cut` in the pre-flight record)."""
     columns = trainer.train_dataset.column_names or []
     if training_args.max_length is None or not {"input_ids", "labels"} <= set(columns):
-        return {}  # without max_length nothing is cut; image rows are collated later
+        return {}  # without max_length nothing is cut; image rows are counted as collated (check_image_tokens)
     rows = cut = 0
     for labels in row_labels(trainer, training_args):
         rows += 1
-        cut += len(labels) >= training_args.max_length and reply_cut(labels, end_of_turn)
-    if cut:
-        # not truncation_mode: keep_end, which TRL 1.16 deprecates for SFT
-        logger.warning("pre-flight: %s: %d of %d rows are cut by max_length=%s before their reply's end-of-turn "
-                       "token, so the model learns replies that do not stop; raise max_length%s to keep it", name, cut,
-                       rows, training_args.max_length,
-                       " (or packing_strategy: bfd_split, which carries the rest over)" if training_args.packing else "")
+        cut += len(labels) >= training_args.max_length and gates.reply_cut(labels, end_of_turn)
+    gates.warn_cut_replies(name, cut, rows, training_args.max_length, training_args.packing)
     return {"rows_cut": cut}
 
 
@@ -166,15 +163,6 @@ def row_labels(trainer, training_args):
         for length in packed["seq_lengths"]:
             yield packed["labels"][start:start + length]
             start += length
-
-
-def reply_cut(labels: list[int], end_of_turn: set[int]) -> bool:
-    """Whether a row cut at its last token was cut inside a reply: the trained span it ends on has no end-of-turn
-    token. The last span only, so an earlier complete turn of a multi-turn row does not hide a cut final reply."""
-    start = len(labels)
-    while start and labels[start - 1] != -100:
-        start -= 1
-    return start < len(labels) and not end_of_turn.intersection(labels[start:])
 
 
 def heldout_rows(stage_args, training_args, images: bool, tokenizer, model=None):
