@@ -583,15 +583,44 @@ def reply_cut(labels: list[int], end_of_turn: set[int]) -> bool:
     return start < len(labels) and not end_of_turn.intersection(labels[start:])
 
 
-def warn_cut_replies(name: str, cut: int, rows: int, max_length: int, packing: bool = False) -> None:
+def warn_cut_replies(name: str, cut: int, rows: int, max_length: int, packing: bool = False,
+                     side: str | None = None) -> None:
     """The warning for `cut` of `rows` rows whose reply `max_length` cuts before its end-of-turn token (`reply_cut`):
-    text rows as TRL tokenized them (`sft.report_cut_replies`), image rows as its collator cuts them
-    (`check_image_tokens`)."""
-    if cut:
-        # not truncation_mode: keep_end, which TRL 1.16 deprecates for SFT
-        logger.warning("pre-flight: %s: %d of %d rows are cut by max_length=%s before their reply's end-of-turn "
-                       "token, so the model learns replies that do not stop; raise max_length%s to keep it", name, cut,
-                       rows, max_length, " (or packing_strategy: bfd_split, which carries the rest over)" if packing else "")
+    text rows as TRL tokenized them (`sft.report_cut_replies`, `count_cut_pairs`), image rows as its collator cuts
+    them (`check_image_tokens`). `side`: DPO's "chosen" or "rejected" reply of `rows` pairs."""
+    if not cut:
+        return
+    # not truncation_mode: keep_end, which TRL 1.16 deprecates for SFT
+    effect = "DPO weighs rejected replies that do not stop" if side == "rejected" else \
+        "the model learns replies that do not stop"
+    logger.warning("pre-flight: %s: %d of %d %s are cut by max_length=%s before their %sreply's end-of-turn token, so "
+                   "%s; raise max_length%s to keep it", name, cut, rows, "pairs" if side else "rows", max_length,
+                   f"{side} " if side else "", effect,
+                   " (or packing_strategy: bfd_split, which carries the rest over)" if packing else "")
+
+
+def count_cut_pairs(dataset, max_length: int | None, truncation_mode: str, end_of_turn: set[int], name: str) -> dict:
+    """DPO's text pairs whose chosen or rejected reply `max_length` cuts before its end-of-turn token (`reply_cut`),
+    as TRL's collator cuts `prompt_ids` + `chosen_ids` (and + `rejected_ids`) to `max_length`, each side on its own;
+    where `trainers.dpo_trainer` masks tool results, its masks tell the reply's own tokens. A cut chosen reply
+    teaches, through DPO's sigmoid and its `sft` term, replies that do not stop. A warning per side, and `pairs_cut`
+    in the pre-flight record."""
+    columns = dataset.column_names or []
+    if max_length is None or "prompt_ids" not in columns:
+        return {}
+    kept = slice(-max_length, None) if truncation_mode == "keep_end" else slice(max_length)  # TRL's two modes
+    counts = {"chosen": 0, "rejected": 0}
+    read = [c for c in columns if c in ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_mask", "rejected_mask")]
+    for row in dataset.select_columns(read):
+        for side in counts:
+            prompt, ids = row["prompt_ids"], row[f"{side}_ids"]
+            if len(prompt) + len(ids) > max_length:
+                mask = row.get(f"{side}_mask") or [1] * len(ids)
+                labels = [-100] * len(prompt) + [t if m else -100 for t, m in zip(ids, mask)]
+                counts[side] += reply_cut(labels[kept], end_of_turn)
+    for side, cut in counts.items():
+        warn_cut_replies(name, cut, len(dataset), max_length, side=side)
+    return {"pairs_cut": counts}
 
 
 def check_collated_labels(trainer, eos_token_id: int | set[int], samples: int = 8) -> dict:
@@ -812,12 +841,13 @@ def check_image_tokens(trainer, image_token_id: int, chunk: int = 16, limit: int
     question) anywhere in the set stops training when its batch comes. Collating costs a pass of the processor (no
     model forward), some 20 ms an image for a real one: beyond `limit` rows the record says how many were checked.
     `rows`: each training row's row in the source (`kept_rows`), where pre-flight skipped some. With `end_of_turn`
-    (SFT's `end_of_turn_ids`), the rows whose reply the cut ends before its end-of-turn token are counted and warned
-    about as text rows are (`warn_cut_replies`, naming the set `name`)."""
+    (`end_of_turn_ids`), the rows whose reply the cut ends before its end-of-turn token are counted and warned
+    about as text rows are (`warn_cut_replies`, naming the set `name`): `rows_cut`, or for DPO's pairs `pairs_cut`
+    per side."""
     collator = trainer.data_collator
     dataset = trainer.train_dataset
     checked = min(len(dataset), limit)
-    tokens, untrained, cut = 0, [], 0
+    tokens, untrained, cut = 0, [], {}
     for start in range(0, checked, chunk):
         indices = range(start, min(start + chunk, checked))
         kept, empty, replies_cut = _image_tokens_kept(collator, [dataset[i] for i in indices],
@@ -825,7 +855,7 @@ def check_image_tokens(trainer, image_token_id: int, chunk: int = 16, limit: int
                                                       end_of_turn)
         tokens += kept
         untrained += [rows[start + i] if rows else start + i for i in empty]
-        cut += replies_cut
+        cut = {key: cut.get(key, 0) + count for key, count in replies_cut.items()}
     record = {"image_tokens": tokens}
     if checked < len(dataset):
         record["image_rows_checked"] = f"the first {checked} of {len(dataset)}"
@@ -840,24 +870,28 @@ def check_image_tokens(trainer, image_token_id: int, chunk: int = 16, limit: int
     if collator.max_length is None:
         return record
     record.update(max_length=collator.max_length, rows_untrained=len(untrained))
-    if end_of_turn:
-        warn_cut_replies(name, cut, checked, collator.max_length)
-        record["rows_cut"] = cut
+    if end_of_turn and "rows" in cut:
+        warn_cut_replies(name, cut["rows"], checked, collator.max_length)
+        record["rows_cut"] = cut["rows"]
+    elif end_of_turn and cut:
+        for side, count in cut.items():
+            warn_cut_replies(name, count, checked, collator.max_length, side=side)
+        record["pairs_cut"] = cut
     return record
 
 
 def _image_tokens_kept(collator, rows: list, sources: list[int], image_token_id: int,
-                       end_of_turn: set[int] | None = None) -> tuple[int, list[int], int]:
+                       end_of_turn: set[int] | None = None) -> tuple[int, list[int], dict]:
     """The image tokens of `rows` (source rows `sources`), after checking that `max_length` keeps them all, the
     indices of the rows that train nothing once cut (`_untrained`), and how many replies the cut ends before their
-    end-of-turn token (`reply_cut`; with `end_of_turn` and a batch with labels, else 0)."""
+    end-of-turn token (`_replies_cut`)."""
     import copy
     import dataclasses
 
     max_length = collator.max_length
     full = dataclasses.replace(collator, max_length=None)(copy.deepcopy(rows))
     if max_length is None:
-        return int((full["input_ids"] == image_token_id).sum()), [], 0
+        return int((full["input_ids"] == image_token_id).sum()), [], {}
     cut = collator(copy.deepcopy(rows))
     for index in range(len(rows)):
         want = int((full["input_ids"][index] == image_token_id).sum())
@@ -874,14 +908,19 @@ def _image_tokens_kept(collator, rows: list, sources: list[int], image_token_id:
     return tokens, _untrained(cut, len(rows)), _replies_cut(full, cut, end_of_turn)
 
 
-def _replies_cut(full: dict, cut: dict, end_of_turn: set[int] | None) -> int:
-    """How many rows of a collated SFT batch `max_length` shortened (`cut`, against `full`) inside their last reply
-    (`reply_cut`); right-padded, as TRL's collators pad them."""
-    if not end_of_turn or "labels" not in cut or "attention_mask" not in cut:
-        return 0
+def _replies_cut(full: dict, cut: dict, end_of_turn: set[int] | None) -> dict:
+    """How many rows of a collated batch `max_length` shortened (`cut`, against `full`) inside their last reply
+    (`reply_cut`): SFT's `{"rows": n}` from its labels; DPO's per side from its `completion_mask` (chosen rows, then
+    rejected); `{}` without `end_of_turn`. Right-padded, as TRL's collators pad them."""
+    if not end_of_turn or "attention_mask" not in cut or not {"labels", "completion_mask"} & set(cut):
+        return {}
+    labels = cut["labels"] if "labels" in cut else cut["input_ids"].masked_fill(cut["completion_mask"] == 0, -100)
     lengths, full_lengths = cut["attention_mask"].sum(-1).tolist(), full["attention_mask"].sum(-1).tolist()
-    return sum(length < whole and reply_cut(cut["labels"][index][:length].tolist(), end_of_turn)
-               for index, (length, whole) in enumerate(zip(lengths, full_lengths)))
+    rows = [length < whole and reply_cut(labels[index][:length].tolist(), end_of_turn)
+            for index, (length, whole) in enumerate(zip(lengths, full_lengths))]
+    if "labels" in cut:
+        return {"rows": sum(rows)}
+    return {"chosen": sum(rows[:len(rows) // 2]), "rejected": sum(rows[len(rows) // 2:])}
 
 
 def _untrained(batch: dict, count: int) -> list[int]:

@@ -519,3 +519,28 @@ def test_tool_results_with_a_template_without_markers_are_refused(tiny_model_pat
                                   "rejected_ids": ids["rejected"]}])
     with pytest.raises(UserError, match=r"train row 1 .*chosen reply has tool results.*generation %\} markers"):
         reply_masks(dataset, tokenizer, "train")
+
+
+def test_pairs_whose_reply_max_length_cuts_before_its_end_of_turn_are_counted(tiny_model_path, tmp_path, caplog):
+    """TRL cuts each side of a pair to `max_length` in its collator: a chosen reply cut before its end-of-turn token
+    teaches (DPO's sigmoid and its `sft` term) replies that do not stop, and trained without a word. Counted per
+    side (`pairs_cut`) and warned about, as SFT counts its rows."""
+    rows = [{"prompt": [{"role": "user", "content": f"{i} + {i}?"}],
+             "chosen": [{"role": "assistant", "content": "word " * 40 if i < 2 else str(2 * i)}],
+             "rejected": [{"role": "assistant", "content": "no " * 40 if i == 3 else "no"}]} for i in range(4)]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    from trl import DPOConfig, ModelConfig
+
+    path = tiny_model_path("llama")
+    training = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=1, per_device_train_batch_size=4,
+                         save_strategy="no", report_to="none", bf16=False, use_cpu=True, max_length=32)
+    model_args = ModelConfig(model_name_or_path=str(path), use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                             lora_target_modules=["all-linear"])
+    with caplog.at_level("WARNING", logger="posttrain"):
+        dpo.main(StageArguments(dataset_name=str(pairs), tokenizer_name_or_path=str(path)), training, model_args)
+    preflight = json.loads((tmp_path / "dpo" / "metrics.json").read_text())["preflight"]
+    assert preflight["pairs_cut"] == {"chosen": 2, "rejected": 1}
+    assert ("pairs.jsonl: 2 of 4 pairs are cut by max_length=32 before their chosen reply's end-of-turn token, so the "
+            "model learns replies that do not stop") in caplog.text
+    assert "1 of 4 pairs are cut by max_length=32 before their rejected reply's end-of-turn token" in caplog.text

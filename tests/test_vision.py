@@ -513,6 +513,40 @@ def test_gate_image_tokens_counts_replies_that_max_length_cuts_before_their_end_
             "replies that do not stop") in caplog.text
 
 
+def test_gate_image_tokens_counts_pairs_whose_reply_max_length_cuts_before_its_end_of_turn(caplog):
+    """The same for DPO's image pairs, which TRL's vision collator cuts as one batch of the chosen rows, then the
+    rejected ones, scoring the reply tokens of `completion_mask`: counted per side (`pairs_cut`). A stand-in collator,
+    right-padded as TRL's: end-of-turn id 2, image token 9."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    import torch
+
+    @dataclasses.dataclass
+    class Collator:
+        max_length: int | None
+
+        def __call__(self, rows):
+            seqs = [(r["prompt"] + r[side])[:self.max_length] for side in ("chosen", "rejected") for r in rows]
+            masks = [([0] * len(r["prompt"]) + [1] * len(r[side]))[:self.max_length]
+                     for side in ("chosen", "rejected") for r in rows]
+            width = max(map(len, seqs))
+            return {"input_ids": torch.tensor([s + [0] * (width - len(s)) for s in seqs]),
+                    "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]),
+                    "completion_mask": torch.tensor([m + [0] * (width - len(m)) for m in masks])}
+
+    rows = [{"prompt": [1, 9, 9, 3], "chosen": [5, 6, 2], "rejected": [5, 2]},  # chosen cut before its end
+            {"prompt": [1, 9, 9, 3], "chosen": [5, 2, 7], "rejected": [4, 2]},  # cut after it: still stops
+            {"prompt": [1, 9, 9, 3], "chosen": [5, 2], "rejected": [4, 4, 2]}]  # rejected cut
+    trainer = SimpleNamespace(data_collator=Collator(max_length=6), train_dataset=rows)
+    with caplog.at_level("WARNING", logger="posttrain"):
+        record = gates.check_image_tokens(trainer, image_token_id=9, end_of_turn={2}, name="vqa")
+    assert record["pairs_cut"] == {"chosen": 1, "rejected": 1} and "rows_cut" not in record
+    assert ("vqa: 1 of 3 pairs are cut by max_length=6 before their chosen reply's end-of-turn token, so the model "
+            "learns replies that do not stop") in caplog.text
+    assert "vqa: 1 of 3 pairs are cut by max_length=6 before their rejected reply's end-of-turn token" in caplog.text
+
+
 def test_sft_counts_image_rows_cut_before_their_end_of_turn(vqa, tiny_model_path, tmp_path, caplog):
     """The same through the SFT stage on a tiny LLaVA: the longest rows go last, where `check_collated_labels`
     (the first 8 rows) does not see them, and max_length=70 cuts the replies of the 3 longest (80, 80 and 96 tokens)."""
@@ -534,6 +568,22 @@ def test_sft_counts_image_rows_cut_before_their_end_of_turn(vqa, tiny_model_path
         sft.main(*configs)
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["preflight"]["rows_cut"] == 3
     assert "3 of 16 rows are cut by max_length=70 before their reply's end-of-turn token" in caplog.text
+
+
+def test_dpo_counts_image_pairs_cut_before_their_end_of_turn(vqa, tiny_model_path, tmp_path, caplog):
+    """The same through the DPO stage on a tiny LLaVA: max_length=70 cuts the chosen replies of 2 of the 8 pairs and
+    the rejected reply of 1 (behind a long prompt) before their end-of-turn token."""
+    from trl import DPOConfig
+
+    from posttrain.stages import dpo
+
+    configs = stage_configs(DPOConfig, "llava", tiny_model_path, tmp_path / "out", vqa / "pairs", "train",
+                            max_length=70, max_steps=1)
+    with caplog.at_level("WARNING", logger="posttrain"):
+        dpo.main(*configs)
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["preflight"]["pairs_cut"] == \
+        {"chosen": 2, "rejected": 1}
+    assert "2 of 8 pairs are cut by max_length=70 before their chosen reply's end-of-turn token" in caplog.text
 
 
 def test_gate_images_per_placeholder():

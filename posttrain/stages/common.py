@@ -222,8 +222,8 @@ def prepare_trainer(trainer, model, stage_args, model_args, images: bool, rows: 
                     end_of_turn: set[int] | None = None) -> dict:
     """What SFT and DPO do to their TRL trainer before training: ERNIE-4.5-VL's expert routing in the collator
     (`posttrain.moe_routing`), a continued VLM adapter's vision modules frozen, and with image rows the image gates.
-    `rows`: each training row's row in its file, where pre-flight skipped some (`gates.kept_rows`); `end_of_turn`: SFT's
-    end-of-turn ids, to count the image rows whose reply `max_length` cuts before it. Returns what goes
+    `rows`: each training row's row in its file, where pre-flight skipped some (`gates.kept_rows`); `end_of_turn`: the
+    end-of-turn ids, to count the image rows (or pairs) whose reply `max_length` cuts before it. Returns what goes
     into the stage's pre-flight record."""
     from .. import gates
     from ..moe_routing import route_collator

@@ -104,11 +104,14 @@ def main(stage_args: StageArguments, training_args, model_args):
         peft_config=peft_config,
     )
     common.guard_checkpoints(trainer)
-    preflight = common.prepare_trainer(trainer, model, stage_args, model_args, images, source_rows)
+    end_of_turn = gates.end_of_turn_ids(vision.text_tokenizer(tokenizer)) if stage_args.preflight else None
+    preflight = common.prepare_trainer(trainer, model, stage_args, model_args, images, source_rows, end_of_turn)
     if packed:
         preflight.update(padding_free=True, attention=common.pack_scoring(trainer, model_args))
     if stage_args.preflight and not images:
         preflight.update(gates.check_prompt_boundary(tokenizer, train, stage_args.dataset_name))
+        preflight.update(gates.count_cut_pairs(trainer.train_dataset, training_args.max_length, truncation,
+                                               end_of_turn, stage_args.dataset_name))
     before, heldout_rows, sharded = None, None, common.sharded_weights(trainer)
 
     def score_heldout() -> dict:  # before and after training, on the same rows
