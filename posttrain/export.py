@@ -137,10 +137,10 @@ def _check_promoted(ref, force: bool) -> str | None:
     metrics_path = ref.run / ref.stage / "metrics.json"
     record = json.loads(metrics_path.read_text()).get("promotion") if metrics_path.is_file() else None
     if blocks_chain(record) and not force:
-        earlier = f"export {record['against']} with --stage {record['against']}, or" if record["against"] != "base" \
+        earlier = f"export {record['against']} with --stage {record['against']}, or " if record["against"] != "base" \
             else ""
         raise UserError(f"{ref.run}: stage '{ref.stage}' failed its promote gate ({record['gate']['reason']}); "
-                        f"{earlier} pass --force to export it anyway")
+                        f"{earlier}pass --force to export it anyway")
     stale = stale_stages(ref.run).get(ref.stage)
     if stale and not force:
         raise UserError(f"{ref.run}: stage '{ref.stage}' is stale ({stale}): it is not what "

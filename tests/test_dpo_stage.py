@@ -258,6 +258,13 @@ def test_pair_gates_name_the_row(tiny_model_path):
         check_preference_pairs(Dataset.from_list([{**short, "tools": json.dumps(tools)}]), "p", tokenizer, max_length=64)
 
 
+def test_a_pair_with_an_empty_rejected_reply_is_refused():
+    """The rejected side empty (not only the chosen one): nothing to prefer the chosen reply over."""
+    empty = Dataset.from_list([{"prompt": "q", "chosen": "a", "rejected": " "}])
+    with pytest.raises(UserError, match=r'p row 1 \(counting from 1\): "rejected" is empty'):
+        check_preference_pairs(empty, "p")
+
+
 def test_pairs_that_differ_only_in_their_tool_calls_are_two_replies():
     """A reply that only calls a tool has no content, and two replies with the same words may call different tools:
     the chat template trains both as different sequences, so the gate compares whole replies."""
@@ -311,6 +318,14 @@ def test_a_non_thinking_pair_whose_reply_thinks_is_refused():
                                         r"false\) but its rejected reply has reasoning .* skip_bad_rows"):
         check_preference_pairs(Dataset.from_list(rows), "p")
     assert check_preference_pairs(Dataset.from_list(rows), "p", allow_skip=True)[1] == [1]
+
+def test_a_pair_that_names_no_thinking_mode_may_think():
+    """Only a pair marked non-thinking is held to replies without reasoning: one that names no mode (no
+    `chat_template_kwargs`, no `thinking`) keeps its <think> block."""
+    row = {"prompt": [{"role": "user", "content": "2 + 3?"}], "chosen": [{"role": "assistant", "content": "5"}],
+           "rejected": [{"role": "assistant", "content": "<think>\nTwo and two.\n</think>\n\n4"}]}
+    assert check_preference_pairs(Dataset.from_list([row]), "p")[1] == []
+
 
 def test_pairs_keep_their_reasoning_in_what_dpo_compares(tiny_model_path):
     """DPO compares the replies as the chat template renders them: reasoning in a field a template does not render

@@ -445,3 +445,24 @@ def test_an_interrupted_export_says_to_start_over_not_to_resume(run, tmp_path, m
     code, printed = export(run, "--out", tmp_path / "out", capsys=capsys)
     assert code == 130 and "start over" in printed and "checkpoint" not in printed
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_stage_folder_without_a_safetensors_adapter_is_named_for_what_it_holds(tmp_path):
+    """A pickled adapter (adapter_model.bin) is refused as such, not as no adapter; a folder of a stage that trained
+    all weights says it already is a standalone model; an adapter without its adapter_config.json is no adapter."""
+    from posttrain.errors import UserError
+    from posttrain.export import _check_adapter_folder
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(UserError, match=r"holds a pickled adapter \(adapter_model.bin\); posttrain exports safetensors"):
+        _check_adapter_folder(SimpleNamespace(adapter=str(tmp_path)))
+    for name in ("adapter_config.json", "adapter_model.bin"):
+        (tmp_path / name).unlink()
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match=r"holds no LoRA adapter .*use_peft: false\), so the folder already is a "
+                                        r"standalone model"):
+        _check_adapter_folder(SimpleNamespace(adapter=str(tmp_path)))
+    (tmp_path / "model.safetensors").rename(tmp_path / "adapter_model.safetensors")  # its adapter_config.json lost
+    with pytest.raises(UserError, match=r"holds no LoRA adapter \(adapter_model.safetensors \+ adapter_config.json\)$"):
+        _check_adapter_folder(SimpleNamespace(adapter=str(tmp_path)))

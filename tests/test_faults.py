@@ -455,6 +455,35 @@ def test_a_checkpoint_resumes_only_on_as_many_processes_as_trained_it(tmp_path):
     check_processes(checkpoint, 2, checkpoint.parent)
 
 
+def test_resuming_takes_the_highest_step_that_is_whole_and_drops_the_newer_broken_ones(tmp_path):
+    """Steps compare as numbers (checkpoint-10 is newer than checkpoint-9); a newer checkpoint with a file cut short
+    that is neither JSON nor safetensors (optimizer.pt) is removed, saying which file, and the one before is taken;
+    a folder not named by a step is not a checkpoint; one never marked complete is dropped by `remove_incomplete`."""
+    out = tmp_path / "out"
+    for step in (9, 10, 11):
+        checkpoint = out / f"checkpoint-{step}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "trainer_state.json").write_text("{}")
+        (checkpoint / "optimizer.pt").write_bytes(b"x" * 64)
+        if step != 11:
+            checkpoints.mark_complete(checkpoint)
+    (out / "checkpoint-best").mkdir()
+    checkpoints.remove_incomplete(out)
+    assert [c.name for c in checkpoints.checkpoints(out)] == ["checkpoint-10", "checkpoint-9"]
+    assert checkpoints.resume_point(out) == out / "checkpoint-10"
+    (out / "checkpoint-10" / "optimizer.pt").write_bytes(b"x" * 32)
+    said = []
+    assert checkpoints.resume_point(out, said.append) == out / "checkpoint-9"
+    assert said == ["checkpoint-10 cannot be resumed from: optimizer.pt is 32 bytes, 64 were written (truncated or "
+                    "overwritten); removed it"] and not (out / "checkpoint-10").exists()
+
+
+def test_a_finished_stage_folder_with_no_weights_at_all_is_not_finished(tmp_path):
+    """Neither an adapter nor a full model's weights (emptied by hand): the stage is trained again, its adapter
+    named as what is missing."""
+    assert checkpoints.finished_problem(tmp_path) == "adapter_model.safetensors is missing"
+
+
 def test_offline_pairs_shared_order_disjoint_across_processes_and_resumable():
     from posttrain.trainers.upo_pairs import OfflinePairs
 

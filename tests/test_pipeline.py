@@ -213,6 +213,62 @@ def test_until_leaves_out_the_data_only_later_stages_read(tmp_path):
     assert pipeline.data_for_later_stages(["sft", "dpo", "upo"]) == set()
 
 
+@pytest.fixture()
+def stage_calls(tmp_path, monkeypatch):
+    """A tiny-recipe `Pipeline` whose steps only record what the run asked of them: `calls` lists `run_stage`'s
+    (stage, previous, force) and `build_data`'s `after`; `changed` is what `changed_since` answers."""
+    from posttrain.pipeline import Pipeline
+    from posttrain.recipe import load_recipe
+
+    pipeline = Pipeline(load_recipe(TINY), tmp_path / "outputs")
+    pipeline.calls, pipeline.changed = [], None
+    for name in ("resolve_base", "evaluate_base", "print_summary"):
+        monkeypatch.setattr(Pipeline, name, lambda self: None)
+    monkeypatch.setattr(Pipeline, "promote", lambda self, stage: None)
+    monkeypatch.setattr(Pipeline, "reevaluate", lambda self, stage: False)
+    monkeypatch.setattr(Pipeline, "build_data", lambda self, after: self.calls.append(("data after", after)))
+    monkeypatch.setattr(Pipeline, "run_stage", lambda self, stage, previous, force=False:
+                        self.calls.append((stage, previous, force)))
+    monkeypatch.setattr(Pipeline, "changed_since", lambda self, stage, previous: self.changed)
+    return pipeline
+
+
+def test_until_trains_up_to_and_including_that_stage(stage_calls):
+    """`--until dpo`: sft then dpo, skipped where finished (not forced); no data job after dpo, whose later data
+    only upo reads."""
+    stage_calls.run(until="dpo")
+    assert stage_calls.calls == [("data after", None), ("sft", None, False), ("data after", "sft"),
+                                 ("dpo", "sft", False)]
+
+
+def test_from_and_only_train_the_stages_asked_for_again_on_the_finished_ones_before(stage_calls):
+    """`--from dpo` trains dpo and upo again (forced: their inputs may be unchanged), `--only dpo` dpo alone; the
+    finished sft before them is kept, not trained."""
+    sft = stage_calls.root / "sft"
+    sft.mkdir(parents=True)
+    (sft / "lineage.json").write_text("{}")
+    stage_calls.run(start="dpo")
+    assert [c for c in stage_calls.calls if c[0] != "data after"] == [("dpo", "sft", True), ("upo", "dpo", True)]
+    stage_calls.calls.clear()
+    stage_calls.run(only="dpo")
+    assert [c for c in stage_calls.calls if c[0] != "data after"] == [("dpo", "sft", True)]
+
+
+def test_only_a_later_stage_needs_the_earlier_ones_finished_and_unchanged(stage_calls):
+    """`--only dpo` without a finished sft, or with one whose inputs changed since, stops before training dpo from
+    an adapter the recipe does not give."""
+    from posttrain.errors import UserError
+
+    with pytest.raises(UserError, match="stage 'sft' comes before the ones asked for and has not finished"):
+        stage_calls.run(only="dpo")
+    (stage_calls.root / "sft").mkdir()
+    (stage_calls.root / "sft" / "lineage.json").write_text("{}")
+    stage_calls.changed = "learning_rate: 0.001 → 0.002"
+    with pytest.raises(UserError, match=r"its inputs changed since it finished \(learning_rate: 0.001 → 0.002\)"):
+        stage_calls.run(only="dpo")
+    assert not [c for c in stage_calls.calls if c[0] == "dpo"]
+
+
 def test_a_discarded_unfinished_stage_says_what_changed(tmp_path):
     from posttrain.pipeline import changed_inputs
 
@@ -223,6 +279,25 @@ def test_a_discarded_unfinished_stage_says_what_changed(tmp_path):
         "learning_rate: 0.001 → 0.002"
     assert changed_inputs(resolved, {"learning_rate": 1e-3, "max_steps": 10}) == \
         "the data, the base model or the previous stage changed"
+
+
+def test_what_changed_names_four_arguments_and_counts_the_rest(tmp_path):
+    """Five arguments changed: the message shows four of them (sorted) and says one more."""
+    from posttrain.pipeline import changed_inputs
+
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(yaml.safe_dump({k: 1 for k in "abcde"}))
+    assert changed_inputs(resolved, {k: 2 for k in "abcde"}) == "a: 1 → 2; b: 1 → 2; c: 1 → 2; d: 1 → 2; 1 more"
+
+
+def test_a_stage_recorded_before_base_hash_is_not_said_to_have_another_base():
+    """A lineage from before `base_hash` was recorded says nothing about the base: what changed is not blamed on
+    it."""
+    from posttrain.pipeline import other_inputs
+
+    record = {"datasets": {}, "previous_stage": "sft", "previous_inputs_hash": "p1"}
+    now = {"datasets": {}, "base_hash": "b1", "previous_inputs_hash": "p2"}
+    assert other_inputs(record, now) == "sft was trained again since"
 
 
 def test_a_stage_trained_again_with_its_arguments_unchanged_says_which_other_input_changed():
@@ -641,6 +716,51 @@ def test_a_base_model_saved_over_in_place_or_moved_on_the_hub_changes_every_stag
     assert base_identity("org/m", snapshot) == {"revision": "0123abcd"}
     assert base_identity("HuggingFaceTB/SmolLM2-135M-Instruct", tmp_path / "cache" / "gguf-entry") == {}
     assert base_identity("tiny:llama", tmp_path / "cache" / "tiny-llama") == {}
+
+
+def test_a_base_named_from_the_home_folder_is_identified_as_a_local_folder(tmp_path, monkeypatch):
+    """`base.model_name_or_path: ~/my-base` is a local folder that can be saved over in place: its identity holds its
+    weights and tokenizer, as for the same folder named in full, not nothing as for a cache-built base."""
+    import torch
+    from safetensors.torch import save_file
+
+    from posttrain.lineage import base_identity
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    folder = tmp_path / "my-base"
+    folder.mkdir()
+    save_file({"w": torch.zeros(10)}, folder / "model.safetensors")
+    assert base_identity("~/my-base", folder) == base_identity(str(folder), folder) != {}
+
+
+def test_only_a_snapshot_folder_of_the_hub_cache_names_a_hub_revision(tmp_path):
+    """`models--org--m/snapshots/<commit>` is a Hub snapshot; another folder two down from `models--org--m` (a ref, a
+    folder of one's own) names no commit, and a base there is not taken for that revision."""
+    from posttrain.lineage import hub_snapshot
+
+    assert hub_snapshot(tmp_path / "models--org--m" / "snapshots" / "0123abcd") == ("org/m", "0123abcd")
+    assert hub_snapshot(tmp_path / "models--org--m" / "refs" / "main") is None
+
+
+def test_the_sampled_digest_reads_the_first_and_the_last_bytes_of_the_tensor_data(tmp_path, monkeypatch):
+    """Of the 8 places `sampled_digest` reads, the first starts at the tensor data and the last ends at the file's
+    end: a weight file changed only in its first or last bytes gets another digest."""
+    from posttrain import lineage
+
+    monkeypatch.setattr(lineage, "SAMPLED_BYTES", 16)  # 8 places of 16 bytes in 1000 bytes of data: gaps between
+    header = b'{"__metadata__":{}}'
+    file = tmp_path / "model.safetensors"
+
+    def digest(data: bytearray) -> str:
+        file.write_bytes(len(header).to_bytes(8, "little") + header + bytes(data))
+        return lineage.sampled_digest(file)
+
+    data = bytearray(1000)
+    before = digest(data)
+    for place in (0, -1):
+        changed = bytearray(data)
+        changed[place] = 1
+        assert digest(changed) != before, place
 
 
 def test_a_stage_trained_from_other_weights_of_its_previous_stage_is_trained_again(shared_tiny, tiny_run, tmp_path,

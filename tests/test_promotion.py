@@ -145,6 +145,23 @@ def test_export_refuses_a_gated_out_stage_unless_forced(gated_run):
     assert "promote gate" not in str(forced.value)
 
 
+def test_a_first_stage_its_gate_rejected_is_refused_without_offering_the_base(tmp_path):
+    """sft worse than the base: the refusal offers --force only (the base is no stage to export), and with --force
+    the reason for the card is the gate's."""
+    from posttrain.export import _check_promoted
+    from posttrain.runs import stage_ref
+
+    root = tmp_path / "tiny-text"
+    shutil.copytree(ASSETS, root)
+    metrics = json.loads((root / "sft" / "metrics.json").read_text())
+    metrics["promotion"] = {"against": "base", "gate": {"passed": False, "reason": "accuracy 1.0% vs 9.0% after base"}}
+    (root / "sft" / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(UserError, match=r"failed its promote gate \(accuracy 1.0% vs 9.0% after base\);\s+pass --force"):
+        _check_promoted(stage_ref(root, "sft"), force=False)
+    assert _check_promoted(stage_ref(root, "sft"), force=True) == \
+        "its promote gate rejected it (accuracy 1.0% vs 9.0% after base)"
+
+
 def test_a_stage_trained_from_a_gated_out_stage_is_not_picked_or_exported(gated_run):
     """A re-evaluation on another eval set (or a stricter gate) stops the run at dpo: the upo left from before was
     trained from that dpo, so it is stale, and `eval`/`export`/`chat` do not pick it by default."""

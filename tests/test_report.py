@@ -455,6 +455,50 @@ def test_stages_left_from_before_an_upgrade_retrained_their_previous_stage_are_s
     assert stage_ref(run).stage == "sft"
 
 
+def test_stages_recorded_before_base_hash_are_not_stale_beside_a_base_that_records_one(tmp_path):
+    """The base evaluated again after an upgrade records a `base_hash`; stages trained by the version before have
+    none: nothing says they were trained on another base, so they are not stale."""
+    from posttrain.runs import stale_stages
+
+    run = copy_runs(tmp_path) / "tiny-full"
+    edit_json(run / "base" / "lineage.json", lambda lin: lin.update(base_hash="base-now"))
+    assert stale_stages(run) == {}
+
+
+def test_a_stage_whose_previous_stage_folder_is_gone_is_not_stale(tmp_path):
+    """dpo recorded sft's inputs hash, then sft/ was removed (to train it again): no lineage says sft changed, so
+    dpo is not called stale for it."""
+    from posttrain.runs import stale_stages
+
+    run = copy_runs(tmp_path) / "tiny-full"
+    edit_json(run / "dpo" / "lineage.json", lambda lin: lin.update(previous_inputs_hash="sft-then"))
+    dpo_hash = json.loads((run / "dpo" / "lineage.json").read_text())["inputs_hash"]
+    edit_json(run / "upo" / "lineage.json", lambda lin: lin.update(previous_inputs_hash=dpo_hash))
+    shutil.rmtree(run / "sft")
+    assert stale_stages(run) == {}
+
+
+def test_a_stage_folder_without_lineage_is_not_finished(tmp_path):
+    """A stage's lineage.json is what says it finished: a upo/ folder without one (copied in part, emptied by hand)
+    is neither listed as finished nor picked by `eval`/`export`/`chat`."""
+    from posttrain.runs import finished_stages, stage_ref
+
+    run = copy_runs(tmp_path) / "tiny-full"
+    (run / "upo" / "lineage.json").unlink()
+    assert finished_stages(run) == ["base", "sft", "dpo"] and stage_ref(run).stage == "dpo"
+
+
+def test_a_stage_the_run_does_not_have_is_named_as_such(tmp_path):
+    """`--stage ppo` on a run of base → sft → dpo → upo says ppo is not one of its stages, not that it has not
+    finished (which would suggest waiting for it)."""
+    from posttrain.errors import UserError
+    from posttrain.runs import stage_ref
+
+    run = copy_runs(tmp_path) / "tiny-full"
+    with pytest.raises(UserError, match="'ppo' is not a stage of this run"):
+        stage_ref(run, "ppo")
+
+
 def test_change_runs_to_the_last_stage_that_is_not_stale(tmp_path):
     run = copy_runs(tmp_path) / "tiny-full"
     edit_json(run / "dpo" / "lineage.json", lambda lin: lin.update(previous_inputs_hash="sft-before"))

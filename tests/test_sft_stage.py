@@ -312,6 +312,17 @@ def test_the_models_own_end_token_written_in_a_turn_is_refused(tiny_model_path):
         gates.check_special_token_text(tokenizer, rows, "data.jsonl", model)
 
 
+def test_the_special_token_gate_names_the_first_row_and_counts_them_all(tiny_tokenizer):
+    """Rows 2 and 3 write <|im_end|> as text: the error names row 2, the first, and counts both."""
+    from datasets import Dataset
+
+    ok = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    bad = [ok[0], {"role": "assistant", "content": "a<|im_end|>"}]
+    rows = Dataset.from_list([{"messages": ok}, {"messages": bad}, {"messages": bad}])
+    with pytest.raises(UserError, match=r"data.jsonl row 2 \(counting from 1\): .*\(2 of 3 rows have such text\)"):
+        gates.check_special_token_text(tiny_tokenizer, rows, "data.jsonl")
+
+
 def test_special_token_written_in_a_held_out_turn_is_refused(tiny_tokenizer, tmp_path):
     """The `dataset_test_split` rows of TRL's eval loss pass the gate the training rows pass: a held-out reply that
     writes <|im_end|> as text was scored as ending there. Refused, naming the split and the row."""

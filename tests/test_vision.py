@@ -603,6 +603,19 @@ def test_gate_images_per_placeholder():
         gates.check_image_slots(Dataset.from_list(marked), "vqa.jsonl")
 
 
+def test_gate_images_without_a_placeholder_in_structured_turns_and_markers_in_text_rows():
+    """A row whose turns are lists of parts has a slot for each image: an image with none is refused (TRL places
+    images at the start only for rows of plain-string turns). A text row (no images) may write `<image>` as text."""
+    from datasets import Dataset, Features, Json, List, Value
+
+    features = Features({"messages": List(Json()), "images": List(Value("string"))})
+    parts = [{"role": "user", "content": [{"type": "text", "text": "q"}]}, {"role": "assistant", "content": "a"}]
+    with pytest.raises(UserError, match=r"vqa.jsonl row 1 \(counting from 1\): 1 image\(s\) for 0 image placeholder"):
+        gates.check_image_slots(Dataset.from_list([{"messages": parts, "images": ["a.png"]}], features), "vqa.jsonl")
+    text = [{"role": "user", "content": "what does <image> do in LLaMA-Factory?"}, {"role": "assistant", "content": "a"}]
+    gates.check_image_slots(Dataset.from_list([{"messages": text, "images": []}], features), "vqa.jsonl")
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gate_special_token_text_in_image_rows(arch, tiny_model_path):
     """Image rows pass the special-token gate too, less the processor's image placeholders (`<image>`, Qwen2-VL's
