@@ -266,6 +266,21 @@ def test_unfinished_or_unknown_stage_is_named(run, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_an_adapter_whose_lora_b_is_all_zero_is_not_exported(run, tmp_path, capsys):
+    """An adapter file whose every lora_B is zero (replaced after training, or never trained) changes nothing on the
+    base: export refuses it, naming the file, and writes nothing."""
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "tiny-sft"
+    shutil.copytree(run, copy)
+    path = copy / "sft" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    save_file({k: t.zero_() if "lora_B" in k else t for k, t in tensors.items()}, path)
+    code, out = export(copy, "--out", tmp_path / "x", capsys=capsys)
+    assert code == 2 and "untrained (every lora_B is zero)" in out and str(path) in " ".join(out.split())
+    assert not (tmp_path / "x").exists()
+
+
 def test_existing_folder_is_refused_unless_overwrite(run, tmp_path, capsys):
     """An existing export is replaced only with --overwrite; a folder of the user's files, or the run itself, never."""
     out = tmp_path / "out"
