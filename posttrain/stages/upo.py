@@ -58,9 +58,9 @@ def curriculum(dataset, stage_args, phases: list[dict], training_args, tokenizer
     try:
         return concatenate_datasets(parts)
     except ValueError as error:  # a column stored as JSON values in one file (data_prep's image sets), as structs in another
-        json = {name: feature for part in parts for name, feature in part.features.items() if _holds_json(feature)}
+        as_json = {name: feature for part in parts for name, feature in part.features.items() if _holds_json(feature)}
         try:
-            return concatenate_datasets([part.cast(Features({name: json.get(name, feature)
+            return concatenate_datasets([part.cast(Features({name: as_json.get(name, feature)
                                                              for name, feature in part.features.items()}))
                                          for part in parts])
         except (ValueError, TypeError):
