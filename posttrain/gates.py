@@ -584,14 +584,16 @@ def reply_cut(labels: list[int], end_of_turn: set[int]) -> bool:
 
 
 def warn_cut_replies(name: str, cut: int, rows: int, max_length: int, packing: bool = False,
-                     side: str | None = None) -> None:
+                     side: str | None = None, heldout: bool = False) -> None:
     """The warning for `cut` of `rows` rows whose reply `max_length` cuts before its end-of-turn token (`reply_cut`):
     text rows as TRL tokenized them (`sft.report_cut_replies`, `count_cut_pairs`), image rows as its collator cuts
-    them (`check_image_tokens`). `side`: DPO's "chosen" or "rejected" reply of `rows` pairs."""
+    them (`check_image_tokens`). `side`: DPO's "chosen" or "rejected" reply of `rows` pairs; `heldout`: pairs that
+    are scored, not trained."""
     if not cut:
         return
     # not truncation_mode: keep_end, which TRL 1.16 deprecates for SFT
-    effect = "DPO weighs rejected replies that do not stop" if side == "rejected" else \
+    effect = "the held-out preference accuracy scores them cut" if heldout else \
+        "DPO weighs rejected replies that do not stop" if side == "rejected" else \
         "the model learns replies that do not stop"
     logger.warning("pre-flight: %s: %d of %d %s are cut by max_length=%s before their %sreply's end-of-turn token, so "
                    "%s; raise max_length%s to keep it", name, cut, rows, "pairs" if side else "rows", max_length,
@@ -599,12 +601,13 @@ def warn_cut_replies(name: str, cut: int, rows: int, max_length: int, packing: b
                    " (or packing_strategy: bfd_split, which carries the rest over)" if packing else "")
 
 
-def count_cut_pairs(dataset, max_length: int | None, truncation_mode: str, end_of_turn: set[int], name: str) -> dict:
+def count_cut_pairs(dataset, max_length: int | None, truncation_mode: str, end_of_turn: set[int], name: str,
+                    heldout: bool = False) -> dict:
     """DPO's text pairs whose chosen or rejected reply `max_length` cuts before its end-of-turn token (`reply_cut`),
     as TRL's collator cuts `prompt_ids` + `chosen_ids` (and + `rejected_ids`) to `max_length`, each side on its own;
     where `trainers.dpo_trainer` masks tool results, its masks tell the reply's own tokens. A cut chosen reply
     teaches, through DPO's sigmoid and its `sft` term, replies that do not stop. A warning per side, and `pairs_cut`
-    in the pre-flight record."""
+    in the pre-flight record; `heldout` pairs (TRL's eval dataset) are scored cut, and warned about as such."""
     columns = dataset.column_names or []
     if max_length is None or "prompt_ids" not in columns:
         return {}
@@ -619,7 +622,7 @@ def count_cut_pairs(dataset, max_length: int | None, truncation_mode: str, end_o
                 labels = [-100] * len(prompt) + [t if m else -100 for t, m in zip(ids, mask)]
                 counts[side] += reply_cut(labels[kept], end_of_turn)
     for side, cut in counts.items():
-        warn_cut_replies(name, cut, len(dataset), max_length, side=side)
+        warn_cut_replies(name, cut, len(dataset), max_length, side=side, heldout=heldout)
     return {"pairs_cut": counts}
 
 

@@ -308,7 +308,7 @@ def test_sft_gate_names_a_format_it_cannot_train_on(rows, named):
 def test_a_bad_tools_column_is_named_before_trl_reads_it(tools, named, tiny_tokenizer, tmp_path):
     """TRL (and the gates that render rows as it does) stopped on it with a bare JSONDecodeError, or transformers'
     "Tools should either be a JSON schema, or a callable function"."""
-    from posttrain.stages.dpo import load_pairs
+    from posttrain.stages.pairs import load_pairs
 
     good = json.dumps([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}])
     path = tmp_path / "prefs.jsonl"

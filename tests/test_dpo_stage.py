@@ -12,6 +12,7 @@ from posttrain.errors import UserError
 from posttrain.gates import check_preference_pairs
 from posttrain.models import load_tokenizer
 from posttrain.stages import dpo, sft
+from posttrain.stages.pairs import load_pairs
 
 
 def pairs_dir(tmp_path):
@@ -288,7 +289,7 @@ def test_pairs_with_a_reasoning_column_are_refused(tiny_model_path, tmp_path):
     data.write_text(json.dumps(row) + "\n")
     tokenizer = load_tokenizer(tiny_model_path("llama"), "chatml")
     with pytest.raises(UserError, match=r"pairs.jsonl \(train\): the `reasoning` column holds reasoning text"):
-        dpo.load_pairs(StageArguments(dataset_name=str(data)), "train", tokenizer, None)
+        load_pairs(StageArguments(dataset_name=str(data)), "train", tokenizer, None)
 
 
 def test_pairs_that_write_special_tokens_as_text_are_refused(tiny_model_path, tmp_path):
@@ -303,7 +304,7 @@ def test_pairs_that_write_special_tokens_as_text_are_refused(tiny_model_path, tm
     tokenizer = load_tokenizer(tiny_model_path("llama"), "chatml")
     with pytest.raises(UserError, match=r"pairs.jsonl \(train\) row 1 \(counting from 1\): \"prompt\" turn 1 \(user\) "
                                         r"has the text '<\|im_end\|>'"):
-        dpo.load_pairs(StageArguments(dataset_name=str(data)), "train", tokenizer, None)
+        load_pairs(StageArguments(dataset_name=str(data)), "train", tokenizer, None)
 
 
 def test_a_non_thinking_pair_whose_reply_thinks_is_refused():
@@ -543,8 +544,10 @@ def test_pairs_whose_reply_max_length_cuts_before_its_end_of_turn_are_counted(ti
     rows = [{"prompt": [{"role": "user", "content": f"{i} + {i}?"}],
              "chosen": [{"role": "assistant", "content": "word " * 40 if i < 2 else str(2 * i)}],
              "rejected": [{"role": "assistant", "content": "no " * 40 if i == 3 else "no"}]} for i in range(4)]
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    Dataset.from_list(rows).to_parquet(str(pairs / "train.parquet"))
+    Dataset.from_list(rows[1:]).to_parquet(str(pairs / "test.parquet"))  # one cut chosen reply
     from trl import DPOConfig, ModelConfig
 
     path = tiny_model_path("llama")
@@ -553,9 +556,14 @@ def test_pairs_whose_reply_max_length_cuts_before_its_end_of_turn_are_counted(ti
     model_args = ModelConfig(model_name_or_path=str(path), use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
                              lora_target_modules=["all-linear"])
     with caplog.at_level("WARNING", logger="posttrain"):
-        dpo.main(StageArguments(dataset_name=str(pairs), tokenizer_name_or_path=str(path)), training, model_args)
+        dpo.main(StageArguments(dataset_name=str(pairs), dataset_test_split="test", tokenizer_name_or_path=str(path)),
+                 training, model_args)
     preflight = json.loads((tmp_path / "dpo" / "metrics.json").read_text())["preflight"]
     assert preflight["pairs_cut"] == {"chosen": 2, "rejected": 1}
-    assert ("pairs.jsonl: 2 of 4 pairs are cut by max_length=32 before their chosen reply's end-of-turn token, so the "
+    assert ("pairs: 2 of 4 pairs are cut by max_length=32 before their chosen reply's end-of-turn token, so the "
             "model learns replies that do not stop") in caplog.text
     assert "1 of 4 pairs are cut by max_length=32 before their rejected reply's end-of-turn token" in caplog.text
+    # the held-out pairs are scored cut before and after training: counted and said so, not "learns"
+    assert preflight["heldout_pairs_cut"] == {"chosen": 1, "rejected": 1}
+    assert ("pairs (test): 1 of 3 pairs are cut by max_length=32 before their chosen reply's end-of-turn token, so "
+            "the held-out preference accuracy scores them cut") in caplog.text

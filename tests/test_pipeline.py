@@ -269,6 +269,76 @@ def test_only_a_later_stage_needs_the_earlier_ones_finished_and_unchanged(stage_
     assert not [c for c in stage_calls.calls if c[0] == "dpo"]
 
 
+@pytest.fixture
+def hashed(tmp_path):
+    """A tiny-recipe `Pipeline` that hashes stage inputs without a base model (its hashes set by hand)."""
+    from posttrain.pipeline import Pipeline
+    from posttrain.recipe import load_recipe
+
+    pipeline = Pipeline(load_recipe(TINY), tmp_path / "outputs")
+    pipeline.base_hash, pipeline.eval_hash = "base", "eval"
+    return pipeline
+
+
+def write_record(folder: Path, name: str, record: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps(record))
+
+
+def test_a_stage_hashed_with_its_logging_keys_is_still_up_to_date(hashed):
+    """Runs recorded a stage's hash before the logging and saving keys were left out of it: that finished stage
+    still has the same inputs (any of `stage_hashes`, not only the first); one with another learning rate does not."""
+    args = {"learning_rate": 1e-3, "logging_steps": 5}
+    same = hashed.stage_hashes("sft", args, None)
+    write_record(hashed.root / "sft", "lineage.json", {"inputs_hash": same[-1]})
+    assert same[-1] != same[0] and hashed._up_to_date(hashed.root / "sft", *same)
+    assert not hashed._up_to_date(hashed.root / "sft", *hashed.stage_hashes("sft", {**args, "learning_rate": 2e-3},
+                                                                            None))
+
+
+def test_a_stage_has_other_inputs_once_the_stage_before_it_was_trained_again(hashed):
+    args = {"learning_rate": 1e-3}
+    write_record(hashed.root / "sft", "lineage.json", {"inputs_hash": "first"})
+    before = set(hashed.stage_hashes("dpo", args, "sft"))
+    write_record(hashed.root / "sft", "lineage.json", {"inputs_hash": "second"})
+    assert not before & set(hashed.stage_hashes("dpo", args, "sft"))
+
+
+def test_a_forced_stage_trains_again_though_it_finished_with_the_same_inputs(hashed, monkeypatch):
+    """`--from`/`--only` force their stages: trained again, where a plain rerun skips the finished stage."""
+    from posttrain import lineage
+    from posttrain import pipeline as pipeline_module
+    from posttrain.pipeline import Pipeline
+
+    spawned = []
+    monkeypatch.setattr(Pipeline, "stage_args", lambda self, stage, previous: {"learning_rate": 1e-3})
+    monkeypatch.setattr(pipeline_module, "finished_problem", lambda folder: None)
+    monkeypatch.setattr(lineage, "other_previous", lambda root, record: None)
+    monkeypatch.setattr(lineage, "stage_lineage", lambda stage, args, digest, pipe, previous: {"inputs_hash": digest})
+    monkeypatch.setattr(Pipeline, "reevaluate", lambda self, stage: False)
+    monkeypatch.setattr(Pipeline, "_spawn", lambda self, cmd, log, stage, env: spawned.append(stage))
+    hashed.run_stage("sft", None)  # nothing finished: trained
+    hashed.run_stage("sft", None)  # finished with the same inputs: skipped
+    assert spawned == ["sft"]
+    hashed.run_stage("sft", None, force=True)
+    assert spawned == ["sft", "sft"]
+
+
+def test_a_stage_whose_evaluation_was_deferred_is_evaluated_in_a_process_of_its_own(hashed, monkeypatch):
+    """A stage whose process could not evaluate (`eval_deferred`: weights sharded) is evaluated on the next step,
+    though its held-out evaluation is unchanged; then it is up to date."""
+    from posttrain.pipeline import Pipeline
+
+    final = hashed.root / "sft"
+    write_record(final, "lineage.json", {"inputs_hash": "h", "eval_hash": hashed.eval_hash})
+    write_record(final, "metrics.json", {"status": "done", "eval": None, "eval_deferred": "weights sharded"})
+    monkeypatch.setattr(Pipeline, "run_eval", lambda self, out, step, adapter=None: {"accuracy": 0.5})
+    assert hashed.reevaluate("sft")
+    metrics = json.loads((final / "metrics.json").read_text())
+    assert metrics["eval"] == {"accuracy": 0.5} and "eval_deferred" not in metrics
+    assert not hashed.reevaluate("sft")
+
+
 def test_a_discarded_unfinished_stage_says_what_changed(tmp_path):
     from posttrain.pipeline import changed_inputs
 

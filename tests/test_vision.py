@@ -785,7 +785,7 @@ def test_broken_or_missing_image_is_named(tmp_path):
 def test_image_pairs_whose_replies_hold_tool_results_are_refused(tmp_path):
     """TRL tokenizes image pairs in its collator, where the text pairs' tool-result masks do not reach: their tool
     results would be scored as the model's own tokens. Refused, naming the row."""
-    from posttrain.stages import dpo
+    from posttrain.stages.pairs import load_pairs
 
     image = write_png(tmp_path / "red.png")
     call = [{"type": "function", "function": {"name": "color", "arguments": {}}}]
@@ -801,7 +801,7 @@ def test_image_pairs_whose_replies_hold_tool_results_are_refused(tmp_path):
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     stage_args = StageArguments(dataset_name=str(tmp_path / "pairs.jsonl"))
     with pytest.raises(UserError, match=r"pairs.jsonl \(train\) row 2 .*images whose replies hold tool results"):
-        dpo.load_pairs(stage_args, "train", None, None)
+        load_pairs(stage_args, "train", None, None)
 
 
 def test_decode_images_resolves_against_the_data_folder_and_names_bad_rows(tmp_path, monkeypatch):
@@ -865,7 +865,7 @@ def test_a_broken_stored_image_in_dpo_pairs_is_named(vqa, tiny_model_path, tmp_p
     from datasets import Image as ImageFeature
     from datasets import List
 
-    from posttrain.stages import dpo
+    from posttrain.stages.pairs import load_pairs
 
     def break_first(row, index):
         return {"images": [{"bytes": b"not an image", "path": None}]} if index == 0 else {}
@@ -875,7 +875,7 @@ def test_a_broken_stored_image_in_dpo_pairs_is_named(vqa, tiny_model_path, tmp_p
     pairs.to_parquet(str(tmp_path / "pairs" / "train.parquet"))
     stage_args = StageArguments(dataset_name=str(tmp_path / "pairs"))
     with pytest.raises(UserError, match=r"pairs \(train\) row 1 \(counting from 1\): images\[0\] \(stored in the data\)"):
-        dpo.load_pairs(stage_args, "train", load_tokenizer(tiny_model_path("llava")), None)
+        load_pairs(stage_args, "train", load_tokenizer(tiny_model_path("llava")), None)
 
 
 def test_processor_class_from_preprocessor_config(tiny_model_path, tmp_path):

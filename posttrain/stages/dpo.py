@@ -19,49 +19,13 @@ import time
 
 from .. import gates
 from ..configs import StageArguments
-from ..data import data_folder, has_tool_turns, is_data_file, load_split, with_template_kwargs
-from ..errors import UserError, row_name
+from ..data import is_data_file, with_template_kwargs
+from ..errors import UserError
 from ..models import vision
 from . import common
+from .pairs import load_pairs
 
 DPO_COLUMNS = {"prompt", "chosen", "rejected", "chat_template_kwargs", "images", "tools"}
-
-
-def load_pairs(stage_args, split: str, tokenizer, max_length: int | None, truncation_mode: str = "keep_start",
-               allow_empty: bool = False, model=None):
-    dataset = load_split(stage_args.dataset_name, split, stage_args.dataset_config, allow_empty=allow_empty)
-    name = f"{stage_args.dataset_name} ({split})"
-    skipped = []
-    images = vision.has_images(dataset)
-    gates.check_row_reasoning(dataset, name)
-    if images and (tools := next((i for i, row in enumerate(dataset.select_columns(["chosen", "rejected"]))
-                                  if has_tool_turns(row)), None)) is not None:
-        # TRL tokenizes image pairs in its collator, past the masks of `trainers.dpo_trainer`: the results would count
-        raise UserError(f"{name} {row_name(tools)}: a pair with images whose replies hold tool results; DPO scores "
-                        "the tool results of image pairs as the model's own tokens, so it does not take them. Put "
-                        "the tool exchange in the prompt, or train such pairs without images")
-    if stage_args.preflight:
-        gates.check_tools_column(dataset, name)  # before the checks below render the rows with their tools
-        gates.check_turn_text(tokenizer, dataset, name, model)
-        if not images:  # first: a template that drops the reasoning can make two replies look the same below
-            gates.check_pair_reasoning(tokenizer, dataset, name)
-        # Image prompts: text length says little about token length; the image-token gate checks truncation instead
-        dataset, skipped = gates.check_preference_pairs(dataset, name, None if images else tokenizer, max_length,
-                                                        allow_skip=stage_args.skip_bad_rows,
-                                                        truncation_mode=truncation_mode)
-    dataset = message_replies(dataset)
-    return vision.decode_images(dataset, data_folder(stage_args.dataset_name), name), skipped  # (pairs, indices)
-
-
-def message_replies(dataset):
-    """Text replies to conversational prompts as assistant messages, as the gates and `data.preference_texts` read
-    them: TRL takes a row in one format or the other, and stopped on a mixed one with a bare TypeError (it joins the
-    prompt's list and the reply's text)."""
-    first = dataset.select_columns(["prompt", "chosen"])[0] if len(dataset) else None  # its images not decoded
-    if first is None or not isinstance(first["prompt"], list) or not isinstance(first["chosen"], str):
-        return dataset
-    return dataset.map(lambda row: {side: [{"role": "assistant", "content": row[side]}]
-                                    for side in ("chosen", "rejected")})
 
 
 def main(stage_args: StageArguments, training_args, model_args):
@@ -109,9 +73,7 @@ def main(stage_args: StageArguments, training_args, model_args):
     if packed:
         preflight.update(padding_free=True, attention=common.pack_scoring(trainer, model_args))
     if stage_args.preflight and not images:
-        preflight.update(gates.check_prompt_boundary(tokenizer, train, stage_args.dataset_name))
-        preflight.update(gates.count_cut_pairs(trainer.train_dataset, training_args.max_length, truncation,
-                                               end_of_turn, stage_args.dataset_name))
+        preflight.update(text_pair_checks(trainer, tokenizer, train, stage_args, truncation, end_of_turn))
     before, heldout_rows, sharded = None, None, common.sharded_weights(trainer)
 
     def score_heldout() -> dict:  # before and after training, on the same rows
@@ -134,6 +96,19 @@ def main(stage_args: StageArguments, training_args, model_args):
     extra = {"preference": {"before": before, "after": after}, "preflight": {"pairs_skipped": len(skipped), **preflight}}
     common.finish(trainer, "dpo", stage_args, tokenizer, result, started, extra=extra)
     return trainer
+
+
+def text_pair_checks(trainer, tokenizer, train, stage_args, truncation: str, end_of_turn: set[int]) -> dict:
+    """The prompt-boundary gate, and the text pairs `max_length` cuts before a reply's end-of-turn token: trained
+    (`pairs_cut`) and held out (`heldout_pairs_cut`, which the preference accuracy before/after scores cut)."""
+    name, max_length = stage_args.dataset_name, trainer.args.max_length
+    found = {**gates.check_prompt_boundary(tokenizer, train, name),
+             **gates.count_cut_pairs(trainer.train_dataset, max_length, truncation, end_of_turn, name)}
+    if trainer.eval_dataset is not None and (heldout := gates.count_cut_pairs(
+            trainer.eval_dataset, max_length, truncation, end_of_turn, f"{name} ({stage_args.dataset_test_split})",
+            heldout=True)):
+        found["heldout_pairs_cut"] = heldout["pairs_cut"]
+    return found
 
 
 def empty_heldout(stage_args, training_args) -> str:

@@ -6,7 +6,7 @@ the environment wrote) counted as the model's own. Rows whose replies have `tool
 chat template's `{% generation %}` markers (`chosen_mask`, `rejected_mask`), as SFT's assistant-only loss trains
 them; the collator scores only those tokens, in training, evaluation and the precomputed reference log-probs alike.
 A dataset without tool turns is tokenized and collated exactly as TRL does it. Image pairs TRL tokenizes in its
-collator, past these masks: the stage refuses those with tool turns (`stages.dpo.load_pairs`).
+collator, past these masks: the stage refuses those with tool turns (`stages.pairs.load_pairs`).
 """
 
 import dataclasses
