@@ -1089,3 +1089,34 @@ def test_a_curriculum_phases_own_image_file_is_read_against_its_folder(tiny_mode
     with pytest.raises(UserError, match=r"upo phases\[1\]: .*logic \(train\) row 2 \(counting from 1\): 2 image\(s\) "
                                         r"for 1 image placeholder"):
         upo.main(*configs, phases)
+
+
+def test_image_phases_pick_their_prompts_among_those_of_the_thinking_mode_trained(tiny_model_path, tmp_path,
+                                                                                   monkeypatch):
+    """GRPO renders image prompts in one thinking mode, so the stage keeps that mode's prompts before a phase takes
+    its `num_prompts`: three of them, not the non-thinking share of three picked among all six."""
+    from datasets import Dataset
+
+    import posttrain.trainers
+    from posttrain.stages import upo
+    from posttrain.trainers import UPOConfig
+
+    class Reached(Exception):
+        pass
+
+    def reached(*args, train_dataset, **kwargs):
+        raise Reached(train_dataset)
+
+    monkeypatch.setattr(posttrain.trainers, "UPOTrainer", reached)
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color?"}]}]
+    (tmp_path / "main").mkdir()
+    write_png(tmp_path / "main" / "red.png", (255, 0, 0))
+    rows = [{"prompt": prompt, "answer": "red", "domain": "color", "thinking": i % 2 == 0, "images": ["red.png"]}
+            for i in range(6)]
+    Dataset.from_list(rows).to_parquet(str(tmp_path / "main" / "train.parquet"))
+    configs = stage_configs(UPOConfig, "llava", tiny_model_path, tmp_path / "out", tmp_path / "main", "train",
+                            rewards={"accuracy": 1.0}, num_generations=2, per_device_train_batch_size=2,
+                            max_completion_length=4, chat_template_kwargs={"enable_thinking": False})
+    with pytest.raises(Reached) as reached_trainer:
+        upo.main(*configs, upo.CurriculumArguments(phases=[{"num_prompts": 3}]))
+    assert list(reached_trainer.value.args[0]["thinking"]) == [False] * 3
