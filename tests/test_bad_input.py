@@ -606,7 +606,7 @@ def test_an_adapter_no_step_changed_is_explained_not_a_crash(tiny_model_path, tm
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from posttrain.stages.common import verify_adapter
+    from posttrain.stages.adapter_checks import verify_adapter
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path("llama")),
                            LoraConfig(r=4, target_modules="all-linear"))

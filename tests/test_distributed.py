@@ -207,7 +207,7 @@ def test_a_sharded_adapter_is_gathered_through_the_wrapped_model(tiny_model_path
     from peft import LoraConfig, get_peft_model
 
     from posttrain.models import load_model
-    from posttrain.stages.common import live_adapter
+    from posttrain.stages.adapter_checks import live_adapter
 
     peft_model = get_peft_model(load_model(tiny_model_path("llama")), LoraConfig(r=2, target_modules=["q_proj"]))
     engine = SimpleNamespace(module=peft_model)

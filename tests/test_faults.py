@@ -164,7 +164,7 @@ def test_resumed_from_the_last_steps_checkpoint_trains_no_step_more(configs, tmp
 
 def _train_sigtermed(stage, args, out, at):
     from posttrain.errors import Terminated
-    from posttrain.stages.common import SIGTERM_TEST_ENV
+    from posttrain.stages.training import SIGTERM_TEST_ENV
 
     os.environ[SIGTERM_TEST_ENV] = str(at)
     try:
@@ -222,7 +222,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step(configs,
     and process 1, never signalled, saves step 2 with it (had it trained on, it would have waited in step 3's
     gradient all-reduce for a peer that had left). checkpoint-2 is complete, and resuming from it on two processes
     ends on the uninterrupted two-process run's adapter, bit for bit.""" 
-    from posttrain.stages.common import SIGTERM_TEST_ENV
+    from posttrain.stages.training import SIGTERM_TEST_ENV
 
     args = {**configs[stage], "save_steps": 100}
     args["per_device_train_batch_size"] //= 2  # the same global batch as one process's
@@ -764,7 +764,7 @@ def test_sigterm_after_posttrain_run_was_killed_still_saves_the_step(monkeypatch
 
     from transformers import TrainerControl, TrainerState
 
-    from posttrain.stages.common import save_and_stop_on_sigterm
+    from posttrain.stages.training import save_and_stop_on_sigterm
 
     def to_stdout(*args):  # what print does, unbuffered
         os.write(1, (" ".join(map(str, args)) + "\n").encode())

@@ -22,7 +22,7 @@ from ..configs import StageArguments
 from ..data import is_data_file, with_template_kwargs
 from ..errors import UserError
 from ..models import vision
-from . import common
+from . import adapter_checks, common, training
 from .pairs import load_pairs
 
 DPO_COLUMNS = {"prompt", "chosen", "rejected", "chat_template_kwargs", "images", "tools"}
@@ -67,14 +67,14 @@ def main(stage_args: StageArguments, training_args, model_args):
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    common.guard_checkpoints(trainer)
+    training.guard_checkpoints(trainer)
     end_of_turn = gates.end_of_turn_ids(vision.text_tokenizer(tokenizer)) if stage_args.preflight else None
     preflight = common.prepare_trainer(trainer, model, stage_args, model_args, images, source_rows, end_of_turn)
     if packed:
         preflight.update(padding_free=True, attention=common.pack_scoring(trainer, model_args))
     if stage_args.preflight and not images:
         preflight.update(text_pair_checks(trainer, tokenizer, train, stage_args, truncation, end_of_turn))
-    before, heldout_rows, sharded = None, None, common.sharded_weights(trainer)
+    before, heldout_rows, sharded = None, None, adapter_checks.sharded_weights(trainer)
 
     def score_heldout() -> dict:  # before and after training, on the same rows
         # as many replies a forward as TRL's own evaluation of these pairs scores (its fused head keeps no logits)
@@ -89,7 +89,7 @@ def main(stage_args: StageArguments, training_args, model_args):
         heldout_rows = vision.as_rows(heldout)  # read once, scored before and after training
         before = score_heldout()
         trainer.accelerator.print(f"[dpo] held-out preference accuracy before: {before['accuracy']:.1%}")
-    result = common.train(trainer, training_args, stage_args)
+    result = training.train(trainer, training_args, stage_args)
     after = score_heldout() if before is not None else None
     if after:
         trainer.accelerator.print(f"[dpo] held-out preference accuracy after: {after['accuracy']:.1%}")

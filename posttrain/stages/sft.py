@@ -23,7 +23,7 @@ from ..configs import StageArguments
 from ..data import data_folder, with_template_kwargs
 from ..errors import UserError
 from ..models import vision
-from . import common
+from . import common, training
 
 logger = logging.getLogger("posttrain")
 SFT_COLUMNS = {"messages", "chat_template_kwargs", "tools", "images", "prompt", "completion", "text"}
@@ -66,7 +66,7 @@ def main(stage_args: StageArguments, training_args, model_args):
         model=model, args=training_args, train_dataset=dataset, eval_dataset=heldout, processing_class=tokenizer,
         peft_config=peft_config
     )
-    common.guard_checkpoints(trainer)
+    training.guard_checkpoints(trainer)
     end_of_turn = None
     if stage_args.preflight:
         end_of_turn = gates.end_of_turn_ids(vision.text_tokenizer(tokenizer), getattr(trainer, "chat_template", None))
@@ -85,7 +85,7 @@ def main(stage_args: StageArguments, training_args, model_args):
     if trainer.padding_free:
         preflight["attention"] = common.attend_by_row(trainer.model, model_args)
     trainer.accelerator.print(f"[sft] pre-flight ok: {preflight}")
-    result = common.train(trainer, training_args, stage_args)
+    result = training.train(trainer, training_args, stage_args)
     common.finish(trainer, "sft", stage_args, tokenizer, result, started, extra={"preflight": preflight})
     return trainer
 

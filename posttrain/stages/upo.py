@@ -22,7 +22,7 @@ from ..errors import UserError
 from ..evaluate import check_context
 from ..models import vision
 from ..trainers.upo_pairs import render_prompt_text, render_prompts
-from . import common
+from . import common, training
 
 UPO_COLUMNS = {"prompt", "answer", "tool_calls", "domain", "thinking", "images"}  # what GRPO and the rewards read
 
@@ -106,12 +106,12 @@ def main(stage_args: StageArguments, training_args, model_args, curriculum_args:
                          eval_dataset=heldout_prompts(stage_args, training_args, images, tokenizer, model),
                          processing_class=tokenizer,
                          peft_config=peft_config, offline_dataset=offline)
-    common.guard_checkpoints(trainer)
+    training.guard_checkpoints(trainer)
     problem = common.padding_free_problem(model, images) if training_args.padding_free else None
     if training_args.padding_free and not problem:
         preflight.update(padding_free=True, attention=common.pack_scoring(trainer, model_args))
     frozen = common.freeze_vision(trainer, stage_args, model_args)
-    result = common.train(trainer, training_args, stage_args)
+    result = training.train(trainer, training_args, stage_args)
     extra = {"upo": {"lambda": training_args.upo_lambda, "mode": training_args.upo_mode,
                      "rewards": training_args.rewards, "phases": curriculum_args.phases},
              "preflight": {**preflight, **frozen}}
