@@ -25,35 +25,24 @@ and ratios are taken within a repeat, so a load change on a shared machine hits 
 asserts nothing: it prints a table, and writes bench.json and bench.md.
 """
 
-import importlib.util
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .bench_inputs import SHAPES, resolve_bench_model, starting_adapter, write_bench_data
+from .bench_summary import device_name, markdown_table, summarize
 from .console import console
 from .io import write_json, write_text
 
 ROWS = ("sft", "dpo", "grpo", "upo")
-# Random-weight models in the shape of real ones (`--model shape:<name>`), for GPU runs without the Hub
-SHAPES = {
-    "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-                         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, vocab_size=151936),
-    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, vocab_size=151936),
-}
 # `hackable_length` (words, a little weight) spreads the rewards within every prompt's rollouts whatever the model:
 # on random weights (`tiny:`, `shape:`) the other two are the same for every rollout, UPO then mines no pair, and the
 # `upo` row would time a GRPO step without its DPO term. Both sides of every RL ratio score the same three rewards
 REWARDS = {"accuracy": 1.0, "think_format": 0.5, "hackable_length": 0.1}
-# Peak dense bf16 matmul throughput for MFU, by GPU name (measured peaks where known, see README)
-PEAK_TFLOPS = {"H200": 790.0, "H100": 790.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
 @dataclass
@@ -78,43 +67,6 @@ class BenchOptions:
 
 
 # ---------------------------------------------------------------------------------------------------------- inputs
-def resolve_bench_model(spec: str, work: Path) -> Path:
-    """`default` (the default recipe's base model), `shape:<name>` (random weights, `SHAPES`), or anything
-    `models.resolve_model` takes (`tiny:llama`, a folder, a cached Hub id)."""
-    from .models import resolve_model
-    from .recipe import load_recipe
-
-    if spec == "default":
-        base = load_recipe().base
-        return resolve_model(base.model_name_or_path, base.model_revision, base.gguf_file, base.gguf_package)
-    if spec.startswith("shape:"):
-        return build_shaped_model(spec.split(":", 1)[1], work / "models" / spec.split(":", 1)[1])
-    return resolve_model(spec)
-
-
-def build_shaped_model(name: str, out: Path) -> Path:
-    """A random-weight bf16 model of a known shape with the tiny tokenizer (its ids fit any vocabulary)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from .errors import UserError
-    from .io import save_pretrained
-    from .models import TINY_TOKENIZER
-
-    if name not in SHAPES:
-        raise UserError(f"unknown model shape 'shape:{name}'; choose one of: {', '.join(SHAPES)}")
-    if (out / "config.json").is_file():
-        return out
-    tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
-    shape = dict(SHAPES[name])
-    config = AutoConfig.for_model(shape.pop("model_type"), **shape, bos_token_id=tokenizer.bos_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # initialising 1.5B weights on CPU is slow
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    return save_pretrained(out, model.to("cpu"), tokenizer, if_exists="keep")
-
-
 def prepare_inputs(model: Path, work: Path, options: BenchOptions) -> dict:
     """Tokenizer (with the default recipe's chat template), arithmetic chat data for every row, and a starting
     adapter that DPO and UPO continue (as in a real run, where they continue the previous stage's)."""
@@ -133,73 +85,6 @@ def prepare_inputs(model: Path, work: Path, options: BenchOptions) -> dict:
     write_bench_data(tasks, data, tokenizer, options.data, options.max_length)
     return {"model": str(model), "tokenizer": str(tokenizer_dir), "data": str(data),
             "adapter": str(starting_adapter(model, work / "adapter"))}
-
-
-def write_bench_data(tasks: Path, out: Path, tokenizer, kind: str = "tasks", max_length: int = 256) -> None:
-    """SFT conversations and DPO pairs with TRL's own per-row `chat_template_kwargs` (so the plain script renders them
-    as the stage does), and RL prompts rendered to text in their thinking mode (both sides tokenize the same text).
-
-    `kind`: "tasks", the arithmetic tasks' rows (about 58 tokens each: a step is mostly per-kernel overhead on a GPU);
-    "chat", rows of varied length as real data has them: SFT on the human conversations of
-    `data_prep/sources/chitchat.jsonl` (300, about 20 to 1,000 tokens), DPO on the dialogues and replies of
-    `hhh_alignment.jsonl` (221 pairs; a BIG-bench evaluation set, used here to time random-weight models only), those
-    that fit in `max_length` whole (the stages refuse a prompt that leaves no room for the reply)."""
-    from datasets import load_dataset
-
-    from .trainers.upo_pairs import render_prompt_text
-
-    prompts = load_dataset("parquet", data_files=str(tasks / "prompts.parquet"), split="train")
-    if kind == "chat":
-        sources = Path(importlib.util.find_spec("data_prep").origin).parent / "sources"  # its package data
-        sft = load_dataset("json", data_files=str(sources / "chitchat.jsonl"), split="train")
-        pairs = load_dataset("json", data_files=str(sources / "hhh_alignment.jsonl"), split="train")
-        no_thinking = {"chat_template_kwargs": {"enable_thinking": False}}
-        sft = sft.map(lambda row: no_thinking)
-
-        def tokens(messages):
-            text = tokenizer.apply_chat_template(messages, tokenize=False, enable_thinking=False)
-            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-        pairs = pairs.filter(lambda row: max(tokens(row["prompt"] + row[side]) for side in ("chosen", "rejected"))
-                             <= max_length).map(lambda row: no_thinking)
-    else:
-        sft = load_dataset("parquet", data_files=str(tasks / "sft.parquet"), split="train")
-        sft = sft.map(lambda row: {"chat_template_kwargs": {"enable_thinking": bool(row["thinking"])}})
-        completions, modes = prompts["completion"], [bool(m) for m in prompts["thinking"]]
-
-        def wrong(i: int) -> str:  # the next task's reply in the same thinking mode: a wrong answer in the same format
-            n = len(completions)
-            return completions[next((k % n for k in range(i + 1, i + n) if modes[k % n] == modes[i]), i)]
-
-        pairs = prompts.map(lambda row, i: {
-            "chosen": [{"role": "assistant", "content": row["completion"]}],
-            "rejected": [{"role": "assistant", "content": wrong(i)}],
-            "chat_template_kwargs": {"enable_thinking": modes[i]}}, with_indices=True)
-    sft.select_columns(["messages", "chat_template_kwargs"]).to_parquet(out / "sft" / "train.parquet")
-    pairs.select_columns(["prompt", "chosen", "rejected", "chat_template_kwargs"]).to_parquet(
-        out / "pairs" / "train.parquet")
-    rl = prompts.map(lambda row: {"prompt": render_prompt_text(tokenizer, row["prompt"], row["thinking"])})
-    rl.select_columns(["prompt", "answer", "domain", "thinking"]).to_parquet(out / "prompts" / "train.parquet")
-
-
-def starting_adapter(model: Path, out: Path) -> Path:
-    """A LoRA adapter (r16, all linear layers) with small non-zero weights, standing in for the previous stage's."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    if (out / "adapter_model.safetensors").is_file():
-        return out
-    torch.manual_seed(0)
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model),
-                                LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
-                                           task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=1e-3)
-    peft_model.save_pretrained(out)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------- arguments
@@ -309,103 +194,6 @@ def run_worker(runs: list[dict], threads: int, work: Path, name: str) -> list[di
     if code != 0:
         console.print(f"[red]bench worker '{name}' failed (exit code {code}); {len(done)} of {len(runs)} runs kept")
     return done
-
-
-def summarize(runs: list[dict], n_params: int, peak_tflops: float | None) -> dict:
-    """Per row and column: medians over repeats; ratios taken within each repeat, reported as median and range."""
-    table = {}
-    for row in dict.fromkeys(run["row"] for run in runs):
-        mine = [run for run in runs if run["row"] == row]
-        reference = "grpo" if row == "upo" else row  # UPO's step is set against plain GRPO's
-        base = {run["repeat"]: run for run in runs if run["row"] == reference and run["column"] == "trl"}
-        entry = {}
-        for column in dict.fromkeys(run["column"] for run in mine):
-            chosen = [run for run in mine if run["column"] == column]
-            entry[column] = _column_summary(chosen, base, n_params, peak_tflops)
-        table[row] = entry
-    return table
-
-
-def _column_summary(runs: list[dict], base: dict, n_params: int, peak_tflops: float | None) -> dict:
-    def tokens_per_s(run):
-        return run["tokens"] / run["train_runtime_s"]
-
-    summary = {
-        "repeats": len(runs),
-        "train_runtime_s": statistics.median(run["train_runtime_s"] for run in runs),
-        "tokens_per_s": statistics.median(tokens_per_s(run) for run in runs),
-        "steps_per_s": statistics.median(run["steps"] / run["train_runtime_s"] for run in runs),
-        "peak_memory_gib": max(run["peak_memory_bytes"] for run in runs) / 2**30,
-        "memory_kind": runs[0]["memory_kind"],
-    }
-    if peak_tflops:  # 6·N·tokens: the usual training-FLOPs convention (LoRA's cheaper backward not credited)
-        summary["mfu"] = 6 * n_params * summary["tokens_per_s"] / (peak_tflops * 1e12)
-    paired = [(run, base[run["repeat"]]) for run in runs if run["repeat"] in base]
-    if paired:
-        speed = [tokens_per_s(run) / tokens_per_s(ref) for run, ref in paired]
-        time_ratio = [run["train_runtime_s"] / ref["train_runtime_s"] for run, ref in paired]
-        memory = [run["peak_memory_bytes"] / ref["peak_memory_bytes"] for run, ref in paired]
-        cpu = [(ref["train_cpu_s"] / ref["tokens"]) / (run["train_cpu_s"] / run["tokens"]) for run, ref in paired
-               if run.get("train_cpu_s") and ref.get("train_cpu_s")]
-        summary["vs_trl"] = _spread(speed)
-        if cpu:  # tokens per CPU-second, over TRL's: what a busy machine disturbs least
-            summary["cpu_vs_trl"] = _spread(cpu)
-            summary["cpu_time_vs_trl"] = _spread([run["train_cpu_s"] / ref["train_cpu_s"] for run, ref in paired])
-        summary["time_vs_trl"] = _spread(time_ratio)
-        summary["memory_vs_trl"] = _spread(memory)
-    pairs = [run["upo_pairs"] for run in runs if run.get("upo_pairs") is not None]
-    if pairs:  # a UPO step's DPO term runs only on the pairs it has: none, and the row times GRPO alone
-        summary["upo_pairs"] = min(pairs)
-    return summary
-
-
-def _spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
-def markdown_table(table: dict, device: str) -> str:
-    """The short table printed and written to bench.md."""
-    lines = [f"posttrain bench on {device}. Speed ratio: posttrain tokens/s over plain TRL's in the same repeat "
-             "(median, [min–max]); `upo` rows: step time and peak memory over plain GRPO's (lower is better). Per CPU-second: "
-             "tokens per CPU-second of `train()`, the ratio a busy machine disturbs least.", "",
-             "| stage | column | tokens/s | steps/s | peak memory GiB | MFU | vs TRL | vs TRL, per CPU-second |",
-             "|---|---|---|---|---|---|---|---|"]
-    for row, columns in table.items():
-        for column, s in columns.items():
-            mfu = f"{s['mfu']:.1%}" if "mfu" in s else ""
-            cpu = "" if column == "trl" else _fmt(s.get("cpu_vs_trl"))
-            if row == "upo" and s.get("cpu_time_vs_trl"):
-                cpu = f"time {_fmt(s['cpu_time_vs_trl'])}"
-            if column == "trl":
-                ratio = ""
-            elif row == "upo":
-                t, m = s.get("time_vs_trl"), s.get("memory_vs_trl")
-                ratio = f"time {_fmt(t)}, memory {_fmt(m)}" if t else ""
-                if s.get("upo_pairs") == 0:
-                    ratio += " (no pairs: DPO term not run)"
-            else:
-                ratio = _fmt(s.get("vs_trl"))
-            lines.append(f"| {row} | {column} | {s['tokens_per_s']:.0f} | {s['steps_per_s']:.3f} | "
-                         f"{s['peak_memory_gib']:.2f} | {mfu} | {ratio} | {cpu} |")
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(spread: dict | None) -> str:
-    if not spread:
-        return ""
-    if spread["n"] == 1:
-        return f"{spread['median']:.2f}×"
-    return f"{spread['median']:.2f}× [{spread['min']:.2f}–{spread['max']:.2f}]"
-
-
-def device_name() -> tuple[str, float | None]:
-    import torch
-
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        peak = next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
-        return name, peak
-    return "CPU", None
 
 
 def run_bench(options: BenchOptions) -> dict:

@@ -199,7 +199,7 @@ def measure(stage: str, run: dict) -> dict:
 def main(argv: list[str]) -> int:
     import torch
 
-    from .bench import device_name
+    from .bench_summary import device_name
     from .devices import parameter_count
 
     spec = json.loads(Path(argv[0]).read_text())

@@ -12,7 +12,6 @@ stage's adapter on the base model (same logits on a probe batch, tied embeddings
 into place. Every check's result goes into `export.json` and the card. Safetensors only.
 """
 
-import contextlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from .console import console
 from .errors import UserError, make_folder
+from .hub import create_repo, hub_token, push_folder
 from .io import replace_dir, write_json
 from .lineage import hub_snapshot
 from .runs import stage_ref
@@ -378,74 +378,3 @@ def relative_error(logits, reference, mask) -> float:
     keep = mask.bool()
     diff = (logits[keep] - reference[keep]).norm()
     return float(diff / reference[keep].norm().clamp_min(1e-12))
-
-
-# ---------------------------------------------------------------------------------------------------------- the Hub
-def hub_token(repo_id: str) -> str:
-    """The token `huggingface_hub` would use (HF_TOKEN, then the saved login); every reason not to push is an error."""
-    from huggingface_hub import get_token
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    from .models import is_offline
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as exc:
-        raise UserError(f"--push-to-hub {repo_id}: not a valid repository id ({exc})") from None
-    if "/" not in repo_id:
-        raise UserError(f"--push-to-hub {repo_id}: give the full id, e.g. your-name/{repo_id}")
-    if is_offline():
-        raise UserError(f"--push-to-hub {repo_id} needs the network, but HF_HUB_OFFLINE=1 is set. Unset "
-                        "HF_HUB_OFFLINE, or export without --push-to-hub now and again with it where the Hub is "
-                        "reachable (the model card's code then loads the repository, not a local folder).")
-    try:
-        token = get_token()
-    except Exception as exc:  # an OIDC token exchange (HF_OIDC_RESOURCE) that failed; never echo the token itself
-        raise UserError(f"--push-to-hub {repo_id}: could not get a Hugging Face token: {type(exc).__name__}") from None
-    if not token:
-        raise UserError(f"--push-to-hub {repo_id}: no Hugging Face token found. Set HF_TOKEN or run `hf auth login` "
-                        "(a token with write access).")
-    return token
-
-
-def create_repo(repo_id: str, token: str, private: bool, revision: str | None) -> None:
-    """The Hub repository (and branch) to push to, created if missing, as `Trainer(push_to_hub=True)` does before it
-    trains: a Hub that cannot be reached or a token without write access is an error before anything is exported."""
-    from huggingface_hub import HfApi
-
-    from .models.load import HUB_TIMEOUT_S, http_timeouts
-
-    api = HfApi(token=token)
-    try:  # huggingface_hub's own requests wait without limit (timeout=None): one bounded request first
-        api.repo_info(repo_id, repo_type="model", timeout=HUB_TIMEOUT_S)
-    except http_timeouts():
-        raise UserError(f"--push-to-hub {repo_id}: the Hugging Face Hub did not answer within {HUB_TIMEOUT_S} s; "
-                        "check the network (nothing was exported)") from None
-    except Exception:  # the Hub answered (a missing repository among others): create_repo below says the rest
-        pass
-    with _hub_errors(f"--push-to-hub {repo_id}: could not create or open the repository on the Hub", token,
-                     "nothing was exported"):
-        api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
-        if revision:
-            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
-
-
-def push_folder(folder: Path, repo_id: str, token: str, revision: str | None, message: str) -> str:
-    """upload_folder into the repository `create_repo` made; errors become one UserError with the token scrubbed
-    out."""
-    with _hub_errors(f"uploading {folder} to {repo_id} failed", token,
-                     "the export is complete there; upload it later with: hf upload " + repo_id + f" {folder}"):
-        from huggingface_hub import HfApi
-
-        commit = HfApi(token=token).upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
-                                                  revision=revision, commit_message=message)
-    return commit.commit_url
-
-
-@contextlib.contextmanager
-def _hub_errors(what: str, token: str, then: str):
-    try:
-        yield
-    except Exception as exc:  # HTTP, auth and validation errors alike: the user needs the message, not the trace
-        raise UserError(f"{what}: {str(exc).replace(token, '***')} ({then})") from None

@@ -233,7 +233,8 @@ def test_plain_arguments_go_to_the_plain_script_and_the_equal_column_alike(tmp_p
 def test_the_upo_row_says_whether_its_dpo_term_ran():
     """A `upo` run that mined no pair timed GRPO alone: the table says so. The bench's rewards tell random-weight
     rollouts of one length apart (their words), so its `upo` row has pairs on `tiny:` and `shape:` models too."""
-    from posttrain.bench import REWARDS, markdown_table, summarize
+    from posttrain.bench import REWARDS
+    from posttrain.bench_summary import markdown_table, summarize
     from posttrain.rewards import REWARDS as FUNCTIONS
 
     run = {"repeat": 0, "train_runtime_s": 1.0, "steps": 1, "tokens": 10, "peak_memory_bytes": 1, "memory_kind": "rss"}
@@ -316,7 +317,7 @@ def test_bench_chat_data_is_real_conversations_that_fit(tmp_path, tiny_model_pat
     prompts stay the tasks'."""
     import pandas as pd
 
-    from posttrain.bench import write_bench_data
+    from posttrain.bench_inputs import write_bench_data
     from posttrain.models import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model_path("llama"), "chatml")

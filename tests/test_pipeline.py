@@ -340,7 +340,7 @@ def test_a_stage_whose_evaluation_was_deferred_is_evaluated_in_a_process_of_its_
 
 
 def test_a_discarded_unfinished_stage_says_what_changed(tmp_path):
-    from posttrain.pipeline import changed_inputs
+    from posttrain.step_inputs import changed_inputs
 
     resolved = tmp_path / "resolved.yaml"
     resolved.write_text(yaml.safe_dump({"learning_rate": 1e-3, "max_steps": 10, "output_dir": "a",
@@ -353,7 +353,7 @@ def test_a_discarded_unfinished_stage_says_what_changed(tmp_path):
 
 def test_what_changed_names_four_arguments_and_counts_the_rest(tmp_path):
     """Five arguments changed: the message shows four of them (sorted) and says one more."""
-    from posttrain.pipeline import changed_inputs
+    from posttrain.step_inputs import changed_inputs
 
     resolved = tmp_path / "resolved.yaml"
     resolved.write_text(yaml.safe_dump({k: 1 for k in "abcde"}))
@@ -363,7 +363,7 @@ def test_what_changed_names_four_arguments_and_counts_the_rest(tmp_path):
 def test_a_stage_recorded_before_base_hash_is_not_said_to_have_another_base():
     """A lineage from before `base_hash` was recorded says nothing about the base: what changed is not blamed on
     it."""
-    from posttrain.pipeline import other_inputs
+    from posttrain.step_inputs import other_inputs
 
     record = {"datasets": {}, "previous_stage": "sft", "previous_inputs_hash": "p1"}
     now = {"datasets": {}, "base_hash": "b1", "previous_inputs_hash": "p2"}
@@ -371,7 +371,7 @@ def test_a_stage_recorded_before_base_hash_is_not_said_to_have_another_base():
 
 
 def test_a_stage_trained_again_with_its_arguments_unchanged_says_which_other_input_changed():
-    from posttrain.pipeline import other_inputs
+    from posttrain.step_inputs import other_inputs
 
     record = {"datasets": {"dataset_name": {"path": "data/pairs", "fingerprint": "aaa"}}, "base_hash": "b1",
               "previous_stage": "sft", "previous_inputs_hash": "p1", "git_commit": "0123456789abcdef"}
