@@ -50,7 +50,8 @@ def check_device() -> list[tuple[str, str, str]]:
 
 def check_default_model() -> list[tuple[str, str, str]]:
     from .models import cache_dir
-    from .models.load import entry_problem, find_gguf, gguf_entry_name
+    from .models.gguf import find_gguf
+    from .models.load import entry_problem, gguf_entry_name
     from .recipe import load_recipe
 
     base = load_recipe().base

@@ -11,7 +11,7 @@ import torch
 from huggingface_hub import constants
 
 from posttrain.errors import UserError
-from posttrain.models import load, load_model, resolve_model
+from posttrain.models import gguf, load, load_model, resolve_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -169,7 +169,7 @@ def test_doctor_sees_the_converted_default_model_under_its_key(tmp_path, monkeyp
 
     monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
     base = load_recipe().base
-    name = load.gguf_entry_name(load.find_gguf(base.gguf_file, base.gguf_package))
+    name = load.gguf_entry_name(gguf.find_gguf(base.gguf_file, base.gguf_package))
     stem = name.rsplit("-", 1)[0]
     shutil.copytree(resolve_model("tiny:llama"), tmp_path / "cache" / "models" / f"{stem}-0000000000")  # another key
     assert check_default_model()[0][2].endswith("converts on first run (~30 s)")

