@@ -269,3 +269,18 @@ def column_reads(monkeypatch):
     monkeypatch.setattr(Column, "__getitem__", counted_getitem)
     monkeypatch.setattr(Column, "__iter__", counted_iter)
     return reads
+
+
+@pytest.fixture
+def upo_prompts_given(monkeypatch):
+    """The exception the UPO stage raises, holding its prompts, where it would build UPOTrainer (a stand-in)."""
+    import posttrain.trainers
+
+    class Reached(Exception):
+        pass
+
+    def reached(*args, train_dataset, **kwargs):
+        raise Reached(train_dataset)
+
+    monkeypatch.setattr(posttrain.trainers, "UPOTrainer", reached)
+    return Reached

@@ -1409,19 +1409,11 @@ def run_one_step(tmp_path, model: str, **settings):
     ({"answer": ""}, r"'answer' is empty"),
     ({"content": "one two " * 400}, r"stages.upo.max_completion_length=4 after the longest prompt"),
 ])
-def test_a_curriculum_phases_own_file_passes_the_prompt_gates(bad, error, tiny_model_path, tmp_path, monkeypatch):
+def test_a_curriculum_phases_own_file_passes_the_prompt_gates(bad, error, tiny_model_path, tmp_path,
+                                                               upo_prompts_given):
     """A phase with its own `dataset_name` went to training past the gates the main prompts pass: a prompt writing
     special tokens as text, one with no `answer`, were trained on; a prompt past the model's positions was blamed on
     the main file. Each is refused, naming the phase, its file and split, and the row."""
-    import posttrain.trainers
-
-    class Reached(Exception):
-        pass
-
-    def reached(*args, **kwargs):
-        raise Reached
-
-    monkeypatch.setattr(posttrain.trainers, "UPOTrainer", reached)
     row = {"content": "What is 2 + 2?", "answer": "4"}
     rows = [{"prompt": [{"role": "user", "content": r["content"]}], "answer": r["answer"]} for r in (row, {**row, **bad})]
     Dataset.from_list(rows[:1]).to_parquet(tmp_path / "prompts.parquet")
@@ -1432,7 +1424,7 @@ def test_a_curriculum_phases_own_file_passes_the_prompt_gates(bad, error, tiny_m
         run_one_step(tmp_path, str(tiny_model_path("llama")), rewards={"accuracy": 1.0}, max_completion_length=4,
                      phases=phases)
     Dataset.from_list(rows[:1]).to_parquet(tmp_path / "logic.parquet")  # the good row alone reaches the trainer
-    with pytest.raises(Reached):
+    with pytest.raises(upo_prompts_given):
         run_one_step(tmp_path, str(tiny_model_path("llama")), rewards={"accuracy": 1.0}, max_completion_length=4,
                      phases=phases)
 

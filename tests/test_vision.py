@@ -1053,23 +1053,15 @@ def test_gate_image_tokens_checks_every_row_up_to_its_limit():
         gates.check_image_tokens(trainer, image_token_id=9, rows=gates.kept_rows(23, skipped))
 
 
-def test_a_curriculum_phases_own_image_file_is_read_against_its_folder(tiny_model_path, tmp_path, monkeypatch):
+def test_a_curriculum_phases_own_image_file_is_read_against_its_folder(tiny_model_path, tmp_path, upo_prompts_given):
     """A UPO phase with its own image file: its relative image paths were read against the main prompts' folder
     ("main/red.png: not found"), and a row with more images than placeholders was named by its place among all the
     phases' prompts, in the main file. Each file is read against its own folder, its rows named in it."""
     from datasets import Dataset
 
-    import posttrain.trainers
     from posttrain.stages import upo
     from posttrain.trainers import UPOConfig
 
-    class Reached(Exception):
-        pass
-
-    def reached(*args, train_dataset, **kwargs):
-        raise Reached(train_dataset)
-
-    monkeypatch.setattr(posttrain.trainers, "UPOTrainer", reached)
     prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color?"}]}]
     for folder, image, color in (("main", "blue.png", (0, 0, 255)), ("logic", "red.png", (255, 0, 0))):
         (tmp_path / folder).mkdir()
@@ -1080,7 +1072,7 @@ def test_a_curriculum_phases_own_image_file_is_read_against_its_folder(tiny_mode
                             rewards={"accuracy": 1.0}, num_generations=2, per_device_train_batch_size=2,
                             max_completion_length=4)
     phases = upo.CurriculumArguments(phases=[{"num_prompts": 1}, {"dataset_name": str(tmp_path / "logic")}])
-    with pytest.raises(Reached) as reached_trainer:
+    with pytest.raises(upo_prompts_given) as reached_trainer:
         upo.main(*configs, phases)
     colors = [row["images"][0].getpixel((0, 0)) for row in reached_trainer.value.args[0]]
     assert colors == [(0, 0, 255)] + [(255, 0, 0)] * 2  # the main file's image, then the phase's own two
@@ -1092,22 +1084,14 @@ def test_a_curriculum_phases_own_image_file_is_read_against_its_folder(tiny_mode
 
 
 def test_image_phases_pick_their_prompts_among_those_of_the_thinking_mode_trained(tiny_model_path, tmp_path,
-                                                                                   monkeypatch):
+                                                                                   upo_prompts_given):
     """GRPO renders image prompts in one thinking mode, so the stage keeps that mode's prompts before a phase takes
     its `num_prompts`: three of them, not the non-thinking share of three picked among all six."""
     from datasets import Dataset
 
-    import posttrain.trainers
     from posttrain.stages import upo
     from posttrain.trainers import UPOConfig
 
-    class Reached(Exception):
-        pass
-
-    def reached(*args, train_dataset, **kwargs):
-        raise Reached(train_dataset)
-
-    monkeypatch.setattr(posttrain.trainers, "UPOTrainer", reached)
     prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color?"}]}]
     (tmp_path / "main").mkdir()
     write_png(tmp_path / "main" / "red.png", (255, 0, 0))
@@ -1117,6 +1101,6 @@ def test_image_phases_pick_their_prompts_among_those_of_the_thinking_mode_traine
     configs = stage_configs(UPOConfig, "llava", tiny_model_path, tmp_path / "out", tmp_path / "main", "train",
                             rewards={"accuracy": 1.0}, num_generations=2, per_device_train_batch_size=2,
                             max_completion_length=4, chat_template_kwargs={"enable_thinking": False})
-    with pytest.raises(Reached) as reached_trainer:
+    with pytest.raises(upo_prompts_given) as reached_trainer:
         upo.main(*configs, upo.CurriculumArguments(phases=[{"num_prompts": 3}]))
     assert list(reached_trainer.value.args[0]["thinking"]) == [False] * 3
