@@ -202,9 +202,17 @@ LAST_STAGE = "the last finished one, leaving out stages trained from a stage sin
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from .bench import add_parser as add_bench_parser
+
     parser = argparse.ArgumentParser(prog="posttrain", description="SFT → DPO → UPO post-training with LoRA.")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (add_run_parser, add_ablate_parser, add_eval_parser, add_report_parser, add_data_parser,
+                add_doctor_parser, add_export_parser, add_chat_parser, add_bench_parser):
+        add(sub)
+    return parser
 
+
+def add_run_parser(sub) -> None:
     run = sub.add_parser("run", help="run a recipe (default: the SmolLM2-135M recipe)")
     run.add_argument("items", nargs="*", metavar="[RECIPE] [KEY=VALUE]",
                      help="recipe file, then overrides such as stages.sft.max_steps=10")
@@ -227,6 +235,8 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="validate the recipe and print each stage's arguments")
     run.set_defaults(func=cmd_run)
 
+
+def add_ablate_parser(sub) -> None:
     ablate = sub.add_parser("ablate", help="run a recipe's ablation variants on shared earlier stages and compare them")
     ablate.add_argument("recipe", help="a recipe with an `ablation:` section, e.g. recipes/text/smollm2-135m-ablation.yaml")
     ablate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides applied to every variant")
@@ -240,6 +250,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "(default: the section's `until:`, else the recipe's last stage)")
     ablate.set_defaults(func=cmd_ablate)
 
+
+def add_eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="held-out evaluation of a run's stage or of any model")
     ev.add_argument("run", nargs="?", help="run folder, e.g. outputs/smollm2-135m: evaluated as the run did (its "
                     "recipe's eval: settings) except where a flag below says otherwise")
@@ -250,11 +262,15 @@ def make_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=user_path, help="write the metrics JSON to this file")
     ev.set_defaults(func=cmd_eval)
 
+
+def add_report_parser(sub) -> None:
     report = sub.add_parser("report", help="(re)build a run's report.html and report.md, finished or not")
     report.add_argument("run", help="run folder, e.g. outputs/smollm2-135m")
     report.add_argument("--compare", nargs="+", metavar="RUN", help="other run folders to compare with (ablation)")
     report.set_defaults(func=cmd_report)
 
+
+def add_data_parser(sub) -> None:
     data = sub.add_parser("data", help="build datasets with data_prep jobs ('posttrain data list' lists them)",
                           add_help=False)
     data.add_argument("job", nargs="?", help="job name, 'validate', or 'list'")
@@ -263,9 +279,13 @@ def make_parser() -> argparse.ArgumentParser:
     data.add_argument("-h", "--help", action="store_true", help="show this help and the list of jobs")
     data.set_defaults(func=cmd_data, data_parser=data)
 
+
+def add_doctor_parser(sub) -> None:
     doctor = sub.add_parser("doctor", help="check versions, devices, offline mode and the default model")
     doctor.set_defaults(func=cmd_doctor)
 
+
+def add_export_parser(sub) -> None:
     export = sub.add_parser("export", help="write a stage as a shareable folder (adapter or merged) with a model card")
     export.add_argument("run", help="run folder, e.g. outputs/smollm2-135m")
     export.add_argument("--stage", help=f"stage to export (default: {LAST_STAGE})")
@@ -282,6 +302,8 @@ def make_parser() -> argparse.ArgumentParser:
     export.add_argument("--revision", metavar="BRANCH", help="push to this branch (created if missing)")
     export.set_defaults(func=cmd_export)
 
+
+def add_chat_parser(sub) -> None:
     chat = sub.add_parser("chat", help="chat in the terminal with a run's stage (/reset, /exit)")
     chat.add_argument("run", help="run folder, e.g. outputs/smollm2-135m")
     chat.add_argument("--stage", help=f"stage to chat with (default: {LAST_STAGE}; 'base' for the base model)")
@@ -290,11 +312,6 @@ def make_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", metavar="TEXT", help="a system message opening the conversation (kept by /reset)")
     chat.add_argument("--max-new-tokens", type=at_least(1), default=256)
     chat.set_defaults(func=cmd_chat)
-
-    from .bench import add_parser as add_bench_parser
-
-    add_bench_parser(sub)
-    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
