@@ -37,23 +37,13 @@ def main(stage_args: StageArguments, training_args, model_args):
     common.set_threads()
     model, tokenizer, peft_config = common.load_policy(stage_args, training_args, model_args)
     truncation = getattr(training_args, "truncation_mode", "keep_start")
-    if stage_args.dataset_test_split and is_data_file(stage_args.dataset_name):
-        raise UserError(f"dataset_test_split: '{stage_args.dataset_test_split}', but dataset_name "
-                        f"{stage_args.dataset_name} is one data file, whose every split is the whole file: the "
-                        "held-out pairs would be the training pairs. Give a folder with train and test splits "
-                        "(build_preference_set writes one), or drop dataset_test_split")
     train, skipped = load_pairs(stage_args, stage_args.dataset_train_split, tokenizer, training_args.max_length,
                                 truncation, model=model)
     source_rows = gates.kept_rows(len(train) + len(skipped), skipped) if skipped else None  # image gate's row names
     if stage_args.max_train_samples:
         train = train.select(range(min(stage_args.max_train_samples, len(train))))
     train = with_template_kwargs(train)  # once: the trainer and the prompt-boundary gate read the same rows
-    heldout, no_heldout = None, None
-    if stage_args.dataset_test_split:
-        heldout, _ = load_pairs(stage_args, stage_args.dataset_test_split, tokenizer, training_args.max_length,
-                                truncation, allow_empty=True, model=model)
-        if not len(heldout):  # build_onpolicy_pairs' test split when no test prompt gave a pair: nothing to measure
-            heldout, no_heldout = None, empty_heldout(stage_args, training_args)
+    heldout, no_heldout = heldout_pairs(stage_args, training_args, tokenizer, truncation, model)
     images = vision.has_images(train)
     # TRL (1.16) turns its own padding-free DPO off; the stage packs the padded batches itself
     problem = common.padding_free_problem(model, images) if training_args.padding_free else None
@@ -109,6 +99,23 @@ def text_pair_checks(trainer, tokenizer, train, stage_args, truncation: str, end
             heldout=True)):
         found["heldout_pairs_cut"] = heldout["pairs_cut"]
     return found
+
+
+def heldout_pairs(stage_args, training_args, tokenizer, truncation: str, model) -> tuple:
+    """The `dataset_test_split` pairs, checked as the training pairs are (None without one), and why nothing is
+    measured on them where the split holds no pairs (else None)."""
+    if not stage_args.dataset_test_split:
+        return None, None
+    if is_data_file(stage_args.dataset_name):
+        raise UserError(f"dataset_test_split: '{stage_args.dataset_test_split}', but dataset_name "
+                        f"{stage_args.dataset_name} is one data file, whose every split is the whole file: the "
+                        "held-out pairs would be the training pairs. Give a folder with train and test splits "
+                        "(build_preference_set writes one), or drop dataset_test_split")
+    heldout, _ = load_pairs(stage_args, stage_args.dataset_test_split, tokenizer, training_args.max_length,
+                            truncation, allow_empty=True, model=model)
+    if not len(heldout):  # build_onpolicy_pairs' test split when no test prompt gave a pair: nothing to measure
+        return None, empty_heldout(stage_args, training_args)
+    return heldout, None
 
 
 def empty_heldout(stage_args, training_args) -> str:
