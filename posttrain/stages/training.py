@@ -120,24 +120,7 @@ def save_and_stop_on_sigterm(trainer):
 
         def handle(self, signum, frame):
             self.requested = True
-            self.quiet_if_unread()
-
-        def quiet_if_unread(self):
-            """Send this process's output to /dev/null if nothing reads it any more: when `posttrain run` is killed,
-            its death is what sent this SIGTERM (`childproc.die_with_parent`), and the first write into its pipe (a
-            progress bar, a log line) would fail (EPIPE) and end the stage before it saves. Linux only, as that
-            signal: a pipe without a reader polls as POLLERR there."""
-            if not sys.platform.startswith("linux"):
-                return
-            import select
-
-            for fd in (1, 2):
-                poller = select.poll()
-                poller.register(fd, select.POLLOUT)
-                if any(events & select.POLLERR for _, events in poller.poll(0)):
-                    devnull = os.open(os.devnull, os.O_WRONLY)
-                    os.dup2(devnull, fd)
-                    os.close(devnull)
+            quiet_if_unread()
 
         def agreed(self) -> bool:
             """Whether any process was asked to stop: the same answer on every process."""
@@ -152,7 +135,7 @@ def save_and_stop_on_sigterm(trainer):
             if self.agreed():
                 self.stopped = True
                 control.should_save = control.should_training_stop = True  # first: the step is saved, come what may
-                with contextlib.suppress(OSError):  # its reader gone since `quiet_if_unread`: only the line is lost
+                with contextlib.suppress(OSError):  # its reader gone (`quiet_if_unread`): only the line is lost
                     accelerator.print(f"{SAVED_ON_SIGTERM}{state.global_step} and stopping; run the same command "
                                       "again to resume from it")
 
@@ -163,6 +146,25 @@ def save_and_stop_on_sigterm(trainer):
     callback = SaveAndStop()
     trainer.add_callback(callback)
     return callback
+
+
+def quiet_if_unread() -> None:
+    """Send this process's output to /dev/null if nothing reads it any more: when `posttrain run` is killed, its death
+    is what sent this SIGTERM (`childproc.die_with_parent`), and the first write into its pipe (a progress bar, a log
+    line) would fail (EPIPE) and end the stage before it saves. Linux only, as that signal: a pipe without a reader
+    polls as POLLERR there."""
+    if not sys.platform.startswith("linux"):
+        return
+    import os
+    import select
+
+    for fd in (1, 2):
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        if any(events & select.POLLERR for _, events in poller.poll(0)):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)
+            os.close(devnull)
 
 
 def lora_plus(trainer, ratio: float) -> None:
