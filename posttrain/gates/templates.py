@@ -89,10 +89,7 @@ def check_prompt_boundary(tokenizer, dataset, name: str, samples: int = 8) -> di
     checked, mismatched, example, modes = 0, 0, None, {}
     rewritten, rewrite = 0, None
     for row in dataset.select(range(min(len(dataset), 200))):
-        if "messages" in row:
-            prompt_turns, reply = (row["messages"] or [])[:-1], (row["messages"] or [])[-1:]
-        else:
-            prompt_turns, reply = row["prompt"], row[reply_column]
+        prompt_turns, reply = _prompt_and_reply(row, reply_column)
         kwargs = row.get("chat_template_kwargs") or {}
         mode = kwargs.get("enable_thinking")
         if (not isinstance(prompt_turns, list) or not prompt_turns or not isinstance(reply, list) or not reply
@@ -111,13 +108,9 @@ def check_prompt_boundary(tokenizer, dataset, name: str, samples: int = 8) -> di
         checked += 1
         if is_processor(tokenizer):
             continue  # image rows: the vision collator tokenizes prompt and reply apart, as generation does
-        alone = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        joint = tokenizer(full, add_special_tokens=False)["input_ids"]
-        if joint[:len(alone)] != alone:
+        if skew := _token_skew(tokenizer, prompt, full):
             mismatched += 1
-            cut = next((i for i, (a, b) in enumerate(zip(alone, joint)) if a != b), len(joint))
-            example = example or (tokenizer.convert_ids_to_tokens(alone[cut:]),
-                                  tokenizer.convert_ids_to_tokens(joint[cut:len(alone) + 1]), mode)
+            example = example or (*skew, mode)
     if mismatched:
         logger.warning(
             "pre-flight: %s: in %d of %d rows checked, the prompt ends in tokens %s when rendered for generation but "
@@ -134,6 +127,24 @@ def check_prompt_boundary(tokenizer, dataset, name: str, samples: int = 8) -> di
             name, rewritten, rewritten + checked, *rewrite)
         found["prompt_rewritten"] = f"{rewritten} of {rewritten + checked} rows"
     return found
+
+
+def _prompt_and_reply(row: dict, reply_column: str | None) -> tuple:
+    """A row's prompt turns and its reply: a conversation's last turn, or its `reply_column`."""
+    if "messages" in row:
+        return (row["messages"] or [])[:-1], (row["messages"] or [])[-1:]
+    return row["prompt"], row[reply_column]
+
+
+def _token_skew(tokenizer, prompt: str, full: str) -> tuple | None:
+    """Where `prompt` tokenized alone ends otherwise than at the start of `full` (prompt + reply): the prompt's last
+    tokens each way, or None where they agree."""
+    alone = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    joint = tokenizer(full, add_special_tokens=False)["input_ids"]
+    if joint[:len(alone)] == alone:
+        return None
+    cut = next((i for i, (a, b) in enumerate(zip(alone, joint)) if a != b), len(joint))
+    return tokenizer.convert_ids_to_tokens(alone[cut:]), tokenizer.convert_ids_to_tokens(joint[cut:len(alone) + 1])
 
 
 def end_of_turn_ids(tokenizer, chat_template: str | None = None) -> set[int]:
