@@ -232,16 +232,7 @@ def load_offline_pairs(path: str, tokenizer, max_completion_length: int | None,
 
         kept = [line - 1 for line in dataset[LINE_COLUMN]] if LINE_COLUMN in dataset.column_names else None
         dataset = decode_images(dataset, data_folder(path), path, rows=kept)  # named by their rows in the file
-    missing = [c for c in ("prompt", "chosen", "rejected") if c not in dataset.column_names]
-    if missing:
-        raise UserError(f"{path}: offline UPO pairs need the columns prompt, chosen, rejected; missing: "
-                        f"{', '.join(missing)} (has: {', '.join(dataset.column_names)})")
-    if len(dataset) == 0:
-        raise UserError(f"{path}: the offline preference dataset is empty")
-    if "tools" in dataset.column_names and any(dataset["tools"]):  # the pre-flight names the row (check_no_row_tools)
-        raise UserError(f"{path}: offline UPO pairs have a `tools` column; their prompts are rendered as the RL "
-                        "prompts are, without one, so the model would be shown no tools: put the schemas in each "
-                        "prompt's system turn, and drop the column")
+    _check_offline_columns(dataset, path)
     pairs, left_out = [], collections.defaultdict(list)
     for line, row in enumerate(dataset, start=1):
         line = row.get(LINE_COLUMN, line)  # its line in the file, when rows before it were skipped
@@ -253,13 +244,8 @@ def load_offline_pairs(path: str, tokenizer, max_completion_length: int | None,
         else:
             prompt_ids = tokenizer(text=render_prompt_text(tokenizer, row["prompt"], thinking,
                                                            template_kwargs))["input_ids"]
-        replies = []
-        for column in ("chosen", "rejected"):
-            _check_one_reply(row[column], f'{path}:{line}: "{column}"')
-            reply = completion_text(row[column])
-            if not reply.strip():
-                raise UserError(f'{path}:{line}: "{column}" is empty; expected a non-empty assistant reply')
-            replies.append(_reply_ids(tokenizer, reply, thinking))
+        replies = [_side_ids(tokenizer, row[column], thinking, f'{path}:{line}: "{column}"')
+                   for column in ("chosen", "rejected")]
         if max_completion_length and any(len(ids) > max_completion_length for ids in replies):
             if drop_truncated:
                 left_out["longer than max_completion_length (mask_truncated_completions)"].append(line)
@@ -276,6 +262,29 @@ def load_offline_pairs(path: str, tokenizer, max_completion_length: int | None,
         raise UserError(f"{path}: no offline pair is left once replies are cut to max_completion_length="
                         f"{max_completion_length}; raise it")
     return pairs
+
+
+def _check_offline_columns(dataset, path: str) -> None:
+    """Offline pairs have the three columns, some rows, and no `tools` column."""
+    missing = [c for c in ("prompt", "chosen", "rejected") if c not in dataset.column_names]
+    if missing:
+        raise UserError(f"{path}: offline UPO pairs need the columns prompt, chosen, rejected; missing: "
+                        f"{', '.join(missing)} (has: {', '.join(dataset.column_names)})")
+    if len(dataset) == 0:
+        raise UserError(f"{path}: the offline preference dataset is empty")
+    if "tools" in dataset.column_names and any(dataset["tools"]):  # the pre-flight names the row (check_no_row_tools)
+        raise UserError(f"{path}: offline UPO pairs have a `tools` column; their prompts are rendered as the RL "
+                        "prompts are, without one, so the model would be shown no tools: put the schemas in each "
+                        "prompt's system turn, and drop the column")
+
+
+def _side_ids(tokenizer, side, thinking: bool | None, where: str) -> list[int]:
+    """One reply of a pair (`where`: its file, line and column, for errors) as token ids, ending in EOS."""
+    _check_one_reply(side, where)
+    reply = completion_text(side)
+    if not reply.strip():
+        raise UserError(f"{where} is empty; expected a non-empty assistant reply")
+    return _reply_ids(tokenizer, reply, thinking)
 
 
 IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")  # per image; `num_images` says which row has which
