@@ -159,19 +159,7 @@ class UPOTrainer(GRPOTrainer):
         reward_funcs, reward_weights = self._resolve_reward_funcs(reward_funcs, args)
         self._check_dataset(train_dataset, args)
         self._check_trainable(model, peft_config)
-        if "images" in (train_dataset.column_names or []):
-            self._one_thinking_mode(train_dataset, args)
-            # GRPO left-pads the prompt ids but takes the per-token image types (`mm_token_type_ids`) from the
-            # processor's own padding: right-padded, they miss the image tokens of every shorter prompt, and
-            # Qwen-VL's and ERNIE-4.5-VL's rotary positions come out wrong (or fail on a shape mismatch)
-            processing_class.tokenizer.padding_side = "left"
-        else:
-            kwargs = args.chat_template_kwargs  # GRPO would render the prompts with them: kept, per row's mode
-            train_dataset = render_prompts(train_dataset, processing_class, kwargs)
-            if isinstance(eval_dataset, dict):
-                eval_dataset = {name: render_prompts(ds, processing_class, kwargs) for name, ds in eval_dataset.items()}
-            else:
-                eval_dataset = render_prompts(eval_dataset, processing_class, kwargs)
+        train_dataset, eval_dataset = self._prompts_for_grpo(train_dataset, eval_dataset, processing_class, args)
 
         build_reference = args.upo_lambda > 0 and args.beta == 0.0
         if build_reference:  # see the module docstring: borrow GRPO's reference building, then restore beta
@@ -192,18 +180,39 @@ class UPOTrainer(GRPOTrainer):
         self._check_think_tags_survive_decoding()
 
         self._online = args.upo_mode in ("online", "both")
-        self._offline = None
-        if args.upo_mode in ("offline", "both"):
-            processor = None if processing_class is self._tokenizer else processing_class  # a VLM's processor
-            pairs = load_offline_pairs(args.upo_offline_dataset, self._tokenizer, args.max_completion_length,
-                                       processor, offline_dataset, template_kwargs=args.chat_template_kwargs,
-                                       drop_truncated=args.mask_truncated_completions)
-            self._offline = OfflinePairs(pairs, seed=str(args.seed), rank=self.accelerator.process_index,
-                                         processes=self.accelerator.num_processes)
+        self._offline = self._offline_pairs(args, processing_class, offline_dataset)
         self._captured_logps = None
         self._routing = routes_by_modality(processing_class)  # ERNIE-4.5-VL (see the module docstring)
         self._batch_rewards = None  # combined rewards of the current generation batch (all processes)
         self._pooled = {"train": {}, "eval": {}}  # `_log_mean`'s sums and counts since the last log, per metric
+
+    def _prompts_for_grpo(self, train_dataset, eval_dataset, processing_class, args):
+        """Text prompts rendered here, each in its row's thinking mode (GRPO would render them all with
+        `chat_template_kwargs`); image prompts, which GRPO renders, all of one mode and padded on the left."""
+        if "images" in (train_dataset.column_names or []):
+            self._one_thinking_mode(train_dataset, args)
+            # GRPO left-pads the prompt ids but takes the per-token image types (`mm_token_type_ids`) from the
+            # processor's own padding: right-padded, they miss the image tokens of every shorter prompt, and
+            # Qwen-VL's and ERNIE-4.5-VL's rotary positions come out wrong (or fail on a shape mismatch)
+            processing_class.tokenizer.padding_side = "left"
+            return train_dataset, eval_dataset
+        kwargs = args.chat_template_kwargs
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {name: render_prompts(ds, processing_class, kwargs) for name, ds in eval_dataset.items()}
+        else:
+            eval_dataset = render_prompts(eval_dataset, processing_class, kwargs)
+        return render_prompts(train_dataset, processing_class, kwargs), eval_dataset
+
+    def _offline_pairs(self, args, processing_class, offline_dataset) -> OfflinePairs | None:
+        """The offline pairs, tokenized once, for `upo_mode` offline or both; None otherwise."""
+        if args.upo_mode not in ("offline", "both"):
+            return None
+        processor = None if processing_class is self._tokenizer else processing_class  # a VLM's processor
+        pairs = load_offline_pairs(args.upo_offline_dataset, self._tokenizer, args.max_completion_length,
+                                   processor, offline_dataset, template_kwargs=args.chat_template_kwargs,
+                                   drop_truncated=args.mask_truncated_completions)
+        return OfflinePairs(pairs, seed=str(args.seed), rank=self.accelerator.process_index,
+                            processes=self.accelerator.num_processes)
 
     # ------------------------------------------------------------------------------------------------------------------
     # The offline pairs' position and an unfinished generation batch are part of a checkpoint: a resumed run trains on
