@@ -209,7 +209,7 @@ def freeze_vision(trainer, stage_args, model_args) -> dict:
 
     if not stage_args.adapter_path or not vision.is_vision_model(model_args.model_name_or_path):
         return {}
-    if stage_args.loraplus_lr_ratio is not None:  # the optimizer may be built below, before `train` would set LoRA+
+    if stage_args.loraplus_lr_ratio is not None:  # the optimizer may be built below, before `training.train` would set LoRA+
         lora_plus(trainer, stage_args.loraplus_lr_ratio)
     frozen = vision.freeze_vision(trainer, model_args.lora_modules_to_save)
     if frozen:
@@ -381,7 +381,7 @@ def entry(stage: str, main, make_parser) -> None:
     except UserError as exc:
         report_child_error(str(exc))
         sys.exit(2)
-    except Terminated as exc:  # stopped by SIGTERM after saving a checkpoint (`save_and_stop_on_sigterm`)
+    except Terminated as exc:  # stopped by SIGTERM after saving a checkpoint (`training.save_and_stop_on_sigterm`)
         exit_interrupted(128 + exc.signum)
     except Exception as exc:
         if is_out_of_memory(exc) and training_args is not None:
