@@ -170,10 +170,10 @@ STOP_GRACE = 40.0
 
 def stop(process: subprocess.Popen, echo: _Echo | None, grace: float = STOP_GRACE, launcher: bool = False) -> None:
     """SIGTERM to a step's process, or, for a `launcher`, to the processes it started (a stage saves the step it is
-    at and exits, `stages.training.save_and_stop_on_sigterm`; the launcher ends when they do: accelerate's own launcher for one
-    process would kill its child 5 s after passing SIGTERM on, too soon for a large model's step and save). What
-    the step still writes is passed on through `echo` (when its output is piped), so its last words reach the
-    terminal and the log; SIGKILL to it and whatever it started if it has not exited within `grace` seconds."""
+    at and exits, `stages.training.save_and_stop_on_sigterm`; the launcher ends when they do: accelerate's own
+    launcher for one process would kill its child 5 s after passing SIGTERM on, too soon for a large model's step and
+    save). What the step still writes is passed on through `echo` (when its output is piped), so its last words reach
+    the terminal and the log; SIGKILL to it and whatever it started if it has not exited within `grace` seconds."""
     import selectors
     import time
 

@@ -209,7 +209,7 @@ def freeze_vision(trainer, stage_args, model_args) -> dict:
 
     if not stage_args.adapter_path or not vision.is_vision_model(model_args.model_name_or_path):
         return {}
-    if stage_args.loraplus_lr_ratio is not None:  # the optimizer may be built below, before `training.train` would set LoRA+
+    if stage_args.loraplus_lr_ratio is not None:  # the optimizer may be built below, before `training.train` sets LoRA+
         lora_plus(trainer, stage_args.loraplus_lr_ratio)
     frozen = vision.freeze_vision(trainer, model_args.lora_modules_to_save)
     if frozen:
