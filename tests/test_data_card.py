@@ -88,6 +88,14 @@ def test_missing_sources_and_bad_options_are_user_errors(tmp_path):
         build_sft_set.main(["--sources", "a.jsonl", "--output_dir", "o", "--on_error", "ignore"])
     with pytest.raises(UserError, match="set `tokenizer`"):
         build_sft_set.main(["--sources", "a.jsonl", "--output_dir", "o", "--max_tokens", "10"])
+    with pytest.raises(UserError, match="weight must be > 0, got 0"):
+        build_sft_set.main(["--sources", json.dumps({"path": str(DATA / "alpaca.jsonl"), "weight": 0}),
+                            "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(UserError, match=r"near_dup_threshold must be in \(0, 1\]"):
+        build_sft_set.main(["--sources", "a.jsonl", "--output_dir", "o", "--near_dup_threshold", "0"])
+    with pytest.raises(UserError, match="two sources are named 'alpaca'; give each a distinct `name`"):
+        build_sft_set.main(["--sources", str(DATA / "alpaca.jsonl"), str(DATA / "alpaca.jsonl"),
+                            "--output_dir", str(tmp_path / "o")])
     with pytest.raises(UserError, match="data file not found: missing.jsonl"):
         build_preference_set.main(["--sources", "missing.jsonl", "--output_dir", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
@@ -206,3 +214,18 @@ def test_a_large_fingerprint_is_kept_while_its_files_are_unchanged(tmp_path, mon
     (folder / "train.parquet").write_bytes(b"012")
     load.file_fingerprint(folder), load.file_fingerprint(folder)
     assert len(hashed) == 5
+
+
+def test_a_near_dup_threshold_of_one_is_accepted():
+    from data_prep.config import SFTSetConfig
+
+    assert SFTSetConfig(sources=[str(DATA / "alpaca.jsonl")], near_dup_threshold=1.0).near_dup_threshold == 1.0
+
+
+def test_flags_override_the_yaml(tmp_path):
+    from data_prep.config import SFTSetConfig, make_parser, parse_config
+
+    config = write_config(tmp_path, sources=["a.jsonl"], output_dir="o", seed=1, test_size=0.1)
+    parser = make_parser(SFTSetConfig, "build_sft_set", "")
+    cfg = parse_config(SFTSetConfig, parser, ["--config", str(config), "--seed", "7"])
+    assert (cfg.seed, cfg.test_size) == (7, 0.1)

@@ -193,6 +193,8 @@ def test_mixing_respects_weights_and_seed(tmp_path):
     card, splits = run_build(tmp_path, "a", *sources, "--test_size", 0, "--seed", 1)
     counts = Counter(m[0]["content"].split()[0] for m in splits["train"]["messages"])
     assert counts == {"big": 20, "small": 20} and card["mix"]["weights"] == {"big": 0.5, "small": 2.0}
+    firsts = [m[0]["content"].split()[0] for m in splits["train"]["messages"]]
+    assert set(firsts[:20]) == {"big", "small"}  # shuffled: the sources interleave, not one after the other
     same, _ = run_build(tmp_path, "b", *sources, "--test_size", 0, "--seed", 1)
     other, other_splits = run_build(tmp_path, "c", *sources, "--test_size", 0, "--seed", 2)
     assert same["fingerprint"] == card["fingerprint"] and other["fingerprint"] != card["fingerprint"]
@@ -298,6 +300,15 @@ def test_held_out_split_keeps_each_prompt_on_one_side(tmp_path):
         assert len(prompts["test"]) == 2 and len(prompts["train"]) == 8 and not prompts["test"] & prompts["train"]
     with pytest.raises(UserError, match="of 4 rows with 1 distinct prompt"):
         build.held_out_split(Dataset.from_dict({"_group": ["same prompt"] * 4}), 0.5, seed=0)
+
+
+def test_a_held_out_fraction_rounds_up_and_is_the_same_for_a_seed():
+    """5% of 10 prompts holds out one, not none (a small set would fail the build); a seed draws the same prompts."""
+    split = build.held_out_split(Dataset.from_dict({"_group": [f"p{i}" for i in range(10)]}), 0.05, seed=0)
+    assert (len(split["train"]), len(split["test"])) == (9, 1)
+    data = Dataset.from_dict({"_group": [f"p{i}" for i in range(100)]})
+    drawn = [build.held_out_split(data, 0.3, seed=5)["test"]["_group"] for _ in range(2)]
+    assert len(drawn[0]) == 30 and drawn[0] == drawn[1]
 
 
 def test_rows_a_weight_below_one_leaves_out_are_rejects(tmp_path):

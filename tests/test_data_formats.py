@@ -112,6 +112,8 @@ def test_rated_binarized_with_margin(tmp_path):
     assert rows[0]["rejected"][0]["content"] == "It is a map of hashes."
     rejects = [json.loads(line) for line in open(tmp_path / "out" / "rejects.jsonl")]
     assert rejects[0]["filter"] == "margin" and rejects[0]["where"].endswith("rated.jsonl:2")
+    card = json.loads((tmp_path / "out" / "card.json").read_text())
+    assert (card["sources"][0]["rows_skipped"], card["sources"][0]["rows_invalid"]) == (1, 0)  # filtered, not bad
 
 
 def test_unpaired_kept_as_such(tmp_path):
@@ -437,6 +439,33 @@ def test_a_bad_indented_json_line_names_its_real_column(tmp_path):
     assert bad.where.endswith(":2") and "column 13" in bad.error  # the second comma, after 4 blanks
 
 
+def test_json_array_elements_are_named_by_the_line_they_start_on(tmp_path):
+    from data_prep.readers import read_rows
+
+    path = tmp_path / "rows.json"
+    path.write_text('[\n  {"a": 1},\n  {"a": 2},\n\n  {"a": 3}\n]\n')
+    assert [row.where for row in read_rows(str(path), 2_000_000)] == [f"{path}:{n}" for n in (2, 3, 5)]
+
+
+def test_csv_rows_are_named_by_the_line_they_start_on(tmp_path):
+    """A quoted cell may hold line breaks: the next row is named by its own first line, not by its row count."""
+    from data_prep.readers import read_rows
+
+    path = tmp_path / "pc.csv"
+    path.write_text('prompt,completion\n"Two lines?","one\ntwo"\n"Bad row","a","extra cell"\n')
+    first, second = read_rows(str(path), 2_000_000)
+    assert (first.where, second.where) == (f"{path}:2", f"{path}:4") and "more cells" in second.error
+
+
+def test_a_row_of_exactly_max_row_bytes_is_read(tmp_path):
+    from data_prep.readers import read_rows
+
+    line = json.dumps({"prompt": "q", "completion": "a" * 40})
+    (tmp_path / "rows.jsonl").write_text(line + "\n")
+    [row] = read_rows(str(tmp_path / "rows.jsonl"), len(line))
+    assert row.error is None and row.row["completion"] == "a" * 40
+
+
 def test_alpaca_errors_name_the_rows_own_keys():
     with pytest.raises(RowError, match=r"^\"history\[0\]\[1\]\" is a int"):
         convert("alpaca", {"instruction": "q", "output": "a", "history": [["hi", 5]]})
@@ -481,3 +510,86 @@ def test_a_pair_thinks_when_either_reply_does(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert [row["thinking"] for row in build(build_preference_set, tmp_path, path)] == [True, True]
+
+
+@pytest.mark.parametrize("row, fmt", [
+    ({"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"}},
+     "sharegpt_preference"),  # a pair missing one reply is named as such, not read as a conversation
+    ({"question": "What colour?", "answer": "red", "images": ["red.png"]}, "vqa"),
+    ({"src": ["q"], "sort": [1, 0]}, "erniekit_dpo"),
+])
+def test_a_row_missing_keys_of_its_format_is_still_detected_as_it(row, fmt):
+    from data_prep.formats import detect
+
+    assert detect(row) == fmt
+
+
+def test_vqa_images_without_markers_each_get_a_slot():
+    """Two images and no `<image>` in the question: both come first in the user turn, one slot each."""
+    record = convert("vqa", {"question": "Which is red?", "answer": "the left",
+                             "images": [str(DATA / "images" / "red.png")] * 2})
+    assert record["messages"][0]["content"] == [{"type": "image"}, {"type": "image"},
+                                                {"type": "text", "text": "Which is red?"}]
+
+
+def test_erniekit_dpo_system_is_the_prompts_first_turn():
+    row = {"system": "Be brief.", "src": ["q"], "tgt": [], "response": [["a"], ["b"]], "sort": [0, 1]}
+    record = convert("erniekit_dpo", row)
+    assert record["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"}]
+    assert record["chosen"] == [{"role": "assistant", "content": "b"}]
+
+
+def test_rated_scores_exactly_the_margin_apart_are_kept():
+    """`min_score_margin` is the least difference kept ("at least this"); a null score key (a parquet struct that
+    has both `score` and `overall_score`) falls back to the next one."""
+    from data_prep.formats import from_rated
+
+    row = {"prompt": "q", "completions": [{"response": "good", "score": None, "overall_score": 8},
+                                          {"response": "bad", "score": None, "overall_score": 7}]}
+    record = from_rated(row, Options(min_score_margin=1.0))
+    assert record["chosen"][0]["content"] == "good" and record["rejected"][0]["content"] == "bad"
+
+
+def test_empty_tool_arguments_and_an_empty_tools_cell_read_as_none_given():
+    """CSV and parquet write a row without tools as an empty `tools` cell, and a call without arguments as `""`."""
+    row = {"messages": [{"role": "user", "content": "Time?"},
+                        {"role": "assistant", "tool_calls": [{"function": {"name": "now", "arguments": ""}}]},
+                        {"role": "tool", "content": "10:00"}, {"role": "assistant", "content": "Ten."}],
+           "tools": ""}
+    record = from_messages(row, Options())
+    assert record["messages"][1]["tool_calls"][0]["function"]["arguments"] == {} and record["tools"] is None
+
+
+def test_a_conversation_thinks_when_any_reply_does():
+    """An earlier reply with an empty think block (non-thinking) does not make a later thinking reply non-thinking."""
+    turns = [("user", "Hi"), ("assistant", "<think>\n\n</think>\n\nHello."), ("user", "2+2?"),
+             ("assistant", "<think>Two and two.</think>4")]
+    record = from_messages({"messages": [{"role": r, "content": c} for r, c in turns]}, Options())
+    assert record["thinking"] is True
+
+
+def test_image_bytes_where_a_job_writes_paths_are_named():
+    from data_prep.messages import check_images
+
+    with pytest.raises(RowError, match=r'"images\[0\]" holds image bytes, not a file path'):
+        check_images([{"bytes": b"\x89PNG", "path": None}], Path("."), decode=False)
+
+
+def test_a_system_column_beside_a_conversations_own_system_turn_adds_none():
+    turns = [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello.")]
+    row = {"system": "You are a pirate.", "messages": [{"role": r, "content": c} for r, c in turns]}
+    assert from_messages(row, Options())["messages"] == row["messages"]
+
+
+def test_a_thinking_column_does_not_override_the_replies_own_mode():
+    """The `thinking` column says the mode of a row whose replies do not; a reply with a <think> block says its own."""
+    row = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>Add.</think>4"}]}
+    assert from_messages({**row, "thinking": False}, Options())["thinking"] is True
+
+
+def test_the_literal_image_note_is_for_rows_without_images():
+    from data_prep.messages import has_literal_image_marker
+
+    reply = [{"role": "assistant", "content": "Write <image> where the picture goes."}]
+    assert has_literal_image_marker({"chosen": reply}) and not has_literal_image_marker({"chosen": reply,
+                                                                                         "images": ["red.png"]})

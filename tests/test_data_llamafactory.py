@@ -39,6 +39,26 @@ def test_sharegpt_preference_with_single_message_replies(tmp_path):
     assert italy["rejected"] == [{"role": "assistant", "content": "Milan."}]
 
 
+def test_sharegpt_preference_system_column_opens_the_prompt():
+    from data_prep.formats import Options, from_sharegpt_preference
+
+    row = {"system": "Answer in one word.", "conversations": [{"from": "human", "value": "Capital of Italy?"}],
+           "chosen": {"from": "gpt", "value": "Rome."}, "rejected": {"from": "gpt", "value": "Milan."}}
+    assert from_sharegpt_preference(row, Options())["prompt"] == [
+        {"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Capital of Italy?"}]
+
+
+def test_a_function_call_turn_may_hold_parallel_calls():
+    from data_prep.formats import Options, from_sharegpt
+
+    calls = [{"name": "get_weather", "arguments": {"city": "Oslo"}}, {"name": "get_time", "arguments": {}}]
+    row = {"conversations": [{"from": "human", "value": "Weather and time in Oslo?"},
+                             {"from": "function_call", "value": json.dumps(calls)},
+                             {"from": "observation", "value": "-3C, 10:00"}, {"from": "gpt", "value": "Cold, at ten."}]}
+    called = from_sharegpt(row, Options())["messages"][1]["tool_calls"]
+    assert [call["function"] for call in called] == calls
+
+
 def test_pairwise_messages_with_typed_parts(tmp_path):
     rows = {last_user(r["prompt"]): r for r in build(build_preference_set, tmp_path, LF / "pairwise_messages.jsonl")}
     assert len(rows) == 2
@@ -53,6 +73,25 @@ def test_typed_messages_drop_turns_after_the_last_weighted_reply(tmp_path):
     (row,) = build(build_sft_set, tmp_path, LF / "messages_typed.jsonl")
     assert row["messages"] == [{"role": "user", "content": "Give me a colour."},
                                {"role": "assistant", "content": "Blue."}]
+
+
+def test_a_reply_without_a_loss_weight_is_trained():
+    """A file may weight only its untrained turns (`loss_weight: 0`): a reply without a weight is trained (weight 1)."""
+    from data_prep.formats import Options, from_messages
+
+    row = {"messages": [{"role": "user", "content": [{"type": "text", "value": "Hi"}], "loss_weight": 0.0},
+                        {"role": "assistant", "content": [{"type": "text", "value": "Hello."}]}]}
+    assert from_messages(row, Options())["messages"] == [{"role": "user", "content": "Hi"},
+                                                         {"role": "assistant", "content": "Hello."}]
+
+
+def test_a_kto_conversations_system_column_opens_the_prompt():
+    from data_prep.formats import Options, from_kto_conversation
+
+    row = {"system": "Be kind.", "label": False, "conversations": [{"from": "human", "value": "Hi"},
+                                                                    {"from": "gpt", "value": "Go away."}]}
+    assert from_kto_conversation(row, Options())["prompt"] == [{"role": "system", "content": "Be kind."},
+                                                               {"role": "user", "content": "Hi"}]
 
 
 def test_kto_file_is_unpaired_never_sft(tmp_path, capsys):

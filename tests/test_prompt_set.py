@@ -56,6 +56,7 @@ def test_formats_are_detected_from_the_keys(row, fmt):
 
 def test_answers_are_taken_out_of_the_worked_solutions():
     assert gsm8k_answer(GSM8K[1]["answer"]) == "12500"  # thousands commas dropped, as GSM8K's evaluation does
+    assert gsm8k_answer("#### is how the answer line starts.\n3 + 4 = 7\n#### 7") == "7"  # after the last marker
     assert boxed_content("\\boxed{\\frac{1}{2}} then \\fbox{x^{2}+\\sqrt{3}}") == "x^{2}+\\sqrt{3}"  # the last, nested
     assert boxed_content("\\boxed{4") is None and boxed_content("no box") is None
     assert from_math(MATH[0], Options())["answer"] == "\\frac{3}{4}"
@@ -66,6 +67,7 @@ def test_answers_are_taken_out_of_the_worked_solutions():
     chat = from_rl(CHAT[0], Options(system="Ignored: the row has one."))
     assert chat["prompt"] == CHAT[0]["messages"] and chat["answer"] == "Paris" and chat["domain"] == "general"
     assert from_rl(TRL[1], Options())["answer"] == "42" and from_rl(TRL[0], Options())["domain"] == "string"
+    assert from_rl({"prompt": "What is 2 + 2?", "solution": "Two and two: $\\boxed{4}$."}, Options())["answer"] == "4"
 
 
 @pytest.fixture(scope="module")

@@ -49,8 +49,15 @@ def test_seeded_balanced_over_domains_and_modes():
     assert generate(config) == generate(config)
     rows = generate(config)["train"]
     assert Counter(r["domain"] for r in rows) == {d: 40 for d in config.domains}
+    assert len({r["domain"] for r in rows[:10]}) > 1  # interleaved, not one domain after the other
     assert {r["thinking"] for r in rows} == {True, False}
     assert len({(r["question"], r["thinking"]) for r in rows}) == len(rows)
+
+
+def test_thinking_fraction_zero_or_one_gives_one_mode():
+    for fraction, mode in ((0.0, False), (1.0, True)):
+        rows = generate(VerifiableTasksConfig(n_train=50, n_test=5, thinking_fraction=fraction, seed=2))
+        assert {r["thinking"] for r in rows["train"] + rows["test"]} == {mode}
 
 
 def test_every_domain_fills_its_share():
@@ -92,6 +99,52 @@ def test_every_answer_recomputed_from_the_operands(many):
     # the operands of a one-step bare question are the numbers of its text ("Subtract 4 from 9": either order)
     bare = [r for r in rows if r["template"].startswith("arithmetic:bare")]
     assert all(sorted(int(n) for n in re.findall(r"\d+", r["question"])) == sorted(r["operands"][::2]) for r in bare)
+
+
+def test_word_problems_never_go_below_zero(many):
+    """No one gives away more apples than they have: a word problem's answer (one step, or two steps about a
+    person) is never negative; only bare expressions such as "What is 5 - 12?" may be."""
+    from data_prep.task_arithmetic import TWO_STEP
+
+    named = {f"arithmetic:two_step:{i}" for i, (template, _) in enumerate(TWO_STEP) if "{n1}" in template}
+    words = [r for r in many["train"] + many["test"]
+             if r["template"].startswith("arithmetic:word") or r["template"] in named]
+    assert len(words) > 150 and all(int(r["answer"]) >= 0 for r in words)
+
+
+def test_multipliers_named_by_a_word_are_that_number(many):
+    """ "three times as many" multiplies by 3, "gives half" divides by 2, "twice as old" multiplies by 2."""
+    from data_prep.task_arithmetic import TIMES
+
+    rows = {r["template"]: r for r in many["train"] + many["test"]}
+    times, half, twice = (rows[t]["operands"] for t in ("arithmetic:word:*:3", "arithmetic:word:/:4",
+                                                         "arithmetic:two_step:10"))
+    assert times[0] in TIMES and TIMES[times[0]] in rows["arithmetic:word:*:3"]["question"]
+    assert half[2] == 2 and twice[0][2] == 2
+    assert all(r["operands"][0] in TIMES for r in many["train"] if r["template"] == "arithmetic:word:*:3")
+
+
+def test_a_non_thinking_reply_is_one_equation_per_operation(many):
+    """ "134 + 58 = 192", not the thinking steps' tens-then-ones split ("134 + 50 = 184", "184 + 8 = 192")."""
+    one_step = [r for r in many["train"] if r["template"].startswith(("arithmetic:bare", "arithmetic:word"))]
+    assert len(one_step) > 200 and all(reply({**r, "thinking": False}).count("=") == 1 for r in one_step)
+
+
+def test_some_letter_counts_are_zero(many):
+    """The counted letter is now and then one the word lacks: the answer 0 must be learnable too."""
+    counts = [r for r in many["train"] if r["domain"] == "counting" and r["operands"][0] == "count"]
+    assert {"0", "1"} <= {r["answer"] for r in counts}
+
+
+def test_a_two_digit_addend_is_added_tens_first_unless_it_is_round():
+    from data_prep.task_arithmetic import steps
+
+    assert steps((34, "+", 25)) == ["34 + 20 = 54", "54 + 5 = 59"] and steps((34, "+", 20)) == ["34 + 20 = 54"]
+
+
+def test_a_division_with_a_remainder_is_no_task():
+    with pytest.raises(ValueError, match="inexact division 7 / 2"):
+        evaluate((7, "/", 2))
 
 
 def test_worked_steps_are_correct_and_short(many, reply_tokens):
