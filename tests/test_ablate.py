@@ -53,10 +53,18 @@ def test_seeds_and_a_subset_of_variants():
     assert [r.stages["upo"]["seed"] for r in runs] == [0, 1, 2] and runs[0].stages["sft"]["seed"] == 0
     assert runs[2].stages["upo"]["rewards"] == {"hackable_length": 1.0}
     assert [r.name for r in variant_runs(recipe, check_ablation(recipe))["grpo"]] == ["tiny-text-grpo"]
+    assert check_ablation(recipe).baseline == "grpo"  # without `baseline:`, the first variant
+    raw = yaml.safe_load(TINY.read_text())
+    del raw["shared"]["seed"]  # the stage then trains with TrainingArguments' seed: the first variant seed is it
+    unseeded = load_recipe(TINY, raw=raw)
+    assert [r.stages["upo"]["seed"] for r in variant_runs(unseeded, check_ablation(unseeded, seeds=2))["grpo"]] == [
+        42, 43]
     with pytest.raises(UserError, match="--variants: 'grp' is not a variant .*did you mean grpo"):
         check_ablation(recipe, only=["grp"])
     with pytest.raises(UserError, match="ablation.seeds: 0; expected a whole number"):
         check_ablation(recipe, seeds=0)
+    with pytest.raises(UserError, match="ablation.seeds: True; expected a whole number"):  # YAML's `seeds: yes`
+        check_ablation(load_recipe(TINY, ["ablation.seeds=true"]))
     with pytest.raises(UserError, match="ablation.seed: unknown key .*did you mean seeds"):
         check_ablation(load_recipe(TINY, ["ablation.seed=3"]))
     with pytest.raises(UserError, match="ablation.baseline: 'upo' is not among the variants"):
@@ -162,7 +170,7 @@ def test_a_variant_the_same_on_every_seed_or_with_a_seed_missing_is_not_overstat
     print_summary(groups, "grpo")
     printed = [" ".join(line.replace("│", " ").split()) for line in capsys.readouterr().out.splitlines()]
     assert any(line.startswith("cut 1 of 2 45.0%") for line in printed), printed
-    assert not any(line.startswith("same") and "better" in line for line in printed), printed
+    assert not any(line.startswith("same") and ("better" in line or " to " in line) for line in printed), printed
 
 
 SFT_ABLATION = """ablation:
@@ -308,6 +316,31 @@ def test_a_failed_variant_does_not_cost_the_others(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="(?s)1 variant run.* failed.*tiny-text-grpo: step 'upo' failed"):
         ablate.run_ablation(load_recipe(TINY), tmp_path)
     assert ran == ["tiny-text", "tiny-text-grpo", "tiny-text-upo_proxy"]
+    assert [Path(r).name for r in compared["runs"]] == ["tiny-text-grpo", "tiny-text-upo_proxy"]
+
+
+def test_a_variant_a_promote_gate_stopped_is_a_result_not_a_failure(tmp_path, monkeypatch):
+    """A gate that stops a variant's chain measured it worse: the ablation compares it with the others and ends
+    without an error."""
+    import posttrain.ablate as ablate
+    import posttrain.report as report
+
+    class FakePipeline:
+        def __init__(self, recipe, output_root, *args, **kwargs):
+            self.recipe, self.root, self.state = recipe, Path(output_root) / recipe.name, {}
+
+        def run(self, **kwargs):
+            if self.recipe.name.endswith("-grpo"):
+                self.state = {"steps": {"run": {"status": "stopped"}}}
+                raise UserError("upo: held-out accuracy dropped; the promote gate stopped the chain")
+            return {}
+
+    compared = {}
+    monkeypatch.setattr(ablate, "Pipeline", FakePipeline)
+    monkeypatch.setattr(ablate, "seed_from_shared", lambda *args: None)
+    monkeypatch.setattr(ablate, "print_summary", lambda *args: None)
+    monkeypatch.setattr(report, "build_comparison", lambda runs, out, **kw: compared.update(runs=runs))
+    assert ablate.run_ablation(load_recipe(TINY), tmp_path) == tmp_path.resolve() / "tiny-text-ablation"
     assert [Path(r).name for r in compared["runs"]] == ["tiny-text-grpo", "tiny-text-upo_proxy"]
 
 

@@ -196,6 +196,9 @@ def call(name, **arguments):
     (call("get_weather", city="Oslo", days=2) + call("get_weather", city="Oslo", days=2), 0.0),
     ([{"role": "assistant", "content": "", "tool_calls": [
         {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "days": 2}'}}]}], 1.0),
+    # no `tool_calls`: the blocks of the last message, the reply's final answer
+    ([{"role": "assistant", "content": "Let me look it up."},
+      {"role": "assistant", "content": call("get_weather", city="Oslo", days=2)}], 1.0),
 ])
 def test_function_call_accuracy(completion, expected):
     assert function_call([completion], answer=[WEATHER]) == [expected]
@@ -218,6 +221,14 @@ def test_function_call_reference_is_chosen_row_by_row():
     assert function_call([call("a", x=1)], tool_calls=[None]) == [None]  # no `answer` column: nothing expected
     with pytest.raises(UserError, match="'answer' column"):
         function_call([call("a", x=1)], domain=["tools"])
+
+
+def test_a_reference_with_an_item_that_is_no_call_is_not_scored():
+    """A reference list one of whose items is no call (a number, a call without a name) names no calls to compare
+    with: the row is not scored (None), as a row without calls, rather than the reward failing on it."""
+    for item in (5, {"arguments": {}}):
+        reference = json.dumps([{"name": "a", "arguments": {}}, item])
+        assert function_call([call("a")], answer=[reference]) == [None]
 
 
 def test_function_call_numbers_compare_exactly_when_whole():
@@ -259,3 +270,11 @@ CJK_ANSWERS = [("答案：－7", "-7", True), ("答案：－7", "7", False), ("4
 def test_full_width_and_chinese_stated_answers(text, reference, expected):
     assert math_match(text, reference) is expected
     assert accuracy([text], answer=[reference]) == [float(expected)]
+
+
+def test_a_reference_is_a_worked_solution_only_past_rationale_words_beside_its_box():
+    """`RATIONALE_WORDS` words beside a `\\boxed{}` answer are a short answer's wording ("so the total is"), more are
+    a worked solution."""
+    words = " ".join(["word"] * answers.RATIONALE_WORDS)
+    assert answers.rationale_problem(f"{words} \\boxed{{5}}") is None
+    assert "worked solution" in answers.rationale_problem(f"{words} more \\boxed{{5}}")

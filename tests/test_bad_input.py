@@ -224,6 +224,14 @@ def test_unreadable_data_file(name, content, named, tmp_path):
         assert text in str(error.value)
 
 
+@pytest.mark.parametrize("name", ["data/sets/chat", "chat", "./org/name"])
+def test_a_dataset_name_that_is_no_folder_file_or_hub_id_is_named(name, tmp_path, monkeypatch):
+    """A path that does not exist (a typo, a missing folder) is not looked up on the Hub: only `org/name` is a Hub id."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=f"dataset '{re.escape(name)}' is not a folder, a data file or a Hub id"):
+        load_split(name, "train")
+
+
 def test_missing_split_of_a_data_folder(tmp_path):
     Dataset.from_list([{"messages": TURNS}]).to_parquet(tmp_path / "train.parquet")
     with pytest.raises(UserError, match=r"no 'sft.parquet' \(train.parquet\)"):

@@ -130,6 +130,7 @@ def test_a_reference_reply_continues_a_prompt_that_opened_its_think_block():
     assert continuation(opened, "<think>\nx</think>\n\n7") == "\nx</think>\n\n7"
     assert continuation(opened, "7") == "7"
     assert continuation("User: hi\nAssistant: ", "<think>\nx</think>\n\n7") == "<think>\nx</think>\n\n7"
+    assert continuation(opened + "\n", "<think>\nx</think>\n\n7") == "\nx</think>\n\n7"  # DeepSeek-R1: "<think>\n"
 
 
 class Echo:
@@ -430,6 +431,31 @@ def test_preference_eval_detects_the_preferred_reply(tiny_model_path):
     bf16 = preference_eval(model, tokenizer, pairs, "bfloat16")  # scored under autocast: bf16 rounding, same verdict
     assert bf16["accuracy"] == 1.0 and bf16["mean_logp_margin"] != result["mean_logp_margin"]
     assert bf16["mean_logp_margin"] == pytest.approx(result["mean_logp_margin"], rel=0.05)
+
+
+def test_a_text_pairs_replies_end_in_one_eos_as_trl_ends_them():
+    """TRL's DPOTrainer adds the EOS to a text reply that lacks it (`add_eos`), and only then: one the data already
+    ends with is not doubled, in training or in the held-out preference accuracy."""
+    from posttrain.data import preference_texts
+
+    row = {"prompt": "Q: 2 + 2?", "chosen": "4</s>", "rejected": "5"}
+    assert preference_texts(None, row, "</s>") == ("Q: 2 + 2?", "4</s>", "5</s>")
+
+
+def test_a_pairs_prompt_is_cut_where_either_reply_parts_from_it():
+    """A template whose generation prompt writes an empty think block (Qwen3's with thinking off) renders a reply with
+    reasoning from "<think>" on: the prompt is cut where the first of the renderings parts from it, and each reply is
+    the rest of its own rendering."""
+    from posttrain.data import conversation_replies
+
+    class Template:
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False, **kwargs):
+            text = "".join(f"<|{m['role']}|>{m['content']}" for m in messages)
+            return text + "<|assistant|><think></think>" if add_generation_prompt else text
+
+    row = {"prompt": [{"role": "user", "content": "Q"}]}
+    prompt, replies = conversation_replies(Template(), row, ["<think>r</think>A", "<think></think>B"])
+    assert (prompt, replies) == ("<|user|>Q<|assistant|><think>", ["r</think>A", "</think>B"])
 
 
 def test_preference_eval_counts_a_tie_as_no_preference(tiny_model_path):
@@ -754,7 +780,9 @@ def test_generation_past_the_models_positions_is_refused_naming_the_key(tiny_mod
     reminder") and writes noise that the evaluation scored and the pair job paired: refused before generating, naming
     the key that sets the reply budget and what fits."""
     from data_prep.build_onpolicy_pairs import OnPolicyPairsConfig, sample_pairs
+    from posttrain.data import prompt_text
     from posttrain.errors import UserError
+    from posttrain.evaluate import check_context
 
     path = tiny_model_path("llama")
     model, tokenizer = load_model(path), load_tokenizer(path)
@@ -767,8 +795,23 @@ def test_generation_past_the_models_positions_is_refused_naming_the_key(tiny_mod
         evaluate(model, tokenizer, [row], max_new_tokens=40)
     with pytest.raises(UserError, match="build_onpolicy_pairs: max_new_tokens=64 after the longest prompt"):
         sample_pairs(model, tokenizer, [row], OnPolicyPairsConfig(num_samples=2, dtype="float32"))
+    check_context(model, tokenizer, [prompt_text(tokenizer, row)], 22, "eval.max_new_tokens")  # the 22 offered fit
     texts, _, _ = generate(model, tokenizer, ["word " * 10], max_new_tokens=4, batch_size=1)
     assert len(texts) == 1
+
+
+def test_the_context_limit_is_scaled_only_by_a_rope_scaling_that_applies():
+    """Qwen's YaRN leaves `max_position_embeddings` at the unscaled length and sets a factor: the positions are that
+    many times more. A factor beside the default RoPE scales nothing."""
+    from posttrain.evaluate import context_limit
+
+    def model(rope):
+        config = types.SimpleNamespace(max_position_embeddings=1024, rope_parameters=rope)
+        return types.SimpleNamespace(config=types.SimpleNamespace(get_text_config=lambda: config))
+
+    assert context_limit(model({"rope_type": "yarn", "factor": 4.0})) == 4096
+    assert context_limit(model({"rope_type": "default", "factor": 4.0})) == 1024
+    assert context_limit(model(None)) == 1024
 
 
 def test_samples_show_a_conversations_turns_not_only_its_last(tiny_model_path):

@@ -738,6 +738,17 @@ def test_what_a_killed_writer_left_half_written_is_removed_by_the_next_run(pipel
     assert all(folder.is_dir() for folder in kept) and not any(folder.exists() for folder in left)
 
 
+def test_a_writer_that_is_another_users_process_is_running(monkeypatch):
+    """Signal 0 to another user's process raises PermissionError: it runs, so what it is writing is not swept away."""
+    from posttrain import io
+
+    def kill(pid, signal):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(io.os, "kill", kill)
+    assert io.pid_running(4242)
+
+
 def test_writing_a_folder_again_removes_what_a_killed_writer_of_it_left(tmp_path):
     """A merged export SIGKILLed (the OOM killer) leaves its hidden temporary folder next to --out, which can be
     anywhere, so no run sweeps it: writing the same folder again removes it; a live writer's and other folders' stay."""
@@ -833,11 +844,11 @@ def test_a_failure_is_explained_by_its_own_attempts_output_only(pipeline):
     assert "ValueError: a bad row" in str(failed.value) and "another process" not in str(failed.value)
 
 
-@pytest.mark.parametrize("if_exists", ["keep", "fail"])
+@pytest.mark.parametrize("if_exists", ["keep", "fail", "replace"])
 def test_a_cache_entry_another_process_renames_into_place_first_is_kept(tmp_path, monkeypatch, if_exists):
     """Two test workers building the same tiny model: the other's folder appeared between the check for it and the
-    rename, and the rename failed with "Directory not empty". `keep` keeps theirs, `fail` says it appeared; no
-    temporary folder is left."""
+    rename, and the rename failed with "Directory not empty". `keep` keeps theirs, `fail` says it appeared, `replace`
+    raises the rename's error (ours was not written: never silently); no temporary folder is left."""
     from posttrain import io
 
     out, rename = tmp_path / "tiny-llama", os.replace
@@ -852,10 +863,50 @@ def test_a_cache_entry_another_process_renames_into_place_first_is_kept(tmp_path
     write = lambda folder: (folder / "config.json").write_text("ours")  # noqa: E731
     if if_exists == "keep":
         assert io.replace_dir(out, write, if_exists="keep") == out
-    else:
+    elif if_exists == "fail":
         with pytest.raises(FileExistsError, match="appeared while it was being written"):
             io.replace_dir(out, write, if_exists="fail")
+    else:
+        with pytest.raises(OSError) as error:
+            io.replace_dir(out, write)
+        assert error.value.errno in (errno.ENOTEMPTY, errno.EEXIST)
     assert (out / "config.json").read_text() == "theirs" and [p.name for p in tmp_path.iterdir()] == ["tiny-llama"]
+
+
+def test_a_writer_that_fails_after_writing_its_folder_keeps_it_and_its_error(tmp_path):
+    """`moved_aside`: the old folder comes back only where the failed writer wrote none; one it wrote stays (its
+    partial output is the writer's to clean up), and the writer's own error is what is raised."""
+    from posttrain.io import moved_aside
+
+    out = tmp_path / "job"
+    out.mkdir()
+    (out / "rows").write_text("old")
+    with pytest.raises(ValueError, match="the job failed"):
+        with moved_aside(out):
+            out.mkdir()
+            (out / "rows").write_text("new")
+            raise ValueError("the job failed")
+    assert (out / "rows").read_text() == "new"
+    with pytest.raises(ValueError, match="the job failed"), moved_aside(out):
+        raise ValueError("the job failed")
+    assert (out / "rows").read_text() == "new"  # put back: nothing written in its place
+
+
+def test_a_written_folder_is_shared_as_the_umask_allows_not_more(tmp_path):
+    """`replace_dir` opens up what a writer left private (safetensors' 0600 temp files) to what the umask allows: with
+    umask 022, files 0644 and folders 0755, never writable by others."""
+    from posttrain.io import replace_dir
+
+    def write(folder):
+        (folder / "weights").write_text("x")
+        (folder / "weights").chmod(0o600)
+
+    umask = os.umask(0o022)
+    try:
+        out = replace_dir(tmp_path / "model", write)
+    finally:
+        os.umask(umask)
+    assert ((out / "weights").stat().st_mode & 0o777, out.stat().st_mode & 0o777) == (0o644, 0o755)
 
 
 def test_an_atomic_write_keeps_the_mode_of_the_file_it_replaces(tmp_path):

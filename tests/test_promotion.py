@@ -91,8 +91,9 @@ def test_different_prompts_are_not_paired():
 
 # ------------------------------------------------------------------------------------------------ recipe
 def test_gate_keys_are_validated_and_kept_out_of_stage_arguments():
-    recipe = load_recipe(TINY, ["shared.gate={metric: heldout_loss, max_drop: 0.5}", "stages.upo.gate=null"])
-    assert recipe.gates["sft"] == GateArguments("heldout_loss", True, 0.5) and "upo" not in recipe.gates
+    recipe = load_recipe(TINY, ["shared.gate={metric: heldout_loss, max_drop: 0.5}", "stages.upo.gate=null",
+                                "stages.dpo.gate=false"])
+    assert recipe.gates["sft"] == GateArguments("heldout_loss", True, 0.5) and list(recipe.gates) == ["sft"]
     assert "gate" not in recipe.stages["sft"], "a gate is the pipeline's, not a TRL argument"
     with pytest.raises(UserError, match=r"stages.dpo.gate.metric: 'acuracy' .*did you mean accuracy"):
         load_recipe(TINY, ["stages.dpo.gate={metric: acuracy}"])

@@ -46,6 +46,8 @@ def test_wrong_type_is_named(tmp_path):
     path = _write(tmp_path, TINY.replace("max_steps: 3", "max_steps: three"))
     with pytest.raises(UserError, match=r"stages.sft.max_steps: 'three' \(str\) is not a valid int"):
         load_recipe(path)
+    with pytest.raises(UserError, match=r"stages.sft.max_steps: True \(bool\) is not a valid int"):
+        load_recipe(path, ["stages.sft.max_steps=true"])  # YAML's `yes`/`true` is no count
     path = _write(tmp_path, TINY.replace("  batch_size: 8\n", "  batch_size: 8\n  dtype: float16\n", 1))
     with pytest.raises(UserError, match=r"eval.dtype: 'float16'; expected one of: auto, float32, bfloat16"):
         load_recipe(path)
@@ -270,6 +272,8 @@ def test_a_template_file_beside_the_recipe_is_found_from_any_folder(tmp_path, mo
     loaded = load_recipe(recipe)
     assert Path(loaded.base.chat_template) == recipe.parent / "mine.jinja"
     assert chat_template_text(loaded.base.chat_template) == "{{ messages[0]['content'] }}"
+    (tmp_path / "mine.jinja").write_text("{{ 'here' }}")  # a path as given, from the working folder, comes first
+    assert Path(load_recipe(recipe).base.chat_template) == tmp_path / "mine.jinja"
 
 
 def test_a_dataset_file_beside_the_recipe_is_found_from_any_folder(tmp_path, monkeypatch):
@@ -288,6 +292,23 @@ def test_a_dataset_file_beside_the_recipe_is_found_from_any_folder(tmp_path, mon
     assert load_recipe(recipe).stages["sft"]["dataset_name"] == str(recipe.parent / "data" / "chat.jsonl")
     monkeypatch.chdir(recipe.parent)
     assert load_recipe(recipe).stages["sft"]["dataset_name"] == "data/chat.jsonl"
+
+
+def test_a_data_job_source_beside_the_recipe_is_found_from_any_folder(tmp_path, monkeypatch):
+    """A data job's source file is read relative to the recipe's folder too (as `dataset_name` is): run from another
+    folder, it is there; one that is nowhere is named with its key."""
+    from posttrain.recipe_files import check_recipe_files
+
+    recipe = tmp_path / "recipes" / "r.yaml"
+    recipe.parent.mkdir()
+    (recipe.parent / "chat.jsonl").write_text('{"messages": []}\n')
+    job = "data:\n  mix:\n    job: build_sft_set\n    sources: [{path: chat.jsonl}]\n"
+    recipe.write_text(TINY.replace("data:\n", job, 1))
+    monkeypatch.chdir(tmp_path)
+    check_recipe_files(load_recipe(recipe))
+    recipe.write_text(TINY.replace("data:\n", job.replace("chat.jsonl", "chats.jsonl"), 1))
+    with pytest.raises(UserError, match=r"data.mix.sources\[0\].path: file not found: chats.jsonl"):
+        check_recipe_files(load_recipe(recipe))
 
 
 def test_a_split_a_local_folder_lacks_is_named_before_any_work(tmp_path):
@@ -319,9 +340,33 @@ def test_a_split_a_local_folder_lacks_is_named_before_any_work(tmp_path):
     (tmp_path / "saved").mkdir()
     (tmp_path / "saved" / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "validation"]}))
     assert folder_splits(tmp_path / "saved") == ["train", "validation"]
+    (tmp_path / "empty").mkdir()  # no data set at all: its loading names what is missing, not "it has: "
+    assert folder_splits(tmp_path / "empty") is None
     from data_prep import build_verifiable_tasks as job  # its SPLITS, which the check reads, are what it writes
 
     assert list(job.to_tables(job.generate(job.VerifiableTasksConfig(n_train=5, n_test=5)))) == list(job.SPLITS)
+
+
+def test_dpos_test_split_is_checked_without_an_eval_strategy():
+    """DPO reads its `dataset_test_split` for the held-out preference accuracy whatever its eval_strategy (SFT and
+    UPO only with one): a split its data job does not write is named before any work."""
+    from posttrain.recipe_files import check_recipe_files
+
+    with pytest.raises(UserError, match=r"stages.dpo.dataset_test_split: 'tset' is not a split of \{data\}/pairs "
+                                        r"\(its job build_onpolicy_pairs writes: train, test\)"):
+        check_recipe_files(load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", ["stages.dpo.dataset_test_split=tset"]))
+
+
+def test_a_missing_relative_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    """`./held_out` has one slash like `org/name`, but it names a local folder: missing, it is named as one, not
+    looked up on the Hub (online, it would pass unchecked)."""
+    from posttrain.models import load
+    from posttrain.recipe_files import check_recipe_files
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(load, "datasets_offline", lambda: False)
+    with pytest.raises(UserError, match=r"eval.dataset: no such folder or data file: ./held_out"):
+        check_recipe_files(load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", ["eval.dataset=./held_out"]))
 
 
 def test_upo_offline_pairs_and_phase_splits_are_checked_before_any_work(tmp_path):
@@ -352,10 +397,37 @@ def test_upo_offline_pairs_and_phase_splits_are_checked_before_any_work(tmp_path
     check_recipe_files(upo(phases=[{"dataset_name": str(tmp_path / "logic"), "split": "train"}]))
 
 
+def test_the_smallest_values_a_stage_takes_pass(tmp_path):
+    """The minimums are allowed values: a batch of one row, a rank-1 LoRA, a learning rate of 0 (a dry run of the
+    plumbing), a LoRA+ ratio of 1 (plain LoRA)."""
+    recipe = load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", [
+        "shared.per_device_train_batch_size=1", "shared.lora_r=1", "stages.sft.learning_rate=0",
+        "shared.loraplus_lr_ratio=1"])
+    assert recipe.stages["sft"]["per_device_train_batch_size"] == 1 and recipe.stages["dpo"]["lora_r"] == 1
+    assert recipe.stages["sft"]["learning_rate"] == 0 and recipe.stages["upo"]["loraplus_lr_ratio"] == 1
+
+
+def test_a_later_stage_may_repeat_the_first_stages_adapter_settings(tmp_path):
+    """A later stage continues the first stage's adapter: its LoRA settings are refused only where they differ from
+    the first stage's (they would be ignored), not where they repeat them."""
+    recipe = load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", ["stages.dpo.lora_r=8", "stages.upo.use_peft=true"])
+    assert recipe.stages["dpo"]["lora_r"] == recipe.stages["sft"]["lora_r"] == 8
+    with pytest.raises(UserError, match="stages.dpo.lora_r: 4, but dpo continues the adapter that sft creates"):
+        load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", ["stages.dpo.lora_r=4"])
+
+
 def test_a_value_is_used_as_checked(tmp_path):
     """`5e-2` is a string to PyYAML (YAML 1.1); the section is built from the float it is checked as."""
     path = _write(tmp_path, TINY.replace("gate: {metric: accuracy}", "gate: {metric: accuracy, max_drop: 5e-2}"))
     assert load_recipe(path).gates["sft"].max_drop == 0.05
+
+
+def test_a_number_key_written_twice_is_refused(tmp_path):
+    """YAML reads `8:` as a number: a number key written twice in one mapping is two edits of one value too."""
+    from posttrain.recipe import read_recipe
+
+    with pytest.raises(UserError, match=r"key '8' appears twice in one mapping \(first on line 3\)"):
+        read_recipe(_write(tmp_path, "ablation:\n  variants:\n    8: {}\n    8: {}\n"))
 
 
 def test_a_recipe_that_is_not_utf8_is_named(tmp_path):
@@ -405,6 +477,20 @@ def test_override_values_are_read_as_their_field_takes_them():
     assert recipe.stages["dpo"]["run_name"] == "a #b" and sft["dataset_test_split"] is None
     assert recipe.eval.split == "2024" and recipe.raw["description"] == "on"
     assert load_recipe(ROOT / "recipes" / "tiny" / "text.yaml", ["shared.use_peft=true"]).stages["sft"]["use_peft"] is True
+
+
+def test_a_flag_takes_its_minimum_and_refuses_less():
+    """`posttrain eval --batch-size 1 --samples 0`: the minimum a field states is a value its flag takes."""
+    import argparse
+
+    from posttrain.configs import EvalArguments, add_dataclass_arguments
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, EvalArguments)
+    args = parser.parse_args(["--batch-size", "1", "--samples", "0", "--max-new-tokens", "1"])
+    assert (args.batch_size, args.samples, args.max_new_tokens) == (1, 0, 1)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--batch-size", "0"])
 
 
 def test_a_shared_override_that_stages_shadow_is_named(capsys):

@@ -239,6 +239,57 @@ def test_ablation_compares_true_accuracy_with_proxy_reward(tmp_path):
     assert html.is_file() and (tmp_path / "cmp" / "comparison_files" / "ablation_proxy_vs_true.png").is_file()
 
 
+def test_the_training_proxy_is_trls_reward_unless_the_rewards_were_normalised():
+    """TRL's `reward` is the proxy; with `normalize_rewards_by` it is standardised per group (mean ~0 by
+    construction), and the raw per-domain means UPO logs are averaged over the domains instead."""
+    from posttrain.report.compare import proxy_reward
+
+    logs = [{"reward": 0.9, "upo/reward/math/mean": 0.2, "upo/reward/code/mean": 0.6}]
+    assert proxy_reward(logs) == ("`reward`", 0.9, 1)
+    assert proxy_reward(logs, normalized=True) == ("raw reward, mean over domains", pytest.approx(0.4), 1)
+
+
+def test_a_stage_that_failed_after_an_earlier_attempts_evaluation_is_not_measured(tmp_path):
+    """A stage step that failed (or is running again) keeps the metrics.json of an earlier attempt: not its result."""
+    runs = copy_runs(tmp_path)
+    edit_json(runs / "tiny-full" / "run.json", lambda s: [s["steps"][step].update(status="failed")
+                                                          for step in ("upo", "run")])
+    row = comparison_rows([runs / "tiny-full"])[0]
+    assert (row["stage"], row["accuracy"], row["where"]) == ("upo", None, "upo failed")
+
+
+def test_the_scatter_plots_every_run_on_one_proxy(tmp_path, monkeypatch):
+    """A run evaluated before the held-out proxy was recorded has none (the committed runs): where only some runs
+    have it, every run is plotted at its training reward, so none drops out of the plot and no two proxies share an
+    axis."""
+    runs = copy_runs(tmp_path)
+    set_eval(runs / "tiny-full", "upo", proxy_reward=0.7)
+    drawn = []
+
+    def proxy_vs_true(points, xlabel):
+        drawn.append((points, xlabel))
+
+    monkeypatch.setattr(plots, "proxy_vs_true", proxy_vs_true)
+    comparison([runs / "tiny-full", runs / "tiny-full-lambda0"])
+    (points, xlabel), = drawn
+    assert len(points) == 2 and xlabel == "proxy: training reward, last logged steps"
+
+
+def test_runs_that_finished_at_different_stages_are_read_at_the_recipes_last(tmp_path):
+    """Finished runs that ended at different stages (runs with other --until) have no one stage in common: they are
+    all read at the last stage of the first run's recipe, not at one of their ends picked at random."""
+    from posttrain.report.compare import read_at
+
+    runs = copy_runs(tmp_path)
+    for run, gone in (("tiny-full", ("dpo", "upo")), ("tiny-full-lambda0", ("upo",))):
+        for stage in gone:
+            shutil.rmtree(runs / run / stage)
+            edit_json(runs / run / "run.json", lambda s, stage=stage: s["steps"].pop(stage, None))
+    views = [load_run(runs / "tiny-full"), load_run(runs / "tiny-full-lambda0")]
+    assert [[s.name for s in v.stages if s.status == "done"][-1] for v in views] == ["sft", "base"]
+    assert read_at(views) == "upo"
+
+
 def test_runs_of_one_name_in_two_folders_are_told_apart_by_their_folders(tmp_path):
     """A run of an earlier version kept in another output folder and its rerun: one recipe name, two rows."""
     runs = copy_runs(tmp_path)

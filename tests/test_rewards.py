@@ -37,6 +37,14 @@ def test_final_answer_is_text_after_last_think_block():
     assert final_answer("<think>unclosed 12") == "<think>unclosed 12"
 
 
+def test_a_multi_turn_completion_is_scored_on_its_last_reply():
+    """A rollout that calls a tool is a conversation (call, result, reply): the answer is its last message's."""
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+    completion = [{"role": "assistant", "content": "Let me add them.", "tool_calls": [call]},
+                  {"role": "tool", "content": "5"}, {"role": "assistant", "content": "2 + 3 is 5."}]
+    assert accuracy([completion], answer=["5"]) == [1.0]
+
+
 def test_numeric_accuracy_last_number_with_tolerance():
     completions = ["<think>\n3 + 4 = 7, no wait\n</think>\n\n8", "The answer is -7.", "0.50", "1,000 grams", "none",
                    "<think>\nthe answer is 8\n</think>\n\n9"]

@@ -76,6 +76,7 @@ def test_config_defaults(tmp_path):
     (dict(upo_pairs_per_prompt=3, num_generations=4), "upo_pairs_per_prompt"),
     (dict(upo_beta=0.0), "upo_beta"),
     (dict(upo_sft_weight=-1.0), "upo_sft_weight"),
+    (dict(upo_mode="both", upo_offline_dataset="pairs", upo_offline_ratio=0.0), "upo_offline_ratio must be > 0"),
     (dict(rewards={"acuracy": 1.0}), "`rewards`: .acuracy. is not a reward .did you mean accuracy"),
     (dict(rewards={"accuracy": 1.0}, reward_weights=[1.0]), "not both"),
     (dict(rewards="accuracy"), "must map reward names"),
