@@ -115,8 +115,8 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
     import torch
 
     from posttrain.data import prompt_text
-    from posttrain.evaluate import autocast, generate
     from posttrain.gates import non_thinking_reasoning
+    from posttrain.generation import autocast, generate
     from posttrain.rewards import combine_rewards
     from posttrain.trainers.upo_pairs import mine_pairs
 

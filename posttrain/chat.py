@@ -39,7 +39,7 @@ def reply(model, tokenizer, messages: list[dict], out: TextIO, thinking: bool | 
     import torch
 
     from .data import render_prompt
-    from .evaluate import stop_ids
+    from .generation import stop_ids
     from .models import vision
 
     prompt = render_prompt(tokenizer, messages, thinking)

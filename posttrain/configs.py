@@ -36,7 +36,7 @@ class BaseModelArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
 
 
-# Generation and scoring precision (`evaluate.autocast`): float32, bf16 autocast over float32 weights, or auto: bf16
+# Generation and scoring precision (`generation.autocast`): float32, bf16 autocast over float32 weights, or auto: bf16
 # where the device runs it natively (a GPU with bf16, a CPU with AVX512-BF16 or AMX), float32 elsewhere.
 Precision = Literal["auto", "float32", "bfloat16"]
 

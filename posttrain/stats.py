@@ -131,6 +131,12 @@ def format_change(comparison: Comparison) -> str:
     return f"{text} (p={comparison.p_value:.2g})" if comparison.significant else f"{text} n.s."
 
 
+def mean_of(values) -> float:
+    """The mean of the values given (None: not scored, left out); 0.0 for none."""
+    values = [float(v) for v in values if v is not None]
+    return sum(values) / len(values) if values else 0.0
+
+
 def mean_interval(values: list[float]) -> tuple[float, float, float]:
     """Mean and a 95 % t-interval over seeds."""
     n = len(values)

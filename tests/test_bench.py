@@ -135,7 +135,8 @@ def test_bf16_only_where_the_cpu_runs_it(native, monkeypatch, caplog, tiny_model
     90x as long as float32); a recipe that forces it on such a CPU keeps it, warned; the evaluation records what
     `auto` became."""
     from posttrain import devices
-    from posttrain.evaluate import autocast, evaluate, load_rows
+    from posttrain.evaluate import evaluate, load_rows
+    from posttrain.generation import autocast
     from posttrain.models import load_model, load_tokenizer
 
     monkeypatch.setattr(devices, "cpu_has_bf16", lambda: native)

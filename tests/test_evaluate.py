@@ -8,16 +8,18 @@ import types
 import pytest
 import torch
 
-from posttrain.evaluate import Share, completion_logps, evaluate, generate, heldout_loss, load_rows, preference_eval
+from posttrain.evaluate import evaluate, load_rows
+from posttrain.generation import Share, generate
 from posttrain.models import load_model, load_tokenizer, vision
+from posttrain.scoring import completion_logps, heldout_loss, preference_eval
 
 
 def scored_texts(monkeypatch) -> list:
     """The (prompts, replies) of every `completion_logps` call from now on, as they are scored."""
-    from posttrain import evaluate as evaluate_module
+    from posttrain import scoring
 
-    seen, scored = [], evaluate_module.completion_logps
-    monkeypatch.setattr(evaluate_module, "completion_logps",
+    seen, scored = [], scoring.completion_logps
+    monkeypatch.setattr(scoring, "completion_logps",
                         lambda model, tokenizer, prompts, replies, **kwargs: seen.append((prompts, replies))
                         or scored(model, tokenizer, prompts, replies, **kwargs))
     return seen
@@ -63,7 +65,6 @@ def test_completion_scores_keep_row_order_whatever_the_batching(tiny_model_path,
 def test_completion_scores_equal_the_full_logits_and_the_loss_takes_its_limit(tiny_model_path, task_data):
     """The LM head runs from the first completion position only; a score still equals the log-softmax of the full
     logits at the reply's tokens. `loss_limit` gives the held-out loss of the first N rows."""
-    from posttrain.evaluate import heldout_loss
 
     path = tiny_model_path("llama")
     model, tokenizer = load_model(path), load_tokenizer(path)
@@ -87,14 +88,14 @@ def test_completion_scores_equal_the_full_logits_and_the_loss_takes_its_limit(ti
 def test_heldout_loss_is_per_token_over_the_first_rows_with_a_reference(tiny_tokenizer, monkeypatch):
     """The held-out loss is the NLL per token, not per reply, of the first `limit` rows that have a reference reply
     (a row without one is skipped, not counted against the limit)."""
-    from posttrain import evaluate as evaluation
+    from posttrain import scoring
 
     scored = []
-    monkeypatch.setattr(evaluation, "completion_logps", lambda model, tokenizer, prompts, replies, **kwargs:
+    monkeypatch.setattr(scoring, "completion_logps", lambda model, tokenizer, prompts, replies, **kwargs:
                         scored.append(replies) or [(-6.0, 3), (-1.0, 1)][:len(replies)])
     prompt = [{"role": "user", "content": "What is 2 + 2?"}]
     rows = [{"prompt": prompt, "completion": None}] + [{"prompt": prompt, "completion": "4"}] * 3
-    assert evaluation.heldout_loss(None, tiny_tokenizer, rows, limit=2) == pytest.approx(7 / 4)
+    assert scoring.heldout_loss(None, tiny_tokenizer, rows, limit=2) == pytest.approx(7 / 4)
     assert len(scored[0]) == 2
 
 
@@ -102,7 +103,6 @@ def test_scoring_takes_the_evaluations_batch_size_and_chunks_the_vocabulary(tiny
     """The held-out loss and the preference evaluation score at most their batch size of rows a forward (16 whatever
     the setting kept every reply's logits over the vocabulary at once: out of memory at real sizes, with advice that
     could not help), and the log-softmax over several chunks of positions scores as over one."""
-    from posttrain.evaluate import heldout_loss
     from posttrain.models import lm_head
 
     path = tiny_model_path("llama")
@@ -124,7 +124,7 @@ def test_scoring_takes_the_evaluations_batch_size_and_chunks_the_vocabulary(tiny
 def test_a_reference_reply_continues_a_prompt_that_opened_its_think_block():
     """The held-out loss scores the reference reply after its rendered prompt: where the prompt ends in "<think>" the
     reply's own "<think>" is not scored a second time (a text never trained on)."""
-    from posttrain.evaluate import continuation
+    from posttrain.scoring import continuation
 
     opened = "User: hi\nAssistant: <think>"
     assert continuation(opened, "<think>\nx</think>\n\n7") == "\nx</think>\n\n7"
@@ -229,7 +229,7 @@ def test_a_multimodal_rope_vlm_decodes_text_rows_in_rounds(tiny_model_path):
 
 def rounds_give_generates_tokens(model, tokenizer) -> list[int]:
     """Asserts that decoding in rounds gives one `generate`'s greedy tokens; returns each row's reply length."""
-    from posttrain.evaluate import decode
+    from posttrain.generation import decode
 
     tokenizer.padding_side = "left"
     batch = tokenizer(["a b c", "hello world how are", "x", "m n o p q r s", "the cat"], return_tensors="pt",
@@ -256,7 +256,7 @@ def test_bf16_evaluation_casts_the_frozen_weights_once_with_the_same_outputs(tin
     float32 weights back with the LM head tied to the embedding again."""
     from peft import LoraConfig, get_peft_model
 
-    from posttrain.evaluate import autocast
+    from posttrain.generation import autocast
 
     path = tiny_model_path("llama")
     model = load_model(path)
@@ -306,7 +306,7 @@ def test_merged_lora_copies_sample_the_adapted_model_and_leave_it_as_it_was(tiny
     `modules_to_save`, which turning the adapter off would drop, nothing is merged."""
     from peft import LoraConfig, get_peft_model
 
-    from posttrain.evaluate import autocast
+    from posttrain.generation import autocast
     from posttrain.models import frozen_weights_cast
 
     path = tiny_model_path("llama")
@@ -497,7 +497,7 @@ def test_preference_eval_cuts_pairs_to_max_length_as_trl_does(mode, tiny_model_p
     them (scored whole, long pairs went past the memory `max_length` was set for, and past the context)."""
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    from posttrain.evaluate import _text_layout
+    from posttrain.scoring import _text_layout
 
     path = tiny_model_path("llama")
     model, tokenizer = load_model(path), load_tokenizer(path)
@@ -632,12 +632,12 @@ def test_onpolicy_pairs_prefer_the_reference_skip_empty_and_unscored_replies(tin
     is counted in the job's warning."""
     import contextlib
 
-    import posttrain.evaluate as evaluation
+    import posttrain.generation as generation
     import posttrain.rewards as rewards
     from data_prep.build_onpolicy_pairs import OnPolicyPairsConfig, sample_pairs
 
-    monkeypatch.setattr(evaluation, "autocast", lambda *args, **kwargs: contextlib.nullcontext())
-    monkeypatch.setattr(evaluation, "generate", lambda model, tokenizer, prompts, *args, **kwargs: (
+    monkeypatch.setattr(generation, "autocast", lambda *args, **kwargs: contextlib.nullcontext())
+    monkeypatch.setattr(generation, "generate", lambda model, tokenizer, prompts, *args, **kwargs: (
         ["4", "5", ""], [True, False, True], [1, 1, 0]))
     row = {"prompt": [{"role": "user", "content": "What is 2 + 2?"}], "answer": "4", "completion": "2 + 2 = 4",
            "thinking": False, "domain": "arithmetic"}
@@ -649,7 +649,7 @@ def test_onpolicy_pairs_prefer_the_reference_skip_empty_and_unscored_replies(tin
     assert sample_pairs(None, tiny_tokenizer, [row], OnPolicyPairsConfig(num_samples=3, margin=0.5)) == []
     # a non-thinking row's sample that opens its own think block: no side (the DPO gate refuses such a pair)
     monkeypatch.setattr(rewards, "combine_rewards", lambda weights: lambda texts, **kwargs: [1.0, 0.0, 0.5])
-    monkeypatch.setattr(evaluation, "generate", lambda model, tokenizer, prompts, *args, **kwargs: (
+    monkeypatch.setattr(generation, "generate", lambda model, tokenizer, prompts, *args, **kwargs: (
         ["4", "<think>\nTwo and two.\n</think>\n\n5", "6"], [True] * 3, [1] * 3))
     pairs = sample_pairs(None, tiny_tokenizer, [row], OnPolicyPairsConfig(num_samples=3, margin=0.5))
     assert [pair["rejected"][0]["content"] for pair in pairs] == ["6"]
@@ -718,13 +718,13 @@ def test_onpolicy_pairs_sample_in_bf16_and_name_a_bad_dtype(tiny_model_path, tas
 
 def test_onpolicy_pairs_out_of_memory_names_the_batch_to_lower(tiny_model_path, task_data, tmp_path, monkeypatch):
     from data_prep.build_onpolicy_pairs import main
-    from posttrain import evaluate
+    from posttrain import generation
     from posttrain.errors import UserError
 
     def out_of_memory(*_, **__):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB.")
 
-    monkeypatch.setattr(evaluate, "generate", out_of_memory)
+    monkeypatch.setattr(generation, "generate", out_of_memory)
     with pytest.raises(UserError, match=r"build_onpolicy_pairs: out of memory sampling replies \(CUDA out of memory. "
                                         r"Tried to allocate 9.00 GiB.\) with 32 sequences a batch and up to 6 new "
                                         r"tokens: lower batch_size"):
@@ -782,7 +782,7 @@ def test_generation_past_the_models_positions_is_refused_naming_the_key(tiny_mod
     from data_prep.build_onpolicy_pairs import OnPolicyPairsConfig, sample_pairs
     from posttrain.data import prompt_text
     from posttrain.errors import UserError
-    from posttrain.evaluate import check_context
+    from posttrain.generation import check_context
 
     path = tiny_model_path("llama")
     model, tokenizer = load_model(path), load_tokenizer(path)
@@ -803,7 +803,7 @@ def test_generation_past_the_models_positions_is_refused_naming_the_key(tiny_mod
 def test_the_context_limit_is_scaled_only_by_a_rope_scaling_that_applies():
     """Qwen's YaRN leaves `max_position_embeddings` at the unscaled length and sets a factor: the positions are that
     many times more. A factor beside the default RoPE scales nothing."""
-    from posttrain.evaluate import context_limit
+    from posttrain.generation import context_limit
 
     def model(rope):
         config = types.SimpleNamespace(max_position_embeddings=1024, rope_parameters=rope)
@@ -856,13 +856,14 @@ def test_evaluation_shows_the_model_each_rows_tools(tiny_model_path, monkeypatch
     """A held-out row's `tools` are rendered into its prompt, for the answer and the held-out loss alike, as SFT trains
     its rows: they were left out, so the model was asked to call tools it was never shown."""
     from posttrain import evaluate as evaluate_module
+    from posttrain import scoring
 
     path = tiny_model_path("llama")
     model, tokenizer = load_model(path), load_tokenizer(path)
     seen = []
-    for name in ("generate", "completion_logps"):
-        original = getattr(evaluate_module, name)
-        monkeypatch.setattr(evaluate_module, name, lambda model, tokenizer, prompts, *args, original=original,
+    for module, name in ((evaluate_module, "generate"), (scoring, "completion_logps")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda model, tokenizer, prompts, *args, original=original,
                             **kwargs: seen.append(prompts[0]) or original(model, tokenizer, prompts, *args, **kwargs))
     tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}]
     prompt = [{"role": "user", "content": "What is 2 + 3?"}]
@@ -898,7 +899,7 @@ def test_onpolicy_pairs_are_sampled_with_the_rows_tools_and_carry_them(tiny_mode
     import json
 
     from data_prep.build_onpolicy_pairs import OnPolicyPairsConfig, sample_pairs
-    from posttrain import evaluate
+    from posttrain import generation
     from posttrain.models import load_model, load_tokenizer
 
     path = tiny_model_path("llama")
@@ -906,8 +907,8 @@ def test_onpolicy_pairs_are_sampled_with_the_rows_tools_and_carry_them(tiny_mode
     tools = json.dumps([{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}])
     rows = [{"prompt": [{"role": "user", "content": "What is 2 + 3?"}], "answer": "5", "domain": "math",
              "thinking": None, "tools": tools}]
-    seen, generate = [], evaluate.generate
-    monkeypatch.setattr(evaluate, "generate", lambda m, t, prompts, *a, **k: seen.extend(prompts) or generate(
+    seen, generate = [], generation.generate
+    monkeypatch.setattr(generation, "generate", lambda m, t, prompts, *a, **k: seen.extend(prompts) or generate(
         m, t, prompts, *a, **k))
     # `main` seeds the sampling; called alone, the RNG was as the worker's earlier tests left it, and under some of
     # those states (1 in 12 seeds) the 4 samples gave no pair

@@ -240,11 +240,11 @@ def prepare_trainer(trainer, model, stage_args, model_args, images: bool, rows: 
 
 
 def check_positions(trainer, model, name: str) -> None:
-    """The longest training row, as TRL cut it to `max_length`, fits the model's positions (`evaluate.context_limit`):
+    """The longest training row, as TRL cut it to `max_length`, fits the model's positions (`generation.context_limit`):
     past them a RoPE model trains on positions it was never trained for, without an error (the generation checks of
     the evaluation and of UPO never see training rows), and one with learned positions fails mid-training on an index
     error. Text rows, which TRL tokenizes before training (a packed row's positions restart at each of its rows)."""
-    from ..evaluate import context_limit
+    from ..generation import context_limit
 
     limit, dataset, max_length = context_limit(model), trainer.train_dataset, trainer.args.max_length
     columns = dataset.column_names or []
@@ -295,11 +295,12 @@ def keep_columns(dataset, columns: set[str]):
 
 def run_eval(model, tokenizer, stage_args, accelerator) -> dict | None:
     """The recipe's held-out evaluation of the trained model, or None when the recipe has none. Every process calls
-    it: under DDP each generates a share of the prompts (`evaluate.Share`); the main process's result is the one
+    it: under DDP each generates a share of the prompts (`generation.Share`); the main process's result is the one
     kept."""
     if not stage_args.eval_dataset:
         return None
-    from ..evaluate import Share, run
+    from ..evaluate import run
+    from ..generation import Share
 
     share = Share.among(accelerator.process_index, accelerator.num_processes)
     return run(stage_args.eval_settings(), model, tokenizer, share=share)

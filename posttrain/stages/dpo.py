@@ -30,7 +30,7 @@ DPO_COLUMNS = {"prompt", "chosen", "rejected", "chat_template_kwargs", "images",
 
 def main(stage_args: StageArguments, training_args, model_args):
     """Train, save, verify and evaluate; returns the trainer."""
-    from ..evaluate import preference_eval
+    from ..scoring import preference_eval
     from ..trainers.dpo_trainer import DPOTrainer
 
     started = time.time()

@@ -19,7 +19,7 @@ from .. import gates
 from ..configs import CurriculumArguments, StageArguments
 from ..data import data_folder
 from ..errors import UserError
-from ..evaluate import check_context
+from ..generation import check_context
 from ..models import vision
 from ..trainers.upo_pairs import render_prompt_text, render_prompts
 from . import common, training
@@ -121,7 +121,7 @@ def main(stage_args: StageArguments, training_args, model_args, curriculum_args:
 
 def check_rollout_context(model, tokenizer, dataset, training_args, name: str) -> None:
     """Each prompt, as GRPO tokenizes it, and `max_completion_length` rollout tokens after it fit the model's
-    positions (`evaluate.check_context`): past them rollouts are noise that the rewards score and the policy learns."""
+    positions (`generation.check_context`): past them rollouts are noise that the rewards score and the policy learns."""
     thinking = dataset["thinking"] if "thinking" in dataset.column_names else [None] * len(dataset)
     prompts = [render_prompt_text(tokenizer, prompt, mode, training_args.chat_template_kwargs)
                for prompt, mode in zip(dataset["prompt"], thinking)]
