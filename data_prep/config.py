@@ -20,9 +20,10 @@ from pathlib import Path
 import yaml
 
 from posttrain import skip_final_collection
-from posttrain.configs import check_minimum, check_type, field_types, literal_choices
+from posttrain.configs import check_minimum
 from posttrain.datajobs import COMMAND_ENV, ERROR_ENV
 from posttrain.errors import Terminated, UserError, disk_full_error, is_disk_full, terminate_on_sigterm
+from posttrain.typecheck import check_type, field_types, literal_choices
 
 from .registry import load_entry, split_spec
 

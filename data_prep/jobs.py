@@ -17,8 +17,8 @@ import json
 import pkgutil
 import sys
 
-from posttrain.configs import field_types, suggest
 from posttrain.errors import UserError
+from posttrain.typecheck import field_types, suggest
 
 from .config import checked_values, run
 

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.configs import check_type
 from posttrain.errors import UserError
+from posttrain.typecheck import check_type
 
 REGISTRY_NAME = "dataset_info.json"
 # LLaMA-Factory's defaults for the ShareGPT tags, and the role names our ShareGPT reader knows them by.

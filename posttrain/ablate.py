@@ -32,13 +32,13 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from .configs import suggest
 from .console import console
 from .errors import UserError
 from .io import read_json, replace_dir, write_json, write_text
 from .pipeline import Pipeline, run_dir
 from .recipe import Recipe, load_recipe
 from .runlock import RunLock
+from .typecheck import suggest
 
 SEEDED = "seeded.json"  # in a variant folder: what seed_from_shared copied into it, step -> stamp
 

@@ -11,9 +11,10 @@ The verdict is written to the stage's metrics.json (`promotion`) and run.json; t
 it from there.
 """
 
-from .configs import GateArguments, suggest
+from .configs import GateArguments
 from .errors import UserError
 from .stats import paired_evals
+from .typecheck import suggest
 
 # metric -> +1 when higher is better, -1 when lower is better
 DIRECTIONS = {"accuracy": 1, "format": 1, "stop_rate": 1, "heldout_loss": -1}

@@ -13,7 +13,8 @@ from pathlib import Path
 from .configs import StageArguments
 from .data import folder_splits
 from .errors import UserError
-from .recipe import STAGES, Recipe, resolve_relative
+from .recipe import Recipe, resolve_relative
+from .recipe_fields import STAGES
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".jinja", ".yaml", ".yml", ".txt")
 STAGE_DATASET_KEYS = ("dataset_name", "upo_offline_dataset")

@@ -33,9 +33,9 @@ from .answers import (
     same_value,
     word_count,
 )
-from .configs import suggest
 from .data import completion_text, opens_think
 from .errors import UserError
+from .typecheck import suggest
 
 # final_answer: kept for importers
 __all__ = ["REWARDS", "combine_rewards", "final_answer", "resolve_rewards", "reward_function"]

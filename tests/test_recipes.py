@@ -61,8 +61,8 @@ PROBES = [True, 0, 3, 2.5, "3e-4", "steps", "STEPS", "cosine", "x", None, [], [1
 def test_the_cached_key_table_judges_values_like_the_classes(stage):
     """The table kept on disk has every key of the stage's classes, and each annotation, written as JSON and read
     back, accepts and refuses the same values as the real one (enums, literals, unions, lists, exotic classes)."""
-    from posttrain.configs import _type_ok, annotation_from_json, annotation_to_json, field_types
-    from posttrain.recipe import stage_dataclasses, stage_fields
+    from posttrain.recipe_fields import stage_dataclasses, stage_fields
+    from posttrain.typecheck import _type_ok, annotation_from_json, annotation_to_json, field_types
 
     real = field_types(stage_dataclasses(stage))
     stage_fields(stage)  # writes the table when it is not there yet
@@ -96,7 +96,7 @@ def test_an_out_of_date_key_table_never_refuses_a_valid_key(tmp_path, monkeypatc
     and the table is written again."""
     import json
 
-    from posttrain.recipe import stage_fields
+    from posttrain.recipe_fields import stage_fields
 
     monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
     stage_fields("sft")
@@ -424,7 +424,7 @@ def test_a_value_is_used_as_checked(tmp_path):
 
 def test_a_number_key_written_twice_is_refused(tmp_path):
     """YAML reads `8:` as a number: a number key written twice in one mapping is two edits of one value too."""
-    from posttrain.recipe import read_recipe
+    from posttrain.recipe_yaml import read_recipe
 
     with pytest.raises(UserError, match=r"key '8' appears twice in one mapping \(first on line 3\)"):
         read_recipe(_write(tmp_path, "ablation:\n  variants:\n    8: {}\n    8: {}\n"))

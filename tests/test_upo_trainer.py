@@ -1002,7 +1002,7 @@ def test_two_processes_with_groups_spanning_processes(tmp_path, tiny_model_path)
 def test_curriculum_phases_keep_their_order():
     from types import SimpleNamespace
 
-    from posttrain.recipe import StageArguments
+    from posttrain.configs import StageArguments
     from posttrain.stages.upo import curriculum
 
     rows = [{"prompt": [{"role": "user", "content": f"q{i}"}], "answer": "1", "domain": d, "thinking": False}

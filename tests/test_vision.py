@@ -22,10 +22,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from posttrain import gates
+from posttrain.configs import StageArguments
 from posttrain.data import load_split
 from posttrain.errors import UserError
 from posttrain.models import load_model, load_tokenizer, vision
-from posttrain.recipe import StageArguments
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHS = ["llava", "qwen2_vl", "ernie4_5_vl"]
