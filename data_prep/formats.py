@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from posttrain.errors import UserError
 
+from .images import has_literal_image_marker
 from .llamafactory import (
     alpaca_history,
     alpaca_prompt,
@@ -35,7 +36,6 @@ from .messages import (
     RowError,
     RowSkip,
     check_messages,
-    has_literal_image_marker,
     has_unopened_think,
     require_list,
     require_str,

@@ -10,14 +10,12 @@ from pathlib import Path
 
 from posttrain.data import REASONING_FIELDS, called
 
+from .images import check_image_slots, check_images, image_markers_to_parts
 from .messages import (
     RowError,
-    check_image_slots,
-    check_images,
     check_messages,
     check_tool_calls,
     check_tools,
-    image_markers_to_parts,
     merged_mode,
     require_list,
     require_str,

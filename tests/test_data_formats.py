@@ -476,7 +476,7 @@ def test_alpaca_errors_name_the_rows_own_keys():
 def test_image_bytes_written_as_text_say_how_to_embed_images():
     """A JSON Lines row can only carry image "bytes" as text (base64, say): the error says where bytes work (a parquet
     file) instead of only that text is not bytes."""
-    from data_prep.messages import check_images
+    from data_prep.images import check_images
 
     with pytest.raises(RowError, match="JSON has no bytes: embed images through a parquet file"):
         check_images([{"bytes": "iVBORw0KGgo="}], Path("."), decode=False, embedded=True)
@@ -569,7 +569,7 @@ def test_a_conversation_thinks_when_any_reply_does():
 
 
 def test_image_bytes_where_a_job_writes_paths_are_named():
-    from data_prep.messages import check_images
+    from data_prep.images import check_images
 
     with pytest.raises(RowError, match=r'"images\[0\]" holds image bytes, not a file path'):
         check_images([{"bytes": b"\x89PNG", "path": None}], Path("."), decode=False)
@@ -588,7 +588,7 @@ def test_a_thinking_column_does_not_override_the_replies_own_mode():
 
 
 def test_the_literal_image_note_is_for_rows_without_images():
-    from data_prep.messages import has_literal_image_marker
+    from data_prep.images import has_literal_image_marker
 
     reply = [{"role": "assistant", "content": "Write <image> where the picture goes."}]
     assert has_literal_image_marker({"chosen": reply}) and not has_literal_image_marker({"chosen": reply,
