@@ -366,12 +366,13 @@ def test_pairs_keep_their_reasoning_in_what_dpo_compares(tiny_model_path):
 
 
 def test_held_out_pairs_from_a_single_file_are_refused(tiny_model_path, tmp_path):
-    """One data file holds one split: any split name reads all of it, so "test" pairs would be the training pairs."""
+    """One data file holds one split: any split name reads all of it, so "test" pairs would be the training pairs.
+    Said first, before the pairs are read and checked (the file's second pair would stop the pair gate)."""
     from trl import DPOConfig, ModelConfig
 
     path = tiny_model_path("llama")
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    pairs.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a", "rejected": "a"}\n')
     stage_args = StageArguments(dataset_name=str(pairs), dataset_test_split="test", tokenizer_name_or_path=str(path))
     training = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=1, report_to="none", bf16=False, use_cpu=True)
     with pytest.raises(UserError, match="is one data file, whose every split is the whole file"):

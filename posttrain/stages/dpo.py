@@ -37,6 +37,7 @@ def main(stage_args: StageArguments, training_args, model_args):
     common.set_threads()
     model, tokenizer, peft_config = common.load_policy(stage_args, training_args, model_args)
     truncation = getattr(training_args, "truncation_mode", "keep_start")
+    check_test_split(stage_args)  # first: it needs no pair read
     train, skipped = load_pairs(stage_args, stage_args.dataset_train_split, tokenizer, training_args.max_length,
                                 truncation, model=model)
     source_rows = gates.kept_rows(len(train) + len(skipped), skipped) if skipped else None  # image gate's row names
@@ -101,16 +102,20 @@ def text_pair_checks(trainer, tokenizer, train, stage_args, truncation: str, end
     return found
 
 
+def check_test_split(stage_args) -> None:
+    """A `dataset_test_split` names other pairs than the training ones: not a split of one data file."""
+    if stage_args.dataset_test_split and is_data_file(stage_args.dataset_name):
+        raise UserError(f"dataset_test_split: '{stage_args.dataset_test_split}', but dataset_name "
+                        f"{stage_args.dataset_name} is one data file, whose every split is the whole file: the "
+                        "held-out pairs would be the training pairs. Give a folder with train and test splits "
+                        "(build_preference_set writes one), or drop dataset_test_split")
+
+
 def heldout_pairs(stage_args, training_args, tokenizer, truncation: str, model) -> tuple:
     """The `dataset_test_split` pairs, checked as the training pairs are (None without one), and why nothing is
     measured on them where the split holds no pairs (else None)."""
     if not stage_args.dataset_test_split:
         return None, None
-    if is_data_file(stage_args.dataset_name):
-        raise UserError(f"dataset_test_split: '{stage_args.dataset_test_split}', but dataset_name "
-                        f"{stage_args.dataset_name} is one data file, whose every split is the whole file: the "
-                        "held-out pairs would be the training pairs. Give a folder with train and test splits "
-                        "(build_preference_set writes one), or drop dataset_test_split")
     heldout, _ = load_pairs(stage_args, stage_args.dataset_test_split, tokenizer, training_args.max_length,
                             truncation, allow_empty=True, model=model)
     if not len(heldout):  # build_onpolicy_pairs' test split when no test prompt gave a pair: nothing to measure
