@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from posttrain.io import write_json
 from posttrain.stats import format_eval_accuracy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -280,17 +281,12 @@ def hashed(tmp_path):
     return pipeline
 
 
-def write_record(folder: Path, name: str, record: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / name).write_text(json.dumps(record))
-
-
 def test_a_stage_hashed_with_its_logging_keys_is_still_up_to_date(hashed):
     """Runs recorded a stage's hash before the logging and saving keys were left out of it: that finished stage
     still has the same inputs (any of `stage_hashes`, not only the first); one with another learning rate does not."""
     args = {"learning_rate": 1e-3, "logging_steps": 5}
     same = hashed.stage_hashes("sft", args, None)
-    write_record(hashed.root / "sft", "lineage.json", {"inputs_hash": same[-1]})
+    write_json(hashed.root / "sft" / "lineage.json", {"inputs_hash": same[-1]})
     assert same[-1] != same[0] and hashed._up_to_date(hashed.root / "sft", *same)
     assert not hashed._up_to_date(hashed.root / "sft", *hashed.stage_hashes("sft", {**args, "learning_rate": 2e-3},
                                                                             None))
@@ -298,9 +294,9 @@ def test_a_stage_hashed_with_its_logging_keys_is_still_up_to_date(hashed):
 
 def test_a_stage_has_other_inputs_once_the_stage_before_it_was_trained_again(hashed):
     args = {"learning_rate": 1e-3}
-    write_record(hashed.root / "sft", "lineage.json", {"inputs_hash": "first"})
+    write_json(hashed.root / "sft" / "lineage.json", {"inputs_hash": "first"})
     before = set(hashed.stage_hashes("dpo", args, "sft"))
-    write_record(hashed.root / "sft", "lineage.json", {"inputs_hash": "second"})
+    write_json(hashed.root / "sft" / "lineage.json", {"inputs_hash": "second"})
     assert not before & set(hashed.stage_hashes("dpo", args, "sft"))
 
 
@@ -330,8 +326,8 @@ def test_a_stage_whose_evaluation_was_deferred_is_evaluated_in_a_process_of_its_
     from posttrain.pipeline import Pipeline
 
     final = hashed.root / "sft"
-    write_record(final, "lineage.json", {"inputs_hash": "h", "eval_hash": hashed.eval_hash})
-    write_record(final, "metrics.json", {"status": "done", "eval": None, "eval_deferred": "weights sharded"})
+    write_json(final / "lineage.json", {"inputs_hash": "h", "eval_hash": hashed.eval_hash})
+    write_json(final / "metrics.json", {"status": "done", "eval": None, "eval_deferred": "weights sharded"})
     monkeypatch.setattr(Pipeline, "run_eval", lambda self, out, step, adapter=None: {"accuracy": 0.5})
     assert hashed.reevaluate("sft")
     metrics = json.loads((final / "metrics.json").read_text())
@@ -961,7 +957,6 @@ def test_a_stage_trained_on_the_base_before_it_was_edited_is_stale(tmp_path):
     the base is evaluated anew, but sft/ (and what follows) is still trained on the old one. It is stale, not compared
     with the new base in the accuracy line, until it is trained again."""
     from posttrain import lineage
-    from posttrain.io import write_json
     from posttrain.pipeline import Pipeline
     from posttrain.recipe import load_recipe
     from posttrain.runs import stale_stages
