@@ -302,13 +302,12 @@ def test_a_stage_has_other_inputs_once_the_stage_before_it_was_trained_again(has
 
 def test_a_forced_stage_trains_again_though_it_finished_with_the_same_inputs(hashed, monkeypatch):
     """`--from`/`--only` force their stages: trained again, where a plain rerun skips the finished stage."""
-    from posttrain import lineage
-    from posttrain import pipeline as pipeline_module
+    from posttrain import lineage, pipeline_stages
     from posttrain.pipeline import Pipeline
 
     spawned = []
     monkeypatch.setattr(Pipeline, "stage_args", lambda self, stage, previous: {"learning_rate": 1e-3})
-    monkeypatch.setattr(pipeline_module, "finished_problem", lambda folder: None)
+    monkeypatch.setattr(pipeline_stages, "finished_problem", lambda folder: None)
     monkeypatch.setattr(lineage, "other_previous", lambda root, record: None)
     monkeypatch.setattr(lineage, "stage_lineage", lambda stage, args, digest, pipe, previous: {"inputs_hash": digest})
     monkeypatch.setattr(Pipeline, "reevaluate", lambda self, stage: False)
@@ -385,7 +384,8 @@ def test_one_dataset_spelled_another_way_is_the_same_stage_input(tmp_path, monke
     """`data/x`, `./data/x`, its absolute path and the same recipe run from another folder (the path found beside the
     recipe) give one inputs hash: the finished stage is not trained again. A stage recorded with the path as written
     (before `as_opened`) stays finished."""
-    from posttrain import pipeline as module
+    from posttrain import pipeline_stages
+    from posttrain.pipeline import Pipeline
     from posttrain.recipe import load_recipe
 
     (tmp_path / "data" / "x").mkdir(parents=True)
@@ -395,7 +395,7 @@ def test_one_dataset_spelled_another_way_is_the_same_stage_input(tmp_path, monke
     def hashes(dataset):
         raw["stages"]["sft"]["dataset_name"] = dataset
         (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
-        pipeline = module.Pipeline(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "outputs")
+        pipeline = Pipeline(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "outputs")
         pipeline.base_hash = "b"
         return pipeline.stage_hashes("sft", pipeline.stage_args("sft", None), None)
 
@@ -405,7 +405,7 @@ def test_one_dataset_spelled_another_way_is_the_same_stage_input(tmp_path, monke
     spellings["from another folder"] = hashes("data/x")
     assert len({found[0] for found in spellings.values()}) == 1, spellings
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(module, "as_opened", lambda args, spell=None: args)  # the hash as recorded before
+    monkeypatch.setattr(pipeline_stages, "as_opened", lambda args, spell=None: args)  # the hash as recorded before
     recorded = hashes("./data/x")[0]
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
@@ -418,7 +418,8 @@ def test_a_project_moved_with_its_data_keeps_its_finished_stages(tmp_path, monke
     the absolute path (`as_opened`) stays finished."""
     import shutil
 
-    from posttrain import pipeline as module
+    from posttrain import pipeline_stages
+    from posttrain.pipeline import Pipeline
     from posttrain.recipe import load_recipe
 
     raw = yaml.safe_load(TINY.read_text())
@@ -429,7 +430,7 @@ def test_a_project_moved_with_its_data_keeps_its_finished_stages(tmp_path, monke
 
     def hashes(project):
         monkeypatch.chdir(project)
-        pipeline = module.Pipeline(load_recipe(project / "recipe.yaml"), project / "outputs")
+        pipeline = Pipeline(load_recipe(project / "recipe.yaml"), project / "outputs")
         pipeline.base_hash = "b"
         return pipeline.stage_hashes("sft", pipeline.stage_args("sft", None), None)
 
@@ -437,7 +438,7 @@ def test_a_project_moved_with_its_data_keeps_its_finished_stages(tmp_path, monke
     shutil.move(tmp_path / "a", tmp_path / "b")
     assert hashes(tmp_path / "b")[0] == first[0]
     with monkeypatch.context() as patch:
-        patch.setattr(module, "by_content", lambda path: str(path.resolve()))  # as a stage recorded it before
+        patch.setattr(pipeline_stages, "by_content", lambda path: str(path.resolve()))  # as a stage recorded it before
         recorded = hashes(tmp_path / "b")[0]
     assert recorded in hashes(tmp_path / "b")
 
@@ -463,8 +464,9 @@ def test_a_curriculum_phases_own_prompts_are_a_stage_input(tmp_path, monkeypatch
 def test_an_edited_reward_function_of_your_own_trains_upo_again(tmp_path, monkeypatch):
     """A reward named by import path is part of UPO's inputs through its source file: edited, the stage trains again,
     as edited data does; the stages before it keep their hashes. So is it of a pair job that lists its rewards."""
-    from posttrain.pipeline import Pipeline, reward_sources
+    from posttrain.pipeline import Pipeline
     from posttrain.recipe import load_recipe
+    from posttrain.step_inputs import reward_sources
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -491,8 +493,9 @@ def test_a_moved_run_keeps_its_hashes_with_a_path_that_starts_like_its_folder(tm
     """The run folder's path is written {run} in a step's hash and replaced in `changed_inputs` only where it names
     the folder or a path in it: a dataset in `outputs/<run>-data` (another folder, which does not move with the run)
     keeps the stage's hash and is not reported as changed."""
-    from posttrain.pipeline import Pipeline, changed_inputs
+    from posttrain.pipeline import Pipeline
     from posttrain.recipe import load_recipe
+    from posttrain.step_inputs import changed_inputs
 
     recipe = load_recipe(TINY)
     sibling = tmp_path / "outputs" / f"{recipe.name}-data"
