@@ -408,6 +408,30 @@ def test_packed_rows_attend_as_one_padded_batch_under_autocast(tiny_model_path, 
     torch.testing.assert_close(out.float(), reference.transpose(1, 2), rtol=0.05, atol=0.05)
 
 
+def test_packed_rows_keep_a_window_only_the_module_and_mask_know():
+    """Qwen2-MoE's sliding-window layers pass no `sliding_window` to the attention function: the window is on the module
+    and in SDPA's mask. A packed row longer than it attends as SDPA does (the window kept), not over the whole row."""
+    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+
+    from posttrain.models.attention import register
+
+    config = Qwen2MoeConfig(vocab_size=512, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            shared_expert_intermediate_size=16, num_experts=2, num_experts_per_tok=1,
+                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, use_sliding_window=True,
+                            sliding_window=4, max_window_layers=1)
+    assert config.layer_types == ["sliding_attention"]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    rows = [torch.randint(5, 500, (n,)).tolist() for n in (9, 3, 12)]
+    ids = torch.tensor([sum(rows, [])])
+    positions = torch.tensor([[p for row in rows for p in range(len(row))]])
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=torch.tensor([row]), use_cache=False).logits[0] for row in rows])
+        model.set_attn_implementation(register())
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0]
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+
+
 def test_packed_layout_is_read_once_per_batch(tiny_model_path, monkeypatch):
     """The rows of a packed batch are read off its position ids once per forward (a host sync on a GPU), not once per
     layer, and a later batch, even one of the same length or the same tensor changed in place, gets its own rows."""
