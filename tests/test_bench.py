@@ -408,18 +408,25 @@ def test_packed_rows_attend_as_one_padded_batch_under_autocast(tiny_model_path, 
     torch.testing.assert_close(out.float(), reference.transpose(1, 2), rtol=0.05, atol=0.05)
 
 
-def test_packed_rows_keep_a_window_only_the_module_and_mask_know():
-    """Qwen2-MoE's sliding-window layers pass no `sliding_window` to the attention function: the window is on the module
-    and in SDPA's mask. A packed row longer than it attends as SDPA does (the window kept), not over the whole row."""
-    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+@pytest.mark.parametrize("family", ["qwen2_moe", "phimoe"])
+def test_packed_rows_keep_a_window_only_the_module_and_mask_know(family):
+    """Qwen2-MoE's and PhiMoE's sliding-window layers pass no `sliding_window` to the attention function: the window is
+    in SDPA's mask and on the module (Qwen2-MoE) or in the config alone (PhiMoE). A packed row longer than it attends
+    as SDPA does (the window kept), not over the whole row."""
+    from transformers import AutoModelForCausalLM, PhimoeConfig, Qwen2MoeConfig
 
     from posttrain.models.attention import register
 
-    config = Qwen2MoeConfig(vocab_size=512, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-                            shared_expert_intermediate_size=16, num_experts=2, num_experts_per_tok=1,
-                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, use_sliding_window=True,
-                            sliding_window=4, max_window_layers=1)
-    assert config.layer_types == ["sliding_attention"]
+    if family == "qwen2_moe":
+        config = Qwen2MoeConfig(vocab_size=512, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                                shared_expert_intermediate_size=16, num_experts=2, num_experts_per_tok=1,
+                                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                use_sliding_window=True, sliding_window=4, max_window_layers=1)
+        assert config.layer_types == ["sliding_attention"]
+    else:
+        config = PhimoeConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1,
+                              sliding_window=4)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     rows = [torch.randint(5, 500, (n,)).tolist() for n in (9, 3, 12)]

@@ -113,9 +113,11 @@ def packed_rows_forward(module, query, key, value, attention_mask, position_ids=
     # a position bias is one tensor over the whole square, which only SDPA's mask path reads
     if rows is None or kwargs.get("position_bias") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    # Qwen2-MoE passes no `sliding_window`: its window is in the mask (which rows by hand do not read) and on the module
-    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
-    if window is not None and rows.longest > window:  # a row longer than a sliding-window layer's window: SDPA's mask
+    # Qwen2-MoE and PhiMoE pass no `sliding_window`: their window is in the mask, which rows attended by hand do not
+    # read, and on the module (Qwen2-MoE's sliding layers) or only in the config (PhiMoE's, every layer); 0: none
+    window = kwargs["sliding_window"] if "sliding_window" in kwargs else (
+        getattr(module, "sliding_window", None) or getattr(getattr(module, "config", None), "sliding_window", None))
+    if window and rows.longest > window:  # a row longer than a sliding-window layer's window: SDPA's mask
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("is_causal", None)
     if query.device.type == "cuda":
