@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from posttrain.errors import UserError
+from posttrain.reward_groups import normalize_by_group, weighted_sum
 from posttrain.rewards import (
     REWARDS,
     accuracy,
@@ -18,11 +19,9 @@ from posttrain.rewards import (
     hackable_length,
     length_penalty,
     multiple_choice,
-    normalize_by_group,
     numeric_accuracy,
     resolve_rewards,
     think_format,
-    weighted_sum,
 )
 
 

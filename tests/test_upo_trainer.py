@@ -123,6 +123,20 @@ def test_rounding_level_reward_gaps_are_ties_for_mining_and_dropping():
     assert mine_pairs(rewards + torch.tensor([0.0, 0.0, 0.0, 0.01]), 4, margin=0.0) == [(3, 2, pytest.approx(0.01, abs=1e-6))]
 
 
+def test_rounding_level_reward_gaps_stay_ties_once_normalised_by_domain():
+    """The same 0.3 + 0.4 against 0.7, in a domain whose rewards all tie: `normalize_rewards_by` divides by the
+    domain's std + 1e-4, which blew the last-bit difference up to a gap of 2.4e-4, over `TIE`: both groups gave a
+    pair and were not uniform."""
+    from posttrain.reward_groups import normalize_by_group, weighted_sum
+
+    rewards, weights = torch.tensor([[0.3, 0.4], [0.7, 0.0]] * 2), torch.tensor([1.0, 1.0])
+    raw = weighted_sum(rewards, weights)
+    assert raw[0] != raw[1] and uniform_groups(raw, 2).tolist() == [True, True]
+    combined = weighted_sum(normalize_by_group(rewards, weights, ["d"] * 4), weights)
+    assert uniform_groups(combined, 2).tolist() == [True, True]
+    assert mine_pairs(combined, 2, default_margin(combined)) == [] and combined.tolist() == [0.0] * 4
+
+
 def test_mine_pairs_batch_of_groups():
     """Indices are into the whole batch; each group is mined on its own, a tied group gives nothing, the margin drops
     a small gap, and pairs_per_prompt caps each group separately."""
@@ -502,6 +516,20 @@ def test_pair_metrics_are_means_over_the_pairs_not_over_micro_steps(dpo_trainer)
     assert "upo/dpo_loss" not in dpo_trainer.state.log_history[-1]  # counted once, then cleared
 
 
+def test_the_pair_reward_gap_is_a_mean_over_the_pairs_since_the_last_log(dpo_trainer):
+    """Two generation batches in one log: 1 pair of gap 4, then 3 pairs of gap 1, log (4 + 3) / 4, not the mean of
+    the batches' means (4 + 1) / 2."""
+    dpo_trainer.args.upo_lambda, dpo_trainer.args.upo_margin = 0.0, 0.0  # mining only
+    dpo_trainer._pooled["train"].clear()
+    dpo_trainer._metrics["train"].clear()
+    for rewards in ([4.0, 0.0], [1.0, 0.0, 2.0, 1.0, 3.0, 2.0]):
+        dpo_trainer._batch_rewards = torch.tensor(rewards)
+        dpo_trainer._mine_online_pairs({"completion_mask": torch.ones(len(rewards), 2)}, 2, "train")
+    dpo_trainer.log({})
+    logged = dpo_trainer.state.log_history[-1]
+    assert logged["upo/pairs_online"] == 2.0 and logged["upo/pair_reward_gap"] == pytest.approx(7 / 4)
+
+
 def test_a_pair_the_policy_has_not_told_apart_yet_is_not_counted_right(dpo_trainer):
     """`upo/dpo_accuracy` counts pairs whose implicit reward margin is > 0, as TRL's DPO does: at the first step the
     policy is its reference (margin exactly 0), and such a pair is not right yet."""
@@ -686,6 +714,31 @@ def test_a_steps_offline_pairs_spread_over_micro_steps_are_one_draws_pairs():
         return drawn
 
     assert steps(2) == steps(1) and all(len(set(step)) == 7 for step in steps(2))
+
+
+def test_a_step_needing_more_offline_pairs_than_there_are_draws_them_alike_spread_over_micro_steps():
+    """3 offline pairs, 4 a step: a step takes a whole pass and one pair of the next. Spread over 2 micro-steps, the
+    second draw (2 pairs, past the pass's tail of 1) skipped that tail: the first step trained pairs 1, 0, 1, 2
+    instead of 1, 0, 2, 1, leaving one pair of the pass out and taking another twice."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from posttrain.trainers.upo_pairs import OfflinePairs
+
+    def steps(accumulation):
+        trainer = SimpleNamespace(current_gradient_accumulation_steps=accumulation, _offline_per_step=lambda: 4,
+                                  _metrics={"train": defaultdict(list)}, _step=0,
+                                  _offline=OfflinePairs([([i], [i], [i]) for i in range(3)], seed="0"))
+        drawn = []
+        for _ in range(4):
+            drawn.append([])
+            for _ in range(accumulation):
+                drawn[-1] += [pair[0][0] for pair in UPOTrainer._draw_offline(trainer)]
+                trainer._step += 1
+        return drawn
+
+    assert steps(2) == steps(4) == steps(1)
+    assert all(len(set(step)) == 3 for step in steps(2)[:1])  # the first step: the whole first pass
 
 
 def test_the_dpo_normalizer_counts_one_optimizer_steps_pairs_over_all_processes():
@@ -1153,6 +1206,19 @@ def test_normalize_rewards_by_refuses_per_reward_group_normalisation(tmp_path):
     with pytest.raises(UserError, match="normalize_then_sum"):
         UPOConfig(output_dir=str(tmp_path), bf16=False, normalize_rewards_by="domain",
                   multi_objective_aggregation="normalize_then_sum")
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_normalize_rewards_by_a_column_the_evaluation_data_lacks_is_refused_before_training(
+        tmp_path, tiny_model_path, tiny_tokenizer, as_dict):
+    """The training data is checked for the column at construction; evaluation data without it trained every step
+    up to the first evaluation, then stopped on a KeyError."""
+    held_out = prompts(4).remove_columns("domain")
+    args = UPOConfig(output_dir=str(tmp_path), **TINY, normalize_rewards_by="domain")
+    with pytest.raises(UserError, match="'domain' but the evaluation data (held )?has no such column"):
+        UPOTrainer(load_model(tiny_model_path()), reward_funcs=[varied_reward], args=args, train_dataset=prompts(4),
+                   eval_dataset={"held": held_out} if as_dict else held_out, processing_class=tiny_tokenizer,
+                   peft_config=lora())
 
 
 @pytest.mark.parametrize("disable_dropout", [True, False])

@@ -14,6 +14,7 @@ from trl.trainer.utils import pad
 
 from ..data import completion_text, render_prompt
 from ..errors import UserError
+from ..reward_groups import TIE
 
 logger = logging.getLogger(__name__)
 # set by the UPO stage's pre-flight on the pairs it keeps: each row's line in the file (`load_offline_pairs`)
@@ -30,11 +31,6 @@ def default_margin(rewards: torch.Tensor, valid: torch.Tensor | None = None) -> 
     keep = ~torch.isnan(rewards) if valid is None else valid.bool() & ~torch.isnan(rewards)
     scored = rewards[keep]
     return 0.5 * (scored.max() - scored.min()).item() if scored.numel() else 0.0
-
-
-# Rewards closer than this are equal: weighted sums of the same rewards in another order differ in the last bits
-# (0.3 + 0.4 against 0.7 in float32), and such a "gap" is no preference.
-TIE = 1e-6
 
 
 def uniform_groups(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
@@ -354,8 +350,12 @@ class OfflinePairs:
         if self.cursor + count > len(self.order) and count <= len(self.order):
             self.cursor = len(self.order)  # like drop_last: a step's pairs come from one pass, so none appears twice
 
-    def take(self, count: int) -> list[tuple[list[int], ...]]:
-        self.start_step(count)
+    def take(self, count: int, in_step: bool = False) -> list[tuple[list[int], ...]]:
+        """The next `count` pairs (this process's slice). `in_step`: one of several draws of a step that
+        `start_step` began with the step's whole count; skipping the tail for this draw's smaller count would leave
+        pairs of the pass out when the step needs more than a pass holds."""
+        if not in_step:
+            self.start_step(count)
         taken = []
         while len(taken) < count:
             if self.cursor == len(self.order):

@@ -24,7 +24,9 @@ overrides, each there for one reason:
   sides of this micro-step's offline pairs (offline reference log-probs: one more, gradient-free). The sum is divided
   like GRPO's `dapo` loss, so the accumulated gradient is λ × the mean DPO loss over all pairs of the step. With
   `steps_per_generation > gradient_accumulation_steps` a generation batch spans several steps and the online count is
-  spread evenly over them, so a step's weight is exact only on average.
+  spread evenly over them, so a step's weight is exact only on average; with `steps_per_generation <
+  gradient_accumulation_steps` a step spans several generation batches and each is weighted by its own count (a
+  batch without a pair then lowers the step's DPO weight), as GRPO's `dapo` normaliser does.
 
 Every process runs the same number of extra forwards per step, on a placeholder row when it has no pair: under DDP,
 FSDP or ZeRO-3 a forward is a collective operation, and a mismatch hangs (tested with two processes).
@@ -63,7 +65,8 @@ from ..errors import UserError
 from ..io import write_json
 from ..models import sampling_weights
 from ..moe_routing import MOE_ROUTING, routes_by_modality, with_routing
-from ..rewards import normalize_by_group, resolve_rewards, weighted_sum
+from ..reward_groups import normalize_by_group, weighted_sum
+from ..rewards import resolve_rewards
 from .upo_config import UPOConfig
 from .upo_pairs import (
     OfflinePairs,
@@ -158,6 +161,8 @@ class UPOTrainer(GRPOTrainer):
                              "and tokenizes offline pairs")
         reward_funcs, reward_weights = self._resolve_reward_funcs(reward_funcs, args)
         self._check_dataset(train_dataset, args)
+        for name, held_out in (eval_dataset if isinstance(eval_dataset, dict) else {"": eval_dataset}).items():
+            self._check_dataset(held_out, args, f"evaluation data {name}".strip())
         self._check_trainable(model, peft_config)
         train_dataset, eval_dataset = self._prompts_for_grpo(train_dataset, eval_dataset, processing_class, args)
 
@@ -277,10 +282,10 @@ class UPOTrainer(GRPOTrainer):
         return resolve_rewards(args.rewards)
 
     @staticmethod
-    def _check_dataset(dataset, args):
+    def _check_dataset(dataset, args, name="training data"):
         columns = (dataset.column_names or []) if dataset is not None else []
         if args.normalize_rewards_by and columns and args.normalize_rewards_by not in columns:
-            raise UserError(f"normalize_rewards_by is '{args.normalize_rewards_by}' but the training data has no such "
+            raise UserError(f"normalize_rewards_by is '{args.normalize_rewards_by}' but the {name} has no such "
                             f"column (has: {', '.join(columns)})")
         if "image" in columns:
             raise UserError("image prompts go in an `images` column (a list of images per row), not `image`")
@@ -362,8 +367,9 @@ class UPOTrainer(GRPOTrainer):
         margin = default_margin(rewards, valid) if self.args.upo_margin is None else self.args.upo_margin
         pairs = mine_pairs(rewards, num_generations, margin, self.args.upo_pairs_per_prompt, valid)
         self._metrics[mode]["upo/pairs_online"].append(float(len(pairs)))
-        if pairs:  # else no gap: a NaN would reach the loggers as None (`log`)
-            self._metrics[mode]["upo/pair_reward_gap"].append(sum(gap for _, _, gap in pairs) / len(pairs))
+        # a mean over the pairs since the last log, as the other pair metrics (`log`); the pairs are already those of
+        # every process, so no gather
+        self._pool(mode, "upo/pair_reward_gap", sum(gap for _, _, gap in pairs), len(pairs))
         self._metrics[mode]["upo/margin"].append(margin)
         if self.args.upo_lambda > 0:
             output.update(self._pair_columns(output, pairs))
@@ -610,7 +616,7 @@ class UPOTrainer(GRPOTrainer):
         if micro == 0:
             self._offline.start_step(total)
             self._metrics["train"]["upo/pairs_offline"].append(float(total))
-        return self._offline.take((micro + 1) * total // steps - micro * total // steps)
+        return self._offline.take((micro + 1) * total // steps - micro * total // steps, in_step=True)
 
     def _dpo_normalizer(self, inputs, mode, local_pairs) -> float:
         """What this process divides its DPO sum by, so that after gradient accumulation and DDP's mean over processes
@@ -634,6 +640,9 @@ class UPOTrainer(GRPOTrainer):
         """Adds `values` (this process's) to the metric's sum and count over all processes since the last log."""
         local = torch.stack([values.detach().float().sum(), torch.tensor(float(values.numel()), device=values.device)])
         total, count = self.accelerator.gather(local).view(-1, 2).sum(dim=0).tolist()
+        self._pool(mode, name, total, count)
+
+    def _pool(self, mode, name, total, count):
         before = self._pooled[mode].get(name, (0.0, 0.0))
         self._pooled[mode][name] = (before[0] + total, before[1] + count)
 
