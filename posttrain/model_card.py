@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from .models.moe_lora import peft_converts
 from .models.vision import has_processor_files
 from .runs import MACHINE_PATH_KEYS
 
@@ -68,7 +69,7 @@ def write_card(out: Path, run: Path, stage: str, manifest: dict, model_id: str, 
         _title(run, stage, chain, manifest, recipe),
         "## Usage\n\n```python\n" + snippet(manifest["base_model"], model_id, merged, revision, vision=vision,
                                              base_revision=manifest.get("base_revision")) + "```"
-        + _moe_note(out, merged),
+        + _moe_note(out, merged, info[stage]["lineage"].get("base_model", {}).get("model_type")),
         _results(info),
         _training(run, chain, info, manifest["base_model"]),
         _recipe_section(recipe),
@@ -87,11 +88,12 @@ experts. PEFT 0.21 and earlier load it without those layers' LoRA, and without a
 load it with a PEFT release that includes huggingface/peft#3715, or use the merged export."""
 
 
-def _moe_note(out: Path, merged: bool) -> str:
+def _moe_note(out: Path, merged: bool, model_type: str | None = None) -> str:
     """`MOE_NOTE` for an adapter trained with `models.moe_lora`: experts as parameter targets and dense layers under the
-    names PEFT 0.21 moves to the experts."""
+    names PEFT 0.21 moves to the experts, on a model PEFT converts (`model_type`, when recorded: not ERNIE-4.5-VL,
+    whose experts posttrain targets itself and whose dense layers plain PEFT loads as they are)."""
     config = Path(out) / "adapter_config.json"
-    if merged or not config.is_file():
+    if merged or not config.is_file() or (model_type and not peft_converts(model_type)):
         return ""
     config = json.loads(config.read_text())
     modules = config.get("target_modules") or []

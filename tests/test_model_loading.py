@@ -114,6 +114,36 @@ def test_a_recipe_s_trust_remote_code_reaches_the_evaluation_process(tiny_model_
                  str(tmp_path / "eval.json"), "--trust-remote-code"]) == 0
 
 
+def test_all_linear_trains_the_experts_of_an_moe_model_peft_does_not_convert(tiny_model_path, task_data, sft_configs,
+                                                                             tmp_path):
+    """ERNIE-4.5-VL is an MoE model PEFT 0.21 has no conversion for: `all-linear` took its `nn.Linear` layers only, so
+    neither the routed experts (3-D parameters) nor the routers trained. As the stages build it, the adapter now
+    targets them as parameters, as on ERNIE-4.5-MoE, and plain PEFT loads them back from the saved config."""
+    from peft import PeftModel, get_peft_model
+
+    from posttrain.model_card import _moe_note
+    from posttrain.models import load_model
+    from posttrain.stages import common
+
+    path = tiny_model_path("ernie4_5_vl")
+    stage_args, training, model_args = sft_configs(path, task_data, tmp_path / "out")
+    model, _, peft_config = common.load_policy(stage_args, training, model_args)
+    model = get_peft_model(model, peft_config)
+    experts = {"text_moe.experts", "vision_moe.experts", "text_moe.gate", "vision_moe.gate"}
+
+    def adapted(model):  # the MoE blocks' modules with LoRA
+        names = {name.rsplit(".lora_A", 1)[0].removesuffix(".base_layer") for name, _ in model.named_modules()
+                 if name.endswith("lora_A")}
+        return {name.split("mlp.", 1)[1] for name in names if "_moe." in name}
+
+    assert adapted(model) == experts
+    model.save_pretrained(tmp_path / "adapter")
+    assert adapted(PeftModel.from_pretrained(load_model(path), tmp_path / "adapter")) == experts
+    # plain PEFT loads its dense layers' LoRA too (PEFT renames nothing on this model): the card has no MoE note
+    assert not _moe_note(tmp_path / "adapter", merged=False, model_type="ernie4_5_vl_moe")
+    assert "peft#3715" in _moe_note(tmp_path / "adapter", merged=False, model_type="ernie4_5_moe")
+
+
 def test_lora_on_an_moe_models_dense_layers_and_shared_experts(tiny_model_path, tmp_path):
     """PEFT 0.21 renames `gate_proj`/`up_proj`/`down_proj` targets to the MoE experts' 3-D parameters, and so left the
     dense first layer's MLP and the shared experts of ERNIE-4.5-MoE without LoRA, even when named. With

@@ -496,6 +496,34 @@ def test_lora_on_the_top_layers_only(tiny_model_path, task_data, sft_configs, tm
         sft.main(stage_args, training, model_args)
 
 
+def test_lora_top_layers_on_an_moe_model_leaves_the_experts_below_alone(tiny_model_path, task_data, sft_configs,
+                                                                          tmp_path):
+    """On an MoE model with experts in every layer, `lora_top_layers: 1` of 3 puts no LoRA on the experts and routers
+    of layers 0 and 1 either: PEFT takes those as parameter targets, which `exclude_modules` did not reach, so they
+    trained in every layer and the backward pass ran to the bottom. Reloaded, the adapter has the same layers."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tiny = tiny_model_path("ernie4_5_moe")
+    config = AutoConfig.from_pretrained(tiny)
+    config.num_hidden_layers, config.moe_layer_start_index, config.moe_layer_end_index = 3, 0, 2
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "moe")
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(tmp_path / "moe")
+    stage_args, training, model_args = sft_configs(tmp_path / "moe", task_data, tmp_path / "out", max_steps=1,
+                                                   gradient_checkpointing=False)
+    stage_args.lora_top_layers = 1
+    trainer = sft.main(stage_args, training, model_args)
+
+    def lora_layers(model):
+        return {re.search(r"\.layers\.(\d+)\.", n).group(1) for n, _ in model.named_parameters() if "lora_" in n}
+
+    assert lora_layers(trainer.model) == {"2"}
+    assert any(".layers.2.mlp.experts.lora_" in n for n, _ in trainer.model.named_parameters())
+    targets = json.loads((tmp_path / "out" / "metrics.json").read_text())["adapter"]["targets"]
+    assert targets["parameters"] == ["down_proj", "gate.weight", "gate_up_proj"]  # by kind, as without the layer limit
+    assert lora_layers(load_model(tmp_path / "moe", adapter=tmp_path / "out")) == {"2"}
+
+
 def test_fused_lm_head_projects_only_labelled_positions_on_cpu(tiny_model_path):
     """Inside `lm_head.use_on_cpu` TRL's fused head projects only the labelled positions on CPU, through `CpuLogProb`
     (outside, all of them through TRL's tiles), with the same log-probs and gradients; TRL's names are put back."""

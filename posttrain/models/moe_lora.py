@@ -11,6 +11,11 @@ conversion as that fix does: a target that names a real `nn.Linear` layer stays 
 Installed wherever posttrain builds or loads an adapter (`install`), so training and every later load of the adapter
 resolve the same layers. Plain PEFT 0.21 loading such an adapter leaves out the dense layers' LoRA, without a warning;
 a merged export has them.
+
+PEFT converts only the MoE models it has a mapping for (Mixtral, Qwen-MoE, ERNIE-4.5-MoE, ...). On another one, such as
+ERNIE-4.5-VL (`ernie4_5_vl_moe`), `all-linear` took the `nn.Linear` layers only: not the experts (3-D parameters) nor
+the routers, so the routed experts never trained. `expert_targets` adds them as parameter targets, as that conversion
+does; they are written into the adapter's config, so plain PEFT loads them.
 """
 
 import functools
@@ -33,6 +38,7 @@ def keep_dense_targets(original):
     def convert(peft_config, model) -> None:
         requested = peft_config.target_modules
         original(peft_config, model)
+        outside_excluded(peft_config, model)
         converted = peft_config.target_modules
         if requested is None or requested == converted or not isinstance(converted, set):
             return
@@ -42,6 +48,31 @@ def keep_dense_targets(original):
 
     convert._keeps_dense_targets = True
     return convert
+
+
+def outside_excluded(peft_config, model) -> None:
+    """PEFT 0.21 applies `exclude_modules` to module targets only: an MoE's experts and routers, parameter targets, took
+    LoRA in every layer, also below `lora_top_layers` (so the backward pass ran to the bottom again). Each parameter
+    target becomes the full names of the parameters it matches outside the excluded modules."""
+    import re
+
+    excluded, targets = peft_config.exclude_modules, peft_config.target_parameters
+    if not excluded or not targets:
+        return
+
+    def is_excluded(name: str) -> bool:  # as PEFT matches `exclude_modules` against a module's name
+        if isinstance(excluded, str):
+            return re.fullmatch(excluded, name) is not None
+        return any(name == e or name.endswith(f".{e}") for e in excluded)
+
+    kept = set()
+    for name, module in model.named_modules():
+        name = name.replace(".base_layer", "")  # a layer already wrapped by an adapter, as PEFT names it
+        for param_name, _ in module.named_parameters(recurse=False):
+            key = f"{name}.{param_name}"
+            if any(key == t or key.endswith(f".{t}") for t in targets) and not is_excluded(name):
+                kept.add(key)
+    peft_config.target_parameters = sorted(kept)
 
 
 def _linear_targets(requested, model, target_parameters) -> set[str]:
@@ -68,3 +99,41 @@ def _linear_targets(requested, model, target_parameters) -> set[str]:
         return {name for name in names if re.fullmatch(requested, name)}
     return {target for target in requested
             if any(name == target or name.endswith(f".{target}") for name in names)}
+
+
+def expert_targets(peft_config, model):
+    """`all-linear` on an MoE model PEFT has no conversion for: its experts' 3-D parameters (`experts.gate_up_proj`,
+    `experts.down_proj`) and its routers' weights (the `gate` beside them, no `nn.Linear`) become parameter targets, as
+    PEFT's conversion makes them on the MoE models it knows (which are left to it). Other targets are left as asked."""
+    import torch
+
+    requested = peft_config.target_modules
+    all_linear = requested == "all-linear" or (not isinstance(requested, str) and list(requested or []) == ["all-linear"])
+    if not all_linear or peft_config.target_parameters or peft_converts(model.config.model_type):
+        return peft_config
+    modules, targets = dict(model.named_modules()), set()
+    for name, module in modules.items():
+        parent, _, leaf = name.rpartition(".")
+        experts = [p for p, param in module.named_parameters(recurse=False) if param.dim() == 3]
+        if leaf != "experts" or not experts:
+            continue
+        targets |= {f"experts.{p}" for p in experts}
+        router = modules.get(f"{parent}.gate")
+        if router is not None and not isinstance(router, torch.nn.Linear) and "weight" in dict(router.named_parameters()):
+            targets.add("gate.weight")
+    if targets:
+        peft_config.target_parameters = sorted(targets)
+    return peft_config
+
+
+def peft_converts(model_type: str | None) -> bool:
+    """Whether PEFT's own MoE conversion renames the targets of a model of `model_type` to its experts' parameters
+    (when the adapter is built and again when it is loaded)."""
+    try:
+        from peft.utils import transformers_weight_conversion as conversion
+    except ImportError:
+        return False
+    # the two tables PEFT's conversion looks the model up in; it converts nothing where either lacks it
+    pattern = getattr(conversion, "_MODEL_TO_CONVERSION_PATTERN", {}).get(model_type)
+    return bool(getattr(conversion, "_MOE_TARGET_MODULE_MAPPING", {}).get(pattern)
+                and getattr(conversion, "_MOE_FUSED_TARGETS", {}).get(pattern))

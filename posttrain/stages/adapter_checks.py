@@ -67,8 +67,12 @@ def lora_targets(model) -> dict:
     modules = config.target_modules or []
     modules = [modules] if isinstance(modules, str) else modules  # a regex stays as written
 
-    def leaves(names):  # one name per kind of layer, not per layer
-        return sorted({name.rsplit(".", 1)[-1] if name.count(".") > 1 else name for name in names})
+    def leaf(name):  # one name per kind of layer, not per layer; a weight with its module (a router's gate.weight)
+        parts = name.split(".")
+        return name if len(parts) <= 2 else ".".join(parts[-2:] if parts[-1] == "weight" else parts[-1:])
+
+    def leaves(names):
+        return sorted({leaf(name) for name in names})
 
     return {"modules": leaves(modules), "parameters": leaves(config.target_parameters or [])}
 

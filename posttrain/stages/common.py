@@ -124,6 +124,8 @@ def load_policy(stage_args, training_args, model_args):
     peft_config = None if stage_args.adapter_path else get_peft_config(model_args)
     if peft_config is not None and vision.is_vision_model(model_args.model_name_or_path):
         peft_config = vision.language_only_lora(peft_config, model)
+    if peft_config is not None:
+        peft_config = moe_lora.expert_targets(peft_config, model)  # the experts of an MoE model PEFT does not convert
     if peft_config is not None and stage_args.lora_top_layers:
         peft_config = top_layers_lora(peft_config, model, stage_args.lora_top_layers)
     if stage_args.adapter_path is None and peft_config is None:
@@ -137,6 +139,8 @@ def top_layers_lora(peft_config, model, top: int):
     `layers_to_transform` cannot take `all-linear`, so the lower layers are excluded by name instead."""
     import re
 
+    from ..models import moe_lora
+
     layers = model.config.get_text_config().num_hidden_layers
     if not 0 < top <= layers:
         raise UserError(f"lora_top_layers: {top}; the model has {layers} decoder layers, expected 1 to {layers}")
@@ -147,6 +151,7 @@ def top_layers_lora(peft_config, model, top: int):
     if excluded and not isinstance(excluded, str):  # a list of names
         excluded = "|".join(rf"(.*\.)?{re.escape(name)}" for name in excluded)
     peft_config.exclude_modules = f"(?:{excluded})|(?:{below})" if excluded else below
+    moe_lora.outside_excluded(peft_config, model)  # parameter targets (MoE experts) asked for already
     return peft_config
 
 
