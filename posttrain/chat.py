@@ -12,6 +12,7 @@ runs the same from a keyboard, a pipe or a test.
 
 import sys
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import TextIO
 
 from .errors import UserError
@@ -120,42 +121,71 @@ def terminal_lines(stdin: TextIO) -> Iterator[str]:
 
 def load_stage(run: str, stage: str | None, dtype: str | None = None):
     """The stage's model (base + adapter) on the best device, its tokenizer, and the StageRef."""
-    import torch
-
-    from .models import load_model, load_tokenizer
     from .runs import stage_ref
 
     ref = stage_ref(run, stage)
     ref.check_base_model()
+    model, tokenizer = load_for_chat(ref.base_model, ref.adapter, ref.tokenizer, ref.trust_remote_code, dtype)
+    return model, tokenizer, ref
+
+
+def load_folder(model_path: str, adapter: str | None = None, dtype: str | None = None):
+    """A model folder or Hub id (a merged export, any causal LM) with an adapter folder on it if given, and the
+    tokenizer the adapter folder carries (posttrain's stages and adapter exports save theirs, chat template included),
+    else the model's."""
+    own = adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file()
+    return load_for_chat(model_path, adapter, adapter if own else model_path, False, dtype)
+
+
+def load_for_chat(model_path, adapter, tokenizer_path, trust_remote_code: bool, dtype: str | None):
+    """The model (+ adapter) in eval mode on the best device (bf16 on a GPU that has it) and its tokenizer, which
+    must have a chat template."""
+    import torch
+
+    from .models import load_model, load_tokenizer
+
     cuda = torch.cuda.is_available()
     dtype = dtype or ("bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32")
-    model = load_model(ref.base_model, adapter=ref.adapter, dtype=dtype, trust_remote_code=ref.trust_remote_code)
+    model = load_model(model_path, adapter=adapter, dtype=dtype, trust_remote_code=trust_remote_code)
     model.to("cuda" if cuda else "cpu").eval()
     config = model.config.get_text_config()
     if getattr(config, "output_router_logits", False):  # MoE aux loss inside generate() fails (see evaluate.py)
         config.output_router_logits = False
-    tokenizer = load_tokenizer(ref.tokenizer, trust_remote_code=ref.trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
     if not tokenizer.chat_template:
-        raise UserError(f"{ref.tokenizer}: the tokenizer has no chat template, so there is no way to format a chat")
-    return model, tokenizer, ref
+        raise UserError(f"{tokenizer_path}: the tokenizer has no chat template, so there is no way to format a chat")
+    return model, tokenizer
 
 
-def run_chat(run: str, stage: str | None = None, thinking: str | None = None, max_new_tokens: int = 256,
+def run_chat(run: str | None, stage: str | None = None, thinking: str | None = None, max_new_tokens: int = 256,
              stdin: TextIO = sys.stdin, out: TextIO = sys.stdout, info: TextIO = sys.stderr,
-             system: str | None = None) -> list[str]:
-    """`posttrain chat`: load, print a one-line banner to `info`, then chat over `stdin`."""
+             system: str | None = None, model_path: str | None = None, adapter: str | None = None) -> list[str]:
+    """`posttrain chat`: load a run's stage, or `model_path` (+ `adapter`: an export, any model folder), print a
+    one-line banner to `info`, then chat over `stdin`."""
     if thinking not in (None, "on", "off"):
         raise UserError(f"--thinking {thinking}: expected on or off")
-    from .export import public_base_name
+    if (run is None) == (model_path is None):
+        raise UserError("give a run folder (posttrain chat outputs/<run>) or --model (an exported or other model "
+                        "folder, or a Hub id), not both")
+    if adapter and not model_path:
+        raise UserError("--adapter goes with --model: a run's stage brings its own adapter (--stage picks it)")
+    mode = None if thinking is None else thinking == "on"
+    if model_path:
+        model, tokenizer = load_folder(model_path, adapter)
+        title, as_trained = f"{model_path}{f' + {adapter}' if adapter else ''}", ""
+    else:
+        from .export import public_base_name
 
-    model, tokenizer, ref = load_stage(run, stage)
-    what = (f"{public_base_name(ref.run, ref.stage)} + {ref.stage} adapter" if ref.adapter
-            else f"{ref.base_model} (no adapter)")
-    # without --thinking, the mode the stage trained its prompts in (UPO's `chat_template_kwargs`), if it set one
-    trained = (ref.resolved.get("chat_template_kwargs") or {}).get("enable_thinking")
-    mode = trained if thinking is None else thinking == "on"
-    as_trained = f" (thinking {'on' if mode else 'off'}, as it trained)" if thinking is None and mode is not None else ""
-    info.write(f"chatting with {ref.run.name}/{ref.stage}: {what}{as_trained}\n"
+        model, tokenizer, ref = load_stage(run, stage)
+        what = (f"{public_base_name(ref.run, ref.stage)} + {ref.stage} adapter" if ref.adapter
+                else f"{ref.base_model} (no adapter)")
+        # without --thinking, the mode the stage trained its prompts in (UPO's `chat_template_kwargs`), if it set one
+        trained = (ref.resolved.get("chat_template_kwargs") or {}).get("enable_thinking")
+        mode = trained if thinking is None else mode
+        as_trained = f" (thinking {'on' if mode else 'off'}, as it trained)" if thinking is None and mode is not None \
+            else ""
+        title = f"{ref.run.name}/{ref.stage}: {what}"
+    info.write(f"chatting with {title}{as_trained}\n"
                f"commands: {', '.join(COMMANDS)}; end of input (Ctrl-D) also exits\n")
     info.flush()
     if system:

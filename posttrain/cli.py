@@ -188,7 +188,8 @@ def cmd_export(args) -> int:
 def cmd_chat(args) -> int:
     from .chat import run_chat
 
-    run_chat(args.run, args.stage, args.thinking, args.max_new_tokens, system=args.system)
+    run_chat(args.run, args.stage, args.thinking, args.max_new_tokens, system=args.system,
+             model_path=args.model and user_path(args.model), adapter=args.adapter and user_path(args.adapter))
     return 0
 
 
@@ -304,8 +305,10 @@ def add_export_parser(sub) -> None:
 
 
 def add_chat_parser(sub) -> None:
-    chat = sub.add_parser("chat", help="chat in the terminal with a run's stage (/reset, /exit)")
-    chat.add_argument("run", help="run folder, e.g. outputs/smollm2-135m")
+    chat = sub.add_parser("chat", help="chat in the terminal with a run's stage or an exported model (/reset, /exit)")
+    chat.add_argument("run", nargs="?", help="run folder, e.g. outputs/smollm2-135m")
+    chat.add_argument("--model", help="model folder or Hub id instead of a run (e.g. a merged export)")
+    chat.add_argument("--adapter", help="LoRA adapter folder to apply on --model (e.g. an adapter export)")
     chat.add_argument("--stage", help=f"stage to chat with (default: {LAST_STAGE}; 'base' for the base model)")
     chat.add_argument("--thinking", choices=["on", "off"], help="thinking mode via the chat template's enable_thinking "
                       "(default: the stage's own, if it trained in one mode, else the template's default)")

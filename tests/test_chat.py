@@ -146,3 +146,26 @@ def test_a_run_whose_base_model_is_gone_says_so(run, tmp_path):
     resolved.write_text(yaml.safe_dump({**yaml.safe_load(resolved.read_text()), "model_name_or_path": "/gone/model"}))
     with pytest.raises(UserError, match="the base model this run trained on is not at /gone/model any more"):
         chat.load_stage(str(copy), "sft")
+
+
+def test_cli_chat_with_an_exported_model_or_a_model_and_adapter(run, tmp_path, posttrain_cli):
+    """`--model` takes what `posttrain export` wrote (a merged folder) or any model folder, `--adapter` an adapter
+    folder on it, whose own tokenizer and chat template it chats with; a run and --model together are refused."""
+    from posttrain.runs import stage_ref
+
+    merged = tmp_path / "merged"
+    posttrain_cli("export", run, "--stage", "sft", "--merge", "--out", merged, cwd=tmp_path, timeout=120)
+    result = posttrain_cli("chat", "--model", merged, "--max-new-tokens", "3", cwd=tmp_path, stdin="2 + 2?\n",
+                           timeout=120)
+    assert result.stdout.count(chat.REPLY_PREFIX) == 1 and f"chatting with {merged}\n" in result.stderr
+
+    base, adapter = stage_ref(str(run), "sft").base_model, run / "sft"
+    info = StringIO()
+    replies = chat.run_chat(None, thinking="off", max_new_tokens=3, stdin=StringIO("2 + 2?\n"), out=StringIO(),
+                            info=info, model_path=str(base), adapter=str(adapter))
+    assert len(replies) == 1 and f"chatting with {base} + {adapter}\n" in info.getvalue()
+
+    refused = posttrain_cli("chat", run, "--model", merged, cwd=tmp_path, stdin="", check=False, timeout=60)
+    assert refused.returncode == 2 and "not both" in refused.stdout
+    with pytest.raises(UserError, match="--adapter goes with --model"):
+        chat.run_chat(str(run), adapter=str(adapter))
