@@ -692,53 +692,41 @@ def test_half_the_batch_with_twice_the_accumulation_trains_the_same_step(tmp_pat
         torch.testing.assert_close(after[name], value, atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_a_steps_offline_pairs_spread_over_micro_steps_are_one_draws_pairs():
-    """7 offline pairs a step of 12: drawn in one micro-step, or 3 then 4 in two. Each micro-step's draw left the
-    pass's tail to the next pass on its own: a step whose 3 fit and 4 did not trained 3 pairs of one pass and 4 of the
-    next, reshuffled one (step 5 here: one pair twice), not the pairs of the unaccumulated step."""
+def offline_steps(pairs: int, per_step: int, steps: int, accumulation: int) -> list[list[int]]:
+    """The offline pairs (by index) `UPOTrainer._draw_offline` gives each of `steps` optimizer steps of `per_step`
+    pairs out of `pairs`, each step spread over `accumulation` micro-steps."""
     from collections import defaultdict
     from types import SimpleNamespace
 
     from posttrain.trainers.upo_pairs import OfflinePairs
 
-    def steps(accumulation):
-        trainer = SimpleNamespace(current_gradient_accumulation_steps=accumulation, _offline_per_step=lambda: 7,
-                                  _metrics={"train": defaultdict(list)}, _step=0,
-                                  _offline=OfflinePairs([([i], [i], [i]) for i in range(12)], seed="0"))
-        drawn = []
-        for _ in range(6):
-            drawn.append([])
-            for _ in range(accumulation):
-                drawn[-1] += [pair[0][0] for pair in UPOTrainer._draw_offline(trainer)]
-                trainer._step += 1
-        return drawn
+    trainer = SimpleNamespace(current_gradient_accumulation_steps=accumulation, _offline_per_step=lambda: per_step,
+                              _metrics={"train": defaultdict(list)}, _step=0,
+                              _offline=OfflinePairs([([i], [i], [i]) for i in range(pairs)], seed="0"))
+    drawn = []
+    for _ in range(steps):
+        drawn.append([])
+        for _ in range(accumulation):
+            drawn[-1] += [pair[0][0] for pair in UPOTrainer._draw_offline(trainer)]
+            trainer._step += 1
+    return drawn
 
-    assert steps(2) == steps(1) and all(len(set(step)) == 7 for step in steps(2))
+
+def test_a_steps_offline_pairs_spread_over_micro_steps_are_one_draws_pairs():
+    """7 offline pairs a step of 12: drawn in one micro-step, or 3 then 4 in two. Each micro-step's draw left the
+    pass's tail to the next pass on its own: a step whose 3 fit and 4 did not trained 3 pairs of one pass and 4 of the
+    next, reshuffled one (step 5 here: one pair twice), not the pairs of the unaccumulated step."""
+    split = offline_steps(12, 7, 6, accumulation=2)
+    assert split == offline_steps(12, 7, 6, accumulation=1) and all(len(set(step)) == 7 for step in split)
 
 
 def test_a_step_needing_more_offline_pairs_than_there_are_draws_them_alike_spread_over_micro_steps():
     """3 offline pairs, 4 a step: a step takes a whole pass and one pair of the next. Spread over 2 micro-steps, the
     second draw (2 pairs, past the pass's tail of 1) skipped that tail: the first step trained pairs 1, 0, 1, 2
     instead of 1, 0, 2, 1, leaving one pair of the pass out and taking another twice."""
-    from collections import defaultdict
-    from types import SimpleNamespace
-
-    from posttrain.trainers.upo_pairs import OfflinePairs
-
-    def steps(accumulation):
-        trainer = SimpleNamespace(current_gradient_accumulation_steps=accumulation, _offline_per_step=lambda: 4,
-                                  _metrics={"train": defaultdict(list)}, _step=0,
-                                  _offline=OfflinePairs([([i], [i], [i]) for i in range(3)], seed="0"))
-        drawn = []
-        for _ in range(4):
-            drawn.append([])
-            for _ in range(accumulation):
-                drawn[-1] += [pair[0][0] for pair in UPOTrainer._draw_offline(trainer)]
-                trainer._step += 1
-        return drawn
-
-    assert steps(2) == steps(4) == steps(1)
-    assert all(len(set(step)) == 3 for step in steps(2)[:1])  # the first step: the whole first pass
+    split = offline_steps(3, 4, 4, accumulation=2)
+    assert split == offline_steps(3, 4, 4, accumulation=4) == offline_steps(3, 4, 4, accumulation=1)
+    assert len(set(split[0])) == 3  # the first step: the whole first pass
 
 
 def test_the_dpo_normalizer_counts_one_optimizer_steps_pairs_over_all_processes():
