@@ -149,6 +149,26 @@ def test_rows_cut_to_nothing_are_counted_and_a_test_split_gives_trls_eval_loss(t
         sft.main(stage_args, training, model_args)
 
 
+@pytest.mark.parametrize("preflight", [True, False])
+def test_a_set_whose_every_reply_is_cut_away_is_refused(preflight, tiny_model_path, sft_configs, tmp_path):
+    """Every row's reply lies past `max_length`: TRL drops them all, and the stage stopped on a bare IndexError in the
+    labels gate (without the pre-flight gates, on the Trainer's empty sampler: "num_samples should be a positive
+    integer"). Refused by name, as an all-dropped held-out split is."""
+    from datasets import Dataset
+
+    long = [{"role": "system", "content": "Answer with care. " * 40}, {"role": "user", "content": "What is 2 + 2?"},
+            {"role": "assistant", "content": "4"}]
+    data = tmp_path / "data"
+    data.mkdir()
+    Dataset.from_list([{"messages": long}] * 4).to_parquet(data / "sft.parquet")
+    stage_args, training, model_args = sft_configs(tiny_model_path("llama"), data, tmp_path / "out", max_steps=1,
+                                                   max_length=64, padding_free=True)
+    stage_args.eval_dataset, stage_args.preflight = None, preflight
+    with pytest.raises(UserError, match=r"data: none of its 4 rows has a reply token left within max_length=64, so "
+                                        r"there is nothing to train on"):
+        sft.main(stage_args, training, model_args)
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_rows_past_the_models_positions_are_refused_before_training(packing, tiny_model_path, sft_configs, tmp_path):
     """A `max_length` above the model's `max_position_embeddings` (1,024 here) let a long row train on positions the
@@ -190,6 +210,30 @@ def test_replies_cut_before_their_end_anywhere_in_the_set_are_counted(packing, t
     sft.main(*configs)
     preflight = json.loads((tmp_path / "out" / "metrics.json").read_text())["preflight"]
     assert preflight["rows_cut"] == 8 and preflight["rows_dropped"] == 2
+
+
+@pytest.mark.parametrize("strategy", ["bfd_split", "wrapped"])
+def test_packing_in_pieces_checks_the_end_of_turn_over_the_set(strategy, tiny_model_path, sft_configs, tmp_path):
+    """`bfd_split` (which the cut-reply warning advises) and `wrapped` carry a long reply's rest into other sequences,
+    so a sequence may hold a reply without its end: the labels gate refused such a set as "max_length cutting it off"
+    though TRL trains its end-of-turn token elsewhere. The gate now asks it of the set; a template that leaves it
+    out of every label is still refused."""
+    from datasets import Dataset
+
+    short = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
+    long = [{"role": "user", "content": "Count."}, {"role": "assistant", "content": "one two three " * 40}]
+    data = tmp_path / "data"
+    data.mkdir()
+    Dataset.from_list([{"messages": long}] * 4 + [{"messages": short}] * 4).to_parquet(data / "sft.parquet")
+    stage_args, training, model_args = sft_configs(tiny_model_path("llama"), data, tmp_path / "out", max_steps=1,
+                                                   max_length=64, packing=True, packing_strategy=strategy)
+    stage_args.eval_dataset = None
+    trainer = sft.main(stage_args, training, model_args)
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["preflight"]["eos_labelled"] is True
+    trainer.train_dataset = trainer.train_dataset.map(lambda row: {"labels": [-100 if t == 2 else t
+                                                                              for t in row["labels"]]})
+    with pytest.raises(UserError, match=r"end-of-turn token \(id 2\) is in the labels of no training sequence"):
+        gates.check_collated_labels(trainer, 2)
 
 
 def test_neftune_keeps_padded_batches_so_its_noise_is_trls(tiny_model_path, task_data, sft_configs, tmp_path):
@@ -338,6 +382,26 @@ def test_special_token_written_in_a_held_out_turn_is_refused(tiny_tokenizer, tmp
         sft.heldout_rows(stage_args, training_args, False, tiny_tokenizer)
     stage_args.preflight = False  # the switch that turns the pre-flight gates off
     assert len(sft.heldout_rows(stage_args, training_args, False, tiny_tokenizer)) == 2
+
+
+@pytest.mark.parametrize("rows, error", [
+    ([{"messages": [{"role": "user", "content": "What is 2 + 2?"}]}], r"\(test\) row 2 \(counting from 1\): no assistant turn"),
+    ([{"messages": [{"content": "What is 2 + 2?"}]}], r"\(test\) row 2 \(counting from 1\): turn 1 has no role"),
+    ([{"instruction": "2 + 2?", "output": "4"}], r"\(test\): SFT rows need a `messages` column"),
+], ids=["no-reply", "no-role", "alpaca"])
+def test_a_held_out_row_the_training_gates_refuse_is_named(rows, error, tiny_tokenizer, tmp_path):
+    """The `dataset_test_split` rows of TRL's eval loss pass the row gates the training rows pass: a held-out row
+    without a reply stopped TRL's tokenization with "the chat template doesn't generate assistant masks", one without
+    a role with a bare Jinja error, Alpaca columns with a StopIteration."""
+    from datasets import Dataset
+
+    turns = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
+    first = {"messages": turns} if "messages" in rows[0] else {"instruction": "1 + 1?", "output": "2"}
+    Dataset.from_list([first, *rows]).to_parquet(tmp_path / "test.parquet")
+    stage_args = StageArguments(dataset_name=str(tmp_path), dataset_test_split="test")
+    training_args = types.SimpleNamespace(eval_strategy="steps", dataset_text_field="text")
+    with pytest.raises(UserError, match=error):
+        sft.heldout_rows(stage_args, training_args, False, tiny_tokenizer)
 
 
 def test_gate_empty_assistant_turn_names_row():

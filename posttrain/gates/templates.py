@@ -170,7 +170,8 @@ def end_of_turn_ids(tokenizer, chat_template: str | None = None) -> set[int]:
 
 def check_collated_labels(trainer, eos_token_id: int | set[int], samples: int = 8) -> dict:
     """Collate the first rows exactly as training will; each must have labels, and its end-of-turn token labelled
-    (`eos_token_id`: the id, or the ids any of which ends a turn: `end_of_turn_ids`)."""
+    (`eos_token_id`: the id, or the ids any of which ends a turn: `end_of_turn_ids`). Packed in pieces (`wrapped`,
+    `bfd_split`: a row's rest carried into other sequences), the set as a whole (`check_pieces_labelled`)."""
     import torch
 
     eos_ids = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
@@ -179,7 +180,11 @@ def check_collated_labels(trainer, eos_token_id: int | set[int], samples: int = 
     batch = trainer.data_collator(rows)
     labels = batch["labels"]
     trained = labels != -100
-    for index in range(labels.shape[0]):
+    # packed in pieces, a sequence may hold a reply's start without its end, or no reply at all: TRL trains it as is
+    pieces = trainer.args.packing and trainer.args.packing_strategy in ("wrapped", "bfd_split")
+    if pieces:
+        check_pieces_labelled(dataset, eos_ids)
+    for index in range(0 if pieces else labels.shape[0]):
         if not trained[index].any():
             raise UserError(
                 f"pre-flight: training {row_name(index)} has no trained tokens (empty assistant mask or everything "
@@ -198,3 +203,14 @@ def check_collated_labels(trainer, eos_token_id: int | set[int], samples: int = 
         "eos_labelled": True,
         "max_tokens": int(torch.as_tensor(batch["input_ids"]).shape[1]),
     }
+
+
+def check_pieces_labelled(dataset, eos_ids: set[int]) -> None:
+    """Some sequence of a set packed in pieces has an end-of-turn token (`eos_ids`) in its labels. Each sequence
+    checked on its own, the first ones, a piece of a long reply or document was refused as cut by `max_length`,
+    although `bfd_split` (which the cut-reply warning advises) and `wrapped` carry its end into another sequence."""
+    if not any(eos_ids.intersection(row["labels"]) for row in dataset.select_columns(["labels"])):
+        raise UserError(f"pre-flight: the end-of-turn token ({' or '.join(f'id {i}' for i in sorted(eos_ids))}) is "
+                        "in the labels of no training sequence, so the model would never learn to stop. Common causes: "
+                        "pad token == EOS with padding masked by id, or a template that puts the end-of-turn token "
+                        "outside {% generation %}.")

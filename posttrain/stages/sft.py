@@ -104,11 +104,16 @@ def neftune_problem(training_args) -> str | None:
 def report_dropped_rows(trainer, rows: int, training_args, name: str) -> dict:
     """TRL leaves out, without a word, the rows with no trained token left once cut to `max_length` (a reply behind a
     long prompt; packed, it keeps them, each taking its place in a sequence and training nothing): say how many, so a
-    recipe does not train on part of its data unawares."""
+    recipe does not train on part of its data unawares. None left is an error: the Trainer stopped on its empty sampler
+    with a bare ValueError (packed, it trained on nothing)."""
     if training_args.packing:
         dropped = sum(all(label == -100 for label in labels) for labels in row_labels(trainer, training_args))
     else:
         dropped = rows - len(trainer.train_dataset)
+    if rows and dropped == rows:
+        raise UserError(f"pre-flight: {name}: none of its {rows} rows has a reply token left within max_length="
+                        f"{training_args.max_length}, so there is nothing to train on; raise max_length (or shorten "
+                        "their prompts)")
     if dropped:
         logger.warning("pre-flight: %s: %d of %d rows have no reply token left within max_length=%s, so they train "
                        "nothing; raise max_length (or shorten their prompts) to train on them", name, dropped, rows,
@@ -171,7 +176,12 @@ def heldout_rows(stage_args, training_args, images: bool, tokenizer, model=None)
     if dataset is None:
         return None
     name = f"{stage_args.dataset_name} ({stage_args.dataset_test_split})"
-    if stage_args.preflight:  # as the training rows: such text skews the eval loss
+    # as the training rows: a row in no SFT format, or a malformed conversation, stopped TRL's tokenization with a
+    # bare error (a KeyError, a Jinja error, "the chat template doesn't generate assistant masks"); such text skews
+    # the eval loss
+    gates.check_sft_columns(dataset, name, training_args.dataset_text_field)
+    if stage_args.preflight:
+        gates.check_conversations(dataset, name)
         gates.check_turn_text(tokenizer, dataset, name, model)
     dataset = common.keep_columns(with_template_kwargs(dataset), SFT_COLUMNS | {training_args.dataset_text_field})
     return vision_rows(dataset, training_args, stage_args, name) if images else dataset
