@@ -13,15 +13,19 @@ SCORE_BATCH = 16
 
 
 def completion_logps(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int = SCORE_BATCH,
-                     images: list | None = None, max_length: int | None = None, truncation_mode: str = "keep_start"):
+                     images: list | None = None, max_length: int | list | None = None,
+                     truncation_mode: str = "keep_start"):
     """Summed log-prob and token count of each completion given its rendered prompt (teacher forcing); with `images`
-    (one list per prompt), `tokenizer` is a VLM's processor. Text rows are cut to `max_length` as TRL cuts them."""
+    (one list per prompt), `tokenizer` is a VLM's processor. Text rows are cut to `max_length` (one for all, or one
+    per row) as TRL cuts them."""
     out = [None] * len(prompts)
+    limits = max_length if isinstance(max_length, list) else [max_length] * len(prompts)
     for window in length_batches([len(p) + len(c) for p, c in zip(prompts, completions)], batch_size,
                                  longest_first=True):
         texts, replies = [prompts[i] for i in window], [completions[i] for i in window]
         if images is None:
-            batch = _text_layout(tokenizer, texts, replies, model.device, max_length, truncation_mode)
+            batch = _text_layout(tokenizer, texts, replies, model.device, [limits[i] for i in window],
+                                 truncation_mode)
         else:
             batch = vision.completion_layout(tokenizer, texts, [images[i] for i in window], replies, model.device)
         for i, score in zip(window, _score_completions(model, batch)):
@@ -29,16 +33,25 @@ def completion_logps(model, tokenizer, prompts: list[str], completions: list[str
     return out
 
 
-def _text_layout(tokenizer, prompts: list[str], completions: list[str], device, max_length: int | None = None,
-                 truncation_mode: str = "keep_start") -> dict:
+def _text_layout(tokenizer, prompts: list[str], completions: list[str], device,
+                 max_length: int | list | None = None, truncation_mode: str = "keep_start") -> dict:
     """Prompt + completion token ids, right-padded, with the completion's positions marked in `completion_mask`;
-    each row cut to `max_length` (when given) as TRL's collators cut it."""
+    each row tokenized whole and cut to `max_length` (when given) as TRL's DPO tokenizes and collates it."""
     import torch
+    from trl.data_utils import common_prefix_length
 
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    replies = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
-    if max_length is not None:
-        ids, replies = zip(*(_cut(p, c, max_length, truncation_mode) for p, c in zip(ids, replies)))
+    ids, replies = [], []
+    for prompt, completion in zip(prompts, completions):
+        # tokenized whole, as TRL tokenizes a pair: a token across the boundary (a text prompt's trailing space and
+        # the reply's first word: " 5") is the reply's, which starts where the prompt's own tokens part from these
+        alone = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        whole = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
+        cut = common_prefix_length(alone, whole)
+        ids.append(whole[:cut])
+        replies.append(whole[cut:])
+    limits = max_length if isinstance(max_length, list) else [max_length] * len(ids)
+    ids, replies = zip(*(_cut(p, c, limit, truncation_mode) if limit is not None else (p, c)
+                         for p, c, limit in zip(ids, replies, limits)))
     width = max(len(p) + len(c) for p, c in zip(ids, replies))
 
     def padded(rows, value=0):
@@ -146,25 +159,42 @@ def preference_eval(model, tokenizer, pairs: list[dict], dtype: str = "float32",
     # `completion_logps` adds none: the BOS is written in (a rendered conversation has its own)
     bos = added_bos(text_tokenizer)
     prompts = [bos + t[0] if isinstance(p["prompt"], str) else t[0] for p, t in zip(pairs, texts)]
-    pieces = []  # (side, pair, prompt, reply); a reply with tool results by its own turns only, as DPO scores it
+    # (side, pair, prompt, reply, max_length); a reply with tool results by its own turns only, as DPO scores it
+    pieces = []
     for side, name in ((1, "chosen"), (2, "rejected")):
         for i, (pair, text) in enumerate(zip(pairs, texts)):
-            turns = (_reference_turns(tokenizer, {**pair, "completion": pair[name]}, text_tokenizer.eos_token)
-                     if has_tool_turns(pair) else [(prompts[i], text[side])])
-            pieces += [(side, i, *turn) for turn in turns]
+            if not has_tool_turns(pair):
+                pieces.append((side, i, prompts[i], text[side], max_length))
+                continue
+            turns = _reference_turns(tokenizer, {**pair, "completion": pair[name]}, text_tokenizer.eos_token)
+            limits = _turn_limits(text_tokenizer, turns, text[0] + text[side], max_length, truncation_mode)
+            pieces += [(side, i, *turn, limit) for turn, limit in zip(turns, limits) if limit is None or limit > 0]
     images = row_images(pairs)
     with autocast(model, dtype):
         scores = completion_logps(model, tokenizer, [p[2] for p in pieces], [p[3] for p in pieces],
                                   batch_size=min(batch_size, SCORE_BATCH),
-                                  images=[images[p[1]] for p in pieces] if images else None, max_length=max_length,
-                                  truncation_mode=truncation_mode)
+                                  images=[images[p[1]] for p in pieces] if images else None,
+                                  max_length=[p[4] for p in pieces], truncation_mode=truncation_mode)
     chosen, rejected = [0.0] * len(pairs), [0.0] * len(pairs)
-    for (side, i, _, _), (score, _) in zip(pieces, scores):
+    for (side, i, *_), (score, _) in zip(pieces, scores):
         (chosen if side == 1 else rejected)[i] += score
     if was_training:
         model.train()
     margins = [c - r for c, r in zip(chosen, rejected)]
     return {"n": len(pairs), "accuracy": mean_of([m > 0 for m in margins]), "mean_logp_margin": mean_of(margins)}
+
+
+def _turn_limits(tokenizer, turns: list[tuple[str, str]], whole: str, max_length: int | None,
+                 truncation_mode: str) -> list:
+    """Each of a reply's turns' `max_length` when scored after all before it: TRL cuts the whole prompt + reply once.
+    `keep_start` keeps its first `max_length` tokens, as cutting each turn with its context to `max_length` does;
+    `keep_end` keeps its last ones, so a turn keeps what lies in that window: `max_length` less the tokens after it
+    (cut to `max_length` on its own, an early turn kept the prompt's start, which TRL cuts; 0 or less: none of it)."""
+    if max_length is None or truncation_mode != "keep_end":
+        return [max_length] * len(turns)
+    total = len(tokenizer(whole, add_special_tokens=False)["input_ids"])
+    return [max_length - total + len(tokenizer(prompt + reply, add_special_tokens=False)["input_ids"])
+            for prompt, reply in turns]
 
 
 def added_bos(tokenizer) -> str:

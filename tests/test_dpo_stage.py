@@ -568,3 +568,18 @@ def test_pairs_whose_reply_max_length_cuts_before_its_end_of_turn_are_counted(ti
     assert preflight["heldout_pairs_cut"] == {"chosen": 1, "rejected": 1}
     assert ("pairs (test): 1 of 3 pairs are cut by max_length=32 before their chosen reply's end-of-turn token, so "
             "the held-out preference accuracy scores them cut") in caplog.text
+
+
+def test_replies_the_same_in_what_keep_end_keeps_are_refused(tiny_model_path):
+    """`truncation_mode: keep_end` keeps the last `max_length` tokens of each prompt + reply: two replies that differ
+    only in their first words were the same sequence in TRL's batch (a loss stuck at log 2, no gradient), and the
+    gate checked `keep_start` only. Refused naming the row; a `max_length` that keeps the difference passes."""
+    tokenizer = load_tokenizer(tiny_model_path("llama"))
+    tail = " and that is all there is to say about it" * 4
+    pair = Dataset.from_list([{"prompt": [{"role": "user", "content": "Is 4 even?"}],
+                               "chosen": [{"role": "assistant", "content": "Yes" + tail}],
+                               "rejected": [{"role": "assistant", "content": "No" + tail}]}])
+    with pytest.raises(UserError, match=r"p row 1 \(counting from 1\): chosen and rejected are the same in the last 64 "
+                                        r"tokens max_length=64 keeps \(truncation_mode: keep_end\)"):
+        check_preference_pairs(pair, "p", tokenizer, max_length=64, truncation_mode="keep_end")
+    assert len(check_preference_pairs(pair, "p", tokenizer, max_length=512, truncation_mode="keep_end")[0]) == 1

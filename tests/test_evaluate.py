@@ -917,3 +917,58 @@ def test_onpolicy_pairs_are_sampled_with_the_rows_tools_and_carry_them(tiny_mode
         num_samples=4, dtype="float32", max_new_tokens=4, rewards={"length_penalty": 1.0}, margin=0.0))
     assert seen and all('"name": "add"' in prompt for prompt in seen)
     assert pairs and all(pair["tools"] == tools for pair in pairs)
+
+
+def test_preference_eval_cuts_a_tool_pair_from_its_start_as_trl_does(tiny_model_path):
+    """`truncation_mode: keep_end` keeps the last `max_length` tokens of the whole prompt + reply. A reply with tool
+    results is scored by its own turns, each after all before it: cut to `max_length` each on its own, the first turn
+    kept the prompt's start that TRL cuts, and was scored in a longer context than DPO trains it in."""
+    path = tiny_model_path("llama")
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    call = [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]
+
+    def reply(answer):
+        return [{"role": "assistant", "content": "", "tool_calls": call},
+                {"role": "tool", "name": "add", "content": "TOOL RESULT 5"}, {"role": "assistant", "content": answer}]
+
+    prompt = [{"role": "user", "content": "Add the numbers two and three, then say the sum. " * 3}]
+    pair = {"prompt": prompt, "chosen": reply("5"), "rejected": reply("It is 6")}
+    prompt_length = len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=True)["input_ids"])
+    longest = max(len(tokenizer.apply_chat_template(prompt + pair[side], tokenize=True, return_dict=True)["input_ids"])
+                  for side in ("chosen", "rejected"))
+    max_length, logps = longest - prompt_length + 20, {}  # each reply whole and the end of the prompt
+    for side in ("chosen", "rejected"):  # TRL: the whole sequence's last max_length tokens, the reply's own scored
+        out = tokenizer.apply_chat_template(prompt + pair[side], tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        ids, own = out["input_ids"][-max_length:], out["assistant_masks"][-max_length:]
+        assert len(out["input_ids"]) > max_length and own[0] == 0, "the cut falls in the prompt"
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+        logps[side] = sum(logits[t - 1, ids[t]].item() for t in range(1, len(ids)) if own[t])
+    result = preference_eval(model, tokenizer, [pair], max_length=max_length, truncation_mode="keep_end")
+    assert result["mean_logp_margin"] == pytest.approx(logps["chosen"] - logps["rejected"], abs=1e-4)
+
+
+def test_preference_eval_splits_prompt_and_reply_where_trl_does(tiny_model_path):
+    """A text prompt ending in a space ("A: "): tokenized with its reply, the space joins the reply's first token
+    (" 5"), and TRL's DPOTrainer scores the reply from where the prompt's tokens and the pair's part (its
+    `common_prefix_length`). Tokenized apart, the held-out accuracy scored "5" after a lone space instead: up to 6 nats
+    per reply away from what DPO trains on."""
+    from trl.data_utils import common_prefix_length
+
+    path = tiny_model_path("llama")
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    pair = {"prompt": "Q: what is 2 + 3? A: ", "chosen": "5", "rejected": "6 maybe"}
+    prompt_ids = tokenizer(pair["prompt"])["input_ids"]  # TRL's `tokenize_fn` for a text pair
+    whole = {side: tokenizer(pair["prompt"] + pair[side] + tokenizer.eos_token)["input_ids"]
+             for side in ("chosen", "rejected")}
+    cut = min(common_prefix_length(prompt_ids, ids) for ids in whole.values())
+    assert cut < len(prompt_ids), "the prompt's last token is not the pair's"
+    logps = {}
+    with torch.no_grad():
+        for side, ids in whole.items():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+            logps[side] = sum(logits[t - 1, ids[t]].item() for t in range(cut, len(ids)))
+    result = preference_eval(model, tokenizer, [pair])
+    assert result["mean_logp_margin"] == pytest.approx(logps["chosen"] - logps["rejected"], abs=1e-4)

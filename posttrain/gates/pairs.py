@@ -11,8 +11,8 @@ def check_preference_pairs(dataset, name: str, tokenizer=None, max_length: int |
                            allow_skip: bool = False, truncation_mode: str = "keep_start"):
     """Bad pairs are an error naming the row, or a counted skip when allowed: an empty side, chosen == rejected (tool
     calls included), or a prompt so long that truncation to `max_length` would leave no reply token to learn from
-    (`keep_start` truncation, TRL's default; `keep_end` keeps the reply). Returns the kept pairs and the indices of the
-    skipped ones."""
+    (`keep_start` truncation, TRL's default; `keep_end` keeps the reply, and cuts replies that differ only in their
+    start to the same tokens). Returns the kept pairs and the indices of the skipped ones."""
     missing = [c for c in ("prompt", "chosen", "rejected") if c not in dataset.column_names]
     if missing:
         raise UserError(f"pre-flight: {name}: preference pairs need the columns prompt, chosen, rejected; missing: "
@@ -51,6 +51,11 @@ def check_preference_pairs(dataset, name: str, tokenizer=None, max_length: int |
                 # TRL would train on two identical sequences: a loss stuck at log 2, no gradient (UPO drops such pairs)
                 reason = (f"chosen and rejected are the same in the {max_length - length} reply tokens "
                           f"max_length={max_length} leaves after the prompt; raise max_length")
+        elif tokenizer is not None and max_length and truncation_mode == "keep_end" and \
+                _same_at_the_end(tokenizer, row, max_length):
+            # `keep_end` cuts the start of each prompt + reply: replies that differ only in their first words
+            reason = (f"chosen and rejected are the same in the last {max_length} tokens max_length={max_length} "
+                      "keeps (truncation_mode: keep_end); raise max_length")
         if reason:
             if not allow_skip:
                 raise UserError(f"pre-flight: {name} {row_name(index)}: {reason} (set skip_bad_rows: true to skip "
@@ -78,6 +83,16 @@ def kept_rows(count: int, skipped: list[int]) -> list[int]:
     user finds in the file."""
     gone = set(skipped)
     return [index for index in range(count) if index not in gone]
+
+
+def _same_at_the_end(tokenizer, row: dict, max_length: int) -> bool:
+    """Whether a pair's prompt + chosen and prompt + rejected, tokenized whole as TRL tokenizes them (a text prompt
+    with the tokenizer's special tokens), agree in their last `max_length` tokens."""
+    eos = text_tokenizer(tokenizer).eos_token
+    prompt, chosen, rejected = preference_texts(tokenizer, row, eos)
+    ids = [tokenizer(prompt + reply, add_special_tokens=isinstance(row["prompt"], str))["input_ids"][-max_length:]
+           for reply in (chosen, rejected)]
+    return ids[0] == ids[1]
 
 
 def _same_once_cut(tokenizer, row: dict, budget: int) -> bool:
