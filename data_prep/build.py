@@ -142,7 +142,8 @@ def on_disk(dataset, work_dir: Path):
 
 
 def eval_texts(paths: list[str], max_row_bytes: int) -> dict[str, list[str]]:
-    """All the strings of every row of each evaluation set, whatever its format (GSM8K, HumanEval, chat...)."""
+    """All the strings of every row of each evaluation set, whatever its format (GSM8K, HumanEval, chat...). A row
+    that cannot be read is an error whatever `on_error` says: skipped, its text would reach training unchecked."""
     def strings(value):
         if isinstance(value, str):
             yield value
@@ -153,7 +154,14 @@ def eval_texts(paths: list[str], max_row_bytes: int) -> dict[str, list[str]]:
             for v in value:
                 yield from strings(v)
 
-    return {path: ["\n".join(strings(r.row)) for r in read_rows(path, max_row_bytes) if r.row] for path in paths}
+    def rows(path):
+        for r in read_rows(path, max_row_bytes):
+            if r.error:
+                raise UserError(f"{r.where}: {r.error} (evaluation set in `decontaminate`: fix the row, as it cannot "
+                                "be checked against the training rows)")
+            yield r.row
+
+    return {path: ["\n".join(strings(row)) for row in rows(path)] for path in paths}
 
 
 def load_tokenizer(name_or_path: str):
@@ -195,15 +203,31 @@ def _public(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith("_")}
 
 
-def held_out_split(dataset, test_size: float, seed: int) -> dict:
-    """`train` and `test`, each prompt group (`_group`: the pairs of one prompt, both halves of an unpaired pair) on
-    one side only: a held-out prompt is never trained on. Groups are drawn in a seeded order until `test_size` rows
-    (a fraction, or a row count) are held out; the last group drawn may take it a little over."""
-    wanted = int(test_size) if test_size >= 1 else math.ceil(test_size * len(dataset))
+def prompt_groups(keys: list[list[str]]) -> list[list[int]]:
+    """The rows (indices) linked by a shared key, directly or through other rows, in order of first appearance."""
+    parent, first = list(range(len(keys))), {}
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = i = parent[parent[i]]
+        return i
+
+    for i, row_keys in enumerate(keys):
+        for key in row_keys:
+            parent[root(i)] = root(first.setdefault(key, i))
     groups = {}
-    for i, group in enumerate(clean.column(dataset, "_group")):
-        groups.setdefault(group, []).append(i)
-    members, test = list(groups.values()), []
+    for i in range(len(keys)):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
+
+
+def held_out_split(dataset, test_size: float, seed: int) -> dict:
+    """`train` and `test`, each prompt group (`_group`: the pairs of one prompt, both halves of an unpaired pair, a
+    conversation and the rows holding its first turns) on one side only: a held-out prompt is never trained on.
+    Groups are drawn in a seeded order until `test_size` rows (a fraction, or a row count) are held out; the last
+    group drawn may take it a little over."""
+    wanted = int(test_size) if test_size >= 1 else math.ceil(test_size * len(dataset))
+    members, test = prompt_groups(clean.column(dataset, "_group")), []
     for g in np.random.default_rng(seed).permutation(len(members)):
         if len(test) >= wanted:
             break

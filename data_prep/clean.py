@@ -101,6 +101,19 @@ def prompt_text(row: dict) -> str:
     return record_text({"messages": messages[:last_user + 1]})
 
 
+def exchange_keys(row: dict, context: str) -> list[str]:
+    """A hash of each exchange a conversation (`messages`, SFT) trains, with the row's context: its turns up to each
+    assistant turn, normalised. A row that holds another's whole conversation as its first turns shares its keys."""
+    digest, keys = hashlib.blake2b(digest_size=16), []
+    for message in row.get("messages") or []:
+        digest.update((normalise(record_text({"messages": [message]})) + "\n").encode())  # hashed once per turn
+        if message["role"] == "assistant":
+            key = digest.copy()
+            key.update(context.encode())
+            keys.append(key.hexdigest())
+    return keys
+
+
 def _rows(batch: dict) -> list[dict]:
     return [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
 
@@ -110,9 +123,10 @@ def _text_batch(batch: dict) -> dict:
     context = [context_key(r) for r in rows]
     # Dedup keys add the KTO label: the same reply marked desirable and undesirable is two examples (or a conflict).
     labels = [f"\nlabel: {r['label']}" if "label" in r else "" for r in rows]
-    groups = [normalise(prompt_text(r)) + "\n" + c for r, c in zip(rows, context)]
+    prompts = [normalise(prompt_text(r)) + "\n" + c for r, c in zip(rows, context)]
     out = {"_text": [record_text(r) for r in rows], "_key": [c + label for c, label in zip(context, labels)],
-           "_group": [hashlib.blake2b(g.encode(), digest_size=16).hexdigest() for g in groups]}
+           "_group": [[hashlib.blake2b(p.encode(), digest_size=16).hexdigest(), *exchange_keys(r, c)]
+                      for p, r, c in zip(prompts, rows, context)]}
     for part in near_dup_parts(batch):
         out[f"_text_{part}"] = [record_text({part: r[part]}) for r in rows]
     return out
@@ -120,9 +134,9 @@ def _text_batch(batch: dict) -> dict:
 
 def add_text(dataset, num_proc: int | None):
     """Add `_text` (see `record_text`: what decontamination reads), `_key` (see `context_key`, with the KTO label:
-    rows with the same text and another `_key` are not duplicates), `_group` (a hash of the normalised prompt and its
-    context: rows with one prompt stay on one side of the held-out split) and, for pairs and unpaired rows, the text
-    of each part that near-dup compares (see `near_dup_columns`)."""
+    rows with the same text and another `_key` are not duplicates), `_group` (hashes of the normalised prompt and of
+    each trained exchange, see `exchange_keys`, with the context: rows that share one stay on one side of the held-out
+    split) and, for pairs and unpaired rows, the text of each part that near-dup compares (see `near_dup_columns`)."""
     return dataset.map(_text_batch, batched=True, num_proc=num_proc, desc="Collecting text")
 
 

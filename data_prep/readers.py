@@ -65,8 +65,11 @@ def source_kind(path: str) -> str:
     raise UserError(f"{path}: not found (expected a data file, a save_to_disk folder, or a Hub id 'org/name')")
 
 
-def read_rows(path: str, max_row_bytes: int, split: str = "train", subset: str | None = None) -> Iterator[RawRow]:
-    """Every row of `path`, in order; rows that cannot be parsed come back with `error` set instead of raising."""
+def read_rows(path: str, max_row_bytes: int, split: str | None = None, subset: str | None = None) -> Iterator[RawRow]:
+    """Every row of `path`, in order; rows that cannot be parsed come back with `error` set instead of raising.
+
+    `split` picks one split of a `save_to_disk` DatasetDict folder or a Hub dataset; `None` reads every split (an
+    evaluation set's `test` split is the one decontamination must see)."""
     kind = source_kind(path)
     if kind == "jsonl":
         return _read_jsonl(path, max_row_bytes)
@@ -265,15 +268,17 @@ def _read_parquet(path: str) -> Iterator[RawRow]:
             yield RawRow(f"{path}:{row_no}", row)
 
 
-def _read_dataset(path: str, kind: str, split: str, subset: str | None) -> Iterator[RawRow]:
+def _read_dataset(path: str, kind: str, split: str | None, subset: str | None) -> Iterator[RawRow]:
     """Arrow rows, as from a parquet file: iterating the `Dataset` itself would decode `Image` columns to PIL objects,
-    which no converter reads (they take a path or `{"bytes", "path"}`)."""
-    dataset = load_disk(path, split) if kind == "disk" else load_hub(path, split, subset)
-    index = 0
-    for batch in dataset.with_format("arrow").iter(batch_size=1024):
-        for row in _batch_rows(batch):
-            index += 1
-            yield RawRow(f"{path}:{index}", row)
+    which no converter reads (they take a path or `{"bytes", "path"}`). Without a `split`, every split's rows, each
+    placed as `PATH[SPLIT]:ROW`."""
+    loaded = load_disk(path, split) if kind == "disk" else load_hub(path, split, subset)
+    for name, dataset in loaded.items() if isinstance(loaded, dict) else [(None, loaded)]:  # a DatasetDict
+        where, index = (path if name is None else f"{path}[{name}]"), 0
+        for batch in dataset.with_format("arrow").iter(batch_size=1024):
+            for row in _batch_rows(batch):
+                index += 1
+                yield RawRow(f"{where}:{index}", row)
 
 
 def _batch_rows(batch) -> list[dict]:
@@ -309,22 +314,24 @@ def _decode_json(value, arrow_type):
     return [_decode_json(v, arrow_type.value_type) for v in value]
 
 
-def load_disk(path: str, split: str):
+def load_disk(path: str, split: str | None):
+    """The `split` of a `save_to_disk` folder; a DatasetDict whole when `split` is None."""
     from datasets import DatasetDict, load_from_disk
 
     try:
         dataset = load_from_disk(path)
     except Exception as exc:  # a missing .arrow file, a broken state.json...: datasets' own types, or OSError
         raise UserError(f"{path}: not a readable save_to_disk folder ({type(exc).__name__}: {exc})") from None
-    if isinstance(dataset, DatasetDict):
+    if isinstance(dataset, DatasetDict) and split is not None:
         if split not in dataset:
             raise UserError(f"{path}: no split '{split}' (has: {', '.join(dataset)}); set the source's `split`")
         dataset = dataset[split]
     return dataset
 
 
-def load_hub(repo_id: str, split: str, subset: str | None):
-    """A Hub dataset; offline, an immediate error that names it (datasets would otherwise retry and then fail)."""
+def load_hub(repo_id: str, split: str | None, subset: str | None):
+    """A Hub dataset (every split, a DatasetDict, when `split` is None); offline, an immediate error that names it
+    (datasets would otherwise retry and then fail)."""
     if is_offline():
         raise UserError(f"source '{repo_id}' is a Hugging Face Hub id, but offline mode is on "
                         "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); download it first and point `path` at the local file")

@@ -173,6 +173,18 @@ def test_decontamination_in_a_build_is_reported(tmp_path):
     assert "Decontamination" in (tmp_path / "out" / "README.md").read_text()
 
 
+def test_decontamination_reads_every_split_of_a_saved_dataset_dict(tmp_path):
+    # GSM8K saved with `save_to_disk` holds train and test: reading only `train` let the test questions through
+    from datasets import DatasetDict
+
+    question = "A robe takes 2 bolts of blue fiber and half that much white fiber how many bolts in total"
+    DatasetDict({"train": Dataset.from_list([{"question": prose(7, 20), "answer": "1"}]),
+                 "test": Dataset.from_list([{"question": question, "answer": "3"}])}).save_to_disk(tmp_path / "gsm8k")
+    source = write_jsonl(tmp_path / "train.jsonl", alpaca_rows("clean", 3) + [{"instruction": question, "output": "3"}])
+    card, splits = run_build(tmp_path, "out", "--sources", source, "--decontaminate", tmp_path / "gsm8k",
+                             "--test_size", 0)
+    assert len(splits["train"]) == 3 and card["decontamination"]["removed"] == 1
+
 def test_length_filter_counts_tokens_of_the_chat_template(tmp_path):
     rows = [{"instruction": "hi", "output": "ok"}, {"instruction": "mid " + prose(5, 40), "output": "fine"},
             {"instruction": "long " + prose(6, 400), "output": "done"}]
@@ -304,11 +316,28 @@ def test_held_out_split_keeps_each_prompt_on_one_side(tmp_path):
 
 def test_a_held_out_fraction_rounds_up_and_is_the_same_for_a_seed():
     """5% of 10 prompts holds out one, not none (a small set would fail the build); a seed draws the same prompts."""
-    split = build.held_out_split(Dataset.from_dict({"_group": [f"p{i}" for i in range(10)]}), 0.05, seed=0)
+    split = build.held_out_split(Dataset.from_dict({"_group": [[f"p{i}"] for i in range(10)]}), 0.05, seed=0)
     assert (len(split["train"]), len(split["test"])) == (9, 1)
-    data = Dataset.from_dict({"_group": [f"p{i}" for i in range(100)]})
+    data = Dataset.from_dict({"_group": [[f"p{i}"] for i in range(100)]})
     drawn = [build.held_out_split(data, 0.3, seed=5)["test"]["_group"] for _ in range(2)]
     assert len(drawn[0]) == 30 and drawn[0] == drawn[1]
+
+
+def test_a_conversation_and_the_rows_holding_its_first_turns_stay_on_one_side(tmp_path):
+    # sets that ship every conversation with its prefixes: a held-out [q, a] was trained on inside [q, a, q2, a2]
+    rows = []
+    for i in range(20):
+        first = [{"role": "user", "content": f"Question {i}: how long do I bake loaf {i}?"},
+                 {"role": "assistant", "content": f"Bake loaf {i} for {30 + i} minutes."}]
+        rows += [{"messages": first}, {"messages": first + [{"role": "user", "content": f"And then {i}?"},
+                                                           {"role": "assistant", "content": f"Let it cool {i}."}]}]
+    source = write_jsonl(tmp_path / "chat.jsonl", rows)
+    _, splits = run_build(tmp_path, "out", "--sources", source, "--test_size", 0.25, "--seed", 0)
+
+    def firsts(split):
+        return {m[0]["content"] for m in splits[split]["messages"]}
+
+    assert len(splits["test"]) % 2 == 0 and not firsts("train") & firsts("test")
 
 
 def test_rows_a_weight_below_one_leaves_out_are_rejects(tmp_path):
@@ -322,3 +351,13 @@ def test_rows_a_weight_below_one_leaves_out_are_rejects(tmp_path):
     assert rejects[-1]["reason"] == "weight 0.25: not drawn into test (seed 3)"
     shown = {r["row"]["messages"][0]["content"] for r in rejects}
     assert len(shown) == 30 and not shown & {m[0]["content"] for s in splits.values() for m in s["messages"]}
+
+
+def test_an_unreadable_row_of_an_eval_set_stops_the_build(tmp_path):
+    # skipped, the eval question on that line was never indexed and its copy in the training data was kept
+    question = "A robe takes 2 bolts of blue fiber and half that much white fiber how many bolts in total"
+    eval_set = tmp_path / "gsm8k_test.jsonl"
+    eval_set.write_text(json.dumps({"question": "short"}) + "\n" + f'{{"question": "{question}", "answer": "3",}}\n')
+    source = write_jsonl(tmp_path / "train.jsonl", alpaca_rows("clean", 3) + [{"instruction": question, "output": "3"}])
+    with pytest.raises(UserError, match=r"gsm8k_test.jsonl:2: not valid JSON .*evaluation set in `decontaminate`"):
+        run_build(tmp_path, "out", "--sources", source, "--decontaminate", eval_set, "--on_error", "skip")
