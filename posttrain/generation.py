@@ -38,13 +38,16 @@ class Share:
 
 
 def context_limit(model) -> int | None:
-    """The positions the model was trained for: `max_position_embeddings`, times the RoPE scaling factor where one is
-    set (Qwen's YaRN leaves `max_position_embeddings` at the unscaled length); None where the config does not say."""
+    """The positions the model was trained for: `max_position_embeddings`, or the RoPE scaling's original length times
+    its factor where that is more (Qwen's YaRN leaves `max_position_embeddings` at the unscaled length, which is the
+    original one unless the scaling names it); None where the config does not say. Where the scaling names its
+    original length, `max_position_embeddings` may be the scaled one already (Llama-3.1's llama3 RoPE: 131,072 from
+    8,192 with factor 8; DeepSeek-V3's YaRN: 163,840 = 4,096 x 40): times the factor, it was 8-40x past the model."""
     config = model.config.get_text_config()
     limit = getattr(config, "max_position_embeddings", None)
     rope = getattr(config, "rope_parameters", None) or {}
     if limit and rope.get("rope_type", "default") != "default" and rope.get("factor"):
-        limit = int(limit * rope["factor"])
+        limit = max(limit, int(rope.get("original_max_position_embeddings", limit) * rope["factor"]))
     return limit
 
 
@@ -151,13 +154,18 @@ def decode(model, batch: dict, max_new_tokens: int, rounds=ROUNDS, **settings) -
 
     eos = settings["eos_token_id"]
     eos = {eos} if isinstance(eos, int) else set(eos)  # one id, or the ids any of which ends a reply (`stop_ids`)
+    # a minimum reply length (the call's or the checkpoint's generation_config) counts from each call's own start:
+    # every round gets what is left of it, or a reply could not end in the first tokens of each round
+    floor = settings.pop("min_new_tokens", getattr(getattr(model, "generation_config", None), "min_new_tokens", None))
     replies = [[] for _ in range(len(batch["input_ids"]))]
     rows = list(range(len(replies)))  # batch position -> row
     inputs, left = dict(batch), max_new_tokens
     for size in itertools.chain(rounds, itertools.repeat(rounds[-1])):
         step = min(size, left)
+        minimum = {"min_new_tokens": min(max(floor - (max_new_tokens - left), 0), step)} if floor else {}
         with torch.no_grad():
-            result = model.generate(**inputs, max_new_tokens=step, return_dict_in_generate=True, **settings)
+            result = model.generate(**inputs, max_new_tokens=step, return_dict_in_generate=True, **settings,
+                                    **minimum)
         width = inputs["input_ids"].shape[1]
         new = result.sequences[:, width:]
         going = []

@@ -219,6 +219,27 @@ def test_decoding_in_rounds_gives_generates_tokens(tiny_model_path):
     assert min(ends) <= 4 and max(ends) > 6  # some rows leave after the first round, others go on
 
 
+def test_decoding_in_rounds_keeps_the_checkpoints_minimum_reply_length(tiny_model_path):
+    """A `min_new_tokens` in the checkpoint's generation_config counts from the start of each `generate` call: each
+    round gets what is left of it, so a reply may end in a later round's first tokens, as in one call (each round
+    kept its first tokens from ending a reply, which ran on past its end)."""
+    from posttrain.generation import decode
+
+    path = tiny_model_path("llama")
+    model, tokenizer = load_model(path).eval(), load_tokenizer(path)
+    model.generation_config.min_new_tokens = 2
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["a b c", "x", "the cat"], return_tensors="pt", padding=True, add_special_tokens=False)
+    # the tiny model says "x"'s first token over and over; not allowed before step 2, it ends that reply at step 2,
+    # the second step of the second round of (1, 3)
+    settings = {"pad_token_id": tokenizer.pad_token_id, "do_sample": False, "eos_token_id": 4}
+    with torch.no_grad():
+        whole = model.generate(**batch, max_new_tokens=8, **settings)[:, batch["input_ids"].shape[1]:].tolist()
+    expected = [row[:row.index(4) + 1] if 4 in row else row for row in whole]
+    assert [len(row) for row in expected] == [8, 3, 8]
+    assert decode(model, dict(batch), 8, rounds=(1, 3), **settings) == expected
+
+
 def test_a_multimodal_rope_vlm_decodes_text_rows_in_rounds(tiny_model_path):
     """Qwen2-VL keeps each row's position offset (`rope_deltas`) outside the cache: it leaves with its row, or the
     next round's shapes disagree (a RuntimeError that ended the whole evaluation)."""
@@ -812,6 +833,25 @@ def test_the_context_limit_is_scaled_only_by_a_rope_scaling_that_applies():
     assert context_limit(model({"rope_type": "yarn", "factor": 4.0})) == 4096
     assert context_limit(model({"rope_type": "default", "factor": 4.0})) == 1024
     assert context_limit(model(None)) == 1024
+
+
+def test_the_context_limit_is_not_scaled_again_where_the_scaling_names_the_original_length():
+    """Llama-3.1's config sets max_position_embeddings to its 131,072 positions, scaled from the original 8,192 by its
+    llama3 RoPE (factor 8), and DeepSeek-V3's to 4,096 x 40 by YaRN: times the factor again, generation was allowed to
+    run 8x and 40x past the model's positions. Qwen3's YaRN (factor 4 over the original 32,768) gives 131,072."""
+    from transformers import DeepseekV3Config, LlamaConfig, Qwen3Config
+
+    from posttrain.generation import context_limit
+
+    llama = LlamaConfig(max_position_embeddings=131072, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192})
+    deepseek = DeepseekV3Config(max_position_embeddings=163840, rope_scaling={
+        "type": "yarn", "factor": 40, "original_max_position_embeddings": 4096})
+    qwen3 = Qwen3Config(max_position_embeddings=40960, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})
+    limits = [context_limit(types.SimpleNamespace(config=config)) for config in (llama, deepseek, qwen3)]
+    assert limits == [131072, 163840, 131072]
 
 
 def test_samples_show_a_conversations_turns_not_only_its_last(tiny_model_path):
