@@ -120,8 +120,10 @@ class DataJobConfig:
                                                                              "supported format) whose n-grams must "
                                                                              "not appear."})
     decontam_ngram: int = field(default=13, metadata={"help": "Word n-gram size of the decontamination check."})
-    max_row_bytes: int = field(default=2_000_000, metadata={"help": "Rows larger than this are errors (a runaway "
-                                                                    "generation or a broken export)."})
+    max_row_bytes: int = field(default=2_000_000, metadata={"help": "Rows of a text source (JSON Lines, JSON, CSV) "
+                                                                    "larger than this are errors (a runaway generation "
+                                                                    "or a broken export); parquet files and saved "
+                                                                    "datasets are not checked."})
     check_images: bool = field(default=True, metadata={"help": "Open every image with PIL to check it decodes."})
     num_proc: int | None = field(default=None, metadata={"help": "Worker processes for hashing and tokenizing; "
                                                                  "default: all cores on large sets, one on small."})
