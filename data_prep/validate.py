@@ -24,7 +24,8 @@ def make_parser() -> argparse.ArgumentParser:
                         help="Input format; `auto` detects it from the keys of the rows.")
     parser.add_argument("--min_score_margin", type=float, default=1.0,
                         help="Rated data: best/worst score gap below which a row would be filtered.")
-    parser.add_argument("--max_row_bytes", type=int, default=2_000_000, help="Rows of a text source (JSON Lines, JSON, CSV) larger than this are errors.")
+    parser.add_argument("--max_row_bytes", type=int, default=2_000_000,
+                        help="Rows of a text source (JSON Lines, JSON, CSV) larger than this are errors.")
     parser.add_argument("--check_images", type=lambda s: s.lower() in ("true", "1", "yes"), default=True,
                         help="Open every image with PIL to check it decodes (true/false).")
     return parser
