@@ -13,7 +13,7 @@ it from there.
 
 from .configs import GateArguments
 from .errors import UserError
-from .stats import paired_evals
+from .stats import format_p, paired_evals
 from .typecheck import suggest
 
 # metric -> +1 when higher is better, -1 when lower is better
@@ -64,7 +64,7 @@ def verdict(gate: GateArguments, previous: str, before: dict, after: dict, compa
             return {**out, "passed": True, "reason": f"no per-prompt verdicts on the same prompts as {previous}; "
                                                      "accuracy not tested"}
         out["p_value"] = comparison.p_value
-        test = f"McNemar p={comparison.p_value:.2g}, {comparison.only_a} prompts lost, {comparison.only_b} gained"
+        test = f"McNemar p={format_p(comparison.p_value)}, {comparison.only_a} prompts lost, {comparison.only_b} gained"
         why = ("" if drop <= 0 or (worse and comparison.significant) else
                "; not significantly worse" if not comparison.significant else f"; within max_drop {gate.max_drop:g}")
         worse = worse and comparison.significant

@@ -51,7 +51,9 @@ def paired_bootstrap(a: list[bool], b: list[bool], samples: int = 2000, seed: in
     rng = random.Random(seed)
     diffs = [int(y) - int(x) for x, y in zip(a, b)]
     means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples))
-    return means[int(0.025 * samples)], means[min(samples - 1, int(0.975 * samples))]
+    # as many resamples cut off above as below (50 of 2000 each): then swapping a and b only flips the sign
+    cut = int(0.025 * samples)
+    return means[cut], means[samples - 1 - cut]
 
 
 @dataclass
@@ -128,7 +130,16 @@ def format_accuracy(successes: int, n: int) -> str:
 def format_change(comparison: Comparison) -> str:
     """`+4.2 n.s.` or `+12.5 (p=0.003)`: the paired difference in points and whether it is significant."""
     text = f"{100 * comparison.difference:+.1f}"
-    return f"{text} (p={comparison.p_value:.2g})" if comparison.significant else f"{text} n.s."
+    return f"{text} (p={format_p(comparison.p_value)})" if comparison.significant else f"{text} n.s."
+
+
+def format_p(p: float) -> str:
+    """A p-value to two significant digits, more where two would round it across 0.05: 0.04998 is `0.04998`, not
+    `0.05` (significant, yet printed as if it failed p < 0.05); 0.05002 stays `0.05`."""
+    digits = 2
+    while (float(f"{p:.{digits}g}") < 0.05) != (p < 0.05):
+        digits += 1
+    return f"{p:.{digits}g}"
 
 
 def mean_of(values) -> float:

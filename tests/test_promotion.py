@@ -15,6 +15,7 @@ from posttrain.pipeline import Pipeline
 from posttrain.promotion import blocks_chain, promotion
 from posttrain.recipe import load_recipe
 from posttrain.report import accuracy_line, build_report
+from posttrain.stats import format_change, paired_evals
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes" / "tiny" / "text.yaml"
@@ -41,6 +42,27 @@ def test_accuracy_gate_stops_only_a_significant_drop():
     # recorded but not enforced
     record = promotion(GateArguments(must_not_drop=False), "sft", before, much_worse)
     assert not record["gate"]["passed"] and not blocks_chain(record)
+
+
+def test_a_p_value_just_under_005_is_not_printed_as_005(tmp_path):
+    """150 prompts lost and 117 gained: exact McNemar p = 0.049983, significant, so the gate stops the run; at two
+    digits it read "p=0.05" (as did 159 lost, 125 gained, p = 0.050016, which passes): the stopping p reads below
+    0.05 in the gate's reason, the accuracy line and the report's table."""
+    before = evaluation([1] * 150 + [0] * 117 + [1] * 50 + [0] * 50)
+    after = evaluation([0] * 150 + [1] * 117 + [1] * 50 + [0] * 50)
+    record = promotion(GateArguments(), "sft", before, after)
+    assert not record["gate"]["passed"] and "McNemar p=0.04998," in record["gate"]["reason"]
+    assert format_change(paired_evals(before, after)) == "-9.0 (p=0.04998)"
+    run = tmp_path / "run"
+    shutil.copytree(ASSETS, run)
+    metrics = json.loads((run / "sft" / "metrics.json").read_text())
+    (run / "sft" / "metrics.json").write_text(json.dumps({**metrics, "promotion": record}))
+    build_report(run, compare=[])
+    assert "| 150 / 117 | 0.04998 | yes |" in (run / "report.md").read_text()
+    before = evaluation([1] * 159 + [0] * 125 + [1] * 50 + [0] * 50)
+    after = evaluation([0] * 159 + [1] * 125 + [1] * 50 + [0] * 50)
+    record = promotion(GateArguments(), "sft", before, after)
+    assert record["gate"]["passed"] and "McNemar p=0.05," in record["gate"]["reason"]
 
 
 def test_a_drop_of_exactly_max_drop_is_tolerated_and_the_reason_says_why_a_drop_passed():

@@ -1,5 +1,7 @@
 """Error bars: checked against values computed independently (scipy / textbook examples), not against themselves."""
 
+import random
+
 import pytest
 
 from posttrain import stats
@@ -57,6 +59,17 @@ def test_paired_bootstrap_interval_is_the_central_95_percent():
     # extremes of 2000 resamples would be ±3.5 standard errors
     low, high = stats.paired_bootstrap([False] * 100, [True] * 20 + [False] * 80)
     assert low == pytest.approx(0.12, abs=0.015) and high == pytest.approx(0.28, abs=0.015)
+
+
+def test_paired_bootstrap_cuts_as_many_resamples_off_each_end():
+    """The interval of b - a is minus that of a - b (the same resamples, negated). It cut 50 of 2000 means off below
+    and 49 above: here it read -15.5 to -2.0 points, and -15.5 to -2.5 with the models swapped."""
+    rng = random.Random(15)
+    a = [rng.random() < 0.6 for _ in range(200)]
+    b = [x if rng.random() < 0.8 else not x for x in a]
+    low, high = stats.paired_bootstrap(a, b)
+    swapped_low, swapped_high = stats.paired_bootstrap(b, a)
+    assert (low, high) == (-swapped_high, -swapped_low)
 
 
 def test_compare_rejects_unpaired_verdicts():

@@ -7,7 +7,7 @@ missing the cell says "not measured", never 0 or a guess. The run's inputs (reci
 import re
 
 from ..promotion import blocks_chain
-from ..stats import accuracy_interval
+from ..stats import accuracy_interval, format_p
 from . import plots
 from .blocks import (
     NOT_MEASURED,
@@ -209,7 +209,7 @@ def promotions(run: RunView) -> list:
         c, gate = record.get("comparison"), record.get("gate")
         paired = ([Cell(f"{100 * c['difference']:+.1f} pts", "num"),
                    Cell(f"{100 * c['interval'][0]:+.1f} to {100 * c['interval'][1]:+.1f}", "num"),
-                   Cell(f"{c['only_a']} / {c['only_b']}", "num"), Cell(f"{c['p_value']:.2g}", "num"),
+                   Cell(f"{c['only_a']} / {c['only_b']}", "num"), Cell(format_p(c["p_value"]), "num"),
                    Cell("yes" if c["significant"] else "no",
                         "" if not c["significant"] else "ok" if c["difference"] > 0 else "bad")]
                   if c else [NOT_MEASURED] * 5)
