@@ -111,7 +111,8 @@ def _check_values(stage: str, args: dict, own: dict, where: str) -> None:
         raise UserError(f"{where}: {origin('rewards')}.rewards: {rewards!r}; expected reward names with their "
                         "weights, e.g. {accuracy: 1.0, think_format: 0.5}")
     try:
-        check_reward_names(rewards or {})
+        if rewards is not None:
+            check_reward_names(rewards)
     except UserError as exc:
         raise UserError(f"{where}: {origin('rewards')}.rewards: {exc}") from None
     if "upo_mode" in args and args["upo_mode"] not in UPO_MODES:

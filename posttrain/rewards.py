@@ -330,9 +330,15 @@ def custom_reward_files(names) -> dict[str, str]:
 
 def check_reward_names(names) -> None:
     """Every name is a reward (`reward_function`, the rule `resolve_rewards` resolves by), or a UserError naming the
-    first that is not: the recipe's check at load, and UPOConfig's."""
+    first that is not: the recipe's check at load, and UPOConfig's. Given `{name: weight}`, there is one at least and
+    each weight is a finite number: `resolve_rewards` reads them only once the model is loaded, a stage or two in."""
+    if isinstance(names, dict) and not names:
+        raise UserError("no reward named; name at least one with its weight, e.g. {accuracy: 1.0, think_format: 0.5}")
     for name in names:
         reward_function(name)
+        weight = names[name] if isinstance(names, dict) else 1.0
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+            raise UserError(f"'{name}' has the weight {weight!r}; expected a finite number, e.g. {name}: 1.0")
 
 
 def resolve_rewards(weights: dict[str, float]) -> tuple[list[RewardFunc], list[float]]:

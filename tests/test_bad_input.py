@@ -103,6 +103,12 @@ RECIPES = [
     # what a stage would refuse only when it starts, after the stages before it
     ("unknown-reward", _set("stages.upo.rewards", {"acuracy": 1.0}), [],
      ["stages.upo.rewards: 'acuracy' is not a reward (did you mean accuracy?)"]),
+    # a weight the trainer met only after loading the model: float('high') raised a bare ValueError, nan trained nothing
+    ("reward-weight-not-a-number", _set("stages.upo.rewards", {"accuracy": "high"}), [],
+     ["stages.upo.rewards: 'accuracy' has the weight 'high'; expected a finite number"]),
+    ("reward-weight-nan", _set("stages.upo.rewards", {"accuracy": float("nan")}), [],
+     ["stages.upo.rewards: 'accuracy' has the weight nan"]),
+    ("no-reward", _set("stages.upo.rewards", {}), [], ["stages.upo.rewards: no reward named"]),
     ("rewards-not-a-mapping", None, ["stages.upo.rewards=accuracy"], ["stages.upo.rewards: 'accuracy'",
                                                                       "expected reward names with their weights"]),
     ("upo-mode-typo", _set("stages.upo.upo_mode", "onlin"), [],

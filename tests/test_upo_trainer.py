@@ -80,6 +80,9 @@ def test_config_defaults(tmp_path):
     (dict(rewards={"acuracy": 1.0}), "`rewards`: .acuracy. is not a reward .did you mean accuracy"),
     (dict(rewards={"accuracy": 1.0}, reward_weights=[1.0]), "not both"),
     (dict(rewards="accuracy"), "must map reward names"),
+    (dict(rewards={"accuracy": None}), "`rewards`: 'accuracy' has the weight None; expected a finite number"),
+    (dict(rewards={"accuracy": float("nan")}), "'accuracy' has the weight nan"),
+    (dict(rewards={}), "`rewards`: no reward named"),
     (dict(drop_uniform_groups=True, loss_type="grpo"), "drop_uniform_groups needs a loss normalised by"),
     (dict(drop_uniform_groups=True, loss_type="dr_grpo"), "'dr_grpo' averages per rollout"),
 ])
@@ -954,6 +957,22 @@ def test_the_stage_keeps_the_expected_tool_calls_the_function_call_reward_reads(
     assert REWARDS["function_call"]([[{"role": "assistant", "content": written}]], **columns) == [1.0]
 
 
+def test_image_prompts_without_a_thinking_mode_are_kept_in_either_mode(monkeypatch):
+    """`chat_template_kwargs.enable_thinking` keeps the image prompts of that mode; a row whose `thinking` is null has
+    none and is rendered in GRPO's one mode (as `UPOTrainer` takes it). With `enable_thinking: true` those rows were
+    dropped (with `false` kept), and a set of them all was "no image prompts with thinking=True"."""
+    from types import SimpleNamespace
+
+    from posttrain.stages import upo
+
+    monkeypatch.setattr(upo.vision, "decode_images", lambda dataset, folder, name: dataset)  # the filter is tested
+    rows = Dataset.from_list([{"prompt": [{"role": "user", "content": f"q{i}"}], "thinking": mode}
+                              for i, mode in enumerate([True, False, None])])
+    for mode, kept in ((True, [True, None]), (False, [False, None])):
+        args = SimpleNamespace(chat_template_kwargs={"enable_thinking": mode})
+        assert upo.image_prompts(rows, args, "prompts")["thinking"] == kept
+
+
 def test_rl_and_offline_prompts_keep_grpos_other_template_arguments(tmp_path, tiny_model_path, tiny_tokenizer):
     """UPO renders its prompts itself (each row's thinking mode): the other `chat_template_kwargs` GRPO would have
     passed stay, and a row without a mode takes theirs, in the RL prompts and the offline pairs alike."""
@@ -1054,6 +1073,36 @@ def test_curriculum_phases_keep_their_order():
     assert sorted(domains[4:]) == sorted(["math", "general"] * 6)  # then all of phase 2
     with pytest.raises(UserError, match=r"phases\[0\]: unknown key"):
         curriculum(Dataset.from_list(rows), StageArguments(), [{"domain": ["logic"]}], SimpleNamespace(seed=0))
+
+
+@pytest.mark.parametrize("phase,error", [
+    ({"num_prompts": -1}, r"phases\[0\]: num_prompts is -1; expected a positive whole number"),  # was: phase left out
+    ({"num_prompts": 0}, r"phases\[0\]: num_prompts is 0; expected a positive"),  # was: all its prompts
+    ({"num_prompts": "4"}, r"phases\[0\]: num_prompts is '4'"),  # was: TypeError
+    ({"domains": "logic"}, r"phases\[0\]: domains is 'logic'; expected a list"),  # was: matched l, o, g, i, c
+])
+def test_curriculum_phase_values_are_checked(phase, error):
+    from types import SimpleNamespace
+
+    from posttrain.configs import StageArguments
+    from posttrain.stages.upo import curriculum
+
+    rows = Dataset.from_list([{"prompt": [{"role": "user", "content": f"q{i}"}], "answer": "1", "domain": "logic"}
+                              for i in range(4)])
+    with pytest.raises(UserError, match=error):
+        curriculum(rows, StageArguments(), [phase], SimpleNamespace(seed=0))
+
+
+def test_curriculum_domains_without_a_domain_column_are_named():
+    """A phase's `domains` over prompts without a `domain` column stopped on a bare KeyError inside `datasets`."""
+    from types import SimpleNamespace
+
+    from posttrain.configs import StageArguments
+    from posttrain.stages.upo import curriculum
+
+    rows = Dataset.from_list([{"prompt": [{"role": "user", "content": "q"}], "answer": "1"}] * 2)
+    with pytest.raises(UserError, match=r"phases\[0\]: `domains` needs a `domain` column .*: prompt, answer"):
+        curriculum(rows, StageArguments(), [{"domains": ["logic"]}], SimpleNamespace(seed=0))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1403,6 +1452,26 @@ def test_held_out_prompts_that_write_special_tokens_as_text_are_refused(tiny_tok
     assert len(upo.heldout_prompts(stage_args, training_args, False, tiny_tokenizer)) == 2
 
 
+def test_prompts_skipped_in_a_phase_file_or_the_held_out_split_are_counted(tiny_tokenizer, tmp_path):
+    """With `skip_bad_rows`, a phase's own file and the held-out split lose their prompts without an `answer` as the
+    training file does, but only the training file's were counted: metrics.json said `prompts_skipped: 0`."""
+    from types import SimpleNamespace
+
+    from posttrain.configs import StageArguments
+    from posttrain.stages import upo
+
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}], "answer": answer}
+            for i, answer in enumerate(["1", "", "3", " "])]
+    Dataset.from_list(rows).to_parquet(tmp_path / "test.parquet")
+    stage_args = StageArguments(dataset_name=str(tmp_path), dataset_test_split="test", skip_bad_rows=True)
+    training_args = SimpleNamespace(seed=0, rewards={"accuracy": 1.0}, eval_strategy="steps")
+    record = {"prompts_skipped": 1}  # the training file's
+    phases = [{"dataset_name": str(tmp_path / "test.parquet")}]
+    assert len(upo.curriculum(None, stage_args, phases, training_args, tiny_tokenizer, record=record)) == 2
+    assert len(upo.heldout_prompts(stage_args, training_args, False, tiny_tokenizer, record=record)) == 2
+    assert record == {"prompts_skipped": 3, "heldout_prompts_skipped": 2}
+
+
 def test_rollouts_past_the_models_positions_are_refused_at_stage_start(tiny_model_path, tmp_path):
     """Prompts and `max_completion_length` past the model's `max_position_embeddings`: GRPO's rollouts went on without
     an error (transformers only warns) and the rewards scored noise. The stage refuses before building the trainer."""
@@ -1442,6 +1511,18 @@ def test_offline_pairs_past_the_models_positions_are_refused_at_stage_start(tiny
                                         r"longest prompt \(1042 tokens\).*shorten the prompts"):
         run_one_step(tmp_path, model, rewards={"length_penalty": 1.0}, max_completion_length=100, upo_mode="both",
                      upo_offline_dataset=str(tmp_path / "pairs.jsonl"))
+
+
+def test_the_stage_keeps_the_column_rewards_are_normalised_by(tiny_model_path, tmp_path, upo_prompts_given):
+    """`normalize_rewards_by: source`, a column of the prompts: the stage dropped it with the columns GRPO does not read,
+    and the trainer then said the prompts had no `source` column."""
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}], "answer": str(i + 1), "source": "ab"[i % 2]}
+            for i in range(4)]
+    Dataset.from_list(rows).to_parquet(tmp_path / "prompts.parquet")
+    with pytest.raises(upo_prompts_given) as reached:
+        run_one_step(tmp_path, str(tiny_model_path("llama")), rewards={"accuracy": 1.0}, max_completion_length=4,
+                     normalize_rewards_by="source")
+    assert reached.value.args[0]["source"] == ["a", "b", "a", "b"]
 
 
 def run_one_step(tmp_path, model: str, **settings):

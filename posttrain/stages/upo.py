@@ -27,9 +27,11 @@ from . import common, training
 UPO_COLUMNS = {"prompt", "answer", "tool_calls", "domain", "thinking", "images"}  # what GRPO and the rewards read
 
 
-def curriculum(dataset, stage_args, phases: list[dict], training_args, tokenizer=None, model=None, images=False):
+def curriculum(dataset, stage_args, phases: list[dict], training_args, tokenizer=None, model=None, images=False,
+               record: dict | None = None):
     """Concatenate the phases' prompts in order; each phase shuffled within itself. A phase's own file passes the
-    gates the main prompts pass (`gated_prompts`), named by the phase, its images read against its own folder."""
+    gates the main prompts pass (`gated_prompts`), named by the phase, its images read against its own folder; the
+    prompts it skips are counted in `record` (the pre-flight record) as the main file's are."""
     from datasets import Features, concatenate_datasets
 
     from ..data import load_split
@@ -40,13 +42,17 @@ def curriculum(dataset, stage_args, phases: list[dict], training_args, tokenizer
         if unknown:
             raise UserError(f"upo phases[{index}]: unknown key(s) {sorted(unknown)}; expected domains, num_prompts, "
                             "dataset_name, split")
+        _check_phase_values(phase, index)
         source = dataset
         if "dataset_name" in phase:
             split = phase.get("split", stage_args.dataset_train_split)
             source = gated_prompts(load_split(phase["dataset_name"], split), stage_args, training_args,
                                    f"upo phases[{index}]: {phase['dataset_name']} ({split})", phase["dataset_name"],
-                                   images, tokenizer, model)
+                                   images, tokenizer, model, record)
         if phase.get("domains"):
+            if "domain" not in source.column_names:
+                raise UserError(f"upo phases[{index}]: `domains` needs a `domain` column in the prompts; they have: "
+                                f"{', '.join(source.column_names)}")
             wanted = set(phase["domains"])
             source = source.filter(lambda row, wanted=wanted: row["domain"] in wanted)
         if len(source) == 0:
@@ -54,7 +60,7 @@ def curriculum(dataset, stage_args, phases: list[dict], training_args, tokenizer
         source = source.shuffle(seed=training_args.seed + index)
         if phase.get("num_prompts"):
             source = source.select(range(min(phase["num_prompts"], len(source))))
-        parts.append(common.keep_columns(source, UPO_COLUMNS))
+        parts.append(common.keep_columns(source, upo_columns(training_args)))
     try:
         return concatenate_datasets(parts)
     except ValueError as error:  # a column stored as JSON values in one file (data_prep's image sets), as structs in another
@@ -68,6 +74,17 @@ def curriculum(dataset, stage_args, phases: list[dict], training_args, tokenizer
                             "as the training prompts store them (e.g. build them with the same data_prep job)") from error
 
 
+def _check_phase_values(phase: dict, index: int) -> None:
+    """`domains` is a list of domain names and `num_prompts` a positive count: `domains: logic` matched each letter,
+    `num_prompts: -1` left the phase out and `0` kept all its prompts, without a word."""
+    domains, count = phase.get("domains"), phase.get("num_prompts")
+    if domains is not None and not (isinstance(domains, list) and all(isinstance(d, str) for d in domains)):
+        raise UserError(f"upo phases[{index}]: domains is {domains!r}; expected a list of domain names, e.g. [logic]")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise UserError(f"upo phases[{index}]: num_prompts is {count!r}; expected a positive whole number (leave it "
+                        "out to keep all the phase's prompts)")
+
+
 def _holds_json(feature) -> bool:
     """Whether a `datasets` feature is, or holds, `Json` (values of any shape, e.g. a message's content parts)."""
     from datasets import Json
@@ -75,6 +92,13 @@ def _holds_json(feature) -> bool:
     if isinstance(feature, dict):
         return any(map(_holds_json, feature.values()))
     return isinstance(feature, Json) or _holds_json(getattr(feature, "feature", None) or {})
+
+
+def upo_columns(training_args) -> set[str]:
+    """`UPO_COLUMNS` and the column `normalize_rewards_by` names (e.g. `source`): dropped with the others, the trainer
+    said the prompts had no such column. (Tests pass a namespace without the field.)"""
+    column = getattr(training_args, "normalize_rewards_by", None)
+    return UPO_COLUMNS | {column} if column else UPO_COLUMNS
 
 
 def main(stage_args: StageArguments, training_args, model_args, curriculum_args: CurriculumArguments):
@@ -88,7 +112,7 @@ def main(stage_args: StageArguments, training_args, model_args, curriculum_args:
     gates.check_prompt_rows(dataset, stage_args.dataset_name)
     if stage_args.preflight:
         gates.check_turn_text(tokenizer, dataset, stage_args.dataset_name, model)
-    dataset = common.keep_columns(dataset, UPO_COLUMNS)
+    dataset = common.keep_columns(dataset, upo_columns(training_args))
     dataset, offline, preflight = preflight_data(dataset, stage_args, training_args, tokenizer, model)
     if offline is not None and not vision.has_images(offline):  # cut to max_completion_length, as rollouts are
         check_rollout_context(model, tokenizer, offline, training_args, f"{training_args.upo_offline_dataset} (train)")
@@ -96,14 +120,15 @@ def main(stage_args: StageArguments, training_args, model_args, curriculum_args:
     if images:  # before the phases join: each file's relative image paths are read against its own folder
         dataset = image_prompts(dataset, training_args, stage_args.dataset_name)
     if curriculum_args.phases:
-        dataset = curriculum(dataset, stage_args, curriculum_args.phases, training_args, tokenizer, model, images)
+        dataset = curriculum(dataset, stage_args, curriculum_args.phases, training_args, tokenizer, model, images,
+                             preflight)
         training_args.shuffle_dataset = False  # the phase order is the point
     if not images and stage_args.preflight:
         # rendered here once (the trainer keeps text prompts as they are), then measured as GRPO will tokenize them
         dataset = render_prompts(dataset, tokenizer, training_args.chat_template_kwargs)
         check_rollout_context(model, tokenizer, dataset, training_args, stage_args.dataset_name)
     trainer = UPOTrainer(model, args=training_args, train_dataset=dataset,
-                         eval_dataset=heldout_prompts(stage_args, training_args, images, tokenizer, model),
+                         eval_dataset=heldout_prompts(stage_args, training_args, images, tokenizer, model, preflight),
                          processing_class=tokenizer,
                          peft_config=peft_config, offline_dataset=offline)
     training.guard_checkpoints(trainer)
@@ -132,27 +157,32 @@ def check_rollout_context(model, tokenizer, dataset, training_args, name: str) -
         raise UserError(f"{name}: {error}") from None
 
 
-def heldout_prompts(stage_args, training_args, images: bool, tokenizer, model=None):
+def heldout_prompts(stage_args, training_args, images: bool, tokenizer, model=None, record: dict | None = None):
     """`common.load_test_split` for GRPO's evaluation (rewards, and the DPO term of online pairs), through the
-    prompt gates the training prompts pass; None without it."""
+    prompt gates the training prompts pass, the prompts skipped counted in `record` as `heldout_prompts_skipped`;
+    None without it."""
     dataset = common.load_test_split(stage_args, training_args)
     if dataset is None:
         return None
     name = f"{stage_args.dataset_name} ({stage_args.dataset_test_split})"
-    return gated_prompts(dataset, stage_args, training_args, name, stage_args.dataset_name, images, tokenizer, model)
+    return gated_prompts(dataset, stage_args, training_args, name, stage_args.dataset_name, images, tokenizer, model,
+                         record, "heldout_prompts_skipped")
 
 
 def gated_prompts(dataset, stage_args, training_args, name: str, dataset_name: str, images: bool, tokenizer,
-                  model=None):
+                  model=None, record: dict | None = None, key: str = "prompts_skipped"):
     """Prompts other than the training file (held-out ones, a curriculum phase's own file) through the gates the
-    training prompts pass, named `name`; image paths are read against `dataset_name`'s folder."""
+    training prompts pass, named `name`; image paths are read against `dataset_name`'s folder. The prompts skipped
+    (`skip_bad_rows`) are added to `record[key]`: they were left out without a word or a count."""
     gates.check_prompt_rows(dataset, name)
     if stage_args.preflight:  # as the training prompts: images per placeholder, then special-token text
         gates.check_turn_text(tokenizer, dataset, name, model)
-    dataset = common.keep_columns(dataset, UPO_COLUMNS)
+    dataset = common.keep_columns(dataset, upo_columns(training_args))
     if stage_args.preflight:
-        dataset, _ = gates.check_reward_references(dataset, training_args.rewards, name,
-                                                   allow_skip=stage_args.skip_bad_rows)
+        dataset, skipped = gates.check_reward_references(dataset, training_args.rewards, name,
+                                                         allow_skip=stage_args.skip_bad_rows)
+        if record is not None:
+            record[key] = record.get(key, 0) + skipped
     if images:
         return image_prompts(dataset, training_args, dataset_name, name)
     if stage_args.preflight and model is not None:  # GRPO samples rollouts from these prompts too
@@ -190,12 +220,14 @@ def preflight_data(dataset, stage_args, training_args, tokenizer=None, model=Non
 
 
 def image_prompts(dataset, training_args, dataset_name: str, name: str | None = None):
-    """Image prompts with decoded images, only those of the thinking mode `chat_template_kwargs` asks for (GRPO
+    """Image prompts with decoded images, only those of the thinking mode `chat_template_kwargs` asks for or of none (GRPO
     renders all image prompts with one; see `UPOTrainer`). Relative image paths are read against `dataset_name`'s
     folder; `name` (default `dataset_name`) names the set in errors, e.g. with its split."""
     mode = (training_args.chat_template_kwargs or {}).get("enable_thinking")
     if mode is not None and "thinking" in dataset.column_names:
-        dataset = dataset.filter(lambda thinking: bool(thinking) == bool(mode), input_columns="thinking")
+        # a row without a mode (null) is rendered in the one GRPO uses, as `UPOTrainer` takes it: kept in either mode
+        dataset = dataset.filter(lambda thinking: thinking is None or bool(thinking) == bool(mode),
+                                 input_columns="thinking")
         if len(dataset) == 0:
             raise UserError(f"upo: no image prompts with thinking={bool(mode)} (chat_template_kwargs.enable_thinking)")
     return vision.decode_images(dataset, data_folder(dataset_name), name or dataset_name)
