@@ -65,6 +65,25 @@ def folder_splits(path: Path) -> list[str] | None:
     return splits or None
 
 
+def _image_lists(dataset):
+    """TRL's one-image-a-row formats (an `image` column, or one `datasets.Image` per row in `images`) as the list of
+    images per row that every stage and gate reads from `images` (TRL's collators make the same list)."""
+    from datasets import Image, List
+
+    column = "image" if "image" in dataset.column_names and "images" not in dataset.column_names else "images"
+    feature = dataset.features.get(column)
+    if column == "images" and not isinstance(feature, Image):
+        return dataset
+    features = dataset.features.copy()
+    del features[column]
+    features["images"] = List(Image(decode=False)) if isinstance(feature, Image) else List(feature)
+    if isinstance(feature, Image):  # wrapped undecoded: no image is decoded to be listed
+        dataset = dataset.cast_column(column, Image(decode=False))
+    listed = dataset.map(lambda row: {"images": [row[column]] if row[column] else []}, features=features,
+                         remove_columns=[column] if column == "image" else None)
+    return listed.cast_column("images", List(Image())) if isinstance(feature, Image) else listed
+
+
 def _load_file(path: Path, split: str, allow_empty: bool = False):
     """A local data file as one split; an unreadable or empty file is a UserError naming the file (and the first bad
     line of a JSON Lines file) instead of datasets' and Arrow's tracebacks."""
@@ -88,12 +107,38 @@ def _load_file(path: Path, split: str, allow_empty: bool = False):
     except Exception as exc:  # noqa: BLE001 - datasets and Arrow raise many types for one cause: an unreadable file
         raise UserError(f"{path}: cannot be read as {path.suffix[1:]} ({_root_cause(exc)})"
                         f"{_bad_json_line(path) or _non_utf8_line(path)}; expected {expected}") from exc
+    dataset = _image_lists(dataset)
     if path.suffix != ".parquet" and (where := _non_utf8_line(path)):
         raise UserError(f"{path}: not UTF-8 text{where}; expected UTF-8: re-save the file as UTF-8 (from GBK: iconv "
                         "-f GBK -t UTF-8)")
     if len(dataset) == 0 and not allow_empty:
         raise UserError(f"{path}: no rows; expected a non-empty {path.suffix[1:]} file")
-    return dataset
+    return _stored_images_under(dataset, path.parent)
+
+
+def _stored_images_under(dataset, folder: Path):
+    """A `datasets.Image` column whose images are paths alone (`to_parquet` keeps no bytes of images given by
+    relative path) with those paths read against the data file's folder, as image paths written as text are, not
+    against the current directory."""
+    import pyarrow.compute as pc
+    from datasets import Image, List
+
+    feature = dataset.features.get("images")
+    single = isinstance(feature, Image)
+    if not single and not isinstance(getattr(feature, "feature", None), Image):
+        return dataset
+    stored = dataset.data.column("images").combine_chunks()
+    stored = stored if single else pc.list_flatten(stored)
+    if not pc.any(pc.is_null(pc.struct_field(stored, "bytes"))).as_py():
+        return dataset
+
+    def under(image):
+        relative = image and image["bytes"] is None and image["path"] and not Path(image["path"]).is_absolute()
+        return {**image, "path": str(folder / image["path"])} if relative else image
+
+    raw = dataset.cast_column("images", Image(decode=False) if single else List(Image(decode=False)))
+    raw = raw.map(lambda row: {"images": under(row["images"]) if single else [under(i) for i in row["images"] or []]})
+    return raw.cast_column("images", feature)
 
 
 def _too_deep_json_line(path: Path) -> int | None:

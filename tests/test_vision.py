@@ -603,6 +603,16 @@ def test_gate_images_per_placeholder():
         gates.check_image_slots(Dataset.from_list(marked), "vqa.jsonl")
 
 
+def test_gate_images_given_as_one_string_instead_of_a_list():
+    from datasets import Dataset
+
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}]
+    rows = Dataset.from_list([{"prompt": turn, "images": "img/red.png"}])
+    with pytest.raises(UserError, match=r"vqa.jsonl row 1 \(counting from 1\): \"images\" is one string "
+                                        r"\('img/red.png'\); expected a list of images"):
+        gates.check_image_slots(rows, "vqa.jsonl")
+
+
 def test_gate_images_without_a_placeholder_in_structured_turns_and_markers_in_text_rows():
     """A row whose turns are lists of parts has a slot for each image: an image with none is refused (TRL places
     images at the start only for rows of plain-string turns). A text row (no images) may write `<image>` as text."""
@@ -745,6 +755,25 @@ def test_upo_stage_gates_image_slots(where, kind, vqa, tiny_model_path, tmp_path
         upo.main(*configs, upo.CurriculumArguments())
 
 
+def test_one_image_a_row_formats_load_as_lists_of_images(tmp_path):
+    """TRL's `image` column, and one `datasets.Image` per row in `images`: a list of one image, counted as one."""
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
+
+    red = str(tmp_path / write_png(tmp_path / "red.png"))
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}]
+    for column in ("image", "images"):
+        Dataset.from_dict({"prompt": [turn], column: [red]}).cast_column(column, ImageFeature()).to_parquet(
+            str(tmp_path / f"{column}.parquet"))
+        rows = load_split(str(tmp_path / f"{column}.parquet"))
+        assert rows.column_names == ["prompt", "images"] and rows[0]["images"][0].size == (16, 16)
+        gates.check_image_slots(rows, column)
+    (tmp_path / "image.jsonl").write_text(json.dumps({"prompt": turn, "image": "red.png"}) + "\n")
+    rows = load_split(str(tmp_path / "image.jsonl"))
+    assert rows[0]["images"] == ["red.png"]
+    assert vision.decode_images(rows, tmp_path)[0]["images"][0].size == (16, 16)
+
+
 def test_gate_processor_from_another_model(tiny_model_path):
     model = load_model(tiny_model_path("llava"))
     llava, qwen = load_tokenizer(tiny_model_path("llava")), load_tokenizer(tiny_model_path("qwen2_vl"))
@@ -826,6 +855,27 @@ def test_decode_images_resolves_against_the_data_folder_and_names_bad_rows(tmp_p
     stored = stored.cast_column("images", List(ImageFeature()))
     with pytest.raises(UserError, match=r"vqa row 2 \(counting from 1\): images\[0\] \(stored in the data\): does not"):
         vision.decode_images(stored, name="vqa")
+
+
+def test_stored_images_given_by_relative_path_are_read_against_the_data_folder(tmp_path, monkeypatch):
+    """`to_parquet` of a `datasets.Image` column of files given by relative path keeps the path alone, no bytes: it is
+    read against the parquet's folder, as a path written as text is, and a missing one is named by its row."""
+    from datasets import Dataset, List
+    from datasets import Image as ImageFeature
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "img").mkdir(parents=True)
+    write_png(tmp_path / "data" / "img" / "red.png")
+    write_png(tmp_path / "data" / "img" / "gone.png")
+    rows = Dataset.from_dict({"images": [["img/red.png"], ["img/gone.png"]]})
+    monkeypatch.chdir(tmp_path / "data")
+    rows.cast_column("images", List(ImageFeature())).to_parquet("train.parquet")
+    (tmp_path / "data" / "img" / "gone.png").unlink()
+    monkeypatch.chdir(tmp_path)  # training runs from elsewhere
+    loaded = load_split(str(tmp_path / "data"), "train")
+    assert loaded[0]["images"][0].size == (16, 16)
+    with pytest.raises(UserError, match=r"train row 2 \(counting from 1\): images\[0\] .*data/img/gone.png: not found"):
+        vision.decode_images(loaded.cast_column("images", List(ImageFeature(decode=False))), name="train")
 
 
 def test_a_missing_image_of_an_offline_pair_is_named_by_its_line_after_skipped_pairs(tiny_model_path, tmp_path):

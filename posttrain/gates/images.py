@@ -16,6 +16,9 @@ def check_image_slots(dataset, name: str) -> None:
     user turn, so only those may have images and no placeholder."""
     columns = [c for c in ("messages", "prompt", "completion", "chosen", "rejected") if c in dataset.column_names]
     for index, row in enumerate(dataset.select_columns(columns + ["images"]).to_list()):
+        if isinstance(row["images"], str):  # its length would count characters as images
+            raise UserError(f"pre-flight: {name} {row_name(index)}: \"images\" is one string ({row['images']!r}); "
+                            f"expected a list of images, e.g. [{row['images']!r}]")
         images = len(row["images"] or [])
         contents = [m.get("content") for c in columns if isinstance(row[c], list) for m in row[c]]
         slots = sum(1 for content in contents if isinstance(content, list)

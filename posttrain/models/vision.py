@@ -215,9 +215,9 @@ def _check_images(dataset, name: str, rows: list[int] | None = None) -> None:
     for index, images in enumerate(row["images"] for row in dataset.select_columns(["images"])):  # bytes: not all at once
         i = index if rows is None else rows[index]
         for j, image in enumerate(images if isinstance(images, list) else [images] if images else []):
-            if isinstance(image, dict):  # `datasets.Image`'s {"bytes", "path"}: a path alone `datasets` reads itself
-                if image.get("bytes") is None:
-                    continue
+            if isinstance(image, dict) and image.get("bytes") is None:  # `datasets.Image`'s path alone: a file
+                image = image.get("path")
+            if isinstance(image, dict):  # `datasets.Image`'s {"bytes", "path"}
                 source, where = io.BytesIO(image["bytes"]), "(stored in the data)"
             elif isinstance(image, str):
                 if not Path(image).is_file():
