@@ -257,6 +257,19 @@ def test_loraplus_killed_then_resumed_is_bit_identical(configs, tmp_path):
     assert_same_adapter(train("sft", args, out, resume=out / "checkpoint-2"), want)
 
 
+def test_group_by_length_killed_inside_a_later_epoch_then_resumed_is_bit_identical(configs, tmp_path):
+    """`train_sampling_strategy: group_by_length`, 8 rows, 2 steps an epoch, killed after step 3 (inside the second
+    epoch): the Trainer's sampler drew the epoch's order from torch's generator before the resumed run restored the
+    checkpoint's, so step 4 trained on other rows; each epoch's order now comes from the seed and the epoch."""
+    args = {**configs["sft"], "max_train_samples": 8, "max_steps": 4, "train_sampling_strategy": "group_by_length"}
+    want = train("sft", args, tmp_path / "ref")
+    out = tmp_path / "out"
+    assert killed_run("sft", args, out, after=3) == -9
+    assert_same_adapter(train("sft", args, out, resume=out / "checkpoint-3"), want)
+    logged = [[(e["loss"], e["epoch"]) for e in json.loads((folder / "metrics.json").read_text())["log_history"]
+               if "loss" in e] for folder in (out, tmp_path / "ref")]
+    assert logged[0] == logged[1] and [epoch for _, epoch in logged[0]] == [0.5, 1.0, 1.5, 2.0]
+
 def test_upo_offline_pairs_with_accumulation_killed_then_resumed_is_bit_identical(configs, tmp_path):
     """With gradient accumulation a step's offline pairs (7 here) are spread over its micro-steps (3, then 4) by
     GRPO's micro-step count, which a resumed run restarts at 0: still in step, since checkpoints fall between steps.
@@ -1038,3 +1051,40 @@ def test_upo_killed_inside_a_generation_batch_then_resumed_is_bit_identical(conf
     (out / "checkpoint-1" / "upo_generation_0.pt").unlink()  # as a checkpoint saved before it was kept
     with pytest.raises(UserError, match="upo_generation_0.pt is missing: checkpoint-1 falls inside a generation batch"):
         train("upo", args, out, resume=out / "checkpoint-1")
+
+
+@pytest.mark.parametrize("after", [2, 3])
+def test_upo_resumed_in_a_later_epoch_is_bit_identical(configs, tmp_path, after):
+    """4 prompts, 2 a step: checkpoint-2 ends the first epoch and checkpoint-3 is inside the second. GRPO's sampler
+    draws each epoch's order from one generator seeded once, so a resumed process drew the first epoch's order again
+    (other prompts at steps 3 and 4); the order of epoch e is now the (e+1)-th from the seed in any process."""
+    args = {**configs["upo"], "upo_mode": "online", "max_train_samples": 4, "max_steps": 4,
+            "rewards": {"accuracy": 1.0, "hackable_length": 1.0}}
+    want = train("upo", args, tmp_path / "ref")
+    out = tmp_path / "out"
+    assert killed_run("upo", args, out, after=after) == -9
+    assert_same_adapter(train("upo", args, out, resume=out / f"checkpoint-{after}"), want)
+    logged = [[(e["loss"], e["epoch"]) for e in json.loads((folder / "metrics.json").read_text())["log_history"]
+               if "loss" in e] for folder in (out, tmp_path / "ref")]
+    assert logged[0] == logged[1] and [epoch for _, epoch in logged[0]] == [0.5, 1.0, 1.5, 2.0]
+
+
+@pytest.mark.multinode
+def test_upo_on_two_processes_resumed_inside_a_later_epoch_is_bit_identical(configs, tmp_path):
+    """As above on two processes, stopped after step 3, inside the second epoch: there accelerate wraps the sampler
+    in two batch samplers for the skipped batches, which its `set_epoch` and the Trainer's do not reach."""
+    from posttrain.stages.training import SIGTERM_TEST_ENV
+
+    args = {**configs["upo"], "upo_mode": "online", "max_train_samples": 4, "max_steps": 4, "save_steps": 100,
+            "per_device_train_batch_size": 4, "rewards": {"accuracy": 1.0, "hackable_length": 1.0}}
+    runs = {"whole": _launch_two("upo", args, tmp_path / "whole"),
+            "cut": _launch_two("upo", args, tmp_path / "cut", **{SIGTERM_TEST_ENV: "3"})}
+    said = {name: _finish(process) for name, process in runs.items()}
+    assert runs["whole"].returncode == 0, said["whole"][-3000:]
+    cut = tmp_path / "cut"
+    assert [c.name for c in checkpoints.checkpoints(cut)] == ["checkpoint-3"], said["cut"][-3000:]
+    resumed = _launch_two("upo", {**args, "resume_from_checkpoint": str(cut / "checkpoint-3")}, cut)
+    output = _finish(resumed)
+    assert resumed.returncode == 0, output[-3000:]
+    assert_same_adapter(load_file(cut / "adapter_model.safetensors"),
+                        load_file(tmp_path / "whole" / "adapter_model.safetensors"))

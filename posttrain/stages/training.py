@@ -39,6 +39,7 @@ def train(trainer, training_args, stage_args):
     if training_args.resume_from_checkpoint:
         checkpoints.check_processes(training_args.resume_from_checkpoint, trainer.accelerator.num_processes,
                                     training_args.output_dir)
+    length_groups_by_epoch(trainer)
     stop = save_and_stop_on_sigterm(trainer)
     trainer.add_callback(stop_when_resumed_at_the_end())
     trainer.add_callback(log_the_last_step())
@@ -54,6 +55,32 @@ def train(trainer, training_args, stage_args):
     if stop.stopped:  # the checkpoint of the step it stopped at is written: the stage ends here, interrupted
         raise Terminated(signal.SIGTERM)
     return result
+
+
+def length_groups_by_epoch(trainer) -> None:
+    """`train_sampling_strategy: group_by_length` with each epoch's order drawn from the seed and the epoch. The
+    Trainer's (transformers 5.23) `LengthGroupedSampler` draws it from torch's global generator when the epoch's batches
+    are first asked for, before a resumed run restores the checkpoint's RNG state: resumed inside its second epoch or
+    later, a stage drew another order than the uninterrupted run had, so the steps after the checkpoint trained on
+    other rows. Seeded before every epoch here (`_run_epoch`), on every process alike."""
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    build, run_epoch, samplers = trainer._get_train_sampler, trainer._run_epoch, []
+
+    def get_train_sampler(*args, **kwargs):
+        sampler = build(*args, **kwargs)
+        if isinstance(sampler, LengthGroupedSampler) and sampler.generator is None:
+            sampler.generator = torch.Generator()
+            samplers.append(sampler)
+        return sampler
+
+    def run_seeded_epoch(*args, **kwargs):
+        for sampler in samplers:
+            sampler.generator.manual_seed(trainer.args.seed + kwargs["epoch"])
+        return run_epoch(*args, **kwargs)
+
+    trainer._get_train_sampler, trainer._run_epoch = get_train_sampler, run_seeded_epoch
 
 
 def log_the_last_step():

@@ -58,7 +58,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import nanstd, use_adapter
+from trl.trainer.utils import RepeatSampler, nanstd, use_adapter
 
 from ..data import render_prompt
 from ..errors import UserError
@@ -267,6 +267,18 @@ class UPOTrainer(GRPOTrainer):
                                 "checkpoint to start the stage over")
             self._offline.load_state_dict(json.loads(path.read_text()), str(path))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _get_train_sampler(self, dataset=None):
+        self._prompt_sampler = super()._get_train_sampler(dataset)
+        self._prompt_sampler.__class__ = EpochRepeatSampler  # GRPO's `RepeatSampler`, plus `set_epoch`
+        return self._prompt_sampler
+
+    def _run_epoch(self, *args, **kwargs):
+        # Called here, not left to the Trainer and accelerate: resumed inside an epoch on several processes, their
+        # `set_epoch` does not reach a sampler under both accelerate's `SkipBatchSampler` and `BatchSamplerShard`
+        if getattr(self, "_prompt_sampler", None) is not None:
+            self._prompt_sampler.set_epoch(kwargs["epoch"])
+        return super()._run_epoch(*args, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Construction checks
@@ -670,6 +682,20 @@ class UPOTrainer(GRPOTrainer):
         self._log_mean(mode, "upo/dpo_margin", logits)
         self._log_mean(mode, "upo/chosen_logratio", chosen_logratios)
         self._log_mean(mode, "upo/rejected_logratio", rejected_logratios)
+
+
+class EpochRepeatSampler(RepeatSampler):
+    """GRPO's prompt sampler, with each epoch's order the same whether or not this process trained the epochs before.
+    GRPO's sampler draws every epoch's order from one generator seeded once, so a stage resumed in its second epoch or
+    later drew the first epoch's order again: other prompts than the uninterrupted run's. `set_epoch`, called before
+    each epoch (`UPOTrainer._run_epoch`), seeds the generator again and draws the orders of the epochs before, so an
+    uninterrupted run keeps the orders it had."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.shuffle and self.seed is not None:
+            self.generator.manual_seed(self.seed)
+            for _ in range(epoch):
+                torch.randperm(self.num_samples, generator=self.generator)
 
 
 def _inside_ddp(model):
