@@ -115,6 +115,10 @@ def _check_values(stage: str, args: dict, own: dict, where: str) -> None:
             check_reward_names(rewards)
     except UserError as exc:
         raise UserError(f"{where}: {origin('rewards')}.rewards: {exc}") from None
+    if stage == "dpo" and args.get("train_sampling_strategy") == "group_by_length":
+        # transformers measures rows by their `input_ids`, which DPO's tokenized pairs do not have: a bare ValueError
+        raise UserError(f"{where}: {origin('train_sampling_strategy')}.train_sampling_strategy: group_by_length does "
+                        "not work for DPO (its pairs have no input_ids for transformers to measure); leave it out")
     if "upo_mode" in args and args["upo_mode"] not in UPO_MODES:
         raise UserError(f"{where}: {origin('upo_mode')}.upo_mode: {args['upo_mode']!r}; expected one of: "
                         f"{', '.join(UPO_MODES)}")

@@ -109,6 +109,9 @@ RECIPES = [
     ("reward-weight-nan", _set("stages.upo.rewards", {"accuracy": float("nan")}), [],
      ["stages.upo.rewards: 'accuracy' has the weight nan"]),
     ("no-reward", _set("stages.upo.rewards", {}), [], ["stages.upo.rewards: no reward named"]),
+    # transformers' length sampler reads `input_ids`, which DPO's tokenized pairs lack: a bare ValueError in the stage
+    ("dpo-group-by-length", _set("stages.dpo.train_sampling_strategy", "group_by_length"), [],
+     ["stages.dpo.train_sampling_strategy: group_by_length does not work for DPO"]),
     ("rewards-not-a-mapping", None, ["stages.upo.rewards=accuracy"], ["stages.upo.rewards: 'accuracy'",
                                                                       "expected reward names with their weights"]),
     ("upo-mode-typo", _set("stages.upo.upo_mode", "onlin"), [],
