@@ -17,6 +17,11 @@ _EXPECTED = {".jsonl": "one JSON object per line", ".json": "a JSON list of obje
              ".parquet": "a parquet table", ".csv": "comma-separated rows under a header line"}
 
 
+def split_name(dataset: str, split: str) -> str:
+    """How messages name one split of a dataset: `<dataset> (<split>)`."""
+    return f"{dataset} ({split})"
+
+
 def load_split(name_or_path: str, split: str = "train", dataset_config: str | None = None,
                allow_empty: bool = False):
     """Load one split of a dataset.

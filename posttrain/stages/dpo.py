@@ -19,11 +19,11 @@ import time
 
 from .. import gates
 from ..configs import StageArguments
-from ..data import is_data_file, with_template_kwargs
+from ..data import is_data_file, split_name, with_template_kwargs
 from ..errors import UserError
 from ..models import vision
 from . import adapter_checks, common, training
-from .pairs import load_pairs, split_name
+from .pairs import load_pairs
 
 DPO_COLUMNS = {"prompt", "chosen", "rejected", "chat_template_kwargs", "images", "tools"}
 
@@ -95,7 +95,7 @@ def text_pair_checks(trainer, tokenizer, train, stage_args, truncation: str, end
     name, max_length = stage_args.dataset_name, trainer.args.max_length
     found = {**gates.check_prompt_boundary(tokenizer, train, name),
              **gates.count_cut_pairs(trainer.train_dataset, max_length, truncation, end_of_turn, name)}
-    heldout_name = split_name(stage_args, stage_args.dataset_test_split)
+    heldout_name = split_name(stage_args.dataset_name, stage_args.dataset_test_split)
     if trainer.eval_dataset is not None and (heldout := gates.count_cut_pairs(
             trainer.eval_dataset, max_length, truncation, end_of_turn, heldout_name, heldout=True)):
         found["heldout_pairs_cut"] = heldout["pairs_cut"]
@@ -126,7 +126,7 @@ def heldout_pairs(stage_args, training_args, tokenizer, truncation: str, model) 
 def empty_heldout(stage_args, training_args) -> str:
     """Why nothing is measured on an empty `dataset_test_split`; an `eval_strategy` is turned off, as the Trainer
     refuses one without an eval dataset and TRL's evaluation of no pairs would have nothing to report."""
-    reason = f"{split_name(stage_args, stage_args.dataset_test_split)} holds no pairs"
+    reason = f"{split_name(stage_args.dataset_name, stage_args.dataset_test_split)} holds no pairs"
     strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
     if strategy != "no":
         reason += f"; TRL's evaluation (eval_strategy: {strategy}) is off for the same reason"

@@ -1,7 +1,7 @@
 """The DPO stage's preference pairs: read, checked by the gates, text replies as messages, images decoded."""
 
 from .. import gates
-from ..data import data_folder, has_tool_turns, load_split
+from ..data import data_folder, has_tool_turns, load_split, split_name
 from ..errors import UserError, row_name
 from ..models import vision
 
@@ -11,7 +11,7 @@ def load_pairs(stage_args, split: str, tokenizer, max_length: int | None, trunca
     """The pairs of `split` and the indices of those `skip_bad_rows` skipped, checked as TRL will tokenize them
     (`max_length`, `truncation_mode`) and with the pre-flight gates `stage_args.preflight` turns on."""
     dataset = load_split(stage_args.dataset_name, split, stage_args.dataset_config, allow_empty=allow_empty)
-    name = split_name(stage_args, split)
+    name = split_name(stage_args.dataset_name, split)
     skipped = []
     images = vision.has_images(dataset)
     gates.check_row_reasoning(dataset, name)
@@ -32,11 +32,6 @@ def load_pairs(stage_args, split: str, tokenizer, max_length: int | None, trunca
                                                         truncation_mode=truncation_mode)
     dataset = message_replies(dataset)
     return vision.decode_images(dataset, data_folder(stage_args.dataset_name), name), skipped  # (pairs, indices)
-
-
-def split_name(stage_args, split: str) -> str:
-    """How messages name one split of the stage's pairs: `<dataset> (<split>)`."""
-    return f"{stage_args.dataset_name} ({split})"
 
 
 def message_replies(dataset):

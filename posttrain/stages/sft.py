@@ -20,7 +20,7 @@ import time
 
 from .. import gates
 from ..configs import StageArguments
-from ..data import data_folder, with_template_kwargs
+from ..data import data_folder, split_name, with_template_kwargs
 from ..errors import UserError
 from ..models import vision
 from . import common, training
@@ -75,7 +75,7 @@ def main(stage_args: StageArguments, training_args, model_args):
     preflight.update(report_dropped_rows(trainer, len(dataset), training_args, stage_args.dataset_name))
     if heldout is not None:
         preflight.update(report_dropped_heldout(trainer, len(heldout), training_args,
-                                                f"{stage_args.dataset_name} ({stage_args.dataset_test_split})"))
+                                                split_name(stage_args.dataset_name, stage_args.dataset_test_split)))
     if stage_args.preflight:
         preflight.update(gates.check_collated_labels(trainer, end_of_turn))
         preflight.update(report_cut_replies(trainer, training_args, end_of_turn, stage_args.dataset_name))
@@ -175,7 +175,7 @@ def heldout_rows(stage_args, training_args, images: bool, tokenizer, model=None)
     dataset = common.load_test_split(stage_args, training_args)
     if dataset is None:
         return None
-    name = f"{stage_args.dataset_name} ({stage_args.dataset_test_split})"
+    name = split_name(stage_args.dataset_name, stage_args.dataset_test_split)
     # as the training rows: a row in no SFT format, or a malformed conversation, stopped TRL's tokenization with a
     # bare error (a KeyError, a Jinja error, "the chat template doesn't generate assistant masks"); such text skews
     # the eval loss

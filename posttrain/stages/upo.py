@@ -17,7 +17,7 @@ import time
 
 from .. import gates
 from ..configs import CurriculumArguments, StageArguments
-from ..data import data_folder
+from ..data import data_folder, split_name
 from ..errors import UserError
 from ..generation import check_context
 from ..models import vision
@@ -164,7 +164,7 @@ def heldout_prompts(stage_args, training_args, images: bool, tokenizer, model=No
     dataset = common.load_test_split(stage_args, training_args)
     if dataset is None:
         return None
-    name = f"{stage_args.dataset_name} ({stage_args.dataset_test_split})"
+    name = split_name(stage_args.dataset_name, stage_args.dataset_test_split)
     return gated_prompts(dataset, stage_args, training_args, name, stage_args.dataset_name, images, tokenizer, model,
                          record, "heldout_prompts_skipped")
 
