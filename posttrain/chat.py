@@ -12,7 +12,6 @@ runs the same from a keyboard, a pipe or a test.
 
 import sys
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import TextIO
 
 from .errors import UserError
@@ -133,8 +132,9 @@ def load_folder(model_path: str, adapter: str | None = None, dtype: str | None =
     """A model folder or Hub id (a merged export, any causal LM) with an adapter folder on it if given, and the
     tokenizer the adapter folder carries (posttrain's stages and adapter exports save theirs, chat template included),
     else the model's."""
-    own = adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file()
-    return load_for_chat(model_path, adapter, adapter if own else model_path, False, dtype)
+    from .models import adapter_tokenizer
+
+    return load_for_chat(model_path, adapter, adapter_tokenizer(adapter) or model_path, False, dtype)
 
 
 def load_for_chat(model_path, adapter, tokenizer_path, trust_remote_code: bool, dtype: str | None):

@@ -125,10 +125,9 @@ def cmd_eval(args) -> int:
             ref.trust_remote_code
     elif args.model and given.get("dataset"):
         settings = EvalArguments(**given)
-        # an adapter folder posttrain wrote (a stage, an export) carries the tokenizer and chat template it was trained
-        # with; the base model's own template renders other prompts
-        own = args.adapter and (Path(args.adapter) / "tokenizer_config.json").is_file()
-        model, tokenizer, adapter, remote = args.model, args.adapter if own else None, args.adapter, False
+        from .models import adapter_tokenizer
+
+        model, tokenizer, adapter, remote = args.model, adapter_tokenizer(args.adapter), args.adapter, False
     else:
         raise UserError("give a run folder (posttrain eval outputs/<run>) or --model and --dataset")
     if args.out:

@@ -198,6 +198,14 @@ def adapter_folder(path: str | Path, given_as: str = "adapter") -> Path:
     return path
 
 
+def adapter_tokenizer(adapter: str | Path | None) -> str | None:
+    """The adapter folder itself where it carries a tokenizer (posttrain's stages and exports save the one they trained
+    with, chat template included), else None: the base model's own template would render other prompts."""
+    if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file():
+        return str(adapter)
+    return None
+
+
 def is_offline() -> bool:
     """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as huggingface_hub reads it, but now rather than at its import."""
     from huggingface_hub import constants
