@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from posttrain.errors import UserError
 
-from .images import has_literal_image_marker
+from .images import LITERAL_IMAGE_NOTE, has_literal_image_marker
 from .llamafactory import (
     alpaca_history,
     alpaca_prompt,
@@ -33,6 +33,7 @@ from .llamafactory import (
     typed_parts_as_text,
 )
 from .messages import (
+    UNOPENED_THINK_NOTE,
     RowError,
     RowSkip,
     check_messages,
@@ -396,7 +397,3 @@ def convert_rows(path: str, fmt: str, opts: Options, max_row_bytes: int, split: 
 
     return fmt, generate()
 
-
-LITERAL_IMAGE_NOTE = "a literal '<image>' in a row without image files: read as text, not as an image slot"
-UNOPENED_THINK_NOTE = ("a reply that closes '</think>' without opening it (DeepSeek-R1's template opens it in the "
-                       "generation prompt, so its saved replies lack it): read as thinking, '<think>' prepended")

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from .messages import RowError, require_list, require_str, text_of
 
+LITERAL_IMAGE_NOTE = "a literal '<image>' in a row without image files: read as text, not as an image slot"
 _IMAGE_OK: dict[str, str | None] = {}  # path -> None if it decodes, else the error; images repeat across rows
 
 

@@ -94,6 +94,10 @@ def split_think(content: str, field: str, answer_optional: bool = False) -> tupl
     return f"<think>\n{reasoning}\n</think>\n\n{answer}", True
 
 
+UNOPENED_THINK_NOTE = ("a reply that closes '</think>' without opening it (DeepSeek-R1's template opens it in the "
+                       "generation prompt, so its saved replies lack it): read as thinking, '<think>' prepended")
+
+
 def opens_no_think(text) -> bool:
     """A reply that closes one think block it never opens: a DeepSeek-R1 reply saved without its generation prompt's
     `<think>`, which `split_think` opens for it."""

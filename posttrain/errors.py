@@ -106,6 +106,28 @@ def disk_full_error(exc: BaseException, needed_for: str, near: str | Path | None
                      f"again: nothing half-written is kept{then}.")
 
 
+# the settings a step's memory grows with, as each stage's TRL config names them (UPO: GRPOConfig's)
+MEMORY_SETTINGS = ("per_device_train_batch_size", "max_length", "num_generations", "max_completion_length",
+                   "gradient_checkpointing")
+
+
+def out_of_memory_error(stage: str, exc: BaseException, training_args) -> str:
+    """The paragraph for a stage that ran out of memory while training (TRL's own traceback calls it nothing
+    more than an exception): the settings that decide a step's memory, with their values, and what to change."""
+    settings = ", ".join(f"{name}={getattr(training_args, name)}" for name in MEMORY_SETTINGS
+                         if getattr(training_args, name, None) is not None)
+    changes = ["Lower per_device_train_batch_size and raise gradient_accumulation_steps as much (the same rows an "
+               "optimizer step)",
+               "lower num_generations or max_completion_length" if hasattr(training_args, "num_generations") else
+               "shorten max_length"]
+    if not training_args.gradient_checkpointing:
+        changes.append("set gradient_checkpointing: true")
+    changes.append("shard the model over several GPUs (--accelerate-config recipes/accelerate/fsdp.yaml)")
+    return (f"the {stage} stage ran out of memory ({what_ran_out(exc)}) with {settings}. {', '.join(changes[:-1])} "
+            f"or {changes[-1]}; then run the same command again: the stages before it are kept, and this one starts "
+            "over when its settings change.")
+
+
 def report_child_error(message: str) -> None:
     """In a child process: print `message` as one paragraph to stderr and hand it to the pipeline (if it asked)."""
     print(f"error: {message}", file=sys.stderr, flush=True)

@@ -75,11 +75,6 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArgum
     formatted = REWARDS["think_format"](texts, **columns)
     # the ablation's hackable proxy, scored on every evaluation so any two runs compare on it
     proxy = REWARDS["hackable_length"](texts, **columns)
-    groups = defaultdict(list)
-    for row, ok in zip(rows, correct):
-        groups[f"domain/{row.get('domain')}"].append(ok)
-        mode = {True: "thinking", False: "non_thinking"}.get(row.get("thinking"), "default")
-        groups[f"mode/{mode}"].append(ok)
     if was_training:
         model.train()
     return {
@@ -95,17 +90,27 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = EvalArgum
         "stop_rate": mean_of(stopped),
         "mean_completion_tokens": mean_of(lengths),
         "heldout_loss": None if loss is None or math.isnan(loss) else loss,
-        "by_group": {k: mean_of(v) for k, v in sorted(groups.items())},
+        "by_group": by_group(rows, correct),
         "seconds": seconds,
         "processes": share.count if share else 1,
         "dtype": dtype,
         "samples": [
-            {"prompt": shown_prompt(r["prompt"]), "thinking": r.get("thinking"),
-             "answer": r["answer"],
+            {"prompt": shown_prompt(r["prompt"]), "thinking": r.get("thinking"), "answer": r["answer"],
              "completion": t, "correct": bool(c)}
             for r, t, c in list(zip(rows, texts, correct))[:samples]
         ],
     }
+
+
+def by_group(rows: list[dict], correct: list) -> dict:
+    """Accuracy per domain (`domain/<name>`) and per thinking mode (`mode/thinking`, `mode/non_thinking`,
+    `mode/default` for rows that set none)."""
+    groups = defaultdict(list)
+    for row, ok in zip(rows, correct):
+        groups[f"domain/{row.get('domain')}"].append(ok)
+        mode = {True: "thinking", False: "non_thinking"}.get(row.get("thinking"), "default")
+        groups[f"mode/{mode}"].append(ok)
+    return {k: mean_of(v) for k, v in sorted(groups.items())}
 
 
 def shown_prompt(messages: list[dict]) -> str:

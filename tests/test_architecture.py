@@ -1,5 +1,6 @@
 """Imports go one way: no module of posttrain or data_prep imports, even inside a function, a module that imports it
-back (directly or around a loop), and data_prep may import posttrain but never the reverse."""
+back (directly or around a loop), and data_prep may import posttrain but never the reverse. Modules and functions
+stay as short as the house style says (library modules <= 400 lines, functions <= 60)."""
 
 import ast
 from pathlib import Path
@@ -78,3 +79,28 @@ def test_the_check_sees_a_cycle_and_a_function_local_import(tmp_path):
     graph = {name: imported(name, path, known) for name, path in known.items()}
     assert graph == {"pkg.a": {"pkg.b"}, "pkg.b": {"pkg.a"}}
     assert cycles(graph) == [["pkg.a", "pkg.b", "pkg.a"]]
+
+
+MODULE_LINES, FUNCTION_LINES = 400, 60
+LONGER_MODULES = {"posttrain.trainers.upo_trainer"}  # the UPO trainer may be longer, each method short
+
+
+def too_long(known: dict[str, Path]) -> list[str]:
+    found = []
+    for name, path in known.items():
+        source = path.read_text(encoding="utf-8")
+        if len(source.splitlines()) > MODULE_LINES and name not in LONGER_MODULES:
+            found.append(f"{name}: {len(source.splitlines())} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > FUNCTION_LINES:
+                    found.append(f"{name}.{node.name} (line {node.lineno}): {length} lines")
+    return found
+
+
+def test_modules_and_functions_stay_short(tmp_path):
+    assert too_long(modules()) == []
+    (tmp_path / "long.py").write_text("def f():\n" + "    x = 1\n" * FUNCTION_LINES + "x = 2\n" * MODULE_LINES)
+    assert too_long({"pkg.long": tmp_path / "long.py"}) == [f"pkg.long: {1 + FUNCTION_LINES + MODULE_LINES} lines",
+                                                            f"pkg.long.f (line 1): {1 + FUNCTION_LINES} lines"]
