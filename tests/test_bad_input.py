@@ -419,7 +419,7 @@ def test_upo_gate_stops_prompts_whose_tools_grpo_would_not_render():
 def test_upo_offline_pairs_with_tools_are_refused(tmp_path, tiny_tokenizer):
     """Offline pairs' prompts are rendered as the RL prompts are, without a `tools` column: it was dropped without a
     word, as the RL prompts' was before their gate. Refused by the pre-flight (naming the row) and by the trainer."""
-    from posttrain.stages.upo import preflight_data
+    from posttrain.stages.upo_prompts import preflight_data
     from posttrain.trainers.upo_pairs import load_offline_pairs
 
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
@@ -431,7 +431,7 @@ def test_upo_offline_pairs_with_tools_are_refused(tmp_path, tiny_tokenizer):
 
 
 def test_upo_gate_stops_null_answers(tmp_path):
-    from posttrain.stages.upo import preflight_data
+    from posttrain.stages.upo_prompts import preflight_data
 
     with pytest.raises(UserError, match=r"prompts.parquet row 3 \(counting from 1\): 'answer' is empty, so reward"):
         preflight_data(_prompts(["1", "2", None]), *_upo_args(tmp_path))
@@ -448,7 +448,7 @@ def test_upo_gate_stops_a_worked_solution_as_the_reference(tmp_path, reference):
     whole text, a reply "72" scores 0 under exact_match and None (not scored) under numeric_accuracy. Refused, naming
     the row and the job that takes the answer out, with skip_bad_rows too (the column is wrong, not a row)."""
     from posttrain.rewards import exact_match, numeric_accuracy
-    from posttrain.stages.upo import preflight_data
+    from posttrain.stages.upo_prompts import preflight_data
 
     reply = [[{"role": "assistant", "content": "The answer is 72." if "####" in reference else "It is 6."}]]
     assert exact_match(reply, answer=[reference]) == [0.0] and numeric_accuracy(reply, answer=[reference]) == [None]
@@ -462,14 +462,14 @@ def test_upo_gate_stops_a_worked_solution_as_the_reference(tmp_path, reference):
                                        "The capital of France is Paris, on the Seine.",
                                        "Since $2 + 3 = 5$, the answer is $\\boxed{5}$."])
 def test_upo_gate_passes_real_references(tmp_path, reference):
-    from posttrain.stages.upo import preflight_data
+    from posttrain.stages.upo_prompts import preflight_data
 
     prompts, _, record = preflight_data(_prompts([reference]), *_upo_args(tmp_path))
     assert prompts["answer"] == [reference] and record["prompts_skipped"] == 0
 
 
 def test_upo_gate_finds_a_missing_reward_column(tmp_path):
-    from posttrain.stages.upo import preflight_data
+    from posttrain.stages.upo_prompts import preflight_data
 
     prompts = _prompts(["1"]).remove_columns("answer")
     with pytest.raises(UserError, match=r"reward\(s\) accuracy need a 'answer' column; the rows have: prompt, domain"):
@@ -477,14 +477,14 @@ def test_upo_gate_finds_a_missing_reward_column(tmp_path):
 
 
 def test_upo_gate_stops_identical_offline_pairs(tmp_path):
-    from posttrain.stages.upo import preflight_data
+    from posttrain.stages.upo_prompts import preflight_data
 
     with pytest.raises(UserError, match=r"offline.jsonl \(train\) row 2 \(counting from 1\): chosen == rejected"):
         preflight_data(_prompts(["1"]), *_upo_args(tmp_path, [_pair(0), _pair(1, "x", "x")]))
 
 
 def test_upo_gates_skip_and_count_with_skip_bad_rows(tmp_path):
-    from posttrain.stages.upo import preflight_data
+    from posttrain.stages.upo_prompts import preflight_data
 
     stage, training = _upo_args(tmp_path, [_pair(0), _pair(1, "x", "x"), _pair(2)], skip=True)
     prompts, offline, record = preflight_data(_prompts(["1", "", "3"]), stage, training)

@@ -899,7 +899,7 @@ def test_offline_pairs_left_out_are_named_by_their_line_in_the_file(tmp_path, ti
     line, not by its position among the kept ones."""
     from types import SimpleNamespace
 
-    from posttrain.stages.upo import preflight_data
+    from posttrain.stages.upo_prompts import preflight_data
     from posttrain.trainers.upo_pairs import load_offline_pairs
 
     path = tmp_path / "prefs.jsonl"
@@ -923,7 +923,7 @@ def test_offline_pairs_that_write_special_tokens_as_text_are_refused(tmp_path, t
     from types import SimpleNamespace
 
     from posttrain.errors import UserError
-    from posttrain.stages.upo import preflight_data
+    from posttrain.stages.upo_prompts import preflight_data
 
     path = tmp_path / "prefs.jsonl"
     rows = [{"prompt": [{"role": "user", "content": "Q"}], "chosen": "one", "rejected": "two"},
@@ -945,7 +945,7 @@ def test_the_stage_keeps_the_expected_tool_calls_the_function_call_reward_reads(
     step stopped asking for an `answer` column."""
     from posttrain.rewards import REWARDS
     from posttrain.stages import common
-    from posttrain.stages.upo import UPO_COLUMNS
+    from posttrain.stages.upo_prompts import UPO_COLUMNS
 
     call = [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]
     prompts = Dataset.from_list([{"prompt": [{"role": "system", "content": "You may call get_weather(city)."},
