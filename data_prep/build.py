@@ -257,7 +257,8 @@ def split_and_mix(dataset, weights: dict[str, float], test_size: float, seed: in
             weight = min(weight, 1.0) if name == "test" else weight
             idx = np.flatnonzero(sources == source)
             whole, fraction = divmod(weight, 1.0)
-            extra = rng.choice(idx, size=int(round(len(idx) * fraction)), replace=False)
+            # the share rounded half up: Python's `round` (half to even) kept 2 of 5 rows at 0.5, 2 of 3 and none of 1
+            extra = rng.choice(idx, size=int(len(idx) * fraction + 0.5), replace=False)
             picked.append(np.concatenate([np.tile(idx, int(whole)), extra]).astype(int))
             if not whole:
                 left_out.append((weight, np.setdiff1d(idx, extra)))

@@ -214,6 +214,16 @@ def test_mixing_respects_weights_and_seed(tmp_path):
         m[0]["content"] for m in splits["train"]["messages"])
 
 
+@pytest.mark.parametrize("rows,kept", [(1, 1), (3, 2), (5, 3), (7, 4)])
+def test_a_weights_share_of_rows_is_rounded_half_up(tmp_path, rows, kept):
+    """0.5 of an odd count is rounded the same way every time (half to even kept 2 of 5 rows, 2 of 3 and 0 of 1)."""
+    source = write_jsonl(tmp_path / "odd.jsonl", alpaca_rows("odd", rows))
+    anchor = write_jsonl(tmp_path / "anchor.jsonl", alpaca_rows("anchor", 2))
+    _, splits = run_build(tmp_path, "out", "--sources", json.dumps({"path": str(source), "weight": 0.5}),
+                          json.dumps({"path": str(anchor)}), "--test_size", 0)
+    assert Counter(m[0]["content"].split()[0] for m in splits["train"]["messages"]) == {"odd": kept, "anchor": 2}
+
+
 def test_held_out_split_never_shares_rows_with_upsampled_train(tmp_path):
     small = write_jsonl(tmp_path / "small.jsonl", alpaca_rows("small", 20))
     card, splits = run_build(tmp_path, "out", "--sources", json.dumps({"path": str(small), "weight": 3.0}),
