@@ -21,6 +21,8 @@ import hashlib
 import random
 from dataclasses import dataclass, field
 
+from posttrain.errors import UserError
+
 from . import card as card_lib
 from .config import command_line, parse_config, run
 from .config import make_parser as _make_parser
@@ -63,20 +65,22 @@ def is_test_question(question: str, test_every: int) -> bool:
 def generate(config: VerifiableTasksConfig) -> dict[str, list[dict]]:
     """Tasks for train and test, as balanced over domains as their question spaces allow, `thinking` drawn per task.
 
-    Each domain gets an equal share of each split. A (question, thinking mode) pair appears at most once per split,
+    Each domain gets an equal share of each split (of the test split: the domains outside `TRAINING_ONLY`). A (question, thinking mode) pair appears at most once per split,
     and a question is in train or in test, never both (by its hash). Domains with few distinct questions (units,
     string) fill their share as far as they can; the data card reports the counts.
     """
     for domain in config.domains:
         if domain not in GENERATORS:
-            from posttrain.errors import UserError
-
             raise UserError(f"unknown task domain '{domain}'; choose from: {', '.join(GENERATORS)}")
+    held = [d for d in config.domains if d not in TRAINING_ONLY]  # the test split's domains
+    if config.n_test and not held:
+        raise UserError(f"domains {config.domains} are training data only (no held-out tasks of their own); set "
+                        f"n_test: 0, or add a domain to test on ({', '.join(d for d in GENERATORS if d not in TRAINING_ONLY)})")
     rng = random.Random(config.seed)
     rows = {"train": [], "test": []}
     for index, domain in enumerate(config.domains):
-        share = {split: n // len(config.domains) + (index < n % len(config.domains))
-                 for split, n in (("train", config.n_train), ("test", config.n_test))}
+        share = {"train": _share(config.n_train, index, len(config.domains)),
+                 "test": _share(config.n_test, held.index(domain), len(held)) if domain in held else 0}
         taken, seen = {"train": 0, "test": 0}, set()
         for _ in range(100 * (share["train"] + share["test"])):  # a domain's question space may run out first
             if all(taken[s] >= share[s] for s in taken):
@@ -93,6 +97,11 @@ def generate(config: VerifiableTasksConfig) -> dict[str, list[dict]]:
     for split in rows:  # interleave the domains
         rng.shuffle(rows[split])
     return rows
+
+
+def _share(n: int, index: int, parts: int) -> int:
+    """The `index`-th of `parts` near-equal shares of `n` (the first ones take the remainder)."""
+    return n // parts + (index < n % parts)
 
 
 def brief(task: dict) -> str:

@@ -16,6 +16,7 @@ from data_prep.build_verifiable_tasks import (
     to_tables,
 )
 from data_prep.task_arithmetic import evaluate
+from posttrain.errors import UserError
 from posttrain.rewards import REWARDS
 
 EQUATION = re.compile(r"(-?\d+) ([-+*/]) (-?\d+) = (-?\d+)")
@@ -219,24 +220,34 @@ def test_job_writes_card_and_splits(task_data):
 
 def test_spelling_rows_spell_the_words_of_counting_and_string():
     """The training-only spelling domain: every word the counting and string tasks use, spelled with dashes in both
-    modes; recomputed from the word; a held-out share is still set aside by question text."""
+    modes; recomputed from the word; the questions reserved for test by their text are still never trained."""
     from data_prep.task_domains import WORDS
 
-    rows = generate(VerifiableTasksConfig(n_train=400, n_test=20, domains=["spelling"], seed=3))
-    assert all(r["answer"] == recompute("spelling", r["operands"]) for r in rows["train"] + rows["test"])
+    rows = generate(VerifiableTasksConfig(n_train=400, n_test=0, domains=["spelling"], seed=3))
+    assert all(r["answer"] == recompute("spelling", r["operands"]) for r in rows["train"])
     assert all(reply(r) == r["answer"] for r in rows["train"] if not r["thinking"])
     assert all(reply(r) == f"<think>\n{r['answer']}\n</think>\n\n{r['answer']}" for r in rows["train"] if r["thinking"])
     assert len({r["operands"][1] for r in rows["train"]}) > 0.8 * len(WORDS)
-    assert not {r["question"] for r in rows["train"]} & {r["question"] for r in rows["test"]}
+    assert rows["test"] == [] and not any(is_test_question(r["question"], 10) for r in rows["train"])
+
+
+def test_training_only_domains_hold_out_nothing():
+    """spelling and arithmetic_forms are training data for the default domains: alone they refuse a test split;
+    beside a held-out domain the whole test split is that domain's."""
+    with pytest.raises(UserError, match=r"training data only .*set n_test: 0"):
+        generate(VerifiableTasksConfig(n_train=40, n_test=10, domains=["spelling", "arithmetic_forms"]))
+    rows = generate(VerifiableTasksConfig(n_train=60, n_test=20, domains=["spelling", "arithmetic"], seed=1))
+    assert Counter(r["domain"] for r in rows["test"]) == {"arithmetic": 20}
+    assert Counter(r["domain"] for r in rows["train"]) == {"spelling": 30, "arithmetic": 30}
 
 
 def test_arithmetic_forms_word_the_operation_another_way(reply_tokens):
     """The training-only arithmetic_forms domain: doubling/halving/squares, missing numbers and three numbers, each
     answer recomputed from its structure, the worked steps true, the non-thinking reply one line ending in the answer,
     and the structure the inverse of what the question states ("n + 5 = 18" is 18 - 5)."""
-    rows = generate(VerifiableTasksConfig(n_train=600, n_test=30, domains=["arithmetic_forms"], seed=4))
+    rows = generate(VerifiableTasksConfig(n_train=600, n_test=0, domains=["arithmetic_forms"], seed=4))
     train = rows["train"]
-    assert all(r["answer"] == str(evaluate(r["operands"])) for r in train + rows["test"])
+    assert all(r["answer"] == str(evaluate(r["operands"])) for r in train)
     kinds = Counter(r["template"].split(":")[1] for r in train)
     assert min(kinds["scaled"], kinds["missing"], kinds["three"]) > 100, kinds
     assert len({r["template"] for r in train}) >= 40
@@ -255,4 +266,4 @@ def test_arithmetic_forms_word_the_operation_another_way(reply_tokens):
         if kind == "three":
             assert numbers == [row["operands"][0][0], row["operands"][0][2], row["operands"][2]], row
             assert int(row["answer"]) >= 0
-    assert not {r["question"] for r in train} & {r["question"] for r in rows["test"]}
+    assert not any(is_test_question(r["question"], 10) for r in train)
