@@ -107,6 +107,9 @@ def test_wilson_is_clamped_to_zero_and_one_where_rounding_would_step_outside():
     assert stats.wilson(0, 21)[0] == 0.0
     assert stats.wilson(16, 16)[1] == 1.0
     assert stats.format_accuracy(0, 21) == "0.0% (0–15)"  # not "(-0–15)"
+    # and on the inside: 5.6e-17 at 0 of 7, 1 - 1e-16 at 48 of 48 (metrics.json kept them)
+    assert [stats.wilson(0, n)[0] for n in (7, 48, 200)] == [0.0] * 3
+    assert [stats.wilson(n, n)[1] for n in (7, 48, 200)] == [1.0] * 3
 
 
 def test_evaluations_without_a_prompts_hash_pair_only_when_their_verdicts_line_up():
