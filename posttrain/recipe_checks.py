@@ -115,10 +115,16 @@ def _check_values(stage: str, args: dict, own: dict, where: str) -> None:
             check_reward_names(rewards)
     except UserError as exc:
         raise UserError(f"{where}: {origin('rewards')}.rewards: {exc}") from None
-    if stage == "dpo" and args.get("train_sampling_strategy") == "group_by_length":
+    strategy = args.get("train_sampling_strategy")
+    if stage == "dpo" and strategy in ("group_by_length", "batch_rebalance"):
         # transformers measures rows by their `input_ids`, which DPO's tokenized pairs do not have: a bare ValueError
-        raise UserError(f"{where}: {origin('train_sampling_strategy')}.train_sampling_strategy: group_by_length does "
+        raise UserError(f"{where}: {origin('train_sampling_strategy')}.train_sampling_strategy: {strategy} does "
                         "not work for DPO (its pairs have no input_ids for transformers to measure); leave it out")
+    if stage == "upo" and strategy not in (None, "random"):
+        # GRPO draws its own prompt order (each prompt repeated num_generations times): the strategy did nothing
+        raise UserError(f"{where}: {origin('train_sampling_strategy')}.train_sampling_strategy: {strategy} is not "
+                        "used by UPO (GRPO draws each prompt num_generations times in its own order); leave it out, "
+                        "or set shuffle_dataset: false to take the prompts in the file's order")
     if "upo_mode" in args and args["upo_mode"] not in UPO_MODES:
         raise UserError(f"{where}: {origin('upo_mode')}.upo_mode: {args['upo_mode']!r}; expected one of: "
                         f"{', '.join(UPO_MODES)}")

@@ -112,6 +112,10 @@ RECIPES = [
     # transformers' length sampler reads `input_ids`, which DPO's tokenized pairs lack: a bare ValueError in the stage
     ("dpo-group-by-length", _set("stages.dpo.train_sampling_strategy", "group_by_length"), [],
      ["stages.dpo.train_sampling_strategy: group_by_length does not work for DPO"]),
+    ("dpo-batch-rebalance", _set("stages.dpo.train_sampling_strategy", "batch_rebalance"), [],
+     ["stages.dpo.train_sampling_strategy: batch_rebalance does not work for DPO"]),
+    ("upo-sampling-strategy", _set("stages.upo.train_sampling_strategy", "sequential"), [],
+     ["stages.upo.train_sampling_strategy: sequential is not used by UPO", "shuffle_dataset: false"]),
     ("rewards-not-a-mapping", None, ["stages.upo.rewards=accuracy"], ["stages.upo.rewards: 'accuracy'",
                                                                       "expected reward names with their weights"]),
     ("upo-mode-typo", _set("stages.upo.upo_mode", "onlin"), [],
