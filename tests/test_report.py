@@ -14,7 +14,7 @@ import pytest
 
 from posttrain.io import replace_dir
 from posttrain.report import accuracy_line, build_comparison, build_report, inputs, plots, sections, stage_metrics
-from posttrain.report.blocks import Cell, Para, Table
+from posttrain.report.blocks import Cell, Para, Table, literal
 from posttrain.report.compare import comparison, comparison_rows, variant_summaries
 from posttrain.report.load import error_cause, load_run
 from posttrain.report.plots import assign_panels
@@ -249,6 +249,15 @@ def test_the_training_proxy_is_trls_reward_unless_the_rewards_were_normalised():
     assert proxy_reward(logs, normalized=True) == ("raw reward, mean over domains", pytest.approx(0.4), 1)
 
 
+def test_a_before_and_after_measure_recorded_as_null_is_not_measured(tmp_path):
+    """DPO without held-out pairs records `"preference": {"before": null, "after": null}`: a row that says so, not a
+    table without rows."""
+    run = copy_runs(tmp_path) / "tiny-full"
+    edit_json(run / "dpo" / "metrics.json", lambda m: m.update(preference={"before": None, "after": None}))
+    md = to_markdown(sections.stage_extras(load_run(run).stage("dpo")), "files")
+    assert md_row(md, "`preference`") == ["not measured", "not measured"]
+
+
 def test_a_stage_that_failed_after_an_earlier_attempts_evaluation_is_not_measured(tmp_path):
     """A stage step that failed (or is running again) keeps the metrics.json of an earlier attempt: not its result."""
     runs = copy_runs(tmp_path)
@@ -310,6 +319,15 @@ def test_cli_report(tmp_path):
     assert main(["report", str(runs / "tiny-failed"), "--compare", str(tmp_path)]) == 2
 
 
+def test_a_run_whose_run_json_a_power_loss_left_empty_is_reported_from_its_stage_folders(tmp_path):
+    """run.json written empty (`runs.run_state`): the report reads the run as one from before `order` was recorded,
+    not a JSONDecodeError traceback."""
+    run = copy_runs(tmp_path) / "tiny-full"
+    (run / "run.json").write_text("")
+    assert accuracy_line(run).startswith("base 0.0% (0–32) → sft 0.0% (0–32)")
+    assert [s.name for s in load_run(run).stages] == STAGES
+
+
 # ------------------------------------------------------------------------------------------------ units
 def test_error_cause_is_the_stage_exception_not_the_launcher():
     log = ("Traceback (most recent call last):\n  File \"x.py\", line 1\nposttrain.errors.UserError: row 2 is empty\n"
@@ -358,6 +376,23 @@ def test_markdown_escapes_model_output():
     assert inline_md("`<b>` and **x**") == "`<b>` and **x**"
     md = to_markdown([Table(["a"], [[Cell("x | y\n*z*", literal=True)]])], "files")
     assert "x \\| y<br>\\*z\\*" in md
+    # a carriage return ends a Markdown line as a newline does: the row would break in two
+    md = to_markdown([Table(["prompt", "completion", "reference"], [[Cell("a\r\nb\rc", literal=True), "d", "e"]])], "f")
+    assert md.splitlines()[2] == "| a<br>b<br>c | d | e |"
+
+
+def test_markdown_shows_underscores_stars_and_tildes_as_written():
+    """Markdown (GitHub, the Hub) reads `__x__` as bold and `~~x~~` as struck out: an error message, a caption and a
+    completion keep those characters, as the HTML page does."""
+    markdown_it = pytest.importorskip("markdown_it")
+    blocks = [Para(f"**Stage dpo failed:** {literal('TypeError: __init__() got an unexpected keyword_argument')}"),
+              Table(["completion"], [[Cell("~~no~~ it is 4", literal=True)]], "dashed: held-out (eval_*) logs")]
+    md = to_markdown(blocks, "files")
+    assert "TypeError: \\_\\_init\\_\\_() got an unexpected keyword_argument" in md and "\\~\\~no\\~\\~ it is 4" in md
+    rendered = markdown_it.MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(md)
+    assert "TypeError: __init__() got an unexpected keyword_argument" in rendered
+    assert "~~no~~ it is 4" in rendered and "<s>" not in rendered
+    assert "<em>dashed: held-out (eval_*) logs</em>" in rendered
 
 
 # ---------------------------------------------------------------------------------------- text it did not write
@@ -457,6 +492,23 @@ def test_a_stage_not_yet_evaluated_again_after_eval_changed_is_not_compared_with
     assert "change base" not in to_markdown([sections.eval_table(load_run(run))], "files")
     edit_json(run / "base" / "lineage.json", lambda lin: lin.update(eval_hash="old settings"))
     assert "(evaluated with" not in accuracy_line(run)
+
+
+def test_a_stage_not_yet_evaluated_again_is_marked_where_it_is_compared_with_the_step_before(tmp_path):
+    """The rerun after `eval:` was edited evaluated sft again and stopped before dpo: dpo's promotion record compares
+    it with sft's earlier evaluation, which the report no longer shows. Its row says so, as the accuracy line does."""
+    from posttrain.promotion import promotion
+
+    run = copy_runs(tmp_path) / "tiny-full"
+    for stage, settings in (("base", "new"), ("sft", "new"), ("dpo", "old"), ("upo", "old")):
+        edit_json(run / stage / "lineage.json", lambda lin, settings=settings: lin.update(eval_hash=settings))
+    before, after = ({"accuracy": sum(v) / 8, "verdicts": v, "prompts_sha": "old"} for v in ([0] * 8, [1] * 8))
+    edit_json(run / "dpo" / "metrics.json", lambda m: m.update(promotion=promotion(None, "sft", before, after)))
+    view = load_run(run)
+    md = to_markdown([sections.eval_table(view), *sections.promotions(view)], "files")
+    label = "dpo (evaluated with earlier `eval:` settings than the base)"
+    assert md_row(md, f"**{label.replace('dpo', 'dpo**', 1)}")[:2] == ["sft", "+100.0 pts"]
+    assert md_row(md, "metric")[2] == label
 
 
 def test_an_interrupted_rerun_shows_the_earlier_attempts_numbers_as_such(tmp_path):

@@ -167,16 +167,19 @@ def ablation_runs(root: Path, state: dict) -> list[Path]:
 
 
 def stage_metrics(root: str | Path) -> dict[str, dict]:
-    """metrics.json of every finished step of a run, in run order (base first)."""
+    """metrics.json of every finished step of a run, in run order (base first); with an unreadable run.json (written
+    empty by a power loss), the steps of `STAGE_ORDER` that have one, as `load_run` reads that run."""
     root = Path(root)
-    state = read_json(root / "run.json")
-    order = state.get("order") or STAGE_ORDER
+    order = run_state(root).get("order") or STAGE_ORDER
     out = {}
     for step in order:
         path = root / step / "metrics.json"
         if path.is_file():
             out[step] = json.loads(path.read_text())
     return out
+
+
+EVALUATED_OTHERWISE = "evaluated with earlier `eval:` settings than the base"
 
 
 def evaluated_otherwise(root: str | Path) -> set[str]:
@@ -207,7 +210,7 @@ def accuracy_line(root: str | Path) -> str:
             parts.append(f"{text} (stale: {stale[step]})")
             continue
         if step in otherwise:
-            parts.append(f"{text} (evaluated with earlier `eval:` settings than the base)")
+            parts.append(f"{text} ({EVALUATED_OTHERWISE})")
             before = None
             continue
         status = steps.get(step, {}).get("status")

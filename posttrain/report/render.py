@@ -77,7 +77,8 @@ def inline_html(text: str) -> str:
 def inline_md(text: str) -> str:
     """Markdown renderers treat `<think>` as an HTML tag and drop it: escape <, > and & outside code spans (inside
     **bold** and link text too). `[` is escaped outside links, so text that is not a safe link (`[x]( javascript:…)`,
-    which Markdown links but the marks do not) cannot become one."""
+    which Markdown links but the marks do not) cannot become one. `*`, `~` and `_` (`_MD_MARK`) are escaped too, so
+    they show as written: `__init__()` is not a bold "init", `eval_*` does not end an italic caption."""
     out, last = [], 0
     for m in _INLINE.finditer(text):
         out.append(_md_text(text[last:m.start()]))
@@ -99,13 +100,18 @@ def _md_escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+# `*`, `~` and a `_` at a word's edge would open or close a mark; `build_sft_set`'s inner `_` never does, and stays
+# as written (report.md is also read as text, and searched)
+_MD_MARK = re.compile(r"[\[*~]|(?<![^\W_])_|_(?![^\W_])")
+
+
 def _md_text(text: str) -> str:
-    return _md_escape(text).replace("[", "\\[")
+    return _MD_MARK.sub(lambda m: "\\" + m.group(0), _md_escape(text))
 
 
 def md_literal(text: str) -> str:
-    """`text` as written in Markdown: no HTML, no marks."""
-    return re.sub(r"([\\`*_\[])", r"\\\1", _md_escape(text))
+    """`text` as written in Markdown: no HTML, no marks (GitHub's and the Hub's `~~strikethrough~~` included)."""
+    return re.sub(r"([\\`*_~\[])", r"\\\1", _md_escape(text))
 
 
 # ----------------------------------------------------------------------------------------------------------- markdown
@@ -139,7 +145,8 @@ def _md_cell(cell) -> str:
         text = md_literal(text)
     else:
         text = inline_md(text)
-    return text.replace("|", "\\|").replace("\n", "<br>") or " "
+    # every Markdown line ending (a completion's `\r\n` or lone `\r` too) would end the table row
+    return re.sub(r"\r\n?|\n", "<br>", text.replace("|", "\\|")) or " "
 
 
 def _md_table(table: Table) -> str:

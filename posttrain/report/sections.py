@@ -27,7 +27,7 @@ from .blocks import (
     slug,
     status_cell,
 )
-from .load import RunView, StageView, relative, same_prompts
+from .load import EVALUATED_OTHERWISE, RunView, StageView, relative, same_prompts
 
 EVAL_ROWS = [  # key, label, kind
     ("n", "held-out prompts", "int"),
@@ -93,10 +93,11 @@ def run_failure(run: RunView) -> list:
                  + (f"\nNot run because of it: {', '.join(later)}." if later else ""), "failed")]
 
 
-def stage_label(stage: StageView) -> str:
-    """A stage's name, with its status where it is not done: `dpo (failed; numbers from an earlier attempt)`."""
+def stage_label(stage: StageView, run: RunView) -> str:
+    """A stage's name, with its status where it is not done: `dpo (failed; numbers from an earlier attempt)`, or
+    where its held-out numbers are from earlier `eval:` settings than the base's (`RunView.evaluated_otherwise`)."""
     if stage.status == "done":
-        return stage.name
+        return f"{stage.name} ({EVALUATED_OTHERWISE})" if stage.name in run.evaluated_otherwise else stage.name
     status = STATUS_TEXT.get(stage.status, stage.status)
     return f"{stage.name} ({status}; numbers from an earlier attempt)" if stage.earlier else f"{stage.name} ({status})"
 
@@ -191,7 +192,7 @@ def eval_table(run: RunView) -> Table:
             else:
                 row.append(Cell(_delta(a, b, kind), "num") if comparable else Cell("different prompts", "missing"))
         rows.append(row)
-    header = ["metric"] + [stage_label(s) for s in stages]
+    header = ["metric"] + [stage_label(s, run) for s in stages]
     if first is not None:
         header.append(f"change {first.name} → {last.name}")
     return Table(header, rows, "Rates are fractions of the held-out prompts; per-group rows are accuracy within the "
@@ -216,7 +217,7 @@ def promotions(run: RunView) -> list:
         verdict = (Cell(("passed: " if gate["passed"] else "FAILED: " if gate.get("enforced", True)
                          else "worse (not enforced): ") + gate.get("reason", ""), "ok" if gate["passed"] else "bad",
                         literal=True) if gate else Cell("no gate", "missing"))
-        mark = stage_label(stage).removeprefix(stage.name)  # ` (stale: …)`: not what the chain now gives
+        mark = stage_label(stage, run).removeprefix(stage.name)  # ` (stale: …)`: not what the chain now gives
         rows.append([f"**{stage.name}**{mark}", record.get("against", ""), *paired, verdict])
     if not rows:
         return []
@@ -243,7 +244,7 @@ def stage_extras(stage: StageView) -> list:
             before, after = value.get("before") or {}, value.get("after") or {}
             names = list(dict.fromkeys([*before, *after]))
             rows = [[name, num_cell(before.get(name), kind_of(name)), num_cell(after.get(name), kind_of(name))]
-                    for name in names]
+                    for name in names] or [[f"`{key}`", NOT_MEASURED, NOT_MEASURED]]  # recorded as null: not measured
             blocks += [heading(f"{stage.name}: {key.replace('_', ' ')} before and after", 4),
                        Table(["measure", f"before {stage.name}", f"after {stage.name}"], rows)]
         else:
@@ -359,7 +360,7 @@ def samples(run: RunView) -> list:
             f"{sum(bool(r['by_stage'][s.name].get('correct')) for r in rows if s.name in r['by_stage'])} / "
             f"{sum(s.name in r['by_stage'] for r in rows)}" for s in stages]
         blocks += [heading(f"{MODE_TITLES[mode]} ({len(rows)} prompts)", 3),
-                   Table(["prompt", "reference answer"] + [stage_label(s) for s in stages], table_rows + [totals],
+                   Table(["prompt", "reference answer"] + [stage_label(s, run) for s in stages], table_rows + [totals],
                          cls="samples")]
     return blocks
 
