@@ -589,6 +589,59 @@ def test_pairs_travel_on_chosen_rows(tmp_path, tiny_model_path, tiny_tokenizer):
     assert all(chunk["upo_num_pairs"].item() == len(pairs) for chunk in chunks)
 
 
+def test_the_dpo_term_scores_image_rows_with_their_own_images(tmp_path, tiny_model_path):
+    """The DPO term's policy and reference forwards of image rows (Qwen2-VL: patches per image, `image_grid_thw`,
+    `mm_token_type_ids`), in another order than GRPO's batch, with repeats, prompts and completions of several lengths
+    (padding on both sides), equal one plain forward per row with that row's images; another row's images give
+    other values."""
+    from PIL import Image
+    from trl.data_utils import prepare_multimodal_messages
+
+    from posttrain.models import load_tokenizer
+    from posttrain.trainers.upo_pairs import select_images
+
+    path = tiny_model_path("qwen2_vl")
+    processor = load_tokenizer(path)
+    args = UPOConfig(output_dir=str(tmp_path), **TINY, upo_lambda=0.5, chat_template_kwargs={"enable_thinking": False})
+    images = [Image.new("RGB", (64, 64), color) for color in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    rows = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Color?" * (i + 1)}]}],
+             "images": [image]} for i, image in enumerate(images)]
+    trainer = UPOTrainer(load_model(path), reward_funcs=[varied_reward], args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=processor, peft_config=lora())
+    model = trainer.model
+    with torch.no_grad():  # the policy moves away from its reference (the base model)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    prompts = [prepare_multimodal_messages(row["prompt"], images=row["images"]) for row in rows]
+    prompt_ids = trainer._tokenize_prompts(prompts)[0]
+    texts = [processor.apply_chat_template(p, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+             for p in prompts]
+    batch = {**processor(text=texts, images=[[image] for image in images], padding=True, return_tensors="pt"),
+             "num_images": [1, 1, 1]}  # GRPO's batch of image inputs
+    order, completions = [2, 0, 2, 1], [[105, 106, 107], [108], [109, 110, 111, 112, 2], [113, 114]]
+
+    def plain(i, completion, image):
+        inputs = processor(text=[texts[i]], images=[[image]], return_tensors="pt")
+        ids = torch.cat([inputs["input_ids"], torch.tensor([completion])], dim=1)
+        routing = torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, len(completion), dtype=torch.long)], dim=1)
+        logits = model(input_ids=ids, pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                       mm_token_type_ids=routing).logits[0, :-1]
+        return torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[-len(completion):].sum()
+
+    rows_prompts = [torch.tensor(prompt_ids[i]) for i in order]
+    with torch.no_grad():
+        policy = trainer._sequence_logps(model, rows_prompts, completions, select_images(batch, order))
+        reference = trainer._reference_logps(rows_prompts, completions, select_images(batch, order))
+        expected_policy = torch.stack([plain(i, c, images[i]) for i, c in zip(order, completions, strict=True)])
+        other_images = torch.stack([plain(i, c, images[(i + 1) % 3]) for i, c in zip(order, completions, strict=True)])
+        with model.disable_adapter():
+            expected_reference = torch.stack([plain(i, c, images[i]) for i, c in zip(order, completions, strict=True)])
+    torch.testing.assert_close(policy, expected_policy, rtol=0, atol=1e-4)
+    torch.testing.assert_close(reference, expected_reference, rtol=0, atol=1e-4)
+    assert (policy - other_images).abs().min() > 1e-3 and (policy - reference).abs().min() > 1e-3
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Tiny LoRA runs
 # ----------------------------------------------------------------------------------------------------------------------
