@@ -160,11 +160,14 @@ def parse_arguments(pairs: str, expected: str) -> dict:
 
 
 def plan_runs(rows: list[str], inputs: dict, options: BenchOptions, work: Path) -> list[dict]:
-    """Runs of one worker process, alternating the column order from one repeat to the next."""
+    """Runs of one worker process, alternating the column order from one repeat to the next. The `upo` row without
+    the `grpo` one still gets plain GRPO's run: its ratios are taken over that step."""
     runs = []
     repeats = {"sft": options.repeats, "dpo": options.dpo_repeats or options.repeats}.get(rows[0], options.rl_repeats)
+    order = [(row, column) for row in rows for column in columns_for(row, options.variants)]
+    if "upo" in rows and "grpo" not in rows:
+        order.insert(0, ("grpo", "trl"))
     for repeat in range(repeats):
-        order = [(row, column) for row in rows for column in columns_for(row, options.variants)]
         for row, column in order if repeat % 2 == 0 else order[::-1]:
             args = column_args(row, column, bench_args(row, inputs, options), options.variants, options.plain)
             args["output_dir"] = str(work / "runs" / f"{row}-{column}-{repeat}")

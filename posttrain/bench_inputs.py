@@ -2,6 +2,7 @@
 benchmark's SFT/DPO/RL data written from the task generator or real conversations, and the adapter DPO and UPO continue."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 # Random-weight models in the shape of real ones (`--model shape:<name>`), for GPU runs without the Hub
@@ -58,7 +59,8 @@ def write_bench_data(tasks: Path, out: Path, tokenizer, kind: str = "tasks", max
 
     `kind`: "tasks", the arithmetic tasks' rows (about 58 tokens each: a step is mostly per-kernel overhead on a GPU);
     "chat", rows of varied length as real data has them: SFT on the human conversations of
-    `data_prep/sources/chitchat.jsonl` (300, about 20 to 1,000 tokens), DPO on the dialogues and replies of
+    `data_prep/sources/chitchat.jsonl` (300, about 20 to 1,000 tokens) whose first reply ends within `max_length` (the
+    stage refuses a row whose end-of-turn token it cuts off), DPO on the dialogues and replies of
     `hhh_alignment.jsonl` (221 pairs; a BIG-bench evaluation set, used here to time random-weight models only), those
     that fit in `max_length` whole (the stages refuse a prompt that leaves no room for the reply)."""
     from datasets import load_dataset
@@ -71,12 +73,16 @@ def write_bench_data(tasks: Path, out: Path, tokenizer, kind: str = "tasks", max
         sft = load_dataset("json", data_files=str(sources / "chitchat.jsonl"), split="train")
         pairs = load_dataset("json", data_files=str(sources / "hhh_alignment.jsonl"), split="train")
         no_thinking = {"chat_template_kwargs": {"enable_thinking": False}}
-        sft = sft.map(lambda row: no_thinking)
 
         def tokens(messages):
             text = tokenizer.apply_chat_template(messages, tokenize=False, enable_thinking=False)
             return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
+        def first_reply_fits(messages) -> bool:  # the SFT stage refuses a row whose end-of-turn max_length cuts off
+            end = next(i for i, message in enumerate(messages) if message["role"] == "assistant") + 1
+            return tokens(messages[:end]) <= max_length
+
+        sft = sft.filter(lambda row: first_reply_fits(row["messages"])).map(lambda row: no_thinking)
         pairs = pairs.filter(lambda row: max(tokens(row["prompt"] + row[side]) for side in ("chosen", "rejected"))
                              <= max_length).map(lambda row: no_thinking)
     else:
@@ -100,12 +106,15 @@ def write_bench_data(tasks: Path, out: Path, tokenizer, kind: str = "tasks", max
 
 
 def starting_adapter(model: Path, out: Path) -> Path:
-    """A LoRA adapter (r16, all linear layers) with small non-zero weights, standing in for the previous stage's."""
+    """A LoRA adapter (r16, all linear layers) with small non-zero weights, standing in for the previous stage's. The
+    one already in `out` is kept only when it was made for `model`: one --work folder serves benches of other models."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    if (out / "adapter_model.safetensors").is_file():
+    config = out / "adapter_config.json"
+    if (out / "adapter_model.safetensors").is_file() and config.is_file() and \
+            json.loads(config.read_text()).get("base_model_name_or_path") == str(model):
         return out
     torch.manual_seed(0)
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model),

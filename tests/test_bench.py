@@ -298,6 +298,22 @@ def test_equal_arguments_are_grpos_for_the_rl_rows(tmp_path):
             assert run["args"]["merged_rollouts"] is False and run["args"]["disable_dropout"] is False
 
 
+def test_the_upo_row_alone_still_runs_its_plain_grpo_reference(tmp_path):
+    """`--stages upo`: the row's time and memory are over plain GRPO's step, so that run is planned too (once per
+    repeat, its ratios taken) even without the `grpo` row."""
+    from posttrain.bench import BenchOptions, plan_runs
+    from posttrain.bench_summary import summarize
+
+    inputs = {"model": str(tmp_path), "tokenizer": str(tmp_path), "data": str(tmp_path), "adapter": str(tmp_path)}
+    runs = plan_runs(["upo"], inputs, BenchOptions(stages=("upo",), rl_repeats=2), tmp_path)
+    assert [(run["row"], run["column"]) for run in runs] == [
+        ("grpo", "trl"), ("upo", "equal"), ("upo", "defaults"), ("upo", "defaults"), ("upo", "equal"), ("grpo", "trl")]
+    measured = [{"row": run["row"], "column": run["column"], "repeat": run["repeat"], "steps": 2, "tokens": 100,
+                 "train_runtime_s": 2.0 if run["side"] == "trl" else 3.0, "peak_memory_bytes": 1, "memory_kind": "rss"}
+                for run in runs]
+    assert summarize(measured, 0, None)["upo"]["equal"]["time_vs_trl"] == {"median": 1.5, "min": 1.5, "max": 1.5, "n": 2}
+
+
 def test_the_plain_script_loads_the_model_as_the_stage_does(tiny_model_path):
     """`--plain dtype=bfloat16,attn_implementation=eager` reaches the plain script's model load, not only the equal
     column's stage."""
@@ -312,10 +328,24 @@ def test_the_plain_script_loads_the_model_as_the_stage_does(tiny_model_path):
     assert next(plain_model(ModelConfig(model_name_or_path=path), {}).parameters()).dtype == torch.float32
 
 
+def test_the_starting_adapter_is_made_again_for_another_model(tmp_path, tiny_model_path):
+    """A --work folder that served a bench of another model (`outputs/bench` by default) holds that model's starting
+    adapter: DPO and UPO continue one made for this model, not the other one's (of another shape, it does not load)."""
+    import shutil
+
+    from posttrain.bench_inputs import starting_adapter
+
+    other = shutil.copytree(tiny_model_path("llama"), tmp_path / "other")  # another model, as the bench tells them
+    for model in (tiny_model_path("llama"), other, other):
+        adapter = starting_adapter(model, tmp_path / "adapter")
+        assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(model)
+
+
 def test_bench_chat_data_is_real_conversations_that_fit(tmp_path, tiny_model_path, task_data):
-    """`--data chat`: SFT rows are the shipped human conversations, DPO pairs the preference dialogues whose prompt and
-    either reply fit in `max_length` whole (the stages refuse the others), both rendered without thinking; the RL
-    prompts stay the tasks'."""
+    """`--data chat`: SFT rows are the shipped human conversations whose first reply ends within `max_length` (the
+    stage's pre-flight refuses a row whose end-of-turn token is cut off: at `--max-length 128` the whole SFT row
+    failed), DPO pairs the preference dialogues whose prompt and either reply fit in `max_length` whole (the stages
+    refuse the others), both rendered without thinking; the RL prompts stay the tasks'."""
     import pandas as pd
 
     from posttrain.bench_inputs import write_bench_data
@@ -324,7 +354,11 @@ def test_bench_chat_data_is_real_conversations_that_fit(tmp_path, tiny_model_pat
     tokenizer = load_tokenizer(tiny_model_path("llama"), "chatml")
     write_bench_data(task_data, tmp_path, tokenizer, "chat", max_length=256)
     sft, pairs, prompts = (pd.read_parquet(tmp_path / name / "train.parquet") for name in ("sft", "pairs", "prompts"))
-    assert len(sft) == 300 and all(len(messages) >= 2 for messages in sft["messages"])
+    assert 0 < len(sft) < 300 and all(len(messages) >= 2 for messages in sft["messages"])
+    for messages in sft["messages"]:
+        first_reply = list(messages[:next(i for i, m in enumerate(messages) if m["role"] == "assistant") + 1])
+        text = tokenizer.apply_chat_template(first_reply, tokenize=False, enable_thinking=False)
+        assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= 256
     assert 0 < len(pairs) < 221  # some dialogues are longer than 256 tokens
     for _, row in pairs.iterrows():
         assert not row["chat_template_kwargs"]["enable_thinking"]
