@@ -1154,3 +1154,16 @@ def test_image_phases_pick_their_prompts_among_those_of_the_thinking_mode_traine
     with pytest.raises(upo_prompts_given) as reached_trainer:
         upo.main(*configs, upo.CurriculumArguments(phases=[{"num_prompts": 3}]))
     assert list(reached_trainer.value.args[0]["thinking"]) == [False] * 3
+
+
+def test_an_offline_pair_without_images_among_image_pairs_is_named(vqa, tiny_model_path, tmp_path):
+    """An image pair set with one pair whose `images` is empty: the processor stopped UPO's construction with a bare
+    "need at least one array to concatenate"; now the pair's line is named."""
+    from posttrain.trainers.upo_pairs import load_offline_pairs
+
+    pairs = load_split(vqa / "pairs", "train").map(lambda row, i: {"images": []} if i == 2 else {}, with_indices=True)
+    (tmp_path / "pairs").mkdir()
+    pairs.to_parquet(str(tmp_path / "pairs" / "train.parquet"))
+    processor = load_tokenizer(tiny_model_path("qwen2_vl"))
+    with pytest.raises(UserError, match=r"pairs:3: a pair without images in a set of image pairs"):
+        load_offline_pairs(str(tmp_path / "pairs"), vision.text_tokenizer(processor), 16, processor=processor)

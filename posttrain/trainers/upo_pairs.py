@@ -234,6 +234,9 @@ def load_offline_pairs(path: str, tokenizer, max_completion_length: int | None,
         line = row.get(LINE_COLUMN, line)  # its line in the file, when rows before it were skipped
         thinking = row["thinking"] if "thinking" in dataset.column_names else None
         thinking = default if thinking is None else thinking
+        if images and not row["images"]:  # the processor's bare "need at least one array to concatenate"
+            raise UserError(f"{path}:{line}: a pair without images in a set of image pairs; expected its image(s) "
+                            "(each pair is scored with its own images), or leave the pair out")
         if images:
             prompt_ids, image_inputs = _image_prompt(processor, row["prompt"], thinking, row["images"],
                                                      template_kwargs)
