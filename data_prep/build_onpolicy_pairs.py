@@ -117,7 +117,7 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
     from posttrain.data import prompt_text
     from posttrain.gates import non_thinking_reasoning
     from posttrain.generation import autocast, generate
-    from posttrain.rewards import combine_rewards
+    from posttrain.rewards import REWARD_COLUMNS, combine_rewards
     from posttrain.trainers.upo_pairs import mine_pairs
 
     n = config.num_samples
@@ -142,7 +142,7 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
         stopped = [flag for g in range(len(rows)) for flag in (True, *stopped[g * n:(g + 1) * n])]
         n += 1
         expanded = [row for row in rows for _ in range(n)]
-    columns = {key: [r.get(key) for r in expanded] for key in ("answer", "thinking", "domain")}
+    columns = {key: [r.get(key) for r in expanded] for key in REWARD_COLUMNS}  # as UPO gives them: tool_calls too
     score = combine_rewards(config.rewards)
     prompts = [prompts[g * config.num_samples] for g in range(len(rows)) for _ in range(n)]  # the rewards read them
     rewards = torch.tensor([float("nan") if v is None else v for v in score(texts, prompts=prompts, **columns)])

@@ -38,7 +38,7 @@ from .errors import UserError
 from .typecheck import suggest
 
 # final_answer: kept for importers
-__all__ = ["REWARDS", "combine_rewards", "final_answer", "resolve_rewards", "reward_function"]
+__all__ = ["REWARDS", "REWARD_COLUMNS", "combine_rewards", "final_answer", "resolve_rewards", "reward_function"]
 
 RewardFunc = Callable[..., list]
 _THINK_BLOCK = re.compile(r"\A\s*<think>(.*?)</think>(.*)\Z", re.S)
@@ -228,6 +228,11 @@ def hackable_length(completions, **kwargs) -> list[float]:
     whether UPO's pairwise term keeps the policy honest.
     """
     return [min(1.0, word_count(completion_text(c)) / HACKABLE_LENGTH_WORDS) for c in completions]
+
+
+# The prompt columns rewards are given (`fn(completions, prompts=..., **columns)`): UPO keeps them for GRPO, which
+# passes them on, and the pair sampler passes them alike, so a reward scores a reply the same way in both
+REWARD_COLUMNS = ("answer", "tool_calls", "domain", "thinking", "images")
 
 
 REWARDS: dict[str, RewardFunc] = {

@@ -676,6 +676,28 @@ def test_onpolicy_pairs_prefer_the_reference_skip_empty_and_unscored_replies(tin
     assert [pair["rejected"][0]["content"] for pair in pairs] == ["6"]
 
 
+def test_onpolicy_pairs_score_tool_calls_as_upo_does(tiny_tokenizer, monkeypatch):
+    """The pair sampler gives the rewards the prompt columns UPO gives them: with `function_call`, a row's expected
+    calls in `tool_calls` (its `answer` the final text). Given only answer, thinking and domain, every sample of such a
+    row scored None and no pair was made."""
+    import contextlib
+
+    import posttrain.generation as generation
+    from data_prep.build_onpolicy_pairs import OnPolicyPairsConfig, sample_pairs
+
+    call = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
+    monkeypatch.setattr(generation, "autocast", lambda *args, **kwargs: contextlib.nullcontext())
+    monkeypatch.setattr(generation, "generate", lambda model, tokenizer, prompts, *args, **kwargs: (
+        [call, "It is 5."], [True, True], [1, 1]))
+    row = {"prompt": [{"role": "user", "content": "Add 2 and 3 with the tool."}], "answer": "The sum is 5.",
+           "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}],
+           "thinking": False, "domain": "tools"}
+    [pair] = sample_pairs(None, tiny_tokenizer, [row], OnPolicyPairsConfig(num_samples=2, margin=0.5,
+                                                                           rewards={"function_call": 1.0}))
+    assert (pair["chosen"][0]["content"], pair["rejected"][0]["content"]) == (call, "It is 5.")
+    assert (pair["chosen_reward"], pair["rejected_reward"]) == (1.0, 0.0)
+
+
 def test_onpolicy_pairs_card_counts_the_prompts_that_gave_no_pair(tiny_model_path, task_data, tmp_path, monkeypatch):
     """The card's rows read are the prompts sampled: one that gave no pair is a row removed, not a row never read."""
     from data_prep import build_onpolicy_pairs as job

@@ -7,10 +7,11 @@ from ..data import data_folder
 from ..errors import UserError
 from ..generation import check_context
 from ..models import vision
+from ..rewards import REWARD_COLUMNS
 from ..trainers.upo_pairs import render_prompt_text
 from . import common
 
-UPO_COLUMNS = {"prompt", "answer", "tool_calls", "domain", "thinking", "images"}  # what GRPO and the rewards read
+UPO_COLUMNS = {"prompt", *REWARD_COLUMNS}  # what GRPO and the rewards read
 
 
 def curriculum(dataset, stage_args, phases: list[dict], training_args, tokenizer=None, model=None, images=False,
