@@ -31,14 +31,8 @@ def report_dropped_rows(trainer, rows: int, training_args, name: str) -> dict:
         dropped = sum(all(label == -100 for label in labels) for labels in row_labels(trainer, training_args))
     else:
         dropped = rows - len(trainer.train_dataset)
-    if rows and dropped == rows:
-        raise UserError(f"pre-flight: {name}: none of its {rows} rows has a reply token left within max_length="
-                        f"{training_args.max_length}, so there is nothing to train on; raise max_length (or shorten "
-                        "their prompts)")
-    if dropped:
-        logger.warning("pre-flight: %s: %d of %d rows have no reply token left within max_length=%s, so they train "
-                       "nothing; raise max_length (or shorten their prompts) to train on them", name, dropped, rows,
-                       training_args.max_length)
+    _say_dropped(name, dropped, rows, training_args.max_length, "rows", "there is nothing to train on",
+                 "they train nothing", "to train on them")
     return {"rows_dropped": dropped}
 
 
@@ -48,15 +42,20 @@ def report_dropped_heldout(trainer, rows: int, training_args, name: str) -> dict
     if training_args.packing if training_args.eval_packing is None else training_args.eval_packing:
         return {}
     dropped = rows - len(trainer.eval_dataset)
+    _say_dropped(name, dropped, rows, training_args.max_length, "held-out rows", "TRL would log no eval_loss",
+                 "eval_loss leaves them out", "to measure them")
+    return {"heldout_rows_dropped": dropped}
+
+
+def _say_dropped(name: str, dropped: int, rows: int, max_length, what: str, if_none: str, if_some: str,
+                 to: str) -> None:
+    """An error when none of the `rows` is left, a warning when some are not."""
     if rows and dropped == rows:
         raise UserError(f"pre-flight: {name}: none of its {rows} rows has a reply token left within max_length="
-                        f"{training_args.max_length}, so TRL would log no eval_loss; raise max_length (or shorten "
-                        "their prompts)")
+                        f"{max_length}, so {if_none}; raise max_length (or shorten their prompts)")
     if dropped:
-        logger.warning("pre-flight: %s: %d of %d held-out rows have no reply token left within max_length=%s, so "
-                       "eval_loss leaves them out; raise max_length (or shorten their prompts) to measure them", name,
-                       dropped, rows, training_args.max_length)
-    return {"heldout_rows_dropped": dropped}
+        logger.warning("pre-flight: %s: %d of %d %s have no reply token left within max_length=%s, so %s; raise "
+                       "max_length (or shorten their prompts) %s", name, dropped, rows, what, max_length, if_some, to)
 
 
 def report_cut_replies(trainer, training_args, end_of_turn: set[int], name: str) -> dict:
