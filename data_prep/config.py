@@ -57,6 +57,7 @@ class SourceConfig:
             self.path = self.path or entry.path
         if not self.path:
             raise UserError(f"source {self.name or ''}: no 'path' (or `dataset_info` and `name`)")
+        self.path = shipped_path(self.path)
         if self.name is None:
             self.name = Path(self.path).stem if Path(self.path).suffix else self.path.rstrip("/").split("/")[-1]
         if not self.weight > 0:
@@ -68,6 +69,16 @@ class SourceConfig:
             self.notes = facts.get("notes")
         if self.notes is None and self.dataset_info:
             self.notes = f"dataset '{self.name}' of the LLaMA-Factory registry {self.dataset_info}"
+
+
+def shipped_path(path: str) -> str:
+    """`path` as given where it exists from here (or is none of the repository's: a file of yours, a Hub id), else the
+    repository's (the installed package's) file, as a recipe finds it: the README's `data_prep/sources/...` sources
+    from any folder."""
+    repository = Path(__file__).resolve().parent.parent
+    if Path(path).expanduser().exists() or not (repository / path).exists():
+        return path
+    return str(repository / path)
 
 
 def sidecar_facts(path: str) -> dict:

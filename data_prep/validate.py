@@ -12,7 +12,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from .config import run
+from .config import run, shipped_path
 from .formats import FORMATS, Options, convert_rows
 from .registry import load_entry, read_registry, split_spec
 
@@ -64,7 +64,7 @@ def validate_file(path: str, args) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    bad = sum(validate_file(path, args)[1] for path in args.files)
+    bad = sum(validate_file(shipped_path(path), args)[1] for path in args.files)
     sys.stdout.flush()
     return 1 if bad else 0
 

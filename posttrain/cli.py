@@ -28,6 +28,7 @@ from .errors import Terminated, UserError, make_folder, terminate_on_sigterm
 
 
 def cmd_run(args) -> int:
+    from .devices import check_engine_runs_here
     from .pipeline import Pipeline
     from .recipe import load_recipe
 
@@ -36,6 +37,7 @@ def cmd_run(args) -> int:
     recipe = load_recipe(recipe_path, overrides)
     check_stage_flags(list(recipe.stages), args, recipe.path)
     args.accelerate_config = found_accelerate_config(args.accelerate_config, recipe)
+    check_engine_runs_here(args.accelerate_config or recipe.accelerate_config)  # before data jobs and a dry run's "ok"
     console.print(f"[bold]recipe[/bold] {recipe.path} · stages: {' → '.join(recipe.stages)}")
     if args.dry_run:
         import yaml
@@ -48,9 +50,6 @@ def cmd_run(args) -> int:
             console.rule(stage)
             console.print(yaml.safe_dump(pipeline.substitute(stage_args), sort_keys=False))
         return 0
-    from .devices import check_engine_runs_here
-
-    check_engine_runs_here(args.accelerate_config or recipe.accelerate_config)  # before data jobs, not at the stage
     nodes = machines(args)
     if nodes and nodes.machine_rank > 0:  # machine 0 prepares and launches; this one joins its stages
         from .nodes import follow

@@ -209,6 +209,12 @@ class Pipeline(HeldOutSteps, StageSteps):
         for name in (only, start):
             if name and name not in order:
                 raise UserError(f"stage '{name}' is not in recipe {self.recipe.path} (stages: {', '.join(order)})")
+        selected = {only} if only else set(order[order.index(start):]) if start else set(order)
+        # before the data jobs and the base evaluation, which can take minutes (pairs sampled from the stage before)
+        for stage in order[:min((order.index(s) for s in selected), default=len(order))]:
+            if not (self.root / stage / "lineage.json").is_file():
+                raise UserError(f"stage '{stage}' comes before the ones asked for and has not finished; "
+                                "run it first")
         self.root.mkdir(parents=True, exist_ok=True)
         # the recipe as run (command-line overrides applied): what the report and model cards show
         write_text(self.root / "recipe.yaml", yaml.safe_dump(self.recipe.raw, sort_keys=False))
@@ -221,15 +227,11 @@ class Pipeline(HeldOutSteps, StageSteps):
             self.later_data = self.data_for_later_stages(order) if until else set()
             self.build_data(after=None)
             self.evaluate_base()
-            selected = {only} if only else set(order[order.index(start):]) if start else set(order)
             previous = None
             for stage in order[:max((order.index(s) for s in selected), default=-1) + 1]:
                 if stage in selected:
                     self.run_stage(stage, previous, force=bool(only or start))
                     self.promote(stage)
-                elif not (self.root / stage / "lineage.json").is_file():
-                    raise UserError(f"stage '{stage}' comes before the ones asked for and has not finished; "
-                                    "run it first")
                 elif changed := self.changed_since(stage, previous):
                     # the selected stages would train from an adapter the recipe no longer gives, reported as current
                     raise UserError(f"stage '{stage}' comes before the ones asked for and its inputs changed since it "

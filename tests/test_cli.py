@@ -204,6 +204,16 @@ def test_stage_flags_are_checked_before_a_dry_run_passes(tmp_path, capsys):
     assert stop.value.code == 2 and "argument --from: not allowed with argument --only" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_a_dry_run_refuses_a_sharded_engine_on_cpu_as_the_run_does(capsys):
+    """A dry run with an FSDP config on a machine without CUDA: refused as `posttrain run` refuses it, not passed."""
+    from posttrain.cli import main
+
+    fsdp = str(Path(TINY).parent.parent / "accelerate" / "fsdp.yaml")
+    assert main(["run", TINY, "--accelerate-config", fsdp, "--dry-run"]) == 2
+    assert "distributed_type FSDP needs CUDA GPUs and none is visible" in " ".join(capsys.readouterr().out.split())
+
+
 COUNTS = [
     (["run", TINY, "--num-processes", "-1"], "argument --num-processes: must be at least 1, got -1"),
     (["run", TINY, "--num-processes", "0"], "argument --num-processes: must be at least 1, got 0"),

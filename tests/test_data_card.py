@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data_prep import build_preference_set, build_sft_set
+from data_prep import build_preference_set, build_sft_set, validate
 from posttrain.errors import UserError
 from posttrain.models import TINY_TOKENIZER
 
@@ -99,6 +99,22 @@ def test_missing_sources_and_bad_options_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="data file not found: missing.jsonl"):
         build_preference_set.main(["--sources", "missing.jsonl", "--output_dir", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_a_shipped_source_is_found_from_any_folder(tmp_path, monkeypatch):
+    """The README's `data_prep/sources/...` paths work from any folder, as in a recipe (`posttrain data build_sft_set
+    --sources data_prep/sources/chitchat.jsonl` said "data file not found" outside the repository); the license comes
+    from its sidecar. A file of that name in the folder run from is still the one read."""
+    from data_prep.config import SourceConfig
+
+    monkeypatch.chdir(tmp_path)
+    source = SourceConfig(path="data_prep/sources/chitchat.jsonl")
+    assert Path(source.path).is_file() and source.license == "MIT" and source.name == "chitchat"
+    (tmp_path / "data_prep" / "sources").mkdir(parents=True)
+    (tmp_path / "data_prep" / "sources" / "chitchat.jsonl").write_text("{}\n")
+    assert SourceConfig(path="data_prep/sources/chitchat.jsonl").path == "data_prep/sources/chitchat.jsonl"
+    monkeypatch.chdir(tmp_path / "data_prep")  # `posttrain data validate` of a shipped file, too
+    assert validate.main(["data_prep/sources/hhh_alignment.jsonl"]) == 0
 
 
 def test_every_option_has_help():

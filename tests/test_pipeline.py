@@ -270,6 +270,18 @@ def test_only_a_later_stage_needs_the_earlier_ones_finished_and_unchanged(stage_
     assert not [c for c in stage_calls.calls if c[0] == "dpo"]
 
 
+def test_only_a_later_stage_refuses_an_unfinished_earlier_one_before_any_data_job(stage_calls):
+    """`--only upo` with sft finished and dpo not: refused before the data jobs, which sampled the pairs from the SFT
+    adapter (minutes on the default recipe) only for the run to stop at dpo."""
+    from posttrain.errors import UserError
+
+    (stage_calls.root / "sft").mkdir(parents=True)
+    (stage_calls.root / "sft" / "lineage.json").write_text("{}")
+    with pytest.raises(UserError, match="stage 'dpo' comes before the ones asked for and has not finished"):
+        stage_calls.run(only="upo")
+    assert stage_calls.calls == []
+
+
 @pytest.fixture
 def hashed(tmp_path):
     """A tiny-recipe `Pipeline` that hashes stage inputs without a base model (its hashes set by hand)."""
