@@ -37,6 +37,7 @@ from .errors import UserError
 from .io import read_json, replace_dir, write_json, write_text
 from .pipeline import Pipeline, run_dir
 from .recipe import Recipe, load_recipe
+from .recipe_yaml import set_dotted, warn_shadowed
 from .runlock import RunLock
 from .typecheck import suggest
 
@@ -48,11 +49,7 @@ def variant_recipe(recipe: Recipe, variant: str, overrides: dict) -> Recipe:
     raw = copy.deepcopy(recipe.raw)
     raw.pop("ablation")
     for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, key = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[key] = value
+        set_dotted(raw, dotted, value, f"{recipe.path}: ablation.variants.{variant}: override '{dotted}'")
     raw["name"] = f"{recipe.name}-{variant}"
     return load_recipe(recipe.path, raw=raw)
 
@@ -97,6 +94,10 @@ def check_ablation(recipe: Recipe, seeds: int | None = None, only: list[str] | N
     for name, overrides in variants.items():
         if not isinstance(overrides, dict):
             raise UserError(f"{where}.variants.{name}: expected a mapping of overrides (section.key: value)")
+        for dotted, value in overrides.items():  # as for `shared.K=V` on the command line: a variant that varies
+            keys = str(dotted).split(".")        # nothing costs a whole run per seed
+            if keys[0] == "shared" and len(keys) == 2:
+                warn_shadowed(recipe.raw, keys[1], f"{dotted}: {value}", f"{where}.variants.{name}")
         variant_recipe(recipe, name, overrides)  # validates every variant before anything runs
     seeds = spec.get("seeds", 1) if seeds is None else seeds
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
@@ -182,11 +183,14 @@ def print_summary(groups: dict[str, list[Path]], baseline: str, stage: str | Non
 
     from .report.compare import variant_summaries
 
-    table = Table(title="held-out accuracy after the varied stage (95 % t-interval over seeds)")
+    summaries = variant_summaries(groups, baseline, stage)
+    # the stage every run is read at: the varied one only when nothing runs after it (else `until`, or the last)
+    read = summaries[0]["stage"] if summaries else stage
+    table = Table(title=f"held-out accuracy after {read} (95 % t-interval over seeds)")
     for column in ("variant", "seeds", "mean", "interval", f"vs {baseline}", "its interval", "verdict"):
         table.add_column(column, justify="left" if column in ("variant", "verdict") else "right",
                          no_wrap=column != "verdict")
-    for v in variant_summaries(groups, baseline, stage):
+    for v in summaries:
         low, high = v["interval"]
         measured, missing = len(v["accuracies"]), len(v["missing"])  # a seed a gate stopped is not measured
         cells = [v["name"], f"{measured} of {measured + missing}" if missing else str(measured),

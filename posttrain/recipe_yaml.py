@@ -111,15 +111,8 @@ def apply_overrides(raw: dict, overrides: list[str], where: str) -> dict:
             raise UserError(f"override '{item}' should look like section.key=value (e.g. stages.sft.max_steps=10)")
         dotted, value = item.split("=", 1)
         keys = dotted.split(".")
-        node = raw
-        for key in keys[:-1]:
-            if node.get(key) is None:
-                node[key] = {}
-            node = node[key]
-            if not isinstance(node, dict):
-                raise UserError(f"{where}: override '{item}': '{key}' is not a mapping")
         try:
-            node[keys[-1]] = parse_override(value, override_type(keys, raw))
+            set_dotted(raw, dotted, parse_override(value, override_type(keys, raw)), f"{where}: override '{item}'")
         except ValueError as exc:
             raise UserError(f"{where}: override '{item}': {exc}") from None
         except yaml.YAMLError as exc:
@@ -127,8 +120,23 @@ def apply_overrides(raw: dict, overrides: list[str], where: str) -> dict:
             raise UserError(f"{where}: override '{item}': the value {value!r} is not valid YAML ({problem}); quote "
                             "strings and close brackets, e.g. shared.lora_target_modules=[q_proj,v_proj]") from exc
         if keys[0] == "shared" and len(keys) == 2:
-            _warn_shadowed(raw, keys[1], item, where)
+            warn_shadowed(raw, keys[1], item, where)
     return raw
+
+
+def set_dotted(raw: dict, dotted: str, value, what: str) -> None:
+    """Set `stages.sft.learning_rate` in the nested mapping `raw`, making the mappings on the way, also for a section
+    the file leaves empty (`shared:` with nothing under it); `what` names the override in the error for a key on the
+    way that holds a value, not a mapping. Command-line overrides and an ablation's variants both set keys this way."""
+    *parents, key = dotted.split(".")
+    node = raw
+    for part in parents:
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            raise UserError(f"{what}: '{part}' is not a mapping")
+    node[key] = value
 
 
 def override_type(keys: list[str], raw: dict):
@@ -151,7 +159,7 @@ def override_type(keys: list[str], raw: dict):
     return None
 
 
-def _warn_shadowed(raw: dict, key: str, item: str, where: str) -> None:
+def warn_shadowed(raw: dict, key: str, item: str, where: str) -> None:
     """Say so when stages set `key` themselves: a `shared.K` override does not reach them."""
     stages = raw.get("stages") if isinstance(raw.get("stages"), dict) else {}
     if own := [stage for stage, args in stages.items() if isinstance(args, dict) and key in args]:

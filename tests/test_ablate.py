@@ -79,6 +79,30 @@ def test_seeds_and_a_subset_of_variants():
             check_ablation(load_recipe(TINY, [f"ablation.{key}=[upo]"]))
 
 
+def test_variant_overrides_are_set_as_command_line_ones():
+    """A variant's `shared.K` under a `shared:` the file leaves empty sets it, as `shared.K=V` on the command line
+    does (a TypeError traceback before); one under a value, not a mapping, is an error naming the variant."""
+    raw = yaml.safe_load(TINY.read_text())
+    raw["shared"] = None
+    raw["ablation"]["variants"] = {"small": {"shared.lora_r": 4}, "lr": {"stages.upo.learning_rate.x": 1}}
+    recipe = load_recipe(TINY, raw=raw)
+    plan = check_ablation(recipe, only=["small"])
+    assert variant_runs(recipe, plan)["small"][0].stages["upo"]["lora_r"] == 4
+    with pytest.raises(UserError, match="ablation.variants.lr: override 'stages.upo.learning_rate.x': "
+                                        "'learning_rate' is not a mapping"):
+        check_ablation(recipe)
+
+
+def test_a_variants_shared_override_the_stages_shadow_is_named(capsys):
+    """`shared.learning_rate` in a variant, where every stage sets its own: the variant would train as the recipe
+    does, so it is named as `shared.learning_rate=...` on the command line is."""
+    recipe = load_recipe(TINY, ["ablation.variants.slow={shared.learning_rate: 1.0e-5}"])
+    check_ablation(recipe, only=["slow"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "ablation.variants.slow: override 'shared.learning_rate: 1e-05': stage(s) sft, dpo, upo set " \
+           "learning_rate themselves, so it changes nothing" in out, out
+
+
 @pytest.mark.slow
 def test_ablate_cli_shares_stages_and_compares(tmp_path):
     result = subprocess.run([sys.executable, "-m", "posttrain", "ablate", str(TINY)], cwd=tmp_path,
@@ -142,6 +166,48 @@ def test_comparison_over_seeds_pairs_each_seed_with_the_baselines(tmp_path, caps
     print_summary({"grpo_baseline": groups["grpo"], "upo_offline_proxy": groups["upo"]}, "grpo_baseline")
     printed = [" ".join(line.replace("│", " ").split()) for line in capsys.readouterr().out.splitlines()]
     assert "upo_offline_proxy 2 52.5% 0.0% – 100.0% +25.0 pts -38.5 to +88.5 n.s." in printed, printed
+
+
+def test_the_printed_table_names_the_stage_it_was_read_at(capsys):
+    """An ablation of DPO without `until:` reads every run after UPO: the table at the end of `posttrain ablate`
+    says so (it said "after the varied stage" over UPO's numbers)."""
+    from posttrain.ablate import print_summary
+
+    for stage in ("dpo", "upo"):
+        print_summary({"a": [RUNS / "tiny-full"]}, "a", stage)
+        assert f"held-out accuracy after {stage} (95 % t-interval" in capsys.readouterr().out
+
+
+def test_training_reward_is_the_compared_stages_not_a_later_ones():
+    """A run read at dpo (an ablation's `until: dpo`) whose folder also holds a upo stage (an earlier ablation ran
+    it to the end): its training reward is DPO's, not UPO's."""
+    from posttrain.report.compare import comparison_rows
+
+    row = comparison_rows([RUNS / "tiny-full"], stage="dpo")[0]
+    assert row["proxy"][0] == "`rewards/accuracies`" and row["proxy"][3] == "dpo", row["proxy"]
+    assert comparison_rows([RUNS / "tiny-full"], stage="upo")[0]["proxy"][3] == "upo"
+
+
+def test_a_differences_interval_is_clipped_as_accuracies_are(tmp_path):
+    """Differences of +5 and +75 points on 2 seeds: the t-interval (t = 12.7) reached -405 to +485 points, past
+    what a difference of two rates can be; it is clipped to ±100 points, as accuracy intervals are to [0, 1]."""
+    from posttrain.report.compare import variant_summaries
+
+    groups = {}
+    for variant, counts in {"grpo": [5, 5], "upo": [6, 20]}.items():
+        groups[variant] = []
+        for seed, count in enumerate(counts):
+            root = tmp_path / f"tiny-{variant}-seed{seed}"
+            (root / "upo").mkdir(parents=True)
+            shutil.copy2(RUNS / "tiny-full" / "run.json", root)
+            metrics = json.loads((RUNS / "tiny-full" / "upo" / "metrics.json").read_text())
+            metrics["eval"].update(n=20, accuracy=count / 20, verdicts=[1] * count + [0] * (20 - count),
+                                   prompts_sha="same")
+            (root / "upo" / "metrics.json").write_text(json.dumps(metrics))
+            groups[variant].append(root)
+    upo = variant_summaries(groups, "grpo", "upo")[1]
+    assert upo["difference"] == pytest.approx(0.4) and upo["difference_interval"] == (-1.0, 1.0)
+    assert upo["verdict"] == "n.s."
 
 
 def test_a_variant_the_same_on_every_seed_or_with_a_seed_missing_is_not_overstated(tmp_path, capsys):

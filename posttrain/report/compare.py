@@ -98,7 +98,11 @@ def _row(run: RunView, stage: str) -> dict:
     final, base = run.stage(stage), run.stage("base")
     evaluation = final.eval if final and final.status == "done" else None  # not a stale or earlier attempt's
     proxy = None
-    for view in reversed(run.trained):  # the last trained stage that logged a proxy
+    names = [view.name for view in run.trained]
+    # the last stage up to `stage` that logged a proxy: not one after it (a variant folder an earlier, longer
+    # ablation trained on to the end, now read at its `until`)
+    upto = run.trained[:names.index(stage) + 1] if stage in names else run.trained
+    for view in reversed(upto):
         proxy = proxy_reward(view.log_history, bool(view.resolved.get("normalize_rewards_by")))
         if proxy:
             proxy = (*proxy, view.name)
@@ -197,7 +201,9 @@ def variant_summaries(groups: dict[str, list[Path]], baseline: str, stage: str |
             spread = len(differences) > 1 and max(differences) - min(differences) > 1e-9
             if not spread:
                 d_low = d_high = d_mean  # no interval (shown blank)
-            summary.update(differences=differences, difference=d_mean, difference_interval=(d_low, d_high),
+            # as the accuracies' own: a difference of two rates lies within ±1 (±100 points)
+            summary.update(differences=differences, difference=d_mean,
+                           difference_interval=(max(-1.0, d_low), min(1.0, d_high)),
                            significant_seeds=(sum(c.significant and c.difference > 0 for c in paired if c),
                                               sum(c.significant and c.difference < 0 for c in paired if c)),
                            verdict=("not measured" if not differences else "one seed: no interval"
