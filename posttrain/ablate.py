@@ -102,6 +102,10 @@ def check_ablation(recipe: Recipe, seeds: int | None = None, only: list[str] | N
     seeds = spec.get("seeds", 1) if seeds is None else seeds
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise UserError(f"{where}.seeds: {seeds!r}; expected a whole number of seeds per variant, 1 or more")
+    own_seed = next((name for name, overrides in variants.items() if f"stages.{stage}.seed" in overrides), None)
+    if seeds > 1 and own_seed:  # replaced by each run's seed (`variant_runs`), without a word
+        raise UserError(f"{where}.variants.{own_seed}: stages.{stage}.seed is set by the seeds ({seeds}: the recipe's "
+                        "seed upwards, the same in every variant, so their runs pair up seed by seed); leave it out")
     baseline = spec.get("baseline") or next(iter(variants))
     if not isinstance(baseline, str) or baseline not in variants:
         raise UserError(f"{where}.baseline: '{baseline}' is not among the variants run ({', '.join(variants)})")

@@ -98,7 +98,10 @@ def cmd_ablate(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     args.accelerate_config = found_accelerate_config(args.accelerate_config, recipe)
     check_engine_runs_here(args.accelerate_config or recipe.accelerate_config)  # before the shared data jobs, as run
-    only = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    only = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants is not None else None
+    if only == []:  # `--variants ""` (an empty shell variable) ran every variant
+        raise UserError(f"--variants {args.variants!r} names no variant; expected some of the recipe's, e.g. "
+                        "--variants grpo,upo_online (leave the option out to run them all)")
     run_ablation(recipe, args.output_dir, args.accelerate_config, args.num_processes, args.seeds, only, args.until)
     return 0
 

@@ -103,6 +103,20 @@ def test_a_variants_shared_override_the_stages_shadow_is_named(capsys):
            "learning_rate themselves, so it changes nothing" in out, out
 
 
+def test_a_variants_own_seed_of_the_varied_stage_is_refused_over_several_seeds(capsys):
+    """Over seeds every variant's varied stage trains with the recipe's seed upwards: a variant's own
+    `stages.upo.seed` was replaced without a word. Alone (one seed) it is kept; `--variants ""` names no variant (it
+    ran them all)."""
+    from posttrain.cli import main
+
+    recipe = load_recipe(TINY, ["ablation.variants.seven={stages.upo.seed: 7}"])
+    with pytest.raises(UserError, match=r"variants.seven: stages.upo.seed is set by the seeds \(2"):
+        check_ablation(recipe, seeds=2)
+    assert variant_runs(recipe, check_ablation(recipe, only=["seven"]))["seven"][0].stages["upo"]["seed"] == 7
+    assert main(["ablate", str(TINY), "--variants", " , "]) == 2
+    assert "--variants ' , ' names no variant" in " ".join(capsys.readouterr().out.split())
+
+
 @pytest.mark.slow
 def test_ablate_cli_shares_stages_and_compares(tmp_path):
     result = subprocess.run([sys.executable, "-m", "posttrain", "ablate", str(TINY)], cwd=tmp_path,
