@@ -115,16 +115,7 @@ def _check_values(stage: str, args: dict, own: dict, where: str) -> None:
             check_reward_names(rewards)
     except UserError as exc:
         raise UserError(f"{where}: {origin('rewards')}.rewards: {exc}") from None
-    strategy = args.get("train_sampling_strategy")
-    if stage == "dpo" and strategy in ("group_by_length", "batch_rebalance"):
-        # transformers measures rows by their `input_ids`, which DPO's tokenized pairs do not have: a bare ValueError
-        raise UserError(f"{where}: {origin('train_sampling_strategy')}.train_sampling_strategy: {strategy} does "
-                        "not work for DPO (its pairs have no input_ids for transformers to measure); leave it out")
-    if stage == "upo" and strategy not in (None, "random"):
-        # GRPO draws its own prompt order (each prompt repeated num_generations times): the strategy did nothing
-        raise UserError(f"{where}: {origin('train_sampling_strategy')}.train_sampling_strategy: {strategy} is not "
-                        "used by UPO (GRPO draws each prompt num_generations times in its own order); leave it out, "
-                        "or set shuffle_dataset: false to take the prompts in the file's order")
+    _check_sampling(stage, args.get("train_sampling_strategy"), f"{where}: {origin('train_sampling_strategy')}")
     if "upo_mode" in args and args["upo_mode"] not in UPO_MODES:
         raise UserError(f"{where}: {origin('upo_mode')}.upo_mode: {args['upo_mode']!r}; expected one of: "
                         f"{', '.join(UPO_MODES)}")
@@ -133,6 +124,19 @@ def _check_values(stage: str, args: dict, own: dict, where: str) -> None:
             check_upo_values(args)
         except UserError as exc:
             raise UserError(f"{where}: stages.upo: {exc}") from None
+
+
+def _check_sampling(stage: str, strategy: str | None, where: str) -> None:
+    """`train_sampling_strategy` where the stage's trainer can use it (`where`: the file and section that set it)."""
+    if stage == "dpo" and strategy in ("group_by_length", "batch_rebalance"):
+        # transformers measures rows by their `input_ids`, which DPO's tokenized pairs do not have: a bare ValueError
+        raise UserError(f"{where}.train_sampling_strategy: {strategy} does not work for DPO (its pairs have no "
+                        "input_ids for transformers to measure); leave it out")
+    if stage == "upo" and strategy not in (None, "random"):
+        # GRPO draws its own prompt order (each prompt repeated num_generations times): the strategy did nothing
+        raise UserError(f"{where}.train_sampling_strategy: {strategy} is not used by UPO (GRPO draws each prompt "
+                        "num_generations times in its own order); leave it out, or set shuffle_dataset: false to take "
+                        "the prompts in the file's order")
 
 
 def _check_keys(stage: str, mappings: dict[str, dict], fields: dict, where: str) -> None:

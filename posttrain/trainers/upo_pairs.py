@@ -234,12 +234,9 @@ def load_offline_pairs(path: str, tokenizer, max_completion_length: int | None,
         line = row.get(LINE_COLUMN, line)  # its line in the file, when rows before it were skipped
         thinking = row["thinking"] if "thinking" in dataset.column_names else None
         thinking = default if thinking is None else thinking
-        if images and not row["images"]:  # the processor's bare "need at least one array to concatenate"
-            raise UserError(f"{path}:{line}: a pair without images in a set of image pairs; expected its image(s) "
-                            "(each pair is scored with its own images), or leave the pair out")
         if images:
             prompt_ids, image_inputs = _image_prompt(processor, row["prompt"], thinking, row["images"],
-                                                     template_kwargs)
+                                                     template_kwargs, f"{path}:{line}")
         else:
             prompt_ids = tokenizer(text=render_prompt_text(tokenizer, row["prompt"], thinking,
                                                            template_kwargs))["input_ids"]
@@ -291,11 +288,15 @@ TYPED_KEYS = ("mm_token_type_ids", "token_type_ids")  # per token: rebuilt for e
 
 
 def _image_prompt(processor, prompt: list, thinking: bool | None, images: list,
-                  template_kwargs: dict | None = None) -> tuple[list[int], dict]:
+                  template_kwargs: dict | None = None, where: str = "an offline pair") -> tuple[list[int], dict]:
     """An image prompt's token ids (each image expanded to its tokens) and its image inputs, as GRPO makes them:
-    rendered with the chat template, then processed with the images, no special tokens added."""
+    rendered with the chat template, then processed with the images, no special tokens added. `where` names the
+    pair in errors."""
     from ..models.vision import with_image_parts
 
+    if not images:  # the processor's bare "need at least one array to concatenate"
+        raise UserError(f"{where}: a pair without images in a set of image pairs; expected its image(s) (each pair "
+                        "is scored with its own images), or leave the pair out")
     prompt = with_image_parts(prompt, len(images))  # text-only contents: the images go first, as GRPO puts them
     text = render_prompt(processor, prompt, thinking, template_kwargs)
     inputs = processor(text=[text], images=[list(images)], return_tensors="pt", add_special_tokens=False)
