@@ -486,6 +486,18 @@ def test_preference_eval_counts_a_tie_as_no_preference(tiny_model_path):
                                                                                 "mean_logp_margin": 0.0}
 
 
+def test_preference_eval_gives_the_model_back_in_the_mode_it_had(tiny_model_path):
+    """Scored in eval mode (no dropout); a model in training (a stage's evaluation callback) is training again
+    afterwards, one in eval mode stays so."""
+    path = tiny_model_path("llama")
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    pair = {"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}
+    for training in (True, False):
+        model.train(training)
+        preference_eval(model, tokenizer, [pair])
+        assert model.training is training
+
+
 def test_preference_eval_scores_pairs_in_the_context_they_train_in(tiny_model_path, monkeypatch):
     """Text prompts are used as they are (TRL's text path: prompt, reply, EOS), and a row's thinking mode may come
     from TRL's own `chat_template_kwargs` column as well as from `thinking`."""
@@ -536,6 +548,21 @@ def test_preference_eval_cuts_pairs_to_max_length_as_trl_does(mode, tiny_model_p
         [{"prompt_ids": prompt_ids, "chosen_ids": reply_ids, "rejected_ids": reply_ids}])
     assert ours["input_ids"][0].tolist() == trl["input_ids"][0].tolist()
     assert ours["completion_mask"][0].tolist() == trl["completion_mask"][0].tolist()
+
+
+@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
+def test_a_pair_within_max_length_is_kept_whole_and_one_past_it_keeps_its_window(mode):
+    """`_cut` as TRL's collator cuts prompt + reply: within `max_length` nothing goes; past it the end (`keep_start`)
+    or the start (`keep_end`) goes, a prompt longer than `max_length` leaving no reply (`keep_start`)."""
+    from posttrain.scoring import _cut
+
+    assert _cut([1, 2, 3], [4, 5], 6, mode) == ([1, 2, 3], [4, 5])
+    whole = [1, 2, 3, 4, 5, 6]
+    for split in range(len(whole) + 1):
+        for max_length in range(2 * len(whole) + 1):
+            prompt, reply = _cut(whole[:split], whole[split:], max_length, mode)
+            kept = whole[:max_length] if mode == "keep_start" else whole[max(len(whole) - max_length, 0):]
+            assert prompt + reply == kept and prompt == [t for t in kept if t <= split], (split, max_length)
 
 
 def test_preference_eval_scores_tool_calls_and_tools_as_trl_trains_them(tiny_model_path, monkeypatch):
@@ -1010,6 +1037,53 @@ def test_preference_eval_cuts_a_tool_pair_from_its_start_as_trl_does(tiny_model_
         logps[side] = sum(logits[t - 1, ids[t]].item() for t in range(1, len(ids)) if own[t])
     result = preference_eval(model, tokenizer, [pair], max_length=max_length, truncation_mode="keep_end")
     assert result["mean_logp_margin"] == pytest.approx(logps["chosen"] - logps["rejected"], abs=1e-4)
+
+
+def test_preference_eval_cuts_a_tool_pair_at_its_end_as_trl_does(tiny_model_path):
+    """`truncation_mode: keep_start` keeps the first `max_length` tokens of the whole prompt + reply: each turn is
+    cut after the same `max_length` tokens, whatever follows it."""
+    path = tiny_model_path("llama")
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    call = [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]
+
+    def reply(answer):
+        return [{"role": "assistant", "content": "", "tool_calls": call},
+                {"role": "tool", "name": "add", "content": "TOOL RESULT 5"}, {"role": "assistant", "content": answer}]
+
+    prompt = [{"role": "user", "content": "Add the numbers two and three, then say the sum."}]
+    pair = {"prompt": prompt, "chosen": reply("5"), "rejected": reply("It is 6, I think")}
+    max_length = len(tokenizer.apply_chat_template(prompt + pair["chosen"], tokenize=True,
+                                                   return_dict=True)["input_ids"]) - 2  # in the last turn
+    logps = {}
+    for side in ("chosen", "rejected"):  # TRL: the whole sequence's first max_length tokens, the reply's own scored
+        out = tokenizer.apply_chat_template(prompt + pair[side], tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        ids, own = out["input_ids"][:max_length], out["assistant_masks"][:max_length]
+        assert len(out["input_ids"]) > max_length and own[-1] == 1, "the cut falls in the reply"
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+        logps[side] = sum(logits[t - 1, ids[t]].item() for t in range(1, len(ids)) if own[t])
+    result = preference_eval(model, tokenizer, [pair], max_length=max_length, truncation_mode="keep_start")
+    assert result["mean_logp_margin"] == pytest.approx(logps["chosen"] - logps["rejected"], abs=1e-4)
+
+
+def test_a_tool_pairs_turn_wholly_before_a_keep_end_window_is_not_scored(tiny_model_path):
+    """With `keep_end` a short `max_length` leaves a reply's early turns wholly outside the window: they are not
+    scored at all (alone in a forward, an empty row has no position to score), and the pair scores as with the
+    turns batched together."""
+    path = tiny_model_path("llama")
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    call = [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]
+
+    def reply(answer):
+        return [{"role": "assistant", "content": "", "tool_calls": call},
+                {"role": "tool", "name": "add", "content": "TOOL RESULT 5"}, {"role": "assistant", "content": answer}]
+
+    pair = {"prompt": [{"role": "user", "content": "Add two and three."}], "chosen": reply("5"),
+            "rejected": reply("It is 6")}
+    alone = preference_eval(model, tokenizer, [pair], batch_size=1, max_length=8, truncation_mode="keep_end")
+    together = preference_eval(model, tokenizer, [pair], max_length=8, truncation_mode="keep_end")
+    assert alone["n"] == 1 and alone["mean_logp_margin"] == pytest.approx(together["mean_logp_margin"], abs=1e-4)
 
 
 def test_preference_eval_splits_prompt_and_reply_where_trl_does(tiny_model_path):

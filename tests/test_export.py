@@ -189,6 +189,24 @@ def test_merge_round_trip_gives_adapter_logits(run, tmp_path, dtype):
     assert run_snippet(out / "README.md", {}) == greedy_reply(merged, out) + "\n"
 
 
+def test_a_merge_without_dtype_or_out_keeps_the_bases_dtype_beside_the_adapters_export(run, tmp_path, monkeypatch):
+    """Without --dtype the merged weights keep the base model's own dtype (its config.json's `dtype`, or the older
+    `torch_dtype`); without --out a merged export goes to RUN/exports/<stage>-merged, beside the adapter's
+    RUN/exports/<stage>."""
+    from posttrain import export as export_module
+
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))  # written by older transformers
+    assert export_module._config_dtype(str(tmp_path)) == "bfloat16"
+    monkeypatch.setattr(export_module, "_config_dtype", lambda path: "bfloat16")  # a bf16 base, as most are
+    copy = tmp_path / "tiny-sft"
+    shutil.copytree(run, copy)
+    assert export(copy, "--merge")[0] == 0
+    out = copy / "exports" / "sft-merged"
+    assert json.loads((out / "export.json").read_text())["verification"]["dtype"] == "bfloat16"
+    assert load_model(out, dtype="auto").dtype == torch.bfloat16
+    assert [p.name for p in (copy / "exports").iterdir()] == ["sft-merged"]
+
+
 def test_a_merged_model_stops_where_the_template_ends_a_reply(tiny_model_path, tmp_path):
     """The ERNIE template ends a reply with <|end_of_sentence|>, which posttrain makes the tokenizer's EOS; a merged
     export's generation config (what `generate()`, pipelines and serving engines stop on) gets it too, beside the
@@ -207,14 +225,93 @@ def test_a_merged_model_stops_where_the_template_ends_a_reply(tiny_model_path, t
     assert model.generation_config.eos_token_id == [tokenizer.eos_token_id, 2]
 
 
-def test_failed_verification_writes_nothing(run, tmp_path, monkeypatch):
+def test_a_merged_export_stops_where_its_tokenizer_ends_a_reply(run, tmp_path):
+    """The merged folder's generation config carries the exported tokenizer's EOS (the ERNIE template's
+    <|end_of_sentence|> here) beside the model's own, as `stop_at_reply_end` sets it."""
+    from posttrain.export import write_merged
+    from posttrain.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(base_path(run)), "ernie4_5")
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    ref = SimpleNamespace(base_model=str(base_path(run)), adapter=str(run / "sft"), tokenizer=str(tmp_path / "tokenizer"),
+                          trust_remote_code=False)
+    (tmp_path / "out").mkdir()
+    write_merged(ref, tmp_path / "out", "float32")
+    config = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert config["eos_token_id"] == [tokenizer.eos_token_id, 2]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # bf16: within the tolerance 16-bit weights are given
+def test_failed_verification_writes_nothing(run, tmp_path, monkeypatch, dtype):
     from peft.tuners.tuners_utils import BaseTuner
 
     # a "merge" that drops the adapter instead of merging it: the round-trip check must catch it
     monkeypatch.setattr(BaseTuner, "merge_and_unload", lambda self, *a, **k: self.unload())
     with pytest.raises(RuntimeError, match="do not reproduce adapter-on-base"):
-        export(run, "--merge", "--out", tmp_path / "merged")
+        export(run, "--merge", "--dtype", dtype, "--out", tmp_path / "merged")
     assert list(tmp_path.iterdir()) == [], "neither the folder nor its temporary sibling remains"
+
+
+def test_a_merge_that_gives_nan_logits_writes_nothing(run, tmp_path, monkeypatch):
+    """NaN weights (a 16-bit overflow, say) make the logit error NaN, which no tolerance compares as above: the
+    check refuses what it cannot show to be within it."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    merge = BaseTuner.merge_and_unload
+
+    def overflowed(self, *args, **kwargs):
+        model = merge(self, *args, **kwargs)
+        with torch.no_grad():
+            model.get_input_embeddings().weight.fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", overflowed)
+    with pytest.raises(RuntimeError, match="do not reproduce adapter-on-base: relative logit error nan"):
+        export(run, "--merge", "--out", tmp_path / "merged")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lora_on_tied_embeddings_is_refused_for_a_merge_only_where_they_are_tied(tiny_model_path):
+    """Merged, a LoRA on the embeddings of a model whose lm_head shares them would change both ends; with untied
+    embeddings it merges like any other layer."""
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain.errors import UserError
+    from posttrain.export import _refuse_lora_on_tied_embeddings
+
+    ref = SimpleNamespace(adapter="stage-adapter")
+    for tied in (True, False):
+        base = load_model(tiny_model_path("llama"))
+        base.config.tie_word_embeddings = tied
+        model = get_peft_model(base, LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
+        if tied:
+            with pytest.raises(UserError, match="stage-adapter: the adapter trains the embeddings / lm_head of a "
+                                                "model whose embeddings are tied"):
+                _refuse_lora_on_tied_embeddings(model, ref)
+        else:
+            _refuse_lora_on_tied_embeddings(model, ref)
+
+
+def test_a_merged_folder_that_reloads_with_other_weights_or_dtype_is_refused(tiny_model_path, tmp_path):
+    """The reload check names weights the folder has that the model does not take, and a dtype other than the one
+    asked for; the folder as saved passes."""
+    from safetensors.torch import load_file, save_file
+
+    from posttrain.export import load_merged_checked
+
+    model = load_model(tiny_model_path("llama"))
+    model.save_pretrained(tmp_path / "fp32")
+    assert load_merged_checked(tmp_path / "fp32", "float32")[1]["reloads_clean"]
+    with pytest.raises(RuntimeError, match=r"reloads as torch.float32, expected bfloat16"):
+        load_merged_checked(tmp_path / "fp32", "bfloat16")
+    weights = tmp_path / "fp32" / "model.safetensors"
+    save_file({**load_file(weights), "model.extra.weight": torch.ones(2)}, weights, metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match=r"does not reload cleanly: \{'unexpected_keys': \['model.extra.weight'\]\}"):
+        load_merged_checked(tmp_path / "fp32", "float32")
+    model.save_pretrained(tmp_path / "fp32")
+    torch.save({}, tmp_path / "fp32" / "pytorch_model.bin")  # a pickle beside the safetensors
+    with pytest.raises(RuntimeError, match=r"must hold safetensors only, found \[.*'pytorch_model.bin'"):
+        load_merged_checked(tmp_path / "fp32", "float32")
 
 
 # ---------------------------------------------------------------------------------------------------------- the card
@@ -242,6 +339,66 @@ def test_card_embeds_the_runs_real_metrics_recipe_and_lineage(run, tmp_path):
     assert "peft#3711" not in card, "the MoE loading note is for adapters with LoRA on an MoE model's dense layers"
 
 
+def test_card_rows_tags_and_notes_follow_what_the_run_recorded(run, tmp_path, monkeypatch):
+    """Each number in its own column, the last logged step, the last step's samples, a Hub dataset as metadata and
+    labelled by its role, the --license given, a merged card's tags and check, no machine paths; a base that is a
+    local folder (even one named like a Hub id) is said to be one."""
+    from posttrain.model_card import write_card
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    metrics = json.loads((copy / "sft" / "metrics.json").read_text())
+    metrics["eval"].update(accuracy=0.125, format=0.25, stop_rate=0.75)
+    (copy / "sft" / "metrics.json").write_text(json.dumps(metrics))
+    base = json.loads((copy / "base" / "metrics.json").read_text())
+    base["eval"]["samples"] = [{"prompt": "p", "answer": "a", "completion": "a reply before training", "correct": False}]
+    (copy / "base" / "metrics.json").write_text(json.dumps(base))
+    lineage = json.loads((copy / "sft" / "lineage.json").read_text())
+    lineage["datasets"]["upo_offline_dataset"] = {"path": "org/prefs", "fingerprint": "f" * 64}
+    (copy / "sft" / "lineage.json").write_text(json.dumps(lineage))
+    out = tmp_path / "out"
+    out.mkdir()
+    manifest = {"kind": "merged", "base_model": "tiny:llama", "verification": {"logits_relative_error": 1e-7}}
+    card = write_card(out, copy, "sft", manifest, model_id=str(out), license="mit").read_text()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["license"] == "mit" and metadata["datasets"] == ["org/prefs"]
+    assert metadata["library_name"] == "transformers" and "lora" not in metadata["tags"]
+    ev = metrics["eval"]
+    assert f"| sft | 12.5% | 25.0% | 75.0% | {ev['heldout_loss']:.4f} | {ev['n']} |" in card
+    assert "| sft (offline pairs) | `org/prefs` |" in card
+    assert "Sample replies after sft" in card and "a reply before training" not in card
+    logged = [e for e in metrics["log_history"] if "loss" in e]
+    assert json.dumps(logged[-1], indent=1, default=float) in card and logged[-1] != logged[0]
+    assert "output_dir" not in card and str(base_path(run)) not in card, "machine paths stay out of the card"
+    assert "carries all of them" not in card, "one stage carries only itself"
+    assert "(merged weights reloaded from this folder vs the adapter on the base model" in card
+    assert "used other overrides" not in card
+
+    recipe = yaml.safe_load((copy / "recipe.yaml").read_text())
+    (copy / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "eval": {**recipe["eval"], "samples": 2}}))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "model").mkdir(parents=True)  # a local folder named like a Hub id
+    manifest = {"kind": "adapter", "base_model": "org/model", "verification": {}}
+    card = write_card(out, copy, "sft", manifest, model_id=str(out)).read_text()
+    assert "The base model is a local folder (`org/model`)" in card
+    assert "A later run of this folder used other overrides" in card, "the recipe.yaml now is not what sft ran"
+    assert "base_model" not in yaml.safe_load(card.split("---")[1])
+
+
+def test_the_moe_note_is_for_dense_layers_beside_expert_parameters_on_a_model_peft_converts(tmp_path):
+    """LoRA on `gate_proj`/`up_proj`/`down_proj` of a dense model (no expert parameters) loads in any PEFT; so does
+    an adapter of a model PEFT does not convert (ERNIE-4.5-VL): no note for either."""
+    from posttrain.model_card import _moe_note
+
+    config = {"target_modules": ["q_proj", "gate_proj", "up_proj", "down_proj"], "target_parameters": None}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    assert _moe_note(tmp_path, merged=False) == ""
+    config["target_parameters"] = ["mlp.experts.gate_up_proj"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    assert "huggingface/peft#3715" in _moe_note(tmp_path, merged=False)
+    assert _moe_note(tmp_path, merged=False, model_type="ernie4_5_vl_moe") == ""
+
+
 def test_a_forced_export_says_so_in_the_card_and_export_json(run, tmp_path):
     """--force past a failed promote gate: the card a stranger reads (and export.json) says the run rejected it."""
     gated = tmp_path / "gated"
@@ -266,6 +423,17 @@ def test_unfinished_or_unknown_stage_is_named(run, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_flags_that_need_another_flag_are_refused_before_any_work(run, tmp_path, capsys):
+    """--dtype describes merged weights, --private and --revision the Hub upload: alone, each is refused, saying
+    which flag to add, and nothing is written."""
+    code, printed = export(run, "--dtype", "bf16", "--out", tmp_path / "x", capsys=capsys)
+    assert code == 2 and "--dtype applies to merged weights; add --merge" in printed
+    for flags in (["--private"], ["--revision", "exp-1"]):
+        code, printed = export(run, *flags, "--out", tmp_path / "x", capsys=capsys)
+        assert code == 2 and "describe the Hub upload; add --push-to-hub ORG/NAME" in printed, flags
+    assert not (tmp_path / "x").exists()
+
+
 def test_an_adapter_whose_lora_b_is_all_zero_is_not_exported(run, tmp_path, capsys):
     """An adapter file whose every lora_B is zero (replaced after training, or never trained) changes nothing on the
     base: export refuses it, naming the file, and writes nothing."""
@@ -279,6 +447,52 @@ def test_an_adapter_whose_lora_b_is_all_zero_is_not_exported(run, tmp_path, caps
     code, out = export(copy, "--out", tmp_path / "x", capsys=capsys)
     assert code == 2 and "untrained (every lora_B is zero)" in out and str(path) in " ".join(out.split())
     assert not (tmp_path / "x").exists()
+
+
+def test_an_adapter_with_some_lora_b_still_zero_is_exported(run, tmp_path):
+    """A LoRA_B left at zero in some layers (no gradient reached them) still leaves a trained adapter: only one whose
+    every lora_B is zero is refused."""
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "tiny-sft"
+    shutil.copytree(run, copy)
+    path = copy / "sft" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    first = next(k for k in sorted(tensors) if "lora_B" in k)
+    save_file({k: t.zero_() if k == first else t for k, t in tensors.items()}, path)
+    assert export(copy, "--out", tmp_path / "out")[0] == 0
+    assert torch.count_nonzero(load_file(tmp_path / "out" / "adapter_model.safetensors")[first]) == 0
+
+
+def test_the_tiny_base_is_named_as_the_recipe_names_it_whatever_the_folder(run, tmp_path, monkeypatch):
+    """`tiny:<arch>` names the model posttrain builds, never a folder: one of that name in the working folder is
+    not taken for the base."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny:llama").mkdir()
+    assert public_base(run, "sft") == ("tiny:llama", None)
+
+
+def test_an_exported_adapter_must_give_exactly_the_stages_logits(run, tmp_path, monkeypatch):
+    """The exported adapter file is the stage's own: any difference in the logits, however small, means it is not
+    (here one lora_B scaled by 1.001 on its way out)."""
+    from safetensors.torch import load_file, save_file
+
+    from posttrain import export as export_module
+
+    copy = export_module.shutil.copyfile
+
+    def changed_on_the_way(src, dst, *args, **kwargs):
+        if Path(src).name != "adapter_model.safetensors":
+            return copy(src, dst, *args, **kwargs)
+        tensors = load_file(src)
+        first = next(k for k in sorted(tensors) if "lora_B" in k)
+        save_file({**tensors, first: tensors[first] * 1.001}, dst)
+        return dst
+
+    monkeypatch.setattr(export_module.shutil, "copyfile", changed_on_the_way)
+    with pytest.raises(RuntimeError, match="the exported adapter does not reproduce the stage's logits"):
+        export(run, "--out", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_existing_folder_is_refused_unless_overwrite(run, tmp_path, capsys):
@@ -300,6 +514,12 @@ def test_existing_folder_is_refused_unless_overwrite(run, tmp_path, capsys):
     assert [p.name for p in mine.iterdir()] == ["keep.txt"]
     code, printed = export(run, "--out", run, "--overwrite", capsys=capsys)
     assert code == 2 and "holds the run" in printed and (run / "run.json").is_file()
+    code, printed = export(run, "--out", run.parent, "--overwrite", capsys=capsys)  # a folder above the run
+    assert code == 2 and "holds the run" in printed and (run / "run.json").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert export(run, "--out", empty, "--overwrite")[0] == 0, "an empty folder holds nothing to lose"
+    assert (empty / "export.json").is_file()
 
 
 def test_an_export_inside_the_runs_own_folders_is_refused(run, tmp_path, capsys):
@@ -410,6 +630,27 @@ def test_a_hub_that_never_answers_fails_in_seconds_before_exporting(run, tmp_pat
     code, printed = export(run, "--out", tmp_path / "out", "--push-to-hub", "me/tiny-sft", capsys=capsys)
     assert code == 2 and "did not answer within" in printed and "nothing was exported" in printed
     assert not (tmp_path / "out").exists()
+
+
+def test_a_repository_id_without_its_owner_or_a_failed_token_exchange_is_named(monkeypatch):
+    """`--push-to-hub name` is refused for its missing owner; a token exchange that fails (HF_OIDC_RESOURCE) is
+    named by its kind only: its message may carry the token."""
+    import huggingface_hub
+
+    from posttrain.errors import UserError
+    from posttrain.hub import hub_token
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with pytest.raises(UserError, match="--push-to-hub tiny-sft: give the full id, e.g. your-name/tiny-sft"):
+        hub_token("tiny-sft")
+
+    def exchange():
+        raise RuntimeError(f"token exchange refused for {FAKE_TOKEN}")
+
+    monkeypatch.setattr(huggingface_hub, "get_token", exchange)
+    with pytest.raises(UserError, match="could not get a Hugging Face token: RuntimeError") as error:
+        hub_token("me/tiny-sft")
+    assert FAKE_TOKEN not in str(error.value)
 
 
 def test_a_vision_processor_is_exported_without_torchvision(tiny_model_path, tmp_path, monkeypatch):

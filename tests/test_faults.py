@@ -491,6 +491,63 @@ def test_resuming_takes_the_highest_step_that_is_whole_and_drops_the_newer_broke
                     "overwritten); removed it"] and not (out / "checkpoint-10").exists()
 
 
+def test_a_checkpoint_is_resumed_from_only_as_its_marker_recorded_it(tmp_path):
+    """A checkpoint marked again lists its files, not its marker; it records the processes it is given. A file
+    rewritten longer, or one of the recorded size that no longer loads (JSON, safetensors), makes it unusable; a newer
+    checkpoint never marked complete is removed, saying so, and the marked one before it is taken."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "out"
+    checkpoint = out / "checkpoint-1"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text('{"a": 1}')
+    save_file({"w": torch.ones(4)}, str(checkpoint / "model.safetensors"))
+    checkpoints.mark_complete(checkpoint, processes=2)
+    checkpoints.mark_complete(checkpoint, processes=2)  # a save after a resume at the same step
+    assert checkpoints.problem(checkpoint) is None
+    checkpoints.check_processes(checkpoint, 2, out)
+    with pytest.raises(UserError, match=r"trained by 2 process\(es\) and this stage runs 1"):
+        checkpoints.check_processes(checkpoint, 1, out)
+
+    (checkpoint / "trainer_state.json").write_text('{"a": 10}')
+    assert checkpoints.problem(checkpoint) == ("trainer_state.json is 9 bytes, 8 were written (truncated or "
+                                               "overwritten)")
+    (checkpoint / "trainer_state.json").write_text('{"a": 1,')  # the recorded size, cut JSON
+    assert checkpoints.problem(checkpoint).startswith("trainer_state.json does not load (JSONDecodeError")
+    (checkpoint / "trainer_state.json").write_text('{"a": 1}')
+    weights = (checkpoint / "model.safetensors").read_bytes()
+    (checkpoint / "model.safetensors").write_bytes(b"\xff" * len(weights))
+    assert checkpoints.problem(checkpoint).startswith("model.safetensors does not load (")
+    (checkpoint / "model.safetensors").write_bytes(weights)
+
+    newer = out / "checkpoint-2"
+    newer.mkdir()
+    (newer / "trainer_state.json").write_text("{}")
+    said = []
+    assert checkpoints.resume_point(out, said.append) == checkpoint
+    assert said == ["checkpoint-2 cannot be resumed from: it was never marked complete (its save was interrupted); "
+                    "removed it"] and not newer.exists()
+
+
+def test_only_the_main_process_marks_a_saved_checkpoint(tmp_path):
+    """Every process calls `after_save`; the main one alone writes the marker (the others would race it)."""
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    checkpoints.after_save(tmp_path, 3, is_main_process=False)
+    assert not (tmp_path / "checkpoint-3" / checkpoints.MARKER).exists()
+    checkpoints.after_save(tmp_path, 3, is_main_process=True)
+    assert checkpoints.problem(tmp_path / "checkpoint-3") is None
+
+
+def test_a_finished_stage_whose_adapter_config_is_cut_is_not_finished(tmp_path):
+    """The adapter's config is part of a finished adapter: cut short (a disk that filled), the stage is trained again."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "adapter_config.json").write_text('{"r": 4')
+    save_file({"lora_A": torch.ones(2, 2)}, str(tmp_path / "adapter_model.safetensors"))
+    assert checkpoints.finished_problem(tmp_path).startswith("adapter_config.json does not load (JSONDecodeError")
+
+
 def test_a_finished_stage_folder_with_no_weights_at_all_is_not_finished(tmp_path):
     """Neither an adapter nor a full model's weights (emptied by hand): the stage is trained again, its adapter
     named as what is missing."""

@@ -126,6 +126,16 @@ def test_rounding_level_reward_gaps_are_ties_for_mining_and_dropping():
     assert mine_pairs(rewards + torch.tensor([0.0, 0.0, 0.0, 0.01]), 4, margin=0.0) == [(3, 2, pytest.approx(0.01, abs=1e-6))]
 
 
+def test_a_gap_of_exactly_tie_is_a_tie_for_mining_and_dropping_alike():
+    """At the boundary itself (a gap of `TIE` in float32) a group is uniform and gives no pair: dropping and mining
+    agree on every group."""
+    from posttrain.reward_groups import TIE
+
+    rewards = torch.tensor([0.0, TIE, 0.0, 0.0])
+    assert rewards[1] - rewards[0] == torch.tensor(TIE)
+    assert uniform_groups(rewards, 4).tolist() == [True] and mine_pairs(rewards, 4, margin=0.0) == []
+
+
 def test_rounding_level_reward_gaps_stay_ties_once_normalised_by_domain():
     """The same 0.3 + 0.4 against 0.7, in a domain whose rewards all tie: `normalize_rewards_by` divides by the
     domain's std + 1e-4, which blew the last-bit difference up to a gap of 2.4e-4, over `TIE`: both groups gave a
@@ -883,6 +893,20 @@ def test_offline_replies_lose_the_empty_think_block_when_grpos_template_kwargs_t
     assert tiny_tokenizer.decode(chosen_ids) == "4<|im_end|>"
 
 
+def test_an_offline_reply_keeps_its_empty_think_block_unless_thinking_is_off(tiny_tokenizer):
+    """Only a prompt rendered with thinking off already ends in the empty think block; with thinking on or no mode
+    set, a stored reply's own "<think></think>" is the reply's and stays. A reply ends in one EOS, as a rollout does,
+    also one stored with its EOS."""
+    from posttrain.trainers.upo_pairs import _reply_ids
+
+    reply = "<think>\n</think>\n\nA"
+    whole = tiny_tokenizer(text=reply, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+    assert _reply_ids(tiny_tokenizer, reply, None) == whole == _reply_ids(tiny_tokenizer, reply, True)
+    assert _reply_ids(tiny_tokenizer, reply + tiny_tokenizer.eos_token, None) == whole
+    assert _reply_ids(tiny_tokenizer, reply, False) == [*tiny_tokenizer(text="A", add_special_tokens=False)["input_ids"],
+                                                        tiny_tokenizer.eos_token_id]
+
+
 def test_offline_pairs_are_reshuffled_at_every_pass():
     """Each pass over the offline pairs draws them all once, in a new order (seeded by the pass): the same order every
     pass would train the same pairs side by side in the same steps, epoch after epoch."""
@@ -891,6 +915,27 @@ def test_offline_pairs_are_reshuffled_at_every_pass():
     offline = OfflinePairs([([i], [i], [i]) for i in range(20)], seed="0")
     first, second = ([pair[0][0] for pair in offline.take(20)] for _ in range(2))
     assert sorted(first) == sorted(second) == list(range(20)) and first != second
+
+
+def test_a_pass_is_drawn_whole_when_the_steps_fit_it_exactly_or_a_step_needs_more():
+    """Steps that use up a pass exactly (2 + 2 of 4 pairs) take every pair of it before the next pass; a step that
+    needs more than a pass holds (7 of 6) takes the whole first pass, then goes on into the next."""
+    from posttrain.trainers.upo_pairs import OfflinePairs
+
+    pairs = [(i,) for i in range(6)]
+    offline = OfflinePairs(pairs[:4], seed="0")
+    assert sorted(offline.take(2) + offline.take(2)) == pairs[:4] and offline.state_dict()["epoch"] == 0
+    first_pass = OfflinePairs(pairs, seed="0").take(6)
+    assert OfflinePairs(pairs, seed="0").take(7)[:6] == first_pass
+
+
+def test_an_empty_tools_column_does_not_refuse_offline_pairs(tiny_tokenizer):
+    """A `tools` column with no tools in it (a file whose rows all leave it empty) gives the prompts no tools to lose:
+    the pairs load."""
+    from posttrain.trainers.upo_pairs import load_offline_pairs
+
+    rows = Dataset.from_list([{"prompt": "Q: 1 + 1?", "chosen": "2", "rejected": "3", "tools": None}] * 2)
+    assert len(load_offline_pairs("offline.jsonl", tiny_tokenizer, None, dataset=rows)) == 2
 
 
 def test_offline_replies_of_tool_calls_or_several_turns_are_refused(tmp_path, tiny_tokenizer):
