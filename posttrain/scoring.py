@@ -34,9 +34,10 @@ def completion_logps(model, tokenizer, prompts: list[str], completions: list[str
 
 
 def _text_layout(tokenizer, prompts: list[str], completions: list[str], device,
-                 max_length: int | list | None = None, truncation_mode: str = "keep_start") -> dict:
+                 limits: list[int | None] | None = None, truncation_mode: str = "keep_start") -> dict:
     """Prompt + completion token ids, right-padded, with the completion's positions marked in `completion_mask`;
-    each row tokenized whole and cut to `max_length` (when given) as TRL's DPO tokenizes and collates it."""
+    each row tokenized whole and cut to its `limits` entry (its max_length, when not None) as TRL's DPO tokenizes and
+    collates it."""
     import torch
     from trl.data_utils import common_prefix_length
 
@@ -49,7 +50,7 @@ def _text_layout(tokenizer, prompts: list[str], completions: list[str], device,
         cut = common_prefix_length(alone, whole)
         ids.append(whole[:cut])
         replies.append(whole[cut:])
-    limits = max_length if isinstance(max_length, list) else [max_length] * len(ids)
+    limits = limits or [None] * len(ids)
     ids, replies = zip(*(_cut(p, c, limit, truncation_mode) if limit is not None else (p, c)
                          for p, c, limit in zip(ids, replies, limits)))
     width = max(len(p) + len(c) for p, c in zip(ids, replies))

@@ -543,7 +543,7 @@ def test_preference_eval_cuts_pairs_to_max_length_as_trl_does(mode, tiny_model_p
     assert widths and max(widths) <= 48
     prompt_ids = tokenizer("Count to three.", add_special_tokens=False)["input_ids"]
     reply_ids = tokenizer(long, add_special_tokens=False)["input_ids"]
-    ours = _text_layout(tokenizer, ["Count to three."], [long], "cpu", 48, mode)
+    ours = _text_layout(tokenizer, ["Count to three."], [long], "cpu", [48], mode)
     trl = DataCollatorForPreference(pad_token_id=0, max_length=48, truncation_mode=mode)(
         [{"prompt_ids": prompt_ids, "chosen_ids": reply_ids, "rejected_ids": reply_ids}])
     assert ours["input_ids"][0].tolist() == trl["input_ids"][0].tolist()
