@@ -272,6 +272,8 @@ CONVERSATIONS = [
     # before the template renders the rows: a bare Jinja or TypeError otherwise, reported as a bug
     ("turn-without-role", [{"messages": [{"content": "hi"}, TURNS[1]]}],
      r"row 1 \(counting from 1\): turn 1 has no role"),
+    ("turn-with-an-empty-role", [{"messages": [{"role": "", "content": "hi"}, TURNS[1]]}],
+     r"row 1 \(counting from 1\): turn 1 has no role"),
     ("content-a-number", [{"messages": [{"role": "user", "content": 5}, TURNS[1]]}],
      r"row 1 \(counting from 1\): turn 1 \(user\) has content 5 \(int\)"),
     ("content-missing", [{"messages": [TURNS[0], {"role": "assistant"}]}],
@@ -287,6 +289,8 @@ CONVERSATIONS = [
      r"row 1 \(counting from 1\): turn 2 \(assistant\) tool call 1: has no function name"),
     ("tool-result-without-call", [{"messages": [TURNS[0], {"role": "tool", "content": "sunny"}, TURNS[1]]}],
      r"row 1 \(counting from 1\): turn 2 is a tool result with no tool call before it"),
+    ("tool-result-after-the-reply", [{"messages": [*TOOL_TURNS, {"role": "tool", "content": "rainy"}]}],
+     r"row 1 \(counting from 1\): turn 6 is a tool result with no tool call before it"),
 ]
 
 
@@ -299,6 +303,8 @@ def test_sft_gate_names_the_row(rows, named, tmp_path):
     assert str(path) in str(error.value)
     gates.check_conversations(Dataset.from_list([{"messages": TOOL_TURNS}]), "tools.jsonl")  # a good tool row passes
     gates.check_conversations(Dataset.from_list([{"messages": tool_turns('{"city": "Oslo"}')}]), "tools.jsonl")
+    no_content = [{**turn, "content": None} if turn.get("tool_calls") else turn for turn in TOOL_TURNS]
+    gates.check_conversations(Dataset.from_list([{"messages": no_content}]), "tools.jsonl")  # a call needs no content
 
 
 @pytest.mark.parametrize("rows, named", [
@@ -325,7 +331,9 @@ def test_sft_gate_names_a_format_it_cannot_train_on(rows, named):
 @pytest.mark.parametrize("tools, named", [
     ('[{"type": "function", "function": {"name": "get_weather"', r'"tools" is text that is not valid JSON'),
     ('{"name": "get_weather"}', r'"tools" is \{\'name\': \'get_weather\'\}; expected a list of function schemas'),
-], ids=["not-json", "one-schema-not-a-list"])
+    ('[{"type": "function", "function": {"name": "f"}}, "get_weather"]',
+     r'"tools" is \[.*; expected a list of function schemas'),
+], ids=["not-json", "one-schema-not-a-list", "a-name-among-the-schemas"])
 def test_a_bad_tools_column_is_named_before_trl_reads_it(tools, named, tiny_tokenizer, tmp_path):
     """TRL (and the gates that render rows as it does) stopped on it with a bare JSONDecodeError, or transformers'
     "Tools should either be a JSON schema, or a callable function"."""
@@ -370,10 +378,15 @@ def test_pair_and_prompt_gates_take_multi_turn_prompts_that_end_on_the_question(
     prompt = [system, TURNS[0], TURNS[1], {"role": "user", "content": "and again?"}]
     gates.check_preference_pairs(Dataset.from_list([{**_pair(0), "prompt": prompt}]), "prefs.jsonl")
     gates.check_prompt_rows(Dataset.from_list([{"prompt": prompt, "answer": "4"}]), "prompts.jsonl")
+    # a reply may answer a tool result: the prompt ends on the `tool` turn
+    gates.check_preference_pairs(Dataset.from_list([{**_pair(0), "prompt": TOOL_TURNS[:4]}]), "prefs.jsonl")
+    gates.check_prompt_rows(Dataset.from_list([{"prompt": TOOL_TURNS[:4], "answer": "4"}]), "prompts.jsonl")
     with pytest.raises(UserError, match=r"prompts.jsonl row 2 \(counting from 1\): the prompt ends on a turn of role "
                                         "'assistant'"):
         gates.check_prompt_rows(Dataset.from_list([{"prompt": p, "answer": "4"} for p in (prompt, prompt[:3])]),
                                 "prompts.jsonl")
+    with pytest.raises(UserError, match=r"prompts.jsonl row 1 \(counting from 1\): the prompt ends on a turn"):
+        gates.check_prompt_rows(Dataset.from_list([{"prompt": prompt[:3], "answer": "4"}]), "prompts.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -418,6 +431,7 @@ def test_upo_gate_stops_prompts_whose_tools_grpo_would_not_render():
                                         r"TRL's GRPO renders every prompt without"):
         gates.check_prompt_rows(prompts, "prompts.jsonl")
     gates.check_prompt_rows(_prompts(["a"]).add_column("tools", [None]), "prompts.jsonl")  # an empty column passes
+    gates.check_prompt_rows(_prompts(["a", "b"]).add_column("tools", [None, ""]), "prompts.jsonl")  # and empty cells
 
 
 def test_upo_offline_pairs_with_tools_are_refused(tmp_path, tiny_tokenizer):

@@ -9,7 +9,7 @@ from datasets import Dataset
 
 from posttrain.configs import StageArguments
 from posttrain.errors import UserError
-from posttrain.gates import check_preference_pairs
+from posttrain.gates import check_preference_pairs, count_cut_pairs, non_thinking_reasoning
 from posttrain.models import load_tokenizer
 from posttrain.stages import dpo, sft
 from posttrain.stages.pairs import load_pairs
@@ -259,6 +259,20 @@ def test_pair_gates_name_the_row(tiny_model_path):
         check_preference_pairs(Dataset.from_list([{**short, "tools": json.dumps(tools)}]), "p", tokenizer, max_length=64)
 
 
+def test_a_pair_is_refused_exactly_when_max_length_leaves_only_the_replies_common_start(tiny_model_path):
+    """`keep_start` leaves `max_length` minus the prompt's tokens of each reply: refused when the replies agree in all
+    of those, kept from one token more, where they differ."""
+    tokenizer = load_tokenizer(tiny_model_path("llama"))
+    row = {"prompt": "Say it:", "chosen": " word word word yes", "rejected": " word word word no"}
+    prompt = len(tokenizer(row["prompt"])["input_ids"])
+    chosen, rejected = (tokenizer(row[key], add_special_tokens=False)["input_ids"] for key in ("chosen", "rejected"))
+    same = next(i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b)
+    pairs = Dataset.from_list([row])
+    with pytest.raises(UserError, match=f"chosen and rejected are the same in the {same} reply tokens"):
+        check_preference_pairs(pairs, "p", tokenizer, max_length=prompt + same)
+    assert len(check_preference_pairs(pairs, "p", tokenizer, max_length=prompt + same + 1)[0]) == 1
+
+
 def test_a_pair_with_an_empty_rejected_reply_is_refused():
     """The rejected side empty (not only the chosen one): nothing to prefer the chosen reply over."""
     empty = Dataset.from_list([{"prompt": "q", "chosen": "a", "rejected": " "}])
@@ -320,6 +334,19 @@ def test_a_non_thinking_pair_whose_reply_thinks_is_refused():
         check_preference_pairs(Dataset.from_list(rows), "p")
     assert check_preference_pairs(Dataset.from_list(rows), "p", allow_skip=True)[1] == [1]
 
+def test_what_a_non_thinking_reply_may_not_hold():
+    """A <think> block after leading whitespace, or in the last message of a reply of several, is reasoning; a blank
+    reasoning field or an empty block is none."""
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
+    assert non_thinking_reasoning(off, {"chosen": "\n<think>Two and two.</think>4"})
+    assert non_thinking_reasoning(off, {"chosen": [{"role": "assistant", "content": "", "tool_calls": [call]},
+                                                   {"role": "tool", "content": "sunny"},
+                                                   {"role": "assistant", "content": "<think>Sunny.</think>Go."}]})
+    assert non_thinking_reasoning(off, {"chosen": [{"role": "assistant", "content": "4", "reasoning_content": " \n"}],
+                                        "rejected": "<think>\n</think>\n\n5"}) is None
+
+
 def test_a_pair_that_names_no_thinking_mode_may_think():
     """Only a pair marked non-thinking is held to replies without reasoning: one that names no mode (no
     `chat_template_kwargs`, no `thinking`) keeps its <think> block."""
@@ -347,6 +374,13 @@ def test_pairs_keep_their_reasoning_in_what_dpo_compares(tiny_model_path):
     chatml = load_tokenizer(tiny_model_path("llama"), "chatml")
     with pytest.raises(UserError, match=r"p row 1 \(counting from 1\): the chosen reply's reasoning is not in the text"):
         check_pair_reasoning(chatml, pair("5", "6", reasoning_content="Two and three."), "p")
+    # the first pair with reasoning is checked, wherever it is and on whichever side
+    rejected = [{"role": "assistant", "content": "6", "reasoning_content": "Two and three."}]
+    later = Dataset.from_list([{"prompt": prompt, "chosen": [{"role": "assistant", "content": "5"}],
+                                "rejected": [{"role": "assistant", "content": "6"}]}] * 2)
+    later = Dataset.from_list([later[0], {**later[1], "rejected": rejected}])
+    with pytest.raises(UserError, match=r"p row 2 \(counting from 1\): the rejected reply's reasoning is not in"):
+        check_pair_reasoning(chatml, later, "p")
     think = pair("<think>\nTwo and three make five.\n</think>\n\n5", "<think>\nTwo and three.\n</think>\n\n6")
     check_pair_reasoning(chatml, think, "p")
     r1 = load_tokenizer(tiny_model_path("llama"))
@@ -568,6 +602,24 @@ def test_pairs_whose_reply_max_length_cuts_before_its_end_of_turn_are_counted(ti
     assert preflight["heldout_pairs_cut"] == {"chosen": 1, "rejected": 1}
     assert ("pairs (test): 1 of 3 pairs are cut by max_length=32 before their chosen reply's end-of-turn token, so "
             "the held-out preference accuracy scores them cut") in caplog.text
+
+
+def test_cut_pairs_are_counted_as_the_truncation_mode_cuts_them_and_by_the_replys_own_tokens(caplog):
+    """`keep_end` keeps each side's end, so no reply loses its end-of-turn token (2 here); `keep_start` cuts the
+    chosen one. A reply's masked tool result (`chosen_mask`) splits it in two: a cut second part is cut, whatever
+    end-of-turn token the first part holds."""
+    pairs = Dataset.from_list([{"prompt_ids": [1, 1, 1], "chosen_ids": [5, 6, 2], "rejected_ids": [7, 2]}])
+    assert count_cut_pairs(pairs, 5, "keep_start", {2}, "p") == {"pairs_cut": {"chosen": 1, "rejected": 0}}
+    assert count_cut_pairs(pairs, 5, "keep_end", {2}, "p") == {"pairs_cut": {"chosen": 0, "rejected": 0}}
+    tools = Dataset.from_list([{"prompt_ids": [1], "chosen_ids": [5, 2, 8, 8, 6, 2], "chosen_mask": [1, 1, 0, 0, 1, 1],
+                                "rejected_ids": [7, 2], "rejected_mask": [1, 1]}])
+    assert count_cut_pairs(tools, 6, "keep_start", {2}, "p") == {"pairs_cut": {"chosen": 1, "rejected": 0}}
+    # a side that fits `max_length` exactly is not cut, with or without an end-of-turn token; nothing cut, no warning
+    fits = Dataset.from_list([{"prompt_ids": [1, 1, 1], "chosen_ids": [5, 6], "rejected_ids": [7, 2]}])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="posttrain"):
+        assert count_cut_pairs(fits, 5, "keep_start", {2}, "p") == {"pairs_cut": {"chosen": 0, "rejected": 0}}
+    assert "cut by max_length" not in caplog.text
 
 
 def test_replies_the_same_in_what_keep_end_keeps_are_refused(tiny_model_path):

@@ -78,6 +78,15 @@ def test_a_drop_of_exactly_max_drop_is_tolerated_and_the_reason_says_why_a_drop_
     assert loss["gate"]["passed"]
 
 
+def test_an_unchanged_accuracy_is_no_drop_to_explain():
+    """As many prompts gained as lost: the accuracy did not fall, so the reason gives the test and no excuse for a drop
+    ("not significantly worse")."""
+    before = evaluation([1] * 5 + [0] * 5)
+    after = evaluation([0] * 2 + [1] * 3 + [1] * 2 + [0] * 3)
+    record = promotion(GateArguments(), "sft", before, after)
+    assert record["gate"]["passed"] and record["gate"]["reason"].endswith("2 prompts lost, 2 gained)")
+
+
 def test_threshold_gate_on_a_lower_is_better_metric():
     before, after = evaluation([0, 1], heldout_loss=2.0), evaluation([0, 1], heldout_loss=2.3)
     assert not promotion(GateArguments("heldout_loss"), "base", before, after)["gate"]["passed"]
@@ -86,6 +95,12 @@ def test_threshold_gate_on_a_lower_is_better_metric():
     nan = evaluation([0, 1], heldout_loss=None)  # evaluate() writes a NaN loss as None
     record = promotion(GateArguments("heldout_loss", max_drop=10.0), "base", before, nan)
     assert not record["gate"]["passed"] and "not measured" in record["gate"]["reason"]
+
+
+def test_an_unchanged_threshold_metric_is_not_worse():
+    same = evaluation([0, 1], heldout_loss=2.0)
+    record = promotion(GateArguments("heldout_loss"), "base", same, same)
+    assert record["gate"]["passed"] and "not worse by 0 (max_drop 0)" in record["gate"]["reason"]
 
 
 def test_threshold_gates_on_higher_is_better_metrics():

@@ -330,3 +330,30 @@ def test_normalize_by_group_keeps_not_applicable_entries():
     rewards = torch.tensor([[1.0, float("nan")], [0.0, float("nan")]])
     normalized = normalize_by_group(rewards, torch.tensor([1.0, 1.0]), ["a", "a"])
     assert torch.isnan(normalized[:, 1]).all() and normalized[:, 0].tolist() == pytest.approx([1.0, -1.0], abs=1e-3)
+
+
+def test_normalize_by_group_leaves_rows_no_reward_scored_out_of_the_group():
+    """A row every reward skips (all NaN) stays NaN and does not count in its group's spread; a group of such rows
+    alone stays NaN (no error on an empty group)."""
+    nan = float("nan")
+    rewards = torch.tensor([[1.0], [0.0], [nan], [nan]])
+    normalized = normalize_by_group(rewards, torch.tensor([1.0]), ["a", "a", "a", "b"])
+    assert normalized[:2, 0].tolist() == pytest.approx([1.0, -1.0], abs=1e-3)
+    assert torch.isnan(normalized[2:]).all()
+
+
+def test_normalize_by_group_reads_a_gap_of_tie_as_pair_mining_does():
+    """A gap of exactly `TIE` is a tie (pair mining keeps a pair only above it): the group becomes zeros. Just above
+    it, `eps` keeps a rounding-sized spread from becoming a unit one."""
+    from posttrain.reward_groups import TIE
+
+    weights = torch.tensor([1.0])
+    assert normalize_by_group(torch.tensor([[0.0], [TIE]]), weights, ["a", "a"]).tolist() == [[0.0], [0.0]]
+    small = normalize_by_group(torch.tensor([[0.0], [4 * TIE]]), weights, ["a", "a"])
+    assert small.abs().max().item() < 0.05
+
+
+def test_normalize_by_group_keeps_not_applicable_entries_of_a_constant_group():
+    nan = float("nan")
+    normalized = normalize_by_group(torch.tensor([[1.0, nan], [1.0, 0.0]]), torch.tensor([1.0, 1.0]), ["a", "a"])
+    assert normalized[0, 0].item() == normalized[1].abs().sum().item() == 0.0 and normalized[0, 1].isnan()

@@ -81,6 +81,20 @@ def test_a_template_whose_turns_end_on_their_own_token_passes_the_end_of_turn_ga
     assert gates.end_of_turn_ids(tokenizer) == {tokenizer.eos_token_id}
 
 
+def test_the_end_of_turn_token_is_found_before_whitespace_closing_the_marked_span(tiny_model_path):
+    """A template whose `{% generation %}` span ends "<|end_of_sentence|>\\n": the newline is no end of turn, the token
+    before it is."""
+    from posttrain.models import chat_template_text
+
+    tokenizer = load_tokenizer(tiny_model_path("llama"))
+    marked = "{{- '<|end_of_sentence|>' -}}\n{%- endgeneration -%}"
+    assert marked in chat_template_text("ernie4_5")
+    tokenizer.chat_template = chat_template_text("ernie4_5").replace(
+        marked, "{{- '<|end_of_sentence|>\\n' -}}\n{%- endgeneration -%}")
+    end = tokenizer.convert_tokens_to_ids("<|end_of_sentence|>")
+    assert gates.end_of_turn_ids(tokenizer) == {tokenizer.eos_token_id, end}
+
+
 def test_a_known_template_without_markers_is_left_to_trls_training_copy(tiny_model_path):
     """TRL's SFTTrainer trains Qwen2.5/3, Llama 3, ... templates through its own marked copy
     (`get_training_chat_template`): the markers gate lets them through; an unknown unmarked template still fails."""
@@ -267,6 +281,11 @@ def test_gate_reasoning_the_template_drops(field):
     think = {"role": "assistant", "content": "<think>\nTwo and two make four.\n</think>\n\n4"}
     gates.check_reasoning(tokenizer, Dataset.from_list([rows[0], {"messages": [rows[1]["messages"][0], think]}]),
                           "data.jsonl")
+    # a template that renders the field keeps it, however its ends are spaced
+    tokenizer.chat_template = ("{% for m in messages %}{{ (m.get('" + field + "') or '') | trim }} {{ m['content'] }}"
+                               "{% endfor %}")
+    spaced = {**reply, field: "\nTwo and two make four.\n"}
+    gates.check_reasoning(tokenizer, Dataset.from_list([{"messages": [rows[1]["messages"][0], spaced]}]), "data.jsonl")
 
 
 @pytest.mark.parametrize("column", ["reasoning", "reasoning_content", "thinking"])
@@ -285,6 +304,12 @@ def test_reasoning_column_beside_the_reply_is_refused(column, tiny_model_path, s
     with pytest.raises(UserError, match=f"data.jsonl: the `{column}` column holds reasoning text beside the replies"):
         sft.main(*configs)
     gates.check_row_reasoning(Dataset.from_list([{**row, "thinking": True}, {**row, "thinking": None}]), "data.jsonl")
+    from datasets import Features, Value
+
+    large = Dataset.from_dict({"text": ["4"], column: ["Two and two."]},
+                              features=Features({"text": Value("string"), column: Value("large_string")}))
+    with pytest.raises(UserError, match=f"the `{column}` column holds reasoning text"):
+        gates.check_row_reasoning(large, "data.parquet")
 
 
 def test_a_non_thinking_row_whose_reply_thinks_is_refused(tiny_model_path, sft_configs, tmp_path):
@@ -307,6 +332,10 @@ def test_a_non_thinking_row_whose_reply_thinks_is_refused(tiny_model_path, sft_c
     empty = {"role": "assistant", "content": "<think>\n\n</think>\n\n4"}
     gates.check_non_thinking_replies(Dataset.from_list([rows[0], {**rows[1], "thinking": True},
                                                         {"messages": [question, empty], "thinking": False}]), "d")
+    for completion in (think["content"], [think]):  # prompt/completion rows, as text or as a message
+        with pytest.raises(UserError, match=r"d row 1 \(counting from 1\): the row is non-thinking"):
+            gates.check_non_thinking_replies(Dataset.from_list([{"prompt": [question], "completion": completion,
+                                                                 "thinking": False}]), "d")
 
 def test_special_token_written_in_a_turn_is_refused(tiny_model_path, sft_configs, tmp_path):
     """A reply that writes the chat format's own markers as text (a scraped answer about chat templates) was
@@ -354,6 +383,11 @@ def test_the_models_own_end_token_written_in_a_turn_is_refused(tiny_model_path):
     gates.check_special_token_text(tokenizer, rows, "data.jsonl")  # the tokenizer alone does not know it
     with pytest.raises(UserError, match=rf"row 1 .*turn 2 \(assistant\) has the text '{re.escape(own)}'"):
         gates.check_special_token_text(tokenizer, rows, "data.jsonl", model)
+    # the end tokens its generation config lists count as well (Qwen's lists two; its config names one)
+    listed = types.SimpleNamespace(config=types.SimpleNamespace(eos_token_id=None),
+                                   generation_config=types.SimpleNamespace(eos_token_id=[model.config.eos_token_id]))
+    with pytest.raises(UserError, match=rf"row 1 .*turn 2 \(assistant\) has the text '{re.escape(own)}'"):
+        gates.check_special_token_text(tokenizer, rows, "data.jsonl", listed)
 
 
 def test_the_special_token_gate_names_the_first_row_and_counts_them_all(tiny_tokenizer):
@@ -504,8 +538,9 @@ def test_gate_template_that_drops_tool_calls(tiny_model_path, tool_data):
 
 
 @pytest.mark.parametrize("arguments", [{"code": 'print("hi")\nprint(2)'}, {"cities": ["Zürich", "Genève"]},
-                                       {"when": {"city": "Genève", "at": 9.5, "exact": True}}],
-                         ids=["quotes-and-newlines", "non-ascii-list", "nested-object"])
+                                       {"when": {"city": "Genève", "at": 9.5, "exact": True}},
+                                       {"code": 'print("Zürich")'}],
+                         ids=["quotes-and-newlines", "non-ascii-list", "nested-object", "quotes-and-non-ascii"])
 def test_tool_call_gate_finds_arguments_however_the_template_escapes_them(tiny_model_path, arguments):
     """The gate looked for each argument as Python's json.dumps spells it (ASCII escapes) and strings unescaped, so a
     valid call whose arguments held a quote, a newline or non-ASCII text in a list was refused as not rendered."""
@@ -523,6 +558,33 @@ def test_tool_call_gate_finds_arguments_however_the_template_escapes_them(tiny_m
         "{{- '<|im_end|>' -}}\n{%- endgeneration -%}", "{%- generation -%}{{- '<|im_end|>' -}}{%- endgeneration -%}")
     with pytest.raises(UserError, match=r"the tool call run\(...\) does not survive the chat template"):
         gates.check_tool_calls(tokenizer, rows, "tools.jsonl")
+
+
+def _tool_row(result: str = "done"):
+    from datasets import Dataset
+
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
+    return Dataset.from_list([{"messages": [{"role": "user", "content": "Weather?"},
+                                            {"role": "assistant", "content": "", "tool_calls": [call]},
+                                            {"role": "tool", "content": result},
+                                            {"role": "assistant", "content": "Fine."}]}])
+
+
+def test_tool_call_gate_reads_the_whole_rendering_of_a_template_without_markers(tiny_model_path):
+    """Without `{% generation %}` markers there is no assistant mask: the call need only be rendered."""
+    tokenizer = load_tokenizer(tiny_model_path("llama"))
+    tokenizer.chat_template = re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", tokenizer.chat_template)
+    assert gates.check_tool_calls(tokenizer, _tool_row(), "tools.jsonl") == {"tool_call_row_checked": 0}
+
+
+def test_a_tool_result_of_eight_characters_in_the_trained_tokens_is_refused(tiny_model_path):
+    tokenizer = load_tokenizer(tiny_model_path("llama"))
+    tool_turn = "{{- '<|im_start|>tool\\n<tool_response>\\n' + content + '\\n</tool_response><|im_end|>\\n' -}}"
+    assert tool_turn in tokenizer.chat_template
+    tokenizer.chat_template = tokenizer.chat_template.replace(
+        tool_turn, "{%- generation -%}" + tool_turn + "{%- endgeneration -%}")
+    with pytest.raises(UserError, match="a tool result is inside the trained tokens"):
+        gates.check_tool_calls(tokenizer, _tool_row("sunny 9C"), "tools.jsonl")
 
 
 def test_lora_on_the_top_layers_only(tiny_model_path, task_data, sft_configs, tmp_path):

@@ -117,3 +117,25 @@ def test_evaluations_without_a_prompts_hash_pair_only_when_their_verdicts_line_u
     the same prompts, and give no comparison (not a ValueError in the report or the promote gate)."""
     assert stats.paired_evals({"verdicts": [1, 0]}, {"verdicts": [1, 0, 1]}) is None
     assert stats.paired_evals({"verdicts": [1, 0]}, {"verdicts": [1, 1]}).only_b == 1
+
+
+def test_an_evaluation_written_before_intervals_were_recorded_reads_its_rate_and_size():
+    """An `evaluate()` dict without verdicts (or a recorded interval): the right answers are its rate times its size,
+    rounded (0.29 * 100 is 28.999999999999996 in floats, not 28); without a size, the bare rate; a recorded interval
+    is the one given."""
+    old = {"accuracy": 0.29, "n": 100}
+    assert stats.format_eval_accuracy(old) == stats.format_accuracy(29, 100) == "29.0% (±9)"
+    assert stats.accuracy_interval(old) == stats.wilson(29, 100)
+    assert stats.format_eval_accuracy({"accuracy": 0.5}) == "50.0%"
+    assert stats.accuracy_interval({"accuracy": 0.5}) is None
+    assert stats.accuracy_interval({**old, "accuracy_ci95": [0.2, 0.4]}) == (0.2, 0.4)
+
+
+def test_a_p_value_is_printed_to_two_significant_digits():
+    assert [stats.format_p(p) for p in (0.01234, 0.003, 0.5)] == ["0.012", "0.003", "0.5"]
+
+
+def test_the_mean_of_scores_leaves_out_the_prompts_not_scored():
+    """None is "not scored" (a reward that does not apply), not a 0: the mean is over the others."""
+    assert stats.mean_of([1.0, None, 0.0]) == 0.5
+    assert stats.mean_of([None]) == stats.mean_of([]) == 0.0

@@ -126,6 +126,8 @@ def test_generation_prompt_is_tokenized_as_in_training(shape, caplog):
     assert tokenizer(tokenizer.apply_chat_template(CHAT, tokenize=False, enable_thinking=False))["input_ids"][
         :len(alone)] == alone
     assert gates.check_prompt_boundary(tokenizer, dataset, "rows") == {"prompt_boundary": "ok (3 rows)"}
+    assert gates.check_prompt_boundary(tokenizer, dataset.select([0, 0, 0]), "rows", samples=2) == {
+        "prompt_boundary": "ok (2 rows)"}  # `samples` rows of a thinking mode, not one more
 
     with caplog.at_level("WARNING", logger="posttrain"):
         found = gates.check_prompt_boundary(_newline_merging_bpe(qwen3_like), dataset, "rows")

@@ -504,12 +504,13 @@ def test_gate_image_tokens_counts_replies_that_max_length_cuts_before_their_end_
 
     rows = [{"prompt": [1, 9, 9, 3], "reply": [5, 2]},  # fits
             {"prompt": [1, 9, 9, 3], "reply": [5, 6, 2]},  # cut before its end-of-turn token
-            {"prompt": [1, 9, 9, 3], "reply": [5, 2, 7]}]  # cut after it (a newline): the model still learns to stop
+            {"prompt": [1, 9, 9, 3], "reply": [5, 2, 7]},  # cut after it (a newline): the model still learns to stop
+            {"prompt": [1, 9, 9, 3], "reply": [5, 6]}]  # no end-of-turn token, but not cut: max_length is not the cause
     trainer = SimpleNamespace(data_collator=Collator(max_length=6), train_dataset=rows)
     with caplog.at_level("WARNING", logger="posttrain"):
         record = gates.check_image_tokens(trainer, image_token_id=9, end_of_turn={2}, name="vqa")
     assert record["rows_cut"] == 1 and record["rows_untrained"] == 0
-    assert ("vqa: 1 of 3 rows are cut by max_length=6 before their reply's end-of-turn token, so the model learns "
+    assert ("vqa: 1 of 4 rows are cut by max_length=6 before their reply's end-of-turn token, so the model learns "
             "replies that do not stop") in caplog.text
 
 
@@ -782,6 +783,10 @@ def test_gate_processor_from_another_model(tiny_model_path):
                                      tokenize=False, add_generation_prompt=True)
     with pytest.raises(UserError, match="processor belongs to another model"):
         gates.check_processor_matches_model(qwen, model, {})
+    batch = llava(text=[text], images=[[image]], return_tensors="pt")
+    short = {**batch, "token_type_ids": batch["input_ids"][:, :-1]}  # a collator that leaves it at the prompt's length
+    with pytest.raises(UserError, match=r"`token_type_ids` covers \d+ positions of \d+ tokens"):
+        gates.check_processor_matches_model(llava, model, short)
     llava.patch_size = 16  # a processor that writes 4 image tokens where the vision tower makes 16 features
     batch = llava(text=[text], images=[[image]], return_tensors="pt")
     with pytest.raises(UserError, match="disagree on how many tokens an image takes"):
