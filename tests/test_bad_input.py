@@ -432,6 +432,9 @@ def test_upo_gate_stops_prompts_whose_tools_grpo_would_not_render():
         gates.check_prompt_rows(prompts, "prompts.jsonl")
     gates.check_prompt_rows(_prompts(["a"]).add_column("tools", [None]), "prompts.jsonl")  # an empty column passes
     gates.check_prompt_rows(_prompts(["a", "b"]).add_column("tools", [None, ""]), "prompts.jsonl")  # and empty cells
+    # an empty list as JSON text, which the SFT/DPO tools gate reads as no tools: no tools to lose (it was refused)
+    gates.check_prompt_rows(_prompts(["a", "b"]).add_column("tools", ["[]", " [] "]), "prompts.jsonl")
+    gates.check_tools_column(_prompts(["a", "b"]).add_column("tools", ["[]", " [] "]), "prompts.jsonl")
 
 
 def test_upo_offline_pairs_with_tools_are_refused(tmp_path, tiny_tokenizer):

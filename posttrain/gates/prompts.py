@@ -24,7 +24,8 @@ def check_no_row_tools(dataset, name: str) -> None:
     """No row has `tools`: UPO renders its RL prompts, and its offline pairs' prompts as it renders those, without a
     per-row `tools` column, as TRL's GRPO does; the schemas belong in the prompt (README: Tool calling)."""
     tools = dataset["tools"] if "tools" in dataset.column_names else []
-    index = next((i for i, value in enumerate(tools) if value), None)
+    # an empty list written as JSON text ("[]", as `check_tools_column` reads it) leaves nothing out
+    index = next((i for i, value in enumerate(tools) if value and str(value).strip() != "[]"), None)
     if index is not None:
         raise UserError(f"pre-flight: {name} {row_name(index)}: its `tools` would be left out: TRL's GRPO renders every "
                         "prompt without a per-row `tools` column, so the model would be asked to call tools it is "
