@@ -166,6 +166,28 @@ def test_generations_come_back_in_the_callers_order(tiny_tokenizer):
     assert lengths == [3] * 5 and stopped == [False] * 5
 
 
+def test_rows_are_batched_by_length_and_scoring_takes_the_longest_first():
+    """Batches of rows of similar length; scoring runs the longest batch first, so that a batch size too large for the
+    memory fails at once, not after the shorter batches."""
+    from posttrain.generation import length_batches
+
+    assert length_batches([1, 3, 2], 2) == [[0, 2], [1]]
+    assert length_batches([1, 3, 2], 2, longest_first=True) == [[1, 2], [0]]
+
+
+def test_a_reply_ends_at_the_tokenizers_eos_and_every_one_the_model_lists(tiny_tokenizer):
+    from posttrain.generation import stop_ids
+
+    model = types.SimpleNamespace(generation_config=types.SimpleNamespace(eos_token_id=7))
+    assert stop_ids(model, tiny_tokenizer) == [tiny_tokenizer.eos_token_id, 7]
+
+
+def test_generation_reports_its_progress_in_prompts_done(tiny_tokenizer):
+    calls = []
+    generate(Echo(), tiny_tokenizer, ECHOED, max_new_tokens=1, batch_size=2, progress=lambda *done: calls.append(done))
+    assert calls == [(2, 5), (4, 5), (5, 5)]
+
+
 def test_a_reply_ends_at_any_end_of_turn_token_the_model_lists(tiny_tokenizer):
     """Gemma-it ends a turn with <end_of_turn> and Phi-3 with <|end|>, while their tokenizer's EOS is another token;
     the checkpoint's generation_config lists both. On EOS alone the reply ran on into invented turns to the budget."""
@@ -181,6 +203,30 @@ def test_a_reply_ends_at_any_end_of_turn_token_the_model_lists(tiny_tokenizer):
 
     texts, stopped, lengths = generate(Gemma(), tiny_tokenizer, ["x", "y z"], max_new_tokens=6, batch_size=2)
     assert texts == ["a", "a"] and stopped == [True, True] and lengths == [1, 1]
+
+
+def test_no_prompts_under_a_share_give_no_replies(tiny_tokenizer):
+    """A share of no prompts at all comes back as three empty lists, as without a share."""
+    share = Share(0, 2, lambda objects: objects * 2)
+    assert generate(Echo(), tiny_tokenizer, [], max_new_tokens=2, batch_size=2, share=share) == ([], [], [])
+
+
+def test_a_moe_models_router_loss_is_off_while_it_generates_and_back_after(tiny_tokenizer):
+    """transformers computes the load-balancing loss inside generate() when `output_router_logits` is on, and fails:
+    it is off while the model generates and as it was afterwards."""
+
+    class MoE(Echo):
+        class config:
+            output_router_logits = True
+            get_text_config = staticmethod(lambda: MoE.config)
+
+        def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+            self.router_logits = MoE.config.output_router_logits
+            return super().generate(input_ids, attention_mask, max_new_tokens, **kwargs)
+
+    model = MoE()
+    generate(model, tiny_tokenizer, ["x"], max_new_tokens=2, batch_size=2)
+    assert model.router_logits is False and MoE.config.output_router_logits is True
 
 
 def test_processes_generate_a_share_each_and_all_get_every_reply(tiny_tokenizer):
@@ -238,6 +284,40 @@ def test_decoding_in_rounds_keeps_the_checkpoints_minimum_reply_length(tiny_mode
     expected = [row[:row.index(4) + 1] if 4 in row else row for row in whole]
     assert [len(row) for row in expected] == [8, 3, 8]
     assert decode(model, dict(batch), 8, rounds=(1, 3), **settings) == expected
+
+
+def test_a_later_round_attends_to_the_tokens_earlier_rounds_wrote():
+    """The rows still going continue with an attention mask that covers every token the earlier rounds wrote."""
+    from posttrain.generation import decode
+
+    class Recording(Echo):
+        masks = []
+
+        def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+            self.masks.append(attention_mask.tolist())
+            return super().generate(input_ids, attention_mask, max_new_tokens, **kwargs)
+
+    batch = {"input_ids": torch.tensor([[0, 7], [8, 9]]), "attention_mask": torch.tensor([[0, 1], [1, 1]])}
+    decode(Recording(), batch, 4, rounds=(2,), pad_token_id=0, eos_token_id=99)
+    assert Recording.masks == [[[0, 1], [1, 1]], [[0, 1, 1, 1], [1, 1, 1, 1]]]
+
+
+def test_image_rows_are_decoded_in_one_round(tiny_tokenizer, monkeypatch):
+    """Image inputs are read by the first forward only, so image rows do not continue over rounds: one `generate`
+    call over the whole budget."""
+    from posttrain import generation
+
+    class Recording(Echo):
+        budgets = []
+
+        def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+            self.budgets.append(max_new_tokens)
+            return super().generate(input_ids, attention_mask, max_new_tokens, **kwargs)
+
+    monkeypatch.setattr(generation.vision, "encode", lambda processor, prompts, images, device: {
+        "input_ids": torch.tensor([[5]] * len(prompts)), "attention_mask": torch.ones(len(prompts), 1, dtype=int)})
+    generate(Recording(), tiny_tokenizer, ["x"], max_new_tokens=20, batch_size=1, images=[["an image"]])
+    assert Recording.budgets == [20]
 
 
 def test_a_multimodal_rope_vlm_decodes_text_rows_in_rounds(tiny_model_path):
@@ -866,6 +946,7 @@ def test_generation_past_the_models_positions_is_refused_naming_the_key(tiny_mod
     with pytest.raises(UserError, match="build_onpolicy_pairs: max_new_tokens=64 after the longest prompt"):
         sample_pairs(model, tokenizer, [row], OnPolicyPairsConfig(num_samples=2, dtype="float32"))
     check_context(model, tokenizer, [prompt_text(tokenizer, row)], 22, "eval.max_new_tokens")  # the 22 offered fit
+    check_context(model, tokenizer, [], 22, "eval.max_new_tokens")  # no prompts: nothing to check
     texts, _, _ = generate(model, tokenizer, ["word " * 10], max_new_tokens=4, batch_size=1)
     assert len(texts) == 1
 

@@ -285,8 +285,27 @@ def test_rewards_of_your_own_in_other_shapes(tmp_path, monkeypatch):
     assert combine_rewards(names)(["a", "b"]) == [3.5, 3.5]
     assert [f.__name__ for f in resolve_rewards(names)[0]] == ["array", "brevity", "later"]  # logged by these names
     assert custom_reward_files(["shaped_rewards.brevity"]) == {"shaped_rewards.brevity": str(tmp_path / "shaped_rewards.py")}
+    assert custom_reward_files(["accuracy", "think_format"]) == {}  # ours are code of the package, not inputs
     with pytest.raises(UserError, match=r"reward 'shaped_rewards.positional' takes no \*\*kwargs"):
         resolve_rewards({"shaped_rewards.positional": 1.0})
+
+
+def test_rewards_of_your_own_as_numpy_scalars_or_an_async_callable_instance(tmp_path, monkeypatch):
+    """A list of numpy scalars is a list of numbers, and a callable instance whose `__call__` is async is awaited."""
+    (tmp_path / "more_rewards.py").write_text(
+        "import numpy as np\n"
+        "def scalars(completions, **kwargs):\n    return [np.float32(0.25)] * len(completions)\n"
+        "class Soon:\n    async def __call__(self, completions, **kwargs):\n        return [2.0] * len(completions)\n"
+        "soon = Soon()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert combine_rewards({"more_rewards.scalars": 1.0, "more_rewards.soon": 1.0})(["a", "b"]) == [2.25, 2.25]
+
+
+def test_a_reward_weight_of_true_is_refused():
+    from posttrain.rewards import check_reward_names
+
+    with pytest.raises(UserError, match="'accuracy' has the weight True; expected a finite number"):
+        check_reward_names({"accuracy": True})
 
 
 def test_every_reward_is_named_as_its_key():

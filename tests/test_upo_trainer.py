@@ -391,6 +391,22 @@ def dpo_trainer(tmp_path, tiny_model_path, tiny_tokenizer):
     return trainer
 
 
+def test_lambda_zero_builds_no_reference(tmp_path, tiny_model_path, tiny_tokenizer):
+    """With λ = 0 there is no DPO term to need a reference: no frozen copy of the adapter (or of a fully fine-tuned
+    model) is built, as GRPOTrainer builds none with `beta` 0."""
+    args = UPOConfig(output_dir=str(tmp_path), **TINY, upo_lambda=0.0, rewards={"accuracy": 1.0})
+    trainer = UPOTrainer(trained_adapter_model(tiny_model_path()), args=args, train_dataset=prompts(4),
+                         processing_class=tiny_tokenizer)
+    assert set(trainer.model.peft_config) == {"default"} and trainer.beta == 0.0
+
+
+def test_the_rewards_weigh_as_the_config_names_them(tmp_path, tiny_model_path, tiny_tokenizer):
+    args = UPOConfig(output_dir=str(tmp_path), **TINY, rewards={"accuracy": 1.0, "length_penalty": 0.25})
+    trainer = UPOTrainer(load_model(tiny_model_path()), args=args, train_dataset=prompts(4),
+                         processing_class=tiny_tokenizer, peft_config=lora())
+    assert trainer.reward_weights.tolist() == [1.0, 0.25]
+
+
 def test_reference_is_frozen_copy_of_previous_adapter(dpo_trainer):
     model = dpo_trainer.model
     assert set(model.peft_config) == {"default", "ref"} and dpo_trainer.beta == 0.0
@@ -454,6 +470,10 @@ def test_online_dpo_term_matches_plain_torch(dpo_trainer, sft_weight):
     for name, grad in upo_grads.items():
         torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-3, atol=1e-6)
     assert upo_grads and all(".default." in n for n in upo_grads)
+    # a generation batch of 4 pairs, 2 of them in another micro-step: the sum is divided by the step's 4, not by 2
+    inputs["upo_num_pairs"] = torch.tensor(4.0)
+    with torch.no_grad():
+        torch.testing.assert_close(dpo_trainer.compute_loss(model, inputs), expected.detach() / 2, rtol=1e-4, atol=1e-6)
 
 
 def test_online_pairs_take_the_set_margin_skip_masked_rollouts_and_mask_grpos_reference(dpo_trainer):
@@ -471,6 +491,9 @@ def test_online_pairs_take_the_set_margin_skip_masked_rollouts_and_mask_grpos_re
     dpo_trainer._mine_online_pairs(output, 2, "train")
     assert output["upo_has_pair"].nonzero().flatten().tolist() == [1, 5] and output["upo_num_pairs"].item() == 2
     assert output["upo_ref_chosen_logps"].tolist() == [0.0, -2.0, 0.0, 0.0, 0.0, -2.0]
+    # the rejected replies (rows 0 and 4) scored under the reference, each on its chosen row
+    expected = dpo_trainer._reference_logps([[1, 5, 9], [1, 7]], [[20, 21, 2], [26, 2]])
+    torch.testing.assert_close(output["upo_ref_rejected_logps"][[1, 5]], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_the_dpo_term_is_a_mean_over_the_pairs_in_evaluation_too(dpo_trainer):
@@ -509,6 +532,40 @@ def test_offline_pairs_are_scored_chosen_as_chosen(dpo_trainer):
                       (ref_rejected, reference[1])):
         torch.testing.assert_close(got, want.expand(len(chosen)), rtol=1e-4, atol=1e-4)
     assert tokens.tolist() == [4.0] * len(chosen)
+
+
+def test_evaluation_draws_no_offline_pairs(dpo_trainer):
+    """Offline pairs are a training term: evaluation neither scores nor draws them, so training goes on with the
+    pairs a run without evaluation would take."""
+    from posttrain.trainers.upo_pairs import OfflinePairs
+
+    dpo_trainer._offline = OfflinePairs([([1, 5, 9], [20, 2], [40, 2])], seed="0")
+    drawn = []
+    dpo_trainer._draw_offline = lambda: drawn.append(1) or []
+    with torch.no_grad():
+        chosen = dpo_trainer._pair_logps(dpo_trainer.model, {}, None, "eval")[0]
+    assert len(chosen) == 0 and not drawn
+
+
+def test_a_steps_offline_pairs_are_its_prompts_times_the_ratio_rounded_and_at_least_one(dpo_trainer):
+    # 4 rows a micro-step on 1 process, 4 rollouts a prompt: 1 prompt a micro-step
+    for accumulation, ratio, pairs in ((1, 0.1, 1), (1, 1.6, 2), (1, 2.4, 2), (2, 1.0, 2)):
+        dpo_trainer.current_gradient_accumulation_steps = accumulation
+        dpo_trainer.args.upo_offline_ratio = ratio
+        assert dpo_trainer._offline_per_step() == pairs, (accumulation, ratio)
+
+
+def test_each_epoch_keeps_the_prompt_order_an_uninterrupted_run_gives_it():
+    from posttrain.trainers.upo_trainer import EpochRepeatSampler
+
+    def order(epoch):
+        sampler = EpochRepeatSampler(list(range(8)), mini_repeat_count=1, seed=0)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    uninterrupted = EpochRepeatSampler(list(range(8)), mini_repeat_count=1, seed=0)
+    first, second = list(uninterrupted), list(uninterrupted)
+    assert order(0) == first and order(1) == second != first
 
 
 def test_pair_metrics_are_means_over_the_pairs_not_over_micro_steps(dpo_trainer):
@@ -692,6 +749,8 @@ def test_steps_without_pairs_log_no_none_metrics(tmp_path, tiny_model_path, tiny
 
     assert _logged(trainer, "upo/pairs_online") == [0.0, 0.0]
     assert not [(k, h["step"]) for h in trainer.state.log_history for k, v in h.items() if v is None]
+    # the raw reward per domain is logged without `normalize_rewards_by` too, from the data's `domain` column
+    assert set(_logged(trainer, "upo/reward/arithmetic/mean")) == {1.0}
 
 
 @pytest.mark.parametrize("sft_weight", [0.0, 1.0])
