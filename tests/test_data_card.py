@@ -245,3 +245,21 @@ def test_flags_override_the_yaml(tmp_path):
     parser = make_parser(SFTSetConfig, "build_sft_set", "")
     cfg = parse_config(SFTSetConfig, parser, ["--config", str(config), "--seed", "7"])
     assert (cfg.seed, cfg.test_size) == (7, 0.1)
+
+
+def test_the_card_reports_length_statistics_removals_decontamination_and_only_splits_with_rows():
+    from data_prep import card as card_lib
+
+    stats = card_lib.length_stats([1, 2, 3, 4, 100])
+    assert stats == pytest.approx({"min": 1, "median": 3.0, "mean": 22.0, "p95": 80.8, "max": 100})
+    card = {"sources": [{"name": "a", "path": "a.jsonl", "format": "alpaca", "license": "mit", "rows_read": 5,
+                         "rows_invalid": 0, "rows_kept": 3}],
+            "splits": {"train": {"rows": 3, "file": "train.parquet", "sha256": "1" * 64},
+                       "test": {"rows": 0, "file": "test.parquet", "sha256": "2" * 64}},
+            "counts": [{"step": "dedup", "before": 5, "after": 3}], "rejects": 2, "name": "n", "kind": "SFT",
+            "job": "build_sft_set", "created": "today", "columns": ["messages"], "command": "cmd",
+            "decontamination": {"eval_sets": ["gsm8k.jsonl"], "ngram": 13, "removed": 1}, "length_unit": "tokens",
+            "length_stats": stats, "fingerprint": "f", "options_yaml": "x: 1\n"}
+    readme = card_lib.render_readme(card)
+    assert "| dedup | 5 | 3 | 2 |" in readme and "13-gram overlap; 1 rows removed" in readme
+    assert "split: train" in readme and "split: test" not in readme

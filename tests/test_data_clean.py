@@ -371,3 +371,53 @@ def test_an_unreadable_row_of_an_eval_set_stops_the_build(tmp_path):
     source = write_jsonl(tmp_path / "train.jsonl", alpaca_rows("clean", 3) + [{"instruction": question, "output": "3"}])
     with pytest.raises(UserError, match=r"gsm8k_test.jsonl:2: not valid JSON .*evaluation set in `decontaminate`"):
         run_build(tmp_path, "out", "--sources", source, "--decontaminate", eval_set, "--on_error", "skip")
+
+
+def test_near_dup_reads_each_cjk_letter_as_a_token_and_tool_calls_are_text():
+    """Chinese text has no spaces: as one token, a reply with one ideograph changed was no near-duplicate. Two calls
+    of one tool with other arguments are other text."""
+    assert clean.tokens("小明，你好") == ["小", "明", ",", "你", "好"]  # NFKC: the full-width comma
+    rng = random.Random(0)
+    text = "".join(chr(rng.randint(0x4E00, 0x9FA5)) for _ in range(200))
+    kept, removed = clean.near_dedup(table([text, text[:100] + "的" + text[101:]]), threshold=0.8)
+    assert removed["_origin"] == ["f.jsonl:2"]
+    calls = [{"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}]}]} for city in "AB"]
+    assert clean.record_text(calls[0]) != clean.record_text(calls[1])
+
+
+def test_held_out_groups_are_the_prompt_to_its_last_user_turn_and_each_exchange_with_its_context():
+    conversation = [{"role": "user", "content": "First question"}, {"role": "assistant", "content": "First reply"},
+                    {"role": "user", "content": "Second question"}, {"role": "assistant", "content": "Second reply"}]
+    assert "Second question" in clean.prompt_text({"messages": conversation})
+    other_reply = [*conversation[:1], {"role": "assistant", "content": "Another reply"}]
+    assert set(clean.exchange_keys({"messages": conversation}, "")).isdisjoint(
+        clean.exchange_keys({"messages": other_reply}, ""))
+    assert clean.exchange_keys({"messages": conversation}, "") != clean.exchange_keys({"messages": conversation}, "x")
+
+
+def test_decontamination_matches_whole_word_n_grams_and_names_the_set_that_holds_them():
+    """Eval n-grams are words, punctuation dropped, as the rows' are; a row sharing only n - 1 words is kept; the
+    reason gives the whole n-gram and the eval set it came from."""
+    ngrams = clean.eval_ngrams({"a.jsonl": [prose(5, 20)], "b.jsonl": ["river0, stone1, cloud2, lamp3, orange4"]}, n=5)
+    rows = ["so: river0 stone1 cloud2 lamp3 orange4", "river0 stone1 cloud2 lamp3 and more", prose(6, 20)]
+    kept, removed = clean.decontaminate(table(rows), ngrams, 5)
+    assert kept["_origin"] == ["f.jsonl:2", "f.jsonl:3"]
+    assert removed["_reason"] == ["shares the 5-gram \"river0 stone1 cloud2 lamp3 orange4\" with eval set 'b.jsonl'"]
+
+
+def test_rows_with_other_embedded_images_are_other_examples_and_a_completion_counts_in_the_length():
+    images = [{"bytes": colour, "path": None} for colour in (b"red", b"blue")]
+    assert clean.context_key({"images": images[:1]}) != clean.context_key({"images": images[1:]})
+    row = {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": prose(1, 60)}],
+           "_text": "unused"}
+    [length] = clean.add_lengths(Dataset.from_list([row]), load_tokenizer(TINY_TOKENIZER))["_length"]
+    assert length > 60
+
+
+def test_pairs_with_the_same_replies_to_other_prompts_are_kept():
+    pairs = Dataset.from_dict({"chosen": ["c"] * 2, "_text_prompt": [prose(1, 100), prose(2, 100)],
+                               "_text_chosen": [prose(3, 100)] * 2, "_text_rejected": [prose(4, 100)] * 2,
+                               "_key": [""] * 2, "_origin": ["f.jsonl:1", "f.jsonl:2"]})
+    kept, removed = clean.near_dedup(pairs, 0.8, columns=clean.near_dup_columns(pairs))
+    assert len(kept) == 2 and not len(removed)

@@ -264,3 +264,27 @@ def test_skipped_unparsable_line_keeps_its_text(tmp_path):
     reject = json.loads((tmp_path / "out" / "rejects.jsonl").read_text())
     assert card["sources"][0]["rows_invalid"] == 1 and reject["row"] is None
     assert reject["raw_text"] == '{"prompt": "caf\ufffd", "chosen": "a"' and "UTF-8" in reject["reason"]
+
+
+def test_validate_counts_the_rated_rows_below_the_margin_it_is_given(tmp_path, capsys):
+    path = tmp_path / "rated.jsonl"
+    path.write_text(json.dumps({"prompt": "q", "completions": [{"response": "a", "score": 2},
+                                                               {"response": "b", "score": 1.5}]}) + "\n")
+    assert validate.main([str(path), "--check_images", "1"]) == 0
+    assert "1 below the score margin" in capsys.readouterr().err
+    assert validate.main([str(path), "--min_score_margin", "0.5"]) == 0
+    assert "below the score margin" not in capsys.readouterr().err
+
+
+def test_the_build_summary_counts_the_rows_left_out():
+    card = {"splits": {"train": {"rows": 1200}, "test": {"rows": 0}}, "rejects": 3}
+    assert build_sft_set.summary("out", card) == ("wrote out: train 1,200 rows, test 0 rows; 3 rows left out "
+                                                  "(see out/rejects.jsonl)")
+
+
+def test_a_bad_row_in_any_dataset_of_a_registry_fails_the_whole_registry(tmp_path, capsys):
+    (tmp_path / "good.json").write_text(json.dumps([{"instruction": "do", "output": "done"}]))
+    (tmp_path / "bad.json").write_text(json.dumps([{"instruction": "do", "output": ""}]))
+    registry = tmp_path / "dataset_info.json"
+    registry.write_text(json.dumps({"good": {"file_name": "good.json"}, "bad": {"file_name": "bad.json"}}))
+    assert validate.main([str(registry)]) == 1

@@ -1189,3 +1189,28 @@ def test_preference_eval_splits_prompt_and_reply_where_trl_does(tiny_model_path)
             logps[side] = sum(logits[t - 1, ids[t]].item() for t in range(cut, len(ids)))
     result = preference_eval(model, tokenizer, [pair])
     assert result["mean_logp_margin"] == pytest.approx(logps["chosen"] - logps["rejected"], abs=1e-4)
+
+
+def test_onpolicy_pairs_with_the_reference_score_each_reply_with_its_own_prompt(tiny_tokenizer, monkeypatch, capsys):
+    """With `reference_chosen` each group is one longer: the rewards still get each reply's own prompt, a pair keeps
+    its row's thinking mode, and the reference reply (never cut) does not count as cut at the token budget."""
+    import contextlib
+
+    import posttrain.generation as generation
+    import posttrain.rewards as rewards
+    from data_prep.build_onpolicy_pairs import OnPolicyPairsConfig, sample_pairs
+    from posttrain.data import prompt_text
+
+    rows = [{"prompt": [{"role": "user", "content": f"Question {i}?"}], "answer": "4", "completion": f"Reference {i}",
+             "thinking": False, "domain": "arithmetic"} for i in range(3)]
+    seen = []
+    monkeypatch.setattr(generation, "autocast", lambda *args, **kwargs: contextlib.nullcontext())
+    monkeypatch.setattr(generation, "generate", lambda model, tokenizer, prompts, *args, **kwargs: (
+        ["right", "wrong"] * 3, [True] * 6, [1] * 6))
+    monkeypatch.setattr(rewards, "combine_rewards", lambda weights: lambda texts, prompts, **kwargs: (
+        seen.extend(prompts), [1.0, 1.0, 0.0] * 3)[1])
+    pairs = sample_pairs(None, tiny_tokenizer, rows, OnPolicyPairsConfig(num_samples=2, margin=0.5,
+                                                                         reference_chosen=True))
+    assert seen == [prompt_text(tiny_tokenizer, row) for row in rows for _ in range(3)]
+    assert [(p["chosen"][0]["content"], p["thinking"]) for p in pairs] == [(f"Reference {i}", False) for i in range(3)]
+    assert "cut at max_new_tokens" not in capsys.readouterr().out
