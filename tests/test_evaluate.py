@@ -1095,29 +1095,43 @@ def test_preference_eval_cuts_a_tool_pair_from_its_start_as_trl_does(tiny_model_
     kept the prompt's start that TRL cuts, and was scored in a longer context than DPO trains it in."""
     path = tiny_model_path("llama")
     model, tokenizer = load_model(path), load_tokenizer(path)
+    pair = _tool_pair("Add the numbers two and three, then say the sum. " * 3, "5", "It is 6")
+    prompt = pair["prompt"]
+    prompt_length = len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=True)["input_ids"])
+    longest = max(len(tokenizer.apply_chat_template(prompt + pair[side], tokenize=True, return_dict=True)["input_ids"])
+                  for side in ("chosen", "rejected"))
+    max_length = longest - prompt_length + 20  # each reply whole and the end of the prompt
+    result = preference_eval(model, tokenizer, [pair], max_length=max_length, truncation_mode="keep_end")
+    assert result["mean_logp_margin"] == pytest.approx(_trl_margin(model, tokenizer, pair, max_length, True), abs=1e-4)
+
+
+def _tool_pair(question: str, chosen: str, rejected: str) -> dict:
+    """A pair whose replies call `add`, read its result and answer `chosen` / `rejected`."""
     call = [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]
 
     def reply(answer):
         return [{"role": "assistant", "content": "", "tool_calls": call},
                 {"role": "tool", "name": "add", "content": "TOOL RESULT 5"}, {"role": "assistant", "content": answer}]
 
-    prompt = [{"role": "user", "content": "Add the numbers two and three, then say the sum. " * 3}]
-    pair = {"prompt": prompt, "chosen": reply("5"), "rejected": reply("It is 6")}
-    prompt_length = len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                      return_dict=True)["input_ids"])
-    longest = max(len(tokenizer.apply_chat_template(prompt + pair[side], tokenize=True, return_dict=True)["input_ids"])
-                  for side in ("chosen", "rejected"))
-    max_length, logps = longest - prompt_length + 20, {}  # each reply whole and the end of the prompt
-    for side in ("chosen", "rejected"):  # TRL: the whole sequence's last max_length tokens, the reply's own scored
-        out = tokenizer.apply_chat_template(prompt + pair[side], tokenize=True, return_dict=True,
+    return {"prompt": [{"role": "user", "content": question}], "chosen": reply(chosen), "rejected": reply(rejected)}
+
+
+def _trl_margin(model, tokenizer, pair: dict, max_length: int, keep_end: bool) -> float:
+    """Chosen minus rejected log-prob as TRL scores a pair: the whole sequence's last (`keep_end`) or first
+    `max_length` tokens, the reply's own tokens summed; the cut asserted to fall in the prompt (keep_end) or in the
+    last reply (keep_start), where the tests mean it to."""
+    logps = {}
+    for side in ("chosen", "rejected"):
+        out = tokenizer.apply_chat_template(pair["prompt"] + pair[side], tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)
-        ids, own = out["input_ids"][-max_length:], out["assistant_masks"][-max_length:]
-        assert len(out["input_ids"]) > max_length and own[0] == 0, "the cut falls in the prompt"
+        window = slice(-max_length, None) if keep_end else slice(None, max_length)
+        ids, own = out["input_ids"][window], out["assistant_masks"][window]
+        assert len(out["input_ids"]) > max_length and (own[0] == 0 if keep_end else own[-1] == 1)
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
         logps[side] = sum(logits[t - 1, ids[t]].item() for t in range(1, len(ids)) if own[t])
-    result = preference_eval(model, tokenizer, [pair], max_length=max_length, truncation_mode="keep_end")
-    assert result["mean_logp_margin"] == pytest.approx(logps["chosen"] - logps["rejected"], abs=1e-4)
+    return logps["chosen"] - logps["rejected"]
 
 
 def test_preference_eval_cuts_a_tool_pair_at_its_end_as_trl_does(tiny_model_path):
@@ -1125,27 +1139,13 @@ def test_preference_eval_cuts_a_tool_pair_at_its_end_as_trl_does(tiny_model_path
     cut after the same `max_length` tokens, whatever follows it."""
     path = tiny_model_path("llama")
     model, tokenizer = load_model(path), load_tokenizer(path)
-    call = [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]
-
-    def reply(answer):
-        return [{"role": "assistant", "content": "", "tool_calls": call},
-                {"role": "tool", "name": "add", "content": "TOOL RESULT 5"}, {"role": "assistant", "content": answer}]
-
-    prompt = [{"role": "user", "content": "Add the numbers two and three, then say the sum."}]
-    pair = {"prompt": prompt, "chosen": reply("5"), "rejected": reply("It is 6, I think")}
+    pair = _tool_pair("Add the numbers two and three, then say the sum.", "5", "It is 6, I think")
+    prompt = pair["prompt"]
     max_length = len(tokenizer.apply_chat_template(prompt + pair["chosen"], tokenize=True,
                                                    return_dict=True)["input_ids"]) - 2  # in the last turn
-    logps = {}
-    for side in ("chosen", "rejected"):  # TRL: the whole sequence's first max_length tokens, the reply's own scored
-        out = tokenizer.apply_chat_template(prompt + pair[side], tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
-        ids, own = out["input_ids"][:max_length], out["assistant_masks"][:max_length]
-        assert len(out["input_ids"]) > max_length and own[-1] == 1, "the cut falls in the reply"
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
-        logps[side] = sum(logits[t - 1, ids[t]].item() for t in range(1, len(ids)) if own[t])
     result = preference_eval(model, tokenizer, [pair], max_length=max_length, truncation_mode="keep_start")
-    assert result["mean_logp_margin"] == pytest.approx(logps["chosen"] - logps["rejected"], abs=1e-4)
+    assert result["mean_logp_margin"] == pytest.approx(_trl_margin(model, tokenizer, pair, max_length, False),
+                                                       abs=1e-4)
 
 
 def test_a_tool_pairs_turn_wholly_before_a_keep_end_window_is_not_scored(tiny_model_path):
@@ -1154,14 +1154,7 @@ def test_a_tool_pairs_turn_wholly_before_a_keep_end_window_is_not_scored(tiny_mo
     turns batched together."""
     path = tiny_model_path("llama")
     model, tokenizer = load_model(path), load_tokenizer(path)
-    call = [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]
-
-    def reply(answer):
-        return [{"role": "assistant", "content": "", "tool_calls": call},
-                {"role": "tool", "name": "add", "content": "TOOL RESULT 5"}, {"role": "assistant", "content": answer}]
-
-    pair = {"prompt": [{"role": "user", "content": "Add two and three."}], "chosen": reply("5"),
-            "rejected": reply("It is 6")}
+    pair = _tool_pair("Add two and three.", "5", "It is 6")
     alone = preference_eval(model, tokenizer, [pair], batch_size=1, max_length=8, truncation_mode="keep_end")
     together = preference_eval(model, tokenizer, [pair], max_length=8, truncation_mode="keep_end")
     assert alone["n"] == 1 and alone["mean_logp_margin"] == pytest.approx(together["mean_logp_margin"], abs=1e-4)
