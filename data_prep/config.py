@@ -23,6 +23,7 @@ from posttrain import skip_final_collection
 from posttrain.configs import check_minimum
 from posttrain.datajobs import COMMAND_ENV, ERROR_ENV
 from posttrain.errors import Terminated, UserError, disk_full_error, is_disk_full, terminate_on_sigterm
+from posttrain.recipe import resolve_relative
 from posttrain.typecheck import check_type, field_types, literal_choices
 
 from .registry import load_entry, split_spec
@@ -72,13 +73,13 @@ class SourceConfig:
 
 
 def shipped_path(path: str) -> str:
-    """`path` as given where it exists from here (or is none of the repository's: a file of yours, a Hub id), else the
-    repository's (the installed package's) file, as a recipe finds it: the README's `data_prep/sources/...` sources
-    from any folder."""
-    repository = Path(__file__).resolve().parent.parent
-    if Path(path).expanduser().exists() or not (repository / path).exists():
+    """`path` as given where it exists from here (or nowhere: a Hub id), else the repository's (the installed
+    package's) file, found as a recipe's paths are (`posttrain.recipe.resolve_relative`): the README's
+    `data_prep/sources/...` sources from any folder."""
+    if Path(path).expanduser().exists():
         return path
-    return str(repository / path)
+    found = resolve_relative(path, Path.cwd() / "source")  # looked for from here, then in the repository
+    return str(found) if found.exists() else path
 
 
 def sidecar_facts(path: str) -> dict:
