@@ -65,17 +65,19 @@ def is_test_question(question: str, test_every: int) -> bool:
 def generate(config: VerifiableTasksConfig) -> dict[str, list[dict]]:
     """Tasks for train and test, as balanced over domains as their question spaces allow, `thinking` drawn per task.
 
-    Each domain gets an equal share of each split (of the test split: the domains outside `TRAINING_ONLY`). A (question, thinking mode) pair appears at most once per split,
-    and a question is in train or in test, never both (by its hash). Domains with few distinct questions (units,
-    string) fill their share as far as they can; the data card reports the counts.
+    Each domain gets an equal share of each split (of the test split: the domains outside `TRAINING_ONLY`). A
+    (question, thinking mode) pair appears at most once per split, and a question is in train or in test, never both
+    (by its hash). Domains with few distinct questions (units, string) fill their share as far as they can; the data
+    card reports the counts.
     """
     for domain in config.domains:
         if domain not in GENERATORS:
             raise UserError(f"unknown task domain '{domain}'; choose from: {', '.join(GENERATORS)}")
     held = [d for d in config.domains if d not in TRAINING_ONLY]  # the test split's domains
     if config.n_test and not held:
+        tested = ", ".join(d for d in GENERATORS if d not in TRAINING_ONLY)
         raise UserError(f"domains {config.domains} are training data only (no held-out tasks of their own); set "
-                        f"n_test: 0, or add a domain to test on ({', '.join(d for d in GENERATORS if d not in TRAINING_ONLY)})")
+                        f"n_test: 0, or add a domain to test on ({tested})")
     rng = random.Random(config.seed)
     rows = {"train": [], "test": []}
     for index, domain in enumerate(config.domains):

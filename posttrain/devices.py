@@ -110,8 +110,8 @@ def speed_defaults(stage: str, model_path: str | Path | None, stage_args: dict |
       costs recompute), and on a GPU also by the activations of a step at the recipe's lengths
       (`activations_crowd_gpu`).
     - `padding_free` for SFT, DPO and UPO: a batch's rows as one sequence without padding (see
-      `stages.sft_batches.flatten_batches` and `models.padding_free`); image rows stay padded. (`grpo`: `posttrain bench`'s
-      row for UPO at λ = 0.)
+      `stages.sft_batches.flatten_batches` and `models.padding_free`); image rows stay padded. (`grpo`: `posttrain
+      bench`'s row for UPO at λ = 0.)
     - `use_liger_kernel` for SFT and DPO on a GPU where Liger is installed (fused RMSNorm, RoPE, SwiGLU kernels). Not
       for UPO: GRPO's Liger loss never computes the per-token log-probs the DPO term reuses.
     - `dtype: bfloat16` (the frozen base weights) for SFT and DPO on a GPU training in bf16, as the shipped GPU

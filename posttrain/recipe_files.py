@@ -117,8 +117,9 @@ def split_problems(recipe: Recipe) -> list[str]:
 
 
 def _upo_readers(stage: str, args: dict) -> list[tuple]:
-    """UPO's other splits: the offline pairs' `train` (read with `upo_mode` offline or both, `stages.upo_prompts.preflight_data`)
-    and each curriculum phase's own prompt set (its `split`, else the stage's train split, `stages.upo_prompts.curriculum`)."""
+    """UPO's other splits: the offline pairs' `train` (read with `upo_mode` offline or both,
+    `stages.upo_prompts.preflight_data`) and each curriculum phase's own prompt set (its `split`, else the stage's train
+    split, `stages.upo_prompts.curriculum`)."""
     readers = []
     if args.get("upo_mode") in ("offline", "both"):
         readers.append((f"stages.{stage}.upo_offline_dataset (its train split)", args.get("upo_offline_dataset"),

@@ -18,9 +18,9 @@ def reply_cut(labels: list[int], end_of_turn: set[int]) -> bool:
 def warn_cut_replies(name: str, cut: int, rows: int, max_length: int, packing: bool = False,
                      side: str | None = None, heldout: bool = False) -> None:
     """The warning for `cut` of `rows` rows whose reply `max_length` cuts before its end-of-turn token (`reply_cut`):
-    text rows as TRL tokenized them (`sft_batches.report_cut_replies`, `count_cut_pairs`), image rows as its collator cuts
-    them (`check_image_tokens`). `side`: DPO's "chosen" or "rejected" reply of `rows` pairs; `heldout`: pairs that
-    are scored, not trained."""
+    text rows as TRL tokenized them (`sft_batches.report_cut_replies`, `count_cut_pairs`), image rows as its collator
+    cuts them (`check_image_tokens`). `side`: DPO's "chosen" or "rejected" reply of `rows` pairs; `heldout`: pairs
+    that are scored, not trained."""
     if not cut:
         return
     # not truncation_mode: keep_end, which TRL 1.16 deprecates for SFT

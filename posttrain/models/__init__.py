@@ -31,6 +31,6 @@ from .precision import frozen_weights_cast, sampling_weights
 from .templates import chat_template_text
 from .tiny import TINY_TOKENIZER
 
-__all__ = ["TINY_TOKENIZER", "adapter_folder", "adapter_tokenizer", "cache_dir", "chat_template_text", "describe_model", "file_fingerprint",
-           "frozen_weights_cast", "is_offline", "load_for_inference",
+__all__ = ["TINY_TOKENIZER", "adapter_folder", "adapter_tokenizer", "cache_dir", "chat_template_text",
+           "describe_model", "file_fingerprint", "frozen_weights_cast", "is_offline", "load_for_inference",
            "load_model", "load_tokenizer", "resolve_model", "sampling_weights"]
