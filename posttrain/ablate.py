@@ -19,10 +19,15 @@ One seed is one draw: on a few hundred held-out prompts, variants a few points a
 going from the recipe's upwards (folders `outputs/<name>-<variant>-seed<k>/`; the shared stages still run once, so
 the spread is the varied stage's). The comparison then gives each variant's mean held-out accuracy with a 95 %
 t-interval over seeds, and its paired difference to the `baseline:` variant (default: the first), seed by seed on the
-same prompts. `--variants a,b` runs a subset (e.g. a shorter check), with the usual KEY=VALUE overrides.
+same prompts. `--variants a,b` runs a subset (e.g. a shorter check), with the usual KEY=VALUE overrides;
+`ablation.variants.grpo.stages.upo.upo_lambda=0.1` sets one override of one variant, keeping its others.
 
 `until: <stage>` (or `--until`) ends every variant's run after that stage, and the comparison reads it there: an
 SFT data variant, say, compared after SFT over several seeds without paying for the stages after it each time.
+
+A command that runs less of the section or otherwise (`--variants`, `--seeds`, `--until`) writes its comparison to
+a file of its own beside `comparison.html` (`comparison_stem`), so that it never replaces the full comparison.
+Finished variants named in `--variants` are skipped, so naming them with a new one compares them all.
 """
 
 import copy
@@ -108,7 +113,10 @@ def check_ablation(recipe: Recipe, seeds: int | None = None, only: list[str] | N
                         "seed upwards, the same in every variant, so their runs pair up seed by seed); leave it out")
     baseline = spec.get("baseline") or next(iter(variants))
     if not isinstance(baseline, str) or baseline not in variants:
-        raise UserError(f"{where}.baseline: '{baseline}' is not among the variants run ({', '.join(variants)})")
+        subset = only and isinstance(baseline, str) and baseline in spec["variants"]
+        raise UserError(f"{where}.baseline: '{baseline}' is not among the variants run ({', '.join(variants)}); "
+                        f"{'add it to --variants, or ' if subset else ''}name one of them with ablation.baseline=NAME "
+                        "on the command line (or `baseline:` in the recipe's ablation section)")
     until = until or spec.get("until")
     order = list(recipe.stages)
     if until is not None and (not isinstance(until, str) or until not in order
@@ -168,14 +176,28 @@ def run_ablation(recipe: Recipe, output_root: str | Path = "outputs", accelerate
 
     out = Path(output_root).resolve() / f"{recipe.name}-ablation"
     at = plan.until or list(recipe.stages)[-1]  # every run read there: a seed a gate stopped earlier is not measured
-    build_comparison([root for roots in groups.values() for root in roots], out,
-                     groups=groups if plan.seeds > 1 else None, baseline=plan.baseline, stage=at)
+    # with one seed too: the paired difference to the baseline on the same prompts is measured (McNemar)
+    html = build_comparison([root for roots in groups.values() for root in roots], out, groups=groups,
+                            baseline=plan.baseline, stage=at, stem=comparison_stem(recipe, plan))
     print_summary(groups, plan.baseline, at)
-    console.print(f"ablation comparison: {out / 'comparison.html'}")
+    console.print(f"ablation comparison: {html}")
     if failed:  # the exit status says the ablation is incomplete; the comparison marks these runs "failed"
         raise UserError(f"{len(failed)} variant run(s) failed; the comparison has the others. Fix them and run the "
                         "same command again (finished runs are skipped):\n  " + "\n  ".join(failed))
     return out
+
+
+def comparison_stem(recipe: Recipe, plan: Ablation) -> str:
+    """`comparison` for the recipe's own ablation; a command that runs less of it or otherwise (a subset of the
+    variants, other seeds, another `until`) writes its own file beside it, named after what it changed
+    (`comparison-grpo+upo_proxy-seeds1`), so that a shorter check never replaces the full comparison."""
+    spec = recipe.raw["ablation"]
+    changed = ["+".join(plan.variants)] if len(plan.variants) < len(spec["variants"]) else []
+    if plan.seeds != spec.get("seeds", 1):
+        changed.append(f"seeds{plan.seeds}")
+    if plan.until != spec.get("until"):
+        changed.append(f"until-{plan.until}")
+    return "-".join(["comparison", *changed])
 
 
 def print_summary(groups: dict[str, list[Path]], baseline: str, stage: str | None = None) -> None:

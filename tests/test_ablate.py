@@ -93,6 +93,19 @@ def test_variant_overrides_are_set_as_command_line_ones():
         check_ablation(recipe)
 
 
+def test_one_key_of_a_variant_set_on_the_command_line_merges_with_its_overrides():
+    """`ablation.variants.NAME.stages.upo.upo_lambda=V` sets that one override of the variant and keeps its others;
+    split on every dot it made a `stages:` override that replaced the variant's whole `stages` (an error about
+    `data.pairs.after`), and a new variant of one override is made the same way."""
+    recipe = load_recipe(TINY, ["ablation.variants.grpo.stages.upo.upo_lambda=0.1",
+                                "ablation.variants.upo_proxy.stages.upo.upo_lambda=0.2",
+                                "ablation.variants.offline.stages.upo.upo_mode=offline"])
+    runs = {name: r[0].stages["upo"] for name, r in variant_runs(recipe, check_ablation(recipe)).items()}
+    assert runs["grpo"]["upo_lambda"] == 0.1 and runs["upo_proxy"]["upo_lambda"] == 0.2
+    assert runs["upo_proxy"]["rewards"] == {"hackable_length": 1.0}, "the variant's other override was dropped"
+    assert runs["offline"]["upo_mode"] == "offline" and "sft" in variant_runs(recipe, check_ablation(
+        recipe, only=["offline"]))["offline"][0].stages
+
 def test_a_variants_shared_override_the_stages_shadow_is_named(capsys):
     """`shared.learning_rate` in a variant, where every stage sets its own: the variant would train as the recipe
     does, so it is named as `shared.learning_rate=...` on the command line is."""
@@ -182,6 +195,64 @@ def test_comparison_over_seeds_pairs_each_seed_with_the_baselines(tmp_path, caps
     assert "upo_offline_proxy 2 52.5% 0.0% – 100.0% +25.0 pts -38.5 to +88.5 n.s." in printed, printed
 
 
+def finished_runs(monkeypatch, right: dict[str, int]):
+    """`run_ablation` with a pipeline that leaves each variant a finished copy of the tiny run, whose held-out
+    evaluation gets `right[variant]` of 20 prompts right (same prompts in every run); returns the list of runs."""
+    import posttrain.ablate as ablate
+
+    ran = []
+
+    class FinishedPipeline:
+        def __init__(self, recipe, output_root, *args, **kwargs):
+            self.recipe, self.root, self.state = recipe, Path(output_root) / recipe.name, {}
+
+        def run(self, **kwargs):
+            variant = self.recipe.name.removeprefix("tiny-text-")
+            if variant in right:
+                ran.append(variant)
+                shutil.copytree(RUNS / "tiny-full", self.root, dirs_exist_ok=True)
+                metrics = json.loads((self.root / "upo" / "metrics.json").read_text())
+                count = right[variant]
+                metrics["eval"].update(n=20, accuracy=count / 20, verdicts=[1] * count + [0] * (20 - count),
+                                       prompts_sha="same")
+                (self.root / "upo" / "metrics.json").write_text(json.dumps(metrics))
+            return {}
+
+    monkeypatch.setattr(ablate, "Pipeline", FinishedPipeline)
+    monkeypatch.setattr(ablate, "seed_from_shared", lambda shared, root, stages: None)
+    return ran
+
+
+def test_one_seed_compares_each_variant_with_the_baseline_in_the_files_too(tmp_path, monkeypatch, capsys):
+    """With one seed the terminal printed each variant's difference to the baseline, comparison.md and .html did
+    not; both now carry it, with the exact McNemar test on the same held-out prompts as the verdict."""
+    from posttrain.ablate import run_ablation
+
+    finished_runs(monkeypatch, {"grpo": 5, "upo_proxy": 15})
+    out = run_ablation(load_recipe(TINY), tmp_path)
+    printed = " ".join(capsys.readouterr().out.split())
+    md = (out / "comparison.md").read_text()
+    upo = [line for line in md.splitlines() if line.startswith("| **upo_proxy** |")]
+    assert upo and "| +50.0 pts |   | one seed: better (McNemar p=0.002) |" in upo[0], md
+    assert "vs grpo" in (out / "comparison.html").read_text()
+    assert "+50.0 pts" in printed and "one seed: better (McNemar p=0.002)" in printed, printed
+
+def test_a_subset_or_other_seeds_never_replace_the_full_comparison(tmp_path, monkeypatch):
+    """`--variants upo_proxy` after the full ablation rewrote comparison.md/.html with upo_proxy alone (the full
+    comparison lost); a command that runs less of the ablation or otherwise now writes a file of its own."""
+    from posttrain.ablate import run_ablation
+
+    finished_runs(monkeypatch, {"grpo": 5, "upo_proxy": 15, "grpo-seed0": 5, "grpo-seed1": 6})
+    out = run_ablation(load_recipe(TINY), tmp_path)
+    full = (out / "comparison.md").read_text()
+    assert "| **grpo** |" in full and "| **upo_proxy** |" in full
+    run_ablation(load_recipe(TINY), tmp_path, only=["upo_proxy"])
+    run_ablation(load_recipe(TINY), tmp_path, seeds=2, only=["grpo"])
+    assert (out / "comparison.md").read_text() == full
+    assert "| **grpo** |" not in (out / "comparison-upo_proxy.md").read_text()
+    assert "| **grpo** | 2 |" in (out / "comparison-grpo-seeds2.md").read_text()
+    assert (out / "comparison-upo_proxy_files").is_dir() and (out / "comparison_files").is_dir()
+
 def test_the_printed_table_names_the_stage_it_was_read_at(capsys):
     """An ablation of DPO without `until:` reads every run after UPO: the table at the end of `posttrain ablate`
     says so (it said "after the varied stage" over UPO's numbers)."""
@@ -201,6 +272,29 @@ def test_training_reward_is_the_compared_stages_not_a_later_ones():
     assert row["proxy"][0] == "`rewards/accuracies`" and row["proxy"][3] == "dpo", row["proxy"]
     assert comparison_rows([RUNS / "tiny-full"], stage="upo")[0]["proxy"][3] == "upo"
 
+
+def test_a_stage_an_earlier_attempt_left_is_not_this_runs_result(tmp_path):
+    """A variant whose run failed this time before its upo stage (its own data job) still holds the upo stage and
+    run.json's `upo: done` of the last ablation: that was compared as its result. A run that ended after the stage
+    read, or whose gate on that stage stopped it, is measured there."""
+    from posttrain.report.compare import comparison_rows
+
+    def ended(name, steps, **run):
+        root = tmp_path / name
+        shutil.copytree(RUNS / "tiny-full", root)
+        state = json.loads((root / "run.json").read_text())
+        state["steps"]["run"].update(run)
+        for step, status in steps.items():
+            state["steps"][step]["status"] = status
+        (root / "run.json").write_text(json.dumps(state))
+        return root
+
+    row = comparison_rows([ended("data-failed", {"data/prefs": "failed"}, status="failed")], "upo")[0]
+    assert (row["accuracy"], row["proxy"]) == (None, None), row
+    assert row["where"] == "its last run failed before upo; the upo there is an earlier run's"
+    assert comparison_rows([ended("upo-failed", {"upo": "failed"}, status="failed")], "dpo")[0]["accuracy"] is not None
+    gate = ended("upo-gate", {}, status="stopped", stopped_by="upo")
+    assert comparison_rows([gate], "upo")[0]["accuracy"] is not None
 
 def test_a_differences_interval_is_clipped_as_accuracies_are(tmp_path):
     """Differences of +5 and +75 points on 2 seeds: the t-interval (t = 12.7) reached -405 to +485 points, past
@@ -448,3 +542,14 @@ def test_a_variant_folder_another_run_holds_is_not_written_into(tmp_path, monkey
     finally:
         held.release()
     assert seeded == []
+
+
+def test_an_unknown_baseline_says_how_to_name_another():
+    """The baseline is set with `ablation.baseline=NAME` (there is no `--baseline`); a subset that leaves out the
+    recipe's baseline may also name it in --variants."""
+    with pytest.raises(UserError, match="'upo' is not among .* name one of them with ablation.baseline=NAME on the "
+                                        "command line"):
+        check_ablation(load_recipe(TINY, ["ablation.baseline=upo"]))
+    with pytest.raises(UserError, match=r"'grpo' is not among the variants run \(upo_proxy\); add it to --variants, "
+                                        "or name one of them with ablation.baseline=NAME"):
+        check_ablation(load_recipe(TINY, ["ablation.baseline=grpo"]), only=["upo_proxy"])

@@ -24,8 +24,8 @@ def test_cli_chat_with_piped_input(run, tmp_path, posttrain_cli):
     assert "Traceback" not in result.stdout + result.stderr  # end of input is a clean exit (code 0, checked above)
 
 
-def test_cli_chat_unknown_stage_is_a_user_error(run, tmp_path, posttrain_cli):
-    result = posttrain_cli("chat", run, "--stage", "ppo", cwd=tmp_path, stdin="", check=False, timeout=60)
+def test_cli_chat_unknown_stage_is_a_user_error(run, tmp_path, posttrain_here):
+    result = posttrain_here("chat", run, "--stage", "ppo", cwd=tmp_path, check=False)
     assert result.returncode == 2
     shown = " ".join(result.stdout.split())  # as one line, however the terminal wrapped it
     assert "'ppo' is not a stage" in shown and "finished: base, sft, dpo, upo" in shown
@@ -148,13 +148,13 @@ def test_a_run_whose_base_model_is_gone_says_so(run, tmp_path):
         chat.load_stage(str(copy), "sft")
 
 
-def test_cli_chat_with_an_exported_model_or_a_model_and_adapter(run, tmp_path, posttrain_cli):
+def test_cli_chat_with_an_exported_model_or_a_model_and_adapter(run, tmp_path, posttrain_cli, posttrain_here):
     """`--model` takes what `posttrain export` wrote (a merged folder) or any model folder, `--adapter` an adapter
     folder on it, whose own tokenizer and chat template it chats with; a run and --model together are refused."""
     from posttrain.runs import stage_ref
 
     merged = tmp_path / "merged"
-    posttrain_cli("export", run, "--stage", "sft", "--merge", "--out", merged, cwd=tmp_path, timeout=120)
+    posttrain_here("export", run, "--stage", "sft", "--merge", "--out", merged, cwd=tmp_path)
     result = posttrain_cli("chat", "--model", merged, "--max-new-tokens", "3", cwd=tmp_path, stdin="2 + 2?\n",
                            timeout=120)
     assert result.stdout.count(chat.REPLY_PREFIX) == 1 and f"chatting with {merged}\n" in result.stderr
@@ -165,7 +165,7 @@ def test_cli_chat_with_an_exported_model_or_a_model_and_adapter(run, tmp_path, p
                             info=info, model_path=str(base), adapter=str(adapter))
     assert len(replies) == 1 and f"chatting with {base} + {adapter}\n" in info.getvalue()
 
-    refused = posttrain_cli("chat", run, "--model", merged, cwd=tmp_path, stdin="", check=False, timeout=60)
+    refused = posttrain_here("chat", run, "--model", merged, cwd=tmp_path, check=False)
     assert refused.returncode == 2 and "not both" in refused.stdout
     with pytest.raises(UserError, match="--adapter goes with --model"):
         chat.run_chat(str(run), adapter=str(adapter))

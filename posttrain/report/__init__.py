@@ -76,15 +76,16 @@ def build_report(root: str | Path, compare: list[str | Path] | None = None) -> P
 
 
 def build_comparison(runs: list[str | Path], out_dir: str | Path, groups: dict[str, list[Path]] | None = None,
-                     baseline: str | None = None, stage: str | None = None) -> Path:
-    """Write `comparison.html` / `comparison.md` for several run folders into `out_dir` (an ablation's parent);
-    `groups` (variant -> its runs over seeds) adds each variant's mean over seeds and its difference to `baseline`.
-    Every run is read after `stage` (default: where the finished runs end, `compare.read_at`)."""
+                     baseline: str | None = None, stage: str | None = None, stem: str = "comparison") -> Path:
+    """Write `<stem>.html` / `<stem>.md` (default `comparison`) for several run folders into `out_dir` (an
+    ablation's parent); `groups` (variant -> its runs over seeds) adds each variant's mean over seeds and its
+    difference to `baseline`. Every run is read after `stage` (default: where the finished runs end,
+    `compare.read_at`)."""
     blocks = [Heading("Run comparison", 1)]
     if groups:
         blocks += over_seeds(groups, baseline or next(iter(groups)), stage)
-    blocks += comparison([Path(r) for r in runs], stage, Reuse(Path(out_dir) / "comparison_files"))
-    return write_documents(blocks, Path(out_dir), "comparison", "posttrain run comparison")
+    blocks += comparison([Path(r) for r in runs], stage, Reuse(Path(out_dir) / f"{stem}_files"))
+    return write_documents(blocks, Path(out_dir), stem, "posttrain run comparison")
 
 
 def try_build_report(root: str | Path) -> Path | None:

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from ..runs import MACHINE_PATH_KEYS
-from ..stats import mean_interval, paired_evals
+from ..stats import format_p, mean_interval, paired_evals
 from . import plots
 from .blocks import NOT_MEASURED, STATUS_TEXT, Cell, Image, Para, Table, fmt, heading, num_cell
 from .load import RunView, load_run, same_prompts
@@ -76,7 +76,25 @@ def where_it_stopped(run: RunView, stage: str) -> str:
     view = run.stage(stage)
     if view is None:
         return f"no {stage} stage"
-    return f"{stage} {STATUS_TEXT.get(view.status, view.status)}" if view.status != "done" else "no evaluation"
+    if view.status != "done":
+        return f"{stage} {STATUS_TEXT.get(view.status, view.status)}"
+    if not got_to(run, stage):
+        return f"its last run {state.get('status')} before {stage}; the {stage} there is an earlier run's"
+    return "no evaluation"
+
+
+def got_to(run: RunView, stage: str) -> bool:
+    """Whether the run's latest attempt evaluated `stage`: it finished, or it ended (a promote gate, a failed or
+    interrupted stage) there or later. A `<stage>/` an earlier attempt left is another plan's result, not this run's:
+    a variant whose run failed this time in its own data job, say, still holds the upo stage of the last ablation."""
+    state = run.state.get("steps", {}).get("run", {})
+    if state.get("status") in (None, "done"):
+        return True
+    names = [s.name for s in run.stages]
+    if state.get("stopped_by") in names:  # its gate judged that stage's own evaluation
+        return names.index(state["stopped_by"]) >= names.index(stage)
+    ended = next((s.name for s in run.stages if s.status in ("failed", "running")), None)
+    return ended is not None and names.index(ended) > names.index(stage)
 
 
 def comparison_rows(runs: list[Path], stage: str | None = None) -> list[dict]:
@@ -96,13 +114,14 @@ def comparison_rows(runs: list[Path], stage: str | None = None) -> list[dict]:
 
 def _row(run: RunView, stage: str) -> dict:
     final, base = run.stage(stage), run.stage("base")
-    evaluation = final.eval if final and final.status == "done" else None  # not a stale or earlier attempt's
+    # not a stale stage's, nor one an earlier attempt left
+    evaluation = final.eval if final and final.status == "done" and got_to(run, stage) else None
     proxy = None
     names = [view.name for view in run.trained]
     # the last stage up to `stage` that logged a proxy: not one after it (a variant folder an earlier, longer
     # ablation trained on to the end, now read at its `until`)
     upto = run.trained[:names.index(stage) + 1] if stage in names else run.trained
-    for view in reversed(upto):
+    for view in reversed([view for view in upto if got_to(run, view.name)]):
         proxy = proxy_reward(view.log_history, bool(view.resolved.get("normalize_rewards_by")))
         if proxy:
             proxy = (*proxy, view.name)
@@ -206,12 +225,20 @@ def variant_summaries(groups: dict[str, list[Path]], baseline: str, stage: str |
                            difference_interval=(max(-1.0, d_low), min(1.0, d_high)),
                            significant_seeds=(sum(c.significant and c.difference > 0 for c in paired if c),
                                               sum(c.significant and c.difference < 0 for c in paired if c)),
-                           verdict=("not measured" if not differences else "one seed: no interval"
+                           verdict=("not measured" if not differences else one_seed_verdict(paired)
                                     if len(differences) < 2 else "same difference every seed: no interval"
                                     if not spread else "better" if d_low > 0 else "worse" if d_high < 0
                                     else "n.s."))
         summaries.append(summary)
     return summaries
+
+
+def one_seed_verdict(paired: list) -> str:
+    """With one measured seed, no interval over seeds: the exact McNemar test on its held-out prompts, as a stage is
+    compared with the one before (a seed's own luck in training is not measured)."""
+    c = next(c for c in paired if c)
+    called = ("better" if c.difference > 0 else "worse") if c.significant else "n.s."
+    return f"one seed: {called} (McNemar p={format_p(c.p_value)})"
 
 
 def over_seeds(groups: dict[str, list[Path]], baseline: str, stage: str | None = None) -> list:
@@ -246,5 +273,7 @@ def over_seeds(groups: dict[str, list[Path]], baseline: str, stage: str | None =
                  f"Each variant ran once per seed of its varied stage (the shared stages ran once). Intervals are "
                  "95 % Student t over seeds, so with few seeds they are wide (t = 12.7 with 2, 4.3 with 3): a "
                  "difference is called better or worse only when its interval excludes 0. Differences to "
-                 f"`{baseline}` are paired: same seed, same held-out prompts."),
+                 f"`{baseline}` are paired: same seed, same held-out prompts. With one seed there is no interval "
+                 "over seeds: the verdict is the exact McNemar test on the held-out prompts, which measures the "
+                 "evaluation's luck but not the training seed's."),
             Table(header, table, "Per-run details follow in the table below.")]
