@@ -106,6 +106,7 @@ def test_one_key_of_a_variant_set_on_the_command_line_merges_with_its_overrides(
     assert runs["offline"]["upo_mode"] == "offline" and "sft" in variant_runs(recipe, check_ablation(
         recipe, only=["offline"]))["offline"][0].stages
 
+
 def test_a_variants_shared_override_the_stages_shadow_is_named(capsys):
     """`shared.learning_rate` in a variant, where every stage sets its own: the variant would train as the recipe
     does, so it is named as `shared.learning_rate=...` on the command line is."""
@@ -237,6 +238,7 @@ def test_one_seed_compares_each_variant_with_the_baseline_in_the_files_too(tmp_p
     assert "vs grpo" in (out / "comparison.html").read_text()
     assert "+50.0 pts" in printed and "one seed: better (McNemar p=0.002)" in printed, printed
 
+
 def test_a_subset_or_other_seeds_never_replace_the_full_comparison(tmp_path, monkeypatch):
     """`--variants upo_proxy` after the full ablation rewrote comparison.md/.html with upo_proxy alone (the full
     comparison lost); a command that runs less of the ablation or otherwise now writes a file of its own."""
@@ -252,6 +254,7 @@ def test_a_subset_or_other_seeds_never_replace_the_full_comparison(tmp_path, mon
     assert "| **grpo** |" not in (out / "comparison-upo_proxy.md").read_text()
     assert "| **grpo** | 2 |" in (out / "comparison-grpo-seeds2.md").read_text()
     assert (out / "comparison-upo_proxy_files").is_dir() and (out / "comparison_files").is_dir()
+
 
 def test_the_printed_table_names_the_stage_it_was_read_at(capsys):
     """An ablation of DPO without `until:` reads every run after UPO: the table at the end of `posttrain ablate`
@@ -295,6 +298,7 @@ def test_a_stage_an_earlier_attempt_left_is_not_this_runs_result(tmp_path):
     assert comparison_rows([ended("upo-failed", {"upo": "failed"}, status="failed")], "dpo")[0]["accuracy"] is not None
     gate = ended("upo-gate", {}, status="stopped", stopped_by="upo")
     assert comparison_rows([gate], "upo")[0]["accuracy"] is not None
+
 
 def test_a_differences_interval_is_clipped_as_accuracies_are(tmp_path):
     """Differences of +5 and +75 points on 2 seeds: the t-interval (t = 12.7) reached -405 to +485 points, past
