@@ -71,7 +71,7 @@ class Pipeline(HeldOutSteps, StageSteps):
         self.state: dict = {}  # run.json, read under the run's lock (`run`)
         self.base_model: Path | None = None  # resolved at the start of run()
         self.legacy_base_hashes: tuple[str, ...] = ()  # base hashes earlier versions recorded (`evaluate_base`)
-        self.later_data: set[str] = set()  # data jobs only stages after `--until` read: not built (`build_data`)
+        self.later_data: set[str] = set()  # data jobs only stages after `--until`/`--only` read: not built
         self.inputs_now: dict = {}  # the last `stage_hashes`' inputs besides the arguments (`other_inputs`)
 
     # ------------------------------------------------------------------------------------------------ bookkeeping
@@ -124,7 +124,7 @@ class Pipeline(HeldOutSteps, StageSteps):
         """Run the recipe (see the module docstring), after checking every file it names. One run per folder at a time
         (`RunLock`); run.json ends as done, failed or interrupted, never as running. `stop_before`: the stages before
         this one and the data jobs after the last of them (an ablation's shared part); `until`: up to and including
-        this stage, without the data jobs that only later stages read."""
+        this stage, without the data jobs that only later stages read; `only`: this stage alone, likewise."""
         try:
             check_recipe_files(self.recipe)
         except Exception:
@@ -223,8 +223,10 @@ class Pipeline(HeldOutSteps, StageSteps):
                      stopped_by=None)
         try:
             self.resolve_base()
-            # `--until`: the data jobs only the stages after it read are left for the run that gets there
-            self.later_data = self.data_for_later_stages(order) if until else set()
+            # `--until` or `--only`: the run ends at that stage, and the data jobs only the stages after it read
+            # (on-policy pairs sampled for DPO after SFT: minutes at real sizes) are left for a run that gets there
+            final = until or only
+            self.later_data = self.data_for_later_stages(order[:order.index(final) + 1]) if final else set()
             self.build_data(after=None)
             self.evaluate_base()
             previous = None
@@ -238,7 +240,7 @@ class Pipeline(HeldOutSteps, StageSteps):
                                     f"finished ({changed}); run it first (--from {stage})")
                 elif self.reevaluate(stage):  # kept, but scored on the evaluation the stages after it get
                     self.promote(stage)
-                if stage != until:
+                if stage != final:
                     self.build_data(after=stage)
                 previous = stage
             self._record("run", status="done", finished=time.strftime("%Y-%m-%d %H:%M:%S"))
@@ -260,7 +262,7 @@ class Pipeline(HeldOutSteps, StageSteps):
     def build_data(self, after: str | None) -> None:
         """Run the recipe's data jobs that belong at this point: before everything, or right after stage `after`
         (then the stage's inputs hash and its weights are part of the job's inputs, so a re-trained stage rebuilds
-        its data); not those only stages after `--until` read (`later_data`)."""
+        its data); not those only stages after `--until`/`--only` read (`later_data`)."""
         from .datajobs import run_job
 
         for name, spec in self.recipe.data.items():

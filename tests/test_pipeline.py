@@ -252,7 +252,11 @@ def test_from_and_only_train_the_stages_asked_for_again_on_the_finished_ones_bef
     assert [c for c in stage_calls.calls if c[0] != "data after"] == [("dpo", "sft", True), ("upo", "dpo", True)]
     stage_calls.calls.clear()
     stage_calls.run(only="dpo")
-    assert [c for c in stage_calls.calls if c[0] != "data after"] == [("dpo", "sft", True)]
+    assert stage_calls.calls == [("data after", None), ("data after", "sft"), ("dpo", "sft", True)]
+    # nor the data jobs only the stages after it read: on-policy pairs sampled after `--only sft` are DPO's
+    stage_calls.calls.clear()
+    stage_calls.run(only="sft")
+    assert stage_calls.calls == [("data after", None), ("sft", None, True)] and stage_calls.later_data == {"pairs"}
 
 
 def test_only_a_later_stage_needs_the_earlier_ones_finished_and_unchanged(stage_calls):
