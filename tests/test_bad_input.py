@@ -433,8 +433,11 @@ def test_upo_gate_stops_prompts_whose_tools_grpo_would_not_render():
     gates.check_prompt_rows(_prompts(["a"]).add_column("tools", [None]), "prompts.jsonl")  # an empty column passes
     gates.check_prompt_rows(_prompts(["a", "b"]).add_column("tools", [None, ""]), "prompts.jsonl")  # and empty cells
     # an empty list as JSON text, which the SFT/DPO tools gate reads as no tools: no tools to lose (it was refused)
-    gates.check_prompt_rows(_prompts(["a", "b"]).add_column("tools", ["[]", " [] "]), "prompts.jsonl")
-    gates.check_tools_column(_prompts(["a", "b"]).add_column("tools", ["[]", " [] "]), "prompts.jsonl")
+    empty = ["[]", " [] ", "[ ]", "null"]
+    gates.check_prompt_rows(_prompts(list("abcd")).add_column("tools", empty), "prompts.jsonl")
+    gates.check_tools_column(_prompts(list("abcd")).add_column("tools", empty), "prompts.jsonl")
+    with pytest.raises(UserError, match=r"row 2 \(counting from 1\): its `tools` would be left out"):
+        gates.check_prompt_rows(_prompts(["a", "b"]).add_column("tools", ["", "get_weather"]), "prompts.jsonl")
 
 
 def test_upo_offline_pairs_with_tools_are_refused(tmp_path, tiny_tokenizer):
@@ -449,6 +452,11 @@ def test_upo_offline_pairs_with_tools_are_refused(tmp_path, tiny_tokenizer):
         preflight_data(_prompts(["1"]), stage, training)
     with pytest.raises(UserError, match=r"offline.jsonl: offline UPO pairs have a `tools` column; .* drop the column"):
         load_offline_pairs(training.upo_offline_dataset, tiny_tokenizer, 16)
+    # an empty list as JSON text holds no tools: both pass it (the trainer refused what the pre-flight had passed)
+    (tmp_path / "empty").mkdir()
+    stage, training = _upo_args(tmp_path / "empty", [_pair(0), {**_pair(1), "tools": "[]"}])
+    preflight_data(_prompts(["1"]), stage, training)
+    assert len(load_offline_pairs(training.upo_offline_dataset, tiny_tokenizer, 16)) == 2
 
 
 def test_upo_gate_stops_null_answers(tmp_path):

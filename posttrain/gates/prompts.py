@@ -1,6 +1,8 @@
 """RL prompt gates: a `prompt` column of conversations that end on the turn the model answers, no per-row tools, and
 the reference each reward reads."""
 
+import json
+
 from ..errors import UserError, row_name
 from .pairs import prompt_end
 
@@ -24,12 +26,22 @@ def check_no_row_tools(dataset, name: str) -> None:
     """No row has `tools`: UPO renders its RL prompts, and its offline pairs' prompts as it renders those, without a
     per-row `tools` column, as TRL's GRPO does; the schemas belong in the prompt (README: Tool calling)."""
     tools = dataset["tools"] if "tools" in dataset.column_names else []
-    # an empty list written as JSON text ("[]", as `check_tools_column` reads it) leaves nothing out
-    index = next((i for i, value in enumerate(tools) if value and str(value).strip() != "[]"), None)
+    index = next((i for i, value in enumerate(tools) if names_tools(value)), None)
     if index is not None:
         raise UserError(f"pre-flight: {name} {row_name(index)}: its `tools` would be left out: TRL's GRPO renders every "
                         "prompt without a per-row `tools` column, so the model would be asked to call tools it is "
                         "never shown. Put the schemas in each prompt's system turn, and drop the column")
+
+
+def names_tools(cell) -> bool:
+    """Whether a `tools` cell holds any schema: empty cells and empty JSON text ("", "[]", "[ ]", "null", as
+    `check_tools_column` reads them) hold none; text that is not JSON counts as tools (meant as some)."""
+    if isinstance(cell, str):
+        try:
+            cell = json.loads(cell) if cell.strip() else None
+        except ValueError:
+            return True
+    return bool(cell)
 
 
 def check_reward_references(dataset, rewards: dict | None, name: str, allow_skip: bool = False):

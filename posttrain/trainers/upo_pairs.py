@@ -14,6 +14,7 @@ from trl.trainer.utils import pad
 
 from ..data import completion_text, render_prompt
 from ..errors import UserError
+from ..gates.prompts import names_tools
 from ..reward_groups import TIE
 
 logger = logging.getLogger(__name__)
@@ -268,7 +269,8 @@ def _check_offline_columns(dataset, path: str) -> None:
                         f"{', '.join(missing)} (has: {', '.join(dataset.column_names)})")
     if len(dataset) == 0:
         raise UserError(f"{path}: the offline preference dataset is empty")
-    if "tools" in dataset.column_names and any(dataset["tools"]):  # the pre-flight names the row (check_no_row_tools)
+    # the pre-flight names the row (check_no_row_tools); empty cells and empty JSON text ("[]") hold no tools
+    if "tools" in dataset.column_names and any(map(names_tools, dataset["tools"])):
         raise UserError(f"{path}: offline UPO pairs have a `tools` column; their prompts are rendered as the RL "
                         "prompts are, without one, so the model would be shown no tools: put the schemas in each "
                         "prompt's system turn, and drop the column")
