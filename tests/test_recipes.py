@@ -594,3 +594,138 @@ def test_the_readmes_recipe_block_is_the_shipped_default_abridged():
             assert part == full, f"{where}: README {part!r}, shipped {full!r}"
 
     shown(block, shipped, "")
+
+
+# ------------------------------------------------------------------------------------------------ found by mutants
+TINY_PATH = ROOT / "recipes" / "tiny" / "text.yaml"
+
+
+def test_a_recipe_without_modality_is_text(tmp_path):
+    assert load_recipe(_write(tmp_path, TINY.replace("modality: text\n", ""))).modality == "text"
+
+
+def test_a_recipe_file_in_the_working_folder_wins_over_the_shipped_one(tmp_path, monkeypatch):
+    """`recipes/tiny/text.yaml` in the working folder (a user's edited copy) is the one run, not the shipped file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes" / "tiny").mkdir(parents=True)
+    (tmp_path / "recipes" / "tiny" / "text.yaml").write_text(TINY.replace("name: tiny-text", "name: mine"))
+    assert load_recipe("recipes/tiny/text.yaml").name == "mine"
+
+
+def test_credentials_in_a_list_are_refused_and_named_by_their_key():
+    raw = {**yaml.safe_load(TINY), "data": {"mix": {"job": "build_sft_set",
+                                                    "sources": ["a.jsonl", "https://u:s3cret@host/b.jsonl"]}}}
+    with pytest.raises(UserError, match=r"text.yaml: data.mix.sources\[1\]: the URL carries credentials"):
+        load_recipe(TINY_PATH, raw=raw)
+
+
+def test_a_path_is_found_from_the_working_folder_then_the_recipes_then_the_repository(tmp_path, monkeypatch):
+    from posttrain.recipe import resolve_relative
+
+    here, there = tmp_path / "here", tmp_path / "there"
+    for folder in (here, there):
+        folder.mkdir()
+        (folder / "x.jsonl").write_text("{}\n")
+    monkeypatch.chdir(here)
+    assert resolve_relative("x.jsonl", there / "r.yaml") == here / "x.jsonl"
+    monkeypatch.chdir(tmp_path)
+    assert resolve_relative("x.jsonl", there / "r.yaml") == there / "x.jsonl"
+    assert resolve_relative("recipes/accelerate/ddp.yaml", there / "r.yaml") == ROOT / "recipes/accelerate/ddp.yaml"
+    assert resolve_relative("absent.jsonl", there / "r.yaml") == Path("absent.jsonl")
+
+
+def test_upo_offline_pairs_and_phase_files_beside_the_recipe_are_found_from_any_folder(tmp_path, monkeypatch):
+    recipe = tmp_path / "recipes" / "r.yaml"
+    recipe.parent.mkdir()
+    for name in ("pairs.jsonl", "logic.jsonl", "held_out.jsonl"):
+        (recipe.parent / name).write_text("{}\n")
+    recipe.write_text(TINY)
+    monkeypatch.chdir(tmp_path)
+    loaded = load_recipe(recipe, ["stages.upo.upo_offline_dataset=pairs.jsonl", "eval.dataset=held_out.jsonl",
+                                  "stages.upo.phases=[{dataset_name: logic.jsonl}, {num_prompts: 2}]"])
+    assert loaded.stages["upo"]["upo_offline_dataset"] == str(recipe.parent / "pairs.jsonl")
+    assert loaded.stages["upo"]["phases"] == [{"dataset_name": str(recipe.parent / "logic.jsonl")}, {"num_prompts": 2}]
+    assert loaded.eval.dataset == str(recipe.parent / "held_out.jsonl")
+
+
+@pytest.mark.parametrize("stages, named", [
+    ("stages: {}\n", "stages: expected a mapping of stage name"),
+    ("stages: {sft: [a]}\n", "stages.sft: expected a mapping of argument names"),
+    ("shared: [a]\nstages: {sft: {}}\n", "shared: expected a mapping of argument names"),
+])
+def test_stages_and_shared_that_are_no_mappings_are_named(tmp_path, stages, named):
+    path = _write(tmp_path, "name: x\nbase: {model_name_or_path: tiny:llama}\n" + stages)
+    with pytest.raises(UserError, match=named):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("override, named", [
+    ("stages.sft.learning_rate=-1e-4", "stages.sft.learning_rate: -0.0001 is below the minimum of 0"),
+    ("shared.per_device_train_batch_size=0", "shared.per_device_train_batch_size: 0 is below the minimum of 1"),
+    ("shared.use_peft=1", r"shared.use_peft: 1 \(int\) is not a valid bool"),
+    ("stages.sft.learning_rate=true", r"stages.sft.learning_rate: True \(bool\) is not a valid float"),
+    ("stages.sft.trust_remote_code=true", "stages.sft.trust_remote_code: set by the pipeline"),
+    ("stages.sft.eval_limit=3", "stages.sft.eval_limit: set by the pipeline"),
+])
+def test_a_value_a_stage_would_refuse_late_is_refused_at_load(override, named):
+    with pytest.raises(UserError, match=named):
+        load_recipe(TINY_PATH, [override])
+
+
+def test_full_module_copies_in_fp16_are_warned_about_too(capsys):
+    load_recipe(TINY_PATH, ["shared.dtype=float16", "shared.lora_modules_to_save=[norm]"])
+    assert "lora_modules_to_save with shared.dtype: float16" in " ".join(capsys.readouterr().out.split())
+
+
+def test_upo_takes_the_random_sampling_strategy_it_uses_anyway():
+    assert load_recipe(TINY_PATH, ["shared.train_sampling_strategy=random"]).stages["upo"][
+        "train_sampling_strategy"] == "random"
+
+
+def test_override_values_keep_their_sign_case_and_equals_signs():
+    recipe = load_recipe(TINY_PATH, ["stages.sft.seed=-1", "shared.use_peft=True", "stages.sft.run_name=a=b"])
+    assert recipe.stages["sft"]["seed"] == -1 and recipe.stages["sft"]["run_name"] == "a=b"
+    assert recipe.stages["dpo"]["use_peft"] is True
+
+
+def test_the_first_class_with_a_name_gives_its_type_and_init_only_fields_are_keys():
+    import dataclasses
+
+    from posttrain.typecheck import field_types
+
+    @dataclasses.dataclass
+    class First:
+        shared: int = 0
+
+    @dataclasses.dataclass
+    class Second:
+        shared: str = ""
+        derived: int = dataclasses.field(init=False, default=0)
+
+    assert field_types((First, Second)) == {"shared": int}
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["eval.dataset={data}/pairs"], "eval.dataset: {data}/pairs is built after stage 'sft' (data.pairs.after), which "
+                                    "does not run before the base model's evaluation"),
+    (["stages.sft.dataset_name={data}/pairs", "stages.sft.dataset_train_split=train"],
+     "stages.sft.dataset_name: {data}/pairs is built after stage 'sft' (data.pairs.after), which does not run before "
+     "sft"),
+    (["stages.sft.dataset_test_split=tset", "stages.sft.eval_strategy=steps"],
+     "stages.sft.dataset_test_split: 'tset' is not a split of {data}/verifiable"),
+    (["stages.upo.phases=[{dataset_name: '{data}/pairs'}]"],
+     "stages.upo.phases[0].split: 'prompts' is not a split of {data}/pairs"),
+    (["stages.sft.dataset_name={data/verifiable"], "stages.sft.dataset_name: {data/verifiable: not a placeholder"),
+])
+def test_data_read_before_it_is_built_or_in_a_split_it_lacks_is_named(overrides, named):
+    from posttrain.recipe_files import check_recipe_files
+
+    with pytest.raises(UserError) as error:
+        check_recipe_files(load_recipe(TINY_PATH, overrides))
+    assert named in " ".join(str(error.value).split())
+
+
+def test_a_yaml_merge_key_is_not_taken_for_a_key_written_twice(tmp_path):
+    from posttrain.recipe_yaml import read_recipe
+
+    assert read_recipe(_write(tmp_path, "a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  x: 3\n"))["b"] == {"x": 3, "y": 2}
