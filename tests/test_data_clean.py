@@ -421,3 +421,13 @@ def test_pairs_with_the_same_replies_to_other_prompts_are_kept():
                                "_key": [""] * 2, "_origin": ["f.jsonl:1", "f.jsonl:2"]})
     kept, removed = clean.near_dedup(pairs, 0.8, columns=clean.near_dup_columns(pairs))
     assert len(kept) == 2 and not len(removed)
+
+
+def test_a_row_near_only_a_removed_row_is_kept():
+    """Rows are compared with the rows kept, not with those already removed: b (near a) goes, c (near b, far from
+    a) stays, else a chain of small edits would remove rows unlike anything in the set."""
+    words = prose(3, 400).split()
+    b = words[:-16] + [f"end{i}" for i in range(16)]  # Jaccard ~0.92 to a, as c to b; c to a ~0.85
+    c = [f"start{i}" for i in range(16)] + b[16:]
+    kept, removed = clean.near_dedup(table([" ".join(t) for t in (words, b, c)]), threshold=0.89, num_perm=512)
+    assert kept["_origin"] == ["f.jsonl:1", "f.jsonl:3"] and removed["_origin"] == ["f.jsonl:2"]
