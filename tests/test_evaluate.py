@@ -781,6 +781,13 @@ def test_onpolicy_pairs_prefer_the_reference_skip_empty_and_unscored_replies(tin
         ["4", "<think>\nTwo and two.\n</think>\n\n5", "6"], [True] * 3, [1] * 3))
     pairs = sample_pairs(None, tiny_tokenizer, [row], OnPolicyPairsConfig(num_samples=3, margin=0.5))
     assert [pair["rejected"][0]["content"] for pair in pairs] == ["6"]
+    # `pairs_per_prompt`: up to that many pairs from one prompt's samples, the widest gap first
+    monkeypatch.setattr(rewards, "combine_rewards", lambda weights: lambda texts, **kwargs: [1.0, 0.0, 0.5, 0.2])
+    monkeypatch.setattr(generation, "generate", lambda model, tokenizer, prompts, *args, **kwargs: (
+        ["4", "6", "5", "7"], [True] * 4, [1] * 4))
+    pairs = sample_pairs(None, tiny_tokenizer, [row], OnPolicyPairsConfig(num_samples=4, margin=0.1,
+                                                                          pairs_per_prompt=2))
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [("4", "6"), ("5", "7")]
 
 
 def test_onpolicy_pairs_score_tool_calls_as_upo_does(tiny_tokenizer, monkeypatch):
