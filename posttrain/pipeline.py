@@ -85,7 +85,8 @@ class Pipeline(HeldOutSteps, StageSteps):
     def digest(self, obj) -> str:
         """Short hash of a step's inputs, with this run's folder written as {run}: a run folder copied or moved
         elsewhere (an ablation variant starts as a copy) keeps its finished steps."""
-        text = renamed(json.dumps(obj, sort_keys=True, default=str), self.root, "{run}")
+        # the folder as json.dumps spells it: a non-ASCII letter in its path (/home/zoë) is escaped there (\u00eb)
+        text = renamed(json.dumps(obj, sort_keys=True, default=str), json.dumps(str(self.root))[1:-1], "{run}")
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def data_path(self, name: str) -> Path:

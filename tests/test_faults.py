@@ -1145,3 +1145,23 @@ def test_upo_on_two_processes_resumed_inside_a_later_epoch_is_bit_identical(conf
     assert resumed.returncode == 0, output[-3000:]
     assert_same_adapter(load_file(cut / "adapter_model.safetensors"),
                         load_file(tmp_path / "whole" / "adapter_model.safetensors"))
+
+
+def test_a_lock_names_its_holder_is_passed_to_the_steps_and_is_left_empty_when_released(tmp_path):
+    """The lock file holds the holder's PID, time and machine (what a refused run names and a take-over checks); the
+    steps the run starts inherit it; released, it is empty, so the next run takes nothing over. One left by a process
+    that died is taken over, and said so."""
+    import socket
+
+    from posttrain.runlock import held_fds
+
+    said = []
+    lock = RunLock(tmp_path).acquire(say=said.append)
+    pid, _, host = (tmp_path / ".lock").read_text().splitlines()
+    assert (pid, host) == (str(os.getpid()), socket.gethostname()) and lock.handle.fileno() in held_fds()
+    fd = lock.handle.fileno()
+    lock.release()
+    assert (tmp_path / ".lock").read_text() == "" and fd not in held_fds() and said == []
+    (tmp_path / ".lock").write_text(f"99999999\n2026-01-01 00:00:00\n{socket.gethostname()}\n")
+    RunLock(tmp_path).acquire(say=said.append).release()
+    assert said == [f"taking over the lock of {tmp_path} left by PID 99999999, which is no longer running"]

@@ -601,6 +601,20 @@ def test_offline_hub_model_fails_fast(tmp_path, posttrain_cli):
     assert "someone/not-cached" in result.stdout and "HF_HUB_OFFLINE" in result.stdout
 
 
+def test_a_run_in_a_folder_with_a_non_ascii_name_keeps_its_hashes_when_moved(tmp_path):
+    """json.dumps writes `/home/zoë` escaped (`zo\\u00eb`): the run folder is found in a step's inputs as written
+    there, so a copied or moved run (an ablation variant starts as a copy) keeps its finished steps."""
+    from posttrain.pipeline import Pipeline
+    from posttrain.recipe import load_recipe
+
+    hashes = set()
+    for where in ("outputs", "moved"):
+        pipeline = Pipeline(load_recipe(TINY), tmp_path / "zoë" / where)
+        pipeline.base_hash = "b"
+        hashes.add(pipeline.stage_hashes("sft", pipeline.stage_args("sft", None), None)[0])
+    assert len(hashes) == 1
+
+
 def test_a_data_job_is_rebuilt_when_a_file_it_reads_changes(tmp_path, monkeypatch):
     """The mix reads the other job's output by a path that never changes: rebuilding `tasks` (or editing a source
     file) must rebuild the mix, not report it up to date; a rebuild replaces the old output, and one that fails
@@ -1000,3 +1014,322 @@ def test_a_stage_trained_on_the_base_before_it_was_edited_is_stale(tmp_path):
     assert stale_stages(run) == {}
     evaluate_base(str(template))
     assert stale_stages(run) == {"sft": "trained on another base model or chat template than the run's base now"}
+
+
+def test_a_stage_trains_from_the_stage_before_it_is_evaluated_as_the_run_is_and_keeps_its_own_project(hashed):
+    """A stage's arguments: the adapter of the stage before it, the run's held-out evaluation (the same for every
+    step), and a tracking project the recipe names for the stage rather than the run's."""
+    from posttrain.configs import StageArguments
+
+    args = hashed.stage_args("dpo", "sft")
+    assert args["adapter_path"] == str(hashed.root / "sft") and "adapter_path" not in hashed.stage_args("sft", None)
+    assert StageArguments.from_eval(hashed.eval_settings()).items() <= args.items()
+    assert args["project"] == "tiny-text"
+    hashed.recipe.stages["dpo"]["project"] = "mine"
+    assert hashed.stage_args("dpo", "sft")["project"] == "mine"
+
+
+@pytest.fixture
+def fake_training(hashed, monkeypatch):
+    """`hashed` whose stage process only records the arguments it was given (`trained`) and whose re-evaluation only
+    records the stage (`evaluated`); a folder's adapter is always whole."""
+    from posttrain import lineage, pipeline_stages
+    from posttrain.pipeline import Pipeline
+
+    hashed.trained, hashed.evaluated = [], []
+    monkeypatch.setattr(Pipeline, "stage_args", lambda self, stage, previous: {"learning_rate": 1e-3})
+    monkeypatch.setattr(pipeline_stages, "finished_problem", lambda folder: None)
+    monkeypatch.setattr(lineage, "stage_lineage", lambda stage, args, digest, pipe, previous: {"inputs_hash": digest})
+    monkeypatch.setattr(Pipeline, "reevaluate", lambda self, stage: self.evaluated.append(stage))
+    monkeypatch.setattr(Pipeline, "_spawn", lambda self, cmd, log, stage, env: self.trained.append(
+        yaml.safe_load((self.root / f".{stage}.partial" / "resolved.yaml").read_text())))
+    return hashed
+
+
+def test_a_trained_or_skipped_stage_is_scored_and_its_record_is_of_this_attempt(fake_training):
+    """A stage trained, then skipped as finished, is evaluated again where its held-out evaluation changed
+    (`reevaluate`) each time; its lineage records the evaluation, and run.json no error of an earlier attempt."""
+    pipeline = fake_training
+    pipeline.run_stage("sft", None)
+    assert len(pipeline.trained) == 1 and pipeline.evaluated == ["sft"]
+    assert json.loads((pipeline.root / "sft" / "lineage.json").read_text())["eval_hash"] == pipeline.eval_hash
+    pipeline._record("sft", error="an earlier attempt failed", log="sft.log")
+    pipeline.run_stage("sft", None)
+    assert len(pipeline.trained) == 1 and pipeline.evaluated == ["sft", "sft"]
+    assert {k: pipeline.state["steps"]["sft"][k] for k in ("status", "error", "log")} == \
+        {"status": "done", "error": None, "log": None}
+
+
+def test_a_stage_resumes_only_an_unfinished_run_of_the_same_inputs_from_the_same_previous_weights(fake_training,
+                                                                                                  monkeypatch):
+    """An unfinished stage of the same inputs resumes from its last checkpoint; one of other inputs, or trained from
+    other weights of the stage before it, starts over."""
+    from posttrain import lineage, pipeline_stages
+
+    pipeline, partial = fake_training, fake_training.root / ".sft.partial"
+    monkeypatch.setattr(pipeline_stages, "resume_point", lambda folder, say: next(folder.glob("checkpoint-*"), None))
+
+    def unfinished(inputs_hash):
+        shutil.rmtree(pipeline.root / "sft", ignore_errors=True)
+        (partial / "checkpoint-5").mkdir(parents=True)
+        write_json(partial / "lineage.json", {"inputs_hash": inputs_hash})
+        pipeline.run_stage("sft", None)
+        return pipeline.trained[-1].get("resume_from_checkpoint")
+
+    same = pipeline.stage_hashes("sft", {"learning_rate": 1e-3}, None)[0]
+    assert unfinished(same) == str(partial / "checkpoint-5")
+    assert unfinished("other inputs") is None
+    monkeypatch.setattr(lineage, "other_previous", lambda root, record: "dpo has been trained again since")
+    assert unfinished(same) is None
+
+
+def test_a_finished_stage_is_trained_again_when_its_adapter_is_damaged_or_the_stage_before_was_retrained(
+        fake_training, monkeypatch):
+    from posttrain import lineage, pipeline_stages
+
+    pipeline = fake_training
+    pipeline.run_stage("sft", None)
+    pipeline.run_stage("sft", None)
+    assert len(pipeline.trained) == 1
+    monkeypatch.setattr(pipeline_stages, "finished_problem", lambda folder: "adapter_model.safetensors is missing")
+    pipeline.run_stage("sft", None)
+    assert len(pipeline.trained) == 2
+    monkeypatch.setattr(pipeline_stages, "finished_problem", lambda folder: None)
+    monkeypatch.setattr(lineage, "other_previous", lambda root, record: "dpo has been trained again since")
+    pipeline.run_stage("sft", None)
+    assert len(pipeline.trained) == 3
+
+
+def test_a_stage_finished_in_its_partial_folder_is_moved_into_place_unless_forced(fake_training):
+    """A run stopped after the stage process finished but before its folder was moved: the next run moves it (and
+    scores it), `--from`/`--only` train it again."""
+    pipeline, partial = fake_training, fake_training.root / ".sft.partial"
+
+    def finished_in_partial():
+        shutil.rmtree(pipeline.root / "sft", ignore_errors=True)
+        write_json(partial / "lineage.json", {"inputs_hash": pipeline.stage_hashes("sft", {"learning_rate": 1e-3},
+                                                                                    None)[0]})
+        write_json(partial / "metrics.json", {"status": "done"})
+
+    finished_in_partial()
+    pipeline.run_stage("sft", None)
+    assert pipeline.trained == [] and pipeline.evaluated == ["sft"] and (pipeline.root / "sft" / "metrics.json").is_file()
+    finished_in_partial()
+    pipeline.run_stage("sft", None, force=True)
+    assert len(pipeline.trained) == 1
+
+def test_a_finished_stage_moved_into_place_replaces_the_old_one_without_its_checkpoints(tmp_path):
+    """The finished `.partial` folder becomes the stage folder: the old one and what a killed move left (`.sft.old`)
+    gone, and the checkpoints with them."""
+    from posttrain.pipeline_stages import StageSteps
+
+    partial, final, old = tmp_path / ".sft.partial", tmp_path / "sft", tmp_path / ".sft.old"
+    for folder, name in ((partial / "checkpoint-2", "optimizer.pt"), (partial, "new"), (final, "stale"),
+                         (old, "stale")):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("x")
+    StageSteps._move_into_place(partial, final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sft"] and [p.name for p in final.iterdir()] == ["new"]
+
+
+def test_a_stage_process_finished_only_with_its_metrics_done_and_its_adapter_whole(tmp_path):
+    """What a stopped run left in `.partial` is moved into place, not trained again, only when the stage process
+    wrote its metrics as done and its adapter loads."""
+    from posttrain.pipeline_stages import StageSteps
+
+    write_json(tmp_path / "metrics.json", {"status": "done"})
+    write_json(tmp_path / "adapter_config.json", {"r": 8})
+    assert not StageSteps._finished_in(tmp_path)  # no adapter weights
+
+
+def test_an_ablations_shared_part_trains_the_stages_before_the_varied_one_and_their_data(stage_calls):
+    stage_calls.run(stop_before="upo")
+    assert stage_calls.calls == [("data after", None), ("sft", None, False), ("data after", "sft"),
+                                 ("dpo", "sft", False), ("data after", "dpo")]
+
+
+def test_only_a_later_stage_promotes_the_earlier_ones_it_scored_again(stage_calls, monkeypatch):
+    """`--only dpo` after the held-out evaluation changed: the kept sft is scored again and goes through its gate,
+    as dpo does after training."""
+    from posttrain.pipeline import Pipeline
+
+    (stage_calls.root / "sft").mkdir(parents=True)
+    (stage_calls.root / "sft" / "lineage.json").write_text("{}")
+    monkeypatch.setattr(Pipeline, "reevaluate", lambda self, stage: True)
+    monkeypatch.setattr(Pipeline, "promote", lambda self, stage: self.calls.append(("promote", stage)))
+    stage_calls.run(only="dpo")
+    assert [c for c in stage_calls.calls if c[0] != "data after"] == [("promote", "sft"), ("dpo", "sft", True),
+                                                                        ("promote", "dpo")]
+
+
+def test_until_leaves_the_data_jobs_only_later_stages_read_for_later(stage_calls):
+    """`--until sft` leaves the pairs DPO trains on (sampled from the SFT adapter) for the run that gets to DPO."""
+    stage_calls.run(until="sft")
+    assert stage_calls.later_data == {"pairs"}
+    stage_calls.run()
+    assert stage_calls.later_data == set()
+
+
+def test_a_data_job_left_for_later_stages_is_not_built(tmp_path, monkeypatch):
+    from posttrain import datajobs
+    from posttrain.pipeline import Pipeline
+    from posttrain.recipe import load_recipe
+
+    built = []
+    monkeypatch.setattr(datajobs, "run_job", lambda job, args, out: built.append(job))
+    pipeline = Pipeline(load_recipe(TINY), tmp_path / "outputs")
+    pipeline.later_data = {"pairs"}
+    pipeline.build_data(after="sft")  # sft has not finished: the pairs' job would fail reading its lineage
+    assert built == []
+
+
+def test_a_stage_scored_on_another_evaluation_is_scored_again_once_and_records_it(hashed, monkeypatch):
+    """The held-out evaluation changed: the finished stage is evaluated again (not trained), its gate's old verdict
+    dropped, its resolved.yaml given the new settings (what `posttrain eval` reads) and its lineage the new hash."""
+    from posttrain.pipeline import Pipeline
+
+    final, evaluated = hashed.root / "sft", []
+    write_json(final / "lineage.json", {"inputs_hash": "h", "eval_hash": "an earlier evaluation"})
+    write_json(final / "metrics.json", {"status": "done", "eval": {"accuracy": 0.1}, "promotion": {"gate": None}})
+    (final / "resolved.yaml").write_text(yaml.safe_dump({"learning_rate": 1e-3, "eval_split": "dev"}))
+    monkeypatch.setattr(Pipeline, "run_eval", lambda self, out, step, adapter=None: evaluated.append(adapter) or
+                        {"accuracy": 0.5})
+    assert hashed.reevaluate("sft") and not hashed.reevaluate("sft")
+    assert evaluated == [final]
+    assert json.loads((final / "metrics.json").read_text()) == {"status": "done", "eval": {"accuracy": 0.5}}
+    resolved = yaml.safe_load((final / "resolved.yaml").read_text())
+    assert resolved["learning_rate"] == 1e-3 and resolved["eval_split"] == "test"
+    assert json.loads((final / "lineage.json").read_text()) == {"inputs_hash": "h", "eval_hash": hashed.eval_hash}
+
+
+def test_an_evaluation_runs_the_base_model_with_the_stages_adapter_as_the_recipe_loads_it(hashed, monkeypatch):
+    from posttrain.pipeline import Pipeline
+
+    commands = []
+
+    def spawn(self, cmd, log, step):
+        commands.append((cmd, log))
+        Path(cmd[cmd.index("--out") + 1]).write_text('{"accuracy": 1.0}')
+
+    monkeypatch.setattr(Pipeline, "_spawn", spawn)
+    hashed.base_model = hashed.root / "model"
+    final = hashed.root / "sft"
+    final.mkdir(parents=True)
+    assert hashed.run_eval(final, "sft", adapter=final) == {"accuracy": 1.0}
+    cmd, log = commands[-1]
+    assert cmd[cmd.index("--adapter") + 1] == str(final) and "--trust-remote-code" not in cmd
+    assert log == final / "sft.eval.log" and not list(final.iterdir())  # its settings and result read and removed
+    hashed.recipe.base.trust_remote_code = True
+    hashed.run_eval(hashed.root / "base", "base")
+    cmd, log = commands[-1]
+    assert "--adapter" not in cmd and "--trust-remote-code" in cmd and log == hashed.root / "base" / "base.log"
+
+
+def test_a_base_evaluated_with_the_same_inputs_before_an_upgrade_is_not_evaluated_again(hashed, monkeypatch):
+    """The base model's held-out evaluation is skipped while its inputs are unchanged, also when a version before
+    `base_identity` recorded them (its legacy hash), and run.json then keeps no error of an earlier attempt."""
+    from posttrain.pipeline import Pipeline
+
+    evaluated, model = [], hashed.root / "model"
+    monkeypatch.setattr(Pipeline, "run_eval", lambda self, out, step, adapter=None: evaluated.append(step) or {})
+    write_json(model / "config.json", {"model_type": "llama"})
+    hashed.base_model, hashed.template = model, "chatml"
+    hashed.recipe.base.model_name_or_path = str(model)  # a local folder: its identity is more than its shape
+    hashed.evaluate_base()
+    lineage_path = hashed.root / "base" / "lineage.json"
+    legacy = hashed.digest({"base": hashed.legacy_base_hashes[0], "eval": hashed.eval_hash})
+    assert json.loads(lineage_path.read_text())["inputs_hash"] != legacy
+    write_json(lineage_path, {**json.loads(lineage_path.read_text()), "inputs_hash": legacy})
+    hashed._record("base", status="failed", error="an earlier attempt failed")
+    hashed.evaluate_base()
+    assert evaluated == ["base"] and hashed.state["steps"]["base"]["error"] is None
+
+
+def test_an_eval_set_edited_in_place_is_another_held_out_evaluation(hashed):
+    """The held-out hash covers the eval set's content, not only its settings: finished stages are scored again."""
+    data = hashed.root / "data" / "verifiable"
+    data.mkdir(parents=True)
+    (data / "test.jsonl").write_text('{"prompt": "1 + 1?", "answer": "2"}\n')
+    before = hashed.held_out_hash()
+    (data / "test.jsonl").write_text('{"prompt": "1 + 2?", "answer": "3"}\n')
+    assert hashed.held_out_hash() != before
+
+
+def test_a_base_models_shape_changes_with_the_size_of_a_weight_file(tmp_path):
+    """`model_fingerprint` (the legacy base hash runs from before `base_identity` recorded) covers the weight files'
+    sizes, not only config.json: a model saved in another dtype is another base."""
+    from posttrain.lineage import model_fingerprint
+
+    write_json(tmp_path / "config.json", {"model_type": "llama"})
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 8)
+    before = model_fingerprint(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 16)
+    assert model_fingerprint(tmp_path) != before
+
+
+def test_a_stages_lineage_records_the_previous_stage_as_it_trained_from_it(hashed, monkeypatch):
+    """The previous stage's inputs hash and weights (which `other_previous` compares with what is there now) and both
+    datasets a stage trains on."""
+    from posttrain import lineage, models
+
+    monkeypatch.setattr(models, "describe_model", lambda path: {})
+    sft = hashed.root / "sft"
+    write_json(sft / "lineage.json", {"inputs_hash": "sft-hash"})
+    (sft / "adapter_model.safetensors").write_bytes(b"weights")
+    args = {"model_name_or_path": "m", "dataset_name": "org/prompts", "upo_offline_dataset": "org/pairs"}
+    record = lineage.stage_lineage("upo", args, "upo-hash", hashed, "sft")
+    assert (record["previous_stage"], record["previous_inputs_hash"]) == ("sft", "sft-hash")
+    assert sorted(record["datasets"]) == ["dataset_name", "upo_offline_dataset"]
+    assert lineage.other_previous(hashed.root, record) is None
+    (sft / "adapter_model.safetensors").write_bytes(b"other weights")
+    assert lineage.other_previous(hashed.root, record) == "sft has been trained again since, to other weights"
+
+
+def test_the_other_machines_of_a_run_hear_how_it_ended(stage_calls, monkeypatch):
+    from types import SimpleNamespace
+
+    from posttrain.errors import UserError
+    from posttrain.pipeline import Pipeline
+
+    heard = []
+    stage_calls.coordinator = SimpleNamespace(finish=heard.append)
+    stage_calls.run()
+
+    def fail(self, stage, previous, force=False):
+        raise UserError("step 'sft' failed")
+
+    monkeypatch.setattr(Pipeline, "run_stage", fail)
+    with pytest.raises(UserError):
+        stage_calls.run()
+    assert heard == ["done", "failed"]
+
+
+def test_a_full_disk_a_step_already_explained_is_reported_as_it_said(stage_calls, monkeypatch):
+    """A UserError that says the disk is full (the stage's own, naming what it was writing) is not reworded as one
+    about the run's files."""
+    import errno
+
+    from posttrain.errors import UserError
+    from posttrain.pipeline import Pipeline
+
+    said = "no space left on /scratch (writing checkpoint-3/optimizer.pt), needed for a checkpoint of sft"
+
+    def full(self, stage, previous, force=False):
+        raise UserError(said) from OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Pipeline, "run_stage", full)
+    with pytest.raises(UserError) as error:
+        stage_calls.run()
+    assert str(error.value) == said
+
+
+def test_a_data_jobs_relative_path_is_made_absolute_only_where_it_exists(stage_calls, tmp_path, monkeypatch):
+    """A path found from here, beside the recipe or in the repository is made absolute; a Hub id (`org/name`) or a
+    path that is nowhere stays as written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sources").mkdir()
+    (tmp_path / "sources" / "chat.jsonl").write_text("{}\n")
+    assert stage_calls.local_paths({"sources": [{"path": "sources/chat.jsonl"}], "model": "Qwen/Qwen2.5-0.5B",
+                                    "other": "nowhere/x.jsonl"}) == \
+        {"sources": [{"path": str(tmp_path / "sources" / "chat.jsonl")}], "model": "Qwen/Qwen2.5-0.5B",
+         "other": "nowhere/x.jsonl"}

@@ -757,3 +757,40 @@ def test_report_of_a_real_tiny_run(tiny_run, tmp_path, posttrain_cli):
     for sample in view.stage("base").eval["samples"]:
         assert md_row(md, sample["prompt"])[0] == sample["answer"]
     assert (run / "report_files" / "data_verifiable_lengths.png").is_file()
+
+
+def test_a_stage_is_evaluated_again_with_the_runs_settings_on_its_own_data_unless_given_another_dataset(tmp_path):
+    """`posttrain eval RUN --stage S`: the run's split and row limit on the copied run's own data; with another
+    dataset given, that dataset's default split and all its rows. A stage the run has not is named."""
+    import yaml
+
+    from posttrain.errors import UserError
+    from posttrain.runs import eval_target
+
+    run = copy_runs(tmp_path) / "tiny-full"
+    resolved = run / "sft" / "resolved.yaml"
+    resolved.write_text(yaml.safe_dump({**yaml.safe_load(resolved.read_text()), "eval_split": "dev", "eval_limit": 3}))
+    _, settings = eval_target(run, "sft", {})
+    assert (settings.dataset, settings.split, settings.limit) == (str(run.resolve() / "data" / "verifiable"), "dev", 3)
+    _, settings = eval_target(run, "sft", {"dataset": "org/other"})
+    assert (settings.dataset, settings.split, settings.limit) == ("org/other", "test", None)
+    with pytest.raises(UserError, match="'grpo' is not a stage of this run"):
+        eval_target(run, "grpo", {})
+
+
+def test_a_run_folder_is_renamed_only_where_a_path_names_it():
+    from posttrain.runs import renamed
+
+    text = "/r/out /r/out/data/x /r/out-data/x /b/r/out/x /r/out.bak ~/r/out"
+    assert renamed(text, "/r/out", "{run}") == "{run} {run}/data/x /r/out-data/x /b/r/out/x /r/out.bak ~/r/out"
+
+
+
+def test_a_stage_trained_from_other_weights_of_its_previous_stage_is_stale(tmp_path):
+    """dpo/ trained again with the same inputs (a GPU's kernels are not deterministic) saved other weights: the upo/
+    trained from the old ones is not what the chain gives now."""
+    from posttrain.runs import stale_stages
+
+    run = copy_runs(tmp_path) / "tiny-full"
+    edit_json(run / "upo" / "lineage.json", lambda lin: lin.update(previous_weights="the weights dpo/ had before"))
+    assert stale_stages(run) == {"upo": "trained from an earlier dpo"}
