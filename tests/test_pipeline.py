@@ -212,6 +212,12 @@ def test_until_leaves_out_the_data_only_later_stages_read(tmp_path):
     assert pipeline.data_for_later_stages(["sft"]) == {"pairs", "prefs"}  # pairs: built after sft, for dpo
     assert pipeline.data_for_later_stages(["sft", "dpo"]) == {"prefs"}
     assert pipeline.data_for_later_stages(["sft", "dpo", "upo"]) == set()
+    # a data job only the held-out evaluation reads is built for it, whatever the stages read
+    raw["data"]["held"] = {"job": "build_verifiable_tasks", "n_train": 8, "n_test": 8}
+    raw["eval"]["dataset"] = "{data}/held"
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert Pipeline(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "outputs").data_for_later_stages(["sft"]) == \
+        {"pairs", "prefs"}
 
 
 @pytest.fixture()
