@@ -49,6 +49,7 @@ def test_row_by_row_attention_is_sdpa_per_row(arch, tiny_model_path):
     positions = torch.tensor([[p for row in rows for p in range(len(row))]])
     assert row_bounds(positions, ids.shape[1]) == [(0, 7), (7, 8), (8, 20), (20, 24)]
     assert row_bounds(torch.arange(24)[None], 24) is None and row_bounds(positions.expand(2, -1), 24) is None
+    assert row_bounds(torch.tensor([[5, 6, 0, 1, 0]]), 5) is None  # a continuation: its first row did not start here
     models = {name: AutoModelForCausalLM.from_pretrained(tiny_model_path(arch), attn_implementation=name)
               for name in ("sdpa", register())}
     grads = {}
@@ -94,6 +95,22 @@ def test_speed_defaults_by_stage_and_size(tiny_model_path, monkeypatch):
     flags = accelerate_launch_args(None, 1)
     # the stage runs as many threads as a plain script would here (tests pin one)
     assert flags[flags.index("--num_cpu_threads_per_process") + 1] == str(torch.get_num_threads()) == "1"
+
+
+def test_device_defaults_for_fp16_training_and_for_cpu_processes(tiny_model_path, monkeypatch):
+    """A recipe that trains in fp16 (bf16 left at TRL's default) gets no bf16 base weights. On CPU the stages run with
+    `use_cpu` (several processes then train as one gloo job), each with its share of the threads a plain script
+    would run."""
+    from posttrain import devices
+
+    monkeypatch.setattr(devices, "has_cuda", lambda: True)
+    monkeypatch.setattr(devices, "gpu_memory_bytes", lambda: 80e9)
+    monkeypatch.setattr(devices, "native_bf16", lambda device_type=None: True)
+    assert "dtype" not in speed_defaults("sft", tiny_model_path("llama"), {"fp16": True})
+    monkeypatch.setattr(devices, "has_cuda", lambda: False)
+    assert devices.device_defaults({})["use_cpu"] is True
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert [devices.cpu_threads(n) for n in (1, 2, 3, 8)] == [4, 2, 1, 1]
 
 
 def test_checkpointing_by_the_activations_of_a_step(tmp_path, monkeypatch):

@@ -400,6 +400,19 @@ def test_an_adapter_with_a_lora_bias_is_sampled_unmerged(tiny_model_path):
     assert torch.allclose(sampled, adapted, atol=1e-5)
 
 
+def test_lora_over_a_bf16_base_is_not_merged_and_stays_on(tiny_model_path):
+    """Over a bf16 base (SFT's and DPO's GPU default) the base weights are not copied, so nothing can be merged into
+    them: the adapter layers stay on and sampling is still the adapted model's."""
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain.models import frozen_weights_cast
+
+    model = get_peft_model(load_model(tiny_model_path("llama"), dtype="bfloat16"),
+                           LoraConfig(r=4, target_modules=["q_proj"]))
+    with frozen_weights_cast(model, torch.bfloat16, merge_lora=True):
+        assert not model.base_model.model.model.layers[0].self_attn.q_proj.disable_adapters
+
+
 def test_merged_lora_copies_sample_the_adapted_model_and_leave_it_as_it_was(tiny_model_path):
     """`merge_lora` (rollouts, pair sampling): inside, the LoRA update is in the bf16 copies (float32 ones for float32
     sampling) and the adapter layers are off, so the logits are the adapted model's up to rounding (not the base

@@ -175,3 +175,107 @@ def test_doctor_sees_the_converted_default_model_under_its_key(tmp_path, monkeyp
     assert check_default_model()[0][2].endswith("converts on first run (~30 s)")
     shutil.copytree(resolve_model("tiny:llama"), tmp_path / "cache" / "models" / name)
     assert check_default_model()[0][2] == "installed, converted"
+
+
+def test_a_gguf_rewritten_in_place_converts_again(tmp_path):
+    """The converted model's cache key covers the GGUF's time and size: a file replaced under the same name (another
+    quantization) is converted again instead of being served the old conversion."""
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"x" * 10)
+    first = load.gguf_entry_name(path)
+    assert first.startswith("model-") and load.gguf_entry_name(path) == first
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # rewritten, same size
+    assert load.gguf_entry_name(path) != first
+    path.write_bytes(b"x" * 11)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same time, another size
+    assert load.gguf_entry_name(path) != first
+
+
+def test_a_hub_download_takes_safetensors_and_no_pickles(monkeypatch):
+    """Online, a Hub id is downloaded with its safetensors weights and tokenizer files, never its pickled weights."""
+    from fnmatch import fnmatch
+    from pathlib import Path
+
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(load, "_check_hub_answers", lambda repo_id, revision: None)
+    asked = {}
+
+    def download(repo_id, **kwargs):
+        if kwargs.get("local_files_only"):
+            raise LocalEntryNotFoundError("not cached")
+        asked.update(kwargs)
+        return "/hub/someorg/new"
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    assert resolve_model("someorg/new") == Path("/hub/someorg/new")
+    names = ("model.safetensors", "config.json", "tokenizer.json", "pytorch_model.bin", "model.pt", "optimizer.bin")
+    taken = [name for name in names if any(fnmatch(name, pattern) for pattern in asked["allow_patterns"])]
+    assert taken == ["model.safetensors", "config.json", "tokenizer.json"]
+
+
+def test_transformers_offline_alone_keeps_the_hub_offline(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    assert load.is_offline() and load.datasets_offline()
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
+    assert not load.is_offline() and not load.datasets_offline()
+
+
+def test_a_folder_without_config_json_is_not_a_model(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match=r"is a folder but holds no config.json; expected a saved Hugging Face model"):
+        resolve_model(str(tmp_path))
+
+
+def test_a_missing_folder_named_without_a_slash_is_not_taken_for_a_hub_id():
+    """"mymodel" passes the Hub's own check (a legacy id), but a recipe means a local folder by it: the error says so
+    instead of suggesting `hf download mymodel`."""
+    with pytest.raises(UserError, match=r"model 'mymodel' is neither a local folder nor a Hub id of the form"):
+        resolve_model("mymodel")
+
+
+def test_a_cache_entry_without_its_config_is_rebuilt(tmp_path, monkeypatch):
+    tiny = resolve_model("tiny:llama")
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path))
+    entry = shutil.copytree(tiny, tmp_path / "models" / "x")
+    (entry / "config.json").unlink()
+    built = []
+    assert load.cache_entry("x", lambda out: built.append(out) or out) == entry and built == [entry]
+
+
+def test_a_snapshot_missing_one_of_its_weight_shards_is_only_partly_cached(hub_cache):
+    """An interrupted download of a sharded model leaves some shards: the index names them all."""
+    import json
+
+    snapshot = hub_cache("someorg/sharded", ["config.json", "tokenizer.json", "tokenizer_config.json"])
+    shutil.copy(resolve_model("tiny:llama") / "model.safetensors", snapshot / "model-00001-of-00002.safetensors")
+    (snapshot / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(UserError, match=r"only partly .*weight shards missing: model-00002-of-00002.safetensors\)"):
+        resolve_model("someorg/sharded")
+
+
+def test_an_adapter_gives_its_tokenizer_only_where_it_saved_one(tmp_path):
+    assert load.adapter_tokenizer(None) is None and load.adapter_tokenizer(tmp_path) is None
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    assert load.adapter_tokenizer(tmp_path) == str(tmp_path)
+
+
+def test_an_adapter_with_safetensors_loads_beside_a_stray_pickle(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    tiny = resolve_model("tiny:llama")
+    get_peft_model(load_model(tiny), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")  # never read: PEFT prefers the safetensors
+    assert load_model(tiny, adapter=tmp_path).peft_config["default"].r == 2
+
+
+def test_a_tiny_model_is_the_same_every_time_it_is_built(tmp_path):
+    from posttrain.models import tiny
+
+    first, second = (tiny.build_tiny("llama", tmp_path / name) for name in ("a", "b"))
+    assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()

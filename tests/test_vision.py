@@ -1172,3 +1172,14 @@ def test_an_offline_pair_without_images_among_image_pairs_is_named(vqa, tiny_mod
     processor = load_tokenizer(tiny_model_path("qwen2_vl"))
     with pytest.raises(UserError, match=r"pairs:3: a pair without images in a set of image pairs"):
         load_offline_pairs(str(tmp_path / "pairs"), vision.text_tokenizer(processor), 16, processor=processor)
+
+
+def test_a_vision_model_is_one_whose_config_has_a_vision_config(tmp_path):
+    """A `vision_config` makes a folder a VLM; a `text_config` alone does not (a VLM's language tower saved alone)."""
+    from posttrain.models.vision import is_vision_model
+
+    assert not is_vision_model(tmp_path)
+    (tmp_path / "config.json").write_text('{"text_config": {"hidden_size": 64}}')
+    assert not is_vision_model(tmp_path)
+    (tmp_path / "config.json").write_text('{"vision_config": {"hidden_size": 32}}')
+    assert is_vision_model(tmp_path)
