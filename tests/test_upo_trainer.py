@@ -1750,3 +1750,18 @@ def test_curriculum_phases_join_a_file_storing_its_turns_as_json(tiny_model_path
     Dataset.from_list([{**rows[1], "answer": 2}], features=numbers).to_parquet(tmp_path / "logic.parquet")
     with pytest.raises(UserError, match=r"upo phases: the phases' prompts cannot be joined \(.*answer"):
         run_one_step(tmp_path, str(tiny_model_path("llama")), rewards={"accuracy": 1.0}, phases=phases)
+
+
+def test_online_pairs_are_mined_from_the_rewards_normalised_per_domain(tmp_path, tiny_model_path, tiny_tokenizer):
+    """With `normalize_rewards_by`, the rewards the online pairs are mined from (and their margin read in) are the
+    per-domain standardised ones GRPO's advantages use, not the raw ones: a domain that pays 10 for a right answer
+    does not crowd out one that pays 1."""
+    values = [0.0, 1.0, 0.0, 10.0]
+    args = UPOConfig(output_dir=str(tmp_path), **TINY, upo_lambda=0.5, normalize_rewards_by="domain")
+    trainer = UPOTrainer(load_model(tiny_model_path()), reward_funcs=[lambda completions, **kw: values], args=args,
+                         train_dataset=prompts(), processing_class=tiny_tokenizer, peft_config=lora())
+    prompt = [{"role": "user", "content": "What is 0 + 0?"}]
+    inputs = [{"prompt": prompt, "answer": "0", "domain": domain} for domain in ("a", "a", "b", "b")]
+    trainer._calculate_rewards(inputs, [prompt] * 4, [[{"role": "assistant", "content": "0"}]] * 4, [[1]] * 4)
+    rewards = trainer._batch_rewards.tolist()
+    assert rewards[:2] == pytest.approx(rewards[2:], abs=1e-3) and rewards[0] < rewards[1]  # std + eps
