@@ -62,6 +62,7 @@ class BenchOptions:
     variants: dict[str, dict] | None = None  # column name -> arguments over `defaults`
     plain: dict | None = None  # arguments over TRL's defaults for the `trl` and `equal` columns (both sides alike)
     data: str = "tasks"  # or "chat"
+    warmup: bool = True  # an unrecorded step of each column first (`bench_runs`); off for a quick check that it runs
     work: str = "outputs/bench"
     out: str = "bench.json"
 
@@ -177,14 +178,14 @@ def plan_runs(rows: list[str], inputs: dict, options: BenchOptions, work: Path) 
 
 
 # ---------------------------------------------------------------------------------------------------------- running
-def run_worker(runs: list[dict], threads: int, work: Path, name: str) -> list[dict]:
+def run_worker(runs: list[dict], threads: int, work: Path, name: str, warmup: bool = True) -> list[dict]:
     """One process for these runs, started as the pipeline starts a stage's: as `accelerate launch` would start it,
     without the launcher in between (`devices.direct_command`, about 1.5 s of imports less), else through the
     launcher; its progress streams through."""
     from .devices import accelerate_launch_args, direct_command
 
     spec, out = work / f"{name}.spec.json", work / f"{name}.runs.json"
-    write_json(spec, {"threads": threads, "runs": runs})
+    write_json(spec, {"threads": threads, "runs": runs, "warmup": warmup})
     out.unlink(missing_ok=True)
     flags = accelerate_launch_args(None, 1)
     if "--num_cpu_threads_per_process" in flags:  # the bench's thread count, for both sides
@@ -219,7 +220,8 @@ def run_bench(options: BenchOptions) -> dict:
             rows = [row for row in group if row in options.stages]
             if rows:
                 console.rule(f"bench: {', '.join(rows)}")
-                runs += run_worker(plan_runs(rows, inputs, options, work), threads, work, "-".join(rows))
+                runs += run_worker(plan_runs(rows, inputs, options, work), threads, work, "-".join(rows),
+                                   options.warmup)
     except KeyboardInterrupt:  # the same command again starts over and deletes the finished runs: say how to keep them
         finished = sum(len(json.loads(p.read_text()).get("runs", [])) for p in work.glob("*.runs.json"))
         if finished:
@@ -287,6 +289,9 @@ def add_parser(sub) -> None:
     bench.add_argument("--data", choices=("tasks", "chat"), default="tasks",
                        help="SFT and DPO rows: the arithmetic tasks' (short, about 58 tokens) or real conversations "
                        "and preference dialogues of varied length (chat); RL rows are the tasks' prompts either way")
+    bench.add_argument("--no-warmup", dest="warmup", action="store_false",
+                       help="skip the unrecorded warm-up steps: a quick check that the bench runs, whose times then "
+                       "include one-time costs (the first column's imports, say)")
     bench.add_argument("--work", default="outputs/bench", help="model, data and adapter cache, run folders")
     bench.add_argument("--out", default="bench.json", help="results; the Markdown table goes next to it (.md)")
     bench.add_argument("--from-runs", metavar="DIR", help="run nothing: make the table from the *.runs.json in DIR "
@@ -313,5 +318,5 @@ def cmd_bench(args) -> int:
                            max_length=args.max_length, num_generations=args.num_generations,
                            max_completion_length=args.max_completion_length, threads=args.threads,
                            variants=dict(parse_variant(text) for text in args.variant) or None,
-                           plain=plain, data=args.data, work=args.work, out=args.out))
+                           plain=plain, data=args.data, warmup=args.warmup, work=args.work, out=args.out))
     return 0

@@ -208,7 +208,7 @@ def main(argv: list[str]) -> int:
     # one unrecorded step of each (row, column) first: one-time costs (allocator, kernels compiled on first use,
     # autocast caches) go there. On the GPU a column's first run had paid them: SFT defaults 3.9 s, then 2.2 and 2.2
     warm = {}
-    for run in spec["runs"]:
+    for run in spec["runs"] if spec.get("warmup", True) else []:  # `--no-warmup`: none
         warm.setdefault((run["row"], run["column"]), run)
     for (row, column), run in warm.items():
         print(f"[bench] warm-up: one step of {row} {column}…", flush=True)
@@ -216,7 +216,7 @@ def main(argv: list[str]) -> int:
     # and the first run once in full, unrecorded: on the GPU, runs still got faster through a worker after those
     # steps (SFT plain TRL 7.0 s first, 5.1 s last; 2026-12-04), and the first run is always plain TRL's (a one-step
     # run was just warmed up in full)
-    if spec["runs"] and spec["runs"][0]["args"].get("max_steps") != 1:
+    if warm and spec["runs"][0]["args"].get("max_steps") != 1:
         first = spec["runs"][0]
         print(f"[bench] warm-up: {first['row']} {first['column']} in full…", flush=True)
         measure(first["row"], first)

@@ -176,9 +176,11 @@ def test_bench_one_step_on_a_tiny_model(tmp_path, posttrain_cli, capsys):
     # an earlier bench's runs in the same work folder (another model): `--from-runs` below must not mix them in
     (tmp_path / "work").mkdir()
     (tmp_path / "work" / "rl.runs.json").write_text('{"runs": [{"row": "sft", "model": "another"}]}')
-    posttrain_cli("bench", "--model", "tiny:llama", "--steps", "1", "--repeats", "1", "--rl-steps", "1",
-                  "--batch-size", "2", "--num-generations", "2", "--max-completion-length", "4", "--max-length", "128",
-                  "--work", tmp_path / "work", "--out", out, cwd=tmp_path, timeout=600)
+    printed = posttrain_cli("bench", "--model", "tiny:llama", "--steps", "1", "--repeats", "1", "--rl-steps", "1",
+                            "--batch-size", "2", "--num-generations", "2", "--max-completion-length", "4",
+                            "--max-length", "128", "--no-warmup", "--work", tmp_path / "work", "--out", out,
+                            cwd=tmp_path, timeout=600).stdout
+    assert "[bench] 1/3 sft trl" in printed and "warm-up" not in printed  # a check that it runs: no warm-up steps
     result = json.loads(out.read_text())
     table = result["table"]
     assert list(table) == ["sft", "dpo", "grpo", "upo"]
@@ -206,6 +208,26 @@ def test_bench_one_step_on_a_tiny_model(tmp_path, posttrain_cli, capsys):
     assert "| sft | trl |" in again.with_suffix(".md").read_text()
     assert main(["bench", "--from-runs", str(tmp_path), "--out", str(again)]) == 2
     assert "no *.runs.json" in capsys.readouterr().out
+
+
+def test_each_column_is_warmed_up_by_one_unrecorded_step_unless_asked_not_to(tmp_path, monkeypatch):
+    """One step of each (row, column) and the first run once in full, unrecorded, before the recorded runs; none
+    with `--no-warmup`."""
+    from posttrain import bench_runs, bench_summary, devices
+
+    calls = []
+    monkeypatch.setattr(bench_runs, "measure", lambda row, run: calls.append(
+        (row, run["column"], run["args"]["max_steps"])) or {"train_runtime_s": 1.0, "tokens": 1, "peak_memory_bytes": 1})
+    monkeypatch.setattr(bench_summary, "device_name", lambda: ("CPU", None))
+    monkeypatch.setattr(devices, "parameter_count", lambda model: 1)
+    runs = [{"row": "sft", "column": column, "repeat": 0, "args": {"max_steps": 3, "model_name_or_path": "m"}}
+            for column in ("trl", "equal", "trl")]
+    for warmup, before in ((True, [("sft", "trl", 1), ("sft", "equal", 1), ("sft", "trl", 3)]), (False, [])):
+        calls.clear()
+        (tmp_path / "spec.json").write_text(json.dumps({"threads": 1, "runs": runs, "warmup": warmup}))
+        assert bench_runs.main([str(tmp_path / "spec.json"), str(tmp_path / "out.json")]) == 0
+        assert calls == before + [("sft", "trl", 3), ("sft", "equal", 3), ("sft", "trl", 3)]
+        assert len(json.loads((tmp_path / "out.json").read_text())["runs"]) == 3
 
 
 def test_a_variant_column_is_our_defaults_with_its_arguments_over_them(tmp_path):
