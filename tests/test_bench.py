@@ -765,7 +765,7 @@ def test_an_interrupted_bench_says_how_to_keep_its_finished_runs(tmp_path, monke
     """The same command again starts over and deletes the finished runs: Ctrl-C says `--from-runs` keeps them."""
     from posttrain import bench
 
-    def worker(plans, threads, work, name):
+    def worker(plans, threads, work, name, warmup):
         (work / "sft.runs.json").write_text(json.dumps({"runs": [{}, {}]}))  # the SFT row's runs, finished
         raise KeyboardInterrupt
 
