@@ -239,6 +239,8 @@ def write_results(result: dict, runs: list[dict], n_params: int, peak_tflops: fl
     table = summarize(runs, n_params, peak_tflops)
     device, threads = result["device"], result.get("threads") or 1
     label = device if device != "CPU" else f"CPU, {threads} thread" + ("s" if threads > 1 else "")
+    if not result.get("options", {}).get("warmup", True):  # `--no-warmup`: the first runs paid one-time costs
+        label += ", no warm-up steps"
     markdown = markdown_table(table, label)
     result = {**result, "table": table, "runs": runs}
     write_json(out, result, default=str)

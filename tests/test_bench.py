@@ -180,7 +180,7 @@ def test_bench_one_step_on_a_tiny_model(tmp_path, posttrain_cli, capsys):
                             "--batch-size", "2", "--num-generations", "2", "--max-completion-length", "4",
                             "--max-length", "128", "--no-warmup", "--work", tmp_path / "work", "--out", out,
                             cwd=tmp_path, timeout=600).stdout
-    assert "[bench] 1/3 sft trl" in printed and "warm-up" not in printed  # a check that it runs: no warm-up steps
+    assert "[bench] 1/3 sft trl" in printed and "[bench] warm-up" not in printed  # a check that it runs: no warm-up
     result = json.loads(out.read_text())
     table = result["table"]
     assert list(table) == ["sft", "dpo", "grpo", "upo"]
@@ -193,6 +193,7 @@ def test_bench_one_step_on_a_tiny_model(tmp_path, posttrain_cli, capsys):
     assert {run["tokens"] for run in result["runs"] if run["row"] == "sft"} != {0}
     markdown = out.with_suffix(".md").read_text()
     assert "| sft | trl |" in markdown and "| upo | defaults |" in markdown
+    assert markdown.startswith("posttrain bench on CPU, 1 thread, no warm-up steps.")  # its times: one-time costs too
     # the same table from the workers' *.runs.json alone (what a cut-short bench leaves), the DPO worker's missing
     (tmp_path / "work" / "dpo.runs.json").unlink()
     again = tmp_path / "again.json"
