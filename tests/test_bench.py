@@ -217,8 +217,12 @@ def test_each_column_is_warmed_up_by_one_unrecorded_step_unless_asked_not_to(tmp
     from posttrain import bench_runs, bench_summary, devices
 
     calls = []
-    monkeypatch.setattr(bench_runs, "measure", lambda row, run: calls.append(
-        (row, run["column"], run["args"]["max_steps"])) or {"train_runtime_s": 1.0, "tokens": 1, "peak_memory_bytes": 1})
+
+    def measure(row, run):
+        calls.append((row, run["column"], run["args"]["max_steps"]))
+        return {"train_runtime_s": 1.0, "tokens": 1, "peak_memory_bytes": 1}
+
+    monkeypatch.setattr(bench_runs, "measure", measure)
     monkeypatch.setattr(bench_summary, "device_name", lambda: ("CPU", None))
     monkeypatch.setattr(devices, "parameter_count", lambda model: 1)
     runs = [{"row": "sft", "column": column, "repeat": 0, "args": {"max_steps": 3, "model_name_or_path": "m"}}
