@@ -111,9 +111,8 @@ def apply_overrides(raw: dict, overrides: list[str], where: str) -> dict:
             raise UserError(f"override '{item}' should look like section.key=value (e.g. stages.sft.max_steps=10)")
         dotted, value = item.split("=", 1)
         keys = dotted.split(".")
-        variant = keys[:2] == ["ablation", "variants"] and len(keys) > 3  # one override of a variant: its type
-        try:
-            value = parse_override(value, override_type(keys[3:] if variant else keys, raw))
+        try:  # one override of a variant: typed as its own key
+            value = parse_override(value, override_type(keys[3:] if variant_override(keys) else keys, raw))
             set_dotted(raw, dotted, value, f"{where}: override '{item}'")
         except ValueError as exc:
             raise UserError(f"{where}: override '{item}': {exc}") from None
@@ -126,6 +125,12 @@ def apply_overrides(raw: dict, overrides: list[str], where: str) -> dict:
     return raw
 
 
+def variant_override(keys: list[str]) -> bool:
+    """`ablation.variants.NAME.<key>` split on its dots: one override of an ablation variant, whose own key is the
+    dotted rest (`set_dotted`)."""
+    return keys[:2] == ["ablation", "variants"] and len(keys) > 3
+
+
 def set_dotted(raw: dict, dotted: str, value, what: str) -> None:
     """Set `stages.sft.learning_rate` in the nested mapping `raw`, making the mappings on the way, also for a section
     the file leaves empty (`shared:` with nothing under it); `what` names the override in the error for a key on the
@@ -134,9 +139,10 @@ def set_dotted(raw: dict, dotted: str, value, what: str) -> None:
     A variant's overrides are keyed by their dotted path (`grpo: {stages.upo.upo_lambda: 0.0}`), so
     `ablation.variants.grpo.stages.upo.upo_lambda` sets the key `stages.upo.upo_lambda` of `grpo`, beside its other
     overrides: split on every dot it added a `stages:` override that replaced all of the variant's stages."""
-    *parents, key = dotted.split(".")
-    if parents[:2] == ["ablation", "variants"] and len(parents) > 3:
-        parents, key = parents[:3], ".".join([*parents[3:], key])
+    keys = dotted.split(".")
+    if variant_override(keys):
+        keys = [*keys[:3], ".".join(keys[3:])]
+    *parents, key = keys
     node = raw
     for part in parents:
         if node.get(part) is None:

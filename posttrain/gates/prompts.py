@@ -34,8 +34,9 @@ def check_no_row_tools(dataset, name: str) -> None:
 
 
 def names_tools(cell) -> bool:
-    """Whether a `tools` cell holds any schema: empty cells and empty JSON text ("", "[]", "[ ]", "null", as
-    `check_tools_column` reads them) hold none; text that is not JSON counts as tools (meant as some)."""
+    """Whether a `tools` cell holds any schema: an empty cell or "" (which `check_tools_column` refuses for SFT and
+    DPO as not JSON) holds none, and so does empty JSON text ("[]", "[ ]", "null", as that gate reads it); text that
+    is not JSON counts as tools (meant as some)."""
     if isinstance(cell, str):
         try:
             cell = json.loads(cell) if cell.strip() else None
