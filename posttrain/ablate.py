@@ -31,6 +31,7 @@ Finished variants named in `--variants` are skipped, so naming them with a new o
 """
 
 import copy
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,26 @@ class Ablation:
     until: str | None = None
 
 
+SECTION_DEPTH = {"stages": 3, "data": 3, "shared": 2, "eval": 2, "base": 2}  # the dotted path of one key there
+
+
+def check_whole_section(keys: list[str], value, where: str) -> None:
+    """A variant's override written as nested YAML (`stages: {upo: {upo_lambda: 0.0}}`) would replace the whole
+    section or stage, and the recipe then fails on what went missing (`data.pairs.after: 'sft' is not a stage`): say
+    so, with the dotted keys it meant. A mapping one key holds (`stages.upo.rewards: {...}`) is a value, as it should."""
+    depth = SECTION_DEPTH.get(keys[0])
+    if depth is None or len(keys) >= depth or not isinstance(value, dict):
+        return
+
+    def dotted(path: list[str], node) -> list[str]:
+        if len(path) < depth and isinstance(node, dict) and node:
+            return [line for key, child in node.items() for line in dotted([*path, str(key)], child)]
+        return [f"{'.'.join(path)}: {json.dumps(node)}"]
+
+    raise UserError(f"{where}: '{'.'.join(keys)}' would replace the recipe's whole {'.'.join(keys)}; a variant sets "
+                    f"keys one by one, each by its dotted path: {{{', '.join(dotted(keys, value))}}}")
+
+
 def check_ablation(recipe: Recipe, seeds: int | None = None, only: list[str] | None = None,
                    until: str | None = None) -> Ablation:
     """Validate the recipe's `ablation:` section and every variant before anything runs; `seeds`, `only` (a
@@ -101,6 +122,7 @@ def check_ablation(recipe: Recipe, seeds: int | None = None, only: list[str] | N
             raise UserError(f"{where}.variants.{name}: expected a mapping of overrides (section.key: value)")
         for dotted, value in overrides.items():  # as for `shared.K=V` on the command line: a variant that varies
             keys = str(dotted).split(".")        # nothing costs a whole run per seed
+            check_whole_section(keys, value, f"{where}.variants.{name}")
             if keys[0] == "shared" and len(keys) == 2:
                 warn_shadowed(recipe.raw, keys[1], f"{dotted}: {value}", f"{where}.variants.{name}")
         variant_recipe(recipe, name, overrides)  # validates every variant before anything runs

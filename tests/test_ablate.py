@@ -79,6 +79,24 @@ def test_seeds_and_a_subset_of_variants():
             check_ablation(load_recipe(TINY, [f"ablation.{key}=[upo]"]))
 
 
+def test_a_variant_written_as_nested_yaml_is_told_its_dotted_keys():
+    """`grpo: {stages: {upo: {upo_lambda: 0.0}}}` would replace the recipe's whole `stages` (the error was about
+    `data.pairs.after`, far from the mistake); the error gives the dotted keys it meant. A mapping that is one
+    key's value (`stages.upo.rewards`) stays a value."""
+    raw = yaml.safe_load(TINY.read_text())
+    raw["ablation"]["variants"] = {"grpo": {"stages": {"upo": {"upo_lambda": 0.0}, "dpo": {"beta": 0.3}}}}
+    with pytest.raises(UserError, match=r"ablation.variants.grpo: 'stages' would replace the recipe's whole stages; "
+                                        r".*\{stages.upo.upo_lambda: 0.0, stages.dpo.beta: 0.3\}"):
+        check_ablation(load_recipe(TINY, raw=raw))
+    raw["ablation"]["variants"] = {"grpo": {"stages.upo": {"upo_lambda": 0.0}}}
+    with pytest.raises(UserError, match=r"'stages.upo' would replace .*\{stages.upo.upo_lambda: 0.0\}"):
+        check_ablation(load_recipe(TINY, raw=raw))
+    raw["ablation"]["variants"] = {"proxy": {"stages.upo.rewards": {"hackable_length": 1.0}}}
+    recipe = load_recipe(TINY, raw=raw)
+    runs = variant_runs(recipe, check_ablation(recipe))
+    assert runs["proxy"][0].stages["upo"]["rewards"] == {"hackable_length": 1.0}
+
+
 def test_variant_overrides_are_set_as_command_line_ones():
     """A variant's `shared.K` under a `shared:` the file leaves empty sets it, as `shared.K=V` on the command line
     does (a TypeError traceback before); one under a value, not a mapping, is an error naming the variant."""
