@@ -43,6 +43,7 @@ from .errors import UserError
 from .io import read_json, replace_dir, write_json, write_text
 from .pipeline import Pipeline, run_dir
 from .recipe import Recipe, load_recipe
+from .recipe_files import check_recipe_files
 from .recipe_yaml import set_dotted, warn_shadowed
 from .runlock import RunLock
 from .typecheck import suggest
@@ -125,7 +126,11 @@ def check_ablation(recipe: Recipe, seeds: int | None = None, only: list[str] | N
             check_whole_section(keys, value, f"{where}.variants.{name}")
             if keys[0] == "shared" and len(keys) == 2:
                 warn_shadowed(recipe.raw, keys[1], f"{dotted}: {value}", f"{where}.variants.{name}")
-        variant_recipe(recipe, name, overrides)  # validates every variant before anything runs
+        try:  # every variant validated before anything runs, its files too: a variant stopped there by its
+            # run would leave the run.json of its last ablation, and the comparison would read that one's results
+            check_recipe_files(variant_recipe(recipe, name, overrides))
+        except UserError as exc:
+            raise UserError(f"{where}.variants.{name}: {str(exc).removeprefix(f'{recipe.path}: ')}") from None
     seeds = spec.get("seeds", 1) if seeds is None else seeds
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise UserError(f"{where}.seeds: {seeds!r}; expected a whole number of seeds per variant, 1 or more")

@@ -41,6 +41,12 @@ def test_bad_variant_is_reported_before_anything_runs(tmp_path):
     path.write_text(TINY.read_text().replace("  stage: upo\n", "  stage: ppo\n"))
     with pytest.raises(UserError, match="ablation.stage: 'ppo' is not a stage"):
         check_ablation(load_recipe(path))
+    # a missing file too: its run would fail before writing run.json, and the comparison read the last one's
+    path.write_text(TINY.read_text().replace("grpo: {stages.upo.upo_lambda: 0.0}", "grpo: {stages.upo.dataset_name: "
+                                                                                  "missing.jsonl}"))
+    with pytest.raises(UserError, match=r"ablation.variants.grpo: the recipe names files .*\n"
+                                        r"  stages.upo.dataset_name: file not found: missing.jsonl"):
+        check_ablation(load_recipe(path))
 
 
 def test_seeds_and_a_subset_of_variants():
