@@ -23,7 +23,7 @@ from posttrain import skip_final_collection
 from posttrain.configs import check_minimum
 from posttrain.datajobs import COMMAND_ENV, ERROR_ENV
 from posttrain.errors import Terminated, UserError, disk_full_error, is_disk_full, terminate_on_sigterm
-from posttrain.recipe import resolve_relative
+from posttrain.recipe import REPOSITORY
 from posttrain.typecheck import check_type, field_types, literal_choices
 
 from .registry import load_entry, split_spec
@@ -74,12 +74,12 @@ class SourceConfig:
 
 def shipped_path(path: str) -> str:
     """`path` as given where it exists from here (or nowhere: a Hub id), else the repository's (the installed
-    package's) file, found as a recipe's paths are (`posttrain.recipe.resolve_relative`): the README's
+    package's) file, as a recipe's paths fall back to it (`posttrain.recipe.resolve_relative`): the README's
     `data_prep/sources/...` sources from any folder."""
     if Path(path).expanduser().exists():
         return path
-    found = resolve_relative(path, Path.cwd() / "source")  # looked for from here, then in the repository
-    return str(found) if found.exists() else path
+    found = REPOSITORY / Path(path).expanduser()
+    return str(found.resolve()) if found.exists() else path
 
 
 def sidecar_facts(path: str) -> dict:

@@ -49,8 +49,9 @@ class Recipe:
         return fingerprint(self.raw)
 
 
-# recipes/ lies beside the package in a clone and in site-packages (pyproject ships it)
-SHIPPED = Path(__file__).resolve().parent.parent / "recipes"
+# recipes/ (and data_prep/) lie beside the package in a clone and in site-packages (pyproject ships them)
+REPOSITORY = Path(__file__).resolve().parent.parent
+SHIPPED = REPOSITORY / "recipes"
 
 
 def fingerprint(raw: dict) -> str:
@@ -158,7 +159,7 @@ def resolve_relative(value: str, recipe_path: Path) -> Path:
     """A path in a recipe: as given if it exists, else relative to the recipe's folder, else to the repository. `~/x`
     is in the home folder, as for `base.model_name_or_path` and inside the data jobs."""
     candidate = Path(value).expanduser()
-    for root in (Path.cwd(), recipe_path.parent, Path(__file__).resolve().parent.parent):
+    for root in (Path.cwd(), recipe_path.parent, REPOSITORY):
         if (root / candidate).exists():
             return (root / candidate).resolve()
     return candidate
