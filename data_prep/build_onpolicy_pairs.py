@@ -117,6 +117,7 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
     from posttrain.data import prompt_text
     from posttrain.gates import non_thinking_reasoning
     from posttrain.generation import autocast, generate
+    from posttrain.reward_inputs import reward_columns
     from posttrain.rewards import REWARD_COLUMNS, combine_rewards
     from posttrain.trainers.upo_pairs import mine_pairs
 
@@ -142,7 +143,10 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
         stopped = [flag for g in range(len(rows)) for flag in (True, *stopped[g * n:(g + 1) * n])]
         n += 1
         expanded = [row for row in rows for _ in range(n)]
-    columns = {key: [r.get(key) for r in expanded] for key in REWARD_COLUMNS}  # as UPO gives them: tool_calls too
+    # as UPO gives them: tool_calls too, and the columns rewards of your own name where the prompts have them (else,
+    # as under GRPO, their parameters keep their defaults)
+    columns = {key: [r.get(key) for r in expanded] for key in sorted(reward_columns(config.rewards))
+               if key in REWARD_COLUMNS or key in expanded[0]}
     score = combine_rewards(config.rewards)
     prompts = [prompts[g * config.num_samples] for g in range(len(rows)) for _ in range(n)]  # the rewards read them
     rewards = torch.tensor([float("nan") if v is None else v for v in score(texts, prompts=prompts, **columns)])
@@ -182,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from posttrain.evaluate import load_rows
     from posttrain.models import adapter_folder, load_for_inference, load_tokenizer, resolve_model
+    from posttrain.reward_inputs import check_own_reward_columns
 
     config = parse_config(OnPolicyPairsConfig, make_parser(), argv, needs_sources=False)
     for key in ("model_name_or_path", "prompts", "output_dir"):
@@ -194,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = {"train": load_rows(config.prompts, config.train_split, config.max_train_prompts)}
     if config.test_split:
         prompts["test"] = load_rows(config.prompts, config.test_split, config.max_test_prompts)
+    for split, rows in prompts.items():
+        check_own_reward_columns(config.rewards, list(rows[0]), f"{PROG}: {config.prompts} ({split})")
     model_dir = resolve_model(config.model_name_or_path)
     if config.adapter_path:
         adapter_folder(config.adapter_path, "--adapter_path")

@@ -231,7 +231,8 @@ def hackable_length(completions, **kwargs) -> list[float]:
 
 
 # The prompt columns rewards are given (`fn(completions, prompts=..., **columns)`): UPO keeps them for GRPO, which
-# passes them on, and the pair sampler passes them alike, so a reward scores a reply the same way in both
+# passes them on, and the pair sampler passes them alike, so a reward scores a reply the same way in both. A reward
+# of your own also gets the columns it names as parameters (`reward_inputs.reward_columns`).
 REWARD_COLUMNS = ("answer", "tool_calls", "domain", "thinking", "images")
 
 
@@ -281,9 +282,11 @@ def reward_function(name: str) -> RewardFunc:
         takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(func).parameters.values())
     except (TypeError, ValueError):  # no signature to read (a builtin): let the call say
         takes_kwargs = True
-    if not takes_kwargs:  # TRL passes every column, `prompts` and `completion_ids` by keyword
+    if not takes_kwargs:  # GRPO passes the columns UPO keeps, `prompts` and `completion_ids` by keyword
         raise UserError(f"reward '{name}' takes no **kwargs: a reward is `fn(completions, **kwargs) -> "
-                        "list[float | None]` (it is passed every dataset column, `prompts` and `completion_ids` by name)")
+                        f"list[float | None]` (it is passed by name `prompts`, `completion_ids`, the prompt columns "
+                        f"{', '.join(REWARD_COLUMNS)}, the `normalize_rewards_by` column and the columns it names as "
+                        "parameters; other columns are dropped)")
     return func
 
 
@@ -316,21 +319,6 @@ def _checked(name: str, func: RewardFunc) -> RewardFunc:
     functools.update_wrapper(checked, func)
     checked.__name__ = name.rpartition(".")[2]  # a callable instance has no __name__ of its own
     return checked
-
-
-def custom_reward_files(names) -> dict[str, str]:
-    """The source file of each reward of your own among `names` (by name), for a stage's inputs: an edited reward
-    function trains the stage again, as edited data does."""
-    files = {}
-    for name in names or ():
-        if name not in REWARDS:
-            func = reward_function(name)
-            if not inspect.isroutine(func):  # a callable instance or a partial: the file of the module it is in
-                func = importlib.import_module(name.rpartition(".")[0])
-            source = inspect.getsourcefile(func)
-            if source:
-                files[name] = source
-    return files
 
 
 def check_reward_names(names) -> None:

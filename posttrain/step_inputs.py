@@ -9,7 +9,7 @@ import yaml
 from . import lineage
 from .configs import EVAL_KEYS
 from .recipe_files import STAGE_DATASET_KEYS, named_strings
-from .rewards import custom_reward_files
+from .reward_inputs import custom_reward_files
 from .runs import in_run
 
 

@@ -825,6 +825,36 @@ def test_onpolicy_pairs_score_tool_calls_as_upo_does(tiny_tokenizer, monkeypatch
     assert (pair["chosen_reward"], pair["rejected_reward"]) == (1.0, 0.0)
 
 
+def test_onpolicy_pairs_give_a_reward_of_your_own_the_columns_it_names(tiny_tokenizer, task_data, tmp_path,
+                                                                       monkeypatch):
+    """A reward of your own written as TRL's are, `fn(completions, solution, **kwargs)`, gets the prompts' `solution`
+    column in the pair sampler as in UPO (only `answer`, `domain`... were passed: a TypeError); an optional parameter
+    whose column the prompts lack keeps its default; prompts without the column are refused before the model loads."""
+    import contextlib
+
+    import posttrain.generation as generation
+    from data_prep import build_onpolicy_pairs as job
+    from data_prep.build_onpolicy_pairs import OnPolicyPairsConfig, sample_pairs
+    from posttrain.errors import UserError
+
+    (tmp_path / "pairs_own_rewards.py").write_text(
+        "def matches(completions, solution, bonus=0.0, **kwargs):\n"
+        "    return [float(c == s) + bonus for c, s in zip(completions, solution)]\n")  # the sampler's are text
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(generation, "autocast", lambda *args, **kwargs: contextlib.nullcontext())
+    monkeypatch.setattr(generation, "generate", lambda model, tokenizer, prompts, *args, **kwargs: (
+        ["five", "six"], [True, True], [1, 1]))
+    row = {"prompt": [{"role": "user", "content": "2 + 3 in words?"}], "answer": "5", "solution": "five",
+           "thinking": False, "domain": "words"}
+    [pair] = sample_pairs(None, tiny_tokenizer, [row], OnPolicyPairsConfig(num_samples=2, margin=0.5,
+                                                                           rewards={"pairs_own_rewards.matches": 1.0}))
+    assert (pair["chosen"][0]["content"], pair["chosen_reward"], pair["rejected_reward"]) == ("five", 1.0, 0.0)
+    with pytest.raises(UserError, match=r"build_onpolicy_pairs: .* \(train\): reward 'pairs_own_rewards.matches' "
+                                        r"takes the column\(s\) solution as parameters"):
+        job.main(["--model_name_or_path", "no/such-model", "--prompts", str(task_data), "--rewards",
+                  "pairs_own_rewards.matches=1.0", "--output_dir", str(tmp_path / "pairs")])
+
+
 def test_onpolicy_pairs_card_counts_the_prompts_that_gave_no_pair(tiny_model_path, task_data, tmp_path, monkeypatch):
     """The card's rows read are the prompts sampled: one that gave no pair is a row removed, not a row never read."""
     from data_prep import build_onpolicy_pairs as job

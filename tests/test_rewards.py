@@ -2,18 +2,20 @@
 
 import math
 import sys
+import types
 
 import pytest
 import torch
 
 from posttrain.errors import UserError
 from posttrain.reward_groups import normalize_by_group, weighted_sum
+from posttrain.reward_inputs import custom_reward_files
 from posttrain.rewards import (
+    REWARD_COLUMNS,
     REWARDS,
     accuracy,
     choice_letter,
     combine_rewards,
-    custom_reward_files,
     exact_match,
     final_answer,
     hackable_length,
@@ -230,6 +232,32 @@ def test_resolve_and_combine_rewards_by_name():
         resolve_rewards({"acuracy": 1.0})
 
 
+def test_a_reward_of_your_own_gets_the_columns_it_names(tmp_path, monkeypatch):
+    """As TRL's rewards do (`fn(completions, solution, **kwargs)`), the parameters a reward of your own names are
+    prompt columns the UPO stage keeps for it (it dropped every column but ours); the pre-flight names a required one
+    the prompts lack, before a TypeError inside GRPO a step in. GRPO's own keywords are not columns."""
+    from datasets import Dataset
+
+    from posttrain.gates import check_reward_references
+    from posttrain.stages.upo_prompts import upo_columns
+
+    (tmp_path / "column_rewards.py").write_text(
+        "def solved(completions, solution, prompts=None, *, tests=(), trainer_state=None, **kwargs):\n"
+        "    return [1.0 for _ in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rewards = {"accuracy": 1.0, "column_rewards.solved": 1.0}
+    args = types.SimpleNamespace(rewards=rewards, normalize_rewards_by="source")
+    assert upo_columns(args) == {"prompt", *REWARD_COLUMNS, "solution", "tests", "source"}
+    assert upo_columns(types.SimpleNamespace(rewards={"accuracy": 1.0})) == {"prompt", *REWARD_COLUMNS}
+    rows = {"prompt": [[{"role": "user", "content": "2 + 2?"}]], "answer": ["4"]}
+    kept, skipped = check_reward_references(Dataset.from_dict({**rows, "solution": ["4"]}), rewards, "prompts.jsonl")
+    assert len(kept) == 1 and skipped == 0  # `tests` has a default: not required
+    with pytest.raises(UserError, match=r"pre-flight: prompts.jsonl: reward 'column_rewards.solved' takes the "
+                                        r"column\(s\) solution as parameters, which the prompts do not have "
+                                        r"\(columns: prompt, answer\)"):
+        check_reward_references(Dataset.from_dict(rows), rewards, "prompts.jsonl")
+
+
 def test_a_reward_of_your_own_by_its_import_path(tmp_path, monkeypatch):
     """As TRL's GRPO script takes `reward_funcs`: a dotted name is a function imported from the Python path, combined
     with ours; a module or function that is not there is a UserError naming it, and a module that fails on its own
@@ -288,6 +316,22 @@ def test_rewards_of_your_own_in_other_shapes(tmp_path, monkeypatch):
     assert custom_reward_files(["accuracy", "think_format"]) == {}  # ours are code of the package, not inputs
     with pytest.raises(UserError, match=r"reward 'shaped_rewards.positional' takes no \*\*kwargs"):
         resolve_rewards({"shaped_rewards.positional": 1.0})
+
+
+def test_a_reward_without_kwargs_is_told_the_columns_it_would_get(tmp_path, monkeypatch):
+    """The refusal names what GRPO passes a reward: the columns the UPO stage keeps (`upo_columns`), not "every dataset
+    column": a column of the prompt file besides those is dropped before the rewards are called."""
+    from posttrain.stages.upo_prompts import upo_columns
+
+    (tmp_path / "narrow_rewards.py").write_text("def by_level(completions, level):\n    return [1.0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UserError) as refused:
+        resolve_rewards({"narrow_rewards.by_level": 1.0})
+    message = str(refused.value)
+    assert "every dataset column" not in message
+    kept = upo_columns(types.SimpleNamespace(normalize_rewards_by=None)) - {"prompt"}
+    assert all(column in message for column in kept)
+    assert "normalize_rewards_by" in message and "names as parameters; other columns are dropped" in message
 
 
 def test_rewards_of_your_own_as_numpy_scalars_or_an_async_callable_instance(tmp_path, monkeypatch):

@@ -53,8 +53,10 @@ def check_reward_references(dataset, rewards: dict | None, name: str, allow_skip
     allowed. A reference that is a worked solution (`answers.rationale_problem`: GSM8K's `#### 72`, a long text
     around a `\\boxed{}`) is always an error: it is the whole column, not a row, that needs the answer taken out."""
     from ..answers import rationale_problem
+    from ..reward_inputs import check_own_reward_columns
     from ..rewards import REQUIRED_COLUMNS
 
+    check_own_reward_columns(rewards, dataset.column_names, f"pre-flight: {name}")
     needed = {}
     for reward in rewards or {}:
         if reward in REQUIRED_COLUMNS:

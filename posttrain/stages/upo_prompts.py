@@ -7,6 +7,7 @@ from ..data import data_folder
 from ..errors import UserError
 from ..generation import check_context
 from ..models import vision
+from ..reward_inputs import reward_columns
 from ..rewards import REWARD_COLUMNS
 from ..trainers.upo_pairs import render_prompt_text
 from . import common
@@ -82,10 +83,11 @@ def _holds_json(feature) -> bool:
 
 
 def upo_columns(training_args) -> set[str]:
-    """`UPO_COLUMNS` and the column `normalize_rewards_by` names (e.g. `source`): dropped with the others, the trainer
-    said the prompts had no such column. (Tests pass a namespace without the field.)"""
+    """`UPO_COLUMNS`, the columns rewards of your own name as parameters (`rewards.reward_columns`) and the column
+    `normalize_rewards_by` names (e.g. `source`): dropped with the others, the trainer said the prompts had no such
+    column, and a reward never saw its own. (Tests pass a namespace without the fields.)"""
     column = getattr(training_args, "normalize_rewards_by", None)
-    return UPO_COLUMNS | {column} if column else UPO_COLUMNS
+    return UPO_COLUMNS | reward_columns(getattr(training_args, "rewards", None)) | ({column} if column else set())
 
 
 def check_rollout_context(model, tokenizer, dataset, training_args, name: str) -> None:
