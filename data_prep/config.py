@@ -177,6 +177,11 @@ class PreferenceSetConfig(DataJobConfig):
 class PromptSetConfig(DataJobConfig):
     """Options of `build_prompt_set`: RL prompts with reference answers to `prompt/answer/domain`."""
 
+    # the same options as every job's, whose help names train.parquet: this job's training split is `prompts`
+    output_dir: str | None = field(default=None, metadata={"help": "Folder to write (prompts.parquet, test.parquet, "
+                                                                   "README.md, card.json, rejects.jsonl)."})
+    test_size: float = field(default=DataJobConfig.test_size, metadata={
+        "help": "Held-out split: a fraction (< 1) or a row count (>= 1); 0 writes prompts.parquet only."})
     system: str | None = field(default=None, metadata={"help": "System turn put before every prompt that has none "
                                                                "of its own (nor a `system` column)."})
     thinking: bool | None = field(default=None, metadata={"help": "Thinking mode of every prompt (the `thinking` "

@@ -61,7 +61,7 @@ def check_default_model() -> list[tuple[str, str, str]]:
     entry = cache_dir() / "models" / gguf_entry_name(find_gguf(base.gguf_file, base.gguf_package))
     converted = entry_problem(entry) is None
     return [("default model", base.model_name_or_path, "installed" + (", converted" if converted else
-                                                                      ", converts on first run (~30 s)"))]
+                                                                      ", converts on first run (~15 s)"))]
 
 
 def check_environment() -> list[tuple[str, str, str]]:

@@ -108,6 +108,16 @@ def test_the_set_has_the_columns_and_splits_upo_and_evaluation_read(built):
         assert gates.check_reward_references(dataset, {"accuracy": 1.0}, split)[1] == 0
 
 
+def test_the_help_names_the_files_the_job_writes(built):
+    """`--help` of this job says prompts.parquet where the other builds write train.parquet (it said train.parquet)."""
+    import re
+
+    help_text = " ".join(build_prompt_set.make_parser().format_help().split())
+    named = set(re.findall(r"\w+\.parquet", help_text))
+    assert named == {p.name for p in built.glob("*.parquet")} == {"prompts.parquet", "test.parquet"}
+    assert "0 writes prompts.parquet only" in help_text
+
+
 def test_rows_left_out_name_their_file_line_and_why(built):
     rejects = [json.loads(line) for line in (built / "rejects.jsonl").read_text().splitlines()]
     reasons = {r["where"].rsplit("/", 1)[-1]: (r["filter"], r["reason"]) for r in rejects}
