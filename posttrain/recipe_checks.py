@@ -30,13 +30,13 @@ def check_stages(raw: dict, where: str) -> dict[str, dict]:
         args = args or {}
         if not isinstance(args, dict):
             raise UserError(f"{where}: stages.{stage}: expected a mapping of argument names to values")
-        fields, cached = stage_fields(stage)
+        fields, settled = stage_fields(stage)
         try:
             _check_keys(stage, {"shared": shared, f"stages.{stage}": args}, fields, where)
         except UserError:
-            if not cached:
+            if settled:
                 raise
-            # only the classes themselves reject a key: an out-of-date table must not refuse a valid one
+            # a table that may be another version's does not refuse a key: the classes themselves decide
             _check_keys(stage, {"shared": shared, f"stages.{stage}": args}, stage_fields(stage, fresh=True)[0], where)
         merged[stage] = {k: v for k, v in {**shared, **args}.items() if k != "gate"}
         _check_values(stage, merged[stage], args, where)

@@ -50,23 +50,54 @@ URL_CREDENTIALS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*@")
 QUANTIZATION = {"load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_quant_storage"}
 
 
+# The upstream files that define the keys of the stages (TRL's configs, transformers' TrainingArguments): the key
+# table is kept per their size and modification time too, so a table read from the cache is theirs
+FIELD_SOURCES = {"trl": ("trl/trainer/base_config.py", "trl/trainer/sft_config.py", "trl/trainer/dpo_config.py",
+                         "trl/trainer/grpo_config.py", "trl/trainer/model_config.py"),
+                 "transformers": ("transformers/training_args.py",)}
+
+
+def field_sources() -> list | None:
+    """[file, size, mtime_ns] of each of `FIELD_SOURCES`, found without importing them; None where one is not found
+    where the package's metadata puts it (an editable install, say)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    stamps = []
+    for package, names in FIELD_SOURCES.items():
+        try:
+            dist = distribution(package)
+        except PackageNotFoundError:
+            return None
+        for name in names:
+            path = Path(dist.locate_file(name))
+            if not path.is_file():
+                return None
+            stat = path.stat()
+            stamps.append([name, stat.st_size, stat.st_mtime_ns])
+    return stamps
+
+
 def stage_fields(stage: str, fresh: bool = False) -> tuple[dict[str, Any], bool]:
-    """(name -> annotation of every key `stage` takes, whether it came from the cache). Importing TRL's config classes
-    takes seconds (transformers, torch, peft) in a process that may need none of them (a typo, a finished run), so
-    the table is kept in the cache folder, one file per installed TRL / transformers / PEFT / accelerate and per
-    version of our own argument classes. `fresh` reads the classes themselves (and rewrites the file)."""
+    """(name -> annotation of every key `stage` takes, whether that table may refuse a key). Importing TRL's config
+    classes takes seconds (transformers, torch, peft) in a process that may need none of them (a typo, a finished
+    run), so the table is kept in the cache folder, one file per installed TRL / transformers / PEFT / accelerate, per
+    state of the files that define the keys (`field_sources`) and per version of our own argument classes. A table
+    read from the cache where those files could not be found may be another version's: it may accept a key, and a
+    key it refuses is checked against the classes (`fresh` reads the classes themselves and rewrites the file)."""
     from importlib.metadata import version
 
     from .models.load import cache_dir
 
     ours = [Path(__file__).with_name("configs.py"), Path(__file__).with_name("typecheck.py"),
             Path(__file__).parent / "trainers" / "upo_config.py"]
+    sources = field_sources()
     key = json.dumps([stage, *(version(p) for p in ("trl", "transformers", "peft", "accelerate")),
-                      *(hashlib.sha256(path.read_bytes()).hexdigest() for path in ours)])
+                      *(hashlib.sha256(path.read_bytes()).hexdigest() for path in ours), sources])
     path = cache_dir() / "stage-fields" / f"{stage}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if not fresh and path.is_file():
         try:
-            return {name: annotation_from_json(spec) for name, spec in json.loads(path.read_text()).items()}, True
+            table = {name: annotation_from_json(spec) for name, spec in json.loads(path.read_text()).items()}
+            return table, sources is not None
         except (ValueError, KeyError, TypeError):
             pass  # unreadable: made again below
     fields = field_types(stage_dataclasses(stage))
@@ -74,7 +105,7 @@ def stage_fields(stage: str, fresh: bool = False) -> tuple[dict[str, Any], bool]
         write_json(path, {name: annotation_to_json(kind) for name, kind in fields.items()}, default=None)
     except (OSError, TypeError):
         pass  # a read-only cache or a value JSON cannot hold: check from the classes every time
-    return fields, False
+    return fields, True
 
 
 def stage_dataclasses(stage: str) -> tuple[type, ...]:

@@ -61,13 +61,16 @@ PROBES = [True, 0, 3, 2.5, "3e-4", "steps", "STEPS", "cosine", "x", None, [], [1
 def test_the_cached_key_table_judges_values_like_the_classes(stage):
     """The table kept on disk has every key of the stage's classes, and each annotation, written as JSON and read
     back, accepts and refuses the same values as the real one (enums, literals, unions, lists, exotic classes)."""
+    from posttrain import recipe_fields
     from posttrain.recipe_fields import stage_dataclasses, stage_fields
     from posttrain.typecheck import _type_ok, annotation_from_json, annotation_to_json, field_types
 
     real = field_types(stage_dataclasses(stage))
     stage_fields(stage)  # writes the table when it is not there yet
-    cached, from_cache = stage_fields(stage)
-    assert from_cache and cached.keys() == real.keys()
+    with pytest.MonkeyPatch.context() as patch:  # read from the cache, not the classes
+        patch.setattr(recipe_fields, "stage_dataclasses", lambda stage: pytest.fail("the classes were read"))
+        cached, settled = stage_fields(stage)
+    assert settled and cached.keys() == real.keys()
     for name, annotation in real.items():
         again = annotation_from_json(annotation_to_json(annotation))
         for value in PROBES:
@@ -84,27 +87,44 @@ def test_a_recipe_is_checked_without_importing_trl(tmp_path, monkeypatch):
     monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
     load_recipe(recipe)  # here (TRL is imported already): builds the tables from the classes
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "stage-fields").iterdir()) == ["dpo", "sft", "upo"]
-    check = ("import sys; from posttrain.recipe import load_recipe; load_recipe(sys.argv[1]); "
+    check = ("import sys; from posttrain.recipe import load_recipe\ntry:\n    load_recipe(sys.argv[1], sys.argv[2:])\n"
+             "except Exception as exc:\n    print(exc)\n"
              "print(sorted(m for m in ('trl', 'torch', 'transformers') if m in sys.modules))")
     run = subprocess.run([sys.executable, "-c", check, str(recipe)], capture_output=True, text=True, env=os.environ,
                          check=True)
     assert run.stdout.strip() == "[]"
+    # a misspelt key is refused from the table too (it imported TRL to be sure: seconds before the error)
+    run = subprocess.run([sys.executable, "-c", check, str(recipe), "stages.sft.lerning_rate=1"], capture_output=True,
+                         text=True, env=os.environ, check=True)
+    assert run.stdout.splitlines()[-2:] == [f"{recipe}: stages.sft.lerning_rate: unknown key for stage 'sft' (did "
+                                            "you mean learning_rate?)", "[]"], run.stdout
 
 
-def test_an_out_of_date_key_table_never_refuses_a_valid_key(tmp_path, monkeypatch):
-    """A table that lacks a key (written by another version, say) is not trusted to refuse it: the classes decide,
-    and the table is written again."""
+def test_a_key_table_is_kept_per_state_of_the_files_that_define_the_keys(tmp_path, monkeypatch):
+    """The table is made again when TRL's or transformers' config files change (another install of the same
+    version); one whose files could not be found (an editable install) is not trusted to refuse a key: the classes
+    decide, and the table is written again."""
     import json
 
+    from posttrain import recipe_fields
     from posttrain.recipe_fields import stage_fields
 
     monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
+    tables = tmp_path / "cache" / "stage-fields"
     stage_fields("sft")
-    (table,) = (tmp_path / "cache" / "stage-fields").glob("sft-*.json")
+    stamps = recipe_fields.field_sources()
+    stamps[1][2] += 1  # sft_config.py modified
+    monkeypatch.setattr(recipe_fields, "field_sources", lambda: stamps)
+    assert stage_fields("sft")[1] and len(list(tables.glob("sft-*.json"))) == 2
+    before = set(tables.glob("sft-*.json"))
+    monkeypatch.setattr(recipe_fields, "field_sources", lambda: None)
+    stage_fields("sft")
+    (table,) = set(tables.glob("sft-*.json")) - before
     stale = json.loads(table.read_text())
     del stale["learning_rate"]
     table.write_text(json.dumps(stale))
-    assert "learning_rate" not in stage_fields("sft")[0]
+    fields, settled = stage_fields("sft")
+    assert "learning_rate" not in fields and not settled
     assert load_recipe(ROOT / "recipes" / "tiny" / "text.yaml").stages["sft"]["learning_rate"] > 0
     assert "learning_rate" in json.loads(table.read_text())
 
