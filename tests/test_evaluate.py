@@ -400,6 +400,29 @@ def test_an_adapter_with_a_lora_bias_is_sampled_unmerged(tiny_model_path):
     assert torch.allclose(sampled, adapted, atol=1e-5)
 
 
+@pytest.mark.parametrize("merged", ["every layer", "one layer"])
+def test_an_adapter_merged_already_is_sampled_as_it_is_and_left_so(merged, tiny_model_path):
+    """A LoRA layer merged already holds its update in its weight: merged into the copy again it counted twice, and
+    turned off with the others it unmerged the update out of its copy (sampling without it) and stayed unmerged."""
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain.models import sampling_weights
+
+    model = get_peft_model(load_model(tiny_model_path("llama")),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+    ids = torch.tensor([[5, 17, 99, 200, 3]])
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        if merged == "every layer":
+            model.merge_adapter()
+        else:
+            model.base_model.model.model.layers[0].self_attn.q_proj.merge()
+        with sampling_weights(model, False, merge_lora=True):
+            sampled = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+    assert torch.allclose(sampled, adapted, atol=1e-4) and torch.allclose(after, adapted, atol=1e-4)
+
+
 def test_lora_over_a_bf16_base_is_not_merged_and_stays_on(tiny_model_path):
     """Over a bf16 base (SFT's and DPO's GPU default) the base weights are not copied, so nothing can be merged into
     them: the adapter layers stay on and sampling is still the adapted model's."""

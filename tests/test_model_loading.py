@@ -184,6 +184,26 @@ def test_lora_on_an_moe_models_dense_layers_and_shared_experts(tiny_model_path, 
     assert "layers.1.mlp.shared_experts.up_proj" in names and "layers.0.mlp.up_proj" not in names
 
 
+def test_an_moe_router_that_is_a_linear_layer_takes_lora_once():
+    """AFMoE's router (`mlp.router.gate`) is an `nn.Linear`, and PEFT's conversion makes `gate` the parameter target
+    `gate.weight`: kept as a module target as well (`moe_lora`), the router was targeted twice and PEFT refused."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AfmoeConfig, AutoModelForCausalLM
+
+    from posttrain.models import moe_lora
+
+    moe_lora.install()
+    config = AfmoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+                         num_hidden_layers=2, num_dense_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=8, num_experts=4, num_experts_per_tok=2)
+    for targets in ("all-linear", ["q_proj", "gate"]):
+        model = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(target_modules=targets, r=2))
+        assert "gate" not in model.peft_config["default"].target_modules
+        assert "gate.weight" in model.peft_config["default"].target_parameters
+        router = model.base_model.model.model.layers[1].mlp.router
+        assert [n for n, _ in router.named_parameters() if "lora_A" in n] == ["gate.lora_A.default.weight"]
+
+
 def test_excluded_modules_named_by_their_tail_keep_their_experts_without_lora(tiny_model_path):
     """`exclude_modules` as a list names modules as PEFT matches them, by full name or its tail: the experts' parameter
     targets inside them are left out too."""

@@ -1371,6 +1371,25 @@ def test_drop_uniform_groups_leaves_evaluation_alone(tmp_path, tiny_model_path, 
     assert "upo/groups_dropped" not in trainer._metrics["train"]
 
 
+def test_evaluation_mines_pairs_in_groups_of_num_generations_eval(tmp_path, tiny_model_path, tiny_tokenizer,
+                                                                 monkeypatch):
+    """Held-out prompts are sampled `num_generations_eval` times each, so evaluation mines its pairs in groups of that
+    size: in groups of `num_generations` (4) the 8 eval rollouts of 4 prompts would give 2 pairs, not 4."""
+    args = UPOConfig(output_dir=str(tmp_path), **TINY, num_generations_eval=2, upo_lambda=0.0,
+                     rewards={"accuracy": 1.0})
+    trainer = UPOTrainer(load_model(tiny_model_path()), args=args, train_dataset=prompts(4),
+                         processing_class=tiny_tokenizer, peft_config=lora())
+
+    def rollouts(self, inputs):  # GRPO's generation and scoring: each prompt's two rollouts scored 0 and 1
+        self._batch_rewards = torch.tensor([0.0, 1.0] * 4)
+        return {"completion_mask": torch.ones(8, 3)}
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", rollouts)
+    trainer.model.eval()
+    trainer._generate_and_score_completions([])
+    assert trainer._metrics["eval"]["upo/pairs_online"] == [4.0]
+
+
 @pytest.mark.parametrize("process, rows, kept", [
     (1, 8, [1, 1, 1, 1, 0, 0, 0, 0]),  # process 1 of 2 holds groups 2 (mixed) and 3 (uniform)
     (1, 2, [0, 0]),  # process 1 of 8 holds the second half of group 0 (uniform): a group spanning processes

@@ -119,9 +119,10 @@ def sampling_weights(model, bf16: bool, merge_lora: bool = False):
 
 
 def _mergeable_lora_layers(model) -> dict:
-    """{id(base layer): LoRA layer} for the active, unmerged plain-LoRA linear layers of a PEFT model; empty when
-    turning the adapter layers off would drop more than what is merged (LoRA on embeddings, DoRA, `modules_to_save`
-    or other wrapped modules) or the model has no `disable_adapter`."""
+    """{id(base layer): LoRA layer} for the active plain-LoRA linear layers of a PEFT model; empty when turning the
+    adapter layers off would drop more than what is merged (LoRA on embeddings, DoRA, `modules_to_save` or other
+    wrapped modules, a layer merged already: turned off, it unmerges its update out of the copy) or the model has no
+    `disable_adapter`."""
     if not hasattr(model, "disable_adapter"):
         return {}
     try:
@@ -130,9 +131,9 @@ def _mergeable_lora_layers(model) -> dict:
         return {}
     # PEFT's tuner layers and auxiliary wrappers (modules_to_save, trainable tokens) all carry `_disable_adapters`
     wrapped = [m for m in model.modules() if hasattr(m, "_disable_adapters")]
-    if any(not isinstance(m, LoraLinear) for m in wrapped):
+    if any(not isinstance(m, LoraLinear) or m.merged for m in wrapped):
         return {}
-    layers = [m for m in wrapped if not m.merged and not m.disable_adapters]
+    layers = [m for m in wrapped if not m.disable_adapters]
     # DoRA and other variants, or a bias on lora_B: more than `get_delta_weight` adds into the weight
     if any(m.use_dora.get(a) or m.lora_bias.get(a) or a in getattr(m, "lora_variant", {})
            for m in layers for a in m.active_adapters):
