@@ -87,7 +87,7 @@ def _load_problem(path: Path) -> str | None:
         elif path.suffix == ".safetensors":
             from safetensors import safe_open
 
-            with safe_open(str(path), framework="pt") as handle:
+            with safe_open(str(path), framework="np") as handle:  # the header only: "pt" would import torch (2 s)
                 handle.keys()
     except Exception as exc:  # noqa: BLE001 - any failure to load means "not resumable"; the reason is shown
         return f"{type(exc).__name__}: {exc}"

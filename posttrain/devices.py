@@ -28,6 +28,13 @@ CHECKPOINTING_MEMORY_SHARE = 0.5
 
 
 def has_cuda() -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:  # torch's CPU wheels say so in their version: no import (2 s) for a process that trains nothing itself
+        if version("torch").endswith("+cpu"):
+            return False
+    except PackageNotFoundError:
+        return shutil.which("nvidia-smi") is not None
     try:
         import torch
 

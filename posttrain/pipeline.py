@@ -29,7 +29,7 @@ from .checkpoints import remove_incomplete
 from .childproc import describe, spawn
 from .console import console
 from .errors import Terminated, UserError, disk_full_error, is_disk_full
-from .io import moved_aside, remove_leftovers, write_json, write_text
+from .io import moved_aside, read_json, remove_leftovers, write_json, write_text
 from .nodes import Coordinator, explain_failure
 from .pipeline_eval import HeldOutSteps
 from .pipeline_stages import StageSteps
@@ -302,17 +302,28 @@ class Pipeline(HeldOutSteps, StageSteps):
         return {name for name in self.recipe.data if f"{{data}}/{name}" not in readers}
 
     def resolve_base(self) -> None:
-        """The base model as a local folder, and its tokenizer with the recipe's chat template in base/tokenizer."""
+        """The base model as a local folder, and its tokenizer with the recipe's chat template in base/tokenizer,
+        saved again unless what it was saved from and what was saved are unchanged (`tokenizer.source.json` beside
+        it): loading it imports transformers and torch, most of a rerun with nothing left to do."""
         from .models import load_tokenizer, resolve_model
+        from .models.load import tokenizer_source
 
         base = self.recipe.base
         console.rule("base model")
         with console.status(f"resolving {base.model_name_or_path}…"):
             self.base_model = resolve_model(base.model_name_or_path, base.model_revision, base.gguf_file,
                                             base.gguf_package)
+        folder, stamp = self.root / "base" / "tokenizer", self.root / "base" / "tokenizer.source.json"
+        source = tokenizer_source(self.base_model, base.chat_template, base.trust_remote_code)
+        saved = read_json(stamp) if stamp.is_file() else {}
+        if saved.get("source") == source and folder.is_dir() and saved.get("saved") == lineage.tokenizer_digest(folder):
+            self.template = saved["template"]
+            return
+        stamp.unlink(missing_ok=True)  # saved in place below: a run killed meanwhile must not trust the folder
         tokenizer = load_tokenizer(self.base_model, base.chat_template, base.trust_remote_code)
-        tokenizer.save_pretrained(self.root / "base" / "tokenizer")
+        tokenizer.save_pretrained(folder)
         self.template = tokenizer.chat_template
+        write_json(stamp, {"source": source, "saved": lineage.tokenizer_digest(folder), "template": self.template})
 
     def _spawn(self, cmd: list[str], log_path: Path, step: str, env: dict | None = None) -> None:
         """Run a child process, streaming its output (tracebacks to the log only) to the terminal and to `log_path`;

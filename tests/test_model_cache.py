@@ -172,7 +172,7 @@ def test_doctor_sees_the_converted_default_model_under_its_key(tmp_path, monkeyp
     name = load.gguf_entry_name(gguf.find_gguf(base.gguf_file, base.gguf_package))
     stem = name.rsplit("-", 1)[0]
     shutil.copytree(resolve_model("tiny:llama"), tmp_path / "cache" / "models" / f"{stem}-0000000000")  # another key
-    assert check_default_model()[0][2].endswith("converts on first run (~30 s)")
+    assert check_default_model()[0][2].endswith("converts on first run (~15 s)")
     shutil.copytree(resolve_model("tiny:llama"), tmp_path / "cache" / "models" / name)
     assert check_default_model()[0][2] == "installed, converted"
 

@@ -240,6 +240,20 @@ def load_tokenizer(path: str | Path, chat_template: str | None = None, trust_rem
     return _pad_token(tokenizer)
 
 
+def tokenizer_source(path: str | Path, chat_template: str | None = None, trust_remote_code: bool = False) -> dict:
+    """What `load_tokenizer(path, chat_template, trust_remote_code)` gives depends on, read without importing
+    transformers: the model folder's files other than its weights (name, size, modification time), the chat
+    template's text, and the code of this module and the templates' that adjust it."""
+    from . import templates
+
+    folder = Path(path)
+    files = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.iterdir())
+             if p.is_file() and p.suffix != ".safetensors"]
+    code = hashlib.sha256(Path(__file__).read_bytes() + Path(templates.__file__).read_bytes()).hexdigest()
+    return {"model": str(folder.resolve()), "files": files, "trust_remote_code": trust_remote_code, "code": code,
+            "chat_template": chat_template_text(chat_template) if chat_template else None}
+
+
 def _pad_token(tokenizer):
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         vocab = tokenizer.get_vocab()
