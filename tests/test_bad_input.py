@@ -524,13 +524,13 @@ def test_upo_gates_skip_and_count_with_skip_bad_rows(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------------
 # Through the real CLI: what reaches the terminal from a failing stage process
 # ----------------------------------------------------------------------------------------------------------------------
-def test_broken_stage_data_shows_the_cause_not_a_traceback(tmp_path, posttrain_cli):
+def test_broken_stage_data_shows_the_cause_not_a_traceback(tmp_path, posttrain_here):
     data = tmp_path / "chat.jsonl"
     data.write_text(json.dumps({"messages": TURNS}) + "\n" + json.dumps({"text": "no messages here"}) + "\n")
     raw = {"name": "broken", "base": {"model_name_or_path": "tiny:llama", "chat_template": "chatml"},
            "stages": {"sft": {"dataset_name": str(data), "max_steps": 1, "report_to": "none"}}}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
-    result = posttrain_cli("run", tmp_path / "recipe.yaml", cwd=tmp_path, check=False)
+    result = posttrain_here("run", tmp_path / "recipe.yaml", cwd=tmp_path, check=False)  # an exception would fail it
     shown = " ".join((result.stdout + result.stderr).split())
     assert result.returncode == 2
     missing = 'row 2 (counting from 1): "messages" is missing'  # line 2 of the file
