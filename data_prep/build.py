@@ -33,7 +33,9 @@ KIND_COLUMNS = {"sft": ["messages"], "preference": ["prompt", "chosen", "rejecte
 OPTIONAL_COLUMNS = ["tools", "images", "thinking"]
 KIND_HINTS = {"unpaired": ": its rows carry a KTO `label` marking replies desirable or not, so training on all of "
                           "them as SFT would teach the undesirable ones too; build_preference_set reads it",
-              "rl": ": questions with reference answers, for UPO; build_prompt_set reads it"}
+              "rl": ": questions with reference answers, for UPO; build_prompt_set reads it",
+              "preference": ": chosen and rejected replies, for DPO; build_preference_set reads it (for SFT on a "
+                            "`messages` column beside them, as UltraFeedback-binarized has, set `format: messages`)"}
 CONVERSATION_COLUMNS = ("messages", "prompt", "chosen", "rejected", "completion")
 
 

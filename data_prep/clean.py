@@ -121,8 +121,11 @@ def _rows(batch: dict) -> list[dict]:
 def _text_batch(batch: dict) -> dict:
     rows = _rows(batch)
     context = [context_key(r) for r in rows]
-    # Dedup keys add the KTO label: the same reply marked desirable and undesirable is two examples (or a conflict).
+    # Dedup keys add the KTO label: the same reply marked desirable and undesirable is two examples (or a conflict);
+    # and the thinking mode: an RL prompt asked in both modes is rendered two ways (its mode is in no text).
     labels = [f"\nlabel: {r['label']}" if "label" in r else "" for r in rows]
+    labels = [label + (f"\nthinking: {r['thinking']}" if r.get("thinking") is not None else "")
+              for label, r in zip(labels, rows)]
     prompts = [normalise(prompt_text(r)) + "\n" + c for r, c in zip(rows, context)]
     out = {"_text": [record_text(r) for r in rows], "_key": [c + label for c, label in zip(context, labels)],
            "_group": [[hashlib.blake2b(p.encode(), digest_size=16).hexdigest(), *exchange_keys(r, c)]
@@ -171,7 +174,7 @@ def _split(dataset, keep: list[int], reasons: dict[int, str]):
 
 
 def exact_dedup(dataset, num_proc: int | None = None):
-    """Keep the first of rows whose normalised text and `_key` (tools, images, label) are identical."""
+    """Keep the first of rows whose normalised text and `_key` (tools, images, label, thinking mode) are identical."""
     def hash_batch(texts, keys):
         rows = (f"{normalise(t)}\0{k}" for t, k in zip(texts, keys))
         return {"_hash": [hashlib.blake2b(row.encode(), digest_size=16).hexdigest() for row in rows]}

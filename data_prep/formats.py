@@ -47,14 +47,14 @@ from .readers import RawRow, read_rows
 from .records import (
     Options,
     check_no_row_reasoning,
+    conversations_prompt,
     desirability_label,
-    implicit_prompt,
+    holds_prompt,
     preference_record,
     prompt_messages,
     reply_messages,
     sft_record,
     unpaired_record,
-    with_system,
 )
 
 __all__ = ["FORMATS", "Converted", "Options", "convert_rows", "detect", "resolve_format"]
@@ -67,6 +67,8 @@ def detect(row: dict) -> str | None:
         return "pairwise_messages"
     if ("messages" in keys or "conversations" in keys) and desirability_label(row.get("label")) is not None:
         return "kto_conversation"  # a preference label: never SFT data
+    if "messages" in keys and {"chosen", "rejected"} <= keys:
+        return "preference"  # UltraFeedback-binarized: its `messages` is the chosen conversation again
     if "messages" in keys:
         return detect_prompt(row) or "messages"  # a conversation ending on a user turn, with a reference answer
     if "conversations" in keys:
@@ -100,6 +102,7 @@ def detect(row: dict) -> str | None:
 def from_messages(row: dict, opts: Options) -> dict:
     """OpenAI/TRL `messages: [{role, content}]`, with `reasoning_content`, `tool_calls` and `tools` when present; also
     LLaMA-Factory's newer typed `{"type", "value"}` parts with a per-message `loss_weight`."""
+    check_no_row_reasoning(row)
     messages = row.get("messages")
     if isinstance(messages, list):
         messages = typed_parts_as_text(drop_untrained_tail(messages, "messages"), "messages")
@@ -122,6 +125,7 @@ def from_erniekit_sft(row: dict, opts: Options) -> dict:
     TRL has no per-turn loss switch, so turns after the last `label: 1` turn are dropped (they train nothing); a
     `label: 0` turn before it stays as context and is trained like the others.
     """
+    check_no_row_reasoning(row)
     src = require_str_list(row.get("src"), "src", "a non-empty user turn")
     tgt = require_str_list(row.get("tgt"), "tgt", "a non-empty assistant reply")
     if len(tgt) != len(src):
@@ -220,12 +224,8 @@ def from_preference(row: dict, opts: Options) -> dict:
     chosen, rejected = row.get("chosen"), row.get("rejected")
     if "prompt" not in row and "instruction" in row:  # LLaMA-Factory's alpaca-style preference rows
         prompt = alpaca_prompt_messages(row)
-    elif "prompt" not in row and isinstance(chosen, list) and isinstance(rejected, list):
-        prompt, chosen, rejected = implicit_prompt(chosen, rejected)
-        if not prompt:
-            raise RowError("prompt", "is missing and chosen/rejected share no leading user turn",
-                           "a `prompt` column, or conversations that start with the same user turn")
-        prompt = with_system(row, check_messages(prompt, "prompt", ends_with="user")[0])
+    elif holds_prompt(row, chosen, rejected):
+        prompt, chosen, rejected = conversations_prompt(row, chosen, rejected)
     else:
         prompt = prompt_messages(row, "prompt")
     chosen = reply_messages(chosen, "chosen", prompt)

@@ -8,9 +8,12 @@ tags (`role`/`content`, OpenAI names) are mapped by `registry` from a `dataset_i
 import json
 import re
 
+from posttrain.data import REASONING_FIELDS
+
 from .messages import RowError, check_messages, check_tool_calls, require_list, require_str
 from .records import (
     Options,
+    check_no_row_reasoning,
     implicit_prompt,
     preference_record,
     reply_messages,
@@ -33,7 +36,9 @@ def sharegpt_message(turn, field: str) -> dict:
         raise RowError(f"{field}.from", f"is {speaker!r}", f"one of {', '.join(SHAREGPT_ROLES)}")
     value = turn.get("value")
     if speaker != "function_call":
-        message = {"role": SHAREGPT_ROLES[speaker], "content": value}
+        # a turn's reasoning (`reasoning_content`, `thinking`, `reasoning`) is read as in `messages` rows
+        message = {"role": SHAREGPT_ROLES[speaker], "content": value,
+                   **{key: turn[key] for key in REASONING_FIELDS if turn.get(key) is not None}}
         if turn.get("tool_calls"):  # an OpenAI-tagged assistant turn (`tags: {role_tag: role, ...}`) calling tools
             message["tool_calls"] = check_tool_calls(turn["tool_calls"], f"{field}.tool_calls")
         return message
@@ -50,16 +55,28 @@ def _sharegpt_turns(row: dict) -> list[dict]:
     return [sharegpt_message(turn, f"conversations[{i}]") for i, turn in enumerate(turns)]
 
 
+def _check_sharegpt(row: dict, ends_with: str = "assistant") -> tuple[list[dict], bool | None]:
+    """`check_messages` on the turns, its errors naming a turn's text by the row's own key, `value` (not `content`)."""
+    try:
+        return check_messages(_sharegpt_turns(row), "conversations", ends_with=ends_with)
+    except RowError as exc:
+        match = re.fullmatch(r"(conversations\[\d+\])\.content", exc.field)
+        if match is None:
+            raise
+        raise RowError(f"{match.group(1)}.value", str(exc)[len(exc.field) + 3:]) from None
+
+
 def from_sharegpt(row: dict, opts: Options) -> dict:
     """ShareGPT `conversations: [{from, value}]`; LLaMA-Factory's `function_call`/`observation` turns become tools."""
-    messages, thinking = check_messages(_sharegpt_turns(row), "conversations")
+    check_no_row_reasoning(row)
+    messages, thinking = _check_sharegpt(row)
     return sft_record(row, messages, thinking, opts, row.get("system"))
 
 
 def from_sharegpt_preference(row: dict, opts: Options) -> dict:
     """LLaMA-Factory's ShareGPT preference rows (`ranking: true`): `conversations` ending on a user turn, `chosen` and
     `rejected` each one `{from, value}` message (or a list of them)."""
-    prompt = check_messages(_sharegpt_turns(row), "conversations", ends_with="user")[0]
+    prompt = _check_sharegpt(row, ends_with="user")[0]
     system = row.get("system")
     if isinstance(system, str) and system.strip() and prompt[0]["role"] != "system":
         prompt.insert(0, {"role": "system", "content": system})
@@ -78,7 +95,7 @@ def from_kto_conversation(row: dict, opts: Options) -> dict:
     """LLaMA-Factory's KTO rows: a conversation (`messages` or ShareGPT `conversations`) and a boolean `label` that
     says whether its last reply is desirable. Read as unpaired `prompt/completion/label` rows, never as SFT."""
     if "conversations" in row:
-        messages, thinking = check_messages(_sharegpt_turns(row), "conversations")
+        messages, thinking = _check_sharegpt(row)
     else:
         messages, thinking = check_messages(typed_parts_as_text(row.get("messages"), "messages"), "messages")
     system = row.get("system")
@@ -90,6 +107,7 @@ def from_kto_conversation(row: dict, opts: Options) -> dict:
 
 def from_alpaca(row: dict, opts: Options) -> dict:
     """Alpaca `instruction`, `input`, `output`, optional `system` and `history: [[query, reply], ...]`."""
+    check_no_row_reasoning(row)
     messages = alpaca_history(row) + [{"role": "user", "content": alpaca_prompt(row)}]
     messages.append({"role": "assistant", "content": require_str(row.get("output"), "output", "the reply text")})
     try:

@@ -81,6 +81,8 @@ def split_think(content: str, field: str, answer_optional: bool = False) -> tupl
     if match is None:
         if content.lstrip().startswith("<think>"):
             raise RowError(field, "opens <think> but never closes it", "'<think>…</think>' then the answer")
+        if "<think>" in content.split("</think>")[0]:
+            raise RowError(field, "has a <think> block after other text", "'<think>…</think>' first, then the answer")
         if "</think>" in content:
             raise RowError(field, "has '</think>' without an opening '<think>' before it",
                            "'<think>…</think>' then the answer (or a DeepSeek-R1 reply saved without its opening "

@@ -232,10 +232,12 @@ def _csv_records(path: str, max_row_bytes: int) -> Iterator[tuple[str, dict]]:
 # Columns whose cell may be plain text as well as a conversation: a reply that is JSON text (`[2, 3, 5]`,
 # `{"name": "Bob"}`) stays text there; only a list of messages (or one ShareGPT `{from, value}` turn) is decoded.
 _TEXT_COLUMNS = {"prompt", "completion", "chosen", "rejected", "instruction", "input", "output", "system", "question",
-                 "answer", "reasoning", "text"}
+                 "answer", "reasoning", "text", "problem", "solution", "ground_truth", "reference"}
 
 
 def _json_cell(value: str | None, column: str | None = None):
+    if column == "thinking" and value and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"  # the thinking mode, which CSV (and pandas' to_csv) writes as text
     if value and value.lstrip()[:1] in ("[", "{"):
         try:
             decoded = json.loads(value)

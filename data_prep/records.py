@@ -59,7 +59,15 @@ def sft_record(row: dict, messages: list, thinking, opts: Options, system=None) 
     check_image_slots([messages], images)
     messages = image_markers_to_parts(messages) if images else messages
     thinking = row_thinking(row, thinking)
-    return {"messages": messages, "tools": check_tools(row.get("tools")), "images": images, "thinking": thinking}
+    return {"messages": messages, "tools": row_tools(row), "images": images, "thinking": thinking}
+
+
+def row_tools(row: dict) -> list[dict] | None:
+    """The row's `tools`, or OpenAI's legacy `functions`: the schemas its `function_call` turns call, which are read
+    as tool calls (their schemas were dropped, and the model trained to call functions it was never shown)."""
+    if row.get("functions") and row.get("tools"):
+        raise RowError("functions", "is set beside tools", "one of them (tools, the current form)")
+    return check_tools(row["functions"], "functions") if row.get("functions") else check_tools(row.get("tools"))
 
 
 def row_thinking(row: dict, thinking: bool | None) -> bool | None:
@@ -128,7 +136,31 @@ def preference_record(row: dict, prompt, chosen, rejected, opts: Options) -> dic
     prompt, images = _prompt_images(row, prompt, opts)
     thinking = row_thinking(row, thinking)
     record = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "images": images, "thinking": thinking}
-    return {**record, "tools": check_tools(row.get("tools"))}
+    return {**record, "tools": row_tools(row)}
+
+
+def holds_prompt(row: dict, chosen, rejected) -> bool:
+    """Whether chosen and rejected are whole conversations that hold the prompt: without a `prompt` column, or beside
+    a text `prompt` repeating their user turn (UltraFeedback-binarized; TRL's `maybe_extract_prompt` reads it so)."""
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        return False
+    first = chosen[0] if chosen else None
+    return "prompt" not in row or (isinstance(row["prompt"], str) and isinstance(first, dict)
+                                   and first.get("role") in ("system", "user"))
+
+
+def conversations_prompt(row: dict, chosen: list, rejected: list) -> tuple[list, list, list]:
+    """The prompt the conversations share (`implicit_prompt`), checked; a `prompt` column must be their user turn."""
+    prompt, chosen, rejected = implicit_prompt(chosen, rejected)
+    if not prompt:
+        raise RowError("prompt", "is missing and chosen/rejected share no leading user turn",
+                       "a `prompt` column, or conversations that start with the same user turn")
+    prompt = with_system(row, check_messages(prompt, "prompt", ends_with="user")[0])
+    asked = next(text_of(m["content"]) for m in reversed(prompt) if m["role"] == "user")
+    if "prompt" in row and " ".join(row["prompt"].split()) != " ".join(asked.split()):
+        raise RowError("prompt", "is not the last user turn that chosen and rejected start with",
+                       "the conversations' own prompt (or no `prompt` column)")
+    return prompt, chosen, rejected
 
 
 def implicit_prompt(chosen: list, rejected: list) -> tuple[list, list, list]:
@@ -193,7 +225,7 @@ def unpaired_record(row: dict, prompt: list[dict], completion: list[dict], key: 
         prompt, images = _prompt_images(row, prompt, opts)
     thinking = row_thinking(row, thinking)
     record = {"prompt": prompt, "completion": completion, "label": label, "images": images, "thinking": thinking}
-    return {**record, "tools": check_tools(row.get("tools"))}
+    return {**record, "tools": row_tools(row)}
 
 
 def split_last_reply(messages: list[dict], field: str) -> tuple[list[dict], list[dict]]:

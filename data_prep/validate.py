@@ -3,7 +3,8 @@
     posttrain data validate FILE [FILE ...] [--format F]
     posttrain data validate path/to/dataset_info.json[:NAME]     # LLaMA-Factory's registry: one or every dataset
 
-Exit status 0 when every row is valid, 1 when any row is bad (2 for a usage error). Rows a build would filter rather
+Exit status 0 when every row is valid, 1 when any row is bad (2 for a usage error, or a file that could not be read
+at all: the other files are still checked). Rows a build would filter rather
 than reject (rated responses closer than `--min_score_margin`) are counted, not reported as bad.
 """
 
@@ -11,6 +12,8 @@ import argparse
 import sys
 from collections import Counter
 from pathlib import Path
+
+from posttrain.errors import UserError
 
 from .config import run, shipped_path
 from .formats import FORMATS, Options, convert_rows
@@ -64,9 +67,17 @@ def validate_file(path: str, args) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    bad = sum(validate_file(shipped_path(path), args)[1] for path in args.files)
+    bad = unreadable = 0
+    for path in args.files:
+        try:
+            bad += validate_file(shipped_path(path), args)[1]
+        except UserError as exc:  # a file not read at all (empty, unknown format): the files after it still checked
+            if len(args.files) == 1:
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            unreadable += 1
     sys.stdout.flush()
-    return 1 if bad else 0
+    return 2 if unreadable else 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -97,6 +97,25 @@ def test_preference_standard_and_conversational(tmp_path):
     assert len(implicit["prompt"]) == 1 and implicit["rejected"][0]["content"] == "Books are boring, watch TV."
 
 
+def test_ultrafeedback_binarized_rows_are_pairs():
+    """UltraFeedback-binarized rows (a text `prompt`, chosen/rejected as whole conversations, and `messages` repeating
+    the chosen one) were detected as SFT data, and as `format: preference` every row was refused ("user after user").
+    TRL's `maybe_extract_prompt` reads them; so do we, checking that the `prompt` column agrees."""
+    from data_prep.formats import detect
+
+    def conversation(reply):
+        return [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": reply}]
+
+    row = {"prompt": "What is 2 + 2?", "chosen": conversation("4"), "rejected": conversation("5"),
+           "messages": conversation("4"), "score_chosen": 8.0, "score_rejected": 3.0}
+    assert detect(row) == "preference"
+    record = convert("preference", row)
+    assert record["prompt"] == [{"role": "user", "content": "What is 2 + 2?"}]
+    assert (record["chosen"][0]["content"], record["rejected"][0]["content"]) == ("4", "5")
+    with pytest.raises(RowError, match='"prompt" is not the last user turn'):
+        convert("preference", {**row, "prompt": "What is 3 + 3?"})
+
+
 def test_erniekit_dpo_sort(tmp_path):
     rows = by_first_user(build(build_preference_set, tmp_path, DATA / "erniekit_dpo.jsonl"), "prompt")
     assert rows["What is 2 + 2?"]["chosen"][0]["content"] == "2 + 2 = 4."
@@ -309,10 +328,15 @@ def converted(source) -> list:
     ("prompt_completion", {"prompt": "What is 2 + 2?", "completion": "4"}),
     ("preference", {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}),
     ("unpaired", {"prompt": "What is 2 + 2?", "completion": "4", "label": True}),
+    ("alpaca", {"instruction": "What is 2 + 2?", "output": "4"}),
+    ("messages", {"messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]}),
+    ("sharegpt", {"conversations": [{"from": "human", "value": "What is 2 + 2?"}, {"from": "gpt", "value": "4"}]}),
+    ("erniekit_sft", {"src": ["What is 2 + 2?"], "tgt": ["4"]}),
 ])
 def test_a_reasoning_column_beside_the_replies_is_refused(fmt, row):
     """A `reasoning` column beside the replies was left out of the built set without a word (the converters read
-    reasoning from the reply): refused, naming the column; a boolean `thinking` (the thinking mode) is no reasoning."""
+    reasoning from the reply): refused, naming the column; a boolean `thinking` (the thinking mode) is no reasoning.
+    SFT rows too: an Alpaca file with a `reasoning` column became replies without it, in no thinking mode."""
     with pytest.raises(RowError, match='"reasoning" is reasoning text in a column of its own'):
         convert(fmt, {**row, "reasoning": "Two and two make four."})
     assert convert(fmt, {**row, "thinking": True})["thinking"] is True
@@ -349,6 +373,30 @@ def test_embedded_images_read_from_a_saved_dataset_folder(tmp_path):
     assert row.error is None and len(row.record["images"]) == 1
 
 
+def test_a_sharegpt_turns_reasoning_is_kept():
+    """A ShareGPT turn's `reasoning_content` (or `thinking`) was dropped: only `from` and `value` were read."""
+    for key in ("reasoning_content", "thinking"):
+        turns = [{"from": "human", "value": "What is 12 * 12?"}, {"from": "gpt", "value": "144", key: "12 * 12 = 144"}]
+        record = convert("sharegpt", {"conversations": turns})
+        assert record["messages"][1]["content"] == "<think>\n12 * 12 = 144\n</think>\n\n144"
+        assert record["thinking"] is True
+
+
+def test_openai_legacy_functions_are_the_tools():
+    """OpenAI's legacy rows: `function_call` turns were read as tool calls, but the row's `functions` (their schemas)
+    were dropped, so the model learnt to call a function no prompt showed it."""
+    schema = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None,
+                 "function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+                {"role": "function", "name": "get_weather", "content": "sunny"},
+                {"role": "assistant", "content": "Sunny."}]
+    record = convert("messages", {"messages": messages, "functions": [schema]})
+    assert record["tools"] == [{"type": "function", "function": schema}]
+    with pytest.raises(RowError, match='"functions" is set beside tools'):
+        convert("messages", {"messages": messages, "functions": [schema], "tools": [schema]})
+
+
 def test_reasoning_before_a_tool_call_is_kept():
     """Reasoning on an assistant turn that calls a tool was dropped (`reasoning_content`) or left raw (`<think>`):
     the row was then trained as non-thinking."""
@@ -383,6 +431,13 @@ def test_a_deepseek_r1_reply_without_its_opening_think_is_read_as_thinking(tmp_p
         convert("messages", {"messages": [rows[0]["messages"][0], {"role": "assistant", "content": "a</think>b</think>c"}]})
 
 
+def test_a_think_block_after_other_text_is_named_as_such():
+    """A reply with text before its <think> block was refused as "'</think>' without an opening '<think>'"."""
+    reply = {"role": "assistant", "content": "Sure. <think>2 and 2 make 4</think> 4"}
+    with pytest.raises(RowError, match=r'"messages\[1\].content" has a <think> block after other text'):
+        convert("messages", {"messages": [{"role": "user", "content": "What is 2 + 2?"}, reply]})
+
+
 def test_reasoning_under_its_gpt_oss_name_and_in_openthoughts_markers_is_thinking():
     """transformers hands a template a reply's reasoning as `reasoning_content`, `thinking` (gpt-oss's) or `reasoning`:
     `thinking` was dropped, reasoning and mode with it. OpenThoughts-style `<|begin_of_thought|>` blocks (kept as
@@ -406,6 +461,22 @@ def test_csv_replies_that_look_like_json_stay_text(tmp_path):
                     '"Bob as JSON.","{""name"": ""Bob""}"\n')
     replies = [row["messages"][-1]["content"] for row in converted(path)]
     assert replies == ["[2, 3, 5]", '{"name": "Bob"}']
+
+
+def test_a_csv_thinking_column_is_the_thinking_mode(tmp_path):
+    """CSV writes booleans as text: a `thinking` column of `true`/`False` was lost from RL prompts and refused beside
+    pairs and prompt/completion rows as "reasoning text in a column of its own"."""
+    (tmp_path / "rl.csv").write_text("prompt,answer,thinking\n2+2?,4,true\n3+3?,6,False\n")
+    assert [row["thinking"] for row in converted(tmp_path / "rl.csv")] == [True, False]
+    (tmp_path / "pairs.csv").write_text("prompt,chosen,rejected,thinking\nHi,Hello,Go away,false\n")
+    assert converted(tmp_path / "pairs.csv")[0]["thinking"] is False
+
+
+def test_csv_references_that_look_like_json_stay_text(tmp_path):
+    """An RL reference cell such as `[1, 2, 3]` was decoded, and the row refused as '"ground_truth" is a list'."""
+    path = tmp_path / "rl.csv"
+    path.write_text('prompt,ground_truth\n"Sort 3, 1, 2 as a JSON list.","[1, 2, 3]"\n')
+    assert converted(path)[0]["answer"] == "[1, 2, 3]"
 
 
 def test_the_system_column_and_a_thinking_column_reach_every_kind_of_row():

@@ -113,6 +113,9 @@ CASES = [
      '"history[0]" is [\'q\', \'a\', \'x\']; expected a [query, reply] pair'),
     ("sharegpt-unknown-speaker", "sharegpt", {"conversations": [{"from": "alien", "value": "x"}]},
      '"conversations[0].from" is \'alien\''),
+    ("sharegpt-empty-reply", "sharegpt",
+     {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}]},
+     '"conversations[1].value" is empty; expected a non-empty assistant reply'),  # it named a `content` key
     ("unpaired-bad-label", "unpaired", {"prompt": "q", "completion": "a", "label": "maybe"}, '"label" is \'maybe\''),
     ("unpaired-label-not-0-or-1", "unpaired", {"prompt": "q", "completion": "a", "label": 2},
      '"label" is 2; expected true or false'),
@@ -212,6 +215,16 @@ def test_validate_reports_every_bad_row(tmp_path, capsys):
     bad_lines = [line.split(": ")[0] for line in captured.out.strip().splitlines()]
     assert code == 1 and bad_lines == [f"{path}:2", f"{path}:4", f"{path}:5", f"{path}:7"]
     assert "6 rows in format 'preference', 4 bad" in captured.err  # blank line 6 is not a row
+
+
+def test_an_unreadable_file_does_not_hide_the_bad_rows_of_the_next(tmp_path, capsys):
+    """An empty (or unknown-format) file among several ended the check there: the files after it went unchecked."""
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "prefs.jsonl").write_text(json.dumps({"prompt": "q", "chosen": "x", "rejected": "x"}) + "\n")
+    code = validate.main([str(tmp_path / "empty.jsonl"), str(tmp_path / "prefs.jsonl")])
+    captured = capsys.readouterr()
+    assert code == 2 and "empty.jsonl: no rows" in captured.err
+    assert f"{tmp_path / 'prefs.jsonl'}:1: \"chosen\" and \"rejected\" are identical" in captured.out
 
 
 def test_validate_valid_file_exits_zero_as_a_cli(tmp_path):

@@ -138,6 +138,18 @@ def test_the_raw_gsm8k_column_is_refused_by_the_gate():
         gates.check_reward_references(raw, {"accuracy": 1.0}, "gsm8k.jsonl")
 
 
+def test_one_prompt_in_both_thinking_modes_is_two_prompts(tmp_path):
+    """The same question with `thinking: true` and `thinking: false` was an "exact duplicate": every non-thinking copy
+    was dropped, and UPO trained the thinking mode alone. Both stay, on one side of the held-out split."""
+    rows = [{"prompt": f"What is {n} + 2?", "answer": str(n + 2), "thinking": mode} for n in range(4)
+            for mode in (True, False)]
+    source = write_jsonl(tmp_path / "modes.jsonl", rows)
+    assert build_prompt_set.main(["--sources", source, "--output_dir", str(tmp_path / "out"), "--test_size", "2"]) == 0
+    splits = {split: load_split(str(tmp_path / "out"), split) for split in ("prompts", "test")}
+    assert sorted(splits["prompts"]["thinking"]) == [False, False, False, True, True, True]
+    assert sorted(splits["test"]["thinking"]) == [False, True] and len(set(splits["test"]["answer"])) == 1
+
+
 def test_a_bad_row_stops_the_job_naming_its_line(tmp_path):
     source = write_jsonl(tmp_path / "math.jsonl", [MATH[0], {"problem": "What is 1 + 1?", "solution": "Two."}])
     with pytest.raises(UserError, match=r"math.jsonl:2: \"solution\" has no closed \\boxed"):
