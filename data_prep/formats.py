@@ -211,7 +211,7 @@ def from_prompt_completion(row: dict, opts: Options) -> dict:
     """TRL prompt-completion (`prompt`, `completion`: strings or message lists), joined into one conversation."""
     check_no_row_reasoning(row)
     prompt = prompt_messages(row, "prompt")
-    completion, thinking = reply_messages(row.get("completion"), "completion", prompt, ends_with="assistant")
+    completion, thinking = reply_messages(row.get("completion"), "completion", prompt)
     return sft_record(row, prompt + completion, thinking, opts)
 
 

@@ -214,9 +214,10 @@ def check_messages(messages, field: str = "messages", ends_with: str = "assistan
     Args:
         messages (`list[dict]`): `[{"role", "content", "reasoning_content"?, "tool_calls"?, "name"?}, ...]`.
         field (`str`, *optional*, defaults to `"messages"`): name used in errors.
-        ends_with (`str`, *optional*, defaults to `"assistant"`): `"assistant"` (a training conversation),
-            `"reply"` (a preference or KTO reply: the model's turn last, which may be a tool call it is judged on),
-            `"user"` (a prompt: the last turn is the user's or a tool result), or `"any"`.
+        ends_with (`str`, *optional*, defaults to `"assistant"`): `"assistant"` (a training conversation or a
+            preference or KTO reply: the model's turn last, which may be a tool call: function-calling sets such as
+            xLAM's end on the call, and a pair's call is what it is judged on), `"user"` (a prompt: the last turn is
+            the user's or a tool result), or `"any"`.
         context (`list[dict]`, *optional*): normalised messages that come before (the prompt of a reply); only the
             role order is checked across them.
 
@@ -241,11 +242,8 @@ def check_messages(messages, field: str = "messages", ends_with: str = "assistan
     roles = [m["role"] for m in context + out]
     _check_order(roles, [bool(m.get("tool_calls")) for m in context] + pending, field, offset=len(context))
     last = out[-1]["role"]
-    if ends_with in ("assistant", "reply") and last != "assistant":
+    if ends_with == "assistant" and last != "assistant":
         raise RowError(f"{field}[{len(out) - 1}]", f"is a '{last}' turn at the end", "an assistant reply last")
-    if ends_with == "assistant" and pending[-1]:
-        raise RowError(f"{field}[{len(out) - 1}]", "is an assistant turn that calls a tool at the end",
-                       "the tool's result and an assistant reply after it")
     if ends_with == "user" and last not in ("user", "tool"):
         raise RowError(f"{field}[{len(out) - 1}]", f"is a '{last}' turn at the end of the prompt", "a user turn last")
     return out, merged_mode(modes)

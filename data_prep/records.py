@@ -101,13 +101,13 @@ def check_no_row_reasoning(row: dict) -> None:
                            "leading <think>...</think> block of its text")
 
 
-def reply_messages(value, key: str, prompt: list[dict], ends_with: str = "reply") -> tuple[list[dict], bool | None]:
-    """A reply as messages after `prompt`: a string, or assistant (and tool) turns; checked in the prompt's context.
-    A pair's or KTO reply may end on a tool call (the call is what is judged); `ends_with="assistant"` refuses that."""
+def reply_messages(value, key: str, prompt: list[dict]) -> tuple[list[dict], bool | None]:
+    """A reply as messages after `prompt`: a string, or assistant (and tool) turns, which may end on a tool call;
+    checked in the prompt's context."""
     if isinstance(value, str) or value is None:
         value = [{"role": "assistant", "content": require_str(value, key, "a non-empty assistant reply")}]
     value = require_list(value, key, "a non-empty assistant reply")
-    return check_messages(value, key, ends_with=ends_with, context=prompt)
+    return check_messages(value, key, context=prompt)
 
 
 def _same(a: list[dict], b: list[dict]) -> bool:

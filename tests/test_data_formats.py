@@ -187,7 +187,8 @@ def test_replies_that_differ_only_in_tool_calls_are_a_pair():
 def test_replies_that_are_tool_calls_are_a_pair(fmt):
     """The commonest agentic pair, the right call against a wrong one, was refused in every format ('"chosen[0]" is a
     'assistant' turn at the end; expected an assistant reply last'), though DPO trains such pairs: the call is the
-    model's whole turn. An SFT conversation still needs the call's result and a reply after it."""
+    model's whole turn. So may an SFT conversation (function-calling sets such as xLAM's end on the call): it was
+    refused, asking for the call's result and a reply after it."""
     def call(name):
         return {"name": name, "arguments": {"city": "Paris"}}
 
@@ -205,8 +206,8 @@ def test_replies_that_are_tool_calls_are_a_pair(fmt):
     assert record["prompt"] == [question]
     assert [m["tool_calls"][0]["function"]["name"] for m in record["chosen"] + record["rejected"]] == [
         "get_weather", "get_time"]
-    with pytest.raises(RowError, match="an assistant turn that calls a tool at the end; expected the tool's result"):
-        from_messages({"messages": [question, message("get_weather")]}, Options())
+    sft = from_messages({"messages": [question, message("get_weather")]}, Options())
+    assert sft["messages"][-1]["tool_calls"][0]["function"]["name"] == "get_weather"
 
 
 def test_a_tool_calls_id_is_kept_for_the_result_that_points_at_it(tiny_tokenizer):

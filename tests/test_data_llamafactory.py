@@ -111,7 +111,7 @@ def test_kto_file_is_unpaired_never_sft(tmp_path, capsys):
 
 def test_erniekit_function_calling(tmp_path):
     rows = {last_user(r["messages"]): r for r in build(build_sft_set, tmp_path, DATA / "erniekit_function_call.jsonl")}
-    assert len(rows) == 2
+    assert len(rows) == 3
     stock = rows["What does one BIDU share cost?"]
     assert stock["messages"][1]["tool_calls"][0]["function"] == {"name": "get_stock_price",
                                                                  "arguments": {"symbol": "BIDU"}}
@@ -119,6 +119,8 @@ def test_erniekit_function_calling(tmp_path):
     assert [t["function"]["name"] for t in stock["tools"]] == ["get_stock_price", "convert_currency"]
     euros = rows["Convert 100 dollars to euros."]["messages"]
     assert json.loads(euros[3]["content"]) == [{"amount": 92.1, "currency": "EUR"}, {"rate": 0.921}]
+    called = rows["And one share of BABA?"]["messages"]  # ends on its call, as function-calling sets do
+    assert [m["role"] for m in called] == ["user", "assistant"] and called[-1]["tool_calls"]
 
 
 def test_literal_image_marker_in_text_data_is_text(tmp_path, capsys):

@@ -125,19 +125,25 @@ def _call_problem(call) -> str | None:
 
 
 def _first_tool_call_row(dataset) -> int | None:
+    """The first row that calls a tool, and that has a tool result too where one does (the results' check needs
+    one): function-calling sets often end their conversations on the call."""
     if "messages" not in dataset.column_names:
         return None
+    first = None
     for index, messages in enumerate(dataset["messages"]):  # a row without messages is the row gate's to name
         if any(m.get("role") == "assistant" and m.get("tool_calls") for m in messages or []):
-            return index
-    return None
+            if any(m.get("role") == "tool" for m in messages):
+                return index
+            first = index if first is None else first
+    return first
 
 
 def check_tool_calls(tokenizer, dataset, name: str) -> dict:
     """Rows that call tools: the chat template must write each call (function name and argument values) into the
     trained tokens, and keep the tool results out of them. A template that drops `tool_calls` (many do, silently)
     would train the model to answer without ever calling; one that trains on tool results would teach it to invent
-    them. Checked on the first tool-calling row, rendered exactly as TRL renders it (with its `tools`)."""
+    them. Checked on the first tool-calling row with a result (`_first_tool_call_row`), rendered exactly as TRL
+    renders it (with its `tools`)."""
     import json
 
     from trl.chat_template_utils import has_generation_markers, supports_tool_calling
