@@ -52,8 +52,10 @@ def source_kind(path: str) -> str:
             raise UserError(f"{path}: a folder with a dataset_info.json but no state.json or dataset_dict.json, so "
                             "not a `datasets` save_to_disk folder; for LLaMA-Factory's dataset registry, name one of "
                             f"its datasets: {local / 'dataset_info.json'}:NAME")
+        files = sorted(str(f) for f in [*local.glob("*"), *local.glob("data/*")] if f.suffix.lower() in FILE_TYPES)
+        named = f"; name its data files instead: {' '.join(files[:6])}{' …' if len(files) > 6 else ''}" if files else ""
         raise UserError(f"{path}: a folder, but not a `datasets` save_to_disk folder (no state.json or "
-                        "dataset_dict.json)")
+                        f"dataset_dict.json){named}")
     if local.suffix.lower() in FILE_TYPES:
         if not local.is_file():
             raise UserError(f"data file not found: {path}")

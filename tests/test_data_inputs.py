@@ -200,6 +200,21 @@ def test_llamafactory_data_folder_is_not_a_dataset_folder(tmp_path):
         validate.main([str(tmp_path)])
 
 
+def test_a_folder_of_data_files_names_them(tmp_path):
+    """A build's own output folder (train.parquet, test.parquet) or a Hub snapshot's (data/*.parquet) is not read as
+    one dataset; the error names its files, which can be given one by one (as a source or a decontamination set)."""
+    from data_prep.readers import source_kind
+
+    for name in ("train.parquet", "test.parquet", "data/train-00000-of-00001.parquet"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "README.md").write_text("card")
+    with pytest.raises(UserError, match=rf"not a `datasets` save_to_disk folder .*; name its data files instead: "
+                                        rf"{tmp_path / 'data' / 'train-00000-of-00001.parquet'} "
+                                        rf"{tmp_path / 'test.parquet'} {tmp_path / 'train.parquet'}$"):
+        source_kind(str(tmp_path))
+
+
 def test_save_to_disk_folder_missing_its_arrow_file(tmp_path):
     from datasets import Dataset
 
