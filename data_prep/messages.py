@@ -9,7 +9,7 @@ names the field and says what was expected, so the caller only adds `FILE:LINE: 
 import json
 import re
 
-from posttrain.data import message_reasoning
+from posttrain.data import reasoning_key
 
 ROLES = ("system", "user", "assistant", "tool")
 THINK = re.compile(r"\s*<think>(.*?)</think>\s*", re.S)
@@ -115,13 +115,16 @@ def has_unopened_think(value) -> bool:
     return opens_no_think(value)
 
 
-def with_reasoning(content: str, reasoning, field: str) -> str:
-    """Fold a separate `reasoning_content` field into the content as a `<think>` prefix."""
+def with_reasoning(content: str, message: dict, field: str) -> str:
+    """Fold a message's separate reasoning field (`reasoning_content`, `thinking`, `reasoning`) into the content as a
+    `<think>` prefix; errors name the field it is under."""
+    key = reasoning_key(message)
+    reasoning = None if key is None else message[key]
     if reasoning is None or (isinstance(reasoning, str) and not reasoning.strip()):
         return content
-    reasoning = require_str(reasoning, f"{field}.reasoning_content", "a string")
+    reasoning = require_str(reasoning, f"{field}.{key}", "a string")
     if THINK.match(content):
-        raise RowError(field, "has both 'reasoning_content' and a <think> block in 'content'", "only one of them")
+        raise RowError(field, f"has both '{key}' and a <think> block in 'content'", "only one of them")
     return f"<think>\n{reasoning.strip()}\n</think>\n\n{content}"
 
 
@@ -275,7 +278,7 @@ def _check_message(message: dict, role: str, where: str) -> tuple[dict, bool | N
         content = check_content(message.get("content") or "", f"{where}.content", role, allow_empty=True)
         mode = None
         if isinstance(content, str):  # reasoning before a call is trained like any other reply's
-            content = with_reasoning(content, message_reasoning(message), where)
+            content = with_reasoning(content, message, where)
             content, mode = split_think(content, f"{where}.content", answer_optional=True)
         return {"role": role, "content": content, "tool_calls": calls}, mode
     content = message.get("content")
@@ -286,7 +289,7 @@ def _check_message(message: dict, role: str, where: str) -> tuple[dict, bool | N
     out = {"role": role, "content": content}
     mode = None
     if role == "assistant" and isinstance(content, str):
-        content = with_reasoning(content, message_reasoning(message), where)
+        content = with_reasoning(content, message, where)
         out["content"], mode = split_think(content, f"{where}.content")
     elif message.get("reasoning_content"):
         raise RowError(f"{where}.reasoning_content", f"is set on a '{role}' turn", "reasoning on assistant turns only")

@@ -322,9 +322,17 @@ def opens_think(prompt) -> bool:
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
+def reasoning_key(message: dict) -> str | None:
+    """The name a message's reasoning is under: the first of `REASONING_FIELDS` that holds text, else the first that
+    is set (None or absent: parquet pads the keys); an empty `reasoning_content` beside a filled `reasoning` hid it."""
+    present = [key for key in REASONING_FIELDS if message.get(key) is not None]
+    return next((key for key in present if message[key] != ""), present[0] if present else None)
+
+
 def message_reasoning(message: dict):
-    """A message's reasoning, under the first of its names that is set (None or absent: parquet pads the keys)."""
-    return next((message[key] for key in REASONING_FIELDS if message.get(key) is not None), None)
+    """A message's reasoning (`reasoning_key`), or None."""
+    key = reasoning_key(message)
+    return None if key is None else message[key]
 
 
 def reply_text(completion) -> str:

@@ -398,6 +398,19 @@ def test_openai_legacy_functions_are_the_tools():
         convert("messages", {"messages": messages, "functions": [schema], "tools": [schema]})
 
 
+def test_a_messages_reasoning_is_read_under_the_name_that_holds_it():
+    """An empty `reasoning_content` beside a filled `reasoning` hid the reasoning (the reply was built without it, in
+    no thinking mode); a value that is not text is named by its own key (a boolean `thinking` was called
+    `reasoning_content`)."""
+    user = {"role": "user", "content": "What is 2 + 2?"}
+    record = convert("messages", {"messages": [user, {"role": "assistant", "content": "4", "reasoning_content": "",
+                                                      "reasoning": "Two and two make four."}]})
+    assert record["messages"][1]["content"] == "<think>\nTwo and two make four.\n</think>\n\n4"
+    assert record["thinking"] is True
+    with pytest.raises(RowError, match=r'"messages\[1\].thinking" is a bool \(false\); expected a string'):
+        convert("messages", {"messages": [user, {"role": "assistant", "content": "4", "thinking": False}]})
+
+
 def test_reasoning_before_a_tool_call_is_kept():
     """Reasoning on an assistant turn that calls a tool was dropped (`reasoning_content`) or left raw (`<think>`):
     the row was then trained as non-thinking."""
