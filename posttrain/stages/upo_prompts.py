@@ -83,7 +83,7 @@ def _holds_json(feature) -> bool:
 
 
 def upo_columns(training_args) -> set[str]:
-    """`UPO_COLUMNS`, the columns rewards of your own name as parameters (`rewards.reward_columns`) and the column
+    """`UPO_COLUMNS`, the columns rewards of your own name as parameters (`reward_inputs.reward_columns`) and the column
     `normalize_rewards_by` names (e.g. `source`): dropped with the others, the trainer said the prompts had no such
     column, and a reward never saw its own. (Tests pass a namespace without the fields.)"""
     column = getattr(training_args, "normalize_rewards_by", None)
