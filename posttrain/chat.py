@@ -129,12 +129,14 @@ def load_stage(run: str, stage: str | None, dtype: str | None = None):
 
 
 def load_folder(model_path: str, adapter: str | None = None, dtype: str | None = None):
-    """A model folder or Hub id (a merged export, any causal LM) with an adapter folder on it if given, and the
+    """A model folder or Hub id (a merged export, any causal LM), or `tiny:<arch>` (what an adapter export of a tiny
+    run names as its base), found as `posttrain eval --model` finds it, with an adapter folder on it if given, and the
     tokenizer the adapter folder carries (posttrain's stages and adapter exports save theirs, chat template included),
     else the model's."""
-    from .models import adapter_tokenizer
+    from .models import adapter_tokenizer, resolve_model
 
-    return load_for_chat(model_path, adapter, adapter_tokenizer(adapter) or model_path, False, dtype)
+    folder = resolve_model(str(model_path))
+    return load_for_chat(folder, adapter, adapter_tokenizer(adapter) or folder, False, dtype)
 
 
 def load_for_chat(model_path, adapter, tokenizer_path, trust_remote_code: bool, dtype: str | None):
@@ -190,6 +192,9 @@ def run_chat(run: str | None, stage: str | None = None, thinking: str | None = N
     info.flush()
     if system:
         check_system_renders(tokenizer, system)
+    if thinking and "enable_thinking" not in str(tokenizer.chat_template):
+        raise UserError(f"--thinking {thinking}: the chat template of {title} has no enable_thinking switch, so both "
+                        "modes would render the same prompt; leave --thinking out")
     try:
         return chat_loop(model, tokenizer, terminal_lines(stdin), out, mode, max_new_tokens, system)
     except KeyboardInterrupt:

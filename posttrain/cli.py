@@ -111,7 +111,7 @@ def cmd_eval(args) -> int:
 
     from .evaluate import run_saved
     from .recipe import resolve_relative
-    from .runs import eval_target
+    from .runs import check_not_run_file, eval_target
 
     given = given_fields(args, EvalArguments)
     if given.get("dataset"):  # found as a recipe's files are: from here, else in the repository or the installed
@@ -122,6 +122,8 @@ def cmd_eval(args) -> int:
                         "evaluated on the run's own base model (--adapter may still replace its adapter)")
     if args.run:
         ref, settings = eval_target(args.run, args.stage, given)
+        if args.out:
+            check_not_run_file(args.out, ref.run)
         ref.check_base_model()
         model, tokenizer, adapter, remote = ref.base_model, ref.tokenizer, args.adapter or ref.adapter, \
             ref.trust_remote_code

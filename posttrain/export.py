@@ -132,10 +132,10 @@ def _check_promoted(ref, force: bool) -> str | None:
     was trained again (`runs.stale_stages`), is not shared by accident. Returns why, when `force` exports it anyway:
     the card says so (the earlier stages it shows are the run's current ones, not those this stage came from)."""
     from .promotion import blocks_chain
-    from .runs import stale_stages
+    from .runs import stage_record, stale_stages
 
     metrics_path = ref.run / ref.stage / "metrics.json"
-    record = json.loads(metrics_path.read_text()).get("promotion") if metrics_path.is_file() else None
+    record = stage_record(metrics_path).get("promotion") if metrics_path.is_file() else None
     if blocks_chain(record) and not force:
         earlier = f"export {record['against']} with --stage {record['against']}, or " if record["against"] != "base" \
             else ""

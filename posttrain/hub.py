@@ -2,6 +2,7 @@
 made where missing, the folder uploaded; each failure as an error that says what to do, none that hangs offline."""
 
 import contextlib
+import shlex
 from pathlib import Path
 
 from .errors import UserError
@@ -60,8 +61,10 @@ def create_repo(repo_id: str, token: str, private: bool, revision: str | None) -
 def push_folder(folder: Path, repo_id: str, token: str, revision: str | None, message: str) -> str:
     """upload_folder into the repository `create_repo` made; errors become one UserError with the token scrubbed
     out."""
+    # to the branch the card's snippet loads: without --revision, `hf upload` would write to main
+    again = shlex.join(["hf", "upload", repo_id, str(folder), *(["--revision", revision] if revision else [])])
     with _hub_errors(f"uploading {folder} to {repo_id} failed", token,
-                     "the export is complete there; upload it later with: hf upload " + repo_id + f" {folder}"):
+                     f"the export is complete there; upload it later with: {again}"):
         from huggingface_hub import HfApi
 
         commit = HfApi(token=token).upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",

@@ -13,7 +13,7 @@ import yaml
 
 from .models.moe_lora import peft_converts
 from .models.vision import has_processor_files
-from .runs import MACHINE_PATH_KEYS
+from .runs import MACHINE_PATH_KEYS, finished_stages, in_run
 
 MISSING = "—"
 
@@ -60,7 +60,7 @@ def write_card(out: Path, run: Path, stage: str, manifest: dict, model_id: str, 
     """Write `out/README.md` for the export of `run`'s `stage` described by `manifest` (see `export.py`)."""
     run = Path(run)
     chain = _chain(run, stage)
-    info = {step: _read(run / step) for step in ["base", *chain]}
+    info = {step: _read(run, step) for step in ["base", *chain]}
     recipe = _recipe(run, info[stage]["lineage"])
     merged, vision = manifest["kind"] == "merged", has_processor_files(out)
     metadata = _metadata(manifest["base_model"], merged, chain, _hub_datasets(run, info),
@@ -68,7 +68,8 @@ def write_card(out: Path, run: Path, stage: str, manifest: dict, model_id: str, 
     body = [
         _title(run, stage, chain, manifest, recipe),
         "## Usage\n\n```python\n" + snippet(manifest["base_model"], model_id, merged, revision, vision=vision,
-                                             base_revision=manifest.get("base_revision")) + "```"
+                                             base_revision=manifest.get("base_revision"),
+                                             thinking=has_thinking_switch(out)) + "```"
         + _moe_note(out, merged, info[stage]["lineage"].get("base_model", {}).get("model_type")),
         _results(info),
         _training(run, chain, info, manifest["base_model"]),
@@ -105,8 +106,15 @@ TINY_BASE = '''from posttrain.models import resolve_model  # {base} is a tiny te
 '''
 
 
+def has_thinking_switch(folder: Path) -> bool:
+    """Whether the chat template saved in `folder` reads `enable_thinking` (posttrain's built-in ones do; a model's own
+    template, with `chat_template: null`, mostly not)."""
+    files = [*Path(folder).glob("chat_template.*"), Path(folder) / "tokenizer_config.json"]
+    return any("enable_thinking" in path.read_text() for path in files if path.is_file())
+
+
 def snippet(base: str, model_id: str, merged: bool, revision: str | None = None, vision: bool = False,
-            base_revision: str | None = None) -> str:
+            base_revision: str | None = None, thinking: bool = True) -> str:
     model_id = f'"{model_id}"' + (f', revision="{revision}"' if revision else "")  # a pushed branch, not main
     # the Hub commit the adapter was trained on: the base's `main` moves on
     base_revision = f', revision="{base_revision}"' if base_revision else ""
@@ -121,25 +129,30 @@ def snippet(base: str, model_id: str, merged: bool, revision: str | None = None,
     if vision:
         for text, replacement in VISION_SNIPPET.items():
             head = head.replace(text, replacement)
-    return head + GENERATE_SNIPPET.format()
+    usage = GENERATE_SNIPPET.format().split("\n")
+    return head + "\n".join(line for line in usage if thinking or "enable_thinking" not in line)
 
 
 # ---------------------------------------------------------------------------------------------------------- reading
 def _chain(run: Path, stage: str) -> list[str]:
-    """The trained stages up to `stage`: the exported adapter carries all of them (stages chain one adapter)."""
-    state = json.loads((run / "run.json").read_text())
-    order = [s for s in state.get("order", []) if s != "base"]
+    """The trained stages up to `stage`: the exported adapter carries all of them (stages chain one adapter). Read as
+    `stage_ref` found `stage`: from the stage folders when run.json is unreadable or lists no order."""
+    order = [s for s in finished_stages(run) if s != "base"]
     return order[: order.index(stage) + 1]
 
 
-def _read(folder: Path) -> dict:
+def _read(run: Path, step: str) -> dict:
     def load(name):
-        path = folder / name
+        path = run / step / name
         if not path.is_file():
             return {}
         return json.loads(path.read_text()) if name.endswith(".json") else yaml.safe_load(path.read_text()) or {}
 
-    return {"metrics": load("metrics.json"), "lineage": load("lineage.json"), "resolved": load("resolved.yaml")}
+    # paths as in this run folder, moved or copied since it ran (as `stage_ref` reads them): its data cards, not the
+    # old folder's (gone, or another run's by now)
+    resolved, root = load("resolved.yaml"), run.resolve()
+    return {"metrics": load("metrics.json"), "lineage": in_run(resolved, root, load("lineage.json")),
+            "resolved": in_run(resolved, root)}
 
 
 def _recipe(run: Path, lineage: dict) -> dict:

@@ -131,23 +131,51 @@ def stage_ref(run: str | Path, stage: str | None = None, warn: bool = True) -> S
                           f"--stage {done[-1]} for the last of them")
     if stage not in done:
         raise UserError(f"{run}: stage '{stage}' has not finished (finished: {', '.join(done)})")
-    lineage = json.loads((run / stage / "lineage.json").read_text())
+    lineage = stage_record(run / stage / "lineage.json")
     recipe = yaml.safe_load((run / "recipe.yaml").read_text()) if (run / "recipe.yaml").is_file() else {}
     remote = bool(((recipe or {}).get("base") or {}).get("trust_remote_code"))
     if stage == "base":
         return StageRef(run, stage, lineage["base_model"], str(run / "base" / "tokenizer"), None, {}, remote)
-    resolved = in_run(yaml.safe_load((run / stage / "resolved.yaml").read_text()), run.resolve())
+    resolved = in_run(stage_record(run / stage / "resolved.yaml"), run.resolve())
     return StageRef(run, stage, resolved["model_name_or_path"], str(run / stage), str(run / stage), resolved, remote)
 
 
-def in_run(resolved: dict, run: str | Path) -> dict:
-    """A stage's resolved arguments with the run folder they were written in (their `output_dir`'s parent) written as
-    `run`: a run folder copied or moved elsewhere is evaluated on its own `{data}`, not on that of a folder since
-    gone or built again, and moving it changes none of its stages' inputs."""
+def check_not_run_file(out: str | Path, run: str | Path) -> None:
+    """`posttrain eval RUN --out` names none of the run's own files: a stage's metrics.json replaced by a bare
+    evaluation loses the stage's training record and its promote gate's verdict (a rejected stage then exports
+    without --force), and the run replaces its step folders when it runs again."""
+    root, where = Path(run).resolve(), Path(out).resolve()
+    steps = [root / step for step in {*(run_state(root).get("order") or STAGE_ORDER), "data"}]
+    if where in (root / "run.json", root / "recipe.yaml") or any(step in where.parents for step in steps):
+        raise UserError(f"--out {out}: it is among the run's own files, which it would replace; write the "
+                        f"evaluation beside them, e.g. --out {Path(run) / 'evals' / 'NAME.json'}")
+
+
+def stage_record(path: Path) -> dict:
+    """A stage folder's lineage.json, resolved.yaml or metrics.json, or a `UserError` naming it where it is missing or
+    unreadable: the pipeline writes each whole, so the folder was damaged since (a copy or sync cut short)."""
+    try:
+        record = (json.loads if path.suffix == ".json" else yaml.safe_load)(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        record = exc
+    if not isinstance(record, dict):
+        why = ("missing" if isinstance(record, FileNotFoundError) else f"unreadable ({type(record).__name__}: "
+               f"{record})" if isinstance(record, Exception) else "unreadable (empty or not a mapping)")
+        raise UserError(f"{path}: {why}; the stage folder is damaged (a copy or sync cut short?): copy it again, or "
+                        "run the stage again")
+    return record
+
+
+def in_run(resolved: dict, run: str | Path, record: dict | None = None) -> dict:
+    """A stage's resolved arguments (or `record`, another of its files: its lineage) with the run folder they were
+    written in (their `output_dir`'s parent) written as `run`: a run folder copied or moved elsewhere is evaluated on
+    its own `{data}`, not on that of a folder since gone or built again, and moving it changes none of its stages'
+    inputs."""
+    record = resolved if record is None else record
     written = Path(resolved["output_dir"]).parent if resolved.get("output_dir") else None  # <run>/.<stage>.partial
     if written is None or written == Path(run):
-        return resolved
-    return json.loads(renamed(json.dumps(resolved, ensure_ascii=False, default=str), written, str(run)))
+        return record
+    return json.loads(renamed(json.dumps(record, ensure_ascii=False, default=str), written, str(run)))
 
 
 def renamed(text: str, root: str | Path, new: str) -> str:

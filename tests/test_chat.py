@@ -109,6 +109,27 @@ def test_loop_thinking_default_and_on(loaded):
         chat.run_chat("unused", thinking="maybe")
 
 
+NO_THINKING_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] "
+                        "+ '<|im_end|>\\n' }}{% endfor %}"
+                        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_thinking_on_or_off_with_a_template_that_has_no_switch_is_refused(tiny_model_path, tmp_path):
+    """A model's own template without enable_thinking (SmolLM2-Instruct's, Llama's): both modes rendered the same
+    prompt, and --thinking was silently ignored."""
+    import shutil
+
+    folder = shutil.copytree(tiny_model_path("llama"), tmp_path / "model")
+    (folder / "chat_template.jinja").write_text(NO_THINKING_TEMPLATE)
+    for mode in ("on", "off"):
+        with pytest.raises(UserError, match=f"--thinking {mode}: the chat template of .* has no enable_thinking"):
+            chat.run_chat(None, thinking=mode, stdin=StringIO("hi\n"), out=StringIO(), info=StringIO(),
+                          model_path=str(folder))
+    out = StringIO()
+    chat.run_chat(None, max_new_tokens=2, stdin=StringIO("hi\n"), out=out, info=StringIO(), model_path=str(folder))
+    assert out.getvalue().startswith(chat.REPLY_PREFIX)
+
+
 def test_chat_defaults_to_the_thinking_mode_the_stage_trained_in(run, tmp_path, monkeypatch):
     """A UPO stage trained on prompts of one mode (`chat_template_kwargs`, as GRPO renders image prompts) is chatted
     with in that mode unless --thinking says otherwise."""
@@ -146,6 +167,17 @@ def test_a_run_whose_base_model_is_gone_says_so(run, tmp_path):
     resolved.write_text(yaml.safe_dump({**yaml.safe_load(resolved.read_text()), "model_name_or_path": "/gone/model"}))
     with pytest.raises(UserError, match="the base model this run trained on is not at /gone/model any more"):
         chat.load_stage(str(copy), "sft")
+
+
+def test_chat_model_is_found_as_eval_model_finds_it(tiny_model_path):
+    """`--model tiny:llama` (the base an adapter export of a tiny run names) and a Hub id not in the offline cache:
+    `posttrain eval --model` resolves or names them; chat took them as folders and ended in a traceback."""
+    tiny_model_path("llama")  # built once, as the run built it
+    out = StringIO()
+    chat.run_chat(None, max_new_tokens=2, stdin=StringIO("hi\n"), out=out, info=StringIO(), model_path="tiny:llama")
+    assert out.getvalue().startswith(chat.REPLY_PREFIX)
+    with pytest.raises(UserError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE=1"):
+        chat.run_chat(None, stdin=StringIO("hi\n"), out=StringIO(), info=StringIO(), model_path="someone/not-cached")
 
 
 def test_cli_chat_with_an_exported_model_or_a_model_and_adapter(run, tmp_path, posttrain_cli, posttrain_here):

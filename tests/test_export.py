@@ -385,6 +385,55 @@ def test_card_rows_tags_and_notes_follow_what_the_run_recorded(run, tmp_path, mo
     assert "base_model" not in yaml.safe_load(card.split("---")[1])
 
 
+@pytest.mark.parametrize("state", ["", '{"name": "tiny-sft"}'])  # a power loss left it empty; from before `order`
+def test_a_card_is_written_from_the_stage_folders_when_run_json_says_no_order(run, tmp_path, state):
+    """`stage_ref` finds the stage then (the report too): the card, written after minutes of verification, did not."""
+    from posttrain.model_card import write_card
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "run.json").write_text(state)
+    out = tmp_path / "out"
+    out.mkdir()
+    manifest = {"kind": "adapter", "base_model": "tiny:llama", "verification": {}}
+    card = write_card(out, copy, "sft", manifest, model_id=str(out)).read_text()
+    steps = json.loads((run / "sft" / "metrics.json").read_text())["train"]["global_step"]
+    assert "(run `run`: sft)" in card and f"| sft | {steps} |" in card
+
+
+def test_a_card_of_a_moved_run_describes_its_own_data_not_the_old_folders(run, tmp_path):
+    """A run folder moved (to another machine, another disk): the card reads the data cards in the run folder it was
+    given, as `eval` reads its data, and names no path of the folder it ran in."""
+    from posttrain.model_card import write_card
+
+    moved = shutil.copytree(run, tmp_path / "moved")
+    ran_in = Path(yaml.safe_load((moved / "sft" / "resolved.yaml").read_text())["output_dir"]).parent
+    for name in ("resolved.yaml", "lineage.json"):  # as written on the machine it ran on
+        path = moved / "sft" / name
+        path.write_text(path.read_text().replace(str(ran_in), "/elsewhere/tiny-sft"))
+    out = tmp_path / "out"
+    out.mkdir()
+    manifest = {"kind": "adapter", "base_model": "tiny:llama", "verification": {}}
+    card = write_card(out, moved, "sft", manifest, model_id=str(out)).read_text()
+    source = json.loads((moved / "data" / "verifiable" / "card.json").read_text())["sources"][0]
+    assert f"{source['name']} ({source['license']}, {source['rows_kept']})" in card
+    assert "/elsewhere" not in card and "| sft | `{run}/data/verifiable` |" in card
+
+
+def test_the_card_offers_the_thinking_switch_only_where_the_template_has_one(run, tmp_path):
+    """A run on the model's own template (`chat_template: null`) without enable_thinking: its card said the template
+    takes it."""
+    from posttrain.model_card import write_card
+
+    manifest = {"kind": "merged", "base_model": "tiny:llama", "verification": {}}
+    for template, offered in (("{{ enable_thinking }}", True), ("{{ messages }}", False)):
+        out = tmp_path / str(offered)
+        out.mkdir()
+        (out / "chat_template.jinja").write_text(template)
+        card = write_card(out, run, "sft", manifest, model_id=str(out)).read_text()
+        assert ("the chat template takes enable_thinking" in card) is offered
+
+
 def test_the_moe_note_is_for_dense_layers_beside_expert_parameters_on_a_model_peft_converts(tmp_path):
     """LoRA on `gate_proj`/`up_proj`/`down_proj` of a dense model (no expert parameters) loads in any PEFT; so does
     an adapter of a model PEFT does not convert (ERNIE-4.5-VL): no note for either."""
@@ -576,6 +625,24 @@ def test_push_assembles_the_upload_without_showing_the_token(run, tmp_path, monk
     assert 'PeftModel.from_pretrained(base, "me/tiny-sft", revision="exp-1")' in (out / "README.md").read_text()
     assert FAKE_TOKEN not in printed + capsys.readouterr().err
     assert not any(FAKE_TOKEN in p.read_bytes().decode(errors="ignore") for p in out.iterdir())
+
+
+def test_a_failed_upload_says_how_to_upload_to_the_branch_the_card_loads(run, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+
+    for name in ("repo_info", "create_repo", "create_branch"):
+        monkeypatch.setattr(HfApi, name, lambda self, repo_id, **kw: None)
+
+    def upload_folder(self, **kw):
+        raise ConnectionError("connection reset by peer")
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    out = tmp_path / "my export"
+    code, printed = export(run, "--out", out, "--push-to-hub", "me/tiny-sft", "--revision", "exp-1", capsys=capsys)
+    assert code == 2 and 'revision="exp-1"' in (out / "README.md").read_text()
+    assert f"upload it later with: hf upload me/tiny-sft '{out}' --revision exp-1" in " ".join(printed.split())
 
 
 def test_push_without_token_fails_before_exporting(run, tmp_path, monkeypatch, capsys):

@@ -138,6 +138,16 @@ def test_a_pickled_adapter_is_refused(tmp_path):
         load_model(resolve_model("tiny:llama"), adapter=folder)
 
 
+def test_an_adapter_folder_without_its_weights_is_named_not_looked_up_on_the_hub(tmp_path):
+    """A stage folder (or an adapter export) whose adapter_model.safetensors is gone: PEFT took the folder for a Hub
+    id, and `posttrain eval` / `chat` ended in a traceback about hf.co look-ups being disabled."""
+    folder = tmp_path / "sft"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}')
+    with pytest.raises(UserError, match=r"sft holds no adapter_model.safetensors, the adapter's weights"):
+        load_model(resolve_model("tiny:llama"), adapter=folder)
+
+
 def test_a_broken_cache_entry_is_rebuilt_and_dead_builds_removed(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
     entry = resolve_model("tiny:llama")

@@ -591,6 +591,40 @@ def test_a_stage_folder_without_lineage_is_not_finished(tmp_path):
     assert finished_stages(run) == ["base", "sft", "dpo"] and stage_ref(run).stage == "dpo"
 
 
+@pytest.mark.parametrize("name, text", [("resolved.yaml", None), ("resolved.yaml", ""), ("lineage.json", "{")])
+def test_a_damaged_stage_folder_is_named_not_a_traceback(tmp_path, name, text):
+    """A stage folder copied in part (its lineage.json there, so it counts as finished): `eval`, `export` and `chat`
+    name the damaged file, where they ended in a FileNotFoundError or JSONDecodeError traceback."""
+    from posttrain.errors import UserError
+    from posttrain.runs import stage_ref
+
+    run = copy_runs(tmp_path) / "tiny-full"
+    path = run / "sft" / name
+    path.unlink() if text is None else path.write_text(text)
+    with pytest.raises(UserError, match=rf"sft/{name}: (missing|unreadable).*; the stage folder is damaged"):
+        stage_ref(run, "sft")
+
+
+def test_eval_out_does_not_replace_the_runs_own_files(tmp_path, capsys):
+    """`posttrain eval RUN --out RUN/dpo/metrics.json` replaced the stage's training record and promote gate verdict
+    with a bare evaluation (a stage its gate rejected then exported without --force); beside them it writes."""
+    from posttrain import cli
+    from posttrain.errors import UserError
+
+    run = copy_runs(tmp_path) / "tiny-full"
+    metrics = (run / "dpo" / "metrics.json").read_text()
+    assert cli.main(["eval", str(run), "--stage", "dpo", "--out", str(run / "dpo" / "metrics.json")]) == 2
+    assert "among the run's own files" in capsys.readouterr().out
+    assert (run / "dpo" / "metrics.json").read_text() == metrics
+    from posttrain.runs import check_not_run_file
+
+    for inside in ("run.json", "data/verifiable/x.json", "base/metrics.json"):
+        with pytest.raises(UserError, match="among the run's own files"):
+            check_not_run_file(run / inside, run)
+    check_not_run_file(run / "evals" / "dpo-on-other-data.json", run)
+    check_not_run_file(run / "dpo-eval.json", run)
+
+
 def test_a_stage_the_run_does_not_have_is_named_as_such(tmp_path):
     """`--stage ppo` on a run of base → sft → dpo → upo says ppo is not one of its stages, not that it has not
     finished (which would suggest waiting for it)."""

@@ -280,6 +280,8 @@ def load_model(path: str | Path, adapter: str | Path | None = None, dtype: str =
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     _require_safetensors(Path(path))
+    if adapter is not None:  # before minutes of loading a big base model
+        _require_safetensors_adapter(Path(adapter))
     auto_class = AutoModelForImageTextToText if is_vision_model(path) else AutoModelForCausalLM
     model = auto_class.from_pretrained(
         path, dtype=getattr(torch, dtype) if dtype not in (None, "auto") else "auto", trust_remote_code=trust_remote_code,
@@ -289,7 +291,6 @@ def load_model(path: str | Path, adapter: str | Path | None = None, dtype: str =
     if adapter is not None:
         from peft import PeftModel
 
-        _require_safetensors_adapter(Path(adapter))
         moe_lora.install()  # the layers the adapter was trained on (see the module)
         model = PeftModel.from_pretrained(model, str(adapter), adapter_name=adapter_name, is_trainable=is_trainable,
                                           autocast_adapter_dtype=adapter_in_float32)
@@ -310,11 +311,16 @@ def _require_safetensors(folder: Path) -> None:
 
 def _require_safetensors_adapter(folder: Path) -> None:
     """As `_require_safetensors` for an adapter: PEFT would torch.load a pickled one (weights_only, so a hostile pickle
-    ends in torch's traceback rather than running), and `posttrain export` refuses it anyway."""
-    if (folder / "adapter_model.bin").is_file() and not (folder / "adapter_model.safetensors").is_file():
-        raise UserError(f"{folder} holds a pickled adapter (adapter_model.bin) but no adapter_model.safetensors; "
-                        "posttrain loads safetensors only. Convert it once where you trust it: load it with "
-                        "PeftModel.from_pretrained and save_pretrained it again (PEFT writes safetensors)")
+    ends in torch's traceback rather than running), and `posttrain export` refuses it anyway. A local folder without
+    the weights file is named too: PEFT would take its path for a Hub id and fail on the offline Hub."""
+    if (folder / "adapter_model.safetensors").is_file() or not folder.is_dir():  # not a folder: a Hub id PEFT fetches
+        return
+    if not (folder / "adapter_model.bin").is_file():
+        raise UserError(f"{folder} holds no adapter_model.safetensors, the adapter's weights: the folder is "
+                        "incomplete (a copy or sync cut short?); copy it again, or run its stage again")
+    raise UserError(f"{folder} holds a pickled adapter (adapter_model.bin) but no adapter_model.safetensors; "
+                    "posttrain loads safetensors only. Convert it once where you trust it: load it with "
+                    "PeftModel.from_pretrained and save_pretrained it again (PEFT writes safetensors)")
 
 
 def load_for_inference(path: str | Path, adapter: str | Path | None = None, precision: str = "auto",
