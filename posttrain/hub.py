@@ -58,9 +58,16 @@ def create_repo(repo_id: str, token: str, private: bool, revision: str | None) -
             api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
 
 
+# The model files an earlier export to the same repository and branch may have left there: a merged export's weights
+# beside an adapter's (or the other way round) would be what a loader finds. The upload deletes them in its commit;
+# the files it uploads are kept (huggingface_hub skips deleting a path it adds).
+EARLIER_EXPORT_FILES = ["*.safetensors", "*.safetensors.index.json", "*.bin", "config.json", "generation_config.json",
+                        "adapter_config.json"]
+
+
 def push_folder(folder: Path, repo_id: str, token: str, revision: str | None, message: str) -> str:
-    """upload_folder into the repository `create_repo` made; errors become one UserError with the token scrubbed
-    out."""
+    """upload_folder into the repository `create_repo` made, in place of the model files of an earlier export there;
+    errors become one UserError with the token scrubbed out."""
     # to the branch the card's snippet loads: without --revision, `hf upload` would write to main
     again = shlex.join(["hf", "upload", repo_id, str(folder), *(["--revision", revision] if revision else [])])
     with _hub_errors(f"uploading {folder} to {repo_id} failed", token,
@@ -68,7 +75,8 @@ def push_folder(folder: Path, repo_id: str, token: str, revision: str | None, me
         from huggingface_hub import HfApi
 
         commit = HfApi(token=token).upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
-                                                  revision=revision, commit_message=message)
+                                                  revision=revision, commit_message=message,
+                                                  delete_patterns=EARLIER_EXPORT_FILES)
     return commit.commit_url
 
 

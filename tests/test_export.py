@@ -620,6 +620,8 @@ def test_push_assembles_the_upload_without_showing_the_token(run, tmp_path, monk
     assert calls[2][2]["branch"] == "exp-1"
     upload = calls[3][2]
     assert upload["revision"] == "exp-1" and Path(upload["folder_path"]) == out
+    # a merged export pushed there before: its weights and config go in the same commit (the adapter's are uploaded)
+    assert {"*.safetensors", "config.json", "adapter_config.json"} <= set(upload["delete_patterns"])
     assert "https://huggingface.co/me/tiny-sft/commit/abc" in printed
     # the card loads the branch it was pushed to, not main
     assert 'PeftModel.from_pretrained(base, "me/tiny-sft", revision="exp-1")' in (out / "README.md").read_text()
