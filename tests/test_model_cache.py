@@ -146,6 +146,9 @@ def test_an_adapter_folder_without_its_weights_is_named_not_looked_up_on_the_hub
     (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}')
     with pytest.raises(UserError, match=r"sft holds no adapter_model.safetensors, the adapter's weights"):
         load_model(resolve_model("tiny:llama"), adapter=folder)
+    (folder / "adapter_model.safetensors").write_bytes(b"\x10" + bytes(20))  # cut short: a header and no tensors
+    with pytest.raises(UserError, match=r"sft: adapter_model.safetensors does not load \(.*\): the folder is damaged"):
+        load_model(resolve_model("tiny:llama"), adapter=folder)
 
 
 def test_a_broken_cache_entry_is_rebuilt_and_dead_builds_removed(tmp_path, monkeypatch, capsys):

@@ -312,8 +312,14 @@ def _require_safetensors(folder: Path) -> None:
 def _require_safetensors_adapter(folder: Path) -> None:
     """As `_require_safetensors` for an adapter: PEFT would torch.load a pickled one (weights_only, so a hostile pickle
     ends in torch's traceback rather than running), and `posttrain export` refuses it anyway. A local folder without
-    the weights file is named too: PEFT would take its path for a Hub id and fail on the offline Hub."""
-    if (folder / "adapter_model.safetensors").is_file() or not folder.is_dir():  # not a folder: a Hub id PEFT fetches
+    the weights file is named too: PEFT would take its path for a Hub id and fail on the offline Hub; and one whose
+    weights file does not load (cut short), which ended in safetensors' traceback."""
+    if not folder.is_dir():  # not a folder: a Hub id PEFT fetches
+        return
+    if (folder / "adapter_model.safetensors").is_file():
+        if problem := file_problem(folder / "adapter_model.safetensors"):  # reads the header only
+            raise UserError(f"{folder}: {problem}: the folder is damaged (a copy or sync cut short?); copy it again, "
+                            "or run its stage again")
         return
     if not (folder / "adapter_model.bin").is_file():
         raise UserError(f"{folder} holds no adapter_model.safetensors, the adapter's weights: the folder is "
