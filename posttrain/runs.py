@@ -109,6 +109,15 @@ def stale_stages(root: str | Path) -> dict[str, str]:
     return stale
 
 
+def rejected_by_gate(run: Path, stage: str) -> str | None:
+    """Why the promote gate of `run`'s `stage` rejected it (and stopped the run there), or None."""
+    from .promotion import blocks_chain
+
+    record = read_json(run / stage / "metrics.json").get("promotion") if (run / stage / "metrics.json").is_file() \
+        else None
+    return ((record.get("gate") or {}).get("reason") or "failed") if blocks_chain(record) else None
+
+
 def stage_ref(run: str | Path, stage: str | None = None, warn: bool = True) -> StageRef:
     """The stage `stage` of run folder `run` (default: its last finished stage that is not stale; the base model, with
     a warning unless not `warn`, when every trained stage is stale)."""
@@ -129,6 +138,9 @@ def stage_ref(run: str | Path, stage: str | None = None, warn: bool = True) -> S
             console.print(f"[yellow]warning:[/yellow] every trained stage of {run} is stale ("
                           f"{'; '.join(f'{s}: {why}' for s, why in stale.items())}): using the base model; pass "
                           f"--stage {done[-1]} for the last of them")
+        elif warn and (gate := rejected_by_gate(run, stage)):
+            console.print(f"[yellow]warning:[/yellow] {stage} of {run} is the stage its promote gate rejected "
+                          f"({gate}); pass --stage {done[done.index(stage) - 1]} for the one before it")
     if stage not in done:
         raise UserError(f"{run}: stage '{stage}' has not finished (finished: {', '.join(done)})")
     lineage = stage_record(run / stage / "lineage.json")

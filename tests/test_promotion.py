@@ -175,6 +175,19 @@ def test_gate_verdicts_reach_metrics_run_json_summary_and_report(gated_run):
     assert "accuracy: 95 % interval (Wilson)" in md
 
 
+def test_chat_and_eval_say_when_they_take_a_gated_out_stage(gated_run, capsys):
+    """Without --stage, `chat` and `eval` take the last stage that is not stale: here dpo, which its gate rejected
+    (upo, trained from it, is stale). They took it without a word; now they say so and name the one before."""
+    from posttrain.runs import stage_ref
+
+    capsys.readouterr()
+    assert stage_ref(gated_run).stage == "dpo"
+    warning = " ".join(capsys.readouterr().out.split())
+    assert "dpo of" in warning and "is the stage its promote gate rejected (accuracy 2.5% vs 25.0% after sft" in warning
+    assert warning.endswith("pass --stage sft for the one before it")
+    assert stage_ref(gated_run, "sft").stage == "sft" and capsys.readouterr().out == ""
+
+
 def test_export_refuses_a_gated_out_stage_unless_forced(gated_run):
     with pytest.raises(UserError, match="stage 'dpo' failed its promote gate .*--stage sft, or pass --force"):
         run_export(ExportRequest(run=str(gated_run), stage="dpo"))
