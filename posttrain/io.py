@@ -87,10 +87,23 @@ def _sync_folder(folder: Path) -> None:
     os.close(fd)
 
 
-def read_json(path: str | Path) -> dict:
-    """The JSON object in `path`, or `{}` when the file does not exist yet (a run's state, a stage's metrics)."""
+def read_json(path: str | Path, say: Callable[[str], object] | None = None) -> dict:
+    """The JSON object in `path`, or `{}` when the file does not exist yet (a run's state, a stage's metrics) or no
+    longer reads as one (emptied or cut short by hand or by a copy: what it records is then missing, so the step it
+    describes is done again and the report shows it unmeasured, where it ended in a JSONDecodeError traceback);
+    `say` is told why, then."""
     path = Path(path)
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        record = exc
+    if isinstance(record, dict):
+        return record
+    if say:
+        say(f"{path} is unreadable ({record if isinstance(record, Exception) else 'not a JSON object'})")
+    return {}
 
 
 def write_json(path: str | Path, obj, **dumps_kwargs) -> Path:

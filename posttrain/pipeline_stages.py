@@ -81,8 +81,7 @@ class StageSteps:
         return changed_inputs(folder / "resolved.yaml", args, read_json(folder / "lineage.json"), self.inputs_now)
 
     def _up_to_date(self, folder: Path, *digests: str) -> bool:
-        path = folder / "lineage.json"
-        return path.is_file() and json.loads(path.read_text()).get("inputs_hash") in digests
+        return read_json(folder / "lineage.json").get("inputs_hash") in digests
 
     def run_stage(self, stage: str, previous: str | None, force: bool = False) -> None:
         args = self.stage_args(stage, previous)
@@ -96,6 +95,9 @@ class StageSteps:
         if damage:
             console.print(f"[yellow]{stage}: finished earlier with the same inputs, but {damage}: trained again"
                           "[/yellow]")
+        elif not finished and not read_json(final / "lineage.json") and (final / "lineage.json").is_file():
+            console.print(f"[yellow]{stage}: finished earlier, but its lineage.json is unreadable (what it was trained "
+                          "on cannot be told): trained again[/yellow]")
         elif not finished and (final / "lineage.json").is_file():
             console.print(f"{stage}: finished earlier with other inputs ({self.what_changed(final, args)}); trained "
                           "again")

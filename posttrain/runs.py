@@ -50,13 +50,7 @@ class StageRef:
 def run_state(run: Path, say=None) -> dict:
     """run.json, or {} when it cannot be read (written empty by a power loss): the stage folders still say what
     finished, and the order falls back to `STAGE_ORDER`. `say` is told why, when it cannot."""
-    path = Path(run) / "run.json"
-    try:
-        return read_json(path)
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        if say:
-            say(f"{path} is unreadable ({exc})")
-        return {}
+    return read_json(Path(run) / "run.json", say)
 
 
 def finished_stages(run: Path) -> list[str]:

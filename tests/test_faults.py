@@ -756,6 +756,27 @@ def test_a_finished_stage_with_a_damaged_adapter_is_not_taken_as_finished(tmp_pa
     assert checkpoints.finished_problem(stage) is None
 
 
+def test_a_stage_whose_json_records_were_emptied_is_redone_and_reported(shared_tiny, tiny_run, tmp_path,
+                                                                         posttrain_here):
+    """A stage's lineage.json or metrics.json emptied since (by hand, a copy cut short; the pipeline writes them
+    atomically): `posttrain report` and a rerun ended in a JSONDecodeError traceback. The report shows the stage
+    unmeasured; the rerun evaluates a stage without its metrics again and trains one without its lineage again."""
+    cwd = tmp_path / "copy"
+    shutil.copytree(shared_tiny.root, cwd)
+    run = cwd / "outputs" / shared_tiny.name
+    (run / "upo" / "metrics.json").write_text("")
+    posttrain_here("report", run, cwd=cwd)
+    assert (run / "report.html").is_file()
+    (run / "sft" / "lineage.json").write_text('{"inputs_hash": "cut sh')
+    again = posttrain_here("run", "recipe.yaml", "--until", "sft", cwd=cwd)
+    assert "sft: finished earlier, but its lineage.json is unreadable" in " ".join(again.stdout.split())
+    assert json.loads((run / "sft" / "lineage.json").read_text())["inputs_hash"]
+    again = posttrain_here("run", "recipe.yaml", cwd=cwd)
+    assert "upo: its held-out metrics are missing from metrics.json; the finished adapter is evaluated again" in \
+        " ".join(again.stdout.split())
+    assert json.loads((run / "upo" / "metrics.json").read_text())["eval"]["n"] > 0
+
+
 def test_a_steps_process_ends_when_the_run_that_started_it_is_killed(tmp_path):
     """`posttrain run` SIGKILLed (no chance to stop its children): the step it was running gets SIGTERM from the
     kernel (`childproc.die_with_parent`) instead of running on as an orphan into a folder a rerun takes over."""

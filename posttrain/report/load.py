@@ -7,7 +7,6 @@ still running (or was killed) may have logged curves in a Trainer checkpoint of 
 and labelled as such. Later stages add keys to these files, so every read tolerates missing ones.
 """
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,17 +98,12 @@ class RunView:
         return [s for s in self.stages if s.name != "base"]
 
 
-def _json(path: Path) -> dict:
-    try:
-        return read_json(path)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {}
 
 
 def load_run(root: str | Path) -> RunView:
     """Everything the report needs from `outputs/<run>/`, in run order (base first)."""
     root = Path(root)
-    state = _json(root / "run.json")
+    state = read_json(root / "run.json")
     # a run.json from before `order` was recorded: the stage folders there are. With one, only its stages: a stage
     # folder left from the recipe's earlier chain (dpo after `stages:` dropped it) is not part of this run
     order = list(state.get("order") or [name for name in STAGE_ORDER
@@ -153,7 +147,7 @@ def run_data(root: Path, recipe_yaml: str, stages: list[StageView]) -> set[str] 
 
 def _load_card(folder: Path) -> DataCardView:
     lengths = folder / "lengths.png"
-    return DataCardView(_json(folder / "card.json"), (folder / "README.md").is_file(),
+    return DataCardView(read_json(folder / "card.json"), (folder / "README.md").is_file(),
                         lengths.read_bytes() if lengths.is_file() else None)
 
 
@@ -173,9 +167,8 @@ def stage_metrics(root: str | Path) -> dict[str, dict]:
     order = run_state(root).get("order") or STAGE_ORDER
     out = {}
     for step in order:
-        path = root / step / "metrics.json"
-        if path.is_file():
-            out[step] = json.loads(path.read_text())
+        if metrics := read_json(root / step / "metrics.json"):
+            out[step] = metrics
     return out
 
 
@@ -201,7 +194,7 @@ def accuracy_line(root: str | Path) -> str:
     attempt failed, is running or was interrupted (its metrics are an earlier attempt's), and the stage after it is
     not compared either."""
     parts, before, stale, otherwise = [], None, stale_stages(root), evaluated_otherwise(root)
-    steps = _json(Path(root) / "run.json").get("steps", {})
+    steps = read_json(Path(root) / "run.json").get("steps", {})
     for step, metrics in stage_metrics(root).items():
         if not metrics.get("eval"):
             continue
@@ -243,8 +236,8 @@ def _load_stage(root: Path, name: str, step: dict) -> StageView:
         folder = final
     view.folder = folder
     if folder is not None:
-        view.metrics = _json(folder / "metrics.json")
-        view.lineage = _json(folder / "lineage.json")
+        view.metrics = read_json(folder / "metrics.json")
+        view.lineage = read_json(folder / "lineage.json")
         if (folder / "resolved.yaml").is_file():
             view.resolved_text = (folder / "resolved.yaml").read_text()
             view.resolved = yaml.safe_load(view.resolved_text) or {}
@@ -289,7 +282,7 @@ def _checkpoint_logs(partial: Path) -> tuple[list, str]:
     """The log history of an unfinished stage's newest Trainer checkpoint, if it wrote one."""
     checkpoints = [p for p in partial.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
     for checkpoint in sorted(checkpoints, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
-        state = _json(checkpoint / "trainer_state.json")
+        state = read_json(checkpoint / "trainer_state.json")
         if state.get("log_history"):
             return state["log_history"], f"{checkpoint.name} (unfinished stage)"
     return [], ""
