@@ -10,6 +10,8 @@ from .rewards import REWARD_COLUMNS, REWARDS, reward_function
 # what GRPO passes a reward besides the prompts' columns: a parameter of these names is not a column
 GRPO_KEYWORDS = frozenset({"completions", "prompts", "completion_ids", "trainer_state", "log_extra", "log_metric",
                            "environments"})
+# columns GRPO leaves out of a reward's arguments: it passes them as `prompts` and `completions`
+NOT_PASSED = ("prompt", "completion")
 
 
 def column_parameters(name: str) -> dict[str, bool]:
@@ -34,7 +36,11 @@ def check_own_reward_columns(names, columns, where: str) -> None:
     """A UserError naming a reward of your own whose required parameter is not a column of the prompts: GRPO (and
     the pair sampler) would call it without that argument, a TypeError from inside the trainer a step in."""
     for name in names or ():
-        missing = [column for column, needed in column_parameters(name).items() if needed and column not in columns]
+        required = [column for column, needed in column_parameters(name).items() if needed]
+        if unpassed := [column for column in required if column in NOT_PASSED]:
+            raise UserError(f"{where}: reward '{name}' takes {', '.join(unpassed)} as a parameter, which GRPO never "
+                            "passes (it gives them as `prompts` and `completions`); rename it")
+        missing = [column for column in required if column not in columns]
         if missing:
             raise UserError(f"{where}: reward '{name}' takes the column(s) {', '.join(missing)} as parameters, which "
                             f"the prompts do not have (columns: {', '.join(columns)}); add them, or give the "

@@ -256,6 +256,10 @@ def test_a_reward_of_your_own_gets_the_columns_it_names(tmp_path, monkeypatch):
                                         r"column\(s\) solution as parameters, which the prompts do not have "
                                         r"\(columns: prompt, answer\)"):
         check_reward_references(Dataset.from_dict(rows), rewards, "prompts.jsonl")
+    (tmp_path / "prompt_rewards.py").write_text("def echo(completions, prompt, **kwargs):\n    return [0.0]\n")
+    with pytest.raises(UserError, match=r"reward 'prompt_rewards.echo' takes prompt as a parameter, which GRPO never "
+                                        r"passes \(it gives them as `prompts` and `completions`\)"):
+        check_reward_references(Dataset.from_dict(rows), {"prompt_rewards.echo": 1.0}, "prompts.jsonl")
 
 
 def test_a_reward_of_your_own_by_its_import_path(tmp_path, monkeypatch):
