@@ -83,6 +83,16 @@ class StageSteps:
     def _up_to_date(self, folder: Path, *digests: str) -> bool:
         return read_json(folder / "lineage.json").get("inputs_hash") in digests
 
+    def _say_changed(self, stage: str, final: Path, args: dict) -> None:
+        """Why a stage that finished earlier is trained again: which of its inputs changed, or that its lineage.json
+        no longer reads (emptied or cut short since), so they cannot be told."""
+        if read_json(final / "lineage.json"):
+            console.print(f"{stage}: finished earlier with other inputs ({self.what_changed(final, args)}); trained "
+                          "again")
+        else:
+            console.print(f"[yellow]{stage}: finished earlier, but its lineage.json is unreadable (what it was trained "
+                          "on cannot be told): trained again[/yellow]")
+
     def run_stage(self, stage: str, previous: str | None, force: bool = False) -> None:
         args = self.stage_args(stage, previous)
         same = self.stage_hashes(stage, args, previous)
@@ -95,12 +105,8 @@ class StageSteps:
         if damage:
             console.print(f"[yellow]{stage}: finished earlier with the same inputs, but {damage}: trained again"
                           "[/yellow]")
-        elif not finished and not read_json(final / "lineage.json") and (final / "lineage.json").is_file():
-            console.print(f"[yellow]{stage}: finished earlier, but its lineage.json is unreadable (what it was trained "
-                          "on cannot be told): trained again[/yellow]")
         elif not finished and (final / "lineage.json").is_file():
-            console.print(f"{stage}: finished earlier with other inputs ({self.what_changed(final, args)}); trained "
-                          "again")
+            self._say_changed(stage, final, args)
         elif not force and finished:
             console.print(f"[green]✓ {stage}[/green]: finished earlier with the same inputs, skipped")
             # what an earlier failed attempt (with other inputs) recorded no longer describes the stage
