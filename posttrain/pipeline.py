@@ -315,7 +315,7 @@ class Pipeline(HeldOutSteps, StageSteps):
                                             base.gguf_package)
         folder, stamp = self.root / "base" / "tokenizer", self.root / "base" / "tokenizer.source.json"
         source = tokenizer_source(self.base_model, base.chat_template, base.trust_remote_code)
-        saved = read_json(stamp) if stamp.is_file() else {}
+        saved = read_json(stamp)
         if saved.get("source") == source and folder.is_dir() and saved.get("saved") == lineage.tokenizer_digest(folder):
             self.template = saved["template"]
             return

@@ -107,11 +107,12 @@ class HeldOutSteps:
         deferred = metrics.get("eval_deferred") if self.recipe.eval.dataset else None
         # metrics.json emptied or cut short since (`read_json`): the stage's own evaluation is gone with it
         lost = bool(self.recipe.eval.dataset) and not deferred and not metrics.get("eval")
-        if record.get("eval_hash") == self.eval_hash and not deferred and not lost:
+        current = record.get("eval_hash") == self.eval_hash
+        if current and not deferred and not lost:
             return False
         console.print(f"{stage}: {deferred}; the saved adapter is evaluated in one process" if deferred else
                       f"{stage}: its held-out metrics are missing from metrics.json; the finished adapter is evaluated "
-                      "again" if lost and record.get("eval_hash") == self.eval_hash else
+                      "again" if lost and current else
                       f"{stage}: the held-out evaluation changed; the finished adapter is evaluated again")
         metrics["eval"] = self.run_eval(final, stage, adapter=final) if self.recipe.eval.dataset else None
         metrics.pop("eval_deferred", None)

@@ -107,8 +107,7 @@ def rejected_by_gate(run: Path, stage: str) -> str | None:
     """Why the promote gate of `run`'s `stage` rejected it (and stopped the run there), or None."""
     from .promotion import blocks_chain
 
-    record = read_json(run / stage / "metrics.json").get("promotion") if (run / stage / "metrics.json").is_file() \
-        else None
+    record = read_json(run / stage / "metrics.json").get("promotion")
     return ((record.get("gate") or {}).get("reason") or "failed") if blocks_chain(record) else None
 
 

@@ -98,8 +98,6 @@ class RunView:
         return [s for s in self.stages if s.name != "base"]
 
 
-
-
 def load_run(root: str | Path) -> RunView:
     """Everything the report needs from `outputs/<run>/`, in run order (base first)."""
     root = Path(root)
