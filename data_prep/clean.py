@@ -123,9 +123,8 @@ def _text_batch(batch: dict) -> dict:
     context = [context_key(r) for r in rows]
     # Dedup keys add the KTO label: the same reply marked desirable and undesirable is two examples (or a conflict);
     # and the thinking mode: an RL prompt asked in both modes is rendered two ways (its mode is in no text).
-    labels = [f"\nlabel: {r['label']}" if "label" in r else "" for r in rows]
-    labels = [label + (f"\nthinking: {r['thinking']}" if r.get("thinking") is not None else "")
-              for label, r in zip(labels, rows)]
+    labels = [(f"\nlabel: {r['label']}" if "label" in r else "")
+              + (f"\nthinking: {r['thinking']}" if r.get("thinking") is not None else "") for r in rows]
     prompts = [normalise(prompt_text(r)) + "\n" + c for r, c in zip(rows, context)]
     out = {"_text": [record_text(r) for r in rows], "_key": [c + label for c, label in zip(context, labels)],
            "_group": [[hashlib.blake2b(p.encode(), digest_size=16).hexdigest(), *exchange_keys(r, c)]

@@ -63,7 +63,7 @@ def _check_sharegpt(row: dict, ends_with: str = "assistant") -> tuple[list[dict]
         match = re.fullmatch(r"(conversations\[\d+\])\.content", exc.field)
         if match is None:
             raise
-        raise RowError(f"{match.group(1)}.value", str(exc)[len(exc.field) + 3:]) from None
+        raise RowError(f"{match.group(1)}.value", exc.problem, exc.expected) from None
 
 
 def from_sharegpt(row: dict, opts: Options) -> dict:

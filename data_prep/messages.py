@@ -21,7 +21,7 @@ class RowError(ValueError):
     """A row that breaks its format. `str(error)` reads `"chosen" is empty; expected a non-empty assistant reply`."""
 
     def __init__(self, field: str, problem: str, expected: str | None = None):
-        self.field = field
+        self.field, self.problem, self.expected = field, problem, expected
         super().__init__(f'"{field}" {problem}' + (f"; expected {expected}" if expected else ""))
 
 
