@@ -146,6 +146,9 @@ def load_for_chat(model_path, adapter, tokenizer_path, trust_remote_code: bool, 
 
     from .models import load_model, load_tokenizer
 
+    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)  # first: its errors are quick
+    if not tokenizer.chat_template:
+        raise UserError(f"{tokenizer_path}: the tokenizer has no chat template, so there is no way to format a chat")
     cuda = torch.cuda.is_available()
     dtype = dtype or ("bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32")
     model = load_model(model_path, adapter=adapter, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -153,9 +156,6 @@ def load_for_chat(model_path, adapter, tokenizer_path, trust_remote_code: bool, 
     config = model.config.get_text_config()
     if getattr(config, "output_router_logits", False):  # MoE aux loss inside generate() fails (see evaluate.py)
         config.output_router_logits = False
-    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
-    if not tokenizer.chat_template:
-        raise UserError(f"{tokenizer_path}: the tokenizer has no chat template, so there is no way to format a chat")
     return model, tokenizer
 
 

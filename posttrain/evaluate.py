@@ -214,10 +214,10 @@ def run_saved(settings: EvalArguments, model: str, tokenizer: str | None = None,
     model_dir = resolve_model(str(model))
     if adapter is not None:
         adapter_folder(adapter)
+    loaded_tokenizer = load_tokenizer(tokenizer or model_dir, trust_remote_code=trust_remote_code)
     model = load_for_inference(model_dir, adapter=adapter, precision=settings.dtype,
                                trust_remote_code=trust_remote_code)
-    metrics = run(settings, model, load_tokenizer(tokenizer or model_dir, trust_remote_code=trust_remote_code), rows,
-                  share)
+    metrics = run(settings, model, loaded_tokenizer, rows, share)
     if out is not None and (share is None or share.index == 0):
         write_json(out, metrics)
     return metrics

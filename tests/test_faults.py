@@ -410,7 +410,8 @@ def test_the_steps_of_a_killed_run_keep_its_lock_until_they_exit(tmp_path):
     """`posttrain run` SIGKILLed leaves the step it started saving (SIGTERM from `die_with_parent`); a second run into
     the folder waits for that step instead of working beside it (it resumed a checkpoint the old step wrote after the
     new run had discarded the old ones)."""
-    step = ("import signal, time; signal.signal(signal.SIGTERM, lambda *a: None); print('step up', flush=True); "
+    step = ("import atexit, signal, time; signal.signal(signal.SIGTERM, lambda *a: open('step.term', 'w').close()); "
+            "atexit.register(lambda: open('step.exit', 'w').close()); print('step up', flush=True); "
             "time.sleep(4); open('step.done', 'w').close()")
     run = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
                             "from posttrain.childproc import spawn; from posttrain.runlock import RunLock; "
@@ -424,7 +425,9 @@ def test_the_steps_of_a_killed_run_keep_its_lock_until_they_exit(tmp_path):
     run.wait()
     said = []
     lock = RunLock(tmp_path).acquire(say=said.append)
-    assert (tmp_path / "step.done").exists(), "the lock was taken while the killed run's step was still running"
+    seen = {name: (tmp_path / name).exists() for name in ("step.term", "step.exit")}  # to tell a killed step apart
+    assert (tmp_path / "step.done").exists(), (f"the lock was taken while the killed run's step was still running "
+                                               f"({seen}; log: {(tmp_path / 'step.log').read_text()!r})")
     assert said[0].startswith(f"the run that held {tmp_path} (PID {run.pid}) was stopped; waiting for the steps")
     lock.release()
 

@@ -292,3 +292,24 @@ def test_a_tiny_model_is_the_same_every_time_it_is_built(tmp_path):
 
     first, second = (tiny.build_tiny("llama", tmp_path / name) for name in ("a", "b"))
     assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+
+
+def test_a_folder_without_its_tokenizer_files_is_named_before_the_model_loads(tmp_path, monkeypatch):
+    """A stage folder whose tokenizer files are gone (a partial copy): `posttrain eval` and `chat` name the folder and
+    what it lacks before loading the model, instead of transformers' traceback about its config."""
+    from posttrain import evaluate
+    from posttrain.configs import EvalArguments
+    from posttrain.models import load_tokenizer
+
+    folder = tmp_path / "sft"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}')
+    with pytest.raises(UserError, match=r"sft holds no tokenizer files \(tokenizer_config.json, tokenizer.json"):
+        load_tokenizer(folder)
+    data = tmp_path / "eval.jsonl"
+    data.write_text('{"prompt": "1 + 1 =", "answer": "2"}\n')
+    monkeypatch.setattr(evaluate, "settings_rows", lambda settings: [{"prompt": "1 + 1 =", "answer": "2"}])
+    monkeypatch.setattr("posttrain.models.load_for_inference", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(UserError, match=r"sft holds no tokenizer files"):
+        evaluate.run_saved(EvalArguments(dataset=str(data)), "tiny:llama", tokenizer=str(folder))
+    load_tokenizer(resolve_model("tiny:llama"))  # a model folder with its tokenizer loads as before

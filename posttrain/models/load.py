@@ -229,6 +229,7 @@ def load_tokenizer(path: str | Path, chat_template: str | None = None, trust_rem
     """
     from transformers import AutoTokenizer
 
+    check_tokenizer_files(path)
     if is_vision_model(path) or has_processor_files(path):
         processor = load_processor(path, chat_template, trust_remote_code)
         _pad_token(processor.tokenizer)
@@ -238,6 +239,20 @@ def load_tokenizer(path: str | Path, chat_template: str | None = None, trust_rem
         tokenizer.chat_template = chat_template_text(chat_template)
         end_turns_with(tokenizer, chat_template)
     return _pad_token(tokenizer)
+
+
+# what `save_pretrained` writes for a tokenizer, whichever kind: fast, SentencePiece, BPE/WordPiece vocabularies, tekken
+TOKENIZER_FILES = ("tokenizer*", "vocab*", "*.model", "tekken.json")
+
+
+def check_tokenizer_files(path: str | Path) -> None:
+    """A local folder to load a tokenizer from holds a tokenizer's files: without them transformers fails deep in
+    its resolution (an error about a Hub id or the config's model type) instead of naming what is missing."""
+    folder = Path(path)
+    if folder.is_dir() and not any(next(folder.glob(pattern), None) for pattern in TOKENIZER_FILES):
+        raise UserError(f"{folder} holds no tokenizer files (tokenizer_config.json, tokenizer.json, ...): copy them "
+                        "back from where the folder came from (a run's stages save the same tokenizer as its "
+                        "base/tokenizer), or run the stage that wrote the folder again")
 
 
 def tokenizer_source(path: str | Path, chat_template: str | None = None, trust_remote_code: bool = False) -> dict:
