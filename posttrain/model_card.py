@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from .console import console
+from .io import read_json
 from .models.moe_lora import peft_converts
 from .models.vision import has_processor_files
 from .runs import MACHINE_PATH_KEYS, finished_stages, in_run
@@ -142,17 +144,28 @@ def _chain(run: Path, stage: str) -> list[str]:
 
 
 def _read(run: Path, step: str) -> dict:
+    """A step's records for the card; one that is damaged (emptied, cut short) is left out as unrecorded, with a
+    warning: the exported stage's own files were checked before its export (`runs.stage_ref`)."""
     def load(name):
         path = run / step / name
-        if not path.is_file():
-            return {}
-        return json.loads(path.read_text()) if name.endswith(".json") else yaml.safe_load(path.read_text()) or {}
+        if name.endswith(".json"):
+            return read_json(path, say=_left_out)
+        try:
+            record = yaml.safe_load(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            record = _left_out(f"{path} is unreadable ({exc})")
+        return record if isinstance(record, dict) else {}
 
     # paths as in this run folder, moved or copied since it ran (as `stage_ref` reads them): its data cards, not the
     # old folder's (gone, or another run's by now)
     resolved, root = load("resolved.yaml"), run.resolve()
     return {"metrics": load("metrics.json"), "lineage": in_run(resolved, root, load("lineage.json")),
             "resolved": in_run(resolved, root)}
+
+
+def _left_out(problem: str) -> dict:
+    console.print(f"[yellow]warning:[/yellow] {problem}; the model card shows what it records as not recorded")
+    return {}
 
 
 def _recipe(run: Path, lineage: dict) -> dict:
@@ -192,15 +205,19 @@ def default_license(base: str, base_section: dict) -> str:
     return "other"
 
 
+def _sources(data: Path, say=None) -> list[dict]:
+    """The sources a data set's card lists (none where it has no card, or one that no longer reads)."""
+    sources = read_json(data / "card.json", say=say).get("sources")
+    return [s for s in sources if isinstance(s, dict)] if isinstance(sources, list) else []
+
+
 def _hub_datasets(run: Path, info: dict) -> list[str]:
     """Hub ids among the stages' datasets and the sources their data cards list (local files are not metadata)."""
     found = []
     for step in info.values():
         for entry in step["lineage"].get("datasets", {}).values():
             found.append(entry["path"])
-            card = Path(entry["path"]) / "card.json"
-            if card.is_file():
-                found += [s.get("path", "") for s in json.loads(card.read_text()).get("sources", [])]
+            found += [s.get("path", "") for s in _sources(Path(entry["path"]))]
     return sorted({name for name in found if is_hub_id(name)})
 
 
@@ -311,8 +328,7 @@ def _data(run: Path, info: dict) -> str:
     rows = ["| stage | dataset | fingerprint | sources (license, rows kept) |", "|---|---|---|---|"]
     for step, data in info.items():
         for key, entry in data["lineage"].get("datasets", {}).items():
-            card = Path(entry["path"]) / "card.json"
-            sources = json.loads(card.read_text()).get("sources", []) if card.is_file() else []
+            sources = _sources(Path(entry["path"]), say=_left_out)
             described = "; ".join(f"{s.get('name')} ({s.get('license', MISSING)}, {s.get('rows_kept', MISSING)})"
                                   for s in sources) or MISSING
             path = entry["path"].replace(str(run.resolve()), "{run}")

@@ -420,6 +420,24 @@ def test_a_card_of_a_moved_run_describes_its_own_data_not_the_old_folders(run, t
     assert "/elsewhere" not in card and "| sft | `{run}/data/verifiable` |" in card
 
 
+def test_a_card_leaves_out_the_damaged_records_of_the_steps_before_the_exported_stage(run, tmp_path, capsys):
+    """The base step's metrics.json emptied and the data card of SFT's data cut short (a copy of the run cut short):
+    the card of sft says what it could not read and shows it unrecorded, where export ended in a JSONDecodeError
+    traceback after its verification."""
+    from posttrain.model_card import write_card
+
+    copy = shutil.copytree(run, tmp_path / "run")
+    (copy / "base" / "metrics.json").write_text("")
+    (copy / "data" / "verifiable" / "card.json").write_text('{"sources": [')
+    out = tmp_path / "out"
+    out.mkdir()
+    manifest = {"kind": "adapter", "base_model": "tiny:llama", "verification": {}}
+    card = write_card(out, copy, "sft", manifest, model_id=str(out)).read_text()
+    said = " ".join(capsys.readouterr().out.split())
+    assert "base/metrics.json is unreadable" in said and "verifiable/card.json is unreadable" in said
+    assert "| base | — |" in card and "| sft | `{run}/data/verifiable` | " in card
+
+
 def test_the_card_offers_the_thinking_switch_only_where_the_template_has_one(run, tmp_path):
     """A run on the model's own template (`chat_template: null`) without enable_thinking: its card said the template
     takes it."""
