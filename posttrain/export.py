@@ -88,6 +88,7 @@ def run_export(request: ExportRequest) -> Path:
 
     def write(tmp: Path) -> None:
         console.print(f"exporting {ref.run.name}/{ref.stage} ({'merged, ' + dtype if request.merge else 'adapter'})…")
+        before = _stage_stamp(ref)
         checks = write_merged(ref, tmp, dtype) if request.merge else write_adapter(ref, tmp)
         base, revision = public_base(ref.run, ref.stage)
         manifest = {"run": ref.run.name, "stage": ref.stage, "kind": "merged" if request.merge else "adapter",
@@ -96,6 +97,10 @@ def run_export(request: ExportRequest) -> Path:
         write_json(tmp / "export.json", manifest)
         write_card(tmp, ref.run, ref.stage, manifest, model_id=request.push_to_hub or str(out),
                    license=request.license, revision=request.revision if request.push_to_hub else None)
+        if _stage_stamp(ref) != before:
+            raise UserError(f"{ref.run / ref.stage} was replaced while it was exported (the run trained the stage "
+                            "again): the weights and the card could describe different trainings, so nothing was "
+                            "written; export it again once the run has finished")
 
     replace_dir(out, write)
     console.print(f"[green]✓ exported[/green] {out}")
@@ -171,6 +176,14 @@ def _check_replaceable(out: Path, run: Path) -> None:
     if any(out.iterdir()) and not (out / "export.json").is_file():
         raise UserError(f"--out {out}: it is not a previous export (no export.json), so --overwrite would delete "
                         "files posttrain did not write; choose another folder or empty it first")
+
+
+def _stage_stamp(ref) -> list:
+    """What tells the stage folder exported from a new training of the stage: a run of the same folder trains it
+    into a temporary sibling and renames that into place (new files, so new inodes), at any time: `export` takes no
+    run lock, so that a finished stage can be exported while the run goes on to the next."""
+    files = [ref.run / ref.stage / name for name in ("lineage.json", "adapter_model.safetensors")]
+    return [(f.stat().st_ino, f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else None for f in files]
 
 
 def _check_adapter_folder(ref) -> None:

@@ -252,6 +252,28 @@ def test_failed_verification_writes_nothing(run, tmp_path, monkeypatch, dtype):
     assert list(tmp_path.iterdir()) == [], "neither the folder nor its temporary sibling remains"
 
 
+def test_a_stage_trained_again_while_it_is_exported_writes_nothing(run, tmp_path, monkeypatch, capsys):
+    """`export` takes no run lock (a finished stage may be exported while the run trains the next): a run of the same
+    folder that replaces the stage meanwhile would pair one training's weights with another's card."""
+    from posttrain import export as export_module
+
+    copy = shutil.copytree(run, tmp_path / "run")
+    write_adapter = export_module.write_adapter
+
+    def trained_again(ref, out):
+        checks = write_adapter(ref, out)
+        lineage = copy / "sft" / "lineage.json"
+        shutil.copy(lineage, lineage.with_suffix(".new"))
+        lineage.with_suffix(".new").replace(lineage)  # as the run's rename of the new stage folder gives new files
+        return checks
+
+    monkeypatch.setattr(export_module, "write_adapter", trained_again)
+    code, said = export(copy, "--stage", "sft", "--out", tmp_path / "out", capsys=capsys)
+    said = " ".join(said.split())
+    assert code == 2 and "sft was replaced while it was exported (the run trained the stage again" in said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"], "neither the folder nor its temporary sibling"
+
+
 def test_a_merge_that_gives_nan_logits_writes_nothing(run, tmp_path, monkeypatch):
     """NaN weights (a 16-bit overflow, say) make the logit error NaN, which no tolerance compares as above: the
     check refuses what it cannot show to be within it."""
