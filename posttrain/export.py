@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .console import console
 from .errors import UserError, make_folder
-from .hub import create_repo, hub_token, push_folder
+from .hub import check_license, create_repo, hub_token, push_folder
 from .io import replace_dir, write_json
 from .lineage import hub_snapshot
 from .runs import stage_ref
@@ -70,6 +70,8 @@ def run_export(request: ExportRequest) -> Path:
         raise UserError("--dtype applies to merged weights; add --merge (the adapter is exported as trained)")
     if (request.private or request.revision) and not request.push_to_hub:
         raise UserError("--private and --revision describe the Hub upload; add --push-to-hub ORG/NAME")
+    if request.license is not None:
+        check_license(request.license)
     ref.check_base_model()  # before its config.json is read for the dtype
     dtype = DTYPES.get(request.dtype) if request.dtype else DTYPES.get(_config_dtype(ref.base_model), "float32")
     if dtype is None:

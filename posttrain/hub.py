@@ -2,6 +2,7 @@
 made where missing, the folder uploaded; each failure as an error that says what to do, none that hangs offline."""
 
 import contextlib
+import re
 import shlex
 from pathlib import Path
 
@@ -86,3 +87,17 @@ def _hub_errors(what: str, token: str, then: str):
         yield
     except Exception as exc:  # HTTP, auth and validation errors alike: the user needs the message, not the trace
         raise UserError(f"{what}: {str(exc).replace(token, '***')} ({then})") from None
+
+
+# the Hub's license identifiers (apache-2.0, mit, cc-by-nc-4.0, llama3.1, openrail++, other): lowercase, no spaces
+HUB_LICENSE = re.compile(r"[a-z0-9][a-z0-9.+-]*")
+
+
+def check_license(license: str) -> None:
+    """A model card's `license:` the Hub takes; it checks it at the upload, after the export's minutes of work. The
+    `UserError` offers the identifier a name most likely meant ('Apache 2.0' -> 'apache-2.0', 'MIT' -> 'mit')."""
+    if not HUB_LICENSE.fullmatch(license):
+        meant = re.sub(r"[^a-z0-9.+]+", "-", license.strip().lower()).strip("-") or "other"
+        raise UserError(f"--license {license!r}: the Hub takes a license identifier, lowercase, such as '{meant}' "
+                        "(https://huggingface.co/docs/hub/repositories-licenses; 'other' for a license of its own); "
+                        "it refuses a card with any other value at the upload")

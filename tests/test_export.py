@@ -252,6 +252,18 @@ def test_failed_verification_writes_nothing(run, tmp_path, monkeypatch, dtype):
     assert list(tmp_path.iterdir()) == [], "neither the folder nor its temporary sibling remains"
 
 
+@pytest.mark.parametrize("given, meant", [("MIT", "mit"), ("Apache 2.0", "apache-2.0"), ("", "other")])
+def test_a_license_the_hub_would_refuse_is_refused_before_the_export(run, tmp_path, capsys, given, meant):
+    """The Hub checks the card's `license:` at the upload, after minutes of export work: a name instead of its
+    identifier is refused first, with the identifier it most likely meant; an identifier passes."""
+    code, said = export(run, "--license", given, "--out", tmp_path / "out", capsys=capsys)
+    said = " ".join(said.split())
+    assert code == 2 and f"--license {given!r}: the Hub takes a license identifier, lowercase, such as '{meant}'" in said
+    assert not (tmp_path / "out").exists()
+    assert export(run, "--license", "cc-by-nc-4.0", "--out", tmp_path / "out")[0] == 0
+    assert "license: cc-by-nc-4.0" in (tmp_path / "out" / "README.md").read_text()
+
+
 def test_a_stage_trained_again_while_it_is_exported_writes_nothing(run, tmp_path, monkeypatch, capsys):
     """`export` takes no run lock (a finished stage may be exported while the run trains the next): a run of the same
     folder that replaces the stage meanwhile would pair one training's weights with another's card."""
