@@ -69,9 +69,22 @@ def finish(processes: list[subprocess.Popen], timeout: float) -> list[tuple[int,
         try:
             output, _ = process.communicate(timeout=max(1.0, deadline - time.time()))
         except subprocess.TimeoutExpired:
-            pytest.fail(f"machine {rank} still running after {timeout:.0f} s (a hang)")
+            pytest.fail(f"machine {rank} still running after {timeout:.0f} s (a hang)\n{what_hung(processes)}")
         results.append((process.returncode, output))
     return results
+
+
+def what_hung(processes: list[subprocess.Popen]) -> str:
+    """Each machine's output and the tail of every step log of the run folder (beside the recipe), its processes
+    killed first: what a hang leaves to read."""
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    told = [f"--- machine {rank} ---\n{(process.communicate()[0] or '')[-2000:]}"
+            for rank, process in enumerate(processes)]
+    folder = Path(next(a for a in processes[0].args if a.endswith(".yaml"))).parent  # the recipe, in the cwd
+    told += [f"--- {log} ---\n{log.read_text(errors='replace')[-2000:]}" for log in sorted(folder.rglob("*.log"))]
+    return "\n".join(told)
 
 
 def descendants(pid: int) -> list[int]:
