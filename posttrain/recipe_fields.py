@@ -98,7 +98,7 @@ def stage_fields(stage: str, fresh: bool = False) -> tuple[dict[str, Any], bool]
         try:
             table = {name: annotation_from_json(spec) for name, spec in json.loads(path.read_text()).items()}
             return table, sources is not None
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):  # AttributeError: a spec not a mapping
             pass  # unreadable: made again below
     fields = field_types(stage_dataclasses(stage))
     try:

@@ -408,6 +408,51 @@ def test_what_changed_names_four_arguments_and_counts_the_rest(tmp_path):
     assert changed_inputs(resolved, {k: 2 for k in "abcde"}) == "a: 1 → 2; b: 1 → 2; c: 1 → 2; d: 1 → 2; 1 more"
 
 
+def test_what_changed_leaves_out_logging_keys_and_the_runs_own_folder(tmp_path):
+    """Exactly four changed arguments are shown without "more"; a logging key is no input; a run moved elsewhere is
+    not said to have another dataset for the paths inside it."""
+    from posttrain.step_inputs import changed_inputs
+
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(yaml.safe_dump({k: 1 for k in "abcd"}))
+    assert changed_inputs(resolved, {k: 2 for k in "abcd"}) == "a: 1 → 2; b: 1 → 2; c: 1 → 2; d: 1 → 2"
+    resolved.write_text(yaml.safe_dump({"report_to": "none", "max_steps": 1}))
+    assert changed_inputs(resolved, {"report_to": "wandb", "max_steps": 1}) == \
+        "the data, the base model or the previous stage changed"
+    resolved.write_text(yaml.safe_dump({"output_dir": "/old/run/sft", "dataset_name": "/old/run/data/x"}))
+    assert changed_inputs(resolved, {"output_dir": "/new/run/sft", "dataset_name": "/new/run/data/x"}) == \
+        "the data, the base model or the previous stage changed"
+
+
+def test_inputs_as_opened_and_read_by_a_data_job(tmp_path, monkeypatch):
+    """A curriculum phase's dataset is opened as `dataset_name` is; a Hub id stays as written. A data job reads a
+    data_prep output folder (with its `card.json`) by content, and a folder with weights is no tokenizer folder."""
+    from posttrain.step_inputs import as_opened, read_files
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "logic.jsonl").write_text("{}\n")
+    args = {"dataset_name": "org/prompts", "phases": [{"dataset_name": "logic.jsonl"}, "other"]}
+    assert as_opened(args) == {"dataset_name": "org/prompts",
+                               "phases": [{"dataset_name": str(tmp_path / "logic.jsonl")}, "other"]}
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "card.json").write_text("{}")
+    (tmp_path / "set" / "train.jsonl").write_text("{}\n")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "tokenizer_config.json").write_text("{}")
+    (tmp_path / "model" / "model.safetensors").write_text("")
+    assert set(read_files({"input": "set", "sampler": "model"})) == {"set"}
+
+
+def test_other_inputs_of_a_first_stage_or_an_older_record():
+    """A stage with no stage before it is not said to have one trained again; a dataset entry an older posttrain
+    recorded otherwise than {path, fingerprint} is passed over."""
+    from posttrain.step_inputs import other_inputs
+
+    record = {"datasets": {"dataset_name": "aaa"}, "base_hash": "b1"}
+    now = {"datasets": {"dataset_name": "bbb"}, "base_hash": "b1", "previous_inputs_hash": "p1"}
+    assert other_inputs(record, now).startswith("its arguments, data, base model and previous stage are as it")
+
+
 def test_a_stage_recorded_before_base_hash_is_not_said_to_have_another_base():
     """A lineage from before `base_hash` was recorded says nothing about the base: what changed is not blamed on
     it."""

@@ -1,5 +1,6 @@
 """Every shipped recipe loads and validates; mistakes are reported with the file, the stage and the key."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,29 @@ def test_a_key_table_is_kept_per_state_of_the_files_that_define_the_keys(tmp_pat
     assert "learning_rate" not in fields and not settled
     assert load_recipe(ROOT / "recipes" / "tiny" / "text.yaml").stages["sft"]["learning_rate"] > 0
     assert "learning_rate" in json.loads(table.read_text())
+
+
+def test_a_key_table_is_made_again_from_an_unreadable_cache_or_kept_in_none(tmp_path, monkeypatch):
+    """A table naming a type it does not know (another posttrain's) is made again from the classes; a cache folder that
+    cannot be written leaves the classes to decide every time; an upstream file that is not where the package's
+    metadata puts it gives no stamps (the table is not trusted to refuse a key)."""
+    from posttrain import recipe_fields
+    from posttrain.recipe_fields import stage_fields
+
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
+    stage_fields("sft")
+    (table,) = (tmp_path / "cache" / "stage-fields").glob("sft-*.json")
+    for spec in ('"complex"', "5"):  # a type it does not know; a spec that is no type at all (edited by hand)
+        table.write_text(f'{{"learning_rate": {spec}}}')
+        fields, settled = stage_fields("sft")
+        assert settled and "lora_r" in fields
+        assert json.loads(table.read_text())["learning_rate"] != json.loads(spec), "the table was made again"
+    (tmp_path / "not_a_folder").write_text("")
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "not_a_folder"))
+    fields, settled = stage_fields("sft")
+    assert settled and "lora_r" in fields
+    monkeypatch.setitem(recipe_fields.FIELD_SOURCES, "trl", ("trl/trainer/no_such_config.py",))
+    assert recipe_fields.field_sources() is None
 
 
 def test_unknown_stage_and_top_level_key(tmp_path):
@@ -587,7 +611,8 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
         load_recipe(_write(tmp_path, TINY + "description: x\nshared_junk:\n" + bomb + "\n"))
 
 
-@pytest.mark.parametrize("key", ["load_in_4bit", "load_in_8bit"])
+@pytest.mark.parametrize("key", ["load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "use_bnb_nested_quant",
+                                 "bnb_4bit_quant_storage"])
 def test_a_quantized_base_is_refused_not_ignored(key):
     """TRL's ModelConfig takes QLoRA's flags, but posttrain loads the base model itself and merges LoRA into it for
     evaluation, rollouts and export: a recipe that set them trained in full precision without a word."""
@@ -723,6 +748,36 @@ def test_the_first_class_with_a_name_gives_its_type_and_init_only_fields_are_key
         derived: int = dataclasses.field(init=False, default=0)
 
     assert field_types((First, Second)) == {"shared": int}
+
+
+def test_check_type_on_enums_float_literals_and_lists():
+    """A plain enum takes its values and its member names; `Enum | str` (TrainingArguments' way) only the values, named
+    in the refusal, and None where the union has it; `Enum | None` is an enum, not `Enum | str`. A YAML string float
+    is a float only where the float fits, and None is no list. Each reads the same from the key table kept on disk."""
+    import enum
+    from typing import Any, Literal
+
+    from posttrain.typecheck import annotation_from_json, annotation_to_json, check_type
+
+    class Color(enum.Enum):
+        RED = "red"
+        GREEN = "green"
+
+    assert check_type("RED", Color, "x") == check_type("RED", Color | None, "x") == "RED"
+    assert check_type(None, Color | str | None, "x") is None
+    with pytest.raises(UserError, match=r"^x: 'blue'; expected one of: red, green$"):
+        check_type("blue", Color | str, "x")
+    with pytest.raises(UserError, match=r"^x: '3e0'; expected one of: 0.5, 1.0$"):
+        check_type("3e0", Literal[0.5, 1.0], "x")
+    with pytest.raises(UserError, match=r"x: None \(NoneType\) is not a valid list"):
+        check_type(None, list[Any], "x")
+    for annotation, good, bad in [(Color | str | None, [None, "red"], ["RED"]), (Color, ["red", "RED"], ["blue"]),
+                                  (list[int], [[1]], [["a"]])]:  # the same once written as JSON and read back
+        again = annotation_from_json(annotation_to_json(annotation))
+        assert [check_type(value, again, "x") for value in good] == good
+        for value in bad:
+            with pytest.raises(UserError):
+                check_type(value, again, "x")
 
 
 @pytest.mark.parametrize("overrides, named", [

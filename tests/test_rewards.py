@@ -262,6 +262,19 @@ def test_a_reward_of_your_own_gets_the_columns_it_names(tmp_path, monkeypatch):
         check_reward_references(Dataset.from_dict(rows), {"prompt_rewards.echo": 1.0}, "prompts.jsonl")
 
 
+def test_a_reward_naming_a_column_grpo_drops_is_refused_though_the_prompts_have_it(tmp_path, monkeypatch):
+    """GRPO passes neither `prompt` nor `completion` by name (it gives them as `prompts` and `completions`), even where
+    the prompts have such a column; the stage keeps `REWARD_COLUMNS` for its rewards whatever they name."""
+    from posttrain.reward_inputs import check_own_reward_columns, reward_columns
+
+    (tmp_path / "pair_rewards.py").write_text("def judge(completions, completion, **kwargs):\n    return [0.0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UserError, match=r"reward 'pair_rewards.judge' takes completion as a parameter, which GRPO"):
+        check_own_reward_columns({"pair_rewards.judge": 1.0}, ["prompt", "completion"], "pre-flight: p.jsonl")
+    assert reward_columns(None) == reward_columns({"accuracy": 1.0}) == set(REWARD_COLUMNS)
+    assert reward_columns({"pair_rewards.judge": 1.0}) == {*REWARD_COLUMNS, "completion"}
+
+
 def test_a_reward_of_your_own_by_its_import_path(tmp_path, monkeypatch):
     """As TRL's GRPO script takes `reward_funcs`: a dotted name is a function imported from the Python path, combined
     with ours; a module or function that is not there is a UserError naming it, and a module that fails on its own
