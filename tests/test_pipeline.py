@@ -769,6 +769,25 @@ def test_a_job_after_a_stage_is_rebuilt_when_the_stage_saved_other_weights(tmp_p
     assert build() == 1, "the same inputs hash, other weights: sampled again"
 
 
+def test_only_hub_ids_that_name_no_local_folder_are_looked_up_in_the_hub_cache(tmp_path, monkeypatch):
+    """`org/name` is a Hub id only where no folder of that name is at hand (a local `org/name` folder is what the job
+    opens, whatever the cache's `main` says) and it has one slash (`a/b/c` is a path)."""
+    from huggingface_hub import constants
+
+    from posttrain.step_inputs import hub_commits
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    for cached in ("org--name", "a--b--c"):
+        main = tmp_path / "hub" / f"models--{cached}" / "refs" / "main"
+        main.parent.mkdir(parents=True)
+        main.write_text("aaaa")
+    args = {"model_name_or_path": "org/name", "sampler": "a/b/c"}
+    assert hub_commits(args) == {"org/name": "aaaa"}
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    assert hub_commits(args) == {}, "a local folder of that name is what the job reads"
+
+
 def test_a_job_that_names_a_hub_model_is_rebuilt_when_main_moves(tmp_path, monkeypatch):
     """A data job sampling from `org/name` itself (not `{base}`, a snapshot folder): `main` moving to other weights
     in the local Hugging Face cache changes what it samples from, not its arguments; it is sampled again."""
