@@ -23,6 +23,7 @@ from .errors import UserError, make_folder
 from .hub import check_license, create_repo, hub_token, push_folder
 from .io import replace_dir, write_json
 from .lineage import hub_snapshot
+from .models.load import check_tokenizer_files
 from .runs import stage_ref
 
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -77,6 +78,7 @@ def run_export(request: ExportRequest) -> Path:
     if dtype is None:
         raise UserError(f"--dtype {request.dtype}: choose one of {', '.join(sorted(set(DTYPES)))}")
     _check_adapter_folder(ref)
+    check_tokenizer_files(ref.tokenizer)  # saved beside the weights, after minutes of merging
     out = Path(request.out) if request.out else ref.run / "exports" / (f"{ref.stage}-merged" if request.merge
                                                                          else ref.stage)
     _check_not_in_run(out, ref.run)

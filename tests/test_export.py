@@ -264,6 +264,15 @@ def test_a_license_the_hub_would_refuse_is_refused_before_the_export(run, tmp_pa
     assert "license: cc-by-nc-4.0" in (tmp_path / "out" / "README.md").read_text()
 
 
+def test_a_stage_folder_without_its_tokenizer_is_named_before_the_export(run, tmp_path, capsys):
+    """The export saves the stage's tokenizer beside the weights: a folder copied without it is named first (was
+    transformers' ValueError traceback after the merge)."""
+    copy = shutil.copytree(run, tmp_path / "run", ignore=shutil.ignore_patterns("tokenizer*"))
+    code, said = export(copy, "--stage", "sft", "--merge", "--out", tmp_path / "out", capsys=capsys)
+    assert code == 2 and "sft holds no tokenizer files (tokenizer_config.json, tokenizer.json" in " ".join(said.split())
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_stage_trained_again_while_it_is_exported_writes_nothing(run, tmp_path, monkeypatch, capsys):
     """`export` takes no run lock (a finished stage may be exported while the run trains the next): a run of the same
     folder that replaces the stage meanwhile would pair one training's weights with another's card."""
