@@ -183,9 +183,9 @@ def _check_replaceable(out: Path, run: Path) -> None:
 
 
 def _stage_stamp(ref) -> list:
-    """What tells the stage folder exported from a new training of the stage: a run of the same folder trains it
-    into a temporary sibling and renames that into place (new files, so new inodes), at any time: `export` takes no
-    run lock, so that a finished stage can be exported while the run goes on to the next."""
+    """The stage's lineage and weights as files (inode, modification time, size): a run that trains the stage again
+    writes a temporary sibling and renames it into place, so they differ after it. `export` takes no run lock, so
+    that a finished stage can be exported while the run goes on to the next."""
     files = [ref.run / ref.stage / name for name in ("lineage.json", "adapter_model.safetensors")]
     return [(f.stat().st_ino, f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else None for f in files]
 

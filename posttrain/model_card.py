@@ -164,7 +164,7 @@ def _read(run: Path, step: str) -> dict:
 
 
 def _left_out(problem: str) -> dict:
-    console.print(f"[yellow]warning:[/yellow] {problem}; the model card shows what it records as not recorded")
+    console.print(f"[yellow]warning:[/yellow] {problem}; the model card shows its values as not recorded")
     return {}
 
 

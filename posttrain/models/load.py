@@ -247,7 +247,7 @@ TOKENIZER_FILES = ("tokenizer*", "vocab*", "*.model", "tekken.json")
 
 def check_tokenizer_files(path: str | Path) -> None:
     """A local folder to load a tokenizer from holds a tokenizer's files: without them transformers fails deep in
-    its resolution (an error about a Hub id or the config's model type) instead of naming what is missing."""
+    its resolution ("Couldn't instantiate the backend tokenizer") instead of naming what is missing."""
     folder = Path(path)
     if folder.is_dir() and not any(next(folder.glob(pattern), None) for pattern in TOKENIZER_FILES):
         raise UserError(f"{folder} holds no tokenizer files (tokenizer_config.json, tokenizer.json, ...): copy them "
