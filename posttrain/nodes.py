@@ -19,6 +19,7 @@ its entries from 1 again, while the followers that outlived the first go on). Wa
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -57,9 +58,25 @@ def node_timeout() -> float:
     return float(os.environ.get("POSTTRAIN_NODE_TIMEOUT", "7200"))
 
 
+# Ports for a run's rendezvous, below Linux's ephemeral range (32768 and up): a port `bind(("", 0))` hands out is one
+# the kernel also gives outgoing connections, such as the many gloo and NCCL open between processes, and one of those
+# could take it between this check and the rendezvous store's own bind seconds later (torchrun's default, 29500, is
+# in this range too).
+RENDEZVOUS_PORTS = range(20000, 32000)
+
+
 def free_port() -> int:
-    """A port nobody listens on now on this machine (bind port 0)."""
-    with socket.socket() as sock:
+    """A port nobody holds now on this machine, drawn from `RENDEZVOUS_PORTS` by the system's randomness (a seeded
+    `random` would give two runs started alike the same draws)."""
+    draw = random.SystemRandom()
+    for port in draw.sample(RENDEZVOUS_PORTS, min(64, len(RENDEZVOUS_PORTS))):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # that range taken: any free port
         sock.bind(("", 0))
         return sock.getsockname()[1]
 

@@ -139,6 +139,31 @@ def test_two_process_cpu_run(tmp_path, posttrain_cli):
     assert base["heldout_loss"] is not None and base["prompts_sha"] == metrics["eval"]["prompts_sha"]
 
 
+def test_a_rendezvous_port_is_drawn_outside_the_ports_outgoing_connections_take(monkeypatch):
+    """Ports of the kernel's ephemeral range also go to outgoing connections (gloo opens many), which can take one
+    between the check and the store's bind; draws are the system's, unaffected by a seeded `random`."""
+    import random
+    import socket
+
+    from posttrain import nodes
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    random.seed(0)
+    first = nodes.free_port()
+    random.seed(0)
+    drawn = {first, *(nodes.free_port() for _ in range(20))}
+    assert all(port in nodes.RENDEZVOUS_PORTS and port < low for port in drawn) and len(drawn) > 15
+    taken = []
+    try:  # every port of the range held: any free port still
+        monkeypatch.setattr(nodes, "RENDEZVOUS_PORTS", range(first, first + 1))
+        taken.append(socket.socket())
+        taken[0].bind(("", first))
+        assert nodes.free_port() != first
+    finally:
+        for sock in taken:
+            sock.close()
+
+
 def test_two_runs_on_one_machine_get_ports_of_their_own(tmp_path):
     """Several processes on one machine meet on a free port, not on accelerate's default 29500, on which a second run
     on the same machine (two experiments on two halves of its GPUs) failed at once with EADDRINUSE; a config file
