@@ -105,7 +105,6 @@ def test_a_key_table_is_kept_per_state_of_the_files_that_define_the_keys(tmp_pat
     """The table is made again when TRL's or transformers' config files change (another install of the same
     version); one whose files could not be found (an editable install) is not trusted to refuse a key: the classes
     decide, and the table is written again."""
-    import json
 
     from posttrain import recipe_fields
     from posttrain.recipe_fields import stage_fields
@@ -252,7 +251,6 @@ def test_onpolicy_rewards_mapping_and_old_lists(tmp_path):
 
 def test_llamafactory_registry_as_a_data_job_source(tmp_path):
     """A user migrating from LLaMA-Factory names their dataset_info.json and a dataset in it."""
-    import json
 
     from posttrain.pipeline import Pipeline
     from posttrain.recipe import load_recipe
@@ -359,7 +357,6 @@ def test_a_split_a_local_folder_lacks_is_named_before_any_work(tmp_path):
     """`eval.split: tset` on a folder of parquet splits failed at the base evaluation, after the data jobs; a data
     file is one split under any name; a `save_to_disk` folder's splits are its dataset_dict.json's."""
     import dataclasses
-    import json
 
     import pyarrow as pa
     import pyarrow.parquet as pq
