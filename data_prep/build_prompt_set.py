@@ -5,10 +5,12 @@
 
 Formats (`prompt_formats`): gsm8k (`question` + a rationale `answer` ending in `#### 72`: the answer after `####`),
 math (`problem` + `solution`: the last `\\boxed{}`), rl (`prompt`/`question`/`problem`, or `messages` ending on a
-user turn, + `answer`/`ground_truth`/`reference`/`solution`). The correctness rewards compare a reply with `answer`,
-which must be the final answer alone, not the worked solution these datasets ship it in.
+user turn, + `answer`/`ground_truth`/`reference`/`solution`, + `images`/`image` for a vision prompt). The correctness
+rewards compare a reply with `answer`, which must be the final answer alone, not the worked solution these datasets
+ship it in.
 Writes OUT/prompts.parquet (the UPO stage's `dataset_train_split: prompts`) and OUT/test.parquet (`eval.split: test`),
-columns `prompt`, `answer`, `domain` (the row's, else the source's name) and `thinking` (when set), as
+columns `prompt`, `answer`, `domain` (the row's, else the source's name), `thinking` (when set) and `images` (when a
+row has them: absolute paths, None in text rows; `<image>` markers become image parts of `prompt`), as
 build_verifiable_tasks names them; OUT/README.md (data card), OUT/card.json and OUT/rejects.jsonl.
 """
 

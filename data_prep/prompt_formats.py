@@ -1,4 +1,4 @@
-"""RL prompt formats: a question and its reference answer -> `prompt`, `answer`, `domain` (+ `thinking`) records.
+"""RL prompt formats: a question and its reference answer -> `prompt`, `answer`, `domain` (+ `thinking`, `images`).
 
 The correctness rewards compare a reply with `answer`, so `answer` must be the final answer alone. Datasets ship it
 inside a worked solution: GSM8K's `answer` is a rationale ending in `#### 72`, MATH's `solution` ends in
@@ -10,13 +10,14 @@ inside a worked solution: GSM8K's `answer` is a rationale ending in `#### 72`, M
   included; an `answer` column, if given, wins;
 - `rl`: a prompt (`prompt`, `question`, `problem`, or `messages` ending on a user turn) and a plain reference
   (`answer`, `ground_truth`, `reference` or `solution`, the first one present; a `solution` with a `\\boxed{}` is
-  read as in `math`), as TRL's and open-r1's prompt sets have them.
+  read as in `math`), as TRL's and open-r1's prompt sets have them; with `images` (or `image`), a vision prompt: the
+  files are checked and written as absolute paths, and each `<image>` marker becomes an image part (`records`).
 """
 
 from posttrain.answers import boxed_content, rationale_problem
 
 from .messages import RowError, require_str
-from .records import Options, prompt_messages, row_thinking
+from .records import Options, prompt_images, prompt_messages, row_thinking
 
 PROMPT_KEYS = ("prompt", "messages", "question", "problem")
 REFERENCE_KEYS = ("answer", "ground_truth", "reference", "solution")
@@ -65,16 +66,17 @@ def rl_record(row: dict, prompt: list[dict], answer: str, opts: Options) -> dict
 
 
 def from_rl(row: dict, opts: Options) -> dict:
-    """RL prompts: a prompt, a plain reference answer for the verifiers, and a `domain` for per-domain reward scaling.
+    """RL prompts: a prompt, a plain reference answer for the verifiers, and a `domain` for per-domain reward scaling;
+    `images` (or `image`) as in sft and preference rows, one per `<image>` marker, which becomes an image part.
     A reference that is a worked solution is refused: the `gsm8k` and `math` formats take the answer out of it."""
-    prompt = _prompt(row)
+    prompt, images = prompt_images(row, _prompt(row), opts)
     key = next((k for k in REFERENCE_KEYS if row.get(k) is not None), "answer")
     answer = _text(row.get(key), key)
     if key == "solution" and boxed_content(answer):  # a MATH row in a file most of whose rows are not
         answer = boxed_content(answer)
     if problem := rationale_problem(answer):
         raise RowError(key, problem, "the final answer alone (`format: gsm8k` or `math` takes it out)")
-    return rl_record(row, prompt, answer, opts)
+    return {**rl_record(row, prompt, answer, opts), "images": images}
 
 
 def gsm8k_answer(text: str) -> str:

@@ -119,7 +119,7 @@ def _same(a: list[dict], b: list[dict]) -> bool:
     return said(a) == said(b)
 
 
-def _prompt_images(row: dict, prompt: list[dict], opts: Options) -> tuple[list[dict], list | None]:
+def prompt_images(row: dict, prompt: list[dict], opts: Options) -> tuple[list[dict], list | None]:
     """The row's images, one per placeholder of the prompt, and the prompt with `<image>` markers as image parts."""
     images = _row_images(row, opts)
     check_image_slots([prompt], images)
@@ -133,7 +133,7 @@ def preference_record(row: dict, prompt, chosen, rejected, opts: Options) -> dic
     thinking = merged_mode((chosen_mode, rejected_mode))
     if _same(chosen, rejected):
         raise RowError("chosen", 'and "rejected" are identical', "two different replies")
-    prompt, images = _prompt_images(row, prompt, opts)
+    prompt, images = prompt_images(row, prompt, opts)
     thinking = row_thinking(row, thinking)
     record = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "images": images, "thinking": thinking}
     return {**record, "tools": row_tools(row)}
@@ -222,7 +222,7 @@ def unpaired_record(row: dict, prompt: list[dict], completion: list[dict], key: 
         raise RowError(key, f"is {row.get(key)!r}", "true or false (is the reply desirable?)")
     images = None
     if opts is not None:
-        prompt, images = _prompt_images(row, prompt, opts)
+        prompt, images = prompt_images(row, prompt, opts)
     thinking = row_thinking(row, thinking)
     record = {"prompt": prompt, "completion": completion, "label": label, "images": images, "thinking": thinking}
     return {**record, "tools": row_tools(row)}

@@ -9,6 +9,7 @@ import yaml
 
 from data_prep import build_prompt_set, build_sft_set
 from data_prep.formats import detect
+from data_prep.messages import RowError
 from data_prep.prompt_formats import from_gsm8k, from_math, from_rl, gsm8k_answer
 from data_prep.records import Options
 from posttrain import gates
@@ -185,3 +186,48 @@ def test_a_recipe_runs_the_job_and_points_upo_at_its_splits(tmp_path):
     rows = load_split(str(tmp_path / "out"), "prompts").to_list() + load_split(str(tmp_path / "out"), "test").to_list()
     assert sorted(r["answer"] for r in rows) == ["12500", "72"] and {r["thinking"] for r in rows} == {False}
     assert {r["domain"] for r in rows} == {"gsm8k"}
+
+
+COLOUR = "<image>What colour is it? Answer with one word."
+
+
+def image_prompts(tmp_path: Path, rows: list[dict]) -> str:
+    """An rl file beside one small PNG per colour: the rows ask the same question of different images."""
+    from PIL import Image
+
+    for colour in ("red", "blue", "green"):
+        Image.new("RGB", (8, 8), colour).save(tmp_path / f"{colour}.png")
+    return write_jsonl(tmp_path / "rl.jsonl", rows)
+
+
+def test_image_prompts_keep_their_images_beside_text_prompts(tmp_path):
+    """The `images` of rl rows were dropped: the `<image>` marker stayed text, and rows asking one question of
+    different images were left out as duplicates. Image rows now carry image parts and absolute paths, as sft and
+    preference rows do; text rows in the same set stay plain, without images."""
+    rows = [{"prompt": COLOUR, "answer": "red", "images": ["red.png"]},
+            {"prompt": COLOUR, "answer": "blue", "image": "blue.png"},  # `image`: a path, as `vqa` takes it
+            {"prompt": COLOUR, "answer": "green", "images": ["green.png"]},
+            {"prompt": "What is 2 + 3?", "answer": "5"}, {"prompt": "What is 4 + 5?", "answer": "9"}]
+    source = image_prompts(tmp_path, rows)
+    assert build_prompt_set.main(["--sources", source, "--output_dir", str(tmp_path / "out"), "--test_size", "0"]) == 0
+    prompts = {r["answer"]: r for r in load_split(str(tmp_path / "out"), "prompts").to_list()}
+    assert sorted(prompts) == ["5", "9", "blue", "green", "red"]
+    for colour in ("red", "blue", "green"):
+        assert prompts[colour]["images"] == [str((tmp_path / f"{colour}.png").resolve())]
+        assert prompts[colour]["prompt"] == [{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": "What colour is it? Answer with one word."}]}]
+    assert prompts["5"]["images"] is None and prompts["5"]["prompt"] == [{"role": "user", "content": "What is 2 + 3?"}]
+
+
+def test_an_image_prompt_without_its_file_stops_the_job_naming_its_line(tmp_path):
+    source = image_prompts(tmp_path, [{"prompt": COLOUR, "answer": "red", "images": ["red.png"]},
+                                      {"prompt": COLOUR, "answer": "pink", "images": ["pink.png"]}])
+    with pytest.raises(UserError, match=r"rl.jsonl:2: \"images\[0\]\" file not found: .*pink.png"):
+        build_prompt_set.main(["--sources", source, "--output_dir", str(tmp_path / "out")])
+
+
+def test_an_image_prompt_needs_one_image_per_placeholder(tmp_path):
+    image_prompts(tmp_path, [])
+    with pytest.raises(RowError, match=r"\"images\" has 1 file\(s\) for 2 image placeholder\(s\)"):
+        from_rl({"prompt": "<image> or <image>: which is red?", "answer": "left", "images": ["red.png"]},
+                Options(base_dir=tmp_path))
