@@ -185,10 +185,11 @@ def settings_rows(settings: EvalArguments) -> list[dict]:
 def run(settings: EvalArguments, model, tokenizer, rows: list[dict] | None = None, share: Share | None = None) -> dict:
     """`evaluate` a loaded model (and its tokenizer or processor) on `settings.dataset`, as `settings` says."""
     rows = settings_rows(settings) if rows is None else rows
-    from datasets import Dataset
+    from datasets import Dataset, Features, Json, List
 
-    # a prompt that writes "<|im_end|>" as text is rendered with turns nobody wrote, and scored on them
-    prompts = Dataset.from_dict({"prompt": [row["prompt"] for row in rows]})
+    # a prompt that writes "<|im_end|>" as text is rendered with turns nobody wrote, and scored on them. `Json`: the
+    # contents of image prompts (parts) and text prompts (strings) in one set are of no one Arrow type
+    prompts = Dataset.from_dict({"prompt": [row["prompt"] for row in rows]}, Features({"prompt": List(Json())}))
     check_special_token_text(tokenizer, prompts, f"{settings.dataset} ({settings.split})", model,
                              images=any(row.get("images") for row in rows))  # image placeholders are the processor's
     try:

@@ -1161,16 +1161,142 @@ def test_image_phases_pick_their_prompts_among_those_of_the_thinking_mode_traine
     assert list(reached_trainer.value.args[0]["thinking"]) == [False] * 3
 
 
-def test_an_offline_pair_without_images_among_image_pairs_is_named(vqa, tiny_model_path, tmp_path):
-    """An image pair set with one pair whose `images` is empty: the processor stopped UPO's construction with a bare
-    "need at least one array to concatenate"; now the pair's line is named."""
+@pytest.fixture(scope="module")
+def mixed(vqa, task_data, tmp_path_factory):
+    """The easy-VQA tasks and pairs with a text row (a verifiable task, no images) after each image row: a vision set
+    that also trains text, as VLM post-training mixes them."""
+    from datasets import Dataset
+
+    out = tmp_path_factory.mktemp("mixed")
+    for folder, split in (("tasks", "sft"), ("tasks", "prompts"), ("tasks", "test"), ("pairs", "train")):
+        images = load_split(vqa / folder, split)
+        text = load_split(task_data, split if folder == "tasks" else "prompts")
+        if folder == "pairs":  # text pairs: the task's worked reply against a wrong one
+            text = text.map(lambda row: {"chosen": [{"role": "assistant", "content": row["completion"]}],
+                                         "rejected": [{"role": "assistant", "content": "purple"}],
+                                         "chosen_reward": 1.0, "rejected_reward": 0.0})
+        rows = []
+        for image_row, text_row in zip(images, text):
+            rows += [image_row, {**{key: text_row.get(key) for key in images.column_names}, "images": []}]
+        (out / folder).mkdir(exist_ok=True)
+        Dataset.from_list(rows, features=images.features).to_parquet(str(out / folder / f"{split}.parquet"))
+    return out
+
+
+def batches_seen(monkeypatch) -> list[tuple[int, int]]:
+    """(rows, images) of every batch a trainer trains on, from now on."""
+    from transformers import Trainer
+
+    seen, step = [], Trainer.training_step
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        rows = next(len(value) for key, value in inputs.items() if key.endswith("input_ids"))
+        seen.append((rows, len(inputs["image_grid_thw"]) if "image_grid_thw" in inputs else 0))
+        return step(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", training_step)
+    return seen
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "ernie4_5_vl"])
+def test_sft_and_dpo_train_on_batches_of_image_and_text_rows(arch, mixed, tiny_model_path, tmp_path, monkeypatch):
+    """Text rows (no images) among image rows: TRL's collators batch them together, and the held-out evaluation of
+    such a set stopped on pyarrow's "cannot mix list and non-list" (image prompts' contents are parts, text
+    prompts' strings) before it generated."""
+    from trl import DPOConfig, SFTConfig
+
+    from posttrain.stages import dpo, sft
+
+    seen = batches_seen(monkeypatch)
+    for config_cls, stage, data, split, adapter in ((SFTConfig, sft, mixed / "tasks", "sft", None),
+                                                    (DPOConfig, dpo, mixed / "pairs", "train", tmp_path / "sft")):
+        stage_args, training, model_args = stage_configs(config_cls, arch, tiny_model_path, tmp_path / split, data,
+                                                         split, adapter=adapter, max_length=160)
+        stage_args.eval_dataset = str(mixed / "tasks")
+        trainer = stage.main(stage_args, training, model_args)
+        losses(trainer)
+        assert any(p.abs().sum() > 0 for p in lora_b(trainer.model).values()), f"{split}: LoRA did not move"
+        assert any(0 < images < rows for rows, images in seen), f"{split}: no batch held both kinds: {seen}"
+        groups = json.loads((tmp_path / split / "metrics.json").read_text())["eval"]["by_group"]
+        assert {"domain/arithmetic", "domain/color"} <= set(groups), f"both kinds were evaluated: {sorted(groups)}"
+        seen.clear()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_upo_trains_on_batches_of_image_and_text_rows(arch, mixed, tiny_model_path, tmp_path, monkeypatch):
+    """Generation batches of image and text prompts, and offline pairs of both kinds. GRPO gave a text prompt None
+    for images, which the processors refuse ("only a single or a list of entries is supported"), and a chunk of text
+    rows (`per_device_train_batch_size` rows of a larger generation batch) an empty slice of the image inputs, on
+    which the vision towers fail. Every row's log-probs in its batch are those it has scored alone: the image inputs
+    went to the rows they belong to."""
+    from posttrain.data import completion_text
+    from posttrain.rewards import REWARDS
+    from posttrain.stages import upo
+    from posttrain.trainers import UPOConfig, UPOTrainer
+    from posttrain.trainers.upo_pairs import IMAGE_KEYS, TYPED_KEYS, select_images
+
+    score, checked = UPOTrainer._generate_and_score_completions, []
+
+    def scored(self, inputs):
+        out = score(self, inputs)
+        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
+        mask = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+        typed = {key: out[key] for key in TYPED_KEYS if key in out}
+        logps = self._get_per_token_logps_and_entropies  # GRPO's own forward, in its chunks
+        with torch.no_grad():
+            together = logps(self.model, ids, mask, out["completion_ids"].size(1), self.args.per_device_train_batch_size,
+                             num_images=out["num_images"], **{k: out[k] for k in IMAGE_KEYS if k in out}, **typed)[0]
+            for row in range(len(ids)):
+                one = select_images(out, [row])
+                alone = logps(self.model, ids[row:row + 1], mask[row:row + 1], out["completion_ids"].size(1),
+                              num_images=one["num_images"], **{k: one[k] for k in IMAGE_KEYS if k in one},
+                              **{key: value[row:row + 1] for key, value in typed.items()})[0]
+                kept = out["completion_mask"][row].bool()
+                assert torch.allclose(together[row][kept], alone[0][kept], atol=1e-4), (row, out["num_images"])
+        checked.append(out["num_images"])
+        return out
+
+    monkeypatch.setattr(UPOTrainer, "_generate_and_score_completions", scored)
+    # a random tiny model is never right: reward its rollouts' variety so that groups have online pairs
+    monkeypatch.setitem(REWARDS, "variety", lambda completions, **kw: [len(set(completion_text(c))) / 10
+                                                                       for c in completions])
+    trainer = upo.main(*stage_configs(
+        UPOConfig, arch, tiny_model_path, tmp_path / "upo", mixed / "tasks", "prompts",
+        rewards={"accuracy": 1.0, "variety": 1.0},
+        upo_lambda=0.5, upo_margin=0.0, num_generations=4, per_device_train_batch_size=4,
+        gradient_accumulation_steps=4, max_completion_length=4, upo_mode="both",
+        upo_offline_dataset=str(mixed / "pairs"), chat_template_kwargs={"enable_thinking": False}),
+        upo.CurriculumArguments())
+    assert any(0 in counts and any(counts) for counts in checked), f"no generation batch held both: {checked}"
+    losses(trainer, "upo/dpo_loss")
+    logs = trainer.state.log_history
+    assert any(log.get("upo/pairs_online", 0) > 0 for log in logs) and any(log.get("upo/pairs_offline", 0) > 0
+                                                                          for log in logs)
+    assert any(p.abs().sum() > 0 for p in lora_b(trainer.model).values()), "LoRA B starts at zero and must have moved"
+
+
+def test_offline_pairs_of_image_and_text_prompts_load_with_their_own_images(mixed, tiny_model_path):
+    """A text pair among image pairs is tokenized as GRPO tokenizes a text prompt of a vision batch, with no images."""
+    from posttrain.trainers.upo_pairs import load_offline_pairs
+
+    processor = load_tokenizer(tiny_model_path("qwen2_vl"))
+    pairs = load_offline_pairs(str(mixed / "pairs"), vision.text_tokenizer(processor), 16, processor=processor)
+    counts = [pair[3]["num_images"] for pair in pairs]
+    assert counts[:4] == [[1], [0], [1], [0]] and "pixel_values" not in pairs[1][3]
+    assert processor.image_token_id in pairs[0][0] and processor.image_token_id not in pairs[1][0]
+
+
+def test_an_offline_pair_without_the_images_of_its_placeholders_is_named(vqa, tiny_model_path, tmp_path):
+    """An image pair set with one pair whose `images` is empty but whose prompt keeps its image part: the processor
+    stopped UPO's construction with a bare "need at least one array to concatenate"; now the pair's line is named.
+    (A text pair, without placeholders, belongs in such a set: `test_upo_trains_on_batches_of_image_and_text_rows`.)"""
     from posttrain.trainers.upo_pairs import load_offline_pairs
 
     pairs = load_split(vqa / "pairs", "train").map(lambda row, i: {"images": []} if i == 2 else {}, with_indices=True)
     (tmp_path / "pairs").mkdir()
     pairs.to_parquet(str(tmp_path / "pairs" / "train.parquet"))
     processor = load_tokenizer(tiny_model_path("qwen2_vl"))
-    with pytest.raises(UserError, match=r"pairs:3: a pair without images in a set of image pairs"):
+    with pytest.raises(UserError, match=r"pairs:3: a pair without images whose prompt has image placeholders"):
         load_offline_pairs(str(tmp_path / "pairs"), vision.text_tokenizer(processor), 16, processor=processor)
 
 

@@ -29,8 +29,8 @@ def check_image_slots(dataset, name: str) -> None:
         markers = sum(content.count("<image>") for content in contents if isinstance(content, str))
         if images and markers:  # LLaMA-Factory's text markers: TRL adds its own placeholders, and the counts clash
             raise UserError(f"pre-flight: {name} {row_name(index)}: {markers} literal '<image>' marker(s) in its text; "
-                            "expected {\"type\": \"image\"} parts (TRL's format). `posttrain data build_sft_set` / "
-                            "`build_preference_set` turn the markers into parts")
+                            "expected {\"type\": \"image\"} parts (TRL's format). `posttrain data build_sft_set`, "
+                            "`build_preference_set` and `build_prompt_set` turn the markers into parts")
 
 
 def check_image_tokens(trainer, image_token_id: int, chunk: int = 16, limit: int = 2048,

@@ -286,22 +286,28 @@ def _side_ids(tokenizer, side, thinking: bool | None, where: str) -> list[int]:
 
 
 IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")  # per image; `num_images` says which row has which
+# what GRPO slices by image or tile for a chunk of rows: empty for a chunk of text rows
+PER_IMAGE_INPUTS = (*IMAGE_KEYS, "pixel_attention_mask", "spatial_shapes", "image_position_ids")
 TYPED_KEYS = ("mm_token_type_ids", "token_type_ids")  # per token: rebuilt for each layout of the tokens
 
 
 def _image_prompt(processor, prompt: list, thinking: bool | None, images: list,
                   template_kwargs: dict | None = None, where: str = "an offline pair") -> tuple[list[int], dict]:
     """An image prompt's token ids (each image expanded to its tokens) and its image inputs, as GRPO makes them:
-    rendered with the chat template, then processed with the images, no special tokens added. `where` names the
-    pair in errors."""
+    rendered with the chat template, then processed with the images, no special tokens added. A text prompt among
+    image prompts (no images) is processed the same way without any: `num_images` 0. `where` names the pair in
+    errors."""
     from ..models.vision import with_image_parts
 
-    if not images:  # the processor's bare "need at least one array to concatenate"
-        raise UserError(f"{where}: a pair without images in a set of image pairs; expected its image(s) (each pair "
-                        "is scored with its own images), or leave the pair out")
+    parts = [part for m in prompt if isinstance(m.get("content"), list) for part in m["content"]]
+    # a placeholder without its image: the processor's bare "need at least one array to concatenate"
+    if not images and any(isinstance(part, dict) and part.get("type") == "image" for part in parts):
+        raise UserError(f"{where}: a pair without images whose prompt has image placeholders; expected its "
+                        "image(s) (each pair is scored with its own images), or leave the pair out")
     prompt = with_image_parts(prompt, len(images))  # text-only contents: the images go first, as GRPO puts them
     text = render_prompt(processor, prompt, thinking, template_kwargs)
-    inputs = processor(text=[text], images=[list(images)], return_tensors="pt", add_special_tokens=False)
+    inputs = processor(text=[text], images=[list(images)] if images else None, return_tensors="pt",
+                       add_special_tokens=False)
     image_inputs = {key: inputs[key] for key in IMAGE_KEYS if key in inputs}
     image_inputs.update(num_images=[len(images)], typed=[key for key in TYPED_KEYS if key in inputs])
     return inputs["input_ids"][0].tolist(), image_inputs

@@ -40,7 +40,8 @@ Images (a VLM's processor, an `images` column): GRPO needs the prompts conversat
 not rendered per row; GRPO applies one `chat_template_kwargs` to all of them, so image prompts must share one thinking
 mode, which becomes `chat_template_kwargs.enable_thinking`. The DPO term scores a pair's rejected rollout (and the
 reference scores both) with the images of its prompt, selected per row from GRPO's batch (`select_images`); offline
-pairs with images carry their own, processed once (`load_offline_pairs`).
+pairs with images carry their own, processed once (`load_offline_pairs`). Text prompts and pairs may sit among image
+ones: `_tokenize_prompts` and `_called` make GRPO's batches of both kinds work (see there).
 
 ERNIE-4.5-VL routes each token to text or vision experts by `moe_mm_token_type_ids`, which GRPO neither passes to the
 model nor extends over the completion (`posttrain.moe_routing`). `_get_per_token_logps_and_entropies` gives every
@@ -69,6 +70,7 @@ from ..reward_groups import normalize_by_group, weighted_sum
 from ..rewards import resolve_rewards
 from .upo_config import UPOConfig
 from .upo_pairs import (
+    PER_IMAGE_INPUTS,
     OfflinePairs,
     default_margin,
     dpo_loss,
@@ -456,7 +458,7 @@ class UPOTrainer(GRPOTrainer):
     def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
         if self._routing:  # GRPO passes no routing, or the processor's for the prompt only: route by the tokens
             kwargs.pop(MOE_ROUTING, None)
-            model = self._routed(model)
+        model = self._called(model)
         logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
         if self._capture_logps:  # GRPO's loss forward: keep the policy log-probs for the chosen rollouts
             self._captured_logps = logps
@@ -515,27 +517,43 @@ class UPOTrainer(GRPOTrainer):
         return torch.cat(parts)
 
     # ------------------------------------------------------------------------------------------------------------------
-    # ERNIE-4.5-VL's expert routing (`moe_mm_token_type_ids`, see posttrain.moe_routing), which GRPO does not carry
+    # Vision inputs: batches of image and text prompts, and ERNIE-4.5-VL's expert routing (`moe_mm_token_type_ids`,
+    # see posttrain.moe_routing), which GRPO does not carry
     # ------------------------------------------------------------------------------------------------------------------
-    def _routed(self, model):
-        """`model` as GRPO calls it (keyword inputs, one chunk of rows at a time), plus the routing of those tokens."""
+    def _called(self, model):
+        """`model` as GRPO calls it (keyword inputs, one chunk of rows at a time), with two repairs. A chunk of text
+        rows from a batch that mixes image and text prompts gets GRPO's slice of the batch's image inputs, which is
+        empty, and the vision towers fail on it (an empty `torch.cat`, a reshape of 0 elements): it gets none. And
+        ERNIE-4.5-VL gets the routing of the chunk's tokens."""
 
         def forward(**inputs):
-            return model(**with_routing(self.processing_class, inputs))
+            pixels = inputs.get("pixel_values")
+            if pixels is not None and pixels.numel() == 0:
+                inputs = {key: value for key, value in inputs.items() if key not in PER_IMAGE_INPUTS}
+            return model(**with_routing(self.processing_class, inputs)) if self._routing else model(**inputs)
 
         return forward
 
     def _tokenize_prompts(self, prompts):
-        """ERNIE-4.5-VL's processor (transformers 5.23) builds its routing with one numpy array over the batch, which
+        """GRPO's tokenized prompts, with two repairs.
+
+        A generation batch may mix image and text prompts (a vision set with text rows): GRPO lists None as a text
+        prompt's images, which the processors refuse when it scores the batch ("only a single or a list of entries
+        is supported"); they take an empty list, so that is what a text prompt gets.
+
+        ERNIE-4.5-VL's processor (transformers 5.23) builds its routing with one numpy array over the batch, which
         fails on the unpadded prompts of different lengths GRPO tokenizes together. So those are tokenized one at a
-        time and merged as GRPO merges per-environment prompts: tensors concatenated, other fields joined by rows."""
+        time and merged as GRPO merges per-environment prompts: tensors concatenated, other fields joined by rows
+        (a text prompt has no image fields)."""
         if not self._routing or len(prompts) == 1:
-            return super()._tokenize_prompts(prompts)
+            prompt_ids, images, fields = super()._tokenize_prompts(prompts)
+            return prompt_ids, None if images is None else [found or [] for found in images], fields
         tokenize = super()._tokenize_prompts
         parts = [tokenize([prompt]) for prompt in prompts]
         prompt_ids = [ids for part in parts for ids in part[0]]
-        images = [part[1][0] if part[1] else None for part in parts]
-        fields = {key: [part[2][key] for part in parts] for key in parts[0][2]}
+        images = [part[1][0] if part[1] else [] for part in parts]
+        keys = dict.fromkeys(key for part in parts for key in part[2])
+        fields = {key: [part[2][key] for part in parts if key in part[2]] for key in keys}
         fields = {key: torch.cat(values) if isinstance(values[0], torch.Tensor) else [row for v in values for row in v]
                   for key, values in fields.items()}
         return prompt_ids, images if any(images) else None, fields
