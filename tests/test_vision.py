@@ -1286,6 +1286,20 @@ def test_offline_pairs_of_image_and_text_prompts_load_with_their_own_images(mixe
     assert processor.image_token_id in pairs[0][0] and processor.image_token_id not in pairs[1][0]
 
 
+def test_onpolicy_pairs_of_image_and_text_prompts_keep_their_own_images(mixed, tiny_model_path, tmp_path):
+    """The pairs job samples a mixed prompt set in mixed batches: each pair keeps its prompt's images, or none."""
+    from data_prep.build_onpolicy_pairs import main
+
+    out = tmp_path / "pairs"
+    assert main(["--model_name_or_path", str(tiny_model_path("qwen2_vl")), "--prompts", str(mixed / "tasks"),
+                 "--max_train_prompts", "8", "--max_test_prompts", "4", "--num_samples", "2", "--max_new_tokens", "4",
+                 "--rewards", "length_penalty", "--margin", "0.0", "--output_dir", str(out)]) == 0
+    pairs = load_split(out, "train")
+    prompts = {json.dumps(row["prompt"]): len(row["images"]) for row in load_split(mixed / "tasks", "prompts")}
+    assert {len(row["images"]) for row in pairs} == {0, 1}
+    assert all(prompts[json.dumps(row["prompt"])] == len(row["images"]) for row in pairs)
+
+
 def test_an_offline_pair_without_the_images_of_its_placeholders_is_named(vqa, tiny_model_path, tmp_path):
     """An image pair set with one pair whose `images` is empty but whose prompt keeps its image part: the processor
     stopped UPO's construction with a bare "need at least one array to concatenate"; now the pair's line is named.
