@@ -648,6 +648,16 @@ def test_change_runs_to_the_last_stage_that_is_not_stale(tmp_path):
                       "rejected)")[0] == "dpo"
 
 
+def test_a_gate_record_without_its_verdict_reads_as_the_summary_line_reads_it(tmp_path):
+    """A promotion record edited by hand (or by an older version) without `passed`: the table stopped on a KeyError;
+    it reads it as passed, as the accuracy line does."""
+    run = copy_runs(tmp_path) / "tiny-full"
+    edit_json(run / "upo" / "metrics.json", lambda m: m.update(promotion={"against": "dpo", "comparison": None,
+                                                                          "gate": {"reason": "edited"}}))
+    md = to_markdown([sections.eval_table(load_run(run)), *sections.promotions(load_run(run))], "files")
+    assert md_row(md, "**upo**")[-1] == "passed: edited"
+
+
 def test_a_stage_folder_left_from_the_recipes_earlier_chain_is_not_a_stage_of_the_run(tmp_path):
     """The recipe ran sft → dpo → upo, then without dpo in the same folder: run.json lists base, sft, upo, and the
     dpo/ left there is neither shown after upo nor the end of the report's change column."""

@@ -214,8 +214,9 @@ def promotions(run: RunView) -> list:
                    Cell("yes" if c["significant"] else "no",
                         "" if not c["significant"] else "ok" if c["difference"] > 0 else "bad")]
                   if c else [NOT_MEASURED] * 5)
-        verdict = (Cell(("passed: " if gate["passed"] else "FAILED: " if gate.get("enforced", True)
-                         else "worse (not enforced): ") + gate.get("reason", ""), "ok" if gate["passed"] else "bad",
+        passed = (gate or {}).get("passed", True)  # as the run's summary line reads a record without it
+        verdict = (Cell(("passed: " if passed else "FAILED: " if gate.get("enforced", True)
+                         else "worse (not enforced): ") + gate.get("reason", ""), "ok" if passed else "bad",
                         literal=True) if gate else Cell("no gate", "missing"))
         mark = stage_label(stage, run).removeprefix(stage.name)  # ` (stale: …)`: not what the chain now gives
         rows.append([f"**{stage.name}**{mark}", record.get("against", ""), *paired, verdict])
