@@ -8,6 +8,7 @@ rows of one prompt ever put a copy of a test prompt into the training split.
 """
 
 import dataclasses
+import hashlib
 import math
 import os
 import sys
@@ -25,6 +26,7 @@ from . import card as card_lib
 from . import clean
 from .config import PreferenceSetConfig, PromptSetConfig
 from .formats import FORMATS, Options, convert_rows
+from .images import embed_image
 from .readers import read_rows
 from .registry import load_entry
 
@@ -53,7 +55,7 @@ def import_source(source, cfg, kinds: tuple[str, ...], job: str, rejects: list[d
     local = Path(source.path).exists()
     margin = cfg.min_score_margin if isinstance(cfg, PreferenceSetConfig) else 0.0
     opts = Options(base_dir=Path(source.path).parent if local else Path.cwd(), check_images=cfg.check_images,
-                   min_score_margin=margin, domain=source.name)
+                   min_score_margin=margin, domain=source.name, embedded_images=True)
     if isinstance(cfg, PromptSetConfig):
         opts.system, opts.thinking = cfg.system, cfg.thinking
     fmt, split, subset, remap = source.format, source.split, source.subset, None
@@ -91,8 +93,20 @@ def import_source(source, cfg, kinds: tuple[str, ...], job: str, rejects: list[d
 
 
 def _reject(where: str, source: str, step: str, reason: str, row, text: str | None = None) -> dict:
-    reject = {"where": where, "source": source, "filter": step, "reason": reason, "row": row}
+    reject = {"where": where, "source": source, "filter": step, "reason": reason, "row": _without_bytes(row)}
     return {**reject, "raw_text": text} if text is not None else reject
+
+
+def _without_bytes(value):
+    """`value` with each bytes value (an embedded image) as its sha256 and size: a rejects.jsonl line stays short,
+    readable JSON, and the sha256 is the one dedup keys the image by."""
+    if isinstance(value, (bytes, bytearray)):
+        return {"sha256": hashlib.sha256(value).hexdigest(), "bytes": len(value)}
+    if isinstance(value, dict):
+        return {k: _without_bytes(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_bytes(v) for v in value]
+    return value
 
 
 def unpair(records: list[dict]) -> list[dict]:
@@ -110,9 +124,18 @@ def unpair(records: list[dict]) -> list[dict]:
 
 
 def to_dataset(records: list[dict], kind: str):
-    """A `datasets.Dataset` with the kind's columns, optional columns only when some row has them."""
-    from datasets import Dataset, Features, Json, List, Value
+    """A `datasets.Dataset` with the kind's columns, optional columns only when some row has them.
 
+    `images` are absolute path strings, unless some row holds image bytes: then every row's images are embedded (the
+    files read), so the set is self-contained and its parquet sha256 covers them. Embedded images stay undecoded
+    (`{"bytes", "path"}`) for the filters; `writable` types them as `datasets.Image` for the stages."""
+    from datasets import Dataset, Features, Image, Json, List, Value
+
+    embedded = any(isinstance(image, dict) for r in records for image in r.get("images") or [])
+    if embedded:
+        for r in records:
+            r["images"] = [embed_image(image) for image in r["images"]] if r.get("images") else None
+    images = List(Image(decode=False)) if embedded else List(Value("string"))
     columns = KIND_COLUMNS[kind] + [c for c in OPTIONAL_COLUMNS if any(r.get(c) is not None for r in records)]
     if "thinking" in columns:  # once any row sets a mode, rows without a think block train the non-thinking one
         for r in records:
@@ -124,7 +147,7 @@ def to_dataset(records: list[dict], kind: str):
             # Json keeps tool calls and vision parts exactly, without the None-padding a struct would add.
             features[col] = List({"role": Value("string"), "content": Value("string")}) if plain else List(Json())
         else:
-            features[col] = {"tools": Json(), "images": List(Value("string")), "thinking": Value("bool"),
+            features[col] = {"tools": Json(), "images": images, "thinking": Value("bool"),
                              "label": Value("bool")}.get(col, Value("string"))
     features = Features({**features, "_origin": Value("string"), "_source": Value("string")})
     rows = [{c: r.get(c) for c in features} for r in records]
@@ -132,6 +155,17 @@ def to_dataset(records: list[dict], kind: str):
         return Dataset.from_list(rows, features=features), columns
     # Plain columns: pyarrow converts the rows ~7x faster than `from_list`'s per-row feature encoding.
     return Dataset(pa.Table.from_pylist(rows, schema=features.arrow_schema)), columns
+
+
+def writable(dataset):
+    """`dataset` without the pipeline's `_` columns, its embedded images (if any) typed to decode as PIL images."""
+    from datasets import Image, List
+
+    dataset = dataset.remove_columns([c for c in dataset.column_names if c.startswith("_")])
+    feature = dataset.features.get("images")
+    if isinstance(feature, List) and isinstance(feature.feature, Image):
+        dataset = dataset.cast_column("images", List(Image()))
+    return dataset
 
 
 def on_disk(dataset, work_dir: Path):
@@ -318,8 +352,7 @@ def build_set(cfg, job: str, kinds: tuple[str, ...], command: str, train_split: 
         counts.append({"step": "mix", "before": len(dataset), "after": sum(len(d) for d in splits.values())})
         card = _card_facts(cfg, job, kind, columns, command, sources, counts, rejects, splits, tokenizer)
         lengths = [n for d in splits.values() for n in clean.column(d, "_length")]
-        public = {name: d.remove_columns([c for c in d.column_names if c.startswith("_")])
-                  for name, d in splits.items()}
+        public = {name: writable(d) for name, d in splits.items()}
         card_lib.write_output(out_dir, public, rejects, card, lengths, card["length_unit"], cfg.overwrite,
                               input_paths(cfg))
     return card

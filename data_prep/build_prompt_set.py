@@ -10,8 +10,9 @@ rewards compare a reply with `answer`, which must be the final answer alone, not
 ship it in.
 Writes OUT/prompts.parquet (the UPO stage's `dataset_train_split: prompts`) and OUT/test.parquet (`eval.split: test`),
 columns `prompt`, `answer`, `domain` (the row's, else the source's name), `thinking` (when set) and `images` (when a
-row has them: absolute paths, None in text rows; `<image>` markers become image parts of `prompt`), as
-build_verifiable_tasks names them; OUT/README.md (data card), OUT/card.json and OUT/rejects.jsonl.
+row has them: absolute paths, or every image embedded when some row has bytes; None in text rows; `<image>`
+markers become image parts of `prompt`), as build_verifiable_tasks names them; OUT/README.md (data card),
+OUT/card.json and OUT/rejects.jsonl.
 """
 
 from .build import build_set

@@ -32,6 +32,7 @@ from posttrain.errors import UserError
 from . import card as card_lib
 from .config import command_line, parse_config, run
 from .config import make_parser as _make_parser
+from .images import embed_image
 
 PROG = "posttrain data build_vqa_tasks"
 SHAPES = ("circle", "rectangle", "triangle")
@@ -141,17 +142,13 @@ def file_tasks(config: VQATasksConfig) -> dict[str, list[dict]]:
             raise UserError(f"{row.where}: expected one question about an image and its answer; got {len(turns)} "
                             f"turns and {len(record.get('images') or [])} images")
         reply = turns[1]["content"]
-        images = [_image_bytes(image) for image in record["images"]]
+        images = [embed_image(image) for image in record["images"]]
         task = {"prompt": record["messages"][:-1], "reply": reply, "answer": reply.rsplit("</think>", 1)[-1].strip(),
                 "images": images, "thinking": bool(record.get("thinking")),
                 "domain": str((row.raw or {}).get("domain") or "vqa"), "question": text_of(turns[0]["content"])}
         digest = hashlib.sha256(b"".join(image["bytes"] for image in images)).hexdigest()
         tasks["test" if int(digest, 16) % config.test_every == 0 else "train"].append(task)
     return tasks
-
-
-def _image_bytes(image) -> dict:
-    return image if isinstance(image, dict) else {"bytes": Path(image).read_bytes()}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

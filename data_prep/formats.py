@@ -6,7 +6,7 @@ Every converter takes a raw row (a dict) and returns a record of one *kind*:
 - `unpaired`: `prompt`, `completion`, `label` (KTO) (+ `tools`, `images`, `thinking`);
 - `rl`: `prompt`, `answer`, `domain` (+ `images`, `thinking`): RL prompts (`prompt_formats`: TRL's, GSM8K's, MATH's).
 Vision rows (`vqa`, `erniekit_vl`, or any sft/preference/rl row with `images`) carry image file paths; with
-`Options.embedded_images` an image may also be bytes (`build_vqa_tasks` keeps them inside its parquet files).
+`Options.embedded_images` (the data jobs set it) an image may also be bytes, as a `datasets.Image` column holds them.
 Keys a format does not use are ignored (ids, metadata); problems raise `RowError` naming the field.
 LLaMA-Factory's formats live in `llamafactory`, the record builders every converter shares in `records`, and
 `dataset_info.json` registries in `registry` (which renames a registered file's keys before conversion).

@@ -57,9 +57,9 @@ def check_images(images, base_dir: Path, decode: bool, field: str = "images",
                  embedded: bool = False) -> list | None:
     """Image paths that exist (relative ones resolved from the data file's folder) and, if `decode`, open with PIL.
 
-    With `embedded`, an image may also be given as bytes (the `datasets.Image` feature's `{"bytes", "path"}` form with
-    bytes): it is returned as `{"bytes": ...}` after the same decode check. Without it, bytes are an error that says
-    which job keeps them (`build_vqa_tasks`), because `build_sft_set` writes image paths."""
+    With `embedded` (the data jobs pass it), an image may also be given as bytes (the `datasets.Image` feature's
+    `{"bytes", "path"}` form with bytes): it is returned as `{"bytes": ...}` after the same decode check. Without it,
+    bytes are an error: the caller takes image files only."""
     if images is None or images == []:
         return None
     if isinstance(images, (str, dict)):
@@ -90,8 +90,8 @@ def check_images(images, base_dir: Path, decode: bool, field: str = "images",
 
 def _embedded_image(data, field: str, decode: bool, embedded: bool) -> dict:
     if not embedded:
-        raise RowError(field, "holds image bytes, not a file path", "a file path (build_sft_set writes paths; "
-                       "build_vqa_tasks keeps embedded images)")
+        raise RowError(field, "holds image bytes, not a file path", "a file path (this reader takes image files only; "
+                       "the data jobs, `Options(embedded_images=True)`, also take embedded images)")
     if not isinstance(data, (bytes, bytearray)):
         raise RowError(f"{field}.bytes", f"is a {type(data).__name__}", "the bytes of a PNG/JPEG/... image (JSON has no "
                        "bytes: embed images through a parquet file, e.g. a datasets Image column, or give file paths)")
@@ -102,6 +102,11 @@ def _embedded_image(data, field: str, decode: bool, embedded: bool) -> dict:
         if error:
             raise RowError(field, f"does not decode as an image ({error})", "a PNG/JPEG/... image")
     return {"bytes": bytes(data)}
+
+
+def embed_image(image) -> dict:
+    """An image `check_images` returned as `{"bytes": ...}`: a file path is read, bytes stay as they are."""
+    return image if isinstance(image, dict) else {"bytes": Path(image).read_bytes()}
 
 
 def _decode_error(path) -> str | None:

@@ -41,7 +41,8 @@ def validate_file(path: str, args) -> tuple[int, int]:
         counts = [validate_file(f"{registry[0]}:{name}", args) for name in read_registry(registry[0])]
         return sum(c[0] for c in counts), sum(c[1] for c in counts)
     base = Path(path).parent if Path(path).exists() else Path.cwd()
-    opts = Options(base_dir=base, check_images=args.check_images, min_score_margin=args.min_score_margin)
+    opts = Options(base_dir=base, check_images=args.check_images, min_score_margin=args.min_score_margin,
+                   embedded_images=True)
     fmt, data, split, subset, remap = args.format, path, "train", None, None
     if registry:
         entry = load_entry(*registry)
