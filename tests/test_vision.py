@@ -1300,6 +1300,28 @@ def test_onpolicy_pairs_of_image_and_text_prompts_keep_their_own_images(mixed, t
     assert all(prompts[json.dumps(row["prompt"])] == len(row["images"]) for row in pairs)
 
 
+def test_text_rows_beside_embedded_images_keep_their_turns_and_get_no_images(tmp_path):
+    """A vision SFT set as data_prep writes one that embeds its images: text rows have `images` null (the processors
+    stopped on None: "only a single or a list of entries is supported"), and a turn that reads as JSON ("42",
+    "0110…") stays text through the stage's prompt/completion split (`datasets` stored it as JSON, and TRL's collator
+    stopped on the number it came back as)."""
+    from datasets import Dataset, Features, Json, List
+    from datasets import Image as ImageFeature
+
+    image = tmp_path / "red.png"
+    write_png(image)
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+                          {"role": "assistant", "content": "red"}], "images": [{"bytes": image.read_bytes()}]},
+            {"messages": [{"role": "user", "content": "0110101110001010110101"}, {"role": "assistant", "content": "Ha"},
+                          {"role": "user", "content": "What is 40 + 2?"}, {"role": "assistant", "content": "42"}],
+             "images": None}]
+    data = Dataset.from_list(rows, features=Features({"messages": List(Json()), "images": List(ImageFeature())}))
+    rows = vision.sft_rows_to_prompt_completion(vision.decode_images(data, tmp_path, "the set")).to_list()
+    assert [len(row["images"]) for row in rows] == [1, 0]
+    assert [m["content"] for m in rows[1]["prompt"]] == ["0110101110001010110101", "Ha", "What is 40 + 2?"]
+    assert rows[1]["completion"] == [{"role": "assistant", "content": "42"}]
+
+
 def test_an_offline_pair_without_the_images_of_its_placeholders_is_named(vqa, tiny_model_path, tmp_path):
     """An image pair set with one pair whose `images` is empty but whose prompt keeps its image part: the processor
     stopped UPO's construction with a bare "need at least one array to concatenate"; now the pair's line is named.

@@ -186,14 +186,28 @@ def decode_images(dataset, data_dir: str | Path | None = None, name: str = "the 
     feature = dataset.features["images"]
     if isinstance(feature, Image):  # one image per row, not a list: the collators expect a list
         _check_images(dataset.cast_column("images", Image(decode=False)), name, rows)
-        return dataset.map(lambda row: {"images": [row["images"]]}, features=_with_images(dataset, List(Image())))
+        return dataset.map(lambda row: {"images": [] if row["images"] is None else [row["images"]]},
+                           features=_with_images(dataset, List(Image())))
     if isinstance(getattr(feature, "feature", None), Image):
         _check_images(dataset.cast_column("images", List(Image(decode=False))), name, rows)
-        return dataset
+        return _text_rows_without_images(dataset)
     if data_dir is not None:
         dataset = dataset.map(lambda row: {"images": [_under(data_dir, p) for p in row["images"] or []]})
     _check_images(dataset, name, rows)
     return dataset.cast_column("images", List(Image()))
+
+
+def _text_rows_without_images(dataset):
+    """Text rows among image rows (`images` null, as data_prep writes them beside embedded images) with an empty list:
+    the processors take `[]` for a row without images and stop on None ("only a single or a list of entries")."""
+    from datasets import Image, List
+
+    if not dataset.data.column("images").null_count:
+        return dataset
+    undecoded = dataset.cast_column("images", List(Image(decode=False)))  # not every image decoded to be copied
+    # `input_columns`: the other columns stay as stored (a `Json` column read and written back by `map` is not)
+    undecoded = undecoded.map(lambda images: {"images": images or []}, input_columns=["images"])
+    return undecoded.cast_column("images", dataset.features["images"])
 
 
 def _with_images(dataset, feature):
@@ -266,7 +280,14 @@ def sft_rows_to_prompt_completion(dataset):
     TRL's vision collator renders `messages` batches with one set of template arguments, so a per-row thinking mode
     would be lost; for prompt-completion rows it applies each row's `chat_template_kwargs`, and the loss is on the
     completion only (as assistant-only loss would be for a single reply). Earlier replies of a multi-turn row are
-    context, not trained."""
+    context, not trained.
+
+    The new columns are typed as lists of `Json` messages, as data_prep stores `messages`: `datasets` would infer
+    `Json` for the contents themselves where they mix text and parts, and it stores a string that parses as JSON as
+    that JSON, so a turn "42" came back as the number 42 (and "0110…" as an overflowed integer), on which TRL's
+    collator stopped."""
+    from datasets import Json, List
+
     if "messages" not in dataset.column_names:
         return dataset
 
@@ -274,7 +295,10 @@ def sft_rows_to_prompt_completion(dataset):
         messages = row["messages"]
         return {"prompt": messages[:-1], "completion": messages[-1:]}
 
-    return dataset.map(split, remove_columns=["messages"])
+    features = dataset.features.copy()
+    del features["messages"]
+    features.update(prompt=List(Json()), completion=List(Json()))
+    return dataset.map(split, remove_columns=["messages"], features=features)
 
 
 def message_text(content) -> str:
