@@ -1040,13 +1040,16 @@ def test_easy_vqa_tasks_think_consistently(vqa):
 
 
 def test_tiny_vision_recipe(tiny_vision_run, check_evaluation):
-    """The tiny vision recipe end to end through the CLI: data jobs, base eval, sft -> dpo -> upo, all with images."""
+    """The tiny vision recipe end to end through the CLI: data jobs, base eval, sft (on image and text rows) -> dpo ->
+    upo, all with images."""
     cwd, process = tiny_vision_run
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output[-3000:]
     run = cwd / "outputs" / "tiny-vision"
     assert json.loads((run / "run.json").read_text())["steps"]["run"]["status"] == "done"
     assert "easy-vqa" in (run / "data" / "vqa" / "README.md").read_text()
+    mix = json.loads((run / "data" / "sft_mix" / "card.json").read_text())  # SFT's rows: both kinds, images embedded
+    assert [(s["name"], s["rows_kept"]) for s in mix["sources"]] == [("vqa", 48), ("text", 16)]
     for stage in ("base", "sft", "dpo", "upo"):
         evaluation = json.loads((run / stage / "metrics.json").read_text())["eval"]
         check_evaluation(evaluation, 8)
