@@ -263,3 +263,116 @@ def test_a_finished_stage_tears_its_process_group_down():
     common.end_processes()
     assert not dist.is_initialized()
     common.end_processes()  # and nothing to do without one
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "ernie4_5_vl"])
+def test_fsdp_keeps_a_vlms_vision_tower_in_the_root_unit(arch, tiny_model_path):
+    """FSDP gathers a unit's weights when the unit runs, and the vision tower runs only on a process whose rows have
+    images: with its blocks as units of their own (accelerate wraps every class of `_no_split_modules`), a step in
+    which another process had text rows only (a set mixing both; UPO scoring a placeholder on a process without
+    pairs) exchanged mismatched collectives ("Received data size doesn't match expected size"; a hang on NCCL).
+    Every stage leaves them to the root unit, which every forward gathers."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    from posttrain.models import load_model
+    from posttrain.stages import common
+
+    model = load_model(tiny_model_path(arch))
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    trainer = SimpleNamespace(is_fsdp_enabled=True, model=model, add_callback=lambda callback: None,
+                              accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
+    common.freeze_vision(trainer, SimpleNamespace(adapter_path=None),
+                         SimpleNamespace(model_name_or_path=str(tiny_model_path(arch))))
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    units = [name for name, module in model.model.named_modules() if policy(module)]
+    assert units and units == [f"language_model.layers.{i}" for i in range(len(units))]
+
+
+def test_a_sharded_adapter_with_modules_to_save_is_read_on_the_main_process_alone(tiny_model_path):
+    """Under FSDP the gathered state dict is the main process's; the others get an empty one, on which PEFT's
+    reading of a module trained in full (LLaVA's projector in `lora_modules_to_save`) stopped them with a KeyError
+    after every FSDP stage."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain.models import load_model
+    from posttrain.stages.adapter_checks import live_adapter
+
+    peft_model = get_peft_model(load_model(tiny_model_path("llava")), LoraConfig(
+        r=2, target_modules=r".*language_model.*q_proj", modules_to_save=["multi_modal_projector"]))
+    accelerator = SimpleNamespace(unwrap_model=lambda model: model, get_state_dict=lambda model: {},
+                                  is_main_process=False)
+    trainer = SimpleNamespace(model=peft_model, model_wrapped=peft_model, accelerator=accelerator,
+                              is_fsdp_enabled=True, is_deepspeed_enabled=False)
+    assert live_adapter(trainer) is None
+    accelerator.is_main_process, accelerator.get_state_dict = True, lambda model: model.state_dict()
+    assert any("multi_modal_projector" in name for name in live_adapter(trainer))
+
+
+def test_a_frozen_projector_is_left_out_of_ddps_all_reduce(tiny_model_path):
+    """A continued LLaVA adapter's projector, frozen in DPO and UPO (`vision.freeze_vision`), keeps `requires_grad`
+    (PEFT sets it again) and DDP managed it: GRPO's forward on text prompts left it unused, UPO's pairs' forward around
+    DDP with an image pair used it, and the backward failed ("Expected to mark a variable ready only once")."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from PIL import Image
+    from torch.nn.parallel import DistributedDataParallel
+
+    from posttrain.models import load_model, load_tokenizer, vision
+
+    path = tiny_model_path("llava")
+    model = get_peft_model(load_model(path), LoraConfig(r=2, target_modules=r".*language_model.*q_proj",
+                                                        modules_to_save=["multi_modal_projector"]))
+    assert vision.freeze_vision(SimpleNamespace(model=model, create_optimizer=lambda: None), None)
+    processor = load_tokenizer(path)
+    image = processor(text=["<image> red"], images=[[Image.new("RGB", (32, 32), (255, 0, 0))]], return_tensors="pt")
+    text = processor(text=["just text"], return_tensors="pt")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # in memory: no rendezvous
+    try:
+        ddp = DistributedDataParallel(model, find_unused_parameters=True)  # as GRPO asks for under PEFT
+        loss = ddp(**text, labels=text["input_ids"]).loss + ddp.module(**image, labels=image["input_ids"]).loss
+        loss.backward()
+    finally:
+        dist.destroy_process_group()
+    trained = model.base_model.model.model.language_model.layers[0].self_attn.q_proj.lora_B.default.weight
+    assert trained.grad is not None
+
+
+def test_fsdp_reduce_scatters_zeros_for_weights_only_image_rows_train(tiny_model_path):
+    """LLaVA's projector (in `lora_modules_to_save`) gets a gradient only on a process whose rows have images, and
+    FSDP2 reduce-scatters only the gradients a process has: a step in which the other process had text rows only
+    exchanged mismatched collectives ("Received data size doesn't match expected size"). Every FSDP unit of a VLM
+    reduce-scatters zeros for them instead, from the start of training."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from posttrain.models import load_model
+    from posttrain.stages import common
+
+    path = tiny_model_path("llava")
+    model, callbacks = load_model(path), []
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    trainer = SimpleNamespace(is_fsdp_enabled=True, model=model, model_wrapped=model, add_callback=callbacks.append,
+                              accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
+    common.freeze_vision(trainer, SimpleNamespace(adapter_path=None), SimpleNamespace(model_name_or_path=str(path)))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # in memory: no rendezvous
+    try:
+        for layer in model.model.language_model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        for callback in callbacks:
+            callback.on_train_begin(None, None, None)
+        groups = [group for module in model.modules() if isinstance(module, FSDPModule)
+                  for group in module._get_fsdp_state()._fsdp_param_groups]
+        assert groups and all(group.reduce_scatter_unused_params for group in groups)
+    finally:
+        dist.destroy_process_group()

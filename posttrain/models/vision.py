@@ -145,6 +145,7 @@ def freeze_vision(trainer, trainable: list[str] | None) -> list[str]:
     its recomputation is an error. So they stay out of the optimizer (built here, before training) and their gradients
     are zeroed, so that they do not count in gradient clipping either."""
     import torch
+    from torch.nn.parallel import DistributedDataParallel
 
     trainable = trainable or []
     carried = {name.split(".modules_to_save.")[0].rsplit(".", 1)[-1] for name, _ in trainer.model.named_parameters()
@@ -165,7 +166,51 @@ def freeze_vision(trainer, trainable: list[str] | None) -> list[str]:
     for _, param in frozen:
         param.requires_grad_(True)
         param.register_hook(torch.zeros_like)
+    # nor in DDP's gradient all-reduce: a forward around DDP (UPO's pairs) could use them where DDP's own did not,
+    # which DDP refuses ("Expected to mark a variable ready only once")
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(trainer.model, [name for name, _ in frozen])
     return sorted({name.split(".modules_to_save.")[0].rsplit(".", 1)[-1] for name, _ in frozen})
+
+
+def shard_vision_with_root(trainer) -> None:
+    """Under FSDP (transformer-based wrapping, no layer classes named), only the language tower's layers become
+    FSDP units of their own: the vision tower's blocks stay in the root unit, gathered at every forward. A unit of its
+    own is gathered only when the vision tower runs, i.e. on a process whose rows have images; in a step where
+    another process has text rows only (a mixed set, or UPO scoring a text placeholder on a process without pairs)
+    that process's next gather is a decoder layer's, and the processes exchange mismatched collectives (gloo:
+    "Received data size doesn't match expected size"; NCCL hangs)."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    if not trainer.is_fsdp_enabled:
+        return
+    plugin = trainer.accelerator.state.fsdp_plugin
+    if plugin.auto_wrap_policy is not transformer_auto_wrap_policy or plugin.transformer_cls_names_to_wrap is not None:
+        return
+    base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    layers, vision_side = set(base._no_split_modules or []), tuple(f"{name}." for name in vision_modules(base))
+    plugin.transformer_cls_names_to_wrap = sorted({type(module).__name__ for name, module in base.model.named_modules()
+                                                   if type(module).__name__ in layers
+                                                   and not f"{name}.".startswith(vision_side)})
+
+
+def reduce_unused_gradients(trainer) -> None:
+    """Under FSDP2, weights that only image rows train (a projector in `lora_modules_to_save`, ERNIE-4.5-VL's vision
+    experts) get a gradient only on a process whose rows have images, and FSDP2 reduce-scatters only the gradients a
+    process has: a step in which another process had text rows only exchanged mismatched collectives. Those processes
+    reduce-scatter zeros for them instead (torch's option for "multi-modal models, mixture of experts"; torch 2.13
+    checked)."""
+    import torch
+    from packaging.version import Version
+    from transformers import TrainerCallback
+
+    if not trainer.is_fsdp_enabled or Version(torch.__version__).release < (2, 13):
+        return
+
+    class ReduceUnused(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):  # the model is sharded by now
+            trainer.model_wrapped.set_reduce_scatter_unused_params(True)
+
+    trainer.add_callback(ReduceUnused())
 
 
 # ----------------------------------------------------------------------------------------------------------------------

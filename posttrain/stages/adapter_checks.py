@@ -89,6 +89,8 @@ def live_adapter(trainer) -> dict | None:
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
         # the wrapped model: under DeepSpeed `trainer.model` stays the bare module, and ZeRO-3's gather is the engine's
         full = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        if not trainer.accelerator.is_main_process:  # the gathered weights are the main process's alone: others get {}
+            return None
         return get_peft_model_state_dict(model, state_dict=full, adapter_name="default")
     return get_peft_model_state_dict(model, adapter_name="default") if trainer.accelerator.is_main_process else None
 

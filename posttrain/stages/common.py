@@ -209,10 +209,15 @@ def pack_scoring(trainer, model_args) -> str:
 
 def freeze_vision(trainer, stage_args, model_args) -> dict:
     """A continued VLM adapter's fully trained modules (vision tower, projector) stay unchanged in this stage unless
-    it lists them in `lora_modules_to_save` (see `vision.freeze_vision`)."""
+    it lists them in `lora_modules_to_save` (see `vision.freeze_vision`). Under FSDP, every stage of a VLM keeps the
+    vision tower in the root unit (`vision.shard_vision_with_root`)."""
     from ..models import vision
 
-    if not stage_args.adapter_path or not vision.is_vision_model(model_args.model_name_or_path):
+    if not vision.is_vision_model(model_args.model_name_or_path):
+        return {}
+    vision.shard_vision_with_root(trainer)
+    vision.reduce_unused_gradients(trainer)
+    if not stage_args.adapter_path:
         return {}
     if stage_args.loraplus_lr_ratio is not None:  # the optimizer may be built below, before `training.train` sets LoRA+
         lora_plus(trainer, stage_args.loraplus_lr_ratio)
