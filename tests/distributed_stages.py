@@ -54,9 +54,10 @@ def force_fsdp_on_cpu() -> None:
     chosen = state.AcceleratorState.__init__
 
     def init(self, *args, **kwargs):
-        chosen(self, *args, **kwargs)
+        chosen(self, *args, **kwargs)  # every call copies the process state's type (MULTI_CPU) back in
         if self.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP") == "true":
-            self.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* settings
+            if getattr(self, "fsdp_plugin", None) is None:  # once: what a stage set on the plugin stays
+                self.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* settings
             self.distributed_type = DistributedType.FSDP
 
     state.AcceleratorState.__init__ = init

@@ -1247,8 +1247,9 @@ def test_upo_trains_on_batches_of_image_and_text_rows(arch, mixed, tiny_model_pa
         typed = {key: out[key] for key in TYPED_KEYS if key in out}
         logps = self._get_per_token_logps_and_entropies  # GRPO's own forward, in its chunks
         with torch.no_grad():
-            together = logps(self.model, ids, mask, out["completion_ids"].size(1), self.args.per_device_train_batch_size,
-                             num_images=out["num_images"], **{k: out[k] for k in IMAGE_KEYS if k in out}, **typed)[0]
+            together = logps(self.model, ids, mask, out["completion_ids"].size(1),
+                             self.args.per_device_train_batch_size, num_images=out["num_images"],
+                             **{k: out[k] for k in IMAGE_KEYS if k in out}, **typed)[0]
             for row in range(len(ids)):
                 one = select_images(out, [row])
                 alone = logps(self.model, ids[row:row + 1], mask[row:row + 1], out["completion_ids"].size(1),
@@ -1315,7 +1316,8 @@ def test_text_rows_beside_embedded_images_keep_their_turns_and_get_no_images(tmp
     write_png(image)
     rows = [{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
                           {"role": "assistant", "content": "red"}], "images": [{"bytes": image.read_bytes()}]},
-            {"messages": [{"role": "user", "content": "0110101110001010110101"}, {"role": "assistant", "content": "Ha"},
+            {"messages": [{"role": "user", "content": "0110101110001010110101"},
+                          {"role": "assistant", "content": "Ha"},
                           {"role": "user", "content": "What is 40 + 2?"}, {"role": "assistant", "content": "42"}],
              "images": None}]
     data = Dataset.from_list(rows, features=Features({"messages": List(Json()), "images": List(ImageFeature())}))

@@ -1,0 +1,122 @@
+"""SFT -> DPO -> UPO on a tiny VLM, as one script that runs the same under 1 process, DDP or FSDP.
+
+    python tests/distributed_vision.py ARCH DATA OUT [STAGES]                    # one process (the reference)
+    accelerate launch --multi_gpu --num_processes 2 tests/distributed_vision.py ARCH DATA OUT
+    FSDP_ON_CPU=1 accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 2 \
+        --mixed_precision no tests/distributed_vision.py ARCH DATA OUT
+
+`tests/distributed_stages.py` for vision: ARCH is a tiny VLM (`tiny:<ARCH>`), DATA a folder of easy-VQA `tasks`
+(sft / prompts / test) and `pairs` (train / test), images only or with text rows among them (`tests/test_vision.py`'s
+`vqa` and `mixed` sets). The same global batch whatever the number of processes, fixed rollouts instead of sampled
+ones (see that script), and a one-pair offline file (the first image pair) so that every process draws the same
+offline pair. Each process writes the (rows, images) of every batch it trained on to
+`OUT/<stage>/batches-rank<N>.json`: whether a process ever trained on text rows alone while the other had images.
+"""
+
+import json
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from distributed_stages import COMMON, PAIR_COUNTS, RANK, WORLD, counting_pairs, force_fsdp_on_cpu, lora, record_engine
+from transformers import Trainer
+from trl import DPOConfig, SFTConfig
+
+from posttrain.configs import CurriculumArguments, StageArguments
+from posttrain.data import load_split
+from posttrain.models import resolve_model
+from posttrain.stages import dpo, sft, upo
+from posttrain.stages.common import end_processes
+from posttrain.trainers import UPOConfig, UPOTrainer
+
+SAVE = {"llava": ["multi_modal_projector"]}  # LLaVA trains its projector in SFT, as `tests/test_vision.py`'s chain
+BATCHES: list[list[int]] = []
+
+
+def fixed_rollouts(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+    """`distributed_stages.fixed_rollouts` with ids of plain text tokens: 10..499 holds no image token of the tiny
+    VLMs (a VLM's config has no top-level `vocab_size`, and an image token in a completion breaks its forward)."""
+    first = self.accelerator.process_index * len(prompt_ids)
+    completions = []
+    for index, prompt in enumerate(prompt_ids):
+        place = (first + index) % num_generations
+        completions.append([(sum(prompt) + 7 * j + 3) % 490 + 10 for j in range(place + 1)]
+                           + [self._tokenizer.eos_token_id])
+    return completions, None
+
+
+def counting_batches(original):
+    def training_step(self, model, inputs, *args, **kwargs):
+        if isinstance(inputs, list):  # GRPO's: prompt rows, before generation
+            return original(self, model, inputs, *args, **kwargs)
+        rows = next(len(value) for key, value in inputs.items() if key.endswith("input_ids"))
+        images = inputs.get("num_images")
+        images = sum(images) if images is not None else len(inputs.get("image_grid_thw", inputs.get("pixel_values",
+                                                                                                        [])))
+        BATCHES.append([rows, int(images)])
+        return original(self, model, inputs, *args, **kwargs)
+
+    return training_step
+
+
+def write_offline(data: Path, folder: Path) -> Path:
+    """The first image pair of DATA's pairs, alone: one and two processes draw the same offline pairs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = load_split(data / "pairs", "train")
+    pairs.select([next(i for i, row in enumerate(pairs) if row["images"])]).to_parquet(folder / "train.parquet")
+    return folder
+
+
+def finish(trainer, out: Path) -> None:
+    (out / f"batches-rank{RANK}.json").write_text(json.dumps(BATCHES))
+    BATCHES.clear()
+    record_engine(trainer, out)
+
+
+def main(arch: str, data: Path, out: Path, stages: list[str]) -> None:
+    model = str(resolve_model(f"tiny:{arch}"))
+    offline = write_offline(data, out / f"inputs-rank{RANK}" / "offline")
+    batch = 4 // WORLD  # per process: the global batch is 4 rows (SFT, DPO) or 4 rollouts of one prompt (UPO)
+    held_out = dict(eval_dataset=str(data / "tasks"), eval_limit=4, eval_max_new_tokens=4, eval_batch_size=4)
+    Trainer.training_step = counting_batches(Trainer.training_step)
+    if "sft" in stages:
+        stage = StageArguments(dataset_name=str(data / "tasks"), dataset_train_split="sft", max_train_samples=16,
+                               tokenizer_name_or_path=model, **held_out)
+        training = SFTConfig(output_dir=str(out / "sft"), per_device_train_batch_size=batch, max_length=160, **COMMON)
+        finish(sft.main(stage, training, lora(model, lora_modules_to_save=SAVE.get(arch))), out / "sft")
+    if "dpo" in stages:
+        stage = StageArguments(dataset_name=str(data / "pairs"), tokenizer_name_or_path=model,
+                               adapter_path=str(out / "sft"), **held_out)
+        training = DPOConfig(output_dir=str(out / "dpo"), per_device_train_batch_size=batch, max_length=160, beta=0.1,
+                             **COMMON)
+        finish(dpo.main(stage, training, lora(model)), out / "dpo")
+    UPOTrainer._generate_single_turn = fixed_rollouts
+    UPOTrainer._pair_logps = counting_pairs(UPOTrainer._pair_logps)
+    for name, mode in (("upo", "both"), ("upo_online", "online")):
+        if name not in stages:
+            continue
+        PAIR_COUNTS.clear()
+        stage = StageArguments(dataset_name=str(data / "tasks"), dataset_train_split="prompts",
+                               tokenizer_name_or_path=model, adapter_path=str(out / "dpo"))
+        training = UPOConfig(output_dir=str(out / name), per_device_train_batch_size=batch, num_generations=4,
+                             max_completion_length=8, rewards={"length_penalty": 1.0}, upo_lambda=0.5, upo_mode=mode,
+                             upo_offline_ratio=2.0, upo_offline_dataset=str(offline) if mode == "both" else None,
+                             upo_margin=0.0, chat_template_kwargs={"enable_thinking": False}, **COMMON)
+        trainer = upo.main(stage, training, lora(model), CurriculumArguments())
+        (out / name / f"pairs-rank{RANK}.json").write_text(json.dumps(PAIR_COUNTS))
+        finish(trainer, out / name)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    if os.environ.get("FSDP_ON_CPU") == "1":
+        force_fsdp_on_cpu()
+    if WORLD > 1:  # a collective one process never joins fails after 2 minutes, with a traceback, instead of 30
+        from accelerate import PartialState
+
+        PartialState(cpu=True, backend="gloo", timeout=timedelta(seconds=120))
+    main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4].split(",") if len(sys.argv) > 4 else
+         ["sft", "dpo", "upo", "upo_online"])
+    end_processes()
