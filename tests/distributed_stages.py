@@ -121,6 +121,14 @@ def lora(model: str, **extra) -> ModelConfig:
                        lora_target_modules=["all-linear"], **extra)
 
 
+def upo_training(out: Path, batch: int, mode: str, offline: Path, **extra) -> UPOConfig:
+    """UPO with fixed rollouts ranked by length, λ = 0.5, and 2 offline pairs a step with `mode` both."""
+    return UPOConfig(output_dir=str(out), per_device_train_batch_size=batch, num_generations=4,
+                     max_completion_length=8, rewards={"length_penalty": 1.0}, upo_lambda=0.5, upo_mode=mode,
+                     upo_offline_ratio=2.0, upo_offline_dataset=str(offline) if mode == "both" else None,
+                     upo_margin=0.0, **extra, **COMMON)
+
+
 def main(model: str, data: Path, out: Path, stages: list[str]) -> None:
     pairs, offline = write_pairs(out / f"inputs-rank{RANK}")
     batch = 4 // WORLD  # per process: the global batch is 4 rows (SFT, DPO) or 4 rollouts of one prompt (UPO)
@@ -147,11 +155,7 @@ def main(model: str, data: Path, out: Path, stages: list[str]) -> None:
         PAIR_COUNTS.clear()
         stage = StageArguments(dataset_name=str(data), dataset_train_split="prompts", tokenizer_name_or_path=model,
                                adapter_path=str(out / "dpo"))
-        training = UPOConfig(output_dir=str(out / name), per_device_train_batch_size=batch, num_generations=4,
-                             max_completion_length=8, rewards={"length_penalty": 1.0}, upo_lambda=0.5, upo_mode=mode,
-                             upo_offline_ratio=2.0, upo_offline_dataset=str(offline) if mode == "both" else None,
-                             upo_margin=0.0, **COMMON)
-        trainer = upo.main(stage, training, lora(model), CurriculumArguments())
+        trainer = upo.main(stage, upo_training(out / name, batch, mode, offline), lora(model), CurriculumArguments())
         (out / name / f"pairs-rank{RANK}.json").write_text(json.dumps(PAIR_COUNTS))
         record_engine(trainer, out / name)
 

@@ -20,7 +20,17 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-from distributed_stages import COMMON, PAIR_COUNTS, RANK, WORLD, counting_pairs, force_fsdp_on_cpu, lora, record_engine
+from distributed_stages import (
+    COMMON,
+    PAIR_COUNTS,
+    RANK,
+    WORLD,
+    counting_pairs,
+    force_fsdp_on_cpu,
+    lora,
+    record_engine,
+    upo_training,
+)
 from transformers import Trainer
 from trl import DPOConfig, SFTConfig
 
@@ -29,7 +39,7 @@ from posttrain.data import load_split
 from posttrain.models import resolve_model
 from posttrain.stages import dpo, sft, upo
 from posttrain.stages.common import end_processes
-from posttrain.trainers import UPOConfig, UPOTrainer
+from posttrain.trainers import UPOTrainer
 
 SAVE = {"llava": ["multi_modal_projector"]}  # LLaVA trains its projector in SFT, as `tests/test_vision.py`'s chain
 BATCHES: list[list[int]] = []
@@ -100,10 +110,7 @@ def main(arch: str, data: Path, out: Path, stages: list[str]) -> None:
         PAIR_COUNTS.clear()
         stage = StageArguments(dataset_name=str(data / "tasks"), dataset_train_split="prompts",
                                tokenizer_name_or_path=model, adapter_path=str(out / "dpo"))
-        training = UPOConfig(output_dir=str(out / name), per_device_train_batch_size=batch, num_generations=4,
-                             max_completion_length=8, rewards={"length_penalty": 1.0}, upo_lambda=0.5, upo_mode=mode,
-                             upo_offline_ratio=2.0, upo_offline_dataset=str(offline) if mode == "both" else None,
-                             upo_margin=0.0, chat_template_kwargs={"enable_thinking": False}, **COMMON)
+        training = upo_training(out / name, batch, mode, offline, chat_template_kwargs={"enable_thinking": False})
         trainer = upo.main(stage, training, lora(model), CurriculumArguments())
         (out / name / f"pairs-rank{RANK}.json").write_text(json.dumps(PAIR_COUNTS))
         finish(trainer, out / name)

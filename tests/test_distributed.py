@@ -34,26 +34,34 @@ def launch_two(*args: str, config: Path | None = None) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_path, task_data, tmp_path_factory):
-    """{"one": folder, "ddp": folder, "fsdp": folder}. The timeout is the hang test: a collective that one process
-    never joins (e.g. a DPO forward only the process holding a pair runs) blocks until it is killed."""
+    """{"one": folder, "ddp": folder, "fsdp": folder} (`launch_engines`; its timeout catches e.g. a DPO forward only
+    the process holding a pair runs)."""
     model = str(tiny_model_path("llama"))
-    root = tmp_path_factory.mktemp("distributed")
-    script = [str(SCRIPT), model, str(task_data)]
+    launched = launch_engines([str(SCRIPT), model, str(task_data)], tmp_path_factory.mktemp("distributed"), 300)
+    for name, (_, status, output) in launched.items():
+        assert status == 0, f"{name} failed:\n{output[-4000:]}"
+    return {name: folder for name, (folder, _, _) in launched.items()}
+
+
+def launch_engines(script: list[str], root: Path, timeout: int) -> dict:
+    """{run: (folder, exit status, output)}: `script` as one process, as two DDP processes and as two FSDP2 processes,
+    side by side, each given its folder under `root`. The timeout is the hang test: a collective that one process
+    never joins blocks until it is killed."""
     commands = {"one": ([sys.executable, *script, str(root / "one")], {}),
                 "ddp": (launch_two(*script, str(root / "ddp")), {}),
                 "fsdp": (launch_two(*script, str(root / "fsdp"), config=FSDP_CONFIG), {"FSDP_ON_CPU": "1"})}
     processes = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         env={**os.environ, **env})
                  for name, (cmd, env) in commands.items()}
+    outputs = {}
     for name, process in processes.items():
         try:
-            output, _ = process.communicate(timeout=300)
+            outputs[name], _ = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             for p in processes.values():
                 p.kill()
-            pytest.fail(f"{name}: still running after 300 s (a collective one process never joined hangs)")
-        assert process.returncode == 0, f"{name} failed:\n{output[-4000:]}"
-    return {name: root / name for name in commands}
+            pytest.fail(f"{name}: still running after {timeout} s (a collective one process never joined hangs)")
+    return {name: (root / name, process.returncode, outputs[name]) for name, process in processes.items()}
 
 
 def assert_same_adapter(run: Path, reference: Path, stage: str) -> None:

@@ -12,41 +12,17 @@ image pairs' forward around DDP then trains it ("Expected to mark a variable rea
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_distributed import FSDP_CONFIG, launch_two
+from test_distributed import launch_engines
 from test_vision import mixed, vqa  # noqa: F401 (fixtures)
 
 SCRIPT = Path(__file__).resolve().parent / "distributed_vision.py"
 STAGES = ["sft", "dpo", "upo", "upo_online"]
 ENGINES = ["ddp", "fsdp"]
-
-
-def launch(arch: str, data: Path, root: Path) -> dict:
-    """{run: (folder, exit status, output)} for one process, DDP and FSDP on `data`, side by side. The timeout is the
-    hang test, as in `tests/test_distributed.py`."""
-    script = [str(SCRIPT), arch, str(data)]
-    commands = {"one": ([sys.executable, *script, str(root / "one")], {}),
-                "ddp": (launch_two(*script, str(root / "ddp")), {}),
-                "fsdp": (launch_two(*script, str(root / "fsdp"), config=FSDP_CONFIG), {"FSDP_ON_CPU": "1"})}
-    processes = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env={**os.environ, **env})
-                 for name, (cmd, env) in commands.items()}
-    outputs = {}
-    for name, process in processes.items():
-        try:
-            outputs[name], _ = process.communicate(timeout=400)
-        except subprocess.TimeoutExpired:
-            for p in processes.values():
-                p.kill()
-            pytest.fail(f"{name}: still running after 400 s (a collective one process never joined hangs)")
-    return {name: (root / name, process.returncode, outputs[name]) for name, process in processes.items()}
 
 
 # one test per set, its three launches side by side: under xdist, tests of one set on two workers launched it twice
@@ -56,7 +32,7 @@ def launch(arch: str, data: Path, root: Path) -> dict:
 def test_two_processes_train_a_vlm_as_one_process_does(arch, name, vqa, mixed,  # noqa: F811
                                                        tiny_model_path, tmp_path):
     tiny_model_path(arch)  # built here, once: not by the five processes below at the same moment
-    runs = launch(arch, {"vqa": vqa, "mixed": mixed}[name], tmp_path)
+    runs = launch_engines([str(SCRIPT), arch, str({"vqa": vqa, "mixed": mixed}[name])], tmp_path, 400)
     assert runs["one"][1] == 0, f"one process failed:\n{runs['one'][2][-4000:]}"
     for engine in ENGINES:
         assert runs[engine][1] == 0, f"{engine} failed:\n{runs[engine][2][-4000:]}"
