@@ -250,8 +250,7 @@ def _text_rows_without_images(dataset):
     if not dataset.data.column("images").null_count:
         return dataset
     undecoded = dataset.cast_column("images", List(Image(decode=False)))  # not every image decoded to be copied
-    # `input_columns`: the other columns stay as stored (a `Json` column read and written back by `map` is not)
-    undecoded = undecoded.map(lambda images: {"images": images or []}, input_columns=["images"])
+    undecoded = undecoded.map(lambda images: {"images": images or []}, input_columns=["images"])  # the others unread
     return undecoded.cast_column("images", dataset.features["images"])
 
 
