@@ -147,23 +147,45 @@ def main(model: str, data: Path, out: Path, stages: list[str]) -> None:
         training = DPOConfig(output_dir=str(out / "dpo"), per_device_train_batch_size=batch, max_length=192,
                              beta=0.1, **COMMON)
         record_engine(dpo.main(stage, training, lora(model)), out / "dpo")
-    UPOTrainer._generate_single_turn = fixed_rollouts
+    upo_stages(data, model, out, batch, offline, stages)
+
+
+def upo_stages(prompts: Path, model: str, out: Path, batch: int, offline: Path, stages: list[str],
+               done=record_engine, rollouts=None, **extra) -> None:
+    """UPO with online and offline pairs (`upo`), then online pairs alone (`upo_online`), each continuing DPO's
+    adapter on the `prompts` split of `prompts`, with fixed rollouts (`rollouts`, default `fixed_rollouts`);
+    `done(trainer, folder)` after each, and each process's pair counts per step in `<stage>/pairs-rank<N>.json`.
+    `extra`: more UPO settings."""
+    UPOTrainer._generate_single_turn = rollouts or fixed_rollouts
     UPOTrainer._pair_logps = counting_pairs(UPOTrainer._pair_logps)
     for name, mode in (("upo", "both"), ("upo_online", "online")):
         if name not in stages:
             continue
         PAIR_COUNTS.clear()
-        stage = StageArguments(dataset_name=str(data), dataset_train_split="prompts", tokenizer_name_or_path=model,
+        stage = StageArguments(dataset_name=str(prompts), dataset_train_split="prompts", tokenizer_name_or_path=model,
                                adapter_path=str(out / "dpo"))
-        trainer = upo.main(stage, upo_training(out / name, batch, mode, offline), lora(model), CurriculumArguments())
+        training = upo_training(out / name, batch, mode, offline, **extra)
+        trainer = upo.main(stage, training, lora(model), CurriculumArguments())
         (out / name / f"pairs-rank{RANK}.json").write_text(json.dumps(PAIR_COUNTS))
-        record_engine(trainer, out / name)
+        done(trainer, out / name)
 
 
-if __name__ == "__main__":
+def run_script(main, gloo_timeout_s: int | None = None) -> None:
+    """`main(MODEL-or-ARCH, DATA, OUT, STAGES)` from the command line, one thread a process, FSDP on CPU when asked.
+    With `gloo_timeout_s`, a collective one process never joins fails after that long, with a traceback."""
     torch.set_num_threads(1)
     if os.environ.get("FSDP_ON_CPU") == "1":
         force_fsdp_on_cpu()
+    if gloo_timeout_s and WORLD > 1:
+        from datetime import timedelta
+
+        from accelerate import PartialState
+
+        PartialState(cpu=True, backend="gloo", timeout=timedelta(seconds=gloo_timeout_s))
     main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4].split(",") if len(sys.argv) > 4 else
          ["sft", "dpo", "upo", "upo_online"])
     end_processes()
+
+
+if __name__ == "__main__":
+    run_script(main)

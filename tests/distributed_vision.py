@@ -14,32 +14,24 @@ offline pair. Each process writes the (rows, images) of every batch it trained o
 """
 
 import json
-import os
-import sys
-from datetime import timedelta
 from pathlib import Path
 
-import torch
 from distributed_stages import (
     COMMON,
-    PAIR_COUNTS,
     RANK,
     WORLD,
-    counting_pairs,
-    force_fsdp_on_cpu,
     lora,
     record_engine,
-    upo_training,
+    run_script,
+    upo_stages,
 )
 from transformers import Trainer
 from trl import DPOConfig, SFTConfig
 
-from posttrain.configs import CurriculumArguments, StageArguments
+from posttrain.configs import StageArguments
 from posttrain.data import load_split
 from posttrain.models import resolve_model
-from posttrain.stages import dpo, sft, upo
-from posttrain.stages.common import end_processes
-from posttrain.trainers import UPOTrainer
+from posttrain.stages import dpo, sft
 
 SAVE = {"llava": ["multi_modal_projector"]}  # LLaVA trains its projector in SFT, as `tests/test_vision.py`'s chain
 BATCHES: list[list[int]] = []
@@ -102,28 +94,10 @@ def main(arch: str, data: Path, out: Path, stages: list[str]) -> None:
         training = DPOConfig(output_dir=str(out / "dpo"), per_device_train_batch_size=batch, max_length=160, beta=0.1,
                              **COMMON)
         finish(dpo.main(stage, training, lora(model)), out / "dpo")
-    UPOTrainer._generate_single_turn = fixed_rollouts
-    UPOTrainer._pair_logps = counting_pairs(UPOTrainer._pair_logps)
-    for name, mode in (("upo", "both"), ("upo_online", "online")):
-        if name not in stages:
-            continue
-        PAIR_COUNTS.clear()
-        stage = StageArguments(dataset_name=str(data / "tasks"), dataset_train_split="prompts",
-                               tokenizer_name_or_path=model, adapter_path=str(out / "dpo"))
-        training = upo_training(out / name, batch, mode, offline, chat_template_kwargs={"enable_thinking": False})
-        trainer = upo.main(stage, training, lora(model), CurriculumArguments())
-        (out / name / f"pairs-rank{RANK}.json").write_text(json.dumps(PAIR_COUNTS))
-        finish(trainer, out / name)
+    # image prompts in one thinking mode: GRPO renders them with one template setting
+    upo_stages(data / "tasks", model, out, batch, offline, stages, done=finish, rollouts=fixed_rollouts,
+               chat_template_kwargs={"enable_thinking": False})
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
-    if os.environ.get("FSDP_ON_CPU") == "1":
-        force_fsdp_on_cpu()
-    if WORLD > 1:  # a collective one process never joins fails after 2 minutes, with a traceback, instead of 30
-        from accelerate import PartialState
-
-        PartialState(cpu=True, backend="gloo", timeout=timedelta(seconds=120))
-    main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4].split(",") if len(sys.argv) > 4 else
-         ["sft", "dpo", "upo", "upo_online"])
-    end_processes()
+    run_script(main, gloo_timeout_s=120)  # 2 minutes, not 30: a hang shows as a traceback

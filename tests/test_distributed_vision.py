@@ -15,9 +15,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
-from test_distributed import launch_engines
+from test_distributed import assert_same_adapter, launch_engines
 from test_vision import mixed, vqa  # noqa: F401 (fixtures)
 
 SCRIPT = Path(__file__).resolve().parent / "distributed_vision.py"
@@ -41,14 +39,8 @@ def test_two_processes_train_a_vlm_as_one_process_does(arch, name, vqa, mixed,  
 
 def check_same_training(ours: Path, reference: Path, engine: str, text_rows: bool) -> None:
     for stage in STAGES:
-        saved, alone = (load_file(folder / stage / "adapter_model.safetensors") for folder in (ours, reference))
-        assert sorted(saved) == sorted(alone), (engine, stage)
-        for key in alone:  # UPO with offline pairs moves a few weights by up to 2e-4 with another batch layout too
-            torch.testing.assert_close(saved[key], alone[key], rtol=1e-4, atol=5e-4,
-                                       msg=lambda m, k=f"{engine} {stage} {key}": f"{k}: {m}")
-        metrics = json.loads((ours / stage / "metrics.json").read_text())
-        assert metrics["world_size"] == 2 and metrics["train"]["global_step"] == 2, (engine, stage)
-        assert metrics["adapter"]["reloads_equal"], (engine, stage)
+        # 5e-4: UPO with offline pairs moves a few weights by up to 2e-4 with another batch layout in one process too
+        assert_same_adapter(ours, reference, stage, tensors=None, atol=5e-4, where=f"{engine} ")
         engine_used = json.loads((ours / stage / "engine-rank1.json").read_text())
         assert engine_used["sharded"] == (engine == "fsdp"), (engine, stage)
     if text_rows:  # a step in which one process trained on text rows only and the other had images
