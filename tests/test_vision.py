@@ -172,6 +172,32 @@ def test_sft_trains_language_lora_with_images(arch, chain, vqa):
         "a sample shows its question's text, without the image part"
 
 
+def test_sft_with_accumulation_trains_what_one_batch_trains(vqa, tiny_model_path, tmp_path):
+    """4 rows in one batch and 2 x 2 accumulated rows train the same step, also on a VLM that declares its own loss
+    deaf to `num_items_in_batch` (transformers then leaves the step's token count out, and each micro-batch's loss
+    was its own mean: the loss moved by 0.03 and weights by 2 x the learning rate)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from trl import SFTConfig
+
+    from posttrain.stages import sft
+
+    arch = "ernie4_5_vl"
+    config = AutoConfig.from_pretrained(tiny_model_path(arch))
+    assert AutoModelForImageTextToText._model_mapping[type(config)].accepts_loss_kwargs is False
+    saved, logged = {}, {}
+    for batch, steps in ((4, 1), (2, 2)):
+        stage_args, training, model_args = stage_configs(SFTConfig, arch, tiny_model_path, tmp_path / str(batch),
+                                                         vqa / "tasks", "sft", max_length=160, max_steps=1,
+                                                         per_device_train_batch_size=batch,
+                                                         gradient_accumulation_steps=steps)
+        stage_args.eval_dataset = None
+        logged[batch] = losses(sft.main(stage_args, training, model_args))
+        saved[batch] = load_file(tmp_path / str(batch) / "adapter_model.safetensors")
+    assert logged[4] == pytest.approx(logged[2], abs=1e-5)
+    for name, tensor in saved[4].items():  # to the MoE load-balancing loss, a mean over each micro-batch's tokens
+        torch.testing.assert_close(saved[2][name], tensor, atol=1e-4, rtol=0, msg=name)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_dpo_and_upo_continue_the_adapter_with_vision_frozen(arch, chain):
     run = chain(arch)

@@ -25,6 +25,7 @@ from . import common, training
 from .sft_batches import (
     flatten_batches,
     flatten_requested,
+    loss_over_the_steps_tokens,
     neftune_problem,
     report_cut_replies,
     report_dropped_heldout,
@@ -73,6 +74,7 @@ def main(stage_args: StageArguments, training_args, model_args):
         peft_config=peft_config
     )
     training.guard_checkpoints(trainer)
+    loss_over_the_steps_tokens(trainer)
     end_of_turn = None
     if stage_args.preflight:
         end_of_turn = gates.end_of_turn_ids(vision.text_tokenizer(tokenizer), getattr(trainer, "chat_template", None))

@@ -112,3 +112,18 @@ def flatten_batches(trainer) -> None:
     boundaries). Same loss as padded batches (tested)."""
     trainer.data_collator = dataclasses.replace(trainer.data_collator, padding_free=True)
     trainer.padding_free = trainer.args.padding_free = True
+
+
+def loss_over_the_steps_tokens(trainer) -> None:
+    """TRL's SFT loss is the sum of the step's token losses over `num_items_in_batch`, the trained tokens of the whole
+    optimizer step (every accumulated micro-batch, and every process with `average_tokens_across_devices`), which the
+    Trainer (transformers 5.23) counts and passes only when `model_accepts_loss_kwargs`. It reads that from the
+    model's `accepts_loss_kwargs`, which many VLMs set to False for their own loss (ERNIE-4.5-VL, Qwen2.5-VL, Qwen3-VL,
+    Gemma 4); TRL (1.16) computes the loss itself and does not reset it, so on those models each micro-batch's loss was
+    its own tokens' mean, averaged over the accumulation steps and processes: 2 x 2 accumulated rows trained other
+    weights than 4 rows, and two processes other weights than one. Left alone under Ulysses sequence parallelism,
+    where TRL takes the model's own loss."""
+    config = getattr(trainer.accelerator, "parallelism_config", None)
+    if config is not None and config.sp_backend == "deepspeed" and config.sp_enabled:
+        return
+    trainer.model_accepts_loss_kwargs = True
