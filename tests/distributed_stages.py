@@ -144,8 +144,9 @@ def main(model: str, data: Path, out: Path, stages: list[str]) -> None:
     if "dpo" in stages:
         stage = StageArguments(dataset_name=str(pairs), dataset_test_split="test", tokenizer_name_or_path=model,
                                adapter_path=str(out / "sft"), **held_out)
+        # the default recipe's loss: the `sft` term is a mean over the step's chosen tokens, whatever the processes
         training = DPOConfig(output_dir=str(out / "dpo"), per_device_train_batch_size=batch, max_length=192,
-                             beta=0.1, **COMMON)
+                             beta=0.1, loss_type=["sigmoid", "sft"], **COMMON)
         record_engine(dpo.main(stage, training, lora(model)), out / "dpo")
     upo_stages(data, model, out, batch, offline, stages)
 

@@ -146,6 +146,36 @@ def test_padding_free_dpo_trains_as_the_padded_batches_do(arch, tiny_model_path,
         torch.testing.assert_close(weights["packed"][name], value, atol=1e-4, rtol=1e-3, msg=name)
 
 
+def test_the_sft_term_is_the_steps_token_mean_under_accumulation(tiny_model_path, tmp_path):
+    """`loss_type: [sigmoid, sft]`: 4 pairs in one batch and 2 x 2 accumulated pairs train the same step when the
+    chosen replies' lengths differ (TRL's `sft` term is each micro-batch's own token mean: the short replies'
+    micro-batch weighed its tokens 10x more)."""
+    from trl import DPOConfig, ModelConfig
+
+    long_reply = "First add the tens, then the ones, then check the sum once more before answering: 12."
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i} + {i + 3}?"}],
+             "chosen": [{"role": "assistant", "content": long_reply if i == 0 else str(2 * i + 3)}],
+             "rejected": [{"role": "assistant", "content": f"It is {i * 7}."}], "thinking": False} for i in range(4)]
+    (tmp_path / "pairs").mkdir()
+    Dataset.from_list(rows).to_parquet(tmp_path / "pairs" / "train.parquet")
+    path = tiny_model_path("llama")
+    logged, saved = {}, {}
+    for batch, steps in ((4, 1), (2, 2)):
+        stage_args = StageArguments(dataset_name=str(tmp_path / "pairs"), tokenizer_name_or_path=str(path))
+        training = DPOConfig(output_dir=str(tmp_path / str(batch)), max_steps=1, per_device_train_batch_size=batch,
+                             gradient_accumulation_steps=steps, learning_rate=1e-2, loss_type=["sigmoid", "sft"],
+                             logging_steps=1, save_strategy="no", report_to="none", bf16=False, use_cpu=True,
+                             max_length=128, seed=0)
+        model_args = ModelConfig(model_name_or_path=str(path), use_peft=True, lora_r=4, lora_alpha=8,
+                                 lora_dropout=0.0, lora_target_modules=["all-linear"])
+        trainer = dpo.main(stage_args, training, model_args)
+        logged[batch] = next(log["loss"] for log in trainer.state.log_history if "loss" in log)
+        saved[batch] = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+    assert logged[4] == pytest.approx(logged[2], rel=1e-5)
+    for name, value in saved[4].items():
+        torch.testing.assert_close(saved[2][name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def train_new_adapter(path, dataset, tmp_path, max_steps: int):
     """The DPO stage on `dataset` with a new LoRA adapter on the tiny model at `path`."""
     from trl import DPOConfig, ModelConfig

@@ -1,4 +1,5 @@
-"""TRL's DPOTrainer, scoring only the model's own turns of replies that hold tool results.
+"""TRL's DPOTrainer, scoring only the model's own turns of replies that hold tool results, with its `sft` loss term
+averaged over the optimizer step's chosen tokens.
 
 TRL (1.16) takes everything a reply's rendering adds after the prompt as the completion and scores all of it in the
 policy's and the reference's log-probs: in a reply that calls a tool, reads its result and answers, the result (text
@@ -7,11 +8,18 @@ chat template's `{% generation %}` markers (`chosen_mask`, `rejected_mask`), as 
 them; the collator scores only those tokens, in training, evaluation and the precomputed reference log-probs alike.
 A dataset without tool turns is tokenized and collated exactly as TRL does it. Image pairs TRL tokenizes in its
 collator, past these masks: the stage refuses those with tool turns (`stages.pairs.load_pairs`).
+
+The `sft` term (`loss_type: [sigmoid, sft]`, RPO) is, in TRL, the mean NLL over the chosen tokens of each micro-batch
+of each process, where the other terms are means over pairs: with gradient accumulation or several processes, a
+token of a short reply weighed more when its micro-batch held short replies (4 pairs x 2 processes trained other
+weights than 8 pairs in one). `DPOTrainer` counts the step's chosen tokens, all micro-batches and processes, and
+weighs each micro-batch's term by its share of them, as transformers' Trainer does for SFT's `num_items_in_batch`.
 """
 
 import dataclasses
 import json
 
+import torch
 import trl
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
@@ -66,8 +74,38 @@ class ReplyMaskCollator(DataCollatorForPreference):
         return batch
 
 
+def chosen_tokens(batch) -> torch.Tensor:
+    """The chosen replies' scored tokens of a collated batch (TRL's rows: the chosen ones, then the rejected ones;
+    the mask shifted as TRL's `sft` term reads it)."""
+    return batch["completion_mask"][..., 1:].chunk(2, dim=0)[0].sum()
+
+
 class DPOTrainer(trl.DPOTrainer):
-    """TRL's DPOTrainer with the reply masks above."""
+    """TRL's DPOTrainer with the reply masks above and the step-wide `sft` term (see the module's docstring)."""
+
+    _sft_tokens_in_step = None
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if "sft" in self.loss_types and batches:
+            local = sum(chosen_tokens(batch) for batch in batches).to(device)
+            self._sft_tokens_in_step = self.accelerator.reduce(local, reduction="sum").item()
+        return batches, num_items
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        """TRL's loss, the `sft` term's weight scaled for this micro-batch: its chosen tokens x accumulation steps x
+        processes / the step's chosen tokens (the Trainer divides by the accumulation steps, DDP averages over the
+        processes), so the term is the step's token mean. Evaluation batches keep TRL's own mean."""
+        if "sft" not in self.loss_types or not self.model.training or not self._sft_tokens_in_step:
+            return super()._compute_loss(model, inputs, return_outputs)
+        weights = self.loss_weights
+        share = (chosen_tokens(inputs).item() * self.current_gradient_accumulation_steps
+                 * self.accelerator.num_processes / self._sft_tokens_in_step)
+        self.loss_weights = [w * share if kind == "sft" else w for kind, w in zip(self.loss_types, weights)]
+        try:
+            return super()._compute_loss(model, inputs, return_outputs)
+        finally:
+            self.loss_weights = weights
 
     @property
     def data_collator(self):
