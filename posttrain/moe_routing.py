@@ -12,8 +12,10 @@ vision tokens) is text (0), as TRL extends `mm_token_type_ids`. The collators he
 added; `UPOTrainer` does the same at each forward of GRPO and of its DPO term.
 """
 
+import contextlib
 import dataclasses
 
+import torch
 from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
@@ -62,3 +64,30 @@ def route_collator(trainer) -> None:
     if routes_by_modality(trainer.processing_class) and type(collator) in _ROUTED:
         settings = {field.name: getattr(collator, field.name) for field in dataclasses.fields(collator)}
         trainer.data_collator = _ROUTED[type(collator)](**settings)
+
+
+@contextlib.contextmanager
+def vision_experts_in_graph(module, batch: dict):
+    """`module`'s forwards of `batch` with its trainable vision-expert weights (ERNIE-4.5-VL's `vision_moe`) in their
+    output's graph at zero weight when `batch` has no vision token, so that DDP counts them as used; else nothing.
+
+    DDP readies at once the all-reduce of a weight its forward did not use (`find_unused_parameters`); a later forward
+    around it that does use the weight (UPO's DPO term on offline image pairs, after GRPO's forward of text rows) then
+    gave it a gradient in the same backward, and DDP stopped ("marked a variable ready only once"). At zero weight the
+    weights' gradient is that later forward's alone, as in one process."""
+    routing = batch.get(MOE_ROUTING)
+    experts = [p for n, p in module.named_parameters() if p.requires_grad and ".vision_moe." in n]
+    if (routing is not None and routing.any()) or not experts or not torch.is_grad_enabled():
+        yield
+        return
+
+    def touch(_, __, output):
+        key = "log_probs" if output.get("log_probs") is not None else "logits"
+        output[key] = output[key] + 0.0 * sum(p.view(-1)[0] for p in experts)
+        return output
+
+    handle = module.register_forward_hook(touch)
+    try:
+        yield
+    finally:
+        handle.remove()

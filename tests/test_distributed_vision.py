@@ -5,10 +5,9 @@ only and with a text row after each image row (`tests/test_vision.py`'s `vqa` an
 of 4 split in 2 + 2, some steps give one process text rows only while the other has images, so its vision tower does
 not run. Each set runs as one process, DDP and FSDP side by side; the adapters must match one process's.
 
-ERNIE-4.5-VL (its MoE load-balancing loss off: see `distributed_vision.NO_AUX`) runs on the images-only set. Left out:
-its UPO on the mixed set, which fails under DDP: a micro-batch of text prompts leaves its vision experts' LoRA out of
-DDP's forward, and the offline image pairs' forward around DDP then trains it ("Expected to mark a variable ready only
-once").
+ERNIE-4.5-VL (its MoE load-balancing loss off: see `distributed_vision.NO_AUX`) runs on the mixed set, where a
+process's micro-batch of text prompts leaves its vision experts out of GRPO's forward while the offline image pairs'
+forward uses them (`moe_routing.vision_experts_in_graph`).
 """
 
 import json
@@ -26,7 +25,7 @@ ENGINES = ["ddp", "fsdp"]
 # one test per set, its three launches side by side: under xdist, tests of one set on two workers launched it twice
 @pytest.mark.multinode  # about 2.5 minutes of several-process runs on 2 cores: the `multinode` line of .ci/run
 @pytest.mark.parametrize("arch,name", [("qwen2_vl", "vqa"), ("qwen2_vl", "mixed"), ("llava", "vqa"),
-                                       ("llava", "mixed"), ("ernie4_5_vl", "vqa")])
+                                       ("llava", "mixed"), ("ernie4_5_vl", "mixed")])
 def test_two_processes_train_a_vlm_as_one_process_does(arch, name, vqa, mixed,  # noqa: F811
                                                        tiny_model_path, tmp_path):
     tiny_model_path(arch)  # built here, once: not by the five processes below at the same moment

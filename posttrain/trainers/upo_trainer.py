@@ -65,7 +65,7 @@ from ..data import render_prompt
 from ..errors import UserError
 from ..io import write_json
 from ..models import sampling_weights
-from ..moe_routing import MOE_ROUTING, routes_by_modality, with_routing
+from ..moe_routing import MOE_ROUTING, routes_by_modality, vision_experts_in_graph, with_routing
 from ..reward_groups import normalize_by_group, weighted_sum
 from ..rewards import resolve_rewards
 from .upo_config import UPOConfig
@@ -530,9 +530,19 @@ class UPOTrainer(GRPOTrainer):
             pixels = inputs.get("pixel_values")
             if pixels is not None and pixels.numel() == 0:
                 inputs = {key: value for key, value in inputs.items() if key not in PER_IMAGE_INPUTS}
-            return model(**with_routing(self.processing_class, inputs)) if self._routing else model(**inputs)
+            if not self._routing:
+                return model(**inputs)
+            inputs = with_routing(self.processing_class, inputs)
+            if _inside_ddp(model) is model or not (self.model.training and self._offline_images()):
+                return model(**inputs)
+            with vision_experts_in_graph(model.module, inputs):  # see there: the offline image pairs' forward
+                return model(**inputs)
 
         return forward
+
+    def _offline_images(self) -> bool:
+        """Whether the offline pairs are image pairs (rows with their images; text rows among them have none)."""
+        return self._offline is not None and len(self._offline.pairs[0]) > 3
 
     def _tokenize_prompts(self, prompts):
         """GRPO's tokenized prompts, with two repairs.
@@ -609,7 +619,7 @@ class UPOTrainer(GRPOTrainer):
         offline_prompts = [pair[0] for pair in offline] * 2
         offline_completions = [pair[1] for pair in offline] + [pair[2] for pair in offline]
         offline_images = {}
-        if mode == "train" and self._offline is not None and len(self._offline.pairs[0]) > 3:
+        if mode == "train" and self._offline_images():
             # image pairs: truthy without any on this process too, as `select_images` for no rows, so that every
             # process scores them in as many forwards (`_chunked_logps`)
             offline_images = merge_images([pair[3] for pair in offline] * 2) or {"num_images": []}
@@ -720,7 +730,8 @@ def _inside_ddp(model):
     """The module DDP wraps, for the pairs' forward. DDP readies its gradient all-reduce from the last forward it ran,
     and one without images (a process holding no pair this step scores a text placeholder) left out the vision modules
     GRPO's forward had used: trained or carried ones (`lora_modules_to_save`) then failed the backward ("marked as
-    ready twice"). Every parameter the pairs' forward uses, GRPO's uses too, so its all-reduce still covers them."""
+    ready twice"). Every parameter the pairs' forward uses, GRPO's uses too, so its all-reduce still covers them
+    (ERNIE-4.5-VL's vision experts, which text rows do not reach, are held in GRPO's graph: `_called`)."""
     from torch.nn.parallel import DistributedDataParallel
 
     return model.module if isinstance(model, DistributedDataParallel) else model
