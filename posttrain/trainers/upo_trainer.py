@@ -590,7 +590,7 @@ class UPOTrainer(GRPOTrainer):
         )
         losses, logits = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.args.upo_beta)
         self._log_dpo(mode, losses, logits, chosen - ref_chosen, rejected - ref_rejected)
-        if self.args.upo_sft_weight:  # the chosen replies' NLL per token, as DPO's `loss_type: [sigmoid, sft]`
+        if self.args.upo_sft_weight:  # each chosen reply's NLL per token (RPO), averaged over pairs like the DPO term
             nll = -chosen / chosen_tokens.clamp(min=1)
             self._log_mean(mode, "upo/sft_loss", nll)  # every process: a gather
             losses = losses + self.args.upo_sft_weight * nll
