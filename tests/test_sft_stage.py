@@ -776,3 +776,25 @@ def test_the_last_step_is_logged_whatever_logging_steps(tiny_model_path, task_da
     assert [log["step"] for log in logged] == [2, 3]
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["train"]["train_loss"] == pytest.approx((2 * logged[0]["loss"] + logged[1]["loss"]) / 3, rel=1e-5)
+
+
+def test_batch_rebalance_draws_its_order_from_the_runs_seed(tiny_model_path, task_data, tmp_path):
+    """`train_sampling_strategy: batch_rebalance`: the rows of the first batch follow the run's seed (the Trainer left
+    its sampler at seed 42 whatever the run's, so runs of several seeds trained on one order)."""
+    from trl import SFTConfig, SFTTrainer
+
+    from posttrain.data import load_split
+    from posttrain.stages import training
+
+    path = tiny_model_path("llama")
+    rows = load_split(str(task_data), "sft").select(range(32))
+    first = {}
+    for seed in (0, 1, 42):
+        args = SFTConfig(output_dir=str(tmp_path / str(seed)), per_device_train_batch_size=4, seed=seed,
+                         train_sampling_strategy="batch_rebalance", report_to="none", bf16=False, use_cpu=True,
+                         max_length=192)
+        trainer = SFTTrainer(model=load_model(path), args=args, train_dataset=rows,
+                             processing_class=load_tokenizer(path))
+        training.length_groups_by_epoch(trainer)
+        first[seed] = next(iter(trainer.get_train_dataloader()))["input_ids"].tolist()
+    assert first[0] != first[1] and first[42] not in (first[0], first[1])

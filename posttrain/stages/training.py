@@ -62,14 +62,18 @@ def length_groups_by_epoch(trainer) -> None:
     Trainer's (transformers 5.23) `LengthGroupedSampler` draws it from torch's global generator when the epoch's batches
     are first asked for, before a resumed run restores the checkpoint's RNG state: resumed inside its second epoch or
     later, a stage drew another order than the uninterrupted run had, so the steps after the checkpoint trained on
-    other rows. Seeded before every epoch here (`_run_epoch`), on every process alike."""
+    other rows. Seeded before every epoch here (`_run_epoch`), on every process alike. And `batch_rebalance` drawn
+    from the run's seed: the Trainer leaves its `BatchRebalanceSampler` at the sampler's own default seed, 42, so runs
+    of several seeds (`posttrain ablate --seeds`) all trained on the same order."""
     import torch
-    from transformers.trainer_pt_utils import LengthGroupedSampler
+    from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSampler
 
     build, run_epoch, samplers = trainer._get_train_sampler, trainer._run_epoch, []
 
     def get_train_sampler(*args, **kwargs):
         sampler = build(*args, **kwargs)
+        if isinstance(sampler, BatchRebalanceSampler):
+            sampler.seed = trainer.args.seed  # its epochs: `seed + epoch`, the Trainer sets the epoch
         if isinstance(sampler, LengthGroupedSampler) and sampler.generator is None:
             sampler.generator = torch.Generator()
             samplers.append(sampler)
