@@ -35,10 +35,6 @@ from posttrain.stages import dpo, sft
 
 SAVE = {"llava": ["multi_modal_projector"]}  # LLaVA trains its projector in SFT, as `tests/test_vision.py`'s chain
 BATCHES: list[list[int]] = []
-# ERNIE-4.5-VL's MoE load-balancing loss is a statistic of each micro-batch's tokens (as every MoE model's in
-# transformers): on 2 + 2 rows it is another loss than on 4, by design. Left out here, so that what is compared is the
-# training the engines must not change; no effect on the dense VLMs.
-NO_AUX = {"router_aux_loss_coef": 0.0}
 
 
 def fixed_rollouts(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
@@ -90,18 +86,17 @@ def main(arch: str, data: Path, out: Path, stages: list[str]) -> None:
     if "sft" in stages:
         stage = StageArguments(dataset_name=str(data / "tasks"), dataset_train_split="sft", max_train_samples=16,
                                tokenizer_name_or_path=model, **held_out)
-        training = SFTConfig(output_dir=str(out / "sft"), per_device_train_batch_size=batch, max_length=160, **COMMON,
-                             **NO_AUX)
+        training = SFTConfig(output_dir=str(out / "sft"), per_device_train_batch_size=batch, max_length=160, **COMMON)
         finish(sft.main(stage, training, lora(model, lora_modules_to_save=SAVE.get(arch))), out / "sft")
     if "dpo" in stages:
         stage = StageArguments(dataset_name=str(data / "pairs"), tokenizer_name_or_path=model,
                                adapter_path=str(out / "sft"), **held_out)
         training = DPOConfig(output_dir=str(out / "dpo"), per_device_train_batch_size=batch, max_length=160, beta=0.1,
-                             **COMMON, **NO_AUX)
+                             **COMMON)
         finish(dpo.main(stage, training, lora(model)), out / "dpo")
     # image prompts in one thinking mode: GRPO renders them with one template setting
     upo_stages(data / "tasks", model, out, batch, offline, stages, done=finish, rollouts=fixed_rollouts,
-               chat_template_kwargs={"enable_thinking": False}, **NO_AUX)
+               chat_template_kwargs={"enable_thinking": False})
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ only and with a text row after each image row (`tests/test_vision.py`'s `vqa` an
 of 4 split in 2 + 2, some steps give one process text rows only while the other has images, so its vision tower does
 not run. Each set runs as one process, DDP and FSDP side by side; the adapters must match one process's.
 
-ERNIE-4.5-VL (its MoE load-balancing loss off: see `distributed_vision.NO_AUX`) runs on the mixed set, where a
+ERNIE-4.5-VL (its MoE load-balancing loss off: see `distributed_stages.COMMON`) runs on the mixed set, where a
 process's micro-batch of text prompts leaves its vision experts out of GRPO's forward while the offline image pairs'
 forward uses them (`moe_routing.vision_experts_in_graph`).
 """
