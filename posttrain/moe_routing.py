@@ -76,8 +76,9 @@ def vision_experts_in_graph(module, batch: dict):
     gave it a gradient in the same backward, and DDP stopped ("marked a variable ready only once"). At zero weight the
     weights' gradient is that later forward's alone, as in one process."""
     routing = batch.get(MOE_ROUTING)
-    experts = [p for n, p in module.named_parameters() if p.requires_grad and ".vision_moe." in n]
-    if (routing is not None and routing.any()) or not experts or not torch.is_grad_enabled():
+    text_only = torch.is_grad_enabled() and (routing is None or not routing.any())
+    experts = [p for n, p in module.named_parameters() if p.requires_grad and ".vision_moe." in n] if text_only else []
+    if not experts:
         yield
         return
 

@@ -37,15 +37,12 @@ def runs(tiny_model_path, task_data, tmp_path_factory):
     """{"one": folder, "ddp": folder, "fsdp": folder} (`launch_engines`; its timeout catches e.g. a DPO forward only
     the process holding a pair runs)."""
     model = str(tiny_model_path("llama"))
-    launched = launch_engines([str(SCRIPT), model, str(task_data)], tmp_path_factory.mktemp("distributed"), 300)
-    for name, (_, status, output) in launched.items():
-        assert status == 0, f"{name} failed:\n{output[-4000:]}"
-    return {name: folder for name, (folder, _, _) in launched.items()}
+    return launch_engines([str(SCRIPT), model, str(task_data)], tmp_path_factory.mktemp("distributed"), 300)
 
 
-def launch_engines(script: list[str], root: Path, timeout: int) -> dict:
-    """{run: (folder, exit status, output)}: `script` as one process, as two DDP processes and as two FSDP2 processes,
-    side by side, each given its folder under `root`. The timeout is the hang test: a collective that one process
+def launch_engines(script: list[str], root: Path, timeout: int) -> dict[str, Path]:
+    """{run: folder}: `script` as one process, as two DDP processes and as two FSDP2 processes, side by side, each
+    given its folder under `root`; each must exit 0. The timeout is the hang test: a collective that one process
     never joins blocks until it is killed."""
     commands = {"one": ([sys.executable, *script, str(root / "one")], {}),
                 "ddp": (launch_two(*script, str(root / "ddp")), {}),
@@ -61,7 +58,9 @@ def launch_engines(script: list[str], root: Path, timeout: int) -> dict:
             for p in processes.values():
                 p.kill()
             pytest.fail(f"{name}: still running after {timeout} s (a collective one process never joined hangs)")
-    return {name: (root / name, process.returncode, outputs[name]) for name, process in processes.items()}
+    for name, process in processes.items():
+        assert process.returncode == 0, f"{name} failed:\n{outputs[name][-4000:]}"
+    return {name: root / name for name in processes}
 
 
 def assert_same_adapter(run: Path, reference: Path, stage: str, tensors: int | None = 28, atol: float = 1e-4,
@@ -143,15 +142,12 @@ def test_an_moe_model_trains_under_ddp_and_fsdp2_as_in_one_process(tiny_model_pa
     under DDP and FSDP2 against one process, with its load-balancing loss off (`distributed_stages.COMMON`). 2e-4:
     UPO with offline pairs moves an expert weight by 9e-5 against one process."""
     model = str(tiny_model_path("ernie4_5_moe"))
-    launched = launch_engines([str(SCRIPT), model, str(task_data)], tmp_path, 400)
-    for name, (_, status, output) in launched.items():
-        assert status == 0, f"{name} failed:\n{output[-4000:]}"
-    saved = load_file(launched["one"][0] / "sft" / "adapter_model.safetensors")
+    runs = launch_engines([str(SCRIPT), model, str(task_data)], tmp_path, 400)
+    saved = load_file(runs["one"] / "sft" / "adapter_model.safetensors")
     assert any(".experts." in key for key in saved) and any(".gate." in key for key in saved), sorted(saved)
     for engine in ("ddp", "fsdp"):
         for stage in STAGES:
-            assert_same_adapter(launched[engine][0], launched["one"][0], stage, tensors=None, atol=2e-4,
-                                where=f"{engine} ")
+            assert_same_adapter(runs[engine], runs["one"], stage, tensors=None, atol=2e-4, where=f"{engine} ")
 
 
 @pytest.mark.multinode  # 30 s of the CLI on two processes: the `multinode` line of .ci/run

@@ -30,10 +30,8 @@ def test_two_processes_train_a_vlm_as_one_process_does(arch, name, vqa, mixed,  
                                                        tiny_model_path, tmp_path):
     tiny_model_path(arch)  # built here, once: not by the five processes below at the same moment
     runs = launch_engines([str(SCRIPT), arch, str({"vqa": vqa, "mixed": mixed}[name])], tmp_path, 400)
-    assert runs["one"][1] == 0, f"one process failed:\n{runs['one'][2][-4000:]}"
     for engine in ENGINES:
-        assert runs[engine][1] == 0, f"{engine} failed:\n{runs[engine][2][-4000:]}"
-        check_same_training(runs[engine][0], runs["one"][0], engine, text_rows=name == "mixed")
+        check_same_training(runs[engine], runs["one"], engine, text_rows=name == "mixed")
 
 
 def check_same_training(ours: Path, reference: Path, engine: str, text_rows: bool) -> None:
