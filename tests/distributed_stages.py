@@ -7,7 +7,8 @@
 
 Every stage runs through its real `main()` (load, gates, train, save, verify the adapter, metrics) with the same
 *global* batch whatever the number of processes, so the adapters it saves can be compared across world sizes
-(`tests/test_distributed.py`). DPO continues the SFT adapter (its frozen copy is the "ref" adapter), UPO continues DPO.
+(`tests/test_distributed.py`). DPO continues the SFT adapter (its frozen copy is the "ref" adapter), twice: its
+reference log-probs computed during training, then before it (`dpo_precomputed`); UPO continues DPO.
 
 FSDP on CPU: accelerate (1.15) applies its FSDP plugin only over a GPU device type and otherwise runs gloo DDP,
 although torch's FSDP2 (`fully_shard`) itself runs on CPU. With `FSDP_ON_CPU=1` this script turns the distributed
@@ -152,6 +153,16 @@ def main(model: str, data: Path, out: Path, stages: list[str]) -> None:
         training = DPOConfig(output_dir=str(out / "dpo"), per_device_train_batch_size=batch, max_length=192,
                              beta=0.1, loss_type=["sigmoid", "sft"], **COMMON)
         record_engine(dpo.main(stage, training, lora(model)), out / "dpo")
+    if "dpo_precomputed" in stages:
+        # the same DPO with TRL's reference log-probs computed before training, which its main process writes to a
+        # file every process opens; each process reads its own copy of the pairs (above), so each has its datasets
+        # cache folder, as processes on two machines would
+        training = DPOConfig(output_dir=str(out / "dpo_precomputed"), per_device_train_batch_size=batch,
+                             max_length=192, beta=0.1, loss_type=["sigmoid", "sft"], precompute_ref_log_probs=True,
+                             **COMMON)
+        trainer = dpo.main(stage, training, lora(model))
+        assert "ref_chosen_logps" in trainer.train_dataset.column_names, trainer.train_dataset.column_names
+        record_engine(trainer, out / "dpo_precomputed")
     upo_stages(data, model, out, batch, offline, stages)
 
 
@@ -188,7 +199,7 @@ def run_script(main, gloo_timeout_s: int | None = None) -> None:
 
         PartialState(cpu=True, backend="gloo", timeout=timedelta(seconds=gloo_timeout_s))
     main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4].split(",") if len(sys.argv) > 4 else
-         ["sft", "dpo", "upo", "upo_online"])
+         ["sft", "dpo", "dpo_precomputed", "upo", "upo_online"])
     end_processes()
 
 

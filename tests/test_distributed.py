@@ -1,9 +1,9 @@
 """Every stage under DDP and under FSDP2 (two gloo processes on CPU each) against one process on the same global batch.
 
-`tests/distributed_stages.py` runs SFT -> DPO -> UPO (online + offline pairs) -> UPO (online pairs only) through the
-stages' real `main()`; the fixture runs it as one process, as two DDP processes and as two FSDP2 processes (launched
-with `recipes/accelerate/fsdp.yaml`; see that script for the one line that lets accelerate shard on CPU), all side
-by side, and the tests compare what they saved.
+`tests/distributed_stages.py` runs SFT -> DPO (and DPO again, its reference log-probs precomputed) -> UPO (online +
+offline pairs) -> UPO (online pairs only) through the stages' real `main()`; the fixture runs it as one process, as
+two DDP processes and as two FSDP2 processes (launched with `recipes/accelerate/fsdp.yaml`; see that script for the
+one line that lets accelerate shard on CPU), all side by side, and the tests compare what they saved.
 """
 
 import json
@@ -18,10 +18,11 @@ from safetensors.torch import load_file
 
 from posttrain.errors import UserError
 from posttrain.nodes import free_port  # a free port per run: tests in parallel never share a rendezvous
+from posttrain.trainers.dpo_trainer import REF_LOGPS
 
 SCRIPT = Path(__file__).resolve().parent / "distributed_stages.py"
 FSDP_CONFIG = SCRIPT.parent.parent / "recipes" / "accelerate" / "fsdp.yaml"
-STAGES = ["sft", "dpo", "upo", "upo_online"]
+STAGES = ["sft", "dpo", "dpo_precomputed", "upo", "upo_online"]
 TINY_RECIPE = SCRIPT.parent.parent / "recipes" / "tiny" / "text.yaml"
 
 
@@ -124,6 +125,19 @@ def test_dpo_reference_is_the_previous_stage(runs):
     assert not (runs["ddp"] / "dpo" / "ref").exists() and not (runs["fsdp"] / "dpo" / "ref").exists()
     sft, dpo = (load_file(runs["ddp"] / stage / "adapter_model.safetensors") for stage in ("sft", "dpo"))
     assert any(not torch.equal(sft[key], dpo[key]) for key in sft)
+
+
+def test_precomputed_reference_log_probs_reach_every_process(runs):
+    """TRL's main process writes them to a file every process then opens; beside the dataset's Arrow files, in one
+    process's datasets cache, the other process (another cache folder, as on a second machine) found none. Under the
+    stage's folder they reach both; the harness checks each process trained on them, and the folder is gone once the
+    stage finishes. Computed before training or during it, the reference is the same: so is the adapter."""
+    for engine, folder in runs.items():
+        assert not (folder / "dpo_precomputed" / REF_LOGPS).exists(), engine
+    precomputed, during = (load_file(runs["one"] / stage / "adapter_model.safetensors")
+                           for stage in ("dpo_precomputed", "dpo"))
+    for key in during:
+        torch.testing.assert_close(precomputed[key], during[key], rtol=1e-4, atol=1e-5)
 
 
 def test_a_process_without_pairs_runs_the_same_forwards(runs):

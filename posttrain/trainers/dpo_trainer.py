@@ -14,10 +14,19 @@ of each process, where the other terms are means over pairs: with gradient accum
 token of a short reply weighed more when its micro-batch held short replies (4 pairs x 2 processes trained other
 weights than 8 pairs in one). `DPOTrainer` counts the step's chosen tokens, all micro-batches and processes, and
 weighs each micro-batch's term by its share of them, as transformers' Trainer does for SFT's `num_items_in_batch`.
+
+With `precompute_ref_log_probs`, TRL's main process writes the reference log-probs to a file beside the dataset's
+own Arrow files, in its machine's datasets cache, and every process then opens that file: a process on another
+machine, with a cache of its own, found none (FileNotFoundError), nor did every process but the main one when the
+dataset had no cache files (each drew a random name). The file goes under the stage's output folder instead
+(`REF_LOGPS`), which every machine of a run shares: a stage resumed after a fault finds it there, and one that
+finishes training removes it.
 """
 
 import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import torch
 import trl
@@ -27,6 +36,7 @@ from ..data import has_tool_turns
 from ..errors import UserError, row_name
 
 MASKS = ("chosen_mask", "rejected_mask")
+REF_LOGPS = "ref_logps"  # the precomputed reference log-probs, under the stage's output folder while it trains
 
 
 def reply_masks(dataset, tokenizer, name: str):
@@ -120,6 +130,23 @@ class DPOTrainer(trl.DPOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         return reply_masks(dataset, processing_class, dataset_name)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """TRL's, with its cache file under the output folder (see the module's docstring)."""
+        folder = Path(self.args.output_dir) / REF_LOGPS
+        folder.mkdir(parents=True, exist_ok=True)
+        dataset._get_cache_file_path = lambda fingerprint: str(folder / f"cache-{fingerprint}.arrow")
+        try:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        finally:
+            del dataset._get_cache_file_path
+
+    def train(self, *args, **kwargs):
+        result = super().train(*args, **kwargs)
+        self.accelerator.wait_for_everyone()  # every process is done reading the reference log-probs
+        if self.accelerator.is_main_process:
+            shutil.rmtree(Path(self.args.output_dir) / REF_LOGPS, ignore_errors=True)
+        return result
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
