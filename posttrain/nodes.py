@@ -15,6 +15,11 @@ counter has moved (so a file left by an earlier run is never mistaken for a live
 writes names the tokens it is meant for and an id of machine 0's process (one started again after a crash numbers
 its entries from 1 again, while the followers that outlived the first go on). Waits end after
 `POSTTRAIN_NODE_TIMEOUT` seconds (default 7200) with an error that says which machine never came.
+
+What every stage loads from outside the run folder (the base model, a folder in machine 0's caches) must be at the
+same path on every machine: machine 0 writes those paths to `<run>/.nodes/needs.json` before its first launch, each
+follower's counter file says which of them it lacks, and machine 0 stops with that instead of launching a stage
+whose processes there would fail to load it (or, with NCCL, leave the others waiting).
 """
 
 import json
@@ -116,9 +121,13 @@ class Coordinator:
         # of the one before, which the followers that outlived it have already seen
         self.run_id, self.seq = uuid.uuid4().hex, 0
 
-    def _wait_for_followers(self, timeout: float) -> dict[int, str]:
+    def _wait_for_followers(self, timeout: float, needs: list[str] | None = None) -> dict[int, str]:
+        """{rank: token} of every follower once each is seen alive; with `needs` (paths every machine must see),
+        once each has also said which of them it lacks, and then only if none does."""
         console.print(f"waiting for machines 1..{self.nodes.num_machines - 1} to join (posttrain run … "
                       "--machine-rank N on each)…")
+        if needs is not None:
+            write_json(self.folder / "needs.json", {"run": self.run_id, "paths": needs})
         first_seen: dict[int, dict] = {}
         alive: dict[int, str] = {}
         deadline = time.time() + timeout
@@ -127,7 +136,10 @@ class Coordinator:
             for rank in range(1, self.nodes.num_machines):
                 entry = _read(self.folder / f"machine-{rank}.json")
                 if entry and rank in first_seen and first_seen[rank]["token"] == entry["token"] \
-                        and entry["beat"] > first_seen[rank]["beat"]:
+                        and entry["beat"] > first_seen[rank]["beat"] \
+                        and (needs is None or entry.get("checked") == self.run_id):
+                    if needs is not None:
+                        _check_sees(rank, entry)
                     alive[rank] = entry["token"]
                 elif entry and (rank not in first_seen or first_seen[rank]["token"] != entry["token"]):
                     first_seen[rank] = entry
@@ -139,9 +151,11 @@ class Coordinator:
                         f"start `posttrain run` with the same recipe and --machine-rank on each, with {self.folder} "
                         "on a filesystem every machine sees")
 
-    def announce(self, stage: str, launch_args: list[str]) -> None:
+    def announce(self, stage: str, launch_args: list[str], needs: list[str] | None = None) -> None:
+        """Write `launch_args` for the followers, after waiting for them the first time (`needs`: paths outside the
+        run folder the stage loads, which every machine must see)."""
         if self.tokens is None:
-            self.tokens = self._wait_for_followers(node_timeout())
+            self.tokens = self._wait_for_followers(node_timeout(), needs or [])
         # what every machine runs, with its own --machine_rank
         console.print(escape(f"accelerate launch {' '.join(launch_args)}"), style="dim", soft_wrap=True)
         self._write({"action": "launch", "stage": stage, "args": launch_args})
@@ -161,16 +175,32 @@ class Coordinator:
         write_json(self.folder / "launch.json", {**entry, "run": self.run_id, "seq": self.seq, "for": self.tokens})
 
 
+def _check_sees(rank: int, entry: dict) -> None:
+    if entry.get("missing"):
+        raise UserError(f"machine {rank} ({entry.get('host', '?')}) does not see {', '.join(entry['missing'])}, "
+                        "which the stages load from there on machine 0 (the base model, resolved in its caches): "
+                        "keep the caches on a filesystem every machine sees (HF_HOME, ~/.cache/posttrain), put the "
+                        "same revision at that path on every machine, or point the recipe's model_name_or_path at a "
+                        "folder they all see")
+
+
 def follow(root: Path, nodes: Nodes) -> int:
     """A follower machine's whole run: join every stage machine 0 launches, until it announces the end."""
     folder, token = root / ".nodes", uuid.uuid4().hex
     folder.mkdir(parents=True, exist_ok=True)
     console.print(f"machine {nodes.machine_rank} of {nodes.num_machines}: following machine 0 through {folder}")
-    beat, last_run, last_seq, waited_since = 0, None, 0, time.time()
+    beat, last_run, last_seq, waited_since, last_checked = 0, None, 0, time.time(), None
     while True:
         beat += 1
+        needs = _read(folder / "needs.json") or {}
+        missing = [path for path in needs.get("paths", []) if not Path(path).exists()]
+        if missing and needs.get("run") != last_checked:  # once per machine 0 that asks
+            console.print(f"[yellow]this machine does not see {', '.join(missing)}, which machine 0's stages load: "
+                          "machine 0 will stop the run[/yellow]")
+        last_checked = needs.get("run")
         write_json(folder / f"machine-{nodes.machine_rank}.json", {"token": token, "beat": beat,
-                                                                     "host": socket.gethostname()})
+                                                                     "host": socket.gethostname(),
+                                                                     "checked": needs.get("run"), "missing": missing})
         entry = _read(folder / "launch.json")
         if entry and token in (entry.get("for") or {}).values() \
                 and (entry["run"] != last_run or entry["seq"] > last_seq):

@@ -146,7 +146,8 @@ class StageSteps:
         self._record(stage, status="running", started=time.strftime("%Y-%m-%d %H:%M:%S"), skipped=False)
         cmd, env = self.stage_command(["-m", f"posttrain.stages.{stage}", "--config", str(partial / "resolved.yaml")])
         if self.coordinator:
-            self.coordinator.announce(stage, cmd[3:])  # what follows `python -m accelerate.commands.launch`
+            # what follows `python -m accelerate.commands.launch`; every machine loads the base model from its path
+            self.coordinator.announce(stage, cmd[3:], needs=[str(self.base_model)])
         self._spawn(cmd, partial / f"{stage}.log", stage, {**env, **self.tracking_env(stage, digest)})
         self._move_into_place(partial, final)
         self.reevaluate(stage)

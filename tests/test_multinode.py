@@ -282,6 +282,32 @@ def test_a_follower_joins_machine_0_started_again_after_a_crash(tmp_path, monkey
     assert outcome == [0]
 
 
+def test_a_follower_without_the_base_model_stops_the_run_before_any_launch(tmp_path, monkeypatch):
+    """The stages load the base model from where machine 0 resolved it, in its caches: a follower whose caches are
+    its own lacks that path. Machine 0 names the machine and the path before it launches anything, instead of the
+    follower's processes failing to load the model once launched; the follower then hears the run failed."""
+    import threading
+
+    from posttrain.errors import UserError
+    from posttrain.nodes import Coordinator, Nodes
+
+    monkeypatch.setattr("posttrain.nodes.POLL_S", 0.05)
+    monkeypatch.setenv("POSTTRAIN_NODE_TIMEOUT", "10")
+    monkeypatch.setattr("posttrain.nodes._join_stage", lambda folder, entry, machines: None)  # a launch: no stage
+    outcome = []
+    follower = threading.Thread(target=run_follower, args=(tmp_path, outcome), daemon=True)
+    follower.start()
+    coordinator = Coordinator(tmp_path, Nodes(2, 0, "127.0.0.1", 29555))
+    seen, unseen = tmp_path / "cache" / "model", tmp_path / "machine-0-cache" / "model"
+    seen.mkdir(parents=True)
+    with pytest.raises(UserError, match=rf"machine 1 \(.+\) does not see {re.escape(str(unseen))}, which the stages"):
+        coordinator.announce("sft", ["--machine_rank", "0"], needs=[str(seen), str(unseen)])
+    assert not (tmp_path / ".nodes" / "launch.json").exists(), "nothing was launched"
+    coordinator.finish("failed")
+    follower.join(timeout=15)
+    assert outcome and "machine 0 reports the run failed" in outcome[0]
+
+
 def test_machine_0_failing_before_its_first_step_ends_the_followers(tmp_path, monkeypatch):
     """A machine 0 that fails before it runs anything (a recipe file missing, a stage flag that names no stage) tells
     the followers, which exit with the run rather than after POSTTRAIN_NODE_TIMEOUT; one refused because another run
