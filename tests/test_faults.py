@@ -149,6 +149,22 @@ def test_killed_at_checkpoint_then_resumed_is_bit_identical(stage, configs, refe
     assert_same_adapter(train(stage, configs[stage], fallback, resume=resumed_from), want)
 
 
+def test_dpo_killed_with_precomputed_reference_log_probs_resumes(configs, reference, tmp_path):
+    """`precompute_ref_log_probs`: TRL computes them before training into a file under the stage's folder
+    (`REF_LOGPS`). A DPO stage killed at a checkpoint resumes (computing them again: the file's name is drawn anew),
+    trains what DPO with the reference scored during training does, and removes the folder when it finishes."""
+    from posttrain.trainers.dpo_trainer import REF_LOGPS
+
+    args, out = {**configs["dpo"], "precompute_ref_log_probs": True}, tmp_path / "out"
+    assert killed_run("dpo", args, out) == -9
+    assert list((out / REF_LOGPS).glob("cache-*.arrow")), "computed before training, left by the kill"
+    resumed = train("dpo", args, out, resume=out / "checkpoint-2")
+    assert not (out / REF_LOGPS).exists()
+    want, _ = reference("dpo")
+    for key in want:
+        torch.testing.assert_close(resumed[key], want[key], rtol=1e-4, atol=1e-5)
+
+
 def test_resumed_from_the_last_steps_checkpoint_trains_no_step_more(configs, tmp_path):
     """Stopped after its last step's checkpoint (while saving or evaluating), a stage resumed from it finishes there:
     the Trainer alone would run a 4th step of 3, here at a constant learning rate, so the adapter would move."""

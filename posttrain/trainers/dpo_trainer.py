@@ -19,8 +19,9 @@ With `precompute_ref_log_probs`, TRL's main process writes the reference log-pro
 own Arrow files, in its machine's datasets cache, and every process then opens that file: a process on another
 machine, with a cache of its own, found none (FileNotFoundError), nor did every process but the main one when the
 dataset had no cache files (each drew a random name). The file goes under the stage's output folder instead
-(`REF_LOGPS`), which every machine of a run shares: a stage resumed after a fault finds it there, and one that
-finishes training removes it.
+(`REF_LOGPS`), which every machine of a run shares, and is removed when training ends. (A stage resumed after a
+fault computes them again: TRL names the file after the dataset's fingerprint, which its own filter of truncated
+rows draws at random in each process.)
 """
 
 import dataclasses
