@@ -16,8 +16,8 @@ writes names the tokens it is meant for and an id of machine 0's process (one st
 its entries from 1 again, while the followers that outlived the first go on). Waits end after
 `POSTTRAIN_NODE_TIMEOUT` seconds (default 7200) with an error that says which machine never came.
 
-What every stage loads from outside the run folder (the base model, a folder in machine 0's caches) must be at the
-same path on every machine: machine 0 writes those paths to `<run>/.nodes/needs.json` before its first launch, each
+What every stage loads from outside the run folder (the base model, a folder in machine 0's caches; a dataset or
+reward file the recipe names) must be at the same path on every machine: machine 0 writes those paths to `<run>/.nodes/needs.json` before its first launch, each
 follower's counter file says which of them it lacks, and machine 0 stops with that instead of launching a stage
 whose processes there would fail to load it (or, with NCCL, leave the others waiting).
 """
@@ -175,13 +175,26 @@ class Coordinator:
         write_json(self.folder / "launch.json", {**entry, "run": self.run_id, "seq": self.seq, "for": self.tokens})
 
 
+def outside_paths(value, root: Path) -> list[str]:
+    """The files and folders `value` names (its strings at any depth with a `/` that exist here as paths), outside
+    the run folder `root`, as written: a stage's processes on every machine read them from there."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return [path for item in value for path in outside_paths(item, root)]
+    if isinstance(value, str) and "/" in value and Path(value).exists() \
+            and not Path(value).resolve().is_relative_to(root.resolve()):
+        return [value]
+    return []
+
+
 def _check_sees(rank: int, entry: dict) -> None:
     if entry.get("missing"):
         raise UserError(f"machine {rank} ({entry.get('host', '?')}) does not see {', '.join(entry['missing'])}, "
-                        "which the stages load from there on machine 0 (the base model, resolved in its caches): "
-                        "keep the caches on a filesystem every machine sees (HF_HOME, ~/.cache/posttrain), put the "
-                        "same revision at that path on every machine, or point the recipe's model_name_or_path at a "
-                        "folder they all see")
+                        "which the stages read from there on machine 0 (the base model, resolved in its caches, and "
+                        "the recipe's files outside the run folder): keep the caches on a filesystem every machine "
+                        "sees (HF_HOME, ~/.cache/posttrain), put the same files at that path on every machine, or "
+                        "point the recipe at folders they all see")
 
 
 def follow(root: Path, nodes: Nodes) -> int:

@@ -16,6 +16,7 @@ from .childproc import LAUNCHER
 from .configs import StageArguments
 from .console import console
 from .io import read_json, umask_permissions, write_json
+from .nodes import outside_paths
 from .recipe_files import STAGE_DATASET_KEYS
 from .step_inputs import NOT_INPUT_KEYS, NOT_TRAINING_KEYS, as_opened, by_content, changed_inputs, reward_sources
 
@@ -145,9 +146,8 @@ class StageSteps:
         started = time.time()
         self._record(stage, status="running", started=time.strftime("%Y-%m-%d %H:%M:%S"), skipped=False)
         cmd, env = self.stage_command(["-m", f"posttrain.stages.{stage}", "--config", str(partial / "resolved.yaml")])
-        if self.coordinator:
-            # what follows `python -m accelerate.commands.launch`; every machine loads the base model from its path
-            self.coordinator.announce(stage, cmd[3:], needs=[str(self.base_model)])
+        if self.coordinator:  # what follows `python -m accelerate.commands.launch`
+            self.coordinator.announce(stage, cmd[3:], needs=self.shared_paths())
         self._spawn(cmd, partial / f"{stage}.log", stage, {**env, **self.tracking_env(stage, digest)})
         self._move_into_place(partial, final)
         self.reevaluate(stage)
@@ -177,6 +177,12 @@ class StageSteps:
         shutil.rmtree(old, ignore_errors=True)
         for checkpoint_dir in final.glob("checkpoint-*"):
             shutil.rmtree(checkpoint_dir)
+
+    def shared_paths(self) -> list[str]:
+        """What the stages read on every machine from the path they have here: the base model and the files any
+        stage's arguments name outside the run folder."""
+        found = outside_paths(self.substitute(list(self.recipe.stages.values())), self.root)
+        return list(dict.fromkeys([str(self.base_model), *found]))
 
     def stage_command(self, script: list[str]) -> tuple[list[str], dict]:
         """The command and environment that run a stage's `script` (`-m module --config ...`): its one process as

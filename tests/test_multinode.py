@@ -308,6 +308,23 @@ def test_a_follower_without_the_base_model_stops_the_run_before_any_launch(tmp_p
     assert outcome and "machine 0 reports the run failed" in outcome[0]
 
 
+def test_the_paths_every_machine_must_see_are_the_files_named_outside_the_run_folder(tmp_path, monkeypatch):
+    """`outside_paths`, what machine 0 asks the followers about besides the base model: the files and folders any
+    stage's arguments name outside the run folder, at any depth and as written (a relative one as each machine's
+    stages resolve it, from their working folder); not those in the run folder, nor Hub ids or other words."""
+    from posttrain.nodes import outside_paths
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "outputs" / "x"
+    (run / "data" / "pairs").mkdir(parents=True)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "chat.jsonl").write_text("{}")
+    stages = [{"dataset_name": str(run / "data" / "pairs"), "lr_scheduler_type": "cosine", "rewards": {"accuracy": 1}},
+              {"dataset_name": "HuggingFaceH4/no_robots", "upo_offline_dataset": "mine/chat.jsonl",
+               "phases": [{"dataset_name": str(tmp_path / "mine")}, {"dataset_name": f"{run}/data/pairs"}]}]
+    assert outside_paths(stages, run) == ["mine/chat.jsonl", str(tmp_path / "mine")]
+
+
 def test_machine_0_failing_before_its_first_step_ends_the_followers(tmp_path, monkeypatch):
     """A machine 0 that fails before it runs anything (a recipe file missing, a stage flag that names no stage) tells
     the followers, which exit with the run rather than after POSTTRAIN_NODE_TIMEOUT; one refused because another run
