@@ -16,10 +16,10 @@ writes names the tokens it is meant for and an id of machine 0's process (one st
 its entries from 1 again, while the followers that outlived the first go on). Waits end after
 `POSTTRAIN_NODE_TIMEOUT` seconds (default 7200) with an error that says which machine never came.
 
-What every stage loads from outside the run folder (the base model, a folder in machine 0's caches; a dataset or
-reward file the recipe names) must be at the same path on every machine: machine 0 writes those paths to `<run>/.nodes/needs.json` before its first launch, each
-follower's counter file says which of them it lacks, and machine 0 stops with that instead of launching a stage
-whose processes there would fail to load it (or, with NCCL, leave the others waiting).
+What every stage loads from outside the run folder (the base model, a folder in machine 0's caches; a dataset the
+recipe names) must be at the same path on every machine: machine 0 writes those paths to `<run>/.nodes/needs.json`
+before its first launch, each follower's counter file says which of them it lacks, and machine 0 stops with that
+instead of launching a stage whose processes there would fail to load it (or, with NCCL, leave the others waiting).
 """
 
 import json

@@ -146,23 +146,21 @@ def main(model: str, data: Path, out: Path, stages: list[str]) -> None:
         training = SFTConfig(output_dir=str(out / "sft"), per_device_train_batch_size=batch, max_length=128,
                              assistant_only_loss=True, **COMMON)
         record_engine(sft.main(stage, training, lora(model)), out / "sft")
-    if "dpo" in stages:
-        stage = StageArguments(dataset_name=str(pairs), dataset_test_split="test", tokenizer_name_or_path=model,
-                               adapter_path=str(out / "sft"), **held_out)
-        # the default recipe's loss: the `sft` term is a mean over the step's chosen tokens, whatever the processes
-        training = DPOConfig(output_dir=str(out / "dpo"), per_device_train_batch_size=batch, max_length=192,
-                             beta=0.1, loss_type=["sigmoid", "sft"], **COMMON)
-        record_engine(dpo.main(stage, training, lora(model)), out / "dpo")
-    if "dpo_precomputed" in stages:
-        # the same DPO with TRL's reference log-probs computed before training, which its main process writes to a
-        # file every process opens; each process reads its own copy of the pairs (above), so each has its datasets
-        # cache folder, as processes on two machines would
-        training = DPOConfig(output_dir=str(out / "dpo_precomputed"), per_device_train_batch_size=batch,
-                             max_length=192, beta=0.1, loss_type=["sigmoid", "sft"], precompute_ref_log_probs=True,
-                             **COMMON)
+    stage = StageArguments(dataset_name=str(pairs), dataset_test_split="test", tokenizer_name_or_path=model,
+                           adapter_path=str(out / "sft"), **held_out)
+    # the default recipe's loss: the `sft` term is a mean over the step's chosen tokens, whatever the processes.
+    # `dpo_precomputed`: the same DPO with TRL's reference log-probs computed before training, which its main process
+    # writes to a file every process opens; each process reads its own copy of the pairs (above), so each has its
+    # datasets cache folder, as processes on two machines would
+    for name, extra in (("dpo", {}), ("dpo_precomputed", {"precompute_ref_log_probs": True})):
+        if name not in stages:
+            continue
+        training = DPOConfig(output_dir=str(out / name), per_device_train_batch_size=batch, max_length=192, beta=0.1,
+                             loss_type=["sigmoid", "sft"], **extra, **COMMON)
         trainer = dpo.main(stage, training, lora(model))
-        assert "ref_chosen_logps" in trainer.train_dataset.column_names, trainer.train_dataset.column_names
-        record_engine(trainer, out / "dpo_precomputed")
+        columns = trainer.train_dataset.column_names
+        assert not extra or "ref_chosen_logps" in columns, columns
+        record_engine(trainer, out / name)
     upo_stages(data, model, out, batch, offline, stages)
 
 

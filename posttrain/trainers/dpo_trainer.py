@@ -144,9 +144,10 @@ class DPOTrainer(trl.DPOTrainer):
 
     def train(self, *args, **kwargs):
         result = super().train(*args, **kwargs)
-        self.accelerator.wait_for_everyone()  # every process is done reading the reference log-probs
-        if self.accelerator.is_main_process:
-            shutil.rmtree(Path(self.args.output_dir) / REF_LOGPS, ignore_errors=True)
+        if self.args.precompute_ref_log_probs:
+            self.accelerator.wait_for_everyone()  # every process is done reading the reference log-probs
+            if self.accelerator.is_main_process:
+                shutil.rmtree(Path(self.args.output_dir) / REF_LOGPS, ignore_errors=True)
         return result
 
     def _set_signature_columns_if_needed(self):
