@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -209,6 +210,11 @@ def cpu_threads(num_processes: int) -> int:
     return max(1, torch.get_num_threads() // max(num_processes, 1))
 
 
+# torchrun's agent otherwise leaves a `torchelastic_*` folder in the temp folder at every launch of several processes:
+# its log folder, for error files our stages do not write (they report through `POSTTRAIN_ERROR_FILE`)
+NO_LOG_DIR = ["--log_dir", os.devnull]
+
+
 def accelerate_launch_args(config_file: str | None, num_processes: int | None = None, nodes=None) -> list[str]:
     """`accelerate launch` flags: the recipe's config file, else N processes per machine (all GPUs, or 1 on CPU).
 
@@ -226,7 +232,7 @@ def accelerate_launch_args(config_file: str | None, num_processes: int | None = 
         flags = ["--config_file", config_file, "--mixed_precision", "no"]
         if num_processes:
             flags += ["--num_processes", str(num_processes * (nodes.num_machines if nodes else 1))]
-        return [*flags, *machines] if nodes else [*flags, *own_port(config)]
+        return [*flags, *machines, *NO_LOG_DIR] if nodes else [*flags, *own_port(config), *NO_LOG_DIR]
     count = (num_processes or (_gpu_count() if has_cuda() else 1)) * (nodes.num_machines if nodes else 1)
     if count > 1 and not nodes:
         machines += own_port({})
@@ -234,7 +240,7 @@ def accelerate_launch_args(config_file: str | None, num_processes: int | None = 
     if not has_cuda():
         flags += ["--num_cpu_threads_per_process", str(cpu_threads(count // (nodes.num_machines if nodes else 1)))]
     if count > 1:
-        return ["--multi_gpu", *flags]
+        return ["--multi_gpu", *flags, *NO_LOG_DIR]
     return flags if has_cuda() else ["--cpu", *flags]
 
 

@@ -180,8 +180,9 @@ class StageSteps:
 
     def shared_paths(self) -> list[str]:
         """What the stages read on every machine from the path they have here: the base model and the files any
-        stage's arguments name outside the run folder."""
-        found = outside_paths(self.substitute(list(self.recipe.stages.values())), self.root)
+        stage's arguments or the evaluation (each process scores its share of the held-out prompts) name outside the
+        run folder."""
+        found = outside_paths(self.substitute([*self.recipe.stages.values(), self.recipe.eval.dataset]), self.root)
         return list(dict.fromkeys([str(self.base_model), *found]))
 
     def stage_command(self, script: list[str]) -> tuple[list[str], dict]:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from posttrain.devices import NO_LOG_DIR
 from posttrain.errors import UserError
 from posttrain.nodes import free_port  # a free port per run: tests in parallel never share a rendezvous
 from posttrain.trainers.dpo_trainer import REF_LOGPS
@@ -30,7 +31,7 @@ def launch_two(*args: str, config: Path | None = None) -> list[str]:
     engine = ["--config_file", str(config)] if config else ["--multi_gpu", "--num_machines", "1", "--dynamo_backend",
                                                             "no"]
     return [sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_processes", "2", "--mixed_precision",
-            "no", "--main_process_port", str(free_port()), *args]
+            "no", "--main_process_port", str(free_port()), *NO_LOG_DIR, *args]
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +169,11 @@ def test_an_moe_model_trains_under_ddp_and_fsdp2_as_in_one_process(tiny_model_pa
 def test_two_process_cpu_run(tmp_path, posttrain_cli):
     """`posttrain run --num-processes 2` on CPU: one gloo data-parallel job of two processes, through the CLI. The
     base model's evaluation runs as two processes too, each generating half the prompts, as the stage's does."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
     posttrain_cli("run", TINY_RECIPE, "name=ddp", "eval.limit=4", "eval.max_new_tokens=4", "--num-processes", "2",
-                  "--only", "sft", cwd=tmp_path)
+                  "--only", "sft", cwd=tmp_path, env={"TMPDIR": str(temp)})
+    assert not list(temp.glob("torchelastic_*"))  # torchrun's log folders, one a launch, were left there
     run = tmp_path / "outputs" / "ddp"
     metrics = json.loads((run / "sft" / "metrics.json").read_text())
     assert metrics["world_size"] == 2

@@ -325,6 +325,29 @@ def test_the_paths_every_machine_must_see_are_the_files_named_outside_the_run_fo
     assert outside_paths(stages, run) == ["mine/chat.jsonl", str(tmp_path / "mine")]
 
 
+def test_the_evaluation_set_outside_the_run_folder_is_among_the_paths_asked_about(tmp_path, monkeypatch):
+    """Every process of a stage reads its share of the held-out prompts from `eval.dataset`: one outside the run
+    folder is asked about with the base model and the stages' own files; one built in the run folder is not."""
+    from posttrain.pipeline import Pipeline
+    from posttrain.recipe import load_recipe
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "heldout.jsonl").write_text("{}")
+    raw = {"name": "nodes", "base": {"model_name_or_path": str(tmp_path)},
+           "data": {"tasks": {"job": "build_verifiable_tasks", "n_train": 4, "n_test": 4}},
+           "eval": {"dataset": "mine/heldout.jsonl"}, "stages": {"sft": {"dataset_name": "{data}/tasks"}}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    pipeline = Pipeline(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "outputs")
+    pipeline.base_model = str(tmp_path)  # resolved on machine 0 as `prepare` would
+    assert pipeline.shared_paths() == [str(tmp_path), "mine/heldout.jsonl"]
+    raw["eval"]["dataset"] = "{data}/tasks"
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    pipeline = Pipeline(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "outputs")
+    pipeline.base_model = str(tmp_path)
+    assert pipeline.shared_paths() == [str(tmp_path)]
+
+
 def test_machine_0_failing_before_its_first_step_ends_the_followers(tmp_path, monkeypatch):
     """A machine 0 that fails before it runs anything (a recipe file missing, a stage flag that names no stage) tells
     the followers, which exit with the run rather than after POSTTRAIN_NODE_TIMEOUT; one refused because another run
