@@ -327,7 +327,7 @@ def test_the_paths_every_machine_must_see_are_the_files_named_outside_the_run_fo
     assert outside_paths(stages, run) == ["mine/chat.jsonl", str(tmp_path / "mine")]
 
 
-def test_what_every_machine_must_have_includes_the_evaluation_set_and_reward_modules(tmp_path, monkeypatch):
+def test_what_every_machine_must_have_includes_the_evaluation_set_and_reward_modules(tmp_path, monkeypatch, request):
     """Every process of a stage reads its share of the held-out prompts from `eval.dataset`: one outside the run
     folder is asked about with the base model and the stages' own files, one built in the run folder is not; and the
     stages import the modules of rewards of your own, not the built-in rewards'."""
@@ -336,11 +336,13 @@ def test_what_every_machine_must_have_includes_the_evaluation_set_and_reward_mod
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    (tmp_path / "my_rewards.py").write_text("def brevity(completions, **kwargs):\n    return [1.0] * len(completions)\n")
+    # a name of its own, gone from sys.modules after the test: other tests import their own `my_rewards`
+    request.addfinalizer(lambda: sys.modules.pop("nodes_rewards", None))
+    (tmp_path / "nodes_rewards.py").write_text("def brevity(completions, **kwargs):\n    return [1.0] * len(completions)\n")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "heldout.jsonl").write_text("{}")
     upo = {"dataset_name": "{data}/tasks", "dataset_train_split": "prompts",
-           "rewards": {"accuracy": 1.0, "my_rewards.brevity": 0.5}}
+           "rewards": {"accuracy": 1.0, "nodes_rewards.brevity": 0.5}}
     raw = {"name": "nodes", "base": {"model_name_or_path": str(tmp_path)},
            "data": {"tasks": {"job": "build_verifiable_tasks", "n_train": 4, "n_test": 4}},
            "eval": {"dataset": "mine/heldout.jsonl"}, "stages": {"sft": {"dataset_name": "{data}/tasks"}, "upo": upo}}
@@ -349,7 +351,7 @@ def test_what_every_machine_must_have_includes_the_evaluation_set_and_reward_mod
         (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({**raw, "eval": {"dataset": evaluated}}))
         pipeline = Pipeline(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "outputs")
         pipeline.base_model = str(tmp_path)  # resolved on machine 0 as `prepare` would
-        assert pipeline.shared_needs() == {"paths": paths, "modules": ["my_rewards"]}
+        assert pipeline.shared_needs() == {"paths": paths, "modules": ["nodes_rewards"]}
 
 
 def test_a_follower_lacks_the_paths_it_does_not_see_and_the_modules_it_cannot_import(tmp_path, monkeypatch):
