@@ -338,7 +338,8 @@ def test_what_every_machine_must_have_includes_the_evaluation_set_and_reward_mod
     monkeypatch.syspath_prepend(str(tmp_path))
     # a name of its own, gone from sys.modules after the test: other tests import their own `my_rewards`
     request.addfinalizer(lambda: sys.modules.pop("nodes_rewards", None))
-    (tmp_path / "nodes_rewards.py").write_text("def brevity(completions, **kwargs):\n    return [1.0] * len(completions)\n")
+    (tmp_path / "nodes_rewards.py").write_text("def brevity(completions, **kwargs):\n"
+                                               "    return [1.0] * len(completions)\n")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "heldout.jsonl").write_text("{}")
     upo = {"dataset_name": "{data}/tasks", "dataset_train_split": "prompts",
@@ -364,7 +365,8 @@ def test_a_follower_lacks_the_paths_it_does_not_see_and_the_modules_it_cannot_im
     (tmp_path / "model").mkdir()
     needs = {"paths": [str(tmp_path / "model"), str(tmp_path / "gone")],
              "modules": ["here_rewards", "json", "email.utils", "no_such_rewards", "no_such_package.rewards"]}
-    assert lacking(needs) == [str(tmp_path / "gone"), "the module no_such_rewards", "the module no_such_package.rewards"]
+    assert lacking(needs) == [str(tmp_path / "gone"), "the module no_such_rewards",
+                              "the module no_such_package.rewards"]
     assert lacking({}) == []
 
 
