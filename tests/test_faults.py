@@ -209,11 +209,12 @@ def test_sigterm_saves_the_step_then_stops_and_resumes_bit_identical(stage, conf
 
 def _launch_two(stage: str, args: dict, out: Path, **env) -> subprocess.Popen:
     """The stage as two gloo data-parallel processes on CPU, under accelerate's launcher as the pipeline runs it."""
+    from posttrain.devices import NO_LOG_DIR
     from posttrain.nodes import free_port
 
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
                "--dynamo_backend", "no", "--num_processes", "2", "--mixed_precision", "no", "--main_process_port",
-               str(free_port()), "-m", f"posttrain.stages.{stage}", "--config", _config_file(args, out)]
+               str(free_port()), *NO_LOG_DIR, "-m", f"posttrain.stages.{stage}", "--config", _config_file(args, out)]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **env})
 

@@ -1201,13 +1201,15 @@ def test_two_processes_with_groups_spanning_processes(tmp_path, tiny_model_path)
     import subprocess
     import sys
 
+    from posttrain.devices import NO_LOG_DIR
+
     tiny_model_path()  # build once, before two processes race for it
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text(json.dumps({"prompt": "Q: 1 + 1?\nA:", "chosen": "2", "rejected": "3"}) + "\n")
     script = tmp_path / "run.py"
     script.write_text(DISTRIBUTED_SCRIPT)
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", *NO_LOG_DIR,
          str(script), str(tmp_path / "out"), str(prefs)],
         capture_output=True, text=True, timeout=300,
     )
