@@ -17,13 +17,11 @@ its entries from 1 again, while the followers that outlived the first go on). Wa
 `POSTTRAIN_NODE_TIMEOUT` seconds (default 7200) with an error that says which machine never came.
 
 What every stage loads from outside the run folder (the base model, a folder in machine 0's caches; a dataset the
-recipe names) must be at the same path on every machine, and the modules of its rewards of your own importable
-there: machine 0 writes those paths and modules to `<run>/.nodes/needs.json` before its first launch, each
-follower's counter file says which of them it lacks, and machine 0 stops with that instead of launching a stage
-whose processes there would fail to load it (or, with NCCL, leave the others waiting).
+recipe names) must be at the same path on every machine: machine 0 writes those paths to `<run>/.nodes/needs.json`
+before its first launch, each follower's counter file says which of them it lacks, and machine 0 stops with that
+instead of launching a stage whose processes there would fail to load it (or, with NCCL, leave the others waiting).
 """
 
-import importlib.util
 import json
 import os
 import random
@@ -34,7 +32,6 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
-from importlib.machinery import PathFinder
 from pathlib import Path
 
 from rich.markup import escape
@@ -124,14 +121,13 @@ class Coordinator:
         # of the one before, which the followers that outlived it have already seen
         self.run_id, self.seq = uuid.uuid4().hex, 0
 
-    def _wait_for_followers(self, timeout: float, needs: dict | None = None) -> dict[int, str]:
-        """{rank: token} of every follower once each is seen alive; with `needs` ({"paths": ..., "modules": ...}
-        every machine must see and import, `lacking`), once each has also said which of them it lacks, and then only
-        if none does."""
+    def _wait_for_followers(self, timeout: float, needs: list[str] | None = None) -> dict[int, str]:
+        """{rank: token} of every follower once each is seen alive; with `needs` (paths every machine must see),
+        once each has also said which of them it lacks, and then only if none does."""
         console.print(f"waiting for machines 1..{self.nodes.num_machines - 1} to join (posttrain run … "
                       "--machine-rank N on each)…")
         if needs is not None:
-            write_json(self.folder / "needs.json", {"run": self.run_id, **needs})
+            write_json(self.folder / "needs.json", {"run": self.run_id, "paths": needs})
         first_seen: dict[int, dict] = {}
         alive: dict[int, str] = {}
         deadline = time.time() + timeout
@@ -155,11 +151,11 @@ class Coordinator:
                         f"start `posttrain run` with the same recipe and --machine-rank on each, with {self.folder} "
                         "on a filesystem every machine sees")
 
-    def announce(self, stage: str, launch_args: list[str], needs: dict | None = None) -> None:
-        """Write `launch_args` for the followers, after waiting for them the first time (`needs`: {"paths": paths
-        outside the run folder the stages load, "modules": modules they import}, which every machine must have)."""
+    def announce(self, stage: str, launch_args: list[str], needs: list[str] | None = None) -> None:
+        """Write `launch_args` for the followers, after waiting for them the first time (`needs`: paths outside the
+        run folder the stage loads, which every machine must see)."""
         if self.tokens is None:
-            self.tokens = self._wait_for_followers(node_timeout(), needs or {})
+            self.tokens = self._wait_for_followers(node_timeout(), needs or [])
         # what every machine runs, with its own --machine_rank
         console.print(escape(f"accelerate launch {' '.join(launch_args)}"), style="dim", soft_wrap=True)
         self._write({"action": "launch", "stage": stage, "args": launch_args})
@@ -192,26 +188,13 @@ def outside_paths(value, root: Path) -> list[str]:
     return []
 
 
-def lacking(needs: dict) -> list[str]:
-    """What of machine 0's `needs` this machine lacks: the paths not here, and the modules (rewards of your own) its
-    stages could not import: their top package, found on the Python path or in the working folder, which `python -m`
-    puts first on the stages' path (not on this process's, a console script's)."""
-    def importable(module: str) -> bool:
-        top = module.split(".")[0]
-        return importlib.util.find_spec(top) is not None or PathFinder.find_spec(top, [os.getcwd()]) is not None
-
-    return [*(path for path in needs.get("paths", []) if not Path(path).exists()),
-            *(f"the module {module}" for module in needs.get("modules", []) if not importable(module))]
-
-
 def _check_sees(rank: int, entry: dict) -> None:
     if entry.get("missing"):
-        raise UserError(f"machine {rank} ({entry.get('host', '?')}) lacks {', '.join(entry['missing'])}, which the "
-                        "stages read or import there as on machine 0 (the base model, resolved in its caches; the "
-                        "recipe's files outside the run folder; the modules of rewards of your own): keep the caches "
-                        "on a filesystem every machine sees (HF_HOME, ~/.cache/posttrain), put the same files at that "
-                        "path on every machine, or point the recipe at folders they all see; install or copy your "
-                        "reward modules on every machine (PYTHONPATH)")
+        raise UserError(f"machine {rank} ({entry.get('host', '?')}) does not see {', '.join(entry['missing'])}, "
+                        "which the stages read from there on machine 0 (the base model, resolved in its caches, and "
+                        "the recipe's files outside the run folder): keep the caches on a filesystem every machine "
+                        "sees (HF_HOME, ~/.cache/posttrain), put the same files at that path on every machine, or "
+                        "point the recipe at folders they all see")
 
 
 def follow(root: Path, nodes: Nodes) -> int:
@@ -223,9 +206,9 @@ def follow(root: Path, nodes: Nodes) -> int:
     while True:
         beat += 1
         needs = _read(folder / "needs.json") or {}
-        missing = lacking(needs)
+        missing = [path for path in needs.get("paths", []) if not Path(path).exists()]
         if missing and needs.get("run") != last_checked:  # once per machine 0 that asks
-            console.print(f"[yellow]this machine lacks {', '.join(missing)}, which machine 0's stages load: "
+            console.print(f"[yellow]this machine does not see {', '.join(missing)}, which machine 0's stages load: "
                           "machine 0 will stop the run[/yellow]")
         last_checked = needs.get("run")
         write_json(folder / f"machine-{nodes.machine_rank}.json", {"token": token, "beat": beat,

@@ -18,15 +18,7 @@ from .console import console
 from .io import read_json, umask_permissions, write_json
 from .nodes import outside_paths
 from .recipe_files import STAGE_DATASET_KEYS
-from .step_inputs import (
-    NOT_INPUT_KEYS,
-    NOT_TRAINING_KEYS,
-    as_opened,
-    by_content,
-    changed_inputs,
-    reward_modules,
-    reward_sources,
-)
+from .step_inputs import NOT_INPUT_KEYS, NOT_TRAINING_KEYS, as_opened, by_content, changed_inputs, reward_sources
 
 
 class StageSteps:
@@ -155,7 +147,7 @@ class StageSteps:
         self._record(stage, status="running", started=time.strftime("%Y-%m-%d %H:%M:%S"), skipped=False)
         cmd, env = self.stage_command(["-m", f"posttrain.stages.{stage}", "--config", str(partial / "resolved.yaml")])
         if self.coordinator:  # what follows `python -m accelerate.commands.launch`
-            self.coordinator.announce(stage, cmd[3:], needs=self.shared_needs())
+            self.coordinator.announce(stage, cmd[3:], needs=self.shared_paths())
         self._spawn(cmd, partial / f"{stage}.log", stage, {**env, **self.tracking_env(stage, digest)})
         self._move_into_place(partial, final)
         self.reevaluate(stage)
@@ -186,13 +178,12 @@ class StageSteps:
         for checkpoint_dir in final.glob("checkpoint-*"):
             shutil.rmtree(checkpoint_dir)
 
-    def shared_needs(self) -> dict[str, list[str]]:
-        """What the stages of every machine read from the path they have here, and import (`nodes.lacking`): the
-        base model and the files any stage's arguments or the evaluation (each process scores its share of the
-        held-out prompts) name outside the run folder; the modules of the rewards of your own."""
+    def shared_paths(self) -> list[str]:
+        """What the stages read on every machine from the path they have here: the base model and the files any
+        stage's arguments or the evaluation (each process scores its share of the held-out prompts) name outside the
+        run folder."""
         found = outside_paths(self.substitute([*self.recipe.stages.values(), self.recipe.eval.dataset]), self.root)
-        modules = [module for args in self.recipe.stages.values() for module in reward_modules(args.get("rewards"))]
-        return {"paths": list(dict.fromkeys([str(self.base_model), *found])), "modules": list(dict.fromkeys(modules))}
+        return list(dict.fromkeys([str(self.base_model), *found]))
 
     def stage_command(self, script: list[str]) -> tuple[list[str], dict]:
         """The command and environment that run a stage's `script` (`-m module --config ...`): its one process as

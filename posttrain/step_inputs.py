@@ -10,7 +10,6 @@ from . import lineage
 from .configs import EVAL_KEYS
 from .recipe_files import STAGE_DATASET_KEYS, named_strings
 from .reward_inputs import custom_reward_files
-from .rewards import REWARDS
 from .runs import in_run
 
 
@@ -50,24 +49,13 @@ def hub_commits(args) -> dict:
     return commits
 
 
-def reward_names(rewards) -> list[str]:
-    """The reward names of a stage's or data job's `rewards` ({name: weight}, or a data job's deprecated form
-    `[name, ...]` or `[name=weight, ...]`, `reward_mapping`)."""
-    if isinstance(rewards, list):
-        return [str(item).split("=", 1)[0] for item in rewards]
-    return list(rewards) if isinstance(rewards, dict) else []
-
-
-def reward_modules(rewards) -> list[str]:
-    """The modules of the rewards of your own (by import path) among `rewards`, which a stage imports."""
-    return [name.rpartition(".")[0] for name in reward_names(rewards) if name not in REWARDS]
-
-
 def reward_sources(rewards) -> dict[str, str]:
     """The fingerprint of each reward function of your own (by import path) among `rewards` ({name: weight}), by name:
     an edited reward trains UPO, and samples the on-policy pairs, again, as edited data does."""
-    return {name: lineage.dataset_fingerprint(source)
-            for name, source in custom_reward_files(reward_names(rewards)).items()}
+    if isinstance(rewards, list):  # a data job's deprecated form, `[name, ...]` or `[name=weight, ...]` (`reward_mapping`)
+        rewards = [str(item).split("=", 1)[0] for item in rewards]
+    names = rewards if isinstance(rewards, (dict, list)) else {}
+    return {name: lineage.dataset_fingerprint(source) for name, source in custom_reward_files(names).items()}
 
 
 # stage arguments that only say when to log, save and report: changing them keeps a stage's finished adapter and its

@@ -300,10 +300,8 @@ def test_a_follower_without_the_base_model_stops_the_run_before_any_launch(tmp_p
     coordinator = Coordinator(tmp_path, Nodes(2, 0, "127.0.0.1", 29555))
     seen, unseen = tmp_path / "cache" / "model", tmp_path / "machine-0-cache" / "model"
     seen.mkdir(parents=True)
-    needs = {"paths": [str(seen), str(unseen)], "modules": ["json", "no_such_rewards.brevity"]}
-    with pytest.raises(UserError, match=rf"machine 1 \(.+\) lacks {re.escape(str(unseen))}, the module "
-                                        r"no_such_rewards.brevity, which the stages read or import"):
-        coordinator.announce("sft", ["--machine_rank", "0"], needs=needs)
+    with pytest.raises(UserError, match=rf"machine 1 \(.+\) does not see {re.escape(str(unseen))}, which the stages"):
+        coordinator.announce("sft", ["--machine_rank", "0"], needs=[str(seen), str(unseen)])
     assert not (tmp_path / ".nodes" / "launch.json").exists(), "nothing was launched"
     coordinator.finish("failed")
     follower.join(timeout=15)
@@ -327,47 +325,27 @@ def test_the_paths_every_machine_must_see_are_the_files_named_outside_the_run_fo
     assert outside_paths(stages, run) == ["mine/chat.jsonl", str(tmp_path / "mine")]
 
 
-def test_what_every_machine_must_have_includes_the_evaluation_set_and_reward_modules(tmp_path, monkeypatch, request):
+def test_the_evaluation_set_outside_the_run_folder_is_among_the_paths_asked_about(tmp_path, monkeypatch):
     """Every process of a stage reads its share of the held-out prompts from `eval.dataset`: one outside the run
-    folder is asked about with the base model and the stages' own files, one built in the run folder is not; and the
-    stages import the modules of rewards of your own, not the built-in rewards'."""
+    folder is asked about with the base model and the stages' own files; one built in the run folder is not."""
     from posttrain.pipeline import Pipeline
     from posttrain.recipe import load_recipe
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    # a name of its own, gone from sys.modules after the test: other tests import their own `my_rewards`
-    request.addfinalizer(lambda: sys.modules.pop("nodes_rewards", None))
-    (tmp_path / "nodes_rewards.py").write_text("def brevity(completions, **kwargs):\n"
-                                               "    return [1.0] * len(completions)\n")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "heldout.jsonl").write_text("{}")
-    upo = {"dataset_name": "{data}/tasks", "dataset_train_split": "prompts",
-           "rewards": {"accuracy": 1.0, "nodes_rewards.brevity": 0.5}}
     raw = {"name": "nodes", "base": {"model_name_or_path": str(tmp_path)},
            "data": {"tasks": {"job": "build_verifiable_tasks", "n_train": 4, "n_test": 4}},
-           "eval": {"dataset": "mine/heldout.jsonl"}, "stages": {"sft": {"dataset_name": "{data}/tasks"}, "upo": upo}}
-    for evaluated, paths in (("mine/heldout.jsonl", [str(tmp_path), "mine/heldout.jsonl"]),
-                             ("{data}/tasks", [str(tmp_path)])):
-        (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({**raw, "eval": {"dataset": evaluated}}))
-        pipeline = Pipeline(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "outputs")
-        pipeline.base_model = str(tmp_path)  # resolved on machine 0 as `prepare` would
-        assert pipeline.shared_needs() == {"paths": paths, "modules": ["nodes_rewards"]}
-
-
-def test_a_follower_lacks_the_paths_it_does_not_see_and_the_modules_it_cannot_import(tmp_path, monkeypatch):
-    """`lacking`: a module of the working folder counts as importable (the stages' `python -m` puts that folder
-    first on their path, though a console script's own path lacks it), as does an installed one."""
-    from posttrain.nodes import lacking
-
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "here_rewards.py").write_text("")
-    (tmp_path / "model").mkdir()
-    needs = {"paths": [str(tmp_path / "model"), str(tmp_path / "gone")],
-             "modules": ["here_rewards", "json", "email.utils", "no_such_rewards", "no_such_package.rewards"]}
-    assert lacking(needs) == [str(tmp_path / "gone"), "the module no_such_rewards",
-                              "the module no_such_package.rewards"]
-    assert lacking({}) == []
+           "eval": {"dataset": "mine/heldout.jsonl"}, "stages": {"sft": {"dataset_name": "{data}/tasks"}}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    pipeline = Pipeline(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "outputs")
+    pipeline.base_model = str(tmp_path)  # resolved on machine 0 as `prepare` would
+    assert pipeline.shared_paths() == [str(tmp_path), "mine/heldout.jsonl"]
+    raw["eval"]["dataset"] = "{data}/tasks"
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    pipeline = Pipeline(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "outputs")
+    pipeline.base_model = str(tmp_path)
+    assert pipeline.shared_paths() == [str(tmp_path)]
 
 
 def test_machine_0_failing_before_its_first_step_ends_the_followers(tmp_path, monkeypatch):
