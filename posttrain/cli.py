@@ -34,10 +34,16 @@ def cmd_run(args) -> int:
 
     recipe_path = next((a for a in args.items if "=" not in a), None)
     overrides = [a for a in args.items if a != recipe_path]
-    recipe = load_recipe(recipe_path, overrides)
-    check_stage_flags(list(recipe.stages), args, recipe.path)
-    args.accelerate_config = found_accelerate_config(args.accelerate_config, recipe)
-    check_engine_runs_here(args.accelerate_config or recipe.accelerate_config)  # before data jobs and a dry run's "ok"
+    nodes = None if args.dry_run else machines(args)
+    try:
+        recipe = load_recipe(recipe_path, overrides)
+        check_stage_flags(list(recipe.stages), args, recipe.path)
+        args.accelerate_config = found_accelerate_config(args.accelerate_config, recipe)
+        check_engine_runs_here(args.accelerate_config or recipe.accelerate_config)  # before data jobs, a dry run
+    except UserError as exc:
+        if nodes and nodes.machine_rank > 0:  # checked here as on machine 0: a reward it imports, an engine it needs
+            tell_machine_0(recipe_path, overrides, args.output_dir, nodes, exc)
+        raise
     console.print(f"[bold]recipe[/bold] {recipe.path} · stages: {' → '.join(recipe.stages)}")
     if args.dry_run:
         import yaml
@@ -50,7 +56,6 @@ def cmd_run(args) -> int:
             console.rule(stage)
             console.print(yaml.safe_dump(pipeline.substitute(stage_args), sort_keys=False))
         return 0
-    nodes = machines(args)
     if nodes and nodes.machine_rank > 0:  # machine 0 prepares and launches; this one joins its stages
         from .nodes import follow
         from .pipeline import run_dir
@@ -59,6 +64,21 @@ def cmd_run(args) -> int:
     pipeline = Pipeline(recipe, args.output_dir, args.accelerate_config, args.num_processes, nodes=nodes)
     pipeline.run(only=args.only, start=args.start, until=args.until)
     return 0
+
+
+def tell_machine_0(recipe_path, overrides: list[str], output_dir, nodes, exc: UserError) -> None:
+    """A follower whose own checks of the recipe failed says why in the run folder (`nodes.report_failure`), so that
+    machine 0 stops too rather than wait for it; nothing when the recipe does not even name its run folder (machine 0,
+    reading the same recipe, then fails alike)."""
+    from .nodes import report_failure
+    from .recipe import recipe_file
+    from .recipe_yaml import apply_overrides, read_recipe
+
+    try:
+        name = apply_overrides(read_recipe(recipe_file(recipe_path)), overrides, str(recipe_path))["name"]
+        report_failure((Path(output_dir) / name).resolve(), nodes, str(exc))
+    except (UserError, KeyError, TypeError, OSError):
+        pass
 
 
 def found_accelerate_config(value: str | None, recipe) -> str | None:

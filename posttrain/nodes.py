@@ -14,7 +14,9 @@ fresh token and a counter it keeps increasing while it waits; machine 0 launches
 counter has moved (so a file left by an earlier run is never mistaken for a live machine), and every entry it
 writes names the tokens it is meant for and an id of machine 0's process (one started again after a crash numbers
 its entries from 1 again, while the followers that outlived the first go on). Waits end after
-`POSTTRAIN_NODE_TIMEOUT` seconds (default 7200) with an error that says which machine never came.
+`POSTTRAIN_NODE_TIMEOUT` seconds (default 7200) with an error that says which machine never came. A follower whose
+own checks of the recipe fail (a reward it cannot import, an engine it lacks) writes why in its file instead, and
+machine 0 stops with that, taking the file away, rather than wait the timeout out for it.
 
 What every stage loads from outside the run folder (the base model, a folder in machine 0's caches; a dataset the
 recipe names) must be at the same path on every machine: machine 0 writes those paths to `<run>/.nodes/needs.json`
@@ -132,10 +134,12 @@ class Coordinator:
         alive: dict[int, str] = {}
         deadline = time.time() + timeout
         while time.time() < deadline:
-            alive = {}
+            alive, failed = {}, {}
             for rank in range(1, self.nodes.num_machines):
                 entry = _read(self.folder / f"machine-{rank}.json")
-                if entry and rank in first_seen and first_seen[rank]["token"] == entry["token"] \
+                if entry and entry.get("failed"):
+                    failed[rank] = entry
+                elif entry and rank in first_seen and first_seen[rank]["token"] == entry["token"] \
                         and entry["beat"] > first_seen[rank]["beat"] \
                         and (needs is None or entry.get("checked") == self.run_id):
                     if needs is not None:
@@ -143,6 +147,8 @@ class Coordinator:
                     alive[rank] = entry["token"]
                 elif entry and (rank not in first_seen or first_seen[rank]["token"] != entry["token"]):
                     first_seen[rank] = entry
+            if failed:
+                self._stop_on_failed(failed, first_seen)
             if len(alive) == self.nodes.num_machines - 1:
                 return alive
             time.sleep(POLL_S * 2)
@@ -150,6 +156,16 @@ class Coordinator:
         raise UserError(f"machine(s) {missing} did not join within {timeout:.0f} s (POSTTRAIN_NODE_TIMEOUT): "
                         f"start `posttrain run` with the same recipe and --machine-rank on each, with {self.folder} "
                         "on a filesystem every machine sees")
+
+    def _stop_on_failed(self, failed: dict[int, dict], seen: dict[int, dict]) -> None:
+        """Raise for the followers that stopped before joining (`report_failure`), their reports taken away so that
+        a later run does not read them as its own; the other followers seen are then told the run failed (`finish`)
+        instead of being waited for."""
+        self.tokens = {rank: entry["token"] for rank, entry in seen.items() if rank not in failed}
+        for rank in failed:
+            (self.folder / f"machine-{rank}.json").unlink(missing_ok=True)
+        raise UserError("; ".join(f"machine {rank} ({entry.get('host', '?')}) stopped before joining the run: "
+                                  f"{entry['failed']}" for rank, entry in failed.items()))
 
     def announce(self, stage: str, launch_args: list[str], needs: list[str] | None = None) -> None:
         """Write `launch_args` for the followers, after waiting for them the first time (`needs`: paths outside the
@@ -167,7 +183,8 @@ class Coordinator:
             try:
                 self.tokens = self._wait_for_followers(min(60.0, node_timeout()))
             except UserError:
-                return
+                if self.tokens is None:  # else one stopped before joining, and the others seen hear the end
+                    return
         self._write({"action": "end", "status": status})
 
     def _write(self, entry: dict) -> None:
@@ -186,6 +203,14 @@ def outside_paths(value, root: Path) -> list[str]:
             and not Path(value).resolve().is_relative_to(root.resolve()):
         return [value]
     return []
+
+
+def report_failure(root: Path, nodes: Nodes, message: str) -> None:
+    """A follower that stopped before joining (its own checks of the recipe failed) says why in its counter file."""
+    folder = root / ".nodes"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / f"machine-{nodes.machine_rank}.json", {"token": uuid.uuid4().hex, "beat": 0,
+                                                                 "host": socket.gethostname(), "failed": message})
 
 
 def _check_sees(rank: int, entry: dict) -> None:

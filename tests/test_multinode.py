@@ -8,6 +8,7 @@ over localhost, one shared run folder. The two runs of two machines take 1-3 min
 `multinode` marker and run as their own line in `.ci/run`.
 """
 
+import json
 import os
 import re
 import signal
@@ -306,6 +307,56 @@ def test_a_follower_without_the_base_model_stops_the_run_before_any_launch(tmp_p
     coordinator.finish("failed")
     follower.join(timeout=15)
     assert outcome and "machine 0 reports the run failed" in outcome[0]
+
+
+def test_a_follower_that_fails_its_own_checks_stops_machine_0_and_the_other_followers_hear_it(tmp_path, monkeypatch):
+    """A follower whose recipe does not load there (a reward of your own its Python path lacks) says why in its
+    counter file; machine 0 stops with that at its first wait instead of waiting POSTTRAIN_NODE_TIMEOUT for it, takes
+    the file away (a later run must not read it as its own), and the followers still alive hear the run failed."""
+    import threading
+
+    from posttrain.errors import UserError
+    from posttrain.nodes import Coordinator, Nodes, follow, report_failure
+
+    monkeypatch.setattr("posttrain.nodes.POLL_S", 0.05)
+    monkeypatch.setenv("POSTTRAIN_NODE_TIMEOUT", "10")
+    outcome = []
+
+    def machine_1():
+        try:
+            outcome.append(follow(tmp_path, Nodes(3, 1, "127.0.0.1")))
+        except UserError as exc:
+            outcome.append(str(exc))
+
+    follower = threading.Thread(target=machine_1, daemon=True)
+    follower.start()
+    while not (tmp_path / ".nodes" / "machine-1.json").exists():
+        time.sleep(0.05)
+    report_failure(tmp_path, Nodes(3, 2, "127.0.0.1"), "recipe.yaml: reward 'mine.brevity': no module 'mine'")
+    coordinator = Coordinator(tmp_path, Nodes(3, 0, "127.0.0.1", 29555))
+    started = time.time()
+    with pytest.raises(UserError, match=r"machine 2 \(.+\) stopped before joining the run: recipe.yaml: reward "
+                                        r"'mine.brevity': no module 'mine'"):
+        coordinator.announce("sft", ["--machine_rank", "0"], needs=[])
+    assert time.time() - started < 5, "stopped at once, not after the timeout"
+    assert not (tmp_path / ".nodes" / "machine-2.json").exists()
+    coordinator.finish("failed")
+    follower.join(timeout=15)
+    assert outcome and "machine 0 reports the run failed" in outcome[0]
+
+
+def test_a_follower_whose_recipe_fails_to_load_there_reports_it(tmp_path, posttrain_here):
+    """The CLI side: `posttrain run … --machine-rank 1` whose recipe fails its checks on that machine writes the
+    failure where machine 0 reads it (its run folder's `.nodes`), and exits as any failed command."""
+    raw = {"name": "nodes", "base": {"model_name_or_path": "tiny:llama"},
+           "stages": {"upo": {"dataset_name": str(REPO / "data_prep" / "sources" / "chitchat.jsonl"),
+                              "rewards": {"not_on_this_machine.brevity": 1.0}}}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    result = posttrain_here("run", "recipe.yaml", *MACHINES, "--machine-rank", "1", "--output-dir", "out",
+                            cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "no module 'not_on_this_machine'" in result.stdout + result.stderr
+    report = json.loads((tmp_path / "out" / "nodes" / ".nodes" / "machine-1.json").read_text())
+    assert "no module 'not_on_this_machine'" in report["failed"] and report["host"]
 
 
 def test_the_paths_every_machine_must_see_are_the_files_named_outside_the_run_folder(tmp_path, monkeypatch):
