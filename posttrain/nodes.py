@@ -165,7 +165,9 @@ class Coordinator:
         for rank in failed:
             (self.folder / f"machine-{rank}.json").unlink(missing_ok=True)
         raise UserError("; ".join(f"machine {rank} ({entry.get('host', '?')}) stopped before joining the run: "
-                                  f"{entry['failed']}" for rank, entry in failed.items()))
+                                  f"{entry['failed']}" for rank, entry in failed.items())
+                        + f" (its report in {self.folder} is removed now: if that machine was started again since, "
+                          "start this one again too)")
 
     def announce(self, stage: str, launch_args: list[str], needs: list[str] | None = None) -> None:
         """Write `launch_args` for the followers, after waiting for them the first time (`needs`: paths outside the
