@@ -229,15 +229,16 @@ def follow(root: Path, nodes: Nodes) -> int:
     folder, token = root / ".nodes", uuid.uuid4().hex
     folder.mkdir(parents=True, exist_ok=True)
     console.print(f"machine {nodes.machine_rank} of {nodes.num_machines}: following machine 0 through {folder}")
-    beat, last_run, last_seq, waited_since, last_checked = 0, None, 0, time.time(), None
+    beat, last_run, last_seq, waited_since, last_checked, missing = 0, None, 0, time.time(), None, []
     while True:
         beat += 1
         needs = _read(folder / "needs.json") or {}
-        missing = [path for path in needs.get("paths", []) if not Path(path).exists()]
-        if missing and needs.get("run") != last_checked:  # once per machine 0 that asks
-            console.print(f"[yellow]this machine does not see {', '.join(missing)}, which machine 0's stages load: "
-                          "machine 0 will stop the run[/yellow]")
-        last_checked = needs.get("run")
+        if needs.get("run") != last_checked:  # checked once per machine 0 that asks, not at every beat
+            missing = [path for path in needs.get("paths", []) if not Path(path).exists()]
+            if missing:
+                console.print(f"[yellow]this machine does not see {', '.join(missing)}, which machine 0's stages "
+                              "load: machine 0 will stop the run[/yellow]")
+            last_checked = needs.get("run")
         write_json(folder / f"machine-{nodes.machine_rank}.json", {"token": token, "beat": beat,
                                                                      "host": socket.gethostname(),
                                                                      "checked": needs.get("run"), "missing": missing})
