@@ -162,6 +162,18 @@ def base_identity(name_or_path: str, resolved: str | Path) -> dict:
     return {"revision": snapshot[1]} if snapshot else {}
 
 
+def base_spelling(resolved: Path, identity: dict) -> str:
+    """The base model's folder as the steps' hashes write it (`Pipeline.digest`): by what it holds, not where it lies,
+    for the model cache and the Hugging Face cache lie elsewhere on another machine and a local folder can be moved. A
+    Hub snapshot by its id and commit, a local folder by its `identity` (`base_identity`: weights and tokenizer), a
+    folder the model cache built (named after its source's path: a GGUF file inside a virtual environment) by its
+    config and `sampled_weights`."""
+    if snapshot := hub_snapshot(resolved):
+        return f"{{base {snapshot[0]}@{snapshot[1]}}}"
+    content = {"model": model_fingerprint(resolved), **(identity or {"weights": sampled_weights(resolved)})}
+    return f"{{base {hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]}}}"
+
+
 def hub_snapshot(folder: Path) -> tuple[str, str] | None:
     """(`org/name`, commit) of a snapshot folder of the Hugging Face cache (`models--org--name/snapshots/<commit>`,
     where a Hub id cannot hold `--`), else None."""

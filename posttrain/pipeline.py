@@ -70,6 +70,8 @@ class Pipeline(HeldOutSteps, StageSteps):
         self.state_path = self.root / "run.json"
         self.state: dict = {}  # run.json, read under the run's lock (`run`)
         self.base_model: Path | None = None  # resolved at the start of run()
+        self.base_identity: dict | None = None  # `lineage.base_identity` of `base_model` (`resolve_base`)
+        self.base_spelling: str | None = None  # `base_model` in the steps' hashes (`resolve_base`, `digest`)
         self.legacy_base_hashes: tuple[str, ...] = ()  # base hashes earlier versions recorded (`evaluate_base`)
         self.later_data: set[str] = set()  # data jobs only stages after `--until`/`--only` read: not built
         self.inputs_now: dict = {}  # the last `stage_hashes`' inputs besides the arguments (`other_inputs`)
@@ -82,11 +84,15 @@ class Pipeline(HeldOutSteps, StageSteps):
         self.state.setdefault("steps", {}).setdefault(step, {}).update(info)
         write_json(self.state_path, self.state)
 
-    def digest(self, obj) -> str:
-        """Short hash of a step's inputs, with this run's folder written as {run}: a run folder copied or moved
-        elsewhere (an ablation variant starts as a copy) keeps its finished steps."""
-        # the folder as json.dumps spells it: a non-ASCII letter in its path (/home/zoë) is escaped there (\u00eb)
+    def digest(self, obj, legacy: bool = False) -> str:
+        """Short hash of a step's inputs, with this run's folder written as {run} and the base model's folder by what
+        it holds (`lineage.base_spelling`): a run folder copied or moved elsewhere (an ablation variant starts as a
+        copy), or to a machine whose model cache lies elsewhere, keeps its finished steps. `legacy`: with the base
+        model's folder as runs recorded it before, its path."""
+        # a folder as json.dumps spells it: a non-ASCII letter in its path (/home/zoë) is escaped there (\u00eb)
         text = renamed(json.dumps(obj, sort_keys=True, default=str), json.dumps(str(self.root))[1:-1], "{run}")
+        if self.base_spelling and not legacy:
+            text = renamed(text, json.dumps(str(self.base_model))[1:-1], self.base_spelling)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def data_path(self, name: str) -> Path:
@@ -284,7 +290,7 @@ class Pipeline(HeldOutSteps, StageSteps):
                 inputs["hub"] = commits
             digest = self.digest(inputs)
             out, stamp = self.data_path(name), self.data_path(name).with_suffix(".inputs")
-            if out.is_dir() and stamp.is_file() and stamp.read_text() == digest:
+            if out.is_dir() and stamp.is_file() and stamp.read_text() in (digest, self.digest(inputs, legacy=True)):
                 console.print(f"[dim]data {name}: up to date[/dim]")
                 continue
             console.rule(f"data: {name} ({spec['job']})")
@@ -313,6 +319,8 @@ class Pipeline(HeldOutSteps, StageSteps):
         with console.status(f"resolving {base.model_name_or_path}…"):
             self.base_model = resolve_model(base.model_name_or_path, base.model_revision, base.gguf_file,
                                             base.gguf_package)
+            self.base_identity = lineage.base_identity(base.model_name_or_path, self.base_model)
+            self.base_spelling = lineage.base_spelling(self.base_model, self.base_identity)
         folder, stamp = self.root / "base" / "tokenizer", self.root / "base" / "tokenizer.source.json"
         source = tokenizer_source(self.base_model, base.chat_template, base.trust_remote_code)
         saved = read_json(stamp)

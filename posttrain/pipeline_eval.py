@@ -27,7 +27,9 @@ class HeldOutSteps:
         out = self.root / "base"
         # what the stages train from; the held-out evaluation is not part of it (`reevaluate`)
         shape = {"model": lineage.model_fingerprint(self.base_model), "template": self.template}
-        identity = lineage.base_identity(self.recipe.base.model_name_or_path, self.base_model)
+        identity = self.base_identity
+        if identity is None:  # not resolved by `resolve_base`
+            identity = lineage.base_identity(self.recipe.base.model_name_or_path, self.base_model)
         self.base_hash = self.digest({**shape, **identity})
         # what runs recorded before `base_identity` existed, and before it held a local base's tokenizer files, hashed:
         # their finished steps stay finished after an upgrade

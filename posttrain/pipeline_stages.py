@@ -49,8 +49,9 @@ class StageSteps:
         """What the stage's adapter depends on: its arguments but the held-out evaluation's (`held_out_hash`) and the
         ones that only say when to log and save (`NOT_TRAINING_KEYS`), the data it trains on, the base model and the
         previous stage's hash. Returns that hash, and the one runs recorded before the logging and saving keys were
-        left out, and the ones with dataset paths as written (before `as_opened`), so their finished stages and
-        checkpoints still count as the same inputs (the datasets are fingerprinted once for all: a data file without a
+        left out, the ones with dataset paths as written (before `as_opened`) and the ones with the base model's
+        folder as its path (before `base_spelling`), so their finished stages and checkpoints still count as the same
+        inputs (the datasets are fingerprinted once for all: a data file without a
         card is hashed whole)."""
         datasets = {k: lineage.dataset_fingerprint(v) for k, v in args.items()
                     if k in STAGE_DATASET_KEYS and v}
@@ -60,13 +61,14 @@ class StageSteps:
         datasets.update({f"rewards.{name}": source for name, source in reward_sources(args.get("rewards")).items()})
         prev_hash = json.loads((self.root / previous / "lineage.json").read_text())["inputs_hash"] if previous else None
 
-        def digest(spelled, left_out, base) -> str:
+        def digest(spelled, left_out, base, legacy) -> str:
             stable = {k: v for k, v in spelled.items() if k not in left_out}
-            return self.digest({"args": stable, "datasets": datasets, "base": base, "previous": prev_hash})
+            return self.digest({"args": stable, "datasets": datasets, "base": base, "previous": prev_hash}, legacy)
 
         self.inputs_now = {"datasets": datasets, "base_hash": self.base_hash, "previous_inputs_hash": prev_hash}
         return tuple(dict.fromkeys(
-            digest(spelled, left_out, base) for spelled in (as_opened(args, by_content), as_opened(args), args)
+            digest(spelled, left_out, base, legacy) for legacy in (False, True)
+            for spelled in (as_opened(args, by_content), as_opened(args), args)
             for base in (self.base_hash, *self.legacy_base_hashes)
             for left_out in ((*NOT_INPUT_KEYS, *NOT_TRAINING_KEYS), NOT_INPUT_KEYS)))
 

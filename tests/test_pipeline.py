@@ -587,6 +587,60 @@ def test_an_edited_reward_function_of_your_own_trains_upo_again(tmp_path, monkey
     assert reward_sources(["upo_rewards_edited.brevity"]) != pairs_job
 
 
+def test_the_base_model_is_in_the_step_hashes_by_what_it_holds_not_where_it_lies(hashed, tmp_path):
+    """The same model in another cache folder (another machine's home, `$POSTTRAIN_CACHE`, `HF_HOME`) or a local
+    base folder moved: every stage and data job keeps its hash, and what runs recorded with the folder's path still
+    counts; other weights in the same shapes, or another Hub commit, change them."""
+    import torch
+    from safetensors.torch import save_file
+
+    from posttrain.lineage import base_identity, base_spelling
+
+    def saved(folder: Path, weights: float) -> Path:
+        folder.mkdir(parents=True)
+        write_json(folder / "config.json", {"model_type": "llama"})
+        save_file({"w": torch.full((100,), weights)}, folder / "model.safetensors")
+        return folder
+
+    def hashes(folder: Path, name: str) -> tuple:
+        hashed.base_model, hashed.recipe.base.model_name_or_path = folder, name
+        hashed.base_spelling = base_spelling(folder, base_identity(name, folder))
+        job = {"job": "build_onpolicy_pairs", "args": {"model_name_or_path": str(folder), "adapter_path": "x"}}
+        return hashed.stage_hashes("sft", hashed.stage_args("sft", None), None)[0], hashed.digest(job)
+
+    cache = hashes(saved(tmp_path / "a" / "models" / "gguf-entry", 1.0), "org/m")
+    assert hashes(saved(tmp_path / "b" / "models" / "gguf-entry", 1.0), "org/m") == cache
+    other = hashes(saved(tmp_path / "c" / "models" / "gguf-entry", 2.0), "org/m")
+    assert other[0] != cache[0] and other[1] != cache[1]
+    local = hashes(saved(tmp_path / "mine", 1.0), str(tmp_path / "mine"))
+    shutil.move(tmp_path / "mine", tmp_path / "moved")
+    assert hashes(tmp_path / "moved", str(tmp_path / "moved")) == local
+    hub = hashes(saved(tmp_path / "hf" / "models--org--m" / "snapshots" / "0123abcd", 1.0), "org/m")
+    assert hashes(saved(tmp_path / "hf2" / "models--org--m" / "snapshots" / "0123abcd", 1.0), "org/m") == hub
+    assert hashes(saved(tmp_path / "hf2" / "models--org--m" / "snapshots" / "4567ef01", 1.0), "org/m") != hub
+    spelled = hashed.base_spelling
+    hashed.base_spelling = None  # as runs recorded a step before: the folder's path
+    before = hashed.stage_hashes("sft", hashed.stage_args("sft", None), None)[0]
+    hashed.base_spelling = spelled
+    assert before in hashed.stage_hashes("sft", hashed.stage_args("sft", None), None)[1:]
+
+
+def test_a_run_and_its_model_cache_moved_to_another_machine_keep_every_finished_step(tiny_run, tmp_path,
+                                                                                      posttrain_here):
+    """A finished run copied to a machine whose model cache lies elsewhere (another home, `$POSTTRAIN_CACHE`), its
+    base model built there again: the data jobs, the base evaluation and every stage are up to date, not redone."""
+    from posttrain.models.load import cache_dir
+
+    shutil.copytree(cache_dir() / "models" / "tiny-llama", tmp_path / "cache" / "models" / "tiny-llama")
+    copy = shutil.copytree(tiny_run, tmp_path / "outputs" / tiny_run.name)
+    shutil.copy(copy / "recipe.yaml", tmp_path / "recipe.yaml")
+    result = posttrain_here("run", tmp_path / "recipe.yaml", "--output-dir", tmp_path / "outputs", cwd=ROOT,
+                            env={"POSTTRAIN_CACHE": str(tmp_path / "cache")})
+    for stage in ("sft", "dpo", "upo"):
+        assert f"{stage}: finished earlier with the same inputs, skipped" in result.stdout, result.stdout[-3000:]
+    assert "data pairs: up to date" in result.stdout and "stage:" not in result.stdout
+
+
 def test_a_moved_run_keeps_its_hashes_with_a_path_that_starts_like_its_folder(tmp_path):
     """The run folder's path is written {run} in a step's hash and replaced in `changed_inputs` only where it names
     the folder or a path in it: a dataset in `outputs/<run>-data` (another folder, which does not move with the run)
