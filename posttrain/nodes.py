@@ -14,7 +14,10 @@ fresh token and a counter it keeps increasing while it waits; machine 0 launches
 counter has moved (so a file left by an earlier run is never mistaken for a live machine), and every entry it
 writes names the tokens it is meant for and an id of machine 0's process (one started again after a crash numbers
 its entries from 1 again, while the followers that outlived the first go on). Waits end after
-`POSTTRAIN_NODE_TIMEOUT` seconds (default 7200) with an error that says which machine never came. A follower whose
+`POSTTRAIN_NODE_TIMEOUT` seconds (default 7200) with an error that says which machine never came. A follower keeps
+beating while its stage runs, and before each later stage machine 0 waits for every follower's counter to move
+again: one whose counter stood still for `LOST_AFTER_S` (its machine went down between stages) stops the run with its
+name, and one started again since (a new token) joins the stages from there on. A follower whose
 own checks of the recipe fail (a reward it cannot import, an engine it lacks) writes why in its file instead, and
 machine 0 stops with that, taking the file away, rather than wait the timeout out for it.
 
@@ -59,6 +62,11 @@ LOST_PROCESS = (
                                   "down)"),
     ("Signals.SIGKILL", "a process of this stage was killed (SIGKILL: out of memory, or killed by hand)"),
 )
+
+
+# How long machine 0 waits, before launching a stage after the first, for a follower's file to change (a follower
+# rewrites it every POLL_S, also while its stage runs): longer than a network filesystem caches what it last read
+LOST_AFTER_S = 180.0
 
 
 def node_timeout() -> float:
@@ -126,8 +134,9 @@ class Coordinator:
     def _wait_for_followers(self, timeout: float, needs: list[str] | None = None) -> dict[int, str]:
         """{rank: token} of every follower once each is seen alive; with `needs` (paths every machine must see),
         once each has also said which of them it lacks, and then only if none does."""
-        console.print(f"waiting for machines 1..{self.nodes.num_machines - 1} to join (posttrain run … "
-                      "--machine-rank N on each)…")
+        if self.tokens is None:
+            console.print(f"waiting for machines 1..{self.nodes.num_machines - 1} to join (posttrain run … "
+                          "--machine-rank N on each)…")
         if needs is not None:
             write_json(self.folder / "needs.json", {"run": self.run_id, "paths": needs})
         first_seen: dict[int, dict] = {}
@@ -153,6 +162,11 @@ class Coordinator:
                 return alive
             time.sleep(POLL_S * 2)
         missing = sorted(set(range(1, self.nodes.num_machines)) - set(alive))
+        if self.tokens is not None:  # they joined an earlier stage
+            raise UserError(f"machine(s) {missing} stopped answering after joining the run: their file in "
+                            f"{self.folder} has not changed for {timeout:.0f} s (the machine went down, or its "
+                            "`posttrain run` was killed); start `posttrain run` with the same arguments there, and "
+                            "this machine's again if it has stopped, to resume")
         raise UserError(f"machine(s) {missing} did not join within {timeout:.0f} s (POSTTRAIN_NODE_TIMEOUT): "
                         f"start `posttrain run` with the same recipe and --machine-rank on each, with {self.folder} "
                         "on a filesystem every machine sees")
@@ -170,10 +184,15 @@ class Coordinator:
                           "start this one again too)")
 
     def announce(self, stage: str, launch_args: list[str], needs: list[str] | None = None) -> None:
-        """Write `launch_args` for the followers, after waiting for them the first time (`needs`: paths outside the
-        run folder the stage loads, which every machine must see)."""
+        """Write `launch_args` for the followers, after waiting for them: the first time until they join (`needs`:
+        paths outside the run folder the stage loads, which every machine must see), later until each is seen still
+        alive (`LOST_AFTER_S`), so that a machine gone down between stages stops the run with its name rather than
+        leave the stage's processes waiting for it in the rendezvous; one started again since (another token)
+        joins from this stage on."""
         if self.tokens is None:
             self.tokens = self._wait_for_followers(node_timeout(), needs or [])
+        else:
+            self.tokens = self._wait_for_followers(min(LOST_AFTER_S, node_timeout()))
         # what every machine runs, with its own --machine_rank
         console.print(escape(f"accelerate launch {' '.join(launch_args)}"), style="dim", soft_wrap=True)
         self._write({"action": "launch", "stage": stage, "args": launch_args})
@@ -224,24 +243,36 @@ def _check_sees(rank: int, entry: dict) -> None:
                         "point the recipe at folders they all see")
 
 
+class Heartbeat:
+    """A follower's counter file (`<run>/.nodes/machine-<rank>.json`), rewritten at every call: its token, a beat
+    that keeps increasing, and which of the paths machine 0 asks about (`needs.json`) this machine lacks."""
+
+    def __init__(self, folder: Path, nodes: Nodes):
+        self.path, self.token = folder / f"machine-{nodes.machine_rank}.json", uuid.uuid4().hex
+        self.beat, self.checked, self.missing = 0, None, []
+
+    def __call__(self) -> None:
+        self.beat += 1
+        needs = _read(self.path.parent / "needs.json") or {}
+        if needs.get("run") != self.checked:  # checked once per machine 0 that asks, not at every beat
+            self.missing = [path for path in needs.get("paths", []) if not Path(path).exists()]
+            if self.missing:
+                console.print(f"[yellow]this machine does not see {', '.join(self.missing)}, which machine 0's "
+                              "stages load: machine 0 will stop the run[/yellow]")
+            self.checked = needs.get("run")
+        write_json(self.path, {"token": self.token, "beat": self.beat, "host": socket.gethostname(),
+                               "checked": self.checked, "missing": self.missing})
+
+
 def follow(root: Path, nodes: Nodes) -> int:
     """A follower machine's whole run: join every stage machine 0 launches, until it announces the end."""
-    folder, token = root / ".nodes", uuid.uuid4().hex
+    folder = root / ".nodes"
     folder.mkdir(parents=True, exist_ok=True)
     console.print(f"machine {nodes.machine_rank} of {nodes.num_machines}: following machine 0 through {folder}")
-    beat, last_run, last_seq, waited_since, last_checked, missing = 0, None, 0, time.time(), None, []
+    heartbeat = Heartbeat(folder, nodes)
+    token, last_run, last_seq, waited_since = heartbeat.token, None, 0, time.time()
     while True:
-        beat += 1
-        needs = _read(folder / "needs.json") or {}
-        if needs.get("run") != last_checked:  # checked once per machine 0 that asks, not at every beat
-            missing = [path for path in needs.get("paths", []) if not Path(path).exists()]
-            if missing:
-                console.print(f"[yellow]this machine does not see {', '.join(missing)}, which machine 0's stages "
-                              "load: machine 0 will stop the run[/yellow]")
-            last_checked = needs.get("run")
-        write_json(folder / f"machine-{nodes.machine_rank}.json", {"token": token, "beat": beat,
-                                                                     "host": socket.gethostname(),
-                                                                     "checked": needs.get("run"), "missing": missing})
+        heartbeat()
         entry = _read(folder / "launch.json")
         if entry and token in (entry.get("for") or {}).values() \
                 and (entry["run"] != last_run or entry["seq"] > last_seq):
@@ -255,7 +286,7 @@ def follow(root: Path, nodes: Nodes) -> int:
                                     f"{root / 'run.json'} say why")
                 console.print("[green]machine 0 reports the run finished[/green]")
                 return 0
-            _join_stage(folder, entry, nodes)
+            _join_stage(folder, entry, nodes, heartbeat)
             waited_since = time.time()
         elif time.time() - waited_since > node_timeout():
             raise UserError(f"machine 0 announced nothing for {node_timeout():.0f} s (POSTTRAIN_NODE_TIMEOUT); is "
@@ -263,8 +294,9 @@ def follow(root: Path, nodes: Nodes) -> int:
         time.sleep(POLL_S)
 
 
-def _join_stage(folder: Path, entry: dict, nodes: Nodes) -> None:
-    """Run machine 0's launch arguments with this machine's rank; a failure is machine 0's to report."""
+def _join_stage(folder: Path, entry: dict, nodes: Nodes, heartbeat) -> None:
+    """Run machine 0's launch arguments with this machine's rank, beating meanwhile (`heartbeat`: machine 0 tells a
+    machine whose stage is still ending from one gone down); a failure is machine 0's to report."""
     args = list(entry["args"])
     args[args.index("--machine_rank") + 1] = str(nodes.machine_rank)
     console.rule(f"stage: {entry['stage']} (machine {nodes.machine_rank})")
@@ -274,7 +306,9 @@ def _join_stage(folder: Path, entry: dict, nodes: Nodes) -> None:
                                    stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                                    preexec_fn=childproc.die_with_parent())
         try:
-            code = process.wait()
+            while (code := process.poll()) is None:
+                heartbeat()
+                time.sleep(POLL_S)
         except BaseException:  # SIGTERM, Ctrl-C: the stage saves the step it is at and stops, never orphaned
             childproc.stop(process, None, launcher=True)
             raise

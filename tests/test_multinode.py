@@ -267,7 +267,7 @@ def test_a_follower_joins_machine_0_started_again_after_a_crash(tmp_path, monkey
     monkeypatch.setattr(nodes, "POLL_S", 0.05)
     monkeypatch.setenv("POSTTRAIN_NODE_TIMEOUT", "10")  # broken, it fails in seconds, not hours
     joined = []
-    monkeypatch.setattr(nodes, "_join_stage", lambda folder, entry, machines: joined.append(entry["seq"]))
+    monkeypatch.setattr(nodes, "_join_stage", lambda folder, entry, machines, beat: joined.append(entry["seq"]))
     outcome = []
     follower = threading.Thread(target=run_follower, args=(tmp_path, outcome))
     follower.start()
@@ -283,6 +283,69 @@ def test_a_follower_joins_machine_0_started_again_after_a_crash(tmp_path, monkey
     assert outcome == [0]
 
 
+def test_a_follower_lost_between_stages_stops_machine_0_and_one_started_again_joins(tmp_path, monkeypatch):
+    """A follower's machine goes down after a stage (its counter file stands still): before the next launch machine 0
+    names it within `LOST_AFTER_S`, instead of leaving the stage's processes waiting for it in the rendezvous; the
+    same follower started again (a new token) joins from the next stage on and hears the end."""
+    import threading
+
+    from posttrain import nodes
+    from posttrain.errors import UserError
+
+    class MachineDown(Exception):
+        pass
+
+    monkeypatch.setattr(nodes, "POLL_S", 0.05)
+    monkeypatch.setattr(nodes, "LOST_AFTER_S", 2.0)
+    joined = []
+
+    def join(folder, entry, machines, beat):
+        joined.append(entry["stage"])
+        if entry["stage"] == "sft":
+            raise MachineDown  # the follower stops beating right after its stage, as a machine gone down does
+
+    monkeypatch.setattr(nodes, "_join_stage", join)
+    machine_1 = threading.Thread(target=lambda: pytest.raises(MachineDown, nodes.follow, tmp_path,
+                                                              nodes.Nodes(2, 1, "127.0.0.1")), daemon=True)
+    machine_1.start()
+    coordinator = nodes.Coordinator(tmp_path, nodes.Nodes(2, 0, "127.0.0.1", 29555))
+    coordinator.announce("sft", ["--machine_rank", "0"])
+    machine_1.join(timeout=15)
+    assert joined == ["sft"] and not machine_1.is_alive()
+    started = time.time()
+    with pytest.raises(UserError, match=r"machine\(s\) \[1\] stopped answering after joining the run: .+ has not "
+                                        r"changed for 2 s"):
+        coordinator.announce("dpo", ["--machine_rank", "0"])
+    assert time.time() - started < 10 and joined == ["sft"], "stopped before launching dpo"
+
+    outcome = []
+    again = threading.Thread(target=run_follower, args=(tmp_path, outcome), daemon=True)
+    again.start()
+    coordinator.announce("dpo", ["--machine_rank", "0"])
+    deadline = time.time() + 10
+    while joined != ["sft", "dpo"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert joined == ["sft", "dpo"]
+    coordinator.finish("done")
+    again.join(timeout=15)
+    assert outcome == [0]
+
+
+def test_a_follower_beats_while_its_stage_runs(tmp_path, monkeypatch):
+    """While its stage's processes run (as long as they take to save and exit after machine 0's ended), a follower
+    keeps rewriting its counter file, so machine 0 does not take it for a machine gone down."""
+    from posttrain import nodes
+
+    (tmp_path / "slow_launcher.py").write_text("import time\ntime.sleep(1.5)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setattr(nodes.childproc, "LAUNCHER", "slow_launcher")
+    monkeypatch.setattr(nodes, "POLL_S", 0.05)
+    beats = []
+    nodes._join_stage(tmp_path, {"stage": "sft", "args": ["--machine_rank", "0"]}, nodes.Nodes(2, 1, "127.0.0.1"),
+                      lambda: beats.append(time.time()))
+    assert len(beats) >= 5 and beats[-1] - beats[0] >= 1.0
+
+
 def test_a_follower_without_the_base_model_stops_the_run_before_any_launch(tmp_path, monkeypatch):
     """The stages load the base model from where machine 0 resolved it, in its caches: a follower whose caches are
     its own lacks that path. Machine 0 names the machine and the path before it launches anything, instead of the
@@ -294,7 +357,8 @@ def test_a_follower_without_the_base_model_stops_the_run_before_any_launch(tmp_p
 
     monkeypatch.setattr("posttrain.nodes.POLL_S", 0.05)
     monkeypatch.setenv("POSTTRAIN_NODE_TIMEOUT", "10")
-    monkeypatch.setattr("posttrain.nodes._join_stage", lambda folder, entry, machines: None)  # a launch: no stage
+    # a launch: no stage
+    monkeypatch.setattr("posttrain.nodes._join_stage", lambda folder, entry, machines, beat: None)
     outcome = []
     follower = threading.Thread(target=run_follower, args=(tmp_path, outcome), daemon=True)
     follower.start()
