@@ -184,15 +184,13 @@ class Coordinator:
                           "start this one again too)")
 
     def announce(self, stage: str, launch_args: list[str], needs: list[str] | None = None) -> None:
-        """Write `launch_args` for the followers, after waiting for them: the first time until they join (`needs`:
-        paths outside the run folder the stage loads, which every machine must see), later until each is seen still
+        """Write `launch_args` for the followers, after waiting for them (`needs`: paths outside the run folder the
+        stage loads, which every machine must see): the first time until they join, later until each is seen still
         alive (`LOST_AFTER_S`), so that a machine gone down between stages stops the run with its name rather than
         leave the stage's processes waiting for it in the rendezvous; one started again since (another token)
-        joins from this stage on."""
-        if self.tokens is None:
-            self.tokens = self._wait_for_followers(node_timeout(), needs or [])
-        else:
-            self.tokens = self._wait_for_followers(min(LOST_AFTER_S, node_timeout()))
+        joins from this stage on, once it has looked at `needs` too."""
+        timeout = node_timeout() if self.tokens is None else min(LOST_AFTER_S, node_timeout())
+        self.tokens = self._wait_for_followers(timeout, needs or [])
         # what every machine runs, with its own --machine_rank
         console.print(escape(f"accelerate launch {' '.join(launch_args)}"), style="dim", soft_wrap=True)
         self._write({"action": "launch", "stage": stage, "args": launch_args})

@@ -71,7 +71,8 @@ class Pipeline(HeldOutSteps, StageSteps):
         self.state: dict = {}  # run.json, read under the run's lock (`run`)
         self.base_model: Path | None = None  # resolved at the start of run()
         self.base_identity: dict | None = None  # `lineage.base_identity` of `base_model` (`resolve_base`)
-        self.base_spelling: str | None = None  # `base_model` in the steps' hashes (`resolve_base`, `digest`)
+        self.base_spelling: str | None = None  # `base_model` in the steps' hashes (`spell_base`, `digest`)
+        self.base_recorded: str | None = None  # and as runs recorded it before (`spell_base`)
         self.legacy_base_hashes: tuple[str, ...] = ()  # base hashes earlier versions recorded (`evaluate_base`)
         self.later_data: set[str] = set()  # data jobs only stages after `--until`/`--only` read: not built
         self.inputs_now: dict = {}  # the last `stage_hashes`' inputs besides the arguments (`other_inputs`)
@@ -91,9 +92,20 @@ class Pipeline(HeldOutSteps, StageSteps):
         model's folder as runs recorded it before, its path."""
         # a folder as json.dumps spells it: a non-ASCII letter in its path (/home/zoë) is escaped there (\u00eb)
         text = renamed(json.dumps(obj, sort_keys=True, default=str), json.dumps(str(self.root))[1:-1], "{run}")
-        if self.base_spelling and not legacy:
-            text = renamed(text, json.dumps(str(self.base_model))[1:-1], self.base_spelling)
+        if self.base_spelling:
+            recorded = json.dumps(self.base_recorded or str(self.base_model))[1:-1]
+            text = renamed(text, json.dumps(str(self.base_model))[1:-1], recorded if legacy else self.base_spelling)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def spell_base(self) -> None:
+        """`base_identity`, `base_spelling` and `base_recorded` of the resolved `base_model`: a local folder the recipe
+        names relative to the working directory was recorded so, before recipes named it absolute."""
+        name = self.recipe.base.model_name_or_path
+        self.base_identity = lineage.base_identity(name, self.base_model)
+        self.base_spelling = lineage.base_spelling(self.base_model, self.base_identity)
+        written = Path(str((self.recipe.raw.get("base") or {}).get("model_name_or_path", name))).expanduser()
+        relative = not written.is_absolute() and written.is_dir() and written.resolve() == self.base_model.resolve()
+        self.base_recorded = str(written) if relative else str(self.base_model)
 
     def data_path(self, name: str) -> Path:
         return self.root / "data" / name
@@ -319,8 +331,7 @@ class Pipeline(HeldOutSteps, StageSteps):
         with console.status(f"resolving {base.model_name_or_path}…"):
             self.base_model = resolve_model(base.model_name_or_path, base.model_revision, base.gguf_file,
                                             base.gguf_package)
-            self.base_identity = lineage.base_identity(base.model_name_or_path, self.base_model)
-            self.base_spelling = lineage.base_spelling(self.base_model, self.base_identity)
+            self.spell_base()
         folder, stamp = self.root / "base" / "tokenizer", self.root / "base" / "tokenizer.source.json"
         source = tokenizer_source(self.base_model, base.chat_template, base.trust_remote_code)
         saved = read_json(stamp)

@@ -102,6 +102,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     if modality not in ("text", "vision"):
         raise UserError(f"{where}: modality: '{modality}' is not one of text, vision")
     base = _build(BaseModelArguments, raw["base"], f"{where}: base")
+    local = resolve_relative(base.model_name_or_path, path)
+    if local.is_absolute() and local.is_dir():  # named from any folder: the stages, `eval` and `export` run elsewhere
+        base = dataclasses.replace(base, model_name_or_path=str(local))
     if base.chat_template and base.chat_template.endswith(".jinja"):  # a template file beside the recipe
         base = dataclasses.replace(base, chat_template=str(resolve_relative(base.chat_template, path)))
     elif base.chat_template:

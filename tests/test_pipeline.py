@@ -625,6 +625,34 @@ def test_the_base_model_is_in_the_step_hashes_by_what_it_holds_not_where_it_lies
     assert before in hashed.stage_hashes("sft", hashed.stage_args("sft", None), None)[1:]
 
 
+def test_a_local_base_named_relative_to_the_recipe_is_found_from_anywhere_and_keeps_its_stages(tmp_path, monkeypatch):
+    """`base.model_name_or_path: ./my-base` beside the recipe is found from any folder, as the recipe's data files are,
+    and named absolute, so `eval`, `export` and `chat` find it from other folders too; a stage recorded when the
+    folder was named relative to the working directory keeps its hash."""
+    from posttrain.pipeline import Pipeline
+    from posttrain.recipe import load_recipe
+
+    project = tmp_path / "project"
+    write_json(project / "my-base" / "config.json", {"model_type": "llama"})
+    raw = yaml.safe_load(TINY.read_text())
+    raw["base"]["model_name_or_path"] = "./my-base"
+    (project / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert load_recipe(project / "recipe.yaml").base.model_name_or_path == str(project / "my-base")
+
+    monkeypatch.chdir(project)
+    pipeline = Pipeline(load_recipe(project / "recipe.yaml"), tmp_path / "outputs")
+    pipeline.base_hash = "b"
+    pipeline.base_model = Path("my-base")  # as resolved before: relative, unspelled
+    recorded = pipeline.stage_hashes("sft", pipeline.stage_args("sft", None), None)[0]
+    pipeline.base_model = Path(pipeline.recipe.base.model_name_or_path)
+    pipeline.spell_base()
+    now = pipeline.stage_hashes("sft", pipeline.stage_args("sft", None), None)
+    assert pipeline.stage_args("sft", None)["model_name_or_path"] == str(project / "my-base")
+    assert recorded in now and recorded != now[0]
+
+
 def test_a_run_and_its_model_cache_moved_to_another_machine_keep_every_finished_step(tiny_run, tmp_path,
                                                                                       posttrain_here):
     """A finished run copied to a machine whose model cache lies elsewhere (another home, `$POSTTRAIN_CACHE`), its
