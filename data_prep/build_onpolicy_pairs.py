@@ -110,8 +110,9 @@ def make_parser():
     return _make_parser(OnPolicyPairsConfig, PROG, __doc__.split("\n\n")[0])
 
 
-def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig) -> list[dict]:
-    """Sample, score and pair replies for `rows`; pairs carry their rewards for the data card and the report."""
+def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig, journal=None) -> list[dict]:
+    """Sample, score and pair replies for `rows`; pairs carry their rewards for the data card and the report. With a
+    `journal` (`generation_journal.Journal`), a run killed while it sampled resumes there."""
     import torch
 
     from posttrain.data import prompt_text
@@ -131,8 +132,8 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
     try:
         with autocast(model, config.dtype, option=f"{PROG}: dtype", merge_lora=True):
             texts, stopped, _ = generate(model, tokenizer, prompts, config.max_new_tokens, config.batch_size,
-                                         images=images, key=f"{PROG}: max_new_tokens", do_sample=True,
-                                         temperature=config.temperature, top_p=config.top_p)
+                                         images=images, key=f"{PROG}: max_new_tokens", journal=journal,
+                                         do_sample=True, temperature=config.temperature, top_p=config.top_p)
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise
@@ -168,6 +169,22 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
         print(f"{PROG}: {cut} of {len(pairs)} pairs have a reply cut at max_new_tokens={config.max_new_tokens} before "
               "it ended; DPO trains it as a finished turn, so the model learns to stop there: raise max_new_tokens")
     return pairs
+
+
+def sampling_journal(config: OnPolicyPairsConfig, model_dir):
+    """The journal beside the output folder (`.<name>.sampling.jsonl`) that a run killed while it sampled resumes
+    from, keyed by the weights sampled from (the base model's content, the adapter file), the precision and the seed:
+    at real sizes sampling takes hours. Removed once the pairs are written."""
+    from pathlib import Path
+
+    from posttrain import lineage
+    from posttrain.generation_journal import Journal
+
+    out = Path(config.output_dir)
+    identity = lineage.base_identity(config.model_name_or_path, model_dir)
+    key = {"model": lineage.base_spelling(model_dir, identity), "dtype": config.dtype, "seed": config.seed,
+           "adapter": lineage.weights_fingerprint(config.adapter_path) if config.adapter_path else None}
+    return Journal(out.parent / f".{out.name}.sampling.jsonl", key, say=lambda text: print(f"{PROG}: {text}"))
 
 
 def image_pairs_dataset(pairs: list[dict]):
@@ -208,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                                trust_remote_code=config.trust_remote_code)
     model = load_for_inference(model_dir, adapter=config.adapter_path, precision=config.dtype,
                                trust_remote_code=config.trust_remote_code)
-    tables = {split: sample_pairs(model, tokenizer, rows, config) for split, rows in prompts.items()}
+    journal = sampling_journal(config, model_dir)
+    tables = {split: sample_pairs(model, tokenizer, rows, config, journal=journal) for split, rows in prompts.items()}
     if not tables["train"]:
         raise UserError(f"{PROG}: no prompt gave a pair with reward gap >= {config.margin}: every group of "
                         f"{config.num_samples} samples scored the same. Raise temperature or num_samples.")
@@ -226,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                              # the prompts sampled: one whose samples all score within `margin` gives no pair
                              read={split: len(rows) for split, rows in prompts.items()},
                              keep_empty=True)  # a stage naming the test split finds it, empty, and says so
+    journal.remove()
     print(f"wrote {config.output_dir}: " + ", ".join(f"{s} {len(t)} pairs" for s, t in tables.items()))
     if config.test_split and not tables["test"]:
         print(f"{PROG}: test has 0 pairs: none of its {len(prompts['test'])} prompts gave two samples with a reward "

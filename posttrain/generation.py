@@ -10,6 +10,7 @@ from collections.abc import Callable
 from . import devices
 from .configs import Precision
 from .errors import UserError
+from .generation_journal import Journal, restore_rng
 from .models import sampling_weights, vision
 
 logger = logging.getLogger(__name__)
@@ -69,12 +70,14 @@ def check_context(model, tokenizer, prompts: list[str], new_tokens: int | None, 
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, progress=None,
-             images: list | None = None, share: Share | None = None, key: str = "max_new_tokens", **sampling):
+             images: list | None = None, share: Share | None = None, key: str = "max_new_tokens",
+             journal: Journal | None = None, **sampling):
     """Completions for rendered prompts, greedy unless `sampling` says otherwise (e.g. `do_sample=True,
     temperature=1.0`); returns (texts, stopped flags, token counts). With `images` (one list per prompt),
     `tokenizer` is a VLM's processor. With a `share`, this process generates its share and every process gets all
     of them back. `key` names `max_new_tokens` in the error when the prompts and it do not fit the model
-    (`check_context`)."""
+    (`check_context`). With a `journal` (one process), the batches a killed run of the same call finished are taken
+    from it and each new one is added to it (`generation_journal`)."""
     check_context(model, tokenizer, prompts, max_new_tokens, key)
     if share is not None:
         mine = range(share.index, len(prompts), share.count)  # interleaved: each share has long and short prompts
@@ -87,11 +90,11 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
                 replies[index] = reply
         texts, stopped, lengths = (list(column) for column in zip(*replies)) if replies else ([], [], [])
         return texts, stopped, lengths
-    return _generate_here(model, tokenizer, prompts, max_new_tokens, batch_size, progress, images, **sampling)
+    return _generate_here(model, tokenizer, prompts, max_new_tokens, batch_size, progress, images, journal, **sampling)
 
 
 def _generate_here(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, progress,
-                   images: list | None, **sampling):
+                   images: list | None, journal: Journal | None = None, **sampling):
     """`generate` in this process, on all of `prompts` (checked against the model's positions by `generate`, on every
     process's prompts, so that all of them fail alike)."""
     processor, tokenizer = tokenizer, vision.text_tokenizer(tokenizer)
@@ -105,27 +108,47 @@ def _generate_here(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
     texts, stopped, lengths = [None] * len(prompts), [None] * len(prompts), [None] * len(prompts)
     settings = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": stop_ids(model, tokenizer), "do_sample": False,
                 **sampling}
-    done = 0
     # less of each prefill is padding: ~10% less time, 2x100 vs 1x200 prompts here
-    for window in length_batches([len(p) for p in prompts], batch_size):
-        if images is None:
-            batch = tokenizer([prompts[i] for i in window], return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(model.device)
-            rounds = ROUNDS
-        else:  # image inputs are only read by the first forward: one round, no continuation from the cache
-            batch = vision.encode(processor, [prompts[i] for i in window], [images[i] for i in window], model.device)
-            rounds = (max_new_tokens,)
-        for index, row in zip(window, decode(model, batch, max_new_tokens, rounds, **settings)):
-            ended = bool(row) and row[-1] in settings["eos_token_id"]  # `decode` cuts each row after its first EOS
-            kept = row[:-1] if ended else row
-            texts[index] = tokenizer.decode(kept, skip_special_tokens=True)
-            stopped[index], lengths[index] = ended, len(kept)
+    windows, done = length_batches([len(p) for p in prompts], batch_size), 0
+    inputs = {"prompts": prompts, "images": images, "max_new_tokens": max_new_tokens, "settings": settings}
+    journaled = journal.start(inputs, windows) if journal else []
+    for number, window in enumerate(windows):
+        if number < len(journaled):  # finished by an earlier run: its replies, and the generators as it left them
+            entry = journaled[number]
+            replies = list(zip(entry["texts"], entry["stopped"], entry["lengths"]))
+            if number == len(journaled) - 1:
+                restore_rng(entry["rng"])
+        else:
+            replies = _decode_window(model, processor, [prompts[i] for i in window],
+                                     None if images is None else [images[i] for i in window], max_new_tokens, settings)
+            if journal:
+                journal.record(window, *(list(column) for column in zip(*replies)))
+        for index, (text, ended, length) in zip(window, replies):
+            texts[index], stopped[index], lengths[index] = text, ended, length
         done += len(window)
         if progress:
             progress(done, len(prompts))
     if router_logits:
         config.output_router_logits = router_logits
     return texts, stopped, lengths
+
+
+def _decode_window(model, processor, prompts: list[str], images: list | None, max_new_tokens: int,
+                   settings: dict) -> list[tuple[str, bool, int]]:
+    """(text, whether it ended, its token count) of each prompt of one batch."""
+    tokenizer = vision.text_tokenizer(processor)
+    if images is None:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        rounds = ROUNDS
+    else:  # image inputs are only read by the first forward: one round, no continuation from the cache
+        batch = vision.encode(processor, prompts, images, model.device)
+        rounds = (max_new_tokens,)
+    replies = []
+    for row in decode(model, batch, max_new_tokens, rounds, **settings):
+        ended = bool(row) and row[-1] in settings["eos_token_id"]  # `decode` cuts each row after its first EOS
+        kept = row[:-1] if ended else row
+        replies.append((tokenizer.decode(kept, skip_special_tokens=True), ended, len(kept)))
+    return replies
 
 
 def stop_ids(model, tokenizer) -> list[int]:

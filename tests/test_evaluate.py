@@ -745,6 +745,83 @@ def test_onpolicy_pairs_job(tiny_model_path, task_data, tmp_path):
     assert card["job"] == "build_onpolicy_pairs" and card["splits"]["train"]["rows"] == len(rows)
 
 
+def test_onpolicy_pairs_killed_while_sampling_resume_to_what_an_uninterrupted_run_writes(tiny_model_path, task_data,
+                                                                                           tmp_path, monkeypatch,
+                                                                                           capsys):
+    """Killed in the test split's second batch, the job run again takes the six batches finished before from its
+    journal (`.<out>.sampling.jsonl`), samples only the rest, from the generators' state they left, and writes the
+    pairs an uninterrupted run writes; the journal is removed once they are written. Another seed is another
+    sampling: its journal is not taken back."""
+    from data_prep.build_onpolicy_pairs import main
+    from posttrain import generation
+
+    class Killed(Exception):
+        pass
+
+    def job(out, *extra):
+        return main(["--model_name_or_path", str(tiny_model_path("llama")), "--prompts", str(task_data),
+                     "--max_train_prompts", "6", "--max_test_prompts", "4", "--num_samples", "3", "--batch_size", "4",
+                     "--max_new_tokens", "6", "--rewards", "length_penalty=1.0", "--margin", "0.0", "--output_dir",
+                     str(out), *extra])
+
+    def pairs(out):
+        return {split: load_rows(str(out), split) for split in ("train", "test")}
+
+    assert job(tmp_path / "whole") == 0  # 18 train replies in 5 batches of 4, 12 test ones in 3
+    assert not (tmp_path / ".whole.sampling.jsonl").exists()
+    decode, calls = generation._decode_window, []
+
+    def counted(*args, kill_at=None):
+        calls.append(1)
+        if len(calls) == kill_at:
+            raise Killed
+        return decode(*args)
+
+    monkeypatch.setattr(generation, "_decode_window", lambda *args: counted(*args, kill_at=7))
+    with pytest.raises(Killed):
+        job(tmp_path / "resumed")
+    journal = tmp_path / ".resumed.sampling.jsonl"
+    assert len(journal.read_text().splitlines()) == 2 + 6 and not (tmp_path / "resumed").exists()
+    calls.clear()
+    monkeypatch.setattr(generation, "_decode_window", lambda *args: counted(*args))
+    capsys.readouterr()
+    assert job(tmp_path / "resumed") == 0
+    assert len(calls) == 2, "only the batches not finished before"
+    assert "resuming from" in capsys.readouterr().out and not journal.exists()
+    assert pairs(tmp_path / "resumed") == pairs(tmp_path / "whole")
+
+    calls.clear()
+    monkeypatch.setattr(generation, "_decode_window", lambda *args: counted(*args, kill_at=3))
+    with pytest.raises(Killed):
+        job(tmp_path / "seeded", "--seed", "1")
+    calls.clear()
+    monkeypatch.setattr(generation, "_decode_window", lambda *args: counted(*args))
+    assert job(tmp_path / "seeded") == 0 and len(calls) == 8
+    assert pairs(tmp_path / "seeded") == pairs(tmp_path / "whole")
+
+
+def test_a_sampling_journal_cut_short_by_a_kill_keeps_its_whole_lines(tmp_path):
+    """The line a kill cut short is dropped, and the next batch is written in its place; the batches of a call with
+    other inputs, or under another key, are not taken back."""
+    from posttrain.generation_journal import Journal
+
+    path, windows = tmp_path / ".pairs.sampling.jsonl", [[0, 1], [2]]
+    assert Journal(path, {"model": 1}).start({"prompts": ["a", "b", "c"]}, windows) == []
+    first = Journal(path, {"model": 1})
+    first.start({"prompts": ["a", "b", "c"]}, windows)
+    first.record([0, 1], ["x", "y"], [True, False], [1, 2])
+    path.write_text(path.read_text() + '{"rows": [2], "te')
+    again = Journal(path, {"model": 1})
+    [entry] = again.start({"prompts": ["a", "b", "c"]}, windows)
+    assert (entry["rows"], entry["texts"], entry["stopped"]) == ([0, 1], ["x", "y"], [True, False])
+    assert len(path.read_text().splitlines()) == 2, "the cut line is gone"
+    again.record([2], ["z"], [True], [1])
+    assert len(Journal(path, {"model": 1}).start({"prompts": ["a", "b", "c"]}, windows)) == 2
+    assert Journal(path, {"model": 1}).start({"prompts": ["a", "b", "d"]}, windows) == []
+    assert Journal(path, {"model": 2}).start({"prompts": ["a", "b", "c"]}, windows) == []
+    assert len(path.read_text().splitlines()) == 1, "only the new call's line"
+
+
 def test_onpolicy_pairs_name_replies_cut_at_the_token_budget(tiny_model_path, task_data, tmp_path, capsys):
     """A reply cut at `max_new_tokens` before it ended becomes a side DPO renders as a finished turn (the model learns
     to stop there): the job says how many pairs have one."""
@@ -883,8 +960,8 @@ def test_onpolicy_pairs_card_counts_the_prompts_that_gave_no_pair(tiny_model_pat
     from data_prep import build_onpolicy_pairs as job
 
     sample = job.sample_pairs
-    monkeypatch.setattr(job, "sample_pairs", lambda model, tokenizer, rows, config: sample(model, tokenizer, rows[:1],
-                                                                                          config))  # one pair only
+    monkeypatch.setattr(job, "sample_pairs", lambda model, tokenizer, rows, config, journal: sample(
+        model, tokenizer, rows[:1], config, journal=journal))  # one pair only
     assert job.main(["--model_name_or_path", str(tiny_model_path("llama")), "--prompts", str(task_data),
                      "--test_split", "", "--max_train_prompts", "4", "--num_samples", "2", "--max_new_tokens", "4",
                      "--rewards", "accuracy=1.0", "--reference_chosen", "--output_dir", str(tmp_path / "pairs")]) == 0
@@ -902,8 +979,8 @@ def test_onpolicy_pairs_write_an_empty_test_split_when_no_test_prompt_gave_a_pai
     from posttrain.errors import UserError
 
     sample, splits = job.sample_pairs, iter(["train", "test"])  # sampled in this order
-    monkeypatch.setattr(job, "sample_pairs", lambda model, tokenizer, rows, config: (
-        sample(model, tokenizer, rows, config) if next(splits) == "train" else []))
+    monkeypatch.setattr(job, "sample_pairs", lambda model, tokenizer, rows, config, journal: (
+        sample(model, tokenizer, rows, config, journal=journal) if next(splits) == "train" else []))
     out = tmp_path / "pairs"
     assert job.main(["--model_name_or_path", str(tiny_model_path("llama")), "--prompts", str(task_data),
                      "--max_train_prompts", "6", "--max_test_prompts", "2", "--num_samples", "3", "--max_new_tokens",
