@@ -110,14 +110,15 @@ def make_parser():
     return _make_parser(OnPolicyPairsConfig, PROG, __doc__.split("\n\n")[0])
 
 
-def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig, journal=None) -> list[dict]:
+def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig, journal=None,
+                 share=None) -> list[dict]:
     """Sample, score and pair replies for `rows`; pairs carry their rewards for the data card and the report. With a
-    `journal` (`generation_journal.Journal`), a run killed while it sampled resumes there."""
+    `journal` (`generation_journal.Journal`), a run killed while it sampled resumes there; with a `share`
+    (`generation.Share`), this process samples its share of the replies and every process gets them all."""
     import torch
 
     from posttrain.data import prompt_text
     from posttrain.gates import non_thinking_reasoning
-    from posttrain.generation import autocast, generate
     from posttrain.reward_inputs import reward_columns
     from posttrain.rewards import REWARD_COLUMNS, combine_rewards
     from posttrain.trainers.upo_pairs import mine_pairs
@@ -128,17 +129,7 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
     # with each row's tools (and thinking mode), as DPO renders the pairs, which carry them
     prompts = [prompt_text(tokenizer, r) for r in expanded]
     tools = any(r.get("tools") for r in rows)
-    # LoRA merged into the bf16 weights: these replies are only sampled, never scored by the model
-    try:
-        with autocast(model, config.dtype, option=f"{PROG}: dtype", merge_lora=True):
-            texts, stopped, _ = generate(model, tokenizer, prompts, config.max_new_tokens, config.batch_size,
-                                         images=images, key=f"{PROG}: max_new_tokens", journal=journal,
-                                         do_sample=True, temperature=config.temperature, top_p=config.top_p)
-    except Exception as exc:
-        if not is_out_of_memory(exc):
-            raise
-        raise UserError(f"{PROG}: out of memory sampling replies ({what_ran_out(exc)}) with {config.batch_size} "
-                        f"sequences a batch and up to {config.max_new_tokens} new tokens: lower batch_size") from exc
+    texts, stopped = sample_replies(model, tokenizer, prompts, images, config, journal, share)
     if config.reference_chosen:  # each prompt's group: its reference reply first (it wins ties), then its samples
         texts = [text for g, row in enumerate(rows) for text in (row.get("completion") or "", *texts[g * n:(g + 1) * n])]
         stopped = [flag for g in range(len(rows)) for flag in (True, *stopped[g * n:(g + 1) * n])]
@@ -171,10 +162,29 @@ def sample_pairs(model, tokenizer, rows: list[dict], config: OnPolicyPairsConfig
     return pairs
 
 
-def sampling_journal(config: OnPolicyPairsConfig, model_dir):
-    """The journal beside the output folder (`.<name>.sampling.jsonl`) that a run killed while it sampled resumes
-    from, keyed by the weights sampled from (the base model's content, the adapter file), the precision and the seed:
-    at real sizes sampling takes hours. Removed once the pairs are written."""
+def sample_replies(model, tokenizer, prompts: list[str], images, config: OnPolicyPairsConfig, journal, share):
+    """(texts, whether each ended) of the replies sampled for `prompts`: an out-of-memory error says what to lower."""
+    from posttrain.generation import autocast, generate
+
+    # LoRA merged into the bf16 weights: these replies are only sampled, never scored by the model
+    try:
+        with autocast(model, config.dtype, option=f"{PROG}: dtype", merge_lora=True):
+            texts, stopped, _ = generate(model, tokenizer, prompts, config.max_new_tokens, config.batch_size,
+                                         images=images, key=f"{PROG}: max_new_tokens", journal=journal,
+                                         share=share, do_sample=True, temperature=config.temperature,
+                                         top_p=config.top_p)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise UserError(f"{PROG}: out of memory sampling replies ({what_ran_out(exc)}) with {config.batch_size} "
+                        f"sequences a batch and up to {config.max_new_tokens} new tokens: lower batch_size") from exc
+    return texts, stopped
+
+
+def sampling_journal(config: OnPolicyPairsConfig, model_dir, share=None):
+    """The journal beside the output folder (`.<name>.sampling.jsonl`, one a process under a launcher) that a run
+    killed while it sampled resumes from, keyed by the weights sampled from (the base model's content, the adapter
+    file), the precision and the seed: at real sizes sampling takes hours. Removed once the pairs are written."""
     from pathlib import Path
 
     from posttrain import lineage
@@ -184,7 +194,8 @@ def sampling_journal(config: OnPolicyPairsConfig, model_dir):
     identity = lineage.base_identity(config.model_name_or_path, model_dir)
     key = {"model": lineage.base_spelling(model_dir, identity), "dtype": config.dtype, "seed": config.seed,
            "adapter": lineage.weights_fingerprint(config.adapter_path) if config.adapter_path else None}
-    return Journal(out.parent / f".{out.name}.sampling.jsonl", key, say=lambda text: print(f"{PROG}: {text}"))
+    part = f".{share.index}-of-{share.count}" if share else ""
+    return Journal(out.parent / f".{out.name}.sampling{part}.jsonl", key, say=lambda text: print(f"{PROG}: {text}"))
 
 
 def image_pairs_dataset(pairs: list[dict]):
@@ -201,9 +212,8 @@ def image_pairs_dataset(pairs: list[dict]):
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from posttrain.evaluate import load_rows
+    from posttrain.evaluate import launched_share
     from posttrain.models import adapter_folder, load_for_inference, load_tokenizer, resolve_model
-    from posttrain.reward_inputs import check_own_reward_columns
 
     config = parse_config(OnPolicyPairsConfig, make_parser(), argv, needs_sources=False)
     for key in ("model_name_or_path", "prompts", "output_dir"):
@@ -211,13 +221,11 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{PROG}: --{key} is required")
     inputs = [config.prompts, config.model_name_or_path, config.adapter_path, config.tokenizer]
     card_lib.check_output_dir(config.output_dir, config.overwrite, inputs)
-    torch.manual_seed(config.seed)
-    # what could be wrong is checked before the model loads: the prompts, the model, the adapter
-    prompts = {"train": load_rows(config.prompts, config.train_split, config.max_train_prompts)}
-    if config.test_split:
-        prompts["test"] = load_rows(config.prompts, config.test_split, config.max_test_prompts)
-    for split, rows in prompts.items():
-        check_own_reward_columns(config.rewards, list(rows[0]), f"{PROG}: {config.prompts} ({split})")
+    # under a launcher (`posttrain run` with several GPUs or --num-processes), one process per device, each
+    # sampling its share of the prompts from a seed of its own (one process: `seed`, as without a launcher)
+    share = launched_share()
+    torch.manual_seed(config.seed + (share.index if share else 0))
+    prompts = read_prompts(config)  # what could be wrong is checked before the model loads
     model_dir = resolve_model(config.model_name_or_path)
     if config.adapter_path:
         adapter_folder(config.adapter_path, "--adapter_path")
@@ -225,11 +233,33 @@ def main(argv: list[str] | None = None) -> int:
                                trust_remote_code=config.trust_remote_code)
     model = load_for_inference(model_dir, adapter=config.adapter_path, precision=config.dtype,
                                trust_remote_code=config.trust_remote_code)
-    journal = sampling_journal(config, model_dir)
-    tables = {split: sample_pairs(model, tokenizer, rows, config, journal=journal) for split, rows in prompts.items()}
+    journal = sampling_journal(config, model_dir, share)
+    tables = {split: sample_pairs(model, tokenizer, rows, config, journal=journal, share=share)
+              for split, rows in prompts.items()}
     if not tables["train"]:
         raise UserError(f"{PROG}: no prompt gave a pair with reward gap >= {config.margin}: every group of "
                         f"{config.num_samples} samples scored the same. Raise temperature or num_samples.")
+    if share is None or share.index == 0:  # every process holds every pair: the first one writes them
+        write_pairs(config, argv, prompts, tables, inputs)
+    journal.remove()
+    return 0
+
+
+def read_prompts(config: OnPolicyPairsConfig) -> dict[str, list[dict]]:
+    """{split: prompt rows} of the train split and the test split, checked against the rewards of your own."""
+    from posttrain.evaluate import load_rows
+    from posttrain.reward_inputs import check_own_reward_columns
+
+    prompts = {"train": load_rows(config.prompts, config.train_split, config.max_train_prompts)}
+    if config.test_split:
+        prompts["test"] = load_rows(config.prompts, config.test_split, config.max_test_prompts)
+    for split, rows in prompts.items():
+        check_own_reward_columns(config.rewards, list(rows[0]), f"{PROG}: {config.prompts} ({split})")
+    return prompts
+
+
+def write_pairs(config: OnPolicyPairsConfig, argv, prompts: dict, tables: dict, inputs: list) -> None:
+    """The pairs of each split, with their data card."""
     source = {"name": "on-policy samples", "path": f"{config.model_name_or_path} + {config.adapter_path}",
               "license": "same as the prompts", "notes": f"{config.num_samples} samples per prompt at temperature "
               f"{config.temperature}, scored by {config.rewards} (reward: weight); best vs worst "
@@ -244,13 +274,11 @@ def main(argv: list[str] | None = None) -> int:
                              # the prompts sampled: one whose samples all score within `margin` gives no pair
                              read={split: len(rows) for split, rows in prompts.items()},
                              keep_empty=True)  # a stage naming the test split finds it, empty, and says so
-    journal.remove()
     print(f"wrote {config.output_dir}: " + ", ".join(f"{s} {len(t)} pairs" for s, t in tables.items()))
     if config.test_split and not tables["test"]:
         print(f"{PROG}: test has 0 pairs: none of its {len(prompts['test'])} prompts gave two samples with a reward "
               f"gap >= {config.margin}, so DPO will not measure held-out preference accuracy (more test prompts, "
               "num_samples or temperature give some)")
-    return 0
 
 
 if __name__ == "__main__":

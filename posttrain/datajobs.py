@@ -66,16 +66,19 @@ def run_command(job: str, argv: list[str]) -> int:
     return _wait(subprocess.Popen([*JOBS, job, *argv], preexec_fn=die_with_parent()))
 
 
-def run_job(job: str, args: dict, out: str | Path) -> None:
-    """Run `job` with `args` (a mapping of its config fields), writing to `out`."""
+def run_job(job: str, args: dict, out: str | Path, launch=None) -> None:
+    """Run `job` with `args` (a mapping of its config fields), writing to `out`; `launch` turns the job's Python
+    arguments into its command (several processes under accelerate's launcher: `Pipeline.eval_command`)."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
         yaml.safe_dump({**args, "output_dir": str(out)}, handle)
     # the card's command: the temporary config is deleted below, and the card records the same options
     command = f"posttrain data {job} --config options.yaml  # options.yaml: the options this card lists"
     error = Path(f"{handle.name}.error")
     try:
-        process = subprocess.Popen([*JOBS, job, "--config", handle.name], preexec_fn=die_with_parent(),
-                                   pass_fds=held_fds(), env={**os.environ, COMMAND_ENV: command, ERROR_ENV: str(error)},
+        script = [*JOBS[1:], job, "--config", handle.name]
+        process = subprocess.Popen(launch(script) if launch else [sys.executable, *script],
+                                   preexec_fn=die_with_parent(), pass_fds=held_fds(),
+                                   env={**os.environ, COMMAND_ENV: command, ERROR_ENV: str(error)},
                                    stderr=subprocess.PIPE)
         tail = StderrTail(process.stderr)
         code = _wait(process)

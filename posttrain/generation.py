@@ -76,14 +76,15 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     temperature=1.0`); returns (texts, stopped flags, token counts). With `images` (one list per prompt),
     `tokenizer` is a VLM's processor. With a `share`, this process generates its share and every process gets all
     of them back. `key` names `max_new_tokens` in the error when the prompts and it do not fit the model
-    (`check_context`). With a `journal` (one process), the batches a killed run of the same call finished are taken
-    from it and each new one is added to it (`generation_journal`)."""
+    (`check_context`). With a `journal` (this process's), the batches a killed run of the same call finished are
+    taken from it and each new one is added to it (`generation_journal`)."""
     check_context(model, tokenizer, prompts, max_new_tokens, key)
     if share is not None:
         mine = range(share.index, len(prompts), share.count)  # interleaved: each share has long and short prompts
         texts, stopped, lengths = _generate_here(model, tokenizer, [prompts[i] for i in mine], max_new_tokens,
                                                  batch_size, progress,
-                                                 None if images is None else [images[i] for i in mine], **sampling)
+                                                 None if images is None else [images[i] for i in mine], journal,
+                                                 **sampling)
         replies = [None] * len(prompts)
         for indices, part in share.gather([(list(mine), list(zip(texts, stopped, lengths)))]):
             for index, reply in zip(indices, part):

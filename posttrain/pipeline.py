@@ -44,6 +44,8 @@ from .step_inputs import (
     reward_sources,
 )
 
+SAMPLING_JOBS = ("build_onpolicy_pairs",)  # the data jobs that divide their prompts among the processes launched
+
 
 def run_dir(recipe: Recipe, output_root: str | Path = "outputs") -> Path:
     return Path(output_root) / recipe.name
@@ -307,8 +309,10 @@ class Pipeline(HeldOutSteps, StageSteps):
                 continue
             console.rule(f"data: {name} ({spec['job']})")
             started = time.time()
+            # a job sampling from a model: one process per GPU of this machine (or --num-processes), as evaluations
+            launch = self.eval_command if spec["job"] in SAMPLING_JOBS else None
             with moved_aside(out):  # the stale output: some jobs refuse to replace a folder unless told to
-                run_job(spec["job"], args, out)
+                run_job(spec["job"], args, out, launch)
             write_text(stamp, digest)
             self._record(f"data/{name}", status="done", wall_time_s=round(time.time() - started, 1))
 

@@ -75,10 +75,10 @@ class HeldOutSteps:
         return evaluation
 
     def eval_command(self, script: list[str]) -> list[str]:
-        """An evaluation's command: with several processes on this machine (its GPUs, `--num-processes`), as many
-        processes under accelerate's launcher, each generating a share of the prompts (`generation.Share`), as a
-        stage's held-out evaluation does; else one process. Only this machine's: the other machines of a
-        multi-machine run wait for the next stage."""
+        """An evaluation's command (or a sampling data job's): with several processes on this machine (its GPUs,
+        `--num-processes`), as many processes under accelerate's launcher, each generating a share of the prompts
+        (`generation.Share`), as a stage's held-out evaluation does; else one process. Only this machine's: the other
+        machines of a multi-machine run wait for the next stage."""
         from .devices import accelerate_launch_args
 
         flags = accelerate_launch_args(None, self.num_processes)

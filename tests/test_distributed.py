@@ -183,6 +183,31 @@ def test_two_process_cpu_run(tmp_path, posttrain_cli):
     assert base["heldout_loss"] is not None and base["prompts_sha"] == metrics["eval"]["prompts_sha"]
 
 
+@pytest.mark.multinode  # two launches of two processes: the `multinode` line of .ci/run
+def test_the_pair_job_divides_its_prompts_between_two_processes(tiny_model_path, task_data, tmp_path):
+    """Launched as two processes (as `posttrain run` launches it with several GPUs or --num-processes), the on-policy
+    pair job samples half of the replies in each, each process journaling its own (left by a run that found no pair,
+    for a rerun to resume), and one process writes the pairs once, the journals then removed."""
+    args = ["-m", "data_prep.jobs", "build_onpolicy_pairs", "--model_name_or_path", str(tiny_model_path("llama")),
+            "--prompts", str(task_data), "--max_train_prompts", "6", "--max_test_prompts", "4", "--num_samples", "3",
+            "--max_new_tokens", "6", "--output_dir", str(tmp_path / "pairs")]
+
+    def job(*rewards):
+        return subprocess.run(launch_two(*args, *rewards), capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+
+    failed = job("--rewards", "accuracy=1.0", "--margin", "0.5")  # a random model is never right: no pair
+    assert failed.returncode != 0 and "no prompt gave a pair" in failed.stderr, failed.stderr[-3000:]
+    for index in (0, 1):
+        lines = [json.loads(line) for line in
+                 (tmp_path / f".pairs.sampling.{index}-of-2.jsonl").read_text().splitlines()]
+        assert sum(len(line.get("texts", [])) for line in lines) == (6 + 4) * 3 // 2, "half of the replies each"
+    done = job("--rewards", "length_penalty=1.0", "--margin", "0.0")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("wrote ") == 1 and (tmp_path / "pairs" / "card.json").is_file()
+    assert not list(tmp_path.glob(".pairs.sampling*")), "the journals are removed once the pairs are written"
+
+
 def test_a_rendezvous_port_is_drawn_outside_the_ports_outgoing_connections_take(monkeypatch):
     """Ports of the kernel's ephemeral range also go to outgoing connections (gloo opens many), which can take one
     between the check and the store's bind; draws are the system's, unaffected by a seeded `random`."""

@@ -960,8 +960,8 @@ def test_onpolicy_pairs_card_counts_the_prompts_that_gave_no_pair(tiny_model_pat
     from data_prep import build_onpolicy_pairs as job
 
     sample = job.sample_pairs
-    monkeypatch.setattr(job, "sample_pairs", lambda model, tokenizer, rows, config, journal: sample(
-        model, tokenizer, rows[:1], config, journal=journal))  # one pair only
+    monkeypatch.setattr(job, "sample_pairs", lambda model, tokenizer, rows, config, **kwargs: sample(
+        model, tokenizer, rows[:1], config, **kwargs))  # one pair only
     assert job.main(["--model_name_or_path", str(tiny_model_path("llama")), "--prompts", str(task_data),
                      "--test_split", "", "--max_train_prompts", "4", "--num_samples", "2", "--max_new_tokens", "4",
                      "--rewards", "accuracy=1.0", "--reference_chosen", "--output_dir", str(tmp_path / "pairs")]) == 0
@@ -979,8 +979,8 @@ def test_onpolicy_pairs_write_an_empty_test_split_when_no_test_prompt_gave_a_pai
     from posttrain.errors import UserError
 
     sample, splits = job.sample_pairs, iter(["train", "test"])  # sampled in this order
-    monkeypatch.setattr(job, "sample_pairs", lambda model, tokenizer, rows, config, journal: (
-        sample(model, tokenizer, rows, config, journal=journal) if next(splits) == "train" else []))
+    monkeypatch.setattr(job, "sample_pairs", lambda model, tokenizer, rows, config, **kwargs: (
+        sample(model, tokenizer, rows, config, **kwargs) if next(splits) == "train" else []))
     out = tmp_path / "pairs"
     assert job.main(["--model_name_or_path", str(tiny_model_path("llama")), "--prompts", str(task_data),
                      "--max_train_prompts", "6", "--max_test_prompts", "2", "--num_samples", "3", "--max_new_tokens",

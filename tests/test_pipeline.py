@@ -790,7 +790,7 @@ def test_a_data_job_is_rebuilt_when_a_file_it_reads_changes(tmp_path, monkeypatc
 
     built = []
 
-    def fake_job(job, args, out):  # stands in for the job processes: writes what it was given, records the call
+    def fake_job(job, args, out, launch=None):  # stands in for the job processes: records the call, writes its args
         built.append(Path(out).name)
         if args.get("n_train") == 30:
             raise UserError("the job failed")
@@ -823,6 +823,32 @@ def test_a_data_job_is_rebuilt_when_a_file_it_reads_changes(tmp_path, monkeypatc
     assert (tmp_path / "out" / "r" / "data" / "tasks" / "rows.jsonl").read_text() == before, "a failed rebuild loses nothing"
 
 
+def job_recorder(built: list):
+    """A `datajobs.run_job` stand-in: records the job's name and makes its output folder."""
+    return lambda job, args, out, launch=None: built.append(job) or Path(out).mkdir(parents=True)
+
+
+def test_the_pair_job_runs_as_many_processes_as_the_stages_on_this_machine(tmp_path, monkeypatch):
+    """With several processes (`--num-processes`, the GPUs of this machine) the job that samples pairs runs under
+    accelerate's launcher as they are, each process sampling a share of the prompts; the other jobs run as one."""
+    from posttrain import datajobs
+    from posttrain.pipeline import Pipeline
+    from posttrain.recipe import load_recipe
+
+    launched = {}
+    monkeypatch.setattr(datajobs, "run_job", lambda job, args, out, launch=None: launched.update({job: launch}))
+    raw = {"name": "r", "base": {"model_name_or_path": "tiny:llama"}, "stages": {"sft": {"dataset_name": "x"}},
+           "data": {"tasks": {"job": "build_verifiable_tasks"}, "pairs": {"job": "build_onpolicy_pairs"}}}
+    Pipeline(load_recipe(tmp_path / "r.yaml", raw=raw), tmp_path / "out", num_processes=2).build_data(after=None)
+    assert launched["build_verifiable_tasks"] is None
+    command = launched["build_onpolicy_pairs"](["-m", "data_prep.jobs"])
+    assert "--multi_gpu" in command and command[command.index("--num_processes") + 1] == "2"
+    assert command[-2:] == ["-m", "data_prep.jobs"]
+    launched.clear()
+    Pipeline(load_recipe(tmp_path / "r.yaml", raw=raw), tmp_path / "one").build_data(after=None)
+    assert launched["build_onpolicy_pairs"](["-m", "data_prep.jobs"])[1:] == ["-m", "data_prep.jobs"]
+
+
 def test_a_job_after_a_stage_is_rebuilt_when_the_stage_saved_other_weights(tmp_path, monkeypatch):
     """The on-policy pairs sample from the SFT adapter. SFT trained again with the same inputs (a damaged adapter
     retrained; on a GPU, where kernels are not deterministic) can save other weights: the pairs follow the weights,
@@ -832,7 +858,7 @@ def test_a_job_after_a_stage_is_rebuilt_when_the_stage_saved_other_weights(tmp_p
     from posttrain.recipe import load_recipe
 
     built = []
-    monkeypatch.setattr(datajobs, "run_job", lambda job, args, out: built.append(job) or Path(out).mkdir(parents=True))
+    monkeypatch.setattr(datajobs, "run_job", job_recorder(built))
     raw = {"name": "r", "base": {"model_name_or_path": "tiny:llama"}, "stages": {"sft": {"dataset_name": "x"}},
            "data": {"pairs": {"job": "build_onpolicy_pairs", "after": "sft", "adapter_path": "{run}/sft"}}}
     pipeline = Pipeline(load_recipe(tmp_path / "r.yaml", raw=raw), tmp_path / "out")
@@ -884,7 +910,7 @@ def test_a_job_that_names_a_hub_model_is_rebuilt_when_main_moves(tmp_path, monke
     main.parent.mkdir(parents=True)
     main.write_text("aaaa")
     built = []
-    monkeypatch.setattr(datajobs, "run_job", lambda job, args, out: built.append(job) or Path(out).mkdir(parents=True))
+    monkeypatch.setattr(datajobs, "run_job", job_recorder(built))
     raw = {"name": "r", "base": {"model_name_or_path": "tiny:llama"}, "stages": {"sft": {"dataset_name": "x"}},
            "data": {"pairs": {"job": "build_onpolicy_pairs", "model_name_or_path": "org/name"}}}
     pipeline = Pipeline(load_recipe(tmp_path / "r.yaml", raw=raw), tmp_path / "out")
@@ -1150,7 +1176,7 @@ def test_a_job_measuring_lengths_with_the_runs_tokenizer_is_rebuilt_when_the_tem
     from posttrain.recipe import load_recipe
 
     built = []
-    monkeypatch.setattr(datajobs, "run_job", lambda job, args, out: built.append(job) or Path(out).mkdir(parents=True))
+    monkeypatch.setattr(datajobs, "run_job", job_recorder(built))
     raw = {"name": "r", "base": {"model_name_or_path": "tiny:llama"}, "stages": {"sft": {"dataset_name": "x"}},
            "data": {"mix": {"job": "build_sft_set", "sources": ["x.jsonl"], "tokenizer": "{run}/base/tokenizer",
                             "max_tokens": 64}}}
@@ -1359,7 +1385,7 @@ def test_a_data_job_left_for_later_stages_is_not_built(tmp_path, monkeypatch):
     from posttrain.recipe import load_recipe
 
     built = []
-    monkeypatch.setattr(datajobs, "run_job", lambda job, args, out: built.append(job))
+    monkeypatch.setattr(datajobs, "run_job", lambda job, args, out, launch=None: built.append(job))
     pipeline = Pipeline(load_recipe(TINY), tmp_path / "outputs")
     pipeline.later_data = {"pairs"}
     pipeline.build_data(after="sft")  # sft has not finished: the pairs' job would fail reading its lineage
