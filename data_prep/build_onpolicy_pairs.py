@@ -24,8 +24,10 @@ answers are sampled with the prompt's images, and each pair keeps its images (em
 the model saw.
 """
 
+import glob
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from posttrain.configs import Precision
 from posttrain.errors import UserError, is_out_of_memory, what_ran_out
@@ -185,8 +187,6 @@ def sampling_journal(config: OnPolicyPairsConfig, model_dir, share=None):
     """The journal beside the output folder (`.<name>.sampling.jsonl`, one a process under a launcher) that a run
     killed while it sampled resumes from, keyed by the weights sampled from (the base model's content, the adapter
     file), the precision and the seed: at real sizes sampling takes hours. Removed once the pairs are written."""
-    from pathlib import Path
-
     from posttrain import lineage
     from posttrain.generation_journal import Journal
 
@@ -241,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"{config.num_samples} samples scored the same. Raise temperature or num_samples.")
     if share is None or share.index == 0:  # every process holds every pair: the first one writes them
         write_pairs(config, argv, prompts, tables, inputs)
+        out = Path(config.output_dir)  # and removes the journals, also those of a run killed with other processes
+        for left in out.parent.glob(f".{glob.escape(out.name)}.sampling*.jsonl"):
+            left.unlink(missing_ok=True)
     journal.remove()
     return 0
 

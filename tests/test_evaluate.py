@@ -767,8 +767,9 @@ def test_onpolicy_pairs_killed_while_sampling_resume_to_what_an_uninterrupted_ru
     def pairs(out):
         return {split: load_rows(str(out), split) for split in ("train", "test")}
 
+    (tmp_path / ".whole.sampling.1-of-2.jsonl").write_text("")  # left by a run killed with two processes
     assert job(tmp_path / "whole") == 0  # 18 train replies in 5 batches of 4, 12 test ones in 3
-    assert not (tmp_path / ".whole.sampling.jsonl").exists()
+    assert not list(tmp_path.glob(".whole.sampling*")), "every journal of the output is removed once it is written"
     decode, calls = generation._decode_window, []
 
     def counted(*args, kill_at=None):
