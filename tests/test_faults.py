@@ -149,16 +149,25 @@ def test_killed_at_checkpoint_then_resumed_is_bit_identical(stage, configs, refe
     assert_same_adapter(train(stage, configs[stage], fallback, resume=resumed_from), want)
 
 
-def test_dpo_killed_with_precomputed_reference_log_probs_resumes(configs, reference, tmp_path):
+def test_dpo_killed_with_precomputed_reference_log_probs_resumes(configs, reference, tmp_path, monkeypatch):
     """`precompute_ref_log_probs`: TRL computes them before training into a file under the stage's folder
-    (`REF_LOGPS`). A DPO stage killed at a checkpoint resumes (computing them again: the file's name is drawn anew),
-    trains what DPO with the reference scored during training does, and removes the folder when it finishes."""
+    (`REF_LOGPS`). A DPO stage killed at a checkpoint resumes, in a folder the pipeline made (its lineage.json names
+    the stage's inputs) without computing them again, trains what DPO with the reference scored during training
+    does, and removes the folder when it finishes."""
+    from posttrain.io import write_json
+    from posttrain.trainers import dpo_trainer
     from posttrain.trainers.dpo_trainer import REF_LOGPS
 
     args, out = {**configs["dpo"], "precompute_ref_log_probs": True}, tmp_path / "out"
+    write_json(out / "lineage.json", {"inputs_hash": "0123abcd"})  # as `run_stage` writes it before the launch
     assert killed_run("dpo", args, out) == -9
-    assert list((out / REF_LOGPS).glob("cache-*.arrow")), "computed before training, left by the kill"
+    assert (out / REF_LOGPS / "cache-train-0123abcd.arrow").is_file(), "computed before training, left by the kill"
+    scored = []
+    compute = dpo_trainer.DPOTrainer.compute_ref_log_probs
+    monkeypatch.setattr(dpo_trainer.DPOTrainer, "compute_ref_log_probs",
+                        lambda self, *args: scored.append(1) or compute(self, *args))
     resumed = train("dpo", args, out, resume=out / "checkpoint-2")
+    assert not scored, "read from the file the killed run wrote, not computed again"
     assert not (out / REF_LOGPS).exists()
     want, _ = reference("dpo")
     for key in want:

@@ -19,9 +19,11 @@ With `precompute_ref_log_probs`, TRL's main process writes the reference log-pro
 own Arrow files, in its machine's datasets cache, and every process then opens that file: a process on another
 machine, with a cache of its own, found none (FileNotFoundError), nor did every process but the main one when the
 dataset had no cache files (each drew a random name). The file goes under the stage's output folder instead
-(`REF_LOGPS`), which every machine of a run shares, and is removed when training ends. (A stage resumed after a
-fault computes them again: TRL names the file after the dataset's fingerprint, which its own filter of truncated
-rows draws at random in each process.)
+(`REF_LOGPS`), which every machine of a run shares, and is removed when training ends. TRL names the file after
+the dataset's fingerprint, which its own filter of truncated rows draws at random in each run; in a stage folder the
+pipeline made (its `lineage.json` records the stage's inputs hash, and the folder holds only one set of inputs) the
+file is named after that hash instead, so a stage resumed after a fault reads what it computed before rather than
+computing it again (a pass over every pair: hours at real sizes).
 """
 
 import dataclasses
@@ -35,6 +37,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from ..data import has_tool_turns
 from ..errors import UserError, row_name
+from ..io import read_json
 
 MASKS = ("chosen_mask", "rejected_mask")
 REF_LOGPS = "ref_logps"  # the precomputed reference log-probs, under the stage's output folder while it trains
@@ -133,10 +136,15 @@ class DPOTrainer(trl.DPOTrainer):
         return reply_masks(dataset, processing_class, dataset_name)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        """TRL's, with its cache file under the output folder (see the module's docstring)."""
+        """TRL's, with its cache file under the output folder, named after the stage's inputs where the pipeline
+        recorded them (see the module's docstring)."""
         folder = Path(self.args.output_dir) / REF_LOGPS
         folder.mkdir(parents=True, exist_ok=True)
-        dataset._get_cache_file_path = lambda fingerprint: str(folder / f"cache-{fingerprint}.arrow")
+        inputs = read_json(Path(self.args.output_dir) / "lineage.json").get("inputs_hash")
+        # TRL asks first for the log-probs' file, then (concatenating them to the rows it filtered) for the file of
+        # the rows with their selection flattened, which must be another one
+        names = iter([f"cache-{name}-{inputs}.arrow"] if inputs else [])
+        dataset._get_cache_file_path = lambda fingerprint: str(folder / next(names, f"cache-{fingerprint}.arrow"))
         try:
             return super()._precompute_ref_logps(dataset, name, batch_size)
         finally:
