@@ -65,8 +65,10 @@ LOST_PROCESS = (
 
 
 # How long machine 0 waits, before launching a stage after the first, for a follower's file to change (a follower
-# rewrites it every POLL_S, also while its stage runs): longer than a network filesystem caches what it last read
+# rewrites it every POLL_S between stages, every STAGE_BEAT_S while one runs): longer than a network filesystem
+# caches what it last read
 LOST_AFTER_S = 180.0
+STAGE_BEAT_S = 5.0  # how often it does while its stage runs (hours, on a filesystem every machine shares)
 
 
 def node_timeout() -> float:
@@ -304,8 +306,11 @@ def _join_stage(folder: Path, entry: dict, nodes: Nodes, heartbeat) -> None:
                                    stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                                    preexec_fn=childproc.die_with_parent())
         try:
+            beaten = 0.0
             while (code := process.poll()) is None:
-                heartbeat()
+                if time.monotonic() - beaten >= STAGE_BEAT_S:
+                    heartbeat()
+                    beaten = time.monotonic()
                 time.sleep(POLL_S)
         except BaseException:  # SIGTERM, Ctrl-C: the stage saves the step it is at and stops, never orphaned
             childproc.stop(process, None, launcher=True)

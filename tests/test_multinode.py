@@ -340,6 +340,7 @@ def test_a_follower_beats_while_its_stage_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     monkeypatch.setattr(nodes.childproc, "LAUNCHER", "slow_launcher")
     monkeypatch.setattr(nodes, "POLL_S", 0.05)
+    monkeypatch.setattr(nodes, "STAGE_BEAT_S", 0.1)
     beats = []
     nodes._join_stage(tmp_path, {"stage": "sft", "args": ["--machine_rank", "0"]}, nodes.Nodes(2, 1, "127.0.0.1"),
                       lambda: beats.append(time.time()))
