@@ -66,10 +66,11 @@ def run_command(job: str, argv: list[str]) -> int:
     return _wait(subprocess.Popen([*JOBS, job, *argv], preexec_fn=die_with_parent()))
 
 
-def run_job(job: str, args: dict, out: str | Path, launch=None) -> None:
+def run_job(job: str, args: dict, out: str | Path, launch=None, config_dir: str | Path | None = None) -> None:
     """Run `job` with `args` (a mapping of its config fields), writing to `out`; `launch` turns the job's Python
-    arguments into its command (several processes under accelerate's launcher: `Pipeline.eval_command`)."""
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+    arguments into its command (several processes under accelerate's launcher: `Pipeline.sampling_command`), and
+    `config_dir` is where its options file goes (the temporary folder, else one every machine of the run sees)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False, dir=config_dir) as handle:
         yaml.safe_dump({**args, "output_dir": str(out)}, handle)
     # the card's command: the temporary config is deleted below, and the card records the same options
     command = f"posttrain data {job} --config options.yaml  # options.yaml: the options this card lists"

@@ -309,10 +309,14 @@ class Pipeline(HeldOutSteps, StageSteps):
                 continue
             console.rule(f"data: {name} ({spec['job']})")
             started = time.time()
-            # a job sampling from a model: one process per GPU of this machine (or --num-processes), as evaluations
-            launch = self.eval_command if spec["job"] in SAMPLING_JOBS else None
+            # a job sampling from a model: as many processes as a stage (`sampling_command`)
+            sampling = spec["job"] in SAMPLING_JOBS
+            launch = (lambda script, name=name: self.sampling_command(name, script)) if sampling else None
+            shared = self.root / ".nodes" if sampling and self.coordinator else None  # its options, for every machine
+            if shared:
+                shared.mkdir(parents=True, exist_ok=True)
             with moved_aside(out):  # the stale output: some jobs refuse to replace a folder unless told to
-                run_job(spec["job"], args, out, launch)
+                run_job(spec["job"], args, out, launch, shared)
             write_text(stamp, digest)
             self._record(f"data/{name}", status="done", wall_time_s=round(time.time() - started, 1))
 

@@ -19,8 +19,9 @@ from .promotion import GateStopped, blocks_chain, promotion
 
 class HeldOutSteps:
     """Held-out evaluation steps of a `Pipeline`, which provides `root`, `recipe`, `base_model`, `template`,
-    `num_processes`, `digest`, `substitute`, `_record`, `_spawn`, `_up_to_date` and `print_summary`. `evaluate_base`
-    sets `base_hash`, `legacy_base_hashes` and `eval_hash`, which the stages' hashes build on."""
+    `num_processes`, `nodes`, `coordinator`, `digest`, `substitute`, `shared_paths`, `_record`, `_spawn`,
+    `_up_to_date` and `print_summary`. `evaluate_base` sets `base_hash`, `legacy_base_hashes` and `eval_hash`, which
+    the stages' hashes build on."""
 
     def evaluate_base(self) -> None:
         """Held-out metrics of the base model (skipped when its inputs did not change)."""
@@ -83,6 +84,18 @@ class HeldOutSteps:
 
         flags = accelerate_launch_args(None, self.num_processes)
         return [sys.executable, "-m", LAUNCHER, *flags, *script] if "--multi_gpu" in flags else [sys.executable, *script]
+
+    def sampling_command(self, name: str, script: list[str]) -> list[str]:
+        """The command of the data job `name` that samples from a model (`script`: its Python arguments): on one
+        machine, as an evaluation (`eval_command`); on several, as many processes as a stage on every machine, the
+        others told to join it as they join a stage (`Coordinator.announce`), each process sampling a share."""
+        if not self.coordinator:
+            return self.eval_command(script)
+        from .devices import accelerate_launch_args
+
+        flags = accelerate_launch_args(None, self.num_processes, self.nodes)
+        self.coordinator.announce(f"data-{name}", [*flags, *script], needs=self.shared_paths())
+        return [sys.executable, "-m", LAUNCHER, *flags, *script]
 
     def eval_settings(self):
         """The recipe's held-out evaluation, its dataset's path resolved: the same for the base model and every

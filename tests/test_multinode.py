@@ -134,6 +134,25 @@ def test_two_machines_on_one_box(tmp_path, start_machines):
 
 
 @pytest.mark.multinode
+def test_the_pair_job_runs_on_every_machine(tmp_path, start_machines):
+    """The job that samples pairs is launched like a stage: machine 1 joins it and samples its share (its own journal
+    and log), machine 0 writes the pairs once, and DPO trains on them on both machines."""
+    raw = yaml.safe_load(TINY.read_text())
+    raw.pop("ablation", None)
+    pairs = {k: v for k, v in raw["data"]["pairs"].items() if k not in ("after", "adapter_path")}
+    raw.update(name="nodes", data={"verifiable": raw["data"]["verifiable"], "pairs": pairs},
+               stages={"dpo": raw["stages"]["dpo"]}, eval={"dataset": None})
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (code0, out0), (code1, out1) = finish(start_machines(tmp_path / "recipe.yaml", tmp_path), timeout=300)
+    assert code0 == 0, out0[-3000:]
+    assert code1 == 0 and "stage: data-pairs (machine 1)" in out1, out1[-3000:]
+    run = tmp_path / "outputs" / "nodes"
+    assert out0.count("wrote ") and "wrote" not in (run / ".nodes" / "data-pairs.machine-1.log").read_text()
+    assert (run / "data" / "pairs" / "card.json").is_file() and not list((run / "data").glob(".pairs.sampling*"))
+    assert yaml.safe_load((run / "dpo" / "metrics.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.multinode
 @pytest.mark.parametrize("lost", ["frozen", "killed"])
 def test_a_lost_process_ends_the_run_and_the_rerun_resumes(tmp_path, start_machines, lost):
     """Machine 1's training process freezes (SIGSTOP) or dies (SIGKILL) after the first checkpoint. Machine 0 gives

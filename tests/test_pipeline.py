@@ -790,7 +790,7 @@ def test_a_data_job_is_rebuilt_when_a_file_it_reads_changes(tmp_path, monkeypatc
 
     built = []
 
-    def fake_job(job, args, out, launch=None):  # stands in for the job processes: records the call, writes its args
+    def fake_job(job, args, out, *launch):  # stands in for the job processes: records the call, writes its args
         built.append(Path(out).name)
         if args.get("n_train") == 30:
             raise UserError("the job failed")
@@ -825,7 +825,7 @@ def test_a_data_job_is_rebuilt_when_a_file_it_reads_changes(tmp_path, monkeypatc
 
 def job_recorder(built: list):
     """A `datajobs.run_job` stand-in: records the job's name and makes its output folder."""
-    return lambda job, args, out, launch=None: built.append(job) or Path(out).mkdir(parents=True)
+    return lambda job, args, out, launch=None, config_dir=None: built.append(job) or Path(out).mkdir(parents=True)
 
 
 def test_the_pair_job_runs_as_many_processes_as_the_stages_on_this_machine(tmp_path, monkeypatch):
@@ -836,7 +836,7 @@ def test_the_pair_job_runs_as_many_processes_as_the_stages_on_this_machine(tmp_p
     from posttrain.recipe import load_recipe
 
     launched = {}
-    monkeypatch.setattr(datajobs, "run_job", lambda job, args, out, launch=None: launched.update({job: launch}))
+    monkeypatch.setattr(datajobs, "run_job", lambda job, args, out, launch=None, *_: launched.update({job: launch}))
     raw = {"name": "r", "base": {"model_name_or_path": "tiny:llama"}, "stages": {"sft": {"dataset_name": "x"}},
            "data": {"tasks": {"job": "build_verifiable_tasks"}, "pairs": {"job": "build_onpolicy_pairs"}}}
     Pipeline(load_recipe(tmp_path / "r.yaml", raw=raw), tmp_path / "out", num_processes=2).build_data(after=None)
@@ -1385,7 +1385,7 @@ def test_a_data_job_left_for_later_stages_is_not_built(tmp_path, monkeypatch):
     from posttrain.recipe import load_recipe
 
     built = []
-    monkeypatch.setattr(datajobs, "run_job", lambda job, args, out, launch=None: built.append(job))
+    monkeypatch.setattr(datajobs, "run_job", lambda job, args, out, launch=None, config_dir=None: built.append(job))
     pipeline = Pipeline(load_recipe(TINY), tmp_path / "outputs")
     pipeline.later_data = {"pairs"}
     pipeline.build_data(after="sft")  # sft has not finished: the pairs' job would fail reading its lineage
