@@ -312,7 +312,8 @@ class Pipeline(HeldOutSteps, StageSteps):
             # a job sampling from a model: as many processes as a stage (`sampling_command`)
             sampling = spec["job"] in SAMPLING_JOBS
             launch = (lambda script, name=name: self.sampling_command(name, script)) if sampling else None
-            shared = self.root / ".nodes" if sampling and self.coordinator else None  # its options, for every machine
+            # its options where every machine reads them
+            shared = self.coordinator.folder if sampling and self.coordinator else None
             if shared:
                 shared.mkdir(parents=True, exist_ok=True)
             with moved_aside(out):  # the stale output: some jobs refuse to replace a folder unless told to
